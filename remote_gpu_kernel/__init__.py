@@ -1,0 +1,43 @@
+"""Use a shared GPU from a Jupyter notebook.
+
+``%load_ext remote_gpu_kernel`` registers the ``%gpu`` / ``%%gpu`` magics;
+:class:`Client` (sync) and :class:`AsyncClient` are the Python API.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+from .client import AsyncClient, AsyncSession, ExecuteResult  # noqa: E402
+from .errors import *  # noqa: E402,F403
+from .errors import __all__ as _errors_all  # noqa: E402
+from .sync import Client, Session  # noqa: E402
+
+__all__ = [
+    "AsyncClient",
+    "AsyncSession",
+    "Client",
+    "ExecuteResult",
+    "Session",
+    "__version__",
+    "load_ipython_extension",
+    "unload_ipython_extension",
+    *_errors_all,
+]
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """``%load_ext remote_gpu_kernel``: register the %gpu magics."""
+    from .magic import GpuMagics
+
+    ipython.register_magics(GpuMagics(ipython))
+
+
+def unload_ipython_extension(ipython: Any) -> None:
+    from .magic import GpuMagics
+
+    magics = ipython.magics_manager.registry.get(GpuMagics.__name__)
+    if magics is not None:
+        magics.close()

@@ -1,0 +1,202 @@
+"""``rgpu``: run the GPU server, manage tokens, connect a notebook.
+
+Server commands (``serve``, ``token``) need the server extra:
+``pip install 'remote-gpu-kernel[server]'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import getpass
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import ClientConfig, config_path, save_client_config
+
+__all__ = ["main"]
+
+
+def _server() -> Any:
+    try:
+        import remote_gpu_server
+    except ImportError:
+        sys.exit("rgpu: the server side is not installed: pip install 'remote-gpu-kernel[server]'")
+    return remote_gpu_server
+
+
+def _db(args: argparse.Namespace) -> Path:
+    from remote_gpu_server.config import default_db_path
+
+    return Path(args.db) if args.db else default_db_path()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    _server()
+    from remote_gpu_server.app import GpuServer
+    from remote_gpu_server.config import ServerConfig
+
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(message)s")
+    config = ServerConfig(host=args.host, port=args.port, db=_db(args), slots=args.slots,
+                          idle_timeout=args.idle_timeout, grace=args.grace)
+
+    async def serve() -> None:
+        server = GpuServer(config)
+        try:
+            await server.start()
+        except ValueError as exc:
+            sys.exit(f"rgpu serve: {exc}")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            logging.getLogger("remote_gpu_server").info("shutting down")
+            await server.close()
+
+    asyncio.run(serve())
+    return 0
+
+
+def _when(ts: float | None) -> str:
+    return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M") if ts else "-"
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    _server()
+    from remote_gpu_server.errors import StoreError
+    from remote_gpu_server.store import Store
+
+    store = Store(_db(args))
+    try:
+        if args.token_cmd == "create":
+            token_id, token = store.create_token(args.user, days=args.days, admin=args.admin)
+            print(token)
+            print(f"token {token_id} for {args.user}: shown once, keep it secret", file=sys.stderr)
+        elif args.token_cmd == "list":
+            from rich.console import Console
+            from rich.table import Table
+
+            table = Table("id", "user", "admin", "created", "expires", "last used", "state")
+            now = time.time()
+            for t in store.list_tokens():
+                state = ("revoked" if t.revoked else
+                         "expired" if t.expires and t.expires < now else "active")
+                table.add_row(str(t.id), t.user, "yes" if t.admin else "", _when(t.created),
+                              _when(t.expires), _when(t.last_used), state)
+            Console().print(table)
+        elif args.token_cmd == "revoke":
+            store.revoke_token(args.id)
+            print(f"token {args.id} revoked")
+    except StoreError as exc:
+        print(f"rgpu token: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    path = save_client_config(args.url, args.token)
+    print(f"saved the server URL and token to {path}")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Start a local server on the embedded defaults and JupyterLab wired to it."""
+    _server()
+    from remote_gpu_server.store import Store
+
+    url = f"ws://127.0.0.1:{args.port}"
+    config = ClientConfig.load()
+    db = _db(args)
+    if not (config.token and config.url == url):
+        store = Store(db)
+        try:
+            _, token = store.create_token(getpass.getuser() or "user")
+        finally:
+            store.close()
+        save_client_config(url, token)
+        print(f"created a token for {getpass.getuser()} and saved it to {config_path()}")
+    cmd = [sys.executable, "-m", "remote_gpu_kernel.cli", "serve", "--port", str(args.port),
+           "--db", str(db), "--slots", args.slots]
+    server = subprocess.Popen(cmd)
+    try:
+        lab = [sys.executable, "-m", "jupyter", "lab", *args.lab_args]
+        print("GPU server on", url, "- starting JupyterLab:", " ".join(lab[2:]))
+        env = dict(os.environ, RGPU_URL=url)
+        return subprocess.call(lab, env=env)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rgpu", description="Remote GPU for Jupyter.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    db_help = "SQLite store (default: $RGPU_DB or rgpu.sqlite3 in the user's data directory)"
+
+    p = sub.add_parser("serve", help="run the GPU server",
+                       description="Run the GPU server: leases slots to notebooks over websockets.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
+    p.add_argument("--db", help=db_help)
+    p.add_argument("--slots", default="auto",
+                   help="auto (GPUs from NVML, else CPU slots), cpu:N, or GPU indices like 0,1")
+    p.add_argument("--idle-timeout", type=float, default=3600.0, metavar="SECONDS",
+                   help="release a session after this long without a request (default 3600)")
+    p.add_argument("--grace", type=float, default=60.0, metavar="SECONDS",
+                   help="keep a disconnected client's session this long (default 60)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("token", help="create, list and revoke tokens")
+    tsub = p.add_subparsers(dest="token_cmd", required=True)
+    c = tsub.add_parser("create", help="create a token for USER and print it once")
+    c.add_argument("user")
+    c.add_argument("--days", type=float, help="expire after N days (default: never)")
+    c.add_argument("--admin", action="store_true", help="an admin token sees every user's jobs")
+    c.add_argument("--db", help=db_help)
+    c = tsub.add_parser("list", help="list tokens (never the tokens themselves)")
+    c.add_argument("--db", help=db_help)
+    c = tsub.add_parser("revoke", help="revoke token ID")
+    c.add_argument("id", type=int)
+    c.add_argument("--db", help=db_help)
+    p.set_defaults(func=cmd_token)
+
+    p = sub.add_parser("login", help="save a server URL and token for this user's notebooks")
+    p.add_argument("url")
+    p.add_argument("token")
+    p.set_defaults(func=cmd_login)
+
+    p = sub.add_parser("up", help="start a local server and JupyterLab wired to it")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--db", help=db_help)
+    p.add_argument("--slots", default="auto")
+    p.add_argument("lab_args", nargs=argparse.REMAINDER, help="arguments passed to jupyter lab")
+    p.set_defaults(func=cmd_up)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,427 @@
+"""The asyncio client: one websocket per session.
+
+    async with AsyncClient(url, token).session(gpus=1) as session:
+        await session.push(x=x)
+        result = await session.execute("y = x * 2; print(y.sum())")
+        y = (await session.pull("y"))["y"]
+
+:mod:`remote_gpu_kernel.sync` wraps this for code that is not async (the
+magic, scripts). Errors a cell raises come back in
+:attr:`ExecuteResult.error`; errors of the service (the worker died, the
+lease ended, the connection dropped) raise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from . import __version__
+from .config import ClientConfig
+from .errors import (
+    AuthenticationError,
+    ConnectionLost,
+    LeaseError,
+    ProtocolError,
+    RemoteError,
+    RemoteGpuError,
+    RemoteTimeout,
+    ServerError,
+    SessionReleased,
+    VersionMismatch,
+    WorkerDied,
+)
+from .protocol import CHUNK_SIZE, PROTOCOL_VERSION, Reader, dump_values, encode, load_values
+from .protocol import messages as m
+from .protocol.serialization import allocate_buffer
+
+__all__ = ["AsyncClient", "AsyncSession", "ExecuteResult", "write_streams"]
+
+log = logging.getLogger("remote_gpu_kernel")
+
+OutputCallback = Callable[[m.Output], Any]
+NoticeCallback = Callable[[str], Any]
+QueueCallback = Callable[[int], Any]
+
+
+@dataclasses.dataclass
+class ExecuteResult:
+    """What a cell did: ``status`` is ``ok``, ``error`` or ``aborted``."""
+
+    status: str
+    job: int
+    execution_count: int | None
+    outputs: list[m.Output]
+    error: RemoteError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def raise_for_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    @property
+    def stdout(self) -> str:
+        return "".join(o.content.get("text", "") for o in self.outputs
+                       if o.msg_type == "stream" and o.content.get("name") == "stdout")
+
+
+def write_streams(msg: m.Output) -> None:
+    """The default output handler: stream text to the local stdout/stderr."""
+    if msg.msg_type == "stream":
+        stream = sys.stderr if msg.content.get("name") == "stderr" else sys.stdout
+        stream.write(msg.content.get("text", ""))
+        stream.flush()
+
+
+def error_from(msg: m.Error) -> RemoteGpuError:
+    code = msg.code
+    if code is m.ErrorCode.VERSION_MISMATCH:
+        return VersionMismatch(msg.message)
+    if code is m.ErrorCode.PROTOCOL:
+        return ProtocolError(msg.message)
+    if code is m.ErrorCode.WORKER_DIED:
+        return WorkerDied(msg.message, code=code.value)
+    if code is m.ErrorCode.TIMEOUT:
+        return RemoteTimeout(msg.message)
+    if code in (m.ErrorCode.NO_LEASE, m.ErrorCode.RELEASED):
+        return SessionReleased(msg.message, code=code.value)
+    if code is m.ErrorCode.LEASE_REFUSED:
+        return LeaseError(msg.message, code=code.value)
+    if code in (m.ErrorCode.SERIALIZATION, m.ErrorCode.NAME_ERROR):
+        ename, _, evalue = msg.message.partition(": ")
+        return RemoteError(ename, evalue, [])
+    return ServerError(msg.message, code=code.value)
+
+
+_CLOSED = object()
+
+
+class _Link:
+    """The websocket, its reader task and the per-request inboxes."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.reader = Reader(allocate=allocate_buffer)
+        self.inboxes: dict[int, asyncio.Queue[Any]] = {}
+        self.unsolicited: asyncio.Queue[m.Message] = asyncio.Queue()
+        self.closed_reason: str | None = None
+        self._ids = itertools.count(1)
+        self._send_lock = asyncio.Lock()
+        self.on_released: Callable[[m.Released], None] | None = None
+        self.task = asyncio.get_running_loop().create_task(self._read())
+
+    def open(self) -> tuple[int, asyncio.Queue[Any]]:
+        if self.closed_reason is not None:
+            raise ConnectionLost(self.closed_reason)
+        req = next(self._ids)
+        inbox: asyncio.Queue[Any] = asyncio.Queue()
+        self.inboxes[req] = inbox
+        return req, inbox
+
+    async def send(self, message: m.Message) -> None:
+        frames = encode(message)
+        try:
+            async with self._send_lock:
+                for frame in frames:
+                    await self.ws.send(frame)
+        except ConnectionClosed as exc:
+            raise ConnectionLost(f"the connection to the GPU server closed: {exc}") from None
+
+    async def _read(self) -> None:
+        reason = "the connection to the GPU server closed"
+        try:
+            async for frame in self.ws:
+                self.reader.receive_data(frame)
+                for msg in self.reader.events_received():
+                    self._route(msg)
+            self.reader.receive_eof()
+        except ConnectionClosed as exc:
+            reason = f"the connection to the GPU server was lost ({exc})"
+        except ProtocolError as exc:
+            reason = f"the GPU server sent something this client cannot read: {exc}"
+            await self.ws.close(1002, "protocol error")
+        finally:
+            self.closed_reason = reason
+            for inbox in self.inboxes.values():
+                inbox.put_nowait(_CLOSED)
+
+    def _route(self, msg: m.Message) -> None:
+        req = getattr(msg, "req", 0)
+        if isinstance(msg, m.Released) and self.on_released is not None:
+            self.on_released(msg)
+        inbox = self.inboxes.get(req) if req else None
+        if inbox is not None:
+            inbox.put_nowait(msg)
+        elif req == 0:
+            if isinstance(msg, m.Error):
+                log.warning("GPU server: %s", msg.message)
+            self.unsolicited.put_nowait(msg)
+
+    async def receive(self, inbox: asyncio.Queue[Any]) -> m.Message:
+        msg = await inbox.get()
+        if msg is _CLOSED:
+            raise ConnectionLost(self.closed_reason or "the connection closed")
+        if isinstance(msg, m.Error):
+            raise error_from(msg)
+        return msg  # type: ignore[no-any-return]
+
+    def done(self, req: int) -> None:
+        self.inboxes.pop(req, None)
+
+    async def close(self) -> None:
+        await self.ws.close()
+        self.task.cancel()
+        try:
+            await self.task
+        except (asyncio.CancelledError, Exception):
+            pass
+
+
+class AsyncClient:
+    """Where the server is and who we are; opens sessions.
+
+    ``url`` and ``token`` default to ``RGPU_URL`` / ``RGPU_TOKEN``, then to
+    the client config file (see :mod:`remote_gpu_kernel.config`).
+    """
+
+    def __init__(self, url: str | None = None, token: str | None = None, *,
+                 open_timeout: float = 10) -> None:
+        config = ClientConfig.load(url, token)
+        self.url = config.url
+        self.token = config.token
+        self.open_timeout = open_timeout
+        self.user: str | None = None
+        self.server_version: str | None = None
+
+    async def _connect(self) -> _Link:
+        if not self.token:
+            raise AuthenticationError(
+                "no token: pass token=..., set RGPU_TOKEN, or run 'rgpu login URL TOKEN'"
+            )
+        try:
+            ws = await connect(
+                self.url,
+                additional_headers={"Authorization": f"Bearer {self.token}"},
+                compression=None,
+                max_size=CHUNK_SIZE,
+                max_queue=64,
+                write_limit=4 * CHUNK_SIZE,
+                open_timeout=self.open_timeout,
+                user_agent_header=f"remote-gpu-kernel/{__version__}",
+            )
+        except InvalidStatus as exc:
+            body = exc.response.body.decode(errors="replace").strip()
+            if exc.response.status_code == 401:
+                raise AuthenticationError(f"the GPU server at {self.url} refused the token: {body}") from None
+            raise ConnectionLost(f"the GPU server at {self.url} answered HTTP "
+                                 f"{exc.response.status_code}: {body}") from None
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise ConnectionLost(f"cannot reach the GPU server at {self.url}: {exc}") from None
+        link = _Link(ws)
+        req, inbox = 0, link.unsolicited
+        await link.send(m.Hello(PROTOCOL_VERSION, f"remote-gpu-kernel/{__version__}"))
+        msg = await link.receive(inbox)
+        if isinstance(msg, m.Error):
+            await link.close()
+            raise error_from(msg)
+        if not isinstance(msg, m.Welcome):
+            await link.close()
+            raise ProtocolError(f"expected welcome, got {msg.type.value}")
+        self.user, self.server_version = msg.user, msg.server
+        del req
+        return link
+
+    def session(self, gpus: int = 1, *, resume: str | None = None,
+                on_queue: QueueCallback | None = None,
+                on_notice: NoticeCallback | None = None) -> _SessionOpener:
+        """Lease ``gpus`` slots: ``await`` it, or use it as ``async with``."""
+        return _SessionOpener(self, gpus, resume, on_queue, on_notice)
+
+    async def open_session(self, gpus: int = 1, *, resume: str | None = None,
+                           on_queue: QueueCallback | None = None,
+                           on_notice: NoticeCallback | None = None) -> AsyncSession:
+        link = await self._connect()
+        try:
+            req, inbox = link.open()
+            await link.send(m.LeaseRequest(req, gpus, resume))
+            while True:
+                msg = await link.receive(inbox)
+                if isinstance(msg, m.QueuePosition):
+                    if on_queue is not None:
+                        on_queue(msg.position)
+                elif isinstance(msg, m.Notice):
+                    _notify(on_notice, msg.text)
+                elif isinstance(msg, m.LeaseGranted):
+                    link.done(req)
+                    return AsyncSession(self, link, msg, on_notice)
+        except BaseException:
+            await link.close()
+            raise
+
+
+def _notify(on_notice: NoticeCallback | None, text: str) -> None:
+    if on_notice is not None:
+        on_notice(text)
+    else:
+        print(f"[remote-gpu] {text}", file=sys.stderr)
+
+
+class _SessionOpener:
+    def __init__(self, client: AsyncClient, gpus: int, resume: str | None,
+                 on_queue: QueueCallback | None, on_notice: NoticeCallback | None) -> None:
+        self._args = (client, gpus, resume, on_queue, on_notice)
+        self._session: AsyncSession | None = None
+
+    def __await__(self) -> Any:
+        client, gpus, resume, on_queue, on_notice = self._args
+        return client.open_session(gpus, resume=resume, on_queue=on_queue,
+                                   on_notice=on_notice).__await__()
+
+    async def __aenter__(self) -> AsyncSession:
+        self._session = await self
+        return self._session
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if self._session is not None:
+            await self._session.release()
+
+
+class AsyncSession:
+    """A leased GPU (or CPU slot) with its remote namespace.
+
+    Requests run one at a time, in order. Call :meth:`release` when done;
+    :meth:`close` only drops the connection (the server keeps the session
+    for its grace period, and ``client.session(resume=session.id)`` gets it
+    back).
+    """
+
+    def __init__(self, client: AsyncClient, link: _Link, granted: m.LeaseGranted,
+                 on_notice: NoticeCallback | None) -> None:
+        self.client = client
+        self.id = granted.session
+        self.slots = list(granted.slots)
+        self.resumed = granted.resumed
+        self.waited = granted.waited
+        self.language_info = dict(granted.language_info)
+        self.released: str | None = None
+        self.on_notice = on_notice
+        self._link = link
+        link.on_released = self._on_released
+
+    def _on_released(self, msg: m.Released) -> None:
+        if msg.session == self.id:
+            self.released = msg.reason
+
+    @property
+    def connected(self) -> bool:
+        return self._link.closed_reason is None
+
+    async def _request(self, message_factory: Callable[[int], m.Message]) -> tuple[int, asyncio.Queue[Any]]:
+        if self.released:
+            raise SessionReleased(f"this GPU session was released ({self.released})", code="released")
+        req, inbox = self._link.open()
+        await self._link.send(message_factory(req))
+        return req, inbox
+
+    async def execute(self, code: str, on_output: OutputCallback | None = None, *,
+                      timeout: float | None = None, silent: bool = False,
+                      store_history: bool = True, allow_stdin: bool = False,
+                      on_notice: NoticeCallback | None = None) -> ExecuteResult:
+        """Run ``code`` remotely.
+
+        ``on_output`` is called with every output message as it arrives; by
+        default stream text goes to the local stdout/stderr.
+        """
+        handler = on_output if on_output is not None else write_streams
+        req, inbox = await self._request(
+            lambda r: m.Execute(r, code, timeout, silent, store_history, allow_stdin))
+        outputs: list[m.Output] = []
+        try:
+            while True:
+                msg = await self._link.receive(inbox)
+                if isinstance(msg, m.Output):
+                    outputs.append(msg)
+                    handler(msg)
+                elif isinstance(msg, m.Notice):
+                    _notify(on_notice or self.on_notice, msg.text)
+                elif isinstance(msg, m.ExecuteDone):
+                    error = None
+                    if msg.status == "error":
+                        error = RemoteError(msg.ename, msg.evalue, msg.traceback)
+                    return ExecuteResult(msg.status, msg.job, msg.execution_count, outputs, error)
+        finally:
+            self._link.done(req)
+
+    async def send_input(self, value: str) -> None:
+        await self._link.send(m.Input(0, value))
+
+    async def push(self, **values: Any) -> None:
+        """Set variables in the remote namespace.
+
+        Each value is pickled first: if one cannot be, SerializationError
+        names it and nothing is sent.
+        """
+        names, counts, buffers = dump_values(values)
+        req, inbox = await self._request(lambda r: m.Push(r, names, counts, tuple(buffers)))
+        try:
+            await self._expect(inbox, m.PushDone)
+        finally:
+            self._link.done(req)
+
+    async def pull(self, *names: str) -> dict[str, Any]:
+        """Values of remote variables; a CUDA tensor arrives as a CPU tensor."""
+        req, inbox = await self._request(lambda r: m.Pull(r, list(names)))
+        try:
+            reply = await self._expect(inbox, m.PullReply)
+        finally:
+            self._link.done(req)
+        assert isinstance(reply, m.PullReply)
+        return load_values(reply.names, reply.counts, reply.buffers)
+
+    async def shell_request(self, msg_type: str, content: dict[str, Any]) -> m.ShellReply:
+        req, inbox = await self._request(lambda r: m.ShellRequest(r, msg_type, content))
+        try:
+            reply = await self._expect(inbox, m.ShellReply)
+        finally:
+            self._link.done(req)
+        assert isinstance(reply, m.ShellReply)
+        return reply
+
+    async def _expect(self, inbox: asyncio.Queue[Any], kind: type[m.Message]) -> m.Message:
+        while True:
+            msg = await self._link.receive(inbox)
+            if isinstance(msg, m.Notice):
+                _notify(self.on_notice, msg.text)
+            elif isinstance(msg, kind):
+                return msg
+
+    async def interrupt(self) -> None:
+        """Interrupt the running cell (SIGINT to the worker)."""
+        await self._link.send(m.Interrupt(0))
+
+    async def release(self) -> None:
+        """Give the GPU back; the worker and its variables are gone."""
+        if self.released is None and self.connected:
+            try:
+                req, inbox = self._link.open()
+                await self._link.send(m.Release(req))
+                await self._expect(inbox, m.Released)
+            except (ConnectionLost, RemoteGpuError):
+                pass
+            self.released = self.released or "released by the client"
+        await self._link.close()
+
+    async def close(self) -> None:
+        """Drop the connection but keep the lease for the server's grace period."""
+        await self._link.close()

@@ -1,0 +1,384 @@
+"""The messages that client and server exchange.
+
+Each message is a small frozen dataclass with a :class:`MessageType`. A
+message that carries binary payloads (pushed or pulled variables, comm
+buffers) holds them in ``buffers``; they travel as raw bytes next to the JSON
+header, never inside it (see :mod:`.framing`).
+
+The conversation, in order:
+
+1. client → :class:`Hello` (protocol version); server → :class:`Welcome` or
+   :class:`Error` with ``ErrorCode.VERSION_MISMATCH``.
+2. client → :class:`LeaseRequest`; server → :class:`QueuePosition` whenever
+   the position changes, then :class:`LeaseGranted` (or :class:`Error`).
+3. client → :class:`Execute` / :class:`Push` / :class:`Pull` /
+   :class:`ShellRequest`; server → :class:`Output` for every Jupyter message
+   the worker publishes, then the request's reply (:class:`ExecuteDone`,
+   :class:`PushDone`, :class:`PullReply`, :class:`ShellReply`) or
+   :class:`Error`.
+4. client → :class:`Interrupt` at any time, :class:`Release` at the end;
+   server → :class:`Released` when the lease ends for any reason.
+
+Every request carries ``req``, an id the client chose; every answer names the
+request it answers. Server-initiated messages use ``req = 0``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from typing import Any, ClassVar, Union
+
+from ..errors import ProtocolError
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "ErrorCode",
+    "Error",
+    "Execute",
+    "ExecuteDone",
+    "Hello",
+    "Input",
+    "Interrupt",
+    "LeaseGranted",
+    "LeaseRequest",
+    "Message",
+    "MessageType",
+    "Notice",
+    "Output",
+    "Pull",
+    "PullReply",
+    "Push",
+    "PushDone",
+    "QueuePosition",
+    "Release",
+    "Released",
+    "ShellReply",
+    "ShellRequest",
+    "Welcome",
+    "message_from_fields",
+]
+
+#: Bumped whenever a message changes shape; sent in :class:`Hello`.
+PROTOCOL_VERSION = 1
+
+
+class MessageType(str, enum.Enum):
+    HELLO = "hello"
+    WELCOME = "welcome"
+    LEASE_REQUEST = "lease_request"
+    QUEUE_POSITION = "queue_position"
+    LEASE_GRANTED = "lease_granted"
+    EXECUTE = "execute"
+    OUTPUT = "output"
+    NOTICE = "notice"
+    EXECUTE_DONE = "execute_done"
+    PUSH = "push"
+    PUSH_DONE = "push_done"
+    PULL = "pull"
+    PULL_REPLY = "pull_reply"
+    SHELL_REQUEST = "shell_request"
+    SHELL_REPLY = "shell_reply"
+    INPUT = "input"
+    INTERRUPT = "interrupt"
+    RELEASE = "release"
+    RELEASED = "released"
+    ERROR = "error"
+
+
+class ErrorCode(str, enum.Enum):
+    PROTOCOL = "protocol_error"
+    VERSION_MISMATCH = "version_mismatch"
+    BAD_REQUEST = "bad_request"
+    NO_LEASE = "no_lease"
+    LEASE_REFUSED = "lease_refused"
+    RELEASED = "released"
+    WORKER_DIED = "worker_died"
+    SERIALIZATION = "serialization"
+    NAME_ERROR = "name_error"
+    TIMEOUT = "timeout"
+    INTERNAL = "internal"
+
+
+#: bytes-like objects, or framing.Chunks where a relay keeps a buffer in pieces
+Buffers = tuple[Any, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Message:
+    """Base class: ``type`` names the message on the wire."""
+
+    type: ClassVar[MessageType]
+
+    def fields(self) -> dict[str, Any]:
+        """The JSON-able fields, without ``buffers``."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "buffers"
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Hello(Message):
+    type = MessageType.HELLO
+    protocol: int
+    client: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Welcome(Message):
+    type = MessageType.WELCOME
+    protocol: int
+    server: str
+    user: str
+
+
+@dataclasses.dataclass(frozen=True)
+class LeaseRequest(Message):
+    """Ask for a lease of ``gpus`` slots, or to resume session ``resume``."""
+
+    type = MessageType.LEASE_REQUEST
+    req: int
+    gpus: int = 1
+    resume: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class QueuePosition(Message):
+    """The lease request ``req`` waits; ``position`` 1 is next in line."""
+
+    type = MessageType.QUEUE_POSITION
+    req: int
+    position: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LeaseGranted(Message):
+    type = MessageType.LEASE_GRANTED
+    req: int
+    session: str
+    slots: list[str]
+    resumed: bool = False
+    waited: float = 0.0
+    language_info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Execute(Message):
+    type = MessageType.EXECUTE
+    req: int
+    code: str
+    timeout: float | None = None
+    silent: bool = False
+    store_history: bool = True
+    allow_stdin: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Output(Message):
+    """A Jupyter IOPub message the worker published for request ``req``.
+
+    ``msg_type`` and ``content`` are the Jupyter message's own; ``seq`` is its
+    place in the session's output journal.
+    """
+
+    type = MessageType.OUTPUT
+    req: int
+    seq: int
+    msg_type: str
+    content: dict[str, Any]
+    buffers: Buffers = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Notice(Message):
+    """Something the user should read before the cell's output."""
+
+    type = MessageType.NOTICE
+    req: int
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecuteDone(Message):
+    type = MessageType.EXECUTE_DONE
+    req: int
+    job: int
+    status: str
+    execution_count: int | None = None
+    ename: str = ""
+    evalue: str = ""
+    traceback: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class Push(Message):
+    """Variables to set in the remote namespace.
+
+    ``counts[i]`` buffers belong to ``names[i]``: a pickle first, then its
+    out-of-band buffers (see :mod:`.serialization`).
+    """
+
+    type = MessageType.PUSH
+    req: int
+    names: list[str]
+    counts: list[int]
+    buffers: Buffers = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class PushDone(Message):
+    type = MessageType.PUSH_DONE
+    req: int
+    names: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Pull(Message):
+    type = MessageType.PULL
+    req: int
+    names: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class PullReply(Message):
+    type = MessageType.PULL_REPLY
+    req: int
+    names: list[str]
+    counts: list[int]
+    buffers: Buffers = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class ShellRequest(Message):
+    """Any other Jupyter shell request (complete, inspect, comm_msg, ...)."""
+
+    type = MessageType.SHELL_REQUEST
+    req: int
+    msg_type: str
+    content: dict[str, Any]
+    buffers: Buffers = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class ShellReply(Message):
+    type = MessageType.SHELL_REPLY
+    req: int
+    msg_type: str
+    content: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Input(Message):
+    """The user's answer to an ``input_request`` Output of request ``req``."""
+
+    type = MessageType.INPUT
+    req: int
+    value: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Interrupt(Message):
+    type = MessageType.INTERRUPT
+    req: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Release(Message):
+    type = MessageType.RELEASE
+    req: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Released(Message):
+    """The session's lease ended; ``reason`` says why."""
+
+    type = MessageType.RELEASED
+    req: int
+    session: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Error(Message):
+    type = MessageType.ERROR
+    req: int
+    code: ErrorCode
+    message: str
+
+    def fields(self) -> dict[str, Any]:
+        return {"req": self.req, "code": self.code.value, "message": self.message}
+
+
+_CLASSES: dict[MessageType, type[Message]] = {
+    cls.type: cls
+    for cls in (
+        Hello, Welcome, LeaseRequest, QueuePosition, LeaseGranted, Execute,
+        Output, Notice, ExecuteDone, Push, PushDone, Pull, PullReply,
+        ShellRequest, ShellReply, Input, Interrupt, Release, Released, Error,
+    )
+}  # fmt: skip
+
+
+def _check(value: Any, annotation: Any) -> bool:
+    """Whether a decoded JSON value fits a field's annotation."""
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        return any(_check(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is Any:
+        return True
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        return isinstance(value, list) and all(_check(v, item) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return value in {m.value for m in annotation}
+    return isinstance(annotation, type) and isinstance(value, annotation)
+
+
+_HINTS: dict[type[Message], dict[str, Any]] = {
+    cls: typing.get_type_hints(cls) for cls in _CLASSES.values()
+}
+
+
+def message_from_fields(fields: dict[str, Any], buffers: Buffers = ()) -> Message:
+    """Build a message from its decoded JSON header; raise ProtocolError if off."""
+    try:
+        mtype = MessageType(fields.pop("t"))
+    except (KeyError, ValueError, TypeError):
+        raise ProtocolError(f"unknown message type {fields.get('t')!r}") from None
+    cls = _CLASSES[mtype]
+    hints = _HINTS[cls]
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for name, value in fields.items():
+        if name not in known or name == "buffers":
+            raise ProtocolError(f"{mtype.value}: unexpected field {name!r}")
+        if not _check(value, hints[name]):
+            raise ProtocolError(f"{mtype.value}: field {name!r} has a bad value")
+        kwargs[name] = value
+    for name, f in known.items():
+        if (
+            name not in kwargs
+            and name != "buffers"
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ):
+            raise ProtocolError(f"{mtype.value}: missing field {name!r}")
+    if cls is Error:
+        kwargs["code"] = ErrorCode(kwargs["code"])
+    if "buffers" in known:
+        kwargs["buffers"] = tuple(buffers)
+    elif buffers:
+        raise ProtocolError(f"{mtype.value} carries no buffers")
+    return cls(**kwargs)

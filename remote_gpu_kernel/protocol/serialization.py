@@ -1,0 +1,176 @@
+"""Variables to bytes and back: cloudpickle protocol 5, buffers out of band.
+
+A value becomes a list of buffers: the pickle first, then every buffer that
+pickle protocol 5 let us take out of band (numpy arrays, torch tensors). The
+large buffers are never copied into the pickle; they travel as raw frames.
+
+Torch tensors pickle in-band by default (a full copy into the pickle); here
+they are reduced to a flat ``uint8`` numpy view of their storage, which goes
+out of band, plus dtype and shape. A CUDA tensor is copied to the CPU first,
+so a pulled CUDA tensor arrives as a CPU tensor.
+
+Only the side that asked for a value unpickles it: the worker what a client
+pushed, the client what it pulled. The server never calls :func:`loads`.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any, Union
+
+import cloudpickle
+
+from ..errors import ProtocolError, SerializationError
+
+__all__ = ["allocate_buffer", "dump_values", "dumps", "join_parts", "load_values", "loads", "split_parts"]
+
+#: Buffers at least this large are allocated through numpy, which asks the
+#: kernel for transparent huge pages: faulting in fresh 4 KiB pages costs
+#: more here than the copy itself.
+_LARGE = 1 << 20
+
+BufferLike = Union[bytes, bytearray, memoryview]
+
+
+def allocate_buffer(nbytes: int) -> Any:
+    """Writable memory for a received buffer of ``nbytes`` bytes."""
+    if nbytes >= _LARGE:
+        try:
+            import numpy
+        except ImportError:
+            pass
+        else:
+            return numpy.empty(nbytes, dtype=numpy.uint8)
+    return bytearray(nbytes)
+
+
+def split_parts(buffers: Sequence[Any], chunk_size: int) -> tuple[list[memoryview], list[int]]:
+    """Cut buffers into pieces of at most ``chunk_size``: ``(pieces, counts)``.
+
+    No bytes are copied; ``counts[i]`` pieces belong to buffer ``i``.
+    """
+    pieces: list[memoryview] = []
+    counts: list[int] = []
+    for buf in buffers:
+        view = memoryview(buf).cast("B")
+        parts = [view[i : i + chunk_size] for i in range(0, view.nbytes, chunk_size)] or [view]
+        pieces.extend(parts)
+        counts.append(len(parts))
+    return pieces, counts
+
+
+def join_parts(pieces: Sequence[Any], counts: Sequence[int]) -> list[Any]:
+    """Inverse of :func:`split_parts`; a buffer in one piece is not copied."""
+    if sum(counts) != len(pieces) or any(c < 1 for c in counts):
+        raise ProtocolError("buffer piece counts do not match the pieces")
+    out: list[Any] = []
+    pos = 0
+    for count in counts:
+        group = [memoryview(p).cast("B") for p in pieces[pos : pos + count]]
+        pos += count
+        if count == 1:
+            out.append(group[0])
+            continue
+        buf = allocate_buffer(sum(g.nbytes for g in group))
+        view, at = memoryview(buf).cast("B"), 0
+        for g in group:
+            view[at : at + g.nbytes] = g
+            at += g.nbytes
+        out.append(buf)
+    return out
+
+
+def _rebuild_tensor(data: Any, dtype: str, shape: tuple[int, ...], requires_grad: bool,
+                    parameter: bool) -> Any:
+    import torch
+
+    tensor = torch.from_numpy(data).view(getattr(torch, dtype)).reshape(shape)
+    if parameter:
+        return torch.nn.Parameter(tensor, requires_grad=requires_grad)
+    return tensor.requires_grad_(requires_grad) if requires_grad else tensor
+
+
+def _reduce_tensor(obj: Any) -> Any:
+    import torch
+
+    if obj.is_sparse or obj.is_quantized or obj.layout != torch.strided:
+        return NotImplemented
+    tensor = obj.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    tensor = tensor.resolve_conj().resolve_neg().contiguous()
+    flat = tensor.reshape(-1).view(torch.uint8).numpy()
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    parameter = isinstance(obj, torch.nn.Parameter)
+    return _rebuild_tensor, (flat, dtype, tuple(tensor.shape), obj.requires_grad, parameter)
+
+
+class _Pickler(cloudpickle.CloudPickler):
+    def reducer_override(self, obj: Any) -> Any:
+        torch = sys.modules.get("torch")
+        if torch is not None and type(obj) in (torch.Tensor, torch.nn.Parameter):
+            return _reduce_tensor(obj)
+        return super().reducer_override(obj)
+
+
+def dumps(value: Any) -> list[BufferLike]:
+    """Pickle ``value``: ``[pickle, *out_of_band_buffers]``."""
+    buffers: list[BufferLike] = []
+
+    def take(buf: pickle.PickleBuffer) -> bool:
+        buffers.append(buf.raw())
+        return False  # keep it out of band
+
+    out = io.BytesIO()
+    _Pickler(out, protocol=5, buffer_callback=take).dump(value)
+    return [out.getbuffer(), *buffers]
+
+
+def loads(buffers: Sequence[BufferLike]) -> Any:
+    """Inverse of :func:`dumps`."""
+    if not buffers:
+        raise ProtocolError("a pickled value needs at least one buffer")
+    return pickle.loads(buffers[0], buffers=buffers[1:])
+
+
+def dump_values(values: Mapping[str, Any]) -> tuple[list[str], list[int], list[BufferLike]]:
+    """Pickle each value on its own: ``(names, counts, buffers)``.
+
+    ``counts[i]`` is how many of ``buffers`` belong to ``names[i]``. A value
+    that cannot be pickled raises :class:`SerializationError` naming it, and
+    nothing is returned, so nothing is sent.
+    """
+    names: list[str] = []
+    counts: list[int] = []
+    buffers: list[BufferLike] = []
+    for name, value in values.items():
+        try:
+            parts = dumps(value)
+        except Exception as exc:  # pickling runs arbitrary __reduce__ code
+            raise SerializationError(name, f"{type(exc).__name__}: {exc}") from exc
+        names.append(name)
+        counts.append(len(parts))
+        buffers.extend(parts)
+    return names, counts, buffers
+
+
+def split_values(names: Sequence[str], counts: Sequence[int],
+                 buffers: Sequence[BufferLike]) -> dict[str, Sequence[BufferLike]]:
+    """Group ``buffers`` by variable, checking that the counts add up."""
+    if len(names) != len(counts) or any(c < 1 for c in counts) or sum(counts) != len(buffers):
+        raise ProtocolError("variable names, buffer counts and buffers do not match")
+    grouped: dict[str, Sequence[BufferLike]] = {}
+    start = 0
+    for name, count in zip(names, counts):
+        grouped[name] = buffers[start : start + count]
+        start += count
+    return grouped
+
+
+def load_values(names: Sequence[str], counts: Sequence[int],
+                buffers: Sequence[BufferLike]) -> dict[str, Any]:
+    """Inverse of :func:`dump_values`."""
+    return {name: loads(parts) for name, parts in split_values(names, counts, buffers).items()}

@@ -1,0 +1,222 @@
+"""The blocking client: the asyncio client driven from one I/O thread.
+
+The magic runs inside a kernel whose event loop already runs on the main
+thread, so nothing here calls ``asyncio.run``. One daemon thread owns an
+event loop and every connection; the caller's thread waits on queues, runs
+the output callbacks itself (so ``display()`` goes to the right cell), and
+stays free to take a KeyboardInterrupt, which it turns into a remote
+interrupt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+from .client import (
+    AsyncClient,
+    AsyncSession,
+    ExecuteResult,
+    NoticeCallback,
+    OutputCallback,
+    QueueCallback,
+    _notify,
+    write_streams,
+)
+from .protocol import messages as m
+
+__all__ = ["Client", "Session"]
+
+T = TypeVar("T")
+
+#: After a KeyboardInterrupt, how long to wait for the interrupted cell.
+INTERRUPT_WAIT = 10.0
+
+_loop: asyncio.AbstractEventLoop | None = None
+_loop_lock = threading.Lock()
+
+
+def io_loop() -> asyncio.AbstractEventLoop:
+    """The process's I/O loop, started on first use in a daemon thread."""
+    global _loop
+    with _loop_lock:
+        if _loop is None:
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(target=loop.run_forever, name="remote-gpu-io", daemon=True)
+            thread.start()
+            _loop = loop
+        return _loop
+
+
+def run(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+    """Run ``coro`` on the I/O loop and wait for it from this thread."""
+    return asyncio.run_coroutine_threadsafe(coro, io_loop()).result(timeout)
+
+
+_DONE = object()
+
+
+def _pump(coro_factory: Callable[[Callable[[Any], None]], Coroutine[Any, Any, T]],
+          handle: Callable[[Any], None], on_interrupt: Callable[[], None] | None = None) -> T:
+    """Run a coroutine that emits events; handle them in this thread.
+
+    ``coro_factory`` gets a thread-safe ``emit``. On KeyboardInterrupt
+    ``on_interrupt`` runs, the coroutine gets :data:`INTERRUPT_WAIT` seconds
+    to finish, and the KeyboardInterrupt is raised again.
+    """
+    events: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    future = asyncio.run_coroutine_threadsafe(coro_factory(events.put), io_loop())
+    future.add_done_callback(lambda _: events.put(_DONE))
+    interrupted = False
+    deadline = 0.0
+    while True:
+        try:
+            if interrupted:
+                item = events.get(timeout=max(0.0, deadline - time.monotonic()))
+            else:
+                item = events.get()
+        except queue.Empty:
+            future.cancel()
+            raise KeyboardInterrupt from None
+        except KeyboardInterrupt:
+            if interrupted or on_interrupt is None:
+                future.cancel()
+                raise
+            interrupted = True
+            deadline = time.monotonic() + INTERRUPT_WAIT
+            on_interrupt()
+            continue
+        if item is _DONE:
+            break
+        handle(item)
+    result = future.result()
+    if interrupted:
+        raise KeyboardInterrupt
+    return result
+
+
+class Client:
+    """Blocking twin of :class:`~remote_gpu_kernel.AsyncClient`."""
+
+    def __init__(self, url: str | None = None, token: str | None = None, *,
+                 open_timeout: float = 10) -> None:
+        self._client = AsyncClient(url, token, open_timeout=open_timeout)
+
+    @property
+    def url(self) -> str:
+        return self._client.url
+
+    @property
+    def user(self) -> str | None:
+        return self._client.user
+
+    def session(self, gpus: int = 1, *, resume: str | None = None,
+                on_queue: QueueCallback | None = None,
+                on_notice: NoticeCallback | None = None) -> Session:
+        """Lease ``gpus`` slots; waits in the queue if none is free.
+
+        ``on_queue(position)`` is called (in this thread) whenever the
+        position changes. Use the session as a context manager to release it.
+        """
+        def handle(event: tuple[str, Any]) -> None:
+            kind, value = event
+            if kind == "queue" and on_queue is not None:
+                on_queue(value)
+            elif kind == "notice":
+                _notify(on_notice, value)
+
+        def factory(emit: Callable[[Any], None]) -> Coroutine[Any, Any, AsyncSession]:
+            return self._client.open_session(
+                gpus, resume=resume,
+                on_queue=lambda p: emit(("queue", p)),
+                on_notice=lambda t: emit(("notice", t)),
+            )
+
+        return Session(_pump(factory, handle), on_notice)
+
+
+class Session:
+    """Blocking twin of :class:`~remote_gpu_kernel.AsyncSession`."""
+
+    def __init__(self, session: AsyncSession, on_notice: NoticeCallback | None = None) -> None:
+        self._session = session
+        self.on_notice = on_notice
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    @property
+    def id(self) -> str:
+        return self._session.id
+
+    @property
+    def slots(self) -> list[str]:
+        return self._session.slots
+
+    @property
+    def resumed(self) -> bool:
+        return self._session.resumed
+
+    @property
+    def released(self) -> str | None:
+        return self._session.released
+
+    @property
+    def connected(self) -> bool:
+        return self._session.connected
+
+    @property
+    def language_info(self) -> dict[str, Any]:
+        return self._session.language_info
+
+    def execute(self, code: str, on_output: OutputCallback | None = None, *,
+                timeout: float | None = None, silent: bool = False,
+                store_history: bool = True, allow_stdin: bool = False) -> ExecuteResult:
+        """Run ``code``; see :meth:`AsyncSession.execute`.
+
+        Callbacks run in this thread, as output arrives. A KeyboardInterrupt
+        here interrupts the remote cell, waits for it to stop, and is raised
+        again.
+        """
+        handler = on_output if on_output is not None else write_streams
+
+        def handle(event: Any) -> None:
+            if isinstance(event, m.Output):
+                handler(event)
+            else:
+                _notify(self.on_notice, event)
+
+        def factory(emit: Callable[[Any], None]) -> Coroutine[Any, Any, ExecuteResult]:
+            return self._session.execute(code, emit, timeout=timeout, silent=silent,
+                                         store_history=store_history, allow_stdin=allow_stdin,
+                                         on_notice=emit)
+
+        return _pump(factory, handle, self.interrupt)
+
+    def push(self, **values: Any) -> None:
+        run(self._session.push(**values))
+
+    def pull(self, *names: str) -> dict[str, Any]:
+        return run(self._session.pull(*names))
+
+    def shell_request(self, msg_type: str, content: dict[str, Any]) -> m.ShellReply:
+        return run(self._session.shell_request(msg_type, content))
+
+    def send_input(self, value: str) -> None:
+        run(self._session.send_input(value))
+
+    def interrupt(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._session.interrupt(), io_loop())
+
+    def release(self) -> None:
+        run(self._session.release())
+
+    def close(self) -> None:
+        run(self._session.close())

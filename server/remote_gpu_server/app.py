@@ -1,0 +1,237 @@
+"""The GPU server: authentication, connections, leases, idle release.
+
+:class:`GpuServer` owns the store, the scheduler, the warm pool and the
+sessions, and serves websockets through the ``websockets`` library with
+compression off (variables are raw binary, where deflate costs 40× the
+throughput) and ``max_size`` equal to the protocol's frame size.
+Tokens are checked in the handshake, so a bad token never opens a websocket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from typing import Any
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.http11 import Request, Response
+
+from remote_gpu_kernel.protocol import CHUNK_SIZE
+from remote_gpu_kernel.protocol import messages as m
+from remote_gpu_kernel.typing import SessionId, SlotId
+
+from .config import ServerConfig
+from .connection import Connection
+from .errors import TokenError
+from .gpus import Slot, discover_slots
+from .pool import Pool
+from .scheduler import FifoScheduler, Grant, LeaseRequestEntry
+from .session import Session
+from .store import Store, TokenInfo
+
+__all__ = ["GpuServer", "__version__"]
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("remote_gpu_server")
+
+
+def bearer_token(request: Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+class GpuServer:
+    """Call :meth:`start`, then :meth:`serve_forever` or :meth:`close`."""
+
+    version = __version__
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.store: Store = None  # type: ignore[assignment]
+        self.pool: Pool = None  # type: ignore[assignment]
+        self.slots: list[Slot] = []
+        self.scheduler: FifoScheduler = None  # type: ignore[assignment]
+        self.sessions: dict[SessionId, Session] = {}
+        self.port = config.port
+        self._released: dict[str, str] = {}
+        self._waiters: dict[int, tuple[asyncio.Future[tuple[SlotId, ...]], Connection]] = {}
+        self._positions: dict[int, int] = {}
+        self._tokens: dict[int, TokenInfo] = {}
+        self._server: Server | None = None
+        self._reaper: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.store = Store(self.config.db)
+        stale = self.store.fail_interrupted_jobs("the server stopped while this job was running")
+        if stale:
+            log.warning("marked %d job(s) left running by an earlier server as failed", stale)
+        self.slots = discover_slots(self.config.slots)
+        self.scheduler = FifoScheduler([s.id for s in self.slots])
+        self.pool = Pool(self.slots, self.config.startup_timeout)
+        self.pool.start()
+        self._server = await serve(
+            self._handle, self.config.host, self.config.port,
+            process_request=self._authenticate,
+            compression=None,
+            max_size=CHUNK_SIZE,
+            max_queue=64,
+            write_limit=4 * CHUNK_SIZE,
+            server_header=f"remote-gpu-server/{self.version}",
+        )
+        self.port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self.config.port
+        self._reaper = asyncio.get_running_loop().create_task(self._reap_idle())
+        log.info("listening on ws://%s:%d with %d slot(s): %s", self.config.host, self.port,
+                 len(self.slots), ", ".join(f"{s.id} ({s.name})" for s in self.slots))
+
+    async def serve_forever(self) -> None:
+        assert self._server is not None
+        await self._server.serve_forever()
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        for session in list(self.sessions.values()):
+            await self.release(session, "the server shut down")
+        if self.pool is not None:
+            await self.pool.close()
+        if self.store is not None:
+            self.store.close()
+
+    # -- websocket ----------------------------------------------------------
+
+    def _authenticate(self, connection: ServerConnection, request: Request) -> Response | None:
+        try:
+            info = self.store.verify_token(bearer_token(request))
+        except TokenError as exc:
+            # The reason names the token's id at most, never the token itself.
+            log.info("refused a connection from %s: %s", connection.remote_address, exc)
+            return connection.respond(HTTPStatus.UNAUTHORIZED, f"{exc}\n")
+        self._tokens[id(connection)] = info
+        return None
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        info = self._tokens.pop(id(ws))
+        log.info("%s connected from %s", info.user, ws.remote_address)
+        await Connection(self, ws, info).run()
+        log.info("%s disconnected", info.user)
+
+    # -- leases -------------------------------------------------------------
+
+    async def wait_for_lease(self, entry: LeaseRequestEntry, conn: Connection) -> tuple[SlotId, ...]:
+        """Queue ``entry`` and wait for its slots; raises ValueError if impossible."""
+        fut: asyncio.Future[tuple[SlotId, ...]] = asyncio.get_running_loop().create_future()
+        self._waiters[entry.key] = (fut, conn)
+        try:
+            grants = self.scheduler.submit(entry)
+        except ValueError:
+            del self._waiters[entry.key]
+            raise
+        await self._apply(grants)
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            self.cancel_lease(entry.key)
+            raise
+
+    def cancel_lease(self, key: int) -> None:
+        waiter = self._waiters.pop(key, None)
+        if waiter is not None and not waiter[0].done():
+            waiter[0].cancel()
+        grants = self.scheduler.cancel(key)
+        asyncio.get_running_loop().create_task(self._apply(grants))
+
+    async def _apply(self, grants: list[Grant]) -> None:
+        for grant in grants:
+            waiter = self._waiters.pop(grant.request.key, None)
+            if waiter is None or waiter[0].done():
+                # Its client left between grant and delivery: give the slots back.
+                await self._apply(self.scheduler.release(list(grant.slots)))
+                continue
+            waiter[0].set_result(grant.slots)
+        positions = self.scheduler.positions()
+        for key, position in positions.items():
+            if self._positions.get(key) != position and key in self._waiters:
+                self._positions[key] = position
+                await self._waiters[key][1].send_position(key, position)
+        for key in list(self._positions):
+            if key not in positions:
+                del self._positions[key]
+
+    async def open_session(self, user: str, slots: tuple[SlotId, ...]) -> Session:
+        try:
+            worker = await self.pool.take(list(slots))
+        except BaseException:
+            await self._apply(self.scheduler.release(list(slots)))
+            raise
+        session = Session(self, user, list(slots), worker)
+        self.sessions[session.id] = session
+        self.store.create_session(session.id, user, [str(s) for s in slots])
+        log.info("%s leased %s (session %s)", user, ",".join(slots), session.id[:8])
+        return session
+
+    def attach(self, session: Session, conn: Connection) -> None:
+        if session.grace_handle is not None:
+            session.grace_handle.cancel()
+            session.grace_handle = None
+        session.send = conn.send
+        conn.session = session
+
+    def detach(self, session: Session, conn: Connection) -> None:
+        if session.send != conn.send:
+            return
+        session.send = None
+        grace = self.config.grace
+        reason = f"the client disconnected and did not come back within {grace:g} s"
+        session.grace_handle = asyncio.get_running_loop().call_later(
+            grace, lambda: asyncio.ensure_future(self.release(session, reason))
+        )
+
+    def release_reason(self, session_id: str) -> str | None:
+        return self._released.get(session_id)
+
+    async def release(self, session: Session, reason: str, req: int = 0,
+                      notify: Callable[[m.Message], Awaitable[None]] | None = None) -> None:
+        """End ``session``'s lease: kill its worker, free its slots, tell its client."""
+        if session.released:
+            return
+        send = notify or session.send
+        await session.close(reason)
+        self.sessions.pop(session.id, None)
+        self._released[session.id] = reason
+        self.store.release_session(session.id, reason)
+        log.info("released session %s of %s: %s", session.id[:8], session.user, reason)
+        await self._apply(self.scheduler.release(list(session.slots)))
+        if send is not None:
+            await send(m.Released(req, session.id, reason))
+
+    async def _reap_idle(self) -> None:
+        timeout = self.config.idle_timeout
+        period = max(0.2, min(5.0, timeout / 4))
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            for session in list(self.sessions.values()):
+                if not session.busy and now - session.last_active > timeout:
+                    await self.release(session, f"idle for more than {timeout:g} s (--idle-timeout)")
+
+    # -- for tests and benchmarks ------------------------------------------
+
+    async def wait_ready(self) -> None:
+        await self.pool.wait_ready()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "slots": [s.id for s in self.slots],
+            "free": [str(s) for s in self.scheduler.free],
+            "sessions": {sid: s.user for sid, s in self.sessions.items()},
+        }

@@ -1,0 +1,110 @@
+"""The warm pool: one started worker waiting on every free slot.
+
+A lease takes the slot's warm worker (already started, torch imported), so
+it does not pay a cold start. A worker serves one session and is never
+reused: :meth:`Pool.recycle` kills it and warms a fresh one in its place. A
+lease of several slots starts a worker pinned to all of them (cold), and
+the single-slot workers it displaces are recycled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+from remote_gpu_kernel.typing import SlotId
+
+from .gpus import Slot
+from .worker import Worker
+
+__all__ = ["Pool"]
+
+log = logging.getLogger("remote_gpu_server")
+
+
+class Pool:
+    """Call :meth:`start` first and :meth:`close` at the end."""
+
+    def __init__(self, slots: list[Slot], startup_timeout: float = 120) -> None:
+        self.slots = {s.id: s for s in slots}
+        self.startup_timeout = startup_timeout
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix="rgpu-"))  # mode 0700
+        self._warm: dict[SlotId, asyncio.Task[Worker]] = {}
+        self._closing = False
+
+    def start(self) -> None:
+        for slot_id in self.slots:
+            self._warm_up(slot_id)
+
+    def _warm_up(self, slot_id: SlotId) -> None:
+        if self._closing:
+            return
+        worker = Worker([self.slots[slot_id]], self.runtime_dir, self.startup_timeout)
+        task = asyncio.get_running_loop().create_task(self._start(worker))
+        self._warm[slot_id] = task
+
+    async def _start(self, worker: Worker) -> Worker:
+        try:
+            await worker.start()
+        except BaseException:
+            await worker.kill()
+            raise
+        return worker
+
+    async def wait_ready(self) -> None:
+        """Wait until every slot's warm worker has started (for tests, benches)."""
+        await asyncio.gather(*self._warm.values(), return_exceptions=True)
+
+    def is_warm(self, slot_id: SlotId) -> bool:
+        task = self._warm.get(slot_id)
+        return task is not None and task.done() and task.exception() is None
+
+    async def take(self, slot_ids: list[SlotId]) -> Worker:
+        """A started worker pinned to ``slot_ids``; the slots' warm workers go."""
+        if len(slot_ids) == 1:
+            slot_id = slot_ids[0]
+            task = self._warm.pop(slot_id, None)
+            if task is not None:
+                try:
+                    worker = await task
+                    if worker.alive:
+                        return worker
+                    await worker.kill()
+                except Exception:
+                    log.exception("warm worker for %s failed to start; starting another", slot_id)
+            return await self._start(Worker([self.slots[slot_id]], self.runtime_dir, self.startup_timeout))
+        for slot_id in slot_ids:
+            task = self._warm.pop(slot_id, None)
+            if task is not None:
+                asyncio.get_running_loop().create_task(self._discard(task))
+        return await self._start(Worker([self.slots[s] for s in slot_ids], self.runtime_dir,
+                                        self.startup_timeout))
+
+    async def _discard(self, task: asyncio.Task[Worker]) -> None:
+        try:
+            worker = await task
+        except Exception:
+            return
+        await worker.kill()
+
+    async def replace(self, worker: Worker) -> Worker:
+        """Kill ``worker`` and start a fresh one on the same slots (its session goes on)."""
+        await worker.kill()
+        return await self._start(Worker(worker.slots, self.runtime_dir, self.startup_timeout))
+
+    async def recycle(self, worker: Worker) -> None:
+        """Kill ``worker`` (its whole process group) and warm fresh ones on its slots."""
+        await worker.kill()
+        for slot in worker.slots:
+            self._warm_up(slot.id)
+
+    async def close(self) -> None:
+        self._closing = True
+        tasks = list(self._warm.values())
+        self._warm.clear()
+        for task in tasks:
+            await self._discard(task)
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)

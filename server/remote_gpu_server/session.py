@@ -1,0 +1,246 @@
+"""A leased session on the server: one user, its slots and its worker.
+
+The session outlives its websocket: a client that reconnects within the
+grace period finds the same worker and namespace. Requests run one at a time
+(``lock``), in the order they arrived. Every output message is appended to
+the store's journal with the session's next sequence number before it is
+sent, so nothing a cell printed is lost with a connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from remote_gpu_kernel.errors import WorkerDied
+from remote_gpu_kernel.protocol import messages as m
+from remote_gpu_kernel.typing import JobId, SessionId, SlotId
+
+from .worker import Worker
+
+if TYPE_CHECKING:
+    from .app import GpuServer
+
+__all__ = ["Session"]
+
+log = logging.getLogger("remote_gpu_server")
+
+Send = Callable[[m.Message], Awaitable[None]]
+
+
+class Session:
+    def __init__(self, server: GpuServer, user: str, slots: list[SlotId], worker: Worker) -> None:
+        self.server = server
+        self.id = SessionId(uuid.uuid4().hex)
+        self.user = user
+        self.slots = slots
+        self.lock = asyncio.Lock()
+        self.last_active = time.monotonic()
+        self.released: str | None = None
+        self.send: Send | None = None  # the attached connection's send
+        self.grace_handle: asyncio.TimerHandle | None = None
+        self._worker = worker
+        self._replacing: asyncio.Task[Worker] | None = None
+        self._notice: str | None = None
+        self._seq = 0
+        self._running_job: JobId | None = None
+        self._interrupted = False
+        self._watch = asyncio.get_running_loop().create_task(self._watch_worker(worker))
+
+    @property
+    def busy(self) -> bool:
+        return self.lock.locked()
+
+    @property
+    def language_info(self) -> dict[str, Any]:
+        return self._worker.language_info
+
+    def touch(self) -> None:
+        self.last_active = time.monotonic()
+
+    # -- the worker ---------------------------------------------------------
+
+    async def _watch_worker(self, worker: Worker) -> None:
+        await worker.died.wait()
+        if self.released or worker is not self._worker:
+            return
+        self._notice = (
+            f"The remote worker died ({worker.exit_description}): this session was restarted "
+            "with a fresh worker and its variables are gone."
+        )
+        self._restart(worker)
+
+    def _restart(self, old: Worker) -> None:
+        """Start a fresh worker for this session; requests wait for it."""
+        self._replacing = asyncio.get_running_loop().create_task(self.server.pool.replace(old))
+
+    async def worker(self) -> Worker:
+        if self._replacing is not None:
+            try:
+                self._worker = await self._replacing
+            finally:
+                self._replacing = None
+            self._watch = asyncio.get_running_loop().create_task(self._watch_worker(self._worker))
+        return self._worker
+
+    async def _deliver(self, message: m.Message) -> None:
+        if self.send is not None:
+            await self.send(message)
+
+    async def _notices(self, req: int) -> None:
+        if self._notice:
+            notice, self._notice = self._notice, None
+            await self._deliver(m.Notice(req, notice))
+
+    # -- requests -----------------------------------------------------------
+
+    async def execute(self, msg: m.Execute) -> None:
+        async with self.lock:
+            self.touch()
+            await self._notices(msg.req)
+            worker = await self.worker()
+            store = self.server.store
+            job = store.create_job(self.user, self.id, msg.code, list(self.slots))
+            store.start_job(job)
+            self._running_job, self._interrupted = job, False
+
+            async def on_iopub(jmsg: dict[str, Any]) -> None:
+                self._seq += 1
+                store.append_output(self.id, self._seq, job, jmsg["msg_type"], jmsg["content"])
+                await self._deliver(m.Output(msg.req, self._seq, jmsg["msg_type"], jmsg["content"],
+                                             tuple(jmsg.get("buffers") or ())))
+
+            task = asyncio.get_running_loop().create_task(worker.execute(
+                msg.code, on_iopub, silent=msg.silent, store_history=msg.store_history,
+                allow_stdin=msg.allow_stdin,
+            ))
+            try:
+                reply = await self._await_cell(task, worker, msg.timeout)
+            except WorkerDied as exc:
+                store.finish_job(job, "failed", str(exc))
+                await self._deliver(m.Error(msg.req, m.ErrorCode.WORKER_DIED, str(exc)))
+                return
+            except TimeoutError as exc:
+                store.finish_job(job, "timed_out", str(exc))
+                await self._deliver(m.Error(msg.req, m.ErrorCode.TIMEOUT, str(exc)))
+                return
+            finally:
+                self._running_job = None
+                self.touch()
+            status = reply.get("status", "error")
+            if status == "ok":
+                store.finish_job(job, "completed")
+            elif self._interrupted and reply.get("ename") == "KeyboardInterrupt":
+                store.finish_job(job, "cancelled", "interrupted by the user")
+            else:
+                store.finish_job(job, "failed", f"{reply.get('ename')}: {reply.get('evalue')}")
+            await self._deliver(m.ExecuteDone(
+                msg.req, job, status, reply.get("execution_count"),
+                str(reply.get("ename") or ""), str(reply.get("evalue") or ""),
+                [str(line) for line in reply.get("traceback") or []],
+            ))
+
+    async def _await_cell(self, task: asyncio.Task[dict[str, Any]], worker: Worker,
+                          timeout: float | None) -> dict[str, Any]:
+        """The cell's reply; past ``timeout``: interrupt, then kill and restart."""
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if done:
+            return task.result()
+        await worker.interrupt()
+        done, _ = await asyncio.wait({task}, timeout=self.server.config.kill_grace)
+        if done and not isinstance(task.exception(), WorkerDied):
+            raise TimeoutError(f"the cell ran past its timeout of {timeout:g} s and was interrupted")
+        self._notice = (
+            f"The previous cell ran past its timeout of {timeout:g} s and did not stop when "
+            "interrupted: its worker was restarted and the session's variables are gone."
+        )
+        self._restart(worker)
+        if not task.done():
+            task.cancel()
+        raise TimeoutError(
+            f"the cell ran past its timeout of {timeout:g} s and did not stop when interrupted; "
+            "its worker was killed"
+        )
+
+    async def interrupt(self) -> None:
+        if self._running_job is not None:
+            self._interrupted = True
+            await self._worker.interrupt()
+
+    def send_input(self, value: str) -> None:
+        self._worker.send_input(value)
+
+    async def push(self, msg: m.Push) -> None:
+        if len(msg.names) != len(msg.counts) or sum(msg.counts) != len(msg.buffers) or any(
+            c < 1 for c in msg.counts
+        ):
+            await self._deliver(m.Error(msg.req, m.ErrorCode.BAD_REQUEST,
+                                        "push: names, counts and buffers do not match"))
+            return
+        async with self.lock:
+            self.touch()
+            await self._notices(msg.req)
+            worker = await self.worker()
+            try:
+                reply, _ = await worker.transfer(
+                    {"op": "push", "names": msg.names, "counts": msg.counts}, list(msg.buffers)
+                )
+            except WorkerDied as exc:
+                await self._deliver(m.Error(msg.req, m.ErrorCode.WORKER_DIED, str(exc)))
+                return
+            if not reply.get("ok"):
+                await self._deliver(m.Error(msg.req, m.ErrorCode.SERIALIZATION,
+                                            f"{reply.get('ename')}: {reply.get('evalue')}"))
+                return
+            await self._deliver(m.PushDone(msg.req, list(reply.get("names") or [])))
+
+    async def pull(self, msg: m.Pull) -> None:
+        async with self.lock:
+            self.touch()
+            await self._notices(msg.req)
+            worker = await self.worker()
+            try:
+                reply, buffers = await worker.transfer({"op": "pull", "names": msg.names}, [])
+            except WorkerDied as exc:
+                await self._deliver(m.Error(msg.req, m.ErrorCode.WORKER_DIED, str(exc)))
+                return
+            if not reply.get("ok"):
+                code = m.ErrorCode.NAME_ERROR if reply.get("ename") == "NameError" else m.ErrorCode.SERIALIZATION
+                await self._deliver(m.Error(msg.req, code, f"{reply.get('ename')}: {reply.get('evalue')}"))
+                return
+            await self._deliver(m.PullReply(msg.req, list(reply["names"]), list(reply["counts"]),
+                                            tuple(buffers)))
+
+    async def shell_request(self, msg: m.ShellRequest) -> None:
+        """Forward a complete/inspect/... request; answers even while a cell runs."""
+        worker = await self.worker()
+        try:
+            reply = await worker.request(msg.msg_type, msg.content, buffers=list(msg.buffers) or None)
+        except WorkerDied as exc:
+            await self._deliver(m.Error(msg.req, m.ErrorCode.WORKER_DIED, str(exc)))
+            return
+        await self._deliver(m.ShellReply(msg.req, str(reply.get("msg_type", "")), dict(reply.get("content") or {})))
+
+    # -- the end ------------------------------------------------------------
+
+    async def close(self, reason: str) -> None:
+        """Mark released, kill the worker, give the slots back. Called by the server."""
+        if self.released:
+            return
+        self.released = reason
+        if self.grace_handle is not None:
+            self.grace_handle.cancel()
+        self._watch.cancel()
+        if self._running_job is not None:
+            self.server.store.finish_job(self._running_job, "cancelled", f"session released: {reason}")
+        worker = self._worker
+        if self._replacing is not None:
+            try:
+                worker = await self._replacing
+            except Exception:
+                pass
+        await self.server.pool.recycle(worker)

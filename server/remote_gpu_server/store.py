@@ -1,0 +1,291 @@
+"""The embedded store: users, tokens, sessions, jobs and their output.
+
+SQLite in WAL mode, one file, opened by the server and by the CLI. Calls are
+synchronous and short (well under a millisecond); the server makes them from
+its event loop. Only a SHA-256 hash of each token is stored: tokens are 256
+random bits, so a plain hash is enough, and the lookup is by hash followed by
+a constant-time comparison.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import json
+import secrets
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from remote_gpu_kernel.typing import JobId, SessionId
+
+from .errors import StoreError, TokenError
+
+__all__ = ["JobRecord", "Store", "TokenInfo", "TOKEN_PREFIX"]
+
+TOKEN_PREFIX = "rgpu_"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS users (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    id INTEGER PRIMARY KEY,
+    user_id INTEGER NOT NULL REFERENCES users(id),
+    hash TEXT NOT NULL UNIQUE,
+    admin INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    expires REAL,
+    revoked REAL,
+    last_used REAL
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    id TEXT PRIMARY KEY,
+    user_id INTEGER NOT NULL REFERENCES users(id),
+    slots TEXT NOT NULL,
+    created REAL NOT NULL,
+    released REAL,
+    reason TEXT
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY,
+    user_id INTEGER NOT NULL REFERENCES users(id),
+    session_id TEXT REFERENCES sessions(id),
+    kind TEXT NOT NULL DEFAULT 'cell',
+    slots TEXT NOT NULL DEFAULT '',
+    code TEXT NOT NULL,
+    state TEXT NOT NULL,
+    error TEXT,
+    created REAL NOT NULL,
+    started REAL,
+    ended REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE TABLE IF NOT EXISTS outputs (
+    session_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    job_id INTEGER REFERENCES jobs(id),
+    msg_type TEXT NOT NULL,
+    content TEXT NOT NULL,
+    PRIMARY KEY (session_id, seq)
+);
+CREATE INDEX IF NOT EXISTS outputs_job ON outputs(job_id, seq);
+"""
+
+JOB_STATES = ("queued", "running", "completed", "failed", "cancelled", "timed_out")
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenInfo:
+    id: int
+    user: str
+    admin: bool
+    created: float
+    expires: float | None
+    revoked: float | None
+    last_used: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class JobRecord:
+    id: JobId
+    user: str
+    session: SessionId | None
+    kind: str
+    slots: str
+    code: str
+    state: str
+    error: str | None
+    created: float
+    started: float | None
+    ended: float | None
+
+
+class Store:
+    """One SQLite file. Call :meth:`close` when done."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _one(self, sql: str, *args: Any) -> Any:
+        return self._db.execute(sql, args).fetchone()
+
+    # -- users and tokens ---------------------------------------------------
+
+    def _user_id(self, name: str, create: bool = False) -> int:
+        row = self._one("SELECT id FROM users WHERE name = ?", name)
+        if row:
+            return int(row[0])
+        if not create:
+            raise StoreError(f"no user named {name!r}")
+        cur = self._db.execute("INSERT INTO users (name, created) VALUES (?, ?)", (name, time.time()))
+        return int(cur.lastrowid or 0)
+
+    def create_token(self, user: str, days: float | None = None, admin: bool = False) -> tuple[int, str]:
+        """Create a token for ``user`` (made if new); return ``(id, token)``.
+
+        The token itself is returned once and never stored.
+        """
+        if not user or not user.replace("-", "").replace("_", "").replace(".", "").isalnum():
+            raise StoreError("a user name is letters, digits, '-', '_' and '.'")
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        now = time.time()
+        expires = now + days * 86400 if days else None
+        user_id = self._user_id(user, create=True)
+        cur = self._db.execute(
+            "INSERT INTO tokens (user_id, hash, admin, created, expires) VALUES (?, ?, ?, ?, ?)",
+            (user_id, hash_token(token), int(admin), now, expires),
+        )
+        return int(cur.lastrowid or 0), token
+
+    def list_tokens(self) -> list[TokenInfo]:
+        rows = self._db.execute(
+            "SELECT t.id, u.name, t.admin, t.created, t.expires, t.revoked, t.last_used "
+            "FROM tokens t JOIN users u ON u.id = t.user_id ORDER BY t.id"
+        ).fetchall()
+        return [TokenInfo(r[0], r[1], bool(r[2]), r[3], r[4], r[5], r[6]) for r in rows]
+
+    def revoke_token(self, token_id: int) -> None:
+        cur = self._db.execute(
+            "UPDATE tokens SET revoked = ? WHERE id = ? AND revoked IS NULL", (time.time(), token_id)
+        )
+        if cur.rowcount == 0:
+            if self._one("SELECT id FROM tokens WHERE id = ?", token_id) is None:
+                raise StoreError(f"no token with id {token_id}")
+            raise StoreError(f"token {token_id} is already revoked")
+
+    def verify_token(self, token: str | None) -> TokenInfo:
+        """Return the token's owner, or raise :class:`TokenError` saying why."""
+        if not token:
+            raise TokenError("missing token: send 'Authorization: Bearer TOKEN'")
+        digest = hash_token(token)
+        row = self._one(
+            "SELECT t.id, u.name, t.admin, t.created, t.expires, t.revoked, t.last_used, t.hash "
+            "FROM tokens t JOIN users u ON u.id = t.user_id WHERE t.hash = ?",
+            digest,
+        )
+        # compare_digest keeps the final comparison constant-time even though
+        # the index lookup already found the row by its hash.
+        if row is None or not hmac.compare_digest(row[7], digest):
+            raise TokenError("invalid token: no such token on this server")
+        info = TokenInfo(row[0], row[1], bool(row[2]), row[3], row[4], row[5], row[6])
+        now = time.time()
+        if info.revoked is not None:
+            raise TokenError(f"revoked token: token {info.id} was revoked; ask for a new one")
+        if info.expires is not None and info.expires < now:
+            raise TokenError(f"expired token: token {info.id} expired; ask for a new one")
+        self._db.execute("UPDATE tokens SET last_used = ? WHERE id = ?", (now, info.id))
+        return info
+
+    # -- sessions -----------------------------------------------------------
+
+    def create_session(self, session: SessionId, user: str, slots: list[str]) -> None:
+        self._db.execute(
+            "INSERT INTO sessions (id, user_id, slots, created) VALUES (?, ?, ?, ?)",
+            (session, self._user_id(user, create=True), ",".join(slots), time.time()),
+        )
+
+    def release_session(self, session: SessionId, reason: str) -> None:
+        self._db.execute(
+            "UPDATE sessions SET released = ?, reason = ? WHERE id = ? AND released IS NULL",
+            (time.time(), reason, session),
+        )
+
+    # -- jobs ---------------------------------------------------------------
+
+    def create_job(self, user: str, session: SessionId | None, code: str,
+                   slots: list[str], kind: str = "cell") -> JobId:
+        cur = self._db.execute(
+            "INSERT INTO jobs (user_id, session_id, kind, slots, code, state, created) "
+            "VALUES (?, ?, ?, ?, ?, 'queued', ?)",
+            (self._user_id(user, create=True), session, kind, ",".join(slots), code, time.time()),
+        )
+        return JobId(int(cur.lastrowid or 0))
+
+    def start_job(self, job: JobId) -> None:
+        self._db.execute("UPDATE jobs SET state = 'running', started = ? WHERE id = ?", (time.time(), job))
+
+    def finish_job(self, job: JobId, state: str, error: str | None = None) -> None:
+        if state not in JOB_STATES:
+            raise StoreError(f"unknown job state {state!r}")
+        self._db.execute(
+            "UPDATE jobs SET state = ?, error = ?, ended = ? WHERE id = ?",
+            (state, error, time.time(), job),
+        )
+
+    def job(self, job: JobId) -> JobRecord:
+        row = self._one(_JOB_SELECT + " WHERE j.id = ?", job)
+        if row is None:
+            raise StoreError(f"no job with id {job}")
+        return JobRecord(*row)
+
+    def jobs(self, user: str | None = None, state: str | None = None, limit: int = 100) -> list[JobRecord]:
+        where, args = [], []
+        if user:
+            where.append("u.name = ?")
+            args.append(user)
+        if state:
+            where.append("j.state = ?")
+            args.append(state)
+        sql = _JOB_SELECT + (" WHERE " + " AND ".join(where) if where else "")
+        rows = self._db.execute(sql + " ORDER BY j.id DESC LIMIT ?", (*args, limit)).fetchall()
+        return [JobRecord(*r) for r in rows]
+
+    def fail_interrupted_jobs(self, reason: str) -> int:
+        """Mark jobs an earlier server run left queued or running as failed."""
+        cur = self._db.execute(
+            "UPDATE jobs SET state = 'failed', error = ?, ended = ? WHERE state IN ('queued', 'running')",
+            (reason, time.time()),
+        )
+        self._db.execute(
+            "UPDATE sessions SET released = ?, reason = ? WHERE released IS NULL",
+            (time.time(), reason),
+        )
+        return cur.rowcount
+
+    # -- output journal -----------------------------------------------------
+
+    def append_output(self, session: SessionId, seq: int, job: JobId | None,
+                      msg_type: str, content: dict[str, Any]) -> None:
+        self._db.execute(
+            "INSERT INTO outputs (session_id, seq, job_id, msg_type, content) VALUES (?, ?, ?, ?, ?)",
+            (session, seq, job, msg_type, json.dumps(content, default=str)),
+        )
+
+    def outputs(self, job: JobId) -> list[tuple[int, str, dict[str, Any]]]:
+        rows = self._db.execute(
+            "SELECT seq, msg_type, content FROM outputs WHERE job_id = ? ORDER BY seq", (job,)
+        ).fetchall()
+        return [(r[0], r[1], json.loads(r[2])) for r in rows]
+
+    def outputs_since(self, session: SessionId, seq: int) -> list[tuple[int, JobId | None, str, dict[str, Any]]]:
+        rows = self._db.execute(
+            "SELECT seq, job_id, msg_type, content FROM outputs WHERE session_id = ? AND seq > ? "
+            "ORDER BY seq",
+            (session, seq),
+        ).fetchall()
+        return [(r[0], r[1], r[2], json.loads(r[3])) for r in rows]
+
+
+_JOB_SELECT = (
+    "SELECT j.id, u.name, j.session_id, j.kind, j.slots, j.code, j.state, j.error, "
+    "j.created, j.started, j.ended FROM jobs j JOIN users u ON u.id = j.user_id"
+)

@@ -1,0 +1,343 @@
+"""The server's handle on one worker: a real ipykernel process.
+
+A :class:`Worker` starts a kernel through jupyter_client (signed messages,
+``ipc://`` sockets in a private runtime folder, its own process group), pins
+it to its slots with ``CUDA_VISIBLE_DEVICES``, and forwards requests to it.
+jupyter_client's provisioner is the process-control layer (launch, poll,
+signal, kill, cleanup), so a pool of workers can later be started by another
+launcher without changing this module.
+
+Every request completes when both its shell reply and its IOPub ``idle``
+status have arrived, so no output is lost after the reply. If the process
+dies, every pending request fails at once with :class:`WorkerDied` saying
+how it ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+
+from remote_gpu_kernel.errors import WorkerDied
+from remote_gpu_kernel.protocol.framing import Chunks
+
+from .gpus import Slot, cuda_visible_devices
+from .worker_kernel import COMM_TARGET
+
+__all__ = ["IopubHandler", "Worker", "describe_exit"]
+
+log = logging.getLogger("remote_gpu_server")
+
+IopubHandler = Callable[[dict[str, Any]], Awaitable[None]]
+
+_counter = itertools.count(1)
+#: How often a worker's process is polled for an unexpected exit.
+DEATH_POLL_SECONDS = 0.2
+
+
+def describe_exit(returncode: int | None) -> str:
+    """'exit code 3' or 'signal SIGSEGV' for a process's return code."""
+    if returncode is None:
+        return "an unknown cause"
+    if returncode < 0:
+        try:
+            return f"signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+class _SpecManager(KernelSpecManager):  # type: ignore[misc]
+    """Hands jupyter_client the worker's command line."""
+
+    def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
+        return KernelSpec(
+            argv=[sys.executable, "-m", "remote_gpu_server.worker_kernel", "-f", "{connection_file}"],
+            display_name="remote-gpu worker",
+            language="python",
+            interrupt_mode="signal",
+        )
+
+
+class _Pending:
+    def __init__(self, on_iopub: IopubHandler | None) -> None:
+        loop = asyncio.get_running_loop()
+        self.on_iopub = on_iopub
+        self.reply: asyncio.Future[dict[str, Any]] = loop.create_future()
+        self.idle: asyncio.Future[None] = loop.create_future()
+
+    def fail(self, exc: BaseException) -> None:
+        for fut in (self.reply, self.idle):
+            if not fut.done():
+                fut.set_exception(exc)
+                fut.exception()  # mark retrieved: one of them may never be awaited
+
+
+class Worker:
+    """One kernel process serving one session; see the module docstring.
+
+    Call :meth:`start` once, then requests; call :meth:`kill` at the end (it
+    kills the whole process group and removes the connection files).
+    """
+
+    def __init__(self, slots: list[Slot], runtime_dir: Path, startup_timeout: float = 120) -> None:
+        self.slots = list(slots)
+        self.name = f"w{next(_counter)}-{'+'.join(s.id for s in slots)}"
+        self.runtime_dir = runtime_dir
+        self.startup_timeout = startup_timeout
+        self.language_info: dict[str, Any] = {}
+        self.exit_description: str | None = None
+        self._km: AsyncKernelManager | None = None
+        self._kc: Any = None
+        self._pending: dict[str, _Pending] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._comm_id = ""
+        self._transfer_ids = itertools.count(1)
+        self._transfers: dict[int, asyncio.Future[tuple[dict[str, Any], list[Any]]]] = {}
+        self._killed = False
+        self._data: Any = None
+        self.died = asyncio.Event()
+
+    @property
+    def pid(self) -> int | None:
+        process = getattr(self._km.provisioner, "process", None) if self._km else None
+        return process.pid if process is not None else None
+
+    @property
+    def alive(self) -> bool:
+        return self._km is not None and not self.died.is_set() and not self._killed
+
+    async def start(self) -> None:
+        env = dict(os.environ)
+        env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices(self.slots)
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        env["RGPU_SLOTS"] = ",".join(s.id for s in self.slots)
+        data_addr = f"ipc://{self.runtime_dir / self.name}-data"
+        env["RGPU_DATA_ADDR"] = data_addr
+        env.pop("JUPYTER_RUNTIME_DIR", None)
+        km = AsyncKernelManager(kernel_name="rgpu-worker", kernel_spec_manager=_SpecManager())
+        km.transport = "ipc"
+        km.ip = str(self.runtime_dir / self.name)
+        km.connection_file = str(self.runtime_dir / f"{self.name}.json")
+        self._km = km
+        await km.start_kernel(env=env)
+        kc = km.client()
+        kc.start_channels()
+        self._kc = kc
+        self._data = zmq.asyncio.Context.instance().socket(zmq.PAIR)
+        self._data.linger = 0
+        self._data.connect(data_addr)
+        try:
+            await kc.wait_for_ready(timeout=self.startup_timeout)
+        except RuntimeError as exc:
+            await self.kill()
+            raise WorkerDied(f"worker {self.name} failed to start: {exc}", code="worker_died") from exc
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._read(kc.iopub_channel, self._on_iopub)),
+            loop.create_task(self._read(kc.shell_channel, self._on_shell)),
+            loop.create_task(self._read(kc.stdin_channel, self._on_stdin)),
+            loop.create_task(self._watch()),
+        ]
+        info = await self.request("kernel_info_request", {})
+        self.language_info = dict(info["content"].get("language_info") or {})
+        self._comm_id = f"rgpu-{self.name}"
+        await self.request("comm_open", {"comm_id": self._comm_id, "target_name": COMM_TARGET, "data": {}})
+        log.debug("worker %s ready (pid %s)", self.name, self.pid)
+
+    # -- reading ------------------------------------------------------------
+
+    async def _read(self, channel: Any, handle: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        while True:
+            try:
+                msg = await channel.get_msg()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # closed socket after a kill
+                if not self.alive:
+                    return
+                log.exception("worker %s: unreadable message", self.name)
+                continue
+            try:
+                await handle(msg)
+            except Exception:
+                log.exception("worker %s: error handling %s", self.name, msg.get("msg_type"))
+
+    async def _on_iopub(self, msg: dict[str, Any]) -> None:
+        parent = (msg.get("parent_header") or {}).get("msg_id")
+        msg_type = msg["msg_type"]
+        content = msg["content"]
+        if msg_type == "comm_msg" and content.get("comm_id") == self._comm_id:
+            fut = self._transfers.pop(int(content["data"].get("id") or 0), None)
+            if fut is not None and not fut.done():
+                fut.set_result((content["data"], list(msg.get("buffers") or [])))
+            return
+        pending = self._pending.get(parent) if parent else None
+        if pending is None:
+            return
+        if msg_type == "status":
+            if content.get("execution_state") == "idle" and not pending.idle.done():
+                pending.idle.set_result(None)
+            return
+        if pending.on_iopub is not None:
+            await pending.on_iopub(msg)
+
+    async def _on_shell(self, msg: dict[str, Any]) -> None:
+        parent = (msg.get("parent_header") or {}).get("msg_id")
+        pending = self._pending.get(parent) if parent else None
+        if pending is not None and not pending.reply.done():
+            pending.reply.set_result(msg)
+
+    async def _on_stdin(self, msg: dict[str, Any]) -> None:
+        parent = (msg.get("parent_header") or {}).get("msg_id")
+        pending = self._pending.get(parent) if parent else None
+        if pending is not None and pending.on_iopub is not None:
+            await pending.on_iopub(msg)
+
+    async def _watch(self) -> None:
+        assert self._km is not None
+        while True:
+            await asyncio.sleep(DEATH_POLL_SECONDS)
+            if self._killed:
+                return
+            code = await self._km.provisioner.poll() if self._km.provisioner else 0
+            if code is not None:
+                self.exit_description = describe_exit(code)
+                log.warning("worker %s died (%s)", self.name, self.exit_description)
+                self._fail_all(WorkerDied(self.death_message(), code="worker_died"))
+                self.died.set()
+                return
+
+    def death_message(self) -> str:
+        return (
+            f"the worker process died ({self.exit_description}); its variables are gone. "
+            "The session gets a fresh worker for the next cell."
+        )
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for pending in self._pending.values():
+            pending.fail(exc)
+        for fut in self._transfers.values():
+            if not fut.done():
+                fut.set_exception(exc)
+                fut.exception()
+        self._transfers.clear()
+
+    # -- requests -----------------------------------------------------------
+
+    def _check_alive(self) -> None:
+        if self.died.is_set():
+            raise WorkerDied(self.death_message(), code="worker_died")
+        if self._killed or self._kc is None:
+            raise WorkerDied(f"worker {self.name} was shut down", code="worker_died")
+
+    async def request(self, msg_type: str, content: dict[str, Any], on_iopub: IopubHandler | None = None,
+                      buffers: list[Any] | None = None) -> dict[str, Any]:
+        """Send a shell request; return the reply message once the kernel is idle.
+
+        Comm messages have no shell reply: for them only the idle status is
+        awaited and the returned message is empty.
+        """
+        self._check_alive()
+        msg = self._kc.session.msg(msg_type, content)
+        msg_id = msg["header"]["msg_id"]
+        pending = _Pending(on_iopub)
+        self._pending[msg_id] = pending
+        try:
+            self._kc.session.send(self._kc.shell_channel.socket, msg, buffers=buffers)
+            if msg_type.startswith("comm_"):
+                await pending.idle
+                return {}
+            reply = await pending.reply
+            await pending.idle
+            return dict(reply)
+        finally:
+            self._pending.pop(msg_id, None)
+
+    async def execute(self, code: str, on_iopub: IopubHandler, *, silent: bool = False,
+                      store_history: bool = True, allow_stdin: bool = False) -> dict[str, Any]:
+        """Run ``code``; ``on_iopub`` gets every output message; returns the reply."""
+        reply = await self.request(
+            "execute_request",
+            {"code": code, "silent": silent, "store_history": store_history,
+             "user_expressions": {}, "allow_stdin": allow_stdin, "stop_on_error": True},
+            on_iopub,
+        )
+        return dict(reply["content"])
+
+    async def transfer(self, data: dict[str, Any], buffers: list[Any]) -> tuple[dict[str, Any], list[Any]]:
+        """A push (``buffers`` given) or pull through the variable-transfer comm.
+
+        Returns the worker's reply and, for a pull, the pulled buffers.
+        See :mod:`.worker_kernel` for how the two channels are ordered.
+        """
+        self._check_alive()
+        tid = next(self._transfer_ids)
+        fut: asyncio.Future[tuple[dict[str, Any], list[Any]]] = asyncio.get_running_loop().create_future()
+        self._transfers[tid] = fut
+        try:
+            if buffers:
+                # Buffers may be framing.Chunks (as relayed from the client):
+                # their pieces go out as they are, without being joined.
+                pieces = [list(b.parts) if isinstance(b, Chunks) else [b] for b in buffers]
+                data = {**data, "parts": [len(p) for p in pieces]}
+                await self._data.send_multipart([p for group in pieces for p in group], copy=False)
+            await self.request("comm_msg", {"comm_id": self._comm_id, "data": {**data, "id": tid}})
+            # The comm reply is published on IOPub before the kernel goes idle.
+            reply, _ = await asyncio.wait_for(fut, timeout=30)
+            if reply.get("ok") and reply.get("counts"):
+                frames = await self._data.recv_multipart(copy=False)
+                counts = list(reply.get("parts") or [])
+                if sum(counts) != len(frames):
+                    raise WorkerDied("the worker sent a malformed pull reply", code="internal")
+                grouped, pos = [], 0
+                for count in counts:
+                    grouped.append(Chunks(f.buffer for f in frames[pos : pos + count]))
+                    pos += count
+                return reply, grouped
+            return reply, []
+        finally:
+            self._transfers.pop(tid, None)
+
+    def send_input(self, value: str) -> None:
+        self._check_alive()
+        self._kc.input(value)
+
+    async def interrupt(self) -> None:
+        if self.alive and self._km is not None:
+            await self._km.interrupt_kernel()
+
+    async def kill(self) -> None:
+        """Kill the whole process group and clean up; safe to call twice."""
+        if self._killed:
+            return
+        self._killed = True
+        self._fail_all(WorkerDied(f"worker {self.name} was shut down", code="worker_died"))
+        for task in self._tasks:
+            task.cancel()
+        if self._kc is not None:
+            self._kc.stop_channels()
+        if self._data is not None:
+            self._data.close()
+        if self._km is not None:
+            try:
+                await self._km.shutdown_kernel(now=True)
+            except Exception:
+                log.exception("worker %s: error during shutdown", self.name)
+        for task in self._tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass

@@ -87,6 +87,7 @@ class GpuServer:
         )
         self.port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self.config.port
         self._reaper = asyncio.get_running_loop().create_task(self._reap_idle())
+        asyncio.get_running_loop().create_task(self._announce_ready())
         log.info("listening on ws://%s:%d with %d slot(s): %s", self.config.host, self.port,
                  len(self.slots), ", ".join(f"{s.id} ({s.name})" for s in self.slots))
 
@@ -213,6 +214,11 @@ class GpuServer:
         await self._apply(self.scheduler.release(list(session.slots)))
         if send is not None:
             await send(m.Released(req, session.id, reason))
+
+    async def _announce_ready(self) -> None:
+        await self.pool.wait_ready()
+        log.info("warm pool ready: %d/%d slot(s) have a started worker",
+                 sum(self.pool.is_warm(s.id) for s in self.slots), len(self.slots))
 
     async def _reap_idle(self) -> None:
         timeout = self.config.idle_timeout

@@ -1,0 +1,103 @@
+"""Start a real GPU server for tests: ``rgpu serve`` in a subprocess.
+
+The server listens on a free loopback port with CPU slots and a SQLite file
+in a temporary folder; :meth:`ServerProcess.token` makes tokens in that
+file. :meth:`ServerProcess.stop` ends it with SIGTERM (the same path as
+Ctrl-C) and fails the test if it does not exit.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+__all__ = ["ServerProcess"]
+
+_LISTENING = re.compile(r"listening on (ws://\S+) with (\d+) slot")
+_READY = re.compile(r"warm pool ready")
+
+
+class ServerProcess:
+    def __init__(self, tmp: Path, slots: str = "cpu:2", *args: str, db: Path | None = None) -> None:
+        self.tmp = tmp
+        self.db = db or tmp / "rgpu.sqlite3"
+        self.slots = slots
+        self.args = list(args)
+        self.url = ""
+        self.log: list[str] = []
+        self.proc: subprocess.Popen[str] | None = None
+        self._ready = threading.Event()
+        self._listening = threading.Event()
+
+    def token(self, user: str = "alice", *extra: str) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "remote_gpu_kernel.cli", "token", "create", user, "--db", str(self.db), *extra],
+            check=True, capture_output=True, text=True,
+        )
+        return out.stdout.strip()
+
+    def start(self, wait_warm: bool = True, timeout: float = 90) -> ServerProcess:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        for name in ("RGPU_URL", "RGPU_TOKEN"):
+            env.pop(name, None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "remote_gpu_kernel.cli", "serve", "--port", "0", "--db", str(self.db),
+             "--slots", self.slots, "--log-level", "debug", *self.args],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        )
+        threading.Thread(target=self._drain, daemon=True).start()
+        if not self._listening.wait(timeout):
+            self.stop()
+            raise RuntimeError("server did not start:\n" + "".join(self.log))
+        if wait_warm and not self._ready.wait(timeout):
+            self.stop()
+            raise RuntimeError("warm pool did not start:\n" + "".join(self.log))
+        return self
+
+    def _drain(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.log.append(line)
+            found = _LISTENING.search(line)
+            if found:
+                self.url = found.group(1)
+                self._listening.set()
+            if _READY.search(line):
+                self._ready.set()
+
+    def wait_for_log(self, pattern: str, timeout: float = 30) -> str:
+        deadline = time.monotonic() + timeout
+        regex = re.compile(pattern)
+        while time.monotonic() < deadline:
+            for line in list(self.log):
+                if regex.search(line):
+                    return line
+            time.sleep(0.05)
+        raise AssertionError(f"no log line matched {pattern!r}:\n" + "".join(self.log[-40:]))
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError("the server did not exit on SIGTERM:\n" + "".join(self.log[-40:]))
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

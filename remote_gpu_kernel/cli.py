@@ -12,6 +12,7 @@ import datetime as dt
 import getpass
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -39,13 +40,28 @@ def _db(args: argparse.Namespace) -> Path:
     return Path(args.db) if args.db else default_db_path()
 
 
+_TOKEN_RE = re.compile(r"(Bearer\s+)?rgpu_[A-Za-z0-9_-]+")
+
+
+def _redact_tokens(record: logging.LogRecord) -> bool:
+    text = record.getMessage()
+    if "rgpu_" in text or "Bearer" in text:
+        record.msg, record.args = _TOKEN_RE.sub("[token redacted]", text), None
+    return True
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     _server()
     from remote_gpu_server.app import GpuServer
     from remote_gpu_server.config import ServerConfig
 
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s %(levelname)s %(message)s")
+    level = getattr(logging, args.log_level.upper())
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
+    # websockets logs handshake headers at debug level: never let a token
+    # reach the log, whatever level the server runs at.
+    logging.getLogger("websockets").setLevel(max(level, logging.INFO))
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_redact_tokens)
     config = ServerConfig(host=args.host, port=args.port, db=_db(args), slots=args.slots,
                           idle_timeout=args.idle_timeout, grace=args.grace)
 

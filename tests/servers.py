@@ -51,7 +51,8 @@ class ServerProcess:
              "--slots", self.slots, "--log-level", "debug", *self.args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         )
-        threading.Thread(target=self._drain, daemon=True).start()
+        self._drainer = threading.Thread(target=self._drain, daemon=True)
+        self._drainer.start()
         if not self._listening.wait(timeout):
             self.stop()
             raise RuntimeError("server did not start:\n" + "".join(self.log))
@@ -81,20 +82,33 @@ class ServerProcess:
             time.sleep(0.05)
         raise AssertionError(f"no log line matched {pattern!r}:\n" + "".join(self.log[-40:]))
 
+    def _reap(self) -> None:
+        assert self.proc is not None
+        self._drainer.join(10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
     def stop(self, timeout: float = 30) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise AssertionError("the server did not exit on SIGTERM:\n" + "".join(self.log[-40:]))
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                self._reap()
+                raise AssertionError("the server did not exit on SIGTERM:\n" + "".join(self.log[-40:]))
+        self._reap()
+        return self.proc.returncode
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self._reap()
 
     def __enter__(self) -> ServerProcess:
         return self.start()

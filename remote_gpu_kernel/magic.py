@@ -1,0 +1,198 @@
+"""The ``%gpu`` line magic and the ``%%gpu`` cell magic.
+
+The magic is thin: it parses options and calls the blocking client
+(:mod:`remote_gpu_kernel.sync`). One lease per notebook (per IPython shell)
+is taken at the first ``%%gpu`` cell and kept until ``%gpu release``, the
+server's idle timeout, or the kernel's end.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from typing import Any
+
+from IPython.core.magic import Magics, line_cell_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from .errors import ConnectionLost, RemoteTimeout, SessionReleased, WorkerDied
+from .rendering import render_output
+from .sync import Client, Session
+
+__all__ = ["GpuMagics"]
+
+
+def _names(values: list[str] | None) -> list[str]:
+    """``-i a,b -i c`` → ``["a", "b", "c"]``."""
+    out: list[str] = []
+    for value in values or []:
+        out.extend(n.strip() for n in value.split(",") if n.strip())
+    return out
+
+
+def _say(text: str) -> None:
+    print(f"[remote-gpu] {text}", file=sys.stderr)
+
+
+@magics_class
+class GpuMagics(Magics):
+    """Run cells on a leased GPU; see ``%%gpu?``."""
+
+    def __init__(self, shell: Any) -> None:
+        super().__init__(shell)
+        self.client: Client | None = None
+        self.session: Session | None = None
+        self._last_session: str | None = None
+
+    # -- connection and lease ----------------------------------------------
+
+    def _client(self) -> Client:
+        if self.client is None:
+            self.client = Client()
+        return self.client
+
+    def _session(self, gpus: int = 1) -> Session:
+        session = self.session
+        if session is not None and session.released:
+            _say(f"Your GPU session was released ({session.released}): its variables are gone; "
+                 "leasing a new one.")
+            self._last_session = None
+            session = self.session = None
+        if session is not None and not session.connected:
+            self._last_session = session.id
+            session = self.session = None
+        if session is None:
+            client = self._client()
+            resume = self._last_session
+            session = client.session(
+                gpus, resume=resume,
+                on_queue=lambda pos: _say(f"waiting for a GPU: position {pos} in the queue"),
+                on_notice=_say,
+            )
+            self.session = session
+            self._last_session = session.id
+            if resume and session.resumed:
+                _say("reconnected to your GPU session; its variables are intact.")
+            elif not session.resumed:
+                _say(f"leased {', '.join(session.slots)} as {client.user} (session {session.id[:8]})")
+        return session
+
+    def close(self) -> None:
+        if self.session is not None:
+            try:
+                self.session.release()
+            except Exception:
+                pass
+            self.session = None
+
+    # -- the magic -----------------------------------------------------------
+
+    @magic_arguments()
+    @argument("-i", "--inputs", action="append", metavar="NAME,...",
+              help="local variables to push before the cell runs")
+    @argument("-o", "--outputs", action="append", metavar="NAME,...",
+              help="remote variables to pull back into the local namespace after the cell")
+    @argument("--timeout", type=float, default=None, metavar="SECONDS",
+              help="interrupt the cell after this many seconds")
+    @argument("--gpus", type=int, default=1, metavar="N",
+              help="how many GPUs to lease if this notebook has no lease yet (default 1)")
+    @line_cell_magic
+    def gpu(self, line: str, cell: str | None = None) -> Any:
+        """Run a cell on a leased remote GPU, or manage the connection.
+
+        Cell magic::
+
+            %%gpu [-i NAME,...] [-o NAME,...] [--timeout SECONDS] [--gpus N]
+
+        leases a GPU for this notebook if it has none (from RGPU_URL and
+        RGPU_TOKEN, or the saved config), pushes the ``-i`` variables, runs the
+        cell remotely with its output streamed here, and pulls the ``-o``
+        variables back. The remote namespace lives on between cells.
+        Interrupting this cell interrupts the remote cell.
+
+        Line magic::
+
+            %gpu connect [URL] [--token TOKEN]   choose the server (default: RGPU_URL, RGPU_TOKEN)
+            %gpu status                          the server, user and lease
+            %gpu release                         give the GPU back (remote variables are lost)
+            %gpu push NAME...                    copy local variables to the GPU session
+            %gpu pull NAME...                    copy remote variables here
+        """
+        if cell is None:
+            return self._line(line)
+        args = parse_argstring(self.gpu, line)
+        self._run_cell(cell, _names(args.inputs), _names(args.outputs), args.timeout, args.gpus)
+        return None
+
+    def _run_cell(self, code: str, inputs: list[str], outputs: list[str],
+                  timeout: float | None, gpus: int) -> None:
+        ns = self.shell.user_ns
+        missing = [n for n in inputs if n not in ns]
+        if missing:
+            raise NameError(f"%%gpu -i: name {missing[0]!r} is not defined")
+        session = self._session(gpus)
+        try:
+            if inputs:
+                session.push(**{n: ns[n] for n in inputs})
+            result = session.execute(code, render_output, timeout=timeout)
+        except ConnectionLost as exc:
+            _say(f"{exc}. The next %%gpu cell reconnects; the session survives a short drop.")
+            return
+        except (WorkerDied, RemoteTimeout) as exc:
+            _say(str(exc))
+            return
+        except SessionReleased as exc:
+            self.session = None
+            self._last_session = None
+            _say(f"{exc}; run the cell again to lease a new GPU.")
+            return
+        if result.error is not None:
+            raise result.error
+        if outputs:
+            ns.update(session.pull(*outputs))
+
+    def _line(self, line: str) -> Any:
+        words = shlex.split(line)
+        if not words:
+            print(self.gpu.__doc__)
+            return None
+        cmd, rest = words[0], words[1:]
+        if cmd == "connect":
+            url, token = None, None
+            if "--token" in rest:
+                i = rest.index("--token")
+                token = rest[i + 1] if i + 1 < len(rest) else None
+                rest = rest[:i] + rest[i + 2:]
+            url = rest[0] if rest else None
+            self.close()
+            self._last_session = None
+            self.client = Client(url, token)
+            _say(f"will use {self.client.url} (the lease is taken at the first %%gpu cell)")
+        elif cmd == "status":
+            client = self._client()
+            s = self.session
+            print(f"server: {client.url}")
+            print(f"user:   {client.user or '(not connected yet)'}")
+            if s is None or s.released:
+                print("lease:  none (the next %%gpu cell takes one)")
+            else:
+                print(f"lease:  {', '.join(s.slots)} (session {s.id[:8]}, "
+                      f"{'connected' if s.connected else 'disconnected'})")
+        elif cmd == "release":
+            if self.session is None:
+                _say("no GPU is leased")
+            else:
+                self.close()
+                self._last_session = None
+                _say("released the GPU")
+        elif cmd == "push":
+            ns = self.shell.user_ns
+            missing = [n for n in rest if n not in ns]
+            if missing:
+                raise NameError(f"%gpu push: name {missing[0]!r} is not defined")
+            self._session().push(**{n: ns[n] for n in rest})
+        elif cmd == "pull":
+            self.shell.user_ns.update(self._session().pull(*rest))
+        else:
+            raise ValueError(f"%gpu {cmd}: unknown command; see %gpu? for help")
+        return None

@@ -100,7 +100,7 @@ def error_from(msg: m.Error) -> RemoteGpuError:
         return LeaseError(msg.message, code=code.value)
     if code in (m.ErrorCode.SERIALIZATION, m.ErrorCode.NAME_ERROR):
         ename, _, evalue = msg.message.partition(": ")
-        return RemoteError(ename, evalue, [])
+        return RemoteError.from_remote(ename, evalue, [])
     return ServerError(msg.message, code=code.value)
 
 
@@ -358,7 +358,7 @@ class AsyncSession:
                 elif isinstance(msg, m.ExecuteDone):
                     error = None
                     if msg.status == "error":
-                        error = RemoteError(msg.ename, msg.evalue, msg.traceback)
+                        error = RemoteError.from_remote(msg.ename, msg.evalue, msg.traceback)
                     return ExecuteResult(msg.status, msg.job, msg.execution_count, outputs, error)
         finally:
             self._link.done(req)
@@ -389,21 +389,34 @@ class AsyncSession:
         assert isinstance(reply, m.PullReply)
         return load_values(reply.names, reply.counts, reply.buffers)
 
-    async def shell_request(self, msg_type: str, content: dict[str, Any]) -> m.ShellReply:
-        req, inbox = await self._request(lambda r: m.ShellRequest(r, msg_type, content))
+    async def shell_request(self, msg_type: str, content: dict[str, Any], *,
+                            buffers: tuple[Any, ...] = (),
+                            on_output: OutputCallback | None = None) -> m.ShellReply:
+        """Send a Jupyter shell request (complete, inspect, comm_msg, ...); return its reply.
+
+        ``on_output`` gets the output messages the worker publishes while it
+        handles the request (a widget's comm echo, a callback's prints);
+        without it they are dropped. Comm messages have no Jupyter reply:
+        theirs is an empty :class:`ShellReply` once the worker is idle.
+        """
+        req, inbox = await self._request(lambda r: m.ShellRequest(r, msg_type, content, tuple(buffers)))
         try:
-            reply = await self._expect(inbox, m.ShellReply)
+            while True:
+                reply = await self._expect(inbox, m.ShellReply, m.Output)
+                if isinstance(reply, m.ShellReply):
+                    return reply
+                if on_output is not None:
+                    assert isinstance(reply, m.Output)
+                    on_output(reply)
         finally:
             self._link.done(req)
-        assert isinstance(reply, m.ShellReply)
-        return reply
 
-    async def _expect(self, inbox: asyncio.Queue[Any], kind: type[m.Message]) -> m.Message:
+    async def _expect(self, inbox: asyncio.Queue[Any], *kinds: type[m.Message]) -> m.Message:
         while True:
             msg = await self._link.receive(inbox)
             if isinstance(msg, m.Notice):
                 _notify(self.on_notice, msg.text)
-            elif isinstance(msg, kind):
+            elif isinstance(msg, kinds):
                 return msg
 
     async def interrupt(self) -> None:

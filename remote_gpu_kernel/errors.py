@@ -111,3 +111,23 @@ class RemoteError(RemoteGpuError):
 
     def _render_traceback_(self) -> list[str]:
         return self.traceback or [f"{self.ename}: {self.evalue}"]
+
+    @classmethod
+    def from_remote(cls, ename: str, evalue: str, traceback: list[str]) -> RemoteError:
+        """A RemoteError whose class is named after the remote exception.
+
+        A notebook then shows ``ZeroDivisionError``, not ``RemoteError``,
+        while ``except RemoteError`` still catches it.
+        """
+        return _remote_class(ename)(ename, evalue, traceback)
+
+
+_REMOTE_CLASSES: dict[str, type[RemoteError]] = {}
+
+
+def _remote_class(ename: str) -> type[RemoteError]:
+    if not ename.isidentifier():
+        return RemoteError
+    if ename not in _REMOTE_CLASSES:
+        _REMOTE_CLASSES[ename] = type(ename, (RemoteError,), {"__module__": "remote"})
+    return _REMOTE_CLASSES[ename]

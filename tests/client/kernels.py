@@ -1,0 +1,70 @@
+"""Drive a real local IPython kernel through jupyter_client, as a notebook does."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from jupyter_client.blocking.client import BlockingKernelClient
+from jupyter_client.manager import KernelManager
+
+__all__ = ["CellRun", "LocalKernel"]
+
+
+@dataclasses.dataclass
+class CellRun:
+    reply: dict[str, Any]
+    messages: list[tuple[float, dict[str, Any]]]  # (seconds since the request, iopub message)
+
+    @property
+    def stdout(self) -> str:
+        return "".join(msg["content"]["text"] for _, msg in self.messages
+                       if msg["msg_type"] == "stream" and msg["content"]["name"] == "stdout")
+
+    @property
+    def stderr(self) -> str:
+        return "".join(msg["content"]["text"] for _, msg in self.messages
+                       if msg["msg_type"] == "stream" and msg["content"]["name"] == "stderr")
+
+    def of_type(self, msg_type: str) -> list[dict[str, Any]]:
+        return [msg["content"] for _, msg in self.messages if msg["msg_type"] == msg_type]
+
+
+class LocalKernel:
+    def __init__(self, env: dict[str, str]) -> None:
+        self.km = KernelManager(kernel_name="python3")
+        self.km.start_kernel(env=env)
+        self.kc: BlockingKernelClient = self.km.client()
+        self.kc.start_channels()
+        self.kc.wait_for_ready(timeout=60)
+
+    def run(self, code: str, timeout: float = 60, interrupt_after: float | None = None) -> CellRun:
+        msg_id = self.kc.execute(code)
+        start = time.monotonic()
+        messages: list[tuple[float, dict[str, Any]]] = []
+        interrupted = False
+        deadline = start + timeout
+        while True:
+            if interrupt_after is not None and not interrupted and time.monotonic() - start > interrupt_after:
+                self.km.interrupt_kernel()
+                interrupted = True
+            try:
+                msg = self.kc.get_iopub_msg(timeout=0.1)
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"cell did not finish in {timeout} s: {code!r}") from None
+                continue
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            if msg["msg_type"] == "status":
+                if msg["content"]["execution_state"] == "idle":
+                    break
+                continue
+            messages.append((time.monotonic() - start, msg))
+        reply = self.kc.get_shell_msg(timeout=timeout)
+        return CellRun(reply["content"], messages)
+
+    def close(self) -> None:
+        self.kc.stop_channels()
+        self.km.shutdown_kernel(now=True)

@@ -1,0 +1,104 @@
+"""The %%gpu magic inside a real local kernel, against the real server."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from servers import ServerProcess
+
+from kernels import LocalKernel
+
+
+@pytest.fixture(scope="module")
+def kernel(server: ServerProcess, alice: str) -> Iterator[LocalKernel]:
+    env = dict(os.environ, RGPU_URL=server.url, RGPU_TOKEN=alice)
+    k = LocalKernel(env)
+    run = k.run("%load_ext remote_gpu_kernel")
+    assert run.reply["status"] == "ok", run.reply
+    yield k
+    k.run("%gpu release")
+    k.close()
+
+
+def test_cell_runs_remotely_with_live_output(kernel: LocalKernel) -> None:
+    run = kernel.run("%%gpu\nimport os, time\nprint('pid', os.getpid(), flush=True)\n"
+                     "time.sleep(1)\nprint('done')\n21 * 2")
+    assert run.reply["status"] == "ok"
+    lines = [(t, msg["content"]["text"]) for t, msg in run.messages
+             if msg["msg_type"] == "stream" and msg["content"]["name"] == "stdout"]
+    first = next(t for t, text in lines if text.startswith("pid"))
+    last = next(t for t, text in lines if text == "done\n")
+    assert last - first > 0.7  # shown as printed, not at the end
+    local_pid = kernel.run("import os; print(os.getpid())").stdout.strip()
+    assert f"pid {local_pid}\n" not in run.stdout
+    assert any(d["data"].get("text/plain") == "42" for d in run.of_type("display_data"))
+    assert "leased cpu" in run.stderr
+
+
+def test_variables_travel_with_i_and_o(kernel: LocalKernel) -> None:
+    kernel.run("import numpy as np\nclass Box:\n    def __init__(self, v): self.v = v\n"
+               "data = np.arange(10.0)\nbox = Box(3)\nscale = lambda x: x * box.v")
+    run = kernel.run("%%gpu -i data,box -i scale -o result,kind\nresult = scale(data)\nkind = type(box).__name__")
+    assert run.reply["status"] == "ok", run.reply
+    check = kernel.run("print(result.tolist() == (np.arange(10.0) * 3).tolist(), kind)")
+    assert check.stdout == "True Box\n"
+
+
+def test_push_pull_line_magics_and_namespace_between_cells(kernel: LocalKernel) -> None:
+    kernel.run("here = {'a': 1}")
+    assert kernel.run("%gpu push here").reply["status"] == "ok"
+    kernel.run("%%gpu\nthere = dict(here, b=2)")
+    kernel.run("%gpu pull there")
+    assert kernel.run("print(sorted(there.items()))").stdout == "[('a', 1), ('b', 2)]\n"
+    status = kernel.run("%gpu status")
+    assert "lease:  cpu" in status.stdout and "alice" in status.stdout
+
+
+def test_matplotlib_figure_shows_as_an_image(kernel: LocalKernel) -> None:
+    run = kernel.run("%%gpu\nimport matplotlib.pyplot as plt\nplt.plot([3, 1, 2])\nplt.show()")
+    assert run.reply["status"] == "ok"
+    assert any("image/png" in d["data"] for d in run.of_type("display_data"))
+
+
+def test_remote_error_shows_the_remote_traceback(kernel: LocalKernel) -> None:
+    run = kernel.run("%%gpu\ndef remote_fn():\n    return 1 / 0\nremote_fn()")
+    assert run.reply["status"] == "error"
+    (error,) = run.of_type("error")
+    assert error["ename"] == "ZeroDivisionError"
+    text = "\n".join(error["traceback"])
+    assert "remote_fn" in text and "division by zero" in text
+
+
+def test_missing_input_and_unpicklable_input_fail_clearly(kernel: LocalKernel) -> None:
+    run = kernel.run("%%gpu -i nope\n1")
+    assert run.reply["status"] == "error" and "nope" in run.reply["evalue"]
+    kernel.run("gen = (i for i in range(3))")
+    run = kernel.run("%%gpu -i gen\n1")
+    assert run.reply["ename"] == "SerializationError" and "'gen'" in run.reply["evalue"]
+
+
+def test_interrupting_the_local_cell_interrupts_the_remote_one(kernel: LocalKernel) -> None:
+    run = kernel.run("%%gpu\nimport time\nfor i in range(600):\n    time.sleep(0.1)", timeout=30,
+                     interrupt_after=1.5)
+    assert run.reply["status"] == "error"
+    assert run.reply["ename"] == "KeyboardInterrupt"
+    after = kernel.run("%%gpu\nprint('alive', i < 599)")
+    assert after.stdout == "alive True\n"
+
+
+def test_help_lists_the_options(kernel: LocalKernel) -> None:
+    run = kernel.run("%%gpu?\n")
+    # IPython sends help to the notebook's pager, as a payload of the reply
+    text = "".join(p["data"].get("text/plain", "") for p in run.reply.get("payload", []))
+    for word in ("--inputs", "--outputs", "--timeout", "%gpu connect", "%gpu pull"):
+        assert word in text, text
+
+
+def test_release_then_next_cell_leases_again(kernel: LocalKernel) -> None:
+    kernel.run("%%gpu\nbefore = 1")
+    assert "released the GPU" in kernel.run("%gpu release").stderr
+    run = kernel.run("%%gpu\nprint('before' in globals())")
+    assert run.stdout == "False\n" and "leased" in run.stderr

@@ -63,7 +63,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for handler in logging.getLogger().handlers:
         handler.addFilter(_redact_tokens)
     config = ServerConfig(host=args.host, port=args.port, db=_db(args), slots=args.slots,
-                          idle_timeout=args.idle_timeout, grace=args.grace)
+                          idle_timeout=args.idle_timeout, grace=args.grace,
+                          price_per_gpu_hour=args.price_per_gpu_hour)
 
     async def serve() -> None:
         server = GpuServer(config)
@@ -178,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="release a session after this long without a request (default 3600)")
     p.add_argument("--grace", type=float, default=60.0, metavar="SECONDS",
                    help="keep a disconnected client's session this long (default 60)")
+    p.add_argument("--price-per-gpu-hour", type=float, metavar="PRICE",
+                   help="show the cost of GPU time in rgpu usage and /api/status")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
 

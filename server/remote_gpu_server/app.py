@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -23,11 +23,15 @@ from remote_gpu_kernel.protocol import CHUNK_SIZE
 from remote_gpu_kernel.protocol import messages as m
 from remote_gpu_kernel.typing import SessionId, SlotId
 
+from .batch import BatchRunner
 from .config import ServerConfig
 from .connection import Connection
 from .errors import TokenError
 from .gpus import Slot, discover_slots
+from .http_api import SUBMIT_PATH, HttpApi, is_websocket
+from .metrics import Metrics
 from .pool import Pool
+from .readings import Readings
 from .scheduler import FifoScheduler, Grant, LeaseRequestEntry
 from .session import Session
 from .store import Store, TokenInfo
@@ -66,6 +70,10 @@ class GpuServer:
         self._tokens: dict[int, TokenInfo] = {}
         self._server: Server | None = None
         self._reaper: asyncio.Task[None] | None = None
+        self.readings: Readings = None  # type: ignore[assignment]
+        self.batch = BatchRunner(self)
+        self.metrics = Metrics(self)
+        self.http = HttpApi(self)
 
     async def start(self) -> None:
         self.store = Store(self.config.db)
@@ -76,6 +84,9 @@ class GpuServer:
         self.scheduler = FifoScheduler([s.id for s in self.slots])
         self.pool = Pool(self.slots, self.config.startup_timeout)
         self.pool.start()
+        self.readings = Readings(self.slots, self.pool.worker_pids)
+        self.readings.start()
+        self.batch.recover()
         self._server = await serve(
             self._handle, self.config.host, self.config.port,
             process_request=self._authenticate,
@@ -101,8 +112,11 @@ class GpuServer:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        await self.batch.close()
         for session in list(self.sessions.values()):
             await self.release(session, "the server shut down")
+        if self.readings is not None:
+            await self.readings.close()
         if self.pool is not None:
             await self.pool.close()
         if self.store is not None:
@@ -110,7 +124,9 @@ class GpuServer:
 
     # -- websocket ----------------------------------------------------------
 
-    def _authenticate(self, connection: ServerConnection, request: Request) -> Response | None:
+    async def _authenticate(self, connection: ServerConnection, request: Request) -> Response | None:
+        if not is_websocket(request):
+            return await self.http.handle(connection, request)
         try:
             info = self.store.verify_token(bearer_token(request))
         except TokenError as exc:
@@ -122,6 +138,9 @@ class GpuServer:
 
     async def _handle(self, ws: ServerConnection) -> None:
         info = self._tokens.pop(id(ws))
+        if ws.request is not None and ws.request.path == SUBMIT_PATH:
+            await self.http.submit_over_websocket(ws, info)
+            return
         log.info("%s connected from %s", info.user, ws.remote_address)
         await Connection(self, ws, info).run()
         log.info("%s disconnected", info.user)
@@ -153,6 +172,7 @@ class GpuServer:
 
     async def _apply(self, grants: list[Grant]) -> None:
         for grant in grants:
+            self.metrics.granted(grant, "batch" if self.batch.job_of_key(grant.request.key) else "interactive")
             waiter = self._waiters.pop(grant.request.key, None)
             if waiter is None or waiter[0].done():
                 # Its client left between grant and delivery: give the slots back.
@@ -167,6 +187,10 @@ class GpuServer:
         for key in list(self._positions):
             if key not in positions:
                 del self._positions[key]
+
+    async def free_slots(self, slots: Sequence[SlotId]) -> None:
+        """Give back slots a lease held outside a :class:`Session` (a batch job)."""
+        await self._apply(self.scheduler.release(list(slots)))
 
     async def open_session(self, user: str, slots: tuple[SlotId, ...]) -> Session:
         try:

@@ -34,3 +34,5 @@ class ServerConfig:
     kill_grace: float = 5.0
     #: How long a worker may take to start.
     startup_timeout: float = 120.0
+    #: Price of one GPU-hour (slot-hour) for usage reports; None shows no cost.
+    price_per_gpu_hour: float | None = None

@@ -33,6 +33,7 @@ class Pool:
         self.startup_timeout = startup_timeout
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="rgpu-"))  # mode 0700
         self._warm: dict[SlotId, asyncio.Task[Worker]] = {}
+        self._workers: set[Worker] = set()
         self._closing = False
 
     def start(self) -> None:
@@ -47,12 +48,20 @@ class Pool:
         self._warm[slot_id] = task
 
     async def _start(self, worker: Worker) -> Worker:
+        self._workers.add(worker)
         try:
             await worker.start()
         except BaseException:
             await worker.kill()
             raise
         return worker
+
+    def worker_pids(self, slot_id: SlotId) -> list[int]:
+        """Process ids of the live workers on ``slot_id`` (warm or leased)."""
+        # A worker still starting has no pid yet; a dead or killed one is dropped.
+        self._workers = {w for w in self._workers if w.alive or (w.pid is None and not w.died.is_set())}
+        return [w.pid for w in self._workers
+                if w.alive and w.pid is not None and any(s.id == slot_id for s in w.slots)]
 
     async def wait_ready(self) -> None:
         """Wait until every slot's warm worker has started (for tests, benches)."""

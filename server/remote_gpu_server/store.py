@@ -23,7 +23,7 @@ from remote_gpu_kernel.typing import JobId, SessionId
 
 from .errors import StoreError, TokenError
 
-__all__ = ["JobRecord", "Store", "TokenInfo", "TOKEN_PREFIX"]
+__all__ = ["AttemptRecord", "BatchSpec", "JobRecord", "Store", "TokenInfo", "TOKEN_PREFIX"]
 
 TOKEN_PREFIX = "rgpu_"
 
@@ -74,6 +74,27 @@ CREATE TABLE IF NOT EXISTS outputs (
     PRIMARY KEY (session_id, seq)
 );
 CREATE INDEX IF NOT EXISTS outputs_job ON outputs(job_id, seq);
+CREATE TABLE IF NOT EXISTS batch_jobs (
+    job_id INTEGER PRIMARY KEY REFERENCES jobs(id),
+    name TEXT NOT NULL,
+    gpus INTEGER NOT NULL,
+    priority TEXT NOT NULL,
+    pool TEXT,
+    timeout REAL,
+    retries INTEGER NOT NULL,
+    attempt INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS job_attempts (
+    job_id INTEGER NOT NULL REFERENCES jobs(id),
+    attempt INTEGER NOT NULL,
+    session_id TEXT,
+    slots TEXT NOT NULL,
+    started REAL NOT NULL,
+    ended REAL,
+    state TEXT NOT NULL,
+    error TEXT,
+    PRIMARY KEY (job_id, attempt)
+);
 """
 
 JOB_STATES = ("queued", "running", "completed", "failed", "cancelled", "timed_out")
@@ -107,6 +128,39 @@ class JobRecord:
     created: float
     started: float | None
     ended: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSpec:
+    """What a batch job asked for; ``attempt`` counts the attempts started so far."""
+
+    id: JobId
+    name: str
+    gpus: int
+    priority: str
+    pool: str | None
+    timeout: float | None
+    retries: int
+    attempt: int
+
+
+@dataclasses.dataclass(frozen=True)
+class AttemptRecord:
+    """One run of a batch job on its own lease."""
+
+    job: JobId
+    attempt: int
+    session: SessionId | None
+    slots: str
+    started: float
+    ended: float | None
+    state: str
+    error: str | None
+
+
+def slot_count(slots: str) -> int:
+    """How many slots a stored comma-separated slot list names."""
+    return len([s for s in slots.split(",") if s])
 
 
 class Store:
@@ -250,9 +304,13 @@ class Store:
         return [JobRecord(*r) for r in rows]
 
     def fail_interrupted_jobs(self, reason: str) -> int:
-        """Mark jobs an earlier server run left queued or running as failed."""
+        """Mark cells an earlier server run left queued or running as failed.
+
+        Batch jobs are left alone: :meth:`recover_batch_jobs` re-queues them.
+        """
         cur = self._db.execute(
-            "UPDATE jobs SET state = 'failed', error = ?, ended = ? WHERE state IN ('queued', 'running')",
+            "UPDATE jobs SET state = 'failed', error = ?, ended = ? "
+            "WHERE state IN ('queued', 'running') AND kind != 'batch'",
             (reason, time.time()),
         )
         self._db.execute(
@@ -283,6 +341,145 @@ class Store:
             (session, seq),
         ).fetchall()
         return [(r[0], r[1], r[2], json.loads(r[3])) for r in rows]
+
+    # -- batch jobs ---------------------------------------------------------
+
+    def create_batch_job(self, user: str, code: str, name: str, gpus: int, priority: str,
+                         pool: str | None, timeout: float | None, retries: int) -> JobId:
+        """A queued job of kind ``batch`` and what it asked for, in one transaction."""
+        with self._db:
+            self._db.execute("BEGIN")
+            job = self.create_job(user, None, code, [], kind="batch")
+            self._db.execute(
+                "INSERT INTO batch_jobs (job_id, name, gpus, priority, pool, timeout, retries) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (job, name, gpus, priority, pool, timeout, retries),
+            )
+        return job
+
+    def batch_spec(self, job: JobId) -> BatchSpec | None:
+        row = self._one(
+            "SELECT job_id, name, gpus, priority, pool, timeout, retries, attempt "
+            "FROM batch_jobs WHERE job_id = ?", job,
+        )
+        return BatchSpec(*row) if row else None
+
+    def start_attempt(self, job: JobId, session: SessionId, slots: list[str]) -> int:
+        """Record a new attempt of ``job`` on ``slots``; the job becomes running."""
+        now = time.time()
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.execute("UPDATE batch_jobs SET attempt = attempt + 1 WHERE job_id = ?", (job,))
+            attempt = int(self._one("SELECT attempt FROM batch_jobs WHERE job_id = ?", job)[0])
+            self._db.execute(
+                "INSERT INTO job_attempts (job_id, attempt, session_id, slots, started, state) "
+                "VALUES (?, ?, ?, ?, ?, 'running')",
+                (job, attempt, session, ",".join(slots), now),
+            )
+            self._db.execute(
+                "UPDATE jobs SET state = 'running', session_id = ?, slots = ?, "
+                "started = COALESCE(started, ?) WHERE id = ?",
+                (session, ",".join(slots), now, job),
+            )
+        return attempt
+
+    def finish_attempt(self, job: JobId, attempt: int, state: str, error: str | None = None) -> None:
+        if state not in JOB_STATES:
+            raise StoreError(f"unknown job state {state!r}")
+        self._db.execute(
+            "UPDATE job_attempts SET state = ?, error = ?, ended = ? "
+            "WHERE job_id = ? AND attempt = ? AND ended IS NULL",
+            (state, error, time.time(), job, attempt),
+        )
+
+    def requeue_job(self, job: JobId, error: str | None = None) -> None:
+        """Put a job back to ``queued`` (a retry); ``error`` says why the last attempt ended."""
+        self._db.execute("UPDATE jobs SET state = 'queued', error = ? WHERE id = ?", (error, job))
+
+    def attempts(self, job: JobId) -> list[AttemptRecord]:
+        rows = self._db.execute(
+            "SELECT job_id, attempt, session_id, slots, started, ended, state, error "
+            "FROM job_attempts WHERE job_id = ? ORDER BY attempt", (job,),
+        ).fetchall()
+        return [AttemptRecord(*r) for r in rows]
+
+    def recover_batch_jobs(self, reason: str) -> list[JobId]:
+        """After a restart: batch jobs to queue again, oldest first.
+
+        A job an earlier server left running has its attempt ended as
+        failed with ``reason``; it is queued again if it has retries left,
+        else it fails. Jobs that were only queued stay queued.
+        """
+        now = time.time()
+        with self._db:
+            self._db.execute("BEGIN")
+            self._db.execute(
+                "UPDATE job_attempts SET state = 'failed', error = ?, ended = ? WHERE ended IS NULL",
+                (reason, now),
+            )
+            self._db.execute(
+                "UPDATE jobs SET state = 'failed', error = ?, ended = ? WHERE kind = 'batch' "
+                "AND state = 'running' AND id IN (SELECT job_id FROM batch_jobs WHERE attempt > retries)",
+                (reason, now),
+            )
+            self._db.execute(
+                "UPDATE jobs SET state = 'queued', error = ? WHERE kind = 'batch' AND state = 'running'",
+                (reason,),
+            )
+            rows = self._db.execute(
+                "SELECT id FROM jobs WHERE kind = 'batch' AND state = 'queued' ORDER BY id"
+            ).fetchall()
+        return [JobId(r[0]) for r in rows]
+
+    def job_counts(self) -> dict[tuple[str, str], int]:
+        """Number of jobs by ``(kind, state)``."""
+        rows = self._db.execute("SELECT kind, state, COUNT(*) FROM jobs GROUP BY kind, state").fetchall()
+        return {(r[0], r[1]): int(r[2]) for r in rows}
+
+    # -- usage --------------------------------------------------------------
+
+    def open_sessions(self) -> list[tuple[SessionId, str, str, float]]:
+        """Sessions not yet released: ``(id, user, slots, created)``."""
+        rows = self._db.execute(
+            "SELECT s.id, u.name, s.slots, s.created FROM sessions s JOIN users u ON u.id = s.user_id "
+            "WHERE s.released IS NULL ORDER BY s.created"
+        ).fetchall()
+        return [(SessionId(r[0]), r[1], r[2], r[3]) for r in rows]
+
+    def gpu_seconds_by_user(self, since: float | None = None) -> dict[str, float]:
+        """Slot-seconds every user's leases held (open leases count up to now)."""
+        now = time.time()
+        rows = self._db.execute(
+            "SELECT u.name, s.slots, s.created, s.released FROM sessions s "
+            "JOIN users u ON u.id = s.user_id WHERE COALESCE(s.released, ?) >= ?",
+            (now, since or 0.0),
+        ).fetchall()
+        usage: dict[str, float] = {}
+        for user, slots, created, released in rows:
+            start = max(created, since or created)
+            usage[user] = usage.get(user, 0.0) + slot_count(slots) * max(0.0, (released or now) - start)
+        return usage
+
+    def job_gpu_seconds(self, job: JobRecord) -> float:
+        """Slot-seconds a job held: each batch attempt, or a cell's run."""
+        now = time.time()
+        if job.kind == "batch":
+            return sum(slot_count(a.slots) * max(0.0, (a.ended or now) - a.started)
+                       for a in self.attempts(job.id))
+        if job.started is None:
+            return 0.0
+        return slot_count(job.slots) * max(0.0, (job.ended or now) - job.started)
+
+    def outputs_after(self, job: JobId, seq: int) -> list[tuple[int, str, dict[str, Any]]]:
+        rows = self._db.execute(
+            "SELECT seq, msg_type, content FROM outputs WHERE job_id = ? AND seq > ? ORDER BY seq",
+            (job, seq),
+        ).fetchall()
+        return [(r[0], r[1], json.loads(r[2])) for r in rows]
+
+    def last_output_seq(self, job: JobId) -> int:
+        row = self._one("SELECT MAX(seq) FROM outputs WHERE job_id = ?", job)
+        return int(row[0] or 0)
 
 
 _JOB_SELECT = (

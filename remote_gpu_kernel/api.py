@@ -1,0 +1,172 @@
+"""A blocking client for the server's HTTP API (what ``rgpu`` uses).
+
+The server's URL is its websocket URL (``ws://host:port`` or ``wss://``);
+the HTTP API is on the same port (``http://`` or ``https://``). Requests
+carry the bearer token. Plain requests use :mod:`urllib.request`; a job
+submission is one JSON message on a websocket opened at ``/api/jobs``,
+because the server takes no HTTP request bodies.
+
+Errors: a refused token raises :class:`~.errors.AuthenticationError`, any
+other error answer :class:`ApiError` (with the HTTP ``status``), and a
+server that cannot be reached :class:`ApiError` with status 0.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+from .config import ClientConfig
+from .errors import AuthenticationError, ServerError
+
+__all__ = ["ApiClient", "ApiError", "http_url"]
+
+
+class ApiError(ServerError):
+    """The HTTP API answered with an error; ``status`` is its HTTP status (0: unreachable)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message, code=f"http_{status}")
+        self.status = status
+
+
+def http_url(url: str) -> str:
+    """``ws://host:port/...`` → ``http://host:port`` (``wss`` → ``https``)."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = {"ws": "http", "wss": "https", "http": "http", "https": "https"}.get(parts.scheme)
+    if scheme is None or not parts.netloc:
+        raise ValueError(f"not a server URL: {url!r} (expected ws://host:port)")
+    return f"{scheme}://{parts.netloc}"
+
+
+def _ws_url(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    return f"{scheme}://{parts.netloc}"
+
+
+class ApiClient:
+    """One server and one token; every method is one request (or a few for ``follow``)."""
+
+    def __init__(self, url: str, token: str | None, timeout: float = 30.0) -> None:
+        self.url = url
+        self.base = http_url(url)
+        self.token = token
+        self.timeout = timeout
+
+    @classmethod
+    def from_config(cls, url: str | None = None, token: str | None = None) -> ApiClient:
+        """Arguments, then ``RGPU_URL``/``RGPU_TOKEN``, then the config file."""
+        config = ClientConfig.load(url, token)
+        return cls(config.url, config.token)
+
+    # -- transport ----------------------------------------------------------
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Accept": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        return headers
+
+    def request(self, method: str, path: str, **query: Any) -> Any:
+        """``method path?query`` → decoded JSON; raises as the module docstring says."""
+        params = {k: v for k, v in query.items() if v is not None}
+        url = self.base + path + (f"?{urllib.parse.urlencode(params)}" if params else "")
+        req = urllib.request.Request(url, method=method, headers=self._headers())
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as response:
+                body = response.read()
+        except urllib.error.HTTPError as exc:
+            message = _error_message(exc.read(), exc.reason)
+            if exc.code == 401:
+                raise AuthenticationError(f"the server refused the token: {message}") from None
+            raise ApiError(message, exc.code) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ApiError(f"cannot reach the server at {self.base}: {reason}", 0) from None
+        return json.loads(body) if body else None
+
+    def get(self, path: str, **query: Any) -> Any:
+        return self.request("GET", path, **query)
+
+    def post(self, path: str) -> Any:
+        return self.request("POST", path)
+
+    # -- endpoints ----------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return dict(self.get("/api/status"))
+
+    def usage(self, since: float | None = None) -> dict[str, Any]:
+        return dict(self.get("/api/usage", since=since))
+
+    def jobs(self, user: str | None = None, state: str | None = None, kind: str | None = None,
+             limit: int | None = None) -> list[dict[str, Any]]:
+        return list(self.get("/api/jobs", user=user, state=state, kind=kind, limit=limit)["jobs"])
+
+    def job(self, job_id: int) -> dict[str, Any]:
+        return dict(self.get(f"/api/jobs/{int(job_id)}"))
+
+    def output(self, job_id: int, after: int = 0) -> dict[str, Any]:
+        return dict(self.get(f"/api/jobs/{int(job_id)}/output", after=after or None))
+
+    def cancel(self, job_id: int) -> dict[str, Any]:
+        return dict(self.post(f"/api/jobs/{int(job_id)}/cancel"))
+
+    def release(self, session_id: str) -> dict[str, Any]:
+        return dict(self.post(f"/api/sessions/{urllib.parse.quote(session_id, safe='')}/release"))
+
+    def metrics(self) -> str:
+        req = urllib.request.Request(self.base + "/metrics")
+        with urllib.request.urlopen(req, timeout=self.timeout) as response:
+            return str(response.read().decode())
+
+    def submit(self, code: str, name: str = "script", gpus: int = 1, priority: str = "normal",
+               pool: str | None = None, timeout: float | None = None, retries: int = 0) -> dict[str, Any]:
+        """Submit a batch job; returns the queued job's JSON (``id``, ``state``, ...)."""
+        from websockets.exceptions import InvalidStatus, WebSocketException
+        from websockets.sync.client import connect
+
+        job = {"code": code, "name": name, "gpus": gpus, "priority": priority, "pool": pool,
+               "timeout": timeout, "retries": retries}
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        try:
+            with connect(_ws_url(self.url) + "/api/jobs", additional_headers=headers,
+                         open_timeout=self.timeout, max_size=None, compression=None) as ws:
+                ws.send(json.dumps({k: v for k, v in job.items() if v is not None}))
+                answer = json.loads(ws.recv(timeout=self.timeout))
+        except InvalidStatus as exc:
+            message = _error_message(exc.response.body, exc.response.reason_phrase)
+            if exc.response.status_code == 401:
+                raise AuthenticationError(f"the server refused the token: {message}") from None
+            raise ApiError(message, exc.response.status_code) from None
+        except (OSError, TimeoutError, WebSocketException) as exc:
+            raise ApiError(f"cannot submit to the server at {self.url}: {exc}", 0) from None
+        if "id" not in answer:
+            raise ApiError(f"the job was refused: {answer.get('error')}", 400)
+        return dict(answer)
+
+    def follow(self, job_id: int, poll: float = 1.0, after: int = 0) -> Iterator[dict[str, Any]]:
+        """Every output of ``job_id`` from ``after`` on, as it comes, until the job ends."""
+        while True:
+            page = self.output(job_id, after)
+            yield from page["outputs"]
+            after = int(page["last_seq"])
+            if page["done"]:
+                # Output journaled just before the end is read once more.
+                yield from self.output(job_id, after)["outputs"]
+                return
+            time.sleep(poll)
+
+
+def _error_message(body: bytes | None, fallback: str) -> str:
+    try:
+        return str(json.loads(body or b"")["error"])
+    except (ValueError, KeyError, TypeError):
+        text = (body or b"").decode(errors="replace").strip()
+        return text.splitlines()[0] if text else fallback

@@ -1,0 +1,277 @@
+"""The HTTP JSON API and ``/metrics``, on the websocket's port.
+
+The websockets library hands every handshake to ``process_request``; a
+request without ``Upgrade: websocket`` comes here and gets a JSON answer
+(:meth:`HttpApi.handle`). Tokens are the websocket's bearer tokens; a bad
+one gets 401 and a one-line reason. Endpoints (``{id}`` a job or session)::
+
+    GET  /api/status                     slots, readings, queue, leases, usage
+    GET  /api/usage[?since=EPOCH]        GPU-seconds and cost per user
+    GET  /api/jobs[?user=U&state=S&kind=K&limit=N]
+    GET  /api/jobs/{id}                  one job, its attempts and code
+    GET  /api/jobs/{id}/output[?after=SEQ]
+    POST /api/jobs/{id}/cancel
+    POST /api/sessions/{id}/release
+    GET  /metrics                        Prometheus text format, no token
+
+A job is submitted with a JSON object ``{"code", "name", "gpus",
+"priority", "pool", "timeout", "retries"}``. The websockets library refuses
+HTTP request bodies, so a submission is one text message on a websocket
+opened at ``/api/jobs`` (:meth:`HttpApi.submit_over_websocket`), answered by
+one text message, the job's JSON or ``{"error": ...}``.
+
+Another user's job or session answers 404, as an unknown one does, so ids
+reveal nothing; see :mod:`.status` for what else a user sees.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import re
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import ServerConnection
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from remote_gpu_kernel.typing import JobId
+
+from .batch import JobRequest
+from .errors import StoreError, TokenError
+from .status import job_json, output_text, status_json, usage_json
+from .store import JOB_STATES, JobRecord, TokenInfo
+
+if TYPE_CHECKING:
+    from .app import GpuServer
+
+__all__ = ["HttpApi", "SUBMIT_PATH", "is_websocket", "json_response"]
+
+log = logging.getLogger("remote_gpu_server")
+
+#: The websocket path that takes job submissions.
+SUBMIT_PATH = "/api/jobs"
+#: Largest script a submission may carry (bytes of JSON).
+MAX_SUBMISSION = 16 * 1024 * 1024
+
+_JOB = re.compile(r"^/api/jobs/(\d+)(/output|/cancel)?$")
+_SESSION_RELEASE = re.compile(r"^/api/sessions/([0-9a-f]{1,64})/release$")
+
+
+class HttpError(Exception):
+    """An answer other than 200: status and a one-line message."""
+
+    def __init__(self, status: HTTPStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def is_websocket(request: Request) -> bool:
+    return "websocket" in request.headers.get("Upgrade", "").lower()
+
+
+def json_response(status: HTTPStatus, body: Any, extra: list[tuple[str, str]] | None = None) -> Response:
+    data = (json.dumps(body, separators=(",", ":")) + "\n").encode()
+    return _response(status, data, "application/json", extra)
+
+
+def _response(status: HTTPStatus, data: bytes, content_type: str,
+              extra: list[tuple[str, str]] | None = None) -> Response:
+    headers = Headers([
+        ("Date", email.utils.formatdate(usegmt=True)),
+        ("Connection", "close"),
+        ("Content-Length", str(len(data))),
+        ("Content-Type", content_type),
+        ("Cache-Control", "no-store"),
+        *(extra or []),
+    ])
+    return Response(status.value, status.phrase, headers, data)
+
+
+def _bearer(request: Request) -> str | None:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+class HttpApi:
+    """Answers the HTTP requests of one :class:`~.app.GpuServer`."""
+
+    def __init__(self, server: GpuServer) -> None:
+        self.server = server
+
+    # -- entry points -------------------------------------------------------
+
+    async def handle(self, connection: ServerConnection, request: Request) -> Response:
+        """Answer one plain HTTP request; never raises."""
+        url = urlsplit(request.path)
+        method = getattr(request, "method", "GET")
+        try:
+            if url.path == "/metrics":
+                self._method(method, "GET")
+                return _response(HTTPStatus.OK, self.server.metrics.render(),
+                                 "text/plain; version=0.0.4; charset=utf-8")
+            me = self._authenticate(request)
+            query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+            body = await self._route(method, url.path, query, me)
+            return json_response(HTTPStatus.OK, body)
+        except HttpError as exc:
+            extra = [("WWW-Authenticate", "Bearer")] if exc.status == HTTPStatus.UNAUTHORIZED else None
+            return json_response(exc.status, {"error": str(exc)}, extra)
+        except Exception as exc:
+            log.exception("HTTP %s %s failed", method, url.path)
+            return json_response(HTTPStatus.INTERNAL_SERVER_ERROR,
+                                 {"error": f"internal server error: {exc}"})
+
+    async def submit_over_websocket(self, ws: ServerConnection, me: TokenInfo) -> None:
+        """Take one job submission (a JSON text message) and answer with the job."""
+        try:
+            message = await ws.recv()
+        except ConnectionClosed:
+            return
+        try:
+            if not isinstance(message, str):
+                raise ValueError("send the job as one JSON text message")
+            request = JobRequest.parse(json.loads(message))
+            job = self.server.batch.submit(me.user, request)
+            answer: dict[str, Any] = job_json(self.server, self.server.store.job(job), code=False)
+        except ValueError as exc:  # also json.JSONDecodeError
+            answer = {"error": str(exc)}
+        try:
+            await ws.send(json.dumps(answer))
+            await ws.close()
+        except ConnectionClosed:
+            pass
+
+    # -- routing ------------------------------------------------------------
+
+    def _authenticate(self, request: Request) -> TokenInfo:
+        try:
+            return self.server.store.verify_token(_bearer(request))
+        except TokenError as exc:
+            raise HttpError(HTTPStatus.UNAUTHORIZED, str(exc)) from None
+
+    @staticmethod
+    def _method(method: str, *allowed: str) -> None:
+        if method not in allowed:
+            raise HttpError(HTTPStatus.METHOD_NOT_ALLOWED,
+                            f"{method} is not allowed here; use {' or '.join(allowed)}")
+
+    async def _route(self, method: str, path: str, query: dict[str, str], me: TokenInfo) -> Any:
+        server = self.server
+        if path == "/api/status":
+            self._method(method, "GET")
+            return status_json(server, me)
+        if path == "/api/usage":
+            self._method(method, "GET")
+            return usage_json(server, me, _number(query, "since"))
+        if path == "/api/jobs":
+            if method == "POST":
+                raise HttpError(HTTPStatus.BAD_REQUEST, (
+                    "this server takes no HTTP request bodies: submit a job as one JSON text "
+                    f"message on a websocket opened at {SUBMIT_PATH} (rgpu submit does this)"))
+            self._method(method, "GET")
+            return self._jobs(query, me)
+        found = _JOB.match(path)
+        if found:
+            job = self._own_job(JobId(int(found.group(1))), me)
+            action = found.group(2)
+            if action is None:
+                self._method(method, "GET")
+                return job_json(server, job)
+            if action == "/output":
+                self._method(method, "GET")
+                return self._output(job, _number(query, "after") or 0)
+            self._method(method, "POST")
+            return await self._cancel(job, me)
+        found = _SESSION_RELEASE.match(path)
+        if found:
+            self._method(method, "POST")
+            return await self._release(found.group(1), me)
+        raise HttpError(HTTPStatus.NOT_FOUND, f"no such endpoint: {path}")
+
+    # -- jobs ---------------------------------------------------------------
+
+    def _own_job(self, job_id: JobId, me: TokenInfo) -> JobRecord:
+        try:
+            job = self.server.store.job(job_id)
+        except StoreError:
+            job = None
+        if job is None or not (me.admin or job.user == me.user):
+            raise HttpError(HTTPStatus.NOT_FOUND, f"no job {job_id} of yours on this server")
+        return job
+
+    def _jobs(self, query: dict[str, str], me: TokenInfo) -> dict[str, Any]:
+        user = query.get("user") or None
+        if not me.admin:
+            if user not in (None, me.user):
+                raise HttpError(HTTPStatus.FORBIDDEN,
+                                "only an admin token can list another user's jobs")
+            user = me.user
+        state = query.get("state") or None
+        if state is not None and state not in JOB_STATES:
+            raise HttpError(HTTPStatus.BAD_REQUEST,
+                            f"unknown state {state!r}: use one of {', '.join(JOB_STATES)}")
+        kind = query.get("kind") or None
+        limit = int(_number(query, "limit") or 100)
+        if not 1 <= limit <= 1000:
+            raise HttpError(HTTPStatus.BAD_REQUEST, "limit must be from 1 to 1000")
+        jobs = self.server.store.jobs(user=user, state=state, limit=limit)
+        return {"jobs": [job_json(self.server, j, code=False) for j in jobs
+                         if kind is None or j.kind == kind]}
+
+    def _output(self, job: JobRecord, after: float) -> dict[str, Any]:
+        outputs = self.server.store.outputs_after(job.id, int(after))
+        state = self.server.store.job(job.id).state
+        return {
+            "id": job.id,
+            "state": state,
+            "done": state not in ("queued", "running"),
+            "last_seq": outputs[-1][0] if outputs else int(after),
+            "outputs": [{"seq": seq, "msg_type": msg_type, "content": content,
+                         "text": output_text(msg_type, content)}
+                        for seq, msg_type, content in outputs],
+        }
+
+    async def _cancel(self, job: JobRecord, me: TokenInfo) -> dict[str, Any]:
+        server = self.server
+        if job.state not in ("queued", "running"):
+            raise HttpError(HTTPStatus.CONFLICT, f"job {job.id} already ended ({job.state})")
+        reason = f"cancelled by {me.user}"
+        if job.kind == "batch":
+            if not await server.batch.cancel(job.id, reason):
+                raise HttpError(HTTPStatus.CONFLICT, f"job {job.id} already ended")
+        else:
+            session = server.sessions.get(job.session) if job.session else None
+            if session is None:
+                raise HttpError(HTTPStatus.CONFLICT, f"job {job.id}'s session is gone")
+            await session.interrupt()
+        return job_json(server, server.store.job(job.id), code=False)
+
+    async def _release(self, session_id: str, me: TokenInfo) -> dict[str, Any]:
+        server = self.server
+        reason = f"released by {me.user} through the HTTP API"
+        session = server.sessions.get(session_id)  # type: ignore[call-overload]
+        if session is not None and (me.admin or session.user == me.user):
+            await server.release(session, reason)
+            return {"session": session_id, "released": True, "reason": reason}
+        job = server.batch.job_of_session(session_id)
+        if job is not None:
+            record = server.store.job(job)
+            if me.admin or record.user == me.user:
+                await server.batch.cancel(job, reason)
+                return {"session": session_id, "released": True, "reason": reason, "job": job}
+        raise HttpError(HTTPStatus.NOT_FOUND, f"no session {session_id} of yours holds a lease")
+
+
+def _number(query: dict[str, str], name: str) -> float | None:
+    value = query.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise HttpError(HTTPStatus.BAD_REQUEST, f"{name} must be a number, not {value!r}") from None

@@ -1,0 +1,148 @@
+"""Prometheus metrics for one server, served at ``/metrics``.
+
+Each server has its own :class:`~prometheus_client.CollectorRegistry`
+(never the process-wide default), so several servers can run in one test
+process. Events (a lease granted) are counted as they happen; the rest
+(queue, leases, jobs, slot readings) is read from the server at scrape
+time by a collector. No metric carries a user name: ``/metrics`` needs no
+token.
+
+Metrics::
+
+    rgpu_queue_length{pool,priority}            requests waiting for a lease
+    rgpu_lease_wait_seconds{pool,priority,kind} histogram of waits to a grant
+    rgpu_leases_granted_total{pool,kind}        leases granted since start
+    rgpu_leases_active{pool,kind}               leases in force
+    rgpu_slots_free{pool}                       slots nobody holds
+    rgpu_jobs{kind,state}                       jobs in the store by state
+    rgpu_slot_healthy{slot}                     1, or 0 while it must not be leased
+    rgpu_slot_utilization_percent{slot,kind}    GPU %, or a CPU slot's CPU %
+    rgpu_slot_memory_used_bytes{slot,kind}
+    rgpu_slot_memory_total_bytes{slot,kind}
+    rgpu_slot_temperature_celsius{slot}         GPUs only
+    rgpu_slot_power_watts{slot}                 GPUs only
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter as Tally
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .scheduler import DEFAULT_POOL, Grant
+from .status import slot_pool
+
+if TYPE_CHECKING:
+    from .app import GpuServer
+
+__all__ = ["Metrics"]
+
+#: Lease waits, from instant to a working day.
+WAIT_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 8 * 3600, float("inf"))
+
+
+class Metrics:
+    """Call :meth:`granted` for every grant; :meth:`render` for a scrape."""
+
+    def __init__(self, server: GpuServer) -> None:
+        self.server = server
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.wait_seconds = Histogram(
+            "rgpu_lease_wait_seconds", "Seconds from a lease request to its grant.",
+            ["pool", "priority", "kind"], buckets=WAIT_BUCKETS, registry=self.registry,
+        )
+        self.leases_granted = Counter(
+            "rgpu_leases_granted", "Leases granted since the server started.",
+            ["pool", "kind"], registry=self.registry,
+        )
+        self.registry.register(_ServerCollector(server))
+
+    def granted(self, grant: Grant, kind: str) -> None:
+        """Count a grant; ``kind`` is ``interactive`` or ``batch``."""
+        request = grant.request
+        pool = getattr(request, "pool", DEFAULT_POOL)
+        waited = max(0.0, time.time() - request.submitted)
+        self.wait_seconds.labels(pool, getattr(request, "priority", "normal"), kind).observe(waited)
+        self.leases_granted.labels(pool, kind).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _ServerCollector(Collector):
+    """Reads the server's state at scrape time."""
+
+    def __init__(self, server: GpuServer) -> None:
+        self.server = server
+
+    def describe(self) -> list[Metric]:
+        return []  # collected per scrape; nothing to describe up front
+
+    def collect(self) -> Iterator[Metric]:
+        server = self.server
+        if server.store is None or server.scheduler is None:
+            return
+        queue = GaugeMetricFamily("rgpu_queue_length", "Lease requests waiting.",
+                                  labels=["pool", "priority"])
+        waiting = Tally((getattr(e, "pool", DEFAULT_POOL), getattr(e, "priority", "normal"))
+                        for e in server.scheduler.waiting)
+        for (pool, priority), n in sorted(waiting.items()):
+            queue.add_metric([pool, priority], n)
+        yield queue
+
+        active = GaugeMetricFamily("rgpu_leases_active", "Leases in force.", labels=["pool", "kind"])
+        leases: Tally[tuple[str, str]] = Tally()
+        for session in server.sessions.values():
+            if not session.released and session.slots:
+                leases[(slot_pool(server, session.slots[0]), "interactive")] += 1
+        for run in server.batch.running():
+            leases[(slot_pool(server, run.slots[0]), "batch")] += 1
+        for (pool, kind), n in sorted(leases.items()):
+            active.add_metric([pool, kind], n)
+        yield active
+
+        free = GaugeMetricFamily("rgpu_slots_free", "Slots nobody holds.", labels=["pool"])
+        pools = Tally(slot_pool(server, s.id) for s in server.slots)
+        free_by_pool = Tally(slot_pool(server, s) for s in server.scheduler.free)
+        for pool in sorted(pools):
+            free.add_metric([pool], free_by_pool.get(pool, 0))
+        yield free
+
+        jobs = GaugeMetricFamily("rgpu_jobs", "Jobs in the store by kind and state.",
+                                 labels=["kind", "state"])
+        for (kind, state), n in sorted(server.store.job_counts().items()):
+            jobs.add_metric([kind, state], n)
+        yield jobs
+
+        yield from self._readings()
+
+    def _readings(self) -> Iterator[Metric]:
+        server = self.server
+        healthy = GaugeMetricFamily("rgpu_slot_healthy", "1, or 0 while the slot must not be leased.",
+                                    labels=["slot"])
+        util = GaugeMetricFamily("rgpu_slot_utilization_percent",
+                                 "GPU utilization, or a CPU slot's workers' CPU percent.",
+                                 labels=["slot", "kind"])
+        used = GaugeMetricFamily("rgpu_slot_memory_used_bytes", "Memory in use.", labels=["slot", "kind"])
+        total = GaugeMetricFamily("rgpu_slot_memory_total_bytes", "Memory size.", labels=["slot", "kind"])
+        temp = GaugeMetricFamily("rgpu_slot_temperature_celsius", "GPU temperature.", labels=["slot"])
+        power = GaugeMetricFamily("rgpu_slot_power_watts", "GPU power draw.", labels=["slot"])
+        for slot in server.slots:
+            r = server.readings.latest(slot.id)
+            healthy.add_metric([slot.id], 1.0 if r.healthy else 0.0)
+            if r.utilization is not None:
+                util.add_metric([slot.id, slot.kind], r.utilization)
+            if r.memory_used is not None:
+                used.add_metric([slot.id, slot.kind], r.memory_used)
+            if r.memory_total is not None:
+                total.add_metric([slot.id, slot.kind], r.memory_total)
+            if r.temperature is not None:
+                temp.add_metric([slot.id], r.temperature)
+            if r.power is not None:
+                power.add_metric([slot.id], r.power)
+        yield from (healthy, util, used, total, temp, power)

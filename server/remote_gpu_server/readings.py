@@ -1,0 +1,282 @@
+"""What every slot is doing, read every few seconds, and whether it is healthy.
+
+GPU slots are read through NVML (``pynvml``): utilization, memory,
+temperature, power, the processes holding memory on the GPU, and health. A
+GPU is **unhealthy** while it has uncorrected volatile ECC errors, a page
+retirement pending, a row remap pending or failed (the GPU needs a reset),
+or NVML cannot read it at all (fallen off the bus). An unhealthy slot must
+not be leased until it recovers; :meth:`Readings.healthy` answers that and
+``on_health`` is called whenever a slot's health changes.
+
+CPU slots (a machine without GPUs) report the CPU percentage and resident
+memory of their workers' process trees instead, through ``psutil``; they
+are always healthy.
+
+The NVML module is a parameter (``nvml=``) so tests can pass a test double;
+by default ``pynvml`` is imported, and only when there are GPU slots. CUDA
+is never initialised here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+
+from remote_gpu_kernel.typing import SlotId
+
+from .gpus import Slot
+
+__all__ = ["ProcessReading", "Readings", "SlotReading"]
+
+log = logging.getLogger("remote_gpu_server")
+
+#: Seconds between two readings of every slot.
+DEFAULT_PERIOD = 3.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessReading:
+    pid: int
+    memory: int  # bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotReading:
+    """One slot at one moment; a field NVML or psutil could not give is None.
+
+    ``utilization`` is a percentage (a CPU slot's may exceed 100 on several
+    cores); memory is in bytes, temperature in °C, power in watts.
+    """
+
+    utilization: float | None = None
+    memory_used: int | None = None
+    memory_total: int | None = None
+    temperature: float | None = None
+    power: float | None = None
+    processes: tuple[ProcessReading, ...] = ()
+    healthy: bool = True
+    problem: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        """The ``readings`` object of ``GET /api/status``."""
+        return {
+            "utilization": self.utilization,
+            "memory_used": self.memory_used,
+            "memory_total": self.memory_total,
+            "temperature": self.temperature,
+            "power": self.power,
+            "processes": [{"pid": p.pid, "memory": p.memory} for p in self.processes],
+        }
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class _NvmlReader:
+    """Reads GPU slots through an NVML module (``pynvml`` or a test double)."""
+
+    def __init__(self, nvml: Any) -> None:
+        self.nvml = nvml
+        nvml.nvmlInit()
+
+    def close(self) -> None:
+        try:
+            self.nvml.nvmlShutdown()
+        except Exception:
+            pass
+
+    def _handle(self, slot: Slot) -> Any:
+        if slot.uuid:
+            return self.nvml.nvmlDeviceGetHandleByUUID(slot.uuid)
+        return self.nvml.nvmlDeviceGetHandleByIndex(slot.index)
+
+    def _optional(self, read: Callable[[], Any]) -> Any:
+        """``read()``, or None where this GPU does not support it."""
+        try:
+            return read()
+        except self.nvml.NVMLError:
+            return None
+
+    def read(self, slot: Slot) -> SlotReading:
+        nv = self.nvml
+        try:
+            handle = self._handle(slot)
+        except nv.NVMLError as exc:
+            return SlotReading(healthy=False, problem=f"NVML cannot read this GPU: {exc}")
+        util = self._optional(lambda: nv.nvmlDeviceGetUtilizationRates(handle))
+        mem = self._optional(lambda: nv.nvmlDeviceGetMemoryInfo(handle))
+        temp = self._optional(lambda: nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU))
+        power = self._optional(lambda: nv.nvmlDeviceGetPowerUsage(handle))
+        procs = self._optional(lambda: nv.nvmlDeviceGetComputeRunningProcesses(handle)) or []
+        problem = self._problem(handle)
+        return SlotReading(
+            utilization=float(util.gpu) if util is not None else None,
+            memory_used=int(mem.used) if mem is not None else None,
+            memory_total=int(mem.total) if mem is not None else None,
+            temperature=float(temp) if temp is not None else None,
+            power=power / 1000.0 if power is not None else None,  # NVML reports milliwatts
+            processes=tuple(ProcessReading(int(p.pid), int(p.usedGpuMemory or 0)) for p in procs),
+            healthy=problem is None,
+            problem=problem,
+        )
+
+    def _problem(self, handle: Any) -> str | None:
+        """Why this GPU must not be leased now, or None if it is fine."""
+        nv = self.nvml
+        ecc = self._optional(lambda: nv.nvmlDeviceGetTotalEccErrors(
+            handle, nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nv.NVML_VOLATILE_ECC))
+        if ecc:
+            return f"{ecc} uncorrected ECC error(s) since the last reset"
+        pending = self._optional(lambda: nv.nvmlDeviceGetRetiredPagesPendingStatus(handle))
+        if pending == nv.NVML_FEATURE_ENABLED:
+            return "a memory page retirement is pending: the GPU needs a reset"
+        remap = self._optional(lambda: nv.nvmlDeviceGetRemappedRows(handle))
+        if remap is not None:
+            _corrected, _uncorrected, is_pending, failed = remap
+            if failed:
+                return "a memory row remapping failed: the GPU needs service"
+            if is_pending:
+                return "a memory row remapping is pending: the GPU needs a reset"
+        return None
+
+
+class _ProcessReader:
+    """CPU% and resident memory of process trees, with psutil.
+
+    ``psutil.Process.cpu_percent`` measures since its previous call on the
+    same object, so the objects are kept from one reading to the next.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[int, psutil.Process] = {}
+
+    def read(self, pids: list[int]) -> SlotReading:
+        seen: dict[int, psutil.Process] = {}
+        cpu = 0.0
+        processes = []
+        for pid in pids:
+            try:
+                root = self._known.get(pid) or psutil.Process(pid)
+                tree = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                continue
+            rss = 0
+            for proc in tree:
+                proc = self._known.get(proc.pid) or proc
+                try:
+                    cpu += proc.cpu_percent(None)
+                    rss += proc.memory_info().rss
+                except psutil.Error:
+                    continue
+                seen[proc.pid] = proc
+            processes.append(ProcessReading(pid, rss))
+        self._known = seen
+        return SlotReading(
+            utilization=round(cpu, 1),
+            memory_used=sum(p.memory for p in processes),
+            memory_total=psutil.virtual_memory().total,
+            processes=tuple(processes),
+        )
+
+
+class Readings:
+    """Keeps the latest :class:`SlotReading` of every slot.
+
+    ``pids(slot_id)`` lists the worker processes on a slot (for CPU slots).
+    ``nvml`` is the NVML module to use for GPU slots (default: ``pynvml``).
+    ``on_health(slot_id, healthy, problem)`` is called, on the event loop,
+    when a slot's health changes. Call :meth:`start` on the event loop and
+    :meth:`close` at the end; :meth:`read_now` reads once, synchronously.
+    """
+
+    def __init__(self, slots: list[Slot], pids: Callable[[SlotId], list[int]], *,
+                 nvml: Any | None = None, period: float = DEFAULT_PERIOD,
+                 on_health: Callable[[SlotId, bool, str | None], None] | None = None) -> None:
+        self.slots = list(slots)
+        self.period = period
+        self.on_health = on_health
+        self._pids = pids
+        self._latest: dict[SlotId, SlotReading] = {s.id: SlotReading() for s in slots}
+        self._cpu = {s.id: _ProcessReader() for s in slots if s.kind != "gpu"}
+        self._nvml: _NvmlReader | None = None
+        self._nvml_module = nvml
+        self._task: asyncio.Task[None] | None = None
+
+    def _gpu_reader(self) -> _NvmlReader | None:
+        if self._nvml is None and any(s.kind == "gpu" for s in self.slots):
+            module = self._nvml_module
+            if module is None:
+                import pynvml as module
+            try:
+                self._nvml = _NvmlReader(module)
+            except Exception as exc:
+                log.warning("NVML unavailable, GPU readings are off: %s", exc)
+                return None
+        return self._nvml
+
+    def latest(self, slot_id: SlotId) -> SlotReading:
+        return self._latest[slot_id]
+
+    def healthy(self, slot_id: SlotId) -> bool:
+        """False while the slot must not be leased (see the module docstring)."""
+        return self._latest[slot_id].healthy
+
+    def _worker_pids(self) -> dict[SlotId, list[int]]:
+        return {s.id: self._pids(s.id) for s in self.slots if s.kind != "gpu"}
+
+    def read_now(self, pids: dict[SlotId, list[int]] | None = None) -> dict[SlotId, tuple[bool, str | None]]:
+        """Read every slot once; return the slots whose health changed.
+
+        ``pids`` are the CPU slots' worker processes, listed on the event
+        loop when this runs in a thread (default: asked for now).
+        """
+        pids = self._worker_pids() if pids is None else pids
+        changed: dict[SlotId, tuple[bool, str | None]] = {}
+        gpu = self._gpu_reader()
+        for slot in self.slots:
+            if slot.kind == "gpu":
+                if gpu is None:
+                    continue
+                reading = gpu.read(slot)
+            else:
+                reading = self._cpu[slot.id].read(pids.get(slot.id, []))
+            before = self._latest[slot.id]
+            self._latest[slot.id] = reading
+            if before.healthy != reading.healthy:
+                changed[slot.id] = (reading.healthy, reading.problem)
+        return changed
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                changed = await asyncio.to_thread(self.read_now, self._worker_pids())
+            except Exception:
+                log.exception("reading the slots failed")
+                changed = {}
+            for slot_id, (healthy, problem) in changed.items():
+                if healthy:
+                    log.warning("slot %s is healthy again", slot_id)
+                else:
+                    log.error("slot %s is unhealthy and will not be leased: %s", slot_id, problem)
+                if self.on_health is not None:
+                    self.on_health(slot_id, healthy, problem)
+            await asyncio.sleep(self.period)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self._nvml is not None:
+            self._nvml.close()

@@ -1,0 +1,65 @@
+/** Numbers as the sidebar shows them; `null` shows as an en dash. */
+
+const DASH = '–';
+
+export function formatBytes(value: number | null | undefined): string {
+  if (value === null || value === undefined || !Number.isFinite(value)) {
+    return DASH;
+  }
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let size = value;
+  let unit = 0;
+  while (size >= 1024 && unit < units.length - 1) {
+    size /= 1024;
+    unit += 1;
+  }
+  const digits = unit === 0 || size >= 100 ? 0 : 1;
+  return `${size.toFixed(digits)} ${units[unit]}`;
+}
+
+/** A duration in seconds: `42 s`, `5 min`, `2 h 5 min`, `3 d 4 h`. */
+export function formatDuration(value: number | null | undefined): string {
+  if (value === null || value === undefined || !Number.isFinite(value)) {
+    return DASH;
+  }
+  const s = Math.max(0, Math.round(value));
+  if (s < 60) {
+    return `${s} s`;
+  }
+  const m = Math.floor(s / 60);
+  if (m < 60) {
+    return `${m} min`;
+  }
+  const h = Math.floor(m / 60);
+  if (h < 24) {
+    return m % 60 ? `${h} h ${m % 60} min` : `${h} h`;
+  }
+  const d = Math.floor(h / 24);
+  return h % 24 ? `${d} d ${h % 24} h` : `${d} d`;
+}
+
+export function formatPercent(value: number | null | undefined): string {
+  if (value === null || value === undefined || !Number.isFinite(value)) {
+    return DASH;
+  }
+  return `${Math.round(value)}%`;
+}
+
+/** `value` out of `total` as a fraction in [0, 1], or `null` if unknown. */
+export function fraction(
+  value: number | null | undefined,
+  total: number | null | undefined
+): number | null {
+  if (
+    value === null ||
+    value === undefined ||
+    total === null ||
+    total === undefined ||
+    !Number.isFinite(value) ||
+    !Number.isFinite(total) ||
+    total <= 0
+  ) {
+    return null;
+  }
+  return Math.min(1, Math.max(0, value / total));
+}

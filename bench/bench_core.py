@@ -1,0 +1,178 @@
+"""Issue benchmarks for the server, the client and the warm pool, in one run.
+
+    python bench/bench_core.py [--runs 300] [--mib 100]
+
+1. a trivial cell through ``session.execute`` against the same cell sent to
+   a local ipykernel through jupyter_client (reply and idle both awaited);
+2. push and pull of 100 MiB float32 (numpy and torch) against ipyparallel's
+   push and pull with one engine;
+3. a lease of a warm worker against starting a cold kernel that imports torch.
+
+It starts its own server (``rgpu serve --slots cpu:2``) on a free port with
+a throw-away SQLite file, and prints a table of medians and ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from servers import ServerProcess  # noqa: E402
+
+from remote_gpu_kernel import Client  # noqa: E402
+
+
+def median_ms(fn: Callable[[], object], runs: int, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1000
+
+
+def local_kernel_cell(runs: int) -> float:
+    from jupyter_client.manager import KernelManager
+
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    kc.wait_for_ready(timeout=60)
+
+    def cell() -> None:
+        msg_id = kc.execute("1+1")
+        idle = reply = False
+        while not (idle and reply):
+            if not reply:
+                if kc.get_shell_msg(timeout=10)["parent_header"].get("msg_id") == msg_id:
+                    reply = True
+            while not idle:
+                msg = kc.get_iopub_msg(timeout=10)
+                if (msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "status"
+                        and msg["content"]["execution_state"] == "idle"):
+                    idle = True
+
+    try:
+        return median_ms(cell, runs)
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def cold_torch_kernel(runs: int) -> float:
+    from jupyter_client.manager import KernelManager
+
+    def start() -> None:
+        km = KernelManager(kernel_name="python3")
+        km.start_kernel()
+        kc = km.client()
+        kc.start_channels()
+        kc.wait_for_ready(timeout=120)
+        kc.execute_interactive("import torch", timeout=120, output_hook=lambda _: None)
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+    return median_ms(start, runs, warmup=1)
+
+
+def ipyparallel_transfer(arrays: dict[str, object], runs: int) -> dict[str, float]:
+    import ipyparallel as ipp
+
+    cluster = ipp.Cluster(n=1, log_level=40)
+    rc = cluster.start_and_connect_sync()
+    try:
+        rc.wait_for_engines(1, timeout=120)
+        view = rc[0]
+        view.block = True
+        view.execute("import numpy, torch")
+        out = {}
+        for name, value in arrays.items():
+            out[f"push {name}"] = median_ms(lambda: view.push({"v": value}), runs, warmup=1)
+            out[f"pull {name}"] = median_ms(lambda: view.pull("v"), runs, warmup=1)
+        return out
+    finally:
+        rc.close()
+        cluster.stop_cluster_sync()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=300, help="trivial cells per side")
+    parser.add_argument("--transfers", type=int, default=7, help="transfers per kind and side")
+    parser.add_argument("--leases", type=int, default=15, help="leases / cold starts")
+    parser.add_argument("--mib", type=int, default=100, help="size of the transferred arrays")
+    args = parser.parse_args()
+
+    import torch
+
+    n = args.mib * (1 << 20) // 4
+    arrays = {"numpy": np.random.default_rng(0).random(n, dtype=np.float32),
+              "torch": torch.rand(n, dtype=torch.float32)}
+    rows: list[tuple[str, float, str, float, str]] = []
+
+    tmp = Path(tempfile.mkdtemp(prefix="rgpu-bench-"))
+    server = ServerProcess(tmp, "cpu:2").start()
+    try:
+        client = Client(server.url, server.token("bench"))
+        with client.session() as session:
+            ours = median_ms(lambda: session.execute("1+1", on_output=lambda _: None), args.runs)
+            theirs = local_kernel_cell(args.runs)
+            rows.append(("trivial cell (ms)", ours, "local ipykernel", theirs, "≤ 1.5×"))
+
+            transfer = {}
+            for name, value in arrays.items():
+                transfer[f"push {name}"] = median_ms(lambda: session.push(v=value), args.transfers, 1)
+                transfer[f"pull {name}"] = median_ms(lambda: session.pull("v"), args.transfers, 1)
+        peer = ipyparallel_transfer(arrays, args.transfers)
+        for key, ms in transfer.items():
+            rows.append((f"{key} {args.mib} MiB (MB/s)", args.mib * 1.048576 / ms * 1000, "ipyparallel",
+                         args.mib * 1.048576 / peer[key] * 1000, "≥ 2× and > 1000"))
+
+        lease_ms = []
+        for _ in range(args.leases):
+            wait_warm(server, 2)
+            t = time.perf_counter()
+            s = client.session()
+            lease_ms.append((time.perf_counter() - t) * 1000)
+            s.release()
+        wait_warm(server, 2)
+        cold = cold_torch_kernel(max(3, args.leases // 5))
+        rows.append(("lease of a warm worker (ms)", statistics.median(lease_ms), "cold kernel + import torch",
+                     cold, "< 50 ms"))
+    finally:
+        server.stop()
+
+    print(f"\n{'what':34} {'ours':>10} {'peer':>28} {'peer value':>11} {'ratio':>7}  target")
+    for what, ours_v, peer_name, peer_v, target in rows:
+        ratio = ours_v / peer_v
+        print(f"{what:34} {ours_v:10.2f} {peer_name:>28} {peer_v:11.2f} {ratio:6.2f}×  {target}")
+    print(f"\n{time.strftime('%Y-%m-%d')} on {os.cpu_count()} cores, Python {sys.version.split()[0]}")
+
+
+def wait_warm(server: ServerProcess, slots: int, timeout: float = 120) -> None:
+    """Wait until every slot has a warm worker: workers started = slots + releases."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        started = sum("ready (pid" in line for line in server.log)
+        released = sum("released session" in line for line in server.log)
+        if started >= slots + released:
+            return
+        time.sleep(0.05)
+    raise TimeoutError("the warm pool did not refill")
+
+
+if __name__ == "__main__":
+    main()

@@ -170,6 +170,7 @@ class Store:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._user_ids: dict[str, int] = {}
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
@@ -185,13 +186,20 @@ class Store:
     # -- users and tokens ---------------------------------------------------
 
     def _user_id(self, name: str, create: bool = False) -> int:
+        # Users are never deleted or renamed, so their ids can be cached:
+        # this lookup sits on every cell's path.
+        cached = self._user_ids.get(name)
+        if cached is not None:
+            return cached
         row = self._one("SELECT id FROM users WHERE name = ?", name)
         if row:
+            self._user_ids[name] = int(row[0])
             return int(row[0])
         if not create:
             raise StoreError(f"no user named {name!r}")
         cur = self._db.execute("INSERT INTO users (name, created) VALUES (?, ?)", (name, time.time()))
-        return int(cur.lastrowid or 0)
+        self._user_ids[name] = int(cur.lastrowid or 0)
+        return self._user_ids[name]
 
     def create_token(self, user: str, days: float | None = None, admin: bool = False) -> tuple[int, str]:
         """Create a token for ``user`` (made if new); return ``(id, token)``.
@@ -266,11 +274,14 @@ class Store:
     # -- jobs ---------------------------------------------------------------
 
     def create_job(self, user: str, session: SessionId | None, code: str,
-                   slots: list[str], kind: str = "cell") -> JobId:
+                   slots: list[str], kind: str = "cell", running: bool = False) -> JobId:
+        """A new job, ``queued``; or already ``running`` (one write, for a cell)."""
+        now = time.time()
         cur = self._db.execute(
-            "INSERT INTO jobs (user_id, session_id, kind, slots, code, state, created) "
-            "VALUES (?, ?, ?, ?, ?, 'queued', ?)",
-            (self._user_id(user, create=True), session, kind, ",".join(slots), code, time.time()),
+            "INSERT INTO jobs (user_id, session_id, kind, slots, code, state, created, started) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (self._user_id(user, create=True), session, kind, ",".join(slots), code,
+             "running" if running else "queued", now, now if running else None),
         )
         return JobId(int(cur.lastrowid or 0))
 
@@ -327,6 +338,21 @@ class Store:
             "INSERT INTO outputs (session_id, seq, job_id, msg_type, content) VALUES (?, ?, ?, ?, ?)",
             (session, seq, job, msg_type, json.dumps(content, default=str)),
         )
+
+    def append_outputs(self, rows: list[tuple[SessionId, int, JobId | None, str, dict[str, Any]]]) -> None:
+        """Several :meth:`append_output` rows in one transaction."""
+        if not rows:
+            return
+        self._db.execute("BEGIN")
+        try:
+            self._db.executemany(
+                "INSERT INTO outputs (session_id, seq, job_id, msg_type, content) VALUES (?, ?, ?, ?, ?)",
+                [(sid, seq, job, kind, json.dumps(content, default=str)) for sid, seq, job, kind, content in rows],
+            )
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def outputs(self, job: JobId) -> list[tuple[int, str, dict[str, Any]]]:
         rows = self._db.execute(

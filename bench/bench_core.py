@@ -108,6 +108,49 @@ def ipyparallel_transfer(arrays: dict[str, object], runs: int) -> dict[str, floa
         cluster.stop_cluster_sync()
 
 
+def raw_websockets(payload: bytes, runs: int) -> dict[str, float]:
+    """The ceiling: 1 MiB binary messages one way over loopback, no framing of ours."""
+    import asyncio
+    import threading
+
+    from websockets.asyncio.server import serve
+    from websockets.sync.client import connect
+
+    chunk = 1 << 20
+    got = threading.Event()
+    ready = threading.Event()
+    port: list[int] = []
+
+    async def handler(ws) -> None:  # type: ignore[no-untyped-def]
+        while True:
+            received = 0
+            async for message in ws:
+                received += len(message)
+                if received >= len(payload):
+                    break
+            if received == 0:
+                return
+            got.set()
+            await ws.send(b"ok")
+
+    async def run_server() -> None:
+        async with serve(handler, "127.0.0.1", 0, compression=None, max_size=chunk) as server:
+            port.append(server.sockets[0].getsockname()[1])
+            ready.set()
+            await asyncio.Future()
+
+    threading.Thread(target=lambda: asyncio.run(run_server()), daemon=True).start()
+    ready.wait(10)
+    view = memoryview(payload)
+    with connect(f"ws://127.0.0.1:{port[0]}", compression=None, max_size=chunk) as ws:
+        def send() -> None:
+            for i in range(0, len(payload), chunk):
+                ws.send(view[i : i + chunk])
+            ws.recv()
+
+        return {"one way": median_ms(send, runs, warmup=1)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=300, help="trivial cells per side")
@@ -137,9 +180,12 @@ def main() -> None:
                 transfer[f"push {name}"] = median_ms(lambda: session.push(v=value), args.transfers, 1)
                 transfer[f"pull {name}"] = median_ms(lambda: session.pull("v"), args.transfers, 1)
         peer = ipyparallel_transfer(arrays, args.transfers)
+        ceiling = raw_websockets(arrays["numpy"].tobytes(), args.transfers)["one way"]
         for key, ms in transfer.items():
             rows.append((f"{key} {args.mib} MiB (MB/s)", args.mib * 1.048576 / ms * 1000, "ipyparallel",
                          args.mib * 1.048576 / peer[key] * 1000, "≥ 2× and > 1000"))
+        rows.append((f"raw websockets {args.mib} MiB (MB/s)", args.mib * 1.048576 / ceiling * 1000,
+                     "(ceiling: 1 MiB messages)", args.mib * 1.048576 / ceiling * 1000, "-"))
 
         lease_ms = []
         for _ in range(args.leases):

@@ -1,0 +1,70 @@
+"""On a machine with CUDA: GPU slots from NVML, pinning, CUDA tensors both ways.
+
+Skipped (with the reason) where torch.cuda.is_available() is false.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from remote_gpu_kernel import Client
+from servers import ServerProcess
+
+torch = pytest.importorskip("torch")
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def gpu_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    proc = ServerProcess(tmp_path_factory.mktemp("gpu"), "auto").start()
+    yield proc
+    proc.stop()
+
+
+def test_auto_slots_are_gpus_and_workers_are_pinned(gpu_server: ServerProcess) -> None:
+    with Client(gpu_server.url, gpu_server.token()).session() as s:
+        assert s.slots[0].startswith("gpu")
+        s.execute("import os, torch\ncvd = os.environ['CUDA_VISIBLE_DEVICES']\nn = torch.cuda.device_count()",
+                  on_output=lambda _: None)
+        got = s.pull("cvd", "n")
+        assert got["n"] == 1 and got["cvd"]
+
+
+def test_cuda_tensor_goes_in_and_comes_back_as_a_cpu_tensor(gpu_server: ServerProcess) -> None:
+    with Client(gpu_server.url, gpu_server.token()).session() as s:
+        s.push(x=torch.arange(1 << 20, dtype=torch.float32))
+        result = s.execute("y = (x.cuda() * 2)\nassert y.is_cuda", on_output=lambda _: None)
+        assert result.ok, result.error
+        y = s.pull("y")["y"]
+        assert y.device.type == "cpu"
+        assert torch.equal(y, torch.arange(1 << 20, dtype=torch.float32) * 2)
+
+
+def test_gpu_memory_is_freed_when_the_lease_ends(gpu_server: ServerProcess, tmp_path: Path) -> None:
+    import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        s = Client(gpu_server.url, gpu_server.token()).session()
+        s.execute("import os, torch\nblock = torch.empty(2 << 30, dtype=torch.uint8, device='cuda')\n"
+                  "pid = os.getpid()", on_output=lambda _: None)
+        pid = s.pull("pid")["pid"]
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+
+        def pids() -> set[int]:
+            return {p.pid for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)}
+
+        assert pid in pids()
+        s.release()
+        import time
+
+        deadline = time.monotonic() + 20
+        while pid in pids() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert pid not in pids()
+    finally:
+        pynvml.nvmlShutdown()

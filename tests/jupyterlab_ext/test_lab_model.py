@@ -1,0 +1,28 @@
+"""The sidebar's TypeScript model, through its vitest suite (model.test.ts)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+
+from labext import EXT_DIR, npm_installed
+
+
+@pytest.mark.timeout(300)
+def test_typescript_model() -> None:
+    npm = npm_installed()
+    result = subprocess.run([npm, "test", "--silent", "--", "--reporter=verbose"], cwd=EXT_DIR,
+                            capture_output=True, text=True, timeout=280)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "model.test.ts" in result.stdout
+    assert re.search(r"Tests\s+\d+ passed \(\d+\)", result.stdout), result.stdout
+
+
+@pytest.mark.timeout(300)
+def test_typescript_compiles_without_errors() -> None:
+    npm = npm_installed()
+    result = subprocess.run([npm, "run", "--silent", "typecheck"], cwd=EXT_DIR,
+                            capture_output=True, text=True, timeout=280)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -161,6 +161,26 @@ def cmd_up(args: argparse.Namespace) -> int:
         server.wait(30)
 
 
+def cmd_kernel(args: argparse.Namespace) -> int:
+    """``rgpu kernel install``: write the "Remote GPU" kernelspec, as ipykernel's installer does."""
+    import errno
+
+    from .kernelspec import install
+
+    try:
+        dest = install(user=args.user, prefix=args.prefix, kernel_name=args.name,
+                       display_name=args.display_name, url=args.url)
+    except OSError as exc:
+        if exc.errno != errno.EACCES:
+            raise
+        print(f"rgpu kernel install: {exc}", file=sys.stderr)
+        if not args.user:
+            print("Perhaps you want --user or --sys-prefix?", file=sys.stderr)
+        return 1
+    print(f"Installed kernelspec {args.name} in {dest}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rgpu", description="Remote GPU for Jupyter.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -209,6 +229,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slots", default="auto")
     p.add_argument("lab_args", nargs=argparse.REMAINDER, help="arguments passed to jupyter lab")
     p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("kernel", help="install the Remote GPU Jupyter kernel")
+    ksub = p.add_subparsers(dest="kernel_cmd", required=True)
+    c = ksub.add_parser("install", help="write the kernelspec where Jupyter finds it")
+    where = c.add_mutually_exclusive_group()
+    where.add_argument("--user", action="store_true", help="install for the current user only")
+    where.add_argument("--sys-prefix", action="store_const", const=sys.prefix, dest="prefix",
+                       help=f"install into this Python's prefix ({sys.prefix})")
+    where.add_argument("--prefix", help="install into PREFIX/share/jupyter/kernels")
+    c.add_argument("--name", default="remote-gpu", help="the kernelspec's name (default remote-gpu)")
+    c.add_argument("--display-name", help='the name JupyterLab shows (default "Remote GPU")')
+    c.add_argument("--url", help="the GPU server's URL, written into the spec as RGPU_URL")
+    p.set_defaults(func=cmd_kernel)
     return parser
 
 

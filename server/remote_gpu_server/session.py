@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from remote_gpu_kernel.errors import WorkerDied
 from remote_gpu_kernel.protocol import messages as m
+from remote_gpu_kernel.protocol.framing import Chunks
 from remote_gpu_kernel.typing import JobId, SessionId, SlotId
 
 from .worker import Worker
@@ -216,10 +217,23 @@ class Session:
                                             tuple(buffers)))
 
     async def shell_request(self, msg: m.ShellRequest) -> None:
-        """Forward a complete/inspect/... request; answers even while a cell runs."""
+        """Forward a complete/inspect/comm/... request; answers even while a cell runs.
+
+        What the worker publishes while handling it (a widget's echo, a
+        callback's output) is journaled without a job and sent as Output.
+        """
         worker = await self.worker()
+
+        async def on_iopub(jmsg: dict[str, Any]) -> None:
+            self._seq += 1
+            self.server.store.append_output(self.id, self._seq, None, jmsg["msg_type"], jmsg["content"])
+            await self._deliver(m.Output(msg.req, self._seq, jmsg["msg_type"], jmsg["content"],
+                                         tuple(jmsg.get("buffers") or ())))
+
+        # Buffers arrive as framing.Chunks; a Jupyter message needs plain bytes.
+        buffers = [b.join() if isinstance(b, Chunks) else b for b in msg.buffers]
         try:
-            reply = await worker.request(msg.msg_type, msg.content, buffers=list(msg.buffers) or None)
+            reply = await worker.request(msg.msg_type, msg.content, on_iopub, buffers=buffers or None)
         except WorkerDied as exc:
             await self._deliver(m.Error(msg.req, m.ErrorCode.WORKER_DIED, str(exc)))
             return

@@ -257,7 +257,7 @@ class Worker:
         self._pending[msg_id] = pending
         try:
             self._kc.session.send(self._kc.shell_channel.socket, msg, buffers=buffers)
-            if msg_type.startswith("comm_"):
+            if msg_type in ("comm_open", "comm_msg", "comm_close"):  # no shell reply
                 await pending.idle
                 return {}
             reply = await pending.reply

@@ -1,0 +1,427 @@
+"""The "Remote GPU" Jupyter kernel: every cell runs on a leased GPU.
+
+Started by Jupyter as ``python -m remote_gpu_kernel.kernel -f CONNECTION``
+(see :mod:`.kernelspec`), it speaks the Jupyter protocol to the notebook and
+forwards each cell to a remote worker through :class:`AsyncSession`, on the
+kernel's own asyncio loop. What the worker publishes (streams, displays,
+results, errors, comm traffic, ``input_request``) is re-published on this
+kernel's IOPub socket under the notebook's own request, so the notebook
+cannot tell the difference from a local IPython kernel.
+
+* The GPU is leased at the first cell that needs it (see
+  :mod:`.kernel_remote`); the queue position is shown in place.
+* Interrupts (SIGINT, which is how ipykernel delivers both
+  ``interrupt_mode``\\ s) interrupt the remote cell, or withdraw a lease that
+  still waits in the queue, or interrupt a ``%%local`` cell.
+* Restart and shutdown release the lease; a restarted kernel leases anew.
+* ``%%local`` cells and ``%gpu push/pull`` are described in
+  :mod:`.kernel_cells` and :mod:`.kernel_local`.
+* A dropped connection is reported in the running cell; the next cell
+  reconnects to the same session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import platform
+import signal
+import sys
+import uuid
+from typing import Any
+
+from ipykernel.kernelbase import Kernel
+
+from . import __version__
+from .client import AsyncSession
+from .errors import ConnectionLost, RemoteGpuError
+from .kernel_cells import Cell, CellKind, CellSyntaxError, GpuCommand, parse_cell
+from .kernel_history import History
+from .kernel_local import LocalNamespace
+from .kernel_remote import RemoteLease
+from .protocol import messages as m
+
+__all__ = ["LOCAL_LANGUAGE_INFO", "RemoteGpuKernel", "main"]
+
+#: Shown until a lease says what the remote Python is.
+LOCAL_LANGUAGE_INFO: dict[str, Any] = {
+    "name": "python",
+    "version": platform.python_version(),
+    "mimetype": "text/x-python",
+    "codemirror_mode": {"name": "ipython", "version": 3},
+    "pygments_lexer": "ipython3",
+    "nbconvert_exporter": "python",
+    "file_extension": ".py",
+}
+
+#: Worker messages that this kernel publishes itself, or that mean nothing here.
+_NOT_FORWARDED = frozenset({"status", "execute_input", "input_request"})
+#: How long shutdown waits for the lease to be given back.
+RELEASE_TIMEOUT = 10.0
+
+
+def _red(text: str) -> str:
+    return f"\x1b[0;31m{text}\x1b[0m"
+
+
+class _Cell:
+    """Publishes on IOPub as replies to one request, whatever task runs."""
+
+    def __init__(self, kernel: RemoteGpuKernel, parent: dict[str, Any]) -> None:
+        self.kernel = kernel
+        self.parent = parent
+        self._display_id = f"rgpu-lease-{uuid.uuid4().hex}"
+        self._shown = False
+
+    def send(self, msg_type: str, content: dict[str, Any], buffers: Any = None) -> None:
+        k = self.kernel
+        k.session.send(k.iopub_socket, msg_type, content, self.parent,
+                       ident=k._topic(msg_type), buffers=list(buffers) if buffers else None)
+
+    def stream(self, text: str, name: str = "stderr") -> None:
+        self.send("stream", {"name": name, "text": text})
+
+    def error(self, ename: str, evalue: str, traceback: list[str] | None = None) -> dict[str, Any]:
+        """Publish an error; return the matching ``execute_reply`` content."""
+        content = {"ename": ename, "evalue": evalue,
+                   "traceback": traceback or [f"{_red(ename)}: {evalue}"]}
+        self.send("error", content)
+        return {"status": "error", "execution_count": self.kernel.execution_count, **content}
+
+    # LeaseReporter: one line, updated in place.
+    def _line(self, text: str) -> None:
+        content = {"data": {"text/plain": text}, "metadata": {},
+                   "transient": {"display_id": self._display_id}}
+        self.send("update_display_data" if self._shown else "display_data", content)
+        self._shown = True
+
+    def queued(self, position: int) -> None:
+        self._line(f"Remote GPU: waiting for a GPU, number {position} in the queue")
+
+    def granted(self, session: AsyncSession, url: str) -> None:
+        waited = f", waited {session.waited:.1f} s" if session.waited >= 0.1 else ""
+        self._line(f"Remote GPU: leased {', '.join(session.slots)} from {url} "
+                   f"(session {session.id[:8]}{waited})")
+
+    def resumed(self, session: AsyncSession, url: str) -> None:
+        self._line(f"Remote GPU: reconnected to session {session.id[:8]} on "
+                   f"{', '.join(session.slots)}; its variables are kept")
+
+    def notice(self, text: str) -> None:
+        self.stream(f"Remote GPU: {text}\n")
+
+
+class RemoteGpuKernel(Kernel):  # type: ignore[misc]
+    """See the module docstring. Jupyter makes it through IPKernelApp."""
+
+    implementation = "remote_gpu_kernel"
+    implementation_version = __version__
+    language_info = LOCAL_LANGUAGE_INFO
+    banner = (f"Remote GPU kernel {__version__}: cells run on a GPU leased from a remote-gpu "
+              "server at the first cell that needs one. %%local runs a cell here; "
+              "%gpu push/pull NAME moves variables; %gpu status; %gpu release.")
+    help_links = [{"text": "remote-gpu-kernel", "url": "https://github.com/remote-gpu-kernel"}]
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        for msg_type in ("comm_open", "comm_msg", "comm_close"):
+            self.shell_handlers[msg_type] = self._comm_request
+        self.remote = RemoteLease()
+        self.local = LocalNamespace(self.session, self.iopub_socket, self._topic)
+        self.history = History()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lease_task: asyncio.Task[AsyncSession] | None = None
+        self._remote_running: AsyncSession | None = None
+        self._local_running = False
+        self._stdin: Any = None
+
+    # -- process ------------------------------------------------------------
+
+    def start(self) -> None:
+        super().start()
+        self._loop = asyncio.get_event_loop()
+        signal.signal(signal.SIGINT, self._on_sigint)
+
+    def pre_handler_hook(self) -> None:
+        """SIGINT stays with :meth:`_on_sigint` (ipykernel would install its own)."""
+
+    def post_handler_hook(self) -> None:
+        """See :meth:`pre_handler_hook`."""
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        if self._local_running:
+            raise KeyboardInterrupt
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._interrupt)
+
+    def _interrupt(self) -> None:
+        if self._lease_task is not None and not self._lease_task.done():
+            self._lease_task.cancel()
+        elif self._remote_running is not None:
+            self._loop.create_task(self._remote_running.interrupt())  # type: ignore[union-attr]
+
+    @property
+    def kernel_info(self) -> dict[str, Any]:
+        info: dict[str, Any] = super().kernel_info
+        info["language_info"] = self.remote.language_info or LOCAL_LANGUAGE_INFO
+        info["supported_features"] = []
+        return info
+
+    # -- execute ------------------------------------------------------------
+
+    async def do_execute(self, code: str, silent: bool, store_history: bool = True,
+                         user_expressions: dict[str, Any] | None = None, allow_stdin: bool = False,
+                         *, cell_meta: dict[str, Any] | None = None,
+                         cell_id: str | None = None) -> dict[str, Any]:
+        cell = _Cell(self, self.get_parent("shell"))
+        if store_history and not silent:
+            self.history.append(self.execution_count, code)
+        try:
+            parsed = parse_cell(code)
+        except CellSyntaxError as exc:
+            return cell.error("UsageError", str(exc))
+        if parsed.kind is CellKind.LOCAL:
+            return self._run_local(parsed, cell, silent, store_history)
+        for command in parsed.commands:
+            failed = await self._run_command(command, cell)
+            if failed is not None:
+                return failed
+        if parsed.has_body:
+            reply = await self._run_remote(parsed.body, cell, silent, store_history, allow_stdin)
+            if reply["status"] != "ok":
+                return reply
+        for command in parsed.after:
+            failed = await self._run_command(command, cell)
+            if failed is not None:
+                return failed
+        return self._ok()
+
+    def _ok(self) -> dict[str, Any]:
+        return {"status": "ok", "execution_count": self.execution_count, "payload": [],
+                "user_expressions": {}}
+
+    async def _session(self, cell: _Cell) -> AsyncSession | dict[str, Any]:
+        """The leased session, or the reply of a cell that could not get one."""
+        self._lease_task = asyncio.ensure_future(self.remote.acquire(cell))
+        try:
+            return await self._lease_task
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                raise
+            return cell.error("KeyboardInterrupt", "interrupted while waiting for a GPU; "
+                              "nothing ran and the request left the queue")
+        except RemoteGpuError as exc:
+            return cell.error(type(exc).__name__, str(exc))
+        finally:
+            self._lease_task = None
+
+    async def _run_remote(self, code: str, cell: _Cell, silent: bool, store_history: bool,
+                          allow_stdin: bool) -> dict[str, Any]:
+        session = await self._session(cell)
+        if isinstance(session, dict):
+            return session
+        ident = self._parent_ident["shell"]
+        inputs: set[asyncio.Task[None]] = set()
+
+        def on_output(msg: m.Output) -> None:
+            if msg.msg_type == "input_request":
+                task = asyncio.ensure_future(self._forward_input(session, msg.content, cell.parent, ident))
+                inputs.add(task)
+                return
+            if msg.msg_type in _NOT_FORWARDED:
+                return
+            content = msg.content
+            if msg.msg_type == "execute_result":
+                content = {**content, "execution_count": self.execution_count}
+            cell.send(msg.msg_type, content, msg.buffers)
+
+        self._remote_running = session
+        try:
+            result = await session.execute(code, on_output, silent=silent, store_history=store_history,
+                                           allow_stdin=allow_stdin, on_notice=cell.notice)
+        except ConnectionLost as exc:
+            return cell.error("ConnectionLost", (
+                f"{exc}. The cell may still be running on the server, and what it prints from now "
+                "on is not shown here. The next cell reconnects to the same GPU session; its "
+                "variables are kept if the server still holds it (within its --grace period)."))
+        except RemoteGpuError as exc:
+            return cell.error(type(exc).__name__, str(exc))
+        finally:
+            self._remote_running = None
+            for task in inputs:
+                task.cancel()
+        if result.error is not None:
+            return {"status": "error", "execution_count": self.execution_count,
+                    "ename": result.error.ename, "evalue": result.error.evalue,
+                    "traceback": result.error.traceback}
+        if result.status == "aborted":
+            return {"status": "aborted", "execution_count": self.execution_count}
+        return self._ok()
+
+    async def _forward_input(self, session: AsyncSession, content: dict[str, Any],
+                             parent: dict[str, Any], ident: Any) -> None:
+        """Ask the notebook for the remote ``input()``'s answer and send it back."""
+        value = await self._ask_frontend(str(content.get("prompt", "")), bool(content.get("password")),
+                                         parent, ident)
+        await session.send_input(value)
+
+    async def _ask_frontend(self, prompt: str, password: bool, parent: dict[str, Any],
+                            ident: Any) -> str:
+        import zmq
+        import zmq.asyncio
+
+        if self._stdin is None:
+            self._stdin = zmq.asyncio.Socket.from_socket(self.stdin_socket)
+        while True:  # stale replies of earlier, interrupted requests
+            try:
+                self.stdin_socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+        self.session.send(self.stdin_socket, "input_request",
+                          {"prompt": prompt, "password": password}, parent, ident=ident)
+        while True:
+            frames = await self._stdin.recv_multipart()
+            _, msg_list = self.session.feed_identities(frames)
+            reply = self.session.deserialize(msg_list)
+            if reply["msg_type"] == "input_reply":
+                return str(reply["content"].get("value", ""))
+
+    def _run_local(self, cell_def: Cell, cell: _Cell, silent: bool, store_history: bool) -> dict[str, Any]:
+        self._local_running = True
+        try:
+            result = self.local.run(cell_def.body, cell.parent, self.execution_count, silent=silent,
+                                    store_history=store_history, on_error=cell.error)
+        finally:
+            self._local_running = False
+        if result.ok:
+            return self._ok()
+        return {"status": "error", "execution_count": self.execution_count, "ename": result.ename,
+                "evalue": result.evalue, "traceback": result.traceback}
+
+    async def _run_command(self, command: GpuCommand, cell: _Cell) -> dict[str, Any] | None:
+        """Run one ``%gpu`` line; the error reply if it failed, else None."""
+        if command.name == "status":
+            session = self.remote.session
+            if session is None:
+                cell.stream("Remote GPU: no GPU leased; the next cell that needs one leases it\n",
+                            "stdout")
+            else:
+                state = "connected" if session.connected else "disconnected"
+                cell.stream(f"Remote GPU: session {session.id[:8]} on {', '.join(session.slots)} "
+                            f"from {self.remote.url} ({state})\n", "stdout")
+            return None
+        if command.name == "release":
+            await self.remote.release()
+            cell.stream("Remote GPU: released the GPU; its variables are gone\n", "stdout")
+            return None
+        session = await self._session(cell)
+        if isinstance(session, dict):
+            return session
+        try:
+            if command.name == "push":
+                missing = [n for n in command.args if n not in self.local.user_ns]
+                if missing:
+                    return cell.error("NameError", f"name {missing[0]!r} is not defined in the local "
+                                      "namespace (define it in a %%local cell)")
+                await session.push(**{n: self.local.user_ns[n] for n in command.args})
+            else:
+                self.local.user_ns.update(await session.pull(*command.args))
+        except RemoteGpuError as exc:
+            ename = getattr(exc, "ename", type(exc).__name__)
+            return cell.error(ename, getattr(exc, "evalue", str(exc)))
+        except TypeError as exc:
+            return cell.error(type(exc).__name__, str(exc))
+        return None
+
+    # -- other requests -----------------------------------------------------
+
+    async def do_complete(self, code: str, cursor_pos: int) -> dict[str, Any]:
+        session = self.remote.usable
+        if session is None or parse_cell_is_local(code):
+            return self.local.complete(code, cursor_pos)
+        reply = await session.shell_request("complete_request", {"code": code, "cursor_pos": cursor_pos})
+        return reply.content
+
+    async def do_inspect(self, code: str, cursor_pos: int, detail_level: int = 0,
+                         omit_sections: Any = ()) -> dict[str, Any]:
+        session = self.remote.usable
+        if session is None or parse_cell_is_local(code):
+            return self.local.inspect(code, cursor_pos, detail_level)
+        reply = await session.shell_request("inspect_request", {
+            "code": code, "cursor_pos": cursor_pos, "detail_level": detail_level})
+        return reply.content
+
+    async def do_is_complete(self, code: str) -> dict[str, Any]:
+        from IPython.core.inputtransformer2 import TransformerManager
+
+        status, indent = TransformerManager().check_complete(code)
+        reply: dict[str, Any] = {"status": status}
+        if status == "incomplete":
+            reply["indent"] = " " * (indent or 0)
+        return reply
+
+    async def do_history(self, hist_access_type: str, output: bool, raw: bool, session: int | None = None,
+                         start: int | None = None, stop: int | None = None, n: int | None = None,
+                         pattern: str | None = None, unique: bool = False) -> dict[str, Any]:
+        return {"status": "ok",
+                "history": self.history.query(hist_access_type, output, start, stop, n, pattern, unique)}
+
+    async def comm_info_request(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
+        content: dict[str, Any] = {"comms": {}, "status": "ok"}
+        session = self.remote.usable
+        if session is not None:
+            try:
+                content = (await session.shell_request("comm_info_request", parent["content"])).content
+            except RemoteGpuError:
+                self.log.warning("comm_info_request failed", exc_info=True)
+        self.session.send(stream, "comm_info_reply", content, parent, ident)
+
+    async def _comm_request(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
+        """Forward a comm message from the notebook to the worker's comm."""
+        msg_type, content = parent["header"]["msg_type"], dict(parent["content"])
+        cell = _Cell(self, parent)
+        session = self.remote.usable
+        if session is None:
+            if msg_type == "comm_open":  # as ipykernel answers an unknown target
+                cell.send("comm_close", {"comm_id": content.get("comm_id"), "data": {}})
+            return
+        buffers = tuple(bytes(b) for b in parent.get("buffers") or ())
+
+        def on_output(msg: m.Output) -> None:
+            if msg.msg_type not in _NOT_FORWARDED:
+                cell.send(msg.msg_type, msg.content, msg.buffers)
+
+        try:
+            await session.shell_request(msg_type, content, buffers=buffers, on_output=on_output)
+        except RemoteGpuError:
+            self.log.warning("could not forward %s to the GPU worker", msg_type, exc_info=True)
+
+    async def do_shutdown(self, restart: bool) -> dict[str, Any]:
+        """Give the GPU back; runs on the control thread, the session lives on the main loop."""
+        loop = self._loop
+        if loop is not None and loop.is_running():
+            future = asyncio.run_coroutine_threadsafe(self.remote.release(), loop)
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(future), RELEASE_TIMEOUT)
+            except Exception:
+                self.log.warning("could not release the GPU lease at shutdown", exc_info=True)
+        return {"status": "ok", "restart": restart}
+
+
+def parse_cell_is_local(code: str) -> bool:
+    """Whether ``code`` is a ``%%local`` cell (malformed ``%gpu`` lines count as remote)."""
+    try:
+        return parse_cell(code).kind is CellKind.LOCAL
+    except CellSyntaxError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the kernel as Jupyter starts it: ``-f CONNECTION_FILE``."""
+    from ipykernel.kernelapp import IPKernelApp
+
+    IPKernelApp.launch_instance(argv=sys.argv[1:] if argv is None else argv,
+                                kernel_class=RemoteGpuKernel)
+
+
+if __name__ == "__main__":
+    main()

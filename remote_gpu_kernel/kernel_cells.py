@@ -1,0 +1,115 @@
+"""How the Remote GPU kernel reads a cell: pure functions, no I/O.
+
+A cell is one of three things:
+
+* ``%%local`` on its first line: the rest runs in the kernel's own process,
+  in the local namespace; nothing is leased.
+* ``%gpu COMMAND ARGS`` lines at the top or the bottom of a cell: commands
+  for the kernel itself (``push NAME...``, ``pull NAME...``, ``status``,
+  ``release``). Those at the top run in order before the rest of the cell,
+  which (if any) runs remotely; those at the bottom run after it, if it
+  succeeded.
+* anything else: runs on the leased GPU, unchanged.
+
+Blank lines and comment lines before the first ``%gpu`` line or ``%%local``
+are allowed. :func:`parse_cell` raises :class:`CellSyntaxError` with a
+message meant for the user when a ``%gpu`` line is malformed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+__all__ = ["COMMANDS", "Cell", "CellKind", "CellSyntaxError", "GpuCommand", "parse_cell"]
+
+#: ``%gpu`` commands and whether they take variable names.
+COMMANDS: dict[str, bool] = {"push": True, "pull": True, "status": False, "release": False}
+
+_USAGE = (
+    "usage: %gpu push NAME [NAME ...] | %gpu pull NAME [NAME ...] | %gpu status | %gpu release"
+)
+
+
+class CellSyntaxError(ValueError):
+    """A ``%gpu`` line the kernel cannot run; the message says how to fix it."""
+
+
+class CellKind(str, enum.Enum):
+    REMOTE = "remote"
+    LOCAL = "local"
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuCommand:
+    """One ``%gpu`` line: ``name`` is a key of :data:`COMMANDS`."""
+
+    name: str
+    args: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    """A parsed cell: ``commands`` run first, then ``body`` where ``kind`` says, then ``after``."""
+
+    kind: CellKind
+    body: str
+    commands: tuple[GpuCommand, ...] = ()
+    after: tuple[GpuCommand, ...] = ()
+
+    @property
+    def has_body(self) -> bool:
+        return bool(self.body.strip())
+
+
+def _parse_command(line: str) -> GpuCommand:
+    words = line.split()[1:]
+    if not words:
+        raise CellSyntaxError(_USAGE)
+    name, args = words[0], tuple(words[1:])
+    if name not in COMMANDS:
+        raise CellSyntaxError(f"%gpu {name}: unknown command; {_USAGE}")
+    takes_names = COMMANDS[name]
+    if takes_names and not args:
+        raise CellSyntaxError(f"%gpu {name} needs at least one variable name; {_USAGE}")
+    if not takes_names and args:
+        raise CellSyntaxError(f"%gpu {name} takes no arguments; {_USAGE}")
+    for arg in args:
+        if not arg.isidentifier():
+            raise CellSyntaxError(f"%gpu {name}: {arg!r} is not a variable name")
+    return GpuCommand(name, args)
+
+
+def _is_command(line: str) -> bool:
+    stripped = line.strip()
+    return stripped == "%gpu" or stripped.startswith("%gpu ")
+
+
+def parse_cell(code: str) -> Cell:
+    """Split ``code`` into kernel commands and a body; see the module docstring."""
+    lines = code.splitlines(keepends=True)
+    commands: list[GpuCommand] = []
+    index = len(lines)
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if not stripped or (stripped.startswith("#") and not commands):
+            continue
+        if stripped.startswith("%%local") and not commands:
+            head = stripped.split()
+            if head[0] != "%%local":
+                index = i
+                break
+            if len(head) > 1:
+                raise CellSyntaxError("%%local takes no arguments: put the code on the next lines")
+            return Cell(CellKind.LOCAL, "".join(lines[i + 1 :]))
+        if _is_command(stripped):
+            commands.append(_parse_command(stripped))
+            continue
+        index = i
+        break
+    rest = lines[index:] if commands else lines
+    end = len(rest)
+    while end > 0 and (not rest[end - 1].strip() or _is_command(rest[end - 1])):
+        end -= 1
+    after = tuple(_parse_command(line.strip()) for line in rest[end:] if line.strip())
+    return Cell(CellKind.REMOTE, "".join(rest[:end]), tuple(commands), after)

@@ -1,0 +1,122 @@
+"""The Remote GPU kernel's hold on its GPU: lease lazily, resume after drops.
+
+:class:`RemoteLease` keeps at most one :class:`AsyncSession`. The first
+cell that needs the GPU calls :meth:`RemoteLease.acquire`, which leases one
+and, while the request waits in the server's queue, reports the position
+through a :class:`LeaseReporter`. Afterwards :meth:`acquire` hands back the
+same session, and when its connection dropped it reconnects with
+``resume=<session id>``: the server gives the same worker and variables back
+within its grace period, or says that the session is gone (a notice) and a
+new one is leased. A session the server released (idle timeout) is replaced
+the same way. All methods run on the kernel's main event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+from .client import AsyncClient, AsyncSession
+from .errors import AuthenticationError
+
+__all__ = ["LeaseReporter", "RemoteLease"]
+
+log = logging.getLogger("remote_gpu_kernel")
+
+
+class LeaseReporter(Protocol):
+    """Where :meth:`RemoteLease.acquire` tells the cell what happens."""
+
+    def queued(self, position: int) -> None: ...
+
+    def granted(self, session: AsyncSession, url: str) -> None: ...
+
+    def resumed(self, session: AsyncSession, url: str) -> None: ...
+
+    def notice(self, text: str) -> None: ...
+
+
+class RemoteLease:
+    """The kernel's current session, if any; see the module docstring."""
+
+    def __init__(self, url: str | None = None, token: str | None = None) -> None:
+        self._url = url
+        self._token = token
+        self._client: AsyncClient | None = None
+        self.session: AsyncSession | None = None
+
+    @property
+    def client(self) -> AsyncClient:
+        """The client, made on first use (it reads RGPU_URL/RGPU_TOKEN then)."""
+        if self._client is None:
+            self._client = AsyncClient(self._url, self._token)
+        return self._client
+
+    @property
+    def url(self) -> str:
+        return self.client.url
+
+    @property
+    def usable(self) -> AsyncSession | None:
+        """The session if it is leased and connected now; never leases."""
+        session = self.session
+        if session is not None and session.connected and not session.released:
+            return session
+        return None
+
+    @property
+    def language_info(self) -> dict[str, Any]:
+        return dict(self.session.language_info) if self.session is not None else {}
+
+    async def acquire(self, report: LeaseReporter) -> AsyncSession:
+        """The leased session, leasing or reconnecting first where needed.
+
+        Raises what :meth:`AsyncClient.open_session` raises: ConnectionLost
+        when the server cannot be reached, AuthenticationError without a
+        valid token, LeaseError when no lease can be granted. Cancelling it
+        while it waits in the queue withdraws the request.
+        """
+        session = self.session
+        if session is not None and session.released:
+            report.notice(f"The GPU session was released ({session.released}): leasing a new one; "
+                          "the variables of the old one are gone.")
+            await self._drop()
+            session = None
+        if session is not None and not session.connected:
+            old = session.id
+            await self._drop()
+            fresh = await self._open(report, resume=old)
+            if fresh.resumed:
+                report.resumed(fresh, self.url)
+            else:
+                report.granted(fresh, self.url)
+            return fresh
+        if session is None:
+            session = await self._open(report)
+            report.granted(session, self.url)
+        return session
+
+    async def _open(self, report: LeaseReporter, resume: str | None = None) -> AsyncSession:
+        client = self.client
+        if not client.token:
+            raise AuthenticationError(
+                f"no token for the GPU server at {client.url}: set RGPU_TOKEN in the kernel's "
+                "environment or run 'rgpu login URL TOKEN', then run the cell again"
+            )
+        self.session = await client.open_session(resume=resume, on_queue=report.queued,
+                                                 on_notice=report.notice)
+        return self.session
+
+    async def _drop(self) -> None:
+        session, self.session = self.session, None
+        if session is not None:
+            try:
+                await session.close()
+            except Exception:
+                log.debug("closing a dead session's connection failed", exc_info=True)
+
+    async def release(self) -> None:
+        """Give the GPU back (the worker and its variables go); safe to call twice."""
+        session, self.session = self.session, None
+        if session is not None:
+            await session.release()

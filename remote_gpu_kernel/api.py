@@ -141,7 +141,7 @@ class ApiClient:
                 ws.send(json.dumps({k: v for k, v in job.items() if v is not None}))
                 answer = json.loads(ws.recv(timeout=self.timeout))
         except InvalidStatus as exc:
-            message = _error_message(exc.response.body, exc.response.reason_phrase)
+            message = _error_message(bytes(exc.response.body), exc.response.reason_phrase)
             if exc.response.status_code == 401:
                 raise AuthenticationError(f"the server refused the token: {message}") from None
             raise ApiError(message, exc.response.status_code) from None

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .cli_jobs import add_job_commands
 from .config import ClientConfig, config_path, save_client_config
 
 __all__ = ["main"]
@@ -242,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--display-name", help='the name JupyterLab shows (default "Remote GPU")')
     c.add_argument("--url", help="the GPU server's URL, written into the spec as RGPU_URL")
     p.set_defaults(func=cmd_kernel)
+    add_job_commands(sub)
     return parser
 
 

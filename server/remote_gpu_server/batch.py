@@ -33,7 +33,9 @@ from typing import TYPE_CHECKING, Any, cast
 from remote_gpu_kernel.errors import WorkerDied
 from remote_gpu_kernel.typing import JobId, SessionId, SlotId
 
+from .errors import StoreError
 from .scheduler import DEFAULT_POOL, PRIORITIES, LeaseRequestEntry
+from .store import BatchSpec, Store
 from .worker import Worker
 
 if TYPE_CHECKING:
@@ -108,7 +110,7 @@ class RunningJob:
     session: SessionId
     slots: tuple[SlotId, ...]
     since: float  # time.time()
-    worker: Worker
+    worker: Worker | None = None  # None while it starts
     ending: str | None = None  # "cancelled" or "timed_out" once it is being stopped
     reason: str | None = None
     task: asyncio.Task[dict[str, Any]] | None = None  # the script's execution
@@ -136,8 +138,14 @@ class BatchRunner:
         self._closing = False
 
     @property
-    def store(self) -> Any:
+    def store(self) -> Store:
         return self.server.store
+
+    def _spec(self, job: JobId) -> BatchSpec:
+        spec = self.store.batch_spec(job)
+        if spec is None:
+            raise StoreError(f"job {job} is not a batch job")
+        return spec
 
     # -- reading ------------------------------------------------------------
 
@@ -171,7 +179,7 @@ class BatchRunner:
 
     def recover(self) -> list[JobId]:
         """Queue again, oldest first, the batch jobs an earlier server left."""
-        jobs: list[JobId] = self.store.recover_batch_jobs(
+        jobs = self.store.recover_batch_jobs(
             "the server stopped while this job was running")
         for job in jobs:
             self._start(job)
@@ -189,7 +197,7 @@ class BatchRunner:
         returns once its slots are back.
         """
         run = self._running.get(job)
-        if run is not None:
+        if run is not None and run.worker is not None:
             await self._stop(run, "cancelled", reason)
             await run.done.wait()
             return True
@@ -206,7 +214,7 @@ class BatchRunner:
         return True
 
     async def _stop(self, run: RunningJob, state: str, reason: str) -> None:
-        if run.ending is not None:
+        if run.ending is not None or run.worker is None:
             return
         run.ending, run.reason = state, reason
         await run.worker.interrupt()
@@ -234,7 +242,7 @@ class BatchRunner:
     async def _run(self, job: JobId) -> None:
         try:
             while await self._attempt(job):
-                spec = self.store.batch_spec(job)
+                spec = self._spec(job)
                 delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (spec.attempt - 1))
                 log.info("batch job %d: retrying in %g s", job, delay)
                 await asyncio.sleep(delay)
@@ -259,9 +267,10 @@ class BatchRunner:
     async def _attempt(self, job: JobId) -> bool:
         """Run one attempt of ``job``; True if it should be retried."""
         record = self.store.job(job)
-        spec = self.store.batch_spec(job)
+        spec = self._spec(job)
         try:
-            slots = await self._lease(job, record.user, spec.gpus, spec.priority, spec.pool)
+            slots = await self._lease(job, record.user, spec.gpus, spec.priority,
+                                     spec.pool or DEFAULT_POOL)
         except ValueError as exc:
             self.store.finish_job(job, "failed", f"the lease was refused: {exc}")
             return False
@@ -269,20 +278,23 @@ class BatchRunner:
         session = SessionId(uuid.uuid4().hex)
         self.store.create_session(session, record.user, list(slots))
         attempt = self.store.start_attempt(job, session, list(slots))
+        run = RunningJob(job, record.user, attempt, session, slots, time.time())
+        self._running[job] = run
         try:
             worker = await server.pool.take(list(slots))
         except asyncio.CancelledError:
+            self._running.pop(job, None)
             if not self._closing:
                 self.store.finish_attempt(job, attempt, "cancelled", "cancelled while starting")
                 self.store.release_session(session, "cancelled while its worker started")
                 await server.free_slots(slots)
             raise
         except Exception as exc:
+            self._running.pop(job, None)
             self.store.release_session(session, "its worker failed to start")
             await server.free_slots(slots)
             return self._retry_or_fail(job, attempt, spec.retries, f"its worker failed to start: {exc}")
-        run = RunningJob(job, record.user, attempt, session, slots, time.time(), worker)
-        self._running[job] = run
+        run.worker = worker
         log.info("batch job %d attempt %d runs on %s", job, attempt, ",".join(slots))
         try:
             state, error = await self._execute(run, record.code, spec.timeout)
@@ -315,6 +327,7 @@ class BatchRunner:
 
     async def _execute(self, run: RunningJob, code: str, timeout: float | None) -> tuple[str, str | None]:
         """Run the script; returns ``(state, error)``, state ``worker_died`` for a retry."""
+        assert run.worker is not None
         store, job = self.store, run.job
         seq = store.last_output_seq(job)
 

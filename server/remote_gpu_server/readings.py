@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -210,10 +211,8 @@ class Readings:
 
     def _gpu_reader(self) -> _NvmlReader | None:
         if self._nvml is None and any(s.kind == "gpu" for s in self.slots):
-            module = self._nvml_module
-            if module is None:
-                import pynvml as module
             try:
+                module = self._nvml_module or importlib.import_module("pynvml")
                 self._nvml = _NvmlReader(module)
             except Exception as exc:
                 log.warning("NVML unavailable, GPU readings are off: %s", exc)

@@ -1,0 +1,111 @@
+"""The ``rgpu`` job and status commands against a real server."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from remote_gpu_kernel.api import ApiClient
+from remote_gpu_kernel.cli import main
+from servers import ServerProcess
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, str]]:
+    proc = ServerProcess(tmp_path_factory.mktemp("cli"), "cpu:1", "--price-per-gpu-hour", "2")
+    token = proc.token("alice")
+    proc.start()
+    yield proc, token
+    proc.stop()
+
+
+@pytest.fixture
+def rgpu(served: tuple[ServerProcess, str], monkeypatch: pytest.MonkeyPatch,
+         tmp_path: Path, capsys: pytest.CaptureFixture[str]):  # type: ignore[no-untyped-def]
+    """``rgpu(*argv)`` → ``(exit status, stdout, stderr)`` with the server in the environment."""
+    server, token = served
+    monkeypatch.setenv("RGPU_URL", server.url)
+    monkeypatch.setenv("RGPU_TOKEN", token)
+    monkeypatch.setenv("RGPU_CONFIG", str(tmp_path / "client.json"))
+    monkeypatch.setenv("COLUMNS", "200")
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = main(list(argv))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+def script(tmp_path: Path, text: str, name: str = "job.py") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_submit_follow_job_and_jobs(rgpu, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    code, out, err = rgpu("submit", script(tmp_path, "for i in range(3):\n    print('tick', i)\n"),
+                          "--retries", "1", "--timeout", "60")
+    assert code == 0 and out.strip().isdigit()
+    job = out.strip()
+    assert f"rgpu logs {job} --follow" in err
+    code, out, _ = rgpu("logs", job, "--follow", "--poll", "0.2")
+    assert code == 0 and out == "tick 0\ntick 1\ntick 2\n"
+    code, out, _ = rgpu("logs", job)
+    assert out == "tick 0\ntick 1\ntick 2\n"
+    code, out, _ = rgpu("job", job)
+    assert code == 0 and "completed" in out and "job.py" in out and "GPU-seconds" in out
+    code, out, _ = rgpu("jobs", "--state", "completed")
+    assert code == 0 and f"│ {job} " in out and "alice" in out
+
+
+def test_logs_follow_of_a_failing_job_exits_1(rgpu, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _, out, _ = rgpu("submit", script(tmp_path, "print('before')\nraise RuntimeError('boom')\n"))
+    code, out, err = rgpu("logs", out.strip(), "-f", "--poll", "0.2")
+    assert code == 1 and "before" in out and "RuntimeError" in out
+    assert "ended failed: RuntimeError: boom" in err
+
+
+def test_cancel_status_top_and_usage(rgpu, served, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _, out, _ = rgpu("submit", script(tmp_path, "import time\ntime.sleep(300)\n", "sleepy.py"))
+    job = out.strip()
+    api = ApiClient(served[0].url, served[1])
+    deadline = time.monotonic() + 60
+    while api.job(int(job))["state"] != "running":
+        assert time.monotonic() < deadline, "the job never ran"
+        time.sleep(0.2)
+    _, queued, _ = rgpu("submit", script(tmp_path, "print(1)"), "--priority", "low")
+    time.sleep(0.3)
+    code, out, _ = rgpu("status")
+    assert code == 0 and "cpu0" in out and f"alice (you) job {job}" in out
+    assert "queue" in out and "low" in out
+    code, out, _ = rgpu("top", "--interval", "0.1", "-n", "2")
+    assert code == 0 and "cpu0" in out
+    code, out, _ = rgpu("cancel", queued.strip())
+    assert code == 0 and out.strip() == f"job {queued.strip()} cancelled"
+    code, out, _ = rgpu("cancel", job)
+    assert code == 0 and out.strip() == f"job {job} cancelled"
+    code, out, err = rgpu("cancel", job)
+    assert code == 1 and "already ended" in err
+    code, out, _ = rgpu("status")
+    assert "nobody is waiting" in out
+    code, out, _ = rgpu("usage")
+    assert code == 0 and "alice (you)" in out and "at 2 per GPU-hour" in out and "cost" in out
+
+
+def test_errors_are_one_line_and_exit_1(rgpu, monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+                                        tmp_path: Path) -> None:
+    code, _, err = rgpu("submit", str(tmp_path / "missing.py"))
+    assert code == 1 and "cannot read" in err
+    code, _, err = rgpu("job", "999999")
+    assert code == 1 and "no job 999999" in err
+    monkeypatch.setenv("RGPU_TOKEN", "rgpu_wrong")
+    code, _, err = rgpu("status")
+    assert code == 1 and "refused the token" in err and err.count("\n") == 1
+    code, _, err = rgpu("submit", script(tmp_path, "print(1)"))
+    assert code == 1 and "refused the token" in err
+    code, _, err = rgpu("jobs", "--url", "ws://127.0.0.1:9")
+    assert code == 1 and "cannot reach" in err

@@ -168,8 +168,14 @@ class BatchRunner:
     def submit(self, user: str, request: JobRequest) -> JobId:
         """Store a new job and queue it; raise ValueError if it can never run."""
         slots = len(self.server.slots)
+        pools = {p.name: len(p.slots) for p in getattr(self.server.scheduler, "pools", ())}
+        if pools:
+            if request.pool not in pools:
+                raise ValueError(f"there is no pool {request.pool!r}; pools: {', '.join(pools)}")
+            slots = pools[request.pool]
         if request.gpus > slots:
-            raise ValueError(f"this server has {slots} slot(s); a job of {request.gpus} can never run")
+            raise ValueError(f"pool {request.pool!r} has {slots} slot(s); "
+                             f"a job of {request.gpus} can never run")
         job = self.store.create_batch_job(user, request.code, request.name, request.gpus,
                                           request.priority, request.pool, request.timeout,
                                           request.retries)

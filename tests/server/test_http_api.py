@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -129,6 +130,8 @@ def test_submit_refuses_bad_jobs(users: Users) -> None:
         users.alice.submit("print(1)", gpus=3)
     with pytest.raises(ApiError, match="priority"):
         users.alice.submit("print(1)", priority="urgent")
+    with pytest.raises(ApiError, match="no pool 'nowhere'"):
+        users.alice.submit("print(1)", pool="nowhere")
     with pytest.raises(AuthenticationError):
         ApiClient(users.server.url, "rgpu_wrong").submit("print(1)")
 
@@ -191,6 +194,28 @@ def test_visibility_of_leases_queue_and_jobs(users: Users) -> None:
         assert "".join(o["text"] for o in out["outputs"]) == "bob was here\n" and out["done"]
     finally:
         alice_session.close()
+
+
+def test_cancel_a_running_cell(users: Users) -> None:
+    session = Client(users.server.url, users.alice.token).session()
+    results: list[Any] = []
+    runner = threading.Thread(target=lambda: results.append(
+        session.execute("import time; time.sleep(120)", on_output=lambda _: None)))
+    runner.start()
+    try:
+        cells = wait_for(lambda: users.alice.jobs(kind="cell", state="running"), what="a running cell")
+        cell = cells[0]["id"]
+        assert raw(users.server, f"/api/jobs/{cell}/cancel", users.bob.token, "POST")[0] == 404
+        users.alice.cancel(cell)
+        runner.join(60)
+        assert not runner.is_alive()
+        assert wait_for(lambda: users.alice.job(cell)["state"] != "running" and users.alice.job(cell),
+                        what="the cell to end")["state"] == "cancelled"
+        with pytest.raises(ApiError, match="already ended") as ended:
+            users.alice.cancel(cell)
+        assert ended.value.status == 409
+    finally:
+        session.close()
 
 
 def test_usage_counts_gpu_seconds_and_cost(users: Users) -> None:

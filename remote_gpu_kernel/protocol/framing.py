@@ -32,11 +32,12 @@ from collections.abc import Callable, Iterable
 from typing import Any, Union
 
 from ..errors import ProtocolError
-from .messages import Message, message_from_fields
+from .messages import Message, MessageType, message_from_fields
 
 __all__ = [
     "CHUNK_SIZE",
     "Chunks",
+    "encode_head",
     "FRAMING_VERSION",
     "MAX_HEADER",
     "MAX_MESSAGE",
@@ -61,19 +62,39 @@ Frame = Union[bytes, bytearray, memoryview]
 class Chunks:
     """One buffer held as the pieces it arrived in, not joined.
 
-    Supports ``nbytes``, iteration over the pieces and :meth:`join`.
+    In a reader with ``early`` message types, a message is handed out as
+    soon as its header is read and its :class:`Chunks` fill in as frames
+    arrive: ``complete`` turns true at the end, ``failed`` holds a reason if
+    the stream broke first, and ``listener`` (if set) is called after each
+    change, so a relay can pass pieces on while the rest is still coming.
     """
 
-    __slots__ = ("parts", "nbytes")
+    __slots__ = ("parts", "nbytes", "expected", "complete", "failed", "listener")
 
-    def __init__(self, parts: Iterable[Frame] = ()) -> None:
+    def __init__(self, parts: Iterable[Frame] = (), expected: int | None = None) -> None:
         self.parts = [memoryview(p).cast("B") for p in parts]
         self.nbytes = sum(p.nbytes for p in self.parts)
+        self.expected = self.nbytes if expected is None else expected
+        self.complete = expected is None or self.nbytes == expected
+        self.failed: str | None = None
+        self.listener: Callable[[], None] | None = None
 
     def append(self, part: Frame) -> None:
         view = memoryview(part).cast("B")
         self.parts.append(view)
         self.nbytes += view.nbytes
+        if self.nbytes >= self.expected:
+            self.complete = True
+        self._changed()
+
+    def fail(self, reason: str) -> None:
+        if not self.complete and self.failed is None:
+            self.failed = reason
+            self._changed()
+
+    def _changed(self) -> None:
+        if self.listener is not None:
+            self.listener()
 
     def split(self, chunk_size: int) -> list[memoryview]:
         """The pieces, each cut to at most ``chunk_size`` bytes."""
@@ -89,7 +110,21 @@ class Chunks:
         return out
 
     def __len__(self) -> int:
-        return self.nbytes
+        return self.expected
+
+
+def encode_head(message: Message, lengths: list[int], chunk_size: int = CHUNK_SIZE) -> list[Frame]:
+    """The first frames of ``message`` whose buffers, of ``lengths`` bytes,
+    the caller sends next as raw frames of at most ``chunk_size`` each.
+
+    For a relay that streams buffers it has not received in full yet.
+    """
+    fields = message.fields()
+    fields["t"] = message.type.value
+    fields["b"] = list(lengths)
+    header = json.dumps(fields, separators=(",", ":"), default=_json_default).encode()
+    head = _PREFIX.pack(_MAGIC, FRAMING_VERSION, 0, len(header)) + header
+    return [head[i : i + chunk_size] for i in range(0, len(head), chunk_size)]
 
 
 def _views(buf: Frame | Chunks) -> list[memoryview]:
@@ -145,13 +180,18 @@ class Reader:
 
     def __init__(self, max_header: int = MAX_HEADER, max_message: int = MAX_MESSAGE,
                  assemble: bool = True,
-                 allocate: Callable[[int], Any] = bytearray) -> None:
+                 allocate: Callable[[int], Any] = bytearray,
+                 early: Iterable[MessageType] = ()) -> None:
         self.max_header = max_header
         self.max_message = max_message
         self.assemble = assemble
         self.allocate = allocate
+        #: Message types handed out at their header, with filling Chunks
+        #: (only where ``assemble`` is false).
+        self.early = frozenset(early) if not assemble else frozenset()
         self._events: list[Message] = []
         self._broken: ProtocolError | None = None
+        self._bad: ProtocolError | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -177,6 +217,16 @@ class Reader:
         if self.in_message:
             raise self._fail("connection closed in the middle of a message (truncated)")
 
+    def abort(self, reason: str) -> None:
+        """The stream ended: fail the Chunks of a message handed out early."""
+        self._fail_open(reason)
+
+    def _fail_open(self, reason: str) -> None:
+        if self._state == "buffers":
+            for buf in self._buffers:
+                if isinstance(buf, Chunks):
+                    buf.fail(reason)
+
     def receive_data(self, frame: Frame) -> None:
         if self._broken is not None:
             raise self._broken
@@ -185,6 +235,14 @@ class Reader:
         view = memoryview(frame).cast("B")
         if not view.nbytes:
             raise self._fail("empty frame")
+        try:
+            self._consume(view)
+        finally:
+            bad, self._bad = self._bad, None
+        if bad is not None:
+            raise bad
+
+    def _consume(self, view: memoryview) -> None:
         while view.nbytes:
             if self._state == "buffers":
                 view = self._fill_buffer(view)
@@ -200,6 +258,7 @@ class Reader:
 
     def _fail(self, reason: str) -> ProtocolError:
         self._broken = ProtocolError(reason)
+        self._fail_open(reason)
         return self._broken
 
     def _parse_prefix(self) -> None:
@@ -227,9 +286,13 @@ class Reader:
         if sum(lengths) > self.max_message:
             raise self._fail(f"message of {sum(lengths)} bytes exceeds {self.max_message}")
         self._fields, self._lengths = fields, lengths
-        self._buffers = [self.allocate(n) if self.assemble else Chunks() for n in lengths]
+        self._buffers = [self.allocate(n) if self.assemble else Chunks(expected=n) for n in lengths]
         self._state, self._small = "buffers", bytearray()
         self._index, self._filled = 0, 0
+        if self.early and any(lengths) and fields.get("t") in {t.value for t in self.early}:
+            # Hand the message out now; its Chunks fill in as frames arrive.
+            self._fields = {}
+            self._deliver(fields, self._buffers)
         self._skip_empty()
 
     def _skip_empty(self) -> None:
@@ -255,9 +318,19 @@ class Reader:
     def _emit(self) -> None:
         fields, buffers = self._fields, self._buffers
         self._reset()
+        if fields:  # else it was handed out early
+            self._deliver(fields, buffers)
+
+    def _deliver(self, fields: dict[str, Any], buffers: list[Any]) -> None:
         # A message whose fields are wrong leaves the stream in step: the
-        # error is raised but the reader goes on with the next message.
-        self._events.append(message_from_fields(fields, tuple(buffers)))
+        # error is raised once the frame is consumed, and the reader goes on.
+        try:
+            self._events.append(message_from_fields(fields, tuple(buffers)))
+        except ProtocolError as exc:
+            for buf in buffers:
+                if isinstance(buf, Chunks):
+                    buf.fail(str(exc))
+            self._bad = self._bad or exc
 
 
 def encode_all(messages: Iterable[Message], chunk_size: int = CHUNK_SIZE) -> list[Frame]:

@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.server import ServerConnection
@@ -20,6 +21,7 @@ from websockets.exceptions import ConnectionClosed
 
 from remote_gpu_kernel.errors import ProtocolError, RemoteGpuError
 from remote_gpu_kernel.protocol import PROTOCOL_VERSION, Reader, encode
+from remote_gpu_kernel.protocol.framing import encode_head
 from remote_gpu_kernel.protocol import messages as m
 
 from .scheduler import LeaseRequestEntry
@@ -43,7 +45,9 @@ class Connection:
         self.token = token
         self.user = token.user
         self.session: Session | None = None
-        self._reader = Reader(assemble=False)
+        # Pushes are handed out at their header so that their buffers flow
+        # on to the worker while the rest is still arriving.
+        self._reader = Reader(assemble=False, early={m.MessageType.PUSH})
         self._send_lock = asyncio.Lock()
         self._hello = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -57,6 +61,25 @@ class Connection:
                     await self.ws.send(frame)
         except ConnectionClosed:
             pass  # the output is in the journal; a reconnecting client can read it
+
+    async def send_stream(self, message: m.Message, lengths: list[int], pieces: AsyncIterator[Any]) -> None:
+        """Send ``message`` whose buffers' bytes come from ``pieces`` as they arrive.
+
+        If ``pieces`` fails midway, the message cannot be finished: the
+        connection is closed (the client sees it as a dropped connection).
+        """
+        try:
+            async with self._send_lock:
+                for frame in encode_head(message, lengths):
+                    await self.ws.send(frame)
+                try:
+                    async for piece in pieces:
+                        await self.ws.send(piece)
+                except Exception as exc:
+                    log.warning("stream to %s broke: %s", self.user, exc)
+                    await self.ws.close(1011, "a transfer failed midway")
+        except ConnectionClosed:
+            pass
 
     async def run(self) -> None:
         try:
@@ -203,15 +226,16 @@ class Connection:
             await self.send(m.Error(req, m.ErrorCode.NO_LEASE, text))
             return
         if isinstance(msg, m.Execute):
-            await session.execute(msg)
+            await session.execute(msg, self)
         elif isinstance(msg, m.Push):
-            await session.push(msg)
+            await session.push(msg, self)
         elif isinstance(msg, m.Pull):
-            await session.pull(msg)
+            await session.pull(msg, self)
         elif isinstance(msg, m.ShellRequest):
-            await session.shell_request(msg)
+            await session.shell_request(msg, self)
 
     async def _closed(self) -> None:
+        self._reader.abort("the client disconnected in the middle of a message")
         for key in list(self._waiting):
             self.server.cancel_lease(key)
         self._waiting.clear()

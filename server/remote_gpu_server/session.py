@@ -2,7 +2,8 @@
 
 The session outlives its websocket: a client that reconnects within the
 grace period finds the same worker and namespace. Requests run one at a time
-(``lock``), in the order they arrived. Every output message is appended to
+(``lock``), in the order they arrived, and their answers go to the
+connection that sent them (request ids are per connection). Every output message is appended to
 the store's journal with the session's next sequence number before it is
 sent, so nothing a cell printed is lost with a connection.
 """
@@ -13,15 +14,15 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from remote_gpu_kernel.errors import WorkerDied
 from remote_gpu_kernel.protocol import messages as m
 from remote_gpu_kernel.protocol.framing import Chunks
 from remote_gpu_kernel.typing import JobId, SessionId, SlotId
 
-from .worker import Worker
+from .worker import TransferAborted, Worker
 
 if TYPE_CHECKING:
     from .app import GpuServer
@@ -33,6 +34,19 @@ log = logging.getLogger("remote_gpu_server")
 Send = Callable[[m.Message], Awaitable[None]]
 
 
+class Replier(Protocol):
+    """Where a request's answers go: the connection that sent it.
+
+    Both methods swallow a closed connection: what a cell printed is in the
+    journal whether or not its client is still there.
+    """
+
+    async def send(self, message: m.Message) -> None: ...
+
+    async def send_stream(self, message: m.Message, lengths: list[int],
+                          pieces: AsyncIterator[Any]) -> None: ...
+
+
 class Session:
     def __init__(self, server: GpuServer, user: str, slots: list[SlotId], worker: Worker) -> None:
         self.server = server
@@ -42,7 +56,9 @@ class Session:
         self.lock = asyncio.Lock()
         self.last_active = time.monotonic()
         self.released: str | None = None
-        self.send: Send | None = None  # the attached connection's send
+        # The attached connection's send, for what is not an answer to a
+        # request (a release); answers go to the connection that asked.
+        self.send: Send | None = None
         self.grace_handle: asyncio.TimerHandle | None = None
         self._worker = worker
         self._replacing: asyncio.Task[Worker] | None = None
@@ -88,21 +104,17 @@ class Session:
             self._watch = asyncio.get_running_loop().create_task(self._watch_worker(self._worker))
         return self._worker
 
-    async def _deliver(self, message: m.Message) -> None:
-        if self.send is not None:
-            await self.send(message)
-
-    async def _notices(self, req: int) -> None:
+    async def _notices(self, req: int, conn: Replier) -> None:
         if self._notice:
             notice, self._notice = self._notice, None
-            await self._deliver(m.Notice(req, notice))
+            await conn.send(m.Notice(req, notice))
 
     # -- requests -----------------------------------------------------------
 
-    async def execute(self, msg: m.Execute) -> None:
+    async def execute(self, msg: m.Execute, conn: Replier) -> None:
         async with self.lock:
             self.touch()
-            await self._notices(msg.req)
+            await self._notices(msg.req, conn)
             worker = await self.worker()
             store = self.server.store
             job = store.create_job(self.user, self.id, msg.code, list(self.slots))
@@ -112,7 +124,7 @@ class Session:
             async def on_iopub(jmsg: dict[str, Any]) -> None:
                 self._seq += 1
                 store.append_output(self.id, self._seq, job, jmsg["msg_type"], jmsg["content"])
-                await self._deliver(m.Output(msg.req, self._seq, jmsg["msg_type"], jmsg["content"],
+                await conn.send(m.Output(msg.req, self._seq, jmsg["msg_type"], jmsg["content"],
                                              tuple(jmsg.get("buffers") or ())))
 
             task = asyncio.get_running_loop().create_task(worker.execute(
@@ -123,11 +135,11 @@ class Session:
                 reply = await self._await_cell(task, worker, msg.timeout)
             except WorkerDied as exc:
                 store.finish_job(job, "failed", str(exc))
-                await self._deliver(m.Error(msg.req, m.ErrorCode.WORKER_DIED, str(exc)))
+                await conn.send(m.Error(msg.req, m.ErrorCode.WORKER_DIED, str(exc)))
                 return
             except TimeoutError as exc:
                 store.finish_job(job, "timed_out", str(exc))
-                await self._deliver(m.Error(msg.req, m.ErrorCode.TIMEOUT, str(exc)))
+                await conn.send(m.Error(msg.req, m.ErrorCode.TIMEOUT, str(exc)))
                 return
             finally:
                 self._running_job = None
@@ -139,7 +151,7 @@ class Session:
                 store.finish_job(job, "cancelled", "interrupted by the user")
             else:
                 store.finish_job(job, "failed", f"{reply.get('ename')}: {reply.get('evalue')}")
-            await self._deliver(m.ExecuteDone(
+            await conn.send(m.ExecuteDone(
                 msg.req, job, status, reply.get("execution_count"),
                 str(reply.get("ename") or ""), str(reply.get("evalue") or ""),
                 [str(line) for line in reply.get("traceback") or []],
@@ -175,48 +187,49 @@ class Session:
     def send_input(self, value: str) -> None:
         self._worker.send_input(value)
 
-    async def push(self, msg: m.Push) -> None:
+    async def push(self, msg: m.Push, conn: Replier) -> None:
         if len(msg.names) != len(msg.counts) or sum(msg.counts) != len(msg.buffers) or any(
             c < 1 for c in msg.counts
         ):
-            await self._deliver(m.Error(msg.req, m.ErrorCode.BAD_REQUEST,
+            await conn.send(m.Error(msg.req, m.ErrorCode.BAD_REQUEST,
                                         "push: names, counts and buffers do not match"))
             return
         async with self.lock:
             self.touch()
-            await self._notices(msg.req)
+            await self._notices(msg.req, conn)
             worker = await self.worker()
             try:
-                reply, _ = await worker.transfer(
-                    {"op": "push", "names": msg.names, "counts": msg.counts}, list(msg.buffers)
-                )
+                reply = await worker.push(msg.names, msg.counts, list(msg.buffers))
             except WorkerDied as exc:
-                await self._deliver(m.Error(msg.req, m.ErrorCode.WORKER_DIED, str(exc)))
+                await conn.send(m.Error(msg.req, m.ErrorCode.WORKER_DIED, str(exc)))
+                return
+            except TransferAborted as exc:
+                await conn.send(m.Error(msg.req, m.ErrorCode.PROTOCOL, f"push cut short: {exc}"))
                 return
             if not reply.get("ok"):
-                await self._deliver(m.Error(msg.req, m.ErrorCode.SERIALIZATION,
+                await conn.send(m.Error(msg.req, m.ErrorCode.SERIALIZATION,
                                             f"{reply.get('ename')}: {reply.get('evalue')}"))
                 return
-            await self._deliver(m.PushDone(msg.req, list(reply.get("names") or [])))
+            await conn.send(m.PushDone(msg.req, list(reply.get("names") or [])))
 
-    async def pull(self, msg: m.Pull) -> None:
+    async def pull(self, msg: m.Pull, conn: Replier) -> None:
         async with self.lock:
             self.touch()
-            await self._notices(msg.req)
+            await self._notices(msg.req, conn)
             worker = await self.worker()
             try:
-                reply, buffers = await worker.transfer({"op": "pull", "names": msg.names}, [])
+                reply, pieces = await worker.pull(msg.names)
             except WorkerDied as exc:
-                await self._deliver(m.Error(msg.req, m.ErrorCode.WORKER_DIED, str(exc)))
+                await conn.send(m.Error(msg.req, m.ErrorCode.WORKER_DIED, str(exc)))
                 return
-            if not reply.get("ok"):
+            if pieces is None:
                 code = m.ErrorCode.NAME_ERROR if reply.get("ename") == "NameError" else m.ErrorCode.SERIALIZATION
-                await self._deliver(m.Error(msg.req, code, f"{reply.get('ename')}: {reply.get('evalue')}"))
+                await conn.send(m.Error(msg.req, code, f"{reply.get('ename')}: {reply.get('evalue')}"))
                 return
-            await self._deliver(m.PullReply(msg.req, list(reply["names"]), list(reply["counts"]),
-                                            tuple(buffers)))
+            head = m.PullReply(msg.req, list(reply["names"]), list(reply["counts"]))
+            await conn.send_stream(head, list(reply["sizes"]), pieces)
 
-    async def shell_request(self, msg: m.ShellRequest) -> None:
+    async def shell_request(self, msg: m.ShellRequest, conn: Replier) -> None:
         """Forward a complete/inspect/comm/... request; answers even while a cell runs.
 
         What the worker publishes while handling it (a widget's echo, a
@@ -227,7 +240,7 @@ class Session:
         async def on_iopub(jmsg: dict[str, Any]) -> None:
             self._seq += 1
             self.server.store.append_output(self.id, self._seq, None, jmsg["msg_type"], jmsg["content"])
-            await self._deliver(m.Output(msg.req, self._seq, jmsg["msg_type"], jmsg["content"],
+            await conn.send(m.Output(msg.req, self._seq, jmsg["msg_type"], jmsg["content"],
                                          tuple(jmsg.get("buffers") or ())))
 
         # Buffers arrive as framing.Chunks; a Jupyter message needs plain bytes.
@@ -235,9 +248,9 @@ class Session:
         try:
             reply = await worker.request(msg.msg_type, msg.content, on_iopub, buffers=buffers or None)
         except WorkerDied as exc:
-            await self._deliver(m.Error(msg.req, m.ErrorCode.WORKER_DIED, str(exc)))
+            await conn.send(m.Error(msg.req, m.ErrorCode.WORKER_DIED, str(exc)))
             return
-        await self._deliver(m.ShellReply(msg.req, str(reply.get("msg_type", "")), dict(reply.get("content") or {})))
+        await conn.send(m.ShellReply(msg.req, str(reply.get("msg_type", "")), dict(reply.get("content") or {})))
 
     # -- the end ------------------------------------------------------------
 

@@ -21,7 +21,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +33,11 @@ from jupyter_client.manager import AsyncKernelManager
 from remote_gpu_kernel.errors import WorkerDied
 from remote_gpu_kernel.protocol.framing import Chunks
 
+from . import transfer
 from .gpus import Slot, cuda_visible_devices
 from .worker_kernel import COMM_TARGET
 
-__all__ = ["IopubHandler", "Worker", "describe_exit"]
+__all__ = ["IopubHandler", "TransferAborted", "Worker", "describe_exit"]
 
 log = logging.getLogger("remote_gpu_server")
 
@@ -57,6 +58,40 @@ def describe_exit(returncode: int | None) -> str:
         except ValueError:
             return f"signal {-returncode}"
     return f"exit code {returncode}"
+
+
+class TransferAborted(ConnectionError):
+    """A push or pull stream broke before its end (client or worker gone)."""
+
+
+async def _iterate(items: Iterable[Any]) -> AsyncIterator[Any]:
+    for item in items:
+        yield item
+
+
+async def _stream(chunks: Chunks) -> AsyncIterator[memoryview]:
+    """The pieces of ``chunks`` as they arrive; each is dropped once yielded."""
+    arrived = asyncio.Event()
+    chunks.listener = arrived.set
+    index = 0
+    try:
+        while True:
+            while index < len(chunks.parts):
+                piece = chunks.parts[index]
+                chunks.parts[index] = _EMPTY  # free it once the worker has it
+                index += 1
+                yield piece
+            if chunks.complete:
+                return
+            if chunks.failed is not None:
+                raise TransferAborted(chunks.failed)
+            arrived.clear()
+            await arrived.wait()
+    finally:
+        chunks.listener = None
+
+
+_EMPTY = memoryview(b"")
 
 
 class _SpecManager(KernelSpecManager):  # type: ignore[misc]
@@ -138,6 +173,7 @@ class Worker:
         self._kc = kc
         self._data = zmq.asyncio.Context.instance().socket(zmq.PAIR)
         self._data.linger = 0
+        self._data.sndhwm = self._data.rcvhwm = 0
         self._data.connect(data_addr)
         try:
             await kc.wait_for_ready(timeout=self.startup_timeout)
@@ -277,39 +313,96 @@ class Worker:
         )
         return dict(reply["content"])
 
-    async def transfer(self, data: dict[str, Any], buffers: list[Any]) -> tuple[dict[str, Any], list[Any]]:
-        """A push (``buffers`` given) or pull through the variable-transfer comm.
-
-        Returns the worker's reply and, for a pull, the pulled buffers.
-        See :mod:`.worker_kernel` for how the two channels are ordered.
-        """
+    def _new_transfer(self) -> tuple[int, asyncio.Future[tuple[dict[str, Any], list[Any]]]]:
         self._check_alive()
         tid = next(self._transfer_ids)
         fut: asyncio.Future[tuple[dict[str, Any], list[Any]]] = asyncio.get_running_loop().create_future()
         self._transfers[tid] = fut
+        return tid, fut
+
+    async def _comm_reply(self, tid: int, fut: asyncio.Future[tuple[dict[str, Any], list[Any]]],
+                          request: Awaitable[dict[str, Any]]) -> dict[str, Any]:
         try:
-            if buffers:
-                # Buffers may be framing.Chunks (as relayed from the client):
-                # their pieces go out as they are, without being joined.
-                pieces = [list(b.parts) if isinstance(b, Chunks) else [b] for b in buffers]
-                data = {**data, "parts": [len(p) for p in pieces]}
-                await self._data.send_multipart([p for group in pieces for p in group], copy=False)
-            await self.request("comm_msg", {"comm_id": self._comm_id, "data": {**data, "id": tid}})
+            await request
             # The comm reply is published on IOPub before the kernel goes idle.
             reply, _ = await asyncio.wait_for(fut, timeout=30)
-            if reply.get("ok") and reply.get("counts"):
-                frames = await self._data.recv_multipart(copy=False)
-                counts = list(reply.get("parts") or [])
-                if sum(counts) != len(frames):
-                    raise WorkerDied("the worker sent a malformed pull reply", code="internal")
-                grouped, pos = [], 0
-                for count in counts:
-                    grouped.append(Chunks(f.buffer for f in frames[pos : pos + count]))
-                    pos += count
-                return reply, grouped
-            return reply, []
+            return reply
         finally:
             self._transfers.pop(tid, None)
+
+    async def push(self, names: list[str], counts: list[int], buffers: list[Any]) -> dict[str, Any]:
+        """Set variables in the worker; returns its comm reply (``ok`` or an error).
+
+        ``buffers`` may be :class:`Chunks` still filling from the client's
+        websocket: their pieces go on to the worker as they arrive. If such
+        a stream breaks, the worker is told to drop the transfer and
+        :class:`TransferAborted` is raised.
+        """
+        tid, fut = self._new_transfer()
+        request = asyncio.ensure_future(self.request(
+            "comm_msg", {"comm_id": self._comm_id,
+                         "data": {"op": "push", "id": tid, "names": names, "counts": counts}}))
+        try:
+            await self._data.send_multipart(transfer.header(tid, [len(b) if isinstance(b, Chunks)
+                                                                   else memoryview(b).nbytes for b in buffers]))
+            for buf in buffers:
+                parts = _stream(buf) if isinstance(buf, Chunks) else _iterate(transfer.pieces([buf]))
+                async for piece in parts:
+                    await self._data.send_multipart([transfer.DATA, piece], copy=False)
+            await self._data.send_multipart([transfer.END, b""])
+        except TransferAborted as exc:
+            await self._data.send_multipart([transfer.ABORT, str(exc).encode()])
+            await self._comm_reply(tid, fut, request)
+            raise
+        except BaseException:
+            request.cancel()
+            self._transfers.pop(tid, None)
+            raise
+        return await self._comm_reply(tid, fut, request)
+
+    async def pull(self, names: list[str]) -> tuple[dict[str, Any], AsyncIterator[Any] | None]:
+        """Pickle variables in the worker: ``(reply, pieces)``.
+
+        ``reply`` has ``names``, ``counts`` and ``sizes`` (or ``ok: false``
+        and the error); ``pieces`` yields the buffers' bytes in order, as
+        they come off the data socket, and must be consumed before the next
+        transfer.
+        """
+        tid, fut = self._new_transfer()
+        reply = await self._comm_reply(tid, fut, self.request(
+            "comm_msg", {"comm_id": self._comm_id, "data": {"op": "pull", "id": tid, "names": names}}))
+        if not reply.get("ok"):
+            return reply, None
+        return reply, self._receive(tid)
+
+    async def _receive(self, tid: int) -> AsyncIterator[Any]:
+        started = False
+        while True:
+            kind, payload = await self._recv_data()
+            if kind == transfer.HEADER:
+                started = transfer.parse_header(payload)[0] == tid
+            elif not started:
+                continue  # the rest of an earlier transfer nobody read
+            elif kind == transfer.DATA:
+                yield payload
+            elif kind == transfer.END:
+                return
+            else:
+                raise TransferAborted(bytes(payload).decode(errors="replace"))
+
+    async def _recv_data(self) -> tuple[bytes, Any]:
+        recv = asyncio.ensure_future(self._data.recv_multipart(copy=False))
+        died = asyncio.ensure_future(self.died.wait())
+        try:
+            await asyncio.wait({recv, died}, timeout=60, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            died.cancel()
+        if not recv.done():
+            recv.cancel()
+            self._check_alive()
+            raise TransferAborted("the worker stopped sending in the middle of a pull")
+        kind, payload = recv.result()
+        return kind.bytes, payload.buffer
 
     def send_input(self, value: str) -> None:
         self._check_alive()

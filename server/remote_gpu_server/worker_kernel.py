@@ -11,9 +11,9 @@ the cells: ``{"op": "push"|"pull", "id": N, "names": [...], "counts": [...]}``
 and ``{"id": N, "ok": true, ...}`` or ``{"id": N, "ok": false, "ename",
 "evalue"}``. The buffers themselves go over a private ZMQ PAIR socket at
 ``RGPU_DATA_ADDR`` (an ``ipc://`` path in the server's own runtime folder),
-sent without copies: carried inside Jupyter messages they measured five
-times slower. A push's buffers are sent before its comm message; a pull's
-after the pickling succeeded and before the comm reply.
+as described in :mod:`.transfer`. A push's comm message comes first and its
+handler reads the buffers as the server forwards them; a pull's buffers are
+sent once the pickling succeeded, before the comm reply.
 Only this process unpickles what a client pushed.
 """
 
@@ -45,28 +45,49 @@ class _DataChannel:
     def __init__(self, addr: str) -> None:
         import zmq
 
-        self._zmq = zmq
         self.socket = zmq.Context.instance().socket(zmq.PAIR)
         self.socket.linger = 0
+        # No high-water mark: a large pull is queued whole before the server
+        # reads it (it reads after the comm reply), and must not block here.
+        self.socket.sndhwm = self.socket.rcvhwm = 0
         self.socket.bind(addr)
 
-    def receive(self, parts: list[int]) -> list[Any]:
-        """The pushed buffers; ZMQ frames are writable, so one piece is no copy."""
-        from remote_gpu_kernel.protocol.serialization import join_parts
-
+    def _recv(self) -> tuple[bytes, Any]:
         if not self.socket.poll(DATA_TIMEOUT_MS):
             raise TimeoutError("the pushed buffers did not arrive")
-        frames = self.socket.recv_multipart(copy=False)
-        return join_parts([f.buffer for f in frames], parts)
+        kind, payload = self.socket.recv_multipart(copy=False)
+        return kind.bytes, payload.buffer
 
-    def send(self, buffers: list[Any]) -> list[int]:
-        """Send buffers in frame-sized pieces, without copies; return the counts."""
-        from remote_gpu_kernel.protocol.framing import CHUNK_SIZE
-        from remote_gpu_kernel.protocol.serialization import split_parts
+    def receive(self, tid: int) -> list[Any]:
+        """The buffers of transfer ``tid``, each in fresh writable memory."""
+        from .transfer import ABORT, DATA, END, HEADER, Filler, parse_header
 
-        pieces, counts = split_parts(buffers, CHUNK_SIZE)
-        self.socket.send_multipart(pieces, copy=False)
-        return counts
+        while True:  # skip what is left of transfers that were given up
+            kind, payload = self._recv()
+            if kind == HEADER:
+                got, sizes = parse_header(payload)
+                if got == tid:
+                    break
+        filler = Filler(sizes)
+        while True:
+            kind, payload = self._recv()
+            if kind == DATA:
+                filler.add(payload)
+            elif kind == END and filler.done:
+                return filler.buffers
+            elif kind in (END, ABORT):
+                raise ConnectionError("the push was cut short: " + bytes(payload).decode(errors="replace"))
+
+    def send(self, tid: int, buffers: list[Any]) -> list[int]:
+        """Send buffers in frame-sized pieces, without copies; return their sizes."""
+        from .transfer import DATA, END, header, pieces
+
+        sizes = [memoryview(b).nbytes for b in buffers]
+        self.socket.send_multipart(header(tid, sizes))
+        for piece in pieces(buffers):
+            self.socket.send_multipart([DATA, piece], copy=False)
+        self.socket.send_multipart([END, b""])
+        return sizes
 
 
 def _handle(shell: Any, channel: _DataChannel, data: dict[str, Any]) -> dict[str, Any]:
@@ -74,7 +95,7 @@ def _handle(shell: Any, channel: _DataChannel, data: dict[str, Any]) -> dict[str
 
     op, names = data.get("op"), list(data.get("names") or [])
     if op == "push":
-        buffers = channel.receive(list(data.get("parts") or []))
+        buffers = channel.receive(int(data["id"]))
         values = load_values(names, list(data.get("counts") or []), buffers)
         shell.user_ns.update(values)
         return {"ok": True, "names": names}
@@ -83,8 +104,8 @@ def _handle(shell: Any, channel: _DataChannel, data: dict[str, Any]) -> dict[str
         if missing:
             raise NameError(f"name {missing[0]!r} is not defined in the remote namespace")
         names, counts, bufs = dump_values({n: shell.user_ns[n] for n in names})
-        parts = channel.send(bufs)
-        return {"ok": True, "names": names, "counts": counts, "parts": parts}
+        sizes = channel.send(int(data["id"]), bufs)
+        return {"ok": True, "names": names, "counts": counts, "sizes": sizes}
     raise ValueError(f"unknown variable transfer op {op!r}")
 
 

@@ -157,3 +157,47 @@ def test_oversized_message_is_refused_before_allocation() -> None:
 def test_binary_data_in_a_header_field_is_refused_at_encode() -> None:
     with pytest.raises(TypeError, match="buffers"):
         encode(m.Output(1, 1, "stream", {"text": b"raw"}))
+
+
+def test_early_messages_are_handed_out_at_their_header_and_fill_in() -> None:
+    payload = bytes(range(256)) * 1000
+    frames = encode(m.Push(5, ["a"], [1], (payload,)), chunk_size=50_000)
+    reader = Reader(assemble=False, early={m.MessageType.PUSH})
+    reader.receive_data(frames[0])
+    (msg,) = reader.events_received()
+    assert isinstance(msg, m.Push) and msg.req == 5
+    (chunks,) = msg.buffers
+    seen: list[int] = []
+    chunks.listener = lambda: seen.append(chunks.nbytes)
+    assert not chunks.complete and chunks.expected == len(payload)
+    for f in frames[1:]:
+        reader.receive_data(f)
+    assert chunks.complete and bytes(chunks.join()) == payload
+    assert seen == sorted(seen) and seen[-1] == len(payload)
+    assert reader.events_received() == []  # not handed out a second time
+    reader.receive_data(encode(m.Hello(1))[0])  # and the stream goes on
+    assert reader.events_received() == [m.Hello(1)]
+
+
+def test_an_early_message_cut_short_fails_its_chunks() -> None:
+    frames = encode(m.Push(5, ["a"], [1], (b"z" * 10_000,)), chunk_size=4096)
+    reader = Reader(assemble=False, early={m.MessageType.PUSH})
+    reader.receive_data(frames[0])
+    reader.receive_data(frames[1])
+    (msg,) = reader.events_received()
+    reader.abort("client went away")
+    assert msg.buffers[0].failed == "client went away"  # type: ignore[attr-defined]
+    assert not msg.buffers[0].complete  # type: ignore[attr-defined]
+
+
+def test_encode_head_then_raw_pieces_is_a_whole_message() -> None:
+    from remote_gpu_kernel.protocol.framing import encode_head
+
+    parts = [b"p" * 10, b"q" * 20000, b"r" * 5]
+    reader = Reader()
+    for frame in encode_head(m.PullReply(9, ["a", "b"], [1, 1]), [10, 20005], chunk_size=4096):
+        reader.receive_data(frame)
+    for piece in parts:
+        reader.receive_data(piece)
+    (msg,) = reader.events_received()
+    assert [bytes(b) for b in msg.buffers] == [b"p" * 10, b"q" * 20000 + b"r" * 5]  # type: ignore[attr-defined]

@@ -200,6 +200,16 @@ def test_interrupt_stops_a_remote_sleep_quickly(kernel: KernelDriver) -> None:
     assert kernel.run("print('alive')").stdout == "alive\n"
 
 
+def test_interrupt_request_message_also_stops_the_remote_cell(kernel: KernelDriver) -> None:
+    """JupyterLab sends interrupt_request on the control channel for interrupt_mode "message"."""
+    def on_message(msg: dict[str, Any]) -> None:
+        if msg["msg_type"] == "stream":
+            kernel.client.control_channel.send(kernel.client.session.msg("interrupt_request", {}))
+
+    run = kernel.run("import time\nprint('sleeping', flush=True)\ntime.sleep(60)", on_message=on_message)
+    assert run.reply["ename"] == "KeyboardInterrupt" and run.seconds < 30
+
+
 def test_local_cells_and_push_pull(kernel: KernelDriver) -> None:
     local = kernel.run("%%local\nimport os\nlocal_value = [1, 2, 3]\nprint(os.getpid() > 0)\nlen(local_value)")
     assert local.status == "ok" and local.stdout == "True\n" and local.text() == ["3"]

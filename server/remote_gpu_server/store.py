@@ -74,6 +74,7 @@ CREATE TABLE IF NOT EXISTS outputs (
     PRIMARY KEY (session_id, seq)
 );
 CREATE INDEX IF NOT EXISTS outputs_job ON outputs(job_id, seq);
+CREATE INDEX IF NOT EXISTS sessions_open ON sessions(released);
 CREATE TABLE IF NOT EXISTS batch_jobs (
     job_id INTEGER PRIMARY KEY REFERENCES jobs(id),
     name TEXT NOT NULL,
@@ -473,18 +474,17 @@ class Store:
         return [(SessionId(r[0]), r[1], r[2], r[3]) for r in rows]
 
     def gpu_seconds_by_user(self, since: float | None = None) -> dict[str, float]:
-        """Slot-seconds every user's leases held (open leases count up to now)."""
-        now = time.time()
+        """Slot-seconds every user's leases held since ``since`` (open leases up to now)."""
+        # Summed in SQL: the sidebar asks for this every few seconds, and the
+        # sessions table only grows. A lease's slot count is its commas + 1.
         rows = self._db.execute(
-            "SELECT u.name, s.slots, s.created, s.released FROM sessions s "
-            "JOIN users u ON u.id = s.user_id WHERE COALESCE(s.released, ?) >= ?",
-            (now, since or 0.0),
+            "SELECT u.name, SUM((LENGTH(s.slots) - LENGTH(REPLACE(s.slots, ',', '')) + (s.slots != '')) "
+            "* MAX(0.0, COALESCE(s.released, :now) - MAX(s.created, :since))) "
+            "FROM sessions s JOIN users u ON u.id = s.user_id "
+            "WHERE COALESCE(s.released, :now) >= :since GROUP BY u.name",
+            {"now": time.time(), "since": since or 0.0},
         ).fetchall()
-        usage: dict[str, float] = {}
-        for user, slots, created, released in rows:
-            start = max(created, since or created)
-            usage[user] = usage.get(user, 0.0) + slot_count(slots) * max(0.0, (released or now) - start)
-        return usage
+        return {r[0]: float(r[1] or 0.0) for r in rows}
 
     def job_gpu_seconds(self, job: JobRecord) -> float:
         """Slot-seconds a job held: each batch attempt, or a cell's run."""

@@ -159,6 +159,8 @@ def test_visibility_of_leases_queue_and_jobs(users: Users) -> None:
         assert {q["user"]: q["job"] for q in queue_of(users.admin)} == {"alice": queued["id"],
                                                                        "bob": mine["id"]}
 
+        assert 'rgpu_queue_length{pool="default",priority="normal"} 2.0' in users.bob.metrics()
+
         bob_view = users.bob.status()
         holders = {s["id"]: s["holder"] for s in bob_view["slots"]}
         assert all(h is not None and h["user"] == "alice" and not h["mine"] for h in holders.values())

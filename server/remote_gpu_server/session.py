@@ -33,6 +33,11 @@ log = logging.getLogger("remote_gpu_server")
 
 Send = Callable[[m.Message], Awaitable[None]]
 
+#: Seconds of output between two journal writes while a cell runs.
+JOURNAL_FLUSH = 0.5
+#: In an error message, the mark of a CUDA context that cannot be used again.
+_POISONED = "device-side assert triggered"
+
 
 class Replier(Protocol):
     """Where a request's answers go: the connection that sent it.
@@ -93,6 +98,8 @@ class Session:
 
     def _restart(self, old: Worker) -> None:
         """Start a fresh worker for this session; requests wait for it."""
+        if self._watch is not asyncio.current_task():
+            self._watch.cancel()  # the old worker's death is no news any more
         self._replacing = asyncio.get_running_loop().create_task(self.server.pool.replace(old))
 
     async def worker(self) -> Worker:
@@ -117,15 +124,23 @@ class Session:
             await self._notices(msg.req, conn)
             worker = await self.worker()
             store = self.server.store
-            job = store.create_job(self.user, self.id, msg.code, list(self.slots))
-            store.start_job(job)
+            job = store.create_job(self.user, self.id, msg.code, list(self.slots), running=True)
             self._running_job, self._interrupted = job, False
+            # The journal is written in batches: one transaction per
+            # JOURNAL_FLUSH seconds of output, and one at the end of the cell.
+            rows: list[tuple[SessionId, int, JobId | None, str, dict[str, Any]]] = []
+            flushed = time.monotonic()
 
             async def on_iopub(jmsg: dict[str, Any]) -> None:
+                nonlocal flushed
                 self._seq += 1
-                store.append_output(self.id, self._seq, job, jmsg["msg_type"], jmsg["content"])
+                rows.append((self.id, self._seq, job, jmsg["msg_type"], jmsg["content"]))
+                if time.monotonic() - flushed > JOURNAL_FLUSH:
+                    store.append_outputs(rows)
+                    rows.clear()
+                    flushed = time.monotonic()
                 await conn.send(m.Output(msg.req, self._seq, jmsg["msg_type"], jmsg["content"],
-                                             tuple(jmsg.get("buffers") or ())))
+                                         tuple(jmsg.get("buffers") or ())))
 
             task = asyncio.get_running_loop().create_task(worker.execute(
                 msg.code, on_iopub, silent=msg.silent, store_history=msg.store_history,
@@ -142,9 +157,15 @@ class Session:
                 await conn.send(m.Error(msg.req, m.ErrorCode.TIMEOUT, str(exc)))
                 return
             finally:
+                store.append_outputs(rows)
                 self._running_job = None
                 self.touch()
             status = reply.get("status", "error")
+            if status == "error" and _POISONED in str(reply.get("evalue")):
+                # CUDA cannot recover from a device-side assert in this process.
+                self._notice = ("The previous cell hit a CUDA device-side assert, which leaves the "
+                                "process unusable: the worker was restarted and its variables are gone.")
+                self._restart(worker)
             if status == "ok":
                 store.finish_job(job, "completed")
             elif self._interrupted and reply.get("ename") == "KeyboardInterrupt":

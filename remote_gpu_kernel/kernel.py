@@ -18,12 +18,14 @@ cannot tell the difference from a local IPython kernel.
   :mod:`.kernel_cells` and :mod:`.kernel_local`.
 * A dropped connection is reported in the running cell; the next cell
   reconnects to the same session.
+* ``obj?`` and ``obj??`` show the remote object's help in the pager.
 """
 
 from __future__ import annotations
 
 import asyncio
 import platform
+import re
 import signal
 import sys
 import uuid
@@ -55,6 +57,8 @@ LOCAL_LANGUAGE_INFO: dict[str, Any] = {
 
 #: Worker messages that this kernel publishes itself, or that mean nothing here.
 _NOT_FORWARDED = frozenset({"status", "execute_input", "input_request"})
+#: A help request cell: ``name?``, ``name??``, ``?name`` or ``??name``.
+_HELP = re.compile(r"^\s*(?P<before>\?{1,2})?(?P<name>[A-Za-z_][\w.]*)(?P<after>\?{1,2})?\s*$")
 #: How long shutdown waits for the lease to be given back.
 RELEASE_TIMEOUT = 10.0
 
@@ -189,6 +193,9 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
             failed = await self._run_command(command, cell)
             if failed is not None:
                 return failed
+        help_request = _HELP.match(parsed.body) if not parsed.commands and not parsed.after else None
+        if help_request is not None and (help_request.group("before") or help_request.group("after")):
+            return await self._help(help_request, cell)
         if parsed.has_body:
             reply = await self._run_remote(parsed.body, cell, silent, store_history, allow_stdin)
             if reply["status"] != "ok":
@@ -198,6 +205,28 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
             if failed is not None:
                 return failed
         return self._ok()
+
+    async def _help(self, match: re.Match[str], cell: _Cell) -> dict[str, Any]:
+        """``obj?`` / ``obj??``: the remote object's help, as IPython's pager payload.
+
+        The worker's execute reply carries the page as a payload that the
+        protocol does not relay, so the kernel asks for it with an inspect
+        request and builds the payload itself.
+        """
+        name = match.group("name")
+        marks = match.group("before") or match.group("after") or "?"
+        session = await self._session(cell)
+        if isinstance(session, dict):
+            return session
+        try:
+            reply = (await session.shell_request("inspect_request", {
+                "code": name, "cursor_pos": len(name), "detail_level": len(marks) - 1})).content
+        except RemoteGpuError as exc:
+            return cell.error(type(exc).__name__, str(exc))
+        if not reply.get("found"):
+            cell.stream(f"Object `{name}` not found.\n", "stdout")
+            return self._ok()
+        return {**self._ok(), "payload": [{"source": "page", "data": reply.get("data", {}), "start": 0}]}
 
     def _ok(self) -> dict[str, Any]:
         return {"status": "ok", "execution_count": self.execution_count, "payload": [],

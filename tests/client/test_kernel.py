@@ -176,6 +176,16 @@ def test_complete_inspect_is_complete_history_kernel_info(kernel: KernelDriver) 
     assert info["language_info"]["version"].count(".") == 2
 
 
+def test_help_request_shows_the_remote_objects_page(kernel: KernelDriver) -> None:
+    kernel.run("def remote_helper(a, b=2):\n    'Adds things remotely.'\n    return a + b")
+    (page,) = kernel.run("remote_helper?").reply["payload"]
+    assert page["source"] == "page" and "Adds things remotely." in page["data"]["text/plain"]
+    (source,) = kernel.run("remote_helper??").reply["payload"]
+    assert "Source:" in source["data"]["text/plain"] and "a + b" in source["data"]["text/plain"]
+    missing = kernel.run("no_such_thing?")
+    assert missing.status == "ok" and missing.stdout == "Object `no_such_thing` not found.\n"
+
+
 def test_input_and_getpass_prompt_in_the_notebook(kernel: KernelDriver) -> None:
     run = kernel.run("name = input('name? ')\nimport getpass\nsecret = getpass.getpass('pw? ')\n"
                      "print(name.upper(), len(secret))", inputs=["bob", "hunter2"])

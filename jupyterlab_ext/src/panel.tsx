@@ -10,7 +10,14 @@ import React from 'react';
 import { formatBytes, formatDuration, formatPercent, fraction } from './format';
 import { gpuIcon } from './icons';
 import { CANCELLABLE, RemoteGpuModel, seconds } from './model';
-import type { IJob, IProblem, IQueueEntry, ISession, ISlot } from './types';
+import type {
+  IJob,
+  IProblem,
+  IQueueEntry,
+  IReadings,
+  ISession,
+  ISlot
+} from './types';
 
 /** The "Remote GPU" sidebar: a view of a `RemoteGpuModel`. */
 export class RemoteGpuPanel extends ReactWidget {
@@ -50,8 +57,51 @@ export class RemoteGpuPanel extends ReactWidget {
   render(): JSX.Element {
     return (
       <UseSignal signal={this.model.changed}>
-        {() => <RemoteGpuView model={this.model} />}
+        {() => (
+          <RenderGuard key={this.model.updated ?? 0}>
+            <RemoteGpuView model={this.model} />
+          </RenderGuard>
+        )}
       </UseSignal>
+    );
+  }
+}
+
+interface IGuardState {
+  error: Error | null;
+}
+
+/**
+ * Shows an answer the panel cannot draw as a message, not as an empty
+ * sidebar; keyed by the refresh time, so the next answer tries again.
+ */
+class RenderGuard extends React.Component<
+  { children: React.ReactNode },
+  IGuardState
+> {
+  state: IGuardState = { error: null };
+
+  static getDerivedStateFromError(error: Error): IGuardState {
+    return { error };
+  }
+
+  render(): React.ReactNode {
+    if (this.state.error === null) {
+      return this.props.children;
+    }
+    return (
+      <div className="jp-RemoteGpu-body">
+        <div className="jp-RemoteGpu-problem" data-reason="render" role="alert">
+          <div className="jp-RemoteGpu-problemMessage">
+            The panel could not show the GPU server&rsquo;s answer (
+            {this.state.error.message}).
+          </div>
+          <div className="jp-RemoteGpu-hint">
+            The server and this JupyterLab extension may be of different
+            versions: upgrade remote-gpu-kernel on both sides.
+          </div>
+        </div>
+      </div>
     );
   }
 }
@@ -182,11 +232,26 @@ function ProblemView({
       role="alert"
     >
       <div className="jp-RemoteGpu-problemMessage">{problem.message}</div>
-      {problem.hint && <div className="jp-RemoteGpu-hint">{problem.hint}</div>}
+      {problem.hint && (
+        <div className="jp-RemoteGpu-hint">
+          <WithCode text={problem.hint} />
+        </div>
+      )}
       <Button small onClick={onRetry}>
         Try again
       </Button>
     </div>
+  );
+}
+
+/** `text` with its `backticked` parts shown as code (commands to run). */
+function WithCode({ text }: { text: string }): JSX.Element {
+  return (
+    <>
+      {text
+        .split('`')
+        .map((part, i) => (i % 2 ? <code key={i}>{part}</code> : part))}
+    </>
   );
 }
 
@@ -270,12 +335,7 @@ function SlotView({ slot }: { slot: ISlot }): JSX.Element {
             value={fraction(r.memory_used, r.memory_total)}
             text={`${formatBytes(r.memory_used)} / ${formatBytes(r.memory_total)}`}
           />
-          <div className="jp-RemoteGpu-sub">
-            {r.temperature === null ? '–' : `${Math.round(r.temperature)} °C`}
-            {' · '}
-            {r.power === null ? '–' : `${Math.round(r.power)} W`}
-            {r.processes.length > 0 ? ` · ${r.processes.length} process(es)` : ''}
-          </div>
+          <div className="jp-RemoteGpu-sub">{sensors(r)}</div>
         </>
       )}
       <div className="jp-RemoteGpu-holder" data-holder={holder ? holder.user : ''}>
@@ -290,6 +350,20 @@ function SlotView({ slot }: { slot: ISlot }): JSX.Element {
       </div>
     </li>
   );
+}
+
+/** Temperature, power and processes, leaving out what the slot does not report. */
+function sensors(r: IReadings): string {
+  const parts: string[] = [];
+  if (r.temperature !== null) {
+    parts.push(`${Math.round(r.temperature)} °C`);
+  }
+  if (r.power !== null) {
+    parts.push(`${Math.round(r.power)} W`);
+  }
+  const n = r.processes.length;
+  parts.push(n === 1 ? '1 process' : `${n} processes`);
+  return parts.join(' · ');
 }
 
 function LeaseView({
@@ -307,7 +381,7 @@ function LeaseView({
         <span className="jp-RemoteGpu-name">{session.slots.join(', ')}</span>
         <Button
           small
-          className="jp-RemoteGpu-release jp-mod-warn"
+          className="jp-RemoteGpu-release jp-mod-styled jp-mod-warn"
           disabled={pending}
           title="Release this lease: its kernel and variables on the GPU end"
           onClick={() => void model.release(id)}

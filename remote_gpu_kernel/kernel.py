@@ -123,7 +123,6 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
     banner = (f"Remote GPU kernel {__version__}: cells run on a GPU leased from a remote-gpu "
               "server at the first cell that needs one. %%local runs a cell here; "
               "%gpu push/pull NAME moves variables; %gpu status; %gpu release.")
-    help_links = [{"text": "remote-gpu-kernel", "url": "https://github.com/remote-gpu-kernel"}]
     # ipykernel sleeps 0.5 ms before each execute_reply so that its stdout
     # streams flush; remote output is sent directly and %%local cells flush
     # their streams themselves, so the sleep only adds latency here.

@@ -112,8 +112,20 @@ class ApiClient:
     def job(self, job_id: int) -> dict[str, Any]:
         return dict(self.get(f"/api/jobs/{int(job_id)}"))
 
-    def output(self, job_id: int, after: int = 0) -> dict[str, Any]:
-        return dict(self.get(f"/api/jobs/{int(job_id)}/output", after=after or None))
+    def output(self, job_id: int, after: int = 0, limit: int | None = None) -> dict[str, Any]:
+        """One page of a job's output after sequence number ``after``."""
+        return dict(self.get(f"/api/jobs/{int(job_id)}/output", after=after or None, limit=limit))
+
+    def outputs(self, job_id: int) -> list[dict[str, Any]]:
+        """All of a job's output so far, every page."""
+        outputs: list[dict[str, Any]] = []
+        after = 0
+        while True:
+            page = self.output(job_id, after)
+            outputs.extend(page["outputs"])
+            after = int(page["last_seq"])
+            if not page["more"]:
+                return outputs
 
     def cancel(self, job_id: int) -> dict[str, Any]:
         return dict(self.post(f"/api/jobs/{int(job_id)}/cancel"))
@@ -158,10 +170,9 @@ class ApiClient:
             yield from page["outputs"]
             after = int(page["last_seq"])
             if page["done"]:
-                # Output journaled just before the end is read once more.
-                yield from self.output(job_id, after)["outputs"]
                 return
-            time.sleep(poll)
+            if not page["more"]:
+                time.sleep(poll)
 
 
 def _error_message(body: bytes | None, fallback: str) -> str:

@@ -132,13 +132,30 @@ def cmd_job(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Printer:
+    """Writes outputs to stdout, and a line on stderr where a retry's output begins."""
+
+    def __init__(self) -> None:
+        self.attempt: int | None = None
+
+    def __call__(self, output: dict[str, Any]) -> None:
+        attempt = output.get("attempt")
+        if attempt is not None and self.attempt is not None and attempt != self.attempt:
+            sys.stdout.flush()
+            print(f"--- attempt {attempt} ---", file=sys.stderr, flush=True)
+        self.attempt = attempt if attempt is not None else self.attempt
+        sys.stdout.write(output["text"])
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
     client = _client(args)
+    show = _Printer()
     if not args.follow:
-        sys.stdout.write("".join(o["text"] for o in client.output(args.id)["outputs"]))
+        for output in client.outputs(args.id):
+            show(output)
         return 0
     for output in client.follow(args.id, poll=args.poll):
-        sys.stdout.write(output["text"])
+        show(output)
         sys.stdout.flush()
     job = client.job(args.id)
     if job["state"] != "completed":

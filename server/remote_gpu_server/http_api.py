@@ -9,7 +9,7 @@ one gets 401 and a one-line reason. Endpoints (``{id}`` a job or session)::
     GET  /api/usage[?since=EPOCH]        GPU-seconds and cost per user
     GET  /api/jobs[?user=U&state=S&kind=K&limit=N]
     GET  /api/jobs/{id}                  one job, its attempts and code
-    GET  /api/jobs/{id}/output[?after=SEQ]
+    GET  /api/jobs/{id}/output[?after=SEQ&limit=N]   a page: more, done, last_seq
     POST /api/jobs/{id}/cancel
     POST /api/sessions/{id}/release
     GET  /metrics                        Prometheus text format, no token
@@ -55,8 +55,8 @@ log = logging.getLogger("remote_gpu_server")
 
 #: The websocket path that takes job submissions.
 SUBMIT_PATH = "/api/jobs"
-#: Largest script a submission may carry (bytes of JSON).
-MAX_SUBMISSION = 16 * 1024 * 1024
+#: Most output messages one ``/output`` answer holds; ask again ``after`` its last_seq.
+OUTPUT_PAGE = 1000
 
 _JOB = re.compile(r"^/api/jobs/(\d+)(/output|/cancel)?$")
 _SESSION_RELEASE = re.compile(r"^/api/sessions/([0-9a-f]{1,64})/release$")
@@ -184,7 +184,8 @@ class HttpApi:
                 return job_json(server, job)
             if action == "/output":
                 self._method(method, "GET")
-                return self._output(job, _number(query, "after") or 0)
+                return self._output(job, int(_number(query, "after") or 0),
+                                    int(_number(query, "limit") or OUTPUT_PAGE))
             self._method(method, "POST")
             return await self._cancel(job, me)
         found = _SESSION_RELEASE.match(path)
@@ -223,17 +224,23 @@ class HttpApi:
         return {"jobs": [job_json(self.server, j, code=False) for j in jobs
                          if kind is None or j.kind == kind]}
 
-    def _output(self, job: JobRecord, after: float) -> dict[str, Any]:
-        outputs = self.server.store.outputs_after(job.id, int(after))
-        state = self.server.store.job(job.id).state
+    def _output(self, job: JobRecord, after: int, limit: int) -> dict[str, Any]:
+        """A page of output; ``more``: another page is there now; ``done``: none will come."""
+        if not 1 <= limit <= OUTPUT_PAGE:
+            raise HttpError(HTTPStatus.BAD_REQUEST, f"limit must be from 1 to {OUTPUT_PAGE}")
+        state = self.server.store.job(job.id).state  # read first: output comes before the end
+        outputs = self.server.store.outputs_after(job.id, after, limit + 1)
+        more = len(outputs) > limit
+        outputs = outputs[:limit]
         return {
             "id": job.id,
             "state": state,
-            "done": state not in ("queued", "running"),
-            "last_seq": outputs[-1][0] if outputs else int(after),
-            "outputs": [{"seq": seq, "msg_type": msg_type, "content": content,
+            "more": more,
+            "done": state not in ("queued", "running") and not more,
+            "last_seq": outputs[-1][0] if outputs else after,
+            "outputs": [{"seq": seq, "attempt": attempt, "msg_type": msg_type, "content": content,
                          "text": output_text(msg_type, content)}
-                        for seq, msg_type, content in outputs],
+                        for seq, attempt, msg_type, content in outputs],
         }
 
     async def _cancel(self, job: JobRecord, me: TokenInfo) -> dict[str, Any]:

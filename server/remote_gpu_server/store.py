@@ -496,12 +496,19 @@ class Store:
             return 0.0
         return slot_count(job.slots) * max(0.0, (job.ended or now) - job.started)
 
-    def outputs_after(self, job: JobId, seq: int) -> list[tuple[int, str, dict[str, Any]]]:
+    def outputs_after(self, job: JobId, seq: int,
+                      limit: int = 1000) -> list[tuple[int, int | None, str, dict[str, Any]]]:
+        """``job``'s outputs after ``seq``, at most ``limit``: ``(seq, attempt, msg_type, content)``.
+
+        ``attempt`` is the batch attempt that printed it (None for a cell).
+        """
         rows = self._db.execute(
-            "SELECT seq, msg_type, content FROM outputs WHERE job_id = ? AND seq > ? ORDER BY seq",
-            (job, seq),
+            "SELECT o.seq, a.attempt, o.msg_type, o.content FROM outputs o "
+            "LEFT JOIN job_attempts a ON a.job_id = o.job_id AND a.session_id = o.session_id "
+            "WHERE o.job_id = ? AND o.seq > ? ORDER BY o.seq LIMIT ?",
+            (job, seq, limit),
         ).fetchall()
-        return [(r[0], r[1], json.loads(r[2])) for r in rows]
+        return [(r[0], r[1], r[2], json.loads(r[3])) for r in rows]
 
     def last_output_seq(self, job: JobId) -> int:
         row = self._one("SELECT MAX(seq) FROM outputs WHERE job_id = ?", job)

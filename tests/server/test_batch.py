@@ -40,7 +40,7 @@ def wait_state(api: ApiClient, job: int, *states: str, timeout: float = PATIENCE
 
 
 def text(api: ApiClient, job: int) -> str:
-    return "".join(o["text"] for o in api.output(job)["outputs"])
+    return "".join(o["text"] for o in api.outputs(job))
 
 
 def test_submit_logs_complete_and_output_survives_a_restart(fresh_server: ServerProcess,
@@ -54,6 +54,11 @@ def test_submit_logs_complete_and_output_survives_a_restart(fresh_server: Server
     assert text(api, job["id"]) == "line 0\nline 1\nline 2\n"
     outputs = list(api.follow(job["id"], poll=0.1))
     assert "".join(o["text"] for o in outputs) == "line 0\nline 1\nline 2\n"
+    seqs = [o["seq"] for o in outputs]  # execute_input, then the stream
+    first = api.output(job["id"], limit=1)
+    assert first["more"] and not first["done"] and first["last_seq"] == seqs[0]
+    last = api.output(job["id"], after=seqs[-2], limit=1)
+    assert not last["more"] and last["done"] and last["last_seq"] == seqs[-1]
     failing = api.submit("raise ValueError('bad input')", retries=3)
     failed = wait_state(api, failing["id"], "failed", "completed")
     assert failed["error"] == "ValueError: bad input"
@@ -91,10 +96,12 @@ def test_a_dead_worker_is_retried_with_each_attempt_visible(fresh_server: Server
     api = start(fresh_server)
     marker = tmp_path / "first-attempt-done"
     script = (
-        "import os, pathlib\n"
+        "import os, pathlib, sys, time\n"
+        "print('trying', flush=True)\n"
         f"marker = pathlib.Path({str(marker)!r})\n"
         "if not marker.exists():\n"
         "    marker.write_text('x')\n"
+        "    time.sleep(0.5)  # lets the kernel publish what was printed\n"
         "    os._exit(3)\n"
         "print('second attempt ran')\n"
     )
@@ -106,7 +113,8 @@ def test_a_dead_worker_is_retried_with_each_attempt_visible(fresh_server: Server
     assert first["state"] == "failed" and "exit code 3" in first["error"]
     assert second["state"] == "completed"
     assert second["started"] - first["ended"] >= 0.9  # the backoff before the first retry
-    assert text(api, job["id"]) == "second attempt ran\n"
+    assert [(o["attempt"], o["text"]) for o in api.outputs(job["id"]) if o["text"]] == [
+        (1, "trying\n"), (2, "trying\n"), (2, "second attempt ran\n")]
 
     no_retries = api.submit("import os; os._exit(3)")
     failed = wait_state(api, no_retries["id"], "failed", "completed")

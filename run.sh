@@ -6,5 +6,4 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 RGPU_SKIP_APT=1 scripts/setup.sh
-.venv/bin/rgpu kernel install --sys-prefix >/dev/null 2>&1 || true
 exec .venv/bin/rgpu up -- "$@"

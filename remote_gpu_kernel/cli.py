@@ -132,34 +132,68 @@ def cmd_login(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    """Start a local server on the embedded defaults and JupyterLab wired to it."""
+    """Start a local server on the embedded defaults and JupyterLab wired to it.
+
+    Makes a token for this user unless the saved one works with this
+    server's store, saves it where notebooks look, installs the Remote GPU
+    kernelspec into this environment, and stops the server when JupyterLab
+    exits.
+    """
     _server()
+    from remote_gpu_server.errors import TokenError
     from remote_gpu_server.store import Store
 
+    from .kernelspec import install
+
     url = f"ws://127.0.0.1:{args.port}"
-    config = ClientConfig.load()
+    config = ClientConfig.load(url=url)
     db = _db(args)
-    if not (config.token and config.url == url):
-        store = Store(db)
-        try:
-            _, token = store.create_token(getpass.getuser() or "user")
-        finally:
-            store.close()
-        save_client_config(url, token)
-        print(f"created a token for {getpass.getuser()} and saved it to {config_path()}")
-    cmd = [sys.executable, "-m", "remote_gpu_kernel.cli", "serve", "--port", str(args.port),
-           "--db", str(db), "--slots", args.slots]
-    server = subprocess.Popen(cmd)
+    store = Store(db)
     try:
-        lab = [sys.executable, "-m", "jupyter", "lab", *args.lab_args]
-        print("GPU server on", url, "- starting JupyterLab:", " ".join(lab[2:]))
-        env = dict(os.environ, RGPU_URL=url)
+        try:
+            token = store.verify_token(config.token).id and config.token
+        except TokenError:
+            user = getpass.getuser() or "user"
+            _, token = store.create_token(user)
+            print(f"created a token for {user} and saved it to {config_path()}")
+    finally:
+        store.close()
+    assert token is not None
+    save_client_config(url, token)
+    install(prefix=sys.prefix, url=url)
+    server = subprocess.Popen([sys.executable, "-m", "remote_gpu_kernel.cli", "serve", "--port",
+                               str(args.port), "--db", str(db), "--slots", args.slots])
+    try:
+        if not _wait_for_port(args.port, server):
+            print(f"rgpu up: the GPU server did not start on port {args.port}", file=sys.stderr)
+            return 1
+        lab_args = args.lab_args[1:] if args.lab_args[:1] == ["--"] else list(args.lab_args)
+        if hasattr(os, "geteuid") and os.geteuid() == 0 and "--allow-root" not in lab_args:
+            lab_args.append("--allow-root")  # containers and CI machines run as root
+        lab = [sys.executable, "-m", "jupyter", "lab", *lab_args]
+        print(f"GPU server on {url}; starting JupyterLab (the Remote GPU kernel, %load_ext "
+              "remote_gpu_kernel and the Remote GPU sidebar are ready)")
+        env = dict(os.environ, RGPU_URL=url, RGPU_TOKEN=token)
         return subprocess.call(lab, env=env)
     except KeyboardInterrupt:
         return 130
     finally:
         server.terminate()
         server.wait(30)
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> bool:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        time.sleep(0.2)
+    return False
 
 
 def cmd_kernel(args: argparse.Namespace) -> int:

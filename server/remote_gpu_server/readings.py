@@ -42,8 +42,12 @@ DEFAULT_PERIOD = 3.0
 
 @dataclasses.dataclass(frozen=True)
 class ProcessReading:
+    """A process using a slot; ``worker`` is False for one this server did not start
+    (on a GPU: another program, or a leftover that still holds memory)."""
+
     pid: int
     memory: int  # bytes
+    worker: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +75,8 @@ class SlotReading:
             "memory_total": self.memory_total,
             "temperature": self.temperature,
             "power": self.power,
-            "processes": [{"pid": p.pid, "memory": p.memory} for p in self.processes],
+            "processes": [{"pid": p.pid, "memory": p.memory, "worker": p.worker}
+                          for p in self.processes],
         }
 
 
@@ -104,7 +109,7 @@ class _NvmlReader:
         except self.nvml.NVMLError:
             return None
 
-    def read(self, slot: Slot) -> SlotReading:
+    def read(self, slot: Slot, workers: set[int]) -> SlotReading:
         nv = self.nvml
         try:
             handle = self._handle(slot)
@@ -122,7 +127,8 @@ class _NvmlReader:
             memory_total=int(mem.total) if mem is not None else None,
             temperature=float(temp) if temp is not None else None,
             power=power / 1000.0 if power is not None else None,  # NVML reports milliwatts
-            processes=tuple(ProcessReading(int(p.pid), int(p.usedGpuMemory or 0)) for p in procs),
+            processes=tuple(ProcessReading(int(p.pid), int(p.usedGpuMemory or 0), int(p.pid) in workers)
+                            for p in procs),
             healthy=problem is None,
             problem=problem,
         )
@@ -189,7 +195,7 @@ class _ProcessReader:
 class Readings:
     """Keeps the latest :class:`SlotReading` of every slot.
 
-    ``pids(slot_id)`` lists the worker processes on a slot (for CPU slots).
+    ``pids(slot_id)`` lists the worker processes on a slot.
     ``nvml`` is the NVML module to use for GPU slots (default: ``pynvml``).
     ``on_health(slot_id, healthy, problem)`` is called, on the event loop,
     when a slot's health changes. Call :meth:`start` on the event loop and
@@ -227,12 +233,12 @@ class Readings:
         return self._latest[slot_id].healthy
 
     def _worker_pids(self) -> dict[SlotId, list[int]]:
-        return {s.id: self._pids(s.id) for s in self.slots if s.kind != "gpu"}
+        return {s.id: self._pids(s.id) for s in self.slots}
 
     def read_now(self, pids: dict[SlotId, list[int]] | None = None) -> dict[SlotId, tuple[bool, str | None]]:
         """Read every slot once; return the slots whose health changed.
 
-        ``pids`` are the CPU slots' worker processes, listed on the event
+        ``pids`` are every slot's worker processes, listed on the event
         loop when this runs in a thread (default: asked for now).
         """
         pids = self._worker_pids() if pids is None else pids
@@ -242,7 +248,7 @@ class Readings:
             if slot.kind == "gpu":
                 if gpu is None:
                     continue
-                reading = gpu.read(slot)
+                reading = gpu.read(slot, set(pids.get(slot.id, [])))
             else:
                 reading = self._cpu[slot.id].read(pids.get(slot.id, []))
             before = self._latest[slot.id]

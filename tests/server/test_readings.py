@@ -33,14 +33,16 @@ def test_gpu_readings_from_nvml() -> None:
     nvml, first, _ = gpus()
     first.utilization, first.memory_used, first.temperature, first.power_mw = 87, 3 * 2**30, 71, 412_500
     first.processes = [(4242, 2**30), (4343, 2 * 2**30)]
-    readings = Readings([GPU0, GPU1], no_pids, nvml=nvml)
+    readings = Readings([GPU0, GPU1], lambda slot: [4242] if slot == GPU0.id else [], nvml=nvml)
     assert readings.read_now() == {}
     r = readings.latest(GPU0.id)
     assert (r.utilization, r.memory_used, r.memory_total, r.temperature) == (87.0, 3 * 2**30, 80 * 2**30, 71.0)
     assert r.power == pytest.approx(412.5)  # NVML's milliwatts as watts
-    assert r.processes == (ProcessReading(4242, 2**30), ProcessReading(4343, 2 * 2**30))
+    # 4343 is no worker of this server: another program, or a leftover holding memory.
+    assert r.processes == (ProcessReading(4242, 2**30, True), ProcessReading(4343, 2 * 2**30, False))
     assert r.healthy and readings.healthy(GPU1.id)
-    assert r.as_json()["processes"] == [{"pid": 4242, "memory": 2**30}, {"pid": 4343, "memory": 2 * 2**30}]
+    assert r.as_json()["processes"] == [{"pid": 4242, "memory": 2**30, "worker": True},
+                                        {"pid": 4343, "memory": 2 * 2**30, "worker": False}]
 
 
 @pytest.mark.parametrize("fault, words", [

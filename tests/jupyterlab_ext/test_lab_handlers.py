@@ -14,15 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tornado.httpclient import HTTPClientError, HTTPResponse
 
-pytest.importorskip("jupyter_server")
-
-from tornado.httpclient import HTTPClientError, HTTPResponse  # noqa: E402
-
-from remote_gpu_kernel import Client  # noqa: E402
-from servers import ServerProcess  # noqa: E402
-
-pytest_plugins = ["pytest_jupyter.jupyter_server"]
+from remote_gpu_kernel import Client
+from servers import ServerProcess
 
 Fetch = Callable[..., Awaitable[HTTPResponse]]
 

@@ -139,8 +139,9 @@ class Session:
                     store.append_outputs(rows)
                     rows.clear()
                     flushed = time.monotonic()
-                await conn.send(m.Output(msg.req, self._seq, jmsg["msg_type"], jmsg["content"],
-                                         tuple(jmsg.get("buffers") or ())))
+                if jmsg["msg_type"] != "execute_input":  # the client has the code already
+                    await conn.send(m.Output(msg.req, self._seq, jmsg["msg_type"], jmsg["content"],
+                                             tuple(jmsg.get("buffers") or ())))
 
             task = asyncio.get_running_loop().create_task(worker.execute(
                 msg.code, on_iopub, silent=msg.silent, store_history=msg.store_history,

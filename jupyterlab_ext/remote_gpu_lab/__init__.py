@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from remote_gpu_kernel import __version__
+
 from .handlers import setup_handlers
 
-__all__ = ["setup_handlers"]
+__all__ = ["LABEXTENSION", "__version__", "setup_handlers"]
 
 #: The name in ``package.json``: the folder under ``share/jupyter/labextensions``.
 LABEXTENSION = "remote-gpu-lab"

@@ -27,7 +27,7 @@ def test_labextension_is_listed_enabled() -> None:
 def test_server_extension_is_listed_enabled() -> None:
     text = _jupyter("server", "extension", "list")
     assert re.search(r"remote_gpu_lab enabled", text), text
-    assert re.search(r"remote_gpu_lab\s+OK", text), text
+    assert re.search(rf"remote_gpu_lab {re.escape(remote_gpu_lab.__version__)}\s+OK", text), text
 
 
 def test_extension_points_name_the_built_package() -> None:

@@ -7,8 +7,10 @@ with the token from the environment or the config file.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
+import threading
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -185,3 +187,59 @@ async def test_release_frees_the_lease(jp_fetch: Fetch, rgpu_env: pytest.MonkeyP
         assert not [s for s in body["status"]["sessions"] if s["mine"]]
     finally:
         session.close()
+
+
+async def _until(check: Callable[[], Awaitable[bool]], timeout: float = 30) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("timed out")
+        await asyncio.sleep(0.1)
+
+
+async def test_queue_position_and_cancel_of_a_running_cell(jp_fetch: Fetch, rgpu_env: pytest.MonkeyPatch,
+                                                           one_slot: ServerProcess) -> None:
+    bob, alice = one_slot.token("bob"), one_slot.token("alice")
+    rgpu_env.setenv("RGPU_URL", one_slot.url)
+    rgpu_env.setenv("RGPU_TOKEN", alice)
+    holder = Client(one_slot.url, bob).session()
+    waiting: dict[str, Any] = {}
+    waiter = threading.Thread(target=lambda: waiting.setdefault("session", Client(one_slot.url, alice).session()))
+    waiter.start()
+    try:
+        async def queued() -> bool:
+            _, body = await get_json(jp_fetch, "status")
+            return bool(body["status"]["queue"])
+
+        await _until(queued)
+        _, body = await get_json(jp_fetch, "status")
+        [entry] = body["status"]["queue"]
+        assert (entry["user"], entry["mine"], entry["position"]) == ("alice", True, 1)
+        holder_json = body["status"]["slots"][0]["holder"]
+        assert holder_json["user"] == "bob" and holder_json["mine"] is False
+        assert "session" not in holder_json or holder_json["session"] is None, "another user's session id leaked"
+
+        holder.release()
+        await asyncio.to_thread(waiter.join, 30)
+        session = waiting["session"]
+        result: dict[str, Any] = {}
+        runner = threading.Thread(target=lambda: result.setdefault(
+            "r", session.execute("import time\nfor _ in range(600): time.sleep(0.05)", on_output=lambda _: None)))
+        runner.start()
+
+        async def running() -> bool:
+            _, jobs = await get_json(jp_fetch, "jobs")
+            return any(job["state"] == "running" for job in jobs)
+
+        await _until(running)
+        _, jobs = await get_json(jp_fetch, "jobs")
+        [job] = [j for j in jobs if j["state"] == "running"]
+        code, body = await get_json(jp_fetch, "jobs", str(job["id"]), "cancel", method="POST")
+        assert code == 200, body
+        await asyncio.to_thread(runner.join, 30)
+        assert not runner.is_alive(), "cancel did not stop the running cell"
+        assert result["r"].error is not None and "KeyboardInterrupt" in repr(result["r"].error)
+        session.close()
+    finally:
+        holder.close()
+        waiter.join(30)

@@ -60,12 +60,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s")
     # websockets logs handshake headers at debug level: never let a token
     # reach the log, whatever level the server runs at.
-    logging.getLogger("websockets").setLevel(max(level, logging.INFO))
+    # It also logs every HTTP request (the sidebar polls) at INFO: warnings only.
+    logging.getLogger("websockets").setLevel(max(level, logging.WARNING))
     for handler in logging.getLogger().handlers:
         handler.addFilter(_redact_tokens)
+    from remote_gpu_server.config import parse_pool
+    from remote_gpu_server.scheduler import Quota, SchedulerConfig
+
+    try:
+        scheduler = SchedulerConfig(
+            half_life=args.half_life * 3600, max_wait=args.max_wait,
+            default_quota=Quota(args.max_gpus, args.max_waiting),
+            pools=tuple(parse_pool(spec) for spec in args.pool),
+        )
+    except ValueError as exc:
+        sys.exit(f"rgpu serve: {exc}")
     config = ServerConfig(host=args.host, port=args.port, db=_db(args), slots=args.slots,
                           idle_timeout=args.idle_timeout, grace=args.grace,
-                          price_per_gpu_hour=args.price_per_gpu_hour)
+                          price_per_gpu_hour=args.price_per_gpu_hour, scheduler=scheduler)
 
     async def serve() -> None:
         server = GpuServer(config)
@@ -99,7 +111,8 @@ def cmd_token(args: argparse.Namespace) -> int:
     store = Store(_db(args))
     try:
         if args.token_cmd == "create":
-            token_id, token = store.create_token(args.user, days=args.days, admin=args.admin)
+            token_id, token = store.create_token(args.user, days=args.days, admin=args.admin,
+                                                 max_gpus=args.max_gpus, max_waiting=args.max_waiting)
             print(token)
             print(f"token {token_id} for {args.user}: shown once, keep it secret", file=sys.stderr)
         elif args.token_cmd == "list":
@@ -204,7 +217,8 @@ def cmd_kernel(args: argparse.Namespace) -> int:
 
     try:
         dest = install(user=args.user, prefix=args.prefix, kernel_name=args.name,
-                       display_name=args.display_name, url=args.url)
+                       display_name=args.display_name, url=args.url, gpus=args.gpus,
+                       priority=args.priority, pool=args.pool)
     except OSError as exc:
         if exc.errno != errno.EACCES:
             raise
@@ -236,6 +250,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep a disconnected client's session this long (default 60)")
     p.add_argument("--price-per-gpu-hour", type=float, metavar="PRICE",
                    help="show the cost of GPU time in rgpu usage and /api/status")
+    p.add_argument("--max-gpus", type=int, metavar="N",
+                   help="default quota: most slots a user may hold and ask for at once (default: no limit)")
+    p.add_argument("--max-waiting", type=int, metavar="N",
+                   help="default quota: most lease requests a user may have waiting (default: no limit)")
+    p.add_argument("--half-life", type=float, default=24.0, metavar="HOURS",
+                   help="fair share: how fast past GPU time stops counting (default 24)")
+    p.add_argument("--max-wait", type=float, default=4 * 3600.0, metavar="SECONDS",
+                   help="aging: a request waiting this long goes before newer ones of any priority "
+                        "(default 14400)")
+    p.add_argument("--pool", action="append", default=[], metavar="NAME=SLOTS[:idle=S][:max-gpus=N]",
+                   help="a named pool of slots with its own idle timeout and quota, e.g. "
+                        "interactive=gpu0,gpu1:idle=900:max-gpus=1 (repeatable; unnamed slots "
+                        "form the pool 'default')")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
 
@@ -245,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("user")
     c.add_argument("--days", type=float, help="expire after N days (default: never)")
     c.add_argument("--admin", action="store_true", help="an admin token sees every user's jobs")
+    c.add_argument("--max-gpus", type=int, metavar="N", help="this token's quota of slots held at once")
+    c.add_argument("--max-waiting", type=int, metavar="N", help="this token's quota of waiting requests")
     c.add_argument("--db", help=db_help)
     c = tsub.add_parser("list", help="list tokens (never the tokens themselves)")
     c.add_argument("--db", help=db_help)
@@ -276,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--name", default="remote-gpu", help="the kernelspec's name (default remote-gpu)")
     c.add_argument("--display-name", help='the name JupyterLab shows (default "Remote GPU")')
     c.add_argument("--url", help="the GPU server's URL, written into the spec as RGPU_URL")
+    c.add_argument("--gpus", type=int, help="how many GPUs the kernel leases (default 1)")
+    c.add_argument("--priority", choices=["high", "normal", "low"], help="its lease's priority")
+    c.add_argument("--pool", help="the pool of GPUs it leases from")
     p.set_defaults(func=cmd_kernel)
     add_job_commands(sub)
     return parser

@@ -18,7 +18,7 @@ import dataclasses
 import itertools
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -198,6 +198,7 @@ class AsyncClient:
     def __init__(self, url: str | None = None, token: str | None = None, *,
                  open_timeout: float = 10) -> None:
         config = ClientConfig.load(url, token)
+        self.config = config
         self.url = config.url
         self.token = config.token
         self.open_timeout = open_timeout
@@ -242,19 +243,30 @@ class AsyncClient:
         del req
         return link
 
-    def session(self, gpus: int = 1, *, resume: str | None = None,
+    def session(self, gpus: int | None = None, *, resume: str | None = None,
+                priority: str | None = None, pool: str | None = None,
                 on_queue: QueueCallback | None = None,
                 on_notice: NoticeCallback | None = None) -> _SessionOpener:
         """Lease ``gpus`` slots: ``await`` it, or use it as ``async with``."""
-        return _SessionOpener(self, gpus, resume, on_queue, on_notice)
+        return _SessionOpener(self.open_session(gpus, resume=resume, priority=priority, pool=pool,
+                                                on_queue=on_queue, on_notice=on_notice))
 
-    async def open_session(self, gpus: int = 1, *, resume: str | None = None,
+    async def open_session(self, gpus: int | None = None, *, resume: str | None = None,
+                           priority: str | None = None, pool: str | None = None,
                            on_queue: QueueCallback | None = None,
                            on_notice: NoticeCallback | None = None) -> AsyncSession:
+        """Lease ``gpus`` slots of ``pool`` at ``priority``, or resume a session.
+
+        Unset arguments come from the client's config (RGPU_GPUS,
+        RGPU_PRIORITY, RGPU_POOL): 1 slot, ``normal``, ``default``.
+        ``on_queue(position)`` is called whenever the request's place in the
+        queue changes.
+        """
         link = await self._connect()
         try:
             req, inbox = link.open()
-            await link.send(m.LeaseRequest(req, gpus, resume))
+            await link.send(m.LeaseRequest(req, gpus or self.config.gpus, resume,
+                                           priority or self.config.priority, pool or self.config.pool))
             while True:
                 msg = await link.receive(inbox)
                 if isinstance(msg, m.QueuePosition):
@@ -278,18 +290,15 @@ def _notify(on_notice: NoticeCallback | None, text: str) -> None:
 
 
 class _SessionOpener:
-    def __init__(self, client: AsyncClient, gpus: int, resume: str | None,
-                 on_queue: QueueCallback | None, on_notice: NoticeCallback | None) -> None:
-        self._args = (client, gpus, resume, on_queue, on_notice)
+    def __init__(self, opening: Coroutine[Any, Any, AsyncSession]) -> None:
+        self._opening = opening
         self._session: AsyncSession | None = None
 
     def __await__(self) -> Any:
-        client, gpus, resume, on_queue, on_notice = self._args
-        return client.open_session(gpus, resume=resume, on_queue=on_queue,
-                                   on_notice=on_notice).__await__()
+        return self._opening.__await__()
 
     async def __aenter__(self) -> AsyncSession:
-        self._session = await self
+        self._session = await self._opening
         return self._session
 
     async def __aexit__(self, *exc: Any) -> None:

@@ -31,6 +31,10 @@ def config_path() -> Path:
 class ClientConfig:
     url: str = DEFAULT_URL
     token: str | None = None
+    #: What a lease asks for unless told otherwise (RGPU_GPUS, RGPU_PRIORITY, RGPU_POOL).
+    gpus: int = 1
+    priority: str = "normal"
+    pool: str = "default"
 
     @classmethod
     def load(cls, url: str | None = None, token: str | None = None) -> ClientConfig:
@@ -42,9 +46,13 @@ class ClientConfig:
                 stored = json.loads(path.read_text())
             except (OSError, ValueError):
                 stored = {}
+        gpus = os.environ.get("RGPU_GPUS", "1")
         return cls(
             url=url or os.environ.get("RGPU_URL") or stored.get("url") or DEFAULT_URL,
             token=token or os.environ.get("RGPU_TOKEN") or stored.get("token"),
+            gpus=int(gpus) if gpus.isdigit() and int(gpus) > 0 else 1,
+            priority=os.environ.get("RGPU_PRIORITY") or "normal",
+            pool=os.environ.get("RGPU_POOL") or "default",
         )
 
 

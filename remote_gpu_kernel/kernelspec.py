@@ -37,7 +37,7 @@ _LOGO_SVG = """<svg xmlns="http://www.w3.org/2000/svg" width="64" height="64" vi
 
 
 def kernel_dict(display_name: str = DISPLAY_NAME, url: str | None = None,
-                executable: str | None = None) -> dict[str, Any]:
+                executable: str | None = None, lease: dict[str, str] | None = None) -> dict[str, Any]:
     """The contents of ``kernel.json``."""
     spec: dict[str, Any] = {
         "argv": [executable or sys.executable, "-m", "remote_gpu_kernel.kernel",
@@ -48,23 +48,32 @@ def kernel_dict(display_name: str = DISPLAY_NAME, url: str | None = None,
         "metadata": {"remote_gpu": True},
         "kernel_protocol_version": "5.5",
     }
+    env = dict(lease or {})
     if url:
-        spec["env"] = {"RGPU_URL": url}
+        env["RGPU_URL"] = url
+    if env:
+        spec["env"] = env
     return spec
 
 
-def write_kernel_spec(path: Path, display_name: str = DISPLAY_NAME, url: str | None = None) -> Path:
+def write_kernel_spec(path: Path, display_name: str = DISPLAY_NAME, url: str | None = None,
+                      lease: dict[str, str] | None = None) -> Path:
     """Write a kernelspec folder at ``path`` (created; must not exist)."""
     path.mkdir(parents=True)
-    (path / "kernel.json").write_text(json.dumps(kernel_dict(display_name, url), indent=1) + "\n")
+    spec = kernel_dict(display_name, url, lease=lease)
+    (path / "kernel.json").write_text(json.dumps(spec, indent=1) + "\n")
     (path / "logo-svg.svg").write_text(_LOGO_SVG)
     return path
 
 
 def install(*, user: bool = False, prefix: str | None = None, kernel_name: str = KERNEL_NAME,
             display_name: str | None = None, url: str | None = None,
-            kernel_spec_manager: Any = None) -> str:
+            kernel_spec_manager: Any = None, gpus: int | None = None,
+            priority: str | None = None, pool: str | None = None) -> str:
     """Install the kernelspec; return the folder it was installed to.
+
+    ``gpus``, ``priority`` and ``pool`` go into the spec's environment
+    (RGPU_GPUS, RGPU_PRIORITY, RGPU_POOL): what the kernel's lease asks for.
 
     As with ipykernel, a custom ``kernel_name`` without a ``display_name``
     is shown under its name. Raises ``OSError`` (``EACCES``) where the
@@ -77,7 +86,9 @@ def install(*, user: bool = False, prefix: str | None = None, kernel_name: str =
     manager = kernel_spec_manager or KernelSpecManager()
     staging = Path(tempfile.mkdtemp(suffix="_kernels"))
     try:
-        source = write_kernel_spec(staging / kernel_name, display_name, url)
+        lease = {key: str(value) for key, value in
+                 (("RGPU_GPUS", gpus), ("RGPU_PRIORITY", priority), ("RGPU_POOL", pool)) if value}
+        source = write_kernel_spec(staging / kernel_name, display_name, url, lease)
         return str(manager.install_kernel_spec(str(source), kernel_name=kernel_name,
                                                user=user, prefix=prefix))
     finally:

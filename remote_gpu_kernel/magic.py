@@ -51,7 +51,8 @@ class GpuMagics(Magics):
             self.client = Client()
         return self.client
 
-    def _session(self, gpus: int = 1) -> Session:
+    def _session(self, gpus: int | None = None, priority: str | None = None,
+                 pool: str | None = None) -> Session:
         session = self.session
         if session is not None and session.released:
             _say(f"Your GPU session was released ({session.released}): its variables are gone; "
@@ -65,7 +66,7 @@ class GpuMagics(Magics):
             client = self._client()
             resume = self._last_session
             session = client.session(
-                gpus, resume=resume,
+                gpus, resume=resume, priority=priority, pool=pool,
                 on_queue=lambda pos: _say(f"waiting for a GPU: position {pos} in the queue"),
                 on_notice=_say,
             )
@@ -94,8 +95,12 @@ class GpuMagics(Magics):
               help="remote variables to pull back into the local namespace after the cell")
     @argument("--timeout", type=float, default=None, metavar="SECONDS",
               help="interrupt the cell after this many seconds")
-    @argument("--gpus", type=int, default=1, metavar="N",
+    @argument("--gpus", type=int, default=None, metavar="N",
               help="how many GPUs to lease if this notebook has no lease yet (default 1)")
+    @argument("--priority", choices=["high", "normal", "low"], default=None,
+              help="the lease request's priority (default normal)")
+    @argument("--pool", default=None, metavar="NAME",
+              help="the pool of GPUs to lease from (default: the server's default pool)")
     @line_cell_magic
     def gpu(self, line: str, cell: str | None = None) -> Any:
         """Run a cell on a leased remote GPU, or manage the connection.
@@ -103,6 +108,7 @@ class GpuMagics(Magics):
         Cell magic::
 
             %%gpu [-i NAME,...] [-o NAME,...] [--timeout SECONDS] [--gpus N]
+                  [--priority high|normal|low] [--pool NAME]
 
         leases a GPU for this notebook if it has none (from RGPU_URL and
         RGPU_TOKEN, or the saved config), pushes the ``-i`` variables, runs the
@@ -121,16 +127,17 @@ class GpuMagics(Magics):
         if cell is None:
             return self._line(line)
         args = parse_argstring(self.gpu, line)
-        self._run_cell(cell, _names(args.inputs), _names(args.outputs), args.timeout, args.gpus)
+        self._run_cell(cell, _names(args.inputs), _names(args.outputs), args.timeout,
+                       args.gpus, args.priority, args.pool)
         return None
 
-    def _run_cell(self, code: str, inputs: list[str], outputs: list[str],
-                  timeout: float | None, gpus: int) -> None:
+    def _run_cell(self, code: str, inputs: list[str], outputs: list[str], timeout: float | None,
+                  gpus: int | None, priority: str | None = None, pool: str | None = None) -> None:
         ns = self.shell.user_ns
         missing = [n for n in inputs if n not in ns]
         if missing:
             raise NameError(f"%%gpu -i: name {missing[0]!r} is not defined")
-        session = self._session(gpus)
+        session = self._session(gpus, priority, pool)
         try:
             if inputs:
                 session.push(**{n: ns[n] for n in inputs})

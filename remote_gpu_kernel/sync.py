@@ -114,7 +114,8 @@ class Client:
     def user(self) -> str | None:
         return self._client.user
 
-    def session(self, gpus: int = 1, *, resume: str | None = None,
+    def session(self, gpus: int | None = None, *, resume: str | None = None,
+                priority: str | None = None, pool: str | None = None,
                 on_queue: QueueCallback | None = None,
                 on_notice: NoticeCallback | None = None) -> Session:
         """Lease ``gpus`` slots; waits in the queue if none is free.
@@ -131,7 +132,7 @@ class Client:
 
         def factory(emit: Callable[[Any], None]) -> Coroutine[Any, Any, AsyncSession]:
             return self._client.open_session(
-                gpus, resume=resume,
+                gpus, resume=resume, priority=priority, pool=pool,
                 on_queue=lambda p: emit(("queue", p)),
                 on_notice=lambda t: emit(("notice", t)),
             )

@@ -138,12 +138,18 @@ class Welcome(Message):
 
 @dataclasses.dataclass(frozen=True)
 class LeaseRequest(Message):
-    """Ask for a lease of ``gpus`` slots, or to resume session ``resume``."""
+    """Ask for a lease of ``gpus`` slots, or to resume session ``resume``.
+
+    ``priority`` is ``high``, ``normal`` or ``low``; ``pool`` names a pool
+    of slots configured on the server (``default``: the unnamed slots).
+    """
 
     type = MessageType.LEASE_REQUEST
     req: int
     gpus: int = 1
     resume: str | None = None
+    priority: str = "normal"
+    pool: str = "default"
 
 
 @dataclasses.dataclass(frozen=True)

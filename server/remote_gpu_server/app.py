@@ -10,6 +10,7 @@ Tokens are checked in the handshake, so a bad token never opens a websocket.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -32,13 +33,16 @@ from .http_api import SUBMIT_PATH, HttpApi, is_websocket
 from .metrics import Metrics
 from .pool import Pool
 from .readings import Readings
-from .scheduler import FifoScheduler, Grant, LeaseRequestEntry
+from .scheduler import Grant, LeaseRequestEntry, Quota, Scheduler
 from .session import Session
 from .store import Store, TokenInfo
 
 __all__ = ["GpuServer", "__version__"]
 
 __version__ = "0.1.0"
+
+#: Up to this many waiting requests, positions are sent after every event.
+POSITIONS_EVERY_EVENT = 2000
 
 log = logging.getLogger("remote_gpu_server")
 
@@ -61,7 +65,10 @@ class GpuServer:
         self.store: Store = None  # type: ignore[assignment]
         self.pool: Pool = None  # type: ignore[assignment]
         self.slots: list[Slot] = []
-        self.scheduler: FifoScheduler = None  # type: ignore[assignment]
+        self.scheduler: Scheduler = None  # type: ignore[assignment]
+        # Quotas set on tokens, by user; the scheduler reads this mapping.
+        self._token_quotas: dict[str, Quota] = dict(config.scheduler.user_quotas)
+        self._keys = itertools.count(1)
         self.sessions: dict[SessionId, Session] = {}
         self.port = config.port
         self._released: dict[str, str] = {}
@@ -81,7 +88,10 @@ class GpuServer:
         if stale:
             log.warning("marked %d job(s) left running by an earlier server as failed", stale)
         self.slots = discover_slots(self.config.slots)
-        self.scheduler = FifoScheduler([s.id for s in self.slots])
+        import dataclasses
+
+        self.scheduler = Scheduler([s.id for s in self.slots],
+                                   dataclasses.replace(self.config.scheduler, user_quotas=self._token_quotas))
         self.pool = Pool(self.slots, self.config.startup_timeout)
         self.pool.start()
         self.readings = Readings(self.slots, self.pool.worker_pids)
@@ -147,6 +157,15 @@ class GpuServer:
 
     # -- leases -------------------------------------------------------------
 
+    def new_key(self) -> int:
+        """A lease request key, unique in this server."""
+        return next(self._keys)
+
+    def apply_token_quota(self, token: TokenInfo) -> None:
+        """Quotas set on ``token`` become its user's (the latest token used wins)."""
+        if token.max_gpus is not None or token.max_waiting is not None:
+            self._token_quotas[token.user] = Quota(token.max_gpus, token.max_waiting)
+
     async def wait_for_lease(self, entry: LeaseRequestEntry, conn: Connection) -> tuple[SlotId, ...]:
         """Queue ``entry`` and wait for its slots; raises ValueError if impossible."""
         fut: asyncio.Future[tuple[SlotId, ...]] = asyncio.get_running_loop().create_future()
@@ -179,6 +198,16 @@ class GpuServer:
                 await self._apply(self.scheduler.release(list(grant.slots)))
                 continue
             waiter[0].set_result(grant.slots)
+        await self._send_positions()
+
+    async def _send_positions(self, force: bool = False) -> None:
+        """Tell waiting clients whose position changed.
+
+        Positions cost a sort of the whole queue; past a few thousand waiting
+        requests they are sent once a reaper period instead of per event.
+        """
+        if len(self._waiters) > POSITIONS_EVERY_EVENT and not force:
+            return
         positions = self.scheduler.positions()
         for key, position in positions.items():
             if self._positions.get(key) != position and key in self._waiters:
@@ -244,15 +273,26 @@ class GpuServer:
         log.info("warm pool ready: %d/%d slot(s) have a started worker",
                  sum(self.pool.is_warm(s.id) for s in self.slots), len(self.slots))
 
+    def idle_timeout(self, session: Session) -> float:
+        """The session's pool's idle timeout, else the server's."""
+        pool_timeout = self.scheduler.pool_of(session.slots[0]).idle_timeout
+        return self.config.idle_timeout if pool_timeout is None else pool_timeout
+
     async def _reap_idle(self) -> None:
-        timeout = self.config.idle_timeout
-        period = max(0.2, min(5.0, timeout / 4))
+        """Release idle sessions, and let waiting requests age (scheduler tick)."""
+        timeouts = [self.config.idle_timeout] + [
+            p.idle_timeout for p in self.scheduler.pools if p.idle_timeout is not None]
+        period = max(0.2, min(5.0, min(timeouts) / 4))
         while True:
             await asyncio.sleep(period)
             now = time.monotonic()
             for session in list(self.sessions.values()):
+                timeout = self.idle_timeout(session)
                 if not session.busy and now - session.last_active > timeout:
                     await self.release(session, f"idle for more than {timeout:g} s (--idle-timeout)")
+            grants = self.scheduler.tick()
+            await self._apply(grants)
+            await self._send_positions(force=True)
 
     # -- for tests and benchmarks ------------------------------------------
 

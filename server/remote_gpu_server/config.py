@@ -8,7 +8,9 @@ from pathlib import Path
 
 import platformdirs
 
-__all__ = ["ServerConfig", "default_db_path"]
+from .scheduler import PoolConfig, Quota, SchedulerConfig
+
+__all__ = ["ServerConfig", "default_db_path", "parse_pool"]
 
 
 def default_db_path() -> Path:
@@ -17,6 +19,34 @@ def default_db_path() -> Path:
     if env:
         return Path(env)
     return Path(platformdirs.user_data_dir("remote-gpu-kernel")) / "rgpu.sqlite3"
+
+
+def parse_pool(spec: str) -> PoolConfig:
+    """``--pool NAME=SLOT,SLOT[:idle=SECONDS][:max-gpus=N][:max-waiting=N]``.
+
+    For example ``interactive=gpu0,gpu1:idle=900:max-gpus=1``. Raises
+    ValueError saying what is wrong.
+    """
+    name, sep, rest = spec.partition("=")
+    if not sep or not name or not rest:
+        raise ValueError(f"--pool {spec!r}: expected NAME=SLOT,SLOT[:idle=SECONDS][:max-gpus=N]")
+    slots, *options = rest.split(":")
+    values: dict[str, float] = {}
+    for option in options:
+        key, _, value = option.partition("=")
+        if key not in ("idle", "max-gpus", "max-waiting"):
+            raise ValueError(f"--pool {spec!r}: unknown option {key!r} (idle, max-gpus, max-waiting)")
+        try:
+            values[key] = float(value)
+        except ValueError:
+            raise ValueError(f"--pool {spec!r}: {key} needs a number") from None
+    gpus, waiting = values.get("max-gpus"), values.get("max-waiting")
+    return PoolConfig(
+        name=name,
+        slots=tuple(s.strip() for s in slots.split(",") if s.strip()),  # type: ignore[misc]
+        idle_timeout=values.get("idle"),
+        default_quota=Quota(None if gpus is None else int(gpus), None if waiting is None else int(waiting)),
+    )
 
 
 @dataclasses.dataclass
@@ -34,5 +64,7 @@ class ServerConfig:
     kill_grace: float = 5.0
     #: How long a worker may take to start.
     startup_timeout: float = 120.0
+    #: Priorities, fair share, quotas and pools (see :mod:`.scheduler`).
+    scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
     #: Price of one GPU-hour (slot-hour) for usage reports; None shows no cost.
     price_per_gpu_hour: float | None = None

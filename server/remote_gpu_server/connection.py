@@ -10,7 +10,6 @@ client sends can raise out of this module.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -35,7 +34,6 @@ __all__ = ["Connection"]
 
 log = logging.getLogger("remote_gpu_server")
 
-_keys = itertools.count(1)
 
 
 class Connection:
@@ -186,7 +184,9 @@ class Connection:
                 "this is a new session and its variables are gone."
             )))
         started = time.monotonic()
-        entry = LeaseRequestEntry(next(_keys), self.user, msg.gpus, time.time())
+        self.server.apply_token_quota(self.token)
+        entry = LeaseRequestEntry(server.new_key(), self.user, msg.gpus, time.time(),
+                                  priority=msg.priority, pool=msg.pool)
         self._waiting[entry.key] = msg.req
         try:
             slots = await server.wait_for_lease(entry, self)

@@ -41,7 +41,9 @@ CREATE TABLE IF NOT EXISTS tokens (
     created REAL NOT NULL,
     expires REAL,
     revoked REAL,
-    last_used REAL
+    last_used REAL,
+    max_gpus INTEGER,
+    max_waiting INTEGER
 );
 CREATE TABLE IF NOT EXISTS sessions (
     id TEXT PRIMARY KEY,
@@ -114,6 +116,9 @@ class TokenInfo:
     expires: float | None
     revoked: float | None
     last_used: float | None
+    #: Quotas set on this token; None: the server's defaults.
+    max_gpus: int | None = None
+    max_waiting: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +182,14 @@ class Store:
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Add columns that later versions introduced to an older file."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(tokens)")}
+        for name in ("max_gpus", "max_waiting"):
+            if name not in columns:
+                self._db.execute(f"ALTER TABLE tokens ADD COLUMN {name} INTEGER")
 
     def close(self) -> None:
         self._db.close()
@@ -202,10 +215,12 @@ class Store:
         self._user_ids[name] = int(cur.lastrowid or 0)
         return self._user_ids[name]
 
-    def create_token(self, user: str, days: float | None = None, admin: bool = False) -> tuple[int, str]:
+    def create_token(self, user: str, days: float | None = None, admin: bool = False,
+                     max_gpus: int | None = None, max_waiting: int | None = None) -> tuple[int, str]:
         """Create a token for ``user`` (made if new); return ``(id, token)``.
 
-        The token itself is returned once and never stored.
+        The token itself is returned once and never stored. ``max_gpus`` and
+        ``max_waiting`` set this token's quotas (None: the server's default).
         """
         if not user or not user.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise StoreError("a user name is letters, digits, '-', '_' and '.'")
@@ -214,17 +229,18 @@ class Store:
         expires = now + days * 86400 if days else None
         user_id = self._user_id(user, create=True)
         cur = self._db.execute(
-            "INSERT INTO tokens (user_id, hash, admin, created, expires) VALUES (?, ?, ?, ?, ?)",
-            (user_id, hash_token(token), int(admin), now, expires),
+            "INSERT INTO tokens (user_id, hash, admin, created, expires, max_gpus, max_waiting) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (user_id, hash_token(token), int(admin), now, expires, max_gpus, max_waiting),
         )
         return int(cur.lastrowid or 0), token
 
     def list_tokens(self) -> list[TokenInfo]:
         rows = self._db.execute(
-            "SELECT t.id, u.name, t.admin, t.created, t.expires, t.revoked, t.last_used "
-            "FROM tokens t JOIN users u ON u.id = t.user_id ORDER BY t.id"
+            "SELECT t.id, u.name, t.admin, t.created, t.expires, t.revoked, t.last_used, "
+            "t.max_gpus, t.max_waiting FROM tokens t JOIN users u ON u.id = t.user_id ORDER BY t.id"
         ).fetchall()
-        return [TokenInfo(r[0], r[1], bool(r[2]), r[3], r[4], r[5], r[6]) for r in rows]
+        return [TokenInfo(r[0], r[1], bool(r[2]), r[3], r[4], r[5], r[6], r[7], r[8]) for r in rows]
 
     def revoke_token(self, token_id: int) -> None:
         cur = self._db.execute(
@@ -241,15 +257,15 @@ class Store:
             raise TokenError("missing token: send 'Authorization: Bearer TOKEN'")
         digest = hash_token(token)
         row = self._one(
-            "SELECT t.id, u.name, t.admin, t.created, t.expires, t.revoked, t.last_used, t.hash "
-            "FROM tokens t JOIN users u ON u.id = t.user_id WHERE t.hash = ?",
+            "SELECT t.id, u.name, t.admin, t.created, t.expires, t.revoked, t.last_used, t.hash, "
+            "t.max_gpus, t.max_waiting FROM tokens t JOIN users u ON u.id = t.user_id WHERE t.hash = ?",
             digest,
         )
         # compare_digest keeps the final comparison constant-time even though
         # the index lookup already found the row by its hash.
         if row is None or not hmac.compare_digest(row[7], digest):
             raise TokenError("invalid token: no such token on this server")
-        info = TokenInfo(row[0], row[1], bool(row[2]), row[3], row[4], row[5], row[6])
+        info = TokenInfo(row[0], row[1], bool(row[2]), row[3], row[4], row[5], row[6], row[8], row[9])
         now = time.time()
         if info.revoked is not None:
             raise TokenError(f"revoked token: token {info.id} was revoked; ask for a new one")

@@ -1,0 +1,60 @@
+"""Every public module lists its public names in ``__all__``, and they exist."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+MODULES = [
+    "remote_gpu_kernel",
+    "remote_gpu_kernel.errors",
+    "remote_gpu_kernel.typing",
+    "remote_gpu_kernel.protocol",
+    "remote_gpu_kernel.protocol.messages",
+    "remote_gpu_kernel.protocol.framing",
+    "remote_gpu_kernel.protocol.serialization",
+    "remote_gpu_kernel.client",
+    "remote_gpu_kernel.sync",
+    "remote_gpu_kernel.config",
+    "remote_gpu_server.app",
+    "remote_gpu_server.errors",
+    "remote_gpu_server.scheduler",
+    "remote_gpu_server.store",
+    "remote_gpu_server.pool",
+    "remote_gpu_server.worker",
+    "remote_gpu_server.transfer",
+    "remote_gpu_server.gpus",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_all_names_exist(name: str) -> None:
+    module = importlib.import_module(name)
+    exported = getattr(module, "__all__", None)
+    assert exported, f"{name} has no __all__"
+    assert len(set(exported)) == len(exported), f"{name}.__all__ lists a name twice"
+    missing = [n for n in exported if not hasattr(module, n)]
+    assert not missing, f"{name}.__all__ names what it does not define: {missing}"
+
+
+def test_the_package_exports_the_api_and_every_error() -> None:
+    import remote_gpu_kernel
+    from remote_gpu_kernel import errors
+
+    for name in ("Client", "Session", "AsyncClient", "AsyncSession", "ExecuteResult",
+                 "load_ipython_extension"):
+        assert name in remote_gpu_kernel.__all__
+    for name in errors.__all__:
+        assert name in remote_gpu_kernel.__all__
+        assert issubclass(getattr(errors, name), errors.RemoteGpuError)
+
+
+def test_the_server_does_not_import_torch_or_initialise_cuda() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, remote_gpu_server.app, remote_gpu_server.worker; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -147,37 +147,41 @@ class Session:
                 msg.code, on_iopub, silent=msg.silent, store_history=msg.store_history,
                 allow_stdin=msg.allow_stdin,
             ))
+            # The answer goes out before the job's last writes, which stay
+            # under the lock: the next request still sees the job finished.
             try:
                 reply = await self._await_cell(task, worker, msg.timeout)
-            except WorkerDied as exc:
-                store.finish_job(job, "failed", str(exc))
-                await conn.send(m.Error(msg.req, m.ErrorCode.WORKER_DIED, str(exc)))
+            except (WorkerDied, TimeoutError) as exc:
+                died = isinstance(exc, WorkerDied)
+                await conn.send(m.Error(msg.req, m.ErrorCode.WORKER_DIED if died else m.ErrorCode.TIMEOUT,
+                                        str(exc)))
+                self._end_job(job, rows, "failed" if died else "timed_out", str(exc))
                 return
-            except TimeoutError as exc:
-                store.finish_job(job, "timed_out", str(exc))
-                await conn.send(m.Error(msg.req, m.ErrorCode.TIMEOUT, str(exc)))
-                return
-            finally:
-                store.append_outputs(rows)
-                self._running_job = None
-                self.touch()
             status = reply.get("status", "error")
+            await conn.send(m.ExecuteDone(
+                msg.req, job, status, reply.get("execution_count"),
+                str(reply.get("ename") or ""), str(reply.get("evalue") or ""),
+                [str(line) for line in reply.get("traceback") or []],
+            ))
             if status == "error" and _POISONED in str(reply.get("evalue")):
                 # CUDA cannot recover from a device-side assert in this process.
                 self._notice = ("The previous cell hit a CUDA device-side assert, which leaves the "
                                 "process unusable: the worker was restarted and its variables are gone.")
                 self._restart(worker)
             if status == "ok":
-                store.finish_job(job, "completed")
+                self._end_job(job, rows, "completed")
             elif self._interrupted and reply.get("ename") == "KeyboardInterrupt":
-                store.finish_job(job, "cancelled", "interrupted by the user")
+                self._end_job(job, rows, "cancelled", "interrupted by the user")
             else:
-                store.finish_job(job, "failed", f"{reply.get('ename')}: {reply.get('evalue')}")
-            await conn.send(m.ExecuteDone(
-                msg.req, job, status, reply.get("execution_count"),
-                str(reply.get("ename") or ""), str(reply.get("evalue") or ""),
-                [str(line) for line in reply.get("traceback") or []],
-            ))
+                self._end_job(job, rows, "failed", f"{reply.get('ename')}: {reply.get('evalue')}")
+
+    def _end_job(self, job: JobId, rows: list[tuple[SessionId, int, JobId | None, str, dict[str, Any]]],
+                 state: str, error: str | None = None) -> None:
+        self.server.store.append_outputs(rows)
+        if not (self.released and state != "completed"):  # close() already said 'cancelled'
+            self.server.store.finish_job(job, state, error)
+        self._running_job = None
+        self.touch()
 
     async def _await_cell(self, task: asyncio.Task[dict[str, Any]], worker: Worker,
                           timeout: float | None) -> dict[str, Any]:

@@ -62,8 +62,12 @@ class LocalKernel:
                     break
                 continue
             messages.append((time.monotonic() - start, msg))
-        reply = self.kc.get_shell_msg(timeout=timeout)
-        return CellRun(reply["content"], messages)
+        # Skip stale replies: wait_for_ready may have sent several
+        # kernel_info requests on a loaded machine, each answered later.
+        while True:
+            reply = self.kc.get_shell_msg(timeout=timeout)
+            if reply["parent_header"].get("msg_id") == msg_id:
+                return CellRun(reply["content"], messages)
 
     def close(self) -> None:
         self.kc.stop_channels()

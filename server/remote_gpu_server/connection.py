@@ -50,6 +50,7 @@ class Connection:
         self._hello = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._waiting: dict[int, int] = {}  # lease key -> req
+        self.closed = False  # the websocket is gone: nothing more is delivered
 
     async def send(self, message: m.Message) -> None:
         frames = encode(message)
@@ -169,6 +170,8 @@ class Connection:
 
     async def _on_lease(self, msg: m.LeaseRequest) -> None:
         server = self.server
+        if self.closed:
+            return  # its client left before this task ran: nothing to queue or resume for
         if self.session is not None and not self.session.released:
             await self._granted(msg.req, self.session, resumed=True, waited=0.0)
             return
@@ -196,6 +199,12 @@ class Connection:
         finally:
             self._waiting.pop(entry.key, None)
         session = await server.open_session(self.user, slots)
+        if self.closed:
+            # Granted, but the client left while its worker started: it never
+            # learns the session id, so nobody could resume it. Free it now
+            # rather than at the idle timeout.
+            await server.release(session, "the client disconnected before its lease was delivered")
+            return
         server.attach(session, self)
         await self._granted(msg.req, session, resumed=False, waited=time.monotonic() - started)
 
@@ -235,6 +244,7 @@ class Connection:
             await session.shell_request(msg, self)
 
     async def _closed(self) -> None:
+        self.closed = True
         self._reader.abort("the client disconnected in the middle of a message")
         for key in list(self._waiting):
             self.server.cancel_lease(key)

@@ -204,3 +204,19 @@ def test_slots_fall_back_to_cpu_with_one_log_line(fresh_server: ServerProcess) -
     line = fresh_server.wait_for_log("falling back to")
     assert "CPU slot" in line and "NVML" in line
     assert sum("falling back" in entry for entry in fresh_server.log) == 1
+
+
+def test_a_client_gone_before_its_lease_is_delivered_gives_the_slots_back(fresh_server: ServerProcess) -> None:
+    fresh_server.slots = "cpu:2"
+    fresh_server.start()
+    token = fresh_server.token()
+    with raw(fresh_server, token) as ws:
+        reader = Reader()
+        ws.send(encode(m.Hello(PROTOCOL_VERSION))[0])
+        assert isinstance(receive(ws, reader), m.Welcome)
+        ws.send(encode(m.LeaseRequest(1, gpus=2))[0])  # granted at once; its worker starts cold
+        fresh_server.wait_for_log(r"w\d+-cpu0\+cpu1", timeout=10)  # leave while it starts
+    line = fresh_server.wait_for_log("released session .* before its lease was delivered", timeout=30)
+    assert "alice" in line
+    with Client(fresh_server.url, token).session(gpus=2) as s:
+        assert s.slots == ["cpu0", "cpu1"]

@@ -56,12 +56,17 @@ def bearer_token(request: Request) -> str | None:
 
 
 class GpuServer:
-    """Call :meth:`start`, then :meth:`serve_forever` or :meth:`close`."""
+    """Call :meth:`start`, then :meth:`serve_forever` or :meth:`close`.
+
+    ``nvml`` is the NVML module for GPU readings and health (default:
+    ``pynvml``, imported only when there are GPU slots); tests pass a double.
+    """
 
     version = __version__
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, *, nvml: Any | None = None) -> None:
         self.config = config
+        self._nvml = nvml
         self.store: Store = None  # type: ignore[assignment]
         self.pool: Pool = None  # type: ignore[assignment]
         self.slots: list[Slot] = []
@@ -77,6 +82,7 @@ class GpuServer:
         self._tokens: dict[int, TokenInfo] = {}
         self._server: Server | None = None
         self._reaper: asyncio.Task[None] | None = None
+        self._applying: set[asyncio.Task[None]] = set()  # grants handed out from sync callers
         self.readings: Readings = None  # type: ignore[assignment]
         self.batch = BatchRunner(self)
         self.metrics = Metrics(self)
@@ -94,7 +100,9 @@ class GpuServer:
                                    dataclasses.replace(self.config.scheduler, user_quotas=self._token_quotas))
         self.pool = Pool(self.slots, self.config.startup_timeout)
         self.pool.start()
-        self.readings = Readings(self.slots, self.pool.worker_pids)
+        self.readings = Readings(self.slots, self.pool.worker_pids, nvml=self._nvml,
+                                 on_health=self._on_health)
+        await self.readings.refresh()  # a GPU already faulty is out before the first lease
         self.readings.start()
         self.batch.recover()
         self._server = await serve(
@@ -186,8 +194,13 @@ class GpuServer:
         waiter = self._waiters.pop(key, None)
         if waiter is not None and not waiter[0].done():
             waiter[0].cancel()
-        grants = self.scheduler.cancel(key)
-        asyncio.get_running_loop().create_task(self._apply(grants))
+        self._apply_soon(self.scheduler.cancel(key))
+
+    def _apply_soon(self, grants: list[Grant]) -> None:
+        """:meth:`_apply` ``grants`` from code that cannot await; the task is kept until done."""
+        task = asyncio.get_running_loop().create_task(self._apply(grants))
+        self._applying.add(task)
+        task.add_done_callback(self._applying.discard)
 
     async def _apply(self, grants: list[Grant]) -> None:
         for grant in grants:
@@ -199,6 +212,12 @@ class GpuServer:
                 continue
             waiter[0].set_result(grant.slots)
         await self._send_positions()
+
+    def _on_health(self, slot: SlotId, healthy: bool, problem: str | None) -> None:
+        """A slot's health changed (from :class:`Readings`): lease it or stop leasing it."""
+        # Positions may move either way: a request too big for the healthy
+        # slots stops holding up its pool.
+        self._apply_soon(self.scheduler.set_healthy(slot, healthy))
 
     async def _send_positions(self, force: bool = False) -> None:
         """Tell waiting clients whose position changed.
@@ -289,7 +308,10 @@ class GpuServer:
             for session in list(self.sessions.values()):
                 timeout = self.idle_timeout(session)
                 if not session.busy and now - session.last_active > timeout:
-                    await self.release(session, f"idle for more than {timeout:g} s (--idle-timeout)")
+                    pool = self.scheduler.pool_of(session.slots[0])
+                    which = ("--idle-timeout" if pool.idle_timeout is None
+                             else f"the idle timeout of pool {pool.name!r}")
+                    await self.release(session, f"idle for more than {timeout:g} s ({which})")
             grants = self.scheduler.tick()
             await self._apply(grants)
             await self._send_positions(force=True)

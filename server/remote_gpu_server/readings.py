@@ -198,8 +198,10 @@ class Readings:
     ``pids(slot_id)`` lists the worker processes on a slot.
     ``nvml`` is the NVML module to use for GPU slots (default: ``pynvml``).
     ``on_health(slot_id, healthy, problem)`` is called, on the event loop,
-    when a slot's health changes. Call :meth:`start` on the event loop and
-    :meth:`close` at the end; :meth:`read_now` reads once, synchronously.
+    when a slot's health changes. Call :meth:`refresh` (one reading now) and
+    :meth:`start` (a reading every ``period``) on the event loop, and
+    :meth:`close` at the end; :meth:`read_now` reads once, synchronously,
+    without calling ``on_health``.
     """
 
     def __init__(self, slots: list[Slot], pids: Callable[[SlotId], list[int]], *,
@@ -214,6 +216,7 @@ class Readings:
         self._nvml: _NvmlReader | None = None
         self._nvml_module = nvml
         self._task: asyncio.Task[None] | None = None
+        self._reading = asyncio.Lock()  # one reading at a time: readers keep state
 
     def _gpu_reader(self) -> _NvmlReader | None:
         if self._nvml is None and any(s.kind == "gpu" for s in self.slots):
@@ -258,23 +261,35 @@ class Readings:
         return changed
 
     def start(self) -> None:
+        """Read every ``period`` seconds in the background, the first time after one period."""
         self._task = asyncio.get_running_loop().create_task(self._run())
 
-    async def _run(self) -> None:
-        while True:
+    async def refresh(self) -> None:
+        """Read every slot once now (in a thread) and report health changes.
+
+        Each change is logged and passed to ``on_health`` before this
+        returns, so a server that awaits it before serving never leases a
+        slot already known to be unhealthy. A failed reading is logged and
+        changes nothing.
+        """
+        async with self._reading:
             try:
                 changed = await asyncio.to_thread(self.read_now, self._worker_pids())
             except Exception:
                 log.exception("reading the slots failed")
-                changed = {}
-            for slot_id, (healthy, problem) in changed.items():
-                if healthy:
-                    log.warning("slot %s is healthy again", slot_id)
-                else:
-                    log.error("slot %s is unhealthy and will not be leased: %s", slot_id, problem)
-                if self.on_health is not None:
-                    self.on_health(slot_id, healthy, problem)
+                return
+        for slot_id, (healthy, problem) in changed.items():
+            if healthy:
+                log.warning("slot %s is healthy again", slot_id)
+            else:
+                log.error("slot %s is unhealthy and will not be leased: %s", slot_id, problem)
+            if self.on_health is not None:
+                self.on_health(slot_id, healthy, problem)
+
+    async def _run(self) -> None:
+        while True:
             await asyncio.sleep(self.period)
+            await self.refresh()
 
     async def close(self) -> None:
         if self._task is not None:

@@ -15,6 +15,9 @@ Calling contract (what :class:`~remote_gpu_server.app.GpuServer` does):
 * Every call returns the grants that became possible; a grant is the start
   of a lease and a release its end, which is how the scheduler accounts
   GPU-seconds itself (slots held × time on its clock).
+* :meth:`Scheduler.set_healthy` when a slot's health changes (GPU readings):
+  an unhealthy slot is never granted; a lease holding it keeps it until
+  released, and it is free again only once it is healthy.
 * :meth:`Scheduler.positions` after each call, to tell clients their place.
 
 Integration in ``app.py``: build ``Scheduler([s.id for s in self.slots],
@@ -48,6 +51,11 @@ enough slots are free, and while it waits nothing ranked below it in that
 pool is granted (no overtaking). Slots may stay idle for it, but a large
 request is never starved by a stream of small ones: if others come to rank
 above it while it waits, aging puts it first after ``max_wait`` at most.
+
+Unhealthy slots: a request that asks for more slots than its pool has
+healthy ones cannot be granted until enough recover, so it holds nothing up
+meanwhile: the best-ranked request that could be granted blocks the pool
+instead. It keeps its rank and position, and goes first once it fits.
 
 Positions are per pool: position 1 is the request its pool would serve next.
 """
@@ -239,6 +247,7 @@ class _Pool:
         self.config = config
         self.order = {slot: i for i, slot in enumerate(config.slots)}
         self.free: list[SlotId] = list(config.slots)
+        self.unhealthy = 0  # slots of this pool marked unhealthy
         self.heads: OrderedDict[int, _Waiting] = OrderedDict()  # by aging_since
         self.queues: list[dict[str, OrderedDict[int, _Waiting]]] = [{} for _ in PRIORITIES]
         self.heaps: list[list[tuple[int, float, int, str]]] = [[] for _ in PRIORITIES]
@@ -283,14 +292,20 @@ class Scheduler:
         self._holders: dict[str, _User] = {}
         self._waiting: dict[int, _Waiting] = {}
         self._leases: dict[SlotId, _Lease] = {}
+        self._unhealthy: set[SlotId] = set()
         self._seq = itertools.count()
 
     # -- reading ------------------------------------------------------------
 
     @property
     def free(self) -> list[SlotId]:
-        """Free slots of every pool, in the order the machine lists them."""
-        return [slot for slot in self._all if slot not in self._leases]
+        """Free (unleased, healthy) slots of every pool, in the machine's order."""
+        return [slot for slot in self._all if slot not in self._leases and slot not in self._unhealthy]
+
+    @property
+    def unhealthy(self) -> list[SlotId]:
+        """Slots marked unhealthy by :meth:`set_healthy`, leased or not, in the machine's order."""
+        return [slot for slot in self._all if slot in self._unhealthy]
 
     @property
     def waiting(self) -> list[LeaseRequestEntry]:
@@ -329,29 +344,7 @@ class Scheduler:
         now = self._advance()
         result: dict[int, int] = {}
         for pool in self._pools.values():
-            overdue: list[int] = []
-            for key, waiting in pool.heads.items():
-                if now - waiting.aging_since < self.config.max_wait:
-                    break
-                overdue.append(key)
-            ranked = list(overdue)
-            for rank in range(len(PRIORITIES)):
-                # Sort on one int: (slots held by then) * users + the user's order.
-                by_usage = sorted(pool.pushed[rank].items(), key=lambda item: item[1][1:])
-                n = len(by_usage)
-                order: list[int] = []
-                keys: list[int] = []
-                for index, (name, _) in enumerate(by_usage):
-                    value = self._users[name].counts.held * n + index
-                    for waiting in pool.queues[rank][name].values():
-                        order.append(value)
-                        keys.append(waiting.entry.key)
-                        value += waiting.entry.gpus * n
-                ranked += [keys[i] for i in sorted(range(len(keys)), key=order.__getitem__)]
-            if overdue:
-                skip = set(overdue)
-                ranked = overdue + [key for key in ranked[len(overdue):] if key not in skip]
-            result.update(zip(ranked, itertools.count(1)))
+            result.update(zip(self._ranked(pool, now), itertools.count(1)))
         return result
 
     # -- events -------------------------------------------------------------
@@ -409,7 +402,8 @@ class Scheduler:
             lease.slots.remove(slot)
             pool = self._pool_of[slot]
             touched[pool.config.name] = pool
-            pool.free.append(slot)
+            if slot not in self._unhealthy:
+                pool.free.append(slot)
             user = self._users[lease.entry.user]
             user.counts.held -= 1
             user.in_pool(pool.config.name).held -= 1
@@ -432,6 +426,37 @@ class Scheduler:
         self._unqueue(pool, waiting, now)
         return self._grant(pool, now)
 
+    def set_healthy(self, slot: SlotId, healthy: bool) -> list[Grant]:
+        """Mark ``slot`` healthy or not; returns the grants now possible.
+
+        An unhealthy slot is neither free nor granted. A lease that holds it
+        keeps it until :meth:`release`, after which it stays out of the free
+        slots until it is marked healthy again; recovering frees it (if not
+        leased) and may grant. Marking a slot as it already is changes
+        nothing. Raises ``ValueError`` for a slot this machine does not have.
+        """
+        pool = self._pool_of.get(slot)
+        if pool is None:
+            raise ValueError(f"there is no slot {slot!r}")
+        now = self._advance()
+        if not healthy:
+            if slot in self._unhealthy:
+                return []
+            self._unhealthy.add(slot)
+            pool.unhealthy += 1
+            if slot in pool.free:
+                pool.free.remove(slot)
+            # A request that needed this slot may no longer fit: others may go.
+            return self._grant(pool, now)
+        if slot not in self._unhealthy:
+            return []
+        self._unhealthy.discard(slot)
+        pool.unhealthy -= 1
+        if slot not in self._leases:
+            pool.free.append(slot)
+            pool.free.sort(key=pool.order.__getitem__)
+        return self._grant(pool, now)
+
     def tick(self) -> list[Grant]:
         """Re-rank with the current time; returns grants that waiting made possible."""
         now = self._advance()
@@ -441,6 +466,32 @@ class Scheduler:
         return grants
 
     # -- internals ----------------------------------------------------------
+
+    def _ranked(self, pool: _Pool, now: float) -> list[int]:
+        """Keys of ``pool``'s waiting requests in order of service (see :meth:`positions`)."""
+        overdue: list[int] = []
+        for key, waiting in pool.heads.items():
+            if now - waiting.aging_since < self.config.max_wait:
+                break
+            overdue.append(key)
+        ranked = list(overdue)
+        for rank in range(len(PRIORITIES)):
+            # Sort on one int: (slots held by then) * users + the user's order.
+            by_usage = sorted(pool.pushed[rank].items(), key=lambda item: item[1][1:])
+            n = len(by_usage)
+            order: list[int] = []
+            keys: list[int] = []
+            for index, (name, _) in enumerate(by_usage):
+                value = self._users[name].counts.held * n + index
+                for waiting in pool.queues[rank][name].values():
+                    order.append(value)
+                    keys.append(waiting.entry.key)
+                    value += waiting.entry.gpus * n
+            ranked += [keys[i] for i in sorted(range(len(keys)), key=order.__getitem__)]
+        if overdue:
+            skip = set(overdue)
+            ranked = overdue + [key for key in ranked[len(overdue):] if key not in skip]
+        return ranked
 
     def _check_quotas(self, request: LeaseRequestEntry, user: _User) -> None:
         pool = self._pools[request.pool].config
@@ -536,9 +587,25 @@ class Scheduler:
                 heapq.heappop(heap)
         raise AssertionError("a waiting request is in no queue")
 
+    def _next(self, pool: _Pool, now: float) -> _Waiting | None:
+        """The request ``pool`` serves next: the best-ranked one that its healthy slots can hold."""
+        best = self._best(pool, now)
+        if best is None:
+            return None
+        healthy = len(pool.config.slots) - pool.unhealthy
+        if best.entry.gpus <= healthy:
+            return best
+        # Rare (a pool with an unhealthy slot and a request too big for the
+        # rest): rank the whole pool and skip what cannot fit.
+        for key in self._ranked(pool, now):
+            waiting = self._waiting[key]
+            if waiting.entry.gpus <= healthy:
+                return waiting
+        return None
+
     def _grant(self, pool: _Pool, now: float) -> list[Grant]:
         grants: list[Grant] = []
-        while (best := self._best(pool, now)) is not None and best.entry.gpus <= len(pool.free):
+        while (best := self._next(pool, now)) is not None and best.entry.gpus <= len(pool.free):
             entry = best.entry
             taken, pool.free[:] = pool.free[: entry.gpus], pool.free[entry.gpus:]
             self._unqueue(pool, best, now)

@@ -445,3 +445,62 @@ def test_positions_are_the_order_of_service(seed: int) -> None:
         for grant in sched.release([sched.holders()[0].slots[0]]):
             served.append(grant.request.key)
     assert served == [key for key, _ in expected]
+
+
+def test_an_unhealthy_slot_is_neither_free_nor_granted_until_it_recovers() -> None:
+    sched, _ = make(2)
+    gpu0, gpu1 = slots(2)
+    assert sched.set_healthy(gpu0, False) == []
+    assert sched.free == [gpu1] and sched.unhealthy == [gpu0]
+    assert users(sched.submit(req("a"))) == ["a"]
+    assert sched.holders()[0].slots == (gpu1,)
+    waiting = req("b")
+    assert sched.submit(waiting) == []
+    assert sched.positions() == {waiting.key: 1}
+    assert sched.set_healthy(gpu0, False) == []  # no change, no grant
+    grants = sched.set_healthy(gpu0, True)
+    assert grants == [Grant(waiting, (gpu0,))]
+    assert sched.unhealthy == [] and sched.free == []
+    assert sched.set_healthy(gpu0, True) == []
+
+
+def test_a_lease_keeps_a_slot_that_turns_unhealthy_which_stays_out_after_release() -> None:
+    sched, _ = make(1)
+    gpu0 = slots(1)[0]
+    sched.submit(req("a"))
+    assert sched.set_healthy(gpu0, False) == []
+    assert [h.slots for h in sched.holders()] == [(gpu0,)]  # not taken away
+    later = req("b")
+    assert sched.submit(later) == []
+    assert sched.release([gpu0]) == []  # back, but not free
+    assert sched.free == [] and sched.holders() == [] and sched.waiting == [later]
+    assert sched.set_healthy(gpu0, True) == [Grant(later, (gpu0,))]
+
+
+def test_a_request_too_big_for_the_healthy_slots_does_not_hold_up_the_pool() -> None:
+    sched, _ = make(2)
+    gpu0, gpu1 = slots(2)
+    sched.set_healthy(gpu1, False)
+    big, small = req("a", gpus=2), req("b")
+    assert sched.submit(big) == []  # it fits the pool, once gpu1 recovers
+    assert sched.submit(small) == [Grant(small, (gpu0,))]
+    sched.release([gpu0])
+    assert sched.set_healthy(gpu1, True) == [Grant(big, (gpu0, gpu1))]
+
+
+def test_a_slot_turning_unhealthy_lets_a_smaller_request_pass_a_blocked_big_one() -> None:
+    sched, _ = make(2)
+    gpu0, gpu1 = slots(2)
+    sched.submit(req("holder"))  # gpu0
+    big, small = req("a", gpus=2), req("b")
+    sched.submit(big)
+    assert sched.submit(small) == []  # no overtaking while the big one can be granted
+    assert sched.set_healthy(gpu0, False) == [Grant(small, (gpu1,))]
+    assert [h.slots for h in sched.holders()] == [(gpu0,), (gpu1,)]
+    assert sched.waiting == [big] and sched.positions() == {big.key: 1}
+
+
+def test_set_healthy_of_an_unknown_slot_is_refused() -> None:
+    sched, _ = make(1)
+    with pytest.raises(ValueError, match="no slot"):
+        sched.set_healthy(SlotId("gpu9"), False)

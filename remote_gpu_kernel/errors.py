@@ -40,7 +40,15 @@ __all__ = [
 
 
 class RemoteGpuError(Exception):
-    """Root of every error this project raises."""
+    """Root of every error this project raises.
+
+    In IPython these show as one line that says what happened and what to
+    do, without the client's own frames: they are about the service, not
+    about the user's code (:class:`RemoteError` shows the remote traceback).
+    """
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"{type(self).__name__}: {self}"]
 
 
 class ProtocolError(RemoteGpuError):

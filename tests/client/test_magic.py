@@ -102,3 +102,31 @@ def test_release_then_next_cell_leases_again(kernel: LocalKernel) -> None:
     assert "released the GPU" in kernel.run("%gpu release").stderr
     run = kernel.run("%%gpu\nprint('before' in globals())")
     assert run.stdout == "False\n" and "leased" in run.stderr
+
+
+def test_unreachable_server_and_missing_token_are_one_line_errors(server: ServerProcess) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("RGPU_URL", "RGPU_TOKEN")}
+    env["RGPU_CONFIG"] = "/nonexistent/client.json"
+    k = LocalKernel(env)
+    try:
+        k.run("%load_ext remote_gpu_kernel")
+        run = k.run("%%gpu\n1")
+        assert run.reply["ename"] == "AuthenticationError"
+        (error,) = run.of_type("error")
+        assert len(error["traceback"]) == 1 and "RGPU_TOKEN" in error["traceback"][0]
+        k.run(f"%gpu connect ws://127.0.0.1:{port} --token rgpu_whatever")
+        run = k.run("%%gpu\n1")
+        assert run.reply["ename"] == "ConnectionLost"
+        (error,) = run.of_type("error")
+        assert error["traceback"] == [f"ConnectionLost: {run.reply['evalue']}"]
+        assert f"cannot reach the GPU server at ws://127.0.0.1:{port}" in run.reply["evalue"]
+        k.run(f"%gpu connect {server.url} --token rgpu_wrong")
+        run = k.run("%%gpu\n1")
+        assert run.reply["ename"] == "AuthenticationError" and "invalid token" in run.reply["evalue"]
+    finally:
+        k.close()

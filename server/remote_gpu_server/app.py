@@ -170,9 +170,21 @@ class GpuServer:
         return next(self._keys)
 
     def apply_token_quota(self, token: TokenInfo) -> None:
-        """Quotas set on ``token`` become its user's (the latest token used wins)."""
-        if token.max_gpus is not None or token.max_waiting is not None:
-            self._token_quotas[token.user] = Quota(token.max_gpus, token.max_waiting)
+        """``token``'s quotas become its user's; the latest token used wins.
+
+        Each limit the token leaves unset is the server's for this user
+        (``--max-gpus``, ``--max-waiting``), so a token that raises one limit
+        does not lift the other, and a token with neither brings the
+        server's back.
+        """
+        config = self.config.scheduler
+        base = config.user_quotas.get(token.user, config.default_quota)
+        quota = Quota(base.max_gpus if token.max_gpus is None else token.max_gpus,
+                      base.max_waiting if token.max_waiting is None else token.max_waiting)
+        if token.user in config.user_quotas or quota != config.default_quota:
+            self._token_quotas[token.user] = quota
+        else:
+            self._token_quotas.pop(token.user, None)
 
     async def wait_for_lease(self, entry: LeaseRequestEntry, conn: Connection) -> tuple[SlotId, ...]:
         """Queue ``entry`` and wait for its slots; raises ValueError if impossible."""

@@ -108,10 +108,10 @@ def test_gpu_quota_from_the_server_and_from_a_token(fresh_server: ServerProcess)
     fresh_server.stop()
 
 
-def test_waiting_quota(fresh_server: ServerProcess) -> None:
+def test_waiting_quota_holds_for_a_token_that_raises_only_the_gpu_quota(fresh_server: ServerProcess) -> None:
     fresh_server.args = ["--max-waiting", "1"]
     fresh_server.start()
-    alice, bob = fresh_server.token("alice"), fresh_server.token("bob")
+    alice, bob = fresh_server.token("alice"), fresh_server.token("bob", "--max-gpus", "3")
     holder = Client(fresh_server.url, alice).session()
     waiting = queue_up(fresh_server, bob, "bob", [])
     with pytest.raises(LeaseError, match=r"at most 1 request.*max_waiting=1"):

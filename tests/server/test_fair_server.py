@@ -138,22 +138,23 @@ def test_aging_puts_an_old_low_request_before_newer_normal_ones(fresh_server: Se
     fresh_server.stop()
 
 
-def test_a_two_slot_lease_pins_both_and_is_not_overtaken(fresh_server: ServerProcess) -> None:
-    fresh_server.slots = "cpu:3"
+def test_a_two_slot_lease_is_not_overtaken_and_pins_both_slots(fresh_server: ServerProcess) -> None:
+    fresh_server.slots = "cpu:2"
     fresh_server.start()
     alice, bob, carol = (fresh_server.token(u) for u in ("alice", "bob", "carol"))
-    pair = Client(fresh_server.url, alice).session(gpus=2)
-    assert pair.slots == ["cpu0", "cpu1"]
-    pair.execute("import os; slots = os.environ['RGPU_SLOTS']", **QUIET)
-    assert pair.pull("slots") == {"slots": "cpu0,cpu1"}
+    holder = Client(fresh_server.url, alice).session()
+    assert holder.slots == ["cpu0"]
     order: list[str] = []
     big = queue_up(fresh_server, bob, "bob", order, gpus=2)
-    small = queue_up(fresh_server, carol, "carol", order)  # cpu2 is free, but bob is first
+    small = queue_up(fresh_server, carol, "carol", order)  # cpu1 is free, but bob is first
     time.sleep(1.0)
     assert small.positions == [2] and not small.granted.is_set()
-    pair.release()
-    assert sorted(big.wait().slots) == ["cpu0", "cpu1"]
-    assert small.wait().slots == ["cpu2"]
+    holder.release()
+    pair = big.wait()
+    assert pair.slots == ["cpu0", "cpu1"] and not small.granted.is_set()
+    pair.execute("import os; slots = os.environ['RGPU_SLOTS']", **QUIET)
+    assert pair.pull("slots") == {"slots": "cpu0,cpu1"}
+    assert small.positions == [2, 1]
     fresh_server.stop()
 
 

@@ -20,6 +20,7 @@ MODULES = [
     "remote_gpu_server.app",
     "remote_gpu_server.errors",
     "remote_gpu_server.scheduler",
+    "remote_gpu_server.leases",
     "remote_gpu_server.store",
     "remote_gpu_server.pool",
     "remote_gpu_server.worker",

@@ -325,6 +325,9 @@ class AsyncSession:
         self.language_info = dict(granted.language_info)
         self.released: str | None = None
         self.on_notice = on_notice
+        #: The journal sequence number of the last output this client saw;
+        #: after a reconnect, ``replay(after=old.last_seq)`` gets the rest.
+        self.last_seq = 0
         self._link = link
         link.on_released = self._on_released
 
@@ -361,6 +364,7 @@ class AsyncSession:
                 msg = await self._link.receive(inbox)
                 if isinstance(msg, m.Output):
                     outputs.append(msg)
+                    self.last_seq = max(self.last_seq, msg.seq)
                     handler(msg)
                 elif isinstance(msg, m.Notice):
                     _notify(on_notice or self.on_notice, msg.text)
@@ -369,6 +373,27 @@ class AsyncSession:
                     if msg.status == "error":
                         error = RemoteError.from_remote(msg.ename, msg.evalue, msg.traceback)
                     return ExecuteResult(msg.status, msg.job, msg.execution_count, outputs, error)
+        finally:
+            self._link.done(req)
+
+    async def replay(self, after: int) -> list[m.Output]:
+        """The outputs the session produced after sequence number ``after``.
+
+        For a client that reconnected (``resume=``): what a cell printed
+        while it was away, read from the server's journal. A cell still
+        running from before the reconnect is waited for, so the answer holds
+        all of its output.
+        """
+        req, inbox = await self._request(lambda r: m.Replay(r, after))
+        outputs: list[m.Output] = []
+        try:
+            while True:
+                msg = await self._link.receive(inbox)
+                if isinstance(msg, m.Output):
+                    outputs.append(msg)
+                elif isinstance(msg, m.ReplayDone):
+                    self.last_seq = max(self.last_seq, msg.last)
+                    return outputs
         finally:
             self._link.done(req)
 

@@ -43,6 +43,7 @@ class GpuMagics(Magics):
         self.client: Client | None = None
         self.session: Session | None = None
         self._last_session: str | None = None
+        self._last_seq = 0
 
     # -- connection and lease ----------------------------------------------
 
@@ -60,7 +61,7 @@ class GpuMagics(Magics):
             self._last_session = None
             session = self.session = None
         if session is not None and not session.connected:
-            self._last_session = session.id
+            self._last_session, self._last_seq = session.id, session.last_seq
             session = self.session = None
         if session is None:
             client = self._client()
@@ -74,6 +75,11 @@ class GpuMagics(Magics):
             self._last_session = session.id
             if resume and session.resumed:
                 _say("reconnected to your GPU session; its variables are intact.")
+                missed = session.replay(self._last_seq)
+                if missed:
+                    _say("what the session printed while this notebook was disconnected:")
+                    for output in missed:
+                        render_output(output)
             elif not session.resumed:
                 _say(f"leased {', '.join(session.slots)} as {client.user} (session {session.id[:8]})")
         return session

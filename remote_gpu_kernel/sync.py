@@ -201,6 +201,14 @@ class Session:
 
         return _pump(factory, handle, self.interrupt)
 
+    @property
+    def last_seq(self) -> int:
+        return self._session.last_seq
+
+    def replay(self, after: int) -> list[m.Output]:
+        """See :meth:`AsyncSession.replay`."""
+        return run(self._session.replay(after))
+
     def push(self, **values: Any) -> None:
         run(self._session.push(**values))
 

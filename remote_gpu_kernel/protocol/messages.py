@@ -15,7 +15,8 @@ The conversation, in order:
    :class:`ShellRequest`; server → :class:`Output` for every Jupyter message
    the worker publishes, then the request's reply (:class:`ExecuteDone`,
    :class:`PushDone`, :class:`PullReply`, :class:`ShellReply`) or
-   :class:`Error`.
+   :class:`Error`. After a reconnect, :class:`Replay` fetches the outputs
+   the client missed.
 4. client → :class:`Interrupt` at any time, :class:`Release` at the end;
    server → :class:`Released` when the lease ends for any reason.
 
@@ -55,6 +56,8 @@ __all__ = [
     "QueuePosition",
     "Release",
     "Released",
+    "Replay",
+    "ReplayDone",
     "ShellReply",
     "ShellRequest",
     "Welcome",
@@ -82,6 +85,8 @@ class MessageType(str, enum.Enum):
     SHELL_REQUEST = "shell_request"
     SHELL_REPLY = "shell_reply"
     INPUT = "input"
+    REPLAY = "replay"
+    REPLAY_DONE = "replay_done"
     INTERRUPT = "interrupt"
     RELEASE = "release"
     RELEASED = "released"
@@ -287,6 +292,28 @@ class Input(Message):
 
 
 @dataclasses.dataclass(frozen=True)
+class Replay(Message):
+    """Send again the session's journaled outputs with ``seq`` above ``after``.
+
+    For a client that reconnected: what a cell printed while it was away.
+    The server answers with :class:`Output` messages, then :class:`ReplayDone`.
+    """
+
+    type = MessageType.REPLAY
+    req: int
+    after: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayDone(Message):
+    """``last`` is the session's latest sequence number."""
+
+    type = MessageType.REPLAY_DONE
+    req: int
+    last: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Interrupt(Message):
     type = MessageType.INTERRUPT
     req: int
@@ -324,7 +351,7 @@ _CLASSES: dict[MessageType, type[Message]] = {
     for cls in (
         Hello, Welcome, LeaseRequest, QueuePosition, LeaseGranted, Execute,
         Output, Notice, ExecuteDone, Push, PushDone, Pull, PullReply,
-        ShellRequest, ShellReply, Input, Interrupt, Release, Released, Error,
+        ShellRequest, ShellReply, Input, Replay, ReplayDone, Interrupt, Release, Released, Error,
     )
 }  # fmt: skip
 

@@ -129,7 +129,7 @@ class Connection:
             self._spawn(self._on_lease(msg))
         elif isinstance(msg, m.Release):
             self._spawn(self._on_release(msg))
-        elif isinstance(msg, (m.Execute, m.Push, m.Pull, m.ShellRequest)):
+        elif isinstance(msg, (m.Execute, m.Push, m.Pull, m.ShellRequest, m.Replay)):
             self._spawn(self._on_session_request(msg))
         else:
             self._spawn(self.send(m.Error(getattr(msg, "req", 0), m.ErrorCode.BAD_REQUEST,
@@ -242,6 +242,8 @@ class Connection:
             await session.pull(msg, self)
         elif isinstance(msg, m.ShellRequest):
             await session.shell_request(msg, self)
+        elif isinstance(msg, m.Replay):
+            await session.replay(msg, self)
 
     async def _closed(self) -> None:
         self.closed = True

@@ -178,6 +178,7 @@ class Session:
     def _end_job(self, job: JobId, rows: list[tuple[SessionId, int, JobId | None, str, dict[str, Any]]],
                  state: str, error: str | None = None) -> None:
         self.server.store.append_outputs(rows)
+        rows.clear()
         if not (self.released and state != "completed"):  # close() already said 'cancelled'
             self.server.store.finish_job(job, state, error)
         self._running_job = None
@@ -254,6 +255,18 @@ class Session:
                 return
             head = m.PullReply(msg.req, list(reply["names"]), list(reply["counts"]))
             await conn.send_stream(head, list(reply["sizes"]), pieces)
+
+    async def replay(self, msg: m.Replay, conn: Replier) -> None:
+        """Send the journaled outputs after ``msg.after``.
+
+        Taken in turn with the other requests: a cell still running from
+        before a reconnect finishes first, so all of its output is sent.
+        """
+        async with self.lock:
+            for seq, _, kind, content in self.server.store.outputs_since(self.id, msg.after):
+                if kind != "execute_input":
+                    await conn.send(m.Output(msg.req, seq, kind, content))
+            await conn.send(m.ReplayDone(msg.req, self._seq))
 
     async def shell_request(self, msg: m.ShellRequest, conn: Replier) -> None:
         """Forward a complete/inspect/comm/... request; answers even while a cell runs.

@@ -130,3 +130,29 @@ def test_unreachable_server_and_missing_token_are_one_line_errors(server: Server
         assert run.reply["ename"] == "AuthenticationError" and "invalid token" in run.reply["evalue"]
     finally:
         k.close()
+
+
+def test_a_dropped_connection_reconnects_and_shows_what_was_missed(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tcp_proxy import TcpProxy
+
+    server = ServerProcess(tmp_path, "cpu:1", "--grace", "30").start()
+    proxy = TcpProxy.for_url(server.url)
+    k = LocalKernel(dict(os.environ, RGPU_URL=proxy.url, RGPU_TOKEN=server.token()))
+    try:
+        k.run("%load_ext remote_gpu_kernel")
+        k.run("%%gpu\nkept = 'yes'")
+        import threading
+
+        threading.Timer(1.0, proxy.drop).start()
+        run = k.run("%%gpu\nimport time\nfor i in range(4):\n    print('line', i, flush=True)\n"
+                    "    time.sleep(0.6)")
+        assert "connection" in run.stderr and "reconnects" in run.stderr
+        after = k.run("%%gpu\nprint(kept)")
+        assert "reconnected to your GPU session" in after.stderr
+        assert "disconnected" in after.stderr
+        assert after.stdout.endswith("yes\n")
+        assert "line 3\n" in after.stdout  # printed while the notebook was away
+    finally:
+        k.close()
+        proxy.close()
+        server.stop()

@@ -220,3 +220,22 @@ def test_a_client_gone_before_its_lease_is_delivered_gives_the_slots_back(fresh_
     assert "alice" in line
     with Client(fresh_server.url, token).session(gpus=2) as s:
         assert s.slots == ["cpu0", "cpu1"]
+
+
+def test_a_reconnected_client_can_replay_what_it_missed(fresh_server: ServerProcess) -> None:
+    fresh_server.args = ["--grace", "30"]
+    fresh_server.start()
+    client = Client(fresh_server.url, fresh_server.token())
+    s = client.session()
+    s.execute("print('seen')", on_output=lambda _: None)
+    seen = s.last_seq
+    threading.Timer(0.5, s.close).start()
+    with pytest.raises(ConnectionLost):
+        s.execute("import time\nfor i in range(4):\n    print('missed', i, flush=True); time.sleep(0.4)",
+                  on_output=lambda _: None)
+    again = client.session(resume=s.id)
+    # the cell is still running: the replay waits for it, and has it all
+    texts = [o.content["text"] for o in again.replay(seen) if o.msg_type == "stream"]
+    assert "".join(texts) == "".join(f"missed {i}\n" for i in range(4))
+    assert again.replay(again.last_seq) == []
+    again.release()

@@ -31,6 +31,7 @@ import sys
 import uuid
 from typing import Any
 
+from ipykernel.kernelapp import IPKernelApp
 from ipykernel.kernelbase import Kernel
 
 from . import __version__
@@ -42,7 +43,7 @@ from .kernel_local import LocalNamespace
 from .kernel_remote import RemoteLease
 from .protocol import messages as m
 
-__all__ = ["LOCAL_LANGUAGE_INFO", "RemoteGpuKernel", "main"]
+__all__ = ["LOCAL_LANGUAGE_INFO", "RemoteGpuKernel", "RemoteGpuKernelApp", "main"]
 
 #: Shown until a lease says what the remote Python is.
 LOCAL_LANGUAGE_INFO: dict[str, Any] = {
@@ -147,6 +148,8 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
         super().start()
         self._loop = asyncio.get_event_loop()
         signal.signal(signal.SIGINT, self._on_sigint)
+        for stream in (sys.stdout, sys.stderr):
+            _skip_empty_flushes(stream)
 
     def pre_handler_hook(self) -> None:
         """SIGINT stays with :meth:`_on_sigint` (ipykernel would install its own)."""
@@ -442,6 +445,44 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
         return {"status": "ok", "restart": restart}
 
 
+def _skip_empty_flushes(stream: Any) -> None:
+    """Make ``stream.flush()`` return at once when nothing was written since the last one.
+
+    ipykernel flushes stdout and stderr four times per request, and each
+    flush of its ``OutStream`` waits for a round trip through the IOPub
+    thread. Remote cells write nothing to this process's streams, so those
+    waits are pure latency; a stream with text buffered still flushes fully.
+    """
+    buffers = getattr(stream, "_buffers", None)
+    if not isinstance(buffers, dict):
+        return
+    flush = stream.flush
+
+    def flush_if_written() -> None:
+        if stream._buffers or getattr(stream, "_flush_pending", True):
+            flush()
+
+    stream.flush = flush_if_written
+
+
+class RemoteGpuKernelApp(IPKernelApp):  # type: ignore[misc]
+    """IPKernelApp without the shell-channel thread.
+
+    ipykernel 7 receives shell messages on a thread of their own and passes
+    each one, and each reply, through an inproc socket to and from the main
+    thread: two thread hops per request that serve only kernel subshells,
+    which this kernel does not offer (its ``kernel_info`` lists no features).
+    Without that thread the shell socket is read on the main loop, as in
+    ipykernel 6.
+    """
+
+    def init_sockets(self) -> None:
+        super().init_sockets()
+        thread, self.shell_channel_thread = self.shell_channel_thread, None
+        if thread is not None:
+            thread.io_loop.close()
+
+
 def parse_cell_is_local(code: str) -> bool:
     """Whether ``code`` is a ``%%local`` cell (malformed ``%gpu`` lines count as remote)."""
     try:
@@ -452,9 +493,7 @@ def parse_cell_is_local(code: str) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the kernel as Jupyter starts it: ``-f CONNECTION_FILE``."""
-    from ipykernel.kernelapp import IPKernelApp
-
-    IPKernelApp.launch_instance(argv=sys.argv[1:] if argv is None else argv,
+    RemoteGpuKernelApp.launch_instance(argv=sys.argv[1:] if argv is None else argv,
                                 kernel_class=RemoteGpuKernel)
 
 

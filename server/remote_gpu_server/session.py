@@ -71,6 +71,7 @@ class Session:
         self._seq = 0
         self._running_job: JobId | None = None
         self._interrupted = False
+        self._started = False  # the running cell's code has begun (execute_input seen)
         self._watch = asyncio.get_running_loop().create_task(self._watch_worker(worker))
 
     @property
@@ -125,7 +126,7 @@ class Session:
             worker = await self.worker()
             store = self.server.store
             job = store.create_job(self.user, self.id, msg.code, list(self.slots), running=True)
-            self._running_job, self._interrupted = job, False
+            self._running_job, self._interrupted, self._started = job, False, False
             # The journal is written in batches: one transaction per
             # JOURNAL_FLUSH seconds of output, and one at the end of the cell.
             rows: list[tuple[SessionId, int, JobId | None, str, dict[str, Any]]] = []
@@ -135,6 +136,10 @@ class Session:
                 nonlocal flushed
                 self._seq += 1
                 rows.append((self.id, self._seq, job, jmsg["msg_type"], jmsg["content"]))
+                if jmsg["msg_type"] == "execute_input" and not self._started:
+                    self._started = True
+                    if self._interrupted:  # asked for before the code began: deliver it now
+                        await worker.interrupt()
                 if time.monotonic() - flushed > JOURNAL_FLUSH:
                     store.append_outputs(rows)
                     rows.clear()
@@ -207,9 +212,16 @@ class Session:
         )
 
     async def interrupt(self) -> None:
+        """Interrupt the running cell.
+
+        ipykernel ignores SIGINT between requests, so an interrupt that
+        arrives before the cell's code has begun is held and sent when the
+        worker announces the code (``execute_input``).
+        """
         if self._running_job is not None:
             self._interrupted = True
-            await self._worker.interrupt()
+            if self._started:
+                await self._worker.interrupt()
 
     def send_input(self, value: str) -> None:
         self._worker.send_input(value)

@@ -182,3 +182,23 @@ def test_requests_after_release_are_refused(server: ServerProcess, alice: str) -
     s.release()
     with pytest.raises(SessionReleased):
         s.execute("1")
+
+
+def test_an_interrupt_sent_with_the_cell_is_not_lost(session) -> None:  # type: ignore[no-untyped-def]
+    """An interrupt that reaches the server before the worker starts the code."""
+    import asyncio
+
+    inner = session._session  # the AsyncSession behind the blocking one
+
+    async def race() -> object:
+        cell = asyncio.ensure_future(inner.execute("import time; time.sleep(60)", lambda _: None))
+        await asyncio.sleep(0)  # the Execute frame is on its way
+        await inner.interrupt()
+        return await asyncio.wait_for(cell, 20)
+
+    from remote_gpu_kernel.sync import run
+
+    start = time.monotonic()
+    result = run(race())
+    assert time.monotonic() - start < 20
+    assert result.error is not None and result.error.ename == "KeyboardInterrupt"  # type: ignore[attr-defined]

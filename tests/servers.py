@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+from processes import LoggedProcess
 
 __all__ = ["ServerProcess"]
 
@@ -31,6 +32,7 @@ class ServerProcess:
         self.args = list(args)
         self.url = ""
         self.log: list[str] = []
+        self.process: LoggedProcess | None = None
         self.proc: subprocess.Popen[str] | None = None
         self._ready = threading.Event()
         self._listening = threading.Event()
@@ -46,13 +48,13 @@ class ServerProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         for name in ("RGPU_URL", "RGPU_TOKEN"):
             env.pop(name, None)
-        self.proc = subprocess.Popen(
+        self.process = LoggedProcess(
             [sys.executable, "-m", "remote_gpu_kernel.cli", "serve", "--port", "0", "--db", str(self.db),
              "--slots", self.slots, "--log-level", "debug", *self.args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            env, on_line=self._watch,
         )
-        self._drainer = threading.Thread(target=self._drain, daemon=True)
-        self._drainer.start()
+        self.proc = self.process.proc
+        self.log = self.process.log
         if not self._listening.wait(timeout):
             self.stop()
             raise RuntimeError("server did not start:\n" + "".join(self.log))
@@ -61,16 +63,13 @@ class ServerProcess:
             raise RuntimeError("warm pool did not start:\n" + "".join(self.log))
         return self
 
-    def _drain(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.log.append(line)
-            found = _LISTENING.search(line)
-            if found:
-                self.url = found.group(1)
-                self._listening.set()
-            if _READY.search(line):
-                self._ready.set()
+    def _watch(self, line: str) -> None:
+        found = _LISTENING.search(line)
+        if found:
+            self.url = found.group(1)
+            self._listening.set()
+        if _READY.search(line):
+            self._ready.set()
 
     def wait_for_log(self, pattern: str, timeout: float = 30) -> str:
         deadline = time.monotonic() + timeout
@@ -82,33 +81,17 @@ class ServerProcess:
             time.sleep(0.05)
         raise AssertionError(f"no log line matched {pattern!r}:\n" + "".join(self.log[-40:]))
 
-    def _reap(self) -> None:
-        assert self.proc is not None
-        self._drainer.join(10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
     def stop(self, timeout: float = 30) -> int:
-        if self.proc is None:
+        if self.process is None:
             return 0
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                self._reap()
-                raise AssertionError("the server did not exit on SIGTERM:\n" + "".join(self.log[-40:]))
-        self._reap()
-        return self.proc.returncode
+        code, clean = self.process.stop(timeout)
+        if not clean:
+            raise AssertionError("the server did not exit on SIGTERM:\n" + "".join(self.log[-40:]))
+        return code
 
     def kill(self) -> None:
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.kill()
-                self.proc.wait()
-            self._reap()
+        if self.process is not None:
+            self.process.kill()
 
     def __enter__(self) -> ServerProcess:
         return self.start()

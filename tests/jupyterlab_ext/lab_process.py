@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
-import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from processes import LoggedProcess
 
 __all__ = ["LabProcess"]
 
@@ -38,8 +37,7 @@ class LabProcess:
         self.token = os.urandom(16).hex()
         self.env = env
         self.log: list[str] = []
-        self.proc: subprocess.Popen[str] | None = None
-        self._drainer: threading.Thread | None = None
+        self.process: LoggedProcess | None = None
 
     @property
     def base(self) -> str:
@@ -58,18 +56,17 @@ class LabProcess:
         env = dict(os.environ, **self.env, PYTHONUNBUFFERED="1",
                    JUPYTER_CONFIG_DIR=str(self.tmp / "config"),
                    JUPYTER_RUNTIME_DIR=str(self.tmp / "runtime"))
-        self.proc = subprocess.Popen(
+        self.process = LoggedProcess(
             [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={self.port}",
              "--ip=127.0.0.1", "--allow-root", f"--IdentityProvider.token={self.token}",
              f"--ServerApp.root_dir={self.root}", f"--LabApp.user_settings_dir={settings}",
              f"--LabApp.workspaces_dir={self.tmp / 'workspaces'}"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            env,
         )
-        self._drainer = threading.Thread(target=self._drain, daemon=True)
-        self._drainer.start()
+        self.log = self.process.log
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+            if self.process.poll() is not None:
                 self.stop()
                 raise RuntimeError("jupyter lab exited:\n" + "".join(self.log))
             try:
@@ -82,22 +79,6 @@ class LabProcess:
         self.stop()
         raise RuntimeError("jupyter lab did not start:\n" + "".join(self.log))
 
-    def _drain(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.log.append(line)
-
     def stop(self, timeout: float = 30) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self._drainer is not None:
-            self._drainer.join(timeout)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        if self.process is not None:
+            self.process.stop(timeout)

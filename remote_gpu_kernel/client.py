@@ -230,17 +230,15 @@ class AsyncClient:
         except (OSError, asyncio.TimeoutError) as exc:
             raise ConnectionLost(f"cannot reach the GPU server at {self.url}: {exc}") from None
         link = _Link(ws)
-        req, inbox = 0, link.unsolicited
-        await link.send(m.Hello(PROTOCOL_VERSION, f"remote-gpu-kernel/{__version__}"))
-        msg = await link.receive(inbox)
-        if isinstance(msg, m.Error):
+        try:
+            await link.send(m.Hello(PROTOCOL_VERSION, f"remote-gpu-kernel/{__version__}"))
+            msg = await link.receive(link.unsolicited)  # an Error (version mismatch) raises
+            if not isinstance(msg, m.Welcome):
+                raise ProtocolError(f"expected welcome, got {msg.type.value}")
+        except BaseException:
             await link.close()
-            raise error_from(msg)
-        if not isinstance(msg, m.Welcome):
-            await link.close()
-            raise ProtocolError(f"expected welcome, got {msg.type.value}")
+            raise
         self.user, self.server_version = msg.user, msg.server
-        del req
         return link
 
     def session(self, gpus: int | None = None, *, resume: str | None = None,

@@ -239,3 +239,13 @@ def test_a_reconnected_client_can_replay_what_it_missed(fresh_server: ServerProc
     assert "".join(texts) == "".join(f"missed {i}\n" for i in range(4))
     assert again.replay(again.last_seq) == []
     again.release()
+
+
+def test_client_of_another_protocol_version_gets_a_clear_error(fresh_server: ServerProcess,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from remote_gpu_kernel import VersionMismatch
+
+    fresh_server.start(wait_warm=False)
+    monkeypatch.setattr("remote_gpu_kernel.client.PROTOCOL_VERSION", PROTOCOL_VERSION + 1)
+    with pytest.raises(VersionMismatch, match="same remote-gpu-kernel version"):
+        Client(fresh_server.url, fresh_server.token()).session()

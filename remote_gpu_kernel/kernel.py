@@ -38,6 +38,7 @@ from . import __version__
 from .client import AsyncSession
 from .errors import ConnectionLost, RemoteGpuError
 from .kernel_cells import Cell, CellKind, CellSyntaxError, GpuCommand, parse_cell
+from .iostreams import skip_empty_flushes
 from .kernel_history import History
 from .kernel_local import LocalNamespace
 from .kernel_remote import RemoteLease
@@ -149,7 +150,7 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
         self._loop = asyncio.get_event_loop()
         signal.signal(signal.SIGINT, self._on_sigint)
         for stream in (sys.stdout, sys.stderr):
-            _skip_empty_flushes(stream)
+            skip_empty_flushes(stream)
 
     def pre_handler_hook(self) -> None:
         """SIGINT stays with :meth:`_on_sigint` (ipykernel would install its own)."""
@@ -443,26 +444,6 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
             except Exception:
                 self.log.warning("could not release the GPU lease at shutdown", exc_info=True)
         return {"status": "ok", "restart": restart}
-
-
-def _skip_empty_flushes(stream: Any) -> None:
-    """Make ``stream.flush()`` return at once when nothing was written since the last one.
-
-    ipykernel flushes stdout and stderr four times per request, and each
-    flush of its ``OutStream`` waits for a round trip through the IOPub
-    thread. Remote cells write nothing to this process's streams, so those
-    waits are pure latency; a stream with text buffered still flushes fully.
-    """
-    buffers = getattr(stream, "_buffers", None)
-    if not isinstance(buffers, dict):
-        return
-    flush = stream.flush
-
-    def flush_if_written() -> None:
-        if stream._buffers or getattr(stream, "_flush_pending", True):
-            flush()
-
-    stream.flush = flush_if_written
 
 
 class RemoteGpuKernelApp(IPKernelApp):  # type: ignore[misc]

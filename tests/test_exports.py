@@ -17,6 +17,7 @@ MODULES = [
     "remote_gpu_kernel.client",
     "remote_gpu_kernel.sync",
     "remote_gpu_kernel.config",
+    "remote_gpu_kernel.iostreams",
     "remote_gpu_server.app",
     "remote_gpu_server.errors",
     "remote_gpu_server.scheduler",

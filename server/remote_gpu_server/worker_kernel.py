@@ -137,6 +137,10 @@ def main(argv: list[str] | None = None) -> None:
     _preload()
     app = IPKernelApp.instance()
     app.initialize(sys.argv[1:] if argv is None else argv)
+    from remote_gpu_kernel.iostreams import skip_empty_flushes
+
+    for stream in (sys.stdout, sys.stderr):  # ipykernel's OutStreams, made by initialize()
+        skip_empty_flushes(stream)
     channel = _DataChannel(os.environ["RGPU_DATA_ADDR"])
     app.kernel.comm_manager.register_target(COMM_TARGET, _comm_opener(channel))
     app.start()

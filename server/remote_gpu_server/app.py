@@ -10,6 +10,7 @@ Tokens are checked in the handshake, so a bad token never opens a websocket.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import time
@@ -82,6 +83,7 @@ class GpuServer:
         self._tokens: dict[int, TokenInfo] = {}
         self._server: Server | None = None
         self._reaper: asyncio.Task[None] | None = None
+        self._announcer: asyncio.Task[None] | None = None
         self._applying: set[asyncio.Task[None]] = set()  # grants handed out from sync callers
         self.readings: Readings = None  # type: ignore[assignment]
         self.batch = BatchRunner(self)
@@ -94,8 +96,6 @@ class GpuServer:
         if stale:
             log.warning("marked %d job(s) left running by an earlier server as failed", stale)
         self.slots = discover_slots(self.config.slots)
-        import dataclasses
-
         self.scheduler = Scheduler([s.id for s in self.slots],
                                    dataclasses.replace(self.config.scheduler, user_quotas=self._token_quotas))
         self.pool = Pool(self.slots, self.config.startup_timeout)
@@ -116,7 +116,7 @@ class GpuServer:
         )
         self.port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self.config.port
         self._reaper = asyncio.get_running_loop().create_task(self._reap_idle())
-        asyncio.get_running_loop().create_task(self._announce_ready())
+        self._announcer = asyncio.get_running_loop().create_task(self._announce_ready())
         log.info("listening on ws://%s:%d with %d slot(s): %s", self.config.host, self.port,
                  len(self.slots), ", ".join(f"{s.id} ({s.name})" for s in self.slots))
 

@@ -5,7 +5,7 @@
 1. a trivial cell through ``session.execute`` against the same cell sent to
    a local ipykernel through jupyter_client (reply and idle both awaited);
 2. push and pull of 100 MiB float32 (numpy and torch) against ipyparallel's
-   push and pull with one engine;
+   push and pull with one engine, the four transfers taking turns;
 3. a lease of a warm worker against starting a cold kernel that imports torch.
 
 It starts its own server (``rgpu serve --slots cpu:2``) on a free port with
@@ -41,6 +41,31 @@ def median_ms(fn: Callable[[], object], runs: int, warmup: int = 5) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times) * 1000
+
+
+def interleaved_ms(ops: dict[str, Callable[[], object]], runs: int, warmup: int = 3) -> dict[str, float]:
+    """Median ms of each op, the ops taking turns in every round.
+
+    Taking turns keeps a change of the machine's load, or a process's first
+    allocations of 100 MiB, from landing on one kind of transfer only.
+    """
+    times: dict[str, list[float]] = {name: [] for name in ops}
+    for round_ in range(warmup + runs):
+        for name, op in ops.items():
+            t = time.perf_counter()
+            op()
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) * 1000 for name, ts in times.items()}
+
+
+def transfer_ops(push: Callable[[object], object], pull: Callable[[], object],
+                 arrays: dict[str, object]) -> dict[str, Callable[[], object]]:
+    ops: dict[str, Callable[[], object]] = {}
+    for name, value in arrays.items():
+        ops[f"push {name}"] = lambda value=value: push(value)  # type: ignore[misc]
+        ops[f"pull {name}"] = pull
+    return ops
 
 
 def local_kernel_cell(runs: int) -> float:
@@ -98,11 +123,8 @@ def ipyparallel_transfer(arrays: dict[str, object], runs: int) -> dict[str, floa
         view = rc[0]
         view.block = True
         view.execute("import numpy, torch")
-        out = {}
-        for name, value in arrays.items():
-            out[f"push {name}"] = median_ms(lambda: view.push({"v": value}), runs, warmup=1)
-            out[f"pull {name}"] = median_ms(lambda: view.pull("v"), runs, warmup=1)
-        return out
+        return interleaved_ms(transfer_ops(lambda v: view.push({"v": v}), lambda: view.pull("v"),
+                                           arrays), runs)
     finally:
         rc.close()
         cluster.stop_cluster_sync()
@@ -175,10 +197,8 @@ def main() -> None:
             theirs = local_kernel_cell(args.runs)
             rows.append(("trivial cell (ms)", ours, "local ipykernel", theirs, "≤ 1.5×"))
 
-            transfer = {}
-            for name, value in arrays.items():
-                transfer[f"push {name}"] = median_ms(lambda: session.push(v=value), args.transfers, 1)
-                transfer[f"pull {name}"] = median_ms(lambda: session.pull("v"), args.transfers, 1)
+            transfer = interleaved_ms(transfer_ops(lambda v: session.push(v=v), lambda: session.pull("v"),
+                                                   arrays), args.transfers)
         peer = ipyparallel_transfer(arrays, args.transfers)
         ceiling = raw_websockets(arrays["numpy"].tobytes(), args.transfers)["one way"]
         for key, ms in transfer.items():

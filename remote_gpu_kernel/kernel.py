@@ -115,6 +115,12 @@ class _Cell:
     def notice(self, text: str) -> None:
         self.stream(f"Remote GPU: {text}\n")
 
+    def missed(self, outputs: list[m.Output]) -> None:
+        self.notice("what the session printed while this notebook was disconnected:")
+        for msg in outputs:
+            if msg.msg_type not in _NOT_FORWARDED:
+                self.send(msg.msg_type, msg.content, msg.buffers)
+
 
 class RemoteGpuKernel(Kernel):  # type: ignore[misc]
     """See the module docstring. Jupyter makes it through IPKernelApp."""
@@ -279,9 +285,9 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
                                            allow_stdin=allow_stdin, on_notice=cell.notice)
         except ConnectionLost as exc:
             return cell.error("ConnectionLost", (
-                f"{exc}. The cell may still be running on the server, and what it prints from now "
-                "on is not shown here. The next cell reconnects to the same GPU session; its "
-                "variables are kept if the server still holds it (within its --grace period)."))
+                f"{exc}. The cell may still be running on the server. The next cell reconnects to "
+                "the same GPU session and shows what it printed meanwhile; its variables are kept "
+                "if the server still holds it (within its --grace period)."))
         except RemoteGpuError as exc:
             return cell.error(type(exc).__name__, str(exc))
         finally:

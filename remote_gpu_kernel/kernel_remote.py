@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from .client import AsyncClient, AsyncSession
 from .errors import AuthenticationError
+from .protocol.messages import Output
 
 __all__ = ["LeaseReporter", "RemoteLease"]
 
@@ -34,6 +35,8 @@ class LeaseReporter(Protocol):
     def resumed(self, session: AsyncSession, url: str) -> None: ...
 
     def notice(self, text: str) -> None: ...
+
+    def missed(self, outputs: list[Output]) -> None: ...
 
 
 class RemoteLease:
@@ -83,11 +86,14 @@ class RemoteLease:
             await self._drop()
             session = None
         if session is not None and not session.connected:
-            old = session.id
+            old, seen = session.id, session.last_seq
             await self._drop()
             fresh = await self._open(report, resume=old)
             if fresh.resumed:
                 report.resumed(fresh, self.url)
+                missed = await fresh.replay(seen)  # waits for a cell still running from before
+                if missed:
+                    report.missed(missed)
             else:
                 report.granted(fresh, self.url)
             return fresh

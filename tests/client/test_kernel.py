@@ -343,7 +343,8 @@ def test_dropped_connection_is_reported_and_the_session_resumes(
     driver = KernelDriver(kernel_env(tmp_path, proxy.url, fresh_server.token("erin"))).start()
     try:
         assert driver.run("x = 41").status == "ok"
-        msg_id = driver.client.execute("import time\nprint('working', flush=True)\ntime.sleep(1.5)\nx = 42")
+        msg_id = driver.client.execute("import time\nprint('working', flush=True)\ntime.sleep(1.5)\n"
+                                       "print('finished while away')\nx = 42")
         driver.iopub_for(msg_id, lambda ms: any(m["msg_type"] == "stream" for m in ms))
         assert proxy.drop() == 1
         cut = driver.collect(msg_id, 30)
@@ -353,6 +354,8 @@ def test_dropped_connection_is_reported_and_the_session_resumes(
         resumed = driver.run("x")
         assert resumed.text() == ["42"], resumed.messages
         assert any("reconnected to session" in t for t in resumed.text("display_data"))
+        assert "finished while away" in resumed.stdout  # replayed from the server's journal
+        assert "working" not in resumed.stdout  # seen before the drop: not shown twice
 
         proxy.drop()
         fresh_server.wait_for_log("did not come back within 4 s", timeout=30)

@@ -14,11 +14,12 @@ lease ended, the connection dropped) raise.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import logging
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -337,12 +338,31 @@ class AsyncSession:
     def connected(self) -> bool:
         return self._link.closed_reason is None
 
-    async def _request(self, message_factory: Callable[[int], m.Message]) -> tuple[int, asyncio.Queue[Any]]:
+    @contextlib.asynccontextmanager
+    async def _exchange(self, message_factory: Callable[[int], m.Message]
+                        ) -> AsyncIterator[Callable[[], Awaitable[m.Message]]]:
+        """Send a request (made from its id); yield a function that awaits its next answer.
+
+        An :class:`Error` answer raises; the request's inbox is dropped on exit.
+        """
         if self.released:
             raise SessionReleased(f"this GPU session was released ({self.released})", code="released")
         req, inbox = self._link.open()
-        await self._link.send(message_factory(req))
-        return req, inbox
+        try:
+            await self._link.send(message_factory(req))
+            yield lambda: self._link.receive(inbox)
+        finally:
+            self._link.done(req)
+
+    async def _expect(self, receive: Callable[[], Awaitable[m.Message]],
+                      *kinds: type[m.Message]) -> m.Message:
+        """The next answer of one of ``kinds``; notices on the way are shown."""
+        while True:
+            msg = await receive()
+            if isinstance(msg, m.Notice):
+                _notify(self.on_notice, msg.text)
+            elif isinstance(msg, kinds):
+                return msg
 
     async def execute(self, code: str, on_output: OutputCallback | None = None, *,
                       timeout: float | None = None, silent: bool = False,
@@ -354,12 +374,11 @@ class AsyncSession:
         default stream text goes to the local stdout/stderr.
         """
         handler = on_output if on_output is not None else write_streams
-        req, inbox = await self._request(
-            lambda r: m.Execute(r, code, timeout, silent, store_history, allow_stdin))
         outputs: list[m.Output] = []
-        try:
+        async with self._exchange(
+                lambda r: m.Execute(r, code, timeout, silent, store_history, allow_stdin)) as receive:
             while True:
-                msg = await self._link.receive(inbox)
+                msg = await receive()
                 if isinstance(msg, m.Output):
                     outputs.append(msg)
                     self.last_seq = max(self.last_seq, msg.seq)
@@ -371,8 +390,6 @@ class AsyncSession:
                     if msg.status == "error":
                         error = RemoteError.from_remote(msg.ename, msg.evalue, msg.traceback)
                     return ExecuteResult(msg.status, msg.job, msg.execution_count, outputs, error)
-        finally:
-            self._link.done(req)
 
     async def replay(self, after: int) -> list[m.Output]:
         """The outputs the session produced after sequence number ``after``.
@@ -382,18 +399,15 @@ class AsyncSession:
         running from before the reconnect is waited for, so the answer holds
         all of its output.
         """
-        req, inbox = await self._request(lambda r: m.Replay(r, after))
         outputs: list[m.Output] = []
-        try:
+        async with self._exchange(lambda r: m.Replay(r, after)) as receive:
             while True:
-                msg = await self._link.receive(inbox)
-                if isinstance(msg, m.Output):
-                    outputs.append(msg)
-                elif isinstance(msg, m.ReplayDone):
+                msg = await self._expect(receive, m.Output, m.ReplayDone)
+                if isinstance(msg, m.ReplayDone):
                     self.last_seq = max(self.last_seq, msg.last)
                     return outputs
-        finally:
-            self._link.done(req)
+                assert isinstance(msg, m.Output)
+                outputs.append(msg)
 
     async def send_input(self, value: str) -> None:
         await self._link.send(m.Input(0, value))
@@ -405,19 +419,13 @@ class AsyncSession:
         names it and nothing is sent.
         """
         names, counts, buffers = dump_values(values)
-        req, inbox = await self._request(lambda r: m.Push(r, names, counts, tuple(buffers)))
-        try:
-            await self._expect(inbox, m.PushDone)
-        finally:
-            self._link.done(req)
+        async with self._exchange(lambda r: m.Push(r, names, counts, tuple(buffers))) as receive:
+            await self._expect(receive, m.PushDone)
 
     async def pull(self, *names: str) -> dict[str, Any]:
         """Values of remote variables; a CUDA tensor arrives as a CPU tensor."""
-        req, inbox = await self._request(lambda r: m.Pull(r, list(names)))
-        try:
-            reply = await self._expect(inbox, m.PullReply)
-        finally:
-            self._link.done(req)
+        async with self._exchange(lambda r: m.Pull(r, list(names))) as receive:
+            reply = await self._expect(receive, m.PullReply)
         assert isinstance(reply, m.PullReply)
         return load_values(reply.names, reply.counts, reply.buffers)
 
@@ -431,25 +439,14 @@ class AsyncSession:
         without it they are dropped. Comm messages have no Jupyter reply:
         theirs is an empty :class:`ShellReply` once the worker is idle.
         """
-        req, inbox = await self._request(lambda r: m.ShellRequest(r, msg_type, content, tuple(buffers)))
-        try:
+        async with self._exchange(lambda r: m.ShellRequest(r, msg_type, content, tuple(buffers))) as receive:
             while True:
-                reply = await self._expect(inbox, m.ShellReply, m.Output)
+                reply = await self._expect(receive, m.ShellReply, m.Output)
                 if isinstance(reply, m.ShellReply):
                     return reply
                 if on_output is not None:
                     assert isinstance(reply, m.Output)
                     on_output(reply)
-        finally:
-            self._link.done(req)
-
-    async def _expect(self, inbox: asyncio.Queue[Any], *kinds: type[m.Message]) -> m.Message:
-        while True:
-            msg = await self._link.receive(inbox)
-            if isinstance(msg, m.Notice):
-                _notify(self.on_notice, msg.text)
-            elif isinstance(msg, kinds):
-                return msg
 
     async def interrupt(self) -> None:
         """Interrupt the running cell (SIGINT to the worker)."""
@@ -459,9 +456,8 @@ class AsyncSession:
         """Give the GPU back; the worker and its variables are gone."""
         if self.released is None and self.connected:
             try:
-                req, inbox = self._link.open()
-                await self._link.send(m.Release(req))
-                await self._expect(inbox, m.Released)
+                async with self._exchange(m.Release) as receive:
+                    await self._expect(receive, m.Released)
             except (ConnectionLost, RemoteGpuError):
                 pass
             self.released = self.released or "released by the client"

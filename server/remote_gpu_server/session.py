@@ -33,6 +33,8 @@ log = logging.getLogger("remote_gpu_server")
 
 Send = Callable[[m.Message], Awaitable[None]]
 
+#: When a held interrupt is sent, in seconds after the previous try (see _deliver_interrupt).
+HELD_INTERRUPT_DELAYS = (0.1, 2.0, 3.0)
 #: Seconds of output between two journal writes while a cell runs.
 JOURNAL_FLUSH = 0.5
 #: In an error message, the mark of a CUDA context that cannot be used again.
@@ -72,6 +74,7 @@ class Session:
         self._running_job: JobId | None = None
         self._interrupted = False
         self._started = False  # the running cell's code has begun (execute_input seen)
+        self._background: set[asyncio.Task[None]] = set()
         self._watch = asyncio.get_running_loop().create_task(self._watch_worker(worker))
 
     @property
@@ -139,7 +142,7 @@ class Session:
                 if jmsg["msg_type"] == "execute_input" and not self._started:
                     self._started = True
                     if self._interrupted:  # asked for before the code began: deliver it now
-                        await worker.interrupt()
+                        self._deliver_interrupt(job, worker)
                 if time.monotonic() - flushed > JOURNAL_FLUSH:
                     store.append_outputs(rows)
                     rows.clear()
@@ -215,13 +218,34 @@ class Session:
         """Interrupt the running cell.
 
         ipykernel ignores SIGINT between requests, so an interrupt that
-        arrives before the cell's code has begun is held and sent when the
-        worker announces the code (``execute_input``).
+        arrives before the cell's code has begun is held and delivered once
+        the worker announces the code (``execute_input``); see
+        :meth:`_deliver_interrupt`.
         """
         if self._running_job is not None:
             self._interrupted = True
             if self._started:
                 await self._worker.interrupt()
+
+    def _deliver_interrupt(self, job: JobId, worker: Worker) -> None:
+        """Send a held interrupt a moment after the code was announced, and again
+        while the same cell keeps running.
+
+        A SIGINT in the instant between ipykernel's ``execute_input`` and the
+        start of the user's code can land in ipykernel's own handler rather
+        than in the cell; the short delay keeps clear of it, and the repeats
+        cover a machine too loaded for the delay to be enough.
+        """
+        async def deliver() -> None:
+            for delay in HELD_INTERRUPT_DELAYS:
+                await asyncio.sleep(delay)
+                if self._running_job != job or not worker.alive:
+                    return
+                await worker.interrupt()
+
+        task = asyncio.get_running_loop().create_task(deliver())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def send_input(self, value: str) -> None:
         self._worker.send_input(value)

@@ -96,10 +96,6 @@ class Chunks:
         if self.listener is not None:
             self.listener()
 
-    def split(self, chunk_size: int) -> list[memoryview]:
-        """The pieces, each cut to at most ``chunk_size`` bytes."""
-        return [p[i : i + chunk_size] for p in self.parts for i in range(0, p.nbytes, chunk_size)]
-
     def join(self, allocate: Callable[[int], Any] = bytearray) -> Any:
         """The pieces copied into one writable buffer from ``allocate``."""
         out = allocate(self.nbytes)
@@ -331,8 +327,3 @@ class Reader:
                 if isinstance(buf, Chunks):
                     buf.fail(str(exc))
             self._bad = self._bad or exc
-
-
-def encode_all(messages: Iterable[Message], chunk_size: int = CHUNK_SIZE) -> list[Frame]:
-    """The frames of several messages, in order (a helper for tests and relays)."""
-    return [frame for m in messages for frame in encode(m, chunk_size)]

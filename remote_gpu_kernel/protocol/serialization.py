@@ -25,7 +25,7 @@ import cloudpickle
 
 from ..errors import ProtocolError, SerializationError
 
-__all__ = ["allocate_buffer", "dump_values", "dumps", "join_parts", "load_values", "loads", "split_parts"]
+__all__ = ["allocate_buffer", "dump_values", "dumps", "load_values", "loads"]
 
 #: Buffers at least this large are allocated through numpy, which asks the
 #: kernel for transparent huge pages: faulting in fresh 4 KiB pages costs
@@ -45,42 +45,6 @@ def allocate_buffer(nbytes: int) -> Any:
         else:
             return numpy.empty(nbytes, dtype=numpy.uint8)
     return bytearray(nbytes)
-
-
-def split_parts(buffers: Sequence[Any], chunk_size: int) -> tuple[list[memoryview], list[int]]:
-    """Cut buffers into pieces of at most ``chunk_size``: ``(pieces, counts)``.
-
-    No bytes are copied; ``counts[i]`` pieces belong to buffer ``i``.
-    """
-    pieces: list[memoryview] = []
-    counts: list[int] = []
-    for buf in buffers:
-        view = memoryview(buf).cast("B")
-        parts = [view[i : i + chunk_size] for i in range(0, view.nbytes, chunk_size)] or [view]
-        pieces.extend(parts)
-        counts.append(len(parts))
-    return pieces, counts
-
-
-def join_parts(pieces: Sequence[Any], counts: Sequence[int]) -> list[Any]:
-    """Inverse of :func:`split_parts`; a buffer in one piece is not copied."""
-    if sum(counts) != len(pieces) or any(c < 1 for c in counts):
-        raise ProtocolError("buffer piece counts do not match the pieces")
-    out: list[Any] = []
-    pos = 0
-    for count in counts:
-        group = [memoryview(p).cast("B") for p in pieces[pos : pos + count]]
-        pos += count
-        if count == 1:
-            out.append(group[0])
-            continue
-        buf = allocate_buffer(sum(g.nbytes for g in group))
-        view, at = memoryview(buf).cast("B"), 0
-        for g in group:
-            view[at : at + g.nbytes] = g
-            at += g.nbytes
-        out.append(buf)
-    return out
 
 
 def _rebuild_tensor(data: Any, dtype: str, shape: tuple[int, ...], requires_grad: bool,

@@ -332,10 +332,3 @@ class GpuServer:
 
     async def wait_ready(self) -> None:
         await self.pool.wait_ready()
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "slots": [s.id for s in self.slots],
-            "free": [str(s) for s in self.scheduler.free],
-            "sessions": {sid: s.user for sid, s in self.sessions.items()},
-        }

@@ -9,7 +9,6 @@ import pytest
 
 from remote_gpu_kernel.errors import ProtocolError, SerializationError
 from remote_gpu_kernel.protocol import dump_values, dumps, load_values, loads
-from remote_gpu_kernel.protocol.serialization import join_parts, split_parts
 
 torch = pytest.importorskip("torch")
 
@@ -72,12 +71,3 @@ def test_counts_that_do_not_add_up_are_a_protocol_error() -> None:
         load_values(["a"], [2], [b"x"])
     with pytest.raises(ProtocolError):
         loads([])
-
-
-def test_split_and_join_parts() -> None:
-    bufs = [b"a" * 10, b"", b"b" * 3]
-    pieces, counts = split_parts(bufs, 4)
-    assert counts == [3, 1, 1]
-    assert [bytes(b) for b in join_parts(pieces, counts)] == bufs
-    with pytest.raises(ProtocolError):
-        join_parts(pieces, [1])

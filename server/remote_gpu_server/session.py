@@ -15,6 +15,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, Protocol
 
 from remote_gpu_kernel.errors import WorkerDied
@@ -290,7 +291,8 @@ class Session:
                 await conn.send(m.Error(msg.req, code, f"{reply.get('ename')}: {reply.get('evalue')}"))
                 return
             head = m.PullReply(msg.req, list(reply["names"]), list(reply["counts"]))
-            await conn.send_stream(head, list(reply["sizes"]), pieces)
+            async with aclosing(pieces):  # the worker is done with the ring before the next request
+                await conn.send_stream(head, list(reply["sizes"]), pieces)
 
     async def replay(self, msg: m.Replay, conn: Replier) -> None:
         """Send the journaled outputs after ``msg.after``.

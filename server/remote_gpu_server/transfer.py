@@ -1,24 +1,41 @@
 """The data channel between the server and a worker, both ends.
 
 Pushed and pulled buffers do not travel inside Jupyter messages (measured
-five times slower) but over a private ZMQ PAIR socket, as a stream of
-two-frame messages::
+five times slower) but through a ring of shared memory: a sealed memfd of
+:data:`RING_SLOTS` slots of :data:`SLOT_SIZE` bytes that the server creates
+for each worker, passes to it at start and maps on both sides. The sender
+copies a piece of at most one slot into a free slot and says so; the
+receiver copies it into its final buffer and hands the slot back. Those
+small notes travel over a private ZMQ PAIR socket, as two-frame messages::
 
     [b"H", {"tid": N, "sizes": [...]}]   a transfer starts; sizes in bytes
-    [b"D", piece]                        the next piece, in buffer order
-    [b"E", b""]                          the transfer is complete
-    [b"A", reason]                       the sender gave up; discard it
+    [b"D", tid|slot|length]              the next piece is in that slot
+    [b"F", tid|slot]                     the receiver is done with that slot
+    [b"E", tid]                          the transfer is complete
+    [b"A", tid|reason]                   the sender or receiver gave up
 
-Pieces are forwarded as they arrive (a client's websocket frames go on to
-the worker before the rest of the push has come in), and the receiver copies
-each into its final, preallocated buffer, so no hop waits for a whole
-100 MiB before starting. A receiver that finds a transfer it did not ask for
-(``tid`` from an aborted request) skips it to its end.
+Each piece is one copy into the ring and one copy out of it, with no socket
+copies: measured here against streaming the pieces over the socket itself,
+100 MiB cost the sender 12 ms of CPU instead of 43 and the receiver 20
+instead of 40. Pieces are passed on as they arrive (a client's websocket
+frames go on to the worker before the rest of the push has come in), so no
+hop waits for a whole 100 MiB before starting.
+
+Every note carries its transfer id; a note of another transfer (left from
+one that was given up) is skipped. A transfer starts with every slot free:
+the caller runs one transfer at a time and ends each only when the other
+side is done with the ring (the comm reply of a push, the end of a pull's
+request). The seals keep a worker — which runs its user's code — from
+shrinking the memfd under the server's mapping.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import mmap
+import os
+import struct
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,9 +43,20 @@ from remote_gpu_kernel.errors import ProtocolError
 from remote_gpu_kernel.protocol.framing import CHUNK_SIZE
 from remote_gpu_kernel.protocol.serialization import allocate_buffer
 
-__all__ = ["ABORT", "DATA", "END", "HEADER", "Filler", "header", "pieces"]
+__all__ = [
+    "ABORT", "DATA", "END", "FREED", "HEADER", "RING_SLOTS", "SLOT_SIZE",
+    "Filler", "Ring", "abort", "create_ring", "end", "header", "parse_abort", "pieces",
+]
 
-HEADER, DATA, END, ABORT = b"H", b"D", b"E", b"A"
+HEADER, DATA, FREED, END, ABORT = b"H", b"D", b"F", b"E", b"A"
+#: Slots in a worker's ring; 8 measured as fast as 16 here, and 4 slower.
+RING_SLOTS = 8
+#: One slot holds one websocket frame's worth of a buffer.
+SLOT_SIZE = CHUNK_SIZE
+
+_TID = struct.Struct(">I")
+_PIECE = struct.Struct(">IHI")  # tid, slot, length
+_FREED = struct.Struct(">IH")  # tid, slot
 
 
 def header(tid: int, sizes: list[int]) -> list[bytes]:
@@ -40,12 +68,102 @@ def parse_header(payload: Any) -> tuple[int, list[int]]:
     return int(fields["tid"]), [int(n) for n in fields["sizes"]]
 
 
-def pieces(buffers: list[Any], chunk_size: int = CHUNK_SIZE) -> Iterator[memoryview]:
+def end(tid: int) -> list[bytes]:
+    return [END, _TID.pack(tid)]
+
+
+def abort(tid: int, reason: str) -> list[bytes]:
+    return [ABORT, _TID.pack(tid) + reason.encode()]
+
+
+def parse_abort(payload: Any) -> tuple[int, str]:
+    data = bytes(payload)
+    return _TID.unpack_from(data)[0], data[_TID.size:].decode(errors="replace")
+
+
+def tid_of(payload: Any) -> int:
+    """The transfer id that an ``E``, ``A``, ``D`` or ``F`` note starts with."""
+    return int(_TID.unpack_from(bytes(payload[: _TID.size]))[0])
+
+
+def pieces(buffers: list[Any], chunk_size: int = SLOT_SIZE) -> Iterator[memoryview]:
     """Views of ``buffers`` cut to at most ``chunk_size`` bytes; nothing is copied."""
     for buf in buffers:
         view = memoryview(buf).cast("B")
         for start in range(0, view.nbytes, chunk_size):
             yield view[start : start + chunk_size]
+
+
+def create_ring(slots: int = RING_SLOTS) -> int:
+    """A sealed memfd for a ring of ``slots``, its pages allocated now.
+
+    Allocating up front means a full memory never shows as SIGBUS on a
+    later write; the seals mean nobody can shrink or grow it. The fd is
+    close-on-exec: pass it to one worker with ``pass_fds``.
+    """
+    size = slots * SLOT_SIZE
+    fd = os.memfd_create("rgpu-ring", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        os.posix_fallocate(fd, 0, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class Ring:
+    """One end's mapping of a ring, and the slots it may write to now.
+
+    The sender calls :meth:`begin`, then :meth:`put` while :attr:`free` is
+    not empty and :meth:`freed` for each ``F`` note; the receiver calls
+    :meth:`begin`, then :meth:`take` for each ``D`` note and sends the ``F``
+    note it returns once it is done with the piece.
+    """
+
+    def __init__(self, fd: int, slots: int = RING_SLOTS) -> None:
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        self._map = mmap.mmap(fd, slots * SLOT_SIZE, flags=flags)
+        self._view = memoryview(self._map)
+        self.slots = slots
+        self.tid = 0
+        self.free: list[int] = []
+
+    def begin(self, tid: int) -> None:
+        self.tid = tid
+        self.free = list(range(self.slots - 1, -1, -1))
+
+    def put(self, piece: Any) -> list[bytes]:
+        """Copy ``piece`` into a free slot; return the ``D`` note to send."""
+        data = memoryview(piece).cast("B")
+        slot = self.free.pop()
+        start = slot * SLOT_SIZE
+        self._view[start : start + data.nbytes] = data
+        return [DATA, _PIECE.pack(self.tid, slot, data.nbytes)]
+
+    def freed(self, payload: Any) -> None:
+        tid, slot = _FREED.unpack(bytes(payload))
+        if tid == self.tid and 0 <= slot < self.slots and slot not in self.free:
+            self.free.append(slot)
+
+    def take(self, payload: Any) -> tuple[memoryview, list[bytes]] | None:
+        """The piece a ``D`` note points at and the ``F`` note that frees it;
+        None for a note of another transfer."""
+        tid, slot, length = _PIECE.unpack(bytes(payload))
+        if tid != self.tid:
+            return None
+        if slot >= self.slots or length > SLOT_SIZE:
+            raise ProtocolError(f"a data note points outside the ring (slot {slot}, {length} bytes)")
+        start = slot * SLOT_SIZE
+        return self._view[start : start + length], [FREED, _FREED.pack(tid, slot)]
+
+    def close(self) -> None:
+        try:
+            self._view.release()
+            self._map.close()
+        except BufferError:
+            pass  # a piece is still referenced; the mapping goes with the last one
 
 
 class Filler:

@@ -9,11 +9,13 @@ Variables travel in two parts. The request and its answer go over a comm
 with target :data:`COMM_TARGET`, in the kernel's main thread, in order with
 the cells: ``{"op": "push"|"pull", "id": N, "names": [...], "counts": [...]}``
 and ``{"id": N, "ok": true, ...}`` or ``{"id": N, "ok": false, "ename",
-"evalue"}``. The buffers themselves go over a private ZMQ PAIR socket at
-``RGPU_DATA_ADDR`` (an ``ipc://`` path in the server's own runtime folder),
-as described in :mod:`.transfer`. A push's comm message comes first and its
-handler reads the buffers as the server forwards them; a pull's buffers are
-sent once the pickling succeeded, before the comm reply.
+"evalue"}``. The buffers themselves go through the shared-memory ring that
+the server passed as ``RGPU_DATA_RING_FD``, with notes on a private ZMQ PAIR
+socket at ``RGPU_DATA_ADDR`` (an ``ipc://`` path in the server's own runtime
+folder), as described in :mod:`.transfer`. A push's comm message comes first
+and its handler reads the buffers as the server forwards them; a pull's comm
+reply (names, counts, sizes) is sent once the pickling succeeded, and its
+buffers after it, while the server passes them on to the client.
 Only this process unpickles what a client pushed.
 """
 
@@ -37,31 +39,39 @@ def _preload() -> None:
         torch.cuda.init()
 
 
-#: How long a push waits for its buffers on the data socket.
+#: How long one end of a transfer waits for the next note from the server.
 DATA_TIMEOUT_MS = 60_000
 
 
 class _DataChannel:
-    def __init__(self, addr: str) -> None:
+    """The worker's end of :mod:`.transfer`: notes on a PAIR socket, bytes in the ring."""
+
+    def __init__(self, addr: str, ring_fd: int) -> None:
         import zmq
+
+        from .transfer import Ring
 
         self.socket = zmq.Context.instance().socket(zmq.PAIR)
         self.socket.linger = 0
-        # No high-water mark: a large pull is queued whole before the server
-        # reads it (it reads after the comm reply), and must not block here.
         self.socket.sndhwm = self.socket.rcvhwm = 0
         self.socket.bind(addr)
+        self.ring = Ring(ring_fd)
+        os.close(ring_fd)  # mapped: the user's code has no handle on it
 
-    def _recv(self) -> tuple[bytes, Any]:
+    def _recv(self) -> tuple[bytes, bytes]:
         if not self.socket.poll(DATA_TIMEOUT_MS):
-            raise TimeoutError("the pushed buffers did not arrive")
-        kind, payload = self.socket.recv_multipart(copy=False)
-        return kind.bytes, payload.buffer
+            raise TimeoutError("the server stopped sending in the middle of a transfer")
+        kind, payload = self.socket.recv_multipart()
+        return kind, payload
 
     def receive(self, tid: int) -> list[Any]:
         """The buffers of transfer ``tid``, each in fresh writable memory."""
-        from .transfer import ABORT, DATA, END, HEADER, Filler, parse_header
+        from remote_gpu_kernel.errors import ProtocolError
 
+        from .transfer import ABORT, DATA, END, HEADER, Filler, abort, parse_abort, parse_header, tid_of
+
+        ring = self.ring
+        ring.begin(tid)
         while True:  # skip what is left of transfers that were given up
             kind, payload = self._recv()
             if kind == HEADER:
@@ -69,28 +79,53 @@ class _DataChannel:
                 if got == tid:
                     break
         filler = Filler(sizes)
-        while True:
-            kind, payload = self._recv()
-            if kind == DATA:
-                filler.add(payload)
-            elif kind == END and filler.done:
-                return filler.buffers
-            elif kind in (END, ABORT):
-                raise ConnectionError("the push was cut short: " + bytes(payload).decode(errors="replace"))
+        try:
+            while True:
+                kind, payload = self._recv()
+                if kind == DATA:
+                    taken = ring.take(payload)
+                    if taken is not None:
+                        filler.add(taken[0])
+                        self.socket.send_multipart(taken[1])
+                elif kind == END and tid_of(payload) == tid:
+                    if not filler.done:
+                        raise ConnectionError("the push ended before all its bytes came")
+                    return filler.buffers
+                elif kind == ABORT and tid_of(payload) == tid:
+                    raise ConnectionError("the push was cut short: " + parse_abort(payload)[1])
+        except (TimeoutError, ProtocolError) as exc:
+            self.socket.send_multipart(abort(tid, str(exc)))  # the server stops sending
+            raise
 
-    def send(self, tid: int, buffers: list[Any]) -> list[int]:
-        """Send buffers in frame-sized pieces, without copies; return their sizes."""
-        from .transfer import DATA, END, header, pieces
+    def send(self, tid: int, buffers: list[Any]) -> None:
+        """Send ``buffers`` through the ring, as fast as the server frees slots.
 
-        sizes = [memoryview(b).nbytes for b in buffers]
-        self.socket.send_multipart(header(tid, sizes))
-        for piece in pieces(buffers):
-            self.socket.send_multipart([DATA, piece], copy=False)
-        self.socket.send_multipart([END, b""])
-        return sizes
+        Stops early, telling the server, if the server gives up or goes
+        quiet or the user interrupts; the pull then fails on the server.
+        """
+        from .transfer import ABORT, FREED, abort, end, header, pieces, tid_of
+
+        ring = self.ring
+        ring.begin(tid)
+        self.socket.send_multipart(header(tid, [memoryview(b).nbytes for b in buffers]))
+        try:
+            for piece in pieces(buffers):
+                while not ring.free:
+                    kind, payload = self._recv()
+                    if kind == FREED:
+                        ring.freed(payload)
+                    elif kind == ABORT and tid_of(payload) == tid:
+                        return
+                self.socket.send_multipart(ring.put(piece))
+        except (TimeoutError, KeyboardInterrupt) as exc:
+            self.socket.send_multipart(abort(tid, str(exc) or "interrupted"))
+            return
+        self.socket.send_multipart(end(tid))
 
 
-def _handle(shell: Any, channel: _DataChannel, data: dict[str, Any]) -> dict[str, Any]:
+def _handle(shell: Any, channel: _DataChannel, data: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """Do one transfer request: ``(reply, then)``, where ``then`` (or None)
+    runs after the reply is sent."""
     from remote_gpu_kernel.protocol.serialization import dump_values, load_values
 
     op, names = data.get("op"), list(data.get("names") or [])
@@ -98,14 +133,17 @@ def _handle(shell: Any, channel: _DataChannel, data: dict[str, Any]) -> dict[str
         buffers = channel.receive(int(data["id"]))
         values = load_values(names, list(data.get("counts") or []), buffers)
         shell.user_ns.update(values)
-        return {"ok": True, "names": names}
+        return {"ok": True, "names": names}, None
     if op == "pull":
         missing = [n for n in names if n not in shell.user_ns]
         if missing:
             raise NameError(f"name {missing[0]!r} is not defined in the remote namespace")
         names, counts, bufs = dump_values({n: shell.user_ns[n] for n in names})
-        sizes = channel.send(int(data["id"]), bufs)
-        return {"ok": True, "names": names, "counts": counts, "sizes": sizes}
+        sizes = [memoryview(b).nbytes for b in bufs]
+        # The server streams the buffers on to its client as they come, and
+        # needs the sizes first: the reply goes out before the bytes.
+        return ({"ok": True, "names": names, "counts": counts, "sizes": sizes},
+                lambda: channel.send(int(data["id"]), bufs))
     raise ValueError(f"unknown variable transfer op {op!r}")
 
 
@@ -117,14 +155,17 @@ def _comm_opener(channel: _DataChannel) -> Any:
 
         def on_msg(msg: dict[str, Any]) -> None:
             data = msg["content"]["data"]
+            then = None
             try:
-                reply = _handle(shell, channel, data)
+                reply, then = _handle(shell, channel, data)
             except Exception as exc:
                 reply = {"ok": False, "ename": type(exc).__name__, "evalue": str(exc)}
                 if isinstance(getattr(exc, "name", None), str):
                     reply["name"] = exc.name  # type: ignore[attr-defined]
             reply["id"] = data.get("id")
             comm.send(reply)
+            if then is not None:
+                then()
 
         comm.on_msg(on_msg)
 
@@ -141,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
 
     for stream in (sys.stdout, sys.stderr):  # ipykernel's OutStreams, made by initialize()
         skip_empty_flushes(stream)
-    channel = _DataChannel(os.environ["RGPU_DATA_ADDR"])
+    channel = _DataChannel(os.environ["RGPU_DATA_ADDR"], int(os.environ.pop("RGPU_DATA_RING_FD")))
     app.kernel.comm_manager.register_target(COMM_TARGET, _comm_opener(channel))
     app.start()
 

@@ -1,7 +1,12 @@
-"""The worker data channel's filler, and a push cut short by a disconnect."""
+"""The worker data channel: its ring and filler, large transfers both ways,
+and a push or a pull cut short by a disconnect."""
 
 from __future__ import annotations
 
+import os
+import time
+
+import numpy as np
 import pytest
 from websockets.sync.client import connect
 
@@ -9,8 +14,10 @@ from remote_gpu_kernel import Client
 from remote_gpu_kernel.errors import ProtocolError
 from remote_gpu_kernel.protocol import PROTOCOL_VERSION, Reader, encode
 from remote_gpu_kernel.protocol import messages as m
-from remote_gpu_server.transfer import Filler, pieces
+from remote_gpu_server.transfer import RING_SLOTS, SLOT_SIZE, Filler, Ring, create_ring, pieces
 from servers import ServerProcess
+
+torch = pytest.importorskip("torch")
 
 
 def test_filler_reassembles_pieces_across_buffers() -> None:
@@ -22,6 +29,90 @@ def test_filler_reassembles_pieces_across_buffers() -> None:
     with pytest.raises(ProtocolError, match="more bytes"):
         filler.add(b"x")
     assert [bytes(p) for p in pieces([b"abcdefg"], 3)] == [b"abc", b"def", b"g"]
+
+
+def test_ring_carries_pieces_between_two_mappings_and_skips_other_transfers() -> None:
+    fd = create_ring()
+    try:
+        sender, receiver = Ring(fd), Ring(fd)
+    finally:
+        os.close(fd)
+    sender.begin(7)
+    receiver.begin(7)
+    notes = [sender.put(bytes([i]) * (SLOT_SIZE if i else 10)) for i in range(RING_SLOTS)]
+    assert not sender.free  # every slot is the receiver's until it hands them back
+    for i, (kind, payload) in enumerate(notes):
+        piece, freed = receiver.take(payload)  # type: ignore[misc]
+        assert kind == b"D" and bytes(piece) == bytes([i]) * (SLOT_SIZE if i else 10)
+        sender.freed(freed[1])
+    assert len(sender.free) == RING_SLOTS
+    sender.freed(notes[0][1][:6])  # a slot already free is not counted twice
+    assert len(sender.free) == RING_SLOTS
+    receiver.begin(8)
+    assert receiver.take(notes[0][1]) is None  # a note of the transfer before
+    sender.begin(8)
+    kind, payload = sender.put(b"x")
+    bad = payload[:4] + (RING_SLOTS).to_bytes(2, "big") + payload[6:]
+    with pytest.raises(ProtocolError, match="outside the ring"):
+        receiver.take(bad)
+    sender.close()
+    receiver.close()
+
+
+def test_ring_memory_cannot_be_shrunk_under_the_server() -> None:
+    # A worker runs its user's code: a truncated ring would crash the server
+    # with SIGBUS at its next copy. The memfd is sealed against it.
+    fd = create_ring()
+    try:
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, 0)
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, RING_SLOTS * SLOT_SIZE * 2)
+        assert os.fstat(fd).st_size == RING_SLOTS * SLOT_SIZE
+    finally:
+        os.close(fd)
+
+
+def test_transfers_larger_than_the_ring_both_ways(server: ServerProcess, alice: str) -> None:
+    rng = np.random.default_rng(1)
+    a = rng.random(5 * RING_SLOTS * SLOT_SIZE // 4 + 3, dtype=np.float32)  # five rings and a bit
+    t = torch.from_numpy(rng.random(3 * SLOT_SIZE // 4, dtype=np.float32)).reshape(-1, 4)
+    with Client(server.url, alice).session() as s:
+        s.push(a=a, t=t, small=b"abc")
+        s.execute("import os\nb = a[::-1].copy(); u = t * 2\n"
+                  "ring_seen = os.environ.get('RGPU_DATA_RING_FD')", on_output=lambda _: None)
+        back = s.pull("b", "u", "a", "small", "ring_seen")
+    assert np.array_equal(back["b"], a[::-1]) and np.array_equal(back["a"], a)
+    assert torch.equal(back["u"], t * 2) and back["small"] == b"abc"
+    assert back["ring_seen"] is None  # the user's code is not handed the ring
+
+
+def test_pull_cut_short_leaves_the_session_usable(fresh_server: ServerProcess) -> None:
+    fresh_server.args = ["--grace", "30"]
+    fresh_server.start()
+    token = fresh_server.token()
+    first = Client(fresh_server.url, token).session()
+    first.execute("import numpy as np; big = np.arange(6 << 20, dtype=np.float32)", on_output=lambda _: None)
+    with connect(fresh_server.url, additional_headers={"Authorization": f"Bearer {token}"},
+                 compression=None, max_size=None) as ws:
+        ws.send(encode(m.Hello(PROTOCOL_VERSION))[0])
+        ws.recv(timeout=30)
+        ws.send(encode(m.LeaseRequest(1, resume=first.id))[0])
+        ws.recv(timeout=30)
+        ws.send(encode(m.Pull(2, ["big"]))[0])
+        for _ in range(3):  # the head and a couple of pieces of 24 MiB, then leave
+            ws.recv(timeout=30)
+    started = time.monotonic()
+    session = Client(fresh_server.url, token).session(resume=first.id)
+    assert session.resumed
+    back = session.pull("big")["big"]
+    # The worker was told to stop sending: it does not sit out its 60 s wait.
+    assert time.monotonic() - started < 20
+    assert np.array_equal(back, np.arange(6 << 20, dtype=np.float32))
+    assert session.execute("1 + 1", on_output=lambda _: None).ok
+    session.release()
+    first.close()
+    assert not any("Traceback" in line for line in fresh_server.log)
 
 
 def test_push_cut_short_leaves_the_session_usable(fresh_server: ServerProcess) -> None:

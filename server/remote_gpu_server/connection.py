@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from remote_gpu_kernel.errors import ProtocolError, RemoteGpuError
+from remote_gpu_kernel.errors import ProtocolError, RemoteGpuError, WorkerDied
 from remote_gpu_kernel.protocol import PROTOCOL_VERSION, Reader, encode
 from remote_gpu_kernel.protocol.framing import encode_head
 from remote_gpu_kernel.protocol import messages as m
@@ -65,7 +65,8 @@ class Connection:
         """Send ``message`` whose buffers' bytes come from ``pieces`` as they arrive.
 
         If ``pieces`` fails midway, the message cannot be finished: the
-        connection is closed (the client sees it as a dropped connection).
+        connection is closed (the client sees it as a dropped connection,
+        and the close reason says why; resuming the session works).
         """
         try:
             async with self._send_lock:
@@ -76,7 +77,8 @@ class Connection:
                         await self.ws.send(piece)
                 except Exception as exc:
                     log.warning("stream to %s broke: %s", self.user, exc)
-                    await self.ws.close(1011, "a transfer failed midway")
+                    await self.ws.close(1011, "the worker died in the middle of a transfer"
+                                        if isinstance(exc, WorkerDied) else "a transfer failed midway")
         except ConnectionClosed:
             pass
 
@@ -126,30 +128,33 @@ class Connection:
             if self.session is not None:
                 self.session.send_input(msg.value)
         elif isinstance(msg, m.LeaseRequest):
-            self._spawn(self._on_lease(msg))
+            self._spawn(self._on_lease(msg), msg.req)
         elif isinstance(msg, m.Release):
-            self._spawn(self._on_release(msg))
+            self._spawn(self._on_release(msg), msg.req)
         elif isinstance(msg, (m.Execute, m.Push, m.Pull, m.ShellRequest, m.Replay)):
-            self._spawn(self._on_session_request(msg))
+            self._spawn(self._on_session_request(msg), msg.req)
         else:
             self._spawn(self.send(m.Error(getattr(msg, "req", 0), m.ErrorCode.BAD_REQUEST,
                                           f"{msg.type.value} is not a client request")))
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(self._guard(coro))
+    def _spawn(self, coro: Any, req: int = 0) -> None:
+        task = asyncio.get_running_loop().create_task(self._guard(coro, req))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _guard(self, coro: Any) -> None:
+    async def _guard(self, coro: Any, req: int) -> None:
+        """Run a request's handler; an error it did not answer still answers
+        request ``req``, so the client is never left waiting."""
         try:
             await coro
         except asyncio.CancelledError:
             raise
         except RemoteGpuError as exc:
-            await self.send(m.Error(0, m.ErrorCode.INTERNAL, str(exc)))
+            codes = {c.value: c for c in m.ErrorCode}
+            await self.send(m.Error(req, codes.get(getattr(exc, "code", ""), m.ErrorCode.INTERNAL), str(exc)))
         except Exception as exc:
             log.exception("request from %s failed", self.user)
-            await self.send(m.Error(0, m.ErrorCode.INTERNAL, f"internal server error: {exc}"))
+            await self.send(m.Error(req, m.ErrorCode.INTERNAL, f"internal server error: {exc}"))
 
     # -- handlers -----------------------------------------------------------
 

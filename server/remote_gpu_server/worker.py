@@ -420,6 +420,7 @@ class Worker:
                             ring.freed(payload)
                         elif kind == transfer.ABORT and transfer.tid_of(payload) == tid:
                             raise TransferAborted(transfer.parse_abort(payload)[1], worker_stopped=True)
+                    self._check_alive()  # a kill unmaps the ring
                     await self._data.send_multipart(ring.put(piece))
             await self._data.send_multipart(transfer.end(tid))
         except TransferAborted as exc:
@@ -473,6 +474,7 @@ class Worker:
                     if taken is None:
                         continue  # a piece of an earlier transfer nobody read
                     yield taken[0]
+                    self._check_alive()  # a kill closes the socket and the ring
                     await self._data.send_multipart(taken[1])
                 elif kind == transfer.END and transfer.tid_of(payload) == tid:
                     finished = True
@@ -501,7 +503,9 @@ class Worker:
             await asyncio.wait({recv, died}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             died.cancel()
-        if not recv.done():
+        if not recv.done() or recv.cancelled() or recv.exception() is not None:
+            # No note: a timeout, or the worker died and its kill closed the
+            # socket under this read (cancelling it). Say which.
             recv.cancel()
             self._check_alive()
             raise TransferAborted("the worker stopped answering in the middle of a transfer")

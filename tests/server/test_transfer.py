@@ -4,13 +4,15 @@ and a push or a pull cut short by a disconnect."""
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import numpy as np
 import pytest
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from remote_gpu_kernel import Client
+from remote_gpu_kernel import Client, WorkerDied
 from remote_gpu_kernel.errors import ProtocolError
 from remote_gpu_kernel.protocol import PROTOCOL_VERSION, Reader, encode
 from remote_gpu_kernel.protocol import messages as m
@@ -85,6 +87,73 @@ def test_transfers_larger_than_the_ring_both_ways(server: ServerProcess, alice: 
     assert np.array_equal(back["b"], a[::-1]) and np.array_equal(back["a"], a)
     assert torch.equal(back["u"], t * 2) and back["small"] == b"abc"
     assert back["ring_seen"] is None  # the user's code is not handed the ring
+
+
+def test_worker_that_dies_while_the_server_waits_for_the_ring(server: ServerProcess, alice: str) -> None:
+    # A thread in the worker takes the GIL and keeps it (no switch for 1000 s),
+    # so the kernel cannot read the push: the server fills every slot and
+    # waits for one back. Then the worker exits. The push must fail at once
+    # with the cause, not wait for a slot that never comes.
+    starve = ("import os, sys, threading, time\n"
+              "def hog():\n"
+              "    time.sleep(0.3)\n"
+              "    sys.setswitchinterval(1000)\n"
+              "    end = time.monotonic() + 2\n"
+              "    while time.monotonic() < end:\n"
+              "        pass\n"
+              "    os._exit(3)\n"
+              "threading.Thread(target=hog, daemon=True).start()")
+    notices: list[str] = []
+    with Client(server.url, alice).session(on_notice=notices.append) as s:
+        assert s.execute(starve, on_output=lambda _: None).ok
+        time.sleep(0.8)
+        started = time.monotonic()
+        with pytest.raises(WorkerDied, match="exit code 3"):
+            s.push(big=np.zeros(3 * RING_SLOTS * SLOT_SIZE, dtype=np.uint8))
+        assert time.monotonic() - started < 10
+        s.push(after=[1, 2])
+        assert s.pull("after") == {"after": [1, 2]}
+        assert any("restarted" in n for n in notices)  # shown with the push that follows
+
+
+def test_worker_killed_in_the_middle_of_a_pull(fresh_server: ServerProcess) -> None:
+    # The client reads the pull's head and stops: the server's sends and the
+    # worker's ring fill up. The worker is killed there. The pull cannot be
+    # finished, so the connection closes saying why; the session resumes
+    # with a fresh worker and says so.
+    fresh_server.args = ["--grace", "30"]
+    fresh_server.start()
+    token = fresh_server.token()
+    first = Client(fresh_server.url, token).session()
+    first.execute("import os, numpy as np; pid = os.getpid(); big = np.ones(64 << 20, np.uint8)",
+                  on_output=lambda _: None)
+    pid = first.pull("pid")["pid"]
+    with connect(fresh_server.url, additional_headers={"Authorization": f"Bearer {token}"},
+                 compression=None, max_size=None) as ws:
+        ws.send(encode(m.Hello(PROTOCOL_VERSION))[0])
+        ws.recv(timeout=30)
+        ws.send(encode(m.LeaseRequest(1, resume=first.id))[0])
+        ws.recv(timeout=30)
+        ws.send(encode(m.Pull(2, ["big"]))[0])
+        ws.recv(timeout=30)
+        time.sleep(0.5)  # the server blocks on this connection, the worker on the ring
+        os.kill(pid, signal.SIGKILL)
+        fresh_server.wait_for_log("died")
+        started = time.monotonic()
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                ws.recv(timeout=30)
+        assert time.monotonic() - started < 10
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
+    assert "worker died" in closed.value.rcvd.reason
+    notices: list[str] = []
+    session = Client(fresh_server.url, token).session(resume=first.id, on_notice=notices.append)
+    assert session.resumed
+    assert session.execute("'big' in globals()", on_output=lambda _: None).outputs[-1].content["data"][
+        "text/plain"] == "False"
+    assert any("died" in n and "SIGKILL" in n for n in notices)
+    session.release()
+    first.close()
 
 
 def test_pull_cut_short_leaves_the_session_usable(fresh_server: ServerProcess) -> None:

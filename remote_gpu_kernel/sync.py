@@ -146,6 +146,22 @@ class Session:
     def __init__(self, session: AsyncSession, on_notice: NoticeCallback | None = None) -> None:
         self._session = session
         self.on_notice = on_notice
+        # Notices that come with other answers than a cell's (a push after the
+        # worker died, say) arrive on the I/O thread; they are shown here,
+        # in the caller's thread, when the call returns.
+        self._notices: queue.SimpleQueue[str] = queue.SimpleQueue()
+        session.on_notice = self._notices.put
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        try:
+            return run(coro)
+        finally:
+            while True:
+                try:
+                    text = self._notices.get_nowait()
+                except queue.Empty:
+                    break
+                _notify(self.on_notice, text)
 
     def __enter__(self) -> Session:
         return self
@@ -207,16 +223,16 @@ class Session:
 
     def replay(self, after: int) -> list[m.Output]:
         """See :meth:`AsyncSession.replay`."""
-        return run(self._session.replay(after))
+        return self._call(self._session.replay(after))
 
     def push(self, **values: Any) -> None:
-        run(self._session.push(**values))
+        self._call(self._session.push(**values))
 
     def pull(self, *names: str) -> dict[str, Any]:
-        return run(self._session.pull(*names))
+        return self._call(self._session.pull(*names))
 
     def shell_request(self, msg_type: str, content: dict[str, Any]) -> m.ShellReply:
-        return run(self._session.shell_request(msg_type, content))
+        return self._call(self._session.shell_request(msg_type, content))
 
     def send_input(self, value: str) -> None:
         run(self._session.send_input(value))
@@ -225,7 +241,7 @@ class Session:
         asyncio.run_coroutine_threadsafe(self._session.interrupt(), io_loop())
 
     def release(self) -> None:
-        run(self._session.release())
+        self._call(self._session.release())
 
     def close(self) -> None:
         run(self._session.close())

@@ -104,6 +104,17 @@ def test_release_then_next_cell_leases_again(kernel: LocalKernel) -> None:
     assert run.stdout == "False\n" and "leased" in run.stderr
 
 
+def test_the_cell_after_a_worker_death_says_so_even_when_it_pushes(kernel: LocalKernel) -> None:
+    kernel.run("%%gpu\nkept = 1")
+    died = kernel.run("%%gpu\nimport os\nos._exit(3)")
+    assert "worker process died (exit code 3)" in died.stderr
+    kernel.run("x = 5")
+    run = kernel.run("%%gpu -i x\nprint('kept' in globals(), x)")
+    assert run.reply["status"] == "ok", run.reply
+    assert "restarted" in run.stderr and "exit code 3" in run.stderr
+    assert run.stdout == "False 5\n"
+
+
 def test_unreachable_server_and_missing_token_are_one_line_errors(server: ServerProcess) -> None:
     import socket
 

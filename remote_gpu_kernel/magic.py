@@ -15,7 +15,7 @@ from typing import Any
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from .errors import ConnectionLost, RemoteTimeout, SessionReleased, WorkerDied
+from .errors import ConnectionLost, SessionReleased
 from .rendering import render_output
 from .sync import Client, Session
 
@@ -148,17 +148,15 @@ class GpuMagics(Magics):
             if inputs:
                 session.push(**{n: ns[n] for n in inputs})
             result = session.execute(code, render_output, timeout=timeout)
+        # The cell did not finish: each of these fails it (so "Run All"
+        # stops here), shown as one line that says what to do next.
         except ConnectionLost as exc:
-            _say(f"{exc}. The next %%gpu cell reconnects; the session survives a short drop.")
-            return
-        except (WorkerDied, RemoteTimeout) as exc:
-            _say(str(exc))
-            return
+            raise ConnectionLost(f"{exc}. The next %%gpu cell reconnects; the session survives "
+                                 "a short drop.") from None
         except SessionReleased as exc:
             self.session = None
             self._last_session = None
-            _say(f"{exc}; run the cell again to lease a new GPU.")
-            return
+            raise SessionReleased(f"{exc}; run the cell again to lease a new GPU.", code=exc.code) from None
         if result.error is not None:
             raise result.error
         if outputs:

@@ -107,12 +107,20 @@ def test_release_then_next_cell_leases_again(kernel: LocalKernel) -> None:
 def test_the_cell_after_a_worker_death_says_so_even_when_it_pushes(kernel: LocalKernel) -> None:
     kernel.run("%%gpu\nkept = 1")
     died = kernel.run("%%gpu\nimport os\nos._exit(3)")
-    assert "worker process died (exit code 3)" in died.stderr
+    assert died.reply["status"] == "error" and died.reply["ename"] == "WorkerDied"
+    assert "worker process died (exit code 3)" in died.reply["evalue"]
+    assert died.of_type("error")[0]["traceback"] == [f"WorkerDied: {died.reply['evalue']}"]
     kernel.run("x = 5")
     run = kernel.run("%%gpu -i x\nprint('kept' in globals(), x)")
     assert run.reply["status"] == "ok", run.reply
     assert "restarted" in run.stderr and "exit code 3" in run.stderr
     assert run.stdout == "False 5\n"
+
+
+def test_a_cell_past_its_timeout_fails(kernel: LocalKernel) -> None:
+    run = kernel.run("%%gpu --timeout 1\nimport time\ntime.sleep(30)", timeout=30)
+    assert run.reply["status"] == "error" and run.reply["ename"] == "RemoteTimeout", run.reply
+    assert kernel.run("%%gpu\nprint('still here')").stdout == "still here\n"
 
 
 def test_unreachable_server_and_missing_token_are_one_line_errors(server: ServerProcess) -> None:
@@ -157,7 +165,8 @@ def test_a_dropped_connection_reconnects_and_shows_what_was_missed(tmp_path) -> 
         threading.Timer(1.0, proxy.drop).start()
         run = k.run("%%gpu\nimport time\nfor i in range(4):\n    print('line', i, flush=True)\n"
                     "    time.sleep(0.6)")
-        assert "connection" in run.stderr and "reconnects" in run.stderr
+        assert run.reply["status"] == "error" and run.reply["ename"] == "ConnectionLost"
+        assert "reconnects" in run.reply["evalue"]
         after = k.run("%%gpu\nprint(kept)")
         assert "reconnected to your GPU session" in after.stderr
         assert "disconnected" in after.stderr

@@ -8,7 +8,8 @@ copies a piece of at most one slot into a free slot and says so; the
 receiver copies it into its final buffer and hands the slot back. Those
 small notes travel over a private ZMQ PAIR socket, as two-frame messages::
 
-    [b"H", {"tid": N, "sizes": [...]}]   a transfer starts; sizes in bytes
+    [b"H", {"tid": N, "sizes": [...]}]   a push starts; sizes in bytes (a pull's
+                                         sizes come first, in its comm reply)
     [b"D", tid|slot|length]              the next piece is in that slot
     [b"F", tid|slot]                     the receiver is done with that slot
     [b"E", tid]                          the transfer is complete
@@ -146,6 +147,18 @@ class Ring:
         tid, slot = _FREED.unpack(bytes(payload))
         if tid == self.tid and 0 <= slot < self.slots and slot not in self.free:
             self.free.append(slot)
+
+    def answer(self, kind: bytes, payload: Any) -> str | None:
+        """Take a note from the receiver, as the sender: a freed slot is
+        free again; the receiver giving up on this transfer returns its
+        reason. Notes of other transfers are skipped."""
+        if kind == FREED:
+            self.freed(payload)
+        elif kind == ABORT:
+            tid, reason = parse_abort(payload)
+            if tid == self.tid:
+                return reason
+        return None
 
     def take(self, payload: Any) -> tuple[memoryview, list[bytes]] | None:
         """The piece a ``D`` note points at and the ``F`` note that frees it;

@@ -415,11 +415,9 @@ class Worker:
                 parts = _stream(buf) if isinstance(buf, Chunks) else _iterate(transfer.pieces([buf]))
                 async for piece in parts:
                     while not ring.free:  # the worker has every slot: wait until it hands one back
-                        kind, payload = await self._recv_data(timeout=None)
-                        if kind == transfer.FREED:
-                            ring.freed(payload)
-                        elif kind == transfer.ABORT and transfer.tid_of(payload) == tid:
-                            raise TransferAborted(transfer.parse_abort(payload)[1], worker_stopped=True)
+                        reason = ring.answer(*await self._recv_data(timeout=None))
+                        if reason is not None:
+                            raise TransferAborted(reason, worker_stopped=True)
                     self._check_alive()  # a kill unmaps the ring
                     await self._data.send_multipart(ring.put(piece))
             await self._data.send_multipart(transfer.end(tid))

@@ -103,19 +103,15 @@ class _DataChannel:
         Stops early, telling the server, if the server gives up or goes
         quiet or the user interrupts; the pull then fails on the server.
         """
-        from .transfer import ABORT, FREED, abort, end, header, pieces, tid_of
+        from .transfer import abort, end, pieces
 
         ring = self.ring
         ring.begin(tid)
-        self.socket.send_multipart(header(tid, [memoryview(b).nbytes for b in buffers]))
         try:
             for piece in pieces(buffers):
                 while not ring.free:
-                    kind, payload = self._recv()
-                    if kind == FREED:
-                        ring.freed(payload)
-                    elif kind == ABORT and tid_of(payload) == tid:
-                        return
+                    if ring.answer(*self._recv()) is not None:
+                        return  # the server gave up
                 self.socket.send_multipart(ring.put(piece))
         except (TimeoutError, KeyboardInterrupt) as exc:
             self.socket.send_multipart(abort(tid, str(exc) or "interrupted"))

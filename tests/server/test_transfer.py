@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
 from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import connect
+from websockets.sync.client import ClientConnection, connect
 
 from remote_gpu_kernel import Client, WorkerDied
 from remote_gpu_kernel.errors import ProtocolError
@@ -116,6 +118,21 @@ def test_worker_that_dies_while_the_server_waits_for_the_ring(server: ServerProc
         assert any("restarted" in n for n in notices)  # shown with the push that follows
 
 
+@contextmanager
+def pull_unread(url: str, token: str, session_id: str, name: str) -> Iterator[ClientConnection]:
+    """A raw connection that resumes ``session_id``, asks for ``name`` and
+    reads only the pull's first frame; the test decides what comes next."""
+    with connect(url, additional_headers={"Authorization": f"Bearer {token}"},
+                 compression=None, max_size=None) as ws:
+        ws.send(encode(m.Hello(PROTOCOL_VERSION))[0])
+        ws.recv(timeout=30)
+        ws.send(encode(m.LeaseRequest(1, resume=session_id))[0])
+        ws.recv(timeout=30)
+        ws.send(encode(m.Pull(2, [name]))[0])
+        ws.recv(timeout=30)
+        yield ws
+
+
 def test_worker_killed_in_the_middle_of_a_pull(fresh_server: ServerProcess) -> None:
     # The client reads the pull's head and stops: the server's sends and the
     # worker's ring fill up. The worker is killed there. The pull cannot be
@@ -128,14 +145,7 @@ def test_worker_killed_in_the_middle_of_a_pull(fresh_server: ServerProcess) -> N
     first.execute("import os, numpy as np; pid = os.getpid(); big = np.ones(64 << 20, np.uint8)",
                   on_output=lambda _: None)
     pid = first.pull("pid")["pid"]
-    with connect(fresh_server.url, additional_headers={"Authorization": f"Bearer {token}"},
-                 compression=None, max_size=None) as ws:
-        ws.send(encode(m.Hello(PROTOCOL_VERSION))[0])
-        ws.recv(timeout=30)
-        ws.send(encode(m.LeaseRequest(1, resume=first.id))[0])
-        ws.recv(timeout=30)
-        ws.send(encode(m.Pull(2, ["big"]))[0])
-        ws.recv(timeout=30)
+    with pull_unread(fresh_server.url, token, first.id, "big") as ws:
         time.sleep(0.5)  # the server blocks on this connection, the worker on the ring
         os.kill(pid, signal.SIGKILL)
         fresh_server.wait_for_log("died")
@@ -162,14 +172,8 @@ def test_pull_cut_short_leaves_the_session_usable(fresh_server: ServerProcess) -
     token = fresh_server.token()
     first = Client(fresh_server.url, token).session()
     first.execute("import numpy as np; big = np.arange(6 << 20, dtype=np.float32)", on_output=lambda _: None)
-    with connect(fresh_server.url, additional_headers={"Authorization": f"Bearer {token}"},
-                 compression=None, max_size=None) as ws:
-        ws.send(encode(m.Hello(PROTOCOL_VERSION))[0])
-        ws.recv(timeout=30)
-        ws.send(encode(m.LeaseRequest(1, resume=first.id))[0])
-        ws.recv(timeout=30)
-        ws.send(encode(m.Pull(2, ["big"]))[0])
-        for _ in range(3):  # the head and a couple of pieces of 24 MiB, then leave
+    with pull_unread(fresh_server.url, token, first.id, "big") as ws:
+        for _ in range(2):  # a couple of pieces of 24 MiB, then leave
             ws.recv(timeout=30)
     started = time.monotonic()
     session = Client(fresh_server.url, token).session(resume=first.id)

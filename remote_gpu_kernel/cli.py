@@ -35,10 +35,13 @@ def _server() -> Any:
     return remote_gpu_server
 
 
-def _db(args: argparse.Namespace) -> Path:
+def _db(args: argparse.Namespace) -> Path | str:
+    """``--db``: a SQLite file's path or a ``postgresql://`` URL (default: ``$RGPU_DB``, else a file)."""
     from remote_gpu_server.config import default_db_path
 
-    return Path(args.db) if args.db else default_db_path()
+    if not args.db:
+        return default_db_path()
+    return str(args.db) if "://" in str(args.db) else Path(args.db)
 
 
 _TOKEN_RE = re.compile(r"(Bearer\s+)?rgpu_[A-Za-z0-9_-]+")
@@ -77,7 +80,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sys.exit(f"rgpu serve: {exc}")
     config = ServerConfig(host=args.host, port=args.port, db=_db(args), slots=args.slots,
                           idle_timeout=args.idle_timeout, grace=args.grace,
-                          price_per_gpu_hour=args.price_per_gpu_hour, scheduler=scheduler)
+                          price_per_gpu_hour=args.price_per_gpu_hour, scheduler=scheduler,
+                          server_id=args.server_id)
 
     async def serve() -> None:
         server = GpuServer(config)
@@ -105,14 +109,18 @@ def _when(ts: float | None) -> str:
 
 def cmd_token(args: argparse.Namespace) -> int:
     _server()
+    return asyncio.run(_token(args))
+
+
+async def _token(args: argparse.Namespace) -> int:
     from remote_gpu_server.errors import StoreError
     from remote_gpu_server.store import Store
 
-    store = Store(_db(args))
+    store = await Store.open(_db(args))
     try:
         if args.token_cmd == "create":
-            token_id, token = store.create_token(args.user, days=args.days, admin=args.admin,
-                                                 max_gpus=args.max_gpus, max_waiting=args.max_waiting)
+            token_id, token = await store.create_token(args.user, days=args.days, admin=args.admin,
+                                                       max_gpus=args.max_gpus, max_waiting=args.max_waiting)
             print(token)
             print(f"token {token_id} for {args.user}: shown once, keep it secret", file=sys.stderr)
         elif args.token_cmd == "list":
@@ -121,20 +129,20 @@ def cmd_token(args: argparse.Namespace) -> int:
 
             table = Table("id", "user", "admin", "created", "expires", "last used", "state")
             now = time.time()
-            for t in store.list_tokens():
+            for t in await store.list_tokens():
                 state = ("revoked" if t.revoked else
                          "expired" if t.expires and t.expires < now else "active")
                 table.add_row(str(t.id), t.user, "yes" if t.admin else "", _when(t.created),
                               _when(t.expires), _when(t.last_used), state)
             Console().print(table)
         elif args.token_cmd == "revoke":
-            store.revoke_token(args.id)
+            await store.revoke_token(args.id)
             print(f"token {args.id} revoked")
     except StoreError as exc:
         print(f"rgpu token: {exc}", file=sys.stderr)
         return 1
     finally:
-        store.close()
+        await store.close()
     return 0
 
 
@@ -161,17 +169,23 @@ def cmd_up(args: argparse.Namespace) -> int:
     url = f"ws://127.0.0.1:{args.port}"
     config = ClientConfig.load(url=url)
     db = _db(args)
-    store = Store(db)
-    try:
+
+    async def usable_token() -> str:
+        store = await Store.open(db)
         try:
-            token = store.verify_token(config.token).id and config.token
-        except TokenError:
-            user = getpass.getuser() or "user"
-            _, token = store.create_token(user)
-            print(f"created a token for {user} and saved it to {config_path()}")
-    finally:
-        store.close()
-    assert token is not None
+            try:
+                await store.verify_token(config.token)
+                assert config.token is not None
+                return config.token
+            except TokenError:
+                user = getpass.getuser() or "user"
+                _, token = await store.create_token(user)
+                print(f"created a token for {user} and saved it to {config_path()}")
+                return token
+        finally:
+            await store.close()
+
+    token = asyncio.run(usable_token())
     save_client_config(url, token)
     install(prefix=sys.prefix, url=url)
     server = subprocess.Popen([sys.executable, "-m", "remote_gpu_kernel.cli", "serve", "--port",
@@ -235,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="cmd", required=True)
 
-    db_help = "SQLite store (default: $RGPU_DB or rgpu.sqlite3 in the user's data directory)"
+    db_help = ("the store: a SQLite file, or postgresql://USER@HOST/DB "
+               "(default: $RGPU_DB, else rgpu.sqlite3 in the user's data directory)")
 
     p = sub.add_parser("serve", help="run the GPU server",
                        description="Run the GPU server: leases slots to notebooks over websockets.")
@@ -263,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a named pool of slots with its own idle timeout and quota, e.g. "
                         "interactive=gpu0,gpu1:idle=900:max-gpus=1 (repeatable; unnamed slots "
                         "form the pool 'default')")
+    p.add_argument("--server-id", metavar="NAME",
+                   help="this server's name in a shared database: a restart recovers only the jobs of "
+                        "the same name (default: the host's name)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
 

@@ -28,19 +28,18 @@ import itertools
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
 from remote_gpu_kernel.errors import WorkerDied
 from remote_gpu_kernel.typing import JobId, SessionId, SlotId
 
+from .broker import LeaseBroker
 from .errors import StoreError
+from .journal import Journal
 from .scheduler import DEFAULT_POOL, PRIORITIES, LeaseRequestEntry
-from .store import BatchSpec, Store
+from .session import WorkerSource
+from .store import BatchSpec, OutputRow, Store
 from .worker import Worker
-
-if TYPE_CHECKING:
-    from .app import GpuServer
-    from .connection import Connection
 
 __all__ = ["BACKOFF_BASE", "BACKOFF_CAP", "BatchRunner", "JobRequest", "RunningJob"]
 
@@ -123,26 +122,32 @@ class _Waiter:
     def __init__(self) -> None:
         self.position: int | None = None
 
-    async def send_position(self, key: int, position: int) -> None:
+    def queue_position(self, key: int, position: int) -> None:
         self.position = position
 
 
 class BatchRunner:
-    """Runs the server's batch jobs. Call :meth:`recover` once at start, :meth:`close` at the end."""
+    """Runs the server's batch jobs. Call :meth:`recover` once at start, :meth:`close` at the end.
 
-    def __init__(self, server: GpuServer) -> None:
-        self.server = server
+    ``broker`` leases slots, ``pool`` gives workers, ``store`` and
+    ``journal`` keep jobs and their output; ``kill_grace``: seconds between
+    the interrupt of a job being stopped and the kill of its worker.
+    """
+
+    def __init__(self, store: Store, journal: Journal, broker: LeaseBroker, pool: WorkerSource, *,
+                 kill_grace: float) -> None:
+        self.store = store
+        self.journal = journal
+        self.broker = broker
+        self.pool = pool
+        self.kill_grace = kill_grace
         self._tasks: dict[JobId, asyncio.Task[None]] = {}
         self._running: dict[JobId, RunningJob] = {}
         self._waiting: dict[int, tuple[JobId, _Waiter]] = {}  # lease key -> job
         self._closing = False
 
-    @property
-    def store(self) -> Store:
-        return self.server.store
-
-    def _spec(self, job: JobId) -> BatchSpec:
-        spec = self.store.batch_spec(job)
+    async def _spec(self, job: JobId) -> BatchSpec:
+        spec = await self.store.batch_spec(job)
         if spec is None:
             raise StoreError(f"job {job} is not a batch job")
         return spec
@@ -165,27 +170,29 @@ class BatchRunner:
 
     # -- submitting and cancelling ------------------------------------------
 
-    def submit(self, user: str, request: JobRequest) -> JobId:
-        """Store a new job and queue it; raise ValueError if it can never run."""
-        slots = len(self.server.slots)
-        pools = {p.name: len(p.slots) for p in getattr(self.server.scheduler, "pools", ())}
-        if pools:
-            if request.pool not in pools:
-                raise ValueError(f"there is no pool {request.pool!r}; pools: {', '.join(pools)}")
-            slots = pools[request.pool]
+    async def submit(self, user: str, request: JobRequest) -> JobId:
+        """Store a new job and queue it; raise ValueError if it can never run.
+
+        If the store cannot take it (the database is away), the error says
+        so and nothing is queued: a job is written whole or not at all.
+        """
+        pools = self.broker.pool_sizes()
+        if request.pool not in pools:
+            raise ValueError(f"there is no pool {request.pool!r}; pools: {', '.join(pools)}")
+        slots = pools[request.pool]
         if request.gpus > slots:
             raise ValueError(f"pool {request.pool!r} has {slots} slot(s); "
                              f"a job of {request.gpus} can never run")
-        job = self.store.create_batch_job(user, request.code, request.name, request.gpus,
-                                          request.priority, request.pool, request.timeout,
-                                          request.retries)
+        job = await self.store.create_batch_job(user, request.code, request.name, request.gpus,
+                                                request.priority, request.pool, request.timeout,
+                                                request.retries)
         log.info("%s submitted batch job %d (%s, %d slot(s))", user, job, request.name, request.gpus)
         self._start(job)
         return job
 
-    def recover(self) -> list[JobId]:
-        """Queue again, oldest first, the batch jobs an earlier server left."""
-        jobs = self.store.recover_batch_jobs(
+    async def recover(self) -> list[JobId]:
+        """Queue again, oldest first, the batch jobs an earlier run of this server left."""
+        jobs = await self.store.recover_batch_jobs(
             "the server stopped while this job was running")
         for job in jobs:
             self._start(job)
@@ -215,8 +222,8 @@ class BatchRunner:
             await task
         except asyncio.CancelledError:
             pass
-        if self.store.job(job).state in ("queued", "running"):
-            self.store.finish_job(job, "cancelled", reason)
+        if (await self.store.job(job)).state in ("queued", "running"):
+            await self.store.finish_job(job, "cancelled", reason)
         return True
 
     async def _stop(self, run: RunningJob, state: str, reason: str) -> None:
@@ -225,7 +232,7 @@ class BatchRunner:
         run.ending, run.reason = state, reason
         await run.worker.interrupt()
         if run.task is not None:
-            done, _ = await asyncio.wait({run.task}, timeout=self.server.config.kill_grace)
+            done, _ = await asyncio.wait({run.task}, timeout=self.kill_grace)
             if done:
                 return
         log.info("batch job %d did not stop when interrupted: killing its worker", run.job)
@@ -248,7 +255,7 @@ class BatchRunner:
     async def _run(self, job: JobId) -> None:
         try:
             while await self._attempt(job):
-                spec = self._spec(job)
+                spec = await self._spec(job)
                 delay = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (spec.attempt - 1))
                 log.info("batch job %d: retrying in %g s", job, delay)
                 await asyncio.sleep(delay)
@@ -256,7 +263,10 @@ class BatchRunner:
             raise
         except Exception as exc:
             log.exception("batch job %d failed in the server", job)
-            self.store.finish_job(job, "failed", f"internal server error: {exc}")
+            try:
+                await self.store.finish_job(job, "failed", f"internal server error ({type(exc).__name__})")
+            except Exception:
+                log.exception("batch job %d: could not record its failure", job)
         finally:
             self._tasks.pop(job, None)
 
@@ -266,40 +276,43 @@ class BatchRunner:
         waiter = _Waiter()
         self._waiting[entry.key] = (job, waiter)
         try:
-            return await self.server.wait_for_lease(entry, cast("Connection", waiter))
+            return await self.broker.wait_for_lease(entry, waiter, kind="batch")
         finally:
             self._waiting.pop(entry.key, None)
 
     async def _attempt(self, job: JobId) -> bool:
         """Run one attempt of ``job``; True if it should be retried."""
-        record = self.store.job(job)
-        spec = self._spec(job)
+        record = await self.store.job(job)
+        spec = await self._spec(job)
         try:
             slots = await self._lease(job, record.user, spec.gpus, spec.priority,
-                                     spec.pool or DEFAULT_POOL)
+                                      spec.pool or DEFAULT_POOL)
         except ValueError as exc:
-            self.store.finish_job(job, "failed", f"the lease was refused: {exc}")
+            await self.store.finish_job(job, "failed", f"the lease was refused: {exc}")
             return False
-        server = self.server
         session = SessionId(uuid.uuid4().hex)
-        self.store.create_session(session, record.user, list(slots))
-        attempt = self.store.start_attempt(job, session, list(slots))
+        try:
+            await self.store.create_session(session, record.user, list(slots))
+            attempt = await self.store.start_attempt(job, session, list(slots))
+        except BaseException:
+            self.broker.free(slots)
+            raise
         run = RunningJob(job, record.user, attempt, session, slots, time.time())
         self._running[job] = run
         try:
-            worker = await server.pool.take(list(slots))
+            worker = await self.pool.take(list(slots))
         except asyncio.CancelledError:
             self._running.pop(job, None)
             if not self._closing:
-                self.store.finish_attempt(job, attempt, "cancelled", "cancelled while starting")
-                self.store.release_session(session, "cancelled while its worker started")
-                await server.free_slots(slots)
+                await self.store.finish_attempt(job, attempt, "cancelled", "cancelled while starting")
+                await self.store.release_session(session, "cancelled while its worker started")
+                self.broker.free(slots)
             raise
         except Exception as exc:
             self._running.pop(job, None)
-            self.store.release_session(session, "its worker failed to start")
-            await server.free_slots(slots)
-            return self._retry_or_fail(job, attempt, spec.retries, f"its worker failed to start: {exc}")
+            await self.store.release_session(session, "its worker failed to start")
+            self.broker.free(slots)
+            return await self._retry_or_fail(job, attempt, spec.retries, f"its worker failed to start: {exc}")
         run.worker = worker
         log.info("batch job %d attempt %d runs on %s", job, attempt, ",".join(slots))
         try:
@@ -309,38 +322,41 @@ class BatchRunner:
             raise
         finally:
             self._running.pop(job, None)
+        # Its output is written before its end, so a reader that sees the end has all of it.
+        await self.journal.flush(timeout=10)
         try:
-            self.store.release_session(session, f"batch job {job} attempt {attempt}: {error or state}")
-            await server.pool.recycle(worker)
-            await server.free_slots(slots)
+            await self.pool.recycle(worker)
+            self.broker.free(slots)
+            await self.store.release_session(session, f"batch job {job} attempt {attempt}: {error or state}")
+            if state == "worker_died":
+                return await self._retry_or_fail(job, attempt, spec.retries, error or "the worker died")
+            await self.store.finish_attempt(job, attempt, state, error)
+            await self.store.finish_job(job, state, error)
+            log.info("batch job %d ended %s%s", job, state, f": {error}" if error else "")
+            return False
         finally:
-            run.done.set()
-        if state == "worker_died":
-            return self._retry_or_fail(job, attempt, spec.retries, error or "the worker died")
-        self.store.finish_attempt(job, attempt, state, error)
-        self.store.finish_job(job, state, error)
-        log.info("batch job %d ended %s%s", job, state, f": {error}" if error else "")
-        return False
+            run.done.set()  # a cancel returns now: the slots are back and the end is recorded
 
-    def _retry_or_fail(self, job: JobId, attempt: int, retries: int, error: str) -> bool:
-        self.store.finish_attempt(job, attempt, "failed", error)
+    async def _retry_or_fail(self, job: JobId, attempt: int, retries: int, error: str) -> bool:
+        await self.store.finish_attempt(job, attempt, "failed", error)
         if attempt <= retries:
-            self.store.requeue_job(job, f"attempt {attempt} failed: {error}")
+            await self.store.requeue_job(job, f"attempt {attempt} failed: {error}")
             return True
         tries = f" after {attempt} attempts" if attempt > 1 else ""
-        self.store.finish_job(job, "failed", f"{error}{tries}")
+        await self.store.finish_job(job, "failed", f"{error}{tries}")
         return False
 
     async def _execute(self, run: RunningJob, code: str, timeout: float | None) -> tuple[str, str | None]:
         """Run the script; returns ``(state, error)``, state ``worker_died`` for a retry."""
         assert run.worker is not None
-        store, job = self.store, run.job
-        seq = store.last_output_seq(job)
+        job = run.job
+        await self.journal.flush(timeout=10)  # an earlier attempt's output is counted
+        seq = await self.store.last_output_seq(job)
 
         async def on_iopub(msg: dict[str, Any]) -> None:
             nonlocal seq
             seq += 1
-            store.append_output(run.session, seq, job, msg["msg_type"], msg["content"])
+            self.journal.append(OutputRow(run.session, seq, job, msg["msg_type"], msg["content"]))
 
         task = asyncio.get_running_loop().create_task(run.worker.execute(code, on_iopub))
         run.task = task

@@ -53,7 +53,8 @@ def parse_pool(spec: str) -> PoolConfig:
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8765
-    db: Path = dataclasses.field(default_factory=default_db_path)
+    #: The store: a SQLite file's path, or a ``postgresql://`` URL.
+    db: Path | str = dataclasses.field(default_factory=default_db_path)
     #: ``auto`` (NVML, else CPU slots), ``cpu:N`` or GPU indices ``0,1``.
     slots: str = "auto"
     #: A session with no request for this long is released.
@@ -68,3 +69,6 @@ class ServerConfig:
     scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
     #: Price of one GPU-hour (slot-hour) for usage reports; None shows no cost.
     price_per_gpu_hour: float | None = None
+    #: This server's name in a shared database (restart recovery takes only its
+    #: own jobs); None: the host's name.
+    server_id: str | None = None

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -23,22 +23,29 @@ from remote_gpu_kernel.protocol import PROTOCOL_VERSION, Reader, encode
 from remote_gpu_kernel.protocol.framing import encode_head
 from remote_gpu_kernel.protocol import messages as m
 
+from .broker import LeaseBroker
 from .scheduler import LeaseRequestEntry
 from .session import Session
+from .sessions import SessionManager
+from .store import TokenInfo
 
-if TYPE_CHECKING:
-    from .app import GpuServer
-    from .store import TokenInfo
-
-__all__ = ["Connection"]
+__all__ = ["Connection", "MAX_IN_FLIGHT"]
 
 log = logging.getLogger("remote_gpu_server")
 
-
+#: Requests one connection may have in flight (waiting their turn or running);
+#: more are answered with an error, so a client cannot make the server hold
+#: an unbounded number of them.
+MAX_IN_FLIGHT = 64
 
 class Connection:
-    def __init__(self, server: GpuServer, ws: ServerConnection, token: TokenInfo) -> None:
-        self.server = server
+    """One websocket; ``broker`` grants leases, ``sessions`` holds them."""
+
+    def __init__(self, ws: ServerConnection, token: TokenInfo, *, broker: LeaseBroker,
+                 sessions: SessionManager, server_version: str) -> None:
+        self.broker = broker
+        self.sessions = sessions
+        self.server_version = server_version
         self.ws = ws
         self.token = token
         self.user = token.user
@@ -50,6 +57,8 @@ class Connection:
         self._hello = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._waiting: dict[int, int] = {}  # lease key -> req
+        self._positions: dict[int, int] = {}  # lease key -> position not yet sent
+        self._position_task: asyncio.Task[None] | None = None
         self.closed = False  # the websocket is gone: nothing more is delivered
 
     async def send(self, message: m.Message) -> None:
@@ -127,6 +136,10 @@ class Connection:
         elif isinstance(msg, m.Input):
             if self.session is not None:
                 self.session.send_input(msg.value)
+        elif len(self._tasks) >= MAX_IN_FLIGHT:
+            self._spawn(self.send(m.Error(getattr(msg, "req", 0), m.ErrorCode.BAD_REQUEST, (
+                f"too many requests in flight on this connection (at most {MAX_IN_FLIGHT}): "
+                "wait for answers before sending more"))))
         elif isinstance(msg, m.LeaseRequest):
             self._spawn(self._on_lease(msg), msg.req)
         elif isinstance(msg, m.Release):
@@ -154,7 +167,8 @@ class Connection:
             await self.send(m.Error(req, codes.get(getattr(exc, "code", ""), m.ErrorCode.INTERNAL), str(exc)))
         except Exception as exc:
             log.exception("request from %s failed", self.user)
-            await self.send(m.Error(req, m.ErrorCode.INTERNAL, f"internal server error: {exc}"))
+            await self.send(m.Error(req, m.ErrorCode.INTERNAL,
+                                    f"internal server error ({type(exc).__name__}); the server's log has more"))
 
     # -- handlers -----------------------------------------------------------
 
@@ -167,56 +181,70 @@ class Connection:
             await self.ws.close(1002, "protocol version mismatch")
             return
         self._hello = True
-        await self.send(m.Welcome(PROTOCOL_VERSION, self.server.version, self.user))
+        await self.send(m.Welcome(PROTOCOL_VERSION, self.server_version, self.user))
 
     async def _on_interrupt(self, msg: m.Interrupt) -> None:
         if self.session is not None:
             await self.session.interrupt()
 
     async def _on_lease(self, msg: m.LeaseRequest) -> None:
-        server = self.server
+        sessions = self.sessions
         if self.closed:
             return  # its client left before this task ran: nothing to queue or resume for
         if self.session is not None and not self.session.released:
             await self._granted(msg.req, self.session, resumed=True, waited=0.0)
             return
         if msg.resume:
-            session = server.sessions.get(msg.resume)
+            session = sessions.get(msg.resume)
             if session is not None and session.user == self.user and not session.released:
-                server.attach(session, self)
+                self._attach(session)
                 await self._granted(msg.req, session, resumed=True, waited=0.0)
                 return
-            reason = server.release_reason(msg.resume) or "it is not known to this server"
+            reason = sessions.release_reason(msg.resume) or "it is not known to this server"
             await self.send(m.Notice(msg.req, (
                 f"Your earlier GPU session was released ({reason}): "
                 "this is a new session and its variables are gone."
             )))
         started = time.monotonic()
-        self.server.apply_token_quota(self.token)
-        entry = LeaseRequestEntry(server.new_key(), self.user, msg.gpus, time.time(),
+        self.broker.apply_token_quota(self.token)
+        entry = LeaseRequestEntry(self.broker.new_key(), self.user, msg.gpus, time.time(),
                                   priority=msg.priority, pool=msg.pool)
         self._waiting[entry.key] = msg.req
         try:
-            slots = await server.wait_for_lease(entry, self)
+            slots = await self.broker.wait_for_lease(entry, self)
         except ValueError as exc:
             await self.send(m.Error(msg.req, m.ErrorCode.LEASE_REFUSED, str(exc)))
             return
         finally:
             self._waiting.pop(entry.key, None)
-        session = await server.open_session(self.user, slots)
+        session = await sessions.open(self.user, slots, getattr(msg, "notebook", None))
         if self.closed:
             # Granted, but the client left while its worker started: it never
             # learns the session id, so nobody could resume it. Free it now
             # rather than at the idle timeout.
-            await server.release(session, "the client disconnected before its lease was delivered")
+            await sessions.release(session, "the client disconnected before its lease was delivered")
             return
-        server.attach(session, self)
+        self._attach(session)
         await self._granted(msg.req, session, resumed=False, waited=time.monotonic() - started)
 
-    async def send_position(self, key: int, position: int) -> None:
-        req = self._waiting.get(key)
-        if req is not None:
-            await self.send(m.QueuePosition(req, position))
+    def _attach(self, session: Session) -> None:
+        self.sessions.attach(session, self.send)
+        self.session = session
+
+    def queue_position(self, key: int, position: int) -> None:
+        """The broker's news: sent by a task of this connection, the latest per request."""
+        if key not in self._waiting or self.closed:
+            return
+        self._positions[key] = position
+        if self._position_task is None or self._position_task.done():
+            self._position_task = asyncio.get_running_loop().create_task(self._send_positions())
+
+    async def _send_positions(self) -> None:
+        while self._positions:
+            key, position = self._positions.popitem()
+            req = self._waiting.get(key)
+            if req is not None:
+                await self.send(m.QueuePosition(req, position))
 
     async def _granted(self, req: int, session: Session, resumed: bool, waited: float) -> None:
         await self.send(m.LeaseGranted(req, session.id, [str(s) for s in session.slots], resumed,
@@ -228,7 +256,7 @@ class Connection:
             await self.send(m.Released(msg.req, session.id if session else "", "no lease was held"))
             return
         self.session = None
-        await self.server.release(session, "released by the client", req=msg.req, notify=self.send)
+        await self.sessions.release(session, "released by the client", req=msg.req, notify=self.send)
 
     async def _on_session_request(self, msg: m.Message) -> None:
         session = self.session
@@ -254,7 +282,8 @@ class Connection:
         self.closed = True
         self._reader.abort("the client disconnected in the middle of a message")
         for key in list(self._waiting):
-            self.server.cancel_lease(key)
+            self.broker.cancel(key)
         self._waiting.clear()
+        self._positions.clear()
         if self.session is not None and not self.session.released:
-            self.server.detach(self.session, self)
+            self.sessions.detach(self.session, self.send)

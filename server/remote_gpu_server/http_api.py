@@ -31,7 +31,7 @@ import json
 import logging
 import re
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import ServerConnection
@@ -43,11 +43,9 @@ from remote_gpu_kernel.typing import JobId
 
 from .batch import JobRequest
 from .errors import StoreError, TokenError
-from .status import job_json, output_text, status_json, usage_json
-from .store import JOB_STATES, JobRecord, TokenInfo
-
-if TYPE_CHECKING:
-    from .app import GpuServer
+from .metrics import Metrics
+from .status import ServerView, job_json, output_text, status_json, usage_json
+from .store import JOB_STATES, DatabaseUnavailable, JobRecord, TokenInfo
 
 __all__ = ["HttpApi", "SUBMIT_PATH", "is_websocket", "json_response"]
 
@@ -98,10 +96,11 @@ def _bearer(request: Request) -> str | None:
 
 
 class HttpApi:
-    """Answers the HTTP requests of one :class:`~.app.GpuServer`."""
+    """Answers the HTTP requests of one server, from its ``view`` and ``metrics``."""
 
-    def __init__(self, server: GpuServer) -> None:
-        self.server = server
+    def __init__(self, view: ServerView, metrics: Metrics) -> None:
+        self.view = view
+        self.metrics = metrics
 
     # -- entry points -------------------------------------------------------
 
@@ -112,19 +111,23 @@ class HttpApi:
         try:
             if url.path == "/metrics":
                 self._method(method, "GET")
-                return _response(HTTPStatus.OK, self.server.metrics.render(),
+                return _response(HTTPStatus.OK, await self.metrics.render(),
                                  "text/plain; version=0.0.4; charset=utf-8")
-            me = self._authenticate(request)
+            me = await self._authenticate(request)
             query = {k: v[-1] for k, v in parse_qs(url.query).items()}
             body = await self._route(method, url.path, query, me)
             return json_response(HTTPStatus.OK, body)
         except HttpError as exc:
             extra = [("WWW-Authenticate", "Bearer")] if exc.status == HTTPStatus.UNAUTHORIZED else None
             return json_response(exc.status, {"error": str(exc)}, extra)
-        except Exception as exc:
+        except (DatabaseUnavailable, OSError):
+            log.exception("HTTP %s %s: the store is unavailable", method, url.path)
+            return json_response(HTTPStatus.SERVICE_UNAVAILABLE,
+                                 {"error": "the server's database is unavailable; try again shortly"})
+        except Exception:
             log.exception("HTTP %s %s failed", method, url.path)
             return json_response(HTTPStatus.INTERNAL_SERVER_ERROR,
-                                 {"error": f"internal server error: {exc}"})
+                                 {"error": "internal server error; the server's log has more"})
 
     async def submit_over_websocket(self, ws: ServerConnection, me: TokenInfo) -> None:
         """Take one job submission (a JSON text message) and answer with the job."""
@@ -136,10 +139,14 @@ class HttpApi:
             if not isinstance(message, str):
                 raise ValueError("send the job as one JSON text message")
             request = JobRequest.parse(json.loads(message))
-            job = self.server.batch.submit(me.user, request)
-            answer: dict[str, Any] = job_json(self.server, self.server.store.job(job), code=False)
+            job = await self.view.batch.submit(me.user, request)
+            answer: dict[str, Any] = await job_json(self.view, await self.view.store.job(job), code=False)
         except ValueError as exc:  # also json.JSONDecodeError
             answer = {"error": str(exc)}
+        except (DatabaseUnavailable, OSError):
+            log.exception("a job submission failed: the store is unavailable")
+            answer = {"error": "the server's database is unavailable: the job was not submitted; "
+                               "try again shortly"}
         try:
             await ws.send(json.dumps(answer))
             await ws.close()
@@ -148,9 +155,9 @@ class HttpApi:
 
     # -- routing ------------------------------------------------------------
 
-    def _authenticate(self, request: Request) -> TokenInfo:
+    async def _authenticate(self, request: Request) -> TokenInfo:
         try:
-            return self.server.store.verify_token(_bearer(request))
+            return await self.view.store.verify_token(_bearer(request))
         except TokenError as exc:
             raise HttpError(HTTPStatus.UNAUTHORIZED, str(exc)) from None
 
@@ -161,31 +168,31 @@ class HttpApi:
                             f"{method} is not allowed here; use {' or '.join(allowed)}")
 
     async def _route(self, method: str, path: str, query: dict[str, str], me: TokenInfo) -> Any:
-        server = self.server
+        view = self.view
         if path == "/api/status":
             self._method(method, "GET")
-            return status_json(server, me)
+            return await status_json(view, me)
         if path == "/api/usage":
             self._method(method, "GET")
-            return usage_json(server, me, _number(query, "since"))
+            return await usage_json(view, me, _number(query, "since"))
         if path == "/api/jobs":
             if method == "POST":
                 raise HttpError(HTTPStatus.BAD_REQUEST, (
                     "this server takes no HTTP request bodies: submit a job as one JSON text "
                     f"message on a websocket opened at {SUBMIT_PATH} (rgpu submit does this)"))
             self._method(method, "GET")
-            return self._jobs(query, me)
+            return await self._jobs(query, me)
         found = _JOB.match(path)
         if found:
-            job = self._own_job(JobId(int(found.group(1))), me)
+            job = await self._own_job(JobId(int(found.group(1))), me)
             action = found.group(2)
             if action is None:
                 self._method(method, "GET")
-                return job_json(server, job)
+                return await job_json(view, job)
             if action == "/output":
                 self._method(method, "GET")
-                return self._output(job, int(_number(query, "after") or 0),
-                                    int(_number(query, "limit") or OUTPUT_PAGE))
+                return await self._output(job, int(_number(query, "after") or 0),
+                                          int(_number(query, "limit") or OUTPUT_PAGE))
             self._method(method, "POST")
             return await self._cancel(job, me)
         found = _SESSION_RELEASE.match(path)
@@ -196,16 +203,16 @@ class HttpApi:
 
     # -- jobs ---------------------------------------------------------------
 
-    def _own_job(self, job_id: JobId, me: TokenInfo) -> JobRecord:
+    async def _own_job(self, job_id: JobId, me: TokenInfo) -> JobRecord:
         try:
-            job = self.server.store.job(job_id)
+            job = await self.view.store.job(job_id)
         except StoreError:
             job = None
         if job is None or not (me.admin or job.user == me.user):
             raise HttpError(HTTPStatus.NOT_FOUND, f"no job {job_id} of yours on this server")
         return job
 
-    def _jobs(self, query: dict[str, str], me: TokenInfo) -> dict[str, Any]:
+    async def _jobs(self, query: dict[str, str], me: TokenInfo) -> dict[str, Any]:
         user = query.get("user") or None
         if not me.admin:
             if user not in (None, me.user):
@@ -220,16 +227,15 @@ class HttpApi:
         limit = int(_number(query, "limit") or 100)
         if not 1 <= limit <= 1000:
             raise HttpError(HTTPStatus.BAD_REQUEST, "limit must be from 1 to 1000")
-        jobs = self.server.store.jobs(user=user, state=state, limit=limit)
-        return {"jobs": [job_json(self.server, j, code=False) for j in jobs
-                         if kind is None or j.kind == kind]}
+        jobs = await self.view.store.jobs(user=user, state=state, kind=kind, limit=limit)
+        return {"jobs": [await job_json(self.view, j, code=False) for j in jobs]}
 
-    def _output(self, job: JobRecord, after: int, limit: int) -> dict[str, Any]:
+    async def _output(self, job: JobRecord, after: int, limit: int) -> dict[str, Any]:
         """A page of output; ``more``: another page is there now; ``done``: none will come."""
         if not 1 <= limit <= OUTPUT_PAGE:
             raise HttpError(HTTPStatus.BAD_REQUEST, f"limit must be from 1 to {OUTPUT_PAGE}")
-        state = self.server.store.job(job.id).state  # read first: output comes before the end
-        outputs = self.server.store.outputs_after(job.id, after, limit + 1)
+        state = (await self.view.store.job(job.id)).state  # read first: output comes before the end
+        outputs = await self.view.store.outputs_after(job.id, after, limit + 1)
         more = len(outputs) > limit
         outputs = outputs[:limit]
         return {
@@ -244,32 +250,32 @@ class HttpApi:
         }
 
     async def _cancel(self, job: JobRecord, me: TokenInfo) -> dict[str, Any]:
-        server = self.server
+        view = self.view
         if job.state not in ("queued", "running"):
             raise HttpError(HTTPStatus.CONFLICT, f"job {job.id} already ended ({job.state})")
         reason = f"cancelled by {me.user}"
         if job.kind == "batch":
-            if not await server.batch.cancel(job.id, reason):
+            if not await view.batch.cancel(job.id, reason):
                 raise HttpError(HTTPStatus.CONFLICT, f"job {job.id} already ended")
         else:
-            session = server.sessions.get(job.session) if job.session else None
+            session = view.sessions.get(job.session) if job.session else None
             if session is None:
                 raise HttpError(HTTPStatus.CONFLICT, f"job {job.id}'s session is gone")
             await session.interrupt()
-        return job_json(server, server.store.job(job.id), code=False)
+        return await job_json(view, await view.store.job(job.id), code=False)
 
     async def _release(self, session_id: str, me: TokenInfo) -> dict[str, Any]:
-        server = self.server
+        view = self.view
         reason = f"released by {me.user} through the HTTP API"
-        session = server.sessions.get(session_id)  # type: ignore[call-overload]
+        session = view.sessions.get(session_id)
         if session is not None and (me.admin or session.user == me.user):
-            await server.release(session, reason)
+            await view.sessions.release(session, reason)
             return {"session": session_id, "released": True, "reason": reason}
-        job = server.batch.job_of_session(session_id)
+        job = view.batch.job_of_session(session_id)
         if job is not None:
-            record = server.store.job(job)
+            record = await view.store.job(job)
             if me.admin or record.user == me.user:
-                await server.batch.cancel(job, reason)
+                await view.batch.cancel(job, reason)
                 return {"session": session_id, "released": True, "reason": reason, "job": job}
         raise HttpError(HTTPStatus.NOT_FOUND, f"no session {session_id} of yours holds a lease")
 

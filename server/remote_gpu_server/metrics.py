@@ -28,17 +28,12 @@ from __future__ import annotations
 import time
 from collections import Counter as Tally
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
-
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .scheduler import DEFAULT_POOL, Grant
-from .status import slot_pool
-
-if TYPE_CHECKING:
-    from .app import GpuServer
+from .scheduler import Grant
+from .status import ServerView
 
 __all__ = ["Metrics"]
 
@@ -47,10 +42,13 @@ WAIT_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 8 * 3600, floa
 
 
 class Metrics:
-    """Call :meth:`granted` for every grant; :meth:`render` for a scrape."""
+    """Call :meth:`granted` for every grant; :meth:`render` for a scrape.
 
-    def __init__(self, server: GpuServer) -> None:
-        self.server = server
+    ``view`` is set once the server's parts exist (:meth:`attach`); until
+    then a scrape shows the event counters only.
+    """
+
+    def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.wait_seconds = Histogram(
             "rgpu_lease_wait_seconds", "Seconds from a lease request to its grant.",
@@ -60,69 +58,78 @@ class Metrics:
             "rgpu_leases_granted", "Leases granted since the server started.",
             ["pool", "kind"], registry=self.registry,
         )
-        self.registry.register(_ServerCollector(server))
+        self._collector = _ServerCollector()
+        self.registry.register(self._collector)
+
+    def attach(self, view: ServerView) -> None:
+        self._collector.view = view
 
     def granted(self, grant: Grant, kind: str) -> None:
         """Count a grant; ``kind`` is ``interactive`` or ``batch``."""
         request = grant.request
-        pool = getattr(request, "pool", DEFAULT_POOL)
         waited = max(0.0, time.time() - request.submitted)
-        self.wait_seconds.labels(pool, getattr(request, "priority", "normal"), kind).observe(waited)
-        self.leases_granted.labels(pool, kind).inc()
+        self.wait_seconds.labels(request.pool, request.priority, kind).observe(waited)
+        self.leases_granted.labels(request.pool, kind).inc()
 
-    def render(self) -> bytes:
+    async def render(self) -> bytes:
+        """The scrape's text; the job counts are read from the store first."""
+        view = self._collector.view
+        if view is not None:
+            self._collector.job_counts = await view.store.job_counts()
         return generate_latest(self.registry)
 
 
 class _ServerCollector(Collector):
-    """Reads the server's state at scrape time."""
+    """Reads the server's state at scrape time (job counts: as :meth:`Metrics.render` read them)."""
 
-    def __init__(self, server: GpuServer) -> None:
-        self.server = server
+    def __init__(self) -> None:
+        self.view: ServerView | None = None
+        self.job_counts: dict[tuple[str, str], int] = {}
 
     def describe(self) -> list[Metric]:
         return []  # collected per scrape; nothing to describe up front
 
     def collect(self) -> Iterator[Metric]:
-        server = self.server
-        if server.store is None or server.scheduler is None:
+        view = self.view
+        if view is None:
             return
+        scheduler = view.broker.scheduler
         queue = GaugeMetricFamily("rgpu_queue_length", "Lease requests waiting.",
                                   labels=["pool", "priority"])
-        waiting = Tally((getattr(e, "pool", DEFAULT_POOL), getattr(e, "priority", "normal"))
-                        for e in server.scheduler.waiting)
+        waiting = Tally((e.pool, e.priority) for e in scheduler.waiting)
         for (pool, priority), n in sorted(waiting.items()):
             queue.add_metric([pool, priority], n)
         yield queue
 
         active = GaugeMetricFamily("rgpu_leases_active", "Leases in force.", labels=["pool", "kind"])
         leases: Tally[tuple[str, str]] = Tally()
-        for session in server.sessions.values():
+        for session in view.sessions:
             if not session.released and session.slots:
-                leases[(slot_pool(server, session.slots[0]), "interactive")] += 1
-        for run in server.batch.running():
-            leases[(slot_pool(server, run.slots[0]), "batch")] += 1
+                leases[(view.pool(session.slots[0]), "interactive")] += 1
+        for run in view.batch.running():
+            leases[(view.pool(run.slots[0]), "batch")] += 1
         for (pool, kind), n in sorted(leases.items()):
             active.add_metric([pool, kind], n)
         yield active
 
         free = GaugeMetricFamily("rgpu_slots_free", "Slots nobody holds.", labels=["pool"])
-        pools = Tally(slot_pool(server, s.id) for s in server.slots)
-        free_by_pool = Tally(slot_pool(server, s) for s in server.scheduler.free)
+        pools = Tally(view.pool(s.id) for s in view.slots)
+        free_by_pool = Tally(view.pool(s) for s in scheduler.free)
         for pool in sorted(pools):
             free.add_metric([pool], free_by_pool.get(pool, 0))
         yield free
 
         jobs = GaugeMetricFamily("rgpu_jobs", "Jobs in the store by kind and state.",
                                  labels=["kind", "state"])
-        for (kind, state), n in sorted(server.store.job_counts().items()):
+        for (kind, state), n in sorted(self.job_counts.items()):
             jobs.add_metric([kind, state], n)
         yield jobs
 
         yield from self._readings()
 
     def _readings(self) -> Iterator[Metric]:
-        server = self.server
+        view = self.view
+        assert view is not None
         healthy = GaugeMetricFamily("rgpu_slot_healthy", "1, or 0 while the slot must not be leased.",
                                     labels=["slot"])
         util = GaugeMetricFamily("rgpu_slot_utilization_percent",
@@ -132,8 +139,8 @@ class _ServerCollector(Collector):
         total = GaugeMetricFamily("rgpu_slot_memory_total_bytes", "Memory size.", labels=["slot", "kind"])
         temp = GaugeMetricFamily("rgpu_slot_temperature_celsius", "GPU temperature.", labels=["slot"])
         power = GaugeMetricFamily("rgpu_slot_power_watts", "GPU power draw.", labels=["slot"])
-        for slot in server.slots:
-            r = server.readings.latest(slot.id)
+        for slot in view.slots:
+            r = view.readings.latest(slot.id)
             healthy.add_metric([slot.id], 1.0 if r.healthy else 0.0)
             if r.utilization is not None:
                 util.add_metric([slot.id, slot.kind], r.utilization)

@@ -3,32 +3,33 @@
 The session outlives its websocket: a client that reconnects within the
 grace period finds the same worker and namespace. Requests run one at a time
 (``lock``), in the order they arrived, and their answers go to the
-connection that sent them (request ids are per connection). Every output message is appended to
-the store's journal with the session's next sequence number before it is
-sent, so nothing a cell printed is lost with a connection.
+connection that sent them (request ids are per connection). Every output message is handed to
+the journal (:mod:`.journal`) with the session's next sequence number
+before it is sent, so nothing a cell printed is lost with a connection;
+the journal writes it to the store in the background, in order.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from remote_gpu_kernel.errors import WorkerDied
 from remote_gpu_kernel.protocol import messages as m
 from remote_gpu_kernel.protocol.framing import Chunks
 from remote_gpu_kernel.typing import JobId, SessionId, SlotId
 
+from .journal import Journal
+from .store import DatabaseUnavailable, OutputRow, Store
 from .worker import TransferAborted, Worker
 
-if TYPE_CHECKING:
-    from .app import GpuServer
-
-__all__ = ["Session"]
+__all__ = ["Replier", "Send", "Session", "SessionContext", "WorkerSource"]
 
 log = logging.getLogger("remote_gpu_server")
 
@@ -36,10 +37,29 @@ Send = Callable[[m.Message], Awaitable[None]]
 
 #: When a held interrupt is sent, in seconds after the previous try (see _deliver_interrupt).
 HELD_INTERRUPT_DELAYS = (0.1, 2.0, 3.0)
-#: Seconds of output between two journal writes while a cell runs.
-JOURNAL_FLUSH = 0.5
 #: In an error message, the mark of a CUDA context that cannot be used again.
 _POISONED = "device-side assert triggered"
+
+
+class WorkerSource(Protocol):
+    """Where a session's workers come from and go to (the warm pool)."""
+
+    async def take(self, slot_ids: list[SlotId]) -> Worker: ...
+
+    async def replace(self, worker: Worker) -> Worker: ...
+
+    async def recycle(self, worker: Worker) -> None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionContext:
+    """What a session uses of its server."""
+
+    pool: WorkerSource
+    store: Store
+    journal: Journal
+    #: After a cell's timeout interrupt, how long before its worker is killed.
+    kill_grace: float
 
 
 class Replier(Protocol):
@@ -56,11 +76,13 @@ class Replier(Protocol):
 
 
 class Session:
-    def __init__(self, server: GpuServer, user: str, slots: list[SlotId], worker: Worker) -> None:
-        self.server = server
+    def __init__(self, context: SessionContext, user: str, slots: list[SlotId], worker: Worker,
+                 notebook: str | None = None) -> None:
+        self.context = context
         self.id = SessionId(uuid.uuid4().hex)
         self.user = user
         self.slots = slots
+        self.notebook = notebook
         self.lock = asyncio.Lock()
         self.last_active = time.monotonic()
         self.released: str | None = None
@@ -70,8 +92,10 @@ class Session:
         self.grace_handle: asyncio.TimerHandle | None = None
         self._worker = worker
         self._replacing: asyncio.Task[Worker] | None = None
+        self._replaced: Worker | None = None  # the worker being replaced, once
         self._notice: str | None = None
         self._seq = 0
+        self._running: object | None = None  # the running cell, if any
         self._running_job: JobId | None = None
         self._interrupted = False
         self._started = False  # the running cell's code has begun (execute_input seen)
@@ -102,10 +126,17 @@ class Session:
         self._restart(worker)
 
     def _restart(self, old: Worker) -> None:
-        """Start a fresh worker for this session; requests wait for it."""
+        """Start a fresh worker for this session; requests wait for it.
+
+        Once per worker: a worker that dies while it is being killed for a
+        timeout is replaced once, not twice.
+        """
+        if self._replaced is old:
+            return
+        self._replaced = old
         if self._watch is not asyncio.current_task():
             self._watch.cancel()  # the old worker's death is no news any more
-        self._replacing = asyncio.get_running_loop().create_task(self.server.pool.replace(old))
+        self._replacing = asyncio.get_running_loop().create_task(self.context.pool.replace(old))
 
     async def worker(self) -> Worker:
         if self._replacing is not None:
@@ -128,26 +159,24 @@ class Session:
             self.touch()
             await self._notices(msg.req, conn)
             worker = await self.worker()
-            store = self.server.store
-            job = store.create_job(self.user, self.id, msg.code, list(self.slots), running=True)
-            self._running_job, self._interrupted, self._started = job, False, False
-            # The journal is written in batches: one transaction per
-            # JOURNAL_FLUSH seconds of output, and one at the end of the cell.
-            rows: list[tuple[SessionId, int, JobId | None, str, dict[str, Any]]] = []
-            flushed = time.monotonic()
+            cell = self._running = object()
+            self._interrupted, self._started = False, False
+            # The job's row is written while the worker already runs the cell.
+            job_task = asyncio.get_running_loop().create_task(self._create_job(msg.code))
+            job: JobId | None = None
 
             async def on_iopub(jmsg: dict[str, Any]) -> None:
-                nonlocal flushed
+                nonlocal job
+                if job is None and not job_task.done():
+                    await asyncio.wait({job_task})
+                job = job_task.result()
                 self._seq += 1
-                rows.append((self.id, self._seq, job, jmsg["msg_type"], jmsg["content"]))
+                self.context.journal.append(OutputRow(self.id, self._seq, job, jmsg["msg_type"],
+                                                      jmsg["content"]))
                 if jmsg["msg_type"] == "execute_input" and not self._started:
                     self._started = True
                     if self._interrupted:  # asked for before the code began: deliver it now
-                        self._deliver_interrupt(job, worker)
-                if time.monotonic() - flushed > JOURNAL_FLUSH:
-                    store.append_outputs(rows)
-                    rows.clear()
-                    flushed = time.monotonic()
+                        self._deliver_interrupt(cell, worker)
                 if jmsg["msg_type"] != "execute_input":  # the client has the code already
                     await conn.send(m.Output(msg.req, self._seq, jmsg["msg_type"], jmsg["content"],
                                              tuple(jmsg.get("buffers") or ())))
@@ -156,7 +185,7 @@ class Session:
                 msg.code, on_iopub, silent=msg.silent, store_history=msg.store_history,
                 allow_stdin=msg.allow_stdin,
             ))
-            # The answer goes out before the job's last writes, which stay
+            # The answer goes out before the job's last write, which stays
             # under the lock: the next request still sees the job finished.
             try:
                 reply = await self._await_cell(task, worker, msg.timeout)
@@ -164,11 +193,12 @@ class Session:
                 died = isinstance(exc, WorkerDied)
                 await conn.send(m.Error(msg.req, m.ErrorCode.WORKER_DIED if died else m.ErrorCode.TIMEOUT,
                                         str(exc)))
-                self._end_job(job, rows, "failed" if died else "timed_out", str(exc))
+                await self._end_job(await job_task, "failed" if died else "timed_out", str(exc))
                 return
+            job = await job_task
             status = reply.get("status", "error")
             await conn.send(m.ExecuteDone(
-                msg.req, job, status, reply.get("execution_count"),
+                msg.req, job or 0, status, reply.get("execution_count"),
                 str(reply.get("ename") or ""), str(reply.get("evalue") or ""),
                 [str(line) for line in reply.get("traceback") or []],
             ))
@@ -178,20 +208,33 @@ class Session:
                                 "process unusable: the worker was restarted and its variables are gone.")
                 self._restart(worker)
             if status == "ok":
-                self._end_job(job, rows, "completed")
+                await self._end_job(job, "completed")
             elif self._interrupted and reply.get("ename") == "KeyboardInterrupt":
-                self._end_job(job, rows, "cancelled", "interrupted by the user")
+                await self._end_job(job, "cancelled", "interrupted by the user")
             else:
-                self._end_job(job, rows, "failed", f"{reply.get('ename')}: {reply.get('evalue')}")
+                await self._end_job(job, "failed", f"{reply.get('ename')}: {reply.get('evalue')}")
 
-    def _end_job(self, job: JobId, rows: list[tuple[SessionId, int, JobId | None, str, dict[str, Any]]],
-                 state: str, error: str | None = None) -> None:
-        self.server.store.append_outputs(rows)
-        rows.clear()
-        if not (self.released and state != "completed"):  # close() already said 'cancelled'
-            self.server.store.finish_job(job, state, error)
+    async def _create_job(self, code: str) -> JobId | None:
+        """The cell's job, or None when the database cannot take it now (the cell runs anyway)."""
+        try:
+            job = await self.context.store.create_job(self.user, self.id, code, list(self.slots), running=True)
+        except (DatabaseUnavailable, OSError) as exc:
+            log.warning("session %s: the cell runs without a job record: %s", self.id[:8], exc)
+            return None
+        self._running_job = job
+        return job
+
+    async def _end_job(self, job: JobId | None, state: str, error: str | None = None) -> None:
+        self._running = None
         self._running_job = None
         self.touch()
+        if job is None or (self.released and state != "completed"):  # close() already said 'cancelled'
+            return
+        try:
+            await self.context.store.finish_job(job, state, error)
+        except (DatabaseUnavailable, OSError) as exc:
+            log.warning("session %s: job %s ended %s but the store could not record it: %s",
+                        self.id[:8], job, state, exc)
 
     async def _await_cell(self, task: asyncio.Task[dict[str, Any]], worker: Worker,
                           timeout: float | None) -> dict[str, Any]:
@@ -200,7 +243,7 @@ class Session:
         if done:
             return task.result()
         await worker.interrupt()
-        done, _ = await asyncio.wait({task}, timeout=self.server.config.kill_grace)
+        done, _ = await asyncio.wait({task}, timeout=self.context.kill_grace)
         if done and not isinstance(task.exception(), WorkerDied):
             raise TimeoutError(f"the cell ran past its timeout of {timeout:g} s and was interrupted")
         self._notice = (
@@ -223,12 +266,21 @@ class Session:
         the worker announces the code (``execute_input``); see
         :meth:`_deliver_interrupt`.
         """
-        if self._running_job is not None:
+        if self._running is not None:
             self._interrupted = True
             if self._started:
                 await self._worker.interrupt()
 
-    def _deliver_interrupt(self, job: JobId, worker: Worker) -> None:
+    @property
+    def running(self) -> bool:
+        """A cell runs now."""
+        return self._running is not None
+
+    @property
+    def running_job(self) -> JobId | None:
+        return self._running_job
+
+    def _deliver_interrupt(self, cell: object, worker: Worker) -> None:
         """Send a held interrupt a moment after the code was announced, and again
         while the same cell keeps running.
 
@@ -240,7 +292,7 @@ class Session:
         async def deliver() -> None:
             for delay in HELD_INTERRUPT_DELAYS:
                 await asyncio.sleep(delay)
-                if self._running_job != job or not worker.alive:
+                if self._running is not cell or not worker.alive:
                     return
                 await worker.interrupt()
 
@@ -249,7 +301,14 @@ class Session:
         task.add_done_callback(self._background.discard)
 
     def send_input(self, value: str) -> None:
-        self._worker.send_input(value)
+        """Answer the running cell's ``input()``; an answer with nobody to take it is dropped."""
+        if self.released or not self._worker.alive:
+            log.info("session %s: an input answer came with no worker to take it", self.id[:8])
+            return
+        try:
+            self._worker.send_input(value)
+        except WorkerDied:
+            log.info("session %s: an input answer came after the worker died", self.id[:8])
 
     async def push(self, msg: m.Push, conn: Replier) -> None:
         if len(msg.names) != len(msg.counts) or sum(msg.counts) != len(msg.buffers) or any(
@@ -301,9 +360,10 @@ class Session:
         before a reconnect finishes first, so all of its output is sent.
         """
         async with self.lock:
-            for seq, _, kind, content in self.server.store.outputs_since(self.id, msg.after):
-                if kind != "execute_input":
-                    await conn.send(m.Output(msg.req, seq, kind, content))
+            await self.context.journal.flush(timeout=10)
+            for row in await self.context.store.outputs_since(self.id, msg.after):
+                if row.msg_type != "execute_input":
+                    await conn.send(m.Output(msg.req, row.seq, row.msg_type, row.content))
             await conn.send(m.ReplayDone(msg.req, self._seq))
 
     async def shell_request(self, msg: m.ShellRequest, conn: Replier) -> None:
@@ -316,7 +376,7 @@ class Session:
 
         async def on_iopub(jmsg: dict[str, Any]) -> None:
             self._seq += 1
-            self.server.store.append_output(self.id, self._seq, None, jmsg["msg_type"], jmsg["content"])
+            self.context.journal.append(OutputRow(self.id, self._seq, None, jmsg["msg_type"], jmsg["content"]))
             await conn.send(m.Output(msg.req, self._seq, jmsg["msg_type"], jmsg["content"],
                                          tuple(jmsg.get("buffers") or ())))
 
@@ -340,11 +400,15 @@ class Session:
             self.grace_handle.cancel()
         self._watch.cancel()
         if self._running_job is not None:
-            self.server.store.finish_job(self._running_job, "cancelled", f"session released: {reason}")
+            try:
+                await self.context.store.finish_job(self._running_job, "cancelled",
+                                                    f"session released: {reason}")
+            except (DatabaseUnavailable, OSError):
+                log.warning("session %s: could not record its cell as cancelled", self.id[:8])
         worker = self._worker
         if self._replacing is not None:
             try:
                 worker = await self._replacing
             except Exception:
                 pass
-        await self.server.pool.recycle(worker)
+        await self.context.pool.recycle(worker)

@@ -10,70 +10,93 @@ the ``rgpu`` CLI: add fields, never rename or drop one.
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any
 
 from remote_gpu_kernel.typing import SlotId
 
-from .scheduler import DEFAULT_POOL
-from .store import JobRecord, TokenInfo
+from .batch import BatchRunner
+from .broker import LeaseBroker
+from .gpus import Slot
+from .readings import Readings
+from .sessions import SessionManager
+from .store import JobRecord, Store, TokenInfo
 
-if TYPE_CHECKING:
-    from .app import GpuServer
-
-__all__ = ["job_json", "output_text", "slot_pool", "status_json", "usage_json"]
-
-
-def slot_pool(server: GpuServer, slot: SlotId) -> str:
-    """The name of the scheduler pool ``slot`` belongs to."""
-    pool_of = getattr(server.scheduler, "pool_of", None)
-    if pool_of is None:
-        return DEFAULT_POOL
-    return str(pool_of(slot).name)
+__all__ = ["ServerView", "job_json", "job_title", "output_text", "status_json", "usage_json"]
 
 
-def _cost(server: GpuServer, gpu_seconds: float) -> float | None:
-    price = server.config.price_per_gpu_hour
+@dataclasses.dataclass(frozen=True)
+class ServerView:
+    """What the status views read of a server."""
+
+    version: str
+    slots: Sequence[Slot]
+    readings: Readings
+    broker: LeaseBroker
+    sessions: SessionManager
+    batch: BatchRunner
+    store: Store
+    price_per_gpu_hour: float | None = None
+
+    def pool(self, slot: SlotId) -> str:
+        """The name of the scheduler pool ``slot`` belongs to."""
+        return self.broker.pool_of(slot).name
+
+
+def _cost(view: ServerView, gpu_seconds: float) -> float | None:
+    price = view.price_per_gpu_hour
     return None if price is None else round(gpu_seconds / 3600.0 * price, 4)
 
 
-def _leases(server: GpuServer, me: TokenInfo) -> list[dict[str, Any]]:
+def job_title(code: str, limit: int = 80) -> str:
+    """The first line of a job's code that says something (not blank, not a comment)."""
+    lines = [line.strip() for line in code.splitlines() if line.strip()]
+    meaningful = [line for line in lines if not line.startswith("#")]
+    title = (meaningful or lines or [""])[0]
+    return title if len(title) <= limit else title[: limit - 1] + "…"
+
+
+async def _leases(view: ServerView, me: TokenInfo) -> list[dict[str, Any]]:
     """Every lease in force: interactive sessions and running batch jobs."""
     now, mono = time.time(), time.monotonic()
-    created = {sid: since for sid, _user, _slots, since in server.store.open_sessions()}
+    created = {record.id: record.created for record in await view.store.open_sessions()}
     leases = []
-    for session in server.sessions.values():
+    for session in view.sessions:
         if session.released:
             continue
         idle = 0.0 if session.busy else max(0.0, mono - session.last_active)
         leases.append({"id": session.id, "kind": "interactive", "user": session.user,
                        "slots": [str(s) for s in session.slots], "since": created.get(session.id, now),
-                       "idle": round(idle, 1), "job": None})
-    for run in server.batch.running():
+                       "idle": round(idle, 1), "job": None, "notebook": session.notebook})
+    for run in view.batch.running():
         leases.append({"id": run.session, "kind": "batch", "user": run.user,
                        "slots": [str(s) for s in run.slots], "since": run.since, "idle": 0.0,
-                       "job": run.job})
+                       "job": run.job, "notebook": None})
     for lease in leases:
         lease["mine"] = lease["user"] == me.user
         if not (lease["mine"] or me.admin):
             lease["id"] = None
             lease["job"] = None
+            lease["notebook"] = None
     return leases
 
 
-def _queue(server: GpuServer, me: TokenInfo) -> list[dict[str, Any]]:
+def _queue(view: ServerView, me: TokenInfo) -> list[dict[str, Any]]:
     now = time.time()
-    positions = server.scheduler.positions()
+    scheduler = view.broker.scheduler
+    positions = scheduler.positions()
     queue = []
-    for entry in server.scheduler.waiting:
+    for entry in scheduler.waiting:
         mine = entry.user == me.user
-        job = server.batch.job_of_key(entry.key)
+        job = view.batch.job_of_key(entry.key)
         queue.append({
             "position": positions.get(entry.key),
             "user": entry.user,
             "gpus": entry.gpus,
-            "priority": getattr(entry, "priority", "normal"),
-            "pool": getattr(entry, "pool", DEFAULT_POOL),
+            "priority": entry.priority,
+            "pool": entry.pool,
             "waited": round(max(0.0, now - entry.submitted), 1),
             "mine": mine,
             "kind": "batch" if job is not None else "interactive",
@@ -83,27 +106,27 @@ def _queue(server: GpuServer, me: TokenInfo) -> list[dict[str, Any]]:
     return queue
 
 
-def usage_json(server: GpuServer, me: TokenInfo, since: float | None = None) -> dict[str, Any]:
+async def usage_json(view: ServerView, me: TokenInfo, since: float | None = None) -> dict[str, Any]:
     """GPU-seconds (slots × time held) of every user, and cost where a price is set."""
-    by_user = server.store.gpu_seconds_by_user(since)
+    by_user = await view.store.gpu_seconds_by_user(since)
     users = []
     for user, seconds in sorted(by_user.items(), key=lambda kv: -kv[1]):
-        users.append({"user": user, "gpu_seconds": round(seconds, 1), "cost": _cost(server, seconds),
+        users.append({"user": user, "gpu_seconds": round(seconds, 1), "cost": _cost(view, seconds),
                       "mine": user == me.user})
     mine = by_user.get(me.user, 0.0)
     total = sum(by_user.values())
     return {
-        "price_per_gpu_hour": server.config.price_per_gpu_hour,
+        "price_per_gpu_hour": view.price_per_gpu_hour,
         "since": since,
-        "you": {"user": me.user, "gpu_seconds": round(mine, 1), "cost": _cost(server, mine)},
-        "total": {"gpu_seconds": round(total, 1), "cost": _cost(server, total)},
+        "you": {"user": me.user, "gpu_seconds": round(mine, 1), "cost": _cost(view, mine)},
+        "total": {"gpu_seconds": round(total, 1), "cost": _cost(view, total)},
         "users": users,
     }
 
 
-def status_json(server: GpuServer, me: TokenInfo) -> dict[str, Any]:
+async def status_json(view: ServerView, me: TokenInfo) -> dict[str, Any]:
     """``GET /api/status``: the server, the caller, slots, queue, leases, usage."""
-    leases = _leases(server, me)
+    leases = await _leases(view, me)
     holder: dict[str, dict[str, Any]] = {}
     for lease in leases:
         for slot_id in lease["slots"]:
@@ -113,31 +136,31 @@ def status_json(server: GpuServer, me: TokenInfo) -> dict[str, Any]:
                 holder[slot_id]["session"] = lease["id"]
                 holder[slot_id]["job"] = lease["job"]
     slots = []
-    for slot in server.slots:
-        reading = server.readings.latest(slot.id)
+    for slot in view.slots:
+        reading = view.readings.latest(slot.id)
         slots.append({
             "id": slot.id, "kind": slot.kind, "name": slot.name, "uuid": slot.uuid,
             "healthy": reading.healthy, "problem": reading.problem,
-            "pool": slot_pool(server, slot.id),
+            "pool": view.pool(slot.id),
             "readings": reading.as_json(),
             "holder": holder.get(slot.id),
         })
     return {
-        "server": {"version": server.version, "time": time.time()},
+        "server": {"version": view.version, "time": time.time()},
         "you": {"user": me.user, "admin": me.admin},
         "slots": slots,
-        "queue": _queue(server, me),
+        "queue": _queue(view, me),
         "sessions": leases,
-        "usage": usage_json(server, me),
+        "usage": await usage_json(view, me),
     }
 
 
-def job_json(server: GpuServer, job: JobRecord, *, code: bool = True) -> dict[str, Any]:
+async def job_json(view: ServerView, job: JobRecord, *, code: bool = True) -> dict[str, Any]:
     """One job as ``GET /api/jobs/{id}`` shows it (its owner or an admin only)."""
-    store = server.store
-    spec = store.batch_spec(job.id) if job.kind == "batch" else None
-    attempts = store.attempts(job.id) if spec else []
-    gpu_seconds = store.job_gpu_seconds(job)
+    store = view.store
+    spec = await store.batch_spec(job.id) if job.kind == "batch" else None
+    attempts = await store.attempts(job.id) if spec else []
+    gpu_seconds = await store.job_gpu_seconds(job)
     data: dict[str, Any] = {
         "id": job.id, "kind": job.kind, "user": job.user, "state": job.state, "error": job.error,
         "name": spec.name if spec else None,
@@ -150,7 +173,8 @@ def job_json(server: GpuServer, job: JobRecord, *, code: bool = True) -> dict[st
                       "ended": a.ended, "slots": [s for s in a.slots.split(",") if s]}
                      for a in attempts],
         "created": job.created, "started": job.started, "ended": job.ended,
-        "gpu_seconds": round(gpu_seconds, 1), "cost": _cost(server, gpu_seconds),
+        "gpu_seconds": round(gpu_seconds, 1), "cost": _cost(view, gpu_seconds),
+        "notebook": job.notebook, "title": job_title(job.code),
     }
     if code:
         data["code"] = job.code

@@ -12,12 +12,12 @@ from websockets.sync.client import connect
 
 from remote_gpu_kernel import AuthenticationError, Client
 from remote_gpu_server.errors import StoreError, TokenError
-from remote_gpu_server.store import Store
+from stores import BlockingStore
 from servers import ServerProcess
 
 
 def test_only_a_hash_of_the_token_is_stored(tmp_path: Path) -> None:
-    store = Store(tmp_path / "db.sqlite3")
+    store = BlockingStore(tmp_path / "db.sqlite3")
     token_id, token = store.create_token("alice")
     raw = (tmp_path / "db.sqlite3").read_bytes() + (tmp_path / "db.sqlite3-wal").read_bytes()
     assert token.encode() not in raw
@@ -27,7 +27,7 @@ def test_only_a_hash_of_the_token_is_stored(tmp_path: Path) -> None:
 
 
 def test_missing_wrong_expired_and_revoked_tokens_say_why(tmp_path: Path) -> None:
-    store = Store(tmp_path / "db.sqlite3")
+    store = BlockingStore(tmp_path / "db.sqlite3")
     _, good = store.create_token("bob")
     expired_id, expired = store.create_token("bob", days=1)
     db = sqlite3.connect(tmp_path / "db.sqlite3")
@@ -73,7 +73,7 @@ def test_revoked_token_is_refused_by_the_running_server(server: ServerProcess) -
     listing = subprocess.run([sys.executable, "-m", "remote_gpu_kernel.cli", "token", "list",
                               "--db", str(server.db)], capture_output=True, text=True, check=True)
     assert "carol" in listing.stdout and token not in listing.stdout
-    store = Store(server.db)
+    store = BlockingStore(server.db)
     token_id = max(t.id for t in store.list_tokens() if t.user == "carol")
     store.close()
     subprocess.run([sys.executable, "-m", "remote_gpu_kernel.cli", "token", "revoke", str(token_id),

@@ -11,27 +11,27 @@ import pytest
 from remote_gpu_kernel.typing import SessionId
 from remote_gpu_server.batch import JobRequest
 from remote_gpu_server.errors import StoreError
-from remote_gpu_server.store import Store
+from stores import BlockingStore
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(tmp_path / "rgpu.sqlite3")
+def store(tmp_path: Path) -> Iterator[BlockingStore]:
+    s = BlockingStore(tmp_path / "rgpu.sqlite3")
     yield s
     s.close()
 
 
-def batch(store: Store, retries: int = 0, name: str = "job") -> int:
+def batch(store: BlockingStore, retries: int = 0, name: str = "job") -> int:
     return store.create_batch_job("alice", "print(1)", name, 1, "normal", "default", None, retries)
 
 
-def run_attempt(store: Store, job: int, slots: list[str]) -> int:
+def run_attempt(store: BlockingStore, job: int, slots: list[str]) -> int:
     session = SessionId(f"s{job}-{time.monotonic_ns()}")
     store.create_session(session, "alice", slots)
     return store.start_attempt(job, session, slots)
 
 
-def test_attempts_are_numbered_and_kept(store: Store) -> None:
+def test_attempts_are_numbered_and_kept(store: BlockingStore) -> None:
     job = batch(store, retries=1)
     spec = store.batch_spec(job)
     assert spec is not None and (spec.attempt, spec.retries, spec.name) == (0, 1, "job")
@@ -51,9 +51,8 @@ def test_attempts_are_numbered_and_kept(store: Store) -> None:
         store.finish_attempt(job, 2, "exploded")
 
 
-def test_recovery_requeues_in_order_and_retries_or_fails_running_jobs(store: Store) -> None:
-    cell = store.create_job("alice", None, "1", ["cpu0"])
-    store.start_job(cell)
+def test_recovery_requeues_in_order_and_retries_or_fails_running_jobs(store: BlockingStore) -> None:
+    cell = store.create_job("alice", None, "1", ["cpu0"], running=True)
     once, again = batch(store, name="once"), batch(store, retries=1, name="again")
     run_attempt(store, once, ["cpu0"])
     run_attempt(store, again, ["cpu1"])
@@ -71,7 +70,7 @@ def test_recovery_requeues_in_order_and_retries_or_fails_running_jobs(store: Sto
     assert store.job_counts()[("batch", "queued")] == 4
 
 
-def test_gpu_seconds_per_user_and_job(store: Store) -> None:
+def test_gpu_seconds_per_user_and_job(store: BlockingStore) -> None:
     store.create_session(SessionId("two"), "alice", ["gpu0", "gpu1"])
     store.create_session(SessionId("one"), "bob", ["gpu2"])
     job = batch(store)

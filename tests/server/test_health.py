@@ -17,7 +17,7 @@ from nvml_double import FakeGpu, FakeNvml
 from remote_gpu_kernel import Client
 from remote_gpu_server.app import GpuServer
 from remote_gpu_server.config import ServerConfig
-from remote_gpu_server.store import Store
+from stores import BlockingStore
 
 
 @asynccontextmanager
@@ -31,7 +31,7 @@ async def gpu_server(tmp_path: Path, nvml: FakeNvml) -> AsyncIterator[GpuServer]
 
 
 def tokens(tmp_path: Path, *users: str) -> list[str]:
-    store = Store(tmp_path / "rgpu.sqlite3")
+    store = BlockingStore(tmp_path / "rgpu.sqlite3")
     try:
         return [store.create_token(user)[1] for user in users]
     finally:

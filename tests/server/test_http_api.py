@@ -15,7 +15,7 @@ import pytest
 
 from remote_gpu_kernel import AuthenticationError, Client
 from remote_gpu_kernel.api import ApiClient, ApiError, http_url
-from remote_gpu_server.store import Store
+from stores import BlockingStore
 from servers import ServerProcess
 
 
@@ -103,7 +103,7 @@ def test_bad_tokens_get_401_with_a_reason(users: Users, token: str | None, reaso
 def test_revoked_token_gets_401(users: Users) -> None:
     token = users.server.token("carol")
     assert ApiClient(users.server.url, token).status()["you"]["user"] == "carol"
-    store = Store(users.server.db)
+    store = BlockingStore(users.server.db)
     try:
         store.revoke_token(store.verify_token(token).id)
     finally:

@@ -1,0 +1,96 @@
+"""The server's one port: websockets for clients and submissions, HTTP for the API.
+
+The websockets library hands every handshake to ``process_request``: a
+request without ``Upgrade: websocket`` goes to the HTTP API; a websocket's
+bearer token is checked there, so a bad token never opens a websocket (401
+and a one-line reason). Compression is off (variables are raw binary,
+where deflate costs 40× the throughput) and ``max_size`` is the protocol's
+frame size.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.http11 import Request, Response
+
+from remote_gpu_kernel.protocol import CHUNK_SIZE
+
+from .errors import TokenError
+from .http_api import SUBMIT_PATH, HttpApi, is_websocket
+from .store import TokenInfo
+
+__all__ = ["FrontDoor", "bearer_token"]
+
+log = logging.getLogger("remote_gpu_server")
+
+#: Serves one client's websocket once its token is known.
+ClientHandler = Callable[[ServerConnection, TokenInfo], Awaitable[None]]
+
+
+def bearer_token(request: Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+class FrontDoor:
+    """Call :meth:`open`, then :meth:`close` at the end."""
+
+    def __init__(self, *, verify: Callable[[str | None], Awaitable[TokenInfo]], http: HttpApi,
+                 clients: ClientHandler, server_header: str) -> None:
+        self._verify = verify
+        self._http = http
+        self._clients = clients
+        self._server_header = server_header
+        self._tokens: dict[int, TokenInfo] = {}
+        self._server: Server | None = None
+        self.port = 0
+
+    async def open(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
+        self._server = await serve(
+            self._handle, host, port,
+            process_request=self._handshake,
+            compression=None,
+            max_size=CHUNK_SIZE,
+            max_queue=64,
+            write_limit=4 * CHUNK_SIZE,
+            server_header=self._server_header,
+            ssl=ssl_context,
+        )
+        sockets = self._server.sockets
+        self.port = sockets[0].getsockname()[1] if sockets else port
+
+    async def serve_forever(self) -> None:
+        assert self._server is not None
+        await self._server.serve_forever()
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _handshake(self, connection: ServerConnection, request: Request) -> Response | None:
+        if not is_websocket(request):
+            return await self._http.handle(connection, request)
+        try:
+            info = await self._verify(bearer_token(request))
+        except TokenError as exc:
+            # The reason names the token's id at most, never the token itself.
+            log.info("refused a connection from %s: %s", connection.remote_address, exc)
+            return connection.respond(HTTPStatus.UNAUTHORIZED, f"{exc}\n")
+        self._tokens[id(connection)] = info
+        return None
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        info = self._tokens.pop(id(ws))
+        if ws.request is not None and ws.request.path == SUBMIT_PATH:
+            await self._http.submit_over_websocket(ws, info)
+            return
+        await self._clients(ws, info)

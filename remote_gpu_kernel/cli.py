@@ -81,13 +81,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(host=args.host, port=args.port, db=_db(args), slots=args.slots,
                           idle_timeout=args.idle_timeout, grace=args.grace,
                           price_per_gpu_hour=args.price_per_gpu_hour, scheduler=scheduler,
-                          server_id=args.server_id)
+                          server_id=args.server_id, ray=args.ray)
 
     async def serve() -> None:
         server = GpuServer(config)
         try:
             await server.start()
-        except ValueError as exc:
+        except (ValueError, RuntimeError) as exc:
+            await server.close()
             sys.exit(f"rgpu serve: {exc}")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -278,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a named pool of slots with its own idle timeout and quota, e.g. "
                         "interactive=gpu0,gpu1:idle=900:max-gpus=1 (repeatable; unnamed slots "
                         "form the pool 'default')")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="lease the GPUs of every node of a running Ray cluster (auto, or HOST:PORT of "
+                        "its head): this server becomes the cluster's head; needs "
+                        "pip install 'remote-gpu-kernel[ray]'")
     p.add_argument("--server-id", metavar="NAME",
                    help="this server's name in a shared database: a restart recovers only the jobs of "
                         "the same name (default: the host's name)")

@@ -19,17 +19,22 @@ from websockets.asyncio.server import ServerConnection
 
 from .batch import BatchRunner
 from .broker import LeaseBroker
+from .leases import DEFAULT_POOL
 from .config import ServerConfig
 from .connection import Connection
 from .frontdoor import FrontDoor
-from .gpus import Slot, discover_slots
+from .gpus import discover_slots
 from .http_api import HttpApi
 from .journal import Journal
+from .launcher import WorkerLauncher
+from .local_launcher import LocalLauncher
+from .ray_launcher import RayCluster, RayLauncher
 from .metrics import Metrics
 from .pool import Pool
 from .readings import Readings
 from .session import SessionContext
 from .sessions import SessionManager
+from .slots import Slot, SlotInventory
 from .status import ServerView
 from .store import Store, TokenInfo
 
@@ -53,7 +58,9 @@ class GpuServer:
         self.config = config
         self._nvml = nvml
         self.port = config.port
-        self.slots: list[Slot] = []
+        self.inventory = SlotInventory()
+        self.cluster: RayCluster | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self.metrics = Metrics()
         self._parts_closed = False
         self._reaper: asyncio.Task[None] | None = None
@@ -69,13 +76,28 @@ class GpuServer:
         stale = await self.store.fail_interrupted_jobs("the server stopped while this job was running")
         if stale:
             log.warning("marked %d job(s) left running by an earlier run of this server as failed", stale)
-        self.slots = discover_slots(config.slots)
-        self.broker = LeaseBroker([s.id for s in self.slots], config.scheduler, on_grant=self.metrics.granted)
+        launcher: WorkerLauncher
+        if config.ray is not None:
+            self.cluster = RayCluster(config.ray)
+            await self.cluster.connect()
+            self.inventory.add(await self.cluster.slots())
+            launcher = RayLauncher(self.cluster)
+        else:
+            self.inventory.add(discover_slots(config.slots))
+            launcher = LocalLauncher()
+        unnamed = [s for s in self.inventory if s.pool is None]
+        self.broker = LeaseBroker([s.id for s in unnamed], config.scheduler, on_grant=self.metrics.granted,
+                                  nodes={s.id: s.node for s in unnamed})
+        for slot in self.inventory:  # a Ray node names its pool with a resource
+            if slot.pool is not None:
+                self.broker.add_slots([slot.id], slot.pool, slot.node)
         self.scheduler = self.broker.scheduler
-        self.pool = Pool(self.slots, config.startup_timeout)
+        self.pool = Pool(launcher, self.inventory, config.startup_timeout)
         self.pool.start()
-        self.readings = Readings(self.slots, self.pool.worker_pids, nvml=self._nvml,
+        self.readings = Readings(list(self.inventory), self.pool.worker_pids, nvml=self._nvml,
                                  on_health=lambda slot, healthy, _problem: self.broker.set_healthy(slot, healthy))
+        self.inventory.on_added.append(self._slots_added)
+        self.inventory.on_node.append(self._node_changed)
         await self.readings.refresh()  # a GPU already faulty is out before the first lease
         self.readings.start()
         self.journal = Journal(self.store.append_outputs)
@@ -84,7 +106,7 @@ class GpuServer:
                                        idle_timeout=config.idle_timeout)
         self.batch = BatchRunner(self.store, self.journal, self.broker, self.pool,
                                  kill_grace=config.kill_grace)
-        view = ServerView(self.version, self.slots, self.readings, self.broker, self.sessions, self.batch,
+        view = ServerView(self.version, self.inventory, self.readings, self.broker, self.sessions, self.batch,
                           self.store, config.price_per_gpu_hour)
         self.metrics.attach(view)
         self.http = HttpApi(view, self.metrics)
@@ -95,9 +117,27 @@ class GpuServer:
         self.port = self.front.port
         loop = asyncio.get_running_loop()
         self._reaper = loop.create_task(self._reap_idle())
+        if self.cluster is not None:
+            self._watcher = loop.create_task(self.cluster.watch(self.inventory))
         self._announcer = loop.create_task(self._announce_ready())
         log.info("listening on ws://%s:%d with %d slot(s): %s", config.host, self.port,
-                 len(self.slots), ", ".join(f"{s.id} ({s.name})" for s in self.slots))
+                 len(self.inventory), ", ".join(f"{s.id} ({s.name})" for s in self.inventory) or "none yet")
+
+    @property
+    def slots(self) -> list[Slot]:
+        return list(self.inventory)
+
+    def _slots_added(self, slots: list[Slot]) -> None:
+        """Slots that joined after the start (a cluster node came up)."""
+        self.readings.add(slots)
+        self.pool.add(slots)
+        for slot in slots:
+            self.broker.add_slots([slot.id], slot.pool or DEFAULT_POOL, slot.node)
+
+    def _node_changed(self, node: str, up: bool) -> None:
+        """A node went away (its slots are not leased) or came back."""
+        for slot in self.inventory.on(node):
+            self.broker.set_healthy(slot.id, up, source="node")
 
     async def _client(self, ws: ServerConnection, info: TokenInfo) -> None:
         log.info("%s connected from %s", info.user, ws.remote_address)
@@ -109,7 +149,7 @@ class GpuServer:
         await self.front.serve_forever()
 
     async def close(self) -> None:
-        for task in (self._reaper, self._announcer):
+        for task in (self._reaper, self._announcer, self._watcher):
             if task is not None:
                 task.cancel()
         if hasattr(self, "front"):
@@ -126,11 +166,13 @@ class GpuServer:
             await self.journal.close()
         if hasattr(self, "store"):
             await self.store.close()
+        if self.cluster is not None:
+            await self.cluster.close()
 
     async def _announce_ready(self) -> None:
         await self.pool.wait_ready()
         log.info("warm pool ready: %d/%d slot(s) have a started worker",
-                 sum(self.pool.is_warm(s.id) for s in self.slots), len(self.slots))
+                 sum(self.pool.is_warm(s.id) for s in self.inventory), len(self.inventory))
 
     async def _reap_idle(self) -> None:
         """Release idle sessions, and let waiting requests age (scheduler tick)."""

@@ -50,16 +50,18 @@ class LeaseBroker:
     """See the module docstring. ``on_grant(grant, kind)`` is told of every grant."""
 
     def __init__(self, slots: Sequence[SlotId], config: SchedulerConfig,
-                 on_grant: Callable[[Grant, str], None] | None = None) -> None:
+                 on_grant: Callable[[Grant, str], None] | None = None,
+                 nodes: Mapping[SlotId, str] | None = None) -> None:
         self.config = config
         # Quotas set on tokens, by user; the scheduler reads this mapping.
         self._token_quotas: dict[str, Quota] = dict(config.user_quotas)
-        self.scheduler = Scheduler(slots, dataclasses.replace(config, user_quotas=self._token_quotas))
+        self.scheduler = Scheduler(slots, dataclasses.replace(config, user_quotas=self._token_quotas),
+                                   nodes=nodes)
         self._on_grant = on_grant
         self._keys = itertools.count(1)
         self._waiters: dict[int, _Waiter] = {}
         self._positions: dict[int, int] = {}
-        self._applying: set[asyncio.Task[None]] = set()
+        self._problems: dict[SlotId, set[str]] = {}
 
     # -- reading ------------------------------------------------------------
 
@@ -132,11 +134,21 @@ class LeaseBroker:
         """Give back slots that a lease held; waiting requests may be granted."""
         self._apply(self.scheduler.release(list(slots)))
 
-    def set_healthy(self, slot: SlotId, healthy: bool) -> None:
-        """A slot's health changed: lease it again, or stop leasing it."""
+    def set_healthy(self, slot: SlotId, healthy: bool, source: str = "readings") -> None:
+        """A slot's health as ``source`` sees it changed (its GPU's readings, its
+        node): it is leased only while no source holds it out."""
+        problems = self._problems.setdefault(slot, set())
+        if healthy:
+            problems.discard(source)
+        else:
+            problems.add(source)
         # Positions may move either way: a request too big for the healthy
         # slots stops holding up its pool.
-        self._apply(self.scheduler.set_healthy(slot, healthy))
+        self._apply(self.scheduler.set_healthy(slot, not problems))
+
+    def add_slots(self, slots: Sequence[SlotId], pool: str, node: str = "") -> None:
+        """Slots of ``node`` that joined go into ``pool``; waiting requests may be granted."""
+        self._apply(self.scheduler.add_slots(slots, pool, node))
 
     def tick(self) -> None:
         """Let waiting requests age, and send positions even past the per-event bound."""

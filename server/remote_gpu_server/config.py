@@ -24,7 +24,9 @@ def default_db_path() -> Path:
 def parse_pool(spec: str) -> PoolConfig:
     """``--pool NAME=SLOT,SLOT[:idle=SECONDS][:max-gpus=N][:max-waiting=N]``.
 
-    For example ``interactive=gpu0,gpu1:idle=900:max-gpus=1``. Raises
+    For example ``interactive=gpu0,gpu1:idle=900:max-gpus=1``. A pool may
+    name no slot (``batch=:idle=900``): its settings then apply to the GPUs
+    that Ray nodes put in it (``--resources '{"pool:batch": N}'``). Raises
     ValueError saying what is wrong.
     """
     name, sep, rest = spec.partition("=")
@@ -72,3 +74,6 @@ class ServerConfig:
     #: This server's name in a shared database (restart recovery takes only its
     #: own jobs); None: the host's name.
     server_id: str | None = None
+    #: ``auto`` or ``host:port`` of a Ray cluster whose GPUs this server leases
+    #: (it joins as the cluster's head); None: this machine's slots.
+    ray: str | None = None

@@ -1,4 +1,4 @@
-"""Which slots this machine offers: GPUs found by NVML, or CPU slots.
+"""Which slots this machine offers (the local discovery): GPUs found by NVML, or CPU slots.
 
 ``--slots auto`` asks NVML; where NVML finds no GPU (no driver, no library)
 the server falls back to CPU slots and says so in one log line. ``cpu:N``
@@ -8,45 +8,20 @@ initialised in the server process: only NVML is used here.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 from typing import Any
 
 from remote_gpu_kernel.typing import SlotId
 
-__all__ = ["Slot", "discover_slots", "DEFAULT_CPU_SLOTS"]
+from .slots import Slot, cuda_visible_devices
+
+__all__ = ["DEFAULT_CPU_SLOTS", "Slot", "cuda_visible_devices", "discover_slots"]
 
 log = logging.getLogger("remote_gpu_server")
 
 #: CPU slots offered by ``--slots auto`` on a machine without GPUs.
 DEFAULT_CPU_SLOTS = 2
-
-
-@dataclasses.dataclass(frozen=True)
-class Slot:
-    """One leasable unit: a GPU, or a CPU slot where there is none."""
-
-    id: SlotId
-    kind: str  # "gpu" or "cpu"
-    index: int
-    name: str
-    uuid: str = ""
-
-    @property
-    def cuda_device(self) -> str:
-        """This slot's entry in ``CUDA_VISIBLE_DEVICES`` ("" for a CPU slot)."""
-        if self.kind != "gpu":
-            return ""
-        return self.uuid or str(self.index)
-
-
-def cuda_visible_devices(slots: list[Slot]) -> str:
-    """``CUDA_VISIBLE_DEVICES`` for a worker leased ``slots``.
-
-    A CPU-only lease gets the empty string, which hides every GPU.
-    """
-    return ",".join(s.cuda_device for s in slots if s.kind == "gpu")
 
 
 def _nvml_gpus() -> list[dict[str, Any]] | None:

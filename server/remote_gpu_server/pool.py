@@ -4,20 +4,20 @@ A lease takes the slot's warm worker (already started, torch imported), so
 it does not pay a cold start. A worker serves one session and is never
 reused: :meth:`Pool.recycle` kills it and warms a fresh one in its place. A
 lease of several slots starts a worker pinned to all of them (cold), and
-the single-slot workers it displaces are recycled.
+the single-slot workers it displaces are recycled. Workers come from a
+:class:`~.launcher.WorkerLauncher`; the pool never builds a process itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
-import tempfile
-from pathlib import Path
+from collections.abc import Iterable
 
 from remote_gpu_kernel.typing import SlotId
 
 from .gpus import Slot
+from .launcher import WorkerLauncher
 from .worker import Worker
 
 __all__ = ["Pool"]
@@ -28,10 +28,10 @@ log = logging.getLogger("remote_gpu_server")
 class Pool:
     """Call :meth:`start` first and :meth:`close` at the end."""
 
-    def __init__(self, slots: list[Slot], startup_timeout: float = 120) -> None:
+    def __init__(self, launcher: WorkerLauncher, slots: Iterable[Slot], startup_timeout: float = 120) -> None:
+        self.launcher = launcher
         self.slots = {s.id: s for s in slots}
         self.startup_timeout = startup_timeout
-        self.runtime_dir = Path(tempfile.mkdtemp(prefix="rgpu-"))  # mode 0700
         self._warm: dict[SlotId, asyncio.Task[Worker]] = {}
         self._workers: set[Worker] = set()
         self._closing = False
@@ -40,26 +40,28 @@ class Pool:
         for slot_id in self.slots:
             self._warm_up(slot_id)
 
+    def add(self, slots: Iterable[Slot]) -> None:
+        """Slots that joined (a cluster node came up): warm a worker on each."""
+        for slot in slots:
+            self.slots[slot.id] = slot
+            if slot.id not in self._warm:
+                self._warm_up(slot.id)
+
     def _warm_up(self, slot_id: SlotId) -> None:
         if self._closing:
             return
-        worker = Worker([self.slots[slot_id]], self.runtime_dir, self.startup_timeout)
-        task = asyncio.get_running_loop().create_task(self._start(worker))
+        task = asyncio.get_running_loop().create_task(self._start([self.slots[slot_id]]))
         self._warm[slot_id] = task
 
-    async def _start(self, worker: Worker) -> Worker:
+    async def _start(self, slots: list[Slot]) -> Worker:
+        worker = await Worker.start(self.launcher, slots, self.startup_timeout)
         self._workers.add(worker)
-        try:
-            await worker.start()
-        except BaseException:
-            await worker.kill()
-            raise
         return worker
 
     def worker_pids(self, slot_id: SlotId) -> list[int]:
         """Process ids of the live workers on ``slot_id`` (warm or leased)."""
         # A worker still starting has no pid yet; a dead or killed one is dropped.
-        self._workers = {w for w in self._workers if w.alive or (w.pid is None and not w.died.is_set())}
+        self._workers = {w for w in self._workers if w.alive}
         return [w.pid for w in self._workers
                 if w.alive and w.pid is not None and any(s.id == slot_id for s in w.slots)]
 
@@ -84,13 +86,12 @@ class Pool:
                     await worker.kill()
                 except Exception:
                     log.exception("warm worker for %s failed to start; starting another", slot_id)
-            return await self._start(Worker([self.slots[slot_id]], self.runtime_dir, self.startup_timeout))
+            return await self._start([self.slots[slot_id]])
         for slot_id in slot_ids:
             task = self._warm.pop(slot_id, None)
             if task is not None:
                 asyncio.get_running_loop().create_task(self._discard(task))
-        return await self._start(Worker([self.slots[s] for s in slot_ids], self.runtime_dir,
-                                        self.startup_timeout))
+        return await self._start([self.slots[s] for s in slot_ids])
 
     async def _discard(self, task: asyncio.Task[Worker]) -> None:
         try:
@@ -102,7 +103,7 @@ class Pool:
     async def replace(self, worker: Worker) -> Worker:
         """Kill ``worker`` and start a fresh one on the same slots (its session goes on)."""
         await worker.kill()
-        return await self._start(Worker(worker.slots, self.runtime_dir, self.startup_timeout))
+        return await self._start(worker.slots)
 
     async def recycle(self, worker: Worker) -> None:
         """Kill ``worker`` (its whole process group) and warm fresh ones on its slots."""
@@ -116,4 +117,6 @@ class Pool:
         self._warm.clear()
         for task in tasks:
             await self._discard(task)
-        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        for worker in list(self._workers):
+            await worker.kill()
+        await self.launcher.close()

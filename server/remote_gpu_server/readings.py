@@ -228,6 +228,15 @@ class Readings:
                 return None
         return self._nvml
 
+    def add(self, slots: list[Slot]) -> None:
+        """Read these slots too from now on (they joined the server)."""
+        for slot in slots:
+            if slot.id not in self._latest:
+                self.slots.append(slot)
+                self._latest[slot.id] = SlotReading()
+                if slot.kind != "gpu":
+                    self._cpu[slot.id] = _ProcessReader()
+
     def latest(self, slot_id: SlotId) -> SlotReading:
         return self._latest[slot_id]
 

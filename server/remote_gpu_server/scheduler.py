@@ -3,7 +3,7 @@
 Pure logic: no I/O, and time comes from an injected ``clock`` (default
 :func:`time.monotonic`), so every rule is tested with a fake clock.
 
-Calling contract (what :class:`~remote_gpu_server.app.GpuServer` does):
+Calling contract (what :class:`~remote_gpu_server.broker.LeaseBroker` does):
 
 * :meth:`Scheduler.submit` when a lease is asked for; it raises
   :class:`QuotaExceeded` (a ``ValueError``) or ``ValueError`` at once when
@@ -64,12 +64,11 @@ Positions are per pool: position 1 is the request its pool would serve next.
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import itertools
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from remote_gpu_kernel.typing import SlotId
 
@@ -84,74 +83,14 @@ from .leases import (
     QuotaExceeded,
     SchedulerConfig,
 )
+from .queues import RANK, Lease, PoolQueues, User, Waiting, check_quotas
 
 __all__ = ["DEFAULT_POOL", "PRIORITIES", "Grant", "Holding", "LeaseRequestEntry",
            "PoolConfig", "Quota", "QuotaExceeded", "Scheduler", "SchedulerConfig"]
 
-_RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
 #: Usage is kept inflated by 2**((t - epoch) / half_life); re-based after this
 #: many half-lives, long before a float could overflow (2**1024).
 _REBASE_HALF_LIVES = 256.0
-
-
-class _Waiting:
-    __slots__ = ("aging_since", "entry", "seq")
-
-    def __init__(self, entry: LeaseRequestEntry, seq: int) -> None:
-        self.entry, self.seq, self.aging_since = entry, seq, 0.0
-
-
-class _Lease:
-    __slots__ = ("entry", "since", "slots")
-
-    def __init__(self, entry: LeaseRequestEntry, slots: list[SlotId], since: float) -> None:
-        self.entry, self.slots, self.since = entry, slots, since
-
-
-class _Counts:
-    """One user's slots held, requests waiting and slots they ask for."""
-
-    __slots__ = ("held", "pending", "waiting")
-
-    def __init__(self) -> None:
-        self.held = self.waiting = self.pending = 0
-
-
-class _User:
-    __slots__ = ("counts", "inflated", "name", "per_pool")
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.inflated = 0.0
-        self.counts = _Counts()
-        self.per_pool: dict[str, _Counts] = {}
-
-    def in_pool(self, pool: str) -> _Counts:
-        counts = self.per_pool.get(pool)
-        if counts is None:
-            counts = self.per_pool[pool] = _Counts()
-        return counts
-
-
-class _Pool:
-    """One pool's free slots and its queues: one FIFO per (priority, user).
-
-    ``heaps[rank]`` holds ``(slots held, inflated usage, seq of the user's
-    first request, user)`` for every user waiting at that rank;
-    ``pushed[rank][user]`` is the current entry, older ones are dropped when
-    they reach the top. ``heads`` holds each queue's first request, in the
-    order they started to age.
-    """
-
-    def __init__(self, config: PoolConfig) -> None:
-        self.config = config
-        self.order = {slot: i for i, slot in enumerate(config.slots)}
-        self.free: list[SlotId] = list(config.slots)
-        self.unhealthy = 0  # slots of this pool marked unhealthy
-        self.heads: OrderedDict[int, _Waiting] = OrderedDict()  # by aging_since
-        self.queues: list[dict[str, OrderedDict[int, _Waiting]]] = [{} for _ in PRIORITIES]
-        self.heaps: list[list[tuple[int, float, int, str]]] = [[] for _ in PRIORITIES]
-        self.pushed: list[dict[str, tuple[int, float, int]]] = [{} for _ in PRIORITIES]
 
 
 class Scheduler:
@@ -162,8 +101,11 @@ class Scheduler:
     """
 
     def __init__(self, slots: Iterable[SlotId], config: SchedulerConfig | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 nodes: Mapping[SlotId, str] | None = None) -> None:
         self.config = config if config is not None else SchedulerConfig()
+        # The node of each slot: a lease's slots are all on one node.
+        self._node_of: dict[SlotId, str] = dict(nodes or {})
         self._clock = clock
         self._epoch = self._settled = clock()
         all_slots = list(slots)
@@ -185,13 +127,13 @@ class Scheduler:
                 pools.append(PoolConfig(DEFAULT_POOL, rest))
             else:
                 pools[pools.index(default)] = dataclasses.replace(default, slots=default.slots + rest)
-        self._pools = {config.name: _Pool(config) for config in pools}
+        self._pools = {config.name: PoolQueues(config, self._node_of) for config in pools}
         self._pool_of = {slot: pool for pool in self._pools.values() for slot in pool.config.slots}
         self._all = all_slots
-        self._users: dict[str, _User] = {}
-        self._holders: dict[str, _User] = {}
-        self._waiting: dict[int, _Waiting] = {}
-        self._leases: dict[SlotId, _Lease] = {}
+        self._users: dict[str, User] = {}
+        self._holders: dict[str, User] = {}
+        self._waiting: dict[int, Waiting] = {}
+        self._leases: dict[SlotId, Lease] = {}
         self._unhealthy: set[SlotId] = set()
         self._seq = itertools.count()
 
@@ -244,7 +186,7 @@ class Scheduler:
         now = self._advance()
         result: dict[int, int] = {}
         for pool in self._pools.values():
-            result.update(zip(self._ranked(pool, now), itertools.count(1)))
+            result.update(zip(pool.ranked(now, self.config.max_wait, self._users), itertools.count(1)))
         return result
 
     # -- events -------------------------------------------------------------
@@ -259,31 +201,33 @@ class Scheduler:
         pool = self._pools.get(request.pool)
         if pool is None:
             raise ValueError(f"there is no pool {request.pool!r}; pools: {', '.join(self._pools)}")
-        rank = _RANK.get(request.priority)
+        rank = RANK.get(request.priority)
         if rank is None:
             raise ValueError(f"priority must be one of {', '.join(PRIORITIES)}, not {request.priority!r}")
         if request.gpus < 1:
             raise ValueError("a lease needs at least one slot")
-        size = len(pool.config.slots)
+        size, nodes = pool.largest_node(), len(pool.nodes())
         if request.gpus > size:
-            raise ValueError(f"pool {pool.config.name!r} has {size} slot(s); "
+            where = (f"has {size} slot(s)" if nodes <= 1
+                     else f"has at most {size} slot(s) on one node, and a lease spans one node")
+            raise ValueError(f"pool {pool.config.name!r} {where}; "
                              f"a lease of {request.gpus} can never be granted")
         if request.key in self._waiting or any(lease.entry.key == request.key for lease in self._leases.values()):
             raise ValueError(f"request key {request.key} is already in use")
-        user = self._users.get(request.user) or _User(request.user)
-        self._check_quotas(request, user)
+        user = self._users.get(request.user) or User(request.user)
+        check_quotas(request, user, self.config.quota(user.name), pool.config)
         self._users[user.name] = user
         now = self._advance()
-        waiting = _Waiting(request, next(self._seq))
+        waiting = Waiting(request, next(self._seq))
         self._waiting[request.key] = waiting
         queue = pool.queues[rank].setdefault(user.name, OrderedDict())
         queue[request.key] = waiting
         if len(queue) == 1:
-            self._start_aging(pool, waiting, now)
+            pool.start_aging(waiting, now)
         for counts in (user.counts, user.in_pool(pool.config.name)):
             counts.waiting += 1
             counts.pending += request.gpus
-        self._push(pool, rank, user)
+        pool.push(rank, user)
         return self._grant(pool, now)
 
     def release(self, slots: Iterable[SlotId]) -> list[Grant]:
@@ -296,7 +240,7 @@ class Scheduler:
             if slot not in self._leases or slots.count(slot) > 1:
                 raise ValueError(f"slot {slot} is not leased")
         now = self._advance()
-        touched: dict[str, _Pool] = {}
+        touched: dict[str, PoolQueues] = {}
         for slot in slots:
             lease = self._leases.pop(slot)
             lease.slots.remove(slot)
@@ -343,7 +287,6 @@ class Scheduler:
             if slot in self._unhealthy:
                 return []
             self._unhealthy.add(slot)
-            pool.unhealthy += 1
             if slot in pool.free:
                 pool.free.remove(slot)
             # A request that needed this slot may no longer fit: others may go.
@@ -351,7 +294,6 @@ class Scheduler:
         if slot not in self._unhealthy:
             return []
         self._unhealthy.discard(slot)
-        pool.unhealthy -= 1
         if slot not in self._leases:
             pool.free.append(slot)
             pool.free.sort(key=pool.order.__getitem__)
@@ -365,50 +307,28 @@ class Scheduler:
             grants += self._grant(pool, now)
         return grants
 
+    def add_slots(self, slots: Iterable[SlotId], pool: str = DEFAULT_POOL, node: str = "") -> list[Grant]:
+        """Slots that joined (a cluster node came up) go into ``pool`` (made if new).
+
+        Raises ``ValueError``, changing nothing, for a slot already known.
+        """
+        slots = list(slots)
+        for slot in slots:
+            if slot in self._pool_of or slots.count(slot) > 1:
+                raise ValueError(f"slot {slot} is already known")
+        target = self._pools.get(pool)
+        if target is None:
+            target = self._pools[pool] = PoolQueues(PoolConfig(pool, ()), self._node_of)
+        now = self._advance()
+        for slot in slots:
+            self._node_of[slot] = node
+        target.add_slots(slots)
+        self._all += slots
+        for slot in slots:
+            self._pool_of[slot] = target
+        return self._grant(target, now)
+
     # -- internals ----------------------------------------------------------
-
-    def _ranked(self, pool: _Pool, now: float) -> list[int]:
-        """Keys of ``pool``'s waiting requests in order of service (see :meth:`positions`)."""
-        overdue: list[int] = []
-        for key, waiting in pool.heads.items():
-            if now - waiting.aging_since < self.config.max_wait:
-                break
-            overdue.append(key)
-        ranked = list(overdue)
-        for rank in range(len(PRIORITIES)):
-            # Sort on one int: (slots held by then) * users + the user's order.
-            by_usage = sorted(pool.pushed[rank].items(), key=lambda item: item[1][1:])
-            n = len(by_usage)
-            order: list[int] = []
-            keys: list[int] = []
-            for index, (name, _) in enumerate(by_usage):
-                value = self._users[name].counts.held * n + index
-                for waiting in pool.queues[rank][name].values():
-                    order.append(value)
-                    keys.append(waiting.entry.key)
-                    value += waiting.entry.gpus * n
-            ranked += [keys[i] for i in sorted(range(len(keys)), key=order.__getitem__)]
-        if overdue:
-            skip = set(overdue)
-            ranked = overdue + [key for key in ranked[len(overdue):] if key not in skip]
-        return ranked
-
-    def _check_quotas(self, request: LeaseRequestEntry, user: _User) -> None:
-        pool = self._pools[request.pool].config
-        levels = ((self.config.quota(user.name), "", user.counts),
-                  (pool.quota(user.name), f" in pool {pool.name!r}", user.in_pool(pool.name)))
-        for quota, where, counts in levels:
-            if quota.max_gpus is not None and counts.held + counts.pending + request.gpus > quota.max_gpus:
-                raise QuotaExceeded(
-                    f"quota: {user.name} may hold at most {quota.max_gpus} GPU(s) at once{where} "
-                    f"(max_gpus={quota.max_gpus}); {counts.held} held, {counts.pending} asked for "
-                    f"by waiting requests, {request.gpus} by this one: release a lease, "
-                    "cancel a waiting request or ask for fewer")
-            if quota.max_waiting is not None and counts.waiting + 1 > quota.max_waiting:
-                raise QuotaExceeded(
-                    f"quota: {user.name} may have at most {quota.max_waiting} request(s) waiting{where} "
-                    f"(max_waiting={quota.max_waiting}); {counts.waiting} already waiting: "
-                    "cancel one or wait for a grant")
 
     def _deflation(self, now: float) -> float:
         """Factor from inflated usage to decayed GPU-seconds at ``now``."""
@@ -446,70 +366,40 @@ class Scheduler:
                 pool.heaps[rank].clear()
                 pool.pushed[rank].clear()
                 for name in pool.queues[rank]:
-                    self._push(pool, rank, self._users[name])
+                    pool.push(rank, self._users[name])
 
-    def _push_all(self, user: _User) -> None:
+    def _push_all(self, user: User) -> None:
         for name, counts in user.per_pool.items():
             if counts.waiting:
                 pool = self._pools[name]
                 for rank in range(len(PRIORITIES)):
-                    self._push(pool, rank, user)
+                    pool.push(rank, user)
 
-    def _push(self, pool: _Pool, rank: int, user: _User) -> None:
-        """Make ``user``'s heap entry at ``rank`` in ``pool`` current."""
-        queue = pool.queues[rank].get(user.name)
-        pushed = pool.pushed[rank]
-        if not queue:
-            pushed.pop(user.name, None)
-            return
-        key = (user.counts.held, user.inflated, next(iter(queue.values())).seq)
-        if pushed.get(user.name) == key:
-            return
-        pushed[user.name] = key
-        heap = pool.heaps[rank]
-        heapq.heappush(heap, (*key, user.name))
-        if len(heap) > 4 * len(pushed) + 64:
-            heap[:] = [(*k, name) for name, k in pushed.items()]
-            heapq.heapify(heap)
-
-    def _best(self, pool: _Pool, now: float) -> _Waiting | None:
-        if not pool.heads:
-            return None
-        oldest = next(iter(pool.heads.values()))
-        if now - oldest.aging_since >= self.config.max_wait:
-            return oldest
-        for rank in range(len(PRIORITIES)):
-            heap, pushed = pool.heaps[rank], pool.pushed[rank]
-            while heap:
-                held, inflated, seq, name = heap[0]
-                if pushed.get(name) == (held, inflated, seq):
-                    return next(iter(pool.queues[rank][name].values()))
-                heapq.heappop(heap)
-        raise AssertionError("a waiting request is in no queue")
-
-    def _next(self, pool: _Pool, now: float) -> _Waiting | None:
+    def _next(self, pool: PoolQueues, now: float) -> Waiting | None:
         """The request ``pool`` serves next: the best-ranked one that its healthy slots can hold."""
-        best = self._best(pool, now)
+        best = pool.best(now, self.config.max_wait)
         if best is None:
             return None
-        healthy = len(pool.config.slots) - pool.unhealthy
+        healthy = pool.largest_node(self._unhealthy)
         if best.entry.gpus <= healthy:
             return best
         # Rare (a pool with an unhealthy slot and a request too big for the
         # rest): rank the whole pool and skip what cannot fit.
-        for key in self._ranked(pool, now):
+        for key in pool.ranked(now, self.config.max_wait, self._users):
             waiting = self._waiting[key]
             if waiting.entry.gpus <= healthy:
                 return waiting
         return None
 
-    def _grant(self, pool: _Pool, now: float) -> list[Grant]:
+    def _grant(self, pool: PoolQueues, now: float) -> list[Grant]:
         grants: list[Grant] = []
-        while (best := self._next(pool, now)) is not None and best.entry.gpus <= len(pool.free):
+        while (best := self._next(pool, now)) is not None:
             entry = best.entry
-            taken, pool.free[:] = pool.free[: entry.gpus], pool.free[entry.gpus:]
+            taken = pool.take(entry.gpus)
+            if taken is None:  # not enough free on one node: it waits, and nobody overtakes it
+                break
             self._unqueue(pool, best, now)
-            lease = _Lease(entry, list(taken), now)
+            lease = Lease(entry, list(taken), now)
             for slot in taken:
                 self._leases[slot] = lease
             user = self._users[entry.user]
@@ -520,23 +410,18 @@ class Scheduler:
             grants.append(Grant(entry, tuple(taken)))
         return grants
 
-    def _start_aging(self, pool: _Pool, waiting: _Waiting, now: float) -> None:
-        """``waiting`` became the first of its user's queue: its wait counts from now."""
-        waiting.aging_since = now
-        pool.heads[waiting.entry.key] = waiting
-
-    def _unqueue(self, pool: _Pool, waiting: _Waiting, now: float) -> None:
+    def _unqueue(self, pool: PoolQueues, waiting: Waiting, now: float) -> None:
         entry = waiting.entry
-        rank = _RANK[entry.priority]
+        rank = RANK[entry.priority]
         del self._waiting[entry.key]
         queue = pool.queues[rank][entry.user]
         del queue[entry.key]
         if pool.heads.pop(entry.key, None) is not None and queue:
-            self._start_aging(pool, next(iter(queue.values())), now)
+            pool.start_aging(next(iter(queue.values())), now)
         if not queue:
             del pool.queues[rank][entry.user]
         user = self._users[entry.user]
         for counts in (user.counts, user.in_pool(pool.config.name)):
             counts.waiting -= 1
             counts.pending -= entry.gpus
-        self._push(pool, rank, user)
+        pool.push(rank, user)

@@ -37,8 +37,8 @@ import json
 import mmap
 import os
 import struct
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
 
 from remote_gpu_kernel.errors import ProtocolError
 from remote_gpu_kernel.protocol.framing import CHUNK_SIZE
@@ -46,7 +46,7 @@ from remote_gpu_kernel.protocol.serialization import allocate_buffer
 
 __all__ = [
     "ABORT", "DATA", "END", "FREED", "HEADER", "RING_SLOTS", "SLOT_SIZE",
-    "Filler", "Ring", "abort", "create_ring", "end", "header", "parse_abort", "pieces",
+    "Filler", "Inline", "Ring", "Slots", "abort", "create_ring", "end", "header", "parse_abort", "pieces",
 ]
 
 HEADER, DATA, FREED, END, ABORT = b"H", b"D", b"F", b"E", b"A"
@@ -114,19 +114,33 @@ def create_ring(slots: int = RING_SLOTS) -> int:
     return fd
 
 
-class Ring:
-    """One end's mapping of a ring, and the slots it may write to now.
+class Slots(Protocol):
+    """Where the pieces of a transfer travel: a shared ring, or inside the notes.
 
     The sender calls :meth:`begin`, then :meth:`put` while :attr:`free` is
-    not empty and :meth:`freed` for each ``F`` note; the receiver calls
-    :meth:`begin`, then :meth:`take` for each ``D`` note and sends the ``F``
-    note it returns once it is done with the piece.
+    not empty and :meth:`answer` for each note from the receiver; the
+    receiver calls :meth:`begin`, then :meth:`take` for each ``D`` note
+    (its payload and the frames after it) and sends the ``F`` note it
+    returns once it is done with the piece.
     """
 
-    def __init__(self, fd: int, slots: int = RING_SLOTS) -> None:
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        self._map = mmap.mmap(fd, slots * SLOT_SIZE, flags=flags)
-        self._view = memoryview(self._map)
+    free: list[int]
+
+    def begin(self, tid: int) -> None: ...
+
+    def put(self, piece: Any) -> list[Any]: ...
+
+    def answer(self, kind: bytes, payload: Any) -> str | None: ...
+
+    def take(self, payload: Any, rest: Sequence[Any] = ()) -> tuple[memoryview, list[bytes]] | None: ...
+
+    def close(self) -> None: ...
+
+
+class _Credits:
+    """The slot bookkeeping both kinds of :class:`Slots` share."""
+
+    def __init__(self, slots: int) -> None:
         self.slots = slots
         self.tid = 0
         self.free: list[int] = []
@@ -134,14 +148,6 @@ class Ring:
     def begin(self, tid: int) -> None:
         self.tid = tid
         self.free = list(range(self.slots - 1, -1, -1))
-
-    def put(self, piece: Any) -> list[bytes]:
-        """Copy ``piece`` into a free slot; return the ``D`` note to send."""
-        data = memoryview(piece).cast("B")
-        slot = self.free.pop()
-        start = slot * SLOT_SIZE
-        self._view[start : start + data.nbytes] = data
-        return [DATA, _PIECE.pack(self.tid, slot, data.nbytes)]
 
     def freed(self, payload: Any) -> None:
         tid, slot = _FREED.unpack(bytes(payload))
@@ -160,14 +166,71 @@ class Ring:
                 return reason
         return None
 
-    def take(self, payload: Any) -> tuple[memoryview, list[bytes]] | None:
-        """The piece a ``D`` note points at and the ``F`` note that frees it;
-        None for a note of another transfer."""
+    def _piece(self, payload: Any) -> tuple[int, int, int] | None:
         tid, slot, length = _PIECE.unpack(bytes(payload))
         if tid != self.tid:
             return None
         if slot >= self.slots or length > SLOT_SIZE:
             raise ProtocolError(f"a data note points outside the ring (slot {slot}, {length} bytes)")
+        return tid, slot, length
+
+
+class Inline(_Credits):
+    """Pieces travel inside the ``D`` notes themselves (a third frame), for a
+    socket between two hosts; the slots are only credits, so the sender never
+    has more than ``slots`` pieces unacknowledged."""
+
+    def __init__(self, slots: int = RING_SLOTS) -> None:
+        super().__init__(slots)
+
+    def put(self, piece: Any) -> list[Any]:
+        data = memoryview(piece).cast("B")
+        slot = self.free.pop()
+        return [DATA, _PIECE.pack(self.tid, slot, data.nbytes), data]
+
+    def take(self, payload: Any, rest: Sequence[Any] = ()) -> tuple[memoryview, list[bytes]] | None:
+        found = self._piece(payload)
+        if found is None:
+            return None
+        tid, slot, length = found
+        if len(rest) != 1 or memoryview(rest[0]).nbytes != length:
+            raise ProtocolError("a data note does not carry the bytes it announces")
+        return memoryview(rest[0]).cast("B"), [FREED, _FREED.pack(tid, slot)]
+
+    def close(self) -> None:
+        pass
+
+
+class Ring(_Credits):
+    """One end's mapping of a ring, and the slots it may write to now.
+
+    The sender calls :meth:`begin`, then :meth:`put` while :attr:`free` is
+    not empty and :meth:`freed` for each ``F`` note; the receiver calls
+    :meth:`begin`, then :meth:`take` for each ``D`` note and sends the ``F``
+    note it returns once it is done with the piece.
+    """
+
+    def __init__(self, fd: int, slots: int = RING_SLOTS) -> None:
+        super().__init__(slots)
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        self._map = mmap.mmap(fd, slots * SLOT_SIZE, flags=flags)
+        self._view = memoryview(self._map)
+
+    def put(self, piece: Any) -> list[bytes]:
+        """Copy ``piece`` into a free slot; return the ``D`` note to send."""
+        data = memoryview(piece).cast("B")
+        slot = self.free.pop()
+        start = slot * SLOT_SIZE
+        self._view[start : start + data.nbytes] = data
+        return [DATA, _PIECE.pack(self.tid, slot, data.nbytes)]
+
+    def take(self, payload: Any, rest: Sequence[Any] = ()) -> tuple[memoryview, list[bytes]] | None:
+        """The piece a ``D`` note points at and the ``F`` note that frees it;
+        None for a note of another transfer."""
+        found = self._piece(payload)
+        if found is None:
+            return None
+        tid, slot, length = found
         start = slot * SLOT_SIZE
         return self._view[start : start + length], [FREED, _FREED.pack(tid, slot)]
 

@@ -1,11 +1,9 @@
-"""The server's handle on one worker: a real ipykernel process.
+"""The server's handle on one worker: a real ipykernel process, wherever it runs.
 
-A :class:`Worker` starts a kernel through jupyter_client (signed messages,
-``ipc://`` sockets in a private runtime folder, its own process group), pins
-it to its slots with ``CUDA_VISIBLE_DEVICES``, and forwards requests to it.
-jupyter_client's provisioner is the process-control layer (launch, poll,
-signal, kill, cleanup), so a pool of workers can later be started by another
-launcher without changing this module.
+A :class:`Worker` is started from a :class:`~.launcher.WorkerLauncher`
+(which owns the process: start, poll, signal, kill) and talks to the kernel
+over its signed Jupyter channels with jupyter_client, and moves pushed and
+pulled bytes through the process's :class:`~.datachannel.DataChannel`.
 
 Every request completes when both its shell reply and its IOPub ``idle``
 status have arrived, so no output is lost after the reply. If the process
@@ -18,25 +16,19 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 import signal
-import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
 from hmac import compare_digest
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from pathlib import Path
 from typing import Any
 
-import zmq
-import zmq.asyncio
-from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
-from jupyter_client.manager import AsyncKernelManager
+from jupyter_client.asynchronous import AsyncKernelClient
 from jupyter_client.session import Session
 
 from remote_gpu_kernel.errors import WorkerDied
-from remote_gpu_kernel.protocol.framing import Chunks
 
-from . import transfer
-from .gpus import Slot, cuda_visible_devices
+from .datachannel import TransferAborted
+from .gpus import Slot
+from .launcher import WorkerLauncher, WorkerProcess, WorkerSpec, describe_exit
 from .worker_kernel import COMM_TARGET
 
 __all__ = ["IopubHandler", "TransferAborted", "Worker", "describe_exit"]
@@ -45,68 +37,15 @@ log = logging.getLogger("remote_gpu_server")
 
 IopubHandler = Callable[[dict[str, Any]], Awaitable[None]]
 
-_counter = itertools.count(1)
+_names = itertools.count(1)
 #: How often a worker's process is polled for an unexpected exit.
 DEATH_POLL_SECONDS = 0.2
-
-
-def describe_exit(returncode: int | None) -> str:
-    """'exit code 3' or 'signal SIGSEGV' for a process's return code."""
-    if returncode is None:
-        return "an unknown cause"
-    if returncode < 0:
-        try:
-            return f"signal {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"signal {-returncode}"
-    return f"exit code {returncode}"
-
-
-class TransferAborted(ConnectionError):
-    """A push or pull stream broke before its end (client or worker gone).
-
-    ``worker_stopped`` says the worker gave up itself and needs no notice.
-    """
-
-    def __init__(self, reason: str, worker_stopped: bool = False) -> None:
-        super().__init__(reason)
-        self.worker_stopped = worker_stopped
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
     """Mark a future's exception as seen: its caller learns it another way."""
     if not future.cancelled():
         future.exception()
-
-
-async def _iterate(items: Iterable[Any]) -> AsyncIterator[Any]:
-    for item in items:
-        yield item
-
-
-async def _stream(chunks: Chunks) -> AsyncIterator[memoryview]:
-    """The pieces of ``chunks`` as they arrive; each is dropped once yielded."""
-    arrived = asyncio.Event()
-    chunks.listener = arrived.set
-    index = 0
-    try:
-        while True:
-            while index < len(chunks.parts):
-                piece = chunks.parts[index]
-                chunks.parts[index] = _EMPTY  # free it once the worker has it
-                index += 1
-                yield piece
-            if chunks.complete:
-                return
-            if chunks.failed is not None:
-                raise TransferAborted(chunks.failed)
-            arrived.clear()
-            await arrived.wait()
-    finally:
-        chunks.listener = None
-
-
-_EMPTY = memoryview(b"")
 
 
 class _FastSession(Session):  # type: ignore[misc]
@@ -149,18 +88,6 @@ class _FastSession(Session):  # type: ignore[misc]
         }
 
 
-class _SpecManager(KernelSpecManager):  # type: ignore[misc]
-    """Hands jupyter_client the worker's command line."""
-
-    def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
-        return KernelSpec(
-            argv=[sys.executable, "-m", "remote_gpu_server.worker_kernel", "-f", "{connection_file}"],
-            display_name="remote-gpu worker",
-            language="python",
-            interrupt_mode="signal",
-        )
-
-
 class _Pending:
     def __init__(self, on_iopub: IopubHandler | None) -> None:
         loop = asyncio.get_running_loop()
@@ -178,18 +105,16 @@ class _Pending:
 class Worker:
     """One kernel process serving one session; see the module docstring.
 
-    Call :meth:`start` once, then requests; call :meth:`kill` at the end (it
-    kills the whole process group and removes the connection files).
+    Make it with :meth:`start`, then send requests; call :meth:`kill` at the
+    end (the launcher kills the process and everything it started).
     """
 
-    def __init__(self, slots: list[Slot], runtime_dir: Path, startup_timeout: float = 120) -> None:
+    def __init__(self, process: WorkerProcess, slots: list[Slot]) -> None:
+        self.process = process
         self.slots = list(slots)
-        self.name = f"w{next(_counter)}-{'+'.join(s.id for s in slots)}"
-        self.runtime_dir = runtime_dir
-        self.startup_timeout = startup_timeout
+        self.name = process.name
         self.language_info: dict[str, Any] = {}
         self.exit_description: str | None = None
-        self._km: AsyncKernelManager | None = None
         self._kc: Any = None
         self._pending: dict[str, _Pending] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -197,51 +122,48 @@ class Worker:
         self._transfer_ids = itertools.count(1)
         self._transfers: dict[int, asyncio.Future[tuple[dict[str, Any], list[Any]]]] = {}
         self._killed = False
-        self._data: Any = None
-        self._ring: transfer.Ring | None = None
         self.died = asyncio.Event()
+
+    @classmethod
+    async def start(cls, launcher: WorkerLauncher, slots: list[Slot], startup_timeout: float = 120) -> Worker:
+        """Launch a worker on ``slots`` and wait until it answers; raises WorkerDied if it cannot."""
+        name = f"w{next(_names)}-{'+'.join(s.id for s in slots)}".replace("/", "-")
+        try:
+            process = await launcher.launch(WorkerSpec(name, tuple(slots), startup_timeout))
+        except Exception as exc:
+            raise WorkerDied(f"worker {name} failed to start: {exc}", code="worker_died") from exc
+        worker = cls(process, slots)
+        try:
+            await worker._connect(startup_timeout)
+        except BaseException:
+            await worker.kill()
+            raise
+        return worker
 
     @property
     def pid(self) -> int | None:
-        process = getattr(self._km.provisioner, "process", None) if self._km else None
-        return process.pid if process is not None else None
+        return self.process.pid
+
+    @property
+    def node(self) -> str:
+        return self.process.node
 
     @property
     def alive(self) -> bool:
-        return self._km is not None and not self.died.is_set() and not self._killed
+        return self._kc is not None and not self.died.is_set() and not self._killed
 
-    async def start(self) -> None:
-        env = dict(os.environ)
-        env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices(self.slots)
-        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-        env["RGPU_SLOTS"] = ",".join(s.id for s in self.slots)
-        data_addr = f"ipc://{self.runtime_dir / self.name}-data"
-        env["RGPU_DATA_ADDR"] = data_addr
-        ring_fd = transfer.create_ring()
-        env["RGPU_DATA_RING_FD"] = str(ring_fd)
-        env.pop("JUPYTER_RUNTIME_DIR", None)
-        km = AsyncKernelManager(kernel_name="rgpu-worker", kernel_spec_manager=_SpecManager(),
-                                session=_FastSession())
-        km.transport = "ipc"
-        km.ip = str(self.runtime_dir / self.name)
-        km.connection_file = str(self.runtime_dir / f"{self.name}.json")
-        self._km = km
-        try:
-            self._ring = transfer.Ring(ring_fd)
-            await km.start_kernel(env=env, pass_fds=(ring_fd,))
-        finally:
-            os.close(ring_fd)  # the worker has its own copy; the mapping stays
-        kc = km.client()
-        kc.start_channels()
+    async def _connect(self, startup_timeout: float) -> None:
+        info = self.process.connection_info
+        # A worker on another host has CurveZMQ keys in its connection info,
+        # and jupyter_client then encrypts every channel.
+        kc = AsyncKernelClient(session=_FastSession(key=_key(info),
+                                                    signature_scheme=info.get("signature_scheme", "hmac-sha256")))
+        kc.load_connection_info(info)
+        kc.start_channels(hb=False)
         self._kc = kc
-        self._data = zmq.asyncio.Context.instance().socket(zmq.PAIR)
-        self._data.linger = 0
-        self._data.sndhwm = self._data.rcvhwm = 0
-        self._data.connect(data_addr)
         try:
-            await kc.wait_for_ready(timeout=self.startup_timeout)
+            await kc.wait_for_ready(timeout=startup_timeout)
         except RuntimeError as exc:
-            await self.kill()
             raise WorkerDied(f"worker {self.name} failed to start: {exc}", code="worker_died") from exc
         loop = asyncio.get_running_loop()
         self._tasks = [
@@ -250,11 +172,11 @@ class Worker:
             loop.create_task(self._read(kc.stdin_channel, self._on_stdin)),
             loop.create_task(self._watch()),
         ]
-        info = await self.request("kernel_info_request", {})
-        self.language_info = dict(info["content"].get("language_info") or {})
+        info_reply = await self.request("kernel_info_request", {})
+        self.language_info = dict(info_reply["content"].get("language_info") or {})
         self._comm_id = f"rgpu-{self.name}"
         await self.request("comm_open", {"comm_id": self._comm_id, "target_name": COMM_TARGET, "data": {}})
-        log.debug("worker %s ready (pid %s)", self.name, self.pid)
+        log.debug("worker %s ready on %s (pid %s)", self.name, self.node, self.pid)
 
     # -- reading ------------------------------------------------------------
 
@@ -306,22 +228,22 @@ class Worker:
             await pending.on_iopub(msg)
 
     async def _watch(self) -> None:
-        assert self._km is not None
         while True:
             await asyncio.sleep(DEATH_POLL_SECONDS)
             if self._killed:
                 return
-            code = await self._km.provisioner.poll() if self._km.provisioner else 0
+            code = await self.process.poll()
             if code is not None:
-                self.exit_description = describe_exit(code)
-                log.warning("worker %s died (%s)", self.name, self.exit_description)
+                self.exit_description = getattr(self.process, "death_cause", None) or describe_exit(code)
+                log.warning("worker %s on %s died (%s)", self.name, self.node, self.exit_description)
                 self._fail_all(WorkerDied(self.death_message(), code="worker_died"))
                 self.died.set()
                 return
 
     def death_message(self) -> str:
+        where = f" on {self.node}" if getattr(self.process, "remote", False) else ""
         return (
-            f"the worker process died ({self.exit_description}); its variables are gone. "
+            f"the worker process{where} died ({self.exit_description}); its variables are gone. "
             "The session gets a fresh worker for the next cell."
         )
 
@@ -336,7 +258,8 @@ class Worker:
 
     # -- requests -----------------------------------------------------------
 
-    def _check_alive(self) -> None:
+    def check_alive(self) -> None:
+        """Raise :class:`WorkerDied` if the worker is dead or shut down."""
         if self.died.is_set():
             raise WorkerDied(self.death_message(), code="worker_died")
         if self._killed or self._kc is None:
@@ -349,7 +272,7 @@ class Worker:
         Comm messages have no shell reply: for them only the idle status is
         awaited and the returned message is empty.
         """
-        self._check_alive()
+        self.check_alive()
         msg = self._kc.session.msg(msg_type, content)
         msg_id = msg["header"]["msg_id"]
         pending = _Pending(on_iopub)
@@ -377,7 +300,7 @@ class Worker:
         return dict(reply["content"])
 
     def _new_transfer(self) -> tuple[int, asyncio.Future[tuple[dict[str, Any], list[Any]]]]:
-        self._check_alive()
+        self.check_alive()
         tid = next(self._transfer_ids)
         fut: asyncio.Future[tuple[dict[str, Any], list[Any]]] = asyncio.get_running_loop().create_future()
         self._transfers[tid] = fut
@@ -405,25 +328,9 @@ class Worker:
         request = asyncio.ensure_future(self.request(
             "comm_msg", {"comm_id": self._comm_id,
                          "data": {"op": "push", "id": tid, "names": names, "counts": counts}}))
-        ring = self._ring
-        assert ring is not None
-        ring.begin(tid)
         try:
-            await self._data.send_multipart(transfer.header(tid, [len(b) if isinstance(b, Chunks)
-                                                                   else memoryview(b).nbytes for b in buffers]))
-            for buf in buffers:
-                parts = _stream(buf) if isinstance(buf, Chunks) else _iterate(transfer.pieces([buf]))
-                async for piece in parts:
-                    while not ring.free:  # the worker has every slot: wait until it hands one back
-                        reason = ring.answer(*await self._recv_data(timeout=None))
-                        if reason is not None:
-                            raise TransferAborted(reason, worker_stopped=True)
-                    self._check_alive()  # a kill unmaps the ring
-                    await self._data.send_multipart(ring.put(piece))
-            await self._data.send_multipart(transfer.end(tid))
-        except TransferAborted as exc:
-            if not exc.worker_stopped:
-                await self._data.send_multipart(transfer.abort(tid, str(exc)))
+            await self.process.data.send(tid, buffers, self)
+        except TransferAborted:
             await self._comm_reply(tid, fut, request)
             raise
         except BaseException:
@@ -460,66 +367,25 @@ class Worker:
         return reply, self._receive(tid, request)
 
     async def _receive(self, tid: int, request: asyncio.Future[dict[str, Any]]) -> AsyncIterator[Any]:
-        ring = self._ring
-        assert ring is not None
-        ring.begin(tid)
-        finished = False
         try:
-            while True:
-                kind, payload = await self._recv_data(timeout=60)
-                if kind == transfer.DATA:
-                    taken = ring.take(payload)
-                    if taken is None:
-                        continue  # a piece of an earlier transfer nobody read
-                    yield taken[0]
-                    self._check_alive()  # a kill closes the socket and the ring
-                    await self._data.send_multipart(taken[1])
-                elif kind == transfer.END and transfer.tid_of(payload) == tid:
-                    finished = True
-                    return
-                elif kind == transfer.ABORT and transfer.tid_of(payload) == tid:
-                    finished = True
-                    raise TransferAborted(transfer.parse_abort(payload)[1], worker_stopped=True)
+            async for piece in self.process.data.receive(tid, self):
+                yield piece
         finally:
-            if not finished and self.alive:
-                await self._data.send_multipart(transfer.abort(tid, "the pull was not read to its end"))
             try:  # the worker's handler has returned: it no longer touches the ring
                 await asyncio.wait_for(asyncio.shield(request), timeout=30)
             except Exception:
                 pass
 
-    async def _recv_data(self, timeout: float | None) -> tuple[bytes, bytes]:
-        """The next note from the worker; TransferAborted if none comes in ``timeout``."""
-        try:
-            kind, payload = await self._data.recv_multipart(flags=zmq.NOBLOCK)
-            return kind, payload
-        except zmq.Again:
-            pass
-        recv = asyncio.ensure_future(self._data.recv_multipart())
-        died = asyncio.ensure_future(self.died.wait())
-        try:
-            await asyncio.wait({recv, died}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            died.cancel()
-        if not recv.done() or recv.cancelled() or recv.exception() is not None:
-            # No note: a timeout, or the worker died and its kill closed the
-            # socket under this read (cancelling it). Say which.
-            recv.cancel()
-            self._check_alive()
-            raise TransferAborted("the worker stopped answering in the middle of a transfer")
-        kind, payload = recv.result()
-        return kind, payload
-
     def send_input(self, value: str) -> None:
-        self._check_alive()
+        self.check_alive()
         self._kc.input(value)
 
     async def interrupt(self) -> None:
-        if self.alive and self._km is not None:
-            await self._km.interrupt_kernel()
+        if self.alive:
+            await self.process.signal(signal.SIGINT)
 
     async def kill(self) -> None:
-        """Kill the whole process group and clean up; safe to call twice."""
+        """Kill the worker and everything it started, and clean up; safe to call twice."""
         if self._killed:
             return
         self._killed = True
@@ -528,17 +394,15 @@ class Worker:
             task.cancel()
         if self._kc is not None:
             self._kc.stop_channels()
-        if self._data is not None:
-            self._data.close()
-        if self._ring is not None:
-            self._ring.close()
-        if self._km is not None:
-            try:
-                await self._km.shutdown_kernel(now=True)
-            except Exception:
-                log.exception("worker %s: error during shutdown", self.name)
+        await self.process.kill()
         for task in self._tasks:
             try:
                 await task
             except (asyncio.CancelledError, Exception):
                 pass
+
+
+def _key(info: dict[str, Any]) -> bytes:
+    key = info.get("key", b"")
+    return key.encode() if isinstance(key, str) else bytes(key)
+

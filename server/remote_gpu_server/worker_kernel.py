@@ -44,25 +44,35 @@ DATA_TIMEOUT_MS = 60_000
 
 
 class _DataChannel:
-    """The worker's end of :mod:`.transfer`: notes on a PAIR socket, bytes in the ring."""
+    """The worker's end of :mod:`.transfer`: notes on a PAIR socket, bytes in the
+    shared ring (``ring_fd``) or, without one, inside the notes over TCP
+    encrypted with CurveZMQ (``curve_secret``, this worker's key)."""
 
-    def __init__(self, addr: str, ring_fd: int) -> None:
+    def __init__(self, addr: str, ring_fd: int | None, curve_secret: bytes | None = None) -> None:
         import zmq
 
-        from .transfer import Ring
+        from .transfer import Inline, Ring, Slots
 
         self.socket = zmq.Context.instance().socket(zmq.PAIR)
         self.socket.linger = 0
         self.socket.sndhwm = self.socket.rcvhwm = 0
+        if curve_secret is not None:
+            self.socket.curve_secretkey = curve_secret
+            self.socket.curve_publickey = zmq.curve_public(curve_secret)
+            self.socket.curve_server = True
         self.socket.bind(addr)
-        self.ring = Ring(ring_fd)
-        os.close(ring_fd)  # mapped: the user's code has no handle on it
+        self.ring: Slots
+        if ring_fd is not None:
+            self.ring = Ring(ring_fd)
+            os.close(ring_fd)  # mapped: the user's code has no handle on it
+        else:
+            self.ring = Inline()
 
-    def _recv(self) -> tuple[bytes, bytes]:
+    def _recv(self) -> list[Any]:
         if not self.socket.poll(DATA_TIMEOUT_MS):
             raise TimeoutError("the server stopped sending in the middle of a transfer")
-        kind, payload = self.socket.recv_multipart()
-        return kind, payload
+        frames: list[Any] = self.socket.recv_multipart()
+        return frames
 
     def receive(self, tid: int) -> list[Any]:
         """The buffers of transfer ``tid``, each in fresh writable memory."""
@@ -73,7 +83,7 @@ class _DataChannel:
         ring = self.ring
         ring.begin(tid)
         while True:  # skip what is left of transfers that were given up
-            kind, payload = self._recv()
+            kind, payload, *_ = self._recv()
             if kind == HEADER:
                 got, sizes = parse_header(payload)
                 if got == tid:
@@ -81,9 +91,9 @@ class _DataChannel:
         filler = Filler(sizes)
         try:
             while True:
-                kind, payload = self._recv()
+                kind, payload, *rest = self._recv()
                 if kind == DATA:
-                    taken = ring.take(payload)
+                    taken = ring.take(payload, rest)
                     if taken is not None:
                         filler.add(taken[0])
                         self.socket.send_multipart(taken[1])
@@ -110,9 +120,10 @@ class _DataChannel:
         try:
             for piece in pieces(buffers):
                 while not ring.free:
-                    if ring.answer(*self._recv()) is not None:
+                    kind, payload, *_ = self._recv()
+                    if ring.answer(kind, payload) is not None:
                         return  # the server gave up
-                self.socket.send_multipart(ring.put(piece))
+                self.socket.send_multipart(ring.put(piece), copy=False)
         except (TimeoutError, KeyboardInterrupt) as exc:
             self.socket.send_multipart(abort(tid, str(exc) or "interrupted"))
             return
@@ -178,7 +189,10 @@ def main(argv: list[str] | None = None) -> None:
 
     for stream in (sys.stdout, sys.stderr):  # ipykernel's OutStreams, made by initialize()
         skip_empty_flushes(stream)
-    channel = _DataChannel(os.environ["RGPU_DATA_ADDR"], int(os.environ.pop("RGPU_DATA_RING_FD")))
+    ring_fd = os.environ.pop("RGPU_DATA_RING_FD", None)
+    secret = os.environ.pop("RGPU_DATA_CURVE_SECRET", None)
+    channel = _DataChannel(os.environ.pop("RGPU_DATA_ADDR"), int(ring_fd) if ring_fd else None,
+                           secret.encode() if secret else None)
     app.kernel.comm_manager.register_target(COMM_TARGET, _comm_opener(channel))
     app.start()
 

@@ -504,3 +504,36 @@ def test_set_healthy_of_an_unknown_slot_is_refused() -> None:
     sched, _ = make(1)
     with pytest.raises(ValueError, match="no slot"):
         sched.set_healthy(SlotId("gpu9"), False)
+
+
+def test_slots_that_join_are_granted_in_their_pool() -> None:
+    scheduler, _ = make(1)
+    assert users(scheduler.submit(req("alice"))) == ["alice"]
+    assert scheduler.submit(req("bob")) == []
+    grants = scheduler.add_slots([SlotId("node2/gpu0"), SlotId("node2/gpu1")])
+    assert [(g.request.user, g.slots) for g in grants] == [("bob", ("node2/gpu0",))]
+    assert scheduler.free == ["node2/gpu1"]
+    # Slots that name a pool no one configured make it.
+    assert scheduler.add_slots([SlotId("node3/gpu0")], pool="batch") == []
+    assert scheduler.pool_of(SlotId("node3/gpu0")).name == "batch"
+    assert users(scheduler.submit(req("carol", pool="batch"))) == ["carol"]
+    with pytest.raises(ValueError, match="already known"):
+        scheduler.add_slots([SlotId("gpu0")])
+
+
+def test_a_lease_spans_one_node() -> None:
+    nodes = {SlotId("a/gpu0"): "a", SlotId("a/gpu1"): "a", SlotId("b/gpu0"): "b", SlotId("b/gpu1"): "b"}
+    scheduler = Scheduler(list(nodes), nodes=nodes)
+    alice, bob, erin = req("alice"), req("bob"), req("erin")
+    for r in (alice, bob, erin):
+        scheduler.submit(r)
+    assert scheduler.free == ["b/gpu1"]  # one node is filled before the next
+    scheduler.release([SlotId("a/gpu1")])
+    # Two slots are free on two nodes, not on one: the pair waits, and nobody overtakes it.
+    assert scheduler.submit(req("carol", gpus=2)) == []
+    assert scheduler.submit(req("dave")) == []
+    grants = scheduler.release([SlotId("b/gpu0")])
+    assert [(g.request.user, g.slots) for g in grants] == [("carol", ("b/gpu0", "b/gpu1")),
+                                                           ("dave", ("a/gpu1",))]
+    with pytest.raises(ValueError, match="at most 2 slot.*on one node"):
+        scheduler.submit(req("frank", gpus=3))

@@ -1,0 +1,87 @@
+"""How worker processes are started and controlled: the launcher interface.
+
+A :class:`WorkerLauncher` starts one worker process for a
+:class:`WorkerSpec` and hands back a :class:`WorkerProcess`: what the
+server needs to talk to it (Jupyter connection info, its data channel) and
+to control it (poll, signal, kill), the way jupyter_client's
+``KernelProvisionerBase`` separates process control from messaging. The
+pool asks a launcher for workers and never builds a process itself.
+
+Two launchers exist: :class:`~.local_launcher.LocalLauncher` (this host:
+``ipc://`` sockets, a shared-memory ring) and
+:class:`~.ray_launcher.RayLauncher` (a Ray actor on any node of a cluster:
+TCP encrypted with CurveZMQ).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+from typing import Any, Protocol
+
+from .datachannel import DataChannel
+from .gpus import Slot
+
+__all__ = ["WorkerLauncher", "WorkerProcess", "WorkerSpec", "describe_exit"]
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerSpec:
+    """A worker to start: its name (unique in the server) and the slots it is pinned to."""
+
+    name: str
+    slots: tuple[Slot, ...]
+    startup_timeout: float = 120.0
+
+
+class WorkerProcess(Protocol):
+    """One started worker process, as its launcher controls it.
+
+    Every method is safe to call after the process ended; :meth:`kill` is
+    safe to call twice.
+    """
+
+    name: str
+    #: Where it runs: this host's name, or the cluster node's.
+    node: str
+    #: Jupyter connection info (transport, ip, ports, key, signature_scheme,
+    #: and CurveZMQ keys where its sockets are encrypted).
+    connection_info: dict[str, Any]
+    data: DataChannel
+    #: Whether it runs on another host than the server's.
+    remote: bool
+    #: Why it ended when its return code does not say it all (its node went away), else None.
+    death_cause: str | None
+
+    @property
+    def pid(self) -> int | None:
+        """Its process id on its node, when known."""
+
+    async def poll(self) -> int | None:
+        """None while it runs, else its return code (negative: killed by that signal)."""
+
+    async def signal(self, signum: int) -> None:
+        """Send ``signum`` to it (SIGINT interrupts the running cell)."""
+
+    async def kill(self) -> None:
+        """End it and everything it started, and release what it held (files, sockets)."""
+
+
+class WorkerLauncher(Protocol):
+    async def launch(self, spec: WorkerSpec) -> WorkerProcess:
+        """Start a worker; raises an exception saying why it could not."""
+
+    async def close(self) -> None:
+        """Stop what the launcher itself runs (not the workers: the pool kills those)."""
+
+
+def describe_exit(returncode: int | None) -> str:
+    """'exit code 3' or 'signal SIGSEGV' for a process's return code."""
+    if returncode is None:
+        return "an unknown cause"
+    if returncode < 0:
+        try:
+            return f"signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"exit code {returncode}"

@@ -1,0 +1,233 @@
+"""Workers on the nodes of a Ray cluster: the server is the cluster's head.
+
+``rgpu serve --ray ADDRESS`` joins a running cluster as a Ray driver
+(``ray.init(address=...)``, never Ray Client). :class:`RayCluster` reads
+the GPUs that Ray reports on every alive node into the server's
+:class:`~.slots.SlotInventory` (a node's ``pool:NAME`` resource puts its
+GPUs in our pool ``NAME``), and watches the nodes: a node that dies takes
+its slots out of the pool until it is back; a node that joins adds its
+GPUs.
+
+:class:`RayLauncher` starts each worker as a Ray actor
+(:class:`~.ray_host.WorkerHost`) with ``num_gpus`` equal to its lease,
+pinned to the node the scheduler chose (``NodeAffinitySchedulingStrategy``,
+not soft): Ray only places processes and reports their deaths; who gets the
+next GPU is always our scheduler's decision, and an actor is created only
+for slots it granted. Ray does not forward ports: the actor returns its
+node's address, the worker's ports and keys, and the head connects over
+TCP, every channel encrypted with CurveZMQ.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from remote_gpu_kernel.typing import SlotId
+
+from .datachannel import DataChannel
+from .launcher import WorkerSpec, describe_exit
+from .slots import Slot, SlotInventory
+from .transfer import Inline
+
+__all__ = ["RayCluster", "RayLauncher", "RayWorker", "node_slots"]
+
+log = logging.getLogger("remote_gpu_server")
+
+#: How long an actor may take to answer a poll before its worker counts as dead.
+POLL_TIMEOUT = 10.0
+#: Seconds between two looks at the cluster's nodes.
+WATCH_PERIOD = 1.0
+#: The Ray resource prefix that names a node's pool: ``--resources '{"pool:batch": 2}'``.
+POOL_RESOURCE = "pool:"
+
+
+def _short(node_id: str) -> str:
+    return node_id[:8]
+
+
+def node_slots(node: dict[str, Any], label: str) -> list[Slot]:
+    """The slots of one node as ``ray.nodes()`` describes it (one per GPU it reports)."""
+    resources = node.get("Resources") or {}
+    gpus = int(resources.get("GPU", 0))
+    pools = [name[len(POOL_RESOURCE):] for name in resources if name.startswith(POOL_RESOURCE)]
+    node_id = str(node["NodeID"])
+    return [Slot(SlotId(f"{_short(node_id)}/gpu{i}"), "gpu", i, f"GPU {i} of {label}", node=node_id,
+                 pool=pools[0] if pools else None)
+            for i in range(gpus)]
+
+
+class RayCluster:
+    """The server's hold on a Ray cluster: call :meth:`connect`, then :meth:`watch`."""
+
+    def __init__(self, address: str, namespace: str = "remote-gpu") -> None:
+        self.address = address
+        self.namespace = namespace
+        #: A node's name as shown to people: its name in Ray, with its id where two share one.
+        self.labels: dict[str, str] = {}
+
+    async def connect(self) -> None:
+        """Join the cluster as a driver; raises RuntimeError saying why it could not."""
+        try:
+            import ray
+        except ImportError:
+            raise RuntimeError("--ray needs Ray: pip install 'remote-gpu-kernel[ray]'") from None
+
+        def init() -> None:
+            ray.init(address=self.address, namespace=self.namespace, log_to_driver=False,
+                     configure_logging=False, include_dashboard=False)
+
+        try:
+            await asyncio.to_thread(init)
+        except Exception as exc:
+            raise RuntimeError(f"cannot join the Ray cluster at {self.address}: {exc}") from exc
+        log.info("joined the Ray cluster at %s as its head", self.address)
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        import ray
+
+        nodes: list[dict[str, Any]] = await asyncio.to_thread(ray.nodes)
+        names = [str(n.get("NodeName") or n.get("NodeManagerAddress") or "") for n in nodes]
+        for node, name in zip(nodes, names):
+            node_id = str(node["NodeID"])
+            label = name if names.count(name) == 1 else f"{name} ({_short(node_id)})"
+            self.labels.setdefault(node_id, label)
+        return nodes
+
+    def label(self, node_id: str) -> str:
+        return self.labels.get(node_id, _short(node_id))
+
+    async def slots(self) -> list[Slot]:
+        """The GPUs of every alive node now."""
+        return [slot for node in await self.nodes() if node.get("Alive")
+                for slot in node_slots(node, self.label(str(node["NodeID"])))]
+
+    async def watch(self, inventory: SlotInventory, period: float = WATCH_PERIOD) -> None:
+        """Keep ``inventory`` in step with the cluster: nodes that die, come back or join."""
+        while True:
+            try:
+                nodes = await self.nodes()
+            except Exception:
+                log.exception("reading the Ray cluster's nodes failed; trying again")
+            else:
+                self.update(inventory, nodes)
+            await asyncio.sleep(period)
+
+    def update(self, inventory: SlotInventory, nodes: Iterable[dict[str, Any]]) -> None:
+        for node in nodes:
+            node_id = str(node["NodeID"])
+            if node.get("Alive"):
+                new = inventory.add(node_slots(node, self.label(node_id)))
+                if new:
+                    log.info("node %s joined with %d GPU(s)", self.label(node_id), len(new))
+                if inventory.is_down(node_id):
+                    log.warning("node %s is back", self.label(node_id))
+                    inventory.node_up(node_id)
+            elif inventory.on(node_id) and not inventory.is_down(node_id):
+                log.error("node %s is gone: its GPUs leave the pool until it is back", self.label(node_id))
+                inventory.node_down(node_id)
+
+    async def close(self) -> None:
+        import ray
+
+        await asyncio.to_thread(ray.shutdown)
+
+
+class RayWorker:
+    """A :class:`~.launcher.WorkerProcess` in a Ray actor on some node."""
+
+    remote = True
+
+    def __init__(self, name: str, node: str, actor: Any, info: dict[str, Any]) -> None:
+        self.name = name
+        self.node = node
+        self.info = info
+        self.connection_info: dict[str, Any] = dict(info["connection_info"])
+        self.data = DataChannel(info["data_address"], Inline(), info["data_public"])
+        self.death_cause: str | None = None
+        self._actor = actor
+        self._killed = False
+
+    @property
+    def pid(self) -> int | None:
+        pid = self.info.get("pid")
+        return int(pid) if pid is not None else None
+
+    async def poll(self) -> int | None:
+        if self.death_cause is not None:
+            return -9
+        try:
+            code: int | None = await asyncio.wait_for(self._actor.poll.remote(), POLL_TIMEOUT)
+        except TimeoutError:
+            self.death_cause = f"its host on node {self.node} stopped answering for {POLL_TIMEOUT:g} s"
+            return -9
+        except Exception as exc:  # RayActorError: the actor or its node died
+            self.death_cause = f"node {self.node} or the worker's host on it went away: {_first_line(exc)}"
+            return -9
+        if code is not None:
+            self.death_cause = describe_exit(code)
+        return code
+
+    async def signal(self, signum: int) -> None:
+        if self._killed or self.death_cause is not None:
+            return
+        try:
+            await asyncio.wait_for(self._actor.signal.remote(signum), POLL_TIMEOUT)
+        except Exception as exc:
+            log.info("worker %s: could not signal it on %s: %s", self.name, self.node, _first_line(exc))
+
+    async def kill(self) -> None:
+        if self._killed:
+            return
+        self._killed = True
+        self.data.close()
+        import ray
+
+        try:
+            await asyncio.wait_for(self._actor.kill.remote(), POLL_TIMEOUT)
+        except Exception as exc:
+            log.info("worker %s: its host on %s did not stop it cleanly: %s", self.name, self.node,
+                     _first_line(exc))
+        ray.kill(self._actor, no_restart=True)  # the actor goes, and Ray frees its GPUs
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+class RayLauncher:
+    """Starts workers as Ray actors on the node of their slots."""
+
+    def __init__(self, cluster: RayCluster) -> None:
+        self.cluster = cluster
+
+    async def launch(self, spec: WorkerSpec) -> RayWorker:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from .ray_host import WorkerHost
+
+        nodes = {slot.node for slot in spec.slots}
+        if len(nodes) != 1:
+            raise ValueError("a lease spans one node")
+        node_id = nodes.pop()
+        label = self.cluster.label(node_id)
+        host = ray.remote(WorkerHost).options(
+            num_gpus=len(spec.slots), num_cpus=0, max_restarts=0, max_concurrency=4,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+        )
+        actor = host.remote()
+        try:
+            info = await asyncio.wait_for(actor.start.remote(spec), spec.startup_timeout)
+        except BaseException:
+            ray.kill(actor, no_restart=True)
+            raise
+        log.debug("worker %s runs on %s with CUDA_VISIBLE_DEVICES=%s", spec.name, label,
+                  info.get("cuda_visible_devices"))
+        return RayWorker(spec.name, label, actor, info)
+
+    async def close(self) -> None:
+        pass

@@ -46,3 +46,24 @@ def fresh_server(tmp_path: Path) -> Iterator[ServerProcess]:
     yield proc
     proc.kill()
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[object]:
+    """One Ray cluster for the whole test session: a head and two nodes of two GPUs."""
+    pytest.importorskip("ray", reason="pip install 'remote-gpu-kernel[ray]' (in the dev extra)")
+    from ray_cluster import RayTestCluster
+
+    cluster = RayTestCluster()
+    yield cluster
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_server(ray_cluster: object, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server that is the head of the session's Ray cluster, for one test module."""
+    from servers import ray_head
+
+    server = ray_head(tmp_path_factory.mktemp("ray-head"), ray_cluster)
+    yield server
+    server.stop()

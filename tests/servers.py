@@ -18,7 +18,7 @@ from pathlib import Path
 
 from processes import LoggedProcess
 
-__all__ = ["ServerProcess"]
+__all__ = ["ServerProcess", "ray_head"]
 
 _LISTENING = re.compile(r"listening on (ws://\S+) with (\d+) slot")
 _READY = re.compile(r"warm pool ready")
@@ -98,3 +98,9 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def ray_head(tmp: Path, ray_cluster: object) -> ServerProcess:
+    """A server that is the head of ``ray_cluster`` (conftest's ``ray_cluster``), started."""
+    address = getattr(ray_cluster, "address")
+    return ServerProcess(tmp, "auto", "--ray", address, "--grace", "2").start(timeout=180)

@@ -92,7 +92,8 @@ class GpuServer:
             if slot.pool is not None:
                 self.broker.add_slots([slot.id], slot.pool, slot.node)
         self.scheduler = self.broker.scheduler
-        self.pool = Pool(launcher, self.inventory, config.startup_timeout)
+        self.pool = Pool(launcher, self.inventory, config.startup_timeout,
+                         is_down=lambda slot: self.inventory.is_down(slot.node))
         self.pool.start()
         self.readings = Readings(list(self.inventory), self.pool.worker_pids, nvml=self._nvml,
                                  on_health=lambda slot, healthy, _problem: self.broker.set_healthy(slot, healthy))
@@ -107,7 +108,8 @@ class GpuServer:
         self.batch = BatchRunner(self.store, self.journal, self.broker, self.pool,
                                  kill_grace=config.kill_grace)
         view = ServerView(self.version, self.inventory, self.readings, self.broker, self.sessions, self.batch,
-                          self.store, config.price_per_gpu_hour)
+                          self.store, config.price_per_gpu_hour, node_label=self._node_label,
+                          node_down=lambda slot: self.inventory.is_down(slot.node))
         self.metrics.attach(view)
         self.http = HttpApi(view, self.metrics)
         await self.batch.recover()
@@ -127,6 +129,11 @@ class GpuServer:
     def slots(self) -> list[Slot]:
         return list(self.inventory)
 
+    def _node_label(self, slot: Slot) -> str:
+        if self.cluster is not None and slot.node:
+            return self.cluster.label(slot.node)
+        return slot.node or socket.gethostname()
+
     def _slots_added(self, slots: list[Slot]) -> None:
         """Slots that joined after the start (a cluster node came up)."""
         self.readings.add(slots)
@@ -135,9 +142,18 @@ class GpuServer:
             self.broker.add_slots([slot.id], slot.pool or DEFAULT_POOL, slot.node)
 
     def _node_changed(self, node: str, up: bool) -> None:
-        """A node went away (its slots are not leased) or came back."""
-        for slot in self.inventory.on(node):
+        """A node went away (its slots are not leased, its sessions end) or came back."""
+        slots = self.inventory.on(node)
+        for slot in slots:
             self.broker.set_healthy(slot.id, up, source="node")
+        if up:
+            self.pool.add(slots)
+            return
+        reason = f"node {self._node_label(slots[0])} went away" if slots else "its node went away"
+        for worker in self.pool.workers_on(s.id for s in slots):
+            mark_lost = getattr(worker.process, "mark_lost", None)
+            if mark_lost is not None:
+                mark_lost(reason)  # its session ends at once, its cell fails naming the node
 
     async def _client(self, ws: ServerConnection, info: TokenInfo) -> None:
         log.info("%s connected from %s", info.user, ws.remote_address)

@@ -146,6 +146,7 @@ class LocalLauncher:
                                        else cuda_devices)
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         env["RGPU_SLOTS"] = ",".join(s.id for s in spec.slots)
+        env["RGPU_PARENT_PID"] = str(os.getpid())  # the worker dies with this process
         env.pop("JUPYTER_RUNTIME_DIR", None)
         km = AsyncKernelManager(kernel_name="rgpu-worker", kernel_spec_manager=_SpecManager())
         km.connection_file = str(self.runtime_dir / f"{spec.name}.json")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from remote_gpu_kernel.typing import SlotId
 
@@ -28,8 +28,10 @@ log = logging.getLogger("remote_gpu_server")
 class Pool:
     """Call :meth:`start` first and :meth:`close` at the end."""
 
-    def __init__(self, launcher: WorkerLauncher, slots: Iterable[Slot], startup_timeout: float = 120) -> None:
+    def __init__(self, launcher: WorkerLauncher, slots: Iterable[Slot], startup_timeout: float = 120,
+                 is_down: Callable[[Slot], bool] = lambda slot: False) -> None:
         self.launcher = launcher
+        self._is_down = is_down  # a slot whose node is away gets no warm worker
         self.slots = {s.id: s for s in slots}
         self.startup_timeout = startup_timeout
         self._warm: dict[SlotId, asyncio.Task[Worker]] = {}
@@ -41,14 +43,15 @@ class Pool:
             self._warm_up(slot_id)
 
     def add(self, slots: Iterable[Slot]) -> None:
-        """Slots that joined (a cluster node came up): warm a worker on each."""
+        """Slots that joined, or whose node came back: warm a worker on each that has none."""
         for slot in slots:
             self.slots[slot.id] = slot
-            if slot.id not in self._warm:
+            task = self._warm.get(slot.id)
+            if task is None or (task.done() and (task.exception() is not None or not task.result().alive)):
                 self._warm_up(slot.id)
 
     def _warm_up(self, slot_id: SlotId) -> None:
-        if self._closing:
+        if self._closing or self._is_down(self.slots[slot_id]):
             return
         task = asyncio.get_running_loop().create_task(self._start([self.slots[slot_id]]))
         self._warm[slot_id] = task
@@ -57,6 +60,11 @@ class Pool:
         worker = await Worker.start(self.launcher, slots, self.startup_timeout)
         self._workers.add(worker)
         return worker
+
+    def workers_on(self, slot_ids: Iterable[SlotId]) -> list[Worker]:
+        """The live workers (warm or leased) on any of ``slot_ids``."""
+        wanted = set(slot_ids)
+        return [w for w in self._workers if w.alive and any(s.id in wanted for s in w.slots)]
 
     def worker_pids(self, slot_id: SlotId) -> list[int]:
         """Process ids of the live workers on ``slot_id`` (warm or leased)."""
@@ -96,7 +104,7 @@ class Pool:
     async def _discard(self, task: asyncio.Task[Worker]) -> None:
         try:
             worker = await task
-        except Exception:
+        except (asyncio.CancelledError, Exception):
             return
         await worker.kill()
 
@@ -112,11 +120,13 @@ class Pool:
             self._warm_up(slot.id)
 
     async def close(self) -> None:
+        """Stop warming, and kill every worker at once (a worker still starting is given up)."""
         self._closing = True
         tasks = list(self._warm.values())
         self._warm.clear()
         for task in tasks:
-            await self._discard(task)
-        for worker in list(self._workers):
-            await worker.kill()
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(*(self._discard(task) for task in tasks), return_exceptions=True)
+        await asyncio.gather(*(worker.kill() for worker in list(self._workers)), return_exceptions=True)
         await self.launcher.close()

@@ -36,10 +36,14 @@ __all__ = ["RayCluster", "RayLauncher", "RayWorker", "node_slots"]
 
 log = logging.getLogger("remote_gpu_server")
 
-#: How long an actor may take to answer a poll before its worker counts as dead.
+#: How long one call to an actor may take.
 POLL_TIMEOUT = 10.0
+#: How long an actor may stay unavailable or silent before its worker counts as dead.
+UNAVAILABLE_GRACE = 20.0
 #: Seconds between two looks at the cluster's nodes.
 WATCH_PERIOD = 1.0
+#: How long one look at the cluster's nodes may take.
+NODES_TIMEOUT = 5.0
 #: The Ray resource prefix that names a node's pool: ``--resources '{"pool:batch": 2}'``.
 POOL_RESOURCE = "pool:"
 
@@ -67,6 +71,7 @@ class RayCluster:
         self.namespace = namespace
         #: A node's name as shown to people: its name in Ray, with its id where two share one.
         self.labels: dict[str, str] = {}
+        self._inventory: SlotInventory | None = None
 
     async def connect(self) -> None:
         """Join the cluster as a driver; raises RuntimeError saying why it could not."""
@@ -96,6 +101,18 @@ class RayCluster:
             self.labels.setdefault(node_id, label)
         return nodes
 
+    async def alive(self, node_id: str) -> bool:
+        """Whether Ray counts ``node_id`` alive now (a dead one leaves the pool at once)."""
+        try:
+            nodes = await asyncio.wait_for(self.nodes(), NODES_TIMEOUT)
+        except Exception:
+            return True  # cannot tell: do not give up on the node
+        if any(str(n["NodeID"]) == node_id and n.get("Alive") for n in nodes):
+            return True
+        if self._inventory is not None:
+            self.update(self._inventory, nodes)
+        return False
+
     def label(self, node_id: str) -> str:
         return self.labels.get(node_id, _short(node_id))
 
@@ -106,9 +123,10 @@ class RayCluster:
 
     async def watch(self, inventory: SlotInventory, period: float = WATCH_PERIOD) -> None:
         """Keep ``inventory`` in step with the cluster: nodes that die, come back or join."""
+        self._inventory = inventory
         while True:
             try:
-                nodes = await self.nodes()
+                nodes = await asyncio.wait_for(self.nodes(), NODES_TIMEOUT)
             except Exception:
                 log.exception("reading the Ray cluster's nodes failed; trying again")
             else:
@@ -116,16 +134,22 @@ class RayCluster:
             await asyncio.sleep(period)
 
     def update(self, inventory: SlotInventory, nodes: Iterable[dict[str, Any]]) -> None:
+        """Nodes alive now add their GPUs (or come back); known nodes not alive (dead, or
+        gone from Ray's list) take theirs out of the pool."""
+        alive: set[str] = set()
         for node in nodes:
+            if not node.get("Alive"):
+                continue
             node_id = str(node["NodeID"])
-            if node.get("Alive"):
-                new = inventory.add(node_slots(node, self.label(node_id)))
-                if new:
-                    log.info("node %s joined with %d GPU(s)", self.label(node_id), len(new))
-                if inventory.is_down(node_id):
-                    log.warning("node %s is back", self.label(node_id))
-                    inventory.node_up(node_id)
-            elif inventory.on(node_id) and not inventory.is_down(node_id):
+            alive.add(node_id)
+            new = inventory.add(node_slots(node, self.label(node_id)))
+            if new:
+                log.info("node %s joined with %d GPU(s)", self.label(node_id), len(new))
+            if inventory.is_down(node_id):
+                log.warning("node %s is back", self.label(node_id))
+                inventory.node_up(node_id)
+        for node_id in {slot.node for slot in inventory} - alive:
+            if not inventory.is_down(node_id):
                 log.error("node %s is gone: its GPUs leave the pool until it is back", self.label(node_id))
                 inventory.node_down(node_id)
 
@@ -140,9 +164,14 @@ class RayWorker:
 
     remote = True
 
-    def __init__(self, name: str, node: str, actor: Any, info: dict[str, Any]) -> None:
+    def __init__(self, name: str, node: str, actor: Any, info: dict[str, Any], cluster: RayCluster,
+                 node_id: str) -> None:
         self.name = name
         self.node = node
+        self.node_id = node_id
+        self.node_lost = False
+        self._cluster = cluster
+        self._unanswered = 0.0  # since when its actor has not answered (loop time), 0: it answers
         self.info = info
         self.connection_info: dict[str, Any] = dict(info["connection_info"])
         self.data = DataChannel(info["data_address"], Inline(), info["data_public"])
@@ -155,17 +184,34 @@ class RayWorker:
         pid = self.info.get("pid")
         return int(pid) if pid is not None else None
 
+    def mark_lost(self, reason: str) -> None:
+        """Its node went away (the cluster says so): the next :meth:`poll` reports the death."""
+        self.node_lost = True
+        self.death_cause = reason
+
     async def poll(self) -> int | None:
+        from ray.exceptions import ActorUnavailableError
+
         if self.death_cause is not None:
             return -9
         try:
             code: int | None = await asyncio.wait_for(self._actor.poll.remote(), POLL_TIMEOUT)
-        except TimeoutError:
-            self.death_cause = f"its host on node {self.node} stopped answering for {POLL_TIMEOUT:g} s"
+        except (TimeoutError, ActorUnavailableError) as exc:
+            # Ray says an actor may come back from "unavailable": give it a while.
+            now = asyncio.get_running_loop().time()
+            self._unanswered = self._unanswered or now
+            if now - self._unanswered < UNAVAILABLE_GRACE:
+                return None
+            self.node_lost = not await self._cluster.alive(self.node_id)
+            self.death_cause = (f"node {self.node} went away" if self.node_lost else
+                                f"its host on node {self.node} stopped answering: {_first_line(exc)}")
             return -9
-        except Exception as exc:  # RayActorError: the actor or its node died
-            self.death_cause = f"node {self.node} or the worker's host on it went away: {_first_line(exc)}"
+        except Exception as exc:  # ActorDiedError: the actor or its node died
+            self.node_lost = not await self._cluster.alive(self.node_id)
+            self.death_cause = (f"node {self.node} went away" if self.node_lost
+                                else f"its host actor died: {_first_line(exc)}")
             return -9
+        self._unanswered = 0.0
         if code is not None:
             self.death_cause = describe_exit(code)
         return code
@@ -227,7 +273,7 @@ class RayLauncher:
             raise
         log.debug("worker %s runs on %s with CUDA_VISIBLE_DEVICES=%s", spec.name, label,
                   info.get("cuda_visible_devices"))
-        return RayWorker(spec.name, label, actor, info)
+        return RayWorker(spec.name, label, actor, info, self.cluster, node_id)
 
     async def close(self) -> None:
         pass

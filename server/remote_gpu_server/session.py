@@ -77,12 +77,15 @@ class Replier(Protocol):
 
 class Session:
     def __init__(self, context: SessionContext, user: str, slots: list[SlotId], worker: Worker,
-                 notebook: str | None = None) -> None:
+                 notebook: str | None = None,
+                 on_lost: Callable[[Session, str], None] | None = None) -> None:
         self.context = context
         self.id = SessionId(uuid.uuid4().hex)
         self.user = user
         self.slots = slots
         self.notebook = notebook
+        # Called when the session cannot go on (its worker's node went away).
+        self._on_lost = on_lost
         self.lock = asyncio.Lock()
         self.last_active = time.monotonic()
         self.released: str | None = None
@@ -118,6 +121,10 @@ class Session:
     async def _watch_worker(self, worker: Worker) -> None:
         await worker.died.wait()
         if self.released or worker is not self._worker:
+            return
+        if worker.lost_node and self._on_lost is not None:
+            # Its slots went with the node: no fresh worker can start there.
+            self._on_lost(self, f"node {worker.node} went away ({worker.exit_description})")
             return
         self._notice = (
             f"The remote worker died ({worker.exit_description}): this session was restarted "
@@ -391,8 +398,12 @@ class Session:
 
     # -- the end ------------------------------------------------------------
 
-    async def close(self, reason: str) -> None:
-        """Mark released, kill the worker, give the slots back. Called by the server."""
+    async def close(self, reason: str, job_state: str = "cancelled") -> None:
+        """Mark released, kill the worker, give the slots back. Called by the server.
+
+        A cell still running ends ``job_state`` (``failed`` when the session
+        was lost rather than released).
+        """
         if self.released:
             return
         self.released = reason
@@ -401,7 +412,7 @@ class Session:
         self._watch.cancel()
         if self._running_job is not None:
             try:
-                await self.context.store.finish_job(self._running_job, "cancelled",
+                await self.context.store.finish_job(self._running_job, job_state,
                                                     f"session released: {reason}")
             except (DatabaseUnavailable, OSError):
                 log.warning("session %s: could not record its cell as cancelled", self.id[:8])

@@ -60,7 +60,7 @@ class SessionManager:
         except BaseException:
             self.broker.free(slots)
             raise
-        session = Session(self.context, user, list(slots), worker, notebook)
+        session = Session(self.context, user, list(slots), worker, notebook, on_lost=self._lost)
         self._sessions[session.id] = session
         try:
             await self.context.store.create_session(session.id, user, [str(s) for s in slots], notebook)
@@ -85,8 +85,13 @@ class SessionManager:
         session.grace_handle = asyncio.get_running_loop().call_later(
             self.grace, lambda: self._release_soon(session, reason))
 
-    def _release_soon(self, session: Session, reason: str) -> None:
-        task = asyncio.get_running_loop().create_task(self.release(session, reason))
+    def _lost(self, session: Session, reason: str) -> None:
+        """The session cannot go on (its node went away): release it, its cell failed."""
+        log.warning("session %s of %s is lost: %s", session.id[:8], session.user, reason)
+        self._release_soon(session, reason, job_state="failed")
+
+    def _release_soon(self, session: Session, reason: str, job_state: str = "cancelled") -> None:
+        task = asyncio.get_running_loop().create_task(self.release(session, reason, job_state=job_state))
         self._releasing.add(task)
         task.add_done_callback(self._releasing.discard)
 
@@ -94,12 +99,13 @@ class SessionManager:
         return self._released.get(session_id)
 
     async def release(self, session: Session, reason: str, req: int = 0,
-                      notify: Callable[[m.Message], Awaitable[None]] | None = None) -> None:
+                      notify: Callable[[m.Message], Awaitable[None]] | None = None,
+                      job_state: str = "cancelled") -> None:
         """End ``session``'s lease: kill its worker, free its slots, tell its client."""
         if session.released:
             return
         send = notify or session.send
-        await session.close(reason)
+        await session.close(reason, job_state)
         self._sessions.pop(session.id, None)
         self._released[session.id] = reason
         while len(self._released) > RELEASED_REMEMBERED:

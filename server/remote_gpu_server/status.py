@@ -11,8 +11,9 @@ the ``rgpu`` CLI: add fields, never rename or drop one.
 from __future__ import annotations
 
 import dataclasses
+import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from remote_gpu_kernel.typing import SlotId
@@ -39,6 +40,10 @@ class ServerView:
     batch: BatchRunner
     store: Store
     price_per_gpu_hour: float | None = None
+    #: The name people know a slot's node by (this host's name for local slots).
+    node_label: Callable[[Slot], str] = lambda slot: slot.node or socket.gethostname()
+    #: Whether a slot's node is away (a cluster node that died).
+    node_down: Callable[[Slot], bool] = lambda slot: False
 
     def pool(self, slot: SlotId) -> str:
         """The name of the scheduler pool ``slot`` belongs to."""
@@ -138,10 +143,14 @@ async def status_json(view: ServerView, me: TokenInfo) -> dict[str, Any]:
     slots = []
     for slot in view.slots:
         reading = view.readings.latest(slot.id)
+        problem = reading.problem
+        if view.node_down(slot):
+            problem = f"node {view.node_label(slot)} is down: not leased until it is back"
         slots.append({
             "id": slot.id, "kind": slot.kind, "name": slot.name, "uuid": slot.uuid,
-            "healthy": reading.healthy, "problem": reading.problem,
+            "healthy": problem is None, "problem": problem,
             "pool": view.pool(slot.id),
+            "node": view.node_label(slot),
             "readings": reading.as_json(),
             "holder": holder.get(slot.id),
         })

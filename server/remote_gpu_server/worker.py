@@ -149,6 +149,11 @@ class Worker:
         return self.process.node
 
     @property
+    def lost_node(self) -> bool:
+        """It died because its node went away (its slots went with it)."""
+        return bool(getattr(self.process, "node_lost", False))
+
+    @property
     def alive(self) -> bool:
         return self._kc is not None and not self.died.is_set() and not self._killed
 
@@ -242,10 +247,9 @@ class Worker:
 
     def death_message(self) -> str:
         where = f" on {self.node}" if getattr(self.process, "remote", False) else ""
-        return (
-            f"the worker process{where} died ({self.exit_description}); its variables are gone. "
-            "The session gets a fresh worker for the next cell."
-        )
+        after = ("This session ends: the next cell leases another GPU." if self.lost_node
+                 else "The session gets a fresh worker for the next cell.")
+        return f"the worker process{where} died ({self.exit_description}); its variables are gone. {after}"
 
     def _fail_all(self, exc: BaseException) -> None:
         for pending in self._pending.values():

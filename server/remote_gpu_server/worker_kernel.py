@@ -25,7 +25,7 @@ import os
 import sys
 from typing import Any
 
-__all__ = ["COMM_TARGET", "main"]
+__all__ = ["COMM_TARGET", "die_with_parent", "main"]
 
 COMM_TARGET = "rgpu.vars"
 
@@ -179,9 +179,30 @@ def _comm_opener(channel: _DataChannel) -> Any:
     return on_open
 
 
+def die_with_parent() -> None:
+    """Ask Linux to kill this process when the process that started it dies.
+
+    A worker outlives nothing: not a server killed with SIGKILL, not a Ray
+    host actor whose node went away. Credentials changes clear the setting:
+    call again after dropping privileges.
+    """
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    parent = int(os.environ.pop("RGPU_PARENT_PID", "0") or 0)
+    if parent and os.getppid() != parent:  # the parent died before the call
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> None:
     from ipykernel.kernelapp import IPKernelApp
 
+    die_with_parent()
     _preload()
     app = IPKernelApp.instance()
     app.initialize(sys.argv[1:] if argv is None else argv)

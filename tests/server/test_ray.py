@@ -1,0 +1,100 @@
+"""Many GPU machines behind one server: a real Ray cluster of two nodes with two GPUs each.
+
+The server joins the cluster as its head (``rgpu serve --ray ADDRESS``);
+every worker is a Ray actor on the node our scheduler chose. The GPUs are
+Ray's counts only (there is no GPU here), which is what placement needs.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from remote_gpu_kernel import Client
+from remote_gpu_kernel.api import ApiClient
+from servers import ServerProcess
+
+pytestmark = pytest.mark.timeout(300)
+
+WHERE = "import os; print(os.environ['RGPU_SLOTS'], os.environ['CUDA_VISIBLE_DEVICES'])"
+
+
+def where(session: Any) -> tuple[str, str, str]:
+    """(node, slot, CUDA_VISIBLE_DEVICES) of a session's worker, as the worker sees them."""
+    slot, cuda = session.execute(WHERE, on_output=lambda _: None).stdout.split()
+    return slot.split("/")[0], slot, cuda
+
+
+def test_four_leases_land_on_four_distinct_gpus_and_a_fifth_waits(ray_server: ServerProcess) -> None:
+    tokens = [ray_server.token(user) for user in ("alice", "bob", "carol", "dave", "erin")]
+    sessions = [Client(ray_server.url, token).session() for token in tokens[:4]]
+    try:
+        places = [where(s) for s in sessions]
+        assert len({(node, cuda) for node, _, cuda in places}) == 4  # four distinct (node, GPU) pairs
+        assert len({node for node, _, _ in places}) == 2
+        assert sorted(s.slots[0] for s in sessions) == sorted(slot for _, slot, _ in places)
+        positions: list[int] = []
+        fifth: list[Any] = []
+        waiter = threading.Thread(target=lambda: fifth.append(
+            Client(ray_server.url, tokens[4]).session(on_queue=positions.append)))
+        waiter.start()
+        deadline = time.monotonic() + 30
+        while not positions and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert positions == [1] and not fifth  # it waits in our queue, not in Ray's
+        freed = sessions.pop(2)
+        freed_slot = freed.slots[0]
+        freed.release()
+        waiter.join(60)
+        assert fifth and fifth[0].slots == [freed_slot]
+        assert where(fifth[0])[1] == freed_slot
+        sessions.append(fifth[0])
+        status = ApiClient(ray_server.url, tokens[0]).status()
+        assert len({s["node"] for s in status["slots"]}) == 2  # every GPU with its node
+    finally:
+        for session in sessions:
+            session.release()
+
+
+def test_priorities_and_fair_share_hold_across_nodes(ray_server: ServerProcess) -> None:
+    alice, bob, carol, dave = (Client(ray_server.url, ray_server.token(u)) for u in
+                               ("alice", "bob", "carol", "dave"))
+    held = [alice.session(), alice.session(), alice.session(), bob.session()]
+    assert len({where(s)[0] for s in held}) == 2  # both nodes are in use
+    granted: list[tuple[str, list[str]]] = []
+    lock = threading.Lock()
+
+    def wait(name: str, client: Client, priority: str) -> None:
+        session = client.session(priority=priority)
+        with lock:
+            granted.append((name, session.slots))
+        held.append(session)
+
+    threads = [threading.Thread(target=wait, args=args) for args in
+               (("alice", alice, "normal"), ("carol", carol, "normal"), ("dave", dave, "high"))]
+    try:
+        for thread in threads:
+            thread.start()
+            time.sleep(0.3)  # queued in this order
+        # Release one GPU on one node, then one on the other: the high request
+        # first, then carol (she holds none) before alice (she holds three).
+        first_node = where(held[0])[0]
+        other = next(s for s in held[1:4] if where(s)[0] != first_node)
+        for session in (held[0], other):
+            before = len(granted)
+            session.release()
+            held.remove(session)
+            deadline = time.monotonic() + 60
+            while len(granted) == before and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert [name for name, _ in granted] == ["dave", "carol"]
+    finally:
+        for session in list(held):
+            session.release()
+        for thread in threads:
+            thread.join(60)
+        for session in list(held):
+            session.release()

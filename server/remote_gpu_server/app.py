@@ -28,6 +28,7 @@ from .journal import Journal
 from .metrics import Metrics
 from .pool import Pool
 from .readings import Readings
+from .retention import prune_outputs_forever
 from .session import SessionContext
 from .sessions import SessionManager
 from .status import ServerView
@@ -58,6 +59,7 @@ class GpuServer:
         self._parts_closed = False
         self._reaper: asyncio.Task[None] | None = None
         self._announcer: asyncio.Task[None] | None = None
+        self._pruner: asyncio.Task[None] | None = None
 
     @property
     def server_id(self) -> str:
@@ -96,6 +98,8 @@ class GpuServer:
         loop = asyncio.get_running_loop()
         self._reaper = loop.create_task(self._reap_idle())
         self._announcer = loop.create_task(self._announce_ready())
+        if config.keep_output is not None:
+            self._pruner = loop.create_task(prune_outputs_forever(self.store, config.keep_output))
         log.info("listening on ws://%s:%d with %d slot(s): %s", config.host, self.port,
                  len(self.slots), ", ".join(f"{s.id} ({s.name})" for s in self.slots))
 
@@ -109,7 +113,7 @@ class GpuServer:
         await self.front.serve_forever()
 
     async def close(self) -> None:
-        for task in (self._reaper, self._announcer):
+        for task in (self._reaper, self._announcer, self._pruner):
             if task is not None:
                 task.cancel()
         if hasattr(self, "front"):

@@ -69,6 +69,9 @@ class ServerConfig:
     scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
     #: Price of one GPU-hour (slot-hour) for usage reports; None shows no cost.
     price_per_gpu_hour: float | None = None
+    #: Prune the output journal of sessions released more than this many days
+    #: ago (jobs and usage stay); None keeps every output.
+    keep_output: float | None = None
     #: This server's name in a shared database (restart recovery takes only its
     #: own jobs); None: the host's name.
     server_id: str | None = None

@@ -141,7 +141,7 @@ class PostgresDatabase:
 
     @classmethod
     async def connect(cls, url: str, *, min_size: int = 1, max_size: int = 8,
-                      timeout: float = 5.0) -> PostgresDatabase:
+                      timeout: float = 3.0) -> PostgresDatabase:
         """A pool of connections to ``url``; raises :class:`DatabaseUnavailable`
         saying why when the database cannot be reached (wrong host, user or
         database name, refused password)."""
@@ -158,9 +158,10 @@ class PostgresDatabase:
         pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
             url, min_size=min_size, max_size=max_size, open=False, timeout=timeout,
             kwargs={"autocommit": True, "connect_timeout": max(2, int(timeout))},
-            # A database away this long has its lost connections given up;
-            # the pool grows again when a call asks for one.
-            reconnect_timeout=60.0, name="rgpu-store")
+            # The pool retries a lost connection with a pause that doubles;
+            # past this it gives up, and the next call asks for a new one at
+            # once: a database back after a long outage is used within seconds.
+            reconnect_timeout=10.0, name="rgpu-store")
         try:
             await pool.open(wait=True, timeout=timeout * 2)
         except psycopg.OperationalError as exc:

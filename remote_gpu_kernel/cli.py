@@ -93,11 +93,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           price_per_gpu_hour=args.price_per_gpu_hour, scheduler=scheduler,
                           server_id=args.server_id, keep_output=args.keep_output)
 
+    refused: tuple[type[Exception], ...] = (ValueError, *_store_errors())
+
     async def serve() -> None:
         server = GpuServer(config)
         try:
             await server.start()
-        except (ValueError, *_store_errors()) as exc:
+        except refused as exc:
             await server.close()
             sys.exit(f"rgpu serve: {exc}")
         stop = asyncio.Event()

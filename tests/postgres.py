@@ -79,9 +79,12 @@ def require() -> None:
 
 
 class PostgresCluster:
-    """``PostgresCluster().start()`` ... ``destroy()``; superuser ``postgres``, no password."""
+    """``PostgresCluster().start()`` ... ``destroy()``; superuser ``postgres``, no password.
 
-    def __init__(self) -> None:
+    ``durable=False`` (for tests) turns off fsync; benchmarks keep PostgreSQL's defaults.
+    """
+
+    def __init__(self, durable: bool = False) -> None:
         bindir = _bindir()
         assert bindir is not None, unavailable()
         self.bindir = bindir
@@ -96,11 +99,11 @@ class PostgresCluster:
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8",
                   "--locale=C", "--no-sync")
         with open(self.data / "postgresql.conf", "a") as conf:
-            # Only a socket in our folder; no durability a test needs (an
-            # immediate stop still keeps what was committed: the WAL is in the
-            # page cache); room for many servers' pools.
+            # Only a socket in our folder, and room for many servers' pools.
             conf.write(f"listen_addresses = ''\nunix_socket_directories = '{self.root}'\nport = 5432\n"
-                       "fsync = off\nfull_page_writes = off\nmax_connections = 300\n")
+                       "max_connections = 300\n")
+            if not durable:  # an immediate stop still keeps what was committed: the WAL is in the page cache
+                conf.write("fsync = off\nfull_page_writes = off\n")
 
     def _run(self, program: str, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*self._prefix, str(self.bindir / program), *args], check=True,

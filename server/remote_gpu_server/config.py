@@ -13,11 +13,12 @@ from .scheduler import PoolConfig, Quota, SchedulerConfig
 __all__ = ["ServerConfig", "default_db_path", "parse_pool"]
 
 
-def default_db_path() -> Path:
-    """``$RGPU_DB`` or ``rgpu.sqlite3`` in the user's data directory."""
+def default_db_path() -> Path | str:
+    """``$RGPU_DB`` (a file's path, or a ``postgresql://`` URL kept as it is) or
+    ``rgpu.sqlite3`` in the user's data directory."""
     env = os.environ.get("RGPU_DB")
     if env:
-        return Path(env)
+        return env if "://" in env else Path(env)
     return Path(platformdirs.user_data_dir("remote-gpu-kernel")) / "rgpu.sqlite3"
 
 

@@ -46,3 +46,13 @@ def test_a_newer_store_is_refused_by_the_commands(store_location: str, capsys: p
     assert "upgrade remote-gpu-kernel" in capsys.readouterr().err
     served = rgpu("serve", "--port", "0", "--slots", "cpu:1", "--db", store_location)
     assert served.returncode == 1 and "upgrade remote-gpu-kernel" in served.stderr.splitlines()[-1]
+
+
+def test_rgpu_db_may_hold_a_postgresql_url(postgres: pg.PostgresCluster, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    with postgres.database() as url:
+        monkeypatch.setenv("RGPU_DB", url)
+        assert main(["token", "create", "dora"]) == 0
+        assert capsys.readouterr().out.startswith("rgpu_")
+        with BlockingStore(url) as store:
+            assert [t.user for t in store.list_tokens()] == ["dora"]

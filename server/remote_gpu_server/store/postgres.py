@@ -193,7 +193,12 @@ class PostgresDatabase:
                 conn = await self._pool.getconn(self.timeout)
             except psycopg.OperationalError as exc:  # also the pool's PoolTimeout and PoolClosed
                 raise _unavailable(self.where, exc) from exc
-            if await _alive(conn):
+            try:
+                alive = await _alive(conn)
+            except BaseException:  # cancelled while checking: the connection still goes back
+                await self._pool.putconn(conn)
+                raise
+            if alive:
                 return conn
             log.info("the store's connection to %s was lost while idle: replacing it", self.where)
             await self._pool.putconn(conn)

@@ -35,6 +35,14 @@ def _server() -> Any:
     return remote_gpu_server
 
 
+def _store_errors() -> tuple[type[Exception], ...]:
+    """What opening a store raises when it cannot be used: the message says why."""
+    from remote_gpu_server.errors import StoreError
+    from remote_gpu_server.store import DatabaseUnavailable, SchemaTooNew
+
+    return DatabaseUnavailable, SchemaTooNew, StoreError
+
+
 def _db(args: argparse.Namespace) -> Path | str:
     """``--db``: a SQLite file's path or a ``postgresql://`` URL (default: ``$RGPU_DB``, else a file)."""
     from remote_gpu_server.config import default_db_path
@@ -78,16 +86,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         sys.exit(f"rgpu serve: {exc}")
+    if args.keep_output is not None and not args.keep_output > 0:
+        sys.exit("rgpu serve: --keep-output needs a number of days above 0")
     config = ServerConfig(host=args.host, port=args.port, db=_db(args), slots=args.slots,
                           idle_timeout=args.idle_timeout, grace=args.grace,
                           price_per_gpu_hour=args.price_per_gpu_hour, scheduler=scheduler,
-                          server_id=args.server_id, ray=args.ray)
+                          server_id=args.server_id, keep_output=args.keep_output, ray=args.ray)
+
+    refused: tuple[type[Exception], ...] = (ValueError, RuntimeError, *_store_errors())
 
     async def serve() -> None:
         server = GpuServer(config)
         try:
             await server.start()
-        except (ValueError, RuntimeError) as exc:
+        except refused as exc:
             await server.close()
             sys.exit(f"rgpu serve: {exc}")
         stop = asyncio.Event()
@@ -117,7 +129,11 @@ async def _token(args: argparse.Namespace) -> int:
     from remote_gpu_server.errors import StoreError
     from remote_gpu_server.store import Store
 
-    store = await Store.open(_db(args))
+    try:
+        store = await Store.open(_db(args))
+    except _store_errors() as exc:
+        print(f"rgpu token: {exc}", file=sys.stderr)
+        return 1
     try:
         if args.token_cmd == "create":
             token_id, token = await store.create_token(args.user, days=args.days, admin=args.admin,
@@ -186,7 +202,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         finally:
             await store.close()
 
-    token = asyncio.run(usable_token())
+    try:
+        token = asyncio.run(usable_token())
+    except _store_errors() as exc:
+        print(f"rgpu up: {exc}", file=sys.stderr)
+        return 1
     save_client_config(url, token)
     install(prefix=sys.prefix, url=url)
     server = subprocess.Popen([sys.executable, "-m", "remote_gpu_kernel.cli", "serve", "--port",
@@ -283,6 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lease the GPUs of every node of a running Ray cluster (auto, or HOST:PORT of "
                         "its head): this server becomes the cluster's head; needs "
                         "pip install 'remote-gpu-kernel[ray]'")
+    p.add_argument("--keep-output", type=float, metavar="DAYS",
+                   help="delete the output of sessions and jobs that ended more than DAYS ago, in the "
+                        "background; jobs and usage totals stay (default: keep all output)")
     p.add_argument("--server-id", metavar="NAME",
                    help="this server's name in a shared database: a restart recovers only the jobs of "
                         "the same name (default: the host's name)")

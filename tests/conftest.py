@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import contextlib
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+import postgres as pg
 from servers import ServerProcess
 
 
@@ -40,12 +42,46 @@ def alice(server: ServerProcess) -> str:
 
 
 @pytest.fixture
-def fresh_server(tmp_path: Path) -> Iterator[ServerProcess]:
-    """A server of the test's own, not yet started: set ``slots``/``args`` then ``start()``."""
-    proc = ServerProcess(tmp_path, "cpu:1")
-    yield proc
-    proc.kill()
+def fresh_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ServerProcess]:
+    """A server of the test's own, not yet started: set ``slots``/``args`` then ``start()``.
+
+    Its store is a SQLite file, or a PostgreSQL database of its own for a test
+    parametrized with ``@pytest.mark.parametrize("fresh_server", postgres.BACKENDS, indirect=True)``.
+    """
+    with contextlib.ExitStack() as stack:
+        db: str | None = None
+        if getattr(request, "param", "sqlite") == "postgres":
+            cluster: pg.PostgresCluster = request.getfixturevalue("postgres")
+            db = stack.enter_context(cluster.database())
+        proc = ServerProcess(tmp_path, "cpu:1", db=db)
+        try:
+            yield proc
+        finally:
+            proc.kill()
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[pg.PostgresCluster]:
+    """One PostgreSQL server for the whole test session (see :mod:`postgres`).
+
+    Skips where PostgreSQL cannot run (a failure in CI: :func:`postgres.require`).
+    """
+    pg.require()
+    cluster = pg.PostgresCluster().start()
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture(params=pg.BACKENDS)
+def store_location(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Where a test's store lives, once per backend: a SQLite file, or a new PostgreSQL database's URL."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "rgpu.sqlite3")
+        return
+    cluster: pg.PostgresCluster = request.getfixturevalue("postgres")
+    with cluster.database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,9 @@
 """Start a real GPU server for tests: ``rgpu serve`` in a subprocess.
 
 The server listens on a free loopback port with CPU slots and a SQLite file
-in a temporary folder; :meth:`ServerProcess.token` makes tokens in that
-file. :meth:`ServerProcess.stop` ends it with SIGTERM (the same path as
+in a temporary folder (or the store ``db`` names: a file, or a
+``postgresql://`` URL); :meth:`ServerProcess.token` makes tokens in that
+store. :meth:`ServerProcess.stop` ends it with SIGTERM (the same path as
 Ctrl-C) and fails the test if it does not exit.
 """
 
@@ -25,9 +26,9 @@ _READY = re.compile(r"warm pool ready")
 
 
 class ServerProcess:
-    def __init__(self, tmp: Path, slots: str = "cpu:2", *args: str, db: Path | None = None) -> None:
+    def __init__(self, tmp: Path, slots: str = "cpu:2", *args: str, db: Path | str | None = None) -> None:
         self.tmp = tmp
-        self.db = db or tmp / "rgpu.sqlite3"
+        self.db: Path | str = db or tmp / "rgpu.sqlite3"
         self.slots = slots
         self.args = list(args)
         self.url = ""

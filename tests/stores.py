@@ -1,4 +1,4 @@
-"""The store from synchronous test code: :class:`BlockingStore`.
+"""The store from synchronous test code: :class:`BlockingStore`, and :func:`execute_raw`.
 
 The store's methods are coroutines; a test that only wants to set up or
 read rows calls them through this wrapper, which runs each one to the end
@@ -11,13 +11,37 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import sqlite3
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from remote_gpu_server.store import Store
 
-__all__ = ["BlockingStore"]
+__all__ = ["BlockingStore", "execute_raw", "is_postgres"]
+
+
+def is_postgres(location: str | Path) -> bool:
+    return str(location).startswith(("postgresql://", "postgres://"))
+
+
+def execute_raw(location: str | Path, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    """Run one statement on the store's database behind the store's back (``?`` placeholders);
+    returns the rows it gave. For tests that make a store look as another program left it."""
+    if is_postgres(location):
+        import psycopg
+
+        from remote_gpu_server.store.postgres import to_pyformat
+
+        with psycopg.connect(str(location), autocommit=True) as conn:
+            cursor = conn.execute(to_pyformat(sql), args)
+            return cursor.fetchall() if cursor.description else []
+    db = sqlite3.connect(location, isolation_level=None)
+    try:
+        return db.execute(sql, args).fetchall()
+    finally:
+        db.close()
 
 
 class BlockingStore:

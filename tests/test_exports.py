@@ -27,6 +27,8 @@ MODULES = [
     "remote_gpu_server.store.database",
     "remote_gpu_server.store.records",
     "remote_gpu_server.store.schema",
+    "remote_gpu_server.store.postgres",
+    "remote_gpu_server.retention",
     "remote_gpu_server.broker",
     "remote_gpu_server.sessions",
     "remote_gpu_server.journal",

@@ -32,6 +32,7 @@ from .ray_launcher import RayCluster, RayLauncher
 from .metrics import Metrics
 from .pool import Pool
 from .readings import Readings
+from .retention import prune_outputs_forever
 from .session import SessionContext
 from .sessions import SessionManager
 from .slots import Slot, SlotInventory
@@ -65,6 +66,7 @@ class GpuServer:
         self._parts_closed = False
         self._reaper: asyncio.Task[None] | None = None
         self._announcer: asyncio.Task[None] | None = None
+        self._pruner: asyncio.Task[None] | None = None
 
     @property
     def server_id(self) -> str:
@@ -122,6 +124,8 @@ class GpuServer:
         if self.cluster is not None:
             self._watcher = loop.create_task(self.cluster.watch(self.inventory))
         self._announcer = loop.create_task(self._announce_ready())
+        if config.keep_output is not None:
+            self._pruner = loop.create_task(prune_outputs_forever(self.store, config.keep_output))
         log.info("listening on ws://%s:%d with %d slot(s): %s", config.host, self.port,
                  len(self.inventory), ", ".join(f"{s.id} ({s.name})" for s in self.inventory) or "none yet")
 
@@ -165,7 +169,7 @@ class GpuServer:
         await self.front.serve_forever()
 
     async def close(self) -> None:
-        for task in (self._reaper, self._announcer, self._watcher):
+        for task in (self._reaper, self._announcer, self._watcher, self._pruner):
             if task is not None:
                 task.cancel()
         if hasattr(self, "front"):

@@ -13,11 +13,12 @@ from .scheduler import PoolConfig, Quota, SchedulerConfig
 __all__ = ["ServerConfig", "default_db_path", "parse_pool"]
 
 
-def default_db_path() -> Path:
-    """``$RGPU_DB`` or ``rgpu.sqlite3`` in the user's data directory."""
+def default_db_path() -> Path | str:
+    """``$RGPU_DB`` (a file's path, or a ``postgresql://`` URL kept as it is) or
+    ``rgpu.sqlite3`` in the user's data directory."""
     env = os.environ.get("RGPU_DB")
     if env:
-        return Path(env)
+        return env if "://" in env else Path(env)
     return Path(platformdirs.user_data_dir("remote-gpu-kernel")) / "rgpu.sqlite3"
 
 
@@ -71,6 +72,9 @@ class ServerConfig:
     scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
     #: Price of one GPU-hour (slot-hour) for usage reports; None shows no cost.
     price_per_gpu_hour: float | None = None
+    #: Prune the output journal of sessions released more than this many days
+    #: ago (jobs and usage stay); None keeps every output.
+    keep_output: float | None = None
     #: This server's name in a shared database (restart recovery takes only its
     #: own jobs); None: the host's name.
     server_id: str | None = None

@@ -3,7 +3,8 @@
 The websockets library hands every handshake to ``process_request``: a
 request without ``Upgrade: websocket`` goes to the HTTP API; a websocket's
 bearer token is checked there, so a bad token never opens a websocket (401
-and a one-line reason). Compression is off (variables are raw binary,
+and a one-line reason; a database that cannot be reached to check it, 503).
+Compression is off (variables are raw binary,
 where deflate costs 40× the throughput) and ``max_size`` is the protocol's
 frame size.
 """
@@ -22,7 +23,7 @@ from remote_gpu_kernel.protocol import CHUNK_SIZE
 
 from .errors import TokenError
 from .http_api import SUBMIT_PATH, HttpApi, is_websocket
-from .store import TokenInfo
+from .store import DatabaseUnavailable, TokenInfo
 
 __all__ = ["FrontDoor", "bearer_token"]
 
@@ -85,6 +86,10 @@ class FrontDoor:
             # The reason names the token's id at most, never the token itself.
             log.info("refused a connection from %s: %s", connection.remote_address, exc)
             return connection.respond(HTTPStatus.UNAUTHORIZED, f"{exc}\n")
+        except DatabaseUnavailable as exc:
+            log.warning("refused a connection from %s: %s", connection.remote_address, exc)
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE,
+                                      "the server's database is unavailable; try again shortly\n")
         self._tokens[id(connection)] = info
         return None
 

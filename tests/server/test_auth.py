@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,27 +13,29 @@ from websockets.sync.client import connect
 
 from remote_gpu_kernel import AuthenticationError, Client
 from remote_gpu_server.errors import StoreError, TokenError
-from stores import BlockingStore
+from postgres import BACKENDS
 from servers import ServerProcess
+from stores import BlockingStore, execute_raw, is_postgres
 
 
-def test_only_a_hash_of_the_token_is_stored(tmp_path: Path) -> None:
-    store = BlockingStore(tmp_path / "db.sqlite3")
+def test_only_a_hash_of_the_token_is_stored(store_location: str) -> None:
+    store = BlockingStore(store_location)
     token_id, token = store.create_token("alice")
-    raw = (tmp_path / "db.sqlite3").read_bytes() + (tmp_path / "db.sqlite3-wal").read_bytes()
-    assert token.encode() not in raw
     assert store.verify_token(token).user == "alice"
     assert store.verify_token(token).id == token_id
+    rows = repr(execute_raw(store_location, "SELECT * FROM tokens"))
+    assert token not in rows and token[len("rgpu_"):] not in rows
+    if not is_postgres(store_location):  # nor anywhere in the files
+        raw = Path(store_location).read_bytes() + Path(store_location + "-wal").read_bytes()
+        assert token.encode() not in raw
     store.close()
 
 
-def test_missing_wrong_expired_and_revoked_tokens_say_why(tmp_path: Path) -> None:
-    store = BlockingStore(tmp_path / "db.sqlite3")
+def test_missing_wrong_expired_and_revoked_tokens_say_why(store_location: str) -> None:
+    store = BlockingStore(store_location)
     _, good = store.create_token("bob")
     expired_id, expired = store.create_token("bob", days=1)
-    db = sqlite3.connect(tmp_path / "db.sqlite3")
-    db.execute("UPDATE tokens SET expires = ? WHERE id = ?", (time.time() - 1, expired_id))
-    db.commit()
+    execute_raw(store_location, "UPDATE tokens SET expires = ? WHERE id = ?", (time.time() - 1, expired_id))
     revoked_id, revoked = store.create_token("bob")
     store.revoke_token(revoked_id)
     for token, reason in [(None, "missing token"), ("rgpu_nope", "invalid token"),
@@ -63,13 +66,14 @@ def test_handshake_refuses_bad_tokens_with_401_and_a_reason(server: ServerProces
     assert not any(alice in line or "rgpu_wrong" in line for line in server.log)
 
 
-def test_revoked_token_is_refused_by_the_running_server(server: ServerProcess) -> None:
+@pytest.mark.parametrize("fresh_server", BACKENDS, indirect=True)
+def test_revoked_token_is_refused_by_the_running_server(fresh_server: ServerProcess) -> None:
+    """``rgpu token create/list/revoke --db`` on the store of a running server."""
+    server = fresh_server
     token = server.token("carol")
+    server.start()
     with Client(server.url, token).session() as session:
         assert session.execute("1").ok
-    import subprocess
-    import sys
-
     listing = subprocess.run([sys.executable, "-m", "remote_gpu_kernel.cli", "token", "list",
                               "--db", str(server.db)], capture_output=True, text=True, check=True)
     assert "carol" in listing.stdout and token not in listing.stdout

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from remote_gpu_kernel.api import ApiClient
+from postgres import BACKENDS
 from servers import ServerProcess
 
 #: Seconds a test waits for a job to reach a state (the machine is small and shared).
@@ -43,6 +44,7 @@ def text(api: ApiClient, job: int) -> str:
     return "".join(o["text"] for o in api.outputs(job))
 
 
+@pytest.mark.parametrize("fresh_server", BACKENDS, indirect=True)
 def test_submit_logs_complete_and_output_survives_a_restart(fresh_server: ServerProcess,
                                                             tmp_path: Path) -> None:
     api = start(fresh_server)

@@ -1,10 +1,9 @@
-"""The store's batch-job and usage tables, without a server."""
+"""The store's batch-job and usage tables, without a server, on each backend."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -15,8 +14,8 @@ from stores import BlockingStore
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[BlockingStore]:
-    s = BlockingStore(tmp_path / "rgpu.sqlite3")
+def store(store_location: str) -> Iterator[BlockingStore]:
+    s = BlockingStore(store_location)
     yield s
     s.close()
 

@@ -21,8 +21,8 @@ from stores import BlockingStore
 
 
 @asynccontextmanager
-async def gpu_server(tmp_path: Path, nvml: FakeNvml) -> AsyncIterator[GpuServer]:
-    server = GpuServer(ServerConfig(port=0, db=tmp_path / "rgpu.sqlite3", slots="0,1"), nvml=nvml)
+async def gpu_server(location: str, nvml: FakeNvml) -> AsyncIterator[GpuServer]:
+    server = GpuServer(ServerConfig(port=0, db=location, slots="0,1"), nvml=nvml)
     await server.start()
     try:
         yield server
@@ -30,20 +30,20 @@ async def gpu_server(tmp_path: Path, nvml: FakeNvml) -> AsyncIterator[GpuServer]
         await server.close()
 
 
-def tokens(tmp_path: Path, *users: str) -> list[str]:
-    store = BlockingStore(tmp_path / "rgpu.sqlite3")
+def tokens(location: str, *users: str) -> list[str]:
+    store = BlockingStore(location)
     try:
         return [store.create_token(user)[1] for user in users]
     finally:
         store.close()
 
 
-def test_a_gpu_faulty_at_start_is_never_leased_until_it_recovers(tmp_path: Path) -> None:
+def test_a_gpu_faulty_at_start_is_never_leased_until_it_recovers(store_location: str) -> None:
     gpu0, gpu1 = FakeGpu("GPU-0"), FakeGpu("GPU-1", ecc_uncorrected=3)
-    alice, bob = tokens(tmp_path, "alice", "bob")
+    alice, bob = tokens(store_location, "alice", "bob")
 
     async def scenario() -> None:
-        async with gpu_server(tmp_path, FakeNvml([gpu0, gpu1])) as server:
+        async with gpu_server(store_location, FakeNvml([gpu0, gpu1])) as server:
             assert server.scheduler.unhealthy == ["gpu1"] and server.scheduler.free == ["gpu0"]
             url = f"ws://127.0.0.1:{server.port}"
             first = await asyncio.to_thread(lambda: Client(url, alice).session())
@@ -73,10 +73,10 @@ def test_a_gpu_faulty_at_start_is_never_leased_until_it_recovers(tmp_path: Path)
 
 def test_a_gpu_that_fails_under_a_lease_stays_with_it_then_stays_out(tmp_path: Path) -> None:
     gpu0, gpu1 = FakeGpu("GPU-0"), FakeGpu("GPU-1")
-    (alice,) = tokens(tmp_path, "alice")
+    (alice,) = tokens(str(tmp_path / "rgpu.sqlite3"), "alice")
 
     async def scenario() -> None:
-        async with gpu_server(tmp_path, FakeNvml([gpu0, gpu1])) as server:
+        async with gpu_server(str(tmp_path / "rgpu.sqlite3"), FakeNvml([gpu0, gpu1])) as server:
             url = f"ws://127.0.0.1:{server.port}"
             session = await asyncio.to_thread(lambda: Client(url, alice).session())
             assert session.slots == ["gpu0"]

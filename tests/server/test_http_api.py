@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -16,6 +17,7 @@ import pytest
 from remote_gpu_kernel import AuthenticationError, Client
 from remote_gpu_kernel.api import ApiClient, ApiError, http_url
 from stores import BlockingStore
+from postgres import BACKENDS
 from servers import ServerProcess
 
 
@@ -28,12 +30,17 @@ class Users:
         self.alice, self.bob, self.admin = (ApiClient(server.url, t) for t in tokens)
 
 
-@pytest.fixture(scope="module")
-def users(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Users]:
-    proc = ServerProcess(tmp_path_factory.mktemp("http"), "cpu:2", "--price-per-gpu-hour", "3.6")
-    made = Users(proc)
-    yield made
-    proc.stop()
+@pytest.fixture(scope="module", params=BACKENDS)
+def users(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Users]:
+    """The module's server, once with each store backend."""
+    with contextlib.ExitStack() as stack:
+        db = None
+        if request.param == "postgres":
+            db = stack.enter_context(request.getfixturevalue("postgres").database())
+        proc = ServerProcess(tmp_path_factory.mktemp("http"), "cpu:2", "--price-per-gpu-hour", "3.6", db=db)
+        made = Users(proc)
+        yield made
+        proc.stop()
 
 
 def raw(server: ServerProcess, path: str, token: str | None = None,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import struct
 import threading
 import time
@@ -14,7 +13,9 @@ from websockets.sync.client import connect
 from remote_gpu_kernel import Client, ConnectionLost, SessionReleased
 from remote_gpu_kernel.protocol import PROTOCOL_VERSION, Reader, encode
 from remote_gpu_kernel.protocol import messages as m
+from postgres import BACKENDS
 from servers import ServerProcess
+from stores import BlockingStore
 
 
 def raw(server: ServerProcess, token: str):  # type: ignore[no-untyped-def]
@@ -162,15 +163,15 @@ def test_client_that_disconnects_mid_cell_loses_nothing(fresh_server: ServerProc
     time.sleep(2)
     again = client.session(resume=s.id)
     assert again.pull("finished") == {"finished": True}
-    db = sqlite3.connect(fresh_server.db)
-    job, state = db.execute("SELECT id, state FROM jobs ORDER BY id DESC").fetchone()
-    assert state == "completed"
-    texts = [json.loads(c)["text"] for (c,) in db.execute(
-        "SELECT content FROM outputs WHERE job_id = ? AND msg_type = 'stream' ORDER BY seq", (job,))]
+    with BlockingStore(fresh_server.db) as store:
+        [job] = store.jobs(limit=1)
+        assert job.state == "completed"
+        texts = [content["text"] for _, msg_type, content in store.outputs(job.id) if msg_type == "stream"]
     assert "".join(texts) == "0\n1\n2\n"
     again.release()
 
 
+@pytest.mark.parametrize("fresh_server", BACKENDS, indirect=True)
 def test_restart_marks_jobs_left_running_as_failed(fresh_server: ServerProcess) -> None:
     fresh_server.start()
     token = fresh_server.token()
@@ -180,13 +181,14 @@ def test_restart_marks_jobs_left_running_as_failed(fresh_server: ServerProcess) 
                      daemon=True).start()
     time.sleep(1.5)
     fresh_server.kill()  # no clean shutdown: the job stays 'running' in the store
-    db = sqlite3.connect(fresh_server.db)
-    assert db.execute("SELECT state FROM jobs ORDER BY id DESC").fetchone() == ("running",)
+    with BlockingStore(fresh_server.db) as store:
+        assert [job.state for job in store.jobs(limit=1)] == ["running"]
     restarted = ServerProcess(fresh_server.tmp, "cpu:1", db=fresh_server.db).start(wait_warm=False)
     try:
         restarted.wait_for_log("marked 1 job")
-        state, error = db.execute("SELECT state, error FROM jobs ORDER BY id DESC").fetchone()
-        assert state == "failed" and "server stopped" in error
+        with BlockingStore(fresh_server.db) as store:
+            [job] = store.jobs(limit=1)
+        assert job.state == "failed" and "server stopped" in str(job.error)
     finally:
         restarted.stop()
 
@@ -222,6 +224,7 @@ def test_a_client_gone_before_its_lease_is_delivered_gives_the_slots_back(fresh_
         assert s.slots == ["cpu0", "cpu1"]
 
 
+@pytest.mark.parametrize("fresh_server", BACKENDS, indirect=True)
 def test_a_reconnected_client_can_replay_what_it_missed(fresh_server: ServerProcess) -> None:
     fresh_server.args = ["--grace", "30"]
     fresh_server.start()

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,8 @@ import pytest
 from remote_gpu_kernel.typing import SessionId
 from remote_gpu_server.journal import Journal
 from remote_gpu_server.store import SCHEMA_VERSION, OutputRow, SchemaTooNew, Store
-from stores import BlockingStore
+from remote_gpu_server.store.schema import _v1 as version_1_tables
+from stores import BlockingStore, execute_raw, is_postgres
 
 #: The tables as the first released version wrote them: no schema_version, no quotas on tokens.
 OLD_SCHEMA = """
@@ -35,7 +37,8 @@ INSERT INTO jobs VALUES (1, 1, 'old', 'cell', 'cpu0', 'print(1)', 'running', NUL
 """
 
 
-def test_an_old_store_is_upgraded_and_keeps_its_rows(tmp_path: Path) -> None:
+def test_a_store_from_before_versions_were_kept_is_upgraded(tmp_path: Path) -> None:
+    # Only SQLite stores were written before versions were kept.
     path = tmp_path / "old.sqlite3"
     db = sqlite3.connect(path)
     db.executescript(OLD_SCHEMA)
@@ -50,20 +53,46 @@ def test_an_old_store_is_upgraded_and_keeps_its_rows(tmp_path: Path) -> None:
     assert version == SCHEMA_VERSION
 
 
-def test_a_newer_store_is_refused_with_a_clear_message(tmp_path: Path) -> None:
-    path = tmp_path / "new.sqlite3"
-    BlockingStore(path).close()
-    db = sqlite3.connect(path)
-    db.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
-    db.commit()
-    db.close()
+def test_a_version_1_store_is_upgraded_and_keeps_its_rows(store_location: str) -> None:
+    engine = "postgres" if is_postgres(store_location) else "sqlite"
+    for statement in version_1_tables(engine):
+        execute_raw(store_location, statement)
+    execute_raw(store_location, "CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    execute_raw(store_location, "INSERT INTO schema_version (version) VALUES (1)")
+    [(user,)] = execute_raw(store_location, "INSERT INTO users (name, created) VALUES ('alice', 1.0) RETURNING id")
+    execute_raw(store_location, "INSERT INTO sessions (id, user_id, slots, created) VALUES ('old', ?, 'cpu0', 1.0)",
+                (user,))
+    [(job,)] = execute_raw(
+        store_location, "INSERT INTO jobs (user_id, session_id, kind, slots, code, state, created, started) "
+        "VALUES (?, 'old', 'cell', 'cpu0', 'print(1)', 'running', 1.0, 1.0) RETURNING id", (user,))
+    with BlockingStore(store_location, server_id="a") as store:
+        assert store.job(job).code == "print(1)"
+        assert [s.id for s in store.open_sessions()] == ["old"]
+        assert store.fail_interrupted_jobs("restarted") == 1  # no server id yet: every server's
+        again = store.create_job("alice", None, "2", ["cpu0"])
+        assert again > job
+    assert execute_raw(store_location, "SELECT version FROM schema_version") == [(SCHEMA_VERSION,)]
+
+
+def test_a_newer_store_is_refused_with_a_clear_message(store_location: str) -> None:
+    BlockingStore(store_location).close()
+    execute_raw(store_location, "UPDATE schema_version SET version = ?", (SCHEMA_VERSION + 1,))
     with pytest.raises(SchemaTooNew, match=f"schema version {SCHEMA_VERSION + 1}.*upgrade"):
-        BlockingStore(path)
+        BlockingStore(store_location)
 
 
-def test_a_restart_recovers_only_its_own_jobs(tmp_path: Path) -> None:
-    path = tmp_path / "shared.sqlite3"
-    with BlockingStore(path, server_id="a") as a, BlockingStore(path, server_id="b") as b:
+def test_two_stores_opening_one_database_at_once_migrate_it_once(store_location: str) -> None:
+    async def scenario() -> None:
+        stores = await asyncio.gather(*(Store.open(store_location, f"s{i}") for i in range(4)))
+        for store in stores:
+            await store.close()
+
+    asyncio.run(scenario())
+    assert execute_raw(store_location, "SELECT version FROM schema_version") == [(SCHEMA_VERSION,)]
+
+
+def test_a_restart_recovers_only_its_own_jobs(store_location: str) -> None:
+    with BlockingStore(store_location, server_id="a") as a, BlockingStore(store_location, server_id="b") as b:
         cells = {}
         batches = {}
         for store, name in ((a, "a"), (b, "b")):
@@ -78,8 +107,8 @@ def test_a_restart_recovers_only_its_own_jobs(tmp_path: Path) -> None:
         assert [s.id for s in b.open_sessions()] == ["s-b"]
 
 
-def test_old_journals_are_pruned_and_usage_keeps_its_totals(tmp_path: Path) -> None:
-    with BlockingStore(tmp_path / "db.sqlite3", server_id="a") as store:
+def test_old_journals_are_pruned_and_usage_keeps_its_totals(store_location: str) -> None:
+    with BlockingStore(store_location, server_id="a") as store:
         old, new = SessionId("old"), SessionId("new")
         for session in (old, new):
             store.create_session(session, "alice", ["cpu0"])
@@ -92,13 +121,21 @@ def test_old_journals_are_pruned_and_usage_keeps_its_totals(tmp_path: Path) -> N
         assert store.gpu_seconds_by_user()["alice"] >= usage["alice"]
 
 
-def test_a_retried_journal_write_never_writes_a_row_twice(tmp_path: Path) -> None:
-    with BlockingStore(tmp_path / "db.sqlite3") as store:
+def test_a_retried_journal_write_never_writes_a_row_twice(store_location: str) -> None:
+    with BlockingStore(store_location) as store:
         store.create_session(SessionId("s"), "alice", ["cpu0"])
         row = OutputRow(SessionId("s"), 1, None, "stream", {"name": "stdout", "text": "x"})
         store.append_outputs([row])
         store.append_outputs([row, OutputRow(SessionId("s"), 2, None, "stream", {"name": "stdout", "text": "y"})])
         assert [(r.seq, r.content["text"]) for r in store.outputs_since(SessionId("s"), 0)] == [(1, "x"), (2, "y")]
+
+
+def test_text_with_quotes_percent_signs_and_question_marks_is_kept(store_location: str) -> None:
+    code = "print('100% done?', \"it's\", '%s', '?')"
+    with BlockingStore(store_location) as store:
+        job = store.create_job("alice", None, code, [])
+        assert store.job(job).code == code
+        assert [j.id for j in store.jobs(user="alice", state="queued")] == [job]
 
 
 def test_the_journal_writes_in_order_through_failures() -> None:
@@ -125,15 +162,32 @@ def test_the_journal_writes_in_order_through_failures() -> None:
     asyncio.run(scenario())
 
 
-def test_store_calls_do_not_block_the_event_loop(tmp_path: Path) -> None:
-    """A CLI process holding SQLite's write lock stalls the store's thread, not the loop."""
-    path = tmp_path / "db.sqlite3"
-    BlockingStore(path).close()
+@contextlib.contextmanager
+def write_lock_held(location: str) -> Iterator[None]:
+    """Another program holds the store's write lock (SQLite) or the users table (PostgreSQL)."""
+    if is_postgres(location):
+        import psycopg
+
+        with psycopg.connect(location) as holder:
+            holder.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+            yield
+            holder.commit()
+        return
+    holder = sqlite3.connect(location, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # as a CLI write in progress would
+    try:
+        yield
+        holder.execute("COMMIT")
+    finally:
+        holder.close()
+
+
+def test_store_calls_do_not_block_the_event_loop(store_location: str) -> None:
+    """A write waiting on another program's lock stalls the store, not the loop."""
+    BlockingStore(store_location).close()
 
     async def scenario() -> None:
-        store = await Store.open(path)
-        holder = sqlite3.connect(path, isolation_level=None)
-        holder.execute("BEGIN IMMEDIATE")  # as a CLI write in progress would
+        store = await Store.open(store_location)
         ticks = 0
 
         async def tick() -> None:
@@ -142,14 +196,13 @@ def test_store_calls_do_not_block_the_event_loop(tmp_path: Path) -> None:
                 await asyncio.sleep(0.01)
                 ticks += 1
 
-        ticker = asyncio.get_running_loop().create_task(tick())
-        write = asyncio.get_running_loop().create_task(store.create_token("carol"))
-        await asyncio.sleep(0.5)
-        assert not write.done() and ticks >= 20  # the loop kept running while the write waited
-        holder.execute("COMMIT")
+        with write_lock_held(store_location):
+            ticker = asyncio.get_running_loop().create_task(tick())
+            write = asyncio.get_running_loop().create_task(store.create_token("carol"))
+            await asyncio.sleep(0.5)
+            assert not write.done() and ticks >= 20  # the loop kept running while the write waited
         await asyncio.wait_for(write, 10)
         ticker.cancel()
-        holder.close()
         await store.close()
 
     asyncio.run(scenario())

@@ -1,0 +1,172 @@
+"""Losing PostgreSQL mid-run, on a cluster of this module's own (it is stopped and started).
+
+A stopped database makes store calls fail fast with DatabaseUnavailable and
+work again once it is back; a transaction cut in the middle leaves nothing;
+and a whole server goes on running a printing cell through
+``pg_ctl stop -m immediate`` and a restart: nothing written before is lost,
+nothing is written twice, the journal keeps its order, and a job submitted
+while the database is down gets a clear error and leaves no row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+import postgres as pg
+from remote_gpu_kernel import Client
+from remote_gpu_kernel.api import ApiClient, ApiError
+from remote_gpu_kernel.protocol import messages as m
+from remote_gpu_server.store import DatabaseUnavailable, Store
+from servers import ServerProcess
+from stores import BlockingStore, execute_raw
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[pg.PostgresCluster]:
+    pg.require()
+    own = pg.PostgresCluster().start()
+    yield own
+    own.destroy()
+
+
+@pytest.fixture
+def url(cluster: pg.PostgresCluster) -> Iterator[str]:
+    with cluster.database() as made:
+        yield made
+
+
+def wait_for(predicate, timeout: float = 60, what: str = "a condition"):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_calls_fail_fast_while_the_database_is_down_and_work_once_it_is_back(
+        cluster: pg.PostgresCluster, url: str) -> None:
+    async def scenario() -> None:
+        store = await Store.open(url, "a")
+        await asyncio.gather(*(store.create_token(f"u{i}") for i in range(4)))  # several pooled connections
+        await asyncio.to_thread(cluster.stop, "immediate")
+        try:
+            started = time.monotonic()
+            with pytest.raises(DatabaseUnavailable, match="unavailable"):
+                await store.create_token("bob")
+            with pytest.raises(DatabaseUnavailable):
+                await store.jobs()
+            assert time.monotonic() - started < 30
+        finally:
+            await asyncio.to_thread(cluster.start)
+        # The connections the restart cut are replaced: no call fails now.
+        made = await asyncio.gather(*(store.create_token(f"v{i}") for i in range(4)))
+        assert [(await store.verify_token(token)).user for _, token in made] == ["v0", "v1", "v2", "v3"]
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_transaction_cut_in_the_middle_leaves_nothing(url: str) -> None:
+    """The job's row is written, its batch row waits on a lock, and the connection dies."""
+    async def scenario() -> None:
+        store = await Store.open(url, "a")
+        with psycopg.connect(url) as locker, psycopg.connect(url, autocommit=True) as admin:
+            locker.execute("LOCK TABLE batch_jobs IN ACCESS EXCLUSIVE MODE")
+            submit = asyncio.get_running_loop().create_task(
+                store.create_batch_job("alice", "print(1)", "job", 1, "normal", "default", None, 0))
+            waiting = None
+            for _ in range(600):
+                waiting = admin.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE query LIKE 'INSERT INTO batch_jobs%' "
+                    "AND wait_event_type = 'Lock'").fetchone()
+                if waiting:
+                    break
+                await asyncio.sleep(0.05)
+            assert waiting, "the store's insert never waited on the lock"
+            admin.execute("SELECT pg_terminate_backend(%s)", waiting)
+            with pytest.raises(DatabaseUnavailable):
+                await submit
+            locker.rollback()
+        assert execute_raw(url, "SELECT COUNT(*) FROM jobs") == [(0,)]
+        job = await store.create_batch_job("alice", "print(2)", "job", 1, "normal", "default", None, 0)
+        assert (await store.batch_spec(job)) is not None
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+CELL = """\
+import os, time
+i = 0
+while not os.path.exists({flag!r}):
+    i += 1
+    print("line", i, flush=True)
+    time.sleep(0.02)
+print("done", i, flush=True)
+"""
+
+
+def test_a_server_runs_on_through_a_database_crash_and_loses_nothing(
+        cluster: pg.PostgresCluster, url: str, tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path, "cpu:1", db=url)
+    token = server.token("alice")
+    server.start()
+    flag = tmp_path / "stop"
+    received: list[m.Output] = []
+    outcome: dict[str, object] = {}
+    try:
+        session = Client(server.url, token).session()
+
+        def run() -> None:
+            try:
+                outcome["result"] = session.execute(CELL.format(flag=str(flag)), on_output=received.append)
+            except BaseException as exc:  # handed to the test's thread
+                outcome["error"] = exc
+
+        cell = threading.Thread(target=run, daemon=True)
+        cell.start()
+        wait_for(lambda: len(received) >= 5, what="the cell's first lines")
+        cluster.stop("immediate")
+        try:
+            server.wait_for_log("writing the output journal failed", timeout=60)
+            before = len(received)
+            wait_for(lambda: len(received) >= before + 10, what="output while the database is down")
+            with pytest.raises(ApiError, match="database is unavailable"):
+                ApiClient(server.url, token).submit("print('never')", name="during the outage")
+        finally:
+            cluster.start()
+        server.wait_for_log("the output journal is written again", timeout=60)
+        flag.touch()
+        cell.join(60)
+        assert "error" not in outcome, outcome.get("error")
+        result = outcome["result"]
+        assert result.ok  # type: ignore[attr-defined]
+        printed = "".join(o.content.get("text", "") for o in received if o.msg_type == "stream")
+        assert printed.endswith(f"done {printed.count('line ')}\n")
+        job = result.job  # type: ignore[attr-defined]
+        api = ApiClient(server.url, token)
+        assert api.job(job)["state"] == "completed"
+        submitted = api.submit("print('after')", name="after the outage")
+        assert submitted["state"] == "queued"
+        session.release()
+    finally:
+        server.stop()
+    with BlockingStore(url) as store:
+        journal = store.outputs(job)
+        seqs = [seq for seq, _, _ in journal]
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # in order, none missing, none twice
+        assert {o.seq for o in received} <= set(seqs)  # all the client saw (and execute_input)
+        stored = "".join(content.get("text", "") for _, msg_type, content in journal if msg_type == "stream")
+        assert stored == printed
+        batch = [j.id for j in store.jobs(kind="batch")]
+        assert len(batch) == 1 and store.batch_spec(batch[0]) is not None  # only the one after
+    assert execute_raw(url, "SELECT COUNT(*) FROM batch_jobs") == [(1,)]

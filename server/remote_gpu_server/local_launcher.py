@@ -16,6 +16,7 @@ local provisioner: own process group, connection file), pinned with
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -109,10 +110,22 @@ class LocalWorker:
 
 async def shutdown(km: AsyncKernelManager, name: str) -> None:
     """SIGKILL to the worker's process group; its connection files removed."""
+    if not km.has_kernel:
+        km.cleanup_resources()
+        return
     try:
         await km.shutdown_kernel(now=True)
     except Exception:
         log.exception("worker %s: error during shutdown", name)
+
+
+async def _start(km: AsyncKernelManager, **kwargs: Any) -> None:
+    """``km.start_kernel``; a start given up half way (cancelled, failed) leaves no process."""
+    try:
+        await km.start_kernel(**kwargs)
+    except BaseException:
+        await asyncio.shield(shutdown(km, "(starting)"))
+        raise
 
 
 def _free_port(ip: str) -> int:
@@ -160,7 +173,7 @@ class LocalLauncher:
         env["RGPU_DATA_RING_FD"] = str(ring_fd)
         try:
             ring = transfer.Ring(ring_fd)
-            await km.start_kernel(env=env, pass_fds=(ring_fd,))
+            await _start(km, env=env, pass_fds=(ring_fd,))
         finally:
             os.close(ring_fd)  # the worker has its own copy; the mapping stays
         return Spawned(km, data_addr, ring, None)
@@ -175,7 +188,7 @@ class LocalLauncher:
         data_addr = f"tcp://{self.ip}:{_free_port(self.ip)}"
         env["RGPU_DATA_ADDR"] = data_addr
         env["RGPU_DATA_CURVE_SECRET"] = data_secret.decode()
-        await km.start_kernel(env=env)
+        await _start(km, env=env)
         return Spawned(km, data_addr, None, data_public)
 
     async def launch(self, spec: WorkerSpec) -> LocalWorker:

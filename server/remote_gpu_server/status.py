@@ -120,6 +120,7 @@ def status_json(server: GpuServer, me: TokenInfo) -> dict[str, Any]:
             "healthy": reading.healthy, "problem": reading.problem,
             "pool": slot_pool(server, slot.id),
             "readings": reading.as_json(),
+            "history": server.readings.history.as_json(slot.id),
             "holder": holder.get(slot.id),
         })
     return {

@@ -252,15 +252,17 @@ class GpuServer:
         """Give back slots a lease held outside a :class:`Session` (a batch job)."""
         await self._apply(self.scheduler.release(list(slots)))
 
-    async def open_session(self, user: str, slots: tuple[SlotId, ...]) -> Session:
+    async def open_session(self, user: str, slots: tuple[SlotId, ...],
+                           notebook: str | None = None) -> Session:
+        """A session on ``slots`` with a worker; ``notebook`` names where it is used from."""
         try:
             worker = await self.pool.take(list(slots))
         except BaseException:
             await self._apply(self.scheduler.release(list(slots)))
             raise
-        session = Session(self, user, list(slots), worker)
+        session = Session(self, user, list(slots), worker, notebook)
         self.sessions[session.id] = session
-        self.store.create_session(session.id, user, [str(s) for s in slots])
+        self.store.create_session(session.id, user, [str(s) for s in slots], notebook)
         log.info("%s leased %s (session %s)", user, ",".join(slots), session.id[:8])
         return session
 

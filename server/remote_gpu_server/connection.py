@@ -34,6 +34,8 @@ __all__ = ["Connection"]
 
 log = logging.getLogger("remote_gpu_server")
 
+#: The longest notebook path kept from a lease request, in characters.
+MAX_NOTEBOOK = 1024
 
 
 class Connection:
@@ -203,7 +205,10 @@ class Connection:
             return
         finally:
             self._waiting.pop(entry.key, None)
-        session = await server.open_session(self.user, slots)
+        # The notebook's path is only shown, never used as a path here: keep
+        # a bounded piece of it.
+        notebook = msg.notebook[:MAX_NOTEBOOK] if msg.notebook else None
+        session = await server.open_session(self.user, slots, notebook)
         if self.closed:
             # Granted, but the client left while its worker started: it never
             # learns the session id, so nobody could resume it. Free it now

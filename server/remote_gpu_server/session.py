@@ -56,11 +56,18 @@ class Replier(Protocol):
 
 
 class Session:
-    def __init__(self, server: GpuServer, user: str, slots: list[SlotId], worker: Worker) -> None:
+    """``notebook`` is the path the client named in its lease request (None: a
+    script); ``last_code`` is the code of the latest cell that was not silent.
+    Both are for the status view (who runs what), shown to the owner only."""
+
+    def __init__(self, server: GpuServer, user: str, slots: list[SlotId], worker: Worker,
+                 notebook: str | None = None) -> None:
         self.server = server
         self.id = SessionId(uuid.uuid4().hex)
         self.user = user
         self.slots = slots
+        self.notebook = notebook
+        self.last_code: str | None = None
         self.lock = asyncio.Lock()
         self.last_active = time.monotonic()
         self.released: str | None = None
@@ -131,6 +138,8 @@ class Session:
             store = self.server.store
             job = store.create_job(self.user, self.id, msg.code, list(self.slots), running=True)
             self._running_job, self._interrupted, self._started = job, False, False
+            if not msg.silent:
+                self.last_code = msg.code
             # The journal is written in batches: one transaction per
             # JOURNAL_FLUSH seconds of output, and one at the end of the cell.
             rows: list[tuple[SessionId, int, JobId | None, str, dict[str, Any]]] = []

@@ -6,6 +6,10 @@ is only fair when everyone can see who waits and who holds; U sees the
 session ids, job ids, code and output of U's own work only. An admin token
 sees everything. The shapes are a contract with the JupyterLab sidebar and
 the ``rgpu`` CLI: add fields, never rename or drop one.
+
+What a lease or a job came from is the owner's too: ``notebook`` (the path
+the client named, None for a script) and ``first_line`` (the first non-empty
+line of its code: a lease's latest cell, a job's own code).
 """
 
 from __future__ import annotations
@@ -21,7 +25,21 @@ from .store import JobRecord, TokenInfo
 if TYPE_CHECKING:
     from .app import GpuServer
 
-__all__ = ["job_json", "output_text", "slot_pool", "status_json", "usage_json"]
+__all__ = ["FIRST_LINE_MAX", "first_line", "job_json", "output_text", "slot_pool", "status_json",
+           "usage_json"]
+
+#: The longest ``first_line`` shown, in characters (an ellipsis marks a cut).
+FIRST_LINE_MAX = 120
+
+
+def first_line(code: str | None) -> str | None:
+    """The first line of ``code`` that is not blank, stripped, at most
+    :data:`FIRST_LINE_MAX` characters; None for no code or only blank lines."""
+    for line in (code or "").splitlines():
+        line = line.strip()
+        if line:
+            return line if len(line) <= FIRST_LINE_MAX else line[: FIRST_LINE_MAX - 1] + "…"
+    return None
 
 
 def slot_pool(server: GpuServer, slot: SlotId) -> str:
@@ -48,16 +66,20 @@ def _leases(server: GpuServer, me: TokenInfo) -> list[dict[str, Any]]:
         idle = 0.0 if session.busy else max(0.0, mono - session.last_active)
         leases.append({"id": session.id, "kind": "interactive", "user": session.user,
                        "slots": [str(s) for s in session.slots], "since": created.get(session.id, now),
-                       "idle": round(idle, 1), "job": None})
+                       "idle": round(idle, 1), "job": None, "busy": session.busy,
+                       "notebook": session.notebook, "first_line": first_line(session.last_code)})
     for run in server.batch.running():
         leases.append({"id": run.session, "kind": "batch", "user": run.user,
                        "slots": [str(s) for s in run.slots], "since": run.since, "idle": 0.0,
-                       "job": run.job})
+                       "job": run.job, "busy": True, "notebook": None,
+                       "first_line": first_line(server.store.job(run.job).code)})
     for lease in leases:
         lease["mine"] = lease["user"] == me.user
         if not (lease["mine"] or me.admin):
             lease["id"] = None
             lease["job"] = None
+            lease["notebook"] = None
+            lease["first_line"] = None
     return leases
 
 
@@ -112,6 +134,7 @@ def status_json(server: GpuServer, me: TokenInfo) -> dict[str, Any]:
             if lease["mine"] or me.admin:
                 holder[slot_id]["session"] = lease["id"]
                 holder[slot_id]["job"] = lease["job"]
+                holder[slot_id]["notebook"] = lease["notebook"]
     slots = []
     for slot in server.slots:
         reading = server.readings.latest(slot.id)
@@ -152,6 +175,7 @@ def job_json(server: GpuServer, job: JobRecord, *, code: bool = True) -> dict[st
                      for a in attempts],
         "created": job.created, "started": job.started, "ended": job.ended,
         "gpu_seconds": round(gpu_seconds, 1), "cost": _cost(server, gpu_seconds),
+        "notebook": job.notebook, "first_line": first_line(job.code),
     }
     if code:
         data["code"] = job.code

@@ -51,7 +51,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     slots TEXT NOT NULL,
     created REAL NOT NULL,
     released REAL,
-    reason TEXT
+    reason TEXT,
+    notebook TEXT
 );
 CREATE TABLE IF NOT EXISTS jobs (
     id INTEGER PRIMARY KEY,
@@ -134,6 +135,8 @@ class JobRecord:
     created: float
     started: float | None
     ended: float | None
+    #: The notebook of the job's session (a cell's), when its client named one.
+    notebook: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +193,8 @@ class Store:
         for name in ("max_gpus", "max_waiting"):
             if name not in columns:
                 self._db.execute(f"ALTER TABLE tokens ADD COLUMN {name} INTEGER")
+        if "notebook" not in {row[1] for row in self._db.execute("PRAGMA table_info(sessions)")}:
+            self._db.execute("ALTER TABLE sessions ADD COLUMN notebook TEXT")
 
     def close(self) -> None:
         self._db.close()
@@ -276,10 +281,12 @@ class Store:
 
     # -- sessions -----------------------------------------------------------
 
-    def create_session(self, session: SessionId, user: str, slots: list[str]) -> None:
+    def create_session(self, session: SessionId, user: str, slots: list[str],
+                       notebook: str | None = None) -> None:
+        """Record a new lease; ``notebook`` is the path its client named, if any."""
         self._db.execute(
-            "INSERT INTO sessions (id, user_id, slots, created) VALUES (?, ?, ?, ?)",
-            (session, self._user_id(user, create=True), ",".join(slots), time.time()),
+            "INSERT INTO sessions (id, user_id, slots, created, notebook) VALUES (?, ?, ?, ?, ?)",
+            (session, self._user_id(user, create=True), ",".join(slots), time.time(), notebook),
         )
 
     def release_session(self, session: SessionId, reason: str) -> None:
@@ -533,5 +540,6 @@ class Store:
 
 _JOB_SELECT = (
     "SELECT j.id, u.name, j.session_id, j.kind, j.slots, j.code, j.state, j.error, "
-    "j.created, j.started, j.ended FROM jobs j JOIN users u ON u.id = j.user_id"
+    "j.created, j.started, j.ended, s.notebook FROM jobs j JOIN users u ON u.id = j.user_id "
+    "LEFT JOIN sessions s ON s.id = j.session_id"
 )

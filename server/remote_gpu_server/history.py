@@ -2,16 +2,16 @@
 
 :class:`ReadingHistory` keeps, per slot, the time, utilization and memory in
 use of each reading younger than ``window`` seconds (at the default period
-of 3 s and window of 5 minutes, about 100 points a slot). It holds no
-locks: the reader calls :meth:`ReadingHistory.add` from one thread at a
-time (under ``Readings``' lock) and :meth:`ReadingHistory.as_json` from the
-event loop; a deque's appends and copies are atomic under the GIL.
+of 3 s and window of 5 minutes, about 100 points a slot). Readings are
+added from a worker thread and read from the event loop, so each call
+holds a lock for its few list operations.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -38,6 +38,7 @@ class ReadingHistory:
 
     def __init__(self, slots: Iterable[SlotId], window: float = DEFAULT_WINDOW) -> None:
         self.window = window
+        self._lock = threading.Lock()
         self._points: dict[SlotId, collections.deque[HistoryPoint]] = {
             slot: collections.deque() for slot in slots}
 
@@ -48,15 +49,18 @@ class ReadingHistory:
         slot's history afresh, so times always increase.
         """
         points = self._points[slot]
-        if points and point.time < points[-1].time:
-            points.clear()
-        points.append(point)
-        horizon = point.time - self.window
-        while points and points[0].time < horizon:
-            points.popleft()
+        with self._lock:
+            if points and point.time < points[-1].time:
+                points.clear()
+            points.append(point)
+            horizon = point.time - self.window
+            while points and points[0].time < horizon:
+                points.popleft()
 
     def points(self, slot: SlotId) -> list[HistoryPoint]:
-        return list(self._points[slot])
+        points = self._points[slot]
+        with self._lock:
+            return list(points)
 
     def as_json(self, slot: SlotId) -> dict[str, Any]:
         """The ``history`` object of a slot in ``GET /api/status``: parallel

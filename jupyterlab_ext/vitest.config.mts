@@ -1,7 +1,19 @@
+import { fileURLToPath } from 'node:url';
+
 import { defineConfig } from 'vitest/config';
 
-// The tests live with the other tests, in tests/jupyterlab_ext/.
+const modules = (name: string): string =>
+  fileURLToPath(new URL(`./node_modules/${name}`, import.meta.url));
+
+// The tests live with the other tests, in tests/jupyterlab_ext/; the packages
+// they import themselves (React, to render views) come from here.
 export default defineConfig({
+  resolve: {
+    alias: [
+      { find: /^react$/, replacement: modules('react') },
+      { find: /^react-dom\/server$/, replacement: modules('react-dom/server.js') }
+    ]
+  },
   test: {
     root: '..',
     include: ['tests/jupyterlab_ext/**/*.test.ts'],

@@ -245,27 +245,33 @@ class AsyncClient:
     def session(self, gpus: int | None = None, *, resume: str | None = None,
                 priority: str | None = None, pool: str | None = None,
                 on_queue: QueueCallback | None = None,
-                on_notice: NoticeCallback | None = None) -> _SessionOpener:
+                on_notice: NoticeCallback | None = None,
+                notebook: str | None = None) -> _SessionOpener:
         """Lease ``gpus`` slots: ``await`` it, or use it as ``async with``."""
         return _SessionOpener(self.open_session(gpus, resume=resume, priority=priority, pool=pool,
-                                                on_queue=on_queue, on_notice=on_notice))
+                                                on_queue=on_queue, on_notice=on_notice,
+                                                notebook=notebook))
 
     async def open_session(self, gpus: int | None = None, *, resume: str | None = None,
                            priority: str | None = None, pool: str | None = None,
                            on_queue: QueueCallback | None = None,
-                           on_notice: NoticeCallback | None = None) -> AsyncSession:
+                           on_notice: NoticeCallback | None = None,
+                           notebook: str | None = None) -> AsyncSession:
         """Lease ``gpus`` slots of ``pool`` at ``priority``, or resume a session.
 
         Unset arguments come from the client's config (RGPU_GPUS,
         RGPU_PRIORITY, RGPU_POOL): 1 slot, ``normal``, ``default``.
         ``on_queue(position)`` is called whenever the request's place in the
-        queue changes.
+        queue changes. ``notebook`` is the path of the notebook the lease is
+        for, shown to its owner in the sidebar and ``/api/status`` (the magic
+        and the kernel pass Jupyter's; a script passes none).
         """
         link = await self._connect()
         try:
             req, inbox = link.open()
             await link.send(m.LeaseRequest(req, gpus or self.config.gpus, resume,
-                                           priority or self.config.priority, pool or self.config.pool))
+                                           priority or self.config.priority, pool or self.config.pool,
+                                           notebook))
             while True:
                 msg = await link.receive(inbox)
                 if isinstance(msg, m.QueuePosition):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import platformdirs
 
-__all__ = ["DEFAULT_URL", "ClientConfig", "config_path", "save_client_config"]
+__all__ = ["DEFAULT_URL", "ClientConfig", "config_path", "notebook_path", "save_client_config"]
 
 DEFAULT_URL = "ws://127.0.0.1:8765"
 
@@ -54,6 +54,12 @@ class ClientConfig:
             priority=os.environ.get("RGPU_PRIORITY") or "normal",
             pool=os.environ.get("RGPU_POOL") or "default",
         )
+
+
+def notebook_path() -> str | None:
+    """The notebook this kernel runs for, as Jupyter's server tells its kernels
+    (``JPY_SESSION_NAME``, a path on the notebook's machine); None elsewhere."""
+    return os.environ.get("JPY_SESSION_NAME") or None
 
 
 def save_client_config(url: str, token: str) -> Path:

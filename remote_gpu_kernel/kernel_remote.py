@@ -17,6 +17,7 @@ import logging
 from typing import Any, Protocol
 
 from .client import AsyncClient, AsyncSession
+from .config import notebook_path
 from .errors import AuthenticationError
 from .protocol.messages import Output
 
@@ -110,7 +111,7 @@ class RemoteLease:
                 "environment or run 'rgpu login URL TOKEN', then run the cell again"
             )
         self.session = await client.open_session(resume=resume, on_queue=report.queued,
-                                                 on_notice=report.notice)
+                                                 on_notice=report.notice, notebook=notebook_path())
         return self.session
 
     async def _drop(self) -> None:

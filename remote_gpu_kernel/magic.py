@@ -15,6 +15,7 @@ from typing import Any
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
+from .config import notebook_path
 from .errors import ConnectionLost, SessionReleased
 from .rendering import render_output
 from .sync import Client, Session
@@ -69,7 +70,7 @@ class GpuMagics(Magics):
             session = client.session(
                 gpus, resume=resume, priority=priority, pool=pool,
                 on_queue=lambda pos: _say(f"waiting for a GPU: position {pos} in the queue"),
-                on_notice=_say,
+                on_notice=_say, notebook=notebook_path(),
             )
             self.session = session
             self._last_session = session.id

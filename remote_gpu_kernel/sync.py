@@ -117,7 +117,8 @@ class Client:
     def session(self, gpus: int | None = None, *, resume: str | None = None,
                 priority: str | None = None, pool: str | None = None,
                 on_queue: QueueCallback | None = None,
-                on_notice: NoticeCallback | None = None) -> Session:
+                on_notice: NoticeCallback | None = None,
+                notebook: str | None = None) -> Session:
         """Lease ``gpus`` slots; waits in the queue if none is free.
 
         ``on_queue(position)`` is called (in this thread) whenever the
@@ -135,6 +136,7 @@ class Client:
                 gpus, resume=resume, priority=priority, pool=pool,
                 on_queue=lambda p: emit(("queue", p)),
                 on_notice=lambda t: emit(("notice", t)),
+                notebook=notebook,
             )
 
         return Session(_pump(factory, handle), on_notice)

@@ -45,6 +45,8 @@ MODULES = [
     "remote_gpu_server.worker",
     "remote_gpu_server.transfer",
     "remote_gpu_server.gpus",
+    "remote_gpu_server.history",
+    "remote_gpu_server.status",
 ]
 
 

@@ -63,3 +63,19 @@ export function fraction(
   }
   return Math.min(1, Math.max(0, value / total));
 }
+
+/**
+ * `text` cut in two for a middle ellipsis: the head may shrink (CSS cuts it
+ * with `…`) while the tail, its last `tail` characters, always shows; a
+ * URL keeps its scheme and host's start on the left and its port on the right.
+ */
+export function splitMiddle(text: string, tail = 14): [string, string] {
+  const keep = Math.min(tail, Math.floor(text.length / 2));
+  return [text.slice(0, text.length - keep), text.slice(text.length - keep)];
+}
+
+/** The file name of a notebook path (`/`- or `\`-separated); the path if none. */
+export function baseName(path: string): string {
+  const parts = path.split(/[/\\]/).filter(part => part.length > 0);
+  return parts.length > 0 ? parts[parts.length - 1] : path;
+}

@@ -229,6 +229,11 @@ export class RemoteGpuModel implements IDisposable {
   private _pending = new Set<string>();
 }
 
+/** The browser's clock, in seconds since the epoch. */
+export function now(): number {
+  return Date.now() / 1000;
+}
+
 /** A timestamp as seconds since the epoch (`NaN` → 0, for sorting). */
 export function seconds(value: Timestamp | null | undefined): number {
   if (value === null || value === undefined) {

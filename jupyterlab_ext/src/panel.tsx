@@ -7,17 +7,12 @@ import {
 import type { Message } from '@lumino/messaging';
 import React from 'react';
 
-import { formatBytes, formatDuration, formatPercent, fraction } from './format';
+import { splitMiddle } from './format';
 import { gpuIcon } from './icons';
-import { CANCELLABLE, RemoteGpuModel, seconds } from './model';
-import type {
-  IJob,
-  IProblem,
-  IQueueEntry,
-  IReadings,
-  ISession,
-  ISlot
-} from './types';
+import { RemoteGpuModel, now } from './model';
+import { SlotView } from './slots';
+import type { IProblem } from './types';
+import { JobView, LeaseView, QueueView } from './work';
 
 /** The "Remote GPU" sidebar: a view of a `RemoteGpuModel`. */
 export class RemoteGpuPanel extends ReactWidget {
@@ -105,11 +100,6 @@ class RenderGuard extends React.Component<
     );
   }
 }
-
-function now(): number {
-  return Date.now() / 1000;
-}
-
 function RemoteGpuView({ model }: { model: RemoteGpuModel }): JSX.Element {
   const status = model.status;
   const stale = model.problem !== null;
@@ -135,7 +125,11 @@ function RemoteGpuView({ model }: { model: RemoteGpuModel }): JSX.Element {
             ) : (
               <ul className="jp-RemoteGpu-list">
                 {status.slots.map(slot => (
-                  <SlotView key={slot.id} slot={slot} />
+                  <SlotView
+                    key={slot.id}
+                    slot={slot}
+                    serverTime={status.server.time ?? now()}
+                  />
                 ))}
               </ul>
             )}
@@ -198,7 +192,7 @@ function Header({ model }: { model: RemoteGpuModel }): JSX.Element {
           <refreshIcon.react tag="span" elementPosition="center" />
         </Button>
       </div>
-      <div className="jp-RemoteGpu-server" title={model.url}>
+      <div className="jp-RemoteGpu-server">
         <span
           className={`jp-RemoteGpu-dot jp-mod-${state.replace(' ', '-')}`}
           aria-hidden="true"
@@ -206,14 +200,22 @@ function Header({ model }: { model: RemoteGpuModel }): JSX.Element {
         <span className="jp-RemoteGpu-state" data-state={state}>
           {state}
         </span>
-        <span className="jp-RemoteGpu-url">{model.url || 'no server URL'}</span>
+        {you && model.status && (
+          <span
+            className="jp-RemoteGpu-you"
+            title={`as ${you.user}${you.admin ? ' (admin)' : ''}, to remote-gpu server ${model.status.server.version}`}
+          >
+            as <b>{you.user}</b>
+            {you.admin ? ' (admin)' : ''} · v{model.status.server.version}
+          </span>
+        )}
       </div>
-      {you && model.status && (
-        <div className="jp-RemoteGpu-you">
-          as <b>{you.user}</b>
-          {you.admin ? ' (admin)' : ''} · server {model.status.server.version}
-        </div>
-      )}
+      <div className="jp-RemoteGpu-urlRow">
+        <MiddleEllipsis
+          className="jp-RemoteGpu-url"
+          text={model.url || 'no server URL'}
+        />
+      </div>
     </header>
   );
 }
@@ -244,6 +246,26 @@ function ProblemView({
   );
 }
 
+/**
+ * `text` on one line, cut in the middle with `…` where it does not fit (its
+ * head shrinks, its tail stays), and whole on hover.
+ */
+function MiddleEllipsis({
+  text,
+  className
+}: {
+  text: string;
+  className: string;
+}): JSX.Element {
+  const [head, tail] = splitMiddle(text);
+  return (
+    <span className={`jp-RemoteGpu-middle ${className}`} title={text}>
+      <span className="jp-RemoteGpu-middleHead">{head}</span>
+      <span className="jp-RemoteGpu-middleTail">{tail}</span>
+    </span>
+  );
+}
+
 /** `text` with its `backticked` parts shown as code (commands to run). */
 function WithCode({ text }: { text: string }): JSX.Element {
   return (
@@ -271,199 +293,5 @@ function Section({
       </h3>
       {children}
     </section>
-  );
-}
-
-function Meter({
-  label,
-  value,
-  text
-}: {
-  label: string;
-  value: number | null;
-  text: string;
-}): JSX.Element {
-  const level = value === null ? '' : value > 0.9 ? ' jp-mod-high' : '';
-  return (
-    <div className="jp-RemoteGpu-meter" title={`${label}: ${text}`}>
-      <span className="jp-RemoteGpu-meterLabel">{label}</span>
-      <span className="jp-RemoteGpu-meterTrack">
-        <span
-          className={`jp-RemoteGpu-meterFill${level}`}
-          style={{ width: `${Math.round((value ?? 0) * 100)}%` }}
-        />
-      </span>
-      <span className="jp-RemoteGpu-meterText">{text}</span>
-    </div>
-  );
-}
-
-function SlotView({ slot }: { slot: ISlot }): JSX.Element {
-  const r = slot.readings;
-  const holder = slot.holder;
-  return (
-    <li
-      className={`jp-RemoteGpu-slot${holder?.mine ? ' jp-mod-mine' : ''}`}
-      data-slot={slot.id}
-    >
-      <div className="jp-RemoteGpu-row">
-        <span className="jp-RemoteGpu-name" title={slot.uuid || slot.id}>
-          {slot.name}
-        </span>
-        <span
-          className={`jp-RemoteGpu-badge ${slot.healthy ? 'jp-mod-ok' : 'jp-mod-bad'}`}
-        >
-          {slot.healthy ? 'healthy' : 'unhealthy'}
-        </span>
-      </div>
-      <div className="jp-RemoteGpu-sub">
-        {slot.id}
-        {slot.pool ? ` · pool ${slot.pool}` : ''}
-      </div>
-      {slot.problem && <div className="jp-RemoteGpu-jobError">{slot.problem}</div>}
-      {r === null ? (
-        <div className="jp-RemoteGpu-sub">No NVML readings ({slot.kind} slot).</div>
-      ) : (
-        <>
-          <Meter
-            label="Util"
-            value={fraction(r.utilization, 100)}
-            text={formatPercent(r.utilization)}
-          />
-          <Meter
-            label="Mem"
-            value={fraction(r.memory_used, r.memory_total)}
-            text={`${formatBytes(r.memory_used)} / ${formatBytes(r.memory_total)}`}
-          />
-          <div className="jp-RemoteGpu-sub">{sensors(r)}</div>
-        </>
-      )}
-      <div className="jp-RemoteGpu-holder" data-holder={holder ? holder.user : ''}>
-        {holder === null ? (
-          <span className="jp-RemoteGpu-free">free</span>
-        ) : (
-          <>
-            held by <b>{holder.mine ? 'you' : holder.user}</b> for{' '}
-            {formatDuration(now() - seconds(holder.since))}
-          </>
-        )}
-      </div>
-    </li>
-  );
-}
-
-/** Temperature, power and processes, leaving out what the slot does not report. */
-function sensors(r: IReadings): string {
-  const parts: string[] = [];
-  if (r.temperature !== null) {
-    parts.push(`${Math.round(r.temperature)} °C`);
-  }
-  if (r.power !== null) {
-    parts.push(`${Math.round(r.power)} W`);
-  }
-  const n = r.processes.length;
-  parts.push(n === 1 ? '1 process' : `${n} processes`);
-  return parts.join(' · ');
-}
-
-function LeaseView({
-  model,
-  session
-}: {
-  model: RemoteGpuModel;
-  session: ISession;
-}): JSX.Element {
-  const id = session.id ?? '';
-  const pending = model.isPending(`session:${id}`);
-  return (
-    <li className="jp-RemoteGpu-lease" data-session={id}>
-      <div className="jp-RemoteGpu-row">
-        <span className="jp-RemoteGpu-name">{session.slots.join(', ')}</span>
-        <Button
-          small
-          className="jp-RemoteGpu-release jp-mod-styled jp-mod-warn"
-          disabled={pending}
-          title="Release this lease: its kernel and variables on the GPU end"
-          onClick={() => void model.release(id)}
-        >
-          {pending ? 'Releasing…' : 'Release'}
-        </Button>
-      </div>
-      <div className="jp-RemoteGpu-sub">
-        session {id.slice(0, 8)} · for {formatDuration(now() - seconds(session.since))}
-        {' · '}idle {formatDuration(session.idle)}
-      </div>
-    </li>
-  );
-}
-
-function QueueView({ queue }: { queue: IQueueEntry[] }): JSX.Element {
-  if (queue.length === 0) {
-    return <div className="jp-RemoteGpu-empty">No one is waiting.</div>;
-  }
-  const mine = queue.filter(entry => entry.mine);
-  return (
-    <>
-      {mine.length > 0 && (
-        <div className="jp-RemoteGpu-notice">
-          You are number{' '}
-          {mine.map(entry => entry.position ?? '?').join(', ')} in the queue.
-        </div>
-      )}
-      <ol className="jp-RemoteGpu-list jp-RemoteGpu-queue">
-        {queue.map(entry => (
-          <li
-            key={`${entry.pool}-${entry.position}-${entry.user}`}
-            className={`jp-RemoteGpu-queueEntry${entry.mine ? ' jp-mod-mine' : ''}`}
-            data-position={entry.position ?? ''}
-          >
-            <span className="jp-RemoteGpu-position">#{entry.position ?? '?'}</span>
-            <span className="jp-RemoteGpu-name">
-              {entry.user}
-              {entry.mine && <span className="jp-RemoteGpu-badge jp-mod-you">you</span>}
-            </span>
-            <span className="jp-RemoteGpu-sub">
-              {entry.gpus} slot{entry.gpus === 1 ? '' : 's'}
-              {entry.pool ? ` · ${entry.pool}` : ''} · waited{' '}
-              {formatDuration(entry.waited)}
-            </span>
-          </li>
-        ))}
-      </ol>
-    </>
-  );
-}
-
-function JobView({ model, job }: { model: RemoteGpuModel; job: IJob }): JSX.Element {
-  const pending = model.isPending(`job:${job.id}`);
-  const when = job.ended ?? job.started ?? job.created;
-  return (
-    <li className="jp-RemoteGpu-job" data-job={job.id} data-state={job.state}>
-      <div className="jp-RemoteGpu-row">
-        <span className={`jp-RemoteGpu-badge jp-mod-${job.state}`}>
-          {job.state.replace('_', ' ')}
-        </span>
-        <span className="jp-RemoteGpu-name">
-          {job.name || `${job.kind} job ${job.id}`}
-        </span>
-        {CANCELLABLE.has(job.state) && (
-          <Button
-            small
-            minimal
-            className="jp-RemoteGpu-cancel"
-            disabled={pending}
-            title="Cancel this job"
-            onClick={() => void model.cancel(job.id)}
-          >
-            {pending ? 'Cancelling…' : 'Cancel'}
-          </Button>
-        )}
-      </div>
-      <div className="jp-RemoteGpu-sub">
-        {job.slots.length > 0 ? `${job.slots.join(', ')} · ` : ''}
-        {when === null ? '' : `${formatDuration(now() - seconds(when))} ago`}
-      </div>
-      {job.error && <div className="jp-RemoteGpu-jobError">{job.error}</div>}
-    </li>
   );
 }

@@ -6,14 +6,30 @@
 /** Seconds since the epoch, or an ISO 8601 string. */
 export type Timestamp = number | string;
 
-/** NVML readings of one slot; `null` where the slot has none (a CPU slot). */
+/**
+ * The latest readings of one slot (NVML for a GPU, psutil for a CPU slot);
+ * a field the slot cannot report is `null`.
+ */
 export interface IReadings {
   utilization: number | null;
   memory_used: number | null;
+  /** What the slot's worker may use: the GPU's memory, or a CPU slot's share of the host's. */
   memory_total: number | null;
   temperature: number | null;
   power: number | null;
   processes: { pid: number; memory: number | null }[];
+  /** A CPU slot's host RAM, which its slots share; `null` or absent on a GPU. */
+  host_memory_total?: number | null;
+}
+
+/** A slot's readings of the last minutes, as parallel lists, oldest first. */
+export interface IHistory {
+  /** The span the server keeps, in seconds. */
+  window: number;
+  /** Seconds since the epoch. */
+  time: number[];
+  utilization: (number | null)[];
+  memory_used: (number | null)[];
 }
 
 export interface IHolder {
@@ -24,6 +40,8 @@ export interface IHolder {
   kind?: string;
   /** Present only when `mine` (or for an admin). */
   session?: string | null;
+  /** The notebook the lease is for; present only when `mine` (or for an admin). */
+  notebook?: string | null;
 }
 
 export interface ISlot {
@@ -36,6 +54,8 @@ export interface ISlot {
   problem?: string | null;
   pool: string | null;
   readings: IReadings | null;
+  /** Absent from servers older than the plots. */
+  history?: IHistory | null;
   holder: IHolder | null;
 }
 
@@ -60,9 +80,18 @@ export interface ISession {
   since: Timestamp;
   idle: number;
   mine: boolean;
+  /** The batch job a batch lease runs (`mine` or admin only). */
+  job?: number | null;
+  /** Whether a cell (or a batch job) runs now. */
+  busy?: boolean;
+  /** The notebook's path on the user's machine; `null` for a script (`mine` or admin only). */
+  notebook?: string | null;
+  /** The first non-empty line of the latest cell's code (`mine` or admin only). */
+  first_line?: string | null;
 }
 
 export interface IServerStatus {
+  /** `time`: the server's clock, seconds since the epoch. */
   server: { version: string; time?: number };
   you: { user: string; admin: boolean };
   slots: ISlot[];
@@ -89,7 +118,14 @@ export interface IJob {
   id: number | string;
   user: string;
   kind: string;
+  /** A batch job's name. */
   name?: string | null;
+  /** The session the job ran in (a cell's lease, a batch attempt's). */
+  session?: string | null;
+  /** The notebook of the job's session; `null` for a script or a batch job. */
+  notebook?: string | null;
+  /** The first non-empty line of the job's code. */
+  first_line?: string | null;
   slots: string[];
   state: JobState | string;
   error: string | null;

@@ -147,6 +147,9 @@ class LeaseRequest(Message):
 
     ``priority`` is ``high``, ``normal`` or ``low``; ``pool`` names a pool
     of slots configured on the server (``default``: the unnamed slots).
+    ``notebook`` is the path of the notebook the lease is for, as Jupyter
+    gives it to the kernel (``JPY_SESSION_NAME``), or None (a script); the
+    server shows it to the lease's owner only.
     """
 
     type = MessageType.LEASE_REQUEST
@@ -155,6 +158,7 @@ class LeaseRequest(Message):
     resume: str | None = None
     priority: str = "normal"
     pool: str = "default"
+    notebook: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

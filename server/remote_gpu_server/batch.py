@@ -114,6 +114,7 @@ class RunningJob:
     reason: str | None = None
     task: asyncio.Task[dict[str, Any]] | None = None  # the script's execution
     done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # slots are back
+    code: str = ""  # the script, for the status view
 
 
 class _Waiter:
@@ -297,7 +298,7 @@ class BatchRunner:
         except BaseException:
             self.broker.free(slots)
             raise
-        run = RunningJob(job, record.user, attempt, session, slots, time.time())
+        run = RunningJob(job, record.user, attempt, session, slots, time.time(), code=record.code)
         self._running[job] = run
         try:
             worker = await self.pool.take(list(slots))

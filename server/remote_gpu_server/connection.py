@@ -37,6 +37,8 @@ log = logging.getLogger("remote_gpu_server")
 #: more are answered with an error, so a client cannot make the server hold
 #: an unbounded number of them.
 MAX_IN_FLIGHT = 64
+#: The longest notebook path kept from a lease request, in characters.
+MAX_NOTEBOOK = 1024
 
 class Connection:
     """One websocket; ``broker`` grants leases, ``sessions`` holds them."""
@@ -217,7 +219,10 @@ class Connection:
             return
         finally:
             self._waiting.pop(entry.key, None)
-        session = await sessions.open(self.user, slots, getattr(msg, "notebook", None))
+        # The notebook's path is only shown, never used as a path here: keep
+        # a bounded piece of it.
+        notebook = msg.notebook[:MAX_NOTEBOOK] if msg.notebook else None
+        session = await sessions.open(self.user, slots, notebook)
         if self.closed:
             # Granted, but the client left while its worker started: it never
             # learns the session id, so nobody could resume it. Free it now

@@ -10,7 +10,13 @@ not be leased until it recovers; :meth:`Readings.healthy` answers that and
 
 CPU slots (a machine without GPUs) report the CPU percentage and resident
 memory of their workers' process trees instead, through ``psutil``; they
-are always healthy.
+are always healthy. A CPU slot's ``memory_total`` is its worker's
+allowance, not the host's RAM: a fair share, the host's RAM divided by the
+number of CPU slots (there is no per-worker memory setting yet; one would
+replace this share); ``host_memory_total`` gives the host's RAM.
+
+Every reading also goes into a :class:`~.history.ReadingHistory` of the last
+few minutes (``Readings.history``), which the sidebar plots.
 
 The NVML module is a parameter (``nvml=``) so tests can pass a test double;
 by default ``pynvml`` is imported, and only when there are GPU slots. CUDA
@@ -23,6 +29,7 @@ import asyncio
 import dataclasses
 import importlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +38,7 @@ import psutil
 from remote_gpu_kernel.typing import SlotId
 
 from .gpus import Slot
+from .history import HistoryPoint, ReadingHistory
 
 __all__ = ["ProcessReading", "Readings", "SlotReading"]
 
@@ -56,6 +64,8 @@ class SlotReading:
 
     ``utilization`` is a percentage (a CPU slot's may exceed 100 on several
     cores); memory is in bytes, temperature in °C, power in watts.
+    ``memory_total`` is what the slot's worker may use: a GPU's memory, or a
+    CPU slot's share of the host's RAM, ``host_memory_total`` (None on a GPU).
     """
 
     utilization: float | None = None
@@ -66,6 +76,7 @@ class SlotReading:
     processes: tuple[ProcessReading, ...] = ()
     healthy: bool = True
     problem: str | None = None
+    host_memory_total: int | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The ``readings`` object of ``GET /api/status``."""
@@ -77,6 +88,7 @@ class SlotReading:
             "power": self.power,
             "processes": [{"pid": p.pid, "memory": p.memory, "worker": p.worker}
                           for p in self.processes],
+            "host_memory_total": self.host_memory_total,
         }
 
 
@@ -158,10 +170,12 @@ class _ProcessReader:
 
     ``psutil.Process.cpu_percent`` measures since its previous call on the
     same object, so the objects are kept from one reading to the next.
+    ``shares`` is the number of CPU slots the host's RAM is divided among.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, shares: int = 1) -> None:
         self._known: dict[int, psutil.Process] = {}
+        self.shares = max(1, shares)
 
     def read(self, pids: list[int]) -> SlotReading:
         seen: dict[int, psutil.Process] = {}
@@ -184,11 +198,13 @@ class _ProcessReader:
                 seen[proc.pid] = proc
             processes.append(ProcessReading(pid, rss))
         self._known = seen
+        host = int(psutil.virtual_memory().total)
         return SlotReading(
             utilization=round(cpu, 1),
             memory_used=sum(p.memory for p in processes),
-            memory_total=psutil.virtual_memory().total,
+            memory_total=host // self.shares,
             processes=tuple(processes),
+            host_memory_total=host,
         )
 
 
@@ -201,7 +217,8 @@ class Readings:
     when a slot's health changes. Call :meth:`refresh` (one reading now) and
     :meth:`start` (a reading every ``period``) on the event loop, and
     :meth:`close` at the end; :meth:`read_now` reads once, synchronously,
-    without calling ``on_health``.
+    without calling ``on_health``. Each reading is also added to
+    :attr:`history`.
     """
 
     def __init__(self, slots: list[Slot], pids: Callable[[SlotId], list[int]], *,
@@ -212,7 +229,9 @@ class Readings:
         self.on_health = on_health
         self._pids = pids
         self._latest: dict[SlotId, SlotReading] = {s.id: SlotReading() for s in slots}
-        self._cpu = {s.id: _ProcessReader() for s in slots if s.kind != "gpu"}
+        cpu_slots = [s for s in slots if s.kind != "gpu"]
+        self._cpu = {s.id: _ProcessReader(len(cpu_slots)) for s in cpu_slots}
+        self.history = ReadingHistory([s.id for s in slots])
         self._nvml: _NvmlReader | None = None
         self._nvml_module = nvml
         self._task: asyncio.Task[None] | None = None
@@ -236,6 +255,9 @@ class Readings:
                 self._latest[slot.id] = SlotReading()
                 if slot.kind != "gpu":
                     self._cpu[slot.id] = _ProcessReader()
+        shares = len(self._cpu)
+        for reader in self._cpu.values():
+            reader.shares = max(1, shares)
 
     def latest(self, slot_id: SlotId) -> SlotReading:
         return self._latest[slot_id]
@@ -265,6 +287,7 @@ class Readings:
                 reading = self._cpu[slot.id].read(pids.get(slot.id, []))
             before = self._latest[slot.id]
             self._latest[slot.id] = reading
+            self.history.add(slot.id, HistoryPoint(time.time(), reading.utilization, reading.memory_used))
             if before.healthy != reading.healthy:
                 changed[slot.id] = (reading.healthy, reading.problem)
         return changed

@@ -76,6 +76,10 @@ class Replier(Protocol):
 
 
 class Session:
+    """``notebook`` is the path the client named in its lease request (None: a
+    script); ``last_code`` is the code of the latest cell that was not silent.
+    Both are for the status view (who runs what), shown to the owner only."""
+
     def __init__(self, context: SessionContext, user: str, slots: list[SlotId], worker: Worker,
                  notebook: str | None = None,
                  on_lost: Callable[[Session, str], None] | None = None) -> None:
@@ -84,6 +88,7 @@ class Session:
         self.user = user
         self.slots = slots
         self.notebook = notebook
+        self.last_code: str | None = None
         # Called when the session cannot go on (its worker's node went away).
         self._on_lost = on_lost
         self.lock = asyncio.Lock()
@@ -167,6 +172,8 @@ class Session:
             await self._notices(msg.req, conn)
             worker = await self.worker()
             cell = self._running = object()
+            if not msg.silent:
+                self.last_code = msg.code
             self._interrupted, self._started = False, False
             # The job's row is written while the worker already runs the cell.
             job_task = asyncio.get_running_loop().create_task(self._create_job(msg.code))

@@ -6,6 +6,10 @@ is only fair when everyone can see who waits and who holds; U sees the
 session ids, job ids, code and output of U's own work only. An admin token
 sees everything. The shapes are a contract with the JupyterLab sidebar and
 the ``rgpu`` CLI: add fields, never rename or drop one.
+
+What a lease or a job came from is the owner's too: ``notebook`` (the path
+the client named, None for a script) and ``first_line`` (the first non-empty
+line of its code: a lease's latest cell, a job's own code).
 """
 
 from __future__ import annotations
@@ -25,7 +29,21 @@ from .readings import Readings
 from .sessions import SessionManager
 from .store import JobRecord, Store, TokenInfo
 
-__all__ = ["ServerView", "job_json", "job_title", "output_text", "status_json", "usage_json"]
+__all__ = ["FIRST_LINE_MAX", "ServerView", "first_line", "job_json", "output_text", "status_json",
+           "usage_json"]
+
+#: The longest ``first_line`` shown, in characters (an ellipsis marks a cut).
+FIRST_LINE_MAX = 120
+
+
+def first_line(code: str | None) -> str | None:
+    """The first line of ``code`` that is not blank, stripped, at most
+    :data:`FIRST_LINE_MAX` characters; None for no code or only blank lines."""
+    for line in (code or "").splitlines():
+        line = line.strip()
+        if line:
+            return line if len(line) <= FIRST_LINE_MAX else line[: FIRST_LINE_MAX - 1] + "…"
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,14 +73,6 @@ def _cost(view: ServerView, gpu_seconds: float) -> float | None:
     return None if price is None else round(gpu_seconds / 3600.0 * price, 4)
 
 
-def job_title(code: str, limit: int = 80) -> str:
-    """The first line of a job's code that says something (not blank, not a comment)."""
-    lines = [line.strip() for line in code.splitlines() if line.strip()]
-    meaningful = [line for line in lines if not line.startswith("#")]
-    title = (meaningful or lines or [""])[0]
-    return title if len(title) <= limit else title[: limit - 1] + "…"
-
-
 async def _leases(view: ServerView, me: TokenInfo) -> list[dict[str, Any]]:
     """Every lease in force: interactive sessions and running batch jobs."""
     now, mono = time.time(), time.monotonic()
@@ -74,17 +84,20 @@ async def _leases(view: ServerView, me: TokenInfo) -> list[dict[str, Any]]:
         idle = 0.0 if session.busy else max(0.0, mono - session.last_active)
         leases.append({"id": session.id, "kind": "interactive", "user": session.user,
                        "slots": [str(s) for s in session.slots], "since": created.get(session.id, now),
-                       "idle": round(idle, 1), "job": None, "notebook": session.notebook})
+                       "idle": round(idle, 1), "job": None, "busy": session.busy,
+                       "notebook": session.notebook, "first_line": first_line(session.last_code)})
     for run in view.batch.running():
         leases.append({"id": run.session, "kind": "batch", "user": run.user,
                        "slots": [str(s) for s in run.slots], "since": run.since, "idle": 0.0,
-                       "job": run.job, "notebook": None})
+                       "job": run.job, "busy": True, "notebook": None,
+                       "first_line": first_line(run.code)})
     for lease in leases:
         lease["mine"] = lease["user"] == me.user
         if not (lease["mine"] or me.admin):
             lease["id"] = None
             lease["job"] = None
             lease["notebook"] = None
+            lease["first_line"] = None
     return leases
 
 
@@ -140,6 +153,7 @@ async def status_json(view: ServerView, me: TokenInfo) -> dict[str, Any]:
             if lease["mine"] or me.admin:
                 holder[slot_id]["session"] = lease["id"]
                 holder[slot_id]["job"] = lease["job"]
+                holder[slot_id]["notebook"] = lease["notebook"]
     slots = []
     for slot in view.slots:
         reading = view.readings.latest(slot.id)
@@ -152,6 +166,7 @@ async def status_json(view: ServerView, me: TokenInfo) -> dict[str, Any]:
             "pool": view.pool(slot.id),
             "node": view.node_label(slot),
             "readings": reading.as_json(),
+            "history": view.readings.history.as_json(slot.id),
             "holder": holder.get(slot.id),
         })
     return {
@@ -183,7 +198,7 @@ async def job_json(view: ServerView, job: JobRecord, *, code: bool = True) -> di
                      for a in attempts],
         "created": job.created, "started": job.started, "ended": job.ended,
         "gpu_seconds": round(gpu_seconds, 1), "cost": _cost(view, gpu_seconds),
-        "notebook": job.notebook, "title": job_title(job.code),
+        "notebook": job.notebook, "first_line": first_line(job.code),
     }
     if code:
         data["code"] = job.code

@@ -1,15 +1,19 @@
 """End to end in real headless Chromium: JupyterLab, the sidebar and a GPU server.
 
-A ``%%gpu`` cell leases the server's one CPU slot; the sidebar shows the
-slot held by the user and the lease; Release in the sidebar frees it. The
-screenshot goes to test-artifacts/ and, with RGPU_UPDATE_SCREENSHOT=1, to the
-README's docs/sidebar.png.
+A ``%%gpu`` cell leases one of the server's two CPU slots and keeps it busy
+for six seconds; the sidebar shows the server's URL whole or cut in the
+middle, the slot held by the user from this notebook, its memory against the
+worker's share, a plot of its recent utilization, and the lease and the job
+named by the notebook and the cell's first line; Release in the sidebar
+frees the slot. The screenshot goes to test-artifacts/ and, with
+RGPU_UPDATE_SCREENSHOT=1, to the README's docs/sidebar.png.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,12 +35,15 @@ CHROMIUM_FLAGS = [
 ARTIFACTS = ROOT / "test-artifacts"
 README_SHOT = ROOT / "docs" / "sidebar.png"
 
+FIRST_LINE = "# fit the model: six seconds of CPU work"
+FIT = f"%%gpu\n{FIRST_LINE}\nimport time\nstart = time.time()\nwhile time.time() - start < 6:\n    pass\nprint('fitted')"
+
 NOTEBOOK = {
     "cells": [
         {"cell_type": "code", "execution_count": None, "id": "load", "metadata": {}, "outputs": [],
          "source": "%load_ext remote_gpu_kernel"},
         {"cell_type": "code", "execution_count": None, "id": "gpu", "metadata": {}, "outputs": [],
-         "source": "%%gpu\nprint(1)"},
+         "source": FIT},
     ],
     "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3 (ipykernel)",
                                 "language": "python"}},
@@ -64,6 +71,7 @@ def lab(fresh_server: ServerProcess, tmp_path: Path) -> Iterator[tuple[LabProces
         pytest.skip(f"{CHROMIUM} is missing; install it with: apt-get install -y chromium")
     pytest.importorskip("playwright.sync_api", reason="pip install playwright (in the dev extra)")
     _labextension_installed()
+    fresh_server.slots = "cpu:2"  # one to lease, one to stay free
     fresh_server.start()
     token = fresh_server.token("alice")
     lab = LabProcess(tmp_path / "lab", {"RGPU_URL": fresh_server.url, "RGPU_TOKEN": token,
@@ -88,7 +96,7 @@ def test_sidebar_shows_the_lease_and_releases_it(lab: tuple[LabProcess, str]) ->
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 760})
+            page = browser.new_page(viewport={"width": 1280, "height": 860})
             page.set_default_timeout(60_000)
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(f"{exc}\n{exc.stack}"))
@@ -99,11 +107,41 @@ def test_sidebar_shows_the_lease_and_releases_it(lab: tuple[LabProcess, str]) ->
             tab.click()
             panel = page.locator("#remote-gpu-sidebar")
             expect(panel).to_be_visible()
-            slot = panel.locator('.jp-RemoteGpu-slot[data-slot="cpu0"]')
-            expect(slot).to_be_visible()
+            slots = panel.locator(".jp-RemoteGpu-slot")
+            expect(slots).to_have_count(2)
             expect(panel.locator(".jp-RemoteGpu-state")).to_have_text("connected")
-            expect(slot.locator(".jp-RemoteGpu-holder")).to_have_text("free")
-            expect(panel.locator(".jp-RemoteGpu-url")).to_have_text(proc.env["RGPU_URL"])
+            expect(slots.locator(".jp-RemoteGpu-holder")).to_have_text(["free", "free"])
+
+            # The URL: whole on hover; its end (the port) always in view.
+            server_url = proc.env["RGPU_URL"]
+            url = panel.locator(".jp-RemoteGpu-url")
+            expect(url).to_have_text(server_url)
+            expect(url).to_have_attribute("title", server_url)
+            tail = url.locator(".jp-RemoteGpu-middleTail")
+            assert server_url.endswith(tail.inner_text())
+            assert tail.inner_text().endswith(server_url.rsplit(":", 1)[1])
+            panel_box, tail_box = panel.bounding_box(), tail.bounding_box()
+            assert panel_box and tail_box
+            assert tail_box["x"] + tail_box["width"] <= panel_box["x"] + panel_box["width"]
+            # Where the row is too narrow, the head is cut (with an ellipsis) and the tail stays.
+            cut = page.locator(".jp-RemoteGpu-urlRow").evaluate(
+                """row => {
+                    row.style.width = '120px';
+                    const head = row.querySelector('.jp-RemoteGpu-middleHead');
+                    const tail = row.querySelector('.jp-RemoteGpu-middleTail').getBoundingClientRect();
+                    const box = row.getBoundingClientRect();
+                    const result = {cut: head.scrollWidth > head.clientWidth,
+                                    ellipsis: getComputedStyle(head).textOverflow,
+                                    tailInside: tail.right <= box.right + 0.5 && tail.width > 0};
+                    row.style.width = '';
+                    return result;
+                }""")
+            assert cut == {"cut": True, "ellipsis": "ellipsis", "tailInside": True}, cut
+
+            # A CPU slot's memory is its worker's, against its share of the host.
+            memory = slots.first.locator('.jp-RemoteGpu-meter[data-label="Mem"]')
+            expect(memory).to_have_attribute("title", re.compile(r"the worker uses .* of its share, "
+                                                                 r".* shared by 2 CPU slots"))
 
             # Run both cells from the keyboard once the kernel is idle.
             expect(page.locator(".jp-Notebook .jp-Cell").nth(1)).to_be_visible()
@@ -112,14 +150,30 @@ def test_sidebar_shows_the_lease_and_releases_it(lab: tuple[LabProcess, str]) ->
             page.keyboard.press("Shift+Enter")
             page.keyboard.press("Shift+Enter")
             output = page.locator(".jp-Notebook .jp-Cell").nth(1).locator(".jp-OutputArea-output")
-            expect(output.filter(has_text="1").first).to_be_visible(timeout=90_000)
+            expect(output.filter(has_text="fitted").first).to_be_visible(timeout=90_000)
 
+            # The lease and the job say which notebook and which cell.
+            notebook_path = str(proc.root / "gpu.ipynb")
             lease = panel.locator(".jp-RemoteGpu-lease")
             expect(lease).to_have_count(1, timeout=30_000)
-            expect(slot.locator(".jp-RemoteGpu-holder")).to_contain_text("held by you")
+            expect(lease.locator(".jp-RemoteGpu-notebook")).to_have_text("gpu.ipynb")
+            expect(lease.locator(".jp-RemoteGpu-notebook")).to_have_attribute("title", notebook_path)
+            expect(lease.locator(".jp-RemoteGpu-firstLine")).to_have_text(FIRST_LINE)
             expect(lease.locator(".jp-RemoteGpu-release")).to_be_enabled()
-            jobs = panel.locator(".jp-RemoteGpu-job")
-            expect(jobs.first).to_be_visible()
+            job = panel.locator(".jp-RemoteGpu-job").first
+            expect(job.locator(".jp-RemoteGpu-notebook")).to_have_text("gpu.ipynb")
+            expect(job.locator(".jp-RemoteGpu-firstLine")).to_have_text(FIRST_LINE)
+            expect(job).to_have_attribute("data-state", "completed")
+            slot = panel.locator(".jp-RemoteGpu-slot.jp-mod-mine")
+            expect(slot.locator(".jp-RemoteGpu-holder")).to_contain_text("held by you (gpu.ipynb)")
+
+            # The slot's plot shows the busy seconds once a reading has seen them.
+            plot = slot.locator(".jp-RemoteGpu-sparkBox")
+            expect(plot).to_have_attribute("title", re.compile(r"utilization peaked at ([2-9]\d|\d{3,})%"),
+                                           timeout=30_000)
+            points = int(slot.locator(".jp-RemoteGpu-spark").get_attribute("data-points") or 0)
+            assert points >= 2
+            assert "L" in (slot.locator(".jp-RemoteGpu-sparkUtil").get_attribute("d") or "")
             assert token not in page.content(), "the token must never reach the browser"
 
             shot = ARTIFACTS / "sidebar-lease.png"
@@ -130,7 +184,7 @@ def test_sidebar_shows_the_lease_and_releases_it(lab: tuple[LabProcess, str]) ->
 
             lease.locator(".jp-RemoteGpu-release").click()
             expect(lease).to_have_count(0, timeout=30_000)
-            expect(slot.locator(".jp-RemoteGpu-holder")).to_have_text("free")
+            expect(slots.locator(".jp-RemoteGpu-holder")).to_have_text(["free", "free"])
             page.screenshot(path=str(ARTIFACTS / "sidebar-released.png"))
             assert not errors, errors
         except BaseException:

@@ -74,7 +74,7 @@ def test_status_shape(users: Users) -> None:
         assert set(slot) >= {"id", "kind", "name", "uuid", "healthy", "pool", "readings", "holder"}
         assert slot["kind"] == "cpu" and slot["healthy"] is True and slot["pool"] == "default"
         assert set(slot["readings"]) == {"utilization", "memory_used", "memory_total", "temperature",
-                                         "power", "processes"}
+                                         "power", "processes", "host_memory_total"}
     assert status["usage"]["price_per_gpu_hour"] == 3.6
     assert users.admin.status()["you"] == {"user": "root", "admin": True}
 

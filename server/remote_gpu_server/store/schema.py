@@ -4,7 +4,8 @@ A store is at a schema version, kept in the table ``schema_version``. On
 open, :func:`migrate` applies every later step in one transaction; a store
 whose version is newer than this code knows is refused with a message that
 says to upgrade. A file made before versions were kept (it has a ``users``
-table but no ``schema_version``) is at version 1.
+table but no ``schema_version``) runs every step: step 1 makes only the
+tables it lacks.
 
 Versions:
 
@@ -86,14 +87,17 @@ async def _version(db: Executor, engine: str) -> int:
         return int(row[0]) if row else 0
     await db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
     await db.execute("INSERT INTO schema_version (version) VALUES (0)")
-    if "users" not in tables:
-        return 0
-    if engine == "sqlite":  # quotas on tokens came before versions were kept
-        columns = {r[1] for r in await db.fetchall("PRAGMA table_info(tokens)")}
-        for name in ("max_gpus", "max_waiting"):
-            if name not in columns:
-                await db.execute(f"ALTER TABLE tokens ADD COLUMN {name} INTEGER")
-    return 1
+    # A file from before versions were kept runs step 1 again: its tables are
+    # made only where missing.
+    return 0
+
+
+async def _tokens_quotas(db: Executor) -> None:
+    """Quotas on tokens came to SQLite files before versions were kept."""
+    columns = {r[1] for r in await db.fetchall("PRAGMA table_info(tokens)")}
+    for name in ("max_gpus", "max_waiting"):
+        if name not in columns:
+            await db.execute(f"ALTER TABLE tokens ADD COLUMN {name} INTEGER")
 
 
 async def migrate(db: Database) -> int:
@@ -113,6 +117,8 @@ async def migrate(db: Database) -> int:
         for version in range(found + 1, SCHEMA_VERSION + 1):
             for statement in _STEPS[version](engine):
                 await tx.execute(statement)
+            if version == 1 and engine == "sqlite":
+                await _tokens_quotas(tx)
         if found != SCHEMA_VERSION:
             await tx.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
     return found

@@ -1,0 +1,174 @@
+// The user's work in the sidebar: leases, the queue and jobs, each named by
+// the notebook it came from and the first line of its code.
+
+import { Button } from '@jupyterlab/ui-components';
+import React from 'react';
+
+import { baseName, formatDuration } from './format';
+import { CANCELLABLE, RemoteGpuModel, now, seconds } from './model';
+import type { IJob, IQueueEntry, ISession } from './types';
+
+export function LeaseView({
+  model,
+  session
+}: {
+  model: RemoteGpuModel;
+  session: ISession;
+}): JSX.Element {
+  const id = session.id ?? '';
+  const pending = model.isPending(`session:${id}`);
+  return (
+    <li className="jp-RemoteGpu-lease" data-session={id}>
+      <div className="jp-RemoteGpu-row">
+        {session.busy && (
+          <span className="jp-RemoteGpu-badge jp-mod-running">running</span>
+        )}
+        <Origin
+          notebook={session.notebook}
+          fallback={
+            session.kind === 'batch'
+              ? `batch job ${session.job ?? ''}`
+              : `session ${id.slice(0, 8)}`
+          }
+        />
+        <Button
+          small
+          className="jp-RemoteGpu-release jp-mod-styled jp-mod-warn"
+          disabled={pending}
+          title="Release this lease: its kernel and variables on the GPU end"
+          onClick={() => void model.release(id)}
+        >
+          {pending ? 'Releasing…' : 'Release'}
+        </Button>
+      </div>
+      <FirstLine line={session.first_line} />
+      <Facts
+        facts={[
+          session.slots.join(', '),
+          `session ${id.slice(0, 8)}`,
+          `for ${formatDuration(now() - seconds(session.since))}`,
+          session.busy ? '' : `idle ${formatDuration(session.idle)}`
+        ]}
+      />
+    </li>
+  );
+}
+
+/** Where a lease or a job came from: its notebook's file name (the path on hover). */
+function Origin({
+  notebook,
+  fallback
+}: {
+  notebook?: string | null;
+  fallback: string;
+}): JSX.Element {
+  return notebook ? (
+    <span className="jp-RemoteGpu-name jp-RemoteGpu-notebook" title={notebook}>
+      {baseName(notebook)}
+    </span>
+  ) : (
+    <span className="jp-RemoteGpu-name">{fallback}</span>
+  );
+}
+
+/** A sub line of short facts joined by ` · `, each kept on one line; empty ones left out. */
+function Facts({ facts }: { facts: string[] }): JSX.Element {
+  const shown = facts.filter(fact => fact.length > 0);
+  return (
+    <div className="jp-RemoteGpu-sub">
+      {shown.map((fact, i) => (
+        <React.Fragment key={i}>
+          {i > 0 && ' · '}
+          <span className="jp-RemoteGpu-fact">{fact}</span>
+        </React.Fragment>
+      ))}
+    </div>
+  );
+}
+
+/** The first line of a lease's latest cell or of a job's code, as code. */
+function FirstLine({ line }: { line?: string | null }): JSX.Element | null {
+  if (!line) {
+    return null;
+  }
+  return (
+    <div className="jp-RemoteGpu-firstLine" title={line}>
+      <code>{line}</code>
+    </div>
+  );
+}
+
+export function QueueView({ queue }: { queue: IQueueEntry[] }): JSX.Element {
+  if (queue.length === 0) {
+    return <div className="jp-RemoteGpu-empty">No one is waiting.</div>;
+  }
+  const mine = queue.filter(entry => entry.mine);
+  return (
+    <>
+      {mine.length > 0 && (
+        <div className="jp-RemoteGpu-notice">
+          You are number{' '}
+          {mine.map(entry => entry.position ?? '?').join(', ')} in the queue.
+        </div>
+      )}
+      <ol className="jp-RemoteGpu-list jp-RemoteGpu-queue">
+        {queue.map(entry => (
+          <li
+            key={`${entry.pool}-${entry.position}-${entry.user}`}
+            className={`jp-RemoteGpu-queueEntry${entry.mine ? ' jp-mod-mine' : ''}`}
+            data-position={entry.position ?? ''}
+          >
+            <span className="jp-RemoteGpu-position">#{entry.position ?? '?'}</span>
+            <span className="jp-RemoteGpu-name">
+              {entry.user}
+              {entry.mine && <span className="jp-RemoteGpu-badge jp-mod-you">you</span>}
+            </span>
+            <span className="jp-RemoteGpu-sub">
+              {entry.gpus} slot{entry.gpus === 1 ? '' : 's'}
+              {entry.pool ? ` · ${entry.pool}` : ''} · waited{' '}
+              {formatDuration(entry.waited)}
+            </span>
+          </li>
+        ))}
+      </ol>
+    </>
+  );
+}
+
+export function JobView({ model, job }: { model: RemoteGpuModel; job: IJob }): JSX.Element {
+  const pending = model.isPending(`job:${job.id}`);
+  const when = job.ended ?? job.started ?? job.created;
+  return (
+    <li className="jp-RemoteGpu-job" data-job={job.id} data-state={job.state}>
+      <div className="jp-RemoteGpu-row">
+        <span className={`jp-RemoteGpu-badge jp-mod-${job.state}`}>
+          {job.state.replace('_', ' ')}
+        </span>
+        <Origin
+          notebook={job.notebook}
+          fallback={job.name || `${job.kind} job ${job.id}`}
+        />
+        {CANCELLABLE.has(job.state) && (
+          <Button
+            small
+            minimal
+            className="jp-RemoteGpu-cancel"
+            disabled={pending}
+            title="Cancel this job"
+            onClick={() => void model.cancel(job.id)}
+          >
+            {pending ? 'Cancelling…' : 'Cancel'}
+          </Button>
+        )}
+      </div>
+      <FirstLine line={job.first_line} />
+      <Facts
+        facts={[
+          job.slots.join(', '),
+          when === null ? '' : `${formatDuration(now() - seconds(when))} ago`
+        ]}
+      />
+      {job.error && <div className="jp-RemoteGpu-jobError">{job.error}</div>}
+    </li>
+  );
+}

@@ -22,6 +22,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
 from remote_gpu_kernel.protocol import CHUNK_SIZE
+from remote_gpu_kernel.tls import is_loopback
 from remote_gpu_kernel.protocol import messages as m
 from remote_gpu_kernel.typing import SessionId, SlotId
 
@@ -30,13 +31,15 @@ from .config import ServerConfig
 from .connection import Connection
 from .errors import TokenError
 from .gpus import Slot, discover_slots
-from .http_api import SUBMIT_PATH, HttpApi, is_websocket
+from .http_api import SUBMIT_PATH, HttpApi, is_websocket, json_response
 from .metrics import Metrics
+from .origins import OriginPolicy
 from .pool import Pool
 from .readings import Readings
 from .scheduler import Grant, LeaseRequestEntry, Quota, Scheduler
 from .session import Session
 from .store import Store, TokenInfo
+from .tls import server_ssl_context
 
 __all__ = ["GpuServer", "__version__"]
 
@@ -89,8 +92,12 @@ class GpuServer:
         self.batch = BatchRunner(self)
         self.metrics = Metrics(self)
         self.http = HttpApi(self)
+        self.origins = OriginPolicy(config.allow_origins)  # raises ValueError for a bad entry
 
     async def start(self) -> None:
+        # TLS first: a certificate that cannot be used stops the start before anything runs.
+        certfile = self.config.certfile
+        context = server_ssl_context(certfile, self.config.keyfile) if certfile else None
         self.store = Store(self.config.db)
         stale = self.store.fail_interrupted_jobs("the server stopped while this job was running")
         if stale:
@@ -113,12 +120,17 @@ class GpuServer:
             max_queue=64,
             write_limit=4 * CHUNK_SIZE,
             server_header=f"remote-gpu-server/{self.version}",
+            ssl=context,
         )
         self.port = self._server.sockets[0].getsockname()[1] if self._server.sockets else self.config.port
         self._reaper = asyncio.get_running_loop().create_task(self._reap_idle())
         self._announcer = asyncio.get_running_loop().create_task(self._announce_ready())
-        log.info("listening on ws://%s:%d with %d slot(s): %s", self.config.host, self.port,
+        scheme = "wss" if context is not None else "ws"
+        log.info("listening on %s://%s:%d with %d slot(s): %s", scheme, self.config.host, self.port,
                  len(self.slots), ", ".join(f"{s.id} ({s.name})" for s in self.slots))
+        if context is None and not is_loopback(self.config.host):
+            log.warning("serving plain ws:// on %s: tokens cross the network in clear; serve TLS "
+                        "with --tls self-signed or --certfile/--keyfile", self.config.host)
 
     async def serve_forever(self) -> None:
         assert self._server is not None
@@ -143,6 +155,12 @@ class GpuServer:
     # -- websocket ----------------------------------------------------------
 
     async def _authenticate(self, connection: ServerConnection, request: Request) -> Response | None:
+        refused = self.origins.refusal(request.headers.get_all("Origin"))
+        if refused is not None:
+            log.info("refused a request from %s: %s", connection.remote_address, refused)
+            if is_websocket(request):
+                return connection.respond(HTTPStatus.FORBIDDEN, f"{refused}\n")
+            return json_response(HTTPStatus.FORBIDDEN, {"error": refused})
         if not is_websocket(request):
             return await self.http.handle(connection, request)
         try:

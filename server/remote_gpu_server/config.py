@@ -68,3 +68,9 @@ class ServerConfig:
     scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
     #: Price of one GPU-hour (slot-hour) for usage reports; None shows no cost.
     price_per_gpu_hour: float | None = None
+    #: TLS (see :mod:`.tls`): serve wss:// and https:// with this certificate
+    #: and key (None: the key is in the certificate's file); None serves plain.
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    #: Browser origins allowed besides none (see :mod:`.origins`); ``*``: any.
+    allow_origins: tuple[str, ...] = ()

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from servers import ServerProcess
+from tls_certs import self_signed_server
 
 
 def _cuda() -> bool:
@@ -46,3 +47,16 @@ def fresh_server(tmp_path: Path) -> Iterator[ServerProcess]:
     yield proc
     proc.kill()
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One shared ``rgpu serve --tls self-signed`` with one CPU slot (see tls_certs.py)."""
+    proc = self_signed_server(tmp_path_factory.mktemp("tls-server"))
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def tls_alice(tls_server: ServerProcess) -> str:
+    return tls_server.token("alice")

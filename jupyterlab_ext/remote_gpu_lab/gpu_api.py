@@ -129,8 +129,9 @@ class GpuApi:
         try:
             response = await AsyncHTTPClient().fetch(request, raise_error=False)
         except ssl.SSLError as exc:
+            failure = tls.tls_failure(exc, self.config.url, self.config.cafile)
             raise GpuApiError(
-                502, "unreachable", f"The Remote GPU server is not trusted: {tls.tls_failure(exc, self.config.url, self.config.cafile)}.",
+                502, "unreachable", f"The Remote GPU server is not trusted: {failure}.",
                 "Give JupyterLab the server's CA certificate (or its own certificate, if "
                 "self-signed): set RGPU_CA=PATH before starting JupyterLab, or run "
                 "`rgpu login URL TOKEN --cafile PATH`.",

@@ -76,7 +76,16 @@ class AuthenticationError(RemoteGpuError, PermissionError):
 
 
 class TlsError(RemoteGpuError, ConnectionError):
-    """The connection to the server cannot be made safe; the message says why and what to do."""
+    """The connection to the server cannot be made safe; the message says why and what to do.
+
+    ``what`` is what happened and ``hint`` what to do (may be empty); the
+    message is both, on one line.
+    """
+
+    def __init__(self, what: str, hint: str = "") -> None:
+        super().__init__(f"{what}: {hint}" if hint else what)
+        self.what = what
+        self.hint = hint
 
 
 class UntrustedCertificate(TlsError):

@@ -66,9 +66,9 @@ def refuse_plain_text(url: str, insecure: bool = False) -> None:
         return
     raise InsecureConnection(
         f"refusing to send the token over plain {parts.scheme}:// to {parts.hostname}, which is not "
-        "this machine: anyone on the network in between could read it. Use "
-        f"{secure}://{parts.netloc} (the server runs with --tls self-signed or --certfile), or, on a "
-        "network you trust, allow plain text with --insecure (RGPU_INSECURE=1)"
+        "this machine: anyone on the network in between could read it",
+        f"use {secure}://{parts.netloc} (the server runs with --tls self-signed or --certfile), or, "
+        "on a network you trust, allow plain text with --insecure (RGPU_INSECURE=1)"
     )
 
 
@@ -113,19 +113,20 @@ def tls_failure(exc: ssl.SSLError, url: str, cafile: str | None = None) -> TlsEr
         why = str(exc.verify_message or exc.reason or exc).rstrip(".")
         if exc.verify_code in _NAME_MISMATCH:
             return UntrustedCertificate(
-                f"the GPU server at {url} presented a certificate for another name ({why}): "
+                f"the GPU server at {url} presented a certificate for another name ({why})",
                 "connect with a host name that its certificate lists, or give the server a "
                 "certificate for this name")
         if exc.verify_code == _CERT_HAS_EXPIRED:
             return UntrustedCertificate(
-                f"the GPU server at {url} presented an expired certificate ({why}): the server's "
-                "admin must renew it")
+                f"the GPU server at {url} presented an expired certificate ({why})",
+                "the server's admin must renew it")
         trusted = f"neither the system's CAs nor {cafile} vouch for it" if cafile else \
             "the system's CAs do not vouch for it"
         return UntrustedCertificate(
             f"the GPU server at {url} presented a certificate this client does not trust ({why}; "
-            f"{trusted}): pass its CA's certificate, or the server's own certificate if it is "
-            "self-signed, with --cafile PATH or RGPU_CA=PATH")
-    reason = exc.reason or str(exc)
-    return TlsError(f"TLS with the GPU server at {url} failed ({reason}): if that server does "
-                    "not serve TLS, use ws:// (it must then be on this machine, or see --insecure)")
+            f"{trusted})",
+            "pass its CA's certificate, or the server's own certificate if it is self-signed, "
+            "with --cafile PATH or RGPU_CA=PATH")
+    return TlsError(f"TLS with the GPU server at {url} failed ({exc.reason or exc})",
+                    "if that server does not serve TLS, use ws:// (it must then be on this "
+                    "machine, or see --insecure)")

@@ -111,13 +111,13 @@ class GpuApi:
             context = tls.ssl_context(base, self.config.cafile)
         except InsecureConnection as exc:
             raise GpuApiError(
-                500, "bad-url", f"Not connecting to the Remote GPU server: {exc}.",
+                500, "bad-url", f"Not connecting to the Remote GPU server: {exc.what}.",
                 "Set RGPU_URL to the server's wss:// URL (or `rgpu login wss://... TOKEN`); on a "
                 "network you trust, set RGPU_INSECURE=1 before starting JupyterLab.",
             ) from None
         except TlsError as exc:
             raise GpuApiError(
-                500, "bad-url", f"Not connecting to the Remote GPU server: {exc}.",
+                500, "bad-url", f"Not connecting to the Remote GPU server: {exc.what}.",
                 "Set RGPU_CA to a readable PEM file (or `rgpu login URL TOKEN --cafile PATH`).",
             ) from None
         request = HTTPRequest(
@@ -130,12 +130,13 @@ class GpuApi:
             response = await AsyncHTTPClient().fetch(request, raise_error=False)
         except ssl.SSLError as exc:
             failure = tls.tls_failure(exc, self.config.url, self.config.cafile)
-            raise GpuApiError(
-                502, "unreachable", f"The Remote GPU server is not trusted: {failure}.",
-                "Give JupyterLab the server's CA certificate (or its own certificate, if "
-                "self-signed): set RGPU_CA=PATH before starting JupyterLab, or run "
-                "`rgpu login URL TOKEN --cafile PATH`.",
-            ) from None
+            hint = failure.hint[:1].upper() + failure.hint[1:] + "."
+            if "--cafile" in failure.hint:  # say how JupyterLab gets it
+                hint = ("Give JupyterLab the server's CA certificate (or its own certificate, if "
+                        "self-signed): set RGPU_CA=PATH before starting JupyterLab, or run "
+                        "`rgpu login URL TOKEN --cafile PATH`.")
+            raise GpuApiError(502, "unreachable", f"The Remote GPU server is not trusted: {failure.what}.",
+                              hint) from None
         except (OSError, HTTPClientError) as exc:
             raise GpuApiError(
                 502, "unreachable", f"The Remote GPU server at {self.config.url} is unreachable ({exc}).",

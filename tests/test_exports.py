@@ -18,6 +18,7 @@ MODULES = [
     "remote_gpu_kernel.sync",
     "remote_gpu_kernel.config",
     "remote_gpu_kernel.iostreams",
+    "remote_gpu_kernel.tls",
     "remote_gpu_server.app",
     "remote_gpu_server.errors",
     "remote_gpu_server.scheduler",
@@ -27,6 +28,8 @@ MODULES = [
     "remote_gpu_server.worker",
     "remote_gpu_server.transfer",
     "remote_gpu_server.gpus",
+    "remote_gpu_server.tls",
+    "remote_gpu_server.origins",
 ]
 
 

@@ -172,8 +172,7 @@ class ApiClient:
         context = tls.ssl_context(url, self.cafile)
         try:
             with connect(url, additional_headers=headers, open_timeout=self.timeout,
-                         max_size=None, compression=None,
-                         **({"ssl": context} if context is not None else {})) as ws:
+                         max_size=None, compression=None, ssl=context) as ws:
                 ws.send(json.dumps({k: v for k, v in job.items() if v is not None}))
                 answer = json.loads(ws.recv(timeout=self.timeout))
         except InvalidStatus as exc:

@@ -222,7 +222,7 @@ class AsyncClient:
         try:
             ws = await connect(
                 self.url,
-                **({"ssl": context} if context is not None else {}),
+                ssl=context,  # None for ws://, always a verifying context for wss://
                 additional_headers={"Authorization": f"Bearer {self.token}"},
                 compression=None,
                 max_size=CHUNK_SIZE,

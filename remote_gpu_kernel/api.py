@@ -6,14 +6,21 @@ carry the bearer token. Plain requests use :mod:`urllib.request`; a job
 submission is one JSON message on a websocket opened at ``/api/jobs``,
 because the server takes no HTTP request bodies.
 
+TLS as every client does it (:mod:`.tls`): an ``https://`` (``wss://``)
+server's certificate is verified against the system's CAs and ``cafile``;
+the token never goes over plain ``http://`` to a host other than loopback
+unless ``insecure``.
+
 Errors: a refused token raises :class:`~.errors.AuthenticationError`, any
-other error answer :class:`ApiError` (with the HTTP ``status``), and a
-server that cannot be reached :class:`ApiError` with status 0.
+other error answer :class:`ApiError` (with the HTTP ``status``), a server
+that cannot be reached :class:`ApiError` with status 0, and a connection
+that cannot be made safe :class:`~.errors.TlsError`.
 """
 
 from __future__ import annotations
 
 import json
+import ssl
 import time
 import urllib.error
 import urllib.parse
@@ -21,6 +28,7 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
+from . import tls
 from .config import ClientConfig
 from .errors import AuthenticationError, ServerError
 
@@ -53,17 +61,21 @@ def _ws_url(url: str) -> str:
 class ApiClient:
     """One server and one token; every method is one request (or a few for ``follow``)."""
 
-    def __init__(self, url: str, token: str | None, timeout: float = 30.0) -> None:
+    def __init__(self, url: str, token: str | None, timeout: float = 30.0, *,
+                 cafile: str | None = None, insecure: bool = False) -> None:
         self.url = url
         self.base = http_url(url)
         self.token = token
         self.timeout = timeout
+        self.cafile = cafile
+        self.insecure = insecure
 
     @classmethod
-    def from_config(cls, url: str | None = None, token: str | None = None) -> ApiClient:
-        """Arguments, then ``RGPU_URL``/``RGPU_TOKEN``, then the config file."""
-        config = ClientConfig.load(url, token)
-        return cls(config.url, config.token)
+    def from_config(cls, url: str | None = None, token: str | None = None, *,
+                    cafile: str | None = None, insecure: bool | None = None) -> ApiClient:
+        """Arguments, then ``RGPU_URL``/``RGPU_TOKEN``/``RGPU_CA``/``RGPU_INSECURE``, then the file."""
+        config = ClientConfig.load(url, token, cafile=cafile, insecure=insecure)
+        return cls(config.url, config.token, cafile=config.cafile, insecure=config.insecure)
 
     # -- transport ----------------------------------------------------------
 
@@ -73,14 +85,14 @@ class ApiClient:
             headers["Authorization"] = f"Bearer {self.token}"
         return headers
 
-    def request(self, method: str, path: str, **query: Any) -> Any:
-        """``method path?query`` → decoded JSON; raises as the module docstring says."""
-        params = {k: v for k, v in query.items() if v is not None}
-        url = self.base + path + (f"?{urllib.parse.urlencode(params)}" if params else "")
-        req = urllib.request.Request(url, method=method, headers=self._headers())
+    def _open(self, req: urllib.request.Request) -> bytes:
+        """Send ``req``; the body of a 2xx answer. Raises as the module docstring says."""
+        if self.token:
+            tls.refuse_plain_text(self.base, self.insecure)
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as response:
-                body = response.read()
+            with urllib.request.urlopen(req, timeout=self.timeout,
+                                        context=tls.ssl_context(self.base, self.cafile)) as response:
+                return bytes(response.read())
         except urllib.error.HTTPError as exc:
             message = _error_message(exc.read(), exc.reason)
             if exc.code == 401:
@@ -88,7 +100,15 @@ class ApiClient:
             raise ApiError(message, exc.code) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
+            if isinstance(reason, ssl.SSLError):
+                raise tls.tls_failure(reason, self.url, self.cafile) from None
             raise ApiError(f"cannot reach the server at {self.base}: {reason}", 0) from None
+
+    def request(self, method: str, path: str, **query: Any) -> Any:
+        """``method path?query`` → decoded JSON; raises as the module docstring says."""
+        params = {k: v for k, v in query.items() if v is not None}
+        url = self.base + path + (f"?{urllib.parse.urlencode(params)}" if params else "")
+        body = self._open(urllib.request.Request(url, method=method, headers=self._headers()))
         return json.loads(body) if body else None
 
     def get(self, path: str, **query: Any) -> Any:
@@ -134,9 +154,8 @@ class ApiClient:
         return dict(self.post(f"/api/sessions/{urllib.parse.quote(session_id, safe='')}/release"))
 
     def metrics(self) -> str:
-        req = urllib.request.Request(self.base + "/metrics")
-        with urllib.request.urlopen(req, timeout=self.timeout) as response:
-            return str(response.read().decode())
+        """The Prometheus text; no token is sent."""
+        return self._open(urllib.request.Request(self.base + "/metrics")).decode()
 
     def submit(self, code: str, name: str = "script", gpus: int = 1, priority: str = "normal",
                pool: str | None = None, timeout: float | None = None, retries: int = 0) -> dict[str, Any]:
@@ -147,9 +166,13 @@ class ApiClient:
         job = {"code": code, "name": name, "gpus": gpus, "priority": priority, "pool": pool,
                "timeout": timeout, "retries": retries}
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        url = _ws_url(self.url) + "/api/jobs"
+        if self.token:
+            tls.refuse_plain_text(url, self.insecure)
+        context = tls.ssl_context(url, self.cafile)
         try:
-            with connect(_ws_url(self.url) + "/api/jobs", additional_headers=headers,
-                         open_timeout=self.timeout, max_size=None, compression=None) as ws:
+            with connect(url, additional_headers=headers, open_timeout=self.timeout,
+                         max_size=None, compression=None, ssl=context) as ws:
                 ws.send(json.dumps({k: v for k, v in job.items() if v is not None}))
                 answer = json.loads(ws.recv(timeout=self.timeout))
         except InvalidStatus as exc:
@@ -157,6 +180,8 @@ class ApiClient:
             if exc.response.status_code == 401:
                 raise AuthenticationError(f"the server refused the token: {message}") from None
             raise ApiError(message, exc.response.status_code) from None
+        except ssl.SSLError as exc:
+            raise tls.tls_failure(exc, self.url, self.cafile) from None
         except (OSError, TimeoutError, WebSocketException) as exc:
             raise ApiError(f"cannot submit to the server at {self.url}: {exc}", 0) from None
         if "id" not in answer:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .cli_jobs import add_job_commands
+from .cli_jobs import add_job_commands, add_tls_arguments
 from .config import ClientConfig, config_path, save_client_config
 
 __all__ = ["main"]
@@ -76,6 +76,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for handler in logging.getLogger().handlers:
         handler.addFilter(_redact_tokens)
     from remote_gpu_server.config import parse_pool
+    from remote_gpu_server.origins import OriginPolicy
     from remote_gpu_server.scheduler import Quota, SchedulerConfig
 
     try:
@@ -84,6 +85,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             default_quota=Quota(args.max_gpus, args.max_waiting),
             pools=tuple(parse_pool(spec) for spec in args.pool),
         )
+        OriginPolicy(args.allow_origin)
+        certfile, keyfile = _serve_tls(args)
     except ValueError as exc:
         sys.exit(f"rgpu serve: {exc}")
     if args.keep_output is not None and not args.keep_output > 0:
@@ -91,7 +94,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(host=args.host, port=args.port, db=_db(args), slots=args.slots,
                           idle_timeout=args.idle_timeout, grace=args.grace,
                           price_per_gpu_hour=args.price_per_gpu_hour, scheduler=scheduler,
-                          server_id=args.server_id, keep_output=args.keep_output, ray=args.ray)
+                          server_id=args.server_id, keep_output=args.keep_output, ray=args.ray,
+                          certfile=certfile, keyfile=keyfile, allow_origins=tuple(args.allow_origin))
 
     refused: tuple[type[Exception], ...] = (ValueError, RuntimeError, *_store_errors())
 
@@ -114,6 +118,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     asyncio.run(serve())
     return 0
+
+
+def _serve_tls(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
+    """``rgpu serve``'s certificate and key: given, self-signed (made once), or none."""
+    if args.tls == "self-signed":
+        if args.certfile or args.keyfile:
+            raise ValueError("--tls self-signed makes its own certificate: leave out --certfile "
+                             "and --keyfile, or leave out --tls")
+        from remote_gpu_server.config import data_dir
+        from remote_gpu_server.tls import self_signed
+
+        made = self_signed(data_dir(_db(args)) / "tls", args.host)
+        when = "made now" if made.created else "made earlier, reused"
+        print(f"TLS: self-signed certificate {made.certfile} ({when}) for {', '.join(made.names)}\n"
+              f"TLS: its SHA-256 fingerprint is {made.fingerprint}\n"
+              f"TLS: clients trust it with --cafile PATH or RGPU_CA=PATH, PATH a copy of "
+              f"{made.certfile} (never of {made.keyfile.name})", flush=True)
+        return made.certfile, made.keyfile
+    if args.keyfile and not args.certfile:
+        raise ValueError("--keyfile needs --certfile")
+    return (Path(args.certfile) if args.certfile else None,
+            Path(args.keyfile) if args.keyfile else None)
 
 
 def _when(ts: float | None) -> str:
@@ -164,7 +190,16 @@ async def _token(args: argparse.Namespace) -> int:
 
 
 def cmd_login(args: argparse.Namespace) -> int:
-    path = save_client_config(args.url, args.token)
+    from . import tls
+    from .errors import TlsError
+
+    try:
+        tls.refuse_plain_text(args.url, bool(args.insecure))
+        tls.ssl_context(args.url, args.cafile)
+    except TlsError as exc:
+        print(f"rgpu login: {exc}", file=sys.stderr)
+        return 1
+    path = save_client_config(args.url, args.token, cafile=args.cafile, insecure=bool(args.insecure))
     print(f"saved the server URL and token to {path}")
     return 0
 
@@ -253,7 +288,8 @@ def cmd_kernel(args: argparse.Namespace) -> int:
     try:
         dest = install(user=args.user, prefix=args.prefix, kernel_name=args.name,
                        display_name=args.display_name, url=args.url, gpus=args.gpus,
-                       priority=args.priority, pool=args.pool)
+                       priority=args.priority, pool=args.pool, cafile=args.cafile,
+                       insecure=bool(args.insecure))
     except OSError as exc:
         if exc.errno != errno.EACCES:
             raise
@@ -309,6 +345,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-id", metavar="NAME",
                    help="this server's name in a shared database: a restart recovers only the jobs of "
                         "the same name (default: the host's name)")
+    p.add_argument("--certfile", metavar="PATH",
+                   help="serve wss:// and https:// with this PEM certificate (chain)")
+    p.add_argument("--keyfile", metavar="PATH",
+                   help="the certificate's PEM private key (default: in the --certfile)")
+    p.add_argument("--tls", choices=["self-signed"],
+                   help="self-signed: make a key and certificate once under the store's folder "
+                        "(tls/), reuse them after, and print the certificate's SHA-256 fingerprint")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let browser pages from ORIGIN (scheme://host[:port]) use the server; "
+                        "repeatable; '*' allows any (default: none; clients that send no Origin "
+                        "are never affected)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
 
@@ -331,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("login", help="save a server URL and token for this user's notebooks")
     p.add_argument("url")
     p.add_argument("token")
+    add_tls_arguments(p)
     p.set_defaults(func=cmd_login)
 
     p = sub.add_parser("up", help="start a local server and JupyterLab wired to it")
@@ -354,6 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--gpus", type=int, help="how many GPUs the kernel leases (default 1)")
     c.add_argument("--priority", choices=["high", "normal", "low"], help="its lease's priority")
     c.add_argument("--pool", help="the pool of GPUs it leases from")
+    c.add_argument("--cafile", metavar="PATH",
+                   help="written into the spec as RGPU_CA: trust this CA certificate, or a "
+                        "self-signed server's own certificate")
+    c.add_argument("--insecure", action="store_true",
+                   help="written into the spec as RGPU_INSECURE=1: allow plain ws:// to a host "
+                        "other than this machine")
     p.set_defaults(func=cmd_kernel)
     add_job_commands(sub)
     return parser

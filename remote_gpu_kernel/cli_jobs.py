@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from .api import ApiClient, ApiError
-from .errors import AuthenticationError
+from .errors import AuthenticationError, TlsError
 
-__all__ = ["add_job_commands"]
+__all__ = ["add_job_commands", "add_tls_arguments"]
 
 JOB_STATES = ("queued", "running", "completed", "failed", "cancelled", "timed_out")
 PRIORITIES = ("high", "normal", "low")
@@ -35,7 +35,7 @@ def _console() -> Any:
 
 
 def _client(args: argparse.Namespace) -> ApiClient:
-    return ApiClient.from_config(args.url, args.token)
+    return ApiClient.from_config(args.url, args.token, cafile=args.cafile, insecure=args.insecure)
 
 
 def _when(ts: float | None) -> str:
@@ -252,11 +252,21 @@ def _guarded(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse
     def run(args: argparse.Namespace) -> int:
         try:
             return command(args)
-        except (ApiError, AuthenticationError, ValueError) as exc:
+        except (ApiError, AuthenticationError, TlsError, ValueError) as exc:
             print(f"rgpu {args.cmd}: {exc}", file=sys.stderr)
             return 1
 
     return run
+
+
+def add_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--cafile`` and ``--insecure``, as every client command takes them."""
+    parser.add_argument("--cafile", metavar="PATH",
+                        help="trust this CA certificate, or a self-signed server's own certificate, "
+                             "besides the system's CAs (default: $RGPU_CA, else rgpu login's)")
+    parser.add_argument("--insecure", action="store_true", default=None,
+                        help="allow sending the token over plain ws:// / http:// to a host other "
+                             "than this machine (default: $RGPU_INSECURE)")
 
 
 def add_job_commands(sub: Any) -> None:
@@ -264,6 +274,7 @@ def add_job_commands(sub: Any) -> None:
     server = argparse.ArgumentParser(add_help=False)
     server.add_argument("--url", help="the server (default: $RGPU_URL, else rgpu login's)")
     server.add_argument("--token", help="the token (default: $RGPU_TOKEN, else rgpu login's)")
+    add_tls_arguments(server)
 
     def command(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",

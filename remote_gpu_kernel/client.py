@@ -18,14 +18,15 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import ssl
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from . import __version__
+from . import __version__, tls
 from .config import ClientConfig
 from .errors import (
     AuthenticationError,
@@ -193,12 +194,17 @@ class AsyncClient:
     """Where the server is and who we are; opens sessions.
 
     ``url`` and ``token`` default to ``RGPU_URL`` / ``RGPU_TOKEN``, then to
-    the client config file (see :mod:`remote_gpu_kernel.config`).
+    the client config file (see :mod:`remote_gpu_kernel.config`). A
+    ``wss://`` server's certificate is verified against the system's CAs and
+    ``cafile`` (default ``RGPU_CA``); the token is never sent over plain
+    ``ws://`` to a host other than loopback unless ``insecure`` (default
+    ``RGPU_INSECURE``), see :mod:`remote_gpu_kernel.tls`.
     """
 
     def __init__(self, url: str | None = None, token: str | None = None, *,
-                 open_timeout: float = 10) -> None:
-        config = ClientConfig.load(url, token)
+                 open_timeout: float = 10, cafile: str | None = None,
+                 insecure: bool | None = None) -> None:
+        config = ClientConfig.load(url, token, cafile=cafile, insecure=insecure)
         self.config = config
         self.url = config.url
         self.token = config.token
@@ -211,9 +217,12 @@ class AsyncClient:
             raise AuthenticationError(
                 "no token: pass token=..., set RGPU_TOKEN, or run 'rgpu login URL TOKEN'"
             )
+        tls.refuse_plain_text(self.url, self.config.insecure)
+        context = tls.ssl_context(self.url, self.config.cafile)
         try:
             ws = await connect(
                 self.url,
+                ssl=context,  # None for ws://, always a verifying context for wss://
                 additional_headers={"Authorization": f"Bearer {self.token}"},
                 compression=None,
                 max_size=CHUNK_SIZE,
@@ -228,6 +237,13 @@ class AsyncClient:
                 raise AuthenticationError(f"the GPU server at {self.url} refused the token: {body}") from None
             raise ConnectionLost(f"the GPU server at {self.url} answered HTTP "
                                  f"{exc.response.status_code}: {body}") from None
+        except ssl.SSLError as exc:
+            raise tls.tls_failure(exc, self.url, self.config.cafile) from None
+        except InvalidHandshake as exc:
+            # A TLS server answers a plain ws:// handshake by closing the connection.
+            hint = ": if it serves TLS, use wss://" if self.url.startswith("ws://") else ""
+            raise ConnectionLost(f"the GPU server at {self.url} did not complete the websocket "
+                                 f"handshake ({exc}){hint}") from None
         except (OSError, asyncio.TimeoutError) as exc:
             raise ConnectionLost(f"cannot reach the GPU server at {self.url}: {exc}") from None
         link = _Link(ws)

@@ -10,6 +10,11 @@ where one fits so that ordinary ``except`` clauses keep working::
     │                                 the websocket closed under a request
     ├── AuthenticationError (PermissionError)
     │                                 the server refused the token
+    ├── TlsError (ConnectionError)    the connection cannot be made safe (a CA
+    │   │                             file that cannot be read, a TLS failure)
+    │   ├── UntrustedCertificate      the server's certificate did not verify
+    │   └── InsecureConnection (PermissionError)
+    │                                 a token would cross the network in clear
     ├── ServerError                   the server answered a request with an error
     │   ├── LeaseError                no lease could be granted (quota, no slots)
     │   ├── SessionReleased           the session's lease ended (release, idle)
@@ -26,6 +31,7 @@ from __future__ import annotations
 __all__ = [
     "AuthenticationError",
     "ConnectionLost",
+    "InsecureConnection",
     "LeaseError",
     "ProtocolError",
     "RemoteError",
@@ -34,6 +40,8 @@ __all__ = [
     "SerializationError",
     "ServerError",
     "SessionReleased",
+    "TlsError",
+    "UntrustedCertificate",
     "VersionMismatch",
     "WorkerDied",
 ]
@@ -65,6 +73,27 @@ class ConnectionLost(RemoteGpuError, ConnectionError):
 
 class AuthenticationError(RemoteGpuError, PermissionError):
     """The server refused the token at the handshake (HTTP 401)."""
+
+
+class TlsError(RemoteGpuError, ConnectionError):
+    """The connection to the server cannot be made safe; the message says why and what to do.
+
+    ``what`` is what happened and ``hint`` what to do (may be empty); the
+    message is both, on one line.
+    """
+
+    def __init__(self, what: str, hint: str = "") -> None:
+        super().__init__(f"{what}: {hint}" if hint else what)
+        self.what = what
+        self.hint = hint
+
+
+class UntrustedCertificate(TlsError):
+    """The server's certificate did not verify: unknown CA, self-signed, wrong host name, expired."""
+
+
+class InsecureConnection(TlsError, PermissionError):
+    """The client refused to send a token over plain ws:// or http:// to a host not on loopback."""
 
 
 class ServerError(RemoteGpuError):

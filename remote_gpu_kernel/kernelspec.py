@@ -5,14 +5,16 @@ hands it to jupyter_client's :class:`KernelSpecManager`, which puts it in
 the system, user (``user=True``) or ``prefix`` kernels folder, exactly where
 ``python -m ipykernel install`` would put ``python3``. The spec starts
 ``python -m remote_gpu_kernel.kernel -f {connection_file}`` with this
-interpreter; ``url`` is written as ``RGPU_URL`` into the spec's ``env``.
-The token is never written there: the kernel reads ``RGPU_TOKEN`` or the
-file that ``rgpu login`` writes.
+interpreter; ``url`` is written as ``RGPU_URL`` into the spec's ``env``,
+``cafile`` (made absolute) as ``RGPU_CA`` and ``insecure`` as
+``RGPU_INSECURE=1``. The token is never written there: the kernel reads
+``RGPU_TOKEN`` or the file that ``rgpu login`` writes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -69,11 +71,14 @@ def write_kernel_spec(path: Path, display_name: str = DISPLAY_NAME, url: str | N
 def install(*, user: bool = False, prefix: str | None = None, kernel_name: str = KERNEL_NAME,
             display_name: str | None = None, url: str | None = None,
             kernel_spec_manager: Any = None, gpus: int | None = None,
-            priority: str | None = None, pool: str | None = None) -> str:
+            priority: str | None = None, pool: str | None = None,
+            cafile: str | None = None, insecure: bool = False) -> str:
     """Install the kernelspec; return the folder it was installed to.
 
     ``gpus``, ``priority`` and ``pool`` go into the spec's environment
-    (RGPU_GPUS, RGPU_PRIORITY, RGPU_POOL): what the kernel's lease asks for.
+    (RGPU_GPUS, RGPU_PRIORITY, RGPU_POOL): what the kernel's lease asks for;
+    ``cafile`` and ``insecure`` too (RGPU_CA, RGPU_INSECURE): how it reaches
+    the server.
 
     As with ipykernel, a custom ``kernel_name`` without a ``display_name``
     is shown under its name. Raises ``OSError`` (``EACCES``) where the
@@ -87,7 +92,9 @@ def install(*, user: bool = False, prefix: str | None = None, kernel_name: str =
     staging = Path(tempfile.mkdtemp(suffix="_kernels"))
     try:
         lease = {key: str(value) for key, value in
-                 (("RGPU_GPUS", gpus), ("RGPU_PRIORITY", priority), ("RGPU_POOL", pool)) if value}
+                 (("RGPU_GPUS", gpus), ("RGPU_PRIORITY", priority), ("RGPU_POOL", pool),
+                  ("RGPU_CA", os.path.abspath(os.path.expanduser(cafile)) if cafile else None),
+                  ("RGPU_INSECURE", "1" if insecure else None)) if value}
         source = write_kernel_spec(staging / kernel_name, display_name, url, lease)
         return str(manager.install_kernel_spec(str(source), kernel_name=kernel_name,
                                                user=user, prefix=prefix))

@@ -8,6 +8,7 @@ server's idle timeout, or the kernel's end.
 
 from __future__ import annotations
 
+import argparse
 import shlex
 import sys
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
+from . import tls
 from .config import notebook_path
 from .errors import ConnectionLost, SessionReleased
 from .rendering import render_output
@@ -29,6 +31,20 @@ def _names(values: list[str] | None) -> list[str]:
     for value in values or []:
         out.extend(n.strip() for n in value.split(",") if n.strip())
     return out
+
+
+class _LineParser(argparse.ArgumentParser):
+    """argparse for a line magic: a mistake raises ValueError (one line) instead of exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ValueError(f"{self.prog}: {message}")
+
+
+_CONNECT = _LineParser(prog="%gpu connect", add_help=False)
+_CONNECT.add_argument("url", nargs="?")
+_CONNECT.add_argument("--token")
+_CONNECT.add_argument("--cafile")
+_CONNECT.add_argument("--insecure", action="store_true", default=None)
 
 
 def _say(text: str) -> None:
@@ -125,7 +141,11 @@ class GpuMagics(Magics):
 
         Line magic::
 
-            %gpu connect [URL] [--token TOKEN]   choose the server (default: RGPU_URL, RGPU_TOKEN)
+            %gpu connect [URL] [--token TOKEN] [--cafile PATH] [--insecure]
+                                                 choose the server (default: RGPU_URL, RGPU_TOKEN);
+                                                 --cafile trusts a CA or a self-signed server's
+                                                 certificate (RGPU_CA); --insecure allows plain
+                                                 ws:// to another host (RGPU_INSECURE=1)
             %gpu status                          the server, user and lease
             %gpu release                         give the GPU back (remote variables are lost)
             %gpu push NAME...                    copy local variables to the GPU session
@@ -170,15 +190,15 @@ class GpuMagics(Magics):
             return None
         cmd, rest = words[0], words[1:]
         if cmd == "connect":
-            url, token = None, None
-            if "--token" in rest:
-                i = rest.index("--token")
-                token = rest[i + 1] if i + 1 < len(rest) else None
-                rest = rest[:i] + rest[i + 2:]
-            url = rest[0] if rest else None
+            args = _CONNECT.parse_args(rest)
+            client = Client(args.url, args.token, cafile=args.cafile, insecure=args.insecure)
+            # Say now, not at the first cell, that this server cannot be used as given.
+            config = client.config
+            tls.refuse_plain_text(config.url, config.insecure)
+            tls.ssl_context(config.url, config.cafile)
             self.close()
             self._last_session = None
-            self.client = Client(url, token)
+            self.client = client
             _say(f"will use {self.client.url} (the lease is taken at the first %%gpu cell)")
         elif cmd == "status":
             client = self._client()

@@ -27,6 +27,7 @@ from .client import (
     _notify,
     write_streams,
 )
+from .config import ClientConfig
 from .protocol import messages as m
 
 __all__ = ["Client", "Session"]
@@ -100,15 +101,22 @@ def _pump(coro_factory: Callable[[Callable[[Any], None]], Coroutine[Any, Any, T]
 
 
 class Client:
-    """Blocking twin of :class:`~remote_gpu_kernel.AsyncClient`."""
+    """Blocking twin of :class:`~remote_gpu_kernel.AsyncClient` (same arguments)."""
 
     def __init__(self, url: str | None = None, token: str | None = None, *,
-                 open_timeout: float = 10) -> None:
-        self._client = AsyncClient(url, token, open_timeout=open_timeout)
+                 open_timeout: float = 10, cafile: str | None = None,
+                 insecure: bool | None = None) -> None:
+        self._client = AsyncClient(url, token, open_timeout=open_timeout, cafile=cafile,
+                                   insecure=insecure)
 
     @property
     def url(self) -> str:
         return self._client.url
+
+    @property
+    def config(self) -> ClientConfig:
+        """Where the server is and how to reach it (URL, token, TLS settings)."""
+        return self._client.config
 
     @property
     def user(self) -> str | None:

@@ -9,6 +9,7 @@ import pytest
 
 import postgres as pg
 from servers import ServerProcess
+from tls_certs import self_signed_server
 
 
 def _cuda() -> bool:
@@ -103,3 +104,16 @@ def ray_server(ray_cluster: object, tmp_path_factory: pytest.TempPathFactory) ->
     server = ray_head(tmp_path_factory.mktemp("ray-head"), ray_cluster)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One shared ``rgpu serve --tls self-signed`` with one CPU slot (see tls_certs.py)."""
+    proc = self_signed_server(tmp_path_factory.mktemp("tls-server"))
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def tls_alice(tls_server: ServerProcess) -> str:
+    return tls_server.token("alice")

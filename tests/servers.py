@@ -21,7 +21,7 @@ from processes import LoggedProcess
 
 __all__ = ["ServerProcess", "ray_head"]
 
-_LISTENING = re.compile(r"listening on (ws://\S+) with (\d+) slot")
+_LISTENING = re.compile(r"listening on (wss?://\S+) with (\d+) slot")
 _READY = re.compile(r"warm pool ready")
 
 

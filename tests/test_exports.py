@@ -18,6 +18,7 @@ MODULES = [
     "remote_gpu_kernel.sync",
     "remote_gpu_kernel.config",
     "remote_gpu_kernel.iostreams",
+    "remote_gpu_kernel.tls",
     "remote_gpu_server.app",
     "remote_gpu_server.errors",
     "remote_gpu_server.scheduler",
@@ -47,6 +48,8 @@ MODULES = [
     "remote_gpu_server.gpus",
     "remote_gpu_server.history",
     "remote_gpu_server.status",
+    "remote_gpu_server.tls",
+    "remote_gpu_server.origins",
 ]
 
 

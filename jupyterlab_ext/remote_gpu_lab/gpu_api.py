@@ -4,18 +4,28 @@ The GPU server serves its websocket and its HTTP JSON API on one port, so a
 client URL ``ws://host:port`` becomes ``http://host:port`` (and ``wss`` becomes
 ``https``). Every failure is a :class:`GpuApiError` that says what happened
 and what to do, ready to show in the sidebar.
+
+TLS as every client does it (:mod:`remote_gpu_kernel.tls`): an ``https``
+server's certificate is verified against the system's CAs and ``RGPU_CA``
+(or ``rgpu login --cafile``); the token never goes over plain ``http`` to a
+host other than loopback unless ``RGPU_INSECURE=1``. A refused plain URL is
+a ``bad-url`` problem and an untrusted certificate an ``unreachable`` one,
+each with its own message and hint.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import ssl
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
+from remote_gpu_kernel import tls
 from remote_gpu_kernel.config import ClientConfig, config_path
+from remote_gpu_kernel.errors import InsecureConnection, TlsError
 
 __all__ = ["GpuApi", "GpuApiError", "http_base_url"]
 
@@ -96,13 +106,37 @@ class GpuApi:
                 "Ask the server's admin for a token (`rgpu token create USER` on the GPU machine), "
                 "then run `rgpu login URL TOKEN` or set RGPU_TOKEN before starting JupyterLab.",
             )
+        try:
+            tls.refuse_plain_text(base, self.config.insecure)
+            context = tls.ssl_context(base, self.config.cafile)
+        except InsecureConnection as exc:
+            raise GpuApiError(
+                500, "bad-url", f"Not connecting to the Remote GPU server: {exc.what}.",
+                "Set RGPU_URL to the server's wss:// URL (or `rgpu login wss://... TOKEN`); on a "
+                "network you trust, set RGPU_INSECURE=1 before starting JupyterLab.",
+            ) from None
+        except TlsError as exc:
+            raise GpuApiError(
+                500, "bad-url", f"Not connecting to the Remote GPU server: {exc.what}.",
+                "Set RGPU_CA to a readable PEM file (or `rgpu login URL TOKEN --cafile PATH`).",
+            ) from None
         request = HTTPRequest(
             base + path, method=method, body=b"" if method == "POST" else None,
             headers={"Authorization": f"Bearer {self.config.token}", "Accept": "application/json"},
             connect_timeout=TIMEOUT, request_timeout=TIMEOUT, follow_redirects=False,
+            ssl_options=context,
         )
         try:
             response = await AsyncHTTPClient().fetch(request, raise_error=False)
+        except ssl.SSLError as exc:
+            failure = tls.tls_failure(exc, self.config.url, self.config.cafile)
+            hint = failure.hint[:1].upper() + failure.hint[1:] + "."
+            if "--cafile" in failure.hint:  # say how JupyterLab gets it
+                hint = ("Give JupyterLab the server's CA certificate (or its own certificate, if "
+                        "self-signed): set RGPU_CA=PATH before starting JupyterLab, or run "
+                        "`rgpu login URL TOKEN --cafile PATH`.")
+            raise GpuApiError(502, "unreachable", f"The Remote GPU server is not trusted: {failure.what}.",
+                              hint) from None
         except (OSError, HTTPClientError) as exc:
             raise GpuApiError(
                 502, "unreachable", f"The Remote GPU server at {self.config.url} is unreachable ({exc}).",

@@ -15,6 +15,8 @@ import logging
 import socket
 from typing import Any
 
+from remote_gpu_kernel.tls import is_loopback
+
 from websockets.asyncio.server import ServerConnection
 
 from .batch import BatchRunner
@@ -28,6 +30,7 @@ from .http_api import HttpApi
 from .journal import Journal
 from .launcher import WorkerLauncher
 from .local_launcher import LocalLauncher
+from .origins import OriginPolicy
 from .ray_launcher import RayCluster, RayLauncher
 from .metrics import Metrics
 from .pool import Pool
@@ -38,6 +41,7 @@ from .sessions import SessionManager
 from .slots import Slot, SlotInventory
 from .status import ServerView
 from .store import Store, TokenInfo
+from .tls import server_ssl_context
 
 __all__ = ["GpuServer", "__version__"]
 
@@ -63,6 +67,7 @@ class GpuServer:
         self.cluster: RayCluster | None = None
         self._watcher: asyncio.Task[None] | None = None
         self.metrics = Metrics()
+        self.origins = OriginPolicy(config.allow_origins)  # raises ValueError for a bad entry
         self._parts_closed = False
         self._reaper: asyncio.Task[None] | None = None
         self._announcer: asyncio.Task[None] | None = None
@@ -74,6 +79,8 @@ class GpuServer:
 
     async def start(self) -> None:
         config = self.config
+        # TLS first: a certificate that cannot be used stops the start before anything runs.
+        tls = server_ssl_context(config.certfile, config.keyfile) if config.certfile else None
         self.store = await Store.open(config.db, self.server_id)
         stale = await self.store.fail_interrupted_jobs("the server stopped while this job was running")
         if stale:
@@ -116,8 +123,8 @@ class GpuServer:
         self.http = HttpApi(view, self.metrics)
         await self.batch.recover()
         self.front = FrontDoor(verify=self.store.verify_token, http=self.http, clients=self._client,
-                               server_header=f"remote-gpu-server/{self.version}")
-        await self.front.open(config.host, config.port)
+                               server_header=f"remote-gpu-server/{self.version}", origins=self.origins)
+        await self.front.open(config.host, config.port, tls)
         self.port = self.front.port
         loop = asyncio.get_running_loop()
         self._reaper = loop.create_task(self._reap_idle())
@@ -126,8 +133,12 @@ class GpuServer:
         self._announcer = loop.create_task(self._announce_ready())
         if config.keep_output is not None:
             self._pruner = loop.create_task(prune_outputs_forever(self.store, config.keep_output))
-        log.info("listening on ws://%s:%d with %d slot(s): %s", config.host, self.port,
+        scheme = "wss" if tls is not None else "ws"
+        log.info("listening on %s://%s:%d with %d slot(s): %s", scheme, config.host, self.port,
                  len(self.inventory), ", ".join(f"{s.id} ({s.name})" for s in self.inventory) or "none yet")
+        if tls is None and not is_loopback(config.host):
+            log.warning("serving plain ws:// on %s: tokens cross the network in clear; serve TLS "
+                        "with --tls self-signed or --certfile/--keyfile", config.host)
 
     @property
     def slots(self) -> list[Slot]:

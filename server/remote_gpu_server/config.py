@@ -10,7 +10,7 @@ import platformdirs
 
 from .scheduler import PoolConfig, Quota, SchedulerConfig
 
-__all__ = ["ServerConfig", "default_db_path", "parse_pool"]
+__all__ = ["ServerConfig", "data_dir", "default_db_path", "parse_pool"]
 
 
 def default_db_path() -> Path | str:
@@ -20,6 +20,15 @@ def default_db_path() -> Path | str:
     if env:
         return env if "://" in env else Path(env)
     return Path(platformdirs.user_data_dir("remote-gpu-kernel")) / "rgpu.sqlite3"
+
+
+def data_dir(db: Path | str) -> Path:
+    """Where the server keeps its own files (certificates, session folders):
+    beside a SQLite store, or the user's data directory when the store is a
+    database server's URL."""
+    if isinstance(db, str) and "://" in db:
+        return Path(platformdirs.user_data_dir("remote-gpu-kernel"))
+    return Path(db).parent
 
 
 def parse_pool(spec: str) -> PoolConfig:
@@ -81,3 +90,9 @@ class ServerConfig:
     #: ``auto`` or ``host:port`` of a Ray cluster whose GPUs this server leases
     #: (it joins as the cluster's head); None: this machine's slots.
     ray: str | None = None
+    #: TLS (see :mod:`.tls`): serve wss:// and https:// with this certificate
+    #: and key (None: the key is in the certificate's file); None serves plain.
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    #: Browser origins allowed besides none (see :mod:`.origins`); ``*``: any.
+    allow_origins: tuple[str, ...] = ()

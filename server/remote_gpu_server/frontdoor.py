@@ -22,7 +22,8 @@ from websockets.http11 import Request, Response
 from remote_gpu_kernel.protocol import CHUNK_SIZE
 
 from .errors import TokenError
-from .http_api import SUBMIT_PATH, HttpApi, is_websocket
+from .http_api import SUBMIT_PATH, HttpApi, is_websocket, json_response
+from .origins import OriginPolicy
 from .store import DatabaseUnavailable, TokenInfo
 
 __all__ = ["FrontDoor", "bearer_token"]
@@ -45,7 +46,8 @@ class FrontDoor:
     """Call :meth:`open`, then :meth:`close` at the end."""
 
     def __init__(self, *, verify: Callable[[str | None], Awaitable[TokenInfo]], http: HttpApi,
-                 clients: ClientHandler, server_header: str) -> None:
+                 clients: ClientHandler, server_header: str, origins: OriginPolicy | None = None) -> None:
+        self._origins = origins or OriginPolicy(())
         self._verify = verify
         self._http = http
         self._clients = clients
@@ -78,6 +80,14 @@ class FrontDoor:
             await self._server.wait_closed()
 
     async def _handshake(self, connection: ServerConnection, request: Request) -> Response | None:
+        # A browser page of another site must not reach a client's API: the
+        # Origin is checked before anything else (CVE-2014-3429 was its absence).
+        refused = self._origins.refusal(request.headers.get_all("Origin"))
+        if refused is not None:
+            log.info("refused a request from %s: %s", connection.remote_address, refused)
+            if is_websocket(request):
+                return connection.respond(HTTPStatus.FORBIDDEN, f"{refused}\n")
+            return json_response(HTTPStatus.FORBIDDEN, {"error": refused})
         if not is_websocket(request):
             return await self._http.handle(connection, request)
         try:

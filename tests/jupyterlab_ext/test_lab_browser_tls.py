@@ -91,7 +91,7 @@ def test_sidebar_and_gpu_cell_over_wss(tls_lab: tuple[LabProcess, ServerProcess,
             page.keyboard.press("Shift+Enter")
             page.keyboard.press("Shift+Enter")
             output = page.locator(".jp-Notebook .jp-Cell").nth(1).locator(".jp-OutputArea-output")
-            expect(output.filter(has_text="1").first).to_be_visible(timeout=90_000)
+            expect(output.filter(has_text="fitted").first).to_be_visible(timeout=90_000)
             expect(slot.locator(".jp-RemoteGpu-holder")).to_contain_text("held by you", timeout=30_000)
             assert token not in page.content(), "the token must never reach the browser"
             page.screenshot(path=str(ARTIFACTS / "sidebar-tls-connected.png"))

@@ -67,23 +67,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from remote_gpu_server.config import parse_pool
     from remote_gpu_server.scheduler import Quota, SchedulerConfig
 
+    from remote_gpu_server.errors import IsolationError
+    from remote_gpu_server.identities import DEFAULT_UID_RANGE, RunAs, parse_uid_range
+    from remote_gpu_server.isolation import IsolationConfig
+
     try:
         scheduler = SchedulerConfig(
             half_life=args.half_life * 3600, max_wait=args.max_wait,
             default_quota=Quota(args.max_gpus, args.max_waiting),
             pools=tuple(parse_pool(spec) for spec in args.pool),
         )
+        isolation = IsolationConfig(
+            run_as=RunAs(args.run_as), no_isolation=args.no_isolation, worker_memory=args.worker_memory,
+            session_root=Path(args.session_root) if args.session_root else None,
+            uid_range=parse_uid_range(args.uid_range) if args.uid_range else DEFAULT_UID_RANGE,
+            worker_env=tuple(args.worker_env))
     except ValueError as exc:
         sys.exit(f"rgpu serve: {exc}")
     config = ServerConfig(host=args.host, port=args.port, db=_db(args), slots=args.slots,
                           idle_timeout=args.idle_timeout, grace=args.grace,
-                          price_per_gpu_hour=args.price_per_gpu_hour, scheduler=scheduler)
+                          price_per_gpu_hour=args.price_per_gpu_hour, scheduler=scheduler,
+                          isolation=isolation)
 
     async def serve() -> None:
         server = GpuServer(config)
         try:
             await server.start()
-        except ValueError as exc:
+        except (ValueError, IsolationError) as exc:
+            await server.close()
             sys.exit(f"rgpu serve: {exc}")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -264,6 +275,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "interactive=gpu0,gpu1:idle=900:max-gpus=1 (repeatable; unnamed slots "
                         "form the pool 'default')")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    iso = p.add_argument_group("isolation of workers (see README: Deploying for a team)")
+    iso.add_argument("--run-as", choices=["dynamic", "accounts"], default="dynamic",
+                     help="as root: run each user's workers as a uid of their own from --uid-range "
+                          "(dynamic, the default), or as the OS account of the same name where a "
+                          "regular one exists (accounts)")
+    iso.add_argument("--uid-range", metavar="START-END",
+                     help="the uids for --run-as dynamic (default 1900000000-1900099999)")
+    iso.add_argument("--no-isolation", action="store_true",
+                     help="where workers cannot be isolated (not root, no bubblewrap), serve several "
+                          "users anyway: each can then read the others' work")
+    iso.add_argument("--worker-memory", default="auto", metavar="SIZE",
+                     help="host memory limit of a worker per slot it holds, like 8G; auto (the "
+                          "default): 90%% of the host's memory divided by the slots; none: no limit")
+    iso.add_argument("--session-root", metavar="DIR",
+                     help="where each lease's session folder goes (default: sessions/ next to the store)")
+    iso.add_argument("--worker-env", action="append", default=[], metavar="NAME",
+                     help="also pass this server environment variable to workers (repeatable; "
+                          "names ending in _ pass every variable with that prefix)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("token", help="create, list and revoke tokens")

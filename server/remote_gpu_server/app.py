@@ -31,6 +31,7 @@ from .connection import Connection
 from .errors import TokenError
 from .gpus import Slot, discover_slots
 from .http_api import SUBMIT_PATH, HttpApi, is_websocket
+from .isolation import Isolation
 from .metrics import Metrics
 from .pool import Pool
 from .readings import Readings
@@ -70,6 +71,7 @@ class GpuServer:
         self._nvml = nvml
         self.store: Store = None  # type: ignore[assignment]
         self.pool: Pool = None  # type: ignore[assignment]
+        self.isolation = Isolation(config.isolation, config.db)
         self.slots: list[Slot] = []
         self.scheduler: Scheduler = None  # type: ignore[assignment]
         # Quotas set on tokens, by user; the scheduler reads this mapping.
@@ -98,7 +100,8 @@ class GpuServer:
         self.slots = discover_slots(self.config.slots)
         self.scheduler = Scheduler([s.id for s in self.slots],
                                    dataclasses.replace(self.config.scheduler, user_quotas=self._token_quotas))
-        self.pool = Pool(self.slots, self.config.startup_timeout)
+        self.isolation.start(len(self.slots))  # isolation hook: raises IsolationError
+        self.pool = Pool(self.slots, self.config.startup_timeout, self.isolation)
         self.pool.start()
         self.readings = Readings(self.slots, self.pool.worker_pids, nvml=self._nvml,
                                  on_health=self._on_health)
@@ -137,6 +140,7 @@ class GpuServer:
             await self.readings.close()
         if self.pool is not None:
             await self.pool.close()
+        self.isolation.close()
         if self.store is not None:
             self.store.close()
 
@@ -151,6 +155,10 @@ class GpuServer:
             # The reason names the token's id at most, never the token itself.
             log.info("refused a connection from %s: %s", connection.remote_address, exc)
             return connection.respond(HTTPStatus.UNAUTHORIZED, f"{exc}\n")
+        refusal = self.isolation.admit(info.user)  # isolation hook: one user only, if not isolated
+        if refusal is not None:
+            log.info("refused a connection of %s: %s", info.user, refusal)
+            return connection.respond(HTTPStatus.FORBIDDEN, f"{refusal}\n")
         self._tokens[id(connection)] = info
         return None
 
@@ -254,7 +262,7 @@ class GpuServer:
 
     async def open_session(self, user: str, slots: tuple[SlotId, ...]) -> Session:
         try:
-            worker = await self.pool.take(list(slots))
+            worker = await self.pool.take(list(slots), user)
         except BaseException:
             await self._apply(self.scheduler.release(list(slots)))
             raise

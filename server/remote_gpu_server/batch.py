@@ -287,7 +287,7 @@ class BatchRunner:
         run = RunningJob(job, record.user, attempt, session, slots, time.time())
         self._running[job] = run
         try:
-            worker = await server.pool.take(list(slots))
+            worker = await server.pool.take(list(slots), record.user)
         except asyncio.CancelledError:
             self._running.pop(job, None)
             if not self._closing:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import platformdirs
 
+from .isolation import IsolationConfig
 from .scheduler import PoolConfig, Quota, SchedulerConfig
 
 __all__ = ["ServerConfig", "default_db_path", "parse_pool"]
@@ -68,3 +69,5 @@ class ServerConfig:
     scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
     #: Price of one GPU-hour (slot-hour) for usage reports; None shows no cost.
     price_per_gpu_hour: float | None = None
+    #: Who workers run as, what they can reach, their memory (see :mod:`.isolation`).
+    isolation: IsolationConfig = dataclasses.field(default_factory=IsolationConfig)

@@ -129,6 +129,7 @@ def status_json(server: GpuServer, me: TokenInfo) -> dict[str, Any]:
         "queue": _queue(server, me),
         "sessions": leases,
         "usage": usage_json(server, me),
+        "isolation": server.isolation.status_json(),
     }
 
 

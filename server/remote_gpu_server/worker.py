@@ -3,6 +3,8 @@
 A :class:`Worker` starts a kernel through jupyter_client (signed messages,
 ``ipc://`` sockets in a private runtime folder, its own process group), pins
 it to its slots with ``CUDA_VISIBLE_DEVICES``, and forwards requests to it.
+How it is confined (command, environment, identity at lease time, memory
+limit) comes from its :class:`~.isolation.WorkerIsolation`.
 jupyter_client's provisioner is the process-control layer (launch, poll,
 signal, kill, cleanup), so a pool of workers can later be started by another
 launcher without changing this module.
@@ -36,8 +38,11 @@ from remote_gpu_kernel.errors import WorkerDied
 from remote_gpu_kernel.protocol.framing import Chunks
 
 from . import transfer
+from .errors import IsolationError
 from .gpus import Slot, cuda_visible_devices
+from .isolation import Isolation, Tenant
 from .worker_kernel import COMM_TARGET
+from .worker_output import WorkerOutput
 
 __all__ = ["IopubHandler", "TransferAborted", "Worker", "describe_exit"]
 
@@ -152,13 +157,14 @@ class _FastSession(Session):  # type: ignore[misc]
 class _SpecManager(KernelSpecManager):  # type: ignore[misc]
     """Hands jupyter_client the worker's command line."""
 
+    def __init__(self, argv: list[str], interrupt_mode: str) -> None:
+        super().__init__()
+        self.argv = argv
+        self.interrupt_mode = interrupt_mode
+
     def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
-        return KernelSpec(
-            argv=[sys.executable, "-m", "remote_gpu_server.worker_kernel", "-f", "{connection_file}"],
-            display_name="remote-gpu worker",
-            language="python",
-            interrupt_mode="signal",
-        )
+        return KernelSpec(argv=self.argv, display_name="remote-gpu worker", language="python",
+                          interrupt_mode=self.interrupt_mode)
 
 
 class _Pending:
@@ -182,13 +188,21 @@ class Worker:
     kills the whole process group and removes the connection files).
     """
 
-    def __init__(self, slots: list[Slot], runtime_dir: Path, startup_timeout: float = 120) -> None:
+    def __init__(self, slots: list[Slot], runtime_dir: Path, startup_timeout: float = 120,
+                 isolation: Isolation | None = None, tenant: Tenant | None = None) -> None:
         self.slots = list(slots)
         self.name = f"w{next(_counter)}-{'+'.join(s.id for s in slots)}"
         self.runtime_dir = runtime_dir
+        #: This worker's own runtime folder: its connection file and sockets.
+        self.runtime = runtime_dir / self.name
         self.startup_timeout = startup_timeout
+        # -- isolation hook: how this worker is confined (see isolation.py)
+        self.isolation = (isolation or Isolation.unconfined()).prepare(self.name, len(self.slots),
+                                                                         self.runtime, tenant)
+        self._output: WorkerOutput | None = None
         self.language_info: dict[str, Any] = {}
         self.exit_description: str | None = None
+        self._explained = False  # the isolation said how it ended (out of host memory)
         self._km: AsyncKernelManager | None = None
         self._kc: Any = None
         self._pending: dict[str, _Pending] = {}
@@ -210,27 +224,43 @@ class Worker:
     def alive(self) -> bool:
         return self._km is not None and not self.died.is_set() and not self._killed
 
+    @property
+    def tenant(self) -> Tenant | None:
+        """The user and session folder of the lease this worker serves, once leased."""
+        return self.isolation.tenant
+
     async def start(self) -> None:
-        env = dict(os.environ)
-        env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices(self.slots)
-        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-        env["RGPU_SLOTS"] = ",".join(s.id for s in self.slots)
-        data_addr = f"ipc://{self.runtime_dir / self.name}-data"
-        env["RGPU_DATA_ADDR"] = data_addr
+        self.runtime.mkdir(mode=0o700)
+        data_addr = f"ipc://{self.runtime / 'data'}"
         ring_fd = transfer.create_ring()
-        env["RGPU_DATA_RING_FD"] = str(ring_fd)
-        env.pop("JUPYTER_RUNTIME_DIR", None)
-        km = AsyncKernelManager(kernel_name="rgpu-worker", kernel_spec_manager=_SpecManager(),
-                                session=_FastSession())
+        # -- isolation hook: an allow-listed environment, the confined command
+        # line, and stdout/stderr on a pipe of the worker's own.
+        env = self.isolation.environment({
+            "CUDA_VISIBLE_DEVICES": cuda_visible_devices(self.slots),
+            "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+            "RGPU_SLOTS": ",".join(s.id for s in self.slots),
+            "RGPU_DATA_ADDR": data_addr,
+            "RGPU_DATA_RING_FD": str(ring_fd),
+        })
+        argv = self.isolation.command(
+            [sys.executable, "-m", "remote_gpu_server.worker_kernel", "-f", "{connection_file}",
+             # Each worker's history stays in it: a shared file would show every
+             # user's code to the next (the Remote GPU kernel keeps its own).
+             "--HistoryManager.hist_file=:memory:"])
+        km = AsyncKernelManager(kernel_name="rgpu-worker", session=_FastSession(),
+                                kernel_spec_manager=_SpecManager(argv, self.isolation.interrupt_mode))
         km.transport = "ipc"
-        km.ip = str(self.runtime_dir / self.name)
-        km.connection_file = str(self.runtime_dir / f"{self.name}.json")
+        km.ip = str(self.runtime / "kernel")
+        km.connection_file = str(self.runtime / "kernel.json")
         self._km = km
+        self._output = WorkerOutput(self.name)
         try:
             self._ring = transfer.Ring(ring_fd)
-            await km.start_kernel(env=env, pass_fds=(ring_fd,))
+            await km.start_kernel(env=env, pass_fds=(ring_fd,), stdout=self._output.fd,
+                                  stderr=self._output.fd, **self.isolation.popen_options)
         finally:
             os.close(ring_fd)  # the worker has its own copy; the mapping stays
+            self._output.started()
         kc = km.client()
         kc.start_channels()
         self._kc = kc
@@ -255,6 +285,25 @@ class Worker:
         self._comm_id = f"rgpu-{self.name}"
         await self.request("comm_open", {"comm_id": self._comm_id, "target_name": COMM_TARGET, "data": {}})
         log.debug("worker %s ready (pid %s)", self.name, self.pid)
+
+    async def enter(self, user: str) -> None:
+        """Make this started worker ``user``'s, before any of their requests.
+
+        Isolation hook: the worker takes on the lease's identity and session
+        folder (see :mod:`.confinement`); raises IsolationError if it could
+        not, and the worker must then be killed, never handed out.
+        """
+        spec = self.isolation.enter_spec(user)
+        if spec is None:
+            return
+        tid, fut = self._new_transfer()
+        request = self.request("comm_msg", {"comm_id": self._comm_id, "data": {
+            "op": "enter", "id": tid, "spec": spec.to_json()}})
+        reply = await self._comm_reply(tid, fut, request)
+        if not reply.get("ok"):
+            raise IsolationError(f"worker {self.name} could not become {user}'s: "
+                                 f"{reply.get('ename')}: {reply.get('evalue')}")
+        log.debug("worker %s entered %s's lease in %s", self.name, user, spec.cwd)
 
     # -- reading ------------------------------------------------------------
 
@@ -313,17 +362,19 @@ class Worker:
                 return
             code = await self._km.provisioner.poll() if self._km.provisioner else 0
             if code is not None:
-                self.exit_description = describe_exit(code)
+                explained = self.isolation.explain(code)
+                self._explained = explained is not None
+                self.exit_description = explained or describe_exit(code)
                 log.warning("worker %s died (%s)", self.name, self.exit_description)
                 self._fail_all(WorkerDied(self.death_message(), code="worker_died"))
                 self.died.set()
                 return
 
     def death_message(self) -> str:
-        return (
-            f"the worker process died ({self.exit_description}); its variables are gone. "
-            "The session gets a fresh worker for the next cell."
-        )
+        how = (f"was stopped: {self.exit_description}" if self._explained
+               else f"died ({self.exit_description})")
+        return (f"the worker process {how}; its variables are gone. "
+                "The session gets a fresh worker for the next cell.")
 
     def _fail_all(self, exc: BaseException) -> None:
         for pending in self._pending.values():
@@ -542,3 +593,7 @@ class Worker:
                 await task
             except (asyncio.CancelledError, Exception):
                 pass
+        # -- isolation hook: kill what is left in its cgroup, remove its runtime folder.
+        await asyncio.to_thread(self.isolation.close)
+        if self._output is not None:
+            await self._output.close()

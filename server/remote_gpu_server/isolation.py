@@ -15,9 +15,11 @@ lease time, what a death means, and a cleanup. The modes:
 - ``bubblewrap`` (not root, and ``bwrap`` can make user namespaces): each
   worker starts in a sandbox of its own with its session folder bound in
   (see :mod:`.sandbox`); at lease time it only learns its user's name.
-- ``none``: workers run as the server's user, as without this module. The
-  server then serves one user only (the first to connect) unless started
-  with ``--no-isolation``, and says so in its log and ``/api/status``.
+- ``none``: workers run as the server's user, as without this module:
+  where neither mode above is possible, or where the admin asked for it
+  with ``--no-isolation``. Without that flag such a server serves one user
+  only (the first to connect); either way it says that workers are not
+  isolated in its log and ``/api/status``.
 
 In every mode a worker's environment comes from an allow-list (like
 JupyterHub's ``Spawner.env_keep``), its output goes to a pipe of its own
@@ -72,7 +74,7 @@ class IsolationConfig:
 
     #: ``--run-as``: a dynamic uid per user, or their OS account where one exists.
     run_as: RunAs = RunAs.DYNAMIC
-    #: ``--no-isolation``: serve several users although workers are not isolated.
+    #: ``--no-isolation``: do not isolate workers, and serve every user anyway.
     no_isolation: bool = False
     #: ``--worker-memory``: ``auto`` (a fair share per slot), a size, or ``none``.
     worker_memory: str = "auto"
@@ -133,7 +135,12 @@ class Isolation:
                         else parse_size(self.config.worker_memory))
         except ValueError as exc:
             raise IsolationError(f"--worker-memory: {exc}") from None
-        self.mode = self.config.mode or self._probe()
+        if self.config.mode is not None:
+            self.mode = self.config.mode
+        elif self.config.no_isolation:
+            self.mode, self.reason = IsolationMode.NONE, "--no-isolation"
+        else:
+            self.mode = self._probe()
         self.memory = MemoryLimits.probe(per_slot, pid=server_pid)
         if self.mode is IsolationMode.UIDS:
             os.umask(0o077)  # whatever the server writes from now on is its own
@@ -179,8 +186,8 @@ class Isolation:
                      "session folders in %s; memory: %s", self.session_root, memory)
         elif self.config.no_isolation:
             log.warning("workers are NOT isolated (--no-isolation): every user's code runs as uid %d, "
-                        "like the server, and can read the store, other users' work and the server's "
-                        "files; memory: %s", os.geteuid(), memory)
+                        "like the server, and can read the store, the tokens' users' work and the "
+                        "server's files; memory: %s", os.geteuid(), memory)
         else:
             log.warning("workers are NOT isolated (%s): this server serves one user only; start it "
                         "with --no-isolation to share it anyway, without isolation", self.reason)

@@ -304,7 +304,6 @@ def _make_server_group(version: int, pid: int, proc: Path) -> Path:
         if "memory" not in (own / "cgroup.controllers").read_text().split():
             raise OSError(0, f"the memory controller is not available in {own}")
         _enable_memory_v2(own, pid)
-    _remove_stale(own)
     base = own / f"rgpu-{pid}"
     base.mkdir(mode=0o755, exist_ok=True)
     try:
@@ -315,6 +314,7 @@ def _make_server_group(version: int, pid: int, proc: Path) -> Path:
     except OSError:
         base.rmdir()
         raise
+    _remove_stale(own)  # only now: this server has the rights to
     return base
 
 

@@ -95,9 +95,10 @@ def _nested(path: Path, roots: list[Path]) -> bool:
 
 def bubblewrap_argv(bwrap: str, layout: SandboxLayout) -> list[str]:
     """The ``bwrap ... --`` prefix that starts a command in ``layout``'s sandbox."""
-    argv = [bwrap, *_NAMESPACES, "--unsetenv", "JPY_PARENT_PID"]
-    # ipykernel would take bwrap's init (pid 1) for a dead parent's adopter;
-    # --die-with-parent does that job instead.
+    # ipykernel would take bwrap's init (pid 1) for the adopter of an orphan
+    # and exit; a parent pid of 1 tells it not to watch (--die-with-parent
+    # does that job).
+    argv = [bwrap, *_NAMESPACES, "--setenv", "JPY_PARENT_PID", "1"]
     for top in _TOP_LEVEL:
         if os.path.islink(top):
             argv += ["--symlink", os.readlink(top), top]

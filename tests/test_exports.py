@@ -27,6 +27,12 @@ MODULES = [
     "remote_gpu_server.worker",
     "remote_gpu_server.transfer",
     "remote_gpu_server.gpus",
+    "remote_gpu_server.isolation",
+    "remote_gpu_server.identities",
+    "remote_gpu_server.memory_limits",
+    "remote_gpu_server.sandbox",
+    "remote_gpu_server.confinement",
+    "remote_gpu_server.worker_output",
 ]
 
 

@@ -32,7 +32,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["SandboxLayout", "bubblewrap_argv", "check_bubblewrap", "find_bubblewrap"]
+__all__ = ["SandboxLayout", "bubblewrap_argv", "check_bubblewrap", "find_bubblewrap", "python_paths"]
 
 _SYSTEM = ("/usr", "/etc", "/opt", "/sys")
 _TOP_LEVEL = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")

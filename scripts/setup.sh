@@ -4,7 +4,9 @@
 #
 # torch is pinned first: 2.13.0 is a CPU wheel; an unpinned torch would pull
 # gigabytes of CUDA packages (the server runs on CPU slots where there is no
-# GPU). Set RGPU_SKIP_APT=1 to skip installing Chromium for the browser test.
+# GPU). Set RGPU_SKIP_APT=1 to skip installing Debian packages: Chromium for
+# the browser test, and bubblewrap, which isolates the workers of a server
+# that does not run as root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,11 +18,16 @@ fi
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
 .venv/bin/python -m pip install --quiet -e ".[dev]"
 
-# Debian's Chromium renders JupyterLab for the sidebar's browser test.
-if [ -z "${RGPU_SKIP_APT:-}" ] && ! command -v chromium >/dev/null 2>&1; then
+# Debian's Chromium renders JupyterLab for the sidebar's browser test;
+# bubblewrap (bwrap) sandboxes the workers of a server that is not root.
+missing=()
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)
+if [ -z "${RGPU_SKIP_APT:-}" ] && [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
     else
-        echo "setup: chromium is missing; the browser test will be skipped (apt-get install chromium)" >&2
+        echo "setup: ${missing[*]} missing; the tests that need them will be skipped" \
+             "(apt-get install ${missing[*]})" >&2
     fi
 fi

@@ -214,6 +214,14 @@ function Header({ model }: { model: RemoteGpuModel }): JSX.Element {
           {you.admin ? ' (admin)' : ''} · server {model.status.server.version}
         </div>
       )}
+      {model.status?.isolation?.isolated === false && (
+        <div
+          className="jp-RemoteGpu-notice jp-RemoteGpu-isolation jp-mod-warning"
+          role="alert"
+        >
+          <b>Workers are not isolated.</b> {model.status.isolation.detail}
+        </div>
+      )}
     </header>
   );
 }

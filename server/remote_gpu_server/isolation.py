@@ -208,14 +208,14 @@ class Isolation:
     def status_json(self) -> dict[str, Any]:
         """The ``isolation`` object of ``GET /api/status``."""
         if self.mode is IsolationMode.UIDS:
-            detail = f"each user's workers run as a uid of their own (--run-as {self.config.run_as.value})"
+            detail = f"Each user's workers run as a uid of their own (--run-as {self.config.run_as.value})."
         elif self.mode is IsolationMode.BUBBLEWRAP:
-            detail = "each worker runs in a bubblewrap sandbox of its own"
+            detail = "Each worker runs in a bubblewrap sandbox of its own."
         elif self.config.no_isolation:
-            detail = ("workers are not isolated (--no-isolation): every user's code can read "
-                      "other users' code, data and output on this server")
+            detail = ("Started with --no-isolation: every user's code runs as the server's user and can "
+                      "read the other users' code, data and output here.")
         else:
-            detail = f"workers are not isolated ({self.reason}); this server serves one user only"
+            detail = f"Nothing here can isolate them ({self.reason}), so this server serves one user only."
         return {"isolated": self.isolated, "mode": self.mode.value, "run_as": self.config.run_as.value
                 if self.mode is IsolationMode.UIDS else None, "memory": self.memory.describe(),
                 "detail": detail}

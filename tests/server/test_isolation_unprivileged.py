@@ -100,7 +100,7 @@ def test_without_isolation_the_server_serves_its_first_user_only(tmp_path: Path)
             with pytest.raises(AuthenticationError, match="serves one user only \\(alice\\).*--no-isolation"):
                 Client(server.url, bob).session()
             isolation = ApiClient(server.url, alice).status()["isolation"]
-            assert isolation["isolated"] is False and "not isolated" in isolation["detail"]
+            assert isolation["isolated"] is False and "serves one user only" in isolation["detail"]
     finally:
         server.stop()
 

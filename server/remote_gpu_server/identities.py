@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import pwd
+import stat
 import tempfile
 from pathlib import Path
 
@@ -115,15 +116,26 @@ class Identities:
         self._cache: dict[str, Identity] = {}
 
     def _load(self) -> dict[str, int]:
+        """The recorded uids; refused if anyone but the server could have written them."""
         try:
+            info = os.lstat(self.path)
             data = json.loads(self.path.read_text())
         except FileNotFoundError:
             return {}
         except (OSError, ValueError) as exc:
             raise IsolationError(f"cannot read the uid mapping {self.path}: {exc}") from None
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != self.server_uid or info.st_mode & 0o022:
+            raise IsolationError(f"{self.path} must be a file of the server's own that no one else "
+                                 "may write")
         uids = {str(user): int(uid) for user, uid in dict(data.get("uids") or {}).items()}
         if len(set(uids.values())) != len(uids):
             raise IsolationError(f"{self.path} gives two users the same uid; fix or remove it")
+        for user, uid in uids.items():  # an account's uid would hand its files to this user
+            try:
+                raise IsolationError(f"{self.path} maps {user} to uid {uid}, which is the account "
+                                     f"{pwd.getpwuid(uid).pw_name}'s; fix or remove it")
+            except KeyError:
+                pass
         return uids
 
     def _save(self) -> None:

@@ -38,6 +38,7 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -110,7 +111,7 @@ class Isolation:
     def __init__(self, config: IsolationConfig, db: Path) -> None:
         self.config = config
         self.db = db
-        self.mode = IsolationMode.NONE
+        self.mode = config.mode or IsolationMode.NONE  # chosen in start() unless given
         self.reason = ""  # why the mode is not a stronger one
         self.session_root = config.session_root or db.parent / "sessions"
         self.memory = MemoryLimits.probe(None)
@@ -148,10 +149,18 @@ class Isolation:
             self.identities = Identities(self.db.with_name(self.db.name + "-uids.json"),
                                          self.config.run_as, self.config.uid_range)
         if self.isolated:
-            self.session_root.mkdir(parents=True, exist_ok=True)
-            # Workers may walk through (to their own folder) but not list it.
-            os.chmod(self.session_root, 0o711 if self.mode is IsolationMode.UIDS else 0o700)
+            self._make_session_root()
         self._announce()
+
+    def _make_session_root(self) -> None:
+        root = self.session_root
+        root.mkdir(parents=True, exist_ok=True)
+        info = os.lstat(root)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+            raise IsolationError(f"the session root {root} must be a folder of the server's own "
+                                 "(not a link, not another user's): remove it or choose --session-root")
+        # Workers may walk through (to their own folder) but not list it.
+        os.chmod(root, 0o711 if self.mode is IsolationMode.UIDS else 0o700)
 
     def _probe(self) -> IsolationMode:
         if os.geteuid() == 0:
@@ -226,7 +235,13 @@ class Isolation:
         """How to start worker ``name`` on ``slots`` slots; ``runtime`` is its own
         runtime folder; ``tenant`` is given for a worker that replaces another
         within a lease."""
-        return WorkerIsolation(self, name, runtime, self.memory.for_worker(name, slots), tenant)
+        try:
+            memory = self.memory.for_worker(name, slots)
+        except OSError as exc:  # the cgroup could not be made: the worker limits itself
+            log.warning("worker %s: no memory cgroup (%s); it gets RLIMIT_DATA instead", name, exc)
+            limit = None if self.memory.per_slot is None else self.memory.per_slot * max(1, slots)
+            memory = WorkerMemory(limit, data_limit=limit)
+        return WorkerIsolation(self, name, runtime, memory, tenant)
 
     def new_folder(self, owner: Identity | None) -> Path:
         """A fresh session folder, mode 0700, owned by ``owner`` (else the server)."""

@@ -18,14 +18,14 @@ NOBODY = 65534  # an account (and a group) on every Debian machine
 
 def test_dynamic_uids_are_distinct_recorded_and_stable(tmp_path: Path) -> None:
     path = tmp_path / "rgpu.sqlite3-uids.json"
-    ids = Identities(path, uid_range=range(1_900_000_100, 1_900_000_110), server_uid=0)
+    ids = Identities(path, uid_range=range(1_900_000_100, 1_900_000_110), server_uid=os.geteuid())
     alice, bob = ids.of("alice"), ids.of("bob")
     assert alice.uid != bob.uid and {alice.uid, bob.uid} <= set(range(1_900_000_100, 1_900_000_110))
     assert (alice.gid, alice.groups, alice.account) == (alice.uid, (), False)
     assert ids.of("alice") == alice
     assert json.loads(path.read_text())["uids"] == {"alice": alice.uid, "bob": bob.uid}
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    again = Identities(path, uid_range=range(1_900_000_100, 1_900_000_110), server_uid=0)
+    again = Identities(path, uid_range=range(1_900_000_100, 1_900_000_110), server_uid=os.geteuid())
     assert again.of("bob") == bob and again.of("carol").uid not in (alice.uid, bob.uid)
 
 
@@ -63,3 +63,15 @@ def test_bad_uid_ranges_say_what_is_wrong(text: str) -> None:
     with pytest.raises(ValueError, match="--uid-range"):
         parse_uid_range(text)
     assert parse_uid_range("2000-2009") == range(2000, 2010)
+
+
+def test_a_mapping_anyone_else_could_write_or_that_names_an_account_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "uids.json"
+    path.write_text(json.dumps({"uids": {"alice": 1_900_000_100}}))
+    path.chmod(0o666)
+    with pytest.raises(IsolationError, match="no one else may write"):
+        Identities(path, server_uid=os.geteuid())
+    path.chmod(0o600)
+    path.write_text(json.dumps({"uids": {"alice": NOBODY}}))
+    with pytest.raises(IsolationError, match="which is the account nobody's"):
+        Identities(path, server_uid=os.geteuid())

@@ -43,7 +43,7 @@ import json
 import os
 from typing import Any
 
-__all__ = ["ENV_VAR", "EnterSpec", "SpawnSpec", "enter", "prepare", "prepare_from_environ"]
+__all__ = ["ENV_VAR", "PRIVATE_TMP", "EnterSpec", "SpawnSpec", "enter", "prepare", "prepare_from_environ"]
 
 #: The environment variable that carries the worker's :class:`SpawnSpec`.
 ENV_VAR = "RGPU_CONFINE"
@@ -57,6 +57,8 @@ _PR_SET_DUMPABLE, _PR_SET_NO_NEW_PRIVS = 4, 38
 PRIVATE_TMP = ("/tmp", "/var/tmp", "/dev/shm")
 #: Exit status of a worker that could not drop root: it must not serve anyone.
 _EXIT_STILL_PRIVILEGED = 70
+#: The private tmpfs this process mounted (only these are ever chowned).
+_mounted: set[str] = set()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +101,8 @@ class EnterSpec:
     groups: tuple[int, ...] = ()
     #: Environment variables to set (HOME, USER, LOGNAME, ...).
     env: tuple[tuple[str, str], ...] = ()
-    #: Folders whose contents (written before the lease) become the user's.
+    #: Private tmpfs whose contents (written before the lease) become the
+    #: user's; one that :func:`prepare` did not mount is left alone.
     chown: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
@@ -154,6 +157,7 @@ def _private_namespace(libc: Any, spec: SpawnSpec) -> None:
         if os.path.isdir(path) and not os.path.islink(path):
             _mount(libc, b"tmpfs", path, b"tmpfs", _MS_NOSUID | _MS_NODEV, f"mode=1777{size}".encode())
             covered.add(path)
+            _mounted.add(path)
     for path, writable, blocked, fd in exposed:
         try:
             if blocked is None:
@@ -214,7 +218,8 @@ def enter(spec: EnterSpec) -> None:
     """
     if spec.uid is not None and spec.gid is not None:
         for folder in spec.chown:
-            _chown_contents(folder, spec.uid, spec.gid)
+            if folder in _mounted:  # never the host's /tmp
+                _chown_contents(folder, spec.uid, spec.gid)
     os.chdir(spec.cwd)
     if spec.uid is not None and spec.gid is not None:
         os.setgroups(list(spec.groups))

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import glob
 import logging
 import os
 import secrets
@@ -43,13 +44,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .confinement import ENV_VAR, EnterSpec, SpawnSpec
+from .confinement import ENV_VAR, PRIVATE_TMP, EnterSpec, SpawnSpec
 from .errors import IsolationError
 from .identities import DEFAULT_UID_RANGE, Identities, Identity, RunAs
 from .memory_limits import MemoryLimits, WorkerMemory, fair_share, parse_size
 from .sandbox import SandboxLayout, bubblewrap_argv, check_bubblewrap, find_bubblewrap, python_paths
 
-__all__ = ["ENV_KEEP", "Isolation", "IsolationConfig", "IsolationMode", "Tenant", "WorkerIsolation"]
+__all__ = ["ENV_KEEP", "Isolation", "IsolationConfig", "IsolationMode", "Tenant", "WorkerIsolation",
+           "device_groups"]
 
 log = logging.getLogger("remote_gpu_server")
 
@@ -96,6 +98,24 @@ class Tenant:
     user: str
     folder: Path
     identity: Identity | None = None
+
+
+def device_groups() -> tuple[int, ...]:
+    """Groups that give access to the NVIDIA device files where others have none.
+
+    Drivers installed with ``NVreg_DeviceFileMode=0660`` leave ``/dev/nvidia*``
+    to a group (often ``video``): workers join it, so CUDA works for them
+    as for the host's users.
+    """
+    gids = set()
+    for device in glob.glob("/dev/nvidia*"):
+        try:
+            mode, gid = os.stat(device).st_mode, os.stat(device).st_gid
+        except OSError:
+            continue
+        if not mode & 0o006 and mode & 0o060 and gid != 0:
+            gids.add(gid)
+    return tuple(sorted(gids))
 
 
 def _keep(name: str, keep: tuple[str, ...]) -> bool:
@@ -364,8 +384,11 @@ class WorkerIsolation:
         identity = tenant.identity
         if identity.home and os.path.isdir(identity.home):
             env["HOME"] = identity.home
-        return EnterSpec(cwd=str(tenant.folder), uid=identity.uid, gid=identity.gid, groups=identity.groups,
-                         env=tuple(env.items()), chown=(_IPYTHONDIR,))
+        groups = tuple(sorted(set(identity.groups) | set(device_groups())))
+        # What the worker wrote in its private tmpfs before the lease (IPython's
+        # folder, whatever CUDA's start left there) becomes the user's.
+        return EnterSpec(cwd=str(tenant.folder), uid=identity.uid, gid=identity.gid, groups=groups,
+                         env=tuple(env.items()), chown=PRIVATE_TMP)
 
     def explain(self, returncode: int | None) -> str | None:
         """Why the worker ended, where isolation knows better than its exit code."""

@@ -373,6 +373,8 @@ class WorkerIsolation:
         """What the worker must take on for ``user``'s lease; None if nothing."""
         if self.mode is IsolationMode.NONE:
             return None
+        if not user:
+            raise IsolationError(f"worker {self.name} was leased for no user; isolated workers need one")
         if self.tenant is None:
             self.tenant = self.isolation.tenant(user, self.folder)
         elif self.tenant.user != user:

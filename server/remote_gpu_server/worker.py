@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from hmac import compare_digest
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
@@ -293,6 +294,7 @@ class Worker:
         folder (see :mod:`.confinement`); raises IsolationError if it could
         not, and the worker must then be killed, never handed out.
         """
+        started = time.perf_counter()
         spec = self.isolation.enter_spec(user)
         if spec is None:
             return
@@ -303,7 +305,8 @@ class Worker:
         if not reply.get("ok"):
             raise IsolationError(f"worker {self.name} could not become {user}'s: "
                                  f"{reply.get('ename')}: {reply.get('evalue')}")
-        log.debug("worker %s entered %s's lease in %s", self.name, user, spec.cwd)
+        log.debug("worker %s entered %s's lease in %s (%.1f ms)", self.name, user, spec.cwd,
+                  (time.perf_counter() - started) * 1000)
 
     # -- reading ------------------------------------------------------------
 

@@ -136,7 +136,7 @@ class Isolation:
         self.session_root = config.session_root or db.parent / "sessions"
         self.memory = MemoryLimits.probe(None)
         self.identities: Identities | None = None
-        self._bwrap: str | None = None
+        self.bwrap: str | None = None
         self._only_user: str | None = None
         self._tenants: set[Tenant] = set()
 
@@ -193,7 +193,7 @@ class Isolation:
         if problem is not None:
             self.reason = f"not root, and {problem}"
             return IsolationMode.NONE
-        self._bwrap = bwrap
+        self.bwrap = bwrap
         return IsolationMode.BUBBLEWRAP
 
     def _protect_store(self) -> None:
@@ -335,13 +335,13 @@ class WorkerIsolation:
             return list(argv)
         isolation = self.isolation
         db = isolation.db
-        assert isolation._bwrap is not None and self.folder is not None
+        assert isolation.bwrap is not None and self.folder is not None
         layout = SandboxLayout(
             writable=(self.runtime, self.folder),
             hidden_files=tuple(db.with_name(db.name + s) for s in ("", "-wal", "-shm", "-journal", "-uids.json")),
             hidden_dirs=(isolation.session_root, self.runtime.parent),
             tmp_size=self._tmp_size(), chdir=self.folder)
-        return bubblewrap_argv(isolation._bwrap, layout) + list(argv)
+        return bubblewrap_argv(isolation.bwrap, layout) + list(argv)
 
     def environment(self, extra: dict[str, str]) -> dict[str, str]:
         spec = SpawnSpec(data_limit=self.memory.data_limit, limit_text=self.memory.limit_text)

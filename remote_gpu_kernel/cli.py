@@ -76,6 +76,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for handler in logging.getLogger().handlers:
         handler.addFilter(_redact_tokens)
     from remote_gpu_server.config import parse_pool
+    from remote_gpu_server.errors import IsolationError
+    from remote_gpu_server.identities import DEFAULT_UID_RANGE, RunAs, parse_uid_range
+    from remote_gpu_server.isolation import IsolationConfig
     from remote_gpu_server.origins import OriginPolicy
     from remote_gpu_server.scheduler import Quota, SchedulerConfig
 
@@ -87,6 +90,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         OriginPolicy(args.allow_origin)
         certfile, keyfile = _serve_tls(args)
+        isolation = IsolationConfig(
+            run_as=RunAs(args.run_as), no_isolation=args.no_isolation, worker_memory=args.worker_memory,
+            session_root=Path(args.session_root) if args.session_root else None,
+            uid_range=parse_uid_range(args.uid_range) if args.uid_range else DEFAULT_UID_RANGE,
+            worker_env=tuple(args.worker_env))
     except ValueError as exc:
         sys.exit(f"rgpu serve: {exc}")
     if args.keep_output is not None and not args.keep_output > 0:
@@ -95,9 +103,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           idle_timeout=args.idle_timeout, grace=args.grace,
                           price_per_gpu_hour=args.price_per_gpu_hour, scheduler=scheduler,
                           server_id=args.server_id, keep_output=args.keep_output, ray=args.ray,
-                          certfile=certfile, keyfile=keyfile, allow_origins=tuple(args.allow_origin))
+                          certfile=certfile, keyfile=keyfile, allow_origins=tuple(args.allow_origin),
+                          isolation=isolation)
 
-    refused: tuple[type[Exception], ...] = (ValueError, RuntimeError, *_store_errors())
+    refused: tuple[type[Exception], ...] = (ValueError, RuntimeError, IsolationError, *_store_errors())
 
     async def serve() -> None:
         server = GpuServer(config)
@@ -357,6 +366,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "repeatable; '*' allows any (default: none; clients that send no Origin "
                         "are never affected)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    iso = p.add_argument_group("isolation of workers (see README: Deploying for a team)")
+    iso.add_argument("--run-as", choices=["dynamic", "accounts"], default="dynamic",
+                     help="as root: run each user's workers as a uid of their own from --uid-range "
+                          "(dynamic, the default), or as the OS account of the same name where a "
+                          "regular one exists (accounts)")
+    iso.add_argument("--uid-range", metavar="START-END",
+                     help="the uids for --run-as dynamic (default 1900000000-1900099999)")
+    iso.add_argument("--no-isolation", action="store_true",
+                     help="where workers cannot be isolated (not root, no bubblewrap), serve several "
+                          "users anyway: each can then read the others' work")
+    iso.add_argument("--worker-memory", default="auto", metavar="SIZE",
+                     help="host memory limit of a worker per slot it holds, like 8G; auto (the "
+                          "default): 90%% of the host's memory divided by the slots; none: no limit")
+    iso.add_argument("--session-root", metavar="DIR",
+                     help="where each lease's session folder goes (default: sessions/ next to the store)")
+    iso.add_argument("--worker-env", action="append", default=[], metavar="NAME",
+                     help="also pass this server environment variable to workers (repeatable; "
+                          "names ending in _ pass every variable with that prefix)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("token", help="create, list and revoke tokens")

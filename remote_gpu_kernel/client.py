@@ -235,6 +235,9 @@ class AsyncClient:
             body = exc.response.body.decode(errors="replace").strip()
             if exc.response.status_code == 401:
                 raise AuthenticationError(f"the GPU server at {self.url} refused the token: {body}") from None
+            if exc.response.status_code == 403:
+                raise AuthenticationError(f"the GPU server at {self.url} refused this connection: "
+                                          f"{body}") from None
             raise ConnectionLost(f"the GPU server at {self.url} answered HTTP "
                                  f"{exc.response.status_code}: {body}") from None
         except ssl.SSLError as exc:

@@ -9,7 +9,8 @@ where one fits so that ordinary ``except`` clauses keep working::
     ├── ConnectionLost (ConnectionError)
     │                                 the websocket closed under a request
     ├── AuthenticationError (PermissionError)
-    │                                 the server refused the token
+    │                                 the server refused the token or the
+    │                                 connection (HTTP 401 or 403)
     ├── TlsError (ConnectionError)    the connection cannot be made safe (a CA
     │   │                             file that cannot be read, a TLS failure)
     │   ├── UntrustedCertificate      the server's certificate did not verify
@@ -72,7 +73,9 @@ class ConnectionLost(RemoteGpuError, ConnectionError):
 
 
 class AuthenticationError(RemoteGpuError, PermissionError):
-    """The server refused the token at the handshake (HTTP 401)."""
+    """The server refused the token (HTTP 401) or this connection (HTTP 403,
+    for example a second user of a server that cannot isolate workers) at
+    the handshake; the message gives its reason."""
 
 
 class TlsError(RemoteGpuError, ConnectionError):

@@ -3,8 +3,10 @@
 The server listens on a free loopback port with CPU slots and a SQLite file
 in a temporary folder (or the store ``db`` names: a file, or a
 ``postgresql://`` URL); :meth:`ServerProcess.token` makes tokens in that
-store. :meth:`ServerProcess.stop` ends it with SIGTERM (the same path as
-Ctrl-C) and fails the test if it does not exit.
+store. ``launcher`` (an argv prefix) runs the server through another
+program, and ``env`` adds to its environment. :meth:`ServerProcess.stop`
+ends it with SIGTERM (the same path as Ctrl-C) and fails the test if it does
+not exit.
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ _READY = re.compile(r"warm pool ready")
 
 
 class ServerProcess:
-    def __init__(self, tmp: Path, slots: str = "cpu:2", *args: str, db: Path | str | None = None) -> None:
+    def __init__(self, tmp: Path, slots: str = "cpu:2", *args: str, db: Path | str | None = None,
+                 launcher: list[str] | None = None, env: dict[str, str] | None = None) -> None:
         self.tmp = tmp
+        self.launcher = list(launcher or [])
+        self.env = dict(env or {})
         self.db: Path | str = db or tmp / "rgpu.sqlite3"
         self.slots = slots
         self.args = list(args)
@@ -46,11 +51,12 @@ class ServerProcess:
         return out.stdout.strip()
 
     def start(self, wait_warm: bool = True, timeout: float = 90) -> ServerProcess:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         for name in ("RGPU_URL", "RGPU_TOKEN"):
             env.pop(name, None)
         self.process = LoggedProcess(
-            [sys.executable, "-m", "remote_gpu_kernel.cli", "serve", "--port", "0", "--db", str(self.db),
+            [*self.launcher, sys.executable, "-m", "remote_gpu_kernel.cli", "serve", "--port", "0",
+             "--db", str(self.db),
              "--slots", self.slots, "--log-level", "debug", *self.args],
             env, on_line=self._watch,
         )

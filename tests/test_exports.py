@@ -50,6 +50,12 @@ MODULES = [
     "remote_gpu_server.status",
     "remote_gpu_server.tls",
     "remote_gpu_server.origins",
+    "remote_gpu_server.isolation",
+    "remote_gpu_server.identities",
+    "remote_gpu_server.memory_limits",
+    "remote_gpu_server.sandbox",
+    "remote_gpu_server.confinement",
+    "remote_gpu_server.worker_output",
 ]
 
 

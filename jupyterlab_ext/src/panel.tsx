@@ -216,6 +216,14 @@ function Header({ model }: { model: RemoteGpuModel }): JSX.Element {
           text={model.url || 'no server URL'}
         />
       </div>
+      {model.status?.isolation?.isolated === false && (
+        <div
+          className="jp-RemoteGpu-notice jp-RemoteGpu-isolation jp-mod-warning"
+          role="alert"
+        >
+          <b>Workers are not isolated.</b> {model.status.isolation.detail}
+        </div>
+      )}
     </header>
   );
 }

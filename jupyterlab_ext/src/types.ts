@@ -90,6 +90,19 @@ export interface ISession {
   first_line?: string | null;
 }
 
+/** How the server isolates its users' workers from each other. */
+export interface IIsolation {
+  /** False: every user's code can read the others' work on this server. */
+  isolated: boolean;
+  /** `uids`, `bubblewrap` or `none`. */
+  mode: string;
+  run_as?: string | null;
+  /** The host memory limit of workers, in words. */
+  memory?: string;
+  /** One sentence that says how workers are (or are not) isolated. */
+  detail: string;
+}
+
 export interface IServerStatus {
   /** `time`: the server's clock, seconds since the epoch. */
   server: { version: string; time?: number };
@@ -98,6 +111,8 @@ export interface IServerStatus {
   queue: IQueueEntry[];
   sessions: ISession[];
   usage: { [key: string]: unknown };
+  /** Absent from servers older than isolation. */
+  isolation?: IIsolation;
 }
 
 /** What `GET /remote-gpu/status` answers. */

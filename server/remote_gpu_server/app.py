@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from pathlib import Path
 from typing import Any
 
 from remote_gpu_kernel.tls import is_loopback
@@ -25,13 +26,15 @@ from .leases import DEFAULT_POOL
 from .config import ServerConfig
 from .connection import Connection
 from .frontdoor import FrontDoor
+from .config import data_dir
 from .gpus import discover_slots
+from .isolation import Isolation
 from .http_api import HttpApi
 from .journal import Journal
 from .launcher import WorkerLauncher
 from .local_launcher import LocalLauncher
 from .origins import OriginPolicy
-from .ray_launcher import RayCluster, RayLauncher
+from .ray_launcher import RayCluster, RayLauncher, RayReadings
 from .metrics import Metrics
 from .pool import Pool
 from .readings import Readings
@@ -48,6 +51,10 @@ __all__ = ["GpuServer", "__version__"]
 __version__ = "0.1.0"
 
 log = logging.getLogger("remote_gpu_server")
+
+
+def _is_url(db: Path | str) -> bool:
+    return isinstance(db, str) and "://" in db
 
 
 class GpuServer:
@@ -68,6 +75,8 @@ class GpuServer:
         self._watcher: asyncio.Task[None] | None = None
         self.metrics = Metrics()
         self.origins = OriginPolicy(config.allow_origins)  # raises ValueError for a bad entry
+        store_file = Path(config.db) if not _is_url(config.db) else data_dir(config.db) / "store"
+        self.isolation = Isolation(config.isolation, store_file)
         self._parts_closed = False
         self._reaper: asyncio.Task[None] | None = None
         self._announcer: asyncio.Task[None] | None = None
@@ -90,10 +99,13 @@ class GpuServer:
             self.cluster = RayCluster(config.ray)
             await self.cluster.connect()
             self.inventory.add(await self.cluster.slots())
-            launcher = RayLauncher(self.cluster)
+            # The head decides who each user runs as; nodes isolate their workers.
+            self.isolation.start(0)
+            launcher = RayLauncher(self.cluster, self.isolation)
         else:
             self.inventory.add(discover_slots(config.slots))
-            launcher = LocalLauncher()
+            self.isolation.start(len(self.inventory))  # raises IsolationError
+            launcher = LocalLauncher(self.isolation)
         unnamed = [s for s in self.inventory if s.pool is None]
         self.broker = LeaseBroker([s.id for s in unnamed], config.scheduler, on_grant=self.metrics.granted,
                                   nodes={s.id: s.node for s in unnamed})
@@ -105,7 +117,9 @@ class GpuServer:
                          is_down=lambda slot: self.inventory.is_down(slot.node))
         self.pool.start()
         self.readings = Readings(list(self.inventory), self.pool.worker_pids, nvml=self._nvml,
-                                 on_health=lambda slot, healthy, _problem: self.broker.set_healthy(slot, healthy))
+                                 on_health=lambda slot, healthy, _problem: self.broker.set_healthy(slot, healthy),
+                                 remote=RayReadings(self.cluster) if self.cluster is not None else None,
+                                 devices=self.pool.device)
         self.inventory.on_added.append(self._slots_added)
         self.inventory.on_node.append(self._node_changed)
         await self.readings.refresh()  # a GPU already faulty is out before the first lease
@@ -118,12 +132,14 @@ class GpuServer:
                                  kill_grace=config.kill_grace)
         view = ServerView(self.version, self.inventory, self.readings, self.broker, self.sessions, self.batch,
                           self.store, config.price_per_gpu_hour, node_label=self._node_label,
-                          node_down=lambda slot: self.inventory.is_down(slot.node))
+                          node_down=lambda slot: self.inventory.is_down(slot.node),
+                          isolation=self.isolation.status_json)
         self.metrics.attach(view)
         self.http = HttpApi(view, self.metrics)
         await self.batch.recover()
         self.front = FrontDoor(verify=self.store.verify_token, http=self.http, clients=self._client,
-                               server_header=f"remote-gpu-server/{self.version}", origins=self.origins)
+                               server_header=f"remote-gpu-server/{self.version}", origins=self.origins,
+                               admit=self.isolation.admit)
         await self.front.open(config.host, config.port, tls)
         self.port = self.front.port
         loop = asyncio.get_running_loop()
@@ -193,6 +209,7 @@ class GpuServer:
             await self.readings.close()
         if hasattr(self, "pool"):
             await self.pool.close()
+        self.isolation.close()
         if hasattr(self, "journal"):
             await self.journal.close()
         if hasattr(self, "store"):

@@ -301,7 +301,7 @@ class BatchRunner:
         run = RunningJob(job, record.user, attempt, session, slots, time.time(), code=record.code)
         self._running[job] = run
         try:
-            worker = await self.pool.take(list(slots))
+            worker = await self.pool.take(list(slots), record.user)
         except asyncio.CancelledError:
             self._running.pop(job, None)
             if not self._closing:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import platformdirs
 
+from .isolation import IsolationConfig
 from .scheduler import PoolConfig, Quota, SchedulerConfig
 
 __all__ = ["ServerConfig", "data_dir", "default_db_path", "parse_pool"]
@@ -96,3 +97,5 @@ class ServerConfig:
     keyfile: Path | None = None
     #: Browser origins allowed besides none (see :mod:`.origins`); ``*``: any.
     allow_origins: tuple[str, ...] = ()
+    #: Who workers run as, what they can reach, their memory (see :mod:`.isolation`).
+    isolation: IsolationConfig = dataclasses.field(default_factory=IsolationConfig)

@@ -46,8 +46,12 @@ class FrontDoor:
     """Call :meth:`open`, then :meth:`close` at the end."""
 
     def __init__(self, *, verify: Callable[[str | None], Awaitable[TokenInfo]], http: HttpApi,
-                 clients: ClientHandler, server_header: str, origins: OriginPolicy | None = None) -> None:
+                 clients: ClientHandler, server_header: str, origins: OriginPolicy | None = None,
+                 admit: Callable[[str], str | None] = lambda user: None) -> None:
         self._origins = origins or OriginPolicy(())
+        # None if a user may use workers here, else why not (a server that
+        # cannot isolate workers serves one user).
+        self._admit = admit
         self._verify = verify
         self._http = http
         self._clients = clients
@@ -100,6 +104,10 @@ class FrontDoor:
             log.warning("refused a connection from %s: %s", connection.remote_address, exc)
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE,
                                       "the server's database is unavailable; try again shortly\n")
+        refusal = self._admit(info.user)
+        if refusal is not None:
+            log.info("refused a connection of %s: %s", info.user, refusal)
+            return connection.respond(HTTPStatus.FORBIDDEN, f"{refusal}\n")
         self._tokens[id(connection)] = info
         return None
 

@@ -48,8 +48,8 @@ class ReadingHistory:
         A point older than the slot's last one (a clock set back) starts the
         slot's history afresh, so times always increase.
         """
-        points = self._points[slot]
         with self._lock:
+            points = self._points.setdefault(slot, collections.deque())
             if points and point.time < points[-1].time:
                 points.clear()
             points.append(point)
@@ -58,9 +58,8 @@ class ReadingHistory:
                 points.popleft()
 
     def points(self, slot: SlotId) -> list[HistoryPoint]:
-        points = self._points[slot]
         with self._lock:
-            return list(points)
+            return list(self._points.get(slot, ()))
 
     def as_json(self, slot: SlotId) -> dict[str, Any]:
         """The ``history`` object of a slot in ``GET /api/status``: parallel

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+from collections.abc import Awaitable
 from typing import Any, Protocol
 
+from .confinement import EnterSpec
 from .datachannel import DataChannel
 from .gpus import Slot
+from .isolation import Tenant
 
 __all__ = ["WorkerLauncher", "WorkerProcess", "WorkerSpec", "describe_exit"]
 
@@ -32,6 +35,9 @@ class WorkerSpec:
     name: str
     slots: tuple[Slot, ...]
     startup_timeout: float = 120.0
+    #: The lease it continues (its user and session folder) when it replaces
+    #: a worker of that lease; None for a warm worker.
+    tenant: Tenant | None = None
 
 
 class WorkerProcess(Protocol):
@@ -66,10 +72,22 @@ class WorkerProcess(Protocol):
     async def kill(self) -> None:
         """End it and everything it started, and release what it held (files, sockets)."""
 
+    @property
+    def tenant(self) -> Tenant | None:
+        """The lease it serves (user, session folder), once it entered one."""
+
+    def enter_spec(self, user: str) -> EnterSpec | None | Awaitable[EnterSpec | None]:
+        """What it must take on for ``user``'s lease (identity, session folder), sent
+        before any of their requests; None if nothing (may be awaitable: asked of a
+        remote node). Raises IsolationError."""
+
 
 class WorkerLauncher(Protocol):
     async def launch(self, spec: WorkerSpec) -> WorkerProcess:
         """Start a worker; raises an exception saying why it could not."""
+
+    def release(self, tenant: Tenant | None) -> None:
+        """A lease ended: what it kept across its workers (its session folder) goes."""
 
     async def close(self) -> None:
         """Stop what the launcher itself runs (not the workers: the pool kills those)."""

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from remote_gpu_kernel.typing import SlotId
 
 from .gpus import Slot
+from .isolation import Tenant
 from .launcher import WorkerLauncher
 from .worker import Worker
 
@@ -56,15 +57,37 @@ class Pool:
         task = asyncio.get_running_loop().create_task(self._start([self.slots[slot_id]]))
         self._warm[slot_id] = task
 
-    async def _start(self, slots: list[Slot]) -> Worker:
-        worker = await Worker.start(self.launcher, slots, self.startup_timeout)
+    async def _start(self, slots: list[Slot], tenant: Tenant | None = None) -> Worker:
+        worker = await Worker.start(self.launcher, slots, self.startup_timeout, tenant)
         self._workers.add(worker)
+        return worker
+
+    async def _enter(self, worker: Worker, user: str, new_lease: bool = True) -> Worker:
+        """``worker``, now ``user``'s; killed (and its new lease's folder gone) if it could not be."""
+        try:
+            await worker.enter(user)
+        except BaseException:
+            await worker.kill()
+            if new_lease:
+                self.launcher.release(worker.tenant)
+            raise
         return worker
 
     def workers_on(self, slot_ids: Iterable[SlotId]) -> list[Worker]:
         """The live workers (warm or leased) on any of ``slot_ids``."""
         wanted = set(slot_ids)
         return [w for w in self._workers if w.alive and any(s.id in wanted for s in w.slots)]
+
+    def device(self, slot_id: SlotId) -> int | None:
+        """The GPU index (on its node) of the worker that holds ``slot_id``, where its
+        launcher chose one (Ray assigns a worker's GPUs); None: the slot's own index."""
+        for worker in self._workers:
+            devices = getattr(worker.process, "devices", None)
+            if worker.alive and devices:
+                for slot, device in zip(worker.slots, devices):
+                    if slot.id == slot_id:
+                        return int(device)
+        return None
 
     def worker_pids(self, slot_id: SlotId) -> list[int]:
         """Process ids of the live workers on ``slot_id`` (warm or leased)."""
@@ -81,8 +104,9 @@ class Pool:
         task = self._warm.get(slot_id)
         return task is not None and task.done() and task.exception() is None
 
-    async def take(self, slot_ids: list[SlotId]) -> Worker:
-        """A started worker pinned to ``slot_ids``; the slots' warm workers go."""
+    async def take(self, slot_ids: list[SlotId], user: str = "") -> Worker:
+        """A started worker pinned to ``slot_ids``, made ``user``'s; the slots'
+        warm workers go."""
         if len(slot_ids) == 1:
             slot_id = slot_ids[0]
             task = self._warm.pop(slot_id, None)
@@ -90,16 +114,16 @@ class Pool:
                 try:
                     worker = await task
                     if worker.alive:
-                        return worker
+                        return await self._enter(worker, user)
                     await worker.kill()
                 except Exception:
                     log.exception("warm worker for %s failed to start; starting another", slot_id)
-            return await self._start([self.slots[slot_id]])
+            return await self._enter(await self._start([self.slots[slot_id]]), user)
         for slot_id in slot_ids:
             task = self._warm.pop(slot_id, None)
             if task is not None:
                 asyncio.get_running_loop().create_task(self._discard(task))
-        return await self._start([self.slots[s] for s in slot_ids])
+        return await self._enter(await self._start([self.slots[s] for s in slot_ids]), user)
 
     async def _discard(self, task: asyncio.Task[Worker]) -> None:
         try:
@@ -109,13 +133,18 @@ class Pool:
         await worker.kill()
 
     async def replace(self, worker: Worker) -> Worker:
-        """Kill ``worker`` and start a fresh one on the same slots (its session goes on)."""
+        """Kill ``worker`` and start a fresh one on the same slots (its session
+        goes on, with the same user and session folder)."""
         await worker.kill()
-        return await self._start(worker.slots)
+        tenant = worker.tenant
+        fresh = await self._start(worker.slots, tenant)
+        return await self._enter(fresh, tenant.user, new_lease=False) if tenant is not None else fresh
 
     async def recycle(self, worker: Worker) -> None:
-        """Kill ``worker`` (its whole process group) and warm fresh ones on its slots."""
+        """Kill ``worker`` (its whole process group), end its lease's session
+        folder, and warm fresh ones on its slots."""
         await worker.kill()
+        self.launcher.release(worker.tenant)
         for slot in worker.slots:
             self._warm_up(slot.id)
 

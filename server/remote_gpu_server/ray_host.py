@@ -17,14 +17,19 @@ the package and Ray, nothing else.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import sys
+from pathlib import Path
 from typing import Any
 
+from .confinement import EnterSpec
+from .identities import Identity
+from .isolation import Isolation, IsolationConfig, Tenant
 from .launcher import WorkerSpec
-from .local_launcher import LocalLauncher, Spawned, shutdown
+from .local_launcher import LocalLauncher, Spawned
 
-__all__ = ["WorkerHost"]
+__all__ = ["NodeAgent", "WorkerHost", "node_data_dir"]
 
 
 class WorkerHost:
@@ -35,12 +40,16 @@ class WorkerHost:
         self._spawned: Spawned | None = None
         self._name = ""
 
-    async def start(self, spec: WorkerSpec) -> dict[str, Any]:
-        """Start the worker; returns its connection info, data channel and where it runs."""
+    async def start(self, spec: WorkerSpec, isolation: IsolationConfig, node_slots: int) -> dict[str, Any]:
+        """Start the worker, isolated on this node as the head's ``isolation`` says
+        (``node_slots``: the GPUs this node offers, for memory shares); returns
+        its connection info, data channel and where it runs."""
         import ray
 
         ip = ray.util.get_node_ip_address()
-        self._launcher = LocalLauncher(transport="tcp", ip=ip)
+        confined = Isolation(isolation, node_data_dir() / "node")
+        confined.start(node_slots)
+        self._launcher = LocalLauncher(confined, transport="tcp", ip=ip)
         self._name = spec.name
         cuda = os.environ.get("CUDA_VISIBLE_DEVICES", "")  # as Ray assigned them
         self._spawned = await self._launcher.spawn(spec, cuda_devices=cuda)
@@ -57,11 +66,20 @@ class WorkerHost:
             "python": sys.version.split()[0],
         }
 
+    def enter_spec(self, user: str, identity: Identity | None) -> tuple[EnterSpec | None, Tenant | None]:
+        """What the worker takes on for ``user``'s lease, as the head decided who
+        they run as; and the lease's tenancy (its session folder on this node)."""
+        assert self._spawned is not None
+        spec = self._spawned.isolation.enter_spec(user, identity)
+        return spec, self._spawned.isolation.tenant
+
     async def poll(self) -> int | None:
-        if self._spawned is None or self._spawned.km.provisioner is None:
+        if self._spawned is None:
             return 0
-        code: int | None = await self._spawned.km.provisioner.poll()
-        return code
+        return await self._spawned.poll()
+
+    def death_cause(self) -> str | None:
+        return self._spawned.death_cause if self._spawned is not None else None
 
     async def signal(self, signum: int) -> None:
         if self._spawned is not None and self._spawned.km.provisioner is not None:
@@ -70,7 +88,35 @@ class WorkerHost:
     async def kill(self) -> None:
         if self._spawned is not None:
             spawned, self._spawned = self._spawned, None
-            await shutdown(spawned.km, self._name)
+            await spawned.close(self._name)
         if self._launcher is not None:
             await self._launcher.close()
 
+
+
+class NodeAgent:
+    """The body of one small actor per node (no CPU, no GPU of its own): it
+    reads the node's GPUs (NVML) or its workers' processes for the head, and
+    removes a lease's session folder when the lease ends."""
+
+    def __init__(self) -> None:
+        from .readings import NodeReader
+
+        self._reader = NodeReader()
+
+    def read(self, requests: list[tuple[str, int, list[int]]], shares: int) -> dict[str, Any]:
+        return self._reader.read(requests, shares)
+
+    def release(self, folder: str) -> None:
+        """Remove a session folder of this node's (nothing outside the session root)."""
+        root = (node_data_dir() / "sessions").resolve()
+        path = Path(folder)
+        if path.parent.resolve() == root and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def node_data_dir() -> Path:
+    """Where a node keeps its files (session folders, the memory cgroups' notes)."""
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("remote-gpu-kernel"))

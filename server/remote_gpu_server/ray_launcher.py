@@ -27,12 +27,14 @@ from typing import Any
 
 from remote_gpu_kernel.typing import SlotId
 
+from .confinement import EnterSpec
 from .datachannel import DataChannel
+from .isolation import Isolation, IsolationConfig, Tenant
 from .launcher import WorkerSpec, describe_exit
 from .slots import Slot, SlotInventory
 from .transfer import Inline
 
-__all__ = ["RayCluster", "RayLauncher", "RayWorker", "node_slots"]
+__all__ = ["RayCluster", "RayLauncher", "RayReadings", "RayWorker", "node_slots"]
 
 log = logging.getLogger("remote_gpu_server")
 
@@ -72,6 +74,7 @@ class RayCluster:
         #: A node's name as shown to people: its name in Ray, with its id where two share one.
         self.labels: dict[str, str] = {}
         self._inventory: SlotInventory | None = None
+        self._agents: dict[str, Any] = {}
 
     async def connect(self) -> None:
         """Join the cluster as a driver; raises RuntimeError saying why it could not."""
@@ -112,6 +115,29 @@ class RayCluster:
         if self._inventory is not None:
             self.update(self._inventory, nodes)
         return False
+
+    def agent(self, node_id: str) -> Any:
+        """The node's agent actor (readings, session folders), made on first use, pinned there."""
+        agent = self._agents.get(node_id)
+        if agent is None:
+            import ray
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            from .ray_host import NodeAgent
+
+            agent = self._agents[node_id] = ray.remote(NodeAgent).options(
+                num_cpus=0, max_restarts=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False)).remote()
+        return agent
+
+    def forget_agent(self, node_id: str) -> None:
+        self._agents.pop(node_id, None)
+
+    def gpus_on(self, node_id: str) -> int:
+        return len(self._inventory.on(node_id)) if self._inventory is not None else 1
+
+    def down(self, node_id: str) -> bool:
+        return self._inventory is not None and self._inventory.is_down(node_id)
 
     def label(self, node_id: str) -> str:
         return self.labels.get(node_id, _short(node_id))
@@ -159,14 +185,47 @@ class RayCluster:
         await asyncio.to_thread(ray.shutdown)
 
 
+class RayReadings:
+    """Reads the slots of Ray nodes on their nodes, through each node's agent;
+    a node that does not answer gives no reading."""
+
+    def __init__(self, cluster: RayCluster) -> None:
+        self.cluster = cluster
+
+    async def __call__(self, slots: list[Slot], pids: dict[SlotId, list[int]],
+                       devices: dict[SlotId, int]) -> dict[SlotId, Any]:
+        by_node: dict[str, list[Slot]] = {}
+        for slot in slots:
+            if not self.cluster.down(slot.node):
+                by_node.setdefault(slot.node, []).append(slot)
+
+        async def read(node_id: str, node_slots: list[Slot]) -> dict[SlotId, Any]:
+            requests = [(s.id, devices.get(s.id, s.index), pids.get(s.id, [])) for s in node_slots]
+            try:
+                found: dict[SlotId, Any] = await asyncio.wait_for(
+                    self.cluster.agent(node_id).read.remote(requests, len(node_slots)), POLL_TIMEOUT)
+                return found
+            except Exception as exc:
+                log.info("reading node %s failed: %s", self.cluster.label(node_id), _first_line(exc))
+                self.cluster.forget_agent(node_id)
+                return {}
+
+        results = await asyncio.gather(*(read(n, s) for n, s in by_node.items()))
+        return {slot_id: reading for found in results for slot_id, reading in found.items()}
+
+
 class RayWorker:
     """A :class:`~.launcher.WorkerProcess` in a Ray actor on some node."""
 
     remote = True
 
     def __init__(self, name: str, node: str, actor: Any, info: dict[str, Any], cluster: RayCluster,
-                 node_id: str) -> None:
+                 node_id: str, isolation: Isolation | None = None, tenant: Tenant | None = None,
+                 tenants: dict[Tenant, str] | None = None) -> None:
         self.name = name
+        self._tenants = tenants if tenants is not None else {}  # the launcher's: where each lease's folder is
+        self._isolation = isolation  # the head's: it decides who a user runs as
+        self._tenant = tenant
         self.node = node
         self.node_id = node_id
         self.node_lost = False
@@ -183,6 +242,11 @@ class RayWorker:
     def pid(self) -> int | None:
         pid = self.info.get("pid")
         return int(pid) if pid is not None else None
+
+    @property
+    def devices(self) -> list[int]:
+        """The GPUs (indices on its node) that Ray gave it, in its slots' order."""
+        return [int(g) for g in self.info.get("gpu_ids") or [] if str(g).isdigit()]
 
     def mark_lost(self, reason: str) -> None:
         """Its node went away (the cluster says so): the next :meth:`poll` reports the death."""
@@ -213,7 +277,11 @@ class RayWorker:
             return -9
         self._unanswered = 0.0
         if code is not None:
-            self.death_cause = describe_exit(code)
+            try:  # its node may know better (out of host memory)
+                explained = await asyncio.wait_for(self._actor.death_cause.remote(), POLL_TIMEOUT)
+            except Exception:
+                explained = None
+            self.death_cause = explained or describe_exit(code)
         return code
 
     async def signal(self, signum: int) -> None:
@@ -223,6 +291,19 @@ class RayWorker:
             await asyncio.wait_for(self._actor.signal.remote(signum), POLL_TIMEOUT)
         except Exception as exc:
             log.info("worker %s: could not signal it on %s: %s", self.name, self.node, _first_line(exc))
+
+    @property
+    def tenant(self) -> Tenant | None:
+        return self._tenant
+
+    async def enter_spec(self, user: str) -> EnterSpec | None:
+        """Asks the host actor: the session folder is made on its node, for the
+        identity the head gives the user (the same uid on every node)."""
+        identity = self._isolation.identity(user) if self._isolation is not None and user else None
+        spec, self._tenant = await asyncio.wait_for(self._actor.enter_spec.remote(user, identity), POLL_TIMEOUT)
+        if self._tenant is not None:
+            self._tenants[self._tenant] = self.node_id
+        return spec  # type: ignore[no-any-return]
 
     async def kill(self) -> None:
         if self._killed:
@@ -245,10 +326,13 @@ def _first_line(exc: BaseException) -> str:
 
 
 class RayLauncher:
-    """Starts workers as Ray actors on the node of their slots."""
+    """Starts workers as Ray actors on the node of their slots, isolated there as
+    ``isolation`` (the head's) is configured, each user as the head's identity."""
 
-    def __init__(self, cluster: RayCluster) -> None:
+    def __init__(self, cluster: RayCluster, isolation: Isolation | None = None) -> None:
         self.cluster = cluster
+        self.isolation = isolation
+        self._tenants: dict[Tenant, str] = {}  # a lease's session folder: on which node
 
     async def launch(self, spec: WorkerSpec) -> RayWorker:
         import ray
@@ -266,14 +350,24 @@ class RayLauncher:
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
         )
         actor = host.remote()
+        config = self.isolation.config if self.isolation is not None else IsolationConfig()
         try:
-            info = await asyncio.wait_for(actor.start.remote(spec), spec.startup_timeout)
+            info = await asyncio.wait_for(actor.start.remote(spec, config, self.cluster.gpus_on(node_id)),
+                                          spec.startup_timeout)
         except BaseException:
             ray.kill(actor, no_restart=True)
             raise
         log.debug("worker %s runs on %s with CUDA_VISIBLE_DEVICES=%s", spec.name, label,
                   info.get("cuda_visible_devices"))
-        return RayWorker(spec.name, label, actor, info, self.cluster, node_id)
+        return RayWorker(spec.name, label, actor, info, self.cluster, node_id, self.isolation, spec.tenant,
+                         self._tenants)
+
+    def release(self, tenant: Tenant | None) -> None:
+        """A lease ended: its node's agent removes its session folder."""
+        node_id = self._tenants.pop(tenant, None) if tenant is not None else None
+        if node_id is None or tenant is None or self.cluster.down(node_id):
+            return
+        self.cluster.agent(node_id).release.remote(str(tenant.folder))  # the answer is not awaited
 
     async def close(self) -> None:
         pass

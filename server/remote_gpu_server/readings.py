@@ -30,7 +30,7 @@ import dataclasses
 import importlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psutil
@@ -40,7 +40,7 @@ from remote_gpu_kernel.typing import SlotId
 from .gpus import Slot
 from .history import HistoryPoint, ReadingHistory
 
-__all__ = ["ProcessReading", "Readings", "SlotReading"]
+__all__ = ["NodeReader", "ProcessReading", "Readings", "RemoteReader", "SlotReading"]
 
 log = logging.getLogger("remote_gpu_server")
 
@@ -208,6 +208,51 @@ class _ProcessReader:
         )
 
 
+class NodeReader:
+    """Reads slots on the node it runs on: each GPU through NVML where the node
+    has it, else (no driver: CPU slots, or a cluster's counted GPUs) the CPU and
+    memory of the processes given for the slot. A Ray node runs one in an
+    actor; keep it from one reading to the next (CPU percentages need that).
+    """
+
+    def __init__(self, nvml: Any | None = None) -> None:
+        self._nvml_module = nvml
+        self._nvml: _NvmlReader | None = None
+        self._tried = False
+        self._procs: dict[str, _ProcessReader] = {}
+
+    def _gpu(self) -> _NvmlReader | None:
+        if not self._tried:
+            self._tried = True
+            try:
+                self._nvml = _NvmlReader(self._nvml_module or importlib.import_module("pynvml"))
+            except Exception as exc:
+                log.info("NVML unavailable on this node, reading processes instead: %s", exc)
+        return self._nvml
+
+    def read(self, requests: list[tuple[str, int, list[int]]], shares: int = 1) -> dict[str, SlotReading]:
+        """``requests``: (slot id, its GPU's index on this node, its workers' pids)."""
+        gpu = self._gpu()
+        readings: dict[str, SlotReading] = {}
+        for slot_id, device, pids in requests:
+            if gpu is not None:
+                readings[slot_id] = gpu.read(Slot(SlotId(slot_id), "gpu", device, ""), set(pids))
+            else:
+                reader = self._procs.setdefault(slot_id, _ProcessReader(shares))
+                reader.shares = max(1, shares)
+                readings[slot_id] = reader.read(pids)
+        return readings
+
+    def close(self) -> None:
+        if self._nvml is not None:
+            self._nvml.close()
+
+
+#: Reads the slots of other nodes: (slots, their workers' pids, their GPUs' indices) → readings.
+RemoteReader = Callable[[list[Slot], dict[SlotId, list[int]], dict[SlotId, int]],
+                        Awaitable[dict[SlotId, SlotReading]]]
+
+
 class Readings:
     """Keeps the latest :class:`SlotReading` of every slot.
 
@@ -223,8 +268,14 @@ class Readings:
 
     def __init__(self, slots: list[Slot], pids: Callable[[SlotId], list[int]], *,
                  nvml: Any | None = None, period: float = DEFAULT_PERIOD,
-                 on_health: Callable[[SlotId, bool, str | None], None] | None = None) -> None:
+                 on_health: Callable[[SlotId, bool, str | None], None] | None = None,
+                 remote: RemoteReader | None = None,
+                 devices: Callable[[SlotId], int | None] = lambda slot: None) -> None:
         self.slots = list(slots)
+        # Slots of other nodes (a Ray cluster's) are read there, through
+        # ``remote``; ``devices`` names the GPU a slot's worker was given.
+        self._remote = remote
+        self._devices = devices
         self.period = period
         self.on_health = on_health
         self._pids = pids
@@ -233,16 +284,19 @@ class Readings:
         self._cpu = {s.id: _ProcessReader(len(cpu_slots)) for s in cpu_slots}
         self.history = ReadingHistory([s.id for s in slots])
         self._nvml: _NvmlReader | None = None
+        self._nvml_failed = False  # said once, not at every reading
         self._nvml_module = nvml
         self._task: asyncio.Task[None] | None = None
         self._reading = asyncio.Lock()  # one reading at a time: readers keep state
 
     def _gpu_reader(self) -> _NvmlReader | None:
-        if self._nvml is None and any(s.kind == "gpu" for s in self.slots):
+        if self._nvml is None and not self._nvml_failed and any(
+                s.kind == "gpu" and not s.node for s in self.slots):
             try:
                 module = self._nvml_module or importlib.import_module("pynvml")
                 self._nvml = _NvmlReader(module)
             except Exception as exc:
+                self._nvml_failed = True
                 log.warning("NVML unavailable, GPU readings are off: %s", exc)
                 return None
         return self._nvml
@@ -276,21 +330,36 @@ class Readings:
         loop when this runs in a thread (default: asked for now).
         """
         pids = self._worker_pids() if pids is None else pids
-        changed: dict[SlotId, tuple[bool, str | None]] = {}
+        readings: dict[SlotId, SlotReading] = {}
         gpu = self._gpu_reader()
         for slot in self.slots:
+            if slot.node:
+                continue  # another node's: read there (refresh)
             if slot.kind == "gpu":
                 if gpu is None:
                     continue
-                reading = gpu.read(slot, set(pids.get(slot.id, [])))
+                readings[slot.id] = gpu.read(slot, set(pids.get(slot.id, [])))
             else:
-                reading = self._cpu[slot.id].read(pids.get(slot.id, []))
-            before = self._latest[slot.id]
-            self._latest[slot.id] = reading
-            self.history.add(slot.id, HistoryPoint(time.time(), reading.utilization, reading.memory_used))
+                readings[slot.id] = self._cpu[slot.id].read(pids.get(slot.id, []))
+        return self._keep(readings)
+
+    def _keep(self, readings: dict[SlotId, SlotReading]) -> dict[SlotId, tuple[bool, str | None]]:
+        """Store new readings; return the slots whose health changed."""
+        changed: dict[SlotId, tuple[bool, str | None]] = {}
+        for slot_id, reading in readings.items():
+            before = self._latest.get(slot_id, SlotReading())
+            self._latest[slot_id] = reading
+            self.history.add(slot_id, HistoryPoint(time.time(), reading.utilization, reading.memory_used))
             if before.healthy != reading.healthy:
-                changed[slot.id] = (reading.healthy, reading.problem)
+                changed[slot_id] = (reading.healthy, reading.problem)
         return changed
+
+    async def _read_remote(self, pids: dict[SlotId, list[int]]) -> dict[SlotId, tuple[bool, str | None]]:
+        remote = [s for s in self.slots if s.node]
+        if not remote or self._remote is None:
+            return {}
+        devices = {s.id: device for s in remote if (device := self._devices(s.id)) is not None}
+        return self._keep(await self._remote(remote, pids, devices))
 
     def start(self) -> None:
         """Read every ``period`` seconds in the background, the first time after one period."""
@@ -305,8 +374,10 @@ class Readings:
         changes nothing.
         """
         async with self._reading:
+            pids = self._worker_pids()
             try:
-                changed = await asyncio.to_thread(self.read_now, self._worker_pids())
+                changed = await asyncio.to_thread(self.read_now, pids)
+                changed.update(await self._read_remote(pids))
             except Exception:
                 log.exception("reading the slots failed")
                 return

@@ -56,7 +56,7 @@ class SessionManager:
     async def open(self, user: str, slots: Sequence[SlotId], notebook: str | None = None) -> Session:
         """A session on ``slots`` (granted to ``user``); the slots go back if it fails."""
         try:
-            worker = await self.context.pool.take(list(slots))
+            worker = await self.context.pool.take(list(slots), user)
         except BaseException:
             self.broker.free(slots)
             raise

@@ -62,6 +62,8 @@ class ServerView:
     node_label: Callable[[Slot], str] = lambda slot: slot.node or socket.gethostname()
     #: Whether a slot's node is away (a cluster node that died).
     node_down: Callable[[Slot], bool] = lambda slot: False
+    #: The ``isolation`` object: whether workers are isolated, and how.
+    isolation: Callable[[], dict[str, Any]] = lambda: {"isolated": False, "mode": "none"}
 
     def pool(self, slot: SlotId) -> str:
         """The name of the scheduler pool ``slot`` belongs to."""
@@ -176,6 +178,7 @@ async def status_json(view: ServerView, me: TokenInfo) -> dict[str, Any]:
         "queue": _queue(view, me),
         "sessions": leases,
         "usage": await usage_json(view, me),
+        "isolation": view.isolation(),
     }
 
 

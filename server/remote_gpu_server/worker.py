@@ -14,9 +14,11 @@ how it ended.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from hmac import compare_digest
 from typing import Any
@@ -27,7 +29,9 @@ from jupyter_client.session import Session
 from remote_gpu_kernel.errors import WorkerDied
 
 from .datachannel import TransferAborted
+from .errors import IsolationError
 from .gpus import Slot
+from .isolation import Tenant
 from .launcher import WorkerLauncher, WorkerProcess, WorkerSpec, describe_exit
 from .worker_kernel import COMM_TARGET
 
@@ -122,14 +126,19 @@ class Worker:
         self._transfer_ids = itertools.count(1)
         self._transfers: dict[int, asyncio.Future[tuple[dict[str, Any], list[Any]]]] = {}
         self._killed = False
+        self._explained = False  # its launcher said how it ended (out of host memory)
         self.died = asyncio.Event()
 
     @classmethod
-    async def start(cls, launcher: WorkerLauncher, slots: list[Slot], startup_timeout: float = 120) -> Worker:
-        """Launch a worker on ``slots`` and wait until it answers; raises WorkerDied if it cannot."""
+    async def start(cls, launcher: WorkerLauncher, slots: list[Slot], startup_timeout: float = 120,
+                    tenant: Tenant | None = None) -> Worker:
+        """Launch a worker on ``slots`` and wait until it answers; raises WorkerDied if it cannot.
+
+        ``tenant``: the lease it continues (a replacement keeps its user and folder).
+        """
         name = f"w{next(_names)}-{'+'.join(s.id for s in slots)}".replace("/", "-")
         try:
-            process = await launcher.launch(WorkerSpec(name, tuple(slots), startup_timeout))
+            process = await launcher.launch(WorkerSpec(name, tuple(slots), startup_timeout, tenant))
         except Exception as exc:
             raise WorkerDied(f"worker {name} failed to start: {exc}", code="worker_died") from exc
         worker = cls(process, slots)
@@ -147,6 +156,34 @@ class Worker:
     @property
     def node(self) -> str:
         return self.process.node
+
+    @property
+    def tenant(self) -> Tenant | None:
+        """The user and session folder of the lease this worker serves, once leased."""
+        return self.process.tenant
+
+    async def enter(self, user: str) -> None:
+        """Make this started worker ``user``'s, before any of their requests.
+
+        The worker takes on the lease's identity and session folder (see
+        :mod:`.confinement`); raises IsolationError if it could not, and the
+        worker must then be killed, never handed out.
+        """
+        started = time.perf_counter()
+        spec = self.process.enter_spec(user)
+        if inspect.isawaitable(spec):  # asked of the worker's node (Ray)
+            spec = await spec
+        if spec is None:
+            return
+        tid, fut = self._new_transfer()
+        request = self.request("comm_msg", {"comm_id": self._comm_id, "data": {
+            "op": "enter", "id": tid, "spec": spec.to_json()}})
+        reply = await self._comm_reply(tid, fut, request)
+        if not reply.get("ok"):
+            raise IsolationError(f"worker {self.name} could not become {user}'s: "
+                                 f"{reply.get('ename')}: {reply.get('evalue')}")
+        log.debug("worker %s entered %s's lease in %s (%.1f ms)", self.name, user, spec.cwd,
+                  (time.perf_counter() - started) * 1000)
 
     @property
     def lost_node(self) -> bool:
@@ -239,17 +276,20 @@ class Worker:
                 return
             code = await self.process.poll()
             if code is not None:
-                self.exit_description = getattr(self.process, "death_cause", None) or describe_exit(code)
+                self._explained = self.process.death_cause is not None
+                self.exit_description = self.process.death_cause or describe_exit(code)
                 log.warning("worker %s on %s died (%s)", self.name, self.node, self.exit_description)
                 self._fail_all(WorkerDied(self.death_message(), code="worker_died"))
                 self.died.set()
                 return
 
     def death_message(self) -> str:
-        where = f" on {self.node}" if getattr(self.process, "remote", False) else ""
+        where = f" on {self.node}" if self.process.remote else ""
         after = ("This session ends: the next cell leases another GPU." if self.lost_node
                  else "The session gets a fresh worker for the next cell.")
-        return f"the worker process{where} died ({self.exit_description}); its variables are gone. {after}"
+        how = (f"was stopped: {self.exit_description}" if self._explained and not self.process.remote
+               else f"died ({self.exit_description})")
+        return f"the worker process{where} {how}; its variables are gone. {after}"
 
     def _fail_all(self, exc: BaseException) -> None:
         for pending in self._pending.values():

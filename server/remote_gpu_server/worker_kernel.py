@@ -17,6 +17,11 @@ and its handler reads the buffers as the server forwards them; a pull's comm
 reply (names, counts, sizes) is sent once the pickling succeeded, and its
 buffers after it, while the server passes them on to the client.
 Only this process unpickles what a client pushed.
+
+Isolation: before anything else, the worker confines itself as the server's
+``RGPU_CONFINE`` spec says (:func:`.confinement.prepare`), and at lease time
+the server's ``{"op": "enter", "id": N, "spec": {...}}`` comm request makes
+it its user's (:func:`.confinement.enter`) before any cell runs.
 """
 
 from __future__ import annotations
@@ -136,6 +141,12 @@ def _handle(shell: Any, channel: _DataChannel, data: dict[str, Any]) -> tuple[di
     from remote_gpu_kernel.protocol.serialization import dump_values, load_values
 
     op, names = data.get("op"), list(data.get("names") or [])
+    if op == "enter":  # isolation hook: only the server can send it, once, before any cell
+        from .confinement import EnterSpec, enter
+
+        enter(EnterSpec.from_json(dict(data["spec"])))
+        die_with_parent()  # a change of credentials cleared it
+        return {"ok": True}, None
     if op == "push":
         buffers = channel.receive(int(data["id"]))
         values = load_values(names, list(data.get("counts") or []), buffers)
@@ -197,15 +208,29 @@ def die_with_parent() -> None:
     parent = int(os.environ.pop("RGPU_PARENT_PID", "0") or 0)
     if parent and os.getppid() != parent:  # the parent died before the call
         os._exit(1)
+def _out_of_memory_message(limit: str) -> Any:
+    """An IPython handler that says a MemoryError hit the worker's limit."""
+    def handler(shell: Any, etype: type[BaseException], value: BaseException, tb: Any,
+                tb_offset: int | None = None) -> Any:
+        value.args = (f"out of host memory (limit {limit})" + (f": {value}" if str(value) else ""),)
+        return shell.showtraceback((etype, value, tb), tb_offset=tb_offset)
+
+    return handler
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Isolation hook: first, while this process is one thread (see confinement.py).
+    from .confinement import prepare_from_environ
+
+    spawn = prepare_from_environ()
     from ipykernel.kernelapp import IPKernelApp
 
     die_with_parent()
     _preload()
     app = IPKernelApp.instance()
     app.initialize(sys.argv[1:] if argv is None else argv)
+    if spawn is not None and spawn.data_limit is not None and spawn.limit_text:
+        app.shell.set_custom_exc((MemoryError,), _out_of_memory_message(spawn.limit_text))
     from remote_gpu_kernel.iostreams import skip_empty_flushes
 
     for stream in (sys.stdout, sys.stderr):  # ipykernel's OutStreams, made by initialize()

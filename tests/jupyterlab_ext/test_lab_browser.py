@@ -6,7 +6,8 @@ middle, the slot held by the user from this notebook, its memory against the
 worker's share, a plot of its recent utilization, and the lease and the job
 named by the notebook and the cell's first line; Release in the sidebar
 frees the slot. The screenshot goes to test-artifacts/ and, with
-RGPU_UPDATE_SCREENSHOT=1, to the README's docs/sidebar.png.
+RGPU_UPDATE_SCREENSHOT=1, to the README's docs/sidebar.png. A server started
+with ``--no-isolation`` is shown with a warning that its workers are not isolated.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -65,8 +67,7 @@ def _labextension_installed() -> None:
                          "run pip install -e '.[dev]' again and read its output\n" + text)
 
 
-@pytest.fixture
-def lab(fresh_server: ServerProcess, tmp_path: Path) -> Iterator[tuple[LabProcess, str]]:
+def _open_lab(fresh_server: ServerProcess, tmp_path: Path) -> Iterator[tuple[LabProcess, str]]:
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is missing; install it with: apt-get install -y chromium")
     pytest.importorskip("playwright.sync_api", reason="pip install playwright (in the dev extra)")
@@ -84,6 +85,38 @@ def lab(fresh_server: ServerProcess, tmp_path: Path) -> Iterator[tuple[LabProces
     finally:
         lab.stop()
         fresh_server.stop()
+
+
+@pytest.fixture
+def lab(fresh_server: ServerProcess, tmp_path: Path) -> Iterator[tuple[LabProcess, str]]:
+    yield from _open_lab(fresh_server, tmp_path)
+
+
+@pytest.fixture
+def lab_without_isolation(fresh_server: ServerProcess, tmp_path: Path) -> Iterator[tuple[LabProcess, str]]:
+    fresh_server.args = ["--no-isolation"]
+    yield from _open_lab(fresh_server, tmp_path)
+
+
+def _browse(proc: LabProcess) -> Iterator[tuple[Any, Any, list[str]]]:
+    """``(page, sidebar panel, errors)`` in headless Chromium, the sidebar open."""
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 760})
+            page.set_default_timeout(60_000)
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(f"{exc}\n{exc.stack}"))
+            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+            page.goto(proc.url("lab/tree/gpu.ipynb"))
+            page.locator('.jp-SideBar .lm-TabBar-tab[data-id="remote-gpu-sidebar"]').click()
+            panel = page.locator("#remote-gpu-sidebar")
+            expect(panel).to_be_visible()
+            yield page, panel, errors
+        finally:
+            browser.close()
 
 
 @pytest.mark.timeout(300)
@@ -182,6 +215,8 @@ def test_sidebar_shows_the_lease_and_releases_it(lab: tuple[LabProcess, str]) ->
                 README_SHOT.parent.mkdir(exist_ok=True)
                 shutil.copyfile(shot, README_SHOT)
 
+            if os.geteuid() == 0:  # a root server isolates its workers: no warning
+                expect(panel.locator(".jp-RemoteGpu-isolation")).to_have_count(0)
             lease.locator(".jp-RemoteGpu-release").click()
             expect(lease).to_have_count(0, timeout=30_000)
             expect(slots.locator(".jp-RemoteGpu-holder")).to_have_text(["free", "free"])
@@ -196,3 +231,22 @@ def test_sidebar_shows_the_lease_and_releases_it(lab: tuple[LabProcess, str]) ->
         finally:
             browser.close()
     print(f"browser test: {time.monotonic() - started:.1f} s in the browser")
+
+
+@pytest.mark.timeout(300)
+def test_sidebar_says_when_workers_are_not_isolated(lab_without_isolation: tuple[LabProcess, str]) -> None:
+    from playwright.sync_api import expect
+
+    proc, _ = lab_without_isolation
+    ARTIFACTS.mkdir(exist_ok=True)
+    for page, panel, errors in _browse(proc):
+        try:
+            expect(panel.locator(".jp-RemoteGpu-state")).to_have_text("connected")
+            warning = panel.locator(".jp-RemoteGpu-isolation")
+            expect(warning).to_contain_text("Workers are not isolated.")
+            expect(warning).to_contain_text("--no-isolation")
+            page.screenshot(path=str(ARTIFACTS / "sidebar-not-isolated.png"))
+            assert not errors, errors
+        except BaseException:
+            page.screenshot(path=str(ARTIFACTS / "sidebar-not-isolated-failure.png"))
+            raise

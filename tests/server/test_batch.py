@@ -95,6 +95,9 @@ def test_timeout_interrupts_then_kills_and_the_slot_comes_back(fresh_server: Ser
 
 def test_a_dead_worker_is_retried_with_each_attempt_visible(fresh_server: ServerProcess,
                                                             tmp_path: Path) -> None:
+    # The script leaves a marker in the test's folder for its next attempt:
+    # workers that are not isolated can reach it, isolated ones cannot.
+    fresh_server.args = ["--no-isolation"]
     api = start(fresh_server)
     marker = tmp_path / "first-attempt-done"
     script = (

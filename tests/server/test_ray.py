@@ -34,6 +34,10 @@ def test_four_leases_land_on_four_distinct_gpus_and_a_fifth_waits(ray_server: Se
     try:
         places = [where(s) for s in sessions]
         assert len({(node, cuda) for node, _, cuda in places}) == 4  # four distinct (node, GPU) pairs
+        # Isolated on their nodes as on one machine: a uid per user (the head's), never root.
+        uids = [s.execute("import os; print(os.getuid())", on_output=lambda _: None).stdout.strip()
+                for s in sessions]
+        assert len(set(uids)) == 4 and "0" not in uids
         assert len({node for node, _, _ in places}) == 2
         assert sorted(s.slots[0] for s in sessions) == sorted(slot for _, slot, _ in places)
         positions: list[int] = []
@@ -52,8 +56,16 @@ def test_four_leases_land_on_four_distinct_gpus_and_a_fifth_waits(ray_server: Se
         assert fifth and fifth[0].slots == [freed_slot]
         assert where(fifth[0])[1] == freed_slot
         sessions.append(fifth[0])
-        status = ApiClient(ray_server.url, tokens[0]).status()
+        api = ApiClient(ray_server.url, tokens[0])
+        status = api.status()
         assert len({s["node"] for s in status["slots"]}) == 2  # every GPU with its node
+        # Each node reads its own slots (no NVML here: its workers' processes) for the head.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not all(
+                s["readings"]["processes"] for s in status["slots"]):
+            time.sleep(0.5)
+            status = api.status()
+        assert all(s["readings"]["memory_used"] for s in status["slots"]), status["slots"]
     finally:
         for session in sessions:
             session.release()

@@ -14,6 +14,9 @@ from remote_gpu_kernel.protocol import messages as m
 from servers import ServerProcess
 from stores import BlockingStore, execute_raw
 
+#: The cells wait for a file in the test's folder, which an isolated worker (its
+#: own /tmp) could not see: these servers run their workers unisolated.
+SHARED = ("--no-isolation",)
 #: A cell that runs until the file FLAG exists.
 UNTIL = "import os, time\nprint('{name} runs', flush=True)\nwhile not os.path.exists({flag!r}):\n    time.sleep(0.05)\n"
 
@@ -47,8 +50,8 @@ def start_cell(server: ServerProcess, token: str, name: str, flag: Path) -> tupl
 
 def test_a_restarted_server_recovers_only_its_own_work(postgres: pg.PostgresCluster, tmp_path: Path) -> None:
     with postgres.database() as url:
-        a = ServerProcess(tmp_path, "cpu:1", "--server-id", "a", db=url)
-        b = ServerProcess(tmp_path, "cpu:1", "--server-id", "b", db=url)
+        a = ServerProcess(tmp_path, "cpu:1", "--server-id", "a", *SHARED, db=url)
+        b = ServerProcess(tmp_path, "cpu:1", "--server-id", "b", *SHARED, db=url)
         token = a.token("alice")
         a.start()
         b.start()
@@ -61,7 +64,7 @@ def test_a_restarted_server_recovers_only_its_own_work(postgres: pg.PostgresClus
             assert queued["state"] == "queued"
 
             a.kill()  # no clean shutdown: a's cell stays 'running' in the store
-            again = ServerProcess(tmp_path, "cpu:1", "--server-id", "a", db=url).start()
+            again = ServerProcess(tmp_path, "cpu:1", "--server-id", "a", *SHARED, db=url).start()
             again.wait_for_log("marked 1 job")
             with BlockingStore(url) as store:
                 cells = {j.code.split("'")[1]: j for j in store.jobs(kind="cell")}

@@ -104,6 +104,8 @@ def test_a_transaction_cut_in_the_middle_leaves_nothing(url: str) -> None:
     asyncio.run(scenario())
 
 
+#: Waits for a file in the test's folder: the server runs it unisolated (an
+#: isolated worker has a /tmp of its own).
 CELL = """\
 import os, time
 i = 0
@@ -117,7 +119,7 @@ print("done", i, flush=True)
 
 def test_a_server_runs_on_through_a_database_crash_and_loses_nothing(
         cluster: pg.PostgresCluster, url: str, tmp_path: Path) -> None:
-    server = ServerProcess(tmp_path, "cpu:1", db=url)
+    server = ServerProcess(tmp_path, "cpu:1", "--no-isolation", db=url)
     token = server.token("alice")
     server.start()
     flag = tmp_path / "stop"

@@ -1,0 +1,120 @@
+"""A server that is not root: bubblewrap sandboxes, or one user only.
+
+From a root test the real server runs as a bare unprivileged uid (see
+``unprivileged.py``). With bubblewrap it sandboxes each worker: user A
+cannot see B's folder, the store or any process outside its sandbox, and B
+carries on. Without bubblewrap nothing can isolate: the server serves the
+first user only and says so; ``--no-isolation`` serves everyone and says
+that workers are not isolated.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from remote_gpu_kernel import AuthenticationError, Client, RemoteTimeout
+from remote_gpu_kernel.api import ApiClient
+from remote_gpu_kernel.sync import Session
+from servers import ServerProcess
+from unprivileged import SERVER_UID, launcher
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="starts the server as another uid: run as root")
+
+
+def quiet(_: object) -> None:
+    pass
+
+
+def run(session: Session, code: str) -> str:
+    result = session.execute(code, on_output=quiet)
+    assert result.ok, result.error
+    return "".join(o.content.get("text", "") for o in result.outputs if o.msg_type == "stream")
+
+
+@pytest.fixture(scope="module")
+def sandboxed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    if shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap is not installed: apt-get install bubblewrap (scripts/setup.sh does)")
+    tmp = tmp_path_factory.mktemp("sandboxed")
+    server = ServerProcess(tmp, "cpu:2", "--worker-memory", "1G", launcher=launcher(str(tmp)))
+    server.tokens = {user: server.token(user) for user in ("alice", "bob")}  # type: ignore[attr-defined]
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_sandboxed_workers_see_only_their_own_things(sandboxed: ServerProcess) -> None:
+    assert any("isolated in bubblewrap sandboxes" in line for line in sandboxed.log)
+    tokens = sandboxed.tokens  # type: ignore[attr-defined]
+    server_pid = sandboxed.proc.pid if sandboxed.proc else 0
+    with Client(sandboxed.url, tokens["bob"]).session() as b, \
+            Client(sandboxed.url, tokens["alice"]).session() as a:
+        run(b, "b_secret = 'sealed'; open('secret.txt', 'w').write(b_secret)")
+        b_folder = run(b, "import os; print(os.getcwd())").strip()
+        assert os.stat(Path(b_folder)).st_uid == SERVER_UID  # one uid for all: namespaces separate them
+        out = run(a, f"""
+import os, signal
+me = os.getcwd()
+print(os.listdir(os.path.dirname(me)) == [os.path.basename(me)])
+for path in ({b_folder + '/secret.txt'!r}, {str(sandboxed.db)!r}, '/proc/{server_pid}/environ'):
+    try:
+        open(path).read()
+        print('READ', path)
+    except (FileNotFoundError, PermissionError) as exc:
+        print(type(exc).__name__)
+try:
+    os.kill({server_pid}, signal.SIGTERM)
+    print('SIGNALLED')
+except ProcessLookupError:
+    print('no such process')
+print(sorted(int(p) for p in os.listdir('/proc') if p.isdigit())[-1] < 100)
+""")
+        assert out.split() == ["True", "FileNotFoundError", "FileNotFoundError", "FileNotFoundError",
+                               "no", "such", "process", "True"], out
+        with pytest.raises(RemoteTimeout, match="interrupted"):  # interrupts reach the sandbox
+            a.execute("import time; time.sleep(30)", on_output=quiet, timeout=2)
+        limited = a.execute("x = bytearray(3 << 30)", on_output=quiet)
+        assert limited.error is not None and "out of host memory (limit 1 GiB)" in str(limited.error)
+        assert run(b, "print(b_secret, open('secret.txt').read())") == "sealed sealed\n"
+    assert sandboxed.proc is not None and sandboxed.proc.poll() is None
+
+
+def test_without_isolation_the_server_serves_its_first_user_only(tmp_path: Path) -> None:
+    # No bubblewrap on PATH, and not root: nothing can isolate workers.
+    bare = os.path.dirname(sys.executable)
+    if shutil.which("bwrap", path=bare):
+        pytest.skip(f"bwrap is in {bare}, next to this Python")
+    server = ServerProcess(tmp_path, "cpu:1", launcher=launcher(str(tmp_path)), env={"PATH": bare})
+    alice, bob = server.token("alice"), server.token("bob")
+    server.start()
+    try:
+        assert any("workers are NOT isolated" in line and "one user only" in line for line in server.log)
+        with Client(server.url, alice).session() as a:
+            assert run(a, "print('first come')") == "first come\n"
+            with pytest.raises(AuthenticationError, match="serves one user only \\(alice\\).*--no-isolation"):
+                Client(server.url, bob).session()
+            isolation = ApiClient(server.url, alice).status()["isolation"]
+            assert isolation["isolated"] is False and "serves one user only" in isolation["detail"]
+    finally:
+        server.stop()
+
+
+def test_no_isolation_serves_everyone_and_says_so(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path, "cpu:2", "--no-isolation")
+    alice, bob = server.token("alice"), server.token("bob")
+    server.start()
+    try:
+        assert any("workers are NOT isolated (--no-isolation)" in line for line in server.log)
+        with Client(server.url, alice).session() as a, Client(server.url, bob).session() as b:
+            assert run(a, "import os; print(os.getuid())") == run(b, "import os; print(os.getuid())")
+        isolation = ApiClient(server.url, bob).status()["isolation"]
+        assert isolation == {**isolation, "isolated": False, "mode": "none"}
+        assert "--no-isolation" in isolation["detail"]
+    finally:
+        server.stop()

@@ -1,0 +1,110 @@
+"""Host memory limits: sizes, fair shares, and real cgroup v1 groups where root has them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from remote_gpu_server.memory_limits import (MemoryControl, MemoryLimits, _own_group, fair_share,
+                                             format_size, parse_size)
+
+
+def test_sizes_parse_and_print_in_binary_units() -> None:
+    assert parse_size("8G") == 8 << 30 and parse_size("512MiB") == 512 << 20
+    assert parse_size("1.5 GB") == 3 << 29 and parse_size("none") is None
+    assert format_size(1 << 30) == "1 GiB" and format_size(3 << 29) == "1.5 GiB"
+    assert format_size(512 << 20) == "512 MiB"
+    for bad in ("lots", "8X", "-1G"):
+        with pytest.raises(ValueError, match="is not a size"):
+            parse_size(bad)
+    with pytest.raises(ValueError, match="at least 64M"):
+        parse_size("1M")
+
+
+def test_each_slot_gets_a_fair_share_of_the_host() -> None:
+    assert fair_share(4, total=40 << 30) == int((40 << 30) * 0.9 / 4)
+    assert fair_share(0, total=10 << 30) == int((10 << 30) * 0.9)
+
+
+def test_without_cgroups_workers_limit_themselves_with_rlimit_data() -> None:
+    limits = MemoryLimits.probe(256 << 20, allow_cgroups=False)
+    worker = limits.for_worker("w1", slots=2)
+    assert limits.control is MemoryControl.RLIMIT and worker.join is None
+    assert worker.limit == worker.data_limit == 512 << 20 and worker.limit_text == "512 MiB"
+    assert worker.explain(-signal.SIGKILL) is None  # no cgroup: a MemoryError says it in the cell
+    assert MemoryLimits.probe(None).describe() == "no memory limit"
+
+
+def _fake_proc(tmp: Path, cgroup: str, mountinfo: str) -> Path:
+    proc = tmp / "proc"
+    proc.mkdir()
+    (proc / "cgroup").write_text(cgroup)
+    (proc / "mountinfo").write_text(mountinfo)
+    return proc
+
+
+def test_the_own_cgroup_is_found_in_either_hierarchy_and_inside_containers(tmp_path: Path) -> None:
+    proc = _fake_proc(tmp_path, "4:memory:/svc/rgpu\n0::/system.slice/rgpu.service\n",
+                      "30 25 0:29 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n"
+                      "31 25 0:38 /system.slice /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n")
+    assert _own_group(1, proc) == Path("/sys/fs/cgroup/memory/svc/rgpu")
+    assert _own_group(2, proc) == Path("/sys/fs/cgroup/rgpu.service")  # the mount's root is not /
+
+
+def _dead(pid: int, timeout: float = 10) -> bool:
+    """Whether ``pid`` is gone or a zombie waiting for init, within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z"):
+                return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+needs_v1 = pytest.mark.skipif(
+    os.geteuid() != 0 or not Path("/sys/fs/cgroup/memory/memory.limit_in_bytes").exists(),
+    reason="needs root and a cgroup v1 memory hierarchy")
+
+
+@needs_v1
+def test_a_cgroup_says_out_of_host_memory_and_takes_stragglers_along() -> None:
+    limits = MemoryLimits.probe(128 << 20)
+    if limits.control is not MemoryControl.CGROUP_V1:
+        pytest.skip(f"this machine limits memory with {limits.control.value}")
+    assert limits.base is not None and limits.base.name == f"rgpu-{os.getpid()}"
+    worker = limits.for_worker("w-test", slots=1)
+    try:
+        assert worker.group is not None and worker.join is not None
+        assert int((worker.group / "memory.limit_in_bytes").read_text()) == 128 << 20
+        hog = subprocess.run([sys.executable, "-c", "x = bytearray(512 << 20)"], preexec_fn=worker.join,
+                             check=False)
+        assert hog.returncode == -signal.SIGKILL
+        assert worker.explain(hog.returncode) == "out of host memory (limit 128 MiB)"
+        # A process that left its parent's session still belongs to the worker.
+        parent = subprocess.Popen([sys.executable, "-c", (
+            "import os, subprocess, sys\n"
+            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], start_new_session=True)\n"
+            "print('started', flush=True)")], stdout=subprocess.PIPE, text=True, preexec_fn=worker.join)
+        assert parent.stdout is not None and parent.stdout.readline() == "started\n"
+        parent.wait()
+        parent.stdout.close()
+        group = worker.group
+        stragglers = [int(p) for p in (group / "cgroup.procs").read_text().split()]
+        assert len(stragglers) == 1
+        worker.close()
+        assert not group.exists()
+        assert _dead(stragglers[0])
+    finally:
+        worker.close()
+        base = limits.base
+        limits.close()
+        assert base is not None and not base.exists()

@@ -175,7 +175,7 @@ def _status_tables(status: dict[str, Any]) -> Any:
     from rich.table import Table
 
     now = time.time()
-    slots = Table("slot", "name", "pool", "health", "use", "memory", "temp", "power", "held by", "for",
+    slots = Table("slot", "node", "name", "pool", "health", "use", "memory", "temp", "power", "held by", "for",
                   title=f"{status['you']['user']} on remote-gpu-server {status['server']['version']}")
     for s in status["slots"]:
         r = s["readings"]
@@ -185,7 +185,7 @@ def _status_tables(status: dict[str, Any]) -> Any:
             held += f" job {holder['job']}" if holder.get("job") else " batch"
         memory = f"{_bytes(r['memory_used'])} / {_bytes(r['memory_total'])}"
         slots.add_row(
-            s["id"], s["name"], s["pool"],
+            s["id"], s.get("node") or "", s["name"], s["pool"],
             "[green]ok[/]" if s["healthy"] else f"[red]unhealthy[/] {s.get('problem') or ''}",
             "-" if r["utilization"] is None else f"{r['utilization']:.0f}%", memory,
             "-" if r["temperature"] is None else f"{r['temperature']:.0f}°C",

@@ -15,12 +15,12 @@ Metrics::
     rgpu_leases_active{pool,kind}               leases in force
     rgpu_slots_free{pool}                       slots nobody holds
     rgpu_jobs{kind,state}                       jobs in the store by state
-    rgpu_slot_healthy{slot}                     1, or 0 while it must not be leased
-    rgpu_slot_utilization_percent{slot,kind}    GPU %, or a CPU slot's CPU %
-    rgpu_slot_memory_used_bytes{slot,kind}
-    rgpu_slot_memory_total_bytes{slot,kind}
-    rgpu_slot_temperature_celsius{slot}         GPUs only
-    rgpu_slot_power_watts{slot}                 GPUs only
+    rgpu_slot_healthy{slot,node}                1, or 0 while it must not be leased
+    rgpu_slot_utilization_percent{slot,node,kind}  GPU %, or a CPU slot's CPU %
+    rgpu_slot_memory_used_bytes{slot,node,kind}
+    rgpu_slot_memory_total_bytes{slot,node,kind}
+    rgpu_slot_temperature_celsius{slot,node}    GPUs only
+    rgpu_slot_power_watts{slot,node}            GPUs only
 """
 
 from __future__ import annotations
@@ -130,26 +130,27 @@ class _ServerCollector(Collector):
     def _readings(self) -> Iterator[Metric]:
         view = self.view
         assert view is not None
-        healthy = GaugeMetricFamily("rgpu_slot_healthy", "1, or 0 while the slot must not be leased.",
-                                    labels=["slot"])
+        healthy = GaugeMetricFamily("rgpu_slot_healthy", "1, or 0 while the slot must not be leased "
+                                    "(unhealthy, or its node is down).", labels=["slot", "node"])
         util = GaugeMetricFamily("rgpu_slot_utilization_percent",
                                  "GPU utilization, or a CPU slot's workers' CPU percent.",
-                                 labels=["slot", "kind"])
-        used = GaugeMetricFamily("rgpu_slot_memory_used_bytes", "Memory in use.", labels=["slot", "kind"])
-        total = GaugeMetricFamily("rgpu_slot_memory_total_bytes", "Memory size.", labels=["slot", "kind"])
-        temp = GaugeMetricFamily("rgpu_slot_temperature_celsius", "GPU temperature.", labels=["slot"])
-        power = GaugeMetricFamily("rgpu_slot_power_watts", "GPU power draw.", labels=["slot"])
+                                 labels=["slot", "node", "kind"])
+        used = GaugeMetricFamily("rgpu_slot_memory_used_bytes", "Memory in use.", labels=["slot", "node", "kind"])
+        total = GaugeMetricFamily("rgpu_slot_memory_total_bytes", "Memory size.", labels=["slot", "node", "kind"])
+        temp = GaugeMetricFamily("rgpu_slot_temperature_celsius", "GPU temperature.", labels=["slot", "node"])
+        power = GaugeMetricFamily("rgpu_slot_power_watts", "GPU power draw.", labels=["slot", "node"])
         for slot in view.slots:
             r = view.readings.latest(slot.id)
-            healthy.add_metric([slot.id], 1.0 if r.healthy else 0.0)
+            node = view.node_label(slot)
+            healthy.add_metric([slot.id, node], 1.0 if r.healthy and not view.node_down(slot) else 0.0)
             if r.utilization is not None:
-                util.add_metric([slot.id, slot.kind], r.utilization)
+                util.add_metric([slot.id, node, slot.kind], r.utilization)
             if r.memory_used is not None:
-                used.add_metric([slot.id, slot.kind], r.memory_used)
+                used.add_metric([slot.id, node, slot.kind], r.memory_used)
             if r.memory_total is not None:
-                total.add_metric([slot.id, slot.kind], r.memory_total)
+                total.add_metric([slot.id, node, slot.kind], r.memory_total)
             if r.temperature is not None:
-                temp.add_metric([slot.id], r.temperature)
+                temp.add_metric([slot.id, node], r.temperature)
             if r.power is not None:
-                power.add_metric([slot.id], r.power)
+                power.add_metric([slot.id, node], r.power)
         yield from (healthy, util, used, total, temp, power)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import contextlib
 import json
 import threading
@@ -242,8 +243,9 @@ def test_usage_counts_gpu_seconds_and_cost(users: Users) -> None:
 def test_metrics(users: Users) -> None:
     text = users.alice.metrics()
     assert 'rgpu_slots_free{pool="default"}' in text
-    assert 'rgpu_slot_healthy{slot="cpu0"} 1.0' in text
-    assert 'rgpu_slot_utilization_percent{kind="cpu",slot="cpu0"}' in text
+    node = socket.gethostname()
+    assert f'rgpu_slot_healthy{{node="{node}",slot="cpu0"}} 1.0' in text
+    assert f'rgpu_slot_utilization_percent{{kind="cpu",node="{node}",slot="cpu0"}}' in text
     assert "rgpu_lease_wait_seconds_bucket" in text
     assert 'rgpu_leases_granted_total{kind="batch",pool="default"}' in text
     assert 'rgpu_jobs{kind="batch",state="completed"}' in text

@@ -7,7 +7,11 @@ Ray's counts only (there is no GPU here), which is what placement needs.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
+import urllib.request
 import time
 from typing import Any
 
@@ -66,6 +70,14 @@ def test_four_leases_land_on_four_distinct_gpus_and_a_fifth_waits(ray_server: Se
             time.sleep(0.5)
             status = api.status()
         assert all(s["readings"]["memory_used"] for s in status["slots"]), status["slots"]
+        # rgpu status and /metrics show every GPU with its node, too.
+        nodes = {s["node"] for s in status["slots"]}
+        shown = subprocess.run([sys.executable, "-m", "remote_gpu_kernel.cli", "status", "--url", ray_server.url,
+                                "--token", tokens[0]], capture_output=True, text=True, check=True,
+                               env=dict(os.environ, COLUMNS="250")).stdout
+        assert all(node.split(" (")[-1].rstrip(")") in shown for node in nodes)
+        metrics = urllib.request.urlopen(ray_server.url.replace("ws://", "http://") + "/metrics").read().decode()
+        assert all(f'node="{node}"' in metrics for node in nodes)
     finally:
         for session in sessions:
             session.release()

@@ -1,12 +1,12 @@
 """The server's end of a worker's data channel: where pushed and pulled bytes go.
 
-Notes (:mod:`.transfer`) travel on a private ZMQ PAIR socket; the pieces
+Notes (:mod:`.transfer`) travel on a carrier (:mod:`.notes`); the pieces
 themselves travel in a :class:`~.transfer.Slots`: a shared-memory
-:class:`~.transfer.Ring` when the worker runs on this host (one copy in,
-one copy out, no socket copies), or :class:`~.transfer.Inline` inside the
-notes when it runs on another host, over TCP encrypted with CurveZMQ.
-Either way at most the slots' worth of a transfer is in flight, and a
-note of an abandoned transfer is skipped.
+:class:`~.transfer.Ring` when the worker runs on this host (notes on a
+private ZMQ PAIR socket; one copy in, one copy out, no socket copies), or
+:class:`~.transfer.Inline` inside the notes when it runs on another host
+(over mutual TLS). Either way at most the slots' worth of a transfer is in
+flight, and a note of an abandoned transfer is skipped.
 
 The channel knows nothing of Jupyter: the worker handle (:mod:`.worker`)
 asks for a transfer over its comm and moves the bytes through here. Every
@@ -21,14 +21,24 @@ import asyncio
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, Protocol
 
-import zmq
-import zmq.asyncio
-
 from remote_gpu_kernel.protocol.framing import Chunks
 
 from . import transfer
+from .notes import PairCarrier, TlsCarrier
 
-__all__ = ["DataChannel", "Liveness", "TransferAborted", "curve_client"]
+__all__ = ["Carrier", "DataChannel", "Liveness", "TransferAborted"]
+
+
+class Carrier(Protocol):
+    """How notes travel (see :mod:`.notes`)."""
+
+    async def send(self, frames: Sequence[Any]) -> None: ...
+
+    def recv_nowait(self) -> list[Any] | None: ...
+
+    async def recv(self) -> list[Any]: ...
+
+    def close(self) -> None: ...
 
 
 class TransferAborted(ConnectionError):
@@ -81,34 +91,24 @@ async def _stream(chunks: Chunks) -> AsyncIterator[memoryview]:
         chunks.listener = None
 
 
-def curve_client(socket: zmq.Socket[Any], server_public: bytes) -> None:
-    """Make ``socket`` a CurveZMQ client of a server with public key ``server_public``
-    (Z85), with a key pair of its own; call before ``connect``."""
-    public, secret = zmq.curve_keypair()
-    socket.curve_serverkey = server_public
-    socket.curve_publickey = public
-    socket.curve_secretkey = secret
-
-
 class DataChannel:
-    """One worker's channel, connected to ``address`` (the worker binds it).
-
-    ``slots`` is the :class:`~.transfer.Ring` shared with the worker, or an
-    :class:`~.transfer.Inline` for a worker on another host, whose socket is
-    then encrypted with the worker's CurveZMQ public key ``curve_key``.
+    """One worker's channel over ``carrier``, its pieces in ``slots``: the
+    :class:`~.transfer.Ring` shared with a worker on this host, or an
+    :class:`~.transfer.Inline` for a worker on another host.
     One transfer at a time: the caller ends each before the next begins.
     """
 
-    def __init__(self, address: str, slots: transfer.Slots, curve_key: bytes | None = None) -> None:
-        self.address = address
+    def __init__(self, carrier: Carrier, slots: transfer.Slots) -> None:
+        self.carrier = carrier
         self.slots = slots
-        socket = zmq.asyncio.Context.instance().socket(zmq.PAIR)
-        socket.linger = 0
-        socket.sndhwm = socket.rcvhwm = 0
-        if curve_key is not None:
-            curve_client(socket, curve_key)
-        socket.connect(address)
-        self._socket = socket
+
+    @classmethod
+    def connect(cls, address: str, slots: transfer.Slots, context: Any = None) -> DataChannel:
+        """``ipc://PATH`` (a PAIR socket) or ``tls://HOST:PORT`` (``context``: a pinned TLS context)."""
+        if address.startswith("tls://"):
+            host, _, port = address[len("tls://"):].rpartition(":")
+            return cls(TlsCarrier(host.strip("[]"), int(port), context), slots)
+        return cls(PairCarrier(address), slots)
 
     async def send(self, tid: int, buffers: Sequence[Any], worker: Liveness) -> None:
         """Send a push's ``buffers`` (bytes-like, or :class:`Chunks` still filling).
@@ -120,7 +120,7 @@ class DataChannel:
         slots.begin(tid)
         sizes = [len(b) if isinstance(b, Chunks) else memoryview(b).nbytes for b in buffers]
         try:
-            await self._socket.send_multipart(transfer.header(tid, sizes))
+            await self.carrier.send(transfer.header(tid, sizes))
             for buf in buffers:
                 parts = _stream(buf) if isinstance(buf, Chunks) else _iterate(transfer.pieces([buf]))
                 async for piece in parts:
@@ -130,8 +130,8 @@ class DataChannel:
                         if reason is not None:
                             raise TransferAborted(reason, worker_stopped=True)
                     worker.check_alive()  # a kill unmaps the ring
-                    await self._socket.send_multipart(slots.put(piece), copy=False)
-            await self._socket.send_multipart(transfer.end(tid))
+                    await self.carrier.send(slots.put(piece))
+            await self.carrier.send(transfer.end(tid))
         except TransferAborted as exc:
             if not exc.worker_stopped:
                 await self.abort(tid, str(exc))
@@ -154,7 +154,7 @@ class DataChannel:
                         continue  # a piece of an earlier transfer nobody read
                     yield taken[0]
                     worker.check_alive()  # a kill closes the socket and the ring
-                    await self._socket.send_multipart(taken[1])
+                    await self.carrier.send(taken[1])
                 elif kind == transfer.END and transfer.tid_of(payload) == tid:
                     finished = True
                     return
@@ -165,20 +165,18 @@ class DataChannel:
             if not finished and not worker.died.is_set():
                 try:
                     await self.abort(tid, "the pull was not read to its end")
-                except zmq.ZMQError:
-                    pass
+                except Exception:
+                    pass  # the channel is gone with the worker
 
     async def abort(self, tid: int, reason: str) -> None:
-        await self._socket.send_multipart(transfer.abort(tid, reason))
+        await self.carrier.send(transfer.abort(tid, reason))
 
     async def _recv(self, worker: Liveness, timeout: float | None) -> list[Any]:
         """The next note from the worker; TransferAborted if none comes in ``timeout``."""
-        try:
-            frames: list[Any] = await self._socket.recv_multipart(flags=zmq.NOBLOCK)
-            return frames
-        except zmq.Again:
-            pass
-        recv = asyncio.ensure_future(self._socket.recv_multipart())
+        ready = self.carrier.recv_nowait()
+        if ready is not None:
+            return ready
+        recv = asyncio.ensure_future(self.carrier.recv())
         died = asyncio.ensure_future(worker.died.wait())
         try:
             await asyncio.wait({recv, died}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -194,5 +192,5 @@ class DataChannel:
         return frames
 
     def close(self) -> None:
-        self._socket.close()
+        self.carrier.close()
         self.slots.close()

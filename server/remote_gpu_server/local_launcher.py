@@ -10,8 +10,9 @@ local provisioner: own process group, connection file), pinned with
   (:mod:`.transfer`);
 * ``tcp`` (for a worker that a server on another host talks to, as a Ray
   node's host actor starts it): TCP sockets on ``ip``, every Jupyter
-  channel and the data channel encrypted with CurveZMQ under key pairs
-  made for this worker; pieces travel inside the data channel's notes.
+  channel encrypted with CurveZMQ under a key pair made for this worker,
+  and the data channel over mutual TLS with keys made for it on both ends
+  (:mod:`.notes`); pieces travel inside the data channel's notes.
 
 How a worker is confined (its command, environment, memory limit, and the
 identity it takes on at lease time) comes from the launcher's
@@ -43,6 +44,7 @@ from .confinement import EnterSpec
 from .datachannel import DataChannel
 from .isolation import Isolation, Tenant, WorkerIsolation
 from .launcher import WorkerSpec
+from .notes import make_identity, pinned_context
 from .slots import cuda_visible_devices
 from .worker_output import WorkerOutput
 
@@ -79,8 +81,8 @@ class Spawned:
     data_address: str
     #: The shared ring (ipc), or None: pieces travel inside the notes (tcp).
     ring: transfer.Ring | None
-    #: The data channel's CurveZMQ public key (tcp).
-    data_public: bytes | None
+    #: The worker's data-channel certificate (PEM), which the server pins (tcp).
+    data_cert: bytes | None
     isolation: WorkerIsolation
     output: WorkerOutput
     #: Why it ended where its isolation knows better than its return code.
@@ -104,10 +106,14 @@ class Spawned:
         await asyncio.to_thread(self.isolation.close)
         await self.output.close()
 
-    def channel(self) -> DataChannel:
-        """The server's end of the data channel, connected."""
-        slots: transfer.Slots = self.ring if self.ring is not None else transfer.Inline()
-        return DataChannel(self.data_address, slots, self.data_public)
+    def channel(self, client: tuple[bytes, bytes] | None = None) -> DataChannel:
+        """The server's end of the data channel; ``client``: the server's own key and
+        certificate for a ``tls://`` channel (it pins the worker's)."""
+        if self.ring is not None:
+            return DataChannel.connect(self.data_address, self.ring)
+        assert client is not None and self.data_cert is not None
+        return DataChannel.connect(self.data_address, transfer.Inline(),
+                                   pinned_context(False, *client, self.data_cert))
 
 
 class LocalWorker:
@@ -115,10 +121,10 @@ class LocalWorker:
 
     remote = False
 
-    def __init__(self, name: str, spawned: Spawned) -> None:
+    def __init__(self, name: str, spawned: Spawned, data: DataChannel | None = None) -> None:
         self.name = name
         self.node = socket.gethostname()
-        self.data = spawned.channel()
+        self.data = data or spawned.channel()
         self._spawned = spawned
         self._km = spawned.km
         self._killed = False
@@ -201,10 +207,13 @@ class LocalLauncher:
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="rgpu-"))  # mode 0700
         self.transport = transport
         self.ip = ip
+        self._client: tuple[bytes, bytes] | None = None  # this server's data-channel key (tcp)
 
-    async def spawn(self, spec: WorkerSpec, cuda_devices: str | None = None) -> Spawned:
+    async def spawn(self, spec: WorkerSpec, cuda_devices: str | None = None,
+                    server_cert: bytes | None = None) -> Spawned:
         """Start the process; ``cuda_devices`` (default: from its slots) becomes
-        its ``CUDA_VISIBLE_DEVICES``."""
+        its ``CUDA_VISIBLE_DEVICES``; ``server_cert`` (tcp): the certificate of the
+        server that will reach its data channel."""
         runtime = self.runtime_dir / spec.name
         runtime.mkdir(mode=0o700)
         confined = self.isolation.prepare(spec.name, len(spec.slots), runtime, spec.tenant)
@@ -222,16 +231,19 @@ class LocalLauncher:
         output = WorkerOutput(spec.name)
         options: dict[str, Any] = dict(stdout=output.fd, stderr=output.fd, **confined.popen_options)
         ring: transfer.Ring | None = None
-        data_public: bytes | None = None
+        data_cert: bytes | None = None
         try:
             if self.transport == "tcp":
                 km.transport, km.ip = "tcp", self.ip
                 # jupyter_client puts the key pair in the connection file: the
                 # kernel serves every channel with it and clients encrypt with it.
                 km.curve_publickey, km.curve_secretkey = zmq.curve_keypair()
-                data_public, data_secret = zmq.curve_keypair()
-                data_addr = f"tcp://{self.ip}:{_free_port(self.ip)}"
-                extra.update(RGPU_DATA_ADDR=data_addr, RGPU_DATA_CURVE_SECRET=data_secret.decode())
+                # The data channel's TLS key is made here, on the worker's node.
+                data_key, data_cert = make_identity("server")
+                data_addr = f"tls://{self.ip}:{_free_port(self.ip)}"
+                assert server_cert is not None, "a tcp worker needs the certificate of its server"
+                extra.update(RGPU_DATA_ADDR=data_addr, RGPU_DATA_TLS_KEY=data_key.decode(),
+                             RGPU_DATA_TLS_CERT=data_cert.decode(), RGPU_DATA_TLS_PEER=server_cert.decode())
                 await _start(km, env=confined.environment(extra), **options)
             else:
                 km.transport, km.ip = "ipc", str(runtime / "kernel")
@@ -248,9 +260,14 @@ class LocalLauncher:
             await output.close()
             raise
         output.started()  # the worker has the pipe's writing end now; read its output
-        return Spawned(km, data_addr, ring, data_public, confined, output)
+        return Spawned(km, data_addr, ring, data_cert, confined, output)
 
     async def launch(self, spec: WorkerSpec) -> LocalWorker:
+        if self.transport == "tcp":
+            client = self._client or make_identity("client")
+            self._client = client
+            spawned = await self.spawn(spec, server_cert=client[1])
+            return LocalWorker(spec.name, spawned, spawned.channel(client))
         return LocalWorker(spec.name, await self.spawn(spec))
 
     def release(self, tenant: Tenant | None) -> None:

@@ -4,9 +4,9 @@
 ``num_gpus`` equal to the lease, pinned to one node. Its :meth:`start`
 starts the same worker kernel as a single-machine server does, through
 :class:`~.local_launcher.LocalLauncher` over TCP on the node's address,
-pinned by the ``CUDA_VISIBLE_DEVICES`` that Ray assigned, with every
-channel encrypted by CurveZMQ keys made for this worker; it returns what
-the head needs to connect. The head polls, signals and kills the worker
+pinned by the ``CUDA_VISIBLE_DEVICES`` that Ray assigned, its Jupyter
+channels encrypted by CurveZMQ keys made for this worker and its data
+channel over mutual TLS; it returns what the head needs to connect. The head polls, signals and kills the worker
 through the actor. The actor holds the worker's GPUs in Ray's accounting
 for as long as it lives, so Ray never gives them to anyone else.
 
@@ -40,10 +40,12 @@ class WorkerHost:
         self._spawned: Spawned | None = None
         self._name = ""
 
-    async def start(self, spec: WorkerSpec, isolation: IsolationConfig, node_slots: int) -> dict[str, Any]:
+    async def start(self, spec: WorkerSpec, isolation: IsolationConfig, node_slots: int,
+                    server_cert: bytes) -> dict[str, Any]:
         """Start the worker, isolated on this node as the head's ``isolation`` says
-        (``node_slots``: the GPUs this node offers, for memory shares); returns
-        its connection info, data channel and where it runs."""
+        (``node_slots``: the GPUs this node offers, for memory shares; ``server_cert``:
+        the head's data-channel certificate, the only one the worker accepts);
+        returns its connection info, data channel and where it runs."""
         import ray
 
         ip = ray.util.get_node_ip_address()
@@ -52,13 +54,13 @@ class WorkerHost:
         self._launcher = LocalLauncher(confined, transport="tcp", ip=ip)
         self._name = spec.name
         cuda = os.environ.get("CUDA_VISIBLE_DEVICES", "")  # as Ray assigned them
-        self._spawned = await self._launcher.spawn(spec, cuda_devices=cuda)
+        self._spawned = await self._launcher.spawn(spec, cuda_devices=cuda, server_cert=server_cert)
         km = self._spawned.km
         process = getattr(km.provisioner, "process", None)
         return {
             "connection_info": dict(km.get_connection_info()),
             "data_address": self._spawned.data_address,
-            "data_public": self._spawned.data_public,
+            "data_cert": self._spawned.data_cert,
             "pid": process.pid if process is not None else None,
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
             "cuda_visible_devices": cuda,

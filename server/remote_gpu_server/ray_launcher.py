@@ -15,7 +15,8 @@ not soft): Ray only places processes and reports their deaths; who gets the
 next GPU is always our scheduler's decision, and an actor is created only
 for slots it granted. Ray does not forward ports: the actor returns its
 node's address, the worker's ports and keys, and the head connects over
-TCP, every channel encrypted with CurveZMQ.
+TCP: the Jupyter channels encrypted with CurveZMQ, the data channel over
+mutual TLS (:mod:`.notes`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from remote_gpu_kernel.typing import SlotId
 
 from .confinement import EnterSpec
 from .datachannel import DataChannel
+from .notes import make_identity, pinned_context
 from .isolation import Isolation, IsolationConfig, Tenant
 from .launcher import WorkerSpec, describe_exit
 from .slots import Slot, SlotInventory
@@ -220,8 +222,8 @@ class RayWorker:
     remote = True
 
     def __init__(self, name: str, node: str, actor: Any, info: dict[str, Any], cluster: RayCluster,
-                 node_id: str, isolation: Isolation | None = None, tenant: Tenant | None = None,
-                 tenants: dict[Tenant, str] | None = None) -> None:
+                 node_id: str, client: tuple[bytes, bytes], isolation: Isolation | None = None,
+                 tenant: Tenant | None = None, tenants: dict[Tenant, str] | None = None) -> None:
         self.name = name
         self._tenants = tenants if tenants is not None else {}  # the launcher's: where each lease's folder is
         self._isolation = isolation  # the head's: it decides who a user runs as
@@ -233,7 +235,8 @@ class RayWorker:
         self._unanswered = 0.0  # since when its actor has not answered (loop time), 0: it answers
         self.info = info
         self.connection_info: dict[str, Any] = dict(info["connection_info"])
-        self.data = DataChannel(info["data_address"], Inline(), info["data_public"])
+        self.data = DataChannel.connect(info["data_address"], Inline(),
+                                        pinned_context(False, *client, info["data_cert"]))
         self.death_cause: str | None = None
         self._actor = actor
         self._killed = False
@@ -333,6 +336,9 @@ class RayLauncher:
         self.cluster = cluster
         self.isolation = isolation
         self._tenants: dict[Tenant, str] = {}  # a lease's session folder: on which node
+        # The head's data-channel key and certificate: every worker pins the
+        # certificate, and the key never leaves this process.
+        self._client = make_identity("client")
 
     async def launch(self, spec: WorkerSpec) -> RayWorker:
         import ray
@@ -352,15 +358,15 @@ class RayLauncher:
         actor = host.remote()
         config = self.isolation.config if self.isolation is not None else IsolationConfig()
         try:
-            info = await asyncio.wait_for(actor.start.remote(spec, config, self.cluster.gpus_on(node_id)),
-                                          spec.startup_timeout)
+            info = await asyncio.wait_for(actor.start.remote(spec, config, self.cluster.gpus_on(node_id),
+                                                             self._client[1]), spec.startup_timeout)
         except BaseException:
             ray.kill(actor, no_restart=True)
             raise
         log.debug("worker %s runs on %s with CUDA_VISIBLE_DEVICES=%s", spec.name, label,
                   info.get("cuda_visible_devices"))
-        return RayWorker(spec.name, label, actor, info, self.cluster, node_id, self.isolation, spec.tenant,
-                         self._tenants)
+        return RayWorker(spec.name, label, actor, info, self.cluster, node_id, self._client, self.isolation,
+                         spec.tenant, self._tenants)
 
     def release(self, tenant: Tenant | None) -> None:
         """A lease ended: its node's agent removes its session folder."""

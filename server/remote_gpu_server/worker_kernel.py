@@ -49,23 +49,28 @@ DATA_TIMEOUT_MS = 60_000
 
 
 class _DataChannel:
-    """The worker's end of :mod:`.transfer`: notes on a PAIR socket, bytes in the
-    shared ring (``ring_fd``) or, without one, inside the notes over TCP
-    encrypted with CurveZMQ (``curve_secret``, this worker's key)."""
+    """The worker's end of :mod:`.transfer`: notes on a PAIR socket with the
+    bytes in the shared ring (``ring_fd``), or, for a server on another host
+    (a ``tls://`` address), notes and bytes over mutual TLS (``tls``: this
+    worker's key and certificate and the server's certificate, PEM)."""
 
-    def __init__(self, addr: str, ring_fd: int | None, curve_secret: bytes | None = None) -> None:
-        import zmq
-
+    def __init__(self, addr: str, ring_fd: int | None, tls: tuple[bytes, bytes, bytes] | None = None) -> None:
         from .transfer import Inline, Ring, Slots
 
-        self.socket = zmq.Context.instance().socket(zmq.PAIR)
-        self.socket.linger = 0
-        self.socket.sndhwm = self.socket.rcvhwm = 0
-        if curve_secret is not None:
-            self.socket.curve_secretkey = curve_secret
-            self.socket.curve_publickey = zmq.curve_public(curve_secret)
-            self.socket.curve_server = True
-        self.socket.bind(addr)
+        self.socket: Any
+        if addr.startswith("tls://"):
+            from .notes import BlockingTls, pinned_context
+
+            assert tls is not None, "a tls:// data channel needs its keys"
+            host, _, port = addr[len("tls://"):].rpartition(":")
+            self.socket = BlockingTls(host.strip("[]"), int(port), pinned_context(True, *tls))
+        else:
+            import zmq
+
+            self.socket = zmq.Context.instance().socket(zmq.PAIR)
+            self.socket.linger = 0
+            self.socket.sndhwm = self.socket.rcvhwm = 0
+            self.socket.bind(addr)
         self.ring: Slots
         if ring_fd is not None:
             self.ring = Ring(ring_fd)
@@ -236,9 +241,10 @@ def main(argv: list[str] | None = None) -> None:
     for stream in (sys.stdout, sys.stderr):  # ipykernel's OutStreams, made by initialize()
         skip_empty_flushes(stream)
     ring_fd = os.environ.pop("RGPU_DATA_RING_FD", None)
-    secret = os.environ.pop("RGPU_DATA_CURVE_SECRET", None)
+    tls = tuple(os.environ.pop(name, "").encode() for name in
+                ("RGPU_DATA_TLS_KEY", "RGPU_DATA_TLS_CERT", "RGPU_DATA_TLS_PEER"))
     channel = _DataChannel(os.environ.pop("RGPU_DATA_ADDR"), int(ring_fd) if ring_fd else None,
-                           secret.encode() if secret else None)
+                           tls if all(tls) else None)  # type: ignore[arg-type]
     app.kernel.comm_manager.register_target(COMM_TARGET, _comm_opener(channel))
     app.start()
 

@@ -1,0 +1,66 @@
+"""The data channel of a worker on another host: mutual TLS, pinned on both ends.
+
+The worker is started here by the local launcher's ``tcp`` transport, as a
+Ray node's host actor starts it; the server's end connects over loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+
+import numpy as np
+
+from remote_gpu_kernel.protocol import dump_values, load_values
+from remote_gpu_kernel.typing import SlotId
+from remote_gpu_server.local_launcher import LocalLauncher
+from remote_gpu_server.notes import make_identity, pinned_context
+from remote_gpu_server.slots import Slot
+from remote_gpu_server.worker import Worker
+
+SLOT = Slot(SlotId("cpu0"), "cpu", 0, "CPU slot 0")
+
+
+async def _roundtrip(worker: Worker, value: object) -> object:
+    names, counts, buffers = dump_values({"x": value})
+    reply = await worker.push(names, counts, buffers)
+    assert reply.get("ok"), reply
+    reply, pieces = await worker.pull(["x"])
+    assert pieces is not None, reply
+    got = [bytes(piece) async for piece in pieces]
+    joined = b"".join(got)
+    out, pos = [], 0
+    for size in reply["sizes"]:
+        out.append(joined[pos:pos + size])
+        pos += size
+    return load_values(reply["names"], reply["counts"], out)["x"]
+
+
+def test_values_cross_a_tls_data_channel_whole_and_a_stranger_is_refused() -> None:
+    async def scenario() -> None:
+        launcher = LocalLauncher(transport="tcp", ip="127.0.0.1")
+        worker = await Worker.start(launcher, [SLOT], 120)
+        try:
+            address = worker.process.data.carrier
+            host, port = address.host, address.port
+            # Someone with a certificate of their own cannot reach the worker's data.
+            stranger = pinned_context(False, *make_identity("client"), worker.process._spawned.data_cert)
+            refused = False
+            try:
+                with socket.create_connection((host, port), timeout=10) as raw:
+                    with stranger.wrap_socket(raw) as tls:
+                        tls.sendall(b"\0")
+                        tls.recv(1)  # TLS 1.3: the refusal arrives with the first read
+            except (ssl.SSLError, OSError):
+                refused = True
+            assert refused
+            array = np.random.default_rng(1).random(3 << 20)  # 24 MiB: many pieces, every slot used
+            back = await _roundtrip(worker, array)
+            assert isinstance(back, np.ndarray) and np.array_equal(back, array)
+            assert await _roundtrip(worker, {"small": [1, 2, 3]}) == {"small": [1, 2, 3]}
+        finally:
+            await worker.kill()
+            await launcher.close()
+
+    asyncio.run(scenario())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import psutil
-import pytest
 
 from nvml_double import FakeGpu, FakeNvml
 from remote_gpu_kernel.typing import SlotId
@@ -41,9 +40,12 @@ def test_a_clock_set_back_starts_the_history_afresh() -> None:
     assert [p.time for p in history.points(A)] == [900.0]
 
 
-def test_an_unknown_slot_is_a_key_error() -> None:
-    with pytest.raises(KeyError):
-        ReadingHistory([A]).add(B, HistoryPoint(1.0, 1.0, 1))
+def test_a_slot_that_joins_later_gets_its_own_history() -> None:
+    # Slots of a Ray node that joins after start are not known up front.
+    history = ReadingHistory([A])
+    history.add(B, HistoryPoint(1.0, 1.0, 1))
+    assert history.points(B) == [HistoryPoint(1.0, 1.0, 1)]
+    assert history.points(A) == []
 
 
 def test_every_reading_goes_into_the_history() -> None:

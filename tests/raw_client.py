@@ -13,12 +13,13 @@ import time
 from typing import Any
 from urllib.parse import urlsplit
 
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from remote_gpu_kernel.protocol import PROTOCOL_VERSION, Reader, encode
 from remote_gpu_kernel.protocol import messages as m
 
-__all__ = ["RawClient", "stalled_socket"]
+__all__ = ["RawClient", "server_backlog", "stalled_socket"]
 
 
 def stalled_socket(url: str) -> socket.socket:
@@ -29,6 +30,19 @@ def stalled_socket(url: str) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect((parts.hostname or "127.0.0.1", parts.port or 80))
     return sock
+
+
+def server_backlog(sock: socket.socket) -> int:
+    """Bytes the server's end of ``sock``'s connection has queued in the kernel,
+    unread by us (Linux, IPv4 loopback: from /proc/net/tcp)."""
+    ours = "%08X:%04X" % (int.from_bytes(socket.inet_aton(sock.getsockname()[0]), "little"),
+                          sock.getsockname()[1])
+    with open("/proc/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            if fields[2] == ours:  # the server's socket: its remote end is ours
+                return int(fields[4].split(":")[0], 16)
+    return 0
 
 
 class RawClient:
@@ -51,6 +65,28 @@ class RawClient:
 
     def close(self) -> None:
         self._connecting.__exit__(None, None, None)
+
+    def wait_until_stalled(self, timeout: float = 30) -> None:
+        """Return once the server's sends to this client are stuck: a backlog
+        of over 1 MiB in the kernel that no longer grows (we read nothing)."""
+        deadline = time.monotonic() + timeout
+        last = -1
+        while time.monotonic() < deadline:
+            backlog = server_backlog(self.ws.socket)
+            if backlog > 1 << 20 and backlog == last:
+                return
+            last = backlog
+            time.sleep(0.2)
+        raise AssertionError(f"the server's sends did not stall (backlog {last} bytes)")
+
+    def drain_and_close(self) -> None:
+        """Read whatever the server still sends (a client that stalled resumes), then close."""
+        try:
+            while True:
+                self.ws.recv(timeout=5)
+        except (TimeoutError, ConnectionClosed):
+            pass
+        self.close()
 
     def send(self, message: m.Message) -> None:
         for frame in encode(message):

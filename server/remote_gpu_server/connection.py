@@ -303,9 +303,8 @@ class Connection:
             self.ws.transport.abort()
 
     async def _send_refusals(self) -> None:
-        while self._refusals:
-            await self.send(self._refusals[0])
-            self._refusals.popleft()
+        while self._refusals:  # cleared when the connection ends
+            await self.send(self._refusals.popleft())
 
     def _spawn(self, coro: Any, req: int = 0, *, hold: Hold, in_turn: bool = False) -> None:
         task = asyncio.get_running_loop().create_task(self._guard(coro, req, hold))

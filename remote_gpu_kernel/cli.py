@@ -390,7 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
     iso.add_argument("--worker-env", action="append", default=[], metavar="NAME",
                      help="also pass this server environment variable to workers (repeatable; "
                           "names ending in _ pass every variable with that prefix)")
-    lim = p.add_argument_group("limits on what one client may send (see README: Running the server)")
+    lim = p.add_argument_group("limits on what one client may send (see README: Limits on what one "
+                               "client may send)")
     lim.add_argument("--max-push", default="16G", metavar="SIZE",
                      help="the largest push (its variables together), like 16G (default 16G); a "
                           "larger one is refused and the session goes on")

@@ -3,8 +3,11 @@ refused with one line, and the connection and the session go on."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -173,3 +176,16 @@ def test_a_push_streams_with_backpressure_when_its_worker_is_slow(fresh_server: 
         assert peak - before < 128 << 20, f"the server grew by {(peak - before) >> 20} MiB"
         result = session.execute("int(big.sum())", on_output=lambda _: None)
         assert result.outputs[-1].content["data"]["text/plain"] == str(size)
+
+
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("--max-push", "12Q", "--max-push '12Q' is not a size: write it like 16G, 512M or 64K"),
+    ("--max-message", "1K", "--max-message '1K' is too small: give it at least 64 KiB"),
+    ("--connection-memory", "100K", "--connection-memory '100K' is too small: give it at least 1 MiB"),
+    ("--max-requests", "0", "--max-requests must be 1 or more"),
+])
+def test_a_bad_limit_stops_rgpu_serve_with_one_line(tmp_path: Path, flag: str, value: str, message: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "remote_gpu_kernel.cli", "serve", "--port", "0",
+                           "--db", str(tmp_path / "rgpu.sqlite3"), flag, value],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and done.stderr.strip() == f"rgpu serve: {message}"

@@ -397,7 +397,7 @@ class Reader:
         """Why a message must be refused whole, or None."""
         req = fields.get("req")
         req = req if isinstance(req, int) and not isinstance(req, bool) and 0 <= req < 1 << 63 else 0
-        kind = fields.get("t") if isinstance(fields.get("t"), str) else "message"
+        kind: str = fields["t"] if isinstance(fields.get("t"), str) else "message"
         if len(lengths) > self.max_buffers:
             return MessageTooLarge(f"a {kind} of {len(lengths)} buffers is more than the "
                                    f"{self.max_buffers} one message may carry", req,

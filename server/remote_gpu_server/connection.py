@@ -232,7 +232,7 @@ class Connection:
         elif isinstance(msg, m.Release):
             self._spawn(self._on_release(msg), msg.req, hold=hold)
         elif isinstance(msg, (*_IN_TURN, m.ShellRequest)):
-            self._spawn(self._on_session_request(msg), msg.req, hold=hold,  # type: ignore[union-attr]
+            self._spawn(self._on_session_request(msg), msg.req, hold=hold,
                         in_turn=isinstance(msg, _IN_TURN))
         else:
             hold.release()

@@ -14,8 +14,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 
 from remote_gpu_kernel.protocol import messages as m
 from remote_gpu_kernel.typing import SessionId, SlotId
@@ -94,8 +93,8 @@ class SessionManager:
     def _release_soon(self, session: Session, reason: str, job_state: str = "cancelled") -> None:
         self._background(self.release(session, reason, job_state=job_state))
 
-    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+    def _background(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
         self._releasing.add(task)
         task.add_done_callback(self._releasing.discard)
 

@@ -27,7 +27,7 @@ from websockets.exceptions import ConnectionClosed
 
 from remote_gpu_kernel import Client
 from remote_gpu_kernel.errors import ProtocolError
-from remote_gpu_kernel.protocol import PROTOCOL_VERSION, encode
+from remote_gpu_kernel.protocol import encode
 from remote_gpu_kernel.protocol import messages as m
 from raw_client import RawClient
 from servers import ServerProcess

@@ -15,7 +15,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from remote_gpu_kernel import Client, MessageTooLarge
-from remote_gpu_kernel.protocol import dump_values, encode
+from remote_gpu_kernel.protocol import dump_values
 from remote_gpu_kernel.protocol import messages as m
 from raw_client import RawClient
 from servers import ServerProcess

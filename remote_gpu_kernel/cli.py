@@ -79,6 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from remote_gpu_server.errors import IsolationError
     from remote_gpu_server.identities import DEFAULT_UID_RANGE, RunAs, parse_uid_range
     from remote_gpu_server.isolation import IsolationConfig
+    from remote_gpu_server.limits import Limits, parse_bytes
     from remote_gpu_server.origins import OriginPolicy
     from remote_gpu_server.scheduler import Quota, SchedulerConfig
 
@@ -95,6 +96,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             session_root=Path(args.session_root) if args.session_root else None,
             uid_range=parse_uid_range(args.uid_range) if args.uid_range else DEFAULT_UID_RANGE,
             worker_env=tuple(args.worker_env))
+        limits = Limits(max_push=parse_bytes(args.max_push, "--max-push"),
+                        max_message=parse_bytes(args.max_message, "--max-message", 64 << 10),
+                        max_requests=args.max_requests,
+                        connection_memory=parse_bytes(args.connection_memory, "--connection-memory",
+                                                      1 << 20))
     except ValueError as exc:
         sys.exit(f"rgpu serve: {exc}")
     if args.keep_output is not None and not args.keep_output > 0:
@@ -104,7 +110,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           price_per_gpu_hour=args.price_per_gpu_hour, scheduler=scheduler,
                           server_id=args.server_id, keep_output=args.keep_output, ray=args.ray,
                           certfile=certfile, keyfile=keyfile, allow_origins=tuple(args.allow_origin),
-                          isolation=isolation)
+                          isolation=isolation, limits=limits)
 
     refused: tuple[type[Exception], ...] = (ValueError, RuntimeError, IsolationError, *_store_errors())
 
@@ -384,6 +390,20 @@ def build_parser() -> argparse.ArgumentParser:
     iso.add_argument("--worker-env", action="append", default=[], metavar="NAME",
                      help="also pass this server environment variable to workers (repeatable; "
                           "names ending in _ pass every variable with that prefix)")
+    lim = p.add_argument_group("limits on what one client may send (see README: Limits on what one "
+                               "client may send)")
+    lim.add_argument("--max-push", default="16G", metavar="SIZE",
+                     help="the largest push (its variables together), like 16G (default 16G); a "
+                          "larger one is refused and the session goes on")
+    lim.add_argument("--max-message", default="16M", metavar="SIZE",
+                     help="the largest other message: a cell's code, a widget's message with its "
+                          "binary data (default 16M)")
+    lim.add_argument("--max-requests", type=int, default=64, metavar="N",
+                     help="requests one connection may have waiting or running at once (default 64)")
+    lim.add_argument("--connection-memory", default="128M", metavar="SIZE",
+                     help="client data the server holds for one connection at once: requests "
+                          "waiting their turn, and how far a push may run ahead of its worker "
+                          "(default 128M)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("token", help="create, list and revoke tokens")

@@ -43,6 +43,7 @@ from .errors import (
 )
 from .protocol import CHUNK_SIZE, PROTOCOL_VERSION, Reader, dump_values, encode, load_values
 from .protocol import messages as m
+from .protocol.limits import refusal
 from .protocol.serialization import allocate_buffer
 
 __all__ = ["AsyncClient", "AsyncSession", "ExecuteResult", "write_streams"]
@@ -118,6 +119,8 @@ class _Link:
         self.inboxes: dict[int, asyncio.Queue[Any]] = {}
         self.unsolicited: asyncio.Queue[m.Message] = asyncio.Queue()
         self.closed_reason: str | None = None
+        #: The server's limits from its Welcome (``max_push``, ``max_message``).
+        self.limits: dict[str, int] = {}
         self._ids = itertools.count(1)
         self._send_lock = asyncio.Lock()
         self.on_released: Callable[[m.Released], None] | None = None
@@ -132,6 +135,11 @@ class _Link:
         return req, inbox
 
     async def send(self, message: m.Message) -> None:
+        """Send ``message``; MessageTooLarge, before any of it is sent, for one
+        the server would refuse (the session goes on)."""
+        too_large = refusal(message, self.limits)
+        if too_large is not None:
+            raise too_large
         frames = encode(message)
         try:
             async with self._send_lock:
@@ -259,6 +267,7 @@ class AsyncClient:
             await link.close()
             raise
         self.user, self.server_version = msg.user, msg.server
+        link.limits = dict(msg.limits)
         return link
 
     def session(self, gpus: int | None = None, *, resume: str | None = None,

@@ -5,7 +5,11 @@ where one fits so that ordinary ``except`` clauses keep working::
 
     RemoteGpuError
     ├── ProtocolError                 a peer sent bytes that break the protocol
-    │   └── VersionMismatch           the peers speak different protocol versions
+    │   ├── VersionMismatch           the peers speak different protocol versions
+    │   └── MessageTooLarge (ValueError)
+    │                                 a message is larger than its receiver takes
+    │                                 (a server's --max-push, --max-message); it
+    │                                 was not used and the connection goes on
     ├── ConnectionLost (ConnectionError)
     │                                 the websocket closed under a request
     ├── AuthenticationError (PermissionError)
@@ -34,6 +38,7 @@ __all__ = [
     "ConnectionLost",
     "InsecureConnection",
     "LeaseError",
+    "MessageTooLarge",
     "ProtocolError",
     "RemoteError",
     "RemoteGpuError",
@@ -61,11 +66,36 @@ class RemoteGpuError(Exception):
 
 
 class ProtocolError(RemoteGpuError):
-    """The bytes received do not follow the protocol (bad frame, bad field)."""
+    """The bytes received do not follow the protocol (bad frame, bad field).
+
+    ``req`` is the request id of the message at fault where it could be read
+    (0 otherwise), so that a server can answer that request.
+    """
+
+    def __init__(self, message: str, req: int = 0) -> None:
+        super().__init__(message)
+        self.req = req
 
 
 class VersionMismatch(ProtocolError):
     """Client and server speak different protocol versions."""
+
+
+class MessageTooLarge(ProtocolError, ValueError):
+    """A message is larger than its receiver takes; the message says which limit.
+
+    Raised by the client before anything is sent when a push or a cell is
+    larger than the server's limits, and by a server's reader for a message
+    it refused whole (its bytes are skipped, the stream stays in step).
+    """
+
+    def __init__(self, message: str, req: int = 0, *, size: int = 0, limit: int = 0,
+                 what: str = "") -> None:
+        super().__init__(message, req)
+        self.size = size
+        self.limit = limit
+        #: The message's type (``push``, ``execute``), where it could be read.
+        self.what = what
 
 
 class ConnectionLost(RemoteGpuError, ConnectionError):

@@ -14,6 +14,7 @@ MODULES = [
     "remote_gpu_kernel.protocol.messages",
     "remote_gpu_kernel.protocol.framing",
     "remote_gpu_kernel.protocol.serialization",
+    "remote_gpu_kernel.protocol.limits",
     "remote_gpu_kernel.client",
     "remote_gpu_kernel.sync",
     "remote_gpu_kernel.config",
@@ -59,6 +60,9 @@ MODULES = [
     "remote_gpu_server.sandbox",
     "remote_gpu_server.confinement",
     "remote_gpu_server.worker_output",
+    "remote_gpu_server.limits",
+    "remote_gpu_server.connection_memory",
+    "remote_gpu_server.http_headers",
 ]
 
 

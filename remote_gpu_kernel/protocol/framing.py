@@ -22,6 +22,12 @@ arrives as :class:`Chunks`, the received frames themselves, and is passed on
 frame by frame without ever being joined. Joining 100 MiB into fresh memory
 costs more here than the whole network path (page faults, not copying), so
 only the final receiver joins.
+
+Limits: a header longer than ``max_header`` breaks the stream (its buffers'
+lengths are in it, so nothing after it can be read). A message whose size
+or number of buffers is over its limit is refused whole: the reader raises
+:class:`~remote_gpu_kernel.errors.MessageTooLarge` naming its request,
+skips its bytes without keeping them, and goes on with the next message.
 """
 
 from __future__ import annotations
@@ -31,18 +37,21 @@ import struct
 from collections.abc import Callable, Iterable
 from typing import Any, Union
 
-from ..errors import ProtocolError
+from ..errors import MessageTooLarge, ProtocolError
 from .messages import Message, MessageType, message_from_fields
 
 __all__ = [
     "CHUNK_SIZE",
     "Chunks",
+    "header_bytes",
     "encode_head",
     "FRAMING_VERSION",
+    "MAX_BUFFERS",
     "MAX_HEADER",
     "MAX_MESSAGE",
     "Reader",
     "encode",
+    "views",
 ]
 
 FRAMING_VERSION = 1
@@ -52,11 +61,16 @@ CHUNK_SIZE = 1 << 20
 MAX_HEADER = 64 << 20
 #: Largest message (header and buffers together) accepted by default.
 MAX_MESSAGE = 64 << 30
+#: Most buffers one message may carry: each costs the reader an object
+#: before any of its bytes arrive, so a short header must not make millions.
+MAX_BUFFERS = 100_000
 
 _PREFIX = struct.Struct(">2sBBI")
 _MAGIC = b"RG"
 
 Frame = Union[bytes, bytearray, memoryview]
+
+_EMPTY = memoryview(b"")
 
 
 class Chunks:
@@ -67,9 +81,16 @@ class Chunks:
     arrive: ``complete`` turns true at the end, ``failed`` holds a reason if
     the stream broke first, and ``listener`` (if set) is called after each
     change, so a relay can pass pieces on while the rest is still coming.
+
+    A relay that has passed piece ``i`` on calls :meth:`release` so the
+    memory goes; ``nbytes - released`` is what the chunks hold now, and
+    ``on_release`` (if set) hears of each release (a connection that bounds
+    what it holds). Once ``failed``, the chunks keep nothing: what they held
+    is dropped and bytes that still arrive are only counted.
     """
 
-    __slots__ = ("parts", "nbytes", "expected", "complete", "failed", "listener")
+    __slots__ = ("parts", "nbytes", "expected", "complete", "failed", "listener", "released",
+                 "on_release")
 
     def __init__(self, parts: Iterable[Frame] = (), expected: int | None = None) -> None:
         self.parts = [memoryview(p).cast("B") for p in parts]
@@ -78,19 +99,42 @@ class Chunks:
         self.complete = expected is None or self.nbytes == expected
         self.failed: str | None = None
         self.listener: Callable[[], None] | None = None
+        self.released = 0
+        self.on_release: Callable[[], None] | None = None
+
+    @property
+    def held(self) -> int:
+        """Bytes these chunks keep in memory now."""
+        return self.nbytes - self.released
 
     def append(self, part: Frame) -> None:
         view = memoryview(part).cast("B")
-        self.parts.append(view)
         self.nbytes += view.nbytes
+        if self.failed is not None:  # refused or cut short: count, keep nothing
+            self.released += view.nbytes
+            return
+        self.parts.append(view)
         if self.nbytes >= self.expected:
             self.complete = True
         self._changed()
 
+    def release(self, index: int) -> memoryview:
+        """Piece ``index``, forgotten here: the caller passed it on."""
+        piece = self.parts[index]
+        self.parts[index] = _EMPTY
+        self.released += piece.nbytes
+        if self.on_release is not None:
+            self.on_release()
+        return piece
+
     def fail(self, reason: str) -> None:
         if not self.complete and self.failed is None:
             self.failed = reason
+            self.parts = []
+            self.released = self.nbytes
             self._changed()
+            if self.on_release is not None:
+                self.on_release()
 
     def _changed(self) -> None:
         if self.listener is not None:
@@ -123,7 +167,8 @@ def encode_head(message: Message, lengths: list[int], chunk_size: int = CHUNK_SI
     return [head[i : i + chunk_size] for i in range(0, len(head), chunk_size)]
 
 
-def _views(buf: Frame | Chunks) -> list[memoryview]:
+def views(buf: Frame | Chunks) -> list[memoryview]:
+    """The pieces of one buffer (a bytes-like object, or :class:`Chunks`) as byte views."""
     if isinstance(buf, Chunks):
         return buf.parts
     return [memoryview(buf).cast("B")]
@@ -136,18 +181,23 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def header_bytes(message: Message, lengths: list[int]) -> bytes:
+    """The JSON header of ``message`` whose buffers are ``lengths`` bytes long."""
+    fields = message.fields()
+    fields["t"] = message.type.value
+    if lengths:
+        fields["b"] = list(lengths)
+    return json.dumps(fields, separators=(",", ":"), default=_json_default).encode()
+
+
 def encode(message: Message, chunk_size: int = CHUNK_SIZE) -> list[Frame]:
     """Return the frames that carry ``message``, each at most ``chunk_size``.
 
     Buffers are sliced, not copied, unless the whole message is small enough
     to be joined into a single frame.
     """
-    fields = message.fields()
-    fields["t"] = message.type.value
-    buffers = [_views(b) for b in getattr(message, "buffers", ())]
-    if buffers:
-        fields["b"] = [sum(p.nbytes for p in parts) for parts in buffers]
-    header = json.dumps(fields, separators=(",", ":"), default=_json_default).encode()
+    buffers = [views(b) for b in getattr(message, "buffers", ())]
+    header = header_bytes(message, [sum(p.nbytes for p in parts) for parts in buffers])
     if len(header) > MAX_HEADER:
         raise ProtocolError(f"message header of {len(header)} bytes is too large")
     head = _PREFIX.pack(_MAGIC, FRAMING_VERSION, 0, len(header)) + header
@@ -166,28 +216,41 @@ class Reader:
     """Reassembles messages from received frames.
 
     Call :meth:`receive_data` with each binary frame as it arrives, then
-    :meth:`events_received` for the messages completed so far. At the end of
-    the connection call :meth:`receive_eof`: it raises :class:`ProtocolError`
-    if a message was cut short. A message with a bad field raises
-    :class:`ProtocolError` and the reader goes on; broken framing (bad magic,
-    bad lengths, bad JSON) leaves the stream out of step, and the reader then
-    refuses more data.
+    :meth:`events_received` for the messages completed so far (or
+    :meth:`received`, which also gives each message's header size). At the
+    end of the connection call :meth:`receive_eof`: it raises
+    :class:`ProtocolError` if a message was cut short. A message with a bad
+    field raises :class:`ProtocolError` (with the message's ``req``) and the
+    reader goes on; so does a message over its limits
+    (:class:`MessageTooLarge`). Broken framing (bad magic, bad lengths, bad
+    JSON, a header over ``max_header``) leaves the stream out of step, and
+    the reader then refuses more data.
+
+    Limits: ``max_header`` bytes of JSON header; ``max_message`` bytes of a
+    whole message (header and buffers); ``max_early`` bytes of buffers of a
+    message of an ``early`` type (default ``max_message``); ``max_buffers``
+    buffers in one message.
     """
 
     def __init__(self, max_header: int = MAX_HEADER, max_message: int = MAX_MESSAGE,
                  assemble: bool = True,
                  allocate: Callable[[int], Any] = bytearray,
-                 early: Iterable[MessageType] = ()) -> None:
+                 early: Iterable[MessageType] = (),
+                 max_early: int | None = None,
+                 max_buffers: int = MAX_BUFFERS) -> None:
         self.max_header = max_header
         self.max_message = max_message
+        self.max_early = max_message if max_early is None else max_early
+        self.max_buffers = max_buffers
         self.assemble = assemble
         self.allocate = allocate
         #: Message types handed out at their header, with filling Chunks
         #: (only where ``assemble`` is false).
         self.early = frozenset(early) if not assemble else frozenset()
-        self._events: list[Message] = []
+        self._early_names = {t.value for t in self.early}
+        self._events: list[tuple[Message, int]] = []
         self._broken: ProtocolError | None = None
-        self._bad: ProtocolError | None = None
+        self._bad: list[ProtocolError] = []
         self._reset()
 
     def _reset(self) -> None:
@@ -199,13 +262,27 @@ class Reader:
         self._lengths: list[int] = []
         self._index = 0
         self._filled = 0
+        self._header_size = 0
 
     @property
     def in_message(self) -> bool:
         """Whether part of a message has been received but not all of it."""
         return self._state != "prefix" or bool(self._small)
 
+    @property
+    def broken(self) -> bool:
+        """Whether the stream is out of step: every later frame is refused."""
+        return self._broken is not None
+
+    def errors_received(self) -> list[ProtocolError]:
+        """Every message refused by the latest :meth:`receive_data` (it raised the first)."""
+        return list(self._bad)
+
     def events_received(self) -> list[Message]:
+        return [message for message, _ in self.received()]
+
+    def received(self) -> list[tuple[Message, int]]:
+        """The messages completed so far, each with the size of its header in bytes."""
         events, self._events = self._events, []
         return events
 
@@ -231,17 +308,22 @@ class Reader:
         view = memoryview(frame).cast("B")
         if not view.nbytes:
             raise self._fail("empty frame")
-        try:
-            self._consume(view)
-        finally:
-            bad, self._bad = self._bad, None
-        if bad is not None:
-            raise bad
+        self._bad = []
+        self._consume(view)
+        if self._bad:
+            raise self._bad[0]
 
     def _consume(self, view: memoryview) -> None:
         while view.nbytes:
             if self._state == "buffers":
                 view = self._fill_buffer(view)
+                continue
+            if self._state == "skip":
+                take = min(self._need, view.nbytes)
+                self._need -= take
+                view = view[take:]
+                if not self._need:
+                    self._reset()
                 continue
             take = min(self._need - len(self._small), view.nbytes)
             self._small += view[:take]
@@ -252,8 +334,8 @@ class Reader:
                 else:
                     self._parse_header()
 
-    def _fail(self, reason: str) -> ProtocolError:
-        self._broken = ProtocolError(reason)
+    def _fail(self, reason: str, error: type[ProtocolError] = ProtocolError) -> ProtocolError:
+        self._broken = error(reason)
         self._fail_open(reason)
         return self._broken
 
@@ -263,15 +345,26 @@ class Reader:
             raise self._fail("frame does not start with the protocol's magic bytes")
         if version != FRAMING_VERSION:
             raise self._fail(f"framing version {version} is not {FRAMING_VERSION}")
-        if not 0 < header_len <= self.max_header:
-            raise self._fail(f"header length {header_len} is out of bounds")
+        if header_len > self.max_header:
+            error = self._fail(f"a message header of {header_len} bytes exceeds the limit of "
+                               f"{self.max_header} bytes", MessageTooLarge)
+            assert isinstance(error, MessageTooLarge)
+            error.size, error.limit = header_len, self.max_header
+            raise error
+        if not header_len:
+            raise self._fail("header length 0 is out of bounds")
         self._state, self._need, self._small = "header", header_len, bytearray()
 
     def _parse_header(self) -> None:
+        header_size = len(self._small)
         try:
             fields = json.loads(bytes(self._small))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise self._fail(f"header is not valid JSON: {exc}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise self._fail("header is not valid JSON") from None
+        except (ValueError, RecursionError):
+            # Integers of thousands of digits, arrays nested thousands deep.
+            raise self._fail("header is JSON this side does not read (a number too long or "
+                             "nesting too deep)") from None
         if not isinstance(fields, dict):
             raise self._fail("header is not a JSON object")
         lengths = fields.pop("b", [])
@@ -279,17 +372,46 @@ class Reader:
             isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in lengths
         ):
             raise self._fail("buffer lengths must be a list of non-negative integers")
-        if sum(lengths) > self.max_message:
-            raise self._fail(f"message of {sum(lengths)} bytes exceeds {self.max_message}")
+        total = sum(lengths)
+        self._header_size = header_size
+        refused = self._refusal(fields, lengths, total, header_size)
+        if refused is not None:
+            # Refused whole: skip its buffers' bytes, keep none, stay in step.
+            self._bad.append(refused)
+            self._state, self._need, self._small = "skip", total, bytearray()
+            if not total:
+                self._reset()
+            return
         self._fields, self._lengths = fields, lengths
         self._buffers = [self.allocate(n) if self.assemble else Chunks(expected=n) for n in lengths]
         self._state, self._small = "buffers", bytearray()
         self._index, self._filled = 0, 0
-        if self.early and any(lengths) and fields.get("t") in {t.value for t in self.early}:
+        if self.early and any(lengths) and fields.get("t") in self._early_names:
             # Hand the message out now; its Chunks fill in as frames arrive.
             self._fields = {}
-            self._deliver(fields, self._buffers)
+            self._deliver(fields, self._buffers, header_size)
         self._skip_empty()
+
+    def _refusal(self, fields: dict[str, Any], lengths: list[int], total: int,
+                 header_size: int) -> MessageTooLarge | None:
+        """Why a message must be refused whole, or None."""
+        req = fields.get("req")
+        req = req if isinstance(req, int) and not isinstance(req, bool) and 0 <= req < 1 << 63 else 0
+        kind: str = fields["t"] if isinstance(fields.get("t"), str) else "message"
+        if len(lengths) > self.max_buffers:
+            return MessageTooLarge(f"a {kind} of {len(lengths)} buffers is more than the "
+                                   f"{self.max_buffers} one message may carry", req,
+                                   size=len(lengths), limit=self.max_buffers, what=kind)
+        if kind in self._early_names:
+            if total > self.max_early:
+                return MessageTooLarge(f"a {kind} of {total} bytes exceeds the limit of "
+                                       f"{self.max_early} bytes", req, size=total, limit=self.max_early,
+                                       what=kind)
+        elif header_size + total > self.max_message:
+            return MessageTooLarge(f"a {kind} message of {header_size + total} bytes exceeds the "
+                                   f"limit of {self.max_message} bytes", req,
+                                   size=header_size + total, limit=self.max_message, what=kind)
+        return None
 
     def _skip_empty(self) -> None:
         while self._index < len(self._lengths) and self._lengths[self._index] == 0:
@@ -312,18 +434,21 @@ class Reader:
         return view[take:]
 
     def _emit(self) -> None:
-        fields, buffers = self._fields, self._buffers
+        fields, buffers, header_size = self._fields, self._buffers, self._header_size
         self._reset()
         if fields:  # else it was handed out early
-            self._deliver(fields, buffers)
+            self._deliver(fields, buffers, header_size)
 
-    def _deliver(self, fields: dict[str, Any], buffers: list[Any]) -> None:
+    def _deliver(self, fields: dict[str, Any], buffers: list[Any], header_size: int) -> None:
         # A message whose fields are wrong leaves the stream in step: the
         # error is raised once the frame is consumed, and the reader goes on.
         try:
-            self._events.append(message_from_fields(fields, tuple(buffers)))
+            self._events.append((message_from_fields(fields, tuple(buffers)), header_size))
         except ProtocolError as exc:
             for buf in buffers:
                 if isinstance(buf, Chunks):
                     buf.fail(str(exc))
-            self._bad = self._bad or exc
+            req = fields.get("req")
+            if isinstance(req, int) and not isinstance(req, bool) and 0 <= req < 1 << 63:
+                exc.req = req
+            self._bad.append(exc)

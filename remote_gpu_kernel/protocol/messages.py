@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import types
 import typing
 from typing import Any, ClassVar, Union
@@ -135,10 +136,16 @@ class Hello(Message):
 
 @dataclasses.dataclass(frozen=True)
 class Welcome(Message):
+    """``limits``: what the server takes, in bytes, so that a client can refuse
+    a push or a cell before sending it: ``max_push`` (a push's buffers) and
+    ``max_message`` (any other message, header and buffers); empty from a
+    server that names none."""
+
     type = MessageType.WELCOME
     protocol: int
     server: str
     user: str
+    limits: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -360,8 +367,17 @@ _CLASSES: dict[MessageType, type[Message]] = {
 }  # fmt: skip
 
 
+#: Integers in a message fit a signed 64-bit integer (a store's INTEGER).
+INT_MIN, INT_MAX = -(1 << 63), (1 << 63) - 1
+
+
 def _check(value: Any, annotation: Any) -> bool:
-    """Whether a decoded JSON value fits a field's annotation."""
+    """Whether a decoded JSON value fits a field's annotation.
+
+    Numbers must be finite (JSON decoders accept ``NaN`` and ``Infinity``)
+    and integers must fit 64 bits, so that no field can carry a value that
+    breaks arithmetic, a timer or a database query further on.
+    """
     origin = typing.get_origin(annotation)
     if origin in (Union, types.UnionType):
         return any(_check(value, a) for a in typing.get_args(annotation))
@@ -370,14 +386,18 @@ def _check(value: Any, annotation: Any) -> bool:
     if annotation is Any:
         return True
     if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return INT_MIN <= value <= INT_MAX
+        return isinstance(value, float) and math.isfinite(value)
     if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return isinstance(value, int) and not isinstance(value, bool) and INT_MIN <= value <= INT_MAX
     if origin is list:
         (item,) = typing.get_args(annotation)
         return isinstance(value, list) and all(_check(v, item) for v in value)
     if origin is dict:
-        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+        key, item = typing.get_args(annotation)
+        return isinstance(value, dict) and all(
+            isinstance(k, str) and _check(v, item) for k, v in value.items())
     if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
         return value in {m.value for m in annotation}
     return isinstance(annotation, type) and isinstance(value, annotation)

@@ -189,7 +189,7 @@ class GpuServer:
     async def _client(self, ws: ServerConnection, info: TokenInfo) -> None:
         log.info("%s connected from %s", info.user, ws.remote_address)
         await Connection(ws, info, broker=self.broker, sessions=self.sessions,
-                         server_version=self.version).run()
+                         server_version=self.version, limits=self.config.limits).run()
         log.info("%s disconnected", info.user)
 
     async def serve_forever(self) -> None:

@@ -84,15 +84,17 @@ class JobRequest:
         retries = data.get("retries", 0)
         if not isinstance(name, str) or len(name) > 200:
             raise ValueError("'name' must be a string of at most 200 characters")
-        if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 1:
+        if not isinstance(gpus, int) or isinstance(gpus, bool) or not 1 <= gpus <= 1 << 16:
             raise ValueError("'gpus' must be a whole number, 1 or more")
         if priority not in PRIORITIES:
             raise ValueError(f"'priority' must be one of {', '.join(PRIORITIES)}, not {priority!r}")
-        if not isinstance(pool, str):
+        if not isinstance(pool, str) or len(pool) > 200:
             raise ValueError("'pool' must be a pool's name")
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-                                    or not timeout > 0):
-            raise ValueError("'timeout' must be a number of seconds more than 0")
+                                    or not 0 < timeout < 1e9):
+            raise ValueError("'timeout' must be a number of seconds more than 0 (and finite)")
+        if "\0" in code or "\0" in name or "\0" in pool:
+            raise ValueError("'code', 'name' and 'pool' may not hold NUL characters")
         if not isinstance(retries, int) or isinstance(retries, bool) or not 0 <= retries <= 100:
             raise ValueError("'retries' must be a whole number from 0 to 100")
         return cls(code, name, gpus, priority, pool,

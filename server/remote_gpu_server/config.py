@@ -9,6 +9,7 @@ from pathlib import Path
 import platformdirs
 
 from .isolation import IsolationConfig
+from .limits import Limits
 from .scheduler import PoolConfig, Quota, SchedulerConfig
 
 __all__ = ["ServerConfig", "data_dir", "default_db_path", "parse_pool"]
@@ -99,3 +100,5 @@ class ServerConfig:
     allow_origins: tuple[str, ...] = ()
     #: Who workers run as, what they can reach, their memory (see :mod:`.isolation`).
     isolation: IsolationConfig = dataclasses.field(default_factory=IsolationConfig)
+    #: What one client may send and make the server hold (see :mod:`.limits`).
+    limits: Limits = dataclasses.field(default_factory=Limits)

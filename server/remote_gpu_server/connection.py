@@ -3,27 +3,38 @@
 Each request runs as its own task, so an :class:`~m.Interrupt` is handled
 while a cell runs; the session's lock keeps cells, pushes and pulls in
 order. A malformed message gets an ``Error`` and the connection goes on;
-broken framing gets an ``Error`` and a close with code 1002. Nothing a
-client sends can raise out of this module.
+broken framing gets an ``Error`` and a close with code 1002 (1009 for a
+header over ``--max-message``). Nothing a client sends can raise out of
+this module.
+
+What a client can make the server hold is bounded (see :mod:`.limits` and
+:mod:`.connection_memory`): requests in flight, bytes of messages waiting,
+how far a push runs ahead of its worker, and refusals not yet read. A
+client that lets more than :data:`MAX_REFUSALS` refusals pile up without
+reading them is disconnected (code 1008).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from websockets.asyncio.server import ServerConnection
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
-from remote_gpu_kernel.errors import ProtocolError, RemoteGpuError, WorkerDied
-from remote_gpu_kernel.protocol import PROTOCOL_VERSION, Reader, encode
-from remote_gpu_kernel.protocol.framing import encode_head
+from remote_gpu_kernel.errors import MessageTooLarge, ProtocolError, RemoteGpuError, WorkerDied
+from remote_gpu_kernel.protocol import PROTOCOL_VERSION, encode
+from remote_gpu_kernel.protocol.framing import Chunks, encode_head
 from remote_gpu_kernel.protocol import messages as m
 
 from .broker import LeaseBroker
+from .connection_memory import ConnectionMemory, Hold
+from .limits import Limits
+from remote_gpu_kernel.protocol.limits import format_size
 from .scheduler import LeaseRequestEntry
 from .session import Session
 from .sessions import SessionManager
@@ -33,31 +44,46 @@ __all__ = ["Connection", "MAX_IN_FLIGHT"]
 
 log = logging.getLogger("remote_gpu_server")
 
-#: Requests one connection may have in flight (waiting their turn or running);
+#: Requests one connection may have in flight by default (``--max-requests``);
 #: more are answered with an error, so a client cannot make the server hold
 #: an unbounded number of them.
-MAX_IN_FLIGHT = 64
+MAX_IN_FLIGHT = Limits().max_requests
 #: The longest notebook path kept from a lease request, in characters.
 MAX_NOTEBOOK = 1024
+#: Refusals that may wait for the client to read them (each a short Error);
+#: a client that lets more pile up is disconnected.
+MAX_REFUSALS = 1024
+#: How long a connection that must be closed waits for its client to read why.
+HANG_UP_WAIT = 5.0
+#: Requests that only the session's lock keeps in order (they wait for each other).
+_IN_TURN = (m.Execute, m.Push, m.Pull, m.Replay)
+
 
 class Connection:
     """One websocket; ``broker`` grants leases, ``sessions`` holds them."""
 
     def __init__(self, ws: ServerConnection, token: TokenInfo, *, broker: LeaseBroker,
-                 sessions: SessionManager, server_version: str) -> None:
+                 sessions: SessionManager, server_version: str, limits: Limits | None = None) -> None:
         self.broker = broker
         self.sessions = sessions
         self.server_version = server_version
+        self.limits = limits or Limits()
         self.ws = ws
         self.token = token
         self.user = token.user
         self.session: Session | None = None
         # Pushes are handed out at their header so that their buffers flow
         # on to the worker while the rest is still arriving.
-        self._reader = Reader(assemble=False, early={m.MessageType.PUSH})
+        self._reader = self.limits.reader()
+        self._memory = ConnectionMemory(self.limits.connection_memory)
+        self._arriving: Hold | None = None  # the push whose bytes are coming now
         self._send_lock = asyncio.Lock()
         self._hello = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self._in_turn: set[asyncio.Task[None]] = set()  # tasks that take the session's lock
+        self._refusals: collections.deque[m.Error] = collections.deque()
+        self._refusing: asyncio.Task[None] | None = None
+        self._closer: asyncio.Task[None] | None = None
         self._waiting: dict[int, int] = {}  # lease key -> req
         self._positions: dict[int, int] = {}  # lease key -> position not yet sent
         self._position_task: asyncio.Task[None] | None = None
@@ -95,71 +121,203 @@ class Connection:
 
     async def run(self) -> None:
         try:
-            async for frame in self.ws:
+            while True:
+                arriving = self._arriving
+                if arriving is not None and arriving.bytes > self._memory.window(arriving):
+                    # A push is coming: read on only once it is within its
+                    # window ahead of the worker (or the client is gone).
+                    await self._room_or_closed(arriving)
+                try:
+                    frame = await self.ws.recv()
+                except ConnectionClosedOK:
+                    try:
+                        self._reader.receive_eof()
+                    except ProtocolError as exc:
+                        log.info("connection from %s: %s", self.user, exc)
+                    break
                 if not await self._receive(frame):
                     break
-            else:
-                try:
-                    self._reader.receive_eof()
-                except ProtocolError as exc:
-                    log.info("connection from %s: %s", self.user, exc)
         except ConnectionClosed:
             pass
         finally:
             await self._closed()
 
+    async def _room_or_closed(self, hold: Hold) -> None:
+        room = asyncio.ensure_future(self._memory.wait_for_room(hold))
+        closed = asyncio.ensure_future(self.ws.wait_closed())
+        try:
+            await asyncio.wait({room, closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            room.cancel()
+            closed.cancel()
+        if not hold.arriving:
+            self._arriving = None
+
     async def _receive(self, frame: Any) -> bool:
         try:
             self._reader.receive_data(frame)
-            events = self._reader.events_received()
         except ProtocolError as exc:
-            events = self._reader.events_received()
-            for msg in events:
-                self._dispatch(msg)
-            await self.send(m.Error(0, m.ErrorCode.PROTOCOL, f"protocol error: {exc}"))
-            if self._reader._broken is not None:
-                await self.ws.close(1002, "protocol error")
+            for msg, header in self._reader.received():
+                self._dispatch(msg, header)
+            if self._reader.broken:
+                await self._hang_up(exc)
                 return False
+            for error in self._reader.errors_received():
+                if isinstance(error, MessageTooLarge):
+                    self._refuse(error.req, m.ErrorCode.BAD_REQUEST, self._too_large(error))
+                else:
+                    self._refuse(error.req, m.ErrorCode.PROTOCOL, f"protocol error: {error}")
             return True
-        for msg in events:
-            self._dispatch(msg)
+        for msg, header in self._reader.received():
+            self._dispatch(msg, header)
+        if self._arriving is not None and not self._arriving.arriving:
+            self._arriving = None
         return True
 
-    def _dispatch(self, msg: m.Message) -> None:
-        if isinstance(msg, m.Hello):
-            self._spawn(self._on_hello(msg))
-            return
-        if not self._hello:
-            self._spawn(self.send(m.Error(getattr(msg, "req", 0), m.ErrorCode.PROTOCOL,
-                                          "the first message must be hello")))
-            return
-        if isinstance(msg, m.Interrupt):
-            self._spawn(self._on_interrupt(msg))
-        elif isinstance(msg, m.Input):
-            if self.session is not None:
-                self.session.send_input(msg.value)
-        elif len(self._tasks) >= MAX_IN_FLIGHT:
-            self._spawn(self.send(m.Error(getattr(msg, "req", 0), m.ErrorCode.BAD_REQUEST, (
-                f"too many requests in flight on this connection (at most {MAX_IN_FLIGHT}): "
-                "wait for answers before sending more"))))
-        elif isinstance(msg, m.LeaseRequest):
-            self._spawn(self._on_lease(msg), msg.req)
-        elif isinstance(msg, m.Release):
-            self._spawn(self._on_release(msg), msg.req)
-        elif isinstance(msg, (m.Execute, m.Push, m.Pull, m.ShellRequest, m.Replay)):
-            self._spawn(self._on_session_request(msg), msg.req)
+    async def _hang_up(self, exc: ProtocolError) -> None:
+        """The stream is out of step: say why, then close (without waiting
+        long on a client that does not read)."""
+        if isinstance(exc, MessageTooLarge):
+            text, code, reason = self._too_large(exc), 1009, "message too big"
         else:
-            self._spawn(self.send(m.Error(getattr(msg, "req", 0), m.ErrorCode.BAD_REQUEST,
-                                          f"{msg.type.value} is not a client request")))
+            text, code, reason = f"protocol error: {exc}", 1002, "protocol error"
+        self.closed = True
+        try:
+            async with asyncio.timeout(HANG_UP_WAIT):
+                await self.send(m.Error(exc.req, m.ErrorCode.PROTOCOL, text))
+                await self.ws.close(code, reason)
+        except TimeoutError:
+            self.ws.transport.abort()
 
-    def _spawn(self, coro: Any, req: int = 0) -> None:
-        task = asyncio.get_running_loop().create_task(self._guard(coro, req))
+    def _too_large(self, exc: MessageTooLarge) -> str:
+        if exc.what == "push" and exc.limit == self.limits.max_push:
+            return self.limits.push_refusal(exc.size)
+        if exc.limit == self.limits.max_message:
+            return self.limits.message_refusal(exc.what or "", exc.size)
+        return f"message refused: {exc}"
+
+    def _dispatch(self, msg: m.Message, header: int) -> None:
+        """Start the request ``msg`` (``header`` bytes of JSON), or refuse it."""
+        req = getattr(msg, "req", 0)
+        buffers = getattr(msg, "buffers", ())
+        if self.closed:
+            self._drop(buffers, "the connection is closing")
+            return
+        if isinstance(msg, m.Input):
+            # Answered at once, never queued: a cell waits for it.
+            if self._hello and self.session is not None:
+                self.session.send_input(msg.value)
+            return
+        if len(self._tasks) >= self.limits.max_requests:
+            self._drop(buffers, "refused: too many requests in flight")
+            self._refuse(req, m.ErrorCode.BAD_REQUEST, (
+                f"too many requests in flight on this connection (at most {self.limits.max_requests}, "
+                "rgpu serve --max-requests): wait for answers before sending more"))
+            return
+        if not self._hello and not isinstance(msg, m.Hello):
+            self._drop(buffers, "refused: no hello yet")
+            self._refuse(req, m.ErrorCode.PROTOCOL, "the first message must be hello")
+            return
+        hold = self._admit(msg, header, buffers)
+        if hold is None:
+            return
+        if isinstance(msg, m.Hello) and msg.protocol == PROTOCOL_VERSION:
+            self._hello = True  # now: the requests right behind it are in order
+        if isinstance(msg, m.Hello):
+            self._spawn(self._on_hello(msg), hold=hold)
+        elif isinstance(msg, m.Interrupt):
+            self._spawn(self._on_interrupt(msg), hold=hold)
+        elif isinstance(msg, m.LeaseRequest):
+            self._spawn(self._on_lease(msg), msg.req, hold=hold)
+        elif isinstance(msg, m.Release):
+            self._spawn(self._on_release(msg), msg.req, hold=hold)
+        elif isinstance(msg, (*_IN_TURN, m.ShellRequest)):
+            self._spawn(self._on_session_request(msg), msg.req, hold=hold,
+                        in_turn=isinstance(msg, _IN_TURN))
+        else:
+            hold.release()
+            self._refuse(req, m.ErrorCode.BAD_REQUEST, f"{msg.type.value} is not a client request")
+
+    def _admit(self, msg: m.Message, header: int, buffers: tuple[Any, ...]) -> Hold | None:
+        """A hold on what ``msg`` keeps in memory, or None if it was refused.
+
+        A push streams to its worker when nothing is ahead of it in the
+        session; otherwise it waits whole, and only if it fits.
+        """
+        chunks = [b for b in buffers if isinstance(b, Chunks)]
+        size = header + sum(len(b) for b in buffers)
+        if isinstance(msg, m.Push) and any(not c.complete for c in chunks):
+            session = self.session
+            streams = session is None or session.released or not (session.busy or self._in_turn)
+            if streams or self._memory.fits(size):
+                hold = self._memory.hold(header, chunks)
+                self._arriving = hold
+                return hold
+            self._drop(buffers, "refused: the session is busy")
+            self._refuse(msg.req, m.ErrorCode.BAD_REQUEST, (
+                f"this push of {format_size(size)} came while the session is busy with an earlier "
+                f"request, and the server keeps at most {format_size(self._memory.limit)} of a "
+                "connection's data waiting (rgpu serve --connection-memory): push it again once "
+                "the earlier request has finished"))
+            return None
+        if not self._memory.fits(size):
+            self._drop(buffers, "refused: too much waiting")
+            self._refuse(getattr(msg, "req", 0), m.ErrorCode.BAD_REQUEST, (
+                f"this {msg.type.value} message of {format_size(size)} came while "
+                f"{format_size(self._memory.held)} of this connection's data is waiting, more than "
+                f"the server keeps ({format_size(self._memory.limit)}, rgpu serve "
+                "--connection-memory): send it again once earlier requests are answered"))
+            return None
+        return self._memory.hold(size - sum(c.held for c in chunks), chunks)
+
+    @staticmethod
+    def _drop(buffers: tuple[Any, ...], reason: str) -> None:
+        for buf in buffers:
+            if isinstance(buf, Chunks):
+                buf.fail(reason)
+
+    def _refuse(self, req: int, code: m.ErrorCode, text: str) -> None:
+        """Answer ``req`` with an error, without waiting for the client to read it.
+
+        The answers queue up to :data:`MAX_REFUSALS`; a client that sends
+        more refused requests than that without reading is disconnected.
+        """
+        if self.closed:
+            return
+        if len(self._refusals) >= MAX_REFUSALS:
+            log.warning("disconnecting %s: it sends requests that are refused and does not "
+                        "read the answers", self.user)
+            self.closed = True
+            self._closer = asyncio.get_running_loop().create_task(self._close_now(
+                1008, "too many refused requests without reading the answers"))
+            return
+        self._refusals.append(m.Error(req, code, text))
+        if self._refusing is None or self._refusing.done():
+            self._refusing = asyncio.get_running_loop().create_task(self._send_refusals())
+
+    async def _close_now(self, code: int, reason: str) -> None:
+        try:
+            async with asyncio.timeout(HANG_UP_WAIT):
+                await self.ws.close(code, reason)
+        except TimeoutError:
+            self.ws.transport.abort()
+
+    async def _send_refusals(self) -> None:
+        while self._refusals:  # cleared when the connection ends
+            await self.send(self._refusals.popleft())
+
+    def _spawn(self, coro: Any, req: int = 0, *, hold: Hold, in_turn: bool = False) -> None:
+        task = asyncio.get_running_loop().create_task(self._guard(coro, req, hold))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        if in_turn:
+            self._in_turn.add(task)
+            task.add_done_callback(self._in_turn.discard)
 
-    async def _guard(self, coro: Any, req: int) -> None:
+    async def _guard(self, coro: Any, req: int, hold: Hold) -> None:
         """Run a request's handler; an error it did not answer still answers
-        request ``req``, so the client is never left waiting."""
+        request ``req``, so the client is never left waiting. At the end its
+        message holds nothing (what of it still arrives is dropped)."""
         try:
             await coro
         except asyncio.CancelledError:
@@ -171,6 +329,9 @@ class Connection:
             log.exception("request from %s failed", self.user)
             await self.send(m.Error(req, m.ErrorCode.INTERNAL,
                                     f"internal server error ({type(exc).__name__}); the server's log has more"))
+        finally:
+            hold.fail("the request was answered before all of it arrived")
+            hold.release()
 
     # -- handlers -----------------------------------------------------------
 
@@ -182,8 +343,8 @@ class Connection:
             )))
             await self.ws.close(1002, "protocol version mismatch")
             return
-        self._hello = True
-        await self.send(m.Welcome(PROTOCOL_VERSION, self.server_version, self.user))
+        await self.send(m.Welcome(PROTOCOL_VERSION, self.server_version, self.user,
+                                  self.limits.welcome()))
 
     async def _on_interrupt(self, msg: m.Interrupt) -> None:
         if self.session is not None:
@@ -273,6 +434,10 @@ class Connection:
             await self.send(m.Error(req, m.ErrorCode.NO_LEASE, text))
             return
         if isinstance(msg, m.Execute):
+            if msg.timeout is not None and not msg.timeout > 0:
+                await self.send(m.Error(req, m.ErrorCode.BAD_REQUEST,
+                                        "a cell's timeout is a number of seconds above 0"))
+                return
             await session.execute(msg, self)
         elif isinstance(msg, m.Push):
             await session.push(msg, self)
@@ -286,6 +451,8 @@ class Connection:
     async def _closed(self) -> None:
         self.closed = True
         self._reader.abort("the client disconnected in the middle of a message")
+        self._memory.close("the client disconnected")
+        self._refusals.clear()
         for key in list(self._waiting):
             self.broker.cancel(key)
         self._waiting.clear()

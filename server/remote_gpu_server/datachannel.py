@@ -61,9 +61,6 @@ class Liveness(Protocol):
         """Raise the worker's ``WorkerDied`` if it is dead or shut down."""
 
 
-_EMPTY = memoryview(b"")
-
-
 async def _iterate(items: Iterable[Any]) -> AsyncIterator[Any]:
     for item in items:
         yield item
@@ -77,8 +74,7 @@ async def _stream(chunks: Chunks) -> AsyncIterator[memoryview]:
     try:
         while True:
             while index < len(chunks.parts):
-                piece = chunks.parts[index]
-                chunks.parts[index] = _EMPTY  # free it once the worker has it
+                piece = chunks.release(index)  # forgotten there: freed once the worker has it
                 index += 1
                 yield piece
             if chunks.complete:

@@ -6,7 +6,9 @@ bearer token is checked there, so a bad token never opens a websocket (401
 and a one-line reason; a database that cannot be reached to check it, 503).
 Compression is off (variables are raw binary,
 where deflate costs 40× the throughput) and ``max_size`` is the protocol's
-frame size.
+frame size. A request that repeats a header the server acts on
+(``Authorization``, ``Upgrade``, ``Origin``) is refused with 400 (403 for
+``Origin``), before anything else.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from websockets.http11 import Request, Response
 from remote_gpu_kernel.protocol import CHUNK_SIZE
 
 from .errors import TokenError
-from .http_api import SUBMIT_PATH, HttpApi, is_websocket, json_response
+from .http_api import SUBMIT_PATH, HttpApi, json_response
+from .http_headers import HeaderError, bearer_token, is_websocket
+from .limits import FRAMES_QUEUED
 from .origins import OriginPolicy
 from .store import DatabaseUnavailable, TokenInfo
 
@@ -32,14 +36,6 @@ log = logging.getLogger("remote_gpu_server")
 
 #: Serves one client's websocket once its token is known.
 ClientHandler = Callable[[ServerConnection, TokenInfo], Awaitable[None]]
-
-
-def bearer_token(request: Request) -> str | None:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return None
-    return token.strip()
 
 
 class FrontDoor:
@@ -66,7 +62,7 @@ class FrontDoor:
             process_request=self._handshake,
             compression=None,
             max_size=CHUNK_SIZE,
-            max_queue=64,
+            max_queue=FRAMES_QUEUED,
             write_limit=4 * CHUNK_SIZE,
             server_header=self._server_header,
             ssl=ssl_context,
@@ -86,16 +82,22 @@ class FrontDoor:
     async def _handshake(self, connection: ServerConnection, request: Request) -> Response | None:
         # A browser page of another site must not reach a client's API: the
         # Origin is checked before anything else (CVE-2014-3429 was its absence).
+        try:
+            websocket = is_websocket(request)
+            token = bearer_token(request) if websocket else None
+        except HeaderError as exc:
+            log.info("refused a request from %s: %s", connection.remote_address, exc)
+            return json_response(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
         refused = self._origins.refusal(request.headers.get_all("Origin"))
         if refused is not None:
             log.info("refused a request from %s: %s", connection.remote_address, refused)
-            if is_websocket(request):
+            if websocket:
                 return connection.respond(HTTPStatus.FORBIDDEN, f"{refused}\n")
             return json_response(HTTPStatus.FORBIDDEN, {"error": refused})
-        if not is_websocket(request):
+        if not websocket:
             return await self._http.handle(connection, request)
         try:
-            info = await self._verify(bearer_token(request))
+            info = await self._verify(token)
         except TokenError as exc:
             # The reason names the token's id at most, never the token itself.
             log.info("refused a connection from %s: %s", connection.remote_address, exc)

@@ -22,6 +22,12 @@ one text message, the job's JSON or ``{"error": ...}``.
 
 Another user's job or session answers 404, as an unknown one does, so ids
 reveal nothing; see :mod:`.status` for what else a user sees.
+
+Every input is checked before use: ids and numbers must be in range and
+finite, names known, headers the server acts on single. A bad one gets 400
+(an unknown id 404) with a one-line reason that quotes at most a short piece
+of the input; no answer carries an exception's text. Request lines over
+8 KiB are answered 414 by the websockets library, before this module.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
+import math
 import re
 from http import HTTPStatus
 from typing import Any
@@ -43,11 +50,12 @@ from remote_gpu_kernel.typing import JobId
 
 from .batch import JobRequest
 from .errors import StoreError, TokenError
+from .http_headers import HeaderError, bearer_token, is_websocket
 from .metrics import Metrics
 from .status import ServerView, job_json, output_text, status_json, usage_json
 from .store import JOB_STATES, DatabaseUnavailable, JobRecord, TokenInfo
 
-__all__ = ["HttpApi", "SUBMIT_PATH", "is_websocket", "json_response"]
+__all__ = ["HttpApi", "JOB_KINDS", "SUBMIT_PATH", "is_websocket", "json_response"]
 
 log = logging.getLogger("remote_gpu_server")
 
@@ -56,7 +64,11 @@ SUBMIT_PATH = "/api/jobs"
 #: Most output messages one ``/output`` answer holds; ask again ``after`` its last_seq.
 OUTPUT_PAGE = 1000
 
-_JOB = re.compile(r"^/api/jobs/(\d+)(/output|/cancel)?$")
+_JOB = re.compile(r"^/api/jobs/([0-9]+)(/output|/cancel)?$")
+#: The largest id or count a query may name (a store's INTEGER).
+_INT_MAX = (1 << 63) - 1
+#: The kinds of job ``GET /api/jobs?kind=`` takes.
+JOB_KINDS = ("cell", "batch")
 _SESSION_RELEASE = re.compile(r"^/api/sessions/([0-9a-f]{1,64})/release$")
 
 
@@ -68,12 +80,10 @@ class HttpError(Exception):
         self.status = status
 
 
-def is_websocket(request: Request) -> bool:
-    return "websocket" in request.headers.get("Upgrade", "").lower()
-
-
 def json_response(status: HTTPStatus, body: Any, extra: list[tuple[str, str]] | None = None) -> Response:
-    data = (json.dumps(body, separators=(",", ":")) + "\n").encode()
+    # allow_nan=False: NaN and Infinity are not JSON; a value that would
+    # need them is a bug to be logged, never an answer.
+    data = (json.dumps(body, separators=(",", ":"), allow_nan=False) + "\n").encode()
     return _response(status, data, "application/json", extra)
 
 
@@ -90,9 +100,9 @@ def _response(status: HTTPStatus, data: bytes, content_type: str,
     return Response(status.value, status.phrase, headers, data)
 
 
-def _bearer(request: Request) -> str | None:
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+def _quote(text: str, limit: int = 40) -> str:
+    """``text`` for an error message: repr, cut to ``limit`` characters."""
+    return repr(text if len(text) <= limit else text[:limit] + "…")
 
 
 class HttpApi:
@@ -114,7 +124,7 @@ class HttpApi:
                 return _response(HTTPStatus.OK, await self.metrics.render(),
                                  "text/plain; version=0.0.4; charset=utf-8")
             me = await self._authenticate(request)
-            query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+            query = _query(url.query)
             body = await self._route(method, url.path, query, me)
             return json_response(HTTPStatus.OK, body)
         except HttpError as exc:
@@ -138,10 +148,15 @@ class HttpApi:
         try:
             if not isinstance(message, str):
                 raise ValueError("send the job as one JSON text message")
-            request = JobRequest.parse(json.loads(message))
+            try:
+                data = json.loads(message)
+            except (ValueError, RecursionError):  # also json.JSONDecodeError
+                raise ValueError("the job is not a JSON object this server reads (invalid JSON, a "
+                                 "number too long or nesting too deep)") from None
+            request = JobRequest.parse(data)
             job = await self.view.batch.submit(me.user, request)
             answer: dict[str, Any] = await job_json(self.view, await self.view.store.job(job), code=False)
-        except ValueError as exc:  # also json.JSONDecodeError
+        except ValueError as exc:  # JobRequest.parse's message, or a refused pool or size
             answer = {"error": str(exc)}
         except (DatabaseUnavailable, OSError):
             log.exception("a job submission failed: the store is unavailable")
@@ -157,7 +172,11 @@ class HttpApi:
 
     async def _authenticate(self, request: Request) -> TokenInfo:
         try:
-            return await self.view.store.verify_token(_bearer(request))
+            token = bearer_token(request)
+        except HeaderError as exc:
+            raise HttpError(HTTPStatus.BAD_REQUEST, str(exc)) from None
+        try:
+            return await self.view.store.verify_token(token)
         except TokenError as exc:
             raise HttpError(HTTPStatus.UNAUTHORIZED, str(exc)) from None
 
@@ -165,7 +184,7 @@ class HttpApi:
     def _method(method: str, *allowed: str) -> None:
         if method not in allowed:
             raise HttpError(HTTPStatus.METHOD_NOT_ALLOWED,
-                            f"{method} is not allowed here; use {' or '.join(allowed)}")
+                            f"{_quote(method, 20)} is not allowed here; use {' or '.join(allowed)}")
 
     async def _route(self, method: str, path: str, query: dict[str, str], me: TokenInfo) -> Any:
         view = self.view
@@ -174,7 +193,7 @@ class HttpApi:
             return await status_json(view, me)
         if path == "/api/usage":
             self._method(method, "GET")
-            return await usage_json(view, me, _number(query, "since"))
+            return await usage_json(view, me, _finite(query, "since"))
         if path == "/api/jobs":
             if method == "POST":
                 raise HttpError(HTTPStatus.BAD_REQUEST, (
@@ -184,32 +203,34 @@ class HttpApi:
             return await self._jobs(query, me)
         found = _JOB.match(path)
         if found:
-            job = await self._own_job(JobId(int(found.group(1))), me)
             action = found.group(2)
+            self._method(method, "POST" if action == "/cancel" else "GET")
+            job = await self._own_job(found.group(1), me)
             if action is None:
-                self._method(method, "GET")
                 return await job_json(view, job)
             if action == "/output":
-                self._method(method, "GET")
-                return await self._output(job, int(_number(query, "after") or 0),
-                                          int(_number(query, "limit") or OUTPUT_PAGE))
-            self._method(method, "POST")
+                return await self._output(job, _whole(query, "after", 0, 0, _INT_MAX),
+                                          _whole(query, "limit", OUTPUT_PAGE, 1, OUTPUT_PAGE))
             return await self._cancel(job, me)
         found = _SESSION_RELEASE.match(path)
         if found:
             self._method(method, "POST")
             return await self._release(found.group(1), me)
-        raise HttpError(HTTPStatus.NOT_FOUND, f"no such endpoint: {path}")
+        raise HttpError(HTTPStatus.NOT_FOUND, f"no such endpoint: {_quote(path, 80)}")
 
     # -- jobs ---------------------------------------------------------------
 
-    async def _own_job(self, job_id: JobId, me: TokenInfo) -> JobRecord:
-        try:
-            job = await self.view.store.job(job_id)
-        except StoreError:
-            job = None
+    async def _own_job(self, digits: str, me: TokenInfo) -> JobRecord:
+        """The job ``digits`` names if the caller may see it, else 404 (as for an unknown id)."""
+        job_id = int(digits) if len(digits) <= 19 else None  # longer: past any id
+        job = None
+        if job_id is not None and 0 < job_id <= _INT_MAX:
+            try:
+                job = await self.view.store.job(JobId(job_id))
+            except StoreError:
+                job = None
         if job is None or not (me.admin or job.user == me.user):
-            raise HttpError(HTTPStatus.NOT_FOUND, f"no job {job_id} of yours on this server")
+            raise HttpError(HTTPStatus.NOT_FOUND, f"no job {_quote(digits, 20)[1:-1]} of yours on this server")
         return job
 
     async def _jobs(self, query: dict[str, str], me: TokenInfo) -> dict[str, Any]:
@@ -224,16 +245,15 @@ class HttpApi:
             raise HttpError(HTTPStatus.BAD_REQUEST,
                             f"unknown state {state!r}: use one of {', '.join(JOB_STATES)}")
         kind = query.get("kind") or None
-        limit = int(_number(query, "limit") or 100)
-        if not 1 <= limit <= 1000:
-            raise HttpError(HTTPStatus.BAD_REQUEST, "limit must be from 1 to 1000")
+        if kind is not None and kind not in JOB_KINDS:
+            raise HttpError(HTTPStatus.BAD_REQUEST,
+                            f"unknown kind {_quote(kind)}: use one of {', '.join(JOB_KINDS)}")
+        limit = _whole(query, "limit", 100, 1, 1000)
         jobs = await self.view.store.jobs(user=user, state=state, kind=kind, limit=limit)
         return {"jobs": [await job_json(self.view, j, code=False) for j in jobs]}
 
     async def _output(self, job: JobRecord, after: int, limit: int) -> dict[str, Any]:
         """A page of output; ``more``: another page is there now; ``done``: none will come."""
-        if not 1 <= limit <= OUTPUT_PAGE:
-            raise HttpError(HTTPStatus.BAD_REQUEST, f"limit must be from 1 to {OUTPUT_PAGE}")
         state = (await self.view.store.job(job.id)).state  # read first: output comes before the end
         outputs = await self.view.store.outputs_after(job.id, after, limit + 1)
         more = len(outputs) > limit
@@ -280,11 +300,37 @@ class HttpApi:
         raise HttpError(HTTPStatus.NOT_FOUND, f"no session {session_id} of yours holds a lease")
 
 
-def _number(query: dict[str, str], name: str) -> float | None:
+def _query(text: str) -> dict[str, str]:
+    """The query's parameters, the last value of each; 400 for one holding a NUL
+    (no name, state or number has one, and PostgreSQL refuses them)."""
+    query = {k: v[-1] for k, v in parse_qs(text).items()}
+    for name, value in query.items():
+        if "\0" in name or "\0" in value:
+            raise HttpError(HTTPStatus.BAD_REQUEST, "query parameters may not hold NUL characters")
+    return query
+
+
+def _whole(query: dict[str, str], name: str, default: int, low: int, high: int) -> int:
+    """Parameter ``name`` as a whole number from ``low`` to ``high``; ``default`` if absent."""
+    value = query.get(name)
+    if value is None or value == "":
+        return default
+    if not re.fullmatch(r"[+-]?[0-9]{1,19}", value) or not low <= int(value) <= high:
+        raise HttpError(HTTPStatus.BAD_REQUEST,
+                        f"{name} must be a whole number from {low} to {high}, not {_quote(value)}")
+    return int(value)
+
+
+def _finite(query: dict[str, str], name: str) -> float | None:
+    """Parameter ``name`` as a finite number (seconds since the epoch); None if absent."""
     value = query.get(name)
     if value is None or value == "":
         return None
     try:
-        return float(value)
+        number = float(value) if len(value) <= 40 else math.nan
     except ValueError:
-        raise HttpError(HTTPStatus.BAD_REQUEST, f"{name} must be a number, not {value!r}") from None
+        number = math.nan
+    if not math.isfinite(number) or abs(number) > 1e13:
+        raise HttpError(HTTPStatus.BAD_REQUEST,
+                        f"{name} must be a finite number of seconds since the epoch, not {_quote(value)}")
+    return number

@@ -91,7 +91,10 @@ class SessionManager:
         self._release_soon(session, reason, job_state="failed")
 
     def _release_soon(self, session: Session, reason: str, job_state: str = "cancelled") -> None:
-        task = asyncio.get_running_loop().create_task(self.release(session, reason, job_state=job_state))
+        self._background(self.release(session, reason, job_state=job_state))
+
+    def _background(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
         self._releasing.add(task)
         task.add_done_callback(self._releasing.discard)
 
@@ -116,8 +119,13 @@ class SessionManager:
             log.exception("could not record the release of session %s", session.id[:8])
         log.info("released session %s of %s: %s", session.id[:8], session.user, reason)
         self.broker.free(session.slots)
-        if send is not None:
-            await send(m.Released(req, session.id, reason))
+        if notify is not None:
+            await notify(m.Released(req, session.id, reason))  # the requester's own answer
+        elif send is not None:
+            # The attached client is told without waiting for it: one that
+            # does not read must not hold up an HTTP release, the idle
+            # reaper or the shutdown.
+            self._background(send(m.Released(req, session.id, reason)))
 
     def idle_timeout(self, session: Session) -> float:
         """The session's pool's idle timeout, else the server's."""

@@ -96,7 +96,7 @@ def frame(header: object, version: int = 1, magic: bytes = b"RG", extra: bytes =
         (frame({"t": "hello", "protocol": 1, "b": [-1]}), "non-negative"),
         (frame({"t": "hello", "protocol": 1, "b": "x"}), "non-negative"),
         (struct.pack(">2sBBI", b"RG", 1, 0, 0), "out of bounds"),
-        (struct.pack(">2sBBI", b"RG", 1, 0, 1 << 31), "out of bounds"),
+        (struct.pack(">2sBBI", b"RG", 1, 0, 1 << 31), "exceeds the limit"),
     ],
 )
 def test_broken_framing_is_a_protocol_error_and_stops_the_reader(data: bytes, reason: str) -> None:
@@ -150,8 +150,10 @@ def test_text_and_empty_frames_are_refused() -> None:
 
 def test_oversized_message_is_refused_before_allocation() -> None:
     reader = Reader(max_message=1000)
-    with pytest.raises(ProtocolError, match="exceeds"):
+    with pytest.raises(ProtocolError, match="exceeds") as refused:
         reader.receive_data(frame({"t": "push", "req": 1, "names": ["a"], "counts": [1], "b": [10**12]}))
+    assert refused.value.req == 1  # the request it answers
+    assert not reader.broken  # its bytes are skipped as they come
 
 
 def test_binary_data_in_a_header_field_is_refused_at_encode() -> None:

@@ -1,0 +1,101 @@
+"""What one client may send the server and make it hold: deliberate, configurable limits.
+
+:class:`Limits` is filled from ``rgpu serve`` flags (``--max-push``,
+``--max-message``, ``--max-requests``, ``--connection-memory``). Each limit
+refuses what exceeds it with a one-line error that names the flag, and the
+connection and its session go on:
+
+- ``max_push``: the buffers of one push. A push streams through the server
+  to its worker, so this bounds a worker's intake, not the server's memory.
+- ``max_message``: any other message whole (a cell's code, a widget's
+  message with its binary buffers), and the header of a push. A header
+  over it cannot be skipped (the lengths of what follows are in it): the
+  connection is closed with code 1009, and its session waits for a
+  reconnect as after any disconnect. Clients learn both limits in
+  ``Welcome.limits`` and refuse such a message before sending it.
+- ``max_requests``: requests one connection has in flight (waiting their
+  turn or running).
+- ``connection_memory``: bytes of a connection's messages the server holds
+  at once (see :mod:`.connection_memory`): a push streaming to its worker
+  makes the server stop reading that client while it is ahead by this much;
+  a message that would go past it while others wait is refused.
+
+So one connection makes the server hold at most about
+``connection_memory + 2 × max_message`` of its data, plus
+:data:`FRAMES_QUEUED` websocket frames of :data:`CHUNK_SIZE` read ahead by
+the websockets library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from remote_gpu_kernel.protocol import CHUNK_SIZE, Reader
+from remote_gpu_kernel.protocol import messages as m
+
+from remote_gpu_kernel.protocol.limits import format_size
+
+__all__ = ["FRAMES_QUEUED", "Limits", "parse_bytes"]
+
+#: Frames the websockets library reads ahead of the server per connection
+#: (its ``max_queue``), each at most :data:`CHUNK_SIZE`.
+FRAMES_QUEUED = 16
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+
+
+def parse_bytes(text: str, flag: str, minimum: int = 1) -> int:
+    """Bytes in ``"16G"``, ``"512MiB"``, ``"1.5 GB"`` (binary units), at least ``minimum``.
+
+    Raises ValueError naming ``flag`` and what is wrong.
+    """
+    found = _SIZE.match(text)
+    if not found:
+        raise ValueError(f"{flag} {text!r} is not a size: write it like 16G, 512M or 64K")
+    size = int(float(found.group(1)) * _UNITS[found.group(2).upper()])
+    if size < minimum:
+        raise ValueError(f"{flag} {text!r} is too small: give it at least {format_size(minimum)}")
+    return size
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """See the module docstring; sizes in bytes."""
+
+    max_push: int = 16 << 30
+    max_message: int = 16 << 20
+    max_requests: int = 64
+    connection_memory: int = 128 << 20
+
+    def __post_init__(self) -> None:
+        # A message must hold a request's header; a connection must be able
+        # to have one request in flight and hold a frame.
+        if self.max_requests < 1:
+            raise ValueError("--max-requests must be 1 or more")
+        if self.max_message < 64 << 10:
+            raise ValueError("--max-message must be at least 64K")
+        if self.max_push < 1:
+            raise ValueError("--max-push must be more than 0")
+        if self.connection_memory < CHUNK_SIZE:
+            raise ValueError("--connection-memory must be at least 1M")
+
+    def welcome(self) -> dict[str, int]:
+        """What a client is told, to refuse an oversized message before sending it."""
+        return {"max_push": self.max_push, "max_message": self.max_message}
+
+    def reader(self) -> Reader:
+        """A reader of one client's frames: pushes handed out at their header, others whole."""
+        return Reader(assemble=False, early={m.MessageType.PUSH}, max_header=self.max_message,
+                      max_message=self.max_message, max_early=self.max_push)
+
+    def push_refusal(self, size: int) -> str:
+        return (f"this push is {format_size(size)}, more than this server takes in one push "
+                f"({format_size(self.max_push)}, rgpu serve --max-push): push the variables "
+                "in smaller groups, or save large data where the worker can read it")
+
+    def message_refusal(self, kind: str, size: int) -> str:
+        return (f"this {kind} message is {format_size(size)}, more than this server takes "
+                f"({format_size(self.max_message)}, rgpu serve --max-message); send large data "
+                "as pushed variables")

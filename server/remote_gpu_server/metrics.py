@@ -16,6 +16,8 @@ Metrics::
     rgpu_slots_free{pool}                       slots nobody holds
     rgpu_jobs{kind,state}                       jobs in the store by state
     rgpu_slot_healthy{slot}                     1, or 0 while it must not be leased
+    rgpu_slot_draining{slot}                    1 while a stopped worker's processes still hold it
+    rgpu_slot_draining_process_bytes{slot,pid}  memory each of those processes holds (on a GPU: GPU memory)
     rgpu_slot_utilization_percent{slot,kind}    GPU %, or a CPU slot's CPU %
     rgpu_slot_memory_used_bytes{slot,kind}
     rgpu_slot_memory_total_bytes{slot,kind}
@@ -132,6 +134,11 @@ class _ServerCollector(Collector):
         assert view is not None
         healthy = GaugeMetricFamily("rgpu_slot_healthy", "1, or 0 while the slot must not be leased.",
                                     labels=["slot"])
+        draining = GaugeMetricFamily("rgpu_slot_draining",
+                                     "1 while processes of a stopped worker still hold the slot.", labels=["slot"])
+        holders = GaugeMetricFamily("rgpu_slot_draining_process_bytes",
+                                    "Memory a stopped worker's process still holds on a draining slot.",
+                                    labels=["slot", "pid"])
         util = GaugeMetricFamily("rgpu_slot_utilization_percent",
                                  "GPU utilization, or a CPU slot's workers' CPU percent.",
                                  labels=["slot", "kind"])
@@ -141,7 +148,11 @@ class _ServerCollector(Collector):
         power = GaugeMetricFamily("rgpu_slot_power_watts", "GPU power draw.", labels=["slot"])
         for slot in view.slots:
             r = view.readings.latest(slot.id)
-            healthy.add_metric([slot.id], 1.0 if r.healthy else 0.0)
+            drain = view.draining(slot.id)
+            healthy.add_metric([slot.id], 1.0 if r.healthy and drain is None else 0.0)
+            draining.add_metric([slot.id], 0.0 if drain is None else 1.0)
+            for proc in drain.processes if drain is not None else ():
+                holders.add_metric([slot.id, str(proc.pid)], float(proc.memory))
             if r.utilization is not None:
                 util.add_metric([slot.id, slot.kind], r.utilization)
             if r.memory_used is not None:
@@ -152,4 +163,4 @@ class _ServerCollector(Collector):
                 temp.add_metric([slot.id], r.temperature)
             if r.power is not None:
                 power.add_metric([slot.id], r.power)
-        yield from (healthy, util, used, total, temp, power)
+        yield from (healthy, draining, holders, util, used, total, temp, power)

@@ -1,7 +1,15 @@
 """A leased session on the server: one user, its slots and its worker.
 
 The session outlives its websocket: a client that reconnects within the
-grace period finds the same worker and namespace. Requests run one at a time
+grace period finds the same worker and namespace.
+
+Stopping a cell is a ladder (see :mod:`.ladder`): an interrupt sends SIGINT;
+a cell still running :attr:`SessionContext.interrupt_notice` seconds later is
+told, in one line, that it ignores interrupts and that the next interrupt
+restarts its worker; that next interrupt, a cancel over HTTP (after
+``kill_grace``), a restart request, and a cell's timeout (after
+``kill_grace``) all replace the worker: SIGTERM to every process it started,
+SIGKILL after the pool's grace, a fresh worker in its place. Requests run one at a time
 (``lock``), in the order they arrived, and their answers go to the
 connection that sent them (request ids are per connection). Every output message is handed to
 the journal (:mod:`.journal`) with the session's next sequence number
@@ -37,8 +45,13 @@ Send = Callable[[m.Message], Awaitable[None]]
 
 #: When a held interrupt is sent, in seconds after the previous try (see _deliver_interrupt).
 HELD_INTERRUPT_DELAYS = (0.1, 2.0, 3.0)
-#: In an error message, the mark of a CUDA context that cannot be used again.
-_POISONED = "device-side assert triggered"
+#: After an interrupt, how long a cell may still run before it is said to ignore interrupts.
+INTERRUPT_NOTICE = 3.0
+#: In an error message, the marks of a CUDA error that leaves the process's
+#: context unusable ("sticky" errors): the worker must be replaced.
+_POISONED = ("device-side assert triggered", "an illegal memory access was encountered",
+             "unspecified launch failure", "an illegal instruction was encountered",
+             "misaligned address", "uncorrectable ECC error encountered")
 
 
 class WorkerSource(Protocol):
@@ -46,7 +59,7 @@ class WorkerSource(Protocol):
 
     async def take(self, slot_ids: list[SlotId], user: str = "") -> Worker: ...
 
-    async def replace(self, worker: Worker) -> Worker: ...
+    async def replace(self, worker: Worker, reason: str | None = None) -> Worker: ...
 
     async def recycle(self, worker: Worker) -> None: ...
 
@@ -58,8 +71,10 @@ class SessionContext:
     pool: WorkerSource
     store: Store
     journal: Journal
-    #: After a cell's timeout interrupt, how long before its worker is killed.
+    #: After a cell's timeout interrupt (or a cancel's), how long before its worker is replaced.
     kill_grace: float
+    #: After an interrupt, how long before a cell that still runs is said to ignore interrupts.
+    interrupt_notice: float = INTERRUPT_NOTICE
 
 
 class Replier(Protocol):
@@ -73,6 +88,20 @@ class Replier(Protocol):
 
     async def send_stream(self, message: m.Message, lengths: list[int],
                           pieces: AsyncIterator[Any]) -> None: ...
+
+
+@dataclasses.dataclass
+class _Cell:
+    """The running cell: where its answers go, and how far the stop ladder got."""
+
+    conn: Replier
+    req: int
+    done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    #: It was told that it ignores interrupts: the next one replaces the worker.
+    ignoring: bool = False
+    #: ``(job state, reason)`` once the ladder stops it.
+    stopping: tuple[str, str] | None = None
+    noticing: bool = False
 
 
 class Session:
@@ -103,7 +132,7 @@ class Session:
         self._replaced: Worker | None = None  # the worker being replaced, once
         self._notice: str | None = None
         self._seq = 0
-        self._running: object | None = None  # the running cell, if any
+        self._running: _Cell | None = None  # the running cell, if any
         self._running_job: JobId | None = None
         self._interrupted = False
         self._started = False  # the running cell's code has begun (execute_input seen)
@@ -132,13 +161,14 @@ class Session:
             self._on_lost(self, f"node {worker.node} went away ({worker.exit_description})")
             return
         self._notice = (
-            f"The remote worker died ({worker.exit_description}): this session was restarted "
+            f"The remote worker died: {worker.exit_description}. This session was restarted "
             "with a fresh worker and its variables are gone."
         )
         self._restart(worker)
 
-    def _restart(self, old: Worker) -> None:
-        """Start a fresh worker for this session; requests wait for it.
+    def _restart(self, old: Worker, reason: str | None = None) -> None:
+        """Start a fresh worker for this session; requests wait for it. The old
+        one's requests fail saying ``reason``.
 
         Once per worker: a worker that dies while it is being killed for a
         timeout is replaced once, not twice.
@@ -148,7 +178,7 @@ class Session:
         self._replaced = old
         if self._watch is not asyncio.current_task():
             self._watch.cancel()  # the old worker's death is no news any more
-        self._replacing = asyncio.get_running_loop().create_task(self.context.pool.replace(old))
+        self._replacing = asyncio.get_running_loop().create_task(self.context.pool.replace(old, reason))
 
     async def worker(self) -> Worker:
         if self._replacing is not None:
@@ -171,62 +201,78 @@ class Session:
             self.touch()
             await self._notices(msg.req, conn)
             worker = await self.worker()
-            cell = self._running = object()
-            if not msg.silent:
-                self.last_code = msg.code
-            self._interrupted, self._started = False, False
-            # The job's row is written while the worker already runs the cell.
-            job_task = asyncio.get_running_loop().create_task(self._create_job(msg.code))
-            job: JobId | None = None
-
-            async def on_iopub(jmsg: dict[str, Any]) -> None:
-                nonlocal job
-                if job is None and not job_task.done():
-                    await asyncio.wait({job_task})
-                job = job_task.result()
-                self._seq += 1
-                self.context.journal.append(OutputRow(self.id, self._seq, job, jmsg["msg_type"],
-                                                      jmsg["content"]))
-                if jmsg["msg_type"] == "execute_input" and not self._started:
-                    self._started = True
-                    if self._interrupted:  # asked for before the code began: deliver it now
-                        self._deliver_interrupt(cell, worker)
-                if jmsg["msg_type"] != "execute_input":  # the client has the code already
-                    await conn.send(m.Output(msg.req, self._seq, jmsg["msg_type"], jmsg["content"],
-                                             tuple(jmsg.get("buffers") or ())))
-
-            task = asyncio.get_running_loop().create_task(worker.execute(
-                msg.code, on_iopub, silent=msg.silent, store_history=msg.store_history,
-                allow_stdin=msg.allow_stdin,
-            ))
-            # The answer goes out before the job's last write, which stays
-            # under the lock: the next request still sees the job finished.
+            cell = self._running = _Cell(conn, msg.req)
             try:
-                reply = await self._await_cell(task, worker, msg.timeout)
-            except (WorkerDied, TimeoutError) as exc:
-                died = isinstance(exc, WorkerDied)
-                await conn.send(m.Error(msg.req, m.ErrorCode.WORKER_DIED if died else m.ErrorCode.TIMEOUT,
-                                        str(exc)))
-                await self._end_job(await job_task, "failed" if died else "timed_out", str(exc))
-                return
-            job = await job_task
-            status = reply.get("status", "error")
-            await conn.send(m.ExecuteDone(
-                msg.req, job or 0, status, reply.get("execution_count"),
-                str(reply.get("ename") or ""), str(reply.get("evalue") or ""),
-                [str(line) for line in reply.get("traceback") or []],
-            ))
-            if status == "error" and _POISONED in str(reply.get("evalue")):
-                # CUDA cannot recover from a device-side assert in this process.
-                self._notice = ("The previous cell hit a CUDA device-side assert, which leaves the "
-                                "process unusable: the worker was restarted and its variables are gone.")
-                self._restart(worker)
-            if status == "ok":
-                await self._end_job(job, "completed")
-            elif self._interrupted and reply.get("ename") == "KeyboardInterrupt":
-                await self._end_job(job, "cancelled", "interrupted by the user")
+                await self._execute(msg, conn, worker, cell)
+            finally:
+                cell.done.set()
+
+    async def _execute(self, msg: m.Execute, conn: Replier, worker: Worker, cell: _Cell) -> None:
+        """The body of :meth:`execute`, under its lock."""
+        if not msg.silent:
+            self.last_code = msg.code
+        self._interrupted, self._started = False, False
+        # The job's row is written while the worker already runs the cell.
+        job_task = asyncio.get_running_loop().create_task(self._create_job(msg.code))
+        job: JobId | None = None
+
+        async def on_iopub(jmsg: dict[str, Any]) -> None:
+            nonlocal job
+            if job is None and not job_task.done():
+                await asyncio.wait({job_task})
+            job = job_task.result()
+            self._seq += 1
+            self.context.journal.append(OutputRow(self.id, self._seq, job, jmsg["msg_type"],
+                                                  jmsg["content"]))
+            if jmsg["msg_type"] == "execute_input" and not self._started:
+                self._started = True
+                if self._interrupted:  # asked for before the code began: deliver it now
+                    self._deliver_interrupt(cell, worker)
+            if jmsg["msg_type"] != "execute_input":  # the client has the code already
+                await conn.send(m.Output(msg.req, self._seq, jmsg["msg_type"], jmsg["content"],
+                                         tuple(jmsg.get("buffers") or ())))
+
+        task = asyncio.get_running_loop().create_task(worker.execute(
+            msg.code, on_iopub, silent=msg.silent, store_history=msg.store_history,
+            allow_stdin=msg.allow_stdin,
+        ))
+        # The answer goes out before the job's last write, which stays
+        # under the lock: the next request still sees the job finished.
+        try:
+            reply = await self._await_cell(task, worker, msg.timeout)
+        except (WorkerDied, TimeoutError) as exc:
+            died = isinstance(exc, WorkerDied)
+            await conn.send(m.Error(msg.req, m.ErrorCode.WORKER_DIED if died else m.ErrorCode.TIMEOUT,
+                                    str(exc)))
+            if cell.stopping is not None:  # the ladder stopped it: cancelled, and why
+                await self._end_job(await job_task, *cell.stopping)
+            elif died:  # the cause, not what the session does next
+                await self._end_job(await job_task, "failed",
+                                    f"the worker died: {worker.exit_description or exc}")
             else:
-                await self._end_job(job, "failed", f"{reply.get('ename')}: {reply.get('evalue')}")
+                await self._end_job(await job_task, "timed_out", str(exc))
+            return
+        job = await job_task
+        status = reply.get("status", "error")
+        await conn.send(m.ExecuteDone(
+            msg.req, job or 0, status, reply.get("execution_count"),
+            str(reply.get("ename") or ""), str(reply.get("evalue") or ""),
+            [str(line) for line in reply.get("traceback") or []],
+        ))
+        poisoned = next((p for p in _POISONED if p in str(reply.get("evalue"))), None)
+        if status == "error" and poisoned is not None:
+            # CUDA cannot recover from a sticky error (a device-side assert) in this process.
+            gpu = worker.describe_gpu_errors()
+            self._notice = (f"The previous cell hit a CUDA error that leaves the process unusable "
+                            f"({poisoned}{'; ' + gpu if gpu else ''}): the worker was restarted and "
+                            "its variables are gone.")
+            self._restart(worker)
+        if status == "ok":
+            await self._end_job(job, "completed")
+        elif self._interrupted and reply.get("ename") == "KeyboardInterrupt":
+            await self._end_job(job, "cancelled", "interrupted by the user")
+        else:
+            await self._end_job(job, "failed", f"{reply.get('ename')}: {reply.get('evalue')}")
 
     async def _create_job(self, code: str) -> JobId | None:
         """The cell's job, or None when the database cannot take it now (the cell runs anyway)."""
@@ -264,7 +310,8 @@ class Session:
             f"The previous cell ran past its timeout of {timeout:g} s and did not stop when "
             "interrupted: its worker was restarted and the session's variables are gone."
         )
-        self._restart(worker)
+        self._restart(worker, f"the cell ran past its timeout of {timeout:g} s and did not stop "
+                              "when interrupted; its worker was stopped")
         if not task.done():
             task.cancel()
         raise TimeoutError(
@@ -272,18 +319,96 @@ class Session:
             "its worker was killed"
         )
 
-    async def interrupt(self) -> None:
-        """Interrupt the running cell.
+    async def interrupt(self, restart: bool = False) -> None:
+        """Interrupt the running cell; the stop ladder's first rungs (module docstring).
 
         ipykernel ignores SIGINT between requests, so an interrupt that
         arrives before the cell's code has begun is held and delivered once
         the worker announces the code (``execute_input``); see
-        :meth:`_deliver_interrupt`.
+        :meth:`_deliver_interrupt`. ``restart``: restart the worker now.
         """
+        if restart:
+            await self.restart("the client asked for a restart")
+            return
+        cell = self._running
+        if cell is None:
+            return
+        if cell.ignoring:
+            await self.stop_cell("cancelled", "interrupted twice: the cell ignored the first interrupt, "
+                                 "so its worker was restarted")
+            return
+        self._interrupted = True
+        if self._started:
+            await self._worker.interrupt()
+        if not cell.noticing:
+            cell.noticing = True
+            self._spawn(self._notice_if_still_running(cell))
+
+    async def _notice_if_still_running(self, cell: _Cell) -> None:
+        """Tell the cell, if it still runs a few seconds after an interrupt, what the next one does."""
+        wait = self.context.interrupt_notice
+        try:
+            await asyncio.wait_for(cell.done.wait(), wait)
+            return
+        except TimeoutError:
+            pass
+        if self._running is not cell or cell.stopping is not None or self.released:
+            return
+        cell.ignoring = True
+        await cell.conn.send(m.Notice(cell.req, (
+            f"This cell still runs {wait:g} s after the interrupt: it ignores interrupts (or is stuck "
+            "in C or CUDA code). Interrupt again to restart its worker; the session's variables "
+            "will be lost.")))
+
+    @property
+    def ignoring_interrupt(self) -> bool:
+        """The running cell was told that it ignores interrupts (the sidebar offers a restart)."""
+        return self._running is not None and self._running.ignoring
+
+    async def stop_cell(self, state: str, reason: str) -> None:
+        """Stop the running cell with the ladder: its worker is replaced. The cell
+        fails with WorkerDied saying ``reason``, its job ends ``state``; returns
+        once it ended."""
+        cell = self._running
+        if cell is None or self.released:
+            return
+        if cell.stopping is None:
+            cell.stopping = (state, reason)
+            log.info("session %s: %s", self.id[:8], reason)
+            self._restart(self._worker, f"{reason}: its variables are gone")
+        await cell.done.wait()
+
+    async def cancel(self, job: JobId, reason: str) -> bool:
+        """Cancel the running cell ``job`` (over HTTP): an interrupt, then, if it still
+        runs after ``kill_grace``, the ladder. False if ``job`` is not running here."""
+        cell = self._running
+        if cell is None or self._running_job != job:
+            return False
+        await self.interrupt()
+        try:
+            await asyncio.wait_for(asyncio.shield(cell.done.wait()), self.context.kill_grace)
+        except TimeoutError:
+            await self.stop_cell("cancelled", f"{reason}; the cell did not stop when interrupted, so "
+                                 "its worker was restarted")
+        return True
+
+    async def restart(self, reason: str) -> None:
+        """A fresh worker now, cell or not: the running cell (if any) is stopped with
+        the ladder; returns once the fresh worker is there."""
+        if self.released:
+            return
         if self._running is not None:
-            self._interrupted = True
-            if self._started:
-                await self._worker.interrupt()
+            await self.stop_cell("cancelled", f"the worker was restarted ({reason})")
+        else:
+            self._notice = f"The worker was restarted ({reason}): the session's variables are gone."
+            self._restart(self._worker, f"the worker was restarted ({reason})")
+        if self._replacing is not None:
+            await asyncio.shield(self._replacing)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     @property
     def running(self) -> bool:
@@ -294,7 +419,7 @@ class Session:
     def running_job(self) -> JobId | None:
         return self._running_job
 
-    def _deliver_interrupt(self, cell: object, worker: Worker) -> None:
+    def _deliver_interrupt(self, cell: _Cell, worker: Worker) -> None:
         """Send a held interrupt a moment after the code was announced, and again
         while the same cell keeps running.
 
@@ -310,9 +435,7 @@ class Session:
                     return
                 await worker.interrupt()
 
-        task = asyncio.get_running_loop().create_task(deliver())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._spawn(deliver())
 
     def send_input(self, value: str) -> None:
         """Answer the running cell's ``input()``; an answer with nobody to take it is dropped."""
@@ -429,4 +552,4 @@ class Session:
                 worker = await self._replacing
             except Exception:
                 pass
-        await self.context.pool.recycle(worker)
+        await self.context.pool.recycle(worker, f"the session was released ({reason})")

@@ -132,7 +132,7 @@ class Drainer:
         self._draining[slot] = Draining(slot, before.since if before else time.time(), found)
         if before is not None:
             return
-        log.error("slot %s is draining: %s", slot, self._draining[slot].problem)
+        log.error("slot %s: %s", slot, self._draining[slot].problem)
         self._on_change(slot, True)
         self._tasks[slot] = asyncio.get_running_loop().create_task(self._watch(slot))
 

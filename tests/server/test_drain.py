@@ -9,6 +9,8 @@ outlives SIGKILL until it is thawed, as a process stuck in a driver would.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import io
 import os
 import subprocess
 import threading
@@ -23,6 +25,7 @@ import pytest
 from nvml_double import FakeGpu, FakeNvml
 from remote_gpu_kernel import Client, WorkerDied
 from remote_gpu_kernel.api import ApiClient
+from remote_gpu_kernel.cli import main as rgpu
 from remote_gpu_server.app import GpuServer
 from remote_gpu_server.config import ServerConfig
 from remote_gpu_server.drain import Drainer
@@ -46,6 +49,18 @@ async def gpu_server(db: Path, nvml: FakeNvml, **config: Any) -> AsyncIterator[G
         yield server
     finally:
         await server.close()
+
+
+def rgpu_status(url: str, token: str) -> str:
+    """What ``rgpu status`` prints on a terminal wide enough for every cell."""
+    out = io.StringIO()
+    os.environ["COLUMNS"] = "400"
+    try:
+        with contextlib.redirect_stdout(out):
+            assert rgpu(["status", "--url", url, "--token", token]) == 0
+    finally:
+        del os.environ["COLUMNS"]
+    return out.getvalue()
 
 
 def tokens(db: Path, *users: str) -> list[str]:
@@ -96,6 +111,8 @@ def test_a_gpu_that_a_stopped_worker_still_holds_is_draining_until_it_lets_go(tm
             assert 'rgpu_slot_draining{slot="gpu0"} 1.0' in metrics
             assert f'rgpu_slot_draining_process_bytes{{pid="{pid}",slot="gpu0"}} 3.221225472e+09' in metrics
             assert 'rgpu_slot_healthy{slot="gpu0"} 0.0' in metrics
+            shown = await asyncio.to_thread(rgpu_status, url, alice)
+            assert f"draining: held by pid {pid} (3 GiB)" in shown
 
             waiter = Waiter(url, bob)
             await asyncio.sleep(1.0)

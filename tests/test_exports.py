@@ -56,6 +56,12 @@ MODULES = [
     "remote_gpu_server.sandbox",
     "remote_gpu_server.confinement",
     "remote_gpu_server.worker_output",
+    "remote_gpu_server.ladder",
+    "remote_gpu_server.drain",
+    "remote_gpu_server.death",
+    "remote_gpu_server.xid",
+    "remote_gpu_server.stopping",
+    "remote_gpu_server.worker_errors",
 ]
 
 

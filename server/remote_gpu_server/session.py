@@ -1,20 +1,15 @@
 """A leased session on the server: one user, its slots and its worker.
 
 The session outlives its websocket: a client that reconnects within the
-grace period finds the same worker and namespace.
-
-Stopping a cell is a ladder (see :mod:`.ladder`): an interrupt sends SIGINT;
-a cell still running :attr:`SessionContext.interrupt_notice` seconds later is
-told, in one line, that it ignores interrupts and that the next interrupt
-restarts its worker; that next interrupt, a cancel over HTTP (after
-``kill_grace``), a restart request, and a cell's timeout (after
-``kill_grace``) all replace the worker: SIGTERM to every process it started,
-SIGKILL after the pool's grace, a fresh worker in its place. Requests run one at a time
+grace period finds the same worker and namespace. Requests run one at a time
 (``lock``), in the order they arrived, and their answers go to the
 connection that sent them (request ids are per connection). Every output message is handed to
 the journal (:mod:`.journal`) with the session's next sequence number
 before it is sent, so nothing a cell printed is lost with a connection;
 the journal writes it to the store in the background, in order.
+
+How a running cell is stopped (interrupts, the notice that a cell ignores
+them, cancels, restarts, timeouts) is :mod:`.stopping`'s part of the session.
 """
 
 from __future__ import annotations
@@ -34,6 +29,7 @@ from remote_gpu_kernel.protocol.framing import Chunks
 from remote_gpu_kernel.typing import JobId, SessionId, SlotId
 
 from .journal import Journal
+from .stopping import INTERRUPT_NOTICE, CellStopping, RunningCell
 from .store import DatabaseUnavailable, OutputRow, Store
 from .worker import TransferAborted, Worker
 
@@ -43,10 +39,6 @@ log = logging.getLogger("remote_gpu_server")
 
 Send = Callable[[m.Message], Awaitable[None]]
 
-#: When a held interrupt is sent, in seconds after the previous try (see _deliver_interrupt).
-HELD_INTERRUPT_DELAYS = (0.1, 2.0, 3.0)
-#: After an interrupt, how long a cell may still run before it is said to ignore interrupts.
-INTERRUPT_NOTICE = 3.0
 #: In an error message, the marks of a CUDA error that leaves the process's
 #: context unusable ("sticky" errors): the worker must be replaced.
 _POISONED = ("device-side assert triggered", "an illegal memory access was encountered",
@@ -90,21 +82,7 @@ class Replier(Protocol):
                           pieces: AsyncIterator[Any]) -> None: ...
 
 
-@dataclasses.dataclass
-class _Cell:
-    """The running cell: where its answers go, and how far the stop ladder got."""
-
-    conn: Replier
-    req: int
-    done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
-    #: It was told that it ignores interrupts: the next one replaces the worker.
-    ignoring: bool = False
-    #: ``(job state, reason)`` once the ladder stops it.
-    stopping: tuple[str, str] | None = None
-    noticing: bool = False
-
-
-class Session:
+class Session(CellStopping):
     """``notebook`` is the path the client named in its lease request (None: a
     script); ``last_code`` is the code of the latest cell that was not silent.
     Both are for the status view (who runs what), shown to the owner only."""
@@ -132,7 +110,7 @@ class Session:
         self._replaced: Worker | None = None  # the worker being replaced, once
         self._notice: str | None = None
         self._seq = 0
-        self._running: _Cell | None = None  # the running cell, if any
+        self._running: RunningCell | None = None  # the running cell, if any
         self._running_job: JobId | None = None
         self._interrupted = False
         self._started = False  # the running cell's code has begun (execute_input seen)
@@ -201,13 +179,13 @@ class Session:
             self.touch()
             await self._notices(msg.req, conn)
             worker = await self.worker()
-            cell = self._running = _Cell(conn, msg.req)
+            cell = self._running = RunningCell(conn, msg.req)
             try:
                 await self._execute(msg, conn, worker, cell)
             finally:
                 cell.done.set()
 
-    async def _execute(self, msg: m.Execute, conn: Replier, worker: Worker, cell: _Cell) -> None:
+    async def _execute(self, msg: m.Execute, conn: Replier, worker: Worker, cell: RunningCell) -> None:
         """The body of :meth:`execute`, under its lock."""
         if not msg.silent:
             self.last_code = msg.code
@@ -296,120 +274,6 @@ class Session:
             log.warning("session %s: job %s ended %s but the store could not record it: %s",
                         self.id[:8], job, state, exc)
 
-    async def _await_cell(self, task: asyncio.Task[dict[str, Any]], worker: Worker,
-                          timeout: float | None) -> dict[str, Any]:
-        """The cell's reply; past ``timeout``: interrupt, then kill and restart."""
-        done, _ = await asyncio.wait({task}, timeout=timeout)
-        if done:
-            return task.result()
-        await worker.interrupt()
-        done, _ = await asyncio.wait({task}, timeout=self.context.kill_grace)
-        if done and not isinstance(task.exception(), WorkerDied):
-            raise TimeoutError(f"the cell ran past its timeout of {timeout:g} s and was interrupted")
-        self._notice = (
-            f"The previous cell ran past its timeout of {timeout:g} s and did not stop when "
-            "interrupted: its worker was restarted and the session's variables are gone."
-        )
-        self._restart(worker, f"the cell ran past its timeout of {timeout:g} s and did not stop "
-                              "when interrupted; its worker was stopped")
-        if not task.done():
-            task.cancel()
-        raise TimeoutError(
-            f"the cell ran past its timeout of {timeout:g} s and did not stop when interrupted; "
-            "its worker was killed"
-        )
-
-    async def interrupt(self, restart: bool = False) -> None:
-        """Interrupt the running cell; the stop ladder's first rungs (module docstring).
-
-        ipykernel ignores SIGINT between requests, so an interrupt that
-        arrives before the cell's code has begun is held and delivered once
-        the worker announces the code (``execute_input``); see
-        :meth:`_deliver_interrupt`. ``restart``: restart the worker now.
-        """
-        if restart:
-            await self.restart("the client asked for a restart")
-            return
-        cell = self._running
-        if cell is None:
-            return
-        if cell.ignoring:
-            await self.stop_cell("cancelled", "interrupted twice: the cell ignored the first interrupt, "
-                                 "so its worker was restarted")
-            return
-        self._interrupted = True
-        if self._started:
-            await self._worker.interrupt()
-        if not cell.noticing:
-            cell.noticing = True
-            self._spawn(self._notice_if_still_running(cell))
-
-    async def _notice_if_still_running(self, cell: _Cell) -> None:
-        """Tell the cell, if it still runs a few seconds after an interrupt, what the next one does."""
-        wait = self.context.interrupt_notice
-        try:
-            await asyncio.wait_for(cell.done.wait(), wait)
-            return
-        except TimeoutError:
-            pass
-        if self._running is not cell or cell.stopping is not None or self.released:
-            return
-        cell.ignoring = True
-        await cell.conn.send(m.Notice(cell.req, (
-            f"This cell still runs {wait:g} s after the interrupt: it ignores interrupts (or is stuck "
-            "in C or CUDA code). Interrupt again to restart its worker; the session's variables "
-            "will be lost.")))
-
-    @property
-    def ignoring_interrupt(self) -> bool:
-        """The running cell was told that it ignores interrupts (the sidebar offers a restart)."""
-        return self._running is not None and self._running.ignoring
-
-    async def stop_cell(self, state: str, reason: str) -> None:
-        """Stop the running cell with the ladder: its worker is replaced. The cell
-        fails with WorkerDied saying ``reason``, its job ends ``state``; returns
-        once it ended."""
-        cell = self._running
-        if cell is None or self.released:
-            return
-        if cell.stopping is None:
-            cell.stopping = (state, reason)
-            log.info("session %s: %s", self.id[:8], reason)
-            self._restart(self._worker, f"{reason}: its variables are gone")
-        await cell.done.wait()
-
-    async def cancel(self, job: JobId, reason: str) -> bool:
-        """Cancel the running cell ``job`` (over HTTP): an interrupt, then, if it still
-        runs after ``kill_grace``, the ladder. False if ``job`` is not running here."""
-        cell = self._running
-        if cell is None or self._running_job != job:
-            return False
-        await self.interrupt()
-        try:
-            await asyncio.wait_for(asyncio.shield(cell.done.wait()), self.context.kill_grace)
-        except TimeoutError:
-            await self.stop_cell("cancelled", f"{reason}; the cell did not stop when interrupted, so "
-                                 "its worker was restarted")
-        return True
-
-    async def restart(self, reason: str) -> None:
-        """A fresh worker now, cell or not: the running cell (if any) is stopped with
-        the ladder; returns once the fresh worker is there."""
-        if self.released:
-            return
-        if self._running is not None:
-            await self.stop_cell("cancelled", f"the worker was restarted ({reason})")
-        else:
-            self._notice = f"The worker was restarted ({reason}): the session's variables are gone."
-            self._restart(self._worker, f"the worker was restarted ({reason})")
-        if self._replacing is not None:
-            await asyncio.shield(self._replacing)
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
     @property
     def running(self) -> bool:
         """A cell runs now."""
@@ -418,24 +282,6 @@ class Session:
     @property
     def running_job(self) -> JobId | None:
         return self._running_job
-
-    def _deliver_interrupt(self, cell: _Cell, worker: Worker) -> None:
-        """Send a held interrupt a moment after the code was announced, and again
-        while the same cell keeps running.
-
-        A SIGINT in the instant between ipykernel's ``execute_input`` and the
-        start of the user's code can land in ipykernel's own handler rather
-        than in the cell; the short delay keeps clear of it, and the repeats
-        cover a machine too loaded for the delay to be enough.
-        """
-        async def deliver() -> None:
-            for delay in HELD_INTERRUPT_DELAYS:
-                await asyncio.sleep(delay)
-                if self._running is not cell or not worker.alive:
-                    return
-                await worker.interrupt()
-
-        self._spawn(deliver())
 
     def send_input(self, value: str) -> None:
         """Answer the running cell's ``input()``; an answer with nobody to take it is dropped."""

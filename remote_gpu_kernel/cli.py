@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="release a session after this long without a request (default 3600)")
     p.add_argument("--grace", type=float, default=60.0, metavar="SECONDS",
                    help="keep a disconnected client's session this long (default 60)")
-    stop = p.add_argument_group("stopping cells and workers (see README: Interrupts)")
+    stop = p.add_argument_group("stopping cells and workers (see README: Interrupts, stuck cells and causes of death)")
     stop.add_argument("--kill-grace", type=float, default=5.0, metavar="SECONDS",
                       help="a cell past its --timeout, or cancelled, is interrupted first; if it still "
                            "runs this long after, its worker is replaced (default 5)")

@@ -314,7 +314,8 @@ def add_job_commands(sub: Any) -> None:
     p.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
     p.add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)
 
-    p = command("cancel", cmd_cancel, "cancel a queued or running job")
+    p = command("cancel", cmd_cancel, "cancel a queued or running job (a running one is interrupted; if it "
+                "ignores that, its worker is stopped: SIGTERM, then SIGKILL)")
     p.add_argument("id", type=int)
 
     command("status", cmd_status, "show the GPUs and the queue")

@@ -13,7 +13,7 @@ return code, the report and what else is known into the one line users see:
 - out of host memory: the isolation's memory limit says so with the limit
   (:meth:`.memory_limits.WorkerMemory.explain`); a SIGKILL while the host's
   own OOM killer killed something (``oom_kill`` of ``/proc/vmstat`` grew) says
-  the host ran out of memory;
+  the host most likely ran out of memory;
 - a plain exit (``os._exit(N)``, ``exit()`` in a C extension): the exit code.
 
 The GPU's part (an Xid error NVML reported while the worker ran) is added by
@@ -125,14 +125,14 @@ def host_oom_kills() -> int | None:
 
 
 def host_oom(returncode: int | None, kills_at_start: int | None) -> str | None:
-    """``killed by the host's OOM killer ...`` if a SIGKILL came while the host's
-    OOM killer was at work, else None."""
+    """What a SIGKILL most likely was when the host's OOM killer killed something
+    while the worker ran (its count in ``/proc/vmstat`` grew), else None."""
     if returncode != -signal.SIGKILL or kills_at_start is None:
         return None
     now = host_oom_kills()
     if now is None or now <= kills_at_start:
         return None
-    return "out of host memory: the host's OOM killer ended it (signal SIGKILL)"
+    return "signal SIGKILL, most likely from the host's OOM killer: the host ran out of memory"
 
 
 def _cell_hash(code: str) -> str | None:

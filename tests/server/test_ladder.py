@@ -213,3 +213,31 @@ def test_a_plain_interrupt_is_the_same_on_the_wire_as_before() -> None:
     for frame in encode(m.Interrupt(0, restart=True)):
         reader.receive_data(frame)
     assert reader.events_received() == [m.Interrupt(0, restart=True)]
+
+
+def test_the_ladder_finds_a_marked_orphan_that_ignores_sigterm_and_spares_the_rest() -> None:
+    import os
+    import subprocess
+    import sys
+
+    from remote_gpu_server import ladder
+
+    mark = f"test-{os.getpid()}"
+    stubborn = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                "print('ready', flush=True); time.sleep(60)")
+    # A double fork: the process that started it is gone, so no tree leads to it; only its mark does.
+    orphan = int(subprocess.run(
+        [sys.executable, "-c", "import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', "
+         f"{stubborn!r}], start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL); "
+         "p.stdout.readline(); print(p.pid)"],
+        env=dict(os.environ, **{ladder.MARK_VAR: mark}), capture_output=True, text=True, check=True).stdout)
+    bystander = subprocess.Popen(["sleep", "60"])  # no mark: not the worker's
+    try:
+        started = time.monotonic()
+        found = ladder.stop(ladder.Scope(None, mark=mark, uids=frozenset({os.geteuid()})), 0.5)
+        assert found == {orphan}
+        assert time.monotonic() - started >= 0.5  # it had its grace, then SIGKILL
+        assert _gone(orphan, timeout=1) and bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()

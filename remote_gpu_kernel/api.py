@@ -153,6 +153,10 @@ class ApiClient:
     def release(self, session_id: str) -> dict[str, Any]:
         return dict(self.post(f"/api/sessions/{urllib.parse.quote(session_id, safe='')}/release"))
 
+    def restart(self, session_id: str) -> dict[str, Any]:
+        """A fresh worker for the session now; a running cell is stopped."""
+        return dict(self.post(f"/api/sessions/{urllib.parse.quote(session_id, safe='')}/restart"))
+
     def metrics(self) -> str:
         """The Prometheus text; no token is sent."""
         return self._open(urllib.request.Request(self.base + "/metrics")).decode()

@@ -105,8 +105,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sys.exit(f"rgpu serve: {exc}")
     if args.keep_output is not None and not args.keep_output > 0:
         sys.exit("rgpu serve: --keep-output needs a number of days above 0")
+    for flag in ("kill_grace", "term_grace", "drain_deadline"):
+        if getattr(args, flag) < 0:
+            sys.exit(f"rgpu serve: --{flag.replace('_', '-')} needs a number of seconds, 0 or more")
     config = ServerConfig(host=args.host, port=args.port, db=_db(args), slots=args.slots,
-                          idle_timeout=args.idle_timeout, grace=args.grace,
+                          idle_timeout=args.idle_timeout, grace=args.grace, kill_grace=args.kill_grace,
+                          term_grace=args.term_grace, drain_deadline=args.drain_deadline,
                           price_per_gpu_hour=args.price_per_gpu_hour, scheduler=scheduler,
                           server_id=args.server_id, keep_output=args.keep_output, ray=args.ray,
                           certfile=certfile, keyfile=keyfile, allow_origins=tuple(args.allow_origin),
@@ -335,6 +339,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="release a session after this long without a request (default 3600)")
     p.add_argument("--grace", type=float, default=60.0, metavar="SECONDS",
                    help="keep a disconnected client's session this long (default 60)")
+    stop = p.add_argument_group("stopping cells and workers (see README: Interrupts, stuck cells and causes of death)")
+    stop.add_argument("--kill-grace", type=float, default=5.0, metavar="SECONDS",
+                      help="a cell past its --timeout, or cancelled, is interrupted first; if it still "
+                           "runs this long after, its worker is replaced (default 5)")
+    stop.add_argument("--term-grace", type=float, default=5.0, metavar="SECONDS",
+                      help="replacing a worker sends SIGTERM to every process it started, then SIGKILL "
+                           "after this long (default 5)")
+    stop.add_argument("--drain-deadline", type=float, default=10.0, metavar="SECONDS",
+                      help="a slot goes back to the pool once no process of its killed worker holds it; "
+                           "one still held after this long is marked draining until it is free "
+                           "(default 10)")
     p.add_argument("--price-per-gpu-hour", type=float, metavar="PRICE",
                    help="show the cost of GPU time in rgpu usage and /api/status")
     p.add_argument("--max-gpus", type=int, metavar="N",

@@ -185,8 +185,7 @@ def _status_tables(status: dict[str, Any]) -> Any:
             held += f" job {holder['job']}" if holder.get("job") else " batch"
         memory = f"{_bytes(r['memory_used'])} / {_bytes(r['memory_total'])}"
         slots.add_row(
-            s["id"], s.get("node") or "", s["name"], s["pool"],
-            "[green]ok[/]" if s["healthy"] else f"[red]unhealthy[/] {s.get('problem') or ''}",
+            s["id"], s.get("node") or "", s["name"], s["pool"], _health(s),
             "-" if r["utilization"] is None else f"{r['utilization']:.0f}%", memory,
             "-" if r["temperature"] is None else f"{r['temperature']:.0f}°C",
             "-" if r["power"] is None else f"{r['power']:.0f} W",
@@ -200,6 +199,15 @@ def _status_tables(status: dict[str, Any]) -> Any:
     parts: list[Any] = [slots]
     parts.append(queue if status["queue"] else "[dim]nobody is waiting[/]")
     return Group(*parts)
+
+
+def _health(slot: dict[str, Any]) -> str:
+    """ok, draining (with the pids that hold it), or unhealthy and why."""
+    draining = slot.get("draining")
+    if draining:
+        held = ", ".join(f"{p['pid']} ({_bytes(p.get('memory'))})" for p in draining.get("processes") or [])
+        return f"[yellow]draining[/]: held by pid {held}"
+    return "[green]ok[/]" if slot["healthy"] else f"[red]unhealthy[/] {slot.get('problem') or ''}"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -306,7 +314,8 @@ def add_job_commands(sub: Any) -> None:
     p.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
     p.add_argument("--poll", type=float, default=1.0, help=argparse.SUPPRESS)
 
-    p = command("cancel", cmd_cancel, "cancel a queued or running job")
+    p = command("cancel", cmd_cancel, "cancel a queued or running job (a running one is interrupted; if it "
+                "ignores that, its worker is stopped: SIGTERM, then SIGKILL)")
     p.add_argument("id", type=int)
 
     command("status", cmd_status, "show the GPUs and the queue")

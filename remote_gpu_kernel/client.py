@@ -483,8 +483,20 @@ class AsyncSession:
                     on_output(reply)
 
     async def interrupt(self) -> None:
-        """Interrupt the running cell (SIGINT to the worker)."""
+        """Interrupt the running cell (SIGINT to the worker).
+
+        A cell still running a few seconds later is said to ignore interrupts
+        (a notice); interrupting it again then restarts the worker: the cell
+        fails with :class:`WorkerDied` and the session's variables are gone.
+        """
         await self._link.send(m.Interrupt(0))
+
+    async def restart(self) -> None:
+        """Restart the worker now: a running cell is stopped (SIGTERM to every
+        process it started, SIGKILL after the server's grace) and the
+        session's variables are gone; the next request waits for the fresh
+        worker."""
+        await self._link.send(m.Interrupt(0, restart=True))
 
     async def release(self) -> None:
         """Give the GPU back; the worker and its variables are gone."""

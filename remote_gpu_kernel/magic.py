@@ -117,7 +117,8 @@ class GpuMagics(Magics):
     @argument("-o", "--outputs", action="append", metavar="NAME,...",
               help="remote variables to pull back into the local namespace after the cell")
     @argument("--timeout", type=float, default=None, metavar="SECONDS",
-              help="interrupt the cell after this many seconds")
+              help="interrupt the cell after this many seconds (and restart the worker if it "
+                   "ignores the interrupt)")
     @argument("--gpus", type=int, default=None, metavar="N",
               help="how many GPUs to lease if this notebook has no lease yet (default 1)")
     @argument("--priority", choices=["high", "normal", "low"], default=None,
@@ -137,7 +138,9 @@ class GpuMagics(Magics):
         RGPU_TOKEN, or the saved config), pushes the ``-i`` variables, runs the
         cell remotely with its output streamed here, and pulls the ``-o``
         variables back. The remote namespace lives on between cells.
-        Interrupting this cell interrupts the remote cell.
+        Interrupting this cell interrupts the remote cell; a cell that ignores
+        the interrupt says so a few seconds later, and interrupting it again
+        restarts the remote worker (its variables are lost).
 
         Line magic::
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -34,8 +33,9 @@ __all__ = ["Client", "Session"]
 
 T = TypeVar("T")
 
-#: After a KeyboardInterrupt, how long to wait for the interrupted cell.
-INTERRUPT_WAIT = 10.0
+#: After this many KeyboardInterrupts, a blocking call stops waiting for its
+#: cell (which may still run on the server: the next request waits for it).
+GIVE_UP_AFTER = 3
 
 _loop: asyncio.AbstractEventLoop | None = None
 _loop_lock = threading.Lock()
@@ -66,36 +66,32 @@ def _pump(coro_factory: Callable[[Callable[[Any], None]], Coroutine[Any, Any, T]
     """Run a coroutine that emits events; handle them in this thread.
 
     ``coro_factory`` gets a thread-safe ``emit``. On KeyboardInterrupt
-    ``on_interrupt`` runs, the coroutine gets :data:`INTERRUPT_WAIT` seconds
-    to finish, and the KeyboardInterrupt is raised again.
+    ``on_interrupt`` runs and the coroutine is waited for; the server decides
+    what each interrupt does (the first interrupts the cell; after it said
+    the cell ignores interrupts, the next restarts the worker), so the
+    coroutine ends either way. The :data:`GIVE_UP_AFTER`-th KeyboardInterrupt
+    stops waiting. If an interrupt came, KeyboardInterrupt is raised again
+    at the end, unless the coroutine raised an error of its own.
     """
     events: queue.SimpleQueue[Any] = queue.SimpleQueue()
     future = asyncio.run_coroutine_threadsafe(coro_factory(events.put), io_loop())
     future.add_done_callback(lambda _: events.put(_DONE))
-    interrupted = False
-    deadline = 0.0
+    interrupts = 0
     while True:
         try:
-            if interrupted:
-                item = events.get(timeout=max(0.0, deadline - time.monotonic()))
-            else:
-                item = events.get()
-        except queue.Empty:
-            future.cancel()
-            raise KeyboardInterrupt from None
+            item = events.get()
         except KeyboardInterrupt:
-            if interrupted or on_interrupt is None:
+            interrupts += 1
+            if on_interrupt is None or interrupts >= GIVE_UP_AFTER:
                 future.cancel()
                 raise
-            interrupted = True
-            deadline = time.monotonic() + INTERRUPT_WAIT
             on_interrupt()
             continue
         if item is _DONE:
             break
         handle(item)
     result = future.result()
-    if interrupted:
+    if interrupts:
         raise KeyboardInterrupt
     return result
 
@@ -210,7 +206,9 @@ class Session:
 
         Callbacks run in this thread, as output arrives. A KeyboardInterrupt
         here interrupts the remote cell, waits for it to stop, and is raised
-        again.
+        again; a second one, once the server said the cell ignores
+        interrupts, restarts the worker (the cell then fails with
+        WorkerDied).
         """
         handler = on_output if on_output is not None else write_streams
 
@@ -249,6 +247,10 @@ class Session:
 
     def interrupt(self) -> None:
         asyncio.run_coroutine_threadsafe(self._session.interrupt(), io_loop())
+
+    def restart(self) -> None:
+        """See :meth:`AsyncSession.restart`."""
+        run(self._session.restart())
 
     def release(self) -> None:
         self._call(self._session.release())

@@ -63,6 +63,12 @@ MODULES = [
     "remote_gpu_server.limits",
     "remote_gpu_server.connection_memory",
     "remote_gpu_server.http_headers",
+    "remote_gpu_server.ladder",
+    "remote_gpu_server.drain",
+    "remote_gpu_server.death",
+    "remote_gpu_server.xid",
+    "remote_gpu_server.stopping",
+    "remote_gpu_server.worker_errors",
 ]
 
 

@@ -31,6 +31,9 @@ __all__ = ["GpuApi", "GpuApiError", "http_base_url"]
 
 #: Seconds to wait for the GPU server; the sidebar polls every few seconds.
 TIMEOUT = 5.0
+#: Seconds to wait for a press (cancel, release, restart): stopping a worker whose
+#: processes ignore SIGTERM takes the server's grace, and its slot's drain check.
+ACTION_TIMEOUT = 60.0
 
 
 def http_base_url(url: str) -> str:
@@ -92,6 +95,9 @@ class GpuApi:
     async def release_session(self, session_id: str) -> Any:
         return await self._call("POST", f"/api/sessions/{quote(session_id, safe='')}/release")
 
+    async def restart_session(self, session_id: str) -> Any:
+        return await self._call("POST", f"/api/sessions/{quote(session_id, safe='')}/restart")
+
     async def _call(self, method: str, path: str) -> Any:
         try:
             base = http_base_url(self.config.url)
@@ -123,7 +129,8 @@ class GpuApi:
         request = HTTPRequest(
             base + path, method=method, body=b"" if method == "POST" else None,
             headers={"Authorization": f"Bearer {self.config.token}", "Accept": "application/json"},
-            connect_timeout=TIMEOUT, request_timeout=TIMEOUT, follow_redirects=False,
+            connect_timeout=TIMEOUT, request_timeout=ACTION_TIMEOUT if method == "POST" else TIMEOUT,
+            follow_redirects=False,
             ssl_options=context,
         )
         try:

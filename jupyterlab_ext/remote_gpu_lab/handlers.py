@@ -68,6 +68,14 @@ class ReleaseSessionHandler(_RelayHandler):
         await self.relay(lambda api: api.release_session(session_id))
 
 
+class RestartSessionHandler(_RelayHandler):
+    """POST: restart the worker of the user's lease (its running cell is stopped)."""
+
+    @tornado.web.authenticated
+    async def post(self, session_id: str) -> None:
+        await self.relay(lambda api: api.restart_session(session_id))
+
+
 def setup_handlers(web_app: tornado.web.Application) -> None:
     base = url_path_join(web_app.settings["base_url"], "remote-gpu")
     web_app.add_handlers(".*$", [
@@ -75,4 +83,5 @@ def setup_handlers(web_app: tornado.web.Application) -> None:
         (url_path_join(base, "jobs"), JobsHandler),
         (url_path_join(base, "jobs", _ID, "cancel"), CancelJobHandler),
         (url_path_join(base, "sessions", _ID, "release"), ReleaseSessionHandler),
+        (url_path_join(base, "sessions", _ID, "restart"), RestartSessionHandler),
     ])

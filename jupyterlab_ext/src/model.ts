@@ -87,7 +87,7 @@ export class RemoteGpuModel implements IDisposable {
     return this._updated;
   }
 
-  /** What the last Release or Cancel press failed with, until the next press. */
+  /** What the last Release, Restart or Cancel press failed with, until the next press. */
   get actionError(): string | null {
     return this._actionError;
   }
@@ -138,7 +138,7 @@ export class RemoteGpuModel implements IDisposable {
       .slice(0, RECENT_JOBS);
   }
 
-  /** Whether a Release or Cancel for `key` (`session:ID`, `job:ID`) is under way. */
+  /** Whether a press for `key` (`session:ID`, `restart:ID`, `job:ID`) is under way. */
   isPending(key: string): boolean {
     return this._pending.has(key);
   }
@@ -153,6 +153,16 @@ export class RemoteGpuModel implements IDisposable {
   release(sessionId: string): Promise<void> {
     return this._act(`session:${sessionId}`, () =>
       this._api.releaseSession(sessionId)
+    );
+  }
+
+  /**
+   * Restart the worker of one of the user's leases (its running cell is
+   * stopped and its variables are lost), then refresh.
+   */
+  restart(sessionId: string): Promise<void> {
+    return this._act(`restart:${sessionId}`, () =>
+      this._api.restartSession(sessionId)
     );
   }
 

@@ -63,4 +63,11 @@ export class ServerExtensionApi implements IRemoteGpuApi {
       { method: 'POST' }
     );
   }
+
+  async restartSession(id: string): Promise<void> {
+    await requestAPI<unknown>(
+      `sessions/${encodeURIComponent(id)}/restart`,
+      { method: 'POST' }
+    );
+  }
 }

@@ -76,11 +76,7 @@ export function SlotView({
         <span className="jp-RemoteGpu-name" title={slot.uuid || slot.id}>
           {slot.name}
         </span>
-        <span
-          className={`jp-RemoteGpu-badge ${slot.healthy ? 'jp-mod-ok' : 'jp-mod-bad'}`}
-        >
-          {slot.healthy ? 'healthy' : 'unhealthy'}
-        </span>
+        <Health slot={slot} />
       </div>
       <div className="jp-RemoteGpu-sub">
         {slot.id}
@@ -109,7 +105,11 @@ export function SlotView({
         <Sparkline history={slot.history} readings={r} now={serverTime} />
       )}
       <div className="jp-RemoteGpu-holder" data-holder={holder ? holder.user : ''}>
-        {holder === null ? (
+        {holder === null && slot.draining ? (
+          <span className="jp-RemoteGpu-drainingNote">
+            not leased until it is drained
+          </span>
+        ) : holder === null ? (
           <span className="jp-RemoteGpu-free">free</span>
         ) : (
           <>
@@ -122,6 +122,32 @@ export function SlotView({
         )}
       </div>
     </li>
+  );
+}
+
+/** healthy, draining (the pids that hold it on hover) or unhealthy. */
+function Health({ slot }: { slot: ISlot }): JSX.Element {
+  const draining = slot.draining ?? null;
+  if (draining !== null) {
+    const held = draining.processes
+      .map(p => `pid ${p.pid} (${formatBytes(p.memory)})`)
+      .join(', ');
+    return (
+      <span
+        className="jp-RemoteGpu-badge jp-mod-draining"
+        title={`A stopped worker's processes still hold this slot: ${held}. It is not leased until they exit.`}
+        data-pids={draining.pids.join(',')}
+      >
+        draining
+      </span>
+    );
+  }
+  return (
+    <span
+      className={`jp-RemoteGpu-badge ${slot.healthy ? 'jp-mod-ok' : 'jp-mod-bad'}`}
+    >
+      {slot.healthy ? 'healthy' : 'unhealthy'}
+    </span>
   );
 }
 

@@ -44,6 +44,17 @@ export interface IHolder {
   notebook?: string | null;
 }
 
+/**
+ * A slot held out because processes of a stopped worker still hold it
+ * (GPU memory on a GPU); it is leased again once they let go.
+ */
+export interface IDraining {
+  /** Since when, seconds since the epoch. */
+  since: Timestamp;
+  pids: number[];
+  processes: { pid: number; memory: number | null }[];
+}
+
 export interface ISlot {
   id: string;
   kind: string;
@@ -52,6 +63,8 @@ export interface ISlot {
   healthy: boolean;
   /** Why the slot is unhealthy, when it is. */
   problem?: string | null;
+  /** Set while the slot is draining; absent from servers older than draining. */
+  draining?: IDraining | null;
   pool: string | null;
   readings: IReadings | null;
   /** Absent from servers older than the plots. */
@@ -88,6 +101,11 @@ export interface ISession {
   notebook?: string | null;
   /** The first non-empty line of the latest cell's code (`mine` or admin only). */
   first_line?: string | null;
+  /**
+   * The running cell still ran seconds after an interrupt: it ignores
+   * interrupts, and a restart of the worker stops it (`mine` or admin only).
+   */
+  ignoring_interrupt?: boolean | null;
 }
 
 /** How the server isolates its users' workers from each other. */
@@ -174,4 +192,6 @@ export interface IRemoteGpuApi {
   jobs(): Promise<IJob[]>;
   cancelJob(id: number | string): Promise<void>;
   releaseSession(id: string): Promise<void>;
+  /** A fresh worker for the session now: its running cell is stopped, its variables lost. */
+  restartSession(id: string): Promise<void>;
 }

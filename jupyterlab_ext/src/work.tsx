@@ -17,6 +17,7 @@ export function LeaseView({
 }): JSX.Element {
   const id = session.id ?? '';
   const pending = model.isPending(`session:${id}`);
+  const restarting = model.isPending(`restart:${id}`);
   return (
     <li className="jp-RemoteGpu-lease" data-session={id}>
       <div className="jp-RemoteGpu-row">
@@ -42,6 +43,22 @@ export function LeaseView({
         </Button>
       </div>
       <FirstLine line={session.first_line} />
+      {session.ignoring_interrupt && (
+        <div className="jp-RemoteGpu-row jp-RemoteGpu-stuck">
+          <span className="jp-RemoteGpu-notice">
+            This cell ignores interrupts.
+          </span>
+          <Button
+            small
+            className="jp-RemoteGpu-restart jp-mod-styled jp-mod-warn"
+            disabled={restarting}
+            title="Stop the cell by restarting its worker: SIGTERM, then SIGKILL to every process it started; the session's variables are lost"
+            onClick={() => void model.restart(id)}
+          >
+            {restarting ? 'Restarting…' : 'Restart worker'}
+          </Button>
+        </div>
+      )}
       <Facts
         facts={[
           session.slots.join(', '),

@@ -326,8 +326,18 @@ class ReplayDone(Message):
 
 @dataclasses.dataclass(frozen=True)
 class Interrupt(Message):
+    """Interrupt the running cell (SIGINT). A cell that ignores it is said to
+    in a :class:`Notice`; the next interrupt restarts the session's worker.
+    ``restart``: restart the worker now, cell or not (its variables are lost).
+    """
+
     type = MessageType.INTERRUPT
     req: int
+    restart: bool = False
+
+    def fields(self) -> dict[str, Any]:
+        # A plain interrupt stays the same on the wire as before ``restart`` existed.
+        return {"req": self.req, "restart": True} if self.restart else {"req": self.req}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,12 +11,14 @@ sessions and letting waiting requests age.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import socket
 from pathlib import Path
 from typing import Any
 
 from remote_gpu_kernel.tls import is_loopback
+from remote_gpu_kernel.typing import SlotId
 
 from websockets.asyncio.server import ServerConnection
 
@@ -27,6 +29,7 @@ from .config import ServerConfig
 from .connection import Connection
 from .frontdoor import FrontDoor
 from .config import data_dir
+from .drain import Drainer
 from .gpus import discover_slots
 from .isolation import Isolation
 from .http_api import HttpApi
@@ -45,6 +48,7 @@ from .slots import Slot, SlotInventory
 from .status import ServerView
 from .store import Store, TokenInfo
 from .tls import server_ssl_context
+from .xid import XidEvent, XidWatcher
 
 __all__ = ["GpuServer", "__version__"]
 
@@ -81,6 +85,8 @@ class GpuServer:
         self._reaper: asyncio.Task[None] | None = None
         self._announcer: asyncio.Task[None] | None = None
         self._pruner: asyncio.Task[None] | None = None
+        self.xids: XidWatcher | None = None
+        self._checks: set[asyncio.Task[None]] = set()
 
     @property
     def server_id(self) -> str:
@@ -114,18 +120,24 @@ class GpuServer:
                 self.broker.add_slots([slot.id], slot.pool, slot.node)
         self.scheduler = self.broker.scheduler
         self.pool = Pool(launcher, self.inventory, config.startup_timeout,
-                         is_down=lambda slot: self.inventory.is_down(slot.node))
+                         is_down=lambda slot: self.inventory.is_down(slot.node), term_grace=config.term_grace)
+        self._watch_xids()
         self.pool.start()
         self.readings = Readings(list(self.inventory), self.pool.worker_pids, nvml=self._nvml,
                                  on_health=lambda slot, healthy, _problem: self.broker.set_healthy(slot, healthy),
                                  remote=RayReadings(self.cluster) if self.cluster is not None else None,
                                  devices=self.pool.device)
+        # Slots go back only when a killed worker's processes let go of them.
+        self.drainer = Drainer(self.readings.holders, self._drain_changed, deadline=config.drain_deadline,
+                               period=config.drain_period, check=self._check_gpu)
+        self.pool.drain = self.drainer.settle
         self.inventory.on_added.append(self._slots_added)
         self.inventory.on_node.append(self._node_changed)
         await self.readings.refresh()  # a GPU already faulty is out before the first lease
         self.readings.start()
         self.journal = Journal(self.store.append_outputs)
-        context = SessionContext(self.pool, self.store, self.journal, config.kill_grace)
+        context = SessionContext(self.pool, self.store, self.journal, config.kill_grace,
+                                 interrupt_notice=config.interrupt_notice)
         self.sessions = SessionManager(context, self.broker, grace=config.grace,
                                        idle_timeout=config.idle_timeout)
         self.batch = BatchRunner(self.store, self.journal, self.broker, self.pool,
@@ -133,7 +145,7 @@ class GpuServer:
         view = ServerView(self.version, self.inventory, self.readings, self.broker, self.sessions, self.batch,
                           self.store, config.price_per_gpu_hour, node_label=self._node_label,
                           node_down=lambda slot: self.inventory.is_down(slot.node),
-                          isolation=self.isolation.status_json)
+                          isolation=self.isolation.status_json, draining=self.drainer.draining)
         self.metrics.attach(view)
         self.http = HttpApi(view, self.metrics)
         await self.batch.recover()
@@ -172,6 +184,42 @@ class GpuServer:
         for slot in slots:
             self.broker.add_slots([slot.id], slot.pool or DEFAULT_POOL, slot.node)
 
+    def _watch_xids(self) -> None:
+        """Watch this host's GPUs for Xid errors, for causes of death (see :mod:`.xid`)."""
+        gpus = [s for s in self.inventory if s.kind == "gpu" and not s.node]
+        if not gpus:
+            return
+        try:
+            nvml = self._nvml or importlib.import_module("pynvml")
+        except ImportError:
+            return
+        watcher = XidWatcher(nvml, gpus, on_event=self._xid)
+        if watcher.start():
+            self.xids = watcher
+            self.pool.gpu_errors = watcher.describe
+
+    def _xid(self, event: XidEvent) -> None:
+        """A GPU reported an Xid error: it is read again before anyone leases it next."""
+        free = event.slot in self.scheduler.free
+        self.broker.set_healthy(event.slot, False, source="xid")
+        if free:  # no lease holds it: check it now (else at its worker's end, see drain.py)
+            task = asyncio.get_running_loop().create_task(self._check_gpu(event.slot))
+            self._checks.add(task)
+            task.add_done_callback(self._checks.discard)
+
+    async def _check_gpu(self, slot: SlotId) -> None:
+        """Read the slot's GPU again; the Xid hold goes (its readings decide from now on)."""
+        await self.readings.refresh()
+        log.info("slot %s was checked after an Xid error: %s", slot,
+                 "healthy" if self.readings.healthy(slot) else "unhealthy, held out")
+        self.broker.set_healthy(slot, True, source="xid")
+
+    def _drain_changed(self, slot: SlotId, draining: bool) -> None:
+        """A slot began draining (held out), or is drained (back, with a warm worker)."""
+        self.broker.set_healthy(slot, not draining, source="draining")
+        if not draining:
+            self.pool.add([self.inventory[slot]])
+
     def _node_changed(self, node: str, up: bool) -> None:
         """A node went away (its slots are not leased, its sessions end) or came back."""
         slots = self.inventory.on(node)
@@ -205,6 +253,12 @@ class GpuServer:
             await self.batch.close()
         if hasattr(self, "sessions"):
             await self.sessions.close("the server shut down")
+        if hasattr(self, "drainer"):
+            await self.drainer.close()
+        for task in list(self._checks):
+            task.cancel()
+        if self.xids is not None:
+            await asyncio.to_thread(self.xids.close)
         if hasattr(self, "readings"):
             await self.readings.close()
         if hasattr(self, "pool"):

@@ -374,7 +374,7 @@ class BatchRunner:
         except WorkerDied as exc:
             if run.ending:
                 return run.ending, run.reason
-            return "worker_died", str(exc).split(";")[0]
+            return "worker_died", f"the worker died: {run.worker.exit_description or exc}"
         finally:
             if not task.done():
                 task.cancel()

@@ -75,8 +75,18 @@ class ServerConfig:
     idle_timeout: float = 3600.0
     #: A session whose client disconnected is kept this long for a reconnect.
     grace: float = 60.0
-    #: After a cell's timeout interrupt, how long before its worker is killed.
+    #: After the interrupt of a cell that timed out or was cancelled, how long
+    #: before its worker is replaced (the stop ladder).
     kill_grace: float = 5.0
+    #: The stop ladder: seconds between SIGTERM and SIGKILL to a worker's processes.
+    term_grace: float = 5.0
+    #: After a worker's kill, how long its processes may still hold its slots
+    #: before the slots are marked draining (see :mod:`.drain`).
+    drain_deadline: float = 10.0
+    #: Seconds between two looks at a draining slot.
+    drain_period: float = 2.0
+    #: After an interrupt, how long before a cell that still runs is said to ignore interrupts.
+    interrupt_notice: float = 3.0
     #: How long a worker may take to start.
     startup_timeout: float = 120.0
     #: Priorities, fair share, quotas and pools (see :mod:`.scheduler`).

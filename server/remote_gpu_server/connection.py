@@ -348,7 +348,7 @@ class Connection:
 
     async def _on_interrupt(self, msg: m.Interrupt) -> None:
         if self.session is not None:
-            await self.session.interrupt()
+            await self.session.interrupt(restart=msg.restart)
 
     async def _on_lease(self, msg: m.LeaseRequest) -> None:
         sessions = self.sessions

@@ -10,8 +10,9 @@ one gets 401 and a one-line reason. Endpoints (``{id}`` a job or session)::
     GET  /api/jobs[?user=U&state=S&kind=K&limit=N]
     GET  /api/jobs/{id}                  one job, its attempts and code
     GET  /api/jobs/{id}/output[?after=SEQ&limit=N]   a page: more, done, last_seq
-    POST /api/jobs/{id}/cancel
+    POST /api/jobs/{id}/cancel           a running cell: interrupt, then the stop ladder
     POST /api/sessions/{id}/release
+    POST /api/sessions/{id}/restart      a fresh worker now (the running cell is stopped)
     GET  /metrics                        Prometheus text format, no token
 
 A job is submitted with a JSON object ``{"code", "name", "gpus",
@@ -69,7 +70,7 @@ _JOB = re.compile(r"^/api/jobs/([0-9]+)(/output|/cancel)?$")
 _INT_MAX = (1 << 63) - 1
 #: The kinds of job ``GET /api/jobs?kind=`` takes.
 JOB_KINDS = ("cell", "batch")
-_SESSION_RELEASE = re.compile(r"^/api/sessions/([0-9a-f]{1,64})/release$")
+_SESSION_ACTION = re.compile(r"^/api/sessions/([0-9a-f]{1,64})/(release|restart)$")
 
 
 class HttpError(Exception):
@@ -212,9 +213,11 @@ class HttpApi:
                 return await self._output(job, _whole(query, "after", 0, 0, _INT_MAX),
                                           _whole(query, "limit", OUTPUT_PAGE, 1, OUTPUT_PAGE))
             return await self._cancel(job, me)
-        found = _SESSION_RELEASE.match(path)
+        found = _SESSION_ACTION.match(path)
         if found:
             self._method(method, "POST")
+            if found.group(2) == "restart":
+                return await self._restart(found.group(1), me)
             return await self._release(found.group(1), me)
         raise HttpError(HTTPStatus.NOT_FOUND, f"no such endpoint: {_quote(path, 80)}")
 
@@ -281,8 +284,19 @@ class HttpApi:
             session = view.sessions.get(job.session) if job.session else None
             if session is None:
                 raise HttpError(HTTPStatus.CONFLICT, f"job {job.id}'s session is gone")
-            await session.interrupt()
+            # The same ladder as the stop button: an interrupt, then a fresh worker.
+            if not await session.cancel(job.id, reason):
+                raise HttpError(HTTPStatus.CONFLICT, f"job {job.id} is not running")
         return await job_json(view, await view.store.job(job.id), code=False)
+
+    async def _restart(self, session_id: str, me: TokenInfo) -> dict[str, Any]:
+        """Give a session a fresh worker now, stopping its running cell with the ladder."""
+        session = self.view.sessions.get(session_id)
+        if session is None or not (me.admin or session.user == me.user):
+            raise HttpError(HTTPStatus.NOT_FOUND, f"no session {session_id} of yours holds a lease")
+        reason = f"by {me.user} through the HTTP API"
+        await session.restart(reason)
+        return {"session": session_id, "restarted": True, "reason": f"restarted {reason}"}
 
     async def _release(self, session_id: str, me: TokenInfo) -> dict[str, Any]:
         view = self.view

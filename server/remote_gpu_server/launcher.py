@@ -56,8 +56,11 @@ class WorkerProcess(Protocol):
     data: DataChannel
     #: Whether it runs on another host than the server's.
     remote: bool
-    #: Why it ended when its return code does not say it all (its node went away), else None.
+    #: Why it ended when its return code does not say it all (its node went away,
+    #: out of host memory), else None.
     death_cause: str | None
+    #: What faulthandler wrote when it died of a fatal signal (see :mod:`.death`), else None.
+    fault_report: str | None
 
     @property
     def pid(self) -> int | None:
@@ -69,8 +72,15 @@ class WorkerProcess(Protocol):
     async def signal(self, signum: int) -> None:
         """Send ``signum`` to it (SIGINT interrupts the running cell)."""
 
+    async def terminate(self, grace: float) -> frozenset[int]:
+        """The stop ladder, on its node: SIGTERM to every process it started (its
+        whole tree, its cgroup, what carries its mark; see :mod:`.ladder`), SIGKILL
+        to what is left after ``grace`` seconds; then release what it held (files,
+        sockets). Returns the pids found, as its node numbers them; a second call
+        returns the first's."""
+
     async def kill(self) -> None:
-        """End it and everything it started, and release what it held (files, sockets)."""
+        """:meth:`terminate` with no grace."""
 
     @property
     def tenant(self) -> Tenant | None:

@@ -27,6 +27,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -39,7 +40,7 @@ import zmq
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
-from . import transfer
+from . import death, ladder, transfer
 from .confinement import EnterSpec
 from .datachannel import DataChannel
 from .isolation import Isolation, Tenant, WorkerIsolation
@@ -85,20 +86,59 @@ class Spawned:
     data_cert: bytes | None
     isolation: WorkerIsolation
     output: WorkerOutput
+    #: The value of :data:`.ladder.MARK_VAR` its processes carry.
+    mark: str = ""
+    #: Where it writes faulthandler's report of a fatal signal (see :mod:`.death`).
+    fault_file: Path | None = None
     #: Why it ended where its isolation knows better than its return code.
     death_cause: str | None = None
+    #: What faulthandler wrote when it died of a fatal signal, else None.
+    fault_report: str | None = None
+    #: The host's OOM kill count when it started (see :func:`.death.host_oom_kills`).
+    oom_kills_at_start: int | None = None
+    #: The pids the stop ladder found, once it ran.
+    stopped_pids: frozenset[int] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        process = getattr(self.km.provisioner, "process", None)
+        return process.pid if process is not None else None
 
     async def poll(self) -> int | None:
         provisioner = self.km.provisioner
         code: int | None = await provisioner.poll() if provisioner is not None else 0
-        if code is not None and self.death_cause is None:
-            self.death_cause = self.isolation.explain(code)
+        if code is not None and self.death_cause is None and self.stopped_pids is None:
+            self.death_cause = self.isolation.explain(code) or death.host_oom(code, self.oom_kills_at_start)
+            if self.fault_file is not None:
+                self.fault_report = death.read_report(self.fault_file)
         return code
 
     async def interrupt(self) -> None:
         """SIGINT to its process group, or an interrupt message where a sandbox hides it."""
         if self.km.provisioner is not None:
             await self.km.interrupt_kernel()
+
+    def scope(self) -> ladder.Scope:
+        """Where its processes are, for the stop ladder."""
+        uids = {os.geteuid()}
+        tenant = self.isolation.tenant
+        if tenant is not None and tenant.identity is not None:
+            uids.add(tenant.identity.uid)
+        # A sandbox's processes end with its pid namespace; elsewhere marks find
+        # what no cgroup holds (a cgroup holds everything, so marks are not needed).
+        look = self.isolation.memory.group is None and not self.isolation.own_pid_namespace
+        return ladder.Scope(self.pid, self.isolation.memory.group, self.mark if look else None,
+                            frozenset(uids))
+
+    async def terminate(self, name: str, grace: float) -> frozenset[int]:
+        """The stop ladder (:func:`.ladder.stop`), then :meth:`close`; returns the pids found."""
+        if self.stopped_pids is None:
+            self.stopped_pids = frozenset()  # from now on its end is no death to explain
+            try:
+                self.stopped_pids = await asyncio.to_thread(ladder.stop, self.scope(), grace, name=name)
+            finally:
+                await self.close(name)
+        return self.stopped_pids
 
     async def close(self, name: str) -> None:
         """Kill it and everything it left (its cgroup); remove its runtime folder."""
@@ -132,12 +172,15 @@ class LocalWorker:
 
     @property
     def pid(self) -> int | None:
-        process = getattr(self._km.provisioner, "process", None)
-        return process.pid if process is not None else None
+        return self._spawned.pid
 
     @property
     def death_cause(self) -> str | None:
         return self._spawned.death_cause
+
+    @property
+    def fault_report(self) -> str | None:
+        return self._spawned.fault_report
 
     @property
     def tenant(self) -> Tenant | None:
@@ -157,12 +200,14 @@ class LocalWorker:
         else:
             await self._km.signal_kernel(signum)
 
+    async def terminate(self, grace: float) -> frozenset[int]:
+        if not self._killed:
+            self._killed = True
+            self.data.close()
+        return await self._spawned.terminate(self.name, grace)
+
     async def kill(self) -> None:
-        if self._killed:
-            return
-        self._killed = True
-        self.data.close()
-        await self._spawned.close(self.name)
+        await self.terminate(0.0)
 
 
 async def shutdown(km: AsyncKernelManager, name: str) -> None:
@@ -216,12 +261,17 @@ class LocalLauncher:
         server that will reach its data channel."""
         runtime = self.runtime_dir / spec.name
         runtime.mkdir(mode=0o700)
+        mark = f"{spec.name}.{secrets.token_hex(8)}"  # unique on this host, across servers
         confined = self.isolation.prepare(spec.name, len(spec.slots), runtime, spec.tenant)
         extra = {
             "CUDA_VISIBLE_DEVICES": (cuda_visible_devices(list(spec.slots)) if cuda_devices is None
                                      else cuda_devices),
             "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
             "RGPU_SLOTS": ",".join(s.id for s in spec.slots),
+            # Its processes carry this mark, so the stop ladder finds them even
+            # where they left its process tree and no cgroup holds them.
+            ladder.MARK_VAR: mark,
+            death.FAULT_VAR: str(runtime / death.FAULT_FILE),
         }
         if not confined.own_pid_namespace:  # a sandbox's init kills it with the server already
             extra["RGPU_PARENT_PID"] = str(os.getpid())  # the worker dies with this process
@@ -260,7 +310,8 @@ class LocalLauncher:
             await output.close()
             raise
         output.started()  # the worker has the pipe's writing end now; read its output
-        return Spawned(km, data_addr, ring, data_cert, confined, output)
+        return Spawned(km, data_addr, ring, data_cert, confined, output, mark=mark,
+                       fault_file=runtime / death.FAULT_FILE, oom_kills_at_start=death.host_oom_kills())
 
     async def launch(self, spec: WorkerSpec) -> LocalWorker:
         if self.transport == "tcp":

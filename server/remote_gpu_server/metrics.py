@@ -16,6 +16,8 @@ Metrics::
     rgpu_slots_free{pool}                       slots nobody holds
     rgpu_jobs{kind,state}                       jobs in the store by state
     rgpu_slot_healthy{slot,node}                1, or 0 while it must not be leased
+    rgpu_slot_draining{slot,node}               1 while a stopped worker's processes still hold it
+    rgpu_slot_draining_process_bytes{slot,node,pid}  memory each of those processes holds (on a GPU: GPU memory)
     rgpu_slot_utilization_percent{slot,node,kind}  GPU %, or a CPU slot's CPU %
     rgpu_slot_memory_used_bytes{slot,node,kind}
     rgpu_slot_memory_total_bytes{slot,node,kind}
@@ -131,7 +133,13 @@ class _ServerCollector(Collector):
         view = self.view
         assert view is not None
         healthy = GaugeMetricFamily("rgpu_slot_healthy", "1, or 0 while the slot must not be leased "
-                                    "(unhealthy, or its node is down).", labels=["slot", "node"])
+                                    "(unhealthy, draining, or its node is down).", labels=["slot", "node"])
+        draining = GaugeMetricFamily("rgpu_slot_draining",
+                                     "1 while processes of a stopped worker still hold the slot.",
+                                     labels=["slot", "node"])
+        holders = GaugeMetricFamily("rgpu_slot_draining_process_bytes",
+                                    "Memory a stopped worker's process still holds on a draining slot.",
+                                    labels=["slot", "node", "pid"])
         util = GaugeMetricFamily("rgpu_slot_utilization_percent",
                                  "GPU utilization, or a CPU slot's workers' CPU percent.",
                                  labels=["slot", "node", "kind"])
@@ -142,7 +150,12 @@ class _ServerCollector(Collector):
         for slot in view.slots:
             r = view.readings.latest(slot.id)
             node = view.node_label(slot)
-            healthy.add_metric([slot.id, node], 1.0 if r.healthy and not view.node_down(slot) else 0.0)
+            drain = view.draining(slot.id)
+            healthy.add_metric([slot.id, node],
+                               1.0 if r.healthy and drain is None and not view.node_down(slot) else 0.0)
+            draining.add_metric([slot.id, node], 0.0 if drain is None else 1.0)
+            for proc in drain.processes if drain is not None else ():
+                holders.add_metric([slot.id, node, str(proc.pid)], float(proc.memory))
             if r.utilization is not None:
                 util.add_metric([slot.id, node, slot.kind], r.utilization)
             if r.memory_used is not None:
@@ -153,4 +166,4 @@ class _ServerCollector(Collector):
                 temp.add_metric([slot.id, node], r.temperature)
             if r.power is not None:
                 power.add_metric([slot.id, node], r.power)
-        yield from (healthy, util, used, total, temp, power)
+        yield from (healthy, draining, holders, util, used, total, temp, power)

@@ -6,22 +6,32 @@ reused: :meth:`Pool.recycle` kills it and warms a fresh one in its place. A
 lease of several slots starts a worker pinned to all of them (cold), and
 the single-slot workers it displaces are recycled. Workers come from a
 :class:`~.launcher.WorkerLauncher`; the pool never builds a process itself.
+
+Every worker is killed with the stop ladder (``term_grace`` seconds between
+SIGTERM and SIGKILL, see :mod:`.ladder`). After a leased worker's kill,
+``drain`` (see :mod:`.drain`) waits until none of its processes holds its
+slots before they go back; a slot still held is draining, and gets its
+warm worker only once it is free (the server calls :meth:`Pool.add`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from remote_gpu_kernel.typing import SlotId
 
 from .gpus import Slot
 from .isolation import Tenant
 from .launcher import WorkerLauncher
-from .worker import Worker
+from .worker import GpuErrors, Worker
 
-__all__ = ["Pool"]
+__all__ = ["DrainCheck", "Pool"]
+
+#: Waits until none of some pids holds the slots; returns the slots still
+#: held, now draining (see :meth:`.drain.Drainer.settle`; ``check``: read the GPUs again).
+DrainCheck = Callable[[list[SlotId], frozenset[int], bool], Awaitable[frozenset[SlotId]]]
 
 log = logging.getLogger("remote_gpu_server")
 
@@ -30,8 +40,13 @@ class Pool:
     """Call :meth:`start` first and :meth:`close` at the end."""
 
     def __init__(self, launcher: WorkerLauncher, slots: Iterable[Slot], startup_timeout: float = 120,
-                 is_down: Callable[[Slot], bool] = lambda slot: False) -> None:
+                 is_down: Callable[[Slot], bool] = lambda slot: False, *, term_grace: float = 0.0) -> None:
         self.launcher = launcher
+        self.term_grace = term_grace
+        #: Set by the server once its readings exist (see the module docstring).
+        self.drain: DrainCheck | None = None
+        #: What a worker's GPUs reported while it ran, for its cause of death (see :mod:`.xid`).
+        self.gpu_errors: GpuErrors | None = None
         self._is_down = is_down  # a slot whose node is away gets no warm worker
         self.slots = {s.id: s for s in slots}
         self.startup_timeout = startup_timeout
@@ -58,9 +73,18 @@ class Pool:
         self._warm[slot_id] = task
 
     async def _start(self, slots: list[Slot], tenant: Tenant | None = None) -> Worker:
-        worker = await Worker.start(self.launcher, slots, self.startup_timeout, tenant)
+        worker = await Worker.start(self.launcher, slots, self.startup_timeout, tenant,
+                                    term_grace=self.term_grace, gpu_errors=self.gpu_errors)
         self._workers.add(worker)
         return worker
+
+    async def _settle(self, worker: Worker) -> frozenset[SlotId]:
+        """After a leased worker's kill: wait for its processes to let go of its
+        slots; returns those still held at the drain deadline (draining)."""
+        if self.drain is None:
+            return frozenset()
+        gpu_error = self.gpu_errors is not None and self.gpu_errors(worker.slots, worker.started_at)
+        return await self.drain([s.id for s in worker.slots], worker.stopped_pids, bool(gpu_error))
 
     async def _enter(self, worker: Worker, user: str, new_lease: bool = True) -> Worker:
         """``worker``, now ``user``'s; killed (and its new lease's folder gone) if it could not be."""
@@ -132,21 +156,28 @@ class Pool:
             return
         await worker.kill()
 
-    async def replace(self, worker: Worker) -> Worker:
+    async def replace(self, worker: Worker, reason: str | None = None) -> Worker:
         """Kill ``worker`` and start a fresh one on the same slots (its session
-        goes on, with the same user and session folder)."""
-        await worker.kill()
+        goes on, with the same user and session folder); its requests fail
+        saying ``reason``. The fresh one starts once the old one's processes let
+        go of the slots, or at the drain deadline (the slots are then draining:
+        nobody else gets them once this session ends, until they are free)."""
+        await worker.kill(reason)
+        await self._settle(worker)
         tenant = worker.tenant
         fresh = await self._start(worker.slots, tenant)
         return await self._enter(fresh, tenant.user, new_lease=False) if tenant is not None else fresh
 
-    async def recycle(self, worker: Worker) -> None:
-        """Kill ``worker`` (its whole process group), end its lease's session
-        folder, and warm fresh ones on its slots."""
-        await worker.kill()
+    async def recycle(self, worker: Worker, reason: str | None = None) -> None:
+        """Kill ``worker`` (every process it started), end its lease's session
+        folder, and warm fresh ones on its slots once its processes let go of
+        them (a draining slot is warmed when it is drained)."""
+        await worker.kill(reason)
         self.launcher.release(worker.tenant)
+        draining = await self._settle(worker)
         for slot in worker.slots:
-            self._warm_up(slot.id)
+            if slot.id not in draining:
+                self._warm_up(slot.id)
 
     async def close(self) -> None:
         """Stop warming, and kill every worker at once (a worker still starting is given up)."""

@@ -83,16 +83,25 @@ class WorkerHost:
     def death_cause(self) -> str | None:
         return self._spawned.death_cause if self._spawned is not None else None
 
+    def fault_report(self) -> str | None:
+        return self._spawned.fault_report if self._spawned is not None else None
+
     async def signal(self, signum: int) -> None:
         if self._spawned is not None and self._spawned.km.provisioner is not None:
             await self._spawned.km.signal_kernel(signum)
 
-    async def kill(self) -> None:
+    async def terminate(self, grace: float) -> list[int]:
+        """The stop ladder on this node (see :mod:`.ladder`); the pids it found."""
+        pids: frozenset[int] = frozenset()
         if self._spawned is not None:
             spawned, self._spawned = self._spawned, None
-            await spawned.close(self._name)
+            pids = await spawned.terminate(self._name, grace)
         if self._launcher is not None:
             await self._launcher.close()
+        return sorted(pids)
+
+    async def kill(self) -> None:
+        await self.terminate(0.0)
 
 
 
@@ -108,6 +117,10 @@ class NodeAgent:
 
     def read(self, requests: list[tuple[str, int, list[int]]], shares: int) -> dict[str, Any]:
         return self._reader.read(requests, shares)
+
+    def holders(self, requests: list[tuple[str, int, list[int]]]) -> dict[str, Any]:
+        """Which of a stopped worker's pids still hold each slot (see :mod:`.drain`)."""
+        return self._reader.holders(requests)
 
     def release(self, folder: str) -> None:
         """Remove a session folder of this node's (nothing outside the session root)."""

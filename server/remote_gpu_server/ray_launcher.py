@@ -32,7 +32,7 @@ from .confinement import EnterSpec
 from .datachannel import DataChannel
 from .notes import make_identity, pinned_context
 from .isolation import Isolation, IsolationConfig, Tenant
-from .launcher import WorkerSpec, describe_exit
+from .launcher import WorkerSpec
 from .slots import Slot, SlotInventory
 from .transfer import Inline
 
@@ -215,6 +215,20 @@ class RayReadings:
         results = await asyncio.gather(*(read(n, s) for n, s in by_node.items()))
         return {slot_id: reading for found in results for slot_id, reading in found.items()}
 
+    async def holders(self, slot: Slot, pids: frozenset[int], device: int | None) -> tuple[Any, ...]:
+        """Which of ``pids`` still hold ``slot`` on its node (see :mod:`.drain`); a node
+        that does not answer, or is down, holds nothing we can wait for."""
+        if self.cluster.down(slot.node):
+            return ()
+        request = [(slot.id, slot.index if device is None else device, sorted(pids))]
+        try:
+            found = await asyncio.wait_for(self.cluster.agent(slot.node).holders.remote(request), POLL_TIMEOUT)
+        except Exception as exc:
+            log.info("asking node %s about slot %s failed: %s", self.cluster.label(slot.node), slot.id,
+                     _first_line(exc))
+            return ()
+        return tuple(found.get(slot.id, ()))
+
 
 class RayWorker:
     """A :class:`~.launcher.WorkerProcess` in a Ray actor on some node."""
@@ -238,8 +252,10 @@ class RayWorker:
         self.data = DataChannel.connect(info["data_address"], Inline(),
                                         pinned_context(False, *client, info["data_cert"]))
         self.death_cause: str | None = None
+        self.fault_report: str | None = None
         self._actor = actor
         self._killed = False
+        self._pids: frozenset[int] = frozenset()
 
     @property
     def pid(self) -> int | None:
@@ -280,11 +296,12 @@ class RayWorker:
             return -9
         self._unanswered = 0.0
         if code is not None:
-            try:  # its node may know better (out of host memory)
+            try:  # its node may know better (out of host memory, a fatal signal's report)
                 explained = await asyncio.wait_for(self._actor.death_cause.remote(), POLL_TIMEOUT)
+                self.fault_report = await asyncio.wait_for(self._actor.fault_report.remote(), POLL_TIMEOUT)
             except Exception:
                 explained = None
-            self.death_cause = explained or describe_exit(code)
+            self.death_cause = explained  # else the code and the report say it (see death.describe)
         return code
 
     async def signal(self, signum: int) -> None:
@@ -308,19 +325,25 @@ class RayWorker:
             self._tenants[self._tenant] = self.node_id
         return spec  # type: ignore[no-any-return]
 
-    async def kill(self) -> None:
+    async def terminate(self, grace: float) -> frozenset[int]:
+        """The stop ladder, run by its host actor on its node; then the actor goes."""
         if self._killed:
-            return
+            return self._pids
         self._killed = True
         self.data.close()
         import ray
 
         try:
-            await asyncio.wait_for(self._actor.kill.remote(), POLL_TIMEOUT)
+            pids = await asyncio.wait_for(self._actor.terminate.remote(grace), grace + POLL_TIMEOUT)
+            self._pids = frozenset(int(p) for p in pids)
         except Exception as exc:
             log.info("worker %s: its host on %s did not stop it cleanly: %s", self.name, self.node,
                      _first_line(exc))
         ray.kill(self._actor, no_restart=True)  # the actor goes, and Ray frees its GPUs
+        return self._pids
+
+    async def kill(self) -> None:
+        await self.terminate(0.0)
 
 
 def _first_line(exc: BaseException) -> str:

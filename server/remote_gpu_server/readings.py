@@ -40,7 +40,7 @@ from remote_gpu_kernel.typing import SlotId
 from .gpus import Slot
 from .history import HistoryPoint, ReadingHistory
 
-__all__ = ["NodeReader", "ProcessReading", "Readings", "RemoteReader", "SlotReading"]
+__all__ = ["NodeReader", "ProcessReading", "Readings", "RemoteReader", "SlotReading", "process_holders"]
 
 log = logging.getLogger("remote_gpu_server")
 
@@ -145,6 +145,17 @@ class _NvmlReader:
             problem=problem,
         )
 
+    def holders(self, slot: Slot, pids: frozenset[int]) -> tuple[ProcessReading, ...]:
+        """Which of ``pids`` hold memory on this GPU now (NVML's compute processes)."""
+        nv = self.nvml
+        try:
+            procs = nv.nvmlDeviceGetComputeRunningProcesses(self._handle(slot))
+        except nv.NVMLError as exc:  # a GPU NVML cannot read is held out by its health anyway
+            log.info("slot %s: NVML cannot list its processes: %s", slot.id, exc)
+            return ()
+        return tuple(ProcessReading(int(p.pid), int(p.usedGpuMemory or 0), False)
+                     for p in procs if int(p.pid) in pids)
+
     def _problem(self, handle: Any) -> str | None:
         """Why this GPU must not be leased now, or None if it is fine."""
         nv = self.nvml
@@ -163,6 +174,20 @@ class _NvmlReader:
             if is_pending:
                 return "a memory row remapping is pending: the GPU needs a reset"
         return None
+
+
+def process_holders(pids: frozenset[int]) -> tuple[ProcessReading, ...]:
+    """Which of ``pids`` still run (a zombie does not), with their resident memory."""
+    found = []
+    for pid in sorted(pids):
+        try:
+            proc = psutil.Process(pid)
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            found.append(ProcessReading(pid, int(proc.memory_info().rss), False))
+        except psutil.Error:
+            continue
+    return tuple(found)
 
 
 class _ProcessReader:
@@ -243,6 +268,17 @@ class NodeReader:
                 readings[slot_id] = reader.read(pids)
         return readings
 
+    def holders(self, requests: list[tuple[str, int, list[int]]]) -> dict[str, tuple[ProcessReading, ...]]:
+        """``requests``: (slot id, its GPU's index on this node, pids) → which of the
+        pids still hold that slot (see :mod:`.drain`)."""
+        gpu = self._gpu()
+        found = {}
+        for slot_id, device, pids in requests:
+            wanted = frozenset(pids)
+            found[slot_id] = (gpu.holders(Slot(SlotId(slot_id), "gpu", device, ""), wanted) if gpu is not None
+                              else process_holders(wanted))
+        return found
+
     def close(self) -> None:
         if self._nvml is not None:
             self._nvml.close()
@@ -319,6 +355,24 @@ class Readings:
     def healthy(self, slot_id: SlotId) -> bool:
         """False while the slot must not be leased (see the module docstring)."""
         return self._latest[slot_id].healthy
+
+    async def holders(self, slot_id: SlotId, pids: frozenset[int]) -> tuple[ProcessReading, ...]:
+        """Which of ``pids`` (a stopped worker's) still hold ``slot_id``: on a GPU, those
+        NVML lists as holding memory on it; on a CPU slot (or a GPU NVML cannot
+        read), those still running. Another node's slot is asked of that node."""
+        slot = next((s for s in self.slots if s.id == slot_id), None)
+        if slot is None or not pids:
+            return ()
+        if slot.node:
+            ask = getattr(self._remote, "holders", None)
+            if ask is None:
+                return ()
+            found: tuple[ProcessReading, ...] = await ask(slot, pids, self._devices(slot.id))
+            return found
+        gpu = self._gpu_reader() if slot.kind == "gpu" else None
+        if gpu is not None:
+            return await asyncio.to_thread(gpu.holders, slot, pids)
+        return await asyncio.to_thread(process_holders, pids)
 
     def _worker_pids(self) -> dict[SlotId, list[int]]:
         return {s.id: self._pids(s.id) for s in self.slots}

@@ -7,6 +7,9 @@ connection that sent them (request ids are per connection). Every output message
 the journal (:mod:`.journal`) with the session's next sequence number
 before it is sent, so nothing a cell printed is lost with a connection;
 the journal writes it to the store in the background, in order.
+
+How a running cell is stopped (interrupts, the notice that a cell ignores
+them, cancels, restarts, timeouts) is :mod:`.stopping`'s part of the session.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from remote_gpu_kernel.protocol.framing import Chunks
 from remote_gpu_kernel.typing import JobId, SessionId, SlotId
 
 from .journal import Journal
+from .stopping import INTERRUPT_NOTICE, CellStopping, RunningCell
 from .store import DatabaseUnavailable, OutputRow, Store
 from .worker import TransferAborted, Worker
 
@@ -35,10 +39,11 @@ log = logging.getLogger("remote_gpu_server")
 
 Send = Callable[[m.Message], Awaitable[None]]
 
-#: When a held interrupt is sent, in seconds after the previous try (see _deliver_interrupt).
-HELD_INTERRUPT_DELAYS = (0.1, 2.0, 3.0)
-#: In an error message, the mark of a CUDA context that cannot be used again.
-_POISONED = "device-side assert triggered"
+#: In an error message, the marks of a CUDA error that leaves the process's
+#: context unusable ("sticky" errors): the worker must be replaced.
+_POISONED = ("device-side assert triggered", "an illegal memory access was encountered",
+             "unspecified launch failure", "an illegal instruction was encountered",
+             "misaligned address", "uncorrectable ECC error encountered")
 
 
 class WorkerSource(Protocol):
@@ -46,7 +51,7 @@ class WorkerSource(Protocol):
 
     async def take(self, slot_ids: list[SlotId], user: str = "") -> Worker: ...
 
-    async def replace(self, worker: Worker) -> Worker: ...
+    async def replace(self, worker: Worker, reason: str | None = None) -> Worker: ...
 
     async def recycle(self, worker: Worker) -> None: ...
 
@@ -58,8 +63,10 @@ class SessionContext:
     pool: WorkerSource
     store: Store
     journal: Journal
-    #: After a cell's timeout interrupt, how long before its worker is killed.
+    #: After a cell's timeout interrupt (or a cancel's), how long before its worker is replaced.
     kill_grace: float
+    #: After an interrupt, how long before a cell that still runs is said to ignore interrupts.
+    interrupt_notice: float = INTERRUPT_NOTICE
 
 
 class Replier(Protocol):
@@ -75,7 +82,7 @@ class Replier(Protocol):
                           pieces: AsyncIterator[Any]) -> None: ...
 
 
-class Session:
+class Session(CellStopping):
     """``notebook`` is the path the client named in its lease request (None: a
     script); ``last_code`` is the code of the latest cell that was not silent.
     Both are for the status view (who runs what), shown to the owner only."""
@@ -103,7 +110,7 @@ class Session:
         self._replaced: Worker | None = None  # the worker being replaced, once
         self._notice: str | None = None
         self._seq = 0
-        self._running: object | None = None  # the running cell, if any
+        self._running: RunningCell | None = None  # the running cell, if any
         self._running_job: JobId | None = None
         self._interrupted = False
         self._started = False  # the running cell's code has begun (execute_input seen)
@@ -132,13 +139,14 @@ class Session:
             self._on_lost(self, f"node {worker.node} went away ({worker.exit_description})")
             return
         self._notice = (
-            f"The remote worker died ({worker.exit_description}): this session was restarted "
+            f"The remote worker died: {worker.exit_description}. This session was restarted "
             "with a fresh worker and its variables are gone."
         )
         self._restart(worker)
 
-    def _restart(self, old: Worker) -> None:
-        """Start a fresh worker for this session; requests wait for it.
+    def _restart(self, old: Worker, reason: str | None = None) -> None:
+        """Start a fresh worker for this session; requests wait for it. The old
+        one's requests fail saying ``reason``.
 
         Once per worker: a worker that dies while it is being killed for a
         timeout is replaced once, not twice.
@@ -148,7 +156,7 @@ class Session:
         self._replaced = old
         if self._watch is not asyncio.current_task():
             self._watch.cancel()  # the old worker's death is no news any more
-        self._replacing = asyncio.get_running_loop().create_task(self.context.pool.replace(old))
+        self._replacing = asyncio.get_running_loop().create_task(self.context.pool.replace(old, reason))
 
     async def worker(self) -> Worker:
         if self._replacing is not None:
@@ -171,62 +179,78 @@ class Session:
             self.touch()
             await self._notices(msg.req, conn)
             worker = await self.worker()
-            cell = self._running = object()
-            if not msg.silent:
-                self.last_code = msg.code
-            self._interrupted, self._started = False, False
-            # The job's row is written while the worker already runs the cell.
-            job_task = asyncio.get_running_loop().create_task(self._create_job(msg.code))
-            job: JobId | None = None
-
-            async def on_iopub(jmsg: dict[str, Any]) -> None:
-                nonlocal job
-                if job is None and not job_task.done():
-                    await asyncio.wait({job_task})
-                job = job_task.result()
-                self._seq += 1
-                self.context.journal.append(OutputRow(self.id, self._seq, job, jmsg["msg_type"],
-                                                      jmsg["content"]))
-                if jmsg["msg_type"] == "execute_input" and not self._started:
-                    self._started = True
-                    if self._interrupted:  # asked for before the code began: deliver it now
-                        self._deliver_interrupt(cell, worker)
-                if jmsg["msg_type"] != "execute_input":  # the client has the code already
-                    await conn.send(m.Output(msg.req, self._seq, jmsg["msg_type"], jmsg["content"],
-                                             tuple(jmsg.get("buffers") or ())))
-
-            task = asyncio.get_running_loop().create_task(worker.execute(
-                msg.code, on_iopub, silent=msg.silent, store_history=msg.store_history,
-                allow_stdin=msg.allow_stdin,
-            ))
-            # The answer goes out before the job's last write, which stays
-            # under the lock: the next request still sees the job finished.
+            cell = self._running = RunningCell(conn, msg.req)
             try:
-                reply = await self._await_cell(task, worker, msg.timeout)
-            except (WorkerDied, TimeoutError) as exc:
-                died = isinstance(exc, WorkerDied)
-                await conn.send(m.Error(msg.req, m.ErrorCode.WORKER_DIED if died else m.ErrorCode.TIMEOUT,
-                                        str(exc)))
-                await self._end_job(await job_task, "failed" if died else "timed_out", str(exc))
-                return
-            job = await job_task
-            status = reply.get("status", "error")
-            await conn.send(m.ExecuteDone(
-                msg.req, job or 0, status, reply.get("execution_count"),
-                str(reply.get("ename") or ""), str(reply.get("evalue") or ""),
-                [str(line) for line in reply.get("traceback") or []],
-            ))
-            if status == "error" and _POISONED in str(reply.get("evalue")):
-                # CUDA cannot recover from a device-side assert in this process.
-                self._notice = ("The previous cell hit a CUDA device-side assert, which leaves the "
-                                "process unusable: the worker was restarted and its variables are gone.")
-                self._restart(worker)
-            if status == "ok":
-                await self._end_job(job, "completed")
-            elif self._interrupted and reply.get("ename") == "KeyboardInterrupt":
-                await self._end_job(job, "cancelled", "interrupted by the user")
+                await self._execute(msg, conn, worker, cell)
+            finally:
+                cell.done.set()
+
+    async def _execute(self, msg: m.Execute, conn: Replier, worker: Worker, cell: RunningCell) -> None:
+        """The body of :meth:`execute`, under its lock."""
+        if not msg.silent:
+            self.last_code = msg.code
+        self._interrupted, self._started = False, False
+        # The job's row is written while the worker already runs the cell.
+        job_task = asyncio.get_running_loop().create_task(self._create_job(msg.code))
+        job: JobId | None = None
+
+        async def on_iopub(jmsg: dict[str, Any]) -> None:
+            nonlocal job
+            if job is None and not job_task.done():
+                await asyncio.wait({job_task})
+            job = job_task.result()
+            self._seq += 1
+            self.context.journal.append(OutputRow(self.id, self._seq, job, jmsg["msg_type"],
+                                                  jmsg["content"]))
+            if jmsg["msg_type"] == "execute_input" and not self._started:
+                self._started = True
+                if self._interrupted:  # asked for before the code began: deliver it now
+                    self._deliver_interrupt(cell, worker)
+            if jmsg["msg_type"] != "execute_input":  # the client has the code already
+                await conn.send(m.Output(msg.req, self._seq, jmsg["msg_type"], jmsg["content"],
+                                         tuple(jmsg.get("buffers") or ())))
+
+        task = asyncio.get_running_loop().create_task(worker.execute(
+            msg.code, on_iopub, silent=msg.silent, store_history=msg.store_history,
+            allow_stdin=msg.allow_stdin,
+        ))
+        # The answer goes out before the job's last write, which stays
+        # under the lock: the next request still sees the job finished.
+        try:
+            reply = await self._await_cell(task, worker, msg.timeout)
+        except (WorkerDied, TimeoutError) as exc:
+            died = isinstance(exc, WorkerDied)
+            await conn.send(m.Error(msg.req, m.ErrorCode.WORKER_DIED if died else m.ErrorCode.TIMEOUT,
+                                    str(exc)))
+            if cell.stopping is not None:  # the ladder stopped it: cancelled, and why
+                await self._end_job(await job_task, *cell.stopping)
+            elif died:  # the cause, not what the session does next
+                await self._end_job(await job_task, "failed",
+                                    f"the worker died: {worker.exit_description or exc}")
             else:
-                await self._end_job(job, "failed", f"{reply.get('ename')}: {reply.get('evalue')}")
+                await self._end_job(await job_task, "timed_out", str(exc))
+            return
+        job = await job_task
+        status = reply.get("status", "error")
+        await conn.send(m.ExecuteDone(
+            msg.req, job or 0, status, reply.get("execution_count"),
+            str(reply.get("ename") or ""), str(reply.get("evalue") or ""),
+            [str(line) for line in reply.get("traceback") or []],
+        ))
+        poisoned = next((p for p in _POISONED if p in str(reply.get("evalue"))), None)
+        if status == "error" and poisoned is not None:
+            # CUDA cannot recover from a sticky error (a device-side assert) in this process.
+            gpu = worker.describe_gpu_errors()
+            self._notice = (f"The previous cell hit a CUDA error that leaves the process unusable "
+                            f"({poisoned}{'; ' + gpu if gpu else ''}): the worker was restarted and "
+                            "its variables are gone.")
+            self._restart(worker)
+        if status == "ok":
+            await self._end_job(job, "completed")
+        elif self._interrupted and reply.get("ename") == "KeyboardInterrupt":
+            await self._end_job(job, "cancelled", "interrupted by the user")
+        else:
+            await self._end_job(job, "failed", f"{reply.get('ename')}: {reply.get('evalue')}")
 
     async def _create_job(self, code: str) -> JobId | None:
         """The cell's job, or None when the database cannot take it now (the cell runs anyway)."""
@@ -250,41 +274,6 @@ class Session:
             log.warning("session %s: job %s ended %s but the store could not record it: %s",
                         self.id[:8], job, state, exc)
 
-    async def _await_cell(self, task: asyncio.Task[dict[str, Any]], worker: Worker,
-                          timeout: float | None) -> dict[str, Any]:
-        """The cell's reply; past ``timeout``: interrupt, then kill and restart."""
-        done, _ = await asyncio.wait({task}, timeout=timeout)
-        if done:
-            return task.result()
-        await worker.interrupt()
-        done, _ = await asyncio.wait({task}, timeout=self.context.kill_grace)
-        if done and not isinstance(task.exception(), WorkerDied):
-            raise TimeoutError(f"the cell ran past its timeout of {timeout:g} s and was interrupted")
-        self._notice = (
-            f"The previous cell ran past its timeout of {timeout:g} s and did not stop when "
-            "interrupted: its worker was restarted and the session's variables are gone."
-        )
-        self._restart(worker)
-        if not task.done():
-            task.cancel()
-        raise TimeoutError(
-            f"the cell ran past its timeout of {timeout:g} s and did not stop when interrupted; "
-            "its worker was killed"
-        )
-
-    async def interrupt(self) -> None:
-        """Interrupt the running cell.
-
-        ipykernel ignores SIGINT between requests, so an interrupt that
-        arrives before the cell's code has begun is held and delivered once
-        the worker announces the code (``execute_input``); see
-        :meth:`_deliver_interrupt`.
-        """
-        if self._running is not None:
-            self._interrupted = True
-            if self._started:
-                await self._worker.interrupt()
-
     @property
     def running(self) -> bool:
         """A cell runs now."""
@@ -293,26 +282,6 @@ class Session:
     @property
     def running_job(self) -> JobId | None:
         return self._running_job
-
-    def _deliver_interrupt(self, cell: object, worker: Worker) -> None:
-        """Send a held interrupt a moment after the code was announced, and again
-        while the same cell keeps running.
-
-        A SIGINT in the instant between ipykernel's ``execute_input`` and the
-        start of the user's code can land in ipykernel's own handler rather
-        than in the cell; the short delay keeps clear of it, and the repeats
-        cover a machine too loaded for the delay to be enough.
-        """
-        async def deliver() -> None:
-            for delay in HELD_INTERRUPT_DELAYS:
-                await asyncio.sleep(delay)
-                if self._running is not cell or not worker.alive:
-                    return
-                await worker.interrupt()
-
-        task = asyncio.get_running_loop().create_task(deliver())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     def send_input(self, value: str) -> None:
         """Answer the running cell's ``input()``; an answer with nobody to take it is dropped."""
@@ -429,4 +398,4 @@ class Session:
                 worker = await self._replacing
             except Exception:
                 pass
-        await self.context.pool.recycle(worker)
+        await self.context.pool.recycle(worker, f"the session was released ({reason})")

@@ -24,6 +24,7 @@ from remote_gpu_kernel.typing import SlotId
 
 from .batch import BatchRunner
 from .broker import LeaseBroker
+from .drain import Draining
 from .gpus import Slot
 from .readings import Readings
 from .sessions import SessionManager
@@ -64,6 +65,8 @@ class ServerView:
     node_down: Callable[[Slot], bool] = lambda slot: False
     #: The ``isolation`` object: whether workers are isolated, and how.
     isolation: Callable[[], dict[str, Any]] = lambda: {"isolated": False, "mode": "none"}
+    #: Whether a slot is draining: processes of a stopped worker still hold it (see :mod:`.drain`).
+    draining: Callable[[SlotId], Draining | None] = lambda slot: None
 
     def pool(self, slot: SlotId) -> str:
         """The name of the scheduler pool ``slot`` belongs to."""
@@ -87,12 +90,13 @@ async def _leases(view: ServerView, me: TokenInfo) -> list[dict[str, Any]]:
         leases.append({"id": session.id, "kind": "interactive", "user": session.user,
                        "slots": [str(s) for s in session.slots], "since": created.get(session.id, now),
                        "idle": round(idle, 1), "job": None, "busy": session.busy,
-                       "notebook": session.notebook, "first_line": first_line(session.last_code)})
+                       "notebook": session.notebook, "first_line": first_line(session.last_code),
+                       "ignoring_interrupt": session.ignoring_interrupt})
     for run in view.batch.running():
         leases.append({"id": run.session, "kind": "batch", "user": run.user,
                        "slots": [str(s) for s in run.slots], "since": run.since, "idle": 0.0,
                        "job": run.job, "busy": True, "notebook": None,
-                       "first_line": first_line(run.code)})
+                       "first_line": first_line(run.code), "ignoring_interrupt": False})
     for lease in leases:
         lease["mine"] = lease["user"] == me.user
         if not (lease["mine"] or me.admin):
@@ -100,6 +104,7 @@ async def _leases(view: ServerView, me: TokenInfo) -> list[dict[str, Any]]:
             lease["job"] = None
             lease["notebook"] = None
             lease["first_line"] = None
+            lease["ignoring_interrupt"] = None
     return leases
 
 
@@ -160,11 +165,15 @@ async def status_json(view: ServerView, me: TokenInfo) -> dict[str, Any]:
     for slot in view.slots:
         reading = view.readings.latest(slot.id)
         problem = reading.problem
+        draining = view.draining(slot.id)
+        if draining is not None and problem is None:
+            problem = draining.problem
         if view.node_down(slot):
             problem = f"node {view.node_label(slot)} is down: not leased until it is back"
         slots.append({
             "id": slot.id, "kind": slot.kind, "name": slot.name, "uuid": slot.uuid,
             "healthy": problem is None, "problem": problem,
+            "draining": draining.as_json() if draining is not None else None,
             "pool": view.pool(slot.id),
             "node": view.node_label(slot),
             "readings": reading.as_json(),

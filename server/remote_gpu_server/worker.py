@@ -14,12 +14,13 @@ how it ended.
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import itertools
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from hmac import compare_digest
 from typing import Any
 
@@ -28,6 +29,7 @@ from jupyter_client.session import Session
 
 from remote_gpu_kernel.errors import WorkerDied
 
+from . import death
 from .datachannel import TransferAborted
 from .errors import IsolationError
 from .gpus import Slot
@@ -35,15 +37,21 @@ from .isolation import Tenant
 from .launcher import WorkerLauncher, WorkerProcess, WorkerSpec, describe_exit
 from .worker_kernel import COMM_TARGET
 
-__all__ = ["IopubHandler", "TransferAborted", "Worker", "describe_exit"]
+__all__ = ["GpuErrors", "IopubHandler", "TransferAborted", "Worker", "describe_exit"]
 
 log = logging.getLogger("remote_gpu_server")
 
 IopubHandler = Callable[[dict[str, Any]], Awaitable[None]]
 
+#: What the GPUs of ``slots`` reported since a time (``time.monotonic()``): a
+#: clause like "the GPU reported Xid 79 (...)", or None (see :mod:`.xid`).
+GpuErrors = Callable[[Sequence[Slot], float], "str | None"]
+
 _names = itertools.count(1)
 #: How often a worker's process is polled for an unexpected exit.
 DEATH_POLL_SECONDS = 0.2
+#: How many of a worker's cells it remembers, to name the line a fatal signal hit.
+CELLS_REMEMBERED = 200
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
@@ -110,15 +118,25 @@ class Worker:
     """One kernel process serving one session; see the module docstring.
 
     Make it with :meth:`start`, then send requests; call :meth:`kill` at the
-    end (the launcher kills the process and everything it started).
+    end (the launcher's stop ladder ends the process and everything it
+    started: SIGTERM, ``term_grace`` seconds, SIGKILL).
     """
 
-    def __init__(self, process: WorkerProcess, slots: list[Slot]) -> None:
+    def __init__(self, process: WorkerProcess, slots: list[Slot], *, term_grace: float = 0.0,
+                 gpu_errors: GpuErrors | None = None) -> None:
         self.process = process
         self.slots = list(slots)
         self.name = process.name
+        self.term_grace = term_grace
+        self.gpu_errors = gpu_errors
+        self.started_at = time.monotonic()
         self.language_info: dict[str, Any] = {}
+        #: How it ended, in one line (see :mod:`.death`), once it died.
         self.exit_description: str | None = None
+        #: The pids the stop ladder found when it was killed (for the drain check).
+        self.stopped_pids: frozenset[int] = frozenset()
+        #: ``(execution count, code)`` of the cells it ran, the latest last.
+        self.cells: collections.deque[tuple[int | None, str]] = collections.deque(maxlen=CELLS_REMEMBERED)
         self._kc: Any = None
         self._pending: dict[str, _Pending] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -131,17 +149,20 @@ class Worker:
 
     @classmethod
     async def start(cls, launcher: WorkerLauncher, slots: list[Slot], startup_timeout: float = 120,
-                    tenant: Tenant | None = None) -> Worker:
+                    tenant: Tenant | None = None, *, term_grace: float = 0.0,
+                    gpu_errors: GpuErrors | None = None) -> Worker:
         """Launch a worker on ``slots`` and wait until it answers; raises WorkerDied if it cannot.
 
         ``tenant``: the lease it continues (a replacement keeps its user and folder).
+        ``term_grace``: seconds between SIGTERM and SIGKILL when it is killed;
+        ``gpu_errors``: what its GPUs reported while it ran, for its cause of death.
         """
         name = f"w{next(_names)}-{'+'.join(s.id for s in slots)}".replace("/", "-")
         try:
             process = await launcher.launch(WorkerSpec(name, tuple(slots), startup_timeout, tenant))
         except Exception as exc:
             raise WorkerDied(f"worker {name} failed to start: {exc}", code="worker_died") from exc
-        worker = cls(process, slots)
+        worker = cls(process, slots, term_grace=term_grace, gpu_errors=gpu_errors)
         try:
             await worker._connect(startup_timeout)
         except BaseException:
@@ -277,19 +298,30 @@ class Worker:
             code = await self.process.poll()
             if code is not None:
                 self._explained = self.process.death_cause is not None
-                self.exit_description = self.process.death_cause or describe_exit(code)
-                log.warning("worker %s on %s died (%s)", self.name, self.node, self.exit_description)
+                self.exit_description = self.describe_death(code)
+                log.warning("worker %s on %s died: %s", self.name, self.node, self.exit_description)
                 self._fail_all(WorkerDied(self.death_message(), code="worker_died"))
                 self.died.set()
                 return
+
+    def describe_gpu_errors(self) -> str | None:
+        """What its GPUs reported while it ran (an Xid error), or None."""
+        return self.gpu_errors(self.slots, self.started_at) if self.gpu_errors is not None else None
+
+    def describe_death(self, code: int | None) -> str:
+        """How it ended (see :mod:`.death`), with what its GPUs reported meanwhile."""
+        how = death.describe(code, explained=self.process.death_cause,
+                             report=getattr(self.process, "fault_report", None), cells=list(self.cells))
+        gpu = self.describe_gpu_errors()
+        return f"{how}; {gpu}" if gpu else how
 
     def death_message(self) -> str:
         where = f" on {self.node}" if self.process.remote else ""
         after = ("This session ends: the next cell leases another GPU." if self.lost_node
                  else "The session gets a fresh worker for the next cell.")
         how = (f"was stopped: {self.exit_description}" if self._explained and not self.process.remote
-               else f"died ({self.exit_description})")
-        return f"the worker process{where} {how}; its variables are gone. {after}"
+               else f"died: {self.exit_description}")
+        return f"the worker process{where} {how}. Its variables are gone. {after}"
 
     def _fail_all(self, exc: BaseException) -> None:
         for pending in self._pending.values():
@@ -335,13 +367,17 @@ class Worker:
     async def execute(self, code: str, on_iopub: IopubHandler, *, silent: bool = False,
                       store_history: bool = True, allow_stdin: bool = False) -> dict[str, Any]:
         """Run ``code``; ``on_iopub`` gets every output message; returns the reply."""
+        self.cells.append((None, code))  # a fatal signal in it is reported with its line
         reply = await self.request(
             "execute_request",
             {"code": code, "silent": silent, "store_history": store_history,
              "user_expressions": {}, "allow_stdin": allow_stdin, "stop_on_error": True},
             on_iopub,
         )
-        return dict(reply["content"])
+        content = dict(reply["content"])
+        if self.cells and self.cells[-1] == (None, code):
+            self.cells[-1] = (content.get("execution_count"), code)
+        return content
 
     def _new_transfer(self) -> tuple[int, asyncio.Future[tuple[dict[str, Any], list[Any]]]]:
         self.check_alive()
@@ -428,17 +464,25 @@ class Worker:
         if self.alive:
             await self.process.signal(signal.SIGINT)
 
-    async def kill(self) -> None:
-        """Kill the worker and everything it started, and clean up; safe to call twice."""
+    async def kill(self, reason: str | None = None) -> None:
+        """End the worker and everything it started, and clean up; safe to call twice.
+
+        The launcher's stop ladder runs (SIGTERM to every process of the
+        worker, SIGKILL after :attr:`term_grace`); the pids it found are kept
+        in :attr:`stopped_pids`. Pending requests then fail with
+        :class:`WorkerDied` saying ``reason`` (default: it was shut down).
+        """
         if self._killed:
             return
         self._killed = True
-        self._fail_all(WorkerDied(f"worker {self.name} was shut down", code="worker_died"))
         for task in self._tasks:
             task.cancel()
-        if self._kc is not None:
-            self._kc.stop_channels()
-        await self.process.kill()
+        try:
+            self.stopped_pids = await self.process.terminate(self.term_grace)
+        finally:
+            if self._kc is not None:
+                self._kc.stop_channels()
+            self._fail_all(WorkerDied(reason or f"worker {self.name} was shut down", code="worker_died"))
         for task in self._tasks:
             try:
                 await task

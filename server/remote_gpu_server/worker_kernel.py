@@ -213,14 +213,6 @@ def die_with_parent() -> None:
     parent = int(os.environ.pop("RGPU_PARENT_PID", "0") or 0)
     if parent and os.getppid() != parent:  # the parent died before the call
         os._exit(1)
-def _out_of_memory_message(limit: str) -> Any:
-    """An IPython handler that says a MemoryError hit the worker's limit."""
-    def handler(shell: Any, etype: type[BaseException], value: BaseException, tb: Any,
-                tb_offset: int | None = None) -> Any:
-        value.args = (f"out of host memory (limit {limit})" + (f": {value}" if str(value) else ""),)
-        return shell.showtraceback((etype, value, tb), tb_offset=tb_offset)
-
-    return handler
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -234,8 +226,11 @@ def main(argv: list[str] | None = None) -> None:
     _preload()
     app = IPKernelApp.instance()
     app.initialize(sys.argv[1:] if argv is None else argv)
-    if spawn is not None and spawn.data_limit is not None and spawn.limit_text:
-        app.shell.set_custom_exc((MemoryError,), _out_of_memory_message(spawn.limit_text))
+    from . import worker_errors
+
+    worker_errors.enable_fault_report()  # after ipykernel's own faulthandler setup
+    limit = spawn.limit_text if spawn is not None and spawn.data_limit is not None else None
+    worker_errors.install(app.shell, limit)
     from remote_gpu_kernel.iostreams import skip_empty_flushes
 
     for stream in (sys.stdout, sys.stderr):  # ipykernel's OutStreams, made by initialize()

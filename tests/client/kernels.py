@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import Any
 
 from jupyter_client.blocking.client import BlockingKernelClient
@@ -39,7 +40,9 @@ class LocalKernel:
         self.kc.start_channels()
         self.kc.wait_for_ready(timeout=60)
 
-    def run(self, code: str, timeout: float = 60, interrupt_after: float | None = None) -> CellRun:
+    def run(self, code: str, timeout: float = 60, interrupt_after: float | None = None,
+            on_message: Callable[[dict[str, Any]], None] | None = None) -> CellRun:
+        """Run ``code``; ``on_message`` sees each of its output messages as it comes."""
         msg_id = self.kc.execute(code)
         start = time.monotonic()
         messages: list[tuple[float, dict[str, Any]]] = []
@@ -62,6 +65,8 @@ class LocalKernel:
                     break
                 continue
             messages.append((time.monotonic() - start, msg))
+            if on_message is not None:
+                on_message(msg)
         # Skip stale replies: wait_for_ready may have sent several
         # kernel_info requests on a loaded machine, each answered later.
         while True:

@@ -210,6 +210,28 @@ def test_interrupt_stops_a_remote_sleep_quickly(kernel: KernelDriver) -> None:
     assert kernel.run("print('alive')").stdout == "alive\n"
 
 
+def test_a_cell_that_ignores_the_stop_button_says_so_and_a_second_press_restarts_its_worker(
+        kernel: KernelDriver) -> None:
+    kernel.run("kept = 1")
+    presses: list[float] = []
+
+    def on_message(msg: dict[str, Any]) -> None:
+        text = str(msg["content"].get("text", ""))
+        if ("ignoring" in text and not presses) or ("ignores interrupts" in text and len(presses) == 1):
+            presses.append(time.monotonic())
+            kernel.km.interrupt_kernel()
+
+    run = kernel.run("import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+                     "print('ignoring', flush=True)\ntime.sleep(600)", on_message=on_message)
+    assert len(presses) == 2 and presses[1] - presses[0] >= 2.5
+    notices = [m["content"]["text"] for m in run.messages if m["msg_type"] == "stream"
+               and "ignores interrupts" in m["content"]["text"]]
+    assert len(notices) == 1 and notices[0].count("\n") == 1  # one line in the cell
+    assert run.status == "error" and run.reply["ename"] == "WorkerDied"
+    assert "interrupted twice" in run.reply["evalue"]
+    assert kernel.run("print('kept' in globals())").stdout == "False\n"
+
+
 def test_interrupt_request_message_also_stops_the_remote_cell(kernel: KernelDriver) -> None:
     """JupyterLab sends interrupt_request on the control channel for interrupt_mode "message"."""
     def on_message(msg: dict[str, Any]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -89,6 +90,27 @@ def test_interrupting_the_local_cell_interrupts_the_remote_one(kernel: LocalKern
     assert after.stdout == "alive True\n"
 
 
+def test_a_cell_that_ignores_the_interrupt_says_so_and_the_next_interrupt_restarts_its_worker(
+        kernel: LocalKernel) -> None:
+    kernel.run("%%gpu\nkept = 1")
+    presses: list[float] = []
+
+    def press(msg: dict[str, object]) -> None:
+        content = msg["content"]
+        assert isinstance(content, dict)
+        text = str(content.get("text", ""))
+        if ("ignoring" in text and not presses) or ("ignores interrupts" in text and len(presses) == 1):
+            presses.append(time.monotonic())
+            kernel.km.interrupt_kernel()  # the stop button, twice
+
+    run = kernel.run("%%gpu\nimport signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+                     "print('ignoring', flush=True)\ntime.sleep(600)", timeout=60, on_message=press)
+    assert len(presses) == 2 and presses[1] - presses[0] >= 2.5
+    assert "Interrupt again to restart its worker" in run.stderr  # one line, in the cell
+    assert run.reply["ename"] == "WorkerDied" and "interrupted twice" in run.reply["evalue"]
+    assert kernel.run("%%gpu\nprint('kept' in globals())").stdout == "False\n"
+
+
 def test_help_lists_the_options(kernel: LocalKernel) -> None:
     run = kernel.run("%%gpu?\n")
     # IPython sends help to the notebook's pager, as a payload of the reply
@@ -108,7 +130,7 @@ def test_the_cell_after_a_worker_death_says_so_even_when_it_pushes(kernel: Local
     kernel.run("%%gpu\nkept = 1")
     died = kernel.run("%%gpu\nimport os\nos._exit(3)")
     assert died.reply["status"] == "error" and died.reply["ename"] == "WorkerDied"
-    assert "worker process died (exit code 3)" in died.reply["evalue"]
+    assert "worker process died: exit code 3" in died.reply["evalue"]
     assert died.of_type("error")[0]["traceback"] == [f"WorkerDied: {died.reply['evalue']}"]
     kernel.run("x = 5")
     run = kernel.run("%%gpu -i x\nprint('kept' in globals(), x)")

@@ -98,6 +98,16 @@ class FakeApi implements IRemoteGpuApi {
     this.reply = status({ sessions: [], slots: this.reply.slots.map(s => ({ ...s, holder: null })) });
   }
 
+  async restartSession(id: string): Promise<void> {
+    this.calls.push(`restart ${id}`);
+    if (this.actionFailure) {
+      throw new RemoteGpuError(this.actionFailure);
+    }
+    this.reply = status({
+      sessions: this.reply.sessions.map(s => ({ ...s, busy: false, ignoring_interrupt: false }))
+    });
+  }
+
   count(name: string): number {
     return this.calls.filter(call => call === name).length;
   }
@@ -245,6 +255,24 @@ describe('RemoteGpuModel', () => {
     expect(api.count('status')).toBe(before + 1);
     expect(model.myLeases).toEqual([]);
     expect(model.slots[0].holder).toBeNull();
+    expect(model.actionError).toBeNull();
+  });
+
+  it('restarts the worker of a lease whose cell ignores interrupts', async () => {
+    const api = new FakeApi();
+    api.reply = status({
+      sessions: api.reply.sessions.map(s => ({ ...s, busy: true, ignoring_interrupt: true }))
+    });
+    const model = makeModel(api, 60000);
+    model.visible = true;
+    await model.refresh();
+    expect(model.myLeases[0].ignoring_interrupt).toBe(true);
+    const pending = model.restart('s1');
+    expect(model.isPending('restart:s1')).toBe(true);
+    expect(model.isPending('session:s1')).toBe(false);
+    await pending;
+    expect(api.calls).toContain('restart s1');
+    expect(model.myLeases[0].ignoring_interrupt).toBe(false);
     expect(model.actionError).toBeNull();
   });
 

@@ -142,6 +142,8 @@ async def test_unknown_job_and_session(jp_fetch: Fetch, configured: str) -> None
     assert "999999" in body["message"]
     code, body = await get_json(jp_fetch, "sessions", "abcdef0123", "release", method="POST")
     assert (code, body["reason"]) == (404, "not-found")
+    code, body = await get_json(jp_fetch, "sessions", "abcdef0123", "restart", method="POST")
+    assert (code, body["reason"]) == (404, "not-found")
 
 
 async def test_handlers_need_a_jupyter_login(jp_serverapp: Any, jp_base_url: str,
@@ -157,7 +159,7 @@ def one_slot(fresh_server: ServerProcess) -> Iterator[ServerProcess]:
     fresh_server.stop()
 
 
-async def test_release_frees_the_lease(jp_fetch: Fetch, rgpu_env: pytest.MonkeyPatch,
+async def test_restart_and_release_of_the_lease(jp_fetch: Fetch, rgpu_env: pytest.MonkeyPatch,
                                        one_slot: ServerProcess) -> None:
     token = one_slot.token("bob")
     rgpu_env.setenv("RGPU_URL", one_slot.url)
@@ -177,6 +179,10 @@ async def test_release_frees_the_lease(jp_fetch: Fetch, rgpu_env: pytest.MonkeyP
         code, body = await get_json(jp_fetch, "jobs")
         assert code == 200 and body, "the executed cell is a job"
         assert body[0]["state"] in ("completed", "running")
+
+        code, body = await get_json(jp_fetch, "sessions", session.id, "restart", method="POST")
+        assert code == 200 and body["restarted"] is True, body
+        assert session.execute("print('x' in globals())", on_output=lambda _: None).stdout == "False\n"
 
         code, body = await get_json(jp_fetch, "sessions", session.id, "release", method="POST")
         assert code == 200, body

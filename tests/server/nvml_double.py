@@ -1,14 +1,17 @@
 """``FakeNvml``: a test double of the ``pynvml`` module, for machines without a GPU.
 
-It implements only the calls :mod:`remote_gpu_server.readings` makes, with
-pynvml's names, constants and error classes. Each GPU is a
-:class:`FakeGpu` whose fields a test changes to simulate load, ECC errors,
-pending page retirements or remaps, or a GPU that fell off the bus.
+It implements only the calls :mod:`remote_gpu_server.readings` and
+:mod:`remote_gpu_server.xid` make, with pynvml's names, constants and error
+classes. Each GPU is a :class:`FakeGpu` whose fields a test changes to
+simulate load, ECC errors, pending page retirements or remaps, a GPU that
+fell off the bus, or processes that keep memory on it;
+:meth:`FakeNvml.xid` makes the driver report an Xid error.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import queue
 from collections import namedtuple
 from typing import Any
 
@@ -17,6 +20,7 @@ __all__ = ["FakeGpu", "FakeNvml"]
 _Utilization = namedtuple("_Utilization", "gpu memory")
 _Memory = namedtuple("_Memory", "total free used")
 _Process = namedtuple("_Process", "pid usedGpuMemory")
+_Event = namedtuple("_Event", "device eventType eventData gpuInstanceId computeInstanceId")
 
 
 @dataclasses.dataclass
@@ -44,6 +48,7 @@ class FakeNvml:
     NVML_VOLATILE_ECC = 0
     NVML_FEATURE_DISABLED = 0
     NVML_FEATURE_ENABLED = 1
+    nvmlEventTypeXidCriticalError = 0x8
 
     class NVMLError(Exception):
         pass
@@ -57,10 +62,20 @@ class FakeNvml:
     class NVMLError_LibraryNotFound(NVMLError):
         pass
 
+    class NVMLError_Timeout(NVMLError):
+        pass
+
     def __init__(self, gpus: list[FakeGpu], *, library: bool = True) -> None:
         self.gpus = gpus
         self.library = library
         self.initialised = 0
+        self._events: queue.Queue[Any] = queue.Queue()
+        self._registered: list[FakeGpu] = []
+
+    def xid(self, gpu: FakeGpu, xid: int) -> None:
+        """The driver reports Xid ``xid`` on ``gpu`` (to whoever registered for it)."""
+        if gpu in self._registered:
+            self._events.put(_Event(gpu, self.nvmlEventTypeXidCriticalError, xid, 0, 0))
 
     def nvmlInit(self) -> None:
         if not self.library:
@@ -84,6 +99,25 @@ class FakeNvml:
             if gpu.uuid == uuid:
                 return self._gpu(gpu)
         raise self.NVMLError("Not Found")
+
+    def nvmlDeviceGetUUID(self, handle: FakeGpu) -> str:
+        return self._gpu(handle).uuid
+
+    def nvmlEventSetCreate(self) -> object:
+        return object()
+
+    def nvmlDeviceRegisterEvents(self, handle: FakeGpu, types: int, event_set: object) -> None:
+        assert types == self.nvmlEventTypeXidCriticalError
+        self._registered.append(handle)
+
+    def nvmlEventSetWait(self, event_set: object, timeout_ms: int) -> Any:
+        try:
+            return self._events.get(timeout=timeout_ms / 1000)
+        except queue.Empty:
+            raise self.NVMLError_Timeout("Timeout") from None
+
+    def nvmlEventSetFree(self, event_set: object) -> None:
+        pass
 
     def nvmlDeviceGetUtilizationRates(self, handle: FakeGpu) -> Any:
         return _Utilization(self._gpu(handle).utilization, 0)

@@ -5,6 +5,7 @@ Skipped (with the reason) where torch.cuda.is_available() is false.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,3 +69,36 @@ def test_gpu_memory_is_freed_when_the_lease_ends(gpu_server: ServerProcess, tmp_
         assert pid not in pids()
     finally:
         pynvml.nvmlShutdown()
+
+
+def test_a_device_side_assert_restarts_the_worker_and_says_so(gpu_server: ServerProcess) -> None:
+    notices: list[str] = []
+    with Client(gpu_server.url, gpu_server.token()).session(on_notice=notices.append) as s:
+        s.execute("keep = 1", on_output=lambda _: None)
+        # An index out of range in a CUDA kernel: a device-side assert.
+        result = s.execute("import torch\nt = torch.zeros(4, device='cuda')\nt[torch.tensor([10], device='cuda')] = 1\n"
+                           "torch.cuda.synchronize()", on_output=lambda _: None)
+        assert result.status == "error" and result.error is not None
+        assert "device-side assert triggered" in result.error.evalue
+        after = s.execute("print('keep' in globals())", on_output=lambda _: None)
+        assert after.stdout == "False\n"  # the poisoned process was replaced
+        assert any("CUDA error that leaves the process unusable" in n and "device-side assert" in n
+                   for n in notices)
+        assert s.execute("import torch\nprint(torch.ones(2, device='cuda').sum().item())",
+                         on_output=lambda _: None).stdout == "2.0\n"
+
+
+def test_cuda_out_of_memory_fails_the_cell_says_what_is_held_and_the_session_goes_on(
+        gpu_server: ServerProcess) -> None:
+    with Client(gpu_server.url, gpu_server.token()).session() as s:
+        s.execute("import torch\nkeep = torch.empty(1 << 30, dtype=torch.uint8, device='cuda')",
+                  on_output=lambda _: None)
+        result = s.execute("huge = torch.empty(1 << 50, dtype=torch.uint8, device='cuda')",
+                           on_output=lambda _: None)
+        assert result.status == "error" and result.error is not None
+        assert result.error.ename == "OutOfMemoryError"
+        message = result.error.evalue
+        assert re.search(r"this session holds [\d.]+ GiB of GPU 0 \(PyTorch's cache included\); "
+                         r"[\d.]+ [GM]iB of [\d.]+ GiB are free on it", message), message
+        assert "The session goes on" in message
+        assert s.execute("print(keep.numel())", on_output=lambda _: None).stdout == f"{1 << 30}\n"

@@ -122,3 +122,49 @@ def test_priorities_and_fair_share_hold_across_nodes(ray_server: ServerProcess) 
             thread.join(60)
         for session in list(held):
             session.release()
+
+
+def test_the_stop_ladder_runs_on_the_workers_node(ray_server: ServerProcess) -> None:
+    """A cell on a node that ignores interrupts, with a child in a session of its own: the second
+    interrupt replaces the worker there, and the child goes too (the nodes run on this machine)."""
+    import asyncio
+
+    import psutil
+
+    from remote_gpu_kernel import WorkerDied
+    from remote_gpu_kernel.sync import run
+
+    code = ("import os, signal, subprocess, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+            "child = subprocess.Popen(['sleep', '600'], start_new_session=True)\n"
+            "print(os.getpid(), child.pid, flush=True)\ntime.sleep(600)")
+    with Client(ray_server.url, ray_server.token("alice")).session() as session:
+        inner = session._session
+
+        async def scenario() -> tuple[list[int], str]:
+            printed: asyncio.Queue[str] = asyncio.Queue()
+            notices: asyncio.Queue[str] = asyncio.Queue()
+            cell = asyncio.ensure_future(inner.execute(
+                code, lambda out: printed.put_nowait(out.content.get("text", "")), on_notice=notices.put_nowait))
+            pids = [int(p) for p in (await asyncio.wait_for(printed.get(), 60)).split()]
+            await inner.interrupt()
+            assert "ignores interrupts" in await asyncio.wait_for(notices.get(), 30)
+            await inner.interrupt()
+            try:
+                await asyncio.wait_for(cell, 60)
+            except WorkerDied as exc:
+                return pids, str(exc)
+            raise AssertionError("the cell was not stopped")
+
+        def alive(pid: int) -> bool:
+            try:
+                return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                return False
+
+        pids, error = run(scenario())
+        assert "interrupted twice" in error
+        deadline = time.monotonic() + 20
+        while any(alive(p) for p in pids):
+            assert time.monotonic() < deadline, f"processes {pids} outlived the ladder on their node"
+            time.sleep(0.1)
+        assert session.execute("print('fresh')", on_output=lambda _: None).stdout == "fresh\n"

@@ -10,6 +10,7 @@ client sends can raise out of this module.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -146,7 +147,7 @@ class Connection:
             self._spawn(self._on_lease(msg), msg.req)
         elif isinstance(msg, m.Release):
             self._spawn(self._on_release(msg), msg.req)
-        elif isinstance(msg, (m.Execute, m.Push, m.Pull, m.ShellRequest, m.Replay)):
+        elif isinstance(msg, (m.Execute, m.Push, m.Pull, m.ShellRequest, m.Replay, m.Park, m.Resume)):
             self._spawn(self._on_session_request(msg), msg.req)
         else:
             self._spawn(self.send(m.Error(getattr(msg, "req", 0), m.ErrorCode.BAD_REQUEST,
@@ -222,7 +223,7 @@ class Connection:
         # The notebook's path is only shown, never used as a path here: keep
         # a bounded piece of it.
         notebook = msg.notebook[:MAX_NOTEBOOK] if msg.notebook else None
-        session = await sessions.open(self.user, slots, notebook)
+        session = await sessions.open(self.user, slots, notebook, priority=msg.priority)
         if self.closed:
             # Granted, but the client left while its worker started: it never
             # learns the session id, so nobody could resume it. Free it now
@@ -253,7 +254,7 @@ class Connection:
 
     async def _granted(self, req: int, session: Session, resumed: bool, waited: float) -> None:
         await self.send(m.LeaseGranted(req, session.id, [str(s) for s in session.slots], resumed,
-                                       waited, session.language_info))
+                                       waited, session.language_info, parked=session.parked is not None))
 
     async def _on_release(self, msg: m.Release) -> None:
         session = self.session
@@ -282,6 +283,12 @@ class Connection:
             await session.shell_request(msg, self)
         elif isinstance(msg, m.Replay):
             await session.replay(msg, self)
+        elif isinstance(msg, m.Park):
+            parked = await self.sessions.park(session, "on request")
+            await self.send(dataclasses.replace(parked, req=req))
+        elif isinstance(msg, m.Resume):
+            await session.resume(req, self)
+            await self._granted(req, session, resumed=True, waited=0.0)
 
     async def _closed(self) -> None:
         self.closed = True

@@ -56,6 +56,10 @@ MODULES = [
     "remote_gpu_server.sandbox",
     "remote_gpu_server.confinement",
     "remote_gpu_server.worker_output",
+    "remote_gpu_server.parked_namespace",
+    "remote_gpu_server.parking",
+    "remote_gpu_server.parking_state",
+    "remote_gpu_server.store.parked",
 ]
 
 

@@ -237,6 +237,21 @@ def test_local_cells_and_push_pull(kernel: KernelDriver) -> None:
     assert "connected" in status.stdout and "cpu" in status.stdout
 
 
+def test_park_answers_completion_locally_and_the_next_cell_restores(kernel: KernelDriver) -> None:
+    kernel.run("import numpy as np\nparked_values = np.arange(4.0)\ndef parked_sum():\n"
+               "    return parked_values.sum()")
+    run = kernel.run("%gpu park")
+    assert run.status == "ok" and "Remote GPU: Parked session" in run.stdout and "gave cpu" in run.stdout
+    assert "is parked" in kernel.run("%gpu status").stdout
+    complete = kernel.request("complete_request", {"code": "parked_v", "cursor_pos": 8}).reply
+    assert complete["status"] == "ok" and "parked_values" not in complete["matches"]  # no GPU taken for a Tab
+    run = kernel.run("print(parked_sum())")
+    assert run.status == "ok" and run.stdout == "6.0\n"
+    assert "Remote GPU: Restored the session parked" in run.stderr
+    assert "not parked" in kernel.run("%gpu resume").stdout
+    assert "connected" in kernel.run("%gpu status").stdout
+
+
 def test_widgets_render_and_take_updates_from_the_notebook(kernel: KernelDriver) -> None:
     run = kernel.run("import ipywidgets as w\nseen = []\ns = w.IntSlider(value=3)\n"
                      "s.observe(lambda ch: print('changed to', ch['new']), 'value')\ns")

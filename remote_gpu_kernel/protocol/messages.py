@@ -199,6 +199,12 @@ class LeaseGranted(Message):
     language_info: dict[str, Any] = dataclasses.field(default_factory=dict)
     parked: bool = False
 
+    def fields(self) -> dict[str, Any]:
+        fields = super().fields()
+        if not self.parked:  # what a client from before parking can read
+            del fields["parked"]
+        return fields
+
 
 @dataclasses.dataclass(frozen=True)
 class Execute(Message):

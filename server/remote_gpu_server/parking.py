@@ -150,11 +150,13 @@ class Parking:
 
     # -- parking ----------------------------------------------------------------
 
-    async def park(self, session: Session, reason: str) -> tuple[ParkedState, float]:
+    async def park(self, session: Session, reason: str, idle_for: float | None = None) -> tuple[ParkedState, float]:
         """Save ``session``'s namespace and free its worker and slots.
 
         Returns the new state and how long the save took. Raises ParkError
         (nothing changed: the session goes on as it was) or SessionReleased.
+        ``idle_for``: park only if the session is still idle that long once
+        its running request (if any) is done.
         """
         if self.unsupported is not None:
             raise ParkError(f"this server cannot park sessions: {self.unsupported}")
@@ -163,6 +165,8 @@ class Parking:
                 raise SessionReleased(f"this session was released ({session.released})", code="released")
             if session.parked is not None:
                 return session.parked, 0.0
+            if idle_for is not None and time.monotonic() - session.last_active < idle_for:
+                raise ParkError("it was used again before it could be parked")
             worker = await session.worker()
             tenant = worker.tenant
             if tenant is None:

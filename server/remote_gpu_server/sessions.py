@@ -110,6 +110,8 @@ class SessionManager:
             self._release_soon(session, reason)
 
     async def _park_or_release(self, session: Session, why: str, reason: str) -> None:
+        if session.send is not None:
+            return  # its client came back meanwhile
         try:
             await self.park(session, why)
         except RemoteGpuError as exc:
@@ -129,23 +131,23 @@ class SessionManager:
         self._releasing.add(task)
         task.add_done_callback(self._releasing.discard)
 
-    async def park(self, session: Session, reason: str) -> m.Parked:
-        """Park ``session`` (see :mod:`.parking`); the client hears of it. Raises
-        ParkError (nothing changed) or SessionReleased."""
+    async def park(self, session: Session, reason: str, idle_for: float | None = None) -> m.Parked:
+        """Park ``session`` (see :mod:`.parking`); returns what to tell its client.
+        Raises ParkError (nothing changed) or SessionReleased."""
         if self.parking is None:
             raise ParkError("this server does not park sessions")
         slots = [str(s) for s in session.slots]
-        state, seconds = await self.parking.park(session, reason)
+        state, seconds = await self.parking.park(session, reason, idle_for)
         self._unparkable.pop(session.id, None)
         return m.Parked(0, session.id, list(state.names), dict(state.unsaved), state.nbytes, seconds, reason,
                         park_text(session.id, state, seconds, slots))
 
-    async def _park_idle(self, session: Session, reason: str) -> None:
+    async def _park_idle(self, session: Session, reason: str, idle_for: float) -> None:
         try:
-            parked = await self.park(session, reason)
+            parked = await self.park(session, reason, idle_for)
         except RemoteGpuError as exc:
             self._unparkable[session.id] = session.last_active
-            log.warning("session %s of %s was not parked: %s", session.id[:8], session.user, exc)
+            log.info("session %s of %s was not parked: %s", session.id[:8], session.user, exc)
             return
         finally:
             self._parking.discard(session.id)
@@ -203,7 +205,7 @@ class SessionManager:
                 pool = self.broker.pool_of(session.slots[0])
                 which = "--park-after" if pool.park_after is None else f"the park-after of pool {pool.name!r}"
                 self._parking.add(session.id)
-                self._spawn(self._park_idle(session, f"idle for more than {park_after:g} s, {which}"))
+                self._spawn(self._park_idle(session, f"idle for more than {park_after:g} s, {which}", park_after))
                 continue
             timeout = self.idle_timeout(session)
             if now - session.last_active > timeout:

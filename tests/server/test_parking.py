@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -69,9 +70,14 @@ def test_park_gives_the_slot_back_and_the_next_cell_restores_everything(fresh_se
     s = Client(fresh_server.url, alice).session(on_notice=notices.append)
     assert s.execute(STATE, on_output=quiet).ok
     before = expected_check(s)
+    where = s.execute("import os\nopen('notes.txt', 'w').write('kept')\nprint(os.getuid(), os.getcwd())",
+                      on_output=quiet).stdout
 
     parked = s.park()
     assert s.parked
+    uid, cwd = where.split()
+    saved = Path(cwd) / ".rgpu-parked"
+    assert saved.stat().st_uid == int(uid) and (os.geteuid() != 0 or int(uid) != 0)  # the user's files
     assert {"arr", "same", "tensor", "row", "model", "opt", "factor", "triple"} <= set(parked.names)
     assert set(parked.unsaved) == {"numbers"} and "generator" in parked.unsaved["numbers"]
     assert "gave cpu0 back" in parked.text and "numbers (cannot pickle 'generator' object)" in parked.text
@@ -83,6 +89,9 @@ def test_park_gives_the_slot_back_and_the_next_cell_restores_everything(fresh_se
     assert entry["id"] == s.id and entry["mine"] and entry["nbytes"] == parked.nbytes and entry["gpus"] == 1
     other = ApiClient(fresh_server.url, bob).status()["parked"][0]
     assert other["user"] == "alice" and other["id"] is None and other["names"] is None
+    metrics = ApiClient(fresh_server.url, alice).metrics()
+    assert 'rgpu_sessions_parked{pool="default"} 1.0' in metrics
+    assert 'rgpu_leases_active{' not in metrics and 'rgpu_slots_free{pool="default"} 1.0' in metrics
 
     # The scheduler counts the parked session as holding nothing: bob gets the only slot.
     b = Client(fresh_server.url, bob).session()
@@ -99,6 +108,8 @@ def test_park_gives_the_slot_back_and_the_next_cell_restores_everything(fresh_se
     assert result.ok, result.error
     assert result.stdout == before
     assert s.execute("print('numbers' in globals())", on_output=quiet).stdout == "False\n"
+    assert s.execute("print(os.getuid(), os.getcwd(), open('notes.txt').read())",
+                     on_output=quiet).stdout == f"{uid} {cwd} kept\n"  # the same session folder
     [restored] = [n for n in notices if n.startswith("Restored")]
     assert f"{len(parked.names)} name(s)" in restored and "on cpu0" in restored and "numbers" in restored
     assert not s.parked and s.slots == ["cpu0"]

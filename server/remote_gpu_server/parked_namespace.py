@@ -473,7 +473,9 @@ def load(folder: str | os.PathLike[str], namespace: dict[str, Any] | None = None
 
 
 def folder_size(folder: str | os.PathLike[str]) -> int:
-    """Bytes the files directly in ``folder`` take on disk (links not followed)."""
+    """Bytes of the files directly in ``folder`` (links not followed). Their
+    sizes, not their blocks: a file just written may not have all its
+    blocks yet, and the count must not depend on when it is taken."""
     total = 0
     try:
         entries: Iterable[os.DirEntry[str]] = list(os.scandir(folder))
@@ -484,5 +486,5 @@ def folder_size(folder: str | os.PathLike[str]) -> int:
             info = entry.stat(follow_symlinks=False)
         except FileNotFoundError:
             continue
-        total += info.st_blocks * 512
+        total += info.st_size
     return total

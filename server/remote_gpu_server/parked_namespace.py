@@ -44,14 +44,13 @@ import shutil
 import sys
 import time
 import types
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import cloudpickle
 
-__all__ = ["FORMAT", "ParkQuotaExceeded", "Restored", "Saved", "folder_size", "load", "read_manifest",
-           "savable_names", "save"]
+__all__ = ["FORMAT", "ParkQuotaExceeded", "Restored", "Saved", "load", "read_manifest", "savable_names", "save"]
 
 #: The version of the folder's layout; :func:`load` refuses others.
 FORMAT = 1
@@ -470,21 +469,3 @@ def load(folder: str | os.PathLike[str], namespace: dict[str, Any] | None = None
                   for device, count in loader.off_device.items())
     return Restored(values, failed, dict(manifest.get("unsaved") or {}), notes, int(manifest["nbytes"]),
                     time.perf_counter() - started)
-
-
-def folder_size(folder: str | os.PathLike[str]) -> int:
-    """Bytes of the files directly in ``folder`` (links not followed). Their
-    sizes, not their blocks: a file just written may not have all its
-    blocks yet, and the count must not depend on when it is taken."""
-    total = 0
-    try:
-        entries: Iterable[os.DirEntry[str]] = list(os.scandir(folder))
-    except FileNotFoundError:
-        return 0
-    for entry in entries:
-        try:
-            info = entry.stat(follow_symlinks=False)
-        except FileNotFoundError:
-            continue
-        total += info.st_size
-    return total

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -36,7 +38,6 @@ from remote_gpu_kernel.typing import SlotId
 
 from .broker import LeaseBroker
 from .isolation import Isolation, Tenant
-from .parked_namespace import folder_size
 from .parking_state import PARK_FOLDER, ParkConfig, ParkedState
 from .pool import Pool
 from .scheduler import LeaseRequestEntry
@@ -64,6 +65,31 @@ def format_size(nbytes: float) -> str:
         if nbytes >= scale:
             return f"{nbytes / scale:.3g} {unit}"
     return f"{int(nbytes)} bytes"
+
+
+def tree_size(folder: Path, skip: str | None = None) -> int:
+    """Bytes of the regular files under ``folder`` (a user's: links are never
+    followed, and the walk holds each folder open, so swapping one for a link
+    midway leads nowhere); ``skip`` names a top-level entry left out."""
+    total = 0
+    try:
+        top = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return 0
+    try:
+        for root, dirs, files, dir_fd in os.fwalk(".", dir_fd=top):
+            if root == "." and skip is not None and skip in dirs:
+                dirs.remove(skip)
+            for name in files if root != "." or skip is None else [f for f in files if f != skip]:
+                try:
+                    info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat.S_ISREG(info.st_mode):
+                    total += info.st_size
+    finally:
+        os.close(top)
+    return total
 
 
 def _ago(seconds: float) -> str:
@@ -143,10 +169,11 @@ class Parking:
         """Bytes ``user``'s parked sessions hold on disk here."""
         return sum(s.parked.nbytes for s in self._sessions() if s.parked is not None and s.user == user)
 
-    def _quota_text(self, user: str, used: int) -> str:
+    def _quota_text(self, user: str, used: int, kept: int) -> str:
         assert self.config.quota is not None
         others = f"; your other parked sessions hold {format_size(used)}" if used else ""
-        return f"--park-quota {format_size(self.config.quota)}{others}"
+        files = f"; the files this session wrote in its folder take {format_size(kept)}" if kept else ""
+        return f"--park-quota {format_size(self.config.quota)}{others}{files}"
 
     # -- parking ----------------------------------------------------------------
 
@@ -172,9 +199,11 @@ class Parking:
             if tenant is None:
                 raise ParkError("this session has no session folder to park into; it goes on as it was")
             used = self.used(session.user)
-            limit = None if self.config.quota is None else self.config.quota - used
+            # What the session wrote in its folder stays while it is parked: it counts too.
+            kept = await asyncio.to_thread(tree_size, tenant.folder, PARK_FOLDER)
+            limit = None if self.config.quota is None else self.config.quota - used - kept
             if limit is not None and limit <= 0:
-                raise ParkError(f"your park quota is used up ({self._quota_text(session.user, used)}): "
+                raise ParkError(f"your park quota is used up ({self._quota_text(session.user, used, kept)}): "
                                 "release a parked session first; this one goes on as it was")
             folder = tenant.folder / PARK_FOLDER
             try:
@@ -184,11 +213,11 @@ class Parking:
             if not reply.get("ok"):
                 if reply.get("ename") == "ParkQuotaExceeded":
                     raise ParkError(f"parking needs more than the {format_size(limit or 0)} left of your park "
-                                    f"quota ({self._quota_text(session.user, used)}); nothing was lost, the "
-                                    "session goes on as it was")
+                                    f"quota ({self._quota_text(session.user, used, kept)}); nothing was lost, "
+                                    "the session goes on as it was")
                 raise ParkError(f"the namespace could not be saved ({reply.get('ename')}: {reply.get('evalue')}); "
                                 "nothing was lost, the session goes on as it was")
-            nbytes = await asyncio.to_thread(folder_size, folder)
+            nbytes = await asyncio.to_thread(tree_size, tenant.folder)
             slots = list(session.slots)
             state = ParkedState(tenant, self.broker.pool_of(slots[0]).name, len(slots), session.priority,
                                 tuple(reply.get("names") or ()), dict(reply.get("unsaved") or {}), nbytes,

@@ -53,7 +53,8 @@ class ParkedState:
     names: tuple[str, ...]
     #: Names that could not be saved, and why.
     unsaved: Mapping[str, str]
-    #: Bytes the files take on disk (what counts against ``--park-quota``).
+    #: Bytes of the session folder's files, the saved namespace and what the
+    #: session wrote there (what counts against ``--park-quota``).
     nbytes: int
     #: When it was parked (epoch seconds) and why.
     parked_at: float

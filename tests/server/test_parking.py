@@ -63,6 +63,24 @@ def expected_check(session: Any) -> str:
     return result.stdout
 
 
+def test_a_session_folder_is_measured_without_following_links(tmp_path: Path) -> None:
+    from remote_gpu_server.parking import tree_size
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.bin").write_bytes(b"x" * 1000)
+    (tmp_path / ".rgpu-parked").mkdir()
+    (tmp_path / ".rgpu-parked" / "blobs.bin").write_bytes(b"y" * 300)
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    outside.mkdir()
+    (outside / "big.bin").write_bytes(b"z" * 5000)
+    (tmp_path / "link").symlink_to(outside)
+    (tmp_path / "file-link").symlink_to(outside / "big.bin")
+    assert tree_size(tmp_path) == 1300
+    assert tree_size(tmp_path, skip=".rgpu-parked") == 1000
+    assert tree_size(tmp_path / "link") == 0  # a link is not a session folder
+    assert tree_size(tmp_path / "missing") == 0
+
+
 def test_park_gives_the_slot_back_and_the_next_cell_restores_everything(fresh_server: ServerProcess) -> None:
     fresh_server.start()
     alice, bob = fresh_server.token("alice"), fresh_server.token("bob")

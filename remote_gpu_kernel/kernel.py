@@ -81,6 +81,7 @@ class _Cell:
         self.parent = parent
         self._display_id = f"rgpu-lease-{uuid.uuid4().hex}"
         self._shown = False
+        self._restoring = False  # the line says the cell waits to restore a parked session
 
     def send(self, msg_type: str, content: dict[str, Any], buffers: Any = None) -> None:
         k = self.kernel
@@ -121,10 +122,15 @@ class _Cell:
                    f"{', '.join(session.slots)}; its variables are kept")
 
     def restoring(self, position: int) -> None:
+        self._restoring = True
         self._line(f"Remote GPU: waiting for a GPU to restore the parked session, number {position} "
                    "in the queue")
 
     def notice(self, text: str) -> None:
+        if self._restoring:  # the server's next word after the wait is what it restored
+            self._restoring = False
+            self._line(f"Remote GPU: {text}")
+            return
         self.stream(f"Remote GPU: {text}\n")
 
     def missed(self, outputs: list[m.Output]) -> None:

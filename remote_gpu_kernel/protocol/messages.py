@@ -378,10 +378,11 @@ class Park(Message):
 
 @dataclasses.dataclass(frozen=True)
 class Parked(Message):
-    """Session ``session`` is parked: ``names`` were saved (``nbytes`` on disk,
-    in ``seconds``), ``unsaved`` maps each name that could not be saved to
-    why, ``reason`` says why it was parked, and ``text`` says it all in one
-    line for the user."""
+    """Session ``session`` is parked: ``names`` were saved (in ``seconds``),
+    ``unsaved`` maps each name that could not be saved to why, ``nbytes`` is
+    what the parked session holds on the server's disk (its session folder,
+    the saved namespace in it), ``reason`` says why it was parked, and
+    ``text`` says it all in one line for the user."""
 
     type = MessageType.PARKED
     req: int

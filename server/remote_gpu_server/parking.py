@@ -102,10 +102,10 @@ def _ago(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
-def park_text(session_id: str, state: ParkedState, seconds: float, slots: Iterable[str]) -> str:
-    """The one line that says a session was parked."""
+def park_text(session_id: str, state: ParkedState, seconds: float, saved: int, slots: Iterable[str]) -> str:
+    """The one line that says a session was parked (``saved`` bytes in ``seconds``)."""
     text = (f"Parked session {session_id[:8]} ({state.reason}): saved {len(state.names)} name(s), "
-            f"{format_size(state.nbytes)}, in {seconds:.1f} s and gave {', '.join(slots)} back; "
+            f"{format_size(saved)}, in {seconds:.1f} s and gave {', '.join(slots)} back; "
             "the next cell restores it.")
     if state.unsaved:
         text += f" Not saved, so gone at the restore: {_names(state.unsaved, dict(state.unsaved))}."
@@ -177,10 +177,12 @@ class Parking:
 
     # -- parking ----------------------------------------------------------------
 
-    async def park(self, session: Session, reason: str, idle_for: float | None = None) -> tuple[ParkedState, float]:
+    async def park(self, session: Session, reason: str,
+                   idle_for: float | None = None) -> tuple[ParkedState, float, int]:
         """Save ``session``'s namespace and free its worker and slots.
 
-        Returns the new state and how long the save took. Raises ParkError
+        Returns the new state, how long the save took and how many bytes it
+        wrote (0 and 0 if it was parked already). Raises ParkError
         (nothing changed: the session goes on as it was) or SessionReleased.
         ``idle_for``: park only if the session is still idle that long once
         its running request (if any) is done.
@@ -191,7 +193,7 @@ class Parking:
             if session.released:
                 raise SessionReleased(f"this session was released ({session.released})", code="released")
             if session.parked is not None:
-                return session.parked, 0.0
+                return session.parked, 0.0, 0
             if idle_for is not None and time.monotonic() - session.last_active < idle_for:
                 raise ParkError("it was used again before it could be parked")
             worker = await session.worker()
@@ -229,7 +231,7 @@ class Parking:
         await self._record(session, state)
         log.info("parked session %s of %s (%s): %d name(s), %s", session.id[:8], session.user, reason,
                  len(state.names), format_size(nbytes))
-        return state, float(reply.get("seconds") or 0.0)
+        return state, float(reply.get("seconds") or 0.0), int(reply.get("nbytes") or 0)
 
     async def _record(self, session: Session, state: ParkedState) -> None:
         if session.released:
@@ -266,6 +268,9 @@ class Parking:
             slots = list(await waiting)
         except asyncio.CancelledError:
             current = asyncio.current_task()
+            if session.released and (current is None or not current.cancelling()):
+                raise SessionReleased(f"this session was released ({session.released})",
+                                      code="released") from None
             if waiting.cancelled() and (current is None or not current.cancelling()):
                 raise ParkError("interrupted while waiting for a GPU to restore the parked session; "
                                 "it stays parked", code="park_refused") from None
@@ -315,7 +320,7 @@ class Parking:
                     "are gone.")
         names = list(reply.get("names") or ())
         text = (f"Restored the session parked {ago} ago ({state.reason}) on {where}{wait}: "
-                f"{len(names)} name(s), {format_size(state.nbytes)}, in {took:.1f} s.")
+                f"{len(names)} name(s), {format_size(int(reply.get('nbytes') or 0))}, in {took:.1f} s.")
         unsaved = dict(reply.get("unsaved") or {})
         if unsaved:
             text += f" Gone, as they could not be saved: {_names(unsaved, unsaved)}."

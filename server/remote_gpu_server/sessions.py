@@ -137,10 +137,10 @@ class SessionManager:
         if self.parking is None:
             raise ParkError("this server does not park sessions")
         slots = [str(s) for s in session.slots]
-        state, seconds = await self.parking.park(session, reason, idle_for)
+        state, seconds, saved = await self.parking.park(session, reason, idle_for)
         self._unparkable.pop(session.id, None)
         return m.Parked(0, session.id, list(state.names), dict(state.unsaved), state.nbytes, seconds, reason,
-                        park_text(session.id, state, seconds, slots))
+                        park_text(session.id, state, seconds, saved, slots))
 
     async def _park_idle(self, session: Session, reason: str, idle_for: float) -> None:
         try:

@@ -312,6 +312,30 @@ def test_gpu_is_leased_lazily_and_the_queue_is_shown_in_place(
     fresh_server.wait_for_log("released session .* of carol: released by the client")
 
 
+def test_restoring_a_parked_session_shows_the_queue_then_what_came_back_in_place(
+        jupyter_path: Path, fresh_server: ServerProcess, tmp_path: Path) -> None:
+    from remote_gpu_kernel import Client
+
+    fresh_server.start()
+    driver = KernelDriver(kernel_env(tmp_path, fresh_server.url, fresh_server.token("carol"))).start()
+    try:
+        driver.run("kept = 'for later'")
+        assert driver.run("%gpu park").status == "ok"
+        holder = Client(fresh_server.url, fresh_server.token("dave")).session()
+        msg_id = driver.client.execute("print(kept)")
+        queued = driver.iopub_for(msg_id, lambda ms: any(m["msg_type"] == "display_data" for m in ms))
+        shown = [m for m in queued if m["msg_type"] == "display_data"][0]["content"]
+        assert "waiting for a GPU to restore the parked session, number 1" in shown["data"]["text/plain"]
+        holder.release()
+        run = driver.collect(msg_id, 60)
+        (update,) = run.of("update_display_data")
+        assert update["transient"]["display_id"] == shown["transient"]["display_id"]
+        assert "Restored the session parked" in update["data"]["text/plain"]
+        assert run.stdout == "for later\n"
+    finally:
+        driver.shutdown()
+
+
 def test_interrupt_while_queued_withdraws_the_request(
         jupyter_path: Path, fresh_server: ServerProcess, tmp_path: Path) -> None:
     from remote_gpu_kernel import Client

@@ -81,6 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from remote_gpu_server.isolation import IsolationConfig
     from remote_gpu_server.limits import Limits, parse_bytes
     from remote_gpu_server.origins import OriginPolicy
+    from remote_gpu_server.parking_state import ParkConfig, parse_quota
     from remote_gpu_server.scheduler import Quota, SchedulerConfig
 
     try:
@@ -101,6 +102,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         max_requests=args.max_requests,
                         connection_memory=parse_bytes(args.connection_memory, "--connection-memory",
                                                       1 << 20))
+        parking = ParkConfig(park_after=args.park_after, quota=parse_quota(args.park_quota),
+                             keep=args.park_keep * 86400)
     except ValueError as exc:
         sys.exit(f"rgpu serve: {exc}")
     if args.keep_output is not None and not args.keep_output > 0:
@@ -114,7 +117,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           price_per_gpu_hour=args.price_per_gpu_hour, scheduler=scheduler,
                           server_id=args.server_id, keep_output=args.keep_output, ray=args.ray,
                           certfile=certfile, keyfile=keyfile, allow_origins=tuple(args.allow_origin),
-                          isolation=isolation, limits=limits)
+                          isolation=isolation, limits=limits, parking=parking)
 
     refused: tuple[type[Exception], ...] = (ValueError, RuntimeError, IsolationError, *_store_errors())
 
@@ -361,10 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-wait", type=float, default=4 * 3600.0, metavar="SECONDS",
                    help="aging: a request waiting this long goes before newer ones of any priority "
                         "(default 14400)")
-    p.add_argument("--pool", action="append", default=[], metavar="NAME=SLOTS[:idle=S][:max-gpus=N]",
-                   help="a named pool of slots with its own idle timeout and quota, e.g. "
-                        "interactive=gpu0,gpu1:idle=900:max-gpus=1 (repeatable; unnamed slots "
-                        "form the pool 'default')")
+    p.add_argument("--pool", action="append", default=[],
+                   metavar="NAME=SLOTS[:idle=S][:max-gpus=N][:park-after=S]",
+                   help="a named pool of slots with its own idle timeout, quota and park-after, e.g. "
+                        "interactive=gpu0,gpu1:idle=900:max-gpus=1:park-after=600 (repeatable; unnamed "
+                        "slots form the pool 'default')")
     p.add_argument("--ray", metavar="ADDRESS",
                    help="lease the GPUs of every node of a running Ray cluster (auto, or HOST:PORT of "
                         "its head): this server becomes the cluster's head; needs "
@@ -387,6 +391,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "repeatable; '*' allows any (default: none; clients that send no Origin "
                         "are never affected)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    park = p.add_argument_group("parking idle sessions (see README: Parking a session)")
+    park.add_argument("--park-after", type=float, metavar="SECONDS",
+                      help="park a session idle this long: its variables go to disk on this machine and "
+                           "its GPU back to the queue; its next cell restores them (a pool's park-after "
+                           "overrides it; default: only when asked, with %%gpu park)")
+    park.add_argument("--park-quota", default="none", metavar="SIZE",
+                      help="disk each user's parked sessions may take, like 20G or 500M "
+                           "(default: none, no limit)")
+    park.add_argument("--park-keep", type=float, default=7.0, metavar="DAYS",
+                      help="release a session parked longer than this; its files go (default 7)")
     iso = p.add_argument_group("isolation of workers (see README: Deploying for a team)")
     iso.add_argument("--run-as", choices=["dynamic", "accounts"], default="dynamic",
                      help="as root: run each user's workers as a uid of their own from --uid-range "

@@ -198,6 +198,14 @@ def _status_tables(status: dict[str, Any]) -> Any:
                       str(q["job"] or ""))
     parts: list[Any] = [slots]
     parts.append(queue if status["queue"] else "[dim]nobody is waiting[/]")
+    parked = status.get("parked") or []  # servers before parking have none
+    if parked:
+        table = Table("user", "gpus", "pool", "parked", "on disk", "session", "notebook", title="parked (no GPU held)")
+        for p in parked:
+            table.add_row(p["user"] + (" (you)" if p["mine"] else ""), str(p["gpus"]), p["pool"],
+                          _duration(now - p["since"]), _bytes(p["nbytes"]), (p["id"] or "")[:8],
+                          p.get("notebook") or "")
+        parts.append(table)
     return Group(*parts)
 
 

@@ -32,6 +32,7 @@ from .errors import (
     AuthenticationError,
     ConnectionLost,
     LeaseError,
+    ParkError,
     ProtocolError,
     RemoteError,
     RemoteGpuError,
@@ -101,6 +102,8 @@ def error_from(msg: m.Error) -> RemoteGpuError:
         return SessionReleased(msg.message, code=code.value)
     if code is m.ErrorCode.LEASE_REFUSED:
         return LeaseError(msg.message, code=code.value)
+    if code is m.ErrorCode.PARK_REFUSED:
+        return ParkError(msg.message)
     if code in (m.ErrorCode.SERIALIZATION, m.ErrorCode.NAME_ERROR):
         ename, _, evalue = msg.message.partition(": ")
         return RemoteError.from_remote(ename, evalue, [])
@@ -124,6 +127,7 @@ class _Link:
         self._ids = itertools.count(1)
         self._send_lock = asyncio.Lock()
         self.on_released: Callable[[m.Released], None] | None = None
+        self.on_parked: Callable[[m.Parked], None] | None = None
         self.task = asyncio.get_running_loop().create_task(self._read())
 
     def open(self) -> tuple[int, asyncio.Queue[Any]]:
@@ -170,6 +174,8 @@ class _Link:
         req = getattr(msg, "req", 0)
         if isinstance(msg, m.Released) and self.on_released is not None:
             self.on_released(msg)
+        if isinstance(msg, m.Parked) and self.on_parked is not None:
+            self.on_parked(msg)
         inbox = self.inboxes.get(req) if req else None
         if inbox is not None:
             inbox.put_nowait(msg)
@@ -357,16 +363,26 @@ class AsyncSession:
         self.waited = granted.waited
         self.language_info = dict(granted.language_info)
         self.released: str | None = None
+        #: The session is parked: its namespace is on disk on the server and it
+        #: holds no GPU; the next request (or :meth:`resume`) restores it.
+        self.parked = granted.parked
+        #: What the latest park saved (None when it was parked before this client came).
+        self.park_info: m.Parked | None = None
         self.on_notice = on_notice
         #: The journal sequence number of the last output this client saw;
         #: after a reconnect, ``replay(after=old.last_seq)`` gets the rest.
         self.last_seq = 0
         self._link = link
         link.on_released = self._on_released
+        link.on_parked = self._on_parked
 
     def _on_released(self, msg: m.Released) -> None:
         if msg.session == self.id:
             self.released = msg.reason
+
+    def _on_parked(self, msg: m.Parked) -> None:
+        if msg.session == self.id:
+            self.parked, self.park_info = True, msg
 
     @property
     def connected(self) -> bool:
@@ -397,15 +413,26 @@ class AsyncSession:
                 _notify(self.on_notice, msg.text)
             elif isinstance(msg, kinds):
                 return msg
+            elif isinstance(msg, m.LeaseGranted):
+                self._granted(msg)
+
+    def _granted(self, msg: m.LeaseGranted) -> None:
+        """A parked session was restored on the way (its request's own answer follows)."""
+        self.slots = list(msg.slots)
+        self.language_info = dict(msg.language_info) or self.language_info
+        self.parked = msg.parked
 
     async def execute(self, code: str, on_output: OutputCallback | None = None, *,
                       timeout: float | None = None, silent: bool = False,
                       store_history: bool = True, allow_stdin: bool = False,
-                      on_notice: NoticeCallback | None = None) -> ExecuteResult:
+                      on_notice: NoticeCallback | None = None,
+                      on_queue: QueueCallback | None = None) -> ExecuteResult:
         """Run ``code`` remotely.
 
         ``on_output`` is called with every output message as it arrives; by
-        default stream text goes to the local stdout/stderr.
+        default stream text goes to the local stdout/stderr. A parked
+        session is restored first: ``on_queue(position)`` hears its place in
+        the queue while it waits for a GPU, and a notice says what came back.
         """
         handler = on_output if on_output is not None else write_streams
         outputs: list[m.Output] = []
@@ -419,7 +446,13 @@ class AsyncSession:
                     handler(msg)
                 elif isinstance(msg, m.Notice):
                     _notify(on_notice or self.on_notice, msg.text)
+                elif isinstance(msg, m.QueuePosition):
+                    if on_queue is not None:
+                        on_queue(msg.position)
+                elif isinstance(msg, m.LeaseGranted):
+                    self._granted(msg)
                 elif isinstance(msg, m.ExecuteDone):
+                    self.parked = False
                     error = None
                     if msg.status == "error":
                         error = RemoteError.from_remote(msg.ename, msg.evalue, msg.traceback)
@@ -455,12 +488,14 @@ class AsyncSession:
         names, counts, buffers = dump_values(values)
         async with self._exchange(lambda r: m.Push(r, names, counts, tuple(buffers))) as receive:
             await self._expect(receive, m.PushDone)
+        self.parked = False
 
     async def pull(self, *names: str) -> dict[str, Any]:
         """Values of remote variables; a CUDA tensor arrives as a CPU tensor."""
         async with self._exchange(lambda r: m.Pull(r, list(names))) as receive:
             reply = await self._expect(receive, m.PullReply)
         assert isinstance(reply, m.PullReply)
+        self.parked = False
         return load_values(reply.names, reply.counts, reply.buffers)
 
     async def shell_request(self, msg_type: str, content: dict[str, Any], *,
@@ -482,8 +517,40 @@ class AsyncSession:
                     assert isinstance(reply, m.Output)
                     on_output(reply)
 
+    async def park(self) -> m.Parked:
+        """Save the remote namespace to disk on the GPU server and give the GPU back.
+
+        The session stays; the next request (or :meth:`resume`) waits for a
+        GPU and restores the namespace. Returns what was saved (``text`` says
+        it in one line); raises ParkError if it could not be parked (a
+        quota): the session then goes on as it was.
+        """
+        async with self._exchange(m.Park) as receive:
+            parked = await self._expect(receive, m.Parked)
+        assert isinstance(parked, m.Parked)
+        self.parked, self.park_info = True, parked
+        return parked
+
+    async def resume(self, on_queue: QueueCallback | None = None,
+                     on_notice: NoticeCallback | None = None) -> None:
+        """Restore a parked session now: wait for a GPU (``on_queue(position)``
+        while in the queue), then load its namespace; a notice says what came
+        back. Nothing happens to a session that is not parked."""
+        async with self._exchange(m.Resume) as receive:
+            while True:
+                msg = await receive()
+                if isinstance(msg, m.QueuePosition):
+                    if on_queue is not None:
+                        on_queue(msg.position)
+                elif isinstance(msg, m.Notice):
+                    _notify(on_notice or self.on_notice, msg.text)
+                elif isinstance(msg, m.LeaseGranted):
+                    self._granted(msg)
+                    return
+
     async def interrupt(self) -> None:
-        """Interrupt the running cell (SIGINT to the worker).
+        """Interrupt the running cell (SIGINT to the worker), or stop waiting for a
+        GPU to restore a parked session.
 
         A cell still running a few seconds later is said to ignore interrupts
         (a notice); interrupting it again then restarts the worker: the cell

@@ -23,6 +23,8 @@ where one fits so that ordinary ``except`` clauses keep working::
     ├── ServerError                   the server answered a request with an error
     │   ├── LeaseError                no lease could be granted (quota, no slots)
     │   ├── SessionReleased           the session's lease ended (release, idle)
+    │   ├── ParkError                 the session could not be parked (quota,
+    │   │                             disk); nothing was lost, it goes on
     │   └── WorkerDied                the worker process died during a request
     ├── SerializationError (TypeError)
     │                                 a variable could not be pickled; names it
@@ -39,6 +41,7 @@ __all__ = [
     "InsecureConnection",
     "LeaseError",
     "MessageTooLarge",
+    "ParkError",
     "ProtocolError",
     "RemoteError",
     "RemoteGpuError",
@@ -147,6 +150,13 @@ class LeaseError(ServerError):
 
 class SessionReleased(ServerError):
     """The session no longer holds a lease (released, idle timeout, grace)."""
+
+
+class ParkError(ServerError):
+    """The session could not be parked; it goes on as it was, with its variables."""
+
+    def __init__(self, message: str, code: str = "park_refused") -> None:
+        super().__init__(message, code)
 
 
 class WorkerDied(ServerError):

@@ -18,6 +18,10 @@ cannot tell the difference from a local IPython kernel.
   :mod:`.kernel_cells` and :mod:`.kernel_local`.
 * A dropped connection is reported in the running cell; the next cell
   reconnects to the same session.
+* ``%gpu park`` saves the remote namespace on the server and gives the GPU
+  back; the next cell (or ``%gpu resume``) waits for one and restores it.
+  Completion and help for a parked session are answered locally, so that a
+  Tab does not take a GPU.
 * ``obj?`` and ``obj??`` show the remote object's help in the pager.
 """
 
@@ -77,6 +81,7 @@ class _Cell:
         self.parent = parent
         self._display_id = f"rgpu-lease-{uuid.uuid4().hex}"
         self._shown = False
+        self._restoring = False  # the line says the cell waits to restore a parked session
 
     def send(self, msg_type: str, content: dict[str, Any], buffers: Any = None) -> None:
         k = self.kernel
@@ -109,10 +114,23 @@ class _Cell:
                    f"(session {session.id[:8]}{waited})")
 
     def resumed(self, session: AsyncSession, url: str) -> None:
+        if session.parked:
+            self._line(f"Remote GPU: reconnected to parked session {session.id[:8]}; "
+                       "this cell restores it")
+            return
         self._line(f"Remote GPU: reconnected to session {session.id[:8]} on "
                    f"{', '.join(session.slots)}; its variables are kept")
 
+    def restoring(self, position: int) -> None:
+        self._restoring = True
+        self._line(f"Remote GPU: waiting for a GPU to restore the parked session, number {position} "
+                   "in the queue")
+
     def notice(self, text: str) -> None:
+        if self._restoring:  # the server's next word after the wait is what it restored
+            self._restoring = False
+            self._line(f"Remote GPU: {text}")
+            return
         self.stream(f"Remote GPU: {text}\n")
 
     def missed(self, outputs: list[m.Output]) -> None:
@@ -130,7 +148,7 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
     language_info = LOCAL_LANGUAGE_INFO
     banner = (f"Remote GPU kernel {__version__}: cells run on a GPU leased from a remote-gpu "
               "server at the first cell that needs one. %%local runs a cell here; "
-              "%gpu push/pull NAME moves variables; %gpu status; %gpu release.")
+              "%gpu push/pull NAME moves variables; %gpu status; %gpu release; %gpu park.")
     # ipykernel sleeps 0.5 ms before each execute_reply so that its stdout
     # streams flush; remote output is sent directly and %%local cells flush
     # their streams themselves, so the sleep only adds latency here.
@@ -282,7 +300,8 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
         self._remote_running = session
         try:
             result = await session.execute(code, on_output, silent=silent, store_history=store_history,
-                                           allow_stdin=allow_stdin, on_notice=cell.notice)
+                                           allow_stdin=allow_stdin, on_notice=cell.notice,
+                                           on_queue=cell.restoring)
         except ConnectionLost as exc:
             return cell.error("ConnectionLost", (
                 f"{exc}. The cell may still be running on the server. The next cell reconnects to "
@@ -349,6 +368,9 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
             if session is None:
                 cell.stream("Remote GPU: no GPU leased; the next cell that needs one leases it\n",
                             "stdout")
+            elif session.parked:
+                cell.stream(f"Remote GPU: session {session.id[:8]} is parked: no GPU is held, and the "
+                            "next cell restores it\n", "stdout")
             else:
                 state = "connected" if session.connected else "disconnected"
                 cell.stream(f"Remote GPU: session {session.id[:8]} on {', '.join(session.slots)} "
@@ -358,11 +380,26 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
             await self.remote.release()
             cell.stream("Remote GPU: released the GPU; its variables are gone\n", "stdout")
             return None
+        if command.name == "park" and self.remote.session is None:
+            cell.stream("Remote GPU: no GPU session to park\n", "stdout")
+            return None
         session = await self._session(cell)
         if isinstance(session, dict):
             return session
         try:
-            if command.name == "push":
+            if command.name == "park":
+                parked = await session.park()
+                cell.stream(f"Remote GPU: {parked.text}\n", "stdout")
+            elif command.name == "resume":
+                if session.parked:
+                    self._remote_running = session  # the stop button stops the wait
+                    try:
+                        await session.resume(on_queue=cell.restoring, on_notice=cell.notice)
+                    finally:
+                        self._remote_running = None
+                else:
+                    cell.stream("Remote GPU: the session is not parked\n", "stdout")
+            elif command.name == "push":
                 missing = [n for n in command.args if n not in self.local.user_ns]
                 if missing:
                     return cell.error("NameError", f"name {missing[0]!r} is not defined in the local "
@@ -381,7 +418,7 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
 
     async def do_complete(self, code: str, cursor_pos: int) -> dict[str, Any]:
         session = self.remote.usable
-        if session is None or parse_cell_is_local(code):
+        if session is None or session.parked or parse_cell_is_local(code):
             return self.local.complete(code, cursor_pos)
         reply = await session.shell_request("complete_request", {"code": code, "cursor_pos": cursor_pos})
         return reply.content
@@ -389,7 +426,7 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
     async def do_inspect(self, code: str, cursor_pos: int, detail_level: int = 0,
                          omit_sections: Any = ()) -> dict[str, Any]:
         session = self.remote.usable
-        if session is None or parse_cell_is_local(code):
+        if session is None or session.parked or parse_cell_is_local(code):
             return self.local.inspect(code, cursor_pos, detail_level)
         reply = await session.shell_request("inspect_request", {
             "code": code, "cursor_pos": cursor_pos, "detail_level": detail_level})
@@ -413,7 +450,7 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
     async def comm_info_request(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
         content: dict[str, Any] = {"comms": {}, "status": "ok"}
         session = self.remote.usable
-        if session is not None:
+        if session is not None and not session.parked:
             try:
                 content = (await session.shell_request("comm_info_request", parent["content"])).content
             except RemoteGpuError:
@@ -425,7 +462,7 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
         msg_type, content = parent["header"]["msg_type"], dict(parent["content"])
         cell = _Cell(self, parent)
         session = self.remote.usable
-        if session is None:
+        if session is None or session.parked:  # a parked session's comms ended with its worker
             if msg_type == "comm_open":  # as ipykernel answers an unknown target
                 cell.send("comm_close", {"comm_id": content.get("comm_id"), "data": {}})
             return

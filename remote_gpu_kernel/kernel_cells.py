@@ -6,7 +6,7 @@ A cell is one of three things:
   in the local namespace; nothing is leased.
 * ``%gpu COMMAND ARGS`` lines at the top or the bottom of a cell: commands
   for the kernel itself (``push NAME...``, ``pull NAME...``, ``status``,
-  ``release``). Those at the top run in order before the rest of the cell,
+  ``release``, ``park``, ``resume``). Those at the top run in order before the rest of the cell,
   which (if any) runs remotely; those at the bottom run after it, if it
   succeeded.
 * anything else: runs on the leased GPU, unchanged.
@@ -24,10 +24,12 @@ import enum
 __all__ = ["COMMANDS", "Cell", "CellKind", "CellSyntaxError", "GpuCommand", "parse_cell"]
 
 #: ``%gpu`` commands and whether they take variable names.
-COMMANDS: dict[str, bool] = {"push": True, "pull": True, "status": False, "release": False}
+COMMANDS: dict[str, bool] = {"push": True, "pull": True, "status": False, "release": False, "park": False,
+                             "resume": False}
 
 _USAGE = (
-    "usage: %gpu push NAME [NAME ...] | %gpu pull NAME [NAME ...] | %gpu status | %gpu release"
+    "usage: %gpu push NAME [NAME ...] | %gpu pull NAME [NAME ...] | %gpu status | %gpu release | "
+    "%gpu park | %gpu resume"
 )
 
 

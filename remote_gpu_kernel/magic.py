@@ -90,7 +90,9 @@ class GpuMagics(Magics):
             )
             self.session = session
             self._last_session = session.id
-            if resume and session.resumed:
+            if resume and session.resumed and session.parked:
+                _say("reconnected to your parked GPU session; the next %%gpu cell restores it.")
+            elif resume and session.resumed:
                 _say("reconnected to your GPU session; its variables are intact.")
                 missed = session.replay(self._last_seq)
                 if missed:
@@ -151,6 +153,9 @@ class GpuMagics(Magics):
                                                  ws:// to another host (RGPU_INSECURE=1)
             %gpu status                          the server, user and lease
             %gpu release                         give the GPU back (remote variables are lost)
+            %gpu park                            save the remote variables to disk on the server and
+                                                 give the GPU back; the next %%gpu cell restores them
+            %gpu resume                          restore a parked session now
             %gpu push NAME...                    copy local variables to the GPU session
             %gpu pull NAME...                    copy remote variables here
         """
@@ -171,7 +176,8 @@ class GpuMagics(Magics):
         try:
             if inputs:
                 session.push(**{n: ns[n] for n in inputs})
-            result = session.execute(code, render_output, timeout=timeout)
+            result = session.execute(code, render_output, timeout=timeout, on_queue=lambda pos: _say(
+                f"waiting for a GPU to restore your parked session: position {pos} in the queue"))
         # The cell did not finish: each of these fails it (so "Run All"
         # stops here), shown as one line that says what to do next.
         except ConnectionLost as exc:
@@ -210,6 +216,8 @@ class GpuMagics(Magics):
             print(f"user:   {client.user or '(not connected yet)'}")
             if s is None or s.released:
                 print("lease:  none (the next %%gpu cell takes one)")
+            elif s.parked:
+                print(f"lease:  parked (session {s.id[:8]}; no GPU held, the next %%gpu cell restores it)")
             else:
                 print(f"lease:  {', '.join(s.slots)} (session {s.id[:8]}, "
                       f"{'connected' if s.connected else 'disconnected'})")
@@ -220,6 +228,18 @@ class GpuMagics(Magics):
                 self.close()
                 self._last_session = None
                 _say("released the GPU")
+        elif cmd == "park":
+            if self.session is None or self.session.released:
+                _say("no GPU session to park")
+            else:
+                _say(self._session().park().text)
+        elif cmd == "resume":
+            session = self._session()
+            if not session.parked:
+                _say("the GPU session is not parked")
+            else:
+                session.resume(on_queue=lambda pos: _say(
+                    f"waiting for a GPU to restore your parked session: position {pos} in the queue"))
         elif cmd == "push":
             ns = self.shell.user_ns
             missing = [n for n in rest if n not in ns]

@@ -196,16 +196,27 @@ class Session:
         return self._session.connected
 
     @property
+    def parked(self) -> bool:
+        """The session is parked (see :meth:`park`)."""
+        return self._session.parked
+
+    @property
+    def park_info(self) -> m.Parked | None:
+        return self._session.park_info
+
+    @property
     def language_info(self) -> dict[str, Any]:
         return self._session.language_info
 
     def execute(self, code: str, on_output: OutputCallback | None = None, *,
                 timeout: float | None = None, silent: bool = False,
-                store_history: bool = True, allow_stdin: bool = False) -> ExecuteResult:
+                store_history: bool = True, allow_stdin: bool = False,
+                on_queue: QueueCallback | None = None) -> ExecuteResult:
         """Run ``code``; see :meth:`AsyncSession.execute`.
 
         Callbacks run in this thread, as output arrives. A KeyboardInterrupt
-        here interrupts the remote cell, waits for it to stop, and is raised
+        here interrupts the remote cell (or stops waiting for a GPU to
+        restore a parked session), waits for it to stop, and is raised
         again; a second one, once the server said the cell ignores
         interrupts, restarts the worker (the cell then fails with
         WorkerDied).
@@ -215,13 +226,16 @@ class Session:
         def handle(event: Any) -> None:
             if isinstance(event, m.Output):
                 handler(event)
+            elif isinstance(event, m.QueuePosition):
+                if on_queue is not None:
+                    on_queue(event.position)
             else:
                 _notify(self.on_notice, event)
 
         def factory(emit: Callable[[Any], None]) -> Coroutine[Any, Any, ExecuteResult]:
             return self._session.execute(code, emit, timeout=timeout, silent=silent,
                                          store_history=store_history, allow_stdin=allow_stdin,
-                                         on_notice=emit)
+                                         on_notice=emit, on_queue=lambda p: emit(m.QueuePosition(0, p)))
 
         return _pump(factory, handle, self.interrupt)
 
@@ -251,6 +265,25 @@ class Session:
     def restart(self) -> None:
         """See :meth:`AsyncSession.restart`."""
         run(self._session.restart())
+
+    def park(self) -> m.Parked:
+        """See :meth:`AsyncSession.park`."""
+        return self._call(self._session.park())
+
+    def resume(self, on_queue: QueueCallback | None = None) -> None:
+        """See :meth:`AsyncSession.resume`; ``on_queue`` and the notice run in this
+        thread, and a KeyboardInterrupt stops the wait (the session stays parked)."""
+        def handle(event: Any) -> None:
+            if isinstance(event, m.QueuePosition):
+                if on_queue is not None:
+                    on_queue(event.position)
+            else:
+                _notify(self.on_notice, event)
+
+        def factory(emit: Callable[[Any], None]) -> Coroutine[Any, Any, None]:
+            return self._session.resume(on_queue=lambda p: emit(m.QueuePosition(0, p)), on_notice=emit)
+
+        _pump(factory, handle, self.interrupt)
 
     def release(self) -> None:
         self._call(self._session.release())

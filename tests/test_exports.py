@@ -69,6 +69,10 @@ MODULES = [
     "remote_gpu_server.xid",
     "remote_gpu_server.stopping",
     "remote_gpu_server.worker_errors",
+    "remote_gpu_server.parked_namespace",
+    "remote_gpu_server.parking",
+    "remote_gpu_server.parking_state",
+    "remote_gpu_server.store.parked",
 ]
 
 

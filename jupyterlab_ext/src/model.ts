@@ -5,6 +5,7 @@ import { type ISignal, Signal } from '@lumino/signaling';
 import { problemOf } from './errors';
 import type {
   IJob,
+  IParked,
   IProblem,
   IQueueEntry,
   IRemoteGpuApi,
@@ -128,6 +129,14 @@ export class RemoteGpuModel implements IDisposable {
   get myLeases(): ISession[] {
     return (this._status?.sessions ?? []).filter(
       session => session.mine && typeof session.id === 'string'
+    );
+  }
+
+  /** Every parked session, the user's own first, then oldest first. */
+  get parked(): IParked[] {
+    return [...(this._status?.parked ?? [])].sort(
+      (a, b) =>
+        Number(b.mine) - Number(a.mine) || seconds(a.since) - seconds(b.since)
     );
   }
 

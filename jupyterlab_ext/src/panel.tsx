@@ -9,10 +9,10 @@ import React from 'react';
 
 import { splitMiddle } from './format';
 import { gpuIcon } from './icons';
-import { RemoteGpuModel, now } from './model';
+import { RemoteGpuModel, now, seconds } from './model';
 import { SlotView } from './slots';
 import type { IProblem } from './types';
-import { JobView, LeaseView, QueueView } from './work';
+import { JobView, LeaseView, ParkedView, QueueView } from './work';
 
 /** The "Remote GPU" sidebar: a view of a `RemoteGpuModel`. */
 export class RemoteGpuPanel extends ReactWidget {
@@ -151,6 +151,23 @@ function RemoteGpuView({ model }: { model: RemoteGpuModel }): JSX.Element {
           <Section title="Queue" count={status.queue.length}>
             <QueueView queue={status.queue} />
           </Section>
+          {model.parked.length > 0 && (
+            <Section title="Parked" count={model.parked.length}>
+              <div className="jp-RemoteGpu-empty">
+                Saved on the server&apos;s disk, holding no GPU; the next cell restores
+                its variables.
+              </div>
+              <ul className="jp-RemoteGpu-list">
+                {model.parked.map(parked => (
+                  <ParkedView
+                    key={`${parked.id ?? parked.user}-${seconds(parked.since)}`}
+                    model={model}
+                    parked={parked}
+                  />
+                ))}
+              </ul>
+            </Section>
+          )}
           <Section title="Your jobs" count={model.jobs.length}>
             {model.jobs.length === 0 ? (
               <div className="jp-RemoteGpu-empty">No jobs yet.</div>

@@ -108,6 +108,35 @@ export interface ISession {
   ignoring_interrupt?: boolean | null;
 }
 
+/**
+ * A parked session: its variables are saved on disk on the GPU server and it
+ * holds no GPU; its next cell waits for one and restores them.
+ */
+export interface IParked {
+  /** The session id: `null` unless `mine` (or for an admin). */
+  id?: string | null;
+  user: string;
+  /** The GPUs its restore asks for, from `pool`. */
+  gpus: number;
+  pool: string | null;
+  /** When it was parked. */
+  since: Timestamp;
+  /** Why it was parked (`mine` or admin only). */
+  reason?: string | null;
+  /** Bytes its saved variables take on the server's disk. */
+  nbytes: number;
+  /** When the server releases it if it is not restored first; `null`: never. */
+  expires?: Timestamp | null;
+  /** Its restore is under way. */
+  resuming?: boolean;
+  /** The names saved, and those that could not be (name → why): `mine` or admin only. */
+  names?: string[] | null;
+  unsaved?: { [name: string]: string } | null;
+  notebook?: string | null;
+  first_line?: string | null;
+  mine: boolean;
+}
+
 /** How the server isolates its users' workers from each other. */
 export interface IIsolation {
   /** False: every user's code can read the others' work on this server. */
@@ -128,6 +157,8 @@ export interface IServerStatus {
   slots: ISlot[];
   queue: IQueueEntry[];
   sessions: ISession[];
+  /** Absent from servers older than parking. */
+  parked?: IParked[];
   usage: { [key: string]: unknown };
   /** Absent from servers older than isolation. */
   isolation?: IIsolation;

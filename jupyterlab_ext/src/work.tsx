@@ -4,9 +4,9 @@
 import { Button } from '@jupyterlab/ui-components';
 import React from 'react';
 
-import { baseName, formatDuration } from './format';
+import { baseName, formatBytes, formatDuration } from './format';
 import { CANCELLABLE, RemoteGpuModel, now, seconds } from './model';
-import type { IJob, IQueueEntry, ISession } from './types';
+import type { IJob, IParked, IQueueEntry, ISession } from './types';
 
 export function LeaseView({
   model,
@@ -67,6 +67,71 @@ export function LeaseView({
           session.busy ? '' : `idle ${formatDuration(session.idle)}`
         ]}
       />
+    </li>
+  );
+}
+
+/**
+ * A parked session: the user's own with its notebook, what was saved and a
+ * Release button (which deletes the saved variables); another user's as who
+ * and how much.
+ */
+export function ParkedView({
+  model,
+  parked
+}: {
+  model: RemoteGpuModel;
+  parked: IParked;
+}): JSX.Element {
+  const id = parked.id ?? '';
+  const pending = model.isPending(`session:${id}`);
+  const unsaved = Object.keys(parked.unsaved ?? {});
+  const expires =
+    parked.expires === null || parked.expires === undefined
+      ? ''
+      : `kept ${formatDuration(seconds(parked.expires) - now())} more`;
+  return (
+    <li
+      className={`jp-RemoteGpu-parked${parked.mine ? ' jp-mod-mine' : ''}`}
+      data-session={id}
+      title={parked.reason ? `Parked: ${parked.reason}` : undefined}
+    >
+      <div className="jp-RemoteGpu-row">
+        <span className="jp-RemoteGpu-badge jp-mod-parked">
+          {parked.resuming ? 'restoring' : 'parked'}
+        </span>
+        {parked.mine ? (
+          <Origin notebook={parked.notebook} fallback={`session ${id.slice(0, 8)}`} />
+        ) : (
+          <span className="jp-RemoteGpu-name">{parked.user}</span>
+        )}
+        {parked.mine && id && (
+          <Button
+            small
+            className="jp-RemoteGpu-release jp-mod-styled jp-mod-warn"
+            disabled={pending}
+            title="Release this parked session: its saved variables are deleted"
+            onClick={() => void model.release(id)}
+          >
+            {pending ? 'Releasing…' : 'Release'}
+          </Button>
+        )}
+      </div>
+      {parked.mine && <FirstLine line={parked.first_line} />}
+      <Facts
+        facts={[
+          `${parked.gpus} slot${parked.gpus === 1 ? '' : 's'}${parked.pool ? ` of ${parked.pool}` : ''}`,
+          `parked ${formatDuration(now() - seconds(parked.since))} ago`,
+          `${formatBytes(parked.nbytes)} on disk`,
+          parked.names ? `${parked.names.length} names` : '',
+          expires
+        ]}
+      />
+      {unsaved.length > 0 && (
+        <div className="jp-RemoteGpu-sub jp-RemoteGpu-unsaved" title={unsaved.join(', ')}>
+          Not saved: {unsaved.join(', ')}
+        </div>
+      )}
     </li>
   );
 }

@@ -19,6 +19,14 @@ The conversation, in order:
    the client missed.
 4. client → :class:`Interrupt` at any time, :class:`Release` at the end;
    server → :class:`Released` when the lease ends for any reason.
+5. client → :class:`Park`: the server saves the namespace to disk and gives
+   the GPU back; server → :class:`Parked` (also unasked, ``req = 0``, when
+   the server parks an idle session). The next :class:`Execute`,
+   :class:`Push`, :class:`Pull` or :class:`ShellRequest`, or a
+   :class:`Resume`, waits for a lease (:class:`QueuePosition` with that
+   request's id), restores the namespace, says what it restored in a
+   :class:`Notice`, and goes on; a :class:`Resume` ends with
+   :class:`LeaseGranted`.
 
 Every request carries ``req``, an id the client chose; every answer names the
 request it answers. Server-initiated messages use ``req = 0``.
@@ -50,6 +58,8 @@ __all__ = [
     "MessageType",
     "Notice",
     "Output",
+    "Park",
+    "Parked",
     "Pull",
     "PullReply",
     "Push",
@@ -59,6 +69,7 @@ __all__ = [
     "Released",
     "Replay",
     "ReplayDone",
+    "Resume",
     "ShellReply",
     "ShellRequest",
     "Welcome",
@@ -91,6 +102,9 @@ class MessageType(str, enum.Enum):
     INTERRUPT = "interrupt"
     RELEASE = "release"
     RELEASED = "released"
+    PARK = "park"
+    PARKED = "parked"
+    RESUME = "resume"
     ERROR = "error"
 
 
@@ -105,6 +119,7 @@ class ErrorCode(str, enum.Enum):
     SERIALIZATION = "serialization"
     NAME_ERROR = "name_error"
     TIMEOUT = "timeout"
+    PARK_REFUSED = "park_refused"
     INTERNAL = "internal"
 
 
@@ -179,6 +194,9 @@ class QueuePosition(Message):
 
 @dataclasses.dataclass(frozen=True)
 class LeaseGranted(Message):
+    """``parked``: the session resumed by id is parked; it holds no slot
+    (``slots`` are the ones it had) until its next request restores it."""
+
     type = MessageType.LEASE_GRANTED
     req: int
     session: str
@@ -186,6 +204,13 @@ class LeaseGranted(Message):
     resumed: bool = False
     waited: float = 0.0
     language_info: dict[str, Any] = dataclasses.field(default_factory=dict)
+    parked: bool = False
+
+    def fields(self) -> dict[str, Any]:
+        fields = super().fields()
+        if not self.parked:  # what a client from before parking can read
+            del fields["parked"]
+        return fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,6 +382,45 @@ class Released(Message):
 
 
 @dataclasses.dataclass(frozen=True)
+class Park(Message):
+    """Save the session's namespace to disk on the GPU machine and give its slots back.
+
+    The session stays, holding no slot; answered with :class:`Parked`, or an
+    :class:`Error` (``PARK_REFUSED``: nothing changed, the session goes on).
+    """
+
+    type = MessageType.PARK
+    req: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Parked(Message):
+    """Session ``session`` is parked: ``names`` were saved (in ``seconds``),
+    ``unsaved`` maps each name that could not be saved to why, ``nbytes`` is
+    what the parked session holds on the server's disk (its session folder,
+    the saved namespace in it), ``reason`` says why it was parked, and
+    ``text`` says it all in one line for the user."""
+
+    type = MessageType.PARKED
+    req: int
+    session: str
+    names: list[str]
+    unsaved: dict[str, Any]
+    nbytes: int
+    seconds: float
+    reason: str
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Resume(Message):
+    """Restore a parked session now rather than at its next request."""
+
+    type = MessageType.RESUME
+    req: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Error(Message):
     type = MessageType.ERROR
     req: int
@@ -372,7 +436,8 @@ _CLASSES: dict[MessageType, type[Message]] = {
     for cls in (
         Hello, Welcome, LeaseRequest, QueuePosition, LeaseGranted, Execute,
         Output, Notice, ExecuteDone, Push, PushDone, Pull, PullReply,
-        ShellRequest, ShellReply, Input, Replay, ReplayDone, Interrupt, Release, Released, Error,
+        ShellRequest, ShellReply, Input, Replay, ReplayDone, Interrupt, Release, Released,
+        Park, Parked, Resume, Error,
     )
 }  # fmt: skip
 

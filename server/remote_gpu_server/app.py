@@ -37,6 +37,7 @@ from .journal import Journal
 from .launcher import WorkerLauncher
 from .local_launcher import LocalLauncher
 from .origins import OriginPolicy
+from .parking import Parking
 from .ray_launcher import RayCluster, RayLauncher, RayReadings
 from .metrics import Metrics
 from .pool import Pool
@@ -136,16 +137,22 @@ class GpuServer:
         await self.readings.refresh()  # a GPU already faulty is out before the first lease
         self.readings.start()
         self.journal = Journal(self.store.append_outputs)
+        self.parking = Parking(config.parking, store=self.store, broker=self.broker, pool=self.pool,
+                               isolation=self.isolation, sessions=lambda: iter(self.sessions),
+                               unsupported=("its workers run on Ray nodes, where the files would stay on a node "
+                                            "the next lease may not be on") if self.cluster is not None else None)
         context = SessionContext(self.pool, self.store, self.journal, config.kill_grace,
-                                 interrupt_notice=config.interrupt_notice)
+                                 interrupt_notice=config.interrupt_notice, resume=self.parking.resume)
         self.sessions = SessionManager(context, self.broker, grace=config.grace,
-                                       idle_timeout=config.idle_timeout)
+                                       idle_timeout=config.idle_timeout, parking=self.parking)
+        await self.sessions.recover_parked()
         self.batch = BatchRunner(self.store, self.journal, self.broker, self.pool,
                                  kill_grace=config.kill_grace)
         view = ServerView(self.version, self.inventory, self.readings, self.broker, self.sessions, self.batch,
                           self.store, config.price_per_gpu_hour, node_label=self._node_label,
                           node_down=lambda slot: self.inventory.is_down(slot.node),
-                          isolation=self.isolation.status_json, draining=self.drainer.draining)
+                          isolation=self.isolation.status_json, draining=self.drainer.draining,
+                          park_keep=config.parking.keep)
         self.metrics.attach(view)
         self.http = HttpApi(view, self.metrics)
         await self.batch.recover()
@@ -279,7 +286,10 @@ class GpuServer:
     async def _reap_idle(self) -> None:
         """Release idle sessions, and let waiting requests age (scheduler tick)."""
         timeouts = [self.config.idle_timeout] + [
-            p.idle_timeout for p in self.broker.pools if p.idle_timeout is not None]
+            p.idle_timeout for p in self.broker.pools if p.idle_timeout is not None] + [
+            p.park_after for p in self.broker.pools if p.park_after is not None]
+        if self.config.parking.park_after is not None:
+            timeouts.append(self.config.parking.park_after)
         period = max(0.2, min(5.0, min(timeouts) / 4))
         while True:
             await asyncio.sleep(period)

@@ -10,6 +10,7 @@ import platformdirs
 
 from .isolation import IsolationConfig
 from .limits import Limits
+from .parking_state import ParkConfig
 from .scheduler import PoolConfig, Quota, SchedulerConfig
 
 __all__ = ["ServerConfig", "data_dir", "default_db_path", "parse_pool"]
@@ -34,7 +35,7 @@ def data_dir(db: Path | str) -> Path:
 
 
 def parse_pool(spec: str) -> PoolConfig:
-    """``--pool NAME=SLOT,SLOT[:idle=SECONDS][:max-gpus=N][:max-waiting=N]``.
+    """``--pool NAME=SLOT,SLOT[:idle=SECONDS][:max-gpus=N][:max-waiting=N][:park-after=SECONDS]``.
 
     For example ``interactive=gpu0,gpu1:idle=900:max-gpus=1``. A pool may
     name no slot (``batch=:idle=900``): its settings then apply to the GPUs
@@ -48,18 +49,22 @@ def parse_pool(spec: str) -> PoolConfig:
     values: dict[str, float] = {}
     for option in options:
         key, _, value = option.partition("=")
-        if key not in ("idle", "max-gpus", "max-waiting"):
-            raise ValueError(f"--pool {spec!r}: unknown option {key!r} (idle, max-gpus, max-waiting)")
+        if key not in ("idle", "max-gpus", "max-waiting", "park-after"):
+            raise ValueError(f"--pool {spec!r}: unknown option {key!r} (idle, max-gpus, max-waiting, park-after)")
         try:
             values[key] = float(value)
         except ValueError:
             raise ValueError(f"--pool {spec!r}: {key} needs a number") from None
     gpus, waiting = values.get("max-gpus"), values.get("max-waiting")
+    park_after = values.get("park-after")
+    if park_after is not None and not park_after > 0:
+        raise ValueError(f"--pool {spec!r}: park-after needs a number of seconds above 0")
     return PoolConfig(
         name=name,
         slots=tuple(s.strip() for s in slots.split(",") if s.strip()),  # type: ignore[misc]
         idle_timeout=values.get("idle"),
         default_quota=Quota(None if gpus is None else int(gpus), None if waiting is None else int(waiting)),
+        park_after=park_after,
     )
 
 
@@ -112,3 +117,5 @@ class ServerConfig:
     isolation: IsolationConfig = dataclasses.field(default_factory=IsolationConfig)
     #: What one client may send and make the server hold (see :mod:`.limits`).
     limits: Limits = dataclasses.field(default_factory=Limits)
+    #: Parking idle sessions (see :mod:`.parking`).
+    parking: ParkConfig = dataclasses.field(default_factory=ParkConfig)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -56,7 +57,7 @@ MAX_REFUSALS = 1024
 #: How long a connection that must be closed waits for its client to read why.
 HANG_UP_WAIT = 5.0
 #: Requests that only the session's lock keeps in order (they wait for each other).
-_IN_TURN = (m.Execute, m.Push, m.Pull, m.Replay)
+_IN_TURN = (m.Execute, m.Push, m.Pull, m.Replay, m.Park, m.Resume)
 
 
 class Connection:
@@ -383,7 +384,7 @@ class Connection:
         # The notebook's path is only shown, never used as a path here: keep
         # a bounded piece of it.
         notebook = msg.notebook[:MAX_NOTEBOOK] if msg.notebook else None
-        session = await sessions.open(self.user, slots, notebook)
+        session = await sessions.open(self.user, slots, notebook, priority=msg.priority)
         if self.closed:
             # Granted, but the client left while its worker started: it never
             # learns the session id, so nobody could resume it. Free it now
@@ -414,7 +415,7 @@ class Connection:
 
     async def _granted(self, req: int, session: Session, resumed: bool, waited: float) -> None:
         await self.send(m.LeaseGranted(req, session.id, [str(s) for s in session.slots], resumed,
-                                       waited, session.language_info))
+                                       waited, session.language_info, parked=session.parked is not None))
 
     async def _on_release(self, msg: m.Release) -> None:
         session = self.session
@@ -447,6 +448,12 @@ class Connection:
             await session.shell_request(msg, self)
         elif isinstance(msg, m.Replay):
             await session.replay(msg, self)
+        elif isinstance(msg, m.Park):
+            parked = await self.sessions.park(session, "on request")
+            await self.send(dataclasses.replace(parked, req=req))
+        elif isinstance(msg, m.Resume):
+            await session.resume(req, self)
+            await self._granted(req, session, resumed=True, waited=0.0)
 
     async def _closed(self) -> None:
         self.closed = True

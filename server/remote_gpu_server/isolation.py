@@ -289,6 +289,16 @@ class Isolation:
         self._tenants.add(tenant)
         return tenant
 
+    def forget(self, tenant: Tenant) -> None:
+        """The lease's folder outlives its workers (a parked session's): :meth:`release`
+        and :meth:`close` leave it alone until :meth:`track` takes it back."""
+        self._tenants.discard(tenant)
+
+    def track(self, tenant: Tenant) -> None:
+        """``tenant``'s folder is this server's to remove again (a session resumed,
+        or found parked at start)."""
+        self._tenants.add(tenant)
+
     def release(self, tenant: Tenant | None) -> None:
         """The lease ended: remove its session folder (links in it are not followed)."""
         if tenant is None or tenant not in self._tenants:
@@ -410,6 +420,15 @@ class WorkerIsolation:
         # folder, whatever CUDA's start left there) becomes the user's.
         return EnterSpec(cwd=str(tenant.folder), uid=identity.uid, gid=identity.gid, groups=groups,
                          env=tuple(env.items()), chown=PRIVATE_TMP)
+
+    def adopt(self, tenant: Tenant) -> bool:
+        """Serve ``tenant``, a lease that already has its session folder (a parked
+        session resuming), instead of a new one; False where this started worker
+        cannot: a sandbox bound another folder at its start, or it serves a lease."""
+        if self.tenant is not None or self.mode is IsolationMode.BUBBLEWRAP:
+            return False
+        self.tenant = tenant
+        return True
 
     def explain(self, returncode: int | None) -> str | None:
         """Why the worker ended, where isolation knows better than its exit code."""

@@ -94,6 +94,8 @@ class PoolConfig:
     idle_timeout: float | None = None
     default_quota: Quota = Quota()
     user_quotas: Mapping[str, Quota] = dataclasses.field(default_factory=dict)
+    #: Park a session of this pool idle for this many seconds (None: the server's ``--park-after``).
+    park_after: float | None = None
 
     def quota(self, user: str) -> Quota:
         return self.user_quotas.get(user, self.default_quota)

@@ -189,6 +189,10 @@ class LocalWorker:
     def enter_spec(self, user: str) -> EnterSpec | None:
         return self._spawned.isolation.enter_spec(user)
 
+    def adopt(self, tenant: Tenant) -> bool:
+        """Serve a lease that has its session folder already (see WorkerIsolation.adopt)."""
+        return self._spawned.isolation.adopt(tenant)
+
     async def poll(self) -> int | None:
         return await self._spawned.poll()
 

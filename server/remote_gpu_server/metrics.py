@@ -105,14 +105,28 @@ class _ServerCollector(Collector):
 
         active = GaugeMetricFamily("rgpu_leases_active", "Leases in force.", labels=["pool", "kind"])
         leases: Tally[tuple[str, str]] = Tally()
+        parked: Tally[str] = Tally()
+        parked_bytes: Tally[str] = Tally()
         for session in view.sessions:
-            if not session.released and session.slots:
+            if session.parked is not None:  # holds no slot
+                parked[session.parked.pool] += 1
+                parked_bytes[session.parked.pool] += session.parked.nbytes
+            elif not session.released and session.slots:
                 leases[(view.pool(session.slots[0]), "interactive")] += 1
         for run in view.batch.running():
             leases[(view.pool(run.slots[0]), "batch")] += 1
         for (pool, kind), n in sorted(leases.items()):
             active.add_metric([pool, kind], n)
         yield active
+
+        count = GaugeMetricFamily("rgpu_sessions_parked", "Parked sessions (they hold no slot).",
+                                  labels=["pool"])
+        size = GaugeMetricFamily("rgpu_parked_bytes", "Bytes parked sessions hold on disk.", labels=["pool"])
+        for pool in sorted(parked):
+            count.add_metric([pool], parked[pool])
+            size.add_metric([pool], parked_bytes[pool])
+        yield count
+        yield size
 
         free = GaugeMetricFamily("rgpu_slots_free", "Slots nobody holds.", labels=["pool"])
         pools = Tally(view.pool(s.id) for s in view.slots)

@@ -128,9 +128,12 @@ class Pool:
         task = self._warm.get(slot_id)
         return task is not None and task.done() and task.exception() is None
 
-    async def take(self, slot_ids: list[SlotId], user: str = "") -> Worker:
+    async def take(self, slot_ids: list[SlotId], user: str = "", tenant: Tenant | None = None) -> Worker:
         """A started worker pinned to ``slot_ids``, made ``user``'s; the slots'
-        warm workers go."""
+        warm workers go. ``tenant``: the lease has its session folder already
+        (a parked session resuming; ``user`` is then its user)."""
+        if tenant is not None:
+            return await self._take_for(slot_ids, tenant)
         if len(slot_ids) == 1:
             slot_id = slot_ids[0]
             task = self._warm.pop(slot_id, None)
@@ -148,6 +151,35 @@ class Pool:
             if task is not None:
                 asyncio.get_running_loop().create_task(self._discard(task))
         return await self._enter(await self._start([self.slots[s] for s in slot_ids]), user)
+
+    async def _take_for(self, slot_ids: list[SlotId], tenant: Tenant) -> Worker:
+        """A worker for ``tenant``'s lease: the slot's warm one where it can take
+        the folder on, else a fresh one started for it."""
+        for slot_id in slot_ids:
+            task = self._warm.pop(slot_id, None)
+            if task is None:
+                continue
+            worker = await self._settled(task)
+            adopt = getattr(worker.process, "adopt", None) if worker is not None else None
+            if worker is not None and len(slot_ids) == 1 and worker.alive and adopt is not None \
+                    and adopt(tenant):
+                return await self._enter(worker, tenant.user, new_lease=False)
+            if worker is not None:
+                await worker.kill()
+        fresh = await self._start([self.slots[s] for s in slot_ids], tenant)
+        return await self._enter(fresh, tenant.user, new_lease=False)
+
+    async def _settled(self, task: asyncio.Task[Worker]) -> Worker | None:
+        """The warm worker ``task`` started, or None if it failed to."""
+        try:
+            return await task
+        except asyncio.CancelledError:
+            if not task.cancelled():
+                raise
+            return None
+        except Exception:
+            log.warning("a warm worker failed to start; starting another", exc_info=True)
+            return None
 
     async def _discard(self, task: asyncio.Task[Worker]) -> None:
         try:
@@ -168,12 +200,14 @@ class Pool:
         fresh = await self._start(worker.slots, tenant)
         return await self._enter(fresh, tenant.user, new_lease=False) if tenant is not None else fresh
 
-    async def recycle(self, worker: Worker, reason: str | None = None) -> None:
+    async def recycle(self, worker: Worker, reason: str | None = None, keep_folder: bool = False) -> None:
         """Kill ``worker`` (every process it started), end its lease's session
-        folder, and warm fresh ones on its slots once its processes let go of
-        them (a draining slot is warmed when it is drained)."""
+        folder (unless ``keep_folder``: a parked session's), and warm fresh
+        ones on its slots once its processes let go of them (a draining slot
+        is warmed when it is drained)."""
         await worker.kill(reason)
-        self.launcher.release(worker.tenant)
+        if not keep_folder:
+            self.launcher.release(worker.tenant)
         draining = await self._settle(worker)
         for slot in worker.slots:
             if slot.id not in draining:

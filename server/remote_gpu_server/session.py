@@ -10,6 +10,10 @@ the journal writes it to the store in the background, in order.
 
 How a running cell is stopped (interrupts, the notice that a cell ignores
 them, cancels, restarts, timeouts) is :mod:`.stopping`'s part of the session.
+
+A session may be parked (see :mod:`.parking`): its namespace is on disk,
+it holds no worker and no slot, and its next request first resumes it
+through ``SessionContext.resume``.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from remote_gpu_kernel.protocol.framing import Chunks
 from remote_gpu_kernel.typing import JobId, SessionId, SlotId
 
 from .journal import Journal
+from .parking_state import ParkedState
 from .stopping import INTERRUPT_NOTICE, CellStopping, RunningCell
 from .store import DatabaseUnavailable, OutputRow, Store
 from .worker import TransferAborted, Worker
@@ -53,7 +58,7 @@ class WorkerSource(Protocol):
 
     async def replace(self, worker: Worker, reason: str | None = None) -> Worker: ...
 
-    async def recycle(self, worker: Worker) -> None: ...
+    async def recycle(self, worker: Worker, reason: str | None = None, keep_folder: bool = False) -> None: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +72,9 @@ class SessionContext:
     kill_grace: float
     #: After an interrupt, how long before a cell that still runs is said to ignore interrupts.
     interrupt_notice: float = INTERRUPT_NOTICE
+    #: Resumes a parked session (lease, worker, namespace) for a request; None
+    #: where the server does not park.
+    resume: Callable[[Session, int, Replier | None], Awaitable[None]] | None = None
 
 
 class Replier(Protocol):
@@ -87,11 +95,23 @@ class Session(CellStopping):
     script); ``last_code`` is the code of the latest cell that was not silent.
     Both are for the status view (who runs what), shown to the owner only."""
 
-    def __init__(self, context: SessionContext, user: str, slots: list[SlotId], worker: Worker,
+    def __init__(self, context: SessionContext, user: str, slots: list[SlotId], worker: Worker | None,
                  notebook: str | None = None,
-                 on_lost: Callable[[Session, str], None] | None = None) -> None:
+                 on_lost: Callable[[Session, str], None] | None = None, *,
+                 parked: ParkedState | None = None, session_id: str | None = None, seq: int = 0,
+                 priority: str = "normal") -> None:
+        """``worker`` None: a session found parked at start (``parked``, its
+        ``session_id`` and journal ``seq`` from the store)."""
         self.context = context
-        self.id = SessionId(uuid.uuid4().hex)
+        self.id = SessionId(session_id or uuid.uuid4().hex)
+        self.priority = priority
+        #: Set while the session is parked: it holds no worker and no slot then
+        #: (``slots`` are those it had).
+        self.parked = parked
+        #: The lease wait of a parked session resuming (an interrupt withdraws it).
+        self.resuming: asyncio.Future[Any] | None = None
+        #: How many leases the session held before its current (or next) one.
+        self.segments = 0
         self.user = user
         self.slots = slots
         self.notebook = notebook
@@ -106,16 +126,18 @@ class Session(CellStopping):
         self.send: Send | None = None
         self.grace_handle: asyncio.TimerHandle | None = None
         self._worker = worker
+        self._language_info = dict(worker.language_info) if worker is not None else {}
         self._replacing: asyncio.Task[Worker] | None = None
         self._replaced: Worker | None = None  # the worker being replaced, once
         self._notice: str | None = None
-        self._seq = 0
+        self._seq = seq
         self._running: RunningCell | None = None  # the running cell, if any
         self._running_job: JobId | None = None
         self._interrupted = False
         self._started = False  # the running cell's code has begun (execute_input seen)
         self._background: set[asyncio.Task[None]] = set()
-        self._watch = asyncio.get_running_loop().create_task(self._watch_worker(worker))
+        self._watch: asyncio.Task[None] | None = (
+            asyncio.get_running_loop().create_task(self._watch_worker(worker)) if worker is not None else None)
 
     @property
     def busy(self) -> bool:
@@ -123,7 +145,12 @@ class Session(CellStopping):
 
     @property
     def language_info(self) -> dict[str, Any]:
-        return self._worker.language_info
+        return self._worker.language_info if self._worker is not None else self._language_info
+
+    @property
+    def seq(self) -> int:
+        """The journal sequence number of the session's latest output."""
+        return self._seq
 
     def touch(self) -> None:
         self.last_active = time.monotonic()
@@ -154,7 +181,7 @@ class Session(CellStopping):
         if self._replaced is old:
             return
         self._replaced = old
-        if self._watch is not asyncio.current_task():
+        if self._watch is not None and self._watch is not asyncio.current_task():
             self._watch.cancel()  # the old worker's death is no news any more
         self._replacing = asyncio.get_running_loop().create_task(self.context.pool.replace(old, reason))
 
@@ -165,7 +192,43 @@ class Session(CellStopping):
             finally:
                 self._replacing = None
             self._watch = asyncio.get_running_loop().create_task(self._watch_worker(self._worker))
+        if self._worker is None:
+            raise WorkerDied("this session is parked and was not resumed", code="worker_died")
         return self._worker
+
+    async def _ready(self, req: int, conn: Replier | None) -> Worker:
+        """The worker for a request, resuming the session first if it is parked."""
+        if self.parked is not None and self.context.resume is not None:
+            await self.context.resume(self, req, conn)
+        return await self.worker()
+
+    async def resume(self, req: int, conn: Replier | None) -> None:
+        """Resume a parked session now (a Resume request); nothing if it is not parked."""
+        async with self.lock:
+            self.touch()
+            await self._ready(req, conn)
+
+    def park(self, state: ParkedState) -> Worker:
+        """The namespace is saved: hand over the worker (to be killed) and hold
+        none until :meth:`unpark`. Call under :attr:`lock`."""
+        worker = self._worker
+        assert worker is not None and self._replacing is None
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        self._language_info = dict(worker.language_info)
+        self._worker = None
+        self.parked = state
+        return worker
+
+    def unpark(self, worker: Worker, slots: list[SlotId]) -> None:
+        """The session holds ``slots`` and ``worker`` again. Call under :attr:`lock`."""
+        self._worker = worker
+        self.slots = list(slots)
+        self.parked = None
+        self.segments += 1
+        self._language_info = dict(worker.language_info)
+        self._watch = asyncio.get_running_loop().create_task(self._watch_worker(worker))
 
     async def _notices(self, req: int, conn: Replier) -> None:
         if self._notice:
@@ -178,7 +241,7 @@ class Session(CellStopping):
         async with self.lock:
             self.touch()
             await self._notices(msg.req, conn)
-            worker = await self.worker()
+            worker = await self._ready(msg.req, conn)
             cell = self._running = RunningCell(conn, msg.req)
             try:
                 await self._execute(msg, conn, worker, cell)
@@ -285,7 +348,7 @@ class Session(CellStopping):
 
     def send_input(self, value: str) -> None:
         """Answer the running cell's ``input()``; an answer with nobody to take it is dropped."""
-        if self.released or not self._worker.alive:
+        if self.released or self._worker is None or not self._worker.alive:
             log.info("session %s: an input answer came with no worker to take it", self.id[:8])
             return
         try:
@@ -303,7 +366,7 @@ class Session(CellStopping):
         async with self.lock:
             self.touch()
             await self._notices(msg.req, conn)
-            worker = await self.worker()
+            worker = await self._ready(msg.req, conn)
             try:
                 reply = await worker.push(msg.names, msg.counts, list(msg.buffers))
             except WorkerDied as exc:
@@ -322,7 +385,7 @@ class Session(CellStopping):
         async with self.lock:
             self.touch()
             await self._notices(msg.req, conn)
-            worker = await self.worker()
+            worker = await self._ready(msg.req, conn)
             try:
                 reply, pieces = await worker.pull(msg.names)
             except WorkerDied as exc:
@@ -354,7 +417,10 @@ class Session(CellStopping):
 
         What the worker publishes while handling it (a widget's echo, a
         callback's output) is journaled without a job and sent as Output.
+        A parked session is resumed first, in turn with the other requests.
         """
+        if self.parked is not None:
+            await self.resume(msg.req, conn)
         worker = await self.worker()
 
         async def on_iopub(jmsg: dict[str, Any]) -> None:
@@ -385,7 +451,10 @@ class Session(CellStopping):
         self.released = reason
         if self.grace_handle is not None:
             self.grace_handle.cancel()
-        self._watch.cancel()
+        if self._watch is not None:
+            self._watch.cancel()
+        if self.resuming is not None:
+            self.resuming.cancel()
         if self._running_job is not None:
             try:
                 await self.context.store.finish_job(self._running_job, job_state,
@@ -398,4 +467,5 @@ class Session(CellStopping):
                 worker = await self._replacing
             except Exception:
                 pass
-        await self.context.pool.recycle(worker, f"the session was released ({reason})")
+        if worker is not None:  # a parked session holds none
+            await self.context.pool.recycle(worker, f"the session was released ({reason})")

@@ -10,6 +10,10 @@ the ``rgpu`` CLI: add fields, never rename or drop one.
 What a lease or a job came from is the owner's too: ``notebook`` (the path
 the client named, None for a script) and ``first_line`` (the first non-empty
 line of its code: a lease's latest cell, a job's own code).
+
+Parked sessions (``parked``) hold no slot, so they are not leases: each
+shows its user, size (GPUs asked for again at the restore, bytes on disk)
+and times to everyone, and its id, names, notebook and code to its owner.
 """
 
 from __future__ import annotations
@@ -67,6 +71,8 @@ class ServerView:
     isolation: Callable[[], dict[str, Any]] = lambda: {"isolated": False, "mode": "none"}
     #: Whether a slot is draining: processes of a stopped worker still hold it (see :mod:`.drain`).
     draining: Callable[[SlotId], Draining | None] = lambda slot: None
+    #: Seconds a parked session is kept (``--park-keep``), for its ``expires``.
+    park_keep: float | None = None
 
     def pool(self, slot: SlotId) -> str:
         """The name of the scheduler pool ``slot`` belongs to."""
@@ -84,7 +90,7 @@ async def _leases(view: ServerView, me: TokenInfo) -> list[dict[str, Any]]:
     created = {record.id: record.created for record in await view.store.open_sessions()}
     leases = []
     for session in view.sessions:
-        if session.released:
+        if session.released or session.parked is not None:
             continue
         idle = 0.0 if session.busy else max(0.0, mono - session.last_active)
         leases.append({"id": session.id, "kind": "interactive", "user": session.user,
@@ -106,6 +112,28 @@ async def _leases(view: ServerView, me: TokenInfo) -> list[dict[str, Any]]:
             lease["first_line"] = None
             lease["ignoring_interrupt"] = None
     return leases
+
+
+def _parked(view: ServerView, me: TokenInfo) -> list[dict[str, Any]]:
+    """Every parked session, oldest first."""
+    parked = []
+    for session in view.sessions:
+        state = session.parked
+        if state is None or session.released:
+            continue
+        mine = session.user == me.user
+        entry: dict[str, Any] = {
+            "id": session.id, "user": session.user, "gpus": state.gpus, "pool": state.pool,
+            "since": state.parked_at, "reason": state.reason, "nbytes": state.nbytes,
+            "expires": state.parked_at + view.park_keep if view.park_keep is not None else None,
+            "resuming": session.busy, "names": list(state.names), "unsaved": dict(state.unsaved),
+            "notebook": session.notebook, "first_line": first_line(session.last_code), "mine": mine}
+        if not (mine or me.admin):
+            for key in ("id", "reason", "names", "unsaved", "notebook", "first_line"):
+                entry[key] = None
+        parked.append(entry)
+    parked.sort(key=lambda p: p["since"])
+    return parked
 
 
 def _queue(view: ServerView, me: TokenInfo) -> list[dict[str, Any]]:
@@ -186,6 +214,7 @@ async def status_json(view: ServerView, me: TokenInfo) -> dict[str, Any]:
         "slots": slots,
         "queue": _queue(view, me),
         "sessions": leases,
+        "parked": _parked(view, me),
         "usage": await usage_json(view, me),
         "isolation": view.isolation(),
     }

@@ -69,7 +69,8 @@ class CellStopping:
     id: str
     context: SessionContext
     released: str | None
-    _worker: Worker
+    _worker: Worker | None
+    resuming: asyncio.Future[Any] | None
     _running: RunningCell | None
     _running_job: JobId | None
     _replacing: asyncio.Task[Worker] | None
@@ -112,6 +113,8 @@ class CellStopping:
         the worker announces the code (``execute_input``); see
         :meth:`_deliver_interrupt`. ``restart``: restart the worker now.
         """
+        if self.resuming is not None:  # waiting for a lease to resume a parked session: stop waiting
+            self.resuming.cancel()
         if restart:
             await self.restart("the client asked for a restart")
             return
@@ -123,7 +126,7 @@ class CellStopping:
                                  "so its worker was restarted")
             return
         self._interrupted = True
-        if self._started:
+        if self._started and self._worker is not None:
             await self._worker.interrupt()
         if not cell.noticing:
             cell.noticing = True
@@ -157,7 +160,7 @@ class CellStopping:
         cell = self._running
         if cell is None or self.released:
             return
-        if cell.stopping is None:
+        if cell.stopping is None and self._worker is not None:
             cell.stopping = (state, reason)
             log.info("session %s: %s", self.id[:8], reason)
             self._restart(self._worker, f"{reason}: its variables are gone")
@@ -180,7 +183,7 @@ class CellStopping:
     async def restart(self, reason: str) -> None:
         """A fresh worker now, cell or not: the running cell (if any) is stopped with
         the ladder; returns once the fresh worker is there."""
-        if self.released:
+        if self.released or self._worker is None:  # a parked session has no worker to restart
             return
         if self._running is not None:
             await self.stop_cell("cancelled", f"the worker was restarted ({reason})")

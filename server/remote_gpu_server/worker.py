@@ -206,6 +206,23 @@ class Worker:
         log.debug("worker %s entered %s's lease in %s (%.1f ms)", self.name, user, spec.cwd,
                   (time.perf_counter() - started) * 1000)
 
+    async def park(self, folder: str, limit: int | None) -> dict[str, Any]:
+        """Save the namespace into ``folder`` (at most ``limit`` bytes); returns the
+        worker's reply: ``ok`` with ``names``, ``unsaved``, ``nbytes``, ``seconds``,
+        or ``ok: false`` with ``ename`` and ``evalue`` (nothing is left in ``folder``)."""
+        return await self._op({"op": "park", "folder": folder, "limit": limit})
+
+    async def restore(self, folder: str) -> dict[str, Any]:
+        """Load what :meth:`park` saved in ``folder`` into this worker, then delete it;
+        returns the reply: ``ok`` with ``names``, ``failed``, ``unsaved``, ``notes``,
+        ``nbytes``, ``seconds``, or ``ok: false`` with ``ename`` and ``evalue``."""
+        return await self._op({"op": "restore", "folder": folder})
+
+    async def _op(self, data: dict[str, Any]) -> dict[str, Any]:
+        tid, fut = self._new_transfer()
+        request = self.request("comm_msg", {"comm_id": self._comm_id, "data": {**data, "id": tid}})
+        return await self._comm_reply(tid, fut, request)
+
     @property
     def lost_node(self) -> bool:
         """It died because its node went away (its slots went with it)."""

@@ -22,6 +22,11 @@ Isolation: before anything else, the worker confines itself as the server's
 ``RGPU_CONFINE`` spec says (:func:`.confinement.prepare`), and at lease time
 the server's ``{"op": "enter", "id": N, "spec": {...}}`` comm request makes
 it its user's (:func:`.confinement.enter`) before any cell runs.
+
+Parking: ``{"op": "park", "id": N, "folder": PATH, "limit": BYTES|null}``
+saves the namespace into the session folder and ``{"op": "restore", "id":
+N, "folder": PATH}`` loads it into a fresh worker (see
+:mod:`.parked_namespace`).
 """
 
 from __future__ import annotations
@@ -167,7 +172,37 @@ def _handle(shell: Any, channel: _DataChannel, data: dict[str, Any]) -> tuple[di
         # needs the sizes first: the reply goes out before the bytes.
         return ({"ok": True, "names": names, "counts": counts, "sizes": sizes},
                 lambda: channel.send(int(data["id"]), bufs))
+    if op == "park":
+        return _park(shell, str(data["folder"]), data.get("limit")), None
+    if op == "restore":
+        return _restore(shell, str(data["folder"])), None
     raise ValueError(f"unknown variable transfer op {op!r}")
+
+
+def _park(shell: Any, folder: str, limit: int | None) -> dict[str, Any]:
+    """Save the namespace for a parked session (see :mod:`.parked_namespace`)."""
+    from .parked_namespace import savable_names, save
+
+    names = savable_names(shell.user_ns, shell.user_ns_hidden)
+    saved = save({n: shell.user_ns[n] for n in names}, folder, None if limit is None else int(limit),
+                 namespace=shell.user_ns, execution_count=shell.execution_count)
+    return {"ok": True, "names": list(saved.names), "unsaved": dict(saved.unsaved), "nbytes": saved.nbytes,
+            "seconds": saved.seconds}
+
+
+def _restore(shell: Any, folder: str) -> dict[str, Any]:
+    """Load a parked session's namespace into this fresh worker, then delete its files."""
+    import shutil
+
+    from .parked_namespace import load, read_manifest
+
+    restored = load(folder, shell.user_ns)
+    shell.user_ns.update(restored.values)
+    shell.execution_count = max(shell.execution_count, int(read_manifest(folder).get("execution_count") or 0))
+    shutil.rmtree(folder, ignore_errors=True)
+    return {"ok": True, "names": list(restored.values), "failed": dict(restored.failed),
+            "unsaved": dict(restored.unsaved), "notes": list(restored.notes), "nbytes": restored.nbytes,
+            "seconds": restored.seconds}
 
 
 def _comm_opener(channel: _DataChannel) -> Any:

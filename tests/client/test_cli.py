@@ -96,6 +96,22 @@ def test_cancel_status_top_and_usage(rgpu, served, tmp_path: Path) -> None:  # t
     assert code == 0 and "alice (you)" in out and "at 2 per GPU-hour" in out and "cost" in out
 
 
+def test_status_lists_parked_sessions(rgpu, served) -> None:  # type: ignore[no-untyped-def]
+    from remote_gpu_kernel import Client
+
+    session = Client(served[0].url, served[1]).session(notebook="/home/alice/lunch.ipynb")
+    try:
+        session.execute("x = 1", on_output=lambda _: None)
+        session.park()
+        code, out, _ = rgpu("status")
+        assert code == 0 and "parked (no GPU held)" in out
+        assert "alice (you)" in out and session.id[:8] in out and "lunch.ipynb" in out
+    finally:
+        session.release()
+    code, out, _ = rgpu("status")
+    assert "parked (no GPU held)" not in out
+
+
 def test_errors_are_one_line_and_exit_1(rgpu, monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
                                         tmp_path: Path) -> None:
     code, _, err = rgpu("submit", str(tmp_path / "missing.py"))

@@ -259,6 +259,21 @@ def test_local_cells_and_push_pull(kernel: KernelDriver) -> None:
     assert "connected" in status.stdout and "cpu" in status.stdout
 
 
+def test_park_answers_completion_locally_and_the_next_cell_restores(kernel: KernelDriver) -> None:
+    kernel.run("import numpy as np\nparked_values = np.arange(4.0)\ndef parked_sum():\n"
+               "    return parked_values.sum()")
+    run = kernel.run("%gpu park")
+    assert run.status == "ok" and "Remote GPU: Parked session" in run.stdout and "gave cpu" in run.stdout
+    assert "is parked" in kernel.run("%gpu status").stdout
+    complete = kernel.request("complete_request", {"code": "parked_v", "cursor_pos": 8}).reply
+    assert complete["status"] == "ok" and "parked_values" not in complete["matches"]  # no GPU taken for a Tab
+    run = kernel.run("print(parked_sum())")
+    assert run.status == "ok" and run.stdout == "6.0\n"
+    assert "Remote GPU: Restored the session parked" in run.stderr
+    assert "not parked" in kernel.run("%gpu resume").stdout
+    assert "connected" in kernel.run("%gpu status").stdout
+
+
 def test_widgets_render_and_take_updates_from_the_notebook(kernel: KernelDriver) -> None:
     run = kernel.run("import ipywidgets as w\nseen = []\ns = w.IntSlider(value=3)\n"
                      "s.observe(lambda ch: print('changed to', ch['new']), 'value')\ns")
@@ -317,6 +332,30 @@ def test_gpu_is_leased_lazily_and_the_queue_is_shown_in_place(
     finally:
         driver.shutdown()
     fresh_server.wait_for_log("released session .* of carol: released by the client")
+
+
+def test_restoring_a_parked_session_shows_the_queue_then_what_came_back_in_place(
+        jupyter_path: Path, fresh_server: ServerProcess, tmp_path: Path) -> None:
+    from remote_gpu_kernel import Client
+
+    fresh_server.start()
+    driver = KernelDriver(kernel_env(tmp_path, fresh_server.url, fresh_server.token("carol"))).start()
+    try:
+        driver.run("kept = 'for later'")
+        assert driver.run("%gpu park").status == "ok"
+        holder = Client(fresh_server.url, fresh_server.token("dave")).session()
+        msg_id = driver.client.execute("print(kept)")
+        queued = driver.iopub_for(msg_id, lambda ms: any(m["msg_type"] == "display_data" for m in ms))
+        shown = [m for m in queued if m["msg_type"] == "display_data"][0]["content"]
+        assert "waiting for a GPU to restore the parked session, number 1" in shown["data"]["text/plain"]
+        holder.release()
+        run = driver.collect(msg_id, 60)
+        (update,) = run.of("update_display_data")
+        assert update["transient"]["display_id"] == shown["transient"]["display_id"]
+        assert "Restored the session parked" in update["data"]["text/plain"]
+        assert run.stdout == "for later\n"
+    finally:
+        driver.shutdown()
 
 
 def test_interrupt_while_queued_withdraws_the_request(

@@ -126,6 +126,23 @@ def test_release_then_next_cell_leases_again(kernel: LocalKernel) -> None:
     assert run.stdout == "False\n" and "leased" in run.stderr
 
 
+def test_park_gives_the_gpu_back_and_the_next_cell_restores_the_variables(kernel: LocalKernel) -> None:
+    kernel.run("%%gpu\nimport numpy as np\nparked_data = np.arange(5.0)\ndef doubled():\n"
+               "    return (parked_data * 2).tolist()\nopen_file = open('/dev/null')")
+    run = kernel.run("%gpu park")
+    assert run.reply["status"] == "ok", run.reply
+    assert "Parked session" in run.stderr and "gave cpu" in run.stderr and "open_file" in run.stderr
+    assert "lease:  parked" in kernel.run("%gpu status").stdout
+    run = kernel.run("%%gpu\nprint(doubled(), 'open_file' in globals())")
+    assert run.reply["status"] == "ok", run.reply
+    assert run.stdout == "[0.0, 2.0, 4.0, 6.0, 8.0] False\n"
+    assert "Restored the session parked" in run.stderr and "open_file" in run.stderr
+    assert "not parked" in kernel.run("%gpu resume").stderr
+    kernel.run("%gpu park")
+    assert "Restored" in kernel.run("%gpu resume").stderr
+    assert kernel.run("%%gpu\nprint(doubled()[1])").stdout == "2.0\n"
+
+
 def test_the_cell_after_a_worker_death_says_so_even_when_it_pushes(kernel: LocalKernel) -> None:
     kernel.run("%%gpu\nkept = 1")
     died = kernel.run("%%gpu\nimport os\nos._exit(3)")

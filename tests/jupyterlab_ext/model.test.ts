@@ -241,6 +241,23 @@ describe('RemoteGpuModel', () => {
     expect(recent.map(j => Number(j.created))).toEqual([...recent.map(j => Number(j.created))].sort((a, b) => b - a));
   });
 
+  it('lists parked sessions, the user’s own first, and none from an older server', async () => {
+    const api = new FakeApi();
+    const model = makeModel(api);
+    model.visible = true;
+    await model.refresh();
+    expect(model.parked).toEqual([]);
+    api.reply = status({
+      parked: [
+        { id: null, user: 'bob', gpus: 1, pool: 'default', since: 900, nbytes: 10, mine: false },
+        { id: 'p2', user: 'alice', gpus: 2, pool: 'default', since: 1200, nbytes: 20, mine: true },
+        { id: 'p1', user: 'alice', gpus: 1, pool: 'default', since: 1100, nbytes: 30, mine: true }
+      ]
+    });
+    await model.refresh();
+    expect(model.parked.map(p => p.id ?? p.user)).toEqual(['p1', 'p2', 'bob']);
+  });
+
   it('releases a lease and refreshes at once', async () => {
     const api = new FakeApi();
     const model = makeModel(api, 60000);

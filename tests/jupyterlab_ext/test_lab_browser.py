@@ -8,6 +8,8 @@ named by the notebook and the cell's first line; Release in the sidebar
 frees the slot. The screenshot goes to test-artifacts/ and, with
 RGPU_UPDATE_SCREENSHOT=1, to the README's docs/sidebar.png. A server started
 with ``--no-isolation`` is shown with a warning that its workers are not isolated.
+A session parked with ``%gpu park`` shows in the sidebar's Parked section,
+holding no slot, until the next cell restores it; Release there deletes it.
 """
 
 from __future__ import annotations
@@ -67,7 +69,18 @@ def _labextension_installed() -> None:
                          "run pip install -e '.[dev]' again and read its output\n" + text)
 
 
-def _open_lab(fresh_server: ServerProcess, tmp_path: Path) -> Iterator[tuple[LabProcess, str]]:
+#: Park a session, then restore it with the next cell.
+PARK_NOTEBOOK = dict(NOTEBOOK, cells=[
+    NOTEBOOK["cells"][0],  # type: ignore[index]
+    *({"cell_type": "code", "execution_count": None, "id": f"c{i}", "metadata": {}, "outputs": [],
+       "source": source}
+      for i, source in enumerate(["%%gpu\n# keep this for later\nkept = 41\nparked_file = open('/dev/null')",
+                                  "%gpu park", "%%gpu\nprint('restored', kept + 1)", "%gpu park"])),
+])
+
+
+def _open_lab(fresh_server: ServerProcess, tmp_path: Path,
+              notebook: dict[str, Any] = NOTEBOOK) -> Iterator[tuple[LabProcess, str]]:
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is missing; install it with: apt-get install -y chromium")
     pytest.importorskip("playwright.sync_api", reason="pip install playwright (in the dev extra)")
@@ -78,7 +91,7 @@ def _open_lab(fresh_server: ServerProcess, tmp_path: Path) -> Iterator[tuple[Lab
     lab = LabProcess(tmp_path / "lab", {"RGPU_URL": fresh_server.url, "RGPU_TOKEN": token,
                                         "RGPU_CONFIG": str(tmp_path / "no-client.json")})
     lab.root.mkdir(parents=True)
-    (lab.root / "gpu.ipynb").write_text(json.dumps(NOTEBOOK))
+    (lab.root / "gpu.ipynb").write_text(json.dumps(notebook))
     lab.start()
     try:
         yield lab, token
@@ -90,6 +103,11 @@ def _open_lab(fresh_server: ServerProcess, tmp_path: Path) -> Iterator[tuple[Lab
 @pytest.fixture
 def lab(fresh_server: ServerProcess, tmp_path: Path) -> Iterator[tuple[LabProcess, str]]:
     yield from _open_lab(fresh_server, tmp_path)
+
+
+@pytest.fixture
+def lab_to_park(fresh_server: ServerProcess, tmp_path: Path) -> Iterator[tuple[LabProcess, str]]:
+    yield from _open_lab(fresh_server, tmp_path, PARK_NOTEBOOK)
 
 
 @pytest.fixture
@@ -249,4 +267,51 @@ def test_sidebar_says_when_workers_are_not_isolated(lab_without_isolation: tuple
             assert not errors, errors
         except BaseException:
             page.screenshot(path=str(ARTIFACTS / "sidebar-not-isolated-failure.png"))
+            raise
+
+
+@pytest.mark.timeout(300)
+def test_sidebar_shows_a_parked_session_until_the_next_cell_restores_it(
+        lab_to_park: tuple[LabProcess, str]) -> None:
+    from playwright.sync_api import expect
+
+    proc, _ = lab_to_park
+    ARTIFACTS.mkdir(exist_ok=True)
+    for page, panel, errors in _browse(proc):
+        try:
+            cells = page.locator(".jp-Notebook .jp-Cell")
+            expect(cells.nth(4)).to_be_visible()
+            expect(page.locator(".jp-StatusBar-Widget", has_text="| Idle")).to_be_visible(timeout=90_000)
+            cells.first.locator(".cm-content").click()
+            for _ in range(3):  # load, keep, park
+                page.keyboard.press("Shift+Enter")
+            expect(cells.nth(2).locator(".jp-OutputArea-output")).to_contain_text("Parked session",
+                                                                                 timeout=90_000)
+            expect(cells.nth(2).locator(".jp-OutputArea-output")).to_contain_text("parked_file")
+
+            parked = panel.locator(".jp-RemoteGpu-parked")
+            expect(parked).to_have_count(1, timeout=30_000)
+            expect(parked.locator(".jp-RemoteGpu-badge")).to_have_text("parked")
+            expect(parked.locator(".jp-RemoteGpu-notebook")).to_have_text("gpu.ipynb")
+            expect(parked.locator(".jp-RemoteGpu-firstLine")).to_have_text("# keep this for later")
+            expect(parked.locator(".jp-RemoteGpu-sub").first).to_contain_text("1 slot of default")
+            expect(parked.locator(".jp-RemoteGpu-unsaved")).to_have_text("Not saved: parked_file")
+            expect(panel.locator(".jp-RemoteGpu-slot .jp-RemoteGpu-holder")).to_have_text(["free", "free"])
+            expect(panel.locator(".jp-RemoteGpu-lease")).to_have_count(0)
+            page.screenshot(path=str(ARTIFACTS / "sidebar-parked.png"))
+
+            page.keyboard.press("Shift+Enter")  # the next cell restores it
+            output = cells.nth(3).locator(".jp-OutputArea-output")
+            expect(output.filter(has_text="restored 42").first).to_be_visible(timeout=90_000)
+            expect(output.filter(has_text="Restored the session parked").first).to_be_visible()
+            expect(parked).to_have_count(0, timeout=30_000)
+            expect(panel.locator(".jp-RemoteGpu-lease")).to_have_count(1)
+
+            page.keyboard.press("Shift+Enter")  # park it again, and release it from the sidebar
+            expect(parked).to_have_count(1, timeout=60_000)
+            parked.locator(".jp-RemoteGpu-release").click()
+            expect(parked).to_have_count(0, timeout=30_000)
+            assert not errors, errors
+        except BaseException:
+            page.screenshot(path=str(ARTIFACTS / "sidebar-parked-failure.png"))
             raise

@@ -85,6 +85,14 @@ print(sorted(int(p) for p in os.listdir('/proc') if p.isdigit())[-1] < 100)
     assert sandboxed.proc is not None and sandboxed.proc.poll() is None
 
 
+def test_a_parked_sandboxed_session_comes_back_in_its_own_folder(sandboxed: ServerProcess) -> None:
+    with Client(sandboxed.url, sandboxed.tokens["alice"]).session() as a:  # type: ignore[attr-defined]
+        folder = run(a, "import os\nopen('notes.txt', 'w').write('kept')\nkept = [1, 2]\nprint(os.getcwd())")
+        assert "gave cpu" in a.park().text
+        # A sandbox binds its folder when it starts: the restore starts one for this folder.
+        assert run(a, "print(os.getcwd(), open('notes.txt').read(), kept)") == f"{folder.strip()} kept [1, 2]\n"
+
+
 def test_without_isolation_the_server_serves_its_first_user_only(tmp_path: Path) -> None:
     # No bubblewrap on PATH, and not root: nothing can isolate workers.
     bare = os.path.dirname(sys.executable)

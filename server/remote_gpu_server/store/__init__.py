@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from .base import TOKEN_PREFIX, Store, hash_token
 from .database import Database, DatabaseUnavailable, Dialect, SqliteDatabase
+from .parked import ParkedRecord, ParkedStore
 from .records import (
     JOB_STATES,
     AttemptRecord,
@@ -27,6 +28,6 @@ from .schema import SCHEMA_VERSION, SchemaTooNew
 
 __all__ = [
     "AttemptRecord", "BatchSpec", "Database", "DatabaseUnavailable", "Dialect", "JOB_STATES",
-    "JobRecord", "JobState", "OutputRow", "SCHEMA_VERSION", "SchemaTooNew", "SessionRecord",
+    "JobRecord", "JobState", "OutputRow", "ParkedRecord", "ParkedStore", "SCHEMA_VERSION", "SchemaTooNew", "SessionRecord",
     "SqliteDatabase", "Store", "TOKEN_PREFIX", "TokenInfo", "hash_token", "slot_count",
 ]

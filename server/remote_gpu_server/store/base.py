@@ -39,6 +39,7 @@ from .records import (
     TokenInfo,
     slot_count,
 )
+from .parked import ParkedStore
 from .schema import migrate
 
 __all__ = ["Store", "TOKEN_PREFIX", "hash_token"]
@@ -84,6 +85,8 @@ class Store:
         self.db = db
         self.server_id = server_id
         self._user_ids: dict[str, int] = {}
+        #: Parked sessions (see :mod:`.parked`).
+        self.parked = ParkedStore(db, server_id)
 
     @classmethod
     async def open(cls, location: str | Any, server_id: str | None = None) -> Store:
@@ -195,8 +198,9 @@ class Store:
         )
 
     async def release_session(self, session: SessionId, reason: str) -> None:
+        # A parked session held no slot since it was parked: its lease ended then.
         await self.db.execute(
-            "UPDATE sessions SET released = ?, reason = ? WHERE id = ? AND released IS NULL",
+            "UPDATE sessions SET released = COALESCE(parked, ?), reason = ? WHERE id = ? AND released IS NULL",
             (time.time(), reason, session),
         )
 
@@ -259,8 +263,8 @@ class Store:
             count = await tx.execute(
                 "UPDATE jobs SET state = 'failed', error = ?, ended = ? "
                 f"WHERE state IN ('queued', 'running') AND kind != 'batch' AND {mine}", (reason, now, *me))
-            await tx.execute(f"UPDATE sessions SET released = ?, reason = ? WHERE released IS NULL AND {mine}",
-                             (now, reason, *me))
+            await tx.execute("UPDATE sessions SET released = ?, reason = ? "  # parked ones are resumed later
+                             f"WHERE released IS NULL AND parked IS NULL AND {mine}", (now, reason, *me))
         return count
 
     async def job_counts(self) -> dict[tuple[str, str], int]:
@@ -400,9 +404,9 @@ class Store:
         rows = await self.db.fetchall(
             "SELECT u.name, SUM((LENGTH(s.slots) - LENGTH(REPLACE(s.slots, ',', '')) "
             "+ CASE WHEN s.slots != '' THEN 1 ELSE 0 END) "
-            f"* {big}(0.0, COALESCE(s.released, ?) - {big}(s.created, ?))) "
+            f"* {big}(0.0, COALESCE(s.released, s.parked, ?) - {big}(s.created, ?))) "
             "FROM sessions s JOIN users u ON u.id = s.user_id "
-            "WHERE COALESCE(s.released, ?) >= ? GROUP BY u.name", (now, start, now, start))
+            "WHERE COALESCE(s.released, s.parked, ?) >= ? GROUP BY u.name", (now, start, now, start))
         return {r[0]: float(r[1] or 0.0) for r in rows}
 
     async def job_gpu_seconds(self, job: JobRecord) -> float:

@@ -13,6 +13,9 @@ Versions:
    jobs and their attempts.
 2. sessions and jobs carry the id of the server that runs them (restart
    recovery takes only its own), sessions the notebook they came from.
+3. parked sessions: ``sessions.parked`` (when the session was parked; it
+   holds no slot since) and ``parked_sessions`` (what a parked session
+   needs to be resumed, after a restart too).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from .database import Database, Executor
 
 __all__ = ["SCHEMA_VERSION", "SchemaTooNew", "migrate"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class SchemaTooNew(RuntimeError):
@@ -73,7 +76,20 @@ def _v2(engine: str) -> list[str]:
     ]
 
 
-_STEPS = {1: _v1, 2: _v2}
+def _v3(engine: str) -> list[str]:
+    real = "REAL" if engine == "sqlite" else "DOUBLE PRECISION"
+    integer = "INTEGER" if engine == "sqlite" else "BIGINT"
+    return [
+        f"ALTER TABLE sessions ADD COLUMN parked {real}",
+        f"""CREATE TABLE IF NOT EXISTS parked_sessions (
+            session_id TEXT PRIMARY KEY REFERENCES sessions(id), server_id TEXT, pool TEXT NOT NULL,
+            gpus INTEGER NOT NULL, priority TEXT NOT NULL, folder TEXT NOT NULL, nbytes {integer} NOT NULL,
+            names TEXT NOT NULL, unsaved TEXT NOT NULL, parked {real} NOT NULL, reason TEXT NOT NULL,
+            seq {integer} NOT NULL, segment INTEGER NOT NULL, last_code TEXT)""",
+    ]
+
+
+_STEPS = {1: _v1, 2: _v2, 3: _v3}
 
 
 async def _version(db: Executor, engine: str) -> int:

@@ -201,6 +201,16 @@ class Reader:
         self._filled = 0
 
     @property
+    def partial(self) -> tuple[dict[str, Any], int, int] | None:
+        """The message whose buffers are arriving: its header fields, the
+        bytes of its buffers received so far and their total. None between
+        messages and while a header is read. For progress reports."""
+        if self._state != "buffers" or not self._fields:
+            return None
+        done = sum(self._lengths[: self._index]) + self._filled
+        return self._fields, done, sum(self._lengths)
+
+    @property
     def in_message(self) -> bool:
         """Whether part of a message has been received but not all of it."""
         return self._state != "prefix" or bool(self._small)

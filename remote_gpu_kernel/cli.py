@@ -51,6 +51,20 @@ def _redact_tokens(record: logging.LogRecord) -> bool:
     return True
 
 
+def parse_size(text: str) -> int:
+    """``512``, ``64K``, ``500M``, ``2G`` (binary units) → bytes; argparse's type for sizes."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    number, unit = (value[:-1], value[-1]) if value and value[-1] in units else (value, "")
+    try:
+        size = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (for example 500M or 2G)") from None
+    if size < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size cannot be negative")
+    return int(size)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     _server()
     from remote_gpu_server.app import GpuServer
@@ -77,7 +91,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sys.exit(f"rgpu serve: {exc}")
     config = ServerConfig(host=args.host, port=args.port, db=_db(args), slots=args.slots,
                           idle_timeout=args.idle_timeout, grace=args.grace,
-                          price_per_gpu_hour=args.price_per_gpu_hour, scheduler=scheduler)
+                          price_per_gpu_hour=args.price_per_gpu_hour, scheduler=scheduler,
+                          work_dir=Path(args.work_dir) if args.work_dir else None,
+                          max_upload=args.max_upload)
 
     async def serve() -> None:
         server = GpuServer(config)
@@ -263,6 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a named pool of slots with its own idle timeout and quota, e.g. "
                         "interactive=gpu0,gpu1:idle=900:max-gpus=1 (repeatable; unnamed slots "
                         "form the pool 'default')")
+    p.add_argument("--work-dir", metavar="DIR",
+                   help="where each session's folder is made (default: a private temporary folder)")
+    p.add_argument("--max-upload", type=parse_size, default=1 << 30, metavar="SIZE",
+                   help="the most one %%gpu upload may carry, in bytes or with K, M, G (default 1G; 0: no limit)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_serve)
 

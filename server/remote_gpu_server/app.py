@@ -36,6 +36,7 @@ from .pool import Pool
 from .readings import Readings
 from .scheduler import Grant, LeaseRequestEntry, Quota, Scheduler
 from .session import Session
+from .session_files import Folders, enter
 from .store import Store, TokenInfo
 
 __all__ = ["GpuServer", "__version__"]
@@ -70,6 +71,7 @@ class GpuServer:
         self._nvml = nvml
         self.store: Store = None  # type: ignore[assignment]
         self.pool: Pool = None  # type: ignore[assignment]
+        self.folders: Folders = None  # type: ignore[assignment]
         self.slots: list[Slot] = []
         self.scheduler: Scheduler = None  # type: ignore[assignment]
         # Quotas set on tokens, by user; the scheduler reads this mapping.
@@ -100,6 +102,7 @@ class GpuServer:
                                    dataclasses.replace(self.config.scheduler, user_quotas=self._token_quotas))
         self.pool = Pool(self.slots, self.config.startup_timeout)
         self.pool.start()
+        self.folders = Folders(self.config.work_dir)
         self.readings = Readings(self.slots, self.pool.worker_pids, nvml=self._nvml,
                                  on_health=self._on_health)
         await self.readings.refresh()  # a GPU already faulty is out before the first lease
@@ -137,6 +140,8 @@ class GpuServer:
             await self.readings.close()
         if self.pool is not None:
             await self.pool.close()
+        if self.folders is not None:
+            self.folders.close()
         if self.store is not None:
             self.store.close()
 
@@ -259,6 +264,9 @@ class GpuServer:
             await self._apply(self.scheduler.release(list(slots)))
             raise
         session = Session(self, user, list(slots), worker)
+        # The session's own folder; its worker runs there (see session_files).
+        session.folder = self.folders.create(session.id)
+        await enter(worker, session.folder)
         self.sessions[session.id] = session
         self.store.create_session(session.id, user, [str(s) for s in slots])
         log.info("%s leased %s (session %s)", user, ",".join(slots), session.id[:8])
@@ -291,6 +299,7 @@ class GpuServer:
             return
         send = notify or session.send
         await session.close(reason)
+        self.folders.remove(session.folder)
         self.sessions.pop(session.id, None)
         self._released[session.id] = reason
         self.store.release_session(session.id, reason)

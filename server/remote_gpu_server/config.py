@@ -68,3 +68,7 @@ class ServerConfig:
     scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
     #: Price of one GPU-hour (slot-hour) for usage reports; None shows no cost.
     price_per_gpu_hour: float | None = None
+    #: Where each session's folder is made; None: a private temporary folder.
+    work_dir: Path | None = None
+    #: The most bytes one upload may carry (0: no limit).
+    max_upload: int = 1 << 30

@@ -23,6 +23,7 @@ from remote_gpu_kernel.protocol import PROTOCOL_VERSION, Reader, encode
 from remote_gpu_kernel.protocol.framing import encode_head
 from remote_gpu_kernel.protocol import messages as m
 
+from . import session_files
 from .scheduler import LeaseRequestEntry
 from .session import Session
 
@@ -43,9 +44,9 @@ class Connection:
         self.token = token
         self.user = token.user
         self.session: Session | None = None
-        # Pushes are handed out at their header so that their buffers flow
+        # Pushes and uploads are handed out at their header so that their buffers flow
         # on to the worker while the rest is still arriving.
-        self._reader = Reader(assemble=False, early={m.MessageType.PUSH})
+        self._reader = Reader(assemble=False, early={m.MessageType.PUSH, m.MessageType.UPLOAD})
         self._send_lock = asyncio.Lock()
         self._hello = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -131,7 +132,7 @@ class Connection:
             self._spawn(self._on_lease(msg), msg.req)
         elif isinstance(msg, m.Release):
             self._spawn(self._on_release(msg), msg.req)
-        elif isinstance(msg, (m.Execute, m.Push, m.Pull, m.ShellRequest, m.Replay)):
+        elif isinstance(msg, (m.Execute, m.Push, m.Pull, m.ShellRequest, m.Replay, m.Upload, m.Download)):
             self._spawn(self._on_session_request(msg), msg.req)
         else:
             self._spawn(self.send(m.Error(getattr(msg, "req", 0), m.ErrorCode.BAD_REQUEST,
@@ -167,7 +168,8 @@ class Connection:
             await self.ws.close(1002, "protocol version mismatch")
             return
         self._hello = True
-        await self.send(m.Welcome(PROTOCOL_VERSION, self.server.version, self.user))
+        await self.send(m.Welcome(PROTOCOL_VERSION, self.server.version, self.user,
+                                  self.server.config.max_upload))
 
     async def _on_interrupt(self, msg: m.Interrupt) -> None:
         if self.session is not None:
@@ -249,6 +251,10 @@ class Connection:
             await session.shell_request(msg, self)
         elif isinstance(msg, m.Replay):
             await session.replay(msg, self)
+        elif isinstance(msg, m.Upload):
+            await session_files.upload(session, msg, self, self.server.config.max_upload)
+        elif isinstance(msg, m.Download):
+            await session_files.download(session, msg, self)
 
     async def _closed(self) -> None:
         self.closed = True

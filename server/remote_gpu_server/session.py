@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 import uuid
+from pathlib import Path
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, Protocol
@@ -23,7 +24,9 @@ from remote_gpu_kernel.protocol import messages as m
 from remote_gpu_kernel.protocol.framing import Chunks
 from remote_gpu_kernel.typing import JobId, SessionId, SlotId
 
-from .worker import TransferAborted, Worker
+from . import session_files
+from .comms import COMM_MESSAGES
+from .worker import DuplicateRequest, TransferAborted, Worker
 
 if TYPE_CHECKING:
     from .app import GpuServer
@@ -40,6 +43,12 @@ HELD_INTERRUPT_DELAYS = (0.1, 2.0, 3.0)
 JOURNAL_FLUSH = 0.5
 #: In an error message, the mark of a CUDA context that cannot be used again.
 _POISONED = "device-side assert triggered"
+
+
+def _output(req: int, seq: int, jmsg: dict[str, Any]) -> m.Output:
+    """The protocol's Output for a Jupyter message, with its metadata, buffers and parent id."""
+    return m.Output(req, seq, jmsg["msg_type"], jmsg["content"], tuple(jmsg.get("buffers") or ()),
+                    jmsg.get("metadata") or {}, str((jmsg.get("parent_header") or {}).get("msg_id") or ""))
 
 
 class Replier(Protocol):
@@ -76,6 +85,9 @@ class Session:
         self._interrupted = False
         self._started = False  # the running cell's code has begun (execute_input seen)
         self._background: set[asyncio.Task[None]] = set()
+        #: The session's working folder on this machine (see session_files); None: none.
+        self.folder: Path | None = None
+        worker.on_unrouted = self._unrouted
         self._watch = asyncio.get_running_loop().create_task(self._watch_worker(worker))
 
     @property
@@ -109,12 +121,32 @@ class Session:
 
     async def worker(self) -> Worker:
         if self._replacing is not None:
+            old = self._worker
             try:
                 self._worker = await self._replacing
             finally:
                 self._replacing = None
+            self._worker.comms.inherit(old.comms, f"died ({old.exit_description or 'it was restarted'})")
+            self._worker.on_unrouted = self._unrouted
             self._watch = asyncio.get_running_loop().create_task(self._watch_worker(self._worker))
+            if self.folder is not None:
+                await session_files.enter(self._worker, self.folder)
         return self._worker
+
+    async def prepare(self, req: int, conn: Replier) -> Worker:
+        """The start of a request under :attr:`lock`: mark activity, tell
+        ``conn`` the notices, return the (fresh if need be) worker."""
+        self.touch()
+        await self._notices(req, conn)
+        return await self.worker()
+
+    async def _unrouted(self, jmsg: dict[str, Any]) -> None:
+        """What the worker published under no pending request: journaled and
+        sent to the attached client with ``req = 0`` and its Jupyter parent."""
+        self._seq += 1
+        self.server.store.append_output(self.id, self._seq, None, jmsg["msg_type"], jmsg["content"])
+        if self.send is not None:
+            await self.send(_output(0, self._seq, jmsg))
 
     async def _notices(self, req: int, conn: Replier) -> None:
         if self._notice:
@@ -149,17 +181,20 @@ class Session:
                     rows.clear()
                     flushed = time.monotonic()
                 if jmsg["msg_type"] != "execute_input":  # the client has the code already
-                    await conn.send(m.Output(msg.req, self._seq, jmsg["msg_type"], jmsg["content"],
-                                             tuple(jmsg.get("buffers") or ())))
+                    await conn.send(_output(msg.req, self._seq, jmsg))
 
             task = asyncio.get_running_loop().create_task(worker.execute(
                 msg.code, on_iopub, silent=msg.silent, store_history=msg.store_history,
-                allow_stdin=msg.allow_stdin,
+                allow_stdin=msg.allow_stdin, msg_id=msg.parent.get("msg_id"),
             ))
             # The answer goes out before the job's last writes, which stay
             # under the lock: the next request still sees the job finished.
             try:
                 reply = await self._await_cell(task, worker, msg.timeout)
+            except (DuplicateRequest, ValueError) as exc:  # a msg_id it may not use
+                await conn.send(m.Error(msg.req, m.ErrorCode.BAD_REQUEST, str(exc)))
+                self._end_job(job, rows, "failed", str(exc))
+                return
             except (WorkerDied, TimeoutError) as exc:
                 died = isinstance(exc, WorkerDied)
                 await conn.send(m.Error(msg.req, m.ErrorCode.WORKER_DIED if died else m.ErrorCode.TIMEOUT,
@@ -313,21 +348,31 @@ class Session:
         callback's output) is journaled without a job and sent as Output.
         """
         worker = await self.worker()
+        if msg.msg_type in COMM_MESSAGES:
+            refused = worker.comms.refusal(msg.msg_type, msg.content)
+            if refused is not None:
+                await conn.send(m.Error(msg.req, m.ErrorCode.NO_COMM, refused))
+                return
+            worker.comms.sent(msg.msg_type, msg.content)
 
         async def on_iopub(jmsg: dict[str, Any]) -> None:
             self._seq += 1
             self.server.store.append_output(self.id, self._seq, None, jmsg["msg_type"], jmsg["content"])
-            await conn.send(m.Output(msg.req, self._seq, jmsg["msg_type"], jmsg["content"],
-                                         tuple(jmsg.get("buffers") or ())))
+            await conn.send(_output(msg.req, self._seq, jmsg))
 
         # Buffers arrive as framing.Chunks; a Jupyter message needs plain bytes.
         buffers = [b.join() if isinstance(b, Chunks) else b for b in msg.buffers]
         try:
-            reply = await worker.request(msg.msg_type, msg.content, on_iopub, buffers=buffers or None)
+            reply = await worker.request(msg.msg_type, msg.content, on_iopub, buffers=buffers or None,
+                                         msg_id=msg.parent.get("msg_id"))
+        except (DuplicateRequest, ValueError) as exc:
+            await conn.send(m.Error(msg.req, m.ErrorCode.BAD_REQUEST, str(exc)))
+            return
         except WorkerDied as exc:
             await conn.send(m.Error(msg.req, m.ErrorCode.WORKER_DIED, str(exc)))
             return
-        await conn.send(m.ShellReply(msg.req, str(reply.get("msg_type", "")), dict(reply.get("content") or {})))
+        await conn.send(m.ShellReply(msg.req, str(reply.get("msg_type", "")), dict(reply.get("content") or {}),
+                                     dict(reply.get("metadata") or {})))
 
     # -- the end ------------------------------------------------------------
 

@@ -16,13 +16,16 @@ folder), as described in :mod:`.transfer`. A push's comm message comes first
 and its handler reads the buffers as the server forwards them; a pull's comm
 reply (names, counts, sizes) is sent once the pickling succeeded, and its
 buffers after it, while the server passes them on to the client.
-Only this process unpickles what a client pushed.
+Only this process unpickles what a client pushed. Files go the same way
+(``{"op": "upload"|"download", "paths": [...]}``, after a ``chdir`` that
+names the session's folder; see :mod:`.worker_files`).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["COMM_TARGET", "main"]
@@ -64,8 +67,13 @@ class _DataChannel:
         kind, payload = self.socket.recv_multipart()
         return kind, payload
 
-    def receive(self, tid: int) -> list[Any]:
-        """The buffers of transfer ``tid``, each in fresh writable memory."""
+    def receive(self, tid: int, sink: Callable[[list[int]], Any] | None = None) -> Any:
+        """The buffers of transfer ``tid``, each in fresh writable memory.
+
+        With ``sink``, the pieces go to ``sink(sizes)`` instead (an object
+        with ``add(piece)`` and ``done``, as :class:`~.transfer.Filler`),
+        which is returned.
+        """
         from remote_gpu_kernel.errors import ProtocolError
 
         from .transfer import ABORT, DATA, END, HEADER, Filler, abort, parse_abort, parse_header, tid_of
@@ -78,7 +86,7 @@ class _DataChannel:
                 got, sizes = parse_header(payload)
                 if got == tid:
                     break
-        filler = Filler(sizes)
+        filler = Filler(sizes) if sink is None else sink(sizes)
         try:
             while True:
                 kind, payload = self._recv()
@@ -90,10 +98,10 @@ class _DataChannel:
                 elif kind == END and tid_of(payload) == tid:
                     if not filler.done:
                         raise ConnectionError("the push ended before all its bytes came")
-                    return filler.buffers
+                    return filler if sink is not None else filler.buffers
                 elif kind == ABORT and tid_of(payload) == tid:
                     raise ConnectionError("the push was cut short: " + parse_abort(payload)[1])
-        except (TimeoutError, ProtocolError) as exc:
+        except (TimeoutError, ProtocolError, ValueError) as exc:
             self.socket.send_multipart(abort(tid, str(exc)))  # the server stops sending
             raise
 
@@ -125,6 +133,8 @@ def _handle(shell: Any, channel: _DataChannel, data: dict[str, Any]) -> tuple[di
     from remote_gpu_kernel.protocol.serialization import dump_values, load_values
 
     op, names = data.get("op"), list(data.get("names") or [])
+    if op in ("chdir", "upload", "download"):
+        return _handle_files(channel, op, data)
     if op == "push":
         buffers = channel.receive(int(data["id"]))
         values = load_values(names, list(data.get("counts") or []), buffers)
@@ -141,6 +151,60 @@ def _handle(shell: Any, channel: _DataChannel, data: dict[str, Any]) -> tuple[di
         return ({"ok": True, "names": names, "counts": counts, "sizes": sizes},
                 lambda: channel.send(int(data["id"]), bufs))
     raise ValueError(f"unknown variable transfer op {op!r}")
+
+
+_folder: Any = None  # the session's worker_files.Folder, once the server said which
+
+
+def _handle_files(channel: _DataChannel, op: str, data: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """The file operations of :mod:`.worker_files`: ``chdir``, ``upload``, ``download``."""
+    from .worker_files import FileSink, Folder
+
+    global _folder
+    if op == "chdir":
+        _folder = Folder(str(data["path"]))
+        os.chdir(_folder.root)
+        return {"ok": True, "path": str(_folder.root)}, None
+    if op == "upload":
+        paths = [str(p) for p in data.get("paths") or []]
+        targets, refused = [], None
+        try:
+            if _folder is None:
+                raise PermissionError("this worker has no session folder")
+            targets = [_folder.resolve(p) for p in paths]
+        except (PermissionError, OSError) as exc:
+            refused = exc
+        sinks: list[FileSink] = []
+
+        def make_sink(sizes: list[int]) -> FileSink:
+            sinks.append(FileSink(targets, sizes, refused))
+            return sinks[-1]
+
+        try:
+            channel.receive(int(data["id"]), make_sink)
+        except BaseException:
+            for sink in sinks:
+                sink.abandon()
+            raise
+        sinks[-1].finish()
+        return {"ok": True, "paths": paths, "sizes": [t.stat().st_size for t in targets]}, None
+    if _folder is None:
+        raise PermissionError("this worker has no session folder")
+    names, buffers = _folder.read([str(p) for p in data.get("paths") or []])
+    sizes = [memoryview(b).nbytes for b in buffers]
+
+    def send() -> None:
+        try:
+            channel.send(int(data["id"]), buffers)
+        finally:
+            for buf in buffers:
+                try:
+                    if hasattr(buf, "close"):
+                        buf.close()
+                except BufferError:
+                    pass  # a view is still held; the map goes with it
+
+    return {"ok": True, "paths": names, "sizes": sizes}, send
 
 
 def _comm_opener(channel: _DataChannel) -> Any:
@@ -169,17 +233,24 @@ def _comm_opener(channel: _DataChannel) -> Any:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ipykernel.kernelapp import IPKernelApp
+    from remote_gpu_kernel.kernel_app import MainLoopKernelApp
 
     _preload()
-    app = IPKernelApp.instance()
+    app = MainLoopKernelApp.instance()
     app.initialize(sys.argv[1:] if argv is None else argv)
+    # ipykernel sleeps 0.5 ms before each execute_reply so that a client
+    # that stops at the reply has the streams first; the server waits for
+    # the idle status, which comes after the streams, so it only adds latency.
+    app.kernel._execute_sleep = 0.0
     from remote_gpu_kernel.iostreams import skip_empty_flushes
 
     for stream in (sys.stdout, sys.stderr):  # ipykernel's OutStreams, made by initialize()
         skip_empty_flushes(stream)
     channel = _DataChannel(os.environ["RGPU_DATA_ADDR"], int(os.environ.pop("RGPU_DATA_RING_FD")))
     app.kernel.comm_manager.register_target(COMM_TARGET, _comm_opener(channel))
+    from .worker_files import install_hint
+
+    install_hint(app.shell)
     app.start()
 
 

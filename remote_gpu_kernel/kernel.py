@@ -28,19 +28,19 @@ import platform
 import re
 import signal
 import sys
-import uuid
 from typing import Any
 
-from ipykernel.kernelapp import IPKernelApp
 from ipykernel.kernelbase import Kernel
 
-from . import __version__
+from . import __version__, notices
 from .client import AsyncSession
 from .errors import ConnectionLost, RemoteGpuError
 from .kernel_cells import Cell, CellKind, CellSyntaxError, GpuCommand, parse_cell
 from .iostreams import skip_empty_flushes
+from .kernel_app import MainLoopKernelApp
 from .kernel_history import History
 from .kernel_local import LocalNamespace
+from .kernel_output import CellOutput, Parents
 from .kernel_remote import RemoteLease
 from .protocol import messages as m
 
@@ -57,69 +57,10 @@ LOCAL_LANGUAGE_INFO: dict[str, Any] = {
     "file_extension": ".py",
 }
 
-#: Worker messages that this kernel publishes itself, or that mean nothing here.
-_NOT_FORWARDED = frozenset({"status", "execute_input", "input_request"})
 #: A help request cell: ``name?``, ``name??``, ``?name`` or ``??name``.
 _HELP = re.compile(r"^\s*(?P<before>\?{1,2})?(?P<name>[A-Za-z_][\w.]*)(?P<after>\?{1,2})?\s*$")
 #: How long shutdown waits for the lease to be given back.
 RELEASE_TIMEOUT = 10.0
-
-
-def _red(text: str) -> str:
-    return f"\x1b[0;31m{text}\x1b[0m"
-
-
-class _Cell:
-    """Publishes on IOPub as replies to one request, whatever task runs."""
-
-    def __init__(self, kernel: RemoteGpuKernel, parent: dict[str, Any]) -> None:
-        self.kernel = kernel
-        self.parent = parent
-        self._display_id = f"rgpu-lease-{uuid.uuid4().hex}"
-        self._shown = False
-
-    def send(self, msg_type: str, content: dict[str, Any], buffers: Any = None) -> None:
-        k = self.kernel
-        k.session.send(k.iopub_socket, msg_type, content, self.parent,
-                       ident=k._topic(msg_type), buffers=list(buffers) if buffers else None)
-
-    def stream(self, text: str, name: str = "stderr") -> None:
-        self.send("stream", {"name": name, "text": text})
-
-    def error(self, ename: str, evalue: str, traceback: list[str] | None = None) -> dict[str, Any]:
-        """Publish an error; return the matching ``execute_reply`` content."""
-        content = {"ename": ename, "evalue": evalue,
-                   "traceback": traceback or [f"{_red(ename)}: {evalue}"]}
-        self.send("error", content)
-        return {"status": "error", "execution_count": self.kernel.execution_count, **content}
-
-    # LeaseReporter: one line, updated in place.
-    def _line(self, text: str) -> None:
-        content = {"data": {"text/plain": text}, "metadata": {},
-                   "transient": {"display_id": self._display_id}}
-        self.send("update_display_data" if self._shown else "display_data", content)
-        self._shown = True
-
-    def queued(self, position: int) -> None:
-        self._line(f"Remote GPU: waiting for a GPU, number {position} in the queue")
-
-    def granted(self, session: AsyncSession, url: str) -> None:
-        waited = f", waited {session.waited:.1f} s" if session.waited >= 0.1 else ""
-        self._line(f"Remote GPU: leased {', '.join(session.slots)} from {url} "
-                   f"(session {session.id[:8]}{waited})")
-
-    def resumed(self, session: AsyncSession, url: str) -> None:
-        self._line(f"Remote GPU: reconnected to session {session.id[:8]} on "
-                   f"{', '.join(session.slots)}; its variables are kept")
-
-    def notice(self, text: str) -> None:
-        self.stream(f"Remote GPU: {text}\n")
-
-    def missed(self, outputs: list[m.Output]) -> None:
-        self.notice("what the session printed while this notebook was disconnected:")
-        for msg in outputs:
-            if msg.msg_type not in _NOT_FORWARDED:
-                self.send(msg.msg_type, msg.content, msg.buffers)
 
 
 class RemoteGpuKernel(Kernel):  # type: ignore[misc]
@@ -140,7 +81,8 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
         super().__init__(**kwargs)
         for msg_type in ("comm_open", "comm_msg", "comm_close"):
             self.shell_handlers[msg_type] = self._comm_request
-        self.remote = RemoteLease()
+        self.remote = RemoteLease(on_background=self._background)
+        self.parents = Parents()
         self.local = LocalNamespace(self.session, self.iopub_socket, self._topic)
         self.history = History()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -189,7 +131,8 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
                          user_expressions: dict[str, Any] | None = None, allow_stdin: bool = False,
                          *, cell_meta: dict[str, Any] | None = None,
                          cell_id: str | None = None) -> dict[str, Any]:
-        cell = _Cell(self, self.get_parent("shell"))
+        cell = CellOutput(self, self.get_parent("shell"))
+        self.parents.remember(cell.parent)
         if store_history and not silent:
             self.history.append(self.execution_count, code)
         try:
@@ -215,7 +158,7 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
                 return failed
         return self._ok()
 
-    async def _help(self, match: re.Match[str], cell: _Cell) -> dict[str, Any]:
+    async def _help(self, match: re.Match[str], cell: CellOutput) -> dict[str, Any]:
         """``obj?`` / ``obj??``: the remote object's help, as IPython's pager payload.
 
         The worker's execute reply carries the page as a payload that the
@@ -241,7 +184,7 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
         return {"status": "ok", "execution_count": self.execution_count, "payload": [],
                 "user_expressions": {}}
 
-    async def _session(self, cell: _Cell) -> AsyncSession | dict[str, Any]:
+    async def _session(self, cell: CellOutput) -> AsyncSession | dict[str, Any]:
         """The leased session, or the reply of a cell that could not get one."""
         session = self.remote.usable
         if session is not None:
@@ -259,7 +202,7 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
         finally:
             self._lease_task = None
 
-    async def _run_remote(self, code: str, cell: _Cell, silent: bool, store_history: bool,
+    async def _run_remote(self, code: str, cell: CellOutput, silent: bool, store_history: bool,
                           allow_stdin: bool) -> dict[str, Any]:
         session = await self._session(cell)
         if isinstance(session, dict):
@@ -272,17 +215,15 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
                 task = asyncio.ensure_future(self._forward_input(session, msg.content, cell.parent, ident))
                 inputs.add(task)
                 return
-            if msg.msg_type in _NOT_FORWARDED:
-                return
-            content = msg.content
-            if msg.msg_type == "execute_result":
-                content = {**content, "execution_count": self.execution_count}
-            cell.send(msg.msg_type, content, msg.buffers)
+            cell.forward(msg)
 
         self._remote_running = session
         try:
+            # Under the notebook's own msg_id: what the worker publishes, and
+            # an Output widget's msg_id, then route as with a local kernel.
             result = await session.execute(code, on_output, silent=silent, store_history=store_history,
-                                           allow_stdin=allow_stdin, on_notice=cell.notice)
+                                           allow_stdin=allow_stdin, on_notice=cell.notice,
+                                           parent=cell.header)
         except ConnectionLost as exc:
             return cell.error("ConnectionLost", (
                 f"{exc}. The cell may still be running on the server. The next cell reconnects to "
@@ -330,7 +271,7 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
             if reply["msg_type"] == "input_reply":
                 return str(reply["content"].get("value", ""))
 
-    def _run_local(self, cell_def: Cell, cell: _Cell, silent: bool, store_history: bool) -> dict[str, Any]:
+    def _run_local(self, cell_def: Cell, cell: CellOutput, silent: bool, store_history: bool) -> dict[str, Any]:
         self._local_running = True
         try:
             result = self.local.run(cell_def.body, cell.parent, self.execution_count, silent=silent,
@@ -342,7 +283,7 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
         return {"status": "error", "execution_count": self.execution_count, "ename": result.ename,
                 "evalue": result.evalue, "traceback": result.traceback}
 
-    async def _run_command(self, command: GpuCommand, cell: _Cell) -> dict[str, Any] | None:
+    async def _run_command(self, command: GpuCommand, cell: CellOutput) -> dict[str, Any] | None:
         """Run one ``%gpu`` line; the error reply if it failed, else None."""
         if command.name == "status":
             session = self.remote.session
@@ -362,7 +303,18 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
         if isinstance(session, dict):
             return session
         try:
-            if command.name == "push":
+            if command.name in ("upload", "download"):
+                verb = "uploading" if command.name == "upload" else "downloading"
+
+                def progress(done: int, total: int) -> None:
+                    cell.progress(verb, done, total)
+
+                if command.name == "upload":
+                    moved = await session.upload(*command.args, on_progress=progress)
+                else:
+                    moved = await session.download(*command.args, on_progress=progress)
+                cell.show(notices.transferred(f"{command.name}ed", moved))
+            elif command.name == "push":
                 missing = [n for n in command.args if n not in self.local.user_ns]
                 if missing:
                     return cell.error("NameError", f"name {missing[0]!r} is not defined in the local "
@@ -421,24 +373,45 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
         self.session.send(stream, "comm_info_reply", content, parent, ident)
 
     async def _comm_request(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
-        """Forward a comm message from the notebook to the worker's comm."""
+        """Forward a comm message from the notebook to the worker's comm.
+
+        A comm the worker does not have (closed, or its worker died or was
+        released) is answered with an error that says so and closed in the
+        notebook, so that a widget never waits on a worker that cannot answer.
+        """
         msg_type, content = parent["header"]["msg_type"], dict(parent["content"])
-        cell = _Cell(self, parent)
+        cell = CellOutput(self, parent)
+        self.parents.remember(parent)
         session = self.remote.usable
+        if session is None and self.remote.session is not None and not self.remote.session.released:
+            reconnected = await self._session(cell)  # the connection dropped: resume it
+            session = None if isinstance(reconnected, dict) else reconnected
         if session is None:
             if msg_type == "comm_open":  # as ipykernel answers an unknown target
                 cell.send("comm_close", {"comm_id": content.get("comm_id"), "data": {}})
+            elif msg_type == "comm_msg":
+                self._widget_gone(cell, content, "the GPU session that made it was released, and "
+                                  "its worker and variables with it: run its cell again")
             return
         buffers = tuple(bytes(b) for b in parent.get("buffers") or ())
-
-        def on_output(msg: m.Output) -> None:
-            if msg.msg_type not in _NOT_FORWARDED:
-                cell.send(msg.msg_type, msg.content, msg.buffers)
-
         try:
-            await session.shell_request(msg_type, content, buffers=buffers, on_output=on_output)
-        except RemoteGpuError:
-            self.log.warning("could not forward %s to the GPU worker", msg_type, exc_info=True)
+            await session.shell_request(msg_type, content, buffers=buffers, on_output=cell.forward,
+                                        parent=cell.header)
+        except RemoteGpuError as exc:
+            if msg_type == "comm_msg":
+                self._widget_gone(cell, content, str(exc))
+            else:
+                self.log.warning("could not forward %s to the GPU worker: %s", msg_type, exc)
+
+    def _widget_gone(self, cell: CellOutput, content: dict[str, Any], why: str) -> None:
+        """Say why a comm (a widget) no longer answers, and close it in the notebook."""
+        cell.error("WidgetGone", why, [f"Remote GPU: this widget no longer works: {why}"])
+        cell.send("comm_close", {"comm_id": content.get("comm_id"), "data": {}})
+
+    def _background(self, msg: m.Output) -> None:
+        """What the worker published outside any request of ours, under the
+        notebook request it names (a thread's print after its cell ended)."""
+        CellOutput(self, self.parents.get(msg.parent)).forward(msg)
 
     async def do_shutdown(self, restart: bool) -> dict[str, Any]:
         """Give the GPU back; runs on the control thread, the session lives on the main loop."""
@@ -452,22 +425,9 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
         return {"status": "ok", "restart": restart}
 
 
-class RemoteGpuKernelApp(IPKernelApp):  # type: ignore[misc]
-    """IPKernelApp without the shell-channel thread.
-
-    ipykernel 7 receives shell messages on a thread of their own and passes
-    each one, and each reply, through an inproc socket to and from the main
-    thread: two thread hops per request that serve only kernel subshells,
-    which this kernel does not offer (its ``kernel_info`` lists no features).
-    Without that thread the shell socket is read on the main loop, as in
-    ipykernel 6.
-    """
-
-    def init_sockets(self) -> None:
-        super().init_sockets()
-        thread, self.shell_channel_thread = self.shell_channel_thread, None
-        if thread is not None:
-            thread.io_loop.close()
+class RemoteGpuKernelApp(MainLoopKernelApp):  # type: ignore[misc]
+    """The Remote GPU kernel's application: no shell-channel thread (see
+    :class:`~remote_gpu_kernel.kernel_app.MainLoopKernelApp`)."""
 
 
 def parse_cell_is_local(code: str) -> bool:

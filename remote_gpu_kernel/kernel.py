@@ -37,7 +37,7 @@ from .client import AsyncSession
 from .errors import ConnectionLost, RemoteGpuError
 from .kernel_cells import Cell, CellKind, CellSyntaxError, GpuCommand, parse_cell
 from .iostreams import skip_empty_flushes
-from .kernel_app import MainLoopKernelApp
+from .kernel_app import CommsBesideCells, MainLoopKernelApp
 from .kernel_history import History
 from .kernel_local import LocalNamespace
 from .kernel_output import CellOutput, Parents
@@ -63,7 +63,7 @@ _HELP = re.compile(r"^\s*(?P<before>\?{1,2})?(?P<name>[A-Za-z_][\w.]*)(?P<after>
 RELEASE_TIMEOUT = 10.0
 
 
-class RemoteGpuKernel(Kernel):  # type: ignore[misc]
+class RemoteGpuKernel(CommsBesideCells, Kernel):  # type: ignore[misc]
     """See the module docstring. Jupyter makes it through IPKernelApp."""
 
     implementation = "remote_gpu_kernel"
@@ -90,6 +90,8 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
         self._remote_running: AsyncSession | None = None
         self._local_running = False
         self._stdin: Any = None
+        #: The notebook request of the cell that runs now, if one does.
+        self._running_parent: dict[str, Any] | None = None
 
     # -- process ------------------------------------------------------------
 
@@ -133,6 +135,14 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
                          cell_id: str | None = None) -> dict[str, Any]:
         cell = CellOutput(self, self.get_parent("shell"))
         self.parents.remember(cell.parent)
+        self._running_parent = cell.parent
+        try:
+            return await self._execute(cell, code, silent, store_history, allow_stdin)
+        finally:
+            self._running_parent = None
+
+    async def _execute(self, cell: CellOutput, code: str, silent: bool, store_history: bool,
+                       allow_stdin: bool) -> dict[str, Any]:
         if store_history and not silent:
             self.history.append(self.execution_count, code)
         try:
@@ -382,6 +392,24 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
         msg_type, content = parent["header"]["msg_type"], dict(parent["content"])
         cell = CellOutput(self, parent)
         self.parents.remember(parent)
+        # ipykernel 7 runs a comm message that comes while a cell runs at the
+        # same time as the cell (a remote cell may await a widget), and then
+        # sends it no status. A widget holds back its changes until the idle
+        # of its last message, so this kernel sends busy and idle itself, and
+        # busy again for the cell that still runs.
+        running = self._running_parent if self._main_asyncio_lock.locked() else None
+        if running is not None:
+            self._publish_status("busy", "shell", parent)
+        try:
+            await self._forward_comm(msg_type, content, cell, parent)
+        finally:
+            if running is not None:
+                self._publish_status("idle", "shell", parent)
+                if self._running_parent is running:
+                    self._publish_status("busy", "shell", running)
+
+    async def _forward_comm(self, msg_type: str, content: dict[str, Any], cell: CellOutput,
+                            parent: dict[str, Any]) -> None:
         session = self.remote.usable
         if session is None and self.remote.session is not None and not self.remote.session.released:
             reconnected = await self._session(cell)  # the connection dropped: resume it

@@ -232,11 +232,33 @@ def _comm_opener(channel: _DataChannel) -> Any:
     return on_open
 
 
+def _kernel_class() -> Any:
+    from ipykernel.ipkernel import IPythonKernel
+
+    from remote_gpu_kernel.kernel_app import CommsBesideCells
+
+    class WorkerKernel(CommsBesideCells, IPythonKernel):  # type: ignore[misc]
+        """ipykernel's kernel, with an idle status after every comm message.
+
+        ipykernel 7 handles a comm message that arrives while a cell awaits
+        at the same time as the cell, and then sends no status for it; the
+        server ends a comm request at its idle status, so it sends one.
+        """
+
+        async def dispatch_shell(self, msg: Any, /, subshell_id: str | None = None, *,
+                                 concurrent: bool = False) -> None:
+            await super().dispatch_shell(msg, subshell_id=subshell_id, concurrent=concurrent)
+            if concurrent:
+                self._publish_status("idle", "shell", parent=self.get_parent("shell"))
+
+    return WorkerKernel
+
+
 def main(argv: list[str] | None = None) -> None:
     from remote_gpu_kernel.kernel_app import MainLoopKernelApp
 
     _preload()
-    app = MainLoopKernelApp.instance()
+    app = MainLoopKernelApp.instance(kernel_class=_kernel_class())
     app.initialize(sys.argv[1:] if argv is None else argv)
     # ipykernel sleeps 0.5 ms before each execute_reply so that a client
     # that stops at the reply has the streams first; the server waits for

@@ -280,9 +280,15 @@ class Worker:
     # -- reading ------------------------------------------------------------
 
     async def _read(self, channel: Any, handle: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        session = self._kc.session
         while True:
             try:
-                msg = await channel.get_msg()
+                # A receive, not jupyter_client's poll-then-receive: a poll that
+                # waits while a request is sent on the same socket can miss the
+                # message that arrives meanwhile (its edge is taken by the send).
+                frames = await channel.socket.recv_multipart(copy=False)
+                _, frames = session.feed_identities(frames, copy=False)
+                msg = session.deserialize(frames, copy=False)
             except asyncio.CancelledError:
                 raise
             except Exception:  # closed socket after a kill

@@ -111,8 +111,10 @@ class Parents:
                 self._parents.popitem(last=False)
 
     def get(self, msg_id: str) -> dict[str, Any]:
-        """The request ``msg_id``; the latest one if it is not known (any longer)."""
+        """The request ``msg_id``: the whole request if it is remembered, else a
+        header with just that id (which is what frontends route by); ``{}``
+        for no id, as the worker published it."""
         parent = self._parents.get(msg_id)
         if parent is not None:
             return parent
-        return next(reversed(self._parents.values()), {})
+        return {"header": {"msg_id": msg_id}} if msg_id else {}

@@ -91,7 +91,7 @@ class CommBridge:
     def background(self, msg: Output) -> None:
         """An output that answers no running request (the I/O thread): it is
         published under the local request whose ``msg_id`` it names."""
-        parent = self._parents.get(msg.parent) or next(reversed(self._parents.values()), {})
+        parent = self._parents.get(msg.parent) or ({"header": {"msg_id": msg.parent}} if msg.parent else {})
         if msg.msg_type in COMM_MESSAGES:
             self._publish_comm(msg, parent)
         elif msg.msg_type in ("stream", "display_data", "update_display_data", "clear_output", "error"):

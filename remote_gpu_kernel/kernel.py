@@ -40,7 +40,7 @@ from .iostreams import skip_empty_flushes
 from .kernel_app import CommsBesideCells, MainLoopKernelApp
 from .kernel_history import History
 from .kernel_local import LocalNamespace
-from .kernel_output import CellOutput, Parents
+from .kernel_output import CellOutput, Parents, gone_state
 from .kernel_remote import RemoteLease
 from .protocol import messages as m
 
@@ -83,6 +83,8 @@ class RemoteGpuKernel(CommsBesideCells, Kernel):  # type: ignore[misc]
             self.shell_handlers[msg_type] = self._comm_request
         self.remote = RemoteLease(on_background=self._background)
         self.parents = Parents()
+        #: The comms open between the notebook and the worker, as seen passing.
+        self.comm_ids: set[str] = set()
         self.local = LocalNamespace(self.session, self.iopub_socket, self._topic)
         self.history = History()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -410,6 +412,14 @@ class RemoteGpuKernel(CommsBesideCells, Kernel):  # type: ignore[misc]
 
     async def _forward_comm(self, msg_type: str, content: dict[str, Any], cell: CellOutput,
                             parent: dict[str, Any]) -> None:
+        comm_id = str(content.get("comm_id", ""))
+        if msg_type != "comm_open" and comm_id not in self.comm_ids:
+            # Never open here (refused at its comm_open, or closed): dropped,
+            # as ipykernel drops a message for a comm it does not have.
+            self.log.warning("%s for comm %s, which is not open; dropped", msg_type, comm_id)
+            return
+        if msg_type == "comm_close":
+            self.comm_ids.discard(comm_id)
         session = self.remote.usable
         if session is None and self.remote.session is not None and not self.remote.session.released:
             reconnected = await self._session(cell)  # the connection dropped: resume it
@@ -422,6 +432,8 @@ class RemoteGpuKernel(CommsBesideCells, Kernel):  # type: ignore[misc]
                                   "its worker and variables with it: run its cell again")
             return
         buffers = tuple(bytes(b) for b in parent.get("buffers") or ())
+        if msg_type == "comm_open":
+            self.comm_ids.add(comm_id)  # until the worker closes it (no such target)
         try:
             await session.shell_request(msg_type, content, buffers=buffers, on_output=cell.forward,
                                         parent=cell.header)
@@ -429,12 +441,15 @@ class RemoteGpuKernel(CommsBesideCells, Kernel):  # type: ignore[misc]
             if msg_type == "comm_msg":
                 self._widget_gone(cell, content, str(exc))
             else:
+                self.comm_ids.discard(comm_id)
                 self.log.warning("could not forward %s to the GPU worker: %s", msg_type, exc)
 
     def _widget_gone(self, cell: CellOutput, content: dict[str, Any], why: str) -> None:
-        """Say why a comm (a widget) no longer answers, and close it in the notebook."""
+        """Say why a widget no longer answers: an error under the message that
+        touched it (JupyterLab shows it in the log console), and the widget
+        drawn as ipywidgets draws one without a kernel (see :func:`gone_state`)."""
         cell.error("WidgetGone", why, [f"Remote GPU: this widget no longer works: {why}"])
-        cell.send("comm_close", {"comm_id": content.get("comm_id"), "data": {}})
+        cell.send("comm_msg", {"comm_id": content.get("comm_id"), "data": gone_state(why)})
 
     def _background(self, msg: m.Output) -> None:
         """What the worker published outside any request of ours, under the

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from .client import AsyncSession
     from .kernel import RemoteGpuKernel
 
-__all__ = ["NOT_FORWARDED", "CellOutput", "Parents"]
+__all__ = ["NOT_FORWARDED", "CellOutput", "Parents", "gone_state"]
 
 #: Worker messages that this kernel publishes itself, or that mean nothing here.
 NOT_FORWARDED = frozenset({"status", "execute_input", "input_request"})
@@ -55,6 +55,12 @@ class CellOutput:
         """A worker's message, whole; an ``execute_result`` takes this kernel's count."""
         if msg.msg_type in NOT_FORWARDED:
             return
+        if msg.msg_type in ("comm_open", "comm_close"):
+            comm_id = str(msg.content.get("comm_id", ""))
+            if msg.msg_type == "comm_open":
+                self.kernel.comm_ids.add(comm_id)
+            else:
+                self.kernel.comm_ids.discard(comm_id)
         content = msg.content
         if msg.msg_type == "execute_result":
             content = {**content, "execution_count": self.kernel.execution_count}
@@ -94,6 +100,15 @@ class CellOutput:
         self.notice("what the session printed while this notebook was disconnected:")
         for msg in outputs:
             self.forward(msg)
+
+
+def gone_state(why: str) -> dict[str, Any]:
+    """A widget update that draws the widget as ipywidgets draws one whose
+    kernel is gone (its ``jupyter-widgets-disconnected`` class: faded, a
+    red broken-link mark), disabled, with ``why`` as its tooltip."""
+    return {"method": "update", "buffer_paths": [],
+            "state": {"_dom_classes": ["jupyter-widgets-disconnected"], "disabled": True,
+                      "tooltip": f"Remote GPU: this widget no longer works: {why}"}}
 
 
 class Parents:

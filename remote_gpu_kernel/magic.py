@@ -87,7 +87,6 @@ class GpuMagics(Magics):
         if session is not None and session.released:
             _say(f"The GPU session was released ({session.released}): leasing a new one; "
                  "the variables of the old one are gone.")
-            self.comms.drop_all()
             self._last_session = None
             session = self.session = None
         if session is not None and not session.connected:
@@ -117,13 +116,10 @@ class GpuMagics(Magics):
         return session
 
     def close(self, timeout: float | None = None) -> None:
-        """Give the GPU back (its widgets stop working); safe to call twice."""
+        """Give the GPU back; safe to call twice. Its widgets stay on the page
+        and say that they no longer work when touched."""
         if self.session is not None:
             session, self.session = self.session, None
-            try:
-                self.comms.drop_all()
-            except Exception:
-                pass
             try:
                 session.release(timeout=timeout)
             except Exception:

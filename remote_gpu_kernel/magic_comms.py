@@ -17,9 +17,9 @@ talks only to the local kernel. :class:`CommBridge` joins the two:
   :meth:`~remote_gpu_kernel.AsyncSession.execute`), so an
   ``ipywidgets.Output`` made remotely captures output as a local one does.
 
-A comm whose worker is gone (released, died, closed) answers the notebook
-with one error that says so, and is closed in the notebook, so a widget
-never waits on a worker that cannot answer.
+A widget whose worker is gone (released, died) answers the notebook with
+one error that says so and is drawn as disconnected, so a widget never
+waits on a worker that cannot answer.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ class CommBridge:
         self._session = session
         self._render = render
         self._proxies: dict[str, Any] = {}
+        self._sessions: dict[str, str] = {}  # comm id -> the id of the session that made it
         self._parents: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
 
     @property
@@ -132,25 +133,19 @@ class CommBridge:
         proxy.on_close(self._from_notebook)
         get_comm_manager().register_comm(proxy)
         self._proxies[comm_id] = proxy
+        session = self._session()
+        self._sessions[comm_id] = session.id if session is not None else ""
 
     def _drop_proxy(self, comm_id: str) -> None:
         from comm import get_comm_manager
 
         proxy = self._proxies.pop(comm_id, None)
+        self._sessions.pop(comm_id, None)
         if proxy is not None:
             proxy._closed = True  # closed by the worker: nothing to send back
             manager = get_comm_manager()
             if manager.get_comm(comm_id) is proxy:
                 manager.unregister_comm(proxy)
-
-    def drop_all(self) -> None:
-        """The session ended: every proxy is closed here and in the notebook."""
-        for comm_id in list(self._proxies):
-            self._close_in_notebook(comm_id, self.current_parent())
-
-    def _close_in_notebook(self, comm_id: str, parent: dict[str, Any]) -> None:
-        self._publish("comm_close", {"comm_id": comm_id, "data": {}}, parent)
-        self._drop_proxy(comm_id)
 
     def _from_notebook(self, msg: dict[str, Any]) -> None:
         """A message from the notebook to a proxy: forward it to the worker."""
@@ -159,12 +154,14 @@ class CommBridge:
         comm_id = str(content.get("comm_id", ""))
         parent = self.current_parent() or msg
         self.remember(msg)
+        made_by = self._sessions.get(comm_id)
         if msg_type == "comm_close":
             self._drop_proxy(comm_id)
         session = self._session()
-        if session is None or session.released or not session.connected:
-            self._dead(comm_id, parent, "the GPU session that made this widget was released "
-                                        "(its worker and variables are gone): run its cell again")
+        if session is None or session.released or session.id != made_by:
+            if msg_type != "comm_close":
+                self._dead(comm_id, parent, "the GPU session that made it was released, and its "
+                                            "worker and variables with it: run its cell again")
             return
         buffers = tuple(bytes(b) for b in msg.get("buffers") or ())
         try:
@@ -175,8 +172,10 @@ class CommBridge:
                 self._dead(comm_id, parent, str(exc))
 
     def _dead(self, comm_id: str, parent: dict[str, Any], why: str) -> None:
-        """Tell the notebook the widget cannot work any more, and close it there."""
+        """Tell the notebook the widget cannot work any more: an error under the
+        message that touched it, and the widget drawn as disconnected."""
+        from .kernel_output import gone_state
+
         self._publish("error", {"ename": "WidgetGone", "evalue": why,
                                 "traceback": [f"Remote GPU: this widget no longer works: {why}"]}, parent)
-        if comm_id in self._proxies:
-            self._close_in_notebook(comm_id, parent)
+        self._publish("comm_msg", {"comm_id": comm_id, "data": gone_state(why)}, parent)

@@ -194,11 +194,16 @@ def file_not_found_hint(value: BaseException) -> str | None:
 
 
 def install_hint(shell: Any) -> None:
-    """Add :data:`HINT` under a remote cell's FileNotFoundError for a relative path."""
+    """Add :data:`HINT` under a remote cell's FileNotFoundError for a relative path.
 
-    def handler(self: Any, etype: Any, value: BaseException, tb: Any, tb_offset: Any = None) -> list[str]:
-        stb: list[str] = self.InteractiveTB.structured_traceback(etype, value, tb, tb_offset=tb_offset)
-        hint = file_not_found_hint(value)
-        return stb + [hint] if hint else stb
+    IPython 9 no longer passes runtime errors to ``set_custom_exc`` handlers,
+    so the shell's ``_showtraceback`` (which publishes the error and keeps
+    the traceback for the reply) gets the line added.
+    """
+    show = shell._showtraceback
 
-    shell.set_custom_exc((FileNotFoundError,), handler)
+    def show_with_hint(etype: Any, evalue: BaseException, stb: list[str]) -> Any:
+        hint = file_not_found_hint(evalue)
+        return show(etype, evalue, list(stb) + [hint] if hint else stb)
+
+    shell._showtraceback = show_with_hint

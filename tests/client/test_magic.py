@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -183,3 +185,47 @@ def test_a_dropped_connection_reconnects_and_shows_what_was_missed(tmp_path) -> 
         k.close()
         proxy.close()
         server.stop()
+
+
+def test_upload_and_download_through_the_magic(server: ServerProcess, alice: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "data.txt").write_text("local data")
+    k = LocalKernel(dict(os.environ, RGPU_URL=server.url, RGPU_TOKEN=alice), cwd=str(tmp_path))
+    try:
+        k.run("%load_ext remote_gpu_kernel")
+        run = k.run("%gpu upload data.txt")
+        assert run.reply["status"] == "ok", run.reply
+        assert any("Remote GPU: uploaded data.txt (10 bytes)" in line for line in info_lines(run))
+        run = k.run("%%gpu\nopen('made.txt', 'w').write(open('data.txt').read().upper())")
+        assert run.reply["status"] == "ok", run.reply
+        assert k.run("%gpu download made.txt").reply["status"] == "ok"
+        assert (tmp_path / "made.txt").read_text() == "LOCAL DATA"
+        missing = k.run("%%gpu\nopen('other.txt')")
+        assert "%gpu upload" in missing.of_type("error")[0]["traceback"][-1]
+        bad = k.run("%gpu upload nope.txt")
+        assert bad.reply["ename"] == "FileTransferError" and "no such file here" in bad.reply["evalue"]
+    finally:
+        k.close()
+
+
+def test_shutting_down_or_restarting_the_kernel_gives_the_gpu_back_at_once(fresh_server: ServerProcess) -> None:
+    """Not after the server's grace period (600 s here): the kernel's exit releases it."""
+    fresh_server.args = ["--grace", "600"]
+    fresh_server.start()
+    released = r"released session \w+ of alice: released by the client"
+    k = LocalKernel(dict(os.environ, RGPU_URL=fresh_server.url, RGPU_TOKEN=fresh_server.token("alice")))
+    try:
+        for _ in ("restart", "shutdown"):
+            k.run("%load_ext remote_gpu_kernel")
+            assert k.run("%%gpu\nprint('leased')").stdout == "leased\n"
+            if _ == "restart":
+                k.km.restart_kernel(now=False)
+                k.kc.wait_for_ready(timeout=60)
+                fresh_server.wait_for_log(released, timeout=15)
+        k.close(now=False)
+        deadline = time.monotonic() + 15
+        while sum(bool(re.search(released, line)) for line in fresh_server.log) < 2:
+            assert time.monotonic() < deadline, "the shut-down kernel did not give its GPU back"
+            time.sleep(0.1)
+    finally:
+        if k.km.has_kernel:
+            k.close()

@@ -170,7 +170,10 @@ class _SpecManager(KernelSpecManager):  # type: ignore[misc]
 
     def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
         return KernelSpec(
-            argv=[sys.executable, "-m", "remote_gpu_server.worker_kernel", "-f", "{connection_file}"],
+            # History in memory: IPython would write every cell of every user
+            # to one history.sqlite in the server's home, a commit per cell.
+            argv=[sys.executable, "-m", "remote_gpu_server.worker_kernel", "-f", "{connection_file}",
+                  "--HistoryManager.hist_file=:memory:"],
             display_name="remote-gpu worker",
             language="python",
             interrupt_mode="signal",

@@ -62,6 +62,20 @@ def _redact_tokens(record: logging.LogRecord) -> bool:
     return True
 
 
+def parse_size(text: str) -> int:
+    """``512``, ``64K``, ``500M``, ``2G`` (binary units) → bytes; argparse's type for sizes."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    number, unit = (value[:-1], value[-1]) if value and value[-1] in units else (value, "")
+    try:
+        size = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (for example 500M or 2G)") from None
+    if size < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a size cannot be negative")
+    return int(size)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     _server()
     from remote_gpu_server.app import GpuServer
@@ -98,6 +112,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             uid_range=parse_uid_range(args.uid_range) if args.uid_range else DEFAULT_UID_RANGE,
             worker_env=tuple(args.worker_env))
         limits = Limits(max_push=parse_bytes(args.max_push, "--max-push"),
+                        max_upload=parse_bytes(args.max_upload, "--max-upload"),
                         max_message=parse_bytes(args.max_message, "--max-message", 64 << 10),
                         max_requests=args.max_requests,
                         connection_memory=parse_bytes(args.connection_memory, "--connection-memory",
@@ -424,6 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     lim.add_argument("--max-push", default="16G", metavar="SIZE",
                      help="the largest push (its variables together), like 16G (default 16G); a "
                           "larger one is refused and the session goes on")
+    lim.add_argument("--max-upload", default="1G", metavar="SIZE",
+                     help="the largest upload (%%gpu upload, its files together), like 1G (default "
+                          "1G); a larger one is refused before anything is written")
     lim.add_argument("--max-message", default="16M", metavar="SIZE",
                      help="the largest other message: a cell's code, a widget's message with its "
                           "binary data (default 16M)")

@@ -18,9 +18,11 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import os
 import ssl
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -31,6 +33,7 @@ from .config import ClientConfig
 from .errors import (
     AuthenticationError,
     ConnectionLost,
+    FileTransferError,
     LeaseError,
     ParkError,
     ProtocolError,
@@ -42,18 +45,31 @@ from .errors import (
     VersionMismatch,
     WorkerDied,
 )
+from . import files as _files
 from .protocol import CHUNK_SIZE, PROTOCOL_VERSION, Reader, dump_values, encode, load_values
 from .protocol import messages as m
 from .protocol.limits import refusal
 from .protocol.serialization import allocate_buffer
 
-__all__ = ["AsyncClient", "AsyncSession", "ExecuteResult", "write_streams"]
+__all__ = ["AsyncClient", "AsyncSession", "ExecuteResult", "parent_of", "write_streams"]
 
 log = logging.getLogger("remote_gpu_kernel")
 
 OutputCallback = Callable[[m.Output], Any]
 NoticeCallback = Callable[[str], Any]
 QueueCallback = Callable[[int], Any]
+#: ``on_progress(done, total)``: bytes of a file transfer moved so far, of all.
+ProgressCallback = Callable[[int, int], Any]
+
+#: The fields of a Jupyter request header that travel as a request's parent.
+PARENT_FIELDS = ("msg_id", "session", "username", "date", "msg_type", "version")
+
+
+def parent_of(header: dict[str, Any] | None) -> dict[str, Any]:
+    """The request-header fields a remote request carries (see :class:`~m.Execute`)."""
+    if not header:
+        return {}
+    return {k: str(header[k]) for k in PARENT_FIELDS if header.get(k) is not None}
 
 
 @dataclasses.dataclass
@@ -107,6 +123,8 @@ def error_from(msg: m.Error) -> RemoteGpuError:
     if code in (m.ErrorCode.SERIALIZATION, m.ErrorCode.NAME_ERROR):
         ename, _, evalue = msg.message.partition(": ")
         return RemoteError.from_remote(ename, evalue, [])
+    if code is m.ErrorCode.FILE:
+        return FileTransferError(msg.message)
     return ServerError(msg.message, code=code.value)
 
 
@@ -128,6 +146,10 @@ class _Link:
         self._send_lock = asyncio.Lock()
         self.on_released: Callable[[m.Released], None] | None = None
         self.on_parked: Callable[[m.Parked], None] | None = None
+        #: Outputs that answer no request of this client (``req = 0``).
+        self.on_background: OutputCallback | None = None
+        #: Progress of the answers being received, by request.
+        self.progress: dict[int, ProgressCallback] = {}
         self.task = asyncio.get_running_loop().create_task(self._read())
 
     def open(self) -> tuple[int, asyncio.Queue[Any]]:
@@ -138,17 +160,23 @@ class _Link:
         self.inboxes[req] = inbox
         return req, inbox
 
-    async def send(self, message: m.Message) -> None:
+    async def send(self, message: m.Message, on_progress: ProgressCallback | None = None) -> None:
         """Send ``message``; MessageTooLarge, before any of it is sent, for one
-        the server would refuse (the session goes on)."""
+        the server would refuse (the session goes on). ``on_progress(sent,
+        total)`` hears the bytes as they go out."""
         too_large = refusal(message, self.limits)
         if too_large is not None:
             raise too_large
         frames = encode(message)
+        total = sum(memoryview(f).nbytes for f in frames) if on_progress else 0
+        sent = 0
         try:
             async with self._send_lock:
                 for frame in frames:
                     await self.ws.send(frame)
+                    if on_progress is not None:
+                        sent += memoryview(frame).nbytes
+                        on_progress(sent, total)
         except ConnectionClosed as exc:
             raise ConnectionLost(f"the connection to the GPU server closed: {exc}") from None
 
@@ -159,6 +187,8 @@ class _Link:
                 self.reader.receive_data(frame)
                 for msg in self.reader.events_received():
                     self._route(msg)
+                if self.progress:
+                    self._report_progress()
             self.reader.receive_eof()
         except ConnectionClosed as exc:
             reason = f"the connection to the GPU server was lost ({exc})"
@@ -170,12 +200,24 @@ class _Link:
             for inbox in self.inboxes.values():
                 inbox.put_nowait(_CLOSED)
 
+    def _report_progress(self) -> None:
+        partial = self.reader.partial
+        if partial is not None:
+            fields, done, total = partial
+            report = self.progress.get(fields.get("req", 0))
+            if report is not None:
+                report(done, total)
+
     def _route(self, msg: m.Message) -> None:
         req = getattr(msg, "req", 0)
         if isinstance(msg, m.Released) and self.on_released is not None:
             self.on_released(msg)
         if isinstance(msg, m.Parked) and self.on_parked is not None:
             self.on_parked(msg)
+        if req == 0 and isinstance(msg, m.Output):
+            if self.on_background is not None:
+                self.on_background(msg)
+            return
         inbox = self.inboxes.get(req) if req else None
         if inbox is not None:
             inbox.put_nowait(msg)
@@ -372,9 +414,22 @@ class AsyncSession:
         #: The journal sequence number of the last output this client saw;
         #: after a reconnect, ``replay(after=old.last_seq)`` gets the rest.
         self.last_seq = 0
+        #: Gets what the worker publishes outside this client's requests (a
+        #: thread that prints after its cell ended, a widget a timer updates);
+        #: ``Output.parent`` names the Jupyter request it belongs to. Default:
+        #: streams go to the local stdout/stderr. Called on the event loop.
+        self.on_background: OutputCallback | None = write_streams
+        #: The most bytes one upload may carry on this server (0: no limit).
+        self.max_upload = int(link.limits.get("max_upload") or 0)
         self._link = link
         link.on_released = self._on_released
         link.on_parked = self._on_parked
+        link.on_background = self._on_background
+
+    def _on_background(self, msg: m.Output) -> None:
+        self.last_seq = max(self.last_seq, msg.seq)
+        if self.on_background is not None:
+            self.on_background(msg)
 
     def _on_released(self, msg: m.Released) -> None:
         if msg.session == self.id:
@@ -389,19 +444,26 @@ class AsyncSession:
         return self._link.closed_reason is None
 
     @contextlib.asynccontextmanager
-    async def _exchange(self, message_factory: Callable[[int], m.Message]
+    async def _exchange(self, message_factory: Callable[[int], m.Message], *,
+                        sending: ProgressCallback | None = None,
+                        receiving: ProgressCallback | None = None,
                         ) -> AsyncIterator[Callable[[], Awaitable[m.Message]]]:
         """Send a request (made from its id); yield a function that awaits its next answer.
 
-        An :class:`Error` answer raises; the request's inbox is dropped on exit.
+        An :class:`Error` answer raises; the request's inbox is dropped on
+        exit. ``sending`` and ``receiving`` report the bytes of the request
+        sent and of its answer received.
         """
         if self.released:
             raise SessionReleased(f"this GPU session was released ({self.released})", code="released")
         req, inbox = self._link.open()
+        if receiving is not None:
+            self._link.progress[req] = receiving
         try:
-            await self._link.send(message_factory(req))
+            await self._link.send(message_factory(req), sending)
             yield lambda: self._link.receive(inbox)
         finally:
+            self._link.progress.pop(req, None)
             self._link.done(req)
 
     async def _expect(self, receive: Callable[[], Awaitable[m.Message]],
@@ -426,18 +488,24 @@ class AsyncSession:
                       timeout: float | None = None, silent: bool = False,
                       store_history: bool = True, allow_stdin: bool = False,
                       on_notice: NoticeCallback | None = None,
-                      on_queue: QueueCallback | None = None) -> ExecuteResult:
+                      on_queue: QueueCallback | None = None,
+                      parent: dict[str, Any] | None = None) -> ExecuteResult:
         """Run ``code`` remotely.
 
         ``on_output`` is called with every output message as it arrives; by
         default stream text goes to the local stdout/stderr. A parked
         session is restored first: ``on_queue(position)`` hears its place in
         the queue while it waits for a GPU, and a notice says what came back.
+        ``parent`` is the Jupyter request header this cell answers (a
+        kernel's or a magic's): the remote request runs under its ``msg_id``,
+        so output that a frontend routes by id (``ipywidgets.Output``) finds
+        its way. The server refuses a ``msg_id`` already running on the worker.
         """
         handler = on_output if on_output is not None else write_streams
         outputs: list[m.Output] = []
+        header = parent_of(parent)
         async with self._exchange(
-                lambda r: m.Execute(r, code, timeout, silent, store_history, allow_stdin)) as receive:
+                lambda r: m.Execute(r, code, timeout, silent, store_history, allow_stdin, header)) as receive:
             while True:
                 msg = await receive()
                 if isinstance(msg, m.Output):
@@ -500,15 +568,21 @@ class AsyncSession:
 
     async def shell_request(self, msg_type: str, content: dict[str, Any], *,
                             buffers: tuple[Any, ...] = (),
-                            on_output: OutputCallback | None = None) -> m.ShellReply:
+                            on_output: OutputCallback | None = None,
+                            parent: dict[str, Any] | None = None) -> m.ShellReply:
         """Send a Jupyter shell request (complete, inspect, comm_msg, ...); return its reply.
 
         ``on_output`` gets the output messages the worker publishes while it
         handles the request (a widget's comm echo, a callback's prints);
         without it they are dropped. Comm messages have no Jupyter reply:
-        theirs is an empty :class:`ShellReply` once the worker is idle.
+        theirs is an empty :class:`ShellReply` once the worker is idle; one
+        for a comm the worker does not have raises ServerError with code
+        ``no_comm`` and a message that says why. ``parent``: as in
+        :meth:`execute`.
         """
-        async with self._exchange(lambda r: m.ShellRequest(r, msg_type, content, tuple(buffers))) as receive:
+        header = parent_of(parent)
+        async with self._exchange(
+                lambda r: m.ShellRequest(r, msg_type, content, tuple(buffers), header)) as receive:
             while True:
                 reply = await self._expect(receive, m.ShellReply, m.Output)
                 if isinstance(reply, m.ShellReply):
@@ -547,6 +621,49 @@ class AsyncSession:
                 elif isinstance(msg, m.LeaseGranted):
                     self._granted(msg)
                     return
+
+    async def upload(self, *paths: str | os.PathLike[str],
+                     on_progress: ProgressCallback | None = None) -> list[tuple[str, int]]:
+        """Send local files (or folders) into the session's folder on the server.
+
+        Returns ``(remote path, size)`` for each file: a relative path keeps
+        its place (``images/x.png``), others keep their last part (see
+        :mod:`remote_gpu_kernel.files`). A missing file, or more bytes than
+        the server's limit, raises FileTransferError before anything is
+        sent. ``on_progress(done, total)`` is called as the bytes go out.
+        """
+        files = _files.plan_upload(paths)
+        total = sum(f.size for f in files)
+        if self.max_upload and total > self.max_upload:
+            raise FileTransferError(
+                f"the upload of {_files.format_size(total)} is over the GPU server's limit of "
+                f"{_files.format_size(self.max_upload)} per upload; nothing was sent")
+        buffers = _files.read_files(files)
+        try:
+            async with self._exchange(lambda r: m.Upload(r, [f.remote for f in files], tuple(buffers)),
+                                      sending=on_progress) as receive:
+                done = await self._expect(receive, m.UploadDone)
+        finally:
+            _files.close_all(buffers)
+        assert isinstance(done, m.UploadDone)
+        return list(zip(done.paths, done.sizes))
+
+    async def download(self, *paths: str, into: str | os.PathLike[str] | None = None,
+                       on_progress: ProgressCallback | None = None) -> list[tuple[str, int]]:
+        """Fetch files (or folders) from the session's folder into ``into``
+        (default: the working folder), by the same relative paths.
+
+        Returns ``(local path, size)`` for each file. A path outside the
+        session's folder or missing there raises FileTransferError.
+        """
+        if not paths:
+            raise FileTransferError("download: name at least one file or folder")
+        async with self._exchange(lambda r: m.Download(r, [str(p) for p in paths]),
+                                  receiving=on_progress) as receive:
+            reply = await self._expect(receive, m.DownloadReply)
+        assert isinstance(reply, m.DownloadReply)
+        written = _files.write_files(reply.paths, reply.buffers, None if into is None else Path(into))
+        return [(str(path), size) for path, size in written]
 
     async def interrupt(self) -> None:
         """Interrupt the running cell (SIGINT to the worker), or stop waiting for a

@@ -28,6 +28,9 @@ where one fits so that ordinary ``except`` clauses keep working::
     │   └── WorkerDied                the worker process died during a request
     ├── SerializationError (TypeError)
     │                                 a variable could not be pickled; names it
+    ├── FileTransferError             a file could not be uploaded or downloaded
+    │                                 (missing, outside the session's folder,
+    │                                 over the server's upload limit)
     ├── RemoteError                   the remote cell raised; carries the remote
     │                                 traceback and renders it as IPython's own
     └── RemoteTimeout (TimeoutError)  a cell ran past its --timeout
@@ -38,6 +41,7 @@ from __future__ import annotations
 __all__ = [
     "AuthenticationError",
     "ConnectionLost",
+    "FileTransferError",
     "InsecureConnection",
     "LeaseError",
     "MessageTooLarge",
@@ -170,6 +174,13 @@ class SerializationError(RemoteGpuError, TypeError):
         super().__init__(f"cannot send variable {name!r}: {reason}")
         self.name = name
         self.reason = reason
+
+
+class FileTransferError(RemoteGpuError):
+    """A file could not be moved to or from the session's folder; nothing was
+    written. ``code`` is ``file_error``."""
+
+    code = "file_error"
 
 
 class RemoteTimeout(RemoteGpuError, TimeoutError):

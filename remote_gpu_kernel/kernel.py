@@ -32,19 +32,19 @@ import platform
 import re
 import signal
 import sys
-import uuid
 from typing import Any
 
-from ipykernel.kernelapp import IPKernelApp
 from ipykernel.kernelbase import Kernel
 
-from . import __version__
+from . import __version__, notices
 from .client import AsyncSession
 from .errors import ConnectionLost, RemoteGpuError
 from .kernel_cells import Cell, CellKind, CellSyntaxError, GpuCommand, parse_cell
 from .iostreams import skip_empty_flushes
+from .kernel_app import CommsBesideCells, MainLoopKernelApp
 from .kernel_history import History
 from .kernel_local import LocalNamespace
+from .kernel_output import CellOutput, Parents, gone_state
 from .kernel_remote import RemoteLease
 from .protocol import messages as m
 
@@ -61,86 +61,13 @@ LOCAL_LANGUAGE_INFO: dict[str, Any] = {
     "file_extension": ".py",
 }
 
-#: Worker messages that this kernel publishes itself, or that mean nothing here.
-_NOT_FORWARDED = frozenset({"status", "execute_input", "input_request"})
 #: A help request cell: ``name?``, ``name??``, ``?name`` or ``??name``.
 _HELP = re.compile(r"^\s*(?P<before>\?{1,2})?(?P<name>[A-Za-z_][\w.]*)(?P<after>\?{1,2})?\s*$")
 #: How long shutdown waits for the lease to be given back.
 RELEASE_TIMEOUT = 10.0
 
 
-def _red(text: str) -> str:
-    return f"\x1b[0;31m{text}\x1b[0m"
-
-
-class _Cell:
-    """Publishes on IOPub as replies to one request, whatever task runs."""
-
-    def __init__(self, kernel: RemoteGpuKernel, parent: dict[str, Any]) -> None:
-        self.kernel = kernel
-        self.parent = parent
-        self._display_id = f"rgpu-lease-{uuid.uuid4().hex}"
-        self._shown = False
-        self._restoring = False  # the line says the cell waits to restore a parked session
-
-    def send(self, msg_type: str, content: dict[str, Any], buffers: Any = None) -> None:
-        k = self.kernel
-        k.session.send(k.iopub_socket, msg_type, content, self.parent,
-                       ident=k._topic(msg_type), buffers=list(buffers) if buffers else None)
-
-    def stream(self, text: str, name: str = "stderr") -> None:
-        self.send("stream", {"name": name, "text": text})
-
-    def error(self, ename: str, evalue: str, traceback: list[str] | None = None) -> dict[str, Any]:
-        """Publish an error; return the matching ``execute_reply`` content."""
-        content = {"ename": ename, "evalue": evalue,
-                   "traceback": traceback or [f"{_red(ename)}: {evalue}"]}
-        self.send("error", content)
-        return {"status": "error", "execution_count": self.kernel.execution_count, **content}
-
-    # LeaseReporter: one line, updated in place.
-    def _line(self, text: str) -> None:
-        content = {"data": {"text/plain": text}, "metadata": {},
-                   "transient": {"display_id": self._display_id}}
-        self.send("update_display_data" if self._shown else "display_data", content)
-        self._shown = True
-
-    def queued(self, position: int) -> None:
-        self._line(f"Remote GPU: waiting for a GPU, number {position} in the queue")
-
-    def granted(self, session: AsyncSession, url: str) -> None:
-        waited = f", waited {session.waited:.1f} s" if session.waited >= 0.1 else ""
-        self._line(f"Remote GPU: leased {', '.join(session.slots)} from {url} "
-                   f"(session {session.id[:8]}{waited})")
-
-    def resumed(self, session: AsyncSession, url: str) -> None:
-        if session.parked:
-            self._line(f"Remote GPU: reconnected to parked session {session.id[:8]}; "
-                       "this cell restores it")
-            return
-        self._line(f"Remote GPU: reconnected to session {session.id[:8]} on "
-                   f"{', '.join(session.slots)}; its variables are kept")
-
-    def restoring(self, position: int) -> None:
-        self._restoring = True
-        self._line(f"Remote GPU: waiting for a GPU to restore the parked session, number {position} "
-                   "in the queue")
-
-    def notice(self, text: str) -> None:
-        if self._restoring:  # the server's next word after the wait is what it restored
-            self._restoring = False
-            self._line(f"Remote GPU: {text}")
-            return
-        self.stream(f"Remote GPU: {text}\n")
-
-    def missed(self, outputs: list[m.Output]) -> None:
-        self.notice("what the session printed while this notebook was disconnected:")
-        for msg in outputs:
-            if msg.msg_type not in _NOT_FORWARDED:
-                self.send(msg.msg_type, msg.content, msg.buffers)
-
-
-class RemoteGpuKernel(Kernel):  # type: ignore[misc]
+class RemoteGpuKernel(CommsBesideCells, Kernel):  # type: ignore[misc]
     """See the module docstring. Jupyter makes it through IPKernelApp."""
 
     implementation = "remote_gpu_kernel"
@@ -158,7 +85,10 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
         super().__init__(**kwargs)
         for msg_type in ("comm_open", "comm_msg", "comm_close"):
             self.shell_handlers[msg_type] = self._comm_request
-        self.remote = RemoteLease()
+        self.remote = RemoteLease(on_background=self._background)
+        self.parents = Parents()
+        #: The comms open between the notebook and the worker, as seen passing.
+        self.comm_ids: set[str] = set()
         self.local = LocalNamespace(self.session, self.iopub_socket, self._topic)
         self.history = History()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -166,6 +96,8 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
         self._remote_running: AsyncSession | None = None
         self._local_running = False
         self._stdin: Any = None
+        #: The notebook request of the cell that runs now, if one does.
+        self._running_parent: dict[str, Any] | None = None
 
     # -- process ------------------------------------------------------------
 
@@ -207,7 +139,16 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
                          user_expressions: dict[str, Any] | None = None, allow_stdin: bool = False,
                          *, cell_meta: dict[str, Any] | None = None,
                          cell_id: str | None = None) -> dict[str, Any]:
-        cell = _Cell(self, self.get_parent("shell"))
+        cell = CellOutput(self, self.get_parent("shell"))
+        self.parents.remember(cell.parent)
+        self._running_parent = cell.parent
+        try:
+            return await self._execute(cell, code, silent, store_history, allow_stdin)
+        finally:
+            self._running_parent = None
+
+    async def _execute(self, cell: CellOutput, code: str, silent: bool, store_history: bool,
+                       allow_stdin: bool) -> dict[str, Any]:
         if store_history and not silent:
             self.history.append(self.execution_count, code)
         try:
@@ -233,7 +174,7 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
                 return failed
         return self._ok()
 
-    async def _help(self, match: re.Match[str], cell: _Cell) -> dict[str, Any]:
+    async def _help(self, match: re.Match[str], cell: CellOutput) -> dict[str, Any]:
         """``obj?`` / ``obj??``: the remote object's help, as IPython's pager payload.
 
         The worker's execute reply carries the page as a payload that the
@@ -259,7 +200,7 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
         return {"status": "ok", "execution_count": self.execution_count, "payload": [],
                 "user_expressions": {}}
 
-    async def _session(self, cell: _Cell) -> AsyncSession | dict[str, Any]:
+    async def _session(self, cell: CellOutput) -> AsyncSession | dict[str, Any]:
         """The leased session, or the reply of a cell that could not get one."""
         session = self.remote.usable
         if session is not None:
@@ -277,7 +218,7 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
         finally:
             self._lease_task = None
 
-    async def _run_remote(self, code: str, cell: _Cell, silent: bool, store_history: bool,
+    async def _run_remote(self, code: str, cell: CellOutput, silent: bool, store_history: bool,
                           allow_stdin: bool) -> dict[str, Any]:
         session = await self._session(cell)
         if isinstance(session, dict):
@@ -290,18 +231,15 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
                 task = asyncio.ensure_future(self._forward_input(session, msg.content, cell.parent, ident))
                 inputs.add(task)
                 return
-            if msg.msg_type in _NOT_FORWARDED:
-                return
-            content = msg.content
-            if msg.msg_type == "execute_result":
-                content = {**content, "execution_count": self.execution_count}
-            cell.send(msg.msg_type, content, msg.buffers)
+            cell.forward(msg)
 
         self._remote_running = session
         try:
+            # Under the notebook's own msg_id: what the worker publishes, and
+            # an Output widget's msg_id, then route as with a local kernel.
             result = await session.execute(code, on_output, silent=silent, store_history=store_history,
                                            allow_stdin=allow_stdin, on_notice=cell.notice,
-                                           on_queue=cell.restoring)
+                                           on_queue=cell.restoring, parent=cell.header)
         except ConnectionLost as exc:
             return cell.error("ConnectionLost", (
                 f"{exc}. The cell may still be running on the server. The next cell reconnects to "
@@ -349,7 +287,7 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
             if reply["msg_type"] == "input_reply":
                 return str(reply["content"].get("value", ""))
 
-    def _run_local(self, cell_def: Cell, cell: _Cell, silent: bool, store_history: bool) -> dict[str, Any]:
+    def _run_local(self, cell_def: Cell, cell: CellOutput, silent: bool, store_history: bool) -> dict[str, Any]:
         self._local_running = True
         try:
             result = self.local.run(cell_def.body, cell.parent, self.execution_count, silent=silent,
@@ -361,7 +299,7 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
         return {"status": "error", "execution_count": self.execution_count, "ename": result.ename,
                 "evalue": result.evalue, "traceback": result.traceback}
 
-    async def _run_command(self, command: GpuCommand, cell: _Cell) -> dict[str, Any] | None:
+    async def _run_command(self, command: GpuCommand, cell: CellOutput) -> dict[str, Any] | None:
         """Run one ``%gpu`` line; the error reply if it failed, else None."""
         if command.name == "status":
             session = self.remote.session
@@ -389,7 +327,7 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
         try:
             if command.name == "park":
                 parked = await session.park()
-                cell.stream(f"Remote GPU: {parked.text}\n", "stdout")
+                cell.stream(f"{notices.PREFIX}{parked.text}\n", "stdout")
             elif command.name == "resume":
                 if session.parked:
                     self._remote_running = session  # the stop button stops the wait
@@ -398,7 +336,18 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
                     finally:
                         self._remote_running = None
                 else:
-                    cell.stream("Remote GPU: the session is not parked\n", "stdout")
+                    cell.stream(f"{notices.PREFIX}the session is not parked\n", "stdout")
+            elif command.name in ("upload", "download"):
+                verb = "uploading" if command.name == "upload" else "downloading"
+
+                def progress(done: int, total: int) -> None:
+                    cell.progress(verb, done, total)
+
+                if command.name == "upload":
+                    moved = await session.upload(*command.args, on_progress=progress)
+                else:
+                    moved = await session.download(*command.args, on_progress=progress)
+                cell.show(notices.transferred(f"{command.name}ed", moved))
             elif command.name == "push":
                 missing = [n for n in command.args if n not in self.local.user_ns]
                 if missing:
@@ -458,24 +407,83 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
         self.session.send(stream, "comm_info_reply", content, parent, ident)
 
     async def _comm_request(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
-        """Forward a comm message from the notebook to the worker's comm."""
+        """Forward a comm message from the notebook to the worker's comm.
+
+        A comm the worker does not have (closed, or its worker died or was
+        released) is answered with an error that says so and closed in the
+        notebook, so that a widget never waits on a worker that cannot answer.
+        """
         msg_type, content = parent["header"]["msg_type"], dict(parent["content"])
-        cell = _Cell(self, parent)
+        cell = CellOutput(self, parent)
+        self.parents.remember(parent)
+        # ipykernel 7 runs a comm message that comes while a cell runs at the
+        # same time as the cell (a remote cell may await a widget), and then
+        # sends it no status. A widget holds back its changes until the idle
+        # of its last message, so this kernel sends busy and idle itself, and
+        # busy again for the cell that still runs.
+        running = self._running_parent if self._main_asyncio_lock.locked() else None
+        if running is not None:
+            self._publish_status("busy", "shell", parent)
+        try:
+            await self._forward_comm(msg_type, content, cell, parent)
+        finally:
+            if running is not None:
+                self._publish_status("idle", "shell", parent)
+                if self._running_parent is running:
+                    self._publish_status("busy", "shell", running)
+
+    async def _forward_comm(self, msg_type: str, content: dict[str, Any], cell: CellOutput,
+                            parent: dict[str, Any]) -> None:
+        comm_id = str(content.get("comm_id", ""))
+        if msg_type != "comm_open" and comm_id not in self.comm_ids:
+            # Never open here (refused at its comm_open, or closed): dropped,
+            # as ipykernel drops a message for a comm it does not have.
+            self.log.warning("%s for comm %s, which is not open; dropped", msg_type, comm_id)
+            return
+        if msg_type == "comm_close":
+            self.comm_ids.discard(comm_id)
         session = self.remote.usable
-        if session is None or session.parked:  # a parked session's comms ended with its worker
+        if session is None and self.remote.session is not None and not self.remote.session.released:
+            reconnected = await self._session(cell)  # the connection dropped: resume it
+            session = None if isinstance(reconnected, dict) else reconnected
+        if session is not None and session.parked:  # a parked session's comms ended with its worker
+            if msg_type == "comm_open":
+                cell.send("comm_close", {"comm_id": content.get("comm_id"), "data": {}})
+            elif msg_type == "comm_msg":
+                self._widget_gone(cell, content, "the GPU session that made it was parked, and its "
+                                  "worker with it: run its cell again")
+            return
+        if session is None:
             if msg_type == "comm_open":  # as ipykernel answers an unknown target
                 cell.send("comm_close", {"comm_id": content.get("comm_id"), "data": {}})
+            elif msg_type == "comm_msg":
+                self._widget_gone(cell, content, "the GPU session that made it was released, and "
+                                  "its worker and variables with it: run its cell again")
             return
         buffers = tuple(bytes(b) for b in parent.get("buffers") or ())
-
-        def on_output(msg: m.Output) -> None:
-            if msg.msg_type not in _NOT_FORWARDED:
-                cell.send(msg.msg_type, msg.content, msg.buffers)
-
+        if msg_type == "comm_open":
+            self.comm_ids.add(comm_id)  # until the worker closes it (no such target)
         try:
-            await session.shell_request(msg_type, content, buffers=buffers, on_output=on_output)
-        except RemoteGpuError:
-            self.log.warning("could not forward %s to the GPU worker", msg_type, exc_info=True)
+            await session.shell_request(msg_type, content, buffers=buffers, on_output=cell.forward,
+                                        parent=cell.header)
+        except RemoteGpuError as exc:
+            if msg_type == "comm_msg":
+                self._widget_gone(cell, content, str(exc))
+            else:
+                self.comm_ids.discard(comm_id)
+                self.log.warning("could not forward %s to the GPU worker: %s", msg_type, exc)
+
+    def _widget_gone(self, cell: CellOutput, content: dict[str, Any], why: str) -> None:
+        """Say why a widget no longer answers: an error under the message that
+        touched it (JupyterLab shows it in the log console), and the widget
+        drawn as ipywidgets draws one without a kernel (see :func:`gone_state`)."""
+        cell.error("WidgetGone", why, [f"Remote GPU: this widget no longer works: {why}"])
+        cell.send("comm_msg", {"comm_id": content.get("comm_id"), "data": gone_state(why)})
+
+    def _background(self, msg: m.Output) -> None:
+        """What the worker published outside any request of ours, under the
+        notebook request it names (a thread's print after its cell ended)."""
+        CellOutput(self, self.parents.get(msg.parent)).forward(msg)
 
     async def do_shutdown(self, restart: bool) -> dict[str, Any]:
         """Give the GPU back; runs on the control thread, the session lives on the main loop."""
@@ -489,22 +497,9 @@ class RemoteGpuKernel(Kernel):  # type: ignore[misc]
         return {"status": "ok", "restart": restart}
 
 
-class RemoteGpuKernelApp(IPKernelApp):  # type: ignore[misc]
-    """IPKernelApp without the shell-channel thread.
-
-    ipykernel 7 receives shell messages on a thread of their own and passes
-    each one, and each reply, through an inproc socket to and from the main
-    thread: two thread hops per request that serve only kernel subshells,
-    which this kernel does not offer (its ``kernel_info`` lists no features).
-    Without that thread the shell socket is read on the main loop, as in
-    ipykernel 6.
-    """
-
-    def init_sockets(self) -> None:
-        super().init_sockets()
-        thread, self.shell_channel_thread = self.shell_channel_thread, None
-        if thread is not None:
-            thread.io_loop.close()
+class RemoteGpuKernelApp(MainLoopKernelApp):  # type: ignore[misc]
+    """The Remote GPU kernel's application: no shell-channel thread (see
+    :class:`~remote_gpu_kernel.kernel_app.MainLoopKernelApp`)."""
 
 
 def parse_cell_is_local(code: str) -> bool:

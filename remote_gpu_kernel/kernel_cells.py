@@ -5,8 +5,10 @@ A cell is one of three things:
 * ``%%local`` on its first line: the rest runs in the kernel's own process,
   in the local namespace; nothing is leased.
 * ``%gpu COMMAND ARGS`` lines at the top or the bottom of a cell: commands
-  for the kernel itself (``push NAME...``, ``pull NAME...``, ``status``,
-  ``release``, ``park``, ``resume``). Those at the top run in order before the rest of the cell,
+  for the kernel itself (``push NAME...``, ``pull NAME...``, ``upload
+  PATH...``, ``download PATH...``, ``status``, ``release``, ``park``,
+  ``resume``; paths are split as a shell would, so a name with spaces is
+  quoted). Those at the top run in order before the rest of the cell,
   which (if any) runs remotely; those at the bottom run after it, if it
   succeeded.
 * anything else: runs on the leased GPU, unchanged.
@@ -20,16 +22,19 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import shlex
 
-__all__ = ["COMMANDS", "Cell", "CellKind", "CellSyntaxError", "GpuCommand", "parse_cell"]
+__all__ = ["COMMANDS", "PATH_COMMANDS", "Cell", "CellKind", "CellSyntaxError", "GpuCommand", "parse_cell"]
 
-#: ``%gpu`` commands and whether they take variable names.
-COMMANDS: dict[str, bool] = {"push": True, "pull": True, "status": False, "release": False, "park": False,
-                             "resume": False}
+#: ``%gpu`` commands and whether they take arguments (variable names or paths).
+COMMANDS: dict[str, bool] = {"push": True, "pull": True, "upload": True, "download": True,
+                             "status": False, "release": False, "park": False, "resume": False}
+#: Commands whose arguments are paths, not variable names.
+PATH_COMMANDS = frozenset({"upload", "download"})
 
 _USAGE = (
-    "usage: %gpu push NAME [NAME ...] | %gpu pull NAME [NAME ...] | %gpu status | %gpu release | "
-    "%gpu park | %gpu resume"
+    "usage: %gpu push NAME [NAME ...] | %gpu pull NAME [NAME ...] | %gpu upload PATH [PATH ...] | "
+    "%gpu download PATH [PATH ...] | %gpu status | %gpu release | %gpu park | %gpu resume"
 )
 
 
@@ -65,18 +70,22 @@ class Cell:
 
 
 def _parse_command(line: str) -> GpuCommand:
-    words = line.split()[1:]
+    try:
+        words = shlex.split(line)[1:]
+    except ValueError as exc:
+        raise CellSyntaxError(f"{line.strip()}: {exc}") from None
     if not words:
         raise CellSyntaxError(_USAGE)
     name, args = words[0], tuple(words[1:])
     if name not in COMMANDS:
         raise CellSyntaxError(f"%gpu {name}: unknown command; {_USAGE}")
     takes_names = COMMANDS[name]
+    what = "path" if name in PATH_COMMANDS else "variable name"
     if takes_names and not args:
-        raise CellSyntaxError(f"%gpu {name} needs at least one variable name; {_USAGE}")
+        raise CellSyntaxError(f"%gpu {name} needs at least one {what}; {_USAGE}")
     if not takes_names and args:
         raise CellSyntaxError(f"%gpu {name} takes no arguments; {_USAGE}")
-    for arg in args:
+    for arg in args if name not in PATH_COMMANDS else ():
         if not arg.isidentifier():
             raise CellSyntaxError(f"%gpu {name}: {arg!r} is not a variable name")
     return GpuCommand(name, args)

@@ -7,7 +7,8 @@ through a :class:`LeaseReporter`. Afterwards :meth:`acquire` hands back the
 same session, and when its connection dropped it reconnects with
 ``resume=<session id>``: the server gives the same worker and variables back
 within its grace period, or says that the session is gone (a notice) and a
-new one is leased. A session the server released (idle timeout) is replaced
+new one is leased. What a session's worker publishes outside any request
+goes to ``on_background``. A session the server released (idle timeout) is replaced
 the same way. All methods run on the kernel's main event loop.
 """
 
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import logging
 from typing import Any, Protocol
+
+from collections.abc import Callable
 
 from .client import AsyncClient, AsyncSession
 from .config import notebook_path
@@ -43,9 +46,11 @@ class LeaseReporter(Protocol):
 class RemoteLease:
     """The kernel's current session, if any; see the module docstring."""
 
-    def __init__(self, url: str | None = None, token: str | None = None) -> None:
+    def __init__(self, url: str | None = None, token: str | None = None,
+                 on_background: Callable[[Output], None] | None = None) -> None:
         self._url = url
         self._token = token
+        self._on_background = on_background
         self._client: AsyncClient | None = None
         self.session: AsyncSession | None = None
 
@@ -112,6 +117,7 @@ class RemoteLease:
             )
         self.session = await client.open_session(resume=resume, on_queue=report.queued,
                                                  on_notice=report.notice, notebook=notebook_path())
+        self.session.on_background = self._on_background
         return self.session
 
     async def _drop(self) -> None:

@@ -3,26 +3,35 @@
 The magic is thin: it parses options and calls the blocking client
 (:mod:`remote_gpu_kernel.sync`). One lease per notebook (per IPython shell)
 is taken at the first ``%%gpu`` cell and kept until ``%gpu release``, the
-server's idle timeout, or the kernel's end.
+server's idle timeout, or the kernel's end: shutting down or restarting the
+kernel gives it back at once (an ``atexit`` hook). Remote widgets work
+through :class:`~remote_gpu_kernel.magic_comms.CommBridge`. What the magic
+says is worded as the Remote GPU kernel says it (:mod:`.notices`).
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import shlex
 import sys
+import weakref
 from typing import Any
 
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from . import tls
+from . import notices, tls
 from .config import notebook_path
 from .errors import ConnectionLost, SessionReleased
+from .magic_comms import CommBridge
 from .rendering import render_output
 from .sync import Client, Session
 
 __all__ = ["GpuMagics"]
+
+#: At the kernel's end, how long to wait for the lease to be given back.
+RELEASE_AT_EXIT = 5.0
 
 
 def _names(values: list[str] | None) -> list[str]:
@@ -48,7 +57,22 @@ _CONNECT.add_argument("--insecure", action="store_true", default=None)
 
 
 def _say(text: str) -> None:
-    print(f"[remote-gpu] {text}", file=sys.stderr)
+    """A warning the user must read (variables lost): stderr, as the kernel says it."""
+    print(f"{notices.PREFIX}{text}", file=sys.stderr)
+
+
+def _publish_display(msg_type: str, content: dict[str, Any]) -> None:
+    """A :class:`~notices.StatusLine` message through IPython's display publisher."""
+    from IPython.display import publish_display_data
+
+    publish_display_data(content["data"], content.get("metadata") or {},
+                         transient=content.get("transient"), update=msg_type == "update_display_data")
+
+
+def _release_at_exit(ref: weakref.ref[GpuMagics]) -> None:
+    magics = ref()
+    if magics is not None:
+        magics.close(timeout=RELEASE_AT_EXIT)
 
 
 @magics_class
@@ -61,6 +85,10 @@ class GpuMagics(Magics):
         self.session: Session | None = None
         self._last_session: str | None = None
         self._last_seq = 0
+        self.comms = CommBridge(shell, lambda: self.session, render_output)
+        # A kernel that shuts down or restarts gives its GPU back now, not
+        # after the server's grace period.
+        atexit.register(_release_at_exit, weakref.ref(self))
 
     # -- connection and lease ----------------------------------------------
 
@@ -73,8 +101,8 @@ class GpuMagics(Magics):
                  pool: str | None = None) -> Session:
         session = self.session
         if session is not None and session.released:
-            _say(f"Your GPU session was released ({session.released}): its variables are gone; "
-                 "leasing a new one.")
+            _say(f"The GPU session was released ({session.released}): leasing a new one; "
+                 "the variables of the old one are gone.")
             self._last_session = None
             session = self.session = None
         if session is not None and not session.connected:
@@ -83,33 +111,38 @@ class GpuMagics(Magics):
         if session is None:
             client = self._client()
             resume = self._last_session
+            line = notices.StatusLine(_publish_display)
             session = client.session(
                 gpus, resume=resume, priority=priority, pool=pool,
-                on_queue=lambda pos: _say(f"waiting for a GPU: position {pos} in the queue"),
+                on_queue=lambda pos: line.show(notices.queued(pos)),
                 on_notice=_say, notebook=notebook_path(),
             )
+            session.on_background = self.comms.background
             self.session = session
             self._last_session = session.id
             if resume and session.resumed and session.parked:
-                _say("reconnected to your parked GPU session; the next %%gpu cell restores it.")
+                line.show(f"{notices.PREFIX}reconnected to parked session {session.id[:8]}; "
+                          "the next %%gpu cell restores it")
             elif resume and session.resumed:
-                _say("reconnected to your GPU session; its variables are intact.")
+                line.show(notices.resumed(session.slots, session.id))
                 missed = session.replay(self._last_seq)
                 if missed:
                     _say("what the session printed while this notebook was disconnected:")
                     for output in missed:
                         render_output(output)
-            elif not session.resumed:
-                _say(f"leased {', '.join(session.slots)} as {client.user} (session {session.id[:8]})")
+            else:
+                line.show(notices.granted(session.slots, client.url, session.id, session.waited, client.user))
         return session
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
+        """Give the GPU back; safe to call twice. Its widgets stay on the page
+        and say that they no longer work when touched."""
         if self.session is not None:
+            session, self.session = self.session, None
             try:
-                self.session.release()
+                session.release(timeout=timeout)
             except Exception:
                 pass
-            self.session = None
 
     # -- the magic -----------------------------------------------------------
 
@@ -158,6 +191,12 @@ class GpuMagics(Magics):
             %gpu resume                          restore a parked session now
             %gpu push NAME...                    copy local variables to the GPU session
             %gpu pull NAME...                    copy remote variables here
+            %gpu upload PATH...                  send files or folders to the session's folder
+            %gpu download PATH...                fetch files or folders from it
+
+        Remote cells run in the session's own folder on the GPU server, so a
+        cell that opens ``images/x.png`` needs ``%gpu upload images/x.png``
+        first; ``%gpu download results.csv`` brings a result back here.
         """
         if cell is None:
             return self._line(line)
@@ -173,11 +212,15 @@ class GpuMagics(Magics):
         if missing:
             raise NameError(f"%%gpu -i: name {missing[0]!r} is not defined")
         session = self._session(gpus, priority, pool)
+        parent = self.comms.current_parent()
         try:
             if inputs:
                 session.push(**{n: ns[n] for n in inputs})
-            result = session.execute(code, render_output, timeout=timeout, on_queue=lambda pos: _say(
-                f"waiting for a GPU to restore your parked session: position {pos} in the queue"))
+            # Under this cell's own msg_id: a remote Output widget then
+            # captures what this cell shows, as a local one would.
+            line = notices.StatusLine(_publish_display)
+            result = session.execute(code, self.comms.show, timeout=timeout, parent=parent.get("header"),
+                                     on_queue=lambda pos: line.show(notices.restoring(pos)))
         # The cell did not finish: each of these fails it (so "Run All"
         # stops here), shown as one line that says what to do next.
         except ConnectionLost as exc:
@@ -191,6 +234,22 @@ class GpuMagics(Magics):
             raise result.error
         if outputs:
             ns.update(session.pull(*outputs))
+
+    def _transfer(self, cmd: str, paths: list[str]) -> None:
+        """``%gpu upload|download PATH...``: sizes always, progress for large transfers."""
+        if not paths:
+            raise ValueError(f"%gpu {cmd} needs at least one path; see %gpu? for help")
+        session = self._session()
+        line = notices.StatusLine(_publish_display)
+        verb = "uploading" if cmd == "upload" else "downloading"
+        def progress(done: int, total: int) -> None:
+            line.progress(verb, done, total)
+
+        if cmd == "upload":
+            moved = session.upload(*paths, on_progress=progress)
+        else:
+            moved = session.download(*paths, on_progress=progress)
+        line.show(notices.transferred(f"{cmd}ed", moved))
 
     def _line(self, line: str) -> Any:
         words = shlex.split(line)
@@ -208,7 +267,7 @@ class GpuMagics(Magics):
             self.close()
             self._last_session = None
             self.client = client
-            _say(f"will use {self.client.url} (the lease is taken at the first %%gpu cell)")
+            print(f"{notices.PREFIX}will use {self.client.url} (the lease is taken at the first %%gpu cell)")
         elif cmd == "status":
             client = self._client()
             s = self.session
@@ -223,23 +282,23 @@ class GpuMagics(Magics):
                       f"{'connected' if s.connected else 'disconnected'})")
         elif cmd == "release":
             if self.session is None:
-                _say("no GPU is leased")
+                print(f"{notices.PREFIX}no GPU is leased")
             else:
                 self.close()
                 self._last_session = None
-                _say("released the GPU")
+                print(f"{notices.PREFIX}released the GPU; its variables are gone")
         elif cmd == "park":
             if self.session is None or self.session.released:
-                _say("no GPU session to park")
+                print(f"{notices.PREFIX}no GPU session to park")
             else:
-                _say(self._session().park().text)
+                print(f"{notices.PREFIX}{self._session().park().text}")
         elif cmd == "resume":
             session = self._session()
             if not session.parked:
-                _say("the GPU session is not parked")
+                print(f"{notices.PREFIX}the GPU session is not parked")
             else:
-                session.resume(on_queue=lambda pos: _say(
-                    f"waiting for a GPU to restore your parked session: position {pos} in the queue"))
+                line = notices.StatusLine(_publish_display)
+                session.resume(on_queue=lambda pos: line.show(notices.restoring(pos)))
         elif cmd == "push":
             ns = self.shell.user_ns
             missing = [n for n in rest if n not in ns]
@@ -248,6 +307,8 @@ class GpuMagics(Magics):
             self._session().push(**{n: ns[n] for n in rest})
         elif cmd == "pull":
             self.shell.user_ns.update(self._session().pull(*rest))
+        elif cmd in ("upload", "download"):
+            self._transfer(cmd, rest)
         else:
             raise ValueError(f"%gpu {cmd}: unknown command; see %gpu? for help")
         return None

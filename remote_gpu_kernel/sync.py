@@ -22,6 +22,7 @@ from .client import (
     ExecuteResult,
     NoticeCallback,
     OutputCallback,
+    ProgressCallback,
     QueueCallback,
     _notify,
     write_streams,
@@ -96,6 +97,15 @@ def _pump(coro_factory: Callable[[Callable[[Any], None]], Coroutine[Any, Any, T]
     return result
 
 
+def _progress(on_progress: ProgressCallback | None) -> Callable[[Any], None]:
+    """Handle pumped ``(done, total)`` events, dropping those that pile up."""
+    def handle(event: tuple[int, int]) -> None:
+        if on_progress is not None:
+            on_progress(*event)
+
+    return handle
+
+
 class Client:
     """Blocking twin of :class:`~remote_gpu_kernel.AsyncClient` (same arguments)."""
 
@@ -162,12 +172,15 @@ class Session:
         try:
             return run(coro)
         finally:
-            while True:
-                try:
-                    text = self._notices.get_nowait()
-                except queue.Empty:
-                    break
-                _notify(self.on_notice, text)
+            self._show_notices()
+
+    def _show_notices(self) -> None:
+        while True:
+            try:
+                text = self._notices.get_nowait()
+            except queue.Empty:
+                break
+            _notify(self.on_notice, text)
 
     def __enter__(self) -> Session:
         return self
@@ -186,6 +199,11 @@ class Session:
     @property
     def resumed(self) -> bool:
         return self._session.resumed
+
+    @property
+    def waited(self) -> float:
+        """Seconds the lease request waited in the server's queue."""
+        return self._session.waited
 
     @property
     def released(self) -> str | None:
@@ -208,10 +226,24 @@ class Session:
     def language_info(self) -> dict[str, Any]:
         return self._session.language_info
 
+    @property
+    def max_upload(self) -> int:
+        return self._session.max_upload
+
+    @property
+    def on_background(self) -> OutputCallback | None:
+        """See :attr:`AsyncSession.on_background`; called on the I/O thread."""
+        return self._session.on_background
+
+    @on_background.setter
+    def on_background(self, callback: OutputCallback | None) -> None:
+        self._session.on_background = callback
+
     def execute(self, code: str, on_output: OutputCallback | None = None, *,
                 timeout: float | None = None, silent: bool = False,
                 store_history: bool = True, allow_stdin: bool = False,
-                on_queue: QueueCallback | None = None) -> ExecuteResult:
+                on_queue: QueueCallback | None = None,
+                parent: dict[str, Any] | None = None) -> ExecuteResult:
         """Run ``code``; see :meth:`AsyncSession.execute`.
 
         Callbacks run in this thread, as output arrives. A KeyboardInterrupt
@@ -235,7 +267,8 @@ class Session:
         def factory(emit: Callable[[Any], None]) -> Coroutine[Any, Any, ExecuteResult]:
             return self._session.execute(code, emit, timeout=timeout, silent=silent,
                                          store_history=store_history, allow_stdin=allow_stdin,
-                                         on_notice=emit, on_queue=lambda p: emit(m.QueuePosition(0, p)))
+                                         on_notice=emit, on_queue=lambda p: emit(m.QueuePosition(0, p)),
+                                         parent=parent)
 
         return _pump(factory, handle, self.interrupt)
 
@@ -253,8 +286,36 @@ class Session:
     def pull(self, *names: str) -> dict[str, Any]:
         return self._call(self._session.pull(*names))
 
-    def shell_request(self, msg_type: str, content: dict[str, Any]) -> m.ShellReply:
-        return self._call(self._session.shell_request(msg_type, content))
+    def shell_request(self, msg_type: str, content: dict[str, Any], *,
+                      buffers: tuple[Any, ...] = (), on_output: OutputCallback | None = None,
+                      parent: dict[str, Any] | None = None) -> m.ShellReply:
+        """See :meth:`AsyncSession.shell_request`; ``on_output`` runs in this thread."""
+        def factory(emit: Callable[[Any], None]) -> Coroutine[Any, Any, m.ShellReply]:
+            return self._session.shell_request(msg_type, content, buffers=buffers, on_output=emit,
+                                               parent=parent)
+
+        return self._with_notices(lambda: _pump(factory, on_output or (lambda _: None)))
+
+    def upload(self, *paths: Any, on_progress: ProgressCallback | None = None) -> list[tuple[str, int]]:
+        """See :meth:`AsyncSession.upload`; ``on_progress`` runs in this thread."""
+        def factory(emit: Callable[[Any], None]) -> Coroutine[Any, Any, list[tuple[str, int]]]:
+            return self._session.upload(*paths, on_progress=lambda d, t: emit((d, t)))
+
+        return self._with_notices(lambda: _pump(factory, _progress(on_progress)))
+
+    def download(self, *paths: str, into: Any = None,
+                 on_progress: ProgressCallback | None = None) -> list[tuple[str, int]]:
+        """See :meth:`AsyncSession.download`; ``on_progress`` runs in this thread."""
+        def factory(emit: Callable[[Any], None]) -> Coroutine[Any, Any, list[tuple[str, int]]]:
+            return self._session.download(*paths, into=into, on_progress=lambda d, t: emit((d, t)))
+
+        return self._with_notices(lambda: _pump(factory, _progress(on_progress)))
+
+    def _with_notices(self, call: Callable[[], T]) -> T:
+        try:
+            return call()
+        finally:
+            self._show_notices()
 
     def send_input(self, value: str) -> None:
         run(self._session.send_input(value))
@@ -285,8 +346,13 @@ class Session:
 
         _pump(factory, handle, self.interrupt)
 
-    def release(self) -> None:
-        self._call(self._session.release())
+
+    def release(self, timeout: float | None = None) -> None:
+        """Give the GPU back; ``timeout``: stop waiting for the answer after that long."""
+        try:
+            run(self._session.release(), timeout)
+        finally:
+            self._show_notices()
 
     def close(self) -> None:
         run(self._session.close())

@@ -80,8 +80,8 @@ class KernelDriver:
         self.km = KernelManager(kernel_name=kernel_name)
         self.kc: BlockingKernelClient | None = None
 
-    def start(self, timeout: float = 60) -> KernelDriver:
-        self.km.start_kernel(env=self.env)
+    def start(self, timeout: float = 60, cwd: Path | None = None) -> KernelDriver:
+        self.km.start_kernel(env=self.env, **({"cwd": str(cwd)} if cwd is not None else {}))
         self.kc = self.km.client()
         self.kc.start_channels()
         self.kc.wait_for_ready(timeout=timeout)

@@ -20,6 +20,11 @@ MODULES = [
     "remote_gpu_kernel.config",
     "remote_gpu_kernel.iostreams",
     "remote_gpu_kernel.tls",
+    "remote_gpu_kernel.files",
+    "remote_gpu_kernel.notices",
+    "remote_gpu_kernel.magic_comms",
+    "remote_gpu_kernel.kernel_app",
+    "remote_gpu_kernel.kernel_output",
     "remote_gpu_server.app",
     "remote_gpu_server.errors",
     "remote_gpu_server.scheduler",
@@ -73,6 +78,9 @@ MODULES = [
     "remote_gpu_server.parking",
     "remote_gpu_server.parking_state",
     "remote_gpu_server.store.parked",
+    "remote_gpu_server.comms",
+    "remote_gpu_server.session_files",
+    "remote_gpu_server.worker_files",
 ]
 
 

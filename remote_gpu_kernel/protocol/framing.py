@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Union
 
 from ..errors import MessageTooLarge, ProtocolError
@@ -228,19 +228,20 @@ class Reader:
 
     Limits: ``max_header`` bytes of JSON header; ``max_message`` bytes of a
     whole message (header and buffers); ``max_early`` bytes of buffers of a
-    message of an ``early`` type (default ``max_message``); ``max_buffers``
-    buffers in one message.
+    message of an ``early`` type (default ``max_message``; a mapping gives
+    each early type its own); ``max_buffers`` buffers in one message.
     """
 
     def __init__(self, max_header: int = MAX_HEADER, max_message: int = MAX_MESSAGE,
                  assemble: bool = True,
                  allocate: Callable[[int], Any] = bytearray,
                  early: Iterable[MessageType] = (),
-                 max_early: int | None = None,
+                 max_early: int | Mapping[MessageType, int] | None = None,
                  max_buffers: int = MAX_BUFFERS) -> None:
         self.max_header = max_header
         self.max_message = max_message
-        self.max_early = max_message if max_early is None else max_early
+        per_type = max_early if isinstance(max_early, Mapping) else {}
+        default = max_message if max_early is None or isinstance(max_early, Mapping) else max_early
         self.max_buffers = max_buffers
         self.assemble = assemble
         self.allocate = allocate
@@ -248,6 +249,8 @@ class Reader:
         #: (only where ``assemble`` is false).
         self.early = frozenset(early) if not assemble else frozenset()
         self._early_names = {t.value for t in self.early}
+        #: The most bytes of buffers each early type may carry, by its name.
+        self._max_early = {t.value: per_type.get(t, default) for t in self.early}
         self._events: list[tuple[Message, int]] = []
         self._broken: ProtocolError | None = None
         self._bad: list[ProtocolError] = []
@@ -263,6 +266,16 @@ class Reader:
         self._index = 0
         self._filled = 0
         self._header_size = 0
+
+    @property
+    def partial(self) -> tuple[dict[str, Any], int, int] | None:
+        """The message whose buffers are arriving: its header fields, the
+        bytes of its buffers received so far and their total. None between
+        messages and while a header is read. For progress reports."""
+        if self._state != "buffers" or not self._fields:
+            return None
+        done = sum(self._lengths[: self._index]) + self._filled
+        return self._fields, done, sum(self._lengths)
 
     @property
     def in_message(self) -> bool:
@@ -403,10 +416,10 @@ class Reader:
                                    f"{self.max_buffers} one message may carry", req,
                                    size=len(lengths), limit=self.max_buffers, what=kind)
         if kind in self._early_names:
-            if total > self.max_early:
+            limit = self._max_early[kind]
+            if total > limit:
                 return MessageTooLarge(f"a {kind} of {total} bytes exceeds the limit of "
-                                       f"{self.max_early} bytes", req, size=total, limit=self.max_early,
-                                       what=kind)
+                                       f"{limit} bytes", req, size=total, limit=limit, what=kind)
         elif header_size + total > self.max_message:
             return MessageTooLarge(f"a {kind} message of {header_size + total} bytes exceeds the "
                                    f"limit of {self.max_message} bytes", req,

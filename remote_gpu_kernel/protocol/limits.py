@@ -1,7 +1,8 @@
 """A receiver's limits on message sizes, checked before sending; no I/O.
 
 A server names its limits in :class:`~.messages.Welcome` (``limits``):
-``max_push``, the buffers of one push (they stream through the server), and
+``max_push``, the buffers of one push (they stream through the server),
+``max_upload``, the files of one upload (the same way), and
 ``max_message``, any other message whole and a push's header. A client
 calls :func:`refusal` before sending a message, so that one the server
 would refuse fails at once with a one-line :class:`MessageTooLarge` and
@@ -14,7 +15,7 @@ from collections.abc import Mapping
 
 from ..errors import MessageTooLarge
 from .framing import header_bytes, views
-from .messages import Execute, Message, Push
+from .messages import Execute, Message, Push, Upload
 
 __all__ = ["format_size", "measure", "refusal"]
 
@@ -44,6 +45,14 @@ def refusal(message: Message, limits: Mapping[str, int]) -> MessageTooLarge | No
                 f"({format_size(max_push)}, its --max-push): push the variables in smaller groups",
                 size=buffers, limit=max_push, what="push")
         buffers = 0  # a push's buffers stream through; only its header must fit a message
+    elif isinstance(message, Upload):
+        max_upload = limits.get("max_upload")
+        if max_upload is not None and buffers > max_upload:
+            return MessageTooLarge(
+                f"the upload of {format_size(buffers)} is over the GPU server's limit of "
+                f"{format_size(max_upload)} per upload (its --max-upload); nothing was sent",
+                size=buffers, limit=max_upload, what="upload")
+        buffers = 0
     if max_message is not None and header + buffers > max_message:
         what = "cell" if isinstance(message, Execute) else f"{message.type.value} message"
         return MessageTooLarge(

@@ -12,11 +12,12 @@ The conversation, in order:
 2. client → :class:`LeaseRequest`; server → :class:`QueuePosition` whenever
    the position changes, then :class:`LeaseGranted` (or :class:`Error`).
 3. client → :class:`Execute` / :class:`Push` / :class:`Pull` /
-   :class:`ShellRequest`; server → :class:`Output` for every Jupyter message
-   the worker publishes, then the request's reply (:class:`ExecuteDone`,
-   :class:`PushDone`, :class:`PullReply`, :class:`ShellReply`) or
-   :class:`Error`. After a reconnect, :class:`Replay` fetches the outputs
-   the client missed.
+   :class:`ShellRequest` / :class:`Upload` / :class:`Download`; server →
+   :class:`Output` for every Jupyter message the worker publishes, then the
+   request's reply (:class:`ExecuteDone`, :class:`PushDone`,
+   :class:`PullReply`, :class:`ShellReply`, :class:`UploadDone`,
+   :class:`DownloadReply`) or :class:`Error`. After a reconnect,
+   :class:`Replay` fetches the outputs the client missed.
 4. client → :class:`Interrupt` at any time, :class:`Release` at the end;
    server → :class:`Released` when the lease ends for any reason.
 5. client → :class:`Park`: the server saves the namespace to disk and gives
@@ -29,7 +30,18 @@ The conversation, in order:
    :class:`LeaseGranted`.
 
 Every request carries ``req``, an id the client chose; every answer names the
-request it answers. Server-initiated messages use ``req = 0``.
+request it answers. Server-initiated messages use ``req = 0``: among them
+the :class:`Output` of what the worker publishes outside any request of
+this client (a thread that prints after its cell ended, a widget updated
+from a timer), which names its Jupyter parent in ``parent``.
+
+Jupyter ids travel whole. An :class:`Execute` or :class:`ShellRequest`
+carries the header of the frontend's own request (``parent``); the server
+sends the worker its request under that ``msg_id``, so every message the
+worker publishes for it, and the ``msg_id`` an ``ipywidgets.Output``
+records, are the frontend's own. An :class:`Output` carries the Jupyter
+message's ``metadata`` (a widget's ``comm_open`` names its protocol
+``version`` there) and its buffers.
 """
 
 from __future__ import annotations
@@ -46,6 +58,8 @@ from ..errors import ProtocolError
 __all__ = [
     "PROTOCOL_VERSION",
     "ErrorCode",
+    "Download",
+    "DownloadReply",
     "Error",
     "Execute",
     "ExecuteDone",
@@ -72,12 +86,14 @@ __all__ = [
     "Resume",
     "ShellReply",
     "ShellRequest",
+    "Upload",
+    "UploadDone",
     "Welcome",
     "message_from_fields",
 ]
 
 #: Bumped whenever a message changes shape; sent in :class:`Hello`.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class MessageType(str, enum.Enum):
@@ -96,6 +112,10 @@ class MessageType(str, enum.Enum):
     PULL_REPLY = "pull_reply"
     SHELL_REQUEST = "shell_request"
     SHELL_REPLY = "shell_reply"
+    UPLOAD = "upload"
+    UPLOAD_DONE = "upload_done"
+    DOWNLOAD = "download"
+    DOWNLOAD_REPLY = "download_reply"
     INPUT = "input"
     REPLAY = "replay"
     REPLAY_DONE = "replay_done"
@@ -120,6 +140,11 @@ class ErrorCode(str, enum.Enum):
     NAME_ERROR = "name_error"
     TIMEOUT = "timeout"
     PARK_REFUSED = "park_refused"
+    #: A comm message for a comm the worker does not have (closed, or its worker died).
+    NO_COMM = "no_comm"
+    #: A file transfer refused: a path outside the session's folder, a missing
+    #: file, more bytes than the server's upload limit.
+    FILE = "file_error"
     INTERNAL = "internal"
 
 
@@ -152,9 +177,9 @@ class Hello(Message):
 @dataclasses.dataclass(frozen=True)
 class Welcome(Message):
     """``limits``: what the server takes, in bytes, so that a client can refuse
-    a push or a cell before sending it: ``max_push`` (a push's buffers) and
-    ``max_message`` (any other message, header and buffers); empty from a
-    server that names none."""
+    a message before sending it: ``max_push`` (a push's buffers),
+    ``max_upload`` (an upload's files) and ``max_message`` (any other
+    message, header and buffers); empty from a server that names none."""
 
     type = MessageType.WELCOME
     protocol: int
@@ -215,6 +240,11 @@ class LeaseGranted(Message):
 
 @dataclasses.dataclass(frozen=True)
 class Execute(Message):
+    """Run ``code``. ``parent`` is the header of the Jupyter request this cell
+    answers (``msg_id``, ``session``, ``username``, ``date``, ``msg_type``,
+    ``version``); the worker gets its request under ``parent["msg_id"]``.
+    Empty: the server picks an id."""
+
     type = MessageType.EXECUTE
     req: int
     code: str
@@ -222,14 +252,18 @@ class Execute(Message):
     silent: bool = False
     store_history: bool = True
     allow_stdin: bool = False
+    parent: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
 class Output(Message):
     """A Jupyter IOPub message the worker published for request ``req``.
 
-    ``msg_type`` and ``content`` are the Jupyter message's own; ``seq`` is its
-    place in the session's output journal.
+    ``msg_type``, ``content``, ``metadata`` and ``buffers`` are the Jupyter
+    message's own; ``parent`` is the ``msg_id`` of the request it answers
+    (the frontend's, see :class:`Execute`); ``seq`` is its place in the
+    session's output journal. With ``req = 0`` it answers no request of
+    this client: ``parent`` says where it belongs.
     """
 
     type = MessageType.OUTPUT
@@ -238,6 +272,8 @@ class Output(Message):
     msg_type: str
     content: dict[str, Any]
     buffers: Buffers = ()
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+    parent: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,13 +337,19 @@ class PullReply(Message):
 
 @dataclasses.dataclass(frozen=True)
 class ShellRequest(Message):
-    """Any other Jupyter shell request (complete, inspect, comm_msg, ...)."""
+    """Any other Jupyter shell request (complete, inspect, comm_msg, ...).
+
+    ``parent`` is the frontend's request header, as in :class:`Execute`.
+    A comm message for a comm the worker does not have is answered with
+    ``ErrorCode.NO_COMM``.
+    """
 
     type = MessageType.SHELL_REQUEST
     req: int
     msg_type: str
     content: dict[str, Any]
     buffers: Buffers = ()
+    parent: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,6 +358,51 @@ class ShellReply(Message):
     req: int
     msg_type: str
     content: dict[str, Any]
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Upload(Message):
+    """Files to write into the session's folder on the server.
+
+    ``paths[i]`` is relative to that folder (no ``..``, not absolute) and
+    ``buffers[i]`` is its content. The server refuses the whole upload when
+    it is over its limit (``max_upload`` in :attr:`Welcome.limits`).
+    """
+
+    type = MessageType.UPLOAD
+    req: int
+    paths: list[str]
+    buffers: Buffers = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class UploadDone(Message):
+    """``sizes[i]`` bytes were written to ``paths[i]``."""
+
+    type = MessageType.UPLOAD_DONE
+    req: int
+    paths: list[str]
+    sizes: list[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Download(Message):
+    """Files to read from the session's folder, relative to it."""
+
+    type = MessageType.DOWNLOAD
+    req: int
+    paths: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class DownloadReply(Message):
+    """``buffers[i]`` is the content of ``paths[i]``."""
+
+    type = MessageType.DOWNLOAD_REPLY
+    req: int
+    paths: list[str]
+    buffers: Buffers = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -436,8 +523,8 @@ _CLASSES: dict[MessageType, type[Message]] = {
     for cls in (
         Hello, Welcome, LeaseRequest, QueuePosition, LeaseGranted, Execute,
         Output, Notice, ExecuteDone, Push, PushDone, Pull, PullReply,
-        ShellRequest, ShellReply, Input, Replay, ReplayDone, Interrupt, Release, Released,
-        Park, Parked, Resume, Error,
+        ShellRequest, ShellReply, Upload, UploadDone, Download, DownloadReply, Input, Replay,
+        ReplayDone, Interrupt, Release, Released, Park, Parked, Resume, Error,
     )
 }  # fmt: skip
 

@@ -32,6 +32,7 @@ from remote_gpu_kernel.protocol import PROTOCOL_VERSION, encode
 from remote_gpu_kernel.protocol.framing import Chunks, encode_head
 from remote_gpu_kernel.protocol import messages as m
 
+from . import session_files
 from .broker import LeaseBroker
 from .connection_memory import ConnectionMemory, Hold
 from .limits import Limits
@@ -57,7 +58,7 @@ MAX_REFUSALS = 1024
 #: How long a connection that must be closed waits for its client to read why.
 HANG_UP_WAIT = 5.0
 #: Requests that only the session's lock keeps in order (they wait for each other).
-_IN_TURN = (m.Execute, m.Push, m.Pull, m.Replay, m.Park, m.Resume)
+_IN_TURN = (m.Execute, m.Push, m.Pull, m.Replay, m.Park, m.Resume, m.Upload, m.Download)
 
 
 class Connection:
@@ -73,7 +74,7 @@ class Connection:
         self.token = token
         self.user = token.user
         self.session: Session | None = None
-        # Pushes are handed out at their header so that their buffers flow
+        # Pushes and uploads are handed out at their header so that their buffers flow
         # on to the worker while the rest is still arriving.
         self._reader = self.limits.reader()
         self._memory = ConnectionMemory(self.limits.connection_memory)
@@ -165,7 +166,8 @@ class Connection:
                 return False
             for error in self._reader.errors_received():
                 if isinstance(error, MessageTooLarge):
-                    self._refuse(error.req, m.ErrorCode.BAD_REQUEST, self._too_large(error))
+                    code = m.ErrorCode.FILE if error.what == "upload" else m.ErrorCode.BAD_REQUEST
+                    self._refuse(error.req, code, self._too_large(error))
                 else:
                     self._refuse(error.req, m.ErrorCode.PROTOCOL, f"protocol error: {error}")
             return True
@@ -193,6 +195,8 @@ class Connection:
     def _too_large(self, exc: MessageTooLarge) -> str:
         if exc.what == "push" and exc.limit == self.limits.max_push:
             return self.limits.push_refusal(exc.size)
+        if exc.what == "upload" and exc.limit == self.limits.max_upload:
+            return self.limits.upload_refusal(exc.size)
         if exc.limit == self.limits.max_message:
             return self.limits.message_refusal(exc.what or "", exc.size)
         return f"message refused: {exc}"
@@ -247,7 +251,7 @@ class Connection:
         """
         chunks = [b for b in buffers if isinstance(b, Chunks)]
         size = header + sum(len(b) for b in buffers)
-        if isinstance(msg, m.Push) and any(not c.complete for c in chunks):
+        if isinstance(msg, (m.Push, m.Upload)) and any(not c.complete for c in chunks):
             session = self.session
             streams = session is None or session.released or not (session.busy or self._in_turn)
             if streams or self._memory.fits(size):
@@ -454,6 +458,10 @@ class Connection:
         elif isinstance(msg, m.Resume):
             await session.resume(req, self)
             await self._granted(req, session, resumed=True, waited=0.0)
+        elif isinstance(msg, m.Upload):
+            await session_files.upload(session, msg, self)
+        elif isinstance(msg, m.Download):
+            await session_files.download(session, msg, self)
 
     async def _closed(self) -> None:
         self.closed = True

@@ -1,12 +1,15 @@
 """What one client may send the server and make it hold: deliberate, configurable limits.
 
 :class:`Limits` is filled from ``rgpu serve`` flags (``--max-push``,
-``--max-message``, ``--max-requests``, ``--connection-memory``). Each limit
+``--max-upload``, ``--max-message``, ``--max-requests``,
+``--connection-memory``). Each limit
 refuses what exceeds it with a one-line error that names the flag, and the
 connection and its session go on:
 
 - ``max_push``: the buffers of one push. A push streams through the server
   to its worker, so this bounds a worker's intake, not the server's memory.
+- ``max_upload``: the files of one upload (``%gpu upload``), which stream
+  to the session's folder the same way.
 - ``max_message``: any other message whole (a cell's code, a widget's
   message with its binary buffers), and the header of a push. A header
   over it cannot be skipped (the lengths of what follows are in it): the
@@ -65,6 +68,7 @@ class Limits:
     """See the module docstring; sizes in bytes."""
 
     max_push: int = 16 << 30
+    max_upload: int = 1 << 30
     max_message: int = 16 << 20
     max_requests: int = 64
     connection_memory: int = 128 << 20
@@ -78,22 +82,29 @@ class Limits:
             raise ValueError("--max-message must be at least 64K")
         if self.max_push < 1:
             raise ValueError("--max-push must be more than 0")
+        if self.max_upload < 1:
+            raise ValueError("--max-upload must be more than 0")
         if self.connection_memory < CHUNK_SIZE:
             raise ValueError("--connection-memory must be at least 1M")
 
     def welcome(self) -> dict[str, int]:
         """What a client is told, to refuse an oversized message before sending it."""
-        return {"max_push": self.max_push, "max_message": self.max_message}
+        return {"max_push": self.max_push, "max_upload": self.max_upload, "max_message": self.max_message}
 
     def reader(self) -> Reader:
-        """A reader of one client's frames: pushes handed out at their header, others whole."""
-        return Reader(assemble=False, early={m.MessageType.PUSH}, max_header=self.max_message,
-                      max_message=self.max_message, max_early=self.max_push)
+        """A reader of one client's frames: pushes and uploads handed out at their header, others whole."""
+        return Reader(assemble=False, early={m.MessageType.PUSH, m.MessageType.UPLOAD},
+                      max_header=self.max_message, max_message=self.max_message,
+                      max_early={m.MessageType.PUSH: self.max_push, m.MessageType.UPLOAD: self.max_upload})
 
     def push_refusal(self, size: int) -> str:
         return (f"this push is {format_size(size)}, more than this server takes in one push "
                 f"({format_size(self.max_push)}, rgpu serve --max-push): push the variables "
                 "in smaller groups, or save large data where the worker can read it")
+
+    def upload_refusal(self, size: int) -> str:
+        return (f"the upload of {format_size(size)} is over this server's limit of "
+                f"{format_size(self.max_upload)} per upload (rgpu serve --max-upload); nothing was written")
 
     def message_refusal(self, kind: str, size: int) -> str:
         return (f"this {kind} message is {format_size(size)}, more than this server takes "

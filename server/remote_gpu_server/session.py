@@ -32,11 +32,12 @@ from remote_gpu_kernel.protocol import messages as m
 from remote_gpu_kernel.protocol.framing import Chunks
 from remote_gpu_kernel.typing import JobId, SessionId, SlotId
 
+from .comms import COMM_MESSAGES, CommTable
 from .journal import Journal
 from .parking_state import ParkedState
 from .stopping import INTERRUPT_NOTICE, CellStopping, RunningCell
 from .store import DatabaseUnavailable, OutputRow, Store
-from .worker import TransferAborted, Worker
+from .worker import DuplicateRequest, TransferAborted, Worker
 
 __all__ = ["Replier", "Send", "Session", "SessionContext", "WorkerSource"]
 
@@ -75,6 +76,12 @@ class SessionContext:
     #: Resumes a parked session (lease, worker, namespace) for a request; None
     #: where the server does not park.
     resume: Callable[[Session, int, Replier | None], Awaitable[None]] | None = None
+
+
+def _output(req: int, seq: int, jmsg: dict[str, Any]) -> m.Output:
+    """The protocol's Output for a Jupyter message, with its metadata, buffers and parent id."""
+    return m.Output(req, seq, jmsg["msg_type"], jmsg["content"], tuple(jmsg.get("buffers") or ()),
+                    jmsg.get("metadata") or {}, str((jmsg.get("parent_header") or {}).get("msg_id") or ""))
 
 
 class Replier(Protocol):
@@ -136,8 +143,12 @@ class Session(CellStopping):
         self._interrupted = False
         self._started = False  # the running cell's code has begun (execute_input seen)
         self._background: set[asyncio.Task[None]] = set()
-        self._watch: asyncio.Task[None] | None = (
-            asyncio.get_running_loop().create_task(self._watch_worker(worker)) if worker is not None else None)
+        # The comms of the worker a parked session had: dead once it is restored.
+        self._parked_comms: CommTable | None = None
+        self._watch: asyncio.Task[None] | None = None
+        if worker is not None:
+            worker.on_unrouted = self._unrouted
+            self._watch = asyncio.get_running_loop().create_task(self._watch_worker(worker))
 
     @property
     def busy(self) -> bool:
@@ -187,10 +198,14 @@ class Session(CellStopping):
 
     async def worker(self) -> Worker:
         if self._replacing is not None:
+            old = self._worker
             try:
                 self._worker = await self._replacing
             finally:
                 self._replacing = None
+            if old is not None:
+                self._worker.comms.inherit(old.comms, f"died ({old.exit_description or 'it was restarted'})")
+            self._worker.on_unrouted = self._unrouted
             self._watch = asyncio.get_running_loop().create_task(self._watch_worker(self._worker))
         if self._worker is None:
             raise WorkerDied("this session is parked and was not resumed", code="worker_died")
@@ -217,6 +232,7 @@ class Session(CellStopping):
             self._watch.cancel()
             self._watch = None
         self._language_info = dict(worker.language_info)
+        self._parked_comms = worker.comms
         self._worker = None
         self.parked = state
         return worker
@@ -228,7 +244,27 @@ class Session(CellStopping):
         self.parked = None
         self.segments += 1
         self._language_info = dict(worker.language_info)
+        if self._parked_comms is not None:
+            worker.comms.inherit(self._parked_comms, "was given back when the session was parked")
+            self._parked_comms = None
+        worker.on_unrouted = self._unrouted
         self._watch = asyncio.get_running_loop().create_task(self._watch_worker(worker))
+
+    async def prepare(self, req: int, conn: Replier) -> Worker:
+        """The start of a request under :attr:`lock`: mark activity, tell
+        ``conn`` the notices, return the worker (resuming a parked session,
+        or the fresh one after a restart)."""
+        self.touch()
+        await self._notices(req, conn)
+        return await self._ready(req, conn)
+
+    async def _unrouted(self, jmsg: dict[str, Any]) -> None:
+        """What the worker published under no pending request: journaled and
+        sent to the attached client with ``req = 0`` and its Jupyter parent."""
+        self._seq += 1
+        self.context.journal.append(OutputRow(self.id, self._seq, None, jmsg["msg_type"], jmsg["content"]))
+        if self.send is not None:
+            await self.send(_output(0, self._seq, jmsg))
 
     async def _notices(self, req: int, conn: Replier) -> None:
         if self._notice:
@@ -239,9 +275,7 @@ class Session(CellStopping):
 
     async def execute(self, msg: m.Execute, conn: Replier) -> None:
         async with self.lock:
-            self.touch()
-            await self._notices(msg.req, conn)
-            worker = await self._ready(msg.req, conn)
+            worker = await self.prepare(msg.req, conn)
             cell = self._running = RunningCell(conn, msg.req)
             try:
                 await self._execute(msg, conn, worker, cell)
@@ -270,17 +304,20 @@ class Session(CellStopping):
                 if self._interrupted:  # asked for before the code began: deliver it now
                     self._deliver_interrupt(cell, worker)
             if jmsg["msg_type"] != "execute_input":  # the client has the code already
-                await conn.send(m.Output(msg.req, self._seq, jmsg["msg_type"], jmsg["content"],
-                                         tuple(jmsg.get("buffers") or ())))
+                await conn.send(_output(msg.req, self._seq, jmsg))
 
         task = asyncio.get_running_loop().create_task(worker.execute(
             msg.code, on_iopub, silent=msg.silent, store_history=msg.store_history,
-            allow_stdin=msg.allow_stdin,
+            allow_stdin=msg.allow_stdin, msg_id=msg.parent.get("msg_id"),
         ))
         # The answer goes out before the job's last write, which stays
         # under the lock: the next request still sees the job finished.
         try:
             reply = await self._await_cell(task, worker, msg.timeout)
+        except (DuplicateRequest, ValueError) as exc:  # a msg_id it may not use
+            await conn.send(m.Error(msg.req, m.ErrorCode.BAD_REQUEST, str(exc)))
+            await self._end_job(await job_task, "failed", str(exc))
+            return
         except (WorkerDied, TimeoutError) as exc:
             died = isinstance(exc, WorkerDied)
             await conn.send(m.Error(msg.req, m.ErrorCode.WORKER_DIED if died else m.ErrorCode.TIMEOUT,
@@ -364,9 +401,7 @@ class Session(CellStopping):
                                         "push: names, counts and buffers do not match"))
             return
         async with self.lock:
-            self.touch()
-            await self._notices(msg.req, conn)
-            worker = await self._ready(msg.req, conn)
+            worker = await self.prepare(msg.req, conn)
             try:
                 reply = await worker.push(msg.names, msg.counts, list(msg.buffers))
             except WorkerDied as exc:
@@ -383,9 +418,7 @@ class Session(CellStopping):
 
     async def pull(self, msg: m.Pull, conn: Replier) -> None:
         async with self.lock:
-            self.touch()
-            await self._notices(msg.req, conn)
-            worker = await self._ready(msg.req, conn)
+            worker = await self.prepare(msg.req, conn)
             try:
                 reply, pieces = await worker.pull(msg.names)
             except WorkerDied as exc:
@@ -422,21 +455,31 @@ class Session(CellStopping):
         if self.parked is not None:
             await self.resume(msg.req, conn)
         worker = await self.worker()
+        if msg.msg_type in COMM_MESSAGES:
+            refused = worker.comms.refusal(msg.msg_type, msg.content)
+            if refused is not None:
+                await conn.send(m.Error(msg.req, m.ErrorCode.NO_COMM, refused))
+                return
+            worker.comms.sent(msg.msg_type, msg.content)
 
         async def on_iopub(jmsg: dict[str, Any]) -> None:
             self._seq += 1
             self.context.journal.append(OutputRow(self.id, self._seq, None, jmsg["msg_type"], jmsg["content"]))
-            await conn.send(m.Output(msg.req, self._seq, jmsg["msg_type"], jmsg["content"],
-                                         tuple(jmsg.get("buffers") or ())))
+            await conn.send(_output(msg.req, self._seq, jmsg))
 
         # Buffers arrive as framing.Chunks; a Jupyter message needs plain bytes.
         buffers = [b.join() if isinstance(b, Chunks) else b for b in msg.buffers]
         try:
-            reply = await worker.request(msg.msg_type, msg.content, on_iopub, buffers=buffers or None)
+            reply = await worker.request(msg.msg_type, msg.content, on_iopub, buffers=buffers or None,
+                                         msg_id=msg.parent.get("msg_id"))
+        except (DuplicateRequest, ValueError) as exc:
+            await conn.send(m.Error(msg.req, m.ErrorCode.BAD_REQUEST, str(exc)))
+            return
         except WorkerDied as exc:
             await conn.send(m.Error(msg.req, m.ErrorCode.WORKER_DIED, str(exc)))
             return
-        await conn.send(m.ShellReply(msg.req, str(reply.get("msg_type", "")), dict(reply.get("content") or {})))
+        await conn.send(m.ShellReply(msg.req, str(reply.get("msg_type", "")), dict(reply.get("content") or {}),
+                                     dict(reply.get("metadata") or {})))
 
     # -- the end ------------------------------------------------------------
 

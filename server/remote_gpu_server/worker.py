@@ -8,7 +8,11 @@ pulled bytes through the process's :class:`~.datachannel.DataChannel`.
 Every request completes when both its shell reply and its IOPub ``idle``
 status have arrived, so no output is lost after the reply. If the process
 dies, every pending request fails at once with :class:`WorkerDied` saying
-how it ended.
+how it ended. A request may be sent under a Jupyter ``msg_id`` its client
+chose (the frontend's own, so that output routes by it); one already in
+flight is refused with :class:`DuplicateRequest`. What the worker publishes
+under no pending request goes to :attr:`Worker.on_unrouted`, and the comms
+it opens and closes are kept in :attr:`Worker.comms`.
 """
 
 from __future__ import annotations
@@ -31,13 +35,14 @@ from remote_gpu_kernel.errors import WorkerDied
 
 from . import death
 from .datachannel import TransferAborted
+from .comms import CommTable
 from .errors import IsolationError
 from .gpus import Slot
 from .isolation import Tenant
 from .launcher import WorkerLauncher, WorkerProcess, WorkerSpec, describe_exit
 from .worker_kernel import COMM_TARGET
 
-__all__ = ["GpuErrors", "IopubHandler", "TransferAborted", "Worker", "describe_exit"]
+__all__ = ["DuplicateRequest", "GpuErrors", "IopubHandler", "TransferAborted", "Worker", "describe_exit"]
 
 log = logging.getLogger("remote_gpu_server")
 
@@ -54,10 +59,23 @@ DEATH_POLL_SECONDS = 0.2
 CELLS_REMEMBERED = 200
 
 
+class DuplicateRequest(ValueError):
+    """A request's Jupyter ``msg_id`` is already in flight on this worker."""
+
+
+#: The longest Jupyter msg_id a client may choose for its request.
+MAX_MSG_ID = 200
+
+
 def _retrieve(future: asyncio.Future[Any]) -> None:
     """Mark a future's exception as seen: its caller learns it another way."""
     if not future.cancelled():
         future.exception()
+
+
+#: Messages published under no pending request that nobody needs: the
+#: server's own requests' statuses, and the echo of a finished cell's code.
+_NOT_UNROUTED = frozenset({"status", "execute_input"})
 
 
 class _FastSession(Session):  # type: ignore[misc]
@@ -146,6 +164,10 @@ class Worker:
         self._killed = False
         self._explained = False  # its launcher said how it ended (out of host memory)
         self.died = asyncio.Event()
+        #: The comms open on this worker, as seen on its IOPub and shell traffic.
+        self.comms = CommTable()
+        #: Called with each output message published under no pending request.
+        self.on_unrouted: IopubHandler | None = None
 
     @classmethod
     async def start(cls, launcher: WorkerLauncher, slots: list[Slot], startup_timeout: float = 120,
@@ -255,15 +277,22 @@ class Worker:
         info_reply = await self.request("kernel_info_request", {})
         self.language_info = dict(info_reply["content"].get("language_info") or {})
         self._comm_id = f"rgpu-{self.name}"
+        self.comms.reserved = self._comm_id
         await self.request("comm_open", {"comm_id": self._comm_id, "target_name": COMM_TARGET, "data": {}})
         log.debug("worker %s ready on %s (pid %s)", self.name, self.node, self.pid)
 
     # -- reading ------------------------------------------------------------
 
     async def _read(self, channel: Any, handle: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        session = self._kc.session
         while True:
             try:
-                msg = await channel.get_msg()
+                # A receive, not jupyter_client's poll-then-receive: a poll that
+                # waits while a request is sent on the same socket can miss the
+                # message that arrives meanwhile (its edge is taken by the send).
+                frames = await channel.socket.recv_multipart(copy=False)
+                _, frames = session.feed_identities(frames, copy=False)
+                msg = session.deserialize(frames, copy=False)
             except asyncio.CancelledError:
                 raise
             except Exception:  # closed socket after a kill
@@ -285,8 +314,11 @@ class Worker:
             if fut is not None and not fut.done():
                 fut.set_result((content["data"], list(msg.get("buffers") or [])))
             return
+        self.comms.published(msg_type, content)
         pending = self._pending.get(parent) if parent else None
         if pending is None:
+            if self.on_unrouted is not None and msg_type not in _NOT_UNROUTED:
+                await self.on_unrouted(msg)
             return
         if msg_type == "status":
             if content.get("execution_state") == "idle" and not pending.idle.done():
@@ -359,14 +391,25 @@ class Worker:
             raise WorkerDied(f"worker {self.name} was shut down", code="worker_died")
 
     async def request(self, msg_type: str, content: dict[str, Any], on_iopub: IopubHandler | None = None,
-                      buffers: list[Any] | None = None) -> dict[str, Any]:
+                      buffers: list[Any] | None = None, msg_id: str | None = None) -> dict[str, Any]:
         """Send a shell request; return the reply message once the kernel is idle.
 
-        Comm messages have no shell reply: for them only the idle status is
-        awaited and the returned message is empty.
+        ``msg_id`` (a client's Jupyter request id) is the request's own id if
+        given: raises :class:`DuplicateRequest` if one by that id is in
+        flight, ValueError if it is not a short string. Comm messages have
+        no shell reply: for them only the idle status is awaited and the
+        returned message is empty.
         """
         self.check_alive()
-        msg = self._kc.session.msg(msg_type, content)
+        header = None
+        if msg_id is not None:
+            if not isinstance(msg_id, str) or not 0 < len(msg_id) <= MAX_MSG_ID:
+                raise ValueError(f"a request's msg_id must be a string of 1 to {MAX_MSG_ID} characters")
+            if msg_id in self._pending:
+                raise DuplicateRequest(f"a request with msg_id {msg_id!r} is already running on this worker")
+            header = self._kc.session.msg_header(msg_type)
+            header["msg_id"] = msg_id
+        msg = self._kc.session.msg(msg_type, content, header=header)
         msg_id = msg["header"]["msg_id"]
         pending = _Pending(on_iopub)
         self._pending[msg_id] = pending
@@ -382,14 +425,18 @@ class Worker:
             self._pending.pop(msg_id, None)
 
     async def execute(self, code: str, on_iopub: IopubHandler, *, silent: bool = False,
-                      store_history: bool = True, allow_stdin: bool = False) -> dict[str, Any]:
-        """Run ``code``; ``on_iopub`` gets every output message; returns the reply."""
+                      store_history: bool = True, allow_stdin: bool = False,
+                      msg_id: str | None = None) -> dict[str, Any]:
+        """Run ``code``; ``on_iopub`` gets every output message; returns the reply.
+
+        ``msg_id`` as in :meth:`request`.
+        """
         self.cells.append((None, code))  # a fatal signal in it is reported with its line
         reply = await self.request(
             "execute_request",
             {"code": code, "silent": silent, "store_history": store_history,
              "user_expressions": {}, "allow_stdin": allow_stdin, "stop_on_error": True},
-            on_iopub,
+            on_iopub, msg_id=msg_id,
         )
         content = dict(reply["content"])
         if self.cells and self.cells[-1] == (None, code):
@@ -421,10 +468,14 @@ class Worker:
         a stream breaks, or the worker gives up, the other side is told to
         drop the transfer and :class:`TransferAborted` is raised.
         """
+        return await self.send_buffers({"op": "push", "names": names, "counts": counts}, buffers)
+
+    async def send_buffers(self, data: dict[str, Any], buffers: list[Any]) -> dict[str, Any]:
+        """The transfer-comm operation ``data`` (``push``, ``upload``) whose
+        ``buffers`` stream to the worker through the ring; see :meth:`push`."""
         tid, fut = self._new_transfer()
         request = asyncio.ensure_future(self.request(
-            "comm_msg", {"comm_id": self._comm_id,
-                         "data": {"op": "push", "id": tid, "names": names, "counts": counts}}))
+            "comm_msg", {"comm_id": self._comm_id, "data": {**data, "id": tid}}))
         try:
             await self.process.data.send(tid, buffers, self)
         except TransferAborted:
@@ -445,9 +496,14 @@ class Worker:
         (``contextlib.aclosing``) before the next transfer: closing it early
         tells the worker to stop and waits until it has.
         """
+        return await self.receive_buffers({"op": "pull", "names": names})
+
+    async def receive_buffers(self, data: dict[str, Any]) -> tuple[dict[str, Any], AsyncIterator[Any] | None]:
+        """The transfer-comm operation ``data`` (``pull``, ``download``) whose
+        answer's buffers stream back through the ring; see :meth:`pull`."""
         tid, fut = self._new_transfer()
         request = asyncio.ensure_future(self.request(
-            "comm_msg", {"comm_id": self._comm_id, "data": {"op": "pull", "id": tid, "names": names}}))
+            "comm_msg", {"comm_id": self._comm_id, "data": {**data, "id": tid}}))
         request.add_done_callback(_retrieve)
         try:
             # The worker answers first and then sends the buffers, so its

@@ -16,7 +16,9 @@ folder), as described in :mod:`.transfer`. A push's comm message comes first
 and its handler reads the buffers as the server forwards them; a pull's comm
 reply (names, counts, sizes) is sent once the pickling succeeded, and its
 buffers after it, while the server passes them on to the client.
-Only this process unpickles what a client pushed.
+Only this process unpickles what a client pushed. Files go the same way
+(``{"op": "upload"|"download", "paths": [...]}``, relative to the session
+folder that ``enter`` named; see :mod:`.worker_files`).
 
 Isolation: before anything else, the worker confines itself as the server's
 ``RGPU_CONFINE`` spec says (:func:`.confinement.prepare`), and at lease time
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 __all__ = ["COMM_TARGET", "die_with_parent", "main"]
@@ -89,8 +92,13 @@ class _DataChannel:
         frames: list[Any] = self.socket.recv_multipart()
         return frames
 
-    def receive(self, tid: int) -> list[Any]:
-        """The buffers of transfer ``tid``, each in fresh writable memory."""
+    def receive(self, tid: int, sink: Callable[[list[int]], Any] | None = None) -> Any:
+        """The buffers of transfer ``tid``, each in fresh writable memory.
+
+        With ``sink``, the pieces go to ``sink(sizes)`` instead (an object
+        with ``add(piece)`` and ``done``, as :class:`~.transfer.Filler`),
+        which is returned.
+        """
         from remote_gpu_kernel.errors import ProtocolError
 
         from .transfer import ABORT, DATA, END, HEADER, Filler, abort, parse_abort, parse_header, tid_of
@@ -103,7 +111,7 @@ class _DataChannel:
                 got, sizes = parse_header(payload)
                 if got == tid:
                     break
-        filler = Filler(sizes)
+        filler = Filler(sizes) if sink is None else sink(sizes)
         try:
             while True:
                 kind, payload, *rest = self._recv()
@@ -115,10 +123,10 @@ class _DataChannel:
                 elif kind == END and tid_of(payload) == tid:
                     if not filler.done:
                         raise ConnectionError("the push ended before all its bytes came")
-                    return filler.buffers
+                    return filler if sink is not None else filler.buffers
                 elif kind == ABORT and tid_of(payload) == tid:
                     raise ConnectionError("the push was cut short: " + parse_abort(payload)[1])
-        except (TimeoutError, ProtocolError) as exc:
+        except (TimeoutError, ProtocolError, ValueError) as exc:
             self.socket.send_multipart(abort(tid, str(exc)))  # the server stops sending
             raise
 
@@ -154,9 +162,14 @@ def _handle(shell: Any, channel: _DataChannel, data: dict[str, Any]) -> tuple[di
     if op == "enter":  # isolation hook: only the server can send it, once, before any cell
         from .confinement import EnterSpec, enter
 
-        enter(EnterSpec.from_json(dict(data["spec"])))
+        spec = EnterSpec.from_json(dict(data["spec"]))
+        enter(spec)
         die_with_parent()  # a change of credentials cleared it
+        if spec.cwd:
+            _enter_folder(spec.cwd)
         return {"ok": True}, None
+    if op in ("upload", "download"):
+        return _handle_files(channel, op, data)
     if op == "push":
         buffers = channel.receive(int(data["id"]))
         values = load_values(names, list(data.get("counts") or []), buffers)
@@ -205,6 +218,63 @@ def _restore(shell: Any, folder: str) -> dict[str, Any]:
             "seconds": restored.seconds}
 
 
+_folder: Any = None  # the session's worker_files.Folder, once the server said which
+
+
+def _enter_folder(path: str) -> None:
+    """Make ``path`` (the session's folder, the worker's working folder) the root of file transfers."""
+    from .worker_files import Folder
+
+    global _folder
+    _folder = Folder(path)
+
+
+def _handle_files(channel: _DataChannel, op: str, data: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """The file operations of :mod:`.worker_files`: ``upload`` and ``download``."""
+    from .worker_files import FileSink
+
+    if op == "upload":
+        paths = [str(p) for p in data.get("paths") or []]
+        targets, refused = [], None
+        try:
+            if _folder is None:
+                raise PermissionError("this worker has no session folder")
+            targets = [_folder.resolve(p) for p in paths]
+        except (PermissionError, OSError) as exc:
+            refused = exc
+        sinks: list[FileSink] = []
+
+        def make_sink(sizes: list[int]) -> FileSink:
+            sinks.append(FileSink(targets, sizes, refused))
+            return sinks[-1]
+
+        try:
+            channel.receive(int(data["id"]), make_sink)
+        except BaseException:
+            for sink in sinks:
+                sink.abandon()
+            raise
+        sinks[-1].finish()
+        return {"ok": True, "paths": paths, "sizes": [t.stat().st_size for t in targets]}, None
+    if _folder is None:
+        raise PermissionError("this worker has no session folder")
+    names, buffers = _folder.read([str(p) for p in data.get("paths") or []])
+    sizes = [memoryview(b).nbytes for b in buffers]
+
+    def send() -> None:
+        try:
+            channel.send(int(data["id"]), buffers)
+        finally:
+            for buf in buffers:
+                try:
+                    if hasattr(buf, "close"):
+                        buf.close()
+                except BufferError:
+                    pass  # a view is still held; the map goes with it
+
+    return {"ok": True, "paths": names, "sizes": sizes}, send
+
+
 def _comm_opener(channel: _DataChannel) -> Any:
     def on_open(comm: Any, open_msg: Any) -> None:
         from IPython import get_ipython
@@ -250,22 +320,48 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
+def _kernel_class() -> Any:
+    from ipykernel.ipkernel import IPythonKernel
+
+    from remote_gpu_kernel.kernel_app import CommsBesideCells
+
+    class WorkerKernel(CommsBesideCells, IPythonKernel):  # type: ignore[misc]
+        """ipykernel's kernel, with an idle status after every comm message.
+
+        ipykernel 7 handles a comm message that arrives while a cell awaits
+        at the same time as the cell, and then sends no status for it; the
+        server ends a comm request at its idle status, so it sends one.
+        """
+
+        async def dispatch_shell(self, msg: Any, /, subshell_id: str | None = None, *,
+                                 concurrent: bool = False) -> None:
+            await super().dispatch_shell(msg, subshell_id=subshell_id, concurrent=concurrent)
+            if concurrent:
+                self._publish_status("idle", "shell", parent=self.get_parent("shell"))
+
+    return WorkerKernel
+
+
 def main(argv: list[str] | None = None) -> None:
     # Isolation hook: first, while this process is one thread (see confinement.py).
     from .confinement import prepare_from_environ
 
     spawn = prepare_from_environ()
-    from ipykernel.kernelapp import IPKernelApp
+    from remote_gpu_kernel.kernel_app import MainLoopKernelApp
 
     die_with_parent()
     _preload()
-    app = IPKernelApp.instance()
+    app = MainLoopKernelApp.instance(kernel_class=_kernel_class())
     app.initialize(sys.argv[1:] if argv is None else argv)
     from . import worker_errors
 
     worker_errors.enable_fault_report()  # after ipykernel's own faulthandler setup
     limit = spawn.limit_text if spawn is not None and spawn.data_limit is not None else None
     worker_errors.install(app.shell, limit)
+    # ipykernel sleeps 0.5 ms before each execute_reply so that a client
+    # that stops at the reply has the streams first; the server waits for
+    # the idle status, which comes after the streams, so it only adds latency.
+    app.kernel._execute_sleep = 0.0
     from remote_gpu_kernel.iostreams import skip_empty_flushes
 
     for stream in (sys.stdout, sys.stderr):  # ipykernel's OutStreams, made by initialize()
@@ -276,6 +372,9 @@ def main(argv: list[str] | None = None) -> None:
     channel = _DataChannel(os.environ.pop("RGPU_DATA_ADDR"), int(ring_fd) if ring_fd else None,
                            tls if all(tls) else None)  # type: ignore[arg-type]
     app.kernel.comm_manager.register_target(COMM_TARGET, _comm_opener(channel))
+    from .worker_files import install_hint
+
+    install_hint(app.shell)
     app.start()
 
 

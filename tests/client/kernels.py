@@ -33,9 +33,9 @@ class CellRun:
 
 
 class LocalKernel:
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], cwd: str | None = None) -> None:
         self.km = KernelManager(kernel_name="python3")
-        self.km.start_kernel(env=env)
+        self.km.start_kernel(env=env, **({"cwd": cwd} if cwd is not None else {}))
         self.kc: BlockingKernelClient = self.km.client()
         self.kc.start_channels()
         self.kc.wait_for_ready(timeout=60)
@@ -74,6 +74,7 @@ class LocalKernel:
             if reply["parent_header"].get("msg_id") == msg_id:
                 return CellRun(reply["content"], messages)
 
-    def close(self) -> None:
+    def close(self, now: bool = True) -> None:
+        """Stop the kernel: killed (``now``), or asked to shut down as Jupyter asks."""
         self.kc.stop_channels()
-        self.km.shutdown_kernel(now=True)
+        self.km.shutdown_kernel(now=now)

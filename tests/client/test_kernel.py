@@ -452,3 +452,31 @@ def test_unreachable_server_and_missing_token_fail_in_the_cell(
         assert "refused the token" in run.reply["evalue"]
     finally:
         bad_token.shutdown()
+
+
+# -- files --------------------------------------------------------------------
+
+
+def test_gpu_upload_and_download_in_the_kernel(jupyter_path: Path, server: ServerProcess, alice: str,
+                                               tmp_path: Path) -> None:
+    here = tmp_path / "notebook"
+    (here / "images").mkdir(parents=True)
+    (here / "images" / "x.png").write_bytes(b"\x89PNG....")
+    driver = KernelDriver(kernel_env(tmp_path, server.url, alice)).start(cwd=here)
+    try:
+        missing = driver.run("open('images/x.png', 'rb').read()[:4]")
+        assert missing.status == "error" and "%gpu upload" in missing.reply["traceback"][-1]
+        run = driver.run("%gpu upload images\nopen('images/x.png', 'rb').read()[:4]")
+        assert run.status == "ok" and run.text() == ["b'\\x89PNG'"]
+        assert any("Remote GPU: uploaded images/x.png (8 bytes)" in t
+                   for t in run.text("display_data") + run.text("update_display_data"))
+        down = driver.run("open('result.txt', 'w').write('done')\n%gpu download result.txt")
+        assert down.status == "ok" and (here / "result.txt").read_text() == "done"
+        refused = driver.run("%gpu download ../../etc/passwd")
+        assert refused.status == "error" and refused.reply["ename"] == "FileTransferError"
+        assert "goes up" in refused.reply["evalue"]
+        nothing = driver.run("%gpu upload no-such-file.txt")
+        assert nothing.reply["ename"] == "FileTransferError" and "no such file here" in nothing.reply["evalue"]
+        assert driver.run("print('still usable')").stdout == "still usable\n"
+    finally:
+        driver.shutdown()

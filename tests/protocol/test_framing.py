@@ -203,3 +203,86 @@ def test_encode_head_then_raw_pieces_is_a_whole_message() -> None:
         reader.receive_data(piece)
     (msg,) = reader.events_received()
     assert [bytes(b) for b in msg.buffers] == [b"p" * 10, b"q" * 20000 + b"r" * 5]  # type: ignore[attr-defined]
+
+
+# -- protocol 2: Jupyter ids, metadata and files ------------------------------
+
+PARENT = {"msg_id": "nb-42", "session": "s1", "username": "alice", "date": "2026-12-01T10:00:00Z",
+          "msg_type": "execute_request", "version": "5.4"}
+
+
+def test_requests_carry_the_frontends_header_and_outputs_their_metadata_whole() -> None:
+    buffer = b"\x00\x01binary"
+    msgs: list[m.Message] = [
+        m.Execute(1, "w = IntSlider()", parent=PARENT),
+        m.ShellRequest(2, "comm_msg", {"comm_id": "c1", "data": {"method": "update"}}, (buffer,),
+                       parent={**PARENT, "msg_type": "comm_msg"}),
+        m.Output(1, 7, "comm_open", {"comm_id": "c1", "target_name": "jupyter.widget", "data": {}},
+                 (buffer,), metadata={"version": "2.1.0"}, parent="nb-42"),
+        m.Output(0, 8, "stream", {"name": "stdout", "text": "late\n"}, parent="nb-41"),
+        m.ShellReply(2, "comm_info_reply", {"comms": {}}, metadata={"status": "ok"}),
+        m.Welcome(2, "0.1.0", "alice", {"max_upload": 1 << 30}),
+    ]
+    back = roundtrip(msgs)
+    assert [type(b) for b in back] == [type(x) for x in msgs]
+    assert back[0] == msgs[0] and back[0].parent["msg_id"] == "nb-42"  # type: ignore[attr-defined]
+    assert back[1].parent == msgs[1].parent  # type: ignore[attr-defined]
+    assert [bytes(b) for b in back[1].buffers] == [buffer]  # type: ignore[attr-defined]
+    opened = back[2]
+    assert isinstance(opened, m.Output)
+    assert opened.metadata == {"version": "2.1.0"} and opened.parent == "nb-42"
+    assert [bytes(b) for b in opened.buffers] == [buffer]
+    assert back[3] == msgs[3] and back[4] == msgs[4] and back[5] == msgs[5]
+
+
+def test_protocol_1_messages_still_parse_with_the_new_fields_defaulted() -> None:
+    header = {"t": "output", "req": 3, "seq": 1, "msg_type": "stream", "content": {"text": "x"}}
+    reader = Reader()
+    raw = json.dumps(header).encode()
+    reader.receive_data(struct.pack(">2sBBI", b"RG", 1, 0, len(raw)) + raw)
+    (out,) = reader.events_received()
+    assert isinstance(out, m.Output) and out.metadata == {} and out.parent == ""
+
+
+@pytest.mark.parametrize("header, reason", [
+    ({"t": "execute", "req": 1, "code": "1", "parent": "nb-1"}, "'parent' has a bad value"),
+    ({"t": "output", "req": 1, "seq": 1, "msg_type": "x", "content": {}, "metadata": []},
+     "'metadata' has a bad value"),
+    ({"t": "upload", "req": 1, "paths": [1]}, "'paths' has a bad value"),
+    ({"t": "download", "req": 1}, "missing field 'paths'"),
+])
+def test_bad_new_fields_are_refused(header: dict[str, object], reason: str) -> None:
+    raw = json.dumps(header).encode()
+    reader = Reader()
+    with pytest.raises(ProtocolError, match=reason):
+        reader.receive_data(struct.pack(">2sBBI", b"RG", 1, 0, len(raw)) + raw)
+
+
+def test_uploads_and_downloads_carry_files_as_buffers_not_json() -> None:
+    content = bytes(range(256)) * 1024
+    upload = m.Upload(5, ["images/x.png", "empty.txt"], (content, b""))
+    frames = encode(upload, chunk_size=64 * 1024)
+    assert b"images/x.png" in bytes(frames[0]) and content[:64] not in bytes(frames[0])
+    (back,) = roundtrip([upload], chunk=64 * 1024)
+    assert isinstance(back, m.Upload) and back.paths == upload.paths
+    assert [bytes(b) for b in back.buffers] == [content, b""]
+    (reply,) = roundtrip([m.DownloadReply(6, ["out/r.csv"], (b"a,b\n",))])
+    assert isinstance(reply, m.DownloadReply) and bytes(reply.buffers[0]) == b"a,b\n"
+    assert roundtrip([m.UploadDone(5, ["images/x.png"], [len(content)]), m.Download(6, ["out"])]) == [
+        m.UploadDone(5, ["images/x.png"], [len(content)]), m.Download(6, ["out"])]
+
+
+def test_partial_reports_the_bytes_of_a_message_still_arriving() -> None:
+    payload = b"y" * 250_000
+    frames = encode(m.DownloadReply(9, ["big.bin"], (payload,)), chunk_size=100_000)
+    reader = Reader()
+    assert reader.partial is None
+    seen = []
+    for frame in frames:
+        reader.receive_data(bytes(frame))
+        if reader.partial is not None:
+            fields, done, total = reader.partial
+            seen.append((fields["req"], done, total))
+    assert seen and all(req == 9 and total == len(payload) for req, _, total in seen)
+    assert [done for _, done, _ in seen] == sorted(done for _, done, _ in seen)
+    assert reader.partial is None and len(reader.events_received()) == 1

@@ -1,0 +1,62 @@
+"""ipykernel, adjusted for the Remote GPU kernel and for every worker.
+
+:class:`MainLoopKernelApp` reads the shell socket on the main loop;
+:class:`CommsBesideCells` fixes the parent of requests that follow a comm
+message handled while a cell ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextvars import copy_context
+from typing import Any
+
+from ipykernel.kernelapp import IPKernelApp
+
+__all__ = ["CommsBesideCells", "MainLoopKernelApp"]
+
+_COMM_TYPES = frozenset({"comm_open", "comm_msg", "comm_close"})
+
+
+class CommsBesideCells:
+    """A mixin for an ipykernel ``Kernel``: comm messages that come while a
+    cell runs are handled beside it, each in a context of its own.
+
+    ipykernel 7 does the same, and afterwards puts back the request it found
+    current when the comm message came. When the comm message takes longer
+    than its cell (it goes over the network to a worker), that is an older
+    cell than the one running by then, whose idle status then goes out under
+    the older cell's id: the frontend never sees that cell end. Here nothing
+    is put back: the comm message's parent lives in its own context.
+    """
+
+    async def shell_main(self, subshell_id: str | None, msg: Any) -> None:
+        kernel: Any = self
+        if subshell_id is None and kernel._main_asyncio_lock.locked() and kernel.session is not None:
+            try:
+                _, frames = kernel.session.feed_identities(msg, copy=False)
+                msg_type = kernel.session.deserialize(frames, content=False, copy=False)["header"]["msg_type"]
+            except Exception:
+                msg_type = ""
+            if msg_type in _COMM_TYPES:
+                await asyncio.create_task(kernel.dispatch_shell(msg, subshell_id=None, concurrent=True),
+                                          context=copy_context())
+                return
+        await super().shell_main(subshell_id, msg)  # type: ignore[misc]
+
+
+class MainLoopKernelApp(IPKernelApp):  # type: ignore[misc]
+    """IPKernelApp without the shell-channel thread.
+
+    ipykernel 7 receives shell messages on a thread of their own and passes
+    each one, and each reply, through an inproc socket to and from the main
+    thread: two thread hops per request that serve only kernel subshells,
+    which neither the Remote GPU kernel nor a worker offers. Without that
+    thread the shell socket is read on the main loop, as in ipykernel 6.
+    """
+
+    def init_sockets(self) -> None:
+        super().init_sockets()
+        thread, self.shell_channel_thread = self.shell_channel_thread, None
+        if thread is not None:
+            thread.io_loop.close()

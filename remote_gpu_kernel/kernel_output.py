@@ -1,0 +1,147 @@
+"""Where the Remote GPU kernel publishes: on IOPub, under a notebook request.
+
+:class:`CellOutput` publishes as replies to one request of the notebook (a
+cell, a widget's message), whatever task runs: the worker's messages go out
+whole (content, metadata, buffers) under that request, and the kernel's own
+lines (the lease, a transfer) are shown in the words of :mod:`.notices`.
+:class:`Parents` remembers recent requests, so that what the worker
+publishes after its request ended (a thread, a timer) goes out under the
+request that it names.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import TYPE_CHECKING, Any
+
+from . import notices
+from .protocol import messages as m
+
+if TYPE_CHECKING:
+    from .client import AsyncSession
+    from .kernel import RemoteGpuKernel
+
+__all__ = ["NOT_FORWARDED", "CellOutput", "Parents", "gone_state"]
+
+#: Worker messages that this kernel publishes itself, or that mean nothing here.
+NOT_FORWARDED = frozenset({"status", "execute_input", "input_request"})
+#: How many recent notebook requests :class:`Parents` keeps.
+PARENTS_KEPT = 256
+
+
+def _red(text: str) -> str:
+    return f"\x1b[0;31m{text}\x1b[0m"
+
+
+class CellOutput:
+    """Publishes on IOPub as replies to the notebook request ``parent``."""
+
+    def __init__(self, kernel: RemoteGpuKernel, parent: dict[str, Any]) -> None:
+        self.kernel = kernel
+        self.parent = parent
+        self._line = notices.StatusLine(self.send)
+        self._restoring = False  # the line says the cell waits to restore a parked session
+
+    @property
+    def header(self) -> dict[str, Any]:
+        return dict(self.parent.get("header") or {})
+
+    def send(self, msg_type: str, content: dict[str, Any], buffers: Any = None,
+             metadata: dict[str, Any] | None = None) -> None:
+        k = self.kernel
+        k.session.send(k.iopub_socket, msg_type, content, self.parent, metadata=metadata or {},
+                       ident=k._topic(msg_type), buffers=list(buffers) if buffers else None)
+
+    def forward(self, msg: m.Output) -> None:
+        """A worker's message, whole; an ``execute_result`` takes this kernel's count."""
+        if msg.msg_type in NOT_FORWARDED:
+            return
+        if msg.msg_type in ("comm_open", "comm_close"):
+            comm_id = str(msg.content.get("comm_id", ""))
+            if msg.msg_type == "comm_open":
+                self.kernel.comm_ids.add(comm_id)
+            else:
+                self.kernel.comm_ids.discard(comm_id)
+        content = msg.content
+        if msg.msg_type == "execute_result":
+            content = {**content, "execution_count": self.kernel.execution_count}
+        self.send(msg.msg_type, content, msg.buffers, msg.metadata)
+
+    def stream(self, text: str, name: str = "stderr") -> None:
+        self.send("stream", {"name": name, "text": text})
+
+    def error(self, ename: str, evalue: str, traceback: list[str] | None = None) -> dict[str, Any]:
+        """Publish an error; return the matching ``execute_reply`` content."""
+        content = {"ename": ename, "evalue": evalue,
+                   "traceback": traceback or [f"{_red(ename)}: {evalue}"]}
+        self.send("error", content)
+        return {"status": "error", "execution_count": self.kernel.execution_count, **content}
+
+    def show(self, text: str) -> None:
+        """A line of information for this request, updated in place by the next."""
+        self._line.show(text)
+
+    def progress(self, verb: str, done: int, total: int) -> None:
+        self._line.progress(verb, done, total)
+
+    # LeaseReporter
+    def queued(self, position: int) -> None:
+        self.show(notices.queued(position))
+
+    def granted(self, session: AsyncSession, url: str) -> None:
+        self.show(notices.granted(session.slots, url, session.id, session.waited, session.client.user))
+
+    def resumed(self, session: AsyncSession, url: str) -> None:
+        if session.parked:
+            self.show(f"{notices.PREFIX}reconnected to parked session {session.id[:8]}; this cell restores it")
+            return
+        self.show(notices.resumed(session.slots, session.id))
+
+    def restoring(self, position: int) -> None:
+        self._restoring = True
+        self.show(notices.restoring(position))
+
+    def notice(self, text: str) -> None:
+        if self._restoring:  # the server's next word after the wait is what it restored
+            self._restoring = False
+            self.show(f"{notices.PREFIX}{text}")
+            return
+        self.stream(f"{notices.PREFIX}{text}\n")
+
+    def missed(self, outputs: list[m.Output]) -> None:
+        self.notice("what the session printed while this notebook was disconnected:")
+        for msg in outputs:
+            self.forward(msg)
+
+
+def gone_state(why: str) -> dict[str, Any]:
+    """A widget update that draws the widget as ipywidgets draws one whose
+    kernel is gone (its ``jupyter-widgets-disconnected`` class: faded, a
+    red broken-link mark), disabled, with ``why`` as its tooltip."""
+    return {"method": "update", "buffer_paths": [],
+            "state": {"_dom_classes": ["jupyter-widgets-disconnected"], "disabled": True,
+                      "tooltip": f"Remote GPU: this widget no longer works: {why}"}}
+
+
+class Parents:
+    """The most recent notebook requests, by ``msg_id``."""
+
+    def __init__(self) -> None:
+        self._parents: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+
+    def remember(self, parent: dict[str, Any]) -> None:
+        msg_id = (parent.get("header") or {}).get("msg_id")
+        if msg_id:
+            self._parents[msg_id] = parent
+            self._parents.move_to_end(msg_id)
+            while len(self._parents) > PARENTS_KEPT:
+                self._parents.popitem(last=False)
+
+    def get(self, msg_id: str) -> dict[str, Any]:
+        """The request ``msg_id``: the whole request if it is remembered, else a
+        header with just that id (which is what frontends route by); ``{}``
+        for no id, as the worker published it."""
+        parent = self._parents.get(msg_id)
+        if parent is not None:
+            return parent
+        return {"header": {"msg_id": msg_id}} if msg_id else {}

@@ -1,0 +1,95 @@
+"""What the ``%%gpu`` magic and the Remote GPU kernel tell the user, in the same words.
+
+Information (the place in the queue, the lease, a file transfer's progress)
+is one line of ``text/plain`` shown as ``display_data`` and updated in place
+(:class:`StatusLine`), never as stderr, which notebooks paint as an error.
+Warnings that the user must act on (the session was lost, its variables are
+gone) go to stderr with the same ``Remote GPU:`` prefix.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .files import format_size
+
+__all__ = [
+    "PREFIX",
+    "PROGRESS_FROM",
+    "StatusLine",
+    "granted",
+    "queued",
+    "restoring",
+    "resumed",
+    "transfer_progress",
+    "transferred",
+]
+
+PREFIX = "Remote GPU: "
+#: Transfers of at least this many bytes show their progress while they run.
+PROGRESS_FROM = 8 << 20
+#: Seconds between two progress updates of one line.
+PROGRESS_EVERY = 0.25
+
+#: ``publish(msg_type, content)`` sends one display message for the line.
+Publish = Callable[[str, dict[str, Any]], None]
+
+
+def queued(position: int) -> str:
+    return f"{PREFIX}waiting for a GPU, number {position} in the queue"
+
+
+def restoring(position: int) -> str:
+    return f"{PREFIX}waiting for a GPU to restore the parked session, number {position} in the queue"
+
+
+def granted(slots: Sequence[str], url: str, session_id: str, waited: float, user: str | None = None) -> str:
+    who = f" as {user}" if user else ""
+    wait = f", waited {waited:.1f} s" if waited >= 0.1 else ""
+    return f"{PREFIX}leased {', '.join(slots)} from {url}{who} (session {session_id[:8]}{wait})"
+
+
+def resumed(slots: Sequence[str], session_id: str) -> str:
+    return f"{PREFIX}reconnected to session {session_id[:8]} on {', '.join(slots)}; its variables are kept"
+
+
+def transfer_progress(verb: str, done: int, total: int) -> str:
+    """``Remote GPU: uploading 45.0 MiB of 120.0 MiB (37 %)``."""
+    share = 100 * done // total if total else 100
+    return f"{PREFIX}{verb} {format_size(done)} of {format_size(total)} ({share} %)"
+
+
+def transferred(verb: str, files: Sequence[tuple[str, int]]) -> str:
+    """``Remote GPU: uploaded images/x.png (1.2 MiB)`` or a summary for many files."""
+    total = sum(size for _, size in files)
+    if len(files) == 1:
+        (name, size), = files
+        return f"{PREFIX}{verb} {name} ({format_size(size)})"
+    shown = ", ".join(f"{name} ({format_size(size)})" for name, size in files[:3])
+    more = f" and {len(files) - 3} more" if len(files) > 3 else ""
+    return f"{PREFIX}{verb} {len(files)} files, {format_size(total)}: {shown}{more}"
+
+
+class StatusLine:
+    """One line of information, shown once and then updated in place."""
+
+    def __init__(self, publish: Publish) -> None:
+        self._publish = publish
+        self._display_id = f"rgpu-{uuid.uuid4().hex}"
+        self._shown = False
+        self._last = 0.0
+
+    def show(self, text: str) -> None:
+        content = {"data": {"text/plain": text}, "metadata": {},
+                   "transient": {"display_id": self._display_id}}
+        self._publish("update_display_data" if self._shown else "display_data", content)
+        self._shown = True
+        self._last = time.monotonic()
+
+    def progress(self, verb: str, done: int, total: int) -> None:
+        """Show a transfer's progress if it is large, at most every :data:`PROGRESS_EVERY` s."""
+        if total >= PROGRESS_FROM and (done >= total or time.monotonic() - self._last >= PROGRESS_EVERY):
+            self.show(transfer_progress(verb, done, total))

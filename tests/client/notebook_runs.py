@@ -32,7 +32,7 @@ _TEXT_RULES: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"(Cell )?In\s*\[\d*\]"), "In[N]"),
     # tqdm: elapsed<remaining, rates
     (re.compile(r"\d\d:\d\d(:\d\d)?(,\d+)?"), "MM:SS"),
-    (re.compile(r"(\d+(\.\d+)?|\?)\s*(it|s|epoch)/(s|it)"), "RATE"),
+    (re.compile(r"\s*(\d+(\.\d+)?|\?)\s*(it|s|epoch)/(s|it)"), " RATE"),  # tqdm pads rates to a width
     # %%time
     (re.compile(r"\d+(\.\d+)?\s*(ns|µs|\u03bcs|us|ms|s)\b"), "TIME"),
 ]

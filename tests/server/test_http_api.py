@@ -6,7 +6,6 @@ import socket
 import contextlib
 import json
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from remote_gpu_kernel.api import ApiClient, ApiError, http_url
 from stores import BlockingStore
 from postgres import BACKENDS
 from servers import ServerProcess
+from waiting import wait_for
 
 
 class Users:
@@ -54,15 +54,6 @@ def raw(server: ServerProcess, path: str, token: str | None = None,
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read()), dict(exc.headers)
 
-
-def wait_for(predicate: Any, timeout: float = 60, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_status_shape(users: Users) -> None:

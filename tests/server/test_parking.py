@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from remote_gpu_kernel.api import ApiClient
 from postgres import BACKENDS
 from servers import ServerProcess
 from stores import BlockingStore, execute_raw
+from waiting import wait_for
 
 #: A notebook's worth of state: arrays, tensors, a model, a function, and an
 #: object that cannot be pickled (a generator).
@@ -41,15 +41,6 @@ CHECK = ("print(arr.sum(), same is arr, tensor.sum().item(), row.untyped_storage
 def quiet(_: Any) -> None:
     pass
 
-
-def wait_for(predicate: Any, timeout: float = 60, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def session_folders(server: ServerProcess) -> list[Path]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import postgres as pg
@@ -13,6 +12,7 @@ from remote_gpu_kernel.api import ApiClient
 from remote_gpu_kernel.protocol import messages as m
 from servers import ServerProcess
 from stores import BlockingStore, execute_raw
+from waiting import wait_for
 
 #: The cells wait for a file in the test's folder, which an isolated worker (its
 #: own /tmp) could not see: these servers run their workers unisolated.
@@ -20,15 +20,6 @@ SHARED = ("--no-isolation",)
 #: A cell that runs until the file FLAG exists.
 UNTIL = "import os, time\nprint('{name} runs', flush=True)\nwhile not os.path.exists({flag!r}):\n    time.sleep(0.05)\n"
 
-
-def wait_for(predicate, timeout: float = 60, what: str = "a condition"):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def start_cell(server: ServerProcess, token: str, name: str, flag: Path) -> tuple[Session, dict[str, object]]:

@@ -5,7 +5,6 @@ real server's HTTP API."""
 from __future__ import annotations
 
 import sqlite3
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from remote_gpu_kernel.typing import SessionId
 from remote_gpu_server.status import FIRST_LINE_MAX, first_line
 from servers import ServerProcess
 from stores import BlockingStore
+from waiting import wait_for
 
 
 class Users:
@@ -35,15 +35,6 @@ def users(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Users]:
     yield made
     proc.stop()
 
-
-def wait_for(predicate: Any, timeout: float = 60, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.parametrize("code, line", [

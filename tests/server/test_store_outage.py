@@ -26,6 +26,7 @@ from remote_gpu_kernel.protocol import messages as m
 from remote_gpu_server.store import DatabaseUnavailable, Store
 from servers import ServerProcess
 from stores import BlockingStore, execute_raw
+from waiting import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -41,15 +42,6 @@ def url(cluster: pg.PostgresCluster) -> Iterator[str]:
     with cluster.database() as made:
         yield made
 
-
-def wait_for(predicate, timeout: float = 60, what: str = "a condition"):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_calls_fail_fast_while_the_database_is_down_and_work_once_it_is_back(

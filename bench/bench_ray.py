@@ -8,7 +8,7 @@ and one node of two GPUs, counted only) and two servers: ``rgpu serve
 trivial cell's round trip (``session.execute``), the lease of a warm worker
 (``client.session()``, the pool refilled between leases), and push and pull
 of a float32 numpy array: on one machine through the memfd ring, on the
-Ray node over the TCP data channel encrypted with CurveZMQ. Targets: a
+Ray node over the TCP data channel (mutual TLS). Targets: a
 Ray lease under 20 ms median, a Ray cell within 1.2× the single-machine
 one, and at least 1 GB/s each way over the TCP channel on loopback.
 """

@@ -10,7 +10,7 @@ pool asks a launcher for workers and never builds a process itself.
 Two launchers exist: :class:`~.local_launcher.LocalLauncher` (this host:
 ``ipc://`` sockets, a shared-memory ring) and
 :class:`~.ray_launcher.RayLauncher` (a Ray actor on any node of a cluster:
-TCP encrypted with CurveZMQ).
+TCP: the Jupyter channels encrypted with CurveZMQ, the data channel over mutual TLS).
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ length (4 bytes, big-endian) and its bytes.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import datetime as dt
@@ -41,6 +42,10 @@ _COUNT = struct.Struct(">B")
 _LENGTH = struct.Struct(">I")
 #: Largest frame a carrier accepts (a piece is at most one ring slot).
 MAX_FRAME = 4 << 20
+#: Parts of a note smaller than this go out together, in one write.
+_SMALL = 64 << 10
+#: Writes the server's end hands its writing thread before it waits for the oldest.
+WRITES_AHEAD = 4
 
 
 def note_bytes(frames: Sequence[Any]) -> list[Any]:
@@ -147,8 +152,11 @@ class TlsCarrier:
     The TLS stream is read and written by threads of its own (``ssl`` lets
     go of the GIL while it encrypts and moves bytes), so the event loop
     only hands frames over: asyncio's own TLS transport, measured here,
-    carried less than half as much. Notes read wait in a queue, so a wait
-    on :meth:`recv` can be given up without leaving the stream half read.
+    carried less than half as much. :meth:`send` returns once the note is
+    queued for the writing thread, up to :data:`WRITES_AHEAD` notes ahead of
+    it (a failed write raises at a later send); the frames must not change
+    after. Notes read wait in a queue, so a wait on :meth:`recv` can be
+    given up without leaving the stream half read.
     """
 
     def __init__(self, host: str, port: int, context: ssl.SSLContext) -> None:
@@ -158,6 +166,7 @@ class TlsCarrier:
         self._reader: threading.Thread | None = None
         self._notes: asyncio.Queue[list[Any] | BaseException] = asyncio.Queue()
         self._lock = asyncio.Lock()
+        self._writes: collections.deque[asyncio.Future[None]] = collections.deque()
         self._closed = False
 
     def _connect(self) -> ssl.SSLSocket:
@@ -195,7 +204,11 @@ class TlsCarrier:
     async def send(self, frames: Sequence[Any]) -> None:
         async with self._lock:
             conn = await self._open()
-            await asyncio.get_running_loop().run_in_executor(self._writer, write_note, conn.sendall, frames)
+            writes = self._writes
+            writes.append(asyncio.get_running_loop().run_in_executor(
+                self._writer, write_note, conn.sendall, frames))
+            while writes and (writes[0].done() or len(writes) > WRITES_AHEAD):
+                await writes.popleft()  # raises what a write raised
 
     def recv_nowait(self) -> list[Any] | None:
         try:
@@ -214,6 +227,9 @@ class TlsCarrier:
         return note
 
     def _drop(self) -> None:
+        for write in self._writes:  # on a stream that broke: their errors were said by the reader
+            write.add_done_callback(_retrieve)
+        self._writes.clear()
         if self._conn is not None:
             with contextlib.suppress(OSError):
                 self._conn.shutdown(socket.SHUT_RDWR)
@@ -249,9 +265,24 @@ def read_note(recv_into: Any) -> list[Any]:
     return frames
 
 
+def _retrieve(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 def write_note(sendall: Any, frames: Sequence[Any]) -> None:
+    """Write one note; its small parts together, so a piece costs two writes, not seven."""
+    small = bytearray()
     for part in note_bytes(frames):
+        if len(part) < _SMALL:
+            small += part
+            continue
+        if small:
+            sendall(small)
+            small = bytearray()
         sendall(part)
+    if small:
+        sendall(small)
 
 
 class BlockingTls:

@@ -108,6 +108,11 @@ def pinned_context(server_side: bool, key_pem: bytes, cert_pem: bytes, peer_cert
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     context.check_hostname = False  # the peer is pinned by its certificate, not a name
     context.verify_mode = ssl.CERT_REQUIRED
+    if server_side:
+        # No session tickets: nobody resumes a session here, and a ticket is
+        # a record the client's reading thread would handle while its
+        # writing thread uses the same connection (see TlsCarrier).
+        context.num_tickets = 0
     with _files(key_pem, cert_pem) as (keyfile, certfile):
         context.load_cert_chain(certfile, keyfile)
     context.load_verify_locations(cadata=peer_cert_pem.decode())

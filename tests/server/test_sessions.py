@@ -74,10 +74,10 @@ class StandInPool:
     async def take(self, slot_ids: list[SlotId], user: str = "") -> StandInWorker:
         return StandInWorker()
 
-    async def replace(self, worker: Any) -> StandInWorker:
+    async def replace(self, worker: Any, reason: str | None = None) -> StandInWorker:
         return StandInWorker()
 
-    async def recycle(self, worker: Any) -> None:
+    async def recycle(self, worker: Any, reason: str | None = None, keep_folder: bool = False) -> None:
         pass
 
 

@@ -157,7 +157,9 @@ class TlsCarrier:
     The TLS stream is read and written by threads of its own (``ssl`` lets
     go of the GIL while it encrypts and moves bytes), so the event loop
     only hands frames over: asyncio's own TLS transport, measured here,
-    carried less than half as much. :meth:`send` returns once the note is
+    carried less than half as much. OpenSSL does not allow two threads in
+    one connection at once, so the socket is non-blocking and each call
+    into it holds a lock; the threads wait for the socket outside it. :meth:`send` returns once the note is
     queued for the writing thread, up to :data:`WRITES_AHEAD` notes ahead of
     it (a failed write raises at a later send); the frames must not change
     after. Notes read wait in a queue, so a wait on :meth:`recv` can be
@@ -171,6 +173,7 @@ class TlsCarrier:
         self._reader: threading.Thread | None = None
         self._notes: asyncio.Queue[list[Any] | BaseException] = asyncio.Queue()
         self._lock = asyncio.Lock()
+        self._ssl_lock = threading.Lock()  # one thread in the TLS connection at a time
         self._writes: collections.deque[asyncio.Future[None]] = collections.deque()
         self._closed = False
 
@@ -178,8 +181,29 @@ class TlsCarrier:
         raw = socket.create_connection((self.host, self.port), timeout=30)
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = self.context.wrap_socket(raw)
-        conn.settimeout(None)
+        conn.setblocking(False)
         return conn
+
+    def _recv_into(self, conn: ssl.SSLSocket, view: memoryview) -> int:
+        while True:
+            with self._ssl_lock:
+                try:
+                    return conn.recv_into(view)
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    pass
+            select.select([conn], [], [])
+
+    def _sendall(self, conn: ssl.SSLSocket, data: Any) -> None:
+        view = memoryview(data).cast("B")
+        sent = 0
+        while sent < view.nbytes:
+            with self._ssl_lock:
+                try:
+                    sent += conn.send(view[sent:])
+                    continue
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    pass  # retried with the same bytes, as OpenSSL wants
+            select.select([], [conn], [])
 
     async def _open(self) -> ssl.SSLSocket:
         if self._conn is not None and self._reader is not None and not self._reader.is_alive():
@@ -198,7 +222,7 @@ class TlsCarrier:
     def _read(self, conn: ssl.SSLSocket, loop: asyncio.AbstractEventLoop) -> None:
         try:
             while True:
-                note = read_note(conn.recv_into)
+                note = read_note(lambda view: self._recv_into(conn, view))
                 loop.call_soon_threadsafe(self._notes.put_nowait, note)
         except (OSError, ValueError) as exc:
             if not self._closed:
@@ -211,7 +235,7 @@ class TlsCarrier:
             conn = await self._open()
             writes = self._writes
             writes.append(asyncio.get_running_loop().run_in_executor(
-                self._writer, write_note, conn.sendall, frames))
+                self._writer, write_note, lambda data: self._sendall(conn, data), frames))
             while writes and (writes[0].done() or len(writes) > WRITES_AHEAD):
                 await writes.popleft()  # raises what a write raised
 

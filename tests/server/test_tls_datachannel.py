@@ -11,6 +11,7 @@ import socket
 import ssl
 
 import numpy as np
+import pytest
 
 from remote_gpu_kernel.protocol import dump_values, load_values
 from remote_gpu_kernel.typing import SlotId
@@ -45,19 +46,22 @@ def test_values_cross_a_tls_data_channel_whole_and_a_stranger_is_refused() -> No
             address = worker.process.data.carrier
             host, port = address.host, address.port
             # Someone with a certificate of their own cannot reach the worker's data.
+            # The stranger connects first: the worker takes it at the next
+            # transfer and refuses it in the handshake, then serves the server.
             stranger = pinned_context(False, *make_identity("client"), worker.process._spawned.data_cert)
-            refused = False
-            try:
-                with socket.create_connection((host, port), timeout=10) as raw:
-                    with stranger.wrap_socket(raw) as tls:
-                        tls.sendall(b"\0")
-                        tls.recv(1)  # TLS 1.3: the refusal arrives with the first read
-            except (ssl.SSLError, OSError):
-                refused = True
-            assert refused
+            raw = socket.create_connection((host, port), timeout=60)
+
+            def intrude() -> None:
+                with raw, stranger.wrap_socket(raw) as tls:
+                    tls.sendall(b"\0")
+                    tls.recv(1)  # TLS 1.3: the refusal arrives with the first read
+
             array = np.random.default_rng(1).random(3 << 20)  # 24 MiB: many pieces, every slot used
+            intruding = asyncio.ensure_future(asyncio.to_thread(intrude))
             back = await _roundtrip(worker, array)
             assert isinstance(back, np.ndarray) and np.array_equal(back, array)
+            with pytest.raises((ssl.SSLError, ConnectionError)):  # refused, not a timeout
+                await intruding
             assert await _roundtrip(worker, {"small": [1, 2, 3]}) == {"small": [1, 2, 3]}
         finally:
             await worker.kill()

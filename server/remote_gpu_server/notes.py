@@ -272,10 +272,20 @@ class TlsCarrier:
         self._writer.shutdown(wait=False)
 
 
-def read_note(recv_into: Any) -> list[Any]:
-    """One note from a blocking stream whose ``recv_into(view) -> n`` reads into a buffer."""
-    def exactly(n: int) -> bytearray:
-        buf = bytearray(n)
+def read_note(recv_into: Any, scratch: bytearray | None = None) -> list[Any]:
+    """One note from a blocking stream whose ``recv_into(view) -> n`` reads into a buffer.
+
+    With ``scratch`` (at least :data:`MAX_FRAME` bytes), the note's first
+    large frame is read into it rather than into fresh memory: a view that
+    is valid until the next note is read.
+    """
+    def exactly(n: int) -> Any:
+        nonlocal scratch
+        if scratch is not None and n >= _SMALL:
+            buf: Any = memoryview(scratch)[:n]
+            scratch = None  # one frame per note: the next would overwrite it
+        else:
+            buf = bytearray(n)
         view, got = memoryview(buf), 0
         while got < n:
             read = recv_into(view[got:])
@@ -323,6 +333,9 @@ class BlockingTls:
         self._listener = socket.create_server((host, port), reuse_port=False)
         self._context = context
         self._conn: ssl.SSLSocket | None = None
+        # A piece is read here, not into fresh memory: the worker copies it
+        # to where it goes before it reads the next note.
+        self._scratch = bytearray(MAX_FRAME)
 
     def _connection(self, timeout_ms: int | None) -> ssl.SSLSocket | None:
         while self._conn is None:
@@ -350,7 +363,7 @@ class BlockingTls:
         conn = self._connection(None)
         assert conn is not None
         try:
-            return read_note(conn.recv_into)
+            return read_note(conn.recv_into, self._scratch)
         except (OSError, ValueError):
             self._drop()
             raise

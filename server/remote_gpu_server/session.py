@@ -400,37 +400,56 @@ class Session(CellStopping):
             await conn.send(m.Error(msg.req, m.ErrorCode.BAD_REQUEST,
                                         "push: names, counts and buffers do not match"))
             return
-        async with self.lock:
-            worker = await self.prepare(msg.req, conn)
-            try:
-                reply = await worker.push(msg.names, msg.counts, list(msg.buffers))
-            except WorkerDied as exc:
-                await conn.send(m.Error(msg.req, m.ErrorCode.WORKER_DIED, str(exc)))
-                return
-            except TransferAborted as exc:
-                await conn.send(m.Error(msg.req, m.ErrorCode.PROTOCOL, f"push cut short: {exc}"))
-                return
-            if not reply.get("ok"):
-                await conn.send(m.Error(msg.req, m.ErrorCode.SERIALIZATION,
-                                            f"{reply.get('ename')}: {reply.get('evalue')}"))
-                return
-            await conn.send(m.PushDone(msg.req, list(reply.get("names") or [])))
+        await self.send_in(msg.req, conn, {"op": "push", "names": msg.names, "counts": msg.counts},
+                           list(msg.buffers), "push", lambda reply: m.ErrorCode.SERIALIZATION,
+                           lambda reply: m.PushDone(msg.req, list(reply.get("names") or [])))
 
     async def pull(self, msg: m.Pull, conn: Replier) -> None:
+        def refused(reply: dict[str, Any]) -> m.ErrorCode:
+            return m.ErrorCode.NAME_ERROR if reply.get("ename") == "NameError" else m.ErrorCode.SERIALIZATION
+
+        await self.send_out(msg.req, conn, {"op": "pull", "names": msg.names}, refused,
+                            lambda reply: m.PullReply(msg.req, list(reply["names"]), list(reply["counts"])))
+
+    async def send_in(self, req: int, conn: Replier, data: dict[str, Any], buffers: list[Any], what: str,
+                      refused: Callable[[dict[str, Any]], m.ErrorCode],
+                      done: Callable[[dict[str, Any]], m.Message]) -> None:
+        """A request whose ``buffers`` stream to the worker (a push, an upload), in
+        turn: the transfer op ``data``, then ``done(reply)`` as its answer, or an
+        error (``refused(reply)`` its code when the worker says no)."""
         async with self.lock:
-            worker = await self.prepare(msg.req, conn)
+            worker = await self.prepare(req, conn)
             try:
-                reply, pieces = await worker.pull(msg.names)
+                reply = await worker.send_buffers(data, buffers)
             except WorkerDied as exc:
-                await conn.send(m.Error(msg.req, m.ErrorCode.WORKER_DIED, str(exc)))
+                await conn.send(m.Error(req, m.ErrorCode.WORKER_DIED, str(exc)))
+                return
+            except TransferAborted as exc:
+                await conn.send(m.Error(req, m.ErrorCode.PROTOCOL, f"{what} cut short: {exc}"))
+                return
+            if not reply.get("ok"):
+                await conn.send(m.Error(req, refused(reply), f"{reply.get('ename')}: {reply.get('evalue')}"))
+                return
+            await conn.send(done(reply))
+
+    async def send_out(self, req: int, conn: Replier, data: dict[str, Any],
+                       refused: Callable[[dict[str, Any]], m.ErrorCode],
+                       head: Callable[[dict[str, Any]], m.Message]) -> None:
+        """A request whose answer's buffers stream from the worker (a pull, a
+        download), in turn: the transfer op ``data``, then ``head(reply)`` with the
+        buffers, or an error (``refused(reply)`` its code when the worker says no)."""
+        async with self.lock:
+            worker = await self.prepare(req, conn)
+            try:
+                reply, pieces = await worker.receive_buffers(data)
+            except WorkerDied as exc:
+                await conn.send(m.Error(req, m.ErrorCode.WORKER_DIED, str(exc)))
                 return
             if pieces is None:
-                code = m.ErrorCode.NAME_ERROR if reply.get("ename") == "NameError" else m.ErrorCode.SERIALIZATION
-                await conn.send(m.Error(msg.req, code, f"{reply.get('ename')}: {reply.get('evalue')}"))
+                await conn.send(m.Error(req, refused(reply), f"{reply.get('ename')}: {reply.get('evalue')}"))
                 return
-            head = m.PullReply(msg.req, list(reply["names"]), list(reply["counts"]))
             async with aclosing(pieces):  # the worker is done with the ring before the next request
-                await conn.send_stream(head, list(reply["sizes"]), pieces)
+                await conn.send_stream(head(reply), list(reply["sizes"]), pieces)
 
     async def replay(self, msg: m.Replay, conn: Replier) -> None:
         """Send the journaled outputs after ``msg.after``.

@@ -93,7 +93,7 @@ class CellOutput:
 
     def resumed(self, session: AsyncSession, url: str) -> None:
         if session.parked:
-            self.show(f"{notices.PREFIX}reconnected to parked session {session.id[:8]}; this cell restores it")
+            self.show(notices.resumed_parked(session.id, "this cell"))
             return
         self.show(notices.resumed(session.slots, session.id))
 

@@ -121,8 +121,7 @@ class GpuMagics(Magics):
             self.session = session
             self._last_session = session.id
             if resume and session.resumed and session.parked:
-                line.show(f"{notices.PREFIX}reconnected to parked session {session.id[:8]}; "
-                          "the next %%gpu cell restores it")
+                line.show(notices.resumed_parked(session.id, "the next %%gpu cell"))
             elif resume and session.resumed:
                 line.show(notices.resumed(session.slots, session.id))
                 missed = session.replay(self._last_seq)

@@ -24,6 +24,7 @@ __all__ = [
     "queued",
     "restoring",
     "resumed",
+    "resumed_parked",
     "transfer_progress",
     "transferred",
 ]
@@ -54,6 +55,11 @@ def granted(slots: Sequence[str], url: str, session_id: str, waited: float, user
 
 def resumed(slots: Sequence[str], session_id: str) -> str:
     return f"{PREFIX}reconnected to session {session_id[:8]} on {', '.join(slots)}; its variables are kept"
+
+
+def resumed_parked(session_id: str, restorer: str) -> str:
+    """``restorer``: which cell restores it ("this cell", "the next %%gpu cell")."""
+    return f"{PREFIX}reconnected to parked session {session_id[:8]}; {restorer} restores it"
 
 
 def transfer_progress(verb: str, done: int, total: int) -> str:

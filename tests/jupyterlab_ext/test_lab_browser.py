@@ -56,6 +56,22 @@ NOTEBOOK = {
 }
 
 
+def require_browser() -> None:
+    """Skip where Chromium or Playwright is missing; fail where the sidebar should be built but is not."""
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing; install it with: apt-get install -y chromium")
+    pytest.importorskip("playwright.sync_api", reason="pip install playwright (in the dev extra)")
+    _labextension_installed()
+
+
+def save_failure(browser: Any, errors: list[str], name: str, full_page: bool = False) -> None:
+    """Keep what a failed browser test saw under ARTIFACTS: its errors and its pages."""
+    (ARTIFACTS / f"{name}-failure.txt").write_text("\n".join(errors))
+    for each in browser.contexts:
+        for open_page in each.pages:
+            open_page.screenshot(path=str(ARTIFACTS / f"{name}-failure.png"), full_page=full_page)
+
+
 def _labextension_installed() -> None:
     out = subprocess.run([sys.executable, "-m", "jupyter", "labextension", "list"],
                          capture_output=True, text=True, check=True)
@@ -81,10 +97,7 @@ PARK_NOTEBOOK = dict(NOTEBOOK, cells=[
 
 def _open_lab(fresh_server: ServerProcess, tmp_path: Path,
               notebook: dict[str, Any] = NOTEBOOK) -> Iterator[tuple[LabProcess, str]]:
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing; install it with: apt-get install -y chromium")
-    pytest.importorskip("playwright.sync_api", reason="pip install playwright (in the dev extra)")
-    _labextension_installed()
+    require_browser()
     fresh_server.slots = "cpu:2"  # one to lease, one to stay free
     fresh_server.start()
     token = fresh_server.token("alice")
@@ -241,10 +254,7 @@ def test_sidebar_shows_the_lease_and_releases_it(lab: tuple[LabProcess, str]) ->
             page.screenshot(path=str(ARTIFACTS / "sidebar-released.png"))
             assert not errors, errors
         except BaseException:
-            (ARTIFACTS / "sidebar-failure.txt").write_text("\n".join(errors))
-            for each in browser.contexts:
-                for open_page in each.pages:
-                    open_page.screenshot(path=str(ARTIFACTS / "sidebar-failure.png"))
+            save_failure(browser, errors, "sidebar")
             raise
         finally:
             browser.close()

@@ -22,7 +22,7 @@ import pytest
 
 from lab_process import LabProcess
 from servers import ServerProcess
-from test_lab_browser import ARTIFACTS, CHROMIUM, CHROMIUM_FLAGS, _labextension_installed
+from test_lab_browser import ARTIFACTS, CHROMIUM, CHROMIUM_FLAGS, require_browser, save_failure
 
 FREEZER = Path("/sys/fs/cgroup/freezer")
 STUCK = ("%%gpu\nimport signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
@@ -46,10 +46,7 @@ NOTEBOOK = {
 
 @pytest.fixture
 def lab(fresh_server: ServerProcess, tmp_path: Path) -> Iterator[LabProcess]:
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing; install it with: apt-get install -y chromium")
-    pytest.importorskip("playwright.sync_api", reason="pip install playwright (in the dev extra)")
-    _labextension_installed()
+    require_browser()
     fresh_server.args = ["--term-grace", "1", "--drain-deadline", "0.5"]
     fresh_server.start()
     lab = LabProcess(tmp_path / "lab", {"RGPU_URL": fresh_server.url, "RGPU_TOKEN": fresh_server.token("alice"),
@@ -135,8 +132,7 @@ def test_a_stuck_cell_is_restarted_from_the_sidebar_and_a_stuck_process_drains_i
             expect(panel.locator(".jp-RemoteGpu-notice.jp-mod-error")).to_have_count(0)  # every press answered
             assert not errors, errors
         except BaseException:
-            page.screenshot(path=str(ARTIFACTS / "sidebar-ladder-failure.png"))
-            (ARTIFACTS / "sidebar-ladder-failure.txt").write_text("\n".join(errors))
+            save_failure(browser, errors, "sidebar-ladder")
             raise
         finally:
             if group.exists():

@@ -19,16 +19,13 @@ import pytest
 from lab_process import LabProcess
 from remote_gpu_kernel.cli import main
 from servers import ServerProcess
-from test_lab_browser import ARTIFACTS, CHROMIUM, CHROMIUM_FLAGS, NOTEBOOK, _labextension_installed
+from test_lab_browser import ARTIFACTS, CHROMIUM, CHROMIUM_FLAGS, NOTEBOOK, require_browser, save_failure
 from tls_certs import self_signed_cert, self_signed_server
 
 
 @pytest.fixture
 def tls_lab(tmp_path: Path) -> Iterator[tuple[LabProcess, ServerProcess, str]]:
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing; install it with: apt-get install -y chromium")
-    pytest.importorskip("playwright.sync_api", reason="pip install playwright (in the dev extra)")
-    _labextension_installed()
+    require_browser()
     server = self_signed_server(tmp_path / "server")
     token = server.token("alice")
     config = tmp_path / "client.json"
@@ -97,10 +94,7 @@ def test_sidebar_and_gpu_cell_over_wss(tls_lab: tuple[LabProcess, ServerProcess,
             page.screenshot(path=str(ARTIFACTS / "sidebar-tls-connected.png"))
             assert not errors, errors
         except BaseException:
-            (ARTIFACTS / "sidebar-tls-failure.txt").write_text("\n".join(errors))
-            for each in browser.contexts:
-                for open_page in each.pages:
-                    open_page.screenshot(path=str(ARTIFACTS / "sidebar-tls-failure.png"))
+            save_failure(browser, errors, "sidebar-tls")
             raise
         finally:
             browser.close()

@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tornado.httpclient import HTTPClientError, HTTPResponse
+from tornado.httpclient import HTTPResponse
 
 from remote_gpu_kernel import Client
 from servers import ServerProcess
+from test_lab_handlers import get_json
 from tls_certs import self_signed_cert
 
 Fetch = Callable[..., Awaitable[HTTPResponse]]
@@ -38,16 +39,6 @@ def tls_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tls_server: ServerP
     monkeypatch.setenv("RGPU_URL", tls_server.url)
     monkeypatch.setenv("RGPU_TOKEN", tls_alice)
     return monkeypatch
-
-
-async def get_json(fetch: Fetch, *path: str, method: str = "GET") -> tuple[int, Any]:
-    try:
-        response = await fetch("remote-gpu", *path, method=method,
-                               **({"body": b""} if method == "POST" else {}))
-    except HTTPClientError as exc:
-        assert exc.response is not None, exc
-        return exc.code, json.loads(exc.response.body)
-    return response.code, json.loads(response.body)
 
 
 async def test_the_relay_over_https_with_the_servers_certificate(jp_fetch: Fetch, tls_env: pytest.MonkeyPatch,

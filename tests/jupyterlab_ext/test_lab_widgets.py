@@ -21,13 +21,11 @@ from typing import Any
 
 import pytest
 
-from labext import ROOT
 from lab_process import LabProcess
 from remote_kernels import install_kernelspec
 from servers import ServerProcess
-from test_lab_browser import CHROMIUM, CHROMIUM_FLAGS, _labextension_installed
+from test_lab_browser import ARTIFACTS, CHROMIUM, CHROMIUM_FLAGS, require_browser, save_failure
 
-ARTIFACTS = ROOT / "test-artifacts"
 
 CELLS = [
     "import ipywidgets as w\ns = w.IntSlider(value=3, description='speed')\ns",
@@ -51,10 +49,7 @@ def _notebook(kernel: str, cells: list[str]) -> dict[str, Any]:
 
 @pytest.fixture
 def lab(fresh_server: ServerProcess, tmp_path: Path) -> Iterator[LabProcess]:
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing; install it with: apt-get install -y chromium")
-    pytest.importorskip("playwright.sync_api", reason="pip install playwright (in the dev extra)")
-    _labextension_installed()
+    require_browser()
     fresh_server.slots = "cpu:2"
     fresh_server.start()
     jupyter_path = install_kernelspec(tmp_path / "prefix")
@@ -147,10 +142,7 @@ def test_widgets_render_and_answer_on_the_kernel_and_through_the_magic(lab: LabP
                 page.screenshot(path=str(ARTIFACTS / f"widgets-{name.split('.')[0]}.png"), full_page=True)
                 assert not errors, errors
         except BaseException:
-            (ARTIFACTS / "widgets-failure.txt").write_text("\n".join(errors))
-            for each in browser.contexts:
-                for open_page in each.pages:
-                    open_page.screenshot(path=str(ARTIFACTS / "widgets-failure.png"), full_page=True)
+            save_failure(browser, errors, "widgets", full_page=True)
             raise
         finally:
             browser.close()

@@ -20,21 +20,13 @@ import pytest
 
 from remote_gpu_kernel import AuthenticationError, Client, RemoteTimeout
 from remote_gpu_kernel.api import ApiClient
-from remote_gpu_kernel.sync import Session
 from servers import ServerProcess
+from test_isolation import quiet, run
 from unprivileged import SERVER_UID, launcher
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="starts the server as another uid: run as root")
 
 
-def quiet(_: object) -> None:
-    pass
-
-
-def run(session: Session, code: str) -> str:
-    result = session.execute(code, on_output=quiet)
-    assert result.ok, result.error
-    return "".join(o.content.get("text", "") for o in result.outputs if o.msg_type == "stream")
 
 
 @pytest.fixture(scope="module")

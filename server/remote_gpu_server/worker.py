@@ -218,10 +218,7 @@ class Worker:
             spec = await spec
         if spec is None:
             return
-        tid, fut = self._new_transfer()
-        request = self.request("comm_msg", {"comm_id": self._comm_id, "data": {
-            "op": "enter", "id": tid, "spec": spec.to_json()}})
-        reply = await self._comm_reply(tid, fut, request)
+        reply = await self._op({"op": "enter", "spec": spec.to_json()})
         if not reply.get("ok"):
             raise IsolationError(f"worker {self.name} could not become {user}'s: "
                                  f"{reply.get('ename')}: {reply.get('evalue')}")

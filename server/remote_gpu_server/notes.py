@@ -24,7 +24,6 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
-import datetime as dt
 import os
 import select
 import socket
@@ -61,24 +60,9 @@ def note_bytes(frames: Sequence[Any]) -> list[Any]:
 def make_identity(role: str) -> tuple[bytes, bytes]:
     """A fresh key and self-signed certificate (PEM) for one end of one channel;
     ``role`` is ``server`` (the worker, which listens) or ``client``."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    from .tls import make_certificate
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"remote-gpu data channel {role}")])
-    now = dt.datetime.now(dt.timezone.utc)
-    usage = ExtendedKeyUsageOID.SERVER_AUTH if role == "server" else ExtendedKeyUsageOID.CLIENT_AUTH
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=3650))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .sign(key, hashes.SHA256()))
-    return (key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                              serialization.NoEncryption()),
-            cert.public_bytes(serialization.Encoding.PEM))
+    return make_certificate(f"remote-gpu data channel {role}", client=role != "server")
 
 
 @contextlib.contextmanager

@@ -31,7 +31,7 @@ import ssl
 import stat
 from pathlib import Path
 
-__all__ = ["SelfSigned", "fingerprint", "self_signed", "self_signed_names", "server_ssl_context"]
+__all__ = ["SelfSigned", "fingerprint", "make_certificate", "self_signed", "self_signed_names", "server_ssl_context"]
 
 log = logging.getLogger("remote_gpu_server")
 
@@ -104,7 +104,8 @@ def self_signed(folder: Path, host: str = "127.0.0.1", now: dt.datetime | None =
     names = self_signed_names(host)
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o700)
-    key_pem, cert_pem = _make(names, now)
+    common_name = f"remote-gpu-server {socket.gethostname() or 'localhost'}"[:64]
+    key_pem, cert_pem = make_certificate(common_name, names=names, now=now)
     # The key first and each file whole (a rename), so a crash never leaves a
     # certificate whose key is missing or half written.
     _write(keyfile, key_pem, 0o600)
@@ -139,24 +140,20 @@ def _reuse(certfile: Path, keyfile: Path, now: dt.datetime) -> SelfSigned | None
     return SelfSigned(certfile, keyfile, names, fingerprint(cert_pem), created=False)
 
 
-def _make(names: tuple[str, ...], now: dt.datetime) -> tuple[bytes, bytes]:
-    """A new key and a self-signed certificate for ``names``, both PEM."""
+def make_certificate(common_name: str, *, names: tuple[str, ...] = (), client: bool = False,
+                     now: dt.datetime | None = None) -> tuple[bytes, bytes]:
+    """A new EC key and a self-signed certificate (both PEM) for ``common_name``:
+    a server's for ``names`` (host names or addresses), or a ``client``'s."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+    now = now or dt.datetime.now(dt.timezone.utc)
     key = ec.generate_private_key(ec.SECP256R1())
-    common_name = f"remote-gpu-server {socket.gethostname() or 'localhost'}"[:64]
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    alt: list[x509.GeneralName] = []
-    for name in names:
-        try:
-            alt.append(x509.IPAddress(ipaddress.ip_address(name)))
-        except ValueError:
-            alt.append(x509.DNSName(name))
     public = key.public_key()
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(subject)
@@ -164,13 +161,24 @@ def _make(names: tuple[str, ...], now: dt.datetime) -> tuple[bytes, bytes]:
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(hours=1))  # a client whose clock is a little behind
         .not_valid_after(now + VALIDITY)
-        .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+    )
+    if names:
+        alt: list[x509.GeneralName] = []
+        for name in names:
+            try:
+                alt.append(x509.IPAddress(ipaddress.ip_address(name)))
+            except ValueError:
+                alt.append(x509.DNSName(name))
+        builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
+    usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
+    cert = (
+        builder
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
                                      key_encipherment=False, data_encipherment=False,
                                      key_agreement=False, key_cert_sign=False, crl_sign=False,
                                      encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public), critical=False)
         .sign(key, hashes.SHA256())

@@ -75,11 +75,14 @@ def test_a_client_that_floods_refused_requests_without_reading_is_disconnected(
     flood = b"".join(bytes(encode(m.Released(0, "", ""))[0]) for _ in range(15_000))  # ~1 MiB
     with RawClient(fresh_server.url, token, sock=stalled_socket(fresh_server.url), max_queue=1) as raw:
         raw.hello()
+        # 15,000 refusals that nobody reads: far past the 1,024 the server keeps.
+        raw.send_raw(flood)
+        fresh_server.wait_for_log("disconnecting alice: it sends requests that are refused", timeout=60)
+        deadline = time.monotonic() + 60
         with pytest.raises(ConnectionClosed):
-            for _ in range(40):  # each answered with a refusal that nobody reads
+            while time.monotonic() < deadline:  # the server hung up: sending fails once that arrives
                 raw.send_raw(flood)
                 time.sleep(0.05)
-    fresh_server.wait_for_log("disconnecting alice: it sends requests that are refused")
     with Client(fresh_server.url, token).session() as session:
         assert session.execute("1", on_output=lambda _: None).ok
 

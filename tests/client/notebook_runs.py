@@ -30,6 +30,9 @@ _TEXT_RULES: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"\b[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}\b"), "UUID"),
     (re.compile(r"ipykernel_\d+/\d+\.py"), "ipykernel_PID/N.py"),
     (re.compile(r"(Cell )?In\s*\[\d*\]"), "In[N]"),
+    # tqdm: a bar of fixed ncols takes the room its rate's text leaves, so its
+    # length follows the timing; the percentage and the count before it stay.
+    (re.compile(r"(?<=%)\|(?:[\u2588-\u258f]*|#*\d?) *\|"), "|BAR|"),
     # tqdm: elapsed<remaining, rates
     (re.compile(r"\d\d:\d\d(:\d\d)?(,\d+)?"), "MM:SS"),
     (re.compile(r"\s*(\d+(\.\d+)?|\?)\s*(it|s|epoch)/(s|it)"), " RATE"),  # tqdm pads rates to a width

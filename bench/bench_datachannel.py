@@ -2,16 +2,22 @@
 
     python bench/bench_datachannel.py [--mib 100] [--rounds 5]
 
-Three measurements in one run, each the median of ``--rounds``:
+Four measurements in one run, each the median of ``--rounds``:
 
-- ``raw TLS``: two processes and nothing else, one sending ``--mib`` MiB in
-  1 MiB ``sendall`` calls over mutual TLS 1.3 (the data channel's
-  ``pinned_context`` on both ends), the other reading with ``recv_into``:
-  the ceiling of any channel built on Python's ``ssl`` here;
+- ``Python TLS``: two processes and nothing else, one sending ``--mib`` MiB
+  in 1 MiB ``sendall`` calls over mutual TLS 1.3 (``ssl.SSLSocket`` with
+  the data channel's ``pinned_context`` on both ends), the other reading
+  with ``recv_into``: the ceiling of a channel built on TLS records;
+- ``sealed``: the same over the data channel's own stream (``open_stream``:
+  that TLS handshake, then AES-256-GCM records);
 - ``tcp``: the server's ``Worker.push`` and ``Worker.pull`` of a numpy array
   to a worker of the local launcher's ``tcp`` transport (the one a Ray node
-  starts: notes and pieces over mutual TLS), no client;
+  starts: notes and pieces in sealed records), no client;
 - ``ipc``: the same through the shared-memory ring of a worker on this host.
+
+Transfers start after :data:`WARMUP` unmeasured rounds: a process's first
+allocations of 100 MiB cost up to ten times the later ones here (the kernel
+finds and zeroes their pages), whatever carries the bytes.
 """
 
 from __future__ import annotations
@@ -31,41 +37,55 @@ import numpy as np
 from remote_gpu_kernel.protocol import dump_values
 from remote_gpu_kernel.typing import SlotId
 from remote_gpu_server.local_launcher import LocalLauncher
-from remote_gpu_server.notes import make_identity, pinned_context
+from remote_gpu_server.notes import make_identity, open_stream, pinned_context
 from remote_gpu_server.slots import Slot
 from remote_gpu_server.worker import Worker
 
 MIB = 1 << 20
+WARMUP = 3
 SLOT = Slot(SlotId("cpu0"), "cpu", 0, "CPU slot 0")
 
 
-def _tls_reader(ports: Any, server: tuple[bytes, bytes], client_cert: bytes, total: int) -> None:
+def _connection(raw: socket.socket, kind: str, server_side: bool, key: bytes, cert: bytes, peer: bytes) -> Any:
+    context = pinned_context(server_side, key, cert, peer)
+    if kind == "sealed":
+        return open_stream(raw, context, server_side)
+    return context.wrap_socket(raw, server_side=server_side)
+
+
+def _reader(kind: str, ports: Any, server: tuple[bytes, bytes], client_cert: bytes, total: int) -> None:
     listener = socket.create_server(("127.0.0.1", 0))
     ports.put(listener.getsockname()[1])
     raw, _ = listener.accept()
-    with pinned_context(True, *server, client_cert).wrap_socket(raw, server_side=True) as conn:
-        view, got = memoryview(bytearray(MIB)), 0
-        while got < total:
-            read = conn.recv_into(view[:min(MIB, total - got)])
-            if not read:
-                break
-            got += read
+    conn = _connection(raw, kind, True, *server, client_cert)
+    view, got = memoryview(bytearray(MIB)), 0
+    while got < total:
+        read = conn.recv_into(view[:min(MIB, total - got)])
+        if not read:
+            break
+        got += read
+    if kind == "sealed":
+        conn.send_parts([b"k"])
+    else:
         conn.sendall(b"k")
+    conn.close()
 
 
-def raw_tls_mb_s(mib: int) -> float:
+def one_way_mb_s(kind: str, mib: int) -> float:
+    """``kind``: ``tls`` (``ssl.SSLSocket``) or ``sealed`` (the data channel's stream)."""
     server, client = make_identity("server"), make_identity("client")
     ports: Any = multiprocessing.Queue()
-    reader = multiprocessing.Process(target=_tls_reader, args=(ports, server, client[1], mib * MIB))
+    reader = multiprocessing.Process(target=_reader, args=(kind, ports, server, client[1], mib * MIB))
     reader.start()
-    raw = socket.create_connection(("127.0.0.1", ports.get()))
-    with pinned_context(False, *client, server[1]).wrap_socket(raw) as conn:
-        piece = memoryview(bytes(MIB))
-        started = time.perf_counter()
-        for _ in range(mib):
-            conn.sendall(piece)
-        conn.recv(1)
-        seconds = time.perf_counter() - started
+    conn = _connection(socket.create_connection(("127.0.0.1", ports.get())), kind, False, *client, server[1])
+    piece = memoryview(bytes(MIB))
+    send = (lambda: conn.send_parts([piece])) if kind == "sealed" else (lambda: conn.sendall(piece))
+    started = time.perf_counter()
+    for _ in range(mib):
+        send()
+    conn.recv_into(memoryview(bytearray(1)))
+    seconds = time.perf_counter() - started
+    conn.close()
     reader.join()
     return mib * MIB / seconds / 1e6
 
@@ -76,18 +96,21 @@ async def channel_mb_s(transport: str, mib: int, rounds: int) -> tuple[float, fl
     names, counts, buffers = dump_values({"x": np.ones(mib * MIB // 4, dtype=np.float32)})
     pushes, pulls = [], []
     try:
-        for _ in range(rounds):
+        for round_ in range(WARMUP + rounds):
+            measured = round_ >= WARMUP
             started = time.perf_counter()
             reply = await worker.push(names, counts, buffers)
             assert reply.get("ok"), reply
-            pushes.append(mib * MIB / (time.perf_counter() - started) / 1e6)
+            if measured:
+                pushes.append(mib * MIB / (time.perf_counter() - started) / 1e6)
             started = time.perf_counter()
             reply, pieces = await worker.pull(["x"])
             assert pieces is not None, reply
             async with aclosing(pieces):
                 async for _piece in pieces:
                     pass
-            pulls.append(mib * MIB / (time.perf_counter() - started) / 1e6)
+            if measured:
+                pulls.append(mib * MIB / (time.perf_counter() - started) / 1e6)
     finally:
         await worker.kill()
         await launcher.close()
@@ -99,12 +122,14 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    raw = statistics.median(raw_tls_mb_s(args.mib) for _ in range(args.rounds))
+    tls = statistics.median(one_way_mb_s("tls", args.mib) for _ in range(args.rounds))
+    sealed = statistics.median(one_way_mb_s("sealed", args.mib) for _ in range(args.rounds))
     tcp = asyncio.run(channel_mb_s("tcp", args.mib, args.rounds))
     ipc = asyncio.run(channel_mb_s("ipc", args.mib, args.rounds))
     print(f"machine: {platform.node()} {platform.machine()}, {multiprocessing.cpu_count()} CPUs, "
           f"{args.mib} MiB, median of {args.rounds}")
-    print(f"{'raw TLS, one way':>22}: {raw:7.0f} MB/s")
+    print(f"{'Python TLS, one way':>22}: {tls:7.0f} MB/s")
+    print(f"{'sealed, one way':>22}: {sealed:7.0f} MB/s")
     print(f"{'tcp channel push/pull':>22}: {tcp[0]:7.0f} / {tcp[1]:.0f} MB/s")
     print(f"{'ipc ring push/pull':>22}: {ipc[0]:7.0f} / {ipc[1]:.0f} MB/s")
 

@@ -5,7 +5,7 @@ themselves travel in a :class:`~.transfer.Slots`: a shared-memory
 :class:`~.transfer.Ring` when the worker runs on this host (notes on a
 private ZMQ PAIR socket; one copy in, one copy out, no socket copies), or
 :class:`~.transfer.Inline` inside the notes when it runs on another host
-(over mutual TLS). Either way at most the slots' worth of a transfer is in
+(sealed records opened with mutual TLS). Either way at most the slots' worth of a transfer is in
 flight, and a note of an abandoned transfer is skipped.
 
 The channel knows nothing of Jupyter: the worker handle (:mod:`.worker`)

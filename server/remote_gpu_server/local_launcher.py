@@ -11,8 +11,8 @@ local provisioner: own process group, connection file), pinned with
 * ``tcp`` (for a worker that a server on another host talks to, as a Ray
   node's host actor starts it): TCP sockets on ``ip``, every Jupyter
   channel encrypted with CurveZMQ under a key pair made for this worker,
-  and the data channel over mutual TLS with keys made for it on both ends
-  (:mod:`.notes`); pieces travel inside the data channel's notes.
+  and the data channel opened with mutual TLS, with keys made for it on
+  both ends, then sealed (:mod:`.notes`); pieces travel inside the data channel's notes.
 
 How a worker is confined (its command, environment, memory limit, and the
 identity it takes on at lease time) comes from the launcher's

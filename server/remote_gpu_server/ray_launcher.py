@@ -15,8 +15,8 @@ not soft): Ray only places processes and reports their deaths; who gets the
 next GPU is always our scheduler's decision, and an actor is created only
 for slots it granted. Ray does not forward ports: the actor returns its
 node's address, the worker's ports and keys, and the head connects over
-TCP: the Jupyter channels encrypted with CurveZMQ, the data channel over
-mutual TLS (:mod:`.notes`).
+TCP: the Jupyter channels encrypted with CurveZMQ, the data channel opened
+with mutual TLS and sealed (:mod:`.notes`).
 """
 
 from __future__ import annotations

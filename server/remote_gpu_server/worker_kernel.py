@@ -59,8 +59,9 @@ DATA_TIMEOUT_MS = 60_000
 class _DataChannel:
     """The worker's end of :mod:`.transfer`: notes on a PAIR socket with the
     bytes in the shared ring (``ring_fd``), or, for a server on another host
-    (a ``tls://`` address), notes and bytes over mutual TLS (``tls``: this
-    worker's key and certificate and the server's certificate, PEM)."""
+    (a ``tls://`` address), notes and bytes in sealed records opened with
+    mutual TLS (``tls``: this worker's key and certificate and the server's
+    certificate, PEM)."""
 
     def __init__(self, addr: str, ring_fd: int | None, tls: tuple[bytes, bytes, bytes] | None = None) -> None:
         from .transfer import Inline, Ring, Slots

@@ -16,7 +16,7 @@ import pytest
 from remote_gpu_kernel.protocol import dump_values, load_values
 from remote_gpu_kernel.typing import SlotId
 from remote_gpu_server.local_launcher import LocalLauncher
-from remote_gpu_server.notes import make_identity, pinned_context
+from remote_gpu_server.notes import ACCEPT_TIMEOUT, HANDSHAKE_TIMEOUT, make_identity, pinned_context
 from remote_gpu_server.slots import Slot
 from remote_gpu_server.worker import Worker
 
@@ -63,6 +63,24 @@ def test_values_cross_a_tls_data_channel_whole_and_a_stranger_is_refused() -> No
             with pytest.raises((ssl.SSLError, ConnectionError)):  # refused, not a timeout
                 await intruding
             assert await _roundtrip(worker, {"small": [1, 2, 3]}) == {"small": [1, 2, 3]}
+        finally:
+            await worker.kill()
+            await launcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_stranger_that_connects_and_stalls_holds_the_server_up_only_for_the_accept_timeout() -> None:
+    async def scenario() -> None:
+        launcher = LocalLauncher(transport="tcp", ip="127.0.0.1")
+        worker = await Worker.start(launcher, [SLOT], 120)
+        try:
+            carrier = worker.process.data.carrier
+            with socket.create_connection((carrier.host, carrier.port), timeout=60):  # says nothing
+                started = asyncio.get_running_loop().time()
+                assert await _roundtrip(worker, [1, 2, 3]) == [1, 2, 3]
+                waited = asyncio.get_running_loop().time() - started
+            assert waited < ACCEPT_TIMEOUT + HANDSHAKE_TIMEOUT / 2, waited
         finally:
             await worker.kill()
             await launcher.close()

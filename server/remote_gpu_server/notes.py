@@ -37,6 +37,11 @@ import threading
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.hashes import SHA256
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
 __all__ = ["BlockingTls", "PairCarrier", "SealedStream", "TlsCarrier", "make_identity", "note_parts",
            "open_stream", "pinned_context", "read_note"]
 
@@ -159,9 +164,6 @@ def open_stream(sock: socket.socket, context: ssl.SSLContext, server_side: bool,
     carrying sealed records. Raises ``ssl.SSLError`` for a peer that is not
     the pinned one and ``OSError`` (a timeout) for one that stalls.
     """
-    from cryptography.hazmat.primitives.hashes import SHA256
-    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
     sock.settimeout(timeout)
     tls = context.wrap_socket(sock, server_side=server_side)  # closed by it if the handshake fails
     try:
@@ -205,8 +207,6 @@ class SealedStream:
     """
 
     def __init__(self, sock: socket.socket, send_key: bytes, recv_key: bytes) -> None:
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
         self._sock = sock
         self._seal, self._open = AESGCM(send_key), AESGCM(recv_key)
         self._sent = self._received = 0  # records so far each way: the next nonces
@@ -244,21 +244,19 @@ class SealedStream:
             size = self._next_length()
             if size is None:
                 return 0
-            if size == 0:
-                continue
             sealed = memoryview(self._in)[:size + _TAG]
             self._fill(sealed)
             whole = len(view) >= size
             target = view[:size] if whole else memoryview(self._plain)[:size]
             try:
                 self._open.decrypt_into(_nonce(self._received), sealed, self._length, target)
-            except Exception as exc:  # cryptography's InvalidTag
+            except InvalidTag:
                 raise ConnectionError("a record of the data channel failed authentication: "
-                                      "it was changed, repeated or reordered on the way") from exc
+                                      "it was changed, repeated or reordered on the way") from None
             self._received += 1
-            if whole:
+            if whole and size:
                 return size
-            self._start, self._end = 0, size
+            self._start, self._end = 0, 0 if whole else size  # an empty record: read the next
         take = min(len(view), self._end - self._start)
         view[:take] = self._plain[self._start:self._start + take]
         self._start += take

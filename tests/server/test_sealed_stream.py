@@ -115,7 +115,8 @@ def test_records_carry_notes_both_ways_and_nothing_is_in_the_clear(wire: Wire) -
     assert read_note(wire.client.recv_into) == [bytearray(b"D"), bytearray(b"abc")]
 
 
-@pytest.mark.parametrize("attack", ["flip a bit", "repeat a record", "drop a record", "swap two records"])
+@pytest.mark.parametrize("attack", ["flip a bit", "repeat a record", "drop a record", "swap two records",
+                                    "add an empty record"])
 def test_a_record_changed_on_the_way_ends_the_stream_and_is_never_delivered(wire: Wire, attack: str) -> None:
     wire.client.send_parts([b"first " * 100, b"second " * 100])
     first, second = wire.record(wire.client_wire), wire.record(wire.client_wire)
@@ -125,6 +126,8 @@ def test_a_record_changed_on_the_way_ends_the_stream_and_is_never_delivered(wire
         sent = [first, first]
     elif attack == "drop a record":
         sent = [second]
+    elif attack == "add an empty record":
+        sent = [_LENGTH.pack(0), first, second]
     else:
         sent = [second, first]
     wire.server_wire.sendall(b"".join(sent))

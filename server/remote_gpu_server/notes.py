@@ -14,7 +14,7 @@ thread):
   the two ends agree on fresh keys, and the stream then carries
   AES-256-GCM records (:class:`SealedStream`), so nobody reads or changes
   the data on the way. One way on loopback here, Python's TLS records
-  carried about 1 GB/s and the sealed records about 2.5 GB/s (CurveZMQ:
+  carried about 1 GB/s and the sealed records 2–3 GB/s (CurveZMQ:
   0.15–0.23 GB/s); ``bench/bench_datachannel.py`` measures them.
 
 On a stream a note is written as: a count byte, then for each frame its

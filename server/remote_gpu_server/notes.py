@@ -64,6 +64,9 @@ _TAG = 16
 _KEY = 32
 _SEED = 32
 _INFO = b"remote-gpu data channel 1"
+#: Bytes sealed under one key before both ends move to the next (derived
+#: from it, counters back to 0): well inside AES-GCM's safe use of a key.
+_REKEY = 1 << 36
 
 
 def note_bytes(frames: Sequence[Any]) -> list[Any]:
@@ -193,8 +196,9 @@ class SealedStream:
     then the ciphertext and its 16-byte tag. The length is the record's
     associated data and its number in the stream (a counter per direction)
     its nonce, so a record that is changed, dropped, repeated or moved
-    fails to open and ends the stream; keys are fresh for each connection,
-    so no nonce is used twice.
+    fails to open and ends the stream. Keys are fresh for each connection
+    and each direction moves to a key derived from its last after
+    :data:`_REKEY` bytes, so no nonce is used twice under one key.
 
     Why not TLS records all the way: Python's ``ssl`` copies each byte
     four or five times between the socket, OpenSSL's buffers and the
@@ -208,8 +212,8 @@ class SealedStream:
 
     def __init__(self, sock: socket.socket, send_key: bytes, recv_key: bytes) -> None:
         self._sock = sock
-        self._seal, self._open = AESGCM(send_key), AESGCM(recv_key)
-        self._sent = self._received = 0  # records so far each way: the next nonces
+        self._send = _Direction(send_key)
+        self._recv = _Direction(recv_key)
         self._out = bytearray(_LENGTH.size + _RECORD + _TAG)
         self._in = bytearray(_RECORD + _TAG)
         self._length = bytearray(_LENGTH.size)
@@ -234,8 +238,8 @@ class SealedStream:
                 size = chunk.nbytes
                 _LENGTH.pack_into(out, 0, size)
                 end = _LENGTH.size + size + _TAG
-                self._seal.encrypt_into(_nonce(self._sent), chunk, out[:_LENGTH.size], out[_LENGTH.size:end])
-                self._sent += 1
+                nonce = self._send.nonce(size)  # first: it may move to the next key
+                self._send.aead.encrypt_into(nonce, chunk, out[:_LENGTH.size], out[_LENGTH.size:end])
                 self._sock.sendall(out[:end])
 
     def recv_into(self, view: memoryview) -> int:
@@ -248,12 +252,12 @@ class SealedStream:
             self._fill(sealed)
             whole = len(view) >= size
             target = view[:size] if whole else memoryview(self._plain)[:size]
+            nonce = self._recv.nonce(size)  # first: it may move to the next key
             try:
-                self._open.decrypt_into(_nonce(self._received), sealed, self._length, target)
+                self._recv.aead.decrypt_into(nonce, sealed, self._length, target)
             except InvalidTag:
                 raise ConnectionError("a record of the data channel failed authentication: "
                                       "it was changed, repeated or reordered on the way") from None
-            self._received += 1
             if whole and size:
                 return size
             self._start, self._end = 0, 0 if whole else size  # an empty record: read the next
@@ -289,8 +293,26 @@ class SealedStream:
         self._sock.close()
 
 
-def _nonce(number: int) -> bytes:
-    return number.to_bytes(12, "big")
+class _Direction:
+    """One direction of a :class:`SealedStream`: its key and its next record's number."""
+
+    def __init__(self, key: bytes) -> None:
+        self.key = key
+        self.aead = AESGCM(key)
+        self.records = 0
+        self.bytes = 0
+
+    def nonce(self, size: int) -> bytes:
+        """The nonce of the next record, of ``size`` bytes; the key it goes
+        under is :attr:`aead` until the next call."""
+        if self.bytes + size > _REKEY:
+            self.key = HKDF(algorithm=SHA256(), length=_KEY, salt=None, info=_INFO + b" next key").derive(self.key)
+            self.aead = AESGCM(self.key)
+            self.records = self.bytes = 0
+        nonce = self.records.to_bytes(12, "big")
+        self.records += 1
+        self.bytes += size
+        return nonce
 
 
 class TlsCarrier:

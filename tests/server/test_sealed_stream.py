@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from remote_gpu_server import notes
 from remote_gpu_server.notes import SealedStream, make_identity, open_stream, pinned_context, read_note
 
 _LENGTH = struct.Struct(">I")
@@ -48,19 +49,21 @@ class Wire:
         relay = threading.Thread(target=_relay, args=(self.client_wire, self.server_wire, stop))
         relay.start()
         try:
-            with ThreadPoolExecutor(2) as pool:
-                serving = pool.submit(open_stream, self.server_end, pinned_context(True, *server, client[1]), True, 10)
-                connecting = pool.submit(open_stream, self.client_end,
-                                         pinned_context(False, *client, server_cert or server[1]), False, 10)
-                self.client: SealedStream = connecting.result()
-                self.server: SealedStream = serving.result()
+            try:
+                with ThreadPoolExecutor(2) as pool:
+                    serving = pool.submit(open_stream, self.server_end,
+                                          pinned_context(True, *server, client[1]), True, 10)
+                    connecting = pool.submit(open_stream, self.client_end,
+                                             pinned_context(False, *client, server_cert or server[1]), False, 10)
+                    self.client: SealedStream = connecting.result()
+                    self.server: SealedStream = serving.result()
+            finally:
+                stop.set()
+                relay.join()
         except BaseException:
             for sock in (self.client_end, self.client_wire, self.server_end, self.server_wire):
                 sock.close()
             raise
-        finally:
-            stop.set()
-            relay.join()
 
     def record(self, wire: socket.socket) -> bytes:
         """The next whole record the other end wrote, as it is on the wire."""
@@ -137,6 +140,25 @@ def test_a_record_changed_on_the_way_ends_the_stream_and_is_never_delivered(wire
             delivered += _read(wire.server, 100)
     assert b"second" not in delivered
     assert delivered in (b"", (b"first " * 100)[:len(delivered)])
+
+
+def test_each_direction_moves_to_a_new_key_and_never_reuses_a_nonce(wire: Wire,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(notes, "_REKEY", 3000)
+    piece = b"same bytes " * 100  # 1100 bytes: two records under the first key, the third under the next
+    records = []
+    for _ in range(4):
+        wire.client.send_parts([piece])
+        records.append(wire.record(wire.client_wire))
+    wire.server_wire.sendall(b"".join(records))
+    assert [_read(wire.server, len(piece)) for _ in records] == [piece] * 4
+    # The third record has the first one's number, under another key: had the
+    # key stayed, the same bytes would be sealed the same way, twice.
+    assert records[2] != records[0] and records[3] != records[1]
+    wire.server.send_parts([piece] * 4)  # the other way, on its own count
+    back = b"".join(wire.record(wire.server_wire) for _ in range(4))
+    wire.client_wire.sendall(back)
+    assert _read(wire.client, 4 * len(piece)) == piece * 4
 
 
 def test_a_length_beyond_a_record_is_refused_before_anything_is_read(wire: Wire) -> None:

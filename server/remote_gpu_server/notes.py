@@ -28,6 +28,7 @@ import collections
 import concurrent.futures
 import contextlib
 import os
+import queue
 import select
 import socket
 import ssl
@@ -55,9 +56,13 @@ _SMALL = 64 << 10
 WRITES_AHEAD = 4
 #: Seconds the server's end waits for a worker to finish the handshake.
 HANDSHAKE_TIMEOUT = 30
-#: Seconds a worker gives a connection to prove it is the server before it
-#: waits for the next (a stranger that stalls holds the server up no longer).
+#: Seconds a worker gives a connection to prove it is the server.
 ACCEPT_TIMEOUT = 10
+#: Handshakes a worker runs at once; a connection beyond them is closed at once.
+MAX_HANDSHAKES = 32
+#: Seconds the worker's end of a stream waits for the server in the middle
+#: of a read or write before it gives the stream up.
+STALL_TIMEOUT = 60
 #: Plaintext bytes in one sealed record: a whole piece (:data:`.transfer.SLOT_SIZE`).
 _RECORD = 1 << 20
 _TAG = 16
@@ -115,9 +120,8 @@ def pinned_context(server_side: bool, key_pem: bytes, cert_pem: bytes, peer_cert
     context.check_hostname = False  # the peer is pinned by its certificate, not a name
     context.verify_mode = ssl.CERT_REQUIRED
     if server_side:
-        # No session tickets: nobody resumes a session here, and a ticket is
-        # a record the client's reading thread would handle while its
-        # writing thread uses the same connection (see TlsCarrier).
+        # No session tickets: nobody resumes a session here, and nothing but
+        # the close_notify may follow the seeds (see open_stream).
         context.num_tickets = 0
     with _files(key_pem, cert_pem) as (keyfile, certfile):
         context.load_cert_chain(certfile, keyfile)
@@ -158,7 +162,7 @@ class PairCarrier:
 
 
 def open_stream(sock: socket.socket, context: ssl.SSLContext, server_side: bool,
-                timeout: float = HANDSHAKE_TIMEOUT) -> SealedStream:
+                timeout: float = HANDSHAKE_TIMEOUT, stall_timeout: float | None = None) -> SealedStream:
     """Authenticate both ends of ``sock`` and agree on the keys of a :class:`SealedStream`.
 
     TLS 1.3 with the pinned certificates proves who is at each end. Inside
@@ -166,6 +170,8 @@ def open_stream(sock: socket.socket, context: ssl.SSLContext, server_side: bool,
     keys from them (HKDF-SHA256) and close TLS, and the socket goes on
     carrying sealed records. Raises ``ssl.SSLError`` for a peer that is not
     the pinned one and ``OSError`` (a timeout) for one that stalls.
+    ``stall_timeout``: seconds a read or write of the stream may wait for
+    the peer before it fails (None: as long as it takes).
     """
     sock.settimeout(timeout)
     tls = context.wrap_socket(sock, server_side=server_side)  # closed by it if the handshake fails
@@ -182,7 +188,7 @@ def open_stream(sock: socket.socket, context: ssl.SSLContext, server_side: bool,
     except BaseException:
         tls.close()
         raise
-    raw.settimeout(None)
+    raw.settimeout(stall_timeout)
     seeds = bytes(theirs) + mine if server_side else mine + bytes(theirs)  # the client's first
     keys = HKDF(algorithm=SHA256(), length=2 * _KEY, salt=None, info=_INFO).derive(seeds)
     upstream, downstream = keys[:_KEY], keys[_KEY:]  # client to server, server to client
@@ -195,8 +201,10 @@ class SealedStream:
     A record is its length (4 bytes, big-endian, at most :data:`_RECORD`),
     then the ciphertext and its 16-byte tag. The length is the record's
     associated data and its number in the stream (a counter per direction)
-    its nonce, so a record that is changed, dropped, repeated or moved
-    fails to open and ends the stream. Keys are fresh for each connection
+    its nonce, so a record that is changed, repeated or moved, or missing
+    before one that arrives, fails to open and ends the stream (its bytes
+    are not kept). A stream cut short after a record ends as a closed one
+    does: the notes above it say when a transfer is whole. Keys are fresh for each connection
     and each direction moves to a key derived from its last after
     :data:`_REKEY` bytes, so no nonce is used twice under one key.
 
@@ -244,6 +252,8 @@ class SealedStream:
 
     def recv_into(self, view: memoryview) -> int:
         """Read into ``view``: how many bytes (at most one record's), 0 at the stream's end."""
+        if not len(view):
+            return 0
         while self._start == self._end:
             size = self._next_length()
             if size is None:
@@ -256,6 +266,7 @@ class SealedStream:
             try:
                 self._recv.aead.decrypt_into(nonce, sealed, self._length, target)
             except InvalidTag:
+                target[:] = bytes(size)  # what was opened is not the peer's: leave none of it
                 raise ConnectionError("a record of the data channel failed authentication: "
                                       "it was changed, repeated or reordered on the way") from None
             if whole and size:
@@ -392,7 +403,8 @@ class TlsCarrier:
         return note
 
     async def recv(self) -> list[Any]:
-        await self._open()
+        async with self._lock:
+            await self._open()
         note = await self._notes.get()
         if isinstance(note, BaseException):
             raise note
@@ -470,27 +482,61 @@ def note_parts(frames: Sequence[Any]) -> list[Any]:
 class BlockingTls:
     """The worker's end of a :class:`SealedStream`: listens on ``host:port`` and
     serves the server that connects with the pinned certificate; the socket calls the
-    worker's data channel makes (``poll``, ``recv_multipart``, ``send_multipart``)."""
+    worker's data channel makes (``poll``, ``recv_multipart``, ``send_multipart``).
+
+    Each connection proves itself in a thread of its own (at most
+    :data:`MAX_HANDSHAKES` at once, each for :data:`ACCEPT_TIMEOUT`), so
+    strangers that connect and stall do not queue ahead of the server, and
+    the kernel's thread only ever takes a stream that is the server's.
+    """
 
     def __init__(self, host: str, port: int, context: ssl.SSLContext) -> None:
         self._listener = socket.create_server((host, port), reuse_port=False)
         self._context = context
         self._conn: SealedStream | None = None
+        self._ready: queue.SimpleQueue[SealedStream] = queue.SimpleQueue()
+        self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
         # A piece is read here, not into fresh memory: the worker copies it
         # to where it goes before it reads the next note.
         self._scratch = bytearray(MAX_FRAME)
+        threading.Thread(target=self._accept, daemon=True, name="rgpu-data-accept").start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                raw, _ = self._listener.accept()
+            except OSError:
+                return  # the listener is closed
+            if not self._handshakes.acquire(blocking=False):
+                raw.close()  # a flood of connections, not the server
+                continue
+            threading.Thread(target=self._handshake, args=(raw,), daemon=True, name="rgpu-data-handshake").start()
+
+    def _handshake(self, raw: socket.socket) -> None:
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = open_stream(raw, self._context, server_side=True, timeout=ACCEPT_TIMEOUT,
+                               stall_timeout=STALL_TIMEOUT)
+        except (OSError, ValueError):  # not the server: a wrong certificate, a port scan, a stall
+            raw.close()
+            return
+        finally:
+            self._handshakes.release()
+        self._ready.put(conn)
 
     def _connection(self, timeout_ms: int | None) -> SealedStream | None:
-        while self._conn is None:
-            ready, _, _ = select.select([self._listener], [], [], None if timeout_ms is None else timeout_ms / 1000)
-            if not ready:
-                return None
-            raw, _ = self._listener.accept()
-            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        while True:  # a newer stream is the server's, made because the last one broke
             try:
-                self._conn = open_stream(raw, self._context, server_side=True, timeout=ACCEPT_TIMEOUT)
-            except (OSError, ValueError):  # not the server (a wrong certificate, a port scan, a stall): wait for it
-                raw.close()
+                newer = self._ready.get_nowait()
+            except queue.Empty:
+                break
+            self._drop()
+            self._conn = newer
+        if self._conn is None:
+            try:
+                self._conn = self._ready.get(timeout=None if timeout_ms is None else timeout_ms / 1000)
+            except queue.Empty:
+                return None
         return self._conn
 
     def poll(self, timeout_ms: int) -> bool:

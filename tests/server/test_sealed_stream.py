@@ -161,6 +161,19 @@ def test_each_direction_moves_to_a_new_key_and_never_reuses_a_nonce(wire: Wire,
     assert _read(wire.client, 4 * len(piece)) == piece * 4
 
 
+def test_a_record_that_fails_leaves_none_of_its_bytes_in_the_reader_s_memory(wire: Wire) -> None:
+    secret = b"the secret of user a " * 50
+    wire.client.send_parts([secret])
+    record = bytearray(wire.record(wire.client_wire))
+    record[-1] ^= 1  # the tag: the bytes open, but are not the peer's
+    wire.server_wire.sendall(bytes(record))
+    memory = bytearray(4096)
+    assert wire.server.recv_into(memoryview(memory)[:0]) == 0  # an empty read takes nothing
+    with pytest.raises(ConnectionError, match="failed authentication"):
+        wire.server.recv_into(memoryview(memory))
+    assert b"secret" not in memory
+
+
 def test_a_length_beyond_a_record_is_refused_before_anything_is_read(wire: Wire) -> None:
     wire.server_wire.sendall(_LENGTH.pack(1 << 30))
     with pytest.raises(ConnectionError, match="larger than the data channel allows"):

@@ -13,8 +13,10 @@ import sys
 import threading
 import urllib.request
 import time
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from remote_gpu_kernel import Client
@@ -81,6 +83,23 @@ def test_four_leases_land_on_four_distinct_gpus_and_a_fifth_waits(ray_server: Se
     finally:
         for session in sessions:
             session.release()
+
+
+def test_variables_and_files_cross_to_a_node_and_back_whole(ray_server: ServerProcess, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the head and the node's sealed data channel: every piece, in order, both ways."""
+    array = np.random.default_rng(7).random(3 << 20)  # 24 MiB: more pieces than the channel has in flight
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights.bin").write_bytes(os.urandom(9 << 20))
+    with Client(ray_server.url, ray_server.token("grace")).session() as session:
+        session.push(x=array)
+        assert session.execute("print(float(x.sum()))", on_output=lambda _: None).stdout == f"{float(array.sum())}\n"
+        assert np.array_equal(session.pull("x")["x"], array)
+        assert session.upload("weights.bin") == [("weights.bin", 9 << 20)]
+        session.execute("open('copy.bin', 'wb').write(open('weights.bin', 'rb').read()[::-1])",
+                        on_output=lambda _: None)
+        session.download("copy.bin", into=tmp_path / "back")
+    assert (tmp_path / "back" / "copy.bin").read_bytes() == (tmp_path / "weights.bin").read_bytes()[::-1]
 
 
 def test_priorities_and_fair_share_hold_across_nodes(ray_server: ServerProcess) -> None:

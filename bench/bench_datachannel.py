@@ -29,6 +29,7 @@ import platform
 import socket
 import statistics
 import time
+from collections.abc import Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -46,28 +47,29 @@ WARMUP = 3
 SLOT = Slot(SlotId("cpu0"), "cpu", 0, "CPU slot 0")
 
 
-def _connection(raw: socket.socket, kind: str, server_side: bool, key: bytes, cert: bytes, peer: bytes) -> Any:
+def _connection(raw: socket.socket, kind: str, server_side: bool, key: bytes, cert: bytes,
+                peer: bytes) -> tuple[Any, Callable[[Any], None]]:
+    """The stream of ``kind`` on ``raw`` and how to write bytes to it."""
     context = pinned_context(server_side, key, cert, peer)
     if kind == "sealed":
-        return open_stream(raw, context, server_side)
-    return context.wrap_socket(raw, server_side=server_side)
+        stream = open_stream(raw, context, server_side)
+        return stream, lambda data: stream.send_parts([data])
+    tls = context.wrap_socket(raw, server_side=server_side)
+    return tls, tls.sendall
 
 
 def _reader(kind: str, ports: Any, server: tuple[bytes, bytes], client_cert: bytes, total: int) -> None:
     listener = socket.create_server(("127.0.0.1", 0))
     ports.put(listener.getsockname()[1])
     raw, _ = listener.accept()
-    conn = _connection(raw, kind, True, *server, client_cert)
+    conn, send = _connection(raw, kind, True, *server, client_cert)
     view, got = memoryview(bytearray(MIB)), 0
     while got < total:
         read = conn.recv_into(view[:min(MIB, total - got)])
         if not read:
             break
         got += read
-    if kind == "sealed":
-        conn.send_parts([b"k"])
-    else:
-        conn.sendall(b"k")
+    send(b"k")
     conn.close()
 
 
@@ -77,12 +79,12 @@ def one_way_mb_s(kind: str, mib: int) -> float:
     ports: Any = multiprocessing.Queue()
     reader = multiprocessing.Process(target=_reader, args=(kind, ports, server, client[1], mib * MIB))
     reader.start()
-    conn = _connection(socket.create_connection(("127.0.0.1", ports.get())), kind, False, *client, server[1])
+    conn, send = _connection(socket.create_connection(("127.0.0.1", ports.get())), kind, False,
+                             *client, server[1])
     piece = memoryview(bytes(MIB))
-    send = (lambda: conn.send_parts([piece])) if kind == "sealed" else (lambda: conn.sendall(piece))
     started = time.perf_counter()
     for _ in range(mib):
-        send()
+        send(piece)
     conn.recv_into(memoryview(bytearray(1)))
     seconds = time.perf_counter() - started
     conn.close()

@@ -190,9 +190,14 @@ def open_stream(sock: socket.socket, context: ssl.SSLContext, server_side: bool,
         raise
     raw.settimeout(stall_timeout)
     seeds = bytes(theirs) + mine if server_side else mine + bytes(theirs)  # the client's first
-    keys = HKDF(algorithm=SHA256(), length=2 * _KEY, salt=None, info=_INFO).derive(seeds)
+    keys = _derive(seeds, 2 * _KEY, _INFO)
     upstream, downstream = keys[:_KEY], keys[_KEY:]  # client to server, server to client
     return SealedStream(raw, *((downstream, upstream) if server_side else (upstream, downstream)))
+
+
+def _derive(material: bytes, length: int, info: bytes) -> bytes:
+    """``length`` bytes of key from secret ``material`` (HKDF-SHA256)."""
+    return HKDF(algorithm=SHA256(), length=length, salt=None, info=info).derive(material)
 
 
 class SealedStream:
@@ -204,9 +209,9 @@ class SealedStream:
     its nonce, so a record that is changed, repeated or moved, or missing
     before one that arrives, fails to open and ends the stream (its bytes
     are not kept). A stream cut short after a record ends as a closed one
-    does: the notes above it say when a transfer is whole. Keys are fresh for each connection
-    and each direction moves to a key derived from its last after
-    :data:`_REKEY` bytes, so no nonce is used twice under one key.
+    does: the notes above it say when a transfer is whole. Keys are fresh
+    for each connection and each direction moves to a key derived from its
+    last after :data:`_REKEY` bytes, so no nonce is used twice under one key.
 
     Why not TLS records all the way: Python's ``ssl`` copies each byte
     four or five times between the socket, OpenSSL's buffers and the
@@ -317,7 +322,7 @@ class _Direction:
         """The nonce of the next record, of ``size`` bytes; the key it goes
         under is :attr:`aead` until the next call."""
         if self.bytes + size > _REKEY:
-            self.key = HKDF(algorithm=SHA256(), length=_KEY, salt=None, info=_INFO + b" next key").derive(self.key)
+            self.key = _derive(self.key, _KEY, _INFO + b" next key")
             self.aead = AESGCM(self.key)
             self.records = self.bytes = 0
         nonce = self.records.to_bytes(12, "big")
@@ -463,7 +468,7 @@ def _retrieve(future: asyncio.Future[None]) -> None:
 
 def note_parts(frames: Sequence[Any]) -> list[Any]:
     """The parts that carry one note, its small parts joined, so that a
-    piece is two TLS records' worth of writes, not seven."""
+    piece is two sealed records and two writes, not seven."""
     out: list[Any] = []
     small = bytearray()
     for part in note_bytes(frames):

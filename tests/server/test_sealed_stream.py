@@ -12,7 +12,6 @@ from __future__ import annotations
 import select
 import socket
 import ssl
-import struct
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -22,8 +21,7 @@ import pytest
 from remote_gpu_server import notes
 from remote_gpu_server.notes import SealedStream, make_identity, open_stream, pinned_context, read_note
 
-_LENGTH = struct.Struct(">I")
-TAG = 16
+_LENGTH, TAG = notes._LENGTH, notes._TAG  # the record's length field and tag, as the stream writes them
 
 
 def _relay(a: socket.socket, b: socket.socket, stop: threading.Event) -> None:

@@ -1,4 +1,5 @@
-"""The data channel of a worker on another host: mutual TLS, pinned on both ends.
+"""The data channel of a worker on another host: opened with mutual TLS, pinned
+on both ends, then carried in sealed records.
 
 The worker is started here by the local launcher's ``tcp`` transport, as a
 Ray node's host actor starts it; the server's end connects over loopback.
@@ -10,6 +11,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
+from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
@@ -22,6 +24,18 @@ from remote_gpu_server.slots import Slot
 from remote_gpu_server.worker import Worker
 
 SLOT = Slot(SlotId("cpu0"), "cpu", 0, "CPU slot 0")
+
+
+@contextlib.asynccontextmanager
+async def tcp_worker() -> AsyncIterator[Worker]:
+    """A worker of the ``tcp`` transport, killed at the end."""
+    launcher = LocalLauncher(transport="tcp", ip="127.0.0.1")
+    worker = await Worker.start(launcher, [SLOT], 120)
+    try:
+        yield worker
+    finally:
+        await worker.kill()
+        await launcher.close()
 
 
 async def _roundtrip(worker: Worker, value: object) -> object:
@@ -41,14 +55,12 @@ async def _roundtrip(worker: Worker, value: object) -> object:
 
 def test_values_cross_a_tls_data_channel_whole_and_a_stranger_is_refused() -> None:
     async def scenario() -> None:
-        launcher = LocalLauncher(transport="tcp", ip="127.0.0.1")
-        worker = await Worker.start(launcher, [SLOT], 120)
-        try:
+        async with tcp_worker() as worker:
             address = worker.process.data.carrier
             host, port = address.host, address.port
             # Someone with a certificate of their own cannot reach the worker's data.
-            # The stranger connects first: the worker takes it at the next
-            # transfer and refuses it in the handshake, then serves the server.
+            # The stranger connects first: the worker refuses it in the
+            # handshake and serves the server.
             stranger = pinned_context(False, *make_identity("client"), worker.process._spawned.data_cert)
             raw = socket.create_connection((host, port), timeout=60)
 
@@ -64,18 +76,13 @@ def test_values_cross_a_tls_data_channel_whole_and_a_stranger_is_refused() -> No
             with pytest.raises((ssl.SSLError, ConnectionError)):  # refused, not a timeout
                 await intruding
             assert await _roundtrip(worker, {"small": [1, 2, 3]}) == {"small": [1, 2, 3]}
-        finally:
-            await worker.kill()
-            await launcher.close()
 
     asyncio.run(scenario())
 
 
 def test_strangers_that_connect_and_stall_do_not_hold_the_server_up() -> None:
     async def scenario() -> None:
-        launcher = LocalLauncher(transport="tcp", ip="127.0.0.1")
-        worker = await Worker.start(launcher, [SLOT], 120)
-        try:
+        async with tcp_worker() as worker:
             carrier = worker.process.data.carrier
             with contextlib.ExitStack() as strangers:
                 for _ in range(5):  # connected first, saying nothing
@@ -87,8 +94,5 @@ def test_strangers_that_connect_and_stall_do_not_hold_the_server_up() -> None:
             # thread: one after another, five would have made the server's
             # handshake time out.
             assert waited < ACCEPT_TIMEOUT, waited
-        finally:
-            await worker.kill()
-            await launcher.close()
 
     asyncio.run(scenario())

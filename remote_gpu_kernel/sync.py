@@ -78,19 +78,24 @@ def _pump(coro_factory: Callable[[Callable[[Any], None]], Coroutine[Any, Any, T]
     future = asyncio.run_coroutine_threadsafe(coro_factory(events.put), io_loop())
     future.add_done_callback(lambda _: events.put(_DONE))
     interrupts = 0
-    while True:
-        try:
-            item = events.get()
-        except KeyboardInterrupt:
-            interrupts += 1
-            if on_interrupt is None or interrupts >= GIVE_UP_AFTER:
-                future.cancel()
-                raise
-            on_interrupt()
-            continue
-        if item is _DONE:
-            break
-        handle(item)
+    try:
+        while True:
+            # The interrupt can land while an event is being shown (writing
+            # output flushes, and a notebook's stop button comes right after
+            # the output it saw) as well as while waiting for the next one.
+            try:
+                item = events.get()
+                if item is _DONE:
+                    break
+                handle(item)
+            except KeyboardInterrupt:
+                interrupts += 1
+                if on_interrupt is None or interrupts >= GIVE_UP_AFTER:
+                    raise
+                on_interrupt()
+    except BaseException:
+        future.cancel()  # nobody waits for it any more
+        raise
     result = future.result()
     if interrupts:
         raise KeyboardInterrupt

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager
 
-__all__ = ["CellRun", "LocalKernel"]
+__all__ = ["CellRun", "LocalKernel", "kernel_with_magic"]
 
 
 @dataclasses.dataclass
@@ -78,3 +79,18 @@ class LocalKernel:
         """Stop the kernel: killed (``now``), or asked to shut down as Jupyter asks."""
         self.kc.stop_channels()
         self.km.shutdown_kernel(now=now)
+
+
+@contextlib.contextmanager
+def kernel_with_magic(env: dict[str, str]) -> Iterator[LocalKernel]:
+    """A local kernel with ``%load_ext remote_gpu_kernel``; at the end it releases
+    its GPU and is stopped, even when the release does not answer (a kernel
+    left running would hold its lease for the rest of the test session)."""
+    kernel = LocalKernel(env)
+    try:
+        run = kernel.run("%load_ext remote_gpu_kernel")
+        assert run.reply["status"] == "ok", run.reply
+        yield kernel
+        kernel.run("%gpu release")
+    finally:
+        kernel.close()

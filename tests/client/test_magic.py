@@ -11,7 +11,7 @@ import pytest
 
 from servers import ServerProcess
 
-from kernels import CellRun, LocalKernel
+from kernels import CellRun, LocalKernel, kernel_with_magic
 
 
 def info_lines(run: CellRun) -> list[str]:
@@ -22,13 +22,8 @@ def info_lines(run: CellRun) -> list[str]:
 
 @pytest.fixture(scope="module")
 def kernel(server: ServerProcess, alice: str) -> Iterator[LocalKernel]:
-    env = dict(os.environ, RGPU_URL=server.url, RGPU_TOKEN=alice)
-    k = LocalKernel(env)
-    run = k.run("%load_ext remote_gpu_kernel")
-    assert run.reply["status"] == "ok", run.reply
-    yield k
-    k.run("%gpu release")
-    k.close()
+    with kernel_with_magic(dict(os.environ, RGPU_URL=server.url, RGPU_TOKEN=alice)) as k:
+        yield k
 
 
 def test_cell_runs_remotely_with_live_output(kernel: LocalKernel) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from kernels import LocalKernel
+from kernels import LocalKernel, kernel_with_magic
 from remote_gpu_kernel import Client, ConnectionLost, InsecureConnection
 from remote_gpu_kernel.api import ApiClient
 from remote_gpu_kernel.cli import main
@@ -113,11 +113,8 @@ def magic_kernel(tls_server: ServerProcess, tls_alice: str, tmp_path: Path) -> I
     env = dict(os.environ, RGPU_URL=tls_server.url, RGPU_TOKEN=tls_alice,
                RGPU_CA=str(self_signed_cert(tls_server)), RGPU_CONFIG=str(tmp_path / "none.json"))
     env.pop("RGPU_INSECURE", None)
-    kernel = LocalKernel(env)
-    assert kernel.run("%load_ext remote_gpu_kernel").reply["status"] == "ok"
-    yield kernel
-    kernel.run("%gpu release")
-    kernel.close()
+    with kernel_with_magic(env) as kernel:
+        yield kernel
 
 
 def test_gpu_magic_over_wss(magic_kernel: LocalKernel, tls_server: ServerProcess, tls_alice: str) -> None:

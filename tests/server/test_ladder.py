@@ -116,6 +116,27 @@ def test_a_cell_that_ignores_interrupts_is_said_to_and_the_second_interrupt_rest
     assert state == "cancelled" and "ignored the first interrupt" in cause
 
 
+def test_interrupts_that_land_while_the_output_and_the_notice_are_shown_still_climb_the_ladder(
+        server: ServerProcess, alice: str) -> None:
+    """Writing output flushes, and a notebook's stop button follows the output
+    it saw, so Ctrl-C often lands inside the output handler: it must count
+    as an interrupt of the cell, not abandon a cell that goes on holding the GPU."""
+    def ctrl_c(_: object) -> None:
+        raise KeyboardInterrupt
+
+    with Client(server.url, alice).session(on_notice=ctrl_c) as session:
+        session.execute("keep = 1", on_output=lambda _: None)
+        with pytest.raises(WorkerDied) as died:  # the output's, then the notice's Ctrl-C
+            try:
+                session.execute(IGNORES_SIGINT, on_output=ctrl_c)
+            except KeyboardInterrupt:
+                pytest.fail("the Ctrl-C escaped: the cell was left running")
+        assert "interrupted twice" in str(died.value)
+        session.on_notice = None
+        fresh = session.execute("print('keep' in globals())", on_output=lambda _: None)
+        assert fresh.stdout == "False\n"  # the next cell runs at once, on a fresh worker
+
+
 @pytest.mark.parametrize("args", [[], ["--no-isolation", "--worker-memory", "none"]],
                          ids=["isolated", "no-cgroup"])
 def test_release_ends_what_the_cell_started_in_sessions_of_its_own(fresh_server: ServerProcess,

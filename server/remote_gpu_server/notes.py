@@ -169,12 +169,17 @@ def open_stream(sock: socket.socket, context: ssl.SSLContext, server_side: bool,
     it each end sends 32 fresh random bytes; both derive the stream's two
     keys from them (HKDF-SHA256) and close TLS, and the socket goes on
     carrying sealed records. Raises ``ssl.SSLError`` for a peer that is not
-    the pinned one and ``OSError`` (a timeout) for one that stalls.
-    ``stall_timeout``: seconds a read or write of the stream may wait for
-    the peer before it fails (None: as long as it takes).
+    the pinned one and ``OSError`` (a timeout) for one that stalls; either
+    way ``sock`` is closed. ``stall_timeout``: seconds a read or write of
+    the stream may wait for the peer before it fails (None: as long as it
+    takes).
     """
-    sock.settimeout(timeout)
-    tls = context.wrap_socket(sock, server_side=server_side)  # closed by it if the handshake fails
+    try:
+        sock.settimeout(timeout)
+        tls = context.wrap_socket(sock, server_side=server_side)
+    except BaseException:
+        sock.close()
+        raise
     try:
         mine = os.urandom(_SEED)
         tls.sendall(mine)
@@ -358,11 +363,7 @@ class TlsCarrier:
     def _connect(self) -> SealedStream:
         raw = socket.create_connection((self.host, self.port), timeout=HANDSHAKE_TIMEOUT)
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        try:
-            return open_stream(raw, self.context, server_side=False)
-        except BaseException:
-            raw.close()
-            raise
+        return open_stream(raw, self.context, server_side=False)
 
     async def _open(self) -> SealedStream:
         if self._conn is not None and self._reader is not None and not self._reader.is_alive():

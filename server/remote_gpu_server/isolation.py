@@ -50,6 +50,7 @@ from .errors import IsolationError
 from .identities import DEFAULT_UID_RANGE, Identities, Identity, RunAs
 from .memory_limits import MemoryLimits, WorkerMemory, fair_share, parse_size
 from .sandbox import SandboxLayout, bubblewrap_argv, check_bubblewrap, find_bubblewrap, python_paths
+from .uid_registry import DEFAULT_PATH as DEFAULT_UID_REGISTRY
 
 __all__ = ["ENV_KEEP", "Isolation", "IsolationConfig", "IsolationMode", "Tenant", "WorkerIsolation",
            "device_groups"]
@@ -86,6 +87,9 @@ class IsolationConfig:
     session_root: Path | None = None
     #: ``--uid-range``: the dynamic uids.
     uid_range: range = DEFAULT_UID_RANGE
+    #: ``--uid-registry``: the host-wide record of the dynamic uids every root
+    #: server here gave out (see :mod:`.uid_registry`).
+    uid_registry: Path = DEFAULT_UID_REGISTRY
     #: ``--worker-env``: more environment variables workers keep.
     worker_env: tuple[str, ...] = ()
     #: The mode to use instead of probing (tests); None probes.
@@ -171,7 +175,8 @@ class Isolation:
             os.umask(0o077)  # whatever the server writes from now on is its own
             self._protect_store()
             self.identities = Identities(self.db.with_name(self.db.name + "-uids.json"),
-                                         self.config.run_as, self.config.uid_range)
+                                         self.config.run_as, self.config.uid_range,
+                                         registry=self.config.uid_registry)
         self._make_session_root()  # every lease has a session folder, isolated or not
         self._announce()
 
@@ -285,6 +290,8 @@ class Isolation:
         (a cluster's head, for its nodes); by default this one decides."""
         if identity is None:
             identity = self.identity(user)
+        elif self.identities is not None:
+            self.identities.adopt(identity)  # the head's uid, claimed on this host too
         tenant = Tenant(user, folder or self.new_folder(identity), identity)
         self._tenants.add(tenant)
         return tenant

@@ -37,6 +37,7 @@ import enum
 import glob
 import logging
 import os
+import platform
 import secrets
 import shutil
 import stat
@@ -51,6 +52,7 @@ from .identities import DEFAULT_UID_RANGE, Identities, Identity, RunAs
 from .memory_limits import MemoryLimits, WorkerMemory, fair_share, parse_size
 from .sandbox import SandboxLayout, bubblewrap_argv, check_bubblewrap, find_bubblewrap, python_paths
 from .uid_registry import DEFAULT_PATH as DEFAULT_UID_REGISTRY
+from .user_namespaces import SUPPORTED as USERNS_FILTER_MACHINES
 
 __all__ = ["ENV_KEEP", "Isolation", "IsolationConfig", "IsolationMode", "Tenant", "WorkerIsolation",
            "device_groups"]
@@ -121,6 +123,12 @@ def device_groups() -> tuple[int, ...]:
         if not mode & 0o006 and mode & 0o060 and gid != 0:
             gids.add(gid)
     return tuple(sorted(gids))
+
+
+def _can_refuse_user_namespaces() -> bool:
+    """Whether a root server's workers can be refused new user namespaces here
+    (a seccomp filter for this machine; see :mod:`.user_namespaces`)."""
+    return platform.machine() in USERNS_FILTER_MACHINES
 
 
 def _keep(name: str, keep: tuple[str, ...]) -> bool:
@@ -216,8 +224,10 @@ class Isolation:
         memory = self.memory.describe()
         if self.mode is IsolationMode.UIDS:
             log.info("workers are isolated: each user's run as a uid of their own (--run-as %s) with a "
-                     "private /tmp; session folders in %s; memory: %s", self.config.run_as.value,
+                     "private /tmp and SysV IPC; session folders in %s; memory: %s", self.config.run_as.value,
                      self.session_root, memory)
+            if not _can_refuse_user_namespaces():
+                log.warning("workers may make user namespaces: no seccomp filter for %s", platform.machine())
         elif self.mode is IsolationMode.BUBBLEWRAP:
             log.info("workers are isolated in bubblewrap sandboxes (user, mount and pid namespaces); "
                      "session folders in %s; memory: %s", self.session_root, memory)
@@ -381,8 +391,9 @@ class WorkerIsolation:
         if self.mode is IsolationMode.UIDS:
             expose = [(str(p), False) for p in python_paths()]
             expose += [(str(self.runtime), True), (str(self.isolation.session_root), True)]
-            spec = dataclasses.replace(spec, private_tmp=True, tmp_size=self._tmp_size(),
-                                       expose=tuple(expose))
+            spec = dataclasses.replace(spec, private_tmp=True, tmp_size=self._tmp_size(), expose=tuple(expose),
+                                       private_ipc=True, ipc_limit=self.memory.limit,
+                                       refuse_user_namespaces=_can_refuse_user_namespaces())
             env.update(HOME="/tmp", IPYTHONDIR=_IPYTHONDIR)
         elif self.mode is IsolationMode.BUBBLEWRAP:
             assert self.folder is not None

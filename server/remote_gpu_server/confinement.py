@@ -47,10 +47,14 @@ import json
 import os
 from typing import Any
 
-__all__ = ["ENV_VAR", "PRIVATE_TMP", "EnterSpec", "SpawnSpec", "enter", "prepare", "prepare_from_environ"]
+__all__ = ["ENV_VAR", "IOPUB_DIR_VAR", "PRIVATE_TMP", "EnterSpec", "SpawnSpec", "enter", "prepare",
+           "prepare_from_environ"]
 
 #: The environment variable that carries the worker's :class:`SpawnSpec`.
 ENV_VAR = "RGPU_CONFINE"
+#: The folder in which the worker makes its IOPub pipe (see :mod:`.worker_iopub`):
+#: one only its user reaches.
+IOPUB_DIR_VAR = "RGPU_IOPUB_DIR"
 
 # From <sched.h>, <sys/mount.h> and <linux/prctl.h>.
 _CLONE_NEWNS, _CLONE_NEWIPC = 0x00020000, 0x08000000

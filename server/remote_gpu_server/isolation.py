@@ -46,7 +46,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .confinement import ENV_VAR, PRIVATE_TMP, EnterSpec, SpawnSpec
+from .confinement import ENV_VAR, IOPUB_DIR_VAR, PRIVATE_TMP, EnterSpec, SpawnSpec
 from .errors import IsolationError
 from .identities import DEFAULT_UID_RANGE, Identities, Identity, RunAs
 from .memory_limits import MemoryLimits, WorkerMemory, fair_share, parse_size
@@ -398,6 +398,9 @@ class WorkerIsolation:
         elif self.mode is IsolationMode.BUBBLEWRAP:
             assert self.folder is not None
             env.update(HOME=str(self.folder), IPYTHONDIR=_IPYTHONDIR, TMPDIR="/tmp")
+        # ipykernel's pipe for forked children's output: in the private /tmp where
+        # there is one, else in the worker's runtime folder (see worker_iopub).
+        env[IOPUB_DIR_VAR] = "/tmp" if self.mode is not IsolationMode.NONE else str(self.runtime)
         env[ENV_VAR] = spec.to_json()
         return self.isolation.environment(env)
 

@@ -141,9 +141,10 @@ class Isolation:
     Call :meth:`start` once the slots are known, :meth:`close` at the end.
     """
 
-    def __init__(self, config: IsolationConfig, db: Path) -> None:
+    def __init__(self, config: IsolationConfig, db: Path, server_files: tuple[Path, ...] = ()) -> None:
         self.config = config
         self.db = db
+        self._server_files = server_files
         self.mode = config.mode or IsolationMode.NONE  # chosen in start() unless given
         self.reason = ""  # why the mode is not a stronger one
         self.session_root = config.session_root or db.parent / "sessions"
@@ -187,6 +188,16 @@ class Isolation:
                                          registry=self.config.uid_registry)
         self._make_session_root()  # every lease has a session folder, isolated or not
         self._announce()
+
+    def server_files(self) -> tuple[Path, ...]:
+        """What no worker may read: the data folder (the store's: the store, its
+        journal files, the uid mapping, ``tls/``), the session root, the uid
+        registry and every file the server's configuration names (``server_files``
+        as given: keys, certificates, ...). A sandbox hides them where they lie
+        inside what it binds (see :mod:`.sandbox`); as root, file modes do."""
+        db, registry = self.db, self.config.uid_registry
+        return (db.parent, *(db.with_name(db.name + s) for s in ("", "-wal", "-shm", "-journal", "-uids.json")),
+                self.session_root, registry, registry.with_name(registry.name + ".lock"), *self._server_files)
 
     def _make_session_root(self) -> None:
         root = self.session_root
@@ -376,13 +387,10 @@ class WorkerIsolation:
         if self.mode is not IsolationMode.BUBBLEWRAP:
             return list(argv)
         isolation = self.isolation
-        db = isolation.db
         assert isolation.bwrap is not None and self.folder is not None
-        layout = SandboxLayout(
-            writable=(self.runtime, self.folder),
-            hidden_files=tuple(db.with_name(db.name + s) for s in ("", "-wal", "-shm", "-journal", "-uids.json")),
-            hidden_dirs=(isolation.session_root, self.runtime.parent),
-            tmp_size=self._tmp_size(), chdir=self.folder)
+        layout = SandboxLayout(writable=(self.runtime, self.folder),
+                               hidden=(*isolation.server_files(), self.runtime.parent),
+                               tmp_size=self._tmp_size(), chdir=self.folder)
         return bubblewrap_argv(isolation.bwrap, layout) + list(argv)
 
     def environment(self, extra: dict[str, str]) -> dict[str, str]:

@@ -114,9 +114,9 @@ def _hiding(layout: SandboxLayout, kept: list[Path]) -> list[str]:
     files = sorted(p for p in paths if p.exists() and not p.is_dir())
     shown, covered, argv = list(kept), [], []
 
-    def visible(path: Path) -> bool:
+    def visible(path: Path) -> bool:  # a folder bound back is bound after its cover: it wins a tie
         shown_at, covered_at = _inside(path, shown), _inside(path, covered)
-        return shown_at is not None and (covered_at is None or len(shown_at.parts) > len(covered_at.parts))
+        return shown_at is not None and (covered_at is None or len(shown_at.parts) >= len(covered_at.parts))
 
     for folder in folders:
         if not visible(folder):

@@ -45,6 +45,7 @@ import ctypes
 import dataclasses
 import json
 import os
+import sys
 from typing import Any
 
 __all__ = ["ENV_VAR", "IOPUB_DIR_VAR", "PRIVATE_TMP", "EnterSpec", "SpawnSpec", "enter", "prepare",
@@ -202,10 +203,13 @@ def _private_ipc(libc: Any, limit: int | None) -> None:
         with open(f"/proc/sys/kernel/{name}", "w") as out:
             out.write(str(value))
 
-    sysctl("shmmax", limit)
-    sysctl("shmall", max(1, limit // page))
-    with open("/proc/sys/kernel/msgmnb") as queue_size, open("/proc/sys/kernel/msgmni") as queues:
-        sysctl("msgmni", max(1, min(int(queues.read()), limit // 4 // max(1, int(queue_size.read())))))
+    try:
+        sysctl("shmmax", limit)
+        sysctl("shmall", max(1, limit // page))
+        with open("/proc/sys/kernel/msgmnb") as queue_size, open("/proc/sys/kernel/msgmni") as queues:
+            sysctl("msgmni", max(1, min(int(queues.read()), limit // 4 // max(1, int(queue_size.read())))))
+    except OSError as exc:  # a read-only /proc/sys (a container): the namespace still fences
+        print(f"rgpu worker: SysV IPC is private but not held to the memory limit: {exc}", file=sys.stderr)
 
 
 def prepare(spec: SpawnSpec) -> None:

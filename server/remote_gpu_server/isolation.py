@@ -6,15 +6,18 @@ is all a launcher needs: the command, environment and process options to
 start the worker with, the :class:`~.confinement.EnterSpec` to send it at
 lease time, what a death means, and a cleanup. The modes:
 
-- ``uids`` (the server runs as root): warm workers start as root in a mount
-  namespace of their own (private ``/tmp``, ``/var/tmp``, ``/dev/shm``),
-  with no user code in them; at lease time the worker, told through its
-  signed channel, moves into a fresh session folder and becomes the user's
-  uid (see :mod:`.identities`) before any cell runs. A lease thus still
-  takes a started worker: the change costs one round trip.
+- ``uids`` (the server runs as root): warm workers start as root in mount
+  and IPC namespaces of their own (private ``/tmp``, ``/var/tmp``,
+  ``/dev/shm`` and SysV IPC), refused new user namespaces, with no user code
+  in them; at lease time the worker, told through its signed channel, moves
+  into a fresh session folder and becomes the user's uid (see
+  :mod:`.identities`; a uid no other server on the host gives out) before
+  any cell runs. A lease thus still takes a started worker: the change
+  costs one round trip.
 - ``bubblewrap`` (not root, and ``bwrap`` can make user namespaces): each
   worker starts in a sandbox of its own with its session folder bound in
-  (see :mod:`.sandbox`); at lease time it only learns its user's name.
+  and every file of the server's hidden (see :mod:`.sandbox`); at lease
+  time it only learns its user's name.
 - ``none``: workers run as the server's user, as without this module:
   where neither mode above is possible, or where the admin asked for it
   with ``--no-isolation``. Without that flag such a server serves one user
@@ -23,8 +26,11 @@ lease time, what a death means, and a cleanup. The modes:
 
 In every mode a worker's environment comes from an allow-list (like
 JupyterHub's ``Spawner.env_keep``), its output goes to a pipe of its own
-(:mod:`.worker_output`), and its host memory is limited (see
-:mod:`.memory_limits`).
+(:mod:`.worker_output`), its host memory is limited (see
+:mod:`.memory_limits`), and it listens on no network port: its sockets are
+``ipc://`` paths that only it and the server reach (ipykernel's IOPub pipe
+included, see :mod:`.worker_iopub`), or, for a worker of a Ray node, ports
+that answer only the keys of its server.
 
 A session folder lives as long as its lease, across worker restarts within
 it, and is removed when the lease ends; ``/tmp`` is the worker's own.

@@ -122,18 +122,20 @@ def test_no_isolation_serves_everyone_and_says_so(tmp_path: Path) -> None:
         server.stop()
 
 
-def sandboxed_workers() -> list[int]:
-    """Host pids of the workers that run as the unprivileged server's uid."""
+def sandboxed_worker(folder: str) -> int:
+    """The host pid of the sandboxed worker whose working folder is ``folder``
+    (its session folder: the sandbox binds it at the same path)."""
     found = []
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and proc.stat().st_uid == SERVER_UID:
+            if proc.name.isdigit() and proc.stat().st_uid == SERVER_UID and os.readlink(proc / "cwd") == folder:
                 argv = (proc / "cmdline").read_bytes().split(b"\0")
-                if argv[0] != b"bwrap" and b"remote_gpu_server.worker_kernel" in argv:
+                if not argv[0].endswith(b"bwrap") and b"remote_gpu_server.worker_kernel" in argv:
                     found.append(int(proc.name))
-        except OSError:
+        except OSError:  # a process that ended meanwhile
             pass
-    return found
+    assert len(found) == 1, found
+    return found[0]
 
 
 SYSV = r"""
@@ -154,8 +156,8 @@ def test_sandboxes_listen_on_no_port_share_no_sysv_ipc_and_make_no_user_namespac
         seen = run(b, SYSV + f"print(errno.errorcode.get(ctypes.get_errno()) if libc.shmget({key}, 0, 0) < 0 "
                              "else 'SEEN')")
         assert made.split() == ["1", "True"] and seen.split() == ["1", "ENOENT"]  # unshare failed: 1
-        workers = sandboxed_workers()
-        assert len(workers) >= 2 and all(inet_listeners(pid) == [] for pid in workers)
+        for session in (a, b):
+            assert inet_listeners(sandboxed_worker(run(session, "import os; print(os.getcwd())").strip())) == []
 
 
 @pytest.fixture

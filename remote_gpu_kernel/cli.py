@@ -110,7 +110,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             run_as=RunAs(args.run_as), no_isolation=args.no_isolation, worker_memory=args.worker_memory,
             session_root=Path(args.session_root) if args.session_root else None,
             uid_range=parse_uid_range(args.uid_range) if args.uid_range else DEFAULT_UID_RANGE,
-            worker_env=tuple(args.worker_env))
+            uid_registry=_uid_registry(args), worker_env=tuple(args.worker_env))
         limits = Limits(max_push=parse_bytes(args.max_push, "--max-push"),
                         max_upload=parse_bytes(args.max_upload, "--max-upload"),
                         max_message=parse_bytes(args.max_message, "--max-message", 64 << 10),
@@ -177,6 +177,14 @@ def _serve_tls(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
         raise ValueError("--keyfile needs --certfile")
     return (Path(args.certfile) if args.certfile else None,
             Path(args.keyfile) if args.keyfile else None)
+
+
+def _uid_registry(args: argparse.Namespace) -> Path:
+    """``--uid-registry``, else ``$RGPU_UID_REGISTRY``, else the host's (``/var/lib/...``)."""
+    from remote_gpu_server.uid_registry import DEFAULT_PATH
+
+    given = args.uid_registry or os.environ.get("RGPU_UID_REGISTRY")
+    return Path(given) if given else DEFAULT_PATH
 
 
 def _when(ts: float | None) -> str:
@@ -422,7 +430,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "(dynamic, the default), or as the OS account of the same name where a "
                           "regular one exists (accounts)")
     iso.add_argument("--uid-range", metavar="START-END",
-                     help="the uids for --run-as dynamic (default 1900000000-1900099999)")
+                     help="the uids for --run-as dynamic (default 1900000000-1900099999); other "
+                          "servers on this host may share the range: each uid goes to one of them")
+    iso.add_argument("--uid-registry", metavar="PATH",
+                     help="the file where every root server on this host claims the dynamic uids it "
+                          "gives out, under a lock, so that no two servers give out one uid (default: "
+                          "$RGPU_UID_REGISTRY, else /var/lib/remote-gpu-kernel/uids.json); servers "
+                          "that are to stay apart must share it")
     iso.add_argument("--no-isolation", action="store_true",
                      help="where workers cannot be isolated (not root, no bubblewrap), serve several "
                           "users anyway: each can then read the others' work")

@@ -4,7 +4,10 @@ The server listens on a free loopback port with CPU slots and a SQLite file
 in a temporary folder (or the store ``db`` names: a file, or a
 ``postgresql://`` URL); :meth:`ServerProcess.token` makes tokens in that
 store. ``launcher`` (an argv prefix) runs the server through another
-program, and ``env`` adds to its environment. :meth:`ServerProcess.stop`
+program, and ``env`` adds to its environment. A root server claims its
+users' uids in a registry of its own test's (``RGPU_UID_REGISTRY`` in
+``tmp``), never in the host's; ``env`` may name a shared one.
+:meth:`ServerProcess.stop`
 ends it with SIGTERM (the same path as Ctrl-C) and fails the test if it does
 not exit.
 """
@@ -32,7 +35,7 @@ class ServerProcess:
                  launcher: list[str] | None = None, env: dict[str, str] | None = None) -> None:
         self.tmp = tmp
         self.launcher = list(launcher or [])
-        self.env = dict(env or {})
+        self.env = {"RGPU_UID_REGISTRY": str(tmp / "uid-registry" / "uids.json"), **(env or {})}
         self.db: Path | str = db or tmp / "rgpu.sqlite3"
         self.slots = slots
         self.args = list(args)

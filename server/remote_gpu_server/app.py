@@ -28,7 +28,7 @@ from .leases import DEFAULT_POOL
 from .config import ServerConfig
 from .connection import Connection
 from .frontdoor import FrontDoor
-from .config import data_dir
+from .config import data_dir, named_paths
 from .drain import Drainer
 from .gpus import discover_slots
 from .isolation import Isolation
@@ -81,7 +81,7 @@ class GpuServer:
         self.metrics = Metrics()
         self.origins = OriginPolicy(config.allow_origins)  # raises ValueError for a bad entry
         store_file = Path(config.db) if not _is_url(config.db) else data_dir(config.db) / "store"
-        self.isolation = Isolation(config.isolation, store_file)
+        self.isolation = Isolation(config.isolation, store_file, server_files=named_paths(config))
         self._parts_closed = False
         self._reaper: asyncio.Task[None] | None = None
         self._announcer: asyncio.Task[None] | None = None

@@ -13,7 +13,7 @@ from .limits import Limits
 from .parking_state import ParkConfig
 from .scheduler import PoolConfig, Quota, SchedulerConfig
 
-__all__ = ["ServerConfig", "data_dir", "default_db_path", "parse_pool"]
+__all__ = ["ServerConfig", "data_dir", "default_db_path", "named_paths", "parse_pool"]
 
 
 def default_db_path() -> Path | str:
@@ -32,6 +32,27 @@ def data_dir(db: Path | str) -> Path:
     if isinstance(db, str) and "://" in db:
         return Path(platformdirs.user_data_dir("remote-gpu-kernel"))
     return Path(db).parent
+
+
+def named_paths(config: object) -> tuple[Path, ...]:
+    """Every file or folder a configuration names: its ``Path`` values, at any
+    depth of nested dataclasses and tuples. These are the server's own files
+    (store, keys, registry, ...), which a worker's sandbox hides; a setting
+    added later is hidden as well, without a list to keep up to date."""
+    found: list[Path] = []
+
+    def walk(value: object) -> None:
+        if isinstance(value, Path):
+            found.append(value)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            for field in dataclasses.fields(value):
+                walk(getattr(value, field.name))
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                walk(item)
+
+    walk(config)
+    return tuple(found)
 
 
 def parse_pool(spec: str) -> PoolConfig:

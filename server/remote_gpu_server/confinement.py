@@ -7,11 +7,15 @@ which it sends as JSON.
 1. :func:`prepare`, with a :class:`SpawnSpec`, is the first thing the worker
    does, while it is still a single thread and, under a root server, still
    root. It sets the memory rlimit (when no cgroup holds the worker), moves
-   into a mount namespace of its own with private, size-limited tmpfs on
-   ``/tmp``, ``/var/tmp`` and ``/dev/shm``, and sets ``no_new_privs``. A
-   mount namespace is per thread at the moment it is made: made here, before
-   ipykernel and torch start any thread, every thread of the worker shares
-   it, so no thread keeps a door into the host's ``/tmp``.
+   into an IPC namespace of its own (its SysV shared memory, semaphores and
+   message queues, and its POSIX message queues, are its own, go with it,
+   and its shared memory is held to its memory limit) and a mount namespace
+   of its own with private, size-limited tmpfs on ``/tmp``, ``/var/tmp``
+   and ``/dev/shm``, sets ``no_new_privs``, and refuses itself new user
+   namespaces (:mod:`.user_namespaces`). A mount namespace is per thread at
+   the moment it is made: made here, before ipykernel and torch start any
+   thread, every thread of the worker shares it, so no thread keeps a door
+   into the host's ``/tmp``.
 
    Some paths must stay reachable once the worker is no longer root: the
    Python it runs (read-only; it may live under ``/root``, mode 0700), its
@@ -41,15 +45,20 @@ import ctypes
 import dataclasses
 import json
 import os
+import sys
 from typing import Any
 
-__all__ = ["ENV_VAR", "PRIVATE_TMP", "EnterSpec", "SpawnSpec", "enter", "prepare", "prepare_from_environ"]
+__all__ = ["ENV_VAR", "IOPUB_DIR_VAR", "PRIVATE_TMP", "EnterSpec", "SpawnSpec", "enter", "prepare",
+           "prepare_from_environ"]
 
 #: The environment variable that carries the worker's :class:`SpawnSpec`.
 ENV_VAR = "RGPU_CONFINE"
+#: The folder in which the worker makes its IOPub pipe (see :mod:`.worker_iopub`):
+#: one only its user reaches.
+IOPUB_DIR_VAR = "RGPU_IOPUB_DIR"
 
 # From <sched.h>, <sys/mount.h> and <linux/prctl.h>.
-_CLONE_NEWNS = 0x00020000
+_CLONE_NEWNS, _CLONE_NEWIPC = 0x00020000, 0x08000000
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT = 0x1, 0x2, 0x4, 0x20
 _MS_BIND, _MS_REC, _MS_PRIVATE = 0x1000, 0x4000, 0x40000
 _PR_SET_DUMPABLE, _PR_SET_NO_NEW_PRIVS = 4, 38
@@ -78,6 +87,14 @@ class SpawnSpec:
     no_new_privs: bool = True
     #: Paths kept reachable in the private namespace: ``(path, writable)``.
     expose: tuple[tuple[str, bool], ...] = ()
+    #: An IPC namespace of its own (the server runs as root; bubblewrap has
+    #: ``--unshare-ipc``), whose SysV shared memory is held to ``ipc_limit``
+    #: bytes where given.
+    private_ipc: bool = False
+    ipc_limit: int | None = None
+    #: Refuse new user namespaces with a seccomp filter (as root; bubblewrap
+    #: has ``--disable-userns``).
+    refuse_user_namespaces: bool = False
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -173,6 +190,28 @@ def _private_namespace(libc: Any, spec: SpawnSpec) -> None:
             os.close(fd)
 
 
+def _private_ipc(libc: Any, limit: int | None) -> None:
+    """An IPC namespace of its own; with ``limit``, its SysV shared memory stays
+    within ``limit`` bytes and its message queues within a quarter of that
+    (a segment's pages count towards a memory cgroup, not towards RLIMIT_DATA)."""
+    _check(libc.unshare(_CLONE_NEWIPC), "unshare(CLONE_NEWIPC)")
+    if limit is None:
+        return
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def sysctl(name: str, value: int) -> None:
+        with open(f"/proc/sys/kernel/{name}", "w") as out:
+            out.write(str(value))
+
+    try:
+        sysctl("shmmax", limit)
+        sysctl("shmall", max(1, limit // page))
+        with open("/proc/sys/kernel/msgmnb") as queue_size, open("/proc/sys/kernel/msgmni") as queues:
+            sysctl("msgmni", max(1, min(int(queues.read()), limit // 4 // max(1, int(queue_size.read())))))
+    except OSError as exc:  # a read-only /proc/sys (a container): the namespace still fences
+        print(f"rgpu worker: SysV IPC is private but not held to the memory limit: {exc}", file=sys.stderr)
+
+
 def prepare(spec: SpawnSpec) -> None:
     """Confine this process at start; see the module docstring. Raises OSError."""
     if spec.data_limit is not None:
@@ -182,10 +221,16 @@ def prepare(spec: SpawnSpec) -> None:
         # than it uses, with PROT_NONE mappings that RLIMIT_DATA ignores.
         resource.setrlimit(resource.RLIMIT_DATA, (spec.data_limit, spec.data_limit))
     libc = _libc()
+    if spec.private_ipc:
+        _private_ipc(libc, spec.ipc_limit)
     if spec.private_tmp:
         _private_namespace(libc, spec)
     if spec.no_new_privs:
         _check(libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+    if spec.refuse_user_namespaces:
+        from .user_namespaces import refuse_user_namespaces
+
+        refuse_user_namespaces()
 
 
 def prepare_from_environ() -> SpawnSpec | None:

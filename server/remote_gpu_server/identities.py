@@ -14,7 +14,8 @@ default: never root, a system account, or the server's own uid); other
 users get a dynamic uid.
 
 A dynamic uid is never 0, never the server's, never one that an account or
-a group already has, and never one recorded for another user.
+a group already has, and never one recorded for another user, by this
+server or by any other on the host.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ import json
 import logging
 import os
 import pwd
+import secrets
 import stat
 import tempfile
 from pathlib import Path
 
 from .errors import IsolationError
+from .uid_registry import UidRegistry
 
 __all__ = ["DEFAULT_UID_RANGE", "Identities", "Identity", "RunAs", "parse_uid_range"]
 
@@ -57,6 +60,9 @@ class Identity:
     groups: tuple[int, ...] = ()
     #: The account's home folder (accounts only), else None.
     home: str | None = None
+    #: The registry owner (see :mod:`.uid_registry`) that gave this dynamic
+    #: uid, so a Ray node claims it on its own host too; None for an account.
+    owner: str | None = None
 
     @property
     def account(self) -> bool:
@@ -102,26 +108,34 @@ def _taken(uid: int) -> bool:
 class Identities:
     """The identity of each user; see the module docstring.
 
-    ``path`` is the mapping file; ``server_uid`` the uid no worker may have.
+    ``path`` is the mapping file; ``registry`` the host's uid registry (see
+    :mod:`.uid_registry`); ``server_uid`` the uid no worker may have. Raises
+    IsolationError where the mapping cannot be trusted or one of its uids is
+    another server's.
     """
 
     def __init__(self, path: Path, run_as: RunAs = RunAs.DYNAMIC, uid_range: range = DEFAULT_UID_RANGE,
-                 server_uid: int | None = None) -> None:
+                 server_uid: int | None = None, *, registry: Path) -> None:
         self.path = path
         self.run_as = run_as
         self.uid_range = uid_range
         self.server_uid = os.geteuid() if server_uid is None else server_uid
         self._regular = _login_defs()
-        self._uids = self._load()
+        owner, self._uids = self._load()
+        self.registry = UidRegistry(registry, owner or secrets.token_hex(16), path)
+        if self._uids and owner is None:  # written before the registry: it needs its owner id
+            self._save()
+        self.registry.confirm(self._uids)
         self._cache: dict[str, Identity] = {}
 
-    def _load(self) -> dict[str, int]:
-        """The recorded uids; refused if anyone but the server could have written them."""
+    def _load(self) -> tuple[str | None, dict[str, int]]:
+        """The mapping's owner id and recorded uids; refused if anyone but the
+        server could have written them."""
         try:
             info = os.lstat(self.path)
             data = json.loads(self.path.read_text())
         except FileNotFoundError:
-            return {}
+            return None, {}
         except (OSError, ValueError) as exc:
             raise IsolationError(f"cannot read the uid mapping {self.path}: {exc}") from None
         if not stat.S_ISREG(info.st_mode) or info.st_uid != self.server_uid or info.st_mode & 0o022:
@@ -136,14 +150,16 @@ class Identities:
                                      f"{pwd.getpwuid(uid).pw_name}'s; fix or remove it")
             except KeyError:
                 pass
-        return uids
+        owner = data.get("owner")
+        return (str(owner) if owner else None), uids
 
     def _save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".uids-", dir=self.path.parent)  # mode 0600
         try:
             with os.fdopen(fd, "w") as out:
-                json.dump({"version": 1, "uids": self._uids}, out, indent=1, sort_keys=True)
+                json.dump({"version": 1, "owner": self.registry.owner, "uids": self._uids}, out, indent=1,
+                          sort_keys=True)
             os.replace(tmp, self.path)
         except BaseException:
             os.unlink(tmp)
@@ -176,16 +192,28 @@ class Identities:
         uid = self._uids.get(user)
         if uid is None:
             used = set(self._uids.values())
-            for candidate in self.uid_range:
-                if candidate not in used and candidate != self.server_uid and not _taken(candidate):
-                    uid = candidate
-                    break
-            else:
+            uid = self.registry.allocate(
+                user, self.uid_range,
+                lambda candidate: candidate not in used and candidate != self.server_uid and not _taken(candidate))
+            if uid is None:
                 raise IsolationError(f"no free uid left in --uid-range "
-                                     f"{self.uid_range.start}-{self.uid_range.stop - 1} for user {user}")
+                                     f"{self.uid_range.start}-{self.uid_range.stop - 1} for user {user} "
+                                     f"(the registry {self.registry.path} holds every other server's too)")
             self._uids[user] = uid
             self._save()
             log.info("user %s runs as the dynamic uid %d", user, uid)
         if uid in (0, self.server_uid):
             raise IsolationError(f"{self.path} maps {user} to uid {uid}, which no worker may have")
-        return Identity(user, uid, uid)
+        return Identity(user, uid, uid, owner=self.registry.owner)
+
+    def adopt(self, identity: Identity) -> None:
+        """Claim on this host the dynamic uid that another server (a Ray
+        cluster's head) gave ``identity``'s user, before a worker here takes it;
+        raises IsolationError where it is an account's or another server's here."""
+        if identity.owner is None or identity.owner == self.registry.owner:
+            return
+        if identity.uid in (0, self.server_uid) or _taken(identity.uid):
+            raise IsolationError(f"uid {identity.uid}, which the cluster's head gave {identity.user}, is "
+                                 f"an account's or a group's on this node: give the head another --uid-range")
+        UidRegistry(self.registry.path, identity.owner,
+                    Path("(the mapping of the Ray cluster's head)")).confirm({identity.user: identity.uid})

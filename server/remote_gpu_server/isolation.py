@@ -6,15 +6,18 @@ is all a launcher needs: the command, environment and process options to
 start the worker with, the :class:`~.confinement.EnterSpec` to send it at
 lease time, what a death means, and a cleanup. The modes:
 
-- ``uids`` (the server runs as root): warm workers start as root in a mount
-  namespace of their own (private ``/tmp``, ``/var/tmp``, ``/dev/shm``),
-  with no user code in them; at lease time the worker, told through its
-  signed channel, moves into a fresh session folder and becomes the user's
-  uid (see :mod:`.identities`) before any cell runs. A lease thus still
-  takes a started worker: the change costs one round trip.
+- ``uids`` (the server runs as root): warm workers start as root in mount
+  and IPC namespaces of their own (private ``/tmp``, ``/var/tmp``,
+  ``/dev/shm`` and SysV IPC), refused new user namespaces, with no user code
+  in them; at lease time the worker, told through its signed channel, moves
+  into a fresh session folder and becomes the user's uid (see
+  :mod:`.identities`; a uid no other server on the host gives out) before
+  any cell runs. A lease thus still takes a started worker: the change
+  costs one round trip.
 - ``bubblewrap`` (not root, and ``bwrap`` can make user namespaces): each
   worker starts in a sandbox of its own with its session folder bound in
-  (see :mod:`.sandbox`); at lease time it only learns its user's name.
+  and every file of the server's hidden (see :mod:`.sandbox`); at lease
+  time it only learns its user's name.
 - ``none``: workers run as the server's user, as without this module:
   where neither mode above is possible, or where the admin asked for it
   with ``--no-isolation``. Without that flag such a server serves one user
@@ -23,8 +26,11 @@ lease time, what a death means, and a cleanup. The modes:
 
 In every mode a worker's environment comes from an allow-list (like
 JupyterHub's ``Spawner.env_keep``), its output goes to a pipe of its own
-(:mod:`.worker_output`), and its host memory is limited (see
-:mod:`.memory_limits`).
+(:mod:`.worker_output`), its host memory is limited (see
+:mod:`.memory_limits`), and it listens on no network port: its sockets are
+``ipc://`` paths that only it and the server reach (ipykernel's IOPub pipe
+included, see :mod:`.worker_iopub`), or, for a worker of a Ray node, ports
+that answer only the keys of its server.
 
 A session folder lives as long as its lease, across worker restarts within
 it, and is removed when the lease ends; ``/tmp`` is the worker's own.
@@ -37,6 +43,7 @@ import enum
 import glob
 import logging
 import os
+import platform
 import secrets
 import shutil
 import stat
@@ -45,11 +52,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .confinement import ENV_VAR, PRIVATE_TMP, EnterSpec, SpawnSpec
+from .confinement import ENV_VAR, IOPUB_DIR_VAR, PRIVATE_TMP, EnterSpec, SpawnSpec
 from .errors import IsolationError
 from .identities import DEFAULT_UID_RANGE, Identities, Identity, RunAs
 from .memory_limits import MemoryLimits, WorkerMemory, fair_share, parse_size
 from .sandbox import SandboxLayout, bubblewrap_argv, check_bubblewrap, find_bubblewrap, python_paths
+from .uid_registry import DEFAULT_PATH as DEFAULT_UID_REGISTRY
+from .user_namespaces import SUPPORTED as USERNS_FILTER_MACHINES
 
 __all__ = ["ENV_KEEP", "Isolation", "IsolationConfig", "IsolationMode", "Tenant", "WorkerIsolation",
            "device_groups"]
@@ -86,6 +95,9 @@ class IsolationConfig:
     session_root: Path | None = None
     #: ``--uid-range``: the dynamic uids.
     uid_range: range = DEFAULT_UID_RANGE
+    #: ``--uid-registry``: the host-wide record of the dynamic uids every root
+    #: server here gave out (see :mod:`.uid_registry`).
+    uid_registry: Path = DEFAULT_UID_REGISTRY
     #: ``--worker-env``: more environment variables workers keep.
     worker_env: tuple[str, ...] = ()
     #: The mode to use instead of probing (tests); None probes.
@@ -119,6 +131,12 @@ def device_groups() -> tuple[int, ...]:
     return tuple(sorted(gids))
 
 
+def _can_refuse_user_namespaces() -> bool:
+    """Whether a root server's workers can be refused new user namespaces here
+    (a seccomp filter for this machine; see :mod:`.user_namespaces`)."""
+    return platform.machine() in USERNS_FILTER_MACHINES
+
+
 def _keep(name: str, keep: tuple[str, ...]) -> bool:
     return any(name.startswith(k) if k.endswith("_") else name == k for k in keep)
 
@@ -129,9 +147,10 @@ class Isolation:
     Call :meth:`start` once the slots are known, :meth:`close` at the end.
     """
 
-    def __init__(self, config: IsolationConfig, db: Path) -> None:
+    def __init__(self, config: IsolationConfig, db: Path, server_files: tuple[Path, ...] = ()) -> None:
         self.config = config
         self.db = db
+        self._server_files = server_files
         self.mode = config.mode or IsolationMode.NONE  # chosen in start() unless given
         self.reason = ""  # why the mode is not a stronger one
         self.session_root = config.session_root or db.parent / "sessions"
@@ -171,9 +190,20 @@ class Isolation:
             os.umask(0o077)  # whatever the server writes from now on is its own
             self._protect_store()
             self.identities = Identities(self.db.with_name(self.db.name + "-uids.json"),
-                                         self.config.run_as, self.config.uid_range)
+                                         self.config.run_as, self.config.uid_range,
+                                         registry=self.config.uid_registry)
         self._make_session_root()  # every lease has a session folder, isolated or not
         self._announce()
+
+    def server_files(self) -> tuple[Path, ...]:
+        """What no worker may read: the data folder (the store's: the store, its
+        journal files, the uid mapping, ``tls/``), the session root, the uid
+        registry and every file the server's configuration names (``server_files``
+        as given: keys, certificates, ...). A sandbox hides them where they lie
+        inside what it binds (see :mod:`.sandbox`); as root, file modes do."""
+        db, registry = self.db, self.config.uid_registry
+        return (db.parent, *(db.with_name(db.name + s) for s in ("", "-wal", "-shm", "-journal", "-uids.json")),
+                self.session_root, registry, registry.with_name(registry.name + ".lock"), *self._server_files)
 
     def _make_session_root(self) -> None:
         root = self.session_root
@@ -211,8 +241,10 @@ class Isolation:
         memory = self.memory.describe()
         if self.mode is IsolationMode.UIDS:
             log.info("workers are isolated: each user's run as a uid of their own (--run-as %s) with a "
-                     "private /tmp; session folders in %s; memory: %s", self.config.run_as.value,
+                     "private /tmp and SysV IPC; session folders in %s; memory: %s", self.config.run_as.value,
                      self.session_root, memory)
+            if not _can_refuse_user_namespaces():
+                log.warning("workers may make user namespaces: no seccomp filter for %s", platform.machine())
         elif self.mode is IsolationMode.BUBBLEWRAP:
             log.info("workers are isolated in bubblewrap sandboxes (user, mount and pid namespaces); "
                      "session folders in %s; memory: %s", self.session_root, memory)
@@ -285,6 +317,8 @@ class Isolation:
         (a cluster's head, for its nodes); by default this one decides."""
         if identity is None:
             identity = self.identity(user)
+        elif self.identities is not None:
+            self.identities.adopt(identity)  # the head's uid, claimed on this host too
         tenant = Tenant(user, folder or self.new_folder(identity), identity)
         self._tenants.add(tenant)
         return tenant
@@ -359,13 +393,10 @@ class WorkerIsolation:
         if self.mode is not IsolationMode.BUBBLEWRAP:
             return list(argv)
         isolation = self.isolation
-        db = isolation.db
         assert isolation.bwrap is not None and self.folder is not None
-        layout = SandboxLayout(
-            writable=(self.runtime, self.folder),
-            hidden_files=tuple(db.with_name(db.name + s) for s in ("", "-wal", "-shm", "-journal", "-uids.json")),
-            hidden_dirs=(isolation.session_root, self.runtime.parent),
-            tmp_size=self._tmp_size(), chdir=self.folder)
+        layout = SandboxLayout(writable=(self.runtime, self.folder),
+                               hidden=(*isolation.server_files(), self.runtime.parent),
+                               tmp_size=self._tmp_size(), chdir=self.folder)
         return bubblewrap_argv(isolation.bwrap, layout) + list(argv)
 
     def environment(self, extra: dict[str, str]) -> dict[str, str]:
@@ -374,12 +405,16 @@ class WorkerIsolation:
         if self.mode is IsolationMode.UIDS:
             expose = [(str(p), False) for p in python_paths()]
             expose += [(str(self.runtime), True), (str(self.isolation.session_root), True)]
-            spec = dataclasses.replace(spec, private_tmp=True, tmp_size=self._tmp_size(),
-                                       expose=tuple(expose))
+            spec = dataclasses.replace(spec, private_tmp=True, tmp_size=self._tmp_size(), expose=tuple(expose),
+                                       private_ipc=True, ipc_limit=self.memory.limit,
+                                       refuse_user_namespaces=_can_refuse_user_namespaces())
             env.update(HOME="/tmp", IPYTHONDIR=_IPYTHONDIR)
         elif self.mode is IsolationMode.BUBBLEWRAP:
             assert self.folder is not None
             env.update(HOME=str(self.folder), IPYTHONDIR=_IPYTHONDIR, TMPDIR="/tmp")
+        # ipykernel's pipe for forked children's output: in the private /tmp where
+        # there is one, else in the worker's runtime folder (see worker_iopub).
+        env[IOPUB_DIR_VAR] = "/tmp" if self.mode is not IsolationMode.NONE else str(self.runtime)
         env[ENV_VAR] = spec.to_json()
         return self.isolation.environment(env)
 

@@ -13,8 +13,15 @@ pid, ipc and uts namespaces, with a filesystem built from an allow-list:
 - fresh: ``/proc`` of its own pid namespace, a minimal ``/dev`` plus the
   NVIDIA device files (``/dev/nvidia*``, so CUDA works), and size-limited
   tmpfs on ``/tmp`` and ``/dev/shm``;
-- hidden: the store's files, the uid mapping and the runtime and session
-  roots, should they lie inside something bound above.
+- hidden: every file and folder of the server's that lies inside something
+  bound above, wherever it is (:attr:`SandboxLayout.hidden`): its data
+  folder (the store's folder: the store, the uid mapping, ``tls/``), every
+  file its configuration names (``--certfile`` and ``--keyfile`` in
+  ``/etc/rgpu``, say), and the runtime and session roots. A folder is
+  covered by an empty tmpfs, and what the worker's Python needs inside it
+  (a virtual environment beside the store) is bound back; a file is
+  covered by ``/dev/null``. A system folder (``/etc``, ``/opt``, ...) is never
+  covered whole: only the server's files in it are.
 
 So a worker sees no other worker's files or processes and cannot signal
 the server (it is not in the worker's pid namespace). The network is shared:
@@ -79,9 +86,8 @@ class SandboxLayout:
 
     #: The worker's runtime folder and session folder, bound read-write.
     writable: tuple[Path, ...]
-    #: Files and folders hidden even where they lie inside a readable path.
-    hidden_files: tuple[Path, ...] = ()
-    hidden_dirs: tuple[Path, ...] = ()
+    #: The server's files and folders, hidden where they lie inside a readable path.
+    hidden: tuple[Path, ...] = ()
     #: Size in bytes of the /tmp and /dev/shm tmpfs; None: no limit.
     tmp_size: int | None = None
     #: The working directory.
@@ -91,6 +97,41 @@ class SandboxLayout:
 
 def _nested(path: Path, roots: list[Path]) -> bool:
     return any(path != root and path.is_relative_to(root) for root in roots)
+
+
+def _inside(path: Path, roots: list[Path]) -> Path | None:
+    """The deepest of ``roots`` that is ``path`` or holds it, or None."""
+    holders = [root for root in roots if path.is_relative_to(root)]
+    return max(holders, key=lambda root: len(root.parts)) if holders else None
+
+
+def _hiding(layout: SandboxLayout, kept: list[Path]) -> list[str]:
+    """The bubblewrap arguments that hide ``layout.hidden`` (see the module docstring)."""
+    system = {Path("/"), *(Path(p) for p in _SYSTEM + _TOP_LEVEL)}
+    paths = {Path(os.path.abspath(p)) for p in layout.hidden} | {Path(os.path.realpath(p)) for p in layout.hidden}
+    folders = sorted((p for p in paths if p.is_dir() and not p.is_symlink() and p not in system),
+                     key=lambda p: len(p.parts))
+    files = sorted(p for p in paths if p.exists() and not p.is_dir())
+    shown, covered, argv = list(kept), [], []
+
+    def visible(path: Path) -> bool:  # a folder bound back is bound after its cover: it wins a tie
+        shown_at, covered_at = _inside(path, shown), _inside(path, covered)
+        return shown_at is not None and (covered_at is None or len(shown_at.parts) >= len(covered_at.parts))
+
+    for folder in folders:
+        if not visible(folder):
+            continue
+        argv += ["--tmpfs", str(folder)]
+        covered.append(folder)
+        needed = [p for p in layout.readable if p.is_relative_to(folder)]
+        for path in needed:
+            if not _nested(path, needed):
+                argv += ["--ro-bind", str(path), str(path)]
+                shown.append(path)
+    for path in files:
+        if visible(path):
+            argv += ["--ro-bind", "/dev/null", str(path)]
+    return argv
 
 
 def bubblewrap_argv(bwrap: str, layout: SandboxLayout) -> list[str]:
@@ -116,12 +157,7 @@ def bubblewrap_argv(bwrap: str, layout: SandboxLayout) -> list[str]:
         if layout.tmp_size:
             argv += ["--size", str(layout.tmp_size)]
         argv += ["--tmpfs", tmp]
-    for path in layout.hidden_dirs:
-        if any(path.is_relative_to(p) for p in kept):
-            argv += ["--tmpfs", str(path)]
-    for path in layout.hidden_files:
-        if path.exists() and any(path.is_relative_to(p) for p in kept):
-            argv += ["--ro-bind", "/dev/null", str(path)]
+    argv += _hiding(layout, [*kept, *(Path(p) for p in _TOP_LEVEL if os.path.isdir(p) and not os.path.islink(p))])
     for path in layout.writable:
         argv += ["--bind", str(path), str(path)]
     if layout.chdir is not None:

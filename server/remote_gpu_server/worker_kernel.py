@@ -25,6 +25,10 @@ Isolation: before anything else, the worker confines itself as the server's
 the server's ``{"op": "enter", "id": N, "spec": {...}}`` comm request makes
 it its user's (:func:`.confinement.enter`) before any cell runs.
 
+Output of forked children reaches the kernel on an ``ipc://`` socket in
+the worker's private ``/tmp``, not on ipykernel's loopback TCP port, which
+every process on the host could send to (see :mod:`.worker_iopub`).
+
 Parking: ``{"op": "park", "id": N, "folder": PATH, "limit": BYTES|null}``
 saves the namespace into the session folder and ``{"op": "restore", "id":
 N, "folder": PATH}`` loads it into a fresh worker (see
@@ -343,16 +347,41 @@ def _kernel_class() -> Any:
     return WorkerKernel
 
 
+def _app_class() -> Any:
+    import zmq
+
+    from remote_gpu_kernel.kernel_app import MainLoopKernelApp
+
+    from .confinement import IOPUB_DIR_VAR
+    from .worker_iopub import PrivatePipe
+
+    class WorkerKernelApp(MainLoopKernelApp):  # type: ignore[misc]
+        """The kernel app, with the IOPub pipe of :mod:`.worker_iopub`."""
+
+        def init_iopub(self, context: Any) -> None:
+            # As IPKernelApp.init_iopub, with PrivatePipe for IOPubThread.
+            self.iopub_socket = context.socket(zmq.XPUB)
+            self.iopub_socket.linger = 1000
+            self._apply_curve_server_options(self.iopub_socket)
+            self.iopub_port = self._bind_socket(self.iopub_socket, self.iopub_port)
+            self.log.debug("iopub PUB Channel on port: %i", self.iopub_port)
+            self.configure_tornado_logger()
+            self.iopub_thread = PrivatePipe(self.iopub_socket, os.environ.pop(IOPUB_DIR_VAR, None),
+                                            session=self.session)
+            self.iopub_thread.start()
+            self.iopub_socket = self.iopub_thread.background_socket
+
+    return WorkerKernelApp
+
+
 def main(argv: list[str] | None = None) -> None:
     # Isolation hook: first, while this process is one thread (see confinement.py).
     from .confinement import prepare_from_environ
 
     spawn = prepare_from_environ()
-    from remote_gpu_kernel.kernel_app import MainLoopKernelApp
-
     die_with_parent()
     _preload()
-    app = MainLoopKernelApp.instance(kernel_class=_kernel_class())
+    app = _app_class().instance(kernel_class=_kernel_class())
     app.initialize(sys.argv[1:] if argv is None else argv)
     from . import worker_errors
 

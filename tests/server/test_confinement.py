@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from remote_gpu_server.confinement import EnterSpec, SpawnSpec
+from remote_gpu_server.sandbox import python_paths
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="confinement starts as root: run as root")
 
@@ -94,3 +95,58 @@ def test_a_failed_enter_leaves_the_worker_unusable_for_anyone(tmp_path: Path) ->
     done = subprocess.run([sys.executable, "-c", code, json.dumps(entry.to_json())], capture_output=True,
                           text=True, timeout=60)
     assert done.returncode != 0 and "FileNotFoundError" in done.stderr
+
+
+NAMESPACES = r"""
+import ctypes, json, os, subprocess, sys, threading
+from remote_gpu_server.confinement import EnterSpec, SpawnSpec, enter, prepare
+
+prepare(SpawnSpec.from_json(sys.argv[1]))
+enter(EnterSpec.from_json(json.loads(sys.argv[2])))
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmget.argtypes = [ctypes.c_int, ctypes.c_size_t, ctypes.c_int]
+
+def call(result):
+    return 'ok' if result >= 0 else os.strerror(ctypes.get_errno())
+
+facts = {'ipc': os.readlink('/proc/self/ns/ipc'), 'user': os.readlink('/proc/self/ns/user'),
+         'shm_small': call(libc.shmget(0, 16 << 20, 0o1600)),
+         'shm_past_limit': call(libc.shmget(0, 128 << 20, 0o1600)),
+         'unshare_tool': subprocess.run(['unshare', '-U', 'true'], capture_output=True, text=True).stderr.strip(),
+         'subprocess': subprocess.run([sys.executable, '-c', 'print(1)'], capture_output=True, text=True).stdout}
+read, write = os.pipe()
+pid = os.fork()
+if pid == 0:  # a single-threaded child, as unshare(CLONE_NEWUSER) needs
+    found = {'unshare': call(libc.unshare(0x10000000)),
+             'clone3': call(libc.syscall(435, None, 0)),
+             'x32_unshare': call(libc.syscall(272 | 0x40000000, 0x10000000))}
+    os.write(write, json.dumps(found).encode())
+    os._exit(0)
+os.close(write)
+facts.update(json.loads(os.read(read, 4096)))
+os.waitpid(pid, 0)
+thread = threading.Thread(target=facts.update, kwargs={'thread': 'ran'})
+thread.start()
+thread.join()
+print(json.dumps(facts))
+"""
+
+
+def test_a_confined_worker_has_its_own_ipc_and_makes_no_user_namespace(tmp_path: Path) -> None:
+    session = tmp_path / "session"
+    session.mkdir()
+    os.chown(session, UID, UID)
+    python = tuple((str(p), False) for p in python_paths())  # it may live under /root
+    spawn = SpawnSpec(private_tmp=True, private_ipc=True, ipc_limit=64 << 20, refuse_user_namespaces=True,
+                      expose=(*python, (str(session), True)))
+    entry = EnterSpec(cwd=str(session), uid=UID, gid=UID)
+    done = subprocess.run([sys.executable, "-c", NAMESPACES, spawn.to_json(), json.dumps(entry.to_json())],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    facts = json.loads(done.stdout)
+    assert facts["ipc"] != os.readlink("/proc/self/ns/ipc") and facts["user"] == os.readlink("/proc/self/ns/user")
+    assert (facts["shm_small"], facts["shm_past_limit"]) == ("ok", "Invalid argument")  # held to ipc_limit
+    assert facts["unshare_tool"] == "unshare: unshare failed: Operation not permitted"
+    assert (facts["unshare"], facts["x32_unshare"]) == ("Operation not permitted",) * 2
+    assert facts["clone3"] == "Function not implemented"  # the C library falls back to clone
+    assert facts["subprocess"] == "1\n" and facts["thread"] == "ran"

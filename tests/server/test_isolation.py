@@ -21,6 +21,7 @@ import pytest
 from remote_gpu_kernel import Client, WorkerDied
 from remote_gpu_kernel.sync import Session
 from servers import ServerProcess
+from waiting import wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="a root server isolates with uids: run as root")
 
@@ -260,4 +261,184 @@ for name, target in {dict((k, str(v)) for k, v in links.items())!r}.items():
     a2.release()
     assert not folder.exists()
     assert (world.b_folder / "secret.txt").read_text() == SECRET and db.exists()
+    world.b_is_untouched()
+
+
+def socket_inodes(pid: int) -> set[str]:
+    """The inodes of the sockets process ``pid`` holds."""
+    found = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except FileNotFoundError:
+            continue
+        if target.startswith("socket:["):
+            found.add(target[len("socket:["):-1])
+    return found
+
+
+def inet_listeners(pid: int) -> list[tuple[str, int]]:
+    """``(address, port)`` of every TCP socket listening, and every UDP socket
+    bound, that process ``pid`` holds (addresses as /proc/net prints them)."""
+    inodes = socket_inodes(pid)
+    found = []
+    for table in ("tcp", "tcp6", "udp", "udp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            listening = fields[3] == "0A" if table.startswith("tcp") else True
+            if listening and fields[9] in inodes:
+                address, port = fields[1].split(":")
+                found.append((address, int(port, 16)))
+    return found
+
+
+def vm_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) << 10
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_b_worker_listens_on_no_port_and_its_iopub_pipe_is_out_of_reach(world: World) -> None:
+    # What a hostile cell finds in /proc/net/tcp, narrowed to B's worker (the
+    # test is root and can tell): the ports it sends 200 MB to. ipykernel's
+    # IOPub pipe used to be one, on 127.0.0.1.
+    ports = inet_listeners(world.b_pid)
+    assert ports == []
+    inodes = socket_inodes(world.b_pid)
+    pipes = [line.split()[-1] for line in Path(f"/proc/{world.b_pid}/net/unix").read_text().splitlines()[1:]
+             if line.split()[6] in inodes and "rgpu-iopub-" in line]
+    assert len(pipes) == 1 and pipes[0].startswith("/tmp/")  # in B's private /tmp
+    before = vm_rss(world.b_pid)
+    out = run(world.a, f"""
+import os, socket, zmq
+payload = bytes(200 << 20)
+ctx = zmq.Context()
+for address, port in {ports!r}:
+    push = ctx.socket(zmq.PUSH)
+    push.linger = 0
+    push.connect(f'tcp://127.0.0.1:{{port}}')
+    push.send_multipart([os.urandom(16), payload])
+    push.close()
+ctx.term()
+for path in ({pipes[0]!r}, '/proc/{world.b_pid}/root' + {pipes[0]!r}):
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        raw.connect(path)
+        raw.sendall(payload)
+        print('SENT', path)
+    except (FileNotFoundError, PermissionError, ConnectionRefusedError) as exc:
+        print(type(exc).__name__)
+    finally:
+        raw.close()
+""")
+    assert out.split() == ["FileNotFoundError", "PermissionError"], out
+    world.b_is_untouched()
+    assert vm_rss(world.b_pid) - before < 64 << 20  # B's worker holds nothing of it
+
+
+def test_output_of_forked_children_still_shows(world: World) -> None:
+    out = run(world.a, """
+import glob, multiprocessing, os
+fork = multiprocessing.get_context('fork')
+child = fork.Process(target=print, args=('from a forked child',))
+child.start()
+child.join()
+pipe, = glob.glob('/tmp/rgpu-iopub-*/pipe')
+print(os.stat(pipe).st_uid == os.getuid())
+""")
+    assert out == "from a forked child\nTrue\n"
+
+
+def test_sysv_shared_memory_is_the_workers_own_held_to_its_limit_and_gone_with_it(world: World) -> None:
+    key = 0x52470000 + os.getpid() % 0xFFFF
+    attack = r"""
+import ctypes, errno, os
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmget.argtypes = [ctypes.c_int, ctypes.c_size_t, ctypes.c_int]
+libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+libc.shmat.restype = ctypes.c_void_p
+
+def result(value):
+    return value if value not in (-1, ctypes.c_void_p(-1).value) else errno.errorcode[ctypes.get_errno()]
+"""
+    a2 = Client(world.server.url, world.alice).session()
+    out = run(a2, attack + f"""
+shmid = libc.shmget({key}, 64 << 20, 0o1666)  # readable and writable by anyone who sees it
+ctypes.memset(libc.shmat(shmid, None, 0), 1, 64 << 20)
+print(shmid, os.readlink('/proc/self/ns/ipc'), result(libc.shmget(0, 2 << 30, 0o1600)))
+""")
+    shmid, namespace, past_limit = out.split()
+    assert past_limit == "EINVAL"  # 2 GiB of shared memory is past the worker's 1 GiB
+    host = Path("/proc/sysvipc/shm").read_text().split("\n")[1:]
+    assert not [line for line in host if line.split() and int(line.split()[0]) == key]
+    seen_by_b = run(world.b, attack + f"""
+print(result(libc.shmget({key}, 0, 0)), result(libc.shmat({shmid}, None, 0)), os.readlink('/proc/self/ns/ipc'))
+""")
+    assert seen_by_b.split()[:2] == ["ENOENT", "EINVAL"] and seen_by_b.split()[2] != namespace
+    pid = int(run(a2, "import os; print(os.getpid())"))
+    a2.release()
+
+    def in_namespace() -> list[str]:
+        found = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and os.readlink(proc / "ns" / "ipc") == namespace:
+                    found.append(proc.name)
+            except OSError:
+                pass
+        return found
+
+    # The kernel frees a namespace's segments with it, when its last process ends.
+    wait_for(lambda: not in_namespace(), what=f"worker {pid}'s IPC namespace to end")
+    world.b_is_untouched()
+
+
+def test_a_cell_cannot_make_a_user_namespace(world: World) -> None:
+    out = run(world.a, r"""
+import ctypes, os, subprocess
+print(subprocess.run(['unshare', '--user', '--map-root-user', 'id', '-u'], capture_output=True,
+                     text=True).stderr.strip())
+libc = ctypes.CDLL(None, use_errno=True)
+read, write = os.pipe()
+pid = os.fork()
+if pid == 0:  # single-threaded, as unshare(CLONE_NEWUSER) needs
+    failed = libc.unshare(0x10000000)
+    os.write(write, os.strerror(ctypes.get_errno()).encode() if failed else b'UNSHARED')
+    os._exit(0)
+os.close(write)
+print(os.read(read, 200).decode())
+os.waitpid(pid, 0)
+""")
+    assert out.splitlines() == ["unshare: unshare failed: Operation not permitted", "Operation not permitted"]
+    world.b_is_untouched()
+
+
+def test_a_second_server_on_the_host_never_gives_out_the_uids_of_the_first(world: World,
+                                                                         tmp_path: Path) -> None:
+    # Its own store, the host's registry (here the first server's, as both are this test's).
+    other = ServerProcess(tmp_path, "cpu:1", "--worker-memory", "1G",
+                          env={"RGPU_UID_REGISTRY": world.server.env["RGPU_UID_REGISTRY"]})
+    carol = other.token("carol")
+    other.start()
+    try:
+        with Client(other.url, carol).session() as c:
+            c_uid = int(run(c, "import os; print(os.getuid())"))
+            b_uid = os.stat(world.b_folder).st_uid
+            a_uid = int(run(world.a, "import os; print(os.getuid())"))
+            assert c_uid not in (a_uid, b_uid, 0)
+            out = run(c, f"""
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+for name in ('environ', 'mem', 'cwd/secret.txt'):
+    try:
+        open(f'/proc/{world.b_pid}/{{name}}', 'rb').read(1)
+        print('READ', name)
+    except PermissionError:
+        print('refused')
+print('attached' if libc.ptrace(16, {world.b_pid}, None, None) == 0 else os.strerror(ctypes.get_errno()))
+""")
+            assert out.split() == ["refused"] * 3 + ["Operation", "not", "permitted"], out
+    finally:
+        other.stop()
     world.b_is_untouched()

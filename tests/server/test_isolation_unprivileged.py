@@ -11,6 +11,7 @@ that workers are not isolated.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import sys
 from collections.abc import Iterator
@@ -21,7 +22,8 @@ import pytest
 from remote_gpu_kernel import AuthenticationError, Client, RemoteTimeout
 from remote_gpu_kernel.api import ApiClient
 from servers import ServerProcess
-from test_isolation import quiet, run
+from test_isolation import inet_listeners, quiet, run
+from tls_certs import issue
 from unprivileged import SERVER_UID, launcher
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="starts the server as another uid: run as root")
@@ -118,3 +120,91 @@ def test_no_isolation_serves_everyone_and_says_so(tmp_path: Path) -> None:
         assert "--no-isolation" in isolation["detail"]
     finally:
         server.stop()
+
+
+def sandboxed_worker(folder: str) -> int:
+    """The host pid of the sandboxed worker whose working folder is ``folder``
+    (its session folder: the sandbox binds it at the same path)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and proc.stat().st_uid == SERVER_UID and os.readlink(proc / "cwd") == folder:
+                argv = (proc / "cmdline").read_bytes().split(b"\0")
+                if not argv[0].endswith(b"bwrap") and b"remote_gpu_server.worker_kernel" in argv:
+                    found.append(int(proc.name))
+        except OSError:  # a process that ended meanwhile
+            pass
+    assert len(found) == 1, found
+    return found[0]
+
+
+SYSV = r"""
+import ctypes, errno, os, subprocess
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmget.argtypes = [ctypes.c_int, ctypes.c_size_t, ctypes.c_int]
+print(subprocess.run(['unshare', '--user', 'true'], capture_output=True, text=True).returncode)
+"""
+
+
+def test_sandboxes_listen_on_no_port_share_no_sysv_ipc_and_make_no_user_namespace(
+        sandboxed: ServerProcess) -> None:
+    tokens = sandboxed.tokens  # type: ignore[attr-defined]
+    key = 0x52480000 + os.getpid() % 0xFFFF
+    with Client(sandboxed.url, tokens["bob"]).session() as b, \
+            Client(sandboxed.url, tokens["alice"]).session() as a:
+        made = run(a, SYSV + f"print(libc.shmget({key}, 1 << 20, 0o1666) >= 0)")
+        seen = run(b, SYSV + f"print(errno.errorcode.get(ctypes.get_errno()) if libc.shmget({key}, 0, 0) < 0 "
+                             "else 'SEEN')")
+        assert made.split() == ["1", "True"] and seen.split() == ["1", "ENOENT"]  # unshare failed: 1
+        for session in (a, b):
+            assert inet_listeners(sandboxed_worker(run(session, "import os; print(os.getcwd())").strip())) == []
+
+
+@pytest.fixture
+def system_folders() -> Iterator[tuple[Path, Path]]:
+    """A folder under /opt and one under /etc, as an admin would make for the
+    server's store and its key; removed after."""
+    name = f"rgpu-test-{os.getpid()}-{secrets.token_hex(4)}"
+    folders = (Path("/opt") / name, Path("/etc") / name)
+    try:
+        for folder in folders:
+            folder.mkdir(mode=0o700)
+        yield folders
+    finally:
+        for folder in folders:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_cell_reaches_no_server_file_under_opt_or_etc(tmp_path: Path, system_folders: tuple[Path, Path]) -> None:
+    if shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap is not installed: apt-get install bubblewrap (scripts/setup.sh does)")
+    opt, etc = system_folders
+    issued = issue(etc, "localhost", "127.0.0.1")  # the README's --certfile / --keyfile in /etc/rgpu
+    (opt / "tls").mkdir()
+    (opt / "tls" / "key.pem").write_bytes(issued.key.read_bytes())  # as --tls self-signed makes it
+    server = ServerProcess(tmp_path, "cpu:1", "--worker-memory", "1G", "--certfile", str(issued.cert),
+                           "--keyfile", str(issued.key), db=opt / "rgpu.sqlite3", launcher=launcher(str(tmp_path)))
+    alice = server.token("alice")
+    for folder in system_folders:
+        for path in (folder, *folder.rglob("*")):
+            os.chown(path, SERVER_UID, SERVER_UID)
+    issued.key.chmod(0o600)
+    server.start()
+    try:
+        with Client(server.url, alice, cafile=str(issued.ca)).session() as a:
+            out = run(a, f"""
+import os
+for path in {[str(p) for p in (issued.key, issued.cert, opt / "tls" / "key.pem", opt / "rgpu.sqlite3")]!r}:
+    try:
+        print(len(open(path, 'rb').read()))
+    except (FileNotFoundError, PermissionError) as exc:
+        print(type(exc).__name__)
+print(os.listdir({str(opt)!r}), os.listdir({str(opt / "sessions")!r}) == [os.path.basename(os.getcwd())])
+print(sorted(os.listdir({str(etc)!r})))
+""")
+    finally:
+        server.stop()
+    # The key and certificate that the configuration names are /dev/null on a
+    # nodev mount; the store's folder holds only the way to the cell's own.
+    assert out.splitlines() == ["PermissionError", "PermissionError", "FileNotFoundError", "FileNotFoundError",
+                                "['sessions'] True", "['ca.pem', 'server.key', 'server.pem']"], out

@@ -273,7 +273,8 @@ class AsyncClient:
             raise AuthenticationError(
                 "no token: pass token=..., set RGPU_TOKEN, or run 'rgpu login URL TOKEN'"
             )
-        tls.refuse_plain_text(self.url, self.config.insecure)
+        # It resolves the host's name: not on the event loop.
+        await asyncio.to_thread(tls.refuse_plain_text, self.url, self.config.insecure)
         context = tls.ssl_context(self.url, self.config.cafile)
         try:
             ws = await connect(

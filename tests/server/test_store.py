@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
@@ -35,6 +36,26 @@ INSERT INTO users VALUES (1, 'alice', 1.0);
 INSERT INTO sessions VALUES ('old', 1, 'cpu0', 1.0, NULL, NULL);
 INSERT INTO jobs VALUES (1, 1, 'old', 'cell', 'cpu0', 'print(1)', 'running', NULL, 1.0, 1.0, NULL);
 """
+
+
+def test_a_sqlite_store_and_its_files_are_readable_by_their_owner_alone(tmp_path: Path) -> None:
+    old = os.umask(0o022)  # what a server that is not root (and the CLI) runs with
+    try:
+        fresh = tmp_path / "fresh.sqlite3"
+        with BlockingStore(fresh) as store:
+            store.create_token("alice")
+            modes = {s: oct(os.stat(f"{fresh}{s}").st_mode & 0o777) for s in ("", "-wal", "-shm")}
+        assert modes == {"": "0o600", "-wal": "0o600", "-shm": "0o600"}
+        # A store an earlier version left readable is made private when opened.
+        earlier = tmp_path / "earlier.sqlite3"
+        sqlite3.connect(earlier).close()
+        os.chmod(earlier, 0o644)
+        with BlockingStore(earlier) as store:
+            store.create_token("bob")
+            assert oct(os.stat(earlier).st_mode & 0o777) == "0o600"
+            assert oct(os.stat(f"{earlier}-wal").st_mode & 0o777) == "0o600"
+    finally:
+        os.umask(old)
 
 
 def test_a_store_from_before_versions_were_kept_is_upgraded(tmp_path: Path) -> None:

@@ -4,7 +4,11 @@
 ``--max-upload``, ``--max-message``, ``--max-requests``,
 ``--connection-memory``). Each limit
 refuses what exceeds it with a one-line error that names the flag, and the
-connection and its session go on:
+connection and its session go on; except that a refused message whose
+bytes are still arriving (a push over ``--max-push`` announces its size in
+its header) closes the connection with code 1009 and a reason naming the
+flag, as its session waits for a reconnect: the server cannot tell the rest
+of it from the client's next messages (see :mod:`.connection`):
 
 - ``max_push``: the buffers of one push. A push streams through the server
   to its worker, so this bounds a worker's intake, not the server's memory.

@@ -1,5 +1,6 @@
 """Each limit on what one client may send, on a real server: what exceeds it is
-refused with one line, and the connection and the session go on."""
+refused with one line, and the session goes on (the connection too, unless
+what was refused is still arriving)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 
 from remote_gpu_kernel import Client, MessageTooLarge
-from remote_gpu_kernel.protocol import dump_values
+from remote_gpu_kernel.protocol import dump_values, encode
 from remote_gpu_kernel.protocol import messages as m
 from raw_client import RawClient
 from servers import ServerProcess
@@ -32,23 +33,33 @@ def test_a_push_over_max_push_is_refused_and_the_session_goes_on(fresh_server: S
     fresh_server.args = ["--max-push", "1M"]
     fresh_server.start()
     token = fresh_server.token()
-    with Client(fresh_server.url, token).session() as session:
-        session.push(small=np.arange(10))
-        with pytest.raises(MessageTooLarge, match=r"this push is 2 MiB.*1 MiB, its --max-push") as refused:
-            session.push(big=np.zeros(2 << 20, np.uint8))  # refused before anything is sent
-        assert "\n" not in str(refused.value)
-        assert session.pull("small")["small"].tolist() == list(range(10))
-        with RawClient(fresh_server.url, token) as raw:  # a client that does not check first
-            raw.hello()
-            raw.lease(resume=session.id)
-            names, counts, buffers = dump_values({"big": np.zeros(3 << 20, np.uint8)})
-            raw.send(m.Push(2, names, counts, tuple(buffers)))
-            refusal = raw.answer(2)
-            assert isinstance(refusal, m.Error) and refusal.code is m.ErrorCode.BAD_REQUEST
-            assert "more than this server takes in one push (1 MiB, rgpu serve --max-push)" in refusal.message
-            raw.send(m.Execute(3, "small.sum()"))
-            done = raw.answer(3, m.ExecuteDone)
-            assert isinstance(done, m.ExecuteDone) and done.status == "ok"  # read on, in step
+    session = Client(fresh_server.url, token).session()
+    session.push(small=np.arange(10))
+    with pytest.raises(MessageTooLarge, match=r"this push is 2 MiB.*1 MiB, its --max-push") as refused:
+        session.push(big=np.zeros(2 << 20, np.uint8))  # refused before anything is sent
+    assert "\n" not in str(refused.value)
+    assert session.pull("small")["small"].tolist() == list(range(10))
+    # A client that does not check first, and gives up sending the push once it
+    # is refused: the server must not skip its next messages as the push's
+    # bytes (they would go unanswered); it says why and closes.
+    with RawClient(fresh_server.url, token) as raw:
+        raw.hello()
+        raw.lease(resume=session.id)
+        names, counts, buffers = dump_values({"big": np.zeros(3 << 20, np.uint8)})
+        head = encode(m.Push(2, names, counts, tuple(buffers)))[0]
+        raw.send_raw(head)  # the header alone: 3 MiB declared, none sent
+        raw.send(m.Execute(3, "small.sum()"))
+        refusal = raw.receive()
+        assert isinstance(refusal, m.Error) and refusal.req == 2
+        assert "more than this server takes in one push (1 MiB, rgpu serve --max-push)" in refusal.message
+        with pytest.raises(ConnectionClosed) as closed:
+            raw.receive()
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+        assert closed.value.rcvd.reason == "push of 3 MiB over rgpu serve --max-push (1 MiB)"
+    again = Client(fresh_server.url, token).session(resume=session.id)
+    assert again.resumed and again.pull("small")["small"].tolist() == list(range(10))
+    again.release()
+    session.close()
 
 
 def test_a_message_over_max_message_is_refused(fresh_server: ServerProcess) -> None:

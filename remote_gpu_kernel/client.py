@@ -295,6 +295,8 @@ class AsyncClient:
             if exc.response.status_code == 403:
                 raise AuthenticationError(f"the GPU server at {self.url} refused this connection: "
                                           f"{body}") from None
+            if exc.response.status_code == 429:  # too many connections of this user
+                raise ConnectionLost(f"the GPU server at {self.url} refused this connection: {body}") from None
             raise ConnectionLost(f"the GPU server at {self.url} answered HTTP "
                                  f"{exc.response.status_code}: {body}") from None
         except ssl.SSLError as exc:

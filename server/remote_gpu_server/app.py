@@ -158,7 +158,7 @@ class GpuServer:
         await self.batch.recover()
         self.front = FrontDoor(verify=self.store.verify_token, http=self.http, clients=self._client,
                                server_header=f"remote-gpu-server/{self.version}", origins=self.origins,
-                               admit=self.isolation.admit)
+                               admit=self.isolation.admit, max_connections=config.limits.max_connections)
         await self.front.open(config.host, config.port, tls)
         self.port = self.front.port
         loop = asyncio.get_running_loop()

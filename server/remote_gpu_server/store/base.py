@@ -39,6 +39,7 @@ from .records import (
     JOB_STATES,
     AttemptRecord,
     BatchSpec,
+    CellRecord,
     JobRecord,
     OutputRow,
     SessionRecord,
@@ -238,18 +239,21 @@ class Store:
     # -- sessions -----------------------------------------------------------
 
     async def create_session(self, session: SessionId, user: str, slots: Sequence[str],
-                             notebook: str | None = None) -> None:
+                             notebook: str | None = None, created: float | None = None) -> None:
+        """Record a lease; ``created`` (default: now) is when it began, for one
+        written after the fact."""
         await self.db.execute(
             "INSERT INTO sessions (id, user_id, slots, created, server_id, notebook) VALUES (?, ?, ?, ?, ?, ?)",
-            (session, await self._user_id(user, create=True), ",".join(slots), time.time(),
-             self.server_id, notebook),
+            (session, await self._user_id(user, create=True), ",".join(slots),
+             time.time() if created is None else created, self.server_id, notebook),
         )
 
-    async def release_session(self, session: SessionId, reason: str) -> None:
+    async def release_session(self, session: SessionId, reason: str, when: float | None = None) -> None:
+        """Record a lease's end, ``when`` (default: now)."""
         # A parked session held no slot since it was parked: its lease ended then.
         await self.db.execute(
             "UPDATE sessions SET released = COALESCE(parked, ?), reason = ? WHERE id = ? AND released IS NULL",
-            (time.time(), reason, session),
+            (time.time() if when is None else when, reason, session),
         )
 
     async def open_sessions(self) -> list[SessionRecord]:
@@ -274,10 +278,30 @@ class Store:
         assert row is not None
         return JobId(int(row[0]))
 
-    async def finish_job(self, job: JobId, state: str, error: str | None = None) -> None:
+    async def finish_job(self, job: JobId, state: str, error: str | None = None,
+                         ended: float | None = None) -> None:
+        """Record how a job ended, and when (``ended``, default: now)."""
         _check_state(state)
         await self.db.execute("UPDATE jobs SET state = ?, error = ?, ended = ? WHERE id = ?",
-                              (state, error, time.time(), job))
+                              (state, error, time.time() if ended is None else ended, job))
+
+    async def record_cell(self, cell: CellRecord) -> JobId:
+        """The job of a cell that ran while the database was away, written now
+        with its own times and end, its journaled outputs linked to it (the
+        journal wrote them first, with no job), in one transaction."""
+        _check_state(cell.state)
+        async with self.db.transaction() as tx:
+            row = await tx.fetchone(
+                "INSERT INTO jobs (user_id, session_id, kind, slots, code, state, error, created, started, "
+                "ended, server_id) VALUES (?, ?, 'cell', ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                (await self._user_id(cell.user, create=True, tx=tx), cell.session, ",".join(cell.slots),
+                 cell.code, cell.state, cell.error, cell.started, cell.started, cell.ended, self.server_id))
+            assert row is not None
+            job = JobId(int(row[0]))
+            for first, last in cell.outputs:
+                await tx.execute("UPDATE outputs SET job_id = ? WHERE session_id = ? AND seq >= ? AND seq <= ? "
+                                 "AND job_id IS NULL", (job, cell.session, first, last))
+        return job
 
     async def job(self, job: JobId) -> JobRecord:
         row = await self.db.fetchone(_JOB_SELECT + " WHERE j.id = ?", (job,))

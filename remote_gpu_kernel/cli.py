@@ -114,7 +114,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         limits = Limits(max_push=parse_bytes(args.max_push, "--max-push"),
                         max_upload=parse_bytes(args.max_upload, "--max-upload"),
                         max_message=parse_bytes(args.max_message, "--max-message", 64 << 10),
-                        max_requests=args.max_requests,
+                        max_requests=args.max_requests, max_connections=args.max_connections_per_user,
                         connection_memory=parse_bytes(args.connection_memory, "--connection-memory",
                                                       1 << 20))
         parking = ParkConfig(park_after=args.park_after, quota=parse_quota(args.park_quota),
@@ -465,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="client data the server holds for one connection at once: requests "
                           "waiting their turn, and how far a push may run ahead of its worker "
                           "(default 128M)")
+    lim.add_argument("--max-connections-per-user", type=int, default=32, metavar="N",
+                     help="websockets one user may hold open at once (each notebook session is "
+                          "one); one more is refused (default 32)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("token", help="create, list and revoke tokens")

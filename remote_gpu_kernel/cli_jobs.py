@@ -210,10 +210,13 @@ def _status_tables(status: dict[str, Any]) -> Any:
 
 
 def _health(slot: dict[str, Any]) -> str:
-    """ok, draining (with the pids that hold it), or unhealthy and why."""
+    """ok, draining (with the pids that hold it, shown to an admin), or unhealthy and why."""
     draining = slot.get("draining")
     if draining:
-        held = ", ".join(f"{p['pid']} ({_bytes(p.get('memory'))})" for p in draining.get("processes") or [])
+        processes = draining.get("processes") or []
+        if any(p.get("pid") is None for p in processes):  # not an admin: no pids
+            return f"[yellow]draining[/]: held by {len(processes)} process(es) of a stopped worker"
+        held = ", ".join(f"{p['pid']} ({_bytes(p.get('memory'))})" for p in processes)
         return f"[yellow]draining[/]: held by pid {held}"
     return "[green]ok[/]" if slot["healthy"] else f"[red]unhealthy[/] {slot.get('problem') or ''}"
 

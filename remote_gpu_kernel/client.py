@@ -273,7 +273,8 @@ class AsyncClient:
             raise AuthenticationError(
                 "no token: pass token=..., set RGPU_TOKEN, or run 'rgpu login URL TOKEN'"
             )
-        tls.refuse_plain_text(self.url, self.config.insecure)
+        # It resolves the host's name: not on the event loop.
+        await asyncio.to_thread(tls.refuse_plain_text, self.url, self.config.insecure)
         context = tls.ssl_context(self.url, self.config.cafile)
         try:
             ws = await connect(
@@ -294,6 +295,8 @@ class AsyncClient:
             if exc.response.status_code == 403:
                 raise AuthenticationError(f"the GPU server at {self.url} refused this connection: "
                                           f"{body}") from None
+            if exc.response.status_code == 429:  # too many connections of this user
+                raise ConnectionLost(f"the GPU server at {self.url} refused this connection: {body}") from None
             raise ConnectionLost(f"the GPU server at {self.url} answered HTTP "
                                  f"{exc.response.status_code}: {body}") from None
         except ssl.SSLError as exc:

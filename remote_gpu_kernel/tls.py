@@ -6,9 +6,10 @@ GPU kernel), ``rgpu``'s HTTP API client and its job submission, and the
 sidebar's server extension.
 
 - :func:`refuse_plain_text` raises :class:`~.errors.InsecureConnection`
-  before a token would go over ``ws://`` or ``http://`` to a host that is not
-  this machine's loopback, unless the caller says ``insecure``
-  (``--insecure``, ``RGPU_INSECURE=1``, ``insecure=True``).
+  before a token would go over ``ws://`` or ``http://`` to a host that does
+  not resolve to this machine's loopback alone (:func:`is_loopback`), unless
+  the caller says ``insecure`` (``--insecure``, ``RGPU_INSECURE=1``,
+  ``insecure=True``).
 - :func:`ssl_context` is ``None`` for ``ws://`` and ``http://``; for
   ``wss://`` and ``https://`` it verifies the server's certificate and host
   name against the system's CAs *plus* ``cafile`` (``--cafile`` /
@@ -24,6 +25,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import os
+import socket
 import ssl
 from urllib.parse import urlsplit
 
@@ -38,24 +40,40 @@ _NAME_MISMATCH = (62, 64)  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS
 
 
 def is_loopback(host: str | None) -> bool:
-    """Whether ``host`` names this machine's loopback: ``localhost``, 127.0.0.0/8, ``::1``.
+    """Whether ``host`` is this machine's loopback: every address it resolves to
+    is in 127.0.0.0/8 or is ``::1``.
 
-    Names other than ``localhost`` are not resolved: the check comes before
-    any network traffic, and a name that resolves to loopback today may not
-    tomorrow.
+    Decided by the resolved addresses, never by the name: ``localhost`` and
+    ``*.localhost`` are loopback only where the hosts file or DNS says so,
+    and a name that resolves elsewhere would carry a token in clear across
+    the network. A name that does not resolve is not loopback. An address
+    literal is not resolved. The connection that follows resolves the name
+    again; a name whose DNS someone else controls can answer differently
+    then, so for such names use TLS whatever this says.
     """
     if not host:
         return False
-    host = host.strip("[]").lower().rstrip(".")
-    if host == "localhost" or host.endswith(".localhost"):
-        return True
+    host = host.strip("[]")
+    literal = _address(host)
+    if literal is not None:
+        return literal.is_loopback
     try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
+        found = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except (OSError, UnicodeError):  # socket.gaierror, or a name IDNA cannot encode
         return False
+    addresses = [_address(str(info[4][0])) for info in found]
+    return bool(addresses) and all(a is not None and a.is_loopback for a in addresses)
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address ``text`` spells (an IPv4-mapped IPv6 one as IPv4), or None for a name."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
+        return address.ipv4_mapped
+    return address
 
 
 def refuse_plain_text(url: str, insecure: bool = False) -> None:

@@ -3,12 +3,17 @@
 :class:`RawClient` opens a websocket to a :class:`~servers.ServerProcess`,
 sends messages or raw frames, and reads answers with a protocol
 :class:`~remote_gpu_kernel.protocol.Reader`. :func:`stalled_socket` makes a
-TCP socket whose receive buffer is tiny, for a client that stops reading.
+TCP socket whose receive buffer is tiny, for a client that stops reading;
+:func:`half_frame_socket` a websocket that starts a frame and is left to
+send it piece by piece, or never.
 """
 
 from __future__ import annotations
 
+import base64
+import os
 import socket
+import struct
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -19,7 +24,7 @@ from websockets.sync.client import ClientConnection, connect
 from remote_gpu_kernel.protocol import PROTOCOL_VERSION, Reader, encode
 from remote_gpu_kernel.protocol import messages as m
 
-__all__ = ["RawClient", "server_backlog", "stalled_socket"]
+__all__ = ["RawClient", "half_frame_socket", "server_backlog", "stalled_socket"]
 
 
 def stalled_socket(url: str) -> socket.socket:
@@ -30,6 +35,40 @@ def stalled_socket(url: str) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect((parts.hostname or "127.0.0.1", parts.port or 80))
     return sock
+
+
+def half_frame_socket(url: str, token: str) -> tuple[int, bytes, socket.socket | None]:
+    """A websocket opened by hand that has sent the head of a 1 MiB binary
+    frame and none of its payload: ``(status, body, socket)``. The caller
+    sends payload bytes (at most 1 MiB) on the socket; it gets None (and
+    the refusal's status and body) when the server did not switch protocols."""
+    parts = urlsplit(url)
+    sock = socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 80), timeout=30)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET / HTTP/1.1\r\nHost: {parts.netloc}\r\nUpgrade: websocket\r\n"
+                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                  f"Authorization: Bearer {token}\r\n\r\n").encode())
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        data = sock.recv(65536)
+        if not data:
+            break
+        answer += data
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.1 ") else 0
+    if status != 101:
+        length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        while len(body) < length:
+            data = sock.recv(65536)
+            if not data:
+                break
+            body += data
+        sock.close()
+        return status, body, None
+    # FIN, binary; masked (as a client must), 64-bit length 1 MiB; a zero mask.
+    sock.sendall(bytes([0x82, 0x80 | 127]) + struct.pack(">Q", 1 << 20) + bytes(4))
+    return status, b"", sock
 
 
 def server_backlog(sock: socket.socket) -> int:

@@ -8,13 +8,14 @@ and what to do, ready to show in the sidebar.
 TLS as every client does it (:mod:`remote_gpu_kernel.tls`): an ``https``
 server's certificate is verified against the system's CAs and ``RGPU_CA``
 (or ``rgpu login --cafile``); the token never goes over plain ``http`` to a
-host other than loopback unless ``RGPU_INSECURE=1``. A refused plain URL is
+host that does not resolve to loopback unless ``RGPU_INSECURE=1``. A refused plain URL is
 a ``bad-url`` problem and an untrusted certificate an ``unreachable`` one,
 each with its own message and hint.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import ssl
@@ -113,7 +114,8 @@ class GpuApi:
                 "then run `rgpu login URL TOKEN` or set RGPU_TOKEN before starting JupyterLab.",
             )
         try:
-            tls.refuse_plain_text(base, self.config.insecure)
+            # It resolves the host's name: not on the event loop.
+            await asyncio.to_thread(tls.refuse_plain_text, base, self.config.insecure)
             context = tls.ssl_context(base, self.config.cafile)
         except InsecureConnection as exc:
             raise GpuApiError(

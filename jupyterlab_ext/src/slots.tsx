@@ -125,12 +125,15 @@ export function SlotView({
   );
 }
 
-/** healthy, draining (the pids that hold it on hover) or unhealthy. */
+/** healthy, draining (what holds it on hover: pids for an admin) or unhealthy. */
 function Health({ slot }: { slot: ISlot }): JSX.Element {
   const draining = slot.draining ?? null;
   if (draining !== null) {
     const held = draining.processes
-      .map(p => `pid ${p.pid} (${formatBytes(p.memory)})`)
+      .map(
+        p =>
+          `${p.pid === null ? 'a process' : `pid ${p.pid}`} (${formatBytes(p.memory)})`
+      )
       .join(', ');
     return (
       <span

@@ -17,7 +17,8 @@ export interface IReadings {
   memory_total: number | null;
   temperature: number | null;
   power: number | null;
-  processes: { pid: number; memory: number | null }[];
+  /** `pid` is `null` unless the token is an admin's. */
+  processes: { pid: number | null; memory: number | null }[];
   /** A CPU slot's host RAM, which its slots share; `null` or absent on a GPU. */
   host_memory_total?: number | null;
 }
@@ -51,8 +52,9 @@ export interface IHolder {
 export interface IDraining {
   /** Since when, seconds since the epoch. */
   since: Timestamp;
+  /** Empty, and each process's `pid` `null`, unless the token is an admin's. */
   pids: number[];
-  processes: { pid: number; memory: number | null }[];
+  processes: { pid: number | null; memory: number | null }[];
 }
 
 export interface ISlot {

@@ -283,6 +283,14 @@ class Reader:
         return self._state != "prefix" or bool(self._small)
 
     @property
+    def skipping(self) -> int:
+        """Bytes of a refused message still to come, which the reader will skip
+        (0 when it is not skipping one). A receiver that will not wait for
+        them, since a peer that gave up sending them would have its next
+        messages skipped instead, closes the stream."""
+        return self._need if self._state == "skip" else 0
+
+    @property
     def broken(self) -> bool:
         """Whether the stream is out of step: every later frame is refused."""
         return self._broken is not None

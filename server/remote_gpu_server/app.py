@@ -5,7 +5,7 @@
 batch runner, the metrics, the HTTP API and the front door (the port).
 Each part receives the narrow things it uses; none imports this module.
 It also runs the one periodic task that is nobody's own: releasing idle
-sessions and letting waiting requests age.
+sessions, letting waiting requests age, and writing tokens' last uses.
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ class GpuServer:
         await self.batch.recover()
         self.front = FrontDoor(verify=self.store.verify_token, http=self.http, clients=self._client,
                                server_header=f"remote-gpu-server/{self.version}", origins=self.origins,
-                               admit=self.isolation.admit)
+                               admit=self.isolation.admit, max_connections=config.limits.max_connections)
         await self.front.open(config.host, config.port, tls)
         self.port = self.front.port
         loop = asyncio.get_running_loop()
@@ -284,7 +284,8 @@ class GpuServer:
                  sum(self.pool.is_warm(s.id) for s in self.inventory), len(self.inventory))
 
     async def _reap_idle(self) -> None:
-        """Release idle sessions, and let waiting requests age (scheduler tick)."""
+        """Release idle sessions, let waiting requests age (scheduler tick), and
+        write the tokens' last uses that are due."""
         timeouts = [self.config.idle_timeout] + [
             p.idle_timeout for p in self.broker.pools if p.idle_timeout is not None] + [
             p.park_after for p in self.broker.pools if p.park_after is not None]
@@ -296,6 +297,7 @@ class GpuServer:
             try:
                 await self.sessions.release_idle()
                 self.broker.tick()
+                await self.store.write_last_used()
             except Exception:
                 log.exception("the idle reaper failed; it tries again")
 

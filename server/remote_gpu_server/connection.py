@@ -4,8 +4,12 @@ Each request runs as its own task, so an :class:`~m.Interrupt` is handled
 while a cell runs; the session's lock keeps cells, pushes and pulls in
 order. A malformed message gets an ``Error`` and the connection goes on;
 broken framing gets an ``Error`` and a close with code 1002 (1009 for a
-header over ``--max-message``). Nothing a client sends can raise out of
-this module.
+header over ``--max-message``). A message refused for its size whose
+bytes are not all in yet (a push over ``--max-push``) gets an ``Error``
+and a close with code 1009 and a reason naming the limit: the server
+does not skip the rest, since a client that gave up sending it would
+have its next messages skipped in its place, unanswered. Nothing a
+client sends can raise out of this module.
 
 What a client can make the server hold is bounded (see :mod:`.limits` and
 :mod:`.connection_memory`): requests in flight, bytes of messages waiting,
@@ -57,6 +61,8 @@ MAX_NOTEBOOK = 1024
 MAX_REFUSALS = 1024
 #: How long a connection that must be closed waits for its client to read why.
 HANG_UP_WAIT = 5.0
+#: The names of the protocol's message types.
+_MESSAGE_TYPES = frozenset(t.value for t in m.MessageType)
 #: Requests that only the session's lock keeps in order (they wait for each other).
 _IN_TURN = (m.Execute, m.Push, m.Pull, m.Replay, m.Park, m.Resume, m.Upload, m.Download)
 
@@ -164,12 +170,17 @@ class Connection:
             if self._reader.broken:
                 await self._hang_up(exc)
                 return False
-            for error in self._reader.errors_received():
-                if isinstance(error, MessageTooLarge):
-                    code = m.ErrorCode.FILE if error.what == "upload" else m.ErrorCode.BAD_REQUEST
-                    self._refuse(error.req, code, self._too_large(error))
-                else:
-                    self._refuse(error.req, m.ErrorCode.PROTOCOL, f"protocol error: {error}")
+            errors = self._reader.errors_received()
+            if self._reader.skipping and isinstance(errors[-1], MessageTooLarge):
+                # The rest of a refused message is still to come, and the
+                # reader would skip it: a client that gave up sending it would
+                # have its next messages skipped instead, unanswered. Say why
+                # and close; the session waits for a reconnect.
+                *errors, last = errors
+                self._refuse_all(errors)
+                await self._hang_up(last)
+                return False
+            self._refuse_all(errors)
             return True
         for msg, header in self._reader.received():
             self._dispatch(msg, header)
@@ -177,11 +188,21 @@ class Connection:
             self._arriving = None
         return True
 
+    def _refuse_all(self, errors: list[ProtocolError]) -> None:
+        """Answer each message the reader refused (the stream is still in step)."""
+        for error in errors:
+            if isinstance(error, MessageTooLarge):
+                code = m.ErrorCode.FILE if error.what == "upload" else m.ErrorCode.BAD_REQUEST
+                self._refuse(error.req, code, self._too_large(error))
+            else:
+                self._refuse(error.req, m.ErrorCode.PROTOCOL, f"protocol error: {error}")
+
     async def _hang_up(self, exc: ProtocolError) -> None:
-        """The stream is out of step: say why, then close (without waiting
-        long on a client that does not read)."""
+        """The stream is out of step, or will not be read on: say why (an
+        Error for the request at fault), then close with a reason (without
+        waiting long on a client that does not read)."""
         if isinstance(exc, MessageTooLarge):
-            text, code, reason = self._too_large(exc), 1009, "message too big"
+            text, code, reason = self._too_large(exc), 1009, self._too_large_reason(exc)
         else:
             text, code, reason = f"protocol error: {exc}", 1002, "protocol error"
         self.closed = True
@@ -192,14 +213,34 @@ class Connection:
         except TimeoutError:
             self.ws.transport.abort()
 
-    def _too_large(self, exc: MessageTooLarge) -> str:
+    def _flag(self, exc: MessageTooLarge) -> str | None:
+        """The ``rgpu serve`` flag whose limit ``exc`` is over, if one is."""
         if exc.what == "push" and exc.limit == self.limits.max_push:
-            return self.limits.push_refusal(exc.size)
+            return "--max-push"
         if exc.what == "upload" and exc.limit == self.limits.max_upload:
-            return self.limits.upload_refusal(exc.size)
+            return "--max-upload"
         if exc.limit == self.limits.max_message:
+            return "--max-message"
+        return None
+
+    def _too_large(self, exc: MessageTooLarge) -> str:
+        flag = self._flag(exc)
+        if flag == "--max-push":
+            return self.limits.push_refusal(exc.size)
+        if flag == "--max-upload":
+            return self.limits.upload_refusal(exc.size)
+        if flag == "--max-message":
             return self.limits.message_refusal(exc.what or "", exc.size)
         return f"message refused: {exc}"
+
+    def _too_large_reason(self, exc: MessageTooLarge) -> str:
+        """A close reason for ``exc``: short (a websocket's reason is at most 123 bytes)."""
+        flag = self._flag(exc)
+        # The type comes from the client: only a known one is repeated.
+        what = exc.what if exc.what in _MESSAGE_TYPES else "message"
+        if flag is None:
+            return f"{what} over this server's limits"
+        return f"{what} of {format_size(exc.size)} over rgpu serve {flag} ({format_size(exc.limit)})"
 
     def _dispatch(self, msg: m.Message, header: int) -> None:
         """Start the request ``msg`` (``header`` bytes of JSON), or refuse it."""

@@ -60,15 +60,26 @@ class Draining:
 
     @property
     def problem(self) -> str:
-        """One line for ``/api/status``'s ``problem``."""
-        held = ", ".join(f"{p.pid}" + (f" ({p.memory / 2**20:.0f} MiB)" if p.memory else "")
-                         for p in sorted(self.processes, key=lambda p: p.pid))
-        return (f"draining: process(es) {held} of a stopped worker still hold it; "
-                "not leased until they exit")
+        """One line for the log and ``/api/status``'s ``problem``, naming the pids."""
+        return self.describe(pids=True)
 
-    def as_json(self) -> dict[str, object]:
-        return {"since": self.since, "pids": self.pids,
-                "processes": [{"pid": p.pid, "memory": p.memory} for p in self.processes]}
+    def describe(self, pids: bool) -> str:
+        """:attr:`problem`, with the pids only if ``pids`` (an admin asks)."""
+        ordered = sorted(self.processes, key=lambda p: p.pid)
+        if pids:
+            held = ", ".join(f"{p.pid}" + (f" ({p.memory / 2**20:.0f} MiB)" if p.memory else "")
+                             for p in ordered)
+            return (f"draining: process(es) {held} of a stopped worker still hold it; "
+                    "not leased until they exit")
+        memory = sum(p.memory for p in ordered)
+        return (f"draining: {len(ordered)} process(es) of a stopped worker still hold it"
+                + (f" ({memory / 2**20:.0f} MiB)" if memory else "") + "; not leased until they exit")
+
+    def as_json(self, pids: bool = True) -> dict[str, object]:
+        """The ``draining`` object of ``GET /api/status``; without ``pids`` (not an
+        admin), ``pids`` is empty and each process's pid None."""
+        return {"since": self.since, "pids": self.pids if pids else [],
+                "processes": [{"pid": p.pid if pids else None, "memory": p.memory} for p in self.processes]}
 
 
 class Drainer:

@@ -9,10 +9,16 @@ where deflate costs 40× the throughput) and ``max_size`` is the protocol's
 frame size. A request that repeats a header the server acts on
 (``Authorization``, ``Upgrade``, ``Origin``) is refused with 400 (403 for
 ``Origin``), before anything else.
+
+Each user holds at most ``--max-connections-per-user`` websockets at once
+(see :mod:`.user_connections`): one more is refused with 429 and a
+one-line reason. When websockets close, the heap they grew is given back
+to the system (:mod:`.heap_trim`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -24,11 +30,13 @@ from websockets.http11 import Request, Response
 from remote_gpu_kernel.protocol import CHUNK_SIZE
 
 from .errors import TokenError
+from .heap_trim import HeapTrimmer
 from .http_api import SUBMIT_PATH, HttpApi, json_response
 from .http_headers import HeaderError, bearer_token, is_websocket
-from .limits import FRAMES_QUEUED
+from .limits import FRAMES_QUEUED, Limits
 from .origins import OriginPolicy
 from .store import DatabaseUnavailable, TokenInfo
+from .user_connections import UserConnections
 
 __all__ = ["FrontDoor", "bearer_token"]
 
@@ -43,7 +51,8 @@ class FrontDoor:
 
     def __init__(self, *, verify: Callable[[str | None], Awaitable[TokenInfo]], http: HttpApi,
                  clients: ClientHandler, server_header: str, origins: OriginPolicy | None = None,
-                 admit: Callable[[str], str | None] = lambda user: None) -> None:
+                 admit: Callable[[str], str | None] = lambda user: None,
+                 max_connections: int = Limits().max_connections) -> None:
         self._origins = origins or OriginPolicy(())
         # None if a user may use workers here, else why not (a server that
         # cannot isolate workers serves one user).
@@ -52,7 +61,12 @@ class FrontDoor:
         self._http = http
         self._clients = clients
         self._server_header = server_header
-        self._tokens: dict[int, TokenInfo] = {}
+        #: Open websockets per user (``--max-connections-per-user``).
+        self.connections = UserConnections(max_connections)
+        self.heap = HeapTrimmer()
+        # The token of each websocket accepted at its handshake, until it closes.
+        self._tokens: dict[ServerConnection, TokenInfo] = {}
+        self._watchers: set[asyncio.Task[None]] = set()
         self._server: Server | None = None
         self.port = 0
 
@@ -78,6 +92,8 @@ class FrontDoor:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
+        await self.heap.close()
 
     async def _handshake(self, connection: ServerConnection, request: Request) -> Response | None:
         # A browser page of another site must not reach a client's API: the
@@ -110,11 +126,29 @@ class FrontDoor:
         if refusal is not None:
             log.info("refused a connection of %s: %s", info.user, refusal)
             return connection.respond(HTTPStatus.FORBIDDEN, f"{refusal}\n")
-        self._tokens[id(connection)] = info
+        refusal = self.connections.take(info.user)
+        if refusal is not None:
+            log.warning("refused a connection of %s from %s: %s", info.user, connection.remote_address,
+                        refusal)
+            return connection.respond(HTTPStatus.TOO_MANY_REQUESTS, f"{refusal}\n")
+        self._tokens[connection] = info
+        # Given back once the connection is gone, whether or not its
+        # handshake completed and its handler ran.
+        watcher = asyncio.get_running_loop().create_task(connection.wait_closed())
+        watcher.add_done_callback(lambda _: self._gone(connection, info.user))
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
         return None
 
+    def _gone(self, connection: ServerConnection, user: str) -> None:
+        self._tokens.pop(connection, None)
+        self.connections.give_back(user)
+        self.heap.soon()  # what its buffers grew goes back to the system
+
     async def _handle(self, ws: ServerConnection) -> None:
-        info = self._tokens.pop(id(ws))
+        info = self._tokens.get(ws)
+        if info is None:  # it closed before its handler ran
+            return
         if ws.request is not None and ws.request.path == SUBMIT_PATH:
             await self._http.submit_over_websocket(ws, info)
             return

@@ -2,9 +2,13 @@
 
 :class:`Limits` is filled from ``rgpu serve`` flags (``--max-push``,
 ``--max-upload``, ``--max-message``, ``--max-requests``,
-``--connection-memory``). Each limit
+``--connection-memory``, ``--max-connections-per-user``). Each limit
 refuses what exceeds it with a one-line error that names the flag, and the
-connection and its session go on:
+connection and its session go on; except that a refused message whose
+bytes are still arriving (a push over ``--max-push`` announces its size in
+its header) closes the connection with code 1009 and a reason naming the
+flag, as its session waits for a reconnect: the server cannot tell the rest
+of it from the client's next messages (see :mod:`.connection`):
 
 - ``max_push``: the buffers of one push. A push streams through the server
   to its worker, so this bounds a worker's intake, not the server's memory.
@@ -18,6 +22,9 @@ connection and its session go on:
   ``Welcome.limits`` and refuse such a message before sending it.
 - ``max_requests``: requests one connection has in flight (waiting their
   turn or running).
+- ``max_connections``: websockets one user holds open at once (``rgpu
+  serve --max-connections-per-user``, see :mod:`.user_connections`); one
+  more is refused at its handshake.
 - ``connection_memory``: bytes of a connection's messages the server holds
   at once (see :mod:`.connection_memory`): a push streaming to its worker
   makes the server stop reading that client while it is ahead by this much;
@@ -26,7 +33,8 @@ connection and its session go on:
 So one connection makes the server hold at most about
 ``connection_memory + 2 × max_message`` of its data, plus
 :data:`FRAMES_QUEUED` websocket frames of :data:`CHUNK_SIZE` read ahead by
-the websockets library.
+the websockets library and one frame that has half arrived; one user, at
+most ``max_connections`` times that.
 """
 
 from __future__ import annotations
@@ -72,12 +80,15 @@ class Limits:
     max_message: int = 16 << 20
     max_requests: int = 64
     connection_memory: int = 128 << 20
+    max_connections: int = 32
 
     def __post_init__(self) -> None:
         # A message must hold a request's header; a connection must be able
         # to have one request in flight and hold a frame.
         if self.max_requests < 1:
             raise ValueError("--max-requests must be 1 or more")
+        if self.max_connections < 1:
+            raise ValueError("--max-connections-per-user must be 1 or more")
         if self.max_message < 64 << 10:
             raise ValueError("--max-message must be at least 64K")
         if self.max_push < 1:

@@ -78,15 +78,16 @@ class SlotReading:
     problem: str | None = None
     host_memory_total: int | None = None
 
-    def as_json(self) -> dict[str, Any]:
-        """The ``readings`` object of ``GET /api/status``."""
+    def as_json(self, pids: bool = True) -> dict[str, Any]:
+        """The ``readings`` object of ``GET /api/status``; each process's pid is
+        None unless ``pids`` (an admin asks)."""
         return {
             "utilization": self.utilization,
             "memory_used": self.memory_used,
             "memory_total": self.memory_total,
             "temperature": self.temperature,
             "power": self.power,
-            "processes": [{"pid": p.pid, "memory": p.memory, "worker": p.worker}
+            "processes": [{"pid": p.pid if pids else None, "memory": p.memory, "worker": p.worker}
                           for p in self.processes],
             "host_memory_total": self.host_memory_total,
         }

@@ -37,6 +37,7 @@ from .journal import Journal
 from .parking_state import ParkedState
 from .stopping import INTERRUPT_NOTICE, CellStopping, RunningCell
 from .store import DatabaseUnavailable, OutputRow, Store
+from .unrecorded import UnrecordedCell
 from .worker import DuplicateRequest, TransferAborted, Worker
 
 __all__ = ["Replier", "Send", "Session", "SessionContext", "WorkerSource"]
@@ -140,6 +141,7 @@ class Session(CellStopping):
         self._seq = seq
         self._running: RunningCell | None = None  # the running cell, if any
         self._running_job: JobId | None = None
+        self._unrecorded: UnrecordedCell | None = None  # the running cell, if the store could not take its job
         self._interrupted = False
         self._started = False  # the running cell's code has begun (execute_input seen)
         self._background: set[asyncio.Task[None]] = set()
@@ -299,6 +301,8 @@ class Session(CellStopping):
             self._seq += 1
             self.context.journal.append(OutputRow(self.id, self._seq, job, jmsg["msg_type"],
                                                   jmsg["content"]))
+            if job is None and self._unrecorded is not None:
+                self._unrecorded.output(self._seq)
             if jmsg["msg_type"] == "execute_input" and not self._started:
                 self._started = True
                 if self._interrupted:  # asked for before the code began: deliver it now
@@ -353,26 +357,48 @@ class Session(CellStopping):
             await self._end_job(job, "failed", f"{reply.get('ename')}: {reply.get('evalue')}")
 
     async def _create_job(self, code: str) -> JobId | None:
-        """The cell's job, or None when the database cannot take it now (the cell runs anyway)."""
+        """The cell's job, or None when the database cannot take it now: the
+        cell runs anyway, and its job is written once the database is back."""
+        unrecorded = UnrecordedCell(code, tuple(str(s) for s in self.slots))
         try:
             job = await self.context.store.create_job(self.user, self.id, code, list(self.slots), running=True)
         except (DatabaseUnavailable, OSError) as exc:
-            log.warning("session %s: the cell runs without a job record: %s", self.id[:8], exc)
+            log.warning("session %s: the cell runs; its job is written when the database is back: %s",
+                        self.id[:8], exc)
+            self._unrecorded = unrecorded
             return None
         self._running_job = job
         return job
 
     async def _end_job(self, job: JobId | None, state: str, error: str | None = None) -> None:
+        unrecorded, self._unrecorded = self._unrecorded, None
         self._running = None
         self._running_job = None
         self.touch()
-        if job is None or (self.released and state != "completed"):  # close() already said 'cancelled'
+        if self.released and state != "completed":  # close() already said 'cancelled'
             return
+        if job is None:
+            if unrecorded is not None:
+                self._record_later(unrecorded, state, error)
+            return
+        await self._finish(job, state, error)
+
+    async def _finish(self, job: JobId, state: str, error: str | None) -> None:
+        """Record how ``job`` ended: now, or once the database is back."""
+        ended = time.time()
         try:
             await self.context.store.finish_job(job, state, error)
         except (DatabaseUnavailable, OSError) as exc:
-            log.warning("session %s: job %s ended %s but the store could not record it: %s",
+            log.warning("session %s: job %s ended %s; the store records it when the database is back: %s",
                         self.id[:8], job, state, exc)
+            self.context.journal.later(lambda: self.context.store.finish_job(job, state, error, ended),
+                                       f"the end of job {job}")
+
+    def _record_later(self, cell: UnrecordedCell, state: str, error: str | None) -> None:
+        """The job of a cell that ran while the database was away, written once it is back."""
+        record = cell.record(self.user, self.id, state, error)
+        self.context.journal.later(lambda: self.context.store.record_cell(record),
+                                   f"the job of a cell of session {self.id[:8]} ({state})")
 
     @property
     def running(self) -> bool:
@@ -518,11 +544,10 @@ class Session(CellStopping):
         if self.resuming is not None:
             self.resuming.cancel()
         if self._running_job is not None:
-            try:
-                await self.context.store.finish_job(self._running_job, job_state,
-                                                    f"session released: {reason}")
-            except (DatabaseUnavailable, OSError):
-                log.warning("session %s: could not record its cell as cancelled", self.id[:8])
+            await self._finish(self._running_job, job_state, f"session released: {reason}")
+        if self._unrecorded is not None:
+            self._record_later(self._unrecorded, job_state, f"session released: {reason}")
+            self._unrecorded = None
         worker = self._worker
         if self._replacing is not None:
             try:

@@ -29,6 +29,7 @@ from remote_gpu_kernel.typing import SessionId, SlotId
 from .broker import LeaseBroker
 from .parking import Parking, park_text
 from .session import Send, Session, SessionContext
+from .store import DatabaseUnavailable
 
 __all__ = ["RELEASED_REMEMBERED", "SessionManager"]
 
@@ -76,8 +77,14 @@ class SessionManager:
             raise
         session = Session(self.context, user, list(slots), worker, notebook, on_lost=self._lost, priority=priority)
         self._sessions[session.id] = session
+        store, created, names = self.context.store, time.time(), [str(s) for s in slots]
         try:
-            await self.context.store.create_session(session.id, user, [str(s) for s in slots], notebook)
+            await store.create_session(session.id, user, names, notebook)
+        except (DatabaseUnavailable, OSError) as exc:
+            log.warning("session %s runs; the store records it when the database is back: %s",
+                        session.id[:8], exc)
+            self.context.journal.later(lambda: store.create_session(session.id, user, names, notebook, created),
+                                       f"the lease of session {session.id[:8]}")
         except Exception:
             log.exception("could not record session %s in the store; it runs on", session.id[:8])
         log.info("%s leased %s (session %s)", user, ",".join(slots), session.id[:8])
@@ -171,8 +178,14 @@ class SessionManager:
         self._released[session.id] = reason
         while len(self._released) > RELEASED_REMEMBERED:
             self._released.popitem(last=False)
+        store, released = self.context.store, time.time()
         try:
-            await self.context.store.release_session(session.id, reason)
+            await store.release_session(session.id, reason)
+        except (DatabaseUnavailable, OSError) as exc:
+            log.warning("the store records the release of session %s when the database is back: %s",
+                        session.id[:8], exc)
+            self.context.journal.later(lambda: store.release_session(session.id, reason, released),
+                                       f"the release of session {session.id[:8]}")
         except Exception:
             log.exception("could not record the release of session %s", session.id[:8])
         log.info("released session %s of %s: %s", session.id[:8], session.user, reason)

@@ -4,7 +4,9 @@ Visibility, for a token of user U: U sees every slot, every queue entry and
 every lease with its user, size, state and times, because a shared machine
 is only fair when everyone can see who waits and who holds; U sees the
 session ids, job ids, code and output of U's own work only. An admin token
-sees everything. The shapes are a contract with the JupyterLab sidebar and
+sees everything. Process ids (a slot's processes, a draining slot's
+holders) are shown to an admin only: to others they are None, and a
+draining slot's ``pids`` is empty. The shapes are a contract with the JupyterLab sidebar and
 the ``rgpu`` CLI: add fields, never rename or drop one.
 
 What a lease or a job came from is the owner's too: ``notebook`` (the path
@@ -195,16 +197,16 @@ async def status_json(view: ServerView, me: TokenInfo) -> dict[str, Any]:
         problem = reading.problem
         draining = view.draining(slot.id)
         if draining is not None and problem is None:
-            problem = draining.problem
+            problem = draining.describe(pids=me.admin)
         if view.node_down(slot):
             problem = f"node {view.node_label(slot)} is down: not leased until it is back"
         slots.append({
             "id": slot.id, "kind": slot.kind, "name": slot.name, "uuid": slot.uuid,
             "healthy": problem is None, "problem": problem,
-            "draining": draining.as_json() if draining is not None else None,
+            "draining": draining.as_json(pids=me.admin) if draining is not None else None,
             "pool": view.pool(slot.id),
             "node": view.node_label(slot),
-            "readings": reading.as_json(),
+            "readings": reading.as_json(pids=me.admin),
             "history": view.readings.history.as_json(slot.id),
             "holder": holder.get(slot.id),
         })

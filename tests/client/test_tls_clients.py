@@ -3,15 +3,17 @@
 ``%%gpu`` in a real local kernel and the Remote GPU kernel through
 jupyter_client reach the shared ``rgpu serve --tls self-signed`` server when
 given its certificate, and fail a cell with one line when not. Plain ws://
-to a host that is not loopback is refused before any connection is made (the
-host name below does not resolve: ``.invalid`` is reserved), and allowed
-with ``insecure``.
+to a host that does not resolve to loopback alone is refused before any
+connection is made (the host name below does not resolve: ``.invalid`` is
+reserved; ``*.localhost`` names are loopback only where they resolve so),
+and allowed with ``insecure``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,12 +41,58 @@ def no_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyP
     return monkeypatch
 
 
-def test_loopback_is_localhost_127_8_and_ipv6_1() -> None:
-    for host in ("localhost", "LOCALHOST.", "app.localhost", "127.0.0.1", "127.8.9.10", "::1",
-                 "[::1]", "::ffff:127.0.0.1"):
-        assert is_loopback(host), host
-    for host in ("gpu-box", "localhost.example.com", "10.0.0.1", "0.0.0.0", "::", "", None):
+def test_an_address_is_loopback_by_itself_and_a_name_by_what_it_resolves_to() -> None:
+    for host in ("127.0.0.1", "127.8.9.10", "::1", "[::1]", "::ffff:127.0.0.1", "localhost"):
+        assert is_loopback(host), host  # this machine's hosts file has localhost at 127.0.0.1
+    for host in ("gpu-box.invalid", "10.0.0.1", "0.0.0.0", "::", "", None, "a" * 300):
         assert not is_loopback(host), host
+
+
+#: What the resolver answers below: DNS is the thing being decided on, so it is
+#: replaced by a test double that answers these and nothing else.
+ANSWERS = {"localhost": ["127.0.0.1", "::1"], "app.localhost": ["127.0.0.1"],
+           "evil.localhost": ["203.0.113.7"], "split.localhost": ["127.0.0.1", "203.0.113.7"],
+           "six.localhost": ["::1", "2001:db8::1"]}
+
+
+@pytest.fixture
+def resolver(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """socket.getaddrinfo answering :data:`ANSWERS`; the names asked, in order."""
+    asked: list[str] = []
+
+    def getaddrinfo(host: str, port: object, *args: object, **kwargs: object) -> list[tuple[object, ...]]:
+        asked.append(host)
+        if host not in ANSWERS:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", (a, 0, 0, 0)) if ":" in a
+                else (socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, 0)) for a in ANSWERS[host]]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return asked
+
+
+def test_a_name_is_loopback_only_if_every_address_it_resolves_to_is(resolver: list[str]) -> None:
+    assert is_loopback("localhost") and is_loopback("app.localhost")
+    for host in ("evil.localhost", "split.localhost", "six.localhost", "nowhere.localhost"):
+        assert not is_loopback(host), host
+    assert resolver == ["localhost", "app.localhost", "evil.localhost", "split.localhost", "six.localhost",
+                        "nowhere.localhost"]
+    assert is_loopback("127.0.0.1") and resolver[-1] == "nowhere.localhost"  # an address is not resolved
+
+
+def test_a_localhost_name_that_resolves_elsewhere_gets_no_token_in_clear(
+        no_config: pytest.MonkeyPatch, resolver: list[str]) -> None:
+    url = "ws://evil.localhost:8765"
+    with pytest.raises(InsecureConnection, match="plain ws:// to evil.localhost"):
+        Client(url, "rgpu_token").session()
+    api = ApiClient(url, "rgpu_token")
+    with pytest.raises(InsecureConnection, match="plain http:// to evil.localhost"):
+        api.status()
+    with pytest.raises(InsecureConnection, match="plain ws:// to evil.localhost"):
+        api.submit("print(1)")
+    assert main(["login", url, "rgpu_token"]) == 1
+    # Only the check asked the resolver: no connection was tried.
+    assert set(resolver) == {"evil.localhost"}
 
 
 def test_plain_ws_to_another_host_is_refused_before_connecting(no_config: pytest.MonkeyPatch) -> None:

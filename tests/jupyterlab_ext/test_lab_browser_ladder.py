@@ -7,7 +7,7 @@ as a **Restart worker** button on the lease. The button stops the cell (it
 fails with WorkerDied saying why) and the job shows as cancelled with the
 cause. Then a process of the worker that SIGKILL cannot end (frozen by the
 cgroup freezer, as a process stuck in a driver would be) keeps its slot
-**draining** after Release, with its pid, until it is thawed.
+**draining** after Release (its pid shown to admins only), until it is thawed.
 """
 
 from __future__ import annotations
@@ -118,11 +118,14 @@ def test_a_stuck_cell_is_restarted_from_the_sidebar_and_a_stuck_process_drains_i
             (group / "freezer.state").write_text("FROZEN")
             lease.locator(".jp-RemoteGpu-release").click()
             badge = panel.locator(".jp-RemoteGpu-slot .jp-RemoteGpu-badge.jp-mod-draining")
-            expect(badge).to_have_attribute("data-pids", str(pid), timeout=30_000)
-            assert f"pid {pid}" in (badge.get_attribute("title") or "")
-            expect(badge).to_have_text("draining")
+            expect(badge).to_have_text("draining", timeout=30_000)
+            # Pids are an admin's to see: alice's sidebar says how many processes hold it.
+            expect(badge).to_have_attribute("data-pids", "")
+            title = badge.get_attribute("title") or ""
+            assert "still hold this slot: a process (" in title and str(pid) not in title
             problem = panel.locator(".jp-RemoteGpu-slot", has=page.locator(".jp-mod-draining"))
-            expect(problem.locator(".jp-RemoteGpu-jobError")).to_contain_text(f"{pid}")
+            expect(problem.locator(".jp-RemoteGpu-jobError")).to_contain_text(
+                "1 process(es) of a stopped worker still hold it")
             expect(problem.locator(".jp-RemoteGpu-holder")).to_have_text("not leased until it is drained")
             page.screenshot(path=str(ARTIFACTS / "sidebar-draining.png"))
             (group / "freezer.state").write_text("THAWED")

@@ -67,11 +67,15 @@ def test_a_message_over_the_limit_is_skipped_whole_and_nothing_of_it_is_kept() -
         reader.receive_data(big[0])
     assert (refused.value.req, refused.value.limit, refused.value.what) == (3, 4096, "shell_request")
     assert refused.value.size > 10_000
+    total = sum(len(piece) for piece in big)
+    assert reader.skipping == total - len(big[0])  # what is still to come of it
     for piece in big[1:-1]:
+        before = reader.skipping
         reader.receive_data(piece)  # skipped: no error, no event
         assert reader.events_received() == [] and reader.in_message
+        assert reader.skipping == before - len(piece)
     reader.receive_data(big[-1])
-    assert reader.events_received() == [] and not reader.in_message
+    assert reader.events_received() == [] and not reader.in_message and reader.skipping == 0
     reader.receive_data(encode(m.Execute(4, "1"))[0])
     assert reader.events_received() == [m.Execute(4, "1")] and not reader.in_message
 

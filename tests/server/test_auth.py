@@ -1,7 +1,9 @@
-"""Tokens: only hashes stored, and the handshake refuses bad ones with 401."""
+"""Tokens: only hashes stored, the handshake refuses bad ones with 401, and their
+last use is written once a period, not on every request."""
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 import time
@@ -12,6 +14,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from remote_gpu_kernel import AuthenticationError, Client
+from remote_gpu_kernel.api import ApiClient
 from remote_gpu_server.errors import StoreError, TokenError
 from postgres import BACKENDS
 from servers import ServerProcess
@@ -84,3 +87,71 @@ def test_revoked_token_is_refused_by_the_running_server(fresh_server: ServerProc
                     "--db", str(server.db)], check=True, capture_output=True)
     with pytest.raises(AuthenticationError, match="revoked"):
         Client(server.url, token).session()
+
+
+def _last_used(location: str | Path, token_id: int) -> float | None:
+    (row,) = execute_raw(location, "SELECT last_used FROM tokens WHERE id = ?", (token_id,))
+    return row[0]  # type: ignore[no-any-return]
+
+
+def test_a_tokens_last_use_is_written_once_a_period_and_at_close(store_location: str) -> None:
+    store = BlockingStore(store_location)
+    token_id, token = store.create_token("alice")
+    writes: list[str] = []
+    db = store.store.db
+    for name in ("execute", "executemany"):
+        real = getattr(db, name)
+
+        async def counted(sql: str, *args: object, _real: object = real) -> object:
+            writes.append(sql)
+            return await _real(sql, *args)  # type: ignore[operator]
+
+        setattr(db, name, counted)
+    first = time.time()
+    store.verify_token(token)  # the first use is written at once
+    assert len(writes) == 1 and _last_used(store_location, token_id) >= first  # type: ignore[operator]
+    written = _last_used(store_location, token_id)
+    for _ in range(200):
+        store.verify_token(token)
+    latest = time.time()
+    store.verify_token(token)
+    store.write_last_used()  # nothing is due within the period
+    assert len(writes) == 1 and _last_used(store_location, token_id) == written
+    store.store.last_used_period = 0.0  # the period has passed: the latest use is written
+    store.write_last_used()
+    assert len(writes) == 2 and _last_used(store_location, token_id) >= latest  # type: ignore[operator]
+    store.store.last_used_period = 3600.0
+    store.verify_token(token)
+    latest = time.time()
+    store.verify_token(token)
+    assert len(writes) == 2
+    store.close()  # what waits is written, not lost
+    assert len(writes) == 3 and _last_used(store_location, token_id) >= latest  # type: ignore[operator]
+
+
+def test_http_requests_do_not_write_the_store_and_a_clean_stop_keeps_the_last_use(
+        fresh_server: ServerProcess) -> None:
+    token = fresh_server.token("dora")
+    fresh_server.start(wait_warm=False)
+    store = BlockingStore(fresh_server.db)
+    (token_id,) = [t.id for t in store.list_tokens() if t.user == "dora"]
+    store.close()
+    api = ApiClient(fresh_server.url, token)
+    api.jobs()
+    first = _last_used(fresh_server.db, token_id)
+    assert first is not None
+    watcher = sqlite3.connect(fresh_server.db)
+    try:
+        # data_version changes when another connection commits anything to the file.
+        before = watcher.execute("PRAGMA data_version").fetchone()
+        for _ in range(50):
+            api.status()
+        started = time.time()
+        api.jobs()
+        ended = time.time()
+        assert watcher.execute("PRAGMA data_version").fetchone() == before
+        assert _last_used(fresh_server.db, token_id) == first
+    finally:
+        watcher.close()
+    fresh_server.stop()
+    assert started <= _last_used(fresh_server.db, token_id) <= ended  # type: ignore[operator]

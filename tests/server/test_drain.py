@@ -64,10 +64,12 @@ def rgpu_status(url: str, token: str) -> str:
     return out.getvalue()
 
 
-def tokens(db: Path, *users: str) -> list[str]:
+def tokens(db: Path, *users: str, admin: str | None = None) -> list[str]:
+    """A token for each of ``users``, then one for ``admin`` (an admin's) if named."""
     store = BlockingStore(str(db))
     try:
-        return [store.create_token(user)[1] for user in users]
+        made = [store.create_token(user)[1] for user in users]
+        return made + ([store.create_token(admin, admin=True)[1]] if admin else [])
     finally:
         store.close()
 
@@ -93,7 +95,7 @@ class Waiter:
 
 def test_a_gpu_that_a_stopped_worker_still_holds_is_draining_until_it_lets_go(tmp_path: Path) -> None:
     gpu0 = FakeGpu("GPU-0")
-    alice, bob = tokens(tmp_path / "rgpu.sqlite3", "alice", "bob")
+    alice, bob, root = tokens(tmp_path / "rgpu.sqlite3", "alice", "bob", admin="root")
 
     async def scenario() -> None:
         async with gpu_server(tmp_path / "rgpu.sqlite3", FakeNvml([gpu0])) as server:
@@ -104,18 +106,26 @@ def test_a_gpu_that_a_stopped_worker_still_holds_is_draining_until_it_lets_go(tm
             gpu0.processes = [(pid, 3 << 30)]  # its CUDA context outlives the kill
             await asyncio.to_thread(session.release)
 
-            slot = (await asyncio.to_thread(api.status))["slots"][0]
+            slot = (await asyncio.to_thread(ApiClient(url, root).status))["slots"][0]
             assert slot["healthy"] is False and slot["draining"]["pids"] == [pid]
             assert slot["draining"]["processes"] == [{"pid": pid, "memory": 3 << 30}]
             assert f"process(es) {pid} (3072 MiB) of a stopped worker still hold it" in slot["problem"]
+            # A user sees that it drains and how much is held, not which pids (an admin's to see).
+            slot = (await asyncio.to_thread(api.status))["slots"][0]
+            assert slot["healthy"] is False and slot["draining"]["pids"] == []
+            assert slot["draining"]["processes"] == [{"pid": None, "memory": 3 << 30}]
+            assert slot["problem"] == ("draining: 1 process(es) of a stopped worker still hold it (3072 MiB); "
+                                       "not leased until they exit")
             metrics = await asyncio.to_thread(api.metrics)
             node = socket.gethostname()
             assert f'rgpu_slot_draining{{node="{node}",slot="gpu0"}} 1.0' in metrics
             assert (f'rgpu_slot_draining_process_bytes{{node="{node}",pid="{pid}",slot="gpu0"}} 3.221225472e+09'
                     in metrics)
             assert f'rgpu_slot_healthy{{node="{node}",slot="gpu0"}} 0.0' in metrics
-            shown = await asyncio.to_thread(rgpu_status, url, alice)
+            shown = await asyncio.to_thread(rgpu_status, url, root)
             assert f"draining: held by pid {pid} (3 GiB)" in shown
+            shown = await asyncio.to_thread(rgpu_status, url, alice)
+            assert "draining: held by 1 process(es) of a stopped worker" in shown and str(pid) not in shown
 
             waiter = Waiter(url, bob)
             await asyncio.sleep(1.0)
@@ -206,7 +216,7 @@ def test_a_process_that_outlives_sigkill_keeps_its_cpu_slot_draining(fresh_serve
     fresh_server.args = ["--drain-deadline", "0.5", "--term-grace", "0.5"]
     fresh_server.start()
     alice = fresh_server.token("alice")
-    api = ApiClient(fresh_server.url, alice)
+    api = ApiClient(fresh_server.url, fresh_server.token("root", "--admin"))  # an admin sees the pids
     session = Client(fresh_server.url, alice).session()
     stuck = int(session.execute("import subprocess\nprint(subprocess.Popen(['sleep', '600']).pid)",
                                 on_output=quiet).stdout)

@@ -71,18 +71,20 @@ def test_status_shape(users: Users) -> None:
     assert users.admin.status()["you"] == {"user": "root", "admin": True}
 
 
-def test_cpu_readings_show_the_warm_workers(users: Users) -> None:
-    def read() -> list[dict[str, Any]] | None:
-        slots = users.alice.status()["slots"]
+def test_cpu_readings_show_the_warm_workers_and_their_pids_to_an_admin_only(users: Users) -> None:
+    def read(api: ApiClient) -> list[dict[str, Any]] | None:
+        slots = api.status()["slots"]
         ok = all(s["readings"]["processes"] and s["readings"]["memory_used"] for s in slots)
         return slots if ok else None
 
-    slots = wait_for(read, what="readings of the warm workers")
+    slots = wait_for(lambda: read(users.admin), what="readings of the warm workers")
     for slot in slots:
         r = slot["readings"]
         assert r["memory_total"] > r["memory_used"] > 10_000_000  # an ipykernel is tens of MB
         assert r["temperature"] is None and r["power"] is None
         assert all(p["pid"] > 0 and p["memory"] > 0 for p in r["processes"])
+    for slot in wait_for(lambda: read(users.alice), what="readings of the warm workers"):
+        assert all(p["pid"] is None and p["memory"] > 0 for p in slot["readings"]["processes"])
 
 
 @pytest.mark.parametrize("token, reason", [

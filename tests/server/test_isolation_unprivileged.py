@@ -79,6 +79,17 @@ print(sorted(int(p) for p in os.listdir('/proc') if p.isdigit())[-1] < 100)
     assert sandboxed.proc is not None and sandboxed.proc.poll() is None
 
 
+def test_the_store_and_its_wal_and_shm_are_the_servers_alone(sandboxed: ServerProcess) -> None:
+    # Another account on the host must not read every user's code and output
+    # (nor the token hashes) from the store, whatever the server's umask.
+    with Client(sandboxed.url, sandboxed.tokens["alice"]).session() as a:  # type: ignore[attr-defined]
+        assert run(a, "print('written')") == "written\n"
+        store = Path(sandboxed.db)
+        files = {suffix: os.stat(f"{store}{suffix}") for suffix in ("", "-wal", "-shm")}
+    for suffix, info in files.items():
+        assert (info.st_uid, oct(info.st_mode & 0o777)) == (SERVER_UID, "0o600"), suffix
+
+
 def test_a_parked_sandboxed_session_comes_back_in_its_own_folder(sandboxed: ServerProcess) -> None:
     with Client(sandboxed.url, sandboxed.tokens["alice"]).session() as a:  # type: ignore[attr-defined]
         folder = run(a, "import os\nopen('notes.txt', 'w').write('kept')\nkept = [1, 2]\nprint(os.getcwd())")

@@ -1,8 +1,11 @@
 """Each limit on what one client may send, on a real server: what exceeds it is
-refused with one line, and the connection and the session go on."""
+refused with one line, and the session goes on (the connection too, unless
+what was refused is still arriving)."""
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 import threading
@@ -12,13 +15,14 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from remote_gpu_kernel import Client, MessageTooLarge
-from remote_gpu_kernel.protocol import dump_values
+from remote_gpu_kernel import Client, ConnectionLost, MessageTooLarge
+from remote_gpu_kernel.protocol import dump_values, encode
 from remote_gpu_kernel.protocol import messages as m
-from raw_client import RawClient
+from raw_client import RawClient, half_frame_socket
 from servers import ServerProcess
+from waiting import wait_for
 
 
 def test_the_welcome_names_the_limits(fresh_server: ServerProcess) -> None:
@@ -32,23 +36,33 @@ def test_a_push_over_max_push_is_refused_and_the_session_goes_on(fresh_server: S
     fresh_server.args = ["--max-push", "1M"]
     fresh_server.start()
     token = fresh_server.token()
-    with Client(fresh_server.url, token).session() as session:
-        session.push(small=np.arange(10))
-        with pytest.raises(MessageTooLarge, match=r"this push is 2 MiB.*1 MiB, its --max-push") as refused:
-            session.push(big=np.zeros(2 << 20, np.uint8))  # refused before anything is sent
-        assert "\n" not in str(refused.value)
-        assert session.pull("small")["small"].tolist() == list(range(10))
-        with RawClient(fresh_server.url, token) as raw:  # a client that does not check first
-            raw.hello()
-            raw.lease(resume=session.id)
-            names, counts, buffers = dump_values({"big": np.zeros(3 << 20, np.uint8)})
-            raw.send(m.Push(2, names, counts, tuple(buffers)))
-            refusal = raw.answer(2)
-            assert isinstance(refusal, m.Error) and refusal.code is m.ErrorCode.BAD_REQUEST
-            assert "more than this server takes in one push (1 MiB, rgpu serve --max-push)" in refusal.message
-            raw.send(m.Execute(3, "small.sum()"))
-            done = raw.answer(3, m.ExecuteDone)
-            assert isinstance(done, m.ExecuteDone) and done.status == "ok"  # read on, in step
+    session = Client(fresh_server.url, token).session()
+    session.push(small=np.arange(10))
+    with pytest.raises(MessageTooLarge, match=r"this push is 2 MiB.*1 MiB, its --max-push") as refused:
+        session.push(big=np.zeros(2 << 20, np.uint8))  # refused before anything is sent
+    assert "\n" not in str(refused.value)
+    assert session.pull("small")["small"].tolist() == list(range(10))
+    # A client that does not check first, and gives up sending the push once it
+    # is refused: the server must not skip its next messages as the push's
+    # bytes (they would go unanswered); it says why and closes.
+    with RawClient(fresh_server.url, token) as raw:
+        raw.hello()
+        raw.lease(resume=session.id)
+        names, counts, buffers = dump_values({"big": np.zeros(3 << 20, np.uint8)})
+        head = encode(m.Push(2, names, counts, tuple(buffers)))[0]
+        raw.send_raw(head)  # the header alone: 3 MiB declared, none sent
+        raw.send(m.Execute(3, "small.sum()"))
+        refusal = raw.receive()
+        assert isinstance(refusal, m.Error) and refusal.req == 2
+        assert "more than this server takes in one push (1 MiB, rgpu serve --max-push)" in refusal.message
+        with pytest.raises(ConnectionClosed) as closed:
+            raw.receive()
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+        assert closed.value.rcvd.reason == "push of 3 MiB over rgpu serve --max-push (1 MiB)"
+    again = Client(fresh_server.url, token).session(resume=session.id)
+    assert again.resumed and again.pull("small")["small"].tolist() == list(range(10))
+    again.release()
+    session.close()
 
 
 def test_a_message_over_max_message_is_refused(fresh_server: ServerProcess) -> None:
@@ -178,11 +192,65 @@ def test_a_push_streams_with_backpressure_when_its_worker_is_slow(fresh_server: 
         assert result.outputs[-1].content["data"]["text/plain"] == str(size)
 
 
+def test_one_users_connections_are_bounded_and_their_memory_returns_after_close(
+        fresh_server: ServerProcess) -> None:
+    # One token opened thousands of websockets, each holding half a 1 MiB
+    # frame sent in small pieces: the server grew by gigabytes, kept most of
+    # it after they closed, and another user's cells slowed down.
+    limit = 300
+    fresh_server.args = ["--max-connections-per-user", str(limit)]
+    fresh_server.start()
+    assert fresh_server.proc is not None
+    url, mallory = fresh_server.url, fresh_server.token("mallory")
+    server = psutil.Process(fresh_server.proc.pid)
+    bob = Client(url, fresh_server.token("bob")).session()
+    assert bob.execute("x = 1", on_output=lambda _: None).ok
+    start = server.memory_info().rss
+    sockets = []
+    try:
+        for _ in range(limit):
+            status, body, sock = half_frame_socket(url, mallory)
+            assert status == 101 and sock is not None, body
+            sockets.append(sock)
+        status, body, sock = half_frame_socket(url, mallory)
+        refusal = (f"mallory already has {limit} connections open to this server, its most per user "
+                   "(rgpu serve --max-connections-per-user)")
+        assert (status, sock) == (429, None) and refusal in body.decode()
+        with pytest.raises(ConnectionLost, match=re.escape(f"refused this connection: {refusal}")):
+            Client(url, mallory).session()
+        half = os.urandom(512 << 10)
+        for offset in range(0, len(half), 4096):  # piece by piece, every socket in turn
+            for sock in sockets:
+                sock.sendall(half[offset:offset + 4096])
+        grown = wait_for(lambda: max(0, server.memory_info().rss - start - limit * (448 << 10)),
+                         what="the server to hold the half frames") + limit * (448 << 10)
+        assert bob.execute("x + 1", on_output=lambda _: None).ok  # another user's cells run on
+    finally:
+        for sock in sockets:
+            sock.close()
+
+    def connects() -> bool:
+        try:
+            with RawClient(url, mallory) as raw:
+                return raw.hello().user == "mallory"
+        except InvalidStatus:
+            return False
+
+    wait_for(connects, what="mallory's closed connections to be given back")
+    # The heap the half frames grew goes back to the system: measured, what
+    # stays is 4 % of the growth with malloc_trim and 46 % without.
+    wait_for(lambda: server.memory_info().rss - start < grown // 5,
+             what=f"the server's memory to come back (it grew by {grown >> 20} MiB)")
+    assert bob.execute("x + 2", on_output=lambda _: None).ok
+    bob.release()
+
+
 @pytest.mark.parametrize(("flag", "value", "message"), [
     ("--max-push", "12Q", "--max-push '12Q' is not a size: write it like 16G, 512M or 64K"),
     ("--max-message", "1K", "--max-message '1K' is too small: give it at least 64 KiB"),
     ("--connection-memory", "100K", "--connection-memory '100K' is too small: give it at least 1 MiB"),
     ("--max-requests", "0", "--max-requests must be 1 or more"),
+    ("--max-connections-per-user", "0", "--max-connections-per-user must be 1 or more"),
 ])
 def test_a_bad_limit_stops_rgpu_serve_with_one_line(tmp_path: Path, flag: str, value: str, message: str) -> None:
     done = subprocess.run([sys.executable, "-m", "remote_gpu_kernel.cli", "serve", "--port", "0",

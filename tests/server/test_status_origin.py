@@ -105,6 +105,37 @@ def test_a_batch_job_shows_the_first_line_of_its_script(users: Users) -> None:
         users.alice.cancel(job["id"])
 
 
+def test_another_users_workers_pids_are_shown_to_an_admin_only(users: Users) -> None:
+    # A pid is what a cell needs to aim at another user's worker (signals,
+    # /proc): bob sees that alice's slot is busy and how much it holds, not her pids.
+    with Client(users.server.url, users.tokens[0]).session() as session:
+        pid = int(session.execute("import os; print(os.getpid())", on_output=lambda _: None).stdout)
+
+        def shown(api: ApiClient) -> list[Any]:
+            return [p["pid"] for s in api.status()["slots"] for p in s["readings"]["processes"]]
+
+        wait_for(lambda: pid in shown(users.admin), timeout=30, what="the admin to see alice's worker")
+        for api in (users.bob, users.alice):
+            pids = shown(api)
+            assert pids and set(pids) == {None}
+            assert list(named_pids(api.status())) == [None] * len(pids)  # nowhere else either
+
+
+def named_pids(value: Any) -> Iterator[Any]:
+    """Every value under a key named ``pid``, and every item under ``pids``, in a JSON value."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == "pid":
+                yield item
+            elif key == "pids":
+                yield from item
+            else:
+                yield from named_pids(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from named_pids(item)
+
+
 def test_each_slot_has_a_growing_history_of_readings(users: Users) -> None:
     def two_points() -> list[dict[str, Any]] | None:
         slots = users.alice.status()["slots"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 import time
 from collections.abc import Iterator, Sequence
@@ -13,7 +14,9 @@ import pytest
 
 from remote_gpu_kernel.typing import SessionId
 from remote_gpu_server.journal import Journal
-from remote_gpu_server.store import SCHEMA_VERSION, OutputRow, SchemaTooNew, Store
+from remote_gpu_server.store import (SCHEMA_VERSION, CellRecord, DatabaseUnavailable, OutputRow,
+                                     SchemaTooNew, Store)
+from remote_gpu_server.unrecorded import UnrecordedCell
 from remote_gpu_server.store.schema import _v1 as version_1_tables
 from stores import BlockingStore, execute_raw, is_postgres
 
@@ -35,6 +38,26 @@ INSERT INTO users VALUES (1, 'alice', 1.0);
 INSERT INTO sessions VALUES ('old', 1, 'cpu0', 1.0, NULL, NULL);
 INSERT INTO jobs VALUES (1, 1, 'old', 'cell', 'cpu0', 'print(1)', 'running', NULL, 1.0, 1.0, NULL);
 """
+
+
+def test_a_sqlite_store_and_its_files_are_readable_by_their_owner_alone(tmp_path: Path) -> None:
+    old = os.umask(0o022)  # what a server that is not root (and the CLI) runs with
+    try:
+        fresh = tmp_path / "fresh.sqlite3"
+        with BlockingStore(fresh) as store:
+            store.create_token("alice")
+            modes = {s: oct(os.stat(f"{fresh}{s}").st_mode & 0o777) for s in ("", "-wal", "-shm")}
+        assert modes == {"": "0o600", "-wal": "0o600", "-shm": "0o600"}
+        # A store an earlier version left readable is made private when opened.
+        earlier = tmp_path / "earlier.sqlite3"
+        sqlite3.connect(earlier).close()
+        os.chmod(earlier, 0o644)
+        with BlockingStore(earlier) as store:
+            store.create_token("bob")
+            assert oct(os.stat(earlier).st_mode & 0o777) == "0o600"
+            assert oct(os.stat(f"{earlier}-wal").st_mode & 0o777) == "0o600"
+    finally:
+        os.umask(old)
 
 
 def test_a_store_from_before_versions_were_kept_is_upgraded(tmp_path: Path) -> None:
@@ -160,6 +183,65 @@ def test_the_journal_writes_in_order_through_failures() -> None:
         await journal.close()
 
     asyncio.run(scenario())
+
+
+def test_late_writes_go_in_turn_with_the_rows_and_a_wrong_one_holds_nothing_up() -> None:
+    written: list[object] = []
+    away = [2]
+
+    async def write(rows: Sequence[OutputRow]) -> None:
+        if away[0]:
+            away[0] -= 1
+            raise DatabaseUnavailable("the database went away")
+        written.extend(row.seq for row in rows)
+
+    async def late(name: str) -> None:
+        if away[0]:
+            away[0] -= 1
+            raise DatabaseUnavailable("the database went away")
+        written.append(name)
+
+    async def wrong() -> None:
+        raise ValueError("not a database outage")
+
+    async def scenario() -> None:
+        journal = Journal(write)
+        journal.append(OutputRow(SessionId("s"), 1, None, "stream", {}))
+        journal.later(lambda: late("job"), "a job")
+        journal.append(OutputRow(SessionId("s"), 2, None, "stream", {}))
+        journal.later(wrong, "a wrong record")
+        journal.later(lambda: late("release"), "a release")
+        journal.append(OutputRow(SessionId("s"), 3, None, "stream", {}))
+        assert await journal.flush(timeout=30)
+        assert written == [1, "job", 2, "release", 3] and journal.pending == 0
+        await journal.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_unrecorded_cell_keeps_its_outputs_as_runs() -> None:
+    cell = UnrecordedCell("print(1)", ("cpu0",))
+    for seq in (4, 5, 6, 9, 11, 12):
+        cell.output(seq)
+    record = cell.record("alice", SessionId("s"), "completed", None)
+    assert record.outputs == ((4, 6), (9, 9), (11, 12))
+    assert record.ended >= record.started and record.slots == ("cpu0",)
+
+
+def test_a_cell_recorded_late_keeps_its_times_and_gets_its_outputs(store_location: str) -> None:
+    with BlockingStore(store_location) as store:
+        session = SessionId("late")
+        store.create_session(session, "alice", ["cpu0"], created=100.0)
+        store.append_outputs([OutputRow(session, seq, None, "stream", {"text": str(seq)}) for seq in (1, 2, 3, 4)])
+        record = CellRecord("alice", session, "print(1)", ("cpu0",), 200.0, 230.0, "completed", None,
+                            ((1, 2), (4, 4)))
+        job = store.record_cell(record)
+        found = store.job(job)
+        assert (found.state, found.started, found.ended, found.code) == ("completed", 200.0, 230.0, "print(1)")
+        assert [seq for seq, _, _ in store.outputs(job)] == [1, 2, 4]  # 3 was not this cell's
+        assert store.job_gpu_seconds(found) == 30.0
+        store.release_session(session, "done", when=300.0)
+        assert store.gpu_seconds_by_user(since=0)["alice"] == 200.0
 
 
 @contextlib.contextmanager

@@ -5,7 +5,9 @@ work again once it is back; a transaction cut in the middle leaves nothing;
 and a whole server goes on running a printing cell through
 ``pg_ctl stop -m immediate`` and a restart: nothing written before is lost,
 nothing is written twice, the journal keeps its order, and a job submitted
-while the database is down gets a clear error and leaves no row.
+while the database is down gets a clear error and leaves no row. Cells
+run, and leases taken and released, while it is down get their records
+(jobs with their outputs, times and GPU time) once it is back.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -24,6 +27,7 @@ from remote_gpu_kernel import Client
 from remote_gpu_kernel.api import ApiClient, ApiError
 from remote_gpu_kernel.protocol import messages as m
 from remote_gpu_server.store import DatabaseUnavailable, Store
+from raw_client import RawClient
 from servers import ServerProcess
 from stores import BlockingStore, execute_raw
 from waiting import wait_for
@@ -164,3 +168,52 @@ def test_a_server_runs_on_through_a_database_crash_and_loses_nothing(
         batch = [j.id for j in store.jobs(kind="batch")]
         assert len(batch) == 1 and store.batch_spec(batch[0]) is not None  # only the one after
     assert execute_raw(url, "SELECT COUNT(*) FROM batch_jobs") == [(1,)]
+
+
+def test_cells_and_a_lease_while_the_database_is_away_are_recorded_once_it_is_back(
+        cluster: pg.PostgresCluster, url: str, tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path, "cpu:2", "--no-isolation", db=url)
+    token = server.token("alice")
+    server.start()
+    try:
+        api = ApiClient(server.url, token)
+        session = Client(server.url, token).session()  # leased before the outage
+        assert session.execute("import time", on_output=lambda _: None).ok
+        with RawClient(server.url, token) as raw:  # connected before the outage
+            raw.hello()
+            cluster.stop("immediate")
+            try:
+                away = session.execute("time.sleep(0.5); print('while away')", on_output=lambda _: None)
+                assert away.ok and away.stdout == "while away\n" and away.job == 0  # it ran, with no job yet
+                # A lease taken while the database is away, a cell in it, and its release.
+                granted = raw.lease(req=1)
+                raw.send(m.Execute(2, "print('leased while away')"))
+                done = raw.answer(2, m.ExecuteDone, timeout=60)
+                assert isinstance(done, m.ExecuteDone) and done.status == "ok" and done.job == 0
+                raw.send(m.Release(3))
+                assert isinstance(raw.answer(3, m.Released), m.Released)
+            finally:
+                cluster.start()
+        server.wait_for_log(r"the job of a cell of session \w+ \(completed\) is written", timeout=60)
+        server.wait_for_log(r"the release of session \w+ is written", timeout=60)
+
+        def recorded() -> dict[str, dict[str, Any]]:
+            found = {j["first_line"]: j for j in api.jobs()}
+            wanted = ("time.sleep(0.5); print('while away')", "print('leased while away')")
+            return found if all(line in found for line in wanted) else {}
+
+        jobs = wait_for(recorded, what="the cells run while the database was away, in alice's jobs")
+        slept = jobs["time.sleep(0.5); print('while away')"]
+        assert slept["state"] == "completed" and slept["session"] == session.id
+        assert slept["gpu_seconds"] >= 0.5 and slept["ended"] - slept["started"] >= 0.5
+        assert [(o["msg_type"], o["text"]) for o in api.outputs(slept["id"])] == [
+            ("execute_input", ""), ("stream", "while away\n")]  # as any cell's
+        leased = jobs["print('leased while away')"]
+        assert leased["state"] == "completed" and leased["session"] == granted.session
+        assert [o["text"] for o in api.outputs(leased["id"]) if o["msg_type"] == "stream"] == [
+            "leased while away\n"]
+        session.release()
+    finally:
+        server.stop()
+    (lease,) = execute_raw(url, "SELECT created, released FROM sessions WHERE id = ?", (granted.session,))
+    assert lease[0] is not None and lease[1] is not None and lease[1] >= lease[0]

@@ -17,6 +17,7 @@ from .records import (
     JOB_STATES,
     AttemptRecord,
     BatchSpec,
+    CellRecord,
     JobRecord,
     JobState,
     OutputRow,
@@ -27,7 +28,7 @@ from .records import (
 from .schema import SCHEMA_VERSION, SchemaTooNew
 
 __all__ = [
-    "AttemptRecord", "BatchSpec", "Database", "DatabaseUnavailable", "Dialect", "JOB_STATES",
+    "AttemptRecord", "BatchSpec", "CellRecord", "Database", "DatabaseUnavailable", "Dialect", "JOB_STATES",
     "JobRecord", "JobState", "OutputRow", "ParkedRecord", "ParkedStore", "SCHEMA_VERSION", "SchemaTooNew", "SessionRecord",
     "SqliteDatabase", "Store", "TOKEN_PREFIX", "TokenInfo", "hash_token", "slot_count",
 ]

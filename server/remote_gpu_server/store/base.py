@@ -6,7 +6,11 @@ a coroutine and never blocks the event loop.
 
 Only a SHA-256 hash of each token is stored: tokens are 256 random bits,
 so a plain hash is enough, and the lookup is by hash followed by a
-constant-time comparison.
+constant-time comparison. Verifying a token (every HTTP request and
+connection) reads it every time, so a revoked token is refused at once,
+but writes its last use only once per :data:`LAST_USED_PERIOD`: the uses
+in between are kept here and written by :meth:`Store.write_last_used`
+(called periodically by the server) and at :meth:`Store.close`.
 
 Sessions and jobs carry the id of the server that runs them
 (``server_id``), so that a restarted server recovers only its own work
@@ -20,7 +24,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import secrets
+import sqlite3
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -28,11 +34,12 @@ from typing import Any
 from remote_gpu_kernel.typing import JobId, SessionId
 
 from ..errors import StoreError, TokenError
-from .database import Database, Executor
+from .database import Database, DatabaseUnavailable, Executor
 from .records import (
     JOB_STATES,
     AttemptRecord,
     BatchSpec,
+    CellRecord,
     JobRecord,
     OutputRow,
     SessionRecord,
@@ -42,9 +49,13 @@ from .records import (
 from .parked import ParkedStore
 from .schema import migrate
 
-__all__ = ["Store", "TOKEN_PREFIX", "hash_token"]
+__all__ = ["LAST_USED_PERIOD", "Store", "TOKEN_PREFIX", "hash_token"]
+
+log = logging.getLogger("remote_gpu_server")
 
 TOKEN_PREFIX = "rgpu_"
+#: Seconds between two writes of one token's last use (see the module docstring).
+LAST_USED_PERIOD = 60.0
 
 _JOB_SELECT = (
     "SELECT j.id, u.name, j.session_id, j.kind, j.slots, j.code, j.state, j.error, "
@@ -87,6 +98,10 @@ class Store:
         self._user_ids: dict[str, int] = {}
         #: Parked sessions (see :mod:`.parked`).
         self.parked = ParkedStore(db, server_id)
+        #: See :data:`LAST_USED_PERIOD`.
+        self.last_used_period = LAST_USED_PERIOD
+        self._last_used: dict[int, float] = {}  # token id -> its latest use, not yet written
+        self._last_written: dict[int, float] = {}  # token id -> when its use was written (monotonic)
 
     @classmethod
     async def open(cls, location: str | Any, server_id: str | None = None) -> Store:
@@ -115,6 +130,8 @@ class Store:
         return cls(db, server_id)
 
     async def close(self) -> None:
+        """Write the tokens' last uses that wait, then close the database."""
+        await self.write_last_used(everything=True)
         await self.db.close()
 
     # -- users and tokens ---------------------------------------------------
@@ -184,24 +201,59 @@ class Store:
             raise TokenError(f"revoked token: token {info.id} was revoked; ask for a new one")
         if info.expires is not None and info.expires < now:
             raise TokenError(f"expired token: token {info.id} expired; ask for a new one")
-        await self.db.execute("UPDATE tokens SET last_used = ? WHERE id = ?", (now, info.id))
+        self._last_used[info.id] = now
+        written = self._last_written.get(info.id)
+        if written is None or time.monotonic() - written >= self.last_used_period:
+            await self._write_last_used([info.id])
         return info
+
+    async def write_last_used(self, everything: bool = False) -> None:
+        """Write the last use of each token whose write is due (its last was
+        :data:`LAST_USED_PERIOD` ago), or of every token (``everything``).
+
+        Never raises: a use that cannot be written now waits for the next call.
+        """
+        mono = time.monotonic()
+        due = [token for token in self._last_used if everything
+               or mono - self._last_written.get(token, -self.last_used_period) >= self.last_used_period]
+        await self._write_last_used(due)
+
+    async def _write_last_used(self, tokens: Sequence[int]) -> None:
+        uses = {token: self._last_used.pop(token) for token in tokens if token in self._last_used}
+        if not uses:
+            return
+        mono = time.monotonic()
+        for token in uses:
+            self._last_written[token] = mono
+        try:
+            # Never backwards: another server sharing the database may have written a later use.
+            await self.db.executemany(
+                "UPDATE tokens SET last_used = ? WHERE id = ? AND (last_used IS NULL OR last_used < ?)",
+                [(when, token, when) for token, when in uses.items()])
+        except (DatabaseUnavailable, OSError, sqlite3.Error) as exc:
+            for token, when in uses.items():  # kept for the next write (a later use wins)
+                self._last_used[token] = max(when, self._last_used.get(token, when))
+            log.warning("could not record when %d token(s) were last used: %s; trying again later",
+                        len(uses), exc)
 
     # -- sessions -----------------------------------------------------------
 
     async def create_session(self, session: SessionId, user: str, slots: Sequence[str],
-                             notebook: str | None = None) -> None:
+                             notebook: str | None = None, created: float | None = None) -> None:
+        """Record a lease; ``created`` (default: now) is when it began, for one
+        written after the fact."""
         await self.db.execute(
             "INSERT INTO sessions (id, user_id, slots, created, server_id, notebook) VALUES (?, ?, ?, ?, ?, ?)",
-            (session, await self._user_id(user, create=True), ",".join(slots), time.time(),
-             self.server_id, notebook),
+            (session, await self._user_id(user, create=True), ",".join(slots),
+             time.time() if created is None else created, self.server_id, notebook),
         )
 
-    async def release_session(self, session: SessionId, reason: str) -> None:
+    async def release_session(self, session: SessionId, reason: str, when: float | None = None) -> None:
+        """Record a lease's end, ``when`` (default: now)."""
         # A parked session held no slot since it was parked: its lease ended then.
         await self.db.execute(
             "UPDATE sessions SET released = COALESCE(parked, ?), reason = ? WHERE id = ? AND released IS NULL",
-            (time.time(), reason, session),
+            (time.time() if when is None else when, reason, session),
         )
 
     async def open_sessions(self) -> list[SessionRecord]:
@@ -226,10 +278,30 @@ class Store:
         assert row is not None
         return JobId(int(row[0]))
 
-    async def finish_job(self, job: JobId, state: str, error: str | None = None) -> None:
+    async def finish_job(self, job: JobId, state: str, error: str | None = None,
+                         ended: float | None = None) -> None:
+        """Record how a job ended, and when (``ended``, default: now)."""
         _check_state(state)
         await self.db.execute("UPDATE jobs SET state = ?, error = ?, ended = ? WHERE id = ?",
-                              (state, error, time.time(), job))
+                              (state, error, time.time() if ended is None else ended, job))
+
+    async def record_cell(self, cell: CellRecord) -> JobId:
+        """The job of a cell that ran while the database was away, written now
+        with its own times and end, its journaled outputs linked to it (the
+        journal wrote them first, with no job), in one transaction."""
+        _check_state(cell.state)
+        async with self.db.transaction() as tx:
+            row = await tx.fetchone(
+                "INSERT INTO jobs (user_id, session_id, kind, slots, code, state, error, created, started, "
+                "ended, server_id) VALUES (?, ?, 'cell', ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                (await self._user_id(cell.user, create=True, tx=tx), cell.session, ",".join(cell.slots),
+                 cell.code, cell.state, cell.error, cell.started, cell.started, cell.ended, self.server_id))
+            assert row is not None
+            job = JobId(int(row[0]))
+            for first, last in cell.outputs:
+                await tx.execute("UPDATE outputs SET job_id = ? WHERE session_id = ? AND seq >= ? AND seq <= ? "
+                                 "AND job_id IS NULL", (job, cell.session, first, last))
+        return job
 
     async def job(self, job: JobId) -> JobRecord:
         row = await self.db.fetchone(_JOB_SELECT + " WHERE j.id = ?", (job,))

@@ -6,9 +6,10 @@ backend that wants another style converts them. What differs between the
 engines beyond that (a scalar maximum, the DDL) is in :class:`Dialect` and
 :mod:`.schema`.
 
-:class:`SqliteDatabase` runs every call on one thread of its own, so a
-slow disk, or a CLI write holding SQLite's lock (``busy_timeout``), never
-stalls the server's event loop. Calls are serialised by an asyncio lock,
+:class:`SqliteDatabase` keeps its files readable by their owner alone
+(0600, whatever the umask), and runs every call on one thread of its own,
+so a slow disk, or a CLI write holding SQLite's lock (``busy_timeout``),
+never stalls the server's event loop. Calls are serialised by an asyncio lock,
 so a transaction (several calls) is never interleaved with another.
 """
 
@@ -17,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import sqlite3
+import stat
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -106,6 +109,7 @@ class SqliteDatabase:
     async def open(self) -> None:
         def connect() -> None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            _private(self.path)
             db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
@@ -156,6 +160,32 @@ class SqliteDatabase:
             if db is not None:
                 await asyncio.get_running_loop().run_in_executor(self._thread, db.close)
         self._thread.shutdown(wait=True)
+
+
+#: The files of one SQLite store: the database, and its WAL, shared memory and rollback journal.
+_STORE_SUFFIXES = ("", "-wal", "-shm", "-journal")
+
+
+def _private(path: Path) -> None:
+    """Make the store at ``path`` readable by its owner alone, whatever the umask.
+
+    The file is created 0600 if missing; an existing one of ours (and its
+    ``-wal``, ``-shm``, ``-journal``) loses any group and other bits.
+    SQLite gives the files it creates later the database file's mode, so
+    they are private too. The store holds every user's code and output.
+    """
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+    except FileExistsError:
+        pass
+    for suffix in _STORE_SUFFIXES:
+        name = path.with_name(path.name + suffix)
+        try:
+            info = os.lstat(name)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid() and info.st_mode & 0o077:
+            os.chmod(name, stat.S_IMODE(info.st_mode) & 0o600)
 
 
 def _in_transaction(db: sqlite3.Connection, work: Callable[[], Any]) -> None:

@@ -10,7 +10,7 @@ import enum
 
 from remote_gpu_kernel.typing import JobId, SessionId
 
-__all__ = ["AttemptRecord", "BatchSpec", "JOB_STATES", "JobRecord", "JobState", "OutputRow",
+__all__ = ["AttemptRecord", "BatchSpec", "CellRecord", "JOB_STATES", "JobRecord", "JobState", "OutputRow",
            "SessionRecord", "TokenInfo", "slot_count"]
 
 
@@ -111,6 +111,23 @@ class OutputRow:
     job: JobId | None
     msg_type: str
     content: dict[str, object]
+
+
+@dataclasses.dataclass(frozen=True)
+class CellRecord:
+    """A cell that ran while the database was away, for its job to be written
+    after the fact: what, where and when it ran, how it ended, and the
+    journal's sequence numbers of its outputs as runs ``(first, last)``."""
+
+    user: str
+    session: SessionId
+    code: str
+    slots: tuple[str, ...]
+    started: float
+    ended: float
+    state: str
+    error: str | None
+    outputs: tuple[tuple[int, int], ...]
 
 
 def slot_count(slots: str) -> int:

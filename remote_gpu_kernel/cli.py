@@ -95,7 +95,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from remote_gpu_server.isolation import IsolationConfig
     from remote_gpu_server.limits import Limits, parse_bytes
     from remote_gpu_server.origins import OriginPolicy
-    from remote_gpu_server.parking_state import ParkConfig, parse_quota
+    from remote_gpu_server.parking_state import ParkConfig
     from remote_gpu_server.scheduler import Quota, SchedulerConfig
 
     try:
@@ -117,7 +117,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         max_requests=args.max_requests,
                         connection_memory=parse_bytes(args.connection_memory, "--connection-memory",
                                                       1 << 20))
-        parking = ParkConfig(park_after=args.park_after, quota=parse_quota(args.park_quota),
+        parking = ParkConfig(park_after=args.park_after,
+                             quota=_size("--park-quota", args.park_quota, 0, "a park quota"),
                              keep=args.park_keep * 86400)
     except ValueError as exc:
         sys.exit(f"rgpu serve: {exc}")
@@ -155,6 +156,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     asyncio.run(serve())
     return 0
+
+
+def _size(flag: str, text: str, minimum: int, what: str) -> int | None:
+    """A size flag's bytes (None for ``none``); ValueError naming the flag."""
+    from remote_gpu_server.memory_limits import parse_size
+
+    try:
+        return parse_size(text, minimum=minimum, what=what)
+    except ValueError as exc:
+        raise ValueError(f"{flag}: {exc}") from None
 
 
 def _serve_tls(args: argparse.Namespace) -> tuple[Path | None, Path | None]:

@@ -38,6 +38,7 @@ from remote_gpu_kernel.typing import SlotId
 
 from .broker import LeaseBroker
 from .isolation import Isolation, Tenant
+from .memory_limits import format_size
 from .parking_state import PARK_FOLDER, ParkConfig, ParkedState
 from .pool import Pool
 from .scheduler import LeaseRequestEntry
@@ -57,14 +58,6 @@ def _names(names: Iterable[str], reasons: dict[str, str] | None = None) -> str:
     shown = [f"{n} ({reasons[n]})" if reasons else n for n in listed[:NAMES_SHOWN]]
     more = len(listed) - len(shown)
     return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
-
-
-def format_size(nbytes: float) -> str:
-    """``1.5 GiB``, ``12 MiB``, ``16 KiB``, ``300 bytes``."""
-    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.3g} {unit}"
-    return f"{int(nbytes)} bytes"
 
 
 def tree_size(folder: Path, skip: str | None = None) -> int:

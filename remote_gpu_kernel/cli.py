@@ -120,6 +120,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         parking = ParkConfig(park_after=args.park_after,
                              quota=_size("--park-quota", args.park_quota, 0, "a park quota"),
                              keep=args.park_keep * 86400)
+        max_output = _size("--max-output", args.max_output, 4 << 10, "one cell's output")
     except ValueError as exc:
         sys.exit(f"rgpu serve: {exc}")
     if args.keep_output is not None and not args.keep_output > 0:
@@ -133,7 +134,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           price_per_gpu_hour=args.price_per_gpu_hour, scheduler=scheduler,
                           server_id=args.server_id, keep_output=args.keep_output, ray=args.ray,
                           certfile=certfile, keyfile=keyfile, allow_origins=tuple(args.allow_origin),
-                          isolation=isolation, limits=limits, parking=parking)
+                          isolation=isolation, limits=limits, parking=parking, max_output=max_output)
 
     refused: tuple[type[Exception], ...] = (ValueError, RuntimeError, IsolationError, *_store_errors())
 
@@ -402,6 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-output", type=float, metavar="DAYS",
                    help="delete the output of sessions and jobs that ended more than DAYS ago, in the "
                         "background; jobs and usage totals stay (default: keep all output)")
+    p.add_argument("--max-output", default="16M", metavar="SIZE",
+                   help="keep at most this much of one cell's output in the store (its first and last "
+                        "halves, and a line saying how much was left out); the client still gets all of "
+                        "it as it comes (default 16M; none: keep everything)")
     p.add_argument("--server-id", metavar="NAME",
                    help="this server's name in a shared database: a restart recovers only the jobs of "
                         "the same name (default: the host's name)")

@@ -142,12 +142,13 @@ class GpuServer:
                                unsupported=("its workers run on Ray nodes, where the files would stay on a node "
                                             "the next lease may not be on") if self.cluster is not None else None)
         context = SessionContext(self.pool, self.store, self.journal, config.kill_grace,
-                                 interrupt_notice=config.interrupt_notice, resume=self.parking.resume)
+                                 interrupt_notice=config.interrupt_notice, resume=self.parking.resume,
+                                 max_output=config.max_output)
         self.sessions = SessionManager(context, self.broker, grace=config.grace,
                                        idle_timeout=config.idle_timeout, parking=self.parking)
         await self.sessions.recover_parked()
         self.batch = BatchRunner(self.store, self.journal, self.broker, self.pool,
-                                 kill_grace=config.kill_grace)
+                                 kill_grace=config.kill_grace, max_output=config.max_output)
         view = ServerView(self.version, self.inventory, self.readings, self.broker, self.sessions, self.batch,
                           self.store, config.price_per_gpu_hour, node_label=self._node_label,
                           node_down=lambda slot: self.inventory.is_down(slot.node),

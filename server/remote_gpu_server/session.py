@@ -6,7 +6,10 @@ grace period finds the same worker and namespace. Requests run one at a time
 connection that sent them (request ids are per connection). Every output message is handed to
 the journal (:mod:`.journal`) with the session's next sequence number
 before it is sent, so nothing a cell printed is lost with a connection;
-the journal writes it to the store in the background, in order.
+the journal writes it to the store in the background, in order. What one
+cell may keep there is bounded (``--max-output``, see :mod:`.output_bound`):
+past the bound the client still gets everything, the journal a head, a tail
+and a line saying how much it did not keep.
 
 How a running cell is stopped (interrupts, the notice that a cell ignores
 them, cancels, restarts, timeouts) is :mod:`.stopping`'s part of the session.
@@ -34,6 +37,7 @@ from remote_gpu_kernel.typing import JobId, SessionId, SlotId
 
 from .comms import COMM_MESSAGES, CommTable
 from .journal import Journal
+from .output_bound import OutputBound
 from .parking_state import ParkedState
 from .stopping import INTERRUPT_NOTICE, CellStopping, RunningCell
 from .store import DatabaseUnavailable, OutputRow, Store
@@ -76,6 +80,8 @@ class SessionContext:
     #: Resumes a parked session (lease, worker, namespace) for a request; None
     #: where the server does not park.
     resume: Callable[[Session, int, Replier | None], Awaitable[None]] | None = None
+    #: ``--max-output``: bytes of one cell's output the journal keeps (None: all).
+    max_output: int | None = None
 
 
 def _output(req: int, seq: int, jmsg: dict[str, Any]) -> m.Output:
@@ -138,6 +144,7 @@ class Session(CellStopping):
         self._replaced: Worker | None = None  # the worker being replaced, once
         self._notice: str | None = None
         self._seq = seq
+        self._output = OutputBound(context.max_output)  # what the journal keeps of each cell
         self._running: RunningCell | None = None  # the running cell, if any
         self._running_job: JobId | None = None
         self._interrupted = False
@@ -235,6 +242,7 @@ class Session(CellStopping):
         self._parked_comms = worker.comms
         self._worker = None
         self.parked = state
+        self._flush_output()
         return worker
 
     def unpark(self, worker: Worker, slots: list[SlotId]) -> None:
@@ -258,11 +266,21 @@ class Session(CellStopping):
         await self._notices(req, conn)
         return await self._ready(req, conn)
 
+    def _journal(self, row: OutputRow) -> None:
+        """Hand ``row`` to the journal, within the cell's bound (see :mod:`.output_bound`)."""
+        for kept in self._output.add(row):
+            self.context.journal.append(kept)
+
+    def _flush_output(self) -> None:
+        """Journal what the bound holds back (the tail, and the line before it)."""
+        for kept in self._output.flush():
+            self.context.journal.append(kept)
+
     async def _unrouted(self, jmsg: dict[str, Any]) -> None:
         """What the worker published under no pending request: journaled and
         sent to the attached client with ``req = 0`` and its Jupyter parent."""
         self._seq += 1
-        self.context.journal.append(OutputRow(self.id, self._seq, None, jmsg["msg_type"], jmsg["content"]))
+        self._journal(OutputRow(self.id, self._seq, None, jmsg["msg_type"], jmsg["content"]))
         if self.send is not None:
             await self.send(_output(0, self._seq, jmsg))
 
@@ -277,9 +295,12 @@ class Session(CellStopping):
         async with self.lock:
             worker = await self.prepare(msg.req, conn)
             cell = self._running = RunningCell(conn, msg.req)
+            for kept in self._output.reset():  # a new cell: what the one before held back first
+                self.context.journal.append(kept)
             try:
                 await self._execute(msg, conn, worker, cell)
             finally:
+                self._flush_output()
                 cell.done.set()
 
     async def _execute(self, msg: m.Execute, conn: Replier, worker: Worker, cell: RunningCell) -> None:
@@ -297,8 +318,7 @@ class Session(CellStopping):
                 await asyncio.wait({job_task})
             job = job_task.result()
             self._seq += 1
-            self.context.journal.append(OutputRow(self.id, self._seq, job, jmsg["msg_type"],
-                                                  jmsg["content"]))
+            self._journal(OutputRow(self.id, self._seq, job, jmsg["msg_type"], jmsg["content"]))
             if jmsg["msg_type"] == "execute_input" and not self._started:
                 self._started = True
                 if self._interrupted:  # asked for before the code began: deliver it now
@@ -458,6 +478,7 @@ class Session(CellStopping):
         before a reconnect finishes first, so all of its output is sent.
         """
         async with self.lock:
+            self._flush_output()
             await self.context.journal.flush(timeout=10)
             for row in await self.context.store.outputs_since(self.id, msg.after):
                 if row.msg_type != "execute_input":
@@ -483,7 +504,7 @@ class Session(CellStopping):
 
         async def on_iopub(jmsg: dict[str, Any]) -> None:
             self._seq += 1
-            self.context.journal.append(OutputRow(self.id, self._seq, None, jmsg["msg_type"], jmsg["content"]))
+            self._journal(OutputRow(self.id, self._seq, None, jmsg["msg_type"], jmsg["content"]))
             await conn.send(_output(msg.req, self._seq, jmsg))
 
         # Buffers arrive as framing.Chunks; a Jupyter message needs plain bytes.
@@ -511,6 +532,7 @@ class Session(CellStopping):
         if self.released:
             return
         self.released = reason
+        self._flush_output()
         if self.grace_handle is not None:
             self.grace_handle.cancel()
         if self._watch is not None:

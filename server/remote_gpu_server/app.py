@@ -271,7 +271,7 @@ class GpuServer:
             await self.readings.close()
         if hasattr(self, "pool"):
             await self.pool.close()
-        self.isolation.close()
+        await asyncio.to_thread(self.isolation.close)  # waits for folders being deleted, unmounts
         if hasattr(self, "journal"):
             await self.journal.close()
         if hasattr(self, "store"):

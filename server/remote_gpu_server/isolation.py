@@ -27,7 +27,8 @@ JupyterHub's ``Spawner.env_keep``), its output goes to a pipe of its own
 :mod:`.memory_limits`).
 
 A session folder lives as long as its lease, across worker restarts within
-it, and is removed when the lease ends; ``/tmp`` is the worker's own.
+it, and is removed when the lease ends, by a thread of its own (see
+:mod:`.folder_removal`); ``/tmp`` is the worker's own.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from typing import Any
 
 from .confinement import ENV_VAR, PRIVATE_TMP, EnterSpec, SpawnSpec
 from .errors import IsolationError
+from .folder_removal import FolderRemover
 from .identities import DEFAULT_UID_RANGE, Identities, Identity, RunAs
 from .memory_limits import MemoryLimits, WorkerMemory, fair_share, parse_size
 from .sandbox import SandboxLayout, bubblewrap_argv, check_bubblewrap, find_bubblewrap, python_paths
@@ -138,6 +140,8 @@ class Isolation:
         self.memory = MemoryLimits.probe(None)
         self.identities: Identities | None = None
         self.bwrap: str | None = None
+        #: Deletes the folders of ended leases, off the event loop.
+        self.remover = FolderRemover()
         self._only_user: str | None = None
         self._tenants: set[Tenant] = set()
 
@@ -173,6 +177,7 @@ class Isolation:
             self.identities = Identities(self.db.with_name(self.db.name + "-uids.json"),
                                          self.config.run_as, self.config.uid_range)
         self._make_session_root()  # every lease has a session folder, isolated or not
+        self.remover.sweep(self.session_root)  # what an earlier run left in the trash
         self._announce()
 
     def _make_session_root(self) -> None:
@@ -300,16 +305,20 @@ class Isolation:
         self._tenants.add(tenant)
 
     def release(self, tenant: Tenant | None) -> None:
-        """The lease ended: remove its session folder (links in it are not followed)."""
+        """The lease ended: its session folder goes, in the remover's thread (links
+        in it are not followed); returns at once."""
         if tenant is None or tenant not in self._tenants:
             return
         self._tenants.discard(tenant)
-        shutil.rmtree(tenant.folder, ignore_errors=True)
+        self.remover.remove(tenant.folder)
 
     def close(self) -> None:
+        """Remove the leases' folders (parked ones stay). Blocks until the folders
+        are deleted, or a few seconds."""
         for tenant in list(self._tenants):
             self.release(tenant)
         self.memory.close()
+        self.remover.close()
 
     def environment(self, extra: dict[str, str]) -> dict[str, str]:
         """A worker's environment: the allow-listed part of the server's, then ``extra``."""
@@ -439,5 +448,5 @@ class WorkerIsolation:
         self.memory.close()
         shutil.rmtree(self.runtime, ignore_errors=True)
         if self.tenant is None and self.folder is not None:  # a sandbox never leased
-            shutil.rmtree(self.folder, ignore_errors=True)
+            self.isolation.remover.remove(self.folder)
 

@@ -21,6 +21,7 @@ import pytest
 from remote_gpu_kernel import Client, WorkerDied
 from remote_gpu_kernel.sync import Session
 from servers import ServerProcess
+from waiting import wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="a root server isolates with uids: run as root")
 
@@ -258,6 +259,6 @@ for name, target in {dict((k, str(v)) for k, v in links.items())!r}.items():
     folder = Path(run(a2, "import os; print(os.getcwd())").strip())
     # Releasing the session removes its folder, links and all, without following them.
     a2.release()
-    assert not folder.exists()
+    wait_for(lambda: not folder.exists(), what="the released session's folder to be deleted")
     assert (world.b_folder / "secret.txt").read_text() == SECRET and db.exists()
     world.b_is_untouched()

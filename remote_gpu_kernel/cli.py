@@ -109,6 +109,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         isolation = IsolationConfig(
             run_as=RunAs(args.run_as), no_isolation=args.no_isolation, worker_memory=args.worker_memory,
             session_root=Path(args.session_root) if args.session_root else None,
+            session_disk=args.session_disk,
             uid_range=parse_uid_range(args.uid_range) if args.uid_range else DEFAULT_UID_RANGE,
             worker_env=tuple(args.worker_env))
         limits = Limits(max_push=parse_bytes(args.max_push, "--max-push"),
@@ -447,6 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "default): 90%% of the host's memory divided by the slots; none: no limit")
     iso.add_argument("--session-root", metavar="DIR",
                      help="where each lease's session folder goes (default: sessions/ next to the store)")
+    iso.add_argument("--session-disk", default="auto", metavar="SIZE",
+                     help="disk each user's session folders (live and parked) may take in all, like "
+                          "20G: as root, a filesystem of that size for each user, where writes past it "
+                          "fail; otherwise measured by the server, which stops the cells of a user past "
+                          "it; auto (the default): a tenth of the filesystem that holds the session "
+                          "root, at least 1G; none: no limit")
     iso.add_argument("--worker-env", action="append", default=[], metavar="NAME",
                      help="also pass this server environment variable to workers (repeatable; "
                           "names ending in _ pass every variable with that prefix)")

@@ -336,12 +336,16 @@ class Parking:
             log.exception("could not remove parked session %s from the store", session.id[:8])
 
     def state_of(self, record: ParkedRecord) -> ParkedState | None:
-        """A parked session found in the store, as a state; None when its files
-        are not where they should be (it is then released)."""
+        """A parked session found in the store, as a state, counted as parked on its
+        user's disk; None when its files are not where they should be (it is then
+        released). Raises OSError where the user's disk cannot be mounted (the
+        session stays parked in the store). Blocks: call in a thread."""
         folder = Path(record.folder)
-        if folder.parent.resolve() != self.isolation.session_root.resolve() or folder.is_symlink() \
+        self.isolation.disks.folder_root(record.user)
+        if not self.isolation.disks.owns(record.user, folder) or folder.is_symlink() \
                 or not (folder / PARK_FOLDER).is_dir():
             return None
         tenant = Tenant(record.user, folder, self.isolation.identity(record.user))
+        self.isolation.forget(tenant)
         return ParkedState(tenant, record.pool, record.gpus, record.priority, record.names, record.unsaved,
                            record.nbytes, record.parked, record.reason, record.segment)

@@ -352,11 +352,12 @@ class Session(CellStopping):
             return
         job = await job_task
         status = reply.get("status", "error")
-        await conn.send(m.ExecuteDone(
-            msg.req, job or 0, status, reply.get("execution_count"),
-            str(reply.get("ename") or ""), str(reply.get("evalue") or ""),
-            [str(line) for line in reply.get("traceback") or []],
-        ))
+        # A cell the server stopped (fail_cell) fails with the server's reason, not KeyboardInterrupt.
+        failure = cell.failure if status == "error" else None
+        ename, evalue = failure or (str(reply.get("ename") or ""), str(reply.get("evalue") or ""))
+        traceback = [str(line) for line in reply.get("traceback") or []]
+        await conn.send(m.ExecuteDone(msg.req, job or 0, status, reply.get("execution_count"), ename, evalue,
+                                      traceback + [f"{ename}: {evalue}"] if failure else traceback))
         poisoned = next((p for p in _POISONED if p in str(reply.get("evalue"))), None)
         if status == "error" and poisoned is not None:
             # CUDA cannot recover from a sticky error (a device-side assert) in this process.
@@ -367,6 +368,8 @@ class Session(CellStopping):
             self._restart(worker)
         if status == "ok":
             await self._end_job(job, "completed")
+        elif failure is not None:
+            await self._end_job(job, "failed", f"{ename}: {evalue}")
         elif self._interrupted and reply.get("ename") == "KeyboardInterrupt":
             await self._end_job(job, "cancelled", "interrupted by the user")
         else:

@@ -29,7 +29,9 @@ limit (see :mod:`.user_disks`).
 
 A session folder lives as long as its lease, across worker restarts within
 it, and is removed when the lease ends, by a thread of its own (see
-:mod:`.folder_removal`); ``/tmp`` is the worker's own.
+:mod:`.folder_removal`); ``/tmp`` is the worker's own. While its session is
+parked, a folder is out of its user's reach where users have uids of their
+own: it belongs to the server until the session resumes (:meth:`Isolation.seal`).
 """
 
 from __future__ import annotations
@@ -347,6 +349,19 @@ class Isolation:
     def users(self) -> set[str]:
         """Users with a session folder here."""
         return {t.user for t in self._tenants | self._parked}
+
+    def seal(self, tenant: Tenant) -> None:
+        """A parked session's folder goes out of its user's reach: the server's, mode
+        0700, until :meth:`unseal` (only where users run as uids of their own; their
+        other sessions run as the same uid). Blocks: call in a thread."""
+        if tenant.identity is not None and os.geteuid() == 0:
+            os.chown(tenant.folder, 0, 0, follow_symlinks=False)
+            os.chmod(tenant.folder, 0o700, follow_symlinks=False)
+
+    def unseal(self, tenant: Tenant) -> None:
+        """Give a parked session's folder back to its user, as it resumes."""
+        if tenant.identity is not None and os.geteuid() == 0:
+            os.chown(tenant.folder, tenant.identity.uid, tenant.identity.gid, follow_symlinks=False)
 
     def release(self, tenant: Tenant | None) -> None:
         """The lease ended: its session folder goes, in the remover's thread (links

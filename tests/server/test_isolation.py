@@ -301,6 +301,32 @@ with open('fill.bin', 'wb') as f:
                         "os.remove('again.bin')\nprint('written')") == "written\n"
 
 
+def test_a_parked_folder_is_out_of_reach_of_its_users_other_sessions(world: World) -> None:
+    api = ApiClient(world.server.url, world.alice)
+    with Client(world.server.url, world.alice).session() as parked:  # A's second session
+        folder = run(parked, "import os\nopen('notes.txt', 'w').write('parked notes')\nprint(os.getcwd())").strip()
+        # A's first session (the same uid) keeps a door open into it before the park.
+        run(world.a, f"door = open({folder + '/door.bin'!r}, 'wb')")
+        parked.park()
+        out = run(world.a, f"""
+import os
+for attempt in (lambda: os.listdir({folder!r}), lambda: open({folder + '/notes.txt'!r}).read(),
+                lambda: open({folder + '/new.bin'!r}, 'wb'), lambda: os.chmod({folder!r}, 0o777)):
+    try:
+        attempt()
+        print('REACHED')
+    except PermissionError:
+        print('refused')
+""")
+        assert out.split() == ["refused"] * 4
+        # What the open door lets through counts where it counts: in A's own disk.
+        used = api.status()["disk"]["you"]["used"]
+        run(world.a, "door.write(b'w' * (4 << 20)); door.close()")
+        assert api.status()["disk"]["you"]["used"] >= used + (4 << 20)
+        assert run(parked, "print(open('notes.txt').read())") == "parked notes\n"  # resumed: its own again
+    world.b_is_untouched()
+
+
 def test_deleting_a_released_folder_does_not_hold_up_the_server(world: World) -> None:
     session = Client(world.server.url, world.alice).session()
     folder = Path(run(session, "import os\nos.mkdir('many')\nfor i in range(500):\n"

@@ -99,6 +99,8 @@ def test_park_gives_the_slot_back_and_the_next_cell_restores_everything(fresh_se
     uid, cwd = where.split()
     saved = Path(cwd) / ".rgpu-parked"
     assert saved.stat().st_uid == int(uid) and (os.geteuid() != 0 or int(uid) != 0)  # the user's files
+    if os.geteuid() == 0:  # while parked, out of reach of the user's other sessions (same uid)
+        assert (Path(cwd).stat().st_uid, Path(cwd).stat().st_mode & 0o777) == (0, 0o700)
     assert {"arr", "same", "tensor", "row", "model", "opt", "factor", "triple"} <= set(parked.names)
     assert set(parked.unsaved) == {"numbers"} and "generator" in parked.unsaved["numbers"]
     assert "gave cpu0 back" in parked.text and "numbers (cannot pickle 'generator' object)" in parked.text

@@ -450,10 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where each lease's session folder goes (default: sessions/ next to the store)")
     iso.add_argument("--session-disk", default="auto", metavar="SIZE",
                      help="disk each user's session folders (live and parked) may take in all, like "
-                          "20G: as root, a filesystem of that size for each user, where writes past it "
-                          "fail; otherwise measured by the server, which stops the cells of a user past "
-                          "it; auto (the default): a tenth of the filesystem that holds the session "
-                          "root, at least 1G; none: no limit")
+                          "20G. A root server isolating with uids gives each user a filesystem of that "
+                          "size (loop-mounted), where writes past it fail; otherwise the server measures "
+                          "the folders and stops the cells of a user past it. auto (the default): a "
+                          "tenth of the filesystem that holds the session root, at least 1G; none: no "
+                          "limit")
     iso.add_argument("--worker-env", action="append", default=[], metavar="NAME",
                      help="also pass this server environment variable to workers (repeatable; "
                           "names ending in _ pass every variable with that prefix)")

@@ -132,13 +132,14 @@ def _tool(name: str) -> str | None:
     return shutil.which(name) or shutil.which(name, path=os.pathsep.join(_SBIN))
 
 
-def _run(*argv: str) -> None:
-    """Run a filesystem tool; raises OSError with what it printed."""
+def _run(*argv: str, ok: tuple[int, ...] = (0,)) -> None:
+    """Run a filesystem tool; raises OSError with what it printed unless it
+    exits with a status in ``ok``."""
     tool = _tool(argv[0])
     if tool is None:
         raise OSError(f"{argv[0]} is not installed")
     done = subprocess.run([tool, *argv[1:]], capture_output=True, text=True, timeout=300, check=False)
-    if done.returncode != 0:
+    if done.returncode not in ok:
         raise OSError(f"{' '.join(argv)}: {(done.stderr or done.stdout).strip() or f'exit {done.returncode}'}")
 
 
@@ -301,7 +302,7 @@ class UserDisks:
         """Make ``image`` ``size`` long where its files fit; else keep it, and say so."""
         old = image.stat().st_size
         try:
-            _run("e2fsck", "-f", "-p", str(image))
+            _run("e2fsck", "-f", "-p", str(image), ok=(0, 1))  # 1: it repaired something
             if size > old:
                 os.truncate(image, size)
                 _run("resize2fs", str(image))

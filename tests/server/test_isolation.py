@@ -292,6 +292,9 @@ with open('fill.bin', 'wb') as f:
     disk = ApiClient(world.server.url, world.alice).status()["disk"]
     assert disk["enforced_by"] == "filesystem" and disk["limit"] == DISK and "users" not in disk
     assert disk["you"]["limit"] - (2 << 20) < disk["you"]["used"] <= disk["you"]["limit"] <= DISK  # full
+    everyone = ApiClient(world.server.url, world.server.token("admin", "--admin")).status()["disk"]["users"]
+    used = {u["user"]: u["used"] for u in everyone}
+    assert used["alice"] >= disk["you"]["limit"] - (2 << 20) and used["bob"] < 1 << 20  # an admin sees all
     # B's disk is B's own: all of it is there, whatever A did.
     assert run(world.b, "open('mine.bin', 'wb').write(b'y' * (12 << 20))\nimport os\n"
                         "print(os.path.getsize('mine.bin')); os.remove('mine.bin')") == f"{12 << 20}\n"

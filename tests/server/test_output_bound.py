@@ -9,6 +9,9 @@ store grows by about the bound.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -140,3 +143,11 @@ def test_a_cell_that_prints_past_max_output_streams_all_and_journals_head_and_ta
         assert 16 << 10 < len(head) < 48 << 10 and 16 << 10 < len(tail) < 48 << 10
         grown = journal_bytes() - before
         assert 32 << 10 < grown < 96 << 10, grown  # about the bound, not 4 MiB
+
+
+def test_a_bad_max_output_stops_the_start_and_says_why(tmp_path: Path) -> None:
+    for value, said in (("lots", "'lots' is not a size"), ("1K", "'1K' is too small for one cell's output")):
+        done = subprocess.run([sys.executable, "-m", "remote_gpu_kernel.cli", "serve", "--db",
+                               str(tmp_path / "rgpu.sqlite3"), "--max-output", value],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode != 0 and f"rgpu serve: --max-output: {said}" in done.stderr

@@ -95,7 +95,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from remote_gpu_server.isolation import IsolationConfig
     from remote_gpu_server.limits import Limits, parse_bytes
     from remote_gpu_server.origins import OriginPolicy
-    from remote_gpu_server.parking_state import ParkConfig, parse_quota
+    from remote_gpu_server.parking_state import ParkConfig
     from remote_gpu_server.scheduler import Quota, SchedulerConfig
 
     try:
@@ -109,6 +109,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         isolation = IsolationConfig(
             run_as=RunAs(args.run_as), no_isolation=args.no_isolation, worker_memory=args.worker_memory,
             session_root=Path(args.session_root) if args.session_root else None,
+            session_disk=args.session_disk,
             uid_range=parse_uid_range(args.uid_range) if args.uid_range else DEFAULT_UID_RANGE,
             uid_registry=_uid_registry(args), worker_env=tuple(args.worker_env))
         limits = Limits(max_push=parse_bytes(args.max_push, "--max-push"),
@@ -117,8 +118,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         max_requests=args.max_requests, max_connections=args.max_connections_per_user,
                         connection_memory=parse_bytes(args.connection_memory, "--connection-memory",
                                                       1 << 20))
-        parking = ParkConfig(park_after=args.park_after, quota=parse_quota(args.park_quota),
+        parking = ParkConfig(park_after=args.park_after,
+                             quota=_size("--park-quota", args.park_quota, 0, "a park quota"),
                              keep=args.park_keep * 86400)
+        max_output = _size("--max-output", args.max_output, 4 << 10, "one cell's output")
     except ValueError as exc:
         sys.exit(f"rgpu serve: {exc}")
     if args.keep_output is not None and not args.keep_output > 0:
@@ -132,7 +135,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           price_per_gpu_hour=args.price_per_gpu_hour, scheduler=scheduler,
                           server_id=args.server_id, keep_output=args.keep_output, ray=args.ray,
                           certfile=certfile, keyfile=keyfile, allow_origins=tuple(args.allow_origin),
-                          isolation=isolation, limits=limits, parking=parking)
+                          isolation=isolation, limits=limits, parking=parking, max_output=max_output)
 
     refused: tuple[type[Exception], ...] = (ValueError, RuntimeError, IsolationError, *_store_errors())
 
@@ -155,6 +158,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     asyncio.run(serve())
     return 0
+
+
+def _size(flag: str, text: str, minimum: int, what: str) -> int | None:
+    """A size flag's bytes (None for ``none``); ValueError naming the flag."""
+    from remote_gpu_server.memory_limits import parse_size
+
+    try:
+        return parse_size(text, minimum=minimum, what=what)
+    except ValueError as exc:
+        raise ValueError(f"{flag}: {exc}") from None
 
 
 def _serve_tls(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
@@ -399,6 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-output", type=float, metavar="DAYS",
                    help="delete the output of sessions and jobs that ended more than DAYS ago, in the "
                         "background; jobs and usage totals stay (default: keep all output)")
+    p.add_argument("--max-output", default="16M", metavar="SIZE",
+                   help="keep at most this much of one cell's output in the store (its first and last "
+                        "halves, and a line saying how much was left out); the client still gets all of "
+                        "it as it comes (default 16M; none: keep everything)")
     p.add_argument("--server-id", metavar="NAME",
                    help="this server's name in a shared database: a restart recovers only the jobs of "
                         "the same name (default: the host's name)")
@@ -445,6 +462,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "default): 90%% of the host's memory divided by the slots; none: no limit")
     iso.add_argument("--session-root", metavar="DIR",
                      help="where each lease's session folder goes (default: sessions/ next to the store)")
+    iso.add_argument("--session-disk", default="auto", metavar="SIZE",
+                     help="disk each user's session folders (live and parked) may take in all, like "
+                          "20G. A root server isolating with uids gives each user a filesystem of that "
+                          "size (loop-mounted), where writes past it fail; otherwise the server measures "
+                          "the folders and stops the cells of a user past it. auto (the default): a "
+                          "tenth of the filesystem that holds the session root, at least 1G; none: no "
+                          "limit")
     iso.add_argument("--worker-env", action="append", default=[], metavar="NAME",
                      help="also pass this server environment variable to workers (repeatable; "
                           "names ending in _ pass every variable with that prefix)")

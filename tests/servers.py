@@ -10,6 +10,12 @@ users' uids in a registry of its own test's (``RGPU_UID_REGISTRY`` in
 :meth:`ServerProcess.stop`
 ends it with SIGTERM (the same path as Ctrl-C) and fails the test if it does
 not exit.
+
+Session folders go under ``tmp`` (``sessions/``), a PostgreSQL store's too
+(the server's default for one is the user's data folder, shared by every
+test run). A root server mounts each user's disk there; what a server that
+was killed left mounted is unmounted when :meth:`ServerProcess.stop` or
+:meth:`ServerProcess.kill` returns.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from pathlib import Path
 
 from processes import LoggedProcess
 
-__all__ = ["ServerProcess", "ray_head"]
+__all__ = ["ServerProcess", "ray_head", "unmount_under"]
 
 _LISTENING = re.compile(r"listening on (wss?://\S+) with (\d+) slot")
 _READY = re.compile(r"warm pool ready")
@@ -57,10 +63,12 @@ class ServerProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         for name in ("RGPU_URL", "RGPU_TOKEN"):
             env.pop(name, None)
+        root = [] if "--session-root" in self.args or "://" not in str(self.db) else [
+            "--session-root", str(self.tmp / "sessions")]
         self.process = LoggedProcess(
             [*self.launcher, sys.executable, "-m", "remote_gpu_kernel.cli", "serve", "--port", "0",
              "--db", str(self.db),
-             "--slots", self.slots, "--log-level", "debug", *self.args],
+             "--slots", self.slots, "--log-level", "debug", *root, *self.args],
             env, on_line=self._watch,
         )
         self.proc = self.process.proc
@@ -95,6 +103,7 @@ class ServerProcess:
         if self.process is None:
             return 0
         code, clean = self.process.stop(timeout)
+        unmount_under(self.tmp)
         if not clean:
             raise AssertionError("the server did not exit on SIGTERM:\n" + "".join(self.log[-40:]))
         return code
@@ -102,12 +111,25 @@ class ServerProcess:
     def kill(self) -> None:
         if self.process is not None:
             self.process.kill()
+            unmount_under(self.tmp)
 
     def __enter__(self) -> ServerProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def unmount_under(folder: Path) -> None:
+    """Unmount (lazily, deepest first) whatever is mounted under ``folder`` in this
+    mount namespace: the users' disks a killed server left behind."""
+    if os.geteuid() != 0:
+        return
+    top = str(folder.resolve())
+    with open("/proc/self/mountinfo") as info:
+        targets = [line.split()[4].replace("\\040", " ") for line in info]
+    for target in sorted((t for t in targets if t.startswith(top + "/")), key=len, reverse=True):
+        subprocess.run(["umount", "-l", target], check=False, capture_output=True)
 
 
 def ray_head(tmp: Path, ray_cluster: object) -> ServerProcess:

@@ -29,6 +29,7 @@ from .config import ServerConfig
 from .connection import Connection
 from .frontdoor import FrontDoor
 from .config import data_dir, named_paths
+from .disk_watch import DiskWatch
 from .drain import Drainer
 from .gpus import discover_slots
 from .isolation import Isolation
@@ -86,6 +87,7 @@ class GpuServer:
         self._reaper: asyncio.Task[None] | None = None
         self._announcer: asyncio.Task[None] | None = None
         self._pruner: asyncio.Task[None] | None = None
+        self._disk_watcher: asyncio.Task[None] | None = None
         self.xids: XidWatcher | None = None
         self._checks: set[asyncio.Task[None]] = set()
 
@@ -111,7 +113,7 @@ class GpuServer:
             launcher = RayLauncher(self.cluster, self.isolation)
         else:
             self.inventory.add(discover_slots(config.slots))
-            self.isolation.start(len(self.inventory))  # raises IsolationError
+            self.isolation.start(len(self.inventory), disks=True)  # raises IsolationError
             launcher = LocalLauncher(self.isolation)
         unnamed = [s for s in self.inventory if s.pool is None]
         self.broker = LeaseBroker([s.id for s in unnamed], config.scheduler, on_grant=self.metrics.granted,
@@ -142,17 +144,19 @@ class GpuServer:
                                unsupported=("its workers run on Ray nodes, where the files would stay on a node "
                                             "the next lease may not be on") if self.cluster is not None else None)
         context = SessionContext(self.pool, self.store, self.journal, config.kill_grace,
-                                 interrupt_notice=config.interrupt_notice, resume=self.parking.resume)
+                                 interrupt_notice=config.interrupt_notice, resume=self.parking.resume,
+                                 max_output=config.max_output)
         self.sessions = SessionManager(context, self.broker, grace=config.grace,
                                        idle_timeout=config.idle_timeout, parking=self.parking)
         await self.sessions.recover_parked()
+        self.disk = DiskWatch(self.isolation, lambda: iter(self.sessions))
         self.batch = BatchRunner(self.store, self.journal, self.broker, self.pool,
-                                 kill_grace=config.kill_grace)
+                                 kill_grace=config.kill_grace, max_output=config.max_output)
         view = ServerView(self.version, self.inventory, self.readings, self.broker, self.sessions, self.batch,
                           self.store, config.price_per_gpu_hour, node_label=self._node_label,
                           node_down=lambda slot: self.inventory.is_down(slot.node),
                           isolation=self.isolation.status_json, draining=self.drainer.draining,
-                          park_keep=config.parking.keep)
+                          park_keep=config.parking.keep, disk=self.disk.status_json)
         self.metrics.attach(view)
         self.http = HttpApi(view, self.metrics)
         await self.batch.recover()
@@ -168,6 +172,8 @@ class GpuServer:
         self._announcer = loop.create_task(self._announce_ready())
         if config.keep_output is not None:
             self._pruner = loop.create_task(prune_outputs_forever(self.store, config.keep_output))
+        if self.disk.enforcing:
+            self._disk_watcher = loop.create_task(self.disk.run())
         scheme = "wss" if tls is not None else "ws"
         log.info("listening on %s://%s:%d with %d slot(s): %s", scheme, config.host, self.port,
                  len(self.inventory), ", ".join(f"{s.id} ({s.name})" for s in self.inventory) or "none yet")
@@ -251,7 +257,7 @@ class GpuServer:
         await self.front.serve_forever()
 
     async def close(self) -> None:
-        for task in (self._reaper, self._announcer, self._watcher, self._pruner):
+        for task in (self._reaper, self._announcer, self._watcher, self._pruner, self._disk_watcher):
             if task is not None:
                 task.cancel()
         if hasattr(self, "front"):
@@ -270,7 +276,7 @@ class GpuServer:
             await self.readings.close()
         if hasattr(self, "pool"):
             await self.pool.close()
-        self.isolation.close()
+        await asyncio.to_thread(self.isolation.close)  # waits for folders being deleted, unmounts
         if hasattr(self, "journal"):
             await self.journal.close()
         if hasattr(self, "store"):

@@ -36,6 +36,7 @@ from remote_gpu_kernel.typing import JobId, SessionId, SlotId
 from .broker import LeaseBroker
 from .errors import StoreError
 from .journal import Journal
+from .output_bound import OutputBound
 from .scheduler import DEFAULT_POOL, PRIORITIES, LeaseRequestEntry
 from .session import WorkerSource
 from .store import BatchSpec, OutputRow, Store
@@ -133,14 +134,16 @@ class BatchRunner:
     """Runs the server's batch jobs. Call :meth:`recover` once at start, :meth:`close` at the end.
 
     ``broker`` leases slots, ``pool`` gives workers, ``store`` and
-    ``journal`` keep jobs and their output; ``kill_grace``: seconds between
-    the interrupt of a job being stopped and the kill of its worker.
+    ``journal`` keep jobs and their output (``max_output`` bytes of each
+    attempt, see :mod:`.output_bound`); ``kill_grace``: seconds between the
+    interrupt of a job being stopped and the kill of its worker.
     """
 
     def __init__(self, store: Store, journal: Journal, broker: LeaseBroker, pool: WorkerSource, *,
-                 kill_grace: float) -> None:
+                 kill_grace: float, max_output: int | None = None) -> None:
         self.store = store
         self.journal = journal
+        self.max_output = max_output
         self.broker = broker
         self.pool = pool
         self.kill_grace = kill_grace
@@ -355,11 +358,13 @@ class BatchRunner:
         job = run.job
         await self.journal.flush(timeout=10)  # an earlier attempt's output is counted
         seq = await self.store.last_output_seq(job)
+        bound = OutputBound(self.max_output)
 
         async def on_iopub(msg: dict[str, Any]) -> None:
             nonlocal seq
             seq += 1
-            self.journal.append(OutputRow(run.session, seq, job, msg["msg_type"], msg["content"]))
+            for kept in bound.add(OutputRow(run.session, seq, job, msg["msg_type"], msg["content"])):
+                self.journal.append(kept)
 
         task = asyncio.get_running_loop().create_task(run.worker.execute(code, on_iopub))
         run.task = task
@@ -378,6 +383,8 @@ class BatchRunner:
         finally:
             if not task.done():
                 task.cancel()
+            for kept in bound.flush():
+                self.journal.append(kept)
         if run.ending:
             return run.ending, run.reason
         if reply.get("status") == "ok":

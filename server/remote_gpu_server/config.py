@@ -119,6 +119,9 @@ class ServerConfig:
     scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
     #: Price of one GPU-hour (slot-hour) for usage reports; None shows no cost.
     price_per_gpu_hour: float | None = None
+    #: ``--max-output``: bytes of one cell's output the journal keeps, as a head and
+    #: a tail (see :mod:`.output_bound`); None keeps all of it.
+    max_output: int | None = 16 << 20
     #: Prune the output journal of sessions released more than this many days
     #: ago (jobs and usage stay); None keeps every output.
     keep_output: float | None = None

@@ -6,7 +6,8 @@ which it sends as JSON.
 
 1. :func:`prepare`, with a :class:`SpawnSpec`, is the first thing the worker
    does, while it is still a single thread and, under a root server, still
-   root. It sets the memory rlimit (when no cgroup holds the worker), moves
+   root. It sets the memory rlimit (when no cgroup holds the worker) and the
+   file size rlimit (where the server only measures its users' disks), moves
    into an IPC namespace of its own (its SysV shared memory, semaphores and
    message queues, and its POSIX message queues, are its own, go with it,
    and its shared memory is held to its memory limit) and a mount namespace
@@ -26,7 +27,9 @@ which it sends as JSON.
    holding only the way down to the exposed paths. Everything else under
    it is hidden from the worker.
 2. :func:`enter`, with an :class:`EnterSpec`, runs at lease time in the
-   kernel's main thread (a comm request, in order before any cell): it hands
+   kernel's main thread (a comm request, in order before any cell): it
+   mounts the user's own disk in its namespace where that namespace was made
+   before the disk was mounted (see :mod:`.user_disks`), hands
    what the worker wrote in its private ``/tmp`` to the user, moves into the
    session folder, and sets the user's groups, gid and uid. glibc applies
    ``setgroups``/``setresgid``/``setresuid`` to every thread, and a uid
@@ -83,6 +86,9 @@ class SpawnSpec:
     data_limit: int | None = None
     #: The limit as people read it ("4 GiB"), for the MemoryError message.
     limit_text: str | None = None
+    #: RLIMIT_FSIZE in bytes: the largest file the worker may write (the user's
+    #: disk limit, where the server only measures it).
+    file_limit: int | None = None
     #: Set ``no_new_privs``: no setuid program can raise the worker's privileges.
     no_new_privs: bool = True
     #: Paths kept reachable in the private namespace: ``(path, writable)``.
@@ -121,16 +127,21 @@ class EnterSpec:
     #: Private tmpfs whose contents (written before the lease) become the
     #: user's; one that :func:`prepare` did not mount is left alone.
     chown: tuple[str, ...] = ()
+    #: ``(device, folder)``: the user's own ext4 filesystem, mounted at
+    #: ``folder`` first unless this namespace has it there already.
+    mount: tuple[str, str] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> EnterSpec:
+        mount = data.get("mount")
         return cls(cwd=str(data["cwd"]), uid=data.get("uid"), gid=data.get("gid"),
                    groups=tuple(int(g) for g in data.get("groups") or ()),
                    env=tuple((str(k), str(v)) for k, v in data.get("env") or ()),
-                   chown=tuple(str(p) for p in data.get("chown") or ()))
+                   chown=tuple(str(p) for p in data.get("chown") or ()),
+                   mount=(str(mount[0]), str(mount[1])) if mount else None)
 
 
 def _libc() -> Any:
@@ -220,6 +231,10 @@ def prepare(spec: SpawnSpec) -> None:
         # RLIMIT_DATA, not RLIMIT_AS: CUDA reserves far more address space
         # than it uses, with PROT_NONE mappings that RLIMIT_DATA ignores.
         resource.setrlimit(resource.RLIMIT_DATA, (spec.data_limit, spec.data_limit))
+    if spec.file_limit is not None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (spec.file_limit, spec.file_limit))
     libc = _libc()
     if spec.private_ipc:
         _private_ipc(libc, spec.ipc_limit)
@@ -255,12 +270,21 @@ def _chown_contents(folder: str, uid: int, gid: int) -> None:
             os.chown(os.path.join(root, name), uid, gid, follow_symlinks=False)
 
 
+def _mount_disk(device: str, folder: str) -> None:
+    """Mount the ext4 filesystem on ``device`` at ``folder``, unless it is there."""
+    if os.stat(folder).st_dev == os.stat(device).st_rdev:
+        return
+    _mount(_libc(), device.encode(), folder, b"ext4", _MS_NOSUID | _MS_NODEV)
+
+
 def enter(spec: EnterSpec) -> None:
     """Take on the lease's identity; see the module docstring.
 
     Raises OSError if a step fails (the server then kills this worker); ends
     the process if, after the change, it could still become root again.
     """
+    if spec.mount is not None:
+        _mount_disk(*spec.mount)
     if spec.uid is not None and spec.gid is not None:
         for folder in spec.chown:
             if folder in _mounted:  # never the host's /tmp

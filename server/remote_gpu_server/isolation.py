@@ -27,13 +27,17 @@ lease time, what a death means, and a cleanup. The modes:
 In every mode a worker's environment comes from an allow-list (like
 JupyterHub's ``Spawner.env_keep``), its output goes to a pipe of its own
 (:mod:`.worker_output`), its host memory is limited (see
-:mod:`.memory_limits`), and it listens on no network port: its sockets are
-``ipc://`` paths that only it and the server reach (ipykernel's IOPub pipe
-included, see :mod:`.worker_iopub`), or, for a worker of a Ray node, ports
-that answer only the keys of its server.
+:mod:`.memory_limits`), its user's session folders share one disk
+limit (see :mod:`.user_disks`), and it listens on no network port: its
+sockets are ``ipc://`` paths that only it and the server reach (ipykernel's
+IOPub pipe included, see :mod:`.worker_iopub`), or, for a worker of a Ray
+node, ports that answer only the keys of its server.
 
 A session folder lives as long as its lease, across worker restarts within
-it, and is removed when the lease ends; ``/tmp`` is the worker's own.
+it, and is removed when the lease ends, by a thread of its own (see
+:mod:`.folder_removal`); ``/tmp`` is the worker's own. While its session is
+parked, a folder is out of its user's reach where users have uids of their
+own: it belongs to the server until the session resumes (:meth:`Isolation.seal`).
 """
 
 from __future__ import annotations
@@ -54,10 +58,12 @@ from typing import Any
 
 from .confinement import ENV_VAR, IOPUB_DIR_VAR, PRIVATE_TMP, EnterSpec, SpawnSpec
 from .errors import IsolationError
+from .folder_removal import FolderRemover
 from .identities import DEFAULT_UID_RANGE, Identities, Identity, RunAs
-from .memory_limits import MemoryLimits, WorkerMemory, fair_share, parse_size
+from .memory_limits import MemoryLimits, WorkerMemory, fair_share, format_size, parse_size
 from .sandbox import SandboxLayout, bubblewrap_argv, check_bubblewrap, find_bubblewrap, python_paths
 from .uid_registry import DEFAULT_PATH as DEFAULT_UID_REGISTRY
+from .user_disks import DiskMode, UserDisks
 from .user_namespaces import SUPPORTED as USERNS_FILTER_MACHINES
 
 __all__ = ["ENV_KEEP", "Isolation", "IsolationConfig", "IsolationMode", "Tenant", "WorkerIsolation",
@@ -73,6 +79,9 @@ ENV_KEEP = ("PATH", "PYTHONPATH", "VIRTUAL_ENV", "CONDA_PREFIX", "CONDA_DEFAULT_
 _ENV_KEEP_SAME_USER = ("HOME", "USER", "LOGNAME", "SHELL", "TMPDIR")
 #: Where IPython keeps its profile and history: in the worker's private /tmp.
 _IPYTHONDIR = "/tmp/.ipython"
+#: The environment variable that tells a worker its user's disk limit, for its
+#: "disk full" hint (see :mod:`.worker_files`).
+DISK_VAR = "RGPU_SESSION_DISK"
 
 
 class IsolationMode(enum.Enum):
@@ -93,6 +102,8 @@ class IsolationConfig:
     worker_memory: str = "auto"
     #: ``--session-root``: where session folders go (default: ``sessions`` next to the store).
     session_root: Path | None = None
+    #: ``--session-disk``: each user's disk for session folders: ``auto``, a size, or ``none``.
+    session_disk: str = "auto"
     #: ``--uid-range``: the dynamic uids.
     uid_range: range = DEFAULT_UID_RANGE
     #: ``--uid-registry``: the host-wide record of the dynamic uids every root
@@ -157,8 +168,14 @@ class Isolation:
         self.memory = MemoryLimits.probe(None)
         self.identities: Identities | None = None
         self.bwrap: str | None = None
+        #: Each user's disk limit (see :mod:`.user_disks`); none until :meth:`start` asks for one.
+        self.disks = UserDisks(config.session_disk, self.session_root)
+        #: Deletes the folders of ended leases, off the event loop.
+        self.remover = FolderRemover()
         self._only_user: str | None = None
         self._tenants: set[Tenant] = set()
+        self._parked: set[Tenant] = set()  # forgotten while parked: see forget()
+        self._swept: set[Path] = set()
 
     @classmethod
     def unconfined(cls) -> Isolation:
@@ -172,8 +189,9 @@ class Isolation:
     def isolated(self) -> bool:
         return self.mode is not IsolationMode.NONE
 
-    def start(self, slots: int, *, server_pid: int | None = None) -> None:
-        """Choose the mode and the memory control; raises IsolationError."""
+    def start(self, slots: int, *, server_pid: int | None = None, disks: bool = False) -> None:
+        """Choose the mode, the memory control and (``disks``: on this server's
+        own machine) the users' disk limit; raises IsolationError."""
         try:
             per_slot = (fair_share(slots) if self.config.worker_memory == "auto"
                         else parse_size(self.config.worker_memory))
@@ -193,6 +211,14 @@ class Isolation:
                                          self.config.run_as, self.config.uid_range,
                                          registry=self.config.uid_registry)
         self._make_session_root()  # every lease has a session folder, isolated or not
+        if disks:
+            try:
+                self.disks.start(filesystems=self.mode is IsolationMode.UIDS)
+            except ValueError as exc:
+                raise IsolationError(str(exc)) from None
+        else:
+            self.disks.reason = "the session folders are not on this server's machine"
+        self._sweep(self.session_root)
         self._announce()
 
     def server_files(self) -> tuple[Path, ...]:
@@ -237,8 +263,16 @@ class Isolation:
             if path.exists():
                 os.chmod(path, 0o600)
 
+    def _sweep(self, folder: Path) -> None:
+        """Delete what an earlier run left in ``folder``'s trash (once per folder)."""
+        if folder not in self._swept:
+            self._swept.add(folder)
+            self.remover.sweep(folder)
+
     def _announce(self) -> None:
         memory = self.memory.describe()
+        if self.disks.mode is not DiskMode.NONE:
+            log.info("session folders: %s", self.disks.describe())
         if self.mode is IsolationMode.UIDS:
             log.info("workers are isolated: each user's run as a uid of their own (--run-as %s) with a "
                      "private /tmp and SysV IPC; session folders in %s; memory: %s", self.config.run_as.value,
@@ -282,7 +316,7 @@ class Isolation:
             detail = f"Nothing here can isolate them ({self.reason}), so this server serves one user only."
         return {"isolated": self.isolated, "mode": self.mode.value, "run_as": self.config.run_as.value
                 if self.mode is IsolationMode.UIDS else None, "memory": self.memory.describe(),
-                "detail": detail}
+                "disk": self.disks.describe(), "detail": detail}
 
     # -- workers -------------------------------------------------------------
 
@@ -298,9 +332,15 @@ class Isolation:
             memory = WorkerMemory(limit, data_limit=limit)
         return WorkerIsolation(self, name, runtime, memory, tenant)
 
-    def new_folder(self, owner: Identity | None) -> Path:
-        """A fresh session folder, mode 0700, owned by ``owner`` (else the server)."""
-        folder = self.session_root / secrets.token_hex(8)
+    def new_folder(self, owner: Identity | None, user: str | None = None) -> Path:
+        """A fresh session folder, mode 0700, owned by ``owner`` (else the server), on
+        ``user``'s disk (None: a sandbox's, made before its user is known)."""
+        try:
+            parent = self.disks.folder_root(user)
+        except OSError as exc:
+            raise IsolationError(f"{user}'s disk for session folders could not be made ready: {exc}") from None
+        self._sweep(parent)
+        folder = parent / secrets.token_hex(8)
         folder.mkdir(mode=0o700)
         if owner is not None:
             os.chown(folder, owner.uid, owner.gid)
@@ -319,31 +359,61 @@ class Isolation:
             identity = self.identity(user)
         elif self.identities is not None:
             self.identities.adopt(identity)  # the head's uid, claimed on this host too
-        tenant = Tenant(user, folder or self.new_folder(identity), identity)
+        tenant = Tenant(user, folder or self.new_folder(identity, user), identity)
         self._tenants.add(tenant)
         return tenant
 
     def forget(self, tenant: Tenant) -> None:
         """The lease's folder outlives its workers (a parked session's): :meth:`release`
-        and :meth:`close` leave it alone until :meth:`track` takes it back."""
+        and :meth:`close` leave it alone until :meth:`track` takes it back. It still
+        counts towards its user's disk (:meth:`folders_of`)."""
         self._tenants.discard(tenant)
+        self._parked.add(tenant)
 
     def track(self, tenant: Tenant) -> None:
         """``tenant``'s folder is this server's to remove again (a session resumed,
         or found parked at start)."""
+        self._parked.discard(tenant)
         self._tenants.add(tenant)
 
+    def folders_of(self, user: str) -> list[Path]:
+        """The session folders of ``user`` here: their leases' and parked sessions'."""
+        return [t.folder for t in self._tenants | self._parked if t.user == user]
+
+    def users(self) -> set[str]:
+        """Users with a session folder here."""
+        return {t.user for t in self._tenants | self._parked}
+
+    def seal(self, tenant: Tenant) -> None:
+        """A parked session's folder goes out of its user's reach: the server's, mode
+        0700, until :meth:`unseal` (only where users run as uids of their own; their
+        other sessions run as the same uid). Blocks: call in a thread."""
+        if tenant.identity is not None and os.geteuid() == 0:
+            os.chown(tenant.folder, 0, 0, follow_symlinks=False)
+            os.chmod(tenant.folder, 0o700, follow_symlinks=False)
+
+    def unseal(self, tenant: Tenant) -> None:
+        """Give a parked session's folder back to its user, as it resumes."""
+        if tenant.identity is not None and os.geteuid() == 0:
+            os.chown(tenant.folder, tenant.identity.uid, tenant.identity.gid, follow_symlinks=False)
+
     def release(self, tenant: Tenant | None) -> None:
-        """The lease ended: remove its session folder (links in it are not followed)."""
+        """The lease ended: its session folder goes, in the remover's thread (links
+        in it are not followed); returns at once."""
         if tenant is None or tenant not in self._tenants:
             return
         self._tenants.discard(tenant)
-        shutil.rmtree(tenant.folder, ignore_errors=True)
+        self._parked.discard(tenant)
+        self.remover.remove(tenant.folder)
 
     def close(self) -> None:
+        """Remove the leases' folders (parked ones stay), and unmount the users'
+        disks. Blocks until the folders are deleted, or a few seconds."""
         for tenant in list(self._tenants):
             self.release(tenant)
         self.memory.close()
+        self.remover.close()
+        self.disks.close()
 
     def environment(self, extra: dict[str, str]) -> dict[str, str]:
         """A worker's environment: the allow-listed part of the server's, then ``extra``."""
@@ -400,8 +470,15 @@ class WorkerIsolation:
         return bubblewrap_argv(isolation.bwrap, layout) + list(argv)
 
     def environment(self, extra: dict[str, str]) -> dict[str, str]:
-        spec = SpawnSpec(data_limit=self.memory.data_limit, limit_text=self.memory.limit_text)
+        disks = self.isolation.disks
+        # Where the server only measures the users' disks, no one file may outgrow
+        # the limit between two of its looks (see user_disks).
+        file_limit = disks.limit if disks.mode is DiskMode.SERVER else None
+        spec = SpawnSpec(data_limit=self.memory.data_limit, limit_text=self.memory.limit_text,
+                         file_limit=file_limit)
         env = dict(extra)
+        if disks.limit is not None and disks.mode is not DiskMode.NONE:
+            env[DISK_VAR] = format_size(disks.limit)
         if self.mode is IsolationMode.UIDS:
             expose = [(str(p), False) for p in python_paths()]
             expose += [(str(self.runtime), True), (str(self.isolation.session_root), True)]
@@ -452,9 +529,11 @@ class WorkerIsolation:
             env["HOME"] = identity.home
         groups = tuple(sorted(set(identity.groups) | set(device_groups())))
         # What the worker wrote in its private tmpfs before the lease (IPython's
-        # folder, whatever CUDA's start left there) becomes the user's.
+        # folder, whatever CUDA's start left there) becomes the user's. Its mount
+        # namespace may predate the user's disk: it mounts that first.
         return EnterSpec(cwd=str(tenant.folder), uid=identity.uid, gid=identity.gid, groups=groups,
-                         env=tuple(env.items()), chown=PRIVATE_TMP)
+                         env=tuple(env.items()), chown=PRIVATE_TMP,
+                         mount=self.isolation.disks.mount_of(user))
 
     def adopt(self, tenant: Tenant) -> bool:
         """Serve ``tenant``, a lease that already has its session folder (a parked
@@ -474,5 +553,5 @@ class WorkerIsolation:
         self.memory.close()
         shutil.rmtree(self.runtime, ignore_errors=True)
         if self.tenant is None and self.folder is not None:  # a sandbox never leased
-            shutil.rmtree(self.folder, ignore_errors=True)
+            self.isolation.remover.remove(self.folder)
 

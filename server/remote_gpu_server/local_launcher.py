@@ -33,6 +33,7 @@ import signal
 import socket
 import sys
 import tempfile
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from jupyter_client.manager import AsyncKernelManager
 from . import death, ladder, transfer
 from .confinement import EnterSpec
 from .datachannel import DataChannel
+from .errors import IsolationError
 from .isolation import Isolation, Tenant, WorkerIsolation
 from .launcher import WorkerSpec
 from .notes import make_identity, pinned_context
@@ -186,7 +188,20 @@ class LocalWorker:
     def tenant(self) -> Tenant | None:
         return self._spawned.isolation.tenant
 
-    def enter_spec(self, user: str) -> EnterSpec | None:
+    def enter_spec(self, user: str) -> EnterSpec | None | Awaitable[EnterSpec | None]:
+        isolation = self._spawned.isolation
+        if isolation.tenant is None and not isolation.isolation.disks.ready(user):
+            return self._enter_spec_on_disk(user)
+        return isolation.enter_spec(user)
+
+    async def _enter_spec_on_disk(self, user: str) -> EnterSpec | None:
+        """:meth:`enter_spec` once ``user``'s disk is mounted (a user's first lease:
+        the filesystem is made and mounted in a thread, not on the event loop)."""
+        disks = self._spawned.isolation.isolation.disks
+        try:
+            await asyncio.to_thread(disks.attach, user)
+        except OSError as exc:
+            raise IsolationError(f"{user}'s disk for session folders could not be made ready: {exc}") from None
         return self._spawned.isolation.enter_spec(user)
 
     def adopt(self, tenant: Tenant) -> bool:

@@ -54,10 +54,11 @@ class MemoryControl(enum.Enum):
     NONE = "none"
 
 
-def parse_size(text: str) -> int | None:
+def parse_size(text: str, *, minimum: int = 64 << 20, what: str = "a worker") -> int | None:
     """Bytes in ``"8G"``, ``"512MiB"``, ``"1.5 GB"`` (binary units); None for ``none``.
 
-    Raises ValueError naming what is wrong.
+    Raises ValueError naming what is wrong; a size below ``minimum`` is too
+    small for ``what`` (by default a worker's memory: at least 64M).
     """
     if text.strip().lower() in ("none", "off", "unlimited"):
         return None
@@ -65,17 +66,17 @@ def parse_size(text: str) -> int | None:
     if not found:
         raise ValueError(f"{text!r} is not a size: write it like 8G, 512M or none")
     size = int(float(found.group(1)) * _UNITS[found.group(2).upper()])
-    if size < 64 << 20:
-        raise ValueError(f"{text!r} is too small for a worker: give it at least 64M")
+    if size < minimum:
+        raise ValueError(f"{text!r} is too small for {what}: give it at least {format_size(minimum)}")
     return size
 
 
-def format_size(size: int) -> str:
-    """``4 GiB``, ``1.5 GiB``, ``512 MiB``."""
-    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20)):
+def format_size(size: float) -> str:
+    """``4 GiB``, ``1.5 GiB``, ``512 MiB``, ``64 KiB``, ``300 bytes``."""
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if size >= scale:
             return f"{size / scale:.3g} {unit}"
-    return f"{size} bytes"
+    return f"{int(size)} bytes"
 
 
 def fair_share(slots: int, total: int | None = None) -> int:

@@ -11,10 +11,15 @@ starts a worker in the same session folder, has it load the namespace, and
 tells the client in one line what came back and how long it took.
 
 Parked sessions are recorded in the store (:mod:`.store.parked`), so a
-restarted server finds them; their files are the user's and count against
-``--park-quota``; they go when the session is released, or after
-``--park-keep``. A failed park changes nothing: the session goes on with
-its worker and variables.
+restarted server finds them; their files count against ``--park-quota``
+(measured again at each park: what the folder holds then, not what it held
+when it was parked) and, with everything else in their user's session
+folders, against ``--session-disk`` (see :mod:`.user_disks`). Where users
+run as uids of their own, a parked session's folder is the server's until
+it resumes (:meth:`~.isolation.Isolation.seal`), so the user's other
+sessions cannot write into it. They go when the session is released, or
+after ``--park-keep``. A failed park changes nothing: the session goes on
+with its worker and variables.
 
 Workers on Ray nodes are not parked: their files would stay on a node that
 the next lease may not be on.
@@ -38,6 +43,7 @@ from remote_gpu_kernel.typing import SlotId
 
 from .broker import LeaseBroker
 from .isolation import Isolation, Tenant
+from .memory_limits import format_size
 from .parking_state import PARK_FOLDER, ParkConfig, ParkedState
 from .pool import Pool
 from .scheduler import LeaseRequestEntry
@@ -57,14 +63,6 @@ def _names(names: Iterable[str], reasons: dict[str, str] | None = None) -> str:
     shown = [f"{n} ({reasons[n]})" if reasons else n for n in listed[:NAMES_SHOWN]]
     more = len(listed) - len(shown)
     return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
-
-
-def format_size(nbytes: float) -> str:
-    """``1.5 GiB``, ``12 MiB``, ``16 KiB``, ``300 bytes``."""
-    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.3g} {unit}"
-    return f"{int(nbytes)} bytes"
 
 
 def tree_size(folder: Path, skip: str | None = None) -> int:
@@ -165,9 +163,11 @@ class Parking:
     def keep_reason(self) -> str:
         return f"it was parked for more than {self.config.keep / 86400:g} days (--park-keep)"
 
-    def used(self, user: str) -> int:
-        """Bytes ``user``'s parked sessions hold on disk here."""
-        return sum(s.parked.nbytes for s in self._sessions() if s.parked is not None and s.user == user)
+    async def used(self, user: str) -> int:
+        """Bytes ``user``'s parked sessions hold on disk here, measured now (their
+        folders may have grown since they were parked)."""
+        folders = [s.parked.tenant.folder for s in self._sessions() if s.parked is not None and s.user == user]
+        return await asyncio.to_thread(lambda: sum(tree_size(f) for f in folders))
 
     def _quota_text(self, user: str, used: int, kept: int) -> str:
         assert self.config.quota is not None
@@ -200,7 +200,7 @@ class Parking:
             tenant = worker.tenant
             if tenant is None:
                 raise ParkError("this session has no session folder to park into; it goes on as it was")
-            used = self.used(session.user)
+            used = await self.used(session.user)
             # What the session wrote in its folder stays while it is parked: it counts too.
             kept = await asyncio.to_thread(tree_size, tenant.folder, PARK_FOLDER)
             limit = None if self.config.quota is None else self.config.quota - used - kept
@@ -228,6 +228,7 @@ class Parking:
             self.isolation.forget(tenant)
             await self.pool.recycle(old, "the session was parked", keep_folder=True)
             self.broker.free(slots)
+            await self._seal(tenant)
         await self._record(session, state)
         log.info("parked session %s of %s (%s): %d name(s), %s", session.id[:8], session.user, reason,
                  len(state.names), format_size(nbytes))
@@ -283,9 +284,11 @@ class Parking:
         try:
             if session.released:
                 raise SessionReleased(f"this session was released ({session.released})", code="released")
+            await asyncio.to_thread(self.isolation.unseal, state.tenant)
             worker = await self.pool.take(slots, session.user, tenant=state.tenant)
         except BaseException:
             self.broker.free(slots)
+            await self._seal(state.tenant)  # still parked: out of reach again
             raise
         self.isolation.track(state.tenant)
         try:
@@ -331,6 +334,13 @@ class Parking:
             text += f" {note}."
         return text
 
+    async def _seal(self, tenant: Tenant) -> None:
+        """Put a parked session's folder out of its user's reach (see the module docstring)."""
+        try:
+            await asyncio.to_thread(self.isolation.seal, tenant)
+        except OSError as exc:
+            log.warning("the parked folder %s stays in its user's reach: %s", tenant.folder, exc)
+
     # -- the end, and a restart -------------------------------------------------
 
     async def discard(self, session: Session, state: ParkedState) -> None:
@@ -343,12 +353,16 @@ class Parking:
             log.exception("could not remove parked session %s from the store", session.id[:8])
 
     def state_of(self, record: ParkedRecord) -> ParkedState | None:
-        """A parked session found in the store, as a state; None when its files
-        are not where they should be (it is then released)."""
+        """A parked session found in the store, as a state, counted as parked on its
+        user's disk; None when its files are not where they should be (it is then
+        released). Raises OSError where the user's disk cannot be mounted (the
+        session stays parked in the store). Blocks: call in a thread."""
         folder = Path(record.folder)
-        if folder.parent.resolve() != self.isolation.session_root.resolve() or folder.is_symlink() \
+        self.isolation.disks.folder_root(record.user)
+        if not self.isolation.disks.owns(record.user, folder) or folder.is_symlink() \
                 or not (folder / PARK_FOLDER).is_dir():
             return None
         tenant = Tenant(record.user, folder, self.isolation.identity(record.user))
+        self.isolation.forget(tenant)
         return ParkedState(tenant, record.pool, record.gpus, record.priority, record.names, record.unsaved,
                            record.nbytes, record.parked, record.reason, record.segment)

@@ -7,13 +7,12 @@ Plain frozen data, no I/O; :mod:`.parking` does the work and
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
 from .isolation import Tenant
 
-__all__ = ["PARK_FOLDER", "ParkConfig", "ParkedState", "parse_quota"]
+__all__ = ["PARK_FOLDER", "ParkConfig", "ParkedState"]
 
 #: Where, inside a session folder, a parked namespace is saved.
 PARK_FOLDER = ".rgpu-parked"
@@ -66,15 +65,3 @@ class ParkedState:
     def folder(self) -> Path:
         return self.tenant.folder / PARK_FOLDER
 
-
-def parse_quota(text: str) -> int | None:
-    """``--park-quota``: ``20G``, ``500M``, ``1.5T``, a number of bytes, or ``none``.
-    Raises ValueError naming what is wrong."""
-    value = text.strip()
-    if value.lower() in ("none", "off", "unlimited"):
-        return None
-    found = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?", value, re.IGNORECASE)
-    if not found:
-        raise ValueError(f"--park-quota {text!r} is not a size: write it like 20G, 500M or none")
-    scale = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}[found.group(2).upper()]
-    return int(float(found.group(1)) * scale)

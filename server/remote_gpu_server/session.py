@@ -6,7 +6,10 @@ grace period finds the same worker and namespace. Requests run one at a time
 connection that sent them (request ids are per connection). Every output message is handed to
 the journal (:mod:`.journal`) with the session's next sequence number
 before it is sent, so nothing a cell printed is lost with a connection;
-the journal writes it to the store in the background, in order.
+the journal writes it to the store in the background, in order. What one
+cell may keep there is bounded (``--max-output``, see :mod:`.output_bound`):
+past the bound the client still gets everything, the journal a head, a tail
+and a line saying how much it did not keep.
 
 How a running cell is stopped (interrupts, the notice that a cell ignores
 them, cancels, restarts, timeouts) is :mod:`.stopping`'s part of the session.
@@ -34,6 +37,7 @@ from remote_gpu_kernel.typing import JobId, SessionId, SlotId
 
 from .comms import COMM_MESSAGES, CommTable
 from .journal import Journal
+from .output_bound import OutputBound
 from .parking_state import ParkedState
 from .stopping import INTERRUPT_NOTICE, CellStopping, RunningCell
 from .store import DatabaseUnavailable, OutputRow, Store
@@ -77,6 +81,8 @@ class SessionContext:
     #: Resumes a parked session (lease, worker, namespace) for a request; None
     #: where the server does not park.
     resume: Callable[[Session, int, Replier | None], Awaitable[None]] | None = None
+    #: ``--max-output``: bytes of one cell's output the journal keeps (None: all).
+    max_output: int | None = None
 
 
 def _output(req: int, seq: int, jmsg: dict[str, Any]) -> m.Output:
@@ -139,6 +145,7 @@ class Session(CellStopping):
         self._replaced: Worker | None = None  # the worker being replaced, once
         self._notice: str | None = None
         self._seq = seq
+        self._output = OutputBound(context.max_output)  # what the journal keeps of each cell
         self._running: RunningCell | None = None  # the running cell, if any
         self._running_job: JobId | None = None
         self._unrecorded: UnrecordedCell | None = None  # the running cell, if the store could not take its job
@@ -237,6 +244,7 @@ class Session(CellStopping):
         self._parked_comms = worker.comms
         self._worker = None
         self.parked = state
+        self._flush_output()
         return worker
 
     def unpark(self, worker: Worker, slots: list[SlotId]) -> None:
@@ -260,11 +268,21 @@ class Session(CellStopping):
         await self._notices(req, conn)
         return await self._ready(req, conn)
 
+    def _journal(self, row: OutputRow) -> None:
+        """Hand ``row`` to the journal, within the cell's bound (see :mod:`.output_bound`)."""
+        for kept in self._output.add(row):
+            self.context.journal.append(kept)
+
+    def _flush_output(self) -> None:
+        """Journal what the bound holds back (the tail, and the line before it)."""
+        for kept in self._output.flush():
+            self.context.journal.append(kept)
+
     async def _unrouted(self, jmsg: dict[str, Any]) -> None:
         """What the worker published under no pending request: journaled and
         sent to the attached client with ``req = 0`` and its Jupyter parent."""
         self._seq += 1
-        self.context.journal.append(OutputRow(self.id, self._seq, None, jmsg["msg_type"], jmsg["content"]))
+        self._journal(OutputRow(self.id, self._seq, None, jmsg["msg_type"], jmsg["content"]))
         if self.send is not None:
             await self.send(_output(0, self._seq, jmsg))
 
@@ -279,9 +297,12 @@ class Session(CellStopping):
         async with self.lock:
             worker = await self.prepare(msg.req, conn)
             cell = self._running = RunningCell(conn, msg.req)
+            for kept in self._output.reset():  # a new cell: what the one before held back first
+                self.context.journal.append(kept)
             try:
                 await self._execute(msg, conn, worker, cell)
             finally:
+                self._flush_output()
                 cell.done.set()
 
     async def _execute(self, msg: m.Execute, conn: Replier, worker: Worker, cell: RunningCell) -> None:
@@ -299,8 +320,7 @@ class Session(CellStopping):
                 await asyncio.wait({job_task})
             job = job_task.result()
             self._seq += 1
-            self.context.journal.append(OutputRow(self.id, self._seq, job, jmsg["msg_type"],
-                                                  jmsg["content"]))
+            self._journal(OutputRow(self.id, self._seq, job, jmsg["msg_type"], jmsg["content"]))
             if job is None and self._unrecorded is not None:
                 self._unrecorded.output(self._seq)
             if jmsg["msg_type"] == "execute_input" and not self._started:
@@ -336,11 +356,12 @@ class Session(CellStopping):
             return
         job = await job_task
         status = reply.get("status", "error")
-        await conn.send(m.ExecuteDone(
-            msg.req, job or 0, status, reply.get("execution_count"),
-            str(reply.get("ename") or ""), str(reply.get("evalue") or ""),
-            [str(line) for line in reply.get("traceback") or []],
-        ))
+        # A cell the server stopped (fail_cell) fails with the server's reason, not KeyboardInterrupt.
+        failure = cell.failure if status == "error" else None
+        ename, evalue = failure or (str(reply.get("ename") or ""), str(reply.get("evalue") or ""))
+        traceback = [str(line) for line in reply.get("traceback") or []]
+        await conn.send(m.ExecuteDone(msg.req, job or 0, status, reply.get("execution_count"), ename, evalue,
+                                      traceback + [f"{ename}: {evalue}"] if failure else traceback))
         poisoned = next((p for p in _POISONED if p in str(reply.get("evalue"))), None)
         if status == "error" and poisoned is not None:
             # CUDA cannot recover from a sticky error (a device-side assert) in this process.
@@ -351,6 +372,8 @@ class Session(CellStopping):
             self._restart(worker)
         if status == "ok":
             await self._end_job(job, "completed")
+        elif failure is not None:
+            await self._end_job(job, "failed", f"{ename}: {evalue}")
         elif self._interrupted and reply.get("ename") == "KeyboardInterrupt":
             await self._end_job(job, "cancelled", "interrupted by the user")
         else:
@@ -396,6 +419,7 @@ class Session(CellStopping):
 
     def _record_later(self, cell: UnrecordedCell, state: str, error: str | None) -> None:
         """The job of a cell that ran while the database was away, written once it is back."""
+        self._flush_output()  # the tail the bound held goes in before the record that claims it
         record = cell.record(self.user, self.id, state, error)
         self.context.journal.later(lambda: self.context.store.record_cell(record),
                                    f"the job of a cell of session {self.id[:8]} ({state})")
@@ -484,6 +508,7 @@ class Session(CellStopping):
         before a reconnect finishes first, so all of its output is sent.
         """
         async with self.lock:
+            self._flush_output()
             await self.context.journal.flush(timeout=10)
             for row in await self.context.store.outputs_since(self.id, msg.after):
                 if row.msg_type != "execute_input":
@@ -509,7 +534,7 @@ class Session(CellStopping):
 
         async def on_iopub(jmsg: dict[str, Any]) -> None:
             self._seq += 1
-            self.context.journal.append(OutputRow(self.id, self._seq, None, jmsg["msg_type"], jmsg["content"]))
+            self._journal(OutputRow(self.id, self._seq, None, jmsg["msg_type"], jmsg["content"]))
             await conn.send(_output(msg.req, self._seq, jmsg))
 
         # Buffers arrive as framing.Chunks; a Jupyter message needs plain bytes.
@@ -537,6 +562,7 @@ class Session(CellStopping):
         if self.released:
             return
         self.released = reason
+        self._flush_output()
         if self.grace_handle is not None:
             self.grace_handle.cancel()
         if self._watch is not None:

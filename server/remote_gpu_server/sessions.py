@@ -238,7 +238,12 @@ class SessionManager:
             return
         store = self.context.store
         for record in await store.parked.mine():
-            state = self.parking.state_of(record)
+            try:
+                state = await asyncio.to_thread(self.parking.state_of, record)
+            except OSError as exc:
+                log.error("parked session %s of %s cannot be restored now (%s): it stays parked in the "
+                          "store for the next start", record.session[:8], record.user, exc)
+                continue
             if state is None:
                 log.warning("parked session %s of %s is gone: its files are not in %s", record.session[:8],
                             record.user, record.folder)

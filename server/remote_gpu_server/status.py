@@ -16,6 +16,10 @@ line of its code: a lease's latest cell, a job's own code).
 Parked sessions (``parked``) hold no slot, so they are not leases: each
 shows its user, size (GPUs asked for again at the restore, bytes on disk)
 and times to everyone, and its id, names, notebook and code to its owner.
+
+``disk`` is the users' disk limit for session folders (``--session-disk``,
+see :mod:`.disk_watch`): the limit, what enforces it, and the caller's use;
+an admin sees every user's use.
 """
 
 from __future__ import annotations
@@ -75,6 +79,8 @@ class ServerView:
     draining: Callable[[SlotId], Draining | None] = lambda slot: None
     #: Seconds a parked session is kept (``--park-keep``), for its ``expires``.
     park_keep: float | None = None
+    #: The ``disk`` object for a user (and whether they are an admin).
+    disk: Callable[[str, bool], dict[str, Any]] = lambda user, admin: {"limit": None, "enforced_by": None}
 
     def pool(self, slot: SlotId) -> str:
         """The name of the scheduler pool ``slot`` belongs to."""
@@ -219,6 +225,7 @@ async def status_json(view: ServerView, me: TokenInfo) -> dict[str, Any]:
         "parked": _parked(view, me),
         "usage": await usage_json(view, me),
         "isolation": view.isolation(),
+        "disk": view.disk(me.user, me.admin),
     }
 
 

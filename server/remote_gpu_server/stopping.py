@@ -15,6 +15,12 @@ cells (kept here so each module has one job). The rungs:
    started, SIGKILL after the grace) and starts a fresh one in its place.
    The cell fails with ``WorkerDied`` saying why; its job ends ``cancelled``
    (``timed_out`` for a timeout) with that reason.
+
+The server itself stops a cell for what it did (its user's disk past the
+limit, see :mod:`.disk_watch`) with the same rungs, through
+:meth:`CellStopping.fail_cell`: the cell then fails with the server's
+error and reason instead of ``KeyboardInterrupt``, and its job ends
+``failed``.
 """
 
 from __future__ import annotations
@@ -61,6 +67,8 @@ class RunningCell:
     stopping: tuple[str, str] | None = None
     #: A notice is scheduled for it (one per cell).
     noticing: bool = False
+    #: ``(ename, reason)`` once the server stops it for what it did (fail_cell).
+    failure: tuple[str, str] | None = None
 
 
 class CellStopping:
@@ -165,6 +173,25 @@ class CellStopping:
             log.info("session %s: %s", self.id[:8], reason)
             self._restart(self._worker, f"{reason}: its variables are gone")
         await cell.done.wait()
+
+    def fail_cell(self, ename: str, reason: str) -> None:
+        """Stop the running cell for what it did: an interrupt, then the ladder if it
+        still runs ``kill_grace`` seconds later; it fails with ``ename`` and
+        ``reason``. Returns at once; once per cell."""
+        cell = self._running
+        if cell is None or cell.failure is not None or self.released:
+            return
+        cell.failure = (ename, reason)
+        self._spawn(self._fail(cell, reason))
+
+    async def _fail(self, cell: RunningCell, reason: str) -> None:
+        await self.interrupt()
+        try:
+            await asyncio.wait_for(asyncio.shield(cell.done.wait()), self.context.kill_grace)
+        except TimeoutError:
+            if self._running is cell:
+                await self.stop_cell("failed", f"{reason}; the cell did not stop when interrupted, so its "
+                                     "worker was restarted")
 
     async def cancel(self, job: JobId, reason: str) -> bool:
         """Cancel the running cell ``job`` (over HTTP): an interrupt, then, if it still

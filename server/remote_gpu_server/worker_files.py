@@ -1,4 +1,4 @@
-"""Files in a worker's session folder: paths, uploads, downloads, a hint.
+"""Files in a worker's session folder: paths, uploads, downloads, hints.
 
 Runs inside the worker (see :mod:`.worker_kernel`). The server hands the
 worker its session's folder with a ``chdir`` operation; from then on every
@@ -11,21 +11,37 @@ writes each file to a temporary name next to it and renames it into place
 only when all of it came; a refused or broken upload leaves nothing behind
 and still reads its bytes to the end, so the channel stays in step.
 Downloads are sent from read-only memory maps of the files.
+
+Two hints go under a remote cell's error: where a relative path that was
+not found is looked for, and, when a write fails for want of space, that
+the user's session folders share one disk limit and how to free it.
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-__all__ = ["FileSink", "Folder", "PathRefused", "file_not_found_hint", "install_hint"]
+__all__ = ["FileSink", "Folder", "PathRefused", "disk_full_hint", "file_not_found_hint", "install_hint"]
 
 #: Shown under a FileNotFoundError for a relative path in a remote cell.
 HINT = ("Hint: this cell runs on the GPU server, in your session's own folder there; "
         "send files from your machine with %gpu upload PATH")
+#: The environment variable with the user's disk limit (the server's ``isolation.DISK_VAR``).
+DISK_VAR = "RGPU_SESSION_DISK"
+#: Shown under an error of a write that found no space (``{limit}``: the user's disk limit).
+DISK_HINT = ("Hint: on this GPU server your session folders (this session's, your other sessions' and "
+             "your parked ones) share {limit} of disk (rgpu serve --session-disk), and that is used up: "
+             "delete files you no longer need (os.remove, shutil.rmtree; %gpu download what you want to "
+             "keep first), or release a parked session")
+#: Errors of a write past a disk limit: no space, over a quota, a file over RLIMIT_FSIZE.
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+#: Where a full disk is not the session folders' (private tmpfs, sized by memory).
+_NOT_SESSION_DISK = ("/tmp", "/var/tmp", "/dev/shm")
 
 
 class PathRefused(PermissionError):
@@ -193,17 +209,33 @@ def file_not_found_hint(value: BaseException) -> str | None:
     return None
 
 
+def disk_full_hint(value: BaseException, limit: str | None) -> str | None:
+    """The hint for a write that found no space in the session folders (the user's
+    disk limit, ``limit`` as people read it), else None."""
+    if limit is None or not isinstance(value, OSError) or value.errno not in _DISK_FULL:
+        return None
+    filename = getattr(value, "filename", None)
+    if isinstance(filename, bytes):
+        filename = os.fsdecode(filename)
+    if isinstance(filename, str) and os.path.isabs(filename) \
+            and any(filename == p or filename.startswith(p + "/") for p in _NOT_SESSION_DISK):
+        return None
+    return DISK_HINT.format(limit=limit)
+
+
 def install_hint(shell: Any) -> None:
-    """Add :data:`HINT` under a remote cell's FileNotFoundError for a relative path.
+    """Add :data:`HINT` under a remote cell's FileNotFoundError for a relative path,
+    and :data:`DISK_HINT` under a write that found no space.
 
     IPython 9 no longer passes runtime errors to ``set_custom_exc`` handlers,
     so the shell's ``_showtraceback`` (which publishes the error and keeps
     the traceback for the reply) gets the line added.
     """
     show = shell._showtraceback
+    limit = os.environ.pop(DISK_VAR, None)
 
     def show_with_hint(etype: Any, evalue: BaseException, stb: list[str]) -> Any:
-        hint = file_not_found_hint(evalue)
+        hint = file_not_found_hint(evalue) or disk_full_hint(evalue, limit)
         return show(etype, evalue, list(stb) + [hint] if hint else stb)
 
     shell._showtraceback = show_with_hint

@@ -5,13 +5,18 @@ in a private mount namespace (``--run-as dynamic``). Every attack must fail
 with a permission error or be contained, and after each one B's worker (same
 process, same variables, same session folder) and the server must be as
 they were: B runs a cell and gets the right answer.
+
+Each user's session folders are in a filesystem of their own of
+``--session-disk`` (16M here): filling it stops only that user's writes.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import stat
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from remote_gpu_kernel import Client, WorkerDied
+from remote_gpu_kernel.api import ApiClient
 from remote_gpu_kernel.sync import Session
 from servers import ServerProcess
 from waiting import wait_for
@@ -27,6 +33,10 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="a root server isolate
 
 SECRET = "b-secret-4711"
 SERVER_ONLY = "RGPU_TEST_SERVER_ONLY"
+#: Each user's disk for session folders (--session-disk).
+DISK = 16 << 20
+#: From <linux/fs.h>: freeze a filesystem's writes, and thaw them.
+FIFREEZE, FITHAW = 0xC0045877, 0xC0045878
 
 
 def quiet(_: object) -> None:
@@ -64,7 +74,8 @@ class World:
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     tmp = tmp_path_factory.mktemp("hostile")
     # A third slot for tests that need a session of their own.
-    server = ServerProcess(tmp, "cpu:3", "--worker-memory", "1G", env={SERVER_ONLY: "the server's own"})
+    server = ServerProcess(tmp, "cpu:3", "--worker-memory", "1G", "--session-disk", "16M",
+                           env={SERVER_ONLY: "the server's own"})
     alice, bob = server.token("alice"), server.token("bob")  # the store exists before the server
     server.start()
     try:
@@ -80,9 +91,12 @@ def test_users_run_as_distinct_unprivileged_uids_in_their_own_folders(world: Wor
     a_uid, a_cwd = run(world.a, "import os; print(os.getuid(), os.getcwd())").split()
     b_uid = os.stat(world.b_folder).st_uid
     assert int(a_uid) not in (0, os.getuid(), b_uid) and b_uid not in (0, os.getuid())
-    root = world.b_folder.parent
-    assert Path(a_cwd).parent == root and Path(a_cwd) != world.b_folder
-    assert stat.S_IMODE(os.stat(root).st_mode) == 0o711  # walk through, never list
+    # Each user's folders are in a disk of their own (see user_disks), in the session root.
+    a_disk, b_disk = Path(a_cwd).parent, world.b_folder.parent
+    assert a_disk != b_disk and a_disk.parent == b_disk.parent == world.server.tmp / "sessions"
+    for folder in (a_disk, b_disk, b_disk.parent):
+        assert stat.S_IMODE(os.stat(folder).st_mode) == 0o711  # walk through, never list
+    assert os.stat(a_disk).st_dev != os.stat(b_disk).st_dev != os.stat(b_disk.parent).st_dev
     assert stat.S_IMODE(os.stat(world.b_folder).st_mode) == 0o700
     uids = json.loads(world.server.db.with_name("rgpu.sqlite3-uids.json").read_text())["uids"]
     assert uids == {"alice": int(a_uid), "bob": b_uid}
@@ -259,7 +273,7 @@ for name, target in {dict((k, str(v)) for k, v in links.items())!r}.items():
     folder = Path(run(a2, "import os; print(os.getcwd())").strip())
     # Releasing the session removes its folder, links and all, without following them.
     a2.release()
-    assert not folder.exists()
+    wait_for(lambda: not folder.exists(), what="the released session's folder to be deleted")
     assert (world.b_folder / "secret.txt").read_text() == SECRET and db.exists()
     world.b_is_untouched()
 
@@ -442,3 +456,78 @@ print('attached' if libc.ptrace(16, {world.b_pid}, None, None) == 0 else os.stre
     finally:
         other.stop()
     world.b_is_untouched()
+
+
+def test_filling_the_users_disk_fails_only_that_users_writes(world: World) -> None:
+    filled = world.a.execute("""
+chunk = b'x' * (1 << 20)
+with open('fill.bin', 'wb') as f:
+    for _ in range(32):
+        f.write(chunk)
+""", on_output=quiet)
+    error = filled.error
+    assert error is not None and error.ename == "OSError" and "No space left on device" in error.evalue
+    hint = error.traceback[-1]
+    assert "share 16 MiB of disk (rgpu serve --session-disk)" in hint and "delete files" in hint
+    disk = ApiClient(world.server.url, world.alice).status()["disk"]
+    assert disk["enforced_by"] == "filesystem" and disk["limit"] == DISK and "users" not in disk
+    assert disk["you"]["limit"] - (2 << 20) < disk["you"]["used"] <= disk["you"]["limit"] <= DISK  # full
+    everyone = ApiClient(world.server.url, world.server.token("admin", "--admin")).status()["disk"]["users"]
+    used = {u["user"]: u["used"] for u in everyone}
+    assert used["alice"] >= disk["you"]["limit"] - (2 << 20) and used["bob"] < 1 << 20  # an admin sees all
+    # B's disk is B's own: all of it is there, whatever A did.
+    assert run(world.b, "open('mine.bin', 'wb').write(b'y' * (12 << 20))\nimport os\n"
+                        "print(os.path.getsize('mine.bin')); os.remove('mine.bin')") == f"{12 << 20}\n"
+    world.b_is_untouched()
+    # A frees space, and writes again.
+    assert run(world.a, "import os\nos.remove('fill.bin')\nopen('again.bin', 'wb').write(b'z' * (4 << 20))\n"
+                        "os.remove('again.bin')\nprint('written')") == "written\n"
+
+
+def test_a_parked_folder_is_out_of_reach_of_its_users_other_sessions(world: World) -> None:
+    api = ApiClient(world.server.url, world.alice)
+    with Client(world.server.url, world.alice).session() as parked:  # A's second session
+        folder = run(parked, "import os\nopen('notes.txt', 'w').write('parked notes')\nprint(os.getcwd())").strip()
+        # A's first session (the same uid) keeps a door open into it before the park.
+        run(world.a, f"door = open({folder + '/door.bin'!r}, 'wb')")
+        parked.park()
+        out = run(world.a, f"""
+import os
+for attempt in (lambda: os.listdir({folder!r}), lambda: open({folder + '/notes.txt'!r}).read(),
+                lambda: open({folder + '/new.bin'!r}, 'wb'), lambda: os.chmod({folder!r}, 0o777)):
+    try:
+        attempt()
+        print('REACHED')
+    except PermissionError:
+        print('refused')
+""")
+        assert out.split() == ["refused"] * 4
+        # What the open door lets through counts where it counts: in A's own disk.
+        used = api.status()["disk"]["you"]["used"]
+        run(world.a, "door.write(b'w' * (4 << 20)); door.close()")
+        assert api.status()["disk"]["you"]["used"] >= used + (4 << 20)
+        assert run(parked, "print(open('notes.txt').read())") == "parked notes\n"  # resumed: its own again
+    world.b_is_untouched()
+
+
+def test_deleting_a_released_folder_does_not_hold_up_the_server(world: World) -> None:
+    session = Client(world.server.url, world.alice).session()
+    folder = Path(run(session, "import os\nos.mkdir('many')\nfor i in range(500):\n"
+                               "    open(f'many/{i}', 'w').write('x')\nprint(os.getcwd())").strip())
+    # Every write to A's disk now waits, deleting the folder too, until it is thawed.
+    disk = os.open(folder.parent, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.ioctl(disk, FIFREEZE, 0)
+    try:
+        releasing = threading.Thread(target=session.release)
+        releasing.start()
+        world.server.wait_for_log(f"deleting {folder}")
+        # The deletion is stuck, and the server still answers everyone.
+        status = ApiClient(world.server.url, world.alice).status()
+        assert status["disk"]["you"]["user"] == "alice" and folder.exists()
+        world.b_is_untouched()
+        releasing.join(30)
+        assert not releasing.is_alive()
+    finally:
+        fcntl.ioctl(disk, FITHAW, 0)
+        os.close(disk)
+    wait_for(lambda: not folder.exists(), what="the folder to be deleted once its disk thawed")

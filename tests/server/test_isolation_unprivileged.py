@@ -6,6 +6,10 @@ cannot see B's folder, the store or any process outside its sandbox, and B
 carries on. Without bubblewrap nothing can isolate: the server serves the
 first user only and says so; ``--no-isolation`` serves everyone and says
 that workers are not isolated.
+
+Such a server cannot mount a filesystem per user: it holds each user's disk
+limit (``--session-disk``, 16M here) itself, by measuring their folders
+while their cells run and stopping the cells of a user past it.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ def sandboxed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProces
     if shutil.which("bwrap") is None:
         pytest.skip("bubblewrap is not installed: apt-get install bubblewrap (scripts/setup.sh does)")
     tmp = tmp_path_factory.mktemp("sandboxed")
-    server = ServerProcess(tmp, "cpu:2", "--worker-memory", "1G", launcher=launcher(str(tmp)))
+    server = ServerProcess(tmp, "cpu:2", "--worker-memory", "1G", "--session-disk", "16M",
+                           launcher=launcher(str(tmp)))
     server.tokens = {user: server.token(user) for user in ("alice", "bob")}  # type: ignore[attr-defined]
     server.start()
     yield server
@@ -96,6 +101,37 @@ def test_a_parked_sandboxed_session_comes_back_in_its_own_folder(sandboxed: Serv
         assert "gave cpu" in a.park().text
         # A sandbox binds its folder when it starts: the restore starts one for this folder.
         assert run(a, "print(os.getcwd(), open('notes.txt').read(), kept)") == f"{folder.strip()} kept [1, 2]\n"
+
+
+def test_past_the_disk_limit_a_sandboxed_users_cells_fail_until_they_free_space(
+        sandboxed: ServerProcess) -> None:
+    tokens = sandboxed.tokens  # type: ignore[attr-defined]
+    with Client(sandboxed.url, tokens["bob"]).session() as b, \
+            Client(sandboxed.url, tokens["alice"]).session() as a:
+        # No one file outgrows the limit: the kernel refuses it at once (RLIMIT_FSIZE).
+        big = a.execute("open('big.bin', 'wb').write(b'x' * (17 << 20))", on_output=quiet).error
+        assert big is not None and big.ename == "OSError" and "File too large" in big.evalue
+        assert "share 16 MiB of disk (rgpu serve --session-disk)" in big.traceback[-1]
+        # Many files: the server's next look stops the cell, with why and what to do.
+        filled = a.execute("import os, time\nos.remove('big.bin')\nos.mkdir('fill')\nfor i in range(24):\n"
+                           "    open(f'fill/{i}', 'wb').write(b'x' * (1 << 20))\nwhile True:\n"
+                           "    time.sleep(0.1)", on_output=quiet).error
+        assert filled is not None and filled.ename == "SessionDiskFull"
+        assert "past your limit of 16 MiB (rgpu serve --session-disk)" in filled.evalue
+        assert "delete files you no longer need" in filled.evalue
+        disk = ApiClient(sandboxed.url, tokens["alice"]).status()["disk"]
+        assert disk["enforced_by"] == "server" and disk["you"]["used"] >= 24 << 20
+        # B is not A: all of B's disk is there, and B's cells run.
+        assert run(b, "open('mine.bin', 'wb').write(b'y' * (12 << 20))\nimport os\nos.remove('mine.bin')\n"
+                      "print('written')") == "written\n"
+        # Past the limit, a cell that writes more is stopped; one that frees space is not.
+        more = a.execute("import time\nopen('more.bin', 'wb').write(b'z' * (1 << 20))\ntime.sleep(60)",
+                         on_output=quiet).error
+        assert more is not None and more.ename == "SessionDiskFull"
+        assert run(a, "import os, shutil\nshutil.rmtree('fill')\nos.remove('more.bin')\nprint('freed')") == \
+            "freed\n"
+        # Under the limit again, a cell that runs across the server's looks goes on.
+        assert run(a, "import time\ntime.sleep(2.5)\nprint('fine')") == "fine\n"
 
 
 def test_without_isolation_the_server_serves_its_first_user_only(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ def test_sizes_parse_and_print_in_binary_units() -> None:
     for bad in ("lots", "8X", "-1G"):
         with pytest.raises(ValueError, match="is not a size"):
             parse_size(bad)
-    with pytest.raises(ValueError, match="at least 64M"):
+    with pytest.raises(ValueError, match="at least 64 MiB"):
         parse_size("1M")
 
 

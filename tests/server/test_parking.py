@@ -44,7 +44,19 @@ def quiet(_: Any) -> None:
 
 
 def session_folders(server: ServerProcess) -> list[Path]:
-    return sorted((server.tmp / "sessions").iterdir())
+    """The session folders in the server's session root (as root, in each user's own disk)."""
+    found = []
+    for entry in (server.tmp / "sessions").iterdir():
+        if entry.name.startswith("u-"):  # a user's disk: their folders are in it
+            found += [f for f in entry.iterdir() if not f.name.startswith(".") and f.name != "lost+found"]
+        elif not entry.name.startswith("."):
+            found.append(entry)
+    return sorted(found)
+
+
+def no_session_folders(server: ServerProcess) -> None:
+    """Wait until the session folders are gone (they are deleted in the background)."""
+    wait_for(lambda: session_folders(server) == [], what="the session folders to be deleted")
 
 
 def expected_check(session: Any) -> str:
@@ -87,6 +99,8 @@ def test_park_gives_the_slot_back_and_the_next_cell_restores_everything(fresh_se
     uid, cwd = where.split()
     saved = Path(cwd) / ".rgpu-parked"
     assert saved.stat().st_uid == int(uid) and (os.geteuid() != 0 or int(uid) != 0)  # the user's files
+    if os.geteuid() == 0:  # while parked, out of reach of the user's other sessions (same uid)
+        assert (Path(cwd).stat().st_uid, Path(cwd).stat().st_mode & 0o777) == (0, 0o700)
     assert {"arr", "same", "tensor", "row", "model", "opt", "factor", "triple"} <= set(parked.names)
     assert set(parked.unsaved) == {"numbers"} and "generator" in parked.unsaved["numbers"]
     assert "gave cpu0 back" in parked.text and "numbers (cannot pickle 'generator' object)" in parked.text
@@ -123,10 +137,9 @@ def test_park_gives_the_slot_back_and_the_next_cell_restores_everything(fresh_se
     assert f"{len(parked.names)} name(s)" in restored and "on cpu0" in restored and "numbers" in restored
     assert not s.parked and s.slots == ["cpu0"]
     assert ApiClient(fresh_server.url, alice).status()["parked"] == []
-    [folder] = session_folders(fresh_server)
-    assert not (folder / ".rgpu-parked").exists()  # the files go once restored
+    assert not (Path(cwd) / ".rgpu-parked").exists()  # the files go once restored
     s.release()
-    assert session_folders(fresh_server) == []
+    no_session_folders(fresh_server)
 
 
 @pytest.mark.parametrize("fresh_server", BACKENDS, indirect=True)
@@ -181,7 +194,7 @@ def test_park_quota(fresh_server: ServerProcess) -> None:
     assert len(folders) == 1  # the refused park left nothing behind
     big.release()
     small.release()  # released while parked: its files go with it
-    assert session_folders(fresh_server) == []
+    no_session_folders(fresh_server)
 
 
 def test_idle_sessions_are_parked_and_disconnected_ones_too(fresh_server: ServerProcess) -> None:
@@ -214,7 +227,7 @@ def test_parked_sessions_are_released_after_park_keep(fresh_server: ServerProces
     s.park()
     wait_for(lambda: s.released, what="the parked session's release")
     assert "parked for more than" in str(s.released) and "--park-keep" in str(s.released)
-    assert session_folders(fresh_server) == []
+    no_session_folders(fresh_server)
     with pytest.raises(SessionReleased):
         s.execute("x")
 

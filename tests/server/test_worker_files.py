@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
 import pytest
 
-from remote_gpu_server.worker_files import HINT, FileSink, Folder, PathRefused, file_not_found_hint
+from remote_gpu_server.worker_files import HINT, FileSink, Folder, PathRefused, disk_full_hint, file_not_found_hint
 
 
 @pytest.fixture
@@ -88,3 +89,13 @@ def test_the_hint_names_upload_for_relative_paths_only() -> None:
     assert "%gpu upload" in HINT
     assert file_not_found_hint(FileNotFoundError(2, "No such file", "/abs/x.png")) is None
     assert file_not_found_hint(FileNotFoundError("made up")) is None
+
+
+def test_the_disk_hint_comes_under_writes_that_found_no_space_in_the_session_folders() -> None:
+    full = OSError(errno.ENOSPC, "No space left on device")
+    hint = disk_full_hint(full, "16 MiB")
+    assert hint is not None and "share 16 MiB of disk (rgpu serve --session-disk)" in hint
+    assert disk_full_hint(OSError(errno.EFBIG, "File too large", "big.bin"), "16 MiB") == hint
+    assert disk_full_hint(OSError(errno.ENOSPC, "No space left on device", "/tmp/x"), "16 MiB") is None
+    assert disk_full_hint(OSError(errno.EACCES, "Permission denied"), "16 MiB") is None
+    assert disk_full_hint(full, None) is None  # no limit: nothing to explain

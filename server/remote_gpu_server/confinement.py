@@ -50,11 +50,16 @@ ENV_VAR = "RGPU_CONFINE"
 
 # From <sched.h>, <sys/mount.h> and <linux/prctl.h>.
 _CLONE_NEWNS = 0x00020000
-_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT = 0x1, 0x2, 0x4, 0x20
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REMOUNT = 0x1, 0x2, 0x4, 0x8, 0x20
 _MS_BIND, _MS_REC, _MS_PRIVATE = 0x1000, 0x4000, 0x40000
 _PR_SET_DUMPABLE, _PR_SET_NO_NEW_PRIVS = 4, 38
 #: Folders that get a private tmpfs, where they exist.
 PRIVATE_TMP = ("/tmp", "/var/tmp", "/dev/shm")
+#: The host's files a private ``/dev`` holds, as bubblewrap's ``--dev`` does.
+DEV_FILES = ("null", "zero", "full", "random", "urandom", "tty")
+#: Its links: name → target.
+_DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+              ("stderr", "/proc/self/fd/2"), ("ptmx", "pts/ptmx"))
 #: Exit status of a worker that could not drop root: it must not serve anyone.
 _EXIT_STILL_PRIVILEGED = 70
 #: The private tmpfs this process mounted (only these are ever chowned).
@@ -78,6 +83,12 @@ class SpawnSpec:
     no_new_privs: bool = True
     #: Paths kept reachable in the private namespace: ``(path, writable)``.
     expose: tuple[tuple[str, bool], ...] = ()
+    #: A ``/dev`` of its own (with ``private_tmp``) holding the usual files and
+    #: these device files: ``(path on the host, name under /dev)``. None keeps
+    #: the host's ``/dev``.
+    devices: tuple[tuple[str, str], ...] | None = None
+    #: Folders covered with an empty tmpfs (a test's stand-in for ``/dev``).
+    cover: tuple[str, ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -86,6 +97,9 @@ class SpawnSpec:
     def from_json(cls, text: str) -> SpawnSpec:
         data = json.loads(text)
         data["expose"] = tuple((str(p), bool(w)) for p, w in data.get("expose") or ())
+        if data.get("devices") is not None:
+            data["devices"] = tuple((str(s), str(n)) for s, n in data["devices"])
+        data["cover"] = tuple(str(p) for p in data.get("cover") or ())
         return cls(**data)
 
 
@@ -142,14 +156,43 @@ def _mount(libc: Any, source: bytes, target: str, fstype: bytes | None, flags: i
     _check(libc.mount(source, target.encode(), fstype, flags, options), f"mount {target}")
 
 
+def _private_dev(libc: Any, files: list[tuple[str, int]]) -> None:
+    """A fresh ``/dev`` holding ``files`` (name, O_PATH descriptor of the host's file) and
+    the usual links, a ``pts`` of its own and an empty ``shm``; see the module docstring."""
+    # nodev: a device file on the tmpfs itself does not work; each bound file
+    # keeps its own mount's flags.
+    _mount(libc, b"tmpfs", "/dev", b"tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, b"mode=0755,size=64k")
+    for name, fd in files:
+        path = os.path.join("/dev", name)
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # the mount point
+        _mount(libc, f"/proc/self/fd/{fd}".encode(), path, None, _MS_BIND)
+    for name, target in _DEV_LINKS:
+        os.symlink(target, os.path.join("/dev", name))
+    os.mkdir("/dev/shm", 0o755)
+    os.mkdir("/dev/pts", 0o755)
+    _mount(libc, b"devpts", "/dev/pts", b"devpts", _MS_NOSUID | _MS_NOEXEC, b"newinstance,ptmxmode=0666,mode=620")
+
+
 def _private_namespace(libc: Any, spec: SpawnSpec) -> None:
     _check(libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     # Nothing mounted here may reach the host's namespace, and nothing
     # mounted there later reaches this one.
     _mount(libc, b"none", "/", None, _MS_REC | _MS_PRIVATE)
-    # Open what stays reachable before anything covers it.
+    # Open what stays reachable before anything covers it (O_PATH: a device
+    # file is not opened, only named).
     exposed = [(path, writable, _blocked_ancestor(path), os.open(path, os.O_PATH | os.O_DIRECTORY))
                for path, writable in spec.expose]
+    devices: list[tuple[str, int]] = []
+    try:
+        if spec.devices is not None:
+            wanted = [(os.path.join("/dev", n), n) for n in DEV_FILES] + list(spec.devices)
+            devices = [(name, os.open(source, os.O_PATH)) for source, name in wanted if os.path.exists(source)]
+            os.umask(0o022)
+            _private_dev(libc, devices)
+    finally:
+        for _name, fd in devices:
+            os.close(fd)
     size = f",size={spec.tmp_size}" if spec.tmp_size else ""
     covered = set()
     os.umask(0o022)  # the skeleton folders below must let the user through
@@ -171,6 +214,9 @@ def _private_namespace(libc: Any, spec: SpawnSpec) -> None:
                 _mount(libc, b"none", path, None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
         finally:
             os.close(fd)
+    for path in spec.cover:  # one the private tmpfs hid already is not there any more
+        if os.path.isdir(path) and not os.path.islink(path):
+            _mount(libc, b"tmpfs", path, b"tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, b"mode=0755,size=4k")
 
 
 def prepare(spec: SpawnSpec) -> None:

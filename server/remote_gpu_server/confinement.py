@@ -21,6 +21,17 @@ which it sends as JSON.
    ancestor is closed to others, that ancestor is covered by a small tmpfs
    holding only the way down to the exposed paths. Everything else under
    it is hidden from the worker.
+
+   Its ``/dev`` is its own too (with ``SpawnSpec.devices``): a small tmpfs
+   on which no device file works, holding what bubblewrap's ``--dev``
+   holds (``null``, ``zero``, ``full``, ``random``, ``urandom``, ``tty``, a
+   ``pts`` of its own with ``ptmx``, ``shm``, the ``fd``, ``std*`` and
+   ``core`` links) and the device files of its lease (see
+   :mod:`.devices`), each bound from the host's: none of the host's other
+   files, so no other GPU's. After :func:`enter` the worker has no
+   capability left to make a device file or to mount anything, and a mount
+   namespace it makes in a user namespace of its own inherits these mounts
+   locked: it cannot take them off to see the host's ``/dev``.
 2. :func:`enter`, with an :class:`EnterSpec`, runs at lease time in the
    kernel's main thread (a comm request, in order before any cell): it hands
    what the worker wrote in its private ``/tmp`` to the user, moves into the
@@ -59,7 +70,7 @@ PRIVATE_TMP = ("/tmp", "/var/tmp", "/dev/shm")
 DEV_FILES = ("null", "zero", "full", "random", "urandom", "tty")
 #: Its links: name → target.
 _DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
-              ("stderr", "/proc/self/fd/2"), ("ptmx", "pts/ptmx"))
+              ("stderr", "/proc/self/fd/2"), ("ptmx", "pts/ptmx"), ("core", "/proc/kcore"))
 #: Exit status of a worker that could not drop root: it must not serve anyone.
 _EXIT_STILL_PRIVILEGED = 70
 #: The private tmpfs this process mounted (only these are ever chowned).

@@ -11,6 +11,11 @@ it: the fence is which files a worker's ``/dev`` holds.
 all for a worker on CPU slots. The isolation puts just these in the worker's
 ``/dev`` (:mod:`.confinement` as root, :mod:`.sandbox` under bubblewrap).
 
+CUDA numbers the GPUs it can open from 0, so a fenced worker's
+``CUDA_VISIBLE_DEVICES`` names its GPUs by UUID
+(:meth:`DeviceTree.visible_devices`): an index, as Ray gives one, would
+count among GPUs the worker no longer sees.
+
 A GPU's file is found by its minor number, never by its index (the two
 differ where the driver numbered the GPUs in another order than their PCI
 addresses): NVML's ``nvmlDeviceGetMinorNumber``, or, where NVML cannot be
@@ -36,6 +41,8 @@ import importlib
 import logging
 import os
 import re
+import shutil
+import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -104,12 +111,39 @@ class DeviceTree:
                         "say which GPU is which: workers get no GPU", nvml_problem)
         return cls(root, (), "")
 
+    def make_missing_files(self) -> None:
+        """Make this host's missing NVIDIA device files, as CUDA's first use would
+        (``nvidia-modprobe``; ``nvidia-uvm`` is often made only then): a worker's
+        ``/dev`` is set when it starts, and nothing in it can make them later."""
+        if self.root != Path("/") or not self.gpus:
+            return  # a test's stand-in, or no GPU
+        calls = [[f"-c={g.minor}"] for g in self.gpus if not (self.dev / f"nvidia{g.minor}").exists()]
+        if not (self.dev / "nvidia-uvm").exists():
+            calls.append(["-u", "-c=0"])
+        modprobe = shutil.which("nvidia-modprobe")
+        if calls and modprobe is not None:
+            for arguments in calls:
+                subprocess.run([modprobe, *arguments], capture_output=True, timeout=60, check=False)
+        missing = [f"nvidia{g.minor}" for g in self.gpus if not (self.dev / f"nvidia{g.minor}").exists()]
+        missing += [name for name in ("nvidiactl", "nvidia-uvm") if not (self.dev / name).exists()]
+        if missing:
+            why = "nvidia-modprobe could not make them" if modprobe else "there is no nvidia-modprobe"
+            log.warning("%s missing from %s, and %s: workers cannot use CUDA until they are made (run "
+                        "'nvidia-modprobe -u -c=0' as root, or any CUDA program once)", ", ".join(missing),
+                        self.dev, why)
+
     def gpu(self, entry: str) -> GpuFiles | None:
         """The GPU a ``CUDA_VISIBLE_DEVICES`` entry names (an index or a UUID), or None."""
         entry = entry.strip()
         if entry.isdigit():
             return next((g for g in self.gpus if g.index == int(entry)), None)
         return next((g for g in self.gpus if g.uuid and g.uuid == entry), None)
+
+    def visible_devices(self, cuda_visible_devices: str) -> str:
+        """``CUDA_VISIBLE_DEVICES`` with each GPU named by its UUID where it is known
+        (a fenced worker's CUDA sees only its own GPUs, numbered from 0)."""
+        entries = [e.strip() for e in cuda_visible_devices.split(",") if e.strip()]
+        return ",".join(gpu.uuid if (gpu := self.gpu(e)) is not None and gpu.uuid else e for e in entries)
 
     def for_worker(self, cuda_visible_devices: str) -> tuple[DeviceFile, ...]:
         """The device files of a worker with this ``CUDA_VISIBLE_DEVICES``: none for

@@ -47,16 +47,19 @@ class Trespass:
     @property
     def cause(self) -> str:
         """The cause of death its user sees."""
-        where = f" of node {self.worker.node}" if self.slot.node else ""
-        slot = f" (slot {self.slot.id})" if self.slot.index == self.device else ""
-        return f"it used GPU {self.device}{where}{slot}, which this session did not lease"
+        if self.slot.node:  # Ray chose the GPUs there: a slot's name does not say which
+            return f"it used GPU {self.device} of node {self.worker.node}, which this session did not lease"
+        return f"it used GPU {self.device} (slot {self.slot.id}), which this session did not lease"
 
 
-def _gpus_of(worker: Worker) -> set[int]:
-    """The GPUs (indices on its node) a worker was given: Ray's choice, else its slots'."""
+def _gpus_of(worker: Worker) -> set[int] | None:
+    """The GPUs (indices on its node) a worker was given: Ray's choice on a node (None
+    where Ray did not say it by index: then nobody can tell), else its slots'."""
     devices = getattr(worker.process, "devices", None)
     if devices:
         return {int(d) for d in devices}
+    if any(s.node for s in worker.slots):
+        return None
     return {s.index for s in worker.slots if s.kind == "gpu"}
 
 
@@ -73,7 +76,8 @@ def trespasses(slots: Iterable[Slot], reading: Callable[[SlotId], SlotReading],
             continue
         for process in latest.processes:
             worker = by_root.get((slot.node, process.owner)) if process.owner is not None else None
-            if worker is None or latest.device in _gpus_of(worker):
+            given = _gpus_of(worker) if worker is not None else None
+            if worker is None or given is None or latest.device in given:
                 continue
             found.setdefault((slot.node, process.pid),
                              Trespass(worker, slot, latest.device, process.pid, process.memory))

@@ -8,10 +8,11 @@ lease time, what a death means, and a cleanup. The modes:
 
 - ``uids`` (the server runs as root): warm workers start as root in a mount
   namespace of their own (private ``/tmp``, ``/var/tmp``, ``/dev/shm``, and a
-  ``/dev`` with only their own GPUs' device files), with no user code in them; at lease time the worker, told through its
-  signed channel, moves into a fresh session folder and becomes the user's
-  uid (see :mod:`.identities`) before any cell runs. A lease thus still
-  takes a started worker: the change costs one round trip.
+  ``/dev`` with only their own GPUs' device files), with no user code in
+  them; at lease time the worker, told through its signed channel, moves
+  into a fresh session folder and becomes the user's uid (see
+  :mod:`.identities`) before any cell runs. A lease thus still takes a
+  started worker: the change costs one round trip.
 - ``bubblewrap`` (not root, and ``bwrap`` can make user namespaces): each
   worker starts in a sandbox of its own with its session folder bound in
   (see :mod:`.sandbox`); at lease time it only learns its user's name.
@@ -180,6 +181,10 @@ class Isolation:
                 log.warning("NVIDIA device files are looked for under %s, not / (a test's stand-in, "
                             "$RGPU_TEST_DEVICE_ROOT)", self.config.device_root)
             self.devices = DeviceTree.probe(self.config.device_root, self._nvml)
+            self.devices.make_missing_files()
+            if self.devices.gpus:
+                log.info("workers see the device files of their own GPUs only (%d GPU(s) here; minor numbers "
+                         "from %s)", len(self.devices.gpus), self.devices.source)
         if self.mode is IsolationMode.UIDS:
             os.umask(0o077)  # whatever the server writes from now on is its own
             self._protect_store()
@@ -279,8 +284,10 @@ class Isolation:
             log.warning("worker %s: no memory cgroup (%s); it gets RLIMIT_DATA instead", name, exc)
             limit = None if self.memory.per_slot is None else self.memory.per_slot * max(1, slots)
             memory = WorkerMemory(limit, data_limit=limit)
-        files = self.devices.for_worker(gpus) if self.isolated else ()
-        return WorkerIsolation(self, name, runtime, memory, tenant, files)
+        if not self.isolated:
+            return WorkerIsolation(self, name, runtime, memory, tenant, cuda_visible_devices=gpus)
+        return WorkerIsolation(self, name, runtime, memory, tenant, self.devices.for_worker(gpus),
+                               self.devices.visible_devices(gpus))
 
     def new_folder(self, owner: Identity | None) -> Path:
         """A fresh session folder, mode 0700, owned by ``owner`` (else the server)."""
@@ -346,7 +353,8 @@ class WorkerIsolation:
     """
 
     def __init__(self, isolation: Isolation, name: str, runtime: Path, memory: WorkerMemory,
-                 tenant: Tenant | None, devices: tuple[DeviceFile, ...] = ()) -> None:
+                 tenant: Tenant | None, devices: tuple[DeviceFile, ...] = (),
+                 cuda_visible_devices: str = "") -> None:
         self.isolation = isolation
         self.name = name
         self.runtime = runtime
@@ -355,6 +363,8 @@ class WorkerIsolation:
         self.mode = isolation.mode
         #: The device files it may open (its GPUs' and the control files; see :mod:`.devices`).
         self.devices = devices
+        #: Its ``CUDA_VISIBLE_DEVICES``: its GPUs by UUID where they are fenced.
+        self.cuda_visible_devices = cuda_visible_devices
         #: The sandbox's session folder (bubblewrap binds it at start).
         self.folder: Path | None = None
         if self.mode is IsolationMode.BUBBLEWRAP:

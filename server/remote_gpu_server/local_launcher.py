@@ -280,8 +280,9 @@ class LocalLauncher:
     async def spawn(self, spec: WorkerSpec, cuda_devices: str | None = None,
                     server_cert: bytes | None = None) -> Spawned:
         """Start the process; ``cuda_devices`` (default: from its slots) becomes
-        its ``CUDA_VISIBLE_DEVICES``; ``server_cert`` (tcp): the certificate of the
-        server that will reach its data channel."""
+        its ``CUDA_VISIBLE_DEVICES`` (each GPU by its UUID where it is fenced);
+        ``server_cert`` (tcp): the certificate of the server that will reach its
+        data channel."""
         runtime = self.runtime_dir / spec.name
         runtime.mkdir(mode=0o700)
         mark = f"{spec.name}.{secrets.token_hex(8)}"  # unique on this host, across servers
@@ -289,7 +290,7 @@ class LocalLauncher:
         # Isolated, it can open the device files of these GPUs and no others.
         confined = self.isolation.prepare(spec.name, len(spec.slots), runtime, spec.tenant, gpus=cuda)
         extra = {
-            "CUDA_VISIBLE_DEVICES": cuda,
+            "CUDA_VISIBLE_DEVICES": confined.cuda_visible_devices,
             "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
             "RGPU_SLOTS": ",".join(s.id for s in spec.slots),
             # Its processes carry this mark, so the stop ladder finds them even

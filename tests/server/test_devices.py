@@ -91,15 +91,21 @@ def test_each_isolated_worker_is_prepared_with_its_own_gpus_files(host: Path, tm
         try:
             runtime = tmp_path / f"runtime-{mode.value}"
             runtime.mkdir()
-            assert names(isolation.prepare("w1", 1, runtime, gpus="1").devices) == control_and("nvidia0")
-            assert isolation.prepare("w2", 1, runtime, gpus="").devices == ()
+            worker = isolation.prepare("w1", 1, runtime, gpus="1")
+            assert names(worker.devices) == control_and("nvidia0")
+            # CUDA counts only the GPUs it can open: an index would name none of them.
+            assert worker.cuda_visible_devices == "GPU-bbbb"
+            assert isolation.prepare("w2", 1, runtime, gpus="0,2").cuda_visible_devices == "GPU-aaaa,GPU-cccc"
+            cpu = isolation.prepare("w3", 1, runtime, gpus="")
+            assert cpu.devices == () and cpu.cuda_visible_devices == ""
         finally:
             isolation.close()
     alone = Isolation(IsolationConfig(mode=IsolationMode.NONE, worker_memory="none", device_root=host,
                                       session_root=tmp_path / "sessions"), tmp_path / "db", nvml=nvml())
     alone.start(3)
-    try:  # not isolated: nothing is fenced, nothing is prepared
-        assert alone.prepare("w3", 1, tmp_path, gpus="1").devices == ()
+    try:  # not isolated: nothing is fenced, nothing is renamed
+        unfenced = alone.prepare("w4", 1, tmp_path, gpus="1")
+        assert unfenced.devices == () and unfenced.cuda_visible_devices == "1"
     finally:
         alone.close()
 

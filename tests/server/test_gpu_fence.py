@@ -33,12 +33,15 @@ from fake_gpu_host import FakeGpuFiles, make_host
 from nvml_double import FakeGpu, FakeNvml
 from remote_gpu_kernel import Client, WorkerDied
 from remote_gpu_kernel.sync import Session
+from remote_gpu_kernel.typing import SlotId
 from remote_gpu_server.app import GpuServer
 from remote_gpu_server.config import ServerConfig
 from remote_gpu_server.gpu_fence import trespasses
 from remote_gpu_server.isolation import IsolationConfig
 from remote_gpu_server.ladder import MARK_VAR, Scope
 from remote_gpu_server.owners import owner, scopes_of
+from remote_gpu_server.readings import NodeReader, ProcessReading, SlotReading
+from remote_gpu_server.slots import Slot
 from stores import BlockingStore
 from test_isolation import quiet, run
 from threaded_server import ThreadedServer
@@ -52,7 +55,7 @@ GPUS = [FakeGpuFiles("0000:17:00.0", 3), FakeGpuFiles("0000:3b:00.0", 0),
         FakeGpuFiles("0000:86:00.0", 1), FakeGpuFiles("0000:af:00.0", 2)]
 SPARE_MINOR, SPARE_CAP = 5, 21
 #: What bubblewrap's --dev holds, and so a worker's /dev besides its device files.
-BASE_DEV = ["fd", "full", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin", "stdout", "tty", "urandom",
+BASE_DEV = ["core", "fd", "full", "null", "ptmx", "pts", "random", "shm", "stderr", "stdin", "stdout", "tty", "urandom",
             "zero"]
 CONTROL = ["nvidia-uvm", "nvidia-uvm-tools", "nvidiactl"]
 
@@ -387,3 +390,58 @@ time.sleep(60)
         root.stdout.close() if root.stdout else None
         stranger.kill()
         stranger.wait()
+
+
+def test_a_node_tells_whose_each_process_on_its_gpus_is() -> None:
+    root = subprocess.Popen([sys.executable, "-c", "import subprocess; subprocess.run(['sleep', '60'])"],
+                            start_new_session=True)
+    stranger = subprocess.Popen(["sleep", "60"])
+    try:
+        child = wait_for(lambda: psutil.Process(root.pid).children(), what="the worker's child")[0].pid
+        gpu = FakeGpu("GPU-0", processes=[(child, 1 << 30), (stranger.pid, 1 << 20)])
+        reader = NodeReader(FakeNvml([FakeGpu("GPU-9"), gpu]))
+        try:  # as a Ray node's agent is asked: each slot's workers, and the GPU Ray gave each
+            reading = reader.read([("n1/gpu0", 1, [root.pid]), ("n1/gpu1", 0, [])])
+        finally:
+            reader.close()
+        assert reading["n1/gpu0"].device == 1
+        assert {p.pid: p.owner for p in reading["n1/gpu0"].processes} == {child: root.pid, stranger.pid: None}
+    finally:
+        for proc in psutil.Process(root.pid).children(recursive=True):
+            proc.kill()
+        root.kill()
+        root.wait()
+        stranger.kill()
+        stranger.wait()
+
+
+@dataclass
+class _RayProcess:
+    """What the check reads of a Ray worker's process: the GPUs Ray gave it."""
+
+    devices: list[int]
+
+
+@dataclass(eq=False)
+class _Worker:
+    """The parts of a :class:`~remote_gpu_server.worker.Worker` the check reads (a Ray
+    node's real GPUs cannot be had here)."""
+
+    pid: int
+    slots: list[Slot]
+    process: _RayProcess
+    node: str = "node-a"
+    alive: bool = True
+
+
+def test_on_a_node_the_gpus_ray_gave_a_worker_are_its_own_whatever_its_slot_says() -> None:
+    slots = [Slot(SlotId(f"n1/gpu{i}"), "gpu", i, f"GPU {i}", node="n1") for i in (0, 1)]
+    # Leased slot gpu1, Ray gave it the GPU of index 0.
+    worker = _Worker(100, [slots[1]], _RayProcess([0]))
+    readings = {slots[0].id: SlotReading(device=0, processes=(ProcessReading(100, 1 << 30, owner=100),)),
+                slots[1].id: SlotReading(device=1)}
+    assert trespasses(slots, readings.__getitem__, [worker]) == []  # type: ignore[list-item]
+    readings[slots[1].id] = SlotReading(device=1, processes=(ProcessReading(101, 1 << 30, owner=100),))
+    found = trespasses(slots, readings.__getitem__, [worker])  # type: ignore[list-item]
+    assert [(t.pid, t.device) for t in found] == [(101, 1)]
+    assert found[0].cause == "it used GPU 1 of node node-a, which this session did not lease"

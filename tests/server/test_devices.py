@@ -8,6 +8,8 @@ driver's ``/proc`` files, never from the index.
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -83,6 +85,16 @@ def test_a_gpu_whose_file_is_unknown_is_not_given_and_the_log_says_so(
     assert names(DeviceTree.probe(host, nvml()).for_worker("7")) == control_and()
 
 
+@pytest.fixture
+def keep_umask() -> Iterator[None]:
+    """A uid-mode start sets this process's umask for good: later tests get theirs back."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    yield
+    os.umask(umask)
+
+
+@pytest.mark.usefixtures("keep_umask")
 def test_each_isolated_worker_is_prepared_with_its_own_gpus_files(host: Path, tmp_path: Path) -> None:
     for mode in (IsolationMode.UIDS, IsolationMode.BUBBLEWRAP):
         isolation = Isolation(IsolationConfig(mode=mode, worker_memory="none", device_root=host,

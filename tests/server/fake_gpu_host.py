@@ -75,9 +75,9 @@ def make_host(root: Path, gpus: Sequence[FakeGpuFiles], *, spare_minors: Sequenc
             access = driver / "capabilities" / f"gpu{gpu.minor}" / "mig" / path / "access"
             access.parent.mkdir(parents=True, exist_ok=True)
             access.write_text(f"DeviceFileMinor: {number}\nDeviceFileMode: 292\nDeviceFileModify: 1\n")
-    for path in [root, *root.rglob("*")]:  # whoever serves from here reads it, as /proc is read
-        if path.is_dir():
-            os.chmod(path, 0o755)
-        elif path.is_file():
-            os.chmod(path, 0o644)
+    for made in [root, *root.rglob("*")]:  # whoever serves from here reads it, as /proc is read
+        if made.is_dir():
+            os.chmod(made, 0o755)
+        elif made.is_file():
+            os.chmod(made, 0o644)
     return root

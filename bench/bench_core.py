@@ -232,7 +232,7 @@ def wait_warm(server: ServerProcess, slots: int, timeout: float = 120) -> None:
     """Wait until every slot has a warm worker: workers started = slots + releases."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        started = sum("ready (pid" in line for line in server.log)
+        started = sum("ready on" in line and "(pid" in line for line in server.log)
         released = sum("released session" in line for line in server.log)
         if started >= slots + released:
             return

@@ -90,6 +90,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for handler in logging.getLogger().handlers:
         handler.addFilter(_redact_tokens)
     from remote_gpu_server.config import parse_pool
+    from remote_gpu_server.devices import test_device_root
     from remote_gpu_server.errors import IsolationError
     from remote_gpu_server.identities import DEFAULT_UID_RANGE, RunAs, parse_uid_range
     from remote_gpu_server.isolation import IsolationConfig
@@ -111,7 +112,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             session_root=Path(args.session_root) if args.session_root else None,
             session_disk=args.session_disk,
             uid_range=parse_uid_range(args.uid_range) if args.uid_range else DEFAULT_UID_RANGE,
-            uid_registry=_uid_registry(args), worker_env=tuple(args.worker_env))
+            uid_registry=_uid_registry(args), worker_env=tuple(args.worker_env),
+            device_root=test_device_root())
         limits = Limits(max_push=parse_bytes(args.max_push, "--max-push"),
                         max_upload=parse_bytes(args.max_upload, "--max-upload"),
                         max_message=parse_bytes(args.max_message, "--max-message", 64 << 10),

@@ -32,6 +32,7 @@ from .config import data_dir, named_paths
 from .disk_watch import DiskWatch
 from .drain import Drainer
 from .gpus import discover_slots
+from .gpu_fence import GpuFence
 from .isolation import Isolation
 from .http_api import HttpApi
 from .journal import Journal
@@ -82,7 +83,7 @@ class GpuServer:
         self.metrics = Metrics()
         self.origins = OriginPolicy(config.allow_origins)  # raises ValueError for a bad entry
         store_file = Path(config.db) if not _is_url(config.db) else data_dir(config.db) / "store"
-        self.isolation = Isolation(config.isolation, store_file, server_files=named_paths(config))
+        self.isolation = Isolation(config.isolation, store_file, server_files=named_paths(config), nvml=nvml)
         self._parts_closed = False
         self._reaper: asyncio.Task[None] | None = None
         self._announcer: asyncio.Task[None] | None = None
@@ -129,7 +130,10 @@ class GpuServer:
         self.readings = Readings(list(self.inventory), self.pool.worker_pids, nvml=self._nvml,
                                  on_health=lambda slot, healthy, _problem: self.broker.set_healthy(slot, healthy),
                                  remote=RayReadings(self.cluster) if self.cluster is not None else None,
-                                 devices=self.pool.device)
+                                 devices=self.pool.device, scopes=self.pool.scopes)
+        # A worker NVML finds on a GPU it was not given is stopped, saying so.
+        self.gpu_fence = GpuFence(lambda: self.inventory, self.readings.latest, self.pool.workers)
+        self.readings.on_read = self.gpu_fence.check
         # Slots go back only when a killed worker's processes let go of them.
         self.drainer = Drainer(self.readings.holders, self._drain_changed, deadline=config.drain_deadline,
                                period=config.drain_period, check=self._check_gpu)
@@ -268,6 +272,8 @@ class GpuServer:
             await self.sessions.close("the server shut down")
         if hasattr(self, "drainer"):
             await self.drainer.close()
+        if hasattr(self, "gpu_fence"):
+            await self.gpu_fence.close()
         for task in list(self._checks):
             task.cancel()
         if self.xids is not None:

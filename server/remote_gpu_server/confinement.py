@@ -26,6 +26,17 @@ which it sends as JSON.
    ancestor is closed to others, that ancestor is covered by a small tmpfs
    holding only the way down to the exposed paths. Everything else under
    it is hidden from the worker.
+
+   Its ``/dev`` is its own too (with ``SpawnSpec.devices``): a small tmpfs
+   on which no device file works, holding what bubblewrap's ``--dev``
+   holds (``null``, ``zero``, ``full``, ``random``, ``urandom``, ``tty``, a
+   ``pts`` of its own with ``ptmx``, ``shm``, the ``fd``, ``std*`` and
+   ``core`` links) and the device files of its lease (see
+   :mod:`.devices`), each bound from the host's: none of the host's other
+   files, so no other GPU's. After :func:`enter` the worker has no
+   capability left to make a device file or to mount anything, and a mount
+   namespace it makes in a user namespace of its own inherits these mounts
+   locked: it cannot take them off to see the host's ``/dev``.
 2. :func:`enter`, with an :class:`EnterSpec`, runs at lease time in the
    kernel's main thread (a comm request, in order before any cell): it
    mounts the user's own disk in its namespace where that namespace was made
@@ -62,11 +73,16 @@ IOPUB_DIR_VAR = "RGPU_IOPUB_DIR"
 
 # From <sched.h>, <sys/mount.h> and <linux/prctl.h>.
 _CLONE_NEWNS, _CLONE_NEWIPC = 0x00020000, 0x08000000
-_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT = 0x1, 0x2, 0x4, 0x20
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_REMOUNT = 0x1, 0x2, 0x4, 0x8, 0x20
 _MS_BIND, _MS_REC, _MS_PRIVATE = 0x1000, 0x4000, 0x40000
 _PR_SET_DUMPABLE, _PR_SET_NO_NEW_PRIVS = 4, 38
 #: Folders that get a private tmpfs, where they exist.
 PRIVATE_TMP = ("/tmp", "/var/tmp", "/dev/shm")
+#: The host's files a private ``/dev`` holds, as bubblewrap's ``--dev`` does.
+DEV_FILES = ("null", "zero", "full", "random", "urandom", "tty")
+#: Its links: name → target.
+_DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+              ("stderr", "/proc/self/fd/2"), ("ptmx", "pts/ptmx"), ("core", "/proc/kcore"))
 #: Exit status of a worker that could not drop root: it must not serve anyone.
 _EXIT_STILL_PRIVILEGED = 70
 #: The private tmpfs this process mounted (only these are ever chowned).
@@ -101,6 +117,12 @@ class SpawnSpec:
     #: Refuse new user namespaces with a seccomp filter (as root; bubblewrap
     #: has ``--disable-userns``).
     refuse_user_namespaces: bool = False
+    #: A ``/dev`` of its own (with ``private_tmp``) holding the usual files and
+    #: these device files: ``(path on the host, name under /dev)``. None keeps
+    #: the host's ``/dev``.
+    devices: tuple[tuple[str, str], ...] | None = None
+    #: Folders covered with an empty tmpfs (a test's stand-in for ``/dev``).
+    cover: tuple[str, ...] = ()
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -109,6 +131,9 @@ class SpawnSpec:
     def from_json(cls, text: str) -> SpawnSpec:
         data = json.loads(text)
         data["expose"] = tuple((str(p), bool(w)) for p, w in data.get("expose") or ())
+        if data.get("devices") is not None:
+            data["devices"] = tuple((str(s), str(n)) for s, n in data["devices"])
+        data["cover"] = tuple(str(p) for p in data.get("cover") or ())
         return cls(**data)
 
 
@@ -170,14 +195,43 @@ def _mount(libc: Any, source: bytes, target: str, fstype: bytes | None, flags: i
     _check(libc.mount(source, target.encode(), fstype, flags, options), f"mount {target}")
 
 
+def _private_dev(libc: Any, files: list[tuple[str, int]]) -> None:
+    """A fresh ``/dev`` holding ``files`` (name, O_PATH descriptor of the host's file) and
+    the usual links, a ``pts`` of its own and an empty ``shm``; see the module docstring."""
+    # nodev: a device file on the tmpfs itself does not work; each bound file
+    # keeps its own mount's flags.
+    _mount(libc, b"tmpfs", "/dev", b"tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, b"mode=0755,size=64k")
+    for name, fd in files:
+        path = os.path.join("/dev", name)
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # the mount point
+        _mount(libc, f"/proc/self/fd/{fd}".encode(), path, None, _MS_BIND)
+    for name, target in _DEV_LINKS:
+        os.symlink(target, os.path.join("/dev", name))
+    os.mkdir("/dev/shm", 0o755)
+    os.mkdir("/dev/pts", 0o755)
+    _mount(libc, b"devpts", "/dev/pts", b"devpts", _MS_NOSUID | _MS_NOEXEC, b"newinstance,ptmxmode=0666,mode=620")
+
+
 def _private_namespace(libc: Any, spec: SpawnSpec) -> None:
     _check(libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     # Nothing mounted here may reach the host's namespace, and nothing
     # mounted there later reaches this one.
     _mount(libc, b"none", "/", None, _MS_REC | _MS_PRIVATE)
-    # Open what stays reachable before anything covers it.
+    # Open what stays reachable before anything covers it (O_PATH: a device
+    # file is not opened, only named).
     exposed = [(path, writable, _blocked_ancestor(path), os.open(path, os.O_PATH | os.O_DIRECTORY))
                for path, writable in spec.expose]
+    devices: list[tuple[str, int]] = []
+    try:
+        if spec.devices is not None:
+            wanted = [(os.path.join("/dev", n), n) for n in DEV_FILES] + list(spec.devices)
+            devices = [(name, os.open(source, os.O_PATH)) for source, name in wanted if os.path.exists(source)]
+            os.umask(0o022)
+            _private_dev(libc, devices)
+    finally:
+        for _name, fd in devices:
+            os.close(fd)
     size = f",size={spec.tmp_size}" if spec.tmp_size else ""
     covered = set()
     os.umask(0o022)  # the skeleton folders below must let the user through
@@ -199,6 +253,9 @@ def _private_namespace(libc: Any, spec: SpawnSpec) -> None:
                 _mount(libc, b"none", path, None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
         finally:
             os.close(fd)
+    for path in spec.cover:  # one the private tmpfs hid already is not there any more
+        if os.path.isdir(path) and not os.path.islink(path):
+            _mount(libc, b"tmpfs", path, b"tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, b"mode=0755,size=4k")
 
 
 def _private_ipc(libc: Any, limit: int | None) -> None:

@@ -8,12 +8,12 @@ lease time, what a death means, and a cleanup. The modes:
 
 - ``uids`` (the server runs as root): warm workers start as root in mount
   and IPC namespaces of their own (private ``/tmp``, ``/var/tmp``,
-  ``/dev/shm`` and SysV IPC), refused new user namespaces, with no user code
-  in them; at lease time the worker, told through its signed channel, moves
-  into a fresh session folder and becomes the user's uid (see
-  :mod:`.identities`; a uid no other server on the host gives out) before
-  any cell runs. A lease thus still takes a started worker: the change
-  costs one round trip.
+  ``/dev/shm``, SysV IPC, and a ``/dev`` with only their own GPUs' device
+  files), refused new user namespaces, with no user code in them; at lease
+  time the worker, told through its signed channel, moves into a fresh
+  session folder and becomes the user's uid (see :mod:`.identities`; a uid
+  no other server on the host gives out) before any cell runs. A lease thus
+  still takes a started worker: the change costs one round trip.
 - ``bubblewrap`` (not root, and ``bwrap`` can make user namespaces): each
   worker starts in a sandbox of its own with its session folder bound in
   and every file of the server's hidden (see :mod:`.sandbox`); at lease
@@ -31,7 +31,9 @@ JupyterHub's ``Spawner.env_keep``), its output goes to a pipe of its own
 limit (see :mod:`.user_disks`), and it listens on no network port: its
 sockets are ``ipc://`` paths that only it and the server reach (ipykernel's
 IOPub pipe included, see :mod:`.worker_iopub`), or, for a worker of a Ray
-node, ports that answer only the keys of its server.
+node, ports that answer only the keys of its server. Isolated, a worker can
+open the device files of the GPUs it was started for and no others (see
+:mod:`.devices`): a worker on CPU slots none at all.
 
 A session folder lives as long as its lease, across worker restarts within
 it, and is removed when the lease ends, by a thread of its own (see
@@ -44,7 +46,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import glob
 import logging
 import os
 import platform
@@ -52,11 +53,12 @@ import secrets
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from .confinement import ENV_VAR, IOPUB_DIR_VAR, PRIVATE_TMP, EnterSpec, SpawnSpec
+from .devices import DeviceFile, DeviceTree
 from .errors import IsolationError
 from .folder_removal import FolderRemover
 from .identities import DEFAULT_UID_RANGE, Identities, Identity, RunAs
@@ -113,6 +115,9 @@ class IsolationConfig:
     worker_env: tuple[str, ...] = ()
     #: The mode to use instead of probing (tests); None probes.
     mode: IsolationMode | None = None
+    #: Tests only (``$RGPU_TEST_DEVICE_ROOT``): a folder that stands in for ``/``
+    #: where NVIDIA's device files are looked for (see :mod:`.devices`); None: ``/``.
+    device_root: Path | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,15 +129,15 @@ class Tenant:
     identity: Identity | None = None
 
 
-def device_groups() -> tuple[int, ...]:
-    """Groups that give access to the NVIDIA device files where others have none.
+def device_groups(files: Iterable[DeviceFile]) -> tuple[int, ...]:
+    """Groups that give access to a worker's device files where others have none.
 
     Drivers installed with ``NVreg_DeviceFileMode=0660`` leave ``/dev/nvidia*``
     to a group (often ``video``): workers join it, so CUDA works for them
     as for the host's users.
     """
     gids = set()
-    for device in glob.glob("/dev/nvidia*"):
+    for device in (f.source for f in files):
         try:
             mode, gid = os.stat(device).st_mode, os.stat(device).st_gid
         except OSError:
@@ -158,8 +163,12 @@ class Isolation:
     Call :meth:`start` once the slots are known, :meth:`close` at the end.
     """
 
-    def __init__(self, config: IsolationConfig, db: Path, server_files: tuple[Path, ...] = ()) -> None:
+    def __init__(self, config: IsolationConfig, db: Path, server_files: tuple[Path, ...] = (), *,
+                 nvml: Any | None = None) -> None:
         self.config = config
+        self._nvml = nvml  # a test double of pynvml, or None
+        #: This host's NVIDIA device files (known once :meth:`start` ran).
+        self.devices = DeviceTree(config.device_root or Path("/"))
         self.db = db
         self._server_files = server_files
         self.mode = config.mode or IsolationMode.NONE  # chosen in start() unless given
@@ -204,6 +213,15 @@ class Isolation:
         else:
             self.mode = self._probe()
         self.memory = MemoryLimits.probe(per_slot, pid=server_pid)
+        if self.isolated:
+            if self.config.device_root is not None:
+                log.warning("NVIDIA device files are looked for under %s, not / (a test's stand-in, "
+                            "$RGPU_TEST_DEVICE_ROOT)", self.config.device_root)
+            self.devices = DeviceTree.probe(self.config.device_root, self._nvml)
+            self.devices.make_missing_files()
+            if self.devices.gpus:
+                log.info("workers see the device files of their own GPUs only (%d GPU(s) here; minor numbers "
+                         "from %s)", len(self.devices.gpus), self.devices.source)
         if self.mode is IsolationMode.UIDS:
             os.umask(0o077)  # whatever the server writes from now on is its own
             self._protect_store()
@@ -320,17 +338,22 @@ class Isolation:
 
     # -- workers -------------------------------------------------------------
 
-    def prepare(self, name: str, slots: int, runtime: Path, tenant: Tenant | None = None) -> WorkerIsolation:
+    def prepare(self, name: str, slots: int, runtime: Path, tenant: Tenant | None = None,
+                gpus: str = "") -> WorkerIsolation:
         """How to start worker ``name`` on ``slots`` slots; ``runtime`` is its own
         runtime folder; ``tenant`` is given for a worker that replaces another
-        within a lease."""
+        within a lease; ``gpus`` is its ``CUDA_VISIBLE_DEVICES``: the GPUs whose
+        device files it gets (none for "")."""
         try:
             memory = self.memory.for_worker(name, slots)
         except OSError as exc:  # the cgroup could not be made: the worker limits itself
             log.warning("worker %s: no memory cgroup (%s); it gets RLIMIT_DATA instead", name, exc)
             limit = None if self.memory.per_slot is None else self.memory.per_slot * max(1, slots)
             memory = WorkerMemory(limit, data_limit=limit)
-        return WorkerIsolation(self, name, runtime, memory, tenant)
+        if not self.isolated:
+            return WorkerIsolation(self, name, runtime, memory, tenant, cuda_visible_devices=gpus)
+        return WorkerIsolation(self, name, runtime, memory, tenant, self.devices.for_worker(gpus),
+                               self.devices.visible_devices(gpus))
 
     def new_folder(self, owner: Identity | None, user: str | None = None) -> Path:
         """A fresh session folder, mode 0700, owned by ``owner`` (else the server), on
@@ -434,13 +457,18 @@ class WorkerIsolation:
     """
 
     def __init__(self, isolation: Isolation, name: str, runtime: Path, memory: WorkerMemory,
-                 tenant: Tenant | None) -> None:
+                 tenant: Tenant | None, devices: tuple[DeviceFile, ...] = (),
+                 cuda_visible_devices: str = "") -> None:
         self.isolation = isolation
         self.name = name
         self.runtime = runtime
         self.memory = memory
         self.tenant = tenant
         self.mode = isolation.mode
+        #: The device files it may open (its GPUs' and the control files; see :mod:`.devices`).
+        self.devices = devices
+        #: Its ``CUDA_VISIBLE_DEVICES``: its GPUs by UUID where they are fenced.
+        self.cuda_visible_devices = cuda_visible_devices
         #: The sandbox's session folder (bubblewrap binds it at start).
         self.folder: Path | None = None
         if self.mode is IsolationMode.BUBBLEWRAP:
@@ -465,8 +493,9 @@ class WorkerIsolation:
         isolation = self.isolation
         assert isolation.bwrap is not None and self.folder is not None
         layout = SandboxLayout(writable=(self.runtime, self.folder),
-                               hidden=(*isolation.server_files(), self.runtime.parent),
-                               tmp_size=self._tmp_size(), chdir=self.folder)
+                               hidden=(*isolation.server_files(), self.runtime.parent, *self._stand_in_dev()),
+                               tmp_size=self._tmp_size(), chdir=self.folder,
+                               devices=tuple((f.source, Path("/dev") / f.name) for f in self.devices))
         return bubblewrap_argv(isolation.bwrap, layout) + list(argv)
 
     def environment(self, extra: dict[str, str]) -> dict[str, str]:
@@ -484,7 +513,9 @@ class WorkerIsolation:
             expose += [(str(self.runtime), True), (str(self.isolation.session_root), True)]
             spec = dataclasses.replace(spec, private_tmp=True, tmp_size=self._tmp_size(), expose=tuple(expose),
                                        private_ipc=True, ipc_limit=self.memory.limit,
-                                       refuse_user_namespaces=_can_refuse_user_namespaces())
+                                       refuse_user_namespaces=_can_refuse_user_namespaces(),
+                                       devices=tuple((str(f.source), f.name) for f in self.devices),
+                                       cover=tuple(str(p) for p in self._stand_in_dev()))
             env.update(HOME="/tmp", IPYTHONDIR=_IPYTHONDIR)
         elif self.mode is IsolationMode.BUBBLEWRAP:
             assert self.folder is not None
@@ -494,6 +525,11 @@ class WorkerIsolation:
         env[IOPUB_DIR_VAR] = "/tmp" if self.mode is not IsolationMode.NONE else str(self.runtime)
         env[ENV_VAR] = spec.to_json()
         return self.isolation.environment(env)
+
+    def _stand_in_dev(self) -> tuple[Path, ...]:
+        """A test's stand-in for ``/dev``, which the worker must not reach either."""
+        dev = self.isolation.devices.dev
+        return () if dev == Path("/dev") else (dev,)
 
     @property
     def popen_options(self) -> dict[str, Any]:
@@ -527,7 +563,7 @@ class WorkerIsolation:
         identity = tenant.identity
         if identity.home and os.path.isdir(identity.home):
             env["HOME"] = identity.home
-        groups = tuple(sorted(set(identity.groups) | set(device_groups())))
+        groups = tuple(sorted(set(identity.groups) | set(device_groups(self.devices))))
         # What the worker wrote in its private tmpfs before the lease (IPython's
         # folder, whatever CUDA's start left there) becomes the user's. Its mount
         # namespace may predate the user's disk: it mounts that first.

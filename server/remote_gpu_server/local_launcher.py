@@ -2,7 +2,8 @@
 
 Each worker is started by jupyter_client's ``AsyncKernelManager`` (its
 local provisioner: own process group, connection file), pinned with
-``CUDA_VISIBLE_DEVICES``. Two transports:
+``CUDA_VISIBLE_DEVICES`` and, isolated, fenced by the device files it is
+given (only its GPUs', see :mod:`.devices`). Two transports:
 
 * ``ipc`` (the default, for a server and its workers on one host): ``ipc://``
   sockets in the launcher's private runtime folder (mode 0700), and a
@@ -132,6 +133,14 @@ class Spawned:
         return ladder.Scope(self.pid, self.isolation.memory.group, self.mark if look else None,
                             frozenset(uids))
 
+    async def halt(self, name: str, cause: str) -> None:
+        """SIGKILL to every process of it now; its death says ``cause`` (what the server
+        stopped it for). Its end is then noticed as any death is, and :meth:`terminate`
+        cleans up."""
+        if self.stopped_pids is None and self.death_cause is None:
+            self.death_cause = cause
+            await asyncio.to_thread(ladder.stop, self.scope(), 0.0, name=name)
+
     async def terminate(self, name: str, grace: float) -> frozenset[int]:
         """The stop ladder (:func:`.ladder.stop`), then :meth:`close`; returns the pids found."""
         if self.stopped_pids is None:
@@ -228,6 +237,16 @@ class LocalWorker:
     async def kill(self) -> None:
         await self.terminate(0.0)
 
+    async def halt(self, cause: str) -> None:
+        """Stop it at once for ``cause``, which its death then gives (see :mod:`.gpu_fence`)."""
+        if not self._killed:
+            await self._spawned.halt(self.name, cause)
+
+    @property
+    def scope(self) -> ladder.Scope:
+        """Where its processes are (see :mod:`.owners`)."""
+        return self._spawned.scope()
+
 
 async def shutdown(km: AsyncKernelManager, name: str) -> None:
     """SIGKILL to the worker's process group; its connection files removed."""
@@ -276,15 +295,17 @@ class LocalLauncher:
     async def spawn(self, spec: WorkerSpec, cuda_devices: str | None = None,
                     server_cert: bytes | None = None) -> Spawned:
         """Start the process; ``cuda_devices`` (default: from its slots) becomes
-        its ``CUDA_VISIBLE_DEVICES``; ``server_cert`` (tcp): the certificate of the
-        server that will reach its data channel."""
+        its ``CUDA_VISIBLE_DEVICES`` (each GPU by its UUID where it is fenced);
+        ``server_cert`` (tcp): the certificate of the server that will reach its
+        data channel."""
         runtime = self.runtime_dir / spec.name
         runtime.mkdir(mode=0o700)
         mark = f"{spec.name}.{secrets.token_hex(8)}"  # unique on this host, across servers
-        confined = self.isolation.prepare(spec.name, len(spec.slots), runtime, spec.tenant)
+        cuda = cuda_visible_devices(list(spec.slots)) if cuda_devices is None else cuda_devices
+        # Isolated, it can open the device files of these GPUs and no others.
+        confined = self.isolation.prepare(spec.name, len(spec.slots), runtime, spec.tenant, gpus=cuda)
         extra = {
-            "CUDA_VISIBLE_DEVICES": (cuda_visible_devices(list(spec.slots)) if cuda_devices is None
-                                     else cuda_devices),
+            "CUDA_VISIBLE_DEVICES": confined.cuda_visible_devices,
             "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
             "RGPU_SLOTS": ",".join(s.id for s in spec.slots),
             # Its processes carry this mark, so the stop ladder finds them even

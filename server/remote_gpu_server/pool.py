@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Iterable
 
 from remote_gpu_kernel.typing import SlotId
 
+from . import ladder
 from .gpus import Slot
 from .isolation import Tenant
 from .launcher import WorkerLauncher
@@ -112,6 +113,14 @@ class Pool:
                     if slot.id == slot_id:
                         return int(device)
         return None
+
+    def workers(self) -> list[Worker]:
+        """The live workers, warm or leased."""
+        return [w for w in self._workers if w.alive]
+
+    def scopes(self) -> list[ladder.Scope]:
+        """Where this host's live workers' processes are (see :mod:`.owners`)."""
+        return [scope for w in self._workers if w.alive and (scope := getattr(w.process, "scope", None)) is not None]
 
     def worker_pids(self, slot_id: SlotId) -> list[int]:
         """Process ids of the live workers on ``slot_id`` (warm or leased)."""

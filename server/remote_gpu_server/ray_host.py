@@ -86,6 +86,11 @@ class WorkerHost:
     def fault_report(self) -> str | None:
         return self._spawned.fault_report if self._spawned is not None else None
 
+    async def halt(self, cause: str) -> None:
+        """Stop the worker at once for ``cause``, which its death then gives (see :mod:`.gpu_fence`)."""
+        if self._spawned is not None:
+            await self._spawned.halt(self._name, cause)
+
     async def signal(self, signum: int) -> None:
         if self._spawned is not None and self._spawned.km.provisioner is not None:
             await self._spawned.km.signal_kernel(signum)

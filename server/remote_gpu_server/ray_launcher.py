@@ -312,6 +312,12 @@ class RayWorker:
         except Exception as exc:
             log.info("worker %s: could not signal it on %s: %s", self.name, self.node, _first_line(exc))
 
+    async def halt(self, cause: str) -> None:
+        """Stop it at once on its node for ``cause``, which its death then gives (see :mod:`.gpu_fence`)."""
+        if self._killed or self.death_cause is not None:
+            return
+        await asyncio.wait_for(self._actor.halt.remote(cause), POLL_TIMEOUT + 5)
+
     @property
     def tenant(self) -> Tenant | None:
         return self._tenant

@@ -18,6 +18,11 @@ replace this share); ``host_memory_total`` gives the host's RAM.
 Every reading also goes into a :class:`~.history.ReadingHistory` of the last
 few minutes (``Readings.history``), which the sidebar plots.
 
+Each process NVML lists on a GPU is attributed to the worker it belongs to,
+where it belongs to one (its ``owner``, the worker's main pid; see
+:mod:`.owners`), on the node both run on: the GPU check (:mod:`.gpu_fence`)
+stops a worker found on a GPU it did not lease.
+
 The NVML module is a parameter (``nvml=``) so tests can pass a test double;
 by default ``pynvml`` is imported, and only when there are GPU slots. CUDA
 is never initialised here.
@@ -39,6 +44,8 @@ from remote_gpu_kernel.typing import SlotId
 
 from .gpus import Slot
 from .history import HistoryPoint, ReadingHistory
+from .ladder import Scope
+from .owners import owner, scopes_of
 
 __all__ = ["NodeReader", "ProcessReading", "Readings", "RemoteReader", "SlotReading", "process_holders"]
 
@@ -51,11 +58,13 @@ DEFAULT_PERIOD = 3.0
 @dataclasses.dataclass(frozen=True)
 class ProcessReading:
     """A process using a slot; ``worker`` is False for one this server did not start
-    (on a GPU: another program, or a leftover that still holds memory)."""
+    (on a GPU: another program, or a leftover that still holds memory). ``owner``
+    (GPU readings): the main pid of the worker it belongs to, or None (see :mod:`.owners`)."""
 
     pid: int
     memory: int  # bytes
     worker: bool = True
+    owner: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +75,7 @@ class SlotReading:
     cores); memory is in bytes, temperature in °C, power in watts.
     ``memory_total`` is what the slot's worker may use: a GPU's memory, or a
     CPU slot's share of the host's RAM, ``host_memory_total`` (None on a GPU).
+    ``device``: the index on its node of the GPU read (None for a CPU slot).
     """
 
     utilization: float | None = None
@@ -77,6 +87,7 @@ class SlotReading:
     healthy: bool = True
     problem: str | None = None
     host_memory_total: int | None = None
+    device: int | None = None
 
     def as_json(self, pids: bool = True) -> dict[str, Any]:
         """The ``readings`` object of ``GET /api/status``; each process's pid is
@@ -122,12 +133,14 @@ class _NvmlReader:
         except self.nvml.NVMLError:
             return None
 
-    def read(self, slot: Slot, workers: set[int]) -> SlotReading:
+    def read(self, slot: Slot, workers: set[int], scopes: list[Scope] | None = None) -> SlotReading:
+        """``workers``: the pids of the slot's workers; ``scopes``: every worker on this
+        node, whose processes are told apart (each process's ``owner``)."""
         nv = self.nvml
         try:
             handle = self._handle(slot)
         except nv.NVMLError as exc:
-            return SlotReading(healthy=False, problem=f"NVML cannot read this GPU: {exc}")
+            return SlotReading(healthy=False, problem=f"NVML cannot read this GPU: {exc}", device=slot.index)
         util = self._optional(lambda: nv.nvmlDeviceGetUtilizationRates(handle))
         mem = self._optional(lambda: nv.nvmlDeviceGetMemoryInfo(handle))
         temp = self._optional(lambda: nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU))
@@ -140,10 +153,12 @@ class _NvmlReader:
             memory_total=int(mem.total) if mem is not None else None,
             temperature=float(temp) if temp is not None else None,
             power=power / 1000.0 if power is not None else None,  # NVML reports milliwatts
-            processes=tuple(ProcessReading(int(p.pid), int(p.usedGpuMemory or 0), int(p.pid) in workers)
+            processes=tuple(ProcessReading(int(p.pid), int(p.usedGpuMemory or 0), int(p.pid) in workers,
+                                           owner(int(p.pid), scopes) if scopes else None)
                             for p in procs),
             healthy=problem is None,
             problem=problem,
+            device=slot.index,
         )
 
     def holders(self, slot: Slot, pids: frozenset[int]) -> tuple[ProcessReading, ...]:
@@ -257,12 +272,15 @@ class NodeReader:
         return self._nvml
 
     def read(self, requests: list[tuple[str, int, list[int]]], shares: int = 1) -> dict[str, SlotReading]:
-        """``requests``: (slot id, its GPU's index on this node, its workers' pids)."""
+        """``requests``: (slot id, its GPU's index on this node, its workers' pids);
+        every worker of the node is among them, so each process on a GPU is told
+        which of them it belongs to."""
         gpu = self._gpu()
         readings: dict[str, SlotReading] = {}
+        scopes = scopes_of(pid for _slot, _device, pids in requests for pid in pids) if gpu is not None else []
         for slot_id, device, pids in requests:
             if gpu is not None:
-                readings[slot_id] = gpu.read(Slot(SlotId(slot_id), "gpu", device, ""), set(pids))
+                readings[slot_id] = gpu.read(Slot(SlotId(slot_id), "gpu", device, ""), set(pids), scopes)
             else:
                 reader = self._procs.setdefault(slot_id, _ProcessReader(shares))
                 reader.shares = max(1, shares)
@@ -296,7 +314,9 @@ class Readings:
     ``pids(slot_id)`` lists the worker processes on a slot.
     ``nvml`` is the NVML module to use for GPU slots (default: ``pynvml``).
     ``on_health(slot_id, healthy, problem)`` is called, on the event loop,
-    when a slot's health changes. Call :meth:`refresh` (one reading now) and
+    when a slot's health changes; ``on_read()`` after every reading.
+    ``scopes()`` lists this host's workers (see :mod:`.owners`), listed on
+    the event loop before each reading. Call :meth:`refresh` (one reading now) and
     :meth:`start` (a reading every ``period``) on the event loop, and
     :meth:`close` at the end; :meth:`read_now` reads once, synchronously,
     without calling ``on_health``. Each reading is also added to
@@ -307,8 +327,14 @@ class Readings:
                  nvml: Any | None = None, period: float = DEFAULT_PERIOD,
                  on_health: Callable[[SlotId, bool, str | None], None] | None = None,
                  remote: RemoteReader | None = None,
-                 devices: Callable[[SlotId], int | None] = lambda slot: None) -> None:
+                 devices: Callable[[SlotId], int | None] = lambda slot: None,
+                 scopes: Callable[[], list[Scope]] = lambda: [],
+                 on_read: Callable[[], object] | None = None) -> None:
         self.slots = list(slots)
+        # Where this host's workers' processes are, to tell whose a GPU's are;
+        # ``on_read`` is called on the loop after each reading (the GPU check).
+        self._scopes = scopes
+        self.on_read = on_read
         # Slots of other nodes (a Ray cluster's) are read there, through
         # ``remote``; ``devices`` names the GPU a slot's worker was given.
         self._remote = remote
@@ -378,13 +404,16 @@ class Readings:
     def _worker_pids(self) -> dict[SlotId, list[int]]:
         return {s.id: self._pids(s.id) for s in self.slots}
 
-    def read_now(self, pids: dict[SlotId, list[int]] | None = None) -> dict[SlotId, tuple[bool, str | None]]:
+    def read_now(self, pids: dict[SlotId, list[int]] | None = None,
+                 scopes: list[Scope] | None = None) -> dict[SlotId, tuple[bool, str | None]]:
         """Read every slot once; return the slots whose health changed.
 
-        ``pids`` are every slot's worker processes, listed on the event
-        loop when this runs in a thread (default: asked for now).
+        ``pids`` are every slot's worker processes and ``scopes`` this host's
+        workers, listed on the event loop when this runs in a thread
+        (default: asked for now).
         """
         pids = self._worker_pids() if pids is None else pids
+        scopes = self._scopes() if scopes is None else scopes
         readings: dict[SlotId, SlotReading] = {}
         gpu = self._gpu_reader()
         for slot in self.slots:
@@ -393,7 +422,7 @@ class Readings:
             if slot.kind == "gpu":
                 if gpu is None:
                     continue
-                readings[slot.id] = gpu.read(slot, set(pids.get(slot.id, [])))
+                readings[slot.id] = gpu.read(slot, set(pids.get(slot.id, [])), scopes)
             else:
                 readings[slot.id] = self._cpu[slot.id].read(pids.get(slot.id, []))
         return self._keep(readings)
@@ -431,7 +460,7 @@ class Readings:
         async with self._reading:
             pids = self._worker_pids()
             try:
-                changed = await asyncio.to_thread(self.read_now, pids)
+                changed = await asyncio.to_thread(self.read_now, pids, self._scopes())
                 changed.update(await self._read_remote(pids))
             except Exception:
                 log.exception("reading the slots failed")
@@ -443,6 +472,8 @@ class Readings:
                 log.error("slot %s is unhealthy and will not be leased: %s", slot_id, problem)
             if self.on_health is not None:
                 self.on_health(slot_id, healthy, problem)
+        if self.on_read is not None:
+            self.on_read()
 
     async def _run(self) -> None:
         while True:

@@ -11,7 +11,8 @@ pid, ipc and uts namespaces, with a filesystem built from an allow-list:
 - read-write: the worker's own runtime folder (its connection file and
   sockets) and its session folder, its working directory;
 - fresh: ``/proc`` of its own pid namespace, a minimal ``/dev`` plus the
-  NVIDIA device files (``/dev/nvidia*``, so CUDA works), and size-limited
+  device files of the worker's own GPUs and the control files CUDA opens
+  (see :mod:`.devices`; none for a worker on CPU slots), and size-limited
   tmpfs on ``/tmp`` and ``/dev/shm``;
 - hidden: every file and folder of the server's that lies inside something
   bound above, wherever it is (:attr:`SandboxLayout.hidden`): its data
@@ -32,7 +33,6 @@ bound runtime folder. ``--die-with-parent`` ends the sandbox with the server.
 from __future__ import annotations
 
 import dataclasses
-import glob
 import os
 import shutil
 import subprocess
@@ -92,6 +92,8 @@ class SandboxLayout:
     tmp_size: int | None = None
     #: The working directory.
     chdir: Path | None = None
+    #: Device files bound in: (the host's file, its path in the sandbox).
+    devices: tuple[tuple[Path, Path], ...] = ()
     readable: tuple[Path, ...] = dataclasses.field(default_factory=lambda: tuple(python_paths()))
 
 
@@ -151,8 +153,8 @@ def bubblewrap_argv(bwrap: str, layout: SandboxLayout) -> list[str]:
     for path in kept:
         argv += ["--ro-bind", str(path), str(path)]
     argv += ["--proc", "/proc", "--dev", "/dev"]
-    for device in sorted(glob.glob("/dev/nvidia*")):
-        argv += ["--dev-bind", device, device]
+    for source, target in layout.devices:
+        argv += ["--dev-bind", str(source), str(target)]
     for tmp in ("/tmp", "/dev/shm"):
         if layout.tmp_size:
             argv += ["--size", str(layout.tmp_size)]

@@ -1,7 +1,7 @@
 """``FakeNvml``: a test double of the ``pynvml`` module, for machines without a GPU.
 
-It implements only the calls :mod:`remote_gpu_server.readings` and
-:mod:`remote_gpu_server.xid` make, with pynvml's names, constants and error
+It implements only the calls :mod:`remote_gpu_server.readings`,
+:mod:`remote_gpu_server.xid` and :mod:`remote_gpu_server.devices` make, with pynvml's names, constants and error
 classes. Each GPU is a :class:`FakeGpu` whose fields a test changes to
 simulate load, ECC errors, pending page retirements or remaps, a GPU that
 fell off the bus, or processes that keep memory on it;
@@ -38,6 +38,8 @@ class FakeGpu:
     remap_pending: bool = False
     remap_failed: bool = False
     lost: bool = False
+    #: Its device file's minor number (``/dev/nvidia<minor>``); None: its index.
+    minor: int | None = None
 
 
 class FakeNvml:
@@ -90,6 +92,13 @@ class FakeNvml:
         if gpu.lost:
             raise self.NVMLError_GpuIsLost("GPU is lost")
         return gpu
+
+    def nvmlDeviceGetCount(self) -> int:
+        return len(self.gpus)
+
+    def nvmlDeviceGetMinorNumber(self, handle: FakeGpu) -> int:
+        gpu = self._gpu(handle)
+        return self.gpus.index(gpu) if gpu.minor is None else gpu.minor
 
     def nvmlDeviceGetHandleByIndex(self, index: int) -> FakeGpu:
         return self._gpu(self.gpus[index])

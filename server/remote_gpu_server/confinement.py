@@ -152,9 +152,9 @@ class EnterSpec:
     #: Private tmpfs whose contents (written before the lease) become the
     #: user's; one that :func:`prepare` did not mount is left alone.
     chown: tuple[str, ...] = ()
-    #: ``(device, folder)``: the user's own ext4 filesystem, mounted at
-    #: ``folder`` first unless this namespace has it there already.
-    mount: tuple[str, str] | None = None
+    #: ``(device, folder, device number)``: the user's own ext4 filesystem,
+    #: mounted at ``folder`` first unless this namespace has it there already.
+    mount: tuple[str, str, int] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -166,7 +166,7 @@ class EnterSpec:
                    groups=tuple(int(g) for g in data.get("groups") or ()),
                    env=tuple((str(k), str(v)) for k, v in data.get("env") or ()),
                    chown=tuple(str(p) for p in data.get("chown") or ()),
-                   mount=(str(mount[0]), str(mount[1])) if mount else None)
+                   mount=(str(mount[0]), str(mount[1]), int(mount[2])) if mount else None)
 
 
 def _libc() -> Any:
@@ -327,11 +327,35 @@ def _chown_contents(folder: str, uid: int, gid: int) -> None:
             os.chown(os.path.join(root, name), uid, gid, follow_symlinks=False)
 
 
-def _mount_disk(device: str, folder: str) -> None:
-    """Mount the ext4 filesystem on ``device`` at ``folder``, unless it is there."""
-    if os.stat(folder).st_dev == os.stat(device).st_rdev:
+def _mount_disk(device: str, folder: str, rdev: int) -> None:
+    """Mount the ext4 filesystem on block device ``rdev`` (``device`` on the
+    host) at ``folder``, unless it is there.
+
+    A worker's own ``/dev`` holds no block device, and its tmpfs allow no
+    device file: the node is made, for this mount only, on a tmpfs of its
+    own that allows one, in a folder only root can enter, and both are gone
+    before the worker becomes its user.
+    """
+    if os.stat(folder).st_dev == rdev:
         return
-    _mount(_libc(), device.encode(), folder, b"ext4", _MS_NOSUID | _MS_NODEV)
+    libc = _libc()
+    if os.path.exists(device) and os.stat(device).st_rdev == rdev:  # the host's /dev
+        _mount(libc, device.encode(), folder, b"ext4", _MS_NOSUID | _MS_NODEV)
+        return
+    import stat
+    import tempfile
+
+    scratch = tempfile.mkdtemp(prefix=".rgpu-disk-")  # 0700, in the private /tmp
+    try:
+        _mount(libc, b"tmpfs", scratch, b"tmpfs", _MS_NOSUID | _MS_NOEXEC, b"mode=0700,size=4k")
+        try:
+            node = os.path.join(scratch, "disk")
+            os.mknod(node, 0o600 | stat.S_IFBLK, rdev)
+            _mount(libc, node.encode(), folder, b"ext4", _MS_NOSUID | _MS_NODEV)
+        finally:
+            _check(libc.umount2(scratch.encode(), 0), f"umount {scratch}")
+    finally:
+        os.rmdir(scratch)
 
 
 def enter(spec: EnterSpec) -> None:

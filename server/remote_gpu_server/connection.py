@@ -67,6 +67,12 @@ _MESSAGE_TYPES = frozenset(t.value for t in m.MessageType)
 _IN_TURN = (m.Execute, m.Push, m.Pull, m.Replay, m.Park, m.Resume, m.Upload, m.Download)
 
 
+
+def _too_large_code(exc: MessageTooLarge) -> m.ErrorCode:
+    """How a message refused for its size is answered: an upload as a file
+    error (the client's FileTransferError), anything else as a bad request."""
+    return m.ErrorCode.FILE if exc.what == "upload" else m.ErrorCode.BAD_REQUEST
+
 class Connection:
     """One websocket; ``broker`` grants leases, ``sessions`` holds them."""
 
@@ -192,8 +198,7 @@ class Connection:
         """Answer each message the reader refused (the stream is still in step)."""
         for error in errors:
             if isinstance(error, MessageTooLarge):
-                code = m.ErrorCode.FILE if error.what == "upload" else m.ErrorCode.BAD_REQUEST
-                self._refuse(error.req, code, self._too_large(error))
+                self._refuse(error.req, _too_large_code(error), self._too_large(error))
             else:
                 self._refuse(error.req, m.ErrorCode.PROTOCOL, f"protocol error: {error}")
 
@@ -202,13 +207,13 @@ class Connection:
         Error for the request at fault), then close with a reason (without
         waiting long on a client that does not read)."""
         if isinstance(exc, MessageTooLarge):
-            text, code, reason = self._too_large(exc), 1009, self._too_large_reason(exc)
+            error, text, code, reason = _too_large_code(exc), self._too_large(exc), 1009, self._too_large_reason(exc)
         else:
-            text, code, reason = f"protocol error: {exc}", 1002, "protocol error"
+            error, text, code, reason = m.ErrorCode.PROTOCOL, f"protocol error: {exc}", 1002, "protocol error"
         self.closed = True
         try:
             async with asyncio.timeout(HANG_UP_WAIT):
-                await self.send(m.Error(exc.req, m.ErrorCode.PROTOCOL, text))
+                await self.send(m.Error(exc.req, error, text))
                 await self.ws.close(code, reason)
         except TimeoutError:
             self.ws.transport.abort()

@@ -246,11 +246,11 @@ class UserDisks:
             return parent == (self.root / user_key(user)).resolve()
         return parent == self.root.resolve()
 
-    def mount_of(self, user: str) -> tuple[str, str] | None:
-        """``(device, folder)`` of ``user``'s filesystem, for a worker to mount; None
-        where there is none."""
+    def mount_of(self, user: str) -> tuple[str, str, int] | None:
+        """``(device, folder, device number)`` of ``user``'s filesystem, for a worker
+        to mount; None where there is none."""
         disk = self._disks.get(user)
-        return (disk.device, str(disk.folder)) if disk is not None else None
+        return (disk.device, str(disk.folder), os.stat(disk.device).st_rdev) if disk is not None else None
 
     def attach(self, user: str) -> UserDisk:
         """``user``'s filesystem, made and mounted if need be. Raises OSError."""

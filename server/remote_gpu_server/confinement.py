@@ -6,7 +6,8 @@ which it sends as JSON.
 
 1. :func:`prepare`, with a :class:`SpawnSpec`, is the first thing the worker
    does, while it is still a single thread and, under a root server, still
-   root. It sets the memory rlimit (when no cgroup holds the worker), moves
+   root. It sets the memory and process rlimits (when no cgroup holds the
+   worker; RLIMIT_NPROC binds once the worker is no longer root), moves
    into a mount namespace of its own with private, size-limited tmpfs on
    ``/tmp``, ``/var/tmp`` and ``/dev/shm``, and sets ``no_new_privs``. A
    mount namespace is per thread at the moment it is made: made here, before
@@ -74,6 +75,12 @@ class SpawnSpec:
     data_limit: int | None = None
     #: The limit as people read it ("4 GiB"), for the MemoryError message.
     limit_text: str | None = None
+    #: RLIMIT_NPROC, where no cgroup limits the worker's processes and threads.
+    nproc_limit: int | None = None
+    #: The worker's process limit however it is enforced, for the message in
+    #: the cell when it is reached; and its cgroup's ``pids.events``, if any.
+    pids_limit: int | None = None
+    pids_events: str | None = None
     #: Set ``no_new_privs``: no setuid program can raise the worker's privileges.
     no_new_privs: bool = True
     #: Paths kept reachable in the private namespace: ``(path, writable)``.
@@ -175,12 +182,14 @@ def _private_namespace(libc: Any, spec: SpawnSpec) -> None:
 
 def prepare(spec: SpawnSpec) -> None:
     """Confine this process at start; see the module docstring. Raises OSError."""
-    if spec.data_limit is not None:
-        import resource
+    import resource
 
+    if spec.data_limit is not None:
         # RLIMIT_DATA, not RLIMIT_AS: CUDA reserves far more address space
         # than it uses, with PROT_NONE mappings that RLIMIT_DATA ignores.
         resource.setrlimit(resource.RLIMIT_DATA, (spec.data_limit, spec.data_limit))
+    if spec.nproc_limit is not None:
+        resource.setrlimit(resource.RLIMIT_NPROC, (spec.nproc_limit, spec.nproc_limit))
     libc = _libc()
     if spec.private_tmp:
         _private_namespace(libc, spec)

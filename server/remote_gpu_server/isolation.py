@@ -23,8 +23,9 @@ lease time, what a death means, and a cleanup. The modes:
 
 In every mode a worker's environment comes from an allow-list (like
 JupyterHub's ``Spawner.env_keep``), its output goes to a pipe of its own
-(:mod:`.worker_output`), and its host memory is limited (see
-:mod:`.memory_limits`).
+(:mod:`.worker_output`), and its host memory and its number of processes and
+threads are limited, with a cgroup of its own where the server can make one
+(see :mod:`.cgroups`, :mod:`.memory_limits`, :mod:`.process_limits`).
 
 A session folder lives as long as its lease, across worker restarts within
 it, and is removed when the lease ends; ``/tmp`` is the worker's own.
@@ -45,10 +46,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .cgroups import Cgroups, WorkerCgroup
 from .confinement import ENV_VAR, PRIVATE_TMP, EnterSpec, SpawnSpec
 from .errors import IsolationError
 from .identities import DEFAULT_UID_RANGE, Identities, Identity, RunAs
 from .memory_limits import MemoryLimits, WorkerMemory, fair_share, parse_size
+from .process_limits import ProcessLimits, WorkerProcesses, nproc_counting, parse_pids
 from .sandbox import SandboxLayout, bubblewrap_argv, check_bubblewrap, find_bubblewrap, python_paths
 
 __all__ = ["ENV_KEEP", "Isolation", "IsolationConfig", "IsolationMode", "Tenant", "WorkerIsolation",
@@ -82,6 +85,8 @@ class IsolationConfig:
     no_isolation: bool = False
     #: ``--worker-memory``: ``auto`` (a fair share per slot), a size, or ``none``.
     worker_memory: str = "auto"
+    #: ``--worker-pids``: processes and threads per slot: ``auto``, a number, or ``none``.
+    worker_pids: str = "auto"
     #: ``--session-root``: where session folders go (default: ``sessions`` next to the store).
     session_root: Path | None = None
     #: ``--uid-range``: the dynamic uids.
@@ -135,7 +140,9 @@ class Isolation:
         self.mode = config.mode or IsolationMode.NONE  # chosen in start() unless given
         self.reason = ""  # why the mode is not a stronger one
         self.session_root = config.session_root or db.parent / "sessions"
-        self.memory = MemoryLimits.probe(None)
+        self.cgroups = Cgroups()
+        self.memory = MemoryLimits.choose(None, self.cgroups)
+        self.processes = ProcessLimits.choose(None, self.cgroups, (None, ""))
         self.identities: Identities | None = None
         self.bwrap: str | None = None
         self._only_user: str | None = None
@@ -146,7 +153,8 @@ class Isolation:
         """Workers as the server's user, no limits, session folders in a private
         temporary folder: what a bare pool gets."""
         root = Path(tempfile.mkdtemp(prefix="rgpu-sessions-"))
-        return cls(IsolationConfig(mode=IsolationMode.NONE, worker_memory="none", session_root=root),
+        return cls(IsolationConfig(mode=IsolationMode.NONE, worker_memory="none", worker_pids="none",
+                                   session_root=root),
                    Path("rgpu.sqlite3"))
 
     @property
@@ -154,19 +162,26 @@ class Isolation:
         return self.mode is not IsolationMode.NONE
 
     def start(self, slots: int, *, server_pid: int | None = None) -> None:
-        """Choose the mode and the memory control; raises IsolationError."""
+        """Choose the mode, the cgroups and the limits; raises IsolationError."""
         try:
             per_slot = (fair_share(slots) if self.config.worker_memory == "auto"
                         else parse_size(self.config.worker_memory))
         except ValueError as exc:
             raise IsolationError(f"--worker-memory: {exc}") from None
+        try:
+            pids = parse_pids(self.config.worker_pids, slots)
+        except ValueError as exc:
+            raise IsolationError(f"--worker-pids: {exc}") from None
         if self.config.mode is not None:
             self.mode = self.config.mode
         elif self.config.no_isolation:
             self.mode, self.reason = IsolationMode.NONE, "--no-isolation"
         else:
             self.mode = self._probe()
-        self.memory = MemoryLimits.probe(per_slot, pid=server_pid)
+        wanted = [name for name, limit in (("memory", per_slot), ("pids", pids)) if limit is not None]
+        self.cgroups = Cgroups.probe(wanted, pid=server_pid)
+        self.memory = MemoryLimits.choose(per_slot, self.cgroups)
+        self.processes = ProcessLimits.choose(pids, self.cgroups, nproc_counting(self.mode.value))
         if self.mode is IsolationMode.UIDS:
             os.umask(0o077)  # whatever the server writes from now on is its own
             self._protect_store()
@@ -208,7 +223,7 @@ class Isolation:
                 os.chmod(path, 0o600)
 
     def _announce(self) -> None:
-        memory = self.memory.describe()
+        memory = f"{self.memory.describe()}; processes: {self.processes.describe()}"
         if self.mode is IsolationMode.UIDS:
             log.info("workers are isolated: each user's run as a uid of their own (--run-as %s) with a "
                      "private /tmp; session folders in %s; memory: %s", self.config.run_as.value,
@@ -223,6 +238,8 @@ class Isolation:
         else:
             log.warning("workers are NOT isolated (%s): this server serves one user only; start it "
                         "with --no-isolation to share it anyway, without isolation", self.reason)
+        if self.memory.per_slot is not None and not self.memory.counts_shared_pages:
+            log.warning("worker memory: %s", self.memory.describe())
 
     def admit(self, user: str) -> str | None:
         """None if ``user`` may use workers here, else the one-line reason not."""
@@ -250,7 +267,7 @@ class Isolation:
             detail = f"Nothing here can isolate them ({self.reason}), so this server serves one user only."
         return {"isolated": self.isolated, "mode": self.mode.value, "run_as": self.config.run_as.value
                 if self.mode is IsolationMode.UIDS else None, "memory": self.memory.describe(),
-                "detail": detail}
+                "processes": self.processes.describe(), "detail": detail}
 
     # -- workers -------------------------------------------------------------
 
@@ -258,13 +275,18 @@ class Isolation:
         """How to start worker ``name`` on ``slots`` slots; ``runtime`` is its own
         runtime folder; ``tenant`` is given for a worker that replaces another
         within a lease."""
+        cgroup = WorkerCgroup()
         try:
-            memory = self.memory.for_worker(name, slots)
+            cgroup = self.cgroups.make(name)
+            memory = self.memory.for_worker(cgroup, slots)
+            processes = self.processes.for_worker(cgroup, slots)
         except OSError as exc:  # the cgroup could not be made: the worker limits itself
-            log.warning("worker %s: no memory cgroup (%s); it gets RLIMIT_DATA instead", name, exc)
-            limit = None if self.memory.per_slot is None else self.memory.per_slot * max(1, slots)
-            memory = WorkerMemory(limit, data_limit=limit)
-        return WorkerIsolation(self, name, runtime, memory, tenant)
+            log.warning("worker %s: no cgroup (%s); it limits itself with rlimits instead", name, exc)
+            cgroup.close()
+            cgroup = WorkerCgroup()
+            memory = self.memory.for_worker(cgroup, slots)
+            processes = self.processes.for_worker(cgroup, slots)
+        return WorkerIsolation(self, name, runtime, cgroup, memory, processes, tenant)
 
     def new_folder(self, owner: Identity | None) -> Path:
         """A fresh session folder, mode 0700, owned by ``owner`` (else the server)."""
@@ -309,7 +331,7 @@ class Isolation:
     def close(self) -> None:
         for tenant in list(self._tenants):
             self.release(tenant)
-        self.memory.close()
+        self.cgroups.close()
 
     def environment(self, extra: dict[str, str]) -> dict[str, str]:
         """A worker's environment: the allow-listed part of the server's, then ``extra``."""
@@ -329,12 +351,15 @@ class WorkerIsolation:
     :meth:`close` once it is dead.
     """
 
-    def __init__(self, isolation: Isolation, name: str, runtime: Path, memory: WorkerMemory,
-                 tenant: Tenant | None) -> None:
+    def __init__(self, isolation: Isolation, name: str, runtime: Path, cgroup: WorkerCgroup,
+                 memory: WorkerMemory, processes: WorkerProcesses, tenant: Tenant | None) -> None:
         self.isolation = isolation
         self.name = name
         self.runtime = runtime
+        #: Its cgroups (none where the server has none): they hold all of its processes.
+        self.cgroup = cgroup
         self.memory = memory
+        self.processes = processes
         self.tenant = tenant
         self.mode = isolation.mode
         #: The sandbox's session folder (bubblewrap binds it at start).
@@ -369,7 +394,10 @@ class WorkerIsolation:
         return bubblewrap_argv(isolation.bwrap, layout) + list(argv)
 
     def environment(self, extra: dict[str, str]) -> dict[str, str]:
-        spec = SpawnSpec(data_limit=self.memory.data_limit, limit_text=self.memory.limit_text)
+        processes = self.processes
+        spec = SpawnSpec(data_limit=self.memory.data_limit, limit_text=self.memory.limit_text,
+                         nproc_limit=processes.nproc, pids_limit=processes.limit,
+                         pids_events=str(processes.events) if processes.events is not None else None)
         env = dict(extra)
         if self.mode is IsolationMode.UIDS:
             expose = [(str(p), False) for p in python_paths()]
@@ -389,7 +417,7 @@ class WorkerIsolation:
         options: dict[str, Any] = {}
         if self.mode is IsolationMode.UIDS:
             options["cwd"] = "/"
-        join: Callable[[], None] | None = self.memory.join
+        join: Callable[[], None] | None = self.cgroup.join
         if join is not None:
             options["preexec_fn"] = join
         return options
@@ -432,11 +460,11 @@ class WorkerIsolation:
 
     def explain(self, returncode: int | None) -> str | None:
         """Why the worker ended, where isolation knows better than its exit code."""
-        return self.memory.explain(returncode)
+        return self.memory.explain(returncode) or self.processes.explain(returncode)
 
     def close(self) -> None:
         """Kill what is left of the worker (its cgroup) and remove its runtime folder."""
-        self.memory.close()
+        self.cgroup.close()
         shutil.rmtree(self.runtime, ignore_errors=True)
         if self.tenant is None and self.folder is not None:  # a sandbox never leased
             shutil.rmtree(self.folder, ignore_errors=True)

@@ -9,8 +9,8 @@ takes the union:
 - its **process tree**: the worker's main process and its descendants, walked
   with psutil before anything is signalled (a ``setsid`` child keeps its
   parent; it is orphaned only once the worker dies);
-- its **cgroup** (cgroup v2 or v1's memory hierarchy, see
-  :mod:`.memory_limits`): everything that ever started inside it, however it
+- its **cgroups** (cgroup v2, or each v1 hierarchy it has a group in, see
+  :mod:`.cgroups`): everything that ever started inside them, however it
   left the tree;
 - its **mark**: every worker has ``RGPU_WORKER=<mark>`` in its environment,
   which its children inherit; processes of the worker's uids that carry the
@@ -58,15 +58,15 @@ KILL_WAIT = 2.0
 class Scope:
     """Where one worker's processes are.
 
-    ``root``: its main process (None if it never started); ``cgroup``: its
-    cgroup's folder, where it has one; ``mark``: the value of
+    ``root``: its main process (None if it never started); ``cgroups``: its
+    cgroups' folders, where it has any; ``mark``: the value of
     :data:`MARK_VAR` it was started with (None: do not look for marks);
     ``uids``: the uids whose processes are looked at for the mark (empty:
     every uid this server may read).
     """
 
     root: int | None
-    cgroup: Path | None = None
+    cgroups: tuple[Path, ...] = ()
     mark: str | None = None
     uids: frozenset[int] = frozenset()
 
@@ -77,15 +77,14 @@ def _protected() -> set[int]:
     return {me.pid, *(p.pid for p in me.parents())}
 
 
-def _cgroup_pids(group: Path | None) -> list[int]:
-    if group is None:
-        return []
+def _cgroup_pids(groups: tuple[Path, ...]) -> list[int]:
     pids: list[int] = []
-    for procs in [group / "cgroup.procs", *group.glob("*/cgroup.procs")]:
-        try:
-            pids += [int(p) for p in procs.read_text().split()]
-        except (OSError, ValueError):
-            continue
+    for group in groups:
+        for procs in [group / "cgroup.procs", *group.glob("*/cgroup.procs")]:
+            try:
+                pids += [int(p) for p in procs.read_text().split()]
+            except (OSError, ValueError):
+                continue
     return pids
 
 
@@ -123,7 +122,7 @@ def members(scope: Scope) -> dict[int, psutil.Process]:
                 found.setdefault(child.pid, child)
         except psutil.Error:
             pass
-    add(_cgroup_pids(scope.cgroup))
+    add(_cgroup_pids(scope.cgroups))
     if scope.mark:
         add(_marked(scope.mark, scope.uids))
     for pid in _protected():
@@ -180,15 +179,16 @@ def stop(scope: Scope, grace: float, *, name: str = "worker") -> frozenset[int]:
         found = left
     if found:
         _signal(found.values(), signal.SIGKILL)
-        if scope.cgroup is not None and (scope.cgroup / "cgroup.kill").exists():
-            try:
-                fd = os.open(scope.cgroup / "cgroup.kill", os.O_WRONLY)
+        for group in scope.cgroups:
+            if (group / "cgroup.kill").exists():
                 try:
-                    os.write(fd, b"1")
-                finally:
-                    os.close(fd)
-            except OSError:
-                pass
+                    fd = os.open(group / "cgroup.kill", os.O_WRONLY)
+                    try:
+                        os.write(fd, b"1")
+                    finally:
+                        os.close(fd)
+                except OSError:
+                    pass
         left = _wait(found, KILL_WAIT)
         if left:
             log.warning("%s: process(es) %s did not end on SIGKILL (stuck in the kernel?)", name,

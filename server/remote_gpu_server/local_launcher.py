@@ -126,9 +126,9 @@ class Spawned:
             uids.add(tenant.identity.uid)
         # A sandbox's processes end with its pid namespace; elsewhere marks find
         # what no cgroup holds (a cgroup holds everything, so marks are not needed).
-        look = self.isolation.memory.group is None and not self.isolation.own_pid_namespace
-        return ladder.Scope(self.pid, self.isolation.memory.group, self.mark if look else None,
-                            frozenset(uids))
+        folders = self.isolation.cgroup.folders
+        look = not folders and not self.isolation.own_pid_namespace
+        return ladder.Scope(self.pid, folders, self.mark if look else None, frozenset(uids))
 
     async def terminate(self, name: str, grace: float) -> frozenset[int]:
         """The stop ladder (:func:`.ladder.stop`), then :meth:`close`; returns the pids found."""

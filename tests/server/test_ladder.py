@@ -137,11 +137,11 @@ def test_interrupts_that_land_while_the_output_and_the_notice_are_shown_still_cl
         assert fresh.stdout == "False\n"  # the next cell runs at once, on a fresh worker
 
 
-@pytest.mark.parametrize("args", [[], ["--no-isolation", "--worker-memory", "none"]],
+@pytest.mark.parametrize("args", [[], ["--no-isolation", "--worker-memory", "none", "--worker-pids", "none"]],
                          ids=["isolated", "no-cgroup"])
 def test_release_ends_what_the_cell_started_in_sessions_of_its_own(fresh_server: ServerProcess,
                                                                    args: list[str]) -> None:
-    """With a cgroup per worker, or (no isolation, no memory limit) through the mark it inherited."""
+    """With a cgroup per worker, or (no isolation, no limits) through the mark it inherited."""
     fresh_server.args = args
     fresh_server.start()
     with Client(fresh_server.url, fresh_server.token("alice")).session() as session:

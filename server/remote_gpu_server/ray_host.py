@@ -72,6 +72,7 @@ class WorkerHost:
         """What the worker takes on for ``user``'s lease, as the head decided who
         they run as; and the lease's tenancy (its session folder on this node)."""
         assert self._spawned is not None
+        self._spawned.note_namespaces()
         spec = self._spawned.isolation.enter_spec(user, identity)
         return spec, self._spawned.isolation.tenant
 

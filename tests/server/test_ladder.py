@@ -3,13 +3,14 @@
 A cell that ignores SIGINT is said to, and the next interrupt replaces its
 worker; a cancel over HTTP and a cell's timeout take the same ladder; every
 process the worker started goes, even one in a session of its own or one
-that a double fork left to init, and one that ignores SIGTERM gets SIGKILL
-after the grace.
+that a double fork left to init with an emptied environment, with or
+without a cgroup, and one that ignores SIGTERM gets SIGKILL after the grace.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -37,6 +38,18 @@ import os, subprocess, sys, time
 own = subprocess.Popen(["sleep", "600"], start_new_session=True)
 daemon = subprocess.run([sys.executable, "-c",
     "import subprocess; print(subprocess.Popen(['sleep', '600'], start_new_session=True, "
+    "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid)"],
+    capture_output=True, text=True, check=True).stdout.strip()
+print(os.getpid(), own.pid, daemon, flush=True)
+"""
+
+#: Like STARTS_STRAYS, but each stray also empties its environment (``env -i``),
+#: so no mark leads to it: one in a session of its own, one a double fork left to init.
+DROPS_ITS_MARK = """\
+import os, subprocess, sys
+own = subprocess.Popen(['env', '-i', 'setsid', 'sleep', '1000'])
+daemon = subprocess.run(['env', '-i', sys.executable, '-c',
+    "import subprocess; print(subprocess.Popen(['setsid', 'sleep', '1000'], "
     "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid)"],
     capture_output=True, text=True, check=True).stdout.strip()
 print(os.getpid(), own.pid, daemon, flush=True)
@@ -153,6 +166,34 @@ def test_release_ends_what_the_cell_started_in_sessions_of_its_own(fresh_server:
         assert psutil.Process(daemon).ppid() != kernel  # orphaned: only a cgroup or its mark finds it
     for pid in (kernel, own_session, daemon):
         assert _gone(pid), f"process {pid} outlived the release"
+
+
+def _alive(pids: list[int]) -> bool:
+    return all(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a root server gives each user a uid and a namespace: run as root")
+def test_without_a_cgroup_what_dropped_its_mark_is_found_by_its_namespace(fresh_server: ServerProcess) -> None:
+    """No memory or process limit, so no cgroup: a stray that emptied its environment
+    is found by the worker's mount namespace, and the same user's other session keeps its own."""
+    fresh_server.slots = "cpu:2"
+    fresh_server.args = ["--worker-memory", "none", "--worker-pids", "none"]
+    fresh_server.start()
+    token = fresh_server.token("alice")
+    assert ApiClient(fresh_server.url, token).status()["isolation"]["processes"] == "no process limit"
+    with Client(fresh_server.url, token).session() as other, Client(fresh_server.url, token).session() as session:
+        kept = _pids(other.execute(DROPS_ITS_MARK, on_output=lambda _: None).stdout)
+        strays = _pids(session.execute(DROPS_ITS_MARK, on_output=lambda _: None).stdout)
+        assert psutil.Process(strays[2]).ppid() != strays[0]  # orphaned
+        assert psutil.Process(strays[2]).uids().real == psutil.Process(kept[2]).uids().real  # one uid
+        session.restart()
+        assert session.execute("1 + 1", on_output=lambda _: None).ok
+        assert all(_gone(pid) for pid in strays), "a stray outlived the restart"
+        strays = _pids(session.execute(DROPS_ITS_MARK, on_output=lambda _: None).stdout)
+        session.release()
+        assert all(_gone(pid) for pid in strays), "a stray outlived the release"
+        assert _alive(kept)  # the other session's, of the same uid, live on
+    assert all(_gone(pid) for pid in kept)
 
 
 def test_a_restart_over_http_stops_the_cell_and_everything_it_started(ladder_server: ServerProcess) -> None:

@@ -51,7 +51,7 @@ from .confinement import ENV_VAR, PRIVATE_TMP, EnterSpec, SpawnSpec
 from .errors import IsolationError
 from .identities import DEFAULT_UID_RANGE, Identities, Identity, RunAs
 from .memory_limits import MemoryLimits, WorkerMemory, fair_share, parse_size
-from .process_limits import ProcessLimits, WorkerProcesses, nproc_counting, parse_pids
+from .process_limits import NprocCounting, ProcessLimits, WorkerProcesses, nproc_counting, parse_pids
 from .sandbox import SandboxLayout, bubblewrap_argv, check_bubblewrap, find_bubblewrap, python_paths
 
 __all__ = ["ENV_KEEP", "Isolation", "IsolationConfig", "IsolationMode", "Tenant", "WorkerIsolation",
@@ -142,7 +142,7 @@ class Isolation:
         self.session_root = config.session_root or db.parent / "sessions"
         self.cgroups = Cgroups()
         self.memory = MemoryLimits.choose(None, self.cgroups)
-        self.processes = ProcessLimits.choose(None, self.cgroups, (None, ""))
+        self.processes = ProcessLimits.choose(None, self.cgroups, NprocCounting(None))
         self.identities: Identities | None = None
         self.bwrap: str | None = None
         self._only_user: str | None = None
@@ -181,7 +181,7 @@ class Isolation:
         wanted = [name for name, limit in (("memory", per_slot), ("pids", pids)) if limit is not None]
         self.cgroups = Cgroups.probe(wanted, pid=server_pid)
         self.memory = MemoryLimits.choose(per_slot, self.cgroups)
-        self.processes = ProcessLimits.choose(pids, self.cgroups, nproc_counting(self.mode.value))
+        self.processes = ProcessLimits.choose(pids, self.cgroups, nproc_counting(self.mode.value), slots)
         if self.mode is IsolationMode.UIDS:
             os.umask(0o077)  # whatever the server writes from now on is its own
             self._protect_store()
@@ -240,6 +240,9 @@ class Isolation:
                         "with --no-isolation to share it anyway, without isolation", self.reason)
         if self.memory.per_slot is not None and not self.memory.counts_shared_pages:
             log.warning("worker memory: %s", self.memory.describe())
+        crowded = self.processes.crowding()
+        if crowded:
+            log.warning("%s", crowded)
 
     def admit(self, user: str) -> str | None:
         """None if ``user`` may use workers here, else the one-line reason not."""

@@ -21,7 +21,8 @@ threads per CPU core, and a DataLoader a process per worker.
    all of that user's workers together; a bubblewrap sandbox is a user
    namespace of its own, so the limit is the worker's (Linux 5.14 and later;
    before, every sandbox counts as the server's uid); without isolation
-   every worker and the server share one uid. Root is not subject to it.
+   every worker and the server share one uid, so each worker's RLIMIT_NPROC
+   is what all workers may run together. Root is not subject to it.
 
 Past the limit, ``fork``, ``clone`` and thread starts fail with EAGAIN
 ("Resource temporarily unavailable"); nothing else in the worker changes.
@@ -29,6 +30,7 @@ Past the limit, ``fork``, ``clone`` and thread starts fail with EAGAIN
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import os
 import platform
@@ -38,8 +40,8 @@ from pathlib import Path
 
 from .cgroups import Cgroups, WorkerCgroup, own_group, read_counter, write_value
 
-__all__ = ["DEFAULT_PER_SLOT", "MIN_PIDS", "ProcessControl", "ProcessLimits", "WorkerProcesses", "fair_pids",
-           "host_capacity", "nproc_counting", "parse_pids"]
+__all__ = ["DEFAULT_PER_SLOT", "MIN_PIDS", "NprocCounting", "ProcessControl", "ProcessLimits", "WorkerProcesses",
+           "fair_pids", "host_capacity", "nproc_counting", "parse_pids"]
 
 #: ``--worker-pids auto``: processes and threads per slot, where the host has room for them.
 DEFAULT_PER_SLOT = 4096
@@ -110,22 +112,35 @@ def _kernel_version(release: str) -> tuple[int, int]:
     return (int(found.group(1)), int(found.group(2))) if found else (0, 0)
 
 
-def nproc_counting(mode: str, euid: int | None = None, release: str | None = None) -> tuple[str | None, str]:
+@dataclasses.dataclass(frozen=True)
+class NprocCounting:
+    """How RLIMIT_NPROC counts a worker's tasks here; see :func:`nproc_counting`."""
+
+    #: In words; None where it cannot limit them.
+    how: str | None
+    #: Why it cannot, where it cannot.
+    why_not: str = ""
+    #: Every worker's tasks and the server's count together: a worker's
+    #: RLIMIT_NPROC is then what all workers may run together.
+    shared: bool = False
+
+
+def nproc_counting(mode: str, euid: int | None = None, release: str | None = None) -> NprocCounting:
     """How RLIMIT_NPROC counts a worker's tasks under isolation ``mode`` (an
-    :class:`.isolation.IsolationMode` value): ``(how, "")``, or ``(None, why it
-    cannot limit them)``."""
+    :class:`.isolation.IsolationMode` value)."""
     euid = os.geteuid() if euid is None else euid
     release = platform.release() if release is None else release
     if mode == "uids":
-        return "per user, over all of their workers", ""
+        return NprocCounting("per user, over all of their workers")
     if mode == "bubblewrap":
         if _kernel_version(release) >= (5, 14):
-            return "per worker: each sandbox is a user namespace of its own", ""
-        return None, (f"Linux {release} counts RLIMIT_NPROC per uid, not per user namespace as 5.14 and "
-                      "later do, and every sandbox runs as the server's uid")
+            return NprocCounting("per worker: each sandbox is a user namespace of its own")
+        return NprocCounting(None, f"Linux {release} counts RLIMIT_NPROC per uid, not per user namespace as "
+                                   "5.14 and later do, and every sandbox runs as the server's uid")
     if euid == 0:
-        return None, "workers run as root, which RLIMIT_NPROC does not limit"
-    return "over every process of the server's uid, the server's own included", ""
+        return NprocCounting(None, "workers run as root, which RLIMIT_NPROC does not limit")
+    return NprocCounting("over every process of the server's uid, the server's own included, so for all "
+                         "workers together", shared=True)
 
 
 class WorkerProcesses:
@@ -166,38 +181,55 @@ class ProcessLimits:
     """
 
     def __init__(self, control: ProcessControl, per_slot: int | None, reason: str = "",
-                 counting: tuple[str | None, str] = (None, "")) -> None:
+                 counting: NprocCounting = NprocCounting(None), slots: int = 1) -> None:
         self.control = control
         self.per_slot = per_slot
         self.reason = reason  # why there is no pids cgroup, where there is none
-        #: How RLIMIT_NPROC counts here, or None and why it cannot be used.
+        #: How RLIMIT_NPROC counts here (also for a worker whose cgroup could not be made).
         self.counting = counting
+        #: The server's slots: what all workers together may hold.
+        self.slots = slots
 
     @classmethod
-    def choose(cls, per_slot: int | None, cgroups: Cgroups, counting: tuple[str | None, str]) -> ProcessLimits:
+    def choose(cls, per_slot: int | None, cgroups: Cgroups, counting: NprocCounting,
+               slots: int = 1) -> ProcessLimits:
         """The pids controller where ``cgroups`` has it, else RLIMIT_NPROC where it
-        can fence (``counting``, from :func:`nproc_counting`), else none."""
+        can fence (``counting``, from :func:`nproc_counting`), else none; ``slots``:
+        the server's."""
         if per_slot is None:
-            return cls(ProcessControl.NONE, None, f"{FLAG} none", counting)
+            return cls(ProcessControl.NONE, None, f"{FLAG} none", counting, slots)
         version = cgroups.version("pids")
         if version:
             return cls(ProcessControl.CGROUP_V2 if version == 2 else ProcessControl.CGROUP_V1, per_slot,
-                       counting=counting)
+                       counting=counting, slots=slots)
         reason = cgroups.reasons.get("pids", "")
-        control = ProcessControl.RLIMIT if counting[0] is not None else ProcessControl.NONE
-        return cls(control, per_slot, reason, counting)
+        control = ProcessControl.RLIMIT if counting.how is not None else ProcessControl.NONE
+        return cls(control, per_slot, reason, counting, slots)
 
     def describe(self) -> str:
         """One line for the log and ``/api/status``."""
         if self.per_slot is None:
             return "no process limit"
-        how, why_not = self.counting
         if self.control is ProcessControl.NONE:
-            return f"no process limit: no pids cgroup ({self.reason or 'unknown'}), and {why_not}"
+            return f"no process limit: no pids cgroup ({self.reason or 'unknown'}), and {self.counting.why_not}"
         text = f"{self.per_slot} processes and threads per slot ({self.control.value}"
         if self.control is ProcessControl.RLIMIT:
-            return f"{text}, {how}; no pids cgroup: {self.reason or 'unknown'})"
+            return f"{text}, {self.counting.how}; no pids cgroup: {self.reason or 'unknown'})"
         return text + ")"
+
+    def crowding(self, capacity: int | None = None) -> str | None:
+        """A warning where all workers together may take more than :data:`HOST_SHARE`
+        of the host's process table (an explicit ``--worker-pids``), else None."""
+        if self.per_slot is None or self.control is ProcessControl.NONE:
+            return None
+        capacity = host_capacity() if capacity is None else capacity
+        total = self.per_slot * self.slots
+        if total <= capacity * HOST_SHARE:
+            return None
+        return (f"{FLAG} {self.per_slot}: the workers of {self.slots} slot(s) may run {total} processes and "
+                f"threads together, more than {HOST_SHARE:.0%} of the {capacity} this host lets the server "
+                f"have; fork bombs in them could leave the server unable to start a thread ({FLAG} auto "
+                "divides the host's share)")
 
     def for_worker(self, cgroup: WorkerCgroup, slots: int) -> WorkerProcesses:
         """The limit of a worker on ``slots`` slots, in ``cgroup``'s pids group where it
@@ -210,6 +242,6 @@ class ProcessLimits:
         if group is not None:
             write_value(group / "pids.max", str(limit))
             return WorkerProcesses(limit, events=group / "pids.events")
-        if self.counting[0] is not None:
-            return WorkerProcesses(limit, nproc=limit)
+        if self.counting.how is not None:
+            return WorkerProcesses(limit, nproc=self.per_slot * self.slots if self.counting.shared else limit)
         return WorkerProcesses(None)

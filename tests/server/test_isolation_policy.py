@@ -12,7 +12,7 @@ from remote_gpu_server.errors import IsolationError
 from remote_gpu_server.isolation import Isolation, IsolationConfig, IsolationMode
 from remote_gpu_server.cgroups import Cgroups, _Hierarchy
 from remote_gpu_server.memory_limits import MemoryControl, MemoryLimits
-from remote_gpu_server.process_limits import ProcessControl, ProcessLimits
+from remote_gpu_server.process_limits import NprocCounting, ProcessControl, ProcessLimits
 
 
 def test_a_worker_environment_keeps_only_the_allow_list(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -56,7 +56,7 @@ def test_a_worker_whose_cgroup_cannot_be_made_limits_itself(tmp_path: Path) -> N
     missing = _Hierarchy(1, tmp_path / "no-such-cgroup")
     isolation.cgroups = Cgroups({"memory": missing, "pids": missing})
     isolation.memory = MemoryLimits(MemoryControl.CGROUP_V1, 256 << 20)
-    isolation.processes = ProcessLimits(ProcessControl.CGROUP_V1, 100, counting=("per user", ""))
+    isolation.processes = ProcessLimits(ProcessControl.CGROUP_V1, 100, counting=NprocCounting("per user"))
     worker = isolation.prepare("w1", 2, tmp_path / "w1")
     assert worker.memory.data_limit == 512 << 20 and worker.cgroup.join is None
     assert worker.processes.nproc == 200 and worker.processes.events is None

@@ -76,16 +76,27 @@ def test_the_hosts_capacity_is_the_least_of_its_limits_and_the_servers_cgroup(tm
 
 
 def test_rlimit_nproc_counts_per_user_per_sandbox_or_not_at_all() -> None:
-    how, _ = nproc_counting("uids", euid=0)
-    assert how is not None and "per user" in how
-    how, _ = nproc_counting("bubblewrap", euid=1000, release="6.18.44-fc")
-    assert how is not None and "per worker" in how
-    how, why = nproc_counting("bubblewrap", euid=1000, release="5.10.0-28-amd64")
-    assert how is None and "5.14" in why
-    how, why = nproc_counting("none", euid=0)
-    assert how is None and "root" in why
-    how, _ = nproc_counting("none", euid=1000)
-    assert how is not None and "the server's own included" in how
+    user = nproc_counting("uids", euid=0)
+    assert user.how is not None and "per user" in user.how and not user.shared
+    sandbox = nproc_counting("bubblewrap", euid=1000, release="6.18.44-fc")
+    assert sandbox.how is not None and "per worker" in sandbox.how and not sandbox.shared
+    old = nproc_counting("bubblewrap", euid=1000, release="5.10.0-28-amd64")
+    assert old.how is None and "5.14" in old.why_not
+    root = nproc_counting("none", euid=0)
+    assert root.how is None and "root" in root.why_not
+    shared = nproc_counting("none", euid=1000)
+    assert shared.how is not None and "the server's own included" in shared.how and shared.shared
+    # One count for every worker and the server: each worker's rlimit is what all may run together.
+    together = ProcessLimits.choose(100, Cgroups(), shared, slots=4).for_worker(WorkerCgroup(), slots=1)
+    assert (together.limit, together.nproc) == (100, 400)
+
+
+def test_an_explicit_limit_that_lets_workers_take_the_host_is_warned_of() -> None:
+    limits = ProcessLimits.choose(4096, Cgroups(), nproc_counting("uids", euid=0), slots=8)
+    warning = limits.crowding(capacity=32768)
+    assert warning is not None and "may run 32768 processes and threads together" in warning
+    assert ProcessLimits.choose(fair_pids(8, 32768), Cgroups(), nproc_counting("uids", euid=0),
+                                slots=8).crowding(capacity=32768) is None
 
 
 def test_each_control_says_what_it_is_and_why_not_a_cgroup() -> None:

@@ -431,10 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="host memory limit of a worker per slot it holds, like 8G; auto (the "
                           "default): 90%% of the host's memory divided by the slots; none: no limit")
     iso.add_argument("--worker-pids", default=os.environ.get("RGPU_WORKER_PIDS", "auto"), metavar="N",
-                     help="processes and threads a worker may run per slot it holds, threads "
-                          "included (a cgroup's pids.max, else RLIMIT_NPROC); auto (the default): "
-                          "4096, or less where 90%% of the host's process table divided by the slots "
-                          "is less; none: no limit (default: $RGPU_WORKER_PIDS, else auto)")
+                     help="processes and threads (each counts) a worker may run per slot it holds, "
+                          "as a cgroup's pids.max, else RLIMIT_NPROC; auto: 4096, or each slot's share "
+                          "of 90%% of the host's process table where that is less; none: no limit "
+                          "(default: $RGPU_WORKER_PIDS, else auto)")
     iso.add_argument("--session-root", metavar="DIR",
                      help="where each lease's session folder goes (default: sessions/ next to the store)")
     iso.add_argument("--worker-env", action="append", default=[], metavar="NAME",

@@ -38,8 +38,8 @@ def sandboxed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProces
     if shutil.which("bwrap") is None:
         pytest.skip("bubblewrap is not installed: apt-get install bubblewrap (scripts/setup.sh does)")
     tmp = tmp_path_factory.mktemp("sandboxed")
-    server = ServerProcess(tmp, "cpu:2", "--worker-memory", "1G", "--worker-pids", str(PIDS),
-                           launcher=launcher(str(tmp)))
+    server = ServerProcess(tmp, "cpu:2", "--worker-memory", "1G", launcher=launcher(str(tmp)),
+                           env={"RGPU_WORKER_PIDS": str(PIDS)})  # the flag's variable
     server.tokens = {user: server.token(user) for user in ("alice", "bob")}  # type: ignore[attr-defined]
     server.start()
     yield server

@@ -173,14 +173,22 @@ def _alive(pids: list[int]) -> bool:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a root server gives each user a uid and a namespace: run as root")
-def test_without_a_cgroup_what_dropped_its_mark_is_found_by_its_namespace(fresh_server: ServerProcess) -> None:
-    """No memory or process limit, so no cgroup: a stray that emptied its environment
-    is found by the worker's mount namespace, and the same user's other session keeps its own."""
+@pytest.mark.parametrize("pids", ["auto", "none"], ids=["pids-cgroup", "no-cgroup"])
+def test_what_dropped_its_mark_goes_with_its_worker_and_only_that_worker(fresh_server: ServerProcess,
+                                                                         pids: str) -> None:
+    """With no memory limit, a worker's pids cgroup still holds what it started;
+    with no limit at all, no cgroup does: a stray that emptied its environment is
+    then found by the worker's mount namespace. The same user's other session
+    keeps its own either way."""
     fresh_server.slots = "cpu:2"
-    fresh_server.args = ["--worker-memory", "none", "--worker-pids", "none"]
+    fresh_server.args = ["--worker-memory", "none", "--worker-pids", pids]
     fresh_server.start()
     token = fresh_server.token("alice")
-    assert ApiClient(fresh_server.url, token).status()["isolation"]["processes"] == "no process limit"
+    processes = ApiClient(fresh_server.url, token).status()["isolation"]["processes"]
+    if pids == "auto":
+        assert processes.endswith(("(cgroup v1 pids)", "(cgroup v2 pids)")), processes
+    else:
+        assert processes == "no process limit"
     with Client(fresh_server.url, token).session() as other, Client(fresh_server.url, token).session() as session:
         kept = _pids(other.execute(DROPS_ITS_MARK, on_output=lambda _: None).stdout)
         strays = _pids(session.execute(DROPS_ITS_MARK, on_output=lambda _: None).stdout)

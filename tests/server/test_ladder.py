@@ -202,6 +202,7 @@ def test_what_dropped_its_mark_goes_with_its_worker_and_only_that_worker(fresh_s
         assert all(_gone(pid) for pid in strays), "a stray outlived the release"
         assert _alive(kept)  # the other session's, of the same uid, live on
     assert all(_gone(pid) for pid in kept)
+    fresh_server.stop()  # a clean stop removes the server's cgroups too
 
 
 def test_a_restart_over_http_stops_the_cell_and_everything_it_started(ladder_server: ServerProcess) -> None:

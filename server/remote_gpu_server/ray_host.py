@@ -16,6 +16,7 @@ the package and Ray, nothing else.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -99,6 +100,8 @@ class WorkerHost:
             pids = await spawned.terminate(self._name, grace)
         if self._launcher is not None:
             await self._launcher.close()
+            # This actor's cgroups held its one worker; the lease's folder stays (a restart reuses it).
+            await asyncio.to_thread(self._launcher.isolation.cgroups.close)
         return sorted(pids)
 
     async def kill(self) -> None:

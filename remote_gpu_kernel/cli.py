@@ -109,6 +109,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         certfile, keyfile = _serve_tls(args)
         isolation = IsolationConfig(
             run_as=RunAs(args.run_as), no_isolation=args.no_isolation, worker_memory=args.worker_memory,
+            worker_pids=args.worker_pids,
             session_root=Path(args.session_root) if args.session_root else None,
             session_disk=args.session_disk,
             uid_range=parse_uid_range(args.uid_range) if args.uid_range else DEFAULT_UID_RANGE,
@@ -462,6 +463,11 @@ def build_parser() -> argparse.ArgumentParser:
     iso.add_argument("--worker-memory", default="auto", metavar="SIZE",
                      help="host memory limit of a worker per slot it holds, like 8G; auto (the "
                           "default): 90%% of the host's memory divided by the slots; none: no limit")
+    iso.add_argument("--worker-pids", default=os.environ.get("RGPU_WORKER_PIDS", "auto"), metavar="N",
+                     help="processes and threads (each counts) a worker may run per slot it holds, "
+                          "as a cgroup's pids.max, else RLIMIT_NPROC; auto: 4096, or each slot's share "
+                          "of 90%% of the host's process table where that is less; none: no limit "
+                          "(default: $RGPU_WORKER_PIDS, else auto)")
     iso.add_argument("--session-root", metavar="DIR",
                      help="where each lease's session folder goes (default: sessions/ next to the store)")
     iso.add_argument("--session-disk", default="auto", metavar="SIZE",

@@ -65,6 +65,8 @@ MODULES = [
     "remote_gpu_server.isolation",
     "remote_gpu_server.identities",
     "remote_gpu_server.memory_limits",
+    "remote_gpu_server.cgroups",
+    "remote_gpu_server.process_limits",
     "remote_gpu_server.sandbox",
     "remote_gpu_server.confinement",
     "remote_gpu_server.worker_output",

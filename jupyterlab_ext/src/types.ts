@@ -146,8 +146,10 @@ export interface IIsolation {
   /** `uids`, `bubblewrap` or `none`. */
   mode: string;
   run_as?: string | null;
-  /** The host memory limit of workers, in words. */
+  /** The host memory limit of workers, in words (and what it does not count). */
   memory?: string;
+  /** How many processes and threads a worker may run, in words. */
+  processes?: string;
   /** One sentence that says how workers are (or are not) isolated. */
   detail: string;
 }

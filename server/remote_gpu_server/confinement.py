@@ -6,7 +6,8 @@ which it sends as JSON.
 
 1. :func:`prepare`, with a :class:`SpawnSpec`, is the first thing the worker
    does, while it is still a single thread and, under a root server, still
-   root. It sets the memory rlimit (when no cgroup holds the worker) and the
+   root. It sets the memory and process rlimits (when no cgroup holds the
+   worker; RLIMIT_NPROC binds once the worker is no longer root) and the
    file size rlimit (where the server only measures its users' disks), moves
    into an IPC namespace of its own (its SysV shared memory, semaphores and
    message queues, and its POSIX message queues, are its own, go with it,
@@ -105,6 +106,12 @@ class SpawnSpec:
     #: RLIMIT_FSIZE in bytes: the largest file the worker may write (the user's
     #: disk limit, where the server only measures it).
     file_limit: int | None = None
+    #: RLIMIT_NPROC, where no cgroup limits the worker's processes and threads.
+    nproc_limit: int | None = None
+    #: The worker's process limit however it is enforced, for the message in
+    #: the cell when it is reached; and its cgroup's ``pids.events``, if any.
+    pids_limit: int | None = None
+    pids_events: str | None = None
     #: Set ``no_new_privs``: no setuid program can raise the worker's privileges.
     no_new_privs: bool = True
     #: Paths kept reachable in the private namespace: ``(path, writable)``.
@@ -282,16 +289,16 @@ def _private_ipc(libc: Any, limit: int | None) -> None:
 
 def prepare(spec: SpawnSpec) -> None:
     """Confine this process at start; see the module docstring. Raises OSError."""
-    if spec.data_limit is not None:
-        import resource
+    import resource
 
+    if spec.data_limit is not None:
         # RLIMIT_DATA, not RLIMIT_AS: CUDA reserves far more address space
         # than it uses, with PROT_NONE mappings that RLIMIT_DATA ignores.
         resource.setrlimit(resource.RLIMIT_DATA, (spec.data_limit, spec.data_limit))
     if spec.file_limit is not None:
-        import resource
-
         resource.setrlimit(resource.RLIMIT_FSIZE, (spec.file_limit, spec.file_limit))
+    if spec.nproc_limit is not None:
+        resource.setrlimit(resource.RLIMIT_NPROC, (spec.nproc_limit, spec.nproc_limit))
     libc = _libc()
     if spec.private_ipc:
         _private_ipc(libc, spec.ipc_limit)

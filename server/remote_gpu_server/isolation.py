@@ -26,14 +26,16 @@ lease time, what a death means, and a cleanup. The modes:
 
 In every mode a worker's environment comes from an allow-list (like
 JupyterHub's ``Spawner.env_keep``), its output goes to a pipe of its own
-(:mod:`.worker_output`), its host memory is limited (see
-:mod:`.memory_limits`), its user's session folders share one disk
-limit (see :mod:`.user_disks`), and it listens on no network port: its
-sockets are ``ipc://`` paths that only it and the server reach (ipykernel's
-IOPub pipe included, see :mod:`.worker_iopub`), or, for a worker of a Ray
-node, ports that answer only the keys of its server. Isolated, a worker can
-open the device files of the GPUs it was started for and no others (see
-:mod:`.devices`): a worker on CPU slots none at all.
+(:mod:`.worker_output`), its host memory and its number of processes and
+threads are limited, with a cgroup of its own where the server can make one
+(see :mod:`.cgroups`, :mod:`.memory_limits`, :mod:`.process_limits`), its
+user's session folders share one disk limit (see :mod:`.user_disks`), and it
+listens on no network port: its sockets are ``ipc://`` paths that only it
+and the server reach (ipykernel's IOPub pipe included, see
+:mod:`.worker_iopub`), or, for a worker of a Ray node, ports that answer only
+the keys of its server. Isolated, a worker can open the device files of the
+GPUs it was started for and no others (see :mod:`.devices`): a worker on CPU
+slots none at all.
 
 A session folder lives as long as its lease, across worker restarts within
 it, and is removed when the lease ends, by a thread of its own (see
@@ -57,12 +59,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from .cgroups import Cgroups, WorkerCgroup
 from .confinement import ENV_VAR, IOPUB_DIR_VAR, PRIVATE_TMP, EnterSpec, SpawnSpec
 from .devices import DeviceFile, DeviceTree
 from .errors import IsolationError
 from .folder_removal import FolderRemover
 from .identities import DEFAULT_UID_RANGE, Identities, Identity, RunAs
 from .memory_limits import MemoryLimits, WorkerMemory, fair_share, format_size, parse_size
+from .process_limits import NprocCounting, ProcessLimits, WorkerProcesses, nproc_counting, parse_pids
 from .sandbox import SandboxLayout, bubblewrap_argv, check_bubblewrap, find_bubblewrap, python_paths
 from .uid_registry import DEFAULT_PATH as DEFAULT_UID_REGISTRY
 from .user_disks import DiskMode, UserDisks
@@ -102,6 +106,8 @@ class IsolationConfig:
     no_isolation: bool = False
     #: ``--worker-memory``: ``auto`` (a fair share per slot), a size, or ``none``.
     worker_memory: str = "auto"
+    #: ``--worker-pids``: processes and threads per slot: ``auto``, a number, or ``none``.
+    worker_pids: str = "auto"
     #: ``--session-root``: where session folders go (default: ``sessions`` next to the store).
     session_root: Path | None = None
     #: ``--session-disk``: each user's disk for session folders: ``auto``, a size, or ``none``.
@@ -174,7 +180,9 @@ class Isolation:
         self.mode = config.mode or IsolationMode.NONE  # chosen in start() unless given
         self.reason = ""  # why the mode is not a stronger one
         self.session_root = config.session_root or db.parent / "sessions"
-        self.memory = MemoryLimits.probe(None)
+        self.cgroups = Cgroups()
+        self.memory = MemoryLimits.choose(None, self.cgroups)
+        self.processes = ProcessLimits.choose(None, self.cgroups, NprocCounting(None))
         self.identities: Identities | None = None
         self.bwrap: str | None = None
         #: Each user's disk limit (see :mod:`.user_disks`); none until :meth:`start` asks for one.
@@ -191,7 +199,8 @@ class Isolation:
         """Workers as the server's user, no limits, session folders in a private
         temporary folder: what a bare pool gets."""
         root = Path(tempfile.mkdtemp(prefix="rgpu-sessions-"))
-        return cls(IsolationConfig(mode=IsolationMode.NONE, worker_memory="none", session_root=root),
+        return cls(IsolationConfig(mode=IsolationMode.NONE, worker_memory="none", worker_pids="none",
+                                   session_root=root),
                    Path("rgpu.sqlite3"))
 
     @property
@@ -199,20 +208,27 @@ class Isolation:
         return self.mode is not IsolationMode.NONE
 
     def start(self, slots: int, *, server_pid: int | None = None, disks: bool = False) -> None:
-        """Choose the mode, the memory control and (``disks``: on this server's
+        """Choose the mode, the cgroups, the limits and (``disks``: on this server's
         own machine) the users' disk limit; raises IsolationError."""
         try:
             per_slot = (fair_share(slots) if self.config.worker_memory == "auto"
                         else parse_size(self.config.worker_memory))
         except ValueError as exc:
             raise IsolationError(f"--worker-memory: {exc}") from None
+        try:
+            pids = parse_pids(self.config.worker_pids, slots)
+        except ValueError as exc:
+            raise IsolationError(f"--worker-pids: {exc}") from None
         if self.config.mode is not None:
             self.mode = self.config.mode
         elif self.config.no_isolation:
             self.mode, self.reason = IsolationMode.NONE, "--no-isolation"
         else:
             self.mode = self._probe()
-        self.memory = MemoryLimits.probe(per_slot, pid=server_pid)
+        wanted = [name for name, limit in (("memory", per_slot), ("pids", pids)) if limit is not None]
+        self.cgroups = Cgroups.probe(wanted, pid=server_pid)
+        self.memory = MemoryLimits.choose(per_slot, self.cgroups)
+        self.processes = ProcessLimits.choose(pids, self.cgroups, nproc_counting(self.mode.value), slots)
         if self.isolated:
             if self.config.device_root is not None:
                 log.warning("NVIDIA device files are looked for under %s, not / (a test's stand-in, "
@@ -288,7 +304,7 @@ class Isolation:
             self.remover.sweep(folder)
 
     def _announce(self) -> None:
-        memory = self.memory.describe()
+        memory = f"{self.memory.describe()}; processes: {self.processes.describe()}"
         if self.disks.mode is not DiskMode.NONE:
             log.info("session folders: %s", self.disks.describe())
         if self.mode is IsolationMode.UIDS:
@@ -307,6 +323,11 @@ class Isolation:
         else:
             log.warning("workers are NOT isolated (%s): this server serves one user only; start it "
                         "with --no-isolation to share it anyway, without isolation", self.reason)
+        if self.memory.per_slot is not None and not self.memory.counts_shared_pages:
+            log.warning("worker memory: %s", self.memory.describe())
+        crowded = self.processes.crowding()
+        if crowded:
+            log.warning("%s", crowded)
 
     def admit(self, user: str) -> str | None:
         """None if ``user`` may use workers here, else the one-line reason not."""
@@ -334,7 +355,7 @@ class Isolation:
             detail = f"Nothing here can isolate them ({self.reason}), so this server serves one user only."
         return {"isolated": self.isolated, "mode": self.mode.value, "run_as": self.config.run_as.value
                 if self.mode is IsolationMode.UIDS else None, "memory": self.memory.describe(),
-                "disk": self.disks.describe(), "detail": detail}
+                "disk": self.disks.describe(), "processes": self.processes.describe(), "detail": detail}
 
     # -- workers -------------------------------------------------------------
 
@@ -344,16 +365,22 @@ class Isolation:
         runtime folder; ``tenant`` is given for a worker that replaces another
         within a lease; ``gpus`` is its ``CUDA_VISIBLE_DEVICES``: the GPUs whose
         device files it gets (none for "")."""
+        cgroup = WorkerCgroup()
         try:
-            memory = self.memory.for_worker(name, slots)
+            cgroup = self.cgroups.make(name)
+            memory = self.memory.for_worker(cgroup, slots)
+            processes = self.processes.for_worker(cgroup, slots)
         except OSError as exc:  # the cgroup could not be made: the worker limits itself
-            log.warning("worker %s: no memory cgroup (%s); it gets RLIMIT_DATA instead", name, exc)
-            limit = None if self.memory.per_slot is None else self.memory.per_slot * max(1, slots)
-            memory = WorkerMemory(limit, data_limit=limit)
+            log.warning("worker %s: no cgroup (%s); it limits itself with rlimits instead", name, exc)
+            cgroup.close()
+            cgroup = WorkerCgroup()
+            memory = self.memory.for_worker(cgroup, slots)
+            processes = self.processes.for_worker(cgroup, slots)
         if not self.isolated:
-            return WorkerIsolation(self, name, runtime, memory, tenant, cuda_visible_devices=gpus)
-        return WorkerIsolation(self, name, runtime, memory, tenant, self.devices.for_worker(gpus),
-                               self.devices.visible_devices(gpus))
+            return WorkerIsolation(self, name, runtime, cgroup, memory, processes, tenant,
+                                   cuda_visible_devices=gpus)
+        return WorkerIsolation(self, name, runtime, cgroup, memory, processes, tenant,
+                               self.devices.for_worker(gpus), self.devices.visible_devices(gpus))
 
     def new_folder(self, owner: Identity | None, user: str | None = None) -> Path:
         """A fresh session folder, mode 0700, owned by ``owner`` (else the server), on
@@ -434,9 +461,9 @@ class Isolation:
         disks. Blocks until the folders are deleted, or a few seconds."""
         for tenant in list(self._tenants):
             self.release(tenant)
-        self.memory.close()
         self.remover.close()
         self.disks.close()
+        self.cgroups.close()
 
     def environment(self, extra: dict[str, str]) -> dict[str, str]:
         """A worker's environment: the allow-listed part of the server's, then ``extra``."""
@@ -456,13 +483,16 @@ class WorkerIsolation:
     :meth:`close` once it is dead.
     """
 
-    def __init__(self, isolation: Isolation, name: str, runtime: Path, memory: WorkerMemory,
-                 tenant: Tenant | None, devices: tuple[DeviceFile, ...] = (),
-                 cuda_visible_devices: str = "") -> None:
+    def __init__(self, isolation: Isolation, name: str, runtime: Path, cgroup: WorkerCgroup,
+                 memory: WorkerMemory, processes: WorkerProcesses, tenant: Tenant | None,
+                 devices: tuple[DeviceFile, ...] = (), cuda_visible_devices: str = "") -> None:
         self.isolation = isolation
         self.name = name
         self.runtime = runtime
+        #: Its cgroups (none where the server has none): they hold all of its processes.
+        self.cgroup = cgroup
         self.memory = memory
+        self.processes = processes
         self.tenant = tenant
         self.mode = isolation.mode
         #: The device files it may open (its GPUs' and the control files; see :mod:`.devices`).
@@ -503,8 +533,10 @@ class WorkerIsolation:
         # Where the server only measures the users' disks, no one file may outgrow
         # the limit between two of its looks (see user_disks).
         file_limit = disks.limit if disks.mode is DiskMode.SERVER else None
+        processes = self.processes
         spec = SpawnSpec(data_limit=self.memory.data_limit, limit_text=self.memory.limit_text,
-                         file_limit=file_limit)
+                         file_limit=file_limit, nproc_limit=processes.nproc, pids_limit=processes.limit,
+                         pids_events=str(processes.events) if processes.events is not None else None)
         env = dict(extra)
         if disks.limit is not None and disks.mode is not DiskMode.NONE:
             env[DISK_VAR] = format_size(disks.limit)
@@ -537,7 +569,7 @@ class WorkerIsolation:
         options: dict[str, Any] = {}
         if self.mode is IsolationMode.UIDS:
             options["cwd"] = "/"
-        join: Callable[[], None] | None = self.memory.join
+        join: Callable[[], None] | None = self.cgroup.join
         if join is not None:
             options["preexec_fn"] = join
         return options
@@ -582,11 +614,11 @@ class WorkerIsolation:
 
     def explain(self, returncode: int | None) -> str | None:
         """Why the worker ended, where isolation knows better than its exit code."""
-        return self.memory.explain(returncode)
+        return self.memory.explain(returncode) or self.processes.explain(returncode)
 
     def close(self) -> None:
         """Kill what is left of the worker (its cgroup) and remove its runtime folder."""
-        self.memory.close()
+        self.cgroup.close()
         shutil.rmtree(self.runtime, ignore_errors=True)
         if self.tenant is None and self.folder is not None:  # a sandbox never leased
             self.isolation.remover.remove(self.folder)

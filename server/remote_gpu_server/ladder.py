@@ -3,21 +3,27 @@
 Killing a worker's process group misses what its user's code started in a
 session of its own (``setsid``, ``subprocess.Popen(start_new_session=True)``,
 a daemon that forked twice), and such a process can keep GPU memory long
-after the lease ended. :func:`stop` finds a worker's processes three ways and
+after the lease ended. :func:`stop` finds a worker's processes four ways and
 takes the union:
 
 - its **process tree**: the worker's main process and its descendants, walked
   with psutil before anything is signalled (a ``setsid`` child keeps its
   parent; it is orphaned only once the worker dies);
-- its **cgroup** (cgroup v2 or v1's memory hierarchy, see
-  :mod:`.memory_limits`): everything that ever started inside it, however it
+- its **cgroups** (cgroup v2, or each v1 hierarchy it has a group in, see
+  :mod:`.cgroups`): everything that ever started inside them, however it
   left the tree;
-- its **mark**: every worker has ``RGPU_WORKER=<mark>`` in its environment,
-  which its children inherit; processes of the worker's uids that carry the
-  mark belong to it even when orphaned (a double fork) and no cgroup holds
-  them. This is how processes "left under its uid" are found without
-  touching the same user's other workers (a user's dynamic uid is shared by
-  all their leases).
+- its **namespaces**, where no cgroup holds it: a worker of a root server
+  has a mount namespace of its own (see :mod:`.confinement`), which its
+  children inherit and which a process without privileges cannot leave
+  except into a new user namespace. Every process of the worker's uids in
+  one of its namespaces is the worker's, even orphaned (a double fork) with
+  an environment it emptied (``env -i``), and none of the same user's other
+  workers' is (a user's dynamic uid is shared by all their leases);
+- its **mark**, where no cgroup holds it: every worker has
+  ``RGPU_WORKER=<mark>`` in its environment, which its children inherit;
+  processes of the worker's uids that carry the mark belong to it even when
+  orphaned. It is all there is for a worker that runs as the server's user
+  with no cgroup (``--no-isolation``), and a process can drop it.
 
 Then: SIGTERM to all of them; wait up to ``grace`` seconds for them to end;
 look again (a process may have forked meanwhile); SIGKILL to what is left
@@ -25,8 +31,9 @@ look again (a process may have forked meanwhile); SIGKILL to what is left
 (:mod:`.drain`) asks afterwards whether any of them still holds the slot.
 
 Never signalled: this server, its ancestors, and any process that is
-neither the worker's nor carries its mark. Runs in a thread (it sleeps
-while it waits); a process that is already gone is skipped silently.
+neither the worker's nor in its namespaces nor carries its mark. Runs in a
+thread (it sleeps while it waits); a process that is already gone is
+skipped silently.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ from pathlib import Path
 
 import psutil
 
-__all__ = ["MARK_VAR", "Scope", "members", "stop"]
+__all__ = ["MARK_VAR", "NAMESPACES", "Scope", "members", "own_namespaces", "stop"]
 
 log = logging.getLogger("remote_gpu_server")
 
@@ -52,23 +59,28 @@ POLL = 0.02
 #: After SIGKILL, how long to wait for the processes to go (a process stuck
 #: in the kernel may never go: the drain check then holds its slot out).
 KILL_WAIT = 2.0
+#: The kinds of namespace a worker may have of its own (``/proc/PID/ns/<kind>``).
+NAMESPACES = ("mnt", "ipc", "net", "uts", "cgroup", "time")
 
 
 @dataclasses.dataclass(frozen=True)
 class Scope:
     """Where one worker's processes are.
 
-    ``root``: its main process (None if it never started); ``cgroup``: its
-    cgroup's folder, where it has one; ``mark``: the value of
+    ``root``: its main process (None if it never started); ``cgroups``: its
+    cgroups' folders, where it has any; ``mark``: the value of
     :data:`MARK_VAR` it was started with (None: do not look for marks);
-    ``uids``: the uids whose processes are looked at for the mark (empty:
-    every uid this server may read).
+    ``namespaces``: ``(kind, inode)`` of the namespaces it has of its own
+    (see :func:`own_namespaces`); ``uids``: the uids whose processes are
+    looked at for the mark and the namespaces (empty: every uid this server
+    may read).
     """
 
     root: int | None
-    cgroup: Path | None = None
+    cgroups: tuple[Path, ...] = ()
     mark: str | None = None
     uids: frozenset[int] = frozenset()
+    namespaces: frozenset[tuple[str, int]] = frozenset()
 
 
 def _protected() -> set[int]:
@@ -77,25 +89,47 @@ def _protected() -> set[int]:
     return {me.pid, *(p.pid for p in me.parents())}
 
 
-def _cgroup_pids(group: Path | None) -> list[int]:
-    if group is None:
-        return []
+def _cgroup_pids(groups: tuple[Path, ...]) -> list[int]:
     pids: list[int] = []
-    for procs in [group / "cgroup.procs", *group.glob("*/cgroup.procs")]:
-        try:
-            pids += [int(p) for p in procs.read_text().split()]
-        except (OSError, ValueError):
-            continue
+    for group in groups:
+        for procs in [group / "cgroup.procs", *group.glob("*/cgroup.procs")]:
+            try:
+                pids += [int(p) for p in procs.read_text().split()]
+            except (OSError, ValueError):
+                continue
     return pids
 
 
-def _marked(mark: str, uids: frozenset[int]) -> list[int]:
+def _namespace(pid: int | str, kind: str) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/{kind}").st_ino
+    except OSError:
+        return None
+
+
+def own_namespaces(pid: int) -> frozenset[tuple[str, int]]:
+    """``(kind, inode)`` of each namespace of process ``pid`` that this process
+    does not share (empty if it is gone)."""
+    found = set()
+    for kind in NAMESPACES:
+        inode = _namespace(pid, kind)
+        if inode is not None and inode != _namespace("self", kind):
+            found.add((kind, inode))
+    return frozenset(found)
+
+
+def _belonging(mark: str | None, namespaces: frozenset[tuple[str, int]], uids: frozenset[int]) -> list[int]:
+    """Processes of ``uids`` that carry ``mark`` or are in one of ``namespaces``."""
+    # Never one this process shares (a namespace noted before the worker made its own).
+    namespaces = frozenset(n for n in namespaces if n[1] != _namespace("self", n[0]))
     found = []
     for proc in psutil.process_iter(["uids"]):
         try:
             if uids and proc.info["uids"] is not None and proc.info["uids"].real not in uids:
                 continue
-            if proc.environ().get(MARK_VAR) == mark:
+            if any(_namespace(proc.pid, kind) == inode for kind, inode in namespaces):
+                found.append(proc.pid)
+            elif mark and proc.environ().get(MARK_VAR) == mark:
                 found.append(proc.pid)
         except (psutil.Error, OSError):
             continue
@@ -123,9 +157,9 @@ def members(scope: Scope) -> dict[int, psutil.Process]:
                 found.setdefault(child.pid, child)
         except psutil.Error:
             pass
-    add(_cgroup_pids(scope.cgroup))
-    if scope.mark:
-        add(_marked(scope.mark, scope.uids))
+    add(_cgroup_pids(scope.cgroups))
+    if scope.mark or scope.namespaces:
+        add(_belonging(scope.mark, scope.namespaces, scope.uids))
     for pid in _protected():
         found.pop(pid, None)
     return found
@@ -180,15 +214,16 @@ def stop(scope: Scope, grace: float, *, name: str = "worker") -> frozenset[int]:
         found = left
     if found:
         _signal(found.values(), signal.SIGKILL)
-        if scope.cgroup is not None and (scope.cgroup / "cgroup.kill").exists():
-            try:
-                fd = os.open(scope.cgroup / "cgroup.kill", os.O_WRONLY)
+        for group in scope.cgroups:
+            if (group / "cgroup.kill").exists():
                 try:
-                    os.write(fd, b"1")
-                finally:
-                    os.close(fd)
-            except OSError:
-                pass
+                    fd = os.open(group / "cgroup.kill", os.O_WRONLY)
+                    try:
+                        os.write(fd, b"1")
+                    finally:
+                        os.close(fd)
+                except OSError:
+                    pass
         left = _wait(found, KILL_WAIT)
         if left:
             log.warning("%s: process(es) %s did not end on SIGKILL (stuck in the kernel?)", name,

@@ -101,6 +101,8 @@ class Spawned:
     oom_kills_at_start: int | None = None
     #: The pids the stop ladder found, once it ran.
     stopped_pids: frozenset[int] | None = None
+    #: The namespaces it has of its own (see :func:`.ladder.own_namespaces`), once noted.
+    namespaces: frozenset[tuple[str, int]] | None = None
 
     @property
     def pid(self) -> int | None:
@@ -121,17 +123,28 @@ class Spawned:
         if self.km.provisioner is not None:
             await self.km.interrupt_kernel()
 
+    def note_namespaces(self) -> None:
+        """Note the namespaces it made for itself; call once it is confined (at lease
+        time), while it runs: the ladder finds its processes by them even after it died."""
+        if self.namespaces is None and self.pid is not None:
+            found = ladder.own_namespaces(self.pid)
+            if found:
+                self.namespaces = found
+
     def scope(self) -> ladder.Scope:
         """Where its processes are, for the stop ladder."""
         uids = {os.geteuid()}
         tenant = self.isolation.tenant
         if tenant is not None and tenant.identity is not None:
             uids.add(tenant.identity.uid)
-        # A sandbox's processes end with its pid namespace; elsewhere marks find
-        # what no cgroup holds (a cgroup holds everything, so marks are not needed).
-        look = self.isolation.memory.group is None and not self.isolation.own_pid_namespace
-        return ladder.Scope(self.pid, self.isolation.memory.group, self.mark if look else None,
-                            frozenset(uids))
+        # A sandbox's processes end with its pid namespace; elsewhere its namespaces
+        # and its mark find what no cgroup holds (a cgroup holds everything).
+        folders = self.isolation.cgroup.folders
+        if folders or self.isolation.own_pid_namespace:
+            return ladder.Scope(self.pid, folders, uids=frozenset(uids))
+        self.note_namespaces()
+        return ladder.Scope(self.pid, mark=self.mark, uids=frozenset(uids),
+                            namespaces=self.namespaces or frozenset())
 
     async def halt(self, name: str, cause: str) -> None:
         """SIGKILL to every process of it now; its death says ``cause`` (what the server
@@ -198,6 +211,7 @@ class LocalWorker:
         return self._spawned.isolation.tenant
 
     def enter_spec(self, user: str) -> EnterSpec | None | Awaitable[EnterSpec | None]:
+        self._spawned.note_namespaces()
         isolation = self._spawned.isolation
         if isolation.tenant is None and not isolation.isolation.disks.ready(user):
             return self._enter_spec_on_disk(user)

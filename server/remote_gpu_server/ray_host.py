@@ -16,6 +16,7 @@ the package and Ray, nothing else.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -72,6 +73,7 @@ class WorkerHost:
         """What the worker takes on for ``user``'s lease, as the head decided who
         they run as; and the lease's tenancy (its session folder on this node)."""
         assert self._spawned is not None
+        self._spawned.note_namespaces()
         spec = self._spawned.isolation.enter_spec(user, identity)
         return spec, self._spawned.isolation.tenant
 
@@ -103,6 +105,8 @@ class WorkerHost:
             pids = await spawned.terminate(self._name, grace)
         if self._launcher is not None:
             await self._launcher.close()
+            # This actor's cgroups held its one worker; the lease's folder stays (a restart reuses it).
+            await asyncio.to_thread(self._launcher.isolation.cgroups.close)
         return sorted(pids)
 
     async def kill(self) -> None:

@@ -387,7 +387,9 @@ def main(argv: list[str] | None = None) -> None:
 
     worker_errors.enable_fault_report()  # after ipykernel's own faulthandler setup
     limit = spawn.limit_text if spawn is not None and spawn.data_limit is not None else None
-    worker_errors.install(app.shell, limit)
+    processes = (worker_errors.ProcessLimit(spawn.pids_limit, spawn.pids_events)
+                 if spawn is not None and spawn.pids_limit is not None else None)
+    worker_errors.install(app.shell, limit, processes)
     # ipykernel sleeps 0.5 ms before each execute_reply so that a client
     # that stops at the reply has the streams first; the server waits for
     # the idle status, which comes after the streams, so it only adds latency.

@@ -37,6 +37,29 @@ SERVER_ONLY = "RGPU_TEST_SERVER_ONLY"
 DISK = 16 << 20
 #: From <linux/fs.h>: freeze a filesystem's writes, and thaw them.
 FIFREEZE, FITHAW = 0xC0045877, 0xC0045878
+#: --worker-pids of the world: small, so that a fork bomb stops soon; an idle worker runs about 15 threads.
+PIDS = 96
+
+#: Forks copies of itself that wait on a pipe, until a fork fails; the error
+#: ends the cell and the children go on holding their pids until the worker ends.
+FORK_BOMB = """\
+import os
+read, write = os.pipe()
+children = []
+while len(children) < 10_000:
+    pid = os.fork()
+    if pid == 0:
+        os.close(write)
+        os.read(read, 1)
+        os._exit(0)
+    children.append(pid)
+"""
+#: A fork bomb in a child process, which sees the error itself: only the cgroup can tell the cell.
+CHILD_FORK_BOMB = """\
+import subprocess, sys
+bomb = {bomb!r}.replace("while len", "try:\\n  while len").replace("\\n    ", "\\n      ")
+subprocess.run([sys.executable, "-c", bomb + "\\nexcept OSError as exc:\\n  print('child:', exc)"], check=True)
+"""
 
 
 def quiet(_: object) -> None:
@@ -75,6 +98,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     tmp = tmp_path_factory.mktemp("hostile")
     # A third slot for tests that need a session of their own.
     server = ServerProcess(tmp, "cpu:3", "--worker-memory", "1G", "--session-disk", "16M",
+                           "--worker-pids", str(PIDS),
                            env={SERVER_ONLY: "the server's own"})
     alice, bob = server.token("alice"), server.token("bob")  # the store exists before the server
     server.start()
@@ -531,3 +555,78 @@ def test_deleting_a_released_folder_does_not_hold_up_the_server(world: World) ->
         fcntl.ioctl(disk, FITHAW, 0)
         os.close(disk)
     wait_for(lambda: not folder.exists(), what="the folder to be deleted once its disk thawed")
+
+
+def test_a_memfd_past_the_memory_limit_stops_only_that_worker(world: World) -> None:
+    """A cgroup counts memfd pages, which RLIMIT_DATA does not."""
+    with pytest.raises(WorkerDied, match=r"out of host memory \(limit 1 GiB\)"):
+        world.a.execute("""
+import os
+fd = os.memfd_create('hoard')
+chunk = b'x' * (16 << 20)
+for _ in range(3 << 6):  # 3 GiB
+    os.write(fd, chunk)
+""", on_output=quiet)
+    world.b_is_untouched()
+
+
+def _pids_group(session: Session) -> Path:
+    """The worker's cgroup in the v1 pids hierarchy, as its own /proc/self/cgroup says."""
+    line = next(line for line in run(session, "print(open('/proc/self/cgroup').read())").splitlines()
+                if line.split(":")[1] == "pids")
+    return Path("/sys/fs/cgroup/pids") / line.split(":", 2)[2].lstrip("/")
+
+
+def test_a_fork_bomb_stops_at_the_workers_process_limit_and_nobody_else_notices(world: World) -> None:
+    status = ApiClient(world.server.url, world.alice).status()["isolation"]
+    if "cgroup" not in status["processes"]:
+        pytest.skip(f"no pids cgroup here: {status['processes']}")
+    assert status["processes"] == f"{PIDS} processes and threads per slot (cgroup v1 pids)"
+    a_group = _pids_group(world.a)
+    # In a child process: the child sees the error; the cell is told by a line of the worker's.
+    child = world.a.execute(CHILD_FORK_BOMB.format(bomb=FORK_BOMB), on_output=quiet)
+    assert child.ok, child.error
+    assert "child: [Errno 11] Resource temporarily unavailable" in child.stdout
+    told = "".join(o.content.get("text", "") for o in child.outputs if o.content.get("name") == "stderr")
+    assert f"this worker reached its process limit ({PIDS} processes and threads, rgpu serve --worker-pids)" \
+        in told
+    # In the worker itself: the error says why, and the children go on holding every pid.
+    bomb = world.a.execute(FORK_BOMB, on_output=quiet)
+    assert bomb.error is not None
+    assert (f"Resource temporarily unavailable: this worker reached its process limit ({PIDS} processes "
+            "and threads, rgpu serve --worker-pids)") in str(bomb.error)
+    assert int((a_group / "pids.current").read_text()) >= PIDS - 2
+    # Meanwhile the server starts threads and processes, and another user works as usual.
+    assert run(world.b, """
+import subprocess, threading
+done = threading.Event()
+threads = [threading.Thread(target=done.wait) for _ in range(20)]
+for thread in threads:
+    thread.start()
+print(subprocess.run(['echo', 'forked'], capture_output=True, text=True).stdout.strip(), len(threads))
+done.set()
+""") == "forked 20\n"
+    bob = ApiClient(world.server.url, world.server.token("bob-too"))
+    with Client(world.server.url, world.server.token("bob-too")).session() as fresh:  # a new worker
+        assert run(fresh, "import threading; print(threading.active_count() > 1)") == "True\n"
+        assert any(s["user"] == "bob-too" for s in bob.status()["sessions"])
+    world.b_is_untouched()
+    # The bomber's next cell runs; what needs a process says why it cannot have one.
+    assert run(world.a, "print('next cell')") == "next cell\n"
+    refused = world.a.execute("""
+import subprocess
+started = []
+try:
+    while len(started) < 200:
+        started.append(subprocess.Popen(['sleep', '60']))
+finally:
+    for process in started:
+        process.kill()
+        process.wait()
+""", on_output=quiet)
+    assert refused.error is not None and f"process limit ({PIDS} processes" in str(refused.error)
+    # A restart ends every child with the worker; the fresh worker starts processes again.
+    world.a.restart()
+    assert run(world.a, "import subprocess; print(subprocess.run(['true']).returncode)") == "0\n"
+    assert not a_group.exists()
+    world.b_is_untouched()

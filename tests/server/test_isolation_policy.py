@@ -10,7 +10,9 @@ import pytest
 
 from remote_gpu_server.errors import IsolationError
 from remote_gpu_server.isolation import Isolation, IsolationConfig, IsolationMode
+from remote_gpu_server.cgroups import Cgroups, _Hierarchy
 from remote_gpu_server.memory_limits import MemoryControl, MemoryLimits
+from remote_gpu_server.process_limits import NprocCounting, ProcessControl, ProcessLimits
 
 
 def test_a_worker_environment_keeps_only_the_allow_list(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -50,9 +52,14 @@ def test_a_session_root_that_is_a_link_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_worker_whose_cgroup_cannot_be_made_limits_itself(tmp_path: Path) -> None:
-    isolation = Isolation(IsolationConfig(mode=IsolationMode.NONE), tmp_path / "db")
-    isolation.memory = MemoryLimits(MemoryControl.CGROUP_V1, 256 << 20, base=tmp_path / "no-such-cgroup")
+    isolation = Isolation(IsolationConfig(mode=IsolationMode.UIDS), tmp_path / "db")
+    missing = _Hierarchy(1, tmp_path / "no-such-cgroup")
+    isolation.cgroups = Cgroups({"memory": missing, "pids": missing})
+    isolation.memory = MemoryLimits(MemoryControl.CGROUP_V1, 256 << 20)
+    isolation.processes = ProcessLimits(ProcessControl.CGROUP_V1, 100, counting=NprocCounting("per user"))
     worker = isolation.prepare("w1", 2, tmp_path / "w1")
-    assert worker.memory.data_limit == 512 << 20 and worker.memory.join is None
+    assert worker.memory.data_limit == 512 << 20 and worker.cgroup.join is None
+    assert worker.processes.nproc == 200 and worker.processes.events is None
     assert os.environ.get("RGPU_CONFINE") is None
-    assert '"data_limit": 536870912' in worker.environment({})["RGPU_CONFINE"]
+    confine = worker.environment({})["RGPU_CONFINE"]
+    assert '"data_limit": 536870912' in confine and '"nproc_limit": 200' in confine

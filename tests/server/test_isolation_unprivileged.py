@@ -3,9 +3,11 @@
 From a root test the real server runs as a bare unprivileged uid (see
 ``unprivileged.py``). With bubblewrap it sandboxes each worker: user A
 cannot see B's folder, the store or any process outside its sandbox, and B
-carries on. Without bubblewrap nothing can isolate: the server serves the
-first user only and says so; ``--no-isolation`` serves everyone and says
-that workers are not isolated.
+carries on; A's fork bomb stops at A's own process limit (RLIMIT_NPROC,
+which Linux counts per sandbox). No cgroup is delegated to the server here,
+so it says that memfd and shared memory are not counted. Without bubblewrap
+nothing can isolate: the server serves the first user only and says so;
+``--no-isolation`` serves everyone and says that workers are not isolated.
 
 Such a server cannot mount a filesystem per user: it holds each user's disk
 limit (``--session-disk``, 16M here) itself, by measuring their folders
@@ -26,11 +28,13 @@ import pytest
 from remote_gpu_kernel import AuthenticationError, Client, RemoteTimeout
 from remote_gpu_kernel.api import ApiClient
 from servers import ServerProcess
-from test_isolation import inet_listeners, quiet, run
+from test_isolation import FORK_BOMB, inet_listeners, quiet, run
 from tls_certs import issue
 from unprivileged import SERVER_UID, launcher
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="starts the server as another uid: run as root")
+#: --worker-pids of the sandboxed server: small, so that a fork bomb stops soon.
+PIDS = 64
 
 
 
@@ -41,7 +45,7 @@ def sandboxed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProces
         pytest.skip("bubblewrap is not installed: apt-get install bubblewrap (scripts/setup.sh does)")
     tmp = tmp_path_factory.mktemp("sandboxed")
     server = ServerProcess(tmp, "cpu:2", "--worker-memory", "1G", "--session-disk", "16M",
-                           launcher=launcher(str(tmp)))
+                           launcher=launcher(str(tmp)), env={"RGPU_WORKER_PIDS": str(PIDS)})  # the flag's variable
     server.tokens = {user: server.token(user) for user in ("alice", "bob")}  # type: ignore[attr-defined]
     server.start()
     yield server
@@ -93,6 +97,45 @@ def test_the_store_and_its_wal_and_shm_are_the_servers_alone(sandboxed: ServerPr
         files = {suffix: os.stat(f"{store}{suffix}") for suffix in ("", "-wal", "-shm")}
     for suffix, info in files.items():
         assert (info.st_uid, oct(info.st_mode & 0o777)) == (SERVER_UID, "0o600"), suffix
+
+
+def test_without_a_delegated_cgroup_the_server_says_what_memory_is_not_counted(sandboxed: ServerProcess) -> None:
+    isolation = ApiClient(sandboxed.url, sandboxed.tokens["alice"]).status()["isolation"]  # type: ignore[attr-defined]
+    memory = isolation["memory"]
+    assert memory.startswith("1 GiB per slot (RLIMIT_DATA): memfd, SysV shared memory and tmpfs pages are "
+                             "not counted, since no memory cgroup could be had (cgroup v2: ")
+    assert "Delegate=yes" in memory
+    assert any("worker memory: " + memory in line for line in sandboxed.log)  # at start, as a warning
+    assert isolation["processes"].startswith(f"{PIDS} processes and threads per slot (RLIMIT_NPROC, per "
+                                             "worker: each sandbox is a user namespace of its own; no pids "
+                                             "cgroup: ")
+
+
+def test_a_sandboxed_fork_bomb_stops_at_its_own_limit(sandboxed: ServerProcess) -> None:
+    if "RLIMIT_NPROC, per worker" not in str(sandboxed.log):
+        pytest.skip("RLIMIT_NPROC is not counted per sandbox on this kernel")
+    tokens = sandboxed.tokens  # type: ignore[attr-defined]
+    with Client(sandboxed.url, tokens["bob"]).session() as b, \
+            Client(sandboxed.url, tokens["alice"]).session() as a:
+        run(b, "b_kept = 'kept'")
+        bomb = a.execute(FORK_BOMB + "\nprint(len(children))", on_output=quiet)
+        assert bomb.error is not None
+        assert (f"Resource temporarily unavailable: this worker reached its process limit ({PIDS} processes "
+                "and threads, rgpu serve --worker-pids)") in str(bomb.error)
+        # A's children hold every pid of A's sandbox; B's sandbox and the server's uid are counted apart.
+        assert run(b, """
+import subprocess, threading
+done = threading.Event()
+threads = [threading.Thread(target=done.wait) for _ in range(PIDS)]
+for thread in threads:
+    thread.start()
+print(subprocess.run(['echo', 'forked'], capture_output=True, text=True).stdout.strip(), len(threads), b_kept)
+done.set()
+""".replace("PIDS", str(PIDS // 2))) == f"forked {PIDS // 2} kept\n"
+        assert run(a, "print('next cell')") == "next cell\n"
+        a.restart()
+        assert run(a, "import subprocess; print(subprocess.run(['true']).returncode)") == "0\n"
+    assert sandboxed.proc is not None and sandboxed.proc.poll() is None
 
 
 def test_a_parked_sandboxed_session_comes_back_in_its_own_folder(sandboxed: ServerProcess) -> None:

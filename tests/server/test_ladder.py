@@ -3,13 +3,14 @@
 A cell that ignores SIGINT is said to, and the next interrupt replaces its
 worker; a cancel over HTTP and a cell's timeout take the same ladder; every
 process the worker started goes, even one in a session of its own or one
-that a double fork left to init, and one that ignores SIGTERM gets SIGKILL
-after the grace.
+that a double fork left to init with an emptied environment, with or
+without a cgroup, and one that ignores SIGTERM gets SIGKILL after the grace.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -37,6 +38,18 @@ import os, subprocess, sys, time
 own = subprocess.Popen(["sleep", "600"], start_new_session=True)
 daemon = subprocess.run([sys.executable, "-c",
     "import subprocess; print(subprocess.Popen(['sleep', '600'], start_new_session=True, "
+    "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid)"],
+    capture_output=True, text=True, check=True).stdout.strip()
+print(os.getpid(), own.pid, daemon, flush=True)
+"""
+
+#: Like STARTS_STRAYS, but each stray also empties its environment (``env -i``),
+#: so no mark leads to it: one in a session of its own, one a double fork left to init.
+DROPS_ITS_MARK = """\
+import os, subprocess, sys
+own = subprocess.Popen(['env', '-i', 'setsid', 'sleep', '1000'])
+daemon = subprocess.run(['env', '-i', sys.executable, '-c',
+    "import subprocess; print(subprocess.Popen(['setsid', 'sleep', '1000'], "
     "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid)"],
     capture_output=True, text=True, check=True).stdout.strip()
 print(os.getpid(), own.pid, daemon, flush=True)
@@ -137,11 +150,11 @@ def test_interrupts_that_land_while_the_output_and_the_notice_are_shown_still_cl
         assert fresh.stdout == "False\n"  # the next cell runs at once, on a fresh worker
 
 
-@pytest.mark.parametrize("args", [[], ["--no-isolation", "--worker-memory", "none"]],
+@pytest.mark.parametrize("args", [[], ["--no-isolation", "--worker-memory", "none", "--worker-pids", "none"]],
                          ids=["isolated", "no-cgroup"])
 def test_release_ends_what_the_cell_started_in_sessions_of_its_own(fresh_server: ServerProcess,
                                                                    args: list[str]) -> None:
-    """With a cgroup per worker, or (no isolation, no memory limit) through the mark it inherited."""
+    """With a cgroup per worker, or (no isolation, no limits) through the mark it inherited."""
     fresh_server.args = args
     fresh_server.start()
     with Client(fresh_server.url, fresh_server.token("alice")).session() as session:
@@ -153,6 +166,43 @@ def test_release_ends_what_the_cell_started_in_sessions_of_its_own(fresh_server:
         assert psutil.Process(daemon).ppid() != kernel  # orphaned: only a cgroup or its mark finds it
     for pid in (kernel, own_session, daemon):
         assert _gone(pid), f"process {pid} outlived the release"
+
+
+def _alive(pids: list[int]) -> bool:
+    return all(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a root server gives each user a uid and a namespace: run as root")
+@pytest.mark.parametrize("pids", ["auto", "none"], ids=["pids-cgroup", "no-cgroup"])
+def test_what_dropped_its_mark_goes_with_its_worker_and_only_that_worker(fresh_server: ServerProcess,
+                                                                         pids: str) -> None:
+    """With no memory limit, a worker's pids cgroup still holds what it started;
+    with no limit at all, no cgroup does: a stray that emptied its environment is
+    then found by the worker's mount namespace. The same user's other session
+    keeps its own either way."""
+    fresh_server.slots = "cpu:2"
+    fresh_server.args = ["--worker-memory", "none", "--worker-pids", pids]
+    fresh_server.start()
+    token = fresh_server.token("alice")
+    processes = ApiClient(fresh_server.url, token).status()["isolation"]["processes"]
+    if pids == "auto":
+        assert processes.endswith(("(cgroup v1 pids)", "(cgroup v2 pids)")), processes
+    else:
+        assert processes == "no process limit"
+    with Client(fresh_server.url, token).session() as other, Client(fresh_server.url, token).session() as session:
+        kept = _pids(other.execute(DROPS_ITS_MARK, on_output=lambda _: None).stdout)
+        strays = _pids(session.execute(DROPS_ITS_MARK, on_output=lambda _: None).stdout)
+        assert psutil.Process(strays[2]).ppid() != strays[0]  # orphaned
+        assert psutil.Process(strays[2]).uids().real == psutil.Process(kept[2]).uids().real  # one uid
+        session.restart()
+        assert session.execute("1 + 1", on_output=lambda _: None).ok
+        assert all(_gone(pid) for pid in strays), "a stray outlived the restart"
+        strays = _pids(session.execute(DROPS_ITS_MARK, on_output=lambda _: None).stdout)
+        session.release()
+        assert all(_gone(pid) for pid in strays), "a stray outlived the release"
+        assert _alive(kept)  # the other session's, of the same uid, live on
+    assert all(_gone(pid) for pid in kept)
+    fresh_server.stop()  # a clean stop removes the server's cgroups too
 
 
 def test_a_restart_over_http_stops_the_cell_and_everything_it_started(ladder_server: ServerProcess) -> None:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from remote_gpu_server.memory_limits import (MemoryControl, MemoryLimits, _own_group, fair_share,
-                                             format_size, parse_size)
+from remote_gpu_server.cgroups import Cgroups, WorkerCgroup, own_group
+from remote_gpu_server.memory_limits import MemoryControl, MemoryLimits, fair_share, format_size, parse_size
 
 
 def test_sizes_parse_and_print_in_binary_units() -> None:
@@ -33,12 +33,23 @@ def test_each_slot_gets_a_fair_share_of_the_host() -> None:
 
 
 def test_without_cgroups_workers_limit_themselves_with_rlimit_data() -> None:
-    limits = MemoryLimits.probe(256 << 20, allow_cgroups=False)
-    worker = limits.for_worker("w1", slots=2)
-    assert limits.control is MemoryControl.RLIMIT and worker.join is None
+    limits = MemoryLimits.choose(256 << 20, Cgroups.probe(["memory"], allow=False))
+    worker = limits.for_worker(WorkerCgroup(), slots=2)
+    assert limits.control is MemoryControl.RLIMIT and worker.group is None
     assert worker.limit == worker.data_limit == 512 << 20 and worker.limit_text == "512 MiB"
     assert worker.explain(-signal.SIGKILL) is None  # no cgroup: a MemoryError says it in the cell
-    assert MemoryLimits.probe(None).describe() == "no memory limit"
+    assert MemoryLimits.choose(None, Cgroups()).describe() == "no memory limit"
+
+
+def test_without_a_memory_cgroup_the_server_says_what_is_not_counted_and_why() -> None:
+    reasons = Cgroups(reasons={"memory": "cgroup v2: the memory controller is not available in /x; "
+                                         "cgroup v1: Permission denied"})
+    limits = MemoryLimits.choose(1 << 30, reasons)
+    assert not limits.counts_shared_pages
+    line = limits.describe()
+    assert line.startswith("1 GiB per slot (RLIMIT_DATA): memfd, SysV shared memory and tmpfs pages are "
+                           "not counted")
+    assert "cgroup v1: Permission denied" in line and "Delegate=yes" in line
 
 
 def _fake_proc(tmp: Path, cgroup: str, mountinfo: str) -> Path:
@@ -53,8 +64,8 @@ def test_the_own_cgroup_is_found_in_either_hierarchy_and_inside_containers(tmp_p
     proc = _fake_proc(tmp_path, "4:memory:/svc/rgpu\n0::/system.slice/rgpu.service\n",
                       "30 25 0:29 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n"
                       "31 25 0:38 /system.slice /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n")
-    assert _own_group(1, proc) == Path("/sys/fs/cgroup/memory/svc/rgpu")
-    assert _own_group(2, proc) == Path("/sys/fs/cgroup/rgpu.service")  # the mount's root is not /
+    assert own_group(1, proc) == Path("/sys/fs/cgroup/memory/svc/rgpu")
+    assert own_group(2, proc) == Path("/sys/fs/cgroup/rgpu.service")  # the mount's root is not /
 
 
 def _dead(pid: int, timeout: float = 10) -> bool:
@@ -77,15 +88,18 @@ needs_v1 = pytest.mark.skipif(
 
 @needs_v1
 def test_a_cgroup_says_out_of_host_memory_and_takes_stragglers_along() -> None:
-    limits = MemoryLimits.probe(128 << 20)
-    if limits.control is not MemoryControl.CGROUP_V1:
-        pytest.skip(f"this machine limits memory with {limits.control.value}")
-    assert limits.base is not None and limits.base.name == f"rgpu-{os.getpid()}"
-    worker = limits.for_worker("w-test", slots=1)
+    cgroups = Cgroups.probe(["memory"])
+    if cgroups.version("memory") != 1:
+        pytest.skip(f"this machine has no cgroup v1 memory hierarchy to use: {cgroups.reasons}")
+    limits = MemoryLimits.choose(128 << 20, cgroups)
+    assert limits.control is MemoryControl.CGROUP_V1 and limits.counts_shared_pages
+    cgroup = cgroups.make("w-test")
+    group = cgroup.path("memory")
     try:
-        assert worker.group is not None and worker.join is not None
-        assert int((worker.group / "memory.limit_in_bytes").read_text()) == 128 << 20
-        hog = subprocess.run([sys.executable, "-c", "x = bytearray(512 << 20)"], preexec_fn=worker.join,
+        worker = limits.for_worker(cgroup, slots=1)
+        assert group is not None and cgroup.join is not None and group.parent.name == f"rgpu-{os.getpid()}"
+        assert int((group / "memory.limit_in_bytes").read_text()) == 128 << 20
+        hog = subprocess.run([sys.executable, "-c", "x = bytearray(512 << 20)"], preexec_fn=cgroup.join,
                              check=False)
         assert hog.returncode == -signal.SIGKILL
         assert worker.explain(hog.returncode) == "out of host memory (limit 128 MiB)"
@@ -93,18 +107,18 @@ def test_a_cgroup_says_out_of_host_memory_and_takes_stragglers_along() -> None:
         parent = subprocess.Popen([sys.executable, "-c", (
             "import os, subprocess, sys\n"
             "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], start_new_session=True)\n"
-            "print('started', flush=True)")], stdout=subprocess.PIPE, text=True, preexec_fn=worker.join)
+            "print('started', flush=True)")], stdout=subprocess.PIPE, text=True, preexec_fn=cgroup.join)
         assert parent.stdout is not None and parent.stdout.readline() == "started\n"
         parent.wait()
         parent.stdout.close()
-        group = worker.group
         stragglers = [int(p) for p in (group / "cgroup.procs").read_text().split()]
         assert len(stragglers) == 1
-        worker.close()
+        cgroup.close()
         assert not group.exists()
         assert _dead(stragglers[0])
     finally:
-        worker.close()
-        base = limits.base
-        limits.close()
-        assert base is not None and not base.exists()
+        cgroup.close()
+        assert group is not None
+        base = group.parent
+        cgroups.close()
+        assert not base.exists()

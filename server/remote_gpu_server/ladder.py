@@ -48,7 +48,7 @@ from pathlib import Path
 
 import psutil
 
-__all__ = ["MARK_VAR", "NAMESPACES", "Scope", "members", "own_namespaces", "stop"]
+__all__ = ["MARK_VAR", "NAMESPACES", "Scope", "in_namespaces", "members", "own_namespaces", "stop"]
 
 log = logging.getLogger("remote_gpu_server")
 
@@ -118,6 +118,11 @@ def own_namespaces(pid: int) -> frozenset[tuple[str, int]]:
     return frozenset(found)
 
 
+def in_namespaces(pid: int, namespaces: frozenset[tuple[str, int]]) -> bool:
+    """Process ``pid`` is in one of ``namespaces`` (``(kind, inode)``)."""
+    return any(_namespace(pid, kind) == inode for kind, inode in namespaces)
+
+
 def _belonging(mark: str | None, namespaces: frozenset[tuple[str, int]], uids: frozenset[int]) -> list[int]:
     """Processes of ``uids`` that carry ``mark`` or are in one of ``namespaces``."""
     # Never one this process shares (a namespace noted before the worker made its own).
@@ -127,7 +132,7 @@ def _belonging(mark: str | None, namespaces: frozenset[tuple[str, int]], uids: f
         try:
             if uids and proc.info["uids"] is not None and proc.info["uids"].real not in uids:
                 continue
-            if any(_namespace(proc.pid, kind) == inode for kind, inode in namespaces):
+            if in_namespaces(proc.pid, namespaces):
                 found.append(proc.pid)
             elif mark and proc.environ().get(MARK_VAR) == mark:
                 found.append(proc.pid)

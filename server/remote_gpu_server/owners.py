@@ -8,7 +8,8 @@ worker when, looked at the ways the stop ladder finds a worker's processes
 - it is the worker's main process or descends from it;
 - it is in the worker's session (a worker's main process leads a session of
   its own: what its cells start stays in it unless they call ``setsid``);
-- it is in the worker's cgroup, where it has one (nothing leaves it);
+- it is in the worker's cgroups, where it has any (nothing leaves them), or
+  in a namespace of the worker's own (its mount namespace, as root);
 - it carries the worker's mark in its environment (:data:`.ladder.MARK_VAR`),
   being of one of the worker's uids.
 
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import psutil
 
-from .ladder import MARK_VAR, Scope
+from .ladder import MARK_VAR, Scope, in_namespaces
 
 __all__ = ["owner", "scopes_of"]
 
@@ -68,7 +69,7 @@ def owner(pid: int, scopes: Sequence[Scope]) -> int | None:
     if session in roots:
         return session
     for root, scope in roots.items():
-        if scope.cgroup is not None and _in_cgroup(pid, scope.cgroup):
+        if any(_in_cgroup(pid, group) for group in scope.cgroups) or in_namespaces(pid, scope.namespaces):
             return root
     marked = [(root, s) for root, s in roots.items() if s.mark]
     if marked:

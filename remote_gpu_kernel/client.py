@@ -124,7 +124,11 @@ def error_from(msg: m.Error) -> RemoteGpuError:
         ename, _, evalue = msg.message.partition(": ")
         return RemoteError.from_remote(ename, evalue, [])
     if code is m.ErrorCode.FILE:
-        return FileTransferError(msg.message)
+        # The worker's refusal comes as "FileNotFoundError: no file ...": the
+        # error's own name says it is about a file already.
+        ename, sep, evalue = msg.message.partition(": ")
+        plain = sep and ename.isidentifier() and ename.endswith("Error")
+        return FileTransferError(evalue if plain else msg.message)
     return ServerError(msg.message, code=code.value)
 
 

@@ -462,6 +462,8 @@ def test_gpu_upload_and_download_in_the_kernel(jupyter_path: Path, server: Serve
     here = tmp_path / "notebook"
     (here / "images").mkdir(parents=True)
     (here / "images" / "x.png").write_bytes(b"\x89PNG....")
+    (here / "images" / ".ipynb_checkpoints").mkdir()  # JupyterLab's copies: never uploaded with a folder
+    (here / "images" / ".ipynb_checkpoints" / "notes-checkpoint.ipynb").write_text("{}")
     driver = KernelDriver(kernel_env(tmp_path, server.url, alice)).start(cwd=here)
     try:
         missing = driver.run("open('images/x.png', 'rb').read()[:4]")
@@ -470,11 +472,17 @@ def test_gpu_upload_and_download_in_the_kernel(jupyter_path: Path, server: Serve
         assert run.status == "ok" and run.text() == ["b'\\x89PNG'"]
         assert any("Remote GPU: uploaded images/x.png (8 bytes)" in t
                    for t in run.text("display_data") + run.text("update_display_data"))
+        assert driver.run("import os; os.listdir('images')").text() == ["['x.png']"]
         down = driver.run("open('result.txt', 'w').write('done')\n%gpu download result.txt")
         assert down.status == "ok" and (here / "result.txt").read_text() == "done"
         refused = driver.run("%gpu download ../../etc/passwd")
         assert refused.status == "error" and refused.reply["ename"] == "FileTransferError"
         assert "goes up" in refused.reply["evalue"]
+        gone = driver.run("%gpu download missing.txt")
+        assert gone.reply["ename"] == "FileTransferError"
+        assert gone.reply["evalue"] == "no file 'missing.txt' in the session's folder on the GPU server"
+        assert gone.reply["traceback"][-1].endswith("FileTransferError\x1b[0m: no file 'missing.txt' in the "
+                                                   "session's folder on the GPU server")
         nothing = driver.run("%gpu upload no-such-file.txt")
         assert nothing.reply["ename"] == "FileTransferError" and "no such file here" in nothing.reply["evalue"]
         assert driver.run("print('still usable')").stdout == "still usable\n"

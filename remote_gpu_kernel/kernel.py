@@ -239,7 +239,9 @@ class RemoteGpuKernel(CommsBesideCells, Kernel):  # type: ignore[misc]
             # an Output widget's msg_id, then route as with a local kernel.
             result = await session.execute(code, on_output, silent=silent, store_history=store_history,
                                            allow_stdin=allow_stdin, on_notice=cell.notice,
-                                           on_queue=cell.restoring, parent=cell.header)
+                                           on_queue=cell.restoring, parent=cell.header,
+                                           execution_count=0 if silent or not store_history
+                                           else self.execution_count)
         except ConnectionLost as exc:
             return cell.error("ConnectionLost", (
                 f"{exc}. The cell may still be running on the server. The next cell reconnects to "

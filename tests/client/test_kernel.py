@@ -232,6 +232,27 @@ def test_a_cell_that_ignores_the_stop_button_says_so_and_a_second_press_restarts
     assert kernel.run("print('kept' in globals())").stdout == "False\n"
 
 
+def test_a_traceback_names_the_cell_as_its_prompt_does_in_a_replaced_worker_too(
+        jupyter_path: Path, server: ServerProcess, alice: str, tmp_path: Path) -> None:
+    def cells(run: Any) -> list[str]:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(run.reply["traceback"]))
+        return re.findall(r"Cell In\[(\d+)\], line (\d+)", text)
+
+    driver = KernelDriver(kernel_env(tmp_path, server.url, alice)).start()
+    try:
+        assert driver.run("x = 1").reply["execution_count"] == 1
+        assert driver.run("%gpu status").reply["execution_count"] == 2  # no cell of the worker's
+        failed = driver.run("1 / 0")
+        assert failed.reply["execution_count"] == 3 and cells(failed) == [("3", "1")]
+        died = driver.run("import os\nos._exit(1)")
+        assert died.reply["ename"] == "WorkerDied"
+        again = driver.run("def f():\n    return 1 / 0\nf()")  # in the fresh worker
+        assert again.reply["execution_count"] == 5
+        assert cells(again) == [("5", "3"), ("5", "2")], again.reply["traceback"]
+    finally:
+        driver.shutdown()
+
+
 def test_interrupt_request_message_also_stops_the_remote_cell(kernel: KernelDriver) -> None:
     """JupyterLab sends interrupt_request on the control channel for interrupt_mode "message"."""
     def on_message(msg: dict[str, Any]) -> None:

@@ -41,7 +41,7 @@ from .client import AsyncSession
 from .errors import ConnectionLost, RemoteGpuError
 from .kernel_cells import Cell, CellKind, CellSyntaxError, GpuCommand, parse_cell
 from .iostreams import skip_empty_flushes
-from .kernel_app import CommsBesideCells, MainLoopKernelApp
+from .kernel_app import CommsBesideCells, MainLoopKernelApp, MainLoopShell
 from .kernel_history import History
 from .kernel_local import LocalNamespace
 from .kernel_output import CellOutput, Parents, gone_state
@@ -67,7 +67,7 @@ _HELP = re.compile(r"^\s*(?P<before>\?{1,2})?(?P<name>[A-Za-z_][\w.]*)(?P<after>
 RELEASE_TIMEOUT = 10.0
 
 
-class RemoteGpuKernel(CommsBesideCells, Kernel):  # type: ignore[misc]
+class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):  # type: ignore[misc]
     """See the module docstring. Jupyter makes it through IPKernelApp."""
 
     implementation = "remote_gpu_kernel"

@@ -328,9 +328,9 @@ def die_with_parent() -> None:
 def _kernel_class() -> Any:
     from ipykernel.ipkernel import IPythonKernel
 
-    from remote_gpu_kernel.kernel_app import CommsBesideCells
+    from remote_gpu_kernel.kernel_app import CommsBesideCells, MainLoopShell
 
-    class WorkerKernel(CommsBesideCells, IPythonKernel):  # type: ignore[misc]
+    class WorkerKernel(MainLoopShell, CommsBesideCells, IPythonKernel):  # type: ignore[misc]
         """ipykernel's kernel, with an idle status after every comm message,
         and the cell numbers the server gives (:data:`COUNT_KEY`).
 

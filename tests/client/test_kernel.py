@@ -253,6 +253,11 @@ def test_a_traceback_names_the_cell_as_its_prompt_does_in_a_replaced_worker_too(
         driver.shutdown()
 
 
+def test_a_cell_with_a_top_level_await_runs_remotely(kernel: KernelDriver) -> None:
+    run = kernel.run("import asyncio\nawait asyncio.sleep(0.01)\nprint('awaited')")
+    assert run.status == "ok" and run.stdout == "awaited\n"
+
+
 def test_interrupt_request_message_also_stops_the_remote_cell(kernel: KernelDriver) -> None:
     """JupyterLab sends interrupt_request on the control channel for interrupt_mode "message"."""
     def on_message(msg: dict[str, Any]) -> None:

@@ -44,7 +44,7 @@ from .iostreams import skip_empty_flushes
 from .kernel_app import CommsBesideCells, MainLoopKernelApp, MainLoopShell
 from .kernel_history import History
 from .kernel_local import LocalNamespace
-from .kernel_output import CellOutput, Parents, gone_state
+from .kernel_output import AfterIdle, CellOutput, Parents, gone_state
 from .kernel_remote import RemoteLease
 from .protocol import messages as m
 
@@ -87,6 +87,7 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):  # type: ignore[
             self.shell_handlers[msg_type] = self._comm_request
         self.remote = RemoteLease(on_background=self._background)
         self.parents = Parents()
+        self.after_idle = AfterIdle()
         #: The comms open between the notebook and the worker, as seen passing.
         self.comm_ids: set[str] = set()
         self.local = LocalNamespace(self.session, self.iopub_socket, self._topic)
@@ -141,6 +142,7 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):  # type: ignore[
                          cell_id: str | None = None) -> dict[str, Any]:
         cell = CellOutput(self, self.get_parent("shell"))
         self.parents.remember(cell.parent)
+        self.after_idle.begin(cell.parent)
         self._running_parent = cell.parent
         try:
             return await self._execute(cell, code, silent, store_history, allow_stdin)
@@ -418,6 +420,7 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):  # type: ignore[
         msg_type, content = parent["header"]["msg_type"], dict(parent["content"])
         cell = CellOutput(self, parent)
         self.parents.remember(parent)
+        self.after_idle.begin(parent)
         # ipykernel 7 runs a comm message that comes while a cell runs at the
         # same time as the cell (a remote cell may await a widget), and then
         # sends it no status. A widget holds back its changes until the idle
@@ -484,8 +487,17 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):  # type: ignore[
 
     def _background(self, msg: m.Output) -> None:
         """What the worker published outside any request of ours, under the
-        notebook request it names (a thread's print after its cell ended)."""
-        CellOutput(self, self.parents.get(msg.parent)).forward(msg)
+        notebook request it names (a thread's print after its cell ended);
+        after that request's idle, as ipykernel publishes it (see :class:`AfterIdle`)."""
+        if not self.after_idle.hold(msg):
+            CellOutput(self, self.parents.get(msg.parent)).forward(msg)
+
+    def _publish_status(self, status: str, channel: str, parent: dict[str, Any] | None = None) -> None:
+        super()._publish_status(status, channel, parent)
+        if status == "idle":
+            request = parent or self.get_parent(channel)
+            for msg in self.after_idle.end(request):
+                CellOutput(self, request).forward(msg)
 
     async def do_shutdown(self, restart: bool) -> dict[str, Any]:
         """Give the GPU back; runs on the control thread, the session lives on the main loop."""

@@ -6,7 +6,8 @@ over its signed Jupyter channels with jupyter_client, and moves pushed and
 pulled bytes through the process's :class:`~.datachannel.DataChannel`.
 
 Every request completes when both its shell reply and its IOPub ``idle``
-status have arrived, so no output is lost after the reply. If the process
+status have arrived, so no output is lost after the reply; what the kernel
+publishes under a request after its idle is no longer that request's. If the process
 dies, every pending request fails at once with :class:`WorkerDied` saying
 how it ended. A request may be sent under a Jupyter ``msg_id`` its client
 chose (the frontend's own, so that output routes by it); one already in
@@ -313,6 +314,11 @@ class Worker:
             return
         self.comms.published(msg_type, content)
         pending = self._pending.get(parent) if parent else None
+        if pending is not None and pending.idle.done():
+            # Published after the request's idle (an asyncio task its cell
+            # left), before the request's coroutine took it off the table:
+            # not its output, as a frontend of ipykernel would not take it.
+            pending = None
         if pending is None:
             if self.on_unrouted is not None and msg_type not in _NOT_UNROUTED:
                 await self.on_unrouted(msg)

@@ -258,6 +258,24 @@ def test_a_cell_with_a_top_level_await_runs_remotely(kernel: KernelDriver) -> No
     assert run.status == "ok" and run.stdout == "awaited\n"
 
 
+def test_what_a_task_prints_after_its_cell_comes_after_the_cells_idle(kernel: KernelDriver) -> None:
+    """As with ipykernel, which runs the task once the cell's idle is out; a
+    notebook runner has moved on by then (see test_public_notebooks.py)."""
+    kc = kernel.client
+    for n in range(10):  # the worker's print and the cell's end race to the kernel: ten tries
+        msg_id = kc.execute(f"import asyncio\nasync def later():\n    print('after {n}', flush=True)\n"
+                            "asyncio.ensure_future(later())")
+        seen: list[tuple[str, str]] = []  # what came under this cell, in order
+        while ("stream", f"after {n}\n") not in seen:
+            msg = kc.get_iopub_msg(timeout=30)
+            if msg["parent_header"].get("msg_id") == msg_id:
+                content = msg["content"]
+                seen.append((msg["msg_type"], content.get("execution_state") or content.get("text") or ""))
+        assert seen.index(("status", "idle")) < seen.index(("stream", f"after {n}\n")), (n, seen)
+        while kc.get_shell_msg(timeout=30)["parent_header"].get("msg_id") != msg_id:
+            pass
+
+
 def test_interrupt_request_message_also_stops_the_remote_cell(kernel: KernelDriver) -> None:
     """JupyterLab sends interrupt_request on the control channel for interrupt_mode "message"."""
     def on_message(msg: dict[str, Any]) -> None:

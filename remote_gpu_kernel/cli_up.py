@@ -239,6 +239,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     except (DatabaseUnavailable, SchemaTooNew, StoreError) as exc:
         print(f"rgpu up: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130
     # No URL in the spec: the kernels take the server's from JupyterLab's
     # environment, or from the saved config when JupyterLab is started otherwise.
     install(prefix=sys.prefix)

@@ -215,6 +215,7 @@ def _signals_for(lab: list[subprocess.Popen[bytes]]) -> Iterator[None]:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    """``rgpu up``; see the module docstring. Returns JupyterLab's exit status."""
     try:
         import remote_gpu_server  # noqa: F401
     except ImportError:

@@ -11,6 +11,7 @@ export default defineConfig({
   resolve: {
     alias: [
       { find: /^react$/, replacement: modules('react') },
+      { find: /^@lumino\/signaling$/, replacement: modules('@lumino/signaling') },
       { find: /^react-dom\/server$/, replacement: modules('react-dom/server.js') }
     ]
   },

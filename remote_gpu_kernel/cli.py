@@ -9,12 +9,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import getpass
 import logging
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,7 +20,8 @@ from typing import Any
 
 from . import __version__
 from .cli_jobs import add_job_commands, add_tls_arguments
-from .config import ClientConfig, config_path, save_client_config
+from .cli_up import add_up_command
+from .config import save_client_config
 
 __all__ = ["main"]
 
@@ -149,6 +148,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except refused as exc:
             await server.close()
             sys.exit(f"rgpu serve: {exc}")
+        except OSError as exc:  # the port: taken, or not ours to take
+            await server.close()
+            sys.exit(f"rgpu serve: {_listen_error(exc, config.host, config.port)}")
+        if args.ready_fd is not None:
+            _say_ready(args.ready_fd, "wss" if certfile else "ws", config.host, server.port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -171,6 +175,28 @@ def _size(flag: str, text: str, minimum: int, what: str) -> int | None:
         return parse_size(text, minimum=minimum, what=what)
     except ValueError as exc:
         raise ValueError(f"{flag}: {exc}") from None
+
+
+def _listen_error(exc: OSError, host: str, port: int) -> str:
+    """Why the server could not start, where it was its port: what to do instead."""
+    import errno
+
+    if exc.errno == errno.EADDRINUSE:
+        return (f"port {port} on {host} is in use by another program; choose another with --port "
+                "(--port 0 picks a free one)")
+    if exc.errno == errno.EACCES:
+        return f"may not listen on port {port} on {host} ({exc.strerror}); choose a port above 1023 with --port"
+    return str(exc)
+
+
+def _say_ready(fd: int, scheme: str, host: str, port: int) -> None:
+    """``--ready-fd``: write the URL the server listens on, and a newline, then close ``fd``."""
+    shown = f"[{host}]" if ":" in host else host
+    try:
+        os.write(fd, f"{scheme}://{shown}:{port}\n".encode())
+        os.close(fd)
+    except OSError:  # whoever asked is gone; the server serves anyway
+        logging.getLogger("remote_gpu_server").warning("could not write the URL to --ready-fd %d", fd)
 
 
 def _serve_tls(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
@@ -263,81 +289,6 @@ def cmd_login(args: argparse.Namespace) -> int:
     path = save_client_config(args.url, args.token, cafile=args.cafile, insecure=bool(args.insecure))
     print(f"saved the server URL and token to {path}")
     return 0
-
-
-def cmd_up(args: argparse.Namespace) -> int:
-    """Start a local server on the embedded defaults and JupyterLab wired to it.
-
-    Makes a token for this user unless the saved one works with this
-    server's store, saves it where notebooks look, installs the Remote GPU
-    kernelspec into this environment, and stops the server when JupyterLab
-    exits.
-    """
-    _server()
-    from remote_gpu_server.errors import TokenError
-    from remote_gpu_server.store import Store
-
-    from .kernelspec import install
-
-    url = f"ws://127.0.0.1:{args.port}"
-    config = ClientConfig.load(url=url)
-    db = _db(args)
-
-    async def usable_token() -> str:
-        store = await Store.open(db)
-        try:
-            try:
-                await store.verify_token(config.token)
-                assert config.token is not None
-                return config.token
-            except TokenError:
-                user = getpass.getuser() or "user"
-                _, token = await store.create_token(user)
-                print(f"created a token for {user} and saved it to {config_path()}")
-                return token
-        finally:
-            await store.close()
-
-    try:
-        token = asyncio.run(usable_token())
-    except _store_errors() as exc:
-        print(f"rgpu up: {exc}", file=sys.stderr)
-        return 1
-    save_client_config(url, token)
-    install(prefix=sys.prefix, url=url)
-    server = subprocess.Popen([sys.executable, "-m", "remote_gpu_kernel.cli", "serve", "--port",
-                               str(args.port), "--db", str(db), "--slots", args.slots])
-    try:
-        if not _wait_for_port(args.port, server):
-            print(f"rgpu up: the GPU server did not start on port {args.port}", file=sys.stderr)
-            return 1
-        lab_args = args.lab_args[1:] if args.lab_args[:1] == ["--"] else list(args.lab_args)
-        if hasattr(os, "geteuid") and os.geteuid() == 0 and "--allow-root" not in lab_args:
-            lab_args.append("--allow-root")  # containers and CI machines run as root
-        lab = [sys.executable, "-m", "jupyter", "lab", *lab_args]
-        print(f"GPU server on {url}; starting JupyterLab (the Remote GPU kernel, %load_ext "
-              "remote_gpu_kernel and the Remote GPU sidebar are ready)")
-        env = dict(os.environ, RGPU_URL=url, RGPU_TOKEN=token)
-        return subprocess.call(lab, env=env)
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        server.terminate()
-        server.wait(30)
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> bool:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return True
-        time.sleep(0.2)
-    return False
 
 
 def cmd_kernel(args: argparse.Namespace) -> int:
@@ -434,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "repeatable; '*' allows any (default: none; clients that send no Origin "
                         "are never affected)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--ready-fd", type=int, metavar="FD",
+                   help="once listening, write the server's URL and a newline to this inherited file "
+                        "descriptor and close it (for a program that starts the server, as rgpu up does)")
     park = p.add_argument_group("parking idle sessions (see README: Parking a session)")
     park.add_argument("--park-after", type=float, metavar="SECONDS",
                       help="park a session idle this long: its variables go to disk on this machine and "
@@ -524,12 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_tls_arguments(p)
     p.set_defaults(func=cmd_login)
 
-    p = sub.add_parser("up", help="start a local server and JupyterLab wired to it")
-    p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--db", help=db_help)
-    p.add_argument("--slots", default="auto")
-    p.add_argument("lab_args", nargs=argparse.REMAINDER, help="arguments passed to jupyter lab")
-    p.set_defaults(func=cmd_up)
+    add_up_command(sub, db_help)
 
     p = sub.add_parser("kernel", help="install the Remote GPU Jupyter kernel")
     ksub = p.add_subparsers(dest="kernel_cmd", required=True)

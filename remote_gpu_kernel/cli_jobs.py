@@ -10,11 +10,14 @@ the server or the network gives is one line on stderr and exit status 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import os
+import select
 import sys
 import time
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 from .api import ApiClient, ApiError
@@ -72,6 +75,21 @@ def _state(state: str) -> str:
     return f"[{_STATE_STYLE.get(state, 'white')}]{state}[/]"
 
 
+#: The longest first line of a cell shown in ``rgpu jobs``.
+_LINE_SHOWN = 40
+
+
+def _job_name(job: dict[str, Any]) -> str:
+    """A batch job's name; for a cell, its notebook's file name and its first line, as the sidebar shows them."""
+    if job.get("name"):
+        return str(job["name"])
+    notebook = PureWindowsPath(job["notebook"]).name if job.get("notebook") else ""  # / and \ both split
+    line = str(job.get("first_line") or "")
+    if len(line) > _LINE_SHOWN:
+        line = line[: _LINE_SHOWN - 1] + "…"
+    return ": ".join(part for part in (notebook, line) if part)
+
+
 # -- commands --------------------------------------------------------------
 
 
@@ -98,7 +116,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     for j in jobs:
         end = j["ended"] or (time.time() if j["started"] else None)
         ran = end - j["started"] if j["started"] and end else None
-        table.add_row(str(j["id"]), j["kind"], j["name"] or "", j["user"], _state(j["state"]),
+        table.add_row(str(j["id"]), j["kind"], _job_name(j), j["user"], _state(j["state"]),
                       str(j["gpus"]), str(j["attempt"] or ""), _when(j["created"]), _duration(ran),
                       f"{j['gpu_seconds']:.0f}", _cost(j["cost"]))
     _console().print(table)
@@ -110,8 +128,8 @@ def cmd_job(args: argparse.Namespace) -> int:
 
     j = _client(args).job(args.id)
     table = Table(show_header=False, box=None)
-    for key in ("id", "kind", "name", "user", "state", "error", "gpus", "priority", "pool",
-                "timeout", "retries", "slots"):
+    for key in ("id", "kind", "name", "notebook", "first_line", "user", "state", "error", "gpus", "priority",
+                "pool", "timeout", "retries", "slots"):
         value = j.get(key)
         if value is not None and value != []:
             shown = ",".join(value) if isinstance(value, list) else str(value)
@@ -227,21 +245,63 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_top(args: argparse.Namespace) -> int:
+    from rich.console import Group
     from rich.live import Live
 
     client = _client(args)
-    shown = 0
-    try:
-        with Live(_status_tables(client.status()), console=_console(), auto_refresh=False,
-                  screen=False) as live:
-            shown = 1
-            while args.count is None or shown < args.count:
-                time.sleep(args.interval)
-                live.update(_status_tables(client.status()), refresh=True)
-                shown += 1
-    except KeyboardInterrupt:
-        return 0
+    with _keys() as keys:
+        hint = [f"[dim]every {args.interval:g} s; q quits[/]"] if keys is not None else []
+
+        def view() -> Any:
+            return Group(_status_tables(client.status()), *hint)
+
+        try:
+            with Live(view(), console=_console(), auto_refresh=False, screen=False) as live:
+                shown = 1
+                while args.count is None or shown < args.count:
+                    if _quit_pressed(keys, args.interval):
+                        break
+                    live.update(view(), refresh=True)
+                    shown += 1
+        except KeyboardInterrupt:
+            return 0
     return 0
+
+
+@contextlib.contextmanager
+def _keys() -> Iterator[int | None]:
+    """The terminal's descriptor, read key by key without echo while inside; None if stdin is no terminal."""
+    try:
+        fd = sys.stdin.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced (pytest) or closed
+        yield None
+        return
+    if not os.isatty(fd):
+        yield None
+        return
+    import termios
+    import tty
+
+    saved = termios.tcgetattr(fd)
+    tty.setcbreak(fd)
+    try:
+        yield fd
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def _quit_pressed(keys: int | None, timeout: float) -> bool:
+    """Wait ``timeout`` seconds; True as soon as ``q`` is pressed on the terminal ``keys``."""
+    if keys is None:
+        time.sleep(timeout)
+        return False
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        if select.select([keys], [], [], left)[0]:
+            key = os.read(keys, 1)
+            if key in (b"q", b"Q") or not key:  # not key: the terminal went away
+                return True
+    return False
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
@@ -331,7 +391,7 @@ def add_job_commands(sub: Any) -> None:
 
     command("status", cmd_status, "show the GPUs and the queue")
 
-    p = command("top", cmd_top, "show the GPUs and the queue, refreshed in place")
+    p = command("top", cmd_top, "show the GPUs and the queue, refreshed in place until q or Ctrl-C")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")
     p.add_argument("-n", "--count", type=int, help="stop after N refreshes")
 

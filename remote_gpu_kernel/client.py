@@ -124,7 +124,11 @@ def error_from(msg: m.Error) -> RemoteGpuError:
         ename, _, evalue = msg.message.partition(": ")
         return RemoteError.from_remote(ename, evalue, [])
     if code is m.ErrorCode.FILE:
-        return FileTransferError(msg.message)
+        # The worker's refusal comes as "FileNotFoundError: no file ...": the
+        # error's own name says it is about a file already.
+        ename, sep, evalue = msg.message.partition(": ")
+        plain = sep and ename.isidentifier() and ename.endswith("Error")
+        return FileTransferError(evalue if plain else msg.message)
     return ServerError(msg.message, code=code.value)
 
 
@@ -492,7 +496,7 @@ class AsyncSession:
                       store_history: bool = True, allow_stdin: bool = False,
                       on_notice: NoticeCallback | None = None,
                       on_queue: QueueCallback | None = None,
-                      parent: dict[str, Any] | None = None) -> ExecuteResult:
+                      parent: dict[str, Any] | None = None, execution_count: int = 0) -> ExecuteResult:
         """Run ``code`` remotely.
 
         ``on_output`` is called with every output message as it arrives; by
@@ -503,12 +507,15 @@ class AsyncSession:
         kernel's or a magic's): the remote request runs under its ``msg_id``,
         so output that a frontend routes by id (``ipywidgets.Output``) finds
         its way. The server refuses a ``msg_id`` already running on the worker.
+        ``execution_count`` (not 0): the cell's number in the notebook, which
+        the remote IPython then uses too (see :class:`~.protocol.messages.Execute`).
         """
         handler = on_output if on_output is not None else write_streams
         outputs: list[m.Output] = []
         header = parent_of(parent)
         async with self._exchange(
-                lambda r: m.Execute(r, code, timeout, silent, store_history, allow_stdin, header)) as receive:
+                lambda r: m.Execute(r, code, timeout, silent, store_history, allow_stdin, header,
+                                    execution_count)) as receive:
             while True:
                 msg = await receive()
                 if isinstance(msg, m.Output):

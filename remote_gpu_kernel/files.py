@@ -3,10 +3,11 @@
 ``%gpu upload PATH...`` sends files so that a remote cell opens them by the
 same relative path as a local one would: ``images/x.png`` here becomes
 ``images/x.png`` in the session's folder. A folder stands for the files
-under it. A path that is absolute or goes up with ``..`` keeps only its
-last part (``/data/train.csv`` becomes ``train.csv``). Contents are read
-through read-only memory maps and sent as they are, never copied into a
-message. ``%gpu download PATH...`` writes each file by its path in the
+under it, less JupyterLab's ``.ipynb_checkpoints`` folders (its own copies
+of notebooks, not data; naming one uploads it). A path that is absolute or
+goes up with ``..`` keeps only its last part (``/data/train.csv`` becomes
+``train.csv``). Contents are read through read-only memory maps and sent as
+they are, never copied into a message. ``%gpu download PATH...`` writes each file by its path in the
 session's folder, relative to this machine's working folder; a name from
 the server that is absolute or goes up is refused, whoever sent it.
 
@@ -24,7 +25,11 @@ from typing import Any
 
 from .errors import FileTransferError
 
-__all__ = ["LocalFile", "format_size", "plan_upload", "read_files", "remote_name", "write_files"]
+__all__ = ["LocalFile", "SKIPPED_FOLDERS", "format_size", "plan_upload", "read_files", "remote_name",
+           "write_files"]
+
+#: Folders left out of a folder's upload (see the module docstring).
+SKIPPED_FOLDERS = frozenset({".ipynb_checkpoints"})
 
 
 def format_size(n: int) -> str:
@@ -71,7 +76,7 @@ def plan_upload(paths: tuple[str | os.PathLike[str], ...]) -> list[LocalFile]:
         if local.is_dir():
             base = "" if os.path.normpath(path) == "." else remote_name(local)
             for dirpath, dirnames, filenames in os.walk(local):
-                dirnames.sort()
+                dirnames[:] = sorted(d for d in dirnames if d not in SKIPPED_FOLDERS)
                 for name in sorted(filenames):
                     inner = Path(dirpath) / name
                     if inner.is_file():

@@ -41,10 +41,10 @@ from .client import AsyncSession
 from .errors import ConnectionLost, RemoteGpuError
 from .kernel_cells import Cell, CellKind, CellSyntaxError, GpuCommand, parse_cell
 from .iostreams import skip_empty_flushes
-from .kernel_app import CommsBesideCells, MainLoopKernelApp
+from .kernel_app import CommsBesideCells, MainLoopKernelApp, MainLoopShell
 from .kernel_history import History
 from .kernel_local import LocalNamespace
-from .kernel_output import CellOutput, Parents, gone_state
+from .kernel_output import AfterIdle, CellOutput, Parents, gone_state
 from .kernel_remote import RemoteLease
 from .protocol import messages as m
 
@@ -67,7 +67,7 @@ _HELP = re.compile(r"^\s*(?P<before>\?{1,2})?(?P<name>[A-Za-z_][\w.]*)(?P<after>
 RELEASE_TIMEOUT = 10.0
 
 
-class RemoteGpuKernel(CommsBesideCells, Kernel):  # type: ignore[misc]
+class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):  # type: ignore[misc]
     """See the module docstring. Jupyter makes it through IPKernelApp."""
 
     implementation = "remote_gpu_kernel"
@@ -87,6 +87,7 @@ class RemoteGpuKernel(CommsBesideCells, Kernel):  # type: ignore[misc]
             self.shell_handlers[msg_type] = self._comm_request
         self.remote = RemoteLease(on_background=self._background)
         self.parents = Parents()
+        self.after_idle = AfterIdle()
         #: The comms open between the notebook and the worker, as seen passing.
         self.comm_ids: set[str] = set()
         self.local = LocalNamespace(self.session, self.iopub_socket, self._topic)
@@ -141,6 +142,7 @@ class RemoteGpuKernel(CommsBesideCells, Kernel):  # type: ignore[misc]
                          cell_id: str | None = None) -> dict[str, Any]:
         cell = CellOutput(self, self.get_parent("shell"))
         self.parents.remember(cell.parent)
+        self.after_idle.begin(cell.parent)
         self._running_parent = cell.parent
         try:
             return await self._execute(cell, code, silent, store_history, allow_stdin)
@@ -239,7 +241,9 @@ class RemoteGpuKernel(CommsBesideCells, Kernel):  # type: ignore[misc]
             # an Output widget's msg_id, then route as with a local kernel.
             result = await session.execute(code, on_output, silent=silent, store_history=store_history,
                                            allow_stdin=allow_stdin, on_notice=cell.notice,
-                                           on_queue=cell.restoring, parent=cell.header)
+                                           on_queue=cell.restoring, parent=cell.header,
+                                           execution_count=0 if silent or not store_history
+                                           else self.execution_count)
         except ConnectionLost as exc:
             return cell.error("ConnectionLost", (
                 f"{exc}. The cell may still be running on the server. The next cell reconnects to "
@@ -416,6 +420,7 @@ class RemoteGpuKernel(CommsBesideCells, Kernel):  # type: ignore[misc]
         msg_type, content = parent["header"]["msg_type"], dict(parent["content"])
         cell = CellOutput(self, parent)
         self.parents.remember(parent)
+        self.after_idle.begin(parent)
         # ipykernel 7 runs a comm message that comes while a cell runs at the
         # same time as the cell (a remote cell may await a widget), and then
         # sends it no status. A widget holds back its changes until the idle
@@ -482,8 +487,17 @@ class RemoteGpuKernel(CommsBesideCells, Kernel):  # type: ignore[misc]
 
     def _background(self, msg: m.Output) -> None:
         """What the worker published outside any request of ours, under the
-        notebook request it names (a thread's print after its cell ended)."""
-        CellOutput(self, self.parents.get(msg.parent)).forward(msg)
+        notebook request it names (a thread's print after its cell ended);
+        after that request's idle, as ipykernel publishes it (see :class:`AfterIdle`)."""
+        if not self.after_idle.hold(msg):
+            CellOutput(self, self.parents.get(msg.parent)).forward(msg)
+
+    def _publish_status(self, status: str, channel: str, parent: dict[str, Any] | None = None) -> None:
+        super()._publish_status(status, channel, parent)
+        if status == "idle":
+            request = parent or self.get_parent(channel)
+            for msg in self.after_idle.end(request):
+                CellOutput(self, request).forward(msg)
 
     async def do_shutdown(self, restart: bool) -> dict[str, Any]:
         """Give the GPU back; runs on the control thread, the session lives on the main loop."""

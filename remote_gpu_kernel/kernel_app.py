@@ -8,12 +8,13 @@ message handled while a cell ran.
 from __future__ import annotations
 
 import asyncio
+import threading
 from contextvars import copy_context
 from typing import Any
 
 from ipykernel.kernelapp import IPKernelApp
 
-__all__ = ["CommsBesideCells", "MainLoopKernelApp"]
+__all__ = ["CommsBesideCells", "MainLoopKernelApp", "MainLoopShell"]
 
 _COMM_TYPES = frozenset({"comm_open", "comm_msg", "comm_close"})
 
@@ -45,6 +46,30 @@ class CommsBesideCells:
         await super().shell_main(subshell_id, msg)  # type: ignore[misc]
 
 
+class _NoShellChannelThread:
+    """Stands in for ipykernel's shell-channel thread where there is none.
+
+    ipykernel asks it, for a cell with a top-level ``await``, which thread
+    runs cells (``parent_thread``: the main thread here), to decide whether
+    SIGINT cancels the awaited cell; without it such a cell failed inside
+    ipykernel and was never answered. It is falsy: there is no thread.
+    """
+
+    parent_thread = threading.main_thread()
+
+    def __bool__(self) -> bool:
+        return False
+
+
+class MainLoopShell:
+    """A mixin for the kernel class of a :class:`MainLoopKernelApp`: its shell
+    socket is read on the main loop, so it offers no subshells."""
+
+    @property
+    def _supports_kernel_subshells(self) -> bool:
+        return False
+
+
 class MainLoopKernelApp(IPKernelApp):  # type: ignore[misc]
     """IPKernelApp without the shell-channel thread.
 
@@ -53,10 +78,11 @@ class MainLoopKernelApp(IPKernelApp):  # type: ignore[misc]
     thread: two thread hops per request that serve only kernel subshells,
     which neither the Remote GPU kernel nor a worker offers. Without that
     thread the shell socket is read on the main loop, as in ipykernel 6.
+    Its kernel class includes :class:`MainLoopShell`.
     """
 
     def init_sockets(self) -> None:
         super().init_sockets()
-        thread, self.shell_channel_thread = self.shell_channel_thread, None
+        thread, self.shell_channel_thread = self.shell_channel_thread, _NoShellChannelThread()
         if thread is not None:
             thread.io_loop.close()

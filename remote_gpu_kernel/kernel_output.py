@@ -6,7 +6,8 @@ whole (content, metadata, buffers) under that request, and the kernel's own
 lines (the lease, a transfer) are shown in the words of :mod:`.notices`.
 :class:`Parents` remembers recent requests, so that what the worker
 publishes after its request ended (a thread, a timer) goes out under the
-request that it names.
+request that it names; :class:`AfterIdle` holds back what the worker
+published after a request's idle until this kernel's idle for it is out.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from .client import AsyncSession
     from .kernel import RemoteGpuKernel
 
-__all__ = ["NOT_FORWARDED", "CellOutput", "Parents", "gone_state"]
+__all__ = ["NOT_FORWARDED", "AfterIdle", "CellOutput", "Parents", "gone_state"]
 
 #: Worker messages that this kernel publishes itself, or that mean nothing here.
 NOT_FORWARDED = frozenset({"status", "execute_input", "input_request"})
@@ -145,3 +146,38 @@ class Parents:
         if parent is not None:
             return parent
         return {"header": {"msg_id": msg_id}} if msg_id else {}
+
+
+class AfterIdle:
+    """What the worker published after one of this kernel's requests went idle
+    there, held until this kernel's own idle for that request has gone out.
+
+    ipykernel runs what a cell left behind (an asyncio task that fills an
+    Output widget) after the cell's idle status, so a notebook runner
+    (nbclient, papermill, ``nbconvert --execute``) has moved on and does not
+    record it. The server relays it as output of no request, and that may
+    overtake the request's own answer: without holding it, it would go out
+    inside the cell here. Call :meth:`begin` when a request starts,
+    :meth:`hold` with each such output, and :meth:`end` right after the
+    request's idle, then publish what it returns.
+    """
+
+    def __init__(self) -> None:
+        self._held: dict[str, list[m.Output]] = {}
+
+    def begin(self, parent: dict[str, Any]) -> None:
+        msg_id = (parent.get("header") or {}).get("msg_id")
+        if msg_id:
+            self._held[msg_id] = []
+
+    def hold(self, msg: m.Output) -> bool:
+        """Keep ``msg`` if the request it names has not gone idle here yet."""
+        held = self._held.get(msg.parent) if msg.parent else None
+        if held is None:
+            return False
+        held.append(msg)
+        return True
+
+    def end(self, parent: dict[str, Any] | None) -> list[m.Output]:
+        """What was held for the request ``parent``, which has gone idle."""
+        return self._held.pop(((parent or {}).get("header") or {}).get("msg_id") or "", [])

@@ -218,8 +218,10 @@ class GpuMagics(Magics):
             # Under this cell's own msg_id: a remote Output widget then
             # captures what this cell shows, as a local one would.
             line = notices.StatusLine(_publish_display)
+            # Under this cell's number too: a remote traceback says Cell In[N] as the prompt does.
             result = session.execute(code, self.comms.show, timeout=timeout, parent=parent.get("header"),
-                                     on_queue=lambda pos: line.show(notices.restoring(pos)))
+                                     on_queue=lambda pos: line.show(notices.restoring(pos)),
+                                     execution_count=self._cell_number(parent))
         # The cell did not finish: each of these fails it (so "Run All"
         # stops here), shown as one line that says what to do next.
         except ConnectionLost as exc:
@@ -233,6 +235,14 @@ class GpuMagics(Magics):
             raise result.error
         if outputs:
             ns.update(session.pull(*outputs))
+
+    def _cell_number(self, parent: dict[str, Any]) -> int:
+        """The number the prompt shows for the cell that runs now; 0 for one not
+        stored in the history. IPython counts a stored cell before running it."""
+        content = parent.get("content") or {}
+        if content.get("silent") or not content.get("store_history", True):
+            return 0
+        return max(0, int(self.shell.execution_count) - 1)
 
     def _transfer(self, cmd: str, paths: list[str]) -> None:
         """``%gpu upload|download PATH...``: sizes always, progress for large transfers."""

@@ -248,7 +248,7 @@ class Session:
                 timeout: float | None = None, silent: bool = False,
                 store_history: bool = True, allow_stdin: bool = False,
                 on_queue: QueueCallback | None = None,
-                parent: dict[str, Any] | None = None) -> ExecuteResult:
+                parent: dict[str, Any] | None = None, execution_count: int = 0) -> ExecuteResult:
         """Run ``code``; see :meth:`AsyncSession.execute`.
 
         Callbacks run in this thread, as output arrives. A KeyboardInterrupt
@@ -273,7 +273,7 @@ class Session:
             return self._session.execute(code, emit, timeout=timeout, silent=silent,
                                          store_history=store_history, allow_stdin=allow_stdin,
                                          on_notice=emit, on_queue=lambda p: emit(m.QueuePosition(0, p)),
-                                         parent=parent)
+                                         parent=parent, execution_count=execution_count)
 
         return _pump(factory, handle, self.interrupt)
 

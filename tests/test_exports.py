@@ -21,6 +21,7 @@ MODULES = [
     "remote_gpu_kernel.iostreams",
     "remote_gpu_kernel.tls",
     "remote_gpu_kernel.files",
+    "remote_gpu_kernel.cli_up",
     "remote_gpu_kernel.notices",
     "remote_gpu_kernel.magic_comms",
     "remote_gpu_kernel.kernel_app",

@@ -83,21 +83,26 @@ class GpuApi:
     async def status(self) -> Any:
         return await self._call("GET", "/api/status")
 
-    async def jobs(self, limit: int = 20) -> list[Any]:
-        """The user's latest jobs, newest first (``{"jobs": [...]}`` or a bare list upstream)."""
+    async def jobs(self, limit: int = 20) -> dict[str, Any]:
+        """``{"jobs": [the user's latest jobs, newest first], "total": how many they have}``.
+
+        ``total`` is None where the server does not say (before it did, or a bare list).
+        """
         data = await self._call("GET", f"/api/jobs?limit={int(limit)}")
-        if isinstance(data, dict):
-            data = data.get("jobs")
-        return data if isinstance(data, list) else []
+        jobs = data.get("jobs") if isinstance(data, dict) else data
+        total = data.get("total") if isinstance(data, dict) else None
+        return {"jobs": jobs if isinstance(jobs, list) else [],
+                "total": total if isinstance(total, int) and not isinstance(total, bool) else None}
 
     async def cancel_job(self, job_id: str) -> Any:
         return await self._call("POST", f"/api/jobs/{quote(job_id, safe='')}/cancel")
 
     async def release_session(self, session_id: str) -> Any:
-        return await self._call("POST", f"/api/sessions/{quote(session_id, safe='')}/release")
+        """Release from the sidebar: the notebook is told so (``?via=sidebar``)."""
+        return await self._call("POST", f"/api/sessions/{quote(session_id, safe='')}/release?via=sidebar")
 
     async def restart_session(self, session_id: str) -> Any:
-        return await self._call("POST", f"/api/sessions/{quote(session_id, safe='')}/restart")
+        return await self._call("POST", f"/api/sessions/{quote(session_id, safe='')}/restart?via=sidebar")
 
     async def _call(self, method: str, path: str) -> Any:
         try:

@@ -45,7 +45,7 @@ class StatusHandler(_RelayHandler):
 
 
 class JobsHandler(_RelayHandler):
-    """GET: the user's own jobs (``GET /api/jobs``)."""
+    """GET: ``{"jobs": [the user's latest jobs], "total": how many (None: unknown)}`` (``GET /api/jobs``)."""
 
     @tornado.web.authenticated
     async def get(self) -> None:

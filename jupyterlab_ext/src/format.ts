@@ -79,3 +79,26 @@ export function baseName(path: string): string {
   const parts = path.split(/[/\\]/).filter(part => part.length > 0);
   return parts.length > 0 ? parts[parts.length - 1] : path;
 }
+
+/** How many characters at the end of a notebook's name always show (its number and `.ipynb`). */
+export const NAME_TAIL = 10;
+
+/**
+ * A notebook's file name cut for a middle ellipsis: `Untitled12.ipynb` keeps
+ * `12.ipynb` in view however narrow the sidebar, where an ellipsis at the
+ * end left `Untitled…` for every new notebook.
+ */
+export function splitName(name: string): [string, string] {
+  return splitMiddle(name, NAME_TAIL);
+}
+
+/** The title over a server's slots: what they are (GPUs, CPU slots, or both). */
+export function slotsTitle(kinds: string[]): string {
+  if (kinds.length > 0 && kinds.every(kind => kind === 'gpu')) {
+    return 'GPUs';
+  }
+  if (kinds.length > 0 && kinds.every(kind => kind === 'cpu')) {
+    return 'CPU slots';
+  }
+  return 'Slots';
+}

@@ -5,6 +5,7 @@ import { type ISignal, Signal } from '@lumino/signaling';
 import { problemOf } from './errors';
 import type {
   IJob,
+  IJobList,
   IParked,
   IProblem,
   IQueueEntry,
@@ -28,27 +29,39 @@ export namespace RemoteGpuModel {
     interval?: number;
     /** The longest wait between tries while failing (default 30000). */
     maxInterval?: number;
+    /**
+     * Emits `true` when a kernel starts running and `false` once none runs
+     * (JupyterLab's `ILabStatus.busySignal`).
+     */
+    busy?: ISignal<unknown, boolean>;
+    /** Milliseconds between refreshes while a kernel runs (default 1000). */
+    busyInterval?: number;
   }
 }
 
 /**
  * The sidebar's state: one `Poll` asks for the status and the user's jobs
  * every few seconds, backs off while that fails, and stands by while the
- * panel is hidden (set `visible`) or the browser tab is.
+ * panel is hidden (set `visible`) or the browser tab is. It asks at once
+ * when a kernel starts or stops running, and every second while one runs:
+ * a cell's lease and its job show as they happen, not a poll later.
  */
 export class RemoteGpuModel implements IDisposable {
   constructor(options: RemoteGpuModel.IOptions) {
     this._api = options.api;
+    this._interval = options.interval ?? 3000;
+    this._busyInterval = Math.min(options.busyInterval ?? 1000, this._interval);
     this._poll = new Poll<void, unknown>({
       factory: () => this._fetch(),
       frequency: {
-        interval: options.interval ?? 3000,
+        interval: this._interval,
         backoff: true,
         max: options.maxInterval ?? 30000
       },
       name: 'remote-gpu-lab:status',
       standby: () => !this._visible || 'when-hidden'
     });
+    options.busy?.connect(this._onBusy, this);
   }
 
   /** Emits whenever anything the panel shows changes. */
@@ -71,6 +84,11 @@ export class RemoteGpuModel implements IDisposable {
 
   get jobs(): IJob[] {
     return this._jobs;
+  }
+
+  /** How many jobs the user has: the server's count, else as many as it listed. */
+  get jobsTotal(): number {
+    return this._jobsTotal ?? this._jobs.length;
   }
 
   /** Why the last refresh failed; `null` after a success. */
@@ -211,6 +229,17 @@ export class RemoteGpuModel implements IDisposable {
     }
   }
 
+  private _onBusy(_sender: unknown, busy: boolean): void {
+    if (this.isDisposed) {
+      return;
+    }
+    this._poll.frequency = {
+      ...this._poll.frequency,
+      interval: busy ? this._busyInterval : this._interval
+    };
+    void this.refresh();
+  }
+
   private async _fetch(): Promise<void> {
     try {
       const [reply, jobs] = await Promise.all([
@@ -219,7 +248,9 @@ export class RemoteGpuModel implements IDisposable {
       ]);
       this._url = reply.url;
       this._status = reply.status;
-      this._jobs = Array.isArray(jobs) ? jobs : [];
+      const list: Partial<IJobList> = jobs ?? {};
+      this._jobs = Array.isArray(list.jobs) ? list.jobs : [];
+      this._jobsTotal = typeof list.total === 'number' ? list.total : null;
       this._problem = null;
       this._updated = Date.now();
     } catch (error) {
@@ -242,6 +273,9 @@ export class RemoteGpuModel implements IDisposable {
   private _url = '';
   private _status: IServerStatus | null = null;
   private _jobs: IJob[] = [];
+  private _jobsTotal: number | null = null;
+  private _interval: number;
+  private _busyInterval: number;
   private _problem: IProblem | null = null;
   private _updated: number | null = null;
   private _actionError: string | null = null;

@@ -7,8 +7,9 @@ import {
 import type { Message } from '@lumino/messaging';
 import React from 'react';
 
-import { splitMiddle } from './format';
+import { slotsTitle } from './format';
 import { gpuIcon } from './icons';
+import { MiddleEllipsis } from './middle';
 import { RemoteGpuModel, now, seconds } from './model';
 import { SlotView } from './slots';
 import type { IProblem } from './types';
@@ -119,7 +120,10 @@ function RemoteGpuView({ model }: { model: RemoteGpuModel }): JSX.Element {
       )}
       {status !== null && (
         <div className={stale ? 'jp-RemoteGpu-content jp-mod-stale' : 'jp-RemoteGpu-content'}>
-          <Section title="GPUs" count={status.slots.length}>
+          <Section
+            title={slotsTitle(status.slots.map(slot => slot.kind))}
+            count={status.slots.length}
+          >
             {status.slots.length === 0 ? (
               <div className="jp-RemoteGpu-empty">This server offers no slots.</div>
             ) : (
@@ -168,7 +172,7 @@ function RemoteGpuView({ model }: { model: RemoteGpuModel }): JSX.Element {
               </ul>
             </Section>
           )}
-          <Section title="Your jobs" count={model.jobs.length}>
+          <Section title="Your jobs" count={model.jobsTotal}>
             {model.jobs.length === 0 ? (
               <div className="jp-RemoteGpu-empty">No jobs yet.</div>
             ) : (
@@ -177,6 +181,12 @@ function RemoteGpuView({ model }: { model: RemoteGpuModel }): JSX.Element {
                   <JobView key={job.id} model={model} job={job} />
                 ))}
               </ul>
+            )}
+            {model.jobsTotal > model.recentJobs.length && (
+              <div className="jp-RemoteGpu-empty jp-RemoteGpu-more">
+                The latest {model.recentJobs.length} of {model.jobsTotal};{' '}
+                <code>rgpu jobs</code> lists more.
+              </div>
             )}
           </Section>
         </div>
@@ -268,26 +278,6 @@ function ProblemView({
         Try again
       </Button>
     </div>
-  );
-}
-
-/**
- * `text` on one line, cut in the middle with `…` where it does not fit (its
- * head shrinks, its tail stays), and whole on hover.
- */
-function MiddleEllipsis({
-  text,
-  className
-}: {
-  text: string;
-  className: string;
-}): JSX.Element {
-  const [head, tail] = splitMiddle(text);
-  return (
-    <span className={`jp-RemoteGpu-middle ${className}`} title={text}>
-      <span className="jp-RemoteGpu-middleHead">{head}</span>
-      <span className="jp-RemoteGpu-middleTail">{tail}</span>
-    </span>
   );
 }
 

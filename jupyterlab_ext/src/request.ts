@@ -2,7 +2,7 @@ import { URLExt } from '@jupyterlab/coreutils';
 import { ServerConnection } from '@jupyterlab/services';
 
 import { RemoteGpuError, problemFrom } from './errors';
-import type { IJob, IRemoteGpuApi, IStatusReply } from './types';
+import type { IJob, IJobList, IRemoteGpuApi, IStatusReply } from './types';
 
 /**
  * Call a `/remote-gpu/` endpoint and parse its JSON answer.
@@ -47,8 +47,10 @@ export class ServerExtensionApi implements IRemoteGpuApi {
     return requestAPI<IStatusReply>('status');
   }
 
-  jobs(): Promise<IJob[]> {
-    return requestAPI<IJob[]>('jobs');
+  async jobs(): Promise<IJobList> {
+    // A bare list: the server extension of a version before the count.
+    const reply = await requestAPI<IJobList | IJob[]>('jobs');
+    return Array.isArray(reply) ? { jobs: reply, total: null } : reply;
   }
 
   async cancelJob(id: number | string): Promise<void> {

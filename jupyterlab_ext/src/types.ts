@@ -202,6 +202,13 @@ export interface IJob {
   ended: Timestamp | null;
 }
 
+/** What `GET /remote-gpu/jobs` answers: the latest jobs, and how many the user has. */
+export interface IJobList {
+  jobs: IJob[];
+  /** `null` where the GPU server does not say (one older than the count). */
+  total: number | null;
+}
+
 /** Why the sidebar could not get the state, as the server extension says it. */
 export type ProblemReason =
   | 'bad-url'
@@ -224,7 +231,7 @@ export interface IProblem {
 /** The network the model talks to: `request.ts` in JupyterLab, a fake in tests. */
 export interface IRemoteGpuApi {
   status(): Promise<IStatusReply>;
-  jobs(): Promise<IJob[]>;
+  jobs(): Promise<IJobList>;
   cancelJob(id: number | string): Promise<void>;
   releaseSession(id: string): Promise<void>;
   /** A fresh worker for the session now: its running cell is stopped, its variables lost. */

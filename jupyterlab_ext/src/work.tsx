@@ -4,7 +4,9 @@
 import { Button } from '@jupyterlab/ui-components';
 import React from 'react';
 
-import { baseName, formatBytes, formatDuration } from './format';
+import { confirmLoss } from './confirm';
+import { baseName, formatBytes, formatDuration, splitName } from './format';
+import { MiddleEllipsis } from './middle';
 import { CANCELLABLE, RemoteGpuModel, now, seconds } from './model';
 import type { IJob, IParked, IQueueEntry, ISession } from './types';
 
@@ -37,7 +39,7 @@ export function LeaseView({
           className="jp-RemoteGpu-release jp-mod-styled jp-mod-warn"
           disabled={pending}
           title="Release this lease: its kernel and variables on the GPU end"
-          onClick={() => void model.release(id)}
+          onClick={() => void releaseLease(model, session)}
         >
           {pending ? 'Releasing…' : 'Release'}
         </Button>
@@ -53,7 +55,7 @@ export function LeaseView({
             className="jp-RemoteGpu-restart jp-mod-styled jp-mod-warn"
             disabled={restarting}
             title="Stop the cell by restarting its worker: SIGTERM, then SIGKILL to every process it started; the session's variables are lost"
-            onClick={() => void model.restart(id)}
+            onClick={() => void restartWorker(model, session)}
           >
             {restarting ? 'Restarting…' : 'Restart worker'}
           </Button>
@@ -111,7 +113,7 @@ export function ParkedView({
             className="jp-RemoteGpu-release jp-mod-styled jp-mod-warn"
             disabled={pending}
             title="Release this parked session: its saved variables are deleted"
-            onClick={() => void model.release(id)}
+            onClick={() => void releaseParked(model, parked)}
           >
             {pending ? 'Releasing…' : 'Release'}
           </Button>
@@ -136,7 +138,64 @@ export function ParkedView({
   );
 }
 
-/** Where a lease or a job came from: its notebook's file name (the path on hover). */
+/** The name a dialog gives a lease or a parked session: its notebook's file name, or `fallback`. */
+function whose(notebook: string | null | undefined, fallback: string): string {
+  return notebook ? baseName(notebook) : fallback;
+}
+
+/** Release a lease once the user agreed that its variables go. */
+async function releaseLease(model: RemoteGpuModel, session: ISession): Promise<void> {
+  const id = session.id ?? '';
+  const name = whose(session.notebook, `session ${id.slice(0, 8)}`);
+  if (
+    await confirmLoss(
+      `Release the GPU of ${name}?`,
+      'Its worker stops and the variables on the GPU are lost; a cell that runs now is stopped. ' +
+        'The next cell leases a GPU again. (%gpu park keeps the variables instead.)',
+      'Release'
+    )
+  ) {
+    await model.release(id);
+  }
+}
+
+/** Restart a stuck lease's worker once the user agreed that its variables go. */
+async function restartWorker(model: RemoteGpuModel, session: ISession): Promise<void> {
+  const id = session.id ?? '';
+  const name = whose(session.notebook, `session ${id.slice(0, 8)}`);
+  if (
+    await confirmLoss(
+      `Restart the worker of ${name}?`,
+      'The running cell is stopped (SIGTERM, then SIGKILL to every process it started) and the ' +
+        'variables on the GPU are lost; the GPU stays leased.',
+      'Restart worker'
+    )
+  ) {
+    await model.restart(id);
+  }
+}
+
+/** Release a parked session once the user agreed that its saved variables go. */
+async function releaseParked(model: RemoteGpuModel, parked: IParked): Promise<void> {
+  const id = parked.id ?? '';
+  const name = whose(parked.notebook, `session ${id.slice(0, 8)}`);
+  if (
+    await confirmLoss(
+      `Delete the parked session of ${name}?`,
+      `Its saved variables (${formatBytes(parked.nbytes)} on the server's disk) are deleted; the next ` +
+        'cell leases a GPU and starts afresh.',
+      'Release'
+    )
+  ) {
+    await model.release(id);
+  }
+}
+
+/**
+ * Where a lease or a job came from: its notebook's file name (the path on
+ * hover), cut in the middle where it does not fit, so that `Untitled12.ipynb`
+ * and `Untitled13.ipynb` stay apart.
+ */
 function Origin({
   notebook,
   fallback
@@ -146,7 +205,11 @@ function Origin({
 }): JSX.Element {
   return notebook ? (
     <span className="jp-RemoteGpu-name jp-RemoteGpu-notebook" title={notebook}>
-      {baseName(notebook)}
+      <MiddleEllipsis
+        className="jp-RemoteGpu-notebookName"
+        text={baseName(notebook)}
+        split={splitName}
+      />
     </span>
   ) : (
     <span className="jp-RemoteGpu-name">{fallback}</span>

@@ -243,7 +243,9 @@ class Execute(Message):
     """Run ``code``. ``parent`` is the header of the Jupyter request this cell
     answers (``msg_id``, ``session``, ``username``, ``date``, ``msg_type``,
     ``version``); the worker gets its request under ``parent["msg_id"]``.
-    Empty: the server picks an id."""
+    Empty: the server picks an id. ``execution_count``, where not 0, is the
+    number the notebook shows for this cell: the worker's IPython takes it
+    (its tracebacks say ``Cell In[N]``), whichever worker runs the cell."""
 
     type = MessageType.EXECUTE
     req: int
@@ -253,6 +255,13 @@ class Execute(Message):
     store_history: bool = True
     allow_stdin: bool = False
     parent: dict[str, Any] = dataclasses.field(default_factory=dict)
+    execution_count: int = 0
+
+    def fields(self) -> dict[str, Any]:
+        fields = super().fields()
+        if not self.execution_count:  # what a server from before the field can read
+            del fields["execution_count"]
+        return fields
 
 
 @dataclasses.dataclass(frozen=True)

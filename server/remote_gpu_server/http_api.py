@@ -7,12 +7,12 @@ one gets 401 and a one-line reason. Endpoints (``{id}`` a job or session)::
 
     GET  /api/status                     slots, readings, queue, leases, usage
     GET  /api/usage[?since=EPOCH]        GPU-seconds and cost per user
-    GET  /api/jobs[?user=U&state=S&kind=K&limit=N]
+    GET  /api/jobs[?user=U&state=S&kind=K&limit=N]   the latest N, and the total
     GET  /api/jobs/{id}                  one job, its attempts and code
     GET  /api/jobs/{id}/output[?after=SEQ&limit=N]   a page: more, done, last_seq
     POST /api/jobs/{id}/cancel           a running cell: interrupt, then the stop ladder
-    POST /api/sessions/{id}/release
-    POST /api/sessions/{id}/restart      a fresh worker now (the running cell is stopped)
+    POST /api/sessions/{id}/release[?via=sidebar]
+    POST /api/sessions/{id}/restart[?via=sidebar]   a fresh worker now (the running cell is stopped)
     GET  /metrics                        Prometheus text format, no token
 
 A job is submitted with a JSON object ``{"code", "name", "gpus",
@@ -216,9 +216,10 @@ class HttpApi:
         found = _SESSION_ACTION.match(path)
         if found:
             self._method(method, "POST")
+            via = _via(query)
             if found.group(2) == "restart":
-                return await self._restart(found.group(1), me)
-            return await self._release(found.group(1), me)
+                return await self._restart(found.group(1), me, via)
+            return await self._release(found.group(1), me, via)
         raise HttpError(HTTPStatus.NOT_FOUND, f"no such endpoint: {_quote(path, 80)}")
 
     # -- jobs ---------------------------------------------------------------
@@ -253,7 +254,8 @@ class HttpApi:
                             f"unknown kind {_quote(kind)}: use one of {', '.join(JOB_KINDS)}")
         limit = _whole(query, "limit", 100, 1, 1000)
         jobs = await self.view.store.jobs(user=user, state=state, kind=kind, limit=limit)
-        return {"jobs": [await job_json(self.view, j, code=False) for j in jobs]}
+        total = await self.view.store.count_jobs(user=user, state=state, kind=kind)
+        return {"jobs": [await job_json(self.view, j, code=False) for j in jobs], "total": total}
 
     async def _output(self, job: JobRecord, after: int, limit: int) -> dict[str, Any]:
         """A page of output; ``more``: another page is there now; ``done``: none will come."""
@@ -289,29 +291,52 @@ class HttpApi:
                 raise HttpError(HTTPStatus.CONFLICT, f"job {job.id} is not running")
         return await job_json(view, await view.store.job(job.id), code=False)
 
-    async def _restart(self, session_id: str, me: TokenInfo) -> dict[str, Any]:
+    async def _restart(self, session_id: str, me: TokenInfo, via: str | None) -> dict[str, Any]:
         """Give a session a fresh worker now, stopping its running cell with the ladder."""
         session = self.view.sessions.get(session_id)
         if session is None or not (me.admin or session.user == me.user):
             raise HttpError(HTTPStatus.NOT_FOUND, f"no session {session_id} of yours holds a lease")
-        reason = f"by {me.user} through the HTTP API"
+        reason = _asked(me, session.user, via)
         await session.restart(reason)
         return {"session": session_id, "restarted": True, "reason": f"restarted {reason}"}
 
-    async def _release(self, session_id: str, me: TokenInfo) -> dict[str, Any]:
+    async def _release(self, session_id: str, me: TokenInfo, via: str | None) -> dict[str, Any]:
         view = self.view
-        reason = f"released by {me.user} through the HTTP API"
         session = view.sessions.get(session_id)
         if session is not None and (me.admin or session.user == me.user):
+            reason = f"released {_asked(me, session.user, via)}"
             await view.sessions.release(session, reason)
             return {"session": session_id, "released": True, "reason": reason}
         job = view.batch.job_of_session(session_id)
         if job is not None:
             record = await view.store.job(job)
             if me.admin or record.user == me.user:
+                reason = f"released {_asked(me, record.user, via)}"
                 await view.batch.cancel(job, reason)
                 return {"session": session_id, "released": True, "reason": reason, "job": job}
         raise HttpError(HTTPStatus.NOT_FOUND, f"no session {session_id} of yours holds a lease")
+
+
+#: Where a release or restart may say it was asked from (``?via=``), in the words its session's notebook reads.
+_VIA = {"sidebar": "from the Remote GPU sidebar"}
+
+
+def _via(query: dict[str, str]) -> str | None:
+    """``?via=``: a known place, or None; 400 for another."""
+    via = query.get("via")
+    if via is None:
+        return None
+    if via not in _VIA:
+        raise HttpError(HTTPStatus.BAD_REQUEST, f"unknown via {_quote(via)}: use one of {', '.join(_VIA)}")
+    return _VIA[via]
+
+
+def _asked(me: TokenInfo, owner: str, via: str | None) -> str:
+    """Who asked, and from where: what the session's owner is told (one's own
+    release from the sidebar needs no name; an admin's always gives one)."""
+    if via is None:
+        return f"by {me.user} through the HTTP API"
+    return via if me.user == owner else f"{via} by {me.user}"
 
 
 def _query(text: str) -> dict[str, str]:

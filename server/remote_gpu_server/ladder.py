@@ -208,15 +208,23 @@ def stop(scope: Scope, grace: float, *, name: str = "worker") -> frozenset[int]:
     found = members(scope)
     every = dict(found)
     if grace > 0 and found:
+        signalled = time.monotonic()
         _signal(found.values(), signal.SIGTERM)
         left = _wait(found, grace)
-        again = members(scope)  # children forked during the grace, new cgroup members
+        waited = time.monotonic() - signalled
+        # Children forked during the grace and new cgroup members; those
+        # signalled already are either in ``left`` or ended (a zombie of an
+        # ended one still shows here until its parent reaps it).
+        again = members(scope)
         every.update(again)
-        left.update({pid: p for pid, p in again.items() if pid not in left})
+        new = {pid: p for pid, p in again.items() if pid not in found and _alive(p)}
         if left:
-            log.info("%s: %d process(es) still ran %g s after SIGTERM: SIGKILL to %s", name, len(left),
-                     grace, ", ".join(str(p) for p in sorted(left)))
-        found = left
+            log.info("%s: %d process(es) still ran %.1f s after SIGTERM: SIGKILL to %s", name, len(left),
+                     waited, ", ".join(str(p) for p in sorted(left)))
+        if new:
+            log.info("%s: %d process(es) started while the others were stopping: SIGKILL to %s", name,
+                     len(new), ", ".join(str(p) for p in sorted(new)))
+        found = {**left, **new}
     if found:
         _signal(found.values(), signal.SIGKILL)
         for group in scope.cgroups:

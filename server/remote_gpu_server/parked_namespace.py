@@ -253,7 +253,8 @@ class _Pickler(cloudpickle.CloudPickler):  # type: ignore[misc]
         # cloudpickle saves a text file open for reading as a StringIO of its
         # contents: a parked session would come back with a different object.
         if isinstance(obj, io.IOBase) and not isinstance(obj, (io.BytesIO, io.StringIO)):
-            raise TypeError(f"cannot save an open file ({getattr(obj, 'name', type(obj).__name__)!r})")
+            state = "a closed" if obj.closed else "an open"  # a `with open(...) as f` leaves f closed
+            raise TypeError(f"cannot save {state} file ({getattr(obj, 'name', type(obj).__name__)!r})")
         return super().reducer_override(obj)
 
 

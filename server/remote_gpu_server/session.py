@@ -333,6 +333,7 @@ class Session(CellStopping):
         task = asyncio.get_running_loop().create_task(worker.execute(
             msg.code, on_iopub, silent=msg.silent, store_history=msg.store_history,
             allow_stdin=msg.allow_stdin, msg_id=msg.parent.get("msg_id"),
+            execution_count=msg.execution_count or None,
         ))
         # The answer goes out before the job's last write, which stays
         # under the lock: the next request still sees the job finished.

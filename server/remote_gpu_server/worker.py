@@ -6,7 +6,8 @@ over its signed Jupyter channels with jupyter_client, and moves pushed and
 pulled bytes through the process's :class:`~.datachannel.DataChannel`.
 
 Every request completes when both its shell reply and its IOPub ``idle``
-status have arrived, so no output is lost after the reply. If the process
+status have arrived, so no output is lost after the reply; what the kernel
+publishes under a request after its idle is no longer that request's. If the process
 dies, every pending request fails at once with :class:`WorkerDied` saying
 how it ended. A request may be sent under a Jupyter ``msg_id`` its client
 chose (the frontend's own, so that output routes by it); one already in
@@ -40,7 +41,7 @@ from .errors import IsolationError
 from .gpus import Slot
 from .isolation import Tenant
 from .launcher import WorkerLauncher, WorkerProcess, WorkerSpec, describe_exit
-from .worker_kernel import COMM_TARGET
+from .worker_kernel import COMM_TARGET, COUNT_KEY
 
 __all__ = ["DuplicateRequest", "GpuErrors", "IopubHandler", "TransferAborted", "Worker", "describe_exit"]
 
@@ -313,6 +314,11 @@ class Worker:
             return
         self.comms.published(msg_type, content)
         pending = self._pending.get(parent) if parent else None
+        if pending is not None and pending.idle.done():
+            # Published after the request's idle (an asyncio task its cell
+            # left), before the request's coroutine took it off the table:
+            # not its output, as a frontend of ipykernel would not take it.
+            pending = None
         if pending is None:
             if self.on_unrouted is not None and msg_type not in _NOT_UNROUTED:
                 await self.on_unrouted(msg)
@@ -388,7 +394,8 @@ class Worker:
             raise WorkerDied(f"worker {self.name} was shut down", code="worker_died")
 
     async def request(self, msg_type: str, content: dict[str, Any], on_iopub: IopubHandler | None = None,
-                      buffers: list[Any] | None = None, msg_id: str | None = None) -> dict[str, Any]:
+                      buffers: list[Any] | None = None, msg_id: str | None = None,
+                      metadata: dict[str, Any] | None = None) -> dict[str, Any]:
         """Send a shell request; return the reply message once the kernel is idle.
 
         ``msg_id`` (a client's Jupyter request id) is the request's own id if
@@ -406,7 +413,7 @@ class Worker:
                 raise DuplicateRequest(f"a request with msg_id {msg_id!r} is already running on this worker")
             header = self._kc.session.msg_header(msg_type)
             header["msg_id"] = msg_id
-        msg = self._kc.session.msg(msg_type, content, header=header)
+        msg = self._kc.session.msg(msg_type, content, header=header, metadata=metadata)
         msg_id = msg["header"]["msg_id"]
         pending = _Pending(on_iopub)
         self._pending[msg_id] = pending
@@ -423,10 +430,11 @@ class Worker:
 
     async def execute(self, code: str, on_iopub: IopubHandler, *, silent: bool = False,
                       store_history: bool = True, allow_stdin: bool = False,
-                      msg_id: str | None = None) -> dict[str, Any]:
+                      msg_id: str | None = None, execution_count: int | None = None) -> dict[str, Any]:
         """Run ``code``; ``on_iopub`` gets every output message; returns the reply.
 
-        ``msg_id`` as in :meth:`request`.
+        ``msg_id`` as in :meth:`request`. ``execution_count``: the number the
+        kernel's IPython gives this cell (see :data:`.worker_kernel.COUNT_KEY`).
         """
         self.cells.append((None, code))  # a fatal signal in it is reported with its line
         reply = await self.request(
@@ -434,6 +442,7 @@ class Worker:
             {"code": code, "silent": silent, "store_history": store_history,
              "user_expressions": {}, "allow_stdin": allow_stdin, "stop_on_error": True},
             on_iopub, msg_id=msg_id,
+            metadata={COUNT_KEY: int(execution_count)} if execution_count else None,
         )
         content = dict(reply["content"])
         if self.cells and self.cells[-1] == (None, code):

@@ -42,9 +42,13 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["COMM_TARGET", "die_with_parent", "main"]
+__all__ = ["COMM_TARGET", "COUNT_KEY", "die_with_parent", "main"]
 
 COMM_TARGET = "rgpu.vars"
+#: The key of an ``execute_request``'s metadata that gives the cell's number:
+#: the notebook's, so that ``Cell In[N]`` in a traceback matches its prompt,
+#: in a worker that replaced one that died as in the first.
+COUNT_KEY = "rgpu_execution_count"
 
 
 def _preload() -> None:
@@ -328,15 +332,22 @@ def die_with_parent() -> None:
 def _kernel_class() -> Any:
     from ipykernel.ipkernel import IPythonKernel
 
-    from remote_gpu_kernel.kernel_app import CommsBesideCells
+    from remote_gpu_kernel.kernel_app import CommsBesideCells, MainLoopShell
 
-    class WorkerKernel(CommsBesideCells, IPythonKernel):  # type: ignore[misc]
-        """ipykernel's kernel, with an idle status after every comm message.
+    class WorkerKernel(MainLoopShell, CommsBesideCells, IPythonKernel):  # type: ignore[misc]
+        """ipykernel's kernel, with an idle status after every comm message,
+        and the cell numbers the server gives (:data:`COUNT_KEY`).
 
         ipykernel 7 handles a comm message that arrives while a cell awaits
         at the same time as the cell, and then sends no status for it; the
         server ends a comm request at its idle status, so it sends one.
         """
+
+        async def execute_request(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
+            count = (parent.get("metadata") or {}).get(COUNT_KEY)
+            if isinstance(count, int) and not isinstance(count, bool) and count > 0 and self.shell is not None:
+                self.shell.execution_count = count
+            await super().execute_request(stream, ident, parent)
 
         async def dispatch_shell(self, msg: Any, /, subshell_id: str | None = None, *,
                                  concurrent: bool = False) -> None:

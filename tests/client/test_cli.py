@@ -112,6 +112,41 @@ def test_status_lists_parked_sessions(rgpu, served) -> None:  # type: ignore[no-
     assert "parked (no GPU held)" not in out
 
 
+def test_jobs_and_job_name_a_cell_by_its_notebook_and_first_line(rgpu, served) -> None:  # type: ignore[no-untyped-def]
+    from remote_gpu_kernel import Client
+
+    with Client(served[0].url, served[1]).session(notebook="/home/alice/fit.ipynb") as session:
+        session.execute("\n# train the model\nmodel_fitted = 1", on_output=lambda _: None)
+    code, out, _ = rgpu("jobs", "--kind", "cell")
+    assert code == 0 and "fit.ipynb: # train the model" in out, out
+    job = ApiClient(served[0].url, served[1]).jobs(kind="cell")
+    mine = next(j for j in job if j["first_line"] == "# train the model")
+    code, out, _ = rgpu("job", str(mine["id"]))
+    assert code == 0 and "/home/alice/fit.ipynb" in out and "# train the model" in out
+
+
+def test_top_quits_on_q_at_once(served, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    import os
+    import sys
+
+    import pexpect
+
+    server, token = served
+    env = dict(os.environ, RGPU_URL=server.url, RGPU_TOKEN=token, RGPU_CONFIG=str(tmp_path / "client.json"),
+               COLUMNS="160", TERM="xterm")
+    top = pexpect.spawn(sys.executable, ["-m", "remote_gpu_kernel.cli", "top", "--interval", "600"], env=env,
+                        encoding="utf-8", timeout=60, dimensions=(40, 160))
+    try:
+        top.expect("q quits")  # its first view is up; the next would come in 10 minutes
+        started = time.monotonic()
+        top.send("q")
+        top.expect(pexpect.EOF, timeout=30)
+        assert time.monotonic() - started < 30
+    finally:
+        top.close(force=True)
+    assert top.exitstatus == 0
+
+
 def test_errors_are_one_line_and_exit_1(rgpu, monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
                                         tmp_path: Path) -> None:
     code, _, err = rgpu("submit", str(tmp_path / "missing.py"))

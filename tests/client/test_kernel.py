@@ -232,6 +232,50 @@ def test_a_cell_that_ignores_the_stop_button_says_so_and_a_second_press_restarts
     assert kernel.run("print('kept' in globals())").stdout == "False\n"
 
 
+def test_a_traceback_names_the_cell_as_its_prompt_does_in_a_replaced_worker_too(
+        jupyter_path: Path, server: ServerProcess, alice: str, tmp_path: Path) -> None:
+    def cells(run: Any) -> list[str]:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(run.reply["traceback"]))
+        return re.findall(r"Cell In\[(\d+)\], line (\d+)", text)
+
+    driver = KernelDriver(kernel_env(tmp_path, server.url, alice)).start()
+    try:
+        assert driver.run("x = 1").reply["execution_count"] == 1
+        assert driver.run("%gpu status").reply["execution_count"] == 2  # no cell of the worker's
+        failed = driver.run("1 / 0")
+        assert failed.reply["execution_count"] == 3 and cells(failed) == [("3", "1")]
+        died = driver.run("import os\nos._exit(1)")
+        assert died.reply["ename"] == "WorkerDied"
+        again = driver.run("def f():\n    return 1 / 0\nf()")  # in the fresh worker
+        assert again.reply["execution_count"] == 5
+        assert cells(again) == [("5", "3"), ("5", "2")], again.reply["traceback"]
+    finally:
+        driver.shutdown()
+
+
+def test_a_cell_with_a_top_level_await_runs_remotely(kernel: KernelDriver) -> None:
+    run = kernel.run("import asyncio\nawait asyncio.sleep(0.01)\nprint('awaited')")
+    assert run.status == "ok" and run.stdout == "awaited\n"
+
+
+def test_what_a_task_prints_after_its_cell_comes_after_the_cells_idle(kernel: KernelDriver) -> None:
+    """As with ipykernel, which runs the task once the cell's idle is out; a
+    notebook runner has moved on by then (see test_public_notebooks.py)."""
+    kc = kernel.client
+    for n in range(10):  # the worker's print and the cell's end race to the kernel: ten tries
+        msg_id = kc.execute(f"import asyncio\nasync def later():\n    print('after {n}', flush=True)\n"
+                            "asyncio.ensure_future(later())")
+        seen: list[tuple[str, str]] = []  # what came under this cell, in order
+        while ("stream", f"after {n}\n") not in seen:
+            msg = kc.get_iopub_msg(timeout=30)
+            if msg["parent_header"].get("msg_id") == msg_id:
+                content = msg["content"]
+                seen.append((msg["msg_type"], content.get("execution_state") or content.get("text") or ""))
+        assert seen.index(("status", "idle")) < seen.index(("stream", f"after {n}\n")), (n, seen)
+        while kc.get_shell_msg(timeout=30)["parent_header"].get("msg_id") != msg_id:
+            pass
+
+
 def test_interrupt_request_message_also_stops_the_remote_cell(kernel: KernelDriver) -> None:
     """JupyterLab sends interrupt_request on the control channel for interrupt_mode "message"."""
     def on_message(msg: dict[str, Any]) -> None:
@@ -462,6 +506,8 @@ def test_gpu_upload_and_download_in_the_kernel(jupyter_path: Path, server: Serve
     here = tmp_path / "notebook"
     (here / "images").mkdir(parents=True)
     (here / "images" / "x.png").write_bytes(b"\x89PNG....")
+    (here / "images" / ".ipynb_checkpoints").mkdir()  # JupyterLab's copies: never uploaded with a folder
+    (here / "images" / ".ipynb_checkpoints" / "notes-checkpoint.ipynb").write_text("{}")
     driver = KernelDriver(kernel_env(tmp_path, server.url, alice)).start(cwd=here)
     try:
         missing = driver.run("open('images/x.png', 'rb').read()[:4]")
@@ -470,11 +516,17 @@ def test_gpu_upload_and_download_in_the_kernel(jupyter_path: Path, server: Serve
         assert run.status == "ok" and run.text() == ["b'\\x89PNG'"]
         assert any("Remote GPU: uploaded images/x.png (8 bytes)" in t
                    for t in run.text("display_data") + run.text("update_display_data"))
+        assert driver.run("import os; os.listdir('images')").text() == ["['x.png']"]
         down = driver.run("open('result.txt', 'w').write('done')\n%gpu download result.txt")
         assert down.status == "ok" and (here / "result.txt").read_text() == "done"
         refused = driver.run("%gpu download ../../etc/passwd")
         assert refused.status == "error" and refused.reply["ename"] == "FileTransferError"
         assert "goes up" in refused.reply["evalue"]
+        gone = driver.run("%gpu download missing.txt")
+        assert gone.reply["ename"] == "FileTransferError"
+        assert gone.reply["evalue"] == "no file 'missing.txt' in the session's folder on the GPU server"
+        assert gone.reply["traceback"][-1].endswith("FileTransferError\x1b[0m: no file 'missing.txt' in the "
+                                                   "session's folder on the GPU server")
         nothing = driver.run("%gpu upload no-such-file.txt")
         assert nothing.reply["ename"] == "FileTransferError" and "no such file here" in nothing.reply["evalue"]
         assert driver.run("print('still usable')").stdout == "still usable\n"

@@ -74,6 +74,9 @@ def test_remote_error_shows_the_remote_traceback(kernel: LocalKernel) -> None:
     assert error["ename"] == "ZeroDivisionError"
     text = "\n".join(error["traceback"])
     assert "remote_fn" in text and "division by zero" in text
+    # Named as the notebook numbers this cell, not as the worker counted its own cells.
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", text)
+    assert re.findall(r"Cell In\[(\d+)\]", plain) == [str(run.reply["execution_count"])] * 2, plain
 
 
 def test_missing_input_and_unpicklable_input_fail_clearly(kernel: LocalKernel) -> None:

@@ -10,14 +10,17 @@ depends on (each comm_open's target and protocol version, whether an Output
 widget's msg_id is the request it routes by) must be equal once what
 legitimately differs is normalised (see notebook_runs.py). A cell that needs
 a file next to the notebook gets it with ``%gpu upload`` on the remote
-side, as a user would.
+side, as a user would. A notebook of our own, run whole as ``jupyter
+nbconvert --execute`` runs it, saves the same widget state under both.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -77,3 +80,52 @@ def test_a_public_notebook_gives_the_same_outputs_remotely(name: str, remote_env
     opened = [m for _, m in remote.messages if m["msg_type"] == "comm_open"]
     assert all(m["metadata"].get("version", "").startswith("2.") for m in opened
                if m["content"].get("target_name") == "jupyter.widget")
+
+
+#: An Output widget that an asyncio task fills after its cell ended: ipykernel
+#: runs the task once the cell's idle status is out, so a notebook runner
+#: (nbclient, papermill, nbconvert --execute) has moved on by then.
+AFTER_THE_CELL = [
+    "import asyncio\nimport ipywidgets as widgets\nout = widgets.Output()\ndisplay(out)\n"
+    "async def later():\n    with out:\n        print('from a task')\n"
+    "task = asyncio.ensure_future(later())",
+    "await task\nprint('the task ran')",
+]
+
+
+@pytest.mark.timeout(300)
+def test_an_output_widget_that_a_task_fills_after_its_cell_saves_the_same_state(
+        remote_env: None, tmp_path: Path) -> None:
+    """As ``jupyter nbconvert --execute`` runs it: the whole notebook, widget state saved."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    saved: dict[str, Any] = {}
+    for kernel in ("python3", "remote-gpu"):
+        nb = nbformat.v4.new_notebook()
+        nb.cells = [nbformat.v4.new_code_cell(source) for source in AFTER_THE_CELL]
+        (tmp_path / kernel).mkdir()
+        NotebookClient(nb, kernel_name=kernel, timeout=120,
+                       resources={"metadata": {"path": str(tmp_path / kernel)}}).execute()
+        state = nb.metadata.widgets["application/vnd.jupyter.widget-state+json"]["state"]
+        ids = {model_id: f"widget-{n}" for n, model_id in enumerate(state)}
+        outputs = [[{k: v for k, v in o.items() if k != "execution_count"} for o in cell.outputs
+                    if "Remote GPU: " not in str(o.get("data", {}).get("text/plain", ""))]
+                   for cell in nb.cells]
+        saved[kernel] = json.loads(_renamed(json.dumps([state, outputs]), ids))
+    (local_state, local_outputs), (remote_state, remote_outputs) = saved["python3"], saved["remote-gpu"]
+    outputs = [w["state"] for w in local_state.values() if w["model_name"] == "OutputModel"]
+    assert [(o["outputs"], o["msg_id"]) for o in outputs] == [([], "")], "ipykernel: the task ran after the idle"
+    assert remote_outputs == local_outputs
+    assert list(remote_state) == list(local_state)
+    for name, widget in local_state.items():
+        theirs = remote_state[name]["state"]
+        assert {k: theirs.get(k) for k in widget["state"] if theirs.get(k) != widget["state"][k]} == {}, \
+            (name, widget["state"])
+        assert remote_state[name] == widget
+
+
+def _renamed(text: str, ids: dict[str, str]) -> str:
+    for real, name in ids.items():
+        text = text.replace(real, name)
+    return text

@@ -5,7 +5,7 @@
 import React from 'react';
 import { renderToStaticMarkup } from 'react-dom/server';
 
-import { baseName, splitMiddle } from '../../jupyterlab_ext/src/format';
+import { baseName, slotsTitle, splitMiddle, splitName } from '../../jupyterlab_ext/src/format';
 import {
   areaPath,
   linePath,
@@ -40,6 +40,25 @@ describe('baseName', () => {
     expect(baseName('nb.ipynb')).toBe('nb.ipynb');
     expect(baseName('dir/')).toBe('dir');
     expect(baseName('/')).toBe('/');
+  });
+});
+
+describe('splitName', () => {
+  it('keeps what tells new notebooks apart in view: their number and extension', () => {
+    expect(splitName('Untitled12.ipynb')).toEqual(['Untitled', '12.ipynb']);
+    expect(splitName('Untitled3.ipynb')).toEqual(['Untitled', '3.ipynb']);
+    const [head, tail] = splitName('experiment-2026-12-06-resnet50.ipynb');
+    expect(head + tail).toBe('experiment-2026-12-06-resnet50.ipynb');
+    expect(tail).toBe('et50.ipynb');
+  });
+});
+
+describe('slotsTitle', () => {
+  it('says what the slots are', () => {
+    expect(slotsTitle(['gpu', 'gpu'])).toBe('GPUs');
+    expect(slotsTitle(['cpu', 'cpu'])).toBe('CPU slots');
+    expect(slotsTitle(['gpu', 'cpu'])).toBe('Slots');
+    expect(slotsTitle([])).toBe('Slots');
   });
 });
 

@@ -9,9 +9,12 @@ import {
   formatPercent,
   fraction
 } from '../../jupyterlab_ext/src/format';
+import { Signal } from '@lumino/signaling';
+
 import { RECENT_JOBS, RemoteGpuModel } from '../../jupyterlab_ext/src/model';
 import type {
   IJob,
+  IJobList,
   IProblem,
   IRemoteGpuApi,
   IServerStatus,
@@ -66,6 +69,8 @@ class FakeApi implements IRemoteGpuApi {
   actionFailure: IProblem | null = null;
   reply: IServerStatus = status();
   jobList: IJob[] = [job(1, 'completed', 10), job(2, 'running', 20)];
+  /** What the server says the user has; `undefined`: as many as listed. */
+  jobTotal: number | null | undefined = undefined;
 
   async status(): Promise<IStatusReply> {
     this.calls.push('status');
@@ -75,12 +80,12 @@ class FakeApi implements IRemoteGpuApi {
     return { url: URL, status: this.reply };
   }
 
-  async jobs(): Promise<IJob[]> {
+  async jobs(): Promise<IJobList> {
     this.calls.push('jobs');
     if (this.failWith) {
       throw new RemoteGpuError(this.failWith);
     }
-    return this.jobList;
+    return { jobs: this.jobList, total: this.jobTotal === undefined ? this.jobList.length : this.jobTotal };
   }
 
   async cancelJob(id: number | string): Promise<void> {
@@ -136,8 +141,13 @@ async function until(check: () => boolean, timeout = 3000): Promise<void> {
 
 let models: RemoteGpuModel[] = [];
 
-function makeModel(api: IRemoteGpuApi, interval = 20, maxInterval = 2000): RemoteGpuModel {
-  const model = new RemoteGpuModel({ api, interval, maxInterval });
+function makeModel(
+  api: IRemoteGpuApi,
+  interval = 20,
+  maxInterval = 2000,
+  busy?: Signal<unknown, boolean>
+): RemoteGpuModel {
+  const model = new RemoteGpuModel({ api, interval, maxInterval, busy, busyInterval: 20 });
   models.push(model);
   return model;
 }
@@ -239,6 +249,40 @@ describe('RemoteGpuModel', () => {
     expect(recent).toHaveLength(RECENT_JOBS);
     expect(recent[0].id).toBe(RECENT_JOBS + 2);
     expect(recent.map(j => Number(j.created))).toEqual([...recent.map(j => Number(j.created))].sort((a, b) => b - a));
+  });
+
+  it('counts all of the user\u2019s jobs, not only those it lists', async () => {
+    const api = new FakeApi();
+    api.jobTotal = 25;
+    const model = makeModel(api);
+    model.visible = true;
+    await model.refresh();
+    expect(model.jobs).toHaveLength(2);
+    expect(model.jobsTotal).toBe(25);
+    api.jobTotal = null; // a server from before the count
+    await model.refresh();
+    expect(model.jobsTotal).toBe(2);
+  });
+
+  it('asks at once when a kernel starts or stops running, and often while one runs', async () => {
+    const api = new FakeApi();
+    const busy = new Signal<unknown, boolean>({});
+    const model = makeModel(api, 60000, 60000, busy);
+    model.visible = true;
+    await model.refresh();
+    const before = api.count('status');
+    await sleep(100);
+    expect(api.count('status')).toBe(before); // a minute between polls while idle
+
+    busy.emit(true); // a cell started: it may be leasing a GPU now
+    await until(() => api.count('status') >= before + 3);
+    expect(model.poll.frequency.interval).toBe(20);
+
+    busy.emit(false); // it ended: its job is done
+    await until(() => model.poll.frequency.interval === 60000);
+    const settled = api.count('status');
+    await sleep(100);
+    expect(api.count('status')).toBeLessThanOrEqual(settled + 1);
   });
 
   it('lists parked sessions, the user’s own first, and none from an older server', async () => {

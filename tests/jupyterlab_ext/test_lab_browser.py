@@ -72,6 +72,11 @@ def save_failure(browser: Any, errors: list[str], name: str, full_page: bool = F
             open_page.screenshot(path=str(ARTIFACTS / f"{name}-failure.png"), full_page=full_page)
 
 
+def confirm(page: Any) -> None:
+    """Press the warning button of the dialog a sidebar press opened (Release, Restart worker)."""
+    page.locator(".jp-Dialog .jp-Dialog-button.jp-mod-accept").click()
+
+
 def _labextension_installed() -> None:
     out = subprocess.run([sys.executable, "-m", "jupyter", "labextension", "list"],
                          capture_output=True, text=True, check=True)
@@ -249,6 +254,7 @@ def test_sidebar_shows_the_lease_and_releases_it(lab: tuple[LabProcess, str]) ->
             if os.geteuid() == 0:  # a root server isolates its workers: no warning
                 expect(panel.locator(".jp-RemoteGpu-isolation")).to_have_count(0)
             lease.locator(".jp-RemoteGpu-release").click()
+            confirm(page)
             expect(lease).to_have_count(0, timeout=30_000)
             expect(slots.locator(".jp-RemoteGpu-holder")).to_have_text(["free", "free"])
             page.screenshot(path=str(ARTIFACTS / "sidebar-released.png"))
@@ -320,6 +326,8 @@ def test_sidebar_shows_a_parked_session_until_the_next_cell_restores_it(
             page.keyboard.press("Shift+Enter")  # park it again, and release it from the sidebar
             expect(parked).to_have_count(1, timeout=60_000)
             parked.locator(".jp-RemoteGpu-release").click()
+            expect(page.locator(".jp-Dialog")).to_contain_text("Delete the parked session of gpu.ipynb?")
+            confirm(page)
             expect(parked).to_have_count(0, timeout=30_000)
             assert not errors, errors
         except BaseException:

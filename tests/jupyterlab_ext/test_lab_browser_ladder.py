@@ -22,7 +22,7 @@ import pytest
 
 from lab_process import LabProcess
 from servers import ServerProcess
-from test_lab_browser import ARTIFACTS, CHROMIUM, CHROMIUM_FLAGS, require_browser, save_failure
+from test_lab_browser import ARTIFACTS, CHROMIUM, CHROMIUM_FLAGS, confirm, require_browser, save_failure
 
 FREEZER = Path("/sys/fs/cgroup/freezer")
 STUCK = ("%%gpu\nimport signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
@@ -100,6 +100,7 @@ def test_a_stuck_cell_is_restarted_from_the_sidebar_and_a_stuck_process_drains_i
                                                                          timeout=30_000)
             page.screenshot(path=str(ARTIFACTS / "sidebar-stuck-cell.png"))
             lease.locator(".jp-RemoteGpu-restart").click()
+            confirm(page)
             expect(stuck).to_contain_text("WorkerDied", timeout=30_000)
             expect(stuck).to_contain_text("variables are gone")
             job = panel.locator('.jp-RemoteGpu-job[data-state="cancelled"]').first
@@ -117,6 +118,7 @@ def test_a_stuck_cell_is_restarted_from_the_sidebar_and_a_stuck_process_drains_i
             (group / "cgroup.procs").write_text(str(pid))
             (group / "freezer.state").write_text("FROZEN")
             lease.locator(".jp-RemoteGpu-release").click()
+            confirm(page)
             badge = panel.locator(".jp-RemoteGpu-slot .jp-RemoteGpu-badge.jp-mod-draining")
             expect(badge).to_have_text("draining", timeout=30_000)
             # Pids are an admin's to see: alice's sidebar says how many processes hold it.

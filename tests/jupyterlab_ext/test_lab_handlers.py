@@ -20,6 +20,7 @@ from tornado.httpclient import HTTPClientError, HTTPResponse
 
 from remote_gpu_kernel import Client
 from servers import ServerProcess
+from waiting import wait_for
 
 Fetch = Callable[..., Awaitable[HTTPResponse]]
 
@@ -77,11 +78,12 @@ async def test_status_relays_the_gpu_servers_view(jp_fetch: Fetch, server: Serve
     assert configured not in json.dumps(body), "the token must never reach the browser"
 
 
-async def test_jobs_is_the_users_list(jp_fetch: Fetch, configured: str) -> None:
+async def test_jobs_is_the_users_list_and_how_many_there_are(jp_fetch: Fetch, configured: str) -> None:
     code, body = await get_json(jp_fetch, "jobs")
     assert code == 200
-    assert isinstance(body, list)
-    assert all(job["user"] == "alice" for job in body)
+    assert isinstance(body["jobs"], list) and isinstance(body["total"], int)
+    assert body["total"] >= len(body["jobs"])
+    assert all(job["user"] == "alice" for job in body["jobs"])
 
 
 async def test_config_file_is_used_without_environment(jp_fetch: Fetch, rgpu_env: pytest.MonkeyPatch,
@@ -177,16 +179,21 @@ async def test_restart_and_release_of_the_lease(jp_fetch: Fetch, rgpu_env: pytes
         assert [s["id"] for s in mine] == [session.id]
 
         code, body = await get_json(jp_fetch, "jobs")
-        assert code == 200 and body, "the executed cell is a job"
-        assert body[0]["state"] in ("completed", "running")
+        assert code == 200 and body["jobs"], "the executed cell is a job"
+        assert body["jobs"][0]["state"] in ("completed", "running") and body["total"] == 1
 
         code, body = await get_json(jp_fetch, "sessions", session.id, "restart", method="POST")
         assert code == 200 and body["restarted"] is True, body
+        assert body["reason"] == "restarted from the Remote GPU sidebar"
         assert session.execute("print('x' in globals())", on_output=lambda _: None).stdout == "False\n"
 
         code, body = await get_json(jp_fetch, "sessions", session.id, "release", method="POST")
         assert code == 200, body
         assert body["released"] is True
+        # The notebook is told where it came from, not "by bob through the HTTP API".
+        assert body["reason"] == "released from the Remote GPU sidebar"
+        assert await asyncio.to_thread(wait_for, lambda: session.released, 30, "the notebook's notice") \
+            == "released from the Remote GPU sidebar"
 
         code, body = await get_json(jp_fetch, "status")
         assert body["status"]["slots"][0]["holder"] is None
@@ -235,11 +242,11 @@ async def test_queue_position_and_cancel_of_a_running_cell(jp_fetch: Fetch, rgpu
 
         async def running() -> bool:
             _, jobs = await get_json(jp_fetch, "jobs")
-            return any(job["state"] == "running" for job in jobs)
+            return any(job["state"] == "running" for job in jobs["jobs"])
 
         await _until(running)
         _, jobs = await get_json(jp_fetch, "jobs")
-        [job] = [j for j in jobs if j["state"] == "running"]
+        [job] = [j for j in jobs["jobs"] if j["state"] == "running"]
         code, body = await get_json(jp_fetch, "jobs", str(job["id"]), "cancel", method="POST")
         assert code == 200, body
         await asyncio.to_thread(runner.join, 30)

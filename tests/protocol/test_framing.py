@@ -28,11 +28,17 @@ def test_small_messages_are_one_frame_each_and_roundtrip() -> None:
     msgs: list[m.Message] = [
         m.Hello(1, "test"),
         m.Execute(3, "print('é')", timeout=2.5),
+        m.Execute(4, "1 / 0", execution_count=16),
         m.Output(3, 1, "stream", {"name": "stdout", "text": "hi\n"}),
         m.Error(4, m.ErrorCode.TIMEOUT, "too slow"),
     ]
     assert all(len(encode(msg)) == 1 for msg in msgs)
     assert roundtrip(msgs) == msgs
+
+
+def test_an_execute_without_a_count_is_the_same_on_the_wire_as_before() -> None:
+    assert "execution_count" not in m.Execute(1, "1").fields()
+    assert m.Execute(1, "1", execution_count=7).fields()["execution_count"] == 7
 
 
 def test_large_buffers_are_sliced_not_joined_and_reassembled() -> None:

@@ -199,6 +199,23 @@ def test_visibility_of_leases_queue_and_jobs(users: Users) -> None:
         alice_session.close()
 
 
+def test_jobs_say_how_many_and_a_release_says_where_it_was_asked_from(users: Users) -> None:
+    carol = users.server.token("carol")  # a user of this test's own: her jobs are counted
+    with Client(users.server.url, carol).session() as session:
+        for n in range(3):
+            assert session.execute(f"x = {n}", on_output=lambda _: None).ok
+        code, body, _ = raw(users.server, "/api/jobs?limit=2", carol)
+        assert code == 200 and len(body["jobs"]) == 2 and body["total"] == 3
+        assert raw(users.server, "/api/jobs?kind=batch", carol)[1]["total"] == 0
+        code, body, _ = raw(users.server, f"/api/sessions/{session.id}/release?via=mars", carol, "POST")
+        assert code == 400 and "unknown via 'mars'" in body["error"]
+        assert session.execute("print(x)", on_output=lambda _: None).stdout == "2\n", "a refused release left it"
+        code, body, _ = raw(users.server, f"/api/sessions/{session.id}/release?via=sidebar", users.admin.token,
+                            "POST")
+        assert code == 200 and body["reason"] == "released from the Remote GPU sidebar by root"
+        assert wait_for(lambda: session.released, what="the release to reach the client") == body["reason"]
+
+
 def test_cancel_a_running_cell(users: Users) -> None:
     session = Client(users.server.url, users.alice.token).session()
     results: list[Any] = []

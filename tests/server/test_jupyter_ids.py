@@ -70,6 +70,24 @@ def test_output_after_its_request_ended_comes_back_naming_it(server: ServerProce
     _run(server, alice, body)
 
 
+def test_what_a_task_prints_right_after_its_cell_is_not_the_cells_output(server: ServerProcess,
+                                                                        alice: str) -> None:
+    """ipykernel runs a task a cell started once the cell's idle is out: a
+    frontend does not count it as the cell's, so neither does the server."""
+    async def body(session: AsyncSession) -> None:
+        late: asyncio.Queue[m.Output] = asyncio.Queue()
+        session.on_background = late.put_nowait
+        for n in range(10):  # it raced with the end of the request: ten tries
+            result = await session.execute(
+                f"import asyncio\nasync def later():\n    print('after {n}', flush=True)\n"
+                f"asyncio.ensure_future(later())", lambda _: None, parent={"msg_id": f"nb-task-{n}"})
+            assert result.stdout == "", f"try {n}: the task's print came as the cell's output"
+            msg = await asyncio.wait_for(late.get(), 30)
+            assert (msg.req, msg.content["text"], msg.parent) == (0, f"after {n}\n", f"nb-task-{n}")
+
+    _run(server, alice, body)
+
+
 @pytest.mark.parametrize("msg_type, content, reason", [
     ("comm_msg", {"comm_id": "never-opened", "data": {}}, "not open on the remote worker"),
     ("comm_close", {"comm_id": "never-opened", "data": {}}, "not open on the remote worker"),

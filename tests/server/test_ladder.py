@@ -10,7 +10,9 @@ without a cgroup, and one that ignores SIGTERM gets SIGKILL after the grace.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -286,7 +288,8 @@ def test_a_plain_interrupt_is_the_same_on_the_wire_as_before() -> None:
     assert reader.events_received() == [m.Interrupt(0, restart=True)]
 
 
-def test_the_ladder_finds_a_marked_orphan_that_ignores_sigterm_and_spares_the_rest() -> None:
+def test_the_ladder_finds_a_marked_orphan_that_ignores_sigterm_and_spares_the_rest(
+        caplog: pytest.LogCaptureFixture) -> None:
     import os
     import subprocess
     import sys
@@ -305,10 +308,35 @@ def test_the_ladder_finds_a_marked_orphan_that_ignores_sigterm_and_spares_the_re
     bystander = subprocess.Popen(["sleep", "60"])  # no mark: not the worker's
     try:
         started = time.monotonic()
-        found = ladder.stop(ladder.Scope(None, mark=mark, uids=frozenset({os.geteuid()})), 0.5)
+        with caplog.at_level(logging.INFO, logger="remote_gpu_server"):
+            found = ladder.stop(ladder.Scope(None, mark=mark, uids=frozenset({os.geteuid()})), 0.5)
         assert found == {orphan}
         assert time.monotonic() - started >= 0.5  # it had its grace, then SIGKILL
         assert _gone(orphan, timeout=1) and bystander.poll() is None
+        said = [r.getMessage() for r in caplog.records if "SIGKILL" in r.getMessage()]
+        assert len(said) == 1 and re.search(rf"1 process\(es\) still ran \d+\.\d s after SIGTERM: "
+                                            rf"SIGKILL to {orphan}$", said[0]), said
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_the_ladder_says_sigkill_only_for_what_outlived_sigterm(caplog: pytest.LogCaptureFixture) -> None:
+    """A process that ends at SIGTERM is not reported as killed, though it stays a
+    zombie until its parent (here: this test) reaps it."""
+    import subprocess
+
+    from remote_gpu_server import ladder
+
+    quick = subprocess.Popen(["sleep", "60"])
+    try:
+        started = time.monotonic()
+        with caplog.at_level(logging.INFO, logger="remote_gpu_server"):
+            found = ladder.stop(ladder.Scope(quick.pid), 30)
+        assert found == {quick.pid}
+        assert time.monotonic() - started < 30, "the ladder waited out the grace"
+        assert psutil.Process(quick.pid).status() == psutil.STATUS_ZOMBIE  # ended, not reaped yet
+        assert not [r.getMessage() for r in caplog.records if "SIGKILL" in r.getMessage()]
+    finally:
+        quick.kill()
+        quick.wait()

@@ -116,6 +116,7 @@ def test_what_cannot_be_pickled_is_named_and_only_it_is_left_out(tmp_path: Path)
     ns = run("import numpy as np\n"
              "x = np.ones(10)\n"
              "fh = open(" + repr(os.devnull) + ")\n"
+             "with open(" + repr(os.devnull) + ") as done:\n    pass\n"
              "gen = (i for i in range(3))\n"
              "lock = __import__('threading').Lock()\n"
              "kept = [1, 2, 3]\n")
@@ -125,10 +126,11 @@ def test_what_cannot_be_pickled_is_named_and_only_it_is_left_out(tmp_path: Path)
     finally:
         ns["sock"].close()
         ns["fh"].close()
-    assert set(saved.unsaved) == {"fh", "gen", "lock", "sock"}
+    assert set(saved.unsaved) == {"fh", "done", "gen", "lock", "sock"}
     assert "open file" in saved.unsaved["fh"] and "generator" in saved.unsaved["gen"]
+    assert saved.unsaved["done"] == f"cannot save a closed file ({os.devnull!r})"
     back, restored = restore(tmp_path / "p")
-    assert set(restored.unsaved) == {"fh", "gen", "lock", "sock"}
+    assert set(restored.unsaved) == {"fh", "done", "gen", "lock", "sock"}
     assert set(restored.values) == {"np", "x", "kept"}
     assert back["kept"] == [1, 2, 3]
 

@@ -62,6 +62,16 @@ _JOB_SELECT = (
     "j.created, j.started, j.ended, s.notebook FROM jobs j JOIN users u ON u.id = j.user_id "
     "LEFT JOIN sessions s ON s.id = j.session_id"
 )
+
+
+def _job_filter(user: str | None, state: str | None, kind: str | None) -> tuple[str, list[Any]]:
+    """`` WHERE ...`` (or nothing) and its arguments, for the jobs of a user, state and kind."""
+    where, args = [], []
+    for column, value in (("u.name", user), ("j.state", state), ("j.kind", kind)):
+        if value:
+            where.append(f"{column} = ?")
+            args.append(value)
+    return (" WHERE " + " AND ".join(where) if where else ""), args
 _TOKEN_SELECT = (
     "SELECT t.id, u.name, t.admin, t.created, t.expires, t.revoked, t.last_used, "
     "t.max_gpus, t.max_waiting, t.hash FROM tokens t JOIN users u ON u.id = t.user_id"
@@ -311,14 +321,17 @@ class Store:
 
     async def jobs(self, user: str | None = None, state: str | None = None, kind: str | None = None,
                    limit: int = 100) -> list[JobRecord]:
-        where, args = [], []
-        for column, value in (("u.name", user), ("j.state", state), ("j.kind", kind)):
-            if value:
-                where.append(f"{column} = ?")
-                args.append(value)
-        sql = _JOB_SELECT + (" WHERE " + " AND ".join(where) if where else "")
-        rows = await self.db.fetchall(sql + " ORDER BY j.id DESC LIMIT ?", (*args, limit))
+        where, args = _job_filter(user, state, kind)
+        rows = await self.db.fetchall(_JOB_SELECT + where + " ORDER BY j.id DESC LIMIT ?", (*args, limit))
         return [_job(r) for r in rows]
+
+    async def count_jobs(self, user: str | None = None, state: str | None = None,
+                         kind: str | None = None) -> int:
+        """How many jobs :meth:`jobs` would list with no limit."""
+        where, args = _job_filter(user, state, kind)
+        row = await self.db.fetchone("SELECT COUNT(*) FROM jobs j JOIN users u ON u.id = j.user_id" + where,
+                                     tuple(args))
+        return int(row[0]) if row is not None else 0
 
     def _mine(self, column: str) -> tuple[str, tuple[Any, ...]]:
         """A condition: rows of this server, or of none (written before ids were kept)."""

@@ -14,6 +14,11 @@ line of its code: a lease's latest cell, a job's own code).
 Parked sessions (``parked``) hold no slot, so they are not leases: each
 shows its user, size (GPUs asked for again at the restore, bytes on disk)
 and times to everyone, and its id, names, notebook and code to its owner.
+
+A slot's ``warm`` says whether a started worker waits on it for the next
+lease: a lease takes that worker, and a fresh one is warmed after the
+release, so a program that must not lease a cold slot (a benchmark) waits
+for it here rather than reading the server's log.
 """
 
 from __future__ import annotations
@@ -73,6 +78,8 @@ class ServerView:
     draining: Callable[[SlotId], Draining | None] = lambda slot: None
     #: Seconds a parked session is kept (``--park-keep``), for its ``expires``.
     park_keep: float | None = None
+    #: Whether a started worker waits on a slot for the next lease (see :mod:`.pool`).
+    warm: Callable[[SlotId], bool] = lambda slot: False
 
     def pool(self, slot: SlotId) -> str:
         """The name of the scheduler pool ``slot`` belongs to."""
@@ -207,6 +214,7 @@ async def status_json(view: ServerView, me: TokenInfo) -> dict[str, Any]:
             "readings": reading.as_json(),
             "history": view.readings.history.as_json(slot.id),
             "holder": holder.get(slot.id),
+            "warm": view.warm(slot.id),
         })
     return {
         "server": {"version": view.version, "time": time.time()},

@@ -41,6 +41,8 @@ import argparse
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
+import functools
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -52,6 +54,8 @@ import numpy as np
 from reporting import finish, parse_args, table
 from rounds import Op, Spread, consecutive, interleaved, timed
 from warm_server import WarmServer
+
+from remote_gpu_kernel.sync import Session
 
 MIB = 1 << 20
 SMOKE = {"rounds": 2, "warmup": 0, "mib": 4, "consecutive": 3, "cells": 5, "leases": 1, "cold": 1}
@@ -180,24 +184,37 @@ def raw_websockets(payload: bytes, rounds: int, warmup: int) -> Spread:
 # -- the measurements --------------------------------------------------------
 
 
-def transfer_kinds(sides: dict[str, tuple[Callable[[Any], object], Op]],
-                   arrays: dict[str, Any]) -> dict[str, dict[str, Op]]:
+@dataclasses.dataclass(frozen=True)
+class Side:
+    """How one side pushes a value as ``v`` and pulls ``v`` back."""
+
+    push: Callable[[Any], object]
+    pull: Callable[[], Any]
+
+    @classmethod
+    def ours(cls, session: Session) -> Side:
+        return cls(lambda v: session.push(v=v), lambda: session.pull("v")["v"])
+
+    @classmethod
+    def ipyparallel(cls, view: Any) -> Side:
+        return cls(lambda v: view.push({"v": v}), lambda: view.pull("v"))
+
+
+def transfer_kinds(sides: dict[str, Side], arrays: dict[str, Any]) -> dict[str, dict[str, Op]]:
     """``{"push numpy": {side: op}, "pull numpy": ..., "push torch": ..., "pull torch": ...}``."""
     kinds: dict[str, dict[str, Op]] = {}
     for name, value in arrays.items():
-        kinds[f"push {name}"] = {side: (lambda push=push, value=value: push(value))
-                                 for side, (push, _) in sides.items()}
-        kinds[f"pull {name}"] = {side: pull for side, (_, pull) in sides.items()}
+        kinds[f"push {name}"] = {side: functools.partial(s.push, value) for side, s in sides.items()}
+        kinds[f"pull {name}"] = {side: s.pull for side, s in sides.items()}
     return kinds
 
 
-def check_round_trip(sides: dict[str, tuple[Callable[[Any], object], Callable[[], Any]]],
-                     arrays: dict[str, Any]) -> None:
+def check_round_trip(sides: dict[str, Side], arrays: dict[str, Any]) -> None:
     """Every side gives back what it was given: a fast pull of the wrong bytes measures nothing."""
-    for side, (push, pull) in sides.items():
+    for side, s in sides.items():
         for name, value in arrays.items():
-            push(value)
-            back = pull()
+            s.push(value)
+            back = s.pull()
             same = np.array_equal(np.asarray(back), np.asarray(value))
             if not same or type(back) is not type(value):
                 raise AssertionError(f"{side}: the {name} array pulled back is not the one pushed")
@@ -256,20 +273,19 @@ def main() -> None:
         label = {name: f"{name} ({modes[name]})" for name in servers} | {PEER: PEER, LOCAL: LOCAL}
 
         sessions = {name: stack.enter_context(server.client().session()) for name, server in servers.items()}
-        sides: dict[str, tuple[Callable[[Any], object], Callable[[], Any]]] = {
-            name: (lambda v, s=s: s.push(v=v), lambda s=s: s.pull("v")["v"]) for name, s in sessions.items()}
-        sides[PEER] = (lambda v: view.push({"v": v}), lambda: view.pull("v"))
+        sides = {name: Side.ours(session) for name, session in sessions.items()}
+        sides[PEER] = Side.ipyparallel(view)
         check_round_trip(sides, arrays)
 
         transfers = interleaved(transfer_kinds(sides, arrays), args.rounds, args.warmup)
         steady: dict[str, dict[str, Spread]] = {}
         if args.consecutive:
-            for side, (push, pull) in sides.items():
-                steady[side] = {"push": consecutive(lambda push=push: push(arrays["numpy"]), args.consecutive,
-                                                    args.warmup),
-                                "pull": consecutive(pull, args.consecutive, args.warmup)}
+            for name, one in sides.items():
+                steady[name] = {"push": consecutive(functools.partial(one.push, arrays["numpy"]),
+                                                    args.consecutive, args.warmup),
+                                "pull": consecutive(one.pull, args.consecutive, args.warmup)}
         ceiling = raw_websockets(arrays["numpy"].tobytes(), args.rounds, args.warmup)
-        cell_ops: dict[str, Op] = {name: (lambda s=s: s.execute("1+1", on_output=lambda _: None))
+        cell_ops: dict[str, Op] = {name: functools.partial(s.execute, "1+1", on_output=lambda _: None)
                                    for name, s in sessions.items()}
         cell_ops[LOCAL] = local_cell
         cells = interleaved({"cell": cell_ops}, args.cells, args.warmup)["cell"]

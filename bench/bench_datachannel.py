@@ -82,8 +82,9 @@ def one_way_mb_s(kind: str, mib: int) -> float:
     ports: Any = multiprocessing.Queue()
     reader = multiprocessing.Process(target=_reader, args=(kind, ports, server, client[1], mib * MIB))
     reader.start()
+    key, cert = client
     conn, send = _connection(socket.create_connection(("127.0.0.1", ports.get())), kind, False,
-                             *client, server[1])
+                             key, cert, server[1])
     piece = memoryview(bytes(MIB))
     started = time.perf_counter()
     for _ in range(mib):

@@ -28,6 +28,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -56,9 +57,10 @@ def by_hand(folder: Path, gib: float) -> tuple[float, float]:
 
     ns: dict[str, object] = {}
     exec(fill(gib), ns)
-    arrays, weights = ns["arrays"], ns["weights"]
+    arrays: Any = ns["arrays"]
+    weights = ns["weights"]
     started = time.perf_counter()
-    for i, array in enumerate(arrays):  # type: ignore[arg-type]
+    for i, array in enumerate(arrays):
         np.save(folder / f"a{i}.npy", array)
     torch.save(weights, folder / "w.pt")
     saved = time.perf_counter() - started

@@ -98,9 +98,9 @@ def main() -> None:
         for name, server in (("one machine", local), ("Ray head", head)):
             with server:
                 client = server.client()
-                results[name] = {
-                    "cell": cell_ms(client, args.runs, args.warmup),
+                results[name] = {  # the leases first: each waits for every slot to be warm
                     "lease": lease_ms(server, client, args.leases, min(1, args.warmup)),
+                    "cell": cell_ms(client, args.runs, args.warmup),
                     **transfer_mb_s(client, array, args.transfers, args.warmup),
                 }
     channel = asyncio.run(channel_mb_s("tcp", args.mib, args.transfers, args.warmup))

@@ -37,7 +37,7 @@ from remote_gpu_kernel.api import ApiClient  # noqa: E402
 __all__ = ["WarmServer"]
 
 #: Seconds between two readings of ``/api/status`` while waiting.
-POLL = 0.05
+POLL = 0.1
 
 
 class WarmServer:
@@ -73,7 +73,7 @@ class WarmServer:
         """Start the process and wait for its URL only; :meth:`wait_warm` next
         (several servers may warm up at once this way)."""
         if self.process.process is not None:
-            raise RuntimeError("this server was started already: start it once (with, or start())")
+            raise RuntimeError("this server was started already: start it once, with `with` or start(), not both")
         self.token = self.process.token(self.user)
         self.process.start(wait_warm=False, timeout=timeout)
         self._api = ApiClient(self.url, self.token)

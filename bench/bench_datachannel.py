@@ -1,6 +1,6 @@
 """The data channel alone, against what Python's TLS can carry on this machine.
 
-    python bench/bench_datachannel.py [--mib 100] [--rounds 5]
+    python bench/bench_datachannel.py [--mib 100] [--rounds 5] [--smoke]
 
 Four measurements in one run, each the median of ``--rounds``:
 
@@ -15,7 +15,8 @@ Four measurements in one run, each the median of ``--rounds``:
   starts: notes and pieces in sealed records), no client;
 - ``ipc``: the same through the shared-memory ring of a worker on this host.
 
-Transfers start after :data:`WARMUP` unmeasured rounds: a process's first
+Transfers start after ``--warmup`` unmeasured rounds (default
+:data:`WARMUP`): a process's first
 allocations of 100 MiB cost up to ten times the later ones here (the kernel
 finds and zeroes their pages), whatever carries the bytes.
 """
@@ -25,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
-import platform
 import socket
 import statistics
 import time
@@ -42,8 +42,11 @@ from remote_gpu_server.notes import make_identity, open_stream, pinned_context
 from remote_gpu_server.slots import Slot
 from remote_gpu_server.worker import Worker
 
+from reporting import finish, parse_args
+
 MIB = 1 << 20
 WARMUP = 3
+SMOKE = {"mib": 4, "rounds": 1, "warmup": 0}
 SLOT = Slot(SlotId("cpu0"), "cpu", 0, "CPU slot 0")
 
 
@@ -79,8 +82,9 @@ def one_way_mb_s(kind: str, mib: int) -> float:
     ports: Any = multiprocessing.Queue()
     reader = multiprocessing.Process(target=_reader, args=(kind, ports, server, client[1], mib * MIB))
     reader.start()
+    key, cert = client
     conn, send = _connection(socket.create_connection(("127.0.0.1", ports.get())), kind, False,
-                             *client, server[1])
+                             key, cert, server[1])
     piece = memoryview(bytes(MIB))
     started = time.perf_counter()
     for _ in range(mib):
@@ -92,14 +96,14 @@ def one_way_mb_s(kind: str, mib: int) -> float:
     return mib * MIB / seconds / 1e6
 
 
-async def channel_mb_s(transport: str, mib: int, rounds: int) -> tuple[float, float]:
+async def channel_mb_s(transport: str, mib: int, rounds: int, warmup: int = WARMUP) -> tuple[float, float]:
     launcher = LocalLauncher(transport=transport, ip="127.0.0.1")
     worker = await Worker.start(launcher, [SLOT], 120)
     names, counts, buffers = dump_values({"x": np.ones(mib * MIB // 4, dtype=np.float32)})
     pushes, pulls = [], []
     try:
-        for round_ in range(WARMUP + rounds):
-            measured = round_ >= WARMUP
+        for round_ in range(warmup + rounds):
+            measured = round_ >= warmup
             started = time.perf_counter()
             reply = await worker.push(names, counts, buffers)
             assert reply.get("ok"), reply
@@ -123,17 +127,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
+    parser.add_argument("--warmup", type=int, default=WARMUP, help="channel rounds run first, not measured")
+    args = parse_args(parser, SMOKE)
     tls = statistics.median(one_way_mb_s("tls", args.mib) for _ in range(args.rounds))
     sealed = statistics.median(one_way_mb_s("sealed", args.mib) for _ in range(args.rounds))
-    tcp = asyncio.run(channel_mb_s("tcp", args.mib, args.rounds))
-    ipc = asyncio.run(channel_mb_s("ipc", args.mib, args.rounds))
-    print(f"machine: {platform.node()} {platform.machine()}, {multiprocessing.cpu_count()} CPUs, "
-          f"{args.mib} MiB, median of {args.rounds}")
+    tcp = asyncio.run(channel_mb_s("tcp", args.mib, args.rounds, args.warmup))
+    ipc = asyncio.run(channel_mb_s("ipc", args.mib, args.rounds, args.warmup))
+    print(f"{args.mib} MiB, median of {args.rounds}")
     print(f"{'Python TLS, one way':>22}: {tls:7.0f} MB/s")
     print(f"{'sealed, one way':>22}: {sealed:7.0f} MB/s")
     print(f"{'tcp channel push/pull':>22}: {tcp[0]:7.0f} / {tcp[1]:.0f} MB/s")
     print(f"{'ipc ring push/pull':>22}: {ipc[0]:7.0f} / {ipc[1]:.0f} MB/s")
+    finish(args, ("cryptography",))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,15 @@
 """A Ray cluster's head against a single-machine server, in one run.
 
     python bench/bench_ray.py [--runs 200] [--leases 15] [--transfers 5] [--mib 100]
+                              [--ray ADDRESS] [--smoke]
 
 It starts a real Ray cluster on this machine (``ray.cluster_utils``: a head
-and one node of two GPUs, counted only) and two servers: ``rgpu serve
---slots cpu:2`` and ``rgpu serve --ray ADDRESS``. For each it measures a
-trivial cell's round trip (``session.execute``), the lease of a warm worker
-(``client.session()``, the pool refilled between leases), and push and pull
+and one node of two GPUs, counted only; or uses the one ``--ray`` names)
+and two servers: ``rgpu serve --slots cpu:2`` and ``rgpu serve --ray
+ADDRESS``, each ready when ``/api/status`` shows every slot warm
+(``warm_server.py``). For each it measures a trivial cell's round trip
+(``session.execute``), the lease of a warm worker (``client.session()``,
+every slot warm again before each lease), and push and pull
 of a float32 numpy array from the client: on one machine through the
 memfd ring, on the Ray node over the TCP data channel (sealed records
 opened with mutual TLS). It also measures the TCP data channel alone, the
@@ -20,86 +23,87 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import platform
-import statistics
-import sys
+import contextlib
 import tempfile
-import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from bench_datachannel import channel_mb_s
+from reporting import finish, parse_args
+from rounds import Spread, consecutive, interleaved, timed
+from warm_server import WarmServer
 
-from bench_core import interleaved_ms, median_ms  # noqa: E402
-from bench_datachannel import channel_mb_s  # noqa: E402
-from ray_cluster import RayTestCluster  # noqa: E402
-from servers import ServerProcess  # noqa: E402
+from remote_gpu_kernel import Client
 
-from remote_gpu_kernel import Client  # noqa: E402
+SMOKE = {"runs": 5, "leases": 1, "transfers": 1, "warmup": 0, "mib": 4}
 
 
-def cell_ms(client: Client, runs: int) -> float:
+def cell_ms(client: Client, runs: int, warmup: int) -> float:
     with client.session() as session:
-        return median_ms(lambda: session.execute("1+1", on_output=lambda _: None), runs)
+        return consecutive(lambda: session.execute("1+1", on_output=lambda _: None), runs, warmup).median * 1000
 
 
-def _ready_workers(server: ServerProcess) -> int:
-    return sum(" ready on " in line for line in list(server.log))
-
-
-def lease_ms(server: ServerProcess, client: Client, runs: int) -> float:
-    """Median of leasing a warm worker; after each release the fresh worker that
-    replaces it is waited for (the server's log says when it is ready)."""
+def lease_ms(server: WarmServer, client: Client, runs: int, warmup: int) -> float:
+    """Median of leasing a warm worker; before each lease every slot is warm
+    again, as the server's ``/api/status`` says."""
     times = []
-    for _ in range(runs + 1):
-        started = time.perf_counter()
-        session = client.session()
-        times.append(time.perf_counter() - started)
-        ready = _ready_workers(server)
-        session.release()
-        deadline = time.monotonic() + 120
-        while _ready_workers(server) <= ready and time.monotonic() < deadline:
-            time.sleep(0.05)
-    return statistics.median(times[1:]) * 1000
+    for _ in range(warmup + runs):
+        server.wait_warm()
+        session: list[Any] = []
+        times.append(timed(lambda: session.append(client.session())))
+        session[0].release()
+    return Spread.of(times[warmup:]).median * 1000
 
 
-def transfer_mb_s(client: Client, array: np.ndarray, runs: int) -> dict[str, float]:
+def transfer_mb_s(client: Client, array: np.ndarray, runs: int, warmup: int) -> dict[str, float]:
     with client.session() as session:
-        ms = interleaved_ms({"push": lambda: session.push(x=array), "pull": lambda: session.pull("x")}, runs)
-    return {name: array.nbytes / (value / 1000) / 1e6 for name, value in ms.items()}
+        spreads = interleaved({"push": {"ours": lambda: session.push(x=array)},
+                               "pull": {"ours": lambda: session.pull("x")}}, runs, warmup)
+    return {kind: by_side["ours"].mb_s(array.nbytes) for kind, by_side in spreads.items()}
+
+
+@contextlib.contextmanager
+def ray_address(given: str | None) -> Iterator[str]:
+    """``given``, or the address of a Ray cluster started here (a head and one node of two GPUs)."""
+    if given:
+        yield given
+        return
+    from ray_cluster import RayTestCluster  # tests/, put on the path by warm_server
+
+    cluster = RayTestCluster(nodes=1)
+    try:
+        yield cluster.address
+    finally:
+        cluster.shutdown()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=200, help="trivial cells per server")
     parser.add_argument("--leases", type=int, default=15, help="leases per server")
     parser.add_argument("--transfers", type=int, default=5, help="pushes and pulls per server")
+    parser.add_argument("--warmup", type=int, default=3, help="rounds of each run first and dropped")
     parser.add_argument("--mib", type=int, default=100, help="size of the transferred array")
-    args = parser.parse_args()
+    parser.add_argument("--ray", metavar="ADDRESS",
+                        help="use this running Ray cluster (GCS address) instead of starting one")
+    args = parse_args(parser, SMOKE)
     array = np.random.default_rng(0).random(args.mib * (1 << 20) // 4, dtype=np.float32)
-    cluster = RayTestCluster(nodes=1)
     results: dict[str, dict[str, float]] = {}
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            local = ServerProcess(Path(tmp) / "local", "cpu:2")
-            head = ServerProcess(Path(tmp) / "head", "auto", "--ray", cluster.address)
-            for name, server in (("one machine", local), ("Ray head", head)):
-                server.tmp.mkdir(parents=True, exist_ok=True)
-                server.start(timeout=180)
-                try:
-                    client = Client(server.url, server.token("bench"))
-                    results[name] = {
-                        "cell": cell_ms(client, args.runs),
-                        "lease": lease_ms(server, client, args.leases),
-                        **transfer_mb_s(client, array, args.transfers),
-                    }
-                finally:
-                    server.stop()
-    finally:
-        cluster.shutdown()
-    channel = asyncio.run(channel_mb_s("tcp", args.mib, args.transfers))
+    with ray_address(args.ray) as address, tempfile.TemporaryDirectory(prefix="rgpu-bench-ray-") as tmp:
+        local = WarmServer(Path(tmp) / "local", "cpu:2")
+        head = WarmServer(Path(tmp) / "head", "auto", "--ray", address)
+        for name, server in (("one machine", local), ("Ray head", head)):
+            with server:
+                client = server.client()
+                results[name] = {  # the leases first: each waits for every slot to be warm
+                    "lease": lease_ms(server, client, args.leases, min(1, args.warmup)),
+                    "cell": cell_ms(client, args.runs, args.warmup),
+                    **transfer_mb_s(client, array, args.transfers, args.warmup),
+                }
+    channel = asyncio.run(channel_mb_s("tcp", args.mib, args.transfers, args.warmup))
     one, ray = results["one machine"], results["Ray head"]
     print(f"\n{'what':34} {'Ray head':>10} {'one machine':>12} {'ratio':>7}  target")
     print(f"{'trivial cell (ms)':34} {ray['cell']:10.2f} {one['cell']:12.2f} {ray['cell'] / one['cell']:6.2f}×  ≤ 1.2×")
@@ -110,7 +114,7 @@ def main() -> None:
               f"{ray[kind] / one[kind]:6.2f}×")
     for kind, value in zip(("push", "pull"), channel):
         print(f"{f'{kind}, TCP data channel alone (MB/s)':34} {value:10.0f} {'':>12} {'':>7}  ≥ 1000 MB/s")
-    print(f"\n{time.strftime('%Y-%m-%d')} on {os.cpu_count()} cores, Python {platform.python_version()}")
+    finish(args, ("ray",))
 
 
 if __name__ == "__main__":

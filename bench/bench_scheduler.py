@@ -14,23 +14,23 @@
    the fair-share scheduler and for first-come order. Target: every
    always-waiting user within 10 % of equal.
 
-Run: ``.venv/bin/python bench/bench_scheduler.py [--append]``; ``--append``
-adds the results, with date and machine, to ``bench/RESULTS.md``.
+Run: ``.venv/bin/python bench/bench_scheduler.py [--smoke]``; it prints
+Markdown tables with the date and machine, for ``bench/RESULTS.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import heapq
 import math
-import os
 import random
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from reporting import finish, parse_args
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -45,6 +45,7 @@ from remote_gpu_server.scheduler import (  # noqa: E402
 )
 
 HOUR = 3600.0
+SMOKE = {"waiting": 500, "users": 50, "steps": 200, "seeds": 1, "hours": 2.0}
 
 
 class Clock:
@@ -129,7 +130,7 @@ def bench_decisions(waiting: int = 10_000, users: int = 1_000, steps: int = 3_00
             timings.time("cancel of a waiting request", lambda: sched.cancel(victim.key))
             sched.submit(entry(rng.choice(names)))
         if step % 50 == 0:
-            timings.time("positions() of all 10,000", sched.positions)
+            timings.time(f"positions() of all {waiting:,}", sched.positions)
             timings.time("baseline: full sort per decision", full_sort)
     return timings.rows()
 
@@ -251,40 +252,31 @@ def fairness_rows(day: dict[str, tuple[float, float]]) -> tuple[list[tuple[str, 
 # -- report ------------------------------------------------------------------
 
 
-def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} CPU(s) (nproc {len(os.sched_getaffinity(0))}), {model}, Python {sys.version.split()[0]}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--append", action="store_true", help="append the results to bench/RESULTS.md")
-    args = parser.parse_args()
-    lines = [f"## Scheduler ({datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC)", "",
-             f"Machine: {machine()}.", "",
-             "Decisions with 10,000 waiting requests from 1,000 users, 8 busy slots "
+    parser.add_argument("--waiting", type=int, default=10_000, help="requests kept waiting (default 10,000)")
+    parser.add_argument("--users", type=int, default=1_000, help="users they come from (default 1,000)")
+    parser.add_argument("--steps", type=int, default=3_000, help="decisions timed (default 3,000)")
+    parser.add_argument("--seeds", type=int, default=5, help="busy days simulated per policy (default 5)")
+    parser.add_argument("--hours", type=float, default=24.0, help="length of a busy day (default 24)")
+    args = parse_args(parser, SMOKE)
+    lines = ["## Scheduler", "",
+             f"Decisions with {args.waiting:,} waiting requests from {args.users:,} users, 8 busy slots "
              "(target p99 < 1 ms). CPU: the thread's CPU time; wall: elapsed, which also "
              "counts time the shared machine gave to other processes.", "",
              "| operation | calls | CPU p50 ms | CPU p99 ms | wall p50 ms | wall p99 ms |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for name, n, c50, c99, w50, w99 in bench_decisions():
+    for name, n, c50, c99, w50, w99 in bench_decisions(args.waiting, args.users, args.steps):
         lines.append(f"| {name} | {n} | {c50:.3f} | {c99:.3f} | {w50:.3f} | {w99:.3f} |")
     configs = [("fair, half-life 24 h, max_wait 12 h", True, SchedulerConfig(half_life=24 * HOUR, max_wait=12 * HOUR)),
                ("fair, no decay, max_wait 12 h", True, SchedulerConfig(half_life=math.inf, max_wait=12 * HOUR)),
                ("fair, half-life 6 h, max_wait 12 h", True, SchedulerConfig(half_life=6 * HOUR, max_wait=12 * HOUR)),
                ("fair, half-life 24 h, max_wait 1 h", True, SchedulerConfig(half_life=24 * HOUR, max_wait=HOUR)),
                ("first come, first served", False, SchedulerConfig())]
-    seeds = range(7, 12)
-    days = [(label, [fairness_rows(simulate_day(fair, config, seed)) for seed in seeds])
+    seeds = range(7, 7 + args.seeds)
+    days = [(label, [fairness_rows(simulate_day(fair, config, seed, args.hours)) for seed in seeds])
             for label, fair, config in configs]
-    lines += ["", f"A busy day (fake clock, 24 h, 4 GPUs, 20 users: 16 always waiting, 4 now and then). "
+    lines += ["", f"A busy day (fake clock, {args.hours:g} h, 4 GPUs, 20 users: 16 always waiting, 4 now and then). "
               f"GPU-hours of seed {seeds[0]} and, in brackets, the share against an equal share of "
               "what the always-waiting users got together (target: every one within 10 %); "
               f"the last rows give the worst deviation per seed, {seeds[0]} to {seeds[-1]}:", ""]
@@ -306,14 +298,8 @@ def main() -> None:
     lines.append("| **within 10 % on every seed** | | "
                  + " | ".join("**yes**" if all(w <= 0.10 for _, w in results) else "no"
                               for _, results in days) + " |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.append:
-        path = Path(__file__).with_name("RESULTS.md")
-        header = "" if path.exists() else "# Benchmark results\n"
-        with path.open("a") as out:  # append only: other sections belong to others
-            out.write(f"{header}\n{text}")
-        print(f"appended to {path}")
+    print("\n".join(lines))
+    finish(args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Store benchmark: SQLite against PostgreSQL, in one run.
 
-    python bench/bench_store.py [--jobs 10000] [--lines 20] [--cells 300]
+    python bench/bench_store.py [--jobs 10000] [--lines 20] [--calls 50] [--cells 300] [--smoke]
 
 1. The store on its own, the way the server calls it, for each backend:
    ``--jobs`` cells in sessions of 10 (``create_session``, then
@@ -9,9 +9,10 @@
    server's :class:`Journal` writer, every job ended (``finish_job``),
    1,000 batch submissions (a transaction each), then listings (the newest
    100 jobs; one user's completed jobs; one job's output) and usage
-   (``gpu_seconds_by_user``) on the full tables, median of 50 calls.
+   (``gpu_seconds_by_user``) on the full tables, median of ``--calls``.
 2. A trivial cell's round trip (``session.execute("1+1")``) on two servers
-   (``rgpu serve --slots cpu:1``), one per backend, taking turns.
+   (``rgpu serve --slots cpu:1``, ready when ``/api/status`` shows the slot
+   warm: ``warm_server.py``), one per backend, taking turns.
 
 PostgreSQL runs on a Unix socket in a temporary folder, started by this
 script (``tests/postgres.py``) with its defaults, so every commit waits for
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
+import contextlib
 import statistics
 import sys
 import tempfile
@@ -34,12 +35,12 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from reporting import finish, parse_args
+from rounds import interleaved
+from warm_server import WarmServer
 
-from postgres import PostgresCluster, unavailable  # noqa: E402
-from servers import ServerProcess  # noqa: E402
-
-from remote_gpu_kernel import Client  # noqa: E402
+from postgres import PostgresCluster, unavailable  # noqa: E402  (tests/, put on the path by warm_server)
+from remote_gpu_kernel.sync import Session  # noqa: E402
 from remote_gpu_kernel.typing import JobId, SessionId  # noqa: E402
 from remote_gpu_server.journal import Journal  # noqa: E402
 from remote_gpu_server.store import OutputRow, Store  # noqa: E402
@@ -47,6 +48,7 @@ from remote_gpu_server.store import OutputRow, Store  # noqa: E402
 PER_SESSION = 10
 USERS = 20
 BATCH_JOBS = 1000
+SMOKE = {"jobs": 100, "lines": 2, "calls": 3, "cells": 5}
 
 
 async def timed(work: Callable[[], Awaitable[object]]) -> float:
@@ -62,7 +64,7 @@ async def median_ms(call: Callable[[], Awaitable[object]], runs: int = 50) -> fl
     return statistics.median(times[3:]) * 1000
 
 
-async def store_phases(location: str, jobs: int, lines: int) -> dict[str, float]:
+async def store_phases(location: str, jobs: int, lines: int, calls: int) -> dict[str, float]:
     """What each phase costs on the store at ``location`` (empty)."""
     store = await Store.open(location, "bench")
     out: dict[str, float] = {}
@@ -108,51 +110,47 @@ async def store_phases(location: str, jobs: int, lines: int) -> dict[str, float]
     out["finish_job (jobs/s)"] = len(cells) / await timed(finish)
 
     async def batch() -> None:
-        for i in range(BATCH_JOBS):
+        for i in range(min(BATCH_JOBS, jobs)):
             await store.create_batch_job(f"user{i % USERS}", "print(1)", "job", 1, "normal", "default", None, 0)
 
-    out["submit: batch jobs, a transaction each (jobs/s)"] = BATCH_JOBS / await timed(batch)
+    out["submit: batch jobs, a transaction each (jobs/s)"] = min(BATCH_JOBS, jobs) / await timed(batch)
     middle = cells[len(cells) // 2][1]
-    out["list the newest 100 jobs (ms)"] = await median_ms(lambda: store.jobs(limit=100))
+    out["list the newest 100 jobs (ms)"] = await median_ms(lambda: store.jobs(limit=100), calls)
     out["list one user's completed jobs, 100 (ms)"] = await median_ms(
-        lambda: store.jobs(user="user7", state="completed", limit=100))
-    out["one job's output (ms)"] = await median_ms(lambda: store.outputs_after(middle, 0))
-    out["usage: gpu_seconds_by_user (ms)"] = await median_ms(store.gpu_seconds_by_user)
+        lambda: store.jobs(user="user7", state="completed", limit=100), calls)
+    out["one job's output (ms)"] = await median_ms(lambda: store.outputs_after(middle, 0), calls)
+    out["usage: gpu_seconds_by_user (ms)"] = await median_ms(store.gpu_seconds_by_user, calls)
     await store.close()
     return out
 
 
 def cell_round_trips(locations: dict[str, str], runs: int, folder: Path) -> dict[str, float]:
     """Median ms of ``1+1`` on a server per backend, the servers taking turns."""
-    servers = {name: ServerProcess(folder / name, "cpu:1", db=db) for name, db in locations.items()}
-    for server in servers.values():
-        server.tmp.mkdir(parents=True, exist_ok=True)
-    tokens = {name: server.token("alice") for name, server in servers.items()}
-    try:
+    with contextlib.ExitStack() as stack:
+        servers = {name: WarmServer(folder / name, "cpu:1", db=db) for name, db in locations.items()}
         for server in servers.values():
-            server.start()
-        sessions = {name: Client(server.url, tokens[name]).session() for name, server in servers.items()}
-        times: dict[str, list[float]] = {name: [] for name in servers}
-        for round_ in range(runs + 5):
-            for name, session in sessions.items():
-                start = time.perf_counter()
+            stack.callback(server.stop)
+            server.launch()
+        for server in servers.values():
+            server.wait_warm()
+        sessions = {name: stack.enter_context(server.client().session()) for name, server in servers.items()}
+
+        def cell(session: Session) -> Callable[[], None]:
+            def run() -> None:
                 assert session.execute("1+1", on_output=lambda _: None).ok
-                if round_ >= 5:
-                    times[name].append(time.perf_counter() - start)
-        for session in sessions.values():
-            session.release()
-        return {name: statistics.median(ts) * 1000 for name, ts in times.items()}
-    finally:
-        for server in servers.values():
-            server.stop()
+            return run
+
+        spreads = interleaved({"cell": {name: cell(s) for name, s in sessions.items()}}, runs, warmup=5)["cell"]
+    return {name: spread.median * 1000 for name, spread in spreads.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=10_000)
     parser.add_argument("--lines", type=int, default=20, help="output rows per job")
+    parser.add_argument("--calls", type=int, default=50, help="calls per listing timed (median)")
     parser.add_argument("--cells", type=int, default=300, help="round trips per backend")
-    args = parser.parse_args()
+    args = parse_args(parser, SMOKE)
     reason = unavailable()
     if reason:
         sys.exit(f"bench_store: {reason}")
@@ -168,20 +166,21 @@ def main() -> None:
                 admin.execute("ALTER DATABASE bench_async SET synchronous_commit = off")
             backends = {"sqlite": str(folder / "bench.sqlite3"), "postgres": cluster.url("bench_sync"),
                         "postgres, async commit": cluster.url("bench_async")}
-            results = {name: asyncio.run(store_phases(location, args.jobs, args.lines))
+            results = {name: asyncio.run(store_phases(location, args.jobs, args.lines, args.calls))
                        for name, location in backends.items()}
             cells = cell_round_trips({"sqlite": str(folder / "cells.sqlite3"),
                                       "postgres": cluster.url("bench_cells")}, args.cells, folder)
     finally:
         cluster.destroy()
 
-    print(f"\n{args.jobs} jobs, {args.lines} output rows each; load average {os.getloadavg()[0]:.1f}\n")
+    print(f"\n{args.jobs} jobs, {args.lines} output rows each\n")
     print("| what | " + " | ".join(backends) + " |")
     print("| --- |" + " ---: |" * len(backends))
     for what in results["sqlite"]:
         print(f"| {what} | " + " | ".join(f"{results[name][what]:,.1f}" for name in backends) + " |")
     print(f"| trivial cell `1+1` round trip, median of {args.cells} (ms) | "
           f"{cells['sqlite']:.2f} | {cells['postgres']:.2f} | |")
+    finish(args, ("psycopg", "psycopg-pool"))
 
 
 if __name__ == "__main__":

@@ -160,7 +160,8 @@ class GpuServer:
                           self.store, config.price_per_gpu_hour, node_label=self._node_label,
                           node_down=lambda slot: self.inventory.is_down(slot.node),
                           isolation=self.isolation.status_json, draining=self.drainer.draining,
-                          park_keep=config.parking.keep, disk=self.disk.status_json)
+                          park_keep=config.parking.keep, disk=self.disk.status_json,
+                          warm=self.pool.is_warm)
         self.metrics.attach(view)
         self.http = HttpApi(view, self.metrics)
         await self.batch.recover()

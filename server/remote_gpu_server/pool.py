@@ -134,8 +134,10 @@ class Pool:
         await asyncio.gather(*self._warm.values(), return_exceptions=True)
 
     def is_warm(self, slot_id: SlotId) -> bool:
+        """Whether a started, live worker waits on ``slot_id`` for the next lease."""
         task = self._warm.get(slot_id)
-        return task is not None and task.done() and task.exception() is None
+        return (task is not None and task.done() and not task.cancelled() and task.exception() is None
+                and task.result().alive)
 
     async def take(self, slot_ids: list[SlotId], user: str = "", tenant: Tenant | None = None) -> Worker:
         """A started worker pinned to ``slot_ids``, made ``user``'s; the slots'

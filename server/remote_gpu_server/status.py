@@ -20,6 +20,11 @@ and times to everyone, and its id, names, notebook and code to its owner.
 ``disk`` is the users' disk limit for session folders (``--session-disk``,
 see :mod:`.disk_watch`): the limit, what enforces it, and the caller's use;
 an admin sees every user's use.
+
+A slot's ``warm`` says whether a started worker waits on it for the next
+lease: a lease takes that worker, and a fresh one is warmed after the
+release, so a program that must not lease a cold slot (a benchmark) waits
+for it here rather than reading the server's log.
 """
 
 from __future__ import annotations
@@ -81,6 +86,8 @@ class ServerView:
     park_keep: float | None = None
     #: The ``disk`` object for a user (and whether they are an admin).
     disk: Callable[[str, bool], dict[str, Any]] = lambda user, admin: {"limit": None, "enforced_by": None}
+    #: Whether a started worker waits on a slot for the next lease (see :mod:`.pool`).
+    warm: Callable[[SlotId], bool] = lambda slot: False
 
     def pool(self, slot: SlotId) -> str:
         """The name of the scheduler pool ``slot`` belongs to."""
@@ -215,6 +222,7 @@ async def status_json(view: ServerView, me: TokenInfo) -> dict[str, Any]:
             "readings": reading.as_json(pids=me.admin),
             "history": view.readings.history.as_json(slot.id),
             "holder": holder.get(slot.id),
+            "warm": view.warm(slot.id),
         })
     return {
         "server": {"version": view.version, "time": time.time()},

@@ -87,6 +87,20 @@ def test_cpu_readings_show_the_warm_workers_and_their_pids_to_an_admin_only(user
         assert all(p["pid"] is None and p["memory"] > 0 for p in slot["readings"]["processes"])
 
 
+def test_status_says_which_slots_have_a_warm_worker(users: Users) -> None:
+    def warm() -> dict[str, bool]:
+        return {s["id"]: s["warm"] for s in users.alice.status()["slots"]}
+
+    wait_for(lambda: all(warm().values()), what="a warm worker on every slot")
+    with Client(users.server.url, users.server.token("dave")).session() as session:
+        held = users.alice.status()["slots"]
+        taken = next(s["id"] for s in held if s["holder"] is not None and s["holder"]["user"] == "dave")
+        # The lease took that slot's warm worker; the other slot's still waits.
+        assert warm() == {slot: slot != taken for slot in ("cpu0", "cpu1")}
+        assert session.execute("1+1", on_output=lambda _: None).ok
+    wait_for(lambda: all(warm().values()), what="a fresh warm worker after the release")
+
+
 @pytest.mark.parametrize("token, reason", [
     (None, "missing token"),
     ("rgpu_not-a-real-token", "invalid token"),

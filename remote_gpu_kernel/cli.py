@@ -387,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray", metavar="ADDRESS",
                    help="lease the GPUs of every node of a running Ray cluster (auto, or HOST:PORT of "
                         "its head): this server becomes the cluster's head; needs "
-                        "pip install 'remote-gpu-kernel[ray]'")
+                        "pip install 'remote-gpu-kernel[ray]', and RAY_AUTH_MODE=token with the "
+                        "cluster's token to serve more than one user")
     p.add_argument("--keep-output", type=float, metavar="DAYS",
                    help="delete the output of sessions and jobs that ended more than DAYS ago, in the "
                         "background; jobs and usage totals stay (default: keep all output)")
@@ -424,8 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     iso.add_argument("--uid-range", metavar="START-END",
                      help="the uids for --run-as dynamic (default 1900000000-1900099999)")
     iso.add_argument("--no-isolation", action="store_true",
-                     help="where workers cannot be isolated (not root, no bubblewrap), serve several "
-                          "users anyway: each can then read the others' work")
+                     help="where workers cannot be isolated (not root, no bubblewrap), or a --ray "
+                          "cluster does not require Ray's token authentication, serve several users "
+                          "anyway: each can then read the others' work")
     iso.add_argument("--worker-memory", default="auto", metavar="SIZE",
                      help="host memory limit of a worker per slot it holds, like 8G; auto (the "
                           "default): 90%% of the host's memory divided by the slots; none: no limit")

@@ -133,7 +133,7 @@ class Isolation:
     Call :meth:`start` once the slots are known, :meth:`close` at the end.
     """
 
-    def __init__(self, config: IsolationConfig, db: Path, *, hidden: tuple[Path, ...] = ()) -> None:
+    def __init__(self, config: IsolationConfig, db: Path, server_files: tuple[Path, ...] = ()) -> None:
         self.config = config
         self.db = db
         self.mode = config.mode or IsolationMode.NONE  # chosen in start() unless given
@@ -145,7 +145,7 @@ class Isolation:
         #: What keeps this server to one user although workers are isolated (see refuse_sharing).
         self.unfenced: str | None = None
         #: More files no worker may read (a Ray node's token): a sandbox hides them.
-        self.hidden = tuple(hidden)
+        self._server_files = tuple(server_files)
         self._only_user: str | None = None
         self._tenants: set[Tenant] = set()
 
@@ -390,7 +390,7 @@ class WorkerIsolation:
         layout = SandboxLayout(
             writable=(self.runtime, self.folder),
             hidden_files=tuple(db.with_name(db.name + s) for s in ("", "-wal", "-shm", "-journal", "-uids.json"))
-            + isolation.hidden,
+            + isolation._server_files,
             hidden_dirs=(isolation.session_root, self.runtime.parent),
             tmp_size=self._tmp_size(), chdir=self.folder)
         return bubblewrap_argv(isolation.bwrap, layout) + list(argv)

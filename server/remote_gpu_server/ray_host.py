@@ -56,7 +56,7 @@ class WorkerHost:
 
         ip = ray.util.get_node_ip_address()
         # Ray's token stays Ray's: a sandbox hides its file like the server's own.
-        confined = Isolation(isolation, node_data_dir() / "node", hidden=token_files())
+        confined = Isolation(isolation, node_data_dir() / "node", token_files())
         confined.start(node_slots)
         if isolate and not confined.isolated:
             raise IsolationError(f"node {socket.gethostname()} cannot isolate workers ({confined.reason})")

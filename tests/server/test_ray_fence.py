@@ -114,7 +114,8 @@ def test_a_sandboxed_worker_cannot_read_a_token_file_inside_what_it_may_read(
 
     def read_in_a_sandbox(hidden: tuple[Path, ...]) -> str:
         isolation = Isolation(IsolationConfig(mode=IsolationMode.BUBBLEWRAP, worker_memory="none",
-                                              session_root=tmp_path / "sessions"), tmp_path / "db", hidden=hidden)
+                                              session_root=tmp_path / "sessions"), tmp_path / "db",
+                              server_files=hidden)
         isolation.bwrap = bwrap
         isolation.start(1)
         runtime = tmp_path / "runtime" / f"w{len(hidden)}"

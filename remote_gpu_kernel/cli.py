@@ -362,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray", metavar="ADDRESS",
                    help="lease the GPUs of every node of a running Ray cluster (auto, or HOST:PORT of "
                         "its head): this server becomes the cluster's head; needs "
-                        "pip install 'remote-gpu-kernel[ray]'")
+                        "pip install 'remote-gpu-kernel[ray]', and RAY_AUTH_MODE=token with the "
+                        "cluster's token to serve more than one user")
     p.add_argument("--keep-output", type=float, metavar="DAYS",
                    help="delete the output of sessions and jobs that ended more than DAYS ago, in the "
                         "background; jobs and usage totals stay (default: keep all output)")
@@ -412,8 +413,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "$RGPU_UID_REGISTRY, else /var/lib/remote-gpu-kernel/uids.json); servers "
                           "that are to stay apart must share it")
     iso.add_argument("--no-isolation", action="store_true",
-                     help="where workers cannot be isolated (not root, no bubblewrap), serve several "
-                          "users anyway: each can then read the others' work")
+                     help="where workers cannot be isolated (not root, no bubblewrap), or a --ray "
+                          "cluster does not require Ray's token authentication, serve several users "
+                          "anyway: each can then read the others' work")
     iso.add_argument("--worker-memory", default="auto", metavar="SIZE",
                      help="host memory limit of a worker per slot it holds, like 8G; auto (the "
                           "default): 90%% of the host's memory divided by the slots; none: no limit")

@@ -1,4 +1,4 @@
-"""A loopback TCP proxy whose connections a test can cut.
+"""A loopback TCP proxy whose connections a test can cut, and that can keep what it carries.
 
 The Remote GPU kernel's tests put it between the kernel and a real server
 (``RGPU_URL`` points at the proxy) and call :meth:`TcpProxy.drop` to break
@@ -6,7 +6,9 @@ every open connection at the TCP level, as a network failure would: both
 sockets are shut down, the server and the client each see their websocket
 close without a closing handshake. New connections are still accepted
 afterwards, so the client can reconnect. Nothing in the product has a
-test-only hook for this.
+test-only hook for this. With ``keep``, every byte it forwards, both ways,
+is kept in :attr:`TcpProxy.carried`, for tests that look for what crosses
+in clear.
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ __all__ = ["TcpProxy"]
 class TcpProxy:
     """Forward ``127.0.0.1:<port>`` to ``target``; :meth:`drop` cuts, :meth:`close` ends."""
 
-    def __init__(self, target_host: str, target_port: int) -> None:
+    def __init__(self, target_host: str, target_port: int, *, keep: bool = False) -> None:
         self.target = (target_host, target_port)
+        #: What it forwarded, both ways, where ``keep`` is set.
+        self.carried = bytearray()
+        self._keep = keep
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self._lock = threading.Lock()
@@ -56,10 +61,12 @@ class TcpProxy:
             threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
             threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
 
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
+                if self._keep:
+                    with self._lock:
+                        self.carried += data
                 dst.sendall(data)
         except OSError:
             pass

@@ -106,11 +106,14 @@ class GpuServer:
             log.warning("marked %d job(s) left running by an earlier run of this server as failed", stale)
         launcher: WorkerLauncher
         if config.ray is not None:
-            self.cluster = RayCluster(config.ray)
-            await self.cluster.connect()
-            self.inventory.add(await self.cluster.slots())
-            # The head decides who each user runs as; nodes isolate their workers.
+            # The head decides who each user runs as; nodes isolate their workers,
+            # and a node that cannot isolate them as the head does is left out.
             self.isolation.start(0)
+            self.cluster = RayCluster(config.ray, isolation=config.isolation, isolate=self.isolation.isolated)
+            await self.cluster.connect()
+            if self.cluster.unfenced is not None:  # no Ray token: any cell could use the cluster
+                self.isolation.refuse_sharing(self.cluster.unfenced)
+            self.inventory.add(await self.cluster.slots())
             launcher = RayLauncher(self.cluster, self.isolation)
         else:
             self.inventory.add(discover_slots(config.slots))
@@ -159,7 +162,7 @@ class GpuServer:
         view = ServerView(self.version, self.inventory, self.readings, self.broker, self.sessions, self.batch,
                           self.store, config.price_per_gpu_hour, node_label=self._node_label,
                           node_down=lambda slot: self.inventory.is_down(slot.node),
-                          isolation=self.isolation.status_json, draining=self.drainer.draining,
+                          isolation=self._isolation_status, draining=self.drainer.draining,
                           park_keep=config.parking.keep, disk=self.disk.status_json,
                           warm=self.pool.is_warm)
         self.metrics.attach(view)
@@ -189,6 +192,13 @@ class GpuServer:
     @property
     def slots(self) -> list[Slot]:
         return list(self.inventory)
+
+    def _isolation_status(self) -> dict[str, Any]:
+        """``/api/status``'s ``isolation``: the server's, and on a Ray cluster each node's."""
+        status = self.isolation.status_json()
+        if self.cluster is not None:
+            status["ray"] = self.cluster.status_json()
+        return status
 
     def _node_label(self, slot: Slot) -> str:
         if self.cluster is not None and slot.node:

@@ -22,7 +22,9 @@ lease time, what a death means, and a cleanup. The modes:
   where neither mode above is possible, or where the admin asked for it
   with ``--no-isolation``. Without that flag such a server serves one user
   only (the first to connect); either way it says that workers are not
-  isolated in its log and ``/api/status``.
+  isolated in its log and ``/api/status``. So does a server whose workers
+  are isolated but share something that does not keep users apart (a Ray
+  cluster without token authentication: :meth:`Isolation.refuse_sharing`).
 
 In every mode a worker's environment comes from an allow-list (like
 JupyterHub's ``Spawner.env_keep``), its output goes to a pipe of its own
@@ -81,6 +83,8 @@ log = logging.getLogger("remote_gpu_server")
 ENV_KEEP = ("PATH", "PYTHONPATH", "VIRTUAL_ENV", "CONDA_PREFIX", "CONDA_DEFAULT_ENV", "CONDA_ROOT",
             "LANG", "LANGUAGE", "LC_", "TZ", "LD_LIBRARY_PATH", "CUDA_", "NVIDIA_", "NCCL_",
             "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+#: Never passed, whatever --worker-env says: Ray's token lets its holder run code on every node.
+_ENV_NEVER = ("RAY_AUTH_",)
 #: Kept too when workers run as the server's own user.
 _ENV_KEEP_SAME_USER = ("HOME", "USER", "LOGNAME", "SHELL", "TMPDIR")
 #: Where IPython keeps its profile and history: in the worker's private /tmp.
@@ -189,6 +193,8 @@ class Isolation:
         self.disks = UserDisks(config.session_disk, self.session_root)
         #: Deletes the folders of ended leases, off the event loop.
         self.remover = FolderRemover()
+        #: What keeps this server to one user although workers are isolated (see refuse_sharing).
+        self.unfenced: str | None = None
         self._only_user: str | None = None
         self._tenants: set[Tenant] = set()
         self._parked: set[Tenant] = set()  # forgotten while parked: see forget()
@@ -219,12 +225,7 @@ class Isolation:
             pids = parse_pids(self.config.worker_pids, slots)
         except ValueError as exc:
             raise IsolationError(f"--worker-pids: {exc}") from None
-        if self.config.mode is not None:
-            self.mode = self.config.mode
-        elif self.config.no_isolation:
-            self.mode, self.reason = IsolationMode.NONE, "--no-isolation"
-        else:
-            self.mode = self._probe()
+        self.mode = self.choose_mode()
         wanted = [name for name, limit in (("memory", per_slot), ("pids", pids)) if limit is not None]
         self.cgroups = Cgroups.probe(wanted, pid=server_pid)
         self.memory = MemoryLimits.choose(per_slot, self.cgroups)
@@ -264,6 +265,22 @@ class Isolation:
         db, registry = self.db, self.config.uid_registry
         return (db.parent, *(db.with_name(db.name + s) for s in ("", "-wal", "-shm", "-journal", "-uids.json")),
                 self.session_root, registry, registry.with_name(registry.name + ".lock"), *self._server_files)
+
+    def choose_mode(self) -> IsolationMode:
+        """The mode :meth:`start` takes: the one given, none for --no-isolation,
+        else the strongest this host allows (:attr:`reason` says why not a stronger one)."""
+        if self.config.mode is not None:
+            return self.config.mode
+        if self.config.no_isolation:
+            self.reason = "--no-isolation"
+            return IsolationMode.NONE
+        return self._probe()
+
+    def refuse_sharing(self, problem: str) -> None:
+        """Serve one user only although workers are isolated, because something
+        they share does not keep users apart (``problem``: what, and what to do);
+        ``--no-isolation`` shares the server anyway, knowingly."""
+        self.unfenced = problem
 
     def _make_session_root(self) -> None:
         root = self.session_root
@@ -331,13 +348,17 @@ class Isolation:
 
     def admit(self, user: str) -> str | None:
         """None if ``user`` may use workers here, else the one-line reason not."""
-        if self.isolated or self.config.no_isolation:
+        if self.config.no_isolation or (self.isolated and self.unfenced is None):
             return None
         if self._only_user is None:
             self._only_user = user
-            log.warning("workers are NOT isolated: this server now serves %s only", user)
+            log.warning("users are NOT kept apart: this server now serves %s only", user)
         if user == self._only_user:
             return None
+        if self.isolated:
+            return (f"this server cannot keep users apart ({self.unfenced}), so it serves one user only "
+                    f"({self._only_user}); its admin can fix that, or start it with --no-isolation to "
+                    "share it knowingly")
         return (f"this server cannot isolate workers ({self.reason}), so it serves one user only "
                 f"({self._only_user}); its admin can start it with --no-isolation to share it "
                 "without isolation")
@@ -353,7 +374,10 @@ class Isolation:
                       "read the other users' code, data and output here.")
         else:
             detail = f"Nothing here can isolate them ({self.reason}), so this server serves one user only."
-        return {"isolated": self.isolated, "mode": self.mode.value, "run_as": self.config.run_as.value
+        if self.unfenced is not None and self.isolated:
+            detail += f" But this server cannot keep users apart ({self.unfenced}), so it serves one user only."
+        return {"isolated": self.isolated and self.unfenced is None, "mode": self.mode.value,
+                "run_as": self.config.run_as.value
                 if self.mode is IsolationMode.UIDS else None, "memory": self.memory.describe(),
                 "disk": self.disks.describe(), "processes": self.processes.describe(), "detail": detail}
 
@@ -468,7 +492,7 @@ class Isolation:
     def environment(self, extra: dict[str, str]) -> dict[str, str]:
         """A worker's environment: the allow-listed part of the server's, then ``extra``."""
         keep = ENV_KEEP + self.config.worker_env + (() if self.isolated else _ENV_KEEP_SAME_USER)
-        env = {k: v for k, v in os.environ.items() if _keep(k, keep)}
+        env = {k: v for k, v in os.environ.items() if _keep(k, keep) and not k.startswith(_ENV_NEVER)}
         env.setdefault("PATH", os.defpath)
         env.update(extra)
         return env

@@ -11,7 +11,8 @@ given (only its GPUs', see :mod:`.devices`). Two transports:
   (:mod:`.transfer`);
 * ``tcp`` (for a worker that a server on another host talks to, as a Ray
   node's host actor starts it): TCP sockets on ``ip``, every Jupyter
-  channel encrypted with CurveZMQ under a key pair made for this worker,
+  channel encrypted with CurveZMQ under a key pair made for this worker
+  (refused where jupyter_client or ipykernel is too old to, see :func:`curve_problem`),
   and the data channel opened with mutual TLS, with keys made for it on
   both ends, then sealed (:mod:`.notes`); pieces travel inside the data channel's notes.
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib.metadata
 import logging
 import os
 import secrets
@@ -41,6 +43,7 @@ from typing import Any
 import zmq
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
+from packaging.version import Version
 
 from . import death, ladder, transfer
 from .confinement import EnterSpec
@@ -52,9 +55,25 @@ from .notes import make_identity, pinned_context
 from .slots import cuda_visible_devices
 from .worker_output import WorkerOutput
 
-__all__ = ["LocalLauncher", "LocalWorker", "Spawned"]
+__all__ = ["CURVE_SINCE", "LocalLauncher", "LocalWorker", "Spawned", "curve_problem"]
 
 log = logging.getLogger("remote_gpu_server")
+
+#: The first releases that encrypt a kernel's channels with the CurveZMQ keys
+#: of its connection file; older ones ignore the keys and run in clear.
+CURVE_SINCE = {"jupyter_client": Version("8.9"), "ipykernel": Version("7.3")}
+
+
+def curve_problem(versions: dict[str, str] | None = None) -> str | None:
+    """Why the Jupyter channels of a ``tcp`` worker would cross the network in
+    clear with these releases (default: those installed), or None."""
+    if versions is None:
+        versions = {name: importlib.metadata.version(name) for name in CURVE_SINCE}
+    old = [f"{name} {versions[name]}" for name, since in CURVE_SINCE.items() if Version(versions[name]) < since]
+    if not old:
+        return None
+    return (f"{' and '.join(old)} would run a worker's Jupyter channels in clear across hosts: "
+            "they need jupyter_client 8.9 and ipykernel 7.3 or later (pip install -U jupyter_client ipykernel)")
 
 
 #: The worker's command line, before its isolation wraps it.
@@ -300,6 +319,9 @@ class LocalLauncher:
                  ip: str = "127.0.0.1") -> None:
         if transport not in ("ipc", "tcp"):
             raise ValueError(f"transport must be ipc or tcp, not {transport!r}")
+        problem = curve_problem() if transport == "tcp" else None
+        if problem is not None:
+            raise RuntimeError(problem)
         self.isolation = isolation or Isolation.unconfined()
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="rgpu-"))  # mode 0700
         self.transport = transport

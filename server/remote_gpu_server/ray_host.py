@@ -8,7 +8,9 @@ pinned by the ``CUDA_VISIBLE_DEVICES`` that Ray assigned, its Jupyter
 channels encrypted by CurveZMQ keys made for this worker and its data
 channel over mutual TLS; it returns what the head needs to connect. The head polls, signals and kills the worker
 through the actor. The actor holds the worker's GPUs in Ray's accounting
-for as long as it lives, so Ray never gives them to anyone else.
+for as long as it lives, so Ray never gives them to anyone else. Where the
+head isolates workers and this node cannot, it starts none (the head
+leaves such a node out: see :mod:`.ray_fence`).
 
 This module imports Ray only inside the methods that need it: a node needs
 the package and Ray, nothing else.
@@ -25,10 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from .confinement import EnterSpec
+from .errors import IsolationError
 from .identities import Identity
-from .isolation import Isolation, IsolationConfig, Tenant
+from .isolation import Isolation, IsolationConfig, IsolationMode, Tenant
 from .launcher import WorkerSpec
 from .local_launcher import LocalLauncher, Spawned
+from .ray_fence import NodeReport, token_exposure, token_files
 
 __all__ = ["NodeAgent", "WorkerHost", "node_data_dir"]
 
@@ -42,16 +46,21 @@ class WorkerHost:
         self._name = ""
 
     async def start(self, spec: WorkerSpec, isolation: IsolationConfig, node_slots: int,
-                    server_cert: bytes) -> dict[str, Any]:
+                    server_cert: bytes, isolate: bool = False) -> dict[str, Any]:
         """Start the worker, isolated on this node as the head's ``isolation`` says
         (``node_slots``: the GPUs this node offers, for memory shares; ``server_cert``:
-        the head's data-channel certificate, the only one the worker accepts);
-        returns its connection info, data channel and where it runs."""
+        the head's data-channel certificate, the only one the worker accepts;
+        ``isolate``: the head isolates workers, so one this node cannot isolate
+        is refused with IsolationError); returns its connection info, data
+        channel and where it runs."""
         import ray
 
         ip = ray.util.get_node_ip_address()
-        confined = Isolation(isolation, node_data_dir() / "node")
+        # Ray's token stays Ray's: a sandbox hides its file like the server's own.
+        confined = Isolation(isolation, node_data_dir() / "node", token_files())
         confined.start(node_slots)
+        if isolate and not confined.isolated:
+            raise IsolationError(f"node {socket.gethostname()} cannot isolate workers ({confined.reason})")
         self._launcher = LocalLauncher(confined, transport="tcp", ip=ip)
         self._name = spec.name
         cuda = os.environ.get("CUDA_VISIBLE_DEVICES", "")  # as Ray assigned them
@@ -113,16 +122,29 @@ class WorkerHost:
         await self.terminate(0.0)
 
 
-
 class NodeAgent:
     """The body of one small actor per node (no CPU, no GPU of its own): it
-    reads the node's GPUs (NVML) or its workers' processes for the head, and
-    removes a lease's session folder when the lease ends."""
+    reports how the node isolates workers, reads the node's GPUs (NVML) or
+    its workers' processes for the head, and removes a lease's session
+    folder when the lease ends."""
 
     def __init__(self) -> None:
         from .readings import NodeReader
 
         self._reader = NodeReader()
+
+    def report(self, config: IsolationConfig) -> NodeReport:
+        """How this node would isolate workers for a head isolating as ``config``
+        says, and whether those workers could read Ray's token (see :mod:`.ray_fence`)."""
+        from ray._private.authentication.authentication_utils import is_token_auth_enabled
+
+        isolation = Isolation(config, node_data_dir() / "node")
+        mode = isolation.choose_mode()
+        exposed = None
+        if mode is IsolationMode.UIDS:  # other uids meet the file's permissions (a sandbox hides it)
+            exposed = next(filter(None, map(token_exposure, token_files())), None)
+        return NodeReport(mode.value, isolation.reason, os.geteuid(),
+                          is_token_auth_enabled(), exposed)
 
     def read(self, requests: list[tuple[str, int, list[int]]], shares: int) -> dict[str, Any]:
         return self._reader.read(requests, shares)

@@ -1,12 +1,14 @@
 """Workers on the nodes of a Ray cluster: the server is the cluster's head.
 
 ``rgpu serve --ray ADDRESS`` joins a running cluster as a Ray driver
-(``ray.init(address=...)``, never Ray Client). :class:`RayCluster` reads
-the GPUs that Ray reports on every alive node into the server's
-:class:`~.slots.SlotInventory` (a node's ``pool:NAME`` resource puts its
-GPUs in our pool ``NAME``), and watches the nodes: a node that dies takes
-its slots out of the pool until it is back; a node that joins adds its
-GPUs.
+(``ray.init(address=...)``, never Ray Client), having first asked whether
+the cluster requires Ray's token authentication (see :mod:`.ray_fence`).
+:class:`RayCluster` reads the GPUs that Ray reports on every alive node
+into the server's :class:`~.slots.SlotInventory` (a node's ``pool:NAME``
+resource puts its GPUs in our pool ``NAME``) once the node has reported
+how it isolates workers, and leaves out a node that cannot isolate them
+as the head does; it watches the nodes: a node that dies takes its slots
+out of the pool until it is back; a node that joins adds its GPUs.
 
 :class:`RayLauncher` starts each worker as a Ray actor
 (:class:`~.ray_host.WorkerHost`) with ``num_gpus`` equal to its lease,
@@ -33,6 +35,7 @@ from .datachannel import DataChannel
 from .notes import make_identity, pinned_context
 from .isolation import Isolation, IsolationConfig, Tenant
 from .launcher import WorkerSpec
+from .ray_fence import AUTH_MODE_VAR, ClusterAuth, NodeReport, NodeReports, probe_cluster, uses_token
 from .slots import Slot, SlotInventory
 from .transfer import Inline
 
@@ -48,6 +51,10 @@ UNAVAILABLE_GRACE = 20.0
 WATCH_PERIOD = 1.0
 #: How long one look at the cluster's nodes may take.
 NODES_TIMEOUT = 5.0
+#: How long a node may take to say how it isolates workers (its agent's start included).
+REPORT_TIMEOUT = 60.0
+#: How many more times a GCS that did not answer the token probe is asked once joined.
+PROBE_TRIES = 2
 #: The Ray resource prefix that names a node's pool: ``--resources '{"pool:batch": 2}'``.
 POOL_RESOURCE = "pool:"
 
@@ -56,10 +63,14 @@ def _short(node_id: str) -> str:
     return node_id[:8]
 
 
+def _gpus(node: dict[str, Any]) -> int:
+    return int((node.get("Resources") or {}).get("GPU", 0))
+
+
 def node_slots(node: dict[str, Any], label: str) -> list[Slot]:
     """The slots of one node as ``ray.nodes()`` describes it (one per GPU it reports)."""
     resources = node.get("Resources") or {}
-    gpus = int(resources.get("GPU", 0))
+    gpus = _gpus(node)
     pools = [name[len(POOL_RESOURCE):] for name in resources if name.startswith(POOL_RESOURCE)]
     node_id = str(node["NodeID"])
     return [Slot(SlotId(f"{_short(node_id)}/gpu{i}"), "gpu", i, f"GPU {i} of {label}", node=node_id,
@@ -68,20 +79,39 @@ def node_slots(node: dict[str, Any], label: str) -> list[Slot]:
 
 
 class RayCluster:
-    """The server's hold on a Ray cluster: call :meth:`connect`, then :meth:`watch`."""
+    """The server's hold on a Ray cluster: call :meth:`connect`, then :meth:`watch`.
 
-    def __init__(self, address: str, namespace: str = "remote-gpu") -> None:
+    ``isolation`` is how the head isolates workers, which each node is asked
+    about; with ``isolate`` (the head isolates them) a node that cannot is
+    left out.
+    """
+
+    def __init__(self, address: str, namespace: str = "remote-gpu", *,
+                 isolation: IsolationConfig | None = None, isolate: bool = False) -> None:
         self.address = address
         self.namespace = namespace
+        self.isolation = isolation or IsolationConfig()
+        #: How each node isolates workers, and which the head uses.
+        self.reports = NodeReports(isolate)
         #: A node's name as shown to people: its name in Ray, with its id where two share one.
         self.labels: dict[str, str] = {}
+        #: Whether the cluster refuses callers without its token (set by :meth:`connect`).
+        self.auth = ClusterAuth(False, "not joined yet")
         self._inventory: SlotInventory | None = None
         self._agents: dict[str, Any] = {}
+        self._asking: dict[str, asyncio.Task[None]] = {}
+
+    @property
+    def unfenced(self) -> str | None:
+        """Why this cluster does not keep users apart (it lets callers in without
+        the token), or None."""
+        return self.auth.problem
 
     async def connect(self) -> None:
         """Join the cluster as a driver; raises RuntimeError saying why it could not."""
         try:
             import ray
+            from ray._private.services import canonicalize_bootstrap_address_or_die
         except ImportError:
             raise RuntimeError("--ray needs Ray: pip install 'remote-gpu-kernel[ray]'") from None
 
@@ -90,10 +120,24 @@ class RayCluster:
                      configure_logging=False, include_dashboard=False)
 
         try:
+            gcs = await asyncio.to_thread(canonicalize_bootstrap_address_or_die, self.address)
+            auth, token = await asyncio.gather(probe_cluster(gcs), asyncio.to_thread(uses_token, self.address))
+        except Exception as exc:
+            raise RuntimeError(f"cannot join the Ray cluster at {self.address}: {exc}") from exc
+        if auth.required and not token:  # ray.init would try for a while, then fail
+            raise RuntimeError(f"the Ray cluster at {gcs} requires Ray's token authentication: start rgpu serve "
+                               f"with {AUTH_MODE_VAR}=token and the cluster's token in ~/.ray/auth_token (or in "
+                               "the file RAY_AUTH_TOKEN_PATH names, or in RAY_AUTH_TOKEN)")
+        try:
             await asyncio.to_thread(init)
         except Exception as exc:
             raise RuntimeError(f"cannot join the Ray cluster at {self.address}: {exc}") from exc
         log.info("joined the Ray cluster at %s as its head", self.address)
+        if not auth.answered:  # it answers ray.init: ask again
+            auth = await probe_cluster(gcs, tries=PROBE_TRIES)
+        self.auth = auth
+        if self.unfenced is not None:
+            log.warning("%s", self.unfenced)
 
     async def nodes(self) -> list[dict[str, Any]]:
         import ray
@@ -145,9 +189,52 @@ class RayCluster:
         return self.labels.get(node_id, _short(node_id))
 
     async def slots(self) -> list[Slot]:
-        """The GPUs of every alive node now."""
-        return [slot for node in await self.nodes() if node.get("Alive")
+        """The GPUs of every alive node now that the head may use (new nodes are asked first)."""
+        nodes = [node for node in await self.nodes() if node.get("Alive")]
+        await asyncio.gather(*(self._ask(node) for node in nodes if self._unasked(node)))
+        return [slot for node in nodes if self.reports.uses(str(node["NodeID"]))
                 for slot in node_slots(node, self.label(str(node["NodeID"])))]
+
+    def _unasked(self, node: dict[str, Any]) -> bool:
+        node_id = str(node["NodeID"])
+        return bool(_gpus(node)) and node_id not in self.reports and node_id not in self._asking
+
+    async def _ask(self, node: dict[str, Any], inventory: SlotInventory | None = None) -> None:
+        """Ask the node how it isolates workers; where the head may use it, its
+        GPUs join ``inventory`` (if given). A node that does not answer is
+        asked again at the next look."""
+        node_id = str(node["NodeID"])
+        label = self.label(node_id)
+        try:
+            # The first call waits for the agent's process to start: on a busy node, a while.
+            report: NodeReport = await asyncio.wait_for(self.agent(node_id).report.remote(self.isolation),
+                                                        REPORT_TIMEOUT)
+        except TimeoutError:
+            log.info("node %s did not say in %.0f s how it isolates workers; asking again", label, REPORT_TIMEOUT)
+            return
+        except Exception as exc:
+            log.info("node %s did not say how it isolates workers: %s", label, _first_line(exc))
+            self.forget_agent(node_id)
+            return
+        refused = self.reports.add(node_id, report)
+        if refused is not None:
+            log.error("node %s is left out, its GPUs are not leased: %s", label, refused)
+        elif inventory is not None:
+            new = inventory.add(node_slots(node, label))
+            if new:
+                log.info("node %s joined with %d GPU(s)", label, len(new))
+
+    def _ask_later(self, node: dict[str, Any], inventory: SlotInventory) -> None:
+        node_id = str(node["NodeID"])
+        task = asyncio.get_running_loop().create_task(self._ask(node, inventory))
+        self._asking[node_id] = task
+        task.add_done_callback(lambda _: self._asking.pop(node_id, None))
+
+    def status_json(self) -> dict[str, Any]:
+        """The ``ray`` part of ``/api/status``'s ``isolation``: whether the cluster
+        requires Ray's token, and how each node isolates workers."""
+        return {"token_auth": self.auth.required, "problem": self.auth.problem,
+                "nodes": self.reports.as_json(self.label)}
 
     async def watch(self, inventory: SlotInventory, period: float = WATCH_PERIOD) -> None:
         """Keep ``inventory`` in step with the cluster: nodes that die, come back or join."""
@@ -170,6 +257,10 @@ class RayCluster:
                 continue
             node_id = str(node["NodeID"])
             alive.add(node_id)
+            if self._unasked(node):
+                self._ask_later(node, inventory)  # its GPUs join once it has reported
+            if not self.reports.uses(node_id):
+                continue
             new = inventory.add(node_slots(node, self.label(node_id)))
             if new:
                 log.info("node %s joined with %d GPU(s)", self.label(node_id), len(new))
@@ -180,10 +271,13 @@ class RayCluster:
             if not inventory.is_down(node_id):
                 log.error("node %s is gone: its GPUs leave the pool until it is back", self.label(node_id))
                 inventory.node_down(node_id)
+        self.reports.keep(alive | {slot.node for slot in inventory})  # not a node left out that went away
 
     async def close(self) -> None:
         import ray
 
+        for task in list(self._asking.values()):
+            task.cancel()
         await asyncio.to_thread(ray.shutdown)
 
 
@@ -386,9 +480,10 @@ class RayLauncher:
         )
         actor = host.remote()
         config = self.isolation.config if self.isolation is not None else IsolationConfig()
+        isolate = self.isolation is not None and self.isolation.isolated
         try:
             info = await asyncio.wait_for(actor.start.remote(spec, config, self.cluster.gpus_on(node_id),
-                                                             self._client[1]), spec.startup_timeout)
+                                                             self._client[1], isolate), spec.startup_timeout)
         except BaseException:
             ray.kill(actor, no_restart=True)
             raise

@@ -8,8 +8,11 @@ Ray's counts only (there is no GPU here), which is what placement needs.
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import urllib.request
 import time
@@ -22,6 +25,9 @@ import pytest
 from remote_gpu_kernel import Client
 from remote_gpu_kernel.api import ApiClient
 from servers import ServerProcess
+from test_isolation import run
+from unprivileged import launcher
+from waiting import wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -187,3 +193,97 @@ def test_the_stop_ladder_runs_on_the_workers_node(ray_server: ServerProcess) -> 
             assert time.monotonic() < deadline, f"processes {pids} outlived the ladder on their node"
             time.sleep(0.1)
         assert session.execute("print('fresh')", on_output=lambda _: None).stdout == "fresh\n"
+
+
+HOSTILE = """
+import glob, os, subprocess, sys
+os.environ["RAY_NUM_REDIS_GET_RETRIES"] = "1"  # one try: more would only be refused again
+print("env:", sorted(k for k in os.environ if k.startswith("RAY_AUTH")))
+for path in ({token_path!r}, os.path.expanduser("~/.ray/auth_token"), "/root/.ray/auth_token"):
+    try:
+        print("READ", open(path).read())
+    except OSError as exc:
+        print("cannot read:", type(exc).__name__)
+shown = []
+for path in glob.glob("/proc/[0-9]*/environ") + glob.glob("/proc/[0-9]*/cmdline"):
+    try:
+        if b"RAY_AUTH" in open(path, "rb").read():
+            shown.append(path)
+    except OSError:
+        pass
+print("processes showing Ray's token or its file:", shown)
+from ray._raylet import GcsClient
+try:
+    GcsClient(address={gcs!r})
+    print("THE GCS LET ME IN")
+except Exception as exc:
+    print("GCS:", type(exc).__name__)
+import ray
+try:
+    ray.init(address={gcs!r}, log_to_driver=False)
+    print("JOINED THE CLUSTER")
+except Exception as exc:
+    print("ray.init:", type(exc).__name__)
+guess = subprocess.run([sys.executable, "-c", "from ray._raylet import GcsClient; GcsClient(address={gcs!r})"],
+                       env=dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64),
+                       capture_output=True, text=True)
+print("with a guessed token:", guess.returncode, "AuthenticationError" in guess.stderr)
+"""
+
+
+def test_a_cell_on_a_node_can_neither_use_the_cluster_nor_read_its_token(ray_server: ServerProcess,
+                                                                          ray_cluster: Any) -> None:
+    """Ray's token authentication is the cluster's fence: a cell that knows the GCS's
+    address is refused without the token, and no file, environment or process shows it."""
+    with Client(ray_server.url, ray_server.token("victor")).session() as victor, \
+            Client(ray_server.url, ray_server.token("mallory")).session() as mallory:
+        run(victor, "kept = 'victor-4711'")
+        out = run(mallory, HOSTILE.format(token_path=str(ray_cluster.token_path), gcs=ray_cluster.address))
+        assert ray_cluster.token not in out
+        lines = out.splitlines()
+        # The token's file is in a folder anyone may enter: its mode (0600) is the fence.
+        assert lines[:3] == ["env: []", "cannot read: PermissionError", "cannot read: FileNotFoundError"], out
+        assert lines[3] in ("cannot read: PermissionError", "cannot read: FileNotFoundError"), out
+        assert "processes showing Ray's token or its file: []" in lines, out
+        assert "GCS: AuthenticationError" in lines and "THE GCS LET ME IN" not in out, out
+        assert "JOINED THE CLUSTER" not in out and any(line.startswith("ray.init: ") for line in lines), out
+        assert lines[-1] == "with a guessed token: 1 True", out
+        assert run(victor, "print(kept)") == "victor-4711\n"
+    isolation = ApiClient(ray_server.url, ray_server.token("victor")).status()["isolation"]
+    assert isolation["isolated"] is True and isolation["ray"]["token_auth"] is True
+    assert {(n["mode"], n["used"]) for n in isolation["ray"]["nodes"]} == {("uids", True)}
+
+
+def test_a_node_that_cannot_isolate_workers_is_left_out_and_the_status_says_why(
+        ray_server: ServerProcess, ray_cluster: Any) -> None:
+    """Its Ray runs as a uid that is not root, with no bubblewrap on its PATH: every user
+    would run there as that uid, so the head (which isolates) leases none of its GPUs."""
+    uid = 1_899_990_000 + secrets.randbelow(9_000)  # no account, unique to this run
+    folder = Path(tempfile.mkdtemp(prefix="rgpu-n-"))  # short: Ray's socket paths are limited
+    api = ApiClient(ray_server.url, ray_server.token("alice"))
+    try:
+        with ray_cluster.node_as(launcher(str(folder), uid), folder, gpus=1) as node_id:
+            left_out = wait_for(lambda: [n for n in api.status()["isolation"]["ray"]["nodes"] if not n["used"]],
+                                120, "the head to hear how the node isolates workers", every=0.5)
+            assert len(left_out) == 1 and left_out[0]["mode"] == "none" and left_out[0]["uid"] == uid
+            assert f"every user's code would run there as uid {uid}" in left_out[0]["problem"]
+            assert "bubblewrap" in left_out[0]["problem"]
+            status = api.status()
+            assert left_out[0]["node"] not in {s["node"] for s in status["slots"]}
+            assert not [s for s in status["slots"] if s["id"].startswith(node_id[:8])]
+            assert len(status["slots"]) == 2 * len(ray_cluster.nodes)  # only the nodes that isolate
+            assert status["isolation"]["isolated"] is True
+            ray_server.wait_for_log("is left out, its GPUs are not leased: it cannot isolate workers")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_head_without_the_clusters_token_does_not_start_and_says_what_to_do(
+        ray_cluster: Any, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "remote_gpu_kernel.cli", "serve", "--port", "0", "--db", str(tmp_path / "db"),
+         "--ray", ray_cluster.address], env=dict(os.environ, RAY_AUTH_MODE="disabled"),
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert f"rgpu serve: the Ray cluster at {ray_cluster.address} requires Ray's token authentication: start " \
+           "rgpu serve with RAY_AUTH_MODE=token" in done.stderr, done.stderr

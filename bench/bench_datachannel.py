@@ -35,12 +35,13 @@ from typing import Any
 
 import numpy as np
 
-from remote_gpu_kernel.protocol import dump_values
-from remote_gpu_kernel.typing import SlotId
-from remote_gpu_server.local_launcher import LocalLauncher
-from remote_gpu_server.notes import make_identity, open_stream, pinned_context
-from remote_gpu_server.slots import Slot
-from remote_gpu_server.worker import Worker
+from remote_gpu_core.protocol import dump_values
+from remote_gpu_core.ids import SlotId
+from remote_gpu_server.workers.local_launcher import LocalLauncher
+from remote_gpu_server.worker_process.sealed import open_stream, pinned_context
+from remote_gpu_server.workers.carriers import make_identity
+from remote_gpu_server.gpus.slots import Slot
+from remote_gpu_server.workers.worker import Worker
 
 from reporting import finish, parse_args
 

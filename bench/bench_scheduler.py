@@ -35,13 +35,9 @@ from reporting import finish, parse_args
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "server"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from remote_gpu_kernel.typing import SlotId  # noqa: E402
-from remote_gpu_server.scheduler import (  # noqa: E402
-    PRIORITIES,
-    Grant,
-    LeaseRequestEntry,
-    Scheduler,
-    SchedulerConfig,
+from remote_gpu_core.ids import SlotId
+from remote_gpu_server.scheduling.scheduler import (
+    PRIORITIES, Grant, LeaseRequestEntry, Scheduler, SchedulerConfig
 )
 
 HOUR = 3600.0

@@ -40,10 +40,10 @@ from rounds import interleaved
 from warm_server import WarmServer
 
 from postgres import PostgresCluster, unavailable  # noqa: E402  (tests/, put on the path by warm_server)
-from remote_gpu_kernel.sync import Session  # noqa: E402
-from remote_gpu_kernel.typing import JobId, SessionId  # noqa: E402
-from remote_gpu_server.journal import Journal  # noqa: E402
-from remote_gpu_server.store import OutputRow, Store  # noqa: E402
+from remote_gpu_kernel.sync import Session
+from remote_gpu_core.ids import JobId, SessionId
+from remote_gpu_server.store.journal import Journal
+from remote_gpu_server.store import OutputRow, Store
 
 PER_SESSION = 10
 USERS = 20

@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from servers import ServerProcess  # noqa: E402
 
-from remote_gpu_kernel import Client  # noqa: E402
-from remote_gpu_kernel.api import ApiClient  # noqa: E402
+from remote_gpu_kernel import Client
+from remote_gpu_kernel.api import ApiClient
 
 __all__ = ["WarmServer"]
 

@@ -10,10 +10,10 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from .client import AsyncClient, AsyncSession, ExecuteResult  # noqa: E402
-from .errors import *  # noqa: E402,F403
-from .errors import __all__ as _errors_all  # noqa: E402
-from .sync import Client, Session  # noqa: E402
+from .client import AsyncClient, AsyncSession, ExecuteResult
+from remote_gpu_core.errors import *
+from remote_gpu_core.errors import __all__ as _errors_all
+from .sync import Client, Session
 
 __all__ = [
     "AsyncClient",

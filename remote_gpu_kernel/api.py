@@ -28,9 +28,9 @@ import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
-from . import tls
-from .config import ClientConfig
-from .errors import AuthenticationError, ServerError
+from remote_gpu_core import tls
+from remote_gpu_core.login import ClientConfig
+from remote_gpu_core.errors import AuthenticationError, ServerError
 
 __all__ = ["ApiClient", "ApiError", "http_url"]
 

@@ -21,7 +21,8 @@ from pathlib import Path, PureWindowsPath
 from typing import Any
 
 from .api import ApiClient, ApiError
-from .errors import AuthenticationError, TlsError
+from remote_gpu_core.errors import AuthenticationError, TlsError
+from remote_gpu_core.sizes import format_size
 
 __all__ = ["add_job_commands", "add_tls_arguments"]
 
@@ -57,14 +58,7 @@ def _duration(seconds: float | None) -> str:
 
 
 def _bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024:
-            return f"{size:.0f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
+    return "-" if n is None else format_size(n)
 
 
 def _cost(value: float | None) -> str:

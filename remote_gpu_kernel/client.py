@@ -28,28 +28,19 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from . import __version__, tls
-from .config import ClientConfig
-from .errors import (
-    AuthenticationError,
-    ConnectionLost,
-    FileTransferError,
-    LeaseError,
-    ParkError,
-    ProtocolError,
-    RemoteError,
-    RemoteGpuError,
-    RemoteTimeout,
-    ServerError,
-    SessionReleased,
-    VersionMismatch,
-    WorkerDied,
+from . import __version__
+from remote_gpu_core import tls
+from remote_gpu_core.login import ClientConfig
+from remote_gpu_core.errors import (
+    AuthenticationError, ConnectionLost, FileTransferError, LeaseError, ParkError, ProtocolError,
+    RemoteError, RemoteGpuError, RemoteTimeout, ServerError, SessionReleased, VersionMismatch, WorkerDied
 )
 from . import files as _files
-from .protocol import CHUNK_SIZE, PROTOCOL_VERSION, Reader, dump_values, encode, load_values
-from .protocol import messages as m
-from .protocol.limits import refusal
-from .protocol.serialization import allocate_buffer
+from remote_gpu_core.protocol import CHUNK_SIZE, PROTOCOL_VERSION, Reader, dump_values, encode, load_values
+from remote_gpu_core.protocol import messages as m
+from remote_gpu_core.protocol.limits import refusal
+from remote_gpu_core.protocol.serialization import allocate_buffer
+from remote_gpu_core.sizes import format_size
 
 __all__ = ["AsyncClient", "AsyncSession", "ExecuteResult", "parent_of", "write_streams"]
 
@@ -254,11 +245,11 @@ class AsyncClient:
     """Where the server is and who we are; opens sessions.
 
     ``url`` and ``token`` default to ``RGPU_URL`` / ``RGPU_TOKEN``, then to
-    the client config file (see :mod:`remote_gpu_kernel.config`). A
+    the client config file (see :mod:`remote_gpu_core.login`). A
     ``wss://`` server's certificate is verified against the system's CAs and
     ``cafile`` (default ``RGPU_CA``); the token is never sent over plain
     ``ws://`` to a host other than loopback unless ``insecure`` (default
-    ``RGPU_INSECURE``), see :mod:`remote_gpu_kernel.tls`.
+    ``RGPU_INSECURE``), see :mod:`remote_gpu_core.tls`.
     """
 
     def __init__(self, url: str | None = None, token: str | None = None, *,
@@ -646,8 +637,8 @@ class AsyncSession:
         total = sum(f.size for f in files)
         if self.max_upload and total > self.max_upload:
             raise FileTransferError(
-                f"the upload of {_files.format_size(total)} is over the GPU server's limit of "
-                f"{_files.format_size(self.max_upload)} per upload; nothing was sent")
+                f"the upload of {format_size(total)} is over the GPU server's limit of "
+                f"{format_size(self.max_upload)} per upload; nothing was sent")
         buffers = _files.read_files(files)
         try:
             async with self._exchange(lambda r: m.Upload(r, [f.remote for f in files], tuple(buffers)),

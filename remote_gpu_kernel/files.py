@@ -23,23 +23,13 @@ import os
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .errors import FileTransferError
+from remote_gpu_core.errors import FileTransferError
 
-__all__ = ["LocalFile", "SKIPPED_FOLDERS", "format_size", "plan_upload", "read_files", "remote_name",
+__all__ = ["LocalFile", "SKIPPED_FOLDERS", "plan_upload", "read_files", "remote_name",
            "write_files"]
 
 #: Folders left out of a folder's upload (see the module docstring).
 SKIPPED_FOLDERS = frozenset({".ipynb_checkpoints"})
-
-
-def format_size(n: int) -> str:
-    """``1.5 MiB`` for 1572864; ``12 bytes`` for 12."""
-    size = float(n)
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{int(size)} bytes" if unit == "bytes" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"  # pragma: no cover
 
 
 @dataclasses.dataclass(frozen=True)

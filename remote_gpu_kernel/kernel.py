@@ -38,15 +38,14 @@ from ipykernel.kernelbase import Kernel
 
 from . import __version__, notices
 from .client import AsyncSession
-from .errors import ConnectionLost, RemoteGpuError
+from remote_gpu_core.errors import ConnectionLost, RemoteGpuError
 from .kernel_cells import Cell, CellKind, CellSyntaxError, GpuCommand, parse_cell
-from .iostreams import skip_empty_flushes
-from .kernel_app import CommsBesideCells, MainLoopKernelApp, MainLoopShell
+from remote_gpu_core.ipykernel_app import CommsBesideCells, MainLoopKernelApp, MainLoopShell, skip_empty_flushes
 from .kernel_history import History
 from .kernel_local import LocalNamespace
 from .kernel_output import AfterIdle, CellOutput, Parents, gone_state
 from .kernel_remote import RemoteLease
-from .protocol import messages as m
+from remote_gpu_core.protocol import messages as m
 
 __all__ = ["LOCAL_LANGUAGE_INFO", "RemoteGpuKernel", "RemoteGpuKernelApp", "main"]
 
@@ -513,7 +512,7 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):  # type: ignore[
 
 class RemoteGpuKernelApp(MainLoopKernelApp):  # type: ignore[misc]
     """The Remote GPU kernel's application: no shell-channel thread (see
-    :class:`~remote_gpu_kernel.kernel_app.MainLoopKernelApp`)."""
+    :class:`~remote_gpu_core.ipykernel_app.MainLoopKernelApp`)."""
 
 
 def parse_cell_is_local(code: str) -> bool:

@@ -16,7 +16,7 @@ import collections
 from typing import TYPE_CHECKING, Any
 
 from . import notices
-from .protocol import messages as m
+from remote_gpu_core.protocol import messages as m
 
 if TYPE_CHECKING:
     from .client import AsyncSession

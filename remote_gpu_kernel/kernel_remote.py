@@ -20,9 +20,9 @@ from typing import Any, Protocol
 from collections.abc import Callable
 
 from .client import AsyncClient, AsyncSession
-from .config import notebook_path
-from .errors import AuthenticationError
-from .protocol.messages import Output
+from remote_gpu_core.login import notebook_path
+from remote_gpu_core.errors import AuthenticationError
+from remote_gpu_core.protocol.messages import Output
 
 __all__ = ["LeaseReporter", "RemoteLease"]
 

@@ -21,9 +21,10 @@ from typing import Any
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from . import notices, tls
-from .config import notebook_path
-from .errors import ConnectionLost, SessionReleased
+from . import notices
+from remote_gpu_core import tls
+from remote_gpu_core.login import notebook_path
+from remote_gpu_core.errors import ConnectionLost, SessionReleased
 from .magic_comms import CommBridge
 from .rendering import render_output
 from .sync import Client, Session

@@ -30,8 +30,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from .errors import RemoteGpuError
-from .protocol.messages import Output
+from remote_gpu_core.errors import RemoteGpuError
+from remote_gpu_core.protocol.messages import Output
 
 __all__ = ["COMM_MESSAGES", "CommBridge"]
 

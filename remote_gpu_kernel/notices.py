@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .files import format_size
+from remote_gpu_core.sizes import format_size
 
 __all__ = [
     "PREFIX",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from .protocol.messages import Output
+from remote_gpu_core.protocol.messages import Output
 
 __all__ = ["render_output"]
 

@@ -17,18 +17,11 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from .client import (
-    AsyncClient,
-    AsyncSession,
-    ExecuteResult,
-    NoticeCallback,
-    OutputCallback,
-    ProgressCallback,
-    QueueCallback,
-    _notify,
-    write_streams,
+    AsyncClient, AsyncSession, ExecuteResult, NoticeCallback, OutputCallback, ProgressCallback,
+    QueueCallback, _notify, write_streams
 )
-from .config import ClientConfig
-from .protocol import messages as m
+from remote_gpu_core.login import ClientConfig
+from remote_gpu_core.protocol import messages as m
 
 __all__ = ["Client", "Session"]
 

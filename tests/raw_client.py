@@ -2,7 +2,7 @@
 
 :class:`RawClient` opens a websocket to a :class:`~servers.ServerProcess`,
 sends messages or raw frames, and reads answers with a protocol
-:class:`~remote_gpu_kernel.protocol.Reader`. :func:`stalled_socket` makes a
+:class:`~remote_gpu_core.protocol.Reader`. :func:`stalled_socket` makes a
 TCP socket whose receive buffer is tiny, for a client that stops reading;
 :func:`half_frame_socket` a websocket that starts a frame and is left to
 send it piece by piece, or never.
@@ -21,8 +21,8 @@ from urllib.parse import urlsplit
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from remote_gpu_kernel.protocol import PROTOCOL_VERSION, Reader, encode
-from remote_gpu_kernel.protocol import messages as m
+from remote_gpu_core.protocol import PROTOCOL_VERSION, Reader, encode
+from remote_gpu_core.protocol import messages as m
 
 __all__ = ["RawClient", "half_frame_socket", "server_backlog", "stalled_socket"]
 

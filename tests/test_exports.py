@@ -3,98 +3,31 @@
 from __future__ import annotations
 
 import importlib
+import pkgutil
 
 import pytest
 
-MODULES = [
-    "remote_gpu_kernel",
-    "remote_gpu_kernel.errors",
-    "remote_gpu_kernel.typing",
-    "remote_gpu_kernel.protocol",
-    "remote_gpu_kernel.protocol.messages",
-    "remote_gpu_kernel.protocol.framing",
-    "remote_gpu_kernel.protocol.serialization",
-    "remote_gpu_kernel.protocol.limits",
-    "remote_gpu_kernel.client",
-    "remote_gpu_kernel.sync",
-    "remote_gpu_kernel.config",
-    "remote_gpu_kernel.iostreams",
-    "remote_gpu_kernel.tls",
-    "remote_gpu_kernel.files",
-    "remote_gpu_kernel.cli_up",
-    "remote_gpu_kernel.notices",
-    "remote_gpu_kernel.magic_comms",
-    "remote_gpu_kernel.kernel_app",
-    "remote_gpu_kernel.kernel_output",
-    "remote_gpu_server.app",
-    "remote_gpu_server.errors",
-    "remote_gpu_server.scheduler",
-    "remote_gpu_server.leases",
-    "remote_gpu_server.store",
-    "remote_gpu_server.store.base",
-    "remote_gpu_server.store.database",
-    "remote_gpu_server.store.records",
-    "remote_gpu_server.store.schema",
-    "remote_gpu_server.store.postgres",
-    "remote_gpu_server.retention",
-    "remote_gpu_server.broker",
-    "remote_gpu_server.sessions",
-    "remote_gpu_server.journal",
-    "remote_gpu_server.frontdoor",
-    "remote_gpu_server.status",
-    "remote_gpu_server.session",
-    "remote_gpu_server.connection",
-    "remote_gpu_server.datachannel",
-    "remote_gpu_server.launcher",
-    "remote_gpu_server.local_launcher",
-    "remote_gpu_server.slots",
-    "remote_gpu_server.queues",
-    "remote_gpu_server.notes",
-    "remote_gpu_server.ray_launcher",
-    "remote_gpu_server.ray_host",
-    "remote_gpu_server.pool",
-    "remote_gpu_server.worker",
-    "remote_gpu_server.transfer",
-    "remote_gpu_server.gpus",
-    "remote_gpu_server.devices",
-    "remote_gpu_server.owners",
-    "remote_gpu_server.gpu_fence",
-    "remote_gpu_server.history",
-    "remote_gpu_server.status",
-    "remote_gpu_server.tls",
-    "remote_gpu_server.origins",
-    "remote_gpu_server.isolation",
-    "remote_gpu_server.identities",
-    "remote_gpu_server.memory_limits",
-    "remote_gpu_server.cgroups",
-    "remote_gpu_server.process_limits",
-    "remote_gpu_server.sandbox",
-    "remote_gpu_server.confinement",
-    "remote_gpu_server.worker_output",
-    "remote_gpu_server.limits",
-    "remote_gpu_server.connection_memory",
-    "remote_gpu_server.http_headers",
-    "remote_gpu_server.ladder",
-    "remote_gpu_server.drain",
-    "remote_gpu_server.death",
-    "remote_gpu_server.xid",
-    "remote_gpu_server.stopping",
-    "remote_gpu_server.worker_errors",
-    "remote_gpu_server.parked_namespace",
-    "remote_gpu_server.parking",
-    "remote_gpu_server.parking_state",
-    "remote_gpu_server.store.parked",
-    "remote_gpu_server.comms",
-    "remote_gpu_server.session_files",
-    "remote_gpu_server.worker_files",
-]
+PACKAGES = ["remote_gpu_core", "remote_gpu_kernel", "remote_gpu_server", "remote_gpu_lab"]
+
+
+def _modules() -> list[str]:
+    """Every module of every package (a package's ``__init__`` included)."""
+    found = []
+    for top in PACKAGES:
+        package = importlib.import_module(top)
+        found.append(top)
+        found += [info.name for info in pkgutil.walk_packages(package.__path__, top + ".")]
+    return sorted(found)
+
+
+MODULES = _modules()
 
 
 @pytest.mark.parametrize("name", MODULES)
 def test_all_names_exist(name: str) -> None:
     module = importlib.import_module(name)
     exported = getattr(module, "__all__", None)
-    assert exported, f"{name} has no __all__"
+    assert exported is not None, f"{name} has no __all__"
     assert len(set(exported)) == len(exported), f"{name}.__all__ lists a name twice"
     missing = [n for n in exported if not hasattr(module, n)]
     assert not missing, f"{name}.__all__ names what it does not define: {missing}"
@@ -102,7 +35,7 @@ def test_all_names_exist(name: str) -> None:
 
 def test_the_package_exports_the_api_and_every_error() -> None:
     import remote_gpu_kernel
-    from remote_gpu_kernel import errors
+    from remote_gpu_core import errors
 
     for name in ("Client", "Session", "AsyncClient", "AsyncSession", "ExecuteResult",
                  "load_ipython_extension"):
@@ -116,7 +49,7 @@ def test_the_server_does_not_import_torch_or_initialise_cuda() -> None:
     import subprocess
     import sys
 
-    code = ("import sys, remote_gpu_server.app, remote_gpu_server.worker; "
+    code = ("import sys, remote_gpu_server.app, remote_gpu_server.workers.worker; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

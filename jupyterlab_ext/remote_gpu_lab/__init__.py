@@ -2,7 +2,7 @@
 
 The browser asks this server extension (``/remote-gpu/...``); the extension
 asks the GPU server's HTTP API with the URL and token from the user's
-configuration (:class:`remote_gpu_kernel.config.ClientConfig`), so the
+configuration (:class:`remote_gpu_core.login.ClientConfig`), so the
 token stays on the server side and never reaches the browser.
 """
 

@@ -5,7 +5,7 @@ client URL ``ws://host:port`` becomes ``http://host:port`` (and ``wss`` becomes
 ``https``). Every failure is a :class:`GpuApiError` that says what happened
 and what to do, ready to show in the sidebar.
 
-TLS as every client does it (:mod:`remote_gpu_kernel.tls`): an ``https``
+TLS as every client does it (:mod:`remote_gpu_core.tls`): an ``https``
 server's certificate is verified against the system's CAs and ``RGPU_CA``
 (or ``rgpu login --cafile``); the token never goes over plain ``http`` to a
 host that does not resolve to loopback unless ``RGPU_INSECURE=1``. A refused plain URL is
@@ -24,9 +24,9 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 
-from remote_gpu_kernel import tls
-from remote_gpu_kernel.config import ClientConfig, config_path
-from remote_gpu_kernel.errors import InsecureConnection, TlsError
+from remote_gpu_core import tls
+from remote_gpu_core.login import ClientConfig, config_path
+from remote_gpu_core.errors import InsecureConnection, TlsError
 
 __all__ = ["GpuApi", "GpuApiError", "http_base_url"]
 

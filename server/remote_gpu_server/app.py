@@ -17,41 +17,41 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from remote_gpu_kernel.tls import is_loopback
-from remote_gpu_kernel.typing import SlotId
+from remote_gpu_core.tls import is_loopback
+from remote_gpu_core.ids import SlotId
 
 from websockets.asyncio.server import ServerConnection
 
-from .batch import BatchRunner
-from .broker import LeaseBroker
-from .leases import DEFAULT_POOL
+from .sessions.batch import BatchRunner
+from .scheduling.broker import LeaseBroker
+from .scheduling.leases import DEFAULT_POOL
 from .config import ServerConfig
-from .connection import Connection
-from .frontdoor import FrontDoor
+from .connections.connection import Connection
+from .frontdoor.door import FrontDoor
 from .config import data_dir, named_paths
-from .disk_watch import DiskWatch
-from .drain import Drainer
-from .gpus import discover_slots
-from .gpu_fence import GpuFence
-from .isolation import Isolation
-from .http_api import HttpApi
-from .journal import Journal
-from .launcher import WorkerLauncher
-from .local_launcher import LocalLauncher
-from .origins import OriginPolicy
-from .parking import Parking
-from .ray_launcher import RayCluster, RayLauncher, RayReadings
-from .metrics import Metrics
-from .pool import Pool
-from .readings import Readings
-from .retention import prune_outputs_forever
-from .session import SessionContext
-from .sessions import SessionManager
-from .slots import Slot, SlotInventory
-from .status import ServerView
+from .sessions.disk_watch import DiskWatch
+from .workers.drain import Drainer
+from .gpus.discovery import discover_slots
+from .workers.gpu_fence import GpuFence
+from .isolation.policy import Isolation
+from .frontdoor.http_api import HttpApi
+from .store.journal import Journal
+from .workers.launcher import WorkerLauncher
+from .workers.local_launcher import LocalLauncher
+from .frontdoor.origins import OriginPolicy
+from .sessions.parking import Parking
+from .cluster.launcher import RayCluster, RayLauncher, RayReadings
+from .frontdoor.metrics import Metrics
+from .workers.pool import Pool
+from .gpus.readings import Readings
+from .store.retention import prune_outputs_forever
+from .sessions.session import SessionContext
+from .sessions.manager import SessionManager
+from .gpus.slots import Slot, SlotInventory
+from .frontdoor.status import ServerView
 from .store import Store, TokenInfo
-from .tls import server_ssl_context
-from .xid import XidEvent, XidWatcher
+from .certificates import server_ssl_context
+from .gpus.xid import XidEvent, XidWatcher
 
 __all__ = ["GpuServer", "__version__"]
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import platformdirs
 
-from .isolation import IsolationConfig
-from .limits import Limits
-from .parking_state import ParkConfig
-from .scheduler import PoolConfig, Quota, SchedulerConfig
+from .isolation.policy import IsolationConfig
+from .connections.limits import Limits
+from .sessions.parked import ParkConfig
+from .scheduling.scheduler import PoolConfig, Quota, SchedulerConfig
 
 __all__ = ["ServerConfig", "data_dir", "default_db_path", "named_paths", "parse_pool"]
 

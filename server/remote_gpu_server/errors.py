@@ -1,6 +1,6 @@
 """Server-side errors.
 
-They extend the client's hierarchy (see :mod:`remote_gpu_kernel.errors`), so
+They extend the client's hierarchy (see :mod:`remote_gpu_core.errors`), so
 one ``except RemoteGpuError`` catches everything::
 
     RemoteGpuError
@@ -16,7 +16,7 @@ one ``except RemoteGpuError`` catches everything::
 
 from __future__ import annotations
 
-from remote_gpu_kernel.errors import RemoteGpuError, ServerError, WorkerDied
+from remote_gpu_core.errors import RemoteGpuError, ServerError, WorkerDied
 
 __all__ = ["IsolationError", "RemoteGpuError", "ServerError", "StoreError", "TokenError", "WorkerDied"]
 

@@ -23,9 +23,9 @@ from kernels import LocalKernel, kernel_with_magic
 from remote_gpu_kernel import Client, ConnectionLost, InsecureConnection
 from remote_gpu_kernel.api import ApiClient
 from remote_gpu_kernel.cli import main
-from remote_gpu_kernel.config import ClientConfig
+from remote_gpu_core.login import ClientConfig
 from remote_gpu_kernel.kernelspec import install
-from remote_gpu_kernel.tls import is_loopback, ssl_context
+from remote_gpu_core.tls import is_loopback, ssl_context
 from remote_kernels import KernelDriver, kernel_env
 from servers import ServerProcess
 from tls_certs import self_signed_cert

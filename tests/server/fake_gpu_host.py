@@ -1,7 +1,7 @@
 """A stand-in for a GPU host's NVIDIA files, for tests on a machine without a GPU.
 
 :func:`make_host` fills a folder that the server treats as ``/`` for NVIDIA's
-files (``$RGPU_TEST_DEVICE_ROOT``, see :mod:`remote_gpu_server.devices`):
+files (``$RGPU_TEST_DEVICE_ROOT``, see :mod:`remote_gpu_server.isolation.devices`):
 ``dev/nvidia<minor>`` for each GPU (character devices of the NVIDIA major,
 195, made with ``mknod``: root only; plain files with ``nodes=False``), the
 control files, MIG capability files, and the driver's

@@ -1,7 +1,7 @@
 """``FakeNvml``: a test double of the ``pynvml`` module, for machines without a GPU.
 
-It implements only the calls :mod:`remote_gpu_server.readings`,
-:mod:`remote_gpu_server.xid` and :mod:`remote_gpu_server.devices` make, with pynvml's names, constants and error
+It implements only the calls :mod:`remote_gpu_server.gpus.readings`,
+:mod:`remote_gpu_server.gpus.xid` and :mod:`remote_gpu_server.isolation.devices` make, with pynvml's names, constants and error
 classes. Each GPU is a :class:`FakeGpu` whose fields a test changes to
 simulate load, ECC errors, pending page retirements or remaps, a GPU that
 fell off the bus, or processes that keep memory on it;

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from remote_gpu_kernel.typing import SessionId
-from remote_gpu_server.batch import JobRequest
+from remote_gpu_core.ids import SessionId
+from remote_gpu_server.sessions.batch import JobRequest
 from remote_gpu_server.errors import StoreError
 from stores import BlockingStore
 

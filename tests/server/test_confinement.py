@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from remote_gpu_server.confinement import EnterSpec, SpawnSpec
-from remote_gpu_server.sandbox import python_paths
+from remote_gpu_server.worker_process.confinement import EnterSpec, SpawnSpec
+from remote_gpu_server.isolation.sandbox import python_paths
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="confinement starts as root: run as root")
 
@@ -20,7 +20,7 @@ UID = 1_900_000_555
 
 WORKER = r"""
 import json, os, sys, threading, time
-from remote_gpu_server.confinement import EnterSpec, SpawnSpec, enter, prepare
+from remote_gpu_server.worker_process.confinement import EnterSpec, SpawnSpec, enter, prepare
 
 prepare(SpawnSpec.from_json(sys.argv[1]))
 threads = [threading.Thread(target=time.sleep, args=(5,), daemon=True) for _ in range(3)]
@@ -90,7 +90,7 @@ def test_a_confined_worker_keeps_nothing_of_root(tmp_path: Path) -> None:
 
 def test_a_failed_enter_leaves_the_worker_unusable_for_anyone(tmp_path: Path) -> None:
     entry = EnterSpec(cwd=str(tmp_path / "missing"), uid=UID, gid=UID)
-    code = ("import json, sys\nfrom remote_gpu_server.confinement import EnterSpec, enter\n"
+    code = ("import json, sys\nfrom remote_gpu_server.worker_process.confinement import EnterSpec, enter\n"
             "enter(EnterSpec.from_json(json.loads(sys.argv[1])))")
     done = subprocess.run([sys.executable, "-c", code, json.dumps(entry.to_json())], capture_output=True,
                           text=True, timeout=60)
@@ -99,7 +99,7 @@ def test_a_failed_enter_leaves_the_worker_unusable_for_anyone(tmp_path: Path) ->
 
 NAMESPACES = r"""
 import ctypes, json, os, subprocess, sys, threading
-from remote_gpu_server.confinement import EnterSpec, SpawnSpec, enter, prepare
+from remote_gpu_server.worker_process.confinement import EnterSpec, SpawnSpec, enter, prepare
 
 prepare(SpawnSpec.from_json(sys.argv[1]))
 enter(EnterSpec.from_json(json.loads(sys.argv[2])))

@@ -14,8 +14,8 @@ from websockets.exceptions import ConnectionClosed
 
 from remote_gpu_kernel import Client, Session
 from remote_gpu_kernel.api import http_url
-from remote_gpu_kernel.protocol import encode
-from remote_gpu_kernel.protocol import messages as m
+from remote_gpu_core.protocol import encode
+from remote_gpu_core.protocol import messages as m
 from raw_client import RawClient, stalled_socket
 from servers import ServerProcess
 

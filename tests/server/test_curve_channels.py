@@ -15,12 +15,12 @@ import asyncio
 import secrets
 from typing import Any
 
-from remote_gpu_kernel.typing import SlotId
-from remote_gpu_server.isolation import Tenant
-from remote_gpu_server.launcher import WorkerSpec
-from remote_gpu_server.local_launcher import LocalLauncher, LocalWorker, curve_problem
-from remote_gpu_server.slots import Slot
-from remote_gpu_server.worker import Worker
+from remote_gpu_core.ids import SlotId
+from remote_gpu_server.isolation.policy import Tenant
+from remote_gpu_server.workers.launcher import WorkerSpec
+from remote_gpu_server.workers.local_launcher import LocalLauncher, LocalWorker, curve_problem
+from remote_gpu_server.gpus.slots import Slot
+from remote_gpu_server.workers.worker import Worker
 from tcp_proxy import TcpProxy
 
 SLOT = Slot(SlotId("cpu0"), "cpu", 0, "CPU slot 0")

@@ -18,7 +18,7 @@ import pytest
 
 from remote_gpu_kernel import Client, WorkerDied
 from remote_gpu_kernel.cli import main as rgpu
-from remote_gpu_server import death
+from remote_gpu_server.workers import death
 from servers import ServerProcess
 
 

@@ -16,9 +16,9 @@ import pytest
 
 from fake_gpu_host import FakeGpuFiles, make_host
 from nvml_double import FakeGpu, FakeNvml
-from remote_gpu_server.devices import DeviceFile, DeviceTree
-from remote_gpu_server.isolation import Isolation, IsolationConfig, IsolationMode
-from remote_gpu_server.sandbox import SandboxLayout, bubblewrap_argv
+from remote_gpu_server.isolation.devices import DeviceFile, DeviceTree
+from remote_gpu_server.isolation.policy import Isolation, IsolationConfig, IsolationMode
+from remote_gpu_server.isolation.sandbox import SandboxLayout, bubblewrap_argv
 
 CONTROL = ["nvidia-uvm", "nvidia-uvm-tools", "nvidiactl"]
 #: Index (PCI order) → minor: not the identity, as on hosts whose driver numbered them otherwise.

@@ -19,7 +19,7 @@ import pytest
 
 from fake_gpu_host import FakeGpuFiles, make_host
 from remote_gpu_kernel import Client
-from remote_gpu_server.devices import TEST_ROOT_VAR
+from remote_gpu_server.isolation.devices import TEST_ROOT_VAR
 from servers import ServerProcess
 from test_gpu_fence import devices_of
 from test_isolation import run

@@ -29,8 +29,8 @@ from remote_gpu_kernel.api import ApiClient
 from remote_gpu_kernel.cli import main as rgpu
 from remote_gpu_server.app import GpuServer
 from remote_gpu_server.config import ServerConfig
-from remote_gpu_server.drain import Drainer
-from remote_gpu_server.readings import process_holders
+from remote_gpu_server.workers.drain import Drainer
+from remote_gpu_server.gpus.readings import process_holders
 from servers import ServerProcess
 from stores import BlockingStore
 

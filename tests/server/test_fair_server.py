@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from remote_gpu_kernel import Client, LeaseError
-from remote_gpu_kernel.protocol import PROTOCOL_VERSION, Reader, encode
-from remote_gpu_kernel.protocol import messages as m
+from remote_gpu_core.protocol import PROTOCOL_VERSION, Reader, encode
+from remote_gpu_core.protocol import messages as m
 from servers import ServerProcess
 from test_leases import raw, receive
 

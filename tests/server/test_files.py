@@ -16,7 +16,7 @@ import pytest
 
 from remote_gpu_kernel import AsyncClient, AsyncSession, Client, ConnectionLost, FileTransferError, WorkerDied
 from remote_gpu_kernel.sync import run
-from remote_gpu_kernel.protocol import messages as m
+from remote_gpu_core.protocol import messages as m
 from servers import ServerProcess
 from waiting import wait_for
 

@@ -7,7 +7,7 @@ import os
 import threading
 from pathlib import Path
 
-from remote_gpu_server.folder_removal import TRASH, FolderRemover
+from remote_gpu_server.isolation.folder_removal import TRASH, FolderRemover
 
 
 def make_folder(parent: Path, name: str = "session", files: int = 20) -> Path:

@@ -26,9 +26,9 @@ from hypothesis.configuration import set_hypothesis_home_dir
 from websockets.exceptions import ConnectionClosed
 
 from remote_gpu_kernel import Client
-from remote_gpu_kernel.errors import ProtocolError
-from remote_gpu_kernel.protocol import encode
-from remote_gpu_kernel.protocol import messages as m
+from remote_gpu_core.errors import ProtocolError
+from remote_gpu_core.protocol import encode
+from remote_gpu_core.protocol import messages as m
 from raw_client import RawClient
 from servers import ServerProcess
 

@@ -33,17 +33,17 @@ from fake_gpu_host import FakeGpuFiles, make_host
 from nvml_double import FakeGpu, FakeNvml
 from remote_gpu_kernel import Client, WorkerDied
 from remote_gpu_kernel.sync import Session
-from remote_gpu_kernel.typing import SlotId
+from remote_gpu_core.ids import SlotId
 from remote_gpu_server.app import GpuServer
 from remote_gpu_server.config import ServerConfig
-from remote_gpu_server.gpu_fence import trespasses
-from remote_gpu_server.isolation import IsolationConfig
-from remote_gpu_server.ladder import MARK_VAR, Scope
-from remote_gpu_server.owners import owner, scopes_of
-from remote_gpu_server.readings import NodeReader, ProcessReading, SlotReading
-from remote_gpu_server.slots import Slot
+from remote_gpu_server.workers.gpu_fence import trespasses
+from remote_gpu_server.isolation.policy import IsolationConfig
+from remote_gpu_server.workers.ladder import MARK_VAR, Scope
+from remote_gpu_server.workers.owners import owner, scopes_of
+from remote_gpu_server.gpus.readings import NodeReader, ProcessReading, SlotReading
+from remote_gpu_server.gpus.slots import Slot
 from stores import BlockingStore
-from test_isolation import quiet, run
+from test_isolation import run
 from threaded_server import ThreadedServer
 from waiting import wait_for
 
@@ -434,7 +434,7 @@ class _RayProcess:
 
 @dataclass(eq=False)
 class _Worker:
-    """The parts of a :class:`~remote_gpu_server.worker.Worker` the check reads (a Ray
+    """The parts of a :class:`~remote_gpu_server.workers.worker.Worker` the check reads (a Ray
     node's real GPUs cannot be had here)."""
 
     pid: int

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from remote_gpu_server.gpus import cuda_visible_devices, discover_slots
+from remote_gpu_server.gpus.discovery import cuda_visible_devices, discover_slots
 
 
 def test_cpu_slots() -> None:
@@ -21,7 +21,7 @@ def test_explicit_gpu_indices_without_nvml_keep_their_index(monkeypatch: pytest.
     def no_nvml() -> None:
         raise ImportError("no NVML on this machine")
 
-    monkeypatch.setattr("remote_gpu_server.gpus._nvml_gpus", no_nvml)
+    monkeypatch.setattr("remote_gpu_server.gpus.discovery._nvml_gpus", no_nvml)
     slots = discover_slots("0,2")
     assert [(s.id, s.kind) for s in slots] == [("gpu0", "gpu"), ("gpu2", "gpu")]
     assert cuda_visible_devices(slots) == "0,2"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import psutil
 
 from nvml_double import FakeGpu, FakeNvml
-from remote_gpu_kernel.typing import SlotId
-from remote_gpu_server.gpus import Slot
-from remote_gpu_server.history import HistoryPoint, ReadingHistory
-from remote_gpu_server.readings import Readings
+from remote_gpu_core.ids import SlotId
+from remote_gpu_server.gpus.discovery import Slot
+from remote_gpu_server.gpus.history import HistoryPoint, ReadingHistory
+from remote_gpu_server.gpus.readings import Readings
 
 A, B = SlotId("a"), SlotId("b")
 

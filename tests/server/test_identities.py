@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from remote_gpu_server.errors import IsolationError
-from remote_gpu_server.identities import Identities, RunAs, parse_uid_range
+from remote_gpu_server.isolation.identities import Identities, RunAs, parse_uid_range
 
 NOBODY = 65534  # an account (and a group) on every Debian machine
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from remote_gpu_server.errors import IsolationError
-from remote_gpu_server.isolation import Isolation, IsolationConfig, IsolationMode
-from remote_gpu_server.cgroups import Cgroups, _Hierarchy
-from remote_gpu_server.memory_limits import MemoryControl, MemoryLimits
-from remote_gpu_server.process_limits import NprocCounting, ProcessControl, ProcessLimits
+from remote_gpu_server.isolation.policy import Isolation, IsolationConfig, IsolationMode
+from remote_gpu_server.isolation.cgroups import Cgroups, _Hierarchy
+from remote_gpu_server.isolation.memory_limits import MemoryControl, MemoryLimits
+from remote_gpu_server.isolation.process_limits import NprocCounting, ProcessControl, ProcessLimits
 
 
 def test_a_worker_environment_keeps_only_the_allow_list(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -220,7 +220,7 @@ def sandboxed_worker(folder: str) -> int:
         try:
             if proc.name.isdigit() and proc.stat().st_uid == SERVER_UID and os.readlink(proc / "cwd") == folder:
                 argv = (proc / "cmdline").read_bytes().split(b"\0")
-                if not argv[0].endswith(b"bwrap") and b"remote_gpu_server.worker_kernel" in argv:
+                if not argv[0].endswith(b"bwrap") and b"remote_gpu_server.worker_process.kernel" in argv:
                     found.append(int(proc.name))
         except OSError:  # a process that ended meanwhile
             pass

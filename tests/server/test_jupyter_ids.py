@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from remote_gpu_kernel import AsyncClient, AsyncSession, ServerError
-from remote_gpu_kernel.protocol import messages as m
+from remote_gpu_core.protocol import messages as m
 from servers import ServerProcess
 
 

@@ -22,7 +22,7 @@ import pytest
 
 from remote_gpu_kernel import Client, RemoteTimeout, WorkerDied
 from remote_gpu_kernel.api import ApiClient
-from remote_gpu_kernel.protocol import messages as m
+from remote_gpu_core.protocol import messages as m
 from remote_gpu_kernel.sync import run
 from servers import ServerProcess
 
@@ -278,8 +278,8 @@ def test_restart_from_the_python_api_gives_a_fresh_worker(server: ServerProcess,
 
 
 def test_a_plain_interrupt_is_the_same_on_the_wire_as_before() -> None:
-    from remote_gpu_kernel.protocol import encode
-    from remote_gpu_kernel.protocol.framing import Reader
+    from remote_gpu_core.protocol import encode
+    from remote_gpu_core.protocol.framing import Reader
 
     assert m.Interrupt(3).fields() == {"req": 3}
     reader = Reader()
@@ -294,7 +294,7 @@ def test_the_ladder_finds_a_marked_orphan_that_ignores_sigterm_and_spares_the_re
     import subprocess
     import sys
 
-    from remote_gpu_server import ladder
+    from remote_gpu_server.workers import ladder
 
     mark = f"test-{os.getpid()}"
     stubborn = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
@@ -326,7 +326,7 @@ def test_the_ladder_says_sigkill_only_for_what_outlived_sigterm(caplog: pytest.L
     zombie until its parent (here: this test) reaps it."""
     import subprocess
 
-    from remote_gpu_server import ladder
+    from remote_gpu_server.workers import ladder
 
     quick = subprocess.Popen(["sleep", "60"])
     try:

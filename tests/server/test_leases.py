@@ -11,8 +11,8 @@ import pytest
 from websockets.sync.client import connect
 
 from remote_gpu_kernel import Client, ConnectionLost, SessionReleased
-from remote_gpu_kernel.protocol import PROTOCOL_VERSION, Reader, encode
-from remote_gpu_kernel.protocol import messages as m
+from remote_gpu_core.protocol import PROTOCOL_VERSION, Reader, encode
+from remote_gpu_core.protocol import messages as m
 from postgres import BACKENDS
 from servers import ServerProcess
 from stores import BlockingStore

@@ -18,8 +18,8 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from remote_gpu_kernel import Client, ConnectionLost, MessageTooLarge
-from remote_gpu_kernel.protocol import dump_values, encode
-from remote_gpu_kernel.protocol import messages as m
+from remote_gpu_core.protocol import dump_values, encode
+from remote_gpu_core.protocol import messages as m
 from raw_client import RawClient, half_frame_socket
 from servers import ServerProcess
 from waiting import wait_for

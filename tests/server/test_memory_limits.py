@@ -11,20 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from remote_gpu_server.cgroups import Cgroups, WorkerCgroup, own_group
-from remote_gpu_server.memory_limits import MemoryControl, MemoryLimits, fair_share, format_size, parse_size
-
-
-def test_sizes_parse_and_print_in_binary_units() -> None:
-    assert parse_size("8G") == 8 << 30 and parse_size("512MiB") == 512 << 20
-    assert parse_size("1.5 GB") == 3 << 29 and parse_size("none") is None
-    assert format_size(1 << 30) == "1 GiB" and format_size(3 << 29) == "1.5 GiB"
-    assert format_size(512 << 20) == "512 MiB"
-    for bad in ("lots", "8X", "-1G"):
-        with pytest.raises(ValueError, match="is not a size"):
-            parse_size(bad)
-    with pytest.raises(ValueError, match="at least 64 MiB"):
-        parse_size("1M")
+from remote_gpu_server.isolation.cgroups import Cgroups, WorkerCgroup, own_group
+from remote_gpu_server.isolation.memory_limits import MemoryControl, MemoryLimits, fair_share
 
 
 def test_each_slot_gets_a_fair_share_of_the_host() -> None:

@@ -15,7 +15,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
 from remote_gpu_kernel import Client
-from remote_gpu_server.origins import OriginPolicy, normalize_origin
+from remote_gpu_server.frontdoor.origins import OriginPolicy, normalize_origin
 from servers import ServerProcess
 
 DASH = "https://dash.example.com"

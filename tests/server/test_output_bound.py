@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from remote_gpu_kernel import Client
-from remote_gpu_kernel.typing import JobId, SessionId
-from remote_gpu_server.output_bound import ROW_OVERHEAD, OutputBound
+from remote_gpu_core.ids import JobId, SessionId
+from remote_gpu_server.sessions.output_bound import ROW_OVERHEAD, OutputBound
 from remote_gpu_server.store import OutputRow
 from postgres import BACKENDS
 from servers import ServerProcess

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from remote_gpu_server import parked_namespace as pn
+from remote_gpu_server.worker_process import parked_namespace as pn
 
 
 def run(code: str) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from remote_gpu_kernel.typing import SessionId
+from remote_gpu_core.ids import SessionId
 from remote_gpu_server.store import ParkedRecord
 from stores import BlockingStore, execute_raw
 

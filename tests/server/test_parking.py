@@ -67,7 +67,7 @@ def expected_check(session: Any) -> str:
 
 
 def test_a_session_folder_is_measured_without_following_links(tmp_path: Path) -> None:
-    from remote_gpu_server.parking import tree_size
+    from remote_gpu_server.sessions.parking import tree_size
 
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "a.bin").write_bytes(b"x" * 1000)

@@ -13,10 +13,11 @@ from types import TracebackType
 
 import pytest
 
-from remote_gpu_server.cgroups import Cgroups, WorkerCgroup
-from remote_gpu_server.process_limits import (MIN_PIDS, ProcessControl, ProcessLimits, fair_pids,
-                                              host_capacity, nproc_counting, parse_pids)
-from remote_gpu_server.worker_errors import ProcessLimit
+from remote_gpu_server.isolation.cgroups import Cgroups, WorkerCgroup
+from remote_gpu_server.isolation.process_limits import (
+    MIN_PIDS, ProcessControl, ProcessLimits, fair_pids, host_capacity, nproc_counting, parse_pids
+)
+from remote_gpu_server.worker_process.errors import ProcessLimit
 
 #: Forks children that wait on a pipe until a fork fails, prints how many it
 #: started and the error, then lets them go: bounded by the limit, and by 500.

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from remote_gpu_server.isolation import Isolation, IsolationConfig, IsolationMode
-from remote_gpu_server.ray_fence import NodeReport, refusal, token_exposure, token_files
-from remote_gpu_server import sandbox
-from remote_gpu_server.sandbox import find_bubblewrap
+from remote_gpu_server.isolation.policy import Isolation, IsolationConfig, IsolationMode
+from remote_gpu_server.cluster.fence import NodeReport, refusal, token_exposure, token_files
+from remote_gpu_server.isolation import sandbox
+from remote_gpu_server.isolation.sandbox import find_bubblewrap
 
 UNFENCED = "the Ray cluster at 10.0.0.1:6379 does not require Ray's token authentication"
 

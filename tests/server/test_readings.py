@@ -11,9 +11,9 @@ from collections.abc import Iterator
 import pytest
 
 from nvml_double import FakeGpu, FakeNvml
-from remote_gpu_kernel.typing import SlotId
-from remote_gpu_server.gpus import Slot
-from remote_gpu_server.readings import ProcessReading, Readings
+from remote_gpu_core.ids import SlotId
+from remote_gpu_server.gpus.discovery import Slot
+from remote_gpu_server.gpus.readings import ProcessReading, Readings
 
 GPU0 = Slot(SlotId("gpu0"), "gpu", 0, "NVIDIA H100", "GPU-aaaa")
 GPU1 = Slot(SlotId("gpu1"), "gpu", 1, "NVIDIA H100", "GPU-bbbb")

@@ -11,7 +11,7 @@ import pytest
 from postgres import BACKENDS
 from remote_gpu_kernel import Client
 from remote_gpu_kernel.api import ApiClient
-from remote_gpu_server.retention import prune_period
+from remote_gpu_server.store.retention import prune_period
 from servers import ServerProcess
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from remote_gpu_server.sandbox import SandboxLayout, bubblewrap_argv
+from remote_gpu_server.isolation.sandbox import SandboxLayout, bubblewrap_argv
 
 
 def pairs(argv: list[str], flag: str) -> list[tuple[str, ...]]:

@@ -8,17 +8,11 @@ import random
 
 import pytest
 
-import remote_gpu_server.scheduler as scheduler_module
-from remote_gpu_kernel.errors import LeaseError
-from remote_gpu_kernel.typing import SlotId
-from remote_gpu_server.scheduler import (
-    Grant,
-    LeaseRequestEntry,
-    PoolConfig,
-    Quota,
-    QuotaExceeded,
-    Scheduler,
-    SchedulerConfig,
+import remote_gpu_server.scheduling.scheduler as scheduler_module
+from remote_gpu_core.errors import LeaseError
+from remote_gpu_core.ids import SlotId
+from remote_gpu_server.scheduling.scheduler import (
+    Grant, LeaseRequestEntry, PoolConfig, Quota, QuotaExceeded, Scheduler, SchedulerConfig
 )
 
 

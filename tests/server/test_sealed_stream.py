@@ -1,4 +1,4 @@
-"""The data channel's sealed records (:class:`~remote_gpu_server.notes.SealedStream`)
+"""The data channel's sealed records (:class:`~remote_gpu_server.worker_process.sealed.SealedStream`)
 against someone on the wire.
 
 Two streams are opened through a relay that the test controls: it passes
@@ -18,10 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from remote_gpu_server import notes
-from remote_gpu_server.notes import SealedStream, make_identity, open_stream, pinned_context, read_note
+from remote_gpu_server.worker_process import sealed
+from remote_gpu_server.worker_process.sealed import SealedStream, open_stream, pinned_context, read_note
+from remote_gpu_server.workers.carriers import make_identity
 
-_LENGTH, TAG = notes._LENGTH, notes._TAG  # the record's length field and tag, as the stream writes them
+_LENGTH, TAG = sealed._LENGTH, sealed._TAG  # the record's length field and tag, as the stream writes them
 
 
 def _relay(a: socket.socket, b: socket.socket, stop: threading.Event) -> None:
@@ -142,7 +143,7 @@ def test_a_record_changed_on_the_way_ends_the_stream_and_is_never_delivered(wire
 
 def test_each_direction_moves_to_a_new_key_and_never_reuses_a_nonce(wire: Wire,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(notes, "_REKEY", 3000)
+    monkeypatch.setattr(sealed, "_REKEY", 3000)
     piece = b"same bytes " * 100  # 1100 bytes: two records under the first key, the third under the next
     records = []
     for _ in range(4):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from remote_gpu_kernel import Client, RemoteError, SerializationError, SessionReleased, WorkerDied
-from remote_gpu_kernel.protocol import messages as m
+from remote_gpu_core.protocol import messages as m
 from servers import ServerProcess
 
 torch = pytest.importorskip("torch")

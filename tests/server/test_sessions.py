@@ -11,13 +11,13 @@ import psutil
 import pytest
 
 from remote_gpu_kernel import Client, RemoteTimeout
-from remote_gpu_kernel.typing import SlotId
-from remote_gpu_server import sessions as sessions_module
-from remote_gpu_server.broker import LeaseBroker
-from remote_gpu_server.journal import Journal
-from remote_gpu_server.scheduler import LeaseRequestEntry, SchedulerConfig
-from remote_gpu_server.session import SessionContext
-from remote_gpu_server.sessions import SessionManager
+from remote_gpu_core.ids import SlotId
+from remote_gpu_server.sessions import manager as sessions_module
+from remote_gpu_server.scheduling.broker import LeaseBroker
+from remote_gpu_server.store.journal import Journal
+from remote_gpu_server.scheduling.scheduler import LeaseRequestEntry, SchedulerConfig
+from remote_gpu_server.sessions.session import SessionContext
+from remote_gpu_server.sessions.manager import SessionManager
 from remote_gpu_server.store import Store
 from servers import ServerProcess
 
@@ -28,7 +28,7 @@ def worker_processes(server: ServerProcess) -> list[psutil.Process]:
     found = []
     for child in psutil.Process(server.proc.pid).children(recursive=True):
         try:
-            if child.status() != psutil.STATUS_ZOMBIE and "remote_gpu_server.worker_kernel" in " ".join(
+            if child.status() != psutil.STATUS_ZOMBIE and "remote_gpu_server.worker_process.kernel" in " ".join(
                     child.cmdline()):
                 found.append(child)
         except psutil.NoSuchProcess:

@@ -9,7 +9,7 @@ import postgres as pg
 from remote_gpu_kernel import Client
 from remote_gpu_kernel.sync import Session
 from remote_gpu_kernel.api import ApiClient
-from remote_gpu_kernel.protocol import messages as m
+from remote_gpu_core.protocol import messages as m
 from servers import ServerProcess
 from stores import BlockingStore, execute_raw
 from waiting import wait_for

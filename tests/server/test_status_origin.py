@@ -14,8 +14,8 @@ import pytest
 
 from remote_gpu_kernel import Client
 from remote_gpu_kernel.api import ApiClient
-from remote_gpu_kernel.typing import SessionId
-from remote_gpu_server.status import FIRST_LINE_MAX, first_line
+from remote_gpu_core.ids import SessionId
+from remote_gpu_server.frontdoor.status import FIRST_LINE_MAX, first_line
 from servers import ServerProcess
 from stores import BlockingStore
 from waiting import wait_for

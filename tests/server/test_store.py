@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from remote_gpu_kernel.typing import SessionId
-from remote_gpu_server.journal import Journal
-from remote_gpu_server.store import (SCHEMA_VERSION, CellRecord, DatabaseUnavailable, OutputRow,
-                                     SchemaTooNew, Store)
-from remote_gpu_server.unrecorded import UnrecordedCell
+from remote_gpu_core.ids import SessionId
+from remote_gpu_server.store.journal import Journal
+from remote_gpu_server.store import (
+    SCHEMA_VERSION, CellRecord, DatabaseUnavailable, OutputRow, SchemaTooNew, Store
+)
+from remote_gpu_server.sessions.unrecorded import UnrecordedCell
 from remote_gpu_server.store.schema import _v1 as version_1_tables
 from stores import BlockingStore, execute_raw, is_postgres
 

@@ -25,7 +25,7 @@ import pytest
 import postgres as pg
 from remote_gpu_kernel import Client
 from remote_gpu_kernel.api import ApiClient, ApiError
-from remote_gpu_kernel.protocol import messages as m
+from remote_gpu_core.protocol import messages as m
 from remote_gpu_server.store import DatabaseUnavailable, Store
 from raw_client import RawClient
 from servers import ServerProcess

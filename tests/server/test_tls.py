@@ -23,7 +23,7 @@ import pytest
 from remote_gpu_kernel import Client, TlsError, UntrustedCertificate
 from remote_gpu_kernel.api import ApiClient
 from remote_gpu_kernel.cli import main
-from remote_gpu_server.tls import VALIDITY, fingerprint, self_signed
+from remote_gpu_server.certificates import VALIDITY, fingerprint, self_signed
 from servers import ServerProcess
 from tls_certs import Issued, issue, self_signed_cert, self_signed_server
 

@@ -16,12 +16,13 @@ from collections.abc import AsyncIterator
 import numpy as np
 import pytest
 
-from remote_gpu_kernel.protocol import dump_values, load_values
-from remote_gpu_kernel.typing import SlotId
-from remote_gpu_server.local_launcher import LocalLauncher
-from remote_gpu_server.notes import ACCEPT_TIMEOUT, make_identity, pinned_context
-from remote_gpu_server.slots import Slot
-from remote_gpu_server.worker import Worker
+from remote_gpu_core.protocol import dump_values, load_values
+from remote_gpu_core.ids import SlotId
+from remote_gpu_server.workers.local_launcher import LocalLauncher
+from remote_gpu_server.worker_process.sealed import ACCEPT_TIMEOUT, pinned_context
+from remote_gpu_server.workers.carriers import make_identity
+from remote_gpu_server.gpus.slots import Slot
+from remote_gpu_server.workers.worker import Worker
 
 SLOT = Slot(SlotId("cpu0"), "cpu", 0, "CPU slot 0")
 

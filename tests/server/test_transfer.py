@@ -15,10 +15,10 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from remote_gpu_kernel import Client, WorkerDied
-from remote_gpu_kernel.errors import ProtocolError
-from remote_gpu_kernel.protocol import PROTOCOL_VERSION, Reader, encode
-from remote_gpu_kernel.protocol import messages as m
-from remote_gpu_server.transfer import RING_SLOTS, SLOT_SIZE, Filler, Ring, create_ring, pieces
+from remote_gpu_core.errors import ProtocolError
+from remote_gpu_core.protocol import PROTOCOL_VERSION, Reader, encode
+from remote_gpu_core.protocol import messages as m
+from remote_gpu_server.worker_process.transfer import RING_SLOTS, SLOT_SIZE, Filler, Ring, create_ring, pieces
 from servers import ServerProcess
 
 torch = pytest.importorskip("torch")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from remote_gpu_server.errors import IsolationError
-from remote_gpu_server.identities import Identities, Identity
+from remote_gpu_server.isolation.identities import Identities, Identity
 from waiting import wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the registry is root's: run as root")
@@ -86,7 +86,7 @@ def test_allocation_waits_for_the_lock_and_reads_the_registry_under_it(tmp_path:
     lock = os.open(registry.with_name("uids.json.lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        code = ("import sys; from pathlib import Path; from remote_gpu_server.identities import Identities\n"
+        code = ("import sys; from pathlib import Path; from remote_gpu_server.isolation.identities import Identities\n"
                 f"ids = Identities(Path(sys.argv[1]), uid_range=range({RANGE.start}, {RANGE.stop}), "
                 "registry=Path(sys.argv[2]))\nprint(ids.of('carol').uid)")
         child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "two" / "uids.json"), str(registry)],

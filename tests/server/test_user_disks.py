@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from remote_gpu_server.user_disks import DISKS, DiskMode, UserDisks, allocated_bytes, user_key
+from remote_gpu_server.isolation.user_disks import DISKS, DiskMode, UserDisks, allocated_bytes, user_key
 from servers import unmount_under
 
 

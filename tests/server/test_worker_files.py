@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from remote_gpu_server.worker_files import HINT, FileSink, Folder, PathRefused, disk_full_hint, file_not_found_hint
+from remote_gpu_server.worker_process.files import (
+    HINT, FileSink, Folder, PathRefused, disk_full_hint, file_not_found_hint
+)
 
 
 @pytest.fixture

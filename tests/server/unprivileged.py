@@ -5,7 +5,7 @@ as a user that is not root.
 
 The uid needs no account. The Python of a test machine may live where
 others cannot enter (``/root/.pyenv``); so, as a root server does for its
-workers (:mod:`remote_gpu_server.confinement`), this gives the command a
+workers (:mod:`remote_gpu_server.worker_process.confinement`), this gives the command a
 mount namespace of its own in which that Python and ``FOLDER`` (made the
 uid's) are reachable and ``/tmp`` is private, then drops to the uid for
 good and runs the command. A server that is not root then finds what any
@@ -28,8 +28,8 @@ def launcher(folder: str, uid: int = SERVER_UID) -> list[str]:
 
 
 def main() -> None:
-    from remote_gpu_server.confinement import SpawnSpec, prepare
-    from remote_gpu_server.sandbox import python_paths
+    from remote_gpu_server.worker_process.confinement import SpawnSpec, prepare
+    from remote_gpu_server.isolation.sandbox import python_paths
 
     uid, folder = int(sys.argv[1]), os.path.abspath(sys.argv[2])
     command = sys.argv[sys.argv.index("--") + 1:]

@@ -14,16 +14,8 @@ from .base import TOKEN_PREFIX, Store, hash_token
 from .database import Database, DatabaseUnavailable, Dialect, SqliteDatabase
 from .parked import ParkedRecord, ParkedStore
 from .records import (
-    JOB_STATES,
-    AttemptRecord,
-    BatchSpec,
-    CellRecord,
-    JobRecord,
-    JobState,
-    OutputRow,
-    SessionRecord,
-    TokenInfo,
-    slot_count,
+    JOB_STATES, AttemptRecord, BatchSpec, CellRecord, JobRecord, JobState, OutputRow, SessionRecord,
+    TokenInfo, slot_count
 )
 from .schema import SCHEMA_VERSION, SchemaTooNew
 

@@ -31,20 +31,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from remote_gpu_kernel.typing import JobId, SessionId
+from remote_gpu_core.ids import JobId, SessionId
 
 from ..errors import StoreError, TokenError
 from .database import Database, DatabaseUnavailable, Executor
 from .records import (
-    JOB_STATES,
-    AttemptRecord,
-    BatchSpec,
-    CellRecord,
-    JobRecord,
-    OutputRow,
-    SessionRecord,
-    TokenInfo,
-    slot_count,
+    JOB_STATES, AttemptRecord, BatchSpec, CellRecord, JobRecord, OutputRow, SessionRecord, TokenInfo,
+    slot_count
 )
 from .parked import ParkedStore
 from .schema import migrate

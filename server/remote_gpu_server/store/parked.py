@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from remote_gpu_kernel.typing import SessionId
+from remote_gpu_core.ids import SessionId
 
 from .database import Database
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-from remote_gpu_kernel.typing import JobId, SessionId
+from remote_gpu_core.ids import JobId, SessionId
 
 __all__ = ["AttemptRecord", "BatchSpec", "CellRecord", "JOB_STATES", "JobRecord", "JobState", "OutputRow",
            "SessionRecord", "TokenInfo", "slot_count"]

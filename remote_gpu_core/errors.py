@@ -1,0 +1,224 @@
+"""Exceptions raised by remote-gpu-kernel.
+
+Every error has one root, :class:`RemoteGpuError`, and inherits a builtin
+where one fits so that ordinary ``except`` clauses keep working::
+
+    RemoteGpuError
+    ├── ProtocolError                 a peer sent bytes that break the protocol
+    │   ├── VersionMismatch           the peers speak different protocol versions
+    │   └── MessageTooLarge (ValueError)
+    │                                 a message is larger than its receiver takes
+    │                                 (a server's --max-push, --max-message); it
+    │                                 was not used and the connection goes on
+    ├── ConnectionLost (ConnectionError)
+    │                                 the websocket closed under a request
+    ├── AuthenticationError (PermissionError)
+    │                                 the server refused the token or the
+    │                                 connection (HTTP 401 or 403)
+    ├── TlsError (ConnectionError)    the connection cannot be made safe (a CA
+    │   │                             file that cannot be read, a TLS failure)
+    │   ├── UntrustedCertificate      the server's certificate did not verify
+    │   └── InsecureConnection (PermissionError)
+    │                                 a token would cross the network in clear
+    ├── ServerError                   the server answered a request with an error
+    │   ├── LeaseError                no lease could be granted (quota, no slots)
+    │   ├── SessionReleased           the session's lease ended (release, idle)
+    │   ├── ParkError                 the session could not be parked (quota,
+    │   │                             disk); nothing was lost, it goes on
+    │   └── WorkerDied                the worker process died during a request
+    ├── SerializationError (TypeError)
+    │                                 a variable could not be pickled; names it
+    ├── FileTransferError             a file could not be uploaded or downloaded
+    │                                 (missing, outside the session's folder,
+    │                                 over the server's upload limit)
+    ├── RemoteError                   the remote cell raised; carries the remote
+    │                                 traceback and renders it as IPython's own
+    └── RemoteTimeout (TimeoutError)  a cell ran past its --timeout
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuthenticationError",
+    "ConnectionLost",
+    "FileTransferError",
+    "InsecureConnection",
+    "LeaseError",
+    "MessageTooLarge",
+    "ParkError",
+    "ProtocolError",
+    "RemoteError",
+    "RemoteGpuError",
+    "RemoteTimeout",
+    "SerializationError",
+    "ServerError",
+    "SessionReleased",
+    "TlsError",
+    "UntrustedCertificate",
+    "VersionMismatch",
+    "WorkerDied",
+]
+
+
+class RemoteGpuError(Exception):
+    """Root of every error this project raises.
+
+    In IPython these show as one line that says what happened and what to
+    do, without the client's own frames: they are about the service, not
+    about the user's code (:class:`RemoteError` shows the remote traceback).
+    """
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"{type(self).__name__}: {self}"]
+
+
+class ProtocolError(RemoteGpuError):
+    """The bytes received do not follow the protocol (bad frame, bad field).
+
+    ``req`` is the request id of the message at fault where it could be read
+    (0 otherwise), so that a server can answer that request.
+    """
+
+    def __init__(self, message: str, req: int = 0) -> None:
+        super().__init__(message)
+        self.req = req
+
+
+class VersionMismatch(ProtocolError):
+    """Client and server speak different protocol versions."""
+
+
+class MessageTooLarge(ProtocolError, ValueError):
+    """A message is larger than its receiver takes; the message says which limit.
+
+    Raised by the client before anything is sent when a push or a cell is
+    larger than the server's limits, and by a server's reader for a message
+    it refused whole (its bytes are skipped, the stream stays in step).
+    """
+
+    def __init__(self, message: str, req: int = 0, *, size: int = 0, limit: int = 0,
+                 what: str = "") -> None:
+        super().__init__(message, req)
+        self.size = size
+        self.limit = limit
+        #: The message's type (``push``, ``execute``), where it could be read.
+        self.what = what
+
+
+class ConnectionLost(RemoteGpuError, ConnectionError):
+    """The connection to the server closed while a request was pending."""
+
+
+class AuthenticationError(RemoteGpuError, PermissionError):
+    """The server refused the token (HTTP 401) or this connection (HTTP 403,
+    for example a second user of a server that cannot isolate workers) at
+    the handshake; the message gives its reason."""
+
+
+class TlsError(RemoteGpuError, ConnectionError):
+    """The connection to the server cannot be made safe; the message says why and what to do.
+
+    ``what`` is what happened and ``hint`` what to do (may be empty); the
+    message is both, on one line.
+    """
+
+    def __init__(self, what: str, hint: str = "") -> None:
+        super().__init__(f"{what}: {hint}" if hint else what)
+        self.what = what
+        self.hint = hint
+
+
+class UntrustedCertificate(TlsError):
+    """The server's certificate did not verify: unknown CA, self-signed, wrong host name, expired."""
+
+
+class InsecureConnection(TlsError, PermissionError):
+    """The client refused to send a token over plain ws:// or http:// to a host not on loopback."""
+
+
+class ServerError(RemoteGpuError):
+    """The server answered a request with an error.
+
+    ``code`` is the machine-readable error code from the protocol's
+    :class:`~remote_gpu_core.protocol.ErrorCode`.
+    """
+
+    def __init__(self, message: str, code: str = "server_error") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class LeaseError(ServerError):
+    """No lease could be granted."""
+
+
+class SessionReleased(ServerError):
+    """The session no longer holds a lease (released, idle timeout, grace)."""
+
+
+class ParkError(ServerError):
+    """The session could not be parked; it goes on as it was, with its variables."""
+
+    def __init__(self, message: str, code: str = "park_refused") -> None:
+        super().__init__(message, code)
+
+
+class WorkerDied(ServerError):
+    """The worker died while running a request; its variables are gone."""
+
+
+class SerializationError(RemoteGpuError, TypeError):
+    """A value could not be serialized; ``name`` says which variable."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"cannot send variable {name!r}: {reason}")
+        self.name = name
+        self.reason = reason
+
+
+class FileTransferError(RemoteGpuError):
+    """A file could not be moved to or from the session's folder; nothing was
+    written. ``code`` is ``file_error``."""
+
+    code = "file_error"
+
+
+class RemoteTimeout(RemoteGpuError, TimeoutError):
+    """A remote cell ran longer than its timeout and was interrupted."""
+
+
+class RemoteError(RemoteGpuError):
+    """The remote cell raised an exception.
+
+    IPython calls :meth:`_render_traceback_` to show an exception; returning
+    the remote traceback makes the remote error look like a local one.
+    """
+
+    def __init__(self, ename: str, evalue: str, traceback: list[str]) -> None:
+        super().__init__(f"{ename}: {evalue}")
+        self.ename = ename
+        self.evalue = evalue
+        self.traceback = list(traceback)
+
+    def _render_traceback_(self) -> list[str]:
+        return self.traceback or [f"{self.ename}: {self.evalue}"]
+
+    @classmethod
+    def from_remote(cls, ename: str, evalue: str, traceback: list[str]) -> RemoteError:
+        """A RemoteError whose class is named after the remote exception.
+
+        A notebook then shows ``ZeroDivisionError``, not ``RemoteError``,
+        while ``except RemoteError`` still catches it.
+        """
+        return _remote_class(ename)(ename, evalue, traceback)
+
+
+_REMOTE_CLASSES: dict[str, type[RemoteError]] = {}
+
+
+def _remote_class(ename: str) -> type[RemoteError]:
+    if not ename.isidentifier():
+        return RemoteError
+    if ename not in _REMOTE_CLASSES:
+        _REMOTE_CLASSES[ename] = type(ename, (RemoteError,), {"__module__": "remote"})
+    return _REMOTE_CLASSES[ename]

@@ -1,0 +1,652 @@
+"""Isolation of workers: who a user's code runs as, and what it can reach.
+
+:class:`Isolation` is the server-wide policy, chosen once at start; each
+worker gets a :class:`WorkerIsolation` from :meth:`Isolation.prepare`, which
+is all a launcher needs: the command, environment and process options to
+start the worker with, the :class:`~.confinement.EnterSpec` to send it at
+lease time, what a death means, and a cleanup. The modes:
+
+- ``uids`` (the server runs as root): warm workers start as root in mount
+  and IPC namespaces of their own (private ``/tmp``, ``/var/tmp``,
+  ``/dev/shm``, SysV IPC, and a ``/dev`` with only their own GPUs' device
+  files), refused new user namespaces, with no user code in them; at lease
+  time the worker, told through its signed channel, moves into a fresh
+  session folder and becomes the user's uid (see :mod:`.identities`; a uid
+  no other server on the host gives out) before any cell runs. A lease thus
+  still takes a started worker: the change costs one round trip.
+- ``bubblewrap`` (not root, and ``bwrap`` can make user namespaces): each
+  worker starts in a sandbox of its own with its session folder bound in
+  and every file of the server's hidden (see :mod:`.sandbox`); at lease
+  time it only learns its user's name.
+- ``none``: workers run as the server's user, as without this module:
+  where neither mode above is possible, or where the admin asked for it
+  with ``--no-isolation``. Without that flag such a server serves one user
+  only (the first to connect); either way it says that workers are not
+  isolated in its log and ``/api/status``. So does a server whose workers
+  are isolated but share something that does not keep users apart (a Ray
+  cluster without token authentication: :meth:`Isolation.refuse_sharing`).
+
+In every mode a worker's environment comes from an allow-list (like
+JupyterHub's ``Spawner.env_keep``), its output goes to a pipe of its own
+(:mod:`.worker_output`), its host memory and its number of processes and
+threads are limited, with a cgroup of its own where the server can make one
+(see :mod:`.cgroups`, :mod:`.memory_limits`, :mod:`.process_limits`), its
+user's session folders share one disk limit (see :mod:`.user_disks`), and it
+listens on no network port: its sockets are ``ipc://`` paths that only it
+and the server reach (ipykernel's IOPub pipe included, see
+:mod:`.worker_iopub`), or, for a worker of a Ray node, ports that answer only
+the keys of its server. Isolated, a worker can open the device files of the
+GPUs it was started for and no others (see :mod:`.devices`): a worker on CPU
+slots none at all.
+
+A session folder lives as long as its lease, across worker restarts within
+it, and is removed when the lease ends, by a thread of its own (see
+:mod:`.folder_removal`); ``/tmp`` is the worker's own. While its session is
+parked, a folder is out of its user's reach where users have uids of their
+own: it belongs to the server until the session resumes (:meth:`Isolation.seal`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import os
+import platform
+import secrets
+import shutil
+import stat
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from remote_gpu_core.sizes import format_size, parse_size
+
+from .cgroups import Cgroups, WorkerCgroup
+from ..worker_process.confinement import ENV_VAR, IOPUB_DIR_VAR, PRIVATE_TMP, EnterSpec, SpawnSpec
+from .devices import DeviceFile, DeviceTree
+from ..errors import IsolationError
+from .folder_removal import FolderRemover
+from .identities import DEFAULT_UID_RANGE, Identities, Identity, RunAs
+from .memory_limits import MIN_WORKER_MEMORY, MemoryLimits, WorkerMemory, fair_share
+from .process_limits import NprocCounting, ProcessLimits, WorkerProcesses, nproc_counting, parse_pids
+from .sandbox import SandboxLayout, bubblewrap_argv, check_bubblewrap, find_bubblewrap, python_paths
+from .uid_registry import DEFAULT_PATH as DEFAULT_UID_REGISTRY
+from .user_disks import DiskMode, UserDisks
+from ..worker_process.user_namespaces import SUPPORTED as USERNS_FILTER_MACHINES
+
+__all__ = ["ENV_KEEP", "Isolation", "IsolationConfig", "IsolationMode", "Tenant", "WorkerIsolation",
+           "device_groups"]
+
+log = logging.getLogger("remote_gpu_server")
+
+#: Server environment variables a worker keeps (names, and prefixes ending in ``_``).
+ENV_KEEP = ("PATH", "PYTHONPATH", "VIRTUAL_ENV", "CONDA_PREFIX", "CONDA_DEFAULT_ENV", "CONDA_ROOT",
+            "LANG", "LANGUAGE", "LC_", "TZ", "LD_LIBRARY_PATH", "CUDA_", "NVIDIA_", "NCCL_",
+            "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+#: Never passed, whatever --worker-env says: Ray's token lets its holder run code on every node.
+_ENV_NEVER = ("RAY_AUTH_",)
+#: Kept too when workers run as the server's own user.
+_ENV_KEEP_SAME_USER = ("HOME", "USER", "LOGNAME", "SHELL", "TMPDIR")
+#: Where IPython keeps its profile and history: in the worker's private /tmp.
+_IPYTHONDIR = "/tmp/.ipython"
+#: The environment variable that tells a worker its user's disk limit, for its
+#: "disk full" hint (see :mod:`.worker_files`).
+DISK_VAR = "RGPU_SESSION_DISK"
+
+
+class IsolationMode(enum.Enum):
+    UIDS = "uids"
+    BUBBLEWRAP = "bubblewrap"
+    NONE = "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class IsolationConfig:
+    """The ``rgpu serve`` flags of this module."""
+
+    #: ``--run-as``: a dynamic uid per user, or their OS account where one exists.
+    run_as: RunAs = RunAs.DYNAMIC
+    #: ``--no-isolation``: do not isolate workers, and serve every user anyway.
+    no_isolation: bool = False
+    #: ``--worker-memory``: ``auto`` (a fair share per slot), a size, or ``none``.
+    worker_memory: str = "auto"
+    #: ``--worker-pids``: processes and threads per slot: ``auto``, a number, or ``none``.
+    worker_pids: str = "auto"
+    #: ``--session-root``: where session folders go (default: ``sessions`` next to the store).
+    session_root: Path | None = None
+    #: ``--session-disk``: each user's disk for session folders: ``auto``, a size, or ``none``.
+    session_disk: str = "auto"
+    #: ``--uid-range``: the dynamic uids.
+    uid_range: range = DEFAULT_UID_RANGE
+    #: ``--uid-registry``: the host-wide record of the dynamic uids every root
+    #: server here gave out (see :mod:`.uid_registry`).
+    uid_registry: Path = DEFAULT_UID_REGISTRY
+    #: ``--worker-env``: more environment variables workers keep.
+    worker_env: tuple[str, ...] = ()
+    #: The mode to use instead of probing (tests); None probes.
+    mode: IsolationMode | None = None
+    #: Tests only (``$RGPU_TEST_DEVICE_ROOT``): a folder that stands in for ``/``
+    #: where NVIDIA's device files are looked for (see :mod:`.devices`); None: ``/``.
+    device_root: Path | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Tenant:
+    """The user a leased worker works for, and the lease's session folder."""
+
+    user: str
+    folder: Path
+    identity: Identity | None = None
+
+
+def device_groups(files: Iterable[DeviceFile]) -> tuple[int, ...]:
+    """Groups that give access to a worker's device files where others have none.
+
+    Drivers installed with ``NVreg_DeviceFileMode=0660`` leave ``/dev/nvidia*``
+    to a group (often ``video``): workers join it, so CUDA works for them
+    as for the host's users.
+    """
+    gids = set()
+    for device in (f.source for f in files):
+        try:
+            mode, gid = os.stat(device).st_mode, os.stat(device).st_gid
+        except OSError:
+            continue
+        if not mode & 0o006 and mode & 0o060 and gid != 0:
+            gids.add(gid)
+    return tuple(sorted(gids))
+
+
+def _can_refuse_user_namespaces() -> bool:
+    """Whether a root server's workers can be refused new user namespaces here
+    (a seccomp filter for this machine; see :mod:`.user_namespaces`)."""
+    return platform.machine() in USERNS_FILTER_MACHINES
+
+
+def _keep(name: str, keep: tuple[str, ...]) -> bool:
+    return any(name.startswith(k) if k.endswith("_") else name == k for k in keep)
+
+
+class Isolation:
+    """The server's isolation; see the module docstring.
+
+    Call :meth:`start` once the slots are known, :meth:`close` at the end.
+    """
+
+    def __init__(self, config: IsolationConfig, db: Path, server_files: tuple[Path, ...] = (), *,
+                 nvml: Any | None = None) -> None:
+        self.config = config
+        self._nvml = nvml  # a test double of pynvml, or None
+        #: This host's NVIDIA device files (known once :meth:`start` ran).
+        self.devices = DeviceTree(config.device_root or Path("/"))
+        self.db = db
+        self._server_files = server_files
+        self.mode = config.mode or IsolationMode.NONE  # chosen in start() unless given
+        self.reason = ""  # why the mode is not a stronger one
+        self.session_root = config.session_root or db.parent / "sessions"
+        self.cgroups = Cgroups()
+        self.memory = MemoryLimits.choose(None, self.cgroups)
+        self.processes = ProcessLimits.choose(None, self.cgroups, NprocCounting(None))
+        self.identities: Identities | None = None
+        self.bwrap: str | None = None
+        #: Each user's disk limit (see :mod:`.user_disks`); none until :meth:`start` asks for one.
+        self.disks = UserDisks(config.session_disk, self.session_root)
+        #: Deletes the folders of ended leases, off the event loop.
+        self.remover = FolderRemover()
+        #: What keeps this server to one user although workers are isolated (see refuse_sharing).
+        self.unfenced: str | None = None
+        self._only_user: str | None = None
+        self._tenants: set[Tenant] = set()
+        self._parked: set[Tenant] = set()  # forgotten while parked: see forget()
+        self._swept: set[Path] = set()
+
+    @classmethod
+    def unconfined(cls) -> Isolation:
+        """Workers as the server's user, no limits, session folders in a private
+        temporary folder: what a bare pool gets."""
+        root = Path(tempfile.mkdtemp(prefix="rgpu-sessions-"))
+        return cls(IsolationConfig(mode=IsolationMode.NONE, worker_memory="none", worker_pids="none",
+                                   session_root=root),
+                   Path("rgpu.sqlite3"))
+
+    @property
+    def isolated(self) -> bool:
+        return self.mode is not IsolationMode.NONE
+
+    def start(self, slots: int, *, server_pid: int | None = None, disks: bool = False) -> None:
+        """Choose the mode, the cgroups, the limits and (``disks``: on this server's
+        own machine) the users' disk limit; raises IsolationError."""
+        try:
+            per_slot = (fair_share(slots) if self.config.worker_memory == "auto"
+                        else parse_size(self.config.worker_memory, minimum=MIN_WORKER_MEMORY, what="a worker",
+                                        allow_none=True))
+        except ValueError as exc:
+            raise IsolationError(f"--worker-memory: {exc}") from None
+        try:
+            pids = parse_pids(self.config.worker_pids, slots)
+        except ValueError as exc:
+            raise IsolationError(f"--worker-pids: {exc}") from None
+        self.mode = self.choose_mode()
+        wanted = [name for name, limit in (("memory", per_slot), ("pids", pids)) if limit is not None]
+        self.cgroups = Cgroups.probe(wanted, pid=server_pid)
+        self.memory = MemoryLimits.choose(per_slot, self.cgroups)
+        self.processes = ProcessLimits.choose(pids, self.cgroups, nproc_counting(self.mode.value), slots)
+        if self.isolated:
+            if self.config.device_root is not None:
+                log.warning("NVIDIA device files are looked for under %s, not / (a test's stand-in, "
+                            "$RGPU_TEST_DEVICE_ROOT)", self.config.device_root)
+            self.devices = DeviceTree.probe(self.config.device_root, self._nvml)
+            self.devices.make_missing_files()
+            if self.devices.gpus:
+                log.info("workers see the device files of their own GPUs only (%d GPU(s) here; minor numbers "
+                         "from %s)", len(self.devices.gpus), self.devices.source)
+        if self.mode is IsolationMode.UIDS:
+            os.umask(0o077)  # whatever the server writes from now on is its own
+            self._protect_store()
+            self.identities = Identities(self.db.with_name(self.db.name + "-uids.json"),
+                                         self.config.run_as, self.config.uid_range,
+                                         registry=self.config.uid_registry)
+        self._make_session_root()  # every lease has a session folder, isolated or not
+        if disks:
+            try:
+                self.disks.start(filesystems=self.mode is IsolationMode.UIDS)
+            except ValueError as exc:
+                raise IsolationError(str(exc)) from None
+        else:
+            self.disks.reason = "the session folders are not on this server's machine"
+        self._sweep(self.session_root)
+        self._announce()
+
+    def server_files(self) -> tuple[Path, ...]:
+        """What no worker may read: the data folder (the store's: the store, its
+        journal files, the uid mapping, ``tls/``), the session root, the uid
+        registry and every file the server's configuration names (``server_files``
+        as given: keys, certificates, ...). A sandbox hides them where they lie
+        inside what it binds (see :mod:`.sandbox`); as root, file modes do."""
+        db, registry = self.db, self.config.uid_registry
+        return (db.parent, *(db.with_name(db.name + s) for s in ("", "-wal", "-shm", "-journal", "-uids.json")),
+                self.session_root, registry, registry.with_name(registry.name + ".lock"), *self._server_files)
+
+    def choose_mode(self) -> IsolationMode:
+        """The mode :meth:`start` takes: the one given, none for --no-isolation,
+        else the strongest this host allows (:attr:`reason` says why not a stronger one)."""
+        if self.config.mode is not None:
+            return self.config.mode
+        if self.config.no_isolation:
+            self.reason = "--no-isolation"
+            return IsolationMode.NONE
+        return self._probe()
+
+    def refuse_sharing(self, problem: str) -> None:
+        """Serve one user only although workers are isolated, because something
+        they share does not keep users apart (``problem``: what, and what to do);
+        ``--no-isolation`` shares the server anyway, knowingly."""
+        self.unfenced = problem
+
+    def _make_session_root(self) -> None:
+        root = self.session_root
+        root.mkdir(parents=True, exist_ok=True)
+        info = os.lstat(root)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+            raise IsolationError(f"the session root {root} must be a folder of the server's own "
+                                 "(not a link, not another user's): remove it or choose --session-root")
+        # Workers may walk through (to their own folder) but not list it.
+        os.chmod(root, 0o711 if self.mode is IsolationMode.UIDS else 0o700)
+
+    def _probe(self) -> IsolationMode:
+        if os.geteuid() == 0:
+            return IsolationMode.UIDS
+        bwrap = find_bubblewrap()
+        if bwrap is None:
+            self.reason = "not root, and bubblewrap (bwrap) is not installed"
+            return IsolationMode.NONE
+        problem = check_bubblewrap(bwrap)
+        if problem is not None:
+            self.reason = f"not root, and {problem}"
+            return IsolationMode.NONE
+        self.bwrap = bwrap
+        return IsolationMode.BUBBLEWRAP
+
+    def _protect_store(self) -> None:
+        """The store and its journal files are the server's alone (SQLite gives
+        new -wal and -shm files the database's mode)."""
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            path = self.db.with_name(self.db.name + suffix)
+            if path.exists():
+                os.chmod(path, 0o600)
+
+    def _sweep(self, folder: Path) -> None:
+        """Delete what an earlier run left in ``folder``'s trash (once per folder)."""
+        if folder not in self._swept:
+            self._swept.add(folder)
+            self.remover.sweep(folder)
+
+    def _announce(self) -> None:
+        memory = f"{self.memory.describe()}; processes: {self.processes.describe()}"
+        if self.disks.mode is not DiskMode.NONE:
+            log.info("session folders: %s", self.disks.describe())
+        if self.mode is IsolationMode.UIDS:
+            log.info("workers are isolated: each user's run as a uid of their own (--run-as %s) with a "
+                     "private /tmp and SysV IPC; session folders in %s; memory: %s", self.config.run_as.value,
+                     self.session_root, memory)
+            if not _can_refuse_user_namespaces():
+                log.warning("workers may make user namespaces: no seccomp filter for %s", platform.machine())
+        elif self.mode is IsolationMode.BUBBLEWRAP:
+            log.info("workers are isolated in bubblewrap sandboxes (user, mount and pid namespaces); "
+                     "session folders in %s; memory: %s", self.session_root, memory)
+        elif self.config.no_isolation:
+            log.warning("workers are NOT isolated (--no-isolation): every user's code runs as uid %d, "
+                        "like the server, and can read the store, the tokens' users' work and the "
+                        "server's files; memory: %s", os.geteuid(), memory)
+        else:
+            log.warning("workers are NOT isolated (%s): this server serves one user only; start it "
+                        "with --no-isolation to share it anyway, without isolation", self.reason)
+        if self.memory.per_slot is not None and not self.memory.counts_shared_pages:
+            log.warning("worker memory: %s", self.memory.describe())
+        crowded = self.processes.crowding()
+        if crowded:
+            log.warning("%s", crowded)
+
+    def admit(self, user: str) -> str | None:
+        """None if ``user`` may use workers here, else the one-line reason not."""
+        if self.config.no_isolation or (self.isolated and self.unfenced is None):
+            return None
+        if self._only_user is None:
+            self._only_user = user
+            log.warning("users are NOT kept apart: this server now serves %s only", user)
+        if user == self._only_user:
+            return None
+        if self.isolated:
+            return (f"this server cannot keep users apart ({self.unfenced}), so it serves one user only "
+                    f"({self._only_user}); its admin can fix that, or start it with --no-isolation to "
+                    "share it knowingly")
+        return (f"this server cannot isolate workers ({self.reason}), so it serves one user only "
+                f"({self._only_user}); its admin can start it with --no-isolation to share it "
+                "without isolation")
+
+    def status_json(self) -> dict[str, Any]:
+        """The ``isolation`` object of ``GET /api/status``."""
+        if self.mode is IsolationMode.UIDS:
+            detail = f"Each user's workers run as a uid of their own (--run-as {self.config.run_as.value})."
+        elif self.mode is IsolationMode.BUBBLEWRAP:
+            detail = "Each worker runs in a bubblewrap sandbox of its own."
+        elif self.config.no_isolation:
+            detail = ("Started with --no-isolation: every user's code runs as the server's user and can "
+                      "read the other users' code, data and output here.")
+        else:
+            detail = f"Nothing here can isolate them ({self.reason}), so this server serves one user only."
+        if self.unfenced is not None and self.isolated:
+            detail += f" But this server cannot keep users apart ({self.unfenced}), so it serves one user only."
+        return {"isolated": self.isolated and self.unfenced is None, "mode": self.mode.value,
+                "run_as": self.config.run_as.value
+                if self.mode is IsolationMode.UIDS else None, "memory": self.memory.describe(),
+                "disk": self.disks.describe(), "processes": self.processes.describe(), "detail": detail}
+
+    # -- workers -------------------------------------------------------------
+
+    def prepare(self, name: str, slots: int, runtime: Path, tenant: Tenant | None = None,
+                gpus: str = "") -> WorkerIsolation:
+        """How to start worker ``name`` on ``slots`` slots; ``runtime`` is its own
+        runtime folder; ``tenant`` is given for a worker that replaces another
+        within a lease; ``gpus`` is its ``CUDA_VISIBLE_DEVICES``: the GPUs whose
+        device files it gets (none for "")."""
+        cgroup = WorkerCgroup()
+        try:
+            cgroup = self.cgroups.make(name)
+            memory = self.memory.for_worker(cgroup, slots)
+            processes = self.processes.for_worker(cgroup, slots)
+        except OSError as exc:  # the cgroup could not be made: the worker limits itself
+            log.warning("worker %s: no cgroup (%s); it limits itself with rlimits instead", name, exc)
+            cgroup.close()
+            cgroup = WorkerCgroup()
+            memory = self.memory.for_worker(cgroup, slots)
+            processes = self.processes.for_worker(cgroup, slots)
+        if not self.isolated:
+            return WorkerIsolation(self, name, runtime, cgroup, memory, processes, tenant,
+                                   cuda_visible_devices=gpus)
+        return WorkerIsolation(self, name, runtime, cgroup, memory, processes, tenant,
+                               self.devices.for_worker(gpus), self.devices.visible_devices(gpus))
+
+    def new_folder(self, owner: Identity | None, user: str | None = None) -> Path:
+        """A fresh session folder, mode 0700, owned by ``owner`` (else the server), on
+        ``user``'s disk (None: a sandbox's, made before its user is known)."""
+        try:
+            parent = self.disks.folder_root(user)
+        except OSError as exc:
+            raise IsolationError(f"{user}'s disk for session folders could not be made ready: {exc}") from None
+        self._sweep(parent)
+        folder = parent / secrets.token_hex(8)
+        folder.mkdir(mode=0o700)
+        if owner is not None:
+            os.chown(folder, owner.uid, owner.gid)
+        return folder
+
+    def identity(self, user: str) -> Identity | None:
+        """Who ``user``'s workers run as (None: as the server's user)."""
+        return self.identities.of(user) if self.identities is not None else None
+
+    def tenant(self, user: str, folder: Path | None = None, identity: Identity | None = None) -> Tenant:
+        """``user``'s tenancy of a new lease; its session folder is made here
+        unless the worker already has one (a sandbox binds it at start).
+        ``identity`` is who the user runs as where another server decided it
+        (a cluster's head, for its nodes); by default this one decides."""
+        if identity is None:
+            identity = self.identity(user)
+        elif self.identities is not None:
+            self.identities.adopt(identity)  # the head's uid, claimed on this host too
+        tenant = Tenant(user, folder or self.new_folder(identity, user), identity)
+        self._tenants.add(tenant)
+        return tenant
+
+    def forget(self, tenant: Tenant) -> None:
+        """The lease's folder outlives its workers (a parked session's): :meth:`release`
+        and :meth:`close` leave it alone until :meth:`track` takes it back. It still
+        counts towards its user's disk (:meth:`folders_of`)."""
+        self._tenants.discard(tenant)
+        self._parked.add(tenant)
+
+    def track(self, tenant: Tenant) -> None:
+        """``tenant``'s folder is this server's to remove again (a session resumed,
+        or found parked at start)."""
+        self._parked.discard(tenant)
+        self._tenants.add(tenant)
+
+    def folders_of(self, user: str) -> list[Path]:
+        """The session folders of ``user`` here: their leases' and parked sessions'."""
+        return [t.folder for t in self._tenants | self._parked if t.user == user]
+
+    def users(self) -> set[str]:
+        """Users with a session folder here."""
+        return {t.user for t in self._tenants | self._parked}
+
+    def seal(self, tenant: Tenant) -> None:
+        """A parked session's folder goes out of its user's reach: the server's, mode
+        0700, until :meth:`unseal` (only where users run as uids of their own; their
+        other sessions run as the same uid). Blocks: call in a thread."""
+        if tenant.identity is not None and os.geteuid() == 0:
+            os.chown(tenant.folder, 0, 0, follow_symlinks=False)
+            os.chmod(tenant.folder, 0o700, follow_symlinks=False)
+
+    def unseal(self, tenant: Tenant) -> None:
+        """Give a parked session's folder back to its user, as it resumes."""
+        if tenant.identity is not None and os.geteuid() == 0:
+            os.chown(tenant.folder, tenant.identity.uid, tenant.identity.gid, follow_symlinks=False)
+
+    def release(self, tenant: Tenant | None) -> None:
+        """The lease ended: its session folder goes, in the remover's thread (links
+        in it are not followed); returns at once."""
+        if tenant is None or tenant not in self._tenants:
+            return
+        self._tenants.discard(tenant)
+        self._parked.discard(tenant)
+        self.remover.remove(tenant.folder)
+
+    def close(self) -> None:
+        """Remove the leases' folders (parked ones stay), and unmount the users'
+        disks. Blocks until the folders are deleted, or a few seconds."""
+        for tenant in list(self._tenants):
+            self.release(tenant)
+        self.remover.close()
+        self.disks.close()
+        self.cgroups.close()
+
+    def environment(self, extra: dict[str, str]) -> dict[str, str]:
+        """A worker's environment: the allow-listed part of the server's, then ``extra``."""
+        keep = ENV_KEEP + self.config.worker_env + (() if self.isolated else _ENV_KEEP_SAME_USER)
+        env = {k: v for k, v in os.environ.items() if _keep(k, keep) and not k.startswith(_ENV_NEVER)}
+        env.setdefault("PATH", os.defpath)
+        env.update(extra)
+        return env
+
+
+class WorkerIsolation:
+    """One worker's side of :class:`Isolation`; made by :meth:`Isolation.prepare`.
+
+    Use :meth:`command`, :meth:`environment` and :attr:`popen_options` to start
+    the worker, :meth:`enter_spec` at lease time (send what it returns, if
+    anything, before any user request), :meth:`explain` when it dies, and
+    :meth:`close` once it is dead.
+    """
+
+    def __init__(self, isolation: Isolation, name: str, runtime: Path, cgroup: WorkerCgroup,
+                 memory: WorkerMemory, processes: WorkerProcesses, tenant: Tenant | None,
+                 devices: tuple[DeviceFile, ...] = (), cuda_visible_devices: str = "") -> None:
+        self.isolation = isolation
+        self.name = name
+        self.runtime = runtime
+        #: Its cgroups (none where the server has none): they hold all of its processes.
+        self.cgroup = cgroup
+        self.memory = memory
+        self.processes = processes
+        self.tenant = tenant
+        self.mode = isolation.mode
+        #: The device files it may open (its GPUs' and the control files; see :mod:`.devices`).
+        self.devices = devices
+        #: Its ``CUDA_VISIBLE_DEVICES``: its GPUs by UUID where they are fenced.
+        self.cuda_visible_devices = cuda_visible_devices
+        #: The sandbox's session folder (bubblewrap binds it at start).
+        self.folder: Path | None = None
+        if self.mode is IsolationMode.BUBBLEWRAP:
+            self.folder = tenant.folder if tenant is not None else isolation.new_folder(None)
+        #: How the server interrupts it: a signal, or a message where the
+        #: sandbox's pid namespace keeps the kernel out of the server's reach.
+        self.interrupt_mode = "message" if self.mode is IsolationMode.BUBBLEWRAP else "signal"
+
+    @property
+    def own_pid_namespace(self) -> bool:
+        """The worker runs in a pid namespace of its own (a bubblewrap sandbox)."""
+        return self.mode is IsolationMode.BUBBLEWRAP
+
+    def _tmp_size(self) -> int | None:
+        # The tmpfs pages count as the worker's memory too: half of it for
+        # files, so a full /tmp says "No space left" before memory runs out.
+        return self.memory.limit // 2 if self.memory.limit is not None else None
+
+    def command(self, argv: list[str]) -> list[str]:
+        if self.mode is not IsolationMode.BUBBLEWRAP:
+            return list(argv)
+        isolation = self.isolation
+        assert isolation.bwrap is not None and self.folder is not None
+        layout = SandboxLayout(writable=(self.runtime, self.folder),
+                               hidden=(*isolation.server_files(), self.runtime.parent, *self._stand_in_dev()),
+                               tmp_size=self._tmp_size(), chdir=self.folder,
+                               devices=tuple((f.source, Path("/dev") / f.name) for f in self.devices))
+        return bubblewrap_argv(isolation.bwrap, layout) + list(argv)
+
+    def environment(self, extra: dict[str, str]) -> dict[str, str]:
+        disks = self.isolation.disks
+        # Where the server only measures the users' disks, no one file may outgrow
+        # the limit between two of its looks (see user_disks).
+        file_limit = disks.limit if disks.mode is DiskMode.SERVER else None
+        processes = self.processes
+        spec = SpawnSpec(data_limit=self.memory.data_limit, limit_text=self.memory.limit_text,
+                         file_limit=file_limit, nproc_limit=processes.nproc, pids_limit=processes.limit,
+                         pids_events=str(processes.events) if processes.events is not None else None)
+        env = dict(extra)
+        if disks.limit is not None and disks.mode is not DiskMode.NONE:
+            env[DISK_VAR] = format_size(disks.limit)
+        if self.mode is IsolationMode.UIDS:
+            expose = [(str(p), False) for p in python_paths()]
+            expose += [(str(self.runtime), True), (str(self.isolation.session_root), True)]
+            spec = dataclasses.replace(spec, private_tmp=True, tmp_size=self._tmp_size(), expose=tuple(expose),
+                                       private_ipc=True, ipc_limit=self.memory.limit,
+                                       refuse_user_namespaces=_can_refuse_user_namespaces(),
+                                       devices=tuple((str(f.source), f.name) for f in self.devices),
+                                       cover=tuple(str(p) for p in self._stand_in_dev()))
+            env.update(HOME="/tmp", IPYTHONDIR=_IPYTHONDIR)
+        elif self.mode is IsolationMode.BUBBLEWRAP:
+            assert self.folder is not None
+            env.update(HOME=str(self.folder), IPYTHONDIR=_IPYTHONDIR, TMPDIR="/tmp")
+        # ipykernel's pipe for forked children's output: in the private /tmp where
+        # there is one, else in the worker's runtime folder (see worker_iopub).
+        env[IOPUB_DIR_VAR] = "/tmp" if self.mode is not IsolationMode.NONE else str(self.runtime)
+        env[ENV_VAR] = spec.to_json()
+        return self.isolation.environment(env)
+
+    def _stand_in_dev(self) -> tuple[Path, ...]:
+        """A test's stand-in for ``/dev``, which the worker must not reach either."""
+        dev = self.isolation.devices.dev
+        return () if dev == Path("/dev") else (dev,)
+
+    @property
+    def popen_options(self) -> dict[str, Any]:
+        """Keyword arguments for Popen (through jupyter_client)."""
+        options: dict[str, Any] = {}
+        if self.mode is IsolationMode.UIDS:
+            options["cwd"] = "/"
+        join: Callable[[], None] | None = self.cgroup.join
+        if join is not None:
+            options["preexec_fn"] = join
+        return options
+
+    def enter_spec(self, user: str, identity: Identity | None = None) -> EnterSpec | None:
+        """What the worker must take on for ``user``'s lease: its session folder and,
+        isolated, its identity; None for a worker leased for no user (a pool of
+        its own, in tests). ``identity``: see :meth:`Isolation.tenant`."""
+        if not user:
+            if self.mode is IsolationMode.NONE:
+                return None
+            raise IsolationError(f"worker {self.name} was leased for no user; isolated workers need one")
+        if self.tenant is None:
+            self.tenant = self.isolation.tenant(user, self.folder, identity)
+        elif self.tenant.user != user:
+            raise IsolationError(f"worker {self.name} belongs to {self.tenant.user}, not {user}")
+        tenant = self.tenant
+        if self.mode is IsolationMode.NONE:
+            return EnterSpec(cwd=str(tenant.folder))  # the folder only: it runs as the server's user
+        env = {"USER": user, "LOGNAME": user, "HOME": str(tenant.folder), "TMPDIR": "/tmp"}
+        if tenant.identity is None:
+            return EnterSpec(cwd=str(tenant.folder), env=tuple(env.items()))
+        identity = tenant.identity
+        if identity.home and os.path.isdir(identity.home):
+            env["HOME"] = identity.home
+        groups = tuple(sorted(set(identity.groups) | set(device_groups(self.devices))))
+        # What the worker wrote in its private tmpfs before the lease (IPython's
+        # folder, whatever CUDA's start left there) becomes the user's. Its mount
+        # namespace may predate the user's disk: it mounts that first.
+        return EnterSpec(cwd=str(tenant.folder), uid=identity.uid, gid=identity.gid, groups=groups,
+                         env=tuple(env.items()), chown=PRIVATE_TMP,
+                         mount=self.isolation.disks.mount_of(user))
+
+    def adopt(self, tenant: Tenant) -> bool:
+        """Serve ``tenant``, a lease that already has its session folder (a parked
+        session resuming), instead of a new one; False where this started worker
+        cannot: a sandbox bound another folder at its start, or it serves a lease."""
+        if self.tenant is not None or self.mode is IsolationMode.BUBBLEWRAP:
+            return False
+        self.tenant = tenant
+        return True
+
+    def explain(self, returncode: int | None) -> str | None:
+        """Why the worker ended, where isolation knows better than its exit code."""
+        return self.memory.explain(returncode) or self.processes.explain(returncode)
+
+    def close(self) -> None:
+        """Kill what is left of the worker (its cgroup) and remove its runtime folder."""
+        self.cgroup.close()
+        shutil.rmtree(self.runtime, ignore_errors=True)
+        if self.tenant is None and self.folder is not None:  # a sandbox never leased
+            self.isolation.remover.remove(self.folder)
+

@@ -1,0 +1,18 @@
+"""Leased sessions: what a user's lease runs, and how it ends.
+
+:mod:`.manager` opens, attaches, keeps through a disconnect, parks and
+releases sessions; :mod:`.session` is one lease: its cells, pushes, pulls,
+files (:mod:`.files`) and widgets (:mod:`.comms`), each cell's output
+bounded (:mod:`.output_bound`) and journaled, and a cell's job written late
+when the database was away (:mod:`.unrecorded`); :mod:`.stopping` stops a
+running cell (interrupts, restarts, timeouts). :mod:`.parking` parks a
+session and resumes it (:mod:`.parked`: what a parked session holds);
+:mod:`.batch` runs scripts as jobs with leases of their own;
+:mod:`.disk_watch` stops the cells of a user past their disk limit where
+the server measures it.
+
+Imports workers, scheduling, isolation, gpus and the store; the front door
+and connections import it.
+"""
+
+__all__: list[str] = []

@@ -1,0 +1,425 @@
+"""The code that runs inside a worker: an ipykernel plus variable transfer.
+
+Started as ``python -m remote_gpu_server.worker_process.kernel -f CONNECTION_FILE``
+with ``CUDA_VISIBLE_DEVICES`` already in its environment. Before it answers
+its first request it imports torch (when installed) and initialises CUDA when
+a GPU is visible, so that a leased worker's first cell pays neither.
+
+Variables travel in two parts. The request and its answer go over a comm
+with target :data:`COMM_TARGET`, in the kernel's main thread, in order with
+the cells: ``{"op": "push"|"pull", "id": N, "names": [...], "counts": [...]}``
+and ``{"id": N, "ok": true, ...}`` or ``{"id": N, "ok": false, "ename",
+"evalue"}``. The buffers themselves go through the shared-memory ring that
+the server passed as ``RGPU_DATA_RING_FD``, with notes on a private ZMQ PAIR
+socket at ``RGPU_DATA_ADDR`` (an ``ipc://`` path in the server's own runtime
+folder), as described in :mod:`.transfer`. A push's comm message comes first
+and its handler reads the buffers as the server forwards them; a pull's comm
+reply (names, counts, sizes) is sent once the pickling succeeded, and its
+buffers after it, while the server passes them on to the client.
+Only this process unpickles what a client pushed. Files go the same way
+(``{"op": "upload"|"download", "paths": [...]}``, relative to the session
+folder that ``enter`` named; see :mod:`.worker_files`).
+
+Isolation: before anything else, the worker confines itself as the server's
+``RGPU_CONFINE`` spec says (:func:`.confinement.prepare`), and at lease time
+the server's ``{"op": "enter", "id": N, "spec": {...}}`` comm request makes
+it its user's (:func:`.confinement.enter`) before any cell runs.
+
+Output of forked children reaches the kernel on an ``ipc://`` socket in
+the worker's private ``/tmp``, not on ipykernel's loopback TCP port, which
+every process on the host could send to (see :mod:`.worker_iopub`).
+
+Parking: ``{"op": "park", "id": N, "folder": PATH, "limit": BYTES|null}``
+saves the namespace into the session folder and ``{"op": "restore", "id":
+N, "folder": PATH}`` loads it into a fresh worker (see
+:mod:`.parked_namespace`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["COMM_TARGET", "COUNT_KEY", "die_with_parent", "main"]
+
+COMM_TARGET = "rgpu.vars"
+#: The key of an ``execute_request``'s metadata that gives the cell's number:
+#: the notebook's, so that ``Cell In[N]`` in a traceback matches its prompt,
+#: in a worker that replaced one that died as in the first.
+COUNT_KEY = "rgpu_execution_count"
+
+
+def _preload() -> None:
+    try:
+        import torch
+    except ImportError:
+        return
+    if torch.cuda.is_available():
+        torch.cuda.init()
+
+
+#: How long one end of a transfer waits for the next note from the server.
+DATA_TIMEOUT_MS = 60_000
+
+
+class _DataChannel:
+    """The worker's end of :mod:`.transfer`: notes on a PAIR socket with the
+    bytes in the shared ring (``ring_fd``), or, for a server on another host
+    (a ``tls://`` address), notes and bytes in sealed records opened with
+    mutual TLS (``tls``: this worker's key and certificate and the server's
+    certificate, PEM)."""
+
+    def __init__(self, addr: str, ring_fd: int | None, tls: tuple[bytes, bytes, bytes] | None = None) -> None:
+        from .transfer import Inline, Ring, Slots
+
+        self.socket: Any
+        if addr.startswith("tls://"):
+            from .sealed import BlockingTls, pinned_context
+
+            assert tls is not None, "a tls:// data channel needs its keys"
+            host, _, port = addr[len("tls://"):].rpartition(":")
+            self.socket = BlockingTls(host.strip("[]"), int(port), pinned_context(True, *tls))
+        else:
+            import zmq
+
+            self.socket = zmq.Context.instance().socket(zmq.PAIR)
+            self.socket.linger = 0
+            self.socket.sndhwm = self.socket.rcvhwm = 0
+            self.socket.bind(addr)
+        self.ring: Slots
+        if ring_fd is not None:
+            self.ring = Ring(ring_fd)
+            os.close(ring_fd)  # mapped: the user's code has no handle on it
+        else:
+            self.ring = Inline()
+
+    def _recv(self) -> list[Any]:
+        if not self.socket.poll(DATA_TIMEOUT_MS):
+            raise TimeoutError("the server stopped sending in the middle of a transfer")
+        frames: list[Any] = self.socket.recv_multipart()
+        return frames
+
+    def receive(self, tid: int, sink: Callable[[list[int]], Any] | None = None) -> Any:
+        """The buffers of transfer ``tid``, each in fresh writable memory.
+
+        With ``sink``, the pieces go to ``sink(sizes)`` instead (an object
+        with ``add(piece)`` and ``done``, as :class:`~.transfer.Filler`),
+        which is returned.
+        """
+        from remote_gpu_core.errors import ProtocolError
+
+        from .transfer import ABORT, DATA, END, HEADER, Filler, abort, parse_abort, parse_header, tid_of
+
+        ring = self.ring
+        ring.begin(tid)
+        while True:  # skip what is left of transfers that were given up
+            kind, payload, *_ = self._recv()
+            if kind == HEADER:
+                got, sizes = parse_header(payload)
+                if got == tid:
+                    break
+        filler = Filler(sizes) if sink is None else sink(sizes)
+        try:
+            while True:
+                kind, payload, *rest = self._recv()
+                if kind == DATA:
+                    taken = ring.take(payload, rest)
+                    if taken is not None:
+                        filler.add(taken[0])
+                        self.socket.send_multipart(taken[1])
+                elif kind == END and tid_of(payload) == tid:
+                    if not filler.done:
+                        raise ConnectionError("the push ended before all its bytes came")
+                    return filler if sink is not None else filler.buffers
+                elif kind == ABORT and tid_of(payload) == tid:
+                    raise ConnectionError("the push was cut short: " + parse_abort(payload)[1])
+        except (TimeoutError, ProtocolError, ValueError) as exc:
+            self.socket.send_multipart(abort(tid, str(exc)))  # the server stops sending
+            raise
+
+    def send(self, tid: int, buffers: list[Any]) -> None:
+        """Send ``buffers`` through the ring, as fast as the server frees slots.
+
+        Stops early, telling the server, if the server gives up or goes
+        quiet or the user interrupts; the pull then fails on the server.
+        """
+        from .transfer import abort, end, pieces
+
+        ring = self.ring
+        ring.begin(tid)
+        try:
+            for piece in pieces(buffers):
+                while not ring.free:
+                    kind, payload, *_ = self._recv()
+                    if ring.answer(kind, payload) is not None:
+                        return  # the server gave up
+                self.socket.send_multipart(ring.put(piece), copy=False)
+        except (TimeoutError, KeyboardInterrupt) as exc:
+            self.socket.send_multipart(abort(tid, str(exc) or "interrupted"))
+            return
+        self.socket.send_multipart(end(tid))
+
+
+def _handle(shell: Any, channel: _DataChannel, data: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """Do one transfer request: ``(reply, then)``, where ``then`` (or None)
+    runs after the reply is sent."""
+    from remote_gpu_core.protocol.serialization import dump_values, load_values
+
+    op, names = data.get("op"), list(data.get("names") or [])
+    if op == "enter":  # isolation hook: only the server can send it, once, before any cell
+        from .confinement import EnterSpec, enter
+
+        spec = EnterSpec.from_json(dict(data["spec"]))
+        enter(spec)
+        die_with_parent()  # a change of credentials cleared it
+        if spec.cwd:
+            _enter_folder(spec.cwd)
+        return {"ok": True}, None
+    if op in ("upload", "download"):
+        return _handle_files(channel, op, data)
+    if op == "push":
+        buffers = channel.receive(int(data["id"]))
+        values = load_values(names, list(data.get("counts") or []), buffers)
+        shell.user_ns.update(values)
+        return {"ok": True, "names": names}, None
+    if op == "pull":
+        missing = [n for n in names if n not in shell.user_ns]
+        if missing:
+            raise NameError(f"name {missing[0]!r} is not defined in the remote namespace")
+        names, counts, bufs = dump_values({n: shell.user_ns[n] for n in names})
+        sizes = [memoryview(b).nbytes for b in bufs]
+        # The server streams the buffers on to its client as they come, and
+        # needs the sizes first: the reply goes out before the bytes.
+        return ({"ok": True, "names": names, "counts": counts, "sizes": sizes},
+                lambda: channel.send(int(data["id"]), bufs))
+    if op == "park":
+        return _park(shell, str(data["folder"]), data.get("limit")), None
+    if op == "restore":
+        return _restore(shell, str(data["folder"])), None
+    raise ValueError(f"unknown variable transfer op {op!r}")
+
+
+def _park(shell: Any, folder: str, limit: int | None) -> dict[str, Any]:
+    """Save the namespace for a parked session (see :mod:`.parked_namespace`)."""
+    from .parked_namespace import savable_names, save
+
+    names = savable_names(shell.user_ns, shell.user_ns_hidden)
+    saved = save({n: shell.user_ns[n] for n in names}, folder, None if limit is None else int(limit),
+                 namespace=shell.user_ns, execution_count=shell.execution_count)
+    return {"ok": True, "names": list(saved.names), "unsaved": dict(saved.unsaved), "nbytes": saved.nbytes,
+            "seconds": saved.seconds}
+
+
+def _restore(shell: Any, folder: str) -> dict[str, Any]:
+    """Load a parked session's namespace into this fresh worker, then delete its files."""
+    import shutil
+
+    from .parked_namespace import load, read_manifest
+
+    restored = load(folder, shell.user_ns)
+    shell.user_ns.update(restored.values)
+    shell.execution_count = max(shell.execution_count, int(read_manifest(folder).get("execution_count") or 0))
+    shutil.rmtree(folder, ignore_errors=True)
+    return {"ok": True, "names": list(restored.values), "failed": dict(restored.failed),
+            "unsaved": dict(restored.unsaved), "notes": list(restored.notes), "nbytes": restored.nbytes,
+            "seconds": restored.seconds}
+
+
+_folder: Any = None  # the session's worker_files.Folder, once the server said which
+
+
+def _enter_folder(path: str) -> None:
+    """Make ``path`` (the session's folder, the worker's working folder) the root of file transfers."""
+    from .files import Folder
+
+    global _folder
+    _folder = Folder(path)
+
+
+def _handle_files(channel: _DataChannel, op: str, data: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """The file operations of :mod:`.worker_files`: ``upload`` and ``download``."""
+    from .files import FileSink
+
+    if op == "upload":
+        paths = [str(p) for p in data.get("paths") or []]
+        targets, refused = [], None
+        try:
+            if _folder is None:
+                raise PermissionError("this worker has no session folder")
+            targets = [_folder.resolve(p) for p in paths]
+        except (PermissionError, OSError) as exc:
+            refused = exc
+        sinks: list[FileSink] = []
+
+        def make_sink(sizes: list[int]) -> FileSink:
+            sinks.append(FileSink(targets, sizes, refused))
+            return sinks[-1]
+
+        try:
+            channel.receive(int(data["id"]), make_sink)
+        except BaseException:
+            for sink in sinks:
+                sink.abandon()
+            raise
+        sinks[-1].finish()
+        return {"ok": True, "paths": paths, "sizes": [t.stat().st_size for t in targets]}, None
+    if _folder is None:
+        raise PermissionError("this worker has no session folder")
+    names, buffers = _folder.read([str(p) for p in data.get("paths") or []])
+    sizes = [memoryview(b).nbytes for b in buffers]
+
+    def send() -> None:
+        try:
+            channel.send(int(data["id"]), buffers)
+        finally:
+            for buf in buffers:
+                try:
+                    if hasattr(buf, "close"):
+                        buf.close()
+                except BufferError:
+                    pass  # a view is still held; the map goes with it
+
+    return {"ok": True, "paths": names, "sizes": sizes}, send
+
+
+def _comm_opener(channel: _DataChannel) -> Any:
+    def on_open(comm: Any, open_msg: Any) -> None:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+
+        def on_msg(msg: dict[str, Any]) -> None:
+            data = msg["content"]["data"]
+            then = None
+            try:
+                reply, then = _handle(shell, channel, data)
+            except Exception as exc:
+                reply = {"ok": False, "ename": type(exc).__name__, "evalue": str(exc)}
+                if isinstance(getattr(exc, "name", None), str):
+                    reply["name"] = exc.name  # type: ignore[attr-defined]
+            reply["id"] = data.get("id")
+            comm.send(reply)
+            if then is not None:
+                then()
+
+        comm.on_msg(on_msg)
+
+    return on_open
+
+
+def die_with_parent() -> None:
+    """Ask Linux to kill this process when the process that started it dies.
+
+    A worker outlives nothing: not a server killed with SIGKILL, not a Ray
+    host actor whose node went away. Credentials changes clear the setting:
+    call again after dropping privileges.
+    """
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    parent = int(os.environ.pop("RGPU_PARENT_PID", "0") or 0)
+    if parent and os.getppid() != parent:  # the parent died before the call
+        os._exit(1)
+
+
+def _kernel_class() -> Any:
+    from ipykernel.ipkernel import IPythonKernel
+
+    from remote_gpu_core.ipykernel_app import CommsBesideCells, MainLoopShell
+
+    class WorkerKernel(MainLoopShell, CommsBesideCells, IPythonKernel):  # type: ignore[misc]
+        """ipykernel's kernel, with an idle status after every comm message,
+        and the cell numbers the server gives (:data:`COUNT_KEY`).
+
+        ipykernel 7 handles a comm message that arrives while a cell awaits
+        at the same time as the cell, and then sends no status for it; the
+        server ends a comm request at its idle status, so it sends one.
+        """
+
+        async def execute_request(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
+            count = (parent.get("metadata") or {}).get(COUNT_KEY)
+            if isinstance(count, int) and not isinstance(count, bool) and count > 0 and self.shell is not None:
+                self.shell.execution_count = count
+            await super().execute_request(stream, ident, parent)
+
+        async def dispatch_shell(self, msg: Any, /, subshell_id: str | None = None, *,
+                                 concurrent: bool = False) -> None:
+            await super().dispatch_shell(msg, subshell_id=subshell_id, concurrent=concurrent)
+            if concurrent:
+                self._publish_status("idle", "shell", parent=self.get_parent("shell"))
+
+    return WorkerKernel
+
+
+def _app_class() -> Any:
+    import zmq
+
+    from remote_gpu_core.ipykernel_app import MainLoopKernelApp
+
+    from .confinement import IOPUB_DIR_VAR
+    from .iopub import PrivatePipe
+
+    class WorkerKernelApp(MainLoopKernelApp):  # type: ignore[misc]
+        """The kernel app, with the IOPub pipe of :mod:`.worker_iopub`."""
+
+        def init_iopub(self, context: Any) -> None:
+            # As IPKernelApp.init_iopub, with PrivatePipe for IOPubThread.
+            self.iopub_socket = context.socket(zmq.XPUB)
+            self.iopub_socket.linger = 1000
+            self._apply_curve_server_options(self.iopub_socket)
+            self.iopub_port = self._bind_socket(self.iopub_socket, self.iopub_port)
+            self.log.debug("iopub PUB Channel on port: %i", self.iopub_port)
+            self.configure_tornado_logger()
+            self.iopub_thread = PrivatePipe(self.iopub_socket, os.environ.pop(IOPUB_DIR_VAR, None),
+                                            session=self.session)
+            self.iopub_thread.start()
+            self.iopub_socket = self.iopub_thread.background_socket
+
+    return WorkerKernelApp
+
+
+def main(argv: list[str] | None = None) -> None:
+    # Isolation hook: first, while this process is one thread (see confinement.py).
+    from .confinement import prepare_from_environ
+
+    spawn = prepare_from_environ()
+    die_with_parent()
+    _preload()
+    app = _app_class().instance(kernel_class=_kernel_class())
+    app.initialize(sys.argv[1:] if argv is None else argv)
+    from . import errors as worker_errors
+
+    worker_errors.enable_fault_report()  # after ipykernel's own faulthandler setup
+    limit = spawn.limit_text if spawn is not None and spawn.data_limit is not None else None
+    processes = (worker_errors.ProcessLimit(spawn.pids_limit, spawn.pids_events)
+                 if spawn is not None and spawn.pids_limit is not None else None)
+    worker_errors.install(app.shell, limit, processes)
+    # ipykernel sleeps 0.5 ms before each execute_reply so that a client
+    # that stops at the reply has the streams first; the server waits for
+    # the idle status, which comes after the streams, so it only adds latency.
+    app.kernel._execute_sleep = 0.0
+    from remote_gpu_core.ipykernel_app import skip_empty_flushes
+
+    for stream in (sys.stdout, sys.stderr):  # ipykernel's OutStreams, made by initialize()
+        skip_empty_flushes(stream)
+    ring_fd = os.environ.pop("RGPU_DATA_RING_FD", None)
+    tls = tuple(os.environ.pop(name, "").encode() for name in
+                ("RGPU_DATA_TLS_KEY", "RGPU_DATA_TLS_CERT", "RGPU_DATA_TLS_PEER"))
+    channel = _DataChannel(os.environ.pop("RGPU_DATA_ADDR"), int(ring_fd) if ring_fd else None,
+                           tls if all(tls) else None)  # type: ignore[arg-type]
+    app.kernel.comm_manager.register_target(COMM_TARGET, _comm_opener(channel))
+    from .files import install_hint
+
+    install_hint(app.shell)
+    app.start()
+
+
+if __name__ == "__main__":
+    main()

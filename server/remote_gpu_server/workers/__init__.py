@@ -1,0 +1,17 @@
+"""The server's side of workers.
+
+:mod:`.pool` keeps a warm worker per free slot and asks a launcher
+(:mod:`.launcher`: the interface; :mod:`.local_launcher`: this host) for
+processes; :mod:`.worker` is the server's handle of one worker (its signed
+Jupyter channels and the data channel's server end, :mod:`.datachannel`);
+:mod:`.output` reads its stdout into the log. Stopping and death:
+:mod:`.ladder` (every process a worker started, SIGTERM then SIGKILL),
+:mod:`.death` (why a worker died), :mod:`.drain` (a slot comes back only
+once no stopped process holds it), :mod:`.gpu_fence` and :mod:`.owners` (a
+worker found on a GPU it did not lease is stopped).
+
+Imports isolation, gpus and the worker process's own modules (for the
+formats both ends share); sessions and the cluster import it.
+"""
+
+__all__: list[str] = []

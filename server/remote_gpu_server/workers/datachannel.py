@@ -1,0 +1,192 @@
+"""The server's end of a worker's data channel: where pushed and pulled bytes go.
+
+Notes (:mod:`.transfer`) travel on a carrier (:mod:`.notes`); the pieces
+themselves travel in a :class:`~.transfer.Slots`: a shared-memory
+:class:`~.transfer.Ring` when the worker runs on this host (notes on a
+private ZMQ PAIR socket; one copy in, one copy out, no socket copies), or
+:class:`~.transfer.Inline` inside the notes when it runs on another host
+(sealed records opened with mutual TLS). Either way at most the slots' worth of a transfer is in
+flight, and a note of an abandoned transfer is skipped.
+
+The channel knows nothing of Jupyter: the worker handle (:mod:`.worker`)
+asks for a transfer over its comm and moves the bytes through here. Every
+wait also watches the worker's liveness, so a worker that dies in the
+middle fails the transfer at once (:class:`TransferAborted` or the
+worker's own ``WorkerDied``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any, Protocol
+
+from remote_gpu_core.protocol.framing import Chunks
+
+from ..worker_process import transfer
+from .carriers import PairCarrier, TlsCarrier
+
+__all__ = ["Carrier", "DataChannel", "Liveness", "TransferAborted"]
+
+
+class Carrier(Protocol):
+    """How notes travel (see :mod:`.notes`)."""
+
+    async def send(self, frames: Sequence[Any]) -> None: ...
+
+    def recv_nowait(self) -> list[Any] | None: ...
+
+    async def recv(self) -> list[Any]: ...
+
+    def close(self) -> None: ...
+
+
+class TransferAborted(ConnectionError):
+    """A push or pull stream broke before its end (client or worker gone).
+
+    ``worker_stopped`` says the worker gave up itself and needs no notice.
+    """
+
+    def __init__(self, reason: str, worker_stopped: bool = False) -> None:
+        super().__init__(reason)
+        self.worker_stopped = worker_stopped
+
+
+class Liveness(Protocol):
+    """The worker a transfer talks to: set ``died`` when it dies."""
+
+    died: asyncio.Event
+
+    def check_alive(self) -> None:
+        """Raise the worker's ``WorkerDied`` if it is dead or shut down."""
+
+
+async def _iterate(items: Iterable[Any]) -> AsyncIterator[Any]:
+    for item in items:
+        yield item
+
+
+async def _stream(chunks: Chunks) -> AsyncIterator[memoryview]:
+    """The pieces of ``chunks`` as they arrive; each is dropped once yielded."""
+    arrived = asyncio.Event()
+    chunks.listener = arrived.set
+    index = 0
+    try:
+        while True:
+            while index < len(chunks.parts):
+                piece = chunks.release(index)  # forgotten there: freed once the worker has it
+                index += 1
+                yield piece
+            if chunks.complete:
+                return
+            if chunks.failed is not None:
+                raise TransferAborted(chunks.failed)
+            arrived.clear()
+            await arrived.wait()
+    finally:
+        chunks.listener = None
+
+
+class DataChannel:
+    """One worker's channel over ``carrier``, its pieces in ``slots``: the
+    :class:`~.transfer.Ring` shared with a worker on this host, or an
+    :class:`~.transfer.Inline` for a worker on another host.
+    One transfer at a time: the caller ends each before the next begins.
+    """
+
+    def __init__(self, carrier: Carrier, slots: transfer.Slots) -> None:
+        self.carrier = carrier
+        self.slots = slots
+
+    @classmethod
+    def connect(cls, address: str, slots: transfer.Slots, context: Any = None) -> DataChannel:
+        """``ipc://PATH`` (a PAIR socket) or ``tls://HOST:PORT`` (``context``: a pinned TLS context)."""
+        if address.startswith("tls://"):
+            host, _, port = address[len("tls://"):].rpartition(":")
+            return cls(TlsCarrier(host.strip("[]"), int(port), context), slots)
+        return cls(PairCarrier(address), slots)
+
+    async def send(self, tid: int, buffers: Sequence[Any], worker: Liveness) -> None:
+        """Send a push's ``buffers`` (bytes-like, or :class:`Chunks` still filling).
+
+        Raises :class:`TransferAborted` if a stream breaks or the worker
+        gives up; the worker is told to drop the transfer unless it gave up.
+        """
+        slots = self.slots
+        slots.begin(tid)
+        sizes = [len(b) if isinstance(b, Chunks) else memoryview(b).nbytes for b in buffers]
+        try:
+            await self.carrier.send(transfer.header(tid, sizes))
+            for buf in buffers:
+                parts = _stream(buf) if isinstance(buf, Chunks) else _iterate(transfer.pieces([buf]))
+                async for piece in parts:
+                    while not slots.free:  # the worker has every slot: wait until it hands one back
+                        kind, payload, *_ = await self._recv(worker, timeout=None)
+                        reason = slots.answer(kind, payload)
+                        if reason is not None:
+                            raise TransferAborted(reason, worker_stopped=True)
+                    worker.check_alive()  # a kill unmaps the ring
+                    await self.carrier.send(slots.put(piece))
+            await self.carrier.send(transfer.end(tid))
+        except TransferAborted as exc:
+            if not exc.worker_stopped:
+                await self.abort(tid, str(exc))
+            raise
+
+    async def receive(self, tid: int, worker: Liveness) -> AsyncIterator[memoryview]:
+        """The pieces of a pull, in order, each valid until the next is asked for.
+
+        Closing the iterator before its end tells the worker to stop.
+        """
+        slots = self.slots
+        slots.begin(tid)
+        finished = False
+        try:
+            while True:
+                kind, payload, *rest = await self._recv(worker, timeout=60)
+                if kind == transfer.DATA:
+                    taken = slots.take(payload, rest)
+                    if taken is None:
+                        continue  # a piece of an earlier transfer nobody read
+                    yield taken[0]
+                    worker.check_alive()  # a kill closes the socket and the ring
+                    await self.carrier.send(taken[1])
+                elif kind == transfer.END and transfer.tid_of(payload) == tid:
+                    finished = True
+                    return
+                elif kind == transfer.ABORT and transfer.tid_of(payload) == tid:
+                    finished = True
+                    raise TransferAborted(transfer.parse_abort(payload)[1], worker_stopped=True)
+        finally:
+            if not finished and not worker.died.is_set():
+                try:
+                    await self.abort(tid, "the pull was not read to its end")
+                except Exception:
+                    pass  # the channel is gone with the worker
+
+    async def abort(self, tid: int, reason: str) -> None:
+        await self.carrier.send(transfer.abort(tid, reason))
+
+    async def _recv(self, worker: Liveness, timeout: float | None) -> list[Any]:
+        """The next note from the worker; TransferAborted if none comes in ``timeout``."""
+        ready = self.carrier.recv_nowait()
+        if ready is not None:
+            return ready
+        recv = asyncio.ensure_future(self.carrier.recv())
+        died = asyncio.ensure_future(worker.died.wait())
+        try:
+            await asyncio.wait({recv, died}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            died.cancel()
+        if not recv.done() or recv.cancelled() or recv.exception() is not None:
+            # No note: a timeout, or the worker died and its kill closed the
+            # socket under this read (cancelling it). Say which.
+            recv.cancel()
+            worker.check_alive()
+            raise TransferAborted("the worker stopped answering in the middle of a transfer")
+        frames = recv.result()
+        return frames
+
+    def close(self) -> None:
+        self.carrier.close()
+        self.slots.close()

@@ -1,0 +1,237 @@
+"""The warm pool: one started worker waiting on every free slot.
+
+A lease takes the slot's warm worker (already started, torch imported), so
+it does not pay a cold start. A worker serves one session and is never
+reused: :meth:`Pool.recycle` kills it and warms a fresh one in its place. A
+lease of several slots starts a worker pinned to all of them (cold), and
+the single-slot workers it displaces are recycled. Workers come from a
+:class:`~.launcher.WorkerLauncher`; the pool never builds a process itself.
+
+Every worker is killed with the stop ladder (``term_grace`` seconds between
+SIGTERM and SIGKILL, see :mod:`.ladder`). After a leased worker's kill,
+``drain`` (see :mod:`.drain`) waits until none of its processes holds its
+slots before they go back; a slot still held is draining, and gets its
+warm worker only once it is free (the server calls :meth:`Pool.add`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+
+from remote_gpu_core.ids import SlotId
+
+from . import ladder
+from ..gpus.discovery import Slot
+from ..isolation.policy import Tenant
+from .launcher import WorkerLauncher
+from .worker import GpuErrors, Worker
+
+__all__ = ["DrainCheck", "Pool"]
+
+#: Waits until none of some pids holds the slots; returns the slots still
+#: held, now draining (see :meth:`.drain.Drainer.settle`; ``check``: read the GPUs again).
+DrainCheck = Callable[[list[SlotId], frozenset[int], bool], Awaitable[frozenset[SlotId]]]
+
+log = logging.getLogger("remote_gpu_server")
+
+
+class Pool:
+    """Call :meth:`start` first and :meth:`close` at the end."""
+
+    def __init__(self, launcher: WorkerLauncher, slots: Iterable[Slot], startup_timeout: float = 120,
+                 is_down: Callable[[Slot], bool] = lambda slot: False, *, term_grace: float = 0.0) -> None:
+        self.launcher = launcher
+        self.term_grace = term_grace
+        #: Set by the server once its readings exist (see the module docstring).
+        self.drain: DrainCheck | None = None
+        #: What a worker's GPUs reported while it ran, for its cause of death (see :mod:`.xid`).
+        self.gpu_errors: GpuErrors | None = None
+        self._is_down = is_down  # a slot whose node is away gets no warm worker
+        self.slots = {s.id: s for s in slots}
+        self.startup_timeout = startup_timeout
+        self._warm: dict[SlotId, asyncio.Task[Worker]] = {}
+        self._workers: set[Worker] = set()
+        self._closing = False
+
+    def start(self) -> None:
+        for slot_id in self.slots:
+            self._warm_up(slot_id)
+
+    def add(self, slots: Iterable[Slot]) -> None:
+        """Slots that joined, or whose node came back: warm a worker on each that has none."""
+        for slot in slots:
+            self.slots[slot.id] = slot
+            task = self._warm.get(slot.id)
+            if task is None or (task.done() and (task.exception() is not None or not task.result().alive)):
+                self._warm_up(slot.id)
+
+    def _warm_up(self, slot_id: SlotId) -> None:
+        if self._closing or self._is_down(self.slots[slot_id]):
+            return
+        task = asyncio.get_running_loop().create_task(self._start([self.slots[slot_id]]))
+        self._warm[slot_id] = task
+
+    async def _start(self, slots: list[Slot], tenant: Tenant | None = None) -> Worker:
+        worker = await Worker.start(self.launcher, slots, self.startup_timeout, tenant,
+                                    term_grace=self.term_grace, gpu_errors=self.gpu_errors)
+        self._workers.add(worker)
+        return worker
+
+    async def _settle(self, worker: Worker) -> frozenset[SlotId]:
+        """After a leased worker's kill: wait for its processes to let go of its
+        slots; returns those still held at the drain deadline (draining)."""
+        if self.drain is None:
+            return frozenset()
+        gpu_error = self.gpu_errors is not None and self.gpu_errors(worker.slots, worker.started_at)
+        return await self.drain([s.id for s in worker.slots], worker.stopped_pids, bool(gpu_error))
+
+    async def _enter(self, worker: Worker, user: str, new_lease: bool = True) -> Worker:
+        """``worker``, now ``user``'s; killed (and its new lease's folder gone) if it could not be."""
+        try:
+            await worker.enter(user)
+        except BaseException:
+            await worker.kill()
+            if new_lease:
+                self.launcher.release(worker.tenant)
+            raise
+        return worker
+
+    def workers_on(self, slot_ids: Iterable[SlotId]) -> list[Worker]:
+        """The live workers (warm or leased) on any of ``slot_ids``."""
+        wanted = set(slot_ids)
+        return [w for w in self._workers if w.alive and any(s.id in wanted for s in w.slots)]
+
+    def device(self, slot_id: SlotId) -> int | None:
+        """The GPU index (on its node) of the worker that holds ``slot_id``, where its
+        launcher chose one (Ray assigns a worker's GPUs); None: the slot's own index."""
+        for worker in self._workers:
+            devices = getattr(worker.process, "devices", None)
+            if worker.alive and devices:
+                for slot, device in zip(worker.slots, devices):
+                    if slot.id == slot_id:
+                        return int(device)
+        return None
+
+    def workers(self) -> list[Worker]:
+        """The live workers, warm or leased."""
+        return [w for w in self._workers if w.alive]
+
+    def scopes(self) -> list[ladder.Scope]:
+        """Where this host's live workers' processes are (see :mod:`.owners`)."""
+        return [scope for w in self._workers if w.alive and (scope := getattr(w.process, "scope", None)) is not None]
+
+    def worker_pids(self, slot_id: SlotId) -> list[int]:
+        """Process ids of the live workers on ``slot_id`` (warm or leased)."""
+        # A worker still starting has no pid yet; a dead or killed one is dropped.
+        self._workers = {w for w in self._workers if w.alive}
+        return [w.pid for w in self._workers
+                if w.alive and w.pid is not None and any(s.id == slot_id for s in w.slots)]
+
+    async def wait_ready(self) -> None:
+        """Wait until every slot's warm worker has started (for tests, benches)."""
+        await asyncio.gather(*self._warm.values(), return_exceptions=True)
+
+    def is_warm(self, slot_id: SlotId) -> bool:
+        """Whether a started, live worker waits on ``slot_id`` for the next lease."""
+        task = self._warm.get(slot_id)
+        return (task is not None and task.done() and not task.cancelled() and task.exception() is None
+                and task.result().alive)
+
+    async def take(self, slot_ids: list[SlotId], user: str = "", tenant: Tenant | None = None) -> Worker:
+        """A started worker pinned to ``slot_ids``, made ``user``'s; the slots'
+        warm workers go. ``tenant``: the lease has its session folder already
+        (a parked session resuming; ``user`` is then its user)."""
+        if tenant is not None:
+            return await self._take_for(slot_ids, tenant)
+        if len(slot_ids) == 1:
+            slot_id = slot_ids[0]
+            task = self._warm.pop(slot_id, None)
+            if task is not None:
+                try:
+                    worker = await task
+                    if worker.alive:
+                        return await self._enter(worker, user)
+                    await worker.kill()
+                except Exception:
+                    log.exception("warm worker for %s failed to start; starting another", slot_id)
+            return await self._enter(await self._start([self.slots[slot_id]]), user)
+        for slot_id in slot_ids:
+            task = self._warm.pop(slot_id, None)
+            if task is not None:
+                asyncio.get_running_loop().create_task(self._discard(task))
+        return await self._enter(await self._start([self.slots[s] for s in slot_ids]), user)
+
+    async def _take_for(self, slot_ids: list[SlotId], tenant: Tenant) -> Worker:
+        """A worker for ``tenant``'s lease: the slot's warm one where it can take
+        the folder on, else a fresh one started for it."""
+        for slot_id in slot_ids:
+            task = self._warm.pop(slot_id, None)
+            if task is None:
+                continue
+            worker = await self._settled(task)
+            adopt = getattr(worker.process, "adopt", None) if worker is not None else None
+            if worker is not None and len(slot_ids) == 1 and worker.alive and adopt is not None \
+                    and adopt(tenant):
+                return await self._enter(worker, tenant.user, new_lease=False)
+            if worker is not None:
+                await worker.kill()
+        fresh = await self._start([self.slots[s] for s in slot_ids], tenant)
+        return await self._enter(fresh, tenant.user, new_lease=False)
+
+    async def _settled(self, task: asyncio.Task[Worker]) -> Worker | None:
+        """The warm worker ``task`` started, or None if it failed to."""
+        try:
+            return await task
+        except asyncio.CancelledError:
+            if not task.cancelled():
+                raise
+            return None
+        except Exception:
+            log.warning("a warm worker failed to start; starting another", exc_info=True)
+            return None
+
+    async def _discard(self, task: asyncio.Task[Worker]) -> None:
+        try:
+            worker = await task
+        except (asyncio.CancelledError, Exception):
+            return
+        await worker.kill()
+
+    async def replace(self, worker: Worker, reason: str | None = None) -> Worker:
+        """Kill ``worker`` and start a fresh one on the same slots (its session
+        goes on, with the same user and session folder); its requests fail
+        saying ``reason``. The fresh one starts once the old one's processes let
+        go of the slots, or at the drain deadline (the slots are then draining:
+        nobody else gets them once this session ends, until they are free)."""
+        await worker.kill(reason)
+        await self._settle(worker)
+        tenant = worker.tenant
+        fresh = await self._start(worker.slots, tenant)
+        return await self._enter(fresh, tenant.user, new_lease=False) if tenant is not None else fresh
+
+    async def recycle(self, worker: Worker, reason: str | None = None, keep_folder: bool = False) -> None:
+        """Kill ``worker`` (every process it started), end its lease's session
+        folder (unless ``keep_folder``: a parked session's), and warm fresh
+        ones on its slots once its processes let go of them (a draining slot
+        is warmed when it is drained)."""
+        await worker.kill(reason)
+        if not keep_folder:
+            self.launcher.release(worker.tenant)
+        draining = await self._settle(worker)
+        for slot in worker.slots:
+            if slot.id not in draining:
+                self._warm_up(slot.id)
+
+    async def close(self) -> None:
+        """Stop warming, and kill every worker at once (a worker still starting is given up)."""
+        self._closing = True
+        tasks = list(self._warm.values())
+        self._warm.clear()
+        for task in tasks:
+            if not task.done():
+                task.cancel()
+        await asyncio.gather(*(self._discard(task) for task in tasks), return_exceptions=True)
+        await asyncio.gather(*(worker.kill() for worker in list(self._workers)), return_exceptions=True)
+        await self.launcher.close()

@@ -16,4 +16,7 @@ Importable without websockets or an event loop; imports no other package of
 this project.
 """
 
-__all__: list[str] = []
+__all__ = ["__version__"]
+
+#: The version of every part (they are one distribution).
+__version__ = "0.1.0"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
+from remote_gpu_core import __version__
 
 from .client import AsyncClient, AsyncSession, ExecuteResult
 from remote_gpu_core.errors import *

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from remote_gpu_kernel import __version__
+from remote_gpu_core import __version__
 
 from .handlers import setup_handlers
 

@@ -13,11 +13,14 @@ below it (``import-linter`` checks this; see ``pyproject.toml``):
   parking;
 - :mod:`.cluster`: many machines, through Ray;
 - :mod:`.workers`: the server's side of workers: the warm pool, launchers,
-  the stop ladder, causes of death, the data channel's server end;
+  the handle, causes of death, the data channel's server end;
 - :mod:`.scheduling`: who gets the next GPU;
 - :mod:`.isolation`: who a worker runs as and what it can reach;
 - :mod:`.gpus`: slots, NVML readings and health;
+- :mod:`.processes`: a worker's processes: where they are, whose a process
+  is, and the stop ladder;
 - :mod:`.store`: SQLite or PostgreSQL, and the output journal;
+- :mod:`.certificates`: the keys and certificates the server makes;
 - :mod:`.worker_process`: the code that runs inside a worker process;
 - :mod:`.errors`: the server's errors.
 

@@ -17,6 +17,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from remote_gpu_core import __version__
 from remote_gpu_core.tls import is_loopback
 from remote_gpu_core.ids import SlotId
 
@@ -55,7 +56,6 @@ from .gpus.xid import XidEvent, XidWatcher
 
 __all__ = ["GpuServer", "__version__"]
 
-__version__ = "0.1.0"
 
 log = logging.getLogger("remote_gpu_server")
 

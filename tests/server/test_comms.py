@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from remote_gpu_server.sessions.comms import CommTable
+from remote_gpu_server.workers.comms import CommTable
 
 
 def test_a_comm_the_worker_opened_takes_messages_until_either_side_closes_it() -> None:

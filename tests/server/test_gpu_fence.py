@@ -38,8 +38,8 @@ from remote_gpu_server.app import GpuServer
 from remote_gpu_server.config import ServerConfig
 from remote_gpu_server.workers.gpu_fence import trespasses
 from remote_gpu_server.isolation.policy import IsolationConfig
-from remote_gpu_server.workers.ladder import MARK_VAR, Scope
-from remote_gpu_server.workers.owners import owner, scopes_of
+from remote_gpu_server.processes.ladder import MARK_VAR, Scope
+from remote_gpu_server.processes.owners import owner, scopes_of
 from remote_gpu_server.gpus.readings import NodeReader, ProcessReading, SlotReading
 from remote_gpu_server.gpus.slots import Slot
 from stores import BlockingStore

@@ -294,7 +294,7 @@ def test_the_ladder_finds_a_marked_orphan_that_ignores_sigterm_and_spares_the_re
     import subprocess
     import sys
 
-    from remote_gpu_server.workers import ladder
+    from remote_gpu_server.processes import ladder
 
     mark = f"test-{os.getpid()}"
     stubborn = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
@@ -326,7 +326,7 @@ def test_the_ladder_says_sigkill_only_for_what_outlived_sigterm(caplog: pytest.L
     zombie until its parent (here: this test) reaps it."""
     import subprocess
 
-    from remote_gpu_server.workers import ladder
+    from remote_gpu_server.processes import ladder
 
     quick = subprocess.Popen(["sleep", "60"])
     try:

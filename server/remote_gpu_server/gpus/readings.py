@@ -44,8 +44,8 @@ from remote_gpu_core.ids import SlotId
 
 from .discovery import Slot
 from .history import HistoryPoint, ReadingHistory
-from ..workers.ladder import Scope
-from ..workers.owners import owner, scopes_of
+from ..processes.ladder import Scope
+from ..processes.owners import owner, scopes_of
 
 __all__ = ["NodeReader", "ProcessReading", "Readings", "RemoteReader", "SlotReading", "process_holders"]
 

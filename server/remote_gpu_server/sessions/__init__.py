@@ -2,7 +2,7 @@
 
 :mod:`.manager` opens, attaches, keeps through a disconnect, parks and
 releases sessions; :mod:`.session` is one lease: its cells, pushes, pulls,
-files (:mod:`.files`) and widgets (:mod:`.comms`), each cell's output
+files (:mod:`.files`) and widgets, each cell's output
 bounded (:mod:`.output_bound`) and journaled, and a cell's job written late
 when the database was away (:mod:`.unrecorded`); :mod:`.stopping` stops a
 running cell (interrupts, restarts, timeouts). :mod:`.parking` parks a

@@ -35,7 +35,7 @@ from remote_gpu_core.protocol import messages as m
 from remote_gpu_core.protocol.framing import Chunks
 from remote_gpu_core.ids import JobId, SessionId, SlotId
 
-from .comms import COMM_MESSAGES, CommTable
+from ..workers.comms import COMM_MESSAGES, CommTable
 from ..store.journal import Journal
 from .output_bound import OutputBound
 from .parked import ParkedState

@@ -4,11 +4,10 @@
 (:mod:`.launcher`: the interface; :mod:`.local_launcher`: this host) for
 processes; :mod:`.worker` is the server's handle of one worker (its signed
 Jupyter channels and the data channel's server end, :mod:`.datachannel`);
-:mod:`.output` reads its stdout into the log. Stopping and death:
-:mod:`.ladder` (every process a worker started, SIGTERM then SIGKILL),
-:mod:`.death` (why a worker died), :mod:`.drain` (a slot comes back only
-once no stopped process holds it), :mod:`.gpu_fence` and :mod:`.owners` (a
-worker found on a GPU it did not lease is stopped).
+:mod:`.output` reads its stdout into the log. :mod:`.comms` keeps the comms open in its kernel. Stopping and death (with
+:mod:`..processes`' stop ladder): :mod:`.death` (why a worker died),
+:mod:`.drain` (a slot comes back only once no stopped process holds it),
+:mod:`.gpu_fence` (a worker found on a GPU it did not lease is stopped).
 
 Imports isolation, gpus and the worker process's own modules (for the
 formats both ends share); sessions and the cluster import it.

@@ -45,7 +45,8 @@ from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 from packaging.version import Version
 
-from . import death, ladder
+from ..processes import ladder
+from . import death
 from ..worker_process import transfer
 from ..worker_process.confinement import EnterSpec
 from .datachannel import DataChannel

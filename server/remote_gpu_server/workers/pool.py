@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Iterable
 
 from remote_gpu_core.ids import SlotId
 
-from . import ladder
+from ..processes import ladder
 from ..gpus.discovery import Slot
 from ..isolation.policy import Tenant
 from .launcher import WorkerLauncher

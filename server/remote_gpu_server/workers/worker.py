@@ -36,7 +36,7 @@ from remote_gpu_core.errors import WorkerDied
 
 from . import death
 from .datachannel import TransferAborted
-from ..sessions.comms import CommTable
+from .comms import CommTable
 from ..errors import IsolationError
 from ..gpus.discovery import Slot
 from ..isolation.policy import Tenant

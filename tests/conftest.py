@@ -29,6 +29,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def uid_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A registry of dynamic uids of the test session's own, for servers started in
+    this process (a subprocess server gets one of its test's: :mod:`servers`), so
+    that no test claims uids in the host's ``/var/lib`` nor meets an earlier run's."""
+    path = tmp_path_factory.mktemp("uid-registry") / "uids.json"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RGPU_UID_REGISTRY", str(path))
+        yield path
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One shared server with two CPU slots, for tests that do not change it."""

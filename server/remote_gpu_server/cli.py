@@ -209,10 +209,9 @@ def _serve_tls(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
 
 def _uid_registry(args: argparse.Namespace) -> Path:
     """``--uid-registry``, else ``$RGPU_UID_REGISTRY``, else the host's (``/var/lib/...``)."""
-    from .isolation.uid_registry import DEFAULT_PATH
+    from .isolation.uid_registry import default_path
 
-    given = args.uid_registry or os.environ.get("RGPU_UID_REGISTRY")
-    return Path(given) if given else DEFAULT_PATH
+    return Path(args.uid_registry) if args.uid_registry else default_path()
 
 
 def _when(ts: float | None) -> str:

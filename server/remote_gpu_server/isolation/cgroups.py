@@ -65,37 +65,59 @@ def _pids(group: Path) -> list[int]:
         return []
 
 
-def _empty_and_remove(group: Path, kill_file: bool, timeout: float = 5.0) -> bool:
-    """SIGKILL every process in ``group`` (and below), then remove the groups."""
-    children = [p for p in group.iterdir() if p.is_dir()] if group.is_dir() else []
-    ok = all([_empty_and_remove(child, kill_file, timeout) for child in children])
+#: How long the processes left in a worker's groups may take to die of SIGKILL.
+#: The stop ladder has waited for them already; a process still there is stuck
+#: in the kernel, and its slot drains (see remote_gpu_server.workers.drain).
+KILL_WAIT = 2.0
+
+
+def _tree(group: Path) -> list[Path]:
+    """``group`` and the groups below it, the deepest first."""
+    if not group.is_dir():
+        return []
+    below = [found for child in group.iterdir() if child.is_dir() for found in _tree(child)]
+    return [*below, group]
+
+
+def _empty_and_remove(*groups: tuple[Path, bool], timeout: float = KILL_WAIT) -> bool:
+    """SIGKILL every process in ``groups`` (each ``(folder, has cgroup.kill)``, and
+    the groups below them), wait for them all together, then remove the groups.
+    False if a process would not die or a group could not be removed."""
+    trees = [(folder, kill_file) for group, kill_file in groups for folder in _tree(group)]
     deadline = time.monotonic() + timeout
+    ok = True
     while True:
-        pids = _pids(group)
-        if not pids:
+        left = [(folder, kill_file, _pids(folder)) for folder, kill_file in trees]
+        left = [entry for entry in left if entry[2]]
+        if not left:
             break
-        if kill_file and (group / "cgroup.kill").exists():
-            write_value(group / "cgroup.kill", "1")
-        else:
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        for folder, kill_file, pids in left:
+            if kill_file and (folder / "cgroup.kill").exists():
+                write_value(folder / "cgroup.kill", "1")
+            else:
+                for pid in pids:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
         if time.monotonic() > deadline:
-            log.warning("processes %s in %s did not die", pids, group)
+            for folder, _kill_file, pids in left:
+                log.warning("processes %s in %s did not die", pids, folder)
             return False
         time.sleep(0.02)
-    for _ in range(50):  # the last exits may take a moment to leave the group
-        try:
-            group.rmdir()
-            return ok
-        except FileNotFoundError:
-            return ok
-        except OSError:
-            time.sleep(0.02)
-    log.warning("could not remove the cgroup %s", group)
-    return False
+    for folder, _kill_file in trees:
+        for _ in range(50):  # the last exits may take a moment to leave the group
+            try:
+                folder.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.02)
+        else:
+            log.warning("could not remove the cgroup %s", folder)
+            ok = False
+    return ok
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,8 +171,7 @@ class WorkerCgroup:
         versions = {folder: version for version, folder in self._groups.values()}
         self._groups = {}
         self.join = None
-        for folder, version in versions.items():
-            _empty_and_remove(folder, kill_file=version == 2)
+        _empty_and_remove(*((folder, version == 2) for folder, version in versions.items()))
 
 
 class Cgroups:
@@ -216,8 +237,7 @@ class Cgroups:
         """Remove this server's groups; its workers' groups must be closed first."""
         bases = {h.base: h.version for h in self._hierarchies.values()}
         self._hierarchies = {}
-        for base, version in bases.items():
-            _empty_and_remove(base, kill_file=version == 2)
+        _empty_and_remove(*((base, version == 2) for base, version in bases.items()))
 
 
 def _mounts(proc: Path) -> list[tuple[str, str, str, str]]:
@@ -306,4 +326,4 @@ def _remove_stale(own: Path) -> None:
         except PermissionError:
             continue
         log.info("removing %s, left by a server that is gone", group)
-        _empty_and_remove(group, kill_file=(group / "cgroup.kill").exists())
+        _empty_and_remove((group, (group / "cgroup.kill").exists()))

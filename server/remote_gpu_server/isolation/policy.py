@@ -72,7 +72,7 @@ from .identities import DEFAULT_UID_RANGE, Identities, Identity, RunAs
 from .memory_limits import MIN_WORKER_MEMORY, MemoryLimits, WorkerMemory, fair_share
 from .process_limits import NprocCounting, ProcessLimits, WorkerProcesses, nproc_counting, parse_pids
 from .sandbox import SandboxLayout, bubblewrap_argv, check_bubblewrap, find_bubblewrap, python_paths
-from .uid_registry import DEFAULT_PATH as DEFAULT_UID_REGISTRY
+from .uid_registry import default_path as default_uid_registry
 from .user_disks import DiskMode, UserDisks
 from ..worker_process.user_namespaces import SUPPORTED as USERNS_FILTER_MACHINES
 
@@ -122,7 +122,7 @@ class IsolationConfig:
     uid_range: range = DEFAULT_UID_RANGE
     #: ``--uid-registry``: the host-wide record of the dynamic uids every root
     #: server here gave out (see :mod:`.uid_registry`).
-    uid_registry: Path = DEFAULT_UID_REGISTRY
+    uid_registry: Path = dataclasses.field(default_factory=default_uid_registry)
     #: ``--worker-env``: more environment variables workers keep.
     worker_env: tuple[str, ...] = ()
     #: The mode to use instead of probing (tests); None probes.

@@ -42,10 +42,16 @@ from typing import Any
 
 from ..errors import IsolationError
 
-__all__ = ["DEFAULT_PATH", "UidRegistry"]
+__all__ = ["DEFAULT_PATH", "UidRegistry", "default_path"]
 
 #: Where root servers keep the registry unless told otherwise.
 DEFAULT_PATH = Path("/var/lib/remote-gpu-kernel/uids.json")
+
+
+def default_path() -> Path:
+    """``$RGPU_UID_REGISTRY``, else :data:`DEFAULT_PATH`."""
+    given = os.environ.get("RGPU_UID_REGISTRY")
+    return Path(given) if given else DEFAULT_PATH
 
 
 class UidRegistry:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from remote_gpu_server import up
+from remote_gpu_server import up as rgpu_up
 from remote_gpu_kernel.cli import main
 
 
@@ -61,11 +61,11 @@ def test_a_port_that_is_taken_is_refused_before_anything_starts(
 
 def test_a_taken_default_port_gives_way_to_the_next_free_one(taken: int,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(up, "DEFAULT_PORT", taken)
-    port, note = up.choose_port(None, environ={})
-    assert port > taken and up.port_is_free(port)
+    monkeypatch.setattr(rgpu_up, "DEFAULT_PORT", taken)
+    port, note = rgpu_up.choose_port(None, environ={})
+    assert port > taken and rgpu_up.port_is_free(port)
     assert note == f"port {taken} is in use by another program; the GPU server takes {port}"
-    assert up.choose_port(None, environ={"RGPU_PORT": "0"}) == (0, None)
+    assert rgpu_up.choose_port(None, environ={"RGPU_PORT": "0"}) == (0, None)
 
 
 def test_rgpu_serve_says_its_port_is_taken_in_one_line(taken: int, tmp_path: Path) -> None:
@@ -150,4 +150,4 @@ def test_rgpu_up_wires_jupyterlab_to_its_server_and_ctrl_c_is_jupyterlabs(tmp_pa
     finally:
         up.close(force=True)
     assert up.exitstatus == 0
-    assert up.port_is_free(port), "the GPU server outlived rgpu up"
+    assert rgpu_up.port_is_free(port), "the GPU server outlived rgpu up"

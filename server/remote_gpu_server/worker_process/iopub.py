@@ -35,7 +35,7 @@ from zmq.eventloop.zmqstream import ZMQStream
 __all__ = ["PrivatePipe"]
 
 
-class PrivatePipe(IOPubThread):  # type: ignore[misc]
+class PrivatePipe(IOPubThread):
     """ipykernel's ``IOPubThread`` with its pipe on ``ipc://`` in a folder made
     inside ``parent``; see the module docstring."""
 

@@ -334,7 +334,7 @@ def _kernel_class() -> Any:
 
     from remote_gpu_core.ipykernel_app import CommsBesideCells, MainLoopShell
 
-    class WorkerKernel(MainLoopShell, CommsBesideCells, IPythonKernel):  # type: ignore[misc]
+    class WorkerKernel(MainLoopShell, CommsBesideCells, IPythonKernel):
         """ipykernel's kernel, with an idle status after every comm message,
         and the cell numbers the server gives (:data:`COUNT_KEY`).
 
@@ -366,7 +366,7 @@ def _app_class() -> Any:
     from .confinement import IOPUB_DIR_VAR
     from .iopub import PrivatePipe
 
-    class WorkerKernelApp(MainLoopKernelApp):  # type: ignore[misc]
+    class WorkerKernelApp(MainLoopKernelApp):
         """The kernel app, with the IOPub pipe of :mod:`.worker_iopub`."""
 
         def init_iopub(self, context: Any) -> None:

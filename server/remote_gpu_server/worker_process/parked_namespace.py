@@ -239,7 +239,7 @@ class _Saver:
                 self.earlier[ident] = (obj, record, index)
 
 
-class _Pickler(cloudpickle.CloudPickler):  # type: ignore[misc]
+class _Pickler(cloudpickle.CloudPickler):
     def __init__(self, file: Any, saver: _Saver) -> None:
         super().__init__(file, protocol=5)
         self._saver = saver

@@ -50,6 +50,8 @@ from typing import Any
 
 import cloudpickle
 
+from remote_gpu_core.errors import ParkError
+
 __all__ = ["FORMAT", "ParkQuotaExceeded", "Restored", "Saved", "load", "read_manifest", "savable_names", "save"]
 
 #: The version of the folder's layout; :func:`load` refuses others.
@@ -71,8 +73,10 @@ _IPYTHON_NAMES = frozenset({"_", "__", "___", "_i", "_ii", "_iii", "_ih", "_oh",
                             "get_ipython", "exit", "quit", "open"})
 
 
-class ParkQuotaExceeded(Exception):
-    """Saving would write more than the limit given to :func:`save`."""
+class ParkQuotaExceeded(ParkError):
+    """Saving would write more than the limit given to :func:`save`; code
+    ``park_refused`` (see :mod:`remote_gpu_server.errors`). The server knows
+    it by this name in the worker's answer."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Files in a worker's session folder: paths, uploads, downloads, hints.
 
-Runs inside the worker (see :mod:`.worker_kernel`). The server hands the
+Runs inside the worker (see :mod:`.kernel`). The server hands the
 worker its session's folder with a ``chdir`` operation; from then on every
 path of an upload or a download is relative to that folder and must stay in
 it: an absolute path, a ``..`` and a symbolic link that leads out are

@@ -1,6 +1,6 @@
 """The worker's IOPub pipe, on a socket that only its own user can reach.
 
-This module runs inside the worker (see :mod:`.worker_kernel`).
+This module runs inside the worker (see :mod:`.kernel`).
 
 ipykernel's IOPub thread takes the output of forked children (a
 ``multiprocessing`` pool started with fork, a ``DataLoader``'s workers) on

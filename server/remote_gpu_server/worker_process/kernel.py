@@ -27,7 +27,7 @@ it its user's (:func:`.confinement.enter`) before any cell runs.
 
 Output of forked children reaches the kernel on an ``ipc://`` socket in
 the worker's private ``/tmp``, not on ipykernel's loopback TCP port, which
-every process on the host could send to (see :mod:`.worker_iopub`).
+every process on the host could send to (see :mod:`.iopub`).
 
 Parking: ``{"op": "park", "id": N, "folder": PATH, "limit": BYTES|null}``
 saves the namespace into the session folder and ``{"op": "restore", "id":
@@ -367,7 +367,7 @@ def _app_class() -> Any:
     from .iopub import PrivatePipe
 
     class WorkerKernelApp(MainLoopKernelApp):
-        """The kernel app, with the IOPub pipe of :mod:`.worker_iopub`."""
+        """The kernel app, with the IOPub pipe of :mod:`.iopub`."""
 
         def init_iopub(self, context: Any) -> None:
             # As IPKernelApp.init_iopub, with PrivatePipe for IOPubThread.

@@ -1,6 +1,6 @@
 """A worker's namespace saved to a folder, and loaded back into a fresh worker.
 
-This runs inside the worker (see :mod:`.worker_kernel`): :func:`save` when
+This runs inside the worker (see :mod:`.kernel`): :func:`save` when
 its session is parked, :func:`load` when the session resumes in another
 worker. Only the worker reads what it wrote: the server never unpickles
 these files, it only measures and deletes them.

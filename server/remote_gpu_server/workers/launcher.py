@@ -9,7 +9,7 @@ pool asks a launcher for workers and never builds a process itself.
 
 Two launchers exist: :class:`~.local_launcher.LocalLauncher` (this host:
 ``ipc://`` sockets, a shared-memory ring) and
-:class:`~.ray_launcher.RayLauncher` (a Ray actor on any node of a cluster:
+:class:`~remote_gpu_server.cluster.launcher.RayLauncher` (a Ray actor on any node of a cluster:
 TCP: the Jupyter channels encrypted with CurveZMQ, the data channel over mutual TLS).
 """
 

@@ -16,7 +16,6 @@ each with its own message and hint.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import ssl
 from typing import Any
@@ -27,6 +26,8 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from remote_gpu_core import tls
 from remote_gpu_core.login import ClientConfig, config_path
 from remote_gpu_core.errors import InsecureConnection, TlsError
+
+from .errors import GpuApiError
 
 __all__ = ["GpuApi", "GpuApiError", "http_base_url"]
 
@@ -44,26 +45,6 @@ def http_base_url(url: str) -> str:
     if scheme not in ("http", "https") or not parts.netloc:
         raise ValueError(f"not a server URL: {url!r}")
     return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
-
-
-@dataclasses.dataclass
-class GpuApiError(Exception):
-    """A failure to show to the user: ``reason`` is a stable code for the front end.
-
-    Reasons: ``bad-url``, ``no-token``, ``unreachable``, ``unauthorized``,
-    ``not-found``, ``conflict``, ``server-error``.
-    """
-
-    status: int
-    reason: str
-    message: str
-    hint: str = ""
-
-    def __str__(self) -> str:
-        return self.message
-
-    def to_json(self, url: str) -> dict[str, str]:
-        return {"reason": self.reason, "message": self.message, "hint": self.hint, "url": url}
 
 
 class GpuApi:

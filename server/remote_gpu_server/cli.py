@@ -31,8 +31,7 @@ DB_HELP = ("the store: a SQLite file, or postgresql://USER@HOST/DB "
 
 def _store_errors() -> tuple[type[Exception], ...]:
     """What opening a store raises when it cannot be used: the message says why."""
-    from .errors import StoreError
-    from .store import DatabaseUnavailable, SchemaTooNew
+    from .errors import DatabaseUnavailable, SchemaTooNew, StoreError
 
     return DatabaseUnavailable, SchemaTooNew, StoreError
 

@@ -41,7 +41,9 @@ from typing import Any
 
 from remote_gpu_core.login import ClientConfig, config_path, save_client_config
 
-__all__ = ["DEFAULT_PORT", "PORT_TRIES", "add_up_command", "choose_port", "cmd_up", "lab_environment"]
+from .errors import DatabaseUnavailable, SchemaTooNew, StoreError, TokenError, UpError
+
+__all__ = ["DEFAULT_PORT", "PORT_TRIES", "UpError", "add_up_command", "choose_port", "cmd_up", "lab_environment"]
 
 #: The GPU server's port unless told otherwise.
 DEFAULT_PORT = 8765
@@ -52,10 +54,6 @@ START_TIMEOUT = 300.0
 #: How long the server may take to stop after JupyterLab did.
 STOP_TIMEOUT = 60.0
 _HOST = "127.0.0.1"
-
-
-class UpError(Exception):
-    """``rgpu up`` cannot go on; the message says why and what to do."""
 
 
 def port_is_free(port: int, host: str = _HOST) -> bool:
@@ -121,7 +119,6 @@ def _usable_token(db: Path | str) -> str:
     """The saved token if this store knows it, else a new one for this user."""
     import asyncio
 
-    from .errors import TokenError
     from .store import Store
 
     saved = ClientConfig.load().token
@@ -225,9 +222,6 @@ def _install_kernel() -> None:
 
 def cmd_up(args: argparse.Namespace) -> int:
     """``rgpu up``; see the module docstring. Returns JupyterLab's exit status."""
-    from .errors import StoreError
-    from .store import DatabaseUnavailable, SchemaTooNew
-
     try:
         port, note = choose_port(args.port)
     except UpError as exc:

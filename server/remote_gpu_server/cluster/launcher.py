@@ -479,7 +479,11 @@ class RayLauncher:
             num_gpus=len(spec.slots), num_cpus=0, max_restarts=0, max_concurrency=4,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
         )
-        actor = host.remote()
+        # Ray types a new actor as ActorHandle[T] | type[T], whose methods have
+        # .remote() only when decorated with @ray.method; WorkerHost's are not
+        # (host.py imports Ray only inside the actor), so the handle is kept
+        # untyped, as RayWorker keeps it.
+        actor: Any = host.remote()
         config = self.isolation.config if self.isolation is not None else IsolationConfig()
         isolate = self.isolation is not None and self.isolation.isolated
         try:

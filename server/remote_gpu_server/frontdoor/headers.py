@@ -11,11 +11,9 @@ from __future__ import annotations
 
 from websockets.http11 import Request
 
+from ..errors import HeaderError
+
 __all__ = ["HeaderError", "bearer_token", "is_websocket", "single_header"]
-
-
-class HeaderError(ValueError):
-    """A header the server acts on is repeated; the message says which."""
 
 
 def single_header(request: Request, name: str) -> str | None:

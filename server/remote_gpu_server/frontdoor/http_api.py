@@ -50,8 +50,8 @@ from websockets.http11 import Request, Response
 from remote_gpu_core.ids import JobId
 
 from ..sessions.batch import JobRequest
-from ..errors import StoreError, TokenError
-from .headers import HeaderError, bearer_token, is_websocket
+from ..errors import HeaderError, HttpError, StoreError, TokenError
+from .headers import bearer_token, is_websocket
 from .metrics import Metrics
 from .status import ServerView, job_json, output_text, status_json, usage_json
 from ..store import JOB_STATES, DatabaseUnavailable, JobRecord, TokenInfo
@@ -71,14 +71,6 @@ _INT_MAX = (1 << 63) - 1
 #: The kinds of job ``GET /api/jobs?kind=`` takes.
 JOB_KINDS = ("cell", "batch")
 _SESSION_ACTION = re.compile(r"^/api/sessions/([0-9a-f]{1,64})/(release|restart)$")
-
-
-class HttpError(Exception):
-    """An answer other than 200: status and a one-line message."""
-
-    def __init__(self, status: HTTPStatus, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def json_response(status: HTTPStatus, body: Any, extra: list[tuple[str, str]] | None = None) -> Response:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from remote_gpu_core.ids import SlotId
@@ -67,7 +67,9 @@ class ServerView:
     """What the status views read of a server."""
 
     version: str
-    slots: Sequence[Slot]
+    #: The server's slots, iterated afresh by every view (the live inventory:
+    #: a cluster node's slots come and go).
+    slots: Iterable[Slot]
     readings: Readings
     broker: LeaseBroker
     sessions: SessionManager

@@ -4,7 +4,7 @@ A :class:`Slot` is one leasable unit: a GPU, or a CPU slot where there is
 none. The :class:`SlotInventory` holds every slot the server knows, with
 the node each is on; a discovery fills it: this host's NVML
 (:func:`~.gpus.discover_slots`), or the Ray cluster's nodes
-(:mod:`.ray_launcher`). Parts that follow the slots (the scheduler, the
+(:mod:`~remote_gpu_server.cluster.launcher`). Parts that follow the slots (the scheduler, the
 warm pool, the readings) are told when slots join and when a node goes
 away or comes back.
 """

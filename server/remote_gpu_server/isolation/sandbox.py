@@ -75,7 +75,8 @@ def python_paths() -> list[Path]:
     import remote_gpu_server
 
     # The folders that hold the server's packages and the shared core (a worker imports both).
-    ours = {Path(package.__file__).resolve().parent.parent for package in (remote_gpu_server, remote_gpu_core)}
+    ours = {Path(folder).resolve().parent for package in (remote_gpu_server, remote_gpu_core)
+            for folder in package.__path__}
     paths = {Path(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
                                os.path.dirname(os.path.realpath(sys.executable)))}
     paths |= {Path(p) for p in sys.path if p and os.path.exists(p) and os.path.abspath(p) != os.getcwd()}
@@ -116,7 +117,9 @@ def _hiding(layout: SandboxLayout, kept: list[Path]) -> list[str]:
     folders = sorted((p for p in paths if p.is_dir() and not p.is_symlink() and p not in system),
                      key=lambda p: len(p.parts))
     files = sorted(p for p in paths if p.exists() and not p.is_dir())
-    shown, covered, argv = list(kept), [], []
+    shown: list[Path] = list(kept)
+    covered: list[Path] = []
+    argv: list[str] = []
 
     def visible(path: Path) -> bool:  # a folder bound back is bound after its cover: it wins a tie
         shown_at, covered_at = _inside(path, shown), _inside(path, covered)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from remote_gpu_core.errors import LeaseError
 from remote_gpu_core.ids import SlotId
+
+from ..errors import QuotaExceeded
 
 __all__ = ["DEFAULT_POOL", "PRIORITIES", "Grant", "Holding", "LeaseRequestEntry", "PoolConfig",
            "Quota", "QuotaExceeded", "SchedulerConfig"]
@@ -20,12 +21,6 @@ __all__ = ["DEFAULT_POOL", "PRIORITIES", "Grant", "Holding", "LeaseRequestEntry"
 PRIORITIES: tuple[str, ...] = ("high", "normal", "low")
 #: The pool of every slot that no configured pool names.
 DEFAULT_POOL = "default"
-
-class QuotaExceeded(LeaseError, ValueError):
-    """A request would break a quota; the message names the quota and its value."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, code="lease_refused")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,14 +26,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from ..errors import DatabaseUnavailable
+
 __all__ = ["Database", "DatabaseUnavailable", "Dialect", "Executor", "SQLITE", "SqliteDatabase"]
 
 T = TypeVar("T")
 Row = tuple[Any, ...]
-
-
-class DatabaseUnavailable(ConnectionError):
-    """The database cannot be reached now (connection lost, server down)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,15 +20,12 @@ Versions:
 
 from __future__ import annotations
 
+from ..errors import SchemaTooNew
 from .database import Database, Executor
 
 __all__ = ["SCHEMA_VERSION", "SchemaTooNew", "migrate"]
 
 SCHEMA_VERSION = 3
-
-
-class SchemaTooNew(RuntimeError):
-    """The store was written by a newer version of this program."""
 
 
 def _v1(engine: str) -> list[str]:

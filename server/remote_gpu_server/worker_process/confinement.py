@@ -1,6 +1,6 @@
 """What a worker does to itself to become one user's, in two steps.
 
-This module runs inside the worker process (see :mod:`.worker_kernel`) and
+This module runs inside the worker process (see :mod:`.kernel`) and
 imports only the standard library; the server imports it for the two specs,
 which it sends as JSON.
 
@@ -68,7 +68,7 @@ __all__ = ["ENV_VAR", "IOPUB_DIR_VAR", "PRIVATE_TMP", "EnterSpec", "SpawnSpec", 
 
 #: The environment variable that carries the worker's :class:`SpawnSpec`.
 ENV_VAR = "RGPU_CONFINE"
-#: The folder in which the worker makes its IOPub pipe (see :mod:`.worker_iopub`):
+#: The folder in which the worker makes its IOPub pipe (see :mod:`.iopub`):
 #: one only its user reaches.
 IOPUB_DIR_VAR = "RGPU_IOPUB_DIR"
 

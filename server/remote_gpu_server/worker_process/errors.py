@@ -1,6 +1,6 @@
 """What a worker adds to its user's errors, and the report it leaves when it dies.
 
-This module runs inside the worker (see :mod:`.worker_kernel`) and imports
+This module runs inside the worker (see :mod:`.kernel`) and imports
 only the standard library at module level (torch where it is installed,
 lazily).
 

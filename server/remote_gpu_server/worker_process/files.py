@@ -1,6 +1,6 @@
 """Files in a worker's session folder: paths, uploads, downloads, hints.
 
-Runs inside the worker (see :mod:`.worker_kernel`). The server hands the
+Runs inside the worker (see :mod:`.kernel`). The server hands the
 worker its session's folder with a ``chdir`` operation; from then on every
 path of an upload or a download is relative to that folder and must stay in
 it: an absolute path, a ``..`` and a symbolic link that leads out are
@@ -26,6 +26,8 @@ import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from remote_gpu_core.errors import FileTransferError
+
 __all__ = ["FileSink", "Folder", "PathRefused", "disk_full_hint", "file_not_found_hint", "install_hint"]
 
 #: Shown under a FileNotFoundError for a relative path in a remote cell.
@@ -44,8 +46,9 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _NOT_SESSION_DISK = ("/tmp", "/var/tmp", "/dev/shm")
 
 
-class PathRefused(PermissionError):
-    """A path that is not inside the session's folder; the message says why."""
+class PathRefused(FileTransferError, PermissionError):
+    """A path that is not inside the session's folder; the message says why.
+    Code ``file_error``, as every refused transfer (see :mod:`remote_gpu_server.errors`)."""
 
 
 class Folder:

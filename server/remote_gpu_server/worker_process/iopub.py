@@ -1,6 +1,6 @@
 """The worker's IOPub pipe, on a socket that only its own user can reach.
 
-This module runs inside the worker (see :mod:`.worker_kernel`).
+This module runs inside the worker (see :mod:`.kernel`).
 
 ipykernel's IOPub thread takes the output of forked children (a
 ``multiprocessing`` pool started with fork, a ``DataLoader``'s workers) on
@@ -35,7 +35,7 @@ from zmq.eventloop.zmqstream import ZMQStream
 __all__ = ["PrivatePipe"]
 
 
-class PrivatePipe(IOPubThread):  # type: ignore[misc]
+class PrivatePipe(IOPubThread):
     """ipykernel's ``IOPubThread`` with its pipe on ``ipc://`` in a folder made
     inside ``parent``; see the module docstring."""
 

@@ -27,7 +27,7 @@ it its user's (:func:`.confinement.enter`) before any cell runs.
 
 Output of forked children reaches the kernel on an ``ipc://`` socket in
 the worker's private ``/tmp``, not on ipykernel's loopback TCP port, which
-every process on the host could send to (see :mod:`.worker_iopub`).
+every process on the host could send to (see :mod:`.iopub`).
 
 Parking: ``{"op": "park", "id": N, "folder": PATH, "limit": BYTES|null}``
 saves the namespace into the session folder and ``{"op": "restore", "id":
@@ -334,7 +334,7 @@ def _kernel_class() -> Any:
 
     from remote_gpu_core.ipykernel_app import CommsBesideCells, MainLoopShell
 
-    class WorkerKernel(MainLoopShell, CommsBesideCells, IPythonKernel):  # type: ignore[misc]
+    class WorkerKernel(MainLoopShell, CommsBesideCells, IPythonKernel):
         """ipykernel's kernel, with an idle status after every comm message,
         and the cell numbers the server gives (:data:`COUNT_KEY`).
 
@@ -366,8 +366,8 @@ def _app_class() -> Any:
     from .confinement import IOPUB_DIR_VAR
     from .iopub import PrivatePipe
 
-    class WorkerKernelApp(MainLoopKernelApp):  # type: ignore[misc]
-        """The kernel app, with the IOPub pipe of :mod:`.worker_iopub`."""
+    class WorkerKernelApp(MainLoopKernelApp):
+        """The kernel app, with the IOPub pipe of :mod:`.iopub`."""
 
         def init_iopub(self, context: Any) -> None:
             # As IPKernelApp.init_iopub, with PrivatePipe for IOPubThread.

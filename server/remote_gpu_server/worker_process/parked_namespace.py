@@ -1,6 +1,6 @@
 """A worker's namespace saved to a folder, and loaded back into a fresh worker.
 
-This runs inside the worker (see :mod:`.worker_kernel`): :func:`save` when
+This runs inside the worker (see :mod:`.kernel`): :func:`save` when
 its session is parked, :func:`load` when the session resumes in another
 worker. Only the worker reads what it wrote: the server never unpickles
 these files, it only measures and deletes them.
@@ -50,6 +50,8 @@ from typing import Any
 
 import cloudpickle
 
+from remote_gpu_core.errors import ParkError
+
 __all__ = ["FORMAT", "ParkQuotaExceeded", "Restored", "Saved", "load", "read_manifest", "savable_names", "save"]
 
 #: The version of the folder's layout; :func:`load` refuses others.
@@ -71,8 +73,10 @@ _IPYTHON_NAMES = frozenset({"_", "__", "___", "_i", "_ii", "_iii", "_ih", "_oh",
                             "get_ipython", "exit", "quit", "open"})
 
 
-class ParkQuotaExceeded(Exception):
-    """Saving would write more than the limit given to :func:`save`."""
+class ParkQuotaExceeded(ParkError):
+    """Saving would write more than the limit given to :func:`save`; code
+    ``park_refused`` (see :mod:`remote_gpu_server.errors`). The server knows
+    it by this name in the worker's answer."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,7 +243,7 @@ class _Saver:
                 self.earlier[ident] = (obj, record, index)
 
 
-class _Pickler(cloudpickle.CloudPickler):  # type: ignore[misc]
+class _Pickler(cloudpickle.CloudPickler):
     def __init__(self, file: Any, saver: _Saver) -> None:
         super().__init__(file, protocol=5)
         self._saver = saver

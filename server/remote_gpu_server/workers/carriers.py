@@ -15,7 +15,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from ..certificates import make_certificate
 from ..worker_process.sealed import HANDSHAKE_TIMEOUT, WRITES_AHEAD, SealedStream, note_parts, open_stream, read_note
@@ -47,8 +47,10 @@ class PairCarrier:
 
     def recv_nowait(self) -> list[Any] | None:
         try:
-            frames: list[Any] = self._socket.recv_multipart(flags=self._zmq.NOBLOCK).result()
-            return frames
+            # pyzmq types the answer as an Awaitable; with NOBLOCK it is an
+            # asyncio.Future already done: the frames, or zmq.Again.
+            done = cast("asyncio.Future[list[Any]]", self._socket.recv_multipart(flags=self._zmq.NOBLOCK))
+            return done.result()
         except self._zmq.Again:
             return None
 

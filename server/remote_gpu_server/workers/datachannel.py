@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from remote_gpu_core.protocol.framing import Chunks
 
+from ..errors import TransferAborted
 from ..worker_process import transfer
 from .carriers import PairCarrier, TlsCarrier
 
@@ -39,17 +40,6 @@ class Carrier(Protocol):
     async def recv(self) -> list[Any]: ...
 
     def close(self) -> None: ...
-
-
-class TransferAborted(ConnectionError):
-    """A push or pull stream broke before its end (client or worker gone).
-
-    ``worker_stopped`` says the worker gave up itself and needs no notice.
-    """
-
-    def __init__(self, reason: str, worker_stopped: bool = False) -> None:
-        super().__init__(reason)
-        self.worker_stopped = worker_stopped
 
 
 class Liveness(Protocol):

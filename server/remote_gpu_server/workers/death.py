@@ -1,7 +1,7 @@
 """Why a worker died, in one line, with the user's line of code where it can be known.
 
 The worker enables :mod:`faulthandler` at start into a file of its runtime
-folder (``$RGPU_FAULTS``, see :mod:`.worker_kernel`): on a fatal signal
+folder (``$RGPU_FAULTS``, see :mod:`~remote_gpu_server.worker_process.kernel`): on a fatal signal
 (SIGSEGV, SIGABRT, SIGBUS, SIGFPE, SIGILL) Python writes the signal and every
 thread's Python frames there before the process dies. When a worker dies, its
 launcher reads the file (:func:`read_report`), and :func:`describe` turns the

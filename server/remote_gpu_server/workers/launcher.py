@@ -9,7 +9,7 @@ pool asks a launcher for workers and never builds a process itself.
 
 Two launchers exist: :class:`~.local_launcher.LocalLauncher` (this host:
 ``ipc://`` sockets, a shared-memory ring) and
-:class:`~.ray_launcher.RayLauncher` (a Ray actor on any node of a cluster:
+:class:`~remote_gpu_server.cluster.launcher.RayLauncher` (a Ray actor on any node of a cluster:
 TCP: the Jupyter channels encrypted with CurveZMQ, the data channel over mutual TLS).
 """
 
@@ -44,23 +44,39 @@ class WorkerProcess(Protocol):
     """One started worker process, as its launcher controls it.
 
     Every method is safe to call after the process ended; :meth:`kill` is
-    safe to call twice.
+    safe to call twice. What it tells is read-only to its users: a launcher's
+    process keeps each as an attribute or a property of its own.
     """
 
-    name: str
-    #: Where it runs: this host's name, or the cluster node's.
-    node: str
-    #: Jupyter connection info (transport, ip, ports, key, signature_scheme,
-    #: and CurveZMQ keys where its sockets are encrypted).
-    connection_info: dict[str, Any]
-    data: DataChannel
-    #: Whether it runs on another host than the server's.
-    remote: bool
-    #: Why it ended when its return code does not say it all (its node went away,
-    #: out of host memory), else None.
-    death_cause: str | None
-    #: What faulthandler wrote when it died of a fatal signal (see :mod:`.death`), else None.
-    fault_report: str | None
+    @property
+    def name(self) -> str:
+        """Its name, unique in the server (the spec's)."""
+
+    @property
+    def node(self) -> str:
+        """Where it runs: this host's name, or the cluster node's."""
+
+    @property
+    def connection_info(self) -> dict[str, Any]:
+        """Jupyter connection info (transport, ip, ports, key, signature_scheme,
+        and CurveZMQ keys where its sockets are encrypted)."""
+
+    @property
+    def data(self) -> DataChannel:
+        """The server's end of its data channel."""
+
+    @property
+    def remote(self) -> bool:
+        """Whether it runs on another host than the server's."""
+
+    @property
+    def death_cause(self) -> str | None:
+        """Why it ended when its return code does not say it all (its node went
+        away, out of host memory), else None."""
+
+    @property
+    def fault_report(self) -> str | None:
+        """What faulthandler wrote when it died of a fatal signal (see :mod:`.death`), else None."""
 
     @property
     def pid(self) -> int | None:

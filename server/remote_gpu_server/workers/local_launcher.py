@@ -86,7 +86,7 @@ WORKER_ARGV = [sys.executable, "-m", "remote_gpu_server.worker_process.kernel", 
                "--HistoryManager.hist_file=:memory:"]
 
 
-class _SpecManager(KernelSpecManager):  # type: ignore[misc]
+class _SpecManager(KernelSpecManager):
     """Hands jupyter_client the worker's command line."""
 
     def __init__(self, argv: list[str], interrupt_mode: str) -> None:

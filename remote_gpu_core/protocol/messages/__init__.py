@@ -56,7 +56,7 @@ message's ``metadata`` (a widget's ``comm_open`` names its protocol
 
 from __future__ import annotations
 
-from .base import PROTOCOL_VERSION, Buffers, Error, ErrorCode, Message, MessageType
+from .base import PROTOCOL_VERSION, Error, ErrorCode, Message, MessageType
 from .cells import (
     Execute, ExecuteDone, Input, Interrupt, Notice, Output, Replay, ReplayDone, ShellReply, ShellRequest
 )

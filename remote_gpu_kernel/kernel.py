@@ -37,7 +37,7 @@ from typing import Any
 from ipykernel.kernelbase import Kernel
 
 from . import __version__, notices
-from .client import AsyncSession
+from .session import AsyncSession
 from remote_gpu_core.errors import ConnectionLost, RemoteGpuError
 from .kernel_cells import Cell, CellKind, CellSyntaxError, GpuCommand, parse_cell
 from remote_gpu_core.ipykernel_app import CommsBesideCells, MainLoopKernelApp, MainLoopShell, skip_empty_flushes

@@ -19,7 +19,7 @@ from . import notices
 from remote_gpu_core.protocol import messages as m
 
 if TYPE_CHECKING:
-    from .client import AsyncSession
+    from .session import AsyncSession
     from .kernel import RemoteGpuKernel
 
 __all__ = ["NOT_FORWARDED", "AfterIdle", "CellOutput", "Parents", "gone_state"]
@@ -90,7 +90,7 @@ class CellOutput:
         self.show(notices.queued(position))
 
     def granted(self, session: AsyncSession, url: str) -> None:
-        self.show(notices.granted(session.slots, url, session.id, session.waited, session.client.user))
+        self.show(notices.granted(session.slots, url, session.id, session.waited, session.user))
 
     def resumed(self, session: AsyncSession, url: str) -> None:
         if session.parked:

@@ -174,7 +174,7 @@ class CommBridge:
     def _dead(self, comm_id: str, parent: dict[str, Any], why: str) -> None:
         """Tell the notebook the widget cannot work any more: an error under the
         message that touched it, and the widget drawn as disconnected."""
-        from .kernel_output import gone_state
+        from .kernel.output import gone_state
 
         self._publish("error", {"ename": "WidgetGone", "evalue": why,
                                 "traceback": [f"Remote GPU: this widget no longer works: {why}"]}, parent)

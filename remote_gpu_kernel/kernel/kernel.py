@@ -1,7 +1,7 @@
 """The "Remote GPU" Jupyter kernel: every cell runs on a leased GPU.
 
 Started by Jupyter as ``python -m remote_gpu_kernel.kernel -f CONNECTION``
-(see :mod:`.kernelspec`), it speaks the Jupyter protocol to the notebook and
+(see :mod:`remote_gpu_kernel.kernelspec`), it speaks the Jupyter protocol to the notebook and
 forwards each cell to a remote worker through :class:`AsyncSession`, on the
 kernel's own asyncio loop. What the worker publishes (streams, displays,
 results, errors, comm traffic, ``input_request``) is re-published on this
@@ -9,13 +9,13 @@ kernel's IOPub socket under the notebook's own request, so the notebook
 cannot tell the difference from a local IPython kernel.
 
 * The GPU is leased at the first cell that needs it (see
-  :mod:`.kernel_remote`); the queue position is shown in place.
+  :mod:`.lease`); the queue position is shown in place.
 * Interrupts (SIGINT, which is how ipykernel delivers both
   ``interrupt_mode``\\ s) interrupt the remote cell, or withdraw a lease that
   still waits in the queue, or interrupt a ``%%local`` cell.
 * Restart and shutdown release the lease; a restarted kernel leases anew.
 * ``%%local`` cells and ``%gpu push/pull`` are described in
-  :mod:`.kernel_cells` and :mod:`.kernel_local`.
+  :mod:`.cells` and :mod:`.local`.
 * A dropped connection is reported in the running cell; the next cell
   reconnects to the same session.
 * ``%gpu park`` saves the remote namespace on the server and gives the GPU
@@ -36,16 +36,18 @@ from typing import Any
 
 from ipykernel.kernelbase import Kernel
 
-from . import __version__, notices
-from .session import AsyncSession
+from remote_gpu_core import __version__
 from remote_gpu_core.errors import ConnectionLost, RemoteGpuError
-from .kernel_cells import Cell, CellKind, CellSyntaxError, GpuCommand, parse_cell
 from remote_gpu_core.ipykernel_app import CommsBesideCells, MainLoopKernelApp, MainLoopShell, skip_empty_flushes
-from .kernel_history import History
-from .kernel_local import LocalNamespace
-from .kernel_output import AfterIdle, CellOutput, Parents, gone_state
-from .kernel_remote import RemoteLease
 from remote_gpu_core.protocol import messages as m
+
+from .. import notices
+from ..session import AsyncSession
+from .cells import Cell, CellKind, CellSyntaxError, GpuCommand, parse_cell
+from .history import History
+from .lease import RemoteLease
+from .local import LocalNamespace
+from .output import AfterIdle, CellOutput, Parents, gone_state
 
 __all__ = ["LOCAL_LANGUAGE_INFO", "RemoteGpuKernel", "RemoteGpuKernelApp", "main"]
 
@@ -527,7 +529,3 @@ def main(argv: list[str] | None = None) -> None:
     """Run the kernel as Jupyter starts it: ``-f CONNECTION_FILE``."""
     RemoteGpuKernelApp.launch_instance(argv=sys.argv[1:] if argv is None else argv,
                                 kernel_class=RemoteGpuKernel)
-
-
-if __name__ == "__main__":
-    main()

@@ -3,7 +3,7 @@
 :class:`CellOutput` publishes as replies to one request of the notebook (a
 cell, a widget's message), whatever task runs: the worker's messages go out
 whole (content, metadata, buffers) under that request, and the kernel's own
-lines (the lease, a transfer) are shown in the words of :mod:`.notices`.
+lines (the lease, a transfer) are shown in the words of :mod:`remote_gpu_kernel.notices`.
 :class:`Parents` remembers recent requests, so that what the worker
 publishes after its request ended (a thread, a timer) goes out under the
 request that it names; :class:`AfterIdle` holds back what the worker
@@ -15,11 +15,12 @@ from __future__ import annotations
 import collections
 from typing import TYPE_CHECKING, Any
 
-from . import notices
 from remote_gpu_core.protocol import messages as m
 
+from .. import notices
+
 if TYPE_CHECKING:
-    from .session import AsyncSession
+    from ..session import AsyncSession
     from .kernel import RemoteGpuKernel
 
 __all__ = ["NOT_FORWARDED", "AfterIdle", "CellOutput", "Parents", "gone_state"]

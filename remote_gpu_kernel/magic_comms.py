@@ -33,6 +33,8 @@ from typing import Any
 from remote_gpu_core.errors import RemoteGpuError
 from remote_gpu_core.protocol.messages import Output
 
+from . import notices
+
 __all__ = ["COMM_MESSAGES", "CommBridge"]
 
 log = logging.getLogger("remote_gpu_kernel")
@@ -174,8 +176,6 @@ class CommBridge:
     def _dead(self, comm_id: str, parent: dict[str, Any], why: str) -> None:
         """Tell the notebook the widget cannot work any more: an error under the
         message that touched it, and the widget drawn as disconnected."""
-        from .kernel.output import gone_state
-
         self._publish("error", {"ename": "WidgetGone", "evalue": why,
-                                "traceback": [f"Remote GPU: this widget no longer works: {why}"]}, parent)
-        self._publish("comm_msg", {"comm_id": comm_id, "data": gone_state(why)}, parent)
+                                "traceback": [notices.widget_gone(why)]}, parent)
+        self._publish("comm_msg", {"comm_id": comm_id, "data": notices.gone_state(why)}, parent)

@@ -15,7 +15,8 @@ cannot tell the difference from a local IPython kernel.
   still waits in the queue, or interrupt a ``%%local`` cell.
 * Restart and shutdown release the lease; a restarted kernel leases anew.
 * ``%%local`` cells and ``%gpu push/pull`` are described in
-  :mod:`.cells` and :mod:`.local`.
+  :mod:`.cells` and :mod:`.local`; widgets' comm messages in :mod:`.comms`;
+  a remote ``input()`` in :mod:`.stdin`.
 * A dropped connection is reported in the running cell; the next cell
   reconnects to the same session.
 * ``%gpu park`` saves the remote namespace on the server and gives the GPU
@@ -47,7 +48,9 @@ from .cells import Cell, CellKind, CellSyntaxError, GpuCommand, parse_cell
 from .history import History
 from .lease import RemoteLease
 from .local import LocalNamespace
-from .output import AfterIdle, CellOutput, Parents, gone_state
+from .comms import CommForwarder
+from .output import AfterIdle, CellOutput, IOPub, Parents
+from .stdin import FrontendInput
 
 __all__ = ["LOCAL_LANGUAGE_INFO", "RemoteGpuKernel", "RemoteGpuKernelApp", "main"]
 
@@ -86,18 +89,20 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):  # type: ignore[
         super().__init__(**kwargs)
         for msg_type in ("comm_open", "comm_msg", "comm_close"):
             self.shell_handlers[msg_type] = self._comm_request
+        session = self.session
+        assert session is not None, "IPKernelApp gives its kernel a Jupyter session"
+        self.iopub = IOPub(session, self.iopub_socket, self._topic)
+        self.stdin = FrontendInput(session, self.stdin_socket)
         self.remote = RemoteLease(on_background=self._background)
+        self.comms = CommForwarder(self.remote, self._session, self.log)
         self.parents = Parents()
         self.after_idle = AfterIdle()
-        #: The comms open between the notebook and the worker, as seen passing.
-        self.comm_ids: set[str] = set()
-        self.local = LocalNamespace(self.session, self.iopub_socket, self._topic)
+        self.local = LocalNamespace(session, self.iopub_socket, self._topic)
         self.history = History()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lease_task: asyncio.Task[AsyncSession] | None = None
         self._remote_running: AsyncSession | None = None
         self._local_running = False
-        self._stdin: Any = None
         #: The notebook request of the cell that runs now, if one does.
         self._running_parent: dict[str, Any] | None = None
 
@@ -141,7 +146,7 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):  # type: ignore[
                          user_expressions: dict[str, Any] | None = None, allow_stdin: bool = False,
                          *, cell_meta: dict[str, Any] | None = None,
                          cell_id: str | None = None) -> dict[str, Any]:
-        cell = CellOutput(self, self.get_parent("shell"))
+        cell = self._cell(self.get_parent("shell"))
         self.parents.remember(cell.parent)
         self.after_idle.begin(cell.parent)
         self._running_parent = cell.parent
@@ -198,6 +203,10 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):  # type: ignore[
             cell.stream(f"Object `{name}` not found.\n", "stdout")
             return self._ok()
         return {**self._ok(), "payload": [{"source": "page", "data": reply.get("data", {}), "start": 0}]}
+
+    def _cell(self, parent: dict[str, Any]) -> CellOutput:
+        """Publishes as replies to the notebook request ``parent``."""
+        return CellOutput(self.iopub, parent, self.execution_count, self.comms.ids)
 
     def _ok(self) -> dict[str, Any]:
         return {"status": "ok", "execution_count": self.execution_count, "payload": [],
@@ -267,30 +276,9 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):  # type: ignore[
     async def _forward_input(self, session: AsyncSession, content: dict[str, Any],
                              parent: dict[str, Any], ident: Any) -> None:
         """Ask the notebook for the remote ``input()``'s answer and send it back."""
-        value = await self._ask_frontend(str(content.get("prompt", "")), bool(content.get("password")),
-                                         parent, ident)
+        value = await self.stdin.ask(str(content.get("prompt", "")), bool(content.get("password")),
+                                     parent, ident)
         await session.send_input(value)
-
-    async def _ask_frontend(self, prompt: str, password: bool, parent: dict[str, Any],
-                            ident: Any) -> str:
-        import zmq
-        import zmq.asyncio
-
-        if self._stdin is None:
-            self._stdin = zmq.asyncio.Socket.from_socket(self.stdin_socket)
-        while True:  # stale replies of earlier, interrupted requests
-            try:
-                self.stdin_socket.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-        self.session.send(self.stdin_socket, "input_request",
-                          {"prompt": prompt, "password": password}, parent, ident=ident)
-        while True:
-            frames = await self._stdin.recv_multipart()
-            _, msg_list = self.session.feed_identities(frames)
-            reply = self.session.deserialize(msg_list)
-            if reply["msg_type"] == "input_reply":
-                return str(reply["content"].get("value", ""))
 
     def _run_local(self, cell_def: Cell, cell: CellOutput, silent: bool, store_history: bool) -> dict[str, Any]:
         self._local_running = True
@@ -402,24 +390,13 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):  # type: ignore[
                 "history": self.history.query(hist_access_type, output, start, stop, n, pattern, unique)}
 
     async def comm_info_request(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
-        content: dict[str, Any] = {"comms": {}, "status": "ok"}
-        session = self.remote.usable
-        if session is not None and not session.parked:
-            try:
-                content = (await session.shell_request("comm_info_request", parent["content"])).content
-            except RemoteGpuError:
-                self.log.warning("comm_info_request failed", exc_info=True)
-        self.session.send(stream, "comm_info_reply", content, parent, ident)
+        content = await self.comms.info(parent["content"])
+        self.iopub.session.send(stream, "comm_info_reply", content, parent, ident)
 
     async def _comm_request(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
-        """Forward a comm message from the notebook to the worker's comm.
-
-        A comm the worker does not have (closed, or its worker died or was
-        released) is answered with an error that says so and closed in the
-        notebook, so that a widget never waits on a worker that cannot answer.
-        """
+        """Forward a comm message from the notebook to the worker's comm (see :mod:`.comms`)."""
         msg_type, content = parent["header"]["msg_type"], dict(parent["content"])
-        cell = CellOutput(self, parent)
+        cell = self._cell(parent)
         self.parents.remember(parent)
         self.after_idle.begin(parent)
         # ipykernel 7 runs a comm message that comes while a cell runs at the
@@ -431,74 +408,26 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):  # type: ignore[
         if running is not None:
             self._publish_status("busy", "shell", parent)
         try:
-            await self._forward_comm(msg_type, content, cell, parent)
+            await self.comms.forward(msg_type, content, cell, parent)
         finally:
             if running is not None:
                 self._publish_status("idle", "shell", parent)
                 if self._running_parent is running:
                     self._publish_status("busy", "shell", running)
 
-    async def _forward_comm(self, msg_type: str, content: dict[str, Any], cell: CellOutput,
-                            parent: dict[str, Any]) -> None:
-        comm_id = str(content.get("comm_id", ""))
-        if msg_type != "comm_open" and comm_id not in self.comm_ids:
-            # Never open here (refused at its comm_open, or closed): dropped,
-            # as ipykernel drops a message for a comm it does not have.
-            self.log.warning("%s for comm %s, which is not open; dropped", msg_type, comm_id)
-            return
-        if msg_type == "comm_close":
-            self.comm_ids.discard(comm_id)
-        session = self.remote.usable
-        if session is None and self.remote.session is not None and not self.remote.session.released:
-            reconnected = await self._session(cell)  # the connection dropped: resume it
-            session = None if isinstance(reconnected, dict) else reconnected
-        if session is not None and session.parked:  # a parked session's comms ended with its worker
-            if msg_type == "comm_open":
-                cell.send("comm_close", {"comm_id": content.get("comm_id"), "data": {}})
-            elif msg_type == "comm_msg":
-                self._widget_gone(cell, content, "the GPU session that made it was parked, and its "
-                                  "worker with it: run its cell again")
-            return
-        if session is None:
-            if msg_type == "comm_open":  # as ipykernel answers an unknown target
-                cell.send("comm_close", {"comm_id": content.get("comm_id"), "data": {}})
-            elif msg_type == "comm_msg":
-                self._widget_gone(cell, content, "the GPU session that made it was released, and "
-                                  "its worker and variables with it: run its cell again")
-            return
-        buffers = tuple(bytes(b) for b in parent.get("buffers") or ())
-        if msg_type == "comm_open":
-            self.comm_ids.add(comm_id)  # until the worker closes it (no such target)
-        try:
-            await session.shell_request(msg_type, content, buffers=buffers, on_output=cell.forward,
-                                        parent=cell.header)
-        except RemoteGpuError as exc:
-            if msg_type == "comm_msg":
-                self._widget_gone(cell, content, str(exc))
-            else:
-                self.comm_ids.discard(comm_id)
-                self.log.warning("could not forward %s to the GPU worker: %s", msg_type, exc)
-
-    def _widget_gone(self, cell: CellOutput, content: dict[str, Any], why: str) -> None:
-        """Say why a widget no longer answers: an error under the message that
-        touched it (JupyterLab shows it in the log console), and the widget
-        drawn as ipywidgets draws one without a kernel (see :func:`gone_state`)."""
-        cell.error("WidgetGone", why, [f"Remote GPU: this widget no longer works: {why}"])
-        cell.send("comm_msg", {"comm_id": content.get("comm_id"), "data": gone_state(why)})
-
     def _background(self, msg: m.Output) -> None:
         """What the worker published outside any request of ours, under the
         notebook request it names (a thread's print after its cell ended);
         after that request's idle, as ipykernel publishes it (see :class:`AfterIdle`)."""
         if not self.after_idle.hold(msg):
-            CellOutput(self, self.parents.get(msg.parent)).forward(msg)
+            self._cell(self.parents.get(msg.parent)).forward(msg)
 
     def _publish_status(self, status: str, channel: str, parent: dict[str, Any] | None = None) -> None:
         super()._publish_status(status, channel, parent)
         if status == "idle":
             request = parent or self.get_parent(channel)
             for msg in self.after_idle.end(request):
-                CellOutput(self, request).forward(msg)
+                self._cell(request).forward(msg)
 
     async def do_shutdown(self, restart: bool) -> dict[str, Any]:
         """Give the GPU back; runs on the control thread, the session lives on the main loop."""

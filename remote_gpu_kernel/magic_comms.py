@@ -146,8 +146,9 @@ class CommBridge:
         if proxy is not None:
             proxy._closed = True  # closed by the worker: nothing to send back
             manager = get_comm_manager()
-            if manager.get_comm(comm_id) is proxy:
-                manager.unregister_comm(proxy)
+            registered = manager.get_comm(comm_id)
+            if registered is not None and registered is proxy:
+                manager.unregister_comm(registered)
 
     def _from_notebook(self, msg: dict[str, Any]) -> None:
         """A message from the notebook to a proxy: forward it to the worker."""

@@ -71,7 +71,7 @@ _HELP = re.compile(r"^\s*(?P<before>\?{1,2})?(?P<name>[A-Za-z_][\w.]*)(?P<after>
 RELEASE_TIMEOUT = 10.0
 
 
-class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):  # type: ignore[misc]
+class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):
     """See the module docstring. Jupyter makes it through IPKernelApp."""
 
     implementation = "remote_gpu_kernel"
@@ -86,7 +86,7 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):  # type: ignore[
     _execute_sleep = 0.0
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        super().__init__(**kwargs)  # type: ignore[no-untyped-call]  # ipykernel's, unannotated
         for msg_type in ("comm_open", "comm_msg", "comm_close"):
             self.shell_handlers[msg_type] = self._comm_request
         session = self.session
@@ -109,7 +109,7 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):  # type: ignore[
     # -- process ------------------------------------------------------------
 
     def start(self) -> None:
-        super().start()
+        super().start()  # type: ignore[no-untyped-call]
         self._loop = asyncio.get_event_loop()
         signal.signal(signal.SIGINT, self._on_sigint)
         for stream in (sys.stdout, sys.stderr):
@@ -146,7 +146,7 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):  # type: ignore[
                          user_expressions: dict[str, Any] | None = None, allow_stdin: bool = False,
                          *, cell_meta: dict[str, Any] | None = None,
                          cell_id: str | None = None) -> dict[str, Any]:
-        cell = self._cell(self.get_parent("shell"))
+        cell = self._cell(self.get_parent("shell"))  # type: ignore[no-untyped-call]
         self.parents.remember(cell.parent)
         self.after_idle.begin(cell.parent)
         self._running_parent = cell.parent
@@ -295,16 +295,16 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):  # type: ignore[
     async def _run_command(self, command: GpuCommand, cell: CellOutput) -> dict[str, Any] | None:
         """Run one ``%gpu`` line; the error reply if it failed, else None."""
         if command.name == "status":
-            session = self.remote.session
-            if session is None:
+            current = self.remote.session
+            if current is None:
                 cell.stream("Remote GPU: no GPU leased; the next cell that needs one leases it\n",
                             "stdout")
-            elif session.parked:
-                cell.stream(f"Remote GPU: session {session.id[:8]} is parked: no GPU is held, and the "
+            elif current.parked:
+                cell.stream(f"Remote GPU: session {current.id[:8]} is parked: no GPU is held, and the "
                             "next cell restores it\n", "stdout")
             else:
-                state = "connected" if session.connected else "disconnected"
-                cell.stream(f"Remote GPU: session {session.id[:8]} on {', '.join(session.slots)} "
+                state = "connected" if current.connected else "disconnected"
+                cell.stream(f"Remote GPU: session {current.id[:8]} on {', '.join(current.slots)} "
                             f"from {self.remote.url} ({state})\n", "stdout")
             return None
         if command.name == "release":
@@ -377,7 +377,7 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):  # type: ignore[
     async def do_is_complete(self, code: str) -> dict[str, Any]:
         from IPython.core.inputtransformer2 import TransformerManager
 
-        status, indent = TransformerManager().check_complete(code)
+        status, indent = TransformerManager().check_complete(code)  # type: ignore[no-untyped-call]
         reply: dict[str, Any] = {"status": status}
         if status == "incomplete":
             reply["indent"] = " " * (indent or 0)
@@ -423,9 +423,9 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):  # type: ignore[
             self._cell(self.parents.get(msg.parent)).forward(msg)
 
     def _publish_status(self, status: str, channel: str, parent: dict[str, Any] | None = None) -> None:
-        super()._publish_status(status, channel, parent)
+        super()._publish_status(status, channel, parent)  # type: ignore[no-untyped-call]
         if status == "idle":
-            request = parent or self.get_parent(channel)
+            request = parent or self.get_parent(channel)  # type: ignore[no-untyped-call]
             for msg in self.after_idle.end(request):
                 self._cell(request).forward(msg)
 
@@ -441,7 +441,7 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):  # type: ignore[
         return {"status": "ok", "restart": restart}
 
 
-class RemoteGpuKernelApp(MainLoopKernelApp):  # type: ignore[misc]
+class RemoteGpuKernelApp(MainLoopKernelApp):
     """The Remote GPU kernel's application: no shell-channel thread (see
     :class:`~remote_gpu_core.ipykernel_app.MainLoopKernelApp`)."""
 

@@ -94,11 +94,17 @@ class RemoteGpuError(Exception):
     do, without the client's own frames: they are about the service, not
     about the user's code (:class:`RemoteError` shows the remote traceback).
 
-    ``code`` names the kind of error and never changes (see the module
-    docstring); every class sets its own.
+    :attr:`code` names the kind of error and never changes (see the module
+    docstring). Every class of this module sets its own as a class
+    attribute; a :class:`ServerError` built from the server's answer carries
+    the answer's, and a class elsewhere may compute it (the sidebar's error
+    gives its reason).
     """
 
-    code: str = "remote_gpu_error"
+    @property
+    def code(self) -> str:
+        """This error's stable code: the root's, where a class sets none."""
+        return "remote_gpu_error"
 
     def _render_traceback_(self) -> list[str]:
         return [f"{type(self).__name__}: {self}"]
@@ -192,7 +198,7 @@ class ServerError(RemoteGpuError):
     without one, the class's own.
     """
 
-    code = "server_error"
+    code: str = "server_error"
 
     def __init__(self, message: str, code: str | None = None) -> None:
         super().__init__(message)

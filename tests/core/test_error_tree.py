@@ -55,6 +55,11 @@ def _exception_classes() -> dict[str, type[BaseException]]:
 CLASSES = _exception_classes()
 
 
+def code_of(cls: type[BaseException]) -> object:
+    """The code an error of ``cls`` has when nothing more precise is given."""
+    return getattr(cls.__new__(cls), "code", None)
+
+
 def test_every_exception_of_the_core_and_the_client_derives_from_the_root() -> None:
     outside = [name for name, cls in CLASSES.items() if not issubclass(cls, RemoteGpuError)]
     assert not outside, f"exceptions outside the tree of RemoteGpuError: {outside}"
@@ -63,18 +68,19 @@ def test_every_exception_of_the_core_and_the_client_derives_from_the_root() -> N
 def test_every_error_class_sets_its_own_code() -> None:
     inherited = [name for name, cls in CLASSES.items() if "code" not in vars(cls)]
     assert not inherited, f"error classes without a code of their own: {inherited}"
+    assert all(isinstance(code_of(cls), str) and code_of(cls) for cls in CLASSES.values())
 
 
 def test_the_codes_are_distinct() -> None:
-    by_code: dict[str, list[str]] = {}
+    by_code: dict[object, list[str]] = {}
     for name, cls in CLASSES.items():
-        by_code.setdefault(getattr(cls, "code", ""), []).append(name)
+        by_code.setdefault(code_of(cls), []).append(name)
     shared = {code: names for code, names in by_code.items() if len(names) > 1}
     assert not shared, f"codes used by more than one class: {shared}"
 
 
 def test_the_codes_are_the_ones_published() -> None:
-    assert {cls.__name__: getattr(cls, "code", None) for cls in CLASSES.values()} == CODES
+    assert {cls.__name__: code_of(cls) for cls in CLASSES.values()} == CODES
 
 
 @pytest.mark.parametrize("name", sorted(CODES))
@@ -88,7 +94,7 @@ def test_the_module_docstring_draws_each_class_with_its_code(name: str) -> None:
 @pytest.mark.parametrize("cls", [errors.ServerError, errors.LeaseError, errors.SessionReleased,
                                  errors.ParkError, errors.WorkerDied])
 def test_a_server_answer_keeps_its_wire_code(cls: type[errors.ServerError]) -> None:
-    assert cls("refused").code == cls.code
+    assert cls("refused").code == CODES[cls.__name__]
     assert cls("refused", code=m.ErrorCode.NO_LEASE.value).code == "no_lease"
 
 
@@ -97,13 +103,22 @@ def test_where_the_wire_names_the_same_failure_the_codes_agree() -> None:
     for cls in (errors.ProtocolError, errors.VersionMismatch, errors.LeaseError,
                 errors.SessionReleased, errors.ParkError, errors.WorkerDied,
                 errors.SerializationError, errors.FileTransferError, errors.RemoteTimeout):
-        assert cls.code in wire, f"{cls.__name__}.code {cls.code!r} is not an ErrorCode"
+        assert code_of(cls) in wire, f"{cls.__name__}'s code {code_of(cls)!r} is not an ErrorCode"
 
 
 def test_a_remote_exception_class_is_a_remote_error_with_its_code() -> None:
     error = errors.RemoteError.from_remote("ZeroDivisionError", "division by zero", [])
     assert type(error).__name__ == "ZeroDivisionError"
     assert isinstance(error, errors.RemoteError) and error.code == "remote_error"
+
+
+def test_an_error_keeps_its_code_across_a_pickle() -> None:
+    import pickle
+
+    answered = pickle.loads(pickle.dumps(errors.SessionReleased("the lease ended", code="no_lease")))
+    assert (type(answered), answered.code, str(answered)) == (errors.SessionReleased, "no_lease",
+                                                              "the lease ended")
+    assert pickle.loads(pickle.dumps(errors.RemoteGpuError("x"))).code == "remote_gpu_error"
 
 
 def test_the_api_error_keeps_its_http_status_apart_from_its_code() -> None:

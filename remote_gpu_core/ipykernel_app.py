@@ -86,7 +86,7 @@ class MainLoopKernelApp(IPKernelApp):
     """
 
     def init_sockets(self) -> None:
-        super().init_sockets()  # type: ignore[no-untyped-call]  # ipykernel's, unannotated
+        super().init_sockets()  # type: ignore[no-untyped-call, unused-ignore]
         thread, self.shell_channel_thread = self.shell_channel_thread, _NoShellChannelThread()
         if thread is not None:
             thread.io_loop.close()

@@ -17,7 +17,7 @@ import shlex
 import sys
 import weakref
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, NoReturn, Protocol, TypeVar, cast
 
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.core.magic import Magics, line_cell_magic, magics_class
@@ -63,7 +63,7 @@ _line_cell_magic = cast(_Decorator, line_cell_magic)
 class _LineParser(argparse.ArgumentParser):
     """argparse for a line magic: a mistake raises ValueError (one line) instead of exiting."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise ValueError(f"{self.prog}: {message}")
 
 
@@ -83,7 +83,7 @@ def _publish_display(msg_type: str, content: dict[str, Any]) -> None:
     """A :class:`~notices.StatusLine` message through IPython's display publisher."""
     from IPython.display import publish_display_data
 
-    publish_display_data(content["data"], content.get("metadata") or {},  # type: ignore[no-untyped-call]
+    publish_display_data(content["data"], content.get("metadata") or {},  # type: ignore[no-untyped-call, unused-ignore]
                          transient=content.get("transient"), update=msg_type == "update_display_data")
 
 

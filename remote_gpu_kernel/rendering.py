@@ -25,12 +25,12 @@ def render_output(msg: Output) -> None:
         stream.write(content.get("text", ""))
         stream.flush()
     elif kind in ("display_data", "execute_result"):
-        publish_display_data(content.get("data", {}), content.get("metadata") or {},  # type: ignore[no-untyped-call]
+        publish_display_data(content.get("data", {}), content.get("metadata") or {},  # type: ignore[no-untyped-call, unused-ignore]
                              transient=content.get("transient") or None)
     elif kind == "update_display_data":
-        publish_display_data(content.get("data", {}), content.get("metadata") or {},  # type: ignore[no-untyped-call]
+        publish_display_data(content.get("data", {}), content.get("metadata") or {},  # type: ignore[no-untyped-call, unused-ignore]
                              transient=content.get("transient") or None, update=True)
     elif kind == "clear_output":
         sys.stdout.flush()
         sys.stderr.flush()
-        clear_output(wait=bool(content.get("wait")))  # type: ignore[no-untyped-call]
+        clear_output(wait=bool(content.get("wait")))  # type: ignore[no-untyped-call, unused-ignore]

@@ -86,7 +86,7 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):
     _execute_sleep = 0.0
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)  # type: ignore[no-untyped-call]  # ipykernel's, unannotated
+        super().__init__(**kwargs)  # type: ignore[no-untyped-call, unused-ignore]
         for msg_type in ("comm_open", "comm_msg", "comm_close"):
             self.shell_handlers[msg_type] = self._comm_request
         session = self.session
@@ -109,7 +109,7 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):
     # -- process ------------------------------------------------------------
 
     def start(self) -> None:
-        super().start()  # type: ignore[no-untyped-call]
+        super().start()  # type: ignore[no-untyped-call, unused-ignore]
         self._loop = asyncio.get_event_loop()
         signal.signal(signal.SIGINT, self._on_sigint)
         for stream in (sys.stdout, sys.stderr):
@@ -130,8 +130,8 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):
     def _interrupt(self) -> None:
         if self._lease_task is not None and not self._lease_task.done():
             self._lease_task.cancel()
-        elif self._remote_running is not None:
-            self._loop.create_task(self._remote_running.interrupt())  # type: ignore[union-attr]
+        elif self._remote_running is not None and self._loop is not None:
+            self._loop.create_task(self._remote_running.interrupt())
 
     @property
     def kernel_info(self) -> dict[str, Any]:
@@ -146,7 +146,7 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):
                          user_expressions: dict[str, Any] | None = None, allow_stdin: bool = False,
                          *, cell_meta: dict[str, Any] | None = None,
                          cell_id: str | None = None) -> dict[str, Any]:
-        cell = self._cell(self.get_parent("shell"))  # type: ignore[no-untyped-call]
+        cell = self._cell(self.get_parent("shell"))  # type: ignore[no-untyped-call, unused-ignore]
         self.parents.remember(cell.parent)
         self.after_idle.begin(cell.parent)
         self._running_parent = cell.parent
@@ -221,7 +221,8 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):
         try:
             return await self._lease_task
         except asyncio.CancelledError:
-            if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
                 raise
             return cell.error("KeyboardInterrupt", "interrupted while waiting for a GPU; "
                               "nothing ran and the request left the queue")
@@ -377,7 +378,7 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):
     async def do_is_complete(self, code: str) -> dict[str, Any]:
         from IPython.core.inputtransformer2 import TransformerManager
 
-        status, indent = TransformerManager().check_complete(code)  # type: ignore[no-untyped-call]
+        status, indent = TransformerManager().check_complete(code)  # type: ignore[no-untyped-call, unused-ignore]
         reply: dict[str, Any] = {"status": status}
         if status == "incomplete":
             reply["indent"] = " " * (indent or 0)
@@ -423,9 +424,9 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):
             self._cell(self.parents.get(msg.parent)).forward(msg)
 
     def _publish_status(self, status: str, channel: str, parent: dict[str, Any] | None = None) -> None:
-        super()._publish_status(status, channel, parent)  # type: ignore[no-untyped-call]
+        super()._publish_status(status, channel, parent)  # type: ignore[no-untyped-call, unused-ignore]
         if status == "idle":
-            request = parent or self.get_parent(channel)  # type: ignore[no-untyped-call]
+            request = parent or self.get_parent(channel)  # type: ignore[no-untyped-call, unused-ignore]
             for msg in self.after_idle.end(request):
                 self._cell(request).forward(msg)
 

@@ -24,7 +24,9 @@ from remote_gpu_core.login import ClientConfig
 from remote_gpu_core.protocol import messages as m
 
 from .link import Link, open_link
-from .session import AsyncSession, ExecuteResult, NoticeCallback, QueueCallback, notify, parent_of, write_streams
+from .session import (
+    AsyncSession, ExecuteResult, NoticeCallback, QueueCallback, notify, parent_of, write_streams
+)
 
 __all__ = ["AsyncClient", "AsyncSession", "ExecuteResult", "SessionOpener", "parent_of", "write_streams"]
 

@@ -81,9 +81,10 @@ def _say(text: str) -> None:
 
 def _publish_display(msg_type: str, content: dict[str, Any]) -> None:
     """A :class:`~notices.StatusLine` message through IPython's display publisher."""
-    from IPython.display import publish_display_data
+    from IPython import display
 
-    publish_display_data(content["data"], content.get("metadata") or {},  # type: ignore[no-untyped-call, unused-ignore]
+    publish_display_data = cast(Callable[..., None], display.publish_display_data)  # unannotated
+    publish_display_data(content["data"], content.get("metadata") or {},
                          transient=content.get("transient"), update=msg_type == "update_display_data")
 
 

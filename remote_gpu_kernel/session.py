@@ -18,7 +18,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from remote_gpu_core.errors import ConnectionLost, FileTransferError, RemoteError, RemoteGpuError, SessionReleased
+from remote_gpu_core.errors import (
+    ConnectionLost, FileTransferError, RemoteError, RemoteGpuError, SessionReleased
+)
 from remote_gpu_core.protocol import dump_values, load_values
 from remote_gpu_core.protocol import messages as m
 from remote_gpu_core.sizes import format_size

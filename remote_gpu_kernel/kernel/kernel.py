@@ -1,9 +1,9 @@
 """The "Remote GPU" Jupyter kernel: every cell runs on a leased GPU.
 
 Started by Jupyter as ``python -m remote_gpu_kernel.kernel -f CONNECTION``
-(see :mod:`remote_gpu_kernel.kernelspec`), it speaks the Jupyter protocol to the notebook and
-forwards each cell to a remote worker through :class:`AsyncSession`, on the
-kernel's own asyncio loop. What the worker publishes (streams, displays,
+(see :mod:`remote_gpu_kernel.kernelspec`), it speaks the Jupyter protocol
+to the notebook and forwards each cell to a remote worker through
+:class:`AsyncSession`, on the kernel's own asyncio loop. What the worker publishes (streams, displays,
 results, errors, comm traffic, ``input_request``) is re-published on this
 kernel's IOPub socket under the notebook's own request, so the notebook
 cannot tell the difference from a local IPython kernel.
@@ -45,10 +45,10 @@ from remote_gpu_core.protocol import messages as m
 from .. import notices
 from ..session import AsyncSession
 from .cells import Cell, CellKind, CellSyntaxError, GpuCommand, parse_cell
+from .comms import CommForwarder
 from .history import History
 from .lease import RemoteLease
 from .local import LocalNamespace
-from .comms import CommForwarder
 from .output import AfterIdle, CellOutput, IOPub, Parents
 from .stdin import FrontendInput
 
@@ -378,7 +378,8 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):
     async def do_is_complete(self, code: str) -> dict[str, Any]:
         from IPython.core.inputtransformer2 import TransformerManager
 
-        status, indent = TransformerManager().check_complete(code)  # type: ignore[no-untyped-call, unused-ignore]
+        transformer = TransformerManager()  # type: ignore[no-untyped-call, unused-ignore]
+        status, indent = transformer.check_complete(code)
         reply: dict[str, Any] = {"status": status}
         if status == "incomplete":
             reply["indent"] = " " * (indent or 0)

@@ -13,6 +13,9 @@ loop.
 - :mod:`.lease`: the kernel's hold on its GPU session (lease lazily,
   resume after a dropped connection);
 - :mod:`.output`: publishing on IOPub under the notebook's requests;
+- :mod:`.comms`: the notebook's comm messages (widgets), forwarded to the
+  worker's comms;
+- :mod:`.stdin`: a remote ``input()`` answered by the notebook;
 - :mod:`.local`: the local namespace where ``%%local`` cells run;
 - :mod:`.history`: the kernel's own input history.
 

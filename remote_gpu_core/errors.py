@@ -1,45 +1,72 @@
 """Exceptions raised by remote-gpu-kernel.
 
 Every error has one root, :class:`RemoteGpuError`, and inherits a builtin
-where one fits so that ordinary ``except`` clauses keep working::
+where one fits so that ordinary ``except`` clauses keep working. Each class
+has a stable ``code`` (the right-hand column below), for a program or a log to
+match instead of a message or a class name; where the server names the same
+failure on the wire (:class:`~remote_gpu_core.protocol.ErrorCode`) the two
+codes are the same. A :class:`ServerError` built from the server's answer
+carries that answer's code, which may be more precise than its class's
+(``no_lease`` for a :class:`SessionReleased`)::
 
-    RemoteGpuError
-    ├── ProtocolError                 a peer sent bytes that break the protocol
-    │   ├── VersionMismatch           the peers speak different protocol versions
-    │   └── MessageTooLarge (ValueError)
-    │                                 a message is larger than its receiver takes
-    │                                 (a server's --max-push, --max-message); it
-    │                                 was not used and the connection goes on
-    ├── ConnectionLost (ConnectionError)
-    │                                 the websocket closed under a request
-    ├── AuthenticationError (PermissionError)
-    │                                 the server refused the token or the
-    │                                 connection (HTTP 401 or 403)
-    ├── TlsError (ConnectionError)    the connection cannot be made safe (a CA
-    │   │                             file that cannot be read, a TLS failure)
-    │   ├── UntrustedCertificate      the server's certificate did not verify
-    │   └── InsecureConnection (PermissionError)
-    │                                 a token would cross the network in clear
-    ├── ServerError                   the server answered a request with an error
-    │   ├── LeaseError                no lease could be granted (quota, no slots)
-    │   ├── SessionReleased           the session's lease ended (release, idle)
-    │   ├── ParkError                 the session could not be parked (quota,
-    │   │                             disk); nothing was lost, it goes on
-    │   └── WorkerDied                the worker process died during a request
-    ├── SerializationError (TypeError)
-    │                                 a variable could not be pickled; names it
-    ├── FileTransferError             a file could not be uploaded or downloaded
-    │                                 (missing, outside the session's folder,
-    │                                 over the server's upload limit)
-    ├── RemoteError                   the remote cell raised; carries the remote
-    │                                 traceback and renders it as IPython's own
-    └── RemoteTimeout (TimeoutError)  a cell ran past its --timeout
+    RemoteGpuError                           remote_gpu_error
+    ├── ProtocolError                        protocol_error
+    │   │   a peer sent bytes that break the protocol
+    │   ├── VersionMismatch                  version_mismatch
+    │   │       the peers speak different protocol versions
+    │   └── MessageTooLarge (ValueError)     message_too_large
+    │           a message is larger than its receiver takes (a server's
+    │           --max-push, --max-message); it was not used and the
+    │           connection goes on
+    ├── ConnectionLost (ConnectionError)     connection_lost
+    │       the websocket closed under a request
+    ├── AuthenticationError (PermissionError)  authentication_failed
+    │       the server refused the token or the connection (HTTP 401 or 403)
+    ├── TlsError (ConnectionError)           tls_error
+    │   │   the connection cannot be made safe (a CA file that cannot be
+    │   │   read, a TLS failure)
+    │   ├── UntrustedCertificate             untrusted_certificate
+    │   │       the server's certificate did not verify
+    │   └── InsecureConnection (PermissionError)  insecure_connection
+    │           a token would cross the network in clear
+    ├── ServerError                          server_error
+    │   │   the server answered a request with an error
+    │   ├── LeaseError                       lease_refused
+    │   │       no lease could be granted (quota, no slots)
+    │   ├── SessionReleased                  released
+    │   │       the session's lease ended (release, idle)
+    │   ├── ParkError                        park_refused
+    │   │       the session could not be parked (quota, disk); nothing
+    │   │       was lost, it goes on
+    │   ├── WorkerDied                       worker_died
+    │   │       the worker process died during a request
+    │   └── ApiError                         api_error
+    │           the HTTP API (``rgpu``) answered with an error or could
+    │           not be reached; ``status`` is the HTTP status (0: unreachable)
+    ├── SerializationError (TypeError)       serialization
+    │       a variable could not be pickled; names it
+    ├── FileTransferError                    file_error
+    │       a file could not be uploaded or downloaded (missing, outside
+    │       the session's folder, over the server's upload limit)
+    ├── RemoteError                          remote_error
+    │       the remote cell raised; carries the remote traceback and
+    │       renders it as IPython's own
+    ├── RemoteTimeout (TimeoutError)         timeout
+    │       a cell ran past its --timeout
+    └── CellSyntaxError (ValueError)         cell_syntax
+            a Remote GPU kernel cell's ``%gpu`` line is malformed; says
+            how to write it
+
+The server's own errors extend this tree where the server defines them
+(``remote_gpu_server.errors``).
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "ApiError",
     "AuthenticationError",
+    "CellSyntaxError",
     "ConnectionLost",
     "FileTransferError",
     "InsecureConnection",
@@ -66,7 +93,18 @@ class RemoteGpuError(Exception):
     In IPython these show as one line that says what happened and what to
     do, without the client's own frames: they are about the service, not
     about the user's code (:class:`RemoteError` shows the remote traceback).
+
+    :attr:`code` names the kind of error and never changes (see the module
+    docstring). Every class of this module sets its own as a class
+    attribute; a :class:`ServerError` built from the server's answer carries
+    the answer's, and a class elsewhere may compute it (the sidebar's error
+    gives its reason).
     """
+
+    @property
+    def code(self) -> str:
+        """This error's stable code: the root's, where a class sets none."""
+        return "remote_gpu_error"
 
     def _render_traceback_(self) -> list[str]:
         return [f"{type(self).__name__}: {self}"]
@@ -79,6 +117,8 @@ class ProtocolError(RemoteGpuError):
     (0 otherwise), so that a server can answer that request.
     """
 
+    code = "protocol_error"
+
     def __init__(self, message: str, req: int = 0) -> None:
         super().__init__(message)
         self.req = req
@@ -86,6 +126,8 @@ class ProtocolError(RemoteGpuError):
 
 class VersionMismatch(ProtocolError):
     """Client and server speak different protocol versions."""
+
+    code = "version_mismatch"
 
 
 class MessageTooLarge(ProtocolError, ValueError):
@@ -95,6 +137,8 @@ class MessageTooLarge(ProtocolError, ValueError):
     larger than the server's limits, and by a server's reader for a message
     it refused whole (its bytes are skipped, the stream stays in step).
     """
+
+    code = "message_too_large"
 
     def __init__(self, message: str, req: int = 0, *, size: int = 0, limit: int = 0,
                  what: str = "") -> None:
@@ -108,11 +152,15 @@ class MessageTooLarge(ProtocolError, ValueError):
 class ConnectionLost(RemoteGpuError, ConnectionError):
     """The connection to the server closed while a request was pending."""
 
+    code = "connection_lost"
+
 
 class AuthenticationError(RemoteGpuError, PermissionError):
     """The server refused the token (HTTP 401) or this connection (HTTP 403,
     for example a second user of a server that cannot isolate workers) at
     the handshake; the message gives its reason."""
+
+    code = "authentication_failed"
 
 
 class TlsError(RemoteGpuError, ConnectionError):
@@ -121,6 +169,8 @@ class TlsError(RemoteGpuError, ConnectionError):
     ``what`` is what happened and ``hint`` what to do (may be empty); the
     message is both, on one line.
     """
+
+    code = "tls_error"
 
     def __init__(self, what: str, hint: str = "") -> None:
         super().__init__(f"{what}: {hint}" if hint else what)
@@ -131,44 +181,69 @@ class TlsError(RemoteGpuError, ConnectionError):
 class UntrustedCertificate(TlsError):
     """The server's certificate did not verify: unknown CA, self-signed, wrong host name, expired."""
 
+    code = "untrusted_certificate"
+
 
 class InsecureConnection(TlsError, PermissionError):
     """The client refused to send a token over plain ws:// or http:// to a host not on loopback."""
+
+    code = "insecure_connection"
 
 
 class ServerError(RemoteGpuError):
     """The server answered a request with an error.
 
     ``code`` is the machine-readable error code from the protocol's
-    :class:`~remote_gpu_core.protocol.ErrorCode`.
+    :class:`~remote_gpu_core.protocol.ErrorCode` that the answer carried;
+    without one, the class's own.
     """
 
-    def __init__(self, message: str, code: str = "server_error") -> None:
+    code: str = "server_error"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
         super().__init__(message)
-        self.code = code
+        if code is not None:
+            self.code = code
 
 
 class LeaseError(ServerError):
     """No lease could be granted."""
 
+    code = "lease_refused"
+
 
 class SessionReleased(ServerError):
     """The session no longer holds a lease (released, idle timeout, grace)."""
+
+    code = "released"
 
 
 class ParkError(ServerError):
     """The session could not be parked; it goes on as it was, with its variables."""
 
-    def __init__(self, message: str, code: str = "park_refused") -> None:
-        super().__init__(message, code)
+    code = "park_refused"
 
 
 class WorkerDied(ServerError):
     """The worker died while running a request; its variables are gone."""
 
+    code = "worker_died"
+
+
+class ApiError(ServerError):
+    """The HTTP API answered with an error; ``status`` is its HTTP status (0: unreachable)."""
+
+    code = "api_error"
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
 
 class SerializationError(RemoteGpuError, TypeError):
     """A value could not be serialized; ``name`` says which variable."""
+
+    code = "serialization"
 
     def __init__(self, name: str, reason: str) -> None:
         super().__init__(f"cannot send variable {name!r}: {reason}")
@@ -186,6 +261,8 @@ class FileTransferError(RemoteGpuError):
 class RemoteTimeout(RemoteGpuError, TimeoutError):
     """A remote cell ran longer than its timeout and was interrupted."""
 
+    code = "timeout"
+
 
 class RemoteError(RemoteGpuError):
     """The remote cell raised an exception.
@@ -193,6 +270,8 @@ class RemoteError(RemoteGpuError):
     IPython calls :meth:`_render_traceback_` to show an exception; returning
     the remote traceback makes the remote error look like a local one.
     """
+
+    code = "remote_error"
 
     def __init__(self, ename: str, evalue: str, traceback: list[str]) -> None:
         super().__init__(f"{ename}: {evalue}")
@@ -211,6 +290,12 @@ class RemoteError(RemoteGpuError):
         while ``except RemoteError`` still catches it.
         """
         return _remote_class(ename)(ename, evalue, traceback)
+
+
+class CellSyntaxError(RemoteGpuError, ValueError):
+    """A ``%gpu`` line the Remote GPU kernel cannot run; the message says how to fix it."""
+
+    code = "cell_syntax"
 
 
 _REMOTE_CLASSES: dict[str, type[RemoteError]] = {}

@@ -74,7 +74,7 @@ class MainLoopShell:
         return False
 
 
-class MainLoopKernelApp(IPKernelApp):  # type: ignore[misc]
+class MainLoopKernelApp(IPKernelApp):
     """IPKernelApp without the shell-channel thread.
 
     ipykernel 7 receives shell messages on a thread of their own and passes
@@ -86,7 +86,7 @@ class MainLoopKernelApp(IPKernelApp):  # type: ignore[misc]
     """
 
     def init_sockets(self) -> None:
-        super().init_sockets()
+        super().init_sockets()  # type: ignore[no-untyped-call, unused-ignore]
         thread, self.shell_channel_thread = self.shell_channel_thread, _NoShellChannelThread()
         if thread is not None:
             thread.io_loop.close()

@@ -12,9 +12,9 @@ the token never goes over plain ``http://`` to a host other than loopback
 unless ``insecure``.
 
 Errors: a refused token raises :class:`~.errors.AuthenticationError`, any
-other error answer :class:`ApiError` (with the HTTP ``status``), a server
-that cannot be reached :class:`ApiError` with status 0, and a connection
-that cannot be made safe :class:`~.errors.TlsError`.
+other error answer :class:`~.errors.ApiError` (with the HTTP ``status``), a
+server that cannot be reached :class:`~.errors.ApiError` with status 0, and
+a connection that cannot be made safe :class:`~.errors.TlsError`.
 """
 
 from __future__ import annotations
@@ -30,17 +30,9 @@ from typing import Any
 
 from remote_gpu_core import tls
 from remote_gpu_core.login import ClientConfig
-from remote_gpu_core.errors import AuthenticationError, ServerError
+from remote_gpu_core.errors import ApiError, AuthenticationError
 
 __all__ = ["ApiClient", "ApiError", "http_url"]
-
-
-class ApiError(ServerError):
-    """The HTTP API answered with an error; ``status`` is its HTTP status (0: unreachable)."""
-
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message, code=f"http_{status}")
-        self.status = status
 
 
 def http_url(url: str) -> str:

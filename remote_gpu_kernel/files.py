@@ -11,7 +11,7 @@ they are, never copied into a message. ``%gpu download PATH...`` writes each fil
 session's folder, relative to this machine's working folder; a name from
 the server that is absolute or goes up is refused, whoever sent it.
 
-No network here: :class:`~remote_gpu_kernel.client.AsyncSession` does the
+No network here: :class:`~remote_gpu_kernel.session.AsyncSession` does the
 sending with these helpers.
 """
 

@@ -16,8 +16,10 @@ import atexit
 import shlex
 import sys
 import weakref
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NoReturn, Protocol, TypeVar, cast
 
+from IPython.core.interactiveshell import InteractiveShell
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
@@ -43,10 +45,25 @@ def _names(values: list[str] | None) -> list[str]:
     return out
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+class _Decorator(Protocol):
+    def __call__(self, func: _F, /) -> _F: ...
+
+
+# IPython leaves its magic_arguments helpers unannotated; these are their types.
+_magic_arguments = cast(Callable[[], _Decorator], magic_arguments)
+_argument = cast(Callable[..., _Decorator], argument)
+_parse_argstring = cast(Callable[[Any, str], argparse.Namespace], parse_argstring)
+# Typed as returning either the method or a decorator; used bare, it returns the method.
+_line_cell_magic = cast(_Decorator, line_cell_magic)
+
+
 class _LineParser(argparse.ArgumentParser):
     """argparse for a line magic: a mistake raises ValueError (one line) instead of exiting."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise ValueError(f"{self.prog}: {message}")
 
 
@@ -64,8 +81,9 @@ def _say(text: str) -> None:
 
 def _publish_display(msg_type: str, content: dict[str, Any]) -> None:
     """A :class:`~notices.StatusLine` message through IPython's display publisher."""
-    from IPython.display import publish_display_data
+    from IPython import display
 
+    publish_display_data = cast(Callable[..., None], display.publish_display_data)  # unannotated
     publish_display_data(content["data"], content.get("metadata") or {},
                          transient=content.get("transient"), update=msg_type == "update_display_data")
 
@@ -90,6 +108,13 @@ class GpuMagics(Magics):
         # A kernel that shuts down or restarts gives its GPU back now, not
         # after the server's grace period.
         atexit.register(_release_at_exit, weakref.ref(self))
+
+    @property
+    def ipython(self) -> InteractiveShell:
+        """The shell these magics belong to (IPython makes magics with one)."""
+        shell = self.shell
+        assert shell is not None, "GpuMagics is made with its shell"
+        return shell
 
     # -- connection and lease ----------------------------------------------
 
@@ -146,21 +171,21 @@ class GpuMagics(Magics):
 
     # -- the magic -----------------------------------------------------------
 
-    @magic_arguments()
-    @argument("-i", "--inputs", action="append", metavar="NAME,...",
+    @_magic_arguments()
+    @_argument("-i", "--inputs", action="append", metavar="NAME,...",
               help="local variables to push before the cell runs")
-    @argument("-o", "--outputs", action="append", metavar="NAME,...",
+    @_argument("-o", "--outputs", action="append", metavar="NAME,...",
               help="remote variables to pull back into the local namespace after the cell")
-    @argument("--timeout", type=float, default=None, metavar="SECONDS",
+    @_argument("--timeout", type=float, default=None, metavar="SECONDS",
               help="interrupt the cell after this many seconds (and restart the worker if it "
                    "ignores the interrupt)")
-    @argument("--gpus", type=int, default=None, metavar="N",
+    @_argument("--gpus", type=int, default=None, metavar="N",
               help="how many GPUs to lease if this notebook has no lease yet (default 1)")
-    @argument("--priority", choices=["high", "normal", "low"], default=None,
+    @_argument("--priority", choices=["high", "normal", "low"], default=None,
               help="the lease request's priority (default normal)")
-    @argument("--pool", default=None, metavar="NAME",
+    @_argument("--pool", default=None, metavar="NAME",
               help="the pool of GPUs to lease from (default: the server's default pool)")
-    @line_cell_magic
+    @_line_cell_magic
     def gpu(self, line: str, cell: str | None = None) -> Any:
         """Run a cell on a leased remote GPU, or manage the connection.
 
@@ -200,14 +225,14 @@ class GpuMagics(Magics):
         """
         if cell is None:
             return self._line(line)
-        args = parse_argstring(self.gpu, line)
+        args = _parse_argstring(self.gpu, line)
         self._run_cell(cell, _names(args.inputs), _names(args.outputs), args.timeout,
                        args.gpus, args.priority, args.pool)
         return None
 
     def _run_cell(self, code: str, inputs: list[str], outputs: list[str], timeout: float | None,
                   gpus: int | None, priority: str | None = None, pool: str | None = None) -> None:
-        ns = self.shell.user_ns
+        ns = self.ipython.user_ns
         missing = [n for n in inputs if n not in ns]
         if missing:
             raise NameError(f"%%gpu -i: name {missing[0]!r} is not defined")
@@ -243,7 +268,7 @@ class GpuMagics(Magics):
         content = parent.get("content") or {}
         if content.get("silent") or not content.get("store_history", True):
             return 0
-        return max(0, int(self.shell.execution_count) - 1)
+        return max(0, int(self.ipython.execution_count) - 1)
 
     def _transfer(self, cmd: str, paths: list[str]) -> None:
         """``%gpu upload|download PATH...``: sizes always, progress for large transfers."""
@@ -307,16 +332,16 @@ class GpuMagics(Magics):
             if not session.parked:
                 print(f"{notices.PREFIX}the GPU session is not parked")
             else:
-                line = notices.StatusLine(_publish_display)
-                session.resume(on_queue=lambda pos: line.show(notices.restoring(pos)))
+                status = notices.StatusLine(_publish_display)
+                session.resume(on_queue=lambda pos: status.show(notices.restoring(pos)))
         elif cmd == "push":
-            ns = self.shell.user_ns
+            ns = self.ipython.user_ns
             missing = [n for n in rest if n not in ns]
             if missing:
                 raise NameError(f"%gpu push: name {missing[0]!r} is not defined")
             self._session().push(**{n: ns[n] for n in rest})
         elif cmd == "pull":
-            self.shell.user_ns.update(self._session().pull(*rest))
+            self.ipython.user_ns.update(self._session().pull(*rest))
         elif cmd in ("upload", "download"):
             self._transfer(cmd, rest)
         else:

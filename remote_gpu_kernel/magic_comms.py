@@ -33,6 +33,8 @@ from typing import Any
 from remote_gpu_core.errors import RemoteGpuError
 from remote_gpu_core.protocol.messages import Output
 
+from . import notices
+
 __all__ = ["COMM_MESSAGES", "CommBridge"]
 
 log = logging.getLogger("remote_gpu_kernel")
@@ -144,8 +146,9 @@ class CommBridge:
         if proxy is not None:
             proxy._closed = True  # closed by the worker: nothing to send back
             manager = get_comm_manager()
-            if manager.get_comm(comm_id) is proxy:
-                manager.unregister_comm(proxy)
+            registered = manager.get_comm(comm_id)
+            if registered is not None and registered is proxy:
+                manager.unregister_comm(registered)
 
     def _from_notebook(self, msg: dict[str, Any]) -> None:
         """A message from the notebook to a proxy: forward it to the worker."""
@@ -174,8 +177,6 @@ class CommBridge:
     def _dead(self, comm_id: str, parent: dict[str, Any], why: str) -> None:
         """Tell the notebook the widget cannot work any more: an error under the
         message that touched it, and the widget drawn as disconnected."""
-        from .kernel_output import gone_state
-
         self._publish("error", {"ename": "WidgetGone", "evalue": why,
-                                "traceback": [f"Remote GPU: this widget no longer works: {why}"]}, parent)
-        self._publish("comm_msg", {"comm_id": comm_id, "data": gone_state(why)}, parent)
+                                "traceback": [notices.widget_gone(why)]}, parent)
+        self._publish("comm_msg", {"comm_id": comm_id, "data": notices.gone_state(why)}, parent)

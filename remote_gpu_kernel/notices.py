@@ -20,6 +20,7 @@ __all__ = [
     "PREFIX",
     "PROGRESS_FROM",
     "StatusLine",
+    "gone_state",
     "granted",
     "queued",
     "restoring",
@@ -27,6 +28,7 @@ __all__ = [
     "resumed_parked",
     "transfer_progress",
     "transferred",
+    "widget_gone",
 ]
 
 PREFIX = "Remote GPU: "
@@ -77,6 +79,20 @@ def transferred(verb: str, files: Sequence[tuple[str, int]]) -> str:
     shown = ", ".join(f"{name} ({format_size(size)})" for name, size in files[:3])
     more = f" and {len(files) - 3} more" if len(files) > 3 else ""
     return f"{PREFIX}{verb} {len(files)} files, {format_size(total)}: {shown}{more}"
+
+
+def widget_gone(why: str) -> str:
+    """``Remote GPU: this widget no longer works: WHY``: a widget whose worker is gone."""
+    return f"{PREFIX}this widget no longer works: {why}"
+
+
+def gone_state(why: str) -> dict[str, Any]:
+    """A widget update that draws the widget as ipywidgets draws one whose
+    kernel is gone (its ``jupyter-widgets-disconnected`` class: faded, a
+    red broken-link mark), disabled, with ``why`` as its tooltip."""
+    return {"method": "update", "buffer_paths": [],
+            "state": {"_dom_classes": ["jupyter-widgets-disconnected"], "disabled": True,
+                      "tooltip": widget_gone(why)}}
 
 
 class StatusLine:

@@ -8,6 +8,8 @@ so images, HTML and ``update_display_data`` behave as they do locally.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import cast
 
 from remote_gpu_core.protocol.messages import Output
 
@@ -16,8 +18,11 @@ __all__ = ["render_output"]
 
 def render_output(msg: Output) -> None:
     """Render one remote output message; message types with no local view are skipped."""
-    from IPython.display import clear_output, publish_display_data
+    from IPython import display
 
+    # IPython leaves these two unannotated; these are their types.
+    publish_display_data = cast(Callable[..., None], display.publish_display_data)
+    clear_output = cast(Callable[..., None], display.clear_output)
     content = msg.content
     kind = msg.msg_type
     if kind == "stream":

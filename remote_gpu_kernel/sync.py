@@ -16,9 +16,10 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from .client import (
-    AsyncClient, AsyncSession, ExecuteResult, NoticeCallback, OutputCallback, ProgressCallback,
-    QueueCallback, _notify, write_streams
+from .client import AsyncClient
+from .session import (
+    AsyncSession, ExecuteResult, NoticeCallback, OutputCallback, ProgressCallback, QueueCallback, notify,
+    write_streams
 )
 from remote_gpu_core.login import ClientConfig
 from remote_gpu_core.protocol import messages as m
@@ -141,7 +142,7 @@ class Client:
             if kind == "queue" and on_queue is not None:
                 on_queue(value)
             elif kind == "notice":
-                _notify(on_notice, value)
+                notify(on_notice, value)
 
         def factory(emit: Callable[[Any], None]) -> Coroutine[Any, Any, AsyncSession]:
             return self._client.open_session(
@@ -178,7 +179,7 @@ class Session:
                 text = self._notices.get_nowait()
             except queue.Empty:
                 break
-            _notify(self.on_notice, text)
+            notify(self.on_notice, text)
 
     def __enter__(self) -> Session:
         return self
@@ -260,7 +261,7 @@ class Session:
                 if on_queue is not None:
                     on_queue(event.position)
             else:
-                _notify(self.on_notice, event)
+                notify(self.on_notice, event)
 
         def factory(emit: Callable[[Any], None]) -> Coroutine[Any, Any, ExecuteResult]:
             return self._session.execute(code, emit, timeout=timeout, silent=silent,
@@ -337,7 +338,7 @@ class Session:
                 if on_queue is not None:
                     on_queue(event.position)
             else:
-                _notify(self.on_notice, event)
+                notify(self.on_notice, event)
 
         def factory(emit: Callable[[Any], None]) -> Coroutine[Any, Any, None]:
             return self._session.resume(on_queue=lambda p: emit(m.QueuePosition(0, p)), on_notice=emit)

@@ -321,7 +321,8 @@ class Reader:
                 if isinstance(buf, Chunks):
                     buf.fail(reason)
 
-    def receive_data(self, frame: Frame) -> None:
+    def receive_data(self, frame: Frame | str) -> None:
+        """Take one websocket frame (a text frame, ``str``, is refused)."""
         if self._broken is not None:
             raise self._broken
         if isinstance(frame, str):

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
-import cloudpickle
+import cloudpickle  # type: ignore[import-untyped, unused-ignore]
 
 from ..errors import ProtocolError, SerializationError
 
@@ -72,7 +72,7 @@ def _reduce_tensor(obj: Any) -> Any:
     return _rebuild_tensor, (flat, dtype, tuple(tensor.shape), obj.requires_grad, parameter)
 
 
-class _Pickler(cloudpickle.CloudPickler):
+class _Pickler(cloudpickle.CloudPickler):  # type: ignore[misc, unused-ignore]
     def reducer_override(self, obj: Any) -> Any:
         torch = sys.modules.get("torch")
         if torch is not None and type(obj) in (torch.Tensor, torch.nn.Parameter):

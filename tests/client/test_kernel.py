@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 
 from remote_kernels import KernelDriver, install_kernelspec, kernel_env
-from remote_gpu_kernel.kernel_cells import CellKind, CellSyntaxError, GpuCommand, parse_cell
-from remote_gpu_kernel.kernel_history import History
+from remote_gpu_kernel.kernel.cells import CellKind, CellSyntaxError, GpuCommand, parse_cell
+from remote_gpu_kernel.kernel.history import History
 from servers import ServerProcess
 from tcp_proxy import TcpProxy
 

@@ -249,6 +249,6 @@ def test_client_of_another_protocol_version_gets_a_clear_error(fresh_server: Ser
     from remote_gpu_kernel import VersionMismatch
 
     fresh_server.start(wait_warm=False)
-    monkeypatch.setattr("remote_gpu_kernel.client.PROTOCOL_VERSION", PROTOCOL_VERSION + 1)
+    monkeypatch.setattr("remote_gpu_kernel.link.PROTOCOL_VERSION", PROTOCOL_VERSION + 1)
     with pytest.raises(VersionMismatch, match="same remote-gpu-kernel version"):
         Client(fresh_server.url, fresh_server.token()).session()

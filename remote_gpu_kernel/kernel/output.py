@@ -1,9 +1,11 @@
 """Where the Remote GPU kernel publishes: on IOPub, under a notebook request.
 
-:class:`CellOutput` publishes as replies to one request of the notebook (a
-cell, a widget's message), whatever task runs: the worker's messages go out
-whole (content, metadata, buffers) under that request, and the kernel's own
-lines (the lease, a transfer) are shown in the words of :mod:`.notices`.
+:class:`IOPub` is the kernel's IOPub socket with the Jupyter session that
+signs what goes out on it. :class:`CellOutput` publishes there as replies
+to one request of the notebook (a cell, a widget's message), whatever task
+runs: the worker's messages go out whole (content, metadata, buffers) under
+that request, and the kernel's own lines (the lease, a transfer) are shown
+in the words of :mod:`remote_gpu_kernel.notices`.
 :class:`Parents` remembers recent requests, so that what the worker
 publishes after its request ended (a thread, a timer) goes out under the
 request that it names; :class:`AfterIdle` holds back what the worker
@@ -13,16 +15,17 @@ published after a request's idle until this kernel's idle for it is out.
 from __future__ import annotations
 
 import collections
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
-from . import notices
+from jupyter_client.session import Session
+
 from remote_gpu_core.protocol import messages as m
 
-if TYPE_CHECKING:
-    from .client import AsyncSession
-    from .kernel import RemoteGpuKernel
+from .. import notices
+from ..session import AsyncSession
 
-__all__ = ["NOT_FORWARDED", "AfterIdle", "CellOutput", "Parents", "gone_state"]
+__all__ = ["NOT_FORWARDED", "AfterIdle", "CellOutput", "IOPub", "Parents"]
 
 #: Worker messages that this kernel publishes itself, or that mean nothing here.
 NOT_FORWARDED = frozenset({"status", "execute_input", "input_request"})
@@ -34,12 +37,36 @@ def _red(text: str) -> str:
     return f"\x1b[0;31m{text}\x1b[0m"
 
 
-class CellOutput:
-    """Publishes on IOPub as replies to the notebook request ``parent``."""
+class IOPub:
+    """The kernel's IOPub socket; ``topic(msg_type)`` is the ZMQ topic of a message type."""
 
-    def __init__(self, kernel: RemoteGpuKernel, parent: dict[str, Any]) -> None:
-        self.kernel = kernel
+    def __init__(self, session: Session, socket: Any, topic: Callable[[str], bytes]) -> None:
+        self.session = session
+        self.socket = socket
+        self.topic = topic
+
+    def send(self, msg_type: str, content: dict[str, Any], parent: dict[str, Any], buffers: Any = None,
+             metadata: dict[str, Any] | None = None) -> None:
+        """Publish one message as a reply to the notebook request ``parent``."""
+        self.session.send(self.socket, msg_type, content, parent, metadata=metadata or {},
+                          ident=self.topic(msg_type), buffers=list(buffers) if buffers else None)
+
+
+class CellOutput:
+    """Publishes on ``iopub`` as replies to the notebook request ``parent``.
+
+    ``execution_count`` is the kernel's count while the request runs (an
+    ``execute_result`` and an error reply carry it); ``comm_ids`` are the
+    comms open between the notebook and the worker, which the worker's
+    ``comm_open`` and ``comm_close`` passing here add to and take from.
+    """
+
+    def __init__(self, iopub: IOPub, parent: dict[str, Any], execution_count: int,
+                 comm_ids: set[str]) -> None:
+        self.iopub = iopub
         self.parent = parent
+        self.execution_count = execution_count
+        self.comm_ids = comm_ids
         self._line = notices.StatusLine(self.send)
         self._restoring = False  # the line says the cell waits to restore a parked session
 
@@ -49,9 +76,7 @@ class CellOutput:
 
     def send(self, msg_type: str, content: dict[str, Any], buffers: Any = None,
              metadata: dict[str, Any] | None = None) -> None:
-        k = self.kernel
-        k.session.send(k.iopub_socket, msg_type, content, self.parent, metadata=metadata or {},
-                       ident=k._topic(msg_type), buffers=list(buffers) if buffers else None)
+        self.iopub.send(msg_type, content, self.parent, buffers, metadata)
 
     def forward(self, msg: m.Output) -> None:
         """A worker's message, whole; an ``execute_result`` takes this kernel's count."""
@@ -60,12 +85,12 @@ class CellOutput:
         if msg.msg_type in ("comm_open", "comm_close"):
             comm_id = str(msg.content.get("comm_id", ""))
             if msg.msg_type == "comm_open":
-                self.kernel.comm_ids.add(comm_id)
+                self.comm_ids.add(comm_id)
             else:
-                self.kernel.comm_ids.discard(comm_id)
+                self.comm_ids.discard(comm_id)
         content = msg.content
         if msg.msg_type == "execute_result":
-            content = {**content, "execution_count": self.kernel.execution_count}
+            content = {**content, "execution_count": self.execution_count}
         self.send(msg.msg_type, content, msg.buffers, msg.metadata)
 
     def stream(self, text: str, name: str = "stderr") -> None:
@@ -76,7 +101,7 @@ class CellOutput:
         content = {"ename": ename, "evalue": evalue,
                    "traceback": traceback or [f"{_red(ename)}: {evalue}"]}
         self.send("error", content)
-        return {"status": "error", "execution_count": self.kernel.execution_count, **content}
+        return {"status": "error", "execution_count": self.execution_count, **content}
 
     def show(self, text: str) -> None:
         """A line of information for this request, updated in place by the next."""
@@ -90,7 +115,7 @@ class CellOutput:
         self.show(notices.queued(position))
 
     def granted(self, session: AsyncSession, url: str) -> None:
-        self.show(notices.granted(session.slots, url, session.id, session.waited, session.client.user))
+        self.show(notices.granted(session.slots, url, session.id, session.waited, session.user))
 
     def resumed(self, session: AsyncSession, url: str) -> None:
         if session.parked:
@@ -113,15 +138,6 @@ class CellOutput:
         self.notice("what the session printed while this notebook was disconnected:")
         for msg in outputs:
             self.forward(msg)
-
-
-def gone_state(why: str) -> dict[str, Any]:
-    """A widget update that draws the widget as ipywidgets draws one whose
-    kernel is gone (its ``jupyter-widgets-disconnected`` class: faded, a
-    red broken-link mark), disabled, with ``why`` as its tooltip."""
-    return {"method": "update", "buffer_paths": [],
-            "state": {"_dom_classes": ["jupyter-widgets-disconnected"], "disabled": True,
-                      "tooltip": f"Remote GPU: this widget no longer works: {why}"}}
 
 
 class Parents:

@@ -1,21 +1,22 @@
 """The "Remote GPU" Jupyter kernel: every cell runs on a leased GPU.
 
 Started by Jupyter as ``python -m remote_gpu_kernel.kernel -f CONNECTION``
-(see :mod:`.kernelspec`), it speaks the Jupyter protocol to the notebook and
-forwards each cell to a remote worker through :class:`AsyncSession`, on the
-kernel's own asyncio loop. What the worker publishes (streams, displays,
+(see :mod:`remote_gpu_kernel.kernelspec`), it speaks the Jupyter protocol
+to the notebook and forwards each cell to a remote worker through
+:class:`AsyncSession`, on the kernel's own asyncio loop. What the worker publishes (streams, displays,
 results, errors, comm traffic, ``input_request``) is re-published on this
 kernel's IOPub socket under the notebook's own request, so the notebook
 cannot tell the difference from a local IPython kernel.
 
 * The GPU is leased at the first cell that needs it (see
-  :mod:`.kernel_remote`); the queue position is shown in place.
+  :mod:`.lease`); the queue position is shown in place.
 * Interrupts (SIGINT, which is how ipykernel delivers both
   ``interrupt_mode``\\ s) interrupt the remote cell, or withdraw a lease that
   still waits in the queue, or interrupt a ``%%local`` cell.
 * Restart and shutdown release the lease; a restarted kernel leases anew.
 * ``%%local`` cells and ``%gpu push/pull`` are described in
-  :mod:`.kernel_cells` and :mod:`.kernel_local`.
+  :mod:`.cells` and :mod:`.local`; widgets' comm messages in :mod:`.comms`;
+  a remote ``input()`` in :mod:`.stdin`.
 * A dropped connection is reported in the running cell; the next cell
   reconnects to the same session.
 * ``%gpu park`` saves the remote namespace on the server and gives the GPU
@@ -36,16 +37,20 @@ from typing import Any
 
 from ipykernel.kernelbase import Kernel
 
-from . import __version__, notices
-from .client import AsyncSession
+from remote_gpu_core import __version__
 from remote_gpu_core.errors import ConnectionLost, RemoteGpuError
-from .kernel_cells import Cell, CellKind, CellSyntaxError, GpuCommand, parse_cell
 from remote_gpu_core.ipykernel_app import CommsBesideCells, MainLoopKernelApp, MainLoopShell, skip_empty_flushes
-from .kernel_history import History
-from .kernel_local import LocalNamespace
-from .kernel_output import AfterIdle, CellOutput, Parents, gone_state
-from .kernel_remote import RemoteLease
 from remote_gpu_core.protocol import messages as m
+
+from .. import notices
+from ..session import AsyncSession
+from .cells import Cell, CellKind, CellSyntaxError, GpuCommand, parse_cell
+from .comms import CommForwarder
+from .history import History
+from .lease import RemoteLease
+from .local import LocalNamespace
+from .output import AfterIdle, CellOutput, IOPub, Parents
+from .stdin import FrontendInput
 
 __all__ = ["LOCAL_LANGUAGE_INFO", "RemoteGpuKernel", "RemoteGpuKernelApp", "main"]
 
@@ -66,7 +71,7 @@ _HELP = re.compile(r"^\s*(?P<before>\?{1,2})?(?P<name>[A-Za-z_][\w.]*)(?P<after>
 RELEASE_TIMEOUT = 10.0
 
 
-class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):  # type: ignore[misc]
+class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):
     """See the module docstring. Jupyter makes it through IPKernelApp."""
 
     implementation = "remote_gpu_kernel"
@@ -81,28 +86,30 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):  # type: ignore[
     _execute_sleep = 0.0
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        super().__init__(**kwargs)  # type: ignore[no-untyped-call, unused-ignore]
         for msg_type in ("comm_open", "comm_msg", "comm_close"):
             self.shell_handlers[msg_type] = self._comm_request
+        session = self.session
+        assert session is not None, "IPKernelApp gives its kernel a Jupyter session"
+        self.iopub = IOPub(session, self.iopub_socket, self._topic)
+        self.stdin = FrontendInput(session, self.stdin_socket)
         self.remote = RemoteLease(on_background=self._background)
+        self.comms = CommForwarder(self.remote, self._session, self.log)
         self.parents = Parents()
         self.after_idle = AfterIdle()
-        #: The comms open between the notebook and the worker, as seen passing.
-        self.comm_ids: set[str] = set()
-        self.local = LocalNamespace(self.session, self.iopub_socket, self._topic)
+        self.local = LocalNamespace(session, self.iopub_socket, self._topic)
         self.history = History()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lease_task: asyncio.Task[AsyncSession] | None = None
         self._remote_running: AsyncSession | None = None
         self._local_running = False
-        self._stdin: Any = None
         #: The notebook request of the cell that runs now, if one does.
         self._running_parent: dict[str, Any] | None = None
 
     # -- process ------------------------------------------------------------
 
     def start(self) -> None:
-        super().start()
+        super().start()  # type: ignore[no-untyped-call, unused-ignore]
         self._loop = asyncio.get_event_loop()
         signal.signal(signal.SIGINT, self._on_sigint)
         for stream in (sys.stdout, sys.stderr):
@@ -123,8 +130,8 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):  # type: ignore[
     def _interrupt(self) -> None:
         if self._lease_task is not None and not self._lease_task.done():
             self._lease_task.cancel()
-        elif self._remote_running is not None:
-            self._loop.create_task(self._remote_running.interrupt())  # type: ignore[union-attr]
+        elif self._remote_running is not None and self._loop is not None:
+            self._loop.create_task(self._remote_running.interrupt())
 
     @property
     def kernel_info(self) -> dict[str, Any]:
@@ -139,7 +146,7 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):  # type: ignore[
                          user_expressions: dict[str, Any] | None = None, allow_stdin: bool = False,
                          *, cell_meta: dict[str, Any] | None = None,
                          cell_id: str | None = None) -> dict[str, Any]:
-        cell = CellOutput(self, self.get_parent("shell"))
+        cell = self._cell(self.get_parent("shell"))  # type: ignore[no-untyped-call, unused-ignore]
         self.parents.remember(cell.parent)
         self.after_idle.begin(cell.parent)
         self._running_parent = cell.parent
@@ -197,6 +204,10 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):  # type: ignore[
             return self._ok()
         return {**self._ok(), "payload": [{"source": "page", "data": reply.get("data", {}), "start": 0}]}
 
+    def _cell(self, parent: dict[str, Any]) -> CellOutput:
+        """Publishes as replies to the notebook request ``parent``."""
+        return CellOutput(self.iopub, parent, self.execution_count, self.comms.ids)
+
     def _ok(self) -> dict[str, Any]:
         return {"status": "ok", "execution_count": self.execution_count, "payload": [],
                 "user_expressions": {}}
@@ -210,7 +221,8 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):  # type: ignore[
         try:
             return await self._lease_task
         except asyncio.CancelledError:
-            if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
                 raise
             return cell.error("KeyboardInterrupt", "interrupted while waiting for a GPU; "
                               "nothing ran and the request left the queue")
@@ -265,30 +277,9 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):  # type: ignore[
     async def _forward_input(self, session: AsyncSession, content: dict[str, Any],
                              parent: dict[str, Any], ident: Any) -> None:
         """Ask the notebook for the remote ``input()``'s answer and send it back."""
-        value = await self._ask_frontend(str(content.get("prompt", "")), bool(content.get("password")),
-                                         parent, ident)
+        value = await self.stdin.ask(str(content.get("prompt", "")), bool(content.get("password")),
+                                     parent, ident)
         await session.send_input(value)
-
-    async def _ask_frontend(self, prompt: str, password: bool, parent: dict[str, Any],
-                            ident: Any) -> str:
-        import zmq
-        import zmq.asyncio
-
-        if self._stdin is None:
-            self._stdin = zmq.asyncio.Socket.from_socket(self.stdin_socket)
-        while True:  # stale replies of earlier, interrupted requests
-            try:
-                self.stdin_socket.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-        self.session.send(self.stdin_socket, "input_request",
-                          {"prompt": prompt, "password": password}, parent, ident=ident)
-        while True:
-            frames = await self._stdin.recv_multipart()
-            _, msg_list = self.session.feed_identities(frames)
-            reply = self.session.deserialize(msg_list)
-            if reply["msg_type"] == "input_reply":
-                return str(reply["content"].get("value", ""))
 
     def _run_local(self, cell_def: Cell, cell: CellOutput, silent: bool, store_history: bool) -> dict[str, Any]:
         self._local_running = True
@@ -305,16 +296,16 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):  # type: ignore[
     async def _run_command(self, command: GpuCommand, cell: CellOutput) -> dict[str, Any] | None:
         """Run one ``%gpu`` line; the error reply if it failed, else None."""
         if command.name == "status":
-            session = self.remote.session
-            if session is None:
+            current = self.remote.session
+            if current is None:
                 cell.stream("Remote GPU: no GPU leased; the next cell that needs one leases it\n",
                             "stdout")
-            elif session.parked:
-                cell.stream(f"Remote GPU: session {session.id[:8]} is parked: no GPU is held, and the "
+            elif current.parked:
+                cell.stream(f"Remote GPU: session {current.id[:8]} is parked: no GPU is held, and the "
                             "next cell restores it\n", "stdout")
             else:
-                state = "connected" if session.connected else "disconnected"
-                cell.stream(f"Remote GPU: session {session.id[:8]} on {', '.join(session.slots)} "
+                state = "connected" if current.connected else "disconnected"
+                cell.stream(f"Remote GPU: session {current.id[:8]} on {', '.join(current.slots)} "
                             f"from {self.remote.url} ({state})\n", "stdout")
             return None
         if command.name == "release":
@@ -387,7 +378,8 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):  # type: ignore[
     async def do_is_complete(self, code: str) -> dict[str, Any]:
         from IPython.core.inputtransformer2 import TransformerManager
 
-        status, indent = TransformerManager().check_complete(code)
+        transformer = TransformerManager()  # type: ignore[no-untyped-call, unused-ignore]
+        status, indent = transformer.check_complete(code)
         reply: dict[str, Any] = {"status": status}
         if status == "incomplete":
             reply["indent"] = " " * (indent or 0)
@@ -400,24 +392,13 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):  # type: ignore[
                 "history": self.history.query(hist_access_type, output, start, stop, n, pattern, unique)}
 
     async def comm_info_request(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
-        content: dict[str, Any] = {"comms": {}, "status": "ok"}
-        session = self.remote.usable
-        if session is not None and not session.parked:
-            try:
-                content = (await session.shell_request("comm_info_request", parent["content"])).content
-            except RemoteGpuError:
-                self.log.warning("comm_info_request failed", exc_info=True)
-        self.session.send(stream, "comm_info_reply", content, parent, ident)
+        content = await self.comms.info(parent["content"])
+        self.iopub.session.send(stream, "comm_info_reply", content, parent, ident)
 
     async def _comm_request(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
-        """Forward a comm message from the notebook to the worker's comm.
-
-        A comm the worker does not have (closed, or its worker died or was
-        released) is answered with an error that says so and closed in the
-        notebook, so that a widget never waits on a worker that cannot answer.
-        """
+        """Forward a comm message from the notebook to the worker's comm (see :mod:`.comms`)."""
         msg_type, content = parent["header"]["msg_type"], dict(parent["content"])
-        cell = CellOutput(self, parent)
+        cell = self._cell(parent)
         self.parents.remember(parent)
         self.after_idle.begin(parent)
         # ipykernel 7 runs a comm message that comes while a cell runs at the
@@ -429,74 +410,26 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):  # type: ignore[
         if running is not None:
             self._publish_status("busy", "shell", parent)
         try:
-            await self._forward_comm(msg_type, content, cell, parent)
+            await self.comms.forward(msg_type, content, cell, parent)
         finally:
             if running is not None:
                 self._publish_status("idle", "shell", parent)
                 if self._running_parent is running:
                     self._publish_status("busy", "shell", running)
 
-    async def _forward_comm(self, msg_type: str, content: dict[str, Any], cell: CellOutput,
-                            parent: dict[str, Any]) -> None:
-        comm_id = str(content.get("comm_id", ""))
-        if msg_type != "comm_open" and comm_id not in self.comm_ids:
-            # Never open here (refused at its comm_open, or closed): dropped,
-            # as ipykernel drops a message for a comm it does not have.
-            self.log.warning("%s for comm %s, which is not open; dropped", msg_type, comm_id)
-            return
-        if msg_type == "comm_close":
-            self.comm_ids.discard(comm_id)
-        session = self.remote.usable
-        if session is None and self.remote.session is not None and not self.remote.session.released:
-            reconnected = await self._session(cell)  # the connection dropped: resume it
-            session = None if isinstance(reconnected, dict) else reconnected
-        if session is not None and session.parked:  # a parked session's comms ended with its worker
-            if msg_type == "comm_open":
-                cell.send("comm_close", {"comm_id": content.get("comm_id"), "data": {}})
-            elif msg_type == "comm_msg":
-                self._widget_gone(cell, content, "the GPU session that made it was parked, and its "
-                                  "worker with it: run its cell again")
-            return
-        if session is None:
-            if msg_type == "comm_open":  # as ipykernel answers an unknown target
-                cell.send("comm_close", {"comm_id": content.get("comm_id"), "data": {}})
-            elif msg_type == "comm_msg":
-                self._widget_gone(cell, content, "the GPU session that made it was released, and "
-                                  "its worker and variables with it: run its cell again")
-            return
-        buffers = tuple(bytes(b) for b in parent.get("buffers") or ())
-        if msg_type == "comm_open":
-            self.comm_ids.add(comm_id)  # until the worker closes it (no such target)
-        try:
-            await session.shell_request(msg_type, content, buffers=buffers, on_output=cell.forward,
-                                        parent=cell.header)
-        except RemoteGpuError as exc:
-            if msg_type == "comm_msg":
-                self._widget_gone(cell, content, str(exc))
-            else:
-                self.comm_ids.discard(comm_id)
-                self.log.warning("could not forward %s to the GPU worker: %s", msg_type, exc)
-
-    def _widget_gone(self, cell: CellOutput, content: dict[str, Any], why: str) -> None:
-        """Say why a widget no longer answers: an error under the message that
-        touched it (JupyterLab shows it in the log console), and the widget
-        drawn as ipywidgets draws one without a kernel (see :func:`gone_state`)."""
-        cell.error("WidgetGone", why, [f"Remote GPU: this widget no longer works: {why}"])
-        cell.send("comm_msg", {"comm_id": content.get("comm_id"), "data": gone_state(why)})
-
     def _background(self, msg: m.Output) -> None:
         """What the worker published outside any request of ours, under the
         notebook request it names (a thread's print after its cell ended);
         after that request's idle, as ipykernel publishes it (see :class:`AfterIdle`)."""
         if not self.after_idle.hold(msg):
-            CellOutput(self, self.parents.get(msg.parent)).forward(msg)
+            self._cell(self.parents.get(msg.parent)).forward(msg)
 
     def _publish_status(self, status: str, channel: str, parent: dict[str, Any] | None = None) -> None:
-        super()._publish_status(status, channel, parent)
+        super()._publish_status(status, channel, parent)  # type: ignore[no-untyped-call, unused-ignore]
         if status == "idle":
-            request = parent or self.get_parent(channel)
+            request = parent or self.get_parent(channel)  # type: ignore[no-untyped-call, unused-ignore]
             for msg in self.after_idle.end(request):
-                CellOutput(self, request).forward(msg)
+                self._cell(request).forward(msg)
 
     async def do_shutdown(self, restart: bool) -> dict[str, Any]:
         """Give the GPU back; runs on the control thread, the session lives on the main loop."""
@@ -510,7 +443,7 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):  # type: ignore[
         return {"status": "ok", "restart": restart}
 
 
-class RemoteGpuKernelApp(MainLoopKernelApp):  # type: ignore[misc]
+class RemoteGpuKernelApp(MainLoopKernelApp):
     """The Remote GPU kernel's application: no shell-channel thread (see
     :class:`~remote_gpu_core.ipykernel_app.MainLoopKernelApp`)."""
 
@@ -527,7 +460,3 @@ def main(argv: list[str] | None = None) -> None:
     """Run the kernel as Jupyter starts it: ``-f CONNECTION_FILE``."""
     RemoteGpuKernelApp.launch_instance(argv=sys.argv[1:] if argv is None else argv,
                                 kernel_class=RemoteGpuKernel)
-
-
-if __name__ == "__main__":
-    main()

@@ -16,7 +16,8 @@ from typing import Any
 
 __all__ = ["LocalNamespace", "LocalResult"]
 
-ErrorHandler = Callable[[str, str, list[str]], None]
+#: ``on_error(ename, evalue, traceback)``; what it returns is not used.
+ErrorHandler = Callable[[str, str, list[str]], object]
 
 
 class LocalResult:
@@ -37,7 +38,7 @@ def _shell_class() -> Any:
     from ipykernel.zmqshell import ZMQDisplayPublisher
     from IPython.core.interactiveshell import InteractiveShell
 
-    class _LocalShell(InteractiveShell):  # type: ignore[misc]
+    class _LocalShell(InteractiveShell):
         displayhook_class = ZMQShellDisplayHook
         display_pub_class = ZMQDisplayPublisher
         on_error: ErrorHandler | None = None

@@ -19,10 +19,12 @@ from typing import Any, Protocol
 
 from collections.abc import Callable
 
-from .client import AsyncClient, AsyncSession
-from remote_gpu_core.login import notebook_path
 from remote_gpu_core.errors import AuthenticationError
+from remote_gpu_core.login import notebook_path
 from remote_gpu_core.protocol.messages import Output
+
+from ..client import AsyncClient
+from ..session import AsyncSession
 
 __all__ = ["LeaseReporter", "RemoteLease"]
 

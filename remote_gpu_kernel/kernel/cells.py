@@ -24,6 +24,8 @@ import dataclasses
 import enum
 import shlex
 
+from remote_gpu_core.errors import CellSyntaxError
+
 __all__ = ["COMMANDS", "PATH_COMMANDS", "Cell", "CellKind", "CellSyntaxError", "GpuCommand", "parse_cell"]
 
 #: ``%gpu`` commands and whether they take arguments (variable names or paths).
@@ -36,10 +38,6 @@ _USAGE = (
     "usage: %gpu push NAME [NAME ...] | %gpu pull NAME [NAME ...] | %gpu upload PATH [PATH ...] | "
     "%gpu download PATH [PATH ...] | %gpu status | %gpu release | %gpu park | %gpu resume"
 )
-
-
-class CellSyntaxError(ValueError):
-    """A ``%gpu`` line the kernel cannot run; the message says how to fix it."""
 
 
 class CellKind(str, enum.Enum):

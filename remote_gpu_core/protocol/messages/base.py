@@ -1,0 +1,99 @@
+"""What every message shares: its type, the error codes, the base class.
+
+:class:`Message` is the base of every message; :class:`MessageType` names
+each on the wire and :class:`Error`, with an :class:`ErrorCode`, is the
+answer any request may get instead of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any, ClassVar
+
+__all__ = ["PROTOCOL_VERSION", "Buffers", "Error", "ErrorCode", "Message", "MessageType"]
+
+#: Bumped whenever a message changes shape; sent in :class:`Hello`.
+PROTOCOL_VERSION = 2
+
+
+class MessageType(str, enum.Enum):
+    HELLO = "hello"
+    WELCOME = "welcome"
+    LEASE_REQUEST = "lease_request"
+    QUEUE_POSITION = "queue_position"
+    LEASE_GRANTED = "lease_granted"
+    EXECUTE = "execute"
+    OUTPUT = "output"
+    NOTICE = "notice"
+    EXECUTE_DONE = "execute_done"
+    PUSH = "push"
+    PUSH_DONE = "push_done"
+    PULL = "pull"
+    PULL_REPLY = "pull_reply"
+    SHELL_REQUEST = "shell_request"
+    SHELL_REPLY = "shell_reply"
+    UPLOAD = "upload"
+    UPLOAD_DONE = "upload_done"
+    DOWNLOAD = "download"
+    DOWNLOAD_REPLY = "download_reply"
+    INPUT = "input"
+    REPLAY = "replay"
+    REPLAY_DONE = "replay_done"
+    INTERRUPT = "interrupt"
+    RELEASE = "release"
+    RELEASED = "released"
+    PARK = "park"
+    PARKED = "parked"
+    RESUME = "resume"
+    ERROR = "error"
+
+
+class ErrorCode(str, enum.Enum):
+    PROTOCOL = "protocol_error"
+    VERSION_MISMATCH = "version_mismatch"
+    BAD_REQUEST = "bad_request"
+    NO_LEASE = "no_lease"
+    LEASE_REFUSED = "lease_refused"
+    RELEASED = "released"
+    WORKER_DIED = "worker_died"
+    SERIALIZATION = "serialization"
+    NAME_ERROR = "name_error"
+    TIMEOUT = "timeout"
+    PARK_REFUSED = "park_refused"
+    #: A comm message for a comm the worker does not have (closed, or its worker died).
+    NO_COMM = "no_comm"
+    #: A file transfer refused: a path outside the session's folder, a missing
+    #: file, more bytes than the server's upload limit.
+    FILE = "file_error"
+    INTERNAL = "internal"
+
+
+#: bytes-like objects, or framing.Chunks where a relay keeps a buffer in pieces
+Buffers = tuple[Any, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Message:
+    """Base class: ``type`` names the message on the wire."""
+
+    type: ClassVar[MessageType]
+
+    def fields(self) -> dict[str, Any]:
+        """The JSON-able fields, without ``buffers``."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name != "buffers"
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Error(Message):
+    type = MessageType.ERROR
+    req: int
+    code: ErrorCode
+    message: str
+
+    def fields(self) -> dict[str, Any]:
+        return {"req": self.req, "code": self.code.value, "message": self.message}

@@ -1,0 +1,255 @@
+"""The client's link to a GPU server: one websocket, read by one task.
+
+:func:`open_link` makes the connection (TLS as :mod:`remote_gpu_core.tls`
+says, the bearer token, the protocol's :class:`~m.Hello` and
+:class:`~m.Welcome`) and turns every way it can fail into an error of the
+tree (:mod:`remote_gpu_core.errors`) whose message says what to do.
+:class:`Link` then sends messages (refusing, before sending, one over the
+server's limits) and routes what arrives by request id to per-request
+inboxes; :func:`error_from` turns the server's :class:`~m.Error` answers
+into exceptions. Everything runs on one event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from remote_gpu_core import __version__, tls
+from remote_gpu_core.errors import (
+    AuthenticationError, ConnectionLost, FileTransferError, LeaseError, ParkError, ProtocolError,
+    RemoteError, RemoteGpuError, RemoteTimeout, ServerError, SessionReleased, VersionMismatch, WorkerDied
+)
+from remote_gpu_core.protocol import CHUNK_SIZE, PROTOCOL_VERSION, Reader, encode
+from remote_gpu_core.protocol import messages as m
+from remote_gpu_core.protocol.limits import refusal
+from remote_gpu_core.protocol.serialization import allocate_buffer
+
+__all__ = ["Link", "OutputCallback", "ProgressCallback", "error_from", "open_link"]
+
+log = logging.getLogger("remote_gpu_kernel")
+
+OutputCallback = Callable[[m.Output], Any]
+#: ``on_progress(done, total)``: bytes of a file transfer moved so far, of all.
+ProgressCallback = Callable[[int, int], Any]
+
+
+def error_from(msg: m.Error) -> RemoteGpuError:
+    code = msg.code
+    if code is m.ErrorCode.VERSION_MISMATCH:
+        return VersionMismatch(msg.message)
+    if code is m.ErrorCode.PROTOCOL:
+        return ProtocolError(msg.message)
+    if code is m.ErrorCode.WORKER_DIED:
+        return WorkerDied(msg.message, code=code.value)
+    if code is m.ErrorCode.TIMEOUT:
+        return RemoteTimeout(msg.message)
+    if code in (m.ErrorCode.NO_LEASE, m.ErrorCode.RELEASED):
+        return SessionReleased(msg.message, code=code.value)
+    if code is m.ErrorCode.LEASE_REFUSED:
+        return LeaseError(msg.message, code=code.value)
+    if code is m.ErrorCode.PARK_REFUSED:
+        return ParkError(msg.message)
+    if code in (m.ErrorCode.SERIALIZATION, m.ErrorCode.NAME_ERROR):
+        ename, _, evalue = msg.message.partition(": ")
+        return RemoteError.from_remote(ename, evalue, [])
+    if code is m.ErrorCode.FILE:
+        # The worker's refusal comes as "FileNotFoundError: no file ...": the
+        # error's own name says it is about a file already.
+        ename, sep, evalue = msg.message.partition(": ")
+        plain = sep and ename.isidentifier() and ename.endswith("Error")
+        return FileTransferError(evalue if plain else msg.message)
+    return ServerError(msg.message, code=code.value)
+
+
+
+_CLOSED = object()
+
+
+class Link:
+    """The websocket, its reader task and the per-request inboxes."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.reader = Reader(allocate=allocate_buffer)
+        self.inboxes: dict[int, asyncio.Queue[Any]] = {}
+        self.unsolicited: asyncio.Queue[m.Message] = asyncio.Queue()
+        self.closed_reason: str | None = None
+        #: The server's limits from its Welcome (``max_push``, ``max_message``).
+        self.limits: dict[str, int] = {}
+        #: Who the server says this token is, and its version (from its Welcome).
+        self.user: str | None = None
+        self.server_version: str | None = None
+        self._ids = itertools.count(1)
+        self._send_lock = asyncio.Lock()
+        self.on_released: Callable[[m.Released], None] | None = None
+        self.on_parked: Callable[[m.Parked], None] | None = None
+        #: Outputs that answer no request of this client (``req = 0``).
+        self.on_background: OutputCallback | None = None
+        #: Progress of the answers being received, by request.
+        self.progress: dict[int, ProgressCallback] = {}
+        self.task = asyncio.get_running_loop().create_task(self._read())
+
+    def open(self) -> tuple[int, asyncio.Queue[Any]]:
+        if self.closed_reason is not None:
+            raise ConnectionLost(self.closed_reason)
+        req = next(self._ids)
+        inbox: asyncio.Queue[Any] = asyncio.Queue()
+        self.inboxes[req] = inbox
+        return req, inbox
+
+    async def send(self, message: m.Message, on_progress: ProgressCallback | None = None) -> None:
+        """Send ``message``; MessageTooLarge, before any of it is sent, for one
+        the server would refuse (the session goes on). ``on_progress(sent,
+        total)`` hears the bytes as they go out."""
+        too_large = refusal(message, self.limits)
+        if too_large is not None:
+            raise too_large
+        frames = encode(message)
+        total = sum(memoryview(f).nbytes for f in frames) if on_progress else 0
+        sent = 0
+        try:
+            async with self._send_lock:
+                for frame in frames:
+                    await self.ws.send(frame)
+                    if on_progress is not None:
+                        sent += memoryview(frame).nbytes
+                        on_progress(sent, total)
+        except ConnectionClosed as exc:
+            raise ConnectionLost(f"the connection to the GPU server closed: {exc}") from None
+
+    async def _read(self) -> None:
+        reason = "the connection to the GPU server closed"
+        try:
+            async for frame in self.ws:
+                self.reader.receive_data(frame)
+                for msg in self.reader.events_received():
+                    self._route(msg)
+                if self.progress:
+                    self._report_progress()
+            self.reader.receive_eof()
+        except ConnectionClosed as exc:
+            reason = f"the connection to the GPU server was lost ({exc})"
+        except ProtocolError as exc:
+            reason = f"the GPU server sent something this client cannot read: {exc}"
+            await self.ws.close(1002, "protocol error")
+        finally:
+            self.closed_reason = reason
+            for inbox in self.inboxes.values():
+                inbox.put_nowait(_CLOSED)
+
+    def _report_progress(self) -> None:
+        partial = self.reader.partial
+        if partial is not None:
+            fields, done, total = partial
+            report = self.progress.get(fields.get("req", 0))
+            if report is not None:
+                report(done, total)
+
+    def _route(self, msg: m.Message) -> None:
+        req = getattr(msg, "req", 0)
+        if isinstance(msg, m.Released) and self.on_released is not None:
+            self.on_released(msg)
+        if isinstance(msg, m.Parked) and self.on_parked is not None:
+            self.on_parked(msg)
+        if req == 0 and isinstance(msg, m.Output):
+            if self.on_background is not None:
+                self.on_background(msg)
+            return
+        inbox = self.inboxes.get(req) if req else None
+        if inbox is not None:
+            inbox.put_nowait(msg)
+        elif req == 0:
+            if isinstance(msg, m.Error):
+                log.warning("GPU server: %s", msg.message)
+            self.unsolicited.put_nowait(msg)
+
+    async def receive(self, inbox: asyncio.Queue[Any]) -> m.Message:
+        msg = await inbox.get()
+        if msg is _CLOSED:
+            raise ConnectionLost(self.closed_reason or "the connection closed")
+        if isinstance(msg, m.Error):
+            raise error_from(msg)
+        return msg  # type: ignore[no-any-return]
+
+    def done(self, req: int) -> None:
+        self.inboxes.pop(req, None)
+
+    async def close(self) -> None:
+        await self.ws.close()
+        self.task.cancel()
+        try:
+            await self.task
+        except (asyncio.CancelledError, Exception):
+            pass
+
+
+async def open_link(url: str, token: str | None, *, cafile: str | None = None,
+                    insecure: bool = False, open_timeout: float = 10) -> Link:
+    """Connect to ``url`` with ``token`` and say hello; ``cafile`` and
+    ``insecure`` as :mod:`remote_gpu_core.tls` says.
+
+    Raises AuthenticationError (no token, or the server refused it or this
+    connection), TlsError (the connection cannot be made safe),
+    VersionMismatch, or ConnectionLost (anything else that kept the
+    connection from being made); the message says what to do.
+    """
+    if not token:
+        raise AuthenticationError(
+            "no token: pass token=..., set RGPU_TOKEN, or run 'rgpu login URL TOKEN'"
+        )
+    # It resolves the host's name: not on the event loop.
+    await asyncio.to_thread(tls.refuse_plain_text, url, insecure)
+    context = tls.ssl_context(url, cafile)
+    try:
+        ws = await connect(
+            url,
+            ssl=context,  # None for ws://, always a verifying context for wss://
+            additional_headers={"Authorization": f"Bearer {token}"},
+            compression=None,
+            max_size=CHUNK_SIZE,
+            max_queue=64,
+            write_limit=4 * CHUNK_SIZE,
+            open_timeout=open_timeout,
+            user_agent_header=f"remote-gpu-kernel/{__version__}",
+        )
+    except InvalidStatus as exc:
+        body = exc.response.body.decode(errors="replace").strip()
+        if exc.response.status_code == 401:
+            raise AuthenticationError(f"the GPU server at {url} refused the token: {body}") from None
+        if exc.response.status_code == 403:
+            raise AuthenticationError(f"the GPU server at {url} refused this connection: "
+                                      f"{body}") from None
+        if exc.response.status_code == 429:  # too many connections of this user
+            raise ConnectionLost(f"the GPU server at {url} refused this connection: {body}") from None
+        raise ConnectionLost(f"the GPU server at {url} answered HTTP "
+                             f"{exc.response.status_code}: {body}") from None
+    except ssl.SSLError as exc:
+        raise tls.tls_failure(exc, url, cafile) from None
+    except InvalidHandshake as exc:
+        # A TLS server answers a plain ws:// handshake by closing the connection.
+        hint = ": if it serves TLS, use wss://" if url.startswith("ws://") else ""
+        raise ConnectionLost(f"the GPU server at {url} did not complete the websocket "
+                             f"handshake ({exc}){hint}") from None
+    except (OSError, asyncio.TimeoutError) as exc:
+        raise ConnectionLost(f"cannot reach the GPU server at {url}: {exc}") from None
+    link = Link(ws)
+    try:
+        await link.send(m.Hello(PROTOCOL_VERSION, f"remote-gpu-kernel/{__version__}"))
+        msg = await link.receive(link.unsolicited)  # an Error (version mismatch) raises
+        if not isinstance(msg, m.Welcome):
+            raise ProtocolError(f"expected welcome, got {msg.type.value}")
+    except BaseException:
+        await link.close()
+        raise
+    link.user, link.server_version = msg.user, msg.server
+    link.limits = dict(msg.limits)
+    return link
+

@@ -1,0 +1,404 @@
+"""A leased GPU session of the asyncio client, and what its requests return.
+
+:class:`AsyncSession` sends one request at a time over its :class:`Link`
+and reads the answers from the request's inbox: cells
+(:meth:`~AsyncSession.execute`), variables (:meth:`~AsyncSession.push`,
+:meth:`~AsyncSession.pull`), files (:meth:`~AsyncSession.upload`,
+:meth:`~AsyncSession.download`), other Jupyter requests, parking and the
+end. :class:`ExecuteResult` is what a cell did.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from remote_gpu_core.errors import (
+    ConnectionLost, FileTransferError, RemoteError, RemoteGpuError, SessionReleased
+)
+from remote_gpu_core.protocol import dump_values, load_values
+from remote_gpu_core.protocol import messages as m
+from remote_gpu_core.sizes import format_size
+
+from . import files as _files
+from .link import Link, OutputCallback, ProgressCallback
+
+__all__ = [
+    "AsyncSession", "ExecuteResult", "NoticeCallback", "OutputCallback", "ProgressCallback",
+    "QueueCallback", "notify", "parent_of", "write_streams",
+]
+
+NoticeCallback = Callable[[str], Any]
+QueueCallback = Callable[[int], Any]
+
+#: The fields of a Jupyter request header that travel as a request's parent.
+PARENT_FIELDS = ("msg_id", "session", "username", "date", "msg_type", "version")
+
+
+def parent_of(header: dict[str, Any] | None) -> dict[str, Any]:
+    """The request-header fields a remote request carries (see :class:`~m.Execute`)."""
+    if not header:
+        return {}
+    return {k: str(header[k]) for k in PARENT_FIELDS if header.get(k) is not None}
+
+
+@dataclasses.dataclass
+class ExecuteResult:
+    """What a cell did: ``status`` is ``ok``, ``error`` or ``aborted``."""
+
+    status: str
+    job: int
+    execution_count: int | None
+    outputs: list[m.Output]
+    error: RemoteError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def raise_for_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    @property
+    def stdout(self) -> str:
+        return "".join(o.content.get("text", "") for o in self.outputs
+                       if o.msg_type == "stream" and o.content.get("name") == "stdout")
+
+
+def write_streams(msg: m.Output) -> None:
+    """The default output handler: stream text to the local stdout/stderr."""
+    if msg.msg_type == "stream":
+        stream = sys.stderr if msg.content.get("name") == "stderr" else sys.stdout
+        stream.write(msg.content.get("text", ""))
+        stream.flush()
+
+
+def notify(on_notice: NoticeCallback | None, text: str) -> None:
+    """Tell the user ``text``: through ``on_notice``, else on stderr."""
+    if on_notice is not None:
+        on_notice(text)
+    else:
+        print(f"[remote-gpu] {text}", file=sys.stderr)
+
+
+class AsyncSession:
+    """A leased GPU (or CPU slot) with its remote namespace.
+
+    Requests run one at a time, in order. Call :meth:`release` when done;
+    :meth:`close` only drops the connection (the server keeps the session
+    for its grace period, and ``client.session(resume=session.id)`` gets it
+    back).
+    """
+
+    def __init__(self, link: Link, granted: m.LeaseGranted, on_notice: NoticeCallback | None) -> None:
+        self.id = granted.session
+        self.slots = list(granted.slots)
+        self.resumed = granted.resumed
+        self.waited = granted.waited
+        self.language_info = dict(granted.language_info)
+        self.released: str | None = None
+        #: The session is parked: its namespace is on disk on the server and it
+        #: holds no GPU; the next request (or :meth:`resume`) restores it.
+        self.parked = granted.parked
+        #: What the latest park saved (None when it was parked before this client came).
+        self.park_info: m.Parked | None = None
+        self.on_notice = on_notice
+        #: The journal sequence number of the last output this client saw;
+        #: after a reconnect, ``replay(after=old.last_seq)`` gets the rest.
+        self.last_seq = 0
+        #: Gets what the worker publishes outside this client's requests (a
+        #: thread that prints after its cell ended, a widget a timer updates);
+        #: ``Output.parent`` names the Jupyter request it belongs to. Default:
+        #: streams go to the local stdout/stderr. Called on the event loop.
+        self.on_background: OutputCallback | None = write_streams
+        #: The most bytes one upload may carry on this server (0: no limit).
+        self.max_upload = int(link.limits.get("max_upload") or 0)
+        self._link = link
+        link.on_released = self._on_released
+        link.on_parked = self._on_parked
+        link.on_background = self._on_background
+
+    def _on_background(self, msg: m.Output) -> None:
+        self.last_seq = max(self.last_seq, msg.seq)
+        if self.on_background is not None:
+            self.on_background(msg)
+
+    def _on_released(self, msg: m.Released) -> None:
+        if msg.session == self.id:
+            self.released = msg.reason
+
+    def _on_parked(self, msg: m.Parked) -> None:
+        if msg.session == self.id:
+            self.parked, self.park_info = True, msg
+
+    @property
+    def user(self) -> str | None:
+        """Who the server says the token is."""
+        return self._link.user
+
+    @property
+    def connected(self) -> bool:
+        return self._link.closed_reason is None
+
+    @contextlib.asynccontextmanager
+    async def _exchange(self, message_factory: Callable[[int], m.Message], *,
+                        sending: ProgressCallback | None = None,
+                        receiving: ProgressCallback | None = None,
+                        ) -> AsyncIterator[Callable[[], Awaitable[m.Message]]]:
+        """Send a request (made from its id); yield a function that awaits its next answer.
+
+        An :class:`Error` answer raises; the request's inbox is dropped on
+        exit. ``sending`` and ``receiving`` report the bytes of the request
+        sent and of its answer received.
+        """
+        if self.released:
+            raise SessionReleased(f"this GPU session was released ({self.released})", code="released")
+        req, inbox = self._link.open()
+        if receiving is not None:
+            self._link.progress[req] = receiving
+        try:
+            await self._link.send(message_factory(req), sending)
+            yield lambda: self._link.receive(inbox)
+        finally:
+            self._link.progress.pop(req, None)
+            self._link.done(req)
+
+    async def _expect(self, receive: Callable[[], Awaitable[m.Message]],
+                      *kinds: type[m.Message]) -> m.Message:
+        """The next answer of one of ``kinds``; notices on the way are shown."""
+        while True:
+            msg = await receive()
+            if isinstance(msg, m.Notice):
+                notify(self.on_notice, msg.text)
+            elif isinstance(msg, kinds):
+                return msg
+            elif isinstance(msg, m.LeaseGranted):
+                self._granted(msg)
+
+    def _granted(self, msg: m.LeaseGranted) -> None:
+        """A parked session was restored on the way (its request's own answer follows)."""
+        self.slots = list(msg.slots)
+        self.language_info = dict(msg.language_info) or self.language_info
+        self.parked = msg.parked
+
+    async def execute(self, code: str, on_output: OutputCallback | None = None, *,
+                      timeout: float | None = None, silent: bool = False,
+                      store_history: bool = True, allow_stdin: bool = False,
+                      on_notice: NoticeCallback | None = None,
+                      on_queue: QueueCallback | None = None,
+                      parent: dict[str, Any] | None = None, execution_count: int = 0) -> ExecuteResult:
+        """Run ``code`` remotely.
+
+        ``on_output`` is called with every output message as it arrives; by
+        default stream text goes to the local stdout/stderr. A parked
+        session is restored first: ``on_queue(position)`` hears its place in
+        the queue while it waits for a GPU, and a notice says what came back.
+        ``parent`` is the Jupyter request header this cell answers (a
+        kernel's or a magic's): the remote request runs under its ``msg_id``,
+        so output that a frontend routes by id (``ipywidgets.Output``) finds
+        its way. The server refuses a ``msg_id`` already running on the worker.
+        ``execution_count`` (not 0): the cell's number in the notebook, which
+        the remote IPython then uses too (see :class:`~.protocol.messages.Execute`).
+        """
+        handler = on_output if on_output is not None else write_streams
+        outputs: list[m.Output] = []
+        header = parent_of(parent)
+        async with self._exchange(
+                lambda r: m.Execute(r, code, timeout, silent, store_history, allow_stdin, header,
+                                    execution_count)) as receive:
+            while True:
+                msg = await receive()
+                if isinstance(msg, m.Output):
+                    outputs.append(msg)
+                    self.last_seq = max(self.last_seq, msg.seq)
+                    handler(msg)
+                elif isinstance(msg, m.Notice):
+                    notify(on_notice or self.on_notice, msg.text)
+                elif isinstance(msg, m.QueuePosition):
+                    if on_queue is not None:
+                        on_queue(msg.position)
+                elif isinstance(msg, m.LeaseGranted):
+                    self._granted(msg)
+                elif isinstance(msg, m.ExecuteDone):
+                    self.parked = False
+                    error = None
+                    if msg.status == "error":
+                        error = RemoteError.from_remote(msg.ename, msg.evalue, msg.traceback)
+                    return ExecuteResult(msg.status, msg.job, msg.execution_count, outputs, error)
+
+    async def replay(self, after: int) -> list[m.Output]:
+        """The outputs the session produced after sequence number ``after``.
+
+        For a client that reconnected (``resume=``): what a cell printed
+        while it was away, read from the server's journal. A cell still
+        running from before the reconnect is waited for, so the answer holds
+        all of its output.
+        """
+        outputs: list[m.Output] = []
+        async with self._exchange(lambda r: m.Replay(r, after)) as receive:
+            while True:
+                msg = await self._expect(receive, m.Output, m.ReplayDone)
+                if isinstance(msg, m.ReplayDone):
+                    self.last_seq = max(self.last_seq, msg.last)
+                    return outputs
+                assert isinstance(msg, m.Output)
+                outputs.append(msg)
+
+    async def send_input(self, value: str) -> None:
+        await self._link.send(m.Input(0, value))
+
+    async def push(self, **values: Any) -> None:
+        """Set variables in the remote namespace.
+
+        Each value is pickled first: if one cannot be, SerializationError
+        names it and nothing is sent.
+        """
+        names, counts, buffers = dump_values(values)
+        async with self._exchange(lambda r: m.Push(r, names, counts, tuple(buffers))) as receive:
+            await self._expect(receive, m.PushDone)
+        self.parked = False
+
+    async def pull(self, *names: str) -> dict[str, Any]:
+        """Values of remote variables; a CUDA tensor arrives as a CPU tensor."""
+        async with self._exchange(lambda r: m.Pull(r, list(names))) as receive:
+            reply = await self._expect(receive, m.PullReply)
+        assert isinstance(reply, m.PullReply)
+        self.parked = False
+        return load_values(reply.names, reply.counts, reply.buffers)
+
+    async def shell_request(self, msg_type: str, content: dict[str, Any], *,
+                            buffers: tuple[Any, ...] = (),
+                            on_output: OutputCallback | None = None,
+                            parent: dict[str, Any] | None = None) -> m.ShellReply:
+        """Send a Jupyter shell request (complete, inspect, comm_msg, ...); return its reply.
+
+        ``on_output`` gets the output messages the worker publishes while it
+        handles the request (a widget's comm echo, a callback's prints);
+        without it they are dropped. Comm messages have no Jupyter reply:
+        theirs is an empty :class:`ShellReply` once the worker is idle; one
+        for a comm the worker does not have raises ServerError with code
+        ``no_comm`` and a message that says why. ``parent``: as in
+        :meth:`execute`.
+        """
+        header = parent_of(parent)
+        async with self._exchange(
+                lambda r: m.ShellRequest(r, msg_type, content, tuple(buffers), header)) as receive:
+            while True:
+                reply = await self._expect(receive, m.ShellReply, m.Output)
+                if isinstance(reply, m.ShellReply):
+                    return reply
+                if on_output is not None:
+                    assert isinstance(reply, m.Output)
+                    on_output(reply)
+
+    async def park(self) -> m.Parked:
+        """Save the remote namespace to disk on the GPU server and give the GPU back.
+
+        The session stays; the next request (or :meth:`resume`) waits for a
+        GPU and restores the namespace. Returns what was saved (``text`` says
+        it in one line); raises ParkError if it could not be parked (a
+        quota): the session then goes on as it was.
+        """
+        async with self._exchange(m.Park) as receive:
+            parked = await self._expect(receive, m.Parked)
+        assert isinstance(parked, m.Parked)
+        self.parked, self.park_info = True, parked
+        return parked
+
+    async def resume(self, on_queue: QueueCallback | None = None,
+                     on_notice: NoticeCallback | None = None) -> None:
+        """Restore a parked session now: wait for a GPU (``on_queue(position)``
+        while in the queue), then load its namespace; a notice says what came
+        back. Nothing happens to a session that is not parked."""
+        async with self._exchange(m.Resume) as receive:
+            while True:
+                msg = await receive()
+                if isinstance(msg, m.QueuePosition):
+                    if on_queue is not None:
+                        on_queue(msg.position)
+                elif isinstance(msg, m.Notice):
+                    notify(on_notice or self.on_notice, msg.text)
+                elif isinstance(msg, m.LeaseGranted):
+                    self._granted(msg)
+                    return
+
+    async def upload(self, *paths: str | os.PathLike[str],
+                     on_progress: ProgressCallback | None = None) -> list[tuple[str, int]]:
+        """Send local files (or folders) into the session's folder on the server.
+
+        Returns ``(remote path, size)`` for each file: a relative path keeps
+        its place (``images/x.png``), others keep their last part (see
+        :mod:`remote_gpu_kernel.files`). A missing file, or more bytes than
+        the server's limit, raises FileTransferError before anything is
+        sent. ``on_progress(done, total)`` is called as the bytes go out.
+        """
+        files = _files.plan_upload(paths)
+        total = sum(f.size for f in files)
+        if self.max_upload and total > self.max_upload:
+            raise FileTransferError(
+                f"the upload of {format_size(total)} is over the GPU server's limit of "
+                f"{format_size(self.max_upload)} per upload; nothing was sent")
+        buffers = _files.read_files(files)
+        try:
+            async with self._exchange(lambda r: m.Upload(r, [f.remote for f in files], tuple(buffers)),
+                                      sending=on_progress) as receive:
+                done = await self._expect(receive, m.UploadDone)
+        finally:
+            _files.close_all(buffers)
+        assert isinstance(done, m.UploadDone)
+        return list(zip(done.paths, done.sizes))
+
+    async def download(self, *paths: str, into: str | os.PathLike[str] | None = None,
+                       on_progress: ProgressCallback | None = None) -> list[tuple[str, int]]:
+        """Fetch files (or folders) from the session's folder into ``into``
+        (default: the working folder), by the same relative paths.
+
+        Returns ``(local path, size)`` for each file. A path outside the
+        session's folder or missing there raises FileTransferError.
+        """
+        if not paths:
+            raise FileTransferError("download: name at least one file or folder")
+        async with self._exchange(lambda r: m.Download(r, [str(p) for p in paths]),
+                                  receiving=on_progress) as receive:
+            reply = await self._expect(receive, m.DownloadReply)
+        assert isinstance(reply, m.DownloadReply)
+        written = _files.write_files(reply.paths, reply.buffers, None if into is None else Path(into))
+        return [(str(path), size) for path, size in written]
+
+    async def interrupt(self) -> None:
+        """Interrupt the running cell (SIGINT to the worker), or stop waiting for a
+        GPU to restore a parked session.
+
+        A cell still running a few seconds later is said to ignore interrupts
+        (a notice); interrupting it again then restarts the worker: the cell
+        fails with :class:`WorkerDied` and the session's variables are gone.
+        """
+        await self._link.send(m.Interrupt(0))
+
+    async def restart(self) -> None:
+        """Restart the worker now: a running cell is stopped (SIGTERM to every
+        process it started, SIGKILL after the server's grace) and the
+        session's variables are gone; the next request waits for the fresh
+        worker."""
+        await self._link.send(m.Interrupt(0, restart=True))
+
+    async def release(self) -> None:
+        """Give the GPU back; the worker and its variables are gone."""
+        if self.released is None and self.connected:
+            try:
+                async with self._exchange(m.Release) as receive:
+                    await self._expect(receive, m.Released)
+            except (ConnectionLost, RemoteGpuError):
+                pass
+            self.released = self.released or "released by the client"
+        await self._link.close()
+
+    async def close(self) -> None:
+        """Drop the connection but keep the lease for the server's grace period."""
+        await self._link.close()

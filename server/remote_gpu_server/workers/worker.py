@@ -39,7 +39,7 @@ from .datachannel import TransferAborted
 from .comms import CommTable
 from ..errors import IsolationError
 from ..gpus.discovery import Slot
-from ..isolation.policy import Tenant
+from ..isolation.tenant import Tenant
 from .launcher import WorkerLauncher, WorkerProcess, WorkerSpec, describe_exit
 from ..worker_process.kernel import COMM_TARGET, COUNT_KEY
 

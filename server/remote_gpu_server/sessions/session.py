@@ -42,7 +42,8 @@ from .parked import ParkedState
 from .stopping import INTERRUPT_NOTICE, CellStopping, RunningCell
 from ..store import DatabaseUnavailable, OutputRow, Store
 from .unrecorded import UnrecordedCell
-from ..workers.worker import DuplicateRequest, TransferAborted, Worker
+from ..workers.datachannel import TransferAborted
+from ..workers.worker import DuplicateRequest, Worker
 
 __all__ = ["Replier", "Send", "Session", "SessionContext", "WorkerSource"]
 
@@ -471,7 +472,7 @@ class Session(CellStopping):
         async with self.lock:
             worker = await self.prepare(req, conn)
             try:
-                reply = await worker.send_buffers(data, buffers)
+                reply = await worker.transfers.send_buffers(data, buffers)
             except WorkerDied as exc:
                 await conn.send(m.Error(req, m.ErrorCode.WORKER_DIED, str(exc)))
                 return
@@ -492,7 +493,7 @@ class Session(CellStopping):
         async with self.lock:
             worker = await self.prepare(req, conn)
             try:
-                reply, pieces = await worker.receive_buffers(data)
+                reply, pieces = await worker.transfers.receive_buffers(data)
             except WorkerDied as exc:
                 await conn.send(m.Error(req, m.ErrorCode.WORKER_DIED, str(exc)))
                 return

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable
 from typing import Any, Protocol
 
 from ..worker_process.kernel import COMM_TARGET
@@ -92,7 +92,8 @@ class TransferComm:
     def _send(self, data: dict[str, Any], tid: int) -> Awaitable[dict[str, Any]]:
         return self.worker.request("comm_msg", {"comm_id": self.comm_id, "data": {**data, "id": tid}})
 
-    async def _reply(self, tid: int, fut: asyncio.Future[Reply], request: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+    async def _reply(self, tid: int, fut: asyncio.Future[Reply],
+                     request: Awaitable[dict[str, Any]]) -> dict[str, Any]:
         try:
             await request
             # The comm reply is published on IOPub before the kernel goes idle.
@@ -124,7 +125,8 @@ class TransferComm:
             raise
         return await self._reply(tid, fut, request)
 
-    async def receive_buffers(self, data: dict[str, Any]) -> tuple[dict[str, Any], AsyncIterator[Any] | None]:
+    async def receive_buffers(self, data: dict[str, Any]
+                              ) -> tuple[dict[str, Any], AsyncGenerator[Any, None] | None]:
         """The operation ``data`` (``pull``, ``download``) whose answer's buffers
         stream back through the data channel: ``(reply, pieces)``.
 
@@ -152,7 +154,7 @@ class TransferComm:
             return reply, None
         return reply, self._receive(tid, request)
 
-    async def _receive(self, tid: int, request: asyncio.Future[dict[str, Any]]) -> AsyncIterator[Any]:
+    async def _receive(self, tid: int, request: asyncio.Future[dict[str, Any]]) -> AsyncGenerator[Any, None]:
         try:
             async for piece in self.data.receive(tid, self.worker):
                 yield piece

@@ -28,7 +28,7 @@ import itertools
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, cast
 
 from jupyter_client.asynchronous.client import AsyncKernelClient
@@ -403,7 +403,7 @@ class Worker:
         ``buffers`` may still be arriving: see :meth:`.TransferComm.send_buffers`."""
         return await self.transfers.send_buffers({"op": "push", "names": names, "counts": counts}, buffers)
 
-    async def pull(self, names: list[str]) -> tuple[dict[str, Any], AsyncIterator[Any] | None]:
+    async def pull(self, names: list[str]) -> tuple[dict[str, Any], AsyncGenerator[Any, None] | None]:
         """Pickle variables in the worker: ``(reply, pieces)``, ``reply`` with
         ``names``, ``counts`` and ``sizes``; see :meth:`.TransferComm.receive_buffers`."""
         return await self.transfers.receive_buffers({"op": "pull", "names": names})

@@ -16,7 +16,7 @@ import secrets
 from typing import Any
 
 from remote_gpu_core.ids import SlotId
-from remote_gpu_server.isolation.policy import Tenant
+from remote_gpu_server.isolation.tenant import Tenant
 from remote_gpu_server.workers.launcher import WorkerSpec
 from remote_gpu_server.workers.local_launcher import LocalLauncher, LocalWorker, curve_problem
 from remote_gpu_server.gpus.slots import Slot

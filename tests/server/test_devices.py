@@ -17,7 +17,8 @@ import pytest
 from fake_gpu_host import FakeGpuFiles, make_host
 from nvml_double import FakeGpu, FakeNvml
 from remote_gpu_server.isolation.devices import DeviceFile, DeviceTree
-from remote_gpu_server.isolation.policy import Isolation, IsolationConfig, IsolationMode
+from remote_gpu_server.isolation.modes import IsolationMode
+from remote_gpu_server.isolation.policy import Isolation, IsolationConfig
 from remote_gpu_server.isolation.sandbox import SandboxLayout, bubblewrap_argv
 
 CONTROL = ["nvidia-uvm", "nvidia-uvm-tools", "nvidiactl"]

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from remote_gpu_server.errors import IsolationError
-from remote_gpu_server.isolation.policy import Isolation, IsolationConfig, IsolationMode
+from remote_gpu_server.isolation.modes import IsolationMode
+from remote_gpu_server.isolation.policy import Isolation, IsolationConfig
 from remote_gpu_server.isolation.cgroups import Cgroups, _Hierarchy
 from remote_gpu_server.isolation.memory_limits import MemoryControl, MemoryLimits
 from remote_gpu_server.isolation.process_limits import NprocCounting, ProcessControl, ProcessLimits

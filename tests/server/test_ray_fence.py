@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from remote_gpu_server.isolation.policy import Isolation, IsolationConfig, IsolationMode
+from remote_gpu_server.isolation.modes import IsolationMode
+from remote_gpu_server.isolation.policy import Isolation, IsolationConfig
 from remote_gpu_server.cluster.fence import NodeReport, refusal, token_exposure, token_files
 from remote_gpu_server.isolation import sandbox
 from remote_gpu_server.isolation.sandbox import find_bubblewrap

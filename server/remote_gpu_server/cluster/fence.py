@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..isolation.policy import IsolationMode
+from ..isolation.modes import IsolationMode
 
 __all__ = ["AUTH_MODE_VAR", "ClusterAuth", "NodeReport", "NodeReports", "probe_cluster", "refusal",
            "token_exposure", "token_files", "uses_token"]

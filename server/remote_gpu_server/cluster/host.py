@@ -29,7 +29,9 @@ from typing import Any
 from ..worker_process.confinement import EnterSpec
 from ..errors import IsolationError
 from ..isolation.identities import Identity
-from ..isolation.policy import Isolation, IsolationConfig, IsolationMode, Tenant
+from ..isolation.modes import IsolationMode
+from ..isolation.policy import Isolation, IsolationConfig
+from ..isolation.tenant import Tenant
 from ..workers.launcher import WorkerSpec
 from ..workers.local_launcher import LocalLauncher, Spawned
 from .fence import NodeReport, token_exposure, token_files

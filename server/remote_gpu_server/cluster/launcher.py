@@ -34,7 +34,8 @@ from ..worker_process.confinement import EnterSpec
 from ..workers.datachannel import DataChannel
 from ..worker_process.sealed import pinned_context
 from ..workers.carriers import make_identity
-from ..isolation.policy import Isolation, IsolationConfig, Tenant
+from ..isolation.policy import Isolation, IsolationConfig
+from ..isolation.tenant import Tenant
 from ..workers.launcher import WorkerSpec
 from .fence import AUTH_MODE_VAR, ClusterAuth, NodeReport, NodeReports, probe_cluster, uses_token
 from ..gpus.slots import Slot, SlotInventory

@@ -12,16 +12,16 @@ have its next messages skipped in its place, unanswered. Nothing a
 client sends can raise out of this module.
 
 What a client can make the server hold is bounded (see :mod:`.limits` and
-:mod:`.connection_memory`): requests in flight, bytes of messages waiting,
-how far a push runs ahead of its worker, and refusals not yet read. A
-client that lets more than :data:`MAX_REFUSALS` refusals pile up without
-reading them is disconnected (code 1008).
+:mod:`.memory`): requests in flight, bytes of messages waiting, how far a
+push runs ahead of its worker, and refusals not yet read (see
+:mod:`.refusals`): a client that lets more than
+:data:`~.refusals.MAX_REFUSALS` refusals pile up without reading them is
+disconnected (code 1008).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import logging
 import time
@@ -36,15 +36,17 @@ from remote_gpu_core.protocol import PROTOCOL_VERSION, encode
 from remote_gpu_core.protocol.framing import Chunks, encode_head
 from remote_gpu_core.protocol import messages as m
 
-from ..sessions import files as session_files
-from ..scheduling.broker import LeaseBroker
-from .memory import ConnectionMemory, Hold
-from .limits import Limits
 from remote_gpu_core.sizes import format_size
+
+from ..scheduling.broker import LeaseBroker
 from ..scheduling.scheduler import LeaseRequestEntry
-from ..sessions.session import Session
+from ..sessions import files as session_files
 from ..sessions.manager import SessionManager
+from ..sessions.session import Session
 from ..store import TokenInfo
+from .limits import Limits
+from .memory import ConnectionMemory, Hold
+from .refusals import RefusalQueue, too_large_code, too_large_reason, too_large_text
 
 __all__ = ["Connection", "MAX_IN_FLIGHT"]
 
@@ -56,22 +58,11 @@ log = logging.getLogger("remote_gpu_server")
 MAX_IN_FLIGHT = Limits().max_requests
 #: The longest notebook path kept from a lease request, in characters.
 MAX_NOTEBOOK = 1024
-#: Refusals that may wait for the client to read them (each a short Error);
-#: a client that lets more pile up is disconnected.
-MAX_REFUSALS = 1024
 #: How long a connection that must be closed waits for its client to read why.
 HANG_UP_WAIT = 5.0
-#: The names of the protocol's message types.
-_MESSAGE_TYPES = frozenset(t.value for t in m.MessageType)
 #: Requests that only the session's lock keeps in order (they wait for each other).
 _IN_TURN = (m.Execute, m.Push, m.Pull, m.Replay, m.Park, m.Resume, m.Upload, m.Download)
 
-
-
-def _too_large_code(exc: MessageTooLarge) -> m.ErrorCode:
-    """How a message refused for its size is answered: an upload as a file
-    error (the client's FileTransferError), anything else as a bad request."""
-    return m.ErrorCode.FILE if exc.what == "upload" else m.ErrorCode.BAD_REQUEST
 
 class Connection:
     """One websocket; ``broker`` grants leases, ``sessions`` holds them."""
@@ -95,8 +86,7 @@ class Connection:
         self._hello = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_turn: set[asyncio.Task[None]] = set()  # tasks that take the session's lock
-        self._refusals: collections.deque[m.Error] = collections.deque()
-        self._refusing: asyncio.Task[None] | None = None
+        self._refusals = RefusalQueue(self.send)
         self._closer: asyncio.Task[None] | None = None
         self._waiting: dict[int, int] = {}  # lease key -> req
         self._positions: dict[int, int] = {}  # lease key -> position not yet sent
@@ -198,7 +188,7 @@ class Connection:
         """Answer each message the reader refused (the stream is still in step)."""
         for error in errors:
             if isinstance(error, MessageTooLarge):
-                self._refuse(error.req, _too_large_code(error), self._too_large(error))
+                self._refuse(error.req, too_large_code(error), too_large_text(self.limits, error))
             else:
                 self._refuse(error.req, m.ErrorCode.PROTOCOL, f"protocol error: {error}")
 
@@ -207,7 +197,8 @@ class Connection:
         Error for the request at fault), then close with a reason (without
         waiting long on a client that does not read)."""
         if isinstance(exc, MessageTooLarge):
-            error, text, code, reason = _too_large_code(exc), self._too_large(exc), 1009, self._too_large_reason(exc)
+            error, text = too_large_code(exc), too_large_text(self.limits, exc)
+            code, reason = 1009, too_large_reason(self.limits, exc)
         else:
             error, text, code, reason = m.ErrorCode.PROTOCOL, f"protocol error: {exc}", 1002, "protocol error"
         self.closed = True
@@ -217,35 +208,6 @@ class Connection:
                 await self.ws.close(code, reason)
         except TimeoutError:
             self.ws.transport.abort()
-
-    def _flag(self, exc: MessageTooLarge) -> str | None:
-        """The ``rgpu serve`` flag whose limit ``exc`` is over, if one is."""
-        if exc.what == "push" and exc.limit == self.limits.max_push:
-            return "--max-push"
-        if exc.what == "upload" and exc.limit == self.limits.max_upload:
-            return "--max-upload"
-        if exc.limit == self.limits.max_message:
-            return "--max-message"
-        return None
-
-    def _too_large(self, exc: MessageTooLarge) -> str:
-        flag = self._flag(exc)
-        if flag == "--max-push":
-            return self.limits.push_refusal(exc.size)
-        if flag == "--max-upload":
-            return self.limits.upload_refusal(exc.size)
-        if flag == "--max-message":
-            return self.limits.message_refusal(exc.what or "", exc.size)
-        return f"message refused: {exc}"
-
-    def _too_large_reason(self, exc: MessageTooLarge) -> str:
-        """A close reason for ``exc``: short (a websocket's reason is at most 123 bytes)."""
-        flag = self._flag(exc)
-        # The type comes from the client: only a known one is repeated.
-        what = exc.what if exc.what in _MESSAGE_TYPES else "message"
-        if flag is None:
-            return f"{what} over this server's limits"
-        return f"{what} of {format_size(exc.size)} over rgpu serve {flag} ({format_size(exc.limit)})"
 
     def _dispatch(self, msg: m.Message, header: int) -> None:
         """Start the request ``msg`` (``header`` bytes of JSON), or refuse it."""
@@ -330,21 +292,17 @@ class Connection:
     def _refuse(self, req: int, code: m.ErrorCode, text: str) -> None:
         """Answer ``req`` with an error, without waiting for the client to read it.
 
-        The answers queue up to :data:`MAX_REFUSALS`; a client that sends
-        more refused requests than that without reading is disconnected.
+        The answers queue up (see :mod:`.refusals`); a client that sends more
+        refused requests than they hold without reading is disconnected.
         """
         if self.closed:
             return
-        if len(self._refusals) >= MAX_REFUSALS:
+        if not self._refusals.add(m.Error(req, code, text)):
             log.warning("disconnecting %s: it sends requests that are refused and does not "
                         "read the answers", self.user)
             self.closed = True
             self._closer = asyncio.get_running_loop().create_task(self._close_now(
                 1008, "too many refused requests without reading the answers"))
-            return
-        self._refusals.append(m.Error(req, code, text))
-        if self._refusing is None or self._refusing.done():
-            self._refusing = asyncio.get_running_loop().create_task(self._send_refusals())
 
     async def _close_now(self, code: int, reason: str) -> None:
         try:
@@ -352,10 +310,6 @@ class Connection:
                 await self.ws.close(code, reason)
         except TimeoutError:
             self.ws.transport.abort()
-
-    async def _send_refusals(self) -> None:
-        while self._refusals:  # cleared when the connection ends
-            await self.send(self._refusals.popleft())
 
     def _spawn(self, coro: Any, req: int = 0, *, hold: Hold, in_turn: bool = False) -> None:
         task = asyncio.get_running_loop().create_task(self._guard(coro, req, hold))

@@ -1,10 +1,9 @@
 """Isolation of workers: who a user's code runs as, and what it can reach.
 
 :class:`Isolation` is the server-wide policy, chosen once at start; each
-worker gets a :class:`WorkerIsolation` from :meth:`Isolation.prepare`, which
-is all a launcher needs: the command, environment and process options to
-start the worker with, the :class:`~.confinement.EnterSpec` to send it at
-lease time, what a death means, and a cleanup. The modes:
+worker gets a :class:`~.worker_isolation.WorkerIsolation` from
+:meth:`Isolation.prepare`, which is all a launcher needs (see
+:mod:`.worker_isolation`). The modes (:class:`~.modes.IsolationMode`):
 
 - ``uids`` (the server runs as root): warm workers start as root in mount
   and IPC namespaces of their own (private ``/tmp``, ``/var/tmp``,
@@ -49,35 +48,32 @@ own: it belongs to the server until the session resumes (:meth:`Isolation.seal`)
 from __future__ import annotations
 
 import dataclasses
-import enum
 import logging
 import os
 import platform
 import secrets
-import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from remote_gpu_core.sizes import format_size, parse_size
+from remote_gpu_core.sizes import parse_size
 
-from .cgroups import Cgroups, WorkerCgroup
-from ..worker_process.confinement import ENV_VAR, IOPUB_DIR_VAR, PRIVATE_TMP, EnterSpec, SpawnSpec
-from .devices import DeviceFile, DeviceTree
 from ..errors import IsolationError
+from .cgroups import Cgroups, WorkerCgroup
+from .devices import DeviceTree
 from .folder_removal import FolderRemover
 from .identities import DEFAULT_UID_RANGE, Identities, Identity, RunAs
-from .memory_limits import MIN_WORKER_MEMORY, MemoryLimits, WorkerMemory, fair_share
-from .process_limits import NprocCounting, ProcessLimits, WorkerProcesses, nproc_counting, parse_pids
-from .sandbox import SandboxLayout, bubblewrap_argv, check_bubblewrap, find_bubblewrap, python_paths
+from .memory_limits import MIN_WORKER_MEMORY, MemoryLimits, fair_share
+from .modes import IsolationMode
+from .process_limits import NprocCounting, ProcessLimits, nproc_counting, parse_pids
+from .sandbox import check_bubblewrap, find_bubblewrap
+from .tenant import Tenant
 from .uid_registry import default_path as default_uid_registry
 from .user_disks import DiskMode, UserDisks
-from ..worker_process.user_namespaces import SUPPORTED as USERNS_FILTER_MACHINES
+from .worker_isolation import WorkerIsolation, can_refuse_user_namespaces
 
-__all__ = ["ENV_KEEP", "Isolation", "IsolationConfig", "IsolationMode", "Tenant", "WorkerIsolation",
-           "device_groups"]
+__all__ = ["ENV_KEEP", "Isolation", "IsolationConfig"]
 
 log = logging.getLogger("remote_gpu_server")
 
@@ -89,17 +85,6 @@ ENV_KEEP = ("PATH", "PYTHONPATH", "VIRTUAL_ENV", "CONDA_PREFIX", "CONDA_DEFAULT_
 _ENV_NEVER = ("RAY_AUTH_",)
 #: Kept too when workers run as the server's own user.
 _ENV_KEEP_SAME_USER = ("HOME", "USER", "LOGNAME", "SHELL", "TMPDIR")
-#: Where IPython keeps its profile and history: in the worker's private /tmp.
-_IPYTHONDIR = "/tmp/.ipython"
-#: The environment variable that tells a worker its user's disk limit, for its
-#: "disk full" hint (see :mod:`.worker_files`).
-DISK_VAR = "RGPU_SESSION_DISK"
-
-
-class IsolationMode(enum.Enum):
-    UIDS = "uids"
-    BUBBLEWRAP = "bubblewrap"
-    NONE = "none"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,39 +115,6 @@ class IsolationConfig:
     #: Tests only (``$RGPU_TEST_DEVICE_ROOT``): a folder that stands in for ``/``
     #: where NVIDIA's device files are looked for (see :mod:`.devices`); None: ``/``.
     device_root: Path | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class Tenant:
-    """The user a leased worker works for, and the lease's session folder."""
-
-    user: str
-    folder: Path
-    identity: Identity | None = None
-
-
-def device_groups(files: Iterable[DeviceFile]) -> tuple[int, ...]:
-    """Groups that give access to a worker's device files where others have none.
-
-    Drivers installed with ``NVreg_DeviceFileMode=0660`` leave ``/dev/nvidia*``
-    to a group (often ``video``): workers join it, so CUDA works for them
-    as for the host's users.
-    """
-    gids = set()
-    for device in (f.source for f in files):
-        try:
-            mode, gid = os.stat(device).st_mode, os.stat(device).st_gid
-        except OSError:
-            continue
-        if not mode & 0o006 and mode & 0o060 and gid != 0:
-            gids.add(gid)
-    return tuple(sorted(gids))
-
-
-def _can_refuse_user_namespaces() -> bool:
-    """Whether a root server's workers can be refused new user namespaces here
-    (a seccomp filter for this machine; see :mod:`.user_namespaces`)."""
-    return platform.machine() in USERNS_FILTER_MACHINES
 
 
 def _keep(name: str, keep: tuple[str, ...]) -> bool:
@@ -331,7 +283,7 @@ class Isolation:
             log.info("workers are isolated: each user's run as a uid of their own (--run-as %s) with a "
                      "private /tmp and SysV IPC; session folders in %s; memory: %s", self.config.run_as.value,
                      self.session_root, memory)
-            if not _can_refuse_user_namespaces():
+            if not can_refuse_user_namespaces():
                 log.warning("workers may make user namespaces: no seccomp filter for %s", platform.machine())
         elif self.mode is IsolationMode.BUBBLEWRAP:
             log.info("workers are isolated in bubblewrap sandboxes (user, mount and pid namespaces); "
@@ -499,154 +451,3 @@ class Isolation:
         env.setdefault("PATH", os.defpath)
         env.update(extra)
         return env
-
-
-class WorkerIsolation:
-    """One worker's side of :class:`Isolation`; made by :meth:`Isolation.prepare`.
-
-    Use :meth:`command`, :meth:`environment` and :attr:`popen_options` to start
-    the worker, :meth:`enter_spec` at lease time (send what it returns, if
-    anything, before any user request), :meth:`explain` when it dies, and
-    :meth:`close` once it is dead.
-    """
-
-    def __init__(self, isolation: Isolation, name: str, runtime: Path, cgroup: WorkerCgroup,
-                 memory: WorkerMemory, processes: WorkerProcesses, tenant: Tenant | None,
-                 devices: tuple[DeviceFile, ...] = (), cuda_visible_devices: str = "") -> None:
-        self.isolation = isolation
-        self.name = name
-        self.runtime = runtime
-        #: Its cgroups (none where the server has none): they hold all of its processes.
-        self.cgroup = cgroup
-        self.memory = memory
-        self.processes = processes
-        self.tenant = tenant
-        self.mode = isolation.mode
-        #: The device files it may open (its GPUs' and the control files; see :mod:`.devices`).
-        self.devices = devices
-        #: Its ``CUDA_VISIBLE_DEVICES``: its GPUs by UUID where they are fenced.
-        self.cuda_visible_devices = cuda_visible_devices
-        #: The sandbox's session folder (bubblewrap binds it at start).
-        self.folder: Path | None = None
-        if self.mode is IsolationMode.BUBBLEWRAP:
-            self.folder = tenant.folder if tenant is not None else isolation.new_folder(None)
-        #: How the server interrupts it: a signal, or a message where the
-        #: sandbox's pid namespace keeps the kernel out of the server's reach.
-        self.interrupt_mode = "message" if self.mode is IsolationMode.BUBBLEWRAP else "signal"
-
-    @property
-    def own_pid_namespace(self) -> bool:
-        """The worker runs in a pid namespace of its own (a bubblewrap sandbox)."""
-        return self.mode is IsolationMode.BUBBLEWRAP
-
-    def _tmp_size(self) -> int | None:
-        # The tmpfs pages count as the worker's memory too: half of it for
-        # files, so a full /tmp says "No space left" before memory runs out.
-        return self.memory.limit // 2 if self.memory.limit is not None else None
-
-    def command(self, argv: list[str]) -> list[str]:
-        if self.mode is not IsolationMode.BUBBLEWRAP:
-            return list(argv)
-        isolation = self.isolation
-        assert isolation.bwrap is not None and self.folder is not None
-        layout = SandboxLayout(writable=(self.runtime, self.folder),
-                               hidden=(*isolation.server_files(), self.runtime.parent, *self._stand_in_dev()),
-                               tmp_size=self._tmp_size(), chdir=self.folder,
-                               devices=tuple((f.source, Path("/dev") / f.name) for f in self.devices))
-        return bubblewrap_argv(isolation.bwrap, layout) + list(argv)
-
-    def environment(self, extra: dict[str, str]) -> dict[str, str]:
-        disks = self.isolation.disks
-        # Where the server only measures the users' disks, no one file may outgrow
-        # the limit between two of its looks (see user_disks).
-        file_limit = disks.limit if disks.mode is DiskMode.SERVER else None
-        processes = self.processes
-        spec = SpawnSpec(data_limit=self.memory.data_limit, limit_text=self.memory.limit_text,
-                         file_limit=file_limit, nproc_limit=processes.nproc, pids_limit=processes.limit,
-                         pids_events=str(processes.events) if processes.events is not None else None)
-        env = dict(extra)
-        if disks.limit is not None and disks.mode is not DiskMode.NONE:
-            env[DISK_VAR] = format_size(disks.limit)
-        if self.mode is IsolationMode.UIDS:
-            expose = [(str(p), False) for p in python_paths()]
-            expose += [(str(self.runtime), True), (str(self.isolation.session_root), True)]
-            spec = dataclasses.replace(spec, private_tmp=True, tmp_size=self._tmp_size(), expose=tuple(expose),
-                                       private_ipc=True, ipc_limit=self.memory.limit,
-                                       refuse_user_namespaces=_can_refuse_user_namespaces(),
-                                       devices=tuple((str(f.source), f.name) for f in self.devices),
-                                       cover=tuple(str(p) for p in self._stand_in_dev()))
-            env.update(HOME="/tmp", IPYTHONDIR=_IPYTHONDIR)
-        elif self.mode is IsolationMode.BUBBLEWRAP:
-            assert self.folder is not None
-            env.update(HOME=str(self.folder), IPYTHONDIR=_IPYTHONDIR, TMPDIR="/tmp")
-        # ipykernel's pipe for forked children's output: in the private /tmp where
-        # there is one, else in the worker's runtime folder (see worker_iopub).
-        env[IOPUB_DIR_VAR] = "/tmp" if self.mode is not IsolationMode.NONE else str(self.runtime)
-        env[ENV_VAR] = spec.to_json()
-        return self.isolation.environment(env)
-
-    def _stand_in_dev(self) -> tuple[Path, ...]:
-        """A test's stand-in for ``/dev``, which the worker must not reach either."""
-        dev = self.isolation.devices.dev
-        return () if dev == Path("/dev") else (dev,)
-
-    @property
-    def popen_options(self) -> dict[str, Any]:
-        """Keyword arguments for Popen (through jupyter_client)."""
-        options: dict[str, Any] = {}
-        if self.mode is IsolationMode.UIDS:
-            options["cwd"] = "/"
-        join: Callable[[], None] | None = self.cgroup.join
-        if join is not None:
-            options["preexec_fn"] = join
-        return options
-
-    def enter_spec(self, user: str, identity: Identity | None = None) -> EnterSpec | None:
-        """What the worker must take on for ``user``'s lease: its session folder and,
-        isolated, its identity; None for a worker leased for no user (a pool of
-        its own, in tests). ``identity``: see :meth:`Isolation.tenant`."""
-        if not user:
-            if self.mode is IsolationMode.NONE:
-                return None
-            raise IsolationError(f"worker {self.name} was leased for no user; isolated workers need one")
-        if self.tenant is None:
-            self.tenant = self.isolation.tenant(user, self.folder, identity)
-        elif self.tenant.user != user:
-            raise IsolationError(f"worker {self.name} belongs to {self.tenant.user}, not {user}")
-        tenant = self.tenant
-        if self.mode is IsolationMode.NONE:
-            return EnterSpec(cwd=str(tenant.folder))  # the folder only: it runs as the server's user
-        env = {"USER": user, "LOGNAME": user, "HOME": str(tenant.folder), "TMPDIR": "/tmp"}
-        if tenant.identity is None:
-            return EnterSpec(cwd=str(tenant.folder), env=tuple(env.items()))
-        identity = tenant.identity
-        if identity.home and os.path.isdir(identity.home):
-            env["HOME"] = identity.home
-        groups = tuple(sorted(set(identity.groups) | set(device_groups(self.devices))))
-        # What the worker wrote in its private tmpfs before the lease (IPython's
-        # folder, whatever CUDA's start left there) becomes the user's. Its mount
-        # namespace may predate the user's disk: it mounts that first.
-        return EnterSpec(cwd=str(tenant.folder), uid=identity.uid, gid=identity.gid, groups=groups,
-                         env=tuple(env.items()), chown=PRIVATE_TMP,
-                         mount=self.isolation.disks.mount_of(user))
-
-    def adopt(self, tenant: Tenant) -> bool:
-        """Serve ``tenant``, a lease that already has its session folder (a parked
-        session resuming), instead of a new one; False where this started worker
-        cannot: a sandbox bound another folder at its start, or it serves a lease."""
-        if self.tenant is not None or self.mode is IsolationMode.BUBBLEWRAP:
-            return False
-        self.tenant = tenant
-        return True
-
-    def explain(self, returncode: int | None) -> str | None:
-        """Why the worker ended, where isolation knows better than its exit code."""
-        return self.memory.explain(returncode) or self.processes.explain(returncode)
-
-    def close(self) -> None:
-        """Kill what is left of the worker (its cgroup) and remove its runtime folder."""
-        self.cgroup.close()
-        shutil.rmtree(self.runtime, ignore_errors=True)
-        if self.tenant is None and self.folder is not None:  # a sandbox never leased
-            self.isolation.remover.remove(self.folder)
-

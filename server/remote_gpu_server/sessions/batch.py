@@ -38,7 +38,7 @@ from ..errors import StoreError
 from ..store.journal import Journal
 from .output_bound import OutputBound
 from ..scheduling.scheduler import DEFAULT_POOL, PRIORITIES, LeaseRequestEntry
-from .session import WorkerSource
+from .session_worker import WorkerSource
 from ..store import BatchSpec, OutputRow, Store
 from ..workers.worker import Worker
 

@@ -10,7 +10,7 @@ import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..isolation.policy import Tenant
+from ..isolation.tenant import Tenant
 
 __all__ = ["PARK_FOLDER", "ParkConfig", "ParkedState"]
 

@@ -42,7 +42,8 @@ from remote_gpu_core.protocol import messages as m
 from remote_gpu_core.ids import SlotId
 
 from ..scheduling.broker import LeaseBroker
-from ..isolation.policy import Isolation, Tenant
+from ..isolation.policy import Isolation
+from ..isolation.tenant import Tenant
 from remote_gpu_core.sizes import format_size
 from .parked import PARK_FOLDER, ParkConfig, ParkedState
 from ..workers.pool import Pool

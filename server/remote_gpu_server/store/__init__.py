@@ -10,7 +10,8 @@ schema up to date (:mod:`.schema`).
 
 from __future__ import annotations
 
-from .base import TOKEN_PREFIX, Store, hash_token
+from .base import Store
+from .tokens import TOKEN_PREFIX, hash_token
 from .database import Database, DatabaseUnavailable, Dialect, SqliteDatabase
 from .parked import ParkedRecord, ParkedStore
 from .records import (

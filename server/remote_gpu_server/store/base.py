@@ -1,16 +1,12 @@
 """The store: users, tokens, sessions, jobs and their output, on any :class:`Database`.
 
-Every query and rule is here once; :mod:`.database` runs them on SQLite
-(the embedded default) and :mod:`.postgres` on PostgreSQL. Every method is
-a coroutine and never blocks the event loop.
-
-Only a SHA-256 hash of each token is stored: tokens are 256 random bits,
-so a plain hash is enough, and the lookup is by hash followed by a
-constant-time comparison. Verifying a token (every HTTP request and
-connection) reads it every time, so a revoked token is refused at once,
-but writes its last use only once per :data:`LAST_USED_PERIOD`: the uses
-in between are kept here and written by :meth:`Store.write_last_used`
-(called periodically by the server) and at :meth:`Store.close`.
+:class:`Store` is the one interface; every query and rule is written once,
+here for sessions, jobs, batch jobs and usage, and beside it for what has
+rules of its own: users (:mod:`.users`), tokens (:mod:`.tokens`: hashed,
+their last use written behind), the output journal's rows (:mod:`.outputs`)
+and parked sessions (:mod:`.parked`). :mod:`.database` runs them on SQLite
+(the embedded default) and :mod:`.postgres` on PostgreSQL. Every method is a
+coroutine and never blocks the event loop.
 
 Sessions and jobs carry the id of the server that runs them
 (``server_id``), so that a restarted server recovers only its own work
@@ -21,34 +17,25 @@ kept have none and count as every server's.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
-import logging
-import secrets
-import sqlite3
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from remote_gpu_core.ids import JobId, SessionId
 
-from ..errors import StoreError, TokenError
-from .database import Database, DatabaseUnavailable, Executor
+from ..errors import StoreError
+from .database import Database, Executor
+from .outputs import OutputStore
+from .parked import ParkedStore
 from .records import (
     JOB_STATES, AttemptRecord, BatchSpec, CellRecord, JobRecord, OutputRow, SessionRecord, TokenInfo,
     slot_count
 )
-from .parked import ParkedStore
 from .schema import migrate
+from .tokens import TokenStore
+from .users import UserIds
 
-__all__ = ["LAST_USED_PERIOD", "Store", "TOKEN_PREFIX", "hash_token"]
-
-log = logging.getLogger("remote_gpu_server")
-
-TOKEN_PREFIX = "rgpu_"
-#: Seconds between two writes of one token's last use (see the module docstring).
-LAST_USED_PERIOD = 60.0
+__all__ = ["Store"]
 
 _JOB_SELECT = (
     "SELECT j.id, u.name, j.session_id, j.kind, j.slots, j.code, j.state, j.error, "
@@ -65,18 +52,6 @@ def _job_filter(user: str | None, state: str | None, kind: str | None) -> tuple[
             where.append(f"{column} = ?")
             args.append(value)
     return (" WHERE " + " AND ".join(where) if where else ""), args
-_TOKEN_SELECT = (
-    "SELECT t.id, u.name, t.admin, t.created, t.expires, t.revoked, t.last_used, "
-    "t.max_gpus, t.max_waiting, t.hash FROM tokens t JOIN users u ON u.id = t.user_id"
-)
-
-
-def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
-def _token(row: Sequence[Any]) -> TokenInfo:
-    return TokenInfo(int(row[0]), row[1], bool(row[2]), row[3], row[4], row[5], row[6], row[7], row[8])
 
 
 def _job(row: Sequence[Any]) -> JobRecord:
@@ -98,13 +73,11 @@ class Store:
     def __init__(self, db: Database, server_id: str | None = None) -> None:
         self.db = db
         self.server_id = server_id
-        self._user_ids: dict[str, int] = {}
+        self._users = UserIds(db)
+        self._tokens = TokenStore(db, self._users)
+        self._outputs = OutputStore(db)
         #: Parked sessions (see :mod:`.parked`).
         self.parked = ParkedStore(db, server_id)
-        #: See :data:`LAST_USED_PERIOD`.
-        self.last_used_period = LAST_USED_PERIOD
-        self._last_used: dict[int, float] = {}  # token id -> its latest use, not yet written
-        self._last_written: dict[int, float] = {}  # token id -> when its use was written (monotonic)
 
     @classmethod
     async def open(cls, location: str | Any, server_id: str | None = None) -> Store:
@@ -137,107 +110,37 @@ class Store:
         await self.write_last_used(everything=True)
         await self.db.close()
 
-    # -- users and tokens ---------------------------------------------------
+    # -- tokens (see :mod:`.tokens`) -----------------------------------------
 
-    async def _user_id(self, name: str, create: bool = False, tx: Executor | None = None) -> int:
-        # Users are never deleted or renamed, so their ids can be cached:
-        # this lookup sits on every cell's path.
-        cached = self._user_ids.get(name)
-        if cached is not None:
-            return cached
-        db = tx or self.db
-        if create:
-            await db.execute("INSERT INTO users (name, created) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
-                             (name, time.time()))
-        row = await db.fetchone("SELECT id FROM users WHERE name = ?", (name,))
-        if row is None:
-            raise StoreError(f"no user named {name!r}")
-        self._user_ids[name] = int(row[0])
-        return self._user_ids[name]
+    @property
+    def last_used_period(self) -> float:
+        """Seconds between two writes of one token's last use (see :mod:`.tokens`)."""
+        return self._tokens.last_used_period
+
+    @last_used_period.setter
+    def last_used_period(self, seconds: float) -> None:
+        self._tokens.last_used_period = seconds
 
     async def create_token(self, user: str, days: float | None = None, admin: bool = False,
                            max_gpus: int | None = None, max_waiting: int | None = None) -> tuple[int, str]:
-        """Create a token for ``user`` (made if new); return ``(id, token)``.
-
-        The token itself is returned once and never stored. ``max_gpus`` and
-        ``max_waiting`` set this token's quotas (None: the server's default).
-        """
-        if not user or len(user) > 64 or not user.replace("-", "").replace("_", "").replace(".", "").isalnum() \
-                or not user.isascii():
-            raise StoreError("a user name is 1 to 64 ASCII letters, digits, '-', '_' and '.'")
-        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-        now = time.time()
-        expires = now + days * 86400 if days else None
-        user_id = await self._user_id(user, create=True)
-        row = await self.db.fetchone(
-            "INSERT INTO tokens (user_id, hash, admin, created, expires, max_gpus, max_waiting) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
-            (user_id, hash_token(token), int(admin), now, expires, max_gpus, max_waiting),
-        )
-        assert row is not None
-        return int(row[0]), token
+        """Create a token for ``user`` (made if new); return ``(id, token)``, the
+        token itself only this once. ``max_gpus`` and ``max_waiting`` set its
+        quotas (None: the server's default)."""
+        return await self._tokens.create(user, days, admin, max_gpus, max_waiting)
 
     async def list_tokens(self) -> list[TokenInfo]:
-        return [_token(r) for r in await self.db.fetchall(_TOKEN_SELECT + " ORDER BY t.id")]
+        return await self._tokens.all()
 
     async def revoke_token(self, token_id: int) -> None:
-        changed = await self.db.execute(
-            "UPDATE tokens SET revoked = ? WHERE id = ? AND revoked IS NULL", (time.time(), token_id))
-        if changed == 0:
-            if await self.db.fetchone("SELECT id FROM tokens WHERE id = ?", (token_id,)) is None:
-                raise StoreError(f"no token with id {token_id}")
-            raise StoreError(f"token {token_id} is already revoked")
+        await self._tokens.revoke(token_id)
 
     async def verify_token(self, token: str | None) -> TokenInfo:
-        """Return the token's owner, or raise :class:`TokenError` saying why."""
-        if not token:
-            raise TokenError("missing token: send 'Authorization: Bearer TOKEN'")
-        digest = hash_token(token)
-        row = await self.db.fetchone(_TOKEN_SELECT + " WHERE t.hash = ?", (digest,))
-        # compare_digest keeps the final comparison constant-time even though
-        # the index lookup already found the row by its hash.
-        if row is None or not hmac.compare_digest(row[9], digest):
-            raise TokenError("invalid token: no such token on this server")
-        info = _token(row)
-        now = time.time()
-        if info.revoked is not None:
-            raise TokenError(f"revoked token: token {info.id} was revoked; ask for a new one")
-        if info.expires is not None and info.expires < now:
-            raise TokenError(f"expired token: token {info.id} expired; ask for a new one")
-        self._last_used[info.id] = now
-        written = self._last_written.get(info.id)
-        if written is None or time.monotonic() - written >= self.last_used_period:
-            await self._write_last_used([info.id])
-        return info
+        """Return the token's owner, or raise :class:`~..errors.TokenError` saying why."""
+        return await self._tokens.verify(token)
 
     async def write_last_used(self, everything: bool = False) -> None:
-        """Write the last use of each token whose write is due (its last was
-        :data:`LAST_USED_PERIOD` ago), or of every token (``everything``).
-
-        Never raises: a use that cannot be written now waits for the next call.
-        """
-        mono = time.monotonic()
-        due = [token for token in self._last_used if everything
-               or mono - self._last_written.get(token, -self.last_used_period) >= self.last_used_period]
-        await self._write_last_used(due)
-
-    async def _write_last_used(self, tokens: Sequence[int]) -> None:
-        uses = {token: self._last_used.pop(token) for token in tokens if token in self._last_used}
-        if not uses:
-            return
-        mono = time.monotonic()
-        for token in uses:
-            self._last_written[token] = mono
-        try:
-            # Never backwards: another server sharing the database may have written a later use.
-            await self.db.executemany(
-                "UPDATE tokens SET last_used = ? WHERE id = ? AND (last_used IS NULL OR last_used < ?)",
-                [(when, token, when) for token, when in uses.items()])
-        except (DatabaseUnavailable, OSError, sqlite3.Error) as exc:
-            for token, when in uses.items():  # kept for the next write (a later use wins)
-                self._last_used[token] = max(when, self._last_used.get(token, when))
-            log.warning("could not record when %d token(s) were last used: %s; trying again later",
-                        len(uses), exc)
+        """Write the tokens' last uses that are due (``everything``: all); never raises."""
+        await self._tokens.write_last_used(everything)
 
     # -- sessions -----------------------------------------------------------
 
@@ -247,7 +150,7 @@ class Store:
         written after the fact."""
         await self.db.execute(
             "INSERT INTO sessions (id, user_id, slots, created, server_id, notebook) VALUES (?, ?, ?, ?, ?, ?)",
-            (session, await self._user_id(user, create=True), ",".join(slots),
+            (session, await self._users.of(user, create=True), ",".join(slots),
              time.time() if created is None else created, self.server_id, notebook),
         )
 
@@ -275,7 +178,7 @@ class Store:
         row = await (tx or self.db).fetchone(
             "INSERT INTO jobs (user_id, session_id, kind, slots, code, state, created, started, server_id) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-            (await self._user_id(user, create=True, tx=tx), session, kind, ",".join(slots), code,
+            (await self._users.of(user, create=True, tx=tx), session, kind, ",".join(slots), code,
              "running" if running else "queued", now, now if running else None, self.server_id),
         )
         assert row is not None
@@ -297,7 +200,7 @@ class Store:
             row = await tx.fetchone(
                 "INSERT INTO jobs (user_id, session_id, kind, slots, code, state, error, created, started, "
                 "ended, server_id) VALUES (?, ?, 'cell', ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-                (await self._user_id(cell.user, create=True, tx=tx), cell.session, ",".join(cell.slots),
+                (await self._users.of(cell.user, create=True, tx=tx), cell.session, ",".join(cell.slots),
                  cell.code, cell.state, cell.error, cell.started, cell.started, cell.ended, self.server_id))
             assert row is not None
             job = JobId(int(row[0]))
@@ -350,59 +253,36 @@ class Store:
         rows = await self.db.fetchall("SELECT kind, state, COUNT(*) FROM jobs GROUP BY kind, state")
         return {(r[0], r[1]): int(r[2]) for r in rows}
 
-    # -- output journal -----------------------------------------------------
+    # -- output journal (see :mod:`.outputs`) --------------------------------
 
     async def append_outputs(self, rows: Sequence[OutputRow]) -> None:
-        """Journal rows, in one transaction. A row already there (same session and
-        seq: a retried write) is left as it is, so a retry never writes twice."""
-        if not rows:
-            return
-        await self.db.executemany(
-            "INSERT INTO outputs (session_id, seq, job_id, msg_type, content) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT (session_id, seq) DO NOTHING",
-            [(r.session, r.seq, r.job, r.msg_type, json.dumps(r.content, default=str)) for r in rows],
-        )
+        """Journal rows, in one transaction; a row already there (a retried write) stays as it is."""
+        await self._outputs.append(rows)
 
     async def outputs(self, job: JobId) -> list[tuple[int, str, dict[str, Any]]]:
-        rows = await self.db.fetchall(
-            "SELECT seq, msg_type, content FROM outputs WHERE job_id = ? ORDER BY seq", (job,))
-        return [(int(r[0]), r[1], json.loads(r[2])) for r in rows]
+        return await self._outputs.of_job(job)
 
     async def outputs_since(self, session: SessionId, seq: int) -> list[OutputRow]:
-        rows = await self.db.fetchall(
-            "SELECT seq, job_id, msg_type, content FROM outputs WHERE session_id = ? AND seq > ? ORDER BY seq",
-            (session, seq))
-        return [OutputRow(session, int(r[0]), r[1], r[2], json.loads(r[3])) for r in rows]
+        return await self._outputs.since(session, seq)
 
     async def outputs_after(self, job: JobId, seq: int,
                             limit: int = 1000) -> list[tuple[int, int | None, str, dict[str, Any]]]:
-        """``job``'s outputs after ``seq``, at most ``limit``: ``(seq, attempt, msg_type, content)``.
-
-        ``attempt`` is the batch attempt that printed it (None for a cell).
-        """
-        rows = await self.db.fetchall(
-            "SELECT o.seq, a.attempt, o.msg_type, o.content FROM outputs o "
-            "LEFT JOIN job_attempts a ON a.job_id = o.job_id AND a.session_id = o.session_id "
-            "WHERE o.job_id = ? AND o.seq > ? ORDER BY o.seq LIMIT ?", (job, seq, limit))
-        return [(int(r[0]), r[1], r[2], json.loads(r[3])) for r in rows]
+        """``job``'s outputs after ``seq``, at most ``limit``: ``(seq, attempt, msg_type, content)``."""
+        return await self._outputs.after(job, seq, limit)
 
     async def last_output_seq(self, job: JobId) -> int:
-        row = await self.db.fetchone("SELECT MAX(seq) FROM outputs WHERE job_id = ?", (job,))
-        return int(row[0] or 0) if row else 0
+        return await self._outputs.last_seq(job)
 
     async def prune_outputs(self, before: float) -> int:
-        """Delete the journals of sessions released before ``before`` (epoch
-        seconds); jobs, sessions and so usage totals stay. Returns rows deleted."""
-        return await self.db.execute(
-            "DELETE FROM outputs WHERE session_id IN "
-            "(SELECT id FROM sessions WHERE released IS NOT NULL AND released < ?)", (before,))
+        """Delete the journals of sessions released before ``before``; returns rows deleted."""
+        return await self._outputs.prune(before)
 
     # -- batch jobs ---------------------------------------------------------
 
     async def create_batch_job(self, user: str, code: str, name: str, gpus: int, priority: str,
                                pool: str | None, timeout: float | None, retries: int) -> JobId:
         """A queued job of kind ``batch`` and what it asked for, in one transaction."""
-        await self._user_id(user, create=True)
+        await self._users.of(user, create=True)
         async with self.db.transaction() as tx:
             job = await self.create_job(user, None, code, [], kind="batch", tx=tx)
             await tx.execute(

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from ..worker_process.confinement import EnterSpec
 from .datachannel import DataChannel
 from ..gpus.discovery import Slot
-from ..isolation.policy import Tenant
+from ..isolation.tenant import Tenant
 
 __all__ = ["WorkerLauncher", "WorkerProcess", "WorkerSpec", "describe_exit"]
 

@@ -51,7 +51,9 @@ from ..worker_process import transfer
 from ..worker_process.confinement import EnterSpec
 from .datachannel import DataChannel
 from ..errors import IsolationError
-from ..isolation.policy import Isolation, Tenant, WorkerIsolation
+from ..isolation.policy import Isolation
+from ..isolation.tenant import Tenant
+from ..isolation.worker_isolation import WorkerIsolation
 from .launcher import WorkerSpec
 from ..worker_process.sealed import pinned_context
 from .carriers import make_identity

@@ -24,7 +24,7 @@ from remote_gpu_core.ids import SlotId
 
 from ..processes import ladder
 from ..gpus.discovery import Slot
-from ..isolation.policy import Tenant
+from ..isolation.tenant import Tenant
 from .launcher import WorkerLauncher
 from .worker import GpuErrors, Worker
 

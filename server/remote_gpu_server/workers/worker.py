@@ -2,8 +2,11 @@
 
 A :class:`Worker` is started from a :class:`~.launcher.WorkerLauncher`
 (which owns the process: start, poll, signal, kill) and talks to the kernel
-over its signed Jupyter channels with jupyter_client, and moves pushed and
-pulled bytes through the process's :class:`~.datachannel.DataChannel`.
+over its signed Jupyter channels with jupyter_client (their messages read
+by :class:`~.fast_session.FastSession`); what it asks of the worker's own
+extension (pushes, pulls, parking) goes over its
+:class:`~.transfer_comm.TransferComm`, whose bytes move through the
+process's :class:`~.datachannel.DataChannel`.
 
 Every request completes when both its shell reply and its IOPub ``idle``
 status have arrived, so no output is lost after the reply; what the kernel
@@ -25,25 +28,26 @@ import itertools
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from hmac import compare_digest
-from typing import Any
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from typing import Any, cast
 
-from jupyter_client.asynchronous import AsyncKernelClient
-from jupyter_client.session import Session
+from jupyter_client.asynchronous.client import AsyncKernelClient
+from jupyter_client.connect import KernelConnectionInfo
 
-from remote_gpu_core.errors import WorkerDied
+from remote_gpu_core.errors import ServerError, WorkerDied
+from remote_gpu_core.protocol import messages as m
 
 from . import death
-from .datachannel import TransferAborted
 from .comms import CommTable
+from .fast_session import FastSession
 from ..errors import IsolationError
 from ..gpus.discovery import Slot
-from ..isolation.policy import Tenant
-from .launcher import WorkerLauncher, WorkerProcess, WorkerSpec, describe_exit
-from ..worker_process.kernel import COMM_TARGET, COUNT_KEY
+from ..isolation.tenant import Tenant
+from .launcher import WorkerLauncher, WorkerProcess, WorkerSpec
+from ..worker_process.kernel import COUNT_KEY
+from .transfer_comm import TransferComm
 
-__all__ = ["DuplicateRequest", "GpuErrors", "IopubHandler", "TransferAborted", "Worker", "describe_exit"]
+__all__ = ["DuplicateRequest", "GpuErrors", "IopubHandler", "Worker"]
 
 log = logging.getLogger("remote_gpu_server")
 
@@ -60,63 +64,21 @@ DEATH_POLL_SECONDS = 0.2
 CELLS_REMEMBERED = 200
 
 
-class DuplicateRequest(ValueError):
-    """A request's Jupyter ``msg_id`` is already in flight on this worker."""
+class DuplicateRequest(ServerError, ValueError):
+    """A request's Jupyter ``msg_id`` is already in flight on this worker: the
+    client's request is refused (``bad_request``); the one in flight goes on."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code=m.ErrorCode.BAD_REQUEST.value)
 
 
 #: The longest Jupyter msg_id a client may choose for its request.
 MAX_MSG_ID = 200
 
 
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    """Mark a future's exception as seen: its caller learns it another way."""
-    if not future.cancelled():
-        future.exception()
-
-
 #: Messages published under no pending request that nobody needs: the
 #: server's own requests' statuses, and the echo of a finished cell's code.
 _NOT_UNROUTED = frozenset({"status", "execute_input"})
-
-
-class _FastSession(Session):  # type: ignore[misc]
-    """jupyter_client's Session without the per-message date parsing.
-
-    ``deserialize`` parsed every header's dates with dateutil and adapted
-    the message version: together 0.3 ms of the server's time per message,
-    several messages per cell. The server forwards headers, never reads
-    their dates, and its workers speak the current protocol, so both steps
-    are skipped; the signature and replay checks stay.
-    """
-
-    def deserialize(self, msg_list: list[Any], content: bool = True, copy: bool = True) -> dict[str, Any]:
-        if not copy:
-            msg_list = [bytes(part.bytes) for part in msg_list[:5]] + list(msg_list[5:])
-        if len(msg_list) < 5:
-            raise TypeError("malformed message, must have at least 5 elements")
-        if self.auth is not None:
-            signature = msg_list[0]
-            if not signature:
-                raise ValueError("Unsigned Message")
-            if signature in self.digest_history:
-                raise ValueError(f"Duplicate Signature: {signature!r}")
-            if content:
-                self._add_digest(signature)
-            if not compare_digest(signature, self.sign(msg_list[1:5])):
-                raise ValueError(f"Invalid Signature: {signature!r}")
-        header = self.unpack(msg_list[1])
-        buffers = [memoryview(b) for b in msg_list[5:]]
-        if buffers and buffers[0].shape is None:
-            buffers = [memoryview(bytes(b.bytes)) for b in msg_list[5:]]
-        return {
-            "header": header,
-            "msg_id": header["msg_id"],
-            "msg_type": header["msg_type"],
-            "parent_header": self.unpack(msg_list[2]),
-            "metadata": self.unpack(msg_list[3]),
-            "content": self.unpack(msg_list[4]) if content else msg_list[4],
-            "buffers": buffers,
-        }
 
 
 class _Pending:
@@ -159,9 +121,8 @@ class Worker:
         self._kc: Any = None
         self._pending: dict[str, _Pending] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self._comm_id = ""
-        self._transfer_ids = itertools.count(1)
-        self._transfers: dict[int, asyncio.Future[tuple[dict[str, Any], list[Any]]]] = {}
+        #: The server's own comm on it: pushes, pulls, parking (see :mod:`.transfer_comm`).
+        self.transfers = TransferComm(self, process.data)
         self._killed = False
         self._explained = False  # its launcher said how it ended (out of host memory)
         self.died = asyncio.Event()
@@ -219,7 +180,7 @@ class Worker:
             spec = await spec
         if spec is None:
             return
-        reply = await self._op({"op": "enter", "spec": spec.to_json()})
+        reply = await self.transfers.op({"op": "enter", "spec": spec.to_json()})
         if not reply.get("ok"):
             raise IsolationError(f"worker {self.name} could not become {user}'s: "
                                  f"{reply.get('ename')}: {reply.get('evalue')}")
@@ -230,18 +191,13 @@ class Worker:
         """Save the namespace into ``folder`` (at most ``limit`` bytes); returns the
         worker's reply: ``ok`` with ``names``, ``unsaved``, ``nbytes``, ``seconds``,
         or ``ok: false`` with ``ename`` and ``evalue`` (nothing is left in ``folder``)."""
-        return await self._op({"op": "park", "folder": folder, "limit": limit})
+        return await self.transfers.op({"op": "park", "folder": folder, "limit": limit})
 
     async def restore(self, folder: str) -> dict[str, Any]:
         """Load what :meth:`park` saved in ``folder`` into this worker, then delete it;
         returns the reply: ``ok`` with ``names``, ``failed``, ``unsaved``, ``notes``,
         ``nbytes``, ``seconds``, or ``ok: false`` with ``ename`` and ``evalue``."""
-        return await self._op({"op": "restore", "folder": folder})
-
-    async def _op(self, data: dict[str, Any]) -> dict[str, Any]:
-        tid, fut = self._new_transfer()
-        request = self.request("comm_msg", {"comm_id": self._comm_id, "data": {**data, "id": tid}})
-        return await self._comm_reply(tid, fut, request)
+        return await self.transfers.op({"op": "restore", "folder": folder})
 
     @property
     def lost_node(self) -> bool:
@@ -256,9 +212,9 @@ class Worker:
         info = self.process.connection_info
         # A worker on another host has CurveZMQ keys in its connection info,
         # and jupyter_client then encrypts every channel.
-        kc = AsyncKernelClient(session=_FastSession(key=_key(info),
+        kc = AsyncKernelClient(session=FastSession(key=_key(info),
                                                     signature_scheme=info.get("signature_scheme", "hmac-sha256")))
-        kc.load_connection_info(info)
+        kc.load_connection_info(cast(KernelConnectionInfo, info))
         kc.start_channels(hb=False)
         self._kc = kc
         try:
@@ -274,9 +230,8 @@ class Worker:
         ]
         info_reply = await self.request("kernel_info_request", {})
         self.language_info = dict(info_reply["content"].get("language_info") or {})
-        self._comm_id = f"rgpu-{self.name}"
-        self.comms.reserved = self._comm_id
-        await self.request("comm_open", {"comm_id": self._comm_id, "target_name": COMM_TARGET, "data": {}})
+        self.comms.reserved = f"rgpu-{self.name}"
+        await self.transfers.open(self.comms.reserved)
         log.debug("worker %s ready on %s (pid %s)", self.name, self.node, self.pid)
 
     # -- reading ------------------------------------------------------------
@@ -307,10 +262,8 @@ class Worker:
         parent = (msg.get("parent_header") or {}).get("msg_id")
         msg_type = msg["msg_type"]
         content = msg["content"]
-        if msg_type == "comm_msg" and content.get("comm_id") == self._comm_id:
-            fut = self._transfers.pop(int(content["data"].get("id") or 0), None)
-            if fut is not None and not fut.done():
-                fut.set_result((content["data"], list(msg.get("buffers") or [])))
+        if msg_type == "comm_msg" and content.get("comm_id") == self.transfers.comm_id:
+            self.transfers.answer(content["data"], list(msg.get("buffers") or []))
             return
         self.comms.published(msg_type, content)
         pending = self._pending.get(parent) if parent else None
@@ -378,11 +331,7 @@ class Worker:
     def _fail_all(self, exc: BaseException) -> None:
         for pending in self._pending.values():
             pending.fail(exc)
-        for fut in self._transfers.values():
-            if not fut.done():
-                fut.set_exception(exc)
-                fut.exception()
-        self._transfers.clear()
+        self.transfers.fail_all(exc)
 
     # -- requests -----------------------------------------------------------
 
@@ -449,91 +398,15 @@ class Worker:
             self.cells[-1] = (content.get("execution_count"), code)
         return content
 
-    def _new_transfer(self) -> tuple[int, asyncio.Future[tuple[dict[str, Any], list[Any]]]]:
-        self.check_alive()
-        tid = next(self._transfer_ids)
-        fut: asyncio.Future[tuple[dict[str, Any], list[Any]]] = asyncio.get_running_loop().create_future()
-        self._transfers[tid] = fut
-        return tid, fut
-
-    async def _comm_reply(self, tid: int, fut: asyncio.Future[tuple[dict[str, Any], list[Any]]],
-                          request: Awaitable[dict[str, Any]]) -> dict[str, Any]:
-        try:
-            await request
-            # The comm reply is published on IOPub before the kernel goes idle.
-            reply, _ = await asyncio.wait_for(fut, timeout=30)
-            return reply
-        finally:
-            self._transfers.pop(tid, None)
-
     async def push(self, names: list[str], counts: list[int], buffers: list[Any]) -> dict[str, Any]:
-        """Set variables in the worker; returns its comm reply (``ok`` or an error).
+        """Set variables in the worker; returns its reply (``ok`` or an error).
+        ``buffers`` may still be arriving: see :meth:`.TransferComm.send_buffers`."""
+        return await self.transfers.send_buffers({"op": "push", "names": names, "counts": counts}, buffers)
 
-        ``buffers`` may be :class:`Chunks` still filling from the client's
-        websocket: their pieces go on to the worker as they arrive. If such
-        a stream breaks, or the worker gives up, the other side is told to
-        drop the transfer and :class:`TransferAborted` is raised.
-        """
-        return await self.send_buffers({"op": "push", "names": names, "counts": counts}, buffers)
-
-    async def send_buffers(self, data: dict[str, Any], buffers: list[Any]) -> dict[str, Any]:
-        """The transfer-comm operation ``data`` (``push``, ``upload``) whose
-        ``buffers`` stream to the worker through the ring; see :meth:`push`."""
-        tid, fut = self._new_transfer()
-        request = asyncio.ensure_future(self.request(
-            "comm_msg", {"comm_id": self._comm_id, "data": {**data, "id": tid}}))
-        try:
-            await self.process.data.send(tid, buffers, self)
-        except TransferAborted:
-            await self._comm_reply(tid, fut, request)
-            raise
-        except BaseException:
-            request.cancel()
-            self._transfers.pop(tid, None)
-            raise
-        return await self._comm_reply(tid, fut, request)
-
-    async def pull(self, names: list[str]) -> tuple[dict[str, Any], AsyncIterator[Any] | None]:
-        """Pickle variables in the worker: ``(reply, pieces)``.
-
-        ``reply`` has ``names``, ``counts`` and ``sizes`` (or ``ok: false``
-        and the error); ``pieces`` yields the buffers' bytes in order, each
-        valid until the next is asked for, and must be consumed or closed
-        (``contextlib.aclosing``) before the next transfer: closing it early
-        tells the worker to stop and waits until it has.
-        """
-        return await self.receive_buffers({"op": "pull", "names": names})
-
-    async def receive_buffers(self, data: dict[str, Any]) -> tuple[dict[str, Any], AsyncIterator[Any] | None]:
-        """The transfer-comm operation ``data`` (``pull``, ``download``) whose
-        answer's buffers stream back through the ring; see :meth:`pull`."""
-        tid, fut = self._new_transfer()
-        request = asyncio.ensure_future(self.request(
-            "comm_msg", {"comm_id": self._comm_id, "data": {**data, "id": tid}}))
-        request.add_done_callback(_retrieve)
-        try:
-            # The worker answers first and then sends the buffers, so its
-            # request is still running when the answer is here.
-            await asyncio.wait({fut, request}, return_when=asyncio.FIRST_COMPLETED)
-            if not fut.done():
-                request.result()
-            reply, _ = await asyncio.wait_for(fut, timeout=30)
-        finally:
-            self._transfers.pop(tid, None)
-        if not reply.get("ok"):
-            await request
-            return reply, None
-        return reply, self._receive(tid, request)
-
-    async def _receive(self, tid: int, request: asyncio.Future[dict[str, Any]]) -> AsyncIterator[Any]:
-        try:
-            async for piece in self.process.data.receive(tid, self):
-                yield piece
-        finally:
-            try:  # the worker's handler has returned: it no longer touches the ring
-                await asyncio.wait_for(asyncio.shield(request), timeout=30)
-            except Exception:
-                pass
+    async def pull(self, names: list[str]) -> tuple[dict[str, Any], AsyncGenerator[Any, None] | None]:
+        """Pickle variables in the worker: ``(reply, pieces)``, ``reply`` with
+        ``names``, ``counts`` and ``sizes``; see :meth:`.TransferComm.receive_buffers`."""
+        return await self.transfers.receive_buffers({"op": "pull", "names": names})
 
     def send_input(self, value: str) -> None:
         self.check_alive()

@@ -1,0 +1,98 @@
+"""How a connection refuses a request: the answers it owes, and what a
+refusal for size says.
+
+A refused request is answered with a short ``Error`` without the
+connection waiting for its client to read it: the answers queue in a
+:class:`RefusalQueue` of at most :data:`MAX_REFUSALS`, and a client that
+lets more pile up is disconnected. A message refused for its size is
+answered with the ``rgpu serve`` flag whose limit it is over
+(:func:`too_large_text`); where the connection must close over it, the
+close reason says the same in short (:func:`too_large_reason`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Awaitable, Callable
+
+from remote_gpu_core.errors import MessageTooLarge
+from remote_gpu_core.protocol import messages as m
+from remote_gpu_core.sizes import format_size
+
+from .limits import Limits
+
+__all__ = ["MAX_REFUSALS", "RefusalQueue", "too_large_code", "too_large_reason", "too_large_text"]
+
+#: Refusals that may wait for the client to read them (each a short Error);
+#: a client that lets more pile up is disconnected.
+MAX_REFUSALS = 1024
+#: The names of the protocol's message types.
+_MESSAGE_TYPES = frozenset(t.value for t in m.MessageType)
+
+
+class RefusalQueue:
+    """The refusals one connection owes its client, sent in order by ``send``
+    by a task of their own; see the module docstring."""
+
+    def __init__(self, send: Callable[[m.Message], Awaitable[None]]) -> None:
+        self._send = send
+        self._queue: collections.deque[m.Error] = collections.deque()
+        self._sending: asyncio.Task[None] | None = None
+
+    def add(self, error: m.Error) -> bool:
+        """Queue ``error`` to be sent; False (and nothing queued) if
+        :data:`MAX_REFUSALS` are still unread: disconnect the client."""
+        if len(self._queue) >= MAX_REFUSALS:
+            return False
+        self._queue.append(error)
+        if self._sending is None or self._sending.done():
+            self._sending = asyncio.get_running_loop().create_task(self._send_all())
+        return True
+
+    async def _send_all(self) -> None:
+        while self._queue:  # cleared when the connection ends
+            await self._send(self._queue.popleft())
+
+    def clear(self) -> None:
+        """The connection ended: nothing more is sent."""
+        self._queue.clear()
+
+
+def too_large_code(exc: MessageTooLarge) -> m.ErrorCode:
+    """How a message refused for its size is answered: an upload as a file
+    error (the client's FileTransferError), anything else as a bad request."""
+    return m.ErrorCode.FILE if exc.what == "upload" else m.ErrorCode.BAD_REQUEST
+
+
+def _flag(limits: Limits, exc: MessageTooLarge) -> str | None:
+    """The ``rgpu serve`` flag whose limit ``exc`` is over, if one is."""
+    if exc.what == "push" and exc.limit == limits.max_push:
+        return "--max-push"
+    if exc.what == "upload" and exc.limit == limits.max_upload:
+        return "--max-upload"
+    if exc.limit == limits.max_message:
+        return "--max-message"
+    return None
+
+
+def too_large_text(limits: Limits, exc: MessageTooLarge) -> str:
+    """The answer to a message refused for its size: what, and what to do."""
+    flag = _flag(limits, exc)
+    if flag == "--max-push":
+        return limits.push_refusal(exc.size)
+    if flag == "--max-upload":
+        return limits.upload_refusal(exc.size)
+    if flag == "--max-message":
+        return limits.message_refusal(exc.what or "", exc.size)
+    return f"message refused: {exc}"
+
+
+def too_large_reason(limits: Limits, exc: MessageTooLarge) -> str:
+    """A close reason for ``exc``: short (a websocket's reason is at most 123 bytes)."""
+    flag = _flag(limits, exc)
+    # The type comes from the client: only a known one is repeated.
+    what = exc.what if exc.what in _MESSAGE_TYPES else "message"
+    if flag is None:
+        return f"{what} over this server's limits"
+    return f"{what} of {format_size(exc.size)} over rgpu serve {flag} ({format_size(exc.limit)})"

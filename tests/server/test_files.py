@@ -119,7 +119,7 @@ def test_missing_and_oversized_uploads_fail_clearly_and_lose_nothing(files_serve
         with pytest.raises(FileTransferError, match="no such file here"):
             session.upload("data.csv", "nope.csv")
         (here / "big.bin").write_bytes(b"\0" * (LIMIT + 1))
-        with pytest.raises(FileTransferError, match="over the GPU server's limit of 3.0 MiB"):
+        with pytest.raises(FileTransferError, match="over the GPU server's limit of 3 MiB"):
             session.upload("big.bin")
         listing = session.execute("import os; print(sorted(os.listdir('.')))", on_output=lambda _: None)
         assert listing.stdout == "[]\n", "nothing of a refused upload was written"

@@ -246,9 +246,9 @@ def test_one_users_connections_are_bounded_and_their_memory_returns_after_close(
 
 
 @pytest.mark.parametrize(("flag", "value", "message"), [
-    ("--max-push", "12Q", "--max-push '12Q' is not a size: write it like 16G, 512M or 64K"),
-    ("--max-message", "1K", "--max-message '1K' is too small: give it at least 64 KiB"),
-    ("--connection-memory", "100K", "--connection-memory '100K' is too small: give it at least 1 MiB"),
+    ("--max-push", "12Q", "--max-push: '12Q' is not a size: write it like 16G, 512M or 64K"),
+    ("--max-message", "1K", "--max-message: '1K' is too small: give it at least 64 KiB"),
+    ("--connection-memory", "100K", "--connection-memory: '100K' is too small: give it at least 1 MiB"),
     ("--max-requests", "0", "--max-requests must be 1 or more"),
     ("--max-connections-per-user", "0", "--max-connections-per-user must be 1 or more"),
 ])

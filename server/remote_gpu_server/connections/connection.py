@@ -38,6 +38,7 @@ from remote_gpu_core.protocol import messages as m
 
 from remote_gpu_core.sizes import format_size
 
+from ..errors import DatabaseUnavailable
 from ..scheduling.broker import LeaseBroker
 from ..scheduling.scheduler import LeaseRequestEntry
 from ..sessions import files as session_files
@@ -63,6 +64,15 @@ HANG_UP_WAIT = 5.0
 #: Requests that only the session's lock keeps in order (they wait for each other).
 _IN_TURN = (m.Execute, m.Push, m.Pull, m.Replay, m.Park, m.Resume, m.Upload, m.Download)
 
+
+
+def _wire_code(exc: RemoteGpuError) -> m.ErrorCode:
+    """The protocol's code for an error of the tree: its own where the protocol
+    has it, else ``internal``."""
+    try:
+        return m.ErrorCode(exc.code)
+    except ValueError:
+        return m.ErrorCode.INTERNAL
 
 class Connection:
     """One websocket; ``broker`` grants leases, ``sessions`` holds them."""
@@ -327,9 +337,12 @@ class Connection:
             await coro
         except asyncio.CancelledError:
             raise
+        except DatabaseUnavailable as exc:  # the store's address is the server's to know
+            log.exception("request from %s failed", self.user)
+            await self.send(m.Error(req, m.ErrorCode.INTERNAL,
+                                    f"internal server error ({type(exc).__name__}); the server's log has more"))
         except RemoteGpuError as exc:
-            codes = {c.value: c for c in m.ErrorCode}
-            await self.send(m.Error(req, codes.get(getattr(exc, "code", ""), m.ErrorCode.INTERNAL), str(exc)))
+            await self.send(m.Error(req, _wire_code(exc), str(exc)))
         except Exception as exc:
             log.exception("request from %s failed", self.user)
             await self.send(m.Error(req, m.ErrorCode.INTERNAL,

@@ -41,7 +41,8 @@ from .workers.launcher import WorkerLauncher
 from .workers.local_launcher import LocalLauncher
 from .frontdoor.origins import OriginPolicy
 from .sessions.parking import Parking
-from .cluster.launcher import RayCluster, RayLauncher, RayReadings
+from .cluster.launcher import RayLauncher
+from .cluster.nodes import RayCluster, RayReadings
 from .frontdoor.metrics import Metrics
 from .workers.pool import Pool
 from .gpus.readings import Readings

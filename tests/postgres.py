@@ -141,12 +141,24 @@ class PostgresCluster:
 
     @contextlib.contextmanager
     def database(self) -> Iterator[str]:
-        """A new database's URL, dropped at the end."""
+        """A new database's URL, dropped at the end.
+
+        Meanwhile ``$XDG_DATA_HOME`` is a new folder of the database's own: a
+        server whose store is a URL keeps its files there (uid mapping,
+        certificates, session folders; ``config.data_dir``), and servers of
+        different databases must not share them, nor leave them in ``~``."""
         name = self.create_database()
-        try:
-            yield self.url(name)
-        finally:
-            self.drop_database(name)
+        before = os.environ.get("XDG_DATA_HOME")
+        with tempfile.TemporaryDirectory(prefix=f"{name}-data-", ignore_cleanup_errors=True) as data_home:
+            os.environ["XDG_DATA_HOME"] = data_home
+            try:
+                yield self.url(name)
+            finally:
+                if before is None:
+                    os.environ.pop("XDG_DATA_HOME", None)
+                else:
+                    os.environ["XDG_DATA_HOME"] = before
+                self.drop_database(name)
 
     def destroy(self) -> None:
         with contextlib.suppress(subprocess.CalledProcessError):

@@ -126,6 +126,10 @@ def test_rgpu_up_wires_jupyterlab_to_its_server_and_ctrl_c_is_jupyterlabs(tmp_pa
         saved = json.loads((tmp_path / "client.json").read_text())
         assert saved["url"] == url
         up.expect(r"Jupyter Server [\d.]+ is running at")
+        # The address it took: Jupyter moves on to the next port if another program
+        # took lab_port since it was found free.
+        up.expect(r"(http://127\.0\.0\.1:\d+)/lab\?token=")
+        lab = up.match.group(1)
 
         # JupyterLab's terminal has this environment's rgpu, and the server's real URL.
         shown = _terminal(lab, lab_token, 'echo "rgpu=$(command -v rgpu) url=$RGPU_URL"', r"url=ws://\S+")

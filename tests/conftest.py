@@ -4,6 +4,7 @@ import contextlib
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -27,6 +28,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def torch() -> ModuleType:
+    """The torch module, for the tests that need it: they alone skip where it is not installed."""
+    return pytest.importorskip("torch", reason="pip install torch (scripts/setup.sh installs the CPU wheel)")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -8,6 +8,7 @@ import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -20,8 +21,6 @@ from remote_gpu_core.protocol import PROTOCOL_VERSION, Reader, encode
 from remote_gpu_core.protocol import messages as m
 from remote_gpu_server.worker_process.transfer import RING_SLOTS, SLOT_SIZE, Filler, Ring, create_ring, pieces
 from servers import ServerProcess
-
-torch = pytest.importorskip("torch")
 
 
 def test_filler_reassembles_pieces_across_buffers() -> None:
@@ -77,7 +76,7 @@ def test_ring_memory_cannot_be_shrunk_under_the_server() -> None:
         os.close(fd)
 
 
-def test_transfers_larger_than_the_ring_both_ways(server: ServerProcess, alice: str) -> None:
+def test_transfers_larger_than_the_ring_both_ways(server: ServerProcess, alice: str, torch: ModuleType) -> None:
     rng = np.random.default_rng(1)
     a = rng.random(5 * RING_SLOTS * SLOT_SIZE // 4 + 3, dtype=np.float32)  # five rings and a bit
     t = torch.from_numpy(rng.random(3 * SLOT_SIZE // 4, dtype=np.float32)).reshape(-1, 4)

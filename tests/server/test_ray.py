@@ -31,6 +31,12 @@ from waiting import wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
+
+def needs_root(why: str) -> pytest.MarkDecorator:
+    """Skip, saying ``why``, where this test does not run as root (a server that is not
+    root isolates its workers with bubblewrap: one uid for all, a pid namespace each)."""
+    return pytest.mark.skipif(os.geteuid() != 0, reason=f"{why}: run as root")
+
 WHERE = "import os; print(os.environ['RGPU_SLOTS'], os.environ['CUDA_VISIBLE_DEVICES'])"
 
 
@@ -40,6 +46,7 @@ def where(session: Any) -> tuple[str, str, str]:
     return slot.split("/")[0], slot, cuda
 
 
+@needs_root("a root head gives each user a uid of their own on every node")
 def test_four_leases_land_on_four_distinct_gpus_and_a_fifth_waits(ray_server: ServerProcess) -> None:
     tokens = [ray_server.token(user) for user in ("alice", "bob", "carol", "dave", "erin")]
     sessions = [Client(ray_server.url, token).session() for token in tokens[:4]]
@@ -149,6 +156,7 @@ def test_priorities_and_fair_share_hold_across_nodes(ray_server: ServerProcess) 
             session.release()
 
 
+@needs_root("the pids a worker prints are this machine's only where the head is root")
 def test_the_stop_ladder_runs_on_the_workers_node(ray_server: ServerProcess) -> None:
     """A cell on a node that ignores interrupts, with a child in a session of its own: the second
     interrupt replaces the worker there, and the child goes too (the nodes run on this machine)."""
@@ -231,6 +239,7 @@ print("with a guessed token:", guess.returncode, "AuthenticationError" in guess.
 """
 
 
+@needs_root("the fence checked here is a root head's: a uid per user, and the token file's mode")
 def test_a_cell_on_a_node_can_neither_use_the_cluster_nor_read_its_token(ray_server: ServerProcess,
                                                                           ray_cluster: Any) -> None:
     """Ray's token authentication is the cluster's fence: a cell that knows the GCS's
@@ -254,6 +263,7 @@ def test_a_cell_on_a_node_can_neither_use_the_cluster_nor_read_its_token(ray_ser
     assert {(n["mode"], n["used"]) for n in isolation["ray"]["nodes"]} == {("uids", True)}
 
 
+@needs_root("the node is started as another uid")
 def test_a_node_that_cannot_isolate_workers_is_left_out_and_the_status_says_why(
         ray_server: ServerProcess, ray_cluster: Any) -> None:
     """Its Ray runs as a uid that is not root, with no bubblewrap on its PATH: every user

@@ -94,10 +94,17 @@ def postgres() -> Iterator[pg.PostgresCluster]:
 
 @pytest.fixture(params=pg.BACKENDS)
 def store_location(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """Where a test's store lives, once per backend: a SQLite file, or a new PostgreSQL database's URL."""
+    """Where a test's store lives, once per backend: a SQLite file, or a new PostgreSQL database's URL.
+
+    A server on a PostgreSQL store keeps its own files (its users' uids, session
+    folders) in the user's data folder: during the test, a folder of the test's
+    own (``XDG_DATA_HOME``), not one that every test run shares.
+    """
     if request.param == "sqlite":
         yield str(tmp_path / "rgpu.sqlite3")
         return
+    monkeypatch: pytest.MonkeyPatch = request.getfixturevalue("monkeypatch")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
     cluster: pg.PostgresCluster = request.getfixturevalue("postgres")
     with cluster.database() as url:
         yield url

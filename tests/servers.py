@@ -13,8 +13,10 @@ not exit.
 
 Session folders go under ``tmp`` (``sessions/``), a PostgreSQL store's too
 (the server's default for one is the user's data folder, shared by every
-test run). A root server mounts each user's disk there; what a server that
-was killed left mounted is unmounted when :meth:`ServerProcess.stop` or
+test run), and so does the rest of what such a server keeps in the user's
+data folder, its users' uids among them (``XDG_DATA_HOME`` is ``tmp/data``).
+A root server mounts each user's disk there; what a server that was killed
+left mounted is unmounted when :meth:`ServerProcess.stop` or
 :meth:`ServerProcess.kill` returns.
 """
 
@@ -41,8 +43,9 @@ class ServerProcess:
                  launcher: list[str] | None = None, env: dict[str, str] | None = None) -> None:
         self.tmp = tmp
         self.launcher = list(launcher or [])
-        self.env = {"RGPU_UID_REGISTRY": str(tmp / "uid-registry" / "uids.json"), **(env or {})}
         self.db: Path | str = db or tmp / "rgpu.sqlite3"
+        self.env = {"RGPU_UID_REGISTRY": str(tmp / "uid-registry" / "uids.json"),
+                    **({"XDG_DATA_HOME": str(tmp / "data")} if "://" in str(self.db) else {}), **(env or {})}
         self.slots = slots
         self.args = list(args)
         self.url = ""

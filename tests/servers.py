@@ -22,6 +22,7 @@ left mounted is unmounted when :meth:`ServerProcess.stop` or
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import subprocess
@@ -31,6 +32,7 @@ import time
 from pathlib import Path
 
 from processes import LoggedProcess
+from stores import BlockingStore
 
 __all__ = ["ServerProcess", "ray_head", "unmount_under"]
 
@@ -56,11 +58,21 @@ class ServerProcess:
         self._listening = threading.Event()
 
     def token(self, user: str = "alice", *extra: str) -> str:
-        out = subprocess.run(
-            [sys.executable, "-m", "remote_gpu_kernel.cli", "token", "create", user, "--db", str(self.db), *extra],
-            check=True, capture_output=True, text=True,
-        )
-        return out.stdout.strip()
+        """What ``rgpu token create USER --db DB *extra`` prints, made in this
+        process: the suite makes hundreds, and a Python start each adds up
+        (the command itself is tested in test_auth.py and test_store_cli.py)."""
+        from remote_gpu_server.cli import add_token
+
+        parser = argparse.ArgumentParser(prog="rgpu")
+        add_token(parser.add_subparsers())
+        args = parser.parse_args(["token", "create", user, "--db", str(self.db), *extra])
+        store = BlockingStore(args.db)
+        try:
+            _, token = store.create_token(args.user, days=args.days, admin=args.admin, max_gpus=args.max_gpus,
+                                          max_waiting=args.max_waiting)
+        finally:
+            store.close()
+        return str(token)
 
     def start(self, wait_warm: bool = True, timeout: float = 90) -> ServerProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)

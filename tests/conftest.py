@@ -4,6 +4,7 @@ import contextlib
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -27,6 +28,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def torch() -> ModuleType:
+    """The torch module, for the tests that need it: they alone skip where it is not installed."""
+    return pytest.importorskip("torch", reason="pip install torch (scripts/setup.sh installs the CPU wheel)")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -87,7 +94,8 @@ def postgres() -> Iterator[pg.PostgresCluster]:
 
 @pytest.fixture(params=pg.BACKENDS)
 def store_location(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """Where a test's store lives, once per backend: a SQLite file, or a new PostgreSQL database's URL."""
+    """Where a test's store lives, once per backend: a SQLite file, or a new PostgreSQL
+    database's URL (and then a data folder of its own: :meth:`postgres.PostgresCluster.database`)."""
     if request.param == "sqlite":
         yield str(tmp_path / "rgpu.sqlite3")
         return

@@ -13,13 +13,16 @@ not exit.
 
 Session folders go under ``tmp`` (``sessions/``), a PostgreSQL store's too
 (the server's default for one is the user's data folder, shared by every
-test run). A root server mounts each user's disk there; what a server that
-was killed left mounted is unmounted when :meth:`ServerProcess.stop` or
+test run), and so does the rest of what such a server keeps in the user's
+data folder, its users' uids among them (``XDG_DATA_HOME`` is ``tmp/data``).
+A root server mounts each user's disk there; what a server that was killed
+left mounted is unmounted when :meth:`ServerProcess.stop` or
 :meth:`ServerProcess.kill` returns.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import subprocess
@@ -29,6 +32,7 @@ import time
 from pathlib import Path
 
 from processes import LoggedProcess
+from stores import BlockingStore
 
 __all__ = ["ServerProcess", "ray_head", "unmount_under"]
 
@@ -41,8 +45,9 @@ class ServerProcess:
                  launcher: list[str] | None = None, env: dict[str, str] | None = None) -> None:
         self.tmp = tmp
         self.launcher = list(launcher or [])
-        self.env = {"RGPU_UID_REGISTRY": str(tmp / "uid-registry" / "uids.json"), **(env or {})}
         self.db: Path | str = db or tmp / "rgpu.sqlite3"
+        self.env = {"RGPU_UID_REGISTRY": str(tmp / "uid-registry" / "uids.json"),
+                    **({"XDG_DATA_HOME": str(tmp / "data")} if "://" in str(self.db) else {}), **(env or {})}
         self.slots = slots
         self.args = list(args)
         self.url = ""
@@ -53,11 +58,21 @@ class ServerProcess:
         self._listening = threading.Event()
 
     def token(self, user: str = "alice", *extra: str) -> str:
-        out = subprocess.run(
-            [sys.executable, "-m", "remote_gpu_kernel.cli", "token", "create", user, "--db", str(self.db), *extra],
-            check=True, capture_output=True, text=True,
-        )
-        return out.stdout.strip()
+        """What ``rgpu token create USER --db DB *extra`` prints, made in this
+        process: the suite makes hundreds, and a Python start each adds up
+        (the command itself is tested in test_auth.py and test_store_cli.py)."""
+        from remote_gpu_server.cli import add_token
+
+        parser = argparse.ArgumentParser(prog="rgpu")
+        add_token(parser.add_subparsers())
+        args = parser.parse_args(["token", "create", user, "--db", str(self.db), *extra])
+        store = BlockingStore(args.db)
+        try:
+            _, token = store.create_token(args.user, days=args.days, admin=args.admin, max_gpus=args.max_gpus,
+                                          max_waiting=args.max_waiting)
+        finally:
+            store.close()
+        return str(token)
 
     def start(self, wait_warm: bool = True, timeout: float = 90) -> ServerProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)

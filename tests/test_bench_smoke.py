@@ -10,6 +10,10 @@ The Ray benchmark runs against the session's Ray cluster (``ray_cluster``
 in conftest: already up when the Ray tests ran) rather than starting one
 of its own; the store benchmark needs PostgreSQL, and skips (fails in CI)
 without it, as the PostgreSQL tests do.
+
+The runs spend most of their time starting servers, kernels and clusters,
+waiting as much as computing: the others than Ray's run two at a time
+(``smoke_runs``), and each test takes its own run's outcome.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -65,22 +71,39 @@ def smoke(script: str, *args: str, timeout: float = TIMEOUT) -> str:
 
 #: Benchmarks that need more than this machine: run by tests of their own below.
 SPECIAL = {"bench_ray.py", "bench_store.py"}
+#: The others.
+PLAIN = [b for b in benchmarks() if b not in SPECIAL]
+#: Smoke runs at once.
+AT_ONCE = 2
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(request: pytest.FixtureRequest) -> Iterator[dict[str, Future[str]]]:
+    """The smoke runs of the selected tests below (the store's where PostgreSQL runs),
+    started in the tests' order, ``AT_ONCE`` at a time: each one's output, or its failure."""
+    selected = {item.name for item in request.session.items if item.path == Path(__file__)}
+    scripts = [script for script in PLAIN if f"test_smoke[{script}]" in selected]
+    if "test_smoke_store" in selected and pg.unavailable() is None:
+        scripts.append("bench_store.py")
+    with ThreadPoolExecutor(AT_ONCE, thread_name_prefix="smoke") as pool:
+        yield {script: pool.submit(smoke, script) for script in scripts}
 
 
 def test_the_benchmarks_with_needs_are_still_there() -> None:
     assert SPECIAL <= set(benchmarks()), "rename them here too, or they are not run"
 
 
+# A test waits for its own run only: the runs before it have ended, so its own has started.
 @pytest.mark.timeout(TIMEOUT + STOPPING + 30)
-@pytest.mark.parametrize("script", [b for b in benchmarks() if b not in SPECIAL])
-def test_smoke(script: str) -> None:
-    smoke(script)
+@pytest.mark.parametrize("script", PLAIN)
+def test_smoke(script: str, smoke_runs: dict[str, Future[str]]) -> None:
+    smoke_runs[script].result()
 
 
 @pytest.mark.timeout(TIMEOUT + STOPPING + 30)
-def test_smoke_store() -> None:
+def test_smoke_store(smoke_runs: dict[str, Future[str]]) -> None:
     pg.require()
-    output = smoke("bench_store.py")
+    output = smoke_runs["bench_store.py"].result()
     assert "trivial cell `1+1` round trip" in output
 
 

@@ -11,6 +11,7 @@ import pytest
 from remote_gpu_kernel.api import ApiClient
 from remote_gpu_kernel.cli import main
 from servers import ServerProcess
+from waiting import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +74,10 @@ def test_cancel_status_top_and_usage(rgpu, served, tmp_path: Path) -> None:  # t
     _, out, _ = rgpu("submit", script(tmp_path, "import time\ntime.sleep(300)\n", "sleepy.py"))
     job = out.strip()
     api = ApiClient(served[0].url, served[1])
-    deadline = time.monotonic() + 60
-    while api.job(int(job))["state"] != "running":
-        assert time.monotonic() < deadline, "the job never ran"
-        time.sleep(0.2)
+    wait_for(lambda: api.job(int(job))["state"] == "running", 60, f"job {job} to run", every=0.2)
     _, queued, _ = rgpu("submit", script(tmp_path, "print(1)"), "--priority", "low")
-    time.sleep(0.3)
+    wait_for(lambda: [q for q in api.status()["queue"] if q["job"] == int(queued)], 30,
+             f"job {queued.strip()} in the queue")
     code, out, _ = rgpu("status")
     assert code == 0 and "cpu0" in out and f"alice (you) job {job}" in out
     assert "queue" in out and "low" in out

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from servers import ServerProcess
+from waiting import wait_for
 
 from kernels import CellRun, LocalKernel, kernel_with_magic
 
@@ -258,10 +259,8 @@ def test_shutting_down_or_restarting_the_kernel_gives_the_gpu_back_at_once(fresh
                 k.kc.wait_for_ready(timeout=60)
                 fresh_server.wait_for_log(released, timeout=15)
         k.close(now=False)
-        deadline = time.monotonic() + 15
-        while sum(bool(re.search(released, line)) for line in fresh_server.log) < 2:
-            assert time.monotonic() < deadline, "the shut-down kernel did not give its GPU back"
-            time.sleep(0.1)
+        wait_for(lambda: sum(bool(re.search(released, line)) for line in fresh_server.log) >= 2, 15,
+                 "the shut-down kernel to give its GPU back")
     finally:
         if k.km.has_kernel:
             k.close()

@@ -4,7 +4,6 @@ they serve (Jupyter's ``JPY_SESSION_NAME``), and the server shows it."""
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -14,17 +13,14 @@ from kernels import LocalKernel
 from remote_gpu_kernel.api import ApiClient
 from remote_kernels import KernelDriver, install_kernelspec, kernel_env
 from servers import ServerProcess
+from waiting import wait_for
 
 
 def lease_of(api: ApiClient, notebook: str, timeout: float = 30) -> dict[str, Any]:
     """The caller's lease for ``notebook``, once the server shows it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = [s for s in api.status()["sessions"] if s["mine"] and s["notebook"] == notebook]
-        if found:
-            return found[0]
-        assert time.monotonic() < deadline, f"no lease for {notebook}: {api.status()['sessions']}"
-        time.sleep(0.2)
+    found = wait_for(lambda: [s for s in api.status()["sessions"] if s["mine"] and s["notebook"] == notebook],
+                     timeout, f"a lease for {notebook}", every=0.2)
+    return found[0]
 
 
 def test_the_remote_gpu_kernel_names_its_notebook(server: ServerProcess, alice: str, tmp_path: Path,

@@ -40,6 +40,9 @@ class FakeGpu:
     lost: bool = False
     #: Its device file's minor number (``/dev/nvidia<minor>``); None: its index.
     minor: int | None = None
+    #: How many times its compute processes were read: a test waits on it for
+    #: the server's next looks at who holds the GPU.
+    process_reads: int = 0
 
 
 class FakeNvml:
@@ -142,7 +145,9 @@ class FakeNvml:
         return self._gpu(handle).power_mw
 
     def nvmlDeviceGetComputeRunningProcesses(self, handle: FakeGpu) -> list[Any]:
-        return [_Process(pid, mem) for pid, mem in self._gpu(handle).processes]
+        gpu = self._gpu(handle)
+        gpu.process_reads += 1
+        return [_Process(pid, mem) for pid, mem in gpu.processes]
 
     def nvmlDeviceGetTotalEccErrors(self, handle: FakeGpu, kind: int, counter: int) -> int:
         gpu = self._gpu(handle)

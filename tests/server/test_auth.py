@@ -73,7 +73,8 @@ def test_handshake_refuses_bad_tokens_with_401_and_a_reason(server: ServerProces
 def test_revoked_token_is_refused_by_the_running_server(fresh_server: ServerProcess) -> None:
     """``rgpu token create/list/revoke --db`` on the store of a running server."""
     server = fresh_server
-    token = server.token("carol")
+    token = subprocess.run([sys.executable, "-m", "remote_gpu_kernel.cli", "token", "create", "carol",
+                            "--db", str(server.db)], capture_output=True, text=True, check=True).stdout.strip()
     server.start()
     with Client(server.url, token).session() as session:
         assert session.execute("1").ok

@@ -11,6 +11,7 @@ import pytest
 from remote_gpu_kernel.api import ApiClient
 from postgres import BACKENDS
 from servers import ServerProcess
+from waiting import wait_for
 
 #: Seconds a test waits for a job to reach a state (the machine is small and shared).
 PATIENCE = 90
@@ -30,14 +31,25 @@ def start(server: ServerProcess, slots: str = "cpu:1") -> ApiClient:
 
 
 def wait_state(api: ApiClient, job: int, *states: str, timeout: float = PATIENCE) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    seen = None
-    while time.monotonic() < deadline:
-        seen = api.job(job)
-        if seen["state"] in states:
-            return seen
-        time.sleep(0.25)
-    raise AssertionError(f"job {job} did not reach {states}: {seen}")
+    seen: dict[str, Any] = {}
+
+    def reached() -> dict[str, Any] | None:
+        seen.update(api.job(job))
+        return dict(seen) if seen["state"] in states else None
+
+    try:
+        return wait_for(reached, timeout, f"job {job} in {states}", every=0.25)
+    except AssertionError:
+        raise AssertionError(f"job {job} did not reach {states}: {seen}") from None
+
+
+def wait_queued(api: ApiClient, jobs: list[int]) -> list[int]:
+    """The jobs in the server's queue, in its order, once all of ``jobs`` are in it."""
+    def order() -> list[int] | None:
+        queue = [q["job"] for q in api.status()["queue"]]
+        return queue if set(jobs) <= set(queue) else None
+
+    return wait_for(order, PATIENCE, f"jobs {jobs} in the queue")
 
 
 def text(api: ApiClient, job: int) -> str:
@@ -132,13 +144,12 @@ def test_cancel_queued_and_running_jobs(fresh_server: ServerProcess) -> None:
     wait_state(api, running["id"], "running")
     queued = api.submit("print('never')")
     deaf = api.submit(DEAF)
-    time.sleep(0.5)
+    wait_queued(api, [queued["id"], deaf["id"]])
     assert api.cancel(queued["id"])["state"] == "cancelled"
     assert api.job(queued["id"])["attempts"] == []
     assert api.cancel(running["id"])["state"] == "cancelled"  # interrupted
     wait_state(api, deaf["id"], "running")
-    while "deaf" not in text(api, deaf["id"]):
-        time.sleep(0.2)
+    wait_for(lambda: "deaf" in text(api, deaf["id"]), PATIENCE, "the deaf job's first line", every=0.2)
     started = time.monotonic()
     assert api.cancel(deaf["id"])["state"] == "cancelled"  # killed after the grace
     assert time.monotonic() - started >= 4.0
@@ -156,8 +167,7 @@ def test_restart_keeps_queued_jobs_in_order(fresh_server: ServerProcess, tmp_pat
     wait_state(api, once["id"], "running")
     wait_state(api, again["id"], "running")
     queued = [api.submit(LONG, name=f"q{i}")["id"] for i in range(3)]
-    time.sleep(0.5)
-    assert [q["job"] for q in api.status()["queue"]] == queued
+    assert wait_queued(api, queued) == queued
     fresh_server.stop()
 
     server = ServerProcess(tmp_path, "cpu:2", db=fresh_server.db).start()

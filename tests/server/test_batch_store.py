@@ -74,7 +74,7 @@ def test_gpu_seconds_per_user_and_job(store: BlockingStore) -> None:
     store.create_session(SessionId("one"), "bob", ["gpu2"])
     job = batch(store)
     run_attempt(store, job, ["gpu3"])
-    time.sleep(0.4)
+    time.sleep(0.4)  # time passing is the point: 0.4 s of use on every slot, which the store counts
     store.release_session(SessionId("two"), "done")
     store.release_session(SessionId("one"), "done")
     usage = store.gpu_seconds_by_user()

@@ -13,6 +13,7 @@ import pytest
 
 from remote_gpu_kernel import Client
 from servers import ServerProcess
+from waiting import wait_for
 
 torch = pytest.importorskip("torch")
 
@@ -61,12 +62,7 @@ def test_gpu_memory_is_freed_when_the_lease_ends(gpu_server: ServerProcess, tmp_
 
         assert pid in pids()
         s.release()
-        import time
-
-        deadline = time.monotonic() + 20
-        while pid in pids() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert pid not in pids()
+        wait_for(lambda: pid not in pids(), 20, f"the worker's pid {pid} to leave the GPU", every=0.2)
     finally:
         pynvml.nvmlShutdown()
 

@@ -33,6 +33,7 @@ from remote_gpu_server.workers.drain import Drainer
 from remote_gpu_server.gpus.readings import process_holders
 from servers import ServerProcess
 from stores import BlockingStore
+from waiting import async_wait_for, wait_for
 
 FREEZER = Path("/sys/fs/cgroup/freezer")
 
@@ -128,7 +129,9 @@ def test_a_gpu_that_a_stopped_worker_still_holds_is_draining_until_it_lets_go(tm
             assert "draining: held by 1 process(es) of a stopped worker" in shown and str(pid) not in shown
 
             waiter = Waiter(url, bob)
-            await asyncio.sleep(1.0)
+            await async_wait_for(lambda: waiter.positions or waiter.granted.is_set(), 30, "bob's place in the queue")
+            reads = gpu0.process_reads
+            await async_wait_for(lambda: gpu0.process_reads >= reads + 2, 30, "two more looks at who holds gpu0")
             assert not waiter.granted.is_set() and waiter.positions == [1]  # not leased while draining
             gpu0.processes = []  # the driver let go of it
             assert await asyncio.to_thread(waiter.granted.wait, 20)
@@ -154,10 +157,7 @@ def test_an_xid_error_is_part_of_the_cause_and_the_gpu_is_checked_before_the_nex
             url = f"ws://127.0.0.1:{server.port}"
             session = await asyncio.to_thread(lambda: Client(url, alice).session())
             nvml.xid(gpu0, xid)
-            for _ in range(100):
-                if server.scheduler.unhealthy == ["gpu0"]:
-                    break
-                await asyncio.sleep(0.05)
+            await async_wait_for(lambda: server.scheduler.unhealthy, 5, "gpu0 held out after the Xid error")
             assert server.scheduler.unhealthy == ["gpu0"]  # held out at once, though it reads healthy
             gpu0.lost = lost
             with pytest.raises(WorkerDied, match=f"the GPU reported Xid {xid} \\({meaning}\\) while it ran"):
@@ -189,10 +189,7 @@ def test_a_cpu_slot_drains_while_a_process_of_the_worker_still_runs(tmp_path: Pa
         assert draining is not None and draining.pids == [stray.pid] and changes == [("cpu0", True)]
         stray.kill()
         stray.wait()  # reaped: a zombie would not count either
-        for _ in range(50):
-            if drainer.draining("cpu0") is None:
-                break
-            await asyncio.sleep(0.05)
+        await async_wait_for(lambda: drainer.draining("cpu0") is None, 2.5, "cpu0 drained")
         assert changes == [("cpu0", True), ("cpu0", False)]
         assert await drainer.settle(["cpu0"], frozenset({stray.pid})) == frozenset()  # free at once
         await drainer.close()
@@ -226,7 +223,7 @@ def test_a_process_that_outlives_sigkill_keeps_its_cpu_slot_draining(fresh_serve
         slot = api.status()["slots"][0]
         assert slot["draining"]["pids"] == [stuck] and not slot["healthy"]
         waiter = Waiter(fresh_server.url, alice)
-        time.sleep(1.0)
+        wait_for(lambda: waiter.positions or waiter.granted.is_set(), 30, "alice's place in the queue")
         assert not waiter.granted.is_set()
         (group / "freezer.state").write_text("THAWED")  # the pending SIGKILL ends it now
         assert waiter.granted.wait(30)
@@ -234,9 +231,13 @@ def test_a_process_that_outlives_sigkill_keeps_its_cpu_slot_draining(fresh_serve
         waiter.session.release()
     finally:
         (group / "freezer.state").write_text("THAWED")
-        for _ in range(100):
-            try:
-                group.rmdir()
-                break
-            except OSError:
-                time.sleep(0.05)
+        wait_for(lambda: _removed(group), 5, f"{group} emptied and removed", every=0.05)
+
+
+def _removed(group: Path) -> bool:
+    """Remove the cgroup ``group``; False while a process is still in it."""
+    try:
+        group.rmdir()
+    except OSError:
+        return False
+    return True

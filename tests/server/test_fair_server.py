@@ -18,6 +18,7 @@ from remote_gpu_core.protocol import PROTOCOL_VERSION, Reader, encode
 from remote_gpu_core.protocol import messages as m
 from servers import ServerProcess
 from test_leases import raw, receive
+from waiting import wait_for
 
 QUIET = {"on_output": lambda _: None}
 
@@ -52,12 +53,9 @@ class Queued:
 
 
 def queue_up(server: ServerProcess, token: str, user: str, order: list[str], **options: Any) -> Queued:
-    """Queue a request and give the server time to rank it before the next one."""
+    """Queue a request and wait until the server has ranked it (or granted it)."""
     queued = Queued(server, token, user, order, **options)
-    deadline = time.monotonic() + 10
-    while not queued.positions and not queued.granted.is_set():
-        assert time.monotonic() < deadline, f"{user} got no queue position"
-        time.sleep(0.05)
+    wait_for(lambda: queued.positions or queued.granted.is_set(), 10, f"a queue position for {user}", every=0.05)
     return queued
 
 
@@ -68,7 +66,7 @@ def test_a_high_request_is_served_before_an_earlier_low_one(fresh_server: Server
     order: list[str] = []
     low = queue_up(fresh_server, bob, "bob", order, priority="low")
     high = queue_up(fresh_server, carol, "carol", order, priority="high")
-    time.sleep(0.3)
+    wait_for(lambda: len(low.positions) > 1, 10, "bob's new place behind carol", every=0.05)
     assert low.positions == [1, 2] and high.positions == [1]
     holder.release()
     high.wait()
@@ -80,13 +78,13 @@ def test_a_user_who_just_used_the_slot_waits_behind_one_who_has_not(fresh_server
     fresh_server.start()
     alice, bob, carol = (fresh_server.token(u) for u in ("alice", "bob", "carol"))
     used = Client(fresh_server.url, alice).session()
-    time.sleep(1.0)
+    time.sleep(1.0)  # time passing is the point: alice's use of the slot, which fair share counts
     used.release()
     holder = Client(fresh_server.url, bob).session()
     order: list[str] = []
     again = queue_up(fresh_server, alice, "alice", order)  # queued first
     fresh = queue_up(fresh_server, carol, "carol", order)
-    time.sleep(0.3)
+    wait_for(lambda: len(again.positions) > 1, 10, "alice's new place behind carol", every=0.05)
     assert again.positions == [1, 2] and fresh.positions == [1]
     holder.release()
     fresh.wait()
@@ -129,7 +127,7 @@ def test_aging_puts_an_old_low_request_before_newer_normal_ones(fresh_server: Se
     holder = Client(fresh_server.url, alice).session()
     order: list[str] = []
     old = queue_up(fresh_server, bob, "bob", order, priority="low")
-    time.sleep(2.0)  # bob is overdue; carol will not be by the time the slot frees
+    time.sleep(2.0)  # time passing is the point: bob is overdue; carol will not be by the time the slot frees
     new = queue_up(fresh_server, carol, "carol", order)
     assert new.positions == [2]
     holder.release()
@@ -147,8 +145,7 @@ def test_a_two_slot_lease_is_not_overtaken_and_pins_both_slots(fresh_server: Ser
     order: list[str] = []
     big = queue_up(fresh_server, bob, "bob", order, gpus=2)
     small = queue_up(fresh_server, carol, "carol", order)  # cpu1 is free, but bob is first
-    time.sleep(1.0)
-    assert small.positions == [2] and not small.granted.is_set()
+    assert small.positions == [2] and not small.granted.is_set()  # ranked behind bob, not granted cpu1
     holder.release()
     pair = big.wait()
     assert pair.slots == ["cpu0", "cpu1"] and not small.granted.is_set()
@@ -168,7 +165,7 @@ def test_a_pool_with_its_own_idle_timeout_and_an_unknown_pool(fresh_server: Serv
     assert quick.slots == ["cpu0"] and steady.slots == ["cpu1"]
     with pytest.raises(LeaseError, match=r"no pool 'gpus'.*interactive"):
         Client(fresh_server.url, alice).session(pool="gpus")
-    time.sleep(3.5)
+    wait_for(lambda: quick.released, 30, "the release of the idle session in pool 'interactive'")
     assert quick.released is not None and "idle for more than 2 s" in quick.released
     assert "pool 'interactive'" in quick.released
     assert steady.released is None and steady.execute("1", **QUIET).ok
@@ -188,10 +185,7 @@ def test_a_client_that_leaves_the_queue_moves_the_others_up(fresh_server: Server
         assert receive(ws, reader) == m.QueuePosition(1, 1)
         behind = queue_up(fresh_server, carol, "carol", order)
         assert behind.positions == [2]
-    deadline = time.monotonic() + 10
-    while behind.positions != [2, 1]:
-        assert time.monotonic() < deadline, behind.positions
-        time.sleep(0.05)
+    wait_for(lambda: behind.positions == [2, 1], 10, "carol moving up to 1", every=0.05)
     holder.release()
     behind.wait()
     assert order == ["carol"]

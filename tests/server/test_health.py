@@ -18,6 +18,7 @@ from remote_gpu_kernel import Client
 from remote_gpu_server.app import GpuServer
 from remote_gpu_server.config import ServerConfig
 from stores import BlockingStore
+from waiting import async_wait_for
 
 
 @asynccontextmanager
@@ -58,7 +59,7 @@ def test_a_gpu_faulty_at_start_is_never_leased_until_it_recovers(store_location:
 
             waiter = threading.Thread(target=wait)
             waiter.start()
-            await asyncio.sleep(1.0)
+            await async_wait_for(lambda: positions or granted.is_set(), 30, "bob's place in the queue")
             assert positions == [1] and not granted.is_set()  # gpu1 is free but faulty
             gpu1.ecc_uncorrected = 0
             await server.readings.refresh()

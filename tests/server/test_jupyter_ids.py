@@ -44,9 +44,10 @@ def test_outputs_and_an_output_widget_carry_the_frontends_id(server: ServerProce
 
 def test_a_msg_id_already_in_flight_is_refused(server: ServerProcess, alice: str) -> None:
     async def body(session: AsyncSession) -> None:
-        cell = asyncio.ensure_future(session.execute("import time; time.sleep(1.5)", lambda _: None,
-                                                     parent={"msg_id": "same"}))
-        await asyncio.sleep(0.5)
+        running = asyncio.Event()
+        cell = asyncio.ensure_future(session.execute("import time; print('running', flush=True); time.sleep(1.5)",
+                                                     lambda _: running.set(), parent={"msg_id": "same"}))
+        await asyncio.wait_for(running.wait(), 30)
         with pytest.raises(ServerError, match="already running"):
             await session.shell_request("kernel_info_request", {}, parent={"msg_id": "same"})
         assert (await cell).ok

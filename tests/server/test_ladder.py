@@ -25,6 +25,7 @@ from remote_gpu_kernel.api import ApiClient
 from remote_gpu_core.protocol import messages as m
 from remote_gpu_kernel.sync import run
 from servers import ServerProcess
+from waiting import wait_for
 
 IGNORES_SIGINT = """\
 import os, signal, time
@@ -73,15 +74,18 @@ time.sleep(600)
 
 def _gone(pid: int, timeout: float = 10.0) -> bool:
     """The process ended (a zombie left to a parent that does not reap counts as ended)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.05)
-    return False
+    try:
+        wait_for(lambda: _ended(pid), timeout, f"the end of pid {pid}", every=0.05)
+    except AssertionError:
+        return False
+    return True
+
+
+def _ended(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def _pids(text: str) -> list[int]:

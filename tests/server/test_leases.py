@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import struct
 import threading
-import time
 
 import pytest
 from websockets.sync.client import connect
@@ -16,6 +15,7 @@ from remote_gpu_core.protocol import messages as m
 from postgres import BACKENDS
 from servers import ServerProcess
 from stores import BlockingStore
+from waiting import wait_for
 
 
 def raw(server: ServerProcess, token: str):  # type: ignore[no-untyped-def]
@@ -45,10 +45,10 @@ def test_queue_positions_then_lease_when_a_slot_frees(fresh_server: ServerProces
 
     tb = threading.Thread(target=wait, args=("bob", bob))
     tb.start()
-    time.sleep(1.0)
+    wait_for(lambda: positions["bob"], 30, "bob's place in the queue")
     tc = threading.Thread(target=wait, args=("carol", carol))
     tc.start()
-    time.sleep(1.0)
+    wait_for(lambda: positions["carol"], 30, "carol's place in the queue")
     assert positions == {"bob": [1], "carol": [2]}
     first.release()
     tb.join(30)
@@ -74,7 +74,7 @@ def test_idle_session_is_released_and_the_client_is_told(fresh_server: ServerPro
     token = fresh_server.token()
     s = Client(fresh_server.url, token).session()
     s.execute("x = 1", on_output=lambda _: None)
-    time.sleep(4)
+    wait_for(lambda: s.released, 30, "the idle session's release")
     assert s.released is not None and "idle" in s.released
     with pytest.raises(SessionReleased, match="idle"):
         s.execute("x")
@@ -97,7 +97,7 @@ def test_reconnect_within_grace_keeps_variables_and_later_is_released(fresh_serv
     assert again.resumed and again.id == s.id
     assert again.pull("kept") == {"kept": "yes"}
     again.close()
-    time.sleep(5)
+    fresh_server.wait_for_log(f"released session {s.id[:8]} of alice", 30)  # once the grace is over
     notices: list[str] = []
     third = client.session(resume=s.id, on_notice=notices.append)
     assert not third.resumed and third.id != s.id
@@ -155,12 +155,15 @@ def test_client_that_disconnects_mid_cell_loses_nothing(fresh_server: ServerProc
     token = fresh_server.token()
     client = Client(fresh_server.url, token)
     s = client.session()
-    ws_thread = threading.Timer(0.8, s.close)
-    ws_thread.start()
-    with pytest.raises(ConnectionLost):
+    printed = threading.Event()
+    closing = threading.Thread(target=lambda: printed.wait(30) and s.close())
+    closing.start()
+    with pytest.raises(ConnectionLost):  # the connection drops once the cell has printed its first line
         s.execute("import time\nfor i in range(3):\n    print(i, flush=True); time.sleep(0.5)\nfinished = True",
-                  on_output=lambda _: None)
-    time.sleep(2)
+                  on_output=lambda _: printed.set())
+    closing.join()
+    with BlockingStore(fresh_server.db) as store:  # the cell runs on without its client
+        wait_for(lambda: store.jobs(limit=1)[0].state == "completed", 30, "the cell's end")
     again = client.session(resume=s.id)
     assert again.pull("finished") == {"finished": True}
     with BlockingStore(fresh_server.db) as store:
@@ -179,7 +182,8 @@ def test_restart_marks_jobs_left_running_as_failed(fresh_server: ServerProcess) 
     threading.Thread(target=lambda: _swallow(lambda: s.execute("import time; time.sleep(60)",
                                                                on_output=lambda _: None)),
                      daemon=True).start()
-    time.sleep(1.5)
+    with BlockingStore(fresh_server.db) as store:
+        wait_for(lambda: [job.state for job in store.jobs(limit=1)] == ["running"], 30, "the cell's job")
     fresh_server.kill()  # no clean shutdown: the job stays 'running' in the store
     with BlockingStore(fresh_server.db) as store:
         assert [job.state for job in store.jobs(limit=1)] == ["running"]
@@ -232,10 +236,13 @@ def test_a_reconnected_client_can_replay_what_it_missed(fresh_server: ServerProc
     s = client.session()
     s.execute("print('seen')", on_output=lambda _: None)
     seen = s.last_seq
-    threading.Timer(0.5, s.close).start()
-    with pytest.raises(ConnectionLost):
+    printed = threading.Event()
+    closing = threading.Thread(target=lambda: printed.wait(30) and s.close())
+    closing.start()
+    with pytest.raises(ConnectionLost):  # the connection drops once the cell has printed its first line
         s.execute("import time\nfor i in range(4):\n    print('missed', i, flush=True); time.sleep(0.4)",
-                  on_output=lambda _: None)
+                  on_output=lambda _: printed.set())
+    closing.join()
     again = client.session(resume=s.id)
     # the cell is still running: the replay waits for it, and has it all
     texts = [o.content["text"] for o in again.replay(seen) if o.msg_type == "stream"]

@@ -22,7 +22,7 @@ from remote_gpu_core.protocol import dump_values, encode
 from remote_gpu_core.protocol import messages as m
 from raw_client import RawClient, half_frame_socket
 from servers import ServerProcess
-from waiting import wait_for
+from waiting import wait_for, wait_for_cpu
 
 
 def test_the_welcome_names_the_limits(fresh_server: ServerProcess) -> None:
@@ -147,7 +147,9 @@ def test_a_push_that_cannot_wait_in_connection_memory_is_refused_at_once(fresh_s
 def test_a_push_streams_with_backpressure_when_its_worker_is_slow(fresh_server: ServerProcess) -> None:
     # The worker takes the GIL and keeps it for a while: it reads nothing of
     # the push. The server must then stop reading the client once the push is
-    # --connection-memory ahead, not buffer the whole push in memory.
+    # --connection-memory ahead, not buffer the whole push in memory. The
+    # thread starts once the cell's reply had time to leave; a worker that
+    # holds its GIL can tell nobody, but its CPU time shows the thread spinning.
     fresh_server.args = ["--connection-memory", "32M"]
     fresh_server.start()
     assert fresh_server.proc is not None
@@ -163,8 +165,9 @@ def test_a_push_streams_with_backpressure_when_its_worker_is_slow(fresh_server: 
            "threading.Thread(target=hog, daemon=True).start()")
     size = 512 << 20
     with Client(fresh_server.url, fresh_server.token()).session() as session:
+        worker = int(session.execute("import os; print(os.getpid())", on_output=lambda _: None).stdout)
         assert session.execute(hog, on_output=lambda _: None).ok
-        time.sleep(0.8)
+        wait_for_cpu(worker, 0.1, "the thread that holds the worker's GIL to spin")
         before = server.memory_info().rss
         pushed = threading.Event()
         failed: list[BaseException] = []
@@ -179,6 +182,7 @@ def test_a_push_streams_with_backpressure_when_its_worker_is_slow(fresh_server: 
         pusher = threading.Thread(target=push)
         pusher.start()
         peak = before
+        # Time passing is the point: the server's memory over 4 s in which the worker reads nothing.
         deadline = time.monotonic() + 4
         while time.monotonic() < deadline:
             peak = max(peak, server.memory_info().rss)

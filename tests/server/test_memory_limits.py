@@ -6,13 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from remote_gpu_server.isolation.cgroups import Cgroups, WorkerCgroup, own_group
 from remote_gpu_server.isolation.memory_limits import MemoryControl, MemoryLimits, fair_share
+from waiting import wait_for
 
 
 def test_each_slot_gets_a_fair_share_of_the_host() -> None:
@@ -58,15 +58,18 @@ def test_the_own_cgroup_is_found_in_either_hierarchy_and_inside_containers(tmp_p
 
 def _dead(pid: int, timeout: float = 10) -> bool:
     """Whether ``pid`` is gone or a zombie waiting for init, within ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z"):
-                return True
-        except FileNotFoundError:
-            return True
-        time.sleep(0.05)
-    return False
+    try:
+        wait_for(lambda: _gone(pid), timeout, f"the end of pid {pid}", every=0.05)
+    except AssertionError:
+        return False
+    return True
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
+    except FileNotFoundError:
+        return True
 
 
 needs_v1 = pytest.mark.skipif(

@@ -15,7 +15,6 @@ import sys
 import tempfile
 import threading
 import urllib.request
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,12 @@ from waiting import wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
+
+def needs_root(why: str) -> pytest.MarkDecorator:
+    """Skip, saying ``why``, where this test does not run as root (a server that is not
+    root isolates its workers with bubblewrap: one uid for all, a pid namespace each)."""
+    return pytest.mark.skipif(os.geteuid() != 0, reason=f"{why}: run as root")
+
 WHERE = "import os; print(os.environ['RGPU_SLOTS'], os.environ['CUDA_VISIBLE_DEVICES'])"
 
 
@@ -40,6 +45,7 @@ def where(session: Any) -> tuple[str, str, str]:
     return slot.split("/")[0], slot, cuda
 
 
+@needs_root("a root head gives each user a uid of their own on every node")
 def test_four_leases_land_on_four_distinct_gpus_and_a_fifth_waits(ray_server: ServerProcess) -> None:
     tokens = [ray_server.token(user) for user in ("alice", "bob", "carol", "dave", "erin")]
     sessions = [Client(ray_server.url, token).session() for token in tokens[:4]]
@@ -57,9 +63,7 @@ def test_four_leases_land_on_four_distinct_gpus_and_a_fifth_waits(ray_server: Se
         waiter = threading.Thread(target=lambda: fifth.append(
             Client(ray_server.url, tokens[4]).session(on_queue=positions.append)))
         waiter.start()
-        deadline = time.monotonic() + 30
-        while not positions and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: positions, 30, "the fifth request's place in the queue", every=0.05)
         assert positions == [1] and not fifth  # it waits in our queue, not in Ray's
         freed = sessions.pop(2)
         freed_slot = freed.slots[0]
@@ -72,11 +76,11 @@ def test_four_leases_land_on_four_distinct_gpus_and_a_fifth_waits(ray_server: Se
         status = api.status()
         assert len({s["node"] for s in status["slots"]}) == 2  # every GPU with its node
         # Each node reads its own slots (no NVML here: its workers' processes) for the head.
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not all(
-                s["readings"]["processes"] for s in status["slots"]):
-            time.sleep(0.5)
+        def read_by_every_node() -> dict[str, Any] | None:
             status = api.status()
+            return status if all(s["readings"]["processes"] for s in status["slots"]) else None
+
+        status = wait_for(read_by_every_node, 30, "every node's readings of its workers' processes", every=0.5)
         assert all(s["readings"]["memory_used"] for s in status["slots"]), status["slots"]
         # rgpu status and /metrics show every GPU with its node, too.
         nodes = {s["node"] for s in status["slots"]}
@@ -114,10 +118,11 @@ def test_priorities_and_fair_share_hold_across_nodes(ray_server: ServerProcess) 
     held = [alice.session(), alice.session(), alice.session(), bob.session()]
     assert len({where(s)[0] for s in held}) == 2  # both nodes are in use
     granted: list[tuple[str, list[str]]] = []
+    queued: dict[str, list[int]] = {"alice": [], "carol": [], "dave": []}
     lock = threading.Lock()
 
     def wait(name: str, client: Client, priority: str) -> None:
-        session = client.session(priority=priority)
+        session = client.session(priority=priority, on_queue=queued[name].append)
         with lock:
             granted.append((name, session.slots))
         held.append(session)
@@ -125,9 +130,9 @@ def test_priorities_and_fair_share_hold_across_nodes(ray_server: ServerProcess) 
     threads = [threading.Thread(target=wait, args=args) for args in
                (("alice", alice, "normal"), ("carol", carol, "normal"), ("dave", dave, "high"))]
     try:
-        for thread in threads:
+        for thread, name in zip(threads, queued):  # queued in this order
             thread.start()
-            time.sleep(0.3)  # queued in this order
+            wait_for(lambda: queued[name], 30, f"{name}'s place in the queue", every=0.05)
         # Release one GPU on one node, then one on the other: the high request
         # first, then carol (she holds none) before alice (she holds three).
         first_node = where(held[0])[0]
@@ -136,9 +141,7 @@ def test_priorities_and_fair_share_hold_across_nodes(ray_server: ServerProcess) 
             before = len(granted)
             session.release()
             held.remove(session)
-            deadline = time.monotonic() + 60
-            while len(granted) == before and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_for(lambda: len(granted) > before, 60, "a grant for the released GPU", every=0.05)
         assert [name for name, _ in granted] == ["dave", "carol"]
     finally:
         for session in list(held):
@@ -149,6 +152,7 @@ def test_priorities_and_fair_share_hold_across_nodes(ray_server: ServerProcess) 
             session.release()
 
 
+@needs_root("the pids a worker prints are this machine's only where the head is root")
 def test_the_stop_ladder_runs_on_the_workers_node(ray_server: ServerProcess) -> None:
     """A cell on a node that ignores interrupts, with a child in a session of its own: the second
     interrupt replaces the worker there, and the child goes too (the nodes run on this machine)."""
@@ -188,10 +192,7 @@ def test_the_stop_ladder_runs_on_the_workers_node(ray_server: ServerProcess) -> 
 
         pids, error = run(scenario())
         assert "interrupted twice" in error
-        deadline = time.monotonic() + 20
-        while any(alive(p) for p in pids):
-            assert time.monotonic() < deadline, f"processes {pids} outlived the ladder on their node"
-            time.sleep(0.1)
+        wait_for(lambda: not any(alive(p) for p in pids), 20, f"the end of processes {pids} on their node")
         assert session.execute("print('fresh')", on_output=lambda _: None).stdout == "fresh\n"
 
 
@@ -231,6 +232,7 @@ print("with a guessed token:", guess.returncode, "AuthenticationError" in guess.
 """
 
 
+@needs_root("the fence checked here is a root head's: a uid per user, and the token file's mode")
 def test_a_cell_on_a_node_can_neither_use_the_cluster_nor_read_its_token(ray_server: ServerProcess,
                                                                           ray_cluster: Any) -> None:
     """Ray's token authentication is the cluster's fence: a cell that knows the GCS's
@@ -254,6 +256,7 @@ def test_a_cell_on_a_node_can_neither_use_the_cluster_nor_read_its_token(ray_ser
     assert {(n["mode"], n["used"]) for n in isolation["ray"]["nodes"]} == {("uids", True)}
 
 
+@needs_root("the node is started as another uid")
 def test_a_node_that_cannot_isolate_workers_is_left_out_and_the_status_says_why(
         ray_server: ServerProcess, ray_cluster: Any) -> None:
     """Its Ray runs as a uid that is not root, with no bubblewrap on its PATH: every user

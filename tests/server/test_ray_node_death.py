@@ -39,16 +39,18 @@ def test_a_node_that_dies_ends_its_sessions_clearly_and_the_rest_go_on(
         survivors = [s for s in sessions if nodes[s.id] != doomed_node]
         assert len(doomed) == 2 and len(survivors) == 2
         outcome: list[BaseException] = []
+        running = threading.Event()
 
         def long_cell() -> None:
             try:
-                doomed[0].execute("import time\ntime.sleep(120)", on_output=lambda _: None)
+                doomed[0].execute("import time\nprint('running', flush=True)\ntime.sleep(120)",
+                                  on_output=lambda _: running.set())
             except BaseException as exc:
                 outcome.append(exc)
 
         runner = threading.Thread(target=long_cell)
         runner.start()
-        time.sleep(1.0)
+        assert running.wait(60), "the long cell did not start"
         killed_at = time.monotonic()
         ray_cluster.remove_node(ray_cluster.node_of(doomed_node))
         runner.join(60)

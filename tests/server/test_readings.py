@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -13,7 +12,8 @@ import pytest
 from nvml_double import FakeGpu, FakeNvml
 from remote_gpu_core.ids import SlotId
 from remote_gpu_server.gpus.discovery import Slot
-from remote_gpu_server.gpus.readings import ProcessReading, Readings
+from remote_gpu_server.gpus.readings import ProcessReading, Readings, SlotReading
+from waiting import async_wait_for, wait_for
 
 GPU0 = Slot(SlotId("gpu0"), "gpu", 0, "NVIDIA H100", "GPU-aaaa")
 GPU1 = Slot(SlotId("gpu1"), "gpu", 1, "NVIDIA H100", "GPU-bbbb")
@@ -92,11 +92,13 @@ def test_health_changes_reach_the_callback_from_the_background_task() -> None:
         readings = Readings([GPU0], no_pids, nvml=nvml, period=0.05,
                             on_health=lambda *change: seen.append(change))
         readings.start()
-        await asyncio.sleep(0.3)
+        await async_wait_for(lambda: first.process_reads, 10, "the first reading")
         first.ecc_uncorrected = 1
-        await asyncio.sleep(0.3)
+        await async_wait_for(lambda: len(seen) == 1, 10, "the news that GPU0 is faulty")
         first.ecc_uncorrected = 0
-        await asyncio.sleep(0.3)
+        await async_wait_for(lambda: len(seen) == 2, 10, "the news that GPU0 recovered")
+        reads = first.process_reads
+        await async_wait_for(lambda: first.process_reads > reads + 2, 10, "more readings")  # and no more news
         await readings.close()
 
     asyncio.run(scenario())
@@ -126,14 +128,13 @@ def busy_tree() -> Iterator[subprocess.Popen[bytes]]:
 
 def test_cpu_slots_read_their_workers_process_trees(busy_tree: subprocess.Popen[bytes]) -> None:
     readings = Readings([CPU0], lambda slot: [busy_tree.pid], nvml=None)
-    deadline = time.monotonic() + 30
-    while True:
+
+    def busy() -> SlotReading | None:
         readings.read_now()
-        r = readings.latest(CPU0.id)
-        if (r.memory_used or 0) > 50_000_000 and (r.utilization or 0) > 20:
-            break
-        assert time.monotonic() < deadline, f"never saw the busy tree: {r}"
-        time.sleep(0.5)
+        reading = readings.latest(CPU0.id)
+        return reading if (reading.memory_used or 0) > 50_000_000 and (reading.utilization or 0) > 20 else None
+
+    r = wait_for(busy, 30, "the busy tree's memory and CPU in the slot's reading", every=0.5)
     assert r.processes[0].pid == busy_tree.pid and r.processes[0].memory == r.memory_used
     assert r.memory_total is not None and r.memory_total > r.memory_used
     assert r.healthy and r.temperature is None and r.power is None

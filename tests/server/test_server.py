@@ -15,8 +15,6 @@ from remote_gpu_kernel import Client, RemoteError, SerializationError, SessionRe
 from remote_gpu_core.protocol import messages as m
 from servers import ServerProcess
 
-torch = pytest.importorskip("torch")
-
 
 @pytest.fixture
 def session(server: ServerProcess, alice: str):  # type: ignore[no-untyped-def]
@@ -24,7 +22,7 @@ def session(server: ServerProcess, alice: str):  # type: ignore[no-untyped-def]
         yield s
 
 
-def test_variables_in_and_out(session) -> None:  # type: ignore[no-untyped-def]
+def test_variables_in_and_out(session, torch) -> None:  # type: ignore[no-untyped-def]
     class Counter:
         def __init__(self, n: int) -> None:
             self.n = n

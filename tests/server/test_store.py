@@ -20,6 +20,7 @@ from remote_gpu_server.store import (
 from remote_gpu_server.sessions.unrecorded import UnrecordedCell
 from remote_gpu_server.store.schema import _v1 as version_1_tables
 from stores import BlockingStore, execute_raw, is_postgres
+from waiting import async_wait_for
 
 #: The tables as the first released version wrote them: no schema_version, no quotas on tokens.
 OLD_SCHEMA = """
@@ -282,8 +283,8 @@ def test_store_calls_do_not_block_the_event_loop(store_location: str) -> None:
         with write_lock_held(store_location):
             ticker = asyncio.get_running_loop().create_task(tick())
             write = asyncio.get_running_loop().create_task(store.create_token("carol"))
-            await asyncio.sleep(0.5)
-            assert not write.done() and ticks >= 20  # the loop kept running while the write waited
+            await async_wait_for(lambda: ticks >= 20, 10, "20 ticks of the loop")
+            assert not write.done()  # the loop kept running while the write waited
         await asyncio.wait_for(write, 10)
         ticker.cancel()
         await store.close()

@@ -30,7 +30,7 @@ from remote_gpu_server.store import DatabaseUnavailable, Store
 from raw_client import RawClient
 from servers import ServerProcess
 from stores import BlockingStore, execute_raw
-from waiting import wait_for
+from waiting import async_wait_for, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -79,15 +79,9 @@ def test_a_transaction_cut_in_the_middle_leaves_nothing(url: str) -> None:
             locker.execute("LOCK TABLE batch_jobs IN ACCESS EXCLUSIVE MODE")
             submit = asyncio.get_running_loop().create_task(
                 store.create_batch_job("alice", "print(1)", "job", 1, "normal", "default", None, 0))
-            waiting = None
-            for _ in range(600):
-                waiting = admin.execute(
-                    "SELECT pid FROM pg_stat_activity WHERE query LIKE 'INSERT INTO batch_jobs%' "
-                    "AND wait_event_type = 'Lock'").fetchone()
-                if waiting:
-                    break
-                await asyncio.sleep(0.05)
-            assert waiting, "the store's insert never waited on the lock"
+            waiting = await async_wait_for(lambda: admin.execute(
+                "SELECT pid FROM pg_stat_activity WHERE query LIKE 'INSERT INTO batch_jobs%' "
+                "AND wait_event_type = 'Lock'").fetchone(), 30, "the store's insert to wait on the lock")
             admin.execute("SELECT pg_terminate_backend(%s)", waiting)
             with pytest.raises(DatabaseUnavailable):
                 await submit

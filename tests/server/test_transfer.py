@@ -8,6 +8,7 @@ import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -19,9 +20,9 @@ from remote_gpu_core.errors import ProtocolError
 from remote_gpu_core.protocol import PROTOCOL_VERSION, Reader, encode
 from remote_gpu_core.protocol import messages as m
 from remote_gpu_server.worker_process.transfer import RING_SLOTS, SLOT_SIZE, Filler, Ring, create_ring, pieces
+from raw_client import server_backlog
 from servers import ServerProcess
-
-torch = pytest.importorskip("torch")
+from waiting import wait_for, wait_for_cpu
 
 
 def test_filler_reassembles_pieces_across_buffers() -> None:
@@ -77,7 +78,7 @@ def test_ring_memory_cannot_be_shrunk_under_the_server() -> None:
         os.close(fd)
 
 
-def test_transfers_larger_than_the_ring_both_ways(server: ServerProcess, alice: str) -> None:
+def test_transfers_larger_than_the_ring_both_ways(server: ServerProcess, alice: str, torch: ModuleType) -> None:
     rng = np.random.default_rng(1)
     a = rng.random(5 * RING_SLOTS * SLOT_SIZE // 4 + 3, dtype=np.float32)  # five rings and a bit
     t = torch.from_numpy(rng.random(3 * SLOT_SIZE // 4, dtype=np.float32)).reshape(-1, 4)
@@ -95,7 +96,9 @@ def test_worker_that_dies_while_the_server_waits_for_the_ring(server: ServerProc
     # A thread in the worker takes the GIL and keeps it (no switch for 1000 s),
     # so the kernel cannot read the push: the server fills every slot and
     # waits for one back. Then the worker exits. The push must fail at once
-    # with the cause, not wait for a slot that never comes.
+    # with the cause, not wait for a slot that never comes. The thread starts
+    # once the cell's reply had time to leave; a worker that holds its GIL can
+    # tell nobody, but its CPU time shows the thread spinning.
     starve = ("import os, sys, threading, time\n"
               "def hog():\n"
               "    time.sleep(0.3)\n"
@@ -107,8 +110,9 @@ def test_worker_that_dies_while_the_server_waits_for_the_ring(server: ServerProc
               "threading.Thread(target=hog, daemon=True).start()")
     notices: list[str] = []
     with Client(server.url, alice).session(on_notice=notices.append) as s:
+        worker = int(s.execute("import os; print(os.getpid())", on_output=lambda _: None).stdout)
         assert s.execute(starve, on_output=lambda _: None).ok
-        time.sleep(0.8)
+        wait_for_cpu(worker, 0.1, "the thread that holds the worker's GIL to spin")
         started = time.monotonic()
         with pytest.raises(WorkerDied, match="exit code 3"):
             s.push(big=np.zeros(3 * RING_SLOTS * SLOT_SIZE, dtype=np.uint8))
@@ -146,7 +150,9 @@ def test_worker_killed_in_the_middle_of_a_pull(fresh_server: ServerProcess) -> N
                   on_output=lambda _: None)
     pid = first.pull("pid")["pid"]
     with pull_unread(fresh_server.url, token, first.id, "big") as ws:
-        time.sleep(0.5)  # the server blocks on this connection, the worker on the ring
+        # The server blocks on this connection (its unsent bytes back up), the worker on the ring.
+        wait_for(lambda: server_backlog(ws.socket) > 1 << 20, 30, "the pull's bytes to back up in the server",
+                 every=0.05)
         os.kill(pid, signal.SIGKILL)
         fresh_server.wait_for_log("died")
         started = time.monotonic()

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from types import ModuleType
 
 import numpy as np
 import pytest
 
 from remote_gpu_core.errors import ProtocolError, SerializationError
 from remote_gpu_core.protocol import dump_values, dumps, load_values, loads
-
-torch = pytest.importorskip("torch")
 
 
 def test_numpy_array_travels_out_of_band_without_a_copy() -> None:
@@ -23,7 +22,7 @@ def test_numpy_array_travels_out_of_band_without_a_copy() -> None:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "int64", "bool", "complex64"])
-def test_torch_tensors_go_out_of_band_and_keep_dtype_shape_and_grad(dtype: str) -> None:
+def test_torch_tensors_go_out_of_band_and_keep_dtype_shape_and_grad(dtype: str, torch: ModuleType) -> None:
     t = torch.ones((3, 5), dtype=getattr(torch, dtype))
     parts = dumps(t)
     assert len(parts) == 2 and len(parts[0]) < 1000
@@ -31,7 +30,7 @@ def test_torch_tensors_go_out_of_band_and_keep_dtype_shape_and_grad(dtype: str) 
     assert back.dtype == t.dtype and back.shape == t.shape and torch.equal(back, t)
 
 
-def test_non_contiguous_tensor_parameter_and_requires_grad() -> None:
+def test_non_contiguous_tensor_parameter_and_requires_grad(torch: ModuleType) -> None:
     t = torch.arange(12.0).reshape(3, 4).t()
     assert torch.equal(loads(dumps(t)), t)
     p = torch.nn.Parameter(torch.randn(4))

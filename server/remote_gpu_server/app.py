@@ -129,6 +129,9 @@ class GpuServer:
         self.scheduler = self.broker.scheduler
         self.pool = Pool(launcher, self.inventory, config.startup_timeout,
                          is_down=lambda slot: self.inventory.is_down(slot.node), term_grace=config.term_grace)
+        # Grants take slots whose worker is warm first; the pool says which are.
+        self.pool.on_readiness = self.broker.set_readiness
+        self.pool.on_take = self.metrics.worker_taken
         self._watch_xids()
         self.pool.start()
         self.readings = Readings(list(self.inventory), self.pool.worker_pids, nvml=self._nvml,

@@ -1,4 +1,5 @@
-"""Leases on a server of the test's own: queueing, idle release, reconnects, restarts."""
+"""Leases on a server of the test's own (or the shared one, where a test changes nothing): queueing,
+idle release, reconnects, restarts, which slot a lease takes."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ import pytest
 from websockets.sync.client import connect
 
 from remote_gpu_kernel import Client, ConnectionLost, SessionReleased
+from remote_gpu_kernel.api import ApiClient
 from remote_gpu_core.protocol import PROTOCOL_VERSION, Reader, encode
 from remote_gpu_core.protocol import messages as m
 from postgres import BACKENDS
 from servers import ServerProcess
 from stores import BlockingStore
 from waiting import wait_for
+from warm_workers import all_free_and_warm, worker_waits
 
 
 def raw(server: ServerProcess, token: str):  # type: ignore[no-untyped-def]
@@ -30,6 +33,27 @@ def receive(ws, reader: Reader | None = None, timeout: float = 10) -> m.Message:
         events = reader.events_received()
         if events:
             return events[0]
+
+
+def test_a_lease_takes_a_warm_slot_not_the_one_just_released(server: ServerProcess, alice: str) -> None:
+    # A kernel restart: its session is released and the next cell leases at
+    # once, while the released slot's fresh worker is still starting.
+    api = ApiClient(server.url, alice)
+    wait_for(lambda: all_free_and_warm(api), what="both slots free, each with a warm worker")
+    before = worker_waits(api)
+    client = Client(server.url, alice)
+    first = client.session()
+    released = first.slots
+    first.release()
+    second = client.session()
+    try:
+        assert second.slots != released and len(second.slots) == 1  # the other slot, warm
+        after = worker_waits(api)
+        # Both leases took a started worker: neither waited for one to start.
+        assert {found: after[found] - before[found] for found in after} == {"warm": 2, "starting": 0, "cold": 0}
+        assert second.execute("1+1", on_output=lambda _: None).ok
+    finally:
+        second.release()
 
 
 def test_queue_positions_then_lease_when_a_slot_frees(fresh_server: ServerProcess) -> None:

@@ -27,6 +27,7 @@ from servers import ServerProcess
 from test_isolation import run
 from unprivileged import launcher
 from waiting import wait_for
+from warm_workers import all_free_and_warm, worker_waits
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -150,6 +151,27 @@ def test_priorities_and_fair_share_hold_across_nodes(ray_server: ServerProcess) 
             thread.join(60)
         for session in list(held):
             session.release()
+
+
+def test_a_lease_takes_a_warm_worker_not_the_one_just_released(ray_server: ServerProcess) -> None:
+    # A Ray actor takes seconds to start: a lease soon after a release must
+    # not wait for the released slot's while another slot's worker is warm.
+    token = ray_server.token("frank")
+    api = ApiClient(ray_server.url, token)
+    wait_for(lambda: all_free_and_warm(api), timeout=180, what="every slot free, each with a warm worker")
+    before = worker_waits(api)
+    client = Client(ray_server.url, token)
+    first = client.session()
+    released = first.slots
+    first.release()
+    second = client.session()
+    try:
+        assert second.slots != released
+        after = worker_waits(api)
+        assert {found: after[found] - before[found] for found in after} == {"warm": 2, "starting": 0, "cold": 0}
+        assert where(second)[1] == second.slots[0]
+    finally:
+        second.release()
 
 
 @needs_root("the pids a worker prints are this machine's only where the head is root")

@@ -12,7 +12,7 @@ import remote_gpu_server.scheduling.scheduler as scheduler_module
 from remote_gpu_core.errors import LeaseError
 from remote_gpu_core.ids import SlotId
 from remote_gpu_server.scheduling.scheduler import (
-    Grant, LeaseRequestEntry, PoolConfig, Quota, QuotaExceeded, Scheduler, SchedulerConfig
+    Grant, LeaseRequestEntry, PoolConfig, Quota, QuotaExceeded, Readiness, Scheduler, SchedulerConfig
 )
 
 
@@ -531,3 +531,99 @@ def test_a_lease_spans_one_node() -> None:
                                                            ("dave", ("a/gpu1",))]
     with pytest.raises(ValueError, match="at most 2 slot.*on one node"):
         scheduler.submit(req("frank", gpus=3))
+
+
+# -- which free slot a grant takes: warm workers first ---------------------
+
+def test_a_lease_takes_a_warm_free_slot_over_a_cold_one_of_its_pool() -> None:
+    sched, _ = make(3)
+    gpu0, gpu1, gpu2 = slots(3)
+    sched.set_readiness(gpu0, Readiness.STARTING)  # the slot a session just released
+    sched.set_readiness(gpu1, Readiness.COLD)
+    sched.set_readiness(gpu2, Readiness.WARM)
+    alice = req("alice")
+    assert sched.submit(alice) == [Grant(alice, (gpu2,))]
+
+
+def test_with_no_warm_slot_a_lease_takes_the_one_whose_worker_started_first() -> None:
+    sched, clock = make(3)
+    gpu0, gpu1, gpu2 = slots(3)
+    sched.set_readiness(gpu0, Readiness.COLD)
+    sched.set_readiness(gpu2, Readiness.STARTING)
+    clock.now += 1
+    sched.set_readiness(gpu1, Readiness.STARTING)
+    first, second, third = req("a"), req("b"), req("c")
+    assert sched.submit(first)[0].slots == (gpu2,)  # it will be warm soonest
+    assert sched.submit(second)[0].slots == (gpu1,)
+    assert sched.submit(third)[0].slots == (gpu0,)  # no worker at all: a full start
+
+
+def test_warm_slots_go_in_the_pools_order() -> None:
+    sched, _ = make(3)
+    for slot in slots(3):
+        sched.set_readiness(slot, Readiness.WARM)
+    assert [sched.submit(req(u))[0].slots for u in "abc"] == [(s,) for s in slots(3)]
+
+
+def test_warmth_changes_which_slot_a_grant_takes_never_who_is_granted() -> None:
+    sched, _ = make(2, max_wait=math.inf)
+    gpu0, gpu1 = slots(2)
+    sched.submit(req("holder"))  # gpu0
+    sched.submit(req("holder"))  # gpu1
+    low, normal, high = req("l", priority="low"), req("n"), req("h", priority="high")
+    for request in (low, normal, high):
+        assert sched.submit(request) == []
+    before = sched.positions()
+    sched.set_readiness(gpu1, Readiness.WARM)  # no grant, no new ranks
+    assert sched.positions() == before
+    sched.set_readiness(gpu0, Readiness.STARTING)
+    assert sched.release([gpu0]) == [Grant(high, (gpu0,))]
+    sched.set_readiness(gpu0, Readiness.STARTING)
+    assert sched.release([gpu0]) == [Grant(normal, (gpu0,))]
+    assert sched.positions() == {low.key: 1}
+
+
+def test_a_warm_slot_of_another_pool_is_not_taken() -> None:
+    gpu0, gpu1 = slots(2)
+    sched = Scheduler([gpu0, gpu1], SchedulerConfig(pools=(PoolConfig("big", (gpu1,)),)))
+    sched.set_readiness(gpu0, Readiness.STARTING)
+    sched.set_readiness(gpu1, Readiness.WARM)
+    alice = req("alice")
+    assert sched.submit(alice) == [Grant(alice, (gpu0,))]
+
+
+def test_a_several_slot_lease_takes_the_node_where_it_discards_fewest_warm_workers() -> None:
+    # Such a lease starts a worker of its own on all its slots: warm workers
+    # there are thrown away, and are better left to one-slot leases.
+    nodes = {SlotId("a/gpu0"): "a", SlotId("a/gpu1"): "a", SlotId("b/gpu0"): "b", SlotId("b/gpu1"): "b"}
+    sched = Scheduler(list(nodes), nodes=nodes)
+    sched.set_readiness(SlotId("a/gpu0"), Readiness.WARM)
+    sched.set_readiness(SlotId("a/gpu1"), Readiness.WARM)
+    sched.set_readiness(SlotId("b/gpu1"), Readiness.STARTING)
+    pair = req("alice", gpus=2)
+    assert sched.submit(pair) == [Grant(pair, (SlotId("b/gpu0"), SlotId("b/gpu1")))]
+    # The only node left with two free slots is all warm: granted there all the same.
+    other = req("bob", gpus=2)
+    assert sched.submit(other) == [Grant(other, (SlotId("a/gpu0"), SlotId("a/gpu1")))]
+
+
+def test_on_its_node_a_several_slot_lease_takes_the_coldest_slots() -> None:
+    sched, clock = make(4)
+    gpu0, gpu1, gpu2, gpu3 = slots(4)
+    sched.set_readiness(gpu0, Readiness.WARM)
+    sched.set_readiness(gpu1, Readiness.STARTING)
+    clock.now += 1
+    sched.set_readiness(gpu2, Readiness.STARTING)  # warm later than gpu1
+    sched.set_readiness(gpu3, Readiness.COLD)
+    pair = req("alice", gpus=2)
+    assert sched.submit(pair) == [Grant(pair, (gpu2, gpu3))]
+
+
+def test_readiness_may_come_before_its_slot_joins() -> None:
+    # A node's slots reach the warm pool before the scheduler hears of them.
+    sched, _ = make(1)
+    sched.set_readiness(SlotId("gpu0"), Readiness.STARTING)
+    sched.set_readiness(SlotId("node2/gpu0"), Readiness.WARM)
+    sched.add_slots([SlotId("node2/gpu0")])
+    alice = req("alice")
+    assert sched.submit(alice) == [Grant(alice, (SlotId("node2/gpu0"),))]

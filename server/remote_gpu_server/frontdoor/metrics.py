@@ -12,6 +12,8 @@ Metrics::
     rgpu_queue_length{pool,priority}            requests waiting for a lease
     rgpu_lease_wait_seconds{pool,priority,kind} histogram of waits to a grant
     rgpu_leases_granted_total{pool,kind}        leases granted since start
+    rgpu_lease_worker_wait_seconds{found}       histogram of a lease's wait for its worker, by what
+                                                it found: warm, starting, cold (none; one was started)
     rgpu_leases_active{pool,kind}               leases in force
     rgpu_slots_free{pool}                       slots nobody holds
     rgpu_jobs{kind,state}                       jobs in the store by state
@@ -34,13 +36,15 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ..scheduling.scheduler import Grant
+from ..scheduling.scheduler import Grant, Readiness
 from .status import ServerView
 
 __all__ = ["Metrics"]
 
 #: Lease waits, from instant to a working day.
 WAIT_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 8 * 3600, float("inf"))
+#: Waits for a worker: nothing for a warm one, seconds to minutes for a start.
+WORKER_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, float("inf"))
 
 
 class Metrics:
@@ -60,6 +64,14 @@ class Metrics:
             "rgpu_leases_granted", "Leases granted since the server started.",
             ["pool", "kind"], registry=self.registry,
         )
+        self.worker_wait_seconds = Histogram(
+            "rgpu_lease_worker_wait_seconds",
+            "Seconds a new lease waited for its worker, by what it found on its slots: warm (a "
+            "started worker), starting (one still starting) or cold (none: one was started for it).",
+            ["found"], buckets=WORKER_BUCKETS, registry=self.registry,
+        )
+        for found in Readiness:  # every series from the start, so that a rate of the cold ones exists
+            self.worker_wait_seconds.labels(found.value)
         self._collector = _ServerCollector()
         self.registry.register(self._collector)
 
@@ -72,6 +84,10 @@ class Metrics:
         waited = max(0.0, time.time() - request.submitted)
         self.wait_seconds.labels(request.pool, request.priority, kind).observe(waited)
         self.leases_granted.labels(request.pool, kind).inc()
+
+    def worker_taken(self, found: Readiness, waited: float) -> None:
+        """A new lease has its worker: it found ``found`` and waited ``waited`` seconds for it."""
+        self.worker_wait_seconds.labels(found.value).observe(waited)
 
     async def render(self) -> bytes:
         """The scrape's text; the job counts are read from the store first."""

@@ -22,7 +22,7 @@ from typing import Protocol
 
 from remote_gpu_core.ids import SlotId
 
-from .scheduler import Grant, LeaseRequestEntry, PoolConfig, Quota, Scheduler, SchedulerConfig
+from .scheduler import Grant, LeaseRequestEntry, PoolConfig, Quota, Readiness, Scheduler, SchedulerConfig
 from ..store import TokenInfo
 
 __all__ = ["LeaseBroker", "PositionListener", "POSITIONS_EVERY_EVENT"]
@@ -145,6 +145,11 @@ class LeaseBroker:
         # Positions may move either way: a request too big for the healthy
         # slots stops holding up its pool.
         self._apply(self.scheduler.set_healthy(slot, not problems))
+
+    def set_readiness(self, slot: SlotId, readiness: Readiness) -> None:
+        """What ``slot``'s worker is doing (the warm pool tells): later grants take
+        warm slots first (see :meth:`.Scheduler.set_readiness`); nobody is granted now."""
+        self.scheduler.set_readiness(slot, readiness)
 
     def add_slots(self, slots: Sequence[SlotId], pool: str, node: str = "") -> None:
         """Slots of ``node`` that joined go into ``pool``; waiting requests may be granted."""

@@ -1,5 +1,6 @@
 """What the scheduler is asked and how it is configured: lease requests,
-grants, quotas, pools and the ranking settings.
+grants, quotas, pools and the ranking settings, and what it is told of
+each slot's worker (:class:`Readiness`).
 
 Frozen dataclasses with no behaviour beyond validation; the decisions are
 in :mod:`.scheduler`, which re-exports every name here.
@@ -8,6 +9,7 @@ in :mod:`.scheduler`, which re-exports every name here.
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Mapping
 
 from remote_gpu_core.ids import SlotId
@@ -15,12 +17,25 @@ from remote_gpu_core.ids import SlotId
 from ..errors import QuotaExceeded
 
 __all__ = ["DEFAULT_POOL", "PRIORITIES", "Grant", "Holding", "LeaseRequestEntry", "PoolConfig",
-           "Quota", "QuotaExceeded", "SchedulerConfig"]
+           "Quota", "QuotaExceeded", "Readiness", "SchedulerConfig"]
 
 #: Priorities from highest to lowest.
 PRIORITIES: tuple[str, ...] = ("high", "normal", "low")
 #: The pool of every slot that no configured pool names.
 DEFAULT_POOL = "default"
+
+
+class Readiness(enum.Enum):
+    """What a slot's worker is doing, as the warm pool tells the scheduler:
+    how long a lease of the slot would wait for its worker."""
+
+    #: A started worker waits on it: a lease takes it at once.
+    WARM = "warm"
+    #: Its worker is being started: a lease waits for the rest of the start.
+    STARTING = "starting"
+    #: No worker: a lease waits for a whole start (a failed start, a slot
+    #: just taken, or one nothing was said of).
+    COLD = "cold"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,8 +2,9 @@
 
 No decisions about time or grants here (those are in :mod:`.scheduler`):
 :class:`PoolQueues` keeps one FIFO per (priority, user) and a heap per
-priority ordered by fair share, and answers which request ranks first;
-:func:`check_quotas` refuses a request over a quota.
+priority ordered by fair share, answers which request ranks first and
+which free slots a grant takes; :func:`check_quotas` refuses a request
+over a quota.
 """
 
 from __future__ import annotations
@@ -15,11 +16,17 @@ from collections.abc import Container, Mapping
 
 from remote_gpu_core.ids import SlotId
 
-from .leases import PRIORITIES, LeaseRequestEntry, PoolConfig, Quota, QuotaExceeded
+from .leases import PRIORITIES, LeaseRequestEntry, PoolConfig, Quota, QuotaExceeded, Readiness
 
-__all__ = ["Counts", "Lease", "PoolQueues", "RANK", "User", "Waiting", "check_quotas"]
+__all__ = ["Counts", "Lease", "PoolQueues", "RANK", "Ready", "User", "Waiting", "check_quotas"]
 
 RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
+
+#: A slot's readiness and since when (the scheduler's clock).
+Ready = tuple[Readiness, float]
+#: How soon each kind of slot has a worker, soonest first.
+_SOONEST = {Readiness.WARM: 0, Readiness.STARTING: 1, Readiness.COLD: 2}
+_UNKNOWN: Ready = (Readiness.COLD, 0.0)
 
 
 class Waiting:
@@ -75,9 +82,11 @@ class PoolQueues:
     order they started to age.
     """
 
-    def __init__(self, config: PoolConfig, node_of: Mapping[SlotId, str]) -> None:
+    def __init__(self, config: PoolConfig, node_of: Mapping[SlotId, str],
+                 readiness: Mapping[SlotId, Ready] | None = None) -> None:
         self.config = config
         self.node_of = node_of  # the scheduler's, shared
+        self.readiness: Mapping[SlotId, Ready] = readiness if readiness is not None else {}  # shared too
         self.order = {slot: i for i, slot in enumerate(config.slots)}
         self.free: list[SlotId] = list(config.slots)
         self.heads: OrderedDict[int, Waiting] = OrderedDict()  # by aging_since
@@ -109,18 +118,54 @@ class PoolQueues:
         return max((len([s for s in slots if s not in leaving_out]) for slots in self.nodes().values()),
                    default=0)
 
+    def soonest(self, slot: SlotId) -> tuple[int, float]:
+        """Sorts slots by how soon a lease would have their worker: warm first,
+        then those whose worker began to start earliest, then those with none."""
+        readiness, since = self.readiness.get(slot, _UNKNOWN)
+        return _SOONEST[readiness], since if readiness is Readiness.STARTING else 0.0
+
     def take(self, n: int) -> list[SlotId] | None:
-        """Take ``n`` free slots, all on one node (the first such node in the pool's
-        order); None, taking nothing, where no node has ``n`` free."""
+        """Take ``n`` free slots, all on one node, in the pool's order; None,
+        taking nothing, where no node has ``n`` free.
+
+        One slot: the one whose worker is ready soonest (:meth:`soonest`),
+        the first in the pool's order among equals. Several: such a lease
+        starts a worker of its own on all of them and the slots' own workers
+        are thrown away, so it takes those ready last, on the node where
+        that throws away fewest warm workers, then fewest starting ones, then
+        whose ``n``-th free slot comes first in the pool's order (with no
+        readiness known, the order alone decides, as for one slot).
+        """
+        if n == 1:
+            if not self.free:
+                return None
+            slot = min(self.free, key=lambda s: (self.soonest(s), self.order[s]))
+            self.free.remove(slot)
+            return [slot]
         by_node: dict[str, list[SlotId]] = {}
-        for slot in self.free:
+        nth: dict[str, int] = {}  # where each node's n-th free slot is in the pool's order
+        for index, slot in enumerate(self.free):
             group = by_node.setdefault(self.node_of.get(slot, ""), [])
             group.append(slot)
             if len(group) == n:
-                taken = set(group)
-                self.free[:] = [s for s in self.free if s not in taken]
-                return group
-        return None
+                nth[self.node_of.get(slot, "")] = index
+
+        def colder(slot: SlotId) -> tuple[int, float, int]:
+            rank, since = self.soonest(slot)
+            return -rank, -since, self.order[slot]
+
+        best: tuple[tuple[int, int, int], list[SlotId]] | None = None
+        for node, index in nth.items():
+            chosen = sorted(by_node[node], key=colder)[:n]
+            ranks = [self.soonest(slot)[0] for slot in chosen]
+            cost = (ranks.count(_SOONEST[Readiness.WARM]), ranks.count(_SOONEST[Readiness.STARTING]), index)
+            if best is None or cost < best[0]:
+                best = (cost, chosen)
+        if best is None:
+            return None
+        taken = set(best[1])
+        self.free[:] = [s for s in self.free if s not in taken]
+        return sorted(taken, key=self.order.__getitem__)
 
     def push(self, rank: int, user: User) -> None:
         """Make ``user``'s heap entry at ``rank`` current."""

@@ -18,6 +18,9 @@ Calling contract (what :class:`~remote_gpu_server.scheduling.broker.LeaseBroker`
 * :meth:`Scheduler.set_healthy` when a slot's health changes (GPU readings):
   an unhealthy slot is never granted; a lease holding it keeps it until
   released, and it is free again only once it is healthy.
+* :meth:`Scheduler.set_readiness` when a slot's worker changes (the warm
+  pool says: warm, starting, none): it picks which free slots a grant
+  takes, never whether or to whom, so it returns no grants.
 * :meth:`Scheduler.positions` after each call, to tell clients their place.
 
 The server builds ``Scheduler([s.id for s in slots], SchedulerConfig(...))``,
@@ -59,6 +62,17 @@ meanwhile: the best-ranked request that could be granted blocks the pool
 instead. It keeps its rank and position, and goes first once it fits.
 
 Positions are per pool: position 1 is the request its pool would serve next.
+
+Which free slots a grant takes (the ranking above decides who, this only
+where): a lease of one slot takes a free slot of its pool whose worker is
+warm, where there is one, so that it waits for no worker to start; with
+none, the slot whose worker began to start first (the one likely warm
+soonest; starts take about as long as each other), and a slot with no
+worker last. A lease of several slots starts a worker of its own on all
+of them, so it takes the slots ready last, where that discards fewest
+warm workers (see :meth:`.queues.PoolQueues.take`). The scheduler learns
+this from :meth:`Scheduler.set_readiness`, an input like health: it never
+asks anyone.
 """
 
 from __future__ import annotations
@@ -74,12 +88,12 @@ from remote_gpu_core.ids import SlotId
 
 from .leases import (
     DEFAULT_POOL, PRIORITIES, Grant, Holding, LeaseRequestEntry, PoolConfig, Quota, QuotaExceeded,
-    SchedulerConfig
+    Readiness, SchedulerConfig
 )
-from .queues import RANK, Lease, PoolQueues, User, Waiting, check_quotas
+from .queues import RANK, Lease, PoolQueues, Ready, User, Waiting, check_quotas
 
 __all__ = ["DEFAULT_POOL", "PRIORITIES", "Grant", "Holding", "LeaseRequestEntry",
-           "PoolConfig", "Quota", "QuotaExceeded", "Scheduler", "SchedulerConfig"]
+           "PoolConfig", "Quota", "QuotaExceeded", "Readiness", "Scheduler", "SchedulerConfig"]
 
 #: Usage is kept inflated by 2**((t - epoch) / half_life); re-based after this
 #: many half-lives, long before a float could overflow (2**1024).
@@ -99,6 +113,8 @@ class Scheduler:
         self.config = config if config is not None else SchedulerConfig()
         # The node of each slot: a lease's slots are all on one node.
         self._node_of: dict[SlotId, str] = dict(nodes or {})
+        # What each slot's worker is doing, and since when (see set_readiness).
+        self._readiness: dict[SlotId, Ready] = {}
         self._clock = clock
         self._epoch = self._settled = clock()
         all_slots = list(slots)
@@ -120,7 +136,7 @@ class Scheduler:
                 pools.append(PoolConfig(DEFAULT_POOL, rest))
             else:
                 pools[pools.index(default)] = dataclasses.replace(default, slots=default.slots + rest)
-        self._pools = {config.name: PoolQueues(config, self._node_of) for config in pools}
+        self._pools = {config.name: PoolQueues(config, self._node_of, self._readiness) for config in pools}
         self._pool_of = {slot: pool for pool in self._pools.values() for slot in pool.config.slots}
         self._all = all_slots
         self._users: dict[str, User] = {}
@@ -292,6 +308,18 @@ class Scheduler:
             pool.free.sort(key=pool.order.__getitem__)
         return self._grant(pool, now)
 
+    def set_readiness(self, slot: SlotId, readiness: Readiness) -> None:
+        """What ``slot``'s worker is doing from now on (the warm pool tells).
+
+        It decides which free slots later grants take (see the module
+        docstring), never whether a request is granted or which one, so
+        nothing is granted here. A slot nothing was said of counts as
+        :attr:`Readiness.COLD`. A slot not known yet is remembered for when
+        it joins (:meth:`add_slots`): a node's slots reach the warm pool
+        first.
+        """
+        self._readiness[slot] = (readiness, self._clock())
+
     def tick(self) -> list[Grant]:
         """Re-rank with the current time; returns grants that waiting made possible."""
         now = self._advance()
@@ -311,7 +339,7 @@ class Scheduler:
                 raise ValueError(f"slot {slot} is already known")
         target = self._pools.get(pool)
         if target is None:
-            target = self._pools[pool] = PoolQueues(PoolConfig(pool, ()), self._node_of)
+            target = self._pools[pool] = PoolQueues(PoolConfig(pool, ()), self._node_of, self._readiness)
         now = self._advance()
         for slot in slots:
             self._node_of[slot] = node

@@ -12,12 +12,21 @@ SIGTERM and SIGKILL, see :mod:`.ladder`). After a leased worker's kill,
 ``drain`` (see :mod:`.drain`) waits until none of its processes holds its
 slots before they go back; a slot still held is draining, and gets its
 warm worker only once it is free (the server calls :meth:`Pool.add`).
+
+The pool tells ``on_readiness`` (the scheduler's, see
+:meth:`.Scheduler.set_readiness`) what each slot's worker is doing as it
+changes: starting when it begins to warm one, warm once it has started,
+cold when its start failed or a lease took it, so that a grant takes a
+slot whose worker is warm where there is one. It tells ``on_take`` what
+each lease found on its slots and how long it waited for its worker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 
 from remote_gpu_core.ids import SlotId
@@ -25,14 +34,19 @@ from remote_gpu_core.ids import SlotId
 from ..processes import ladder
 from ..gpus.discovery import Slot
 from ..isolation.tenant import Tenant
+from ..scheduling.leases import Readiness
 from .launcher import WorkerLauncher
 from .worker import GpuErrors, Worker
 
-__all__ = ["DrainCheck", "Pool"]
+__all__ = ["DrainCheck", "Pool", "ReadinessListener", "TakeListener"]
 
 #: Waits until none of some pids holds the slots; returns the slots still
 #: held, now draining (see :meth:`.drain.Drainer.settle`; ``check``: read the GPUs again).
 DrainCheck = Callable[[list[SlotId], frozenset[int], bool], Awaitable[frozenset[SlotId]]]
+#: Told what a slot's worker is doing now; must not block.
+ReadinessListener = Callable[[SlotId, Readiness], None]
+#: Told, for each lease, what it found on its slots and the seconds it waited for its worker.
+TakeListener = Callable[[Readiness, float], None]
 
 log = logging.getLogger("remote_gpu_server")
 
@@ -48,6 +62,9 @@ class Pool:
         self.drain: DrainCheck | None = None
         #: What a worker's GPUs reported while it ran, for its cause of death (see :mod:`.xid`).
         self.gpu_errors: GpuErrors | None = None
+        #: Set by the server before :meth:`start` (see the module docstring).
+        self.on_readiness: ReadinessListener | None = None
+        self.on_take: TakeListener | None = None
         self._is_down = is_down  # a slot whose node is away gets no warm worker
         self.slots = {s.id: s for s in slots}
         self.startup_timeout = startup_timeout
@@ -72,6 +89,43 @@ class Pool:
             return
         task = asyncio.get_running_loop().create_task(self._start([self.slots[slot_id]]))
         self._warm[slot_id] = task
+        self._tell(slot_id, Readiness.STARTING)
+        task.add_done_callback(functools.partial(self._warmed, slot_id))
+
+    def _warmed(self, slot_id: SlotId, task: asyncio.Task[Worker]) -> None:
+        """``slot_id``'s warm worker started, or failed to."""
+        if self._warm.get(slot_id) is not task:
+            return  # a lease took it, or another replaced it: they said what the slot is now
+        if task.cancelled():
+            return  # the pool is closing
+        error = task.exception()
+        if error is None and task.result().alive:
+            self._tell(slot_id, Readiness.WARM)
+            return
+        log.warning("slot %s: its warm worker failed to start (%s); a lease of it starts one",
+                    slot_id, error or "it died at once")
+        self._tell(slot_id, Readiness.COLD)
+
+    def _tell(self, slot_id: SlotId, readiness: Readiness) -> None:
+        if self.on_readiness is not None:
+            self.on_readiness(slot_id, readiness)
+
+    def _took(self, slot_ids: list[SlotId], found: Readiness, started: float) -> None:
+        """A lease of ``slot_ids`` has its worker: say what it found and how long it waited."""
+        waited = time.monotonic() - started
+        if found is Readiness.STARTING:
+            log.info("lease of %s: its worker was still starting; waited %.2f s for it", slot_ids[0], waited)
+        elif found is Readiness.COLD:
+            log.info("lease of %s: no worker was there; waited %.2f s for one to start",
+                     ",".join(slot_ids), waited)
+        if self.on_take is not None:
+            self.on_take(found, waited)
+
+    def _taken(self, slot_id: SlotId) -> asyncio.Task[Worker] | None:
+        """The slot's warm worker (maybe still starting), now a lease's: the slot has none."""
+        task = self._warm.pop(slot_id, None)
+        self._tell(slot_id, Readiness.COLD)
+        return task
 
     async def _start(self, slots: list[Slot], tenant: Tenant | None = None) -> Worker:
         worker = await Worker.start(self.launcher, slots, self.startup_timeout, tenant,
@@ -145,39 +199,50 @@ class Pool:
         (a parked session resuming; ``user`` is then its user)."""
         if tenant is not None:
             return await self._take_for(slot_ids, tenant)
+        started = time.monotonic()
         if len(slot_ids) == 1:
             slot_id = slot_ids[0]
-            task = self._warm.pop(slot_id, None)
+            task = self._taken(slot_id)
             if task is not None:
+                found = Readiness.WARM if task.done() else Readiness.STARTING
                 try:
                     worker = await task
                     if worker.alive:
+                        self._took(slot_ids, found, started)
                         return await self._enter(worker, user)
                     await worker.kill()
                 except Exception:
                     log.exception("warm worker for %s failed to start; starting another", slot_id)
-            return await self._enter(await self._start([self.slots[slot_id]]), user)
+            fresh = await self._start([self.slots[slot_id]])
+            self._took(slot_ids, Readiness.COLD, started)
+            return await self._enter(fresh, user)
         for slot_id in slot_ids:
-            task = self._warm.pop(slot_id, None)
+            task = self._taken(slot_id)
             if task is not None:
                 asyncio.get_running_loop().create_task(self._discard(task))
-        return await self._enter(await self._start([self.slots[s] for s in slot_ids]), user)
+        fresh = await self._start([self.slots[s] for s in slot_ids])
+        self._took(slot_ids, Readiness.COLD, started)
+        return await self._enter(fresh, user)
 
     async def _take_for(self, slot_ids: list[SlotId], tenant: Tenant) -> Worker:
         """A worker for ``tenant``'s lease: the slot's warm one where it can take
         the folder on, else a fresh one started for it."""
+        started = time.monotonic()
         for slot_id in slot_ids:
-            task = self._warm.pop(slot_id, None)
+            task = self._taken(slot_id)
             if task is None:
                 continue
+            found = Readiness.WARM if task.done() else Readiness.STARTING
             worker = await self._settled(task)
             adopt = getattr(worker.process, "adopt", None) if worker is not None else None
             if worker is not None and len(slot_ids) == 1 and worker.alive and adopt is not None \
                     and adopt(tenant):
+                self._took(slot_ids, found, started)
                 return await self._enter(worker, tenant.user, new_lease=False)
             if worker is not None:
                 await worker.kill()
         fresh = await self._start([self.slots[s] for s in slot_ids], tenant)
+        self._took(slot_ids, Readiness.COLD, started)
         return await self._enter(fresh, tenant.user, new_lease=False)
 
     async def _settled(self, task: asyncio.Task[Worker]) -> Worker | None:

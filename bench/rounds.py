@@ -17,7 +17,7 @@ import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-__all__ = ["Op", "Spread", "consecutive", "interleaved", "percentile", "timed"]
+__all__ = ["Measure", "Op", "Spread", "consecutive", "interleaved", "percentile", "timed"]
 
 #: Something to time; what it returns is dropped.
 Op = Callable[[], object]
@@ -66,13 +66,20 @@ def timed(op: Op) -> float:
     return time.perf_counter() - started
 
 
+#: How :func:`interleaved` runs one op of a kind and side: its seconds.
+Measure = Callable[[str, str, Op], float]
+
+
 def interleaved(kinds: Mapping[str, Mapping[str, Op]], rounds: int,
-                warmup: int = 3) -> dict[str, dict[str, Spread]]:
+                warmup: int = 3, measure: Measure | None = None) -> dict[str, dict[str, Spread]]:
     """``{kind: {side: Spread}}``: in every round each kind in order, and in
     each kind every side once, the sides' order rotating from round to round.
 
     Kinds run in the order given, so a kind may depend on the one before it
     (a pull after its push); sides must not depend on each other.
+    ``measure(kind, side, op)`` runs and times each op (by default
+    :func:`timed`): one that does more around an op (prepares it, counts
+    what it sent) returns the seconds of the op alone.
     """
     times: dict[str, dict[str, list[float]]] = {k: {s: [] for s in sides} for k, sides in kinds.items()}
     for round_ in range(warmup + rounds):
@@ -80,7 +87,7 @@ def interleaved(kinds: Mapping[str, Mapping[str, Op]], rounds: int,
             names = list(sides)
             shift = round_ % len(names)
             for side in names[shift:] + names[:shift]:
-                seconds = timed(sides[side])
+                seconds = measure(kind, side, sides[side]) if measure is not None else timed(sides[side])
                 if round_ >= warmup:
                     times[kind][side].append(seconds)
     return {kind: {side: Spread.of(ts) for side, ts in sides_.items()} for kind, sides_ in times.items()}

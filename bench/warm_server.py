@@ -53,6 +53,9 @@ class WarmServer:
         self.process = ServerProcess(folder, slots, *args, db=db)
         self.user = user
         self.token = ""
+        #: The certificate to trust for a ``--tls`` server the system does not
+        #: (for ``--tls self-signed``: ``tls_certs.self_signed_cert(server.process)``); set it before starting.
+        self.cafile: Path | None = None
         self._api: ApiClient | None = None
 
     @property
@@ -76,7 +79,7 @@ class WarmServer:
             raise RuntimeError("this server was started already: start it once, with `with` or start(), not both")
         self.token = self.process.token(self.user)
         self.process.start(wait_warm=False, timeout=timeout)
-        self._api = ApiClient(self.url, self.token)
+        self._api = ApiClient(self.url, self.token, cafile=self._cafile)
         return self
 
     def start(self, timeout: float = 180) -> WarmServer:
@@ -89,8 +92,13 @@ class WarmServer:
             raise
         return self
 
-    def client(self) -> Client:
-        return Client(self.url, self.token)
+    @property
+    def _cafile(self) -> str | None:
+        return str(self.cafile) if self.cafile is not None else None
+
+    def client(self, url: str | None = None) -> Client:
+        """A client of this server as :attr:`user`; ``url``: reach it there instead (a proxy)."""
+        return Client(url or self.url, self.token, cafile=self._cafile)
 
     def status(self) -> dict[str, Any]:
         return self.api.status()

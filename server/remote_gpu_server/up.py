@@ -19,13 +19,16 @@ Ctrl-C in the terminal reaches JupyterLab, which asks "Shut down this
 Jupyter server (y/[n])?" itself, and not the server, which runs in a
 session of its own: a cell keeps running until JupyterLab really stops. A
 SIGTERM or SIGHUP to ``rgpu up`` is passed on to JupyterLab, with the same
-ending.
+ending. If ``rgpu up`` itself is killed (SIGKILL, an out-of-memory kill),
+the server and JupyterLab get SIGTERM from the kernel (``PR_SET_PDEATHSIG``)
+and stop as they would on a Ctrl-C: nothing is left holding the ports.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import getpass
 import os
 import select
@@ -35,7 +38,7 @@ import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +144,22 @@ def _usable_token(db: Path | str) -> str:
     return str(asyncio.run(token()))
 
 
+#: ``prctl``'s option: the signal this process gets when its parent ends.
+_PR_SET_PDEATHSIG = 1
+
+
+def _ends_with(parent: int) -> Callable[[], None]:
+    """What a child of ``parent`` runs before it starts (``preexec_fn``): it gets
+    SIGTERM once ``parent`` ends, and at once if ``parent`` ended already."""
+    def arm() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            return  # not Linux: the child may outlive a killed parent, as before
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+    return arm
+
+
 def _start_server(port: int, db: Path | str, slots: str) -> tuple[subprocess.Popen[bytes], str]:
     """``rgpu serve`` in a session of its own (Ctrl-C in the terminal is JupyterLab's),
     and the URL it says it listens on; UpError if it never does."""
@@ -149,7 +168,8 @@ def _start_server(port: int, db: Path | str, slots: str) -> tuple[subprocess.Pop
         server = subprocess.Popen(
             [sys.executable, "-m", "remote_gpu_kernel.cli", "serve", "--port", str(port), "--db", str(db),
              "--slots", slots, "--ready-fd", str(write)],
-            pass_fds=(write,), start_new_session=True)
+            pass_fds=(write,), start_new_session=True,
+            preexec_fn=_ends_with(os.getpid()))  # noqa: PLW1509 (rgpu up runs one thread)
     finally:
         os.close(write)
     try:
@@ -262,7 +282,8 @@ def cmd_up(args: argparse.Namespace) -> int:
               flush=True)
         with _signals_for(lab):
             lab.append(subprocess.Popen([sys.executable, "-m", "jupyter", "lab", *lab_args],
-                                        env=lab_environment(url, token)))
+                                        env=lab_environment(url, token),
+                                        preexec_fn=_ends_with(os.getpid())))  # noqa: PLW1509 (one thread)
             code = lab[0].wait()
         return code
     except KeyboardInterrupt:  # before JupyterLab started

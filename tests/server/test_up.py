@@ -20,10 +20,12 @@ import sysconfig
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-
 from remote_gpu_server import up as rgpu_up
+from waiting import wait_for
+
 from remote_gpu_kernel.cli import main
 
 
@@ -73,12 +75,22 @@ def test_rgpu_serve_says_its_port_is_taken_in_one_line(taken: int, tmp_path: Pat
 
     out = subprocess.run([sys.executable, "-m", "remote_gpu_kernel.cli", "serve", "--port", str(taken),
                           "--db", str(tmp_path / "rgpu.sqlite3"), "--slots", "cpu:1", "--log-level", "warning"],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1] == (
         f"rgpu serve: port {taken} on 127.0.0.1 is in use by another program; choose another with --port "
         "(--port 0 picks a free one)")
     assert "Traceback" not in out.stderr
+
+
+def _listened_on(port: int) -> bool:
+    """Whether a connection to ``port`` on loopback is accepted (probing by binding
+    would take the port from a server about to listen on it)."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except OSError:
+        return False
+    return True
 
 
 def _terminal(lab: str, token: str, command: str, until: str) -> str:
@@ -101,35 +113,50 @@ def _terminal(lab: str, token: str, command: str, until: str) -> str:
     return shown
 
 
-@pytest.mark.timeout(600)
-def test_rgpu_up_wires_jupyterlab_to_its_server_and_ctrl_c_is_jupyterlabs(tmp_path: Path) -> None:
+def _spawn_up(tmp_path: Path, lab_token: str) -> Any:
+    """``rgpu up`` in a pseudo-terminal, as a user in a fresh environment starts it:
+    its scripts folder not on ``PATH``, a server and JupyterLab of the test's own."""
     import pexpect
 
-    lab_port, lab_token = _free_port(), os.urandom(8).hex()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RGPU_") and k != "VIRTUAL_ENV"}
     scripts = sysconfig.get_path("scripts")
     env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p != scripts)
     env.update(RGPU_CONFIG=str(tmp_path / "client.json"), JUPYTER_CONFIG_DIR=str(tmp_path / "config"),
                JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"), TERM="xterm", PYTHONUNBUFFERED="1")
     (tmp_path / "notebooks").mkdir()
-    lab = f"http://127.0.0.1:{lab_port}"
-    up = pexpect.spawn(sys.executable, [
+    return pexpect.spawn(sys.executable, [
         "-m", "remote_gpu_kernel.cli", "up", "--port", "0", "--db", str(tmp_path / "rgpu.sqlite3"),
-        "--slots", "cpu:1", "--", "--no-browser", f"--port={lab_port}", "--ip=127.0.0.1",
+        "--slots", "cpu:1", "--", "--no-browser", f"--port={_free_port()}", "--ip=127.0.0.1",
         f"--IdentityProvider.token={lab_token}", f"--ServerApp.root_dir={tmp_path / 'notebooks'}",
         f"--LabApp.user_settings_dir={tmp_path / 'settings'}", f"--LabApp.workspaces_dir={tmp_path / 'ws'}",
     ], env=env, encoding="utf-8", timeout=180, dimensions=(50, 250), logfile=sys.stdout)
+
+
+def _lab_listening(up: Any) -> tuple[str, int]:
+    """JupyterLab's URL and port, once it listens there. Jupyter moves on to the
+    next port if another program took the one asked for since it was found free,
+    and it prints its URL first and binds its port on its event loop's first turn."""
+    up.expect(r"Jupyter Server [\d.]+ is running at")
+    up.expect(r"(http://127\.0\.0\.1:(\d+))/lab\?token=")
+    lab, port = up.match.group(1), int(up.match.group(2))
+    wait_for(lambda: _listened_on(port), what=f"JupyterLab to listen on port {port}")
+    return lab, port
+
+
+@pytest.mark.timeout(600)
+def test_rgpu_up_wires_jupyterlab_to_its_server_and_ctrl_c_is_jupyterlabs(tmp_path: Path) -> None:
+    import pexpect
+
+    lab_token = os.urandom(8).hex()
+    scripts = sysconfig.get_path("scripts")
+    up = _spawn_up(tmp_path, lab_token)
     try:
         up.expect(r"GPU server on (ws://127\.0\.0\.1:(\d+));")
         url, port = up.match.group(1), int(up.match.group(2))
         assert port != 0
         saved = json.loads((tmp_path / "client.json").read_text())
         assert saved["url"] == url
-        up.expect(r"Jupyter Server [\d.]+ is running at")
-        # The address it took: Jupyter moves on to the next port if another program
-        # took lab_port since it was found free.
-        up.expect(r"(http://127\.0\.0\.1:\d+)/lab\?token=")
-        lab = up.match.group(1)
+        lab, _ = _lab_listening(up)
 
         # JupyterLab's terminal has this environment's rgpu, and the server's real URL.
         shown = _terminal(lab, lab_token, 'echo "rgpu=$(command -v rgpu) url=$RGPU_URL"', r"url=ws://\S+")
@@ -155,3 +182,19 @@ def test_rgpu_up_wires_jupyterlab_to_its_server_and_ctrl_c_is_jupyterlabs(tmp_pa
         up.close(force=True)
     assert up.exitstatus == 0
     assert rgpu_up.port_is_free(port), "the GPU server outlived rgpu up"
+
+
+@pytest.mark.timeout(600)
+def test_a_killed_rgpu_up_leaves_neither_its_server_nor_jupyterlab_running(tmp_path: Path) -> None:
+    import signal
+
+    up = _spawn_up(tmp_path, os.urandom(8).hex())
+    try:
+        up.expect(r"GPU server on ws://127\.0\.0\.1:(\d+);")
+        port = int(up.match.group(1))
+        _, lab_port = _lab_listening(up)
+        os.kill(up.pid, signal.SIGKILL)  # no handler runs: the kernel must end its children
+        wait_for(lambda: not _listened_on(port), what="the GPU server to stop after rgpu up was killed")
+        wait_for(lambda: not _listened_on(lab_port), what="JupyterLab to stop after rgpu up was killed")
+    finally:
+        up.close(force=True)

@@ -33,6 +33,7 @@ from .process_limits import WorkerProcesses
 from .sandbox import SandboxLayout, bubblewrap_argv, python_paths
 from .tenant import Tenant
 from .user_disks import DiskMode, UserDisks
+from .user_sites import UserSites
 
 __all__ = ["DISK_VAR", "ServerIsolation", "WorkerIsolation", "can_refuse_user_namespaces", "device_groups"]
 
@@ -88,6 +89,9 @@ class ServerIsolation(Protocol):
 
     @property
     def remover(self) -> FolderRemover: ...
+
+    @property
+    def sites(self) -> UserSites: ...
 
     def server_files(self) -> tuple[Path, ...]: ...
 
@@ -211,10 +215,10 @@ class WorkerIsolation:
         elif self.tenant.user != user:
             raise IsolationError(f"worker {self.name} belongs to {self.tenant.user}, not {user}")
         tenant = self.tenant
-        if self.mode is IsolationMode.NONE:
-            return EnterSpec(cwd=str(tenant.folder))  # the folder only: it runs as the server's user
+        if self.mode is IsolationMode.NONE:  # the folders only: it runs as the server's user
+            return EnterSpec(cwd=str(tenant.folder), site=str(self.isolation.sites.folder(user, None)))
         env = {"USER": user, "LOGNAME": user, "HOME": str(tenant.folder), "TMPDIR": "/tmp"}
-        if tenant.identity is None:
+        if tenant.identity is None:  # a sandbox: it cannot reach a site of its user's (see user_sites)
             return EnterSpec(cwd=str(tenant.folder), env=tuple(env.items()))
         identity = tenant.identity
         if identity.home and os.path.isdir(identity.home):
@@ -225,7 +229,8 @@ class WorkerIsolation:
         # namespace may predate the user's disk: it mounts that first.
         return EnterSpec(cwd=str(tenant.folder), uid=identity.uid, gid=identity.gid, groups=groups,
                          env=tuple(env.items()), chown=PRIVATE_TMP,
-                         mount=self.isolation.disks.mount_of(user))
+                         mount=self.isolation.disks.mount_of(user),
+                         site=str(self.isolation.sites.folder(user, identity)))
 
     def adopt(self, tenant: Tenant) -> bool:
         """Serve ``tenant``, a lease that already has its session folder (a parked

@@ -222,24 +222,25 @@ class _Magics:
               "your own site")
 
     def rgpu_env(self, line: str) -> None:
-        """``%rgpu_env reset``: remove the packages you installed; ``%rgpu_env``: list them."""
-        words = line.split()
+        """``%rgpu_env reset``: remove the packages you installed; ``%rgpu_env show``: list them."""
+        words = line.split() or ["show"]
         if words == ["reset"]:
             packages, size = self.site.reset()
             from remote_gpu_core.sizes import format_size
 
             if packages:
                 print(f"{_PREFIX}removed {len(packages)} package(s) from your own site ({_describe(packages)}; "
-                      f"{format_size(size)}); modules already imported stay loaded until the worker restarts")
+                      f"{format_size(size)}); what this session imported of them stays loaded until the "
+                      "worker restarts")
             else:
                 print(f"{_PREFIX}your own site held no packages; it is empty ({format_size(size)} freed)")
-        elif not words:
+        elif words == ["show"]:
             packages = self.site.packages()
             kept = "kept across sessions" if self.site.persistent else "for this session only"
             print(f"{_PREFIX}your own site ({kept}): {self.site.root}")
             print(f"{_PREFIX}{_describe(packages) if packages else 'no packages installed'}")
         else:
-            print(f"{_PREFIX}usage: %gpu env [reset]")
+            print(f"{_PREFIX}usage: %gpu env show|reset")
 
     def post_run_cell(self, result: Any) -> None:
         self.site.refresh()  # after !pip install: new .pth files, fresh import caches

@@ -24,6 +24,7 @@ from remote_gpu_kernel.kernel.cells import CellKind, CellSyntaxError, GpuCommand
 from remote_gpu_kernel.kernel.history import History
 from servers import ServerProcess
 from tcp_proxy import TcpProxy
+from wheels import tiny_wheel
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +68,8 @@ def test_parse_cell_kinds_and_commands() -> None:
     ("%gpu status now\n", "takes no arguments"),
     ("%gpu pull 1x\n", "not a variable name"),
     ("%%local extra\n", "takes no arguments"),
+    ("%gpu env\n", "takes one of: show, reset"),
+    ("%gpu env reset now\n", "takes one of: show, reset"),
 ])
 def test_parse_cell_errors_say_how_to_fix(code: str, message: str) -> None:
     with pytest.raises(CellSyntaxError, match=message):
@@ -496,6 +499,24 @@ def test_unreachable_server_and_missing_token_fail_in_the_cell(
         assert "refused the token" in run.reply["evalue"]
     finally:
         bad_token.shutdown()
+
+
+# -- packages -----------------------------------------------------------------
+
+
+def test_pip_install_in_the_kernel_imports_at_once_and_gpu_env_reset_removes_it(
+        kernel: KernelDriver, tmp_path: Path) -> None:
+    wheel = tiny_wheel(tmp_path, "rgpu_kernel_probe", "2.0", "from the kernel")
+    installed = kernel.run(f"%gpu upload {wheel}\n%pip install --no-index {wheel.name}")
+    assert installed.status == "ok", installed.reply
+    assert "Successfully installed rgpu-kernel-probe-2.0" in installed.stdout
+    assert "restart" not in installed.stdout and "new release of pip" not in installed.stdout
+    imported = kernel.run("import rgpu_kernel_probe\nrgpu_kernel_probe.VALUE")
+    assert imported.status == "ok" and imported.text() == ["'from the kernel'"]
+    assert "rgpu_kernel_probe 2.0" in kernel.run("%gpu env show").stdout
+    reset = kernel.run("%gpu env reset")
+    assert reset.status == "ok" and "removed 1 package(s) from your own site (rgpu_kernel_probe 2.0;" in reset.stdout
+    assert "no packages installed" in kernel.run("%gpu env show").stdout
 
 
 # -- files --------------------------------------------------------------------

@@ -70,7 +70,7 @@ from .memory_limits import MIN_WORKER_MEMORY, MemoryLimits, fair_share
 from .modes import IsolationMode
 from .pip_settings import pip_environment
 from .process_limits import NprocCounting, ProcessLimits, nproc_counting, parse_pids
-from .sandbox import check_bubblewrap, find_bubblewrap
+from .sandbox import check_bubblewrap, check_site_binding, find_bubblewrap
 from .tenant import Tenant
 from .uid_registry import default_path as default_uid_registry
 from .user_disks import DiskMode, UserDisks
@@ -150,6 +150,8 @@ class Isolation:
         self.processes = ProcessLimits.choose(None, self.cgroups, NprocCounting(None))
         self.identities: Identities | None = None
         self.bwrap: str | None = None
+        #: Users' sites are bound into sandboxes at lease time (see :mod:`.site_binder`).
+        self.site_binding = False
         #: Each user's disk limit (see :mod:`.user_disks`); none until :meth:`start` asks for one.
         self.disks = UserDisks(config.session_disk, self.session_root)
         #: Each user's own packages, per environment (see :mod:`.user_sites`).
@@ -209,6 +211,12 @@ class Isolation:
             self.identities = Identities(self.db.with_name(self.db.name + "-uids.json"),
                                          self.config.run_as, self.config.uid_range,
                                          registry=self.config.uid_registry)
+        if self.mode is IsolationMode.BUBBLEWRAP and self.bwrap is not None:
+            problem = check_site_binding(self.bwrap)
+            self.site_binding = problem is None
+            if problem is not None:
+                log.warning("packages users install last one session only: their own site cannot be bound "
+                            "into a sandbox here (%s)", problem)
         self._make_session_root()  # every lease has a session folder, isolated or not
         if disks:
             try:

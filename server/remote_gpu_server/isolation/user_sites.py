@@ -18,11 +18,11 @@ link in its place). What goes in it is written by the worker itself, after
 it became its user (see :mod:`..worker_process.user_site`): the server never
 writes into a folder its users own.
 
-A worker in a bubblewrap sandbox is started before its user is known and
-cannot be given another folder afterwards (a process that is not root
-cannot bind a folder into another mount namespace), so it gets no site of
-its user's: :meth:`UserSites.folder` returns None there, and packages are
-installed for the session only (in its session folder).
+A worker in a bubblewrap sandbox is started before its user is known; its
+user's site is bound into it at lease time, at :data:`.site_binder.SITE`
+(see :mod:`.site_binder`). Where the host does not allow that (checked at
+the server's start), sandboxed workers get no site of their user's and
+install into the session folder, for the session only.
 """
 
 from __future__ import annotations

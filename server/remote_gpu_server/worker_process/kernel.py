@@ -52,6 +52,9 @@ COUNT_KEY = "rgpu_execution_count"
 
 
 def _preload() -> None:
+    # A lease activates its user's site: imported now, not at the lease's cost.
+    from . import user_site as _user_site
+
     try:
         import torch
     except ImportError:

@@ -515,7 +515,7 @@ def test_pip_install_in_the_kernel_imports_at_once_and_gpu_env_reset_removes_it(
     assert imported.status == "ok" and imported.text() == ["'from the kernel'"]
     assert "rgpu_kernel_probe 2.0" in kernel.run("%gpu env show").stdout
     reset = kernel.run("%gpu env reset")
-    assert reset.status == "ok" and "removed 1 package(s) from your own site (rgpu_kernel_probe 2.0;" in reset.stdout
+    assert reset.status == "ok" and "removed" in reset.stdout and "rgpu_kernel_probe 2.0" in reset.stdout
     assert "no packages installed" in kernel.run("%gpu env show").stdout
 
 

@@ -36,10 +36,12 @@ from ..errors import IsolationError
 from .identities import Identity
 from .user_disks import DiskMode, UserDisks, user_key
 
-__all__ = ["DEFAULT_ENVIRONMENT", "UserSites", "site_name"]
+__all__ = ["DEFAULT_ENVIRONMENT", "SITE_PREFIX", "UserSites", "site_name"]
 
 #: The environment of the server's own Python.
 DEFAULT_ENVIRONMENT = "default"
+#: A site's folder name is this and its environment's name.
+SITE_PREFIX = "site-"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
@@ -47,7 +49,7 @@ def site_name(environment: str) -> str:
     """The folder name of a site for ``environment``; raises ValueError for a bad name."""
     if not _NAME.fullmatch(environment):
         raise ValueError(f"{environment!r} is not an environment name (letters, digits, '_', '.', '-')")
-    return f"site-{environment}"
+    return f"{SITE_PREFIX}{environment}"
 
 
 class UserSites:
@@ -103,7 +105,7 @@ class UserSites:
             return []  # on their own filesystem: the kernel counts it
         folder = self.root / user_key(user)
         try:
-            return sorted(p for p in folder.iterdir() if p.name.startswith("site-") and not p.is_symlink())
+            return sorted(p for p in folder.iterdir() if p.name.startswith(SITE_PREFIX) and not p.is_symlink())
         except OSError:
             return []
 

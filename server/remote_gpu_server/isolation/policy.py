@@ -71,6 +71,7 @@ from .modes import IsolationMode
 from .pip_settings import pip_environment
 from .process_limits import NprocCounting, ProcessLimits, nproc_counting, parse_pids
 from .sandbox import check_bubblewrap, check_site_binding, find_bubblewrap
+from .site_binder import SiteBinder
 from .tenant import Tenant
 from .uid_registry import default_path as default_uid_registry
 from .user_disks import DiskMode, UserDisks
@@ -150,8 +151,9 @@ class Isolation:
         self.processes = ProcessLimits.choose(None, self.cgroups, NprocCounting(None))
         self.identities: Identities | None = None
         self.bwrap: str | None = None
-        #: Users' sites are bound into sandboxes at lease time (see :mod:`.site_binder`).
+        #: Users' sites are bound into sandboxes at lease time (see :mod:`.site_binder`), by it.
         self.site_binding = False
+        self.binder = SiteBinder()
         #: Each user's disk limit (see :mod:`.user_disks`); none until :meth:`start` asks for one.
         self.disks = UserDisks(config.session_disk, self.session_root)
         #: Each user's own packages, per environment (see :mod:`.user_sites`).
@@ -212,7 +214,7 @@ class Isolation:
                                          self.config.run_as, self.config.uid_range,
                                          registry=self.config.uid_registry)
         if self.mode is IsolationMode.BUBBLEWRAP and self.bwrap is not None:
-            problem = check_site_binding(self.bwrap)
+            problem = check_site_binding(self.bwrap, self.binder)
             self.site_binding = problem is None
             if problem is not None:
                 log.warning("packages users install last one session only: their own site cannot be bound "
@@ -459,6 +461,7 @@ class Isolation:
         for tenant in list(self._tenants):
             self.release(tenant)
         self.remover.close()
+        self.binder.close()
         self.disks.close()
         self.cgroups.close()
 

@@ -41,6 +41,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .site_binder import SITE, STASH, SiteBinder, sandbox_pid
+
 __all__ = ["SandboxLayout", "bubblewrap_argv", "check_bubblewrap", "check_site_binding", "find_bubblewrap",
            "python_paths"]
 
@@ -183,12 +185,10 @@ def bubblewrap_argv(bwrap: str, layout: SandboxLayout) -> list[str]:
     return [*argv, "--"]
 
 
-def check_site_binding(bwrap: str) -> str | None:
-    """None if a user's site can be bound into a started sandbox here (see
+def check_site_binding(bwrap: str, binder: SiteBinder) -> str | None:
+    """None if ``binder`` can bind a user's site into a started sandbox here (see
     :mod:`.site_binder`), else why not."""
     import tempfile
-
-    from .site_binder import SITE, STASH, bind_site, sandbox_pid
 
     with tempfile.TemporaryDirectory(prefix="rgpu-site-probe-") as tmp:
         (Path(tmp) / "site").mkdir()
@@ -207,7 +207,7 @@ def check_site_binding(bwrap: str) -> str | None:
                 pid = sandbox_pid(sandbox.pid)
                 if pid is None:
                     return "the sandbox's process could not be found"
-                bind_site(pid, STASH / "site")
+                binder.bind(pid, STASH / "site")
                 out, _ = sandbox.communicate("\n", timeout=30)
             except (OSError, subprocess.TimeoutExpired) as exc:
                 sandbox.kill()

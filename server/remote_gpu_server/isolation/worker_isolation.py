@@ -14,7 +14,6 @@ import dataclasses
 import os
 import platform
 import shutil
-import subprocess
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,7 +31,7 @@ from .memory_limits import WorkerMemory
 from .modes import IsolationMode
 from .process_limits import WorkerProcesses
 from .sandbox import SandboxLayout, bubblewrap_argv, python_paths
-from .site_binder import SITE, STASH, bind_site, sandbox_pid
+from .site_binder import SITE, STASH, SiteBinder, sandbox_pid
 from .tenant import Tenant
 from .user_disks import DiskMode, UserDisks
 from .user_sites import UserSites
@@ -98,6 +97,9 @@ class ServerIsolation(Protocol):
     @property
     def site_binding(self) -> bool:
         """Users' sites are bound into sandboxes at lease time (see :mod:`.site_binder`)."""
+
+    @property
+    def binder(self) -> SiteBinder: ...
 
     def server_files(self) -> tuple[Path, ...]: ...
 
@@ -262,8 +264,8 @@ class WorkerIsolation:
         if inside is None:
             raise IsolationError(f"worker {self.name}: its sandbox is gone; the user's site was not bound")
         try:
-            bind_site(inside, self.site_source)
-        except (OSError, subprocess.SubprocessError) as exc:
+            self.isolation.binder.bind(inside, self.site_source)
+        except OSError as exc:
             raise IsolationError(f"worker {self.name}: {exc}") from None
 
     def adopt(self, tenant: Tenant) -> bool:

@@ -24,7 +24,6 @@ from remote_gpu_kernel.kernel.cells import CellKind, CellSyntaxError, GpuCommand
 from remote_gpu_kernel.kernel.history import History
 from servers import ServerProcess
 from tcp_proxy import TcpProxy
-from wheels import tiny_wheel
 
 
 @pytest.fixture(scope="module")
@@ -499,24 +498,6 @@ def test_unreachable_server_and_missing_token_fail_in_the_cell(
         assert "refused the token" in run.reply["evalue"]
     finally:
         bad_token.shutdown()
-
-
-# -- packages -----------------------------------------------------------------
-
-
-def test_pip_install_in_the_kernel_imports_at_once_and_gpu_env_reset_removes_it(
-        kernel: KernelDriver, tmp_path: Path) -> None:
-    wheel = tiny_wheel(tmp_path, "rgpu_kernel_probe", "2.0", "from the kernel")
-    installed = kernel.run(f"%gpu upload {wheel}\n%pip install --no-index {wheel.name}")
-    assert installed.status == "ok", installed.reply
-    assert "Successfully installed rgpu-kernel-probe-2.0" in installed.stdout
-    assert "restart" not in installed.stdout and "new release of pip" not in installed.stdout
-    imported = kernel.run("import rgpu_kernel_probe\nrgpu_kernel_probe.VALUE")
-    assert imported.status == "ok" and imported.text() == ["'from the kernel'"]
-    assert "rgpu_kernel_probe 2.0" in kernel.run("%gpu env show").stdout
-    reset = kernel.run("%gpu env reset")
-    assert reset.status == "ok" and "removed" in reset.stdout and "rgpu_kernel_probe 2.0" in reset.stdout
-    assert "no packages installed" in kernel.run("%gpu env show").stdout
 
 
 # -- files --------------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +49,8 @@ class Sites:
     alice: str
     bob: str
     wheel: Path
+    #: Another server like it, on the same folders and store (not started).
+    make_server: Callable[[], ServerProcess]
 
     def session(self, token: str) -> Session:
         return Client(self.server.url, token).session()
@@ -60,18 +62,22 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
     config = tmp / "pip.conf"  # the server's own: no worker can read this file
     config.write_text(f"[global]\nextra-index-url = {EXTRA}\ncache-dir = /root/.cache/pip\n"
                       "[install]\nprogress-bar = off\n")
-    server = ServerProcess(tmp, "cpu:3", "--session-disk", "32M",
-                           env={"PIP_INDEX_URL": MIRROR, "PIP_CONFIG_FILE": str(config),
-                                "PIP_TARGET": "/somewhere/else", SECRET: "the server's own"})
+    def make_server() -> ServerProcess:
+        return ServerProcess(tmp, "cpu:3", "--session-disk", "32M",
+                             env={"PIP_INDEX_URL": MIRROR, "PIP_CONFIG_FILE": str(config),
+                                  "PIP_TARGET": "/somewhere/else", SECRET: "the server's own"})
+
+    server = make_server()
     alice, bob = server.token("alice"), server.token("bob")
     wheels = tmp / "wheels"
     wheels.mkdir()
     wheel = tiny_wheel(wheels, PACKAGE, "1.0", "installed by alice")
     server.start()
+    found = Sites(server, alice, bob, wheel, make_server)
     try:
-        yield Sites(server, alice, bob, wheel)
+        yield found
     finally:
-        server.stop()
+        found.server.stop()
 
 
 @pytest.fixture
@@ -156,6 +162,16 @@ def test_gpu_env_reset_empties_the_site_and_says_what_it_removed(sites: Sites, h
         install(a, sites.wheel)
         assert run(a, f"import {PACKAGE}; print({PACKAGE}.VALUE)").strip() == "installed by alice"
         run(a, "%rgpu_env reset")
+
+
+def test_a_site_outlives_a_server_restart(sites: Sites, here: Path) -> None:
+    with sites.session(sites.alice) as a:
+        install(a, sites.wheel)
+    sites.server.stop()
+    sites.server = sites.make_server().start()  # the same store, session root and users' disks
+    with sites.session(sites.alice) as a:
+        assert run(a, f"import {PACKAGE}; print({PACKAGE}.VALUE)").strip() == "installed by alice"
+        assert f"({PACKAGE} 1.0;" in run(a, "%rgpu_env reset")
 
 
 def test_the_servers_pip_settings_reach_workers_and_nothing_else_of_its_environment(sites: Sites) -> None:

@@ -212,8 +212,8 @@ class _Magics:
             print(f"{_PREFIX}{', '.join(stale)} had been imported in this session already: the old version "
                   "stays loaded until the worker restarts (%gpu release, then run the cell again)")
         if not self.site.persistent:
-            print(f"{_PREFIX}installed for this session only: this server cannot keep packages for you "
-                  "(its workers run in sandboxes made before a lease; see the server's documentation)")
+            print(f"{_PREFIX}installed for this session only: this server cannot give its sandboxes a "
+                  "site of yours that lasts (its log says why)")
 
     def conda(self, line: str) -> None:
         """``%conda install`` does not install on the GPU server: use ``%pip install``."""

@@ -24,6 +24,12 @@ def test_the_users_config_file_becomes_variables(tmp_path: Path) -> None:
     assert env["PIP_FIND_LINKS"] == "/a /b"  # a list, as pip reads a variable's value
     assert "PIP_DEST" not in env  # only [global] and [install]
     assert env["PIP_DISABLE_PIP_VERSION_CHECK"] == "1"
+    assert env["PIP_NO_CACHE_DIR"] == "1"  # a cache would last one lease, on the user's disk
+
+
+def test_the_servers_cache_setting_wins_over_no_cache(tmp_path: Path) -> None:
+    environ = {**_home(tmp_path), "PIP_NO_CACHE_DIR": "0"}
+    assert pip_environment(environ, str(tmp_path / "venv"))["PIP_NO_CACHE_DIR"] == "0"
 
 
 def test_precedence_is_pips_own(tmp_path: Path) -> None:

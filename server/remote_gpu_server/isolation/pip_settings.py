@@ -17,7 +17,10 @@ where a worker cannot (``target``, ``prefix``, ``user``, ``root``,
 
 pip's version check is turned off (``PIP_DISABLE_PIP_VERSION_CHECK=1``): a
 worker's ``HOME`` is new for every lease, so pip would print its notice on
-every install.
+every install. For the same reason pip keeps no cache unless the server's
+settings say otherwise (``PIP_NO_CACHE_DIR=1``): a cache in the session
+folder would last one lease and take the user's disk twice over (a torch
+wheel beside torch itself).
 
 What the configuration holds (a mirror's password in an index URL) is
 readable by every user's code: it is what their pip needs.
@@ -83,4 +86,5 @@ def pip_environment(environ: Mapping[str, str] = os.environ, prefix: str = sys.p
     env.update((k, v) for k, v in environ.items() if k.startswith("PIP_"))
     env = {k: v for k, v in env.items() if k not in PIP_NEVER}
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    env.setdefault("PIP_NO_CACHE_DIR", "1")
     return env

@@ -5,7 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
+from remote_gpu_server.isolation.modes import IsolationMode
 from remote_gpu_server.isolation.pip_settings import config_files, pip_environment
+from remote_gpu_server.isolation.policy import Isolation, IsolationConfig
 
 
 def _home(tmp_path: Path) -> dict[str, str]:
@@ -69,3 +73,16 @@ def test_devnull_turns_the_files_off_and_a_broken_file_is_skipped(tmp_path: Path
     base = {"HOME": str(tmp_path), "XDG_CONFIG_DIRS": str(tmp_path / "none")}
     assert pip_environment({**base, "PIP_CONFIG_FILE": str(broken)}, str(tmp_path)) == pip_environment(
         {**base, "PIP_CONFIG_FILE": str(empty)}, str(tmp_path))
+
+
+@pytest.mark.parametrize("passed", [True, False])
+def test_a_workers_environment_has_them_unless_the_server_says_no(
+        passed: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PIP_INDEX_URL", "https://mirror.invalid/simple")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    monkeypatch.setenv("RGPU_TEST_UNRELATED_SECRET", "the server's own")
+    config = IsolationConfig(mode=IsolationMode.UIDS, session_root=tmp_path, worker_pip_settings=passed)
+    env = Isolation(config, tmp_path / "rgpu.sqlite3").environment({})
+    assert ("PIP_INDEX_URL" in env) is passed  # rgpu serve --no-worker-pip-settings
+    assert env["HTTPS_PROXY"] == "http://proxy.invalid:3128" and "RGPU_TEST_UNRELATED_SECRET" not in env
+    assert env["PIP_DISABLE_PIP_VERSION_CHECK"] == "1" and env["PIP_NO_CACHE_DIR"] == "1"

@@ -78,13 +78,17 @@ def _read(path: Path) -> dict[str, str]:
     return found
 
 
-def pip_environment(environ: Mapping[str, str] = os.environ, prefix: str = sys.prefix) -> dict[str, str]:
-    """The ``PIP_*`` variables of a worker's environment (see the module docstring)."""
+def pip_environment(environ: Mapping[str, str] = os.environ, prefix: str = sys.prefix, *,
+                    server_settings: bool = True) -> dict[str, str]:
+    """The ``PIP_*`` variables of a worker's environment (see the module docstring);
+    without ``server_settings`` (``rgpu serve --no-worker-pip-settings``), only the
+    version check and the cache turned off."""
     env: dict[str, str] = {}
-    for path in config_files(environ, prefix):
-        env.update(_read(path))
-    env.update((k, v) for k, v in environ.items() if k.startswith("PIP_"))
-    env = {k: v for k, v in env.items() if k not in PIP_NEVER}
+    if server_settings:
+        for path in config_files(environ, prefix):
+            env.update(_read(path))
+        env.update((k, v) for k, v in environ.items() if k.startswith("PIP_"))
+        env = {k: v for k, v in env.items() if k not in PIP_NEVER}
     env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
     env.setdefault("PIP_NO_CACHE_DIR", "1")
     return env

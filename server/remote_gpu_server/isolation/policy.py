@@ -118,6 +118,8 @@ class IsolationConfig:
     uid_registry: Path = dataclasses.field(default_factory=default_uid_registry)
     #: ``--worker-env``: more environment variables workers keep.
     worker_env: tuple[str, ...] = ()
+    #: Not ``--no-worker-pip-settings``: the server's pip settings reach workers (see :mod:`.pip_settings`).
+    worker_pip_settings: bool = True
     #: The mode to use instead of probing (tests); None probes.
     mode: IsolationMode | None = None
     #: Tests only (``$RGPU_TEST_DEVICE_ROOT``): a folder that stands in for ``/``
@@ -471,6 +473,6 @@ class Isolation:
         keep = ENV_KEEP + self.config.worker_env + (() if self.isolated else _ENV_KEEP_SAME_USER)
         env = {k: v for k, v in os.environ.items() if _keep(k, keep) and not k.startswith(_ENV_NEVER)}
         env.setdefault("PATH", os.defpath)
-        env.update(pip_environment())
+        env.update(pip_environment(server_settings=self.config.worker_pip_settings))
         env.update(extra)
         return env

@@ -218,6 +218,9 @@ class GpuMagics(Magics):
             %gpu pull NAME...                    copy remote variables here
             %gpu upload PATH...                  send files or folders to the session's folder
             %gpu download PATH...                fetch files or folders from it
+            %gpu env show                        the packages you installed on the server (%pip
+                                                 install in a remote cell), kept across sessions
+            %gpu env reset                       remove them all
 
         Remote cells run in the session's own folder on the GPU server, so a
         cell that opens ``images/x.png`` needs ``%gpu upload images/x.png``
@@ -344,6 +347,12 @@ class GpuMagics(Magics):
             self.ipython.user_ns.update(self._session().pull(*rest))
         elif cmd in ("upload", "download"):
             self._transfer(cmd, rest)
+        elif cmd == "env":
+            if rest not in (["show"], ["reset"]):
+                raise ValueError("usage: %gpu env show|reset; see %gpu? for help")
+            result = self._session().execute(notices.env_code(rest[0]), self.comms.show)
+            if result.error is not None:
+                raise result.error
         else:
             raise ValueError(f"%gpu {cmd}: unknown command; see %gpu? for help")
         return None

@@ -17,9 +17,11 @@ from typing import Any
 from remote_gpu_core.sizes import format_size
 
 __all__ = [
+    "ENV_MAGIC",
     "PREFIX",
     "PROGRESS_FROM",
     "StatusLine",
+    "env_code",
     "gone_state",
     "granted",
     "queued",
@@ -115,3 +117,13 @@ class StatusLine:
         """Show a transfer's progress if it is large, at most every :data:`PROGRESS_EVERY` s."""
         if total >= PROGRESS_FROM and (done >= total or time.monotonic() - self._last >= PROGRESS_EVERY):
             self.show(transfer_progress(verb, done, total))
+
+
+#: The worker's magic behind ``%gpu env`` (the server's ``worker_process/user_site.py``).
+ENV_MAGIC = "rgpu_env"
+
+
+def env_code(action: str) -> str:
+    """The remote cell that does ``%gpu env ACTION``: ``show`` or ``reset`` the
+    packages the user installed in their own site on the server."""
+    return f"%{ENV_MAGIC} {action}"

@@ -7,7 +7,7 @@ A cell is one of three things:
 * ``%gpu COMMAND ARGS`` lines at the top or the bottom of a cell: commands
   for the kernel itself (``push NAME...``, ``pull NAME...``, ``upload
   PATH...``, ``download PATH...``, ``status``, ``release``, ``park``,
-  ``resume``; paths are split as a shell would, so a name with spaces is
+  ``resume``, ``env show|reset``; paths are split as a shell would, so a name with spaces is
   quoted). Those at the top run in order before the rest of the cell,
   which (if any) runs remotely; those at the bottom run after it, if it
   succeeded.
@@ -26,17 +26,21 @@ import shlex
 
 from remote_gpu_core.errors import CellSyntaxError
 
-__all__ = ["COMMANDS", "PATH_COMMANDS", "Cell", "CellKind", "CellSyntaxError", "GpuCommand", "parse_cell"]
+__all__ = ["COMMANDS", "ENV_ACTIONS", "PATH_COMMANDS", "Cell", "CellKind", "CellSyntaxError", "GpuCommand", "parse_cell"]
 
 #: ``%gpu`` commands and whether they take arguments (variable names or paths).
 COMMANDS: dict[str, bool] = {"push": True, "pull": True, "upload": True, "download": True,
-                             "status": False, "release": False, "park": False, "resume": False}
+                             "status": False, "release": False, "park": False, "resume": False,
+                             "env": True}
+#: What ``%gpu env`` does: list, or remove, the packages the user installed on the server.
+ENV_ACTIONS = ("show", "reset")
 #: Commands whose arguments are paths, not variable names.
 PATH_COMMANDS = frozenset({"upload", "download"})
 
 _USAGE = (
     "usage: %gpu push NAME [NAME ...] | %gpu pull NAME [NAME ...] | %gpu upload PATH [PATH ...] | "
-    "%gpu download PATH [PATH ...] | %gpu status | %gpu release | %gpu park | %gpu resume"
+    "%gpu download PATH [PATH ...] | %gpu status | %gpu release | %gpu park | %gpu resume | "
+    "%gpu env show|reset"
 )
 
 
@@ -77,6 +81,10 @@ def _parse_command(line: str) -> GpuCommand:
     name, args = words[0], tuple(words[1:])
     if name not in COMMANDS:
         raise CellSyntaxError(f"%gpu {name}: unknown command; {_USAGE}")
+    if name == "env":
+        if args not in tuple((a,) for a in ENV_ACTIONS):
+            raise CellSyntaxError(f"%gpu env takes one of: {', '.join(ENV_ACTIONS)}; {_USAGE}")
+        return GpuCommand(name, args)
     takes_names = COMMANDS[name]
     what = "path" if name in PATH_COMMANDS else "variable name"
     if takes_names and not args:

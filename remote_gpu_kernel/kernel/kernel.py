@@ -342,6 +342,11 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):
                 else:
                     moved = await session.download(*command.args, on_progress=progress)
                 cell.show(notices.transferred(f"{command.name}ed", moved))
+            elif command.name == "env":
+                reply = await self._run_remote(notices.env_code(command.args[0]), cell, silent=False,
+                                               store_history=False, allow_stdin=False)
+                if reply["status"] != "ok":
+                    return reply
             elif command.name == "push":
                 missing = [n for n in command.args if n not in self.local.user_ns]
                 if missing:

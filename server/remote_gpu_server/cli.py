@@ -92,7 +92,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             session_disk=args.session_disk,
             uid_range=parse_uid_range(args.uid_range) if args.uid_range else DEFAULT_UID_RANGE,
             uid_registry=_uid_registry(args), worker_env=tuple(args.worker_env),
-            device_root=test_device_root())
+            worker_pip_settings=not args.no_worker_pip_settings, device_root=test_device_root())
         limits = Limits(max_push=_bytes("--max-push", args.max_push),
                         max_upload=_bytes("--max-upload", args.max_upload),
                         max_message=_bytes("--max-message", args.max_message, 64 << 10),
@@ -376,6 +376,11 @@ def add_serve(sub: Any) -> None:
     iso.add_argument("--worker-env", action="append", default=[], metavar="NAME",
                      help="also pass this server environment variable to workers (repeatable; "
                           "names ending in _ pass every variable with that prefix)")
+    iso.add_argument("--no-worker-pip-settings", action="store_true",
+                     help="do not pass the server's pip settings (its PIP_* variables and pip.conf "
+                          "files: an index URL, certificates, trusted hosts) to workers; by default "
+                          "they are passed, so that %%pip install in a cell reaches packages the way "
+                          "this machine does")
     lim = p.add_argument_group("limits on what one client may send (see README: Limits on what one "
                                "client may send)")
     lim.add_argument("--max-push", default="16G", metavar="SIZE",

@@ -67,6 +67,8 @@ def test_parse_cell_kinds_and_commands() -> None:
     ("%gpu status now\n", "takes no arguments"),
     ("%gpu pull 1x\n", "not a variable name"),
     ("%%local extra\n", "takes no arguments"),
+    ("%gpu env\n", "takes one of: show, reset"),
+    ("%gpu env reset now\n", "takes one of: show, reset"),
 ])
 def test_parse_cell_errors_say_how_to_fix(code: str, message: str) -> None:
     with pytest.raises(CellSyntaxError, match=message):

@@ -13,6 +13,7 @@ from servers import ServerProcess
 from waiting import wait_for
 
 from kernels import CellRun, LocalKernel, kernel_with_magic
+from wheels import tiny_wheel
 
 
 def info_lines(run: CellRun) -> list[str]:
@@ -242,6 +243,21 @@ def test_upload_and_download_through_the_magic(server: ServerProcess, alice: str
         assert bad.reply["ename"] == "FileTransferError" and "no such file here" in bad.reply["evalue"]
     finally:
         k.close()
+
+
+def test_pip_install_in_a_gpu_cell_imports_at_once_and_gpu_env_reset_removes_it(
+        kernel: LocalKernel, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    wheel = tiny_wheel(tmp_path, "rgpu_magic_probe", "3.0", "from the magic")
+    assert kernel.run(f"%gpu upload {wheel}").reply["status"] == "ok"  # by its name, into the session's folder
+    installed = kernel.run(f"%%gpu\n%pip install --no-index {wheel.name}")
+    assert "Successfully installed rgpu-magic-probe-3.0" in installed.stdout
+    assert "restart" not in installed.stdout and "new release of pip" not in installed.stdout
+    assert kernel.run("%%gpu\nimport rgpu_magic_probe\nprint(rgpu_magic_probe.VALUE)").stdout == "from the magic\n"
+    assert "rgpu_magic_probe 3.0" in kernel.run("%gpu env show").stdout
+    reset = kernel.run("%gpu env reset")
+    assert "removed" in reset.stdout and "rgpu_magic_probe 3.0" in reset.stdout
+    bad = kernel.run("%gpu env frobnicate")
+    assert bad.reply["ename"] == "ValueError" and "%gpu env show|reset" in bad.reply["evalue"]
 
 
 def test_shutting_down_or_restarting_the_kernel_gives_the_gpu_back_at_once(fresh_server: ServerProcess) -> None:

@@ -31,6 +31,7 @@ from servers import ServerProcess
 from test_isolation import FORK_BOMB, inet_listeners, quiet, run
 from tls_certs import issue
 from unprivileged import SERVER_UID, launcher
+from wheels import tiny_wheel
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="starts the server as another uid: run as root")
 #: --worker-pids of the sandboxed server: small, so that a fork bomb stops soon.
@@ -144,6 +145,29 @@ def test_a_parked_sandboxed_session_comes_back_in_its_own_folder(sandboxed: Serv
         assert "gave cpu" in a.park().text
         # A sandbox binds its folder when it starts: the restore starts one for this folder.
         assert run(a, "print(os.getcwd(), open('notes.txt').read(), kept)") == f"{folder.strip()} kept [1, 2]\n"
+
+
+def test_a_sandboxed_users_packages_last_and_stay_theirs(sandboxed: ServerProcess, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    tokens = sandboxed.tokens  # type: ignore[attr-defined]
+    wheel = tiny_wheel(tmp_path, "rgpu_sandbox_probe", "1.0", "alice's")
+    monkeypatch.chdir(tmp_path)
+    with Client(sandboxed.url, tokens["alice"]).session() as a:
+        a.upload(wheel.name)
+        assert "Successfully installed" in run(a, f"%pip install --no-index {wheel.name}")
+        assert run(a, "import rgpu_sandbox_probe; print(rgpu_sandbox_probe.VALUE)") == "alice's\n"
+    # A warm sandbox got her site bound in at lease time: it lasts, and nothing else of the session root.
+    with Client(sandboxed.url, tokens["bob"]).session() as b, \
+            Client(sandboxed.url, tokens["alice"]).session() as a:
+        assert run(a, "import rgpu_sandbox_probe; print(rgpu_sandbox_probe.VALUE)") == "alice's\n"
+        missing = b.execute("import rgpu_sandbox_probe", on_output=quiet).error
+        assert missing is not None and missing.ename == "ModuleNotFoundError"
+        assert run(b, "import os; print(os.listdir('/run/rgpu/sites'), sorted(os.listdir('/run/rgpu/site')))") == \
+            "[] ['bin', 'lib', 'pyvenv.cfg']\n"
+        refused = b.execute("import ctypes\nassert ctypes.CDLL(None, use_errno=True).umount2(b'/run/rgpu/site', 2) "
+                            "== 0, 'refused'", on_output=quiet).error
+        assert refused is not None and "refused" in refused.evalue
+        assert "removed 1 package(s)" in run(a, "%rgpu_env reset")
 
 
 def test_past_the_disk_limit_a_sandboxed_users_cells_fail_until_they_free_space(

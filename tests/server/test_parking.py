@@ -11,6 +11,7 @@ import pytest
 
 from remote_gpu_kernel import Client, ParkError, SessionReleased
 from remote_gpu_kernel.api import ApiClient
+from remote_gpu_server.isolation.user_sites import SITE_PREFIX
 from postgres import BACKENDS
 from servers import ServerProcess
 from stores import BlockingStore, execute_raw
@@ -44,11 +45,13 @@ def quiet(_: Any) -> None:
 
 
 def session_folders(server: ServerProcess) -> list[Path]:
-    """The session folders in the server's session root (as root, in each user's own disk)."""
+    """The session folders in the server's session root (as root, in each user's own disk;
+    their own packages' sites are there too, and stay)."""
     found = []
     for entry in (server.tmp / "sessions").iterdir():
-        if entry.name.startswith("u-"):  # a user's disk: their folders are in it
-            found += [f for f in entry.iterdir() if not f.name.startswith(".") and f.name != "lost+found"]
+        if entry.name.startswith("u-"):  # a user's folder (their disk, as root): their folders are in it
+            found += [f for f in entry.iterdir() if not f.name.startswith((".", SITE_PREFIX))
+                      and f.name != "lost+found"]
         elif not entry.name.startswith("."):
             found.append(entry)
     return sorted(found)

@@ -86,6 +86,8 @@ class WorkerHost:
         assert self._spawned is not None
         self._spawned.note_namespaces()
         spec = self._spawned.isolation.enter_spec(user, identity)
+        if self._spawned.isolation.binds_site:
+            self._spawned.isolation.bind_site(self._spawned.pid)
         return spec, self._spawned.isolation.tenant
 
     async def poll(self) -> int | None:

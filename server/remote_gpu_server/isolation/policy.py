@@ -26,7 +26,9 @@ worker gets a :class:`~.worker_isolation.WorkerIsolation` from
   cluster without token authentication: :meth:`Isolation.refuse_sharing`).
 
 In every mode a worker's environment comes from an allow-list (like
-JupyterHub's ``Spawner.env_keep``), its output goes to a pipe of its own
+JupyterHub's ``Spawner.env_keep``) and the server's pip configuration (see
+:mod:`.pip_settings`), each user installs packages into a site of their own
+(see :mod:`.user_sites`), its output goes to a pipe of its own
 (:mod:`.worker_output`), its host memory and its number of processes and
 threads are limited, with a cgroup of its own where the server can make one
 (see :mod:`.cgroups`, :mod:`.memory_limits`, :mod:`.process_limits`), its
@@ -66,11 +68,14 @@ from .folder_removal import FolderRemover
 from .identities import DEFAULT_UID_RANGE, Identities, Identity, RunAs
 from .memory_limits import MIN_WORKER_MEMORY, MemoryLimits, fair_share
 from .modes import IsolationMode
+from .pip_settings import pip_environment
 from .process_limits import NprocCounting, ProcessLimits, nproc_counting, parse_pids
-from .sandbox import check_bubblewrap, find_bubblewrap
+from .sandbox import check_bubblewrap, check_site_binding, find_bubblewrap
+from .site_binder import SiteBinder
 from .tenant import Tenant
 from .uid_registry import default_path as default_uid_registry
 from .user_disks import DiskMode, UserDisks
+from .user_sites import UserSites
 from .worker_isolation import WorkerIsolation, can_refuse_user_namespaces
 
 __all__ = ["ENV_KEEP", "Isolation", "IsolationConfig"]
@@ -80,7 +85,10 @@ log = logging.getLogger("remote_gpu_server")
 #: Server environment variables a worker keeps (names, and prefixes ending in ``_``).
 ENV_KEEP = ("PATH", "PYTHONPATH", "VIRTUAL_ENV", "CONDA_PREFIX", "CONDA_DEFAULT_ENV", "CONDA_ROOT",
             "LANG", "LANGUAGE", "LC_", "TZ", "LD_LIBRARY_PATH", "CUDA_", "NVIDIA_", "NCCL_",
-            "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+            "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+            # Proxies, which a company mirror usually needs (pip's own settings: see pip_settings).
+            "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "no_proxy",
+            "all_proxy")
 #: Never passed, whatever --worker-env says: Ray's token lets its holder run code on every node.
 _ENV_NEVER = ("RAY_AUTH_",)
 #: Kept too when workers run as the server's own user.
@@ -110,6 +118,8 @@ class IsolationConfig:
     uid_registry: Path = dataclasses.field(default_factory=default_uid_registry)
     #: ``--worker-env``: more environment variables workers keep.
     worker_env: tuple[str, ...] = ()
+    #: Not ``--no-worker-pip-settings``: the server's pip settings reach workers (see :mod:`.pip_settings`).
+    worker_pip_settings: bool = True
     #: The mode to use instead of probing (tests); None probes.
     mode: IsolationMode | None = None
     #: Tests only (``$RGPU_TEST_DEVICE_ROOT``): a folder that stands in for ``/``
@@ -143,8 +153,13 @@ class Isolation:
         self.processes = ProcessLimits.choose(None, self.cgroups, NprocCounting(None))
         self.identities: Identities | None = None
         self.bwrap: str | None = None
+        #: Users' sites are bound into sandboxes at lease time (see :mod:`.site_binder`), by it.
+        self.site_binding = False
+        self.binder = SiteBinder()
         #: Each user's disk limit (see :mod:`.user_disks`); none until :meth:`start` asks for one.
         self.disks = UserDisks(config.session_disk, self.session_root)
+        #: Each user's own packages, per environment (see :mod:`.user_sites`).
+        self.sites = UserSites(self.session_root, self.disks)
         #: Deletes the folders of ended leases, off the event loop.
         self.remover = FolderRemover()
         #: What keeps this server to one user although workers are isolated (see refuse_sharing).
@@ -200,6 +215,12 @@ class Isolation:
             self.identities = Identities(self.db.with_name(self.db.name + "-uids.json"),
                                          self.config.run_as, self.config.uid_range,
                                          registry=self.config.uid_registry)
+        if self.mode is IsolationMode.BUBBLEWRAP and self.bwrap is not None:
+            problem = check_site_binding(self.bwrap, self.binder)
+            self.site_binding = problem is None
+            if problem is not None:
+                log.warning("packages users install last one session only: their own site cannot be bound "
+                            "into a sandbox here (%s)", problem)
         self._make_session_root()  # every lease has a session folder, isolated or not
         if disks:
             try:
@@ -406,8 +427,9 @@ class Isolation:
         self._tenants.add(tenant)
 
     def folders_of(self, user: str) -> list[Path]:
-        """The session folders of ``user`` here: their leases' and parked sessions'."""
-        return [t.folder for t in self._tenants | self._parked if t.user == user]
+        """What counts in ``user``'s disk here: their leases' and parked sessions'
+        folders, and their own packages (see :mod:`.user_sites`)."""
+        return [t.folder for t in self._tenants | self._parked if t.user == user] + self.sites.existing(user)
 
     def users(self) -> set[str]:
         """Users with a session folder here."""
@@ -441,13 +463,16 @@ class Isolation:
         for tenant in list(self._tenants):
             self.release(tenant)
         self.remover.close()
+        self.binder.close()
         self.disks.close()
         self.cgroups.close()
 
     def environment(self, extra: dict[str, str]) -> dict[str, str]:
-        """A worker's environment: the allow-listed part of the server's, then ``extra``."""
+        """A worker's environment: the allow-listed part of the server's, its pip
+        configuration (:mod:`.pip_settings`), then ``extra``."""
         keep = ENV_KEEP + self.config.worker_env + (() if self.isolated else _ENV_KEEP_SAME_USER)
         env = {k: v for k, v in os.environ.items() if _keep(k, keep) and not k.startswith(_ENV_NEVER)}
         env.setdefault("PATH", os.defpath)
+        env.update(pip_environment(server_settings=self.config.worker_pip_settings))
         env.update(extra)
         return env

@@ -9,7 +9,9 @@ pid, ipc and uts namespaces, with a filesystem built from an allow-list:
   environment (``sys.prefix``, the base interpreter, every ``sys.path``
   folder);
 - read-write: the worker's own runtime folder (its connection file and
-  sockets) and its session folder, its working directory;
+  sockets) and its session folder, its working directory; until its lease,
+  the session root at a stash from which its user's site is then bound in,
+  the stash itself taken away (see :mod:`.site_binder`);
 - fresh: ``/proc`` of its own pid namespace, a minimal ``/dev`` plus the
   device files of the worker's own GPUs and the control files CUDA opens
   (see :mod:`.devices`; none for a worker on CPU slots), and size-limited
@@ -39,7 +41,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-__all__ = ["SandboxLayout", "bubblewrap_argv", "check_bubblewrap", "find_bubblewrap", "python_paths"]
+from .site_binder import SITE, STASH, SiteBinder, sandbox_pid
+
+__all__ = ["SandboxLayout", "bubblewrap_argv", "check_bubblewrap", "check_site_binding", "find_bubblewrap",
+           "python_paths"]
 
 _SYSTEM = ("/usr", "/etc", "/opt", "/sys")
 _TOP_LEVEL = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
@@ -98,6 +103,10 @@ class SandboxLayout:
     #: Device files bound in: (the host's file, its path in the sandbox).
     devices: tuple[tuple[Path, Path], ...] = ()
     readable: tuple[Path, ...] = dataclasses.field(default_factory=lambda: tuple(python_paths()))
+    #: More folders bound read-write: (the host's folder, its path in the sandbox).
+    binds: tuple[tuple[Path, Path], ...] = ()
+    #: Empty folders made in the sandbox (mount points for later).
+    dirs: tuple[Path, ...] = ()
 
 
 def _nested(path: Path, roots: list[Path]) -> bool:
@@ -167,6 +176,43 @@ def bubblewrap_argv(bwrap: str, layout: SandboxLayout) -> list[str]:
     argv += _hiding(layout, [*kept, *(Path(p) for p in _TOP_LEVEL if os.path.isdir(p) and not os.path.islink(p))])
     for path in layout.writable:
         argv += ["--bind", str(path), str(path)]
+    for source, target in layout.binds:
+        argv += ["--bind", str(source), str(target)]
+    for folder in layout.dirs:
+        argv += ["--dir", str(folder)]
     if layout.chdir is not None:
         argv += ["--chdir", str(layout.chdir)]
     return [*argv, "--"]
+
+
+def check_site_binding(bwrap: str, binder: SiteBinder) -> str | None:
+    """None if ``binder`` can bind a user's site into a started sandbox here (see
+    :mod:`.site_binder`), else why not."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="rgpu-site-probe-") as tmp:
+        (Path(tmp) / "site").mkdir()
+        (Path(tmp) / "site" / "probe").write_text("")
+        layout = SandboxLayout(writable=(), binds=((Path(tmp), STASH),), dirs=(SITE,))
+        check = (f"import os, sys; sys.stdin.readline(); "
+                 f"print(os.listdir({str(SITE)!r}), os.listdir({str(STASH)!r}), sep='|')")
+        argv = bubblewrap_argv(bwrap, layout) + [sys.executable, "-I", "-S", "-c",
+                                                 f"print('ready', flush=True); {check}"]
+        with subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) as sandbox:
+            assert sandbox.stdin is not None and sandbox.stdout is not None
+            try:
+                if sandbox.stdout.readline().strip() != "ready":
+                    return f"a sandbox did not start ({sandbox.stderr.read().strip() if sandbox.stderr else ''})"
+                pid = sandbox_pid(sandbox.pid)
+                if pid is None:
+                    return "the sandbox's process could not be found"
+                binder.bind(pid, STASH / "site")
+                out, _ = sandbox.communicate("\n", timeout=30)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                sandbox.kill()
+                sandbox.communicate()
+                return str(exc)
+        if out.strip() != "['probe']|[]":
+            return f"the site was not bound as it should be ({out.strip()})"
+    return None

@@ -31,8 +31,10 @@ from .memory_limits import WorkerMemory
 from .modes import IsolationMode
 from .process_limits import WorkerProcesses
 from .sandbox import SandboxLayout, bubblewrap_argv, python_paths
+from .site_binder import SITE, STASH, SiteBinder, sandbox_pid
 from .tenant import Tenant
 from .user_disks import DiskMode, UserDisks
+from .user_sites import UserSites
 
 __all__ = ["DISK_VAR", "ServerIsolation", "WorkerIsolation", "can_refuse_user_namespaces", "device_groups"]
 
@@ -89,6 +91,16 @@ class ServerIsolation(Protocol):
     @property
     def remover(self) -> FolderRemover: ...
 
+    @property
+    def sites(self) -> UserSites: ...
+
+    @property
+    def site_binding(self) -> bool:
+        """Users' sites are bound into sandboxes at lease time (see :mod:`.site_binder`)."""
+
+    @property
+    def binder(self) -> SiteBinder: ...
+
     def server_files(self) -> tuple[Path, ...]: ...
 
     def environment(self, extra: dict[str, str]) -> dict[str, str]: ...
@@ -130,6 +142,8 @@ class WorkerIsolation:
         #: How the server interrupts it: a signal, or a message where the
         #: sandbox's pid namespace keeps the kernel out of the server's reach.
         self.interrupt_mode = "message" if self.mode is IsolationMode.BUBBLEWRAP else "signal"
+        #: A sandbox's: its user's site, seen from inside before the lease (see :meth:`bind_site`).
+        self.site_source: Path | None = None
 
     @property
     def own_pid_namespace(self) -> bool:
@@ -146,10 +160,13 @@ class WorkerIsolation:
             return list(argv)
         isolation = self.isolation
         assert isolation.bwrap is not None and self.folder is not None
+        binding = isolation.site_binding
         layout = SandboxLayout(writable=(self.runtime, self.folder),
                                hidden=(*isolation.server_files(), self.runtime.parent, *self._stand_in_dev()),
                                tmp_size=self._tmp_size(), chdir=self.folder,
-                               devices=tuple((f.source, Path("/dev") / f.name) for f in self.devices))
+                               devices=tuple((f.source, Path("/dev") / f.name) for f in self.devices),
+                               binds=((isolation.session_root, STASH),) if binding else (),
+                               dirs=(SITE,) if binding else ())
         return bubblewrap_argv(isolation.bwrap, layout) + list(argv)
 
     def environment(self, extra: dict[str, str]) -> dict[str, str]:
@@ -211,11 +228,15 @@ class WorkerIsolation:
         elif self.tenant.user != user:
             raise IsolationError(f"worker {self.name} belongs to {self.tenant.user}, not {user}")
         tenant = self.tenant
-        if self.mode is IsolationMode.NONE:
-            return EnterSpec(cwd=str(tenant.folder))  # the folder only: it runs as the server's user
+        if self.mode is IsolationMode.NONE:  # the folders only: it runs as the server's user
+            return EnterSpec(cwd=str(tenant.folder), site=str(self.isolation.sites.folder(user, None)))
         env = {"USER": user, "LOGNAME": user, "HOME": str(tenant.folder), "TMPDIR": "/tmp"}
-        if tenant.identity is None:
-            return EnterSpec(cwd=str(tenant.folder), env=tuple(env.items()))
+        if tenant.identity is None:  # a sandbox: its user's site is bound in (see bind_site)
+            if not self.isolation.site_binding:
+                return EnterSpec(cwd=str(tenant.folder), env=tuple(env.items()))
+            site = self.isolation.sites.folder(user, None)
+            self.site_source = STASH / site.relative_to(self.isolation.session_root)
+            return EnterSpec(cwd=str(tenant.folder), env=tuple(env.items()), site=str(SITE))
         identity = tenant.identity
         if identity.home and os.path.isdir(identity.home):
             env["HOME"] = identity.home
@@ -225,7 +246,27 @@ class WorkerIsolation:
         # namespace may predate the user's disk: it mounts that first.
         return EnterSpec(cwd=str(tenant.folder), uid=identity.uid, gid=identity.gid, groups=groups,
                          env=tuple(env.items()), chown=PRIVATE_TMP,
-                         mount=self.isolation.disks.mount_of(user))
+                         mount=self.isolation.disks.mount_of(user),
+                         site=str(self.isolation.sites.folder(user, identity)))
+
+    @property
+    def binds_site(self) -> bool:
+        """:meth:`bind_site` must run after :meth:`enter_spec`, before the spec is sent."""
+        return self.mode is IsolationMode.BUBBLEWRAP and self.isolation.site_binding
+
+    def bind_site(self, pid: int | None) -> None:
+        """Bind the user's site into the sandbox whose bubblewrap is ``pid``, and
+        take every other folder of the session root out of its reach; blocks (call
+        in a thread). Raises IsolationError: the worker must not be leased then."""
+        if self.site_source is None:
+            return
+        inside = sandbox_pid(pid) if pid is not None else None
+        if inside is None:
+            raise IsolationError(f"worker {self.name}: its sandbox is gone; the user's site was not bound")
+        try:
+            self.isolation.binder.bind(inside, self.site_source)
+        except OSError as exc:
+            raise IsolationError(f"worker {self.name}: {exc}") from None
 
     def adopt(self, tenant: Tenant) -> bool:
         """Serve ``tenant``, a lease that already has its session folder (a parked

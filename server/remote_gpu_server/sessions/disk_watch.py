@@ -101,10 +101,11 @@ class DiskWatch:
 
     @staticmethod
     def refusal(used: int, limit: int) -> str:
-        return (f"your session folders on this GPU server hold {format_size(used)}, past your limit of "
+        return (f"your session folders and packages on this GPU server hold {format_size(used)}, past your limit of "
                 f"{format_size(limit)} (rgpu serve --session-disk), so this cell was stopped; your cells "
                 "are stopped until you free space: delete files you no longer need (os.remove, "
-                "shutil.rmtree; %gpu download what you want to keep first), or release a parked session")
+                "shutil.rmtree; %gpu download what you want to keep first), release a parked session, "
+                "or remove the packages you installed (%gpu env reset)")
 
     def status_json(self, user: str, admin: bool) -> dict[str, Any]:
         """The ``disk`` object of ``GET /api/status``: the limit, how it holds, and

@@ -162,6 +162,10 @@ class EnterSpec:
     #: ``(device, folder, device number)``: the user's own ext4 filesystem,
     #: mounted at ``folder`` first unless this namespace has it there already.
     mount: tuple[str, str, int] | None = None
+    #: The user's own site for packages in this worker's environment, made
+    #: ready by the worker once it is its user's (see :mod:`.user_site`);
+    #: None: packages go to the session folder, for the session only.
+    site: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -173,7 +177,8 @@ class EnterSpec:
                    groups=tuple(int(g) for g in data.get("groups") or ()),
                    env=tuple((str(k), str(v)) for k, v in data.get("env") or ()),
                    chown=tuple(str(p) for p in data.get("chown") or ()),
-                   mount=(str(mount[0]), str(mount[1]), int(mount[2])) if mount else None)
+                   mount=(str(mount[0]), str(mount[1]), int(mount[2])) if mount else None,
+                   site=str(data["site"]) if data.get("site") else None)
 
 
 def _libc() -> Any:

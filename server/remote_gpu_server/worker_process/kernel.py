@@ -52,6 +52,9 @@ COUNT_KEY = "rgpu_execution_count"
 
 
 def _preload() -> None:
+    # A lease activates its user's site: imported now, not at the lease's cost.
+    from . import user_site as _user_site
+
     try:
         import torch
     except ImportError:
@@ -176,6 +179,7 @@ def _handle(shell: Any, channel: _DataChannel, data: dict[str, Any]) -> tuple[di
         die_with_parent()  # a change of credentials cleared it
         if spec.cwd:
             _enter_folder(spec.cwd)
+            _activate_site(shell, spec.site or os.path.join(spec.cwd, ".packages"), spec.site is not None)
         return {"ok": True}, None
     if op in ("upload", "download"):
         return _handle_files(channel, op, data)
@@ -228,6 +232,17 @@ def _restore(shell: Any, folder: str) -> dict[str, Any]:
 
 
 _folder: Any = None  # the session's worker_files.Folder, once the server said which
+
+
+def _activate_site(shell: Any, root: str, persistent: bool) -> None:
+    """The user's own packages (see :mod:`.user_site`); a site that cannot be made
+    ready leaves the session without one, and says why in the worker's log."""
+    from .user_site import activate
+
+    try:
+        activate(shell, root, persistent)
+    except OSError as exc:
+        print(f"your own site for packages at {root} could not be made ready: {exc}", file=sys.__stderr__)
 
 
 def _enter_folder(path: str) -> None:

@@ -237,9 +237,17 @@ class LocalWorker:
     def enter_spec(self, user: str) -> EnterSpec | None | Awaitable[EnterSpec | None]:
         self._spawned.note_namespaces()
         isolation = self._spawned.isolation
+        if isolation.binds_site:
+            return self._enter_spec_binding_site(user)
         if isolation.tenant is None and not isolation.isolation.disks.ready(user):
             return self._enter_spec_on_disk(user)
         return isolation.enter_spec(user)
+
+    async def _enter_spec_binding_site(self, user: str) -> EnterSpec | None:
+        """:meth:`enter_spec` of a sandbox, once its user's site is bound in it (in a thread)."""
+        spec = self._spawned.isolation.enter_spec(user)
+        await asyncio.to_thread(self._spawned.isolation.bind_site, self._spawned.pid)
+        return spec
 
     async def _enter_spec_on_disk(self, user: str) -> EnterSpec | None:
         """:meth:`enter_spec` once ``user``'s disk is mounted (a user's first lease:

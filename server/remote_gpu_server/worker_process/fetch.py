@@ -41,9 +41,9 @@ import sys
 import threading
 from typing import Any, Protocol
 
-from remote_gpu_core.errors import FetchRefused
+from remote_gpu_core.errors import FetchRefused, FileTransferError
 
-__all__ = ["FETCH_TIDS", "Fetcher", "Refusal", "fetch_tid", "install", "refusal_reason"]
+__all__ = ["FETCH_TIDS", "FetchNotSent", "Fetcher", "fetch_tid", "install", "refusal_reason"]
 
 #: Transfer ids of fetched files start here: the server numbers its own
 #: transfers from 1, so the two never meet.
@@ -58,7 +58,7 @@ def fetch_tid(fetch: int) -> int:
 
 
 def refusal_reason(code: str, message: str) -> str:
-    """The reason of the abort that refuses a fetch (read back by :class:`Refusal`)."""
+    """The reason of the abort that refuses a fetch (read back by :class:`FetchNotSent`)."""
     return json.dumps({"code": code, "message": message})
 
 
@@ -146,8 +146,8 @@ class Fetcher:
 
         try:
             self.channel.receive(tid, make_sink)
-        except Refusal as exc:
-            if exc.code == "refused":
+        except FetchNotSent as exc:
+            if exc.refusal == "refused":
                 raise FetchRefused(f"{exc.message}; the cell's open of {name!r} failed") from None
             return  # missing, or off: the open fails as it would have
         except BaseException as exc:
@@ -165,18 +165,19 @@ class Fetcher:
                           f"{exc.strerror or exc}", name) from None
 
 
-class Refusal(ConnectionError):
-    """The server aborted a fetch's transfer before it began: ``code`` (a
-    :class:`~m.FetchRefusal` value, or ``refused``) and ``message``."""
+class FetchNotSent(FileTransferError, ConnectionError):
+    """The server ended a fetch's transfer before it began, with no file:
+    ``refusal`` (a :class:`~m.FetchRefusal` value, else ``refused``) and
+    the message say why (see :func:`refusal_reason`). Code ``file_error``."""
 
     def __init__(self, reason: str) -> None:
         try:
             data = json.loads(reason)
-            code, message = str(data["code"]), str(data["message"])
+            refusal, message = str(data["code"]), str(data["message"])
         except (ValueError, KeyError, TypeError):
-            code, message = "refused", reason
+            refusal, message = "refused", reason
         super().__init__(message)
-        self.code = code
+        self.refusal = refusal
         self.message = message
 
 

@@ -123,9 +123,9 @@ class _DataChannel:
                 if got == tid:
                     break
             elif kind == ABORT and tid_of(payload) == tid:  # refused before it began (a fetch)
-                from .fetch import Refusal
+                from .fetch import FetchNotSent
 
-                raise Refusal(parse_abort(payload)[1])
+                raise FetchNotSent(parse_abort(payload)[1])
         filler = Filler(sizes) if sink is None else sink(sizes)
         try:
             while True:

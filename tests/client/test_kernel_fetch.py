@@ -59,3 +59,21 @@ def test_a_cell_reads_a_file_beside_the_notebook_as_a_local_kernel_does(
             driver.shutdown()
     assert outputs["remote-gpu"] == outputs["python3"] == (
         "2 {'x': '1', 'y': '2.5'}\n", "", ["6.0"])
+
+
+def test_rgpu_fetch_0_in_the_kernels_environment_turns_it_off(
+        jupyter_path: Path, server: ServerProcess, alice: str, tmp_path: Path) -> None:
+    here = tmp_path / "notebook"
+    here.mkdir()
+    (here / "data.csv").write_text("x,y\n1,2.5\n2,3.5\n")
+    env = kernel_env(tmp_path, server.url, alice) | {"RGPU_FETCH": "0"}
+    driver = KernelDriver(env).start(cwd=here)
+    try:
+        off = driver.run(READS_DATA)
+        assert off.status == "error" and off.reply["ename"] == "FileNotFoundError"
+        assert "fetching is off" in off.reply["traceback"][-1]
+        assert not any("fetched" in t for t in off.text("display_data"))
+        on = driver.run("%gpu fetch on\n" + READS_DATA)  # the notebook's own say wins
+        assert on.status == "ok" and on.text() == ["6.0"]
+    finally:
+        driver.shutdown()

@@ -200,11 +200,11 @@ def test_every_way_out_of_the_notebooks_folder_is_refused(alice: User, tmp_path:
         ename, evalue = alice.fail(f"open('../{secret.name}')")
         assert ename == "FetchRefused" and "goes up" in evalue
         # Forged requests, as hostile code in the worker can send them.
-        forged = alice.run(FORGE + "for name in ('/etc/passwd', '../secret.txt', 'link_out/x', 'fifo'):\n"
-                                   "    print(forge(name))")
+        forged = alice.run(FORGE + "for name in ('/etc/passwd', '../secret.txt', 'link_out/x', 'fifo', "
+                                   "'x' * 5000):\n    print(forge(name))")
         lines = forged.splitlines()
-        assert len(lines) == 4 and all(line.startswith("FetchRefused") for line in lines), lines
-        assert "absolute path" in lines[0] and "goes up" in lines[1]
+        assert len(lines) == 5 and all(line.startswith("FetchRefused") for line in lines), lines
+        assert "absolute path" in lines[0] and "goes up" in lines[1] and "5000 characters" in lines[4]
         assert alice.notes == []
         assert alice.run("import os\nprint(sorted(n for n in os.listdir() if n in "
                          "('link_out', 'big.bin', 'fifo', '.hidden', 'secret.txt', 'forged.out')))") == "[]\n"

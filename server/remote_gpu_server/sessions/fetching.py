@@ -36,12 +36,15 @@ if TYPE_CHECKING:
     from ..workers.worker import Worker
     from .session import Replier
 
-__all__ = ["ANSWER_TIMEOUT", "FileFetcher"]
+__all__ = ["ANSWER_TIMEOUT", "FileFetcher", "MAX_WAITING"]
 
 log = logging.getLogger("remote_gpu_server")
 
 #: How long the client may take to start answering a fetch, in seconds.
 ANSWER_TIMEOUT = 30.0
+#: Fetches of one session that may wait for their client at once; the
+#: worker's own code asks one at a time, so more are forged: refused.
+MAX_WAITING = 8
 
 Answer = m.Upload | m.FetchRefused
 
@@ -100,6 +103,10 @@ class FileFetcher:
         if not cell.serves:
             await transfers.refuse(fetch, refusal_reason(
                 m.FetchRefusal.OFF.value, "this cell's client does not send files of its notebook's folder"))
+            return
+        if len(self._waiting) >= MAX_WAITING or fetch in self._waiting:
+            await transfers.refuse(fetch, refusal_reason(
+                m.FetchRefusal.REFUSED.value, f"more than {MAX_WAITING} files asked for at once"))
             return
         fut: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._waiting[fetch] = fut

@@ -30,7 +30,7 @@ from ..worker_process.fetch import fetch_tid, refusal_reason
 from ..worker_process.kernel import COMM_TARGET
 from .datachannel import DataChannel, Liveness, TransferAborted
 
-__all__ = ["CommWorker", "FetchHandler", "OPERATION_TIMEOUT", "Reply", "TransferComm"]
+__all__ = ["CommWorker", "FetchHandler", "MAX_FETCH_PATH", "OPERATION_TIMEOUT", "Reply", "TransferComm"]
 
 #: Told of a fetch the worker asked for: ``(fetch number, path)``.
 FetchHandler = Callable[[int, str], None]
@@ -39,6 +39,8 @@ log = logging.getLogger("remote_gpu_server")
 
 #: An operation's reply and the buffers that came with it on IOPub.
 Reply = tuple[dict[str, Any], list[Any]]
+#: The longest path a worker's fetch may name (Linux's PATH_MAX).
+MAX_FETCH_PATH = 4096
 #: How long the worker may take to reply to an operation once its request is done, in seconds.
 OPERATION_TIMEOUT = 30.0
 
@@ -94,11 +96,15 @@ class TransferComm:
         fetch, path = data.get("fetch"), data.get("path")
         if not isinstance(fetch, int) or not 0 < fetch < 1 << 31 or not isinstance(path, str):
             return  # not a fetch this worker's code would ask: nothing waits for an answer
-        if self.on_fetch is not None:
+        if len(path) > MAX_FETCH_PATH:
+            self._refuse_soon(fetch, m.FetchRefusal.REFUSED, f"a path of {len(path)} characters is not a file name")
+        elif self.on_fetch is not None:
             self.on_fetch(fetch, path)
-            return
-        reason = refusal_reason(m.FetchRefusal.OFF.value, "no cell of a client that serves files runs now")
-        task = asyncio.get_running_loop().create_task(self.refuse(fetch, reason))
+        else:
+            self._refuse_soon(fetch, m.FetchRefusal.OFF, "no cell of a client that serves files runs now")
+
+    def _refuse_soon(self, fetch: int, refusal: m.FetchRefusal, message: str) -> None:
+        task = asyncio.get_running_loop().create_task(self.refuse(fetch, refusal_reason(refusal.value, message)))
         self._refusing.add(task)
         task.add_done_callback(self._refusing.discard)
 

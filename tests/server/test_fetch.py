@@ -29,6 +29,8 @@ from waiting import wait_for
 
 #: The largest file the test's clients send (their RGPU_FETCH_MAX).
 MAX = 64 << 10
+#: The server's --max-upload and each user's --session-disk.
+MAX_UPLOAD, DISK = 24 << 20, 16 << 20
 
 #: A hostile cell's way to ask the client for any path: the worker's own fetch,
 #: called by hand, past the audit hook's checks. Prints the outcome.
@@ -82,7 +84,7 @@ class World:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     tmp = tmp_path_factory.mktemp("fetch")
-    server = ServerProcess(tmp, "cpu:2")
+    server = ServerProcess(tmp, "cpu:2", "--max-upload", "24M", "--session-disk", "16M")
     tokens = server.token("alice"), server.token("bob")
     server.start()
     try:
@@ -280,3 +282,21 @@ def test_the_worker_asks_only_while_its_cell_runs(alice: User) -> None:
     assert found == "not found"
     assert alice.notes == []
     assert alice.run("print(open('later.csv').read().count(','))") == "3\n"
+
+
+def test_the_uploads_limit_and_the_users_disk_apply(alice: User) -> None:
+    alice.session.notebook_files = NotebookFolder(alice.folder)  # 1 GiB: the server's limits decide
+    (alice.folder / "over-upload.bin").write_bytes(b"\1" * (MAX_UPLOAD + 1))
+    ename, evalue = alice.fail("open('over-upload.bin', 'rb')")
+    assert ename == "FetchRefused" and "over the GPU server's upload limit of 24 MiB" in evalue
+    (alice.folder / "over-disk.bin").write_bytes(b"\1" * (DISK + (1 << 20)))
+    result = alice.session.execute("open('over-disk.bin', 'rb')", on_output=quiet, on_fetched=alice.notes.append)
+    assert result.error is not None and result.error.ename == "OSError", result.error
+    assert "No space left" in result.error.evalue and "share 16 MiB of disk" in result.error.traceback[-1]
+    # The client sent it (and says so); the server's disk limit then stopped it, as the error says.
+    assert alice.notes == ["fetched over-disk.bin, 17 MiB, from your notebook's folder"]
+    # Nothing of either is left in the session's folder, and it goes on.
+    assert alice.run("import os\nprint([n for n in os.listdir() if 'over-' in n or n.startswith('.upload-')])") \
+        == "[]\n"
+    _csv(alice.folder, "small.csv")
+    assert alice.run("print(open('small.csv').read().count(','))") == "3\n"

@@ -74,20 +74,27 @@ class FileFetcher:
         self._cell: _Cell | None = None
         self._waiting: dict[int, asyncio.Future[Answer]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        # Uploads streaming into the worker now, each with the event set when it has ended.
+        self._streaming: list[tuple[m.Upload, asyncio.Event]] = []
 
     def begin(self, worker: Worker, conn: Replier, req: int, serves: bool) -> None:
         """Cell ``req`` of ``conn`` runs on ``worker``; ``serves``: its client sends files."""
         self._cell = _Cell(worker, conn, req, serves)
         worker.transfers.on_fetch = self._requested
 
-    def end(self) -> None:
-        """The cell is over: its fetches still waiting are refused."""
+    async def end(self) -> None:
+        """The cell is over: its fetches still waiting are refused, and an upload
+        still streaming (the cell was interrupted while it came) is cut short and
+        waited for, so that the data channel is free for the next request."""
         cell, self._cell = self._cell, None
         if cell is not None and cell.worker.transfers.on_fetch == self._requested:
             cell.worker.transfers.on_fetch = None
         for fut in self._waiting.values():
             fut.cancel()
         self._waiting.clear()
+        for msg, ended in list(self._streaming):
+            _drop(msg, "the cell that asked for this file is over")
+            await ended.wait()
 
     def _requested(self, fetch: int, path: str) -> None:
         cell = self._cell
@@ -145,7 +152,12 @@ class FileFetcher:
                                  "the client sent a fetch's answer that is not one file")
         fut.set_result(msg)
         if isinstance(msg, m.Upload):
+            streaming = (msg, asyncio.Event())
+            self._streaming.append(streaming)
             try:
                 await cell.worker.transfers.data.send(fetch_tid(msg.fetch), list(msg.buffers), cell.worker)
             except (TransferAborted, WorkerDied) as exc:
                 log.info("a fetched file did not reach its worker: %s", exc)
+            finally:
+                self._streaming.remove(streaming)
+                streaming[1].set()

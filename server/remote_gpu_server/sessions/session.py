@@ -221,7 +221,7 @@ class Session:
             try:
                 await self._execute(msg, conn, worker, cell)
             finally:
-                self.fetcher.end()
+                await self.fetcher.end()
                 self.recorder.flush()
                 cell.done.set()
 

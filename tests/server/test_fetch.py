@@ -174,6 +174,17 @@ def test_writing_is_not_intercepted(alice: User) -> None:
     assert (alice.folder / "result.txt").read_text() == "the notebook's own"
 
 
+def test_source_that_a_traceback_looks_for_is_not_fetched(alice: User) -> None:
+    """Compiled modules name their source relatively (zmq/backend/cython/_zmq.py):
+    a traceback's lookups through linecache are not the cell's reads."""
+    (alice.folder / "pkg").mkdir()
+    (alice.folder / "pkg" / "mod.py").write_text("x = 1\n")
+    assert alice.run("import linecache\nprint(linecache.getlines('pkg/mod.py'))") == "[]\n"
+    assert alice.notes == []
+    assert alice.run("print(open('pkg/mod.py').read(), end='')") == "x = 1\n"
+    assert len(alice.notes) == 1
+
+
 def test_a_file_nowhere_and_fetching_off_fail_as_before(alice: User) -> None:
     ename, evalue = alice.fail("open('nowhere.csv')")
     assert ename == "FileNotFoundError" and "nowhere.csv" in evalue
@@ -300,3 +311,28 @@ def test_the_uploads_limit_and_the_users_disk_apply(alice: User) -> None:
         == "[]\n"
     _csv(alice.folder, "small.csv")
     assert alice.run("print(open('small.csv').read().count(','))") == "3\n"
+
+
+def test_an_interrupt_in_the_middle_of_a_fetch_leaves_the_session_whole(alice: User) -> None:
+    np = pytest.importorskip("numpy")
+    alice.session.notebook_files = NotebookFolder(alice.folder)
+    size = 12 << 20
+    (alice.folder / "slow.bin").write_bytes(b"\2" * size)
+    # The cell interrupts itself once the file has begun to arrive (its temporary file is
+    # there): mostly while the rest still streams, else in the wait after the read.
+    ename, _ = alice.fail("import os, signal, threading, time\n"
+                          "def stop():\n"
+                          "    while not any(n.startswith('.upload-') for n in os.listdir()):\n"
+                          "        time.sleep(0.002)\n"
+                          "    os.kill(os.getpid(), signal.SIGINT)\n"
+                          "threading.Thread(target=stop).start()\n"
+                          "data = open('slow.bin', 'rb').read()\n"
+                          "threading.Event().wait()")
+    assert ename == "KeyboardInterrupt"
+    assert alice.run("import os\nprint([n for n in os.listdir() if n.startswith('.upload-')])") == "[]\n"
+    # The data channel is in step: a push and a pull right after carry their own bytes.
+    array = np.arange(3 << 20, dtype=np.int64)
+    alice.session.push(pushed=array)
+    assert np.array_equal(alice.session.pull("pushed")["pushed"], array)
+    assert alice.run("print(len(open('slow.bin', 'rb').read()))") == f"{size}\n"
+

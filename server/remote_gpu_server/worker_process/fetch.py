@@ -23,7 +23,8 @@ client's reason.
 What is not intercepted: writes (any of ``O_WRONLY``, ``O_RDWR``,
 ``O_CREAT``, ``O_APPEND``, ``O_TRUNC``; writing back stays ``%gpu
 download``), absolute paths (the GPU machine's own files), opens by file
-descriptor, and checks that raise no audit event (``os.stat``,
+descriptor, source files that tracebacks look for (through
+:mod:`linecache`), and checks that raise no audit event (``os.stat``,
 ``os.path.exists``, ``os.listdir`` of a folder that is only on the
 notebook's machine). A fetch happens once per file: the copy stays in the
 session's folder for later opens.
@@ -39,6 +40,7 @@ import json
 import os
 import sys
 import threading
+from types import FrameType
 from typing import Any, Protocol
 
 from remote_gpu_core.errors import FetchRefused, FileTransferError
@@ -48,6 +50,8 @@ __all__ = ["FETCH_TIDS", "FetchNotSent", "Fetcher", "fetch_tid", "install", "ref
 #: Transfer ids of fetched files start here: the server numbers its own
 #: transfers from 1, so the two never meet.
 FETCH_TIDS = 1 << 31
+#: Modules that open files to show source code, not to read data (see :func:`_reading_source`).
+_SOURCE_READERS = frozenset({"linecache", "tokenize"})
 #: Flags of an open that writes: such an open is never intercepted.
 _WRITING = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
@@ -121,6 +125,8 @@ class Fetcher:
         cwd = os.getcwd()
         if cwd != root and not cwd.startswith(root + os.sep):
             return  # the cell moved out of the session's folder: its files are not the notebook's
+        if _reading_source():
+            return
         target = os.path.normpath(os.path.join(cwd, path))
         name = os.path.relpath(target, root)
         with self._lock:  # one fetch at a time on the one data channel
@@ -163,6 +169,20 @@ class Fetcher:
         except OSError as exc:
             raise OSError(exc.errno or errno.EIO, f"fetching {name!r} from your notebook's folder failed: "
                           f"{exc.strerror or exc}", name) from None
+
+
+def _reading_source() -> bool:
+    """Whether the open comes from :mod:`linecache` (a traceback, ``inspect``,
+    IPython's ``??``) looking for a module's source: compiled modules name
+    theirs relatively (``zmq/backend/cython/_zmq.py``), and those are not
+    the notebook's files. Walked only for a missing file, where a fetch's
+    round trip would cost far more."""
+    frame: FrameType | None = sys._getframe(3)
+    while frame is not None:
+        if frame.f_globals.get("__name__") in _SOURCE_READERS:
+            return True
+        frame = frame.f_back
+    return False
 
 
 class FetchNotSent(FileTransferError, ConnectionError):

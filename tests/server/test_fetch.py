@@ -179,7 +179,10 @@ def test_source_that_a_traceback_looks_for_is_not_fetched(alice: User) -> None:
     a traceback's lookups through linecache are not the cell's reads."""
     (alice.folder / "pkg").mkdir()
     (alice.folder / "pkg" / "mod.py").write_text("x = 1\n")
-    assert alice.run("import linecache\nprint(linecache.getlines('pkg/mod.py'))") == "[]\n"
+    (alice.folder / "<frozen os>").write_text("not a file anyone means")
+    assert alice.run("import linecache\nprint(linecache.getlines('pkg/mod.py'))\n"
+                     "try:\n    open('<frozen os>')\nexcept FileNotFoundError:\n    print('not fetched')") \
+        == "[]\nnot fetched\n"
     assert alice.notes == []
     assert alice.run("print(open('pkg/mod.py').read(), end='')") == "x = 1\n"
     assert len(alice.notes) == 1

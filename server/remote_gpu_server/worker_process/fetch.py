@@ -24,7 +24,7 @@ What is not intercepted: writes (any of ``O_WRONLY``, ``O_RDWR``,
 ``O_CREAT``, ``O_APPEND``, ``O_TRUNC``; writing back stays ``%gpu
 download``), absolute paths (the GPU machine's own files), opens by file
 descriptor, source files that tracebacks look for (through
-:mod:`linecache`), and checks that raise no audit event (``os.stat``,
+:mod:`linecache`), pseudo-files (``<string>``), and checks that raise no audit event (``os.stat``,
 ``os.path.exists``, ``os.listdir`` of a folder that is only on the
 notebook's machine). A fetch happens once per file: the copy stays in the
 session's folder for later opens.
@@ -125,8 +125,8 @@ class Fetcher:
         cwd = os.getcwd()
         if cwd != root and not cwd.startswith(root + os.sep):
             return  # the cell moved out of the session's folder: its files are not the notebook's
-        if _reading_source():
-            return
+        if (path.startswith("<") and path.endswith(">")) or _reading_source():
+            return  # a pseudo-file ("<string>", "<frozen os>"), or source for a traceback
         target = os.path.normpath(os.path.join(cwd, path))
         name = os.path.relpath(target, root)
         with self._lock:  # one fetch at a time on the one data channel

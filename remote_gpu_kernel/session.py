@@ -219,7 +219,7 @@ class AsyncSession:
         header = parent_of(parent)
         async with self._exchange(
                 lambda r: m.Execute(r, code, timeout, silent, store_history, allow_stdin, header,
-                                    execution_count, self.notebook_files is not None)) as receive:
+                                    execution_count, fetch=self.notebook_files is not None)) as receive:
             while True:
                 msg = await receive()
                 if isinstance(msg, m.Output):

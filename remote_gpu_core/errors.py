@@ -46,8 +46,12 @@ carries that answer's code, which may be more precise than its class's
     ├── SerializationError (TypeError)       serialization
     │       a variable could not be pickled; names it
     ├── FileTransferError                    file_error
-    │       a file could not be uploaded or downloaded (missing, outside
-    │       the session's folder, over the server's upload limit)
+    │   │   a file could not be uploaded or downloaded (missing, outside
+    │   │   the session's folder, over the server's upload limit)
+    │   └── FetchRefused (PermissionError)   fetch_refused
+    │           a remote cell opened a file that the notebook's client
+    │           does not send (outside its folder, hidden, too large, not
+    │           a regular file); ``refusal`` says which kind of no
     ├── RemoteError                          remote_error
     │       the remote cell raised; carries the remote traceback and
     │       renders it as IPython's own
@@ -68,6 +72,7 @@ __all__ = [
     "AuthenticationError",
     "CellSyntaxError",
     "ConnectionLost",
+    "FetchRefused",
     "FileTransferError",
     "InsecureConnection",
     "LeaseError",
@@ -256,6 +261,22 @@ class FileTransferError(RemoteGpuError):
     written. ``code`` is ``file_error``."""
 
     code = "file_error"
+
+
+class FetchRefused(FileTransferError, PermissionError):
+    """A file a remote cell opened is not sent from the notebook's folder.
+
+    ``refusal`` is a :class:`~remote_gpu_core.protocol.messages.FetchRefusal`
+    value: ``missing`` (no such file), ``off`` (fetching is off) or
+    ``refused`` (a file the client does not send; the message says why).
+    A remote cell sees only ``refused`` ones as this error.
+    """
+
+    code = "fetch_refused"
+
+    def __init__(self, message: str, refusal: str = "refused") -> None:
+        super().__init__(message)
+        self.refusal = refusal
 
 
 class RemoteTimeout(RemoteGpuError, TimeoutError):

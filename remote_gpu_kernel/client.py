@@ -24,6 +24,7 @@ from remote_gpu_core.login import ClientConfig
 from remote_gpu_core.protocol import messages as m
 
 from .link import Link, open_link
+from .notebook_files import NotebookFolder
 from .session import (
     AsyncSession, ExecuteResult, NoticeCallback, QueueCallback, notify, parent_of, write_streams
 )
@@ -81,8 +82,11 @@ class AsyncClient:
         ``on_queue(position)`` is called whenever the request's place in the
         queue changes. ``notebook`` is the path of the notebook the lease is
         for, shown to its owner in the sidebar and ``/api/status`` (the magic
-        and the kernel pass Jupyter's; a script passes none).
+        and the kernel pass Jupyter's; a script passes none). Its folder (else
+        the working folder) is the one the session's cells fetch missing files
+        from (:attr:`AsyncSession.notebook_files`; ``RGPU_FETCH=0`` turns that off).
         """
+        files = NotebookFolder.from_environ(notebook)
         link = await self._connect()
         try:
             req, inbox = link.open()
@@ -98,7 +102,9 @@ class AsyncClient:
                     notify(on_notice, msg.text)
                 elif isinstance(msg, m.LeaseGranted):
                     link.done(req)
-                    return AsyncSession(link, msg, on_notice)
+                    session = AsyncSession(link, msg, on_notice)
+                    session.notebook_files = files
+                    return session
         except BaseException:
             await link.close()
             raise

@@ -28,6 +28,7 @@ from remote_gpu_core import tls
 from remote_gpu_core.login import notebook_path
 from remote_gpu_core.errors import ConnectionLost, SessionReleased
 from .magic_comms import CommBridge
+from .notebook_files import folder_for
 from .rendering import render_output
 from .sync import Client, Session
 
@@ -104,6 +105,8 @@ class GpuMagics(Magics):
         self.session: Session | None = None
         self._last_session: str | None = None
         self._last_seq = 0
+        #: ``%gpu fetch on|off``; None: RGPU_FETCH decides (see :mod:`.notebook_files`).
+        self.fetch: bool | None = None
         self.comms = CommBridge(shell, lambda: self.session, render_output)
         # A kernel that shuts down or restarts gives its GPU back now, not
         # after the server's grace period.
@@ -144,6 +147,8 @@ class GpuMagics(Magics):
                 on_notice=_say, notebook=notebook_path(),
             )
             session.on_background = self.comms.background
+            if self.fetch is not None:
+                session.notebook_files = folder_for(self.fetch, notebook_path())
             self.session = session
             self._last_session = session.id
             if resume and session.resumed and session.parked:
@@ -218,13 +223,18 @@ class GpuMagics(Magics):
             %gpu pull NAME...                    copy remote variables here
             %gpu upload PATH...                  send files or folders to the session's folder
             %gpu download PATH...                fetch files or folders from it
+            %gpu fetch on|off                    whether remote cells may read files of this
+                                                 notebook's folder (default on; RGPU_FETCH=0: off)
             %gpu env show                        the packages you installed on the server (%pip
                                                  install in a remote cell), kept across sessions
             %gpu env reset                       remove them all
 
-        Remote cells run in the session's own folder on the GPU server, so a
-        cell that opens ``images/x.png`` needs ``%gpu upload images/x.png``
-        first; ``%gpu download results.csv`` brings a result back here.
+        Remote cells run in the session's own folder on the GPU server. A
+        cell that opens ``images/x.png`` for reading, which is not there, gets
+        it from this notebook's folder, once (read-only: never from outside
+        the folder, hidden files, or over RGPU_FETCH_MAX, default 1 GiB);
+        ``%gpu upload PATH`` sends other files, and ``%gpu download
+        results.csv`` brings a result back here.
         """
         if cell is None:
             return self._line(line)
@@ -250,6 +260,8 @@ class GpuMagics(Magics):
             # Under this cell's number too: a remote traceback says Cell In[N] as the prompt does.
             result = session.execute(code, self.comms.show, timeout=timeout, parent=parent.get("header"),
                                      on_queue=lambda pos: line.show(notices.restoring(pos)),
+                                     on_fetched=lambda text: notices.StatusLine(_publish_display).show(
+                                         f"{notices.PREFIX}{text}"),
                                      execution_count=self._cell_number(parent))
         # The cell did not finish: each of these fails it (so "Run All"
         # stops here), shown as one line that says what to do next.
@@ -353,6 +365,14 @@ class GpuMagics(Magics):
             result = self._session().execute(notices.env_code(rest[0]), self.comms.show)
             if result.error is not None:
                 raise result.error
+        elif cmd == "fetch":
+            if rest not in (["on"], ["off"]):
+                raise ValueError("usage: %gpu fetch on|off")
+            self.fetch = rest == ["on"]
+            if self.session is not None:
+                self.session.notebook_files = folder_for(self.fetch, notebook_path())
+            where = "this notebook's folder" if self.fetch else "nowhere"
+            print(f"{notices.PREFIX}remote cells fetch the files they open from {where}")
         else:
             raise ValueError(f"%gpu {cmd}: unknown command; see %gpu? for help")
         return None

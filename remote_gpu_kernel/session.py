@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from remote_gpu_core.errors import (
-    ConnectionLost, FileTransferError, RemoteError, RemoteGpuError, SessionReleased
+    ConnectionLost, FetchRefused, FileTransferError, RemoteError, RemoteGpuError, SessionReleased
 )
 from remote_gpu_core.protocol import dump_values, load_values
 from remote_gpu_core.protocol import messages as m
@@ -27,6 +27,7 @@ from remote_gpu_core.sizes import format_size
 
 from . import files as _files
 from .link import Link, OutputCallback, ProgressCallback
+from .notebook_files import NotebookFolder, fetched_note
 
 __all__ = [
     "AsyncSession", "ExecuteResult", "NoticeCallback", "OutputCallback", "ProgressCallback",
@@ -119,6 +120,9 @@ class AsyncSession:
         self.on_background: OutputCallback | None = write_streams
         #: The most bytes one upload may carry on this server (0: no limit).
         self.max_upload = int(link.limits.get("max_upload") or 0)
+        #: Where a remote cell's missing files are sent from when it opens them
+        #: (see :mod:`.notebook_files`); None: fetching is off.
+        self.notebook_files: NotebookFolder | None = None
         self._link = link
         link.on_released = self._on_released
         link.on_parked = self._on_parked
@@ -192,7 +196,8 @@ class AsyncSession:
                       store_history: bool = True, allow_stdin: bool = False,
                       on_notice: NoticeCallback | None = None,
                       on_queue: QueueCallback | None = None,
-                      parent: dict[str, Any] | None = None, execution_count: int = 0) -> ExecuteResult:
+                      parent: dict[str, Any] | None = None, execution_count: int = 0,
+                      on_fetched: NoticeCallback | None = None) -> ExecuteResult:
         """Run ``code`` remotely.
 
         ``on_output`` is called with every output message as it arrives; by
@@ -205,13 +210,16 @@ class AsyncSession:
         its way. The server refuses a ``msg_id`` already running on the worker.
         ``execution_count`` (not 0): the cell's number in the notebook, which
         the remote IPython then uses too (see :class:`~.protocol.messages.Execute`).
+        A file the cell opens that its session's folder lacks is sent from
+        :attr:`notebook_files`; ``on_fetched`` hears one line for each
+        (default: as a notice).
         """
         handler = on_output if on_output is not None else write_streams
         outputs: list[m.Output] = []
         header = parent_of(parent)
         async with self._exchange(
                 lambda r: m.Execute(r, code, timeout, silent, store_history, allow_stdin, header,
-                                    execution_count)) as receive:
+                                    execution_count, fetch=self.notebook_files is not None)) as receive:
             while True:
                 msg = await receive()
                 if isinstance(msg, m.Output):
@@ -220,6 +228,8 @@ class AsyncSession:
                     handler(msg)
                 elif isinstance(msg, m.Notice):
                     notify(on_notice or self.on_notice, msg.text)
+                elif isinstance(msg, m.Fetch):
+                    await self._serve_fetch(msg, on_fetched or on_notice or self.on_notice)
                 elif isinstance(msg, m.QueuePosition):
                     if on_queue is not None:
                         on_queue(msg.position)
@@ -231,6 +241,25 @@ class AsyncSession:
                     if msg.status == "error":
                         error = RemoteError.from_remote(msg.ename, msg.evalue, msg.traceback)
                     return ExecuteResult(msg.status, msg.job, msg.execution_count, outputs, error)
+
+    async def _serve_fetch(self, msg: m.Fetch, on_fetched: NoticeCallback | None) -> None:
+        """Send the file the running cell opened, or say why not (see
+        :mod:`.notebook_files`); the server answers neither."""
+        req, _ = self._link.open()  # an id of its own: whatever the server says to it is dropped
+        try:
+            if self.notebook_files is None:
+                raise FetchRefused("fetching files of the notebook's folder is off", m.FetchRefusal.OFF.value)
+            data, size = self.notebook_files.open(msg.path, self.max_upload)
+        except FetchRefused as exc:
+            self._link.done(req)
+            await self._link.send(m.FetchRefused(req, msg.fetch, exc.refusal, str(exc)))
+            return
+        try:
+            await self._link.send(m.Upload(req, [msg.path], (data,), fetch=msg.fetch))
+        finally:
+            self._link.done(req)
+            _files.close_all([data])
+        notify(on_fetched, fetched_note(msg.path, size))
 
     async def replay(self, after: int) -> list[m.Output]:
         """The outputs the session produced after sequence number ``after``.

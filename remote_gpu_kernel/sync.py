@@ -11,12 +11,14 @@ interrupt.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import queue
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from .client import AsyncClient
+from .notebook_files import NotebookFolder
 from .session import (
     AsyncSession, ExecuteResult, NoticeCallback, OutputCallback, ProgressCallback, QueueCallback, notify,
     write_streams
@@ -155,6 +157,13 @@ class Client:
         return Session(_pump(factory, handle), on_notice)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Fetched:
+    """A cell's line about a file fetched from the notebook's folder, on its way to the caller's thread."""
+
+    text: str
+
+
 class Session:
     """Blocking twin of :class:`~remote_gpu_kernel.AsyncSession`."""
 
@@ -190,6 +199,16 @@ class Session:
     @property
     def id(self) -> str:
         return self._session.id
+
+    @property
+    def notebook_files(self) -> NotebookFolder | None:
+        """Where a remote cell's missing files are fetched from; None: off
+        (see :attr:`AsyncSession.notebook_files`)."""
+        return self._session.notebook_files
+
+    @notebook_files.setter
+    def notebook_files(self, folder: NotebookFolder | None) -> None:
+        self._session.notebook_files = folder
 
     @property
     def slots(self) -> list[str]:
@@ -242,7 +261,8 @@ class Session:
                 timeout: float | None = None, silent: bool = False,
                 store_history: bool = True, allow_stdin: bool = False,
                 on_queue: QueueCallback | None = None,
-                parent: dict[str, Any] | None = None, execution_count: int = 0) -> ExecuteResult:
+                parent: dict[str, Any] | None = None, execution_count: int = 0,
+                on_fetched: NoticeCallback | None = None) -> ExecuteResult:
         """Run ``code``; see :meth:`AsyncSession.execute`.
 
         Callbacks run in this thread, as output arrives. A KeyboardInterrupt
@@ -260,6 +280,8 @@ class Session:
             elif isinstance(event, m.QueuePosition):
                 if on_queue is not None:
                     on_queue(event.position)
+            elif isinstance(event, _Fetched):
+                notify(on_fetched or self.on_notice, event.text)
             else:
                 notify(self.on_notice, event)
 
@@ -267,7 +289,8 @@ class Session:
             return self._session.execute(code, emit, timeout=timeout, silent=silent,
                                          store_history=store_history, allow_stdin=allow_stdin,
                                          on_notice=emit, on_queue=lambda p: emit(m.QueuePosition(0, p)),
-                                         parent=parent, execution_count=execution_count)
+                                         parent=parent, execution_count=execution_count,
+                                         on_fetched=lambda text: emit(_Fetched(text)))
 
         return _pump(factory, handle, self.interrupt)
 

@@ -6,9 +6,9 @@ A cell is one of three things:
   in the local namespace; nothing is leased.
 * ``%gpu COMMAND ARGS`` lines at the top or the bottom of a cell: commands
   for the kernel itself (``push NAME...``, ``pull NAME...``, ``upload
-  PATH...``, ``download PATH...``, ``status``, ``release``, ``park``,
-  ``resume``, ``env show|reset``; paths are split as a shell would, so a name with spaces is
-  quoted). Those at the top run in order before the rest of the cell,
+  PATH...``, ``download PATH...``, ``fetch on|off``, ``status``,
+  ``release``, ``park``, ``resume``, ``env show|reset``; paths are split
+  as a shell would, so a name with spaces is quoted). Those at the top run in order before the rest of the cell,
   which (if any) runs remotely; those at the bottom run after it, if it
   succeeded.
 * anything else: runs on the leased GPU, unchanged.
@@ -30,7 +30,7 @@ __all__ = ["COMMANDS", "ENV_ACTIONS", "PATH_COMMANDS", "Cell", "CellKind", "Cell
 
 #: ``%gpu`` commands and whether they take arguments (variable names or paths).
 COMMANDS: dict[str, bool] = {"push": True, "pull": True, "upload": True, "download": True,
-                             "status": False, "release": False, "park": False, "resume": False,
+                             "fetch": True, "status": False, "release": False, "park": False, "resume": False,
                              "env": True}
 #: What ``%gpu env`` does: list, or remove, the packages the user installed on the server.
 ENV_ACTIONS = ("show", "reset")
@@ -39,8 +39,8 @@ PATH_COMMANDS = frozenset({"upload", "download"})
 
 _USAGE = (
     "usage: %gpu push NAME [NAME ...] | %gpu pull NAME [NAME ...] | %gpu upload PATH [PATH ...] | "
-    "%gpu download PATH [PATH ...] | %gpu status | %gpu release | %gpu park | %gpu resume | "
-    "%gpu env show|reset"
+    "%gpu download PATH [PATH ...] | %gpu fetch on|off | %gpu status | %gpu release | %gpu park | "
+    "%gpu resume | %gpu env show|reset"
 )
 
 
@@ -91,6 +91,8 @@ def _parse_command(line: str) -> GpuCommand:
         raise CellSyntaxError(f"%gpu {name} needs at least one {what}; {_USAGE}")
     if not takes_names and args:
         raise CellSyntaxError(f"%gpu {name} takes no arguments; {_USAGE}")
+    if name == "fetch" and args not in (("on",), ("off",)):
+        raise CellSyntaxError(f"%gpu fetch takes on or off; {_USAGE}")
     for arg in args if name not in PATH_COMMANDS else ():
         if not arg.isidentifier():
             raise CellSyntaxError(f"%gpu {name}: {arg!r} is not a variable name")

@@ -253,6 +253,7 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):
             result = await session.execute(code, on_output, silent=silent, store_history=store_history,
                                            allow_stdin=allow_stdin, on_notice=cell.notice,
                                            on_queue=cell.restoring, parent=cell.header,
+                                           on_fetched=cell.inform,
                                            execution_count=0 if silent or not store_history
                                            else self.execution_count)
         except ConnectionLost as exc:
@@ -311,6 +312,11 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):
         if command.name == "release":
             await self.remote.release()
             cell.stream("Remote GPU: released the GPU; its variables are gone\n", "stdout")
+            return None
+        if command.name == "fetch":
+            self.remote.set_fetch(command.args == ("on",))
+            where = "this notebook's folder" if self.remote.fetch else "nowhere"
+            cell.stream(f"{notices.PREFIX}remote cells fetch the files they open from {where}\n", "stdout")
             return None
         if command.name == "park" and self.remote.session is None:
             cell.stream("Remote GPU: no GPU session to park\n", "stdout")

@@ -24,6 +24,7 @@ from remote_gpu_core.login import notebook_path
 from remote_gpu_core.protocol.messages import Output
 
 from ..client import AsyncClient
+from ..notebook_files import folder_for
 from ..session import AsyncSession
 
 __all__ = ["LeaseReporter", "RemoteLease"]
@@ -55,6 +56,8 @@ class RemoteLease:
         self._on_background = on_background
         self._client: AsyncClient | None = None
         self.session: AsyncSession | None = None
+        #: ``%gpu fetch on|off``; None: RGPU_FETCH decides (see :mod:`..notebook_files`).
+        self.fetch: bool | None = None
 
     @property
     def client(self) -> AsyncClient:
@@ -120,7 +123,15 @@ class RemoteLease:
         self.session = await client.open_session(resume=resume, on_queue=report.queued,
                                                  on_notice=report.notice, notebook=notebook_path())
         self.session.on_background = self._on_background
+        if self.fetch is not None:
+            self.session.notebook_files = folder_for(self.fetch, notebook_path())
         return self.session
+
+    def set_fetch(self, fetch: bool) -> None:
+        """``%gpu fetch on|off``: for the session now and those after it."""
+        self.fetch = fetch
+        if self.session is not None:
+            self.session.notebook_files = folder_for(fetch, notebook_path())
 
     async def _drop(self) -> None:
         session, self.session = self.session, None

@@ -107,6 +107,10 @@ class CellOutput:
         """A line of information for this request, updated in place by the next."""
         self._line.show(text)
 
+    def inform(self, text: str) -> None:
+        """A line of information of its own (a file fetched), kept as it is."""
+        notices.StatusLine(self.send).show(f"{notices.PREFIX}{text}")
+
     def progress(self, verb: str, done: int, total: int) -> None:
         self._line.progress(verb, done, total)
 

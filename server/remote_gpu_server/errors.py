@@ -38,10 +38,14 @@ around a file) inherit that builtin as well::
     │   │           (:mod:`.worker_process.parked_namespace`)
     │   └── WorkerDied                          (the core's)
     └── FileTransferError                       (the core's) file_error
-        └── PathRefused (PermissionError)       file_error
-                a path outside the session's folder (:mod:`.worker_process.files`)
+        ├── PathRefused (PermissionError)       file_error
+        │       a path outside the session's folder (:mod:`.worker_process.files`)
+        └── FetchNotSent (ConnectionError)      file_error
+                a file a cell opened was not sent from the notebook's folder
+                (:mod:`.worker_process.fetch`); the cell sees the core's
+                FetchRefused, or the FileNotFoundError it would have had
 
-``ParkQuotaExceeded`` and ``PathRefused`` are raised inside a worker, whose
+``ParkQuotaExceeded``, ``PathRefused`` and ``FetchNotSent`` are raised inside a worker, whose
 code imports only the shared core (see :mod:`.worker_process`): they live
 there and derive from the core's classes. The store, the scheduler, the
 front door and the workers re-export the classes they raise, so a module

@@ -512,8 +512,10 @@ def test_gpu_upload_and_download_in_the_kernel(jupyter_path: Path, server: Serve
     (here / "images" / ".ipynb_checkpoints" / "notes-checkpoint.ipynb").write_text("{}")
     driver = KernelDriver(kernel_env(tmp_path, server.url, alice)).start(cwd=here)
     try:
-        missing = driver.run("open('images/x.png', 'rb').read()[:4]")
-        assert missing.status == "error" and "%gpu upload" in missing.reply["traceback"][-1]
+        off = driver.run("%gpu fetch off\nopen('images/x.png', 'rb').read()[:4]")
+        assert off.stdout == "Remote GPU: remote cells fetch the files they open from nowhere\n"
+        assert off.status == "error" and "%gpu upload" in off.reply["traceback"][-1]
+        assert driver.run("%gpu fetch maybe").reply["evalue"].startswith("%gpu fetch takes on or off")
         run = driver.run("%gpu upload images\nopen('images/x.png', 'rb').read()[:4]")
         assert run.status == "ok" and run.text() == ["b'\\x89PNG'"]
         assert any("Remote GPU: uploaded images/x.png (8 bytes)" in t
@@ -534,3 +536,4 @@ def test_gpu_upload_and_download_in_the_kernel(jupyter_path: Path, server: Serve
         assert driver.run("print('still usable')").stdout == "still usable\n"
     finally:
         driver.shutdown()
+

@@ -239,6 +239,16 @@ def test_upload_and_download_through_the_magic(server: ServerProcess, alice: str
         assert (tmp_path / "made.txt").read_text() == "LOCAL DATA"
         missing = k.run("%%gpu\nopen('other.txt')")
         assert "%gpu upload" in missing.of_type("error")[0]["traceback"][-1]
+        (tmp_path / "beside.txt").write_text("fetched, not uploaded")
+        fetched = k.run("%%gpu\nprint(open('beside.txt').read())")
+        assert fetched.stdout == "fetched, not uploaded\n"
+        assert "Remote GPU: fetched beside.txt, 21 bytes, from your notebook's folder" in info_lines(fetched)
+        (tmp_path / "later.txt").write_text("later")
+        assert k.run("%gpu fetch off").stdout == "Remote GPU: remote cells fetch the files they open from nowhere\n"
+        off = k.run("%%gpu\nopen('later.txt')")
+        assert off.of_type("error")[0]["ename"] == "FileNotFoundError"
+        k.run("%gpu fetch on")
+        assert k.run("%%gpu\nprint(open('later.txt').read())").stdout == "later\n"
         bad = k.run("%gpu upload nope.txt")
         assert bad.reply["ename"] == "FileTransferError" and "no such file here" in bad.reply["evalue"]
     finally:

@@ -8,9 +8,9 @@ The outputs of every cell, the widget states nbclient recorded (an Output
 widget's captured outputs among them) and the messages a widget frontend
 depends on (each comm_open's target and protocol version, whether an Output
 widget's msg_id is the request it routes by) must be equal once what
-legitimately differs is normalised (see notebook_runs.py). A cell that needs
-a file next to the notebook gets it with ``%gpu upload`` on the remote
-side, as a user would. A notebook of our own, run whole as ``jupyter
+legitimately differs is normalised (see notebook_runs.py). A cell that opens
+a file next to the notebook gets it from the notebook's folder on the
+remote side with no ``%gpu upload``, as it would locally. A notebook of our own, run whole as ``jupyter
 nbconvert --execute`` runs it, saves the same widget state under both.
 """
 
@@ -34,7 +34,7 @@ PIP = "needs the network: %pip install ipywidgets (installed here already)"
 #: notebook -> ({code cell index: why it is skipped}, cells the remote run does first)
 CASES: dict[str, tuple[dict[int, str], tuple[str, ...]]] = {
     "Widget Basics": ({0: PIP}, ()),
-    "Widget List": ({0: PIP}, ("%gpu upload images/WidgetArch.png",)),
+    "Widget List": ({0: PIP}, ()),  # opens images/WidgetArch.png: fetched
     "Output Widget": ({0: PIP}, ()),
     "Using Interact": ({0: PIP}, ()),
     "Capturing Output": ({}, ()),

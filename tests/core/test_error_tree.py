@@ -32,6 +32,7 @@ CODES = {
     "ApiError": "api_error",
     "SerializationError": "serialization",
     "FileTransferError": "file_error",
+    "FetchRefused": "fetch_refused",
     "RemoteError": "remote_error",
     "RemoteTimeout": "timeout",
     "CellSyntaxError": "cell_syntax",

@@ -13,6 +13,7 @@ from remote_gpu_server.errors import (
     DatabaseUnavailable, HeaderError, HttpError, IsolationError, QuotaExceeded, SchemaTooNew, StoreError,
     TokenError, TransferAborted, UpError,
 )
+from remote_gpu_server.worker_process.fetch import FetchNotSent
 from remote_gpu_server.worker_process.files import PathRefused
 from remote_gpu_server.worker_process.parked_namespace import ParkQuotaExceeded
 
@@ -29,6 +30,7 @@ TREE: list[tuple[type[RemoteGpuError], str, type[RemoteGpuError], type[Exception
     (QuotaExceeded, "lease_refused", LeaseError, ValueError),
     (ParkQuotaExceeded, "park_refused", ParkError, None),
     (PathRefused, "file_error", FileTransferError, PermissionError),
+    (FetchNotSent, "file_error", FileTransferError, ConnectionError),
 ]
 
 

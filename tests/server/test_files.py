@@ -73,9 +73,13 @@ def test_upload_run_download_in_the_sessions_own_folder(files_server: ServerProc
 def test_a_relative_file_not_found_remotely_names_upload(files_server: ServerProcess, here: Path) -> None:
     client = Client(files_server.url, files_server.token("alice"))
     with client.session() as session:
-        run = session.execute("open('images/a.png', 'rb')", on_output=lambda _: None)
+        run = session.execute("open('images/none.png', 'rb')", on_output=lambda _: None)
         assert run.error is not None and run.error.ename == "FileNotFoundError"
         assert "%gpu upload" in run.error.traceback[-1]
+        session.notebook_files = None  # images/a.png is here, and is not fetched with fetching off
+        off = session.execute("open('images/a.png', 'rb')", on_output=lambda _: None)
+        assert off.error is not None and off.error.ename == "FileNotFoundError"
+        assert "%gpu upload" in off.error.traceback[-1]
         absolute = session.execute("open('/no/such/file')", on_output=lambda _: None)
         assert absolute.error is not None and "%gpu upload" not in absolute.error.traceback[-1]
 

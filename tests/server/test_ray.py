@@ -7,6 +7,7 @@ Ray's counts only (there is no GPU here), which is what placement needs.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import shutil
@@ -110,6 +111,12 @@ def test_variables_and_files_cross_to_a_node_and_back_whole(ray_server: ServerPr
         session.execute("open('copy.bin', 'wb').write(open('weights.bin', 'rb').read()[::-1])",
                         on_output=lambda _: None)
         session.download("copy.bin", into=tmp_path / "back")
+        # A file only the notebook's folder (here: the working folder) holds, fetched as the cell opens it.
+        beside = os.urandom(5 << 20)
+        (tmp_path / "beside.bin").write_bytes(beside)
+        read = session.execute("import hashlib; print(hashlib.sha256(open('beside.bin', 'rb').read()).hexdigest())",
+                               on_output=lambda _: None, on_fetched=lambda _: None)
+        assert read.stdout == f"{hashlib.sha256(beside).hexdigest()}\n"
     assert (tmp_path / "back" / "copy.bin").read_bytes() == (tmp_path / "weights.bin").read_bytes()[::-1]
 
 

@@ -64,7 +64,10 @@ from .decoding import message_from_fields
 from .session import (
     Hello, LeaseGranted, LeaseRequest, Park, Parked, QueuePosition, Release, Released, Resume, Welcome
 )
-from .transfers import Download, DownloadReply, Pull, PullReply, Push, PushDone, Upload, UploadDone
+from .transfers import (
+    Download, DownloadReply, Fetch, FetchRefusal, FetchRefused, Pull, PullReply, Push, PushDone, Upload,
+    UploadDone,
+)
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -74,6 +77,9 @@ __all__ = [
     "Error",
     "Execute",
     "ExecuteDone",
+    "Fetch",
+    "FetchRefusal",
+    "FetchRefused",
     "Hello",
     "Input",
     "Interrupt",

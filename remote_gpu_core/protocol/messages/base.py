@@ -37,6 +37,8 @@ class MessageType(str, enum.Enum):
     UPLOAD_DONE = "upload_done"
     DOWNLOAD = "download"
     DOWNLOAD_REPLY = "download_reply"
+    FETCH = "fetch"
+    FETCH_REFUSED = "fetch_refused"
     INPUT = "input"
     REPLAY = "replay"
     REPLAY_DONE = "replay_done"

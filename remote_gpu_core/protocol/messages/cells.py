@@ -29,7 +29,9 @@ class Execute(Message):
     ``version``); the worker gets its request under ``parent["msg_id"]``.
     Empty: the server picks an id. ``execution_count``, where not 0, is the
     number the notebook shows for this cell: the worker's IPython takes it
-    (its tracebacks say ``Cell In[N]``), whichever worker runs the cell."""
+    (its tracebacks say ``Cell In[N]``), whichever worker runs the cell.
+    ``fetch``: the client serves files of its notebook's folder while the
+    cell runs (:class:`~.transfers.Fetch`); without it the server asks nothing."""
 
     type = MessageType.EXECUTE
     req: int
@@ -40,11 +42,14 @@ class Execute(Message):
     allow_stdin: bool = False
     parent: dict[str, Any] = dataclasses.field(default_factory=dict)
     execution_count: int = 0
+    fetch: bool = False
 
     def fields(self) -> dict[str, Any]:
         fields = super().fields()
         if not self.execution_count:  # what a server from before the field can read
             del fields["execution_count"]
+        if not self.fetch:  # the same for a client that serves no files
+            del fields["fetch"]
         return fields
 
 

@@ -23,7 +23,10 @@ from .cells import (
 from .session import (
     Hello, LeaseGranted, LeaseRequest, Park, Parked, QueuePosition, Release, Released, Resume, Welcome
 )
-from .transfers import Download, DownloadReply, Pull, PullReply, Push, PushDone, Upload, UploadDone
+from .transfers import (
+    Download, DownloadReply, Fetch, FetchRefused, Pull, PullReply, Push, PushDone, Upload,
+    UploadDone,
+)
 
 __all__ = ["INT_MAX", "INT_MIN", "message_from_fields"]
 
@@ -34,7 +37,7 @@ _CLASSES: dict[MessageType, type[Message]] = {
         Hello, Welcome, LeaseRequest, QueuePosition, LeaseGranted, Execute,
         Output, Notice, ExecuteDone, Push, PushDone, Pull, PullReply,
         ShellRequest, ShellReply, Upload, UploadDone, Download, DownloadReply, Input, Replay,
-        ReplayDone, Interrupt, Release, Released, Park, Parked, Resume, Error,
+        ReplayDone, Interrupt, Release, Released, Park, Parked, Resume, Fetch, FetchRefused, Error,
     )
 }  # fmt: skip
 

@@ -6,17 +6,28 @@ fetches them (pickles and their out-of-band buffers, see
 files into the session's folder on the server and :class:`Download` reads
 them. Their payloads travel as buffers beside the JSON header, never
 inside it.
+
+A running cell that opens a relative path for reading which is not in the
+session's folder makes the server ask the client that runs the cell for
+it (:class:`Fetch`, only when the cell's :class:`~.cells.Execute` said
+``fetch``). The client answers with an :class:`Upload` of that one file
+under a request id of its own, naming the fetch in ``Upload.fetch`` (so
+the upload's limits apply to it), or with :class:`FetchRefused` and a
+:class:`FetchRefusal` code. Neither gets an answer: the cell goes on,
+opening the file or failing as the refusal says.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
+from typing import Any
 
 from .base import Buffers, Message, MessageType
 
 __all__ = [
-    "Download", "DownloadReply", "Pull", "PullReply", "Push", "PushDone", "Upload",
-    "UploadDone",
+    "Download", "DownloadReply", "Fetch", "FetchRefusal", "FetchRefused", "Pull", "PullReply", "Push",
+    "PushDone", "Upload", "UploadDone",
 ]
 
 
@@ -65,12 +76,22 @@ class Upload(Message):
     ``paths[i]`` is relative to that folder (no ``..``, not absolute) and
     ``buffers[i]`` is its content. The server refuses the whole upload when
     it is over its limit (``max_upload`` in :attr:`Welcome.limits`).
+
+    ``fetch``, where not 0, names the :class:`Fetch` this upload answers:
+    one file, written where the cell asked for it, whatever ``paths`` says.
     """
 
     type = MessageType.UPLOAD
     req: int
     paths: list[str]
     buffers: Buffers = ()
+    fetch: int = 0
+
+    def fields(self) -> dict[str, Any]:
+        fields = super().fields()
+        if not self.fetch:  # what a server from before the field can read
+            del fields["fetch"]
+        return fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,3 +121,40 @@ class DownloadReply(Message):
     req: int
     paths: list[str]
     buffers: Buffers = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Fetch(Message):
+    """The running cell ``req`` opened ``path`` (relative to the session's folder,
+    as the worker asked: it may try to go out) and it is not there: send it
+    from the notebook's folder, as an :class:`Upload` with ``fetch`` set to
+    this ``fetch``, or refuse with :class:`FetchRefused`."""
+
+    type = MessageType.FETCH
+    req: int
+    fetch: int
+    path: str
+
+
+class FetchRefusal(str, enum.Enum):
+    """Why a :class:`Fetch` got no file."""
+
+    #: No such file in the notebook's folder: the cell's open fails as it would have.
+    MISSING = "missing"
+    #: Not a file the client serves (outside the folder, too large, not a
+    #: regular file, hidden): the cell's open fails with the message.
+    REFUSED = "refused"
+    #: The user turned fetching off: the cell's open fails as it would have.
+    OFF = "off"
+
+
+@dataclasses.dataclass(frozen=True)
+class FetchRefused(Message):
+    """The client does not send the file of :class:`Fetch` ``fetch``; ``code`` is a
+    :class:`FetchRefusal` value and ``message`` says why, for the cell's error."""
+
+    type = MessageType.FETCH_REFUSED
+    req: int
+    fetch: int
+    code: str
+    message: str

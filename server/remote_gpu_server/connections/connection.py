@@ -254,6 +254,8 @@ class Connection:
             self._spawn(self._on_lease(msg), msg.req, hold=hold)
         elif isinstance(msg, m.Release):
             self._spawn(self._on_release(msg), msg.req, hold=hold)
+        elif isinstance(msg, m.FetchRefused) or (isinstance(msg, m.Upload) and msg.fetch):
+            self._spawn(self._on_fetch_answer(msg), msg.req, hold=hold)
         elif isinstance(msg, (*_IN_TURN, m.ShellRequest)):
             self._spawn(self._on_session_request(msg), msg.req, hold=hold,
                         in_turn=isinstance(msg, _IN_TURN))
@@ -271,7 +273,8 @@ class Connection:
         size = header + sum(len(b) for b in buffers)
         if isinstance(msg, (m.Push, m.Upload)) and any(not c.complete for c in chunks):
             session = self.session
-            streams = session is None or session.released or not (session.busy or self._in_turn)
+            fetched = isinstance(msg, m.Upload) and msg.fetch  # its cell waits for it: never queued
+            streams = session is None or session.released or fetched or not (session.busy or self._in_turn)
             if streams or self._memory.fits(size):
                 hold = self._memory.hold(header, chunks)
                 self._arriving = hold
@@ -441,6 +444,14 @@ class Connection:
             return
         self.session = None
         await self.sessions.release(session, "released by the client", req=msg.req, notify=self.send)
+
+    async def _on_fetch_answer(self, msg: m.Upload | m.FetchRefused) -> None:
+        """A file of the notebook's folder, or a refusal, for the running cell (see
+        :mod:`..sessions.fetching`); dropped unless that cell waits for it."""
+        if self.session is None or self.session.released:
+            self._drop(getattr(msg, "buffers", ()), "no session on this connection")
+        else:
+            await self.session.fetcher.answered(msg, self)
 
     async def _on_session_request(self, msg: m.Message) -> None:
         session = self.session

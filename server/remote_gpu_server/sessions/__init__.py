@@ -2,7 +2,8 @@
 
 :mod:`.manager` opens, attaches, keeps through a disconnect, parks and
 releases sessions; :mod:`.session` is one lease: its cells, pushes, pulls,
-files (:mod:`.files`) and widgets. A session owns its worker across
+files (:mod:`.files`; those a running cell fetches from its notebook's
+folder, :mod:`.fetching`) and widgets. A session owns its worker across
 restarts (:mod:`.session_worker`), what it writes to the store
 (:mod:`.recorder`: each cell's output bounded, :mod:`.output_bound`, and
 journaled, and a cell's job, written late when the database was away,

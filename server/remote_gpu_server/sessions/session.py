@@ -38,6 +38,7 @@ from ..store.journal import Journal
 from ..workers.comms import COMM_MESSAGES
 from ..workers.datachannel import TransferAborted
 from ..workers.worker import DuplicateRequest, Worker
+from .fetching import FileFetcher
 from .parked import ParkedState
 from .recorder import SessionRecorder
 from .session_worker import SessionWorker, WorkerSource
@@ -136,6 +137,8 @@ class Session:
                                         max_output=context.max_output)
         self.stopping = CellStopper(self.id[:8], self._worker, kill_grace=context.kill_grace,
                                     interrupt_notice=context.interrupt_notice)
+        #: The running cell's files fetched from its notebook's folder (see :mod:`.fetching`).
+        self.fetcher = FileFetcher()
 
     @property
     def busy(self) -> bool:
@@ -214,9 +217,11 @@ class Session:
             worker = await self.prepare(msg.req, conn)
             cell = self.stopping.begin(conn, msg.req)
             self.recorder.new_cell()
+            self.fetcher.begin(worker, conn, msg.req, msg.fetch)
             try:
                 await self._execute(msg, conn, worker, cell)
             finally:
+                await self.fetcher.end()
                 self.recorder.flush()
                 cell.done.set()
 

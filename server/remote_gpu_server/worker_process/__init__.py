@@ -5,6 +5,7 @@ ipykernel (:mod:`.kernel`) that first confines itself (:mod:`.confinement`,
 :mod:`.user_namespaces`), keeps its IOPub pipe private (:mod:`.iopub`),
 moves variables and files through the data channel (:mod:`.transfer`: the
 shared ring; :mod:`.sealed`: sealed records across hosts; :mod:`.files`),
+fetches the files a cell opens from the notebook's folder (:mod:`.fetch`),
 saves and restores its namespace when parked (:mod:`.parked_namespace`) and
 explains its errors (:mod:`.errors`).
 

@@ -31,8 +31,9 @@ from remote_gpu_core.errors import FileTransferError
 __all__ = ["FileSink", "Folder", "PathRefused", "disk_full_hint", "file_not_found_hint", "install_hint"]
 
 #: Shown under a FileNotFoundError for a relative path in a remote cell.
-HINT = ("Hint: this cell runs on the GPU server, in your session's own folder there; "
-        "send files from your machine with %gpu upload PATH")
+HINT = ("Hint: this cell runs on the GPU server, in your session's own folder there; a file it "
+        "opens that is not there is fetched from your notebook's folder, and this one is not there "
+        "either (or fetching is off: %gpu fetch on, RGPU_FETCH); send other files with %gpu upload PATH")
 #: The environment variable with the user's disk limit (the server's ``isolation.DISK_VAR``).
 DISK_VAR = "RGPU_SESSION_DISK"
 #: Shown under an error of a write that found no space (``{limit}``: the user's disk limit).

@@ -18,7 +18,9 @@ reply (names, counts, sizes) is sent once the pickling succeeded, and its
 buffers after it, while the server passes them on to the client.
 Only this process unpickles what a client pushed. Files go the same way
 (``{"op": "upload"|"download", "paths": [...]}``, relative to the session
-folder that ``enter`` named; see :mod:`.worker_files`).
+folder that ``enter`` named; see :mod:`.worker_files`). A cell that opens
+a file the session's folder lacks has it fetched from the notebook's
+folder (:mod:`.fetch`: an audit hook that asks on this same comm).
 
 Isolation: before anything else, the worker confines itself as the server's
 ``RGPU_CONFINE`` spec says (:func:`.confinement.prepare`), and at lease time
@@ -123,6 +125,10 @@ class _DataChannel:
                 got, sizes = parse_header(payload)
                 if got == tid:
                     break
+            elif kind == ABORT and tid_of(payload) == tid:  # refused before it began (a fetch)
+                from .fetch import FetchNotSent
+
+                raise FetchNotSent(parse_abort(payload)[1])
         filler = Filler(sizes) if sink is None else sink(sizes)
         try:
             while True:
@@ -141,6 +147,12 @@ class _DataChannel:
         except (TimeoutError, ProtocolError, ValueError) as exc:
             self.socket.send_multipart(abort(tid, str(exc)))  # the server stops sending
             raise
+
+    def give_up(self, tid: int, reason: str) -> None:
+        """Tell the server to stop sending transfer ``tid``."""
+        from .transfer import abort
+
+        self.socket.send_multipart(abort(tid, reason))
 
     def send(self, tid: int, buffers: list[Any]) -> None:
         """Send ``buffers`` through the ring, as fast as the server frees slots.
@@ -180,6 +192,8 @@ def _handle(shell: Any, channel: _DataChannel, data: dict[str, Any]) -> tuple[di
         if spec.cwd:
             _enter_folder(spec.cwd)
             _activate_site(shell, spec.site or os.path.join(spec.cwd, ".packages"), spec.site is not None)
+            if _fetcher is not None:
+                _fetcher.enter(spec.cwd)
         return {"ok": True}, None
     if op in ("upload", "download"):
         return _handle_files(channel, op, data)
@@ -232,6 +246,7 @@ def _restore(shell: Any, folder: str) -> dict[str, Any]:
 
 
 _folder: Any = None  # the session's worker_files.Folder, once the server said which
+_fetcher: Any = None  # the audit hook's fetch.Fetcher, once installed
 
 
 def _activate_site(shell: Any, root: str, persistent: bool) -> None:
@@ -304,6 +319,8 @@ def _comm_opener(channel: _DataChannel) -> Any:
         from IPython import get_ipython
 
         shell = get_ipython()
+        if _fetcher is not None:
+            _fetcher.attach(comm)
 
         def on_msg(msg: dict[str, Any]) -> None:
             data = msg["content"]["data"]
@@ -433,6 +450,10 @@ def main(argv: list[str] | None = None) -> None:
     from .files import install_hint
 
     install_hint(app.shell)
+    global _fetcher
+    from . import fetch
+
+    _fetcher = fetch.install(channel)
     app.start()
 
 

@@ -8,22 +8,39 @@ once the kernel answers (its id is reserved: clients cannot use it, see
 under the same comm and ``id``, before its ``idle``. The buffers of a push
 or an upload, and of a pull's or a download's answer, do not ride the comm:
 they move through the worker's data channel (:mod:`.datachannel`).
+
+The worker also asks on this comm, unprompted, while a cell runs: ``{"op":
+"fetch", "fetch": N, "path": NAME}`` when the cell opened a file its
+session's folder lacks (see :mod:`..worker_process.fetch`). That goes to
+:attr:`TransferComm.on_fetch` (the session's, while a cell of a client
+that serves files runs); with none set, the fetch is refused at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncGenerator, Awaitable
+import logging
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, Protocol
 
+from remote_gpu_core.protocol import messages as m
+
+from ..worker_process.fetch import fetch_tid, refusal_reason
 from ..worker_process.kernel import COMM_TARGET
 from .datachannel import DataChannel, Liveness, TransferAborted
 
-__all__ = ["CommWorker", "OPERATION_TIMEOUT", "Reply", "TransferComm"]
+__all__ = ["CommWorker", "FetchHandler", "MAX_FETCH_PATH", "OPERATION_TIMEOUT", "Reply", "TransferComm"]
+
+#: Told of a fetch the worker asked for: ``(fetch number, path)``.
+FetchHandler = Callable[[int, str], None]
+
+log = logging.getLogger("remote_gpu_server")
 
 #: An operation's reply and the buffers that came with it on IOPub.
 Reply = tuple[dict[str, Any], list[Any]]
+#: The longest path a worker's fetch may name (Linux's PATH_MAX).
+MAX_FETCH_PATH = 4096
 #: How long the worker may take to reply to an operation once its request is done, in seconds.
 OPERATION_TIMEOUT = 30.0
 
@@ -56,6 +73,9 @@ class TransferComm:
         self.comm_id = ""
         self._ids = itertools.count(1)
         self._replies: dict[int, asyncio.Future[Reply]] = {}
+        #: Who serves the worker's fetches now (see the module docstring).
+        self.on_fetch: FetchHandler | None = None
+        self._refusing: set[asyncio.Task[None]] = set()
 
     async def open(self, comm_id: str) -> None:
         """Open the comm as ``comm_id`` on the worker's kernel extension."""
@@ -64,10 +84,38 @@ class TransferComm:
 
     def answer(self, data: dict[str, Any], buffers: list[Any]) -> None:
         """The worker published ``data`` on the comm: the reply to the operation
-        whose ``id`` it carries (none waits for it any more: dropped)."""
+        whose ``id`` it carries (none waits for it any more: dropped), or a fetch."""
+        if data.get("op") == "fetch":
+            self._fetch(data)
+            return
         fut = self._replies.pop(int(data.get("id") or 0), None)
         if fut is not None and not fut.done():
             fut.set_result((data, buffers))
+
+    def _fetch(self, data: dict[str, Any]) -> None:
+        fetch, path = data.get("fetch"), data.get("path")
+        if not isinstance(fetch, int) or not 0 < fetch < 1 << 31 or not isinstance(path, str):
+            return  # not a fetch this worker's code would ask: nothing waits for an answer
+        if len(path) > MAX_FETCH_PATH:
+            self._refuse_soon(fetch, m.FetchRefusal.REFUSED, f"a path of {len(path)} characters is not a file name")
+        elif self.on_fetch is not None:
+            self.on_fetch(fetch, path)
+        else:
+            self._refuse_soon(fetch, m.FetchRefusal.OFF, "no cell of a client that serves files runs now")
+
+    def _refuse_soon(self, fetch: int, refusal: m.FetchRefusal, message: str) -> None:
+        task = asyncio.get_running_loop().create_task(self.refuse(fetch, refusal_reason(refusal.value, message)))
+        self._refusing.add(task)
+        task.add_done_callback(self._refusing.discard)
+
+    async def refuse(self, fetch: int, reason: str) -> None:
+        """Tell the worker that fetch ``fetch`` brings no file (``reason``: see
+        :func:`~..worker_process.fetch.refusal_reason`); a channel gone with its
+        worker is left alone."""
+        try:
+            await self.data.abort(fetch_tid(fetch), reason)
+        except Exception as exc:
+            log.info("a fetch's refusal did not reach its worker: %s", exc)
 
     def fail_all(self, exc: BaseException) -> None:
         """Every operation waiting for its reply fails with ``exc``."""

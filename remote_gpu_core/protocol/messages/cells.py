@@ -29,7 +29,14 @@ class Execute(Message):
     ``version``); the worker gets its request under ``parent["msg_id"]``.
     Empty: the server picks an id. ``execution_count``, where not 0, is the
     number the notebook shows for this cell: the worker's IPython takes it
-    (its tracebacks say ``Cell In[N]``), whichever worker runs the cell."""
+    (its tracebacks say ``Cell In[N]``), whichever worker runs the cell.
+
+    ``after``, where not 0, is the id of an earlier request of this
+    connection that runs in turn (the :class:`~.transfers.Push` of the
+    cell's inputs): the cell runs only if that one succeeded, else it is
+    answered with ``ErrorCode.NOT_RUN``. So a client sends a push, the cell
+    and a :class:`~.transfers.Pull` of its results back to back, without
+    waiting for each answer: one round trip."""
 
     type = MessageType.EXECUTE
     req: int
@@ -40,11 +47,13 @@ class Execute(Message):
     allow_stdin: bool = False
     parent: dict[str, Any] = dataclasses.field(default_factory=dict)
     execution_count: int = 0
+    after: int = 0
 
     def fields(self) -> dict[str, Any]:
         fields = super().fields()
-        if not self.execution_count:  # what a server from before the field can read
-            del fields["execution_count"]
+        for name in ("execution_count", "after"):
+            if not fields[name]:  # the message as it was before the field
+                del fields[name]
         return fields
 
 

@@ -47,6 +47,7 @@ from ..sessions.session import Session
 from ..store import TokenInfo
 from .limits import Limits
 from .memory import ConnectionMemory, Hold
+from .outcomes import Outcomes
 from .refusals import RefusalQueue, too_large_code, too_large_reason, too_large_text
 
 __all__ = ["Connection", "MAX_IN_FLIGHT"]
@@ -63,7 +64,6 @@ MAX_NOTEBOOK = 1024
 HANG_UP_WAIT = 5.0
 #: Requests that only the session's lock keeps in order (they wait for each other).
 _IN_TURN = (m.Execute, m.Push, m.Pull, m.Replay, m.Park, m.Resume, m.Upload, m.Download)
-
 
 
 def _wire_code(exc: RemoteGpuError) -> m.ErrorCode:
@@ -97,6 +97,8 @@ class Connection:
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_turn: set[asyncio.Task[None]] = set()  # tasks that take the session's lock
         self._refusals = RefusalQueue(self.send)
+        # What each request's answer said, for the requests that follow one (``after``).
+        self._outcomes = Outcomes()
         self._closer: asyncio.Task[None] | None = None
         self._waiting: dict[int, int] = {}  # lease key -> req
         self._positions: dict[int, int] = {}  # lease key -> position not yet sent
@@ -104,6 +106,7 @@ class Connection:
         self.closed = False  # the websocket is gone: nothing more is delivered
 
     async def send(self, message: m.Message) -> None:
+        self._outcomes.answered(message)
         frames = encode(message)
         try:
             async with self._send_lock:
@@ -119,6 +122,7 @@ class Connection:
         connection is closed (the client sees it as a dropped connection,
         and the close reason says why; resuming the session works).
         """
+        self._outcomes.answered(message)
         try:
             async with self._send_lock:
                 for frame in encode_head(message, lengths):
@@ -255,6 +259,7 @@ class Connection:
         elif isinstance(msg, m.Release):
             self._spawn(self._on_release(msg), msg.req, hold=hold)
         elif isinstance(msg, (*_IN_TURN, m.ShellRequest)):
+            self._outcomes.expect(msg.req if isinstance(msg, _IN_TURN) else 0)
             self._spawn(self._on_session_request(msg), msg.req, hold=hold,
                         in_turn=isinstance(msg, _IN_TURN))
         else:
@@ -305,6 +310,7 @@ class Connection:
         The answers queue up (see :mod:`.refusals`); a client that sends more
         refused requests than they hold without reading is disconnected.
         """
+        self._outcomes.failed(req)
         if self.closed:
             return
         if not self._refusals.add(m.Error(req, code, text)):
@@ -334,7 +340,10 @@ class Connection:
         request ``req``, so the client is never left waiting. At the end its
         message holds nothing (what of it still arrives is dropped)."""
         try:
-            await coro
+            try:
+                await coro
+            finally:  # now, before the next request in turn runs
+                self._outcomes.settle(req)
         except asyncio.CancelledError:
             raise
         except DatabaseUnavailable as exc:  # the store's address is the server's to know
@@ -456,11 +465,11 @@ class Connection:
                 await self.send(m.Error(req, m.ErrorCode.BAD_REQUEST,
                                         "a cell's timeout is a number of seconds above 0"))
                 return
-            await session.execute(msg, self)
+            await session.execute(msg, self, self._outcomes.follows(msg.after, req))
         elif isinstance(msg, m.Push):
             await session.push(msg, self)
         elif isinstance(msg, m.Pull):
-            await session.pull(msg, self)
+            await session.pull(msg, self, self._outcomes.follows(msg.after, req))
         elif isinstance(msg, m.ShellRequest):
             await session.shell_request(msg, self)
         elif isinstance(msg, m.Replay):

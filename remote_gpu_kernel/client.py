@@ -23,7 +23,7 @@ from typing import Any
 from remote_gpu_core.login import ClientConfig
 from remote_gpu_core.protocol import messages as m
 
-from .link import Link, open_link
+from .link import connect_link
 from .session import (
     AsyncSession, ExecuteResult, NoticeCallback, QueueCallback, notify, parent_of, write_streams
 )
@@ -53,12 +53,6 @@ class AsyncClient:
         self.user: str | None = None
         self.server_version: str | None = None
 
-    async def _connect(self) -> Link:
-        link = await open_link(self.url, self.token, cafile=self.config.cafile,
-                               insecure=self.config.insecure, open_timeout=self.open_timeout)
-        self.user, self.server_version = link.user, link.server_version
-        return link
-
     def session(self, gpus: int | None = None, *, resume: str | None = None,
                 priority: str | None = None, pool: str | None = None,
                 on_queue: QueueCallback | None = None,
@@ -83,12 +77,17 @@ class AsyncClient:
         for, shown to its owner in the sidebar and ``/api/status`` (the magic
         and the kernel pass Jupyter's; a script passes none).
         """
-        link = await self._connect()
+        link = await connect_link(self.url, self.token, cafile=self.config.cafile,
+                                  insecure=self.config.insecure, open_timeout=self.open_timeout)
         try:
+            # The lease request rides behind the hello: the welcome and the
+            # lease come back in one round trip.
             req, inbox = link.open()
             await link.send(m.LeaseRequest(req, gpus or self.config.gpus, resume,
                                            priority or self.config.priority, pool or self.config.pool,
                                            notebook))
+            await link.welcomed()
+            self.user, self.server_version = link.user, link.server_version
             while True:
                 msg = await link.receive(inbox)
                 if isinstance(msg, m.QueuePosition):

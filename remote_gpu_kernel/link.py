@@ -2,7 +2,8 @@
 
 :func:`open_link` makes the connection (TLS as :mod:`remote_gpu_core.tls`
 says, the bearer token, the protocol's :class:`~m.Hello` and
-:class:`~m.Welcome`) and turns every way it can fail into an error of the
+:class:`~m.Welcome`; :func:`connect_link` sends the hello without waiting,
+so that the first request rides behind it) and turns every way it can fail into an error of the
 tree (:mod:`remote_gpu_core.errors`) whose message says what to do.
 :class:`Link` then sends messages (refusing, before sending, one over the
 server's limits) and routes what arrives by request id to per-request
@@ -32,7 +33,7 @@ from remote_gpu_core.protocol import messages as m
 from remote_gpu_core.protocol.limits import refusal
 from remote_gpu_core.protocol.serialization import allocate_buffer
 
-__all__ = ["Link", "OutputCallback", "ProgressCallback", "error_from", "open_link"]
+__all__ = ["Link", "OutputCallback", "ProgressCallback", "connect_link", "error_from", "open_link"]
 
 log = logging.getLogger("remote_gpu_kernel")
 
@@ -182,6 +183,16 @@ class Link:
     def done(self, req: int) -> None:
         self.inboxes.pop(req, None)
 
+    async def welcomed(self) -> None:
+        """Wait for the server's answer to the hello: who this token is, the
+        server's version and limits. Raises VersionMismatch (the message says
+        to install the same version on both sides) or ProtocolError."""
+        msg = await self.receive(self.unsolicited)  # an Error (version mismatch) raises
+        if not isinstance(msg, m.Welcome):
+            raise ProtocolError(f"expected welcome, got {msg.type.value}")
+        self.user, self.server_version = msg.user, msg.server
+        self.limits = dict(msg.limits)
+
     async def close(self) -> None:
         await self.ws.close()
         self.task.cancel()
@@ -193,13 +204,28 @@ class Link:
 
 async def open_link(url: str, token: str | None, *, cafile: str | None = None,
                     insecure: bool = False, open_timeout: float = 10) -> Link:
-    """Connect to ``url`` with ``token`` and say hello; ``cafile`` and
-    ``insecure`` as :mod:`remote_gpu_core.tls` says.
+    """Connect to ``url`` with ``token``, say hello and wait to be welcomed;
+    see :func:`connect_link` and :meth:`Link.welcomed`."""
+    link = await connect_link(url, token, cafile=cafile, insecure=insecure, open_timeout=open_timeout)
+    try:
+        await link.welcomed()
+    except BaseException:
+        await link.close()
+        raise
+    return link
+
+
+async def connect_link(url: str, token: str | None, *, cafile: str | None = None,
+                       insecure: bool = False, open_timeout: float = 10) -> Link:
+    """Connect to ``url`` with ``token`` and say hello, without waiting for the
+    answer: a request sent next rides behind the hello (the server reads
+    them in order), and :meth:`Link.welcomed` then reads the welcome. ``cafile``
+    and ``insecure`` as :mod:`remote_gpu_core.tls` says.
 
     Raises AuthenticationError (no token, or the server refused it or this
-    connection), TlsError (the connection cannot be made safe),
-    VersionMismatch, or ConnectionLost (anything else that kept the
-    connection from being made); the message says what to do.
+    connection), TlsError (the connection cannot be made safe), or
+    ConnectionLost (anything else that kept the connection from being
+    made); the message says what to do.
     """
     if not token:
         raise AuthenticationError(
@@ -243,13 +269,8 @@ async def open_link(url: str, token: str | None, *, cafile: str | None = None,
     link = Link(ws)
     try:
         await link.send(m.Hello(PROTOCOL_VERSION, f"remote-gpu-kernel/{__version__}"))
-        msg = await link.receive(link.unsolicited)  # an Error (version mismatch) raises
-        if not isinstance(msg, m.Welcome):
-            raise ProtocolError(f"expected welcome, got {msg.type.value}")
     except BaseException:
         await link.close()
         raise
-    link.user, link.server_version = msg.user, msg.server
-    link.limits = dict(msg.limits)
     return link
 

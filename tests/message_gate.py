@@ -6,8 +6,9 @@ benchmark's tap, ``bench/message_taps.py``: frame headers only). A test
 that must prove the client sends its requests without waiting for an
 answer in between calls :meth:`MessageGate.hold_answers`: from then on,
 nothing the server sends reaches the client until the client has sent
-that many more messages. A client that waits for an answer before its
-last request never gets one, and the test's own deadline fails it.
+that many more messages (the answer to the websocket upgrade itself is
+never held). A client that waits for an answer before its last request
+never gets one, and the test's own deadline fails it.
 """
 
 from __future__ import annotations
@@ -66,8 +67,17 @@ class MessageGate(TcpProxy):
     def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
         upward = src.getpeername() != self.target
         tap = WebSocketMessages()
+        head = b""  # the answer to the HTTP upgrade, never held: no message comes before it
         try:
             while data := src.recv(65536):
+                if not upward and head is not None:
+                    head += data
+                    if b"\r\n\r\n" in head:
+                        head = None
+                    with self._changed:
+                        self.answered += tap.feed(data)
+                    dst.sendall(data)
+                    continue
                 if upward:
                     dst.sendall(data)
                     with self._changed:

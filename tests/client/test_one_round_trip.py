@@ -113,6 +113,22 @@ def test_the_api_runs_a_cell_with_its_variables_in_one_round_trip(server: Server
         assert session.pull("a", "c") == {"a": 1, "c": 1}
 
 
+def test_the_lease_request_rides_behind_the_hello(server: ServerProcess, gate: MessageGate) -> None:
+    client = Client(gate.url, server.token("dave"))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        sent, _ = gate.counts()
+        gate.hold_answers(2)
+        try:
+            session = pool.submit(client.session).result(STUCK)
+        except TimeoutError:
+            pytest.fail(f"the client sent {gate.counts()[0] - sent} of hello and lease, then waited")
+        finally:
+            gate.open()
+    with session:
+        assert gate.counts()[0] - sent == 2
+        assert client.user == "dave" and session.slots
+
+
 def test_a_push_the_worker_cannot_load_stops_the_cell_and_says_why(gate: MessageGate,
                                                                     kernel: LocalKernel) -> None:
     kernel.run("import os\nclass Here:\n    def __reduce__(self):\n"
@@ -198,3 +214,5 @@ def test_the_server_runs_a_request_only_if_the_one_it_follows_succeeded(server: 
         assert isinstance(answers[8], m.ExecuteDone) and answers[8].status == "error"
         assert isinstance(answers[9], m.Error) and answers[9].code is m.ErrorCode.NOT_RUN
         assert isinstance(answers[10], m.Error) and "not an earlier request" in answers[10].message
+        client.send(m.Release(11))
+        assert isinstance(client.answer(11, m.Released), m.Released)

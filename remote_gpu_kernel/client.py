@@ -23,7 +23,7 @@ from typing import Any
 from remote_gpu_core.login import ClientConfig
 from remote_gpu_core.protocol import messages as m
 
-from .link import connect_link
+from .link import FIRST_REQ, connect_link
 from .session import (
     AsyncSession, ExecuteResult, NoticeCallback, QueueCallback, notify, parent_of, write_streams
 )
@@ -77,15 +77,16 @@ class AsyncClient:
         for, shown to its owner in the sidebar and ``/api/status`` (the magic
         and the kernel pass Jupyter's; a script passes none).
         """
-        link = await connect_link(self.url, self.token, cafile=self.config.cafile,
-                                  insecure=self.config.insecure, open_timeout=self.open_timeout)
+        # The lease request goes with the hello, in the websocket upgrade
+        # request: the welcome and the lease come back right behind its answer.
+        link, inbox = await connect_link(
+            self.url, self.token, cafile=self.config.cafile, insecure=self.config.insecure,
+            open_timeout=self.open_timeout,
+            first=lambda req: m.LeaseRequest(req, gpus or self.config.gpus, resume,
+                                             priority or self.config.priority, pool or self.config.pool,
+                                             notebook))
+        assert inbox is not None
         try:
-            # The lease request rides behind the hello: the welcome and the
-            # lease come back in one round trip.
-            req, inbox = link.open()
-            await link.send(m.LeaseRequest(req, gpus or self.config.gpus, resume,
-                                           priority or self.config.priority, pool or self.config.pool,
-                                           notebook))
             await link.welcomed()
             self.user, self.server_version = link.user, link.server_version
             while True:
@@ -96,7 +97,7 @@ class AsyncClient:
                 elif isinstance(msg, m.Notice):
                     notify(on_notice, msg.text)
                 elif isinstance(msg, m.LeaseGranted):
-                    link.done(req)
+                    link.done(FIRST_REQ)
                     return AsyncSession(link, msg, on_notice)
         except BaseException:
             await link.close()

@@ -21,7 +21,7 @@ import pytest
 
 from message_gate import MessageGate
 from raw_client import RawClient
-from remote_gpu_core.protocol import dump_values, load_values
+from remote_gpu_core.protocol import dump_values, encode, load_values
 from remote_gpu_core.protocol import messages as m
 from remote_gpu_kernel.sync import Client
 from servers import ServerProcess
@@ -113,20 +113,52 @@ def test_the_api_runs_a_cell_with_its_variables_in_one_round_trip(server: Server
         assert session.pull("a", "c") == {"a": 1, "c": 1}
 
 
-def test_the_lease_request_rides_behind_the_hello(server: ServerProcess, gate: MessageGate) -> None:
+def test_the_hello_and_the_lease_request_ride_the_websocket_upgrade(server: ServerProcess,
+                                                                    gate: MessageGate) -> None:
     client = Client(gate.url, server.token("dave"))
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        sent, _ = gate.counts()
-        gate.hold_answers(2)
-        try:
-            session = pool.submit(client.session).result(STUCK)
-        except TimeoutError:
-            pytest.fail(f"the client sent {gate.counts()[0] - sent} of hello and lease, then waited")
-        finally:
-            gate.open()
-    with session:
-        assert gate.counts()[0] - sent == 2
+    sent, answered = gate.counts()
+    with client.session() as session:
+        # Not one websocket message from the client: both were in its upgrade
+        # request, and the welcome and the lease came right behind the 101.
+        assert gate.counts() == (sent, answered + 2)
         assert client.user == "dave" and session.slots
+        assert session.run("print(1 + 1)").stdout == "2\n"
+    # A notebook path too long for a header: they go as the first two messages instead.
+    sent, _ = gate.counts()
+    with client.session(notebook="n" * 5000 + ".ipynb") as session:
+        assert gate.counts()[0] - sent == 2 and session.slots
+
+
+def test_the_server_reads_the_first_messages_from_the_upgrade_request_or_refuses_them(
+        server: ServerProcess) -> None:
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    from remote_gpu_core.protocol import PROTOCOL_VERSION, Reader, upgrade
+
+    token = server.token("erin")
+    riding = upgrade.first_messages([m.Hello(PROTOCOL_VERSION, "raw-test"), m.LeaseRequest(1)])
+    assert riding is not None
+    with connect(server.url, additional_headers={"Authorization": f"Bearer {token}",
+                                                 upgrade.FIRST_MESSAGES: riding},
+                 compression=None, open_timeout=30) as ws:
+        assert ws.response is not None and ws.response.headers[upgrade.FIRST_MESSAGES] == upgrade.READ
+        reader, answers = Reader(), []
+        while not any(isinstance(a, m.LeaseGranted) for a in answers):
+            reader.receive_data(ws.recv(timeout=STUCK))
+            answers.extend(reader.events_received())
+        assert isinstance(answers[0], m.Welcome) and answers[0].user == "erin"
+        ws.send(encode(m.Release(2))[0])
+        while not any(isinstance(a, m.Released) for a in answers):
+            reader.receive_data(ws.recv(timeout=STUCK))
+            answers.extend(reader.events_received())
+    with pytest.raises(InvalidStatus) as refused:
+        with connect(server.url, additional_headers={"Authorization": f"Bearer {token}",
+                                                     upgrade.FIRST_MESSAGES: "not base64!"},
+                     open_timeout=30):
+            pass
+    assert refused.value.response.status_code == 400
+    assert b"not base64" in refused.value.response.body
 
 
 def test_a_push_the_worker_cannot_load_stops_the_cell_and_says_why(gate: MessageGate,

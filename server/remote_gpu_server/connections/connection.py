@@ -9,7 +9,7 @@ bytes are not all in yet (a push over ``--max-push``) gets an ``Error``
 and a close with code 1009 and a reason naming the limit: the server
 does not skip the rest, since a client that gave up sending it would
 have its next messages skipped in its place, unanswered. Nothing a
-client sends can raise out of this module.
+client sends can raise out of this module; its first messages may ride its upgrade request.
 
 What a client can make the server hold is bounded (see :mod:`.limits` and
 :mod:`.memory`): requests in flight, bytes of messages waiting, how far a
@@ -32,7 +32,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
 from remote_gpu_core.errors import MessageTooLarge, ProtocolError, RemoteGpuError, WorkerDied
-from remote_gpu_core.protocol import PROTOCOL_VERSION, encode
+from remote_gpu_core.protocol import PROTOCOL_VERSION, encode, upgrade
 from remote_gpu_core.protocol.framing import Chunks, encode_head
 from remote_gpu_core.protocol import messages as m
 
@@ -97,8 +97,7 @@ class Connection:
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_turn: set[asyncio.Task[None]] = set()  # tasks that take the session's lock
         self._refusals = RefusalQueue(self.send)
-        # What each request's answer said, for the requests that follow one (``after``).
-        self._outcomes = Outcomes()
+        self._outcomes = Outcomes()  # what each request's answer said, for those that follow one
         self._closer: asyncio.Task[None] | None = None
         self._waiting: dict[int, int] = {}  # lease key -> req
         self._positions: dict[int, int] = {}  # lease key -> position not yet sent
@@ -139,6 +138,9 @@ class Connection:
 
     async def run(self) -> None:
         try:
+            first = self.ws.request.headers.get(upgrade.FIRST_MESSAGES) if self.ws.request else None
+            if first is not None and not await self._receive(upgrade.first_frames(first)):  # checked at the door
+                return
             while True:
                 arriving = self._arriving
                 if arriving is not None and arriving.bytes > self._memory.window(arriving):

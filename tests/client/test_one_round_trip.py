@@ -248,3 +248,28 @@ def test_the_server_runs_a_request_only_if_the_one_it_follows_succeeded(server: 
         assert isinstance(answers[10], m.Error) and "not an earlier request" in answers[10].message
         client.send(m.Release(11))
         assert isinstance(client.answer(11, m.Released), m.Released)
+
+
+def test_a_remote_gpu_kernel_cell_is_one_request_and_its_answers(
+        server: ServerProcess, gate: MessageGate, tmp_path_factory: pytest.TempPathFactory,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing else crosses for a cell: no lease check, no history write, no comm traffic."""
+    from remote_kernels import KernelDriver, install_kernelspec, kernel_env
+
+    prefix = tmp_path_factory.mktemp("prefix")
+    monkeypatch.setenv("JUPYTER_PATH", str(install_kernelspec(prefix)))
+    env = kernel_env(prefix, gate.url, server.token("frank"))
+    driver = KernelDriver(env).start()
+    try:
+        assert driver.run("x = 20").status == "ok"  # the lease
+        for code, answers in (("x += 1", 1), ("print(x)", 2), ("x", 2)):
+            sent, answered = gate.counts()
+            gate.hold_answers(1)
+            try:
+                run = driver.run(code, timeout=STUCK)
+            finally:
+                gate.open()
+            assert run.status == "ok"
+            assert gate.counts() == (sent + 1, answered + answers), code  # the cell; its outputs and reply
+    finally:
+        driver.shutdown()

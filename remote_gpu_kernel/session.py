@@ -3,9 +3,9 @@
 :class:`AsyncSession` sends requests over its :class:`Link` and reads the
 answers from each request's inbox: cells (:meth:`~AsyncSession.execute`),
 variables (:meth:`~AsyncSession.push`, :meth:`~AsyncSession.pull`), a cell
-with its variables in one round trip (:meth:`~AsyncSession.run`), files (:meth:`~AsyncSession.upload`,
-:meth:`~AsyncSession.download`), other Jupyter requests, parking and the
-end. :class:`ExecuteResult` is what a cell did.
+with its variables in one round trip (:meth:`~AsyncSession.run`), files
+(:meth:`~AsyncSession.upload`, :meth:`~AsyncSession.download`), other
+Jupyter requests, parking and the end. :class:`ExecuteResult` is what a cell did.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from remote_gpu_core.errors import (
-    ConnectionLost, FileTransferError, RemoteError, RemoteGpuError, SessionReleased
+    ConnectionLost, FileTransferError, RemoteError, RemoteGpuError, ServerError, SessionReleased
 )
 from remote_gpu_core.protocol import dump_values, load_values
 from remote_gpu_core.protocol import messages as m
@@ -103,10 +103,10 @@ class _Answers:
 class AsyncSession:
     """A leased GPU (or CPU slot) with its remote namespace.
 
-    Requests run one at a time on the server, in the order they were sent. Call :meth:`release` when done;
-    :meth:`close` only drops the connection (the server keeps the session
-    for its grace period, and ``client.session(resume=session.id)`` gets it
-    back).
+    Requests run one at a time on the server, in the order they were sent.
+    Call :meth:`release` when done; :meth:`close` only drops the connection
+    (the server keeps the session for its grace period, and
+    ``client.session(resume=session.id)`` gets it back).
     """
 
     def __init__(self, link: Link, granted: m.LeaseGranted, on_notice: NoticeCallback | None) -> None:
@@ -250,7 +250,9 @@ class AsyncSession:
         pickled raises SerializationError before anything is sent; a push
         the server refuses raises, and the cell did not run; a cell that
         raises returns its error, with no values; a name the cell did not
-        define raises NameError (a RemoteError) after the cell's output.
+        define raises NameError (a RemoteError) after the cell's output. An
+        interrupt while the push is on its way stops the cell before it
+        begins (status ``aborted``).
         The other arguments are :meth:`execute`'s.
         """
         names = list(pull)
@@ -271,7 +273,13 @@ class AsyncSession:
             if pushing is not None:
                 await self._expect(pushing, m.PushDone, on_notice=on_notice, on_queue=on_queue)
                 self.parked = False
-            result = await self._cell(cell, on_output, on_notice, on_queue)
+            try:
+                result = await self._cell(cell, on_output, on_notice, on_queue)
+            except ServerError as exc:
+                if exc.code != m.ErrorCode.NOT_RUN.value:
+                    raise
+                # Interrupted while its inputs were still on their way: it never began.
+                return ExecuteResult("aborted", 0, None, [])
             if pulling is not None and result.ok:
                 reply = await self._expect(pulling, m.PullReply, on_notice=on_notice)
                 assert isinstance(reply, m.PullReply)

@@ -250,6 +250,57 @@ def test_the_server_runs_a_request_only_if_the_one_it_follows_succeeded(server: 
         assert isinstance(client.answer(11, m.Released), m.Released)
 
 
+#: A value whose loading in the worker waits until a port on this host listens.
+_SLOW_TO_LOAD = """
+def wait_for_listener(port):
+    import socket, time
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+            return "loaded"
+        except OSError:
+            time.sleep(0.05)
+
+class SlowToLoad:
+    def __init__(self, port):
+        self.port = port
+
+    def __reduce__(self):
+        return (wait_for_listener, (self.port,))
+"""
+
+
+def test_an_interrupt_while_the_inputs_load_stops_the_cell_before_it_begins(server: ServerProcess) -> None:
+    import socket
+
+    namespace: dict[str, object] = {"__name__": "__main__"}  # pickled by value, as a notebook's
+    exec(_SLOW_TO_LOAD, namespace)
+    with socket.socket() as listener, RawClient(server.url, server.token("gina")) as client:
+        listener.bind(("127.0.0.1", 0))  # not listening yet: the push's loading waits
+        slow = namespace["SlowToLoad"](listener.getsockname()[1])  # type: ignore[operator]
+        names, counts, buffers = dump_values({"x": slow})
+        client.hello()
+        client.lease(1)
+        client.send(m.Push(2, names, counts, tuple(buffers)))
+        client.send(m.Execute(3, "ran = True", after=2))
+        client.send(m.Pull(4, ["ran"], after=3))
+        client.send(m.Interrupt(0))
+        client.send(m.LeaseRequest(5))  # answered at once, after the interrupt was taken
+        assert isinstance(client.answer(5, m.LeaseGranted), m.LeaseGranted)
+        listener.listen()
+        answers = _final_answers(client, [2, 3, 4])
+        assert isinstance(answers[2], m.PushDone)
+        for req, follows in ((3, 2), (4, 3)):
+            error = answers[req]
+            assert isinstance(error, m.Error) and error.code is m.ErrorCode.NOT_RUN
+            assert error.message == f"not run: request {follows}, which it follows, was interrupted"
+        client.send(m.Pull(6, ["x", "ran"]))
+        reply = client.answer(6, m.PullReply)
+        assert isinstance(reply, m.Error) and reply.code is m.ErrorCode.NAME_ERROR and "ran" in reply.message
+        client.send(m.Release(7))
+        assert isinstance(client.answer(7, m.Released), m.Released)
+
+
 def test_a_remote_gpu_kernel_cell_is_one_request_and_its_answers(
         server: ServerProcess, gate: MessageGate, tmp_path_factory: pytest.TempPathFactory,
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -49,3 +49,16 @@ def test_a_follower_of_an_unknown_or_forgotten_request_is_refused() -> None:
     assert outcomes.follows(0, 4) is None
     follows = outcomes.follows(3, 4)
     assert follows is not None and follows() is None
+
+
+def test_an_interrupt_fails_what_is_not_answered_yet_so_nothing_that_follows_it_runs() -> None:
+    outcomes = Outcomes()
+    outcomes.expect(1)
+    outcomes.answered(m.PushDone(1, ["a"]))
+    outcomes.expect(2)  # the push of the next cell, still loading in the worker
+    outcomes.expect(3)  # its cell, waiting its turn
+    outcomes.interrupt()
+    outcomes.answered(m.PushDone(2, ["b"]))  # the push ends well, too late
+    assert outcomes.refusal(1, 4) is None
+    assert outcomes.refusal(2, 3) == "not run: request 2, which it follows, was interrupted"
+    assert outcomes.refusal(3, 4) == "not run: request 3, which it follows, was interrupted"

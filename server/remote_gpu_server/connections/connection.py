@@ -48,7 +48,7 @@ from ..store import TokenInfo
 from .limits import Limits
 from .memory import ConnectionMemory, Hold
 from .outcomes import Outcomes
-from .refusals import RefusalQueue, too_large_code, too_large_reason, too_large_text
+from .refusals import RefusalQueue, too_large_code, too_large_reason, too_large_text, wire_code
 
 __all__ = ["Connection", "MAX_IN_FLIGHT"]
 
@@ -65,14 +65,6 @@ HANG_UP_WAIT = 5.0
 #: Requests that only the session's lock keeps in order (they wait for each other).
 _IN_TURN = (m.Execute, m.Push, m.Pull, m.Replay, m.Park, m.Resume, m.Upload, m.Download)
 
-
-def _wire_code(exc: RemoteGpuError) -> m.ErrorCode:
-    """The protocol's code for an error of the tree: its own where the protocol
-    has it, else ``internal``."""
-    try:
-        return m.ErrorCode(exc.code)
-    except ValueError:
-        return m.ErrorCode.INTERNAL
 
 class Connection:
     """One websocket; ``broker`` grants leases, ``sessions`` holds them."""
@@ -353,7 +345,7 @@ class Connection:
             await self.send(m.Error(req, m.ErrorCode.INTERNAL,
                                     f"internal server error ({type(exc).__name__}); the server's log has more"))
         except RemoteGpuError as exc:
-            await self.send(m.Error(req, _wire_code(exc), str(exc)))
+            await self.send(m.Error(req, wire_code(exc), str(exc)))
         except Exception as exc:
             log.exception("request from %s failed", self.user)
             await self.send(m.Error(req, m.ErrorCode.INTERNAL,
@@ -376,6 +368,7 @@ class Connection:
                                   self.limits.welcome()))
 
     async def _on_interrupt(self, msg: m.Interrupt) -> None:
+        self._outcomes.interrupt()  # what was sent to follow the cell does not run
         if self.session is not None:
             await self.session.interrupt(restart=msg.restart)
 

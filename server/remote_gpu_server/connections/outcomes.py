@@ -12,8 +12,8 @@ answered, an exception, a cell that raised) counts as failing.
 No I/O: the connection calls :meth:`Outcomes.expect` when a request comes,
 :meth:`Outcomes.answered` with every message it sends,
 :meth:`Outcomes.failed` for a request it refuses, :meth:`Outcomes.settle`
-when a request's handler has ended, and a follower asks
-:meth:`Outcomes.refusal` at its turn.
+when a request's handler has ended and :meth:`Outcomes.interrupt` when
+the client interrupts; a follower asks :meth:`Outcomes.refusal` at its turn.
 """
 
 from __future__ import annotations
@@ -42,12 +42,22 @@ class Outcomes:
     def __init__(self, keep: int = KEEP) -> None:
         self._keep = keep
         self._outcomes: collections.OrderedDict[int, bool | None] = collections.OrderedDict()
+        self._interrupted: set[int] = set()  # failed: an interrupt came before their answer
 
     def _set(self, req: int, outcome: bool | None) -> None:
         self._outcomes[req] = outcome
         self._outcomes.move_to_end(req)
         while len(self._outcomes) > self._keep:
-            self._outcomes.popitem(last=False)
+            self._interrupted.discard(self._outcomes.popitem(last=False)[0])
+
+    def interrupt(self) -> None:
+        """The client interrupted: every request not answered yet counts as
+        failed, so that nothing sent to follow it runs (an interrupt during the
+        push of a cell's inputs stops the cell before it began)."""
+        for req, outcome in self._outcomes.items():
+            if outcome is None:
+                self._outcomes[req] = False
+                self._interrupted.add(req)
 
     def expect(self, req: int) -> None:
         """Request ``req`` came and will run in turn; its answer is to come."""
@@ -84,6 +94,8 @@ class Outcomes:
         outcome = self._outcomes[after]
         if outcome is None:
             return f"not run: request {after}, which it follows, has not finished"
+        if after in self._interrupted:
+            return f"not run: request {after}, which it follows, was interrupted"
         if not outcome:
             return f"not run: request {after}, which it follows, failed"
         return None

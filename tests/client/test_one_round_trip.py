@@ -30,7 +30,7 @@ from kernels import CellRun, LocalKernel
 
 #: How long a cell may take here, on a loaded machine, before a client that
 #: waits for an answer the gate holds is taken to be stuck.
-STUCK = 60
+STUCK = 30
 
 
 @pytest.fixture(scope="module")

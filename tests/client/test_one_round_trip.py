@@ -211,8 +211,7 @@ def _final_answers(client: RawClient, reqs: list[int]) -> dict[int, m.Message]:
     return answers
 
 
-def test_the_server_runs_a_request_only_if_the_one_it_follows_succeeded(server: ServerProcess,
-                                                                        tmp_path: Path) -> None:
+def test_the_server_runs_a_request_only_if_the_one_it_follows_succeeded(server: ServerProcess) -> None:
     with RawClient(server.url, server.token("carol")) as client:
         client.hello()
         client.lease(1)

@@ -23,7 +23,7 @@ from typing import Any
 from remote_gpu_core.login import ClientConfig
 from remote_gpu_core.protocol import messages as m
 
-from .link import Link, open_link
+from .link import FIRST_REQ, connect_link
 from .notebook_files import NotebookFolder
 from .session import (
     AsyncSession, ExecuteResult, NoticeCallback, QueueCallback, notify, parent_of, write_streams
@@ -54,12 +54,6 @@ class AsyncClient:
         self.user: str | None = None
         self.server_version: str | None = None
 
-    async def _connect(self) -> Link:
-        link = await open_link(self.url, self.token, cafile=self.config.cafile,
-                               insecure=self.config.insecure, open_timeout=self.open_timeout)
-        self.user, self.server_version = link.user, link.server_version
-        return link
-
     def session(self, gpus: int | None = None, *, resume: str | None = None,
                 priority: str | None = None, pool: str | None = None,
                 on_queue: QueueCallback | None = None,
@@ -87,12 +81,18 @@ class AsyncClient:
         from (:attr:`AsyncSession.notebook_files`; ``RGPU_FETCH=0`` turns that off).
         """
         files = NotebookFolder.from_environ(notebook)
-        link = await self._connect()
+        # The lease request goes with the hello, in the websocket upgrade
+        # request: the welcome and the lease come back right behind its answer.
+        link, inbox = await connect_link(
+            self.url, self.token, cafile=self.config.cafile, insecure=self.config.insecure,
+            open_timeout=self.open_timeout,
+            first=lambda req: m.LeaseRequest(req, gpus or self.config.gpus, resume,
+                                             priority or self.config.priority, pool or self.config.pool,
+                                             notebook))
+        assert inbox is not None
         try:
-            req, inbox = link.open()
-            await link.send(m.LeaseRequest(req, gpus or self.config.gpus, resume,
-                                           priority or self.config.priority, pool or self.config.pool,
-                                           notebook))
+            await link.welcomed()
+            self.user, self.server_version = link.user, link.server_version
             while True:
                 msg = await link.receive(inbox)
                 if isinstance(msg, m.QueuePosition):
@@ -101,7 +101,7 @@ class AsyncClient:
                 elif isinstance(msg, m.Notice):
                     notify(on_notice, msg.text)
                 elif isinstance(msg, m.LeaseGranted):
-                    link.done(req)
+                    link.done(FIRST_REQ)
                     session = AsyncSession(link, msg, on_notice)
                     session.notebook_files = files
                     return session

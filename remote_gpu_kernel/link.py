@@ -2,7 +2,8 @@
 
 :func:`open_link` makes the connection (TLS as :mod:`remote_gpu_core.tls`
 says, the bearer token, the protocol's :class:`~m.Hello` and
-:class:`~m.Welcome`) and turns every way it can fail into an error of the
+:class:`~m.Welcome`; :func:`connect_link` sends the hello without waiting,
+so that the first request rides behind it) and turns every way it can fail into an error of the
 tree (:mod:`remote_gpu_core.errors`) whose message says what to do.
 :class:`Link` then sends messages (refusing, before sending, one over the
 server's limits) and routes what arrives by request id to per-request
@@ -29,14 +30,17 @@ from remote_gpu_core.errors import (
 )
 from remote_gpu_core.protocol import CHUNK_SIZE, PROTOCOL_VERSION, Reader, encode
 from remote_gpu_core.protocol import messages as m
+from remote_gpu_core.protocol import upgrade
 from remote_gpu_core.protocol.limits import refusal
 from remote_gpu_core.protocol.serialization import allocate_buffer
 
-__all__ = ["Link", "OutputCallback", "ProgressCallback", "error_from", "open_link"]
+__all__ = ["Link", "OutputCallback", "ProgressCallback", "connect_link", "error_from", "open_link"]
 
 log = logging.getLogger("remote_gpu_kernel")
 
 OutputCallback = Callable[[m.Output], Any]
+#: The id of a link's first request (its ids count from 1).
+FIRST_REQ = 1
 #: ``on_progress(done, total)``: bytes of a file transfer moved so far, of all.
 ProgressCallback = Callable[[int, int], Any]
 
@@ -182,6 +186,16 @@ class Link:
     def done(self, req: int) -> None:
         self.inboxes.pop(req, None)
 
+    async def welcomed(self) -> None:
+        """Wait for the server's answer to the hello: who this token is, the
+        server's version and limits. Raises VersionMismatch (the message says
+        to install the same version on both sides) or ProtocolError."""
+        msg = await self.receive(self.unsolicited)  # an Error (version mismatch) raises
+        if not isinstance(msg, m.Welcome):
+            raise ProtocolError(f"expected welcome, got {msg.type.value}")
+        self.user, self.server_version = msg.user, msg.server
+        self.limits = dict(msg.limits)
+
     async def close(self) -> None:
         await self.ws.close()
         self.task.cancel()
@@ -193,13 +207,33 @@ class Link:
 
 async def open_link(url: str, token: str | None, *, cafile: str | None = None,
                     insecure: bool = False, open_timeout: float = 10) -> Link:
-    """Connect to ``url`` with ``token`` and say hello; ``cafile`` and
-    ``insecure`` as :mod:`remote_gpu_core.tls` says.
+    """Connect to ``url`` with ``token``, say hello and wait to be welcomed;
+    see :func:`connect_link` and :meth:`Link.welcomed`."""
+    link, _ = await connect_link(url, token, cafile=cafile, insecure=insecure, open_timeout=open_timeout)
+    try:
+        await link.welcomed()
+    except BaseException:
+        await link.close()
+        raise
+    return link
+
+
+async def connect_link(url: str, token: str | None, *, cafile: str | None = None,
+                       insecure: bool = False, open_timeout: float = 10,
+                       first: Callable[[int], m.Message] | None = None,
+                       ) -> tuple[Link, asyncio.Queue[Any] | None]:
+    """Connect to ``url`` with ``token`` and say hello, without waiting for the
+    answer; :meth:`Link.welcomed` then reads the welcome. ``first`` makes the
+    first request from its id: it goes with the hello, and the inbox of its
+    answers is returned beside the link. Both ride the websocket upgrade
+    request where the server reads them there (see
+    :mod:`remote_gpu_core.protocol.upgrade`), else they are the first two
+    messages. ``cafile`` and ``insecure`` as :mod:`remote_gpu_core.tls` says.
 
     Raises AuthenticationError (no token, or the server refused it or this
-    connection), TlsError (the connection cannot be made safe),
-    VersionMismatch, or ConnectionLost (anything else that kept the
-    connection from being made); the message says what to do.
+    connection), TlsError (the connection cannot be made safe), or
+    ConnectionLost (anything else that kept the connection from being
+    made); the message says what to do.
     """
     if not token:
         raise AuthenticationError(
@@ -208,11 +242,18 @@ async def open_link(url: str, token: str | None, *, cafile: str | None = None,
     # It resolves the host's name: not on the event loop.
     await asyncio.to_thread(tls.refuse_plain_text, url, insecure)
     context = tls.ssl_context(url, cafile)
+    riding: list[m.Message] = [m.Hello(PROTOCOL_VERSION, f"remote-gpu-kernel/{__version__}")]
+    if first is not None:
+        riding.append(first(FIRST_REQ))
+    headers = {"Authorization": f"Bearer {token}"}
+    carried = upgrade.first_messages(riding)
+    if carried is not None:
+        headers[upgrade.FIRST_MESSAGES] = carried
     try:
         ws = await connect(
             url,
             ssl=context,  # None for ws://, always a verifying context for wss://
-            additional_headers={"Authorization": f"Bearer {token}"},
+            additional_headers=headers,
             compression=None,
             max_size=CHUNK_SIZE,
             max_queue=64,
@@ -241,15 +282,17 @@ async def open_link(url: str, token: str | None, *, cafile: str | None = None,
     except (OSError, asyncio.TimeoutError) as exc:
         raise ConnectionLost(f"cannot reach the GPU server at {url}: {exc}") from None
     link = Link(ws)
-    try:
-        await link.send(m.Hello(PROTOCOL_VERSION, f"remote-gpu-kernel/{__version__}"))
-        msg = await link.receive(link.unsolicited)  # an Error (version mismatch) raises
-        if not isinstance(msg, m.Welcome):
-            raise ProtocolError(f"expected welcome, got {msg.type.value}")
-    except BaseException:
-        await link.close()
-        raise
-    link.user, link.server_version = msg.user, msg.server
-    link.limits = dict(msg.limits)
-    return link
+    inbox = None
+    if first is not None:
+        req, inbox = link.open()  # before anything is read: its answers find their inbox
+        assert req == FIRST_REQ, "a new link's first request id"
+    response = ws.response
+    if carried is None or response is None or response.headers.get(upgrade.FIRST_MESSAGES) != upgrade.READ:
+        try:  # a server that did not read them in the upgrade request
+            for message in riding:
+                await link.send(message)
+        except BaseException:
+            await link.close()
+            raise
+    return link, inbox
 

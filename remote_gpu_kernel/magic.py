@@ -251,18 +251,19 @@ class GpuMagics(Magics):
             raise NameError(f"%%gpu -i: name {missing[0]!r} is not defined")
         session = self._session(gpus, priority, pool)
         parent = self.comms.current_parent()
+        line = notices.StatusLine(_publish_display)
         try:
-            if inputs:
-                session.push(**{n: ns[n] for n in inputs})
-            # Under this cell's own msg_id: a remote Output widget then
-            # captures what this cell shows, as a local one would.
-            line = notices.StatusLine(_publish_display)
-            # Under this cell's number too: a remote traceback says Cell In[N] as the prompt does.
-            result = session.execute(code, self.comms.show, timeout=timeout, parent=parent.get("header"),
-                                     on_queue=lambda pos: line.show(notices.restoring(pos)),
-                                     on_fetched=lambda text: notices.StatusLine(_publish_display).show(
-                                         f"{notices.PREFIX}{text}"),
-                                     execution_count=self._cell_number(parent))
+            # One round trip: the inputs, the cell and the names to pull go out
+            # together. Under this cell's own msg_id: a remote Output widget
+            # then captures what this cell shows, as a local one would. Under
+            # this cell's number too: a remote traceback says Cell In[N] as
+            # the prompt does.
+            result = session.run(code, self.comms.show, push={n: ns[n] for n in inputs}, pull=outputs,
+                                 timeout=timeout, parent=parent.get("header"),
+                                 on_queue=lambda pos: line.show(notices.restoring(pos)),
+                                 on_fetched=lambda text: notices.StatusLine(_publish_display).show(
+                                     f"{notices.PREFIX}{text}"),
+                                 execution_count=self._cell_number(parent))
         # The cell did not finish: each of these fails it (so "Run All"
         # stops here), shown as one line that says what to do next.
         except ConnectionLost as exc:
@@ -274,8 +275,7 @@ class GpuMagics(Magics):
             raise SessionReleased(f"{exc}; run the cell again to lease a new GPU.", code=exc.code) from None
         if result.error is not None:
             raise result.error
-        if outputs:
-            ns.update(session.pull(*outputs))
+        ns.update(result.values)
 
     def _cell_number(self, parent: dict[str, Any]) -> int:
         """The number the prompt shows for the cell that runs now; 0 for one not

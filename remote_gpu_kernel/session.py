@@ -1,11 +1,11 @@
 """A leased GPU session of the asyncio client, and what its requests return.
 
-:class:`AsyncSession` sends one request at a time over its :class:`Link`
-and reads the answers from the request's inbox: cells
-(:meth:`~AsyncSession.execute`), variables (:meth:`~AsyncSession.push`,
-:meth:`~AsyncSession.pull`), files (:meth:`~AsyncSession.upload`,
-:meth:`~AsyncSession.download`), other Jupyter requests, parking and the
-end. :class:`ExecuteResult` is what a cell did.
+:class:`AsyncSession` sends requests over its :class:`Link` and reads the
+answers from each request's inbox: cells (:meth:`~AsyncSession.execute`),
+variables (:meth:`~AsyncSession.push`, :meth:`~AsyncSession.pull`), a cell
+with its variables in one round trip (:meth:`~AsyncSession.run`), files
+(:meth:`~AsyncSession.upload`, :meth:`~AsyncSession.download`), other
+Jupyter requests, parking and the end. :class:`ExecuteResult` is what a cell did.
 """
 
 from __future__ import annotations
@@ -14,12 +14,13 @@ import contextlib
 import dataclasses
 import os
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from remote_gpu_core.errors import (
-    ConnectionLost, FetchRefused, FileTransferError, RemoteError, RemoteGpuError, SessionReleased
+    ConnectionLost, FetchRefused, FileTransferError, RemoteError, RemoteGpuError, ServerError,
+    SessionReleased
 )
 from remote_gpu_core.protocol import dump_values, load_values
 from remote_gpu_core.protocol import messages as m
@@ -50,13 +51,15 @@ def parent_of(header: dict[str, Any] | None) -> dict[str, Any]:
 
 @dataclasses.dataclass
 class ExecuteResult:
-    """What a cell did: ``status`` is ``ok``, ``error`` or ``aborted``."""
+    """What a cell did: ``status`` is ``ok``, ``error`` or ``aborted``;
+    ``values``: the variables :meth:`AsyncSession.run` pulled after it."""
 
     status: str
     job: int
     execution_count: int | None
     outputs: list[m.Output]
     error: RemoteError | None = None
+    values: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -88,13 +91,24 @@ def notify(on_notice: NoticeCallback | None, text: str) -> None:
         print(f"[remote-gpu] {text}", file=sys.stderr)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Answers:
+    """A request sent: its id, and (called) its next answer."""
+
+    req: int
+    receive: Callable[[], Awaitable[m.Message]]
+
+    def __call__(self) -> Awaitable[m.Message]:
+        return self.receive()
+
+
 class AsyncSession:
     """A leased GPU (or CPU slot) with its remote namespace.
 
-    Requests run one at a time, in order. Call :meth:`release` when done;
-    :meth:`close` only drops the connection (the server keeps the session
-    for its grace period, and ``client.session(resume=session.id)`` gets it
-    back).
+    Requests run one at a time on the server, in the order they were sent.
+    Call :meth:`release` when done; :meth:`close` only drops the connection
+    (the server keeps the session for its grace period, and
+    ``client.session(resume=session.id)`` gets it back).
     """
 
     def __init__(self, link: Link, granted: m.LeaseGranted, on_notice: NoticeCallback | None) -> None:
@@ -154,12 +168,15 @@ class AsyncSession:
     async def _exchange(self, message_factory: Callable[[int], m.Message], *,
                         sending: ProgressCallback | None = None,
                         receiving: ProgressCallback | None = None,
-                        ) -> AsyncIterator[Callable[[], Awaitable[m.Message]]]:
-        """Send a request (made from its id); yield a function that awaits its next answer.
+                        ) -> AsyncIterator[_Answers]:
+        """Send a request (made from its id); yield what awaits its next answer
+        (called) and names its id (``.req``).
 
         An :class:`Error` answer raises; the request's inbox is dropped on
         exit. ``sending`` and ``receiving`` report the bytes of the request
-        sent and of its answer received.
+        sent and of its answer received. The request is sent on entry, its
+        answers are not waited for: requests sent one after another are a
+        pipeline (see :meth:`run`).
         """
         if self.released:
             raise SessionReleased(f"this GPU session was released ({self.released})", code="released")
@@ -168,22 +185,26 @@ class AsyncSession:
             self._link.progress[req] = receiving
         try:
             await self._link.send(message_factory(req), sending)
-            yield lambda: self._link.receive(inbox)
+            yield _Answers(req, lambda: self._link.receive(inbox))
         finally:
             self._link.progress.pop(req, None)
             self._link.done(req)
 
     async def _expect(self, receive: Callable[[], Awaitable[m.Message]],
-                      *kinds: type[m.Message]) -> m.Message:
-        """The next answer of one of ``kinds``; notices on the way are shown."""
+                      *kinds: type[m.Message], on_notice: NoticeCallback | None = None,
+                      on_queue: QueueCallback | None = None) -> m.Message:
+        """The next answer of one of ``kinds``; notices on the way are shown
+        (through ``on_notice`` if given), queue positions go to ``on_queue``."""
         while True:
             msg = await receive()
             if isinstance(msg, m.Notice):
-                notify(self.on_notice, msg.text)
+                notify(on_notice or self.on_notice, msg.text)
             elif isinstance(msg, kinds):
                 return msg
             elif isinstance(msg, m.LeaseGranted):
                 self._granted(msg)
+            elif isinstance(msg, m.QueuePosition) and on_queue is not None:
+                on_queue(msg.position)
 
     def _granted(self, msg: m.LeaseGranted) -> None:
         """A parked session was restored on the way (its request's own answer follows)."""
@@ -214,33 +235,95 @@ class AsyncSession:
         :attr:`notebook_files`; ``on_fetched`` hears one line for each
         (default: as a notice).
         """
-        handler = on_output if on_output is not None else write_streams
-        outputs: list[m.Output] = []
         header = parent_of(parent)
         async with self._exchange(
                 lambda r: m.Execute(r, code, timeout, silent, store_history, allow_stdin, header,
                                     execution_count, fetch=self.notebook_files is not None)) as receive:
-            while True:
-                msg = await receive()
-                if isinstance(msg, m.Output):
-                    outputs.append(msg)
-                    self.last_seq = max(self.last_seq, msg.seq)
-                    handler(msg)
-                elif isinstance(msg, m.Notice):
-                    notify(on_notice or self.on_notice, msg.text)
-                elif isinstance(msg, m.Fetch):
-                    await self._serve_fetch(msg, on_fetched or on_notice or self.on_notice)
-                elif isinstance(msg, m.QueuePosition):
-                    if on_queue is not None:
-                        on_queue(msg.position)
-                elif isinstance(msg, m.LeaseGranted):
-                    self._granted(msg)
-                elif isinstance(msg, m.ExecuteDone):
-                    self.parked = False
-                    error = None
-                    if msg.status == "error":
-                        error = RemoteError.from_remote(msg.ename, msg.evalue, msg.traceback)
-                    return ExecuteResult(msg.status, msg.job, msg.execution_count, outputs, error)
+            return await self._cell(receive, on_output, on_notice, on_queue, on_fetched)
+
+    async def run(self, code: str, on_output: OutputCallback | None = None, *,
+                  push: Mapping[str, Any] | None = None, pull: Iterable[str] = (),
+                  timeout: float | None = None, silent: bool = False,
+                  store_history: bool = True, allow_stdin: bool = False,
+                  on_notice: NoticeCallback | None = None,
+                  on_queue: QueueCallback | None = None,
+                  parent: dict[str, Any] | None = None, execution_count: int = 0,
+                  on_fetched: NoticeCallback | None = None) -> ExecuteResult:
+        """Set the variables ``push``, run ``code``, and get the variables named
+        in ``pull`` back in :attr:`ExecuteResult.values`: one round trip.
+
+        The push, the cell and the pull go out back to back, before any
+        answer; the server runs the cell only if the push succeeded, and
+        pulls only if the cell did (see :class:`~.protocol.messages.Execute`).
+        So the errors mean what :meth:`push`, :meth:`execute` and
+        :meth:`pull` one after another would say: a value that cannot be
+        pickled raises SerializationError before anything is sent; a push
+        the server refuses raises, and the cell did not run; a cell that
+        raises returns its error, with no values; a name the cell did not
+        define raises NameError (a RemoteError) after the cell's output. An
+        interrupt while the push is on its way stops the cell before it
+        begins (status ``aborted``).
+        The other arguments are :meth:`execute`'s.
+        """
+        names = list(pull)
+        pushed = dump_values(dict(push)) if push else None
+        header = parent_of(parent)
+        async with contextlib.AsyncExitStack() as answers:
+            pushing = None
+            if pushed is not None:
+                pushing = await answers.enter_async_context(
+                    self._exchange(lambda r: m.Push(r, pushed[0], pushed[1], tuple(pushed[2]))))
+            cell = await answers.enter_async_context(self._exchange(
+                lambda r: m.Execute(r, code, timeout, silent, store_history, allow_stdin, header,
+                                    execution_count, fetch=self.notebook_files is not None,
+                                    after=pushing.req if pushing else 0)))
+            pulling = None
+            if names:
+                pulling = await answers.enter_async_context(
+                    self._exchange(lambda r: m.Pull(r, names, after=cell.req)))
+            if pushing is not None:
+                await self._expect(pushing, m.PushDone, on_notice=on_notice, on_queue=on_queue)
+                self.parked = False
+            try:
+                result = await self._cell(cell, on_output, on_notice, on_queue, on_fetched)
+            except ServerError as exc:
+                if exc.code != m.ErrorCode.NOT_RUN.value:
+                    raise
+                # Interrupted while its inputs were still on their way: it never began.
+                return ExecuteResult("aborted", 0, None, [])
+            if pulling is not None and result.ok:
+                reply = await self._expect(pulling, m.PullReply, on_notice=on_notice)
+                assert isinstance(reply, m.PullReply)
+                result.values = load_values(reply.names, reply.counts, reply.buffers)
+            return result
+
+    async def _cell(self, receive: Callable[[], Awaitable[m.Message]], on_output: OutputCallback | None,
+                    on_notice: NoticeCallback | None, on_queue: QueueCallback | None,
+                    on_fetched: NoticeCallback | None) -> ExecuteResult:
+        """The answers of an :class:`~m.Execute`, up to its ExecuteDone (see :meth:`execute`)."""
+        handler = on_output if on_output is not None else write_streams
+        outputs: list[m.Output] = []
+        while True:
+            msg = await receive()
+            if isinstance(msg, m.Output):
+                outputs.append(msg)
+                self.last_seq = max(self.last_seq, msg.seq)
+                handler(msg)
+            elif isinstance(msg, m.Notice):
+                notify(on_notice or self.on_notice, msg.text)
+            elif isinstance(msg, m.Fetch):
+                await self._serve_fetch(msg, on_fetched or on_notice or self.on_notice)
+            elif isinstance(msg, m.QueuePosition):
+                if on_queue is not None:
+                    on_queue(msg.position)
+            elif isinstance(msg, m.LeaseGranted):
+                self._granted(msg)
+            elif isinstance(msg, m.ExecuteDone):
+                self.parked = False
+                error = None
+                if msg.status == "error":
+                    error = RemoteError.from_remote(msg.ename, msg.evalue, msg.traceback)
+                return ExecuteResult(msg.status, msg.job, msg.execution_count, outputs, error)
 
     async def _serve_fetch(self, msg: m.Fetch, on_fetched: NoticeCallback | None) -> None:
         """Send the file the running cell opened, or say why not (see

@@ -14,7 +14,7 @@ import asyncio
 import dataclasses
 import queue
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any, TypeVar
 
 from .client import AsyncClient
@@ -272,6 +272,40 @@ class Session:
         interrupts, restarts the worker (the cell then fails with
         WorkerDied).
         """
+        def factory(emit: Callable[[Any], None]) -> Coroutine[Any, Any, ExecuteResult]:
+            return self._session.execute(code, emit, timeout=timeout, silent=silent,
+                                         store_history=store_history, allow_stdin=allow_stdin,
+                                         on_notice=emit, on_queue=lambda p: emit(m.QueuePosition(0, p)),
+                                         parent=parent, execution_count=execution_count,
+                                         on_fetched=lambda text: emit(_Fetched(text)))
+
+        return _pump(factory, self._cell_events(on_output, on_queue, on_fetched), self.interrupt)
+
+    def run(self, code: str, on_output: OutputCallback | None = None, *,
+            push: Mapping[str, Any] | None = None, pull: Iterable[str] = (),
+            timeout: float | None = None, silent: bool = False,
+            store_history: bool = True, allow_stdin: bool = False,
+            on_queue: QueueCallback | None = None,
+            parent: dict[str, Any] | None = None, execution_count: int = 0,
+            on_fetched: NoticeCallback | None = None) -> ExecuteResult:
+        """Push ``push``, run ``code``, pull ``pull`` into the result's ``values``,
+        in one round trip; see :meth:`AsyncSession.run`. Callbacks and
+        interrupts as in :meth:`execute`."""
+        names = list(pull)
+
+        def factory(emit: Callable[[Any], None]) -> Coroutine[Any, Any, ExecuteResult]:
+            return self._session.run(code, emit, push=push, pull=names, timeout=timeout, silent=silent,
+                                     store_history=store_history, allow_stdin=allow_stdin,
+                                     on_notice=emit, on_queue=lambda p: emit(m.QueuePosition(0, p)),
+                                     parent=parent, execution_count=execution_count,
+                                     on_fetched=lambda text: emit(_Fetched(text)))
+
+        return _pump(factory, self._cell_events(on_output, on_queue, on_fetched), self.interrupt)
+
+    def _cell_events(self, on_output: OutputCallback | None, on_queue: QueueCallback | None,
+                     on_fetched: NoticeCallback | None) -> Callable[[Any], None]:
+        """Handle a cell's pumped events in this thread: outputs, queue positions,
+        files fetched from the notebook's folder, notices."""
         handler = on_output if on_output is not None else write_streams
 
         def handle(event: Any) -> None:
@@ -285,14 +319,7 @@ class Session:
             else:
                 notify(self.on_notice, event)
 
-        def factory(emit: Callable[[Any], None]) -> Coroutine[Any, Any, ExecuteResult]:
-            return self._session.execute(code, emit, timeout=timeout, silent=silent,
-                                         store_history=store_history, allow_stdin=allow_stdin,
-                                         on_notice=emit, on_queue=lambda p: emit(m.QueuePosition(0, p)),
-                                         parent=parent, execution_count=execution_count,
-                                         on_fetched=lambda text: emit(_Fetched(text)))
-
-        return _pump(factory, handle, self.interrupt)
+        return handle
 
     @property
     def last_seq(self) -> int:

@@ -27,7 +27,13 @@ The conversation, in order:
    request's reply (:class:`ExecuteDone`, :class:`PushDone`,
    :class:`PullReply`, :class:`ShellReply`, :class:`UploadDone`,
    :class:`DownloadReply`) or :class:`Error`. After a reconnect,
-   :class:`Replay` fetches the outputs the client missed.
+   :class:`Replay` fetches the outputs the client missed. A client need
+   not wait for an answer before its next request: requests that run in
+   turn run in the order they came, and an :class:`Execute` or
+   :class:`Pull` that names the request it follows (``after``) runs only
+   if that one succeeded (else :class:`Error` ``NOT_RUN``). A
+   ``%%gpu -i a -o b`` cell is a :class:`Push`, an :class:`Execute` and a
+   :class:`Pull` sent back to back: one round trip.
 4. client → :class:`Interrupt` at any time, :class:`Release` at the end;
    server → :class:`Released` when the lease ends for any reason.
 5. client → :class:`Park`: the server saves the namespace to disk and gives

@@ -14,7 +14,9 @@ from typing import Any, ClassVar
 __all__ = ["PROTOCOL_VERSION", "Buffers", "Error", "ErrorCode", "Message", "MessageType"]
 
 #: Bumped whenever a message changes shape; sent in :class:`Hello`.
-PROTOCOL_VERSION = 2
+#: 3: an :class:`~.cells.Execute` or :class:`~.transfers.Pull` may name the
+#: request it follows (``after``), and is answered ``NOT_RUN`` if that failed.
+PROTOCOL_VERSION = 3
 
 
 class MessageType(str, enum.Enum):
@@ -68,6 +70,8 @@ class ErrorCode(str, enum.Enum):
     #: A file transfer refused: a path outside the session's folder, a missing
     #: file, more bytes than the server's upload limit.
     FILE = "file_error"
+    #: A request that follows another (``after``) was not run: that one failed.
+    NOT_RUN = "not_run"
     INTERNAL = "internal"
 
 

@@ -31,7 +31,14 @@ class Execute(Message):
     number the notebook shows for this cell: the worker's IPython takes it
     (its tracebacks say ``Cell In[N]``), whichever worker runs the cell.
     ``fetch``: the client serves files of its notebook's folder while the
-    cell runs (:class:`~.transfers.Fetch`); without it the server asks nothing."""
+    cell runs (:class:`~.transfers.Fetch`); without it the server asks nothing.
+
+    ``after``, where not 0, is the id of an earlier request of this
+    connection that runs in turn (the :class:`~.transfers.Push` of the
+    cell's inputs): the cell runs only if that one succeeded, else it is
+    answered with ``ErrorCode.NOT_RUN``. So a client sends a push, the cell
+    and a :class:`~.transfers.Pull` of its results back to back, without
+    waiting for each answer: one round trip."""
 
     type = MessageType.EXECUTE
     req: int
@@ -43,13 +50,13 @@ class Execute(Message):
     parent: dict[str, Any] = dataclasses.field(default_factory=dict)
     execution_count: int = 0
     fetch: bool = False
+    after: int = 0
 
     def fields(self) -> dict[str, Any]:
         fields = super().fields()
-        if not self.execution_count:  # what a server from before the field can read
-            del fields["execution_count"]
-        if not self.fetch:  # the same for a client that serves no files
-            del fields["fetch"]
+        for name in ("execution_count", "fetch", "after"):
+            if not fields[name]:  # the message as it was before the field
+                del fields[name]
         return fields
 
 

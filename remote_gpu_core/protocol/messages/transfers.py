@@ -55,9 +55,20 @@ class PushDone(Message):
 
 @dataclasses.dataclass(frozen=True)
 class Pull(Message):
+    """The values of remote variables. ``after``, where not 0: pull only if
+    that earlier request (the cell that makes them) succeeded, as in
+    :class:`~.cells.Execute`; else the answer is ``ErrorCode.NOT_RUN``."""
+
     type = MessageType.PULL
     req: int
     names: list[str]
+    after: int = 0
+
+    def fields(self) -> dict[str, Any]:
+        fields = super().fields()
+        if not self.after:  # the message as it was before the field
+            del fields["after"]
+        return fields
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,7 +9,7 @@ bytes are not all in yet (a push over ``--max-push``) gets an ``Error``
 and a close with code 1009 and a reason naming the limit: the server
 does not skip the rest, since a client that gave up sending it would
 have its next messages skipped in its place, unanswered. Nothing a
-client sends can raise out of this module.
+client sends can raise out of this module; its first messages may ride its upgrade request.
 
 What a client can make the server hold is bounded (see :mod:`.limits` and
 :mod:`.memory`): requests in flight, bytes of messages waiting, how far a
@@ -32,7 +32,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
 from remote_gpu_core.errors import MessageTooLarge, ProtocolError, RemoteGpuError, WorkerDied
-from remote_gpu_core.protocol import PROTOCOL_VERSION, encode
+from remote_gpu_core.protocol import PROTOCOL_VERSION, encode, upgrade
 from remote_gpu_core.protocol.framing import Chunks, encode_head
 from remote_gpu_core.protocol import messages as m
 
@@ -47,7 +47,8 @@ from ..sessions.session import Session
 from ..store import TokenInfo
 from .limits import Limits
 from .memory import ConnectionMemory, Hold
-from .refusals import RefusalQueue, too_large_code, too_large_reason, too_large_text
+from .outcomes import Outcomes
+from .refusals import RefusalQueue, too_large_code, too_large_reason, too_large_text, wire_code
 
 __all__ = ["Connection", "MAX_IN_FLIGHT"]
 
@@ -64,15 +65,6 @@ HANG_UP_WAIT = 5.0
 #: Requests that only the session's lock keeps in order (they wait for each other).
 _IN_TURN = (m.Execute, m.Push, m.Pull, m.Replay, m.Park, m.Resume, m.Upload, m.Download)
 
-
-
-def _wire_code(exc: RemoteGpuError) -> m.ErrorCode:
-    """The protocol's code for an error of the tree: its own where the protocol
-    has it, else ``internal``."""
-    try:
-        return m.ErrorCode(exc.code)
-    except ValueError:
-        return m.ErrorCode.INTERNAL
 
 class Connection:
     """One websocket; ``broker`` grants leases, ``sessions`` holds them."""
@@ -97,6 +89,7 @@ class Connection:
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_turn: set[asyncio.Task[None]] = set()  # tasks that take the session's lock
         self._refusals = RefusalQueue(self.send)
+        self._outcomes = Outcomes()  # what each request's answer said, for those that follow one
         self._closer: asyncio.Task[None] | None = None
         self._waiting: dict[int, int] = {}  # lease key -> req
         self._positions: dict[int, int] = {}  # lease key -> position not yet sent
@@ -104,6 +97,7 @@ class Connection:
         self.closed = False  # the websocket is gone: nothing more is delivered
 
     async def send(self, message: m.Message) -> None:
+        self._outcomes.answered(message)
         frames = encode(message)
         try:
             async with self._send_lock:
@@ -119,6 +113,7 @@ class Connection:
         connection is closed (the client sees it as a dropped connection,
         and the close reason says why; resuming the session works).
         """
+        self._outcomes.answered(message)
         try:
             async with self._send_lock:
                 for frame in encode_head(message, lengths):
@@ -135,6 +130,9 @@ class Connection:
 
     async def run(self) -> None:
         try:
+            first = self.ws.request.headers.get(upgrade.FIRST_MESSAGES) if self.ws.request else None
+            if first is not None and not await self._receive(upgrade.first_frames(first)):  # checked at the door
+                return
             while True:
                 arriving = self._arriving
                 if arriving is not None and arriving.bytes > self._memory.window(arriving):
@@ -257,6 +255,7 @@ class Connection:
         elif isinstance(msg, m.FetchRefused) or (isinstance(msg, m.Upload) and msg.fetch):
             self._spawn(self._on_fetch_answer(msg), msg.req, hold=hold)
         elif isinstance(msg, (*_IN_TURN, m.ShellRequest)):
+            self._outcomes.expect(msg.req if isinstance(msg, _IN_TURN) else 0)
             self._spawn(self._on_session_request(msg), msg.req, hold=hold,
                         in_turn=isinstance(msg, _IN_TURN))
         else:
@@ -308,6 +307,7 @@ class Connection:
         The answers queue up (see :mod:`.refusals`); a client that sends more
         refused requests than they hold without reading is disconnected.
         """
+        self._outcomes.failed(req)
         if self.closed:
             return
         if not self._refusals.add(m.Error(req, code, text)):
@@ -337,7 +337,10 @@ class Connection:
         request ``req``, so the client is never left waiting. At the end its
         message holds nothing (what of it still arrives is dropped)."""
         try:
-            await coro
+            try:
+                await coro
+            finally:  # now, before the next request in turn runs
+                self._outcomes.settle(req)
         except asyncio.CancelledError:
             raise
         except DatabaseUnavailable as exc:  # the store's address is the server's to know
@@ -345,7 +348,7 @@ class Connection:
             await self.send(m.Error(req, m.ErrorCode.INTERNAL,
                                     f"internal server error ({type(exc).__name__}); the server's log has more"))
         except RemoteGpuError as exc:
-            await self.send(m.Error(req, _wire_code(exc), str(exc)))
+            await self.send(m.Error(req, wire_code(exc), str(exc)))
         except Exception as exc:
             log.exception("request from %s failed", self.user)
             await self.send(m.Error(req, m.ErrorCode.INTERNAL,
@@ -368,6 +371,7 @@ class Connection:
                                   self.limits.welcome()))
 
     async def _on_interrupt(self, msg: m.Interrupt) -> None:
+        self._outcomes.interrupt()  # what was sent to follow the cell does not run
         if self.session is not None:
             await self.session.interrupt(restart=msg.restart)
 
@@ -467,11 +471,11 @@ class Connection:
                 await self.send(m.Error(req, m.ErrorCode.BAD_REQUEST,
                                         "a cell's timeout is a number of seconds above 0"))
                 return
-            await session.execute(msg, self)
+            await session.execute(msg, self, self._outcomes.follows(msg.after, req))
         elif isinstance(msg, m.Push):
             await session.push(msg, self)
         elif isinstance(msg, m.Pull):
-            await session.pull(msg, self)
+            await session.pull(msg, self, self._outcomes.follows(msg.after, req))
         elif isinstance(msg, m.ShellRequest):
             await session.shell_request(msg, self)
         elif isinstance(msg, m.Replay):

@@ -7,7 +7,8 @@ connection waiting for its client to read it: the answers queue in a
 lets more pile up is disconnected. A message refused for its size is
 answered with the ``rgpu serve`` flag whose limit it is over
 (:func:`too_large_text`); where the connection must close over it, the
-close reason says the same in short (:func:`too_large_reason`).
+close reason says the same in short (:func:`too_large_reason`). An error
+a request's handler raised is answered with its code (:func:`wire_code`).
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ import asyncio
 import collections
 from collections.abc import Awaitable, Callable
 
-from remote_gpu_core.errors import MessageTooLarge
+from remote_gpu_core.errors import MessageTooLarge, RemoteGpuError
 from remote_gpu_core.protocol import messages as m
 from remote_gpu_core.sizes import format_size
 
 from .limits import Limits
 
-__all__ = ["MAX_REFUSALS", "RefusalQueue", "too_large_code", "too_large_reason", "too_large_text"]
+__all__ = ["MAX_REFUSALS", "RefusalQueue", "too_large_code", "too_large_reason", "too_large_text", "wire_code"]
 
 #: Refusals that may wait for the client to read them (each a short Error);
 #: a client that lets more pile up is disconnected.
@@ -96,3 +97,12 @@ def too_large_reason(limits: Limits, exc: MessageTooLarge) -> str:
     if flag is None:
         return f"{what} over this server's limits"
     return f"{what} of {format_size(exc.size)} over rgpu serve {flag} ({format_size(exc.limit)})"
+
+
+def wire_code(exc: RemoteGpuError) -> m.ErrorCode:
+    """The protocol's code for an error of the tree: its own where the protocol
+    has it, else ``internal``."""
+    try:
+        return m.ErrorCode(exc.code)
+    except ValueError:
+        return m.ErrorCode.INTERNAL

@@ -4,6 +4,8 @@ The websockets library hands every handshake to ``process_request``: a
 request without ``Upgrade: websocket`` goes to the HTTP API; a websocket's
 bearer token is checked there, so a bad token never opens a websocket (401
 and a one-line reason; a database that cannot be reached to check it, 503).
+A client's first messages may ride its upgrade request (see
+:mod:`remote_gpu_core.protocol.upgrade`): the 101 then says they are read.
 Compression is off (variables are raw binary,
 where deflate costs 40× the throughput) and ``max_size`` is the protocol's
 frame size. A request that repeats a header the server acts on
@@ -27,12 +29,13 @@ from http import HTTPStatus
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
-from remote_gpu_core.protocol import CHUNK_SIZE
+from remote_gpu_core.errors import ProtocolError
+from remote_gpu_core.protocol import CHUNK_SIZE, upgrade
 
 from ..errors import TokenError
 from ..connections.heap_trim import HeapTrimmer
 from .http_api import SUBMIT_PATH, HttpApi, json_response
-from .headers import HeaderError, bearer_token, is_websocket
+from .headers import HeaderError, bearer_token, is_websocket, single_header
 from ..connections.limits import FRAMES_QUEUED, Limits
 from .origins import OriginPolicy
 from ..store import DatabaseUnavailable, TokenInfo
@@ -74,6 +77,7 @@ class FrontDoor:
         self._server = await serve(
             self._handle, host, port,
             process_request=self._handshake,
+            process_response=self._answered,
             compression=None,
             max_size=CHUNK_SIZE,
             max_queue=FRAMES_QUEUED,
@@ -101,7 +105,10 @@ class FrontDoor:
         try:
             websocket = is_websocket(request)
             token = bearer_token(request) if websocket else None
-        except HeaderError as exc:
+            first = single_header(request, upgrade.FIRST_MESSAGES) if websocket else None
+            if first is not None:
+                upgrade.first_frames(first)  # its connection reads them: base64, or refused here
+        except (HeaderError, ProtocolError) as exc:
             log.info("refused a request from %s: %s", connection.remote_address, exc)
             return json_response(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
         refused = self._origins.refusal(request.headers.get_all("Origin"))
@@ -139,6 +146,13 @@ class FrontDoor:
         self._watchers.add(watcher)
         watcher.add_done_callback(self._watchers.discard)
         return None
+
+    def _answered(self, connection: ServerConnection, request: Request, response: Response) -> None:
+        """A client's websocket whose first messages ride its upgrade request:
+        the 101 says they are read (its :class:`Connection` reads them first)."""
+        if (response.status_code == HTTPStatus.SWITCHING_PROTOCOLS and request.path != SUBMIT_PATH
+                and upgrade.FIRST_MESSAGES in request.headers):
+            response.headers[upgrade.FIRST_MESSAGES] = upgrade.READ
 
     def _gone(self, connection: ServerConnection, user: str) -> None:
         self._tokens.pop(connection, None)

@@ -44,11 +44,14 @@ from .recorder import SessionRecorder
 from .session_worker import SessionWorker, WorkerSource
 from .stopping import INTERRUPT_NOTICE, CellStopper, RunningCell
 
-__all__ = ["Replier", "Send", "Session", "SessionContext"]
+__all__ = ["Follows", "Replier", "Send", "Session", "SessionContext"]
 
 log = logging.getLogger("remote_gpu_server")
 
 Send = Callable[[m.Message], Awaitable[None]]
+#: For a request that follows another (``after``): asked at its turn, why it
+#: must not run (that one failed), or None if it may.
+Follows = Callable[[], "str | None"]
 
 #: In an error message, the marks of a CUDA error that leaves the process's
 #: context unusable ("sticky" errors): the worker must be replaced.
@@ -212,8 +215,20 @@ class Session:
 
     # -- requests -----------------------------------------------------------
 
-    async def execute(self, msg: m.Execute, conn: Replier) -> None:
+    async def _may_run(self, req: int, conn: Replier, follows: Follows | None) -> bool:
+        """Under :attr:`lock`: whether request ``req`` may run; if the request it
+        follows failed, it is answered ``NOT_RUN`` (and runs not)."""
+        refusal = follows() if follows is not None else None
+        if refusal is None:
+            return True
+        await conn.send(m.Error(req, m.ErrorCode.NOT_RUN, refusal))
+        return False
+
+    async def execute(self, msg: m.Execute, conn: Replier, follows: Follows | None = None) -> None:
+        """Run a cell, in turn; ``follows``: it runs only if the request it follows succeeded."""
         async with self.lock:
+            if not await self._may_run(msg.req, conn, follows):
+                return
             worker = await self.prepare(msg.req, conn)
             cell = self.stopping.begin(conn, msg.req)
             self.recorder.new_cell()
@@ -332,12 +347,13 @@ class Session:
                            list(msg.buffers), "push", lambda reply: m.ErrorCode.SERIALIZATION,
                            lambda reply: m.PushDone(msg.req, list(reply.get("names") or [])))
 
-    async def pull(self, msg: m.Pull, conn: Replier) -> None:
+    async def pull(self, msg: m.Pull, conn: Replier, follows: Follows | None = None) -> None:
         def refused(reply: dict[str, Any]) -> m.ErrorCode:
             return m.ErrorCode.NAME_ERROR if reply.get("ename") == "NameError" else m.ErrorCode.SERIALIZATION
 
         await self.send_out(msg.req, conn, {"op": "pull", "names": msg.names}, refused,
-                            lambda reply: m.PullReply(msg.req, list(reply["names"]), list(reply["counts"])))
+                            lambda reply: m.PullReply(msg.req, list(reply["names"]), list(reply["counts"])),
+                            follows)
 
     async def send_in(self, req: int, conn: Replier, data: dict[str, Any], buffers: list[Any], what: str,
                       refused: Callable[[dict[str, Any]], m.ErrorCode],
@@ -362,11 +378,14 @@ class Session:
 
     async def send_out(self, req: int, conn: Replier, data: dict[str, Any],
                        refused: Callable[[dict[str, Any]], m.ErrorCode],
-                       head: Callable[[dict[str, Any]], m.Message]) -> None:
+                       head: Callable[[dict[str, Any]], m.Message], follows: Follows | None = None) -> None:
         """A request whose answer's buffers stream from the worker (a pull, a
         download), in turn: the transfer op ``data``, then ``head(reply)`` with the
-        buffers, or an error (``refused(reply)`` its code when the worker says no)."""
+        buffers, or an error (``refused(reply)`` its code when the worker says no).
+        ``follows``: as in :meth:`execute`."""
         async with self.lock:
+            if not await self._may_run(req, conn, follows):
+                return
             worker = await self.prepare(req, conn)
             try:
                 reply, pieces = await worker.transfers.receive_buffers(data)

@@ -29,6 +29,8 @@ def test_small_messages_are_one_frame_each_and_roundtrip() -> None:
         m.Hello(1, "test"),
         m.Execute(3, "print('é')", timeout=2.5),
         m.Execute(4, "1 / 0", execution_count=16),
+        m.Execute(5, "b = a + 1", after=4),
+        m.Pull(6, ["b"], after=5),
         m.Output(3, 1, "stream", {"name": "stdout", "text": "hi\n"}),
         m.Error(4, m.ErrorCode.TIMEOUT, "too slow"),
     ]
@@ -39,6 +41,12 @@ def test_small_messages_are_one_frame_each_and_roundtrip() -> None:
 def test_an_execute_without_a_count_is_the_same_on_the_wire_as_before() -> None:
     assert "execution_count" not in m.Execute(1, "1").fields()
     assert m.Execute(1, "1", execution_count=7).fields()["execution_count"] == 7
+
+
+def test_an_execute_or_pull_that_follows_none_is_the_same_on_the_wire_as_before() -> None:
+    assert "after" not in m.Execute(2, "1").fields() and "after" not in m.Pull(3, ["b"]).fields()
+    assert m.Execute(2, "1", after=1).fields()["after"] == 1
+    assert m.Pull(3, ["b"], after=2).fields()["after"] == 2
 
 
 def test_large_buffers_are_sliced_not_joined_and_reassembled() -> None:

@@ -5,7 +5,8 @@ answers from each request's inbox: cells (:meth:`~AsyncSession.execute`),
 variables (:meth:`~AsyncSession.push`, :meth:`~AsyncSession.pull`), a cell
 with its variables in one round trip (:meth:`~AsyncSession.run`), files
 (:meth:`~AsyncSession.upload`, :meth:`~AsyncSession.download`), other
-Jupyter requests, parking and the end. :class:`ExecuteResult` is what a cell did.
+Jupyter requests, parking and the end. :class:`ExecuteResult` (from
+:mod:`.results`) is what a cell did.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,67 +29,12 @@ from remote_gpu_core.sizes import format_size
 from . import files as _files
 from .link import Link, OutputCallback, ProgressCallback
 from .notebook_files import NotebookFolder, fetched_note
+from .results import ExecuteResult, NoticeCallback, QueueCallback, notify, parent_of, write_streams
 
 __all__ = [
     "AsyncSession", "ExecuteResult", "NoticeCallback", "OutputCallback", "ProgressCallback",
     "QueueCallback", "notify", "parent_of", "write_streams",
 ]
-
-NoticeCallback = Callable[[str], Any]
-QueueCallback = Callable[[int], Any]
-
-#: The fields of a Jupyter request header that travel as a request's parent.
-PARENT_FIELDS = ("msg_id", "session", "username", "date", "msg_type", "version")
-
-
-def parent_of(header: dict[str, Any] | None) -> dict[str, Any]:
-    """The request-header fields a remote request carries (see :class:`~m.Execute`)."""
-    if not header:
-        return {}
-    return {k: str(header[k]) for k in PARENT_FIELDS if header.get(k) is not None}
-
-
-@dataclasses.dataclass
-class ExecuteResult:
-    """What a cell did: ``status`` is ``ok``, ``error`` or ``aborted``;
-    ``values``: the variables :meth:`AsyncSession.run` pulled after it."""
-
-    status: str
-    job: int
-    execution_count: int | None
-    outputs: list[m.Output]
-    error: RemoteError | None = None
-    values: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-    def raise_for_error(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    @property
-    def stdout(self) -> str:
-        return "".join(o.content.get("text", "") for o in self.outputs
-                       if o.msg_type == "stream" and o.content.get("name") == "stdout")
-
-
-def write_streams(msg: m.Output) -> None:
-    """The default output handler: stream text to the local stdout/stderr."""
-    if msg.msg_type == "stream":
-        stream = sys.stderr if msg.content.get("name") == "stderr" else sys.stdout
-        stream.write(msg.content.get("text", ""))
-        stream.flush()
-
-
-def notify(on_notice: NoticeCallback | None, text: str) -> None:
-    """Tell the user ``text``: through ``on_notice``, else on stderr."""
-    if on_notice is not None:
-        on_notice(text)
-    else:
-        print(f"[remote-gpu] {text}", file=sys.stderr)
-
 
 @dataclasses.dataclass(frozen=True)
 class _Answers:

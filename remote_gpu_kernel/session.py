@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from remote_gpu_core.errors import (
-    ConnectionLost, FileTransferError, RemoteError, RemoteGpuError, SessionReleased
+    ConnectionLost, FileTransferError, ProtocolError, RemoteError, RemoteGpuError, SessionReleased
 )
 from remote_gpu_core.protocol import dump_values, load_values
 from remote_gpu_core.protocol import messages as m
 from remote_gpu_core.sizes import format_size
 
 from . import files as _files
+from .buffers import SessionBuffers
 from .link import Link, OutputCallback, ProgressCallback
 
 __all__ = [
@@ -119,6 +120,9 @@ class AsyncSession:
         self.on_background: OutputCallback | None = write_streams
         #: The most bytes one upload may carry on this server (0: no limit).
         self.max_upload = int(link.limits.get("max_upload") or 0)
+        #: What this session's worker and this client hold of what they moved
+        #: (see :mod:`.buffers`); ``buffers.counts`` are the bytes moved and saved.
+        self.buffers = SessionBuffers(int(link.limits.get("session_cache") or 0))
         self._link = link
         link.on_released = self._on_released
         link.on_parked = self._on_parked
@@ -260,17 +264,33 @@ class AsyncSession:
         names it and nothing is sent.
         """
         names, counts, buffers = dump_values(values)
-        async with self._exchange(lambda r: m.Push(r, names, counts, tuple(buffers))) as receive:
-            await self._expect(receive, m.PushDone)
+        plan = self.buffers.plan_push(buffers)
+        for attempt in range(3):  # the last names nothing: it cannot miss
+            async with self._exchange(lambda r: m.Push(r, names, counts, tuple(plan.carried), plan.digests,
+                                                       plan.cached)) as receive:
+                done = await self._expect(receive, m.PushDone)
+            assert isinstance(done, m.PushDone)
+            if not done.missing:
+                break
+            self.buffers.missed(plan, buffers, done.missing)
+            plan = self.buffers.plan_push(buffers, plan.digests, trust_remote=attempt == 0)
+        self.buffers.pushed(plan, buffers)
         self.parked = False
 
     async def pull(self, *names: str) -> dict[str, Any]:
         """Values of remote variables; a CUDA tensor arrives as a CPU tensor."""
-        async with self._exchange(lambda r: m.Pull(r, list(names))) as receive:
-            reply = await self._expect(receive, m.PullReply)
-        assert isinstance(reply, m.PullReply)
-        self.parked = False
-        return load_values(reply.names, reply.counts, reply.buffers)
+        have = self.buffers.have()
+        for _ in range(3):  # the last offers nothing: it cannot miss
+            async with self._exchange(lambda r: m.Pull(r, list(names), have)) as receive:
+                reply = await self._expect(receive, m.PullReply)
+            assert isinstance(reply, m.PullReply)
+            self.parked = False
+            buffers, gone = self.buffers.pulled(reply.digests, reply.cached, reply.buffers)
+            if not gone:
+                return load_values(reply.names, reply.counts, buffers)
+            changed = set(gone)  # changed here since: ask for their bytes
+            have = [d for d in have if d not in changed] if changed.issubset(have) else []
+        raise ProtocolError("the worker named buffers this client does not hold, although it was told")
 
     async def shell_request(self, msg_type: str, content: dict[str, Any], *,
                             buffers: tuple[Any, ...] = (),

@@ -14,7 +14,9 @@ from typing import Any, ClassVar
 __all__ = ["PROTOCOL_VERSION", "Buffers", "Error", "ErrorCode", "Message", "MessageType"]
 
 #: Bumped whenever a message changes shape; sent in :class:`Hello`.
-PROTOCOL_VERSION = 2
+#: 3: large buffers named by digest (``Push.digests``/``cached``,
+#: ``PushDone.missing``, ``Pull.have``, ``PullReply.digests``/``cached``).
+PROTOCOL_VERSION = 3
 
 
 class MessageType(str, enum.Enum):

@@ -6,6 +6,11 @@ fetches them (pickles and their out-of-band buffers, see
 files into the session's folder on the server and :class:`Download` reads
 them. Their payloads travel as buffers beside the JSON header, never
 inside it.
+
+Large buffers are named by content (see
+:mod:`remote_gpu_core.protocol.content`): ``digests`` has one entry per
+buffer of the value list (``""`` for a small one), and ``cached`` the
+indices of those left out of ``buffers`` because the receiver holds them.
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ class Push(Message):
     """Variables to set in the remote namespace.
 
     ``counts[i]`` buffers belong to ``names[i]``: a pickle first, then its
-    out-of-band buffers (see :mod:`.serialization`).
+    out-of-band buffers (see :mod:`.serialization`). ``buffers`` carries
+    them all but the ``cached`` ones, which the worker is asked to take from
+    what it holds by their ``digests``.
     """
 
     type = MessageType.PUSH
@@ -33,29 +40,43 @@ class Push(Message):
     names: list[str]
     counts: list[int]
     buffers: Buffers = ()
+    digests: list[str] = dataclasses.field(default_factory=list)
+    cached: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)
 class PushDone(Message):
+    """The variables were set; or, when ``missing`` names digests the worker
+    no longer held, nothing was set: push again with their bytes."""
+
     type = MessageType.PUSH_DONE
     req: int
     names: list[str]
+    missing: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)
 class Pull(Message):
+    """Variables to fetch; ``have``: digests of buffers the client holds, which
+    the answer names instead of carrying."""
+
     type = MessageType.PULL
     req: int
     names: list[str]
+    have: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)
 class PullReply(Message):
+    """As :class:`Push`, the other way: the ``cached`` buffers are the client's own."""
+
     type = MessageType.PULL_REPLY
     req: int
     names: list[str]
     counts: list[int]
     buffers: Buffers = ()
+    digests: list[str] = dataclasses.field(default_factory=list)
+    cached: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)

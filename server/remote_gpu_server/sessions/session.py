@@ -31,6 +31,7 @@ from typing import Any, Protocol
 from remote_gpu_core.errors import WorkerDied
 from remote_gpu_core.ids import JobId, SessionId, SlotId
 from remote_gpu_core.protocol import messages as m
+from remote_gpu_core.protocol.content import check_references
 from remote_gpu_core.protocol.framing import Chunks
 
 from ..store import Store
@@ -72,6 +73,8 @@ class SessionContext:
     resume: Callable[[Session, int, Replier | None], Awaitable[None]] | None = None
     #: ``--max-output``: bytes of one cell's output the journal keeps (None: all).
     max_output: int | None = None
+    #: ``--session-cache``: bytes of pushed buffers the worker keeps by digest (0: none).
+    session_cache: int = 0
 
 
 def _output(req: int, seq: int, jmsg: dict[str, Any]) -> m.Output:
@@ -317,22 +320,34 @@ class Session:
             log.info("session %s: an input answer came after the worker died", self.id[:8])
 
     async def push(self, msg: m.Push, conn: Replier) -> None:
-        if len(msg.names) != len(msg.counts) or sum(msg.counts) != len(msg.buffers) or any(
-            c < 1 for c in msg.counts
-        ):
+        """Set variables; the buffers named in ``msg.cached`` come from the worker's
+        own cache of this session (see :mod:`remote_gpu_core.protocol.content`)."""
+        total = sum(msg.counts)
+        bad = check_references(total, msg.digests, msg.cached, len(msg.buffers))
+        if len(msg.names) != len(msg.counts) or any(c < 1 for c in msg.counts) or bad:
             await conn.send(m.Error(msg.req, m.ErrorCode.BAD_REQUEST,
-                                        "push: names, counts and buffers do not match"))
+                                    f"push: names, counts and buffers do not match{': ' + bad if bad else ''}"))
             return
-        await self.send_in(msg.req, conn, {"op": "push", "names": msg.names, "counts": msg.counts},
-                           list(msg.buffers), "push", lambda reply: m.ErrorCode.SERIALIZATION,
-                           lambda reply: m.PushDone(msg.req, list(reply.get("names") or [])))
+        data = {"op": "push", "names": msg.names, "counts": msg.counts, "digests": msg.digests,
+                "cached": msg.cached, "cache": self.context.session_cache}
+        await self.send_in(msg.req, conn, data, list(msg.buffers), "push", lambda reply: m.ErrorCode.SERIALIZATION,
+                           lambda reply: m.PushDone(msg.req, list(reply.get("names") or []),
+                                                    [str(d) for d in reply.get("missing") or []]))
 
     async def pull(self, msg: m.Pull, conn: Replier) -> None:
+        """Fetch variables; buffers whose digest is in ``msg.have`` are named, not sent."""
         def refused(reply: dict[str, Any]) -> m.ErrorCode:
             return m.ErrorCode.NAME_ERROR if reply.get("ename") == "NameError" else m.ErrorCode.SERIALIZATION
 
-        await self.send_out(msg.req, conn, {"op": "pull", "names": msg.names}, refused,
-                            lambda reply: m.PullReply(msg.req, list(reply["names"]), list(reply["counts"])))
+        bad = check_references(len(msg.have), msg.have, [], len(msg.have))
+        if bad:
+            await conn.send(m.Error(msg.req, m.ErrorCode.BAD_REQUEST, f"pull: {bad}"))
+            return
+        have = msg.have if self.context.session_cache else []
+        await self.send_out(msg.req, conn, {"op": "pull", "names": msg.names, "have": have}, refused,
+                            lambda reply: m.PullReply(msg.req, list(reply["names"]), list(reply["counts"]),
+                                                      digests=[str(d) for d in reply.get("digests") or []],
+                                                      cached=[int(i) for i in reply.get("cached") or []]))
 
     async def send_in(self, req: int, conn: Replier, data: dict[str, Any], buffers: list[Any], what: str,
                       refused: Callable[[dict[str, Any]], m.ErrorCode],

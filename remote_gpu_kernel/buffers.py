@@ -41,6 +41,9 @@ class TransferCounts:
     #: pulls asked again because a buffer held here had changed.
     push_misses: int = 0
     pull_misses: int = 0
+    #: Bytes of buffers as they crossed, compressed where they were.
+    wire_pushed: int = 0
+    wire_pulled: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import os
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,13 @@ from remote_gpu_core.errors import (
 )
 from remote_gpu_core.protocol import dump_values, load_values
 from remote_gpu_core.protocol import messages as m
+from remote_gpu_core.protocol.compression import CODEC
+from remote_gpu_core.protocol.content import nbytes
 from remote_gpu_core.sizes import format_size
 
 from . import files as _files
 from .buffers import SessionBuffers
+from .compressing import CompressionPolicy, decompressed
 from .link import Link, OutputCallback, ProgressCallback
 
 __all__ = [
@@ -123,6 +127,8 @@ class AsyncSession:
         #: What this session's worker and this client hold of what they moved
         #: (see :mod:`.buffers`); ``buffers.counts`` are the bytes moved and saved.
         self.buffers = SessionBuffers(int(link.limits.get("session_cache") or 0))
+        #: Whether this session's transfers compress (see :mod:`.compressing`).
+        self.compression = CompressionPolicy.for_peer(link.ws.remote_address)
         self._link = link
         link.on_released = self._on_released
         link.on_parked = self._on_parked
@@ -266,10 +272,14 @@ class AsyncSession:
         names, counts, buffers = dump_values(values)
         plan = self.buffers.plan_push(buffers)
         for attempt in range(3):  # the last names nothing: it cannot miss
-            async with self._exchange(lambda r: m.Push(r, names, counts, tuple(plan.carried), plan.digests,
-                                                       plan.cached)) as receive:
+            carried, packed, raw_sizes = self.compression.compress(plan.carried)
+            started, wire = time.monotonic(), sum(nbytes(b) for b in carried)
+            async with self._exchange(lambda r: m.Push(r, names, counts, tuple(carried), plan.digests, plan.cached,
+                                                       CODEC if packed else "", packed, raw_sizes)) as receive:
                 done = await self._expect(receive, m.PushDone)
             assert isinstance(done, m.PushDone)
+            self.compression.observe(wire, time.monotonic() - started)
+            self.buffers.counts.wire_pushed += wire
             if not done.missing:
                 break
             self.buffers.missed(plan, buffers, done.missing)
@@ -281,11 +291,16 @@ class AsyncSession:
         """Values of remote variables; a CUDA tensor arrives as a CPU tensor."""
         have = self.buffers.have()
         for _ in range(3):  # the last offers nothing: it cannot miss
-            async with self._exchange(lambda r: m.Pull(r, list(names), have)) as receive:
+            started = time.monotonic()
+            async with self._exchange(lambda r: m.Pull(r, list(names), have, self.compression.codecs())) as receive:
                 reply = await self._expect(receive, m.PullReply)
             assert isinstance(reply, m.PullReply)
             self.parked = False
-            buffers, gone = self.buffers.pulled(reply.digests, reply.cached, reply.buffers)
+            wire = sum(nbytes(b) for b in reply.buffers)
+            self.compression.observe(wire, time.monotonic() - started)
+            self.buffers.counts.wire_pulled += wire
+            carried = decompressed(reply.buffers, reply.compressed, reply.raw_sizes)
+            buffers, gone = self.buffers.pulled(reply.digests, reply.cached, carried)
             if not gone:
                 return load_values(reply.names, reply.counts, buffers)
             changed = set(gone)  # changed here since: ask for their bytes

@@ -11,6 +11,10 @@ Large buffers are named by content (see
 :mod:`remote_gpu_core.protocol.content`): ``digests`` has one entry per
 buffer of the value list (``""`` for a small one), and ``cached`` the
 indices of those left out of ``buffers`` because the receiver holds them.
+Of the buffers carried, the ``compressed`` ones (indices into ``buffers``)
+are one frame each of ``codec``, ``raw_sizes`` bytes before (see
+:mod:`remote_gpu_core.protocol.compression`); a pull names the ``codecs``
+its answer may use.
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ class Push(Message):
     buffers: Buffers = ()
     digests: list[str] = dataclasses.field(default_factory=list)
     cached: list[int] = dataclasses.field(default_factory=list)
+    codec: str = ""
+    compressed: list[int] = dataclasses.field(default_factory=list)
+    raw_sizes: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +71,7 @@ class Pull(Message):
     req: int
     names: list[str]
     have: list[str] = dataclasses.field(default_factory=list)
+    codecs: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +85,9 @@ class PullReply(Message):
     buffers: Buffers = ()
     digests: list[str] = dataclasses.field(default_factory=list)
     cached: list[int] = dataclasses.field(default_factory=list)
+    codec: str = ""
+    compressed: list[int] = dataclasses.field(default_factory=list)
+    raw_sizes: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)

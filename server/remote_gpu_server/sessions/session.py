@@ -31,6 +31,7 @@ from typing import Any, Protocol
 from remote_gpu_core.errors import WorkerDied
 from remote_gpu_core.ids import JobId, SessionId, SlotId
 from remote_gpu_core.protocol import messages as m
+from remote_gpu_core.protocol.compression import CODEC, push_refusal
 from remote_gpu_core.protocol.content import check_references
 from remote_gpu_core.protocol.framing import Chunks
 
@@ -322,14 +323,14 @@ class Session:
     async def push(self, msg: m.Push, conn: Replier) -> None:
         """Set variables; the buffers named in ``msg.cached`` come from the worker's
         own cache of this session (see :mod:`remote_gpu_core.protocol.content`)."""
-        total = sum(msg.counts)
-        bad = check_references(total, msg.digests, msg.cached, len(msg.buffers))
-        if len(msg.names) != len(msg.counts) or any(c < 1 for c in msg.counts) or bad:
+        bad = push_refusal(msg)
+        if bad:
             await conn.send(m.Error(msg.req, m.ErrorCode.BAD_REQUEST,
-                                    f"push: names, counts and buffers do not match{': ' + bad if bad else ''}"))
+                                    f"push: names, counts and buffers do not match: {bad}"))
             return
         data = {"op": "push", "names": msg.names, "counts": msg.counts, "digests": msg.digests,
-                "cached": msg.cached, "cache": self.context.session_cache}
+                "cached": msg.cached, "cache": self.context.session_cache, "compressed": msg.compressed,
+                "raw_sizes": msg.raw_sizes}
         await self.send_in(msg.req, conn, data, list(msg.buffers), "push", lambda reply: m.ErrorCode.SERIALIZATION,
                            lambda reply: m.PushDone(msg.req, list(reply.get("names") or []),
                                                     [str(d) for d in reply.get("missing") or []]))
@@ -344,10 +345,12 @@ class Session:
             await conn.send(m.Error(msg.req, m.ErrorCode.BAD_REQUEST, f"pull: {bad}"))
             return
         have = msg.have if self.context.session_cache else []
-        await self.send_out(msg.req, conn, {"op": "pull", "names": msg.names, "have": have}, refused,
-                            lambda reply: m.PullReply(msg.req, list(reply["names"]), list(reply["counts"]),
-                                                      digests=[str(d) for d in reply.get("digests") or []],
-                                                      cached=[int(i) for i in reply.get("cached") or []]))
+        data = {"op": "pull", "names": msg.names, "have": have, "compress": CODEC in msg.codecs}
+        await self.send_out(msg.req, conn, data, refused, lambda reply: m.PullReply(
+            msg.req, list(reply["names"]), list(reply["counts"]), digests=[str(d) for d in reply.get("digests") or []],
+            cached=[int(i) for i in reply.get("cached") or []], codec=CODEC if reply.get("compressed") else "",
+            compressed=[int(i) for i in reply.get("compressed") or []],
+            raw_sizes=[int(n) for n in reply.get("raw_sizes") or []]))
 
     async def send_in(self, req: int, conn: Replier, data: dict[str, Any], buffers: list[Any], what: str,
                       refused: Callable[[dict[str, Any]], m.ErrorCode],

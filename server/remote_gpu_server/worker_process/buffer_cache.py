@@ -24,14 +24,14 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from remote_gpu_core.errors import ProtocolError
 from remote_gpu_core.protocol.content import Holdings
 from remote_gpu_core.protocol.serialization import allocate_buffer
 
-__all__ = ["BufferCache", "CacheFiller", "copy_on_write", "raise_file_limit"]
+__all__ = ["BufferCache", "CacheFiller", "copy_on_write", "raise_file_limit", "sealed"]
 
 _SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
@@ -187,10 +187,28 @@ class CacheFiller:
         return list(zip(self._fds, self._buffers))
 
     def abandon(self) -> None:
+        """Close the memfds of a transfer that failed (those :meth:`finish` returned too)."""
         for i, fd in enumerate(self._fds):
             if fd is not None:
                 os.close(fd)
                 self._fds[i] = None
+
+
+def sealed(size: int, fill: Callable[[memoryview], None]) -> int | None:
+    """A sealed memfd of ``size`` bytes that ``fill`` wrote (a decompressed
+    buffer); None where no memfd can be had."""
+    fd = _memfd(size)
+    if fd is None:
+        return None
+    try:
+        with mmap.mmap(fd, size) as shared:
+            with memoryview(shared) as view:
+                fill(view)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _same(fd: int, identity: tuple[int, int]) -> bool:

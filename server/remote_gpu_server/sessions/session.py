@@ -345,7 +345,8 @@ class Session:
             await conn.send(m.Error(msg.req, m.ErrorCode.BAD_REQUEST, f"pull: {bad}"))
             return
         have = msg.have if self.context.session_cache else []
-        data = {"op": "pull", "names": msg.names, "have": have, "compress": CODEC in msg.codecs}
+        data = {"op": "pull", "names": msg.names, "have": have, "compress": CODEC in msg.codecs,
+                "name": bool(self.context.session_cache)}
         await self.send_out(msg.req, conn, data, refused, lambda reply: m.PullReply(
             msg.req, list(reply["names"]), list(reply["counts"]), digests=[str(d) for d in reply.get("digests") or []],
             cached=[int(i) for i in reply.get("cached") or []], codec=CODEC if reply.get("compressed") else "",

@@ -118,7 +118,7 @@ def pull(user_ns: dict[str, Any], data: dict[str, Any]) -> tuple[dict[str, Any],
         raise NameError(f"name {missing[0]!r} is not defined in the remote namespace")
     names, counts, bufs = dump_values({n: user_ns[n] for n in names})
     have = set(str(d) for d in data.get("have") or [])
-    digests = digests_of(bufs)
+    digests = digests_of(bufs) if data.get("name", True) else [""] * len(bufs)  # no cache: no names
     cached = [i for i, d in enumerate(digests) if d and d in have]
     skip = set(cached)
     send = [b for i, b in enumerate(bufs) if i not in skip]

@@ -130,6 +130,43 @@ def test_a_cell_that_changes_a_pushed_array_does_not_change_the_next_push(
         assert _remote_digest(s, "z") == digest(a)
 
 
+#: A hostile cell: it finds the cache's memfds among its file descriptors and
+#: tries to change them every way it can; prints what happened to each try.
+TAMPER = """\
+import mmap, os
+tries = []
+for name in os.listdir('/proc/self/fd'):
+    fd = int(name)
+    try:
+        if 'rgpu-pushed' not in os.readlink(f'/proc/self/fd/{fd}'):
+            continue
+    except OSError:
+        continue
+    for attempt in (lambda: os.pwrite(fd, b'x', 0), lambda: os.ftruncate(fd, 1),
+                    lambda: mmap.mmap(fd, 1 << 20),
+                    lambda: os.pwrite(os.open(f'/proc/self/fd/{fd}', os.O_RDWR), b'x', 0)):
+        try:
+            attempt()
+            tries.append('changed')
+        except PermissionError:
+            tries.append('refused')
+print(len(tries), sorted(set(tries)))
+"""
+
+
+def test_a_cell_cannot_change_the_cached_bytes(world: tuple[ServerProcess, str, str], proxy: TcpProxy) -> None:
+    _, alice, _ = world
+    a = _array(10, 8 * MIB)
+    with Client(proxy.url, alice).session() as s:
+        s.push(a=a)
+        result = s.execute(TAMPER, on_output=lambda _: None)
+        result.raise_for_error()
+        count, outcomes = result.stdout.strip().split(" ", 1)
+        assert int(count) >= 4 and outcomes == "['refused']"  # the cache's fd, and the variable's mapping's
+        assert _up(proxy, lambda: s.push(b=a)) < SMALL
+        assert _remote_digest(s, "b") == digest(a)
+
+
 def test_a_worker_that_lost_its_cache_gets_the_bytes_after_all(world: tuple[ServerProcess, str, str],
                                                                proxy: TcpProxy) -> None:
     _, alice, _ = world

@@ -18,8 +18,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import zstandard
-
 from ..errors import ProtocolError
 from .content import THRESHOLD, check_references
 from .messages import Push
@@ -53,6 +51,8 @@ def compressible(buf: Any) -> Sample:
     size = view.nbytes
     step = max(SAMPLE_BYTES, size // SAMPLES)
     slices = [view[start : start + SAMPLE_BYTES] for start in range(0, size, step)][:SAMPLES]
+    import zstandard  # here: its import costs 30 ms, and only a link that is not loopback uses it
+
     compressor = zstandard.ZstdCompressor(level=LEVEL)
     started = time.perf_counter()
     out = sum(len(compressor.compress(s)) for s in slices)
@@ -63,11 +63,15 @@ def compressible(buf: Any) -> Sample:
 
 def compress(buf: Any) -> bytes:
     """``buf`` as one zstd frame (every core of this machine at work)."""
+    import zstandard
+
     return zstandard.ZstdCompressor(level=LEVEL, threads=-1).compress(memoryview(buf).cast("B"))
 
 
 def decompress_into(data: Any, out: Any) -> None:
     """Decompress the frame ``data`` into the writable buffer ``out``, which it must fill exactly."""
+    import zstandard
+
     target = memoryview(out).cast("B")
     size = target.nbytes
     done = 0

@@ -30,7 +30,7 @@ from typing import Any
 
 from link import Link, LinkProcess
 from reporting import finish, parse_args, table
-from rounds import interleaved
+from rounds import interleaved, timed
 from warm_server import WarmServer
 
 import numpy as np
@@ -74,19 +74,21 @@ def main() -> None:
         rows = []
         try:
             for name, (make, code) in PAYLOADS.items():
-                def push(mode: str, make: Callable[[int, int], np.ndarray] = make) -> None:
-                    sessions[mode].push(a=make(next(seeds), n))
+                # Each op makes its payload, untimed, and returns the transfer to time.
+                def push(mode: str, make: Callable[[int, int], np.ndarray] = make) -> Callable[[], None]:
+                    value = make(next(seeds), n)
+                    return lambda: sessions[mode].push(a=value)
 
-                def pull(mode: str, code: str = code) -> None:
+                def pull(mode: str, code: str = code) -> Callable[[], None]:
                     made = sessions[mode].execute("b = " + code.format(seed=next(seeds), n=n),
                                                   on_output=lambda _: None)
                     made.raise_for_error()
-                    sessions[mode].pull("b")
+                    return lambda: sessions[mode].pull("b")
 
                 spreads = interleaved({
                     "push": {m: (lambda m=m: push(m)) for m in sessions},
                     "pull": {m: (lambda m=m: pull(m)) for m in sessions},
-                }, args.rounds, warmup=0)
+                }, args.rounds, warmup=0, measure=lambda _kind, _side, op: timed(op()))
                 for direction, sides in spreads.items():
                     plain, packed = sides["never"].median, sides["always"].median
                     rows.append([name, direction, plain, packed, f"{plain / packed:.2f}×",

@@ -146,6 +146,7 @@ class AsyncSession:
     def _on_parked(self, msg: m.Parked) -> None:
         if msg.session == self.id:
             self.parked, self.park_info = True, msg
+            self.buffers.remote.clear()  # its worker, and what it held, are gone
 
     @property
     def user(self) -> str | None:
@@ -422,6 +423,7 @@ class AsyncSession:
         session's variables are gone; the next request waits for the fresh
         worker."""
         await self._link.send(m.Interrupt(0, restart=True))
+        self.buffers.remote.clear()  # the fresh worker holds nothing
 
     async def release(self) -> None:
         """Give the GPU back; the worker and its variables are gone."""

@@ -4,7 +4,7 @@
                                [--cells 300] [--leases 15] [--neighbours 0] [--smoke]
 
 Three sides run at once on this machine: two servers of ours (``rgpu serve
---slots cpu:1``), one isolated as this process's user runs it (as root:
+--slots cpu:1 --session-cache none``: every transfer moves its bytes), one isolated as this process's user runs it (as root:
 each lease's worker takes on a uid of its own before it is handed over) and
 one with ``--no-isolation``, each driven by the blocking ``Client``; and an
 ipyparallel cluster of one engine, driven by a ``DirectView``. Both servers
@@ -274,8 +274,11 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         stack.enter_context(busy_neighbours(args.neighbours))
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rgpu-bench-core-")))
-        servers = {"isolated": WarmServer(folder / "isolated", "cpu:1"),
-                   "--no-isolation": WarmServer(folder / "plain", "cpu:1", "--no-isolation")}
+        # The same arrays cross every round: with a session cache they would cross
+        # once and be named after (bench_network.py's "push again" measures that).
+        servers = {"isolated": WarmServer(folder / "isolated", "cpu:1", "--session-cache", "none"),
+                   "--no-isolation": WarmServer(folder / "plain", "cpu:1", "--no-isolation",
+                                                "--session-cache", "none")}
         peer_view = stack.enter_context(ipyparallel_engine())  # starts while the servers do
         for server in servers.values():
             stack.callback(server.stop)

@@ -2,7 +2,7 @@
 
     python bench/transfer_cpu.py [--mib 100] [--runs 10] [--smoke]
 
-Starts ``rgpu serve --slots cpu:1`` (ready when ``/api/status`` shows its
+Starts ``rgpu serve --slots cpu:1 --session-cache none`` (ready when ``/api/status`` shows its
 slot warm: ``warm_server.py``), leases its worker with the blocking
 ``Client`` and, after three warm-up rounds, times ``runs`` pushes and then
 ``runs`` pulls of one float32 numpy array, reading the CPU time (user and
@@ -42,7 +42,8 @@ def main() -> None:
 
     array = np.random.default_rng(0).random(args.mib * (1 << 18), dtype=np.float32)
     with tempfile.TemporaryDirectory(prefix="rgpu-bench-cpu-") as tmp, \
-            WarmServer(Path(tmp) / "server", "cpu:1") as server, server.client().session() as session:
+            WarmServer(Path(tmp) / "server", "cpu:1", "--session-cache", "none") as server, \
+            server.client().session() as session:  # the same array every time: no cache, or it crosses once
         session.execute("import os; worker_pid = os.getpid()", on_output=lambda _: None)
         pids = {"client": os.getpid(), "server": server.pid, "worker": session.pull("worker_pid")["worker_pid"]}
         ops = {"push": lambda: session.push(v=array), "pull": lambda: session.pull("v")}

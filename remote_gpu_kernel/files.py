@@ -24,6 +24,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from remote_gpu_core.errors import FileTransferError
+from remote_gpu_core.sizes import format_size
 
 __all__ = ["LocalFile", "SKIPPED_FOLDERS", "plan_upload", "read_files", "remote_name",
            "write_files"]
@@ -52,11 +53,12 @@ def remote_name(path: str | os.PathLike[str]) -> str:
     return str(pure)
 
 
-def plan_upload(paths: tuple[str | os.PathLike[str], ...]) -> list[LocalFile]:
+def plan_upload(paths: tuple[str | os.PathLike[str], ...], limit: int = 0) -> list[LocalFile]:
     """The files that ``paths`` name, with their remote paths and sizes.
 
     Raises FileTransferError naming the first path that is missing or is
-    not a file or folder, before anything is sent.
+    not a file or folder, or where the files are over ``limit`` bytes in
+    all (the server's per-upload limit; 0: none), before anything is sent.
     """
     if not paths:
         raise FileTransferError("upload: name at least one file or folder")
@@ -80,6 +82,10 @@ def plan_upload(paths: tuple[str | os.PathLike[str], ...]) -> list[LocalFile]:
         else:
             raise FileTransferError(f"cannot upload {os.fspath(path)!r}: no such file here "
                                     f"(in {os.getcwd()}); nothing was sent")
+    total = sum(f.size for f in files)
+    if limit and total > limit:
+        raise FileTransferError(f"the upload of {format_size(total)} is over the GPU server's limit of "
+                                f"{format_size(limit)} per upload; nothing was sent")
     return files
 
 

@@ -14,10 +14,11 @@ into exceptions. Everything runs on one event loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -25,16 +26,32 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from remote_gpu_core import __version__, tls
 from remote_gpu_core.errors import (
-    AuthenticationError, ConnectionLost, FileTransferError, LeaseError, ParkError, ProtocolError,
-    RemoteError, RemoteGpuError, RemoteTimeout, ServerError, SessionReleased, VersionMismatch, WorkerDied
+    AuthenticationError,
+    ConnectionLost,
+    FileTransferError,
+    LeaseError,
+    ParkError,
+    ProtocolError,
+    RemoteError,
+    RemoteGpuError,
+    RemoteTimeout,
+    ServerError,
+    SessionReleased,
+    VersionMismatch,
+    WorkerDied,
 )
-from remote_gpu_core.protocol import CHUNK_SIZE, PROTOCOL_VERSION, Reader, encode
+from remote_gpu_core.protocol import (
+    CHUNK_SIZE,
+    PROTOCOL_VERSION,
+    Reader,
+    encode,
+    upgrade,
+)
 from remote_gpu_core.protocol import messages as m
-from remote_gpu_core.protocol import upgrade
 from remote_gpu_core.protocol.limits import refusal
 from remote_gpu_core.protocol.serialization import allocate_buffer
 
-__all__ = ["Link", "OutputCallback", "ProgressCallback", "connect_link", "error_from", "open_link"]
+__all__ = ["Answers", "Link", "OutputCallback", "ProgressCallback", "connect_link", "error_from", "open_link"]
 
 log = logging.getLogger("remote_gpu_kernel")
 
@@ -76,6 +93,17 @@ def error_from(msg: m.Error) -> RemoteGpuError:
 
 _CLOSED = object()
 
+
+
+@dataclasses.dataclass(frozen=True)
+class Answers:
+    """A request sent: its id, and (called) its next answer."""
+
+    req: int
+    receive: Callable[[], Awaitable[m.Message]]
+
+    def __call__(self) -> Awaitable[m.Message]:
+        return self.receive()
 
 class Link:
     """The websocket, its reader task and the per-request inboxes."""

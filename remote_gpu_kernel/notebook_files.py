@@ -26,14 +26,20 @@ import dataclasses
 import mmap
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from remote_gpu_core.errors import FetchRefused
 from remote_gpu_core.protocol import messages as m
 from remote_gpu_core.sizes import format_size, parse_size
 
-__all__ = ["DEFAULT_MAX_SIZE", "NotebookFolder", "fetched_note", "folder_for"]
+from . import files as _files
+
+if TYPE_CHECKING:
+    from .link import Link
+
+__all__ = ["DEFAULT_MAX_SIZE", "NotebookFolder", "fetched_note", "folder_for", "serve_fetch"]
 
 #: The largest file sent unless ``RGPU_FETCH_MAX`` or ``max_size`` says otherwise.
 DEFAULT_MAX_SIZE = 1 << 30
@@ -133,3 +139,26 @@ def folder_for(fetch: bool | None, notebook: str | None) -> NotebookFolder | Non
     if fetch is None:
         return NotebookFolder.from_environ(notebook)
     return NotebookFolder.here(notebook) if fetch else None
+
+
+async def serve_fetch(link: Link, folder: NotebookFolder | None, max_upload: int, msg: m.Fetch,
+                      on_fetched: Callable[[str], Any] | None) -> None:
+    """Send the file a running cell opened (``msg``) from ``folder``, or say why
+    not; the server answers neither. ``on_fetched`` hears the one-line note."""
+    from .results import notify
+
+    req, _ = link.open()  # an id of its own: whatever the server says to it is dropped
+    try:
+        if folder is None:
+            raise FetchRefused("fetching files of the notebook's folder is off", m.FetchRefusal.OFF.value)
+        data, size = folder.open(msg.path, max_upload)
+    except FetchRefused as exc:
+        link.done(req)
+        await link.send(m.FetchRefused(req, msg.fetch, exc.refusal, str(exc)))
+        return
+    try:
+        await link.send(m.Upload(req, [msg.path], (data,), fetch=msg.fetch))
+    finally:
+        link.done(req)
+        _files.close_all([data])
+    notify(on_fetched, fetched_note(msg.path, size))

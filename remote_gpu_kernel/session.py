@@ -12,40 +12,43 @@ Jupyter requests, parking and the end. :class:`ExecuteResult` (from
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from remote_gpu_core.errors import (
-    ConnectionLost, FetchRefused, FileTransferError, RemoteError, RemoteGpuError, ServerError,
-    SessionReleased
+    ConnectionLost,
+    FileTransferError,
+    ProtocolError,
+    RemoteError,
+    RemoteGpuError,
+    ServerError,
+    SessionReleased,
 )
-from remote_gpu_core.protocol import dump_values, load_values
+from remote_gpu_core.protocol import dump_values
 from remote_gpu_core.protocol import messages as m
-from remote_gpu_core.sizes import format_size
 
 from . import files as _files
-from .link import Link, OutputCallback, ProgressCallback
-from .notebook_files import NotebookFolder, fetched_note
-from .results import ExecuteResult, NoticeCallback, QueueCallback, notify, parent_of, write_streams
+from .buffers import PushPlan, SessionBuffers
+from .compressing import CompressionPolicy
+from .link import Answers, Link, OutputCallback, ProgressCallback
+from .notebook_files import NotebookFolder, serve_fetch
+from .results import (
+    ExecuteResult,
+    NoticeCallback,
+    QueueCallback,
+    notify,
+    parent_of,
+    write_streams,
+)
+from .variables import next_have, pull_request, push_request, take_pull
 
 __all__ = [
     "AsyncSession", "ExecuteResult", "NoticeCallback", "OutputCallback", "ProgressCallback",
     "QueueCallback", "notify", "parent_of", "write_streams",
 ]
-
-@dataclasses.dataclass(frozen=True)
-class _Answers:
-    """A request sent: its id, and (called) its next answer."""
-
-    req: int
-    receive: Callable[[], Awaitable[m.Message]]
-
-    def __call__(self) -> Awaitable[m.Message]:
-        return self.receive()
-
 
 class AsyncSession:
     """A leased GPU (or CPU slot) with its remote namespace.
@@ -82,6 +85,11 @@ class AsyncSession:
         #: Where a remote cell's missing files are sent from when it opens them
         #: (see :mod:`.notebook_files`); None: fetching is off.
         self.notebook_files: NotebookFolder | None = None
+        #: What this session's worker and this client hold of what they moved
+        #: (see :mod:`.buffers`); ``buffers.counts`` are the bytes moved and saved.
+        self.buffers = SessionBuffers(int(link.limits.get("session_cache") or 0))
+        #: Whether this session's transfers compress (see :mod:`.compressing`).
+        self.compression = CompressionPolicy.for_peer(link.ws.remote_address)
         self._link = link
         link.on_released = self._on_released
         link.on_parked = self._on_parked
@@ -99,6 +107,7 @@ class AsyncSession:
     def _on_parked(self, msg: m.Parked) -> None:
         if msg.session == self.id:
             self.parked, self.park_info = True, msg
+            self.buffers.remote.clear()  # its worker, and what it held, are gone
 
     @property
     def user(self) -> str | None:
@@ -113,7 +122,7 @@ class AsyncSession:
     async def _exchange(self, message_factory: Callable[[int], m.Message], *,
                         sending: ProgressCallback | None = None,
                         receiving: ProgressCallback | None = None,
-                        ) -> AsyncIterator[_Answers]:
+                        ) -> AsyncIterator[Answers]:
         """Send a request (made from its id); yield what awaits its next answer
         (called) and names its id (``.req``).
 
@@ -130,7 +139,7 @@ class AsyncSession:
             self._link.progress[req] = receiving
         try:
             await self._link.send(message_factory(req), sending)
-            yield _Answers(req, lambda: self._link.receive(inbox))
+            yield Answers(req, lambda: self._link.receive(inbox))
         finally:
             self._link.progress.pop(req, None)
             self._link.done(req)
@@ -211,13 +220,16 @@ class AsyncSession:
         The other arguments are :meth:`execute`'s.
         """
         names = list(pull)
-        pushed = dump_values(dict(push)) if push else None
+        dumped = dump_values(dict(push)) if push else None
+        plan = self.buffers.plan_push(dumped[2]) if dumped is not None else None
+        have = self.buffers.have() if names else []
         header = parent_of(parent)
+        missed = False
         async with contextlib.AsyncExitStack() as answers:
-            pushing = None
-            if pushed is not None:
-                pushing = await answers.enter_async_context(
-                    self._exchange(lambda r: m.Push(r, pushed[0], pushed[1], tuple(pushed[2]))))
+            pushing, wire, started = None, 0, time.monotonic()
+            if dumped is not None and plan is not None:
+                make, wire = push_request(self.compression, dumped[0], dumped[1], plan)
+                pushing = await answers.enter_async_context(self._exchange(make))
             cell = await answers.enter_async_context(self._exchange(
                 lambda r: m.Execute(r, code, timeout, silent, store_history, allow_stdin, header,
                                     execution_count, fetch=self.notebook_files is not None,
@@ -225,22 +237,44 @@ class AsyncSession:
             pulling = None
             if names:
                 pulling = await answers.enter_async_context(
-                    self._exchange(lambda r: m.Pull(r, names, after=cell.req)))
-            if pushing is not None:
-                await self._expect(pushing, m.PushDone, on_notice=on_notice, on_queue=on_queue)
+                    self._exchange(pull_request(self.compression, names, have, after=cell.req)))
+            if pushing is not None and dumped is not None and plan is not None:
+                done = await self._expect(pushing, m.PushDone, on_notice=on_notice, on_queue=on_queue)
+                assert isinstance(done, m.PushDone)
+                self.compression.observe(wire, time.monotonic() - started)
+                self.buffers.counts.wire_pushed += wire
                 self.parked = False
-            try:
-                result = await self._cell(cell, on_output, on_notice, on_queue, on_fetched)
-            except ServerError as exc:
-                if exc.code != m.ErrorCode.NOT_RUN.value:
-                    raise
-                # Interrupted while its inputs were still on their way: it never began.
-                return ExecuteResult("aborted", 0, None, [])
-            if pulling is not None and result.ok:
+                if done.missing:  # it set nothing, and the cell and pull behind it do not run
+                    self.buffers.missed(plan, dumped[2], done.missing)
+                    missed = True
+                else:
+                    self.buffers.pushed(plan, dumped[2])
+            if not missed:
+                try:
+                    result = await self._cell(cell, on_output, on_notice, on_queue, on_fetched)
+                except ServerError as exc:
+                    if exc.code != m.ErrorCode.NOT_RUN.value:
+                        raise
+                    # Interrupted while its inputs were still on their way: it never began.
+                    return ExecuteResult("aborted", 0, None, [])
+                if pulling is None or not result.ok:
+                    return result
+                pull_started = time.monotonic()
                 reply = await self._expect(pulling, m.PullReply, on_notice=on_notice)
                 assert isinstance(reply, m.PullReply)
-                result.values = load_values(reply.names, reply.counts, reply.buffers)
-            return result
+                values, gone = take_pull(self.buffers, self.compression, reply, time.monotonic() - pull_started)
+        if missed:
+            # The worker no longer held a buffer the push named: push the usual
+            # way (with the bytes where needed), then the cell and its pull.
+            assert dumped is not None and plan is not None
+            await self._push(dumped[0], dumped[1], dumped[2],
+                             self.buffers.plan_push(dumped[2], plan.digests, trust_remote=True), tried=1)
+            return await self.run(code, on_output, pull=names, timeout=timeout, silent=silent,
+                                  store_history=store_history, allow_stdin=allow_stdin, on_notice=on_notice,
+                                  on_queue=on_queue, parent=parent, execution_count=execution_count,
+                                  on_fetched=on_fetched)
+        result.values = values if values is not None else await self._pull(names, next_have(have, gone))
+        return result
 
     async def _cell(self, receive: Callable[[], Awaitable[m.Message]], on_output: OutputCallback | None,
                     on_notice: NoticeCallback | None, on_queue: QueueCallback | None,
@@ -257,7 +291,8 @@ class AsyncSession:
             elif isinstance(msg, m.Notice):
                 notify(on_notice or self.on_notice, msg.text)
             elif isinstance(msg, m.Fetch):
-                await self._serve_fetch(msg, on_fetched or on_notice or self.on_notice)
+                await serve_fetch(self._link, self.notebook_files, self.max_upload, msg,
+                                  on_fetched or on_notice or self.on_notice)
             elif isinstance(msg, m.QueuePosition):
                 if on_queue is not None:
                     on_queue(msg.position)
@@ -269,25 +304,6 @@ class AsyncSession:
                 if msg.status == "error":
                     error = RemoteError.from_remote(msg.ename, msg.evalue, msg.traceback)
                 return ExecuteResult(msg.status, msg.job, msg.execution_count, outputs, error)
-
-    async def _serve_fetch(self, msg: m.Fetch, on_fetched: NoticeCallback | None) -> None:
-        """Send the file the running cell opened, or say why not (see
-        :mod:`.notebook_files`); the server answers neither."""
-        req, _ = self._link.open()  # an id of its own: whatever the server says to it is dropped
-        try:
-            if self.notebook_files is None:
-                raise FetchRefused("fetching files of the notebook's folder is off", m.FetchRefusal.OFF.value)
-            data, size = self.notebook_files.open(msg.path, self.max_upload)
-        except FetchRefused as exc:
-            self._link.done(req)
-            await self._link.send(m.FetchRefused(req, msg.fetch, exc.refusal, str(exc)))
-            return
-        try:
-            await self._link.send(m.Upload(req, [msg.path], (data,), fetch=msg.fetch))
-        finally:
-            self._link.done(req)
-            _files.close_all([data])
-        notify(on_fetched, fetched_note(msg.path, size))
 
     async def replay(self, after: int) -> list[m.Output]:
         """The outputs the session produced after sequence number ``after``.
@@ -317,17 +333,43 @@ class AsyncSession:
         names it and nothing is sent.
         """
         names, counts, buffers = dump_values(values)
-        async with self._exchange(lambda r: m.Push(r, names, counts, tuple(buffers))) as receive:
-            await self._expect(receive, m.PushDone)
+        await self._push(names, counts, buffers, self.buffers.plan_push(buffers))
+
+    async def _push(self, names: list[str], counts: list[int], buffers: list[Any], plan: PushPlan,
+                    tried: int = 0) -> None:
+        """Push ``plan``; where the worker no longer holds a buffer it names, again
+        with the bytes (the third try names nothing: it cannot miss)."""
+        for attempt in range(tried, 3):
+            make, wire = push_request(self.compression, names, counts, plan)
+            started = time.monotonic()
+            async with self._exchange(make) as receive:
+                done = await self._expect(receive, m.PushDone)
+            assert isinstance(done, m.PushDone)
+            self.compression.observe(wire, time.monotonic() - started)
+            self.buffers.counts.wire_pushed += wire
+            if not done.missing:
+                break
+            self.buffers.missed(plan, buffers, done.missing)
+            plan = self.buffers.plan_push(buffers, plan.digests, trust_remote=attempt == 0)
+        self.buffers.pushed(plan, buffers)
         self.parked = False
 
     async def pull(self, *names: str) -> dict[str, Any]:
         """Values of remote variables; a CUDA tensor arrives as a CPU tensor."""
-        async with self._exchange(lambda r: m.Pull(r, list(names))) as receive:
-            reply = await self._expect(receive, m.PullReply)
-        assert isinstance(reply, m.PullReply)
-        self.parked = False
-        return load_values(reply.names, reply.counts, reply.buffers)
+        return await self._pull(list(names), self.buffers.have())
+
+    async def _pull(self, names: list[str], have: list[str]) -> dict[str, Any]:
+        for _ in range(3):  # the last offers nothing: it cannot miss
+            started = time.monotonic()
+            async with self._exchange(pull_request(self.compression, names, have)) as receive:
+                reply = await self._expect(receive, m.PullReply)
+            assert isinstance(reply, m.PullReply)
+            self.parked = False
+            values, gone = take_pull(self.buffers, self.compression, reply, time.monotonic() - started)
+            if values is not None:
+                return values
+            have = next_have(have, gone)  # changed here since: ask for their bytes
+        raise ProtocolError("the worker named buffers this client does not hold, although it was told")
 
     async def shell_request(self, msg_type: str, content: dict[str, Any], *,
                             buffers: tuple[Any, ...] = (),
@@ -395,12 +437,7 @@ class AsyncSession:
         the server's limit, raises FileTransferError before anything is
         sent. ``on_progress(done, total)`` is called as the bytes go out.
         """
-        files = _files.plan_upload(paths)
-        total = sum(f.size for f in files)
-        if self.max_upload and total > self.max_upload:
-            raise FileTransferError(
-                f"the upload of {format_size(total)} is over the GPU server's limit of "
-                f"{format_size(self.max_upload)} per upload; nothing was sent")
+        files = _files.plan_upload(paths, self.max_upload)
         buffers = _files.read_files(files)
         try:
             async with self._exchange(lambda r: m.Upload(r, [f.remote for f in files], tuple(buffers)),
@@ -444,6 +481,7 @@ class AsyncSession:
         session's variables are gone; the next request waits for the fresh
         worker."""
         await self._link.send(m.Interrupt(0, restart=True))
+        self.buffers.remote.clear()  # the fresh worker holds nothing
 
     async def release(self) -> None:
         """Give the GPU back; the worker and its variables are gone."""

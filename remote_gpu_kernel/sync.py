@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any, TypeVar
 
+from .buffers import TransferCounts
 from .client import AsyncClient
 from .notebook_files import NotebookFolder
 from .session import (
@@ -247,6 +248,11 @@ class Session:
     @property
     def max_upload(self) -> int:
         return self._session.max_upload
+
+    @property
+    def transfer_counts(self) -> TransferCounts:
+        """Bytes of variables pushed and pulled, and those not sent again (see :mod:`.buffers`)."""
+        return self._session.buffers.counts
 
     @property
     def on_background(self) -> OutputCallback | None:

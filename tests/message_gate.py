@@ -64,8 +64,8 @@ class MessageGate(TcpProxy):
         with self._changed:
             return self.sent, self.answered
 
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
-        upward = src.getpeername() != self.target
+    def _pipe(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
+        upward = up
         tap = WebSocketMessages()
         head = b""  # the answer to the HTTP upgrade, never held: no message comes before it
         try:

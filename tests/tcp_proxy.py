@@ -8,7 +8,8 @@ close without a closing handshake. New connections are still accepted
 afterwards, so the client can reconnect. Nothing in the product has a
 test-only hook for this. With ``keep``, every byte it forwards, both ways,
 is kept in :attr:`TcpProxy.carried`, for tests that look for what crosses
-in clear.
+in clear; :attr:`TcpProxy.up` and :attr:`TcpProxy.down` count the bytes
+each way.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
         self.accepted = 0
+        #: Bytes forwarded so far towards the target (``up``) and back (``down``).
+        self.up = 0
+        self.down = 0
         self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -58,14 +62,18 @@ class TcpProxy:
             with self._lock:
                 self._pairs.append((client, upstream))
                 self.accepted += 1
-            threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
 
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, up: bool) -> None:
         try:
             while data := src.recv(65536):
-                if self._keep:
-                    with self._lock:
+                with self._lock:
+                    if up:
+                        self.up += len(data)
+                    else:
+                        self.down += len(data)
+                    if self._keep:
                         self.carried += data
                 dst.sendall(data)
         except OSError:

@@ -1,4 +1,4 @@
-"""Every public module lists its public names in ``__all__``, and they exist."""
+"""Every public module lists its public names in ``__all__``, and they exist; none is over 500 lines."""
 
 from __future__ import annotations
 
@@ -53,3 +53,22 @@ def test_the_server_does_not_import_torch_or_initialise_cuda() -> None:
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+#: The most lines a module of the packages may have: one that grows past it
+#: holds more than one responsibility, and is split where they part.
+MAX_LINES = 500
+
+
+def test_no_module_is_over_500_lines() -> None:
+    import inspect
+
+    long = {}
+    for name in MODULES:
+        source = inspect.getsourcefile(importlib.import_module(name))
+        assert source is not None
+        with open(source, encoding="utf-8") as module:
+            lines = sum(1 for _ in module)
+        if lines > MAX_LINES:
+            long[name] = lines
+    assert not long, f"modules over {MAX_LINES} lines: {long}"

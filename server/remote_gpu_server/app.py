@@ -82,6 +82,8 @@ class GpuServer:
         self.cluster: RayCluster | None = None
         self._watcher: asyncio.Task[None] | None = None
         self.metrics = Metrics()
+        #: What a client may send, with the session cache decided at start.
+        self.limits = config.limits
         self.origins = OriginPolicy(config.allow_origins)  # raises ValueError for a bad entry
         store_file = Path(config.db) if not _is_url(config.db) else data_dir(config.db) / "store"
         self.isolation = Isolation(config.isolation, store_file, server_files=named_paths(config), nvml=nvml)
@@ -154,9 +156,11 @@ class GpuServer:
                                isolation=self.isolation, sessions=lambda: iter(self.sessions),
                                unsupported=("its workers run on Ray nodes, where the files would stay on a node "
                                             "the next lease may not be on") if self.cluster is not None else None)
+        # A session's cache of pushed buffers fits in its worker's memory limit.
+        self.limits = config.limits.resolve(self.isolation.memory.per_slot)
         context = SessionContext(self.pool, self.store, self.journal, config.kill_grace,
                                  interrupt_notice=config.interrupt_notice, resume=self.parking.resume,
-                                 max_output=config.max_output)
+                                 max_output=config.max_output, session_cache=self.limits.session_cache or 0)
         self.sessions = SessionManager(context, self.broker, grace=config.grace,
                                        idle_timeout=config.idle_timeout, parking=self.parking)
         await self.sessions.recover_parked()
@@ -269,7 +273,7 @@ class GpuServer:
     async def _client(self, ws: ServerConnection, info: TokenInfo) -> None:
         log.info("%s connected from %s", info.user, ws.remote_address)
         await Connection(ws, info, broker=self.broker, sessions=self.sessions,
-                         server_version=self.version, limits=self.config.limits).run()
+                         server_version=self.version, limits=self.limits).run()
         log.info("%s disconnected", info.user)
 
     async def serve_forever(self) -> None:

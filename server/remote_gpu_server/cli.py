@@ -97,7 +97,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         max_upload=_bytes("--max-upload", args.max_upload),
                         max_message=_bytes("--max-message", args.max_message, 64 << 10),
                         max_requests=args.max_requests, max_connections=args.max_connections_per_user,
-                        connection_memory=_bytes("--connection-memory", args.connection_memory, 1 << 20))
+                        connection_memory=_bytes("--connection-memory", args.connection_memory, 1 << 20),
+                        session_cache=_session_cache(args.session_cache))
         parking = ParkConfig(park_after=args.park_after,
                              quota=_size("--park-quota", args.park_quota, 0, "a park quota"),
                              keep=args.park_keep * 86400)
@@ -160,6 +161,13 @@ def _bytes(flag: str, text: str, minimum: int = 1) -> int:
     size = _size(flag, text, minimum, allow_none=False)
     assert size is not None
     return size
+
+
+def _session_cache(text: str) -> int | None:
+    """``--session-cache``: None for ``auto``, 0 for ``none``, else its bytes."""
+    if text.strip().lower() == "auto":
+        return None
+    return _size("--session-cache", text, 0) or 0
 
 
 def _listen_error(exc: OSError, host: str, port: int) -> str:
@@ -398,6 +406,12 @@ def add_serve(sub: Any) -> None:
                      help="client data the server holds for one connection at once: requests "
                           "waiting their turn, and how far a push may run ahead of its worker "
                           "(default 128M)")
+    lim.add_argument("--session-cache", default="auto", metavar="SIZE",
+                     help="pushed data each session's worker keeps, named by content, so that a "
+                          "push of an unchanged array sends only its name, like 2G. auto (the "
+                          "default): 2G, or a quarter of --worker-memory where that is less; none: "
+                          "keep nothing, every push sends every byte. Nothing is shared between "
+                          "sessions; all of it is freed when the session ends")
     lim.add_argument("--max-connections-per-user", type=int, default=32, metavar="N",
                      help="websockets one user may hold open at once (each notebook session is "
                           "one); one more is refused (default 32)")

@@ -26,10 +26,11 @@ from waiting import wait_for, wait_for_cpu
 
 
 def test_the_welcome_names_the_limits(fresh_server: ServerProcess) -> None:
-    fresh_server.args = ["--max-push", "3G", "--max-message", "2M"]
+    fresh_server.args = ["--max-push", "3G", "--max-message", "2M", "--session-cache", "1G"]
     fresh_server.start(wait_warm=False)
     with RawClient(fresh_server.url, fresh_server.token()) as client:
-        assert client.hello().limits == {"max_push": 3 << 30, "max_upload": 1 << 30, "max_message": 2 << 20}
+        assert client.hello().limits == {"max_push": 3 << 30, "max_upload": 1 << 30, "max_message": 2 << 20,
+                                         "session_cache": 1 << 30}
 
 
 def test_a_push_over_max_push_is_refused_and_the_session_goes_on(fresh_server: ServerProcess) -> None:

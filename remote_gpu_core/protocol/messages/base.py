@@ -15,7 +15,10 @@ __all__ = ["PROTOCOL_VERSION", "Buffers", "Error", "ErrorCode", "Message", "Mess
 
 #: Bumped whenever a message changes shape; sent in :class:`Hello`.
 #: 3: an :class:`~.cells.Execute` or :class:`~.transfers.Pull` may name the
-#: request it follows (``after``), and is answered ``NOT_RUN`` if that failed.
+#: request it follows (``after``), and is answered ``NOT_RUN`` if that failed;
+#: large buffers named by digest (``Push.digests``/``cached``,
+#: ``PushDone.missing``, ``Pull.have``, ``PullReply.digests``/``cached``) and
+#: compressed (``codec``, ``compressed``, ``raw_sizes``; ``Pull.codecs``).
 PROTOCOL_VERSION = 3
 
 

@@ -15,6 +15,15 @@ under a request id of its own, naming the fetch in ``Upload.fetch`` (so
 the upload's limits apply to it), or with :class:`FetchRefused` and a
 :class:`FetchRefusal` code. Neither gets an answer: the cell goes on,
 opening the file or failing as the refusal says.
+
+Large buffers are named by content (see
+:mod:`remote_gpu_core.protocol.content`): ``digests`` has one entry per
+buffer of the value list (``""`` for a small one), and ``cached`` the
+indices of those left out of ``buffers`` because the receiver holds them.
+Of the buffers carried, the ``compressed`` ones (indices into ``buffers``)
+are one frame each of ``codec``, ``raw_sizes`` bytes before (see
+:mod:`remote_gpu_core.protocol.compression`); a pull names the ``codecs``
+its answer may use.
 """
 
 from __future__ import annotations
@@ -36,7 +45,9 @@ class Push(Message):
     """Variables to set in the remote namespace.
 
     ``counts[i]`` buffers belong to ``names[i]``: a pickle first, then its
-    out-of-band buffers (see :mod:`.serialization`).
+    out-of-band buffers (see :mod:`.serialization`). ``buffers`` carries
+    them all but the ``cached`` ones, which the worker is asked to take from
+    what it holds by their ``digests``.
     """
 
     type = MessageType.PUSH
@@ -44,24 +55,37 @@ class Push(Message):
     names: list[str]
     counts: list[int]
     buffers: Buffers = ()
+    digests: list[str] = dataclasses.field(default_factory=list)
+    cached: list[int] = dataclasses.field(default_factory=list)
+    codec: str = ""
+    compressed: list[int] = dataclasses.field(default_factory=list)
+    raw_sizes: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)
 class PushDone(Message):
+    """The variables were set; or, when ``missing`` names digests the worker
+    no longer held, nothing was set: push again with their bytes."""
+
     type = MessageType.PUSH_DONE
     req: int
     names: list[str]
+    missing: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)
 class Pull(Message):
     """The values of remote variables. ``after``, where not 0: pull only if
     that earlier request (the cell that makes them) succeeded, as in
-    :class:`~.cells.Execute`; else the answer is ``ErrorCode.NOT_RUN``."""
+    :class:`~.cells.Execute`; else the answer is ``ErrorCode.NOT_RUN``.
+    ``have``: digests of buffers the client holds, which the answer names
+    instead of carrying; ``codecs``: those the answer may be compressed with."""
 
     type = MessageType.PULL
     req: int
     names: list[str]
+    have: list[str] = dataclasses.field(default_factory=list)
+    codecs: list[str] = dataclasses.field(default_factory=list)
     after: int = 0
 
     def fields(self) -> dict[str, Any]:
@@ -73,11 +97,18 @@ class Pull(Message):
 
 @dataclasses.dataclass(frozen=True)
 class PullReply(Message):
+    """As :class:`Push`, the other way: the ``cached`` buffers are the client's own."""
+
     type = MessageType.PULL_REPLY
     req: int
     names: list[str]
     counts: list[int]
     buffers: Buffers = ()
+    digests: list[str] = dataclasses.field(default_factory=list)
+    cached: list[int] = dataclasses.field(default_factory=list)
+    codec: str = ""
+    compressed: list[int] = dataclasses.field(default_factory=list)
+    raw_sizes: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -42,13 +42,17 @@ from ..errors import DatabaseUnavailable
 from ..scheduling.broker import LeaseBroker
 from ..scheduling.scheduler import LeaseRequestEntry
 from ..sessions import files as session_files
+from ..sessions import variables as session_variables
 from ..sessions.manager import SessionManager
 from ..sessions.session import Session
 from ..store import TokenInfo
 from .limits import Limits
 from .memory import ConnectionMemory, Hold
 from .outcomes import Outcomes
-from .refusals import RefusalQueue, too_large_code, too_large_reason, too_large_text, wire_code
+from .positions import Positions
+from .refusals import (
+    RefusalQueue, execute_refusal, hello_refusal, too_large_code, too_large_reason, too_large_text, wire_code
+)
 
 __all__ = ["Connection", "MAX_IN_FLIGHT"]
 
@@ -91,9 +95,7 @@ class Connection:
         self._refusals = RefusalQueue(self.send)
         self._outcomes = Outcomes()  # what each request's answer said, for those that follow one
         self._closer: asyncio.Task[None] | None = None
-        self._waiting: dict[int, int] = {}  # lease key -> req
-        self._positions: dict[int, int] = {}  # lease key -> position not yet sent
-        self._position_task: asyncio.Task[None] | None = None
+        self._positions = Positions(self.send)  # of this connection's lease requests that wait
         self.closed = False  # the websocket is gone: nothing more is delivered
 
     async def send(self, message: m.Message) -> None:
@@ -360,11 +362,9 @@ class Connection:
     # -- handlers -----------------------------------------------------------
 
     async def _on_hello(self, msg: m.Hello) -> None:
-        if msg.protocol != PROTOCOL_VERSION:
-            await self.send(m.Error(0, m.ErrorCode.VERSION_MISMATCH, (
-                f"protocol version mismatch: the client speaks {msg.protocol}, this server speaks "
-                f"{PROTOCOL_VERSION}; install the same remote-gpu-kernel version on both sides"
-            )))
+        mismatch = hello_refusal(msg)
+        if mismatch:
+            await self.send(m.Error(0, m.ErrorCode.VERSION_MISMATCH, mismatch))
             await self.ws.close(1002, "protocol version mismatch")
             return
         await self.send(m.Welcome(PROTOCOL_VERSION, self.server_version, self.user,
@@ -397,14 +397,14 @@ class Connection:
         self.broker.apply_token_quota(self.token)
         entry = LeaseRequestEntry(self.broker.new_key(), self.user, msg.gpus, time.time(),
                                   priority=msg.priority, pool=msg.pool)
-        self._waiting[entry.key] = msg.req
+        self._positions.waiting[entry.key] = msg.req
         try:
             slots = await self.broker.wait_for_lease(entry, self)
         except ValueError as exc:
             await self.send(m.Error(msg.req, m.ErrorCode.LEASE_REFUSED, str(exc)))
             return
         finally:
-            self._waiting.pop(entry.key, None)
+            self._positions.waiting.pop(entry.key, None)
         # The notebook's path is only shown, never used as a path here: keep
         # a bounded piece of it.
         notebook = msg.notebook[:MAX_NOTEBOOK] if msg.notebook else None
@@ -424,18 +424,8 @@ class Connection:
 
     def queue_position(self, key: int, position: int) -> None:
         """The broker's news: sent by a task of this connection, the latest per request."""
-        if key not in self._waiting or self.closed:
-            return
-        self._positions[key] = position
-        if self._position_task is None or self._position_task.done():
-            self._position_task = asyncio.get_running_loop().create_task(self._send_positions())
-
-    async def _send_positions(self) -> None:
-        while self._positions:
-            key, position = self._positions.popitem()
-            req = self._waiting.get(key)
-            if req is not None:
-                await self.send(m.QueuePosition(req, position))
+        if not self.closed:
+            self._positions.tell(key, position)
 
     async def _granted(self, req: int, session: Session, resumed: bool, waited: float) -> None:
         await self.send(m.LeaseGranted(req, session.id, [str(s) for s in session.slots], resumed,
@@ -467,15 +457,15 @@ class Connection:
             await self.send(m.Error(req, m.ErrorCode.NO_LEASE, text))
             return
         if isinstance(msg, m.Execute):
-            if msg.timeout is not None and not msg.timeout > 0:
-                await self.send(m.Error(req, m.ErrorCode.BAD_REQUEST,
-                                        "a cell's timeout is a number of seconds above 0"))
+            refused = execute_refusal(msg)
+            if refused:
+                await self.send(m.Error(req, m.ErrorCode.BAD_REQUEST, refused))
                 return
             await session.execute(msg, self, self._outcomes.follows(msg.after, req))
         elif isinstance(msg, m.Push):
-            await session.push(msg, self)
+            await session_variables.push(session, msg, self)
         elif isinstance(msg, m.Pull):
-            await session.pull(msg, self, self._outcomes.follows(msg.after, req))
+            await session_variables.pull(session, msg, self, self._outcomes.follows(msg.after, req))
         elif isinstance(msg, m.ShellRequest):
             await session.shell_request(msg, self)
         elif isinstance(msg, m.Replay):
@@ -496,9 +486,7 @@ class Connection:
         self._reader.abort("the client disconnected in the middle of a message")
         self._memory.close("the client disconnected")
         self._refusals.clear()
-        for key in list(self._waiting):
+        for key in self._positions.clear():
             self.broker.cancel(key)
-        self._waiting.clear()
-        self._positions.clear()
         if self.session is not None and not self.session.released:
             self.sessions.detach(self.session, self.send)

@@ -46,7 +46,14 @@ from remote_gpu_core.protocol import messages as m
 
 from remote_gpu_core.sizes import format_size
 
-__all__ = ["FRAMES_QUEUED", "Limits"]
+__all__ = ["FRAMES_QUEUED", "Limits", "SESSION_CACHE"]
+
+#: ``--session-cache auto``: a session's worker keeps up to this much of what
+#: was pushed (or a quarter of its memory limit, where that is less). The
+#: cached buffers are mostly the same pages as the variables made from them
+#: (copy-on-write mappings), so it costs memory only for what the session
+#: dropped or changed since; a quarter leaves the user's cells the rest.
+SESSION_CACHE = 2 << 30
 
 #: Frames the websockets library reads ahead of the server per connection
 #: (its ``max_queue``), each at most :data:`CHUNK_SIZE`.
@@ -64,6 +71,18 @@ class Limits:
     max_requests: int = 64
     connection_memory: int = 128 << 20
     max_connections: int = 32
+    #: Bytes of pushed buffers each session's worker keeps by digest, so that
+    #: an unchanged one is never sent again (``--session-cache``; 0: none).
+    #: None: :meth:`resolve` picks :data:`SESSION_CACHE`, or a quarter of a
+    #: worker's memory limit where that is less.
+    session_cache: int | None = None
+
+    def resolve(self, worker_memory: int | None) -> Limits:
+        """These limits with ``session_cache`` decided, for workers of ``worker_memory`` bytes."""
+        if self.session_cache is not None:
+            return self
+        cache = SESSION_CACHE if worker_memory is None else min(SESSION_CACHE, worker_memory // 4)
+        return dataclasses.replace(self, session_cache=cache)
 
     def __post_init__(self) -> None:
         # A message must hold a request's header; a connection must be able
@@ -80,10 +99,13 @@ class Limits:
             raise ValueError("--max-upload must be more than 0")
         if self.connection_memory < CHUNK_SIZE:
             raise ValueError("--connection-memory must be at least 1M")
+        if self.session_cache is not None and self.session_cache < 0:
+            raise ValueError("--session-cache must be 0 or more")
 
     def welcome(self) -> dict[str, int]:
         """What a client is told, to refuse an oversized message before sending it."""
-        return {"max_push": self.max_push, "max_upload": self.max_upload, "max_message": self.max_message}
+        return {"max_push": self.max_push, "max_upload": self.max_upload, "max_message": self.max_message,
+                "session_cache": self.session_cache or 0}
 
     def reader(self) -> Reader:
         """A reader of one client's frames: pushes and uploads handed out at their header, others whole."""

@@ -7,7 +7,8 @@ session's lock in the order they came, so when a follower has its turn,
 the request it follows has given its final answer; this table says what
 that answer was. It is read from the answers themselves, as they are sent,
 so every way a request can fail (refused at the door, an error it
-answered, an exception, a cell that raised) counts as failing.
+answered, an exception, a cell that raised, a push that named buffers the
+worker no longer holds and so set nothing) counts as failing.
 
 No I/O: the connection calls :meth:`Outcomes.expect` when a request comes,
 :meth:`Outcomes.answered` with every message it sends,
@@ -78,6 +79,8 @@ class Outcomes:
             self._outcomes[req] = False
         elif isinstance(message, m.ExecuteDone):
             self._outcomes[req] = message.status == "ok"
+        elif isinstance(message, m.PushDone) and message.missing:
+            self._outcomes[req] = False  # it set nothing: the worker no longer held some of its buffers
         elif isinstance(message, _SUCCEEDED):
             self._outcomes[req] = True
 

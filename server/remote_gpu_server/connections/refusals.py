@@ -9,6 +9,9 @@ answered with the ``rgpu serve`` flag whose limit it is over
 (:func:`too_large_text`); where the connection must close over it, the
 close reason says the same in short (:func:`too_large_reason`). An error
 a request's handler raised is answered with its code (:func:`wire_code`).
+A hello of another protocol version, or a cell with a timeout that is no
+number of seconds, is refused with what to do (:func:`hello_refusal`,
+:func:`execute_refusal`).
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ import collections
 from collections.abc import Awaitable, Callable
 
 from remote_gpu_core.errors import MessageTooLarge, RemoteGpuError
+from remote_gpu_core.protocol import PROTOCOL_VERSION
 from remote_gpu_core.protocol import messages as m
 from remote_gpu_core.sizes import format_size
 
 from .limits import Limits
 
-__all__ = ["MAX_REFUSALS", "RefusalQueue", "too_large_code", "too_large_reason", "too_large_text", "wire_code"]
+__all__ = ["MAX_REFUSALS", "RefusalQueue", "execute_refusal", "hello_refusal", "too_large_code", "too_large_reason",
+           "too_large_text", "wire_code"]
 
 #: Refusals that may wait for the client to read them (each a short Error);
 #: a client that lets more pile up is disconnected.
@@ -106,3 +111,18 @@ def wire_code(exc: RemoteGpuError) -> m.ErrorCode:
         return m.ErrorCode(exc.code)
     except ValueError:
         return m.ErrorCode.INTERNAL
+
+
+def hello_refusal(msg: m.Hello) -> str | None:
+    """Why a client's hello is refused (it speaks another protocol version); None if it is not."""
+    if msg.protocol == PROTOCOL_VERSION:
+        return None
+    return (f"protocol version mismatch: the client speaks {msg.protocol}, this server speaks "
+            f"{PROTOCOL_VERSION}; install the same remote-gpu-kernel version on both sides")
+
+
+def execute_refusal(msg: m.Execute) -> str | None:
+    """Why a cell is refused before it runs (a timeout that is not above 0); None if it is not."""
+    if msg.timeout is not None and not msg.timeout > 0:
+        return "a cell's timeout is a number of seconds above 0"
+    return None

@@ -76,6 +76,8 @@ class SessionContext:
     resume: Callable[[Session, int, Replier | None], Awaitable[None]] | None = None
     #: ``--max-output``: bytes of one cell's output the journal keeps (None: all).
     max_output: int | None = None
+    #: ``--session-cache``: bytes of pushed buffers the worker keeps by digest (0: none).
+    session_cache: int = 0
 
 
 def _output(req: int, seq: int, jmsg: dict[str, Any]) -> m.Output:
@@ -335,25 +337,6 @@ class Session:
             worker.send_input(value)
         except WorkerDied:
             log.info("session %s: an input answer came after the worker died", self.id[:8])
-
-    async def push(self, msg: m.Push, conn: Replier) -> None:
-        if len(msg.names) != len(msg.counts) or sum(msg.counts) != len(msg.buffers) or any(
-            c < 1 for c in msg.counts
-        ):
-            await conn.send(m.Error(msg.req, m.ErrorCode.BAD_REQUEST,
-                                        "push: names, counts and buffers do not match"))
-            return
-        await self.send_in(msg.req, conn, {"op": "push", "names": msg.names, "counts": msg.counts},
-                           list(msg.buffers), "push", lambda reply: m.ErrorCode.SERIALIZATION,
-                           lambda reply: m.PushDone(msg.req, list(reply.get("names") or [])))
-
-    async def pull(self, msg: m.Pull, conn: Replier, follows: Follows | None = None) -> None:
-        def refused(reply: dict[str, Any]) -> m.ErrorCode:
-            return m.ErrorCode.NAME_ERROR if reply.get("ename") == "NameError" else m.ErrorCode.SERIALIZATION
-
-        await self.send_out(msg.req, conn, {"op": "pull", "names": msg.names}, refused,
-                            lambda reply: m.PullReply(msg.req, list(reply["names"]), list(reply["counts"])),
-                            follows)
 
     async def send_in(self, req: int, conn: Replier, data: dict[str, Any], buffers: list[Any], what: str,
                       refused: Callable[[dict[str, Any]], m.ErrorCode],

@@ -8,6 +8,7 @@ a GPU is visible, so that a leased worker's first cell pays neither.
 Variables travel in two parts. The request and its answer go over a comm
 with target :data:`COMM_TARGET`, in the kernel's main thread, in order with
 the cells: ``{"op": "push"|"pull", "id": N, "names": [...], "counts": [...]}``
+(large buffers named by digest, see :mod:`.variables`)
 and ``{"id": N, "ok": true, ...}`` or ``{"id": N, "ok": false, "ename",
 "evalue"}``. The buffers themselves go through the shared-memory ring that
 the server passed as ``RGPU_DATA_RING_FD``, with notes on a private ZMQ PAIR
@@ -180,9 +181,7 @@ class _DataChannel:
 def _handle(shell: Any, channel: _DataChannel, data: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     """Do one transfer request: ``(reply, then)``, where ``then`` (or None)
     runs after the reply is sent."""
-    from remote_gpu_core.protocol.serialization import dump_values, load_values
-
-    op, names = data.get("op"), list(data.get("names") or [])
+    op = data.get("op")
     if op == "enter":  # isolation hook: only the server can send it, once, before any cell
         from .confinement import EnterSpec, enter
 
@@ -198,20 +197,15 @@ def _handle(shell: Any, channel: _DataChannel, data: dict[str, Any]) -> tuple[di
     if op in ("upload", "download"):
         return _handle_files(channel, op, data)
     if op == "push":
-        buffers = channel.receive(int(data["id"]))
-        values = load_values(names, list(data.get("counts") or []), buffers)
-        shell.user_ns.update(values)
-        return {"ok": True, "names": names}, None
+        from . import variables
+
+        tid = int(data["id"])
+        return variables.push(shell.user_ns, _cache, data, lambda sink: channel.receive(tid, sink)), None
     if op == "pull":
-        missing = [n for n in names if n not in shell.user_ns]
-        if missing:
-            raise NameError(f"name {missing[0]!r} is not defined in the remote namespace")
-        names, counts, bufs = dump_values({n: shell.user_ns[n] for n in names})
-        sizes = [memoryview(b).nbytes for b in bufs]
-        # The server streams the buffers on to its client as they come, and
-        # needs the sizes first: the reply goes out before the bytes.
-        return ({"ok": True, "names": names, "counts": counts, "sizes": sizes},
-                lambda: channel.send(int(data["id"]), bufs))
+        from . import variables
+
+        reply, bufs = variables.pull(shell.user_ns, data)
+        return reply, lambda: channel.send(int(data["id"]), bufs)
     if op == "park":
         return _park(shell, str(data["folder"]), data.get("limit")), None
     if op == "restore":
@@ -246,6 +240,7 @@ def _restore(shell: Any, folder: str) -> dict[str, Any]:
 
 
 _folder: Any = None  # the session's worker_files.Folder, once the server said which
+_cache: Any = None  # the session's buffer_cache.BufferCache, made in main()
 _fetcher: Any = None  # the audit hook's fetch.Fetcher, once installed
 
 
@@ -446,6 +441,11 @@ def main(argv: list[str] | None = None) -> None:
                 ("RGPU_DATA_TLS_KEY", "RGPU_DATA_TLS_CERT", "RGPU_DATA_TLS_PEER"))
     channel = _DataChannel(os.environ.pop("RGPU_DATA_ADDR"), int(ring_fd) if ring_fd else None,
                            tls if all(tls) else None)  # type: ignore[arg-type]
+    from .buffer_cache import BufferCache, raise_file_limit
+
+    global _cache
+    _cache = BufferCache()
+    raise_file_limit()
     app.kernel.comm_manager.register_target(COMM_TARGET, _comm_opener(channel))
     from .files import install_hint
 

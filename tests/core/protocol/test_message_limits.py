@@ -144,5 +144,6 @@ def test_a_sender_checks_a_message_against_the_receivers_limits() -> None:
     assert isinstance(cell, MessageTooLarge) and "this cell is" in str(cell) and "--max-message" in str(cell)
     assert refusal(m.Execute(1, "x" * 300), {}) is None  # a server that names no limits
     assert measure(m.Push(1, ["a"], [1], (b"x" * 5,))) == (len(json.dumps(
-        {"req": 1, "names": ["a"], "counts": [1], "t": "push", "b": [5]}, separators=(",", ":"))), 5)
+        {"req": 1, "names": ["a"], "counts": [1], "digests": [], "cached": [], "codec": "",
+             "compressed": [], "raw_sizes": [], "t": "push", "b": [5]}, separators=(",", ":"))), 5)
     assert format_size(16 << 30) == "16 GiB" and format_size(1536) == "1.5 KiB" and format_size(9) == "9 bytes"

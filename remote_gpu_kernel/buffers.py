@@ -1,0 +1,152 @@
+"""The client's side of buffers named by content (see
+:mod:`remote_gpu_core.protocol.content`): what this session's worker holds,
+and the bytes this client holds, so that neither is sent twice.
+
+:class:`SessionBuffers` belongs to one :class:`~.session.AsyncSession` and
+goes with it; nothing is shared between sessions.
+
+- ``remote`` mirrors the worker's cache: the digests pushed, in the order
+  the worker used them, under the budget the server named
+  (``session_cache`` in its limits). A push leaves out what it holds.
+- ``local`` keeps what this client pushed or pulled, by digest: references
+  to the buffers themselves, not copies, under the same budget. A user may
+  change such an array in place after the push, so a buffer taken from
+  ``local`` is hashed again first and, if it changed, asked for again; and
+  it is copied, so the pulled variable shares no memory with the local one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+from remote_gpu_core.protocol.content import Holdings, digest, digests_of, nbytes
+from remote_gpu_core.protocol.serialization import allocate_buffer
+
+__all__ = ["PushPlan", "SessionBuffers", "TransferCounts"]
+
+
+@dataclasses.dataclass
+class TransferCounts:
+    """Bytes of variables this session moved, and those it did not have to."""
+
+    #: Bytes of buffers a push carried, and those it named by digest instead.
+    pushed: int = 0
+    push_skipped: int = 0
+    #: Bytes of buffers a pull's answer carried, and those taken from this client's own.
+    pulled: int = 0
+    pull_skipped: int = 0
+    #: Pushes sent again because the worker no longer held a buffer, and
+    #: pulls asked again because a buffer held here had changed.
+    push_misses: int = 0
+    pull_misses: int = 0
+    #: Bytes of buffers as they crossed, compressed where they were.
+    wire_pushed: int = 0
+    wire_pulled: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class PushPlan:
+    """One attempt at a push: each buffer's digest, those left out, those carried."""
+
+    digests: list[str]
+    cached: list[int]
+    carried: list[Any]
+
+
+class SessionBuffers:
+    """See the module docstring. ``limit``: the server's ``session_cache`` (0: off)."""
+
+    def __init__(self, limit: int) -> None:
+        self.remote = Holdings(limit)
+        self.local = Holdings(limit)
+        self._bytes: dict[str, Any] = {}
+        self.counts = TransferCounts()
+
+    @property
+    def enabled(self) -> bool:
+        return self.remote.limit > 0
+
+    def plan_push(self, buffers: Sequence[Any], digests: list[str] | None = None,
+                  trust_remote: bool = True) -> PushPlan:
+        """What to send of ``buffers``: those the worker is thought to hold
+        (``trust_remote``) are named only. ``digests`` from an earlier attempt."""
+        if not self.enabled:
+            return PushPlan([], [], list(buffers))
+        if digests is None:
+            digests = digests_of(buffers)
+        cached = [i for i, d in enumerate(digests) if trust_remote and d and d in self.remote]
+        skip = set(cached)
+        return PushPlan(digests, cached, [b for i, b in enumerate(buffers) if i not in skip])
+
+    def pushed(self, plan: PushPlan, buffers: Sequence[Any]) -> None:
+        """The push of ``plan`` was done: the worker holds all of its buffers."""
+        skip = set(plan.cached)
+        for i, (d, buf) in enumerate(zip(plan.digests, buffers)):
+            size = nbytes(buf)
+            if i in skip:
+                self.counts.push_skipped += size
+            else:
+                self.counts.pushed += size
+            if d:
+                self.remote.use(d, size)
+                self._keep(d, buf)
+        if not plan.digests:
+            self.counts.pushed += sum(nbytes(b) for b in buffers)
+
+    def missed(self, plan: PushPlan, buffers: Sequence[Any], missing: Sequence[str]) -> None:
+        """The worker held none of ``missing`` and set nothing; what the push carried it keeps."""
+        self.counts.push_misses += 1
+        self.remote.discard(missing)
+        skip = set(plan.cached)
+        for i, (d, buf) in enumerate(zip(plan.digests, buffers)):
+            if i not in skip:
+                self.counts.pushed += nbytes(buf)
+                if d and d not in missing:
+                    self.remote.use(d, nbytes(buf))
+
+    def have(self) -> list[str]:
+        """The digests a pull may name instead of sending."""
+        return list(self.local) if self.enabled else []
+
+    def pulled(self, digests: Sequence[str], cached: Sequence[int],
+               carried: Sequence[Any]) -> tuple[list[Any], list[str]]:
+        """``(buffers, [])``: the buffers of a pull's answer, the ``cached`` ones
+        from this client's own (checked, copied); or ``([], changed)`` where one
+        of those changed here or is gone: the digests to ask for again."""
+        skip = set(cached)
+        changed = [digests[i] for i in cached if not self._intact(digests[i])]
+        if changed:
+            self.counts.pull_misses += 1
+            return [], changed
+        out: list[Any] = []
+        rest = iter(carried)
+        for i, d in enumerate(digests or [""] * len(carried)):
+            if i in skip:
+                held = self._bytes[d]
+                copy = allocate_buffer(nbytes(held))
+                memoryview(copy).cast("B")[:] = memoryview(held).cast("B")
+                self.counts.pull_skipped += nbytes(copy)
+                self.local.use(d, nbytes(copy))
+                out.append(copy)
+                continue
+            buf = next(rest)
+            self.counts.pulled += nbytes(buf)
+            if d:
+                self._keep(d, buf)
+            out.append(buf)
+        return out, []
+
+    def _intact(self, key: str) -> bool:
+        held = self._bytes.get(key)
+        if held is not None and digest(held) == key:
+            return True
+        self.local.discard([key])
+        self._bytes.pop(key, None)
+        return False
+
+    def _keep(self, key: str, buf: Any) -> None:
+        self._bytes[key] = buf
+        for gone in self.local.use(key, nbytes(buf)):
+            self._bytes.pop(gone, None)

@@ -1,0 +1,64 @@
+"""The messages that move a session's variables, and what their answers give.
+
+A push or a pull names large buffers by content and may compress what it
+carries (see :mod:`.buffers` and :mod:`.compressing`); these functions build
+such a :class:`~m.Push` or :class:`~m.Pull` and take a pull's answer apart.
+:class:`~.session.AsyncSession` sends them on its own (``push``, ``pull``)
+or back to back with a cell (``run``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from remote_gpu_core.protocol import load_values
+from remote_gpu_core.protocol import messages as m
+from remote_gpu_core.protocol.compression import CODEC
+from remote_gpu_core.protocol.content import nbytes
+
+from .buffers import PushPlan, SessionBuffers
+from .compressing import CompressionPolicy, decompressed
+
+__all__ = ["next_have", "pull_request", "push_request", "take_pull"]
+
+
+def push_request(compression: CompressionPolicy, names: list[str], counts: list[int],
+                 plan: PushPlan) -> tuple[Callable[[int], m.Message], int]:
+    """A push of ``plan`` (made for request id ``req`` when called), and the
+    bytes it carries over the wire (compressed where the policy says)."""
+    carried, packed, raw_sizes = compression.compress(plan.carried)
+
+    def make(req: int) -> m.Message:
+        return m.Push(req, names, counts, tuple(carried), digests=plan.digests, cached=plan.cached,
+                      codec=CODEC if packed else "", compressed=packed, raw_sizes=raw_sizes)
+
+    return make, sum(nbytes(b) for b in carried)
+
+
+def pull_request(compression: CompressionPolicy, names: Sequence[str], have: Sequence[str],
+                 after: int = 0) -> Callable[[int], m.Message]:
+    """A pull of ``names`` that offers the buffers ``have`` (digests held here)
+    and the codecs the policy takes; ``after``: the request it follows."""
+    return lambda req: m.Pull(req, list(names), after=after, have=list(have), codecs=compression.codecs())
+
+
+def take_pull(buffers: SessionBuffers, compression: CompressionPolicy, reply: m.PullReply,
+              seconds: float) -> tuple[dict[str, Any] | None, list[str]]:
+    """The values a pull's answer gives (it took ``seconds``), or None and the
+    digests it named that this client no longer holds as they were."""
+    wire = sum(nbytes(b) for b in reply.buffers)
+    compression.observe(wire, seconds)
+    buffers.counts.wire_pulled += wire
+    carried = decompressed(reply.buffers, reply.compressed, reply.raw_sizes)
+    whole, gone = buffers.pulled(reply.digests, reply.cached, carried)
+    if gone:
+        return None, list(gone)
+    return load_values(reply.names, reply.counts, whole), []
+
+
+def next_have(have: Sequence[str], gone: Sequence[str]) -> list[str]:
+    """What to offer when asking again, after ``gone`` changed here since: the
+    rest of ``have``, or nothing where the answer named what was not offered."""
+    changed = set(gone)
+    return [d for d in have if d not in changed] if changed.issubset(have) else []

@@ -1,0 +1,60 @@
+"""Variables pushed into and pulled out of a session's worker.
+
+:func:`push` and :func:`pull` serve the protocol's :class:`~m.Push` and
+:class:`~m.Pull` as :mod:`.files` serves uploads and downloads: the bytes
+stream through the worker's data channel, and the server checks only the
+shape of what names them. It never unpickles, hashes or decompresses a
+user's data: large buffers named by content (``digests``, ``cached``,
+``have``; see :mod:`remote_gpu_core.protocol.content`) are looked up in the
+session's own worker, and compressed ones are opened there.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from remote_gpu_core.protocol import messages as m
+from remote_gpu_core.protocol.compression import CODEC, push_refusal
+from remote_gpu_core.protocol.content import check_references
+
+if TYPE_CHECKING:
+    from .session import Follows, Replier, Session
+
+__all__ = ["pull", "push"]
+
+
+async def push(session: Session, msg: m.Push, conn: Replier) -> None:
+    """Set variables; the buffers named in ``msg.cached`` come from the worker's
+    own cache of this session. Answers PushDone (naming the digests it no
+    longer held, if any: then it set nothing) or Error."""
+    bad = push_refusal(msg)
+    if bad:
+        await conn.send(m.Error(msg.req, m.ErrorCode.BAD_REQUEST,
+                                f"push: names, counts and buffers do not match: {bad}"))
+        return
+    cache = session.context.session_cache
+    data = {"op": "push", "names": msg.names, "counts": msg.counts, "digests": msg.digests,
+            "cached": msg.cached, "cache": cache, "compressed": msg.compressed, "raw_sizes": msg.raw_sizes}
+    await session.send_in(msg.req, conn, data, list(msg.buffers), "push", lambda reply: m.ErrorCode.SERIALIZATION,
+                          lambda reply: m.PushDone(msg.req, list(reply.get("names") or []),
+                                                   [str(d) for d in reply.get("missing") or []]))
+
+
+async def pull(session: Session, msg: m.Pull, conn: Replier, follows: Follows | None = None) -> None:
+    """Send variables; buffers whose digest is in ``msg.have`` are named, not
+    sent. ``follows``: as in :meth:`.Session.execute`."""
+    def refused(reply: dict[str, Any]) -> m.ErrorCode:
+        return m.ErrorCode.NAME_ERROR if reply.get("ename") == "NameError" else m.ErrorCode.SERIALIZATION
+
+    bad = check_references(len(msg.have), msg.have, [], len(msg.have))
+    if bad:
+        await conn.send(m.Error(msg.req, m.ErrorCode.BAD_REQUEST, f"pull: {bad}"))
+        return
+    cache = session.context.session_cache
+    data = {"op": "pull", "names": msg.names, "have": msg.have if cache else [], "compress": CODEC in msg.codecs,
+            "name": bool(cache)}
+    await session.send_out(msg.req, conn, data, refused, lambda reply: m.PullReply(
+        msg.req, list(reply["names"]), list(reply["counts"]), digests=[str(d) for d in reply.get("digests") or []],
+        cached=[int(i) for i in reply.get("cached") or []], codec=CODEC if reply.get("compressed") else "",
+        compressed=[int(i) for i in reply.get("compressed") or []],
+        raw_sizes=[int(n) for n in reply.get("raw_sizes") or []]), follows)

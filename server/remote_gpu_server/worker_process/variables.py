@@ -1,0 +1,136 @@
+"""Inside the worker: the ``push`` and ``pull`` transfer ops, with buffers named by content.
+
+``{"op": "push", "names", "counts", "digests", "cached", "cache"}``: the
+buffers not ``cached`` come through the data channel; the ``cached`` ones
+are taken from this session's :class:`~.buffer_cache.BufferCache` (whose
+budget is ``cache`` bytes). If one of those is no longer held, nothing is
+set and the reply names the ``missing`` digests: the client sends them
+again with their bytes (what did come is kept, so it is not sent twice).
+
+``{"op": "pull", "names", "have"}``: the reply names every large buffer by
+digest and leaves out of the data channel those the client said it has.
+
+Either way, a large buffer may travel compressed (see
+:mod:`remote_gpu_core.protocol.compression`): a push's ``compressed``
+indices (into what comes) with their ``raw_sizes``; a pull's answer
+compresses what its sample says shrinks, where the request says
+``compress`` (the client's decision).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from remote_gpu_core.errors import ProtocolError
+from remote_gpu_core.protocol.compression import compress, compressible, decompress_into
+from remote_gpu_core.protocol.content import THRESHOLD, check_references, digests_of, nbytes
+from remote_gpu_core.protocol.serialization import allocate_buffer, dump_values, load_values
+
+from .buffer_cache import BufferCache, CacheFiller, copy_on_write, sealed
+
+__all__ = ["pull", "push"]
+
+#: Receives a transfer's buffers into a sink made from their sizes (see ``_DataChannel.receive``).
+Receive = Callable[[Callable[[list[int]], CacheFiller]], Any]
+
+
+def push(user_ns: dict[str, Any], cache: BufferCache, data: dict[str, Any], receive: Receive) -> dict[str, Any]:
+    """Do a push (see the module docstring); returns the reply."""
+    names = [str(n) for n in data.get("names") or []]
+    counts = [int(c) for c in data.get("counts") or []]
+    digests = [str(d) for d in data.get("digests") or []]
+    cached = [int(i) for i in data.get("cached") or []]
+    cache.set_limit(int(data.get("cache") or 0))
+    total = sum(counts)
+    named_only = set(cached)
+    carried = [i for i in range(total) if i not in named_only]
+    keep = bool(digests) and cache.holdings.limit > 0
+    compressed = dict(zip((int(i) for i in data.get("compressed") or []),
+                          (int(n) for n in data.get("raw_sizes") or [])))  # by index into what came
+    fillers: list[CacheFiller] = []
+
+    def sink(sizes: list[int]) -> CacheFiller:
+        bad = check_references(total, digests, cached, len(sizes))
+        if bad:
+            raise ProtocolError(f"push: {bad}")
+        named = [keep and bool(digests[i]) and k not in compressed for k, i in enumerate(carried)]
+        fillers.append(CacheFiller(sizes, named))
+        return fillers[-1]
+
+    made: list[int] = []  # memfds of decompressed buffers
+    try:
+        receive(sink)
+        arrived = fillers[-1].finish()
+        for k, size in compressed.items():  # a corrupt one fails the push before anything is kept
+            fd, buf = arrived[k] = _decompressed(arrived[k][1], size, keep and bool(digests[carried[k]]))
+            if fd is not None:
+                made.append(fd)
+    except BaseException:
+        for filler in fillers:
+            filler.abandon()
+        for made_fd in made:
+            os.close(made_fd)
+        raise
+    # What came, by index; a memfd that came is the cache's from here on,
+    # mapped before the cache may let go of it.
+    came: dict[int, Any] = {}
+    for i, (fd, buf) in zip(carried, arrived):
+        if fd is None:
+            came[i] = buf
+        else:
+            size = os.fstat(fd).st_size
+            came[i] = copy_on_write(fd, size)
+            cache.add(digests[i], fd, size)
+    missing = sorted({digests[i] for i in cached if cache.get(digests[i]) is None})
+    if missing:
+        return {"ok": True, "names": [], "missing": missing}
+    buffers: list[Any] = []
+    for i in range(total):
+        if i in came:
+            buffers.append(came[i])
+            continue
+        held = cache.get(digests[i])
+        assert held is not None  # checked above, and nothing was added since
+        buffers.append(copy_on_write(*held))
+        cache.add(digests[i], *held)  # used now
+    user_ns.update(load_values(names, counts, buffers))
+    return {"ok": True, "names": names}
+
+
+def _decompressed(data: Any, size: int, into_memfd: bool) -> tuple[int | None, Any]:
+    """A compressed buffer that came, decompressed: ``(sealed memfd, None)`` or ``(None, buffer)``."""
+    if into_memfd:
+        fd = sealed(size, lambda view: decompress_into(data, view))
+        if fd is not None:
+            return fd, None
+    out = allocate_buffer(size)
+    decompress_into(data, out)
+    return None, out
+
+
+def pull(user_ns: dict[str, Any], data: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
+    """Pickle the variables of a pull: ``(reply, buffers to send)``."""
+    names = [str(n) for n in data.get("names") or []]
+    missing = [n for n in names if n not in user_ns]
+    if missing:
+        raise NameError(f"name {missing[0]!r} is not defined in the remote namespace")
+    names, counts, bufs = dump_values({n: user_ns[n] for n in names})
+    have = set(str(d) for d in data.get("have") or [])
+    digests = digests_of(bufs) if data.get("name", True) else [""] * len(bufs)  # no cache: no names
+    cached = [i for i, d in enumerate(digests) if d and d in have]
+    skip = set(cached)
+    send = [b for i, b in enumerate(bufs) if i not in skip]
+    compressed, raw_sizes = [], []
+    if data.get("compress"):  # the client's call: its link is slower than the codec
+        for k, buf in enumerate(send):
+            if nbytes(buf) >= THRESHOLD and compressible(buf).worth:
+                compressed.append(k)
+                raw_sizes.append(nbytes(buf))
+                send[k] = compress(buf)
+    sizes = [nbytes(b) for b in send]
+    # The server streams the buffers on to its client as they come, and
+    # needs the sizes first: the reply goes out before the bytes.
+    return ({"ok": True, "names": names, "counts": counts, "sizes": sizes, "digests": digests,
+             "cached": cached, "compressed": compressed, "raw_sizes": raw_sizes}, send)

@@ -24,7 +24,10 @@ from servers import ServerProcess
 from test_gpu_fence import devices_of
 from test_isolation import run
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="nodes isolate with uids; mknod: run as root")
+# A head on the session's Ray cluster starts in well over pytest's default two
+# minutes on a busy machine, as in test_ray.py.
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="nodes isolate with uids; mknod: run as root"),
+              pytest.mark.timeout(300)]
 
 #: One per GPU a test node has (ray_cluster.NODE_GPUS), minors in another order than the indices.
 GPUS = [FakeGpuFiles("0000:17:00.0", 1, "GPU-1111"), FakeGpuFiles("0000:3b:00.0", 0, "GPU-2222")]

@@ -34,7 +34,7 @@ from ..workers.datachannel import TransferAborted
 
 if TYPE_CHECKING:
     from ..workers.worker import Worker
-    from .session import Replier
+    from .replier import Replier
 
 __all__ = ["ANSWER_TIMEOUT", "FileFetcher", "MAX_WAITING"]
 

@@ -24,9 +24,9 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from contextlib import aclosing
-from typing import Any, Protocol
+from typing import Any
 
 from remote_gpu_core.errors import WorkerDied
 from remote_gpu_core.ids import JobId, SessionId, SlotId
@@ -41,6 +41,7 @@ from ..workers.worker import DuplicateRequest, Worker
 from .fetching import FileFetcher
 from .parked import ParkedState
 from .recorder import SessionRecorder
+from .replier import Replier
 from .session_worker import SessionWorker, WorkerSource
 from .stopping import INTERRUPT_NOTICE, CellStopper, RunningCell
 
@@ -84,19 +85,6 @@ def _output(req: int, seq: int, jmsg: dict[str, Any]) -> m.Output:
     """The protocol's Output for a Jupyter message, with its metadata, buffers and parent id."""
     return m.Output(req, seq, jmsg["msg_type"], jmsg["content"], tuple(jmsg.get("buffers") or ()),
                     jmsg.get("metadata") or {}, str((jmsg.get("parent_header") or {}).get("msg_id") or ""))
-
-
-class Replier(Protocol):
-    """Where a request's answers go: the connection that sent it.
-
-    Both methods swallow a closed connection: what a cell printed is in the
-    journal whether or not its client is still there.
-    """
-
-    async def send(self, message: m.Message) -> None: ...
-
-    async def send_stream(self, message: m.Message, lengths: list[int],
-                          pieces: AsyncIterator[Any]) -> None: ...
 
 
 class Session:

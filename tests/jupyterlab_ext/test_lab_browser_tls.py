@@ -47,6 +47,7 @@ def tls_lab(tmp_path: Path) -> Iterator[tuple[LabProcess, ServerProcess, str]]:
 def test_sidebar_and_gpu_cell_over_wss(tls_lab: tuple[LabProcess, ServerProcess, str],
                                        monkeypatch: pytest.MonkeyPatch,
                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
     from playwright.sync_api import expect, sync_playwright
 
     lab, server, token = tls_lab
@@ -75,7 +76,12 @@ def test_sidebar_and_gpu_cell_over_wss(tls_lab: tuple[LabProcess, ServerProcess,
             monkeypatch.setenv("RGPU_CONFIG", lab.env["RGPU_CONFIG"])
             assert main(["login", server.url, token, "--cafile", str(self_signed_cert(server))]) == 0
             capsys.readouterr()
-            problem.get_by_role("button", name="Try again").click()
+            # "Try again" reads the new trust at once; the sidebar's own next
+            # refresh reads it too, and may come first: then the button is gone.
+            try:
+                problem.get_by_role("button", name="Try again").click(timeout=15_000)
+            except PlaywrightTimeoutError:
+                assert not problem.get_by_role("button", name="Try again").is_visible()
             expect(panel.locator(".jp-RemoteGpu-state")).to_have_text("connected")
             slot = panel.locator('.jp-RemoteGpu-slot[data-slot="cpu0"]')
             expect(slot.locator(".jp-RemoteGpu-holder")).to_have_text("free")

@@ -31,6 +31,8 @@ from remote_gpu_core.errors import ProtocolError
 from remote_gpu_core.protocol.content import Holdings
 from remote_gpu_core.protocol.serialization import allocate_buffer
 
+from .transfer import Filler
+
 __all__ = ["BufferCache", "CacheFiller", "copy_on_write", "raise_file_limit", "sealed"]
 
 _SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
@@ -120,8 +122,8 @@ class BufferCache:
         self._close(self.holdings.clear())
 
 
-class CacheFiller:
-    """A receiving sink (as :class:`~.transfer.Filler`) whose ``named`` buffers go
+class CacheFiller(Filler):
+    """A receiving sink (a :class:`~.transfer.Filler`) whose ``named`` buffers go
     into memfds, the others into fresh memory.
 
     After :attr:`done`, :meth:`finish` seals the memfds and returns, for each
@@ -129,56 +131,36 @@ class CacheFiller:
     closes the memfds of a transfer that failed.
     """
 
-    def __init__(self, sizes: list[int], named: Sequence[bool]) -> None:
+    def __init__(self, sizes: list[int], named: Sequence[bool]) -> None:  # noqa: PLW0231 (its own buffers)
         if len(sizes) != len(named):
             raise ProtocolError(f"the push announced {len(sizes)} buffers, its request {len(named)}")
-        self._sizes = sizes
         self._fds: list[int | None] = []
         self._buffers: list[Any] = []
-        self._views: list[memoryview | None] = []
+        self._targets: list[memoryview | None] = []
         try:
             for size, use_fd in zip(sizes, named):
                 fd = _memfd(size) if use_fd else None
                 self._fds.append(fd)
                 buf = allocate_buffer(size) if fd is None else None
                 self._buffers.append(buf)
-                self._views.append(None if buf is None else memoryview(buf).cast("B"))
+                self._targets.append(None if buf is None else memoryview(buf).cast("B"))
         except BaseException:
             self.abandon()
             raise
-        self._index = 0
-        self._pos = 0
-        self._skip_full()
+        self._start(sizes)
 
-    def _skip_full(self) -> None:
-        while self._index < len(self._sizes) and self._pos == self._sizes[self._index]:
-            self._index, self._pos = self._index + 1, 0
-
-    def add(self, piece: Any) -> None:
-        data = memoryview(piece).cast("B")
-        while data.nbytes:
-            if self._index >= len(self._sizes):
-                raise ProtocolError("more bytes arrived than the transfer announced")
-            i = self._index
-            take = min(self._sizes[i] - self._pos, data.nbytes)
-            fd, view = self._fds[i], self._views[i]
-            if fd is not None:
-                written = 0
-                while written < take:  # a tmpfs write of a slot's worth is whole, but be exact
-                    written += os.pwrite(fd, data[written:take], self._pos + written)
-            else:
-                assert view is not None
-                view[self._pos : self._pos + take] = data[:take]
-            self._pos += take
-            data = data[take:]
-            self._skip_full()
-
-    @property
-    def done(self) -> bool:
-        return self._index >= len(self._sizes)
+    def _write(self, index: int, pos: int, data: memoryview) -> None:
+        fd, view = self._fds[index], self._targets[index]
+        if fd is not None:
+            written = 0
+            while written < data.nbytes:  # a tmpfs write of a slot's worth is whole, but be exact
+                written += os.pwrite(fd, data[written:], pos + written)
+        else:
+            assert view is not None
+            view[pos : pos + data.nbytes] = data
 
     def finish(self) -> list[tuple[int | None, Any]]:
-        for view in self._views:
+        for view in self._targets:
             if view is not None:
                 view.release()
         for fd in self._fds:

@@ -243,11 +243,19 @@ class Ring(_Credits):
 
 
 class Filler:
-    """Copies arriving pieces into preallocated buffers of the given sizes."""
+    """Copies arriving pieces into preallocated buffers of the given sizes.
+
+    The cursor (which buffer, where in it) is kept here; a sink that puts
+    the bytes elsewhere (:class:`~.buffer_cache.CacheFiller`: into memfds)
+    calls :meth:`_start` and overrides :meth:`_write`.
+    """
 
     def __init__(self, sizes: list[int]) -> None:
         self.buffers = [allocate_buffer(n) for n in sizes]
         self._views = [memoryview(b).cast("B") for b in self.buffers]
+        self._start(sizes)
+
+    def _start(self, sizes: list[int]) -> None:
         self._sizes = sizes
         self._index = 0
         self._pos = 0
@@ -257,14 +265,17 @@ class Filler:
         while self._index < len(self._sizes) and self._pos == self._sizes[self._index]:
             self._index, self._pos = self._index + 1, 0
 
+    def _write(self, index: int, pos: int, data: memoryview) -> None:
+        """Put ``data`` at ``pos`` of buffer ``index`` (it fits there)."""
+        self._views[index][pos : pos + data.nbytes] = data
+
     def add(self, piece: Any) -> None:
         data = memoryview(piece).cast("B")
         while data.nbytes:
             if self._index >= len(self._sizes):
                 raise ProtocolError("more bytes arrived than the transfer announced")
-            room = self._sizes[self._index] - self._pos
-            take = min(room, data.nbytes)
-            self._views[self._index][self._pos : self._pos + take] = data[:take]
+            take = min(self._sizes[self._index] - self._pos, data.nbytes)
+            self._write(self._index, self._pos, data[:take])
             self._pos += take
             data = data[take:]
             self._skip_full()

@@ -43,7 +43,7 @@ from .results import (
     parent_of,
     write_streams,
 )
-from .variables import next_have, pull_request, push_request, take_pull
+from .variables import next_have, pull_request, push_request, take_pull, take_push
 
 __all__ = [
     "AsyncSession", "ExecuteResult", "NoticeCallback", "OutputCallback", "ProgressCallback",
@@ -241,14 +241,10 @@ class AsyncSession:
             if pushing is not None and dumped is not None and plan is not None:
                 done = await self._expect(pushing, m.PushDone, on_notice=on_notice, on_queue=on_queue)
                 assert isinstance(done, m.PushDone)
-                self.compression.observe(wire, time.monotonic() - started)
-                self.buffers.counts.wire_pushed += wire
                 self.parked = False
-                if done.missing:  # it set nothing, and the cell and pull behind it do not run
-                    self.buffers.missed(plan, dumped[2], done.missing)
-                    missed = True
-                else:
-                    self.buffers.pushed(plan, dumped[2])
+                # Where it set nothing, the cell and the pull behind it do not run.
+                missed = not take_push(self.buffers, self.compression, plan, dumped[2], done, wire,
+                                       time.monotonic() - started)
             if not missed:
                 try:
                     result = await self._cell(cell, on_output, on_notice, on_queue, on_fetched)
@@ -345,13 +341,9 @@ class AsyncSession:
             async with self._exchange(make) as receive:
                 done = await self._expect(receive, m.PushDone)
             assert isinstance(done, m.PushDone)
-            self.compression.observe(wire, time.monotonic() - started)
-            self.buffers.counts.wire_pushed += wire
-            if not done.missing:
+            if take_push(self.buffers, self.compression, plan, buffers, done, wire, time.monotonic() - started):
                 break
-            self.buffers.missed(plan, buffers, done.missing)
             plan = self.buffers.plan_push(buffers, plan.digests, trust_remote=attempt == 0)
-        self.buffers.pushed(plan, buffers)
         self.parked = False
 
     async def pull(self, *names: str) -> dict[str, Any]:

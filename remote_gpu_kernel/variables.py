@@ -20,7 +20,7 @@ from remote_gpu_core.protocol.content import nbytes
 from .buffers import PushPlan, SessionBuffers
 from .compressing import CompressionPolicy, decompressed
 
-__all__ = ["next_have", "pull_request", "push_request", "take_pull"]
+__all__ = ["next_have", "pull_request", "push_request", "take_pull", "take_push"]
 
 
 def push_request(compression: CompressionPolicy, names: list[str], counts: list[int],
@@ -34,6 +34,20 @@ def push_request(compression: CompressionPolicy, names: list[str], counts: list[
                       codec=CODEC if packed else "", compressed=packed, raw_sizes=raw_sizes)
 
     return make, sum(nbytes(b) for b in carried)
+
+
+def take_push(buffers: SessionBuffers, compression: CompressionPolicy, plan: PushPlan, values: Sequence[Any],
+              done: m.PushDone, wire: int, seconds: float) -> bool:
+    """Whether the push of ``plan`` (the buffers ``values``; ``wire`` bytes that
+    took ``seconds``) set its variables; False where the worker no longer held
+    a buffer it named, and then set nothing (``done.missing``)."""
+    compression.observe(wire, seconds)
+    buffers.counts.wire_pushed += wire
+    if done.missing:
+        buffers.missed(plan, values, done.missing)
+        return False
+    buffers.pushed(plan, values)
+    return True
 
 
 def pull_request(compression: CompressionPolicy, names: Sequence[str], have: Sequence[str],

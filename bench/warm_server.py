@@ -50,7 +50,7 @@ class WarmServer:
     def __init__(self, folder: Path, slots: str = "cpu:1", *args: str, db: str | None = None,
                  user: str = "bench") -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        self.process = ServerProcess(folder, slots, *args, db=db)
+        self.process = ServerProcess(folder, slots, *args, db=db, preload=None)
         self.user = user
         self.token = ""
         #: The certificate to trust for a ``--tls`` server the system does not

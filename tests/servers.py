@@ -7,9 +7,13 @@ store. ``launcher`` (an argv prefix) runs the server through another
 program, and ``env`` adds to its environment. A root server claims its
 users' uids in a registry of its own test's (``RGPU_UID_REGISTRY`` in
 ``tmp``), never in the host's; ``env`` may name a shared one.
-:meth:`ServerProcess.stop`
-ends it with SIGTERM (the same path as Ctrl-C) and fails the test if it does
-not exit.
+:meth:`ServerProcess.stop` ends it with SIGTERM (the same path as Ctrl-C)
+and fails the test if it does not exit.
+
+Its warm workers import nothing before their lease (``--preload none``)
+unless ``preload`` says otherwise (None: the server's default, torch): the
+suite starts hundreds of workers, and a cell that needs torch imports it
+(``server/test_preload.py`` tests the preload itself).
 
 Session folders go under ``tmp`` (``sessions/``), a PostgreSQL store's too
 (the server's default for one is the user's data folder, shared by every
@@ -42,14 +46,15 @@ _READY = re.compile(r"warm pool ready")
 
 class ServerProcess:
     def __init__(self, tmp: Path, slots: str = "cpu:2", *args: str, db: Path | str | None = None,
-                 launcher: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+                 launcher: list[str] | None = None, env: dict[str, str] | None = None,
+                 preload: str | None = "none") -> None:
         self.tmp = tmp
         self.launcher = list(launcher or [])
         self.db: Path | str = db or tmp / "rgpu.sqlite3"
         self.env = {"RGPU_UID_REGISTRY": str(tmp / "uid-registry" / "uids.json"),
                     **({"XDG_DATA_HOME": str(tmp / "data")} if "://" in str(self.db) else {}), **(env or {})}
         self.slots = slots
-        self.args = list(args)
+        self.args = list(args) if preload is None or "--preload" in args else [*args, "--preload", preload]
         self.url = ""
         self.log: list[str] = []
         self.process: LoggedProcess | None = None

@@ -92,7 +92,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             session_disk=args.session_disk,
             uid_range=parse_uid_range(args.uid_range) if args.uid_range else DEFAULT_UID_RANGE,
             uid_registry=_uid_registry(args), worker_env=tuple(args.worker_env),
-            worker_pip_settings=not args.no_worker_pip_settings, device_root=test_device_root())
+            worker_pip_settings=not args.no_worker_pip_settings, preload=_preload(args.preload),
+            device_root=test_device_root())
         limits = Limits(max_push=_bytes("--max-push", args.max_push),
                         max_upload=_bytes("--max-upload", args.max_upload),
                         max_message=_bytes("--max-message", args.max_message, 64 << 10),
@@ -161,6 +162,19 @@ def _bytes(flag: str, text: str, minimum: int = 1) -> int:
     size = _size(flag, text, minimum, allow_none=False)
     assert size is not None
     return size
+
+
+def _preload(text: str | None) -> tuple[str, ...] | None:
+    """``--preload``: the module names; None for the worker's default."""
+    if text is None:
+        return None
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if names in ((), ("none",)):
+        return ()
+    bad = [name for name in names if not all(part.isidentifier() for part in name.split("."))]
+    if bad:
+        raise ValueError(f"--preload: {', '.join(bad)} is not a module name (give names like torch,pandas, or none)")
+    return names
 
 
 def _session_cache(text: str) -> int | None:
@@ -280,6 +294,12 @@ def add_serve(sub: Any) -> None:
                    help="release a session after this long without a request (default 3600)")
     p.add_argument("--grace", type=float, default=60.0, metavar="SECONDS",
                    help="keep a disconnected client's session this long (default 60)")
+    p.add_argument("--preload", default=os.environ.get("RGPU_PRELOAD"), metavar="MODULES",
+                   help="modules each warm worker imports before it is leased, so that a user's "
+                        "first cell does not wait for them, comma-separated, like torch,pandas; none: "
+                        "nothing (a worker starts sooner and holds less memory while it waits). "
+                        "Default: $RGPU_PRELOAD, else torch where it is installed; a worker that "
+                        "imports torch also initialises CUDA when it sees a GPU")
     stop = p.add_argument_group("stopping cells and workers (see README: Interrupts, stuck cells and causes of death)")
     stop.add_argument("--kill-grace", type=float, default=5.0, metavar="SECONDS",
                       help="a cell past its --timeout, or cancelled, is interrupted first; if it still "

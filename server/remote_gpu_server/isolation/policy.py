@@ -62,6 +62,7 @@ from typing import Any
 from remote_gpu_core.sizes import parse_size
 
 from ..errors import IsolationError
+from ..worker_process.kernel import PRELOAD_VAR
 from .cgroups import Cgroups, WorkerCgroup
 from .devices import DeviceTree
 from .folder_removal import FolderRemover
@@ -120,6 +121,9 @@ class IsolationConfig:
     worker_env: tuple[str, ...] = ()
     #: Not ``--no-worker-pip-settings``: the server's pip settings reach workers (see :mod:`.pip_settings`).
     worker_pip_settings: bool = True
+    #: ``--preload``: modules a worker imports before its lease (None: the
+    #: worker's default, torch where it is installed).
+    preload: tuple[str, ...] | None = None
     #: The mode to use instead of probing (tests); None probes.
     mode: IsolationMode | None = None
     #: Tests only (``$RGPU_TEST_DEVICE_ROOT``): a folder that stands in for ``/``
@@ -474,5 +478,7 @@ class Isolation:
         env = {k: v for k, v in os.environ.items() if _keep(k, keep) and not k.startswith(_ENV_NEVER)}
         env.setdefault("PATH", os.defpath)
         env.update(pip_environment(server_settings=self.config.worker_pip_settings))
+        if self.config.preload is not None:
+            env[PRELOAD_VAR] = ",".join(self.config.preload)
         env.update(extra)
         return env

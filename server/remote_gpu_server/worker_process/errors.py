@@ -21,6 +21,7 @@ lazily).
 
 from __future__ import annotations
 
+import importlib.util
 import errno
 import os
 import sys
@@ -78,11 +79,10 @@ def cuda_memory_summary() -> str:
 
 
 def _cuda_oom_type() -> type[BaseException] | None:
-    try:
-        import torch
-    except ImportError:
-        return None
-    return getattr(torch.cuda, "OutOfMemoryError", None)
+    """torch's CUDA out-of-memory error, where the worker has imported torch
+    (a worker that has not cannot meet one; torch is not imported for this)."""
+    torch = sys.modules.get("torch")
+    return None if torch is None else getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)
 
 
 #: Where in a traceback a process is started: its innermost frame's function
@@ -160,12 +160,11 @@ def install(shell: Any, limit_text: str | None, processes: ProcessLimit | None =
     (``4 GiB``) where the worker limits itself (RLIMIT_DATA), else None;
     ``processes``: its process limit, if it has one.
     """
-    cuda_oom = _cuda_oom_type()
     types: list[type[BaseException]] = []
     if limit_text:
         types.append(MemoryError)
-    if cuda_oom is not None:
-        types.append(cuda_oom)
+    if importlib.util.find_spec("torch") is not None:
+        types.append(RuntimeError)  # torch.cuda.OutOfMemoryError's base, once a cell imported torch
     if processes is not None:
         types += [OSError, RuntimeError]
         if processes.events is not None:
@@ -182,6 +181,7 @@ def install(shell: Any, limit_text: str | None, processes: ProcessLimit | None =
     def handler(shell: Any, etype: type[BaseException], value: BaseException, tb: Any,
                 tb_offset: int | None = None) -> Any:
         text = str(value)
+        cuda_oom = _cuda_oom_type()
         if cuda_oom is not None and isinstance(value, cuda_oom):
             summary = cuda_memory_summary()
             if summary:

@@ -2,8 +2,9 @@
 
 Started as ``python -m remote_gpu_server.worker_process.kernel -f CONNECTION_FILE``
 with ``CUDA_VISIBLE_DEVICES`` already in its environment. Before it answers
-its first request it imports torch (when installed) and initialises CUDA when
-a GPU is visible, so that a leased worker's first cell pays neither.
+its first request it imports what ``rgpu serve --preload`` names (torch by
+default, when installed) and initialises CUDA when a GPU is visible, so that
+a leased worker's first cell pays neither.
 
 Variables travel in two parts. The request and its answer go over a comm
 with target :data:`COMM_TARGET`, in the kernel's main thread, in order with
@@ -45,7 +46,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["COMM_TARGET", "COUNT_KEY", "die_with_parent", "main"]
+__all__ = ["COMM_TARGET", "COUNT_KEY", "DEFAULT_PRELOAD", "PRELOAD_VAR", "die_with_parent", "main"]
 
 COMM_TARGET = "rgpu.vars"
 #: The key of an ``execute_request``'s metadata that gives the cell's number:
@@ -54,16 +55,32 @@ COMM_TARGET = "rgpu.vars"
 COUNT_KEY = "rgpu_execution_count"
 
 
+#: The environment variable that names what a worker imports before its lease
+#: (``rgpu serve --preload``): module names, comma-separated; absent means
+#: :data:`DEFAULT_PRELOAD`, empty means nothing.
+PRELOAD_VAR = "RGPU_PRELOAD"
+DEFAULT_PRELOAD = "torch"
+
+
 def _preload() -> None:
+    """Import what the server named, so that a leased worker's first cell pays
+    nothing for it; torch also initialises CUDA when a GPU is visible. A
+    module that is not installed is skipped: said on stderr (the server's
+    log), unless it is the default torch on a machine without it."""
     # A lease activates its user's site: imported now, not at the lease's cost.
     from . import user_site as _user_site
 
-    try:
-        import torch
-    except ImportError:
-        return
-    if torch.cuda.is_available():
-        torch.cuda.init()
+    explicit = PRELOAD_VAR in os.environ
+    named = os.environ.pop(PRELOAD_VAR, DEFAULT_PRELOAD)
+    for name in filter(None, (part.strip() for part in named.split(","))):
+        try:
+            module = __import__(name)
+        except ImportError as exc:
+            if explicit:
+                print(f"remote-gpu worker: could not preload {name}: {exc}", file=sys.stderr, flush=True)
+            continue
+        if name == "torch" and module.cuda.is_available():
+            module.cuda.init()
 
 
 #: How long one end of a transfer waits for the next note from the server.

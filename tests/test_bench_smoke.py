@@ -52,8 +52,11 @@ def smoke(script: str, *args: str, timeout: float = TIMEOUT) -> str:
     A run past ``timeout`` gets Ctrl-C (SIGINT), so that it stops the servers
     it started, and a minute later SIGKILL to its whole process group.
     """
+    # Its servers' warm workers import nothing before their lease, as the suite's
+    # do (tests/servers.py): a smoke run's figures mean nothing anyway.
     proc = subprocess.Popen([sys.executable, str(BENCH / script), "--smoke", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, cwd=BENCH.parent, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, cwd=BENCH.parent, start_new_session=True,
+                            env=dict(os.environ, RGPU_PRELOAD="none"))
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -34,8 +34,9 @@ async def push(session: Session, msg: m.Push, conn: Replier) -> None:
         return
     cache = session.context.session_cache
     data = {"op": "push", "names": msg.names, "counts": msg.counts, "digests": msg.digests,
-            "cached": msg.cached, "cache": cache, "compressed": msg.compressed, "raw_sizes": msg.raw_sizes}
-    await session.send_in(msg.req, conn, data, list(msg.buffers), "push", lambda reply: m.ErrorCode.SERIALIZATION,
+            "cached": msg.cached, "cache": cache, "compressed": msg.compressed, "raw_sizes": msg.raw_sizes,
+            "versions": msg.versions}
+    await session.send_in(msg.req, conn, data, list(msg.buffers), "push", _refused,
                           lambda reply: m.PushDone(msg.req, list(reply.get("names") or []),
                                                    [str(d) for d in reply.get("missing") or []]))
 
@@ -57,4 +58,20 @@ async def pull(session: Session, msg: m.Pull, conn: Replier, follows: Follows | 
         msg.req, list(reply["names"]), list(reply["counts"]), digests=[str(d) for d in reply.get("digests") or []],
         cached=[int(i) for i in reply.get("cached") or []], codec=CODEC if reply.get("compressed") else "",
         compressed=[int(i) for i in reply.get("compressed") or []],
-        raw_sizes=[int(n) for n in reply.get("raw_sizes") or []]), follows)
+        raw_sizes=[int(n) for n in reply.get("raw_sizes") or []], versions=_versions(reply.get("versions"))),
+        follows)
+
+
+def _refused(reply: dict[str, Any]) -> m.ErrorCode:
+    """A push's refusal: a version difference the worker named, or a value that did not unpickle."""
+    if reply.get("ename") == "VersionDifference":
+        return m.ErrorCode.VERSION_DIFFERENCE
+    return m.ErrorCode.SERIALIZATION
+
+
+def _versions(value: Any) -> dict[str, str]:
+    """A pull's versions as the worker named them: strings only (the worker
+    runs the user's code; what it says goes to that user's client alone)."""
+    if not isinstance(value, dict):
+        return {}
+    return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}

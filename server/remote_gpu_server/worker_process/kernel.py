@@ -45,13 +45,17 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["COMM_TARGET", "COUNT_KEY", "die_with_parent", "main"]
+__all__ = ["COMM_TARGET", "COUNT_KEY", "FINGERPRINT_KEY", "die_with_parent", "main"]
 
 COMM_TARGET = "rgpu.vars"
 #: The key of an ``execute_request``'s metadata that gives the cell's number:
 #: the notebook's, so that ``Cell In[N]`` in a traceback matches its prompt,
 #: in a worker that replaced one that died as in the first.
 COUNT_KEY = "rgpu_execution_count"
+#: The key of the ``kernel_info_reply`` that gives the worker's versions (see
+#: :mod:`remote_gpu_core.fingerprint`): the server asks once, as the worker
+#: starts, and hands them out with every lease of it.
+FINGERPRINT_KEY = "rgpu_fingerprint"
 
 
 def _preload() -> None:
@@ -363,12 +367,19 @@ def _kernel_class() -> Any:
 
     class WorkerKernel(MainLoopShell, CommsBesideCells, IPythonKernel):
         """ipykernel's kernel, with an idle status after every comm message,
-        and the cell numbers the server gives (:data:`COUNT_KEY`).
+        the cell numbers the server gives (:data:`COUNT_KEY`), and its
+        versions in its kernel info (:data:`FINGERPRINT_KEY`).
 
         ipykernel 7 handles a comm message that arrives while a cell awaits
         at the same time as the cell, and then sends no status for it; the
         server ends a comm request at its idle status, so it sends one.
         """
+
+        @property
+        def kernel_info(self) -> dict[str, Any]:
+            from remote_gpu_core.fingerprint import local_fingerprint
+
+            return {**super().kernel_info, FINGERPRINT_KEY: dict(local_fingerprint())}
 
         async def execute_request(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
             count = (parent.get("metadata") or {}).get(COUNT_KEY)

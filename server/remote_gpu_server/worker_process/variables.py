@@ -10,6 +10,12 @@ again with their bytes (what did come is kept, so it is not sent twice).
 ``{"op": "pull", "names", "have"}``: the reply names every large buffer by
 digest and leaves out of the data channel those the client said it has.
 
+A push names the client's versions of the packages its pickles reference
+(``versions``); a value that does not unpickle here, where one of them has
+another version, fails with :class:`~remote_gpu_core.errors.VersionDifference`
+naming it, not with what pickle raised. A pull's reply names the worker's
+versions of the packages its pickles reference, for the client to do the same.
+
 Either way, a large buffer may travel compressed (see
 :mod:`remote_gpu_core.protocol.compression`): a push's ``compressed``
 indices (into what comes) with their ``raw_sizes``; a pull's answer
@@ -24,9 +30,10 @@ from collections.abc import Callable
 from typing import Any
 
 from remote_gpu_core.errors import ProtocolError
+from remote_gpu_core.fingerprint import package_version, top_level, unpickling_failure, versions_of
 from remote_gpu_core.protocol.compression import compress, compressible, decompress_into
 from remote_gpu_core.protocol.content import THRESHOLD, check_references, digests_of, nbytes
-from remote_gpu_core.protocol.serialization import allocate_buffer, dump_values, load_values
+from remote_gpu_core.protocol.serialization import Unpickling, allocate_buffer, dump_values, load_values
 
 from .buffer_cache import BufferCache, CacheFiller, copy_on_write, sealed
 
@@ -95,8 +102,22 @@ def push(user_ns: dict[str, Any], cache: BufferCache, data: dict[str, Any], rece
         assert held is not None  # checked above, and nothing was added since
         buffers.append(copy_on_write(*held))
         cache.add(digests[i], *held)  # used now
-    user_ns.update(load_values(names, counts, buffers))
+    try:
+        values = load_values(names, counts, buffers)
+    except Unpickling as exc:
+        raise _why(exc, data.get("versions")) from exc.error
+    user_ns.update(values)
     return {"ok": True, "names": names}
+
+
+def _why(failed: Unpickling, versions: Any) -> Exception:
+    """What to raise for a pushed value that did not unpickle: the version
+    difference of a package it references, or what unpickling raised."""
+    theirs = {str(k): str(v) for k, v in versions.items()} if isinstance(versions, dict) else {}
+    theirs = {top: version for top, version in theirs.items() if top_level(top) == top}
+    ours = {top: package_version(top) for top in theirs}
+    named = unpickling_failure(failed.name, "on the GPU server", failed.error, theirs, ours)
+    return named if named is not None else failed.error
 
 
 def _decompressed(data: Any, size: int, into_memfd: bool) -> tuple[int | None, Any]:
@@ -116,7 +137,8 @@ def pull(user_ns: dict[str, Any], data: dict[str, Any]) -> tuple[dict[str, Any],
     missing = [n for n in names if n not in user_ns]
     if missing:
         raise NameError(f"name {missing[0]!r} is not defined in the remote namespace")
-    names, counts, bufs = dump_values({n: user_ns[n] for n in names})
+    modules: set[str] = set()
+    names, counts, bufs = dump_values({n: user_ns[n] for n in names}, modules)
     have = set(str(d) for d in data.get("have") or [])
     digests = digests_of(bufs) if data.get("name", True) else [""] * len(bufs)  # no cache: no names
     cached = [i for i, d in enumerate(digests) if d and d in have]
@@ -133,4 +155,5 @@ def pull(user_ns: dict[str, Any], data: dict[str, Any]) -> tuple[dict[str, Any],
     # The server streams the buffers on to its client as they come, and
     # needs the sizes first: the reply goes out before the bytes.
     return ({"ok": True, "names": names, "counts": counts, "sizes": sizes, "digests": digests,
-             "cached": cached, "compressed": compressed, "raw_sizes": raw_sizes}, send)
+             "cached": cached, "compressed": compressed, "raw_sizes": raw_sizes,
+             "versions": versions_of(modules)}, send)

@@ -44,7 +44,7 @@ from ..errors import IsolationError
 from ..gpus.discovery import Slot
 from ..isolation.tenant import Tenant
 from .launcher import WorkerLauncher, WorkerProcess, WorkerSpec
-from ..worker_process.kernel import COUNT_KEY
+from ..worker_process.kernel import COUNT_KEY, FINGERPRINT_KEY
 from .transfer_comm import TransferComm
 
 __all__ = ["DuplicateRequest", "GpuErrors", "IopubHandler", "Worker"]
@@ -112,6 +112,9 @@ class Worker:
         self.gpu_errors = gpu_errors
         self.started_at = time.monotonic()
         self.language_info: dict[str, Any] = {}
+        #: Its versions of Python and of the packages that cross most, as it
+        #: said when it started (see :mod:`remote_gpu_core.fingerprint`).
+        self.fingerprint: dict[str, str] = {}
         #: How it ended, in one line (see :mod:`.death`), once it died.
         self.exit_description: str | None = None
         #: The pids the stop ladder found when it was killed (for the drain check).
@@ -230,6 +233,7 @@ class Worker:
         ]
         info_reply = await self.request("kernel_info_request", {})
         self.language_info = dict(info_reply["content"].get("language_info") or {})
+        self.fingerprint = _fingerprint(info_reply["content"].get(FINGERPRINT_KEY))
         self.comms.reserved = f"rgpu-{self.name}"
         await self.transfers.open(self.comms.reserved)
         log.debug("worker %s ready on %s (pid %s)", self.name, self.node, self.pid)
@@ -446,3 +450,10 @@ def _key(info: dict[str, Any]) -> bytes:
     key = info.get("key", b"")
     return key.encode() if isinstance(key, str) else bytes(key)
 
+
+def _fingerprint(value: Any) -> dict[str, str]:
+    """A worker's fingerprint as its kernel info gave it: names and versions
+    that are strings, nothing else (a user's code never ran before it)."""
+    if not isinstance(value, dict):
+        return {}
+    return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}

@@ -133,12 +133,25 @@ def _installed_version(top: str) -> str:
         pass
     if not _findable(top):
         return ABSENT
+    if not _installed(top):  # a module of the notebook's own folder: no distribution has it
+        return UNKNOWN
     for name in _distributions().get(top, ()):
         try:
             return importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             continue
     return UNKNOWN
+
+
+def _installed(top: str) -> bool:
+    """Whether ``top`` comes from where packages are installed (not a folder
+    of the user's own on ``sys.path``)."""
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return False
+    where = spec.origin if spec is not None and spec.has_location else None
+    return where is None or any(part in where for part in ("site-packages", "dist-packages"))
 
 
 def _findable(top: str) -> bool:

@@ -18,7 +18,7 @@ from remote_gpu_core.protocol import dump_values, load_values
 from remote_gpu_core.protocol import messages as m
 from remote_gpu_core.protocol.compression import CODEC
 from remote_gpu_core.protocol.content import nbytes
-from remote_gpu_core.protocol.serialization import BufferLike, Unpickling
+from remote_gpu_core.protocol.serialization import BufferLike
 
 from .buffers import PushPlan, SessionBuffers
 from .compressing import CompressionPolicy, decompressed
@@ -90,20 +90,16 @@ def take_pull(buffers: SessionBuffers, compression: CompressionPolicy, reply: m.
     whole, gone = buffers.pulled(reply.digests, reply.cached, carried)
     if gone:
         return None, list(gone)
-    try:
-        return load_values(reply.names, reply.counts, whole), []
-    except Unpickling as exc:
-        raise _why(exc, reply.versions) from exc.error
+    return load_values(reply.names, reply.counts, whole, lambda name, error: _why(name, error, reply.versions)), []
 
 
-def _why(failed: Unpickling, theirs: Mapping[str, str]) -> Exception:
-    """What to raise for a pulled value that did not unpickle: the version
-    difference of a package it references (``theirs``: the worker's
-    versions of those), or what unpickling raised."""
+def _why(name: str, error: Exception, theirs: Mapping[str, str]) -> Exception | None:
+    """What to raise for pulled variable ``name`` that did not unpickle: the
+    version difference of a package it references (``theirs``: the
+    worker's versions of those), or None (what unpickling raised is the error)."""
     theirs = {top: version for top, version in theirs.items() if top_level(top) == top}
     ours = {top: package_version(top) for top in theirs}
-    named = unpickling_failure(failed.name, "here", failed.error, ours, theirs)
-    return named if named is not None else failed.error
+    return unpickling_failure(name, "here", error, ours, theirs)
 
 
 def next_have(have: Sequence[str], gone: Sequence[str]) -> list[str]:

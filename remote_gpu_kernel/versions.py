@@ -9,12 +9,15 @@ table that ``rgpu env diff`` prints.
 Tests cannot install another numpy into the worker for a minute, but they
 can make the client *say* it has one: :func:`pretend_client_versions_for_tests`
 changes what this process reports as its own versions, and nothing else
-(never the worker's, never what a push carries).
+(never the worker's, never what a push carries); so does
+:data:`PRETEND_VAR` in the environment of a process that a test starts (a
+kernel).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -23,6 +26,7 @@ from remote_gpu_core.fingerprint import (
 )
 
 __all__ = [
+    "PRETEND_VAR",
     "client_fingerprint",
     "comparison",
     "matching_environment",
@@ -33,11 +37,15 @@ __all__ = [
 
 #: What the test hook makes this process say it has (see the module docstring).
 _pretended: dict[str, str] = {}
+#: The test hook for a process of its own: ``numpy=1.26.4,pandas=`` (empty:
+#: not installed) is what it says it has.
+PRETEND_VAR = "RGPU_TEST_PRETEND_CLIENT_VERSIONS"
 
 
 def client_fingerprint() -> dict[str, str]:
     """This process's fingerprint (Python, :data:`KEY_PACKAGES`)."""
-    return {**local_fingerprint(), **_pretended}
+    pairs = (item.partition("=") for item in os.environ.get(PRETEND_VAR, "").split(",") if "=" in item)
+    return {**local_fingerprint(), **{name.strip(): version.strip() for name, _, version in pairs}, **_pretended}
 
 
 @contextlib.contextmanager

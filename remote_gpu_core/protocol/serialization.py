@@ -16,8 +16,8 @@ While it pickles, the pickler notes the module of every class and function
 the pickle names (``modules``), so that the versions of their packages can
 travel with the values (see :mod:`remote_gpu_core.fingerprint`): the
 pickler already sees each object once, so noting them costs no second
-pass over the pickle. :func:`load_values` says which variable failed
-(:class:`Unpickling`).
+pass over the pickle. :func:`load_values` lets its caller say what a value
+that failed to unpickle means (``explain``).
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ import io
 import pickle
 import sys
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
 import cloudpickle  # type: ignore[import-untyped, unused-ignore]
 
 from ..errors import ProtocolError, SerializationError
 
-__all__ = ["Unpickling", "allocate_buffer", "dump_values", "dumps", "load_values", "loads"]
+__all__ = ["Explain", "allocate_buffer", "dump_values", "dumps", "load_values", "loads"]
 
 #: Buffers at least this large are allocated through numpy, which asks the
 #: kernel for transparent huge pages: faulting in fresh 4 KiB pages costs
@@ -162,21 +162,16 @@ def split_values(names: Sequence[str], counts: Sequence[int],
     return grouped
 
 
-class Unpickling(Exception):
-    """Variable ``name`` could not be unpickled; ``error`` is what unpickling
-    raised (also its ``__cause__``). Raised by :func:`load_values`, for its
-    caller to say what went wrong in its own words."""
-
-    def __init__(self, name: str, error: Exception) -> None:
-        super().__init__(f"{name}: {type(error).__name__}: {error}")
-        self.name = name
-        self.error = error
+#: ``explain(name, error)``: what to raise instead of ``error``, which
+#: unpickling variable ``name`` raised, or None to let it through.
+Explain = Callable[[str, Exception], "Exception | None"]
 
 
-def load_values(names: Sequence[str], counts: Sequence[int],
-                buffers: Sequence[BufferLike]) -> dict[str, Any]:
-    """Inverse of :func:`dump_values`; a value that does not unpickle raises
-    :class:`Unpickling` naming it (a :class:`ProtocolError` stays one)."""
+def load_values(names: Sequence[str], counts: Sequence[int], buffers: Sequence[BufferLike],
+                explain: Explain | None = None) -> dict[str, Any]:
+    """Inverse of :func:`dump_values`. A value that does not unpickle raises
+    what unpickling raised, or what ``explain`` makes of it (with that as
+    its cause)."""
     values: dict[str, Any] = {}
     for name, parts in split_values(names, counts, buffers).items():
         try:
@@ -184,5 +179,8 @@ def load_values(names: Sequence[str], counts: Sequence[int],
         except ProtocolError:
             raise
         except Exception as exc:  # unpickling runs arbitrary code
-            raise Unpickling(name, exc) from exc
+            better = explain(name, exc) if explain is not None else None
+            if better is None:
+                raise
+            raise better from exc
     return values

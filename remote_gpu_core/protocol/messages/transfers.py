@@ -64,6 +64,12 @@ class Push(Message):
     raw_sizes: list[int] = dataclasses.field(default_factory=list)
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
 
+    def fields(self) -> dict[str, Any]:
+        fields = super().fields()
+        if not self.versions:  # nothing but Python and ours: nothing to say
+            del fields["versions"]
+        return fields
+
 
 @dataclasses.dataclass(frozen=True)
 class PushDone(Message):
@@ -114,6 +120,12 @@ class PullReply(Message):
     compressed: list[int] = dataclasses.field(default_factory=list)
     raw_sizes: list[int] = dataclasses.field(default_factory=list)
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def fields(self) -> dict[str, Any]:
+        fields = super().fields()
+        if not self.versions:  # nothing but Python and ours: nothing to say
+            del fields["versions"]
+        return fields
 
 
 @dataclasses.dataclass(frozen=True)

@@ -89,7 +89,9 @@ class AsyncClient:
         """
         files = NotebookFolder.from_environ(notebook)
         # This Python's versions, read once per process while the lease is on its way.
-        versions = asyncio.ensure_future(asyncio.to_thread(local_fingerprint))
+        versions = asyncio.ensure_future(
+            asyncio.to_thread(local_fingerprint) if not local_fingerprint.cache_info().currsize
+            else asyncio.sleep(0))
         try:
             # The lease request goes with the hello, in the websocket upgrade
             # request: the welcome and the lease come back right behind its answer.

@@ -6,7 +6,9 @@ numpy, torch, pandas; see :mod:`remote_gpu_core.fingerprint`) with those of
 the server's environment ``NAME`` (default: ``default``, the server's own
 Python), as the server's HTTP API tells them (``GET /api/fingerprint``,
 with the user's token). It prints every row, marks the differences, and
-exits 1 where there is one, as ``diff`` does.
+exits 1 where there is one, as ``diff`` does; where the server's
+``/api/status`` lists its environments with their versions, it names one
+that matches.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import argparse
 from typing import Any
 
 from .api import ApiClient
-from .versions import comparison, table
+from .versions import client_fingerprint, comparison, matching_environment, table
 
 __all__ = ["add_env_commands", "cmd_env_diff"]
 
@@ -26,9 +28,11 @@ def cmd_env_diff(args: argparse.Namespace) -> int:
     rows, differ = comparison(answer["fingerprint"])
     print(table(rows, str(answer["env"])))
     if differ:
+        # The server's environments, where its status lists them with their versions.
+        match = matching_environment(client_fingerprint(), client.status(), str(answer["env"]))
+        choose = f"environment `{match}` matches" if match else "or choose an environment that matches"
         print(f"\n{differ} of {len(rows)} differ: values that reference them may not cross between "
-              "this notebook and the GPU server; install the server's versions here, or choose an "
-              "environment that matches")
+              f"this notebook and the GPU server; install the server's versions here, {choose}")
     else:
         print("\nall the same")
     return 1 if differ else 0

@@ -16,7 +16,9 @@ import pytest
 from remote_gpu_core import fingerprint as fp
 from remote_gpu_core.errors import SerializationError, VersionDifference
 from remote_gpu_core.protocol.serialization import dump_values, load_values
-from remote_gpu_kernel.versions import client_fingerprint, comparison, mismatch, pretend_client_versions_for_tests
+from remote_gpu_kernel.versions import (
+    client_fingerprint, comparison, matching_environment, mismatch, pretend_client_versions_for_tests
+)
 from wheels import tiny_wheel
 
 
@@ -106,3 +108,14 @@ def test_the_test_hook_changes_only_what_the_client_says_it_has() -> None:
         rows, differ = comparison(real)
         assert differ == 1 and ("numpy", "1.0", real["numpy"], True) in rows
     assert client_fingerprint() == real and dict(fp.local_fingerprint()) == real
+
+
+def test_an_environment_that_matches_is_found_in_the_servers_list_where_it_has_one() -> None:
+    here = {"python": "3.11", "numpy": "2.1.3"}
+    status = {"envs": [{"name": "default", "fingerprint": {"python": "3.11", "numpy": "1.26.4"}},
+                       {"name": "np2", "fingerprint": {"python": "3.11", "numpy": "2.1.3", "torch": "2.5.0"}}]}
+    assert matching_environment(here, status, "default") == "np2"
+    assert matching_environment(here, status, "np2") is None  # the one in use is not another
+    assert matching_environment(here, {"slots": []}, "default") is None  # a server without the list
+    assert matching_environment(here, {"envs": [{"name": "np1", "fingerprint": {"numpy": "1.0"}}]},
+                                "default") is None

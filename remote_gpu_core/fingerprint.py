@@ -18,7 +18,7 @@ its own (:func:`differences`) and says what differs in one line
 references (the pickler collects their top-level names while it pickles,
 see :mod:`.protocol.serialization`); they travel with the values, and the
 end that fails to unpickle them names the package whose versions differ
-(:func:`unpickling_failure`) instead of pickle's traceback.
+(:func:`explain_unpickling`) instead of pickle's traceback.
 
 ``python -m remote_gpu_core.fingerprint`` prints this interpreter's
 fingerprint as JSON (what a server asks of another environment's Python).
@@ -31,7 +31,7 @@ import importlib.metadata
 import importlib.util
 import json
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import ModuleType
 
 from .errors import VersionDifference
@@ -45,6 +45,8 @@ __all__ = [
     "UNKNOWN",
     "describe",
     "differences",
+    "explain_unpickling",
+    "from_wire",
     "local_fingerprint",
     "package_version",
     "python_version",
@@ -71,6 +73,14 @@ UNKNOWN = "unknown"
 #: own classes (``__main__``) are pickled by value.
 _NOT_COMPARED = frozenset({"__main__", "__mp_main__", "builtins", "remote_gpu_core",
                            "remote_gpu_kernel", "remote_gpu_server"}) | frozenset(sys.stdlib_module_names)
+
+
+def from_wire(value: object) -> Fingerprint:
+    """A fingerprint as another process sent it (a worker runs its user's
+    code): its names and versions that are strings, nothing else."""
+    if not isinstance(value, dict):
+        return {}
+    return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}
 
 
 def python_version() -> str:
@@ -216,6 +226,24 @@ def unpickling_failure(name: str, where: str, error: BaseException, here: Mappin
         f"cannot unpickle {name!r} {where}: {describe(found)} "
         f"({type(error).__name__}: {error}); install the same version on both ends "
         "('rgpu env diff' compares them)", package=package, here=mine, there=theirs)
+
+
+def explain_unpickling(sent: object, *, from_notebook: bool) -> Callable[[str, Exception], VersionDifference | None]:
+    """What :func:`~.protocol.serialization.load_values` asks (``explain``)
+    about a value that failed to unpickle, on the end that received it:
+    ``sent`` are the sender's versions of the packages its pickles name
+    (from the wire: only names and versions that are strings count), and
+    ``from_notebook`` says whether the sender is the notebook (a push,
+    unpickled on the GPU server) or the worker (a pull, unpickled here)."""
+    theirs = {k: v for k, v in from_wire(sent).items() if top_level(k) == k}
+
+    def explain(name: str, error: Exception) -> VersionDifference | None:
+        ours = {top: package_version(top) for top in theirs}
+        if from_notebook:
+            return unpickling_failure(name, "on the GPU server", error, theirs, ours)
+        return unpickling_failure(name, "here", error, ours, theirs)
+
+    return explain
 
 
 def main() -> None:

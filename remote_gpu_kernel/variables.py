@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from remote_gpu_core.fingerprint import package_version, top_level, unpickling_failure, versions_of
+from remote_gpu_core.fingerprint import explain_unpickling, versions_of
 from remote_gpu_core.protocol import dump_values, load_values
 from remote_gpu_core.protocol import messages as m
 from remote_gpu_core.protocol.compression import CODEC
@@ -90,16 +90,7 @@ def take_pull(buffers: SessionBuffers, compression: CompressionPolicy, reply: m.
     whole, gone = buffers.pulled(reply.digests, reply.cached, carried)
     if gone:
         return None, list(gone)
-    return load_values(reply.names, reply.counts, whole, lambda name, error: _why(name, error, reply.versions)), []
-
-
-def _why(name: str, error: Exception, theirs: Mapping[str, str]) -> Exception | None:
-    """What to raise for pulled variable ``name`` that did not unpickle: the
-    version difference of a package it references (``theirs``: the
-    worker's versions of those), or None (what unpickling raised is the error)."""
-    theirs = {top: version for top, version in theirs.items() if top_level(top) == top}
-    ours = {top: package_version(top) for top in theirs}
-    return unpickling_failure(name, "here", error, ours, theirs)
+    return load_values(reply.names, reply.counts, whole, explain_unpickling(reply.versions, from_notebook=False)), []
 
 
 def next_have(have: Sequence[str], gone: Sequence[str]) -> list[str]:

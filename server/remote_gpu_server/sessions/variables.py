@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from remote_gpu_core.fingerprint import from_wire
 from remote_gpu_core.protocol import messages as m
 from remote_gpu_core.protocol.compression import CODEC, push_refusal
 from remote_gpu_core.protocol.content import check_references
@@ -58,7 +59,7 @@ async def pull(session: Session, msg: m.Pull, conn: Replier, follows: Follows | 
         msg.req, list(reply["names"]), list(reply["counts"]), digests=[str(d) for d in reply.get("digests") or []],
         cached=[int(i) for i in reply.get("cached") or []], codec=CODEC if reply.get("compressed") else "",
         compressed=[int(i) for i in reply.get("compressed") or []],
-        raw_sizes=[int(n) for n in reply.get("raw_sizes") or []], versions=_versions(reply.get("versions"))),
+        raw_sizes=[int(n) for n in reply.get("raw_sizes") or []], versions=from_wire(reply.get("versions"))),
         follows)
 
 
@@ -68,10 +69,3 @@ def _refused(reply: dict[str, Any]) -> m.ErrorCode:
         return m.ErrorCode.VERSION_DIFFERENCE
     return m.ErrorCode.SERIALIZATION
 
-
-def _versions(value: Any) -> dict[str, str]:
-    """A pull's versions as the worker named them: strings only (the worker
-    runs the user's code; what it says goes to that user's client alone)."""
-    if not isinstance(value, dict):
-        return {}
-    return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}

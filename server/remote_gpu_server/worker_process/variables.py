@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from remote_gpu_core.errors import ProtocolError
-from remote_gpu_core.fingerprint import package_version, top_level, unpickling_failure, versions_of
+from remote_gpu_core.fingerprint import explain_unpickling, versions_of
 from remote_gpu_core.protocol.compression import compress, compressible, decompress_into
 from remote_gpu_core.protocol.content import THRESHOLD, check_references, digests_of, nbytes
 from remote_gpu_core.protocol.serialization import allocate_buffer, dump_values, load_values
@@ -102,18 +102,8 @@ def push(user_ns: dict[str, Any], cache: BufferCache, data: dict[str, Any], rece
         assert held is not None  # checked above, and nothing was added since
         buffers.append(copy_on_write(*held))
         cache.add(digests[i], *held)  # used now
-    user_ns.update(load_values(names, counts, buffers, lambda name, error: _why(name, error, data.get("versions"))))
+    user_ns.update(load_values(names, counts, buffers, explain_unpickling(data.get("versions"), from_notebook=True)))
     return {"ok": True, "names": names}
-
-
-def _why(name: str, error: Exception, versions: Any) -> Exception | None:
-    """What to raise for pushed variable ``name`` that did not unpickle: the
-    version difference of a package it references (``versions``: the
-    client's, of those), or None (what unpickling raised is the error)."""
-    theirs = {str(k): str(v) for k, v in versions.items()} if isinstance(versions, dict) else {}
-    theirs = {top: version for top, version in theirs.items() if top_level(top) == top}
-    ours = {top: package_version(top) for top in theirs}
-    return unpickling_failure(name, "on the GPU server", error, theirs, ours)
 
 
 def _decompressed(data: Any, size: int, into_memfd: bool) -> tuple[int | None, Any]:

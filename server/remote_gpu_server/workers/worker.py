@@ -35,6 +35,7 @@ from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.connect import KernelConnectionInfo
 
 from remote_gpu_core.errors import ServerError, WorkerDied
+from remote_gpu_core.fingerprint import from_wire
 from remote_gpu_core.protocol import messages as m
 
 from . import death
@@ -233,7 +234,7 @@ class Worker:
         ]
         info_reply = await self.request("kernel_info_request", {})
         self.language_info = dict(info_reply["content"].get("language_info") or {})
-        self.fingerprint = _fingerprint(info_reply["content"].get(FINGERPRINT_KEY))
+        self.fingerprint = from_wire(info_reply["content"].get(FINGERPRINT_KEY))
         self.comms.reserved = f"rgpu-{self.name}"
         await self.transfers.open(self.comms.reserved)
         log.debug("worker %s ready on %s (pid %s)", self.name, self.node, self.pid)
@@ -450,10 +451,3 @@ def _key(info: dict[str, Any]) -> bytes:
     key = info.get("key", b"")
     return key.encode() if isinstance(key, str) else bytes(key)
 
-
-def _fingerprint(value: Any) -> dict[str, str]:
-    """A worker's fingerprint as its kernel info gave it: names and versions
-    that are strings, nothing else (a user's code never ran before it)."""
-    if not isinstance(value, dict):
-        return {}
-    return {k: v for k, v in value.items() if isinstance(k, str) and isinstance(v, str)}

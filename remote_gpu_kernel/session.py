@@ -42,8 +42,8 @@ from .results import (
     parent_of,
     write_streams,
 )
-from .versions import mismatch
 from .variables import Dumped, dump, next_have, pull_request, push_request, take_pull, take_push
+from .versions import mismatch
 
 __all__ = [
     "AsyncSession", "ExecuteResult", "NoticeCallback", "OutputCallback", "ProgressCallback",
@@ -171,6 +171,7 @@ class AsyncSession:
         self.slots = list(msg.slots)
         self.language_info = dict(msg.language_info) or self.language_info
         self.fingerprint = dict(msg.fingerprint) or self.fingerprint
+        self.mismatch = mismatch(self.fingerprint)
         self.parked = msg.parked
 
     async def execute(self, code: str, on_output: OutputCallback | None = None, *,

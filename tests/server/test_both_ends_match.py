@@ -188,3 +188,23 @@ def test_the_fingerprint_api_wants_a_token(versions: Versions) -> None:
     with pytest.raises(AuthenticationError):
         ApiClient(versions.server.url, "not-a-token").fingerprint()
     assert ApiClient(versions.server.url, versions.token).fingerprint()["fingerprint"] == dict(local_fingerprint())
+
+
+def test_a_worker_that_lies_about_its_versions_harms_no_one(versions: Versions) -> None:
+    """A hostile cell makes its own worker name garbage for versions in a pull's
+    reply: the server passes on only names and versions that are strings, to
+    that user's client alone, and the pull and the server go on."""
+    with session(versions) as s:
+        hostile = ("import remote_gpu_server.worker_process.variables as v\n"
+                   "v.versions_of = lambda modules: {'numpy': 1, 'torch': ['x'], 'versioned_thing': '0.1'}\n"
+                   "n = 5")
+        assert s.execute(hostile, on_output=quiet).ok
+        assert s.pull("n") == {"n": 5}
+        # Garbage that is a string is only a wrong word in that user's own error.
+        assert s.execute(f"import {PACKAGE}\ng = {PACKAGE}.Gadget()", on_output=quiet).ok
+        with pytest.raises(VersionDifference, match=r"versioned_thing 2\.0 here, 0\.1 on the GPU server"):
+            s.pull("g")
+    with session(versions) as fresh:  # the server, and the next session's worker, are as they were
+        assert fresh.execute(f"import {PACKAGE}\ng = {PACKAGE}.Gadget()", on_output=quiet).ok
+        with pytest.raises(VersionDifference, match=r"versioned_thing 2\.0 here, 1\.0 on the GPU server"):
+            fresh.pull("g")

@@ -29,7 +29,8 @@ from remote_gpu_kernel import Client
 from remote_gpu_kernel.api import ApiClient
 from remote_gpu_kernel.cli import main as rgpu
 from remote_gpu_kernel.sync import Session
-from remote_gpu_kernel.versions import pretend_client_versions_for_tests
+from remote_gpu_kernel.versions import PRETEND_VAR, pretend_client_versions_for_tests
+from remote_kernels import KernelDriver, install_kernelspec, kernel_env
 from servers import ServerProcess
 from wheels import tiny_wheel
 
@@ -208,3 +209,20 @@ def test_a_worker_that_lies_about_its_versions_harms_no_one(versions: Versions) 
         assert fresh.execute(f"import {PACKAGE}\ng = {PACKAGE}.Gadget()", on_output=quiet).ok
         with pytest.raises(VersionDifference, match=r"versioned_thing 2\.0 here, 1\.0 on the GPU server"):
             fresh.pull("g")
+
+
+def test_the_remote_gpu_kernel_says_a_difference_in_one_line_under_its_lease(
+        versions: Versions, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel is a process of its own: the test hook reaches it in its
+    environment (:data:`PRETEND_VAR`)."""
+    monkeypatch.setenv("JUPYTER_PATH", str(install_kernelspec(tmp_path / "prefix")))
+    theirs = local_fingerprint()["cloudpickle"]  # the worker runs this Python
+    env = dict(kernel_env(tmp_path, versions.server.url, versions.token), **{PRETEND_VAR: "cloudpickle=2.2.1"})
+    driver = KernelDriver(env).start()
+    try:
+        first = driver.run("1")
+        assert first.status == "ok"
+        (lease,) = [t for t in first.text("display_data") if "Remote GPU: leased cpu" in t]
+        assert lease.splitlines()[1:] == [f"Remote GPU: cloudpickle 2.2.1 here, {theirs} on the GPU server"]
+    finally:
+        driver.shutdown()

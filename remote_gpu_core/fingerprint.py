@@ -39,6 +39,7 @@ from .errors import VersionDifference
 __all__ = [
     "ABSENT",
     "Difference",
+    "FINGERPRINT_KEY",
     "Fingerprint",
     "KEY_PACKAGES",
     "PYTHON",
@@ -61,6 +62,10 @@ Fingerprint = dict[str, str]
 Difference = tuple[str, str, str]
 
 PYTHON = "python"
+#: The key of a worker's ``kernel_info_reply`` that gives its fingerprint:
+#: the server asks once, as the worker starts, and hands it out with every
+#: lease of that worker.
+FINGERPRINT_KEY = "rgpu_fingerprint"
 #: The packages every session compares, beside Python itself.
 KEY_PACKAGES = ("cloudpickle", "numpy", "torch", "pandas")
 #: The version of a package that is not installed.

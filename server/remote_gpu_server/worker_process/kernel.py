@@ -45,17 +45,13 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["COMM_TARGET", "COUNT_KEY", "FINGERPRINT_KEY", "die_with_parent", "main"]
+__all__ = ["COMM_TARGET", "COUNT_KEY", "die_with_parent", "main"]
 
 COMM_TARGET = "rgpu.vars"
 #: The key of an ``execute_request``'s metadata that gives the cell's number:
 #: the notebook's, so that ``Cell In[N]`` in a traceback matches its prompt,
 #: in a worker that replaced one that died as in the first.
 COUNT_KEY = "rgpu_execution_count"
-#: The key of the ``kernel_info_reply`` that gives the worker's versions (see
-#: :mod:`remote_gpu_core.fingerprint`): the server asks once, as the worker
-#: starts, and hands them out with every lease of it.
-FINGERPRINT_KEY = "rgpu_fingerprint"
 
 
 def _preload() -> None:
@@ -377,7 +373,7 @@ def _kernel_class() -> Any:
 
         @property
         def kernel_info(self) -> dict[str, Any]:
-            from remote_gpu_core.fingerprint import local_fingerprint
+            from remote_gpu_core.fingerprint import FINGERPRINT_KEY, local_fingerprint
 
             return {**super().kernel_info, FINGERPRINT_KEY: dict(local_fingerprint())}
 

@@ -35,7 +35,7 @@ from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.connect import KernelConnectionInfo
 
 from remote_gpu_core.errors import ServerError, WorkerDied
-from remote_gpu_core.fingerprint import from_wire
+from remote_gpu_core.fingerprint import FINGERPRINT_KEY, from_wire
 from remote_gpu_core.protocol import messages as m
 
 from . import death
@@ -45,7 +45,7 @@ from ..errors import IsolationError
 from ..gpus.discovery import Slot
 from ..isolation.tenant import Tenant
 from .launcher import WorkerLauncher, WorkerProcess, WorkerSpec
-from ..worker_process.kernel import COUNT_KEY, FINGERPRINT_KEY
+from ..worker_process.kernel import COUNT_KEY
 from .transfer_comm import TransferComm
 
 __all__ = ["DuplicateRequest", "GpuErrors", "IopubHandler", "Worker"]

@@ -44,7 +44,11 @@ carries that answer's code, which may be more precise than its class's
     │           the HTTP API (``rgpu``) answered with an error or could
     │           not be reached; ``status`` is the HTTP status (0: unreachable)
     ├── SerializationError (TypeError)       serialization
-    │       a variable could not be pickled; names it
+    │   │   a variable could not be pickled; names it
+    │   └── VersionDifference                version_difference
+    │           a pushed or pulled variable could not be unpickled, and a
+    │           package it references has another version on the other
+    │           end; names the package and both versions
     ├── FileTransferError                    file_error
     │   │   a file could not be uploaded or downloaded (missing, outside
     │   │   the session's folder, over the server's upload limit)
@@ -87,6 +91,7 @@ __all__ = [
     "SessionReleased",
     "TlsError",
     "UntrustedCertificate",
+    "VersionDifference",
     "VersionMismatch",
     "WorkerDied",
 ]
@@ -254,6 +259,28 @@ class SerializationError(RemoteGpuError, TypeError):
         super().__init__(f"cannot send variable {name!r}: {reason}")
         self.name = name
         self.reason = reason
+
+
+class VersionDifference(SerializationError):
+    """A variable could not be unpickled on one end, and a package it
+    references has another version there than on the end that pickled it.
+
+    ``package`` names the (first) package that differs, ``here`` its
+    version in the notebook's Python and ``there`` on the GPU server's (""
+    where it is not installed); the message says it all, with what
+    unpickling raised, in one line. From the server's answer to a push only
+    the message is known (the attributes are then empty).
+    """
+
+    code = "version_difference"
+
+    def __init__(self, message: str, *, package: str = "", here: str = "", there: str = "") -> None:
+        RemoteGpuError.__init__(self, message)
+        self.name = ""
+        self.reason = message
+        self.package = package
+        self.here = here
+        self.there = there
 
 
 class FileTransferError(RemoteGpuError):

@@ -114,6 +114,10 @@ class ApiClient:
     def status(self) -> dict[str, Any]:
         return dict(self.get("/api/status"))
 
+    def fingerprint(self, env: str = "default") -> dict[str, Any]:
+        """Environment ``env``'s versions: ``{"env", "fingerprint": {name: version}}``."""
+        return dict(self.get("/api/fingerprint", env=env))
+
     def usage(self, since: float | None = None) -> dict[str, Any]:
         return dict(self.get("/api/usage", since=since))
 

@@ -355,6 +355,10 @@ def add_job_commands(sub: Any) -> None:
         p.set_defaults(func=_guarded(func))
         return p
 
+    from .cli_env import add_env_commands
+
+    add_env_commands(sub, server, _guarded)
+
     p = command("submit", cmd_submit, "submit a Python script as a batch job and print its id")
     p.add_argument("script", help="the script to run (its text is sent; it runs on the server)")
     p.add_argument("--gpus", type=int, default=1, help="slots to lease for it (default 1)")

@@ -17,12 +17,15 @@ re-exported here.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Coroutine
 from typing import Any
 
+from remote_gpu_core.fingerprint import local_fingerprint
 from remote_gpu_core.login import ClientConfig
 from remote_gpu_core.protocol import messages as m
 
+from . import notices
 from .link import FIRST_REQ, connect_link
 from .notebook_files import NotebookFolder
 from .session import (
@@ -58,17 +61,17 @@ class AsyncClient:
                 priority: str | None = None, pool: str | None = None,
                 on_queue: QueueCallback | None = None,
                 on_notice: NoticeCallback | None = None,
-                notebook: str | None = None) -> SessionOpener:
+                notebook: str | None = None, say_mismatch: bool = True) -> SessionOpener:
         """Lease ``gpus`` slots: ``await`` it, or use it as ``async with``."""
         return SessionOpener(self.open_session(gpus, resume=resume, priority=priority, pool=pool,
                                                 on_queue=on_queue, on_notice=on_notice,
-                                                notebook=notebook))
+                                                notebook=notebook, say_mismatch=say_mismatch))
 
     async def open_session(self, gpus: int | None = None, *, resume: str | None = None,
                            priority: str | None = None, pool: str | None = None,
                            on_queue: QueueCallback | None = None,
                            on_notice: NoticeCallback | None = None,
-                           notebook: str | None = None) -> AsyncSession:
+                           notebook: str | None = None, say_mismatch: bool = True) -> AsyncSession:
         """Lease ``gpus`` slots of ``pool`` at ``priority``, or resume a session.
 
         Unset arguments come from the client's config (RGPU_GPUS,
@@ -79,16 +82,28 @@ class AsyncClient:
         and the kernel pass Jupyter's; a script passes none). Its folder (else
         the working folder) is the one the session's cells fetch missing files
         from (:attr:`AsyncSession.notebook_files`; ``RGPU_FETCH=0`` turns that off).
+        Where the worker's versions of Python and of the packages that cross
+        most differ from this Python's, a new session says so in one line
+        through ``on_notice`` (:attr:`AsyncSession.mismatch`); the magic and
+        the kernel pass ``say_mismatch=False`` and show it in their lease line.
         """
         files = NotebookFolder.from_environ(notebook)
-        # The lease request goes with the hello, in the websocket upgrade
-        # request: the welcome and the lease come back right behind its answer.
-        link, inbox = await connect_link(
-            self.url, self.token, cafile=self.config.cafile, insecure=self.config.insecure,
-            open_timeout=self.open_timeout,
-            first=lambda req: m.LeaseRequest(req, gpus or self.config.gpus, resume,
-                                             priority or self.config.priority, pool or self.config.pool,
-                                             notebook))
+        # This Python's versions, read once per process while the lease is on its way.
+        versions = asyncio.ensure_future(
+            asyncio.to_thread(local_fingerprint) if not local_fingerprint.cache_info().currsize
+            else asyncio.sleep(0))
+        try:
+            # The lease request goes with the hello, in the websocket upgrade
+            # request: the welcome and the lease come back right behind its answer.
+            link, inbox = await connect_link(
+                self.url, self.token, cafile=self.config.cafile, insecure=self.config.insecure,
+                open_timeout=self.open_timeout,
+                first=lambda req: m.LeaseRequest(req, gpus or self.config.gpus, resume,
+                                                 priority or self.config.priority, pool or self.config.pool,
+                                                 notebook))
+        except BaseException:
+            versions.cancel()
+            raise
         assert inbox is not None
         try:
             await link.welcomed()
@@ -102,10 +117,14 @@ class AsyncClient:
                     notify(on_notice, msg.text)
                 elif isinstance(msg, m.LeaseGranted):
                     link.done(FIRST_REQ)
+                    await versions
                     session = AsyncSession(link, msg, on_notice)
                     session.notebook_files = files
+                    if say_mismatch and session.mismatch and not session.resumed:
+                        notify(on_notice, notices.versions_differ(session.mismatch))
                     return session
         except BaseException:
+            versions.cancel()
             await link.close()
             raise
 

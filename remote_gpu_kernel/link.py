@@ -37,6 +37,7 @@ from remote_gpu_core.errors import (
     RemoteTimeout,
     ServerError,
     SessionReleased,
+    VersionDifference,
     VersionMismatch,
     WorkerDied,
 )
@@ -78,6 +79,8 @@ def error_from(msg: m.Error) -> RemoteGpuError:
         return LeaseError(msg.message, code=code.value)
     if code is m.ErrorCode.PARK_REFUSED:
         return ParkError(msg.message)
+    if code is m.ErrorCode.VERSION_DIFFERENCE:  # the worker's "VersionDifference: ..."
+        return VersionDifference(msg.message.removeprefix(f"{VersionDifference.__name__}: "))
     if code in (m.ErrorCode.SERIALIZATION, m.ErrorCode.NAME_ERROR):
         ename, _, evalue = msg.message.partition(": ")
         return RemoteError.from_remote(ename, evalue, [])

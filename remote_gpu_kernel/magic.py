@@ -144,7 +144,7 @@ class GpuMagics(Magics):
             session = client.session(
                 gpus, resume=resume, priority=priority, pool=pool,
                 on_queue=lambda pos: line.show(notices.queued(pos)),
-                on_notice=_say, notebook=notebook_path(),
+                on_notice=_say, notebook=notebook_path(), say_mismatch=False,
             )
             session.on_background = self.comms.background
             if self.fetch is not None:
@@ -161,7 +161,8 @@ class GpuMagics(Magics):
                     for output in missed:
                         render_output(output)
             else:
-                line.show(notices.granted(session.slots, client.url, session.id, session.waited, client.user))
+                line.show(notices.granted(session.slots, client.url, session.id, session.waited, client.user,
+                                          session.mismatch))
         return session
 
     def close(self, timeout: float | None = None) -> None:

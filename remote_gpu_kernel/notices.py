@@ -30,6 +30,7 @@ __all__ = [
     "resumed_parked",
     "transfer_progress",
     "transferred",
+    "versions_differ",
     "widget_gone",
 ]
 
@@ -51,10 +52,19 @@ def restoring(position: int) -> str:
     return f"{PREFIX}waiting for a GPU to restore the parked session, number {position} in the queue"
 
 
-def granted(slots: Sequence[str], url: str, session_id: str, waited: float, user: str | None = None) -> str:
+def granted(slots: Sequence[str], url: str, session_id: str, waited: float, user: str | None = None,
+            mismatch: str | None = None) -> str:
+    """The lease line; ``mismatch`` (what differs between the versions on
+    both ends, see :mod:`.versions`) is a second line where there is one."""
     who = f" as {user}" if user else ""
     wait = f", waited {waited:.1f} s" if waited >= 0.1 else ""
-    return f"{PREFIX}leased {', '.join(slots)} from {url}{who} (session {session_id[:8]}{wait})"
+    line = f"{PREFIX}leased {', '.join(slots)} from {url}{who} (session {session_id[:8]}{wait})"
+    return f"{line}\n{versions_differ(mismatch)}" if mismatch else line
+
+
+def versions_differ(mismatch: str) -> str:
+    """``Remote GPU: numpy 2.1.3 here, 1.26.4 on the GPU server``: one line."""
+    return f"{PREFIX}{mismatch}"
 
 
 def resumed(slots: Sequence[str], session_id: str) -> str:

@@ -27,7 +27,6 @@ from remote_gpu_core.errors import (
     ServerError,
     SessionReleased,
 )
-from remote_gpu_core.protocol import dump_values
 from remote_gpu_core.protocol import messages as m
 
 from . import files as _files
@@ -43,7 +42,8 @@ from .results import (
     parent_of,
     write_streams,
 )
-from .variables import next_have, pull_request, push_request, take_pull, take_push
+from .variables import Dumped, dump, next_have, pull_request, push_request, take_pull, take_push
+from .versions import mismatch
 
 __all__ = [
     "AsyncSession", "ExecuteResult", "NoticeCallback", "OutputCallback", "ProgressCallback",
@@ -65,6 +65,12 @@ class AsyncSession:
         self.resumed = granted.resumed
         self.waited = granted.waited
         self.language_info = dict(granted.language_info)
+        #: The worker's versions of Python and the packages that cross most
+        #: (see :mod:`remote_gpu_core.fingerprint`); empty from a server that names none.
+        self.fingerprint = dict(granted.fingerprint)
+        #: What differs between them and this Python's, in one line, or None
+        #: (see :func:`.versions.mismatch`); the lease notice shows it.
+        self.mismatch = mismatch(self.fingerprint)
         self.released: str | None = None
         #: The session is parked: its namespace is on disk on the server and it
         #: holds no GPU; the next request (or :meth:`resume`) restores it.
@@ -164,6 +170,8 @@ class AsyncSession:
         """A parked session was restored on the way (its request's own answer follows)."""
         self.slots = list(msg.slots)
         self.language_info = dict(msg.language_info) or self.language_info
+        self.fingerprint = dict(msg.fingerprint) or self.fingerprint
+        self.mismatch = mismatch(self.fingerprint)
         self.parked = msg.parked
 
     async def execute(self, code: str, on_output: OutputCallback | None = None, *,
@@ -220,15 +228,15 @@ class AsyncSession:
         The other arguments are :meth:`execute`'s.
         """
         names = list(pull)
-        dumped = dump_values(dict(push)) if push else None
-        plan = self.buffers.plan_push(dumped[2]) if dumped is not None else None
+        dumped = dump(push) if push else None
+        plan = self.buffers.plan_push(dumped.buffers) if dumped is not None else None
         have = self.buffers.have() if names else []
         header = parent_of(parent)
         missed = False
         async with contextlib.AsyncExitStack() as answers:
             pushing, wire, started = None, 0, time.monotonic()
             if dumped is not None and plan is not None:
-                make, wire = push_request(self.compression, dumped[0], dumped[1], plan)
+                make, wire = push_request(self.compression, dumped, plan)
                 pushing = await answers.enter_async_context(self._exchange(make))
             cell = await answers.enter_async_context(self._exchange(
                 lambda r: m.Execute(r, code, timeout, silent, store_history, allow_stdin, header,
@@ -243,7 +251,7 @@ class AsyncSession:
                 assert isinstance(done, m.PushDone)
                 self.parked = False
                 # Where it set nothing, the cell and the pull behind it do not run.
-                missed = not take_push(self.buffers, self.compression, plan, dumped[2], done, wire,
+                missed = not take_push(self.buffers, self.compression, plan, dumped.buffers, done, wire,
                                        time.monotonic() - started)
             if not missed:
                 try:
@@ -263,8 +271,8 @@ class AsyncSession:
             # The worker no longer held a buffer the push named: push the usual
             # way (with the bytes where needed), then the cell and its pull.
             assert dumped is not None and plan is not None
-            await self._push(dumped[0], dumped[1], dumped[2],
-                             self.buffers.plan_push(dumped[2], plan.digests, trust_remote=True), tried=1)
+            await self._push(dumped, self.buffers.plan_push(dumped.buffers, plan.digests, trust_remote=True),
+                             tried=1)
             return await self.run(code, on_output, pull=names, timeout=timeout, silent=silent,
                                   store_history=store_history, allow_stdin=allow_stdin, on_notice=on_notice,
                                   on_queue=on_queue, parent=parent, execution_count=execution_count,
@@ -328,22 +336,22 @@ class AsyncSession:
         Each value is pickled first: if one cannot be, SerializationError
         names it and nothing is sent.
         """
-        names, counts, buffers = dump_values(values)
-        await self._push(names, counts, buffers, self.buffers.plan_push(buffers))
+        dumped = dump(values)
+        await self._push(dumped, self.buffers.plan_push(dumped.buffers))
 
-    async def _push(self, names: list[str], counts: list[int], buffers: list[Any], plan: PushPlan,
-                    tried: int = 0) -> None:
+    async def _push(self, dumped: Dumped, plan: PushPlan, tried: int = 0) -> None:
         """Push ``plan``; where the worker no longer holds a buffer it names, again
         with the bytes (the third try names nothing: it cannot miss)."""
         for attempt in range(tried, 3):
-            make, wire = push_request(self.compression, names, counts, plan)
+            make, wire = push_request(self.compression, dumped, plan)
             started = time.monotonic()
             async with self._exchange(make) as receive:
                 done = await self._expect(receive, m.PushDone)
             assert isinstance(done, m.PushDone)
-            if take_push(self.buffers, self.compression, plan, buffers, done, wire, time.monotonic() - started):
+            if take_push(self.buffers, self.compression, plan, dumped.buffers, done, wire,
+                         time.monotonic() - started):
                 break
-            plan = self.buffers.plan_push(buffers, plan.digests, trust_remote=attempt == 0)
+            plan = self.buffers.plan_push(dumped.buffers, plan.digests, trust_remote=attempt == 0)
         self.parked = False
 
     async def pull(self, *names: str) -> dict[str, Any]:

@@ -134,11 +134,12 @@ class Client:
                 priority: str | None = None, pool: str | None = None,
                 on_queue: QueueCallback | None = None,
                 on_notice: NoticeCallback | None = None,
-                notebook: str | None = None) -> Session:
+                notebook: str | None = None, say_mismatch: bool = True) -> Session:
         """Lease ``gpus`` slots; waits in the queue if none is free.
 
         ``on_queue(position)`` is called (in this thread) whenever the
         position changes. Use the session as a context manager to release it.
+        ``say_mismatch``: as :meth:`AsyncClient.open_session` says.
         """
         def handle(event: tuple[str, Any]) -> None:
             kind, value = event
@@ -152,7 +153,7 @@ class Client:
                 gpus, resume=resume, priority=priority, pool=pool,
                 on_queue=lambda p: emit(("queue", p)),
                 on_notice=lambda t: emit(("notice", t)),
-                notebook=notebook,
+                notebook=notebook, say_mismatch=say_mismatch,
             )
 
         return Session(_pump(factory, handle), on_notice)
@@ -244,6 +245,16 @@ class Session:
     @property
     def language_info(self) -> dict[str, Any]:
         return self._session.language_info
+
+    @property
+    def fingerprint(self) -> dict[str, str]:
+        """The worker's versions (see :attr:`AsyncSession.fingerprint`)."""
+        return self._session.fingerprint
+
+    @property
+    def mismatch(self) -> str | None:
+        """What differs between the versions on both ends, in one line, or None."""
+        return self._session.mismatch
 
     @property
     def max_upload(self) -> int:

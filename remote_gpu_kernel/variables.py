@@ -9,29 +9,51 @@ or back to back with a cell (``run``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from remote_gpu_core.protocol import load_values
+from remote_gpu_core.fingerprint import explain_unpickling, versions_of
+from remote_gpu_core.protocol import dump_values, load_values
 from remote_gpu_core.protocol import messages as m
 from remote_gpu_core.protocol.compression import CODEC
 from remote_gpu_core.protocol.content import nbytes
+from remote_gpu_core.protocol.serialization import BufferLike
 
 from .buffers import PushPlan, SessionBuffers
 from .compressing import CompressionPolicy, decompressed
 
-__all__ = ["next_have", "pull_request", "push_request", "take_pull", "take_push"]
+__all__ = ["Dumped", "dump", "next_have", "pull_request", "push_request", "take_pull", "take_push"]
 
 
-def push_request(compression: CompressionPolicy, names: list[str], counts: list[int],
+@dataclasses.dataclass(frozen=True)
+class Dumped:
+    """Values pickled for a push: ``counts[i]`` of ``buffers`` are ``names[i]``'s;
+    ``versions``: this end's versions of the packages the pickles name."""
+
+    names: list[str]
+    counts: list[int]
+    buffers: list[BufferLike]
+    versions: dict[str, str]
+
+
+def dump(values: Mapping[str, Any]) -> Dumped:
+    """Pickle ``values`` for a push; SerializationError names one that cannot be."""
+    modules: set[str] = set()
+    names, counts, buffers = dump_values(values, modules)
+    return Dumped(names, counts, buffers, versions_of(modules))
+
+
+def push_request(compression: CompressionPolicy, dumped: Dumped,
                  plan: PushPlan) -> tuple[Callable[[int], m.Message], int]:
     """A push of ``plan`` (made for request id ``req`` when called), and the
     bytes it carries over the wire (compressed where the policy says)."""
     carried, packed, raw_sizes = compression.compress(plan.carried)
 
     def make(req: int) -> m.Message:
-        return m.Push(req, names, counts, tuple(carried), digests=plan.digests, cached=plan.cached,
-                      codec=CODEC if packed else "", compressed=packed, raw_sizes=raw_sizes)
+        return m.Push(req, dumped.names, dumped.counts, tuple(carried), digests=plan.digests,
+                      cached=plan.cached, codec=CODEC if packed else "", compressed=packed,
+                      raw_sizes=raw_sizes, versions=dumped.versions)
 
     return make, sum(nbytes(b) for b in carried)
 
@@ -68,7 +90,7 @@ def take_pull(buffers: SessionBuffers, compression: CompressionPolicy, reply: m.
     whole, gone = buffers.pulled(reply.digests, reply.cached, carried)
     if gone:
         return None, list(gone)
-    return load_values(reply.names, reply.counts, whole), []
+    return load_values(reply.names, reply.counts, whole, explain_unpickling(reply.versions, from_notebook=False)), []
 
 
 def next_have(have: Sequence[str], gone: Sequence[str]) -> list[str]:

@@ -16,12 +16,13 @@ def _record_line(path: str, data: bytes) -> str:
     return f"{path},sha256={digest},{len(data)}"
 
 
-def tiny_wheel(folder: Path, name: str, version: str = "1.0", value: str = "hello") -> Path:
+def tiny_wheel(folder: Path, name: str, version: str = "1.0", value: str = "hello",
+               source: str | None = None) -> Path:
     """A wheel of package ``name`` (an importable module name) whose ``VALUE`` is
-    ``value``, written into ``folder``; its path."""
+    ``value`` (or whose ``__init__.py`` is ``source``), written into ``folder``; its path."""
     info = f"{name}-{version}.dist-info"
     files = {
-        f"{name}/__init__.py": f"VALUE = {value!r}\n".encode(),
+        f"{name}/__init__.py": (f"VALUE = {value!r}\n" if source is None else source).encode(),
         f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
         f"{info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
         f"{info}/top_level.txt": f"{name}\n".encode(),

@@ -11,6 +11,13 @@ so a pulled CUDA tensor arrives as a CPU tensor.
 
 Only the side that asked for a value unpickles it: the worker what a client
 pushed, the client what it pulled. The server never calls :func:`loads`.
+
+While it pickles, the pickler notes the module of every class and function
+the pickle names (``modules``), so that the versions of their packages can
+travel with the values (see :mod:`remote_gpu_core.fingerprint`): the
+pickler already sees each object once, so noting them costs no second
+pass over the pickle. :func:`load_values` lets its caller say what a value
+that failed to unpickle means (``explain``).
 """
 
 from __future__ import annotations
@@ -18,14 +25,15 @@ from __future__ import annotations
 import io
 import pickle
 import sys
-from collections.abc import Mapping, Sequence
+import types
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Union
 
 import cloudpickle  # type: ignore[import-untyped, unused-ignore]
 
 from ..errors import ProtocolError, SerializationError
 
-__all__ = ["allocate_buffer", "dump_values", "dumps", "load_values", "loads"]
+__all__ = ["Explain", "allocate_buffer", "dump_values", "dumps", "load_values", "loads"]
 
 #: Buffers at least this large are allocated through numpy, which asks the
 #: kernel for transparent huge pages: faulting in fresh 4 KiB pages costs
@@ -73,15 +81,34 @@ def _reduce_tensor(obj: Any) -> Any:
 
 
 class _Pickler(cloudpickle.CloudPickler):  # type: ignore[misc, unused-ignore]
+    """cloudpickle's pickler, with tensors out of band, noting into
+    ``modules`` (when given) the module of every class and function it
+    pickles: the pickler sees each object once (not the memoized again,
+    nor ints, strings and the builtin containers), so it sees every class
+    and function a pickle names."""
+
+    def __init__(self, *args: Any, modules: set[str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._modules = modules
+
     def reducer_override(self, obj: Any) -> Any:
         torch = sys.modules.get("torch")
         if torch is not None and type(obj) in (torch.Tensor, torch.nn.Parameter):
             return _reduce_tensor(obj)
+        if self._modules is not None:
+            module = getattr(obj if isinstance(obj, (type, _ROUTINES)) else type(obj), "__module__", None)
+            if isinstance(module, str):
+                self._modules.add(module)
         return super().reducer_override(obj)
 
 
-def dumps(value: Any) -> list[BufferLike]:
-    """Pickle ``value``: ``[pickle, *out_of_band_buffers]``."""
+#: What a pickle names by module and name, beside classes.
+_ROUTINES = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.ModuleType)
+
+
+def dumps(value: Any, modules: set[str] | None = None) -> list[BufferLike]:
+    """Pickle ``value``: ``[pickle, *out_of_band_buffers]``; the modules of the
+    classes and functions it names are added to ``modules`` where given."""
     buffers: list[BufferLike] = []
 
     def take(buf: pickle.PickleBuffer) -> bool:
@@ -89,7 +116,7 @@ def dumps(value: Any) -> list[BufferLike]:
         return False  # keep it out of band
 
     out = io.BytesIO()
-    _Pickler(out, protocol=5, buffer_callback=take).dump(value)
+    _Pickler(out, protocol=5, buffer_callback=take, modules=modules).dump(value)
     return [out.getbuffer(), *buffers]
 
 
@@ -100,19 +127,20 @@ def loads(buffers: Sequence[BufferLike]) -> Any:
     return pickle.loads(buffers[0], buffers=buffers[1:])
 
 
-def dump_values(values: Mapping[str, Any]) -> tuple[list[str], list[int], list[BufferLike]]:
+def dump_values(values: Mapping[str, Any], modules: set[str] | None = None,
+                ) -> tuple[list[str], list[int], list[BufferLike]]:
     """Pickle each value on its own: ``(names, counts, buffers)``.
 
     ``counts[i]`` is how many of ``buffers`` belong to ``names[i]``. A value
     that cannot be pickled raises :class:`SerializationError` naming it, and
-    nothing is returned, so nothing is sent.
+    nothing is returned, so nothing is sent. ``modules``: as in :func:`dumps`.
     """
     names: list[str] = []
     counts: list[int] = []
     buffers: list[BufferLike] = []
     for name, value in values.items():
         try:
-            parts = dumps(value)
+            parts = dumps(value, modules)
         except Exception as exc:  # pickling runs arbitrary __reduce__ code
             raise SerializationError(name, f"{type(exc).__name__}: {exc}") from exc
         names.append(name)
@@ -134,7 +162,25 @@ def split_values(names: Sequence[str], counts: Sequence[int],
     return grouped
 
 
-def load_values(names: Sequence[str], counts: Sequence[int],
-                buffers: Sequence[BufferLike]) -> dict[str, Any]:
-    """Inverse of :func:`dump_values`."""
-    return {name: loads(parts) for name, parts in split_values(names, counts, buffers).items()}
+#: ``explain(name, error)``: what to raise instead of ``error``, which
+#: unpickling variable ``name`` raised, or None to let it through.
+Explain = Callable[[str, Exception], "Exception | None"]
+
+
+def load_values(names: Sequence[str], counts: Sequence[int], buffers: Sequence[BufferLike],
+                explain: Explain | None = None) -> dict[str, Any]:
+    """Inverse of :func:`dump_values`. A value that does not unpickle raises
+    what unpickling raised, or what ``explain`` makes of it (with that as
+    its cause)."""
+    values: dict[str, Any] = {}
+    for name, parts in split_values(names, counts, buffers).items():
+        try:
+            values[name] = loads(parts)
+        except ProtocolError:
+            raise
+        except Exception as exc:  # unpickling runs arbitrary code
+            better = explain(name, exc) if explain is not None else None
+            if better is None:
+                raise
+            raise better from exc
+    return values

@@ -121,7 +121,8 @@ class RemoteLease:
                 "environment or run 'rgpu login URL TOKEN', then run the cell again"
             )
         self.session = await client.open_session(resume=resume, on_queue=report.queued,
-                                                 on_notice=report.notice, notebook=notebook_path())
+                                                 on_notice=report.notice, notebook=notebook_path(),
+                                                 say_mismatch=False)
         self.session.on_background = self._on_background
         if self.fetch is not None:
             self.session.notebook_files = folder_for(self.fetch, notebook_path())

@@ -119,7 +119,8 @@ class CellOutput:
         self.show(notices.queued(position))
 
     def granted(self, session: AsyncSession, url: str) -> None:
-        self.show(notices.granted(session.slots, url, session.id, session.waited, session.user))
+        self.show(notices.granted(session.slots, url, session.id, session.waited, session.user,
+                                  session.mismatch))
 
     def resumed(self, session: AsyncSession, url: str) -> None:
         if session.parked:

@@ -44,6 +44,27 @@ def test_cell_runs_remotely_with_live_output(kernel: LocalKernel) -> None:
     assert "leased" not in run.stderr, "the lease is information, not an error"
 
 
+def test_a_version_difference_is_one_line_under_the_lease_and_the_same_versions_none(
+        kernel: LocalKernel) -> None:
+    from remote_gpu_core.fingerprint import local_fingerprint
+    from remote_gpu_kernel.versions import PRETEND_VAR
+
+    theirs = local_fingerprint()["numpy"]  # the worker runs this Python
+    kernel.run("%gpu release")
+    kernel.run(f"import os\nos.environ[{PRETEND_VAR!r}] = 'numpy=1.26.4'")
+    try:
+        run = kernel.run("%%gpu\n1")
+        assert run.reply["status"] == "ok", run.reply
+        (lease,) = [line for line in info_lines(run) if "leased cpu" in line]
+        assert lease.splitlines()[1:] == [f"Remote GPU: numpy 1.26.4 here, {theirs} on the GPU server"]
+        assert "numpy" not in run.stderr, "information, not an error"
+    finally:
+        kernel.run(f"del os.environ[{PRETEND_VAR!r}]\n%gpu release")
+    run = kernel.run("%%gpu\n1")
+    (lease,) = [line for line in info_lines(run) if "leased cpu" in line]
+    assert "\n" not in lease and " here, " not in lease
+
+
 def test_variables_travel_with_i_and_o(kernel: LocalKernel) -> None:
     kernel.run("import numpy as np\nclass Box:\n    def __init__(self, v): self.v = v\n"
                "data = np.arange(10.0)\nbox = Box(3)\nscale = lambda x: x * box.v")

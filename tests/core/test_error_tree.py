@@ -31,6 +31,7 @@ CODES = {
     "WorkerDied": "worker_died",
     "ApiError": "api_error",
     "SerializationError": "serialization",
+    "VersionDifference": "version_difference",
     "FileTransferError": "file_error",
     "FetchRefused": "fetch_refused",
     "RemoteError": "remote_error",

@@ -19,7 +19,10 @@ __all__ = ["PROTOCOL_VERSION", "Buffers", "Error", "ErrorCode", "Message", "Mess
 #: large buffers named by digest (``Push.digests``/``cached``,
 #: ``PushDone.missing``, ``Pull.have``, ``PullReply.digests``/``cached``) and
 #: compressed (``codec``, ``compressed``, ``raw_sizes``; ``Pull.codecs``).
-PROTOCOL_VERSION = 3
+#: 4: both ends' versions: ``LeaseGranted.fingerprint`` (the worker's),
+#: ``Push.versions`` and ``PullReply.versions`` (the sender's, of the
+#: packages its pickles reference), ``ErrorCode.VERSION_DIFFERENCE``.
+PROTOCOL_VERSION = 4
 
 
 class MessageType(str, enum.Enum):
@@ -65,6 +68,9 @@ class ErrorCode(str, enum.Enum):
     RELEASED = "released"
     WORKER_DIED = "worker_died"
     SERIALIZATION = "serialization"
+    #: A pushed value did not unpickle, and a package it references has
+    #: another version on the worker than on the client; the message names it.
+    VERSION_DIFFERENCE = "version_difference"
     NAME_ERROR = "name_error"
     TIMEOUT = "timeout"
     PARK_REFUSED = "park_refused"

@@ -74,7 +74,10 @@ class QueuePosition(Message):
 @dataclasses.dataclass(frozen=True)
 class LeaseGranted(Message):
     """``parked``: the session resumed by id is parked; it holds no slot
-    (``slots`` are the ones it had) until its next request restores it."""
+    (``slots`` are the ones it had) until its next request restores it.
+    ``fingerprint``: the versions of Python and of the packages that cross
+    most in the session's environment, as its worker reported them (see
+    :mod:`remote_gpu_core.fingerprint`), for the client to compare with its own."""
 
     type = MessageType.LEASE_GRANTED
     req: int
@@ -84,6 +87,7 @@ class LeaseGranted(Message):
     waited: float = 0.0
     language_info: dict[str, Any] = dataclasses.field(default_factory=dict)
     parked: bool = False
+    fingerprint: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def fields(self) -> dict[str, Any]:
         fields = super().fields()

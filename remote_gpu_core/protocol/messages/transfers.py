@@ -47,7 +47,9 @@ class Push(Message):
     ``counts[i]`` buffers belong to ``names[i]``: a pickle first, then its
     out-of-band buffers (see :mod:`.serialization`). ``buffers`` carries
     them all but the ``cached`` ones, which the worker is asked to take from
-    what it holds by their ``digests``.
+    what it holds by their ``digests``. ``versions``: the client's version of
+    each package the pickles reference (see :mod:`remote_gpu_core.fingerprint`),
+    which the worker names if one differs where a value fails to unpickle.
     """
 
     type = MessageType.PUSH
@@ -60,6 +62,13 @@ class Push(Message):
     codec: str = ""
     compressed: list[int] = dataclasses.field(default_factory=list)
     raw_sizes: list[int] = dataclasses.field(default_factory=list)
+    versions: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def fields(self) -> dict[str, Any]:
+        fields = super().fields()
+        if not self.versions:  # nothing but Python and ours: nothing to say
+            del fields["versions"]
+        return fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +106,8 @@ class Pull(Message):
 
 @dataclasses.dataclass(frozen=True)
 class PullReply(Message):
-    """As :class:`Push`, the other way: the ``cached`` buffers are the client's own."""
+    """As :class:`Push`, the other way: the ``cached`` buffers are the client's
+    own, ``versions`` the worker's."""
 
     type = MessageType.PULL_REPLY
     req: int
@@ -109,6 +119,13 @@ class PullReply(Message):
     codec: str = ""
     compressed: list[int] = dataclasses.field(default_factory=list)
     raw_sizes: list[int] = dataclasses.field(default_factory=list)
+    versions: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def fields(self) -> dict[str, Any]:
+        fields = super().fields()
+        if not self.versions:  # nothing but Python and ours: nothing to say
+            del fields["versions"]
+        return fields
 
 
 @dataclasses.dataclass(frozen=True)

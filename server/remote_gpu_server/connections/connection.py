@@ -429,7 +429,8 @@ class Connection:
 
     async def _granted(self, req: int, session: Session, resumed: bool, waited: float) -> None:
         await self.send(m.LeaseGranted(req, session.id, [str(s) for s in session.slots], resumed,
-                                       waited, session.language_info, parked=session.parked is not None))
+                                       waited, session.language_info, parked=session.parked is not None,
+                                       fingerprint=session.fingerprint))
 
     async def _on_release(self, msg: m.Release) -> None:
         session = self.session

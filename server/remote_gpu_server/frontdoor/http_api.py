@@ -7,6 +7,7 @@ one gets 401 and a one-line reason. Endpoints (``{id}`` a job or session)::
 
     GET  /api/status                     slots, readings, queue, leases, usage
     GET  /api/usage[?since=EPOCH]        GPU-seconds and cost per user
+    GET  /api/fingerprint[?env=NAME]     an environment's versions (Python, key packages)
     GET  /api/jobs[?user=U&state=S&kind=K&limit=N]   the latest N, and the total
     GET  /api/jobs/{id}                  one job, its attempts and code
     GET  /api/jobs/{id}/output[?after=SEQ&limit=N]   a page: more, done, last_seq
@@ -33,6 +34,7 @@ of the input; no answer carries an exception's text. Request lines over
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import json
 import logging
@@ -53,7 +55,7 @@ from ..sessions.batch import JobRequest
 from ..errors import HeaderError, HttpError, StoreError, TokenError
 from .headers import bearer_token, is_websocket
 from .metrics import Metrics
-from .status import ServerView, job_json, output_text, status_json, usage_json
+from .status import DEFAULT_ENV, ServerView, job_json, output_text, status_json, usage_json
 from ..store import JOB_STATES, DatabaseUnavailable, JobRecord, TokenInfo
 
 __all__ = ["HttpApi", "JOB_KINDS", "SUBMIT_PATH", "is_websocket", "json_response"]
@@ -187,6 +189,14 @@ class HttpApi:
         if path == "/api/usage":
             self._method(method, "GET")
             return await usage_json(view, me, _finite(query, "since"))
+        if path == "/api/fingerprint":
+            self._method(method, "GET")
+            env = query.get("env", DEFAULT_ENV)
+            versions = await asyncio.to_thread(view.fingerprint, env)  # metadata reads: off the loop
+            if versions is None:
+                raise HttpError(HTTPStatus.NOT_FOUND, f"no environment {_quote(env)} on this server "
+                                                      "('rgpu envs' lists them)")
+            return {"env": env, "fingerprint": versions}
         if path == "/api/jobs":
             if method == "POST":
                 raise HttpError(HTTPStatus.BAD_REQUEST, (

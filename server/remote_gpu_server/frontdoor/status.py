@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from remote_gpu_core.fingerprint import local_fingerprint
 from remote_gpu_core.ids import SlotId
 
 from ..sessions.batch import BatchRunner
@@ -45,11 +46,13 @@ from ..gpus.readings import Readings
 from ..sessions.manager import SessionManager
 from ..store import JobRecord, Store, TokenInfo
 
-__all__ = ["FIRST_LINE_MAX", "ServerView", "first_line", "job_json", "output_text", "status_json",
+__all__ = ["DEFAULT_ENV", "FIRST_LINE_MAX", "ServerView", "first_line", "job_json", "output_text", "status_json",
            "usage_json"]
 
 #: The longest ``first_line`` shown, in characters (an ellipsis marks a cut).
 FIRST_LINE_MAX = 120
+#: The environment every server has: its own Python.
+DEFAULT_ENV = "default"
 
 
 def first_line(code: str | None) -> str | None:
@@ -90,6 +93,11 @@ class ServerView:
     disk: Callable[[str, bool], dict[str, Any]] = lambda user, admin: {"limit": None, "enforced_by": None}
     #: Whether a started worker waits on a slot for the next lease (see :mod:`.pool`).
     warm: Callable[[SlotId], bool] = lambda slot: False
+    #: An environment's versions (see :mod:`remote_gpu_core.fingerprint`), or
+    #: None for one the server does not have. ``default`` is the server's own
+    #: Python, which its workers run.
+    fingerprint: Callable[[str], dict[str, str] | None] = (
+        lambda env: dict(local_fingerprint()) if env == DEFAULT_ENV else None)
 
     def pool(self, slot: SlotId) -> str:
         """The name of the scheduler pool ``slot`` belongs to."""

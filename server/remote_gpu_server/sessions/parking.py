@@ -311,7 +311,7 @@ class Parking:
         if conn is not None:  # the request's own answer follows
             await conn.send(m.Notice(req, text))
             await conn.send(m.LeaseGranted(req, session.id, [str(s) for s in slots], True, granted - asked,
-                                           session.language_info))
+                                           session.language_info, fingerprint=session.fingerprint))
 
     def _restore_text(self, state: ParkedState, reply: dict[str, Any], slots: list[SlotId], waited: float,
                       took: float) -> str:

@@ -142,6 +142,11 @@ class Session:
         return self._worker.language_info
 
     @property
+    def fingerprint(self) -> dict[str, str]:
+        """Its worker's versions, for the lease's answer (see :mod:`remote_gpu_core.fingerprint`)."""
+        return self._worker.fingerprint
+
+    @property
     def seq(self) -> int:
         """The journal sequence number of the session's latest output."""
         return self.recorder.seq

@@ -49,6 +49,7 @@ class SessionWorker:
         self._on_unrouted = on_unrouted
         self._on_lost = on_lost
         self._language_info = dict(worker.language_info) if worker is not None else {}
+        self._fingerprint = dict(worker.fingerprint) if worker is not None else {}
         self._replacing: asyncio.Task[Worker] | None = None
         self._replaced: Worker | None = None  # the worker being replaced, once
         self._notice: str | None = None
@@ -69,6 +70,11 @@ class SessionWorker:
     @property
     def language_info(self) -> dict[str, Any]:
         return self._worker.language_info if self._worker is not None else self._language_info
+
+    @property
+    def fingerprint(self) -> dict[str, str]:
+        """Its worker's versions (see :mod:`remote_gpu_core.fingerprint`), the last one's while parked."""
+        return self._worker.fingerprint if self._worker is not None else self._fingerprint
 
     def take_notice(self) -> str | None:
         """What the session's next request is told, once, about its worker (it was
@@ -140,6 +146,7 @@ class SessionWorker:
             self._watch.cancel()
             self._watch = None
         self._language_info = dict(worker.language_info)
+        self._fingerprint = dict(worker.fingerprint)
         self._parked_comms = worker.comms
         self._worker = None
         return worker
@@ -148,6 +155,7 @@ class SessionWorker:
         """Hold ``worker`` again, a parked session's new one."""
         self._worker = worker
         self._language_info = dict(worker.language_info)
+        self._fingerprint = dict(worker.fingerprint)
         if self._parked_comms is not None:
             worker.comms.inherit(self._parked_comms, "was given back when the session was parked")
             self._parked_comms = None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from remote_gpu_core.fingerprint import from_wire
 from remote_gpu_core.protocol import messages as m
 from remote_gpu_core.protocol.compression import CODEC, push_refusal
 from remote_gpu_core.protocol.content import check_references
@@ -34,8 +35,9 @@ async def push(session: Session, msg: m.Push, conn: Replier) -> None:
         return
     cache = session.context.session_cache
     data = {"op": "push", "names": msg.names, "counts": msg.counts, "digests": msg.digests,
-            "cached": msg.cached, "cache": cache, "compressed": msg.compressed, "raw_sizes": msg.raw_sizes}
-    await session.send_in(msg.req, conn, data, list(msg.buffers), "push", lambda reply: m.ErrorCode.SERIALIZATION,
+            "cached": msg.cached, "cache": cache, "compressed": msg.compressed, "raw_sizes": msg.raw_sizes,
+            "versions": msg.versions}
+    await session.send_in(msg.req, conn, data, list(msg.buffers), "push", _refused,
                           lambda reply: m.PushDone(msg.req, list(reply.get("names") or []),
                                                    [str(d) for d in reply.get("missing") or []]))
 
@@ -57,4 +59,13 @@ async def pull(session: Session, msg: m.Pull, conn: Replier, follows: Follows | 
         msg.req, list(reply["names"]), list(reply["counts"]), digests=[str(d) for d in reply.get("digests") or []],
         cached=[int(i) for i in reply.get("cached") or []], codec=CODEC if reply.get("compressed") else "",
         compressed=[int(i) for i in reply.get("compressed") or []],
-        raw_sizes=[int(n) for n in reply.get("raw_sizes") or []]), follows)
+        raw_sizes=[int(n) for n in reply.get("raw_sizes") or []], versions=from_wire(reply.get("versions"))),
+        follows)
+
+
+def _refused(reply: dict[str, Any]) -> m.ErrorCode:
+    """A push's refusal: a version difference the worker named, or a value that did not unpickle."""
+    if reply.get("ename") == "VersionDifference":
+        return m.ErrorCode.VERSION_DIFFERENCE
+    return m.ErrorCode.SERIALIZATION
+

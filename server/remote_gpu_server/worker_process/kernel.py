@@ -380,12 +380,19 @@ def _kernel_class() -> Any:
 
     class WorkerKernel(MainLoopShell, CommsBesideCells, IPythonKernel):
         """ipykernel's kernel, with an idle status after every comm message,
-        and the cell numbers the server gives (:data:`COUNT_KEY`).
+        the cell numbers the server gives (:data:`COUNT_KEY`), and its
+        versions in its kernel info (:data:`FINGERPRINT_KEY`).
 
         ipykernel 7 handles a comm message that arrives while a cell awaits
         at the same time as the cell, and then sends no status for it; the
         server ends a comm request at its idle status, so it sends one.
         """
+
+        @property
+        def kernel_info(self) -> dict[str, Any]:
+            from remote_gpu_core.fingerprint import FINGERPRINT_KEY, local_fingerprint
+
+            return {**super().kernel_info, FINGERPRINT_KEY: dict(local_fingerprint())}
 
         async def execute_request(self, stream: Any, ident: Any, parent: dict[str, Any]) -> None:
             count = (parent.get("metadata") or {}).get(COUNT_KEY)

@@ -10,6 +10,12 @@ again with their bytes (what did come is kept, so it is not sent twice).
 ``{"op": "pull", "names", "have"}``: the reply names every large buffer by
 digest and leaves out of the data channel those the client said it has.
 
+A push names the client's versions of the packages its pickles reference
+(``versions``); a value that does not unpickle here, where one of them has
+another version, fails with :class:`~remote_gpu_core.errors.VersionDifference`
+naming it, not with what pickle raised. A pull's reply names the worker's
+versions of the packages its pickles reference, for the client to do the same.
+
 Either way, a large buffer may travel compressed (see
 :mod:`remote_gpu_core.protocol.compression`): a push's ``compressed``
 indices (into what comes) with their ``raw_sizes``; a pull's answer
@@ -24,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 from remote_gpu_core.errors import ProtocolError
+from remote_gpu_core.fingerprint import explain_unpickling, versions_of
 from remote_gpu_core.protocol.compression import compress, compressible, decompress_into
 from remote_gpu_core.protocol.content import THRESHOLD, check_references, digests_of, nbytes
 from remote_gpu_core.protocol.serialization import allocate_buffer, dump_values, load_values
@@ -95,7 +102,7 @@ def push(user_ns: dict[str, Any], cache: BufferCache, data: dict[str, Any], rece
         assert held is not None  # checked above, and nothing was added since
         buffers.append(copy_on_write(*held))
         cache.add(digests[i], *held)  # used now
-    user_ns.update(load_values(names, counts, buffers))
+    user_ns.update(load_values(names, counts, buffers, explain_unpickling(data.get("versions"), from_notebook=True)))
     return {"ok": True, "names": names}
 
 
@@ -116,7 +123,8 @@ def pull(user_ns: dict[str, Any], data: dict[str, Any]) -> tuple[dict[str, Any],
     missing = [n for n in names if n not in user_ns]
     if missing:
         raise NameError(f"name {missing[0]!r} is not defined in the remote namespace")
-    names, counts, bufs = dump_values({n: user_ns[n] for n in names})
+    modules: set[str] = set()
+    names, counts, bufs = dump_values({n: user_ns[n] for n in names}, modules)
     have = set(str(d) for d in data.get("have") or [])
     digests = digests_of(bufs) if data.get("name", True) else [""] * len(bufs)  # no cache: no names
     cached = [i for i, d in enumerate(digests) if d and d in have]
@@ -133,4 +141,5 @@ def pull(user_ns: dict[str, Any], data: dict[str, Any]) -> tuple[dict[str, Any],
     # The server streams the buffers on to its client as they come, and
     # needs the sizes first: the reply goes out before the bytes.
     return ({"ok": True, "names": names, "counts": counts, "sizes": sizes, "digests": digests,
-             "cached": cached, "compressed": compressed, "raw_sizes": raw_sizes}, send)
+             "cached": cached, "compressed": compressed, "raw_sizes": raw_sizes,
+             "versions": versions_of(modules)}, send)

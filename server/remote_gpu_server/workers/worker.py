@@ -35,6 +35,7 @@ from jupyter_client.asynchronous.client import AsyncKernelClient
 from jupyter_client.connect import KernelConnectionInfo
 
 from remote_gpu_core.errors import ServerError, WorkerDied
+from remote_gpu_core.fingerprint import FINGERPRINT_KEY, from_wire
 from remote_gpu_core.protocol import messages as m
 
 from . import death
@@ -112,6 +113,9 @@ class Worker:
         self.gpu_errors = gpu_errors
         self.started_at = time.monotonic()
         self.language_info: dict[str, Any] = {}
+        #: Its versions of Python and of the packages that cross most, as it
+        #: said when it started (see :mod:`remote_gpu_core.fingerprint`).
+        self.fingerprint: dict[str, str] = {}
         #: How it ended, in one line (see :mod:`.death`), once it died.
         self.exit_description: str | None = None
         #: The pids the stop ladder found when it was killed (for the drain check).
@@ -230,6 +234,7 @@ class Worker:
         ]
         info_reply = await self.request("kernel_info_request", {})
         self.language_info = dict(info_reply["content"].get("language_info") or {})
+        self.fingerprint = from_wire(info_reply["content"].get(FINGERPRINT_KEY))
         self.comms.reserved = f"rgpu-{self.name}"
         await self.transfers.open(self.comms.reserved)
         log.debug("worker %s ready on %s (pid %s)", self.name, self.node, self.pid)

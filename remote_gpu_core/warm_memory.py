@@ -19,8 +19,10 @@ Memory bounds: the blocks kept are marked ``MADV_FREE``, so the kernel may
 take their pages whenever it is short of memory (a memory cgroup reclaims
 them before it kills anything); until it does, writing to them faults
 nothing. At most :data:`KEPT` bytes of blocks are kept per process, the
-oldest given back first. Where numpy or ``MADV_FREE`` is missing, buffers
-come from fresh memory as before.
+oldest given back first, and all of them before a new block is refused. A
+worker held by RLIMIT_DATA rather than a memory cgroup keeps at most an
+eighth of its limit (there, unused blocks count against it). Where numpy
+or ``MADV_FREE`` is missing, buffers come from fresh memory as before.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import mmap
 import threading
 import weakref
 from typing import Any
+
+from .sizes import format_size
 
 __all__ = ["KEPT", "WarmMemory", "warm_memory"]
 
@@ -72,15 +76,29 @@ class WarmMemory:
         size = -(-nbytes // _GRAIN) * _GRAIN
         block = self._unused_block(size)
         if block is None:
-            block = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            if _HUGE is not None:
-                block.madvise(_HUGE)
+            block = self._fresh_block(size)
             self.fresh += 1
         else:
             self.reused += 1
         array = numpy.frombuffer(block, dtype=numpy.uint8, count=nbytes)
         weakref.finalize(array, self._give_back, block).atexit = False
         return array
+
+    def _fresh_block(self, size: int) -> mmap.mmap:
+        """A new block; where memory is short, the unused blocks are given
+        back first, and MemoryError (as numpy raises) if that is not enough."""
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+        try:
+            block = mmap.mmap(-1, size, flags=flags)
+        except OSError:
+            self.clear()
+            try:
+                block = mmap.mmap(-1, size, flags=flags)
+            except OSError as exc:
+                raise MemoryError(f"cannot allocate {format_size(size)} for a received buffer: {exc.strerror}") from None
+        if _HUGE is not None:
+            block.madvise(_HUGE)
+        return block
 
     def clear(self) -> None:
         """Give every unused block back to the kernel."""

@@ -93,3 +93,29 @@ def test_small_buffers_are_plain_bytearrays_and_large_ones_come_warm() -> None:
     large = allocate_buffer(MIB)
     assert isinstance(large, np.ndarray) and large.nbytes == MIB
     assert warm_memory.reused + warm_memory.fresh == before + 1
+
+
+def test_where_memory_is_short_the_unused_blocks_go_first_then_memory_error() -> None:
+    import subprocess
+    import sys
+
+    script = (
+        "import gc, resource\n"
+        "from remote_gpu_core.warm_memory import WarmMemory\n"
+        "MIB = 1 << 20\n"
+        "memory = WarmMemory(kept=256 * MIB)\n"
+        "a = memory.take(64 * MIB); a[:] = 1; del a; gc.collect()\n"
+        "assert memory.unused_bytes == 64 * MIB\n"
+        "soft, hard = resource.getrlimit(resource.RLIMIT_DATA)\n"
+        "used = int(open('/proc/self/status').read().split('VmData:')[1].split()[0]) * 1024\n"
+        "resource.setrlimit(resource.RLIMIT_DATA, (used + 32 * MIB, hard))\n"
+        "b = memory.take(40 * MIB)  # only once the unused 64 MiB are given back\n"
+        "assert memory.unused_bytes == 0 and memory.fresh == 2\n"
+        "try:\n"
+        "    memory.take(200 * MIB)\n"
+        "except MemoryError as exc:\n"
+        "    print('refused:', exc)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "refused: cannot allocate 200 MiB for a received buffer" in done.stdout

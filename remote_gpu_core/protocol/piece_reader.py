@@ -48,13 +48,11 @@ class PieceReader:
     def read_line(self, m: int, too_long_exc_type: type[Exception] = RuntimeError
                   ) -> Generator[None, None, bytes]:
         """A LF-terminated line, LF included; ``too_long_exc_type`` past ``m`` bytes."""
-        p = 0
         while True:
-            line = self._joined()
-            n = line.find(b"\n", p) + 1
+            n = self._line_length()
             if n > 0:
                 break
-            p = len(line)
+            p = self._size
             if p > m:
                 raise too_long_exc_type(f"read {p} bytes, expected no more than {m} bytes")
             if self.eof:
@@ -109,12 +107,18 @@ class PieceReader:
         self._parts.clear()
         self._offset = self._size = 0
 
-    def _joined(self) -> bytes:
-        """Everything not yet read as one part (for lines: the handshake only)."""
-        if len(self._parts) > 1 or self._offset:
-            self._parts = collections.deque([self._take(self._size)])
-            self._size = len(self._parts[0])
-        return self._parts[0] if self._parts else b""
+    def _line_length(self) -> int:
+        """Bytes up to and with the first LF not yet read; 0 if none came yet.
+        Looks through the parts where they are: nothing is joined to find it."""
+        seen = 0
+        offset = self._offset
+        for part in self._parts:
+            i = part.find(b"\n", offset)
+            if i >= 0:
+                return seen + i - offset + 1
+            seen += len(part) - offset
+            offset = 0
+        return 0
 
     def _take(self, n: int) -> bytes:
         if n == 0:

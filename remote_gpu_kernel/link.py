@@ -50,6 +50,7 @@ from remote_gpu_core.protocol import (
 )
 from remote_gpu_core.protocol import messages as m
 from remote_gpu_core.protocol.limits import refusal
+from remote_gpu_core.protocol.piece_reader import install as install_piece_reader
 from remote_gpu_core.protocol.serialization import allocate_buffer
 
 __all__ = ["Answers", "Link", "OutputCallback", "ProgressCallback", "connect_link", "error_from", "open_link"]
@@ -107,6 +108,15 @@ class Answers:
 
     def __call__(self) -> Awaitable[m.Message]:
         return self.receive()
+
+class _PieceConnection(ClientConnection):
+    """A websocket connection whose received bytes are kept as they came
+    (:mod:`remote_gpu_core.protocol.piece_reader`): a frame is copied once."""
+
+    def __init__(self, protocol: Any, **kwargs: Any) -> None:
+        install_piece_reader(protocol)
+        super().__init__(protocol, **kwargs)
+
 
 class Link:
     """The websocket, its reader task and the per-request inboxes."""
@@ -291,6 +301,7 @@ async def connect_link(url: str, token: str | None, *, cafile: str | None = None
             write_limit=4 * CHUNK_SIZE,
             open_timeout=open_timeout,
             user_agent_header=f"remote-gpu-kernel/{__version__}",
+            create_connection=_PieceConnection,
         )
     except InvalidStatus as exc:
         body = exc.response.body.decode(errors="replace").strip()

@@ -32,12 +32,13 @@ from typing import Any, Union
 import cloudpickle  # type: ignore[import-untyped, unused-ignore]
 
 from ..errors import ProtocolError, SerializationError
+from ..warm_memory import warm_memory
 
 __all__ = ["Explain", "allocate_buffer", "dump_values", "dumps", "load_values", "loads"]
 
-#: Buffers at least this large are allocated through numpy, which asks the
-#: kernel for transparent huge pages: faulting in fresh 4 KiB pages costs
-#: more here than the copy itself.
+#: Buffers at least this large are received into memory kept warm across
+#: transfers (:mod:`~remote_gpu_core.warm_memory`, in huge pages): faulting
+#: in fresh pages costs more here than the copy itself.
 _LARGE = 1 << 20
 
 BufferLike = Union[bytes, bytearray, memoryview]
@@ -47,11 +48,11 @@ def allocate_buffer(nbytes: int) -> Any:
     """Writable memory for a received buffer of ``nbytes`` bytes."""
     if nbytes >= _LARGE:
         try:
-            import numpy
+            import numpy  # noqa: F401 (warm memory hands out numpy arrays)
         except ImportError:
             pass
         else:
-            return numpy.empty(nbytes, dtype=numpy.uint8)
+            return warm_memory.take(nbytes)
     return bytearray(nbytes)
 
 

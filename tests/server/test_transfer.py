@@ -226,3 +226,30 @@ def test_push_cut_short_leaves_the_session_usable(fresh_server: ServerProcess) -
     session.push(whole=list(range(5)))
     assert session.pull("whole") == {"whole": [0, 1, 2, 3, 4]}
     session.release()
+
+
+def test_memory_kept_warm_is_never_under_a_value_still_held(fresh_server: ServerProcess, torch: ModuleType) -> None:
+    # Received buffers go into memory kept warm across transfers: a block is
+    # reused once the value made from it is gone, never while anything holds
+    # it. Without a session cache every push lands there in the worker too.
+    fresh_server.args = ["--session-cache", "none"]
+    fresh_server.start()
+    rng = np.random.default_rng(2)
+    first, second, third = (rng.random(3 * SLOT_SIZE // 4, dtype=np.float32) for _ in range(3))
+    with Client(fresh_server.url, fresh_server.token()).session() as s:
+        s.push(v=first)
+        s.execute("from remote_gpu_core.warm_memory import warm_memory as w\n"
+                  "import torch\nkept, tail, t = v, v[5:], torch.from_numpy(v)", on_output=lambda _: None)
+        s.push(v=second)  # first is still held three ways: a block of its own
+        s.push(v=third)  # received while v is still second: a third block; then second's is free
+        pulled_first = s.pull("kept")["kept"]
+        pulled_third = s.pull("v")["v"]  # pulled_first is held here: a block of its own
+        back = s.pull("kept", "tail", "t", "v")
+        s.execute("del kept, tail, t, v", on_output=lambda _: None)
+        s.push(v=second)  # into a block given back
+        s.execute("counts = (w.reused, w.fresh)", on_output=lambda _: None)
+        reused, fresh = s.pull("counts")["counts"]
+    assert np.array_equal(pulled_first, first) and np.array_equal(pulled_third, third)
+    assert np.array_equal(back["kept"], first) and np.array_equal(back["tail"], first[5:])
+    assert torch.equal(back["t"], torch.from_numpy(first)) and np.array_equal(back["v"], third)
+    assert reused >= 1 and fresh <= 3

@@ -25,12 +25,14 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
+from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
 from remote_gpu_core.errors import ProtocolError
 from remote_gpu_core.protocol import CHUNK_SIZE, upgrade
+from remote_gpu_core.protocol.piece_reader import install as install_piece_reader
 
 from ..errors import TokenError
 from ..connections.heap_trim import HeapTrimmer
@@ -47,6 +49,15 @@ log = logging.getLogger("remote_gpu_server")
 
 #: Serves one client's websocket once its token is known.
 ClientHandler = Callable[[ServerConnection, TokenInfo], Awaitable[None]]
+
+
+class _PieceConnection(ServerConnection):
+    """A websocket connection whose received bytes are kept as they came
+    (:mod:`remote_gpu_core.protocol.piece_reader`): a frame is copied once."""
+
+    def __init__(self, protocol: Any, *args: Any, **kwargs: Any) -> None:
+        install_piece_reader(protocol)
+        super().__init__(protocol, *args, **kwargs)
 
 
 class FrontDoor:
@@ -84,6 +95,7 @@ class FrontDoor:
             write_limit=4 * CHUNK_SIZE,
             server_header=self._server_header,
             ssl=ssl_context,
+            create_connection=_PieceConnection,
         )
         sockets = self._server.sockets
         self.port = sockets[0].getsockname()[1] if sockets else port

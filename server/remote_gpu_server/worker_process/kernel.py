@@ -452,6 +452,12 @@ def main(argv: list[str] | None = None) -> None:
     processes = (worker_errors.ProcessLimit(spawn.pids_limit, spawn.pids_events)
                  if spawn is not None and spawn.pids_limit is not None else None)
     worker_errors.install(app.shell, limit, processes)
+    if spawn is not None and spawn.data_limit is not None:
+        # Memory kept warm for received buffers counts towards RLIMIT_DATA
+        # even while unused (a memory cgroup would reclaim it): keep little.
+        from remote_gpu_core.warm_memory import warm_memory
+
+        warm_memory.kept = min(warm_memory.kept, spawn.data_limit // 8)
     # ipykernel sleeps 0.5 ms before each execute_reply so that a client
     # that stops at the reply has the streams first; the server waits for
     # the idle status, which comes after the streams, so it only adds latency.

@@ -51,6 +51,8 @@ from remote_gpu_core.protocol import messages as m
 from remote_gpu_core.protocol.limits import refusal
 from remote_gpu_core.protocol.serialization import allocate_buffer
 
+from .progress import Throttle
+
 __all__ = ["Answers", "Link", "OutputCallback", "ProgressCallback", "connect_link", "error_from", "open_link"]
 
 log = logging.getLogger("remote_gpu_kernel")
@@ -97,13 +99,20 @@ _CLOSED = object()
 
 @dataclasses.dataclass(frozen=True)
 class Answers:
-    """A request sent: its id, and (called) its next answer."""
+    """A request sent: its id, (called) its next answer, and the meter of its
+    bytes where its session reports their progress (see :mod:`.progress`)."""
 
     req: int
     receive: Callable[[], Awaitable[m.Message]]
+    meter: Throttle | None = None
 
     def __call__(self) -> Awaitable[m.Message]:
         return self.receive()
+
+    def finished(self) -> None:
+        """Its transfer is over: the meter reports it, whole."""
+        if self.meter is not None:
+            self.meter.finish()
 
 class Link:
     """The websocket, its reader task and the per-request inboxes."""

@@ -35,14 +35,8 @@ from .buffers import PushPlan, SessionBuffers
 from .compressing import CompressionPolicy
 from .link import Answers, Link, OutputCallback, ProgressCallback
 from .notebook_files import NotebookFolder, serve_fetch
-from .results import (
-    ExecuteResult,
-    NoticeCallback,
-    QueueCallback,
-    notify,
-    parent_of,
-    write_streams,
-)
+from .progress import Throttle, TransferProgress
+from .results import ExecuteResult, NoticeCallback, QueueCallback, notify, parent_of, write_streams
 from .variables import next_have, pull_request, push_request, take_pull, take_push
 
 __all__ = [
@@ -90,6 +84,8 @@ class AsyncSession:
         self.buffers = SessionBuffers(int(link.limits.get("session_cache") or 0))
         #: Whether this session's transfers compress (see :mod:`.compressing`).
         self.compression = CompressionPolicy.for_peer(link.ws.remote_address)
+        #: Told how each push and pull goes (see :mod:`.progress`); None: not at all.
+        self.on_progress: Callable[[TransferProgress], Any] | None = None
         self._link = link
         link.on_released = self._on_released
         link.on_parked = self._on_parked
@@ -121,25 +117,28 @@ class AsyncSession:
     @contextlib.asynccontextmanager
     async def _exchange(self, message_factory: Callable[[int], m.Message], *,
                         sending: ProgressCallback | None = None,
-                        receiving: ProgressCallback | None = None,
+                        receiving: ProgressCallback | None = None, meter: str = "",
                         ) -> AsyncIterator[Answers]:
         """Send a request (made from its id); yield what awaits its next answer
         (called) and names its id (``.req``).
 
         An :class:`Error` answer raises; the request's inbox is dropped on
         exit. ``sending`` and ``receiving`` report the bytes of the request
-        sent and of its answer received. The request is sent on entry, its
-        answers are not waited for: requests sent one after another are a
-        pipeline (see :meth:`run`).
+        sent and of its answer received; ``meter`` (``push``: the request's,
+        ``pull``: the answer's) reports them to :attr:`on_progress`. The
+        request is sent on entry, its answers are not waited for: requests
+        sent one after another are a pipeline (see :meth:`run`).
         """
         if self.released:
             raise SessionReleased(f"this GPU session was released ({self.released})", code="released")
         req, inbox = self._link.open()
+        throttle = Throttle(req, meter, self.on_progress) if meter and self.on_progress else None
+        sending, receiving = (throttle, receiving) if meter == "push" else (sending, throttle or receiving)
         if receiving is not None:
             self._link.progress[req] = receiving
         try:
             await self._link.send(message_factory(req), sending)
-            yield Answers(req, lambda: self._link.receive(inbox))
+            yield Answers(req, lambda: self._link.receive(inbox), throttle)
         finally:
             self._link.progress.pop(req, None)
             self._link.done(req)
@@ -229,7 +228,7 @@ class AsyncSession:
             pushing, wire, started = None, 0, time.monotonic()
             if dumped is not None and plan is not None:
                 make, wire = push_request(self.compression, dumped[0], dumped[1], plan)
-                pushing = await answers.enter_async_context(self._exchange(make))
+                pushing = await answers.enter_async_context(self._exchange(make, meter="push"))
             cell = await answers.enter_async_context(self._exchange(
                 lambda r: m.Execute(r, code, timeout, silent, store_history, allow_stdin, header,
                                     execution_count, fetch=self.notebook_files is not None,
@@ -237,10 +236,11 @@ class AsyncSession:
             pulling = None
             if names:
                 pulling = await answers.enter_async_context(
-                    self._exchange(pull_request(self.compression, names, have, after=cell.req)))
+                    self._exchange(pull_request(self.compression, names, have, after=cell.req), meter="pull"))
             if pushing is not None and dumped is not None and plan is not None:
                 done = await self._expect(pushing, m.PushDone, on_notice=on_notice, on_queue=on_queue)
                 assert isinstance(done, m.PushDone)
+                pushing.finished()
                 self.parked = False
                 # Where it set nothing, the cell and the pull behind it do not run.
                 missed = not take_push(self.buffers, self.compression, plan, dumped[2], done, wire,
@@ -258,6 +258,7 @@ class AsyncSession:
                 pull_started = time.monotonic()
                 reply = await self._expect(pulling, m.PullReply, on_notice=on_notice)
                 assert isinstance(reply, m.PullReply)
+                pulling.finished()
                 values, gone = take_pull(self.buffers, self.compression, reply, time.monotonic() - pull_started)
         if missed:
             # The worker no longer held a buffer the push named: push the usual
@@ -338,8 +339,9 @@ class AsyncSession:
         for attempt in range(tried, 3):
             make, wire = push_request(self.compression, names, counts, plan)
             started = time.monotonic()
-            async with self._exchange(make) as receive:
+            async with self._exchange(make, meter="push") as receive:
                 done = await self._expect(receive, m.PushDone)
+                receive.finished()
             assert isinstance(done, m.PushDone)
             if take_push(self.buffers, self.compression, plan, buffers, done, wire, time.monotonic() - started):
                 break
@@ -353,8 +355,9 @@ class AsyncSession:
     async def _pull(self, names: list[str], have: list[str]) -> dict[str, Any]:
         for _ in range(3):  # the last offers nothing: it cannot miss
             started = time.monotonic()
-            async with self._exchange(pull_request(self.compression, names, have)) as receive:
+            async with self._exchange(pull_request(self.compression, names, have), meter="pull") as receive:
                 reply = await self._expect(receive, m.PullReply)
+                receive.finished()
             assert isinstance(reply, m.PullReply)
             self.parked = False
             values, gone = take_pull(self.buffers, self.compression, reply, time.monotonic() - started)

@@ -13,6 +13,11 @@ goes with it; nothing is shared between sessions.
   change such an array in place after the push, so a buffer taken from
   ``local`` is hashed again first and, if it changed, asked for again; and
   it is copied, so the pulled variable shares no memory with the local one.
+
+After a reconnect this client knows nothing of what the worker holds:
+before a large push, the session asks (see :class:`~m.Holding`) about the
+buffers of :func:`worth_asking`, and :func:`resumed_plan` leaves out those
+held whole and sends only the rest of those a push cut short left there.
 """
 
 from __future__ import annotations
@@ -24,7 +29,10 @@ from typing import Any
 from remote_gpu_core.protocol.content import Holdings, digest, digests_of, nbytes
 from remote_gpu_core.protocol.serialization import allocate_buffer
 
-__all__ = ["PushPlan", "SessionBuffers", "TransferCounts"]
+__all__ = ["ASK_FROM", "PushPlan", "SessionBuffers", "TransferCounts", "resumed_plan", "worth_asking"]
+
+#: A push carrying at least this many bytes of named buffers asks what the worker holds of them first.
+ASK_FROM = 8 << 20
 
 
 @dataclasses.dataclass
@@ -48,11 +56,32 @@ class TransferCounts:
 
 @dataclasses.dataclass(frozen=True)
 class PushPlan:
-    """One attempt at a push: each buffer's digest, those left out, those carried."""
+    """One attempt at a push: each buffer's digest, those left out, those carried
+    (``offsets``: none, or the bytes of each carried one that the worker holds
+    from a push cut short, which are not sent)."""
 
     digests: list[str]
     cached: list[int]
     carried: list[Any]
+    offsets: list[int] = dataclasses.field(default_factory=list)
+
+
+def worth_asking(plan: PushPlan, buffers: Sequence[Any]) -> list[int]:
+    """The indices of ``plan``'s carried, named buffers, if they come to
+    :data:`ASK_FROM` bytes or more (else none: asking costs a round trip)."""
+    skip = set(plan.cached)
+    named = [i for i, d in enumerate(plan.digests) if d and i not in skip]
+    return named if sum(nbytes(buffers[i]) for i in named) >= ASK_FROM else []
+
+
+def resumed_plan(plan: PushPlan, buffers: Sequence[Any], asked: Sequence[int], held: Sequence[int]) -> PushPlan:
+    """``plan`` once the worker said it holds ``held[j]`` bytes of buffer
+    ``asked[j]``: left out where it holds all, sent from there where some."""
+    have = dict(zip(asked, held))
+    cached = sorted(set(plan.cached) | {i for i in asked if have[i] >= nbytes(buffers[i])})
+    carried = [i for i in range(len(buffers)) if i not in set(cached)]
+    offsets = [have.get(i, 0) for i in carried]
+    return PushPlan(plan.digests, cached, [buffers[i] for i in carried], offsets if any(offsets) else [])
 
 
 class SessionBuffers:

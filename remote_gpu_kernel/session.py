@@ -19,19 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from remote_gpu_core.errors import (
-    ConnectionLost,
-    FileTransferError,
-    ProtocolError,
-    RemoteError,
-    RemoteGpuError,
-    ServerError,
-    SessionReleased,
+    ConnectionLost, FileTransferError, ProtocolError, RemoteError, RemoteGpuError, ServerError, SessionReleased
 )
 from remote_gpu_core.protocol import dump_values
 from remote_gpu_core.protocol import messages as m
 
 from . import files as _files
-from .buffers import PushPlan, SessionBuffers
+from .buffers import PushPlan, SessionBuffers, resumed_plan, worth_asking
 from .compressing import CompressionPolicy
 from .link import Answers, Link, OutputCallback, ProgressCallback
 from .notebook_files import NotebookFolder, serve_fetch
@@ -82,6 +76,8 @@ class AsyncSession:
         #: What this session's worker and this client hold of what they moved
         #: (see :mod:`.buffers`); ``buffers.counts`` are the bytes moved and saved.
         self.buffers = SessionBuffers(int(link.limits.get("session_cache") or 0))
+        #: Resumed after a reconnect: a large push first asks what the worker holds (see :mod:`.buffers`).
+        self._asks = granted.resumed and bool(link.limits.get("resume"))
         #: Whether this session's transfers compress (see :mod:`.compressing`).
         self.compression = CompressionPolicy.for_peer(link.ws.remote_address)
         #: Told how each push and pull goes (see :mod:`.progress`); None: not at all.
@@ -220,7 +216,7 @@ class AsyncSession:
         """
         names = list(pull)
         dumped = dump_values(dict(push)) if push else None
-        plan = self.buffers.plan_push(dumped[2]) if dumped is not None else None
+        plan = await self._held(self.buffers.plan_push(dumped[2]), dumped[2]) if dumped is not None else None
         have = self.buffers.have() if names else []
         header = parent_of(parent)
         missed = False
@@ -330,7 +326,17 @@ class AsyncSession:
         names it and nothing is sent.
         """
         names, counts, buffers = dump_values(values)
-        await self._push(names, counts, buffers, self.buffers.plan_push(buffers))
+        await self._push(names, counts, buffers, await self._held(self.buffers.plan_push(buffers), buffers))
+
+    async def _held(self, plan: PushPlan, buffers: list[Any]) -> PushPlan:
+        """``plan`` less what the worker holds of its large buffers, once resumed (see :mod:`.buffers`)."""
+        asked = worth_asking(plan, buffers) if self._asks else []
+        if not asked:
+            return plan
+        async with self._exchange(lambda r: m.Holding(r, [plan.digests[i] for i in asked])) as receive:
+            held = await self._expect(receive, m.Held)
+        assert isinstance(held, m.Held)
+        return resumed_plan(plan, buffers, asked, held.sizes)
 
     async def _push(self, names: list[str], counts: list[int], buffers: list[Any], plan: PushPlan,
                     tried: int = 0) -> None:

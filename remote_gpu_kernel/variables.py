@@ -26,12 +26,18 @@ __all__ = ["next_have", "pull_request", "push_request", "take_pull", "take_push"
 def push_request(compression: CompressionPolicy, names: list[str], counts: list[int],
                  plan: PushPlan) -> tuple[Callable[[int], m.Message], int]:
     """A push of ``plan`` (made for request id ``req`` when called), and the
-    bytes it carries over the wire (compressed where the policy says)."""
-    carried, packed, raw_sizes = compression.compress(plan.carried)
+    bytes it carries over the wire (compressed where the policy says; not
+    one that resumes a push cut short, whose buffers go on from their offsets)."""
+    if plan.offsets:
+        carried = [memoryview(b).cast("B")[n:] if n else b for b, n in zip(plan.carried, plan.offsets)]
+        packed: list[int] = []
+        raw_sizes: list[int] = []
+    else:
+        carried, packed, raw_sizes = compression.compress(plan.carried)
 
     def make(req: int) -> m.Message:
         return m.Push(req, names, counts, tuple(carried), digests=plan.digests, cached=plan.cached,
-                      codec=CODEC if packed else "", compressed=packed, raw_sizes=raw_sizes)
+                      codec=CODEC if packed else "", compressed=packed, raw_sizes=raw_sizes, offsets=plan.offsets)
 
     return make, sum(nbytes(b) for b in carried)
 

@@ -71,7 +71,8 @@ from .session import (
     Hello, LeaseGranted, LeaseRequest, Park, Parked, QueuePosition, Release, Released, Resume, Welcome
 )
 from .transfers import (
-    Download, DownloadReply, Fetch, FetchRefusal, FetchRefused, Pull, PullReply, Push, PushDone, Upload,
+    Download, DownloadReply, Fetch, FetchRefusal, FetchRefused, Held, Holding, Pull, PullReply, Push, PushDone,
+    Upload,
     UploadDone,
 )
 
@@ -99,6 +100,8 @@ __all__ = [
     "Parked",
     "Pull",
     "PullReply",
+    "Held",
+    "Holding",
     "Push",
     "PushDone",
     "QueuePosition",

@@ -24,6 +24,13 @@ Of the buffers carried, the ``compressed`` ones (indices into ``buffers``)
 are one frame each of ``codec``, ``raw_sizes`` bytes before (see
 :mod:`remote_gpu_core.protocol.compression`); a pull names the ``codecs``
 its answer may use.
+
+A push cut short by a dropped connection leaves what arrived of its large
+buffers with the session's worker. A client that reconnects asks what is
+there (:class:`Holding`, answered by :class:`Held`) and pushes only the
+rest: ``offsets[k]`` bytes of carried buffer ``k`` are taken from what the
+worker kept of its digest, and ``buffers[k]`` carries the bytes after them.
+A server that says ``resume`` in its :attr:`~.session.Welcome.limits` reads both.
 """
 
 from __future__ import annotations
@@ -35,8 +42,8 @@ from typing import Any
 from .base import Buffers, Message, MessageType
 
 __all__ = [
-    "Download", "DownloadReply", "Fetch", "FetchRefusal", "FetchRefused", "Pull", "PullReply", "Push",
-    "PushDone", "Upload", "UploadDone",
+    "Download", "DownloadReply", "Fetch", "FetchRefusal", "FetchRefused", "Held", "Holding", "Pull", "PullReply",
+    "Push", "PushDone", "Upload", "UploadDone",
 ]
 
 
@@ -47,7 +54,9 @@ class Push(Message):
     ``counts[i]`` buffers belong to ``names[i]``: a pickle first, then its
     out-of-band buffers (see :mod:`.serialization`). ``buffers`` carries
     them all but the ``cached`` ones, which the worker is asked to take from
-    what it holds by their ``digests``.
+    what it holds by their ``digests``. ``offsets`` (empty, or one per
+    carried buffer): the bytes of each that the worker holds from a push
+    cut short, which it carries not (see the module docstring).
     """
 
     type = MessageType.PUSH
@@ -60,6 +69,33 @@ class Push(Message):
     codec: str = ""
     compressed: list[int] = dataclasses.field(default_factory=list)
     raw_sizes: list[int] = dataclasses.field(default_factory=list)
+    offsets: list[int] = dataclasses.field(default_factory=list)
+
+    def fields(self) -> dict[str, Any]:
+        fields = super().fields()
+        if not self.offsets:  # the message as it was before the field
+            del fields["offsets"]
+        return fields
+
+
+@dataclasses.dataclass(frozen=True)
+class Holding(Message):
+    """How many bytes of each buffer named by ``digests`` the session's worker
+    holds: all of one it holds whole, those that arrived of one whose push
+    was cut short, or none. Answered by :class:`Held`."""
+
+    type = MessageType.HOLDING
+    req: int
+    digests: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Held(Message):
+    """``sizes[i]`` bytes of :class:`Holding`'s ``digests[i]`` are held."""
+
+    type = MessageType.HELD
+    req: int
+    sizes: list[int]
 
 
 @dataclasses.dataclass(frozen=True)

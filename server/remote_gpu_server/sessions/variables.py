@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from remote_gpu_core.errors import WorkerDied
 from remote_gpu_core.protocol import messages as m
 from remote_gpu_core.protocol.compression import CODEC, push_refusal
 from remote_gpu_core.protocol.content import check_references
@@ -20,7 +21,7 @@ from remote_gpu_core.protocol.content import check_references
 if TYPE_CHECKING:
     from .session import Follows, Replier, Session
 
-__all__ = ["pull", "push"]
+__all__ = ["holding", "pull", "push"]
 
 
 async def push(session: Session, msg: m.Push, conn: Replier) -> None:
@@ -34,10 +35,29 @@ async def push(session: Session, msg: m.Push, conn: Replier) -> None:
         return
     cache = session.context.session_cache
     data = {"op": "push", "names": msg.names, "counts": msg.counts, "digests": msg.digests,
-            "cached": msg.cached, "cache": cache, "compressed": msg.compressed, "raw_sizes": msg.raw_sizes}
+            "cached": msg.cached, "cache": cache, "compressed": msg.compressed, "raw_sizes": msg.raw_sizes,
+            "offsets": msg.offsets}
     await session.send_in(msg.req, conn, data, list(msg.buffers), "push", lambda reply: m.ErrorCode.SERIALIZATION,
                           lambda reply: m.PushDone(msg.req, list(reply.get("names") or []),
                                                    [str(d) for d in reply.get("missing") or []]))
+
+
+async def holding(session: Session, msg: m.Holding, conn: Replier) -> None:
+    """Answer how much of each buffer ``msg.digests`` names the worker holds
+    (whole, or what came of a push cut short; see :class:`~m.Holding`)."""
+    bad = check_references(len(msg.digests), msg.digests, [], len(msg.digests))
+    if bad or not all(msg.digests):
+        await conn.send(m.Error(msg.req, m.ErrorCode.BAD_REQUEST, f"holding: {bad or 'a digest is empty'}"))
+        return
+    async with session.lock:
+        worker = await session.prepare(msg.req, conn)
+        try:
+            reply = await worker.transfers.op({"op": "holding", "digests": msg.digests})
+        except WorkerDied as exc:
+            await conn.send(m.Error(msg.req, m.ErrorCode.WORKER_DIED, str(exc)))
+            return
+    sizes = [int(n) for n in reply.get("sizes") or []]
+    await conn.send(m.Held(msg.req, sizes if len(sizes) == len(msg.digests) else [0] * len(msg.digests)))
 
 
 async def pull(session: Session, msg: m.Pull, conn: Replier, follows: Follows | None = None) -> None:

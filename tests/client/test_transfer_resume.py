@@ -3,7 +3,7 @@
 A real server behind :class:`~tcp_proxy.TcpProxy`; the proxy cuts the link
 (both sockets shut, as a network failure would) once half of a large
 random array has crossed it. The client reconnects to its session
-(``resume=``) and pushes the same value again: it asks the worker what it
+(``resume=``; the magic does at its next cell) and pushes the same value again: it asks the worker what it
 holds (:class:`~m.Holding`) and sends only the rest, counted by the proxy;
 the value that lands is the one pushed (a checksum computed in the worker).
 
@@ -28,6 +28,7 @@ from remote_gpu_core.errors import ConnectionLost
 from remote_gpu_core.protocol import messages as m
 from remote_gpu_core.sizes import parse_size
 from remote_gpu_kernel import Client
+from kernels import LocalKernel
 from servers import ServerProcess
 from tcp_proxy import TcpProxy
 from waiting import wait_for
@@ -131,3 +132,28 @@ def test_a_buffer_the_worker_no_longer_has_is_sent_whole(server: ServerProcess, 
         assert stdout_of(again, "print(int(kept.sum()) + int(other.sum()))") == f"{int(kept.sum()) + int(other.sum())}\n"
     finally:
         again.release()
+
+
+def test_the_magic_resumes_a_cut_push_when_the_cell_runs_again(server: ServerProcess, proxy: TcpProxy,
+                                                                tmp_path: Path) -> None:
+    env = dict(os.environ, RGPU_URL=proxy.url, RGPU_TOKEN=server.token("magician"), RGPU_PROGRESS="0",
+               RGPU_CONFIG=str(tmp_path / "none.json"))
+    kernel = LocalKernel(env)
+    try:
+        kernel.run("%load_ext remote_gpu_kernel")
+        assert kernel.run("%%gpu\nimport hashlib").reply["status"] == "ok"
+        made = kernel.run(f"import hashlib, numpy as np\nbig = np.random.default_rng(7).integers(0, 256, {SIZE}, "
+                          "dtype=np.uint8)\nprint(hashlib.sha256(big).hexdigest())")
+        cutter = cut_when(proxy, SIZE // 2)
+        cut = kernel.run("%gpu push big", timeout=300)
+        cutter.join()
+        assert cut.reply["status"] == "error" and cut.reply["ename"] == "ConnectionLost", cut.reply
+        before = proxy.up
+        again = kernel.run("%gpu push big", timeout=300)
+        assert again.reply["status"] == "ok", again.reply
+        resent = proxy.up - before
+        assert resent <= SIZE - SIZE // 2 + IN_FLIGHT, f"{resent} bytes sent again of {SIZE}: not resumed"
+        assert kernel.run("%%gpu\nprint(hashlib.sha256(big).hexdigest())").stdout == made.stdout
+    finally:
+        kernel.run("%gpu release")
+        kernel.close()

@@ -106,13 +106,13 @@ class Answers:
     receive: Callable[[], Awaitable[m.Message]]
     meter: Throttle | None = None
 
-    def __call__(self) -> Awaitable[m.Message]:
-        return self.receive()
-
     def finished(self) -> None:
         """Its transfer is over: the meter reports it, whole."""
         if self.meter is not None:
             self.meter.finish()
+
+    def __call__(self) -> Awaitable[m.Message]:
+        return self.receive()
 
 class Link:
     """The websocket, its reader task and the per-request inboxes."""

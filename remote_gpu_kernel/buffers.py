@@ -26,10 +26,11 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+from remote_gpu_core.errors import ProtocolError
 from remote_gpu_core.protocol.content import Holdings, digest, digests_of, nbytes
 from remote_gpu_core.protocol.serialization import allocate_buffer
 
-__all__ = ["ASK_FROM", "PushPlan", "SessionBuffers", "TransferCounts", "resumed_plan", "worth_asking"]
+__all__ = ["ASK_FROM", "CutPull", "PushPlan", "SessionBuffers", "TransferCounts", "resumed_plan", "worth_asking"]
 
 #: A push carrying at least this many bytes of named buffers asks what the worker holds of them first.
 ASK_FROM = 8 << 20
@@ -64,6 +65,49 @@ class PushPlan:
     cached: list[int]
     carried: list[Any]
     offsets: list[int] = dataclasses.field(default_factory=list)
+
+
+class CutPull:
+    """What came of a pull cut short by a dropped connection: each large,
+    named buffer it had begun, by digest, with the bytes of it that came.
+
+    The next pull of the session offers them (:meth:`offer`); its answer
+    carries only the rest, which :meth:`joined` puts after them.
+    """
+
+    def __init__(self, fields: dict[str, Any], came: Sequence[tuple[Any, int]]) -> None:
+        digests = [str(d) for d in fields.get("digests") or []]
+        skip = set(int(i) for i in fields.get("cached") or [])
+        squeezed = set(int(k) for k in fields.get("compressed") or [])
+        carried = [i for i in range(len(digests)) if i not in skip]
+        self.parts: dict[str, tuple[Any, int]] = {}
+        for k, (buf, received) in enumerate(came):
+            key = digests[carried[k]] if k < len(carried) else ""
+            if key and k not in squeezed and 0 < received < nbytes(buf):
+                self.parts[key] = (buf, received)
+
+    def offer(self) -> dict[str, int]:
+        return {key: received for key, (_, received) in self.parts.items()}
+
+    def joined(self, digests: Sequence[str], cached: Sequence[int], offsets: Sequence[int],
+               carried: Sequence[Any]) -> list[Any]:
+        """``carried`` (a pull's answer's buffers) with each that left out its
+        first ``offsets[k]`` bytes put after those held here."""
+        if not offsets:
+            return list(carried)
+        skip = set(cached)
+        sent = [d for i, d in enumerate(digests) if i not in skip]
+        out = list(carried)
+        for k, offset in enumerate(offsets):
+            if not offset:
+                continue
+            held = self.parts.get(sent[k] if k < len(sent) else "")
+            head = memoryview(held[0]).cast("B") if held is not None else None
+            if held is None or head is None or held[1] != offset or nbytes(carried[k]) != head.nbytes - offset:
+                raise ProtocolError("the pull's answer left out bytes this client does not hold")
+            head[offset:] = memoryview(carried[k]).cast("B")
+            out[k] = held[0]
+        return out
 
 
 def worth_asking(plan: PushPlan, buffers: Sequence[Any]) -> list[int]:

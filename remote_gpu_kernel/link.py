@@ -136,6 +136,9 @@ class Link:
         self.on_background: OutputCallback | None = None
         #: Progress of the answers being received, by request.
         self.progress: dict[int, ProgressCallback] = {}
+        #: Told what came of a message cut short by the end of the connection
+        #: (see :meth:`~remote_gpu_core.protocol.framing.Reader.salvage`).
+        self.on_cut: Callable[[dict[str, Any], list[tuple[Any, int]]], None] | None = None
         self.task = asyncio.get_running_loop().create_task(self._read())
 
     def open(self) -> tuple[int, asyncio.Queue[Any]]:
@@ -183,6 +186,9 @@ class Link:
             await self.ws.close(1002, "protocol error")
         finally:
             self.closed_reason = reason
+            salvaged = self.reader.salvage()
+            if salvaged is not None and self.on_cut is not None:
+                self.on_cut(*salvaged)
             for inbox in self.inboxes.values():
                 inbox.put_nowait(_CLOSED)
 

@@ -25,7 +25,7 @@ from remote_gpu_core.protocol import dump_values
 from remote_gpu_core.protocol import messages as m
 
 from . import files as _files
-from .buffers import PushPlan, SessionBuffers, resumed_plan, worth_asking
+from .buffers import CutPull, PushPlan, SessionBuffers, resumed_plan, worth_asking
 from .compressing import CompressionPolicy
 from .link import Answers, Link, OutputCallback, ProgressCallback
 from .notebook_files import NotebookFolder, serve_fetch
@@ -33,10 +33,8 @@ from .progress import Throttle, TransferProgress
 from .results import ExecuteResult, NoticeCallback, QueueCallback, notify, parent_of, write_streams
 from .variables import next_have, pull_request, push_request, take_pull, take_push
 
-__all__ = [
-    "AsyncSession", "ExecuteResult", "NoticeCallback", "OutputCallback", "ProgressCallback",
-    "QueueCallback", "notify", "parent_of", "write_streams",
-]
+__all__ = ["AsyncSession", "ExecuteResult", "NoticeCallback", "OutputCallback", "ProgressCallback",
+           "QueueCallback", "notify", "parent_of", "write_streams"]
 
 class AsyncSession:
     """A leased GPU (or CPU slot) with its remote namespace.
@@ -76,8 +74,9 @@ class AsyncSession:
         #: What this session's worker and this client hold of what they moved
         #: (see :mod:`.buffers`); ``buffers.counts`` are the bytes moved and saved.
         self.buffers = SessionBuffers(int(link.limits.get("session_cache") or 0))
-        #: Resumed after a reconnect: a large push first asks what the worker holds (see :mod:`.buffers`).
+        #: After a reconnect, a large push asks what the worker holds first (see :mod:`.buffers`).
         self._asks = granted.resumed and bool(link.limits.get("resume"))
+        self.cut_pulls: dict[str, CutPull] = {}  # what came of a pull cut short, by session (its client's)
         #: Whether this session's transfers compress (see :mod:`.compressing`).
         self.compression = CompressionPolicy.for_peer(link.ws.remote_address)
         #: Told how each push and pull goes (see :mod:`.progress`); None: not at all.
@@ -360,13 +359,13 @@ class AsyncSession:
 
     async def _pull(self, names: list[str], have: list[str]) -> dict[str, Any]:
         for _ in range(3):  # the last offers nothing: it cannot miss
-            started = time.monotonic()
-            async with self._exchange(pull_request(self.compression, names, have), meter="pull") as receive:
+            started, cut = time.monotonic(), self.cut_pulls.pop(self.id, None)
+            async with self._exchange(pull_request(self.compression, names, have, cut=cut), meter="pull") as receive:
                 reply = await self._expect(receive, m.PullReply)
                 receive.finished()
             assert isinstance(reply, m.PullReply)
             self.parked = False
-            values, gone = take_pull(self.buffers, self.compression, reply, time.monotonic() - started)
+            values, gone = take_pull(self.buffers, self.compression, reply, time.monotonic() - started, cut)
             if values is not None:
                 return values
             have = next_have(have, gone)  # changed here since: ask for their bytes

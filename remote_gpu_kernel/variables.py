@@ -17,7 +17,7 @@ from remote_gpu_core.protocol import messages as m
 from remote_gpu_core.protocol.compression import CODEC
 from remote_gpu_core.protocol.content import nbytes
 
-from .buffers import PushPlan, SessionBuffers
+from .buffers import CutPull, PushPlan, SessionBuffers
 from .compressing import CompressionPolicy, decompressed
 
 __all__ = ["next_have", "pull_request", "push_request", "take_pull", "take_push"]
@@ -57,20 +57,25 @@ def take_push(buffers: SessionBuffers, compression: CompressionPolicy, plan: Pus
 
 
 def pull_request(compression: CompressionPolicy, names: Sequence[str], have: Sequence[str],
-                 after: int = 0) -> Callable[[int], m.Message]:
-    """A pull of ``names`` that offers the buffers ``have`` (digests held here)
-    and the codecs the policy takes; ``after``: the request it follows."""
-    return lambda req: m.Pull(req, list(names), after=after, have=list(have), codecs=compression.codecs())
+                 after: int = 0, cut: CutPull | None = None) -> Callable[[int], m.Message]:
+    """A pull of ``names`` that offers the buffers ``have`` (digests held here),
+    what came of a pull ``cut`` short, and the codecs the policy takes;
+    ``after``: the request it follows."""
+    partial = cut.offer() if cut is not None else {}
+    return lambda req: m.Pull(req, list(names), after=after, have=list(have), codecs=compression.codecs(),
+                              partial=partial)
 
 
 def take_pull(buffers: SessionBuffers, compression: CompressionPolicy, reply: m.PullReply,
-              seconds: float) -> tuple[dict[str, Any] | None, list[str]]:
-    """The values a pull's answer gives (it took ``seconds``), or None and the
-    digests it named that this client no longer holds as they were."""
+              seconds: float, cut: CutPull | None = None) -> tuple[dict[str, Any] | None, list[str]]:
+    """The values a pull's answer gives (it took ``seconds``; it may go on from
+    what came of a pull ``cut`` short), or None and the digests it named
+    that this client no longer holds as they were."""
     wire = sum(nbytes(b) for b in reply.buffers)
     compression.observe(wire, seconds)
     buffers.counts.wire_pulled += wire
-    carried = decompressed(reply.buffers, reply.compressed, reply.raw_sizes)
+    whole = (cut or CutPull({}, [])).joined(reply.digests, reply.cached, reply.offsets, reply.buffers)
+    carried = decompressed(whole, reply.compressed, reply.raw_sizes)
     whole, gone = buffers.pulled(reply.digests, reply.cached, carried)
     if gone:
         return None, list(gone)

@@ -28,7 +28,9 @@ from typing import Any
 
 import xxhash
 
-__all__ = ["MAX_ENTRIES", "THRESHOLD", "Holdings", "check_offsets", "check_references", "digest", "digests_of", "nbytes"]
+__all__ = [
+    "MAX_ENTRIES", "THRESHOLD", "Holdings", "check_offsets", "check_references", "digest", "digests_of", "nbytes",
+]
 
 #: Buffers at least this large are named by digest; smaller ones always travel.
 THRESHOLD = 1 << 20

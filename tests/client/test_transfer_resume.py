@@ -65,12 +65,16 @@ def stdout_of(session: Any, code: str) -> str:
     return "".join(out)
 
 
-def cut_when(proxy: TcpProxy, crossed: int) -> threading.Thread:
-    """Cut the link once ``crossed`` more bytes went up it (as they go, not after a time)."""
-    start = proxy.up
+def cut_when(proxy: TcpProxy, crossed: int, down: bool = False) -> threading.Thread:
+    """Cut the link once ``crossed`` more bytes went up it (``down``: came down
+    it), as they go, not after a time."""
+    def count() -> int:
+        return proxy.down if down else proxy.up
+
+    start = count()
 
     def cut() -> None:
-        wait_for(lambda: proxy.up - start >= crossed, timeout=120, what="half of the push to cross")
+        wait_for(lambda: count() - start >= crossed, timeout=120, what="half of the transfer to cross")
         proxy.drop()
 
     thread = threading.Thread(target=cut, daemon=True)
@@ -101,6 +105,32 @@ def test_a_push_cut_in_the_middle_resumes_from_what_arrived(server: ServerProces
         assert resent <= SIZE - SIZE // 2 + IN_FLIGHT, f"{resent} bytes sent again of {SIZE}: not resumed"
         assert stdout_of(again, "import hashlib\nprint(hashlib.sha256(value).hexdigest())") == checksum + "\n"
         assert again.transfer_counts.wire_pushed <= SIZE - SIZE // 2 + IN_FLIGHT  # its own count agrees
+    finally:
+        again.release()
+
+
+def test_a_pull_cut_in_the_middle_resumes_from_what_arrived(server: ServerProcess, proxy: TcpProxy) -> None:
+    client = Client(proxy.url, server.token("puller"))
+    first = client.session()
+    first.on_progress = None
+    try:
+        made = stdout_of(first, f"import hashlib, numpy as np\nmade = np.random.default_rng(23).integers("
+                                f"0, 256, {SIZE}, dtype=np.uint8)\nprint(hashlib.sha256(made).hexdigest())")
+        cutter = cut_when(proxy, SIZE // 2, down=True)
+        with pytest.raises(ConnectionLost):
+            first.pull("made")
+        cutter.join()
+    finally:
+        first.close()
+    again = client.session(resume=first.id)
+    try:
+        before = proxy.down
+        value = again.pull("made")["made"]
+        resent = proxy.down - before
+        assert resent <= SIZE - SIZE // 2 + IN_FLIGHT, f"{resent} bytes sent again of {SIZE}: not resumed"
+        assert hashlib.sha256(value).hexdigest() + "\n" == made
+        value[:] = 0  # the value is the caller's own memory
+        assert hashlib.sha256(again.pull("made")["made"]).hexdigest() + "\n" == made
     finally:
         again.release()
 

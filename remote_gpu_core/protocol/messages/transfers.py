@@ -30,7 +30,11 @@ buffers with the session's worker. A client that reconnects asks what is
 there (:class:`Holding`, answered by :class:`Held`) and pushes only the
 rest: ``offsets[k]`` bytes of carried buffer ``k`` are taken from what the
 worker kept of its digest, and ``buffers[k]`` carries the bytes after them.
-A server that says ``resume`` in its :attr:`~.session.Welcome.limits` reads both.
+A pull cut short the same way leaves what arrived with the client: its
+next :class:`Pull` offers it in ``partial`` (bytes held by digest), and the
+answer's ``offsets[k]`` says how many bytes of carried buffer ``k`` it
+leaves out, from the start, because the client holds them.
+A server that says ``resume`` in its :attr:`~.session.Welcome.limits` reads these.
 """
 
 from __future__ import annotations
@@ -115,7 +119,8 @@ class Pull(Message):
     that earlier request (the cell that makes them) succeeded, as in
     :class:`~.cells.Execute`; else the answer is ``ErrorCode.NOT_RUN``.
     ``have``: digests of buffers the client holds, which the answer names
-    instead of carrying; ``codecs``: those the answer may be compressed with."""
+    instead of carrying; ``codecs``: those the answer may be compressed with;
+    ``partial``: bytes held, by digest, of buffers a pull cut short began."""
 
     type = MessageType.PULL
     req: int
@@ -123,17 +128,21 @@ class Pull(Message):
     have: list[str] = dataclasses.field(default_factory=list)
     codecs: list[str] = dataclasses.field(default_factory=list)
     after: int = 0
+    partial: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def fields(self) -> dict[str, Any]:
         fields = super().fields()
-        if not self.after:  # the message as it was before the field
-            del fields["after"]
+        for name in ("after", "partial"):
+            if not fields[name]:  # the message as it was before the field
+                del fields[name]
         return fields
 
 
 @dataclasses.dataclass(frozen=True)
 class PullReply(Message):
-    """As :class:`Push`, the other way: the ``cached`` buffers are the client's own."""
+    """As :class:`Push`, the other way: the ``cached`` buffers are the client's
+    own, and ``offsets`` the bytes of each carried one left out because the
+    client holds them from a pull cut short (see :attr:`Pull.partial`)."""
 
     type = MessageType.PULL_REPLY
     req: int
@@ -145,6 +154,13 @@ class PullReply(Message):
     codec: str = ""
     compressed: list[int] = dataclasses.field(default_factory=list)
     raw_sizes: list[int] = dataclasses.field(default_factory=list)
+    offsets: list[int] = dataclasses.field(default_factory=list)
+
+    def fields(self) -> dict[str, Any]:
+        fields = super().fields()
+        if not self.offsets:  # the message as it was before the field
+            del fields["offsets"]
+        return fields
 
 
 @dataclasses.dataclass(frozen=True)

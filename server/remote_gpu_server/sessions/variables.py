@@ -66,15 +66,19 @@ async def pull(session: Session, msg: m.Pull, conn: Replier, follows: Follows | 
     def refused(reply: dict[str, Any]) -> m.ErrorCode:
         return m.ErrorCode.NAME_ERROR if reply.get("ename") == "NameError" else m.ErrorCode.SERIALIZATION
 
-    bad = check_references(len(msg.have), msg.have, [], len(msg.have))
+    partial = list(msg.partial)
+    bad = (check_references(len(msg.have), msg.have, [], len(msg.have))
+           or check_references(len(partial), partial, [], len(partial))
+           or ("a partial size is below 0" if any(n < 0 for n in msg.partial.values()) else None))
     if bad:
         await conn.send(m.Error(msg.req, m.ErrorCode.BAD_REQUEST, f"pull: {bad}"))
         return
     cache = session.context.session_cache
     data = {"op": "pull", "names": msg.names, "have": msg.have if cache else [], "compress": CODEC in msg.codecs,
-            "name": bool(cache)}
+            "name": bool(cache), "partial": msg.partial if cache else {}}
     await session.send_out(msg.req, conn, data, refused, lambda reply: m.PullReply(
         msg.req, list(reply["names"]), list(reply["counts"]), digests=[str(d) for d in reply.get("digests") or []],
         cached=[int(i) for i in reply.get("cached") or []], codec=CODEC if reply.get("compressed") else "",
         compressed=[int(i) for i in reply.get("compressed") or []],
-        raw_sizes=[int(n) for n in reply.get("raw_sizes") or []]), follows)
+        raw_sizes=[int(n) for n in reply.get("raw_sizes") or []],
+        offsets=[int(n) for n in reply.get("offsets") or []]), follows)

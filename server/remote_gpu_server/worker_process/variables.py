@@ -157,8 +157,17 @@ def pull(user_ns: dict[str, Any], data: dict[str, Any]) -> tuple[dict[str, Any],
                 compressed.append(k)
                 raw_sizes.append(nbytes(buf))
                 send[k] = compress(buf)
+    # What the client holds of a pull cut short is left out (not of one compressed now).
+    partial = {str(d): int(n) for d, n in (data.get("partial") or {}).items()}
+    carried = [i for i in range(len(bufs)) if i not in skip]
+    offsets = [0] * len(send)
+    for k, i in enumerate(carried):
+        held = partial.get(digests[i], 0) if digests[i] and k not in compressed else 0
+        if 0 < held < nbytes(send[k]):
+            offsets[k], send[k] = held, memoryview(send[k]).cast("B")[held:]
     sizes = [nbytes(b) for b in send]
     # The server streams the buffers on to its client as they come, and
     # needs the sizes first: the reply goes out before the bytes.
     return ({"ok": True, "names": names, "counts": counts, "sizes": sizes, "digests": digests,
-             "cached": cached, "compressed": compressed, "raw_sizes": raw_sizes}, send)
+             "cached": cached, "compressed": compressed, "raw_sizes": raw_sizes,
+             "offsets": offsets if any(offsets) else []}, send)

@@ -1,9 +1,11 @@
-"""The messages that resume a push cut short, on the wire and checked.
+"""The messages that resume a push or a pull cut short, on the wire and checked.
 
-A resume adds two messages (:class:`~m.Holding`, :class:`~m.Held`) and one
-field that stays off the wire unless used (``Push.offsets``), so a push
-that resumes nothing reads as before; the server checks the offsets
-against the push's other lists before a worker sees them.
+A resume adds two messages (:class:`~m.Holding`, :class:`~m.Held`) and
+fields that stay off the wire unless used (``Push.offsets``,
+``Pull.partial``, ``PullReply.offsets``), so a transfer that resumes
+nothing reads as before; the server checks a push's offsets against its
+other lists before a worker sees them. A reader cut short in a message's
+buffers gives back what came of them (``Reader.salvage``).
 """
 
 from __future__ import annotations
@@ -42,6 +44,32 @@ def test_holding_held_and_a_push_with_offsets_roundtrip() -> None:
 
 def test_a_push_that_resumes_nothing_is_the_same_on_the_wire_as_before() -> None:
     assert "offsets" not in m.Push(1, ["x"], [1], (b"p",)).fields()
+    assert "partial" not in m.Pull(1, ["x"]).fields()
+    assert "offsets" not in m.PullReply(1, ["x"], [1], (b"p",)).fields()
+
+
+def test_a_pull_that_offers_what_came_and_its_answer_roundtrip() -> None:
+    msgs: list[m.Message] = [
+        m.Pull(6, ["x"], partial={D1: 1 << 20}),
+        m.PullReply(6, ["x"], [2], (b"pickle", b"the rest"), digests=["", D1], offsets=[0, 1 << 20]),
+    ]
+    pull, reply = roundtrip(msgs)
+    assert pull == msgs[0]
+    assert isinstance(reply, m.PullReply) and reply.offsets == [0, 1 << 20]
+
+
+def test_a_reader_cut_in_the_buffers_gives_back_what_came() -> None:
+    frames = [bytes(f) for f in encode(m.PullReply(2, ["x"], [3], (b"p", b"0123456789", b"abc"),
+                                                   digests=["", D1, D2]))]
+    data = b"".join(frames)
+    reader = Reader()
+    assert reader.salvage() is None
+    reader.receive_data(data[:len(data) - 8])  # all but "56789abc"
+    salvaged = reader.salvage()
+    assert salvaged is not None
+    fields, came = salvaged
+    assert fields["t"] == "pull_reply" and fields["digests"] == ["", D1, D2] and fields["req"] == 2
+    assert [(bytes(buf[:n]), n) for buf, n in came] == [(b"p", 1), (b"01234", 5), (b"", 0)]
 
 
 def push(offsets: list[int], **fields: object) -> m.Push:

@@ -485,6 +485,7 @@ class AsyncSession:
 
     async def release(self) -> None:
         """Give the GPU back; the worker and its variables are gone."""
+        self.cut_pulls.pop(self.id, None)
         if self.released is None and self.connected:
             try:
                 async with self._exchange(m.Release) as receive:

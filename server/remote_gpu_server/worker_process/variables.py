@@ -15,8 +15,10 @@ says how many bytes of each are held (whole or cut), and a push's
 An offset that is no longer held is answered as ``missing``, like a
 ``cached`` buffer.
 
-``{"op": "pull", "names", "have"}``: the reply names every large buffer by
-digest and leaves out of the data channel those the client said it has.
+``{"op": "pull", "names", "have", "partial"}``: the reply names every large
+buffer by digest and leaves out of the data channel those the client said
+it has, and the first ``partial[digest]`` bytes of those it holds that much
+of from a pull cut short (the reply's ``offsets``).
 
 Either way, a large buffer may travel compressed (see
 :mod:`remote_gpu_core.protocol.compression`): a push's ``compressed``

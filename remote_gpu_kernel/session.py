@@ -117,12 +117,11 @@ class AsyncSession:
         """Send a request (made from its id); yield what awaits its next answer
         (called) and names its id (``.req``).
 
-        An :class:`Error` answer raises; the request's inbox is dropped on
-        exit. ``sending`` and ``receiving`` report the bytes of the request
-        sent and of its answer received; ``meter`` (``push``: the request's,
-        ``pull``: the answer's) reports them to :attr:`on_progress`. The
-        request is sent on entry, its answers are not waited for: requests
-        sent one after another are a pipeline (see :meth:`run`).
+        An :class:`Error` answer raises; the request's inbox is dropped on exit. ``sending`` and
+        ``receiving`` report the bytes of the request sent and of its answer received; ``meter``
+        (``push``: the request's, ``pull``: the answer's) reports them to :attr:`on_progress`. The
+        request is sent on entry, its answers are not waited for: requests sent one after another
+        are a pipeline (see :meth:`run`).
         """
         if self.released:
             raise SessionReleased(f"this GPU session was released ({self.released})", code="released")
@@ -216,7 +215,7 @@ class AsyncSession:
         names = list(pull)
         dumped = dump_values(dict(push)) if push else None
         plan = await self._held(self.buffers.plan_push(dumped[2]), dumped[2]) if dumped is not None else None
-        have = self.buffers.have() if names else []
+        have, cut = (self.buffers.have(), self.cut_pulls.pop(self.id, None)) if names else ([], None)
         header = parent_of(parent)
         missed = False
         async with contextlib.AsyncExitStack() as answers:
@@ -231,7 +230,7 @@ class AsyncSession:
             pulling = None
             if names:
                 pulling = await answers.enter_async_context(
-                    self._exchange(pull_request(self.compression, names, have, after=cell.req), meter="pull"))
+                    self._exchange(pull_request(self.compression, names, have, after=cell.req, cut=cut), meter="pull"))
             if pushing is not None and dumped is not None and plan is not None:
                 done = await self._expect(pushing, m.PushDone, on_notice=on_notice, on_queue=on_queue)
                 assert isinstance(done, m.PushDone)
@@ -254,7 +253,7 @@ class AsyncSession:
                 reply = await self._expect(pulling, m.PullReply, on_notice=on_notice)
                 assert isinstance(reply, m.PullReply)
                 pulling.finished()
-                values, gone = take_pull(self.buffers, self.compression, reply, time.monotonic() - pull_started)
+                values, gone = take_pull(self.buffers, self.compression, reply, time.monotonic() - pull_started, cut)
         if missed:
             # The worker no longer held a buffer the push named: push the usual
             # way (with the bytes where needed), then the cell and its pull.

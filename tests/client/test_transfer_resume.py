@@ -164,7 +164,7 @@ def test_a_buffer_the_worker_no_longer_has_is_sent_whole(server: ServerProcess, 
         again.release()
 
 
-def test_the_magic_resumes_a_cut_push_when_the_cell_runs_again(server: ServerProcess, proxy: TcpProxy,
+def test_the_magic_resumes_a_cut_push_or_pull_when_the_cell_runs_again(server: ServerProcess, proxy: TcpProxy,
                                                                 tmp_path: Path) -> None:
     env = dict(os.environ, RGPU_URL=proxy.url, RGPU_TOKEN=server.token("magician"), RGPU_PROGRESS="0",
                RGPU_CONFIG=str(tmp_path / "none.json"))
@@ -184,6 +184,17 @@ def test_the_magic_resumes_a_cut_push_when_the_cell_runs_again(server: ServerPro
         resent = proxy.up - before
         assert resent <= SIZE - SIZE // 2 + IN_FLIGHT, f"{resent} bytes sent again of {SIZE}: not resumed"
         assert kernel.run("%%gpu\nprint(hashlib.sha256(big).hexdigest())").stdout == made.stdout
+        # A cell whose -o pull is cut: run again, it makes the same value, and only the rest comes.
+        cell = "%%gpu -o back\nback = big[::-1].copy()"
+        cutter = cut_when(proxy, SIZE // 2, down=True)
+        cut = kernel.run(cell, timeout=300)
+        cutter.join()
+        assert cut.reply["status"] == "error" and cut.reply["ename"] == "ConnectionLost", cut.reply
+        before = proxy.down
+        assert kernel.run(cell, timeout=300).reply["status"] == "ok"
+        resent = proxy.down - before
+        assert resent <= SIZE - SIZE // 2 + IN_FLIGHT, f"{resent} bytes sent again of {SIZE}: not resumed"
+        assert kernel.run("print(bool((back == big[::-1]).all()))").stdout == "True\n"
     finally:
         kernel.run("%gpu release")
         kernel.close()

@@ -170,7 +170,8 @@ class TerminalLine:
     def __call__(self, key: int, text: str, final: bool) -> None:
         pad = " " * max(0, self._width - len(text))
         self._width = 0 if final else len(text)
-        self._stream.write(f"\r{text}{pad}{chr(10) if final else ''}")
+        end = "\n" if final else ""
+        self._stream.write(f"\r{text}{pad}{end}")
         self._stream.flush()
 
 

@@ -13,6 +13,11 @@ goes with it; nothing is shared between sessions.
   change such an array in place after the push, so a buffer taken from
   ``local`` is hashed again first and, if it changed, asked for again; and
   it is copied, so the pulled variable shares no memory with the local one.
+
+After a reconnect this client knows nothing of what the worker holds:
+before a large push, the session asks (see :class:`~m.Holding`) about the
+buffers of :func:`worth_asking`, and :func:`resumed_plan` leaves out those
+held whole and sends only the rest of those a push cut short left there.
 """
 
 from __future__ import annotations
@@ -21,10 +26,14 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+from remote_gpu_core.errors import ProtocolError
 from remote_gpu_core.protocol.content import Holdings, digest, digests_of, nbytes
 from remote_gpu_core.protocol.serialization import allocate_buffer
 
-__all__ = ["PushPlan", "SessionBuffers", "TransferCounts"]
+__all__ = ["ASK_FROM", "CutPull", "PushPlan", "SessionBuffers", "TransferCounts", "resumed_plan", "worth_asking"]
+
+#: A push carrying at least this many bytes of named buffers asks what the worker holds of them first.
+ASK_FROM = 8 << 20
 
 
 @dataclasses.dataclass
@@ -48,11 +57,75 @@ class TransferCounts:
 
 @dataclasses.dataclass(frozen=True)
 class PushPlan:
-    """One attempt at a push: each buffer's digest, those left out, those carried."""
+    """One attempt at a push: each buffer's digest, those left out, those carried
+    (``offsets``: none, or the bytes of each carried one that the worker holds
+    from a push cut short, which are not sent)."""
 
     digests: list[str]
     cached: list[int]
     carried: list[Any]
+    offsets: list[int] = dataclasses.field(default_factory=list)
+
+
+class CutPull:
+    """What came of a pull cut short by a dropped connection: each large,
+    named buffer it had begun, by digest, with the bytes of it that came.
+
+    The next pull of the session offers them (:meth:`offer`); its answer
+    carries only the rest, which :meth:`joined` puts after them.
+    """
+
+    def __init__(self, fields: dict[str, Any], came: Sequence[tuple[Any, int]]) -> None:
+        digests = [str(d) for d in fields.get("digests") or []]
+        skip = set(int(i) for i in fields.get("cached") or [])
+        squeezed = set(int(k) for k in fields.get("compressed") or [])
+        carried = [i for i in range(len(digests)) if i not in skip]
+        self.parts: dict[str, tuple[Any, int]] = {}
+        for k, (buf, received) in enumerate(came):
+            key = digests[carried[k]] if k < len(carried) else ""
+            if key and k not in squeezed and 0 < received < nbytes(buf):
+                self.parts[key] = (buf, received)
+
+    def offer(self) -> dict[str, int]:
+        return {key: received for key, (_, received) in self.parts.items()}
+
+    def joined(self, digests: Sequence[str], cached: Sequence[int], offsets: Sequence[int],
+               carried: Sequence[Any]) -> list[Any]:
+        """``carried`` (a pull's answer's buffers) with each that left out its
+        first ``offsets[k]`` bytes put after those held here."""
+        if not offsets:
+            return list(carried)
+        skip = set(cached)
+        sent = [d for i, d in enumerate(digests) if i not in skip]
+        out = list(carried)
+        for k, offset in enumerate(offsets):
+            if not offset:
+                continue
+            held = self.parts.get(sent[k] if k < len(sent) else "")
+            head = memoryview(held[0]).cast("B") if held is not None else None
+            if held is None or head is None or held[1] != offset or nbytes(carried[k]) != head.nbytes - offset:
+                raise ProtocolError("the pull's answer left out bytes this client does not hold")
+            head[offset:] = memoryview(carried[k]).cast("B")
+            out[k] = held[0]
+        return out
+
+
+def worth_asking(plan: PushPlan, buffers: Sequence[Any]) -> list[int]:
+    """The indices of ``plan``'s carried, named buffers, if they come to
+    :data:`ASK_FROM` bytes or more (else none: asking costs a round trip)."""
+    skip = set(plan.cached)
+    named = [i for i, d in enumerate(plan.digests) if d and i not in skip]
+    return named if sum(nbytes(buffers[i]) for i in named) >= ASK_FROM else []
+
+
+def resumed_plan(plan: PushPlan, buffers: Sequence[Any], asked: Sequence[int], held: Sequence[int]) -> PushPlan:
+    """``plan`` once the worker said it holds ``held[j]`` bytes of buffer
+    ``asked[j]``: left out where it holds all, sent from there where some."""
+    have = dict(zip(asked, held))
+    cached = sorted(set(plan.cached) | {i for i in asked if have[i] >= nbytes(buffers[i])})
+    carried = [i for i in range(len(buffers)) if i not in set(cached)]
+    offsets = [have.get(i, 0) for i in carried]
+    return PushPlan(plan.digests, cached, [buffers[i] for i in carried], offsets if any(offsets) else [])
 
 
 class SessionBuffers:

@@ -26,6 +26,7 @@ from remote_gpu_core.login import ClientConfig
 from remote_gpu_core.protocol import messages as m
 
 from . import notices
+from .buffers import CutPull
 from .link import FIRST_REQ, connect_link
 from .notebook_files import NotebookFolder
 from .session import (
@@ -56,6 +57,9 @@ class AsyncClient:
         self.open_timeout = open_timeout
         self.user: str | None = None
         self.server_version: str | None = None
+        #: What came of the latest pull cut short by a dropped connection, by
+        #: session: the session resumed on this client offers it (see :mod:`.buffers`).
+        self.cut_pulls: dict[str, CutPull] = {}
 
     def session(self, gpus: int | None = None, *, resume: str | None = None,
                 priority: str | None = None, pool: str | None = None,
@@ -120,6 +124,8 @@ class AsyncClient:
                     await versions
                     session = AsyncSession(link, msg, on_notice)
                     session.notebook_files = files
+                    session.cut_pulls = self.cut_pulls
+                    link.on_cut = lambda fields, came: self._cut(session.id, fields, came)
                     if say_mismatch and session.mismatch and not session.resumed:
                         notify(on_notice, notices.versions_differ(session.mismatch))
                     return session
@@ -127,6 +133,14 @@ class AsyncClient:
             versions.cancel()
             await link.close()
             raise
+
+
+    def _cut(self, session: str, fields: dict[str, Any], came: list[tuple[Any, int]]) -> None:
+        if fields.get("t") == m.MessageType.PULL_REPLY.value:
+            cut = CutPull(fields, came)
+            self.cut_pulls.clear()  # only the latest
+            if cut.parts:
+                self.cut_pulls[session] = cut
 
 
 class SessionOpener:

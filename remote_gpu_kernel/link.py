@@ -53,6 +53,8 @@ from remote_gpu_core.protocol.limits import refusal
 from remote_gpu_core.protocol.piece_reader import install as install_piece_reader
 from remote_gpu_core.protocol.serialization import allocate_buffer
 
+from .progress import Throttle
+
 __all__ = ["Answers", "Link", "OutputCallback", "ProgressCallback", "connect_link", "error_from", "open_link"]
 
 log = logging.getLogger("remote_gpu_kernel")
@@ -101,10 +103,17 @@ _CLOSED = object()
 
 @dataclasses.dataclass(frozen=True)
 class Answers:
-    """A request sent: its id, and (called) its next answer."""
+    """A request sent: its id, (called) its next answer, and the meter of its
+    bytes where its session reports their progress (see :mod:`.progress`)."""
 
     req: int
     receive: Callable[[], Awaitable[m.Message]]
+    meter: Throttle | None = None
+
+    def finished(self) -> None:
+        """Its transfer is over: the meter reports it, whole."""
+        if self.meter is not None:
+            self.meter.finish()
 
     def __call__(self) -> Awaitable[m.Message]:
         return self.receive()
@@ -140,6 +149,9 @@ class Link:
         self.on_background: OutputCallback | None = None
         #: Progress of the answers being received, by request.
         self.progress: dict[int, ProgressCallback] = {}
+        #: Told what came of a message cut short by the end of the connection
+        #: (see :meth:`~remote_gpu_core.protocol.framing.Reader.salvage`).
+        self.on_cut: Callable[[dict[str, Any], list[tuple[Any, int]]], None] | None = None
         self.task = asyncio.get_running_loop().create_task(self._read())
 
     def open(self) -> tuple[int, asyncio.Queue[Any]]:
@@ -187,6 +199,9 @@ class Link:
             await self.ws.close(1002, "protocol error")
         finally:
             self.closed_reason = reason
+            salvaged = self.reader.salvage()
+            if salvaged is not None and self.on_cut is not None:
+                self.on_cut(*salvaged)
             for inbox in self.inboxes.values():
                 inbox.put_nowait(_CLOSED)
 

@@ -80,15 +80,6 @@ def _say(text: str) -> None:
     print(f"{notices.PREFIX}{text}", file=sys.stderr)
 
 
-def _publish_display(msg_type: str, content: dict[str, Any]) -> None:
-    """A :class:`~notices.StatusLine` message through IPython's display publisher."""
-    from IPython import display
-
-    publish_display_data = cast(Callable[..., None], display.publish_display_data)  # unannotated
-    publish_display_data(content["data"], content.get("metadata") or {},
-                         transient=content.get("transient"), update=msg_type == "update_display_data")
-
-
 def _release_at_exit(ref: weakref.ref[GpuMagics]) -> None:
     magics = ref()
     if magics is not None:
@@ -140,7 +131,7 @@ class GpuMagics(Magics):
         if session is None:
             client = self._client()
             resume = self._last_session
-            line = notices.StatusLine(_publish_display)
+            line = notices.StatusLine(notices.publish_display)
             session = client.session(
                 gpus, resume=resume, priority=priority, pool=pool,
                 on_queue=lambda pos: line.show(notices.queued(pos)),
@@ -252,7 +243,7 @@ class GpuMagics(Magics):
             raise NameError(f"%%gpu -i: name {missing[0]!r} is not defined")
         session = self._session(gpus, priority, pool)
         parent = self.comms.current_parent()
-        line = notices.StatusLine(_publish_display)
+        line = notices.StatusLine(notices.publish_display)
         try:
             # One round trip: the inputs, the cell and the names to pull go out
             # together. Under this cell's own msg_id: a remote Output widget
@@ -262,7 +253,7 @@ class GpuMagics(Magics):
             result = session.run(code, self.comms.show, push={n: ns[n] for n in inputs}, pull=outputs,
                                  timeout=timeout, parent=parent.get("header"),
                                  on_queue=lambda pos: line.show(notices.restoring(pos)),
-                                 on_fetched=lambda text: notices.StatusLine(_publish_display).show(
+                                 on_fetched=lambda text: notices.StatusLine(notices.publish_display).show(
                                      f"{notices.PREFIX}{text}"),
                                  execution_count=self._cell_number(parent))
         # The cell did not finish: each of these fails it (so "Run All"
@@ -291,7 +282,7 @@ class GpuMagics(Magics):
         if not paths:
             raise ValueError(f"%gpu {cmd} needs at least one path; see %gpu? for help")
         session = self._session()
-        line = notices.StatusLine(_publish_display)
+        line = notices.StatusLine(notices.publish_display)
         verb = "uploading" if cmd == "upload" else "downloading"
         def progress(done: int, total: int) -> None:
             line.progress(verb, done, total)
@@ -348,7 +339,7 @@ class GpuMagics(Magics):
             if not session.parked:
                 print(f"{notices.PREFIX}the GPU session is not parked")
             else:
-                status = notices.StatusLine(_publish_display)
+                status = notices.StatusLine(notices.publish_display)
                 session.resume(on_queue=lambda pos: status.show(notices.restoring(pos)))
         elif cmd == "push":
             ns = self.ipython.user_ns

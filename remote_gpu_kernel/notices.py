@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 from remote_gpu_core.sizes import format_size
 
@@ -23,6 +23,7 @@ __all__ = [
     "StatusLine",
     "env_code",
     "gone_state",
+    "publish_display",
     "granted",
     "queued",
     "restoring",
@@ -105,6 +106,16 @@ def gone_state(why: str) -> dict[str, Any]:
     return {"method": "update", "buffer_paths": [],
             "state": {"_dom_classes": ["jupyter-widgets-disconnected"], "disabled": True,
                       "tooltip": widget_gone(why)}}
+
+
+def publish_display(msg_type: str, content: dict[str, Any]) -> None:
+    """A :class:`StatusLine` message through IPython's display publisher (the
+    cell that runs now, in a kernel where IPython runs the cells)."""
+    from IPython import display
+
+    publish_display_data = cast(Callable[..., None], display.publish_display_data)  # unannotated
+    publish_display_data(content["data"], content.get("metadata") or {},
+                         transient=content.get("transient"), update=msg_type == "update_display_data")
 
 
 class StatusLine:

@@ -19,36 +19,22 @@ from pathlib import Path
 from typing import Any
 
 from remote_gpu_core.errors import (
-    ConnectionLost,
-    FileTransferError,
-    ProtocolError,
-    RemoteError,
-    RemoteGpuError,
-    ServerError,
-    SessionReleased,
+    ConnectionLost, FileTransferError, ProtocolError, RemoteError, RemoteGpuError, ServerError, SessionReleased
 )
 from remote_gpu_core.protocol import messages as m
 
 from . import files as _files
-from .buffers import PushPlan, SessionBuffers
+from .buffers import CutPull, PushPlan, SessionBuffers, resumed_plan, worth_asking
 from .compressing import CompressionPolicy
 from .link import Answers, Link, OutputCallback, ProgressCallback
 from .notebook_files import NotebookFolder, serve_fetch
-from .results import (
-    ExecuteResult,
-    NoticeCallback,
-    QueueCallback,
-    notify,
-    parent_of,
-    write_streams,
-)
+from .progress import Throttle, TransferProgress
+from .results import ExecuteResult, NoticeCallback, QueueCallback, notify, parent_of, write_streams
 from .variables import Dumped, dump, next_have, pull_request, push_request, take_pull, take_push
 from .versions import mismatch
 
-__all__ = [
-    "AsyncSession", "ExecuteResult", "NoticeCallback", "OutputCallback", "ProgressCallback",
-    "QueueCallback", "notify", "parent_of", "write_streams",
-]
+__all__ = ["AsyncSession", "ExecuteResult", "NoticeCallback", "OutputCallback", "ProgressCallback",
+           "QueueCallback", "notify", "parent_of", "write_streams"]
 
 class AsyncSession:
     """A leased GPU (or CPU slot) with its remote namespace.
@@ -94,8 +80,13 @@ class AsyncSession:
         #: What this session's worker and this client hold of what they moved
         #: (see :mod:`.buffers`); ``buffers.counts`` are the bytes moved and saved.
         self.buffers = SessionBuffers(int(link.limits.get("session_cache") or 0))
+        #: After a reconnect, a large push asks what the worker holds first (see :mod:`.buffers`).
+        self._asks = granted.resumed and bool(link.limits.get("resume"))
+        self.cut_pulls: dict[str, CutPull] = {}  # what came of a pull cut short, by session (its client's)
         #: Whether this session's transfers compress (see :mod:`.compressing`).
         self.compression = CompressionPolicy.for_peer(link.ws.remote_address)
+        #: Told how each push and pull goes (see :mod:`.progress`); None: not at all.
+        self.on_progress: Callable[[TransferProgress], Any] | None = None
         self._link = link
         link.on_released = self._on_released
         link.on_parked = self._on_parked
@@ -127,25 +118,27 @@ class AsyncSession:
     @contextlib.asynccontextmanager
     async def _exchange(self, message_factory: Callable[[int], m.Message], *,
                         sending: ProgressCallback | None = None,
-                        receiving: ProgressCallback | None = None,
+                        receiving: ProgressCallback | None = None, meter: str = "",
                         ) -> AsyncIterator[Answers]:
         """Send a request (made from its id); yield what awaits its next answer
         (called) and names its id (``.req``).
 
-        An :class:`Error` answer raises; the request's inbox is dropped on
-        exit. ``sending`` and ``receiving`` report the bytes of the request
-        sent and of its answer received. The request is sent on entry, its
-        answers are not waited for: requests sent one after another are a
-        pipeline (see :meth:`run`).
+        An :class:`Error` answer raises; the request's inbox is dropped on exit. ``sending`` and
+        ``receiving`` report the bytes of the request sent and of its answer received; ``meter``
+        (``push``: the request's, ``pull``: the answer's) reports them to :attr:`on_progress`. The
+        request is sent on entry, its answers are not waited for: requests sent one after another
+        are a pipeline (see :meth:`run`).
         """
         if self.released:
             raise SessionReleased(f"this GPU session was released ({self.released})", code="released")
         req, inbox = self._link.open()
+        throttle = Throttle(req, meter, self.on_progress) if meter and self.on_progress else None
+        sending, receiving = (throttle, receiving) if meter == "push" else (sending, throttle or receiving)
         if receiving is not None:
             self._link.progress[req] = receiving
         try:
             await self._link.send(message_factory(req), sending)
-            yield Answers(req, lambda: self._link.receive(inbox))
+            yield Answers(req, lambda: self._link.receive(inbox), throttle)
         finally:
             self._link.progress.pop(req, None)
             self._link.done(req)
@@ -229,15 +222,16 @@ class AsyncSession:
         """
         names = list(pull)
         dumped = dump(push) if push else None
-        plan = self.buffers.plan_push(dumped.buffers) if dumped is not None else None
-        have = self.buffers.have() if names else []
+        plan = (await self._held(self.buffers.plan_push(dumped.buffers), dumped.buffers)
+                if dumped is not None else None)
+        have, cut = (self.buffers.have(), self.cut_pulls.pop(self.id, None)) if names else ([], None)
         header = parent_of(parent)
         missed = False
         async with contextlib.AsyncExitStack() as answers:
             pushing, wire, started = None, 0, time.monotonic()
             if dumped is not None and plan is not None:
                 make, wire = push_request(self.compression, dumped, plan)
-                pushing = await answers.enter_async_context(self._exchange(make))
+                pushing = await answers.enter_async_context(self._exchange(make, meter="push"))
             cell = await answers.enter_async_context(self._exchange(
                 lambda r: m.Execute(r, code, timeout, silent, store_history, allow_stdin, header,
                                     execution_count, fetch=self.notebook_files is not None,
@@ -245,10 +239,11 @@ class AsyncSession:
             pulling = None
             if names:
                 pulling = await answers.enter_async_context(
-                    self._exchange(pull_request(self.compression, names, have, after=cell.req)))
+                    self._exchange(pull_request(self.compression, names, have, after=cell.req, cut=cut), meter="pull"))
             if pushing is not None and dumped is not None and plan is not None:
                 done = await self._expect(pushing, m.PushDone, on_notice=on_notice, on_queue=on_queue)
                 assert isinstance(done, m.PushDone)
+                pushing.finished()
                 self.parked = False
                 # Where it set nothing, the cell and the pull behind it do not run.
                 missed = not take_push(self.buffers, self.compression, plan, dumped.buffers, done, wire,
@@ -266,7 +261,8 @@ class AsyncSession:
                 pull_started = time.monotonic()
                 reply = await self._expect(pulling, m.PullReply, on_notice=on_notice)
                 assert isinstance(reply, m.PullReply)
-                values, gone = take_pull(self.buffers, self.compression, reply, time.monotonic() - pull_started)
+                pulling.finished()
+                values, gone = take_pull(self.buffers, self.compression, reply, time.monotonic() - pull_started, cut)
         if missed:
             # The worker no longer held a buffer the push named: push the usual
             # way (with the bytes where needed), then the cell and its pull.
@@ -337,7 +333,17 @@ class AsyncSession:
         names it and nothing is sent.
         """
         dumped = dump(values)
-        await self._push(dumped, self.buffers.plan_push(dumped.buffers))
+        await self._push(dumped, await self._held(self.buffers.plan_push(dumped.buffers), dumped.buffers))
+
+    async def _held(self, plan: PushPlan, buffers: list[Any]) -> PushPlan:
+        """``plan`` less what the worker holds of its large buffers, once resumed (see :mod:`.buffers`)."""
+        asked = worth_asking(plan, buffers) if self._asks else []
+        if not asked:
+            return plan
+        async with self._exchange(lambda r: m.Holding(r, [plan.digests[i] for i in asked])) as receive:
+            held = await self._expect(receive, m.Held)
+        assert isinstance(held, m.Held)
+        return resumed_plan(plan, buffers, asked, held.sizes)
 
     async def _push(self, dumped: Dumped, plan: PushPlan, tried: int = 0) -> None:
         """Push ``plan``; where the worker no longer holds a buffer it names, again
@@ -345,8 +351,9 @@ class AsyncSession:
         for attempt in range(tried, 3):
             make, wire = push_request(self.compression, dumped, plan)
             started = time.monotonic()
-            async with self._exchange(make) as receive:
+            async with self._exchange(make, meter="push") as receive:
                 done = await self._expect(receive, m.PushDone)
+                receive.finished()
             assert isinstance(done, m.PushDone)
             if take_push(self.buffers, self.compression, plan, dumped.buffers, done, wire,
                          time.monotonic() - started):
@@ -360,12 +367,13 @@ class AsyncSession:
 
     async def _pull(self, names: list[str], have: list[str]) -> dict[str, Any]:
         for _ in range(3):  # the last offers nothing: it cannot miss
-            started = time.monotonic()
-            async with self._exchange(pull_request(self.compression, names, have)) as receive:
+            started, cut = time.monotonic(), self.cut_pulls.pop(self.id, None)
+            async with self._exchange(pull_request(self.compression, names, have, cut=cut), meter="pull") as receive:
                 reply = await self._expect(receive, m.PullReply)
+                receive.finished()
             assert isinstance(reply, m.PullReply)
             self.parked = False
-            values, gone = take_pull(self.buffers, self.compression, reply, time.monotonic() - started)
+            values, gone = take_pull(self.buffers, self.compression, reply, time.monotonic() - started, cut)
             if values is not None:
                 return values
             have = next_have(have, gone)  # changed here since: ask for their bytes
@@ -485,6 +493,7 @@ class AsyncSession:
 
     async def release(self) -> None:
         """Give the GPU back; the worker and its variables are gone."""
+        self.cut_pulls.pop(self.id, None)
         if self.released is None and self.connected:
             try:
                 async with self._exchange(m.Release) as receive:

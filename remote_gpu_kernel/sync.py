@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from .buffers import TransferCounts
 from .client import AsyncClient
 from .notebook_files import NotebookFolder
+from .progress import ProgressCallback as TransferCallback, TransferProgress, default_progress
 from .session import (
     AsyncSession, ExecuteResult, NoticeCallback, OutputCallback, ProgressCallback, QueueCallback, notify,
     write_streams
@@ -177,6 +178,26 @@ class Session:
         # in the caller's thread, when the call returns.
         self._notices: queue.SimpleQueue[str] = queue.SimpleQueue()
         session.on_notice = self._notices.put
+        #: Told, in the caller's thread, how each push and pull goes (see
+        #: :mod:`.progress`): by default one line in the cell inside Jupyter, on
+        #: stderr on a terminal, else nothing. None: quiet.
+        self.on_progress: TransferCallback | None = default_progress()
+
+    def _reporting(self, emit: Callable[[Any], None]) -> None:
+        """Have this call's transfers reported through ``emit`` (to the caller's thread)."""
+        self._session.on_progress = emit if self.on_progress is not None else None
+
+    def _transfer(self, call: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        """Run a push or pull; its progress events go to :attr:`on_progress` here."""
+        def factory(emit: Callable[[Any], None]) -> Coroutine[Any, Any, T]:
+            self._reporting(emit)
+            return call()
+
+        def handle(event: TransferProgress) -> None:
+            if self.on_progress is not None:
+                self.on_progress(event)
+
+        return self._with_notices(lambda: _pump(factory, handle))
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         try:
@@ -311,6 +332,7 @@ class Session:
         names = list(pull)
 
         def factory(emit: Callable[[Any], None]) -> Coroutine[Any, Any, ExecuteResult]:
+            self._reporting(emit)
             return self._session.run(code, emit, push=push, pull=names, timeout=timeout, silent=silent,
                                      store_history=store_history, allow_stdin=allow_stdin,
                                      on_notice=emit, on_queue=lambda p: emit(m.QueuePosition(0, p)),
@@ -333,6 +355,9 @@ class Session:
                     on_queue(event.position)
             elif isinstance(event, _Fetched):
                 notify(on_fetched or self.on_notice, event.text)
+            elif isinstance(event, TransferProgress):
+                if self.on_progress is not None:
+                    self.on_progress(event)
             else:
                 notify(self.on_notice, event)
 
@@ -347,10 +372,12 @@ class Session:
         return self._call(self._session.replay(after))
 
     def push(self, **values: Any) -> None:
-        self._call(self._session.push(**values))
+        """See :meth:`AsyncSession.push`; a large one shows its progress (:attr:`on_progress`)."""
+        self._transfer(lambda: self._session.push(**values))
 
     def pull(self, *names: str) -> dict[str, Any]:
-        return self._call(self._session.pull(*names))
+        """See :meth:`AsyncSession.pull`; a large one shows its progress (:attr:`on_progress`)."""
+        return self._transfer(lambda: self._session.pull(*names))
 
     def shell_request(self, msg_type: str, content: dict[str, Any], *,
                       buffers: tuple[Any, ...] = (), on_output: OutputCallback | None = None,

@@ -20,7 +20,7 @@ from remote_gpu_core.protocol.compression import CODEC
 from remote_gpu_core.protocol.content import nbytes
 from remote_gpu_core.protocol.serialization import BufferLike
 
-from .buffers import PushPlan, SessionBuffers
+from .buffers import CutPull, PushPlan, SessionBuffers
 from .compressing import CompressionPolicy, decompressed
 
 __all__ = ["Dumped", "dump", "next_have", "pull_request", "push_request", "take_pull", "take_push"]
@@ -47,13 +47,19 @@ def dump(values: Mapping[str, Any]) -> Dumped:
 def push_request(compression: CompressionPolicy, dumped: Dumped,
                  plan: PushPlan) -> tuple[Callable[[int], m.Message], int]:
     """A push of ``plan`` (made for request id ``req`` when called), and the
-    bytes it carries over the wire (compressed where the policy says)."""
-    carried, packed, raw_sizes = compression.compress(plan.carried)
+    bytes it carries over the wire (compressed where the policy says; not
+    one that resumes a push cut short, whose buffers go on from their offsets)."""
+    if plan.offsets:
+        carried = [memoryview(b).cast("B")[n:] if n else b for b, n in zip(plan.carried, plan.offsets)]
+        packed: list[int] = []
+        raw_sizes: list[int] = []
+    else:
+        carried, packed, raw_sizes = compression.compress(plan.carried)
 
     def make(req: int) -> m.Message:
         return m.Push(req, dumped.names, dumped.counts, tuple(carried), digests=plan.digests,
                       cached=plan.cached, codec=CODEC if packed else "", compressed=packed,
-                      raw_sizes=raw_sizes, versions=dumped.versions)
+                      raw_sizes=raw_sizes, versions=dumped.versions, offsets=plan.offsets)
 
     return make, sum(nbytes(b) for b in carried)
 
@@ -73,20 +79,25 @@ def take_push(buffers: SessionBuffers, compression: CompressionPolicy, plan: Pus
 
 
 def pull_request(compression: CompressionPolicy, names: Sequence[str], have: Sequence[str],
-                 after: int = 0) -> Callable[[int], m.Message]:
-    """A pull of ``names`` that offers the buffers ``have`` (digests held here)
-    and the codecs the policy takes; ``after``: the request it follows."""
-    return lambda req: m.Pull(req, list(names), after=after, have=list(have), codecs=compression.codecs())
+                 after: int = 0, cut: CutPull | None = None) -> Callable[[int], m.Message]:
+    """A pull of ``names`` that offers the buffers ``have`` (digests held here),
+    what came of a pull ``cut`` short, and the codecs the policy takes;
+    ``after``: the request it follows."""
+    partial = cut.offer() if cut is not None else {}
+    return lambda req: m.Pull(req, list(names), after=after, have=list(have), codecs=compression.codecs(),
+                              partial=partial)
 
 
 def take_pull(buffers: SessionBuffers, compression: CompressionPolicy, reply: m.PullReply,
-              seconds: float) -> tuple[dict[str, Any] | None, list[str]]:
-    """The values a pull's answer gives (it took ``seconds``), or None and the
-    digests it named that this client no longer holds as they were."""
+              seconds: float, cut: CutPull | None = None) -> tuple[dict[str, Any] | None, list[str]]:
+    """The values a pull's answer gives (it took ``seconds``; it may go on from
+    what came of a pull ``cut`` short), or None and the digests it named
+    that this client no longer holds as they were."""
     wire = sum(nbytes(b) for b in reply.buffers)
     compression.observe(wire, seconds)
     buffers.counts.wire_pulled += wire
-    carried = decompressed(reply.buffers, reply.compressed, reply.raw_sizes)
+    whole = (cut or CutPull({}, [])).joined(reply.digests, reply.cached, reply.offsets, reply.buffers)
+    carried = decompressed(whole, reply.compressed, reply.raw_sizes)
     whole, gone = buffers.pulled(reply.digests, reply.cached, carried)
     if gone:
         return None, list(gone)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import ProtocolError
-from .content import THRESHOLD, check_references
+from .content import THRESHOLD, check_offsets, check_references
 from .messages import Push
 
 __all__ = ["CODEC", "Sample", "check_compressed", "compress", "compressible", "decompress_into", "push_refusal"]
@@ -113,4 +113,5 @@ def push_refusal(msg: Push) -> str | None:
     bad = check_references(sum(msg.counts), msg.digests, msg.cached, len(msg.buffers))
     if bad is None and (msg.compressed or msg.codec) and msg.codec != CODEC:
         bad = f"unknown codec {msg.codec!r} (this server knows {CODEC})"
-    return bad or check_compressed(len(msg.buffers), msg.compressed, msg.raw_sizes)
+    return (bad or check_compressed(len(msg.buffers), msg.compressed, msg.raw_sizes)
+            or check_offsets(sum(msg.counts), msg.digests, msg.cached, msg.compressed, msg.offsets, len(msg.buffers)))

@@ -28,7 +28,9 @@ from typing import Any
 
 import xxhash
 
-__all__ = ["MAX_ENTRIES", "THRESHOLD", "Holdings", "check_references", "digest", "digests_of", "nbytes"]
+__all__ = [
+    "MAX_ENTRIES", "THRESHOLD", "Holdings", "check_offsets", "check_references", "digest", "digests_of", "nbytes",
+]
 
 #: Buffers at least this large are named by digest; smaller ones always travel.
 THRESHOLD = 1 << 20
@@ -72,6 +74,26 @@ def check_references(total: int, digests: Sequence[str], cached: Sequence[int], 
         return "a cached index names no digest"
     if carried != total - len(cached):
         return f"{carried} buffers sent, {total - len(cached)} expected"
+    return None
+
+
+def check_offsets(total: int, digests: Sequence[str], cached: Sequence[int], compressed: Sequence[int],
+                  offsets: Sequence[int], carried: int) -> str | None:
+    """Why a resumed push's ``offsets`` (one per carried buffer, or none) do not
+    fit: each is at least 0, and above 0 only for a named buffer that is not
+    ``compressed`` (indices into the carried ones); None when they fit."""
+    if not offsets:
+        return None
+    if len(offsets) != carried:
+        return f"{len(offsets)} offsets for {carried} buffers sent"
+    skip = set(cached)
+    sent = [i for i in range(total) if i not in skip]
+    squeezed = set(compressed)
+    for k, offset in enumerate(offsets):
+        if offset < 0:
+            return "an offset is below 0"
+        if offset and (k in squeezed or not digests or not digests[sent[k]]):
+            return "an offset names a buffer that is compressed or has no digest"
     return None
 
 

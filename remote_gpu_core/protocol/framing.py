@@ -277,6 +277,16 @@ class Reader:
         done = sum(self._lengths[: self._index]) + self._filled
         return self._fields, done, sum(self._lengths)
 
+    def salvage(self) -> tuple[dict[str, Any], list[tuple[Any, int]]] | None:
+        """What came of an assembled message cut short in its buffers: its
+        header fields and each buffer with the bytes received from its start;
+        None otherwise. For a receiver that asks for only the rest."""
+        if self._state != "buffers" or not self._fields or not self.assemble:
+            return None
+        came = [(buf, size if i < self._index else self._filled if i == self._index else 0)
+                for i, (buf, size) in enumerate(zip(self._buffers, self._lengths))]
+        return dict(self._fields), came
+
     @property
     def in_message(self) -> bool:
         """Whether part of a message has been received but not all of it."""

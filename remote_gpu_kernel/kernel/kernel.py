@@ -358,14 +358,18 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):
                 if missing:
                     return cell.error("NameError", f"name {missing[0]!r} is not defined in the local "
                                       "namespace (define it in a %%local cell)")
+                session.on_progress = cell.transfer_lines()
                 await session.push(**{n: self.local.user_ns[n] for n in command.args})
             else:
+                session.on_progress = cell.transfer_lines()
                 self.local.user_ns.update(await session.pull(*command.args))
         except RemoteGpuError as exc:
             ename = getattr(exc, "ename", type(exc).__name__)
             return cell.error(ename, getattr(exc, "evalue", str(exc)))
         except TypeError as exc:
             return cell.error(type(exc).__name__, str(exc))
+        finally:
+            session.on_progress = None
         return None
 
     # -- other requests -----------------------------------------------------

@@ -23,6 +23,7 @@ from jupyter_client.session import Session
 from remote_gpu_core.protocol import messages as m
 
 from .. import notices
+from ..progress import DisplayLines, ProgressCallback, ProgressLines, progress_wanted
 from ..session import AsyncSession
 
 __all__ = ["NOT_FORWARDED", "AfterIdle", "CellOutput", "IOPub", "Parents"]
@@ -113,6 +114,15 @@ class CellOutput:
 
     def progress(self, verb: str, done: int, total: int) -> None:
         self._line.progress(verb, done, total)
+
+    def transfer_lines(self) -> ProgressCallback | None:
+        """Where this request's pushes and pulls show their progress (see
+        :mod:`..progress`): a line each in its output; None for a silent
+        request or with ``RGPU_PROGRESS=0``."""
+        content = self.parent.get("content") or {}
+        if content.get("silent") or not progress_wanted():
+            return None
+        return ProgressLines(DisplayLines(self.send))
 
     # LeaseReporter
     def queued(self, position: int) -> None:

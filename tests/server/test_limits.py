@@ -30,7 +30,7 @@ def test_the_welcome_names_the_limits(fresh_server: ServerProcess) -> None:
     fresh_server.start(wait_warm=False)
     with RawClient(fresh_server.url, fresh_server.token()) as client:
         assert client.hello().limits == {"max_push": 3 << 30, "max_upload": 1 << 30, "max_message": 2 << 20,
-                                         "session_cache": 1 << 30}
+                                         "session_cache": 1 << 30, "resume": 1}
 
 
 def test_a_push_over_max_push_is_refused_and_the_session_goes_on(fresh_server: ServerProcess) -> None:

@@ -27,7 +27,9 @@ The conversation, in order:
    request's reply (:class:`ExecuteDone`, :class:`PushDone`,
    :class:`PullReply`, :class:`ShellReply`, :class:`UploadDone`,
    :class:`DownloadReply`) or :class:`Error`. After a reconnect,
-   :class:`Replay` fetches the outputs the client missed. A client need
+   :class:`Replay` fetches the outputs the client missed, and a
+   :class:`Holding` asks what the worker kept of a push cut short
+   (:class:`Held`), so that the push sends only the rest. A client need
    not wait for an answer before its next request: requests that run in
    turn run in the order they came, and an :class:`Execute` or
    :class:`Pull` that names the request it follows (``after``) runs only
@@ -71,7 +73,8 @@ from .session import (
     Hello, LeaseGranted, LeaseRequest, Park, Parked, QueuePosition, Release, Released, Resume, Welcome
 )
 from .transfers import (
-    Download, DownloadReply, Fetch, FetchRefusal, FetchRefused, Pull, PullReply, Push, PushDone, Upload,
+    Download, DownloadReply, Fetch, FetchRefusal, FetchRefused, Held, Holding, Pull, PullReply, Push, PushDone,
+    Upload,
     UploadDone,
 )
 
@@ -99,6 +102,8 @@ __all__ = [
     "Parked",
     "Pull",
     "PullReply",
+    "Held",
+    "Holding",
     "Push",
     "PushDone",
     "QueuePosition",

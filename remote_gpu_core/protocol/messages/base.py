@@ -37,6 +37,8 @@ class MessageType(str, enum.Enum):
     EXECUTE_DONE = "execute_done"
     PUSH = "push"
     PUSH_DONE = "push_done"
+    HOLDING = "holding"
+    HELD = "held"
     PULL = "pull"
     PULL_REPLY = "pull_reply"
     SHELL_REQUEST = "shell_request"

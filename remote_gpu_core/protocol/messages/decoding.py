@@ -24,7 +24,7 @@ from .session import (
     Hello, LeaseGranted, LeaseRequest, Park, Parked, QueuePosition, Release, Released, Resume, Welcome
 )
 from .transfers import (
-    Download, DownloadReply, Fetch, FetchRefused, Pull, PullReply, Push, PushDone, Upload,
+    Download, DownloadReply, Fetch, FetchRefused, Held, Holding, Pull, PullReply, Push, PushDone, Upload,
     UploadDone,
 )
 
@@ -35,7 +35,7 @@ _CLASSES: dict[MessageType, type[Message]] = {
     cls.type: cls
     for cls in (
         Hello, Welcome, LeaseRequest, QueuePosition, LeaseGranted, Execute,
-        Output, Notice, ExecuteDone, Push, PushDone, Pull, PullReply,
+        Output, Notice, ExecuteDone, Push, PushDone, Holding, Held, Pull, PullReply,
         ShellRequest, ShellReply, Upload, UploadDone, Download, DownloadReply, Input, Replay,
         ReplayDone, Interrupt, Release, Released, Park, Parked, Resume, Fetch, FetchRefused, Error,
     )

@@ -24,6 +24,17 @@ Of the buffers carried, the ``compressed`` ones (indices into ``buffers``)
 are one frame each of ``codec``, ``raw_sizes`` bytes before (see
 :mod:`remote_gpu_core.protocol.compression`); a pull names the ``codecs``
 its answer may use.
+
+A push cut short by a dropped connection leaves what arrived of its large
+buffers with the session's worker. A client that reconnects asks what is
+there (:class:`Holding`, answered by :class:`Held`) and pushes only the
+rest: ``offsets[k]`` bytes of carried buffer ``k`` are taken from what the
+worker kept of its digest, and ``buffers[k]`` carries the bytes after them.
+A pull cut short the same way leaves what arrived with the client: its
+next :class:`Pull` offers it in ``partial`` (bytes held by digest), and the
+answer's ``offsets[k]`` says how many bytes of carried buffer ``k`` it
+leaves out, from the start, because the client holds them.
+A server that says ``resume`` in its :attr:`~.session.Welcome.limits` reads these.
 """
 
 from __future__ import annotations
@@ -35,8 +46,8 @@ from typing import Any
 from .base import Buffers, Message, MessageType
 
 __all__ = [
-    "Download", "DownloadReply", "Fetch", "FetchRefusal", "FetchRefused", "Pull", "PullReply", "Push",
-    "PushDone", "Upload", "UploadDone",
+    "Download", "DownloadReply", "Fetch", "FetchRefusal", "FetchRefused", "Held", "Holding", "Pull", "PullReply",
+    "Push", "PushDone", "Upload", "UploadDone",
 ]
 
 
@@ -50,6 +61,9 @@ class Push(Message):
     what it holds by their ``digests``. ``versions``: the client's version of
     each package the pickles reference (see :mod:`remote_gpu_core.fingerprint`),
     which the worker names if one differs where a value fails to unpickle.
+    ``offsets`` (empty, or one per carried buffer): the bytes of each that
+    the worker holds from a push cut short, which it carries not (see the
+    module docstring).
     """
 
     type = MessageType.PUSH
@@ -63,12 +77,35 @@ class Push(Message):
     compressed: list[int] = dataclasses.field(default_factory=list)
     raw_sizes: list[int] = dataclasses.field(default_factory=list)
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
+    offsets: list[int] = dataclasses.field(default_factory=list)
 
     def fields(self) -> dict[str, Any]:
         fields = super().fields()
         if not self.versions:  # nothing but Python and ours: nothing to say
             del fields["versions"]
+        if not self.offsets:  # the message as it was before the field
+            del fields["offsets"]
         return fields
+
+
+@dataclasses.dataclass(frozen=True)
+class Holding(Message):
+    """How many bytes of each buffer named by ``digests`` the session's worker
+    holds: all of one it holds whole, those that arrived of one whose push
+    was cut short, or none. Answered by :class:`Held`."""
+
+    type = MessageType.HOLDING
+    req: int
+    digests: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Held(Message):
+    """``sizes[i]`` bytes of :class:`Holding`'s ``digests[i]`` are held."""
+
+    type = MessageType.HELD
+    req: int
+    sizes: list[int]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +125,8 @@ class Pull(Message):
     that earlier request (the cell that makes them) succeeded, as in
     :class:`~.cells.Execute`; else the answer is ``ErrorCode.NOT_RUN``.
     ``have``: digests of buffers the client holds, which the answer names
-    instead of carrying; ``codecs``: those the answer may be compressed with."""
+    instead of carrying; ``codecs``: those the answer may be compressed with;
+    ``partial``: bytes held, by digest, of buffers a pull cut short began."""
 
     type = MessageType.PULL
     req: int
@@ -96,18 +134,22 @@ class Pull(Message):
     have: list[str] = dataclasses.field(default_factory=list)
     codecs: list[str] = dataclasses.field(default_factory=list)
     after: int = 0
+    partial: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def fields(self) -> dict[str, Any]:
         fields = super().fields()
-        if not self.after:  # the message as it was before the field
-            del fields["after"]
+        for name in ("after", "partial"):
+            if not fields[name]:  # the message as it was before the field
+                del fields[name]
         return fields
 
 
 @dataclasses.dataclass(frozen=True)
 class PullReply(Message):
     """As :class:`Push`, the other way: the ``cached`` buffers are the client's
-    own, ``versions`` the worker's."""
+    own, ``versions`` the worker's, and ``offsets`` the bytes of each carried
+    one left out because the client holds them from a pull cut short (see
+    :attr:`Pull.partial`)."""
 
     type = MessageType.PULL_REPLY
     req: int
@@ -120,11 +162,14 @@ class PullReply(Message):
     compressed: list[int] = dataclasses.field(default_factory=list)
     raw_sizes: list[int] = dataclasses.field(default_factory=list)
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
+    offsets: list[int] = dataclasses.field(default_factory=list)
 
     def fields(self) -> dict[str, Any]:
         fields = super().fields()
         if not self.versions:  # nothing but Python and ours: nothing to say
             del fields["versions"]
+        if not self.offsets:  # the message as it was before the field
+            del fields["offsets"]
         return fields
 
 

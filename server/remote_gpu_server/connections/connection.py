@@ -67,7 +67,7 @@ MAX_NOTEBOOK = 1024
 #: How long a connection that must be closed waits for its client to read why.
 HANG_UP_WAIT = 5.0
 #: Requests that only the session's lock keeps in order (they wait for each other).
-_IN_TURN = (m.Execute, m.Push, m.Pull, m.Replay, m.Park, m.Resume, m.Upload, m.Download)
+_IN_TURN = (m.Execute, m.Push, m.Holding, m.Pull, m.Replay, m.Park, m.Resume, m.Upload, m.Download)
 
 
 class Connection:
@@ -465,6 +465,8 @@ class Connection:
             await session.execute(msg, self, self._outcomes.follows(msg.after, req))
         elif isinstance(msg, m.Push):
             await session_variables.push(session, msg, self)
+        elif isinstance(msg, m.Holding):
+            await session_variables.holding(session, msg, self)
         elif isinstance(msg, m.Pull):
             await session_variables.pull(session, msg, self, self._outcomes.follows(msg.after, req))
         elif isinstance(msg, m.ShellRequest):

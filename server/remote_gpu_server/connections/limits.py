@@ -103,9 +103,10 @@ class Limits:
             raise ValueError("--session-cache must be 0 or more")
 
     def welcome(self) -> dict[str, int]:
-        """What a client is told, to refuse an oversized message before sending it."""
+        """What a client is told, to refuse an oversized message before sending it;
+        ``resume``: this server resumes a push cut short (see :class:`~m.Holding`)."""
         return {"max_push": self.max_push, "max_upload": self.max_upload, "max_message": self.max_message,
-                "session_cache": self.session_cache or 0}
+                "session_cache": self.session_cache or 0, "resume": 1}
 
     def reader(self) -> Reader:
         """A reader of one client's frames: pushes and uploads handed out at their header, others whole."""

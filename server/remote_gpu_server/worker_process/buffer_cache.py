@@ -31,9 +31,10 @@ from remote_gpu_core.errors import ProtocolError
 from remote_gpu_core.protocol.content import Holdings
 from remote_gpu_core.protocol.serialization import allocate_buffer
 
+from .cut_pushes import CutPushes
 from .transfer import Filler
 
-__all__ = ["BufferCache", "CacheFiller", "copy_on_write", "raise_file_limit", "sealed"]
+__all__ = ["BufferCache", "CacheFiller", "ResumingFiller", "copy_on_write", "raise_file_limit", "sealed"]
 
 _SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
@@ -74,6 +75,8 @@ class BufferCache:
     def __init__(self, limit: int = 0) -> None:
         self.holdings = Holdings(limit)
         self._fds: dict[str, tuple[int, int, tuple[int, int]]] = {}
+        #: What came of the latest push cut short (see :mod:`.cut_pushes`).
+        self.cut = CutPushes()
 
     def set_limit(self, limit: int) -> None:
         """The session's budget, as the server says with each push."""
@@ -120,6 +123,21 @@ class BufferCache:
 
     def clear(self) -> None:
         self._close(self.holdings.clear())
+        self.cut.clear()
+
+    def keep_cut(self, parts: Sequence[tuple[str, int, int]]) -> None:
+        """What came of a push cut short (``(digest, memfd, bytes)``, the fds now
+        this cache's): a buffer that came whole is sealed and cached, the
+        others are kept in :attr:`cut`."""
+        partial = []
+        for key, fd, received in parts:
+            size = os.fstat(fd).st_size
+            if received == size:
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+                self.add(key, fd, size)
+            else:
+                partial.append((key, fd, received))
+        self.cut.keep(partial, self.holdings.limit)
 
 
 class CacheFiller(Filler):
@@ -168,12 +186,56 @@ class CacheFiller(Filler):
                 fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
         return list(zip(self._fds, self._buffers))
 
+    def _offset(self, index: int) -> int:
+        """Where buffer ``index``'s bytes begin in its memfd (see :class:`ResumingFiller`)."""
+        return 0
+
+    def cut(self) -> list[tuple[int, int, int]]:
+        """The transfer stopped midway: ``(index, memfd, bytes written from its
+        start)`` of each buffer received into a memfd that got bytes; those
+        memfds are the caller's now (:meth:`abandon` leaves them open)."""
+        parts = []
+        for index, fd in enumerate(self._fds):
+            if fd is None:
+                continue
+            came = self._sizes[index] if index < self._index else self._pos if index == self._index else 0
+            if self._offset(index) + came > 0:
+                parts.append((index, fd, self._offset(index) + came))
+                self._fds[index] = None
+        return parts
+
     def abandon(self) -> None:
         """Close the memfds of a transfer that failed (those :meth:`finish` returned too)."""
         for i, fd in enumerate(self._fds):
             if fd is not None:
                 os.close(fd)
                 self._fds[i] = None
+
+
+class ResumingFiller(CacheFiller):
+    """A :class:`CacheFiller` that goes on filling memfds a push cut short began:
+    ``resumed[index] = (memfd, offset)``, whose first ``offset`` bytes are there
+    and whose ``sizes[index]`` bytes to come go after them."""
+
+    def __init__(self, sizes: list[int], named: Sequence[bool], resumed: dict[int, tuple[int, int]]) -> None:
+        self._offsets = [0] * len(sizes)
+        try:
+            super().__init__(sizes, named)
+        except BaseException:
+            for fd, _ in resumed.values():
+                os.close(fd)
+            raise
+        for index, (fd, offset) in resumed.items():
+            mine = self._fds[index]
+            if mine is not None:
+                os.close(mine)
+            self._fds[index], self._offsets[index] = fd, offset
+
+    def _offset(self, index: int) -> int:
+        return self._offsets[index]
+
+    def _write(self, index: int, pos: int, data: memoryview) -> None:
+        super()._write(index, self._offsets[index] + pos, data)
 
 
 def sealed(size: int, fill: Callable[[memoryview], None]) -> int | None:

@@ -218,6 +218,10 @@ def _handle(shell: Any, channel: _DataChannel, data: dict[str, Any]) -> tuple[di
 
         tid = int(data["id"])
         return variables.push(shell.user_ns, _cache, data, lambda sink: channel.receive(tid, sink)), None
+    if op == "holding":
+        from . import variables
+
+        return variables.holding(_cache, data), None
     if op == "pull":
         from . import variables
 

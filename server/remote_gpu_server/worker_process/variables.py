@@ -7,8 +7,18 @@ budget is ``cache`` bytes). If one of those is no longer held, nothing is
 set and the reply names the ``missing`` digests: the client sends them
 again with their bytes (what did come is kept, so it is not sent twice).
 
-``{"op": "pull", "names", "have"}``: the reply names every large buffer by
-digest and leaves out of the data channel those the client said it has.
+A push cut short (the connection dropped: the data channel aborts it)
+leaves what came of its large named buffers in the cache's
+:attr:`~.buffer_cache.BufferCache.cut`; ``{"op": "holding", "digests"}``
+says how many bytes of each are held (whole or cut), and a push's
+``offsets`` (one per buffer that comes) go on filling a cut one from there.
+An offset that is no longer held is answered as ``missing``, like a
+``cached`` buffer.
+
+``{"op": "pull", "names", "have", "partial"}``: the reply names every large
+buffer by digest and leaves out of the data channel those the client said
+it has, and the first ``partial[digest]`` bytes of those it holds that much
+of from a pull cut short (the reply's ``offsets``).
 
 A push names the client's versions of the packages its pickles reference
 (``versions``); a value that does not unpickle here, where one of them has
@@ -35,9 +45,9 @@ from remote_gpu_core.protocol.compression import compress, compressible, decompr
 from remote_gpu_core.protocol.content import THRESHOLD, check_references, digests_of, nbytes
 from remote_gpu_core.protocol.serialization import allocate_buffer, dump_values, load_values
 
-from .buffer_cache import BufferCache, CacheFiller, copy_on_write, sealed
+from .buffer_cache import BufferCache, CacheFiller, ResumingFiller, copy_on_write, sealed
 
-__all__ = ["pull", "push"]
+__all__ = ["holding", "pull", "push"]
 
 #: Receives a transfer's buffers into a sink made from their sizes (see ``_DataChannel.receive``).
 Receive = Callable[[Callable[[list[int]], CacheFiller]], Any]
@@ -56,14 +66,21 @@ def push(user_ns: dict[str, Any], cache: BufferCache, data: dict[str, Any], rece
     keep = bool(digests) and cache.holdings.limit > 0
     compressed = dict(zip((int(i) for i in data.get("compressed") or []),
                           (int(n) for n in data.get("raw_sizes") or [])))  # by index into what came
+    offsets = [int(n) for n in data.get("offsets") or []]  # checked by the server
+    lost = {k for k, n in enumerate(offsets) if n and (not keep or cache.cut.received(digests[carried[k]]) < n)}
     fillers: list[CacheFiller] = []
 
     def sink(sizes: list[int]) -> CacheFiller:
         bad = check_references(total, digests, cached, len(sizes))
         if bad:
             raise ProtocolError(f"push: {bad}")
-        named = [keep and bool(digests[i]) and k not in compressed for k, i in enumerate(carried)]
-        fillers.append(CacheFiller(sizes, named))
+        named = [keep and bool(digests[i]) and k not in compressed and k not in lost for k, i in enumerate(carried)]
+        resumed = {}
+        for k, offset in enumerate(offsets):
+            took = cache.cut.take(digests[carried[k]]) if offset and k not in lost else None
+            if took is not None:
+                resumed[k] = (took[0], offset)
+        fillers.append(ResumingFiller(sizes, named, resumed) if resumed else CacheFiller(sizes, named))
         return fillers[-1]
 
     made: list[int] = []  # memfds of decompressed buffers
@@ -74,7 +91,10 @@ def push(user_ns: dict[str, Any], cache: BufferCache, data: dict[str, Any], rece
             fd, buf = arrived[k] = _decompressed(arrived[k][1], size, keep and bool(digests[carried[k]]))
             if fd is not None:
                 made.append(fd)
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, (ConnectionError, TimeoutError)) and fillers and keep:
+            # Cut short: what came stays for the client to send only the rest.
+            cache.keep_cut([(digests[carried[k]], fd, n) for k, fd, n in fillers[-1].cut()])
         for filler in fillers:
             filler.abandon()
         for made_fd in made:
@@ -90,7 +110,8 @@ def push(user_ns: dict[str, Any], cache: BufferCache, data: dict[str, Any], rece
             size = os.fstat(fd).st_size
             came[i] = copy_on_write(fd, size)
             cache.add(digests[i], fd, size)
-    missing = sorted({digests[i] for i in cached if cache.get(digests[i]) is None})
+    missing = sorted({digests[i] for i in cached if cache.get(digests[i]) is None}
+                     | {digests[carried[k]] for k in lost})
     if missing:
         return {"ok": True, "names": [], "missing": missing}
     buffers: list[Any] = []
@@ -104,6 +125,15 @@ def push(user_ns: dict[str, Any], cache: BufferCache, data: dict[str, Any], rece
         cache.add(digests[i], *held)  # used now
     user_ns.update(load_values(names, counts, buffers, explain_unpickling(data.get("versions"), from_notebook=True)))
     return {"ok": True, "names": names}
+
+
+def holding(cache: BufferCache, data: dict[str, Any]) -> dict[str, Any]:
+    """The bytes held of each buffer ``data["digests"]`` names: all of one cached, what came of one cut."""
+    sizes = []
+    for key in (str(d) for d in data.get("digests") or []):
+        held = cache.get(key)
+        sizes.append(held[1] if held is not None else cache.cut.received(key))
+    return {"ok": True, "sizes": sizes}
 
 
 def _decompressed(data: Any, size: int, into_memfd: bool) -> tuple[int | None, Any]:
@@ -137,9 +167,17 @@ def pull(user_ns: dict[str, Any], data: dict[str, Any]) -> tuple[dict[str, Any],
                 compressed.append(k)
                 raw_sizes.append(nbytes(buf))
                 send[k] = compress(buf)
+    # What the client holds of a pull cut short is left out (not of one compressed now).
+    partial = {str(d): int(n) for d, n in (data.get("partial") or {}).items()}
+    carried = [i for i in range(len(bufs)) if i not in skip]
+    offsets = [0] * len(send)
+    for k, i in enumerate(carried):
+        held = partial.get(digests[i], 0) if digests[i] and k not in compressed else 0
+        if 0 < held < nbytes(send[k]):
+            offsets[k], send[k] = held, memoryview(send[k]).cast("B")[held:]
     sizes = [nbytes(b) for b in send]
     # The server streams the buffers on to its client as they come, and
     # needs the sizes first: the reply goes out before the bytes.
     return ({"ok": True, "names": names, "counts": counts, "sizes": sizes, "digests": digests,
              "cached": cached, "compressed": compressed, "raw_sizes": raw_sizes,
-             "versions": versions_of(modules)}, send)
+             "versions": versions_of(modules), "offsets": offsets if any(offsets) else []}, send)

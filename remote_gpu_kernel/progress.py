@@ -1,0 +1,206 @@
+"""A large push or pull, told as one line that is updated in place.
+
+:class:`~.session.AsyncSession` reports each push and pull it makes to its
+``on_progress`` as :class:`TransferProgress` events: at most one every
+:data:`REPORT_EVERY` seconds while the bytes move (through a
+:class:`Throttle`, so the per-frame hooks of the link stay cheap), and one
+``finished`` event at the end. What to show of them is decided here, once
+for the magic, the Remote GPU kernel and the Python API:
+
+- :class:`ProgressLines` turns the events into one line per transfer
+  (bytes done of all, rate, time left; then ``pushed 1 GiB in 3.2 s, 330
+  MiB/s``), shown only for a transfer of at least
+  :data:`~.notices.PROGRESS_FROM` bytes that has run for
+  :data:`SHOW_AFTER` seconds: a small or quick one shows nothing.
+- Where the line goes is a ``show(key, text, final)`` callable: a
+  :class:`~.notices.StatusLine` per transfer in Jupyter (one
+  ``display_data``, then ``update_display_data`` with its ``display_id``)
+  or :class:`TerminalLine` (``\\r`` on a terminal).
+
+``RGPU_PROGRESS=0`` (or ``off``, ``no``, ``false``) turns the lines off
+(:func:`progress_wanted`), as does a silent Jupyter request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from remote_gpu_core.sizes import format_size
+
+from . import notices
+
+__all__ = [
+    "REPORT_EVERY", "SHOW_AFTER", "DisplayLines", "ProgressCallback", "ProgressLines", "Shower", "TerminalLine",
+    "Throttle", "TransferProgress", "default_progress", "finished_text", "progress_text", "progress_wanted",
+]
+
+#: Seconds between two reports of one transfer while it runs.
+REPORT_EVERY = 0.2
+#: A transfer shows its line once it has run this long (a quicker one shows none).
+SHOW_AFTER = 0.5
+_OFF = ("0", "off", "no", "false")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferProgress:
+    """Where one push or pull (request ``req`` of its link) stands.
+
+    ``verb`` is ``"push"`` or ``"pull"``; ``done`` of ``total`` bytes have
+    crossed (a message's frames: the variables' buffers and their header)
+    in ``seconds`` since it began; ``finished``: it is over and ``done`` is all.
+    """
+
+    req: int
+    verb: str
+    done: int
+    total: int
+    seconds: float
+    finished: bool = False
+
+
+#: ``on_progress(event)``: told of each large transfer of a session.
+ProgressCallback = Callable[[TransferProgress], Any]
+#: ``show(key, text, final)``: shows ``text`` as the line of transfer ``key``
+#: (replacing what it showed before); ``final``: the line's last text.
+Shower = Callable[[int, str, bool], Any]
+
+
+def progress_wanted() -> bool:
+    """Whether ``RGPU_PROGRESS`` leaves progress lines on (the default)."""
+    return (os.environ.get("RGPU_PROGRESS") or "").strip().lower() not in _OFF
+
+
+class Throttle:
+    """The ``(done, total)`` hook of one transfer's frames (see :meth:`.Link.send`),
+    passed on to ``report`` as :class:`TransferProgress` at most every
+    :data:`REPORT_EVERY` seconds; :meth:`finish` reports its end."""
+
+    def __init__(self, req: int, verb: str, report: ProgressCallback,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.req, self.verb, self._report, self._clock = req, verb, report, clock
+        #: When its first frame moved (a pull's answer may come long after
+        #: its request, behind a cell): the time is counted from there.
+        self.started = self._last = 0.0
+        self.done = self.total = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = self._clock()
+        if not self.total:
+            self.started = self._last = now
+        self.done, self.total = done, total
+        if now - self._last >= REPORT_EVERY and done < total:
+            self._last = now
+            self._report(TransferProgress(self.req, self.verb, done, total, now - self.started))
+
+    def finish(self) -> None:
+        """The transfer is over: report it once, whole (nothing for one that carried no frame)."""
+        if self.total:
+            self._report(TransferProgress(self.req, self.verb, self.total, self.total,
+                                          self._clock() - self.started, finished=True))
+
+
+def _duration(seconds: float) -> str:
+    """``3.2 s``, ``45 s``, ``2 min 5 s``, ``2 h 50 min``."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes, rest = divmod(int(seconds + 0.5), 60)
+    if minutes < 60:
+        return f"{minutes} min {rest} s"
+    return f"{minutes // 60} h {minutes % 60} min"
+
+
+def _rate(done: int, seconds: float) -> float:
+    return done / seconds if seconds > 0 else 0.0
+
+
+def progress_text(event: TransferProgress) -> str:
+    """``Remote GPU: pushing 450 MiB of 1 GiB (43 %), 330 MiB/s, 1.7 s left``."""
+    share = 100 * event.done // event.total if event.total else 100
+    rate = _rate(event.done, event.seconds)
+    left = f", {_duration((event.total - event.done) / rate)} left" if rate else ""
+    return (f"{notices.PREFIX}{event.verb}ing {format_size(event.done)} of {format_size(event.total)} "
+            f"({share} %), {format_size(rate)}/s{left}")
+
+
+def finished_text(event: TransferProgress) -> str:
+    """``Remote GPU: pushed 1 GiB in 3.2 s, 330 MiB/s``."""
+    return (f"{notices.PREFIX}{event.verb}ed {format_size(event.total)} in {_duration(event.seconds)}, "
+            f"{format_size(_rate(event.total, event.seconds))}/s")
+
+
+class ProgressLines:
+    """Shows the :class:`TransferProgress` events of large transfers through
+    ``show`` (see the module docstring); call it with each event."""
+
+    def __init__(self, show: Shower, *, least: int = notices.PROGRESS_FROM, after: float = SHOW_AFTER) -> None:
+        self._show = show
+        self._least, self._after = least, after
+        self._shown: set[int] = set()
+
+    def __call__(self, event: TransferProgress) -> None:
+        if event.total < self._least:
+            return
+        shown = event.req in self._shown
+        if event.finished:
+            # One that ran long but had no report in between still says what it did.
+            if shown or event.seconds >= self._after:
+                self._shown.discard(event.req)
+                self._show(event.req, finished_text(event), True)
+            return
+        if shown or event.seconds >= self._after:
+            self._shown.add(event.req)
+            self._show(event.req, progress_text(event), False)
+
+
+class TerminalLine:
+    """A :data:`Shower` for a terminal: the line rewritten after ``\\r``, ended
+    with a newline by its final text."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self._stream = stream if stream is not None else sys.stderr
+        self._width = 0
+
+    def __call__(self, key: int, text: str, final: bool) -> None:
+        pad = " " * max(0, self._width - len(text))
+        self._width = 0 if final else len(text)
+        end = "\n" if final else ""
+        self._stream.write(f"\r{text}{pad}{end}")
+        self._stream.flush()
+
+
+class DisplayLines:
+    """A :data:`Shower` for Jupyter: each transfer's line is a
+    :class:`~.notices.StatusLine` sent through ``publish`` (one
+    ``display_data``, then updates of its ``display_id``)."""
+
+    def __init__(self, publish: notices.Publish) -> None:
+        self._publish = publish
+        self._lines: dict[int, notices.StatusLine] = {}
+
+    def __call__(self, key: int, text: str, final: bool) -> None:
+        line = self._lines.setdefault(key, notices.StatusLine(self._publish))
+        line.show(text)
+        if final:
+            del self._lines[key]
+
+
+def default_progress() -> ProgressCallback | None:
+    """Where the Python API shows a large transfer unless told otherwise: in the
+    cell, when it runs inside a Jupyter kernel; else on a terminal's stderr;
+    else (or with ``RGPU_PROGRESS=0``) nowhere."""
+    if not progress_wanted():
+        return None
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    if getattr(shell, "kernel", None) is not None:
+        return ProgressLines(DisplayLines(notices.publish_display))
+    if sys.stderr is not None and sys.stderr.isatty():
+        return ProgressLines(TerminalLine())
+    return None

@@ -1,0 +1,126 @@
+"""A large push or pull shows one line in its cell, updated in place, then what it did.
+
+Through the ``%gpu`` magic in a real IPython kernel and through the Remote
+GPU kernel, against the real server, across an emulated link of 160 Mbit/s
+(``bench/link.py``) so that 32 MiB take about 1.7 s: long enough to be
+shown (a link only ever makes a transfer slower, so that holds on a loaded
+machine too). A small transfer, and a silent request, show nothing.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kernels import LocalKernel, kernel_with_magic
+from remote_kernels import KernelDriver, install_kernelspec, kernel_env
+from servers import ServerProcess
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent / "bench"))
+
+from link import Link, LinkProcess  # noqa: E402
+
+#: 32 MiB of random float64 (nothing to compress, nothing cached yet), made by ``seed``.
+BIG = "np.random.default_rng({seed}).random(4 << 20)"
+RUNNING = re.compile(r"^Remote GPU: (push|pull)ing [\d.]+ (bytes|KiB|MiB) of 32 MiB \(\d+ %\), [\d.]+ "
+                     r"(bytes|KiB|MiB|GiB)/s, [\d.]+ (s|min \d+ s) left$")
+
+
+@pytest.fixture(scope="module")
+def link_url(server: ServerProcess) -> Iterator[str]:
+    host, _, port = server.url.removeprefix("ws://").rstrip("/").rpartition(":")
+    with LinkProcess(Link(rtt=0.002, rate=160e6)) as net:
+        yield f"ws://127.0.0.1:{net.proxy(host, int(port))}"
+
+
+@pytest.fixture(scope="module")
+def magic(link_url: str, alice: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKernel]:
+    env = kernel_env(tmp_path_factory.mktemp("magic"), link_url, alice)
+    with kernel_with_magic(env) as kernel:
+        assert kernel.run("%%gpu\nimport numpy as np").reply["status"] == "ok"  # the lease, out of the way
+        assert kernel.run("import numpy as np").reply["status"] == "ok"
+        yield kernel
+
+
+@pytest.fixture(scope="module")
+def remote_kernel(link_url: str, alice: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelDriver]:
+    path = install_kernelspec(tmp_path_factory.mktemp("prefix"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JUPYTER_PATH", str(path))  # where the manager finds the kernelspec
+        driver = KernelDriver(kernel_env(tmp_path_factory.mktemp("kernel"), link_url, alice)).start()
+    try:
+        assert driver.run("import numpy as np").status == "ok"  # the lease, out of the way
+        assert driver.run("%%local\nimport numpy as np").status == "ok"
+        yield driver
+    finally:
+        driver.run("%gpu release")
+        driver.shutdown()
+
+
+def one_line(displays: list[dict[str, Any]], updates: list[dict[str, Any]], verb: str) -> list[str]:
+    """The texts of the one line a transfer showed: its display, then every update
+    (all of the same ``display_id``), the last saying what it did."""
+    assert len(displays) == 1, f"one display for the transfer, got {displays}"
+    display_id = displays[0]["transient"]["display_id"]
+    assert updates, "the line is updated in place at least once (its final text)"
+    assert {u["transient"]["display_id"] for u in updates} == {display_id}
+    texts = [displays[0]["data"]["text/plain"]] + [u["data"]["text/plain"] for u in updates]
+    *running, final = texts
+    assert running and all(RUNNING.match(t) and t.startswith(f"Remote GPU: {verb}ing") for t in running), texts
+    assert re.match(rf"^Remote GPU: {verb}ed 32 MiB in [\d.]+ s, [\d.]+ MiB/s$", final), final
+    return texts
+
+
+def test_a_large_push_through_the_magic_shows_one_line_then_what_it_did(magic: LocalKernel) -> None:
+    magic.run(f"big = {BIG.format(seed=1)}")
+    run = magic.run("%gpu push big")
+    assert run.reply["status"] == "ok", run.reply
+    one_line(run.of_type("display_data"), run.of_type("update_display_data"), "push")
+    assert run.stdout == run.stderr == "", "nothing printed per chunk"
+    check = magic.run("%%gpu\nprint(round(float(big.sum()), 3))")
+    assert check.stdout == magic.run("print(round(float(big.sum()), 3))").stdout
+
+
+def test_a_cell_with_large_inputs_and_outputs_shows_a_line_for_each(magic: LocalKernel) -> None:
+    magic.run(f"second = {BIG.format(seed=2)}")
+    run = magic.run("%%gpu -i second -o twice\ntwice = second * 2")
+    assert run.reply["status"] == "ok", run.reply
+    displays, updates = run.of_type("display_data"), run.of_type("update_display_data")
+    assert len(displays) == 2, displays
+    for display, verb in zip(displays, ("push", "pull")):
+        key = display["transient"]["display_id"]
+        one_line([display], [u for u in updates if u["transient"]["display_id"] == key], verb)
+    assert magic.run("print(bool((twice == second * 2).all()))").stdout == "True\n"
+
+
+def test_a_small_transfer_shows_nothing(magic: LocalKernel) -> None:
+    magic.run("small = np.arange(1 << 17, dtype=np.float64)")  # 1 MiB
+    run = magic.run("%gpu push small")
+    assert run.reply["status"] == "ok", run.reply
+    assert run.of_type("display_data") == run.of_type("update_display_data") == []
+
+
+def test_the_remote_gpu_kernel_shows_its_pushes_and_pulls_the_same_way(remote_kernel: KernelDriver) -> None:
+    remote_kernel.run(f"%%local\nbig = {BIG.format(seed=3)}")
+    run = remote_kernel.run("%gpu push big")
+    assert run.status == "ok", run.reply
+    one_line(run.of("display_data"), run.of("update_display_data"), "push")
+    remote_kernel.run("again = big + 1")
+    run = remote_kernel.run("%gpu pull again")
+    assert run.status == "ok", run.reply
+    one_line(run.of("display_data"), run.of("update_display_data"), "pull")
+    assert remote_kernel.run("%%local\nprint(bool((again == big + 1).all()))").stdout == "True\n"
+
+
+def test_a_silent_request_shows_nothing(remote_kernel: KernelDriver) -> None:
+    remote_kernel.run(f"%%local\nquiet = {BIG.format(seed=4)}")
+    msg_id = remote_kernel.client.execute("%gpu push quiet", silent=True)
+    run = remote_kernel.collect(msg_id)
+    assert run.status == "ok", run.reply
+    assert run.of("display_data") == run.of("update_display_data") == []
+    assert remote_kernel.run("print(quiet.shape)").stdout == "(4194304,)\n"

@@ -51,11 +51,10 @@ class AsyncSession:
         self.resumed = granted.resumed
         self.waited = granted.waited
         self.language_info = dict(granted.language_info)
-        #: The worker's versions of Python and the packages that cross most
-        #: (see :mod:`remote_gpu_core.fingerprint`); empty from a server that names none.
+        #: The worker's versions of Python and the packages that cross most (see
+        #: :mod:`remote_gpu_core.fingerprint`), and what differs from this Python's in one
+        #: line or None (:func:`.versions.mismatch`; the lease notice shows it).
         self.fingerprint = dict(granted.fingerprint)
-        #: What differs between them and this Python's, in one line, or None
-        #: (see :func:`.versions.mismatch`); the lease notice shows it.
         self.mismatch = mismatch(self.fingerprint)
         self.released: str | None = None
         #: The session is parked: its namespace is on disk on the server and it
@@ -72,19 +71,16 @@ class AsyncSession:
         #: ``Output.parent`` names the Jupyter request it belongs to. Default:
         #: streams go to the local stdout/stderr. Called on the event loop.
         self.on_background: OutputCallback | None = write_streams
-        #: The most bytes one upload may carry on this server (0: no limit).
-        self.max_upload = int(link.limits.get("max_upload") or 0)
+        self.max_upload = int(link.limits.get("max_upload") or 0)  # bytes one upload may carry (0: any)
         #: Where a remote cell's missing files are sent from when it opens them
         #: (see :mod:`.notebook_files`); None: fetching is off.
         self.notebook_files: NotebookFolder | None = None
         #: What this session's worker and this client hold of what they moved
         #: (see :mod:`.buffers`); ``buffers.counts`` are the bytes moved and saved.
         self.buffers = SessionBuffers(int(link.limits.get("session_cache") or 0))
-        #: After a reconnect, a large push asks what the worker holds first (see :mod:`.buffers`).
-        self._asks = granted.resumed and bool(link.limits.get("resume"))
+        self._asks = granted.resumed and bool(link.limits.get("resume"))  # what the worker holds (:mod:`.buffers`)
         self.cut_pulls: dict[str, CutPull] = {}  # what came of a pull cut short, by session (its client's)
-        #: Whether this session's transfers compress (see :mod:`.compressing`).
-        self.compression = CompressionPolicy.for_peer(link.ws.remote_address)
+        self.compression = CompressionPolicy.for_peer(link.ws.remote_address)  # see :mod:`.compressing`
         #: Told how each push and pull goes (see :mod:`.progress`); None: not at all.
         self.on_progress: Callable[[TransferProgress], Any] | None = None
         self._link = link
@@ -269,10 +265,9 @@ class AsyncSession:
             assert dumped is not None and plan is not None
             await self._push(dumped, self.buffers.plan_push(dumped.buffers, plan.digests, trust_remote=True),
                              tried=1)
-            return await self.run(code, on_output, pull=names, timeout=timeout, silent=silent,
-                                  store_history=store_history, allow_stdin=allow_stdin, on_notice=on_notice,
-                                  on_queue=on_queue, parent=parent, execution_count=execution_count,
-                                  on_fetched=on_fetched)
+            return await self.run(code, on_output, pull=names, timeout=timeout, silent=silent, store_history=store_history,
+                                  allow_stdin=allow_stdin, on_notice=on_notice, on_queue=on_queue, parent=parent,
+                                  execution_count=execution_count, on_fetched=on_fetched)
         result.values = values if values is not None else await self._pull(names, next_have(have, gone))
         return result
 
@@ -355,8 +350,7 @@ class AsyncSession:
                 done = await self._expect(receive, m.PushDone)
                 receive.finished()
             assert isinstance(done, m.PushDone)
-            if take_push(self.buffers, self.compression, plan, dumped.buffers, done, wire,
-                         time.monotonic() - started):
+            if take_push(self.buffers, self.compression, plan, dumped.buffers, done, wire, time.monotonic() - started):
                 break
             plan = self.buffers.plan_push(dumped.buffers, plan.digests, trust_remote=attempt == 0)
         self.parked = False
@@ -379,8 +373,7 @@ class AsyncSession:
             have = next_have(have, gone)  # changed here since: ask for their bytes
         raise ProtocolError("the worker named buffers this client does not hold, although it was told")
 
-    async def shell_request(self, msg_type: str, content: dict[str, Any], *,
-                            buffers: tuple[Any, ...] = (),
+    async def shell_request(self, msg_type: str, content: dict[str, Any], *, buffers: tuple[Any, ...] = (),
                             on_output: OutputCallback | None = None,
                             parent: dict[str, Any] | None = None) -> m.ShellReply:
         """Send a Jupyter shell request (complete, inspect, comm_msg, ...); return its reply.
@@ -394,8 +387,7 @@ class AsyncSession:
         :meth:`execute`.
         """
         header = parent_of(parent)
-        async with self._exchange(
-                lambda r: m.ShellRequest(r, msg_type, content, tuple(buffers), header)) as receive:
+        async with self._exchange(lambda r: m.ShellRequest(r, msg_type, content, tuple(buffers), header)) as receive:
             while True:
                 reply = await self._expect(receive, m.ShellReply, m.Output)
                 if isinstance(reply, m.ShellReply):
@@ -418,8 +410,7 @@ class AsyncSession:
         self.parked, self.park_info = True, parked
         return parked
 
-    async def resume(self, on_queue: QueueCallback | None = None,
-                     on_notice: NoticeCallback | None = None) -> None:
+    async def resume(self, on_queue: QueueCallback | None = None, on_notice: NoticeCallback | None = None) -> None:
         """Restore a parked session now: wait for a GPU (``on_queue(position)``
         while in the queue), then load its namespace; a notice says what came
         back. Nothing happens to a session that is not parked."""

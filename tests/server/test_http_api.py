@@ -233,10 +233,12 @@ def test_jobs_say_how_many_and_a_release_says_where_it_was_asked_from(users: Use
 def test_cancel_a_running_cell(users: Users) -> None:
     session = Client(users.server.url, users.alice.token).session()
     results: list[Any] = []
+    began = threading.Event()  # the cell runs in its kernel: an interrupt now reaches it
     runner = threading.Thread(target=lambda: results.append(
-        session.execute("import time; time.sleep(120)", on_output=lambda _: None)))
+        session.execute("import time; print('began', flush=True); time.sleep(120)", on_output=lambda _: began.set())))
     runner.start()
     try:
+        assert began.wait(60), "the cell did not begin"
         cells = wait_for(lambda: users.alice.jobs(kind="cell", state="running"), what="a running cell")
         cell = cells[0]["id"]
         assert raw(users.server, f"/api/jobs/{cell}/cancel", users.bob.token, "POST")[0] == 404

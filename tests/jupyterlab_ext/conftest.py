@@ -13,3 +13,14 @@ import pytest
 pytest.importorskip("jupyter_server", reason="pip install -e '.[dev]' (jupyterlab, pytest-jupyter)")
 
 from pytest_jupyter.jupyter_server import *  # noqa: E402,F403
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A browser assertion waits up to 20 s, not Playwright's 5: JupyterLab
+    draws a notebook in well under a second on a quiet machine, and in
+    several on a busy one; a wait that is the behaviour says its own."""
+    try:
+        from playwright.sync_api import expect
+    except ImportError:
+        return
+    expect.set_options(timeout=20_000)

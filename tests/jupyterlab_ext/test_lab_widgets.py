@@ -76,7 +76,7 @@ def _run_widgets_notebook(page: Any, lab: LabProcess, name: str, first: int) -> 
     notebook = page.locator(f'.jp-NotebookPanel:not(.lm-mod-hidden)[data-path="{name}"], '
                             ".jp-NotebookPanel:not(.lm-mod-hidden)").first
     cells = notebook.locator(".jp-Notebook .jp-Cell")
-    expect(cells.nth(first + len(CELLS) - 1)).to_be_visible()
+    expect(cells.nth(first + len(CELLS) - 1)).to_be_visible(timeout=60_000)
     expect(page.locator(".jp-StatusBar-Widget", has_text="| Idle")).to_be_visible(timeout=90_000)
     cells.first.locator(".cm-content").click()
     for _ in range(first + len(CELLS) - 2):  # all but the last two: reading the slider, the death
@@ -92,7 +92,7 @@ def _run_widgets_notebook(page: Any, lab: LabProcess, name: str, first: int) -> 
 
     slider = output(0).locator(".widget-slider")
     expect(slider).to_be_visible(timeout=60_000)
-    expect(output(0).locator(".widget-readout")).to_have_text("3")
+    expect(output(0).locator(".widget-readout")).to_have_text("3", timeout=30_000)
 
     bar = output(1).locator(".widget-hprogress")
     expect(bar).to_be_visible(timeout=60_000)
@@ -109,7 +109,7 @@ def _run_widgets_notebook(page: Any, lab: LabProcess, name: str, first: int) -> 
     output(0).locator(".noUi-handle").focus()
     page.keyboard.press("ArrowRight")
     page.keyboard.press("ArrowRight")
-    expect(output(0).locator(".widget-readout")).to_have_text("5")
+    expect(output(0).locator(".widget-readout")).to_have_text("5", timeout=30_000)
     cells.nth(first + len(CELLS) - 2).locator(".cm-content").click()
     page.keyboard.press("Shift+Enter")
     expect(output(len(CELLS) - 2).filter(has_text="value is 5")).to_be_visible(timeout=60_000)

@@ -238,6 +238,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_envs(args: argparse.Namespace) -> int:
+    """``rgpu envs``: the server's Python environments, their Python and key packages."""
+    from rich.table import Table
+
+    envs = _client(args).status().get("envs")
+    if envs is None:  # a server before named environments
+        print("this server has one environment, its own Python (default)")
+        return 0
+    table = Table("env", "python", "version", "packages", "warm", title="environments (%%gpu --env NAME)")
+    for env in envs:
+        packages = ", ".join(f"{name} {version}" for name, version in env["packages"].items())
+        table.add_row(env["name"], env["python"], env["version"], packages, str(env.get("warm", "")))
+    _console().print(table)
+    return 0
+
+
 def cmd_top(args: argparse.Namespace) -> int:
     from rich.console import Group
     from rich.live import Live
@@ -384,6 +400,7 @@ def add_job_commands(sub: Any) -> None:
     p.add_argument("id", type=int)
 
     command("status", cmd_status, "show the GPUs and the queue")
+    command("envs", cmd_envs, "list the server's Python environments with their Python and key packages")
 
     p = command("top", cmd_top, "show the GPUs and the queue, refreshed in place until q or Ctrl-C")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")

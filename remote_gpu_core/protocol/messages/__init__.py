@@ -68,7 +68,8 @@ from .cells import (
 )
 from .decoding import message_from_fields
 from .session import (
-    Hello, LeaseGranted, LeaseRequest, Park, Parked, QueuePosition, Release, Released, Resume, Welcome
+    ENV_FIELD, Hello, LeaseGranted, LeaseRequest, Park, Parked, QueuePosition, Release, Released, Resume,
+    Welcome,
 )
 from .transfers import (
     Download, DownloadReply, Fetch, FetchRefusal, FetchRefused, Pull, PullReply, Push, PushDone, Upload,
@@ -76,6 +77,7 @@ from .transfers import (
 )
 
 __all__ = [
+    "ENV_FIELD",
     "PROTOCOL_VERSION",
     "ErrorCode",
     "Download",

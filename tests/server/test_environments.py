@@ -1,0 +1,170 @@
+"""Named environments on a real server: two real virtual environments (np1 with
+numpy 1.26.4, np2 with numpy 2.x; see :mod:`environments`) beside the server's
+own Python, on a root server whose workers run as uids of their own.
+
+Each environment gets a warm worker of its own (three slots, three
+environments); a lease in one takes that worker. A user's ``%pip install``
+in np1 lands in their np1 site; a hostile cell in np1 can write neither into
+the environment nor into another user's site.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from remote_gpu_kernel import Client, LeaseError
+from remote_gpu_kernel.api import ApiClient
+from remote_gpu_kernel.sync import Session
+from servers import ServerProcess
+from waiting import wait_for
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="a root server isolates with uids: run as root")
+
+RGPU = str(Path(sys.executable).with_name("rgpu"))
+
+
+def quiet(_: object) -> None:
+    pass
+
+
+def run(session: Session, code: str) -> str:
+    """Run ``code``; what it printed. The cell itself must not fail."""
+    result = session.execute(code, on_output=quiet)
+    assert result.ok, result.error
+    return "".join(o.content.get("text", "") for o in result.outputs if o.msg_type == "stream")
+
+
+@dataclass
+class Envs:
+    server: ServerProcess
+    pythons: dict[str, Path]
+    alice: str
+    bob: str
+
+    def status(self) -> dict[str, Any]:
+        status: dict[str, Any] = ApiClient(self.server.url, self.alice).status()
+        return status
+
+    def warm_in(self, env: str) -> list[str]:
+        return [s["id"] for s in self.status()["slots"] if s["warm"] and s["env"] == env]
+
+
+@pytest.fixture(scope="module")
+def envs(tmp_path_factory: pytest.TempPathFactory, test_environments: dict[str, Path]) -> Iterator[Envs]:
+    tmp = tmp_path_factory.mktemp("environments")
+    server = ServerProcess(tmp, "cpu:3", "--worker-memory", "1G",
+                           *(f"--env={name}={python}" for name, python in test_environments.items()))
+    alice, bob = server.token("alice"), server.token("bob")
+    server.start()
+    try:
+        world = Envs(server, test_environments, alice, bob)
+        wait_for(lambda: all(world.warm_in(env) for env in ("default", "np1", "np2")), timeout=120,
+                 what="a warm worker in each environment")
+        yield world
+    finally:
+        server.stop()
+
+
+def test_each_environment_has_a_warm_worker_and_a_lease_takes_it(envs: Envs) -> None:
+    expected = {"np1": "1.26.4", "np2": None, "default": None}
+    for env, version in expected.items():
+        (warm,) = envs.warm_in(env)
+        notices: list[str] = []
+        with Client(envs.server.url, envs.alice).session(env=env, on_notice=notices.append) as session:
+            out = run(session, "import sys, numpy; print(sys.executable, numpy.__version__)").split()
+            assert session.slots == [warm]  # the slot whose worker was warm in this environment
+            status = envs.status()
+            (mine,) = [s for s in status["sessions"] if s["mine"]]
+            assert mine["env"] == env
+            assert [s["env"] for s in status["slots"] if s["id"] == warm] == [env]
+        assert not [n for n in notices if "starting a worker" in n]
+        if env == "default":
+            assert out[0] == sys.executable or Path(out[0]).resolve() == Path(sys.executable).resolve()
+        else:
+            assert out[0] == str(envs.pythons[env])
+        if version is not None:
+            assert out[1] == version
+        elif env == "np2":
+            assert out[1].startswith("2.")
+    # Each released slot is warmed again, one environment each.
+    wait_for(lambda: all(envs.warm_in(env) for env in expected), timeout=120, what="the pool warmed again")
+
+
+def test_the_status_lists_each_environment_with_its_python_and_packages(envs: Envs) -> None:
+    listed = {e["name"]: e for e in envs.status()["envs"]}
+    assert list(listed) == ["default", "np1", "np2"]
+    assert listed["np1"]["python"] == str(envs.pythons["np1"])
+    assert listed["np1"]["packages"]["numpy"] == "1.26.4"
+    assert listed["np2"]["packages"]["numpy"].startswith("2.")
+    assert listed["np1"]["version"] == ".".join(map(str, sys.version_info[:3]))
+    out = subprocess.run([RGPU, "envs", "--url", envs.server.url], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "RGPU_TOKEN": envs.alice, "COLUMNS": "400"}, check=True).stdout
+    assert "np1" in out and "1.26.4" in out and str(envs.pythons["np2"]) in out
+
+
+def test_an_unknown_environment_is_refused_naming_those_there_are(envs: Envs) -> None:
+    with pytest.raises(LeaseError, match=r"no environment 'np3'.*default, np1, np2"):
+        Client(envs.server.url, envs.alice).session(env="np3")
+
+
+def test_pip_install_in_np1_goes_to_the_users_np1_site(envs: Envs) -> None:
+    with Client(envs.server.url, envs.alice).session(env="np1") as session:
+        result = session.execute("import os, sys\nprint(os.environ['PATH'].split(os.pathsep)[0])\n"
+                                 "print(sys.path[0])", on_output=quiet)
+        assert result.ok, result.error
+        out = "".join(o.content.get("text", "") for o in result.outputs if o.msg_type == "stream").split()
+        # The user's site for np1 comes first: what %pip and !pip install goes there.
+        assert any("site-np1" in part for part in out), out
+        assert not any("site-default" in part for part in out), out
+
+
+def test_a_hostile_cell_in_np1_cannot_write_into_the_environment_or_another_users_site(envs: Envs) -> None:
+    with Client(envs.server.url, envs.bob).session(env="np1") as b:
+        bob_site = run(b, "import sys; print([p for p in sys.path if 'site-np1' in p][0])").strip()
+        with Client(envs.server.url, envs.alice).session(env="np1") as a:
+            out = run(a, f"""
+import numpy, os, sys
+targets = [os.path.join(os.path.dirname(numpy.__file__), 'evil.py'), os.path.join(sys.prefix, 'evil'),
+           os.path.join({bob_site!r}, 'evil.py')]
+for target in targets:
+    try:
+        open(target, 'w').write('x')
+        print('WROTE', target)
+    except OSError as exc:
+        print('refused', type(exc).__name__)
+""")
+            assert "WROTE" not in out and out.count("refused") == 3, out
+        assert not (envs.pythons["np1"].parent.parent / "evil").exists()
+        assert run(b, "print(6 * 7)") == "42\n"
+
+
+def test_env_check_says_what_a_bad_interpreter_lacks_and_passes_a_good_one(envs: Envs, tmp_path: Path) -> None:
+    good = subprocess.run([RGPU, "env", "check", str(envs.pythons["np1"])], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "ok: workers can run here" in good.stdout
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
+    bad = subprocess.run([RGPU, "env", "check", str(bare / "bin" / "python")], capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert bad.returncode == 1
+    assert "ipykernel is missing" in bad.stdout
+    assert f"{bare / 'bin' / 'python'} -m pip install 'ipykernel>=7.4'" in bad.stdout
+
+
+def test_serve_refuses_an_environment_that_fails_the_check(tmp_path: Path) -> None:
+    bare = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
+    done = subprocess.run([RGPU, "serve", "--db", str(tmp_path / "db.sqlite3"), "--slots", "cpu:1", "--port", "0",
+                           "--env", f"bad={bare / 'bin' / 'python'}"], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode != 0
+    assert "environment bad" in done.stderr and "ipykernel is missing" in done.stderr

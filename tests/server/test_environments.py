@@ -168,3 +168,24 @@ def test_serve_refuses_an_environment_that_fails_the_check(tmp_path: Path) -> No
                           check=False)
     assert done.returncode != 0
     assert "environment bad" in done.stderr and "ipykernel is missing" in done.stderr
+
+
+def test_a_kernelspec_per_environment_leases_in_that_environment(envs: Envs, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from remote_kernels import KernelDriver, kernel_env
+
+    prefix = tmp_path / "prefix"
+    out = subprocess.run([RGPU, "kernel", "install", "--prefix", str(prefix), "--env", "np1"],
+                         capture_output=True, text=True, check=True, timeout=60).stdout
+    assert "remote-gpu-np1" in out
+    monkeypatch.setenv("JUPYTER_PATH", str(prefix / "share" / "jupyter"))
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    spec = KernelSpecManager().get_kernel_spec("remote-gpu-np1")
+    assert spec.display_name == "Remote GPU (np1)" and spec.env == {"RGPU_ENV": "np1"}
+    driver = KernelDriver(kernel_env(tmp_path, envs.server.url, envs.alice), "remote-gpu-np1").start()
+    try:
+        ran = driver.run("import numpy; print(numpy.__version__)")
+        assert ran.status == "ok" and ran.stdout.strip() == "1.26.4"
+    finally:
+        driver.shutdown()

@@ -96,7 +96,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 1
     job = _client(args).submit(code, name=args.name or path.name, gpus=args.gpus,
                                priority=args.priority, pool=args.pool, timeout=args.timeout,
-                               retries=args.retries)
+                               retries=args.retries, env=args.env)
     print(job["id"])
     print(f"job {job['id']} queued: rgpu logs {job['id']} --follow", file=sys.stderr)
     return 0
@@ -380,6 +380,9 @@ def add_job_commands(sub: Any) -> None:
     p.add_argument("--retries", type=int, default=0,
                    help="run it again up to N times if its worker dies (default 0)")
     p.add_argument("--name", help="a name for the job (default: the script's file name)")
+    p.add_argument("--env", metavar="NAME",
+                   help="the Python environment it runs in (default: $RGPU_ENV, else the server's own; "
+                        "rgpu envs lists them)", default=os.environ.get("RGPU_ENV"))
 
     p = command("jobs", cmd_jobs, "list your jobs (an admin token: everyone's)")
     p.add_argument("--user", help="only this user's jobs (admin tokens)")

@@ -189,3 +189,34 @@ def test_a_kernelspec_per_environment_leases_in_that_environment(envs: Envs, tmp
         assert ran.status == "ok" and ran.stdout.strip() == "1.26.4"
     finally:
         driver.shutdown()
+
+
+def test_a_batch_job_runs_in_the_environment_it_asks_for(envs: Envs, tmp_path: Path) -> None:
+    script = tmp_path / "job.py"
+    script.write_text("import numpy, sys\nprint(numpy.__version__, sys.executable)\n")
+    env = {**os.environ, "RGPU_TOKEN": envs.alice}
+    submitted = subprocess.run([RGPU, "submit", "--url", envs.server.url, "--env", "np1", str(script)],
+                               capture_output=True, text=True, timeout=60, env=env, check=True)
+    job = int(submitted.stdout.split()[0])
+    api = ApiClient(envs.server.url, envs.alice)
+    done = wait_for(lambda: (j := api.job(job))["state"] not in ("queued", "running") and j, timeout=120,
+                    what="the batch job's end")
+    assert done["state"] == "completed" and done["env"] == "np1", done
+    assert "".join(o["text"] for o in api.outputs(job)).split() == ["1.26.4", str(envs.pythons["np1"])]
+    refused = subprocess.run([RGPU, "submit", "--url", envs.server.url, "--env", "np3", str(script)],
+                             capture_output=True, text=True, timeout=60, env=env, check=False)
+    assert refused.returncode != 0 and "no environment 'np3'" in refused.stderr
+
+
+def test_a_parked_session_resumes_in_its_environment(envs: Envs) -> None:
+    client = Client(envs.server.url, envs.bob)
+    session = client.session(env="np1")
+    try:
+        run(session, "import numpy\nkept = numpy.arange(3)")
+        session.park()
+        assert session.parked
+        assert run(session, "import numpy; print(numpy.__version__, kept.tolist())") == "1.26.4 [0, 1, 2]\n"
+        (mine,) = [s for s in ApiClient(envs.server.url, envs.bob).status()["sessions"] if s["mine"]]
+        assert mine["env"] == "np1"
+    finally:
+        session.release()

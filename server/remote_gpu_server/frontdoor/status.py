@@ -124,7 +124,7 @@ async def _leases(view: ServerView, me: TokenInfo) -> list[dict[str, Any]]:
                        "slots": [str(s) for s in run.slots], "since": run.since, "idle": 0.0,
                        "job": run.job, "busy": True, "notebook": None,
                        "first_line": first_line(run.code), "ignoring_interrupt": False,
-                       "env": getattr(run, "environment", "default")})
+                       "env": run.environment})
     for lease in leases:
         lease["mine"] = lease["user"] == me.user
         if not (lease["mine"] or me.admin):
@@ -261,6 +261,7 @@ async def job_json(view: ServerView, job: JobRecord, *, code: bool = True) -> di
         "session": job.session, "slots": [s for s in job.slots.split(",") if s],
         "gpus": spec.gpus if spec else len([s for s in job.slots.split(",") if s]),
         "priority": spec.priority if spec else None, "pool": spec.pool if spec else None,
+        "env": spec.env if spec else None,
         "timeout": spec.timeout if spec else None, "retries": spec.retries if spec else None,
         "attempt": spec.attempt if spec else None,
         "attempts": [{"attempt": a.attempt, "state": a.state, "error": a.error, "started": a.started,

@@ -241,7 +241,7 @@ class Parking:
         record = ParkedRecord(session.id, session.user, state.pool, state.gpus, state.priority,
                               str(state.tenant.folder), state.nbytes, state.names, state.unsaved,
                               state.parked_at, state.reason, session.seq, state.segment,
-                              last_code=session.last_code)
+                              last_code=session.last_code, env=state.environment)
         try:
             await self.store.parked.add(record)
         except Exception:
@@ -366,4 +366,4 @@ class Parking:
         tenant = Tenant(record.user, folder, self.isolation.identity(record.user))
         self.isolation.forget(tenant)
         return ParkedState(tenant, record.pool, record.gpus, record.priority, record.names, record.unsaved,
-                           record.nbytes, record.parked, record.reason, record.segment)
+                           record.nbytes, record.parked, record.reason, record.segment, record.env)

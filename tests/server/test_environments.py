@@ -25,10 +25,12 @@ from remote_gpu_kernel.api import ApiClient
 from remote_gpu_kernel.sync import Session
 from servers import ServerProcess
 from waiting import wait_for
+from wheels import tiny_wheel
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="a root server isolates with uids: run as root")
 
 RGPU = str(Path(sys.executable).with_name("rgpu"))
+PACKAGE = "rgpu_env_probe"
 
 
 def quiet(_: object) -> None:
@@ -115,15 +117,28 @@ def test_an_unknown_environment_is_refused_naming_those_there_are(envs: Envs) ->
         Client(envs.server.url, envs.alice).session(env="np3")
 
 
-def test_pip_install_in_np1_goes_to_the_users_np1_site(envs: Envs) -> None:
-    with Client(envs.server.url, envs.alice).session(env="np1") as session:
-        result = session.execute("import os, sys\nprint(os.environ['PATH'].split(os.pathsep)[0])\n"
-                                 "print(sys.path[0])", on_output=quiet)
-        assert result.ok, result.error
-        out = "".join(o.content.get("text", "") for o in result.outputs if o.msg_type == "stream").split()
-        # The user's site for np1 comes first: what %pip and !pip install goes there.
-        assert any("site-np1" in part for part in out), out
-        assert not any("site-default" in part for part in out), out
+def test_pip_install_in_np1_goes_to_the_users_np1_site_not_defaults(envs: Envs, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    wheel = tiny_wheel(tmp_path, PACKAGE, "1.0", "installed in np1")
+    monkeypatch.chdir(tmp_path)
+    client = Client(envs.server.url, envs.alice)
+    with client.session(env="np1") as session:
+        session.upload(wheel.name)
+        out = run(session, f"%pip install --no-index {wheel.name}")
+        assert f"Successfully installed {PACKAGE.replace('_', '-')}-1.0" in out
+        value, where = run(session, f"import {PACKAGE}; print({PACKAGE}.VALUE, {PACKAGE}.__file__, "
+                                    "sep='|')").strip().split("|")
+        assert value == "installed in np1"
+        # The site's python is np1's: %pip and !pip install for np1's Python.
+        assert run(session, "!python -c 'import numpy; print(numpy.__version__)'").strip() == "1.26.4"
+    site = Path(where).parents[4]
+    assert site.name == "site-np1"
+    with client.session(env="np1") as again:  # kept for the next np1 session
+        assert run(again, f"import {PACKAGE}; print({PACKAGE}.VALUE)").strip() == "installed in np1"
+    for env, token in (("default", envs.alice), ("np1", envs.bob)):  # not in default, not for bob
+        with Client(envs.server.url, token).session(env=env) as other:
+            result = other.execute(f"import {PACKAGE}", on_output=quiet)
+            assert result.error is not None and result.error.ename == "ModuleNotFoundError"
 
 
 def test_a_hostile_cell_in_np1_cannot_write_into_the_environment_or_another_users_site(envs: Envs) -> None:

@@ -11,6 +11,7 @@ the environment nor into another user's site.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from remote_gpu_kernel.api import ApiClient
 from remote_gpu_kernel.sync import Session
 from servers import ServerProcess
 from waiting import wait_for
+from unprivileged import launcher
 from wheels import tiny_wheel
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="a root server isolates with uids: run as root")
@@ -235,3 +237,34 @@ def test_a_parked_session_resumes_in_its_environment(envs: Envs) -> None:
         assert mine["env"] == "np1"
     finally:
         session.release()
+
+
+def test_a_sandboxed_servers_np1_workers_read_their_environment_and_cannot_write_it(
+        tmp_path_factory: pytest.TempPathFactory, test_environments: dict[str, Path]) -> None:
+    """A server that is not root: np1's workers run in bubblewrap sandboxes, where
+    the environment is bound read-only (its files are the server's uid's here)."""
+    if shutil.which("bwrap") is None:
+        pytest.skip("bubblewrap is not installed: apt-get install bubblewrap (scripts/setup.sh does)")
+    tmp = tmp_path_factory.mktemp("sandboxed-envs")
+    np1 = test_environments["np1"]
+    server = ServerProcess(tmp, "cpu:1", "--worker-memory", "1G", f"--env=np1={np1}", launcher=launcher(str(tmp)),
+                           env={"RGPU_TEST_EXPOSE": str(np1.parent.parent)})
+    token = server.token("alice")
+    server.start()
+    try:
+        assert any("isolated in bubblewrap sandboxes" in line for line in server.log)
+        with Client(server.url, token).session(env="np1") as session:
+            out = run(session, """
+import numpy, os, sys
+print(numpy.__version__, sys.executable)
+for target in (os.path.join(os.path.dirname(numpy.__file__), 'evil.py'), os.path.join(sys.prefix, 'evil')):
+    try:
+        open(target, 'w').write('x')
+        print('WROTE', target)
+    except OSError as exc:
+        print('refused', type(exc).__name__)
+""").split("\n")
+            assert out[0] == f"1.26.4 {np1}"
+            assert out[1:3] == ["refused OSError", "refused OSError"], out
+    finally:
+        server.stop()

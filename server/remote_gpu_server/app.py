@@ -45,7 +45,7 @@ from .sessions.parking import Parking
 from .cluster.launcher import RayLauncher
 from .cluster.nodes import RayCluster, RayReadings
 from .frontdoor.metrics import Metrics
-from .environments import DEFAULT_ENVIRONMENT, Environments
+from .environments import Environments
 from .workers.pool import Pool
 from .gpus.readings import Readings
 from .store.retention import prune_outputs_forever
@@ -115,6 +115,9 @@ class GpuServer:
         stale = await self.store.fail_interrupted_jobs("the server stopped while this job was running")
         if stale:
             log.warning("marked %d job(s) left running by an earlier run of this server as failed", stale)
+        if config.ray is not None and config.environments:
+            raise ValueError("--env: named environments run on this host's slots; with --ray only the "
+                             "default environment is offered so far")
         # Each named environment is checked now: one that cannot run workers stops the start.
         self.environments = await asyncio.to_thread(Environments.load, config.environments)
         launcher: WorkerLauncher
@@ -141,7 +144,7 @@ class GpuServer:
         self.scheduler = self.broker.scheduler
         self.pool = Pool(launcher, self.inventory, config.startup_timeout,
                          is_down=lambda slot: self.inventory.is_down(slot.node), term_grace=config.term_grace,
-                         environments=self.environments.names if config.ray is None else [DEFAULT_ENVIRONMENT])
+                         environments=self.environments.names)
         # Grants take slots whose worker is warm first; the pool says which are.
         self.pool.on_readiness = self.broker.set_readiness
         self.pool.on_take = self.metrics.worker_taken

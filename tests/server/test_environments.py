@@ -268,3 +268,4 @@ for target in (os.path.join(os.path.dirname(numpy.__file__), 'evil.py'), os.path
             assert out[1:3] == ["refused OSError", "refused OSError"], out
     finally:
         server.stop()
+

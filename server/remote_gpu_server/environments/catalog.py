@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..isolation.user_sites import DEFAULT_ENVIRONMENT
-from .check import KEY_PACKAGES, EnvironmentCheck, check_interpreter
+from .check import KEY_PACKAGES, EnvironmentCheck, check_interpreter, check_this_interpreter
 
 __all__ = ["DEFAULT_ENVIRONMENT", "Environment", "Environments", "parse_environment"]
 
@@ -91,7 +91,7 @@ class Environments:
     def load(cls, named: Iterable[tuple[str, str]] = ()) -> Environments:
         """Check the server's own Python and each ``(name, python)``; raises
         ValueError naming every environment that fails and why (blocks)."""
-        own = check_interpreter(sys.executable)
+        own = check_this_interpreter()
         if not own.ok:
             raise ValueError("the server's own Python cannot run workers: " + "; ".join(own.problems))
         found = [Environment.from_check(DEFAULT_ENVIRONMENT, own, own=True)]

@@ -25,7 +25,8 @@ from typing import Any
 
 from packaging.version import InvalidVersion, Version
 
-__all__ = ["KEY_PACKAGES", "MIN_PYTHON", "REQUIREMENTS", "EnvironmentCheck", "Requirement", "check_interpreter"]
+__all__ = ["KEY_PACKAGES", "MIN_PYTHON", "REQUIREMENTS", "EnvironmentCheck", "Requirement", "check_interpreter",
+           "check_this_interpreter"]
 
 #: The oldest Python a worker runs on (the project's ``requires-python``).
 MIN_PYTHON = (3, 11)
@@ -122,8 +123,7 @@ def check_interpreter(python: str | os.PathLike[str], timeout: float = 60.0) -> 
     if not os.access(path, os.X_OK) or path.is_dir():
         return EnvironmentCheck(shown, None, (f"{shown} is not an interpreter that can be run: "
                                               "give the python of a virtual or conda environment",))
-    names = [r.name for r in REQUIREMENTS] + [k for k in KEY_PACKAGES if k not in {r.name for r in REQUIREMENTS}]
-    script = f"NAMES = {names!r}\n{_PROBE}"
+    script = f"NAMES = {_names()!r}\n{_PROBE}"
     try:
         done = subprocess.run([str(path), "-I", "-c", script], capture_output=True, text=True, timeout=timeout,
                               check=False, env={"PATH": os.environ.get("PATH", os.defpath)})
@@ -134,6 +134,32 @@ def check_interpreter(python: str | os.PathLike[str], timeout: float = 60.0) -> 
         error = done.stderr.strip().splitlines()[-1:] or [f"exit code {done.returncode}"]
         return EnvironmentCheck(shown, None, (f"{shown} did not run as Python: {error[0]}",))
     return EnvironmentCheck(shown, info, tuple(_problems(shown, info)))
+
+
+def check_this_interpreter() -> EnvironmentCheck:
+    """:func:`check_interpreter` of the running Python, without starting it again
+    (the server's own, at each start)."""
+    import importlib.metadata
+    import sys
+
+    def version(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    info: dict[str, Any] = {
+        "version": list(sys.version_info[:3]), "executable": sys.executable,
+        "prefix": sys.prefix, "base_prefix": sys.base_prefix,
+        "exec_prefix": sys.exec_prefix, "base_exec_prefix": sys.base_exec_prefix,
+        "path": [p for p in sys.path if p],
+        "packages": {name: version(name) for name in _names()},
+    }
+    return EnvironmentCheck(sys.executable, info, tuple(_problems(sys.executable, info)))
+
+
+def _names() -> list[str]:
+    return [r.name for r in REQUIREMENTS] + [k for k in KEY_PACKAGES if k not in {r.name for r in REQUIREMENTS}]
 
 
 def _problems(python: str, info: dict[str, Any]) -> list[str]:

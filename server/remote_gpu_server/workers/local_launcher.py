@@ -349,6 +349,9 @@ class LocalLauncher:
     def _interpreter(self, name: str) -> tuple[list[str], dict[str, str], tuple[Path, ...] | None]:
         """The worker's command line, its environment variables and the folders its
         Python reads code from (None: the server's own) in environment ``name``."""
+        if name not in self.environments:  # a parked session or a job from a run that had it
+            raise ValueError(f"environment {name!r} is not configured on this server; it has: "
+                             f"{', '.join(self.environments.names)} (rgpu serve --env NAME=PYTHON)")
         environment = self.environments[name]
         if environment.own:
             return list(WORKER_ARGV), {}, None
@@ -356,7 +359,10 @@ class LocalLauncher:
             self._code = WorkerCode()
         code = self._code.folder
         path = os.pathsep.join([str(environment.bin), os.environ.get("PATH", os.defpath)])
-        extra = {"PYTHONPATH": str(code), "PATH": path, "VIRTUAL_ENV": environment.prefix}
+        extra = {"PYTHONPATH": str(code), "PATH": path}
+        # The environment's own marker, not the server's (a conda environment has conda-meta).
+        marker = "CONDA_PREFIX" if os.path.isdir(os.path.join(environment.prefix, "conda-meta")) else "VIRTUAL_ENV"
+        extra[marker] = environment.prefix
         return [environment.python, *WORKER_ARGV[1:]], extra, (*environment.paths, code)
 
     async def spawn(self, spec: WorkerSpec, cuda_devices: str | None = None,

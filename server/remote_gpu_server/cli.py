@@ -315,7 +315,8 @@ def add_serve(sub: Any) -> None:
                    help="a named environment: workers of leases that ask for NAME run PYTHON, the "
                         "interpreter of a virtual or conda environment that has the worker's "
                         "requirements (rgpu env check PYTHON says); repeatable; default: "
-                        "$RGPU_ENVS (NAME=PYTHON,...). The server's own Python is 'default'")
+                        "$RGPU_ENVS (NAME=PYTHON,...). The server's own Python is 'default'; "
+                        "not with --ray")
     p.add_argument("--ray", metavar="ADDRESS",
                    help="lease the GPUs of every node of a running Ray cluster (auto, or HOST:PORT of "
                         "its head): this server becomes the cluster's head; needs "

@@ -38,10 +38,12 @@ def config_path() -> Path:
 class ClientConfig:
     url: str = DEFAULT_URL
     token: str | None = None
-    #: What a lease asks for unless told otherwise (RGPU_GPUS, RGPU_PRIORITY, RGPU_POOL).
+    #: What a lease asks for unless told otherwise (RGPU_GPUS, RGPU_PRIORITY, RGPU_POOL, RGPU_ENV).
     gpus: int = 1
     priority: str = "normal"
     pool: str = "default"
+    #: The Python environment of the lease's worker (``default``: the server's own).
+    env: str = "default"
     #: A PEM file of CAs (or a self-signed server's certificate) to trust besides the system's.
     cafile: str | None = None
     #: Send the token over plain ws:// even to a host that is not loopback.
@@ -69,6 +71,7 @@ class ClientConfig:
             gpus=int(gpus) if gpus.isdigit() and int(gpus) > 0 else 1,
             priority=os.environ.get("RGPU_PRIORITY") or "normal",
             pool=os.environ.get("RGPU_POOL") or "default",
+            env=os.environ.get("RGPU_ENV") or "default",
             cafile=cafile or os.environ.get("RGPU_CA") or stored.get("cafile") or None,
             insecure=bool(insecure),
         )

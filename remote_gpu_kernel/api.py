@@ -158,13 +158,20 @@ class ApiClient:
         return self._open(urllib.request.Request(self.base + "/metrics")).decode()
 
     def submit(self, code: str, name: str = "script", gpus: int = 1, priority: str = "normal",
-               pool: str | None = None, timeout: float | None = None, retries: int = 0) -> dict[str, Any]:
-        """Submit a batch job; returns the queued job's JSON (``id``, ``state``, ...)."""
+               pool: str | None = None, timeout: float | None = None, retries: int = 0,
+               env: str | None = None) -> dict[str, Any]:
+        """Submit a batch job; returns the queued job's JSON (``id``, ``state``, ...).
+
+        ``env``: the Python environment it runs in (None or ``default``: the
+        server's own); sent only when another, so an older server refuses it
+        ("unknown job field(s): env") rather than run it in the wrong one."""
         from websockets.exceptions import InvalidStatus, WebSocketException
         from websockets.sync.client import connect
 
         job = {"code": code, "name": name, "gpus": gpus, "priority": priority, "pool": pool,
                "timeout": timeout, "retries": retries}
+        if env and env != "default":
+            job["env"] = env
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         url = _ws_url(self.url) + "/api/jobs"
         if self.token:

@@ -44,13 +44,17 @@ def cmd_kernel(args: argparse.Namespace) -> int:
     """``rgpu kernel install``: write the "Remote GPU" kernelspec, as ipykernel's installer does."""
     import errno
 
-    from .kernelspec import install
+    from .kernelspec import DISPLAY_NAME, KERNEL_NAME, install
 
+    name, display_name = args.name, args.display_name
+    if args.env and args.env != "default":  # one kernelspec per environment, side by side
+        name = name if name != KERNEL_NAME else f"{KERNEL_NAME}-{args.env}"
+        display_name = display_name or f"{DISPLAY_NAME} ({args.env})"
     try:
-        dest = install(user=args.user, prefix=args.prefix, kernel_name=args.name,
-                       display_name=args.display_name, url=args.url, gpus=args.gpus,
+        dest = install(user=args.user, prefix=args.prefix, kernel_name=name,
+                       display_name=display_name, url=args.url, gpus=args.gpus,
                        priority=args.priority, pool=args.pool, cafile=args.cafile,
-                       insecure=bool(args.insecure))
+                       insecure=bool(args.insecure), env=args.env)
     except OSError as exc:
         if exc.errno != errno.EACCES:
             raise
@@ -58,7 +62,7 @@ def cmd_kernel(args: argparse.Namespace) -> int:
         if not args.user:
             print("Perhaps you want --user or --sys-prefix?", file=sys.stderr)
         return 1
-    print(f"Installed kernelspec {args.name} in {dest}")
+    print(f"Installed kernelspec {name} in {dest}")
     return 0
 
 
@@ -87,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--gpus", type=int, help="how many GPUs the kernel leases (default 1)")
     c.add_argument("--priority", choices=["high", "normal", "low"], help="its lease's priority")
     c.add_argument("--pool", help="the pool of GPUs it leases from")
+    c.add_argument("--env", metavar="NAME",
+                   help='the Python environment its worker runs (rgpu envs lists them); installs '
+                        '"Remote GPU (NAME)" as remote-gpu-NAME unless --name or --display-name say otherwise')
     c.add_argument("--cafile", metavar="PATH",
                    help="written into the spec as RGPU_CA: trust this CA certificate, or a "
                         "self-signed server's own certificate")

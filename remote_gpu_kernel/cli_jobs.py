@@ -96,7 +96,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return 1
     job = _client(args).submit(code, name=args.name or path.name, gpus=args.gpus,
                                priority=args.priority, pool=args.pool, timeout=args.timeout,
-                               retries=args.retries)
+                               retries=args.retries, env=args.env)
     print(job["id"])
     print(f"job {job['id']} queued: rgpu logs {job['id']} --follow", file=sys.stderr)
     return 0
@@ -238,6 +238,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_envs(args: argparse.Namespace) -> int:
+    """``rgpu envs``: the server's Python environments, their Python and key packages."""
+    from rich.table import Table
+
+    envs = _client(args).status().get("envs")
+    if envs is None:  # a server before named environments
+        print("this server has one environment, its own Python (default)")
+        return 0
+    table = Table("env", "python", "version", "packages", "warm", title="environments (%%gpu --env NAME)")
+    for env in envs:
+        packages = ", ".join(f"{name} {version}" for name, version in env["packages"].items())
+        table.add_row(env["name"], env["python"], env["version"], packages, str(env.get("warm", "")))
+    _console().print(table)
+    return 0
+
+
 def cmd_top(args: argparse.Namespace) -> int:
     from rich.console import Group
     from rich.live import Live
@@ -368,6 +384,9 @@ def add_job_commands(sub: Any) -> None:
     p.add_argument("--retries", type=int, default=0,
                    help="run it again up to N times if its worker dies (default 0)")
     p.add_argument("--name", help="a name for the job (default: the script's file name)")
+    p.add_argument("--env", metavar="NAME",
+                   help="the Python environment it runs in (default: $RGPU_ENV, else the server's own; "
+                        "rgpu envs lists them)", default=os.environ.get("RGPU_ENV"))
 
     p = command("jobs", cmd_jobs, "list your jobs (an admin token: everyone's)")
     p.add_argument("--user", help="only this user's jobs (admin tokens)")
@@ -388,6 +407,7 @@ def add_job_commands(sub: Any) -> None:
     p.add_argument("id", type=int)
 
     command("status", cmd_status, "show the GPUs and the queue")
+    command("envs", cmd_envs, "list the server's Python environments with their Python and key packages")
 
     p = command("top", cmd_top, "show the GPUs and the queue, refreshed in place until q or Ctrl-C")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes (default 2)")

@@ -21,6 +21,7 @@ import asyncio
 from collections.abc import Coroutine
 from typing import Any
 
+from remote_gpu_core.errors import LeaseError, ProtocolError
 from remote_gpu_core.fingerprint import local_fingerprint
 from remote_gpu_core.login import ClientConfig
 from remote_gpu_core.protocol import messages as m
@@ -33,7 +34,8 @@ from .session import (
     AsyncSession, ExecuteResult, NoticeCallback, QueueCallback, notify, parent_of, write_streams
 )
 
-__all__ = ["AsyncClient", "AsyncSession", "ExecuteResult", "SessionOpener", "parent_of", "write_streams"]
+__all__ = ["AsyncClient", "AsyncSession", "ExecuteResult", "SessionOpener", "no_environments", "parent_of",
+           "write_streams"]
 
 
 class AsyncClient:
@@ -65,21 +67,26 @@ class AsyncClient:
                 priority: str | None = None, pool: str | None = None,
                 on_queue: QueueCallback | None = None,
                 on_notice: NoticeCallback | None = None,
-                notebook: str | None = None, say_mismatch: bool = True) -> SessionOpener:
+                notebook: str | None = None, say_mismatch: bool = True,
+                env: str | None = None) -> SessionOpener:
         """Lease ``gpus`` slots: ``await`` it, or use it as ``async with``."""
         return SessionOpener(self.open_session(gpus, resume=resume, priority=priority, pool=pool,
                                                 on_queue=on_queue, on_notice=on_notice,
-                                                notebook=notebook, say_mismatch=say_mismatch))
+                                                notebook=notebook, say_mismatch=say_mismatch, env=env))
 
     async def open_session(self, gpus: int | None = None, *, resume: str | None = None,
                            priority: str | None = None, pool: str | None = None,
                            on_queue: QueueCallback | None = None,
                            on_notice: NoticeCallback | None = None,
-                           notebook: str | None = None, say_mismatch: bool = True) -> AsyncSession:
+                           notebook: str | None = None, say_mismatch: bool = True,
+                           env: str | None = None) -> AsyncSession:
         """Lease ``gpus`` slots of ``pool`` at ``priority``, or resume a session.
 
         Unset arguments come from the client's config (RGPU_GPUS,
-        RGPU_PRIORITY, RGPU_POOL): 1 slot, ``normal``, ``default``.
+        RGPU_PRIORITY, RGPU_POOL, RGPU_ENV): 1 slot, ``normal``, ``default``,
+        ``default``. ``env`` names the Python environment of the worker (the
+        server lists them: ``rgpu envs``); an unknown one raises LeaseError
+        naming those the server has.
         ``on_queue(position)`` is called whenever the request's place in the
         queue changes. ``notebook`` is the path of the notebook the lease is
         for, shown to its owner in the sidebar and ``/api/status`` (the magic
@@ -104,7 +111,7 @@ class AsyncClient:
                 open_timeout=self.open_timeout,
                 first=lambda req: m.LeaseRequest(req, gpus or self.config.gpus, resume,
                                                  priority or self.config.priority, pool or self.config.pool,
-                                                 notebook))
+                                                 notebook, env or self.config.env))
         except BaseException:
             versions.cancel()
             raise
@@ -113,7 +120,10 @@ class AsyncClient:
             await link.welcomed()
             self.user, self.server_version = link.user, link.server_version
             while True:
-                msg = await link.receive(inbox)
+                try:
+                    msg = await link.receive(inbox)
+                except ProtocolError as exc:
+                    raise no_environments(exc, env or self.config.env, self.server_version) from None
                 if isinstance(msg, m.QueuePosition):
                     if on_queue is not None:
                         on_queue(msg.position)
@@ -134,13 +144,22 @@ class AsyncClient:
             await link.close()
             raise
 
-
     def _cut(self, session: str, fields: dict[str, Any], came: list[tuple[Any, int]]) -> None:
         if fields.get("t") == m.MessageType.PULL_REPLY.value:
             cut = CutPull(fields, came)
             self.cut_pulls.clear()  # only the latest
             if cut.parts:
                 self.cut_pulls[session] = cut
+
+
+def no_environments(exc: ProtocolError, env: str, server_version: str | None) -> Exception:
+    """What a lease in ``env`` that the server refused with ``exc`` means: a server
+    older than named environments refuses the request's ``env`` field."""
+    if env == "default" or f"'{m.ENV_FIELD}'" not in str(exc):
+        return exc
+    return LeaseError(f"the GPU server (version {server_version or 'unknown'}) has no named environments, so it "
+                      f"cannot run environment {env!r}: leave the environment out to use its own Python, "
+                      "or ask its admin to upgrade it", code="lease_refused")
 
 
 class SessionOpener:

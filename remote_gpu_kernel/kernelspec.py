@@ -72,13 +72,13 @@ def install(*, user: bool = False, prefix: str | None = None, kernel_name: str =
             display_name: str | None = None, url: str | None = None,
             kernel_spec_manager: Any = None, gpus: int | None = None,
             priority: str | None = None, pool: str | None = None,
-            cafile: str | None = None, insecure: bool = False) -> str:
+            cafile: str | None = None, insecure: bool = False, env: str | None = None) -> str:
     """Install the kernelspec; return the folder it was installed to.
 
     ``gpus``, ``priority`` and ``pool`` go into the spec's environment
     (RGPU_GPUS, RGPU_PRIORITY, RGPU_POOL): what the kernel's lease asks for;
     ``cafile`` and ``insecure`` too (RGPU_CA, RGPU_INSECURE): how it reaches
-    the server.
+    the server. ``env`` (RGPU_ENV): the Python environment its worker runs.
 
     As with ipykernel, a custom ``kernel_name`` without a ``display_name``
     is shown under its name. Raises ``OSError`` (``EACCES``) where the
@@ -92,7 +92,7 @@ def install(*, user: bool = False, prefix: str | None = None, kernel_name: str =
     staging = Path(tempfile.mkdtemp(suffix="_kernels"))
     try:
         lease = {key: str(value) for key, value in
-                 (("RGPU_GPUS", gpus), ("RGPU_PRIORITY", priority), ("RGPU_POOL", pool),
+                 (("RGPU_GPUS", gpus), ("RGPU_PRIORITY", priority), ("RGPU_POOL", pool), ("RGPU_ENV", env),
                   ("RGPU_CA", os.path.abspath(os.path.expanduser(cafile)) if cafile else None),
                   ("RGPU_INSECURE", "1" if insecure else None)) if value}
         source = write_kernel_spec(staging / kernel_name, display_name, url, lease)

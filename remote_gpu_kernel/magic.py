@@ -118,7 +118,7 @@ class GpuMagics(Magics):
         return self.client
 
     def _session(self, gpus: int | None = None, priority: str | None = None,
-                 pool: str | None = None) -> Session:
+                 pool: str | None = None, env: str | None = None) -> Session:
         session = self.session
         if session is not None and session.released:
             _say(f"The GPU session was released ({session.released}): leasing a new one; "
@@ -135,7 +135,7 @@ class GpuMagics(Magics):
             session = client.session(
                 gpus, resume=resume, priority=priority, pool=pool,
                 on_queue=lambda pos: line.show(notices.queued(pos)),
-                on_notice=_say, notebook=notebook_path(), say_mismatch=False,
+                on_notice=_say, notebook=notebook_path(), say_mismatch=False, env=env,
             )
             session.on_background = self.comms.background
             if self.fetch is not None:
@@ -182,6 +182,9 @@ class GpuMagics(Magics):
               help="the lease request's priority (default normal)")
     @_argument("--pool", default=None, metavar="NAME",
               help="the pool of GPUs to lease from (default: the server's default pool)")
+    @_argument("--env", default=None, metavar="NAME",
+              help="the Python environment of the worker, if this notebook has no lease yet "
+                   "(default: RGPU_ENV, else the server's own Python, 'default'; rgpu envs lists them)")
     @_line_cell_magic
     def gpu(self, line: str, cell: str | None = None) -> Any:
         """Run a cell on a leased remote GPU, or manage the connection.
@@ -189,7 +192,7 @@ class GpuMagics(Magics):
         Cell magic::
 
             %%gpu [-i NAME,...] [-o NAME,...] [--timeout SECONDS] [--gpus N]
-                  [--priority high|normal|low] [--pool NAME]
+                  [--priority high|normal|low] [--pool NAME] [--env NAME]
 
         leases a GPU for this notebook if it has none (from RGPU_URL and
         RGPU_TOKEN, or the saved config), pushes the ``-i`` variables, runs the
@@ -232,16 +235,17 @@ class GpuMagics(Magics):
             return self._line(line)
         args = _parse_argstring(self.gpu, line)
         self._run_cell(cell, _names(args.inputs), _names(args.outputs), args.timeout,
-                       args.gpus, args.priority, args.pool)
+                       args.gpus, args.priority, args.pool, args.env)
         return None
 
     def _run_cell(self, code: str, inputs: list[str], outputs: list[str], timeout: float | None,
-                  gpus: int | None, priority: str | None = None, pool: str | None = None) -> None:
+                  gpus: int | None, priority: str | None = None, pool: str | None = None,
+                  env: str | None = None) -> None:
         ns = self.ipython.user_ns
         missing = [n for n in inputs if n not in ns]
         if missing:
             raise NameError(f"%%gpu -i: name {missing[0]!r} is not defined")
-        session = self._session(gpus, priority, pool)
+        session = self._session(gpus, priority, pool, env)
         parent = self.comms.current_parent()
         line = notices.StatusLine(notices.publish_display)
         try:

@@ -135,8 +135,8 @@ class Client:
                 priority: str | None = None, pool: str | None = None,
                 on_queue: QueueCallback | None = None,
                 on_notice: NoticeCallback | None = None,
-                notebook: str | None = None, say_mismatch: bool = True) -> Session:
-        """Lease ``gpus`` slots; waits in the queue if none is free.
+                notebook: str | None = None, say_mismatch: bool = True, env: str | None = None) -> Session:
+        """Lease ``gpus`` slots (a worker in environment ``env``); waits in the queue if none is free.
 
         ``on_queue(position)`` is called (in this thread) whenever the
         position changes. Use the session as a context manager to release it.
@@ -154,7 +154,7 @@ class Client:
                 gpus, resume=resume, priority=priority, pool=pool,
                 on_queue=lambda p: emit(("queue", p)),
                 on_notice=lambda t: emit(("notice", t)),
-                notebook=notebook, say_mismatch=say_mismatch,
+                notebook=notebook, say_mismatch=say_mismatch, env=env,
             )
 
         return Session(_pump(factory, handle), on_notice)

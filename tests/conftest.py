@@ -136,3 +136,12 @@ def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProce
 @pytest.fixture(scope="session")
 def tls_alice(tls_server: ServerProcess) -> str:
     return tls_server.token("alice")
+
+
+@pytest.fixture(scope="session")
+def test_environments() -> dict[str, Path]:
+    """Two real virtual environments, np1 (numpy 1.26.4) and np2 (numpy 2.x), each
+    with the worker's requirements: their interpreters by name (see :mod:`environments`)."""
+    import environments
+
+    return environments.make_environments()

@@ -81,6 +81,7 @@ export function SlotView({
       <div className="jp-RemoteGpu-sub">
         {slot.id}
         {slot.pool ? ` · pool ${slot.pool}` : ''}
+        {slot.env ? ` · env ${slot.env}` : ''}
       </div>
       {slot.problem && <div className="jp-RemoteGpu-jobError">{slot.problem}</div>}
       {r === null ? (

@@ -68,6 +68,11 @@ export interface ISlot {
   /** Set while the slot is draining; absent from servers older than draining. */
   draining?: IDraining | null;
   pool: string | null;
+  /**
+   * The Python environment of the session that holds it, else of its warm
+   * worker; absent from servers older than named environments.
+   */
+  env?: string | null;
   readings: IReadings | null;
   /** Absent from servers older than the plots. */
   history?: IHistory | null;
@@ -108,6 +113,8 @@ export interface ISession {
    * interrupts, and a restart of the worker stops it (`mine` or admin only).
    */
   ignoring_interrupt?: boolean | null;
+  /** The Python environment its worker runs; absent from servers older than named environments. */
+  env?: string | null;
 }
 
 /**

@@ -64,6 +64,7 @@ export function LeaseView({
       <Facts
         facts={[
           session.slots.join(', '),
+          session.env ? `env ${session.env}` : '',
           `session ${id.slice(0, 8)}`,
           `for ${formatDuration(now() - seconds(session.since))}`,
           session.busy ? '' : `idle ${formatDuration(session.idle)}`

@@ -11,6 +11,7 @@ sessions, letting waiting requests age, and writing tokens' last uses.
 from __future__ import annotations
 
 import asyncio
+import collections
 import importlib
 import logging
 import socket
@@ -44,6 +45,7 @@ from .sessions.parking import Parking
 from .cluster.launcher import RayLauncher
 from .cluster.nodes import RayCluster, RayReadings
 from .frontdoor.metrics import Metrics
+from .environments import Environments
 from .workers.pool import Pool
 from .gpus.readings import Readings
 from .store.retention import prune_outputs_forever
@@ -95,6 +97,12 @@ class GpuServer:
         self.xids: XidWatcher | None = None
         self._checks: set[asyncio.Task[None]] = set()
 
+    def _environments_status(self) -> list[dict[str, Any]]:
+        """Each environment (name, python, version, key packages), its warm workers and demand."""
+        warm = collections.Counter(env for slot in self.inventory if (env := self.pool.warm_environment(slot.id)))
+        pool = self.pool.environments.status_json(warm)
+        return [{**e.status_json(), **pool.get(e.name, {})} for e in self.environments]
+
     @property
     def server_id(self) -> str:
         return self.config.server_id or socket.gethostname()
@@ -107,6 +115,11 @@ class GpuServer:
         stale = await self.store.fail_interrupted_jobs("the server stopped while this job was running")
         if stale:
             log.warning("marked %d job(s) left running by an earlier run of this server as failed", stale)
+        if config.ray is not None and config.environments:
+            raise ValueError("--env: named environments run on this host's slots; with --ray only the "
+                             "default environment is offered so far")
+        # Each named environment is checked now: one that cannot run workers stops the start.
+        self.environments = await asyncio.to_thread(Environments.load, config.environments)
         launcher: WorkerLauncher
         if config.ray is not None:
             # The head decides who each user runs as; nodes isolate their workers,
@@ -121,7 +134,7 @@ class GpuServer:
         else:
             self.inventory.add(discover_slots(config.slots))
             self.isolation.start(len(self.inventory), disks=True)  # raises IsolationError
-            launcher = LocalLauncher(self.isolation)
+            launcher = LocalLauncher(self.isolation, environments=self.environments)
         unnamed = [s for s in self.inventory if s.pool is None]
         self.broker = LeaseBroker([s.id for s in unnamed], config.scheduler, on_grant=self.metrics.granted,
                                   nodes={s.id: s.node for s in unnamed})
@@ -130,7 +143,8 @@ class GpuServer:
                 self.broker.add_slots([slot.id], slot.pool, slot.node)
         self.scheduler = self.broker.scheduler
         self.pool = Pool(launcher, self.inventory, config.startup_timeout,
-                         is_down=lambda slot: self.inventory.is_down(slot.node), term_grace=config.term_grace)
+                         is_down=lambda slot: self.inventory.is_down(slot.node), term_grace=config.term_grace,
+                         environments=self.environments.names)
         # Grants take slots whose worker is warm first; the pool says which are.
         self.pool.on_readiness = self.broker.set_readiness
         self.pool.on_take = self.metrics.worker_taken
@@ -172,7 +186,8 @@ class GpuServer:
                           node_down=lambda slot: self.inventory.is_down(slot.node),
                           isolation=self._isolation_status, draining=self.drainer.draining,
                           park_keep=config.parking.keep, disk=self.disk.status_json,
-                          warm=self.pool.is_warm)
+                          warm=self.pool.is_warm, warm_environment=self.pool.warm_environment,
+                          environments=self._environments_status)
         self.metrics.attach(view)
         self.http = HttpApi(view, self.metrics)
         await self.batch.recover()

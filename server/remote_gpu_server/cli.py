@@ -104,6 +104,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                              quota=_size("--park-quota", args.park_quota, 0, "a park quota"),
                              keep=args.park_keep * 86400)
         max_output = _size("--max-output", args.max_output, 4 << 10, "one cell's output")
+        from .environments import parse_environment
+
+        environments = tuple(parse_environment(spec) for spec in _env_specs(args.env))
     except ValueError as exc:
         sys.exit(f"rgpu serve: {exc}")
     if args.keep_output is not None and not args.keep_output > 0:
@@ -117,7 +120,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           price_per_gpu_hour=args.price_per_gpu_hour, scheduler=scheduler,
                           server_id=args.server_id, keep_output=args.keep_output, ray=args.ray,
                           certfile=certfile, keyfile=keyfile, allow_origins=tuple(args.allow_origin),
-                          isolation=isolation, limits=limits, parking=parking, max_output=max_output)
+                          isolation=isolation, limits=limits, parking=parking, max_output=max_output,
+                          environments=environments)
 
     refused: tuple[type[Exception], ...] = (ValueError, RuntimeError, IsolationError, *_store_errors())
 
@@ -327,6 +331,12 @@ def add_serve(sub: Any) -> None:
                    help="a named pool of slots with its own idle timeout, quota and park-after, e.g. "
                         "interactive=gpu0,gpu1:idle=900:max-gpus=1:park-after=600 (repeatable; unnamed "
                         "slots form the pool 'default')")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=PYTHON",
+                   help="a named environment: workers of leases that ask for NAME run PYTHON, the "
+                        "interpreter of a virtual or conda environment that has the worker's "
+                        "requirements (rgpu env check PYTHON says); repeatable; default: "
+                        "$RGPU_ENVS (NAME=PYTHON,...). The server's own Python is 'default'; "
+                        "not with --ray")
     p.add_argument("--ray", metavar="ADDRESS",
                    help="lease the GPUs of every node of a running Ray cluster (auto, or HOST:PORT of "
                         "its head): this server becomes the cluster's head; needs "
@@ -436,6 +446,39 @@ def add_serve(sub: Any) -> None:
                      help="websockets one user may hold open at once (each notebook session is "
                           "one); one more is refused (default 32)")
     p.set_defaults(func=cmd_serve)
+
+
+def _env_specs(given: list[str]) -> list[str]:
+    """``--env`` flags, else ``$RGPU_ENVS`` (comma-separated)."""
+    if given:
+        return given
+    return [spec for spec in os.environ.get("RGPU_ENVS", "").split(",") if spec.strip()]
+
+
+def cmd_env_check(args: argparse.Namespace) -> int:
+    """``rgpu env check PYTHON``: can workers run in this interpreter? Exit 1 if not."""
+    from .environments import check_interpreter
+
+    check = check_interpreter(args.python)
+    print(check.report())
+    return 0 if check.ok else 1
+
+
+def add_env(sub: Any) -> None:
+    """Add ``rgpu env check`` to ``rgpu``'s subparsers (an entry point); joins an
+    ``env`` command that another package added already."""
+    existing = sub.choices.get("env")
+    if existing is None:
+        p = sub.add_parser("env", help="Python environments of workers")
+        esub = p.add_subparsers(dest="env_cmd", required=True)
+    else:
+        esub = next(a for a in existing._actions if isinstance(a, argparse._SubParsersAction))
+    c = esub.add_parser("check", help="check that workers can run in the interpreter PYTHON",
+                        description="Run PYTHON and check what a worker needs of it: a supported Python "
+                                    "and the worker's packages. Each problem comes with the pip line that "
+                                    "fixes it. Exit status 0 where workers can run, else 1.")
+    c.add_argument("python", metavar="PYTHON", help="the interpreter's absolute path, e.g. /opt/envs/np1/bin/python")
+    c.set_defaults(func=cmd_env_check)
 
 
 def add_token(sub: Any) -> None:

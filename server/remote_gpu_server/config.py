@@ -143,3 +143,6 @@ class ServerConfig:
     limits: Limits = dataclasses.field(default_factory=Limits)
     #: Parking idle sessions (see :mod:`.parking`).
     parking: ParkConfig = dataclasses.field(default_factory=ParkConfig)
+    #: ``--env NAME=PYTHON``: named environments besides the server's own
+    #: Python, ``default`` (see :mod:`.environments`).
+    environments: tuple[tuple[str, str], ...] = ()

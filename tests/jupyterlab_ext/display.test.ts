@@ -160,6 +160,17 @@ describe('SlotView', () => {
     );
     expect(old).not.toContain('jp-RemoteGpu-spark');
   });
+
+  it('names the Python environment of its session, and none for a server without environments', () => {
+    const html = renderToStaticMarkup(
+      React.createElement(SlotView, { slot: slot({ env: 'np1' }), serverTime: 1006 })
+    );
+    expect(html).toContain('cpu0 · pool default · env np1');
+    const old = renderToStaticMarkup(
+      React.createElement(SlotView, { slot: slot(), serverTime: 1006 })
+    );
+    expect(old).not.toContain('env ');
+  });
 });
 
 describe('Sparkline', () => {

@@ -70,8 +70,15 @@ class StandInWorker:
 
 
 class StandInPool:
-    async def take(self, slot_ids: list[SlotId], user: str = "") -> StandInWorker:
+    async def take(self, slot_ids: list[SlotId], user: str = "", tenant: Any = None,
+                   environment: str = "default") -> StandInWorker:
         return StandInWorker()
+
+    def unknown_environment(self, name: str) -> str | None:
+        return None if name == "default" else f"there is no environment {name!r}"
+
+    def cold_start(self, slot_ids: list[SlotId], environment: str) -> str | None:
+        return None
 
     async def replace(self, worker: Any, reason: str | None = None) -> StandInWorker:
         return StandInWorker()

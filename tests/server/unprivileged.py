@@ -36,7 +36,10 @@ def main() -> None:
     for root, dirs, files in os.walk(folder):
         for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
             os.chown(name, uid, uid, follow_symlinks=False)
-    expose = tuple((str(p), False) for p in python_paths()) + ((folder, True),)
+    # More folders the command reads, never writes ($RGPU_TEST_EXPOSE, os.pathsep-separated):
+    # a test's virtual environment beside its Python, say.
+    more = [p for p in os.environ.get("RGPU_TEST_EXPOSE", "").split(os.pathsep) if p]
+    expose = tuple((str(p), False) for p in [*python_paths(), *more]) + ((folder, True),)
     prepare(SpawnSpec(private_tmp=True, expose=expose))
     os.setgroups([])
     os.setresgid(uid, uid, uid)

@@ -70,7 +70,8 @@ from .cells import (
 )
 from .decoding import message_from_fields
 from .session import (
-    Hello, LeaseGranted, LeaseRequest, Park, Parked, QueuePosition, Release, Released, Resume, Welcome
+    ENV_FIELD, Hello, LeaseGranted, LeaseRequest, Park, Parked, QueuePosition, Release, Released, Resume,
+    Welcome,
 )
 from .transfers import (
     Download, DownloadReply, Fetch, FetchRefusal, FetchRefused, Held, Holding, Pull, PullReply, Push, PushDone,
@@ -79,6 +80,7 @@ from .transfers import (
 )
 
 __all__ = [
+    "ENV_FIELD",
     "PROTOCOL_VERSION",
     "ErrorCode",
     "Download",

@@ -16,9 +16,12 @@ from typing import Any
 from .base import Message, MessageType
 
 __all__ = [
-    "Hello", "LeaseGranted", "LeaseRequest", "Park", "Parked", "QueuePosition", "Release",
+    "ENV_FIELD", "Hello", "LeaseGranted", "LeaseRequest", "Park", "Parked", "QueuePosition", "Release",
     "Released", "Resume", "Welcome",
 ]
+
+#: The field of a lease request that names its environment (see :class:`LeaseRequest`).
+ENV_FIELD = "env"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +53,14 @@ class LeaseRequest(Message):
     of slots configured on the server (``default``: the unnamed slots).
     ``notebook`` is the path of the notebook the lease is for, as Jupyter
     gives it to the kernel (``JPY_SESSION_NAME``), or None (a script); the
-    server shows it to the lease's owner only.
+    server shows it to the lease's owner only. ``env`` names the Python
+    environment its worker runs (``default``: the server's own).
+
+    Versions: ``env`` is left out of the header when it is ``default``, so
+    that a server older than environments takes the request; such a server
+    refuses one that names another environment with a protocol error about
+    the field ``env`` (see :data:`ENV_FIELD`), which a client turns into
+    "this server has no named environments".
     """
 
     type = MessageType.LEASE_REQUEST
@@ -60,6 +70,13 @@ class LeaseRequest(Message):
     priority: str = "normal"
     pool: str = "default"
     notebook: str | None = None
+    env: str = "default"
+
+    def fields(self) -> dict[str, Any]:
+        fields = super().fields()
+        if self.env == "default":
+            del fields["env"]
+        return fields
 
 
 @dataclasses.dataclass(frozen=True)

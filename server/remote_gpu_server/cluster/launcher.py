@@ -26,6 +26,7 @@ from ..worker_process.sealed import pinned_context
 from ..workers.carriers import make_identity
 from ..isolation.policy import Isolation, IsolationConfig
 from ..isolation.tenant import Tenant
+from ..environments import DEFAULT_ENVIRONMENT
 from ..workers.launcher import WorkerSpec
 from .nodes import POLL_TIMEOUT, RayCluster, first_line
 from ..worker_process.transfer import Inline
@@ -178,6 +179,10 @@ class RayLauncher:
 
         from .host import WorkerHost
 
+        if spec.environment != DEFAULT_ENVIRONMENT:
+            # Each node would need the interpreter and its check: not yet.
+            raise ValueError(f"environment {spec.environment}: named environments run on this host's "
+                             "slots only, not on Ray nodes")
         nodes = {slot.node for slot in spec.slots}
         if len(nodes) != 1:
             raise ValueError("a lease spans one node")

@@ -394,9 +394,14 @@ class Connection:
                 "this is a new session and its variables are gone."
             )))
         started = time.monotonic()
+        pool = sessions.context.pool
+        unknown = pool.unknown_environment(msg.env)
+        if unknown:
+            await self.send(m.Error(msg.req, m.ErrorCode.LEASE_REFUSED, unknown))
+            return
         self.broker.apply_token_quota(self.token)
         entry = LeaseRequestEntry(self.broker.new_key(), self.user, msg.gpus, time.time(),
-                                  priority=msg.priority, pool=msg.pool)
+                                  priority=msg.priority, pool=msg.pool, environment=msg.env)
         self._positions.waiting[entry.key] = msg.req
         try:
             slots = await self.broker.wait_for_lease(entry, self)
@@ -408,7 +413,10 @@ class Connection:
         # The notebook's path is only shown, never used as a path here: keep
         # a bounded piece of it.
         notebook = msg.notebook[:MAX_NOTEBOOK] if msg.notebook else None
-        session = await sessions.open(self.user, slots, notebook, priority=msg.priority)
+        cold = pool.cold_start(slots, msg.env)
+        if cold:
+            await self.send(m.Notice(msg.req, cold))
+        session = await sessions.open(self.user, slots, notebook, priority=msg.priority, environment=msg.env)
         if self.closed:
             # Granted, but the client left while its worker started: it never
             # learns the session id, so nobody could resume it. Free it now

@@ -98,6 +98,10 @@ class ServerView:
     #: Python, which its workers run.
     fingerprint: Callable[[str], dict[str, str] | None] = (
         lambda env: dict(local_fingerprint()) if env == DEFAULT_ENV else None)
+    #: The environment of a slot's warm (or starting) worker, else None.
+    warm_environment: Callable[[SlotId], str | None] = lambda slot: None
+    #: The server's environments (see :mod:`..environments`) and their warm workers and demand.
+    environments: Callable[[], list[dict[str, Any]]] = lambda: []
 
     def pool(self, slot: SlotId) -> str:
         """The name of the scheduler pool ``slot`` belongs to."""
@@ -122,12 +126,13 @@ async def _leases(view: ServerView, me: TokenInfo) -> list[dict[str, Any]]:
                        "slots": [str(s) for s in session.slots], "since": created.get(session.id, now),
                        "idle": round(idle, 1), "job": None, "busy": session.busy,
                        "notebook": session.notebook, "first_line": first_line(session.last_code),
-                       "ignoring_interrupt": session.ignoring_interrupt})
+                       "ignoring_interrupt": session.ignoring_interrupt, "env": session.environment})
     for run in view.batch.running():
         leases.append({"id": run.session, "kind": "batch", "user": run.user,
                        "slots": [str(s) for s in run.slots], "since": run.since, "idle": 0.0,
                        "job": run.job, "busy": True, "notebook": None,
-                       "first_line": first_line(run.code), "ignoring_interrupt": False})
+                       "first_line": first_line(run.code), "ignoring_interrupt": False,
+                       "env": run.environment})
     for lease in leases:
         lease["mine"] = lease["user"] == me.user
         if not (lease["mine"] or me.admin):
@@ -206,8 +211,10 @@ async def status_json(view: ServerView, me: TokenInfo) -> dict[str, Any]:
     """``GET /api/status``: the server, the caller, slots, queue, leases, usage."""
     leases = await _leases(view, me)
     holder: dict[str, dict[str, Any]] = {}
+    lease_env: dict[str, str] = {}
     for lease in leases:
         for slot_id in lease["slots"]:
+            lease_env[slot_id] = lease["env"]
             holder[slot_id] = {"user": lease["user"], "since": lease["since"], "mine": lease["mine"],
                                "kind": lease["kind"]}
             if lease["mine"] or me.admin:
@@ -233,6 +240,8 @@ async def status_json(view: ServerView, me: TokenInfo) -> dict[str, Any]:
             "history": view.readings.history.as_json(slot.id),
             "holder": holder.get(slot.id),
             "warm": view.warm(slot.id),
+            # The environment of the session that holds it, else of its warm worker.
+            "env": lease_env.get(slot.id) or view.warm_environment(slot.id),
         })
     return {
         "server": {"version": view.version, "time": time.time()},
@@ -244,6 +253,7 @@ async def status_json(view: ServerView, me: TokenInfo) -> dict[str, Any]:
         "usage": await usage_json(view, me),
         "isolation": view.isolation(),
         "disk": view.disk(me.user, me.admin),
+        "envs": view.environments(),
     }
 
 
@@ -259,6 +269,7 @@ async def job_json(view: ServerView, job: JobRecord, *, code: bool = True) -> di
         "session": job.session, "slots": [s for s in job.slots.split(",") if s],
         "gpus": spec.gpus if spec else len([s for s in job.slots.split(",") if s]),
         "priority": spec.priority if spec else None, "pool": spec.pool if spec else None,
+        "env": spec.env if spec else None,
         "timeout": spec.timeout if spec else None, "retries": spec.retries if spec else None,
         "attempt": spec.attempt if spec else None,
         "attempts": [{"attempt": a.attempt, "state": a.state, "error": a.error, "started": a.started,

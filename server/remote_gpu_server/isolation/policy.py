@@ -76,7 +76,7 @@ from .site_binder import SiteBinder
 from .tenant import Tenant
 from .uid_registry import default_path as default_uid_registry
 from .user_disks import DiskMode, UserDisks
-from .user_sites import UserSites
+from .user_sites import DEFAULT_ENVIRONMENT, UserSites
 from .worker_isolation import WorkerIsolation, can_refuse_user_namespaces
 
 __all__ = ["ENV_KEEP", "Isolation", "IsolationConfig"]
@@ -364,11 +364,15 @@ class Isolation:
     # -- workers -------------------------------------------------------------
 
     def prepare(self, name: str, slots: int, runtime: Path, tenant: Tenant | None = None,
-                gpus: str = "") -> WorkerIsolation:
+                gpus: str = "", *, environment: str = DEFAULT_ENVIRONMENT,
+                code_paths: tuple[Path, ...] | None = None) -> WorkerIsolation:
         """How to start worker ``name`` on ``slots`` slots; ``runtime`` is its own
         runtime folder; ``tenant`` is given for a worker that replaces another
         within a lease; ``gpus`` is its ``CUDA_VISIBLE_DEVICES``: the GPUs whose
-        device files it gets (none for "")."""
+        device files it gets (none for ""); ``environment``: the name of the
+        environment it runs (its user's site is that environment's);
+        ``code_paths``: the folders its Python reads code from (default: the
+        server's own, :func:`.sandbox.python_paths`), readable and never writable."""
         cgroup = WorkerCgroup()
         try:
             cgroup = self.cgroups.make(name)
@@ -382,9 +386,10 @@ class Isolation:
             processes = self.processes.for_worker(cgroup, slots)
         if not self.isolated:
             return WorkerIsolation(self, name, runtime, cgroup, memory, processes, tenant,
-                                   cuda_visible_devices=gpus)
+                                   cuda_visible_devices=gpus, environment=environment, code_paths=code_paths)
         return WorkerIsolation(self, name, runtime, cgroup, memory, processes, tenant,
-                               self.devices.for_worker(gpus), self.devices.visible_devices(gpus))
+                               self.devices.for_worker(gpus), self.devices.visible_devices(gpus),
+                               environment=environment, code_paths=code_paths)
 
     def new_folder(self, owner: Identity | None, user: str | None = None) -> Path:
         """A fresh session folder, mode 0700, owned by ``owner`` (else the server), on

@@ -47,6 +47,7 @@ __all__ = ["SandboxLayout", "bubblewrap_argv", "check_bubblewrap", "check_site_b
            "python_paths"]
 
 _SYSTEM = ("/usr", "/etc", "/opt", "/sys")
+_FRESH = ("/tmp", "/dev/shm")
 _TOP_LEVEL = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 _NAMESPACES = ("--unshare-user", "--disable-userns", "--unshare-pid", "--unshare-ipc",
                "--unshare-uts", "--unshare-cgroup-try", "--die-with-parent", "--new-session")
@@ -164,15 +165,21 @@ def bubblewrap_argv(bwrap: str, layout: SandboxLayout) -> list[str]:
     readable = sorted({Path(p) for p in _SYSTEM if os.path.isdir(p)} | set(layout.readable),
                       key=lambda p: len(p.parts))
     kept = [p for p in readable if not _nested(p, readable)]  # a folder inside another comes with it
+    # What lies in /tmp or /dev/shm (a named environment's worker code, a test's
+    # virtual environment) is bound after their fresh tmpfs, which would cover it.
+    in_tmp = [p for p in kept if any(p.is_relative_to(t) for t in _FRESH)]
     for path in kept:
-        argv += ["--ro-bind", str(path), str(path)]
+        if path not in in_tmp:
+            argv += ["--ro-bind", str(path), str(path)]
     argv += ["--proc", "/proc", "--dev", "/dev"]
     for source, target in layout.devices:
         argv += ["--dev-bind", str(source), str(target)]
-    for tmp in ("/tmp", "/dev/shm"):
+    for tmp in _FRESH:
         if layout.tmp_size:
             argv += ["--size", str(layout.tmp_size)]
         argv += ["--tmpfs", tmp]
+    for path in in_tmp:
+        argv += ["--ro-bind", str(path), str(path)]
     argv += _hiding(layout, [*kept, *(Path(p) for p in _TOP_LEVEL if os.path.isdir(p) and not os.path.islink(p))])
     for path in layout.writable:
         argv += ["--bind", str(path), str(path)]

@@ -34,7 +34,7 @@ from .sandbox import SandboxLayout, bubblewrap_argv, python_paths
 from .site_binder import SITE, STASH, SiteBinder, sandbox_pid
 from .tenant import Tenant
 from .user_disks import DiskMode, UserDisks
-from .user_sites import UserSites
+from .user_sites import DEFAULT_ENVIRONMENT, UserSites
 
 __all__ = ["DISK_VAR", "ServerIsolation", "WorkerIsolation", "can_refuse_user_namespaces", "device_groups"]
 
@@ -121,7 +121,8 @@ class WorkerIsolation:
 
     def __init__(self, isolation: ServerIsolation, name: str, runtime: Path, cgroup: WorkerCgroup,
                  memory: WorkerMemory, processes: WorkerProcesses, tenant: Tenant | None,
-                 devices: tuple[DeviceFile, ...] = (), cuda_visible_devices: str = "") -> None:
+                 devices: tuple[DeviceFile, ...] = (), cuda_visible_devices: str = "", *,
+                 environment: str = DEFAULT_ENVIRONMENT, code_paths: tuple[Path, ...] | None = None) -> None:
         self.isolation = isolation
         self.name = name
         self.runtime = runtime
@@ -142,6 +143,10 @@ class WorkerIsolation:
         #: How the server interrupts it: a signal, or a message where the
         #: sandbox's pid namespace keeps the kernel out of the server's reach.
         self.interrupt_mode = "message" if self.mode is IsolationMode.BUBBLEWRAP else "signal"
+        #: The environment it runs: its user's site is theirs for it.
+        self.environment_name = environment
+        #: The folders its Python reads code from, readable and never writable.
+        self.code_paths = code_paths
         #: A sandbox's: its user's site, seen from inside before the lease (see :meth:`bind_site`).
         self.site_source: Path | None = None
 
@@ -166,7 +171,7 @@ class WorkerIsolation:
                                tmp_size=self._tmp_size(), chdir=self.folder,
                                devices=tuple((f.source, Path("/dev") / f.name) for f in self.devices),
                                binds=((isolation.session_root, STASH),) if binding else (),
-                               dirs=(SITE,) if binding else ())
+                               dirs=(SITE,) if binding else (), readable=self._readable())
         return bubblewrap_argv(isolation.bwrap, layout) + list(argv)
 
     def environment(self, extra: dict[str, str]) -> dict[str, str]:
@@ -182,7 +187,7 @@ class WorkerIsolation:
         if disks.limit is not None and disks.mode is not DiskMode.NONE:
             env[DISK_VAR] = format_size(disks.limit)
         if self.mode is IsolationMode.UIDS:
-            expose = [(str(p), False) for p in python_paths()]
+            expose = [(str(p), False) for p in self._readable()]
             expose += [(str(self.runtime), True), (str(self.isolation.session_root), True)]
             spec = dataclasses.replace(spec, private_tmp=True, tmp_size=self._tmp_size(), expose=tuple(expose),
                                        private_ipc=True, ipc_limit=self.memory.limit,
@@ -198,6 +203,9 @@ class WorkerIsolation:
         env[IOPUB_DIR_VAR] = "/tmp" if self.mode is not IsolationMode.NONE else str(self.runtime)
         env[ENV_VAR] = spec.to_json()
         return self.isolation.environment(env)
+
+    def _readable(self) -> tuple[Path, ...]:
+        return self.code_paths if self.code_paths is not None else tuple(python_paths())
 
     def _stand_in_dev(self) -> tuple[Path, ...]:
         """A test's stand-in for ``/dev``, which the worker must not reach either."""
@@ -229,12 +237,13 @@ class WorkerIsolation:
             raise IsolationError(f"worker {self.name} belongs to {self.tenant.user}, not {user}")
         tenant = self.tenant
         if self.mode is IsolationMode.NONE:  # the folders only: it runs as the server's user
-            return EnterSpec(cwd=str(tenant.folder), site=str(self.isolation.sites.folder(user, None)))
+            site = self.isolation.sites.folder(user, None, self.environment_name)
+            return EnterSpec(cwd=str(tenant.folder), site=str(site))
         env = {"USER": user, "LOGNAME": user, "HOME": str(tenant.folder), "TMPDIR": "/tmp"}
         if tenant.identity is None:  # a sandbox: its user's site is bound in (see bind_site)
             if not self.isolation.site_binding:
                 return EnterSpec(cwd=str(tenant.folder), env=tuple(env.items()))
-            site = self.isolation.sites.folder(user, None)
+            site = self.isolation.sites.folder(user, None, self.environment_name)
             self.site_source = STASH / site.relative_to(self.isolation.session_root)
             return EnterSpec(cwd=str(tenant.folder), env=tuple(env.items()), site=str(SITE))
         identity = tenant.identity
@@ -247,7 +256,7 @@ class WorkerIsolation:
         return EnterSpec(cwd=str(tenant.folder), uid=identity.uid, gid=identity.gid, groups=groups,
                          env=tuple(env.items()), chown=PRIVATE_TMP,
                          mount=self.isolation.disks.mount_of(user),
-                         site=str(self.isolation.sites.folder(user, identity)))
+                         site=str(self.isolation.sites.folder(user, identity, self.environment_name)))
 
     @property
     def binds_site(self) -> bool:

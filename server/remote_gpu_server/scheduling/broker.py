@@ -146,10 +146,11 @@ class LeaseBroker:
         # slots stops holding up its pool.
         self._apply(self.scheduler.set_healthy(slot, not problems))
 
-    def set_readiness(self, slot: SlotId, readiness: Readiness) -> None:
-        """What ``slot``'s worker is doing (the warm pool tells): later grants take
-        warm slots first (see :meth:`.Scheduler.set_readiness`); nobody is granted now."""
-        self.scheduler.set_readiness(slot, readiness)
+    def set_readiness(self, slot: SlotId, readiness: Readiness, environment: str | None = None) -> None:
+        """What ``slot``'s worker is doing, in which environment (the warm pool tells):
+        later grants take slots warm in their environment first (see
+        :meth:`.Scheduler.set_readiness`); nobody is granted now."""
+        self.scheduler.set_readiness(slot, readiness, environment)
 
     def add_slots(self, slots: Sequence[SlotId], pool: str, node: str = "") -> None:
         """Slots of ``node`` that joined go into ``pool``; waiting requests may be granted."""

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from remote_gpu_core.ids import SlotId
 
 from ..errors import QuotaExceeded
+from ..isolation.user_sites import DEFAULT_ENVIRONMENT
 
 __all__ = ["DEFAULT_POOL", "PRIORITIES", "Grant", "Holding", "LeaseRequestEntry", "PoolConfig",
            "Quota", "QuotaExceeded", "Readiness", "SchedulerConfig"]
@@ -52,6 +53,8 @@ class LeaseRequestEntry:
     submitted: float
     priority: str = "normal"
     pool: str = DEFAULT_POOL
+    #: The environment its worker runs (see :mod:`..environments`): a slot warm in it is taken first.
+    environment: str = DEFAULT_ENVIRONMENT
 
 
 @dataclasses.dataclass(frozen=True)

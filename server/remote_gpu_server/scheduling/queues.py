@@ -16,6 +16,7 @@ from collections.abc import Container, Mapping
 
 from remote_gpu_core.ids import SlotId
 
+from ..isolation.user_sites import DEFAULT_ENVIRONMENT
 from .leases import PRIORITIES, LeaseRequestEntry, PoolConfig, Quota, QuotaExceeded, Readiness
 
 __all__ = ["Counts", "Lease", "PoolQueues", "RANK", "Ready", "User", "Waiting", "check_quotas"]
@@ -26,6 +27,8 @@ RANK = {name: rank for rank, name in enumerate(PRIORITIES)}
 Ready = tuple[Readiness, float]
 #: How soon each kind of slot has a worker, soonest first.
 _SOONEST = {Readiness.WARM: 0, Readiness.STARTING: 1, Readiness.COLD: 2}
+#: A slot whose worker runs another environment: a lease would throw it away, and start one.
+_OTHER_ENVIRONMENT = 3
 _UNKNOWN: Ready = (Readiness.COLD, 0.0)
 
 
@@ -83,10 +86,13 @@ class PoolQueues:
     """
 
     def __init__(self, config: PoolConfig, node_of: Mapping[SlotId, str],
-                 readiness: Mapping[SlotId, Ready] | None = None) -> None:
+                 readiness: Mapping[SlotId, Ready] | None = None,
+                 environments: Mapping[SlotId, str] | None = None) -> None:
         self.config = config
         self.node_of = node_of  # the scheduler's, shared
         self.readiness: Mapping[SlotId, Ready] = readiness if readiness is not None else {}  # shared too
+        #: The environment of each slot's worker (the scheduler's, shared); unsaid: the default.
+        self.environments: Mapping[SlotId, str] = environments if environments is not None else {}
         self.order = {slot: i for i, slot in enumerate(config.slots)}
         self.free: list[SlotId] = list(config.slots)
         self.heads: OrderedDict[int, Waiting] = OrderedDict()  # by aging_since
@@ -118,17 +124,21 @@ class PoolQueues:
         return max((len([s for s in slots if s not in leaving_out]) for slots in self.nodes().values()),
                    default=0)
 
-    def soonest(self, slot: SlotId) -> tuple[int, float]:
-        """Sorts slots by how soon a lease would have their worker: warm first,
-        then those whose worker began to start earliest, then those with none."""
+    def soonest(self, slot: SlotId, environment: str = DEFAULT_ENVIRONMENT) -> tuple[int, float]:
+        """Sorts slots by how soon a lease in ``environment`` would have their
+        worker: warm first, then those whose worker began to start earliest,
+        then those with none, then those whose worker runs another environment
+        (taking one throws a warm worker away)."""
         readiness, since = self.readiness.get(slot, _UNKNOWN)
+        if readiness is not Readiness.COLD and self.environments.get(slot, DEFAULT_ENVIRONMENT) != environment:
+            return _OTHER_ENVIRONMENT, 0.0
         return _SOONEST[readiness], since if readiness is Readiness.STARTING else 0.0
 
-    def take(self, n: int) -> list[SlotId] | None:
+    def take(self, n: int, environment: str = DEFAULT_ENVIRONMENT) -> list[SlotId] | None:
         """Take ``n`` free slots, all on one node, in the pool's order; None,
         taking nothing, where no node has ``n`` free.
 
-        One slot: the one whose worker is ready soonest (:meth:`soonest`),
+        One slot: the one whose worker in ``environment`` is ready soonest (:meth:`soonest`),
         the first in the pool's order among equals. Several: such a lease
         starts a worker of its own on all of them and the slots' own workers
         are thrown away, so it takes those ready last, on the node where
@@ -139,7 +149,7 @@ class PoolQueues:
         if n == 1:
             if not self.free:
                 return None
-            slot = min(self.free, key=lambda s: (self.soonest(s), self.order[s]))
+            slot = min(self.free, key=lambda s: (self.soonest(s, environment), self.order[s]))
             self.free.remove(slot)
             return [slot]
         by_node: dict[str, list[SlotId]] = {}

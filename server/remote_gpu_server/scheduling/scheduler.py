@@ -115,6 +115,8 @@ class Scheduler:
         self._node_of: dict[SlotId, str] = dict(nodes or {})
         # What each slot's worker is doing, and since when (see set_readiness).
         self._readiness: dict[SlotId, Ready] = {}
+        # The environment each slot's worker runs (see set_readiness).
+        self._environments: dict[SlotId, str] = {}
         self._clock = clock
         self._epoch = self._settled = clock()
         all_slots = list(slots)
@@ -136,7 +138,8 @@ class Scheduler:
                 pools.append(PoolConfig(DEFAULT_POOL, rest))
             else:
                 pools[pools.index(default)] = dataclasses.replace(default, slots=default.slots + rest)
-        self._pools = {config.name: PoolQueues(config, self._node_of, self._readiness) for config in pools}
+        self._pools = {config.name: PoolQueues(config, self._node_of, self._readiness, self._environments)
+                       for config in pools}
         self._pool_of = {slot: pool for pool in self._pools.values() for slot in pool.config.slots}
         self._all = all_slots
         self._users: dict[str, User] = {}
@@ -308,7 +311,7 @@ class Scheduler:
             pool.free.sort(key=pool.order.__getitem__)
         return self._grant(pool, now)
 
-    def set_readiness(self, slot: SlotId, readiness: Readiness) -> None:
+    def set_readiness(self, slot: SlotId, readiness: Readiness, environment: str | None = None) -> None:
         """What ``slot``'s worker is doing from now on (the warm pool tells).
 
         It decides which free slots later grants take (see the module
@@ -316,9 +319,12 @@ class Scheduler:
         nothing is granted here. A slot nothing was said of counts as
         :attr:`Readiness.COLD`. A slot not known yet is remembered for when
         it joins (:meth:`add_slots`): a node's slots reach the warm pool
-        first.
+        first. ``environment``: the one its worker runs (None: unchanged); a
+        lease in another environment takes such a slot last.
         """
         self._readiness[slot] = (readiness, self._clock())
+        if environment is not None:
+            self._environments[slot] = environment
 
     def tick(self) -> list[Grant]:
         """Re-rank with the current time; returns grants that waiting made possible."""
@@ -339,7 +345,8 @@ class Scheduler:
                 raise ValueError(f"slot {slot} is already known")
         target = self._pools.get(pool)
         if target is None:
-            target = self._pools[pool] = PoolQueues(PoolConfig(pool, ()), self._node_of, self._readiness)
+            target = self._pools[pool] = PoolQueues(PoolConfig(pool, ()), self._node_of, self._readiness,
+                                                         self._environments)
         now = self._advance()
         for slot in slots:
             self._node_of[slot] = node
@@ -416,7 +423,7 @@ class Scheduler:
         grants: list[Grant] = []
         while (best := self._next(pool, now)) is not None:
             entry = best.entry
-            taken = pool.take(entry.gpus)
+            taken = pool.take(entry.gpus, entry.environment)
             if taken is None:  # not enough free on one node: it waits, and nobody overtakes it
                 break
             self._unqueue(pool, best, now)

@@ -33,6 +33,7 @@ from typing import Any
 from remote_gpu_core.errors import WorkerDied
 from remote_gpu_core.ids import JobId, SessionId, SlotId
 
+from ..environments import DEFAULT_ENVIRONMENT
 from ..scheduling.broker import LeaseBroker
 from ..errors import StoreError
 from ..store.journal import Journal
@@ -65,6 +66,8 @@ class JobRequest:
     pool: str = DEFAULT_POOL
     timeout: float | None = None
     retries: int = 0
+    #: The Python environment it runs in (see :mod:`..environments`).
+    env: str = DEFAULT_ENVIRONMENT
 
     @classmethod
     def parse(cls, data: Any) -> JobRequest:
@@ -83,6 +86,9 @@ class JobRequest:
         pool = data.get("pool") or DEFAULT_POOL
         timeout = data.get("timeout")
         retries = data.get("retries", 0)
+        env = data.get("env") or DEFAULT_ENVIRONMENT
+        if not isinstance(env, str) or len(env) > 200 or "\0" in env:
+            raise ValueError("'env' must be an environment's name")
         if not isinstance(name, str) or len(name) > 200:
             raise ValueError("'name' must be a string of at most 200 characters")
         if not isinstance(gpus, int) or isinstance(gpus, bool) or not 1 <= gpus <= 1 << 16:
@@ -99,7 +105,7 @@ class JobRequest:
         if not isinstance(retries, int) or isinstance(retries, bool) or not 0 <= retries <= 100:
             raise ValueError("'retries' must be a whole number from 0 to 100")
         return cls(code, name, gpus, priority, pool,
-                   float(timeout) if timeout is not None else None, retries)
+                   float(timeout) if timeout is not None else None, retries, env)
 
 
 @dataclasses.dataclass
@@ -118,6 +124,7 @@ class RunningJob:
     task: asyncio.Task[dict[str, Any]] | None = None  # the script's execution
     done: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # slots are back
     code: str = ""  # the script, for the status view
+    environment: str = DEFAULT_ENVIRONMENT
 
 
 class _Waiter:
@@ -182,6 +189,9 @@ class BatchRunner:
         If the store cannot take it (the database is away), the error says
         so and nothing is queued: a job is written whole or not at all.
         """
+        unknown = self.pool.unknown_environment(request.env)
+        if unknown:
+            raise ValueError(unknown)
         pools = self.broker.pool_sizes()
         if request.pool not in pools:
             raise ValueError(f"there is no pool {request.pool!r}; pools: {', '.join(pools)}")
@@ -191,7 +201,7 @@ class BatchRunner:
                              f"a job of {request.gpus} can never run")
         job = await self.store.create_batch_job(user, request.code, request.name, request.gpus,
                                                 request.priority, request.pool, request.timeout,
-                                                request.retries)
+                                                request.retries, request.env)
         log.info("%s submitted batch job %d (%s, %d slot(s))", user, job, request.name, request.gpus)
         self._start(job)
         return job
@@ -277,8 +287,9 @@ class BatchRunner:
             self._tasks.pop(job, None)
 
     async def _lease(self, job: JobId, user: str, gpus: int, priority: str,
-                     pool: str) -> tuple[SlotId, ...]:
-        entry = LeaseRequestEntry(next(_KEYS), user, gpus, time.time(), priority=priority, pool=pool)
+                     pool: str, environment: str) -> tuple[SlotId, ...]:
+        entry = LeaseRequestEntry(next(_KEYS), user, gpus, time.time(), priority=priority, pool=pool,
+                                  environment=environment)
         waiter = _Waiter()
         self._waiting[entry.key] = (job, waiter)
         try:
@@ -292,7 +303,7 @@ class BatchRunner:
         spec = await self._spec(job)
         try:
             slots = await self._lease(job, record.user, spec.gpus, spec.priority,
-                                      spec.pool or DEFAULT_POOL)
+                                      spec.pool or DEFAULT_POOL, spec.env)
         except ValueError as exc:
             await self.store.finish_job(job, "failed", f"the lease was refused: {exc}")
             return False
@@ -303,10 +314,11 @@ class BatchRunner:
         except BaseException:
             self.broker.free(slots)
             raise
-        run = RunningJob(job, record.user, attempt, session, slots, time.time(), code=record.code)
+        run = RunningJob(job, record.user, attempt, session, slots, time.time(), code=record.code,
+                         environment=spec.env)
         self._running[job] = run
         try:
-            worker = await self.pool.take(list(slots), record.user)
+            worker = await self.pool.take(list(slots), record.user, environment=spec.env)
         except asyncio.CancelledError:
             self._running.pop(job, None)
             if not self._closing:

@@ -26,6 +26,7 @@ from remote_gpu_core.errors import ParkError, RemoteGpuError
 from remote_gpu_core.protocol import messages as m
 from remote_gpu_core.ids import SessionId, SlotId
 
+from ..environments import DEFAULT_ENVIRONMENT
 from ..scheduling.broker import LeaseBroker
 from .parking import Parking, park_text
 from .session import Send, Session, SessionContext
@@ -68,14 +69,16 @@ class SessionManager:
         return len(self._sessions)
 
     async def open(self, user: str, slots: Sequence[SlotId], notebook: str | None = None,
-                   priority: str = "normal") -> Session:
-        """A session on ``slots`` (granted to ``user`` at ``priority``); the slots go back if it fails."""
+                   priority: str = "normal", environment: str = DEFAULT_ENVIRONMENT) -> Session:
+        """A session on ``slots`` (granted to ``user`` at ``priority``) whose worker
+        runs ``environment``; the slots go back if it fails."""
         try:
-            worker = await self.context.pool.take(list(slots), user)
+            worker = await self.context.pool.take(list(slots), user, environment=environment)
         except BaseException:
             self.broker.free(slots)
             raise
-        session = Session(self.context, user, list(slots), worker, notebook, on_lost=self._lost, priority=priority)
+        session = Session(self.context, user, list(slots), worker, notebook, on_lost=self._lost, priority=priority,
+                          environment=environment)
         self._sessions[session.id] = session
         store, created, names = self.context.store, time.time(), [str(s) for s in slots]
         try:

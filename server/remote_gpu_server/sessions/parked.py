@@ -10,6 +10,7 @@ import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 
+from ..isolation.user_sites import DEFAULT_ENVIRONMENT
 from ..isolation.tenant import Tenant
 
 __all__ = ["PARK_FOLDER", "ParkConfig", "ParkedState"]
@@ -60,6 +61,8 @@ class ParkedState:
     reason: str
     #: How many leases the session held before this park.
     segment: int = 0
+    #: The environment it resumes in (not kept in the store: a server restart resumes it in the default).
+    environment: str = DEFAULT_ENVIRONMENT
 
     @property
     def folder(self) -> Path:

@@ -224,7 +224,7 @@ class Parking:
             slots = list(session.slots)
             state = ParkedState(tenant, self.broker.pool_of(slots[0]).name, len(slots), session.priority,
                                 tuple(reply.get("names") or ()), dict(reply.get("unsaved") or {}), nbytes,
-                                time.time(), reason, session.segments)
+                                time.time(), reason, session.segments, session.environment)
             old = session.park(state)
             self.isolation.forget(tenant)
             await self.pool.recycle(old, "the session was parked", keep_folder=True)
@@ -241,7 +241,7 @@ class Parking:
         record = ParkedRecord(session.id, session.user, state.pool, state.gpus, state.priority,
                               str(state.tenant.folder), state.nbytes, state.names, state.unsaved,
                               state.parked_at, state.reason, session.seq, state.segment,
-                              last_code=session.last_code)
+                              last_code=session.last_code, env=state.environment)
         try:
             await self.store.parked.add(record)
         except Exception:
@@ -262,7 +262,7 @@ class Parking:
         if state is None:
             return
         entry = LeaseRequestEntry(self.broker.new_key(), session.user, state.gpus, time.time(),
-                                  priority=state.priority, pool=state.pool)
+                                  priority=state.priority, pool=state.pool, environment=state.environment)
         asked = time.monotonic()
         waiting = asyncio.ensure_future(self.broker.wait_for_lease(entry, _Positions(conn, req), "interactive"))
         session.resuming = waiting
@@ -286,7 +286,7 @@ class Parking:
             if session.released:
                 raise SessionReleased(f"this session was released ({session.released})", code="released")
             await asyncio.to_thread(self.isolation.unseal, state.tenant)
-            worker = await self.pool.take(slots, session.user, tenant=state.tenant)
+            worker = await self.pool.take(slots, session.user, tenant=state.tenant, environment=state.environment)
         except BaseException:
             self.broker.free(slots)
             await self._seal(state.tenant)  # still parked: out of reach again
@@ -366,4 +366,4 @@ class Parking:
         tenant = Tenant(record.user, folder, self.isolation.identity(record.user))
         self.isolation.forget(tenant)
         return ParkedState(tenant, record.pool, record.gpus, record.priority, record.names, record.unsaved,
-                           record.nbytes, record.parked, record.reason, record.segment)
+                           record.nbytes, record.parked, record.reason, record.segment, record.env)

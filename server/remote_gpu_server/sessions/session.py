@@ -33,6 +33,7 @@ from remote_gpu_core.ids import JobId, SessionId, SlotId
 from remote_gpu_core.protocol import messages as m
 from remote_gpu_core.protocol.framing import Chunks
 
+from ..environments import DEFAULT_ENVIRONMENT
 from ..store import Store
 from ..store.journal import Journal
 from ..workers.comms import COMM_MESSAGES
@@ -99,12 +100,14 @@ class Session:
                  notebook: str | None = None,
                  on_lost: Callable[[Session, str], None] | None = None, *,
                  parked: ParkedState | None = None, session_id: str | None = None, seq: int = 0,
-                 priority: str = "normal") -> None:
+                 priority: str = "normal", environment: str = DEFAULT_ENVIRONMENT) -> None:
         """``worker`` None: a session found parked at start (``parked``, its
-        ``session_id`` and journal ``seq`` from the store)."""
+        ``session_id`` and journal ``seq`` from the store). ``environment``:
+        the one its workers run (see :mod:`..environments`)."""
         self.context = context
         self.id = SessionId(session_id or uuid.uuid4().hex)
         self.priority = priority
+        self.environment = parked.environment if parked is not None else environment
         #: Set while the session is parked: it holds no worker and no slot then
         #: (``slots`` are those it had).
         self.parked = parked

@@ -12,12 +12,14 @@ parked session holds no worker until it resumes with a new one.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from remote_gpu_core.errors import WorkerDied
 from remote_gpu_core.ids import SlotId
 
+from ..environments import DEFAULT_ENVIRONMENT
+from ..isolation.tenant import Tenant
 from ..workers.comms import CommTable
 from ..workers.worker import IopubHandler, Worker
 
@@ -27,7 +29,14 @@ __all__ = ["SessionWorker", "WorkerSource"]
 class WorkerSource(Protocol):
     """Where a session's workers come from and go to (the warm pool)."""
 
-    async def take(self, slot_ids: list[SlotId], user: str = "") -> Worker: ...
+    async def take(self, slot_ids: list[SlotId], user: str = "", tenant: Tenant | None = None,
+                   environment: str = DEFAULT_ENVIRONMENT) -> Worker: ...
+
+    def unknown_environment(self, name: str) -> str | None:
+        """Why a lease cannot ask for environment ``name`` here, else None."""
+
+    def cold_start(self, slot_ids: Sequence[SlotId], environment: str) -> str | None:
+        """What a lease of ``slot_ids`` in ``environment`` is told when it waits for a worker to start."""
 
     async def replace(self, worker: Worker, reason: str | None = None) -> Worker: ...
 

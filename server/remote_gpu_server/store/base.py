@@ -280,21 +280,27 @@ class Store:
     # -- batch jobs ---------------------------------------------------------
 
     async def create_batch_job(self, user: str, code: str, name: str, gpus: int, priority: str,
-                               pool: str | None, timeout: float | None, retries: int) -> JobId:
-        """A queued job of kind ``batch`` and what it asked for, in one transaction."""
+                               pool: str | None, timeout: float | None, retries: int,
+                               env: str = "default") -> JobId:
+        """A queued job of kind ``batch`` and what it asked for (``env``: its Python
+        environment), in one transaction."""
         await self._users.of(user, create=True)
         async with self.db.transaction() as tx:
             job = await self.create_job(user, None, code, [], kind="batch", tx=tx)
             await tx.execute(
-                "INSERT INTO batch_jobs (job_id, name, gpus, priority, pool, timeout, retries) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)", (job, name, gpus, priority, pool, timeout, retries))
+                "INSERT INTO batch_jobs (job_id, name, gpus, priority, pool, timeout, retries, env) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (job, name, gpus, priority, pool, timeout, retries, None if env == "default" else env))
         return job
 
     async def batch_spec(self, job: JobId) -> BatchSpec | None:
         row = await self.db.fetchone(
-            "SELECT job_id, name, gpus, priority, pool, timeout, retries, attempt "
+            "SELECT job_id, name, gpus, priority, pool, timeout, retries, attempt, env "
             "FROM batch_jobs WHERE job_id = ?", (job,))
-        return BatchSpec(JobId(int(row[0])), *row[1:]) if row else None
+        if row is None:
+            return None
+        return BatchSpec(JobId(int(row[0])), row[1], row[2], row[3], row[4], row[5], row[6], row[7],
+                         row[8] or "default")
 
     async def start_attempt(self, job: JobId, session: SessionId, slots: Sequence[str]) -> int:
         """Record a new attempt of ``job`` on ``slots``; the job becomes running."""

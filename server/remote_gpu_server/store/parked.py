@@ -50,6 +50,8 @@ class ParkedRecord:
     slots: str = ""
     notebook: str | None = None
     last_code: str | None = None
+    #: The Python environment it resumes in.
+    env: str = "default"
 
 
 class ParkedStore:
@@ -65,11 +67,12 @@ class ParkedStore:
             await tx.execute("UPDATE sessions SET parked = ? WHERE id = ?", (record.parked, record.session))
             await tx.execute(
                 "INSERT INTO parked_sessions (session_id, server_id, pool, gpus, priority, folder, nbytes, "
-                "names, unsaved, parked, reason, seq, segment, last_code) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "names, unsaved, parked, reason, seq, segment, last_code, env) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (record.session, self.server_id, record.pool, record.gpus, record.priority, record.folder,
                  record.nbytes, json.dumps(list(record.names)), json.dumps(dict(record.unsaved)),
-                 record.parked, record.reason, record.seq, record.segment, record.last_code))
+                 record.parked, record.reason, record.seq, record.segment, record.last_code,
+                 None if record.env == "default" else record.env))
 
     async def resumed(self, session: SessionId, slots: Sequence[str]) -> None:
         """``session`` holds ``slots`` again from now on (see the module docstring)."""
@@ -98,7 +101,7 @@ class ParkedStore:
         """This server's parked sessions, oldest first."""
         rows = await self.db.fetchall(
             "SELECT p.session_id, u.name, p.pool, p.gpus, p.priority, p.folder, p.nbytes, p.names, p.unsaved, "
-            "p.parked, p.reason, p.seq, p.segment, s.slots, s.notebook, p.last_code FROM parked_sessions p "
+            "p.parked, p.reason, p.seq, p.segment, s.slots, s.notebook, p.last_code, p.env FROM parked_sessions p "
             "JOIN sessions s ON s.id = p.session_id JOIN users u ON u.id = s.user_id "
             "WHERE (p.server_id IS NULL OR p.server_id = ?) AND s.released IS NULL ORDER BY p.parked",
             (self.server_id,))
@@ -109,4 +112,4 @@ def _record(row: Sequence[Any]) -> ParkedRecord:
     return ParkedRecord(
         SessionId(row[0]), row[1], row[2], int(row[3]), row[4], row[5], int(row[6]),
         tuple(str(n) for n in json.loads(row[7])), {str(k): str(v) for k, v in json.loads(row[8]).items()},
-        float(row[9]), row[10], int(row[11]), int(row[12]), row[13] or "", row[14], row[15])
+        float(row[9]), row[10], int(row[11]), int(row[12]), row[13] or "", row[14], row[15], row[16] or "default")

@@ -86,6 +86,8 @@ class BatchSpec:
     timeout: float | None
     retries: int
     attempt: int
+    #: The Python environment it runs in (see remote_gpu_server.environments).
+    env: str = "default"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,9 @@ Versions:
 3. parked sessions: ``sessions.parked`` (when the session was parked; it
    holds no slot since) and ``parked_sessions`` (what a parked session
    needs to be resumed, after a restart too).
+4. named environments: ``batch_jobs.env`` and ``parked_sessions.env``, the
+   Python environment a job runs in and a parked session resumes in (NULL:
+   the server's own, ``default``).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from .database import Database, Executor
 
 __all__ = ["SCHEMA_VERSION", "SchemaTooNew", "migrate"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def _v1(engine: str) -> list[str]:
@@ -86,7 +89,14 @@ def _v3(engine: str) -> list[str]:
     ]
 
 
-_STEPS = {1: _v1, 2: _v2, 3: _v3}
+def _v4(engine: str) -> list[str]:
+    return [
+        "ALTER TABLE batch_jobs ADD COLUMN env TEXT",
+        "ALTER TABLE parked_sessions ADD COLUMN env TEXT",
+    ]
+
+
+_STEPS = {1: _v1, 2: _v2, 3: _v3, 4: _v4}
 
 
 async def _version(db: Executor, engine: str) -> int:

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from ..worker_process.confinement import EnterSpec
 from .datachannel import DataChannel
+from ..environments import DEFAULT_ENVIRONMENT
 from ..gpus.discovery import Slot
 from ..isolation.tenant import Tenant
 
@@ -38,6 +39,8 @@ class WorkerSpec:
     #: The lease it continues (its user and session folder) when it replaces
     #: a worker of that lease; None for a warm worker.
     tenant: Tenant | None = None
+    #: The environment it runs in (see :mod:`..environments`).
+    environment: str = DEFAULT_ENVIRONMENT
 
 
 class WorkerProcess(Protocol):

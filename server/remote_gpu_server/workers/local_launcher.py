@@ -50,6 +50,7 @@ from . import death
 from ..worker_process import transfer
 from ..worker_process.confinement import EnterSpec
 from .datachannel import DataChannel
+from ..environments import Environments, WorkerCode
 from ..errors import IsolationError
 from ..isolation.policy import Isolation
 from ..isolation.tenant import Tenant
@@ -329,7 +330,7 @@ class LocalLauncher:
     """
 
     def __init__(self, isolation: Isolation | None = None, *, transport: str = "ipc",
-                 ip: str = "127.0.0.1") -> None:
+                 ip: str = "127.0.0.1", environments: Environments | None = None) -> None:
         if transport not in ("ipc", "tcp"):
             raise ValueError(f"transport must be ipc or tcp, not {transport!r}")
         problem = curve_problem() if transport == "tcp" else None
@@ -340,6 +341,29 @@ class LocalLauncher:
         self.transport = transport
         self.ip = ip
         self._client: tuple[bytes, bytes] | None = None  # this server's data-channel key (tcp)
+        #: The interpreters workers run (``WorkerSpec.environment`` names one).
+        self.environments = environments or Environments.only_default()
+        # The worker's own code, for environments that do not have it (made at the first need).
+        self._code: WorkerCode | None = None
+
+    def _interpreter(self, name: str) -> tuple[list[str], dict[str, str], tuple[Path, ...] | None]:
+        """The worker's command line, its environment variables and the folders its
+        Python reads code from (None: the server's own) in environment ``name``."""
+        if name not in self.environments:  # a parked session or a job from a run that had it
+            raise ValueError(f"environment {name!r} is not configured on this server; it has: "
+                             f"{', '.join(self.environments.names)} (rgpu serve --env NAME=PYTHON)")
+        environment = self.environments[name]
+        if environment.own:
+            return list(WORKER_ARGV), {}, None
+        if self._code is None:
+            self._code = WorkerCode()
+        code = self._code.folder
+        path = os.pathsep.join([str(environment.bin), os.environ.get("PATH", os.defpath)])
+        extra = {"PYTHONPATH": str(code), "PATH": path}
+        # The environment's own marker, not the server's (a conda environment has conda-meta).
+        marker = "CONDA_PREFIX" if os.path.isdir(os.path.join(environment.prefix, "conda-meta")) else "VIRTUAL_ENV"
+        extra[marker] = environment.prefix
+        return [environment.python, *WORKER_ARGV[1:]], extra, (*environment.paths, code)
 
     async def spawn(self, spec: WorkerSpec, cuda_devices: str | None = None,
                     server_cert: bytes | None = None) -> Spawned:
@@ -352,8 +376,11 @@ class LocalLauncher:
         mark = f"{spec.name}.{secrets.token_hex(8)}"  # unique on this host, across servers
         cuda = cuda_visible_devices(list(spec.slots)) if cuda_devices is None else cuda_devices
         # Isolated, it can open the device files of these GPUs and no others.
-        confined = self.isolation.prepare(spec.name, len(spec.slots), runtime, spec.tenant, gpus=cuda)
+        argv, interpreter_env, code_paths = self._interpreter(spec.environment)
+        confined = self.isolation.prepare(spec.name, len(spec.slots), runtime, spec.tenant, gpus=cuda,
+                                          environment=spec.environment, code_paths=code_paths)
         extra = {
+            **interpreter_env,
             "CUDA_VISIBLE_DEVICES": confined.cuda_visible_devices,
             "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
             "RGPU_SLOTS": ",".join(s.id for s in spec.slots),
@@ -365,7 +392,7 @@ class LocalLauncher:
         if not confined.own_pid_namespace:  # a sandbox's init kills it with the server already
             extra["RGPU_PARENT_PID"] = str(os.getpid())  # the worker dies with this process
         km = AsyncKernelManager(kernel_name="rgpu-worker", kernel_spec_manager=_SpecManager(
-            confined.command(list(WORKER_ARGV)), confined.interrupt_mode))
+            confined.command(argv), confined.interrupt_mode))
         km.connection_file = str(runtime / "kernel.json")
         output = WorkerOutput(spec.name)
         options: dict[str, Any] = dict(stdout=output.fd, stderr=output.fd, **confined.popen_options)
@@ -416,3 +443,5 @@ class LocalLauncher:
 
     async def close(self) -> None:
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        if self._code is not None:
+            self._code.close()

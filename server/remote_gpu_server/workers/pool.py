@@ -16,9 +16,16 @@ warm worker only once it is free (the server calls :meth:`Pool.add`).
 The pool tells ``on_readiness`` (the scheduler's, see
 :meth:`.Scheduler.set_readiness`) what each slot's worker is doing as it
 changes: starting when it begins to warm one, warm once it has started,
-cold when its start failed or a lease took it, so that a grant takes a
-slot whose worker is warm where there is one. It tells ``on_take`` what
-each lease found on its slots and how long it waited for its worker.
+cold when its start failed or a lease took it, and in which environment,
+so that a grant takes a slot whose worker is warm in the lease's environment
+where there is one. It tells ``on_take`` what each lease found on its slots
+and how long it waited for its worker.
+
+Environments (see :mod:`..environments`): each warm worker runs one; which
+one a slot's next warm worker runs is :class:`.warm_environments.WarmEnvironments`'
+choice (one each where slots allow, more for the busy ones). A lease whose
+slot's warm worker runs another environment throws it away and starts one
+in its own.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from remote_gpu_core.ids import SlotId
 
@@ -35,7 +42,9 @@ from ..processes import ladder
 from ..gpus.discovery import Slot
 from ..isolation.tenant import Tenant
 from ..scheduling.leases import Readiness
+from ..environments import DEFAULT_ENVIRONMENT
 from .launcher import WorkerLauncher
+from .warm_environments import WarmEnvironments
 from .worker import GpuErrors, Worker
 
 __all__ = ["DrainCheck", "Pool", "ReadinessListener", "TakeListener"]
@@ -43,8 +52,8 @@ __all__ = ["DrainCheck", "Pool", "ReadinessListener", "TakeListener"]
 #: Waits until none of some pids holds the slots; returns the slots still
 #: held, now draining (see :meth:`.drain.Drainer.settle`; ``check``: read the GPUs again).
 DrainCheck = Callable[[list[SlotId], frozenset[int], bool], Awaitable[frozenset[SlotId]]]
-#: Told what a slot's worker is doing now; must not block.
-ReadinessListener = Callable[[SlotId, Readiness], None]
+#: Told what a slot's worker is doing now, and in which environment; must not block.
+ReadinessListener = Callable[[SlotId, Readiness, str | None], None]
 #: Told, for each lease, what it found on its slots and the seconds it waited for its worker.
 TakeListener = Callable[[Readiness, float], None]
 
@@ -55,7 +64,8 @@ class Pool:
     """Call :meth:`start` first and :meth:`close` at the end."""
 
     def __init__(self, launcher: WorkerLauncher, slots: Iterable[Slot], startup_timeout: float = 120,
-                 is_down: Callable[[Slot], bool] = lambda slot: False, *, term_grace: float = 0.0) -> None:
+                 is_down: Callable[[Slot], bool] = lambda slot: False, *, term_grace: float = 0.0,
+                 environments: Sequence[str] = (DEFAULT_ENVIRONMENT,)) -> None:
         self.launcher = launcher
         self.term_grace = term_grace
         #: Set by the server once its readings exist (see the module docstring).
@@ -69,6 +79,9 @@ class Pool:
         self.slots = {s.id: s for s in slots}
         self.startup_timeout = startup_timeout
         self._warm: dict[SlotId, asyncio.Task[Worker]] = {}
+        #: Which environment each slot's warm worker runs, and the demand for each.
+        self.environments = WarmEnvironments(environments)
+        self._warm_env: dict[SlotId, str] = {}
         self._workers: set[Worker] = set()
         self._closing = False
 
@@ -87,7 +100,9 @@ class Pool:
     def _warm_up(self, slot_id: SlotId) -> None:
         if self._closing or self._is_down(self.slots[slot_id]):
             return
-        task = asyncio.get_running_loop().create_task(self._start([self.slots[slot_id]]))
+        others = [self._warm_env[s] for s in self._warm if s != slot_id and s in self._warm_env]
+        environment = self._warm_env[slot_id] = self.environments.choose(others)
+        task = asyncio.get_running_loop().create_task(self._start([self.slots[slot_id]], environment=environment))
         self._warm[slot_id] = task
         self._tell(slot_id, Readiness.STARTING)
         task.add_done_callback(functools.partial(self._warmed, slot_id))
@@ -108,7 +123,7 @@ class Pool:
 
     def _tell(self, slot_id: SlotId, readiness: Readiness) -> None:
         if self.on_readiness is not None:
-            self.on_readiness(slot_id, readiness)
+            self.on_readiness(slot_id, readiness, self._warm_env.get(slot_id))
 
     def _took(self, slot_ids: list[SlotId], found: Readiness, started: float) -> None:
         """A lease of ``slot_ids`` has its worker: say what it found and how long it waited."""
@@ -127,9 +142,12 @@ class Pool:
         self._tell(slot_id, Readiness.COLD)
         return task
 
-    async def _start(self, slots: list[Slot], tenant: Tenant | None = None) -> Worker:
+    async def _start(self, slots: list[Slot], tenant: Tenant | None = None,
+                     environment: str = DEFAULT_ENVIRONMENT) -> Worker:
+        started = time.monotonic()
         worker = await Worker.start(self.launcher, slots, self.startup_timeout, tenant,
-                                    term_grace=self.term_grace, gpu_errors=self.gpu_errors)
+                                    term_grace=self.term_grace, gpu_errors=self.gpu_errors, environment=environment)
+        self.environments.started(environment, time.monotonic() - started)
         self._workers.add(worker)
         return worker
 
@@ -187,22 +205,54 @@ class Pool:
         """Wait until every slot's warm worker has started (for tests, benches)."""
         await asyncio.gather(*self._warm.values(), return_exceptions=True)
 
-    def is_warm(self, slot_id: SlotId) -> bool:
-        """Whether a started, live worker waits on ``slot_id`` for the next lease."""
+    def is_warm(self, slot_id: SlotId, environment: str | None = None) -> bool:
+        """Whether a started, live worker waits on ``slot_id`` for the next lease
+        (in ``environment``, where given)."""
         task = self._warm.get(slot_id)
+        if environment is not None and self._warm_env.get(slot_id) != environment:
+            return False
         return (task is not None and task.done() and not task.cancelled() and task.exception() is None
                 and task.result().alive)
 
-    async def take(self, slot_ids: list[SlotId], user: str = "", tenant: Tenant | None = None) -> Worker:
-        """A started worker pinned to ``slot_ids``, made ``user``'s; the slots'
-        warm workers go. ``tenant``: the lease has its session folder already
-        (a parked session resuming; ``user`` is then its user)."""
+    def warm_environment(self, slot_id: SlotId) -> str | None:
+        """The environment of ``slot_id``'s warm (or starting) worker, else None."""
+        return self._warm_env.get(slot_id) if slot_id in self._warm else None
+
+    def unknown_environment(self, name: str) -> str | None:
+        """Why a lease cannot ask for environment ``name`` here (no such one), else None."""
+        return self.environments.unknown(name)
+
+    def cold_start(self, slot_ids: Sequence[SlotId], environment: str) -> str | None:
+        """What a lease of ``slot_ids`` in a named ``environment`` is told when no
+        worker of that environment is warm on them (it waits for one to start),
+        else None."""
+        if environment == DEFAULT_ENVIRONMENT or (len(slot_ids) == 1 and self.is_warm(slot_ids[0], environment)):
+            return None
+        seconds = self.environments.start_time(environment)
+        took = f", ~{seconds:.0f} s" if seconds is not None else ""
+        return f"starting a worker for environment {environment}{took}"
+
+    def _taken_in(self, slot_id: SlotId, environment: str) -> asyncio.Task[Worker] | None:
+        """:meth:`_taken`, where its worker runs ``environment``; another's is thrown away."""
+        other = self._warm_env.get(slot_id) != environment
+        task = self._taken(slot_id)
+        if task is not None and other:
+            asyncio.get_running_loop().create_task(self._discard(task))
+            return None
+        return task
+
+    async def take(self, slot_ids: list[SlotId], user: str = "", tenant: Tenant | None = None,
+                   environment: str = DEFAULT_ENVIRONMENT) -> Worker:
+        """A started worker pinned to ``slot_ids`` running ``environment``, made
+        ``user``'s; the slots' warm workers go. ``tenant``: the lease has its
+        session folder already (a parked session resuming; ``user`` is then its user)."""
+        self.environments.asked(environment)
         if tenant is not None:
-            return await self._take_for(slot_ids, tenant)
+            return await self._take_for(slot_ids, tenant, environment)
         started = time.monotonic()
         if len(slot_ids) == 1:
             slot_id = slot_ids[0]
-            task = self._taken(slot_id)
+            task = self._taken_in(slot_id, environment)
             if task is not None:
                 found = Readiness.WARM if task.done() else Readiness.STARTING
                 try:
@@ -213,23 +263,23 @@ class Pool:
                     await worker.kill()
                 except Exception:
                     log.exception("warm worker for %s failed to start; starting another", slot_id)
-            fresh = await self._start([self.slots[slot_id]])
+            fresh = await self._start([self.slots[slot_id]], environment=environment)
             self._took(slot_ids, Readiness.COLD, started)
             return await self._enter(fresh, user)
         for slot_id in slot_ids:
             task = self._taken(slot_id)
             if task is not None:
                 asyncio.get_running_loop().create_task(self._discard(task))
-        fresh = await self._start([self.slots[s] for s in slot_ids])
+        fresh = await self._start([self.slots[s] for s in slot_ids], environment=environment)
         self._took(slot_ids, Readiness.COLD, started)
         return await self._enter(fresh, user)
 
-    async def _take_for(self, slot_ids: list[SlotId], tenant: Tenant) -> Worker:
-        """A worker for ``tenant``'s lease: the slot's warm one where it can take
-        the folder on, else a fresh one started for it."""
+    async def _take_for(self, slot_ids: list[SlotId], tenant: Tenant, environment: str) -> Worker:
+        """A worker for ``tenant``'s lease in ``environment``: the slot's warm one
+        where it can take the folder on, else a fresh one started for it."""
         started = time.monotonic()
         for slot_id in slot_ids:
-            task = self._taken(slot_id)
+            task = self._taken_in(slot_id, environment)
             if task is None:
                 continue
             found = Readiness.WARM if task.done() else Readiness.STARTING
@@ -241,7 +291,7 @@ class Pool:
                 return await self._enter(worker, tenant.user, new_lease=False)
             if worker is not None:
                 await worker.kill()
-        fresh = await self._start([self.slots[s] for s in slot_ids], tenant)
+        fresh = await self._start([self.slots[s] for s in slot_ids], tenant, environment)
         self._took(slot_ids, Readiness.COLD, started)
         return await self._enter(fresh, tenant.user, new_lease=False)
 
@@ -273,7 +323,7 @@ class Pool:
         await worker.kill(reason)
         await self._settle(worker)
         tenant = worker.tenant
-        fresh = await self._start(worker.slots, tenant)
+        fresh = await self._start(worker.slots, tenant, worker.environment)
         return await self._enter(fresh, tenant.user, new_lease=False) if tenant is not None else fresh
 
     async def recycle(self, worker: Worker, reason: str | None = None, keep_folder: bool = False) -> None:

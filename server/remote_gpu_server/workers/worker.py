@@ -41,6 +41,7 @@ from remote_gpu_core.protocol import messages as m
 from . import death
 from .comms import CommTable
 from .fast_session import FastSession
+from ..environments import DEFAULT_ENVIRONMENT
 from ..errors import IsolationError
 from ..gpus.discovery import Slot
 from ..isolation.tenant import Tenant
@@ -112,6 +113,8 @@ class Worker:
         self.term_grace = term_grace
         self.gpu_errors = gpu_errors
         self.started_at = time.monotonic()
+        #: The environment it runs (see :mod:`..environments`).
+        self.environment = DEFAULT_ENVIRONMENT
         self.language_info: dict[str, Any] = {}
         #: Its versions of Python and of the packages that cross most, as it
         #: said when it started (see :mod:`remote_gpu_core.fingerprint`).
@@ -138,19 +141,21 @@ class Worker:
     @classmethod
     async def start(cls, launcher: WorkerLauncher, slots: list[Slot], startup_timeout: float = 120,
                     tenant: Tenant | None = None, *, term_grace: float = 0.0,
-                    gpu_errors: GpuErrors | None = None) -> Worker:
+                    gpu_errors: GpuErrors | None = None, environment: str = DEFAULT_ENVIRONMENT) -> Worker:
         """Launch a worker on ``slots`` and wait until it answers; raises WorkerDied if it cannot.
 
+        ``environment``: the interpreter it runs (see :mod:`..environments`).
         ``tenant``: the lease it continues (a replacement keeps its user and folder).
         ``term_grace``: seconds between SIGTERM and SIGKILL when it is killed;
         ``gpu_errors``: what its GPUs reported while it ran, for its cause of death.
         """
         name = f"w{next(_names)}-{'+'.join(s.id for s in slots)}".replace("/", "-")
         try:
-            process = await launcher.launch(WorkerSpec(name, tuple(slots), startup_timeout, tenant))
+            process = await launcher.launch(WorkerSpec(name, tuple(slots), startup_timeout, tenant, environment))
         except Exception as exc:
             raise WorkerDied(f"worker {name} failed to start: {exc}", code="worker_died") from exc
         worker = cls(process, slots, term_grace=term_grace, gpu_errors=gpu_errors)
+        worker.environment = environment
         try:
             await worker._connect(startup_timeout)
         except BaseException:

@@ -187,7 +187,9 @@ class GpuServer:
                           isolation=self._isolation_status, draining=self.drainer.draining,
                           park_keep=config.parking.keep, disk=self.disk.status_json,
                           warm=self.pool.is_warm, warm_environment=self.pool.warm_environment,
-                          environments=self._environments_status)
+                          environments=self._environments_status,
+                          fingerprint=lambda env: (self.environments[env].fingerprint if env in self.environments
+                                                   else None))
         self.metrics.attach(view)
         self.http = HttpApi(view, self.metrics)
         await self.batch.recover()

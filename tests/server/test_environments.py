@@ -1,6 +1,8 @@
 """Named environments on a real server: two real virtual environments (np1 with
 numpy 1.26.4, np2 with numpy 2.x; see :mod:`environments`) beside the server's
 own Python, on a root server whose workers run as uids of their own.
+A notebook's numpy 2.x in np1 is told apart in one line, and an array it
+pushes there names the difference instead of pickle's traceback.
 
 Each environment gets a warm worker of its own (three slots, three
 environments); a lease in one takes that worker. A user's ``%pip install``
@@ -10,18 +12,22 @@ the environment nor into another user's site.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from remote_gpu_core.errors import VersionDifference
 from remote_gpu_kernel import Client, LeaseError
+from remote_gpu_kernel.cli import main as rgpu
 from remote_gpu_kernel.api import ApiClient
 from remote_gpu_kernel.sync import Session
 from servers import ServerProcess
@@ -117,6 +123,26 @@ def test_the_status_lists_each_environment_with_its_python_and_packages(envs: En
 def test_an_unknown_environment_is_refused_naming_those_there_are(envs: Envs) -> None:
     with pytest.raises(LeaseError, match=r"no environment 'np3'.*default, np1, np2"):
         Client(envs.server.url, envs.alice).session(env="np3")
+
+
+def test_a_numpy_2_notebook_in_np1_hears_of_the_difference_and_a_push_of_an_array_names_it(envs: Envs) -> None:
+    import numpy
+
+    notices: list[str] = []
+    with Client(envs.server.url, envs.alice).session(env="np1", on_notice=notices.append) as session:
+        assert f"numpy {numpy.__version__} here, 1.26.4 on the GPU server" in "\n".join(notices)
+        with pytest.raises(VersionDifference) as raised:
+            session.push(a=numpy.arange(3))
+        assert str(raised.value).startswith(
+            f"cannot unpickle 'a' on the GPU server: numpy {numpy.__version__} here, 1.26.4 on the GPU server")
+        assert "Traceback" not in str(raised.value)
+        assert run(session, "print('a' in globals())") == "False\n"  # nothing set; the session goes on
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = rgpu(["env", "diff", "np1", "--url", envs.server.url, "--token", envs.alice])
+    assert code == 1
+    (row,) = [line.split() for line in out.getvalue().splitlines() if "numpy" in line]
+    assert row == ["!", "numpy", numpy.__version__, "1.26.4"]
 
 
 def test_pip_install_in_np1_goes_to_the_users_np1_site_not_defaults(envs: Envs, tmp_path: Path,

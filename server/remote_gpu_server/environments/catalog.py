@@ -19,6 +19,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from remote_gpu_core.fingerprint import ABSENT, local_fingerprint
+
 from ..isolation.user_sites import DEFAULT_ENVIRONMENT
 from .check import KEY_PACKAGES, EnvironmentCheck, check_interpreter, check_this_interpreter
 
@@ -74,9 +76,19 @@ class Environment:
         """The folder of its interpreter (put first on its workers' ``PATH``)."""
         return Path(self.python).parent
 
+    @property
+    def fingerprint(self) -> dict[str, str]:
+        """Its versions as a notebook's are compared with (see :mod:`remote_gpu_core.fingerprint`):
+        ``rgpu env diff NAME``, and the environment a lease notice says matches."""
+        if self.own:
+            return dict(local_fingerprint())
+        return {"python": ".".join(self.version.split(".")[:2]),
+                **{k: self.packages.get(k) or ABSENT for k in KEY_PACKAGES}}
+
     def status_json(self) -> dict[str, Any]:
         return {"name": self.name, "python": self.python, "version": self.version, "prefix": self.prefix,
-                "packages": {k: v for k, v in self.packages.items() if v is not None}}
+                "packages": {k: v for k, v in self.packages.items() if v is not None},
+                "fingerprint": self.fingerprint}
 
 
 class Environments:

@@ -25,6 +25,8 @@ from typing import Any
 
 from packaging.version import InvalidVersion, Version
 
+from remote_gpu_core import fingerprint
+
 __all__ = ["KEY_PACKAGES", "MIN_PYTHON", "REQUIREMENTS", "EnvironmentCheck", "Requirement", "check_interpreter",
            "check_this_interpreter"]
 
@@ -55,8 +57,9 @@ REQUIREMENTS: tuple[Requirement, ...] = (
     Requirement("zstandard", "0.23", "buffers compressed on slow links"),
     Requirement("cryptography", "47", "the sealed data channel of a worker on another host"),
 )
-#: Shown for each environment where installed (``rgpu envs``, ``/api/status``).
-KEY_PACKAGES = ("numpy", "torch", "cloudpickle")
+#: Shown for each environment where installed (``rgpu envs``, ``/api/status``),
+#: and compared with a notebook's (``rgpu env diff NAME``): the packages that cross most.
+KEY_PACKAGES = fingerprint.KEY_PACKAGES
 
 #: Run by the interpreter under check: the standard library only.
 _PROBE = """

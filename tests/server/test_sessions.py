@@ -66,6 +66,7 @@ class StandInWorker:
     def __init__(self) -> None:
         self.died = asyncio.Event()
         self.language_info: dict[str, Any] = {}
+        self.fingerprint: dict[str, str] = {}
         self.alive = True
 
 

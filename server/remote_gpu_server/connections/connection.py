@@ -35,7 +35,6 @@ from remote_gpu_core.errors import MessageTooLarge, ProtocolError, RemoteGpuErro
 from remote_gpu_core.protocol import PROTOCOL_VERSION, encode, upgrade
 from remote_gpu_core.protocol.framing import Chunks, encode_head
 from remote_gpu_core.protocol import messages as m
-
 from remote_gpu_core.sizes import format_size
 
 from ..errors import DatabaseUnavailable
@@ -379,20 +378,17 @@ class Connection:
         sessions = self.sessions
         if self.closed:
             return  # its client left before this task ran: nothing to queue or resume for
+        if msg.resume and (self.session is None or self.session.released):
+            session = sessions.get(msg.resume)
+            if session is not None and session.user == self.user and not session.released:
+                self._attach(session)
         if self.session is not None and not self.session.released:
             await self._granted(msg.req, self.session, resumed=True, waited=0.0)
             return
         if msg.resume:
-            session = sessions.get(msg.resume)
-            if session is not None and session.user == self.user and not session.released:
-                self._attach(session)
-                await self._granted(msg.req, session, resumed=True, waited=0.0)
-                return
             reason = sessions.release_reason(msg.resume) or "it is not known to this server"
-            await self.send(m.Notice(msg.req, (
-                f"Your earlier GPU session was released ({reason}): "
-                "this is a new session and its variables are gone."
-            )))
+            await self.send(m.Notice(msg.req, f"Your earlier GPU session was released ({reason}): "
+                                                  "this is a new session and its variables are gone."))
         started = time.monotonic()
         pool = sessions.context.pool
         unknown = pool.unknown_environment(msg.env)
@@ -410,8 +406,7 @@ class Connection:
             return
         finally:
             self._positions.waiting.pop(entry.key, None)
-        # The notebook's path is only shown, never used as a path here: keep
-        # a bounded piece of it.
+        # The notebook's path is only shown, never used as a path here: a bounded piece of it.
         notebook = msg.notebook[:MAX_NOTEBOOK] if msg.notebook else None
         cold = pool.cold_start(slots, msg.env)
         if cold:

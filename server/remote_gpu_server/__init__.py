@@ -15,6 +15,7 @@ below it (``import-linter`` checks this; see ``pyproject.toml``):
 - :mod:`.workers`: the server's side of workers: the warm pool, launchers,
   the handle, causes of death, the data channel's server end;
 - :mod:`.scheduling`: who gets the next GPU;
+- :mod:`.environments`: the Python environments workers run in (``--env``);
 - :mod:`.isolation`: who a worker runs as and what it can reach;
 - :mod:`.gpus`: slots, NVML readings and health;
 - :mod:`.processes`: a worker's processes: where they are, whose a process

@@ -120,6 +120,11 @@ class GpuServer:
                              "default environment is offered so far")
         # Each named environment is checked now: one that cannot run workers stops the start.
         self.environments = await asyncio.to_thread(Environments.load, config.environments)
+        for pool_config in config.scheduler.pools:
+            for name in pool_config.environments:
+                if name not in self.environments:
+                    raise ValueError(f"--pool {pool_config.name}: there is no environment {name!r} (--env NAME=PYTHON "
+                                     f"names one; this server has: {', '.join(self.environments.names)})")
         launcher: WorkerLauncher
         if config.ray is not None:
             # The head decides who each user runs as; nodes isolate their workers,
@@ -144,7 +149,9 @@ class GpuServer:
         self.scheduler = self.broker.scheduler
         self.pool = Pool(launcher, self.inventory, config.startup_timeout,
                          is_down=lambda slot: self.inventory.is_down(slot.node), term_grace=config.term_grace,
-                         environments=self.environments.names)
+                         environments=self.environments.names,
+                         slot_environments={slot: pool.environments for pool in config.scheduler.pools
+                                            for slot in pool.slots if pool.environments})
         # Grants take slots whose worker is warm first; the pool says which are.
         self.pool.on_readiness = self.broker.set_readiness
         self.pool.on_take = self.metrics.worker_taken

@@ -327,10 +327,11 @@ def add_serve(sub: Any) -> None:
                    help="aging: a request waiting this long goes before newer ones of any priority "
                         "(default 14400)")
     p.add_argument("--pool", action="append", default=[],
-                   metavar="NAME=SLOTS[:idle=S][:max-gpus=N][:park-after=S]",
-                   help="a named pool of slots with its own idle timeout, quota and park-after, e.g. "
-                        "interactive=gpu0,gpu1:idle=900:max-gpus=1:park-after=600 (repeatable; unnamed "
-                        "slots form the pool 'default')")
+                   metavar="NAME=SLOTS[:idle=S][:max-gpus=N][:park-after=S][:env=ENV+ENV]",
+                   help="a named pool of slots with its own idle timeout, quota, park-after and "
+                        "environments, e.g. interactive=gpu0,gpu1:idle=900:max-gpus=1:park-after=600 or "
+                        "jax=2,3:env=jax (its slots run only those --env environments; a lease there that "
+                        "names none gets the first) (repeatable; unnamed slots form the pool 'default')")
     p.add_argument("--env", action="append", default=[], metavar="NAME=PYTHON",
                    help="a named environment: workers of leases that ask for NAME run PYTHON, the "
                         "interpreter of a virtual or conda environment that has the worker's "

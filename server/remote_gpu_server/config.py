@@ -56,9 +56,11 @@ def named_paths(config: object) -> tuple[Path, ...]:
 
 
 def parse_pool(spec: str) -> PoolConfig:
-    """``--pool NAME=SLOT,SLOT[:idle=SECONDS][:max-gpus=N][:max-waiting=N][:park-after=SECONDS]``.
+    """``--pool NAME=SLOT,SLOT[:idle=SECONDS][:max-gpus=N][:max-waiting=N][:park-after=SECONDS][:env=ENV+ENV]``.
 
-    For example ``interactive=gpu0,gpu1:idle=900:max-gpus=1``. A pool may
+    For example ``interactive=gpu0,gpu1:idle=900:max-gpus=1``; ``jax=2,3:env=jax``
+    runs only the environment ``jax`` on GPUs 2 and 3 (a lease there that
+    names no environment gets it). A pool may
     name no slot (``batch=:idle=900``): its settings then apply to the GPUs
     that Ray nodes put in it (``--resources '{"pool:batch": N}'``). Raises
     ValueError saying what is wrong.
@@ -68,10 +70,17 @@ def parse_pool(spec: str) -> PoolConfig:
         raise ValueError(f"--pool {spec!r}: expected NAME=SLOT,SLOT[:idle=SECONDS][:max-gpus=N]")
     slots, *options = rest.split(":")
     values: dict[str, float] = {}
+    environments: tuple[str, ...] = ()
     for option in options:
         key, _, value = option.partition("=")
+        if key == "env":
+            environments = tuple(e.strip() for e in value.split("+") if e.strip())
+            if not environments:
+                raise ValueError(f"--pool {spec!r}: env needs an environment's name, like env=np1 or env=np1+np2")
+            continue
         if key not in ("idle", "max-gpus", "max-waiting", "park-after"):
-            raise ValueError(f"--pool {spec!r}: unknown option {key!r} (idle, max-gpus, max-waiting, park-after)")
+            raise ValueError(f"--pool {spec!r}: unknown option {key!r} (idle, max-gpus, max-waiting, park-after, "
+                             "env)")
         try:
             values[key] = float(value)
         except ValueError:
@@ -86,6 +95,7 @@ def parse_pool(spec: str) -> PoolConfig:
         idle_timeout=values.get("idle"),
         default_quota=Quota(None if gpus is None else int(gpus), None if waiting is None else int(waiting)),
         park_after=park_after,
+        environments=environments,
     )
 
 

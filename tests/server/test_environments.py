@@ -213,6 +213,29 @@ def test_serve_refuses_an_environment_that_fails_the_check(tmp_path: Path) -> No
     assert "environment bad" in done.stderr and "ipykernel is missing" in done.stderr
 
 
+def test_a_pool_that_runs_only_np2_warms_np2_and_a_lease_there_gets_it(
+        test_environments: dict[str, Path], tmp_path: Path) -> None:
+    pythons = {name: python for name, python in test_environments.items()}
+    server = ServerProcess(tmp_path, "cpu:2", *(f"--env={name}={python}" for name, python in pythons.items()),
+                           "--pool", "np2only=cpu1:env=np2")
+    alice = server.token("alice")
+    with server:
+        api = ApiClient(server.url, alice)
+        wait_for(lambda: [(s["id"], s["env"]) for s in api.status()["slots"] if s["warm"]]
+                 == [("cpu0", "default"), ("cpu1", "np2")], timeout=120, what="cpu1 warm in np2 only")
+        notices: list[str] = []
+        with Client(server.url, alice).session(pool="np2only", on_notice=notices.append) as session:
+            assert session.slots == ["cpu1"]  # np1 would be warmed there without the pool's env
+            assert run(session, "import numpy; print(numpy.__version__)").startswith("2.")
+        assert not [n for n in notices if "starting a worker" in n]  # its warm worker
+        with pytest.raises(LeaseError, match="pool 'np2only' runs environment\\(s\\) np2, not 'np1'"):
+            Client(server.url, alice).session(pool="np2only", env="np1")
+    bad = subprocess.run([RGPU, "serve", "--db", str(tmp_path / "bad.sqlite3"), "--slots", "cpu:1", "--port", "0",
+                          "--pool", "x=cpu0:env=nope"], capture_output=True, text=True, timeout=120, check=False)
+    assert bad.returncode != 0
+    assert "--pool x: there is no environment 'nope'" in bad.stderr
+
+
 def test_a_kernelspec_per_environment_leases_in_that_environment(envs: Envs, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     from remote_kernels import KernelDriver, kernel_env

@@ -1,4 +1,5 @@
-"""Which environment the warm pool warms, and which slot a lease in an environment takes."""
+"""Which environment the warm pool warms, and which slot a lease in an environment takes;
+a pool that runs only some environments (``--pool NAME=SLOTS:env=A+B``)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ from remote_gpu_core.ids import SlotId
 from remote_gpu_core.protocol import messages as m
 from remote_gpu_core.errors import LeaseError, ProtocolError
 from remote_gpu_kernel.client import no_environments
+import pytest
+
+from remote_gpu_server.config import parse_pool
 from remote_gpu_server.scheduling.scheduler import LeaseRequestEntry, Readiness, Scheduler
 from remote_gpu_server.workers.warm_environments import WarmEnvironments
 
@@ -35,6 +39,25 @@ def test_the_slots_beyond_one_each_go_to_the_busy_environment_until_its_demand_d
     clock.now = 3600  # an hour later the burst no longer counts
     choice.asked("default")
     assert choice.choose(["default", "np1"]) == "default"
+
+
+def test_a_slot_of_a_pool_that_runs_only_some_environments_warms_only_those() -> None:
+    choice = WarmEnvironments(["default", "np1", "np2"], Clock())
+    assert choice.choose([], ["np2"]) == "np2"
+    assert choice.choose(["np2"], ["np1", "np2"]) == "np1"
+    assert choice.choose(["np1", "np2", "default"], ["np1"]) == "np1"
+
+
+def test_a_pools_environments_are_parsed_and_a_lease_there_gets_one_of_them() -> None:
+    pool = parse_pool("jax=gpu2,gpu3:idle=900:env=np1+np2")
+    assert pool.slots == ("gpu2", "gpu3") and pool.idle_timeout == 900 and pool.environments == ("np1", "np2")
+    assert pool.environment("default") == "np1"  # a lease that names none gets the pool's first
+    assert pool.environment("np2") == "np2"
+    with pytest.raises(ValueError, match="pool 'jax' runs environment\\(s\\) np1, np2, not 'other': ask"):
+        pool.environment("other")
+    assert parse_pool("any=gpu0").environment("np2") == "np2"  # a pool that names none runs every one
+    with pytest.raises(ValueError, match="env needs an environment's name"):
+        parse_pool("jax=gpu2:env=")
 
 
 def test_an_unknown_environment_is_refused_naming_the_known_ones() -> None:

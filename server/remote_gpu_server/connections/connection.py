@@ -391,13 +391,14 @@ class Connection:
                                                   "this is a new session and its variables are gone."))
         started = time.monotonic()
         pool = sessions.context.pool
-        unknown = pool.unknown_environment(msg.env)
-        if unknown:
-            await self.send(m.Error(msg.req, m.ErrorCode.LEASE_REFUSED, unknown))
+        try:
+            env = self.broker.environment(msg.pool, msg.env, pool.unknown_environment)
+        except ValueError as exc:
+            await self.send(m.Error(msg.req, m.ErrorCode.LEASE_REFUSED, str(exc)))
             return
         self.broker.apply_token_quota(self.token)
         entry = LeaseRequestEntry(self.broker.new_key(), self.user, msg.gpus, time.time(),
-                                  priority=msg.priority, pool=msg.pool, environment=msg.env)
+                                  priority=msg.priority, pool=msg.pool, environment=env)
         self._positions.waiting[entry.key] = msg.req
         try:
             slots = await self.broker.wait_for_lease(entry, self)
@@ -408,10 +409,10 @@ class Connection:
             self._positions.waiting.pop(entry.key, None)
         # The notebook's path is only shown, never used as a path here: a bounded piece of it.
         notebook = msg.notebook[:MAX_NOTEBOOK] if msg.notebook else None
-        cold = pool.cold_start(slots, msg.env)
+        cold = pool.cold_start(slots, env)
         if cold:
             await self.send(m.Notice(msg.req, cold))
-        session = await sessions.open(self.user, slots, notebook, priority=msg.priority, environment=msg.env)
+        session = await sessions.open(self.user, slots, notebook, priority=msg.priority, environment=env)
         if self.closed:
             # Granted, but the client left while its worker started: it never
             # learns the session id, so nobody could resume it. Free it now

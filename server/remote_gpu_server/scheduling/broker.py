@@ -86,6 +86,17 @@ class LeaseBroker:
         """A lease request key, unique in this server."""
         return next(self._keys)
 
+    def environment(self, pool: str, asked: str, unknown: Callable[[str], str | None]) -> str:
+        """The environment a lease in ``pool`` that asked for ``asked`` runs (see
+        :meth:`.PoolConfig.environment`); ValueError saying why where it cannot
+        run there, or where ``unknown`` says the server has no such environment."""
+        config = next((p for p in self.scheduler.pools if p.name == pool), None)
+        environment = config.environment(asked) if config is not None else asked
+        why = unknown(environment)
+        if why:
+            raise ValueError(why)
+        return environment
+
     def apply_token_quota(self, token: TokenInfo) -> None:
         """``token``'s quotas become its user's; the latest token used wins.
 

@@ -109,6 +109,20 @@ class PoolConfig:
     user_quotas: Mapping[str, Quota] = dataclasses.field(default_factory=dict)
     #: Park a session of this pool idle for this many seconds (None: the server's ``--park-after``).
     park_after: float | None = None
+    #: The environments its slots run (``:env=``), the first for a lease that names
+    #: none; empty: every environment of the server.
+    environments: tuple[str, ...] = ()
+
+    def environment(self, asked: str) -> str:
+        """The environment a lease in this pool that asked for ``asked`` runs:
+        ``asked``, or the pool's first where the lease named none (``default``)
+        and the pool does not run it; ValueError where the pool does not run it."""
+        if not self.environments or asked in self.environments:
+            return asked
+        if asked == DEFAULT_ENVIRONMENT:
+            return self.environments[0]
+        raise ValueError(f"pool {self.name!r} runs environment(s) {', '.join(self.environments)}, "
+                         f"not {asked!r}: ask for one of them, or another pool")
 
     def quota(self, user: str) -> Quota:
         return self.user_quotas.get(user, self.default_quota)

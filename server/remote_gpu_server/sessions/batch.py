@@ -189,9 +189,8 @@ class BatchRunner:
         If the store cannot take it (the database is away), the error says
         so and nothing is queued: a job is written whole or not at all.
         """
-        unknown = self.pool.unknown_environment(request.env)
-        if unknown:
-            raise ValueError(unknown)
+        request = dataclasses.replace(request, env=self.broker.environment(request.pool, request.env,
+                                                                            self.pool.unknown_environment))
         pools = self.broker.pool_sizes()
         if request.pool not in pools:
             raise ValueError(f"there is no pool {request.pool!r}; pools: {', '.join(pools)}")

@@ -34,7 +34,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 
 from remote_gpu_core.ids import SlotId
 
@@ -65,7 +65,8 @@ class Pool:
 
     def __init__(self, launcher: WorkerLauncher, slots: Iterable[Slot], startup_timeout: float = 120,
                  is_down: Callable[[Slot], bool] = lambda slot: False, *, term_grace: float = 0.0,
-                 environments: Sequence[str] = (DEFAULT_ENVIRONMENT,)) -> None:
+                 environments: Sequence[str] = (DEFAULT_ENVIRONMENT,),
+                 slot_environments: Mapping[SlotId, Sequence[str]] | None = None) -> None:
         self.launcher = launcher
         self.term_grace = term_grace
         #: Set by the server once its readings exist (see the module docstring).
@@ -81,6 +82,7 @@ class Pool:
         self._warm: dict[SlotId, asyncio.Task[Worker]] = {}
         #: Which environment each slot's warm worker runs, and the demand for each.
         self.environments = WarmEnvironments(environments)
+        self._slot_envs = dict(slot_environments or {})  # the slots of pools that run only some
         self._warm_env: dict[SlotId, str] = {}
         self._workers: set[Worker] = set()
         self._closing = False
@@ -101,7 +103,7 @@ class Pool:
         if self._closing or self._is_down(self.slots[slot_id]):
             return
         others = [self._warm_env[s] for s in self._warm if s != slot_id and s in self._warm_env]
-        environment = self._warm_env[slot_id] = self.environments.choose(others)
+        environment = self._warm_env[slot_id] = self.environments.choose(others, self._slot_envs.get(slot_id, ()))
         task = asyncio.get_running_loop().create_task(self._start([self.slots[slot_id]], environment=environment))
         self._warm[slot_id] = task
         self._tell(slot_id, Readiness.STARTING)

@@ -65,17 +65,19 @@ class WarmEnvironments:
         for name in self._demand:
             self._demand[name] *= factor
 
-    def choose(self, warm: Iterable[str]) -> str:
+    def choose(self, warm: Iterable[str], allowed: Sequence[str] = ()) -> str:
         """The environment of the next warm worker, given those of the other
-        slots' warm (or starting) workers."""
+        slots' warm (or starting) workers; only among ``allowed`` where the
+        slot runs only some (a pool's ``:env=``)."""
         counts = collections.Counter(warm)
-        missing = [name for name in self.names if counts[name] == 0]
+        names = [name for name in self.names if name in allowed] or self.names if allowed else self.names
+        missing = [name for name in names if counts[name] == 0]
         demand = self.demand()
         if missing:  # one each first: the most asked for, the default on a tie
             return max(missing, key=lambda name: (demand[name], -self.names.index(name)))
         # Then where the demand per warm worker is highest.
-        return max(self.names, key=lambda name: ((demand[name] + 0.01) / (counts[name] + 1),
-                                                 -self.names.index(name)))
+        return max(names, key=lambda name: ((demand[name] + 0.01) / (counts[name] + 1),
+                                            -self.names.index(name)))
 
     def started(self, environment: str, seconds: float) -> None:
         """A worker of ``environment`` took ``seconds`` to start."""

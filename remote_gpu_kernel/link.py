@@ -41,6 +41,7 @@ from remote_gpu_core.errors import (
     VersionMismatch,
     WorkerDied,
 )
+from remote_gpu_core.fingerprint import from_wire
 from remote_gpu_core.protocol import (
     CHUNK_SIZE,
     PROTOCOL_VERSION,
@@ -138,6 +139,8 @@ class Link:
         self.closed_reason: str | None = None
         #: The server's limits from its Welcome (``max_push``, ``max_message``).
         self.limits: dict[str, int] = {}
+        #: The versions of the server's named environments, from its Welcome (see :func:`.versions.mismatch`).
+        self.environments: dict[str, dict[str, str]] = {}
         #: Who the server says this token is, and its version (from its Welcome).
         self.user: str | None = None
         self.server_version: str | None = None
@@ -251,6 +254,7 @@ class Link:
             raise ProtocolError(f"expected welcome, got {msg.type.value}")
         self.user, self.server_version = msg.user, msg.server
         self.limits = dict(msg.limits)
+        self.environments = {str(name): from_wire(f) for name, f in dict(msg.envs).items()}
 
     async def close(self) -> None:
         await self.ws.close()

@@ -55,7 +55,7 @@ class AsyncSession:
         #: :mod:`remote_gpu_core.fingerprint`), and what differs from this Python's in one
         #: line or None (:func:`.versions.mismatch`; the lease notice shows it).
         self.fingerprint = dict(granted.fingerprint)
-        self.mismatch = mismatch(self.fingerprint)
+        self.mismatch = mismatch(self.fingerprint, link.environments)
         self.released: str | None = None
         #: The session is parked: its namespace is on disk on the server and it
         #: holds no GPU; the next request (or :meth:`resume`) restores it.
@@ -160,7 +160,7 @@ class AsyncSession:
         self.slots = list(msg.slots)
         self.language_info = dict(msg.language_info) or self.language_info
         self.fingerprint = dict(msg.fingerprint) or self.fingerprint
-        self.mismatch = mismatch(self.fingerprint)
+        self.mismatch = mismatch(self.fingerprint, self._link.environments)
         self.parked = msg.parked
 
     async def execute(self, code: str, on_output: OutputCallback | None = None, *,

@@ -77,15 +77,18 @@ def matching_environment(here: Mapping[str, str], status: Mapping[str, Any], cur
     return None
 
 
-def mismatch(remote: Mapping[str, str], match: str | None = None) -> str | None:
+def mismatch(remote: Mapping[str, str], environments: Mapping[str, Mapping[str, str]] | None = None) -> str | None:
     """One line for the lease notice saying what differs between this
-    process and a worker whose fingerprint is ``remote``, naming ``match``
-    (an environment that matches) where known; None where nothing differs
-    (or the server did not say its versions)."""
-    found = differences(client_fingerprint(), remote)
+    process and a worker whose fingerprint is ``remote``, naming an
+    environment of ``environments`` (the server's, by name, from its
+    Welcome) in which nothing differs where there is one; None where
+    nothing differs (or the server did not say its versions)."""
+    here = client_fingerprint()
+    found = differences(here, remote)
     if not found:
         return None
     text = describe(found)
+    match = next((name for name, theirs in (environments or {}).items() if not differences(here, theirs)), None)
     return f"{text}; environment `{match}` matches" if match else text
 
 

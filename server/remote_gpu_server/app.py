@@ -181,7 +181,9 @@ class GpuServer:
         self.limits = config.limits.resolve(self.isolation.memory.per_slot)
         context = SessionContext(self.pool, self.store, self.journal, config.kill_grace,
                                  interrupt_notice=config.interrupt_notice, resume=self.parking.resume,
-                                 max_output=config.max_output, session_cache=self.limits.session_cache or 0)
+                                 max_output=config.max_output, session_cache=self.limits.session_cache or 0,
+                                 environments={e.name: e.fingerprint for e in self.environments}
+                                 if len(self.environments) > 1 else {})
         self.sessions = SessionManager(context, self.broker, grace=config.grace,
                                        idle_timeout=config.idle_timeout, parking=self.parking)
         await self.sessions.recover_parked()

@@ -104,7 +104,10 @@ def test_the_test_hook_changes_only_what_the_client_says_it_has() -> None:
     with pretend_client_versions_for_tests(numpy="1.0"):
         assert client_fingerprint()["numpy"] == "1.0"
         assert mismatch(real) == f"numpy 1.0 here, {real['numpy']} on the GPU server"
-        assert mismatch(real, "np1") == f"numpy 1.0 here, {real['numpy']} on the GPU server; environment `np1` matches"
+        here = {**real, "numpy": "1.0"}
+        envs = {"np2": {**real, "numpy": "2.0"}, "np1": here, "also": here}
+        assert mismatch(real, envs) == f"numpy 1.0 here, {real['numpy']} on the GPU server; environment `np1` matches"
+        assert mismatch(real, {"np2": envs["np2"]}) == f"numpy 1.0 here, {real['numpy']} on the GPU server"
         rows, differ = comparison(real)
         assert differ == 1 and ("numpy", "1.0", real["numpy"], True) in rows
     assert client_fingerprint() == real and dict(fp.local_fingerprint()) == real

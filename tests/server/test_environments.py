@@ -130,7 +130,9 @@ def test_a_numpy_2_notebook_in_np1_hears_of_the_difference_and_a_push_of_an_arra
 
     notices: list[str] = []
     with Client(envs.server.url, envs.alice).session(env="np1", on_notice=notices.append) as session:
-        assert f"numpy {numpy.__version__} here, 1.26.4 on the GPU server" in "\n".join(notices)
+        said = "\n".join(notices)
+        assert f"numpy {numpy.__version__} here, 1.26.4 on the GPU server" in said
+        assert said.rstrip().endswith("; environment `default` matches")  # this Python's, named by the Welcome
         with pytest.raises(VersionDifference) as raised:
             session.push(a=numpy.arange(3))
         assert str(raised.value).startswith(

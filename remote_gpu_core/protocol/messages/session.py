@@ -36,13 +36,17 @@ class Welcome(Message):
     """``limits``: what the server takes, in bytes, so that a client can refuse
     a message before sending it: ``max_push`` (a push's buffers),
     ``max_upload`` (an upload's files) and ``max_message`` (any other
-    message, header and buffers); empty from a server that names none."""
+    message, header and buffers); empty from a server that names none.
+    ``envs``: the versions of each of the server's named environments (see
+    :mod:`remote_gpu_core.fingerprint`), so that a lease notice can name one
+    that matches the notebook; empty where it has only its own Python."""
 
     type = MessageType.WELCOME
     protocol: int
     server: str
     user: str
     limits: dict[str, int] = dataclasses.field(default_factory=dict)
+    envs: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)

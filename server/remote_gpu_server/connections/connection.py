@@ -366,8 +366,8 @@ class Connection:
             await self.send(m.Error(0, m.ErrorCode.VERSION_MISMATCH, mismatch))
             await self.ws.close(1002, "protocol version mismatch")
             return
-        await self.send(m.Welcome(PROTOCOL_VERSION, self.server_version, self.user,
-                                  self.limits.welcome()))
+        await self.send(m.Welcome(PROTOCOL_VERSION, self.server_version, self.user, self.limits.welcome(),
+                                  {name: dict(f) for name, f in self.sessions.context.environments.items()}))
 
     async def _on_interrupt(self, msg: m.Interrupt) -> None:
         self._outcomes.interrupt()  # what was sent to follow the cell does not run

@@ -24,7 +24,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import aclosing
 from typing import Any
 
@@ -80,6 +80,8 @@ class SessionContext:
     max_output: int | None = None
     #: ``--session-cache``: bytes of pushed buffers the worker keeps by digest (0: none).
     session_cache: int = 0
+    #: The versions of each environment, where the server has named ones (a client's Welcome).
+    environments: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict)
 
 
 def _output(req: int, seq: int, jmsg: dict[str, Any]) -> m.Output:

@@ -102,16 +102,15 @@ def test_no_worker_environment_carries_rays_token(monkeypatch: pytest.MonkeyPatc
         assert not [name for name in env if name.startswith("RAY_AUTH")]
 
 
-def test_a_sandboxed_worker_cannot_read_a_token_file_inside_what_it_may_read(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, open_folder: Path) -> None:
+def test_a_sandboxed_worker_cannot_read_a_token_file_inside_what_it_may_read(tmp_path: Path,
+                                                                           open_folder: Path) -> None:
     bwrap = find_bubblewrap()
     if bwrap is None:
         pytest.skip("bubblewrap is not installed: apt-get install bubblewrap (scripts/setup.sh does)")
     readable = open_folder  # like /opt/ray: a folder the sandbox binds
     token = readable / "auth_token"
     token.write_text("ray-secret")
-    paths = sandbox.python_paths
-    monkeypatch.setattr(sandbox, "python_paths", lambda: [*paths(), readable])
+    code_paths = (*sandbox.python_paths(), readable)  # as a named environment's folders are
 
     def read_in_a_sandbox(hidden: tuple[Path, ...]) -> str:
         isolation = Isolation(IsolationConfig(mode=IsolationMode.BUBBLEWRAP, worker_memory="none",
@@ -121,7 +120,7 @@ def test_a_sandboxed_worker_cannot_read_a_token_file_inside_what_it_may_read(
         isolation.start(1)
         runtime = tmp_path / "runtime" / f"w{len(hidden)}"
         runtime.mkdir(parents=True)
-        worker = isolation.prepare(runtime.name, 1, runtime)
+        worker = isolation.prepare(runtime.name, 1, runtime, code_paths=code_paths)
         try:
             done = subprocess.run(worker.command(["cat", str(token)]), capture_output=True, text=True,
                                   timeout=60, check=False)

@@ -8,10 +8,10 @@ environment does: the worker's requirements (ipykernel and the rest) and
 np2's numpy come from there, np1's own numpy first, so that making them
 downloads one wheel, not the worker's whole stack. They are made once and
 kept in a folder named by a hash of what is in them (the packages, the
-interpreter's version), under ``$RGPU_TEST_ENVS`` or ``~/.cache/remote-gpu-
-kernel/test-envs``, so a rerun finds them ready. A folder is complete once
-its ``ready`` file exists; one half made (a run that was stopped) is made
-again. Both are made at once.
+interpreter's version), under ``$RGPU_TEST_ENVS`` or
+``~/.cache/remote-gpu-kernel/test-envs``, so a rerun finds them ready. A
+folder is complete once its ``ready`` file exists; one half made (a run that
+was stopped) is made again. Both are made at once.
 """
 
 from __future__ import annotations

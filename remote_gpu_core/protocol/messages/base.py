@@ -92,16 +92,21 @@ Buffers = tuple[Any, ...]
 
 @dataclasses.dataclass(frozen=True)
 class Message:
-    """Base class: ``type`` names the message on the wire."""
+    """Base class: ``type`` names the message on the wire; the fields named in
+    ``omitted_while_empty`` (added after the message first existed) are left
+    off the wire while they are empty, false or 0, so that the message is as
+    it was before them and a peer from before them reads it."""
 
     type: ClassVar[MessageType]
+    omitted_while_empty: ClassVar[tuple[str, ...]] = ()
 
     def fields(self) -> dict[str, Any]:
         """The JSON-able fields, without ``buffers``."""
         return {
-            f.name: getattr(self, f.name)
+            f.name: value
             for f in dataclasses.fields(self)
             if f.name != "buffers"
+            and ((value := getattr(self, f.name)) or f.name not in self.omitted_while_empty)
         }
 
 

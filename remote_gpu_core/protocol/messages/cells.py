@@ -41,6 +41,7 @@ class Execute(Message):
     waiting for each answer: one round trip."""
 
     type = MessageType.EXECUTE
+    omitted_while_empty = ("execution_count", "fetch", "after")
     req: int
     code: str
     timeout: float | None = None
@@ -51,13 +52,6 @@ class Execute(Message):
     execution_count: int = 0
     fetch: bool = False
     after: int = 0
-
-    def fields(self) -> dict[str, Any]:
-        fields = super().fields()
-        for name in ("execution_count", "fetch", "after"):
-            if not fields[name]:  # the message as it was before the field
-                del fields[name]
-        return fields
 
 
 @dataclasses.dataclass(frozen=True)

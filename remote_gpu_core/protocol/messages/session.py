@@ -101,6 +101,7 @@ class LeaseGranted(Message):
     :mod:`remote_gpu_core.fingerprint`), for the client to compare with its own."""
 
     type = MessageType.LEASE_GRANTED
+    omitted_while_empty = ("parked",)  # what a client from before parking can read
     req: int
     session: str
     slots: list[str]
@@ -109,12 +110,6 @@ class LeaseGranted(Message):
     language_info: dict[str, Any] = dataclasses.field(default_factory=dict)
     parked: bool = False
     fingerprint: dict[str, str] = dataclasses.field(default_factory=dict)
-
-    def fields(self) -> dict[str, Any]:
-        fields = super().fields()
-        if not self.parked:  # what a client from before parking can read
-            del fields["parked"]
-        return fields
 
 
 @dataclasses.dataclass(frozen=True)

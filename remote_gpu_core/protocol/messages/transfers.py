@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Any
 
 from .base import Buffers, Message, MessageType
 
@@ -67,6 +66,7 @@ class Push(Message):
     """
 
     type = MessageType.PUSH
+    omitted_while_empty = ("versions", "offsets")  # nothing but Python and ours; no push cut short
     req: int
     names: list[str]
     counts: list[int]
@@ -78,14 +78,6 @@ class Push(Message):
     raw_sizes: list[int] = dataclasses.field(default_factory=list)
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
     offsets: list[int] = dataclasses.field(default_factory=list)
-
-    def fields(self) -> dict[str, Any]:
-        fields = super().fields()
-        if not self.versions:  # nothing but Python and ours: nothing to say
-            del fields["versions"]
-        if not self.offsets:  # the message as it was before the field
-            del fields["offsets"]
-        return fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,19 +121,13 @@ class Pull(Message):
     ``partial``: bytes held, by digest, of buffers a pull cut short began."""
 
     type = MessageType.PULL
+    omitted_while_empty = ("after", "partial")
     req: int
     names: list[str]
     have: list[str] = dataclasses.field(default_factory=list)
     codecs: list[str] = dataclasses.field(default_factory=list)
     after: int = 0
     partial: dict[str, int] = dataclasses.field(default_factory=dict)
-
-    def fields(self) -> dict[str, Any]:
-        fields = super().fields()
-        for name in ("after", "partial"):
-            if not fields[name]:  # the message as it was before the field
-                del fields[name]
-        return fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +138,7 @@ class PullReply(Message):
     :attr:`Pull.partial`)."""
 
     type = MessageType.PULL_REPLY
+    omitted_while_empty = ("versions", "offsets")
     req: int
     names: list[str]
     counts: list[int]
@@ -163,14 +150,6 @@ class PullReply(Message):
     raw_sizes: list[int] = dataclasses.field(default_factory=list)
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
     offsets: list[int] = dataclasses.field(default_factory=list)
-
-    def fields(self) -> dict[str, Any]:
-        fields = super().fields()
-        if not self.versions:  # nothing but Python and ours: nothing to say
-            del fields["versions"]
-        if not self.offsets:  # the message as it was before the field
-            del fields["offsets"]
-        return fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,16 +165,11 @@ class Upload(Message):
     """
 
     type = MessageType.UPLOAD
+    omitted_while_empty = ("fetch",)
     req: int
     paths: list[str]
     buffers: Buffers = ()
     fetch: int = 0
-
-    def fields(self) -> dict[str, Any]:
-        fields = super().fields()
-        if not self.fetch:  # what a server from before the field can read
-            del fields["fetch"]
-        return fields
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,7 +31,7 @@ from remote_gpu_core.errors import ProtocolError
 from remote_gpu_core.protocol.content import Holdings
 from remote_gpu_core.protocol.serialization import allocate_buffer
 
-from .cut_pushes import CutPushes
+from .cut_pushes import CutPushes, same_file
 from .transfer import Filler
 
 __all__ = ["BufferCache", "CacheFiller", "ResumingFiller", "copy_on_write", "raise_file_limit", "sealed"]
@@ -99,7 +99,7 @@ class BufferCache:
         if held is None:
             return None
         fd, size, identity = held
-        if not _same(fd, identity):
+        if not same_file(fd, identity):
             del self._fds[key]
             self.holdings.discard([key])
             return None
@@ -118,7 +118,7 @@ class BufferCache:
     def _close(self, keys: Sequence[str]) -> None:
         for key in keys:
             held = self._fds.pop(key, None)
-            if held is not None and _same(held[0], held[2]):  # not a number a cell closed and reused
+            if held is not None and same_file(held[0], held[2]):  # not a number a cell closed and reused
                 os.close(held[0])
 
     def clear(self) -> None:
@@ -253,14 +253,6 @@ def sealed(size: int, fill: Callable[[memoryview], None]) -> int | None:
         os.close(fd)
         raise
     return fd
-
-
-def _same(fd: int, identity: tuple[int, int]) -> bool:
-    try:
-        st = os.fstat(fd)
-    except OSError:
-        return False
-    return (st.st_dev, st.st_ino) == identity
 
 
 def _memfd(size: int) -> int | None:

@@ -19,7 +19,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 
-__all__ = ["KEEP_FOR", "CutPushes"]
+__all__ = ["KEEP_FOR", "CutPushes", "same_file"]
 
 #: How long what came of a push cut short is kept for its client to come back, in seconds.
 KEEP_FOR = 600.0
@@ -66,19 +66,21 @@ class CutPushes:
         if self._held and self._clock() - self._since > KEEP_FOR:
             self.clear()
         held = self._held.get(key)
-        if held is not None and not _same(held[0], held[2]):  # a cell closed it and the number was reused
+        if held is not None and not same_file(held[0], held[2]):  # a cell closed it and the number was reused
             del self._held[key]
             return None
         return held
 
     def clear(self) -> None:
         for fd, _, identity in self._held.values():
-            if _same(fd, identity):
+            if same_file(fd, identity):
                 os.close(fd)
         self._held.clear()
 
 
-def _same(fd: int, identity: tuple[int, int]) -> bool:
+def same_file(fd: int, identity: tuple[int, int]) -> bool:
+    """Whether ``fd`` still names the file whose ``(st_dev, st_ino)`` is ``identity``:
+    a cell may have closed a kept descriptor and its number been reused."""
     try:
         st = os.fstat(fd)
     except OSError:

@@ -282,20 +282,13 @@ class GpuMagics(Magics):
         return max(0, int(self.ipython.execution_count) - 1)
 
     def _transfer(self, cmd: str, paths: list[str]) -> None:
-        """``%gpu upload|download PATH...``: sizes always, progress for large transfers."""
+        """``%gpu upload|download PATH...``: sizes always; a large transfer shows
+        its progress as a push or pull does (the session's ``on_progress``)."""
         if not paths:
             raise ValueError(f"%gpu {cmd} needs at least one path; see %gpu? for help")
         session = self._session()
-        line = notices.StatusLine(notices.publish_display)
-        verb = "uploading" if cmd == "upload" else "downloading"
-        def progress(done: int, total: int) -> None:
-            line.progress(verb, done, total)
-
-        if cmd == "upload":
-            moved = session.upload(*paths, on_progress=progress)
-        else:
-            moved = session.download(*paths, on_progress=progress)
-        line.show(notices.transferred(f"{cmd}ed", moved))
+        moved = session.upload(*paths) if cmd == "upload" else session.download(*paths)
+        notices.StatusLine(notices.publish_display).show(notices.transferred(f"{cmd}ed", moved))
 
     def _line(self, line: str) -> Any:
         words = shlex.split(line)

@@ -9,7 +9,6 @@ gone) go to stderr with the same ``Remote GPU:`` prefix.
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -29,17 +28,14 @@ __all__ = [
     "restoring",
     "resumed",
     "resumed_parked",
-    "transfer_progress",
     "transferred",
     "versions_differ",
     "widget_gone",
 ]
 
 PREFIX = "Remote GPU: "
-#: Transfers of at least this many bytes show their progress while they run.
+#: Transfers of at least this many bytes show their progress while they run (see :mod:`.progress`).
 PROGRESS_FROM = 8 << 20
-#: Seconds between two progress updates of one line.
-PROGRESS_EVERY = 0.25
 
 #: ``publish(msg_type, content)`` sends one display message for the line.
 Publish = Callable[[str, dict[str, Any]], None]
@@ -75,12 +71,6 @@ def resumed(slots: Sequence[str], session_id: str) -> str:
 def resumed_parked(session_id: str, restorer: str) -> str:
     """``restorer``: which cell restores it ("this cell", "the next %%gpu cell")."""
     return f"{PREFIX}reconnected to parked session {session_id[:8]}; {restorer} restores it"
-
-
-def transfer_progress(verb: str, done: int, total: int) -> str:
-    """``Remote GPU: uploading 45.0 MiB of 120.0 MiB (37 %)``."""
-    share = 100 * done // total if total else 100
-    return f"{PREFIX}{verb} {format_size(done)} of {format_size(total)} ({share} %)"
 
 
 def transferred(verb: str, files: Sequence[tuple[str, int]]) -> str:
@@ -125,19 +115,12 @@ class StatusLine:
         self._publish = publish
         self._display_id = f"rgpu-{uuid.uuid4().hex}"
         self._shown = False
-        self._last = 0.0
 
     def show(self, text: str) -> None:
         content = {"data": {"text/plain": text}, "metadata": {},
                    "transient": {"display_id": self._display_id}}
         self._publish("update_display_data" if self._shown else "display_data", content)
         self._shown = True
-        self._last = time.monotonic()
-
-    def progress(self, verb: str, done: int, total: int) -> None:
-        """Show a transfer's progress if it is large, at most every :data:`PROGRESS_EVERY` s."""
-        if total >= PROGRESS_FROM and (done >= total or time.monotonic() - self._last >= PROGRESS_EVERY):
-            self.show(transfer_progress(verb, done, total))
 
 
 #: The worker's magic behind ``%gpu env`` (the server's ``worker_process/user_site.py``).

@@ -1,6 +1,6 @@
-"""A large push or pull, told as one line that is updated in place.
+"""A large push, pull, upload or download, told as one line that is updated in place.
 
-:class:`~.session.AsyncSession` reports each push and pull it makes to its
+:class:`~.session.AsyncSession` reports each push, pull, upload and download it makes to its
 ``on_progress`` as :class:`TransferProgress` events: at most one every
 :data:`REPORT_EVERY` seconds while the bytes move (through a
 :class:`Throttle`, so the per-frame hooks of the link stay cheap), and one
@@ -35,8 +35,9 @@ from remote_gpu_core.sizes import format_size
 from . import notices
 
 __all__ = [
-    "REPORT_EVERY", "SHOW_AFTER", "DisplayLines", "ProgressCallback", "ProgressLines", "Shower", "TerminalLine",
-    "Throttle", "TransferProgress", "default_progress", "finished_text", "progress_text", "progress_wanted",
+    "OUTGOING", "REPORT_EVERY", "SHOW_AFTER", "BytesHook", "DisplayLines", "ProgressCallback", "ProgressLines",
+    "Shower", "TerminalLine", "Throttle", "TransferProgress", "both", "default_progress", "finished_text",
+    "progress_text", "progress_wanted",
 ]
 
 #: Seconds between two reports of one transfer while it runs.
@@ -50,8 +51,9 @@ _OFF = ("0", "off", "no", "false")
 class TransferProgress:
     """Where one push or pull (request ``req`` of its link) stands.
 
-    ``verb`` is ``"push"`` or ``"pull"``; ``done`` of ``total`` bytes have
-    crossed (a message's frames: the variables' buffers and their header)
+    ``verb`` is ``"push"``, ``"pull"``, ``"upload"`` or ``"download"``; ``done``
+    of ``total`` bytes have crossed (a message's frames: the variables' or
+    files' buffers and their header)
     in ``seconds`` since it began; ``finished``: it is over and ``done`` is all.
     """
 
@@ -65,6 +67,10 @@ class TransferProgress:
 
 #: ``on_progress(event)``: told of each large transfer of a session.
 ProgressCallback = Callable[[TransferProgress], Any]
+#: ``hook(done, total)``: the bytes of one message's frames, as :meth:`.Link.send` reports them.
+BytesHook = Callable[[int, int], Any]
+#: The verbs whose bytes are a request's (the others' are its answer's).
+OUTGOING = frozenset({"push", "upload"})
 #: ``show(key, text, final)``: shows ``text`` as the line of transfer ``key``
 #: (replacing what it showed before); ``final``: the line's last text.
 Shower = Callable[[int, str, bool], Any]
@@ -102,6 +108,18 @@ class Throttle:
         if self.total:
             self._report(TransferProgress(self.req, self.verb, self.total, self.total,
                                           self._clock() - self.started, finished=True))
+
+
+def both(first: BytesHook | None, second: BytesHook | None) -> BytesHook | None:
+    """One hook that calls ``first`` and ``second`` (either may be None)."""
+    if first is None or second is None:
+        return first or second
+
+    def hook(done: int, total: int) -> None:
+        first(done, total)
+        second(done, total)
+
+    return hook
 
 
 def _duration(seconds: float) -> str:

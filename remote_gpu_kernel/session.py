@@ -28,7 +28,7 @@ from .buffers import CutPull, PushPlan, SessionBuffers, resumed_plan, worth_aski
 from .compressing import CompressionPolicy
 from .link import Answers, Link, OutputCallback, ProgressCallback
 from .notebook_files import NotebookFolder, serve_fetch
-from .progress import Throttle, TransferProgress
+from .progress import OUTGOING, Throttle, TransferProgress, both
 from .results import ExecuteResult, NoticeCallback, QueueCallback, notify, parent_of, write_streams
 from .variables import Dumped, dump, next_have, pull_request, push_request, take_pull, take_push
 from .versions import mismatch
@@ -121,7 +121,8 @@ class AsyncSession:
 
         An :class:`Error` answer raises; the request's inbox is dropped on exit. ``sending`` and
         ``receiving`` report the bytes of the request sent and of its answer received; ``meter``
-        (``push``: the request's, ``pull``: the answer's) reports them to :attr:`on_progress`. The
+        (``push``, ``upload``: the request's; ``pull``, ``download``: the answer's) reports them to
+        :attr:`on_progress` too. The
         request is sent on entry, its answers are not waited for: requests sent one after another
         are a pipeline (see :meth:`run`).
         """
@@ -129,7 +130,10 @@ class AsyncSession:
             raise SessionReleased(f"this GPU session was released ({self.released})", code="released")
         req, inbox = self._link.open()
         throttle = Throttle(req, meter, self.on_progress) if meter and self.on_progress else None
-        sending, receiving = (throttle, receiving) if meter == "push" else (sending, throttle or receiving)
+        if meter in OUTGOING:
+            sending = both(sending, throttle)
+        else:
+            receiving = both(receiving, throttle)
         if receiving is not None:
             self._link.progress[req] = receiving
         try:
@@ -440,8 +444,9 @@ class AsyncSession:
         buffers = _files.read_files(files)
         try:
             async with self._exchange(lambda r: m.Upload(r, [f.remote for f in files], tuple(buffers)),
-                                      sending=on_progress) as receive:
+                                      sending=on_progress, meter="upload") as receive:
                 done = await self._expect(receive, m.UploadDone)
+                receive.finished()
         finally:
             _files.close_all(buffers)
         assert isinstance(done, m.UploadDone)
@@ -458,8 +463,9 @@ class AsyncSession:
         if not paths:
             raise FileTransferError("download: name at least one file or folder")
         async with self._exchange(lambda r: m.Download(r, [str(p) for p in paths]),
-                                  receiving=on_progress) as receive:
+                                  receiving=on_progress, meter="download") as receive:
             reply = await self._expect(receive, m.DownloadReply)
+            receive.finished()
         assert isinstance(reply, m.DownloadReply)
         written = _files.write_files(reply.paths, reply.buffers, None if into is None else Path(into))
         return [(str(path), size) for path, size in written]

@@ -100,13 +100,10 @@ def _pump(coro_factory: Callable[[Callable[[Any], None]], Coroutine[Any, Any, T]
     return result
 
 
-def _progress(on_progress: ProgressCallback | None) -> Callable[[Any], None]:
-    """Handle pumped ``(done, total)`` events, dropping those that pile up."""
-    def handle(event: tuple[int, int]) -> None:
-        if on_progress is not None:
-            on_progress(*event)
-
-    return handle
+def _bytes(emit: Callable[[Any], None], on_progress: ProgressCallback | None) -> ProgressCallback | None:
+    """An async call's ``on_progress(done, total)`` that pumps the pairs to the
+    caller's thread (see :meth:`Session._transfer`); None where nobody asked."""
+    return None if on_progress is None else lambda done, total: emit((done, total))
 
 
 class Client:
@@ -187,15 +184,21 @@ class Session:
         """Have this call's transfers reported through ``emit`` (to the caller's thread)."""
         self._session.on_progress = emit if self.on_progress is not None else None
 
-    def _transfer(self, call: Callable[[], Coroutine[Any, Any, T]]) -> T:
-        """Run a push or pull; its progress events go to :attr:`on_progress` here."""
+    def _transfer(self, call: Callable[[Callable[[Any], None]], Coroutine[Any, Any, T]],
+                  on_bytes: ProgressCallback | None = None) -> T:
+        """Run a push, pull, upload or download (``call(emit)``); its progress
+        events go to :attr:`on_progress` here, and the ``(done, total)`` pairs it
+        emits to ``on_bytes``."""
         def factory(emit: Callable[[Any], None]) -> Coroutine[Any, Any, T]:
             self._reporting(emit)
-            return call()
+            return call(emit)
 
-        def handle(event: TransferProgress) -> None:
-            if self.on_progress is not None:
-                self.on_progress(event)
+        def handle(event: TransferProgress | tuple[int, int]) -> None:
+            if isinstance(event, TransferProgress):
+                if self.on_progress is not None:
+                    self.on_progress(event)
+            elif on_bytes is not None:
+                on_bytes(*event)
 
         return self._with_notices(lambda: _pump(factory, handle))
 
@@ -373,11 +376,11 @@ class Session:
 
     def push(self, **values: Any) -> None:
         """See :meth:`AsyncSession.push`; a large one shows its progress (:attr:`on_progress`)."""
-        self._transfer(lambda: self._session.push(**values))
+        self._transfer(lambda _: self._session.push(**values))
 
     def pull(self, *names: str) -> dict[str, Any]:
         """See :meth:`AsyncSession.pull`; a large one shows its progress (:attr:`on_progress`)."""
-        return self._transfer(lambda: self._session.pull(*names))
+        return self._transfer(lambda _: self._session.pull(*names))
 
     def shell_request(self, msg_type: str, content: dict[str, Any], *,
                       buffers: tuple[Any, ...] = (), on_output: OutputCallback | None = None,
@@ -390,19 +393,18 @@ class Session:
         return self._with_notices(lambda: _pump(factory, on_output or (lambda _: None)))
 
     def upload(self, *paths: Any, on_progress: ProgressCallback | None = None) -> list[tuple[str, int]]:
-        """See :meth:`AsyncSession.upload`; ``on_progress`` runs in this thread."""
-        def factory(emit: Callable[[Any], None]) -> Coroutine[Any, Any, list[tuple[str, int]]]:
-            return self._session.upload(*paths, on_progress=lambda d, t: emit((d, t)))
-
-        return self._with_notices(lambda: _pump(factory, _progress(on_progress)))
+        """See :meth:`AsyncSession.upload`; a large one shows its progress
+        (:attr:`on_progress`), and ``on_progress(done, total)`` runs in this thread."""
+        return self._transfer(lambda emit: self._session.upload(*paths, on_progress=_bytes(emit, on_progress)),
+                              on_progress)
 
     def download(self, *paths: str, into: Any = None,
                  on_progress: ProgressCallback | None = None) -> list[tuple[str, int]]:
-        """See :meth:`AsyncSession.download`; ``on_progress`` runs in this thread."""
-        def factory(emit: Callable[[Any], None]) -> Coroutine[Any, Any, list[tuple[str, int]]]:
-            return self._session.download(*paths, into=into, on_progress=lambda d, t: emit((d, t)))
-
-        return self._with_notices(lambda: _pump(factory, _progress(on_progress)))
+        """See :meth:`AsyncSession.download`; a large one shows its progress
+        (:attr:`on_progress`), and ``on_progress(done, total)`` runs in this thread."""
+        return self._transfer(lambda emit: self._session.download(*paths, into=into,
+                                                                  on_progress=_bytes(emit, on_progress)),
+                              on_progress)
 
     def _with_notices(self, call: Callable[[], T]) -> T:
         try:

@@ -338,15 +338,11 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):
                 else:
                     cell.stream(f"{notices.PREFIX}the session is not parked\n", "stdout")
             elif command.name in ("upload", "download"):
-                verb = "uploading" if command.name == "upload" else "downloading"
-
-                def progress(done: int, total: int) -> None:
-                    cell.progress(verb, done, total)
-
+                session.on_progress = cell.transfer_lines()
                 if command.name == "upload":
-                    moved = await session.upload(*command.args, on_progress=progress)
+                    moved = await session.upload(*command.args)
                 else:
-                    moved = await session.download(*command.args, on_progress=progress)
+                    moved = await session.download(*command.args)
                 cell.show(notices.transferred(f"{command.name}ed", moved))
             elif command.name == "env":
                 reply = await self._run_remote(notices.env_code(command.args[0]), cell, silent=False,

@@ -112,9 +112,6 @@ class CellOutput:
         """A line of information of its own (a file fetched), kept as it is."""
         notices.StatusLine(self.send).show(f"{notices.PREFIX}{text}")
 
-    def progress(self, verb: str, done: int, total: int) -> None:
-        self._line.progress(verb, done, total)
-
     def transfer_lines(self) -> ProgressCallback | None:
         """Where this request's pushes and pulls show their progress (see
         :mod:`..progress`): a line each in its output; None for a silent

@@ -1,4 +1,4 @@
-"""A large push or pull shows one line in its cell, updated in place, then what it did.
+"""A large push, pull, upload or download shows one line in its cell, updated in place, then what it did.
 
 Through the ``%gpu`` magic in a real IPython kernel and through the Remote
 GPU kernel, against the real server, across an emulated link of 160 Mbit/s
@@ -27,7 +27,7 @@ from link import Link, LinkProcess  # noqa: E402
 
 #: 32 MiB of random float64 (nothing to compress, nothing cached yet), made by ``seed``.
 BIG = "np.random.default_rng({seed}).random(4 << 20)"
-RUNNING = re.compile(r"^Remote GPU: (push|pull)ing [\d.]+ (bytes|KiB|MiB) of 32 MiB \(\d+ %\), [\d.]+ "
+RUNNING = re.compile(r"^Remote GPU: (push|pull|upload|download)ing [\d.]+ (bytes|KiB|MiB) of 32 MiB \(\d+ %\), [\d.]+ "
                      r"(bytes|KiB|MiB|GiB)/s, [\d.]+ (s|min \d+ s) left$")
 
 
@@ -115,6 +115,46 @@ def test_the_remote_gpu_kernel_shows_its_pushes_and_pulls_the_same_way(remote_ke
     assert run.status == "ok", run.reply
     one_line(run.of("display_data"), run.of("update_display_data"), "pull")
     assert remote_kernel.run("%%local\nprint(bool((again == big + 1).all()))").stdout == "True\n"
+
+
+#: A local cell that moves into folder ``{folder}`` and writes 32 MiB of random
+#: bytes (nothing to compress) into ``blob.bin`` there.
+BLOB = "import os\nos.chdir({folder!r})\nwith open('blob.bin', 'wb') as f:\n    f.write(os.urandom(32 << 20))"
+
+
+def file_lines(displays: list[dict[str, Any]], updates: list[dict[str, Any]], verb: str, name: str) -> None:
+    """An upload's or download's progress line (as a push's), then the line that names its file."""
+    said = re.compile(rf"^Remote GPU: {verb}ed (.*/)?{name} \(32 MiB\)$")
+    summary = [d for d in displays if said.match(d["data"]["text/plain"])]
+    assert len(summary) == 1, displays
+    one_line([d for d in displays if d not in summary], updates, verb)
+
+
+def test_a_large_upload_and_download_through_the_magic_show_their_progress(magic: LocalKernel,
+                                                                          tmp_path: Path) -> None:
+    assert magic.run(BLOB.format(folder=str(tmp_path))).reply["status"] == "ok"
+    run = magic.run("%gpu upload blob.bin")
+    assert run.reply["status"] == "ok", run.reply
+    file_lines(run.of_type("display_data"), run.of_type("update_display_data"), "upload", "blob.bin")
+    assert magic.run("%%gpu\nimport os; os.rename('blob.bin', 'back.bin')").reply["status"] == "ok"
+    run = magic.run("%gpu download back.bin")
+    assert run.reply["status"] == "ok", run.reply
+    file_lines(run.of_type("display_data"), run.of_type("update_display_data"), "download", "back.bin")
+    assert magic.run("print(open('back.bin', 'rb').read() == open('blob.bin', 'rb').read())").stdout == "True\n"
+
+
+def test_the_remote_gpu_kernel_shows_its_uploads_and_downloads_the_same_way(remote_kernel: KernelDriver,
+                                                                            tmp_path: Path) -> None:
+    assert remote_kernel.run("%%local\n" + BLOB.format(folder=str(tmp_path))).status == "ok"
+    run = remote_kernel.run("%gpu upload blob.bin")
+    assert run.status == "ok", run.reply
+    file_lines(run.of("display_data"), run.of("update_display_data"), "upload", "blob.bin")
+    assert remote_kernel.run("import os; os.rename('blob.bin', 'back.bin')").status == "ok"
+    run = remote_kernel.run("%gpu download back.bin")
+    assert run.status == "ok", run.reply
+    file_lines(run.of("display_data"), run.of("update_display_data"), "download", "back.bin")
+    assert remote_kernel.run("%%local\nprint(open('back.bin', 'rb').read() == open('blob.bin', 'rb').read())"
+                             ).stdout == "True\n"
 
 
 def test_a_silent_request_shows_nothing(remote_kernel: KernelDriver) -> None:

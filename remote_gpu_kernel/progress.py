@@ -55,6 +55,8 @@ class TransferProgress:
     of ``total`` bytes have crossed (a message's frames: the variables' or
     files' buffers and their header)
     in ``seconds`` since it began; ``finished``: it is over and ``done`` is all.
+    ``had``: of ``done``, the bytes that were there before it began (a push
+    resumed after a cut: they are not sent again, nor counted in its rate).
     """
 
     req: int
@@ -63,6 +65,12 @@ class TransferProgress:
     total: int
     seconds: float
     finished: bool = False
+    had: int = 0
+
+    @property
+    def rate(self) -> float:
+        """Bytes per second moved by this transfer itself."""
+        return (self.done - self.had) / self.seconds if self.seconds > 0 else 0.0
 
 
 #: ``on_progress(event)``: told of each large transfer of a session.
@@ -84,11 +92,12 @@ def progress_wanted() -> bool:
 class Throttle:
     """The ``(done, total)`` hook of one transfer's frames (see :meth:`.Link.send`),
     passed on to ``report`` as :class:`TransferProgress` at most every
-    :data:`REPORT_EVERY` seconds; :meth:`finish` reports its end."""
+    :data:`REPORT_EVERY` seconds; :meth:`finish` reports its end. ``had``: bytes
+    of the whole that the other end held before (a resumed push), counted as done."""
 
     def __init__(self, req: int, verb: str, report: ProgressCallback,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.req, self.verb, self._report, self._clock = req, verb, report, clock
+                 clock: Callable[[], float] = time.monotonic, had: int = 0) -> None:
+        self.req, self.verb, self._report, self._clock, self.had = req, verb, report, clock, had
         #: When its first frame moved (a pull's answer may come long after
         #: its request, behind a cell): the time is counted from there.
         self.started = self._last = 0.0
@@ -101,13 +110,15 @@ class Throttle:
         self.done, self.total = done, total
         if now - self._last >= REPORT_EVERY and done < total:
             self._last = now
-            self._report(TransferProgress(self.req, self.verb, done, total, now - self.started))
+            self._report(TransferProgress(self.req, self.verb, self.had + done, self.had + total,
+                                          now - self.started, had=self.had))
 
     def finish(self) -> None:
         """The transfer is over: report it once, whole (nothing for one that carried no frame)."""
         if self.total:
-            self._report(TransferProgress(self.req, self.verb, self.total, self.total,
-                                          self._clock() - self.started, finished=True))
+            whole = self.had + self.total
+            self._report(TransferProgress(self.req, self.verb, whole, whole, self._clock() - self.started,
+                                          finished=True, had=self.had))
 
 
 def both(first: BytesHook | None, second: BytesHook | None) -> BytesHook | None:
@@ -134,23 +145,20 @@ def _duration(seconds: float) -> str:
     return f"{minutes // 60} h {minutes % 60} min"
 
 
-def _rate(done: int, seconds: float) -> float:
-    return done / seconds if seconds > 0 else 0.0
-
-
 def progress_text(event: TransferProgress) -> str:
     """``Remote GPU: pushing 450 MiB of 1 GiB (43 %), 330 MiB/s, 1.7 s left``."""
     share = 100 * event.done // event.total if event.total else 100
-    rate = _rate(event.done, event.seconds)
+    rate = event.rate
     left = f", {_duration((event.total - event.done) / rate)} left" if rate else ""
     return (f"{notices.PREFIX}{event.verb}ing {format_size(event.done)} of {format_size(event.total)} "
             f"({share} %), {format_size(rate)}/s{left}")
 
 
 def finished_text(event: TransferProgress) -> str:
-    """``Remote GPU: pushed 1 GiB in 3.2 s, 330 MiB/s``."""
+    """``Remote GPU: pushed 1 GiB in 3.2 s, 330 MiB/s``; after a cut, ``(512 MiB of it had arrived before)``."""
+    had = f" ({format_size(event.had)} of it had arrived before)" if event.had else ""
     return (f"{notices.PREFIX}{event.verb}ed {format_size(event.total)} in {_duration(event.seconds)}, "
-            f"{format_size(_rate(event.total, event.seconds))}/s")
+            f"{format_size(event.rate)}/s{had}")
 
 
 class ProgressLines:

@@ -57,8 +57,7 @@ class AsyncSession:
         self.fingerprint = dict(granted.fingerprint)
         self.mismatch = mismatch(self.fingerprint, link.environments)
         self.released: str | None = None
-        #: The session is parked: its namespace is on disk on the server and it
-        #: holds no GPU; the next request (or :meth:`resume`) restores it.
+        #: Parked: its namespace is on disk on the server, no GPU held; the next request restores it.
         self.parked = granted.parked
         #: What the latest park saved (None when it was parked before this client came).
         self.park_info: m.Parked | None = None
@@ -81,7 +80,7 @@ class AsyncSession:
         self._asks = granted.resumed and bool(link.limits.get("resume"))  # what the worker holds (:mod:`.buffers`)
         self.cut_pulls: dict[str, CutPull] = {}  # what came of a pull cut short, by session (its client's)
         self.compression = CompressionPolicy.for_peer(link.ws.remote_address)  # see :mod:`.compressing`
-        #: Told how each push and pull goes (see :mod:`.progress`); None: not at all.
+        #: Told how each push, pull, upload and download goes (see :mod:`.progress`); None: not at all.
         self.on_progress: Callable[[TransferProgress], Any] | None = None
         self._link = link
         link.on_released = self._on_released
@@ -114,26 +113,22 @@ class AsyncSession:
     @contextlib.asynccontextmanager
     async def _exchange(self, message_factory: Callable[[int], m.Message], *,
                         sending: ProgressCallback | None = None,
-                        receiving: ProgressCallback | None = None, meter: str = "",
+                        receiving: ProgressCallback | None = None, meter: str = "", had: int = 0,
                         ) -> AsyncIterator[Answers]:
-        """Send a request (made from its id); yield what awaits its next answer
-        (called) and names its id (``.req``).
+        """Send a request (made from its id); yield what awaits its next answer (called) and
+        names its id (``.req``). An :class:`Error` answer raises; the inbox is dropped on exit.
 
-        An :class:`Error` answer raises; the request's inbox is dropped on exit. ``sending`` and
-        ``receiving`` report the bytes of the request sent and of its answer received; ``meter``
-        (``push``, ``upload``: the request's; ``pull``, ``download``: the answer's) reports them to
-        :attr:`on_progress` too. The
-        request is sent on entry, its answers are not waited for: requests sent one after another
-        are a pipeline (see :meth:`run`).
+        ``sending`` and ``receiving`` hear the bytes of the request sent and of its answer received;
+        ``meter`` (``push``, ``upload``: the request's; ``pull``, ``download``: the answer's) reports
+        them to :attr:`on_progress` too, after the ``had`` bytes the other end held already. The request
+        is sent on entry, its answers are not waited for: requests one after another are a pipeline.
         """
         if self.released:
             raise SessionReleased(f"this GPU session was released ({self.released})", code="released")
         req, inbox = self._link.open()
-        throttle = Throttle(req, meter, self.on_progress) if meter and self.on_progress else None
-        if meter in OUTGOING:
-            sending = both(sending, throttle)
-        else:
-            receiving = both(receiving, throttle)
+        throttle = Throttle(req, meter, self.on_progress, had=had) if meter and self.on_progress else None
+        sending, receiving = ((both(sending, throttle), receiving) if meter in OUTGOING
+                              else (sending, both(receiving, throttle)))
         if receiving is not None:
             self._link.progress[req] = receiving
         try:
@@ -231,7 +226,7 @@ class AsyncSession:
             pushing, wire, started = None, 0, time.monotonic()
             if dumped is not None and plan is not None:
                 make, wire = push_request(self.compression, dumped, plan)
-                pushing = await answers.enter_async_context(self._exchange(make, meter="push"))
+                pushing = await answers.enter_async_context(self._exchange(make, meter="push", had=sum(plan.offsets)))
             cell = await answers.enter_async_context(self._exchange(
                 lambda r: m.Execute(r, code, timeout, silent, store_history, allow_stdin, header,
                                     execution_count, fetch=self.notebook_files is not None,
@@ -264,14 +259,14 @@ class AsyncSession:
                 pulling.finished()
                 values, gone = take_pull(self.buffers, self.compression, reply, time.monotonic() - pull_started, cut)
         if missed:
-            # The worker no longer held a buffer the push named: push the usual
-            # way (with the bytes where needed), then the cell and its pull.
+            # The worker no longer held a buffer the push named: push the usual way (with the
+            # bytes where needed), then the cell and its pull.
             assert dumped is not None and plan is not None
-            await self._push(dumped, self.buffers.plan_push(dumped.buffers, plan.digests, trust_remote=True),
-                             tried=1)
-            return await self.run(code, on_output, pull=names, timeout=timeout, silent=silent, store_history=store_history,
-                                  allow_stdin=allow_stdin, on_notice=on_notice, on_queue=on_queue, parent=parent,
-                                  execution_count=execution_count, on_fetched=on_fetched)
+            await self._push(dumped, self.buffers.plan_push(dumped.buffers, plan.digests, trust_remote=True), tried=1)
+            return await self.run(code, on_output, pull=names, timeout=timeout, silent=silent,
+                                  store_history=store_history, allow_stdin=allow_stdin, on_notice=on_notice,
+                                  on_queue=on_queue, parent=parent, execution_count=execution_count,
+                                  on_fetched=on_fetched)
         result.values = values if values is not None else await self._pull(names, next_have(have, gone))
         return result
 
@@ -350,7 +345,7 @@ class AsyncSession:
         for attempt in range(tried, 3):
             make, wire = push_request(self.compression, dumped, plan)
             started = time.monotonic()
-            async with self._exchange(make, meter="push") as receive:
+            async with self._exchange(make, meter="push", had=sum(plan.offsets)) as receive:
                 done = await self._expect(receive, m.PushDone)
                 receive.finished()
             assert isinstance(done, m.PushDone)

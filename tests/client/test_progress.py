@@ -63,6 +63,22 @@ def test_the_line_shows_bytes_rate_and_time_left_then_what_it_did() -> None:
     assert progress_text(slow) == "Remote GPU: pushing 1 MiB of 1 GiB (0 %), 102 KiB/s, 2 h 50 min left"
 
 
+def test_a_resumed_push_counts_what_had_arrived_as_done_but_not_in_its_rate() -> None:
+    clock, events = Clock(), []
+    throttle = Throttle(2, "push", events.append, clock, had=768 * MiB)
+    clock.now += 0.1
+    throttle(0, 256 * MiB)
+    for step in range(1, 5):  # 256 MiB in 0.8 s: 320 MiB/s
+        clock.now += 0.2
+        throttle(step * 64 * MiB, 256 * MiB)
+    throttle.finish()
+    running, last = events[0], events[-1]
+    assert (running.done, running.total, running.had) == (832 * MiB, 1024 * MiB, 768 * MiB)
+    assert progress_text(running) == "Remote GPU: pushing 832 MiB of 1 GiB (81 %), 320 MiB/s, 0.6 s left"
+    assert (last.done, last.total, last.finished) == (1024 * MiB, 1024 * MiB, True)
+    assert finished_text(last) == "Remote GPU: pushed 1 GiB in 0.8 s, 320 MiB/s (768 MiB of it had arrived before)"
+
+
 def _shown(events: list[TransferProgress]) -> list[tuple[int, str, bool]]:
     out: list[tuple[int, str, bool]] = []
     lines = ProgressLines(lambda key, text, final: out.append((key, text, final)))

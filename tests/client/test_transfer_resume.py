@@ -28,6 +28,7 @@ from remote_gpu_core.errors import ConnectionLost
 from remote_gpu_core.protocol import messages as m
 from remote_gpu_core.sizes import parse_size
 from remote_gpu_kernel import Client
+from remote_gpu_kernel.progress import TransferProgress, finished_text
 from kernels import LocalKernel
 from servers import ServerProcess
 from tcp_proxy import TcpProxy
@@ -97,12 +98,18 @@ def test_a_push_cut_in_the_middle_resumes_from_what_arrived(server: ServerProces
     finally:
         first.close()
     again = client.session(resume=first.id)
+    events: list[TransferProgress] = []
+    again.on_progress = events.append
     try:
         assert again.resumed
         before = proxy.up
         again.push(value=value)
         resent = proxy.up - before
         assert resent <= SIZE - SIZE // 2 + IN_FLIGHT, f"{resent} bytes sent again of {SIZE}: not resumed"
+        # Its progress counts the whole value, what had arrived before as done (not in its rate).
+        last = events[-1]
+        assert last.finished and last.total >= SIZE and last.total - last.had <= resent, last
+        assert "of it had arrived before)" in finished_text(last)
         assert stdout_of(again, "import hashlib\nprint(hashlib.sha256(value).hexdigest())") == checksum + "\n"
         assert again.transfer_counts.wire_pushed <= SIZE - SIZE // 2 + IN_FLIGHT  # its own count agrees
     finally:

@@ -18,6 +18,13 @@ notebook's for a kernel Jupyter started. ``RGPU_FETCH=0`` (or ``off``,
 ``no``, ``false``) turns fetching off; ``RGPU_FETCH_MAX`` (a size, like
 ``200M``; default 1 GiB) sets the largest file sent. No network here:
 :class:`~remote_gpu_kernel.session.AsyncSession` answers with these.
+
+A file sent stays in the session's folder for later opens. When it then
+changes here (its size, modification time or inode), or goes, the next
+cell's request names it (:func:`fetching`) and the worker drops its copy,
+where the cell left it as it came, so that the next open fetches it again:
+edit ``data.csv`` beside the notebook, run the cell again, and it reads
+the new one.
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ from . import files as _files
 if TYPE_CHECKING:
     from .link import Link
 
-__all__ = ["DEFAULT_MAX_SIZE", "NotebookFolder", "fetched_note", "folder_for", "serve_fetch"]
+__all__ = ["DEFAULT_MAX_SIZE", "NotebookFolder", "fetched_note", "fetching", "folder_for", "serve_fetch"]
 
 #: The largest file sent unless ``RGPU_FETCH_MAX`` or ``max_size`` says otherwise.
 DEFAULT_MAX_SIZE = 1 << 30
@@ -57,6 +64,8 @@ class NotebookFolder:
 
     root: Path
     max_size: int = DEFAULT_MAX_SIZE
+    #: The files sent, by the name the worker asked: their size, modification time and inode then.
+    served: dict[str, tuple[int, int, int]] = dataclasses.field(default_factory=dict, compare=False)
 
     @classmethod
     def from_environ(cls, notebook: str | None = None) -> NotebookFolder | None:
@@ -106,9 +115,25 @@ class NotebookFolder:
                 raise self._refused(f"{name!r} is {format_size(info.st_size)}, over {which} of "
                                     f"{format_size(most)}: send it with %gpu upload, or raise the limit")
             data: Any = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if info.st_size else b""
+            self.served[name] = _stamp(info)
             return data, info.st_size
         finally:
             os.close(fd)
+
+    def changed(self) -> list[str]:
+        """The files sent that changed here since (or are gone), forgotten: the
+        worker's copies of them are stale (:attr:`~m.Execute.refetch`). A
+        ``stat`` per file sent, once per cell."""
+        stale = []
+        for name, stamp in list(self.served.items()):
+            try:
+                now: tuple[int, int, int] | None = _stamp(os.stat(self._resolve(name)))
+            except (OSError, FetchRefused):
+                now = None
+            if now != stamp:
+                stale.append(name)
+                del self.served[name]
+        return stale
 
     def _refused(self, message: str) -> FetchRefused:
         return FetchRefused(message, m.FetchRefusal.REFUSED.value)
@@ -131,6 +156,16 @@ class NotebookFolder:
         if real != root and not real.startswith(root + os.sep):
             raise self._refused(f"{name!r} leads out of your notebook's folder through a symbolic link: {where}")
         return real
+
+
+def _stamp(info: os.stat_result) -> tuple[int, int, int]:
+    return info.st_size, info.st_mtime_ns, info.st_ino
+
+
+def fetching(folder: NotebookFolder | None) -> dict[str, Any]:
+    """The fields of a cell's :class:`~m.Execute` about the notebook's files:
+    whether ``folder`` serves them, and which it sent that changed since."""
+    return {"fetch": folder is not None, "refetch": folder.changed() if folder is not None else []}
 
 
 def folder_for(fetch: bool | None, notebook: str | None) -> NotebookFolder | None:

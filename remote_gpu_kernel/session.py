@@ -27,7 +27,7 @@ from . import files as _files
 from .buffers import CutPull, PushPlan, SessionBuffers, resumed_plan, worth_asking
 from .compressing import CompressionPolicy
 from .link import Answers, Link, OutputCallback, ProgressCallback
-from .notebook_files import NotebookFolder, serve_fetch
+from .notebook_files import NotebookFolder, fetching, serve_fetch
 from .progress import OUTGOING, Throttle, TransferProgress, both
 from .results import ExecuteResult, NoticeCallback, QueueCallback, notify, parent_of, write_streams
 from .variables import Dumped, dump, next_have, pull_request, push_request, take_pull, take_push
@@ -188,7 +188,7 @@ class AsyncSession:
         header = parent_of(parent)
         async with self._exchange(
                 lambda r: m.Execute(r, code, timeout, silent, store_history, allow_stdin, header,
-                                    execution_count, fetch=self.notebook_files is not None)) as receive:
+                                    execution_count, **fetching(self.notebook_files))) as receive:
             return await self._cell(receive, on_output, on_notice, on_queue, on_fetched)
 
     async def run(self, code: str, on_output: OutputCallback | None = None, *,
@@ -229,7 +229,7 @@ class AsyncSession:
                 pushing = await answers.enter_async_context(self._exchange(make, meter="push", had=sum(plan.offsets)))
             cell = await answers.enter_async_context(self._exchange(
                 lambda r: m.Execute(r, code, timeout, silent, store_history, allow_stdin, header,
-                                    execution_count, fetch=self.notebook_files is not None,
+                                    execution_count, **fetching(self.notebook_files),
                                     after=pushing.req if pushing else 0)))
             pulling = None
             if names:

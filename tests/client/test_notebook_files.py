@@ -15,7 +15,7 @@ import pytest
 
 from remote_gpu_core.protocol import messages as m
 from remote_gpu_core.errors import FetchRefused
-from remote_gpu_kernel.notebook_files import DEFAULT_MAX_SIZE, NotebookFolder, fetched_note, folder_for
+from remote_gpu_kernel.notebook_files import DEFAULT_MAX_SIZE, NotebookFolder, fetched_note, fetching, folder_for
 
 
 @pytest.fixture
@@ -57,6 +57,21 @@ def test_files_inside_the_folder_are_sent(folder: NotebookFolder) -> None:
     assert _read(folder, "alias.csv") == b"x,y\n1,2\n"
     assert _read(folder, "empty.txt") == b""
     assert fetched_note("data.csv", 2_200_000) == "fetched data.csv, 2.1 MiB, from your notebook's folder"
+
+
+def test_a_file_sent_that_changes_or_goes_is_named_once_by_the_next_cell(folder: NotebookFolder) -> None:
+    _read(folder, "data.csv")
+    _read(folder, "sub/inner.txt")
+    assert fetching(folder) == {"fetch": True, "refetch": []}, "nothing changed"
+    (folder.root / "data.csv").write_text("x,y\n3,4\n5,6\n")
+    (folder.root / "sub" / "inner.txt").unlink()
+    assert sorted(fetching(folder)["refetch"]) == ["data.csv", "sub/inner.txt"]
+    assert fetching(folder)["refetch"] == [], "named once: the next open sends it again"
+    _read(folder, "data.csv")
+    assert fetching(folder)["refetch"] == []
+    assert fetching(None) == {"fetch": False, "refetch": []}
+    assert "refetch" not in m.Execute(1, "1").fields()
+    assert m.Execute(1, "1", refetch=["data.csv"]).fields()["refetch"] == ["data.csv"]
 
 
 @pytest.mark.parametrize(("name", "says"), [

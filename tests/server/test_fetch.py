@@ -152,17 +152,47 @@ def test_torch_reads_it(alice: User) -> None:
 
 
 def test_a_file_in_the_session_folder_is_not_fetched_again(alice: User, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = _csv(alice.folder, "once.csv")
+    _csv(alice.folder, "once.csv")
     assert alice.run("print(len(open('once.csv').read()))") == "12\n"
-    path.write_text("changed here")
-    # The session's copy is used from now on: a change here needs %gpu upload.
-    assert alice.run("print(len(open('once.csv').read()))") == "12\n"
+    assert alice.run("print(len(open('once.csv').read()))") == "12\n"  # unchanged: the session's copy
     assert len(alice.notes) == 1
     uploaded = _csv(alice.folder, "uploaded.csv")
     monkeypatch.chdir(alice.folder)
     alice.session.upload(uploaded.name)
     assert alice.run("print(len(open('uploaded.csv').read()))") == "12\n"
     assert len(alice.notes) == 1
+
+
+def test_a_file_that_changed_beside_the_notebook_is_fetched_again(alice: User) -> None:
+    path = _csv(alice.folder, "edited.csv")
+    assert alice.run("print(open('edited.csv').read().split())") == "['x,y', '1,2', '3,4']\n"
+    path.write_text("x,y\n5,6\n")
+    assert alice.run("print(open('edited.csv').read().split())") == "['x,y', '5,6']\n"
+    assert alice.notes == ["fetched edited.csv, 12 bytes, from your notebook's folder",
+                           "fetched edited.csv, 8 bytes, from your notebook's folder"]
+    # A copy the cell wrote to is the cell's own: it stays, though the notebook's changed too.
+    alice.run("open('edited.csv', 'a').write('remote\\n')")
+    path.write_text("x,y\n7,8\n9,0\n")
+    assert alice.run("print(open('edited.csv').read().split())") == "['x,y', '5,6', 'remote']\n"
+    # One removed beside the notebook is gone for the next cell too, as it would be locally.
+    gone = _csv(alice.folder, "gone.csv")
+    alice.run("open('gone.csv').read()")
+    gone.unlink()
+    assert alice.fail("open('gone.csv')")[0] == "FileNotFoundError"
+    assert len(alice.notes) == 3
+
+
+def test_a_client_cannot_make_the_worker_drop_a_file_it_did_not_fetch(alice: User) -> None:
+    """A hostile client names files the worker never fetched as changed: they stay."""
+    alice.run("import os\nos.makedirs('kept', exist_ok=True)\nopen('made-here.txt', 'w').write('the cell wrote this')\n"
+              "open('kept/too.txt', 'w').write('and this')")
+    folder = alice.session.notebook_files
+    assert folder is not None
+    for name in ("made-here.txt", "kept/too.txt", "kept", "../made-here.txt", "/etc/hostname", "."):
+        folder.served[name] = (0, 0, 0)  # as if sent, and changed since
+    assert alice.run("print(open('made-here.txt').read(), open('kept/too.txt').read())") == \
+        "the cell wrote this and this\n"
+    assert folder.served == {}, "each was named once"
 
 
 def test_writing_is_not_intercepted(alice: User) -> None:

@@ -22,7 +22,8 @@ __all__ = ["PROTOCOL_VERSION", "Buffers", "Error", "ErrorCode", "Message", "Mess
 #: 4: both ends' versions: ``LeaseGranted.fingerprint`` (the worker's),
 #: ``Push.versions`` and ``PullReply.versions`` (the sender's, of the
 #: packages its pickles reference), ``ErrorCode.VERSION_DIFFERENCE``.
-PROTOCOL_VERSION = 4
+#: 5: ``Execute.refetch``: fetched files that changed in the notebook's folder.
+PROTOCOL_VERSION = 5
 
 
 class MessageType(str, enum.Enum):

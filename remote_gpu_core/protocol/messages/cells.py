@@ -32,6 +32,10 @@ class Execute(Message):
     (its tracebacks say ``Cell In[N]``), whichever worker runs the cell.
     ``fetch``: the client serves files of its notebook's folder while the
     cell runs (:class:`~.transfers.Fetch`); without it the server asks nothing.
+    ``refetch``: files it served this session that changed in the notebook's
+    folder since (names as fetched): the worker drops its copies before the
+    cell, where the cell left them as they came, so the next open fetches
+    them again.
 
     ``after``, where not 0, is the id of an earlier request of this
     connection that runs in turn (the :class:`~.transfers.Push` of the
@@ -41,7 +45,7 @@ class Execute(Message):
     waiting for each answer: one round trip."""
 
     type = MessageType.EXECUTE
-    omitted_while_empty = ("execution_count", "fetch", "after")
+    omitted_while_empty = ("execution_count", "fetch", "after", "refetch")
     req: int
     code: str
     timeout: float | None = None
@@ -52,6 +56,7 @@ class Execute(Message):
     execution_count: int = 0
     fetch: bool = False
     after: int = 0
+    refetch: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)

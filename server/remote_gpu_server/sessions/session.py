@@ -55,6 +55,8 @@ Send = Callable[[m.Message], Awaitable[None]]
 #: must not run (that one failed), or None if it may.
 Follows = Callable[[], "str | None"]
 
+#: The most names of changed fetched files one cell's request passes on to its worker.
+MAX_REFETCH = 4096
 #: In an error message, the marks of a CUDA error that leaves the process's
 #: context unusable ("sticky" errors): the worker must be replaced.
 _POISONED = ("device-side assert triggered", "an illegal memory access was encountered",
@@ -230,6 +232,8 @@ class Session:
             if not await self._may_run(msg.req, conn, follows):
                 return
             worker = await self.prepare(msg.req, conn)
+            if msg.refetch:  # copies of files that changed beside the notebook: fetched again when opened
+                await worker.transfers.op({"op": "forget", "paths": msg.refetch[:MAX_REFETCH]})
             cell = self.stopping.begin(conn, msg.req)
             self.recorder.new_cell()
             self.fetcher.begin(worker, conn, msg.req, msg.fetch)

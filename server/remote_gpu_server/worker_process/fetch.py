@@ -27,7 +27,11 @@ descriptor, source files that tracebacks look for (through
 :mod:`linecache`), pseudo-files (``<string>``), and checks that raise no audit event (``os.stat``,
 ``os.path.exists``, ``os.listdir`` of a folder that is only on the
 notebook's machine). A fetch happens once per file: the copy stays in the
-session's folder for later opens.
+session's folder for later opens, until the client says that the file
+changed beside the notebook (``Execute.refetch``); the server's ``{"op":
+"forget", "paths": [...]}`` then drops each copy that is still as it came
+(:meth:`Fetcher.forget`: a copy the cell wrote to, replaced or removed is
+the cell's own and stays), and the next open fetches the file again.
 
 The cost for files that exist: a string comparison for every other event,
 and for a relative read an ``os.path.lexists`` (one ``lstat``).
@@ -89,12 +93,32 @@ class Fetcher:
         self._lock = threading.Lock()
         self._inside = threading.local()
         self._pid = os.getpid()
+        #: The copies fetched, by name in the session's folder: their size, modification time and inode.
+        self.fetched: dict[str, tuple[int, int, int]] = {}
 
     def attach(self, comm: Any) -> None:
         self.comm = comm
 
     def enter(self, root: str) -> None:
         self.root = os.path.realpath(root)
+
+    def forget(self, names: list[Any]) -> list[str]:
+        """Drop the copies of the fetched files ``names`` that are as they came;
+        the names of those dropped. A name this worker did not fetch is ignored."""
+        dropped = []
+        for name in names:
+            stamp = self.fetched.pop(name, None) if isinstance(name, str) else None
+            if stamp is None or self.root is None:
+                continue
+            target = os.path.join(self.root, name)
+            with self._lock:  # not while a fetch lands
+                try:
+                    if _stamp(os.lstat(target)) == stamp:
+                        os.unlink(target)
+                        dropped.append(name)
+                except OSError:
+                    continue  # gone already, or the folder changed under it: nothing to drop
+        return dropped
 
     def hook(self, event: str, args: tuple[Any, ...]) -> None:
         """The audit hook: cheap for every event but a relative read of a missing file."""
@@ -166,9 +190,14 @@ class Fetcher:
             raise
         try:
             sinks[-1].finish()
+            self.fetched[name] = _stamp(os.lstat(target))
         except OSError as exc:
             raise OSError(exc.errno or errno.EIO, f"fetching {name!r} from your notebook's folder failed: "
                           f"{exc.strerror or exc}", name) from None
+
+
+def _stamp(info: os.stat_result) -> tuple[int, int, int]:
+    return info.st_size, info.st_mtime_ns, info.st_ino
 
 
 def _reading_source() -> bool:

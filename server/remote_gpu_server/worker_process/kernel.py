@@ -213,6 +213,8 @@ def _handle(shell: Any, channel: _DataChannel, data: dict[str, Any]) -> tuple[di
         return {"ok": True}, None
     if op in ("upload", "download"):
         return _handle_files(channel, op, data)
+    if op == "forget":  # fetched files that changed beside the notebook
+        return {"dropped": _fetcher.forget(list(data["paths"])) if _fetcher is not None else []}, None
     if op == "push":
         from . import variables
 

@@ -170,8 +170,18 @@ export class RemoteGpuModel implements IDisposable {
     return this._pending.has(key);
   }
 
-  /** Ask now, out of turn (also resets the back-off). */
+  /**
+   * Ask now, out of turn (also resets the back-off). Asked while a question
+   * is on its way, it asks once more when that is answered: the answer on
+   * its way may be older than what made it ask (a cell that leased a GPU and
+   * ended while a slow server answered the question asked as it started).
+   */
   async refresh(): Promise<void> {
+    if (this._asking) {
+      this._again = true;
+      await this._poll.tick;
+      return;
+    }
     await this._poll.refresh();
     await this._poll.tick;
   }
@@ -241,6 +251,8 @@ export class RemoteGpuModel implements IDisposable {
   }
 
   private async _fetch(): Promise<void> {
+    this._asking = true;
+    this._again = false;
     try {
       const [reply, jobs] = await Promise.all([
         this._api.status(),
@@ -260,8 +272,13 @@ export class RemoteGpuModel implements IDisposable {
       }
       throw error;
     } finally {
+      this._asking = false;
       if (!this.isDisposed) {
         this._changed.emit();
+        if (this._again) {
+          // Once the poll has taken this answer in: a refresh during the tick is dropped.
+          setTimeout(() => void this.refresh(), 0);
+        }
       }
     }
   }
@@ -280,6 +297,9 @@ export class RemoteGpuModel implements IDisposable {
   private _updated: number | null = null;
   private _actionError: string | null = null;
   private _pending = new Set<string>();
+  /** A question is on its way; `_again`: ask once more when it is answered. */
+  private _asking = false;
+  private _again = false;
 }
 
 /** The browser's clock, in seconds since the epoch. */

@@ -72,12 +72,19 @@ class FakeApi implements IRemoteGpuApi {
   /** What the server says the user has; `undefined`: as many as listed. */
   jobTotal: number | null | undefined = undefined;
 
+  /** While set, each status request waits for it (a slow server). */
+  held: Promise<void> | null = null;
+
   async status(): Promise<IStatusReply> {
     this.calls.push('status');
+    const reply = this.reply; // what the server knew when the request came
+    if (this.held) {
+      await this.held;
+    }
     if (this.failWith) {
       throw new RemoteGpuError(this.failWith);
     }
-    return { url: URL, status: this.reply };
+    return { url: URL, status: reply };
   }
 
   async jobs(): Promise<IJobList> {
@@ -283,6 +290,24 @@ describe('RemoteGpuModel', () => {
     const settled = api.count('status');
     await sleep(100);
     expect(api.count('status')).toBeLessThanOrEqual(settled + 1);
+  });
+
+  it('asks once more when a kernel stops while the question asked as it started is on its way', async () => {
+    const api = new FakeApi();
+    const busy = new Signal<unknown, boolean>({});
+    const model = makeModel(api, 60000, 60000, busy);
+    model.visible = true;
+    await model.refresh();
+    let answer = () => {};
+    api.held = new Promise(resolve => (answer = resolve));
+    busy.emit(true); // a %%gpu cell starts: the question goes out before its lease exists
+    await until(() => api.count('status') === 2);
+    api.reply = status({ sessions: [{ id: 's9', user: 'alice', slots: ['gpu0'], since: 1000, idle: 0, mine: true }] });
+    busy.emit(false); // the cell leased and ended while the server was slow to answer
+    api.held = null;
+    answer();
+    await until(() => model.status?.sessions.some(s => s.id === 's9') ?? false);
+    expect(model.poll.frequency.interval).toBe(60000); // not by a poll: a minute away
   });
 
   it('lists parked sessions, the user’s own first, and none from an older server', async () => {

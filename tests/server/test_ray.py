@@ -22,8 +22,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+from kernels import LocalKernel
 from remote_gpu_kernel import Client
 from remote_gpu_kernel.api import ApiClient
+from remote_kernels import KernelDriver, install_kernelspec, kernel_env
 from servers import ServerProcess
 from test_isolation import run
 from unprivileged import launcher
@@ -319,3 +321,26 @@ def test_a_head_without_the_clusters_token_does_not_start_and_says_what_to_do(
     assert done.returncode == 1
     assert f"rgpu serve: the Ray cluster at {ray_cluster.address} requires Ray's token authentication: start " \
            "rgpu serve with RAY_AUTH_MODE=token" in done.stderr, done.stderr
+
+
+def test_the_magic_and_the_remote_gpu_kernel_work_against_the_head(
+        ray_server: ServerProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """%%gpu and the Remote GPU kernel, unchanged, against the head (on this module's
+    server: a head of its own would cost a server start and wait for the cluster's GPUs)."""
+    token = ray_server.token("frank")
+    kernel = LocalKernel(dict(os.environ, RGPU_URL=ray_server.url, RGPU_TOKEN=token))
+    try:
+        assert kernel.run("%load_ext remote_gpu_kernel").reply["status"] == "ok"
+        cell = kernel.run("%%gpu\nimport os\nprint(os.environ['RGPU_SLOTS'])\n6 * 7")
+        assert cell.reply["status"] == "ok", cell.reply
+        assert "/gpu" in cell.stdout
+        kernel.run("%gpu release")
+    finally:
+        kernel.close()
+    monkeypatch.setenv("JUPYTER_PATH", str(install_kernelspec(tmp_path / "prefix")))
+    driver = KernelDriver(kernel_env(tmp_path, ray_server.url, token)).start()
+    try:
+        done = driver.run("import os\nx = os.environ['RGPU_SLOTS']\nx")
+        assert done.status == "ok" and "/gpu" in done.text()[0]
+    finally:
+        driver.shutdown()

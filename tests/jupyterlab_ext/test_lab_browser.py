@@ -14,6 +14,7 @@ holding no slot, until the next cell restores it; Release there deletes it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -70,6 +71,48 @@ def save_failure(browser: Any, errors: list[str], name: str, full_page: bool = F
     for each in browser.contexts:
         for open_page in each.pages:
             open_page.screenshot(path=str(ARTIFACTS / f"{name}-failure.png"), full_page=full_page)
+
+
+@contextlib.contextmanager
+def lab_page(failure: str | None = None, height: int = 860, console: bool = True,
+             full_page: bool = False) -> Iterator[tuple[Any, list[str]]]:
+    """``(page, errors)``: a page of headless Chromium (60 s per action) whose uncaught
+    errors, and with ``console`` its console's errors, collect in ``errors``. A failure
+    inside keeps what the browser saw as ``failure`` (:func:`save_failure`); the browser
+    closes after."""
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
+        errors: list[str] = []
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": height})
+            page.set_default_timeout(60_000)
+            page.on("pageerror", lambda exc: errors.append(f"{exc}\n{exc.stack}"))
+            if console:
+                page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+            yield page, errors
+        except BaseException:
+            if failure is not None:
+                save_failure(browser, errors, failure, full_page)
+            raise
+        finally:
+            browser.close()
+
+
+def run_first_cells(page: Any) -> Any:
+    """Run the notebook's first two cells from the keyboard once its kernel is idle;
+    the second cell's outputs (a locator)."""
+    from playwright.sync_api import expect
+
+    cells = page.locator(".jp-Notebook .jp-Cell")
+    expect(cells.nth(1)).to_be_visible()
+    expect(page.locator(".jp-StatusBar-Widget", has_text="| Idle")).to_be_visible(timeout=90_000)
+    cells.first.locator(".cm-content").click()
+    page.keyboard.press("Shift+Enter")
+    page.keyboard.press("Shift+Enter")
+    return cells.nth(1).locator(".jp-OutputArea-output")
 
 
 def confirm(page: Any) -> None:
@@ -136,134 +179,106 @@ def lab_without_isolation(fresh_server: ServerProcess, tmp_path: Path) -> Iterat
 
 def _browse(proc: LabProcess) -> Iterator[tuple[Any, Any, list[str]]]:
     """``(page, sidebar panel, errors)`` in headless Chromium, the sidebar open."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 760})
-            page.set_default_timeout(60_000)
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(f"{exc}\n{exc.stack}"))
-            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
-            page.goto(proc.url("lab/tree/gpu.ipynb"))
-            page.locator('.jp-SideBar .lm-TabBar-tab[data-id="remote-gpu-sidebar"]').click()
-            panel = page.locator("#remote-gpu-sidebar")
-            expect(panel).to_be_visible()
-            yield page, panel, errors
-        finally:
-            browser.close()
+    with lab_page(height=760) as (page, errors):
+        page.goto(proc.url("lab/tree/gpu.ipynb"))
+        page.locator('.jp-SideBar .lm-TabBar-tab[data-id="remote-gpu-sidebar"]').click()
+        panel = page.locator("#remote-gpu-sidebar")
+        expect(panel).to_be_visible()
+        yield page, panel, errors
 
 
 @pytest.mark.timeout(300)
 def test_sidebar_shows_the_lease_and_releases_it(lab: tuple[LabProcess, str]) -> None:
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     proc, token = lab
     started = time.monotonic()
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 860})
-            page.set_default_timeout(60_000)
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(f"{exc}\n{exc.stack}"))
-            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
-            page.goto(proc.url("lab/tree/gpu.ipynb"))
+    with lab_page("sidebar") as (page, errors):
+        page.goto(proc.url("lab/tree/gpu.ipynb"))
 
-            tab = page.locator('.jp-SideBar .lm-TabBar-tab[data-id="remote-gpu-sidebar"]')
-            tab.click()
-            panel = page.locator("#remote-gpu-sidebar")
-            expect(panel).to_be_visible()
-            slots = panel.locator(".jp-RemoteGpu-slot")
-            expect(slots).to_have_count(2)
-            expect(panel.locator(".jp-RemoteGpu-state")).to_have_text("connected")
-            expect(slots.locator(".jp-RemoteGpu-holder")).to_have_text(["free", "free"])
+        tab = page.locator('.jp-SideBar .lm-TabBar-tab[data-id="remote-gpu-sidebar"]')
+        tab.click()
+        panel = page.locator("#remote-gpu-sidebar")
+        expect(panel).to_be_visible()
+        slots = panel.locator(".jp-RemoteGpu-slot")
+        expect(slots).to_have_count(2)
+        expect(panel.locator(".jp-RemoteGpu-state")).to_have_text("connected")
+        expect(slots.locator(".jp-RemoteGpu-holder")).to_have_text(["free", "free"])
 
-            # The URL: whole on hover; its end (the port) always in view.
-            server_url = proc.env["RGPU_URL"]
-            url = panel.locator(".jp-RemoteGpu-url")
-            expect(url).to_have_text(server_url)
-            expect(url).to_have_attribute("title", server_url)
-            tail = url.locator(".jp-RemoteGpu-middleTail")
-            assert server_url.endswith(tail.inner_text())
-            assert tail.inner_text().endswith(server_url.rsplit(":", 1)[1])
-            panel_box, tail_box = panel.bounding_box(), tail.bounding_box()
-            assert panel_box and tail_box
-            assert tail_box["x"] + tail_box["width"] <= panel_box["x"] + panel_box["width"]
-            # Where the row is too narrow, the head is cut (with an ellipsis) and the tail stays.
-            cut = page.locator(".jp-RemoteGpu-urlRow").evaluate(
-                """row => {
-                    row.style.width = '120px';
-                    const head = row.querySelector('.jp-RemoteGpu-middleHead');
-                    const tail = row.querySelector('.jp-RemoteGpu-middleTail').getBoundingClientRect();
-                    const box = row.getBoundingClientRect();
-                    const result = {cut: head.scrollWidth > head.clientWidth,
-                                    ellipsis: getComputedStyle(head).textOverflow,
-                                    tailInside: tail.right <= box.right + 0.5 && tail.width > 0};
-                    row.style.width = '';
-                    return result;
-                }""")
-            assert cut == {"cut": True, "ellipsis": "ellipsis", "tailInside": True}, cut
+        # The URL: whole on hover; its end (the port) always in view.
+        server_url = proc.env["RGPU_URL"]
+        url = panel.locator(".jp-RemoteGpu-url")
+        expect(url).to_have_text(server_url)
+        expect(url).to_have_attribute("title", server_url)
+        tail = url.locator(".jp-RemoteGpu-middleTail")
+        assert server_url.endswith(tail.inner_text())
+        assert tail.inner_text().endswith(server_url.rsplit(":", 1)[1])
+        panel_box, tail_box = panel.bounding_box(), tail.bounding_box()
+        assert panel_box and tail_box
+        assert tail_box["x"] + tail_box["width"] <= panel_box["x"] + panel_box["width"]
+        # Where the row is too narrow, the head is cut (with an ellipsis) and the tail stays.
+        cut = page.locator(".jp-RemoteGpu-urlRow").evaluate(
+            """row => {
+                row.style.width = '120px';
+                const head = row.querySelector('.jp-RemoteGpu-middleHead');
+                const tail = row.querySelector('.jp-RemoteGpu-middleTail').getBoundingClientRect();
+                const box = row.getBoundingClientRect();
+                const result = {cut: head.scrollWidth > head.clientWidth,
+                                ellipsis: getComputedStyle(head).textOverflow,
+                                tailInside: tail.right <= box.right + 0.5 && tail.width > 0};
+                row.style.width = '';
+                return result;
+            }""")
+        assert cut == {"cut": True, "ellipsis": "ellipsis", "tailInside": True}, cut
 
-            # A CPU slot's memory is its worker's, against its share of the host.
-            memory = slots.first.locator('.jp-RemoteGpu-meter[data-label="Mem"]')
-            expect(memory).to_have_attribute("title", re.compile(r"the worker uses .* of its share, "
-                                                                 r".* shared by 2 CPU slots"))
+        # A CPU slot's memory is its worker's, against its share of the host.
+        memory = slots.first.locator('.jp-RemoteGpu-meter[data-label="Mem"]')
+        expect(memory).to_have_attribute("title", re.compile(r"the worker uses .* of its share, "
+                                                             r".* shared by 2 CPU slots"))
 
-            # Run both cells from the keyboard once the kernel is idle.
-            expect(page.locator(".jp-Notebook .jp-Cell").nth(1)).to_be_visible()
-            expect(page.locator(".jp-StatusBar-Widget", has_text="| Idle")).to_be_visible(timeout=90_000)
-            page.locator(".jp-Notebook .jp-Cell").first.locator(".cm-content").click()
-            page.keyboard.press("Shift+Enter")
-            page.keyboard.press("Shift+Enter")
-            output = page.locator(".jp-Notebook .jp-Cell").nth(1).locator(".jp-OutputArea-output")
-            expect(output.filter(has_text="fitted").first).to_be_visible(timeout=90_000)
+        output = run_first_cells(page)
+        expect(output.filter(has_text="fitted").first).to_be_visible(timeout=90_000)
 
-            # The lease and the job say which notebook and which cell.
-            notebook_path = str(proc.root / "gpu.ipynb")
-            lease = panel.locator(".jp-RemoteGpu-lease")
-            expect(lease).to_have_count(1, timeout=30_000)
-            expect(lease.locator(".jp-RemoteGpu-notebook")).to_have_text("gpu.ipynb")
-            expect(lease.locator(".jp-RemoteGpu-notebook")).to_have_attribute("title", notebook_path)
-            expect(lease.locator(".jp-RemoteGpu-firstLine")).to_have_text(FIRST_LINE)
-            expect(lease.locator(".jp-RemoteGpu-release")).to_be_enabled()
-            job = panel.locator(".jp-RemoteGpu-job").first
-            expect(job.locator(".jp-RemoteGpu-notebook")).to_have_text("gpu.ipynb")
-            expect(job.locator(".jp-RemoteGpu-firstLine")).to_have_text(FIRST_LINE)
-            expect(job).to_have_attribute("data-state", "completed")
-            slot = panel.locator(".jp-RemoteGpu-slot.jp-mod-mine")
-            expect(slot.locator(".jp-RemoteGpu-holder")).to_contain_text("held by you (gpu.ipynb)")
+        # The lease and the job say which notebook and which cell.
+        notebook_path = str(proc.root / "gpu.ipynb")
+        lease = panel.locator(".jp-RemoteGpu-lease")
+        expect(lease).to_have_count(1, timeout=30_000)
+        expect(lease.locator(".jp-RemoteGpu-notebook")).to_have_text("gpu.ipynb")
+        expect(lease.locator(".jp-RemoteGpu-notebook")).to_have_attribute("title", notebook_path)
+        expect(lease.locator(".jp-RemoteGpu-firstLine")).to_have_text(FIRST_LINE)
+        expect(lease.locator(".jp-RemoteGpu-release")).to_be_enabled()
+        job = panel.locator(".jp-RemoteGpu-job").first
+        expect(job.locator(".jp-RemoteGpu-notebook")).to_have_text("gpu.ipynb")
+        expect(job.locator(".jp-RemoteGpu-firstLine")).to_have_text(FIRST_LINE)
+        expect(job).to_have_attribute("data-state", "completed")
+        slot = panel.locator(".jp-RemoteGpu-slot.jp-mod-mine")
+        expect(slot.locator(".jp-RemoteGpu-holder")).to_contain_text("held by you (gpu.ipynb)")
 
-            # The slot's plot shows the busy seconds once a reading has seen them.
-            plot = slot.locator(".jp-RemoteGpu-sparkBox")
-            expect(plot).to_have_attribute("title", re.compile(r"utilization peaked at ([2-9]\d|\d{3,})%"),
-                                           timeout=30_000)
-            points = int(slot.locator(".jp-RemoteGpu-spark").get_attribute("data-points") or 0)
-            assert points >= 2
-            assert "L" in (slot.locator(".jp-RemoteGpu-sparkUtil").get_attribute("d") or "")
-            assert token not in page.content(), "the token must never reach the browser"
+        # The slot's plot shows the busy seconds once a reading has seen them.
+        plot = slot.locator(".jp-RemoteGpu-sparkBox")
+        expect(plot).to_have_attribute("title", re.compile(r"utilization peaked at ([2-9]\d|\d{3,})%"),
+                                       timeout=30_000)
+        points = int(slot.locator(".jp-RemoteGpu-spark").get_attribute("data-points") or 0)
+        assert points >= 2
+        assert "L" in (slot.locator(".jp-RemoteGpu-sparkUtil").get_attribute("d") or "")
+        assert token not in page.content(), "the token must never reach the browser"
 
-            shot = ARTIFACTS / "sidebar-lease.png"
-            page.screenshot(path=str(shot))
-            if os.environ.get("RGPU_UPDATE_SCREENSHOT"):  # refresh the README's picture
-                README_SHOT.parent.mkdir(exist_ok=True)
-                shutil.copyfile(shot, README_SHOT)
+        shot = ARTIFACTS / "sidebar-lease.png"
+        page.screenshot(path=str(shot))
+        if os.environ.get("RGPU_UPDATE_SCREENSHOT"):  # refresh the README's picture
+            README_SHOT.parent.mkdir(exist_ok=True)
+            shutil.copyfile(shot, README_SHOT)
 
-            if os.geteuid() == 0:  # a root server isolates its workers: no warning
-                expect(panel.locator(".jp-RemoteGpu-isolation")).to_have_count(0)
-            lease.locator(".jp-RemoteGpu-release").click()
-            confirm(page)
-            expect(lease).to_have_count(0, timeout=30_000)
-            expect(slots.locator(".jp-RemoteGpu-holder")).to_have_text(["free", "free"])
-            page.screenshot(path=str(ARTIFACTS / "sidebar-released.png"))
-            assert not errors, errors
-        except BaseException:
-            save_failure(browser, errors, "sidebar")
-            raise
-        finally:
-            browser.close()
+        if os.geteuid() == 0:  # a root server isolates its workers: no warning
+            expect(panel.locator(".jp-RemoteGpu-isolation")).to_have_count(0)
+        lease.locator(".jp-RemoteGpu-release").click()
+        confirm(page)
+        expect(lease).to_have_count(0, timeout=30_000)
+        expect(slots.locator(".jp-RemoteGpu-holder")).to_have_text(["free", "free"])
+        page.screenshot(path=str(ARTIFACTS / "sidebar-released.png"))
+        assert not errors, errors
     print(f"browser test: {time.monotonic() - started:.1f} s in the browser")
 
 
@@ -272,7 +287,6 @@ def test_sidebar_says_when_workers_are_not_isolated(lab_without_isolation: tuple
     from playwright.sync_api import expect
 
     proc, _ = lab_without_isolation
-    ARTIFACTS.mkdir(exist_ok=True)
     for page, panel, errors in _browse(proc):
         try:
             expect(panel.locator(".jp-RemoteGpu-state")).to_have_text("connected")
@@ -292,7 +306,6 @@ def test_sidebar_shows_a_parked_session_until_the_next_cell_restores_it(
     from playwright.sync_api import expect
 
     proc, _ = lab_to_park
-    ARTIFACTS.mkdir(exist_ok=True)
     for page, panel, errors in _browse(proc):
         try:
             cells = page.locator(".jp-Notebook .jp-Cell")

@@ -18,7 +18,7 @@ import pytest
 
 from lab_process import LabProcess
 from servers import ServerProcess
-from test_lab_browser import ARTIFACTS, CHROMIUM, CHROMIUM_FLAGS, require_browser, save_failure
+from test_lab_browser import ARTIFACTS, lab_page, require_browser
 
 NAME = "np1.ipynb"
 NOTEBOOK = {
@@ -55,37 +55,25 @@ def lab(tmp_path: Path, test_environments: dict[str, Path]) -> Iterator[LabProce
 
 @pytest.mark.timeout(300)
 def test_the_np1_kernel_is_in_the_launcher_runs_in_np1_and_the_sidebar_says_so(lab: LabProcess) -> None:
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 860})
-        page.set_default_timeout(60_000)
-        errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(f"{exc}\n{exc.stack}"))
-        try:
-            page.goto(lab.url("lab/tree"))
-            launcher = page.locator(".jp-Launcher")
-            expect(launcher.locator(".jp-LauncherCard", has_text="Remote GPU (np1)").first).to_be_visible()
-            expect(launcher.locator(".jp-LauncherCard-label", has_text="Remote GPU").first).to_be_visible()
+    with lab_page("lab-envs", console=False) as (page, errors):
+        page.goto(lab.url("lab/tree"))
+        launcher = page.locator(".jp-Launcher")
+        expect(launcher.locator(".jp-LauncherCard", has_text="Remote GPU (np1)").first).to_be_visible()
+        expect(launcher.locator(".jp-LauncherCard-label", has_text="Remote GPU").first).to_be_visible()
 
-            page.goto(lab.url(f"lab/tree/{NAME}"))
-            expect(page.locator(".jp-StatusBar-Widget", has_text="Remote GPU (np1) | Idle")).to_be_visible(
-                timeout=90_000)
-            cells = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-Cell")
-            cells.first.locator(".cm-content").click()
-            page.keyboard.press("Shift+Enter")
-            expect(cells.first.locator(".jp-OutputArea-output", has_text="numpy 1.26.4")).to_be_visible(
-                timeout=90_000)
+        page.goto(lab.url(f"lab/tree/{NAME}"))
+        expect(page.locator(".jp-StatusBar-Widget", has_text="Remote GPU (np1) | Idle")).to_be_visible(
+            timeout=90_000)
+        cells = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-Cell")
+        cells.first.locator(".cm-content").click()
+        page.keyboard.press("Shift+Enter")
+        expect(cells.first.locator(".jp-OutputArea-output", has_text="numpy 1.26.4")).to_be_visible(
+            timeout=90_000)
 
-            page.locator('.jp-SideBar .lm-TabBar-tab[data-id="remote-gpu-sidebar"]').click()
-            lease = page.locator("#remote-gpu-sidebar .jp-RemoteGpu-lease")
-            expect(lease).to_have_count(1, timeout=60_000)
-            expect(lease.locator(".jp-RemoteGpu-fact", has_text="env np1")).to_be_visible()
-            page.screenshot(path=str(ARTIFACTS / "lab-envs.png"))
-        except BaseException:
-            save_failure(browser, errors, "lab-envs")
-            raise
-        finally:
-            browser.close()
+        page.locator('.jp-SideBar .lm-TabBar-tab[data-id="remote-gpu-sidebar"]').click()
+        lease = page.locator("#remote-gpu-sidebar .jp-RemoteGpu-lease")
+        expect(lease).to_have_count(1, timeout=60_000)
+        expect(lease.locator(".jp-RemoteGpu-fact", has_text="env np1")).to_be_visible()
+        page.screenshot(path=str(ARTIFACTS / "lab-envs.png"))

@@ -22,7 +22,7 @@ import pytest
 
 from lab_process import LabProcess
 from servers import ServerProcess
-from test_lab_browser import ARTIFACTS, CHROMIUM, CHROMIUM_FLAGS, confirm, require_browser, save_failure
+from test_lab_browser import ARTIFACTS, confirm, lab_page, require_browser
 
 FREEZER = Path("/sys/fs/cgroup/freezer")
 STUCK = ("%%gpu\nimport signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
@@ -64,18 +64,12 @@ def lab(fresh_server: ServerProcess, tmp_path: Path) -> Iterator[LabProcess]:
 @pytest.mark.timeout(300)
 def test_a_stuck_cell_is_restarted_from_the_sidebar_and_a_stuck_process_drains_its_slot(
         lab: LabProcess) -> None:
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    ARTIFACTS.mkdir(exist_ok=True)
     freeze = os.geteuid() == 0 and os.access(FREEZER, os.W_OK)
     group = FREEZER / f"rgpu-browser-{os.getpid()}"
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 860})
-        page.set_default_timeout(60_000)
-        errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(f"{exc}\n{exc.stack}"))
-        try:
+    try:
+        with lab_page("sidebar-ladder", console=False) as (page, errors):
             page.goto(lab.url("lab/tree/ladder.ipynb"))
             page.locator('.jp-SideBar .lm-TabBar-tab[data-id="remote-gpu-sidebar"]').click()
             panel = page.locator("#remote-gpu-sidebar")
@@ -136,16 +130,12 @@ def test_a_stuck_cell_is_restarted_from_the_sidebar_and_a_stuck_process_drains_i
             expect(panel.locator(".jp-RemoteGpu-holder")).to_have_text("free")
             expect(panel.locator(".jp-RemoteGpu-notice.jp-mod-error")).to_have_count(0)  # every press answered
             assert not errors, errors
-        except BaseException:
-            save_failure(browser, errors, "sidebar-ladder")
-            raise
-        finally:
-            if group.exists():
-                (group / "freezer.state").write_text("THAWED")
-                for _ in range(100):
-                    try:
-                        group.rmdir()
-                        break
-                    except OSError:
-                        time.sleep(0.05)
-            browser.close()
+    finally:
+        if group.exists():
+            (group / "freezer.state").write_text("THAWED")
+            for _ in range(100):
+                try:
+                    group.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.05)

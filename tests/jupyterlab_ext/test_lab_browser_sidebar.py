@@ -21,7 +21,7 @@ import pytest
 from lab_process import LabProcess
 from remote_gpu_kernel import Client
 from servers import ServerProcess
-from test_lab_browser import ARTIFACTS, CHROMIUM, CHROMIUM_FLAGS, require_browser, save_failure
+from test_lab_browser import ARTIFACTS, lab_page, require_browser, run_first_cells
 
 NAME = "Untitled12.ipynb"
 #: Jobs the user has before JupyterLab opens: more than the sidebar lists.
@@ -69,81 +69,64 @@ def lab(fresh_server: ServerProcess, tmp_path: Path) -> Iterator[LabProcess]:
 
 @pytest.mark.timeout(300)
 def test_the_sidebar_counts_names_follows_and_asks_before_it_releases(lab: LabProcess) -> None:
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 860})
-        page.set_default_timeout(60_000)
-        errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(f"{exc}\n{exc.stack}"))
-        page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
-        try:
-            page.goto(lab.url(f"lab/tree/{NAME}"))
-            page.locator('.jp-SideBar .lm-TabBar-tab[data-id="remote-gpu-sidebar"]').click()
-            panel = page.locator("#remote-gpu-sidebar")
-            expect(panel.locator(".jp-RemoteGpu-state")).to_have_text("connected")
-            expect(panel.locator(".jp-RemoteGpu-sectionTitle").first).to_have_text("CPU slots 2")
-            jobs = panel.locator('section[aria-label="Your jobs"]')
-            expect(jobs.locator(".jp-RemoteGpu-count")).to_have_text(str(EARLIER_JOBS))
-            expect(jobs.locator(".jp-RemoteGpu-job")).to_have_count(8)
-            expect(jobs.locator(".jp-RemoteGpu-more")).to_have_text(
-                f"The latest 8 of {EARLIER_JOBS}; rgpu jobs lists more.")
+    with lab_page("sidebar-first-hour") as (page, errors):
+        page.goto(lab.url(f"lab/tree/{NAME}"))
+        page.locator('.jp-SideBar .lm-TabBar-tab[data-id="remote-gpu-sidebar"]').click()
+        panel = page.locator("#remote-gpu-sidebar")
+        expect(panel.locator(".jp-RemoteGpu-state")).to_have_text("connected")
+        expect(panel.locator(".jp-RemoteGpu-sectionTitle").first).to_have_text("CPU slots 2")
+        jobs = panel.locator('section[aria-label="Your jobs"]')
+        expect(jobs.locator(".jp-RemoteGpu-count")).to_have_text(str(EARLIER_JOBS))
+        expect(jobs.locator(".jp-RemoteGpu-job")).to_have_count(8)
+        expect(jobs.locator(".jp-RemoteGpu-more")).to_have_text(
+            f"The latest 8 of {EARLIER_JOBS}; rgpu jobs lists more.")
 
-            # A cell leases a GPU: the sidebar shows it without waiting for its ten-minute poll.
-            cells = page.locator(".jp-Notebook .jp-Cell")
-            expect(cells.nth(2)).to_be_visible()
-            expect(page.locator(".jp-StatusBar-Widget", has_text="| Idle")).to_be_visible(timeout=90_000)
-            cells.first.locator(".cm-content").click()
-            page.keyboard.press("Shift+Enter")
-            page.keyboard.press("Shift+Enter")
-            lease = panel.locator(".jp-RemoteGpu-lease")
-            expect(lease).to_have_count(1, timeout=60_000)
-            expect(jobs.locator(".jp-RemoteGpu-count")).to_have_text(str(EARLIER_JOBS + 1), timeout=60_000)
+        # A cell leases a GPU: the sidebar shows it without waiting for its ten-minute poll.
+        cells = page.locator(".jp-Notebook .jp-Cell")
+        run_first_cells(page)
+        lease = panel.locator(".jp-RemoteGpu-lease")
+        expect(lease).to_have_count(1, timeout=60_000)
+        expect(jobs.locator(".jp-RemoteGpu-count")).to_have_text(str(EARLIER_JOBS + 1), timeout=60_000)
 
-            # The notebook's name keeps its end in view where the row is narrow.
-            name = lease.locator(".jp-RemoteGpu-notebook")
-            expect(name).to_have_text(NAME)
-            expect(name).to_have_attribute("title", str(lab.root / NAME))
-            cut = lease.locator(".jp-RemoteGpu-row").first.evaluate(
-                """row => {
-                    row.style.width = '150px';
-                    const head = row.querySelector('.jp-RemoteGpu-notebook .jp-RemoteGpu-middleHead');
-                    const tail = row.querySelector('.jp-RemoteGpu-notebook .jp-RemoteGpu-middleTail');
-                    const box = row.getBoundingClientRect(), end = tail.getBoundingClientRect();
-                    const result = {cut: head.scrollWidth > head.clientWidth, tail: tail.textContent,
-                                    tailInside: end.right <= box.right + 0.5 && end.width > 0};
-                    row.style.width = '';
-                    return result;
-                }""")
-            assert cut == {"cut": True, "tail": "12.ipynb", "tailInside": True}, cut
+        # The notebook's name keeps its end in view where the row is narrow.
+        name = lease.locator(".jp-RemoteGpu-notebook")
+        expect(name).to_have_text(NAME)
+        expect(name).to_have_attribute("title", str(lab.root / NAME))
+        cut = lease.locator(".jp-RemoteGpu-row").first.evaluate(
+            """row => {
+                row.style.width = '150px';
+                const head = row.querySelector('.jp-RemoteGpu-notebook .jp-RemoteGpu-middleHead');
+                const tail = row.querySelector('.jp-RemoteGpu-notebook .jp-RemoteGpu-middleTail');
+                const box = row.getBoundingClientRect(), end = tail.getBoundingClientRect();
+                const result = {cut: head.scrollWidth > head.clientWidth, tail: tail.textContent,
+                                tailInside: end.right <= box.right + 0.5 && end.width > 0};
+                row.style.width = '';
+                return result;
+            }""")
+        assert cut == {"cut": True, "tail": "12.ipynb", "tailInside": True}, cut
 
-            # Release asks first; Cancel keeps the lease and its variables.
-            dialog = page.locator(".jp-Dialog")
-            lease.locator(".jp-RemoteGpu-release").click()
-            expect(dialog).to_contain_text(f"Release the GPU of {NAME}?")
-            expect(dialog).to_contain_text("the variables on the GPU are lost")
-            page.screenshot(path=str(ARTIFACTS / "sidebar-release-asks.png"))
-            dialog.locator(".jp-Dialog-button.jp-mod-reject").click()
-            expect(dialog).to_have_count(0)
-            expect(lease).to_have_count(1)
-            expect(panel.locator(".jp-RemoteGpu-slot.jp-mod-mine")).to_have_count(1)
-            lease.locator(".jp-RemoteGpu-release").click()
-            dialog.locator(".jp-Dialog-button.jp-mod-accept").click()
-            expect(lease).to_have_count(0, timeout=30_000)
+        # Release asks first; Cancel keeps the lease and its variables.
+        dialog = page.locator(".jp-Dialog")
+        lease.locator(".jp-RemoteGpu-release").click()
+        expect(dialog).to_contain_text(f"Release the GPU of {NAME}?")
+        expect(dialog).to_contain_text("the variables on the GPU are lost")
+        page.screenshot(path=str(ARTIFACTS / "sidebar-release-asks.png"))
+        dialog.locator(".jp-Dialog-button.jp-mod-reject").click()
+        expect(dialog).to_have_count(0)
+        expect(lease).to_have_count(1)
+        expect(panel.locator(".jp-RemoteGpu-slot.jp-mod-mine")).to_have_count(1)
+        lease.locator(".jp-RemoteGpu-release").click()
+        dialog.locator(".jp-Dialog-button.jp-mod-accept").click()
+        expect(lease).to_have_count(0, timeout=30_000)
 
-            # The notebook's next cell says where the release came from.
-            cells.nth(2).locator(".cm-content").click()
-            page.keyboard.press("Shift+Enter")
-            output = cells.nth(2).locator(".jp-OutputArea")
-            expect(output).to_contain_text("NameError", timeout=90_000)
-            expect(output).to_contain_text(
-                "The GPU session was released (released from the Remote GPU sidebar)")
-            assert "HTTP API" not in output.inner_text()
-            assert not errors, errors
-        except BaseException:
-            save_failure(browser, errors, "sidebar-first-hour")
-            raise
-        finally:
-            browser.close()
+        # The notebook's next cell says where the release came from.
+        cells.nth(2).locator(".cm-content").click()
+        page.keyboard.press("Shift+Enter")
+        output = cells.nth(2).locator(".jp-OutputArea")
+        expect(output).to_contain_text("NameError", timeout=90_000)
+        expect(output).to_contain_text(
+            "The GPU session was released (released from the Remote GPU sidebar)")
+        assert "HTTP API" not in output.inner_text()
+        assert not errors, errors

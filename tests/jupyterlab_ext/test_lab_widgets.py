@@ -24,7 +24,7 @@ import pytest
 from lab_process import LabProcess
 from remote_kernels import install_kernelspec
 from servers import ServerProcess
-from test_lab_browser import ARTIFACTS, CHROMIUM, CHROMIUM_FLAGS, require_browser, save_failure
+from test_lab_browser import ARTIFACTS, lab_page, require_browser
 
 
 CELLS = [
@@ -125,25 +125,10 @@ def _run_widgets_notebook(page: Any, lab: LabProcess, name: str, first: int) -> 
 
 @pytest.mark.timeout(420)
 def test_widgets_render_and_answer_on_the_kernel_and_through_the_magic(lab: LabProcess) -> None:
-    from playwright.sync_api import sync_playwright
-
     started = time.monotonic()
-    ARTIFACTS.mkdir(exist_ok=True)
-    errors: list[str] = []
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1400})
-            page.set_default_timeout(60_000)
-            page.on("pageerror", lambda exc: errors.append(f"{exc}\n{exc.stack}"))
-            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
-            for name, first in (("remote.ipynb", 0), ("magic.ipynb", 1)):
-                _run_widgets_notebook(page, lab, name, first)
-                page.screenshot(path=str(ARTIFACTS / f"widgets-{name.split('.')[0]}.png"), full_page=True)
-                assert not errors, errors
-        except BaseException:
-            save_failure(browser, errors, "widgets", full_page=True)
-            raise
-        finally:
-            browser.close()
+    with lab_page("widgets", height=1400, full_page=True) as (page, errors):
+        for name, first in (("remote.ipynb", 0), ("magic.ipynb", 1)):
+            _run_widgets_notebook(page, lab, name, first)
+            page.screenshot(path=str(ARTIFACTS / f"widgets-{name.split('.')[0]}.png"), full_page=True)
+            assert not errors, errors
     print(f"widgets browser test: {time.monotonic() - started:.1f} s in the browser")

@@ -29,27 +29,16 @@ from remote_gpu_core.errors import VersionDifference
 from remote_gpu_kernel import Client, LeaseError
 from remote_gpu_kernel.cli import main as rgpu
 from remote_gpu_kernel.api import ApiClient
-from remote_gpu_kernel.sync import Session
 from servers import ServerProcess
 from waiting import wait_for
 from unprivileged import launcher
+from test_isolation import quiet, run
 from wheels import tiny_wheel
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="a root server isolates with uids: run as root")
 
 RGPU = str(Path(sys.executable).with_name("rgpu"))
 PACKAGE = "rgpu_env_probe"
-
-
-def quiet(_: object) -> None:
-    pass
-
-
-def run(session: Session, code: str) -> str:
-    """Run ``code``; what it printed. The cell itself must not fail."""
-    result = session.execute(code, on_output=quiet)
-    assert result.ok, result.error
-    return "".join(o.content.get("text", "") for o in result.outputs if o.msg_type == "stream")
 
 
 @dataclass

@@ -46,12 +46,31 @@ from .base import Buffers, Message, MessageType
 
 __all__ = [
     "Download", "DownloadReply", "Fetch", "FetchRefusal", "FetchRefused", "Held", "Holding", "Pull", "PullReply",
-    "Push", "PushDone", "Upload", "UploadDone",
+    "Push", "PushDone", "Upload", "UploadDone", "Variables",
 ]
 
 
 @dataclasses.dataclass(frozen=True)
-class Push(Message):
+class Variables(Message):
+    """Named values and their buffers, one way or the other: see :class:`Push`
+    and :class:`PullReply`, which are this with their own ``type``."""
+
+    omitted_while_empty = ("versions", "offsets")  # nothing but Python and ours; no transfer cut short
+    req: int
+    names: list[str]
+    counts: list[int]
+    buffers: Buffers = ()
+    digests: list[str] = dataclasses.field(default_factory=list)
+    cached: list[int] = dataclasses.field(default_factory=list)
+    codec: str = ""
+    compressed: list[int] = dataclasses.field(default_factory=list)
+    raw_sizes: list[int] = dataclasses.field(default_factory=list)
+    versions: dict[str, str] = dataclasses.field(default_factory=dict)
+    offsets: list[int] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class Push(Variables):
     """Variables to set in the remote namespace.
 
     ``counts[i]`` buffers belong to ``names[i]``: a pickle first, then its
@@ -66,18 +85,6 @@ class Push(Message):
     """
 
     type = MessageType.PUSH
-    omitted_while_empty = ("versions", "offsets")  # nothing but Python and ours; no push cut short
-    req: int
-    names: list[str]
-    counts: list[int]
-    buffers: Buffers = ()
-    digests: list[str] = dataclasses.field(default_factory=list)
-    cached: list[int] = dataclasses.field(default_factory=list)
-    codec: str = ""
-    compressed: list[int] = dataclasses.field(default_factory=list)
-    raw_sizes: list[int] = dataclasses.field(default_factory=list)
-    versions: dict[str, str] = dataclasses.field(default_factory=dict)
-    offsets: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,25 +138,13 @@ class Pull(Message):
 
 
 @dataclasses.dataclass(frozen=True)
-class PullReply(Message):
+class PullReply(Variables):
     """As :class:`Push`, the other way: the ``cached`` buffers are the client's
     own, ``versions`` the worker's, and ``offsets`` the bytes of each carried
     one left out because the client holds them from a pull cut short (see
     :attr:`Pull.partial`)."""
 
     type = MessageType.PULL_REPLY
-    omitted_while_empty = ("versions", "offsets")
-    req: int
-    names: list[str]
-    counts: list[int]
-    buffers: Buffers = ()
-    digests: list[str] = dataclasses.field(default_factory=list)
-    cached: list[int] = dataclasses.field(default_factory=list)
-    codec: str = ""
-    compressed: list[int] = dataclasses.field(default_factory=list)
-    raw_sizes: list[int] = dataclasses.field(default_factory=list)
-    versions: dict[str, str] = dataclasses.field(default_factory=dict)
-    offsets: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)

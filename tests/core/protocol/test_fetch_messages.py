@@ -10,18 +10,8 @@ from __future__ import annotations
 import pytest
 
 from remote_gpu_core.errors import ProtocolError
-from remote_gpu_core.protocol import Reader, encode
 from remote_gpu_core.protocol import messages as m
-
-
-def roundtrip(msgs: list[m.Message]) -> list[m.Message]:
-    reader = Reader()
-    for msg in msgs:
-        for frame in encode(msg):
-            reader.receive_data(bytes(frame))
-    out = reader.events_received()
-    reader.receive_eof()
-    return out
+from test_framing import roundtrip
 
 
 def test_a_fetch_and_its_answers_roundtrip() -> None:

@@ -14,18 +14,9 @@ from remote_gpu_core.protocol import Reader, encode
 from remote_gpu_core.protocol import messages as m
 from remote_gpu_core.protocol.compression import CODEC, push_refusal
 from remote_gpu_core.protocol.content import THRESHOLD
+from test_framing import roundtrip
 
 D1, D2 = "a" * 32, "b" * 32
-
-
-def roundtrip(msgs: list[m.Message]) -> list[m.Message]:
-    reader = Reader()
-    for msg in msgs:
-        for frame in encode(msg):
-            reader.receive_data(bytes(frame))
-    out = reader.events_received()
-    reader.receive_eof()
-    return out
 
 
 def test_holding_held_and_a_push_with_offsets_roundtrip() -> None:

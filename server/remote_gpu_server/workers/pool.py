@@ -162,15 +162,30 @@ class Pool:
         return await self.drain([s.id for s in worker.slots], worker.stopped_pids, bool(gpu_error))
 
     async def _enter(self, worker: Worker, user: str, new_lease: bool = True) -> Worker:
-        """``worker``, now ``user``'s; killed (and its new lease's folder gone) if it could not be."""
+        """``worker``, ``user``'s; killed (and its new lease's folder gone) if it could not be.
+
+        A new lease's worker becomes theirs while the lease is answered (its
+        requests wait: see :meth:`Worker.enter`); one that then cannot is killed,
+        which its session hears as a death (a fresh worker in the same folder)."""
         try:
-            await worker.enter(user)
+            await worker.enter(user, later=new_lease)
         except BaseException:
             await worker.kill()
             if new_lease:
                 self.launcher.release(worker.tenant)
             raise
+        if worker.entering is not None:
+            worker.entering.add_done_callback(lambda task: self._entered(worker, task))
         return worker
+
+    def _entered(self, worker: Worker, task: asyncio.Task[None]) -> None:
+        failure = None if task.cancelled() else task.exception()
+        if not worker.alive:
+            return  # stopped meanwhile (its lease was released at once), or dead: its session hears of that
+        if task.cancelled() or failure is not None:
+            log.error("worker %s could not become its lease's, and is stopped: %s", worker.name,
+                      failure or "cancelled")
+            asyncio.get_running_loop().create_task(worker.kill(f"it could not become its lease's: {failure}"))
 
     def workers_on(self, slot_ids: Iterable[SlotId]) -> list[Worker]:
         """The live workers (warm or leased) on any of ``slot_ids``."""

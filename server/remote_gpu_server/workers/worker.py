@@ -17,12 +17,19 @@ chose (the frontend's own, so that output routes by it); one already in
 flight is refused with :class:`DuplicateRequest`. What the worker publishes
 under no pending request goes to :attr:`Worker.on_unrouted`, and the comms
 it opens and closes are kept in :attr:`Worker.comms`.
+
+A new lease's worker takes on its user's identity (:meth:`Worker.enter`)
+while the lease is answered (``later=True``): every request waits at
+:meth:`Worker.request` until it has, so nothing of the user's reaches it
+before, and one that could not fails the requests as a death does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import contextvars
 import inspect
 import itertools
 import logging
@@ -52,6 +59,8 @@ from .transfer_comm import TransferComm
 __all__ = ["DuplicateRequest", "GpuErrors", "IopubHandler", "Worker"]
 
 log = logging.getLogger("remote_gpu_server")
+#: True in the task that makes a worker its user's: its own requests pass :meth:`Worker.request`'s wait.
+_ENTERING: contextvars.ContextVar[bool] = contextvars.ContextVar("rgpu_entering", default=False)
 
 IopubHandler = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -137,6 +146,8 @@ class Worker:
         self.comms = CommTable()
         #: Called with each output message published under no pending request.
         self.on_unrouted: IopubHandler | None = None
+        #: Its taking on of a lease's identity, while it runs or once it failed (see :meth:`enter`).
+        self.entering: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(cls, launcher: WorkerLauncher, slots: list[Slot], startup_timeout: float = 120,
@@ -176,12 +187,14 @@ class Worker:
         """The user and session folder of the lease this worker serves, once leased."""
         return self.process.tenant
 
-    async def enter(self, user: str) -> None:
+    async def enter(self, user: str, later: bool = False) -> None:
         """Make this started worker ``user``'s, before any of their requests.
 
         The worker takes on the lease's identity and session folder (see
         :mod:`.confinement`); raises IsolationError if it could not, and the
-        worker must then be killed, never handed out.
+        worker must then be killed, never handed out. ``later``: the lease's
+        folder is made now, and the worker takes it on in :attr:`entering`,
+        for which every request waits (see the module docstring).
         """
         started = time.perf_counter()
         spec = self.process.enter_spec(user)
@@ -189,6 +202,15 @@ class Worker:
             spec = await spec
         if spec is None:
             return
+        if later:
+            context = contextvars.copy_context()
+            context.run(_ENTERING.set, True)
+            self.entering = asyncio.get_running_loop().create_task(self._take_on(user, spec, started),
+                                                                   context=context)
+            return
+        await self._take_on(user, spec, started)
+
+    async def _take_on(self, user: str, spec: Any, started: float) -> None:
         reply = await self.transfers.op({"op": "enter", "spec": spec.to_json()})
         if not reply.get("ok"):
             raise IsolationError(f"worker {self.name} could not become {user}'s: "
@@ -363,6 +385,8 @@ class Worker:
         no shell reply: for them only the idle status is awaited and the
         returned message is empty.
         """
+        if self.entering is not None and not _ENTERING.get():
+            await self._entered()
         self.check_alive()
         header = None
         if msg_id is not None:
@@ -422,7 +446,24 @@ class Worker:
         self.check_alive()
         self._kc.input(value)
 
+    async def _entered(self) -> None:
+        """Once the worker is its user's; WorkerDied if it could not become theirs."""
+        assert self.entering is not None
+        try:
+            await asyncio.shield(self.entering)
+        except asyncio.CancelledError:
+            if not self.entering.cancelled():
+                raise  # this request was cancelled, not the entering
+            raise WorkerDied(f"worker {self.name} was stopped before it became its lease's",
+                             code="worker_died") from None
+        except Exception as exc:
+            raise WorkerDied(f"{exc}" if isinstance(exc, (IsolationError, WorkerDied)) else
+                             f"worker {self.name} could not become its lease's: {exc}", code="worker_died") from None
+
     async def interrupt(self) -> None:
+        if self.entering is not None:
+            with contextlib.suppress(WorkerDied):
+                await self._entered()  # a signal must not land in the middle of it
         if self.alive:
             await self.process.signal(signal.SIGINT)
 

@@ -6,7 +6,8 @@
 It starts a real Ray cluster on this machine (``ray.cluster_utils``: a head
 and one node of two GPUs, counted only; or uses the one ``--ray`` names)
 and two servers: ``rgpu serve --slots cpu:2`` and ``rgpu serve --ray
-ADDRESS``, each ready when ``/api/status`` shows every slot warm
+ADDRESS``, both with ``--session-cache none`` (every push and pull moves
+its bytes, rather than naming what the other end holds), each ready when ``/api/status`` shows every slot warm
 (``warm_server.py``). For each it measures a trivial cell's round trip
 (``session.execute``), the lease of a warm worker (``client.session()``,
 every slot warm again before each lease), leases ``--gap`` seconds apart
@@ -115,8 +116,8 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {}
     gaps: dict[str, Spread] = {}
     with ray_address(args.ray) as address, tempfile.TemporaryDirectory(prefix="rgpu-bench-ray-") as tmp:
-        local = WarmServer(Path(tmp) / "local", "cpu:2")
-        head = WarmServer(Path(tmp) / "head", "auto", "--ray", address)
+        local = WarmServer(Path(tmp) / "local", "cpu:2", "--session-cache", "none")
+        head = WarmServer(Path(tmp) / "head", "auto", "--ray", address, "--session-cache", "none")
         for name, server in (("one machine", local), ("Ray head", head)):
             with server:
                 client = server.client()

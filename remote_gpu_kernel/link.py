@@ -9,6 +9,12 @@ tree (:mod:`remote_gpu_core.errors`) whose message says what to do.
 server's limits) and routes what arrives by request id to per-request
 inboxes; :func:`error_from` turns the server's :class:`~m.Error` answers
 into exceptions. Everything runs on one event loop.
+
+Where the server offers it (``bulk`` in its limits) and ``RGPU_BULK_STREAM``
+is not ``0``, the link opens a bulk stream beside the websocket (see
+:mod:`remote_gpu_core.bulk_stream`) and the bytes of large pushes go there;
+the server answers pulls there once it is open. Until it is open, or if it
+cannot be opened or breaks, they travel on the websocket as before.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import os
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -25,8 +32,10 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from remote_gpu_core import __version__, tls
+from remote_gpu_core.bulk_stream import GREETING, TICKET_HEADER, BulkStream, Target
 from remote_gpu_core.errors import (
     AuthenticationError,
+    BulkStreamLost,
     ConnectionLost,
     FileTransferError,
     LeaseError,
@@ -50,6 +59,7 @@ from remote_gpu_core.protocol import (
     upgrade,
 )
 from remote_gpu_core.protocol import messages as m
+from remote_gpu_core.protocol.framing import FLAG_BULK, encode_head, views
 from remote_gpu_core.protocol.limits import refusal
 from remote_gpu_core.protocol.piece_reader import install as install_piece_reader
 from remote_gpu_core.protocol.serialization import allocate_buffer
@@ -99,6 +109,17 @@ def error_from(msg: m.Error) -> RemoteGpuError:
 
 
 _CLOSED = object()
+#: A push of fewer bytes than this goes on the websocket: a bulk stream saves it nothing.
+BULK_MIN = 1 << 20
+#: ``RGPU_BULK_STREAM=0``: never open a bulk stream.
+BULK_ENV = "RGPU_BULK_STREAM"
+
+
+class _BulkCut:
+    """In an inbox: the answer's bytes were to come on the bulk stream, and it broke."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
 
 
 
@@ -155,6 +176,15 @@ class Link:
         #: Told what came of a message cut short by the end of the connection
         #: (see :meth:`~remote_gpu_core.protocol.framing.Reader.salvage`).
         self.on_cut: Callable[[dict[str, Any], list[tuple[Any, int]]], None] | None = None
+        #: The bulk stream, once open (see the module docstring).
+        self.bulk: BulkStream | None = None
+        self._bulk_lock = asyncio.Lock()
+        self._bulk_ws: ClientConnection | None = None
+        #: Opens a second websocket to the server with extra headers (set by :func:`connect_link`).
+        self.reconnect: Callable[[dict[str, str]], Awaitable[ClientConnection]] | None = None
+        self.reader.on_bulk = self._on_bulk
+        #: The task opening the bulk stream after the welcome (True once open), if any.
+        self.bulk_opening: asyncio.Task[bool] | None = None
         self.task = asyncio.get_running_loop().create_task(self._read())
 
     def open(self) -> tuple[int, asyncio.Queue[Any]]:
@@ -172,6 +202,12 @@ class Link:
         too_large = refusal(message, self.limits)
         if too_large is not None:
             raise too_large
+        stream = self.bulk
+        if stream is not None and stream.closed is None and isinstance(message, m.Push):
+            lengths = [sum(p.nbytes for p in views(b)) for b in message.buffers]
+            if sum(lengths) >= BULK_MIN:
+                await self._send_bulk(stream, message, lengths, on_progress)
+                return
         frames = encode(message)
         total = sum(memoryview(f).nbytes for f in frames) if on_progress else 0
         sent = 0
@@ -184,6 +220,82 @@ class Link:
                         on_progress(sent, total)
         except ConnectionClosed as exc:
             raise ConnectionLost(f"the connection to the GPU server closed: {exc}") from None
+
+    async def _send_bulk(self, stream: BulkStream, message: m.Push, lengths: list[int],
+                         on_progress: ProgressCallback | None) -> None:
+        """``message``'s header on the websocket, its buffers on ``stream``; BulkStreamLost
+        if the stream breaks first (the server fails the push: send it again)."""
+        total, sent = sum(lengths), 0
+        try:
+            async with self._send_lock:
+                for frame in encode_head(message, lengths, flags=FLAG_BULK):
+                    await self.ws.send(frame)
+                await self._bulk_lock.acquire()  # before the next header: the bytes keep their order
+        except ConnectionClosed as exc:
+            raise ConnectionLost(f"the connection to the GPU server closed: {exc}") from None
+        try:
+            for buf in message.buffers:
+                for view in views(buf):
+                    for start in range(0, view.nbytes, CHUNK_SIZE):
+                        piece = view[start : start + CHUNK_SIZE]
+                        await stream.write_piece(piece)
+                        if on_progress is not None:
+                            sent += piece.nbytes
+                            on_progress(sent, total)
+        except ConnectionLost as exc:
+            raise BulkStreamLost(f"the bulk stream broke during a push ({exc})") from None
+        finally:
+            self._bulk_lock.release()
+
+    def _on_bulk(self, msg: m.Message | None, buffers: list[Any], lengths: list[int], header: int) -> bool:
+        """An answer whose buffers come on the bulk stream: routed once they are in."""
+        req = getattr(msg, "req", 0)
+
+        def done(reason: str | None) -> None:
+            if reason is None and msg is not None:
+                self._route(msg)
+            elif (inbox := self.inboxes.get(req)) is not None:
+                inbox.put_nowait(_BulkCut(reason or "the server's answer was refused"))
+
+        target = Target(buffers, lengths, done, self.progress.get(req))
+        if self.bulk is None:
+            target.fail("the server sent an answer's bytes on a bulk stream, and none is open")
+        else:
+            self.bulk.expect(target)
+        return False
+
+    async def open_bulk(self) -> bool:
+        """Open the bulk stream, where the server offers one and it is not turned
+        off; False (and the websocket carries everything) where it is not open."""
+        if (not self.limits.get("bulk") or os.environ.get(BULK_ENV, "1") == "0"
+                or self.reconnect is None or self.bulk is not None):
+            return self.bulk is not None
+        try:
+            req, inbox = self.open()
+            try:
+                await self.send(m.BulkOpen(req))
+                answer = await self.receive(inbox)
+            finally:
+                self.done(req)
+            if not isinstance(answer, m.BulkTicket):
+                return False
+            ws = await self.reconnect({TICKET_HEADER: answer.ticket})
+        except (RemoteGpuError, OSError, InvalidHandshake, asyncio.TimeoutError) as exc:
+            log.info("no bulk stream, pushes and pulls go on the websocket: %s", exc)
+            return False
+        stream = BulkStream(on_lost=lambda reason: self._bulk_lost(stream, reason))
+        stream.take_over(ws.transport)
+        await stream.write_piece(memoryview(GREETING))
+        self.bulk, self._bulk_ws = stream, ws
+        return True
+
+    def _bulk_lost(self, stream: BulkStream, reason: str) -> None:
+        if self.bulk is stream:
+            log.info("the bulk stream ended (%s): pushes and pulls go on the websocket", reason)
+            self.bulk = None
+        if self._bulk_ws is not None:
+            self._bulk_ws.connection_lost(None)  # its transport no longer tells it
+            self._bulk_ws = None
 
     async def _read(self) -> None:
         reason = "the connection to the GPU server closed"
@@ -238,6 +350,8 @@ class Link:
         msg = await inbox.get()
         if msg is _CLOSED:
             raise ConnectionLost(self.closed_reason or "the connection closed")
+        if isinstance(msg, _BulkCut):
+            raise BulkStreamLost(f"the bulk stream broke during a transfer ({msg.reason})")
         if isinstance(msg, m.Error):
             raise error_from(msg)
         return msg  # type: ignore[no-any-return]
@@ -255,8 +369,14 @@ class Link:
         self.user, self.server_version = msg.user, msg.server
         self.limits = dict(msg.limits)
         self.environments = {str(name): from_wire(f) for name, f in dict(msg.envs).items()}
+        if self.limits.get("bulk") and self.reconnect is not None:  # meanwhile, the websocket carries all
+            self.bulk_opening = asyncio.get_running_loop().create_task(self.open_bulk())
 
     async def close(self) -> None:
+        if self.bulk_opening is not None:
+            self.bulk_opening.cancel()
+        if self.bulk is not None:
+            self.bulk.close("the link was closed")
         await self.ws.close()
         self.task.cancel()
         try:
@@ -305,23 +425,26 @@ async def connect_link(url: str, token: str | None, *, cafile: str | None = None
     riding: list[m.Message] = [m.Hello(PROTOCOL_VERSION, f"remote-gpu-kernel/{__version__}")]
     if first is not None:
         riding.append(first(FIRST_REQ))
-    headers = {"Authorization": f"Bearer {token}"}
+    auth = {"Authorization": f"Bearer {token}"}
     carried = upgrade.first_messages(riding)
-    if carried is not None:
-        headers[upgrade.FIRST_MESSAGES] = carried
-    try:
-        ws = await connect(
+
+    async def dial(extra: dict[str, str], **options: Any) -> ClientConnection:
+        return await connect(
             url,
             ssl=context,  # None for ws://, always a verifying context for wss://
-            additional_headers=headers,
+            additional_headers={**auth, **extra},
             compression=None,
             max_size=CHUNK_SIZE,
             max_queue=64,
             write_limit=4 * CHUNK_SIZE,
             open_timeout=open_timeout,
             user_agent_header=f"remote-gpu-kernel/{__version__}",
-            create_connection=_PieceConnection,
+            **options,
         )
+
+    try:
+        ws = await dial({upgrade.FIRST_MESSAGES: carried} if carried is not None else {},
+                        create_connection=_PieceConnection)
     except InvalidStatus as exc:
         body = exc.response.body.decode(errors="replace").strip()
         if exc.response.status_code == 401:
@@ -343,6 +466,8 @@ async def connect_link(url: str, token: str | None, *, cafile: str | None = None
     except (OSError, asyncio.TimeoutError) as exc:
         raise ConnectionLost(f"cannot reach the GPU server at {url}: {exc}") from None
     link = Link(ws)
+    # A bulk stream's handshake: no first messages, no pings (they would be bytes in the stream).
+    link.reconnect = lambda extra: dial(extra, ping_interval=None)
     inbox = None
     if first is not None:
         req, inbox = link.open()  # before anything is read: its answers find their inbox

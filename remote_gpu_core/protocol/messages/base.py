@@ -58,6 +58,8 @@ class MessageType(str, enum.Enum):
     PARK = "park"
     PARKED = "parked"
     RESUME = "resume"
+    BULK_OPEN = "bulk_open"
+    BULK_TICKET = "bulk_ticket"
     ERROR = "error"
 
 

@@ -45,6 +45,7 @@ from ..sessions import variables as session_variables
 from ..sessions.manager import SessionManager
 from ..sessions.session import Session
 from ..store import TokenInfo
+from .bulk import BulkTickets, ConnectionBulk
 from .limits import Limits
 from .memory import ConnectionMemory, Hold
 from .outcomes import Outcomes
@@ -73,7 +74,8 @@ class Connection:
     """One websocket; ``broker`` grants leases, ``sessions`` holds them."""
 
     def __init__(self, ws: ServerConnection, token: TokenInfo, *, broker: LeaseBroker,
-                 sessions: SessionManager, server_version: str, limits: Limits | None = None) -> None:
+                 sessions: SessionManager, server_version: str, limits: Limits | None = None,
+                 bulk: BulkTickets | None = None) -> None:
         self.broker = broker
         self.sessions = sessions
         self.server_version = server_version
@@ -96,6 +98,10 @@ class Connection:
         self._closer: asyncio.Task[None] | None = None
         self._positions = Positions(self.send)  # of this connection's lease requests that wait
         self.closed = False  # the websocket is gone: nothing more is delivered
+        #: Its bulk stream, where the server offers one (see :mod:`.bulk`).
+        self.bulk = ConnectionBulk(self.user, bulk, self._bulk_room)
+        if bulk is not None:
+            self._reader.on_bulk = self._on_bulk
 
     async def send(self, message: m.Message) -> None:
         self._outcomes.answered(message)
@@ -115,6 +121,10 @@ class Connection:
         and the close reason says why; resuming the session works).
         """
         self._outcomes.answered(message)
+        stream = self.bulk.sendable(message, lengths)
+        if stream is not None:
+            await self.bulk.send_stream(stream, self._send_lock, self.ws, message, lengths, pieces)
+            return
         try:
             async with self._send_lock:
                 for frame in encode_head(message, lengths):
@@ -193,6 +203,21 @@ class Connection:
             self._arriving = None
         return True
 
+    def _on_bulk(self, msg: m.Message | None, buffers: list[Any], lengths: list[int], header: int) -> bool:
+        """A message whose buffers come on the bulk stream: they are expected
+        there now, and it is dispatched in its turn (or refused)."""
+        refusal = self.bulk.expect(msg, buffers, lengths)
+        if msg is not None and refusal is not None:
+            self._refuse(getattr(msg, "req", 0), m.ErrorCode.PROTOCOL, f"protocol error: {refusal}")
+        return msg is not None and refusal is None
+
+    def _bulk_room(self) -> Any:
+        """While a push is too far ahead of its worker, what its bulk stream waits for."""
+        arriving = self._arriving
+        if arriving is not None and arriving.bytes > self._memory.window(arriving):
+            return self._memory.wait_for_room(arriving)
+        return None
+
     def _refuse_all(self, errors: list[ProtocolError]) -> None:
         """Answer each message the reader refused (the stream is still in step)."""
         for error in errors:
@@ -249,6 +274,8 @@ class Connection:
             self._spawn(self._on_hello(msg), hold=hold)
         elif isinstance(msg, m.Interrupt):
             self._spawn(self._on_interrupt(msg), hold=hold)
+        elif isinstance(msg, m.BulkOpen):
+            self._spawn(self.send(self.bulk.ticket(msg.req)), msg.req, hold=hold)
         elif isinstance(msg, m.LeaseRequest):
             self._spawn(self._on_lease(msg), msg.req, hold=hold)
         elif isinstance(msg, m.Release):
@@ -366,7 +393,8 @@ class Connection:
             await self.send(m.Error(0, m.ErrorCode.VERSION_MISMATCH, mismatch))
             await self.ws.close(1002, "protocol version mismatch")
             return
-        await self.send(m.Welcome(PROTOCOL_VERSION, self.server_version, self.user, self.limits.welcome(),
+        limits = {**self.limits.welcome(), **({"bulk": 1} if self.bulk.offered else {})}
+        await self.send(m.Welcome(PROTOCOL_VERSION, self.server_version, self.user, limits,
                                   {name: dict(f) for name, f in self.sessions.context.environments.items()}))
 
     async def _on_interrupt(self, msg: m.Interrupt) -> None:
@@ -492,6 +520,7 @@ class Connection:
         self.closed = True
         self._reader.abort("the client disconnected in the middle of a message")
         self._memory.close("the client disconnected")
+        self.bulk.close()
         self._refusals.clear()
         for key in self._positions.clear():
             self.broker.cancel(key)

@@ -76,6 +76,8 @@ class Limits:
     #: None: :meth:`resolve` picks :data:`SESSION_CACHE`, or a quarter of a
     #: worker's memory limit where that is less.
     session_cache: int | None = None
+    #: Offer clients a bulk stream for their pushes' and pulls' bytes (``--no-bulk-stream``: not).
+    bulk_stream: bool = True
 
     def resolve(self, worker_memory: int | None) -> Limits:
         """These limits with ``session_cache`` decided, for workers of ``worker_memory`` bytes."""

@@ -22,8 +22,8 @@ carries that answer's code, which may be more precise than its class's
     │   │   the websocket closed under a request
     │   └── BulkStreamLost                   bulk_stream_lost
     │           the bulk stream beside the websocket broke during a
-    │           transfer; the session goes on, the transfer is sent again
-    │           over the websocket
+    │           transfer; the session goes on, and the next transfer
+    │           goes on the websocket
     ├── AuthenticationError (PermissionError)  authentication_failed
     │       the server refused the token or the connection (HTTP 401 or 403)
     ├── TlsError (ConnectionError)           tls_error

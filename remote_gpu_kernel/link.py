@@ -111,6 +111,8 @@ def error_from(msg: m.Error) -> RemoteGpuError:
 _CLOSED = object()
 #: A push of fewer bytes than this goes on the websocket: a bulk stream saves it nothing.
 BULK_MIN = 1 << 20
+#: Seconds a websocket has to answer a ping once its bulk stream broke, to count as alive.
+PING_WAIT = 10.0
 #: ``RGPU_BULK_STREAM=0``: never open a bulk stream.
 BULK_ENV = "RGPU_BULK_STREAM"
 
@@ -243,7 +245,9 @@ class Link:
                             sent += piece.nbytes
                             on_progress(sent, total)
         except ConnectionLost as exc:
-            raise BulkStreamLost(f"the bulk stream broke during a push ({exc})") from None
+            raise await self._bulk_cut(f"the bulk stream beside the connection broke during this push ({exc}); "
+                                       "nothing was set, the session goes on: push again (it goes on the "
+                                       "websocket now)") from None
         finally:
             self._bulk_lock.release()
 
@@ -254,7 +258,12 @@ class Link:
         def done(reason: str | None) -> None:
             if reason is None and msg is not None:
                 self._route(msg)
-            elif (inbox := self.inboxes.get(req)) is not None:
+                return
+            if msg is not None and self.on_cut is not None:  # what arrived, for a pull that resumes
+                came = [(buf, size if i < target.index else target.filled if i == target.index else 0)
+                        for i, (buf, size) in enumerate(zip(buffers, lengths))]
+                self.on_cut({**msg.fields(), "t": msg.type.value}, came)
+            if (inbox := self.inboxes.get(req)) is not None:
                 inbox.put_nowait(_BulkCut(reason or "the server's answer was refused"))
 
         target = Target(buffers, lengths, done, self.progress.get(req))
@@ -288,6 +297,18 @@ class Link:
         await stream.write_piece(memoryview(GREETING))
         self.bulk, self._bulk_ws = stream, ws
         return True
+
+    async def _bulk_cut(self, text: str) -> ConnectionLost:
+        """What to raise for a transfer whose bulk stream broke: BulkStreamLost
+        (``text``) if the websocket answers a ping, else ConnectionLost (a link
+        cut whole, whichever connection noticed first)."""
+        try:
+            async with asyncio.timeout(PING_WAIT):
+                await (await self.ws.ping())
+        except (ConnectionClosed, TimeoutError):
+            await self.ws.close()  # a websocket that does not answer is as good as gone
+            return ConnectionLost(self.closed_reason or "the connection to the GPU server was lost")
+        return BulkStreamLost(text)
 
     def _bulk_lost(self, stream: BulkStream, reason: str) -> None:
         if self.bulk is stream:
@@ -351,7 +372,9 @@ class Link:
         if msg is _CLOSED:
             raise ConnectionLost(self.closed_reason or "the connection closed")
         if isinstance(msg, _BulkCut):
-            raise BulkStreamLost(f"the bulk stream broke during a transfer ({msg.reason})")
+            raise await self._bulk_cut(f"the bulk stream beside the connection broke during this transfer "
+                                       f"({msg.reason}); the session goes on: run it again (it goes on the "
+                                       "websocket now, from where it broke)")
         if isinstance(msg, m.Error):
             raise error_from(msg)
         return msg  # type: ignore[no-any-return]

@@ -29,6 +29,9 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
 from remote_gpu_core.bulk_stream import GREETING, BulkStream, Target
 from remote_gpu_core.errors import ConnectionLost, WorkerDied
 from remote_gpu_core.protocol import messages as m
@@ -91,14 +94,16 @@ def _key(ticket: str) -> str:
 class ConnectionBulk:
     """One client connection's side of its bulk stream (at most one at a time).
 
-    ``room``: as :class:`BulkStream`'s (the connection's window on a push).
+    ``room``: as :class:`BulkStream`'s (the connection's window on a push);
+    ``refuse(req, code, text)`` answers a request with an error.
     """
 
-    def __init__(self, user: str, tickets: BulkTickets | None,
-                 room: Callable[[], Awaitable[None] | None]) -> None:
+    def __init__(self, user: str, tickets: BulkTickets | None, room: Callable[[], Awaitable[None] | None],
+                 refuse: Callable[[int, m.ErrorCode, str], None]) -> None:
         self.user = user
         self.tickets = tickets
         self.room = room
+        self._refuse = refuse
         self.stream: BulkStream | None = None
         self.closed = False
         self._greeted: BulkStream | None = None  # the stream whose client said it reads it
@@ -140,6 +145,14 @@ class ConnectionBulk:
         if self.stream is stream:
             self.stream = None
 
+    def on_bulk(self, msg: m.Message | None, buffers: list[Any], lengths: list[int], header: int) -> bool:
+        """The connection reader's handler (see :data:`~remote_gpu_core.protocol.framing.BulkHandler`):
+        the buffers are expected on the stream now, and the message is dispatched in its turn (or refused)."""
+        refusal = self.expect(msg, buffers, lengths)
+        if msg is not None and refusal is not None:
+            self._refuse(getattr(msg, "req", 0), m.ErrorCode.PROTOCOL, f"protocol error: {refusal}")
+        return msg is not None and refusal is None
+
     def expect(self, message: m.Message | None, buffers: list[Any], lengths: list[int]) -> str | None:
         """Take the buffers of a message whose bytes come on the stream; why
         they will not come (they are failed, the message gets an error), or None."""
@@ -166,11 +179,19 @@ class ConnectionBulk:
             return None
         return stream
 
-    async def send_stream(self, stream: BulkStream, send_lock: asyncio.Lock, ws: Any, message: m.Message,
+    async def send_stream(self, send_lock: asyncio.Lock, ws: ServerConnection, message: m.Message,
                           lengths: list[int], pieces: AsyncIterator[Any]) -> None:
         """Send ``message``'s header on the websocket ``ws`` and its buffers, as
-        ``pieces`` come, on ``stream``. If ``pieces`` fail midway, the stream is
-        closed (the client's pull fails; it pulls again over the websocket)."""
+        ``pieces`` come, on the bulk stream where it is open, else on ``ws``.
+
+        If ``pieces`` fail midway, the message cannot be finished: the stream
+        that carries its bytes is closed, with a reason that says why (the
+        client's pull fails; it resumes from what arrived).
+        """
+        stream = self.sendable(message, lengths)
+        if stream is None:
+            await _send_on_websocket(self.user, ws, send_lock, message, lengths, pieces)
+            return
         async with send_lock:
             for frame in encode_head(message, lengths, flags=FLAG_BULK):
                 await ws.send(frame)
@@ -192,3 +213,19 @@ class ConnectionBulk:
         if self.stream is not None:
             self.stream.close("the client's websocket closed")
 
+
+async def _send_on_websocket(user: str, ws: ServerConnection, send_lock: asyncio.Lock, message: m.Message,
+                             lengths: list[int], pieces: AsyncIterator[Any]) -> None:
+    try:
+        async with send_lock:
+            for frame in encode_head(message, lengths):
+                await ws.send(frame)
+            try:
+                async for piece in pieces:
+                    await ws.send(piece)
+            except Exception as exc:
+                log.warning("stream to %s broke: %s", user, exc)
+                await ws.close(1011, "the worker died in the middle of a transfer"
+                               if isinstance(exc, WorkerDied) else "a transfer failed midway")
+    except ConnectionClosed:
+        pass

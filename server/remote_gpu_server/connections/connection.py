@@ -31,9 +31,9 @@ from typing import Any
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
-from remote_gpu_core.errors import MessageTooLarge, ProtocolError, RemoteGpuError, WorkerDied
+from remote_gpu_core.errors import MessageTooLarge, ProtocolError, RemoteGpuError
 from remote_gpu_core.protocol import PROTOCOL_VERSION, encode, upgrade
-from remote_gpu_core.protocol.framing import Chunks, encode_head
+from remote_gpu_core.protocol.framing import Chunks
 from remote_gpu_core.protocol import messages as m
 from remote_gpu_core.sizes import format_size
 
@@ -99,9 +99,9 @@ class Connection:
         self._positions = Positions(self.send)  # of this connection's lease requests that wait
         self.closed = False  # the websocket is gone: nothing more is delivered
         #: Its bulk stream, where the server offers one (see :mod:`.bulk`).
-        self.bulk = ConnectionBulk(self.user, bulk, self._bulk_room)
+        self.bulk = ConnectionBulk(self.user, bulk, lambda: self._memory.room(self._arriving), self._refuse)
         if bulk is not None:
-            self._reader.on_bulk = self._on_bulk
+            self._reader.on_bulk = self.bulk.on_bulk
 
     async def send(self, message: m.Message) -> None:
         self._outcomes.answered(message)
@@ -116,28 +116,11 @@ class Connection:
     async def send_stream(self, message: m.Message, lengths: list[int], pieces: AsyncIterator[Any]) -> None:
         """Send ``message`` whose buffers' bytes come from ``pieces`` as they arrive.
 
-        If ``pieces`` fails midway, the message cannot be finished: the
-        connection is closed (the client sees it as a dropped connection,
-        and the close reason says why; resuming the session works).
+        On the bulk stream where it is open, else on the websocket; see
+        :meth:`.ConnectionBulk.send_stream` for what a failure midway does.
         """
         self._outcomes.answered(message)
-        stream = self.bulk.sendable(message, lengths)
-        if stream is not None:
-            await self.bulk.send_stream(stream, self._send_lock, self.ws, message, lengths, pieces)
-            return
-        try:
-            async with self._send_lock:
-                for frame in encode_head(message, lengths):
-                    await self.ws.send(frame)
-                try:
-                    async for piece in pieces:
-                        await self.ws.send(piece)
-                except Exception as exc:
-                    log.warning("stream to %s broke: %s", self.user, exc)
-                    await self.ws.close(1011, "the worker died in the middle of a transfer"
-                                        if isinstance(exc, WorkerDied) else "a transfer failed midway")
-        except ConnectionClosed:
-            pass
+        await self.bulk.send_stream(self._send_lock, self.ws, message, lengths, pieces)
 
     async def run(self) -> None:
         try:
@@ -202,21 +185,6 @@ class Connection:
         if self._arriving is not None and not self._arriving.arriving:
             self._arriving = None
         return True
-
-    def _on_bulk(self, msg: m.Message | None, buffers: list[Any], lengths: list[int], header: int) -> bool:
-        """A message whose buffers come on the bulk stream: they are expected
-        there now, and it is dispatched in its turn (or refused)."""
-        refusal = self.bulk.expect(msg, buffers, lengths)
-        if msg is not None and refusal is not None:
-            self._refuse(getattr(msg, "req", 0), m.ErrorCode.PROTOCOL, f"protocol error: {refusal}")
-        return msg is not None and refusal is None
-
-    def _bulk_room(self) -> Any:
-        """While a push is too far ahead of its worker, what its bulk stream waits for."""
-        arriving = self._arriving
-        if arriving is not None and arriving.bytes > self._memory.window(arriving):
-            return self._memory.wait_for_room(arriving)
-        return None
 
     def _refuse_all(self, errors: list[ProtocolError]) -> None:
         """Answer each message the reader refused (the stream is still in step)."""
@@ -393,8 +361,8 @@ class Connection:
             await self.send(m.Error(0, m.ErrorCode.VERSION_MISMATCH, mismatch))
             await self.ws.close(1002, "protocol version mismatch")
             return
-        limits = {**self.limits.welcome(), **({"bulk": 1} if self.bulk.offered else {})}
-        await self.send(m.Welcome(PROTOCOL_VERSION, self.server_version, self.user, limits,
+        await self.send(m.Welcome(PROTOCOL_VERSION, self.server_version, self.user,
+                                  self.limits.welcome(bulk=self.bulk.offered),
                                   {name: dict(f) for name, f in self.sessions.context.environments.items()}))
 
     async def _on_interrupt(self, msg: m.Interrupt) -> None:

@@ -104,11 +104,12 @@ class Limits:
         if self.session_cache is not None and self.session_cache < 0:
             raise ValueError("--session-cache must be 0 or more")
 
-    def welcome(self) -> dict[str, int]:
+    def welcome(self, bulk: bool = False) -> dict[str, int]:
         """What a client is told, to refuse an oversized message before sending it;
-        ``resume``: this server resumes a push cut short (see :class:`~m.Holding`)."""
+        ``resume``: this server resumes a push cut short (see :class:`~m.Holding`);
+        ``bulk``: it opens a bulk stream (``bulk``; see :mod:`.bulk`)."""
         return {"max_push": self.max_push, "max_upload": self.max_upload, "max_message": self.max_message,
-                "session_cache": self.session_cache or 0, "resume": 1}
+                "session_cache": self.session_cache or 0, "resume": 1, **({"bulk": 1} if bulk else {})}
 
     def reader(self) -> Reader:
         """A reader of one client's frames: pushes and uploads handed out at their header, others whole."""

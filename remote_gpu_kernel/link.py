@@ -182,6 +182,7 @@ class Link:
         self.bulk: BulkStream | None = None
         self._bulk_lock = asyncio.Lock()
         self._bulk_ws: ClientConnection | None = None
+        self._cut_pushes: dict[int, str] = {}  # pushes whose bulk stream broke under them, and how
         #: Opens a second websocket to the server with extra headers (set by :func:`connect_link`).
         self.reconnect: Callable[[dict[str, str]], Awaitable[ClientConnection]] | None = None
         self.reader.on_bulk = self._on_bulk
@@ -225,8 +226,9 @@ class Link:
 
     async def _send_bulk(self, stream: BulkStream, message: m.Push, lengths: list[int],
                          on_progress: ProgressCallback | None) -> None:
-        """``message``'s header on the websocket, its buffers on ``stream``; BulkStreamLost
-        if the stream breaks first (the server fails the push: send it again)."""
+        """``message``'s header on the websocket, its buffers on ``stream``. If the
+        stream breaks first, the server answers the push (an error, unless all of
+        it came), and that answer raises BulkStreamLost once the push is over."""
         total, sent = sum(lengths), 0
         try:
             async with self._send_lock:
@@ -245,9 +247,7 @@ class Link:
                             sent += piece.nbytes
                             on_progress(sent, total)
         except ConnectionLost as exc:
-            raise await self._bulk_cut(f"the bulk stream beside the connection broke during this push ({exc}); "
-                                       "nothing was set, the session goes on: push again (it goes on the "
-                                       "websocket now)") from None
+            self._cut_pushes[message.req] = str(exc)
         finally:
             self._bulk_lock.release()
 
@@ -376,11 +376,17 @@ class Link:
                                        f"({msg.reason}); the session goes on: run it again (it goes on the "
                                        "websocket now, from where it broke)")
         if isinstance(msg, m.Error):
+            cut = self._cut_pushes.pop(msg.req, None)
+            if cut is not None:
+                raise await self._bulk_cut(f"the bulk stream beside the connection broke during this push ({cut}); "
+                                           "nothing was set, the session goes on: push again (it goes on the "
+                                           "websocket now)")
             raise error_from(msg)
         return msg  # type: ignore[no-any-return]
 
     def done(self, req: int) -> None:
         self.inboxes.pop(req, None)
+        self._cut_pushes.pop(req, None)
 
     async def welcomed(self) -> None:
         """Wait for the server's answer to the hello: who this token is, the
@@ -392,7 +398,8 @@ class Link:
         self.user, self.server_version = msg.user, msg.server
         self.limits = dict(msg.limits)
         self.environments = {str(name): from_wire(f) for name, f in dict(msg.envs).items()}
-        if self.limits.get("bulk") and self.reconnect is not None:  # meanwhile, the websocket carries all
+        if self.limits.get("bulk") and self.reconnect is not None and os.environ.get(BULK_ENV, "1") != "0":
+            # Meanwhile, the websocket carries everything.
             self.bulk_opening = asyncio.get_running_loop().create_task(self.open_bulk())
 
     async def close(self) -> None:

@@ -200,10 +200,10 @@ class GpuServer:
                           environments=self._environments_status,
                           fingerprint=lambda env: (self.environments[env].fingerprint if env in self.environments
                                                    else None))
-        self.metrics.attach(view)
+        self.bulk_tickets = BulkTickets() if self.limits.bulk_stream else None
+        self.metrics.attach(view, self.bulk_tickets)
         self.http = HttpApi(view, self.metrics)
         await self.batch.recover()
-        self.bulk_tickets = BulkTickets() if self.limits.bulk_stream else None
         self.front = FrontDoor(verify=self.store.verify_token, http=self.http, clients=self._client,
                                server_header=f"remote-gpu-server/{self.version}", origins=self.origins,
                                admit=self.isolation.admit, max_connections=config.limits.max_connections,

@@ -61,8 +61,25 @@ class BulkTickets:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._tickets: dict[str, _Ticket] = {}
-        #: Bulk streams opened since the server started (for /metrics and tests).
+        #: Bulk streams opened since the server started, and the bytes the ended ones received and sent.
         self.opened = 0
+        self._ended_bytes = (0, 0)
+        self._open: set[BulkStream] = set()
+
+    def carried(self) -> tuple[int, int]:
+        """Bytes received and sent on bulk streams since the server started (for ``/metrics``)."""
+        received, sent = self._ended_bytes
+        return (received + sum(s.received_bytes for s in self._open), sent + sum(s.sent_bytes for s in self._open))
+
+    def opening(self, stream: BulkStream) -> None:
+        self.opened += 1
+        self._open.add(stream)
+
+    def ended(self, stream: BulkStream) -> None:
+        if stream in self._open:
+            self._open.discard(stream)
+            received, sent = self._ended_bytes
+            self._ended_bytes = (received + stream.received_bytes, sent + stream.sent_bytes)
 
     def issue(self, user: str, owner: ConnectionBulk) -> str:
         now = self._clock()
@@ -137,11 +154,13 @@ class ConnectionBulk:
 
         stream.expect(Target([greeting], [len(GREETING)], greeted))
         if self.tickets is not None:
-            self.tickets.opened += 1
+            self.tickets.opening(stream)
         return stream
 
     def _lost(self, stream: BulkStream, reason: str) -> None:
         log.info("bulk stream of %s ended: %s", self.user, reason)
+        if self.tickets is not None:
+            self.tickets.ended(stream)
         if self.stream is stream:
             self.stream = None
 

@@ -33,23 +33,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from remote_gpu_core import __version__, tls
 from remote_gpu_core.bulk_stream import GREETING, TICKET_HEADER, BulkStream, Target
-from remote_gpu_core.errors import (
-    AuthenticationError,
-    BulkStreamLost,
-    ConnectionLost,
-    FileTransferError,
-    LeaseError,
-    ParkError,
-    ProtocolError,
-    RemoteError,
-    RemoteGpuError,
-    RemoteTimeout,
-    ServerError,
-    SessionReleased,
-    VersionDifference,
-    VersionMismatch,
-    WorkerDied,
-)
+from remote_gpu_core.errors import AuthenticationError, BulkStreamLost, ConnectionLost, ProtocolError, RemoteGpuError
 from remote_gpu_core.fingerprint import from_wire
 from remote_gpu_core.protocol import (
     CHUNK_SIZE,
@@ -65,6 +49,7 @@ from remote_gpu_core.protocol.piece_reader import install as install_piece_reade
 from remote_gpu_core.protocol.serialization import allocate_buffer
 
 from .progress import Throttle
+from .server_errors import error_from
 
 __all__ = ["Answers", "Link", "OutputCallback", "ProgressCallback", "connect_link", "error_from", "open_link"]
 
@@ -75,37 +60,6 @@ OutputCallback = Callable[[m.Output], Any]
 FIRST_REQ = 1
 #: ``on_progress(done, total)``: bytes of a file transfer moved so far, of all.
 ProgressCallback = Callable[[int, int], Any]
-
-
-def error_from(msg: m.Error) -> RemoteGpuError:
-    code = msg.code
-    if code is m.ErrorCode.VERSION_MISMATCH:
-        return VersionMismatch(msg.message)
-    if code is m.ErrorCode.PROTOCOL:
-        return ProtocolError(msg.message)
-    if code is m.ErrorCode.WORKER_DIED:
-        return WorkerDied(msg.message, code=code.value)
-    if code is m.ErrorCode.TIMEOUT:
-        return RemoteTimeout(msg.message)
-    if code in (m.ErrorCode.NO_LEASE, m.ErrorCode.RELEASED):
-        return SessionReleased(msg.message, code=code.value)
-    if code is m.ErrorCode.LEASE_REFUSED:
-        return LeaseError(msg.message, code=code.value)
-    if code is m.ErrorCode.PARK_REFUSED:
-        return ParkError(msg.message)
-    if code is m.ErrorCode.VERSION_DIFFERENCE:  # the worker's "VersionDifference: ..."
-        return VersionDifference(msg.message.removeprefix(f"{VersionDifference.__name__}: "))
-    if code in (m.ErrorCode.SERIALIZATION, m.ErrorCode.NAME_ERROR):
-        ename, _, evalue = msg.message.partition(": ")
-        return RemoteError.from_remote(ename, evalue, [])
-    if code is m.ErrorCode.FILE:
-        # The worker's refusal comes as "FileNotFoundError: no file ...": the
-        # error's own name says it is about a file already.
-        ename, sep, evalue = msg.message.partition(": ")
-        plain = sep and ename.isidentifier() and ename.endswith("Error")
-        return FileTransferError(evalue if plain else msg.message)
-    return ServerError(msg.message, code=code.value)
-
 
 
 _CLOSED = object()

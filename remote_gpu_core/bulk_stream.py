@@ -94,6 +94,7 @@ class Target:
         while self.index < len(self.lengths) and self.filled == self.lengths[self.index]:
             self._before += self.filled
             self.index, self.filled = self.index + 1, 0
+            self._piece = None  # what was left of a piece of a buffer that failed
 
     def view(self, scratch: memoryview) -> memoryview:
         """Where the next bytes go (``scratch`` for bytes skipped)."""
@@ -129,9 +130,10 @@ class Target:
         for buf in self.buffers[self.index :]:
             if isinstance(buf, Chunks):
                 buf.fail(reason)
-        self._finish(reason)
+        self.finish(reason)
 
-    def _finish(self, reason: str | None) -> None:
+    def finish(self, reason: str | None) -> None:
+        """Tell ``done`` (once): None, all arrived; else why not."""
         done, self.done = self.done, None
         if done is not None:
             done(reason)
@@ -212,7 +214,7 @@ class BulkStream(asyncio.BufferedProtocol):
             target.fail(self.closed)
             return
         if target.finished:
-            target._finish(None)
+            target.finish(None)
             return
         self._targets.append(target)
         self._drain_early()
@@ -222,7 +224,7 @@ class BulkStream(asyncio.BufferedProtocol):
         target.received(nbytes)
         if target.finished:
             self._targets.popleft()
-            target._finish(None)
+            target.finish(None)
 
     def _drain_early(self) -> None:
         """Bytes that came before their header, into their buffers now that it came."""

@@ -194,6 +194,10 @@ class FrontDoor:
 
     def _gone(self, connection: ServerConnection, user: str) -> None:
         self._tokens.pop(connection, None)
+        self._bulk_owners.pop(connection, None)
+        stream = self._bulk_streams.pop(connection, None)  # its handler never ran
+        if stream is not None:
+            stream.close("the bulk stream's handshake ended before it was served")
         self.connections.give_back(user)
         self.heap.soon()  # what its buffers grew goes back to the system
 
@@ -212,12 +216,12 @@ class FrontDoor:
 
     @staticmethod
     async def _carry_bulk(ws: ServerConnection, stream: BulkStream) -> None:
-        """Keep a bulk stream's websocket until the stream ends; it sends no
-        pings (they would be bytes in the stream), and its end closes it."""
-        if ws.keepalive_task is not None:
-            ws.keepalive_task.cancel()
+        """Hold a bulk stream's handler until the stream ends. Its websocket is
+        over at once: it sends no pings and no close frame (they would be
+        bytes in the stream), and it no longer counts among its user's
+        connections (one stream per connection, opened by that connection's ticket)."""
+        ws.connection_lost(None)  # its transport no longer tells it anything
         try:
             await stream.wait_closed()
         finally:
             stream.close()
-            ws.connection_lost(None)  # its transport no longer tells it: the websocket is over

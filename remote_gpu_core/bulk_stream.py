@@ -10,10 +10,13 @@ opens a second connection to the same URL, with the same token and TLS,
 as a websocket handshake carrying a one-time ticket that the server gave
 it on the first (:data:`TICKET_HEADER`; see
 :class:`~remote_gpu_core.protocol.messages.BulkTicket`). Once the
-handshake is answered, neither end speaks websocket on it again: each
-hands the connection's transport to a :class:`BulkStream`, and it carries
-raw bytes: the client first sends :data:`GREETING`, after which the
-server may send.
+handshake is done the server sends one websocket message, :data:`READY`,
+and hands the connection's transport to a :class:`BulkStream`; the client
+reads that message and does the same. From then on neither end speaks
+websocket on it: it carries raw bytes, the client's first being
+:data:`GREETING`, after which the server may send. (Each end takes the
+transport over when nothing of the other's can be in flight on it yet, so
+no raw byte is ever read as a websocket frame.)
 
 What travels on it: only the buffers of messages whose header, on the
 websocket, has :data:`~remote_gpu_core.protocol.framing.FLAG_BULK` set,
@@ -47,10 +50,13 @@ from typing import Any
 from .errors import ConnectionLost
 from .protocol.chunks import Chunks
 
-__all__ = ["GREETING", "PIECE", "TICKET_HEADER", "BulkStream", "Target"]
+__all__ = ["GREETING", "PIECE", "READY", "TICKET_HEADER", "BulkStream", "Target"]
 
 #: The header of the websocket handshake that opens a bulk stream: its ticket.
 TICKET_HEADER = "X-RGPU-Bulk"
+#: The last websocket message on a bulk stream's connection, from the server once
+#: it reads the connection as a bulk stream: the client then does too.
+READY = b"RGBULK1 ready"
 #: What a client sends first on a bulk stream, once it reads it as one (not as a
 #: websocket): the server sends on it only after these bytes.
 GREETING = b"RGBULK1\n"
@@ -58,8 +64,10 @@ GREETING = b"RGBULK1\n"
 PIECE = 1 << 20
 #: Bytes that may come before their message's header: then reading pauses.
 _STAGING = 1 << 16
-#: Written and not yet sent past which a writer waits.
-_HIGH_WATER = 4 * PIECE
+#: Written and not yet sent past which a writer waits (until all is sent): a byte,
+#: so that the transport copies at most the rest of one piece into its buffer, not
+#: every piece after it. Not 0: a TLS transport pauses at ``>=`` and would never resume.
+_HIGH_WATER = 1
 
 
 class Target:
@@ -171,7 +179,7 @@ class BulkStream(asyncio.BufferedProtocol):
     def take_over(self, transport: Any) -> None:
         """Become ``transport``'s protocol (after its websocket handshake)."""
         self.transport = transport
-        transport.set_write_buffer_limits(high=_HIGH_WATER)
+        transport.set_write_buffer_limits(high=_HIGH_WATER, low=0)
         transport.set_protocol(self)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -195,6 +203,9 @@ class BulkStream(asyncio.BufferedProtocol):
         self._pace()
 
     def eof_received(self) -> bool:
+        # The other end is done with it: so is this one, at once (a close would wait
+        # to send what is buffered, to a peer that may never read it).
+        self.close("the other end closed the bulk stream")
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:

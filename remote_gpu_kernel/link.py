@@ -12,9 +12,11 @@ into exceptions. Everything runs on one event loop.
 
 Where the server offers it (``bulk`` in its limits) and ``RGPU_BULK_STREAM``
 is not ``0``, the link opens a bulk stream beside the websocket (see
-:mod:`remote_gpu_core.bulk_stream`) and the bytes of large pushes go there;
-the server answers pulls there once it is open. Until it is open, or if it
-cannot be opened or breaks, they travel on the websocket as before.
+:mod:`remote_gpu_core.bulk_stream`) in the background once a large push or
+pull went (a link that moves only small things never opens one, and a
+lease does not wait for it); then the bytes of large pushes go there and
+the server answers pulls there. Until it is open, or if it cannot be
+opened or breaks, they travel on the websocket as before.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from remote_gpu_core import __version__, tls
-from remote_gpu_core.bulk_stream import GREETING, TICKET_HEADER, BulkStream, Target
+from remote_gpu_core.bulk_stream import GREETING, READY, TICKET_HEADER, BulkStream, Target
 from remote_gpu_core.errors import AuthenticationError, BulkStreamLost, ConnectionLost, ProtocolError, RemoteGpuError
 from remote_gpu_core.fingerprint import from_wire
 from remote_gpu_core.protocol import (
@@ -160,11 +162,12 @@ class Link:
         if too_large is not None:
             raise too_large
         stream = self.bulk
-        if stream is not None and stream.closed is None and isinstance(message, m.Push):
-            lengths = [sum(p.nbytes for p in views(b)) for b in message.buffers]
-            if sum(lengths) >= BULK_MIN:
+        lengths = [sum(p.nbytes for p in views(b)) for b in message.buffers] if isinstance(message, m.Push) else []
+        if isinstance(message, m.Push) and sum(lengths) >= BULK_MIN:
+            if stream is not None and stream.closed is None:
                 await self._send_bulk(stream, message, lengths, on_progress)
                 return
+            self.want_bulk()
         frames = encode(message)
         total = sum(memoryview(f).nbytes for f in frames) if on_progress else 0
         sent = 0
@@ -227,6 +230,13 @@ class Link:
             self.bulk.expect(target)
         return False
 
+    def want_bulk(self) -> None:
+        """A large transfer goes: open the bulk stream in the background, for
+        the next ones (once per link; see the module docstring)."""
+        if (self.bulk_opening is None and self.limits.get("bulk") and self.reconnect is not None
+                and os.environ.get(BULK_ENV, "1") != "0"):
+            self.bulk_opening = asyncio.get_running_loop().create_task(self.open_bulk())
+
     async def open_bulk(self) -> bool:
         """Open the bulk stream, where the server offers one and it is not turned
         off; False (and the websocket carries everything) where it is not open."""
@@ -243,7 +253,15 @@ class Link:
             if not isinstance(answer, m.BulkTicket):
                 return False
             ws = await self.reconnect({TICKET_HEADER: answer.ticket})
-        except (RemoteGpuError, OSError, InvalidHandshake, asyncio.TimeoutError) as exc:
+            try:  # the server's last websocket message: it reads the connection as a bulk stream now
+                ready = await asyncio.wait_for(ws.recv(), PING_WAIT)
+            except BaseException:
+                ws.transport.abort()
+                raise
+            if ready != READY:
+                ws.transport.abort()
+                raise ProtocolError(f"the server's bulk stream began with {ready!r:.40}, not {READY!r}")
+        except (RemoteGpuError, OSError, InvalidHandshake, ConnectionClosed, asyncio.TimeoutError) as exc:
             log.info("no bulk stream, pushes and pulls go on the websocket: %s", exc)
             return False
         stream = BulkStream(on_lost=lambda reason: self._bulk_lost(stream, reason))
@@ -309,6 +327,8 @@ class Link:
             self.on_released(msg)
         if isinstance(msg, m.Parked) and self.on_parked is not None:
             self.on_parked(msg)
+        if isinstance(msg, m.PullReply) and sum(len(b) for b in msg.buffers) >= BULK_MIN:
+            self.want_bulk()
         if req == 0 and isinstance(msg, m.Output):
             if self.on_background is not None:
                 self.on_background(msg)
@@ -352,9 +372,6 @@ class Link:
         self.user, self.server_version = msg.user, msg.server
         self.limits = dict(msg.limits)
         self.environments = {str(name): from_wire(f) for name, f in dict(msg.envs).items()}
-        if self.limits.get("bulk") and self.reconnect is not None and os.environ.get(BULK_ENV, "1") != "0":
-            # Meanwhile, the websocket carries everything.
-            self.bulk_opening = asyncio.get_running_loop().create_task(self.open_bulk())
 
     async def close(self) -> None:
         if self.bulk_opening is not None:

@@ -49,9 +49,10 @@ def link_of(session: Session) -> Link:
 
 
 def with_bulk(session: Session) -> Link:
-    """The session's link once its bulk stream is open."""
+    """The session's link once its bulk stream is open (a link opens one after its first
+    large transfer; the test opens it first)."""
     link = link_of(session)
-    wait_for(lambda: link.bulk is not None, what="the bulk stream to open")
+    assert run_on_link(session, link.open_bulk())
     return link
 
 
@@ -90,6 +91,20 @@ def test_pushes_and_pulls_of_numpy_and_torch_carry_their_bytes_on_the_bulk_strea
         # Small values go on the websocket as ever, and still arrive.
         session.push(small=np.arange(10))
         assert np.array_equal(session.pull("small")["small"], np.arange(10))
+
+
+def test_a_link_opens_its_bulk_stream_after_its_first_large_transfer_and_not_before(server: ServerProcess) -> None:
+    with Client(server.url, server.token("lazy")).session() as session:
+        link = link_of(session)
+        session.push(small=np.arange(100))
+        assert session.execute("big = bytes(2 << 20)").ok
+        assert session.pull("small")["small"].tolist() == list(range(100))
+        assert link.bulk_opening is None and link.bulk is None  # nothing large went yet
+        session.pull("big")
+        wait_for(lambda: link.bulk is not None, what="the bulk stream to open")
+        sent = link.bulk.sent_bytes if link.bulk is not None else 0
+        session.push(again=np.zeros(2 << 20, np.uint8))
+        assert link.bulk is not None and link.bulk.sent_bytes - sent >= 2 << 20
 
 
 def test_a_client_told_not_to_opens_no_bulk_stream_and_moves_everything_on_the_websocket(
@@ -209,8 +224,7 @@ def test_a_bulk_stream_cut_in_the_middle_fails_only_that_transfer_and_the_rest_g
             assert result.ok, result.error
             # A pull cut on its bulk stream: again, and only the rest comes (on the websocket).
             assert link.reconnect is not None
-            reopened = run_on_link(session, link.open_bulk())
-            assert reopened and link.bulk is not None
+            assert run_on_link(session, link.open_bulk()) and link.bulk is not None
             cutter = cut_when(link, session, size // 2, sent=False)
             with pytest.raises(BulkStreamLost):
                 session.pull("back")

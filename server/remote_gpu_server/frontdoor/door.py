@@ -17,7 +17,8 @@ A websocket handshake with a bulk-stream ticket
 the client's bulk stream (see :mod:`..connections.bulk`): a ticket not
 given to a connection of that token's user, used, or expired is refused
 with 403; a good one's connection leaves websocket framing as its 101 is
-sent, and its transport goes to the connection that asked for the ticket.
+done: it says :data:`~remote_gpu_core.bulk_stream.READY` and its transport goes to
+the connection that asked for the ticket.
 
 Each user holds at most ``--max-connections-per-user`` websockets at once
 (see :mod:`.user_connections`): one more is refused with 429 and a
@@ -37,7 +38,7 @@ from typing import Any
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
-from remote_gpu_core.bulk_stream import TICKET_HEADER, BulkStream
+from remote_gpu_core.bulk_stream import READY, TICKET_HEADER
 from remote_gpu_core.errors import ProtocolError
 from remote_gpu_core.protocol import CHUNK_SIZE, upgrade
 from remote_gpu_core.protocol.piece_reader import install as install_piece_reader
@@ -91,9 +92,8 @@ class FrontDoor:
         self._tokens: dict[ServerConnection, TokenInfo] = {}
         self._watchers: set[asyncio.Task[None]] = set()
         self._bulk = bulk
-        # Bulk streams: the connection a handshake's ticket opened one for, then the stream.
+        # Bulk streams: the connection a handshake's ticket opened one for.
         self._bulk_owners: dict[ServerConnection, ConnectionBulk] = {}
-        self._bulk_streams: dict[ServerConnection, BulkStream] = {}
         self._server: Server | None = None
         self.port = 0
 
@@ -181,13 +181,7 @@ class FrontDoor:
 
     def _answered(self, connection: ServerConnection, request: Request, response: Response) -> None:
         """A client's websocket whose first messages ride its upgrade request:
-        the 101 says they are read (its :class:`Connection` reads them first).
-        A bulk stream's connection leaves websocket framing now: what the
-        client sends after the 101 goes to its stream."""
-        owner = self._bulk_owners.pop(connection, None)
-        if owner is not None and response.status_code == HTTPStatus.SWITCHING_PROTOCOLS:
-            self._bulk_streams[connection] = owner.attach(connection.transport)
-            return
+        the 101 says they are read (its :class:`Connection` reads them first)."""
         if (response.status_code == HTTPStatus.SWITCHING_PROTOCOLS and request.path != SUBMIT_PATH
                 and upgrade.FIRST_MESSAGES in request.headers):
             response.headers[upgrade.FIRST_MESSAGES] = upgrade.READ
@@ -195,9 +189,6 @@ class FrontDoor:
     def _gone(self, connection: ServerConnection, user: str) -> None:
         self._tokens.pop(connection, None)
         self._bulk_owners.pop(connection, None)
-        stream = self._bulk_streams.pop(connection, None)  # its handler never ran
-        if stream is not None:
-            stream.close("the bulk stream's handshake ended before it was served")
         self.connections.give_back(user)
         self.heap.soon()  # what its buffers grew goes back to the system
 
@@ -205,9 +196,9 @@ class FrontDoor:
         info = self._tokens.get(ws)
         if info is None:  # it closed before its handler ran
             return
-        stream = self._bulk_streams.pop(ws, None)
-        if stream is not None:
-            await self._carry_bulk(ws, stream)
+        owner = self._bulk_owners.pop(ws, None)
+        if owner is not None:
+            await self._carry_bulk(ws, owner)
             return
         if ws.request is not None and ws.request.path == SUBMIT_PATH:
             await self._http.submit_over_websocket(ws, info)
@@ -215,11 +206,19 @@ class FrontDoor:
         await self._clients(ws, info)
 
     @staticmethod
-    async def _carry_bulk(ws: ServerConnection, stream: BulkStream) -> None:
-        """Hold a bulk stream's handler until the stream ends. Its websocket is
-        over at once: it sends no pings and no close frame (they would be
-        bytes in the stream), and it no longer counts among its user's
-        connections (one stream per connection, opened by that connection's ticket)."""
+    async def _carry_bulk(ws: ServerConnection, owner: ConnectionBulk) -> None:
+        """Say READY, the websocket's last message, and hand its transport to
+        ``owner``'s bulk stream, with no await between (nothing the client sends
+        after reading READY can reach the websocket); hold the handler until the
+        stream ends. The websocket is over at once: it sends no pings and no
+        close frame (they would be bytes in the stream), and it no longer counts
+        among its user's connections (one stream per connection, opened by that
+        connection's ticket)."""
+        if ws.keepalive_task is not None:
+            ws.keepalive_task.cancel()
+        ws.protocol.send_binary(READY)
+        ws.send_data()
+        stream = owner.attach(ws.transport)
         ws.connection_lost(None)  # its transport no longer tells it anything
         try:
             await stream.wait_closed()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import threading
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -186,21 +185,30 @@ def test_a_push_that_says_its_bytes_come_on_a_stream_that_is_not_open_is_refused
         assert isinstance(raw.answer(3, m.ExecuteDone, timeout=60), m.ExecuteDone)
 
 
-def cut_when(link: Link, session: Session, crossed: int, sent: bool) -> threading.Thread:
-    """Abort the link's bulk stream once ``crossed`` bytes went out on it (``sent``) or came in."""
+def cut_at(link: Link, crossed: int, sent: bool) -> None:
+    """Abort the link's bulk stream, on its own loop, as soon as ``crossed`` more bytes
+    went out on it (``sent``) or came in: wherever the transfer is then, not after a time."""
     stream = link.bulk
     assert stream is not None
     start = stream.sent_bytes if sent else stream.received_bytes
+    if sent:
+        write_piece = stream.write_piece
 
-    def cut() -> None:
-        wait_for(lambda: (stream.sent_bytes if sent else stream.received_bytes) - start >= crossed, timeout=120,
-                 what="half of the transfer to cross")
-        loop = session._session._link.task.get_loop()  # noqa: SLF001
-        loop.call_soon_threadsafe(stream.close, "cut by the test")
+        async def cutting_write(piece: memoryview) -> None:
+            if stream.sent_bytes - start >= crossed:
+                stream.close("cut by the test")
+            await write_piece(piece)
 
-    thread = threading.Thread(target=cut, daemon=True)
-    thread.start()
-    return thread
+        stream.write_piece = cutting_write  # type: ignore[method-assign]
+    else:
+        buffer_updated = stream.buffer_updated
+
+        def cutting_read(nbytes: int) -> None:
+            buffer_updated(nbytes)
+            if stream.received_bytes - start >= crossed and stream.closed is None:
+                stream.close("cut by the test")
+
+        stream.buffer_updated = cutting_read  # type: ignore[method-assign]
 
 
 def test_a_bulk_stream_cut_in_the_middle_fails_only_that_transfer_and_the_rest_goes_on_the_websocket(
@@ -213,10 +221,9 @@ def test_a_bulk_stream_cut_in_the_middle_fails_only_that_transfer_and_the_rest_g
         with Client(proxy.url, server.token("cut")).session() as session:
             session.on_progress = None
             link = with_bulk(session)
-            cutter = cut_when(link, session, size // 2, sent=True)
+            cut_at(link, size // 2, sent=True)
             with pytest.raises(BulkStreamLost, match="session goes on"):
                 session.push(value=value)
-            cutter.join()
             assert link.bulk is None and session._session.connected  # noqa: SLF001
             session.push(value=value)  # on the websocket now
             result = session.execute(f"import hashlib\nassert hashlib.sha256(value).hexdigest() == {digest!r}\n"
@@ -225,10 +232,9 @@ def test_a_bulk_stream_cut_in_the_middle_fails_only_that_transfer_and_the_rest_g
             # A pull cut on its bulk stream: again, and only the rest comes (on the websocket).
             assert link.reconnect is not None
             assert run_on_link(session, link.open_bulk()) and link.bulk is not None
-            cutter = cut_when(link, session, size // 2, sent=False)
+            cut_at(link, size // 2, sent=False)
             with pytest.raises(BulkStreamLost):
                 session.pull("back")
-            cutter.join()
             before = proxy.down
             assert np.array_equal(session.pull("back")["back"], value[::-1])
             assert proxy.down - before <= size - size // 2 + 32 * MIB, "the cut pull was not resumed"

@@ -19,7 +19,11 @@ carries that answer's code, which may be more precise than its class's
     │           --max-push, --max-message); it was not used and the
     │           connection goes on
     ├── ConnectionLost (ConnectionError)     connection_lost
-    │       the websocket closed under a request
+    │   │   the websocket closed under a request
+    │   └── BulkStreamLost                   bulk_stream_lost
+    │           the bulk stream beside the websocket broke during a
+    │           transfer; the session goes on, and the next transfer
+    │           goes on the websocket
     ├── AuthenticationError (PermissionError)  authentication_failed
     │       the server refused the token or the connection (HTTP 401 or 403)
     ├── TlsError (ConnectionError)           tls_error
@@ -75,6 +79,7 @@ __all__ = [
     "ApiError",
     "AuthenticationError",
     "CellSyntaxError",
+    "BulkStreamLost",
     "ConnectionLost",
     "FetchRefused",
     "FileTransferError",
@@ -163,6 +168,12 @@ class ConnectionLost(RemoteGpuError, ConnectionError):
     """The connection to the server closed while a request was pending."""
 
     code = "connection_lost"
+
+
+class BulkStreamLost(ConnectionLost):
+    """The bulk stream broke during a transfer; the websocket and the session go on."""
+
+    code = "bulk_stream_lost"
 
 
 class AuthenticationError(RemoteGpuError, PermissionError):

@@ -9,6 +9,14 @@ tree (:mod:`remote_gpu_core.errors`) whose message says what to do.
 server's limits) and routes what arrives by request id to per-request
 inboxes; :func:`error_from` turns the server's :class:`~m.Error` answers
 into exceptions. Everything runs on one event loop.
+
+Where the server offers it (``bulk`` in its limits) and ``RGPU_BULK_STREAM``
+is not ``0``, the link opens a bulk stream beside the websocket (see
+:mod:`remote_gpu_core.bulk_stream`) in the background once a large push or
+pull went (a link that moves only small things never opens one, and a
+lease does not wait for it); then the bytes of large pushes go there and
+the server answers pulls there. Until it is open, or if it cannot be
+opened or breaks, they travel on the websocket as before.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import os
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -25,22 +34,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from remote_gpu_core import __version__, tls
-from remote_gpu_core.errors import (
-    AuthenticationError,
-    ConnectionLost,
-    FileTransferError,
-    LeaseError,
-    ParkError,
-    ProtocolError,
-    RemoteError,
-    RemoteGpuError,
-    RemoteTimeout,
-    ServerError,
-    SessionReleased,
-    VersionDifference,
-    VersionMismatch,
-    WorkerDied,
-)
+from remote_gpu_core.bulk_stream import GREETING, READY, TICKET_HEADER, BulkStream, Target
+from remote_gpu_core.errors import AuthenticationError, BulkStreamLost, ConnectionLost, ProtocolError, RemoteGpuError
 from remote_gpu_core.fingerprint import from_wire
 from remote_gpu_core.protocol import (
     CHUNK_SIZE,
@@ -50,11 +45,13 @@ from remote_gpu_core.protocol import (
     upgrade,
 )
 from remote_gpu_core.protocol import messages as m
+from remote_gpu_core.protocol.framing import FLAG_BULK, encode_head, views
 from remote_gpu_core.protocol.limits import refusal
 from remote_gpu_core.protocol.piece_reader import install as install_piece_reader
 from remote_gpu_core.protocol.serialization import allocate_buffer
 
 from .progress import Throttle
+from .server_errors import error_from
 
 __all__ = ["Answers", "Link", "OutputCallback", "ProgressCallback", "connect_link", "error_from", "open_link"]
 
@@ -67,38 +64,20 @@ FIRST_REQ = 1
 ProgressCallback = Callable[[int, int], Any]
 
 
-def error_from(msg: m.Error) -> RemoteGpuError:
-    code = msg.code
-    if code is m.ErrorCode.VERSION_MISMATCH:
-        return VersionMismatch(msg.message)
-    if code is m.ErrorCode.PROTOCOL:
-        return ProtocolError(msg.message)
-    if code is m.ErrorCode.WORKER_DIED:
-        return WorkerDied(msg.message, code=code.value)
-    if code is m.ErrorCode.TIMEOUT:
-        return RemoteTimeout(msg.message)
-    if code in (m.ErrorCode.NO_LEASE, m.ErrorCode.RELEASED):
-        return SessionReleased(msg.message, code=code.value)
-    if code is m.ErrorCode.LEASE_REFUSED:
-        return LeaseError(msg.message, code=code.value)
-    if code is m.ErrorCode.PARK_REFUSED:
-        return ParkError(msg.message)
-    if code is m.ErrorCode.VERSION_DIFFERENCE:  # the worker's "VersionDifference: ..."
-        return VersionDifference(msg.message.removeprefix(f"{VersionDifference.__name__}: "))
-    if code in (m.ErrorCode.SERIALIZATION, m.ErrorCode.NAME_ERROR):
-        ename, _, evalue = msg.message.partition(": ")
-        return RemoteError.from_remote(ename, evalue, [])
-    if code is m.ErrorCode.FILE:
-        # The worker's refusal comes as "FileNotFoundError: no file ...": the
-        # error's own name says it is about a file already.
-        ename, sep, evalue = msg.message.partition(": ")
-        plain = sep and ename.isidentifier() and ename.endswith("Error")
-        return FileTransferError(evalue if plain else msg.message)
-    return ServerError(msg.message, code=code.value)
-
-
-
 _CLOSED = object()
+#: A push of fewer bytes than this goes on the websocket: a bulk stream saves it nothing.
+BULK_MIN = 1 << 20
+#: Seconds a websocket has to answer a ping once its bulk stream broke, to count as alive.
+PING_WAIT = 10.0
+#: ``RGPU_BULK_STREAM=0``: never open a bulk stream.
+BULK_ENV = "RGPU_BULK_STREAM"
+
+
+class _BulkCut:
+    """In an inbox: the answer's bytes were to come on the bulk stream, and it broke."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
 
 
 
@@ -155,6 +134,16 @@ class Link:
         #: Told what came of a message cut short by the end of the connection
         #: (see :meth:`~remote_gpu_core.protocol.framing.Reader.salvage`).
         self.on_cut: Callable[[dict[str, Any], list[tuple[Any, int]]], None] | None = None
+        #: The bulk stream, once open (see the module docstring).
+        self.bulk: BulkStream | None = None
+        self._bulk_lock = asyncio.Lock()
+        self._bulk_ws: ClientConnection | None = None
+        self._cut_pushes: dict[int, str] = {}  # pushes whose bulk stream broke under them, and how
+        #: Opens a second websocket to the server with extra headers (set by :func:`connect_link`).
+        self.reconnect: Callable[[dict[str, str]], Awaitable[ClientConnection]] | None = None
+        self.reader.on_bulk = self._on_bulk
+        #: The task opening the bulk stream after the welcome (True once open), if any.
+        self.bulk_opening: asyncio.Task[bool] | None = None
         self.task = asyncio.get_running_loop().create_task(self._read())
 
     def open(self) -> tuple[int, asyncio.Queue[Any]]:
@@ -172,6 +161,13 @@ class Link:
         too_large = refusal(message, self.limits)
         if too_large is not None:
             raise too_large
+        stream = self.bulk
+        lengths = [sum(p.nbytes for p in views(b)) for b in message.buffers] if isinstance(message, m.Push) else []
+        if isinstance(message, m.Push) and sum(lengths) >= BULK_MIN:
+            if stream is not None and stream.closed is None:
+                await self._send_bulk(stream, message, lengths, on_progress)
+                return
+            self.want_bulk()
         frames = encode(message)
         total = sum(memoryview(f).nbytes for f in frames) if on_progress else 0
         sent = 0
@@ -184,6 +180,115 @@ class Link:
                         on_progress(sent, total)
         except ConnectionClosed as exc:
             raise ConnectionLost(f"the connection to the GPU server closed: {exc}") from None
+
+    async def _send_bulk(self, stream: BulkStream, message: m.Push, lengths: list[int],
+                         on_progress: ProgressCallback | None) -> None:
+        """``message``'s header on the websocket, its buffers on ``stream``. If the
+        stream breaks first, the server answers the push (an error, unless all of
+        it came), and that answer raises BulkStreamLost once the push is over."""
+        total, sent = sum(lengths), 0
+        try:
+            async with self._send_lock:
+                for frame in encode_head(message, lengths, flags=FLAG_BULK):
+                    await self.ws.send(frame)
+                await self._bulk_lock.acquire()  # before the next header: the bytes keep their order
+        except ConnectionClosed as exc:
+            raise ConnectionLost(f"the connection to the GPU server closed: {exc}") from None
+        try:
+            for buf in message.buffers:
+                for view in views(buf):
+                    for start in range(0, view.nbytes, CHUNK_SIZE):
+                        piece = view[start : start + CHUNK_SIZE]
+                        await stream.write_piece(piece)
+                        if on_progress is not None:
+                            sent += piece.nbytes
+                            on_progress(sent, total)
+        except ConnectionLost as exc:
+            self._cut_pushes[message.req] = str(exc)
+        finally:
+            self._bulk_lock.release()
+
+    def _on_bulk(self, msg: m.Message | None, buffers: list[Any], lengths: list[int], header: int) -> bool:
+        """An answer whose buffers come on the bulk stream: routed once they are in."""
+        req = getattr(msg, "req", 0)
+
+        def done(reason: str | None) -> None:
+            if reason is None and msg is not None:
+                self._route(msg)
+                return
+            if msg is not None and self.on_cut is not None:  # what arrived, for a pull that resumes
+                came = [(buf, size if i < target.index else target.filled if i == target.index else 0)
+                        for i, (buf, size) in enumerate(zip(buffers, lengths))]
+                self.on_cut({**msg.fields(), "t": msg.type.value}, came)
+            if (inbox := self.inboxes.get(req)) is not None:
+                inbox.put_nowait(_BulkCut(reason or "the server's answer was refused"))
+
+        target = Target(buffers, lengths, done, self.progress.get(req))
+        if self.bulk is None:
+            target.fail("the server sent an answer's bytes on a bulk stream, and none is open")
+        else:
+            self.bulk.expect(target)
+        return False
+
+    def want_bulk(self) -> None:
+        """A large transfer goes: open the bulk stream in the background, for
+        the next ones (once per link; see the module docstring)."""
+        if (self.bulk_opening is None and self.limits.get("bulk") and self.reconnect is not None
+                and os.environ.get(BULK_ENV, "1") != "0"):
+            self.bulk_opening = asyncio.get_running_loop().create_task(self.open_bulk())
+
+    async def open_bulk(self) -> bool:
+        """Open the bulk stream, where the server offers one and it is not turned
+        off; False (and the websocket carries everything) where it is not open."""
+        if (not self.limits.get("bulk") or os.environ.get(BULK_ENV, "1") == "0"
+                or self.reconnect is None or self.bulk is not None):
+            return self.bulk is not None
+        try:
+            req, inbox = self.open()
+            try:
+                await self.send(m.BulkOpen(req))
+                answer = await self.receive(inbox)
+            finally:
+                self.done(req)
+            if not isinstance(answer, m.BulkTicket):
+                return False
+            ws = await self.reconnect({TICKET_HEADER: answer.ticket})
+            try:  # the server's last websocket message: it reads the connection as a bulk stream now
+                ready = await asyncio.wait_for(ws.recv(), PING_WAIT)
+            except BaseException:
+                ws.transport.abort()
+                raise
+            if ready != READY:
+                ws.transport.abort()
+                raise ProtocolError(f"the server's bulk stream began with {ready!r:.40}, not {READY!r}")
+        except (RemoteGpuError, OSError, InvalidHandshake, ConnectionClosed, asyncio.TimeoutError) as exc:
+            log.info("no bulk stream, pushes and pulls go on the websocket: %s", exc)
+            return False
+        stream = BulkStream(on_lost=lambda reason: self._bulk_lost(stream, reason))
+        stream.take_over(ws.transport)
+        await stream.write_piece(memoryview(GREETING))
+        self.bulk, self._bulk_ws = stream, ws
+        return True
+
+    async def _bulk_cut(self, text: str) -> ConnectionLost:
+        """What to raise for a transfer whose bulk stream broke: BulkStreamLost
+        (``text``) if the websocket answers a ping, else ConnectionLost (a link
+        cut whole, whichever connection noticed first)."""
+        try:
+            async with asyncio.timeout(PING_WAIT):
+                await (await self.ws.ping())
+        except (ConnectionClosed, TimeoutError):
+            await self.ws.close()  # a websocket that does not answer is as good as gone
+            return ConnectionLost(self.closed_reason or "the connection to the GPU server was lost")
+        return BulkStreamLost(text)
+
+    def _bulk_lost(self, stream: BulkStream, reason: str) -> None:
+        if self.bulk is stream:
+            log.info("the bulk stream ended (%s): pushes and pulls go on the websocket", reason)
+            self.bulk = None
+        if self._bulk_ws is not None:
+            self._bulk_ws.connection_lost(None)  # its transport no longer tells it
+            self._bulk_ws = None
 
     async def _read(self) -> None:
         reason = "the connection to the GPU server closed"
@@ -222,6 +327,8 @@ class Link:
             self.on_released(msg)
         if isinstance(msg, m.Parked) and self.on_parked is not None:
             self.on_parked(msg)
+        if isinstance(msg, m.PullReply) and sum(len(b) for b in msg.buffers) >= BULK_MIN:
+            self.want_bulk()
         if req == 0 and isinstance(msg, m.Output):
             if self.on_background is not None:
                 self.on_background(msg)
@@ -238,12 +345,22 @@ class Link:
         msg = await inbox.get()
         if msg is _CLOSED:
             raise ConnectionLost(self.closed_reason or "the connection closed")
+        if isinstance(msg, _BulkCut):
+            raise await self._bulk_cut(f"the bulk stream beside the connection broke during this transfer "
+                                       f"({msg.reason}); the session goes on: run it again (it goes on the "
+                                       "websocket now, from where it broke)")
         if isinstance(msg, m.Error):
+            cut = self._cut_pushes.pop(msg.req, None)
+            if cut is not None:
+                raise await self._bulk_cut(f"the bulk stream beside the connection broke during this push ({cut}); "
+                                           "nothing was set, the session goes on: push again (it goes on the "
+                                           "websocket now)")
             raise error_from(msg)
         return msg  # type: ignore[no-any-return]
 
     def done(self, req: int) -> None:
         self.inboxes.pop(req, None)
+        self._cut_pushes.pop(req, None)
 
     async def welcomed(self) -> None:
         """Wait for the server's answer to the hello: who this token is, the
@@ -257,6 +374,10 @@ class Link:
         self.environments = {str(name): from_wire(f) for name, f in dict(msg.envs).items()}
 
     async def close(self) -> None:
+        if self.bulk_opening is not None:
+            self.bulk_opening.cancel()
+        if self.bulk is not None:
+            self.bulk.close("the link was closed")
         await self.ws.close()
         self.task.cancel()
         try:
@@ -305,23 +426,26 @@ async def connect_link(url: str, token: str | None, *, cafile: str | None = None
     riding: list[m.Message] = [m.Hello(PROTOCOL_VERSION, f"remote-gpu-kernel/{__version__}")]
     if first is not None:
         riding.append(first(FIRST_REQ))
-    headers = {"Authorization": f"Bearer {token}"}
+    auth = {"Authorization": f"Bearer {token}"}
     carried = upgrade.first_messages(riding)
-    if carried is not None:
-        headers[upgrade.FIRST_MESSAGES] = carried
-    try:
-        ws = await connect(
+
+    async def dial(extra: dict[str, str], **options: Any) -> ClientConnection:
+        return await connect(
             url,
             ssl=context,  # None for ws://, always a verifying context for wss://
-            additional_headers=headers,
+            additional_headers={**auth, **extra},
             compression=None,
             max_size=CHUNK_SIZE,
             max_queue=64,
             write_limit=4 * CHUNK_SIZE,
             open_timeout=open_timeout,
             user_agent_header=f"remote-gpu-kernel/{__version__}",
-            create_connection=_PieceConnection,
+            **options,
         )
+
+    try:
+        ws = await dial({upgrade.FIRST_MESSAGES: carried} if carried is not None else {},
+                        create_connection=_PieceConnection)
     except InvalidStatus as exc:
         body = exc.response.body.decode(errors="replace").strip()
         if exc.response.status_code == 401:
@@ -343,6 +467,8 @@ async def connect_link(url: str, token: str | None, *, cafile: str | None = None
     except (OSError, asyncio.TimeoutError) as exc:
         raise ConnectionLost(f"cannot reach the GPU server at {url}: {exc}") from None
     link = Link(ws)
+    # A bulk stream's handshake: no first messages, no pings (they would be bytes in the stream).
+    link.reconnect = lambda extra: dial(extra, ping_interval=None)
     inbox = None
     if first is not None:
         req, inbox = link.open()  # before anything is read: its answers find their inbox

@@ -23,6 +23,13 @@ frame by frame without ever being joined. Joining 100 MiB into fresh memory
 costs more here than the whole network path (page faults, not copying), so
 only the final receiver joins.
 
+A message whose prefix has :data:`FLAG_BULK` set carries its header here
+and its buffers' bytes, in order, on a second stream of raw bytes beside
+this one (see :mod:`remote_gpu_core.bulk_stream`): the reader hands such a
+message, with its buffers still empty, to its ``on_bulk`` handler and
+reads the next message at once. Only a peer that agreed to a bulk stream
+sets the flag; a reader without a handler refuses it.
+
 Limits: a header longer than ``max_header`` breaks the stream (its buffers'
 lengths are in it, so nothing after it can be read). A message whose size
 or number of buffers is over its limit is refused whole: the reader raises
@@ -38,20 +45,12 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Union
 
 from ..errors import MessageTooLarge, ProtocolError
+from .chunks import Chunks, Frame
 from .messages import Message, MessageType, message_from_fields
 
 __all__ = [
-    "CHUNK_SIZE",
-    "Chunks",
-    "header_bytes",
-    "encode_head",
-    "FRAMING_VERSION",
-    "MAX_BUFFERS",
-    "MAX_HEADER",
-    "MAX_MESSAGE",
-    "Reader",
-    "encode",
-    "views",
+    "BulkHandler", "CHUNK_SIZE", "Chunks", "FLAG_BULK", "FRAMING_VERSION", "MAX_BUFFERS", "MAX_HEADER",
+    "MAX_MESSAGE", "Reader", "encode", "encode_head", "header_bytes", "views",
 ]
 
 FRAMING_VERSION = 1
@@ -65,97 +64,18 @@ MAX_MESSAGE = 64 << 30
 #: before any of its bytes arrive, so a short header must not make millions.
 MAX_BUFFERS = 100_000
 
+#: In a message's prefix: its buffers' bytes come on the bulk stream, not after its header.
+FLAG_BULK = 1
+
 _PREFIX = struct.Struct(">2sBBI")
 _MAGIC = b"RG"
 
-Frame = Union[bytes, bytearray, memoryview]
 
-_EMPTY = memoryview(b"")
-
-
-class Chunks:
-    """One buffer held as the pieces it arrived in, not joined.
-
-    In a reader with ``early`` message types, a message is handed out as
-    soon as its header is read and its :class:`Chunks` fill in as frames
-    arrive: ``complete`` turns true at the end, ``failed`` holds a reason if
-    the stream broke first, and ``listener`` (if set) is called after each
-    change, so a relay can pass pieces on while the rest is still coming.
-
-    A relay that has passed piece ``i`` on calls :meth:`release` so the
-    memory goes; ``nbytes - released`` is what the chunks hold now, and
-    ``on_release`` (if set) hears of each release (a connection that bounds
-    what it holds). Once ``failed``, the chunks keep nothing: what they held
-    is dropped and bytes that still arrive are only counted.
-    """
-
-    __slots__ = ("parts", "nbytes", "expected", "complete", "failed", "listener", "released",
-                 "on_release")
-
-    def __init__(self, parts: Iterable[Frame] = (), expected: int | None = None) -> None:
-        self.parts = [memoryview(p).cast("B") for p in parts]
-        self.nbytes = sum(p.nbytes for p in self.parts)
-        self.expected = self.nbytes if expected is None else expected
-        self.complete = expected is None or self.nbytes == expected
-        self.failed: str | None = None
-        self.listener: Callable[[], None] | None = None
-        self.released = 0
-        self.on_release: Callable[[], None] | None = None
-
-    @property
-    def held(self) -> int:
-        """Bytes these chunks keep in memory now."""
-        return self.nbytes - self.released
-
-    def append(self, part: Frame) -> None:
-        view = memoryview(part).cast("B")
-        self.nbytes += view.nbytes
-        if self.failed is not None:  # refused or cut short: count, keep nothing
-            self.released += view.nbytes
-            return
-        self.parts.append(view)
-        if self.nbytes >= self.expected:
-            self.complete = True
-        self._changed()
-
-    def release(self, index: int) -> memoryview:
-        """Piece ``index``, forgotten here: the caller passed it on."""
-        piece = self.parts[index]
-        self.parts[index] = _EMPTY
-        self.released += piece.nbytes
-        if self.on_release is not None:
-            self.on_release()
-        return piece
-
-    def fail(self, reason: str) -> None:
-        if not self.complete and self.failed is None:
-            self.failed = reason
-            self.parts = []
-            self.released = self.nbytes
-            self._changed()
-            if self.on_release is not None:
-                self.on_release()
-
-    def _changed(self) -> None:
-        if self.listener is not None:
-            self.listener()
-
-    def join(self, allocate: Callable[[int], Any] = bytearray) -> Any:
-        """The pieces copied into one writable buffer from ``allocate``."""
-        out = allocate(self.nbytes)
-        view, pos = memoryview(out).cast("B"), 0
-        for part in self.parts:
-            view[pos : pos + part.nbytes] = part
-            pos += part.nbytes
-        return out
-
-    def __len__(self) -> int:
-        return self.expected
-
-
-def encode_head(message: Message, lengths: list[int], chunk_size: int = CHUNK_SIZE) -> list[Frame]:
+def encode_head(message: Message, lengths: list[int], chunk_size: int = CHUNK_SIZE, flags: int = 0
+                ) -> list[Frame]:
     """The first frames of ``message`` whose buffers, of ``lengths`` bytes,
-    the caller sends next as raw frames of at most ``chunk_size`` each.
+    the caller sends next as raw frames of at most ``chunk_size`` each (or,
+    with ``flags`` :data:`FLAG_BULK`, on the bulk stream).
 
     For a relay that streams buffers it has not received in full yet.
     """
@@ -163,7 +83,7 @@ def encode_head(message: Message, lengths: list[int], chunk_size: int = CHUNK_SI
     fields["t"] = message.type.value
     fields["b"] = list(lengths)
     header = json.dumps(fields, separators=(",", ":"), default=_json_default).encode()
-    head = _PREFIX.pack(_MAGIC, FRAMING_VERSION, 0, len(header)) + header
+    head = _PREFIX.pack(_MAGIC, FRAMING_VERSION, flags, len(header)) + header
     return [head[i : i + chunk_size] for i in range(0, len(head), chunk_size)]
 
 
@@ -212,6 +132,14 @@ def encode(message: Message, chunk_size: int = CHUNK_SIZE) -> list[Frame]:
     return frames
 
 
+#: ``on_bulk(message, buffers, lengths, header_size)``: a message whose buffers come
+#: on the bulk stream (None where it was refused: the error is raised as for any
+#: other), its buffers to fill in order (empty where refused: skip ``lengths``).
+#: True: the message is also received now, in its turn among the others; False:
+#: the handler delivers it itself (once its buffers are filled).
+BulkHandler = Callable[[Union[Message, None], list[Any], list[int], int], bool]
+
+
 class Reader:
     """Reassembles messages from received frames.
 
@@ -252,6 +180,9 @@ class Reader:
         #: The most bytes of buffers each early type may carry, by its name.
         self._max_early = {t.value: per_type.get(t, default) for t in self.early}
         self._events: list[tuple[Message, int]] = []
+        #: Takes each message whose buffers come on the bulk stream (see :data:`BulkHandler`).
+        self.on_bulk: BulkHandler | None = None
+        self._flags = 0
         self._broken: ProtocolError | None = None
         self._bad: list[ProtocolError] = []
         self._reset()
@@ -372,7 +303,7 @@ class Reader:
         return self._broken
 
     def _parse_prefix(self) -> None:
-        magic, version, _flags, header_len = _PREFIX.unpack(bytes(self._small))
+        magic, version, self._flags, header_len = _PREFIX.unpack(bytes(self._small))
         if magic != _MAGIC:
             raise self._fail("frame does not start with the protocol's magic bytes")
         if version != FRAMING_VERSION:
@@ -385,6 +316,8 @@ class Reader:
             raise error
         if not header_len:
             raise self._fail("header length 0 is out of bounds")
+        if self._flags & FLAG_BULK and self.on_bulk is None:
+            raise self._fail("a message for a bulk stream, and none was agreed")
         self._state, self._need, self._small = "header", header_len, bytearray()
 
     def _parse_header(self) -> None:
@@ -407,6 +340,9 @@ class Reader:
         total = sum(lengths)
         self._header_size = header_size
         refused = self._refusal(fields, lengths, total, header_size)
+        if self._flags & FLAG_BULK and self.on_bulk is not None:
+            self._bulk(fields, lengths, header_size, refused)
+            return
         if refused is not None:
             # Refused whole: skip its buffers' bytes, keep none, stay in step.
             self._bad.append(refused)
@@ -423,6 +359,24 @@ class Reader:
             self._fields = {}
             self._deliver(fields, self._buffers, header_size)
         self._skip_empty()
+
+    def _bulk(self, fields: dict[str, Any], lengths: list[int], header_size: int,
+              refused: MessageTooLarge | None) -> None:
+        """A message whose buffers' bytes come on the bulk stream: to ``on_bulk`` now."""
+        assert self.on_bulk is not None
+        self._reset()
+        buffers: list[Any] = []
+        message: Message | None = None
+        if refused is not None:
+            self._bad.append(refused)
+        else:
+            buffers = [self.allocate(n) if self.assemble else Chunks(expected=n) for n in lengths]
+            count = len(self._bad)
+            self._deliver(fields, buffers, header_size)
+            message = self._events.pop()[0] if len(self._bad) == count else None
+            buffers = buffers if message is not None else []
+        if self.on_bulk(message, buffers, lengths, header_size) and message is not None:
+            self._events.append((message, header_size))
 
     def _refusal(self, fields: dict[str, Any], lengths: list[int], total: int,
                  header_size: int) -> MessageTooLarge | None:

@@ -28,6 +28,7 @@ from .sessions.batch import BatchRunner
 from .scheduling.broker import LeaseBroker
 from .scheduling.leases import DEFAULT_POOL
 from .config import ServerConfig
+from .connections.bulk import BulkTickets
 from .connections.connection import Connection
 from .frontdoor.door import FrontDoor
 from .config import data_dir, named_paths
@@ -199,12 +200,14 @@ class GpuServer:
                           environments=self._environments_status,
                           fingerprint=lambda env: (self.environments[env].fingerprint if env in self.environments
                                                    else None))
-        self.metrics.attach(view)
+        self.bulk_tickets = BulkTickets() if self.limits.bulk_stream else None
+        self.metrics.attach(view, self.bulk_tickets)
         self.http = HttpApi(view, self.metrics)
         await self.batch.recover()
         self.front = FrontDoor(verify=self.store.verify_token, http=self.http, clients=self._client,
                                server_header=f"remote-gpu-server/{self.version}", origins=self.origins,
-                               admit=self.isolation.admit, max_connections=config.limits.max_connections)
+                               admit=self.isolation.admit, max_connections=config.limits.max_connections,
+                               bulk=self.bulk_tickets)
         await self.front.open(config.host, config.port, tls)
         self.port = self.front.port
         loop = asyncio.get_running_loop()
@@ -299,7 +302,7 @@ class GpuServer:
     async def _client(self, ws: ServerConnection, info: TokenInfo) -> None:
         log.info("%s connected from %s", info.user, ws.remote_address)
         await Connection(ws, info, broker=self.broker, sessions=self.sessions,
-                         server_version=self.version, limits=self.limits).run()
+                         server_version=self.version, limits=self.limits, bulk=self.bulk_tickets).run()
         log.info("%s disconnected", info.user)
 
     async def serve_forever(self) -> None:

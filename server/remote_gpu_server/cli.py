@@ -99,7 +99,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         max_message=_bytes("--max-message", args.max_message, 64 << 10),
                         max_requests=args.max_requests, max_connections=args.max_connections_per_user,
                         connection_memory=_bytes("--connection-memory", args.connection_memory, 1 << 20),
-                        session_cache=_session_cache(args.session_cache))
+                        session_cache=_session_cache(args.session_cache),
+                        bulk_stream=not args.no_bulk_stream)
         parking = ParkConfig(park_after=args.park_after,
                              quota=_size("--park-quota", args.park_quota, 0, "a park quota"),
                              keep=args.park_keep * 86400)
@@ -443,6 +444,11 @@ def add_serve(sub: Any) -> None:
                           "default): 2G, or a quarter of --worker-memory where that is less; none: "
                           "keep nothing, every push sends every byte. Nothing is shared between "
                           "sessions; all of it is freed when the session ends")
+    lim.add_argument("--no-bulk-stream", action="store_true",
+                     help="do not offer clients a second connection for the bytes of pushes and "
+                          "pulls (same port, same TLS, opened with a one-time ticket); they then "
+                          "travel on the session's websocket, at about a third of the speed on a "
+                          "fast link")
     lim.add_argument("--max-connections-per-user", type=int, default=32, metavar="N",
                      help="websockets one user may hold open at once (each notebook session is "
                           "one); one more is refused (default 32)")

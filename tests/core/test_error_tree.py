@@ -20,6 +20,7 @@ CODES = {
     "VersionMismatch": "version_mismatch",
     "MessageTooLarge": "message_too_large",
     "ConnectionLost": "connection_lost",
+    "BulkStreamLost": "bulk_stream_lost",
     "AuthenticationError": "authentication_failed",
     "TlsError": "tls_error",
     "UntrustedCertificate": "untrusted_certificate",

@@ -30,7 +30,23 @@ def test_the_welcome_names_the_limits(fresh_server: ServerProcess) -> None:
     fresh_server.start(wait_warm=False)
     with RawClient(fresh_server.url, fresh_server.token()) as client:
         assert client.hello().limits == {"max_push": 3 << 30, "max_upload": 1 << 30, "max_message": 2 << 20,
-                                         "session_cache": 1 << 30, "resume": 1}
+                                         "session_cache": 1 << 30, "resume": 1, "bulk": 1}
+
+
+def test_a_server_that_offers_no_bulk_stream_moves_pushes_and_pulls_on_the_websocket(
+        fresh_server: ServerProcess) -> None:
+    fresh_server.args = ["--no-bulk-stream"]
+    fresh_server.start()
+    session = Client(fresh_server.url, fresh_server.token()).session()
+    try:
+        link = session._session._link  # noqa: SLF001 (where its bytes go is the point)
+        assert "bulk" not in link.limits and link.bulk_opening is None
+        session.push(big=np.arange(1 << 20))
+        assert session.execute("big2 = big * 2").ok
+        assert (session.pull("big2")["big2"] == np.arange(1 << 20) * 2).all()
+        assert link.bulk is None
+    finally:
+        session.release()
 
 
 def test_a_push_over_max_push_is_refused_and_the_session_goes_on(fresh_server: ServerProcess) -> None:

@@ -74,7 +74,7 @@ from .session import (
     Welcome,
 )
 from .transfers import (
-    Download, DownloadReply, Fetch, FetchRefusal, FetchRefused, Held, Holding, Pull, PullReply, Push, PushDone,
+    BulkOpen, BulkTicket, Download, DownloadReply, Fetch, FetchRefusal, FetchRefused, Held, Holding, Pull, PullReply, Push, PushDone,
     Upload,
     UploadDone,
 )
@@ -83,6 +83,8 @@ __all__ = [
     "ENV_FIELD",
     "PROTOCOL_VERSION",
     "ErrorCode",
+    "BulkOpen",
+    "BulkTicket",
     "Download",
     "DownloadReply",
     "Error",

@@ -22,7 +22,8 @@ __all__ = ["PROTOCOL_VERSION", "Buffers", "Error", "ErrorCode", "Message", "Mess
 #: 4: both ends' versions: ``LeaseGranted.fingerprint`` (the worker's),
 #: ``Push.versions`` and ``PullReply.versions`` (the sender's, of the
 #: packages its pickles reference), ``ErrorCode.VERSION_DIFFERENCE``.
-#: 5: ``Execute.refetch``: fetched files that changed in the notebook's folder.
+#: 5: ``Execute.refetch``: fetched files that changed in the notebook's folder;
+#: ``BulkOpen``/``BulkTicket`` and the framing's bulk flag, for a server that offers ``bulk``.
 PROTOCOL_VERSION = 5
 
 
@@ -59,6 +60,8 @@ class MessageType(str, enum.Enum):
     PARK = "park"
     PARKED = "parked"
     RESUME = "resume"
+    BULK_OPEN = "bulk_open"
+    BULK_TICKET = "bulk_ticket"
     ERROR = "error"
 
 

@@ -24,7 +24,7 @@ from .session import (
     Hello, LeaseGranted, LeaseRequest, Park, Parked, QueuePosition, Release, Released, Resume, Welcome
 )
 from .transfers import (
-    Download, DownloadReply, Fetch, FetchRefused, Held, Holding, Pull, PullReply, Push, PushDone, Upload,
+    BulkOpen, BulkTicket, Download, DownloadReply, Fetch, FetchRefused, Held, Holding, Pull, PullReply, Push, PushDone, Upload,
     UploadDone,
 )
 
@@ -38,6 +38,7 @@ _CLASSES: dict[MessageType, type[Message]] = {
         Output, Notice, ExecuteDone, Push, PushDone, Holding, Held, Pull, PullReply,
         ShellRequest, ShellReply, Upload, UploadDone, Download, DownloadReply, Input, Replay,
         ReplayDone, Interrupt, Release, Released, Park, Parked, Resume, Fetch, FetchRefused, Error,
+        BulkOpen, BulkTicket,
     )
 }  # fmt: skip
 

@@ -35,6 +35,13 @@ next :class:`Pull` offers it in ``partial`` (bytes held by digest), and the
 answer's ``offsets[k]`` says how many bytes of carried buffer ``k`` it
 leaves out, from the start, because the client holds them.
 A server that says ``resume`` in its :attr:`~.session.Welcome.limits` reads these.
+
+A server that says ``bulk`` there takes the buffers' bytes of pushes and
+pulls on a second connection beside the websocket (see
+:mod:`remote_gpu_core.bulk_stream`): a client asks for a ticket
+(:class:`BulkOpen`, answered by :class:`BulkTicket`) and opens that stream
+with it. The messages themselves do not change: only their framing says
+where their buffers' bytes travel.
 """
 
 from __future__ import annotations
@@ -45,8 +52,8 @@ import enum
 from .base import Buffers, Message, MessageType
 
 __all__ = [
-    "Download", "DownloadReply", "Fetch", "FetchRefusal", "FetchRefused", "Held", "Holding", "Pull", "PullReply",
-    "Push", "PushDone", "Upload", "UploadDone", "Variables",
+    "BulkOpen", "BulkTicket", "Download", "DownloadReply", "Fetch", "FetchRefusal", "FetchRefused", "Held",
+    "Holding", "Pull", "PullReply", "Push", "PushDone", "Upload", "UploadDone", "Variables",
 ]
 
 
@@ -231,3 +238,25 @@ class FetchRefused(Message):
     fetch: int
     code: str
     message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class BulkOpen(Message):
+    """Ask for a ticket that opens a bulk stream beside this connection; only
+    to a server that says ``bulk`` in its limits. Answered by :class:`BulkTicket`."""
+
+    type = MessageType.BULK_OPEN
+    req: int
+
+
+@dataclasses.dataclass(frozen=True)
+class BulkTicket(Message):
+    """Open the bulk stream within ``seconds`` with ``ticket``: a second
+    websocket handshake to the same URL with the same token, carrying the
+    ticket in the ``X-RGPU-Bulk`` header. It opens one stream, for this
+    connection only."""
+
+    type = MessageType.BULK_TICKET
+    req: int
+    ticket: str
+    seconds: float

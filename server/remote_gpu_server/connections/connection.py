@@ -31,9 +31,9 @@ from typing import Any
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 
-from remote_gpu_core.errors import MessageTooLarge, ProtocolError, RemoteGpuError, WorkerDied
+from remote_gpu_core.errors import MessageTooLarge, ProtocolError, RemoteGpuError
 from remote_gpu_core.protocol import PROTOCOL_VERSION, encode, upgrade
-from remote_gpu_core.protocol.framing import Chunks, encode_head
+from remote_gpu_core.protocol.framing import Chunks
 from remote_gpu_core.protocol import messages as m
 from remote_gpu_core.sizes import format_size
 
@@ -45,6 +45,7 @@ from ..sessions import variables as session_variables
 from ..sessions.manager import SessionManager
 from ..sessions.session import Session
 from ..store import TokenInfo
+from .bulk import BulkTickets, ConnectionBulk
 from .limits import Limits
 from .memory import ConnectionMemory, Hold
 from .outcomes import Outcomes
@@ -73,7 +74,8 @@ class Connection:
     """One websocket; ``broker`` grants leases, ``sessions`` holds them."""
 
     def __init__(self, ws: ServerConnection, token: TokenInfo, *, broker: LeaseBroker,
-                 sessions: SessionManager, server_version: str, limits: Limits | None = None) -> None:
+                 sessions: SessionManager, server_version: str, limits: Limits | None = None,
+                 bulk: BulkTickets | None = None) -> None:
         self.broker = broker
         self.sessions = sessions
         self.server_version = server_version
@@ -96,6 +98,10 @@ class Connection:
         self._closer: asyncio.Task[None] | None = None
         self._positions = Positions(self.send)  # of this connection's lease requests that wait
         self.closed = False  # the websocket is gone: nothing more is delivered
+        #: Its bulk stream, where the server offers one (see :mod:`.bulk`).
+        self.bulk = ConnectionBulk(self.user, bulk, lambda: self._memory.room(self._arriving), self._refuse)
+        if bulk is not None:
+            self._reader.on_bulk = self.bulk.on_bulk
 
     async def send(self, message: m.Message) -> None:
         self._outcomes.answered(message)
@@ -110,24 +116,11 @@ class Connection:
     async def send_stream(self, message: m.Message, lengths: list[int], pieces: AsyncIterator[Any]) -> None:
         """Send ``message`` whose buffers' bytes come from ``pieces`` as they arrive.
 
-        If ``pieces`` fails midway, the message cannot be finished: the
-        connection is closed (the client sees it as a dropped connection,
-        and the close reason says why; resuming the session works).
+        On the bulk stream where it is open, else on the websocket; see
+        :meth:`.ConnectionBulk.send_stream` for what a failure midway does.
         """
         self._outcomes.answered(message)
-        try:
-            async with self._send_lock:
-                for frame in encode_head(message, lengths):
-                    await self.ws.send(frame)
-                try:
-                    async for piece in pieces:
-                        await self.ws.send(piece)
-                except Exception as exc:
-                    log.warning("stream to %s broke: %s", self.user, exc)
-                    await self.ws.close(1011, "the worker died in the middle of a transfer"
-                                        if isinstance(exc, WorkerDied) else "a transfer failed midway")
-        except ConnectionClosed:
-            pass
+        await self.bulk.send_stream(self._send_lock, self.ws, message, lengths, pieces)
 
     async def run(self) -> None:
         try:
@@ -249,6 +242,8 @@ class Connection:
             self._spawn(self._on_hello(msg), hold=hold)
         elif isinstance(msg, m.Interrupt):
             self._spawn(self._on_interrupt(msg), hold=hold)
+        elif isinstance(msg, m.BulkOpen):
+            self._spawn(self.send(self.bulk.ticket(msg.req)), msg.req, hold=hold)
         elif isinstance(msg, m.LeaseRequest):
             self._spawn(self._on_lease(msg), msg.req, hold=hold)
         elif isinstance(msg, m.Release):
@@ -366,7 +361,8 @@ class Connection:
             await self.send(m.Error(0, m.ErrorCode.VERSION_MISMATCH, mismatch))
             await self.ws.close(1002, "protocol version mismatch")
             return
-        await self.send(m.Welcome(PROTOCOL_VERSION, self.server_version, self.user, self.limits.welcome(),
+        await self.send(m.Welcome(PROTOCOL_VERSION, self.server_version, self.user,
+                                  self.limits.welcome(bulk=self.bulk.offered),
                                   {name: dict(f) for name, f in self.sessions.context.environments.items()}))
 
     async def _on_interrupt(self, msg: m.Interrupt) -> None:
@@ -492,6 +488,7 @@ class Connection:
         self.closed = True
         self._reader.abort("the client disconnected in the middle of a message")
         self._memory.close("the client disconnected")
+        self.bulk.close()
         self._refusals.clear()
         for key in self._positions.clear():
             self.broker.cancel(key)

@@ -76,6 +76,8 @@ class Limits:
     #: None: :meth:`resolve` picks :data:`SESSION_CACHE`, or a quarter of a
     #: worker's memory limit where that is less.
     session_cache: int | None = None
+    #: Offer clients a bulk stream for their pushes' and pulls' bytes (``--no-bulk-stream``: not).
+    bulk_stream: bool = True
 
     def resolve(self, worker_memory: int | None) -> Limits:
         """These limits with ``session_cache`` decided, for workers of ``worker_memory`` bytes."""
@@ -102,11 +104,12 @@ class Limits:
         if self.session_cache is not None and self.session_cache < 0:
             raise ValueError("--session-cache must be 0 or more")
 
-    def welcome(self) -> dict[str, int]:
+    def welcome(self, bulk: bool = False) -> dict[str, int]:
         """What a client is told, to refuse an oversized message before sending it;
-        ``resume``: this server resumes a push cut short (see :class:`~m.Holding`)."""
+        ``resume``: this server resumes a push cut short (see :class:`~m.Holding`);
+        ``bulk``: it opens a bulk stream (``bulk``; see :mod:`.bulk`)."""
         return {"max_push": self.max_push, "max_upload": self.max_upload, "max_message": self.max_message,
-                "session_cache": self.session_cache or 0, "resume": 1}
+                "session_cache": self.session_cache or 0, "resume": 1, **({"bulk": 1} if bulk else {})}
 
     def reader(self) -> Reader:
         """A reader of one client's frames: pushes and uploads handed out at their header, others whole."""

@@ -21,7 +21,7 @@ Two rules keep the total near ``limit`` (``rgpu serve --connection-memory``):
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 
 from remote_gpu_core.protocol import CHUNK_SIZE
 from remote_gpu_core.protocol.framing import Chunks
@@ -99,6 +99,12 @@ class ConnectionMemory:
         """How far ``hold``'s push may be ahead of its worker now."""
         others = sum(h.bytes for h in self._holds if h is not hold)
         return max(self.limit - others, MIN_WINDOW)
+
+    def room(self, hold: Hold | None) -> Awaitable[None] | None:
+        """What a push arriving on a bulk stream waits for while it is too far ahead of its worker."""
+        if hold is not None and hold.arriving and hold.bytes > self.window(hold):
+            return self.wait_for_room(hold)
+        return None
 
     async def wait_for_room(self, hold: Hold) -> None:
         """Return once ``hold`` is within its window (or no longer arriving)."""

@@ -12,6 +12,14 @@ frame size. A request that repeats a header the server acts on
 (``Authorization``, ``Upgrade``, ``Origin``) is refused with 400 (403 for
 ``Origin``), before anything else.
 
+A websocket handshake with a bulk-stream ticket
+(:data:`~remote_gpu_core.bulk_stream.TICKET_HEADER`, and the same token) is
+the client's bulk stream (see :mod:`..connections.bulk`): a ticket not
+given to a connection of that token's user, used, or expired is refused
+with 403; a good one's connection leaves websocket framing as its 101 is
+done: it says :data:`~remote_gpu_core.bulk_stream.READY` and its transport goes to
+the connection that asked for the ticket.
+
 Each user holds at most ``--max-connections-per-user`` websockets at once
 (see :mod:`.user_connections`): one more is refused with 429 and a
 one-line reason. When websockets close, the heap they grew is given back
@@ -30,11 +38,13 @@ from typing import Any
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
+from remote_gpu_core.bulk_stream import READY, TICKET_HEADER
 from remote_gpu_core.errors import ProtocolError
 from remote_gpu_core.protocol import CHUNK_SIZE, upgrade
 from remote_gpu_core.protocol.piece_reader import install as install_piece_reader
 
 from ..errors import TokenError
+from ..connections.bulk import BulkTickets, ConnectionBulk
 from ..connections.heap_trim import HeapTrimmer
 from .http_api import SUBMIT_PATH, HttpApi, json_response
 from .headers import HeaderError, bearer_token, is_websocket, single_header
@@ -66,7 +76,7 @@ class FrontDoor:
     def __init__(self, *, verify: Callable[[str | None], Awaitable[TokenInfo]], http: HttpApi,
                  clients: ClientHandler, server_header: str, origins: OriginPolicy | None = None,
                  admit: Callable[[str], str | None] = lambda user: None,
-                 max_connections: int = Limits().max_connections) -> None:
+                 max_connections: int = Limits().max_connections, bulk: BulkTickets | None = None) -> None:
         self._origins = origins or OriginPolicy(())
         # None if a user may use workers here, else why not (a server that
         # cannot isolate workers serves one user).
@@ -81,6 +91,9 @@ class FrontDoor:
         # The token of each websocket accepted at its handshake, until it closes.
         self._tokens: dict[ServerConnection, TokenInfo] = {}
         self._watchers: set[asyncio.Task[None]] = set()
+        self._bulk = bulk
+        # Bulk streams: the connection a handshake's ticket opened one for.
+        self._bulk_owners: dict[ServerConnection, ConnectionBulk] = {}
         self._server: Server | None = None
         self.port = 0
 
@@ -118,6 +131,7 @@ class FrontDoor:
             websocket = is_websocket(request)
             token = bearer_token(request) if websocket else None
             first = single_header(request, upgrade.FIRST_MESSAGES) if websocket else None
+            ticket = single_header(request, TICKET_HEADER) if websocket else None
             if first is not None:
                 upgrade.first_frames(first)  # its connection reads them: base64, or refused here
         except (HeaderError, ProtocolError) as exc:
@@ -141,6 +155,12 @@ class FrontDoor:
             log.warning("refused a connection from %s: %s", connection.remote_address, exc)
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE,
                                       "the server's database is unavailable; try again shortly\n")
+        if ticket is not None:
+            owner = self._bulk.take(ticket, info.user) if self._bulk is not None else "this server offers no bulk stream"
+            if isinstance(owner, str):
+                log.warning("refused a bulk stream of %s from %s: %s", info.user, connection.remote_address, owner)
+                return connection.respond(HTTPStatus.FORBIDDEN, f"{owner}\n")
+            self._bulk_owners[connection] = owner
         refusal = self._admit(info.user)
         if refusal is not None:
             log.info("refused a connection of %s: %s", info.user, refusal)
@@ -168,6 +188,7 @@ class FrontDoor:
 
     def _gone(self, connection: ServerConnection, user: str) -> None:
         self._tokens.pop(connection, None)
+        self._bulk_owners.pop(connection, None)
         self.connections.give_back(user)
         self.heap.soon()  # what its buffers grew goes back to the system
 
@@ -175,7 +196,31 @@ class FrontDoor:
         info = self._tokens.get(ws)
         if info is None:  # it closed before its handler ran
             return
+        owner = self._bulk_owners.pop(ws, None)
+        if owner is not None:
+            await self._carry_bulk(ws, owner)
+            return
         if ws.request is not None and ws.request.path == SUBMIT_PATH:
             await self._http.submit_over_websocket(ws, info)
             return
         await self._clients(ws, info)
+
+    @staticmethod
+    async def _carry_bulk(ws: ServerConnection, owner: ConnectionBulk) -> None:
+        """Say READY, the websocket's last message, and hand its transport to
+        ``owner``'s bulk stream, with no await between (nothing the client sends
+        after reading READY can reach the websocket); hold the handler until the
+        stream ends. The websocket is over at once: it sends no pings and no
+        close frame (they would be bytes in the stream), and it no longer counts
+        among its user's connections (one stream per connection, opened by that
+        connection's ticket)."""
+        if ws.keepalive_task is not None:
+            ws.keepalive_task.cancel()
+        ws.protocol.send_binary(READY)
+        ws.send_data()
+        stream = owner.attach(ws.transport)
+        ws.connection_lost(None)  # its transport no longer tells it anything
+        try:
+            await stream.wait_closed()
+        finally:
+            stream.close()

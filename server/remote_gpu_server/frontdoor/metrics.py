@@ -25,6 +25,8 @@ Metrics::
     rgpu_slot_memory_total_bytes{slot,node,kind}
     rgpu_slot_temperature_celsius{slot,node}    GPUs only
     rgpu_slot_power_watts{slot,node}            GPUs only
+    rgpu_bulk_streams_opened_total              bulk streams opened beside client websockets
+    rgpu_bulk_bytes_total{direction}            bytes they carried: received (pushes), sent (pulls)
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ import time
 from collections import Counter as Tally
 from collections.abc import Iterator
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from ..connections.bulk import BulkTickets
 from ..scheduling.scheduler import Grant, Readiness
 from .status import ServerView
 
@@ -75,8 +78,9 @@ class Metrics:
         self._collector = _ServerCollector()
         self.registry.register(self._collector)
 
-    def attach(self, view: ServerView) -> None:
+    def attach(self, view: ServerView, bulk: BulkTickets | None = None) -> None:
         self._collector.view = view
+        self._collector.bulk = bulk
 
     def granted(self, grant: Grant, kind: str) -> None:
         """Count a grant; ``kind`` is ``interactive`` or ``batch``."""
@@ -102,12 +106,21 @@ class _ServerCollector(Collector):
 
     def __init__(self) -> None:
         self.view: ServerView | None = None
+        self.bulk: BulkTickets | None = None
         self.job_counts: dict[tuple[str, str], int] = {}
 
     def describe(self) -> list[Metric]:
         return []  # collected per scrape; nothing to describe up front
 
     def collect(self) -> Iterator[Metric]:
+        if self.bulk is not None:
+            opened = CounterMetricFamily("rgpu_bulk_streams_opened", "Bulk streams opened beside client websockets.")
+            opened.add_metric([], self.bulk.opened)
+            carried = CounterMetricFamily("rgpu_bulk_bytes", "Bytes bulk streams carried.", labels=["direction"])
+            for direction, n in zip(("received", "sent"), self.bulk.carried()):
+                carried.add_metric([direction], n)
+            yield opened
+            yield carried
         view = self.view
         if view is None:
             return

@@ -266,7 +266,7 @@ def main() -> None:
                         help="pushes, then pulls, in a row on each side (default 30; 0 skips)")
     parser.add_argument("--cells", type=int, default=300, help="trivial cells per side (default 300)")
     parser.add_argument("--leases", type=int, default=15, help="leases per server (default 15)")
-    parser.add_argument("--cold", type=int, default=3, help="cold kernels started with torch (default 3)")
+    parser.add_argument("--cold", type=int, default=3, help="cold kernels started with torch (default 3; 0: none)")
     parser.add_argument("--neighbours", type=int, default=0,
                         help="CPU-bound processes kept busy beside the whole run (default 0)")
     args = parse_args(parser, SMOKE)
@@ -315,7 +315,7 @@ def main() -> None:
         for session in sessions.values():
             session.release()
         leases = lease_ms(servers, args.leases, min(1, args.warmup))
-        cold = Spread.of([timed(cold_torch_kernel) for _ in range(args.cold)])
+        cold = Spread.of([timed(cold_torch_kernel) for _ in range(args.cold)]) if args.cold else None
 
     beside = f", beside {args.neighbours} busy neighbour process(es)" if args.neighbours else ""
     print(f"\n## Transfers of {args.mib} MiB float32, taking turns: {args.rounds} rounds after {args.warmup} "
@@ -346,7 +346,8 @@ def main() -> None:
                  for side, spread in cells.items()]))
     print(f"\n## The lease of a warm worker: {args.leases} per server, taking turns\n")
     rows = [[label[name], *ms(spread)] for name, spread in leases.items()]
-    rows.append([f"cold kernel + `import torch` ({args.cold})", *ms(cold)])
+    if cold is not None:
+        rows.append([f"cold kernel + `import torch` ({args.cold})", *ms(cold)])
     print(table(["side", "median ms", "p90 ms", "worst ms"], rows))
 
     if not args.smoke:

@@ -276,12 +276,16 @@ class BulkStream(asyncio.BufferedProtocol):
 
     # -- sending ---------------------------------------------------------------
 
-    async def write(self, pieces: Iterable[Any]) -> None:
-        """Send the bytes of ``pieces`` (buffers, in order); ConnectionLost if the stream ends first."""
+    async def write(self, pieces: Iterable[Any], on_sent: Callable[[int], None] | None = None) -> None:
+        """Send the bytes of ``pieces`` (buffers, in order), :data:`PIECE` bytes at a
+        time, each told to ``on_sent(nbytes)``; ConnectionLost if the stream ends first."""
         for piece in pieces:
             view = memoryview(piece).cast("B")
             for start in range(0, view.nbytes, PIECE):
-                await self.write_piece(view[start : start + PIECE])
+                chunk = view[start : start + PIECE]
+                await self.write_piece(chunk)
+                if on_sent is not None:
+                    on_sent(chunk.nbytes)
 
     async def write_piece(self, piece: memoryview) -> None:
         if self.closed is not None or self.transport is None:

@@ -161,13 +161,14 @@ class Link:
         too_large = refusal(message, self.limits)
         if too_large is not None:
             raise too_large
-        stream = self.bulk
-        lengths = [sum(p.nbytes for p in views(b)) for b in message.buffers] if isinstance(message, m.Push) else []
-        if isinstance(message, m.Push) and sum(lengths) >= BULK_MIN:
-            if stream is not None and stream.closed is None:
-                await self._send_bulk(stream, message, lengths, on_progress)
-                return
-            self.want_bulk()
+        if isinstance(message, m.Push):
+            lengths = [sum(p.nbytes for p in views(b)) for b in message.buffers]
+            if sum(lengths) >= BULK_MIN:
+                stream = self.bulk
+                if stream is not None and stream.closed is None:
+                    await self._send_bulk(stream, message, lengths, on_progress)
+                    return
+                self.want_bulk()
         frames = encode(message)
         total = sum(memoryview(f).nbytes for f in frames) if on_progress else 0
         sent = 0
@@ -187,6 +188,13 @@ class Link:
         stream breaks first, the server answers the push (an error, unless all of
         it came), and that answer raises BulkStreamLost once the push is over."""
         total, sent = sum(lengths), 0
+
+        def count(nbytes: int) -> None:
+            nonlocal sent
+            sent += nbytes
+            assert on_progress is not None
+            on_progress(sent, total)
+
         try:
             async with self._send_lock:
                 for frame in encode_head(message, lengths, flags=FLAG_BULK):
@@ -195,14 +203,8 @@ class Link:
         except ConnectionClosed as exc:
             raise ConnectionLost(f"the connection to the GPU server closed: {exc}") from None
         try:
-            for buf in message.buffers:
-                for view in views(buf):
-                    for start in range(0, view.nbytes, CHUNK_SIZE):
-                        piece = view[start : start + CHUNK_SIZE]
-                        await stream.write_piece(piece)
-                        if on_progress is not None:
-                            sent += piece.nbytes
-                            on_progress(sent, total)
+            await stream.write((view for buf in message.buffers for view in views(buf)),
+                               None if on_progress is None else count)
         except ConnectionLost as exc:
             self._cut_pushes[message.req] = str(exc)
         finally:
@@ -230,18 +232,20 @@ class Link:
             self.bulk.expect(target)
         return False
 
+    def _bulk_allowed(self) -> bool:
+        """Whether the server offers a bulk stream, this link can open one, and ``RGPU_BULK_STREAM`` allows it."""
+        return bool(self.limits.get("bulk")) and self.reconnect is not None and os.environ.get(BULK_ENV, "1") != "0"
+
     def want_bulk(self) -> None:
         """A large transfer goes: open the bulk stream in the background, for
         the next ones (once per link; see the module docstring)."""
-        if (self.bulk_opening is None and self.limits.get("bulk") and self.reconnect is not None
-                and os.environ.get(BULK_ENV, "1") != "0"):
+        if self.bulk_opening is None and self._bulk_allowed():
             self.bulk_opening = asyncio.get_running_loop().create_task(self.open_bulk())
 
     async def open_bulk(self) -> bool:
         """Open the bulk stream, where the server offers one and it is not turned
         off; False (and the websocket carries everything) where it is not open."""
-        if (not self.limits.get("bulk") or os.environ.get(BULK_ENV, "1") == "0"
-                or self.reconnect is None or self.bulk is not None):
+        if not self._bulk_allowed() or self.bulk is not None:
             return self.bulk is not None
         try:
             req, inbox = self.open()
@@ -252,6 +256,7 @@ class Link:
                 self.done(req)
             if not isinstance(answer, m.BulkTicket):
                 return False
+            assert self.reconnect is not None  # as _bulk_allowed said
             ws = await self.reconnect({TICKET_HEADER: answer.ticket})
             try:  # the server's last websocket message: it reads the connection as a bulk stream now
                 ready = await asyncio.wait_for(ws.recv(), PING_WAIT)

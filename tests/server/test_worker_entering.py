@@ -38,6 +38,13 @@ async def worker() -> AsyncIterator[Worker]:
         await launcher.close()
 
 
+def entering(w: Worker) -> asyncio.Future[None]:
+    """Stand in for ``w`` taking on its lease's identity: it is done when the future is."""
+    became: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    w.entering = asyncio.ensure_future(became)
+    return became
+
+
 async def _turns(n: int = 20) -> None:
     """Let every other task run ``n`` times over (no time passes)."""
     for _ in range(n):
@@ -51,8 +58,7 @@ async def _quiet(_: Any) -> None:
 def test_a_request_waits_until_the_worker_is_its_users_then_runs() -> None:
     async def scenario() -> None:
         async with worker() as w:
-            became = asyncio.get_running_loop().create_future()
-            w.entering = asyncio.ensure_future(became)
+            became = entering(w)
             cell = asyncio.ensure_future(w.execute("x = 6 * 7", _quiet))
             await _turns()
             assert not cell.done()
@@ -77,8 +83,7 @@ def test_an_interrupt_waits_until_the_worker_is_its_users() -> None:
             send = w.process.signal
             w.process.signal = record  # type: ignore[method-assign]
             try:
-                became = asyncio.get_running_loop().create_future()
-                w.entering = asyncio.ensure_future(became)
+                became = entering(w)
                 interrupt = asyncio.ensure_future(w.interrupt())
                 await _turns()
                 assert not interrupt.done() and sent == []
@@ -94,8 +99,7 @@ def test_an_interrupt_waits_until_the_worker_is_its_users() -> None:
 def test_a_worker_that_could_not_become_the_users_fails_their_requests_as_a_death() -> None:
     async def scenario() -> None:
         async with worker() as w:
-            became = asyncio.get_running_loop().create_future()
-            w.entering = asyncio.ensure_future(became)
+            became = entering(w)
             cell = asyncio.ensure_future(w.execute("x = 1", _quiet))
             await _turns()
             became.set_exception(IsolationError("worker w1 could not become alice's: PermissionError: nope"))

@@ -156,7 +156,8 @@ class FrontDoor:
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE,
                                       "the server's database is unavailable; try again shortly\n")
         if ticket is not None:
-            owner = self._bulk.take(ticket, info.user) if self._bulk is not None else "this server offers no bulk stream"
+            owner = (self._bulk.take(ticket, info.user) if self._bulk is not None
+                     else "this server offers no bulk stream")
             if isinstance(owner, str):
                 log.warning("refused a bulk stream of %s from %s: %s", info.user, connection.remote_address, owner)
                 return connection.respond(HTTPStatus.FORBIDDEN, f"{owner}\n")

@@ -179,13 +179,11 @@ class Pool:
         return worker
 
     def _entered(self, worker: Worker, task: asyncio.Task[None]) -> None:
-        failure = None if task.cancelled() else task.exception()
-        if not worker.alive:
-            return  # stopped meanwhile (its lease was released at once), or dead: its session hears of that
-        if task.cancelled() or failure is not None:
-            log.error("worker %s could not become its lease's, and is stopped: %s", worker.name,
-                      failure or "cancelled")
-            asyncio.get_running_loop().create_task(worker.kill(f"it could not become its lease's: {failure}"))
+        why = "it was cancelled" if task.cancelled() else task.exception()  # retrieved, whatever comes next
+        if why is None or not worker.alive:
+            return  # it entered; or it was stopped meanwhile (its lease released at once) or died: its session hears
+        log.error("worker %s could not become its lease's, and is stopped: %s", worker.name, why)
+        asyncio.get_running_loop().create_task(worker.kill(f"it could not become its lease's: {why}"))
 
     def workers_on(self, slot_ids: Iterable[SlotId]) -> list[Worker]:
         """The live workers (warm or leased) on any of ``slot_ids``."""

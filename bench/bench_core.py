@@ -12,7 +12,10 @@ are ready when ``/api/status`` shows every slot warm (``warm_server.py``).
 
 1. Transfers, taking turns: each round pushes and then pulls a float32
    numpy array and then a float32 torch tensor of ``--mib`` MiB on each
-   side, the sides' order rotating from round to round; three warm-up
+   side, the sides' order going through every permutation, round by round,
+   and each op starting once the run's processes are idle (``rounds.py``:
+   ipyparallel's go on for up to 200 ms after its calls return, and that
+   fell on the side after it); three warm-up
    rounds are dropped, ``--rounds`` are kept. For each transfer and side:
    median, p90 and worst time, MB/s at the median, and how many times
    ipyparallel's median time ours is. Before timing, one pull of each is
@@ -57,7 +60,7 @@ from typing import Any
 import numpy as np
 
 from reporting import finish, parse_args, table
-from rounds import Op, Spread, consecutive, interleaved, timed
+from rounds import Op, Quiet, Spread, consecutive, interleaved, lingering, timed
 from warm_server import WarmServer
 
 from remote_gpu_kernel.sync import Session
@@ -128,11 +131,11 @@ def local_kernel() -> Iterator[Op]:
 
 
 @contextlib.contextmanager
-def busy_neighbours(count: int) -> Iterator[None]:
-    """``count`` processes that keep a core busy until the end (nothing else)."""
+def busy_neighbours(count: int) -> Iterator[list[int]]:
+    """``count`` processes that keep a core busy until the end (nothing else); yields their pids."""
     procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
     try:
-        yield
+        yield [proc.pid for proc in procs]
     finally:
         for proc in procs:
             proc.kill()
@@ -272,7 +275,9 @@ def main() -> None:
     args = parse_args(parser, SMOKE)
 
     with contextlib.ExitStack() as stack:
-        stack.enter_context(busy_neighbours(args.neighbours))
+        # Before each timed op the run waits until its own processes are idle:
+        # the neighbours are not its own (they are the load it is run beside).
+        quiet = Quiet(exclude=stack.enter_context(busy_neighbours(args.neighbours)))
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rgpu-bench-core-")))
         # The same arrays cross every round: with a session cache they would cross
         # once and be named after (bench_network.py's "push again" measures that).
@@ -299,11 +304,15 @@ def main() -> None:
         sides = {name: Side.ours(session) for name, session in sessions.items()}
         sides[PEER] = Side.ipyparallel(view)
         check_round_trip(sides, arrays)
+        left_running = {(kind, side): lingering(op, quiet)
+                        for kind, by_side in transfer_kinds(sides, {"numpy": arrays["numpy"]}).items()
+                        for side, op in by_side.items()}
 
-        transfers = interleaved(transfer_kinds(sides, arrays), args.rounds, args.warmup)
+        transfers = interleaved(transfer_kinds(sides, arrays), args.rounds, args.warmup, quiet=quiet)
         steady: dict[str, dict[str, Spread]] = {}
         if args.consecutive:
             for name, one in sides.items():
+                quiet()
                 steady[name] = {"push": consecutive(functools.partial(one.push, arrays["numpy"]),
                                                     args.consecutive, args.warmup),
                                 "pull": consecutive(one.pull, args.consecutive, args.warmup)}
@@ -311,7 +320,7 @@ def main() -> None:
         cell_ops: dict[str, Op] = {name: functools.partial(s.execute, "1+1", on_output=lambda _: None)
                                    for name, s in sessions.items()}
         cell_ops[LOCAL] = local_cell
-        cells = interleaved({"cell": cell_ops}, args.cells, args.warmup)["cell"]
+        cells = interleaved({"cell": cell_ops}, args.cells, args.warmup, quiet=quiet)["cell"]
         for session in sessions.values():
             session.release()
         leases = lease_ms(servers, args.leases, min(1, args.warmup))
@@ -328,6 +337,11 @@ def main() -> None:
             rows.append([kind, label[side], *ms(spread), f"{spread.mb_s(nbytes):,.0f}", vs])
     print(table(["transfer", "side", "median ms", "p90 ms", "worst ms", "MB/s at median",
                  f"× {PEER}"], rows))
+    print(f"\nWhat a side leaves running after its call returns (CPU of the run's processes in the "
+          f"{len(next(iter(left_running.values()))) * 20} ms after, once each): "
+          + "; ".join(f"{kind} {label[side]} {marks[-1] * 1000:.0f} ms" for (kind, side), marks in left_running.items())
+          + f". Each timed op waited until the run was idle first ({quiet.waited:.1f} s in all"
+          + (f"; gave up waiting {quiet.gave_up} times" if quiet.gave_up else "") + ").")
     if steady:
         print(f"\n## {args.consecutive} transfers of the numpy array in a row, each side alone\n")
         rows = [[f"{kind} numpy", label[side], *ms(spread), f"{spread.mb_s(nbytes):,.0f}",

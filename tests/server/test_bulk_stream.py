@@ -92,6 +92,22 @@ def test_pushes_and_pulls_of_numpy_and_torch_carry_their_bytes_on_the_bulk_strea
         assert np.array_equal(session.pull("small")["small"], np.arange(10))
 
 
+def test_pushes_of_two_users_taking_turns_arrive_whole_through_the_servers_reused_pieces(server: ServerProcess) -> None:
+    """The server receives pushes into pieces that it reuses once their bytes are in a
+    worker's ring: pushes of two users' sessions, taking turns, each arrive as sent."""
+    with Client(server.url, server.token("turns-a")).session() as a, \
+            Client(server.url, server.token("turns-b")).session() as b:
+        with_bulk(a), with_bulk(b)
+        for round_ in range(3):
+            for i, session in enumerate((a, b)):
+                value = np.random.default_rng(10 * round_ + i).random(24 * MIB // 8)  # more than the pool keeps
+                session.push(value=value)
+                said: list[str] = []
+                assert session.execute("print(value[:2].tobytes().hex(), float(value.sum()))",
+                                       on_output=lambda out: said.append(out.content.get("text", ""))).ok
+                assert "".join(said).split() == [value[:2].tobytes().hex(), str(float(value.sum()))]
+
+
 def test_a_link_opens_its_bulk_stream_after_its_first_large_transfer_and_not_before(server: ServerProcess) -> None:
     with Client(server.url, server.token("lazy")).session() as session:
         link = link_of(session)

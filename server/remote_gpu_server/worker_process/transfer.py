@@ -125,6 +125,8 @@ class Slots(Protocol):
     """
 
     free: list[int]
+    #: :meth:`put` copies the piece (into the ring): the caller may reuse it at once.
+    copies: bool
 
     def begin(self, tid: int) -> None: ...
 
@@ -180,6 +182,8 @@ class Inline(_Credits):
     socket between two hosts; the slots are only credits, so the sender never
     has more than ``slots`` pieces unacknowledged."""
 
+    copies = False
+
     def __init__(self, slots: int = RING_SLOTS) -> None:
         super().__init__(slots)
 
@@ -209,6 +213,8 @@ class Ring(_Credits):
     :meth:`begin`, then :meth:`take` for each ``D`` note and sends the ``F``
     note it returns once it is done with the piece.
     """
+
+    copies = True
 
     def __init__(self, fd: int, slots: int = RING_SLOTS) -> None:
         super().__init__(slots)

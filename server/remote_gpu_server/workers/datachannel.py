@@ -21,6 +21,7 @@ import asyncio
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, Protocol
 
+from remote_gpu_core.bulk_stream import pieces as relay_pieces
 from remote_gpu_core.protocol.framing import Chunks
 
 from ..errors import TransferAborted
@@ -116,7 +117,11 @@ class DataChannel:
                         if reason is not None:
                             raise TransferAborted(reason, worker_stopped=True)
                     worker.check_alive()  # a kill unmaps the ring
-                    await self.carrier.send(slots.put(piece))
+                    note = slots.put(piece)
+                    if slots.copies:  # the bytes are in the ring now: the piece may serve again
+                        relay_pieces.give(piece)
+                    del piece
+                    await self.carrier.send(note)
             await self.carrier.send(transfer.end(tid))
         except TransferAborted as exc:
             if not exc.worker_stopped:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import weakref
 from typing import Any
 
+import numpy as np
 import pytest
 
-from remote_gpu_core.bulk_stream import PIECE, BulkStream, Target
+from remote_gpu_core.bulk_stream import PIECE, BulkStream, PiecePool, Target
 from remote_gpu_core.errors import MessageTooLarge, ProtocolError
 from remote_gpu_core.protocol import Reader, encode
 from remote_gpu_core.protocol import messages as m
@@ -124,3 +126,37 @@ def test_a_stream_that_ends_fails_what_it_was_to_fill_and_what_is_expected_after
             await stream.write_piece(memoryview(b"y"))
 
     asyncio.run(main())
+
+
+def test_a_relay_piece_handed_back_is_the_next_one_taken_and_nothing_else_is_kept() -> None:
+    pool = PiecePool(kept=2)
+    first = pool.take(PIECE)
+    under = weakref.ref(first.obj)  # a strong reference would keep it from coming back
+    first[:3] = b"old"
+    pool.give(first)
+    again = pool.take(PIECE)
+    assert again.obj is under() and again.nbytes == PIECE  # warm memory, its bytes to be overwritten
+    assert (pool.fresh, pool.reused) == (1, 1)
+    short = pool.take(100)  # the last piece of a buffer: never kept
+    pool.give(short)
+    pool.give(memoryview(bytearray(PIECE)))  # not the pool's own: left alone
+    pool.give(memoryview(b"x" * PIECE))
+    assert pool.take(PIECE).obj is not under()
+    kept = [pool.take(PIECE) for _ in range(3)]
+    given = [weakref.ref(piece.obj) for piece in kept]
+    for piece in kept:
+        pool.give(piece)
+    taken = [pool.take(PIECE).obj for _ in range(3)]
+    assert sum(any(t is g() for g in given) for t in taken) == 2  # at most 2 kept
+
+
+@pytest.mark.parametrize("reader", [lambda piece: piece[:10], lambda piece: np.frombuffer(piece, dtype=np.uint8),
+                                    lambda piece: memoryview(piece).cast("B")])
+def test_a_piece_something_still_reads_is_not_handed_out_again(reader: Any) -> None:
+    pool = PiecePool()
+    piece = pool.take(PIECE)
+    under = weakref.ref(piece.obj)
+    still = reader(piece)
+    pool.give(piece)
+    assert pool.take(PIECE).obj is not under()
+    del still

@@ -182,6 +182,10 @@ def lingering(op: Op, quiet: Quiet | None = None, seconds: float = 0.3, step: fl
     return marks
 
 
+def _nothing() -> None:
+    pass
+
+
 def interleaved(kinds: Mapping[str, Mapping[str, Op]], rounds: int,
                 warmup: int = 3, measure: Measure | None = None,
                 quiet: Callable[[], None] | None = None) -> dict[str, dict[str, Spread]]:
@@ -193,11 +197,12 @@ def interleaved(kinds: Mapping[str, Mapping[str, Op]], rounds: int,
     ``measure(kind, side, op)`` runs and times each op (by default
     :func:`timed`): one that does more around an op (prepares it, counts
     what it sent) returns the seconds of the op alone. ``quiet`` is called
-    before each op, untimed (by default a :class:`Quiet`, so that no side
-    pays for what the one before left running).
+    before each op, untimed: by default a :class:`Quiet` where a kind has
+    two sides or more (so that no side pays for what the one before left
+    running), nothing where each has one.
     """
     times: dict[str, dict[str, list[float]]] = {k: {s: [] for s in sides} for k, sides in kinds.items()}
-    settle = quiet if quiet is not None else Quiet()
+    settle = quiet or (Quiet() if any(len(sides) > 1 for sides in kinds.values()) else _nothing)
     sequence = {kind: orders(list(sides)) for kind, sides in kinds.items()}
     for round_ in range(warmup + rounds):
         for kind, sides in kinds.items():

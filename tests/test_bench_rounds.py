@@ -40,6 +40,14 @@ def test_interleaved_waits_for_quiet_before_every_op_and_times_only_the_op() -> 
     assert spreads["k"]["a"].n == spreads["k"]["b"].n == 2
 
 
+def test_one_side_alone_is_not_waited_for() -> None:
+    with busy_child(600) as child:
+        started = time.monotonic()
+        interleaved({"k": {"alone": lambda: None}}, rounds=3, warmup=0)
+        assert time.monotonic() - started < 1.0, "a run of one side waited for its busy child"
+        assert child.poll() is None
+
+
 @contextlib.contextmanager
 def busy_child(seconds: float) -> Iterator[subprocess.Popen[str]]:
     with subprocess.Popen([sys.executable, "-c", BUSY_FOR, str(seconds)], stdout=subprocess.PIPE, text=True) as child:

@@ -61,8 +61,9 @@ READY = b"RGBULK1 ready"
 #: What a client sends first on a bulk stream, once it reads it as one (not as a
 #: websocket): the server sends on it only after these bytes.
 GREETING = b"RGBULK1\n"
-#: Bytes written at a time, and the pieces a relay receives into.
-PIECE = 1 << 20
+#: Bytes written at a time, and the pieces a relay receives into: a slot of a
+#: worker's ring (larger pieces cost less per byte; see ``worker_process.transfer``).
+PIECE = 4 << 20
 #: Bytes that may come before their message's header: then reading pauses.
 _STAGING = 1 << 16
 #: Written and not yet sent past which a writer waits (until all is sent): a byte,
@@ -84,7 +85,7 @@ class PiecePool:
     page fault per 4 KiB (50 ms per 100 MiB here) and a zero fill. At most
     ``kept`` pieces wait here. One event loop's: not thread-safe."""
 
-    def __init__(self, kept: int = 16) -> None:
+    def __init__(self, kept: int = 4) -> None:
         self.kept = kept
         self._free: list[_Piece] = []
         #: Pieces handed out that had served before, and fresh ones.

@@ -36,7 +36,7 @@ from remote_gpu_core.bulk_stream import GREETING, BulkStream, Target
 from remote_gpu_core.errors import ConnectionLost, WorkerDied
 from remote_gpu_core.protocol import messages as m
 from remote_gpu_core.protocol.chunks import Chunks
-from remote_gpu_core.protocol.framing import FLAG_BULK, encode_head
+from remote_gpu_core.protocol.framing import CHUNK_SIZE, FLAG_BULK, encode_head
 
 __all__ = ["TICKET_SECONDS", "BulkTickets", "ConnectionBulk"]
 
@@ -240,8 +240,10 @@ async def _send_on_websocket(user: str, ws: ServerConnection, send_lock: asyncio
             for frame in encode_head(message, lengths):
                 await ws.send(frame)
             try:
-                async for piece in pieces:
-                    await ws.send(piece)
+                async for piece in pieces:  # a piece of the ring may be several frames long
+                    view = memoryview(piece).cast("B")
+                    for start in range(0, view.nbytes, CHUNK_SIZE):
+                        await ws.send(view[start : start + CHUNK_SIZE])
             except Exception as exc:
                 log.warning("stream to %s broke: %s", user, exc)
                 await ws.close(1011, "the worker died in the middle of a transfer"

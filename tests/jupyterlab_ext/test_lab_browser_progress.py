@@ -48,7 +48,7 @@ DIGEST = "import hashlib\nimport numpy as np\ndef digest(a):\n    return hashlib
 #: 32 MiB of random float64: nothing to compress.
 BIG = "np.random.default_rng({seed}).random(4 << 20)"
 
-#: The Remote GPU kernel's cells: (source, what a transfer among them does).
+#: The cells of a notebook on the Remote GPU kernel; MAGIC: of one on a Python 3 kernel with the magic.
 REMOTE = [
     DIGEST,  # the lease, out of the way
     f"%%local\n{DIGEST}\nbig = {BIG.format(seed=1)}\nprint('local', digest(big))",

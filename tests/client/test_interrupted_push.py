@@ -1,4 +1,4 @@
-"""A push interrupted in the middle sets nothing, and the next push of it sets it whole.
+"""A push interrupted in the middle says where it stopped, sets nothing, and the next push of it sets it whole.
 
 An interrupt (the magic's stop button, a cancelled task of the async API)
 can stop a push after some of its bytes went. The rest never comes, and the
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,6 +66,11 @@ def test_a_push_interrupted_on_the_websocket_is_pushed_whole_when_run_again(magi
     run = magic.run("%gpu push big", on_message=stop_when_shown)
     assert run.reply["status"] == "error" and run.reply["ename"] == "KeyboardInterrupt", run.reply
     assert interrupted and interrupted[0].startswith("Remote GPU: pushing"), interrupted
+    # Its line says where it stopped: none is left saying that it still runs.
+    (shown,), updates = run.of_type("display_data"), run.of_type("update_display_data")
+    assert {u["transient"]["display_id"] for u in updates} == {shown["transient"]["display_id"]}, updates
+    last = updates[-1]["data"]["text/plain"]
+    assert re.match(r"^Remote GPU: push stopped at [\d.]+ (bytes|KiB|MiB) of 32 MiB \(\d+ %\)$", last), last
     run = magic.run("%gpu push big")  # reconnects (the cut push dropped the websocket) and pushes it whole
     assert run.reply["status"] == "ok", run.reply
     digest = "print(hashlib.sha256(big.tobytes()).hexdigest())"

@@ -98,31 +98,6 @@ def test_a_cell_with_large_inputs_and_outputs_shows_a_line_for_each(magic: Local
     assert magic.run("print(bool((twice == second * 2).all()))").stdout == "True\n"
 
 
-def test_an_interrupted_pull_through_the_magic_says_where_it_stopped(magic: LocalKernel) -> None:
-    magic.run(f"%%gpu\nfar = {BIG.format(seed=5)}")
-    interrupted: list[str] = []
-
-    def stop_when_shown(msg: dict[str, Any]) -> None:  # the stop button, pressed once the line shows
-        if msg["msg_type"] == "display_data" and not interrupted:
-            interrupted.append(msg["content"]["data"]["text/plain"])
-            magic.km.interrupt_kernel()
-
-    run = magic.run("%gpu pull far", on_message=stop_when_shown)
-    assert run.reply["status"] == "error" and run.reply["ename"] == "KeyboardInterrupt", run.reply
-    displays, updates = run.of_type("display_data"), run.of_type("update_display_data")
-    assert len(displays) == 1 and updates, (displays, updates)
-    assert {u["transient"]["display_id"] for u in updates} == {displays[0]["transient"]["display_id"]}
-    *running, last = [displays[0]["data"]["text/plain"]] + [u["data"]["text/plain"] for u in updates]
-    assert running and all(RUNNING.match(t) for t in running), running
-    # No line is left saying that it still runs.
-    assert re.match(r"^Remote GPU: pull stopped at [\d.]+ (bytes|KiB|MiB) of 32 MiB \(\d+ %\)$", last), last
-    run = magic.run("%gpu pull far")  # the next pull brings it whole
-    assert run.reply["status"] == "ok", run.reply
-    one_line(run.of_type("display_data"), run.of_type("update_display_data"), "pull")
-    check = "print(round(float(far.sum()), 3))"
-    assert magic.run(check).stdout == magic.run(f"%%gpu\n{check}").stdout
-
-
 def test_a_small_transfer_shows_nothing(magic: LocalKernel) -> None:
     magic.run("small = np.arange(1 << 17, dtype=np.float64)")  # 1 MiB
     run = magic.run("%gpu push small")

@@ -37,13 +37,7 @@ from remote_gpu_core import __version__, tls
 from remote_gpu_core.bulk_stream import GREETING, READY, TICKET_HEADER, BulkStream, Target
 from remote_gpu_core.errors import AuthenticationError, BulkStreamLost, ConnectionLost, ProtocolError, RemoteGpuError
 from remote_gpu_core.fingerprint import from_wire
-from remote_gpu_core.protocol import (
-    CHUNK_SIZE,
-    PROTOCOL_VERSION,
-    Reader,
-    encode,
-    upgrade,
-)
+from remote_gpu_core.protocol import CHUNK_SIZE, PROTOCOL_VERSION, Reader, encode, upgrade
 from remote_gpu_core.protocol import messages as m
 from remote_gpu_core.protocol.framing import FLAG_BULK, encode_head, views
 from remote_gpu_core.protocol.limits import refusal
@@ -171,16 +165,29 @@ class Link:
                 self.want_bulk()
         frames = encode(message)
         total = sum(memoryview(f).nbytes for f in frames) if on_progress else 0
-        sent = 0
         try:
             async with self._send_lock:
-                for frame in frames:
-                    await self.ws.send(frame)
-                    if on_progress is not None:
-                        sent += memoryview(frame).nbytes
-                        on_progress(sent, total)
+                await self._send_whole(frames, None if on_progress is None else lambda sent: on_progress(sent, total))
         except ConnectionClosed as exc:
             raise ConnectionLost(f"the connection to the GPU server closed: {exc}") from None
+
+    async def _send_whole(self, frames: list[Any], on_sent: Callable[[int], Any] | None = None) -> None:
+        """One message's frames on the websocket (hold the send lock), ``on_sent(bytes so far)``. Cut short
+        (an interrupt), the connection is dropped: the server would take the next message's frames for its rest."""
+        sent = 0
+        try:
+            for frame in frames:
+                await self.ws.send(frame)
+                sent += memoryview(frame).nbytes
+                if on_sent is not None:
+                    on_sent(sent)
+        except ConnectionClosed:
+            raise  # gone already, and the reader says why
+        except BaseException:
+            if len(frames) > 1:  # (a message of one frame goes whole or not at all)
+                self.closed_reason = self.closed_reason or "the connection was dropped: a request was cut short"
+                self.ws.transport.abort()
+            raise
 
     async def _send_bulk(self, stream: BulkStream, message: m.Push, lengths: list[int],
                          on_progress: ProgressCallback | None) -> None:
@@ -197,8 +204,7 @@ class Link:
 
         try:
             async with self._send_lock:
-                for frame in encode_head(message, lengths, flags=FLAG_BULK):
-                    await self.ws.send(frame)
+                await self._send_whole(encode_head(message, lengths, flags=FLAG_BULK))
                 await self._bulk_lock.acquire()  # before the next header: the bytes keep their order
         except ConnectionClosed as exc:
             raise ConnectionLost(f"the connection to the GPU server closed: {exc}") from None
@@ -207,6 +213,9 @@ class Link:
                                None if on_progress is None else count)
         except ConnectionLost as exc:
             self._cut_pushes[message.req] = str(exc)
+        except BaseException:  # cut short: the server would take the next push's bytes for its rest
+            stream.close("a push was interrupted before all its bytes went")
+            raise
         finally:
             self._bulk_lock.release()
 
@@ -311,7 +320,7 @@ class Link:
             reason = f"the GPU server sent something this client cannot read: {exc}"
             await self.ws.close(1002, "protocol error")
         finally:
-            self.closed_reason = reason
+            self.closed_reason = self.closed_reason or reason
             salvaged = self.reader.salvage()
             if salvaged is not None and self.on_cut is not None:
                 self.on_cut(*salvaged)

@@ -9,7 +9,8 @@ for the magic, the Remote GPU kernel and the Python API:
 
 - :class:`ProgressLines` turns the events into one line per transfer
   (bytes done of all, rate, time left; then ``pushed 1 GiB in 3.2 s, 330
-  MiB/s``), shown only for a transfer of at least
+  MiB/s``, or ``push stopped at 450 MiB of 1 GiB (43 %)`` where it ended
+  unfinished: no line is left saying that it still runs), shown only for a transfer of at least
   :data:`~.notices.PROGRESS_FROM` bytes that has run for
   :data:`SHOW_AFTER` seconds: a small or quick one shows nothing.
 - Where the line goes is a ``show(key, text, final)`` callable: a
@@ -37,7 +38,7 @@ from . import notices
 __all__ = [
     "OUTGOING", "REPORT_EVERY", "SHOW_AFTER", "BytesHook", "DisplayLines", "ProgressCallback", "ProgressLines",
     "Shower", "TerminalLine", "Throttle", "TransferProgress", "both", "default_progress", "finished_text",
-    "progress_text", "progress_wanted",
+    "progress_text", "progress_wanted", "stopped_text",
 ]
 
 #: Seconds between two reports of one transfer while it runs.
@@ -54,7 +55,9 @@ class TransferProgress:
     ``verb`` is ``"push"``, ``"pull"``, ``"upload"`` or ``"download"``; ``done``
     of ``total`` bytes have crossed (a message's frames: the variables' or
     files' buffers and their header)
-    in ``seconds`` since it began; ``finished``: it is over and ``done`` is all.
+    in ``seconds`` since it began; ``finished``: it is over and ``done`` is all;
+    ``stopped``: it ended before that (an interrupt, a lost connection) and
+    ``done`` is how far it got.
     ``had``: of ``done``, the bytes that were there before it began (a push
     resumed after a cut: they are not sent again, nor counted in its rate).
     """
@@ -66,6 +69,7 @@ class TransferProgress:
     seconds: float
     finished: bool = False
     had: int = 0
+    stopped: bool = False
 
     @property
     def rate(self) -> float:
@@ -102,6 +106,8 @@ class Throttle:
         #: its request, behind a cell): the time is counted from there.
         self.started = self._last = 0.0
         self.done = self.total = 0
+        #: It reported its end (:meth:`finish` or :meth:`stop`).
+        self.ended = False
 
     def __call__(self, done: int, total: int) -> None:
         now = self._clock()
@@ -115,10 +121,19 @@ class Throttle:
 
     def finish(self) -> None:
         """The transfer is over: report it once, whole (nothing for one that carried no frame)."""
-        if self.total:
+        if self.total and not self.ended:
+            self.ended = True
             whole = self.had + self.total
             self._report(TransferProgress(self.req, self.verb, whole, whole, self._clock() - self.started,
                                           finished=True, had=self.had))
+
+    def stop(self) -> None:
+        """The transfer ended without :meth:`finish` (an error, a cancel): report where
+        it stopped, once (nothing for one that carried no frame, or that finished)."""
+        if self.total and not self.ended:
+            self.ended = True
+            self._report(TransferProgress(self.req, self.verb, self.had + self.done, self.had + self.total,
+                                          self._clock() - self.started, had=self.had, stopped=True))
 
 
 def both(first: BytesHook | None, second: BytesHook | None) -> BytesHook | None:
@@ -154,6 +169,13 @@ def progress_text(event: TransferProgress) -> str:
             f"({share} %), {format_size(rate)}/s{left}")
 
 
+def stopped_text(event: TransferProgress) -> str:
+    """``Remote GPU: push stopped at 450 MiB of 1 GiB (43 %)``."""
+    share = 100 * event.done // event.total if event.total else 100
+    return (f"{notices.PREFIX}{event.verb} stopped at {format_size(event.done)} of {format_size(event.total)} "
+            f"({share} %)")
+
+
 def finished_text(event: TransferProgress) -> str:
     """``Remote GPU: pushed 1 GiB in 3.2 s, 330 MiB/s``; after a cut, ``(512 MiB of it had arrived before)``."""
     had = f" ({format_size(event.had)} of it had arrived before)" if event.had else ""
@@ -174,6 +196,12 @@ class ProgressLines:
         if event.total < self._least:
             return
         shown = event.req in self._shown
+        if event.stopped:
+            # Its running line, if it showed one, says where it stopped instead.
+            if shown:
+                self._shown.discard(event.req)
+                self._show(event.req, stopped_text(event), True)
+            return
         if event.finished:
             # One that ran long but had no report in between still says what it did.
             if shown or event.seconds >= self._after:

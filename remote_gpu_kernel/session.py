@@ -111,8 +111,7 @@ class AsyncSession:
         return self._link.closed_reason is None
 
     @contextlib.asynccontextmanager
-    async def _exchange(self, message_factory: Callable[[int], m.Message], *,
-                        sending: ProgressCallback | None = None,
+    async def _exchange(self, message_factory: Callable[[int], m.Message], *, sending: ProgressCallback | None = None,
                         receiving: ProgressCallback | None = None, meter: str = "", had: int = 0,
                         ) -> AsyncIterator[Answers]:
         """Send a request (made from its id); yield what awaits its next answer (called) and
@@ -135,6 +134,8 @@ class AsyncSession:
             await self._link.send(message_factory(req), sending)
             yield Answers(req, lambda: self._link.receive(inbox), throttle)
         finally:
+            if throttle is not None:
+                throttle.stop()  # a transfer that did not finish says where it stopped
             self._link.progress.pop(req, None)
             self._link.done(req)
 
@@ -165,8 +166,7 @@ class AsyncSession:
     async def execute(self, code: str, on_output: OutputCallback | None = None, *,
                       timeout: float | None = None, silent: bool = False,
                       store_history: bool = True, allow_stdin: bool = False,
-                      on_notice: NoticeCallback | None = None,
-                      on_queue: QueueCallback | None = None,
+                      on_notice: NoticeCallback | None = None, on_queue: QueueCallback | None = None,
                       parent: dict[str, Any] | None = None, execution_count: int = 0,
                       on_fetched: NoticeCallback | None = None) -> ExecuteResult:
         """Run ``code`` remotely.

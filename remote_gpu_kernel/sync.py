@@ -188,19 +188,33 @@ class Session:
                   on_bytes: ProgressCallback | None = None) -> T:
         """Run a push, pull, upload or download (``call(emit)``); its progress
         events go to :attr:`on_progress` here, and the ``(done, total)`` pairs it
-        emits to ``on_bytes``."""
+        emits to ``on_bytes``. A KeyboardInterrupt stops waiting at once (the
+        transfer is cancelled): each transfer it left running is told here as
+        stopped, since the I/O thread's word of it would come after the call."""
+        running: dict[int, TransferProgress] = {}
+
         def factory(emit: Callable[[Any], None]) -> Coroutine[Any, Any, T]:
             self._reporting(emit)
             return call(emit)
 
         def handle(event: TransferProgress | tuple[int, int]) -> None:
             if isinstance(event, TransferProgress):
+                if event.finished or event.stopped:
+                    running.pop(event.req, None)
+                else:
+                    running[event.req] = event
                 if self.on_progress is not None:
                     self.on_progress(event)
             elif on_bytes is not None:
                 on_bytes(*event)
 
-        return self._with_notices(lambda: _pump(factory, handle))
+        try:
+            return self._with_notices(lambda: _pump(factory, handle))
+        except BaseException:
+            for event in running.values():
+                if self.on_progress is not None:
+                    self.on_progress(dataclasses.replace(event, stopped=True))
+            raise
 
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         try:

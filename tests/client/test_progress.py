@@ -9,7 +9,7 @@ import pytest
 from remote_gpu_kernel import notices
 from remote_gpu_kernel.progress import (
     ProgressLines, TerminalLine, Throttle, TransferProgress, default_progress, finished_text, progress_text,
-    progress_wanted,
+    progress_wanted, stopped_text,
 )
 
 MiB = 1 << 20
@@ -79,6 +79,32 @@ def test_a_resumed_push_counts_what_had_arrived_as_done_but_not_in_its_rate() ->
     assert finished_text(last) == "Remote GPU: pushed 1 GiB in 0.8 s, 320 MiB/s (768 MiB of it had arrived before)"
 
 
+def test_a_transfer_that_ends_unfinished_reports_where_it_stopped_once() -> None:
+    clock, events = Clock(), []
+    throttle = Throttle(5, "push", events.append, clock, had=MiB)
+    for step in range(1, 4):
+        clock.now += 0.25
+        throttle(step * MiB, 10 * MiB)
+    throttle.stop()
+    throttle.stop()
+    throttle.finish()
+    last = events[-1]
+    assert [e.stopped for e in events] == [False, False, True], "one report of its end, and no other"
+    assert last == TransferProgress(5, "push", 4 * MiB, 11 * MiB, pytest.approx(0.5), had=MiB, stopped=True)
+    assert stopped_text(last) == "Remote GPU: push stopped at 4 MiB of 11 MiB (36 %)"
+
+
+def test_a_finished_or_empty_transfer_does_not_report_a_stop() -> None:
+    events: list[TransferProgress] = []
+    Throttle(1, "pull", events.append, Clock()).stop()
+    assert events == []
+    finished = Throttle(2, "pull", events.append, Clock())
+    finished(MiB, MiB)
+    finished.finish()
+    finished.stop()
+    assert [(e.finished, e.stopped) for e in events] == [(True, False)]
+
+
 def _shown(events: list[TransferProgress]) -> list[tuple[int, str, bool]]:
     out: list[tuple[int, str, bool]] = []
     lines = ProgressLines(lambda key, text, final: out.append((key, text, final)))
@@ -120,6 +146,16 @@ def test_two_transfers_have_a_line_each() -> None:
                     TransferProgress(1, "push", total, total, 1.0, True),
                     TransferProgress(2, "pull", total, total, 1.0, True)])
     assert [(key, final) for key, _, final in shown] == [(1, False), (2, False), (1, True), (2, True)]
+
+
+def test_a_line_shown_for_a_transfer_that_stopped_says_where_it_stopped_and_ends() -> None:
+    total = 64 * MiB
+    shown = _shown([TransferProgress(6, "pull", 16 * MiB, total, 0.6),
+                    TransferProgress(6, "pull", 24 * MiB, total, 0.9, stopped=True),
+                    TransferProgress(7, "push", MiB, total, 0.1),  # never shown: its stop shows nothing
+                    TransferProgress(7, "push", 2 * MiB, total, 0.2, stopped=True)])
+    assert [(key, final) for key, _, final in shown] == [(6, False), (6, True)]
+    assert shown[-1][1] == "Remote GPU: pull stopped at 24 MiB of 64 MiB (37 %)"
 
 
 def test_on_a_terminal_the_line_is_rewritten_in_place_and_ended_once() -> None:

@@ -14,6 +14,7 @@ on a shared machine.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import threading
@@ -27,7 +28,7 @@ import pytest
 from remote_gpu_core.errors import ConnectionLost
 from remote_gpu_core.protocol import messages as m
 from remote_gpu_core.sizes import parse_size
-from remote_gpu_kernel import Client
+from remote_gpu_kernel import AsyncClient, Client
 from remote_gpu_kernel.progress import TransferProgress, finished_text
 from kernels import LocalKernel
 from servers import ServerProcess
@@ -89,7 +90,8 @@ def test_a_push_cut_in_the_middle_resumes_from_what_arrived(server: ServerProces
     value = np.random.default_rng(19).integers(0, 256, SIZE, dtype=np.uint8)
     checksum = hashlib.sha256(value).hexdigest()
     first = client.session()
-    first.on_progress = None
+    cut: list[TransferProgress] = []
+    first.on_progress = cut.append
     try:
         cutter = cut_when(proxy, SIZE // 2)
         with pytest.raises(ConnectionLost):
@@ -97,6 +99,9 @@ def test_a_push_cut_in_the_middle_resumes_from_what_arrived(server: ServerProces
         cutter.join()
     finally:
         first.close()
+    # Its last word is where it stopped, once (a line shown for it does not stay "running").
+    assert [e.stopped for e in cut] == [False] * (len(cut) - 1) + [True], cut
+    assert 0 < cut[-1].done <= cut[-1].total and not cut[-1].finished, cut[-1]
     again = client.session(resume=first.id)
     events: list[TransferProgress] = []
     again.on_progress = events.append
@@ -114,6 +119,32 @@ def test_a_push_cut_in_the_middle_resumes_from_what_arrived(server: ServerProces
         assert again.transfer_counts.wire_pushed <= SIZE - SIZE // 2 + IN_FLIGHT  # its own count agrees
     finally:
         again.release()
+
+
+def test_a_push_cut_in_the_middle_says_where_it_stopped_on_the_async_session(server: ServerProcess,
+                                                                            proxy: TcpProxy) -> None:
+    # The Remote GPU kernel's way (no blocking client in between): the session itself says it.
+    token = server.token("resumer")
+    value = np.random.default_rng(29).integers(0, 256, 64 << 20, dtype=np.uint8)
+    events: list[TransferProgress] = []
+
+    async def run() -> None:
+        session = await AsyncClient(proxy.url, token).session()
+        session.on_progress = events.append
+        try:
+            cutter = cut_when(proxy, 32 << 20)
+            with pytest.raises(ConnectionLost):
+                await session.push(value=value)
+            cutter.join()
+        finally:
+            await session.close()
+        async with AsyncClient(proxy.url, token).session(resume=session.id):
+            pass  # released: the module's server has one slot
+
+    asyncio.run(run())
+    assert events and [e.stopped for e in events] == [False] * (len(events) - 1) + [True], events
+    # (all its bytes may have left: the answer that says they arrived did not come)
+    assert 0 < events[-1].done <= events[-1].total and not events[-1].finished, events[-1]
 
 
 def test_a_pull_cut_in_the_middle_resumes_from_what_arrived(server: ServerProcess, proxy: TcpProxy) -> None:

@@ -33,7 +33,8 @@ import platform
 import re
 import signal
 import sys
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from ipykernel.kernelbase import Kernel
 
@@ -71,6 +72,12 @@ _HELP = re.compile(r"^\s*(?P<before>\?{1,2})?(?P<name>[A-Za-z_][\w.]*)(?P<after>
 RELEASE_TIMEOUT = 10.0
 
 
+T = TypeVar("T")
+
+
+class _Stopped(Exception):
+    """The stop button ended a wait of the kernel's own (see ``_until_stopped``)."""
+
 class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):
     """See the module docstring. Jupyter makes it through IPKernelApp."""
 
@@ -100,7 +107,8 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):
         self.local = LocalNamespace(session, self.iopub_socket, self._topic)
         self.history = History()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._lease_task: asyncio.Task[AsyncSession] | None = None
+        #: A wait of this kernel's own that the stop button ends: a lease in the queue, a transfer.
+        self._stoppable: asyncio.Future[Any] | None = None
         self._remote_running: AsyncSession | None = None
         self._local_running = False
         #: The notebook request of the cell that runs now, if one does.
@@ -128,8 +136,8 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):
             self._loop.call_soon_threadsafe(self._interrupt)
 
     def _interrupt(self) -> None:
-        if self._lease_task is not None and not self._lease_task.done():
-            self._lease_task.cancel()
+        if self._stoppable is not None and not self._stoppable.done():
+            self._stoppable.cancel()
         elif self._remote_running is not None and self._loop is not None:
             self._loop.create_task(self._remote_running.interrupt())
 
@@ -217,19 +225,27 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):
         session = self.remote.usable
         if session is not None:
             return session
-        self._lease_task = asyncio.ensure_future(self.remote.acquire(cell))
         try:
-            return await self._lease_task
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise
+            return await self._until_stopped(self.remote.acquire(cell))
+        except _Stopped:
             return cell.error("KeyboardInterrupt", "interrupted while waiting for a GPU; "
                               "nothing ran and the request left the queue")
         except RemoteGpuError as exc:
             return cell.error(type(exc).__name__, str(exc))
+
+    async def _until_stopped(self, work: Awaitable[T]) -> T:
+        """``work``, which the stop button cancels: then :class:`_Stopped` is raised."""
+        future: asyncio.Future[T] = asyncio.ensure_future(work)
+        self._stoppable = future
+        try:
+            return await future
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the kernel's own request was cancelled, not the work
+            raise _Stopped from None
         finally:
-            self._lease_task = None
+            self._stoppable = None
 
     async def _run_remote(self, code: str, cell: CellOutput, silent: bool, store_history: bool,
                           allow_stdin: bool) -> dict[str, Any]:
@@ -340,9 +356,9 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):
             elif command.name in ("upload", "download"):
                 session.on_progress = cell.transfer_lines()
                 if command.name == "upload":
-                    moved = await session.upload(*command.args)
+                    moved = await self._until_stopped(session.upload(*command.args))
                 else:
-                    moved = await session.download(*command.args)
+                    moved = await self._until_stopped(session.download(*command.args))
                 cell.show(notices.transferred(f"{command.name}ed", moved))
             elif command.name == "env":
                 reply = await self._run_remote(notices.env_code(command.args[0]), cell, silent=False,
@@ -355,10 +371,13 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):
                     return cell.error("NameError", f"name {missing[0]!r} is not defined in the local "
                                       "namespace (define it in a %%local cell)")
                 session.on_progress = cell.transfer_lines()
-                await session.push(**{n: self.local.user_ns[n] for n in command.args})
+                await self._until_stopped(session.push(**{n: self.local.user_ns[n] for n in command.args}))
             else:
                 session.on_progress = cell.transfer_lines()
-                self.local.user_ns.update(await session.pull(*command.args))
+                self.local.user_ns.update(await self._until_stopped(session.pull(*command.args)))
+        except _Stopped:
+            return cell.error("KeyboardInterrupt", f"interrupted: the {command.name} stopped before it was "
+                              "done; run it again to move it whole")
         except RemoteGpuError as exc:
             ename = getattr(exc, "ename", type(exc).__name__)
             return cell.error(ename, getattr(exc, "evalue", str(exc)))

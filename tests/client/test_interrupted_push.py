@@ -29,7 +29,7 @@ from kernels import LocalKernel, kernel_with_magic
 from remote_gpu_kernel import AsyncClient
 from remote_gpu_kernel.progress import TransferProgress
 from remote_gpu_kernel.session import AsyncSession
-from remote_kernels import kernel_env
+from remote_kernels import KernelDriver, install_kernelspec, kernel_env
 from servers import ServerProcess
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent / "bench"))
@@ -109,3 +109,45 @@ def test_a_push_cancelled_on_the_bulk_stream_sets_nothing_and_the_next_sets_it_w
                                 ) == hashlib.sha256(value.tobytes()).hexdigest() + "\n"
 
     asyncio.run(asyncio.wait_for(run(), 100))
+
+
+@pytest.fixture(scope="module")
+def remote_kernel(link_url: str, server: ServerProcess, tmp_path_factory: pytest.TempPathFactory
+                  ) -> Iterator[KernelDriver]:
+    path = install_kernelspec(tmp_path_factory.mktemp("prefix"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JUPYTER_PATH", str(path))  # where the manager finds the kernelspec
+        driver = KernelDriver(kernel_env(tmp_path_factory.mktemp("kernel"), link_url,
+                                         server.token("interrupted-kernel"))).start()
+    try:
+        assert driver.run("import hashlib\nimport numpy as np").status == "ok"  # the lease, out of the way
+        assert driver.run("%%local\nimport hashlib\nimport numpy as np").status == "ok"
+        yield driver
+    finally:
+        driver.run("%gpu release")
+        driver.shutdown()
+
+
+@pytest.mark.parametrize("verb", ["push", "pull"])
+def test_the_stop_button_stops_a_transfer_of_the_remote_gpu_kernel_and_it_goes_whole_when_run_again(
+        remote_kernel: KernelDriver, verb: str) -> None:
+    # 32 MiB of random floats, other bytes for each (what the client holds already is not pulled)
+    make = f"big = np.random.default_rng({43 if verb == 'push' else 44}).random(4 << 20)"
+    assert remote_kernel.run(("%%local\n" if verb == "push" else "") + make).status == "ok"
+    interrupted: list[str] = []
+
+    def stop_when_shown(msg: dict[str, Any]) -> None:  # JupyterLab's stop button, once the line shows
+        if msg["msg_type"] == "display_data" and not interrupted:
+            interrupted.append(msg["content"]["data"]["text/plain"])
+            remote_kernel.km.interrupt_kernel()
+
+    run = remote_kernel.run(f"%gpu {verb} big", on_message=stop_when_shown)
+    assert run.status == "error" and run.reply["ename"] == "KeyboardInterrupt", (run.reply, interrupted, [
+        (m["msg_type"], m["content"]) for m in run.messages])
+    assert f"the {verb} stopped" in run.reply["evalue"]
+    assert interrupted and interrupted[0].startswith(f"Remote GPU: {verb}ing"), interrupted
+    last = run.of("update_display_data")[-1]["data"]["text/plain"]
+    assert re.match(rf"^Remote GPU: {verb} stopped at [\d.]+ (bytes|KiB|MiB) of 32 MiB \(\d+ %\)$", last), last
+    assert remote_kernel.run(f"%gpu {verb} big").status == "ok"  # again, whole
+    digest = "print(hashlib.sha256(big.tobytes()).hexdigest())"
+    assert remote_kernel.run(digest).stdout == remote_kernel.run(f"%%local\n{digest}").stdout

@@ -60,7 +60,7 @@ def busy_child(seconds: float) -> Iterator[subprocess.Popen[str]]:
 def test_quiet_waits_until_a_child_stops_working() -> None:
     with busy_child(0.6) as child:
         started = time.monotonic()
-        Quiet(patience=30, watch=lambda: [child.pid])()
+        Quiet(window=0.05, busy=0.001, patience=30, watch=lambda: [child.pid])()  # loose: a loaded machine
         assert child.stdout is not None and child.poll() is None
         # The child says "idle" as it stops working: Quiet returned after it had.
         assert select.select([child.stdout], [], [], 0)[0], "Quiet returned while the child still worked"
@@ -70,7 +70,7 @@ def test_quiet_waits_until_a_child_stops_working() -> None:
 
 def test_quiet_gives_up_after_its_patience_and_ignores_what_it_was_told_to() -> None:
     with busy_child(600) as child:
-        quiet = Quiet(patience=0.2, watch=lambda: [child.pid])
+        quiet = Quiet(window=0.1, busy=0.001, patience=0.3, watch=lambda: [child.pid])
         quiet()
         assert quiet.gave_up == 1
         excluded = Quiet(exclude=[child.pid], patience=30, watch=lambda: [child.pid])

@@ -74,10 +74,6 @@ RELEASE_TIMEOUT = 10.0
 
 T = TypeVar("T")
 
-
-class _Stopped(Exception):
-    """The stop button ended a wait of the kernel's own (see ``_until_stopped``)."""
-
 class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):
     """See the module docstring. Jupyter makes it through IPKernelApp."""
 
@@ -226,24 +222,25 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):
         if session is not None:
             return session
         try:
-            return await self._until_stopped(self.remote.acquire(cell))
-        except _Stopped:
-            return cell.error("KeyboardInterrupt", "interrupted while waiting for a GPU; "
-                              "nothing ran and the request left the queue")
+            got = await self._until_stopped(self.remote.acquire(cell))
         except RemoteGpuError as exc:
             return cell.error(type(exc).__name__, str(exc))
+        if got is None:
+            return cell.error("KeyboardInterrupt", "interrupted while waiting for a GPU; "
+                              "nothing ran and the request left the queue")
+        return got[0]
 
-    async def _until_stopped(self, work: Awaitable[T]) -> T:
-        """``work``, which the stop button cancels: then :class:`_Stopped` is raised."""
+    async def _until_stopped(self, work: Awaitable[T]) -> tuple[T] | None:
+        """``(what work gave,)``, or None where the stop button cancelled it."""
         future: asyncio.Future[T] = asyncio.ensure_future(work)
         self._stoppable = future
         try:
-            return await future
+            return (await future,)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise  # the kernel's own request was cancelled, not the work
-            raise _Stopped from None
+            return None
         finally:
             self._stoppable = None
 
@@ -355,11 +352,11 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):
                     cell.stream(f"{notices.PREFIX}the session is not parked\n", "stdout")
             elif command.name in ("upload", "download"):
                 session.on_progress = cell.transfer_lines()
-                if command.name == "upload":
-                    moved = await self._until_stopped(session.upload(*command.args))
-                else:
-                    moved = await self._until_stopped(session.download(*command.args))
-                cell.show(notices.transferred(f"{command.name}ed", moved))
+                moved = await self._until_stopped(session.upload(*command.args) if command.name == "upload"
+                                                  else session.download(*command.args))
+                if moved is None:
+                    return _stopped(cell, command.name)
+                cell.show(notices.transferred(f"{command.name}ed", moved[0]))
             elif command.name == "env":
                 reply = await self._run_remote(notices.env_code(command.args[0]), cell, silent=False,
                                                store_history=False, allow_stdin=False)
@@ -371,13 +368,14 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):
                     return cell.error("NameError", f"name {missing[0]!r} is not defined in the local "
                                       "namespace (define it in a %%local cell)")
                 session.on_progress = cell.transfer_lines()
-                await self._until_stopped(session.push(**{n: self.local.user_ns[n] for n in command.args}))
+                if await self._until_stopped(session.push(**{n: self.local.user_ns[n] for n in command.args})) is None:
+                    return _stopped(cell, command.name)
             else:
                 session.on_progress = cell.transfer_lines()
-                self.local.user_ns.update(await self._until_stopped(session.pull(*command.args)))
-        except _Stopped:
-            return cell.error("KeyboardInterrupt", f"interrupted: the {command.name} stopped before it was "
-                              "done; run it again to move it whole")
+                pulled = await self._until_stopped(session.pull(*command.args))
+                if pulled is None:
+                    return _stopped(cell, command.name)
+                self.local.user_ns.update(pulled[0])
         except RemoteGpuError as exc:
             ename = getattr(exc, "ename", type(exc).__name__)
             return cell.error(ename, getattr(exc, "evalue", str(exc)))
@@ -471,6 +469,12 @@ class RemoteGpuKernel(MainLoopShell, CommsBesideCells, Kernel):
             except Exception:
                 self.log.warning("could not release the GPU lease at shutdown", exc_info=True)
         return {"status": "ok", "restart": restart}
+
+
+def _stopped(cell: CellOutput, what: str) -> dict[str, Any]:
+    """The reply of a transfer that the stop button stopped."""
+    return cell.error("KeyboardInterrupt", f"interrupted: the {what} stopped before it was done; "
+                      "run it again to move it whole")
 
 
 class RemoteGpuKernelApp(MainLoopKernelApp):

@@ -10,13 +10,15 @@ returns every IOPub message of the request.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager
 
@@ -169,3 +171,21 @@ class KernelDriver:
             self.kc.stop_channels()
         if self.km.has_kernel:
             self.km.shutdown_kernel(now=False)
+
+
+@contextlib.contextmanager
+def remote_kernel(tmp_path_factory: pytest.TempPathFactory, url: str, token: str,
+                  *setup: str) -> Iterator[KernelDriver]:
+    """The Remote GPU kernel, started by kernel name against ``url`` as ``token``'s user,
+    each ``setup`` cell run (and asserted ok) first; its GPU released at the end."""
+    path = install_kernelspec(tmp_path_factory.mktemp("prefix"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("JUPYTER_PATH", str(path))  # where the manager finds the kernelspec
+        driver = KernelDriver(kernel_env(tmp_path_factory.mktemp("kernel"), url, token)).start()
+    try:
+        for code in setup:
+            assert driver.run(code).status == "ok", code
+        yield driver
+    finally:
+        driver.run("%gpu release")
+        driver.shutdown()

@@ -27,12 +27,14 @@ left mounted is unmounted when :meth:`ServerProcess.stop` or
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from processes import LoggedProcess
@@ -156,3 +158,16 @@ def ray_head(tmp: Path, ray_cluster: object) -> ServerProcess:
     """A server that is the head of ``ray_cluster`` (conftest's ``ray_cluster``), started."""
     address = getattr(ray_cluster, "address")
     return ServerProcess(tmp, "auto", "--ray", address, "--grace", "2").start(timeout=180)
+
+
+@contextlib.contextmanager
+def slow_link_url(url: str, rtt: float = 0.002, rate: float = 160e6) -> Iterator[str]:
+    """A ``ws://`` URL that reaches the server at ``url`` across an emulated link
+    (``bench/link.py``; at 160 Mbit/s 32 MiB take about 1.7 s: long enough for a
+    transfer's progress to show, and a link only ever makes it slower)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    from link import Link, LinkProcess
+
+    host, _, port = url.removeprefix("ws://").rstrip("/").rpartition(":")
+    with LinkProcess(Link(rtt=rtt, rate=rate)) as net:
+        yield f"ws://127.0.0.1:{net.proxy(host, int(port))}"

@@ -17,31 +17,26 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
 from kernels import LocalKernel, kernel_with_magic
+from remote_kernels import KernelDriver, kernel_env
+from remote_kernels import remote_kernel as remote_kernel_of
+from servers import ServerProcess, slow_link_url
+
 from remote_gpu_kernel import AsyncClient
 from remote_gpu_kernel.progress import TransferProgress
 from remote_gpu_kernel.session import AsyncSession
-from remote_kernels import KernelDriver, install_kernelspec, kernel_env
-from servers import ServerProcess
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent / "bench"))
-
-from link import Link, LinkProcess  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def link_url(server: ServerProcess) -> Iterator[str]:
-    host, _, port = server.url.removeprefix("ws://").rstrip("/").rpartition(":")
-    with LinkProcess(Link(rtt=0.002, rate=160e6)) as net:
-        yield f"ws://127.0.0.1:{net.proxy(host, int(port))}"
+    with slow_link_url(server.url) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -114,18 +109,10 @@ def test_a_push_cancelled_on_the_bulk_stream_sets_nothing_and_the_next_sets_it_w
 @pytest.fixture(scope="module")
 def remote_kernel(link_url: str, server: ServerProcess, tmp_path_factory: pytest.TempPathFactory
                   ) -> Iterator[KernelDriver]:
-    path = install_kernelspec(tmp_path_factory.mktemp("prefix"))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("JUPYTER_PATH", str(path))  # where the manager finds the kernelspec
-        driver = KernelDriver(kernel_env(tmp_path_factory.mktemp("kernel"), link_url,
-                                         server.token("interrupted-kernel"))).start()
-    try:
-        assert driver.run("import hashlib\nimport numpy as np").status == "ok"  # the lease, out of the way
-        assert driver.run("%%local\nimport hashlib\nimport numpy as np").status == "ok"
+    with remote_kernel_of(tmp_path_factory, link_url, server.token("interrupted-kernel"),
+                          "import hashlib\nimport numpy as np",  # the lease, out of the way
+                          "%%local\nimport hashlib\nimport numpy as np") as driver:
         yield driver
-    finally:
-        driver.run("%gpu release")
-        driver.shutdown()
 
 
 @pytest.mark.parametrize("verb", ["push", "pull"])

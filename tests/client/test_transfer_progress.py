@@ -10,7 +10,6 @@ machine too). A small transfer, and a silent request, show nothing.
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,12 +17,9 @@ from typing import Any
 import pytest
 
 from kernels import LocalKernel, kernel_with_magic
-from remote_kernels import KernelDriver, install_kernelspec, kernel_env
-from servers import ServerProcess
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent / "bench"))
-
-from link import Link, LinkProcess  # noqa: E402
+from remote_kernels import KernelDriver, kernel_env
+from remote_kernels import remote_kernel as remote_kernel_of
+from servers import ServerProcess, slow_link_url
 
 #: 32 MiB of random float64 (nothing to compress, nothing cached yet), made by ``seed``.
 BIG = "np.random.default_rng({seed}).random(4 << 20)"
@@ -33,9 +29,8 @@ RUNNING = re.compile(r"^Remote GPU: (push|pull|upload|download)ing [\d.]+ (bytes
 
 @pytest.fixture(scope="module")
 def link_url(server: ServerProcess) -> Iterator[str]:
-    host, _, port = server.url.removeprefix("ws://").rstrip("/").rpartition(":")
-    with LinkProcess(Link(rtt=0.002, rate=160e6)) as net:
-        yield f"ws://127.0.0.1:{net.proxy(host, int(port))}"
+    with slow_link_url(server.url) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -49,17 +44,9 @@ def magic(link_url: str, alice: str, tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.fixture(scope="module")
 def remote_kernel(link_url: str, alice: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[KernelDriver]:
-    path = install_kernelspec(tmp_path_factory.mktemp("prefix"))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("JUPYTER_PATH", str(path))  # where the manager finds the kernelspec
-        driver = KernelDriver(kernel_env(tmp_path_factory.mktemp("kernel"), link_url, alice)).start()
-    try:
-        assert driver.run("import numpy as np").status == "ok"  # the lease, out of the way
-        assert driver.run("%%local\nimport numpy as np").status == "ok"
+    with remote_kernel_of(tmp_path_factory, link_url, alice, "import numpy as np",  # the lease, out of the way
+                          "%%local\nimport numpy as np") as driver:
         yield driver
-    finally:
-        driver.run("%gpu release")
-        driver.shutdown()
 
 
 def one_line(displays: list[dict[str, Any]], updates: list[dict[str, Any]], verb: str) -> list[str]:

@@ -115,6 +115,17 @@ def run_first_cells(page: Any) -> Any:
     return cells.nth(1).locator(".jp-OutputArea-output")
 
 
+def notebook(kernel: str, cells: list[str]) -> dict[str, Any]:
+    """A notebook of code ``cells`` whose kernel is ``kernel`` (``remote-gpu`` or ``python3``)."""
+    names = {"remote-gpu": "Remote GPU", "python3": "Python 3 (ipykernel)"}
+    return {
+        "cells": [{"cell_type": "code", "execution_count": None, "id": f"c{i}", "metadata": {},
+                   "outputs": [], "source": src} for i, src in enumerate(cells)],
+        "metadata": {"kernelspec": {"name": kernel, "display_name": names[kernel], "language": "python"}},
+        "nbformat": 4, "nbformat_minor": 5,
+    }
+
+
 def confirm(page: Any) -> None:
     """Press the warning button of the dialog a sidebar press opened (Release, Restart worker)."""
     page.locator(".jp-Dialog .jp-Dialog-button.jp-mod-accept").click()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -32,12 +31,9 @@ import pytest
 from lab_process import LabProcess
 from remote_gpu_kernel.api import http_url
 from remote_kernels import install_kernelspec
-from servers import ServerProcess
-from test_lab_browser import ARTIFACTS, lab_page, require_browser
+from servers import ServerProcess, slow_link_url
+from test_lab_browser import ARTIFACTS, lab_page, notebook, require_browser
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent / "bench"))
-
-from link import Link, LinkProcess  # noqa: E402
 
 #: The user whose token the lab holds: its own, so that the clean-up releases only its leases.
 USER = "progress"
@@ -91,16 +87,6 @@ SHOWN_RUNNING = """([name, i, last, verb, pattern]) => {
 }"""
 
 
-def _notebook(kernel: str, cells: list[str]) -> dict[str, Any]:
-    names = {"remote-gpu": "Remote GPU", "python3": "Python 3 (ipykernel)"}
-    return {
-        "cells": [{"cell_type": "code", "execution_count": None, "id": f"c{i}", "metadata": {},
-                   "outputs": [], "source": src} for i, src in enumerate(cells)],
-        "metadata": {"kernelspec": {"name": kernel, "display_name": names[kernel], "language": "python"}},
-        "nbformat": 4, "nbformat_minor": 5,
-    }
-
-
 def _release_leases(server: ServerProcess, token: str) -> None:
     """Release what this test's user still holds (after a failure: a lease whose
     kernel is gone is kept for the server's grace, and the server is shared)."""
@@ -120,17 +106,16 @@ def lab(server: ServerProcess, tmp_path: Path) -> Iterator[LabProcess]:
     """A JupyterLab whose kernels reach the shared server across a 160 Mbit/s link."""
     require_browser()
     token = server.token(USER)
-    host, _, port = server.url.removeprefix("ws://").rstrip("/").rpartition(":")
     with contextlib.ExitStack() as stack:
-        net = stack.enter_context(LinkProcess(Link(rtt=0.002, rate=160e6)))
+        url = stack.enter_context(slow_link_url(server.url))
         stack.callback(_release_leases, server, token)
         lab = LabProcess(tmp_path / "lab", {
-            "RGPU_URL": f"ws://127.0.0.1:{net.proxy(host, int(port))}", "RGPU_TOKEN": token,
+            "RGPU_URL": url, "RGPU_TOKEN": token,
             "RGPU_CONFIG": str(tmp_path / "no-client.json"),
             "JUPYTER_PATH": str(install_kernelspec(tmp_path / "prefix"))})
         lab.root.mkdir(parents=True)
-        (lab.root / "remote.ipynb").write_text(json.dumps(_notebook("remote-gpu", REMOTE)))
-        (lab.root / "magic.ipynb").write_text(json.dumps(_notebook("python3", MAGIC)))
+        (lab.root / "remote.ipynb").write_text(json.dumps(notebook("remote-gpu", REMOTE)))
+        (lab.root / "magic.ipynb").write_text(json.dumps(notebook("python3", MAGIC)))
         stack.callback(lab.stop)
         yield lab.start()
 

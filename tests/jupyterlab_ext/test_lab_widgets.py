@@ -24,7 +24,7 @@ import pytest
 from lab_process import LabProcess
 from remote_kernels import install_kernelspec
 from servers import ServerProcess
-from test_lab_browser import ARTIFACTS, lab_page, require_browser
+from test_lab_browser import ARTIFACTS, lab_page, notebook, require_browser
 
 
 CELLS = [
@@ -37,16 +37,6 @@ CELLS = [
 ]
 
 
-def _notebook(kernel: str, cells: list[str]) -> dict[str, Any]:
-    names = {"remote-gpu": "Remote GPU", "python3": "Python 3 (ipykernel)"}
-    return {
-        "cells": [{"cell_type": "code", "execution_count": None, "id": f"c{i}", "metadata": {},
-                   "outputs": [], "source": src} for i, src in enumerate(cells)],
-        "metadata": {"kernelspec": {"name": kernel, "display_name": names[kernel], "language": "python"}},
-        "nbformat": 4, "nbformat_minor": 5,
-    }
-
-
 @pytest.fixture
 def lab(fresh_server: ServerProcess, tmp_path: Path) -> Iterator[LabProcess]:
     require_browser()
@@ -57,9 +47,9 @@ def lab(fresh_server: ServerProcess, tmp_path: Path) -> Iterator[LabProcess]:
                                         "RGPU_CONFIG": str(tmp_path / "no-client.json"),
                                         "JUPYTER_PATH": str(jupyter_path)})
     lab.root.mkdir(parents=True)
-    (lab.root / "remote.ipynb").write_text(json.dumps(_notebook("remote-gpu", CELLS)))
+    (lab.root / "remote.ipynb").write_text(json.dumps(notebook("remote-gpu", CELLS)))
     magic = ["%load_ext remote_gpu_kernel"] + [f"%%gpu\n{src}" for src in CELLS]
-    (lab.root / "magic.ipynb").write_text(json.dumps(_notebook("python3", magic)))
+    (lab.root / "magic.ipynb").write_text(json.dumps(notebook("python3", magic)))
     lab.start()
     try:
         yield lab
@@ -68,7 +58,7 @@ def lab(fresh_server: ServerProcess, tmp_path: Path) -> Iterator[LabProcess]:
         fresh_server.stop()
 
 
-def _run_widgets_notebook(page: Any, lab: LabProcess, name: str, first: int) -> None:
+def _run_widgetsnotebook(page: Any, lab: LabProcess, name: str, first: int) -> None:
     """Open ``name`` and check the widgets of CELLS, which start at cell ``first``."""
     from playwright.sync_api import expect
 
@@ -128,7 +118,7 @@ def test_widgets_render_and_answer_on_the_kernel_and_through_the_magic(lab: LabP
     started = time.monotonic()
     with lab_page("widgets", height=1400, full_page=True) as (page, errors):
         for name, first in (("remote.ipynb", 0), ("magic.ipynb", 1)):
-            _run_widgets_notebook(page, lab, name, first)
+            _run_widgetsnotebook(page, lab, name, first)
             page.screenshot(path=str(ARTIFACTS / f"widgets-{name.split('.')[0]}.png"), full_page=True)
             assert not errors, errors
     print(f"widgets browser test: {time.monotonic() - started:.1f} s in the browser")

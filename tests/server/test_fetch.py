@@ -151,6 +151,24 @@ def test_torch_reads_it(alice: User) -> None:
     assert [n.split(",")[0] for n in alice.notes] == ["fetched weights.pt"]
 
 
+def test_a_thread_of_the_cell_reads_it_while_the_cell_awaits_and_a_push_and_pull_follow(alice: User) -> None:
+    # The cell's own thread fetches while the kernel's main loop runs (the
+    # cell awaits), and that loop also watches the data channel for the
+    # server's operations: the fetch's notes are the thread's alone, and
+    # the channel serves the push and pull that come after.
+    (alice.folder / "beside.txt").write_text("read in a thread")
+    cell = ("import asyncio, threading\n"
+            "got = {}\n"
+            "reader = threading.Thread(target=lambda: got.update(text=open('beside.txt').read()))\n"
+            "reader.start()\n"
+            "while reader.is_alive():\n"
+            "    await asyncio.sleep(0.001)\n"
+            "print(got['text'])")
+    assert alice.run(cell) == "read in a thread\n"
+    alice.session.push(after=[1, 2])
+    assert alice.session.pull("after") == {"after": [1, 2]}
+
+
 def test_a_file_in_the_session_folder_is_not_fetched_again(alice: User, monkeypatch: pytest.MonkeyPatch) -> None:
     _csv(alice.folder, "once.csv")
     assert alice.run("print(len(open('once.csv').read()))") == "12\n"

@@ -71,7 +71,7 @@ def refusal_reason(code: str, message: str) -> str:
 
 
 class Channel(Protocol):
-    """What a fetch uses of the worker's data channel (:class:`.kernel._DataChannel`)."""
+    """What a fetch uses of the worker's data channel (:class:`.channel.WorkerChannel`)."""
 
     def receive(self, tid: int, sink: Any = None) -> Any: ...
 

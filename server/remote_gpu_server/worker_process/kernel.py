@@ -6,17 +6,18 @@ its first request it imports what ``rgpu serve --preload`` names (torch by
 default, when installed) and initialises CUDA when a GPU is visible, so that
 a leased worker's first cell pays neither.
 
-Variables travel in two parts. The request and its answer go over a comm
-with target :data:`COMM_TARGET`, in the kernel's main thread, in order with
-the cells: ``{"op": "push"|"pull", "id": N, "names": [...], "counts": [...]}``
+Variables travel in two parts. The request and its answer are an operation
+(:mod:`.operations`: on the data channel's socket, or over a comm with target
+:data:`COMM_TARGET`), in the kernel's main thread, between the cells:
+``{"op": "push"|"pull", "id": N, "names": [...], "counts": [...]}``
 (large buffers named by digest, see :mod:`.variables`)
 and ``{"id": N, "ok": true, ...}`` or ``{"id": N, "ok": false, "ename",
 "evalue"}``. The buffers themselves go through the shared-memory ring that
 the server passed as ``RGPU_DATA_RING_FD``, with notes on a private ZMQ PAIR
 socket at ``RGPU_DATA_ADDR`` (an ``ipc://`` path in the server's own runtime
-folder), as described in :mod:`.transfer`. A push's comm message comes first
-and its handler reads the buffers as the server forwards them; a pull's comm
-reply (names, counts, sizes) is sent once the pickling succeeded, and its
+folder), as described in :mod:`.transfer`. A push's request comes first
+and its handler reads the buffers as the server forwards them; a pull's
+answer (names, counts, sizes) is sent once the pickling succeeded, and its
 buffers after it, while the server passes them on to the client.
 Only this process unpickles what a client pushed. Files go the same way
 (``{"op": "upload"|"download", "paths": [...]}``, relative to the session
@@ -43,8 +44,9 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
 from typing import Any
+
+from .channel import WorkerChannel
 
 __all__ = ["COMM_TARGET", "COUNT_KEY", "DEFAULT_PRELOAD", "PRELOAD_VAR", "die_with_parent", "main"]
 
@@ -83,119 +85,7 @@ def _preload() -> None:
             module.cuda.init()
 
 
-#: How long one end of a transfer waits for the next note from the server.
-DATA_TIMEOUT_MS = 60_000
-
-
-class _DataChannel:
-    """The worker's end of :mod:`.transfer`: notes on a PAIR socket with the
-    bytes in the shared ring (``ring_fd``), or, for a server on another host
-    (a ``tls://`` address), notes and bytes in sealed records opened with
-    mutual TLS (``tls``: this worker's key and certificate and the server's
-    certificate, PEM)."""
-
-    def __init__(self, addr: str, ring_fd: int | None, tls: tuple[bytes, bytes, bytes] | None = None) -> None:
-        from .transfer import Inline, Ring, Slots
-
-        self.socket: Any
-        if addr.startswith("tls://"):
-            from .sealed import BlockingTls, pinned_context
-
-            assert tls is not None, "a tls:// data channel needs its keys"
-            host, _, port = addr[len("tls://"):].rpartition(":")
-            self.socket = BlockingTls(host.strip("[]"), int(port), pinned_context(True, *tls))
-        else:
-            import zmq
-
-            self.socket = zmq.Context.instance().socket(zmq.PAIR)
-            self.socket.linger = 0
-            self.socket.sndhwm = self.socket.rcvhwm = 0
-            self.socket.bind(addr)
-        self.ring: Slots
-        if ring_fd is not None:
-            self.ring = Ring(ring_fd)
-            os.close(ring_fd)  # mapped: the user's code has no handle on it
-        else:
-            self.ring = Inline()
-
-    def _recv(self) -> list[Any]:
-        if not self.socket.poll(DATA_TIMEOUT_MS):
-            raise TimeoutError("the server stopped sending in the middle of a transfer")
-        frames: list[Any] = self.socket.recv_multipart()
-        return frames
-
-    def receive(self, tid: int, sink: Callable[[list[int]], Any] | None = None) -> Any:
-        """The buffers of transfer ``tid``, each in fresh writable memory.
-
-        With ``sink``, the pieces go to ``sink(sizes)`` instead (an object
-        with ``add(piece)`` and ``done``, as :class:`~.transfer.Filler`),
-        which is returned.
-        """
-        from remote_gpu_core.errors import ProtocolError
-
-        from .transfer import ABORT, DATA, END, HEADER, Filler, abort, parse_abort, parse_header, tid_of
-
-        ring = self.ring
-        ring.begin(tid)
-        while True:  # skip what is left of transfers that were given up
-            kind, payload, *_ = self._recv()
-            if kind == HEADER:
-                got, sizes = parse_header(payload)
-                if got == tid:
-                    break
-            elif kind == ABORT and tid_of(payload) == tid:  # refused before it began (a fetch)
-                from .fetch import FetchNotSent
-
-                raise FetchNotSent(parse_abort(payload)[1])
-        filler = Filler(sizes) if sink is None else sink(sizes)
-        try:
-            while True:
-                kind, payload, *rest = self._recv()
-                if kind == DATA:
-                    taken = ring.take(payload, rest)
-                    if taken is not None:
-                        filler.add(taken[0])
-                        self.socket.send_multipart(taken[1])
-                elif kind == END and tid_of(payload) == tid:
-                    if not filler.done:
-                        raise ConnectionError("the push ended before all its bytes came")
-                    return filler if sink is not None else filler.buffers
-                elif kind == ABORT and tid_of(payload) == tid:
-                    raise ConnectionError("the push was cut short: " + parse_abort(payload)[1])
-        except (TimeoutError, ProtocolError, ValueError) as exc:
-            self.socket.send_multipart(abort(tid, str(exc)))  # the server stops sending
-            raise
-
-    def give_up(self, tid: int, reason: str) -> None:
-        """Tell the server to stop sending transfer ``tid``."""
-        from .transfer import abort
-
-        self.socket.send_multipart(abort(tid, reason))
-
-    def send(self, tid: int, buffers: list[Any]) -> None:
-        """Send ``buffers`` through the ring, as fast as the server frees slots.
-
-        Stops early, telling the server, if the server gives up or goes
-        quiet or the user interrupts; the pull then fails on the server.
-        """
-        from .transfer import abort, end, pieces
-
-        ring = self.ring
-        ring.begin(tid)
-        try:
-            for piece in pieces(buffers):
-                while not ring.free:
-                    kind, payload, *_ = self._recv()
-                    if ring.answer(kind, payload) is not None:
-                        return  # the server gave up
-                self.socket.send_multipart(ring.put(piece), copy=False)
-        except (TimeoutError, KeyboardInterrupt) as exc:
-            self.socket.send_multipart(abort(tid, str(exc) or "interrupted"))
-            return
-        self.socket.send_multipart(end(tid))
-
-
-def _handle(shell: Any, channel: _DataChannel, data: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+def _handle(shell: Any, channel: WorkerChannel, data: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     """Do one transfer request: ``(reply, then)``, where ``then`` (or None)
     runs after the reply is sent."""
     op = data.get("op")
@@ -286,7 +176,7 @@ def _enter_folder(path: str) -> None:
     _folder = Folder(path)
 
 
-def _handle_files(channel: _DataChannel, op: str, data: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+def _handle_files(channel: WorkerChannel, op: str, data: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     """The file operations of :mod:`.worker_files`: ``upload`` and ``download``."""
     from .files import FileSink
 
@@ -332,7 +222,7 @@ def _handle_files(channel: _DataChannel, op: str, data: dict[str, Any]) -> tuple
     return {"ok": True, "paths": names, "sizes": sizes}, send
 
 
-def _comm_opener(channel: _DataChannel) -> Any:
+def _comm_opener(channel: WorkerChannel) -> Any:
     def on_open(comm: Any, open_msg: Any) -> None:
         from IPython import get_ipython
 
@@ -341,15 +231,9 @@ def _comm_opener(channel: _DataChannel) -> Any:
             _fetcher.attach(comm)
 
         def on_msg(msg: dict[str, Any]) -> None:
-            data = msg["content"]["data"]
-            then = None
-            try:
-                reply, then = _handle(shell, channel, data)
-            except Exception as exc:
-                reply = {"ok": False, "ename": type(exc).__name__, "evalue": str(exc)}
-                if isinstance(getattr(exc, "name", None), str):
-                    reply["name"] = exc.name  # type: ignore[attr-defined]
-            reply["id"] = data.get("id")
+            from .operations import answer
+
+            reply, then = answer(lambda data: _handle(shell, channel, data), msg["content"]["data"])
             comm.send(reply)
             if then is not None:
                 then()
@@ -475,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     ring_fd = os.environ.pop("RGPU_DATA_RING_FD", None)
     tls = tuple(os.environ.pop(name, "").encode() for name in
                 ("RGPU_DATA_TLS_KEY", "RGPU_DATA_TLS_CERT", "RGPU_DATA_TLS_PEER"))
-    channel = _DataChannel(os.environ.pop("RGPU_DATA_ADDR"), int(ring_fd) if ring_fd else None,
+    channel = WorkerChannel(os.environ.pop("RGPU_DATA_ADDR"), int(ring_fd) if ring_fd else None,
                            tls if all(tls) else None)  # type: ignore[arg-type]
     from .buffer_cache import BufferCache, raise_file_limit
 
@@ -483,6 +367,10 @@ def main(argv: list[str] | None = None) -> None:
     _cache = BufferCache()
     raise_file_limit()
     app.kernel.comm_manager.register_target(COMM_TARGET, _comm_opener(channel))
+    if channel.local:  # the server asks its operations on the data channel (see .operations)
+        from .operations import Listener
+
+        Listener(channel, lambda data: _handle(app.shell, channel, data)).start()
     from .files import install_hint
 
     install_hint(app.shell)

@@ -15,6 +15,16 @@ small notes travel over a private ZMQ PAIR socket, as two-frame messages::
     [b"E", tid]                          the transfer is complete
     [b"A", tid|reason]                   the sender or receiver gave up
 
+The server's operations (a push, a pull, taking on a lease; see
+:mod:`.operations`) ride the same socket, where the worker runs on this
+host, so that one costs a note each way and no Jupyter request::
+
+    [b"O", {"id": N, "op": ..., ...}]    the server asks operation N
+    [b"R", {"id": N, "ok": ..., ...}]    the worker's answer, once its handler returned
+    [b"K", tid]                          after an answer that had buffers to send
+                                         (a pull, a download): they are sent, and
+                                         the worker no longer touches the ring
+
 Each piece is one copy into the ring and one copy out of it, with no socket
 copies: measured here against streaming the pieces over the socket itself,
 100 MiB cost the sender 12 ms of CPU instead of 43 and the receiver 20
@@ -45,11 +55,13 @@ from remote_gpu_core.protocol.framing import CHUNK_SIZE
 from remote_gpu_core.protocol.serialization import allocate_buffer
 
 __all__ = [
-    "ABORT", "DATA", "END", "FREED", "HEADER", "RING_SLOTS", "SLOT_SIZE",
-    "Filler", "Inline", "Ring", "Slots", "abort", "create_ring", "end", "header", "parse_abort", "pieces",
+    "ABORT", "DATA", "END", "FREED", "HEADER", "OPERATION", "REPLY", "RETURNED", "RING_SLOTS", "SLOT_SIZE",
+    "Filler", "Inline", "Ring", "Slots", "abort", "create_ring", "end", "header", "operation", "parse_abort",
+    "parse_json", "pieces", "reply", "returned",
 ]
 
 HEADER, DATA, FREED, END, ABORT = b"H", b"D", b"F", b"E", b"A"
+OPERATION, REPLY, RETURNED = b"O", b"R", b"K"
 #: Slots in a worker's ring, and the bytes of each: 16 MiB of shared memory
 #: per worker. A piece's notes and wake-ups cost the same whatever its size,
 #: so larger pieces cost less per byte: measured here (``bench/transfer_cpu.py``,
@@ -88,8 +100,29 @@ def parse_abort(payload: Any) -> tuple[int, str]:
     return _TID.unpack_from(data)[0], data[_TID.size:].decode(errors="replace")
 
 
+def operation(tid: int, data: dict[str, Any]) -> list[bytes]:
+    return [OPERATION, json.dumps({**data, "id": tid}).encode()]
+
+
+def reply(answer: dict[str, Any]) -> list[bytes]:
+    return [REPLY, json.dumps(answer).encode()]
+
+
+def returned(tid: int) -> list[bytes]:
+    return [RETURNED, _TID.pack(tid)]
+
+
+def parse_json(payload: Any) -> dict[str, Any] | None:
+    """The object of an ``O`` or ``R`` note, with its ``id``; None for what is not one."""
+    try:
+        data = json.loads(bytes(payload))
+    except (ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("id"), int) else None
+
+
 def tid_of(payload: Any) -> int:
-    """The transfer id that an ``E``, ``A``, ``D`` or ``F`` note starts with."""
+    """The transfer id that an ``E``, ``A``, ``D``, ``F`` or ``K`` note starts with."""
     return int(_TID.unpack_from(bytes(payload[: _TID.size]))[0])
 
 

@@ -49,7 +49,7 @@ from .buffer_cache import BufferCache, CacheFiller, ResumingFiller, copy_on_writ
 
 __all__ = ["holding", "pull", "push"]
 
-#: Receives a transfer's buffers into a sink made from their sizes (see ``_DataChannel.receive``).
+#: Receives a transfer's buffers into a sink made from their sizes (see ``WorkerChannel.receive``).
 Receive = Callable[[Callable[[list[int]], CacheFiller]], Any]
 
 

@@ -88,6 +88,14 @@ class DataChannel:
     def __init__(self, carrier: Carrier, slots: transfer.Slots) -> None:
         self.carrier = carrier
         self.slots = slots
+        #: Whether the worker answers operations here (:meth:`ask`): one on
+        #: this host, whose channel is a PAIR socket. Over a sealed stream they
+        #: go on the server's comm (see :mod:`..worker_process.operations`).
+        self.answers = isinstance(carrier, PairCarrier)
+        #: The operation asked last; its answer once read, and whether it returned.
+        self._asked = 0
+        self._answer: dict[str, Any] | None = None
+        self._returned = False
 
     @classmethod
     def connect(cls, address: str, slots: transfer.Slots, context: Any = None) -> DataChannel:
@@ -113,6 +121,8 @@ class DataChannel:
                 async for piece in parts:
                     while not slots.free:  # the worker has every slot: wait until it hands one back
                         kind, payload, *_ = await self._recv(worker, timeout=None)
+                        if self._keep(kind, payload) == tid:
+                            return  # the worker answered the push before its end: it takes no more
                         reason = slots.answer(kind, payload)
                         if reason is not None:
                             raise TransferAborted(reason, worker_stopped=True)
@@ -139,6 +149,7 @@ class DataChannel:
         try:
             while True:
                 kind, payload, *rest = await self._recv(worker, timeout=60)
+                self._keep(kind, payload)
                 if kind == transfer.DATA:
                     taken = slots.take(payload, rest)
                     if taken is None:
@@ -158,6 +169,45 @@ class DataChannel:
                     await self.abort(tid, "the pull was not read to its end")
                 except Exception:
                     pass  # the channel is gone with the worker
+
+    async def ask(self, tid: int, data: dict[str, Any]) -> None:
+        """Ask the worker operation ``data`` as ``tid`` (only where :attr:`answers`).
+
+        What waits unread is dropped first: notes of transfers that ended, and
+        whatever the worker's code sent (an answer made up before this was asked).
+        """
+        while self.carrier.recv_nowait() is not None:
+            pass
+        self._asked, self._answer, self._returned = tid, None, False
+        await self.carrier.send(transfer.operation(tid, data))
+
+    async def answer(self, worker: Liveness) -> dict[str, Any]:
+        """The worker's answer to the operation asked last, however long it takes, unless the worker dies."""
+        while self._answer is None:
+            kind, payload, *_ = await self._recv(worker, timeout=None)
+            self._keep(kind, payload)
+        return self._answer
+
+    async def returned(self, worker: Liveness, timeout: float) -> None:
+        """Wait until the worker's handler of the operation asked last (a pull,
+        a download) has sent its buffers; notes of those buffers left unread are skipped."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not self._returned:
+            kind, payload, *_ = await self._recv(worker, timeout=deadline - asyncio.get_running_loop().time())
+            self._keep(kind, payload)
+
+    def _keep(self, kind: bytes, payload: Any) -> int | None:
+        """Keep the answer to the operation asked, or its return, if a read
+        came across it (its id); whatever else, of an operation nobody waits
+        for or not an answer at all (a worker runs its user's code), is dropped."""
+        if kind == transfer.REPLY:
+            data = transfer.parse_json(payload)
+            if data is not None and data["id"] == self._asked:
+                self._answer = data
+                return self._asked
+        elif kind == transfer.RETURNED and bytes(payload) == transfer.returned(self._asked)[1]:
+            self._returned = True
+        return None
 
     async def abort(self, tid: int, reason: str) -> None:
         await self.carrier.send(transfer.abort(tid, reason))

@@ -1,13 +1,15 @@
-"""The server's own comm on one worker: the operations it asks of the
-worker's kernel extension (take on a lease, push, pull, upload, download,
-park, restore).
+"""The server's operations on one worker (take on a lease, push, pull,
+upload, download, park, restore), and its own comm there.
 
-Each operation is a ``comm_msg`` on a comm that the worker handle opens
-once the kernel answers (its id is reserved: clients cannot use it, see
-:mod:`.comms`), carrying an ``id``; the worker publishes its reply on IOPub
-under the same comm and ``id``, before its ``idle``. The buffers of a push
-or an upload, and of a pull's or a download's answer, do not ride the comm:
-they move through the worker's data channel (:mod:`.datachannel`).
+Each operation carries an ``id``. To a worker on this host it is a note on
+the data channel, and so is the answer (:meth:`.DataChannel.ask`; see
+:mod:`..worker_process.operations` for why). To a worker on another host,
+whose data channel is a sealed stream, it is a ``comm_msg`` on a comm that
+the worker handle opens once the kernel answers (its id is reserved:
+clients cannot use it, see :mod:`.comms`), and the worker publishes its
+reply on IOPub under the same comm and ``id``, before its ``idle``. The
+buffers of a push or an upload, and of a pull's or a download's answer,
+move through the worker's data channel (:mod:`.datachannel`).
 
 The worker also asks on this comm, unprompted, while a cell runs: ``{"op":
 "fetch", "fetch": N, "path": NAME}`` when the cell opened a file its
@@ -50,6 +52,9 @@ class CommWorker(Liveness, Protocol):
 
     async def request(self, msg_type: str, content: dict[str, Any]) -> dict[str, Any]:
         """Send a shell request; return once the kernel is idle after it."""
+
+    async def settled(self) -> None:
+        """Once the worker may take a request (it took on its lease)."""
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
@@ -127,12 +132,26 @@ class TransferComm:
 
     async def op(self, data: dict[str, Any]) -> dict[str, Any]:
         """Run the operation ``data`` (no buffers either way); returns its reply."""
+        if self.data.answers:
+            await self._ask(data)
+            return await self.data.answer(self.worker)
         tid, fut = self._new()
         return await self._reply(tid, fut, self._send(data, tid))
 
-    def _new(self) -> tuple[int, asyncio.Future[Reply]]:
+    def _tid(self) -> int:
         self.worker.check_alive()
-        tid = next(self._ids)
+        return next(self._ids)
+
+    async def _ask(self, data: dict[str, Any]) -> int:
+        """Ask operation ``data`` on the data channel, once the worker may take it; its id."""
+        await self.worker.settled()
+        tid = self._tid()
+        await self.data.ask(tid, data)
+        return tid
+
+    def _new(self) -> tuple[int, asyncio.Future[Reply]]:
+        """A comm request's id and the future its reply sets."""
+        tid = self._tid()
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._replies[tid] = fut
         return tid, fut
@@ -160,6 +179,14 @@ class TransferComm:
         other side is told to drop the transfer and :class:`TransferAborted`
         is raised.
         """
+        if self.data.answers:
+            tid = await self._ask(data)
+            try:
+                await self.data.send(tid, buffers, self.worker)
+            except TransferAborted:
+                await self.data.answer(self.worker)
+                raise
+            return await self.data.answer(self.worker)
         tid, fut = self._new()
         request = asyncio.ensure_future(self._send(data, tid))
         try:
@@ -184,6 +211,12 @@ class TransferComm:
         (``contextlib.aclosing``) before the next transfer: closing it early
         tells the worker to stop and waits until it has.
         """
+        if self.data.answers:
+            tid = await self._ask(data)
+            reply = await self.data.answer(self.worker)
+            if not reply.get("ok"):
+                return reply, None
+            return reply, self._receive(tid, lambda: self.data.returned(self.worker, OPERATION_TIMEOUT))
         tid, fut = self._new()
         request = asyncio.ensure_future(self._send(data, tid))
         request.add_done_callback(_retrieve)
@@ -200,14 +233,16 @@ class TransferComm:
         if not reply.get("ok"):
             await request
             return reply, None
-        return reply, self._receive(tid, request)
+        return reply, self._receive(tid, lambda: asyncio.wait_for(asyncio.shield(request), timeout=OPERATION_TIMEOUT))
 
-    async def _receive(self, tid: int, request: asyncio.Future[dict[str, Any]]) -> AsyncGenerator[Any, None]:
+    async def _receive(self, tid: int, returned: Callable[[], Awaitable[Any]]) -> AsyncGenerator[Any, None]:
+        """The pieces of transfer ``tid``; at the end, waits for ``returned`` (the
+        worker's handler has returned: it no longer touches the ring)."""
         try:
             async for piece in self.data.receive(tid, self.worker):
                 yield piece
         finally:
-            try:  # the worker's handler has returned: it no longer touches the ring
-                await asyncio.wait_for(asyncio.shield(request), timeout=OPERATION_TIMEOUT)
+            try:
+                await returned()
             except Exception:
                 pass

@@ -385,8 +385,7 @@ class Worker:
         no shell reply: for them only the idle status is awaited and the
         returned message is empty.
         """
-        if self.entering is not None and not _ENTERING.get():
-            await self._entered()
+        await self.settled()
         self.check_alive()
         header = None
         if msg_id is not None:
@@ -446,9 +445,11 @@ class Worker:
         self.check_alive()
         self._kc.input(value)
 
-    async def _entered(self) -> None:
-        """Once the worker is its user's; WorkerDied if it could not become theirs."""
-        assert self.entering is not None
+    async def settled(self) -> None:
+        """Once the worker may take a request: it became its lease's (see
+        :meth:`enter`); WorkerDied if it could not become theirs."""
+        if self.entering is None or _ENTERING.get():
+            return
         try:
             await asyncio.shield(self.entering)
         except asyncio.CancelledError:
@@ -461,9 +462,8 @@ class Worker:
                              f"worker {self.name} could not become its lease's: {exc}", code="worker_died") from None
 
     async def interrupt(self) -> None:
-        if self.entering is not None:
-            with contextlib.suppress(WorkerDied):
-                await self._entered()  # a signal must not land in the middle of it
+        with contextlib.suppress(WorkerDied):
+            await self.settled()  # a signal must not land in the middle of its entering
         if self.alive:
             await self.process.signal(signal.SIGINT)
 

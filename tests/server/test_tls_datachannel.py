@@ -97,3 +97,21 @@ def test_strangers_that_connect_and_stall_do_not_hold_the_server_up() -> None:
             assert waited < ACCEPT_TIMEOUT, waited
 
     asyncio.run(scenario())
+
+
+def test_a_stream_that_broke_is_replaced_and_the_operations_go_on() -> None:
+    # The worker's main loop watches the stream for the server's operations:
+    # when the stream breaks (here the server's end is closed under it), the
+    # server connects again with the next operation, and the worker must
+    # take that new stream and answer on it.
+    async def scenario() -> None:
+        async with tcp_worker() as worker:
+            assert await _roundtrip(worker, [1, 2, 3]) == [1, 2, 3]
+            carrier = worker.process.data.carrier
+            assert carrier._conn is not None
+            carrier._conn.close()
+            for value in ({"after": "the break"}, np.arange(3 << 20)):  # then many pieces, every slot used
+                back = await asyncio.wait_for(_roundtrip(worker, value), 60)
+                assert (np.array_equal(back, value) if isinstance(value, np.ndarray) else back == value)
+
+    asyncio.run(scenario())

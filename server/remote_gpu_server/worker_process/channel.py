@@ -48,8 +48,9 @@ class WorkerChannel:
             self.socket.sndhwm = self.socket.rcvhwm = 0
             self.socket.bind(addr)
         #: Called after a transfer used the socket: a ZMQ socket's descriptor
-        #: signals only changes since its state was last read, so whoever
-        #: watches it must read that state again (see :class:`.operations.Listener`).
+        #: signals only changes since its state was last read, and a sealed
+        #: stream may have been replaced, so whoever watches it must look
+        #: again (see :class:`.operations.Listener`).
         self.after_use: Callable[[], None] | None = None
         #: Held by whoever reads or writes the socket: a transfer, in whichever
         #: thread (a cell's thread may open a file that is fetched), or the
@@ -67,6 +68,37 @@ class WorkerChannel:
             raise TimeoutError("the server stopped sending in the middle of a transfer")
         frames: list[Any] = self.socket.recv_multipart()
         return frames
+
+    # -- what the operations' listener uses, under :attr:`lock` ----------------
+
+    def watched(self) -> list[int]:
+        """The descriptors to watch for :meth:`pending` (they change as a sealed stream is replaced)."""
+        if self.local:
+            import zmq
+
+            return [self.socket.getsockopt(zmq.FD)]
+        watched: list[int] = self.socket.watched()
+        return watched
+
+    def pending(self) -> bool:
+        """Whether a note waits (reading a ZMQ socket's state, which its descriptor then signals anew)."""
+        if self.local:
+            import zmq
+
+            return bool(self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+        return bool(self.socket.pending())
+
+    def next_note(self) -> list[Any] | None:
+        """The note that :meth:`pending` saw; None if a sealed stream broke on it."""
+        if self.local:
+            import zmq
+
+            frames: list[Any] = self.socket.recv_multipart(zmq.NOBLOCK)
+            return frames
+        try:
+            return list(self.socket.recv_multipart())
+        except (OSError, ValueError):
+            return None  # the server connects again when it next asks
 
     def receive(self, tid: int, sink: Callable[[list[int]], Any] | None = None) -> Any:
         """The buffers of transfer ``tid``, each in fresh writable memory.

@@ -7,8 +7,8 @@ default, when installed) and initialises CUDA when a GPU is visible, so that
 a leased worker's first cell pays neither.
 
 Variables travel in two parts. The request and its answer are an operation
-(:mod:`.operations`: on the data channel's socket, or over a comm with target
-:data:`COMM_TARGET`), in the kernel's main thread, between the cells:
+(:mod:`.operations`: notes on the data channel), in the kernel's main
+thread, between the cells:
 ``{"op": "push"|"pull", "id": N, "names": [...], "counts": [...]}``
 (large buffers named by digest, see :mod:`.variables`)
 and ``{"id": N, "ok": true, ...}`` or ``{"id": N, "ok": false, "ename",
@@ -23,11 +23,12 @@ Only this process unpickles what a client pushed. Files go the same way
 (``{"op": "upload"|"download", "paths": [...]}``, relative to the session
 folder that ``enter`` named; see :mod:`.worker_files`). A cell that opens
 a file the session's folder lacks has it fetched from the notebook's
-folder (:mod:`.fetch`: an audit hook that asks on this same comm).
+folder (:mod:`.fetch`: an audit hook that asks on the server's comm,
+:data:`COMM_TARGET`).
 
 Isolation: before anything else, the worker confines itself as the server's
 ``RGPU_CONFINE`` spec says (:func:`.confinement.prepare`), and at lease time
-the server's ``{"op": "enter", "id": N, "spec": {...}}`` comm request makes
+the server's ``{"op": "enter", "id": N, "spec": {...}}`` operation makes
 it its user's (:func:`.confinement.enter`) before any cell runs.
 
 Output of forked children reaches the kernel on an ``ipc://`` socket in
@@ -222,23 +223,11 @@ def _handle_files(channel: WorkerChannel, op: str, data: dict[str, Any]) -> tupl
     return {"ok": True, "paths": names, "sizes": sizes}, send
 
 
-def _comm_opener(channel: WorkerChannel) -> Any:
+def _comm_opener() -> Any:
+    """The server's comm: what a cell's fetch asks on (see :mod:`.fetch`)."""
     def on_open(comm: Any, open_msg: Any) -> None:
-        from IPython import get_ipython
-
-        shell = get_ipython()
         if _fetcher is not None:
             _fetcher.attach(comm)
-
-        def on_msg(msg: dict[str, Any]) -> None:
-            from .operations import answer
-
-            reply, then = answer(lambda data: _handle(shell, channel, data), msg["content"]["data"])
-            comm.send(reply)
-            if then is not None:
-                then()
-
-        comm.on_msg(on_msg)
 
     return on_open
 
@@ -366,11 +355,10 @@ def main(argv: list[str] | None = None) -> None:
     global _cache
     _cache = BufferCache()
     raise_file_limit()
-    app.kernel.comm_manager.register_target(COMM_TARGET, _comm_opener(channel))
-    if channel.local:  # the server asks its operations on the data channel (see .operations)
-        from .operations import Listener
+    app.kernel.comm_manager.register_target(COMM_TARGET, _comm_opener())
+    from .operations import Listener  # the server asks its operations on the data channel
 
-        Listener(channel, lambda data: _handle(app.shell, channel, data)).start()
+    Listener(channel, lambda data: _handle(app.shell, channel, data)).start()
     from .files import install_hint
 
     install_hint(app.shell)

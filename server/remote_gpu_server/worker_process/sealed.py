@@ -364,6 +364,8 @@ class BlockingTls:
         # A piece is read here, not into fresh memory: the worker copies it
         # to where it goes before it reads the next note.
         self._scratch = bytearray(MAX_FRAME)
+        #: Readable once a stream of the server's is ready to take (see :meth:`watched`).
+        self._woken, self._wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         threading.Thread(target=self._accept, daemon=True, name="rgpu-data-accept").start()
 
     def _accept(self) -> None:
@@ -388,6 +390,8 @@ class BlockingTls:
         finally:
             self._handshakes.release()
         self._ready.put(conn)
+        with contextlib.suppress(BlockingIOError):  # woken already
+            os.write(self._wake, b"\0")
 
     def _connection(self, timeout_ms: int | None) -> SealedStream | None:
         while True:  # a newer stream is the server's, made because the last one broke
@@ -412,6 +416,17 @@ class BlockingTls:
             return True
         ready, _, _ = select.select([conn], [], [], timeout_ms / 1000)
         return bool(ready)
+
+    def watched(self) -> list[int]:
+        """The descriptors that become readable when :meth:`pending` may say yes:
+        a new stream's arrival, and the stream's own bytes."""
+        return [self._woken] + ([self._conn.fileno()] if self._conn is not None else [])
+
+    def pending(self) -> bool:
+        """Whether a note (or the start of one) waits, without blocking."""
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._woken, 4096)
+        return self.poll(0)
 
     def recv_multipart(self) -> list[Any]:
         conn = self._connection(None)

@@ -8,8 +8,9 @@ private ZMQ PAIR socket; one copy in, one copy out, no socket copies), or
 (sealed records opened with mutual TLS). Either way at most the slots' worth of a transfer is in
 flight, and a note of an abandoned transfer is skipped.
 
-The channel knows nothing of Jupyter: the worker handle (:mod:`.worker`)
-asks for a transfer over its comm and moves the bytes through here. Every
+The channel knows nothing of Jupyter: the server asks its operations on
+a worker here (:meth:`DataChannel.ask`, :mod:`.transfer_comm`), and their
+bytes move through here. Every
 wait also watches the worker's liveness, so a worker that dies in the
 middle fails the transfer at once (:class:`TransferAborted` or the
 worker's own ``WorkerDied``).
@@ -88,10 +89,6 @@ class DataChannel:
     def __init__(self, carrier: Carrier, slots: transfer.Slots) -> None:
         self.carrier = carrier
         self.slots = slots
-        #: Whether the worker answers operations here (:meth:`ask`): one on
-        #: this host, whose channel is a PAIR socket. Over a sealed stream they
-        #: go on the server's comm (see :mod:`..worker_process.operations`).
-        self.answers = isinstance(carrier, PairCarrier)
         #: The operation asked last; its answer once read, and whether it returned.
         self._asked = 0
         self._answer: dict[str, Any] | None = None
@@ -171,13 +168,16 @@ class DataChannel:
                     pass  # the channel is gone with the worker
 
     async def ask(self, tid: int, data: dict[str, Any]) -> None:
-        """Ask the worker operation ``data`` as ``tid`` (only where :attr:`answers`).
+        """Ask the worker operation ``data`` as ``tid`` (see :mod:`..worker_process.operations`).
 
         What waits unread is dropped first: notes of transfers that ended, and
         whatever the worker's code sent (an answer made up before this was asked).
         """
-        while self.carrier.recv_nowait() is not None:
-            pass
+        try:
+            while self.carrier.recv_nowait() is not None:
+                pass
+        except ConnectionError:
+            pass  # a sealed stream broke: the send below connects again
         self._asked, self._answer, self._returned = tid, None, False
         await self.carrier.send(transfer.operation(tid, data))
 

@@ -295,7 +295,7 @@ class Worker:
         msg_type = msg["msg_type"]
         content = msg["content"]
         if msg_type == "comm_msg" and content.get("comm_id") == self.transfers.comm_id:
-            self.transfers.answer(content["data"], list(msg.get("buffers") or []))
+            self.transfers.answer(content["data"])
             return
         self.comms.published(msg_type, content)
         pending = self._pending.get(parent) if parent else None
@@ -363,7 +363,6 @@ class Worker:
     def _fail_all(self, exc: BaseException) -> None:
         for pending in self._pending.values():
             pending.fail(exc)
-        self.transfers.fail_all(exc)
 
     # -- requests -----------------------------------------------------------
 

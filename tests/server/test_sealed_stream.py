@@ -19,7 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from remote_gpu_server.worker_process import sealed
-from remote_gpu_server.worker_process.sealed import SealedStream, open_stream, pinned_context, read_note
+from remote_gpu_server.worker_process.sealed import SealedStream, open_stream, pinned_context
+from remote_gpu_server.worker_process.streams import read_note
 from remote_gpu_server.workers.carriers import make_identity
 
 _LENGTH, TAG = sealed._LENGTH, sealed._TAG  # the record's length field and tag, as the stream writes them

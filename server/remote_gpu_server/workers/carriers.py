@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from typing import Any, cast
 
 from ..certificates import make_certificate
-from ..worker_process.sealed import HANDSHAKE_TIMEOUT, WRITES_AHEAD, SealedStream, note_parts, open_stream, read_note
+from ..worker_process.sealed import HANDSHAKE_TIMEOUT, WRITES_AHEAD, SealedStream, open_stream
+from ..worker_process.streams import note_parts, read_note
 
 __all__ = ["PairCarrier", "TlsCarrier", "make_identity"]
 

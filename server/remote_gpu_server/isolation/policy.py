@@ -33,9 +33,9 @@ JupyterHub's ``Spawner.env_keep``) and the server's pip configuration (see
 threads are limited, with a cgroup of its own where the server can make one
 (see :mod:`.cgroups`, :mod:`.memory_limits`, :mod:`.process_limits`), its
 user's session folders share one disk limit (see :mod:`.user_disks`), and it
-listens on no network port: its sockets are ``ipc://`` paths that only it
-and the server reach (ipykernel's IOPub pipe included, see
-:mod:`.worker_iopub`), or, for a worker of a Ray node, ports that answer only
+listens on no network port: its Jupyter sockets are ``ipc://`` paths that
+only it and the server reach (ipykernel's IOPub pipe included, see
+:mod:`.worker_iopub`) and its data channel a socket pair the server made, or, for a worker of a Ray node, ports that answer only
 the keys of its server. Isolated, a worker can open the device files of the
 GPUs it was started for and no others (see :mod:`.devices`): a worker on CPU
 slots none at all.

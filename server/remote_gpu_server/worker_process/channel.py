@@ -2,18 +2,22 @@
 transfers' notes and bytes, and (through :mod:`.operations`) the server's
 operations.
 
-A ZMQ PAIR socket and a shared ring where the server runs on this host;
-a sealed TLS stream (:class:`~.sealed.BlockingTls`) where it runs on
-another. The socket is read and written here in the kernel's main thread,
-while a handler of an operation or a cell's fetch waits for its notes.
+A stream (:mod:`.streams`): one end of a Unix socket pair, with the
+pieces in a shared ring, where the server runs on this host; a sealed TLS
+stream (:class:`~.sealed.BlockingTls`) where it runs on another. The
+stream is read and written here in the kernel's main thread, while a
+handler of an operation or a cell's fetch waits for its notes.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
+
+from .streams import BlockingStream, PlainStream
 
 __all__ = ["DATA_TIMEOUT_MS", "WorkerChannel"]
 
@@ -22,8 +26,9 @@ DATA_TIMEOUT_MS = 60_000
 
 
 class WorkerChannel:
-    """The worker's end of :mod:`.transfer`: notes on a PAIR socket with the
-    bytes in the shared ring (``ring_fd``), or, for a server on another host
+    """The worker's end of :mod:`.transfer`: notes on this worker's end of
+    the server's socket pair (an ``fd://N`` address) with the bytes in the
+    shared ring (``ring_fd``), or, for a server on another host
     (a ``tls://`` address), notes and bytes in sealed records opened with
     mutual TLS (``tls``: this worker's key and certificate and the server's
     certificate, PEM)."""
@@ -31,30 +36,25 @@ class WorkerChannel:
     def __init__(self, addr: str, ring_fd: int | None, tls: tuple[bytes, bytes, bytes] | None = None) -> None:
         from .transfer import Inline, Ring, Slots
 
-        self.socket: Any
-        #: A PAIR socket to a server on this host (else a sealed TLS stream).
-        self.local = not addr.startswith("tls://")
-        if not self.local:
+        self.socket: BlockingStream
+        if addr.startswith("tls://"):
             from .sealed import BlockingTls, pinned_context
 
             assert tls is not None, "a tls:// data channel needs its keys"
             host, _, port = addr[len("tls://"):].rpartition(":")
             self.socket = BlockingTls(host.strip("[]"), int(port), pinned_context(True, *tls))
-        else:
-            import zmq
-
-            self.socket = zmq.Context.instance().socket(zmq.PAIR)
-            self.socket.linger = 0
-            self.socket.sndhwm = self.socket.rcvhwm = 0
-            self.socket.bind(addr)
-        #: Called after a transfer used the socket: a ZMQ socket's descriptor
-        #: signals only changes since its state was last read, and a sealed
-        #: stream may have been replaced, so whoever watches it must look
-        #: again (see :class:`.operations.Listener`).
+        else:  # fd://N: this worker's end of the socket pair the server made
+            sock = socket.socket(fileno=int(addr[len("fd://"):]))
+            sock.setblocking(True)
+            sock.set_inheritable(False)  # not the user's subprocesses'
+            self.socket = BlockingStream(PlainStream(sock))
+        #: Called after a transfer used the socket: the listener does not watch
+        #: it while another thread holds :attr:`lock`, and a sealed stream may
+        #: have been replaced, so it must look again (see :class:`.operations.Listener`).
         self.after_use: Callable[[], None] | None = None
         #: Held by whoever reads or writes the socket: a transfer, in whichever
         #: thread (a cell's thread may open a file that is fetched), or the
-        #: operations' listener. Not a ZMQ socket's other users' to share.
+        #: operations' listener. Two readers would split a note between them.
         self.lock = threading.RLock()
         self.ring: Slots
         if ring_fd is not None:
@@ -73,32 +73,18 @@ class WorkerChannel:
 
     def watched(self) -> list[int]:
         """The descriptors to watch for :meth:`pending` (they change as a sealed stream is replaced)."""
-        if self.local:
-            import zmq
-
-            return [self.socket.getsockopt(zmq.FD)]
-        watched: list[int] = self.socket.watched()
-        return watched
+        return self.socket.watched()
 
     def pending(self) -> bool:
-        """Whether a note waits (reading a ZMQ socket's state, which its descriptor then signals anew)."""
-        if self.local:
-            import zmq
-
-            return bool(self.socket.getsockopt(zmq.EVENTS) & zmq.POLLIN)
-        return bool(self.socket.pending())
+        """Whether a note waits."""
+        return self.socket.pending()
 
     def next_note(self) -> list[Any] | None:
-        """The note that :meth:`pending` saw; None if a sealed stream broke on it."""
-        if self.local:
-            import zmq
-
-            frames: list[Any] = self.socket.recv_multipart(zmq.NOBLOCK)
-            return frames
+        """The note that :meth:`pending` saw; None if the stream broke on it."""
         try:
             return list(self.socket.recv_multipart())
         except (OSError, ValueError):
-            return None  # the server connects again when it next asks
+            return None  # a sealed stream: the server connects again when it next asks
 
     def receive(self, tid: int, sink: Callable[[list[int]], Any] | None = None) -> Any:
         """The buffers of transfer ``tid``, each in fresh writable memory.

@@ -1,24 +1,17 @@
-"""How a data channel's notes travel between the server and a worker: the
-format both ends share, and the worker's end.
+"""The data channel to a worker on another host: a TCP stream of sealed
+records, and the worker's end of it (the notes' format, and the stream to
+a worker on the server's host, are in :mod:`.streams`).
 
-A note (:mod:`.transfer`) is a short list of frames. Two carriers, each
-with a server end (asyncio, in :mod:`remote_gpu_server.workers.carriers`)
-and a worker end (blocking, in the kernel's thread):
-
-* a ZMQ PAIR socket over ``ipc://`` for a worker on the server's host: the
-  pieces themselves are in the shared-memory ring, the notes are tiny;
-* a TCP stream for a worker on another host, where the pieces travel
-  inside the notes. Mutual TLS 1.3 opens it: each side has a key and
-  certificate made for this worker (the worker's on its node, the
-  server's on the server: no private key crosses the network) and pins
-  the other's, so only this server reaches this worker's data. Inside TLS
-  the two ends agree on fresh keys, and the stream then carries
-  AES-256-GCM records (:class:`SealedStream`), so nobody reads or changes
-  the data on the way. One way on loopback here, Python's TLS records
-  carried about 1 GB/s and the sealed records 2–3 GB/s (CurveZMQ:
-  0.15–0.23 GB/s); ``bench/bench_datachannel.py`` measures them.
-
-On a stream a note is written as :mod:`.streams` says.
+Mutual TLS 1.3 opens it: each side has a key and certificate made for this
+worker (the worker's on its node, the server's on the server: no private
+key crosses the network) and pins the other's, so only this server reaches
+this worker's data. Inside TLS the two ends agree on fresh keys, and the
+stream then carries AES-256-GCM records (:class:`SealedStream`), so nobody
+reads or changes the data on the way. One way on loopback here, Python's
+TLS records carried about 1 GB/s and the sealed records 2–3 GB/s
+(CurveZMQ: 0.15–0.23 GB/s); ``bench/bench_datachannel.py`` measures them.
+The pieces travel inside the notes here, a piece at most
+:data:`~.streams.MAX_FRAME` bytes.
 """
 
 from __future__ import annotations
@@ -26,13 +19,12 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
-import select
 import socket
 import ssl
 import struct
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
@@ -40,7 +32,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .streams import MAX_FRAME, note_parts, read_note
+from .streams import BlockingStream
 
 __all__ = ["ACCEPT_TIMEOUT", "BlockingTls", "SealedStream", "open_stream", "pinned_context"]
 
@@ -279,26 +271,26 @@ class _Direction:
         return nonce
 
 
-class BlockingTls:
-    """The worker's end of a :class:`SealedStream`: listens on ``host:port`` and
-    serves the server that connects with the pinned certificate; the socket calls the
-    worker's data channel makes (``poll``, ``recv_multipart``, ``send_multipart``).
+class BlockingTls(BlockingStream):
+    """The worker's end of a :class:`SealedStream` (see :class:`~.streams.BlockingStream`):
+    listens on ``host:port`` and serves the server that connects with the
+    pinned certificate.
 
     Each connection proves itself in a thread of its own (at most
     :data:`MAX_HANDSHAKES` at once, each for :data:`ACCEPT_TIMEOUT`), so
     strangers that connect and stall do not queue ahead of the server, and
-    the kernel's thread only ever takes a stream that is the server's.
+    the kernel's thread only ever takes a stream that is the server's. A
+    newer stream is the server's, made because the last one broke: it takes
+    the last one's place.
     """
 
     def __init__(self, host: str, port: int, context: ssl.SSLContext) -> None:
+        # A piece is read into scratch, not into fresh memory.
+        super().__init__(None, scratch=True)
         self._listener = socket.create_server((host, port), reuse_port=False)
         self._context = context
-        self._conn: SealedStream | None = None
         self._ready: queue.SimpleQueue[SealedStream] = queue.SimpleQueue()
         self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
-        # A piece is read here, not into fresh memory: the worker copies it
-        # to where it goes before it reads the next note.
-        self._scratch = bytearray(MAX_FRAME)
         #: Readable once a stream of the server's is ready to take (see :meth:`watched`).
         self._woken, self._wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         threading.Thread(target=self._accept, daemon=True, name="rgpu-data-accept").start()
@@ -341,48 +333,15 @@ class BlockingTls:
                 self._conn = self._ready.get(timeout=None if timeout_ms is None else timeout_ms / 1000)
             except queue.Empty:
                 return None
-        return self._conn
-
-    def poll(self, timeout_ms: int) -> bool:
-        conn = self._connection(timeout_ms)
-        if conn is None:
-            return False
-        if conn.buffered():
-            return True
-        ready, _, _ = select.select([conn], [], [], timeout_ms / 1000)
-        return bool(ready)
+        conn: SealedStream = self._conn
+        return conn
 
     def watched(self) -> list[int]:
         """The descriptors that become readable when :meth:`pending` may say yes:
         a new stream's arrival, and the stream's own bytes."""
-        return [self._woken] + ([self._conn.fileno()] if self._conn is not None else [])
+        return [self._woken] + super().watched()
 
     def pending(self) -> bool:
-        """Whether a note (or the start of one) waits, without blocking."""
         with contextlib.suppress(BlockingIOError):
             os.read(self._woken, 4096)
         return self.poll(0)
-
-    def recv_multipart(self) -> list[Any]:
-        conn = self._connection(None)
-        assert conn is not None
-        try:
-            return read_note(conn.recv_into, self._scratch)
-        except (OSError, ValueError):
-            self._drop()
-            raise
-
-    def send_multipart(self, frames: Sequence[Any], copy: bool = True) -> None:
-        conn = self._connection(None)
-        assert conn is not None
-        try:
-            conn.send_parts(note_parts(frames))
-        except OSError:
-            self._drop()
-            raise
-
-    def _drop(self) -> None:
-        """The stream broke: the server's next connection takes its place."""
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None

@@ -6,7 +6,8 @@ five times slower) but through a ring of shared memory: a sealed memfd of
 for each worker, passes to it at start and maps on both sides. The sender
 copies a piece of at most one slot into a free slot and says so; the
 receiver copies it into its final buffer and hands the slot back. Those
-small notes travel over a private ZMQ PAIR socket, as two-frame messages::
+small notes travel on a Unix socket pair that only the two share (see
+:mod:`.streams`), as two-frame notes::
 
     [b"H", {"tid": N, "sizes": [...]}]   a push starts; sizes in bytes (a pull's
                                          sizes come first, in its comm reply)
@@ -16,8 +17,8 @@ small notes travel over a private ZMQ PAIR socket, as two-frame messages::
     [b"A", tid|reason]                   the sender or receiver gave up
 
 The server's operations (a push, a pull, taking on a lease; see
-:mod:`.operations`) ride the same socket, where the worker runs on this
-host, so that one costs a note each way and no Jupyter request::
+:mod:`.operations`) ride the same stream, so that one costs a note each
+way and no Jupyter request::
 
     [b"O", {"id": N, "op": ..., ...}]    the server asks operation N
     [b"R", {"id": N, "ok": ..., ...}]    the worker's answer, once its handler returned

@@ -1,8 +1,13 @@
 """The server's ends of a data channel's carriers (see
-:mod:`remote_gpu_server.worker_process.sealed`, which holds the format and
-the worker's ends): a ZMQ PAIR socket for a worker on this host, and a
+:mod:`remote_gpu_server.worker_process.streams`, which holds the format and
+the worker's ends): a Unix socket pair for a worker on this host, and a
 sealed TLS stream for a worker on another host; and the key and
 certificate each end of such a stream is made with.
+
+Either end reads at most :data:`NOTES_AHEAD` notes ahead of the server,
+each at most :data:`~remote_gpu_server.worker_process.streams.MAX_NOTE`
+bytes: a worker runs its user's code, which may write anything on its end,
+and what it writes beyond that waits in the worker's process.
 """
 
 from __future__ import annotations
@@ -19,9 +24,9 @@ from typing import Any, cast
 
 from ..certificates import make_certificate
 from ..worker_process.sealed import HANDSHAKE_TIMEOUT, WRITES_AHEAD, SealedStream, open_stream
-from ..worker_process.streams import note_parts, read_note
+from ..worker_process.streams import note_bytes, note_parts, read_note, read_note_from
 
-__all__ = ["PairCarrier", "TlsCarrier", "make_identity"]
+__all__ = ["NOTES_AHEAD", "SocketCarrier", "TlsCarrier", "make_identity"]
 
 
 def make_identity(role: str) -> tuple[bytes, bytes]:
@@ -29,38 +34,88 @@ def make_identity(role: str) -> tuple[bytes, bytes]:
     ``role`` is ``server`` (the worker, which listens) or ``client``."""
     return make_certificate(f"remote-gpu data channel {role}", client=role != "server")
 
-class PairCarrier:
-    """The server's end over a ZMQ PAIR socket (the worker binds ``address``)."""
+#: Notes a carrier reads ahead of the server: beyond them the worker's
+#: writes wait, in its own process. A transfer has at most its ring's
+#: slots' worth of pieces out (:data:`.transfer.RING_SLOTS`) and three notes
+#: besides, so it never waits here.
+NOTES_AHEAD = 8
+#: Bytes the socket pair's reader buffers beyond a note it is reading.
+_BUFFER = 64 << 10
 
-    def __init__(self, address: str) -> None:
-        import zmq
-        import zmq.asyncio
 
-        self._zmq = zmq
-        socket_ = zmq.asyncio.Context.instance().socket(zmq.PAIR)
-        socket_.linger = 0
-        socket_.sndhwm = socket_.rcvhwm = 0
-        socket_.connect(address)
-        self._socket = socket_
+class SocketCarrier:
+    """The server's end of the socket pair to a worker on this host, on the
+    event loop: a task reads its notes into a queue of :data:`NOTES_AHEAD`,
+    and stops reading while the queue is full."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self._notes: asyncio.Queue[list[Any]] = asyncio.Queue(NOTES_AHEAD)
+        self._writer: asyncio.StreamWriter | None = None
+        self._reading: asyncio.Task[None] | None = None
+        self._broken: ConnectionError | None = None
+        self._lock = asyncio.Lock()
+
+    async def _open(self) -> asyncio.StreamWriter:
+        async with self._lock:
+            if self._writer is None:
+                reader, self._writer = await asyncio.open_unix_connection(sock=self._sock, limit=_BUFFER)
+                self._reading = asyncio.get_running_loop().create_task(self._read(reader))
+            return self._writer
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                note = await read_note_from(reader.readexactly)
+                await self._notes.put(note)
+        except Exception as exc:  # the worker left, or wrote what is not a note
+            self._broken = ConnectionError(f"the worker's data channel closed: {exc}")
+            if self._writer is not None:
+                self._writer.close()  # and its socket: what the worker writes goes nowhere
 
     async def send(self, frames: Sequence[Any]) -> None:
-        await self._socket.send_multipart(list(frames), copy=False)
+        writer = await self._open()
+        if self._broken is not None:
+            raise self._broken
+        writer.writelines(note_bytes(frames))
+        await writer.drain()
 
     def recv_nowait(self) -> list[Any] | None:
         try:
-            # pyzmq types the answer as an Awaitable; with NOBLOCK it is an
-            # asyncio.Future already done: the frames, or zmq.Again.
-            done = cast("asyncio.Future[list[Any]]", self._socket.recv_multipart(flags=self._zmq.NOBLOCK))
-            return done.result()
-        except self._zmq.Again:
+            return self._notes.get_nowait()
+        except asyncio.QueueEmpty:
+            if self._broken is not None:
+                raise self._broken from None
             return None
 
     async def recv(self) -> list[Any]:
-        frames: list[Any] = await self._socket.recv_multipart()
-        return frames
+        await self._open()
+        reading = self._reading
+        assert reading is not None
+        while True:
+            ready = self.recv_nowait()
+            if ready is not None:
+                return ready
+            if reading.done():  # it broke, or the carrier was closed
+                raise self._broken or ConnectionError("the worker's data channel is closed")
+            get = asyncio.ensure_future(self._notes.get())
+            try:
+                await asyncio.wait({get, reading}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not get.done():
+                    get.cancel()  # a note it was woken for stays in the queue
+            if get.done() and not get.cancelled():
+                return get.result()
 
     def close(self) -> None:
-        self._socket.close()
+        if self._reading is not None:
+            self._reading.cancel()
+        if self._writer is not None:
+            self._writer.close()
+        else:
+            self._sock.close()
+
 
 class TlsCarrier:
     """The server's end of a :class:`SealedStream`, opened on first use.
@@ -72,8 +127,8 @@ class TlsCarrier:
     once the note is queued for the writing thread, up to
     :data:`WRITES_AHEAD` notes ahead of it (a failed write raises at a
     later send); the frames must not change after. Notes read wait in a
-    queue, so a wait on :meth:`recv` can be given up without leaving the
-    stream half read.
+    queue (at most :data:`NOTES_AHEAD`), so a wait on :meth:`recv` can be
+    given up without leaving the stream half read.
     """
 
     def __init__(self, host: str, port: int, context: ssl.SSLContext) -> None:
@@ -82,6 +137,8 @@ class TlsCarrier:
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rgpu-tls-write")
         self._reader: threading.Thread | None = None
         self._notes: asyncio.Queue[list[Any] | BaseException] = asyncio.Queue()
+        #: Room for the notes the reading thread may queue ahead (:data:`NOTES_AHEAD`).
+        self._room = threading.Semaphore(NOTES_AHEAD)
         self._lock = asyncio.Lock()
         self._writes: collections.deque[asyncio.Future[None]] = collections.deque()
         self._closed = False
@@ -100,15 +157,19 @@ class TlsCarrier:
             loop = asyncio.get_running_loop()
             conn = await loop.run_in_executor(self._writer, self._connect)
             self._conn = conn
-            self._reader = threading.Thread(target=self._read, args=(conn, loop), daemon=True,
+            self._room = threading.Semaphore(NOTES_AHEAD)
+            self._reader = threading.Thread(target=self._read, args=(conn, self._room, loop), daemon=True,
                                             name="rgpu-tls-read")
             self._reader.start()
         return self._conn
 
-    def _read(self, conn: SealedStream, loop: asyncio.AbstractEventLoop) -> None:
+    def _read(self, conn: SealedStream, room: threading.Semaphore, loop: asyncio.AbstractEventLoop) -> None:
         try:
             while True:
                 note = read_note(conn.recv_into)
+                while not room.acquire(timeout=1):  # the queue is full: the worker's writes wait
+                    if self._closed or self._conn is not conn:
+                        return
                 loop.call_soon_threadsafe(self._notes.put_nowait, note)
         except (OSError, ValueError) as exc:
             if not self._closed:
@@ -130,16 +191,17 @@ class TlsCarrier:
             note = self._notes.get_nowait()
         except asyncio.QueueEmpty:
             return None
-        if isinstance(note, BaseException):
-            raise note
-        return note
+        return self._taken(note)
 
     async def recv(self) -> list[Any]:
         async with self._lock:
             await self._open()
-        note = await self._notes.get()
+        return self._taken(await self._notes.get())
+
+    def _taken(self, note: list[Any] | BaseException) -> list[Any]:
         if isinstance(note, BaseException):
             raise note
+        self._room.release()
         return note
 
     def _drop(self) -> None:

@@ -1,9 +1,9 @@
 """The server's end of a worker's data channel: where pushed and pulled bytes go.
 
-Notes (:mod:`.transfer`) travel on a carrier (:mod:`.notes`); the pieces
+Notes (:mod:`.transfer`) travel on a carrier (:mod:`.carriers`); the pieces
 themselves travel in a :class:`~.transfer.Slots`: a shared-memory
 :class:`~.transfer.Ring` when the worker runs on this host (notes on a
-private ZMQ PAIR socket; one copy in, one copy out, no socket copies), or
+Unix socket pair; one copy in, one copy out, no socket copies), or
 :class:`~.transfer.Inline` inside the notes when it runs on another host
 (sealed records opened with mutual TLS). Either way at most the slots' worth of a transfer is in
 flight, and a note of an abandoned transfer is skipped.
@@ -19,6 +19,8 @@ worker's own ``WorkerDied``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any, Protocol
 
@@ -27,13 +29,17 @@ from remote_gpu_core.protocol.framing import Chunks
 
 from ..errors import TransferAborted
 from ..worker_process import transfer
-from .carriers import PairCarrier, TlsCarrier
+from .carriers import SocketCarrier, TlsCarrier
 
 __all__ = ["Carrier", "DataChannel", "Liveness", "TransferAborted"]
 
+#: Seconds a transfer whose channel broke waits for the worker's death to be
+#: noticed (its process is polled every 0.2 s), to say that rather than the break.
+DEATH_NOTICED = 2.0
+
 
 class Carrier(Protocol):
-    """How notes travel (see :mod:`.notes`)."""
+    """How notes travel (see :mod:`.carriers`)."""
 
     async def send(self, frames: Sequence[Any]) -> None: ...
 
@@ -95,12 +101,15 @@ class DataChannel:
         self._returned = False
 
     @classmethod
-    def connect(cls, address: str, slots: transfer.Slots, context: Any = None) -> DataChannel:
-        """``ipc://PATH`` (a PAIR socket) or ``tls://HOST:PORT`` (``context``: a pinned TLS context)."""
-        if address.startswith("tls://"):
-            host, _, port = address[len("tls://"):].rpartition(":")
-            return cls(TlsCarrier(host.strip("[]"), int(port), context), slots)
-        return cls(PairCarrier(address), slots)
+    def connect(cls, address: str, slots: transfer.Slots, context: Any) -> DataChannel:
+        """To ``tls://HOST:PORT``, a worker on another host (``context``: a pinned TLS context)."""
+        host, _, port = address[len("tls://"):].rpartition(":")
+        return cls(TlsCarrier(host.strip("[]"), int(port), context), slots)
+
+    @classmethod
+    def over(cls, sock: socket.socket, ring: transfer.Ring) -> DataChannel:
+        """On the server's end of the socket pair to a worker on this host, sharing ``ring``."""
+        return cls(SocketCarrier(sock), ring)
 
     async def send(self, tid: int, buffers: Sequence[Any], worker: Liveness) -> None:
         """Send a push's ``buffers`` (bytes-like, or :class:`Chunks` still filling).
@@ -112,7 +121,7 @@ class DataChannel:
         slots.begin(tid)
         sizes = [len(b) if isinstance(b, Chunks) else memoryview(b).nbytes for b in buffers]
         try:
-            await self.carrier.send(transfer.header(tid, sizes))
+            await self._send(transfer.header(tid, sizes), worker)
             for buf in buffers:
                 parts = _stream(buf) if isinstance(buf, Chunks) else _iterate(transfer.pieces([buf]))
                 async for piece in parts:
@@ -128,8 +137,8 @@ class DataChannel:
                     if slots.copies:  # the bytes are in the ring now: the piece may serve again
                         relay_pieces.give(piece)
                     del piece
-                    await self.carrier.send(note)
-            await self.carrier.send(transfer.end(tid))
+                    await self._send(note, worker)
+            await self._send(transfer.end(tid), worker)
         except TransferAborted as exc:
             if not exc.worker_stopped:
                 await self.abort(tid, str(exc))
@@ -153,7 +162,7 @@ class DataChannel:
                         continue  # a piece of an earlier transfer nobody read
                     yield taken[0]
                     worker.check_alive()  # a kill closes the socket and the ring
-                    await self.carrier.send(taken[1])
+                    await self._send(taken[1], worker)
                 elif kind == transfer.END and transfer.tid_of(payload) == tid:
                     finished = True
                     return
@@ -167,7 +176,7 @@ class DataChannel:
                 except Exception:
                     pass  # the channel is gone with the worker
 
-    async def ask(self, tid: int, data: dict[str, Any]) -> None:
+    async def ask(self, tid: int, data: dict[str, Any], worker: Liveness) -> None:
         """Ask the worker operation ``data`` as ``tid`` (see :mod:`..worker_process.operations`).
 
         What waits unread is dropped first: notes of transfers that ended, and
@@ -179,7 +188,7 @@ class DataChannel:
         except ConnectionError:
             pass  # a sealed stream broke: the send below connects again
         self._asked, self._answer, self._returned = tid, None, False
-        await self.carrier.send(transfer.operation(tid, data))
+        await self._send(transfer.operation(tid, data), worker)
 
     async def answer(self, worker: Liveness) -> dict[str, Any]:
         """The worker's answer to the operation asked last, however long it takes, unless the worker dies."""
@@ -210,7 +219,28 @@ class DataChannel:
         return None
 
     async def abort(self, tid: int, reason: str) -> None:
-        await self.carrier.send(transfer.abort(tid, reason))
+        with contextlib.suppress(ConnectionError):  # a channel that broke has nobody to tell
+            await self.carrier.send(transfer.abort(tid, reason))
+
+    async def _send(self, frames: Sequence[Any], worker: Liveness) -> None:
+        try:
+            await self.carrier.send(frames)
+        except ConnectionError as exc:
+            raise await self._broke(worker, exc) from None
+
+    @staticmethod
+    async def _broke(worker: Liveness, exc: BaseException) -> TransferAborted:
+        """The channel broke under a send or a read: raises the worker's death
+        if that was why (noticed within a poll of its process), else the
+        :class:`TransferAborted` to raise. A stream to another host is opened
+        anew by the next transfer; a socket pair broke for good, which the
+        worker's own code can do."""
+        worker.check_alive()  # shut down, or its death noticed already
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(worker.died.wait(), DEATH_NOTICED)
+        worker.check_alive()
+        return TransferAborted(f"{exc}; if it fails again, restart the kernel for a new worker",
+                               worker_stopped=True)
 
     async def _recv(self, worker: Liveness, timeout: float | None) -> list[Any]:
         """The next note from the worker; TransferAborted if none comes in ``timeout``."""
@@ -223,6 +253,10 @@ class DataChannel:
             await asyncio.wait({recv, died}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             died.cancel()
+            if not recv.done():  # given up (or this wait was cancelled): a read left running would take a note
+                recv.cancel()
+        if recv.done() and not recv.cancelled() and isinstance(recv.exception(), ConnectionError):
+            raise await self._broke(worker, recv.exception() or ConnectionError())
         if not recv.done() or recv.cancelled() or recv.exception() is not None:
             # No note: a timeout, or the worker died and its kill closed the
             # socket under this read (cancelling it). Say which.

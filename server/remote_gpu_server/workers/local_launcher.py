@@ -6,15 +6,15 @@ local provisioner: own process group, connection file), pinned with
 given (only its GPUs', see :mod:`.devices`). Two transports:
 
 * ``ipc`` (the default, for a server and its workers on one host): ``ipc://``
-  sockets in the launcher's private runtime folder (mode 0700), and a
-  sealed shared-memory ring passed by file descriptor for the data channel
-  (:mod:`.transfer`);
+  sockets in the launcher's private runtime folder (mode 0700) for the
+  Jupyter channels, and for the data channel (:mod:`.transfer`) a socket
+  pair and a sealed shared-memory ring, both passed by file descriptor;
 * ``tcp`` (for a worker that a server on another host talks to, as a Ray
   node's host actor starts it): TCP sockets on ``ip``, every Jupyter
   channel encrypted with CurveZMQ under a key pair made for this worker
   (refused where jupyter_client or ipykernel is too old to, see :func:`curve_problem`),
   and the data channel opened with mutual TLS, with keys made for it on
-  both ends, then sealed (:mod:`.notes`); pieces travel inside the data channel's notes.
+  both ends, then sealed (:mod:`.sealed`); pieces travel inside the data channel's notes.
 
 How a worker is confined (its command, environment, memory limit, and the
 identity it takes on at lease time) comes from the launcher's
@@ -107,6 +107,7 @@ class Spawned:
     """A started worker process, where its data channel is, and how it is confined."""
 
     km: AsyncKernelManager
+    #: ``fd://N`` (ipc: the worker's end of the socket pair) or ``tls://HOST:PORT`` (tcp).
     data_address: str
     #: The shared ring (ipc), or None: pieces travel inside the notes (tcp).
     ring: transfer.Ring | None
@@ -124,6 +125,8 @@ class Spawned:
     fault_report: str | None = None
     #: The host's OOM kill count when it started (see :func:`.death.host_oom_kills`).
     oom_kills_at_start: int | None = None
+    #: The server's end of the socket pair of the data channel (ipc).
+    data_socket: socket.socket | None = None
     #: The pids the stop ladder found, once it ran.
     stopped_pids: frozenset[int] | None = None
     #: The namespaces it has of its own (see :func:`.ladder.own_namespaces`), once noted.
@@ -199,7 +202,8 @@ class Spawned:
         """The server's end of the data channel; ``client``: the server's own key and
         certificate for a ``tls://`` channel (it pins the worker's)."""
         if self.ring is not None:
-            return DataChannel.connect(self.data_address, self.ring)
+            assert self.data_socket is not None
+            return DataChannel.over(self.data_socket, self.ring)
         assert client is not None and self.data_cert is not None
         return DataChannel.connect(self.data_address, transfer.Inline(),
                                    pinned_context(False, *client, self.data_cert))
@@ -398,6 +402,7 @@ class LocalLauncher:
         options: dict[str, Any] = dict(stdout=output.fd, stderr=output.fd, **confined.popen_options)
         ring: transfer.Ring | None = None
         data_cert: bytes | None = None
+        data_socket: socket.socket | None = None
         try:
             if self.transport == "tcp":
                 km.transport, km.ip = "tcp", self.ip
@@ -413,20 +418,26 @@ class LocalLauncher:
                 await _start(km, env=confined.environment(extra), **options)
             else:
                 km.transport, km.ip = "ipc", str(runtime / "kernel")
-                data_addr = f"ipc://{runtime / 'data'}"
+                # The data channel: a socket pair, so nobody else can connect to it.
+                data_socket, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                data_addr = f"fd://{theirs.fileno()}"
                 ring_fd = transfer.create_ring()
                 extra.update(RGPU_DATA_ADDR=data_addr, RGPU_DATA_RING_FD=str(ring_fd))
                 try:
                     ring = transfer.Ring(ring_fd)
-                    await _start(km, env=confined.environment(extra), pass_fds=(ring_fd,), **options)
+                    await _start(km, env=confined.environment(extra), pass_fds=(ring_fd, theirs.fileno()),
+                                 **options)
                 finally:
-                    os.close(ring_fd)  # the worker has its own copy; the mapping stays
+                    os.close(ring_fd)  # the worker has its own copies; the mapping stays
+                    theirs.close()
         except BaseException:
+            if data_socket is not None:
+                data_socket.close()
             await asyncio.to_thread(confined.close)
             await output.close()
             raise
         output.started()  # the worker has the pipe's writing end now; read its output
-        return Spawned(km, data_addr, ring, data_cert, confined, output, mark=mark,
+        return Spawned(km, data_addr, ring, data_cert, confined, output, mark=mark, data_socket=data_socket,
                        fault_file=runtime / death.FAULT_FILE, oom_kills_at_start=death.host_oom_kills())
 
     async def launch(self, spec: WorkerSpec) -> LocalWorker:

@@ -18,14 +18,14 @@ that serves files runs); with none set, the fetch is refused at once.
 from __future__ import annotations
 
 import asyncio
-import itertools
+import secrets
 import logging
 from collections.abc import AsyncGenerator, Callable
 from typing import Any, Protocol
 
 from remote_gpu_core.protocol import messages as m
 
-from ..worker_process.fetch import fetch_tid, refusal_reason
+from ..worker_process.fetch import FETCH_TIDS, fetch_tid, refusal_reason
 from ..worker_process.kernel import COMM_TARGET
 from .datachannel import DataChannel, Liveness, TransferAborted
 
@@ -64,7 +64,7 @@ class TransferComm:
         self.data = data
         #: The comm's id, once :meth:`open` has opened it.
         self.comm_id = ""
-        self._ids = itertools.count(1)
+        self._last = 0
         #: Who serves the worker's fetches now (see the module docstring).
         self.on_fetch: FetchHandler | None = None
         self._refusing: set[asyncio.Task[None]] = set()
@@ -113,8 +113,13 @@ class TransferComm:
         """Ask operation ``data``, once the worker may take it; its id."""
         await self.worker.settled()
         self.worker.check_alive()
-        tid = next(self._ids)
-        await self.data.ask(tid, data)
+        # Not the next of a count: a cell can write answers into its worker's
+        # channel before an operation is asked, and may not guess its id.
+        tid = self._last
+        while tid == self._last:
+            tid = 1 + secrets.randbelow(FETCH_TIDS - 1)  # below the worker's fetches' ids
+        self._last = tid
+        await self.data.ask(tid, data, self.worker)
         return tid
 
     async def send_buffers(self, data: dict[str, Any], buffers: list[Any]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ Ray node's host actor starts it; the server's end connects over loopback.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import socket
@@ -113,5 +114,55 @@ def test_a_stream_that_broke_is_replaced_and_the_operations_go_on() -> None:
             for value in ({"after": "the break"}, np.arange(3 << 20)):  # then many pieces, every slot used
                 back = await asyncio.wait_for(_roundtrip(worker, value), 60)
                 assert (np.array_equal(back, value) if isinstance(value, np.ndarray) else back == value)
+
+    asyncio.run(scenario())
+
+
+#: A hostile cell: a thread of it writes notes of 4 MiB on its own sealed
+#: stream (1 GiB offered) while the server asks nothing, until a write
+#: waits 3 s; ``flood`` holds what it got out.
+TLS_FLOOD = """\
+import gc, threading
+from remote_gpu_server.worker_process.sealed import BlockingTls
+from remote_gpu_server.worker_process.streams import note_parts
+conn = [o for o in gc.get_objects() if isinstance(o, BlockingTls)][0]._conn
+flood = {"notes": 0, "blocked": False}
+def _flood():
+    conn._sock.settimeout(3)
+    parts = note_parts([b"R", b"x" * ((4 << 20) - 100)])
+    try:
+        for _ in range(256):
+            conn.send_parts(parts)
+            flood["notes"] += 1
+    except TimeoutError:
+        flood["blocked"] = True
+_flooding = threading.Thread(target=_flood)
+_flooding.start()
+_flooding.join()
+flood
+"""
+
+
+def test_a_cell_that_floods_its_sealed_stream_fills_its_own_memory_not_the_servers() -> None:
+    from remote_gpu_server.workers.carriers import NOTES_AHEAD
+
+    async def scenario() -> None:
+        async with tcp_worker() as worker:
+            assert await _roundtrip(worker, [1]) == [1]  # the stream is open, its reader reads
+            shown: list[str] = []
+
+            async def on_iopub(msg: dict[str, object]) -> None:
+                content = msg.get("content")
+                if msg.get("msg_type") == "execute_result" and isinstance(content, dict):
+                    shown.append(str(content["data"]["text/plain"]))
+
+            reply = await worker.execute(TLS_FLOOD, on_iopub)
+            assert reply["status"] == "ok", reply
+            flood = ast.literal_eval(shown[-1])  # a dict of an int and a bool, shown by the worker
+            carrier = worker.process.data.carrier
+            # Of 256 notes, at most NOTES_AHEAD wait here, one is being read, and
+            # the rest fit in the two ends' socket buffers; none more came.
+            assert flood["blocked"] and carrier._notes.qsize() <= NOTES_AHEAD
+            assert flood["notes"] < 16, flood
 
     asyncio.run(scenario())

@@ -222,6 +222,30 @@ def test_idle_sessions_are_parked_and_disconnected_ones_too(fresh_server: Server
     s.release()
 
 
+#: A cell whose worker never answers the server's operations again (as one
+#: whose thread keeps the GIL in native code would not), then goes idle.
+DEAF = """\
+import gc
+from remote_gpu_server.worker_process.operations import Listener
+[o for o in gc.get_objects() if isinstance(o, Listener)][0].serve = lambda data: None
+"""
+
+
+def test_an_idle_park_its_worker_does_not_answer_holds_the_gpu_no_longer_than_the_idle_timeout(
+        fresh_server: ServerProcess) -> None:
+    fresh_server.slots = "cpu:1"
+    fresh_server.args = ["--park-after", "1", "--idle-timeout", "4"]
+    fresh_server.start()
+    s = Client(fresh_server.url, fresh_server.token()).session()
+    assert s.execute(DEAF, on_output=quiet).ok
+    wait_for(lambda: s.released, what="the release of the session whose park got no answer")
+    assert "idle for more than 4 s (--idle-timeout)" in str(s.released)
+    assert "its worker did not answer the park" in str(s.released)
+    other = Client(fresh_server.url, fresh_server.token("bob")).session()  # the one slot is free again
+    assert other.execute("print(1)", on_output=quiet).stdout == "1\n"
+    other.release()
+
+
 def test_parked_sessions_are_released_after_park_keep(fresh_server: ServerProcess) -> None:
     fresh_server.args = ["--park-keep", str(3 / 86400)]  # 3 s
     fresh_server.start()

@@ -57,7 +57,8 @@ class SessionManager:
         # Sessions whose park failed, with their last activity then: tried again
         # only after they were used again.
         self._unparkable: dict[SessionId, float] = {}
-        self._parking: set[SessionId] = set()
+        #: The idle parks under way, by session.
+        self._parking: dict[SessionId, asyncio.Task[None]] = {}
 
     def get(self, session_id: str) -> Session | None:
         return self._sessions.get(SessionId(session_id))
@@ -136,10 +137,11 @@ class SessionManager:
     def _release_soon(self, session: Session, reason: str, job_state: str = "cancelled") -> None:
         self._background(self.release(session, reason, job_state=job_state))
 
-    def _background(self, work: Awaitable[None]) -> None:
+    def _background(self, work: Awaitable[None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(work)
         self._releasing.add(task)
         task.add_done_callback(self._releasing.discard)
+        return task
 
     async def park(self, session: Session, reason: str, idle_for: float | None = None) -> m.Parked:
         """Park ``session`` (see :mod:`.parking`); returns what to tell its client.
@@ -160,7 +162,7 @@ class SessionManager:
             log.info("session %s of %s was not parked: %s", session.id[:8], session.user, exc)
             return
         finally:
-            self._parking.discard(session.id)
+            self._parking.pop(session.id, None)
         if session.send is not None:
             await session.send(parked)
 
@@ -218,22 +220,33 @@ class SessionManager:
                 if self.parking is not None and not session.busy and self.parking.expired(session.parked, wall):
                     await self.release(session, self.parking.keep_reason())
                 continue
-            if session.busy or session.id in self._parking:
+            timeout = self.idle_timeout(session)
+            parking = self._parking.get(session.id)
+            if parking is not None:
+                # A park its worker does not answer (its main thread never
+                # idles again) holds the slots no longer than the idle timeout.
+                if now - session.last_active > timeout:
+                    parking.cancel()
+                    await self.release(session, f"{self._idle_reason(session, timeout)}; its variables were not "
+                                                "saved in that time: its worker did not answer the park")
+                continue
+            if session.busy:
                 continue
             park_after = self.parking.park_after(session) if self.parking is not None else None
             if park_after is not None and now - session.last_active > park_after \
                     and self._unparkable.get(session.id) != session.last_active:
                 pool = self.broker.pool_of(session.slots[0])
                 which = "--park-after" if pool.park_after is None else f"the park-after of pool {pool.name!r}"
-                self._parking.add(session.id)
-                self._background(self._park_idle(session, f"idle for more than {park_after:g} s, {which}", park_after))
+                self._parking[session.id] = self._background(
+                    self._park_idle(session, f"idle for more than {park_after:g} s, {which}", park_after))
                 continue
-            timeout = self.idle_timeout(session)
             if now - session.last_active > timeout:
-                pool = self.broker.pool_of(session.slots[0])
-                which = ("--idle-timeout" if pool.idle_timeout is None
-                         else f"the idle timeout of pool {pool.name!r}")
-                await self.release(session, f"idle for more than {timeout:g} s ({which})")
+                await self.release(session, self._idle_reason(session, timeout))
+
+    def _idle_reason(self, session: Session, timeout: float) -> str:
+        pool = self.broker.pool_of(session.slots[0])
+        which = "--idle-timeout" if pool.idle_timeout is None else f"the idle timeout of pool {pool.name!r}"
+        return f"idle for more than {timeout:g} s ({which})"
 
     async def recover_parked(self) -> None:
         """Take back the sessions an earlier run of this server left parked."""

@@ -35,10 +35,11 @@ threads are limited, with a cgroup of its own where the server can make one
 user's session folders share one disk limit (see :mod:`.user_disks`), and it
 listens on no network port: its Jupyter sockets are ``ipc://`` paths that
 only it and the server reach (ipykernel's IOPub pipe included, see
-:mod:`.worker_iopub`) and its data channel a socket pair the server made, or, for a worker of a Ray node, ports that answer only
-the keys of its server. Isolated, a worker can open the device files of the
-GPUs it was started for and no others (see :mod:`.devices`): a worker on CPU
-slots none at all.
+:mod:`.worker_iopub`) and its data channel a socket pair the server made,
+or, for a worker of a Ray node, ports that answer only the keys of its
+server. Isolated, a worker can open the device files of the GPUs it was
+started for and no others (see :mod:`.devices`): a worker on CPU slots
+none at all.
 
 A session folder lives as long as its lease, across worker restarts within
 it, and is removed when the lease ends, by a thread of its own (see

@@ -29,7 +29,8 @@ pid, ipc and uts namespaces, with a filesystem built from an allow-list:
 So a worker sees no other worker's files or processes and cannot signal
 the server (it is not in the worker's pid namespace). The network is shared:
 users may need it, and the worker's Jupyter channels are ``ipc://`` sockets
-in its bound runtime folder (its data channel a socket pair it inherits). ``--die-with-parent`` ends the sandbox with the server.
+in its bound runtime folder (its data channel a socket pair it inherits).
+``--die-with-parent`` ends the sandbox with the server.
 """
 
 from __future__ import annotations

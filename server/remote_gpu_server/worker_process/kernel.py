@@ -15,8 +15,9 @@ and ``{"id": N, "ok": true, ...}`` or ``{"id": N, "ok": false, "ename",
 "evalue"}``. The buffers themselves go through the shared-memory ring that
 the server passed as ``RGPU_DATA_RING_FD``, with notes on this worker's
 end of a socket pair that the server made (``RGPU_DATA_ADDR``:
-``fd://N``), as described in :mod:`.transfer` and :mod:`.streams`. A push's request comes first
-and its handler reads the buffers as the server forwards them; a pull's
+``fd://N``), as described in :mod:`.transfer` and :mod:`.streams`. A
+push's request comes first and its handler reads the buffers as the
+server forwards them; a pull's
 answer (names, counts, sizes) is sent once the pickling succeeded, and its
 buffers after it, while the server passes them on to the client.
 Only this process unpickles what a client pushed. Files go the same way

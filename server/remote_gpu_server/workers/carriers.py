@@ -20,7 +20,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 from ..certificates import make_certificate
 from ..worker_process.sealed import HANDSHAKE_TIMEOUT, WRITES_AHEAD, SealedStream, open_stream
@@ -58,11 +58,12 @@ class SocketCarrier:
         self._lock = asyncio.Lock()
 
     async def _open(self) -> asyncio.StreamWriter:
-        async with self._lock:
-            if self._writer is None:
-                reader, self._writer = await asyncio.open_unix_connection(sock=self._sock, limit=_BUFFER)
-                self._reading = asyncio.get_running_loop().create_task(self._read(reader))
-            return self._writer
+        if self._writer is None:  # once: every note after takes no lock
+            async with self._lock:
+                if self._writer is None:
+                    reader, self._writer = await asyncio.open_unix_connection(sock=self._sock, limit=_BUFFER)
+                    self._reading = asyncio.get_running_loop().create_task(self._read(reader))
+        return self._writer
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:

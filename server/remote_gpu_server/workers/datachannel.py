@@ -255,8 +255,9 @@ class DataChannel:
             died.cancel()
             if not recv.done():  # given up (or this wait was cancelled): a read left running would take a note
                 recv.cancel()
-        if recv.done() and not recv.cancelled() and isinstance(recv.exception(), ConnectionError):
-            raise await self._broke(worker, recv.exception() or ConnectionError())
+        error = recv.exception() if recv.done() and not recv.cancelled() else None
+        if isinstance(error, ConnectionError):
+            raise await self._broke(worker, error)
         if not recv.done() or recv.cancelled() or recv.exception() is not None:
             # No note: a timeout, or the worker died and its kill closed the
             # socket under this read (cancelling it). Say which.

@@ -18,8 +18,8 @@ that serves files runs); with none set, the fetch is refused at once.
 from __future__ import annotations
 
 import asyncio
-import secrets
 import logging
+import secrets
 from collections.abc import AsyncGenerator, Callable
 from typing import Any, Protocol
 

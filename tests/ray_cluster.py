@@ -14,6 +14,10 @@ admins to run it: ``RAY_AUTH_MODE=token`` and the token in a file of mode
 the file's permissions keep workers from it. This process and every
 process it starts (the Ray nodes, the server) inherit both variables until
 :meth:`RayTestCluster.shutdown`.
+
+The nodes keep their files (session folders, users' sites) in a data folder
+of the cluster's own (``XDG_DATA_HOME`` of their processes), removed with
+it, not in this user's: nothing crosses from one test run to the next.
 """
 
 from __future__ import annotations
@@ -55,10 +59,11 @@ class RayTestCluster:
         try:
             # Nodes are checked every half second, so a killed one is known dead
             # within seconds (Ray's default takes tens of seconds).
-            self.cluster = Cluster(initialize_head=True, head_node_args={
-                "num_cpus": 1, "num_gpus": 0, "include_dashboard": False,
-                "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4,
-                                   "health_check_initial_delay_ms": 1000}})
+            with self._node_data():
+                self.cluster = Cluster(initialize_head=True, head_node_args={
+                    "num_cpus": 1, "num_gpus": 0, "include_dashboard": False,
+                    "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4,
+                                       "health_check_initial_delay_ms": 1000}})
             self.nodes: list[Any] = [self.add_node() for _ in range(nodes)]
         except BaseException:
             if hasattr(self, "cluster"):
@@ -70,8 +75,22 @@ class RayTestCluster:
     def address(self) -> str:
         return str(self.cluster.address)
 
+    @contextlib.contextmanager
+    def _node_data(self) -> Iterator[None]:
+        """Ray processes started meanwhile keep their data in the cluster's folder."""
+        before = os.environ.get("XDG_DATA_HOME")
+        os.environ["XDG_DATA_HOME"] = str(self.folder / "data")
+        try:
+            yield
+        finally:
+            if before is None:
+                del os.environ["XDG_DATA_HOME"]
+            else:
+                os.environ["XDG_DATA_HOME"] = before
+
     def add_node(self) -> Any:
-        node = self.cluster.add_node(num_cpus=2, num_gpus=NODE_GPUS)
+        with self._node_data():
+            node = self.cluster.add_node(num_cpus=2, num_gpus=NODE_GPUS)
         self.cluster.wait_for_nodes()
         return node
 
@@ -98,6 +117,7 @@ class RayTestCluster:
         token.chmod(0o600)
         bin_dir = os.path.dirname(sys.executable)
         env = {"PATH": bin_dir, "LANG": "C.UTF-8", "USER": "rgpu-test-node", "RAY_AUTH_MODE": "token",
+               "XDG_DATA_HOME": str(folder / "data"),
                "RAY_AUTH_TOKEN_PATH": str(token),
                # SIGTERM stops it at once, instead of draining its actors for 30 s.
                "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}

@@ -31,6 +31,7 @@ from test_isolation import run
 from unprivileged import launcher
 from waiting import wait_for
 from warm_workers import all_free_and_warm, worker_waits
+from wheels import tiny_wheel
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -120,6 +121,23 @@ def test_variables_and_files_cross_to_a_node_and_back_whole(ray_server: ServerPr
                                on_output=lambda _: None, on_fetched=lambda _: None)
         assert read.stdout == f"{hashlib.sha256(beside).hexdigest()}\n"
     assert (tmp_path / "back" / "copy.bin").read_bytes() == (tmp_path / "weights.bin").read_bytes()[::-1]
+
+
+@needs_root("a root node runs each user's worker as their uid, which must reach their own site")
+def test_pip_install_on_a_node_goes_into_the_users_own_site_there(ray_server: ServerProcess, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node keeps its users' sites in its own data folder, made by a process whose
+    umask is 077: the user's uid must still get through to theirs."""
+    monkeypatch.chdir(tmp_path)
+    wheel = tiny_wheel(tmp_path, "rgpu_node_probe", "1.0", "on the node")
+    with Client(ray_server.url, ray_server.token("heidi")).session() as session:
+        session.upload(wheel.name)
+        installed = session.execute(f"%pip install --no-index {wheel.name}", on_output=lambda _: None)
+        assert installed.ok and "Successfully installed rgpu-node-probe-1.0" in installed.stdout, installed.stdout
+        assert "for this session only" not in installed.stdout
+        shown = run(session, "import rgpu_node_probe; print(rgpu_node_probe.VALUE)\n%rgpu_env show")
+        assert shown.startswith("on the node\nRemote GPU: your own site (kept across sessions): "), shown
+        assert shown.endswith("Remote GPU: rgpu_node_probe 1.0\n") and "could not" not in shown
 
 
 def test_priorities_and_fair_share_hold_across_nodes(ray_server: ServerProcess) -> None:

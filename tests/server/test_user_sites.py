@@ -164,6 +164,29 @@ def test_gpu_env_reset_empties_the_site_and_says_what_it_removed(sites: Sites, h
         run(a, "%rgpu_env reset")
 
 
+def test_a_site_its_user_locked_says_why_and_pip_installs_for_the_session(sites: Sites, here: Path) -> None:
+    """A site that cannot be made ready (here: its own user took away its mode)
+    leaves pip working, for the session only; what went wrong is said where it is
+    asked, never in a cell that did not ask."""
+    with sites.session(sites.alice) as a:
+        site = run(a, "%rgpu_env show").split(": ", 2)[2].splitlines()[0]
+        run(a, f"import os; os.chmod({site!r}, 0)")
+    try:
+        with sites.session(sites.alice) as a:
+            assert run(a, "print('first')") == "first\n"
+            out = install(a, sites.wheel)
+            assert f"installed for this session only: your own site for packages at {site} could not be made " \
+                   "ready: [Errno 13] Permission denied" in out
+            assert run(a, f"import {PACKAGE}; print({PACKAGE}.VALUE)") == "installed by alice\n"
+            shown = run(a, "%rgpu_env show")
+            assert "(for this session only)" in shown and f"{site} could not be made ready" in shown
+    finally:
+        with sites.session(sites.alice) as a:
+            run(a, f"import os; os.chmod({site!r}, 0o700)")  # hers: she may
+    assert any(f"{site} could not be made ready" in line and "alice's packages go to the session folder" in line
+               for line in sites.server.log)
+
+
 def test_a_site_outlives_a_server_restart(sites: Sites, here: Path) -> None:
     with sites.session(sites.alice) as a:
         install(a, sites.wheel)

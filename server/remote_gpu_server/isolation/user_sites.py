@@ -81,6 +81,8 @@ class UserSites:
             info = os.lstat(parent)
             if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
                 raise IsolationError(f"{parent} must be a folder of the server's own (not a link): remove it")
+            if stat.S_IMODE(info.st_mode) != 0o711:  # whatever the umask (a root server's is 077)
+                os.chmod(parent, 0o711)
             site = parent / site_name(environment)
             try:
                 site.mkdir(mode=0o700)

@@ -97,12 +97,13 @@ def _handle(shell: Any, channel: WorkerChannel, data: dict[str, Any]) -> tuple[d
         spec = EnterSpec.from_json(dict(data["spec"]))
         enter(spec)
         die_with_parent()  # a change of credentials cleared it
+        problem = None
         if spec.cwd:
             _enter_folder(spec.cwd)
-            _activate_site(shell, spec.site or os.path.join(spec.cwd, ".packages"), spec.site is not None)
+            problem = _activate_site(shell, spec.cwd, spec.site)
             if _fetcher is not None:
                 _fetcher.enter(spec.cwd)
-        return {"ok": True}, None
+        return {"ok": True, "site_problem": problem}, None
     if op in ("upload", "download"):
         return _handle_files(channel, op, data)
     if op == "forget":  # fetched files that changed beside the notebook
@@ -159,15 +160,24 @@ _cache: Any = None  # the session's buffer_cache.BufferCache, made in main()
 _fetcher: Any = None  # the audit hook's fetch.Fetcher, once installed
 
 
-def _activate_site(shell: Any, root: str, persistent: bool) -> None:
-    """The user's own packages (see :mod:`.user_site`); a site that cannot be made
-    ready leaves the session without one, and says why in the worker's log."""
-    from .user_site import activate
+def _activate_site(shell: Any, cwd: str, site: str | None) -> str | None:
+    """The user's own packages (see :mod:`.user_site`): in their site ``site``,
+    or for the session only in its folder ``cwd`` where there is none. A site
+    that cannot be made ready leaves packages in the session folder too; what
+    went wrong is returned (for the server's log) and said by ``%pip`` and
+    ``%gpu env``, never printed into a cell that did not ask."""
+    from .user_site import SESSION_ONLY, activate
 
+    if site is None:
+        activate(shell, os.path.join(cwd, ".packages"), why=SESSION_ONLY)
+        return None
     try:
-        activate(shell, root, persistent)
+        activate(shell, site)
     except OSError as exc:
-        print(f"your own site for packages at {root} could not be made ready: {exc}", file=sys.__stderr__)
+        problem = f"your own site for packages at {site} could not be made ready: {exc}"
+        activate(shell, os.path.join(cwd, ".packages"), why=problem)
+        return problem
+    return None
 
 
 def _enter_folder(path: str) -> None:

@@ -43,7 +43,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ENV_MAGIC", "PTH", "UserSite", "activate"]
+__all__ = ["ENV_MAGIC", "PTH", "SESSION_ONLY", "UserSite", "activate"]
 
 #: The ``.pth`` file that adds the worker's own environment after the site.
 PTH = "_rgpu_environment.pth"
@@ -51,6 +51,8 @@ PTH = "_rgpu_environment.pth"
 ENV_MAGIC = "rgpu_env"
 _PREFIX = "Remote GPU: "
 _SCRIPT = '#!/bin/sh\nexec "{python}" -m pip "$@"\n'
+#: Why a worker without a site of its user's installs for the session only.
+SESSION_ONLY = "this server cannot give its sandboxes a site of yours that lasts (its log says why)"
 
 
 def _base_python() -> str:
@@ -59,12 +61,14 @@ def _base_python() -> str:
 
 
 class UserSite:
-    """A user's site at ``root`` (see the module docstring); ``persistent``:
-    it outlives the session (False: it is in the session folder)."""
+    """A user's site at ``root`` (see the module docstring). ``why``: empty for
+    their own site, which outlives the session; else why this one is in the
+    session folder, for the session only (said after each install)."""
 
-    def __init__(self, root: str, persistent: bool = True) -> None:
+    def __init__(self, root: str, why: str = "") -> None:
         self.root = Path(root)
-        self.persistent = persistent
+        self.why = why
+        self.persistent = not why
         version = f"python{sys.version_info.major}.{sys.version_info.minor}"
         self.site_packages = self.root / "lib" / version / "site-packages"
         self.bin = self.root / "bin"
@@ -212,8 +216,7 @@ class _Magics:
             print(f"{_PREFIX}{', '.join(stale)} had been imported in this session already: the old version "
                   "stays loaded until the worker restarts (%gpu release, then run the cell again)")
         if not self.site.persistent:
-            print(f"{_PREFIX}installed for this session only: this server cannot give its sandboxes a "
-                  "site of yours that lasts (its log says why)")
+            print(f"{_PREFIX}installed for this session only: {self.site.why}")
 
     def conda(self, line: str) -> None:
         """``%conda install`` does not install on the GPU server: use ``%pip install``."""
@@ -241,6 +244,8 @@ class _Magics:
             packages = self.site.packages()
             kept = "kept across sessions" if self.site.persistent else "for this session only"
             print(f"{_PREFIX}your own site ({kept}): {self.site.root}")
+            if self.site.why:
+                print(f"{_PREFIX}{self.site.why}")
             print(f"{_PREFIX}{_describe(packages) if packages else 'no packages installed'}")
         else:
             print(f"{_PREFIX}usage: %gpu env show|reset")
@@ -249,10 +254,10 @@ class _Magics:
         self.site.refresh()  # after !pip install: new .pth files, fresh import caches
 
 
-def activate(shell: Any, root: str, persistent: bool = True) -> UserSite:
-    """Make ``root`` the user's site in this worker (see the module docstring);
-    call once, after the worker became its user."""
-    user_site = UserSite(root, persistent)
+def activate(shell: Any, root: str, why: str = "") -> UserSite:
+    """Make ``root`` the user's site in this worker (see the module docstring and
+    :class:`UserSite` for ``why``); call once, after the worker became its user."""
+    user_site = UserSite(root, why)
     user_site.make_ready()
     user_site.put_on_path()
     if shell is not None:

@@ -239,8 +239,27 @@ def test_an_idle_park_its_worker_does_not_answer_holds_the_gpu_no_longer_than_th
     s = Client(fresh_server.url, fresh_server.token()).session()
     assert s.execute(DEAF, on_output=quiet).ok
     wait_for(lambda: s.released, what="the release of the session whose park got no answer")
-    assert "idle for more than 4 s (--idle-timeout)" in str(s.released)
-    assert "its worker did not answer the park" in str(s.released)
+    assert str(s.released).endswith("idle for more than 1 s (--park-after); its variables were not saved: the park "
+                                    "got no answer before the idle timeout (4 s, --idle-timeout)")
+    other = Client(fresh_server.url, fresh_server.token("bob")).session()  # the one slot is free again
+    assert other.execute("print(1)", on_output=quiet).stdout == "1\n"
+    other.release()
+
+
+def test_a_park_after_the_client_left_that_gets_no_answer_holds_the_gpu_no_longer_than_the_idle_timeout(
+        fresh_server: ServerProcess) -> None:
+    """The client went away (its laptop closed): past --grace its session is parked,
+    and a park that gets no answer, from a deaf worker or behind a cell that never
+    ends, gives the GPU back at the idle timeout, as an idle park does."""
+    fresh_server.slots = "cpu:1"
+    fresh_server.args = ["--park-after", "600", "--grace", "1", "--idle-timeout", "4"]
+    fresh_server.start()
+    s = Client(fresh_server.url, fresh_server.token()).session()
+    assert s.execute(DEAF, on_output=quiet).ok
+    s.close()
+    reason = ("the client disconnected and did not come back within 1 s; its variables were not saved: the park "
+              "got no answer before the idle timeout (4 s, --idle-timeout)")
+    wait_for(lambda: any(reason in line for line in fresh_server.log), 30, "the release of the session")
     other = Client(fresh_server.url, fresh_server.token("bob")).session()  # the one slot is free again
     assert other.execute("print(1)", on_output=quiet).stdout == "1\n"
     other.release()

@@ -57,8 +57,9 @@ class SessionManager:
         # Sessions whose park failed, with their last activity then: tried again
         # only after they were used again.
         self._unparkable: dict[SessionId, float] = {}
-        #: The idle parks under way, by session.
-        self._parking: dict[SessionId, asyncio.Task[None]] = {}
+        #: Parks under way that nobody asked for (idle, or a client that stayed
+        #: away): their task and why the session would be released instead.
+        self._parking: dict[SessionId, tuple[asyncio.Task[None], str]] = {}
 
     def get(self, session_id: str) -> Session | None:
         return self._sessions.get(SessionId(session_id))
@@ -116,18 +117,22 @@ class SessionManager:
         """The client stayed away: park the session where parking is on, else release it."""
         session.grace_handle = None
         if self.parking is not None and self.parking.park_after(session) is not None:
-            self._background(self._park_or_release(session, f"its client disconnected {self.grace:g} s ago", reason))
+            self._parking[session.id] = (self._background(self._park_or_release(
+                session, f"its client disconnected {self.grace:g} s ago", reason)), reason)
         else:
             self._release_soon(session, reason)
 
     async def _park_or_release(self, session: Session, why: str, reason: str) -> None:
-        if session.send is not None:
-            return  # its client came back meanwhile
         try:
-            await self.park(session, why)
-        except RemoteGpuError as exc:
-            log.info("session %s of %s could not be parked (%s); releasing it", session.id[:8], session.user, exc)
-            await self.release(session, reason)
+            if session.send is not None:
+                return  # its client came back meanwhile
+            try:
+                await self.park(session, why)
+            except RemoteGpuError as exc:
+                log.info("session %s of %s could not be parked (%s); releasing it", session.id[:8], session.user, exc)
+                await self.release(session, reason)
+        finally:
+            self._parking.pop(session.id, None)
 
     def _lost(self, session: Session, reason: str) -> None:
         """The session cannot go on (its node went away): release it, its cell failed."""
@@ -223,12 +228,14 @@ class SessionManager:
             timeout = self.idle_timeout(session)
             parking = self._parking.get(session.id)
             if parking is not None:
-                # A park its worker does not answer (its main thread never
-                # idles again) holds the slots no longer than the idle timeout.
+                # A park its worker does not answer (its main thread never idles
+                # again), or one that waits for a cell that never ends, holds
+                # the slots no longer than the idle timeout.
                 if now - session.last_active > timeout:
-                    parking.cancel()
-                    await self.release(session, f"{self._idle_reason(session, timeout)}; its variables were not "
-                                                "saved in that time: its worker did not answer the park")
+                    task, why = parking
+                    task.cancel()
+                    await self.release(session, f"{why}; its variables were not saved: the park got no answer "
+                                                f"before the idle timeout ({timeout:g} s, {self._timeout_flag(session)})")
                 continue
             if session.busy:
                 continue
@@ -237,16 +244,19 @@ class SessionManager:
                     and self._unparkable.get(session.id) != session.last_active:
                 pool = self.broker.pool_of(session.slots[0])
                 which = "--park-after" if pool.park_after is None else f"the park-after of pool {pool.name!r}"
-                self._parking[session.id] = self._background(
-                    self._park_idle(session, f"idle for more than {park_after:g} s, {which}", park_after))
+                self._parking[session.id] = (self._background(
+                    self._park_idle(session, f"idle for more than {park_after:g} s, {which}", park_after)),
+                    f"idle for more than {park_after:g} s ({which})")
                 continue
             if now - session.last_active > timeout:
                 await self.release(session, self._idle_reason(session, timeout))
 
     def _idle_reason(self, session: Session, timeout: float) -> str:
+        return f"idle for more than {timeout:g} s ({self._timeout_flag(session)})"
+
+    def _timeout_flag(self, session: Session) -> str:
         pool = self.broker.pool_of(session.slots[0])
-        which = "--idle-timeout" if pool.idle_timeout is None else f"the idle timeout of pool {pool.name!r}"
-        return f"idle for more than {timeout:g} s ({which})"
+        return "--idle-timeout" if pool.idle_timeout is None else f"the idle timeout of pool {pool.name!r}"
 
     async def recover_parked(self) -> None:
         """Take back the sessions an earlier run of this server left parked."""

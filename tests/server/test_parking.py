@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from remote_gpu_kernel import Client, ParkError, SessionReleased
+from remote_gpu_kernel import Client, ConnectionLost, ParkError, SessionReleased
 from remote_gpu_kernel.api import ApiClient
 from remote_gpu_server.isolation.user_sites import SITE_PREFIX
 from postgres import BACKENDS
@@ -263,6 +263,29 @@ def test_a_park_after_the_client_left_that_gets_no_answer_holds_the_gpu_no_longe
     other = Client(fresh_server.url, fresh_server.token("bob")).session()  # the one slot is free again
     assert other.execute("print(1)", on_output=quiet).stdout == "1\n"
     other.release()
+
+
+def test_a_client_that_came_back_keeps_its_running_cell_past_the_idle_timeout(fresh_server: ServerProcess) -> None:
+    """The park that its absence started waits for the running cell; the client came
+    back meanwhile, so the idle timeout does not end that cell."""
+    fresh_server.slots = "cpu:1"
+    fresh_server.args = ["--park-after", "600", "--grace", "1", "--idle-timeout", "4"]
+    fresh_server.start()
+    client = Client(fresh_server.url, fresh_server.token())
+    s = client.session()
+    printed = threading.Event()
+    closing = threading.Thread(target=lambda: printed.wait(30) and s.close())
+    closing.start()
+    with pytest.raises(ConnectionLost):  # the connection drops once the cell has begun
+        s.execute("import time\nprint('begun', flush=True)\ntime.sleep(12)\nfinished = True",
+                  on_output=lambda _: printed.set())
+    closing.join()
+    wait_for(lambda: any("its client stayed away 1 s; it is parked once" in line for line in fresh_server.log), 10,
+             "the park the client's absence started")
+    again = client.session(resume=s.id)
+    assert again.pull("finished") == {"finished": True}  # in turn: once the cell ended, 12 s after it began
+    assert not again.released
+    again.release()
 
 
 def test_parked_sessions_are_released_after_park_keep(fresh_server: ServerProcess) -> None:

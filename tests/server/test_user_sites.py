@@ -183,7 +183,7 @@ def test_a_site_its_user_locked_says_why_and_pip_installs_for_the_session(sites:
     finally:
         with sites.session(sites.alice) as a:
             run(a, f"import os; os.chmod({site!r}, 0o700)")  # hers: she may
-    assert any(f"{site} could not be made ready" in line and "alice's packages go to the session folder" in line
+    assert any(f"alice's lease: your own site for packages at {site} could not be made ready" in line
                for line in sites.server.log)
 
 

@@ -57,9 +57,9 @@ class SessionManager:
         # Sessions whose park failed, with their last activity then: tried again
         # only after they were used again.
         self._unparkable: dict[SessionId, float] = {}
-        #: Parks under way that nobody asked for (idle, or a client that stayed
-        #: away): their task and why the session would be released instead.
-        self._parking: dict[SessionId, tuple[asyncio.Task[None], str]] = {}
+        #: Parks under way that nobody asked for: their task, why the session
+        #: would be released instead, and whether it is its client's absence.
+        self._parking: dict[SessionId, tuple[asyncio.Task[None], str, bool]] = {}
 
     def get(self, session_id: str) -> Session | None:
         return self._sessions.get(SessionId(session_id))
@@ -117,8 +117,10 @@ class SessionManager:
         """The client stayed away: park the session where parking is on, else release it."""
         session.grace_handle = None
         if self.parking is not None and self.parking.park_after(session) is not None:
+            log.info("session %s of %s: its client stayed away %g s; it is parked once it has no request running",
+                     session.id[:8], session.user, self.grace)
             self._parking[session.id] = (self._background(self._park_or_release(
-                session, f"its client disconnected {self.grace:g} s ago", reason)), reason)
+                session, f"its client disconnected {self.grace:g} s ago", reason)), reason, True)
         else:
             self._release_soon(session, reason)
 
@@ -230,9 +232,10 @@ class SessionManager:
             if parking is not None:
                 # A park its worker does not answer (its main thread never idles
                 # again), or one that waits for a cell that never ends, holds
-                # the slots no longer than the idle timeout.
-                if now - session.last_active > timeout:
-                    task, why = parking
+                # the slots no longer than the idle timeout; unless the client
+                # it was for the absence of came back (its cell may run on).
+                task, why, away = parking
+                if now - session.last_active > timeout and not (away and session.send is not None):
                     task.cancel()
                     await self.release(session, f"{why}; its variables were not saved: the park got no answer "
                                                 f"before the idle timeout ({timeout:g} s, {self._timeout_flag(session)})")
@@ -246,7 +249,7 @@ class SessionManager:
                 which = "--park-after" if pool.park_after is None else f"the park-after of pool {pool.name!r}"
                 self._parking[session.id] = (self._background(
                     self._park_idle(session, f"idle for more than {park_after:g} s, {which}", park_after)),
-                    f"idle for more than {park_after:g} s ({which})")
+                    f"idle for more than {park_after:g} s ({which})", False)
                 continue
             if now - session.last_active > timeout:
                 await self.release(session, self._idle_reason(session, timeout))

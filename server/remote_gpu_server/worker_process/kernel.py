@@ -162,22 +162,24 @@ _fetcher: Any = None  # the audit hook's fetch.Fetcher, once installed
 
 def _activate_site(shell: Any, cwd: str, site: str | None) -> str | None:
     """The user's own packages (see :mod:`.user_site`): in their site ``site``,
-    or for the session only in its folder ``cwd`` where there is none. A site
-    that cannot be made ready leaves packages in the session folder too; what
-    went wrong is returned (for the server's log) and said by ``%pip`` and
-    ``%gpu env``, never printed into a cell that did not ask."""
+    else for the session only, in its folder ``cwd``. What went wrong with their
+    site is returned (for the server's log) and said by ``%pip`` and ``%gpu env``,
+    never printed into a cell that did not ask."""
     from .user_site import SESSION_ONLY, activate
 
-    if site is None:
-        activate(shell, os.path.join(cwd, ".packages"), why=SESSION_ONLY)
-        return None
+    problem = None
+    if site is not None:
+        try:
+            activate(shell, site)
+            return None
+        except OSError as exc:
+            problem = f"your own site for packages at {site} could not be made ready: {exc}"
+    folder = os.path.join(cwd, ".packages")
     try:
-        activate(shell, site)
-    except OSError as exc:
-        problem = f"your own site for packages at {site} could not be made ready: {exc}"
-        activate(shell, os.path.join(cwd, ".packages"), why=problem)
-        return problem
-    return None
+        activate(shell, folder, why=problem or SESSION_ONLY)
+    except OSError as exc:  # no site at all: %pip is IPython's own
+        problem = f"{problem or SESSION_ONLY}; nor could packages go to {folder}: {exc}"
+    return problem
 
 
 def _enter_folder(path: str) -> None:

@@ -216,7 +216,7 @@ class Worker:
             raise IsolationError(f"worker {self.name} could not become {user}'s: "
                                  f"{reply.get('ename')}: {reply.get('evalue')}")
         if reply.get("site_problem"):
-            log.warning("worker %s: %s; %s's packages go to the session folder", self.name, reply["site_problem"], user)
+            log.warning("worker %s, %s's lease: %s", self.name, user, reply["site_problem"])
         log.debug("worker %s entered %s's lease in %s (%.1f ms)", self.name, user, spec.cwd,
                   (time.perf_counter() - started) * 1000)
 

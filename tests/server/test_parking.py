@@ -267,7 +267,8 @@ def test_a_park_after_the_client_left_that_gets_no_answer_holds_the_gpu_no_longe
 
 def test_a_client_that_came_back_keeps_its_running_cell_past_the_idle_timeout(fresh_server: ServerProcess) -> None:
     """The park that its absence started waits for the running cell; the client came
-    back meanwhile, so the idle timeout does not end that cell."""
+    back meanwhile, so the idle timeout does not end that cell, nor is the session
+    parked once it has ended."""
     fresh_server.slots = "cpu:1"
     fresh_server.args = ["--park-after", "600", "--grace", "1", "--idle-timeout", "4"]
     fresh_server.start()
@@ -284,7 +285,8 @@ def test_a_client_that_came_back_keeps_its_running_cell_past_the_idle_timeout(fr
              "the park the client's absence started")
     again = client.session(resume=s.id)
     assert again.pull("finished") == {"finished": True}  # in turn: once the cell ended, 12 s after it began
-    assert not again.released
+    assert not again.released and not again.parked
+    assert not any("parked session" in line for line in fresh_server.log)
     again.release()
 
 

@@ -117,7 +117,8 @@ class SessionManager:
         """The client stayed away: park the session where parking is on, else release it."""
         session.grace_handle = None
         if self.parking is not None and self.parking.park_after(session) is not None:
-            log.info("session %s of %s: its client stayed away %g s; it is parked once it has no request running",
+            log.info("session %s of %s: its client stayed away %g s; it is parked once it has no request running "
+                     "unless its client is back by then",
                      session.id[:8], session.user, self.grace)
             self._parking[session.id] = (self._background(self._park_or_release(
                 session, f"its client disconnected {self.grace:g} s ago", reason)), reason, True)
@@ -129,8 +130,10 @@ class SessionManager:
             if session.send is not None:
                 return  # its client came back meanwhile
             try:
-                await self.park(session, why)
+                await self.park(session, why, away=True)
             except RemoteGpuError as exc:
+                if session.send is not None:
+                    return  # its client came back: it goes on as it was
                 log.info("session %s of %s could not be parked (%s); releasing it", session.id[:8], session.user, exc)
                 await self.release(session, reason)
         finally:
@@ -150,13 +153,15 @@ class SessionManager:
         task.add_done_callback(self._releasing.discard)
         return task
 
-    async def park(self, session: Session, reason: str, idle_for: float | None = None) -> m.Parked:
-        """Park ``session`` (see :mod:`.parking`); returns what to tell its client.
-        Raises ParkError (nothing changed) or SessionReleased."""
+    async def park(self, session: Session, reason: str, idle_for: float | None = None,
+                   away: bool = False) -> m.Parked:
+        """Park ``session`` (see :mod:`.parking`; ``idle_for`` and ``away`` as
+        :meth:`.Parking.park` says); returns what to tell its client. Raises
+        ParkError (nothing changed) or SessionReleased."""
         if self.parking is None:
             raise ParkError("this server does not park sessions")
         slots = [str(s) for s in session.slots]
-        state, seconds, saved = await self.parking.park(session, reason, idle_for)
+        state, seconds, saved = await self.parking.park(session, reason, idle_for, away)
         self._unparkable.pop(session.id, None)
         return m.Parked(0, session.id, list(state.names), dict(state.unsaved), state.nbytes, seconds, reason,
                         park_text(session.id, state, seconds, saved, slots))

@@ -178,15 +178,16 @@ class Parking:
 
     # -- parking ----------------------------------------------------------------
 
-    async def park(self, session: Session, reason: str,
-                   idle_for: float | None = None) -> tuple[ParkedState, float, int]:
+    async def park(self, session: Session, reason: str, idle_for: float | None = None,
+                   away: bool = False) -> tuple[ParkedState, float, int]:
         """Save ``session``'s namespace and free its worker and slots.
 
         Returns the new state, how long the save took and how many bytes it
         wrote (0 and 0 if it was parked already). Raises ParkError
         (nothing changed: the session goes on as it was) or SessionReleased.
         ``idle_for``: park only if the session is still idle that long once
-        its running request (if any) is done.
+        its running request (if any) is done; ``away``: only if its client is still
+        away then.
         """
         if self.unsupported is not None:
             raise ParkError(f"this server cannot park sessions: {self.unsupported}")
@@ -197,6 +198,8 @@ class Parking:
                 return session.parked, 0.0, 0
             if idle_for is not None and time.monotonic() - session.last_active < idle_for:
                 raise ParkError("it was used again before it could be parked")
+            if away and session.send is not None:
+                raise ParkError("its client came back before it could be parked")
             worker = await session.worker()
             tenant = worker.tenant
             if tenant is None:

@@ -270,7 +270,7 @@ def test_a_client_that_came_back_keeps_its_running_cell_past_the_idle_timeout(fr
     back meanwhile, so the idle timeout does not end that cell, nor is the session
     parked once it has ended."""
     fresh_server.slots = "cpu:1"
-    fresh_server.args = ["--park-after", "600", "--grace", "1", "--idle-timeout", "4"]
+    fresh_server.args = ["--park-after", "600", "--grace", "1", "--idle-timeout", "5"]
     fresh_server.start()
     client = Client(fresh_server.url, fresh_server.token())
     s = client.session()
@@ -278,13 +278,13 @@ def test_a_client_that_came_back_keeps_its_running_cell_past_the_idle_timeout(fr
     closing = threading.Thread(target=lambda: printed.wait(30) and s.close())
     closing.start()
     with pytest.raises(ConnectionLost):  # the connection drops once the cell has begun
-        s.execute("import time\nprint('begun', flush=True)\ntime.sleep(8)\nfinished = True",
+        s.execute("import time\nprint('begun', flush=True)\ntime.sleep(9)\nfinished = True",
                   on_output=lambda _: printed.set())
     closing.join()
     wait_for(lambda: any("its client stayed away 1 s; it is parked once" in line for line in fresh_server.log), 10,
              "the park the client's absence started")
     again = client.session(resume=s.id)
-    assert again.pull("finished") == {"finished": True}  # in turn: once the cell ended, 8 s after it began
+    assert again.pull("finished") == {"finished": True}  # in turn: once the cell ended, 9 s after it began
     assert not again.released and not again.parked
     assert not any("parked session" in line for line in fresh_server.log)
     again.release()

@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 __all__ = ["BACKENDS", "PostgresCluster", "require", "unavailable"]
 
@@ -148,16 +149,11 @@ class PostgresCluster:
         certificates, session folders; ``config.data_dir``), and servers of
         different databases must not share them, nor leave them in ``~``."""
         name = self.create_database()
-        before = os.environ.get("XDG_DATA_HOME")
         with tempfile.TemporaryDirectory(prefix=f"{name}-data-", ignore_cleanup_errors=True) as data_home:
-            os.environ["XDG_DATA_HOME"] = data_home
             try:
-                yield self.url(name)
+                with mock.patch.dict(os.environ, {"XDG_DATA_HOME": data_home}):
+                    yield self.url(name)
             finally:
-                if before is None:
-                    os.environ.pop("XDG_DATA_HOME", None)
-                else:
-                    os.environ["XDG_DATA_HOME"] = before
                 self.drop_database(name)
 
     def destroy(self) -> None:

@@ -32,6 +32,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from waiting import wait_for
 
@@ -75,18 +76,9 @@ class RayTestCluster:
     def address(self) -> str:
         return str(self.cluster.address)
 
-    @contextlib.contextmanager
-    def _node_data(self) -> Iterator[None]:
+    def _node_data(self) -> contextlib.AbstractContextManager[Any]:
         """Ray processes started meanwhile keep their data in the cluster's folder."""
-        before = os.environ.get("XDG_DATA_HOME")
-        os.environ["XDG_DATA_HOME"] = str(self.folder / "data")
-        try:
-            yield
-        finally:
-            if before is None:
-                del os.environ["XDG_DATA_HOME"]
-            else:
-                os.environ["XDG_DATA_HOME"] = before
+        return mock.patch.dict(os.environ, {"XDG_DATA_HOME": str(self.folder / "data")})
 
     def add_node(self) -> Any:
         with self._node_data():

@@ -252,9 +252,9 @@ class SessionManager:
                     and self._unparkable.get(session.id) != session.last_active:
                 pool = self.broker.pool_of(session.slots[0])
                 which = "--park-after" if pool.park_after is None else f"the park-after of pool {pool.name!r}"
+                idle = f"idle for more than {park_after:g} s"
                 self._parking[session.id] = (self._background(
-                    self._park_idle(session, f"idle for more than {park_after:g} s, {which}", park_after)),
-                    f"idle for more than {park_after:g} s ({which})", False)
+                    self._park_idle(session, f"{idle}, {which}", park_after)), f"{idle} ({which})", False)
                 continue
             if now - session.last_active > timeout:
                 await self.release(session, self._idle_reason(session, timeout))

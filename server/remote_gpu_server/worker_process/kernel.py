@@ -17,9 +17,9 @@ the server passed as ``RGPU_DATA_RING_FD``, with notes on this worker's
 end of a socket pair that the server made (``RGPU_DATA_ADDR``:
 ``fd://N``), as described in :mod:`.transfer` and :mod:`.streams`. A
 push's request comes first and its handler reads the buffers as the
-server forwards them; a pull's
-answer (names, counts, sizes) is sent once the pickling succeeded, and its
-buffers after it, while the server passes them on to the client.
+server forwards them; a pull's answer (names, counts, sizes) is sent once
+the pickling succeeded, and its buffers after it, while the server passes
+them on to the client.
 Only this process unpickles what a client pushed. Files go the same way
 (``{"op": "upload"|"download", "paths": [...]}``, relative to the session
 folder that ``enter`` named; see :mod:`.worker_files`). A cell that opens

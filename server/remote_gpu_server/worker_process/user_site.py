@@ -68,12 +68,16 @@ class UserSite:
     def __init__(self, root: str, why: str = "") -> None:
         self.root = Path(root)
         self.why = why
-        self.persistent = not why
         version = f"python{sys.version_info.major}.{sys.version_info.minor}"
         self.site_packages = self.root / "lib" / version / "site-packages"
         self.bin = self.root / "bin"
         self.python = self.bin / "python"
         self._mtime = 0.0
+
+    @property
+    def persistent(self) -> bool:
+        """It outlives the session."""
+        return not self.why
 
     def make_ready(self) -> None:
         """Write what the site needs (again: it may have been emptied); run as its user."""

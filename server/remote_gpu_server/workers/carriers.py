@@ -171,12 +171,19 @@ class TlsCarrier:
                 while not room.acquire(timeout=1):  # the queue is full: the worker's writes wait
                     if self._closed or self._conn is not conn:
                         return
-                loop.call_soon_threadsafe(self._notes.put_nowait, note)
+                loop.call_soon_threadsafe(self._put, conn, note)
         except (OSError, ValueError) as exc:
             if not self._closed:
                 error = ConnectionError(f"the worker's data channel closed: {exc}")
                 with contextlib.suppress(RuntimeError):  # the loop is gone at the end
-                    loop.call_soon_threadsafe(self._notes.put_nowait, error)
+                    loop.call_soon_threadsafe(self._put, conn, error)
+
+    def _put(self, conn: SealedStream, note: list[Any] | BaseException) -> None:
+        """On the loop: queue what the reader of ``conn`` read, unless another stream
+        replaced it meanwhile (this thread may have ended before the loop ran this,
+        and :meth:`_open` emptied the queue then): it would be taken for the new one's."""
+        if self._conn is conn:
+            self._notes.put_nowait(note)
 
     async def send(self, frames: Sequence[Any]) -> None:
         async with self._lock:
